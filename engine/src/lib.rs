@@ -1,0 +1,3 @@
+//! Herald: a webhook and event-notification delivery engine.
+
+pub mod log;

@@ -1,0 +1,122 @@
+//! The durable log: the one interface the engine uses to append and consume records,
+//! whichever backend stores them.
+
+pub mod embedded;
+mod partitioner;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use partitioner::partition_for;
+
+/// A record to append: `key` chooses the partition, `value` is opaque bytes.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Partitioning key (for deliveries: the subscription id).
+    pub key: Bytes,
+    /// The record's payload.
+    pub value: Bytes,
+}
+
+/// A record as stored, with its position in the log.
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    /// Partition the record lives in.
+    pub partition: u32,
+    /// Offset within the partition; strictly increasing, possibly with gaps.
+    pub offset: u64,
+    /// Append time, milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// Partitioning key.
+    pub key: Bytes,
+    /// Payload; empty for a tombstone in a compacted topic.
+    pub value: Bytes,
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Partition.
+    pub partition: u32,
+    /// Offset within the partition.
+    pub offset: u64,
+}
+
+/// A topic and how it is laid out.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    /// Full topic name, prefix included.
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: u32,
+    /// Keep only the newest record per key (the registry's topic).
+    pub compacted: bool,
+}
+
+/// Errors from either log backend.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The topic was not declared when the log was opened.
+    #[error("unknown topic {0}")]
+    UnknownTopic(String),
+    /// Disk or broker I/O failed.
+    #[error("log I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The log is shutting down and takes no more work.
+    #[error("log is closed")]
+    Closed,
+    /// The backend rejected the operation.
+    #[error("log backend error: {0}")]
+    Backend(String),
+}
+
+/// The log backends' common interface (embedded files or Kafka).
+#[async_trait]
+pub trait Log: Send + Sync + 'static {
+    /// Number of partitions of `topic`.
+    fn partitions(&self, topic: &str) -> Result<u32, LogError>;
+
+    /// Appends records, each to the partition its key hashes to, and returns only once
+    /// all of them are durable. Positions are returned in input order.
+    async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError>;
+
+    /// Reads every record currently in `topic`, all partitions, oldest first per partition.
+    async fn read_all(&self, topic: &str) -> Result<Vec<LogRecord>, LogError>;
+
+    /// Joins consumer `group` on `topic`; the consumer is told which partitions it owns.
+    async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError>;
+
+    /// Whether the log can take appends right now (readiness).
+    async fn ready(&self) -> bool;
+}
+
+/// A change in the set of partitions a consumer owns.
+pub enum Assignment {
+    /// A partition is now ours: read it from its committed offset.
+    Assigned(Box<dyn PartitionReader>),
+    /// A partition was taken away: stop working on it.
+    Revoked(u32),
+}
+
+/// A member of a consumer group.
+#[async_trait]
+pub trait Consumer: Send {
+    /// Waits for the next assignment change; `None` once the log is closed.
+    async fn next_assignment(&mut self) -> Option<Assignment>;
+}
+
+/// Reads one owned partition in order and commits progress.
+#[async_trait]
+pub trait PartitionReader: Send {
+    /// The partition read.
+    fn partition(&self) -> u32;
+
+    /// Waits until records past the read position exist, then returns up to `max` of them.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError>;
+
+    /// Records that every offset below `next` is done; persisted soon after.
+    fn commit(&mut self, next: u64);
+
+    /// Offset of the next record that will be appended (for lag).
+    fn end_offset(&self) -> u64;
+}
