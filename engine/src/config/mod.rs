@@ -1,0 +1,348 @@
+//! Configuration: built-in defaults, then a TOML file, then `HERALD_*` environment
+//! variables, then command-line flags; validated once at start-up.
+
+mod duration;
+
+pub use duration::{DurationError, HumanDuration};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Everything `herald serve` can be told.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Where the embedded log and local state live.
+    pub data_dir: PathBuf,
+    /// Admin bearer token; generated and stored in the data dir when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// The log backend and topics.
+    pub log: LogConfig,
+    /// Which private networks webhook targets may be in.
+    pub network: NetworkConfig,
+    /// Dispatcher tuning.
+    pub dispatch: DispatchConfig,
+    /// HTTP transport defaults.
+    pub http: HttpConfig,
+    /// Log output.
+    pub logging: LoggingConfig,
+}
+
+/// Which log backend and how topics are named and sized.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `embedded` (default) or `kafka`.
+    pub backend: Backend,
+    /// Prefix of every topic name.
+    pub topic_prefix: String,
+    /// Partitions of the deliveries, retry and dead-letter topics.
+    pub partitions: u32,
+    /// Embedded log: seal a segment past this size.
+    pub segment_bytes: u64,
+    /// Embedded log: how often consumer offsets are persisted.
+    pub flush_interval: HumanDuration,
+}
+
+/// The log backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Segment files in the data directory.
+    Embedded,
+    /// A Kafka cluster.
+    Kafka,
+}
+
+/// Network guard for webhook targets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Private, loopback or link-local ranges that targets may nevertheless be in.
+    #[serde(deserialize_with = "nets_from_list_or_csv")]
+    pub allow: Vec<IpNet>,
+}
+
+/// Dispatcher tuning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// Deliveries in flight per partition at most.
+    pub window: usize,
+    /// Records read from the log at a time.
+    pub batch: usize,
+}
+
+/// HTTP transport defaults, used where a subscription does not say otherwise.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Whole-request timeout.
+    pub timeout: HumanDuration,
+    /// TCP and TLS connect timeout.
+    pub connect_timeout: HumanDuration,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: HumanDuration,
+    /// Idle connections kept per host.
+    pub pool_max_idle_per_host: usize,
+}
+
+/// Log output settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `human` (default) or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `herald=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines for a terminal.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            data_dir: PathBuf::from("./herald-data"),
+            admin_token: None,
+            log: LogConfig::default(),
+            network: NetworkConfig::default(),
+            dispatch: DispatchConfig::default(),
+            http: HttpConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            backend: Backend::Embedded,
+            topic_prefix: "herald.".into(),
+            partitions: 8,
+            segment_bytes: 64 << 20,
+            flush_interval: Duration::from_millis(200).into(),
+        }
+    }
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            window: 512,
+            batch: 256,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            timeout: Duration::from_secs(30).into(),
+            connect_timeout: Duration::from_secs(10).into(),
+            pool_idle_timeout: Duration::from_secs(90).into(),
+            pool_max_idle_per_host: 64,
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+fn nets_from_list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Nets {
+        List(Vec<String>),
+        Csv(String),
+    }
+    let items = match Nets::deserialize(d)? {
+        Nets::List(v) => v,
+        Nets::Csv(s) => s.split(',').map(str::to_string).collect(),
+    };
+    items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "network.allow: {s:?} is not a CIDR range such as 127.0.0.0/8"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or a value did not fit.
+    #[error("configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// Values parsed but are not usable together.
+    #[error("configuration: {field}: {message}")]
+    Rejected {
+        /// The offending setting.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Sections whose environment variables use one underscore after the section name,
+/// e.g. `HERALD_NETWORK_ALLOW` → `network.allow`.
+const SECTIONS: &[&str] = &["log", "network", "dispatch", "http", "logging"];
+
+fn env_key(key: &str) -> String {
+    let key = key.to_ascii_lowercase();
+    if key.contains("__") {
+        return key.replace("__", ".");
+    }
+    for section in SECTIONS {
+        if let Some(rest) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
+            return format!("{section}.{rest}");
+        }
+    }
+    key
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then `HERALD_*` variables from `env`.
+    pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Rejected {
+                    field: "--config",
+                    message: format!("{} does not exist", file.display()),
+                });
+            }
+            fig = fig.merge(Toml::file(file));
+        }
+        // Read from the given variables (not the process's) so tests are hermetic.
+        let vars: Vec<(String, String)> = env
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("HERALD_").map(|k| (env_key(k), v.clone())))
+            .collect();
+        for (key, value) in vars {
+            // Same value rules as figment's own Env provider: "8" is a number, "a,b" a string.
+            let value: figment::value::Value = value.parse().expect("infallible");
+            fig = fig.merge(Serialized::default(&key, value));
+        }
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let reject = |field, message: &str| {
+            Err(ConfigError::Rejected {
+                field,
+                message: message.to_string(),
+            })
+        };
+        if self.log.partitions == 0 || self.log.partitions > 4096 {
+            return reject("log.partitions", "must be between 1 and 4096");
+        }
+        if self.log.segment_bytes < 4096 {
+            return reject("log.segment_bytes", "must be at least 4096");
+        }
+        if self.dispatch.window == 0 || self.dispatch.batch == 0 {
+            return reject("dispatch.window", "window and batch must be at least 1");
+        }
+        if self.http.timeout.0.is_zero() {
+            return reject("http.timeout", "must be more than zero");
+        }
+        if let Some(token) = &self.admin_token {
+            if token.len() < 16 {
+                return reject("admin_token", "must be at least 16 characters");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_the_contract() {
+        let c = Config::load(None, &[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./herald-data"));
+        assert_eq!(c.log.backend, Backend::Embedded);
+        assert_eq!(c.log.topic_prefix, "herald.");
+    }
+
+    #[test]
+    fn file_then_environment_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("herald.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:9000\"\n[network]\nallow = [\"10.0.0.0/8\"]\n[http]\ntimeout = \"PT45S\"\n[dispatch]\nwindow = 64\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            &env(&[
+                ("HERALD_NETWORK_ALLOW", "127.0.0.0/8,::1/128"),
+                ("HERALD_DISPATCH_WINDOW", "32"),
+                ("HERALD_ADMIN_TOKEN", "0123456789abcdef0123"),
+                ("HERALD_HTTP__CONNECT_TIMEOUT", "2s"),
+                ("OTHER_VAR", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(c.network.allow.len(), 2);
+        assert_eq!(c.network.allow[1].to_string(), "::1/128");
+        assert_eq!(c.dispatch.window, 32);
+        assert_eq!(c.http.timeout.0, Duration::from_secs(45));
+        assert_eq!(c.http.connect_timeout.0, Duration::from_secs(2));
+        assert_eq!(c.admin_token.as_deref(), Some("0123456789abcdef0123"));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let err = Config::load(None, &env(&[("HERALD_NETWORK_ALLOW", "not-a-net")])).unwrap_err();
+        assert!(err.to_string().contains("network.allow"), "{err}");
+        let err = Config::load(None, &env(&[("HERALD_LOG_PARTITIONS", "0")])).unwrap_err();
+        assert!(err.to_string().contains("log.partitions"), "{err}");
+        let err = Config::load(None, &env(&[("HERALD_HTTP_TIMEOUT", "soon")])).unwrap_err();
+        assert!(err.to_string().contains("timeout"), "{err}");
+    }
+}

@@ -1,0 +1,31 @@
+//! The nouns of the data flow: subscriptions, events, delivery records and dead letters.
+
+mod dead_letter;
+mod delivery;
+mod event;
+mod subscription;
+
+pub use dead_letter::DeadLetter;
+pub use delivery::{DecodeError, Delivery};
+pub use event::{EventInput, MAX_EVENT_ID_LEN};
+pub use subscription::{
+    AmqpTarget, Auth, PayloadFormat, RetrySpec, Secret, SignatureEncoding, SignatureSpec,
+    Subscription, SubscriptionInput, TlsOptions, TransportKind,
+};
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// RFC 3339 text (UTC, milliseconds) for a millisecond timestamp.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A new time-ordered identifier with the given prefix, e.g. `sub_0192…`.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}

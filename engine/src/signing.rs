@@ -1,0 +1,298 @@
+//! Request signatures: the one place that decides the signature bytes. Keys are prepared
+//! once per subscription; signing walks the body's chunks, so the payload is never copied.
+
+use crate::model::{Secret, SignatureEncoding, SignatureSpec};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http::{HeaderName, HeaderValue};
+use rand::RngCore;
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Prefix of generated secrets, as Standard Webhooks defines.
+pub const SECRET_PREFIX: &str = "whsec_";
+
+/// Why a secret or signature header is unusable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SigningError {
+    /// A `standard` secret must be `whsec_` followed by base64 of at least 16 bytes.
+    #[error("a standard-scheme secret must be \"whsec_\" followed by base64 of 16 to 64 bytes")]
+    MalformedSecret,
+    /// `hmac` secrets must not be empty.
+    #[error("the secret must not be empty")]
+    EmptySecret,
+    /// The chosen header name is not a valid or allowed header.
+    #[error("{0:?} is not a usable signature header name")]
+    BadHeader(String),
+}
+
+/// Standard Webhooks header names.
+pub const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+/// Standard Webhooks timestamp header.
+pub const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+/// Standard Webhooks signature header.
+pub const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+
+/// A new random secret: `whsec_` + base64 of 24 random bytes.
+pub fn generate_secret() -> Secret {
+    let mut key = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut key);
+    Secret(format!("{SECRET_PREFIX}{}", B64.encode(key)))
+}
+
+/// The HMAC key of a `standard` secret: the base64 after `whsec_` (the prefix is optional,
+/// as in the reference libraries).
+pub fn standard_key(secret: &Secret) -> Result<Vec<u8>, SigningError> {
+    let text = secret.expose();
+    let b64 = text.strip_prefix(SECRET_PREFIX).unwrap_or(text);
+    let key = B64.decode(b64).map_err(|_| SigningError::MalformedSecret)?;
+    if !(16..=64).contains(&key.len()) {
+        return Err(SigningError::MalformedSecret);
+    }
+    Ok(key)
+}
+
+#[derive(Clone)]
+enum Scheme {
+    Standard,
+    Hmac {
+        header: HeaderName,
+        encoding: SignatureEncoding,
+    },
+    None,
+}
+
+/// Signs requests for one subscription, with one key or, during a rotation, several.
+#[derive(Clone)]
+pub struct Signer {
+    scheme: Scheme,
+    keys: Vec<HmacSha256>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("keys", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Headers a subscriber may not choose for an `hmac` signature.
+fn reserved(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "content-type"
+            | "transfer-encoding"
+            | "connection"
+            | "authorization"
+            | "webhook-id"
+            | "webhook-timestamp"
+            | "webhook-signature"
+    )
+}
+
+impl Signer {
+    /// Prepares keys for `spec` from `secrets` (newest first).
+    pub fn new(spec: &SignatureSpec, secrets: &[&Secret]) -> Result<Signer, SigningError> {
+        let (scheme, keys) = match spec {
+            SignatureSpec::None => (Scheme::None, Vec::new()),
+            SignatureSpec::Standard => {
+                let keys = secrets
+                    .iter()
+                    .map(|s| {
+                        standard_key(s)
+                            .map(|k| HmacSha256::new_from_slice(&k).expect("any key length"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                (Scheme::Standard, keys)
+            }
+            SignatureSpec::Hmac { header, encoding } => {
+                let name = HeaderName::from_bytes(header.as_bytes())
+                    .map_err(|_| SigningError::BadHeader(header.clone()))?;
+                if reserved(&name) {
+                    return Err(SigningError::BadHeader(header.clone()));
+                }
+                if secrets.iter().any(|s| s.expose().is_empty()) {
+                    return Err(SigningError::EmptySecret);
+                }
+                let keys = secrets
+                    .iter()
+                    .map(|s| {
+                        HmacSha256::new_from_slice(s.expose().as_bytes()).expect("any key length")
+                    })
+                    .collect();
+                (
+                    Scheme::Hmac {
+                        header: name,
+                        encoding: *encoding,
+                    },
+                    keys,
+                )
+            }
+        };
+        Ok(Signer { scheme, keys })
+    }
+
+    /// The signature header for a request whose body is the concatenation of `body`.
+    /// `webhook-id` and `webhook-timestamp` are added by the caller for every scheme.
+    pub fn signature(
+        &self,
+        id: &str,
+        timestamp: i64,
+        body: &[Bytes],
+    ) -> Option<(HeaderName, HeaderValue)> {
+        let sigs: Vec<String> = match &self.scheme {
+            Scheme::None => return None,
+            Scheme::Standard => self
+                .keys
+                .iter()
+                .map(|k| {
+                    let mut mac = k.clone();
+                    mac.update(id.as_bytes());
+                    mac.update(b".");
+                    mac.update(timestamp.to_string().as_bytes());
+                    mac.update(b".");
+                    body.iter().for_each(|c| mac.update(c));
+                    format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
+                })
+                .collect(),
+            Scheme::Hmac { encoding, .. } => self
+                .keys
+                .iter()
+                .map(|k| {
+                    let mut mac = k.clone();
+                    body.iter().for_each(|c| mac.update(c));
+                    let tag = mac.finalize().into_bytes();
+                    match encoding {
+                        SignatureEncoding::Base64 => B64.encode(tag),
+                        SignatureEncoding::Hex => hex::encode(tag),
+                    }
+                })
+                .collect(),
+        };
+        let name = match &self.scheme {
+            Scheme::Hmac { header, .. } => header.clone(),
+            _ => WEBHOOK_SIGNATURE,
+        };
+        let value =
+            HeaderValue::from_str(&sigs.join(" ")).expect("base64 and hex are valid header text");
+        Some((name, value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer(spec: SignatureSpec, secrets: &[&str]) -> Signer {
+        let secrets: Vec<Secret> = secrets.iter().map(|s| Secret(s.to_string())).collect();
+        Signer::new(&spec, &secrets.iter().collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn standard_matches_the_published_test_vector() {
+        let s = signer(
+            SignatureSpec::Standard,
+            &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+        );
+        let body = [Bytes::from_static(br#"{"test": 2432232314}"#)];
+        let (name, value) = s
+            .signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &body)
+            .unwrap();
+        assert_eq!(name, "webhook-signature");
+        assert_eq!(value, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn chunked_bodies_sign_like_the_whole() {
+        let s = signer(
+            SignatureSpec::Standard,
+            &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+        );
+        let parts = [
+            Bytes::from_static(br#"{"test": "#),
+            Bytes::from_static(b"2432232314}"),
+        ];
+        let (_, value) = s
+            .signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &parts)
+            .unwrap();
+        assert_eq!(value, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn rotation_sends_both_signatures_space_separated() {
+        let new = generate_secret();
+        let s = signer(
+            SignatureSpec::Standard,
+            &[new.expose(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+        );
+        let (_, value) = s
+            .signature(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1_614_265_330,
+                &[Bytes::from_static(br#"{"test": 2432232314}"#)],
+            )
+            .unwrap();
+        let parts: Vec<&str> = value.to_str().unwrap().split(' ').collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[1], "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn hmac_uses_the_secret_text_as_key_in_hex_or_base64() {
+        // echo -n 'hello' | openssl dgst -sha256 -hmac 'secret'
+        let expected_hex = "88aab3ede8d3adf94d26ab90d3bafd4a2083070c3bcce9c014ee04a443847c0b";
+        let hex = signer(
+            SignatureSpec::Hmac {
+                header: "X-OpenTrack-Signature".into(),
+                encoding: SignatureEncoding::Hex,
+            },
+            &["secret"],
+        );
+        let (name, value) = hex
+            .signature("ignored", 0, &[Bytes::from_static(b"hello")])
+            .unwrap();
+        assert_eq!(name, "x-opentrack-signature");
+        assert_eq!(value, expected_hex);
+        let b64 = signer(
+            SignatureSpec::Hmac {
+                header: "x-packsize-signature".into(),
+                encoding: SignatureEncoding::Base64,
+            },
+            &["secret"],
+        );
+        let (_, value) = b64
+            .signature("ignored", 0, &[Bytes::from_static(b"hello")])
+            .unwrap();
+        assert_eq!(
+            B64.decode(value.as_bytes()).unwrap(),
+            hex::decode(expected_hex).unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_secrets_and_headers_are_refused() {
+        let bad = Secret("whsec_not base64!".into());
+        assert_eq!(
+            Signer::new(&SignatureSpec::Standard, &[&bad]).unwrap_err(),
+            SigningError::MalformedSecret
+        );
+        let spec = SignatureSpec::Hmac {
+            header: "content-type".into(),
+            encoding: SignatureEncoding::Hex,
+        };
+        assert!(matches!(
+            Signer::new(&spec, &[&Secret("s".into())]),
+            Err(SigningError::BadHeader(_))
+        ));
+        assert!(signer(SignatureSpec::None, &[])
+            .signature("id", 1, &[])
+            .is_none());
+        assert!(standard_key(&generate_secret()).is_ok());
+    }
+}
