@@ -1,7 +1,15 @@
 //! Herald: a webhook and event-notification delivery engine.
 
+pub mod api;
 pub mod config;
+pub mod dispatch;
+pub mod ingest;
 pub mod log;
 pub mod model;
 pub mod payload;
+pub mod registry;
+pub mod retry;
+pub mod server;
+pub mod shutdown;
 pub mod signing;
+pub mod transport;

@@ -1,1 +1,80 @@
-fn main() {}
+//! The `herald` command.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use herald::config::{Config, LogFormat};
+use herald::server::{self, TokenSource};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "Webhook and event-notification delivery engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API, the log and the dispatcher (embedded log by default).
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (default 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Data directory (default ./herald-data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.logging.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.logging.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, listen, data_dir } => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            let mut config = Config::load(config.as_deref(), &env)?;
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            if let Some(dir) = data_dir {
+                config.data_dir = dir;
+            }
+            init_tracing(&config);
+            let herald = server::start(config.clone()).await.context("starting herald")?;
+            if herald.token_source == TokenSource::Generated {
+                println!(
+                    "Generated admin token (stored in {}): {}",
+                    config.data_dir.join("admin-token").display(),
+                    herald.admin_token
+                );
+            }
+            println!("herald listening on http://{}", herald.addr);
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            herald.stop().await;
+            Ok(())
+        }
+    }
+}

@@ -52,10 +52,7 @@ impl HttpBody for Body {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         Poll::Ready(self.chunks.pop_front().map(|c| Ok(Frame::data(c))))
     }
 
@@ -73,12 +70,7 @@ fn push_json_str(buf: &mut Vec<u8>, s: &str) {
 }
 
 /// The body for `delivery` in `format`: the envelope for this attempt, or the raw data.
-pub fn build(
-    format: PayloadFormat,
-    delivery: &Delivery,
-    pending_retries: u32,
-    sent_at_ms: i64,
-) -> Body {
+pub fn build(format: PayloadFormat, delivery: &Delivery, pending_retries: u32, sent_at_ms: i64) -> Body {
     match format {
         PayloadFormat::Raw => Body::new([delivery.data.clone()]),
         PayloadFormat::Envelope => envelope(delivery, pending_retries, sent_at_ms),
@@ -101,11 +93,7 @@ fn envelope(d: &Delivery, pending_retries: u32, sent_at_ms: i64) -> Body {
         middle = Some((Bytes::from_static(b",\"changes\":"), changes.clone()));
     }
     tail.extend_from_slice(
-        format!(
-            ",\"deliveryAttempt\":{},\"pendingRetries\":{},\"sentAt\":",
-            d.attempt, pending_retries
-        )
-        .as_bytes(),
+        format!(",\"deliveryAttempt\":{},\"pendingRetries\":{},\"sentAt\":", d.attempt, pending_retries).as_bytes(),
     );
     push_json_str(&mut tail, &rfc3339_ms(sent_at_ms));
     tail.push(b'}');
@@ -141,10 +129,7 @@ mod tests {
         let d = delivery(Some(r#"[{"op":"add"}]"#));
         let body = build(PayloadFormat::Envelope, &d, 7, 1_700_000_000_123).to_bytes();
         let text = std::str::from_utf8(&body).unwrap();
-        assert!(
-            text.contains(r#""data":{"orderId": "A-1",  "n": 1.50}"#),
-            "{text}"
-        );
+        assert!(text.contains(r#""data":{"orderId": "A-1",  "n": 1.50}"#), "{text}");
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["id"], "evt_\"quoted\"");
         assert_eq!(v["event"], "OrderCreated");

@@ -58,10 +58,7 @@ pub fn standard_key(secret: &Secret) -> Result<Vec<u8>, SigningError> {
 #[derive(Clone)]
 enum Scheme {
     Standard,
-    Hmac {
-        header: HeaderName,
-        encoding: SignatureEncoding,
-    },
+    Hmac { header: HeaderName, encoding: SignatureEncoding },
     None,
 }
 
@@ -74,9 +71,7 @@ pub struct Signer {
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer")
-            .field("keys", &self.keys.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Signer").field("keys", &self.keys.len()).finish_non_exhaustive()
     }
 }
 
@@ -104,16 +99,13 @@ impl Signer {
             SignatureSpec::Standard => {
                 let keys = secrets
                     .iter()
-                    .map(|s| {
-                        standard_key(s)
-                            .map(|k| HmacSha256::new_from_slice(&k).expect("any key length"))
-                    })
+                    .map(|s| standard_key(s).map(|k| HmacSha256::new_from_slice(&k).expect("any key length")))
                     .collect::<Result<_, _>>()?;
                 (Scheme::Standard, keys)
             }
             SignatureSpec::Hmac { header, encoding } => {
-                let name = HeaderName::from_bytes(header.as_bytes())
-                    .map_err(|_| SigningError::BadHeader(header.clone()))?;
+                let name =
+                    HeaderName::from_bytes(header.as_bytes()).map_err(|_| SigningError::BadHeader(header.clone()))?;
                 if reserved(&name) {
                     return Err(SigningError::BadHeader(header.clone()));
                 }
@@ -122,17 +114,9 @@ impl Signer {
                 }
                 let keys = secrets
                     .iter()
-                    .map(|s| {
-                        HmacSha256::new_from_slice(s.expose().as_bytes()).expect("any key length")
-                    })
+                    .map(|s| HmacSha256::new_from_slice(s.expose().as_bytes()).expect("any key length"))
                     .collect();
-                (
-                    Scheme::Hmac {
-                        header: name,
-                        encoding: *encoding,
-                    },
-                    keys,
-                )
+                (Scheme::Hmac { header: name, encoding: *encoding }, keys)
             }
         };
         Ok(Signer { scheme, keys })
@@ -140,12 +124,7 @@ impl Signer {
 
     /// The signature header for a request whose body is the concatenation of `body`.
     /// `webhook-id` and `webhook-timestamp` are added by the caller for every scheme.
-    pub fn signature(
-        &self,
-        id: &str,
-        timestamp: i64,
-        body: &[Bytes],
-    ) -> Option<(HeaderName, HeaderValue)> {
+    pub fn signature(&self, id: &str, timestamp: i64, body: &[Bytes]) -> Option<(HeaderName, HeaderValue)> {
         let sigs: Vec<String> = match &self.scheme {
             Scheme::None => return None,
             Scheme::Standard => self
@@ -179,8 +158,7 @@ impl Signer {
             Scheme::Hmac { header, .. } => header.clone(),
             _ => WEBHOOK_SIGNATURE,
         };
-        let value =
-            HeaderValue::from_str(&sigs.join(" ")).expect("base64 and hex are valid header text");
+        let value = HeaderValue::from_str(&sigs.join(" ")).expect("base64 and hex are valid header text");
         Some((name, value))
     }
 }
@@ -196,47 +174,27 @@ mod tests {
 
     #[test]
     fn standard_matches_the_published_test_vector() {
-        let s = signer(
-            SignatureSpec::Standard,
-            &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
-        );
+        let s = signer(SignatureSpec::Standard, &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
         let body = [Bytes::from_static(br#"{"test": 2432232314}"#)];
-        let (name, value) = s
-            .signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &body)
-            .unwrap();
+        let (name, value) = s.signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &body).unwrap();
         assert_eq!(name, "webhook-signature");
         assert_eq!(value, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
 
     #[test]
     fn chunked_bodies_sign_like_the_whole() {
-        let s = signer(
-            SignatureSpec::Standard,
-            &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
-        );
-        let parts = [
-            Bytes::from_static(br#"{"test": "#),
-            Bytes::from_static(b"2432232314}"),
-        ];
-        let (_, value) = s
-            .signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &parts)
-            .unwrap();
+        let s = signer(SignatureSpec::Standard, &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
+        let parts = [Bytes::from_static(br#"{"test": "#), Bytes::from_static(b"2432232314}")];
+        let (_, value) = s.signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &parts).unwrap();
         assert_eq!(value, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
 
     #[test]
     fn rotation_sends_both_signatures_space_separated() {
         let new = generate_secret();
-        let s = signer(
-            SignatureSpec::Standard,
-            &[new.expose(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
-        );
+        let s = signer(SignatureSpec::Standard, &[new.expose(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
         let (_, value) = s
-            .signature(
-                "msg_p5jXN8AQM9LWM0D4loKWxJek",
-                1_614_265_330,
-                &[Bytes::from_static(br#"{"test": 2432232314}"#)],
-            )
+            .signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &[Bytes::from_static(br#"{"test": 2432232314}"#)])
             .unwrap();
         let parts: Vec<&str> = value.to_str().unwrap().split(' ').collect();
         assert_eq!(parts.len(), 2);
@@ -248,51 +206,27 @@ mod tests {
         // echo -n 'hello' | openssl dgst -sha256 -hmac 'secret'
         let expected_hex = "88aab3ede8d3adf94d26ab90d3bafd4a2083070c3bcce9c014ee04a443847c0b";
         let hex = signer(
-            SignatureSpec::Hmac {
-                header: "X-OpenTrack-Signature".into(),
-                encoding: SignatureEncoding::Hex,
-            },
+            SignatureSpec::Hmac { header: "X-OpenTrack-Signature".into(), encoding: SignatureEncoding::Hex },
             &["secret"],
         );
-        let (name, value) = hex
-            .signature("ignored", 0, &[Bytes::from_static(b"hello")])
-            .unwrap();
+        let (name, value) = hex.signature("ignored", 0, &[Bytes::from_static(b"hello")]).unwrap();
         assert_eq!(name, "x-opentrack-signature");
         assert_eq!(value, expected_hex);
         let b64 = signer(
-            SignatureSpec::Hmac {
-                header: "x-packsize-signature".into(),
-                encoding: SignatureEncoding::Base64,
-            },
+            SignatureSpec::Hmac { header: "x-packsize-signature".into(), encoding: SignatureEncoding::Base64 },
             &["secret"],
         );
-        let (_, value) = b64
-            .signature("ignored", 0, &[Bytes::from_static(b"hello")])
-            .unwrap();
-        assert_eq!(
-            B64.decode(value.as_bytes()).unwrap(),
-            hex::decode(expected_hex).unwrap()
-        );
+        let (_, value) = b64.signature("ignored", 0, &[Bytes::from_static(b"hello")]).unwrap();
+        assert_eq!(B64.decode(value.as_bytes()).unwrap(), hex::decode(expected_hex).unwrap());
     }
 
     #[test]
     fn bad_secrets_and_headers_are_refused() {
         let bad = Secret("whsec_not base64!".into());
-        assert_eq!(
-            Signer::new(&SignatureSpec::Standard, &[&bad]).unwrap_err(),
-            SigningError::MalformedSecret
-        );
-        let spec = SignatureSpec::Hmac {
-            header: "content-type".into(),
-            encoding: SignatureEncoding::Hex,
-        };
-        assert!(matches!(
-            Signer::new(&spec, &[&Secret("s".into())]),
-            Err(SigningError::BadHeader(_))
-        ));
-        assert!(signer(SignatureSpec::None, &[])
-            .signature("id", 1, &[])
-            .is_none());
+        assert_eq!(Signer::new(&SignatureSpec::Standard, &[&bad]).unwrap_err(), SigningError::MalformedSecret);
+        let spec = SignatureSpec::Hmac { header: "content-type".into(), encoding: SignatureEncoding::Hex };
+        assert!(matches!(Signer::new(&spec, &[&Secret("s".into())]), Err(SigningError::BadHeader(_))));
+        assert!(signer(SignatureSpec::None, &[]).signature("id", 1, &[]).is_none());
         assert!(standard_key(&generate_secret()).is_ok());
     }
 }

@@ -61,18 +61,14 @@ impl std::str::FromStr for HumanDuration {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
-        let err = || DurationError {
-            input: s.to_string(),
-        };
+        let err = || DurationError { input: s.to_string() };
         if t.starts_with(['P', 'p']) {
             return parse_iso8601(t).map(HumanDuration).ok_or_else(err);
         }
         if let Ok(secs) = t.parse::<u64>() {
             return Ok(HumanDuration(Duration::from_secs(secs)));
         }
-        humantime::parse_duration(t)
-            .map(HumanDuration)
-            .map_err(|_| err())
+        humantime::parse_duration(t).map(HumanDuration).map_err(|_| err())
     }
 }
 

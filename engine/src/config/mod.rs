@@ -144,10 +144,7 @@ impl Default for LogConfig {
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        DispatchConfig {
-            window: 512,
-            batch: 256,
-        }
+        DispatchConfig { window: 512, batch: 256 }
     }
 }
 
@@ -164,10 +161,7 @@ impl Default for HttpConfig {
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        LoggingConfig {
-            format: LogFormat::Human,
-            level: "info".into(),
-        }
+        LoggingConfig { format: LogFormat::Human, level: "info".into() }
     }
 }
 
@@ -187,13 +181,9 @@ fn nets_from_list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, 
         .map(|s| s.trim())
         .filter(|s| !s.is_empty())
         .map(|s| {
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    serde::de::Error::custom(format!(
-                        "network.allow: {s:?} is not a CIDR range such as 127.0.0.0/8"
-                    ))
-                })
+            s.parse::<IpNet>().or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| {
+                serde::de::Error::custom(format!("network.allow: {s:?} is not a CIDR range such as 127.0.0.0/8"))
+            })
         })
         .collect()
 }
@@ -245,10 +235,8 @@ impl Config {
             fig = fig.merge(Toml::file(file));
         }
         // Read from the given variables (not the process's) so tests are hermetic.
-        let vars: Vec<(String, String)> = env
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("HERALD_").map(|k| (env_key(k), v.clone())))
-            .collect();
+        let vars: Vec<(String, String)> =
+            env.iter().filter_map(|(k, v)| k.strip_prefix("HERALD_").map(|k| (env_key(k), v.clone()))).collect();
         for (key, value) in vars {
             // Same value rules as figment's own Env provider: "8" is a number, "a,b" a string.
             let value: figment::value::Value = value.parse().expect("infallible");
@@ -260,12 +248,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let reject = |field, message: &str| {
-            Err(ConfigError::Rejected {
-                field,
-                message: message.to_string(),
-            })
-        };
+        let reject = |field, message: &str| Err(ConfigError::Rejected { field, message: message.to_string() });
         if self.log.partitions == 0 || self.log.partitions > 4096 {
             return reject("log.partitions", "must be between 1 and 4096");
         }
@@ -292,10 +275,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]

@@ -105,18 +105,56 @@ pub trait Consumer: Send {
     async fn next_assignment(&mut self) -> Option<Assignment>;
 }
 
-/// Reads one owned partition in order and commits progress.
+/// Reads one owned partition in order.
 #[async_trait]
 pub trait PartitionReader: Send {
     /// The partition read.
     fn partition(&self) -> u32;
 
     /// Waits until records past the read position exist, then returns up to `max` of them.
+    /// Cancel-safe: a cancelled call loses no records.
     async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError>;
 
-    /// Records that every offset below `next` is done; persisted soon after.
-    fn commit(&mut self, next: u64);
+    /// A handle that records progress on this partition, usable while a read is pending.
+    fn committer(&self) -> std::sync::Arc<dyn Committer>;
+}
+
+/// Records a consumer's progress on one partition.
+pub trait Committer: Send + Sync {
+    /// Every offset below `next` is done; persisted soon after.
+    fn commit(&self, next: u64);
 
     /// Offset of the next record that will be appended (for lag).
     fn end_offset(&self) -> u64;
+}
+
+/// The topic names Herald uses, under one prefix.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    /// Fresh deliveries, keyed by subscription.
+    pub deliveries: String,
+    /// Dead letters.
+    pub dlq: String,
+    /// The compacted subscription registry.
+    pub subscriptions: String,
+}
+
+impl Topics {
+    /// Names under `prefix` (default `herald.`).
+    pub fn new(prefix: &str) -> Self {
+        Topics {
+            deliveries: format!("{prefix}deliveries"),
+            dlq: format!("{prefix}dlq"),
+            subscriptions: format!("{prefix}subscriptions"),
+        }
+    }
+
+    /// Every topic with its layout; data topics get `partitions` partitions.
+    pub fn specs(&self, partitions: u32) -> Vec<TopicSpec> {
+        vec![
+            TopicSpec { name: self.deliveries.clone(), partitions, compacted: false },
+            TopicSpec { name: self.dlq.clone(), partitions, compacted: false },
+            TopicSpec { name: self.subscriptions.clone(), partitions: 1, compacted: true },
+        ]
+    }
 }

@@ -59,11 +59,7 @@ fn get_bytes(buf: &mut Bytes, width: usize) -> Result<Bytes, DecodeError> {
     if buf.remaining() < width {
         return Err(DecodeError::Truncated);
     }
-    let len = if width == 2 {
-        buf.get_u16_le() as usize
-    } else {
-        buf.get_u32_le() as usize
-    };
+    let len = if width == 2 { buf.get_u16_le() as usize } else { buf.get_u32_le() as usize };
     if buf.remaining() < len {
         return Err(DecodeError::Truncated);
     }
@@ -84,11 +80,7 @@ impl Delivery {
                 + 8,
         );
         buf.put_u8(VERSION);
-        buf.put_u8(if self.changes.is_some() {
-            HAS_CHANGES
-        } else {
-            0
-        });
+        buf.put_u8(if self.changes.is_some() { HAS_CHANGES } else { 0 });
         buf.put_u32_le(self.attempt);
         buf.put_i64_le(self.accepted_ms);
         buf.put_i64_le(self.due_ms);
@@ -123,22 +115,8 @@ impl Delivery {
         let tenant = get_str(&mut bytes)?;
         let event_type = get_str(&mut bytes)?;
         let data = get_bytes(&mut bytes, 4)?;
-        let changes = if flags & HAS_CHANGES != 0 {
-            Some(get_bytes(&mut bytes, 4)?)
-        } else {
-            None
-        };
-        Ok(Delivery {
-            event_id,
-            subscription,
-            tenant,
-            event_type,
-            attempt,
-            accepted_ms,
-            due_ms,
-            data,
-            changes,
-        })
+        let changes = if flags & HAS_CHANGES != 0 { Some(get_bytes(&mut bytes, 4)?) } else { None };
+        Ok(Delivery { event_id, subscription, tenant, event_type, attempt, accepted_ms, due_ms, data, changes })
     }
 }
 
@@ -164,10 +142,7 @@ mod tests {
     fn round_trips_with_and_without_changes() {
         let d = sample();
         assert_eq!(Delivery::decode(d.encode()).unwrap(), d);
-        let d = Delivery {
-            changes: None,
-            ..sample()
-        };
+        let d = Delivery { changes: None, ..sample() };
         assert_eq!(Delivery::decode(d.encode()).unwrap(), d);
     }
 
@@ -185,9 +160,6 @@ mod tests {
         for cut in 0..full.len() {
             assert!(Delivery::decode(full.slice(..cut)).is_err(), "cut at {cut}");
         }
-        assert_eq!(
-            Delivery::decode(Bytes::from_static(&[9; 40])),
-            Err(DecodeError::Version(9))
-        );
+        assert_eq!(Delivery::decode(Bytes::from_static(&[9; 40])), Err(DecodeError::Version(9)));
     }
 }

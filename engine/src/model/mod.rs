@@ -9,8 +9,8 @@ pub use dead_letter::DeadLetter;
 pub use delivery::{DecodeError, Delivery};
 pub use event::{EventInput, MAX_EVENT_ID_LEN};
 pub use subscription::{
-    AmqpTarget, Auth, PayloadFormat, RetrySpec, Secret, SignatureEncoding, SignatureSpec,
-    Subscription, SubscriptionInput, TlsOptions, TransportKind,
+    AmqpTarget, Auth, PayloadFormat, RetrySpec, Secret, SignatureEncoding, SignatureSpec, Subscription,
+    SubscriptionInput, TlsOptions, TransportKind,
 };
 
 /// Milliseconds since the Unix epoch, now.
@@ -20,9 +20,7 @@ pub fn now_ms() -> i64 {
 
 /// RFC 3339 text (UTC, milliseconds) for a millisecond timestamp.
 pub fn rfc3339_ms(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// A new time-ordered identifier with the given prefix, e.g. `sub_0192…`.

@@ -360,10 +360,7 @@ mod tests {
             headers: BTreeMap::new(),
             key: Some(Secret("k".into())),
             timeout: None,
-            auth: Auth::Basic {
-                username: "u".into(),
-                password: Secret("pw".into()),
-            },
+            auth: Auth::Basic { username: "u".into(), password: Secret("pw".into()) },
             tls: None,
             amqp: Some(AmqpTarget {
                 uri: Secret("amqp://u:hunter2@host/vh".into()),

@@ -7,8 +7,8 @@ mod partition;
 mod segment;
 
 use super::{
-    partition_for, Assignment, Consumer, Log, LogError, LogRecord, PartitionReader, Position,
-    Record, TopicSpec,
+    partition_for, Assignment, Committer, Consumer, Log, LogError, LogRecord, PartitionReader, Position, Record,
+    TopicSpec,
 };
 use async_trait::async_trait;
 use offsets::OffsetStore;
@@ -77,34 +77,21 @@ impl EmbeddedLog {
         .map_err(|e| LogError::Backend(e.to_string()))??;
 
         let (writer, rx) = mpsc::unbounded_channel();
-        std::thread::Builder::new()
-            .name("herald-log-writer".into())
-            .spawn(move || write_loop(rx))?;
+        std::thread::Builder::new().name("herald-log-writer".into()).spawn(move || write_loop(rx))?;
         let (closed, _) = watch::channel(false);
-        let log = Arc::new(EmbeddedLog {
-            topics,
-            writer,
-            offsets,
-            closed,
-        });
+        let log = Arc::new(EmbeddedLog { topics, writer, offsets, closed });
         tokio::spawn(flush_loop(Arc::downgrade(&log), config.flush_interval));
         Ok(log)
     }
 
     fn topic(&self, name: &str) -> Result<&Topic, LogError> {
-        self.topics
-            .get(name)
-            .ok_or_else(|| LogError::UnknownTopic(name.to_string()))
+        self.topics.get(name).ok_or_else(|| LogError::UnknownTopic(name.to_string()))
     }
 
     /// Persists offsets and reclaims fully consumed segments now.
     pub async fn flush(&self) -> Result<(), LogError> {
         let offsets = self.offsets.clone();
-        let topics: Vec<(String, Topic)> = self
-            .topics
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let topics: Vec<(String, Topic)> = self.topics.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             // Decide what may go before flushing, so nothing is reclaimed past what is on disk.
             let mut plan = Vec::new();
@@ -199,22 +186,15 @@ fn commit_group(group: Vec<AppendRequest>) {
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("log writer panicked"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("log writer panicked")).collect()
     });
-    let mut positions: Vec<Vec<Option<Position>>> =
-        group.iter().map(|r| vec![None; r.records.len()]).collect();
+    let mut positions: Vec<Vec<Option<Position>>> = group.iter().map(|r| vec![None; r.records.len()]).collect();
     let mut failures: Vec<Option<String>> = vec![None; group.len()];
     for ((part, members), outcome) in buckets.iter().zip(outcomes) {
         match outcome {
             Ok(first) => {
                 for (k, &(r, i)) in members.iter().enumerate() {
-                    positions[r][i] = Some(Position {
-                        partition: part.id(),
-                        offset: first + k as u64,
-                    });
+                    positions[r][i] = Some(Position { partition: part.id(), offset: first + k as u64 });
                 }
             }
             Err(e) => {
@@ -228,10 +208,7 @@ fn commit_group(group: Vec<AppendRequest>) {
     for ((req, pos), failure) in group.into_iter().zip(positions).zip(failures) {
         let answer = match failure {
             Some(e) => Err(e),
-            None => Ok(pos
-                .into_iter()
-                .map(|p| p.expect("every record placed"))
-                .collect()),
+            None => Ok(pos.into_iter().map(|p| p.expect("every record placed")).collect()),
         };
         let _ = req.reply.send(answer);
     }
@@ -249,14 +226,9 @@ impl Log for EmbeddedLog {
         }
         let parts = self.topic(topic)?;
         let n = parts.len() as u32;
-        let records = records
-            .into_iter()
-            .map(|r| (parts[partition_for(&r.key, n) as usize].clone(), r))
-            .collect();
+        let records = records.into_iter().map(|r| (parts[partition_for(&r.key, n) as usize].clone(), r)).collect();
         let (reply, rx) = oneshot::channel();
-        self.writer
-            .send(AppendRequest { records, reply })
-            .map_err(|_| LogError::Closed)?;
+        self.writer.send(AppendRequest { records, reply }).map_err(|_| LogError::Closed)?;
         match rx.await {
             Ok(Ok(positions)) => Ok(positions),
             Ok(Err(e)) => Err(LogError::Io(std::io::Error::other(e))),
@@ -311,10 +283,7 @@ impl Log for EmbeddedLog {
                 Box::new(reader) as Box<dyn PartitionReader>
             })
             .collect();
-        Ok(Box::new(EmbeddedConsumer {
-            pending,
-            closed: self.closed.subscribe(),
-        }))
+        Ok(Box::new(EmbeddedConsumer { pending, closed: self.closed.subscribe() }))
     }
 
     async fn ready(&self) -> bool {
@@ -389,9 +358,26 @@ impl PartitionReader for EmbeddedReader {
         }
     }
 
-    fn commit(&mut self, next: u64) {
-        self.offsets
-            .commit(&self.group, &self.topic, self.part.id(), next);
+    fn committer(&self) -> Arc<dyn Committer> {
+        Arc::new(EmbeddedCommitter {
+            part: self.part.clone(),
+            offsets: self.offsets.clone(),
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+        })
+    }
+}
+
+struct EmbeddedCommitter {
+    part: PartitionRef,
+    offsets: Arc<OffsetStore>,
+    group: String,
+    topic: String,
+}
+
+impl Committer for EmbeddedCommitter {
+    fn commit(&self, next: u64) {
+        self.offsets.commit(&self.group, &self.topic, self.part.id(), next);
     }
 
     fn end_offset(&self) -> u64 {

@@ -24,13 +24,7 @@ pub struct OffsetStore {
 fn file_for(dir: &std::path::Path, group: &str) -> PathBuf {
     let safe: String = group
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
         .collect();
     dir.join(format!("{safe}.json"))
 }
@@ -44,60 +38,31 @@ impl OffsetStore {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "json") {
                 let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-                let offsets: TopicOffsets =
-                    serde_json::from_slice(&fs::read(&path)?).map_err(|e| {
-                        io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("{}: {e}", path.display()),
-                        )
-                    })?;
-                groups.insert(
-                    name,
-                    Group {
-                        offsets,
-                        dirty: false,
-                    },
-                );
+                let offsets: TopicOffsets = serde_json::from_slice(&fs::read(&path)?)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
+                groups.insert(name, Group { offsets, dirty: false });
             }
         }
-        Ok(OffsetStore {
-            dir,
-            groups: Mutex::new(groups),
-        })
+        Ok(OffsetStore { dir, groups: Mutex::new(groups) })
     }
 
     /// The committed offset of `group` on a partition (0 when never committed).
     pub fn get(&self, group: &str, topic: &str, partition: u32) -> u64 {
         let groups = self.groups.lock().unwrap();
-        groups
-            .get(group)
-            .and_then(|g| g.offsets.get(topic))
-            .and_then(|t| t.get(&partition))
-            .copied()
-            .unwrap_or(0)
+        groups.get(group).and_then(|g| g.offsets.get(topic)).and_then(|t| t.get(&partition)).copied().unwrap_or(0)
     }
 
     /// Registers `group` as a consumer of `topic` so reclaim waits for it.
     pub fn join(&self, group: &str, topic: &str) {
         let mut groups = self.groups.lock().unwrap();
-        groups
-            .entry(group.to_string())
-            .or_default()
-            .offsets
-            .entry(topic.to_string())
-            .or_default();
+        groups.entry(group.to_string()).or_default().offsets.entry(topic.to_string()).or_default();
     }
 
     /// Records progress; offsets only move forward.
     pub fn commit(&self, group: &str, topic: &str, partition: u32, next: u64) {
         let mut groups = self.groups.lock().unwrap();
         let g = groups.entry(group.to_string()).or_default();
-        let slot = g
-            .offsets
-            .entry(topic.to_string())
-            .or_default()
-            .entry(partition)
-            .or_insert(0);
+        let slot = g.offsets.entry(topic.to_string()).or_default().entry(partition).or_insert(0);
         if next > *slot {
             *slot = next;
             g.dirty = true;
@@ -107,11 +72,7 @@ impl OffsetStore {
     /// Lowest committed offset of any group consuming `topic` on `partition`, if any group does.
     pub fn min_committed(&self, topic: &str, partition: u32) -> Option<u64> {
         let groups = self.groups.lock().unwrap();
-        groups
-            .values()
-            .filter_map(|g| g.offsets.get(topic))
-            .map(|t| t.get(&partition).copied().unwrap_or(0))
-            .min()
+        groups.values().filter_map(|g| g.offsets.get(topic)).map(|t| t.get(&partition).copied().unwrap_or(0)).min()
     }
 
     /// Writes the groups that changed since the last flush.

@@ -96,13 +96,7 @@ impl Partition {
                 f.sync_all()?;
             }
             let end = scan.last_offset.map_or(base, |o| o + 1);
-            segments.push(SegmentInfo {
-                base,
-                path,
-                len: scan.valid_len,
-                end,
-                index: scan.index,
-            });
+            segments.push(SegmentInfo { base, path, len: scan.valid_len, end, index: scan.index });
         }
         // Drop empty segments except the newest (which stays the active one).
         let last = segments.len().saturating_sub(1);
@@ -119,33 +113,14 @@ impl Partition {
             let path = dir.join(segment::file_name(0));
             File::create(&path)?.sync_all()?;
             sync_dir(&dir)?;
-            segments.push(SegmentInfo {
-                base: 0,
-                path,
-                len: 0,
-                end: 0,
-                index: Vec::new(),
-            });
+            segments.push(SegmentInfo { base: 0, path, len: 0, end: 0, index: Vec::new() });
         }
         let tail = segments.last().unwrap().clone();
         let file = OpenOptions::new().append(true).open(&tail.path)?;
         let next_index_at = tail.index.last().map_or(0, |&(_, p)| p + INDEX_INTERVAL);
-        let active = Active {
-            file,
-            base: tail.base,
-            len: tail.len,
-            next_offset: tail.end,
-            next_index_at,
-        };
+        let active = Active { file, base: tail.base, len: tail.len, next_offset: tail.end, next_index_at };
         let (durable, _) = watch::channel(tail.end);
-        Ok(Partition {
-            id,
-            dir,
-            segment_bytes,
-            segments: Mutex::new(segments),
-            active: Mutex::new(active),
-            durable,
-        })
+        Ok(Partition { id, dir, segment_bytes, segments: Mutex::new(segments), active: Mutex::new(active), durable })
     }
 
     /// Partition number.
@@ -172,23 +147,14 @@ impl Partition {
     /// offset of the first record. Called only by the writer thread.
     pub fn append(&self, records: &[(&[u8], &[u8])], timestamp_ms: i64) -> io::Result<u64> {
         let mut active = self.active.lock().unwrap();
-        let size: u64 = records
-            .iter()
-            .map(|(k, v)| (segment::FRAME_HEADER + 20 + k.len() + v.len()) as u64)
-            .sum();
+        let size: u64 = records.iter().map(|(k, v)| (segment::FRAME_HEADER + 20 + k.len() + v.len()) as u64).sum();
         let first = active.next_offset;
         let rolled = active.len > 0 && active.len + size > self.segment_bytes;
         if rolled {
             let path = self.dir.join(segment::file_name(first));
             let file = OpenOptions::new().create(true).append(true).open(&path)?;
             sync_dir(&self.dir)?;
-            *active = Active {
-                file,
-                base: first,
-                len: 0,
-                next_offset: first,
-                next_index_at: 0,
-            };
+            *active = Active { file, base: first, len: 0, next_offset: first, next_index_at: 0 };
         }
         let mut buf = BytesMut::with_capacity(size as usize);
         let mut new_index = Vec::new();
@@ -200,10 +166,7 @@ impl Partition {
             }
             segment::encode(&mut buf, first + i as u64, timestamp_ms, key, value);
         }
-        let written = active
-            .file
-            .write_all(&buf)
-            .and_then(|_| active.file.sync_data());
+        let written = active.file.write_all(&buf).and_then(|_| active.file.sync_data());
         if let Err(e) = written {
             // Leave nothing half-written behind the durable end.
             let _ = active.file.set_len(active.len);
@@ -218,13 +181,7 @@ impl Partition {
             let mut segs = self.segments.lock().unwrap();
             if rolled {
                 let path = self.dir.join(segment::file_name(base));
-                segs.push(SegmentInfo {
-                    base,
-                    path,
-                    len: 0,
-                    end: base,
-                    index: Vec::new(),
-                });
+                segs.push(SegmentInfo { base, path, len: 0, end: base, index: Vec::new() });
             }
             let seg = segs.last_mut().unwrap();
             seg.len = len;
@@ -343,9 +300,7 @@ impl Partition {
         let keep: Vec<&Frame> = all
             .iter()
             .enumerate()
-            .filter(|(i, f)| {
-                (latest[&f.key[..]] == *i && !f.value.is_empty()) || *i + 1 == all.len()
-            })
+            .filter(|(i, f)| (latest[&f.key[..]] == *i && !f.value.is_empty()) || *i + 1 == all.len())
             .map(|(_, f)| f)
             .collect();
         if keep.len() * 2 + 16 > all.len() {
@@ -362,9 +317,7 @@ impl Partition {
             }
             segment::encode(&mut buf, f.offset, f.timestamp_ms, &f.key, &f.value);
         }
-        let scratch = self
-            .dir
-            .join(format!("{}.compact", segment::file_name(base)));
+        let scratch = self.dir.join(format!("{}.compact", segment::file_name(base)));
         let mut file = File::create(&scratch)?;
         file.write_all(&buf)?;
         file.sync_all()?;
@@ -378,21 +331,10 @@ impl Partition {
         }
         sync_dir(&self.dir)?;
         let len = buf.len() as u64;
-        *segs = vec![SegmentInfo {
-            base,
-            path: path.clone(),
-            len,
-            end,
-            index: index.clone(),
-        }];
+        *segs = vec![SegmentInfo { base, path: path.clone(), len, end, index: index.clone() }];
         let next_index_at = index.last().map_or(0, |&(_, p)| p + INDEX_INTERVAL);
-        *active = Active {
-            file: OpenOptions::new().append(true).open(&path)?,
-            base,
-            len,
-            next_offset: end,
-            next_index_at,
-        };
+        *active =
+            Active { file: OpenOptions::new().append(true).open(&path)?, base, len, next_offset: end, next_index_at };
         Ok(true)
     }
 

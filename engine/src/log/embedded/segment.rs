@@ -160,12 +160,7 @@ pub fn scan(path: &PathBuf, base: u64) -> io::Result<Scan> {
         let _ = pending.split_to(used);
         pos += used as u64;
         if corrupt || eof {
-            return Ok(Scan {
-                valid_len: pos,
-                garbage: file_len - pos,
-                last_offset,
-                index,
-            });
+            return Ok(Scan { valid_len: pos, garbage: file_len - pos, last_offset, index });
         }
         let n = file.read(&mut chunk)?;
         if n == 0 {

@@ -3,11 +3,7 @@ use bytes::Bytes;
 use std::io::Write;
 
 fn spec(name: &str, partitions: u32, compacted: bool) -> TopicSpec {
-    TopicSpec {
-        name: name.into(),
-        partitions,
-        compacted,
-    }
+    TopicSpec { name: name.into(), partitions, compacted }
 }
 
 fn config(dir: &std::path::Path, segment_bytes: u64) -> EmbeddedConfig {
@@ -20,10 +16,7 @@ fn config(dir: &std::path::Path, segment_bytes: u64) -> EmbeddedConfig {
 }
 
 fn rec(key: &str, value: &str) -> Record {
-    Record {
-        key: Bytes::from(key.to_string()),
-        value: Bytes::from(value.to_string()),
-    }
+    Record { key: Bytes::from(key.to_string()), value: Bytes::from(value.to_string()) }
 }
 
 async fn take(reader: &mut Box<dyn PartitionReader>, n: usize) -> Vec<LogRecord> {
@@ -55,58 +48,29 @@ async fn readers(log: &EmbeddedLog, group: &str, topic: &str) -> Vec<Box<dyn Par
 async fn appended_records_survive_reopen_in_order() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let log = EmbeddedLog::open(config(dir.path(), 1 << 20))
-            .await
-            .unwrap();
-        let positions = log
-            .append(
-                "t",
-                (0..100)
-                    .map(|i| rec("same-key", &format!("v{i}")))
-                    .collect(),
-            )
-            .await
-            .unwrap();
-        assert!(positions
-            .windows(2)
-            .all(|w| w[1].offset == w[0].offset + 1 && w[0].partition == w[1].partition));
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+        let positions = log.append("t", (0..100).map(|i| rec("same-key", &format!("v{i}"))).collect()).await.unwrap();
+        assert!(positions.windows(2).all(|w| w[1].offset == w[0].offset + 1 && w[0].partition == w[1].partition));
     }
-    let log = EmbeddedLog::open(config(dir.path(), 1 << 20))
-        .await
-        .unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
     let all = log.read_all("t").await.unwrap();
-    let values: Vec<String> = all
-        .iter()
-        .map(|r| String::from_utf8(r.value.to_vec()).unwrap())
-        .collect();
-    assert_eq!(
-        values,
-        (0..100).map(|i| format!("v{i}")).collect::<Vec<_>>()
-    );
+    let values: Vec<String> = all.iter().map(|r| String::from_utf8(r.value.to_vec()).unwrap()).collect();
+    assert_eq!(values, (0..100).map(|i| format!("v{i}")).collect::<Vec<_>>());
 }
 
 #[tokio::test]
 async fn a_torn_tail_is_cut_off_on_open_and_appends_continue() {
     let dir = tempfile::tempdir().unwrap();
     let part = {
-        let log = EmbeddedLog::open(config(dir.path(), 1 << 20))
-            .await
-            .unwrap();
-        log.append("t", (0..10).map(|i| rec("k", &format!("v{i}"))).collect())
-            .await
-            .unwrap()[0]
-            .partition
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+        log.append("t", (0..10).map(|i| rec("k", &format!("v{i}"))).collect()).await.unwrap()[0].partition
     };
-    let seg = dir
-        .path()
-        .join(format!("topics/t/{part}/{}", segment::file_name(0)));
+    let seg = dir.path().join(format!("topics/t/{part}/{}", segment::file_name(0)));
     // Half a frame, as a crash mid-write leaves it.
     let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
     f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]).unwrap();
     drop(f);
-    let log = EmbeddedLog::open(config(dir.path(), 1 << 20))
-        .await
-        .unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
     assert_eq!(log.read_all("t").await.unwrap().len(), 10);
     let p = log.append("t", vec![rec("k", "after")]).await.unwrap();
     assert_eq!(p[0].offset, 10);
@@ -118,27 +82,15 @@ async fn a_torn_tail_is_cut_off_on_open_and_appends_continue() {
 async fn a_corrupt_record_is_never_served() {
     let dir = tempfile::tempdir().unwrap();
     let part = {
-        let log = EmbeddedLog::open(config(dir.path(), 1 << 20))
-            .await
-            .unwrap();
-        log.append(
-            "t",
-            (0..5).map(|i| rec("k", &format!("value-{i}"))).collect(),
-        )
-        .await
-        .unwrap()[0]
-            .partition
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+        log.append("t", (0..5).map(|i| rec("k", &format!("value-{i}"))).collect()).await.unwrap()[0].partition
     };
-    let seg = dir
-        .path()
-        .join(format!("topics/t/{part}/{}", segment::file_name(0)));
+    let seg = dir.path().join(format!("topics/t/{part}/{}", segment::file_name(0)));
     let mut bytes = std::fs::read(&seg).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0xff; // flip a byte inside the last record's value
     std::fs::write(&seg, bytes).unwrap();
-    let log = EmbeddedLog::open(config(dir.path(), 1 << 20))
-        .await
-        .unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
     let all = log.read_all("t").await.unwrap();
     assert_eq!(all.len(), 4);
     assert!(all.iter().all(|r| r.value.starts_with(b"value-")));
@@ -148,24 +100,18 @@ async fn a_corrupt_record_is_never_served() {
 async fn consumers_resume_from_their_committed_offset() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let log = EmbeddedLog::open(config(dir.path(), 1 << 20))
-            .await
-            .unwrap();
-        log.append("t", (0..20).map(|i| rec("k", &i.to_string())).collect())
-            .await
-            .unwrap();
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+        log.append("t", (0..20).map(|i| rec("k", &i.to_string())).collect()).await.unwrap();
         let mut rs = readers(&log, "g", "t").await;
-        let r = rs.iter_mut().find(|r| r.end_offset() == 20).unwrap();
+        let r = rs.iter_mut().find(|r| r.committer().end_offset() == 20).unwrap();
         let got = take(r, 20).await;
         assert_eq!(got.len(), 20);
-        r.commit(12);
+        r.committer().commit(12);
         log.close().await.unwrap();
     }
-    let log = EmbeddedLog::open(config(dir.path(), 1 << 20))
-        .await
-        .unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
     let mut rs = readers(&log, "g", "t").await;
-    let r = rs.iter_mut().find(|r| r.end_offset() == 20).unwrap();
+    let r = rs.iter_mut().find(|r| r.committer().end_offset() == 20).unwrap();
     let got = take(r, 8).await;
     assert_eq!(got[0].offset, 12);
     assert_eq!(&got[0].value[..], b"12");
@@ -184,7 +130,7 @@ async fn consumed_segments_are_reclaimed() {
     let mut rs = readers(&log, "g", "t").await;
     let r = &mut rs[part as usize];
     take(r, 31).await;
-    r.commit(31);
+    r.committer().commit(31);
     log.flush().await.unwrap();
     assert_eq!(log.segment_count("t", part).unwrap(), 1);
     // What is left still reads, and the consumer goes on after new appends.
@@ -197,20 +143,14 @@ async fn consumed_segments_are_reclaimed() {
 async fn a_compacted_topic_keeps_the_newest_value_per_key() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let log = EmbeddedLog::open(config(dir.path(), 1 << 20))
-            .await
-            .unwrap();
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
         for round in 0..20 {
-            let recs = (0..5)
-                .map(|k| rec(&format!("k{k}"), &format!("r{round}")))
-                .collect();
+            let recs = (0..5).map(|k| rec(&format!("k{k}"), &format!("r{round}"))).collect();
             log.append("c", recs).await.unwrap();
         }
         log.append("c", vec![rec("k0", "")]).await.unwrap(); // tombstone
     }
-    let log = EmbeddedLog::open(config(dir.path(), 1 << 20))
-        .await
-        .unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
     let all = log.read_all("c").await.unwrap();
     // k1..k4 with their last value, plus the final tombstone kept so offsets never go back.
     assert_eq!(all.len(), 5, "{all:?}");
@@ -223,17 +163,11 @@ async fn a_compacted_topic_keeps_the_newest_value_per_key() {
 #[tokio::test]
 async fn concurrent_appends_are_group_committed_and_all_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let log = EmbeddedLog::open(config(dir.path(), 1 << 16))
-        .await
-        .unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 16)).await.unwrap();
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             let log = log.clone();
-            tokio::spawn(async move {
-                log.append("t", vec![rec(&format!("k{i}"), "v"); 10])
-                    .await
-                    .unwrap()
-            })
+            tokio::spawn(async move { log.append("t", vec![rec(&format!("k{i}"), "v"); 10]).await.unwrap() })
         })
         .collect();
     let mut total = 0;

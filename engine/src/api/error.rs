@@ -1,0 +1,149 @@
+//! API errors in the contract's shape: `{"error":{"code","message","field"?}}` with a
+//! fitting status, and the JSON body extractor that names the offending field.
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    /// 400 `VALIDATION_ERROR` naming `field`.
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        let field = field.into();
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "VALIDATION_ERROR",
+            message: message.into(),
+            field: (!field.is_empty()).then_some(field),
+        }
+    }
+
+    /// 401: no or a wrong bearer token.
+    pub fn unauthorized() -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "UNAUTHORIZED",
+            message: "a valid bearer token is required".into(),
+            field: None,
+        }
+    }
+
+    /// 404 for a missing object or route.
+    pub fn not_found(what: &str) -> Self {
+        ApiError { status: StatusCode::NOT_FOUND, code: "NOT_FOUND", message: format!("{what} not found"), field: None }
+    }
+
+    /// 503: the log could not take the write; nothing was accepted.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, code: "UNAVAILABLE", message: message.into(), field: None }
+    }
+}
+
+impl From<crate::registry::Invalid> for ApiError {
+    fn from(e: crate::registry::Invalid) -> Self {
+        ApiError::validation(e.field, e.message)
+    }
+}
+
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        match e {
+            crate::registry::RegistryError::Invalid(i) => i.into(),
+            crate::registry::RegistryError::Log(l) => l.into(),
+        }
+    }
+}
+
+impl From<crate::log::LogError> for ApiError {
+    fn from(e: crate::log::LogError) -> Self {
+        tracing::error!(error = %e, "log write failed");
+        ApiError::unavailable("the log could not take the write; nothing was accepted, retry later")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = serde_json::json!({ "code": self.code, "message": self.message });
+        if let Some(field) = self.field {
+            error["field"] = field.into();
+        }
+        (self.status, Json(serde_json::json!({ "error": error }))).into_response()
+    }
+}
+
+/// A JSON body parsed strictly; errors name the field (`data`, `[2].type`, `retry.policy`).
+pub struct JsonBody<T>(pub T);
+
+/// Turns a serde error at `path` into the field it concerns.
+fn field_of(path: &str, message: &str) -> String {
+    // "missing field `type`" concerns a child of `path` (for an unknown field the path
+    // already ends at that field).
+    let child = message.split('`').nth(1).filter(|_| message.starts_with("missing field"));
+    let path = if path == "." { "" } else { path };
+    match child {
+        Some(c) if path.is_empty() => c.to_string(),
+        Some(c) => format!("{path}.{c}"),
+        None => path.to_string(),
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_none_or(|ct| ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(ApiError {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code: "UNSUPPORTED_MEDIA_TYPE",
+                message: "send the body as application/json".into(),
+                field: None,
+            });
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError {
+            status: e.status(),
+            code: if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "PAYLOAD_TOO_LARGE" } else { "BAD_REQUEST" },
+            message: e.body_text(),
+            field: None,
+        })?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.to_string();
+            let field = field_of(&path, &message);
+            // serde's message carries " at line 1 column 7"; keep it, it helps with raw JSON.
+            ApiError::validation(field, message)
+        })?;
+        Ok(JsonBody(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field_of;
+
+    #[test]
+    fn names_the_field_a_serde_error_is_about() {
+        assert_eq!(field_of(".", "missing field `type` at line 1 column 2"), "type");
+        assert_eq!(field_of("[2]", "missing field `type`"), "[2].type");
+        assert_eq!(field_of("retry.foo", "unknown field `foo`, expected one of"), "retry.foo");
+        assert_eq!(field_of("timeout", "invalid duration"), "timeout");
+        assert_eq!(field_of(".", "EOF while parsing"), "");
+    }
+}

@@ -1,0 +1,47 @@
+//! `POST /v1/events` and `POST /v1/events/batch`.
+
+use super::auth::Admin;
+use super::error::{ApiError, JsonBody};
+use super::AppState;
+use crate::ingest;
+use crate::model::EventInput;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+
+/// Events in one batch at most.
+pub const MAX_BATCH: usize = 1000;
+
+/// Tenant used when the admin publishes without naming one.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Publishes one event.
+pub async fn publish(
+    _: Admin,
+    State(state): State<AppState>,
+    JsonBody(input): JsonBody<EventInput>,
+) -> Result<impl IntoResponse, ApiError> {
+    let event = ingest::validate(input, "", DEFAULT_TENANT)?;
+    let accepted = state.ingest.publish(vec![event]).await?;
+    Ok((StatusCode::ACCEPTED, Json(&accepted[0]).into_response()))
+}
+
+/// Publishes up to [`MAX_BATCH`] events atomically: all are validated before any is appended.
+pub async fn publish_batch(
+    _: Admin,
+    State(state): State<AppState>,
+    JsonBody(inputs): JsonBody<Vec<EventInput>>,
+) -> Result<impl IntoResponse, ApiError> {
+    if inputs.is_empty() || inputs.len() > MAX_BATCH {
+        return Err(ApiError::validation("", format!("a batch holds 1 to {MAX_BATCH} events")));
+    }
+    let events = inputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, input)| ingest::validate(input, &format!("[{i}]"), DEFAULT_TENANT))
+        .collect::<Result<Vec<_>, _>>()?;
+    let accepted = state.ingest.publish(events).await?;
+    let deliveries: usize = accepted.iter().map(|a| a.deliveries).sum();
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "items": accepted, "deliveries": deliveries }))))
+}

@@ -1,0 +1,66 @@
+//! The HTTP API (`/v1`, JSON, bearer tokens) and the health endpoints.
+
+mod auth;
+mod dlq;
+mod error;
+mod events;
+mod subscriptions;
+
+pub use error::ApiError;
+
+use crate::ingest::Ingest;
+use crate::log::Log;
+use crate::registry::Registry;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::sync::Arc;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The subscription registry.
+    pub registry: Arc<Registry>,
+    /// The ingest stage.
+    pub ingest: Arc<Ingest>,
+    /// The log, for readiness.
+    pub log: Arc<dyn Log>,
+    /// The admin bearer token.
+    pub admin_token: Arc<str>,
+    /// Name of the dead-letter topic.
+    pub dlq_topic: String,
+}
+
+/// The router of every endpoint.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/events", post(events::publish))
+        .route("/v1/events/batch", post(events::publish_batch))
+        .route("/v1/subscriptions", post(subscriptions::create).get(subscriptions::list))
+        .route("/v1/subscriptions/{id}", get(subscriptions::get).delete(subscriptions::delete))
+        .route("/v1/dlq", get(dlq::list))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            let body = serde_json::json!({"error": {"code": "METHOD_NOT_ALLOWED", "message": "method not allowed on this route"}});
+            (StatusCode::METHOD_NOT_ALLOWED, Json(body))
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let log = state.log.ready().await;
+    let body = serde_json::json!({ "log": log, "registry": true, "subscriptions": state.registry.len() });
+    (if log { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+}

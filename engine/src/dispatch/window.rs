@@ -1,0 +1,80 @@
+//! The in-flight window of one partition: deliveries complete in any order, and the commit
+//! point only ever covers the contiguous prefix of completed offsets.
+
+use std::collections::VecDeque;
+
+/// Offsets started and not yet covered by the commit point.
+#[derive(Debug, Default)]
+pub struct Window {
+    pending: VecDeque<(u64, bool)>,
+}
+
+impl Window {
+    /// Records that work on `offset` began; offsets rise (gaps allowed).
+    pub fn start(&mut self, offset: u64) {
+        debug_assert!(self.pending.back().is_none_or(|&(o, _)| o < offset));
+        self.pending.push_back((offset, false));
+    }
+
+    /// Records that `offset` is done; returns the new commit point (the offset after the
+    /// completed prefix) when it moved.
+    pub fn finish(&mut self, offset: u64) -> Option<u64> {
+        let i = self.pending.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
+        self.pending[i].1 = true;
+        let mut last = None;
+        while let Some(&(o, true)) = self.pending.front() {
+            last = Some(o);
+            self.pending.pop_front();
+        }
+        last.map(|o| self.pending.front().map_or(o + 1, |&(next, _)| next))
+    }
+
+    /// Deliveries started and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.pending.iter().filter(|(_, done)| !done).count()
+    }
+
+    /// Offsets held back from the commit point (in flight, or done behind one in flight).
+    pub fn held(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_only_the_contiguous_prefix() {
+        let mut w = Window::default();
+        for o in [10, 11, 12, 14] {
+            w.start(o);
+        }
+        assert_eq!(w.finish(12), None);
+        assert_eq!(w.finish(11), None);
+        assert_eq!(w.finish(10), Some(14)); // 10..=12 done, 14 still pending
+        assert_eq!(w.finish(14), Some(15));
+        assert_eq!(w.held(), 0);
+    }
+
+    #[test]
+    fn out_of_order_completion_in_any_permutation_ends_at_the_last_offset() {
+        use rand::seq::SliceRandom;
+        let mut rng = rand::thread_rng();
+        for _ in 0..200 {
+            let mut w = Window::default();
+            let offsets: Vec<u64> = (0..50).map(|i| i * 2).collect();
+            offsets.iter().for_each(|&o| w.start(o));
+            let mut order = offsets.clone();
+            order.shuffle(&mut rng);
+            let mut commit = 0;
+            for o in order {
+                if let Some(c) = w.finish(o) {
+                    assert!(c > commit, "commit point moves forward");
+                    commit = c;
+                }
+            }
+            assert_eq!(commit, 99);
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The subscription registry: validates subscriptions, keeps them in the log's compacted
+//! `subscriptions` topic (the source of truth) and serves them from memory, compiled into
+//! [`Target`]s that are ready to sign and send.
+
+use crate::config::HumanDuration;
+use crate::log::{Log, LogError, Record};
+use crate::model::{
+    new_id, now_ms, rfc3339_ms, Auth, RetrySpec, SignatureSpec, Subscription, SubscriptionInput, TransportKind,
+};
+use crate::signing::{generate_secret, Signer, SigningError};
+use crate::transport::guard::NetworkGuard;
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// A subscription compiled for delivery.
+#[derive(Debug)]
+pub struct Target {
+    /// The stored subscription.
+    pub sub: Subscription,
+    /// Prepared signing keys.
+    pub signer: Signer,
+    /// Request URI, `key` query parameter included.
+    pub uri: Uri,
+    /// Fixed headers: custom ones, user agent, Basic auth.
+    pub headers: HeaderMap,
+}
+
+/// A field that failed validation.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    /// The field, as a JSON path (`url`, `headers.x-foo`).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid { field: field.into(), message: message.into() }
+}
+
+/// Registry failures.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The request is not a valid subscription.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The registry topic could not be written or read.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// Headers Herald sets itself; a subscription cannot override them.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+const USER_AGENT: &str = concat!("Herald/", env!("CARGO_PKG_VERSION"));
+
+/// Request timeouts a subscription may choose.
+const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
+
+impl Target {
+    /// Compiles a stored subscription; fails only if it could never be delivered.
+    pub fn compile(sub: Subscription) -> Result<Target, Invalid> {
+        let signer = Signer::new(&sub.signature, &[&sub.secret]).map_err(|e| match e {
+            SigningError::BadHeader(_) => invalid("signature.header", e.to_string()),
+            _ => invalid("secret", e.to_string()),
+        })?;
+        let mut url = url::Url::parse(&sub.url).map_err(|e| invalid("url", e.to_string()))?;
+        if let Some(key) = &sub.key {
+            url.query_pairs_mut().append_pair("key", key.expose());
+        }
+        let uri: Uri = url.as_str().parse().map_err(|_| invalid("url", "not a valid request URI"))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        for (name, value) in &sub.headers {
+            let field = format!("headers.{name}");
+            let name =
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid(&field, "not a valid header name"))?;
+            if RESERVED_HEADERS.contains(&name.as_str()) {
+                return Err(invalid(&field, "this header is set by Herald and cannot be overridden"));
+            }
+            let value = HeaderValue::from_str(value).map_err(|_| invalid(&field, "not a valid header value"))?;
+            headers.insert(name, value);
+        }
+        if let Auth::Basic { username, password } = &sub.auth {
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{}", password.expose()));
+            let mut value = HeaderValue::from_str(&format!("Basic {token}"))
+                .map_err(|_| invalid("auth.username", "not valid in a header"))?;
+            value.set_sensitive(true);
+            headers.insert(http::header::AUTHORIZATION, value);
+        }
+        Ok(Target { sub, signer, uri, headers })
+    }
+}
+
+fn check_duration(field: &str, d: Option<HumanDuration>, (min, max): (Duration, Duration)) -> Result<(), Invalid> {
+    match d {
+        Some(d) if d.0 < min || d.0 > max => {
+            Err(invalid(field, format!("must be between {} and {}", HumanDuration(min), HumanDuration(max))))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks a new subscription and fills in what the server decides.
+pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) -> Result<Subscription, Invalid> {
+    validate_tenant(&tenant)?;
+    match input.transport {
+        TransportKind::Webhook => {}
+        TransportKind::Amqp => {
+            return Err(invalid("transport", "the amqp transport is not available in this build yet"))
+        }
+    }
+    let url = url::Url::parse(&input.url).map_err(|e| invalid("url", format!("not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("url", "must be an http or https URL"));
+    }
+    match url.host() {
+        None => return Err(invalid("url", "must have a host")),
+        Some(url::Host::Ipv4(ip)) => guard.check(ip.into()).map_err(|e| invalid("url", e.to_string()))?,
+        Some(url::Host::Ipv6(ip)) => guard.check(ip.into()).map_err(|e| invalid("url", e.to_string()))?,
+        Some(url::Host::Domain(_)) => {}
+    }
+    if input.url.len() > 2048 {
+        return Err(invalid("url", "must be at most 2048 characters"));
+    }
+    for (i, e) in input.events.iter().enumerate() {
+        if e.is_empty() || e.len() > 256 {
+            return Err(invalid(format!("events[{i}]"), "event types are 1 to 256 characters"));
+        }
+    }
+    if input.tls.is_some() {
+        return Err(invalid("tls", "custom TLS settings are not available in this build yet"));
+    }
+    if matches!(input.auth, Auth::Oauth2 { .. }) {
+        return Err(invalid("auth", "oauth2 is not available in this build yet; use basic or none"));
+    }
+    if input.amqp.is_some() {
+        return Err(invalid("amqp", "only valid with transport \"amqp\""));
+    }
+    if input.key.as_ref().is_some_and(|k| k.expose().is_empty()) {
+        return Err(invalid("key", "must not be empty"));
+    }
+    check_duration("timeout", input.timeout, TIMEOUT_RANGE)?;
+    match &input.retry {
+        Some(RetrySpec::Fixed { interval, max_attempts }) => {
+            check_duration("retry.interval", Some(*interval), (Duration::from_millis(1), Duration::from_secs(86_400)))?;
+            if !(1..=1000).contains(max_attempts) {
+                return Err(invalid("retry.max_attempts", "must be between 1 and 1000"));
+            }
+        }
+        Some(RetrySpec::Exponential { multiplier, jitter, max_attempts, .. }) => {
+            if multiplier.is_some_and(|m| !(1.0..=10.0).contains(&m)) {
+                return Err(invalid("retry.multiplier", "must be between 1 and 10"));
+            }
+            if jitter.is_some_and(|j| !(0.0..=1.0).contains(&j)) {
+                return Err(invalid("retry.jitter", "must be between 0 and 1"));
+            }
+            if max_attempts.is_some_and(|m| !(1..=1000).contains(&m)) {
+                return Err(invalid("retry.max_attempts", "must be between 1 and 1000"));
+            }
+        }
+        None => {}
+    }
+    if input.max_in_flight.is_some_and(|m| m == 0 || m > 10_000) {
+        return Err(invalid("max_in_flight", "must be between 1 and 10000"));
+    }
+    if input.rate_limit.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err(invalid("rate_limit", "must be a positive number of deliveries per second"));
+    }
+    let secret = match (input.secret, &input.signature) {
+        (Some(s), _) => s,
+        (None, _) => generate_secret(),
+    };
+    let now = rfc3339_ms(now_ms());
+    let sub = Subscription {
+        id: new_id("sub"),
+        tenant,
+        url: input.url,
+        events: input.events,
+        transport: input.transport,
+        secret,
+        signature: input.signature,
+        payload: input.payload,
+        headers: input.headers,
+        key: input.key,
+        timeout: input.timeout,
+        auth: input.auth,
+        tls: input.tls,
+        amqp: input.amqp,
+        retry: input.retry,
+        max_in_flight: input.max_in_flight,
+        rate_limit: input.rate_limit,
+        enabled: input.enabled.unwrap_or(true),
+        disabled_reason: None,
+        created_at: now.clone(),
+        updated_at: now,
+    };
+    // Compiling checks the secret against the scheme, the headers and the URL once more.
+    Target::compile(sub.clone())?;
+    if matches!(sub.signature, SignatureSpec::Standard)
+        && !sub.secret.expose().starts_with(crate::signing::SECRET_PREFIX)
+    {
+        return Err(invalid("secret", "a standard-scheme secret must start with \"whsec_\""));
+    }
+    Ok(sub)
+}
+
+/// Tenant names: 1 to 64 of letters, digits, `-`, `_`, `.`.
+pub fn validate_tenant(tenant: &str) -> Result<(), Invalid> {
+    let ok = !tenant.is_empty()
+        && tenant.len() <= 64
+        && tenant.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("tenant", "must be 1 to 64 letters, digits, '-', '_' or '.'"))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    by_id: HashMap<String, Arc<Target>>,
+    by_tenant: HashMap<String, BTreeMap<String, Arc<Target>>>,
+}
+
+impl State {
+    fn put(&mut self, target: Arc<Target>) {
+        self.remove(&target.sub.id);
+        self.by_tenant.entry(target.sub.tenant.clone()).or_default().insert(target.sub.id.clone(), target.clone());
+        self.by_id.insert(target.sub.id.clone(), target);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<Target>> {
+        let old = self.by_id.remove(id)?;
+        if let Some(subs) = self.by_tenant.get_mut(&old.sub.tenant) {
+            subs.remove(id);
+        }
+        Some(old)
+    }
+}
+
+/// The in-memory registry backed by the `subscriptions` topic.
+pub struct Registry {
+    log: Arc<dyn Log>,
+    topic: String,
+    guard: NetworkGuard,
+    state: RwLock<State>,
+    writes: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    /// Materialises the registry from `topic`.
+    pub async fn load(log: Arc<dyn Log>, topic: String, guard: NetworkGuard) -> Result<Registry, LogError> {
+        let mut state = State::default();
+        let mut loaded = 0usize;
+        for rec in log.read_all(&topic).await? {
+            let id = String::from_utf8_lossy(&rec.key).into_owned();
+            if rec.value.is_empty() {
+                state.remove(&id);
+                continue;
+            }
+            match serde_json::from_slice::<Subscription>(&rec.value)
+                .map_err(|e| invalid("record", e.to_string()))
+                .and_then(Target::compile)
+            {
+                Ok(t) => {
+                    state.put(Arc::new(t));
+                    loaded += 1;
+                }
+                Err(e) => {
+                    tracing::error!(subscription = %id, offset = rec.offset, error = %e, "skipping unreadable subscription record")
+                }
+            }
+        }
+        tracing::info!(subscriptions = state.by_id.len(), records = loaded, "registry loaded");
+        Ok(Registry { log, topic, guard, state: RwLock::new(state), writes: tokio::sync::Mutex::new(()) })
+    }
+
+    /// The network guard used to validate URLs.
+    pub fn guard(&self) -> &NetworkGuard {
+        &self.guard
+    }
+
+    async fn persist(&self, id: &str, value: Bytes) -> Result<(), LogError> {
+        let rec = Record { key: Bytes::copy_from_slice(id.as_bytes()), value };
+        self.log.append(&self.topic, vec![rec]).await.map(|_| ())
+    }
+
+    /// Validates and stores a new subscription for `tenant`. A tenant cannot register the
+    /// same URL twice.
+    pub async fn create(&self, input: SubscriptionInput, tenant: String) -> Result<Arc<Target>, RegistryError> {
+        let sub = validate(input, tenant, &self.guard)?;
+        let _serial = self.writes.lock().await;
+        let duplicate = {
+            let state = self.state.read().unwrap();
+            state.by_tenant.get(&sub.tenant).is_some_and(|subs| subs.values().any(|t| same_url(&t.sub.url, &sub.url)))
+        };
+        if duplicate {
+            return Err(invalid("url", "this tenant already has a subscription for this URL").into());
+        }
+        let target = Arc::new(Target::compile(sub)?);
+        self.persist(&target.sub.id, Bytes::from(serde_json::to_vec(&target.sub).expect("serializes"))).await?;
+        self.state.write().unwrap().put(target.clone());
+        Ok(target)
+    }
+
+    /// Deletes a subscription; `false` when it did not exist.
+    pub async fn delete(&self, id: &str) -> Result<bool, RegistryError> {
+        let _serial = self.writes.lock().await;
+        if !self.state.read().unwrap().by_id.contains_key(id) {
+            return Ok(false);
+        }
+        self.persist(id, Bytes::new()).await?;
+        self.state.write().unwrap().remove(id);
+        Ok(true)
+    }
+
+    /// A subscription by id.
+    pub fn get(&self, id: &str) -> Option<Arc<Target>> {
+        self.state.read().unwrap().by_id.get(id).cloned()
+    }
+
+    /// The enabled subscriptions of `tenant` that want `event_type`.
+    pub fn matching(&self, tenant: &str, event_type: &str) -> Vec<Arc<Target>> {
+        let state = self.state.read().unwrap();
+        state
+            .by_tenant
+            .get(tenant)
+            .map_or_else(Vec::new, |subs| subs.values().filter(|t| t.sub.wants(event_type)).cloned().collect())
+    }
+
+    /// A page of subscriptions in id order after `after`, of one tenant or all.
+    pub fn list(&self, tenant: Option<&str>, after: Option<&str>, limit: usize) -> (Vec<Arc<Target>>, Option<String>) {
+        let state = self.state.read().unwrap();
+        let mut all: Vec<&Arc<Target>> = match tenant {
+            Some(t) => state.by_tenant.get(t).map_or_else(Vec::new, |m| m.values().collect()),
+            None => state.by_id.values().collect(),
+        };
+        all.sort_by(|a, b| a.sub.id.cmp(&b.sub.id));
+        let page: Vec<Arc<Target>> =
+            all.into_iter().filter(|t| after.is_none_or(|a| t.sub.id.as_str() > a)).take(limit + 1).cloned().collect();
+        if page.len() > limit {
+            let mut page = page;
+            page.truncate(limit);
+            let next = page.last().map(|t| t.sub.id.clone());
+            (page, next)
+        } else {
+            (page, None)
+        }
+    }
+
+    /// Number of subscriptions.
+    pub fn len(&self) -> usize {
+        self.state.read().unwrap().by_id.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// URLs compare equal after parsing (so `HTTPS://Host/` equals `https://host/`).
+fn same_url(a: &str, b: &str) -> bool {
+    match (url::Url::parse(a), url::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Secret;
+
+    fn input(url: &str) -> SubscriptionInput {
+        serde_json::from_value(serde_json::json!({ "url": url })).unwrap()
+    }
+
+    #[test]
+    fn urls_must_be_http_with_a_host_and_not_private_literals() {
+        let g = NetworkGuard::default();
+        assert_eq!(validate(input("ftp://x.example/"), "t".into(), &g).unwrap_err().field, "url");
+        assert_eq!(validate(input("not a url"), "t".into(), &g).unwrap_err().field, "url");
+        let e = validate(input("http://127.0.0.1:9/"), "t".into(), &g).unwrap_err();
+        assert!(e.message.contains("network.allow"), "{e}");
+        let allowed = NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        assert!(validate(input("http://127.0.0.1:9/"), "t".into(), &allowed).is_ok());
+    }
+
+    #[test]
+    fn a_generated_secret_is_returned_and_reserved_headers_refused() {
+        let sub = validate(input("https://hooks.example/x"), "t".into(), &NetworkGuard::default()).unwrap();
+        assert!(sub.secret.expose().starts_with("whsec_"));
+        let mut bad = input("https://hooks.example/x");
+        bad.headers.insert("Webhook-Signature".into(), "forged".into());
+        assert_eq!(validate(bad, "t".into(), &NetworkGuard::default()).unwrap_err().field, "headers.Webhook-Signature");
+    }
+
+    #[test]
+    fn the_key_goes_into_the_query_string() {
+        let mut i = input("https://hooks.example/x?a=1");
+        i.key = Some(Secret("s3cr3t key".into()));
+        let t = Target::compile(validate(i, "t".into(), &NetworkGuard::default()).unwrap()).unwrap();
+        assert_eq!(t.uri.to_string(), "https://hooks.example/x?a=1&key=s3cr3t+key");
+    }
+}

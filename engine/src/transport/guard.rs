@@ -1,0 +1,143 @@
+//! The network guard: webhook targets in private, loopback, link-local and metadata ranges
+//! are refused unless `network.allow` lists them. Names are checked on the addresses they
+//! resolve to, at connect time, and the checked address is the one connected to.
+
+use ipnet::IpNet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+/// Refusal of a target address.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{addr} is in a private, loopback or link-local range; allow it with network.allow (HERALD_NETWORK_ALLOW)")]
+pub struct Refused {
+    /// The refused address.
+    pub addr: IpAddr,
+}
+
+/// Decides which addresses webhook targets may have.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkGuard {
+    allow: Arc<Vec<IpNet>>,
+}
+
+fn special_v4(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    ip.is_private()
+        || ip.is_loopback()
+        || ip.is_link_local() // includes 169.254.169.254, the cloud metadata address
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || o[0] == 0
+        || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10 carrier-grade NAT
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24 protocol assignments
+        || o[0] >= 240 // reserved
+}
+
+fn special_v6(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || (s[0] & 0xfe00) == 0xfc00 // fc00::/7 unique local (fd00:ec2::254 metadata too)
+        || (s[0] & 0xffc0) == 0xfe80 // fe80::/10 link-local
+        || (s[0] == 0x64 && s[1] == 0xff9b) // 64:ff9b::/96 NAT64 can reach anything
+}
+
+impl NetworkGuard {
+    /// A guard that lets `allow` through.
+    pub fn new(allow: Vec<IpNet>) -> Self {
+        NetworkGuard { allow: Arc::new(allow) }
+    }
+
+    /// Whether `addr` may be connected to.
+    pub fn check(&self, addr: IpAddr) -> Result<(), Refused> {
+        // An IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
+        let ip = match addr {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+            v4 => v4,
+        };
+        let special = match ip {
+            IpAddr::V4(v4) => special_v4(v4),
+            IpAddr::V6(v6) => special_v6(v6),
+        };
+        if !special || self.allow.iter().any(|n| n.contains(&ip) || n.contains(&addr)) {
+            Ok(())
+        } else {
+            Err(Refused { addr })
+        }
+    }
+
+    /// Resolves `host` and keeps only allowed addresses; refuses when none is left.
+    pub async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+        let mut refused = None;
+        let allowed: Vec<SocketAddr> = addrs
+            .into_iter()
+            .filter(|a| match self.check(a.ip()) {
+                Ok(()) => true,
+                Err(e) => {
+                    refused = Some(e);
+                    false
+                }
+            })
+            .collect();
+        match (allowed.is_empty(), refused) {
+            (true, Some(e)) => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)),
+            _ => Ok(allowed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn refuses_private_ranges_by_default() {
+        let g = NetworkGuard::default();
+        for bad in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00:ec2::254",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            let e = g.check(ip(bad)).unwrap_err();
+            assert!(e.to_string().contains("network.allow"), "{e}");
+        }
+        for good in ["93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(g.check(ip(good)).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn allow_lets_named_ranges_through() {
+        let g = NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]);
+        assert!(g.check(ip("127.0.0.1")).is_ok());
+        assert!(g.check(ip("::ffff:127.0.0.1")).is_ok());
+        assert!(g.check(ip("::1")).is_ok());
+        assert!(g.check(ip("10.0.0.1")).is_err());
+    }
+
+    #[tokio::test]
+    async fn names_are_judged_by_what_they_resolve_to() {
+        let g = NetworkGuard::default();
+        let err = g.resolve("localhost", 80).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+        let allowed = NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]);
+        assert!(!allowed.resolve("localhost", 80).await.unwrap().is_empty());
+    }
+}

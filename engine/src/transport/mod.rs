@@ -1,0 +1,105 @@
+//! Transports: how a prepared delivery reaches its subscriber, and what came of it.
+
+pub mod guard;
+pub mod http;
+
+use crate::model::{now_ms, Delivery, TransportKind};
+use crate::payload;
+use crate::registry::Target;
+use crate::signing::{WEBHOOK_ID, WEBHOOK_TIMESTAMP};
+use ::http::{header, HeaderValue, StatusCode};
+use std::time::Duration;
+
+pub use self::http::{HttpSettings, HttpTransport};
+pub use guard::NetworkGuard;
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The receiver answered 2xx.
+    Delivered {
+        /// Status code.
+        status: u16,
+        /// Time the request took.
+        latency: Duration,
+    },
+    /// Anything else: a non-2xx status, a timeout, a connection or TLS error, a refusal.
+    Failed {
+        /// Status code, when there was a response.
+        status: Option<u16>,
+        /// What went wrong.
+        error: String,
+        /// The receiver's `Retry-After`, when given.
+        retry_after: Option<Duration>,
+        /// Time the attempt took.
+        latency: Duration,
+    },
+}
+
+impl Outcome {
+    fn failed(status: Option<u16>, error: String, latency: Duration) -> Outcome {
+        Outcome::Failed { status, error, retry_after: None, latency }
+    }
+
+    fn from_status(status: StatusCode, retry_after: Option<&HeaderValue>, latency: Duration) -> Outcome {
+        if status.is_success() {
+            return Outcome::Delivered { status: status.as_u16(), latency };
+        }
+        let retry_after = retry_after
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        Outcome::Failed {
+            status: Some(status.as_u16()),
+            error: format!("receiver answered {status}"),
+            retry_after,
+            latency,
+        }
+    }
+}
+
+/// Every transport Herald can deliver with.
+#[derive(Clone)]
+pub struct Transports {
+    http: HttpTransport,
+    default_timeout: Duration,
+}
+
+impl Transports {
+    /// Builds the transports.
+    pub fn new(guard: NetworkGuard, settings: &HttpSettings, default_timeout: Duration) -> Self {
+        Transports { http: HttpTransport::new(guard, settings), default_timeout }
+    }
+
+    /// Makes attempt `delivery.attempt` of `delivery` to `target`.
+    pub async fn deliver(&self, target: &Target, delivery: &Delivery, pending_retries: u32) -> Outcome {
+        match target.sub.transport {
+            TransportKind::Webhook => self.http.send(self.webhook_request(target, delivery, pending_retries)).await,
+            TransportKind::Amqp => {
+                Outcome::failed(None, "the amqp transport is not available in this build".into(), Duration::ZERO)
+            }
+        }
+    }
+
+    /// Builds the signed request for one attempt; the signature covers exactly the body sent.
+    pub fn webhook_request(&self, target: &Target, delivery: &Delivery, pending_retries: u32) -> http::WebhookRequest {
+        let now = now_ms();
+        let body = payload::build(target.sub.payload, delivery, pending_retries, now);
+        let mut headers = target.headers.clone();
+        let timestamp = now / 1000;
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Ok(id) = HeaderValue::from_str(&delivery.event_id) {
+            headers.insert(WEBHOOK_ID, id);
+        }
+        headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
+        if let Some((name, value)) = target.signer.signature(&delivery.event_id, timestamp, body.chunks()) {
+            headers.insert(name, value);
+        }
+        http::WebhookRequest {
+            uri: target.uri.clone(),
+            headers,
+            body,
+            timeout: target.sub.timeout.map_or(self.default_timeout, |t| t.0),
+        }
+    }
+}

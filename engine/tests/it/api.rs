@@ -1,0 +1,175 @@
+//! The API as a client meets it: auth, validation, errors, subscription management.
+
+use crate::support::{Receiver, TestHerald, TOKEN};
+use bytes::Bytes;
+use serde_json::json;
+
+#[tokio::test]
+async fn requests_without_the_admin_token_are_refused_in_the_contract_shape() {
+    let h = TestHerald::start().await;
+    for token in [None, Some("wrong-token")] {
+        let (status, body) = h.api.raw("GET", "/v1/subscriptions", None, token).await;
+        assert_eq!(status, 401);
+        assert_eq!(body["error"]["code"], "UNAUTHORIZED");
+    }
+    let (status, body) = h.api.raw("GET", "/healthz", None, None).await;
+    assert_eq!((status.as_u16(), body["status"].as_str()), (200, Some("ok")));
+    let (status, body) = h.api.raw("GET", "/readyz", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["log"], true);
+    let (status, body) = h.api.get("/v1/nothing-here").await;
+    assert_eq!((status.as_u16(), body["error"]["code"].as_str()), (404, Some("NOT_FOUND")));
+}
+
+#[tokio::test]
+async fn invalid_events_name_the_field_and_append_nothing() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/in") })).await;
+    let cases = [
+        (json!({ "data": {} }), "type"),
+        (json!({ "type": "", "data": {} }), "type"),
+        (json!({ "type": "T" }), "data"),
+        (json!({ "type": "T", "data": {}, "bogus": 1 }), "bogus"),
+        (json!({ "type": "T", "data": {}, "id": "has space" }), "id"),
+        (json!({ "type": "T", "data": {}, "tenant": "no/slash" }), "tenant"),
+        (json!({ "type": 5, "data": {} }), "type"),
+    ];
+    for (body, field) in cases {
+        let (status, err) = h.api.post("/v1/events", body.clone()).await;
+        assert_eq!(status, 400, "{body}: {err}");
+        assert_eq!(err["error"]["code"], "VALIDATION_ERROR");
+        assert_eq!(err["error"]["field"], field, "{body}: {err}");
+        assert!(!err["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let (status, err) = h.api.raw("POST", "/v1/events", Some(Bytes::from_static(b"{not json")), Some(TOKEN)).await;
+    assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (400, Some("VALIDATION_ERROR")));
+    // One bad event rejects the whole batch: nothing of it is appended.
+    let batch = json!([
+        { "id": "good-1", "type": "T", "data": 1 },
+        { "id": "bad", "data": 2 },
+    ]);
+    let (status, err) = h.api.post("/v1/events/batch", batch).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["field"], "[1].type");
+    let (status, ok) = h
+        .api
+        .post(
+            "/v1/events/batch",
+            json!([{ "id": "after", "type": "T", "data": 3 }, { "id": "after-2", "type": "T", "data": 4 }]),
+        )
+        .await;
+    assert_eq!(status, 202, "{ok}");
+    assert_eq!(ok["deliveries"], 2);
+    assert_eq!(ok["items"][1]["id"], "after-2");
+    let got = rx.wait_on("/in", 2).await;
+    let ids: Vec<&str> = got.iter().map(|r| r.header("webhook-id")).collect();
+    assert!(!ids.contains(&"good-1"), "a rejected batch appended an event: {ids:?}");
+    let (status, _) = h.api.post("/v1/events/batch", json!([])).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn subscriptions_are_created_listed_read_and_deleted_without_leaking_secrets() {
+    let h = TestHerald::start().await;
+    let created = h
+        .api
+        .subscribe(json!({
+            "url": "https://hooks.example.com/a", "tenant": "acme", "events": ["A"],
+            "auth": { "type": "basic", "username": "u", "password": "hunter2" },
+            "retry": { "policy": "fixed", "interval": "PT30M", "max_attempts": 5 },
+            "timeout": "PT10S"
+        }))
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("sub_"));
+    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
+    assert_eq!(created["transport"], "webhook");
+    assert_eq!(created["enabled"], true);
+    assert_eq!(created["retry"]["interval"], "30m");
+    let (status, got) = h.api.get(&format!("/v1/subscriptions/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(got.get("secret").is_none());
+    assert!(!got.to_string().contains("hunter2"));
+    assert_eq!(got["auth"]["username"], "u");
+
+    for i in 0..4 {
+        h.api.subscribe(json!({ "url": format!("https://hooks.example.com/{i}"), "tenant": "globex" })).await;
+    }
+    let (_, page1) = h.api.get("/v1/subscriptions?tenant=globex&limit=3").await;
+    assert_eq!(page1["items"].as_array().unwrap().len(), 3);
+    let next = page1["next"].as_str().unwrap();
+    let (_, page2) = h.api.get(&format!("/v1/subscriptions?tenant=globex&limit=3&cursor={next}")).await;
+    assert_eq!(page2["items"].as_array().unwrap().len(), 1);
+    assert!(page2["next"].is_null());
+    let (_, all) = h.api.get("/v1/subscriptions").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 5);
+    assert!(!all.to_string().contains("whsec_"));
+
+    let (status, _) = h.api.delete(&format!("/v1/subscriptions/{id}")).await;
+    assert_eq!(status, 204);
+    let (status, body) = h.api.get(&format!("/v1/subscriptions/{id}")).await;
+    assert_eq!((status.as_u16(), body["error"]["code"].as_str()), (404, Some("NOT_FOUND")));
+    let (status, _) = h.api.delete(&format!("/v1/subscriptions/{id}")).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn subscription_validation_names_the_field() {
+    let h = TestHerald::start().await;
+    h.api.subscribe(json!({ "url": "https://hooks.example.com/x", "tenant": "acme" })).await;
+    let cases = [
+        (json!({ "url": "https://hooks.example.com/x", "tenant": "acme" }), "url"),
+        (json!({ "url": "ftp://hooks.example.com/x" }), "url"),
+        (json!({ "url": "https://" }), "url"),
+        (json!({ "url": "mailto:ops@example.com" }), "url"),
+        (json!({ "url": "http://10.0.0.8/hook" }), "url"),
+        (json!({ "url": "http://[fe80::1]/hook" }), "url"),
+        (json!({ "url": "https://h.example.com", "secret": "whsec_***" }), "secret"),
+        (
+            json!({ "url": "https://h.example.com", "signature": { "scheme": "hmac", "header": "bad header" } }),
+            "signature.header",
+        ),
+        (json!({ "url": "https://h.example.com", "signature": { "scheme": "rot13" } }), "signature.scheme"),
+        (json!({ "url": "https://h.example.com", "timeout": "PT1H" }), "timeout"),
+        (json!({ "url": "https://h.example.com", "timeout": "soon" }), "timeout"),
+        (
+            json!({ "url": "https://h.example.com", "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 0 } }),
+            "retry.max_attempts",
+        ),
+        (json!({ "url": "https://h.example.com", "headers": { "Content-Length": "1" } }), "headers.Content-Length"),
+        (json!({ "url": "https://h.example.com", "colour": "blue" }), "colour"),
+        (json!({ "url": "https://h.example.com", "transport": "amqp" }), "transport"),
+    ];
+    for (body, field) in cases {
+        let (status, err) = h.api.post("/v1/subscriptions", body.clone()).await;
+        assert_eq!(status, 400, "{body}: {err}");
+        assert_eq!(err["error"]["code"], "VALIDATION_ERROR", "{body}: {err}");
+        assert_eq!(err["error"]["field"], field, "{body}: {err}");
+    }
+    let (_, err) = h.api.post("/v1/subscriptions", json!({ "url": "http://10.0.0.8/hook" })).await;
+    assert!(err["error"]["message"].as_str().unwrap().contains("network.allow"), "{err}");
+    // The same URL under another tenant is fine.
+    h.api.subscribe(json!({ "url": "https://hooks.example.com/x", "tenant": "globex" })).await;
+}
+
+#[tokio::test]
+async fn subscriptions_survive_a_restart() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let keep = h.api.subscribe(json!({ "url": rx.url("/keep") })).await;
+    let gone = h.api.subscribe(json!({ "url": rx.url("/gone") })).await;
+    h.api.delete(&format!("/v1/subscriptions/{}", gone["id"].as_str().unwrap())).await;
+    let dir = h.dir;
+    h.herald.stop().await;
+    let herald = herald::server::start(crate::support::config(dir.path())).await.unwrap();
+    let api = crate::support::Api::new(herald.addr, TOKEN);
+    let (_, list) = api.get("/v1/subscriptions").await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["id"], keep["id"]);
+    let (_, accepted) = api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    assert_eq!(accepted["deliveries"], 1);
+    rx.wait_on("/keep", 1).await;
+    herald.stop().await;
+}

@@ -1,0 +1,197 @@
+//! Events published through the API arrive, signed, at loopback receivers.
+
+use crate::support::{until, Receiver, TestHerald};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sha2::Sha256;
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// A receiver's Standard Webhooks check, written from the spec, independent of the engine.
+fn verify_standard(secret: &str, id: &str, timestamp: &str, body: &[u8], header: &str) -> bool {
+    let key = B64.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    let expected = format!("v1,{}", B64.encode(mac.finalize().into_bytes()));
+    header.split(' ').any(|s| s == expected)
+}
+
+fn hmac_sha256(key: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+    mac.update(body);
+    mac.finalize().into_bytes().to_vec()
+}
+
+#[test]
+fn the_receiver_check_accepts_the_published_test_vector() {
+    assert!(verify_standard(
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        "1614265330",
+        br#"{"test": 2432232314}"#,
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    ));
+    assert!(!verify_standard(
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        "1614265331",
+        br#"{"test": 2432232314}"#,
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    ));
+}
+
+#[tokio::test]
+async fn events_reach_each_matching_subscription_once_signed_in_an_envelope() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let all = h.api.subscribe(json!({ "url": rx.url("/all"), "tenant": "acme" })).await;
+    let orders =
+        h.api.subscribe(json!({ "url": rx.url("/orders"), "tenant": "acme", "events": ["OrderCreated"] })).await;
+    let _other = h.api.subscribe(json!({ "url": rx.url("/shipping"), "tenant": "acme", "events": ["Shipped"] })).await;
+    let _foreign = h.api.subscribe(json!({ "url": rx.url("/foreign"), "tenant": "globex" })).await;
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let (status, body) = h
+            .api
+            .post(
+                "/v1/events",
+                json!({ "type": "OrderCreated", "tenant": "acme", "data": { "orderId": format!("A-{i}") } }),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["deliveries"], 2, "fan-out to /all and /orders only: {body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    let got_all = rx.wait_on("/all", 20).await;
+    let got_orders = rx.wait_on("/orders", 20).await;
+    for (got, sub) in [(&got_all, &all), (&got_orders, &orders)] {
+        let secret = sub["secret"].as_str().unwrap();
+        let seen: HashSet<String> = got.iter().map(|r| r.header("webhook-id").to_string()).collect();
+        assert_eq!(seen, ids.iter().cloned().collect(), "each event once");
+        for r in got.iter() {
+            assert!(verify_standard(
+                secret,
+                r.header("webhook-id"),
+                r.header("webhook-timestamp"),
+                &r.body,
+                r.header("webhook-signature")
+            ));
+            assert_eq!(r.header("content-type"), "application/json");
+            let env = r.json();
+            assert_eq!(env["id"], r.header("webhook-id"));
+            assert_eq!(env["event"], "OrderCreated");
+            assert_eq!(env["tenant"], "acme");
+            assert!(env["data"]["orderId"].as_str().unwrap().starts_with("A-"));
+            assert_eq!(env["deliveryAttempt"], 1);
+            assert_eq!(env["pendingRetries"], 0);
+            assert!(env["sentAt"].as_str().unwrap().ends_with('Z'));
+            assert!(env.get("changes").is_none());
+        }
+    }
+    // A Shipped event reaches only /shipping; had earlier OrderCreated events leaked there,
+    // they would have been read before it from the same partition.
+    let (_, body) = h.api.post("/v1/events", json!({ "type": "Shipped", "tenant": "acme", "data": {} })).await;
+    assert_eq!(body["deliveries"], 2);
+    let shipped = rx.wait_on("/shipping", 1).await;
+    assert_eq!(shipped.len(), 1);
+    assert_eq!(shipped[0].json()["event"], "Shipped");
+    assert!(rx.on("/foreign").is_empty(), "another tenant's subscription receives nothing");
+    assert!(h.stop_and_read_dlq().await.is_empty());
+}
+
+#[tokio::test]
+async fn hmac_schemes_raw_payloads_keys_and_headers_reach_the_receiver_exactly() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    h.api
+        .subscribe(json!({
+            "url": rx.url("/hex"), "secret": "opentrack-secret", "payload": "raw",
+            "signature": { "scheme": "hmac", "header": "X-OpenTrack-Signature", "encoding": "hex" },
+            "key": "k 1", "headers": { "X-Customer": "c-42" }
+        }))
+        .await;
+    h.api
+        .subscribe(json!({
+            "url": rx.url("/b64"), "secret": "packsize-secret",
+            "signature": { "scheme": "hmac", "header": "x-packsize-signature", "encoding": "base64" }
+        }))
+        .await;
+    let none = h.api.subscribe(json!({ "url": rx.url("/none"), "signature": { "scheme": "none" } })).await;
+    assert!(none["secret"].is_string());
+    // Whitespace and number formatting inside `data` must survive byte for byte.
+    let body = r#"{"type":"OrderAccepted","id":"order-7-accepted","data":{ "orderId" : "7",  "total": 1.50 },"changes":[{"op":"replace"}]}"#;
+    let (status, resp) = h.api.raw("POST", "/v1/events", Some(body.into()), Some(crate::support::TOKEN)).await;
+    assert_eq!(status, 202, "{resp}");
+    assert_eq!(resp["id"], "order-7-accepted");
+
+    let hex = &rx.wait_on("/hex", 1).await[0];
+    assert_eq!(&hex.body[..], br#"{ "orderId" : "7",  "total": 1.50 }"#);
+    assert_eq!(hex.header("x-opentrack-signature"), hex::encode(hmac_sha256(b"opentrack-secret", &hex.body)));
+    assert_eq!(hex.query.as_deref(), Some("key=k+1"));
+    assert_eq!(hex.header("x-customer"), "c-42");
+    assert_eq!(hex.header("webhook-id"), "order-7-accepted");
+    assert!(hex.header("webhook-signature").is_empty());
+
+    let b64 = &rx.wait_on("/b64", 1).await[0];
+    assert_eq!(b64.header("x-packsize-signature"), B64.encode(hmac_sha256(b"packsize-secret", &b64.body)));
+    let env = b64.json();
+    assert_eq!(env["changes"][0]["op"], "replace");
+    assert!(std::str::from_utf8(&b64.body).unwrap().contains(r#""data":{ "orderId" : "7",  "total": 1.50 }"#));
+
+    let plain = &rx.wait_on("/none", 1).await[0];
+    assert!(plain.header("webhook-signature").is_empty());
+    assert_eq!(plain.header("webhook-id"), "order-7-accepted");
+}
+
+#[tokio::test]
+async fn failed_deliveries_are_dead_lettered_with_status_and_error() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/broken", 500);
+    let broken = h.api.subscribe(json!({ "url": rx.url("/broken") })).await;
+    let refused = h.api.subscribe(json!({ "url": "http://127.0.0.1:1/nothing-listens" })).await;
+    let ok = h.api.subscribe(json!({ "url": rx.url("/ok") })).await;
+    for i in 0..5 {
+        let (s, _) = h.api.post("/v1/events", json!({ "id": format!("e{i}"), "type": "T", "data": i })).await;
+        assert_eq!(s, 202);
+    }
+    rx.wait_on("/ok", 5).await;
+    rx.wait_on("/broken", 5).await;
+    // Every failure is settled into the dead-letter topic, the refused ones included.
+    let api = h.api.clone();
+    until("10 dead letters", Duration::from_secs(20), || async {
+        let (_, page) = api.get("/v1/dlq?limit=100").await;
+        (page["items"].as_array().unwrap().len() >= 10).then_some(())
+    })
+    .await;
+    let (_, page) = api.get(&format!("/v1/dlq?subscription={}&limit=2", broken["id"].as_str().unwrap())).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    let (_, rest) = api
+        .get(&format!(
+            "/v1/dlq?subscription={}&cursor={}",
+            broken["id"].as_str().unwrap(),
+            page["next"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(rest["items"].as_array().unwrap().len(), 3);
+    assert!(rest["next"].is_null());
+    let dlq = h.stop_and_read_dlq().await;
+    let of = |sub: &serde_json::Value| {
+        dlq.iter().filter(|d| d.subscription == sub["id"].as_str().unwrap()).cloned().collect::<Vec<_>>()
+    };
+    let broken_dl = of(&broken);
+    assert_eq!(broken_dl.len(), 5, "{dlq:?}");
+    assert!(broken_dl.iter().all(|d| d.last_status == Some(500) && d.attempts == 1 && d.event == "T"));
+    let ids: HashSet<&str> = broken_dl.iter().map(|d| d.event_id.as_str()).collect();
+    assert_eq!(ids, (0..5).map(|i| format!("e{i}")).collect::<HashSet<_>>().iter().map(|s| s.as_str()).collect());
+    assert!(of(&ok).is_empty());
+    let refused_dl = of(&refused);
+    assert_eq!(refused_dl.len(), 5, "{dlq:?}");
+    assert!(refused_dl
+        .iter()
+        .all(|d| d.last_status.is_none() && d.last_error.as_deref().unwrap_or("").contains("onnect")));
+}

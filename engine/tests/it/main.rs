@@ -1,0 +1,6 @@
+//! Integration tests: the real server, real HTTP on loopback, a real log on disk.
+
+mod api;
+mod crash;
+mod delivery;
+mod support;

@@ -1,0 +1,276 @@
+//! Test fixtures: the real server in-process or as a child process, a loopback hyper
+//! receiver that records every request, and a small API client.
+
+use bytes::Bytes;
+use herald::config::Config;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Awaits `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+    }
+}
+
+/// A loopback webhook receiver.
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Received>>>,
+    status: Arc<AtomicU16>,
+    /// Status per path, overriding `status`.
+    path_status: Arc<Mutex<HashMap<String, u16>>>,
+    pub arrived: Arc<Notify>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let r = Receiver {
+            addr,
+            seen: Default::default(),
+            status: Arc::new(AtomicU16::new(200)),
+            path_status: Default::default(),
+            arrived: Arc::new(Notify::new()),
+        };
+        let state = r.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let state = state.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let path = parts.uri.path().to_string();
+                            let status = state
+                                .path_status
+                                .lock()
+                                .unwrap()
+                                .get(&path)
+                                .copied()
+                                .unwrap_or_else(|| state.status.load(Ordering::SeqCst));
+                            state.seen.lock().unwrap().push(Received {
+                                path,
+                                query: parts.uri.query().map(str::to_string),
+                                headers: parts.headers,
+                                body,
+                            });
+                            state.arrived.notify_waiters();
+                            Ok::<_, std::convert::Infallible>(
+                                Response::builder().status(status).body(Full::new(Bytes::from_static(b"ok"))).unwrap(),
+                            )
+                        }
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        r
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn respond_on(&self, path: &str, status: u16) {
+        self.path_status.lock().unwrap().insert(path.to_string(), status);
+    }
+
+    pub fn all(&self) -> Vec<Received> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn on(&self, path: &str) -> Vec<Received> {
+        self.all().into_iter().filter(|r| r.path == path).collect()
+    }
+
+    /// Waits until `n` requests have reached `path`.
+    pub async fn wait_on(&self, path: &str, n: usize) -> Vec<Received> {
+        eventually(&format!("{n} requests on {path}"), Duration::from_secs(20), || {
+            let got = self.on(path);
+            (got.len() >= n).then_some(got)
+        })
+        .await
+    }
+}
+
+/// A small JSON client for the API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub token: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr, token: &str) -> Api {
+        Api {
+            base: format!("http://{addr}"),
+            token: token.to_string(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn raw(&self, method: &str, path: &str, body: Option<Bytes>, token: Option<&str>) -> (StatusCode, Value) {
+        self.try_raw(method, path, body, token).await.expect("API reachable")
+    }
+
+    /// Like [`Api::raw`], but a server that is gone is an `Err`, not a panic.
+    pub async fn try_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Bytes>,
+        token: Option<&str>,
+    ) -> Result<(StatusCode, Value), String> {
+        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let resp = self
+            .client
+            .request(req.body(Full::new(body.unwrap_or_default())).unwrap())
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Ok((status, value))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.raw("POST", path, Some(Bytes::from(body.to_string())), Some(&self.token)).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.raw("GET", path, None, Some(&self.token)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.raw("DELETE", path, None, Some(&self.token)).await
+    }
+
+    /// Creates a subscription and returns its JSON (secret included).
+    pub async fn subscribe(&self, body: Value) -> Value {
+        let (status, sub) = self.post("/v1/subscriptions", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{sub}");
+        sub
+    }
+}
+
+/// Config for an in-process server on a temporary data dir.
+pub fn config(data_dir: &std::path::Path) -> Config {
+    let env = vec![
+        ("HERALD_ADMIN_TOKEN".to_string(), TOKEN.to_string()),
+        ("HERALD_NETWORK_ALLOW".to_string(), "127.0.0.0/8".to_string()),
+        ("HERALD_LISTEN".to_string(), "127.0.0.1:0".to_string()),
+        ("HERALD_LOG_FLUSH_INTERVAL".to_string(), "20ms".to_string()),
+    ];
+    let mut c = Config::load(None, &env).unwrap();
+    c.data_dir = data_dir.to_path_buf();
+    c
+}
+
+/// A running in-process Herald with its data dir.
+pub struct TestHerald {
+    pub herald: herald::server::Herald,
+    pub api: Api,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestHerald {
+    pub async fn start() -> TestHerald {
+        let dir = tempfile::tempdir().unwrap();
+        let herald = herald::server::start(config(dir.path())).await.unwrap();
+        let api = Api::new(herald.addr, TOKEN);
+        TestHerald { herald, api, dir }
+    }
+
+    /// Stops the server and returns every dead letter in its log.
+    pub async fn stop_and_read_dlq(self) -> Vec<herald::model::DeadLetter> {
+        self.herald.stop().await;
+        read_dlq(self.dir.path()).await
+    }
+}
+
+/// Reads the dead-letter topic of a stopped server's data dir.
+pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLetter> {
+    use herald::log::embedded::{EmbeddedConfig, EmbeddedLog};
+    use herald::log::{Log, Topics};
+    let topics = Topics::new("herald.");
+    let log = EmbeddedLog::open(EmbeddedConfig {
+        dir: data_dir.join("log"),
+        segment_bytes: 64 << 20,
+        flush_interval: Duration::from_secs(1),
+        topics: topics.specs(8),
+    })
+    .await
+    .unwrap();
+    let records = log.read_all(&topics.dlq).await.unwrap();
+    records.into_iter().map(|r| herald::model::DeadLetter::decode(r.value).expect("dead letter").0).collect()
+}
