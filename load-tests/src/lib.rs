@@ -1,1 +1,3 @@
-//! Load generator and verifying sink.
+//! Load generator and verifying sink for Herald.
+
+pub mod verify;

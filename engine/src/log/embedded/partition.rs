@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
+/// Bytes read from a segment file at a time.
+const READ_WINDOW: usize = 256 * 1024;
+
 /// A segment as readers see it: only durable bytes are counted in `len`.
 #[derive(Debug, Clone)]
 struct SegmentInfo {
@@ -229,9 +232,11 @@ impl Partition {
         let mut frames = Vec::new();
         let mut bytes = 0usize;
         let mut pos = plan.pos;
-        let mut window = max_bytes.clamp(4096, 8 << 20);
+        // Read in modest windows: a big zeroed buffer per call costs more than a second read,
+        // and every record handed out keeps its whole window alive.
+        let mut window = READ_WINDOW.min(max_bytes.max(4096));
         // `from < seg_end`, so a record at or after `from` lies in [pos, limit).
-        while frames.is_empty() && pos < plan.limit {
+        'windows: while frames.len() < max && bytes < max_bytes && pos < plan.limit {
             let n = ((plan.limit - pos) as usize).min(window);
             let mut buf = vec![0u8; n];
             file.read_exact_at(&mut buf, pos)?;
@@ -245,7 +250,7 @@ impl Partition {
                             bytes += frame.value.len();
                             frames.push(frame);
                             if frames.len() >= max || bytes >= max_bytes {
-                                break;
+                                break 'windows;
                             }
                         }
                     }
