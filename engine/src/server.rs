@@ -167,6 +167,11 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
 }
 
 impl Herald {
+    /// The log this server runs on (tests append raw records through it).
+    pub fn log(&self) -> Arc<dyn Log> {
+        self.log.clone()
+    }
+
     /// Stops taking requests, lets in-flight deliveries finish (bounded), commits, closes the log.
     pub async fn stop(self) {
         self.stop.send_replace(true);

@@ -155,6 +155,8 @@ async fn failed_deliveries_are_dead_lettered_with_status_and_error() {
     let broken = h.api.subscribe(json!({ "url": rx.url("/broken") })).await;
     let refused = h.api.subscribe(json!({ "url": "http://127.0.0.1:1/nothing-listens" })).await;
     let ok = h.api.subscribe(json!({ "url": rx.url("/ok") })).await;
+    rx.respond_on("/moved", 302);
+    let moved = h.api.subscribe(json!({ "url": rx.url("/moved") })).await;
     for i in 0..5 {
         let (s, _) = h.api.post("/v1/events", json!({ "id": format!("e{i}"), "type": "T", "data": i })).await;
         assert_eq!(s, 202);
@@ -163,9 +165,9 @@ async fn failed_deliveries_are_dead_lettered_with_status_and_error() {
     rx.wait_on("/broken", 5).await;
     // Every failure is settled into the dead-letter topic, the refused ones included.
     let api = h.api.clone();
-    until("10 dead letters", Duration::from_secs(20), || async {
+    until("15 dead letters", Duration::from_secs(20), || async {
         let (_, page) = api.get("/v1/dlq?limit=100").await;
-        (page["items"].as_array().unwrap().len() >= 10).then_some(())
+        (page["items"].as_array().unwrap().len() >= 15).then_some(())
     })
     .await;
     let (_, page) = api.get(&format!("/v1/dlq?subscription={}&limit=2", broken["id"].as_str().unwrap())).await;
@@ -189,9 +191,34 @@ async fn failed_deliveries_are_dead_lettered_with_status_and_error() {
     let ids: HashSet<&str> = broken_dl.iter().map(|d| d.event_id.as_str()).collect();
     assert_eq!(ids, (0..5).map(|i| format!("e{i}")).collect::<HashSet<_>>().iter().map(|s| s.as_str()).collect());
     assert!(of(&ok).is_empty());
+    // A redirect is not followed: it is a failure like any non-2xx.
+    let moved_dl = of(&moved);
+    assert_eq!(moved_dl.len(), 5);
+    assert!(moved_dl.iter().all(|d| d.last_status == Some(302)));
+    assert_eq!(rx.on("/moved").len(), 5);
     let refused_dl = of(&refused);
     assert_eq!(refused_dl.len(), 5, "{dlq:?}");
     assert!(refused_dl
         .iter()
         .all(|d| d.last_status.is_none() && d.last_error.as_deref().unwrap_or("").contains("onnect")));
+}
+
+#[tokio::test]
+async fn a_malformed_record_is_dead_lettered_and_does_not_stop_its_partition() {
+    use herald::log::Record;
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let sub = h.api.subscribe(json!({ "url": rx.url("/p") })).await;
+    let id = sub["id"].as_str().unwrap();
+    // Garbage keyed like the subscription lands in its partition, ahead of a real event.
+    let junk = Record { key: bytes::Bytes::from(id.to_string()), value: bytes::Bytes::from_static(b"\x07not a delivery") };
+    h.herald.log().append("herald.deliveries", vec![junk]).await.unwrap();
+    let (status, _) = h.api.post("/v1/events", json!({ "id": "after-junk", "type": "T", "data": {} })).await;
+    assert_eq!(status, 202);
+    let got = rx.wait_on("/p", 1).await;
+    assert_eq!(got[0].header("webhook-id"), "after-junk");
+    let dlq = h.stop_and_read_dlq().await;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0].subscription, id);
+    assert!(dlq[0].last_error.as_deref().unwrap().contains("malformed delivery record"), "{:?}", dlq[0]);
 }
