@@ -97,6 +97,8 @@ impl Ingest {
                     attempt: 1,
                     accepted_ms: now,
                     due_ms: now,
+                    budget_ms: now,
+                    generation: 0,
                     data: event.data.clone(),
                     changes: event.changes.clone(),
                 };

@@ -119,6 +119,8 @@ mod tests {
             attempt: 2,
             accepted_ms: 0,
             due_ms: 0,
+            budget_ms: 0,
+            generation: 0,
             data: Bytes::from_static(br#"{"orderId": "A-1",  "n": 1.50}"#),
             changes: changes.map(|c| Bytes::from_static(c.as_bytes())),
         }

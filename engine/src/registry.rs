@@ -13,6 +13,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -27,6 +28,30 @@ pub struct Target {
     pub uri: Uri,
     /// Fixed headers: custom ones, user agent, Basic auth.
     pub headers: HeaderMap,
+    /// Deliveries to this subscription in flight in this process.
+    pub in_flight: AtomicU32,
+}
+
+/// In-flight cap of a subscription that sets none.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 64;
+
+impl Target {
+    /// Takes an in-flight slot if the subscription is below its cap; the slot is given back
+    /// when the returned guard drops.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<InFlightSlot> {
+        let cap = self.sub.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
+        self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).ok()?;
+        Some(InFlightSlot(self.clone()))
+    }
+}
+
+/// One delivery's place under its subscription's in-flight cap.
+pub struct InFlightSlot(Arc<Target>);
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A field that failed validation.
@@ -108,7 +133,7 @@ impl Target {
             value.set_sensitive(true);
             headers.insert(http::header::AUTHORIZATION, value);
         }
-        Ok(Target { sub, signer, uri, headers })
+        Ok(Target { sub, signer, uri, headers, in_flight: AtomicU32::new(0) })
     }
 }
 
@@ -322,6 +347,24 @@ impl Registry {
         self.persist(&target.sub.id, Bytes::from(serde_json::to_vec(&target.sub).expect("serializes"))).await?;
         self.state.write().unwrap().put(target.clone());
         Ok(target)
+    }
+
+    /// Disables a subscription, recording why (e.g. the receiver answered 410 Gone).
+    pub async fn disable(&self, id: &str, reason: String) -> Result<bool, RegistryError> {
+        let _serial = self.writes.lock().await;
+        let Some(current) = self.get(id) else { return Ok(false) };
+        if !current.sub.enabled {
+            return Ok(true);
+        }
+        let mut sub = current.sub.clone();
+        sub.enabled = false;
+        sub.disabled_reason = Some(reason);
+        sub.updated_at = rfc3339_ms(now_ms());
+        let target = Arc::new(Target::compile(sub)?);
+        self.persist(id, Bytes::from(serde_json::to_vec(&target.sub).expect("serializes"))).await?;
+        tracing::warn!(subscription = %id, reason = target.sub.disabled_reason.as_deref().unwrap_or(""), "subscription disabled");
+        self.state.write().unwrap().put(target);
+        Ok(true)
     }
 
     /// Deletes a subscription; `false` when it did not exist.

@@ -3,11 +3,12 @@
 
 use crate::api::{self, AppState};
 use crate::config::{Backend, Config};
-use crate::dispatch::{Deliverer, Dispatcher, ShardLimits};
+use crate::dispatch::{Deliverer, Dispatcher, ShardLimits, Source};
 use crate::ingest::Ingest;
 use crate::log::embedded::{EmbeddedConfig, EmbeddedLog};
 use crate::log::{Log, LogError, Topics};
 use crate::registry::Registry;
+use crate::retry::dead_letters::DeadLetters;
 use crate::retry::Retrier;
 use crate::transport::{HttpSettings, NetworkGuard, Transports};
 use rand::RngCore;
@@ -130,11 +131,18 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         pool_max_idle_per_host: config.http.pool_max_idle_per_host,
     };
     let transports = Transports::new(guard, &settings, config.http.timeout.0);
-    let retrier = Retrier::new(log.clone(), topics.dlq.clone());
+    let retrier = Retrier::new(log.clone(), registry.clone(), topics.prefix.clone(), topics.dlq.clone());
     let deliverer = Arc::new(Deliverer::new(registry.clone(), transports, retrier));
-    let limits = ShardLimits { window: config.dispatch.window, batch: config.dispatch.batch, drain: DRAIN };
+    let limits = ShardLimits {
+        window: config.dispatch.window,
+        max_uncommitted: config.dispatch.max_uncommitted,
+        batch: config.dispatch.batch,
+        drain: DRAIN,
+    };
     let (stop, stop_rx) = watch::channel(false);
-    let dispatcher = Dispatcher::new(log.clone(), topics.deliveries.clone(), DISPATCH_GROUP.into(), deliverer, limits);
+    let mut sources = vec![Source { topic: topics.deliveries.clone(), delay: Duration::ZERO }];
+    sources.extend(topics.tiers.iter().map(|(topic, delay)| Source { topic: topic.clone(), delay: *delay }));
+    let dispatcher = Dispatcher::new(log.clone(), sources, DISPATCH_GROUP.into(), deliverer, limits);
     let dispatcher = {
         let stop_rx = stop_rx.clone();
         tokio::spawn(async move {
@@ -145,7 +153,8 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
     };
 
     let ingest = Arc::new(Ingest::new(log.clone(), registry.clone(), topics.deliveries.clone()));
-    let state = AppState { registry, ingest, log, admin_token: token.clone().into(), dlq_topic: topics.dlq.clone() };
+    let dead_letters = Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone()));
+    let state = AppState { registry, ingest, log, admin_token: token.clone().into(), dead_letters };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.listen, source })?;

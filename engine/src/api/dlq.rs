@@ -1,9 +1,9 @@
-//! `GET /v1/dlq`: dead letters, filtered by subscription and tenant, paged.
+//! `GET /v1/dlq` (filtered by subscription and tenant, paged) and `POST /v1/dlq/replay`.
 
 use super::auth::Admin;
-use super::error::ApiError;
+use super::error::{ApiError, JsonBody};
 use super::AppState;
-use crate::model::DeadLetter;
+use crate::retry::dead_letters::Selection;
 use axum::extract::{Query, State};
 use axum::response::IntoResponse;
 use axum::Json;
@@ -19,7 +19,7 @@ pub struct DlqQuery {
     limit: Option<usize>,
 }
 
-/// Lists dead letters oldest first per partition; `next` is the position to continue from.
+/// Lists live dead letters, oldest first per partition.
 pub async fn list(
     _: Admin,
     State(state): State<AppState>,
@@ -37,28 +37,33 @@ pub async fn list(
             Some(parsed.ok_or_else(|| ApiError::validation("cursor", "not a cursor returned by this API"))?)
         }
     };
-    let mut records = state.log.read_all(&state.dlq_topic).await?;
-    records.sort_by_key(|r| (r.partition, r.offset));
-    let mut items = Vec::new();
-    let mut next = None;
-    for rec in records {
-        if after.is_some_and(|a| (rec.partition, rec.offset) <= a) {
-            continue;
-        }
-        let Some((entry, _)) = DeadLetter::decode(rec.value) else { continue };
-        if q.subscription.as_ref().is_some_and(|s| *s != entry.subscription)
-            || q.tenant.as_ref().is_some_and(|t| *t != entry.tenant)
-        {
-            continue;
-        }
-        if items.len() == limit {
-            break;
-        }
-        next = Some(format!("{}.{}", rec.partition, rec.offset));
-        items.push(entry);
-    }
-    if items.len() < limit {
-        next = None;
-    }
+    let (items, next) = state.dead_letters.list(q.subscription.as_deref(), q.tenant.as_deref(), after, limit).await?;
+    let next = next.map(|(p, o)| format!("{p}.{o}"));
     Ok(Json(serde_json::json!({ "items": items, "next": next })))
+}
+
+/// `POST /v1/dlq/replay` body: entry ids, or every entry of a subscription.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    #[serde(default)]
+    ids: Option<Vec<String>>,
+    #[serde(default)]
+    subscription: Option<String>,
+}
+
+/// Re-enqueues dead letters with a fresh attempt budget; each entry at most once.
+pub async fn replay(
+    _: Admin,
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<ReplayRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let selection = match (req.ids, req.subscription) {
+        (Some(ids), None) if !ids.is_empty() && ids.len() <= 1000 => Selection::Ids(ids),
+        (Some(_), None) => return Err(ApiError::validation("ids", "give 1 to 1000 ids")),
+        (None, Some(sub)) => Selection::Subscription(sub),
+        _ => return Err(ApiError::validation("ids", "give either ids or subscription")),
+    };
+    let report = state.dead_letters.replay(selection, None).await?;
+    Ok(Json(report))
 }

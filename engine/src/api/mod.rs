@@ -32,8 +32,8 @@ pub struct AppState {
     pub log: Arc<dyn Log>,
     /// The admin bearer token.
     pub admin_token: Arc<str>,
-    /// Name of the dead-letter topic.
-    pub dlq_topic: String,
+    /// The dead-letter store.
+    pub dead_letters: Arc<crate::retry::dead_letters::DeadLetters>,
 }
 
 /// The router of every endpoint.
@@ -44,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/subscriptions", post(subscriptions::create).get(subscriptions::list))
         .route("/v1/subscriptions/{id}", get(subscriptions::get).delete(subscriptions::delete))
         .route("/v1/dlq", get(dlq::list))
+        .route("/v1/dlq/replay", post(dlq::replay))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("route") })

@@ -77,6 +77,9 @@ pub struct NetworkConfig {
 pub struct DispatchConfig {
     /// Deliveries in flight per partition at most.
     pub window: usize,
+    /// Offsets per partition held back from the commit point at most; finished deliveries
+    /// behind a slow one wait here (a crash re-delivers them).
+    pub max_uncommitted: usize,
     /// Records read from the log at a time.
     pub batch: usize,
 }
@@ -145,7 +148,7 @@ impl Default for LogConfig {
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        DispatchConfig { window: 512, batch: 256 }
+        DispatchConfig { window: 512, max_uncommitted: 100_000, batch: 256 }
     }
 }
 
@@ -258,6 +261,9 @@ impl Config {
         }
         if self.dispatch.window == 0 || self.dispatch.batch == 0 {
             return reject("dispatch.window", "window and batch must be at least 1");
+        }
+        if self.dispatch.max_uncommitted < self.dispatch.window {
+            return reject("dispatch.max_uncommitted", "must be at least dispatch.window");
         }
         if self.http.timeout.0.is_zero() {
             return reject("http.timeout", "must be more than zero");

@@ -1,6 +1,7 @@
-//! The dispatcher: consumes the `deliveries` topic, one shard per owned partition, and makes
-//! each delivery: look up the subscription, sign, send, then settle (done, or handed to the
-//! retry path) before the offset may be committed.
+//! The dispatcher: consumes the `deliveries` topic and every retry tier, one shard per owned
+//! partition, and makes each delivery: look up the subscription, take a slot under its
+//! in-flight cap, sign, send, then settle (done, rescheduled or dead-lettered, durably)
+//! before the offset may be committed.
 
 mod shard;
 mod window;
@@ -8,14 +9,22 @@ mod window;
 pub use shard::ShardLimits;
 
 use crate::log::{Assignment, Log, LogError, LogRecord};
-use crate::model::Delivery;
-use crate::registry::Registry;
-use crate::retry::{LastAttempt, Retrier};
+use crate::model::{now_ms, Delivery};
+use crate::registry::{Registry, Target};
+use crate::retry::{tiers, verdict, LastAttempt, Retrier, Verdict};
 use crate::transport::{Outcome, Transports};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// How long a delivery waits when its subscription is at its in-flight cap: long enough
+/// not to spin through the log, short enough to keep up once a slot frees.
+fn deferral(target: &Target) -> Duration {
+    let timeout = target.sub.timeout.map_or(Duration::from_secs(30), |t| t.0);
+    (timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30))
+}
 
 /// Makes one delivery from its log record to its settlement.
 pub struct Deliverer {
@@ -42,72 +51,120 @@ impl Deliverer {
             tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, "subscription gone; delivery dropped");
             return;
         };
-        if !target.sub.enabled {
-            let last = LastAttempt { status: None, error: "subscription is disabled".into() };
-            return self.retrier.after_failure(&delivery, raw, last).await;
+        let wait = delivery.due_ms - now_ms();
+        if wait >= tiers::SLACK.as_millis() as i64 {
+            // Not due yet: hop to the tier that fits the rest of the wait.
+            return self.retrier.schedule(&delivery).await;
         }
-        let pending = self.retrier.pending_retries(&delivery);
-        match self.transports.deliver(&target, &delivery, pending).await {
-            Outcome::Delivered { .. } => {}
-            Outcome::Failed { status, error, .. } => {
-                tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, ?status, %error, "delivery failed");
-                self.retrier.after_failure(&delivery, raw, LastAttempt { status, error }).await;
+        if wait > 0 {
+            // Less than the shortest tier: wait here, so no attempt is ever early.
+            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
+        if !target.sub.enabled {
+            let reason = target.sub.disabled_reason.as_deref().unwrap_or("disabled");
+            let last = LastAttempt { status: None, error: format!("subscription is disabled: {reason}") };
+            return self.retrier.dead_letter(&delivery, raw, last).await;
+        }
+        let Some(_slot) = target.try_acquire() else {
+            // At its cap: park it briefly rather than hold this partition's window.
+            let later = Delivery { due_ms: now_ms() + deferral(&target).as_millis() as i64, ..delivery };
+            return self.retrier.schedule(&later).await;
+        };
+        let pending = self.retrier.pending_retries(&target, &delivery);
+        let outcome = self.transports.deliver(&target, &delivery, pending).await;
+        match verdict(&outcome) {
+            Verdict::Delivered => {}
+            v => {
+                let Outcome::Failed { status, error, .. } = outcome else { unreachable!("only failures are retried") };
+                tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, ?status, %error, "delivery failed");
+                self.retrier.after_failure(&target, &delivery, raw, LastAttempt { status, error }, v).await;
             }
         }
     }
 }
 
-/// Runs shards for the partitions this process owns.
+/// A topic the dispatcher consumes, and how long its records wait before they start.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Topic name.
+    pub topic: String,
+    /// Fixed delay of the topic (zero for fresh deliveries).
+    pub delay: Duration,
+}
+
+/// Runs shards for the partitions this process owns, for every source topic.
 pub struct Dispatcher {
     log: Arc<dyn Log>,
-    topic: String,
+    sources: Vec<Source>,
     group: String,
     deliverer: Arc<Deliverer>,
     limits: ShardLimits,
 }
 
 impl Dispatcher {
-    /// A dispatcher for `topic` in consumer group `group`.
+    /// A dispatcher for `sources` in consumer group `group`.
     pub fn new(
         log: Arc<dyn Log>,
-        topic: String,
+        sources: Vec<Source>,
         group: String,
         deliverer: Arc<Deliverer>,
         limits: ShardLimits,
     ) -> Self {
-        Dispatcher { log, topic, group, deliverer, limits }
+        Dispatcher { log, sources, group, deliverer, limits }
     }
 
-    /// Joins the consumer group and runs until `stop` turns true; then stops every shard.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), LogError> {
-        let mut consumer = self.log.consume(&self.group, &self.topic).await?;
-        let mut shards: HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
-        loop {
-            tokio::select! {
-                _ = crate::shutdown::stopped(&mut stop) => break,
-                change = consumer.next_assignment() => match change {
-                    Some(Assignment::Assigned(reader)) => {
-                        let partition = reader.partition();
-                        let (tx, rx) = watch::channel(false);
-                        let task = tokio::spawn(shard::run(reader, self.deliverer.clone(), self.limits, rx));
-                        shards.insert(partition, (tx, task));
-                    }
-                    Some(Assignment::Revoked(partition)) => {
-                        if let Some((tx, task)) = shards.remove(&partition) {
-                            tx.send_replace(true);
-                            let _ = task.await;
-                        }
-                    }
-                    None => break,
-                },
-            }
+    /// Joins the consumer group on every source and runs until `stop` turns true.
+    pub async fn run(self, stop: watch::Receiver<bool>) -> Result<(), LogError> {
+        let mut loops = Vec::new();
+        for source in &self.sources {
+            let consumer = self.log.consume(&self.group, &source.topic).await?;
+            loops.push(tokio::spawn(run_source(
+                consumer,
+                source.clone(),
+                self.deliverer.clone(),
+                self.limits,
+                stop.clone(),
+            )));
         }
-        for (tx, _) in shards.values() {
-            tx.send_replace(true);
-        }
-        for (_, (_, task)) in shards {
-            let _ = task.await;
+        for l in loops {
+            let _ = l.await;
         }
         Ok(())
+    }
+}
+
+async fn run_source(
+    mut consumer: Box<dyn crate::log::Consumer>,
+    source: Source,
+    deliverer: Arc<Deliverer>,
+    limits: ShardLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut shards: HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = crate::shutdown::stopped(&mut stop) => break,
+            change = consumer.next_assignment() => match change {
+                Some(Assignment::Assigned(reader)) => {
+                    let partition = reader.partition();
+                    let (tx, rx) = watch::channel(false);
+                    let task = tokio::spawn(shard::run(reader, deliverer.clone(), source.delay, limits, rx));
+                    shards.insert(partition, (tx, task));
+                }
+                Some(Assignment::Revoked(partition)) => {
+                    if let Some((tx, task)) = shards.remove(&partition) {
+                        tx.send_replace(true);
+                        let _ = task.await;
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+    for (tx, _) in shards.values() {
+        tx.send_replace(true);
+    }
+    for (_, (_, task)) in shards {
+        let _ = task.await;
     }
 }

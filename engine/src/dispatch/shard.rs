@@ -1,16 +1,21 @@
-//! A shard works one partition: read a batch, start each delivery, let them finish in any
-//! order, and commit the contiguous prefix of finished offsets. A read is never cancelled
-//! to make room for a completion, and a completion never waits for a read.
+//! A shard works one partition: read a batch, start each record once it is due (at once for
+//! fresh deliveries; at append time plus the tier's delay for a retry tier, so a tier
+//! shard sleeps until its head is due), let deliveries finish in any order, and commit the
+//! contiguous prefix of finished offsets. A read is never cancelled to make room for a
+//! completion, and a completion never waits for a read.
 
 use super::Deliverer;
 use crate::log::{Committer, LogError, LogRecord, PartitionReader};
+use crate::model::now_ms;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 type Read = Pin<Box<dyn Future<Output = (Box<dyn PartitionReader>, Result<Vec<LogRecord>, LogError>)> + Send>>;
 
@@ -19,6 +24,9 @@ type Read = Pin<Box<dyn Future<Output = (Box<dyn PartitionReader>, Result<Vec<Lo
 pub struct ShardLimits {
     /// Deliveries in flight at most.
     pub window: usize,
+    /// Offsets held back from the commit point at most (in flight, or finished behind a
+    /// slower one); reached only when one delivery is slower than this many others.
+    pub max_uncommitted: usize,
     /// Records read at a time at most.
     pub batch: usize,
     /// On stop, how long in-flight deliveries may take to finish.
@@ -32,10 +40,16 @@ fn read(mut reader: Box<dyn PartitionReader>, max: usize) -> Read {
     })
 }
 
+/// When a record may start: its append time plus the topic's delay.
+fn due(rec: &LogRecord, delay: Duration) -> i64 {
+    rec.timestamp_ms + delay.as_millis() as i64
+}
+
 /// Runs one partition until `stop` turns true, then drains within `limits.drain`.
 pub async fn run(
     reader: Box<dyn PartitionReader>,
     deliverer: Arc<Deliverer>,
+    delay: Duration,
     limits: ShardLimits,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -43,13 +57,37 @@ pub async fn run(
     let committer: Arc<dyn Committer> = reader.committer();
     let mut window = super::window::Window::default();
     let mut in_flight = FuturesUnordered::new();
+    let mut waiting: VecDeque<LogRecord> = VecDeque::new();
     let mut idle = Some(reader);
     let mut reading: Option<Read> = None;
     loop {
-        if reading.is_none() && window.held() < limits.window {
-            let room = (limits.window - window.held()).min(limits.batch);
-            reading = Some(read(idle.take().expect("reader is idle when no read is pending"), room));
+        // Start what is due while the window has room.
+        let now = now_ms();
+        let has_room = |w: &super::window::Window| w.in_flight() < limits.window && w.held() < limits.max_uncommitted;
+        while has_room(&window) && waiting.front().is_some_and(|r| due(r, delay) <= now) {
+            let rec = waiting.pop_front().expect("checked");
+            let offset = rec.offset;
+            window.start(offset);
+            let d = deliverer.clone();
+            in_flight.push(
+                async move {
+                    d.process(rec).await;
+                    offset
+                }
+                .boxed(),
+            );
         }
+        let room = has_room(&window);
+        // Read only when nothing is waiting, so memory stays bounded by one batch.
+        if reading.is_none() && waiting.is_empty() && room {
+            let max =
+                (limits.window - window.in_flight()).min(limits.max_uncommitted - window.held()).min(limits.batch);
+            reading = Some(read(idle.take().expect("reader is idle when no read is pending"), max));
+        }
+        let wake = waiting
+            .front()
+            .filter(|_| room)
+            .map(|r| Instant::now() + Duration::from_millis((due(r, delay) - now_ms()).max(0) as u64));
         tokio::select! {
             _ = crate::shutdown::stopped(&mut stop) => break,
             Some(offset) = in_flight.next(), if !in_flight.is_empty() => {
@@ -61,13 +99,7 @@ pub async fn run(
                 reading = None;
                 idle = Some(reader);
                 match batch {
-                    Ok(records) => {
-                        for rec in records {
-                            window.start(rec.offset);
-                            let d = deliverer.clone();
-                            in_flight.push(async move { let offset = rec.offset; d.process(rec).await; offset }.boxed());
-                        }
-                    }
+                    Ok(records) => waiting.extend(records),
                     Err(LogError::Closed) => break,
                     Err(e) => {
                         tracing::error!(partition, error = %e, "reading the log failed; retrying");
@@ -75,9 +107,11 @@ pub async fn run(
                     }
                 }
             }
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
         }
     }
-    // Finish what is in flight (bounded), and commit what finished.
+    // Finish what is in flight (bounded), and commit what finished. Records still waiting
+    // were never started: they are read again after a restart.
     let drained = tokio::time::timeout(limits.drain, async {
         while let Some(offset) = in_flight.next().await {
             if let Some(next) = window.finish(offset) {

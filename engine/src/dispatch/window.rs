@@ -1,5 +1,7 @@
 //! The in-flight window of one partition: deliveries complete in any order, and the commit
-//! point only ever covers the contiguous prefix of completed offsets.
+//! point only ever covers the contiguous prefix of completed offsets. Concurrency is
+//! bounded by `in_flight`; finished offsets waiting behind a slow one cost only a slot in
+//! `pending`, so a hung delivery holds back commits, not other deliveries.
 
 use std::collections::VecDeque;
 
@@ -7,6 +9,7 @@ use std::collections::VecDeque;
 #[derive(Debug, Default)]
 pub struct Window {
     pending: VecDeque<(u64, bool)>,
+    in_flight: usize,
 }
 
 impl Window {
@@ -14,13 +17,18 @@ impl Window {
     pub fn start(&mut self, offset: u64) {
         debug_assert!(self.pending.back().is_none_or(|&(o, _)| o < offset));
         self.pending.push_back((offset, false));
+        self.in_flight += 1;
     }
 
     /// Records that `offset` is done; returns the new commit point (the offset after the
     /// completed prefix) when it moved.
     pub fn finish(&mut self, offset: u64) -> Option<u64> {
         let i = self.pending.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
+        if self.pending[i].1 {
+            return None;
+        }
         self.pending[i].1 = true;
+        self.in_flight -= 1;
         let mut last = None;
         while let Some(&(o, true)) = self.pending.front() {
             last = Some(o);
@@ -31,7 +39,7 @@ impl Window {
 
     /// Deliveries started and not finished.
     pub fn in_flight(&self) -> usize {
-        self.pending.iter().filter(|(_, done)| !done).count()
+        self.in_flight
     }
 
     /// Offsets held back from the commit point (in flight, or done behind one in flight).
@@ -50,7 +58,10 @@ mod tests {
         for o in [10, 11, 12, 14] {
             w.start(o);
         }
+        assert_eq!(w.in_flight(), 4);
         assert_eq!(w.finish(12), None);
+        assert_eq!(w.finish(12), None, "finishing twice changes nothing");
+        assert_eq!((w.in_flight(), w.held()), (3, 4));
         assert_eq!(w.finish(11), None);
         assert_eq!(w.finish(10), Some(14)); // 10..=12 done, 14 still pending
         assert_eq!(w.finish(14), Some(15));

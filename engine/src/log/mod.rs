@@ -137,6 +137,10 @@ pub struct Topics {
     pub dlq: String,
     /// The compacted subscription registry.
     pub subscriptions: String,
+    /// Retry tiers: topic name and fixed delay, shortest first.
+    pub tiers: Vec<(String, std::time::Duration)>,
+    /// The prefix all names share.
+    pub prefix: String,
 }
 
 impl Topics {
@@ -146,15 +150,19 @@ impl Topics {
             deliveries: format!("{prefix}deliveries"),
             dlq: format!("{prefix}dlq"),
             subscriptions: format!("{prefix}subscriptions"),
+            tiers: crate::retry::tiers::TIERS.iter().map(|&d| (crate::retry::tiers::topic(prefix, d), d)).collect(),
+            prefix: prefix.to_string(),
         }
     }
 
     /// Every topic with its layout; data topics get `partitions` partitions.
     pub fn specs(&self, partitions: u32) -> Vec<TopicSpec> {
-        vec![
+        let mut specs = vec![
             TopicSpec { name: self.deliveries.clone(), partitions, compacted: false },
             TopicSpec { name: self.dlq.clone(), partitions, compacted: false },
             TopicSpec { name: self.subscriptions.clone(), partitions: 1, compacted: true },
-        ]
+        ];
+        specs.extend(self.tiers.iter().map(|(name, _)| TopicSpec { name: name.clone(), partitions, compacted: false }));
+        specs
     }
 }

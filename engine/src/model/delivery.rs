@@ -25,6 +25,10 @@ pub struct Delivery {
     pub accepted_ms: i64,
     /// Not to be attempted before this time (ms since epoch).
     pub due_ms: i64,
+    /// Start of the attempt budget (`max_age` counts from here): acceptance, or the replay.
+    pub budget_ms: i64,
+    /// How often this delivery was replayed from the dead-letter topic.
+    pub generation: u32,
     /// The producer's `data`, bytes as sent.
     pub data: Bytes,
     /// The producer's `changes`, bytes as sent, if any.
@@ -71,7 +75,7 @@ impl Delivery {
     pub fn encode(&self) -> Bytes {
         let changes_len = self.changes.as_ref().map_or(0, |c| c.len() + 4);
         let mut buf = BytesMut::with_capacity(
-            30 + self.event_id.len()
+            42 + self.event_id.len()
                 + self.subscription.len()
                 + self.tenant.len()
                 + self.event_type.len()
@@ -84,6 +88,8 @@ impl Delivery {
         buf.put_u32_le(self.attempt);
         buf.put_i64_le(self.accepted_ms);
         buf.put_i64_le(self.due_ms);
+        buf.put_i64_le(self.budget_ms);
+        buf.put_u32_le(self.generation);
         put_str(&mut buf, &self.event_id);
         put_str(&mut buf, &self.subscription);
         put_str(&mut buf, &self.tenant);
@@ -99,7 +105,7 @@ impl Delivery {
 
     /// Parses a record; `data` and `changes` share `bytes`' buffer.
     pub fn decode(mut bytes: Bytes) -> Result<Delivery, DecodeError> {
-        if bytes.remaining() < 22 {
+        if bytes.remaining() < 34 {
             return Err(DecodeError::Truncated);
         }
         let version = bytes.get_u8();
@@ -110,13 +116,27 @@ impl Delivery {
         let attempt = bytes.get_u32_le();
         let accepted_ms = bytes.get_i64_le();
         let due_ms = bytes.get_i64_le();
+        let budget_ms = bytes.get_i64_le();
+        let generation = bytes.get_u32_le();
         let event_id = get_str(&mut bytes)?;
         let subscription = get_str(&mut bytes)?;
         let tenant = get_str(&mut bytes)?;
         let event_type = get_str(&mut bytes)?;
         let data = get_bytes(&mut bytes, 4)?;
         let changes = if flags & HAS_CHANGES != 0 { Some(get_bytes(&mut bytes, 4)?) } else { None };
-        Ok(Delivery { event_id, subscription, tenant, event_type, attempt, accepted_ms, due_ms, data, changes })
+        Ok(Delivery {
+            event_id,
+            subscription,
+            tenant,
+            event_type,
+            attempt,
+            accepted_ms,
+            due_ms,
+            budget_ms,
+            generation,
+            data,
+            changes,
+        })
     }
 }
 
@@ -133,6 +153,8 @@ mod tests {
             attempt: 3,
             accepted_ms: 1_700_000_000_000,
             due_ms: 1_700_000_060_000,
+            budget_ms: 1_700_000_000_000,
+            generation: 2,
             data: Bytes::from_static(br#"{"orderId": "A-1"}"#),
             changes: Some(Bytes::from_static(br#"[{"op":"replace"}]"#)),
         }

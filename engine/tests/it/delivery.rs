@@ -87,7 +87,7 @@ async fn events_reach_each_matching_subscription_once_signed_in_an_envelope() {
             assert_eq!(env["tenant"], "acme");
             assert!(env["data"]["orderId"].as_str().unwrap().starts_with("A-"));
             assert_eq!(env["deliveryAttempt"], 1);
-            assert_eq!(env["pendingRetries"], 0);
+            assert_eq!(env["pendingRetries"], 184, "the default policy: 185 attempts");
             assert!(env["sentAt"].as_str().unwrap().ends_with('Z'));
             assert!(env.get("changes").is_none());
         }
@@ -152,11 +152,13 @@ async fn failed_deliveries_are_dead_lettered_with_status_and_error() {
     let h = TestHerald::start().await;
     let rx = Receiver::start().await;
     rx.respond_on("/broken", 500);
-    let broken = h.api.subscribe(json!({ "url": rx.url("/broken") })).await;
-    let refused = h.api.subscribe(json!({ "url": "http://127.0.0.1:1/nothing-listens" })).await;
-    let ok = h.api.subscribe(json!({ "url": rx.url("/ok") })).await;
+    // One attempt only, so every failure is dead-lettered at once.
+    let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    let broken = h.api.subscribe(json!({ "url": rx.url("/broken"), "retry": once })).await;
+    let refused = h.api.subscribe(json!({ "url": "http://127.0.0.1:1/nothing-listens", "retry": once })).await;
+    let ok = h.api.subscribe(json!({ "url": rx.url("/ok"), "retry": once })).await;
     rx.respond_on("/moved", 302);
-    let moved = h.api.subscribe(json!({ "url": rx.url("/moved") })).await;
+    let moved = h.api.subscribe(json!({ "url": rx.url("/moved"), "retry": once })).await;
     for i in 0..5 {
         let (s, _) = h.api.post("/v1/events", json!({ "id": format!("e{i}"), "type": "T", "data": i })).await;
         assert_eq!(s, 202);
@@ -211,7 +213,8 @@ async fn a_malformed_record_is_dead_lettered_and_does_not_stop_its_partition() {
     let sub = h.api.subscribe(json!({ "url": rx.url("/p") })).await;
     let id = sub["id"].as_str().unwrap();
     // Garbage keyed like the subscription lands in its partition, ahead of a real event.
-    let junk = Record { key: bytes::Bytes::from(id.to_string()), value: bytes::Bytes::from_static(b"\x07not a delivery") };
+    let junk =
+        Record { key: bytes::Bytes::from(id.to_string()), value: bytes::Bytes::from_static(b"\x07not a delivery") };
     h.herald.log().append("herald.deliveries", vec![junk]).await.unwrap();
     let (status, _) = h.api.post("/v1/events", json!({ "id": "after-junk", "type": "T", "data": {} })).await;
     assert_eq!(status, 202);

@@ -3,4 +3,5 @@
 mod api;
 mod crash;
 mod delivery;
+mod retries;
 mod support;

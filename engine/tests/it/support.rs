@@ -54,6 +54,7 @@ pub struct Received {
     pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    pub at: Instant,
 }
 
 impl Received {
@@ -65,14 +66,26 @@ impl Received {
     }
 }
 
+/// How the receiver answers on a path.
+#[derive(Debug, Clone, Copy)]
+pub enum Behaviour {
+    /// Always this status.
+    Status(u16),
+    /// The first `n` requests of each event id get `status`, later ones 200.
+    FailFirst { n: usize, status: u16 },
+    /// Never answer.
+    Hang,
+    /// `status` with `Retry-After: secs`, for the first request of each event id.
+    RetryAfter { status: u16, secs: u64 },
+}
+
 /// A loopback webhook receiver.
 #[derive(Clone)]
 pub struct Receiver {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Received>>>,
     status: Arc<AtomicU16>,
-    /// Status per path, overriding `status`.
-    path_status: Arc<Mutex<HashMap<String, u16>>>,
+    behaviours: Arc<Mutex<HashMap<String, Behaviour>>>,
     pub arrived: Arc<Notify>,
 }
 
@@ -84,7 +97,7 @@ impl Receiver {
             addr,
             seen: Default::default(),
             status: Arc::new(AtomicU16::new(200)),
-            path_status: Default::default(),
+            behaviours: Default::default(),
             arrived: Arc::new(Notify::new()),
         };
         let state = r.clone();
@@ -99,22 +112,46 @@ impl Receiver {
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             let path = parts.uri.path().to_string();
-                            let status = state
-                                .path_status
-                                .lock()
-                                .unwrap()
-                                .get(&path)
-                                .copied()
-                                .unwrap_or_else(|| state.status.load(Ordering::SeqCst));
-                            state.seen.lock().unwrap().push(Received {
-                                path,
-                                query: parts.uri.query().map(str::to_string),
-                                headers: parts.headers,
-                                body,
-                            });
+                            let id =
+                                parts.headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                            let behaviour = state.behaviours.lock().unwrap().get(&path).copied();
+                            let earlier = {
+                                let mut seen = state.seen.lock().unwrap();
+                                let earlier =
+                                    seen.iter().filter(|r| r.path == path && r.header("webhook-id") == id).count();
+                                seen.push(Received {
+                                    path,
+                                    query: parts.uri.query().map(str::to_string),
+                                    headers: parts.headers,
+                                    body,
+                                    at: Instant::now(),
+                                });
+                                earlier
+                            };
                             state.arrived.notify_waiters();
+                            let mut response = Response::builder();
+                            let status = match behaviour {
+                                None => state.status.load(Ordering::SeqCst),
+                                Some(Behaviour::Status(s)) => s,
+                                Some(Behaviour::FailFirst { n, status }) => {
+                                    if earlier < n {
+                                        status
+                                    } else {
+                                        200
+                                    }
+                                }
+                                Some(Behaviour::Hang) => std::future::pending().await,
+                                Some(Behaviour::RetryAfter { status, secs }) => {
+                                    if earlier == 0 {
+                                        response = response.header("retry-after", secs.to_string());
+                                        status
+                                    } else {
+                                        200
+                                    }
+                                }
+                            };
                             Ok::<_, std::convert::Infallible>(
-                                Response::builder().status(status).body(Full::new(Bytes::from_static(b"ok"))).unwrap(),
+                                response.status(status).body(Full::new(Bytes::from_static(b"ok"))).unwrap(),
                             )
                         }
                     });
@@ -131,7 +168,11 @@ impl Receiver {
     }
 
     pub fn respond_on(&self, path: &str, status: u16) {
-        self.path_status.lock().unwrap().insert(path.to_string(), status);
+        self.behave(path, Behaviour::Status(status));
+    }
+
+    pub fn behave(&self, path: &str, behaviour: Behaviour) {
+        self.behaviours.lock().unwrap().insert(path.to_string(), behaviour);
     }
 
     pub fn all(&self) -> Vec<Received> {
@@ -245,8 +286,15 @@ pub struct TestHerald {
 
 impl TestHerald {
     pub async fn start() -> TestHerald {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with a config adjusted by `tweak`.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestHerald {
         let dir = tempfile::tempdir().unwrap();
-        let herald = herald::server::start(config(dir.path())).await.unwrap();
+        let mut config = config(dir.path());
+        tweak(&mut config);
+        let herald = herald::server::start(config).await.unwrap();
         let api = Api::new(herald.addr, TOKEN);
         TestHerald { herald, api, dir }
     }
@@ -272,5 +320,12 @@ pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLett
     .await
     .unwrap();
     let records = log.read_all(&topics.dlq).await.unwrap();
-    records.into_iter().map(|r| herald::model::DeadLetter::decode(r.value).expect("dead letter").0).collect()
+    use herald::retry::dead_letters::{decode, DlqRecord};
+    records
+        .into_iter()
+        .filter_map(|r| match decode(r.value).expect("dead-letter record") {
+            DlqRecord::Entry { entry, .. } => Some(*entry),
+            DlqRecord::Replayed(_) => None,
+        })
+        .collect()
 }

@@ -29,7 +29,8 @@ struct SegmentInfo {
 
 /// The writer's view of the active segment; touched only by the writer thread.
 struct Active {
-    file: File,
+    /// Opened on the first append, so an unused partition costs no file and no fsync.
+    file: Option<File>,
     base: u64,
     len: u64,
     next_offset: u64,
@@ -114,12 +115,10 @@ impl Partition {
         let mut segments = kept;
         if segments.is_empty() {
             let path = dir.join(segment::file_name(0));
-            File::create(&path)?.sync_all()?;
-            sync_dir(&dir)?;
             segments.push(SegmentInfo { base: 0, path, len: 0, end: 0, index: Vec::new() });
         }
         let tail = segments.last().unwrap().clone();
-        let file = OpenOptions::new().append(true).open(&tail.path)?;
+        let file = if tail.path.exists() { Some(OpenOptions::new().append(true).open(&tail.path)?) } else { None };
         let next_index_at = tail.index.last().map_or(0, |&(_, p)| p + INDEX_INTERVAL);
         let active = Active { file, base: tail.base, len: tail.len, next_offset: tail.end, next_index_at };
         let (durable, _) = watch::channel(tail.end);
@@ -149,7 +148,8 @@ impl Partition {
     /// Writes `records` as one batch, fsyncs, and publishes them to readers. Returns the
     /// offset of the first record. Called only by the writer thread.
     pub fn append(&self, records: &[(&[u8], &[u8])], timestamp_ms: i64) -> io::Result<u64> {
-        let mut active = self.active.lock().unwrap();
+        let mut guard = self.active.lock().unwrap();
+        let active = &mut *guard;
         let size: u64 = records.iter().map(|(k, v)| (segment::FRAME_HEADER + 20 + k.len() + v.len()) as u64).sum();
         let first = active.next_offset;
         let rolled = active.len > 0 && active.len + size > self.segment_bytes;
@@ -157,8 +157,23 @@ impl Partition {
             let path = self.dir.join(segment::file_name(first));
             let file = OpenOptions::new().create(true).append(true).open(&path)?;
             sync_dir(&self.dir)?;
-            *active = Active { file, base: first, len: 0, next_offset: first, next_index_at: 0 };
+            *active = Active { file: Some(file), base: first, len: 0, next_offset: first, next_index_at: 0 };
         }
+        if active.file.is_none() {
+            let path = self.dir.join(segment::file_name(active.base));
+            let file = OpenOptions::new().create(true).append(true).open(&path)?;
+            // The partition's directories were made without fsync at open; make them durable
+            // now that they hold data.
+            sync_dir(&self.dir)?;
+            if let Some(topic_dir) = self.dir.parent() {
+                sync_dir(topic_dir)?;
+                if let Some(topics) = topic_dir.parent() {
+                    sync_dir(topics)?;
+                }
+            }
+            active.file = Some(file);
+        }
+        let Some(file) = active.file.as_mut() else { unreachable!("opened above") };
         let mut buf = BytesMut::with_capacity(size as usize);
         let mut new_index = Vec::new();
         for (i, (key, value)) in records.iter().enumerate() {
@@ -169,17 +184,17 @@ impl Partition {
             }
             segment::encode(&mut buf, first + i as u64, timestamp_ms, key, value);
         }
-        let written = active.file.write_all(&buf).and_then(|_| active.file.sync_data());
+        let written = file.write_all(&buf).and_then(|_| file.sync_data());
         if let Err(e) = written {
             // Leave nothing half-written behind the durable end.
-            let _ = active.file.set_len(active.len);
+            let _ = file.set_len(active.len);
             active.next_index_at = new_index.first().map_or(active.next_index_at, |&(_, p)| p);
             return Err(e);
         }
         active.len += buf.len() as u64;
         active.next_offset = first + records.len() as u64;
         let (base, len, end) = (active.base, active.len, active.next_offset);
-        drop(active);
+        drop(guard);
         {
             let mut segs = self.segments.lock().unwrap();
             if rolled {
@@ -331,15 +346,20 @@ impl Partition {
         let mut segs = self.segments.lock().unwrap();
         fs::rename(&scratch, &path)?;
         sync_dir(&self.dir)?;
-        for s in segs.iter().filter(|s| s.path != path) {
+        for s in segs.iter().filter(|s| s.path != path && s.path.exists()) {
             fs::remove_file(&s.path)?;
         }
         sync_dir(&self.dir)?;
         let len = buf.len() as u64;
         *segs = vec![SegmentInfo { base, path: path.clone(), len, end, index: index.clone() }];
         let next_index_at = index.last().map_or(0, |&(_, p)| p + INDEX_INTERVAL);
-        *active =
-            Active { file: OpenOptions::new().append(true).open(&path)?, base, len, next_offset: end, next_index_at };
+        *active = Active {
+            file: Some(OpenOptions::new().append(true).open(&path)?),
+            base,
+            len,
+            next_offset: end,
+            next_index_at,
+        };
         Ok(true)
     }
 

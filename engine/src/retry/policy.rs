@@ -1,0 +1,255 @@
+//! Retry policies: the one place that decides when the next attempt is due. Jitter is drawn
+//! from a seed fixed per delivery, so the whole schedule is known in advance: the envelope's
+//! `pendingRetries` is exact, and a restart replays the same schedule.
+
+use crate::model::RetrySpec;
+use std::time::Duration;
+
+/// The default promise: 185 attempts within 24 hours, exponential with jitter.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 185;
+/// No attempt later than this after the event was accepted (or replayed), by default.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_INITIAL: Duration = Duration::from_secs(5);
+const DEFAULT_MULTIPLIER: f64 = 2.0;
+/// With 5 s doubling to this cap, the jitter-free schedule of 185 attempts spans 23.8 h;
+/// jitter only shortens delays, so every draw stays inside 24 h.
+const DEFAULT_MAX_INTERVAL: Duration = Duration::from_secs(480);
+const DEFAULT_JITTER: f64 = 0.1;
+
+/// A subscription's retry policy with every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Policy {
+    /// Delays grow by `multiplier` from `initial` up to `max_interval`, each shortened by a
+    /// random fraction of at most `jitter`.
+    Exponential {
+        /// First delay.
+        initial: Duration,
+        /// Growth per attempt.
+        multiplier: f64,
+        /// Largest delay.
+        max_interval: Duration,
+        /// Largest random reduction, 0..1.
+        jitter: f64,
+        /// Attempts in all.
+        max_attempts: u32,
+        /// No attempt after this long from the budget's start.
+        max_age: Duration,
+    },
+    /// The same delay every time.
+    Fixed {
+        /// Delay.
+        interval: Duration,
+        /// Attempts in all.
+        max_attempts: u32,
+    },
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::Exponential {
+            initial: DEFAULT_INITIAL,
+            multiplier: DEFAULT_MULTIPLIER,
+            max_interval: DEFAULT_MAX_INTERVAL,
+            jitter: DEFAULT_JITTER,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_age: DEFAULT_MAX_AGE,
+        }
+    }
+}
+
+/// SplitMix64: a tiny, well-known mixer; enough to turn (seed, attempt) into a uniform draw.
+fn unit(seed: u64, attempt: u32) -> f64 {
+    let mut z = seed ^ (attempt as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The jitter seed of a delivery: stable across attempts and restarts, new per replay.
+pub fn seed(event_id: &str, subscription: &str, generation: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher with fixed keys is stable within a build; a changed schedule after an
+    // upgrade is harmless.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (event_id, subscription, generation).hash(&mut h);
+    h.finish()
+}
+
+impl Policy {
+    /// The policy a subscription asked for, defaults filled in.
+    pub fn from_spec(spec: Option<&RetrySpec>) -> Policy {
+        let Some(spec) = spec else { return Policy::default() };
+        match spec {
+            RetrySpec::Fixed { interval, max_attempts } => {
+                Policy::Fixed { interval: interval.0, max_attempts: *max_attempts }
+            }
+            RetrySpec::Exponential { initial, multiplier, max_interval, jitter, max_attempts, max_age } => {
+                let initial = initial.map_or(DEFAULT_INITIAL, |d| d.0);
+                Policy::Exponential {
+                    initial,
+                    multiplier: multiplier.unwrap_or(DEFAULT_MULTIPLIER),
+                    max_interval: max_interval.map_or(DEFAULT_MAX_INTERVAL, |d| d.0).max(initial),
+                    jitter: jitter.unwrap_or(DEFAULT_JITTER),
+                    max_attempts: max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+                    max_age: max_age.map_or(DEFAULT_MAX_AGE, |d| d.0),
+                }
+            }
+        }
+    }
+
+    /// Attempts in all.
+    pub fn max_attempts(&self) -> u32 {
+        match self {
+            Policy::Exponential { max_attempts, .. } | Policy::Fixed { max_attempts, .. } => *max_attempts,
+        }
+    }
+
+    /// Largest single delay the policy makes.
+    pub fn max_interval(&self) -> Duration {
+        match self {
+            Policy::Exponential { max_interval, .. } => *max_interval,
+            Policy::Fixed { interval, .. } => *interval,
+        }
+    }
+
+    fn max_age(&self) -> Option<Duration> {
+        match self {
+            Policy::Exponential { max_age, .. } => Some(*max_age),
+            Policy::Fixed { .. } => None,
+        }
+    }
+
+    /// The wait between attempt `attempt` (from 1) and the next.
+    pub fn delay_after(&self, attempt: u32, seed: u64) -> Duration {
+        match self {
+            Policy::Fixed { interval, .. } => *interval,
+            Policy::Exponential { initial, multiplier, max_interval, jitter, .. } => {
+                let grown = initial.as_secs_f64() * multiplier.powi(attempt.saturating_sub(1).min(1000) as i32);
+                let nominal = grown.min(max_interval.as_secs_f64());
+                Duration::from_secs_f64(nominal * (1.0 - jitter * unit(seed, attempt)))
+            }
+        }
+    }
+
+    /// When attempt `attempt + 1` is due, if there is one: `None` once the attempts are
+    /// used up or the next would fall after `max_age` from `budget_ms`. `not_before` moves
+    /// the attempt later (a receiver's `Retry-After`), never earlier.
+    pub fn next_due(
+        &self,
+        attempt: u32,
+        budget_ms: i64,
+        now_ms: i64,
+        seed: u64,
+        not_before: Option<Duration>,
+    ) -> Option<i64> {
+        if attempt >= self.max_attempts() {
+            return None;
+        }
+        let mut delay = self.delay_after(attempt, seed);
+        if let Some(later) = not_before {
+            delay = delay.max(later);
+        }
+        let due = now_ms + delay.as_millis() as i64;
+        match self.max_age() {
+            Some(age) if due > budget_ms + age.as_millis() as i64 => None,
+            _ => Some(due),
+        }
+    }
+
+    /// Attempts still to come if attempt `attempt`, made at `now_ms`, fails and every later
+    /// one fails too (the envelope's `pendingRetries`).
+    pub fn pending_retries(&self, attempt: u32, budget_ms: i64, now_ms: i64, seed: u64) -> u32 {
+        let mut n = 0;
+        let mut at = now_ms;
+        let mut a = attempt;
+        while let Some(due) = self.next_due(a, budget_ms, at, seed, None) {
+            n += 1;
+            a += 1;
+            at = due;
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HumanDuration;
+
+    /// Every attempt time of a delivery that always fails, relative to acceptance.
+    fn schedule(p: &Policy, seed: u64) -> Vec<i64> {
+        let mut times = vec![0i64];
+        let mut attempt = 1;
+        while let Some(due) = p.next_due(attempt, 0, *times.last().unwrap(), seed, None) {
+            times.push(due);
+            attempt += 1;
+        }
+        times
+    }
+
+    #[test]
+    fn the_default_makes_185_attempts_inside_24_hours_for_any_jitter() {
+        let day = 24 * 3600 * 1000;
+        let p = Policy::default();
+        for s in 0..2000u64 {
+            let times = schedule(&p, s.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            assert_eq!(times.len(), 185, "seed {s}");
+            let last = *times.last().unwrap();
+            assert!(last <= day, "seed {s}: last attempt at {last} ms");
+            assert!(last >= day * 85 / 100, "seed {s}: the schedule should span close to 24 h, got {last} ms");
+            assert!(times.windows(2).all(|w| w[1] > w[0]));
+        }
+    }
+
+    #[test]
+    fn no_attempt_is_ever_made_after_max_age() {
+        let spec = RetrySpec::Exponential {
+            initial: Some(HumanDuration(Duration::from_secs(60))),
+            multiplier: Some(3.0),
+            max_interval: Some(HumanDuration(Duration::from_secs(7200))),
+            jitter: Some(0.5),
+            max_attempts: Some(1000),
+            max_age: Some(HumanDuration(Duration::from_secs(6 * 3600))),
+        };
+        let p = Policy::from_spec(Some(&spec));
+        for s in 0..500 {
+            let times = schedule(&p, s);
+            assert!(*times.last().unwrap() <= 6 * 3600 * 1000);
+            assert!(times.len() < 1000);
+        }
+        // Retry-After cannot push an attempt past max_age either.
+        assert_eq!(p.next_due(1, 0, 0, 1, Some(Duration::from_secs(7 * 3600))), None);
+    }
+
+    #[test]
+    fn the_fixed_schedule_is_exactly_five_attempts_thirty_minutes_apart() {
+        let spec = RetrySpec::Fixed { interval: HumanDuration(Duration::from_secs(1800)), max_attempts: 5 };
+        let p = Policy::from_spec(Some(&spec));
+        let times = schedule(&p, 42);
+        assert_eq!(times, vec![0, 1_800_000, 3_600_000, 5_400_000, 7_200_000]);
+    }
+
+    #[test]
+    fn pending_retries_counts_what_the_schedule_still_holds() {
+        let p = Policy::default();
+        assert_eq!(p.pending_retries(1, 0, 0, 7), 184);
+        assert_eq!(p.pending_retries(185, 0, 0, 7), 0);
+        let fixed = Policy::Fixed { interval: Duration::from_millis(10), max_attempts: 4 };
+        assert_eq!((1..=4).map(|a| fixed.pending_retries(a, 0, 0, 0)).collect::<Vec<_>>(), vec![3, 2, 1, 0]);
+        // Late in the budget, max_age leaves fewer attempts than max_attempts would.
+        let late = 23 * 3600 * 1000;
+        assert!(p.pending_retries(10, 0, late, 7) < 10);
+    }
+
+    #[test]
+    fn jitter_is_stable_per_delivery_and_differs_between_deliveries() {
+        let p = Policy::default();
+        assert_eq!(p.delay_after(3, seed("e1", "s1", 0)), p.delay_after(3, seed("e1", "s1", 0)));
+        let distinct: std::collections::HashSet<_> =
+            (0..50).map(|i| p.delay_after(3, seed(&format!("e{i}"), "s1", 0))).collect();
+        assert!(distinct.len() > 40);
+        let d = p.delay_after(3, 99);
+        assert!(d <= Duration::from_secs(20) && d >= Duration::from_secs(18));
+    }
+}
