@@ -3,6 +3,7 @@
 //! [`Target`]s that are ready to sign and send.
 
 use crate::config::HumanDuration;
+use crate::endpoint::Endpoint;
 use crate::log::{Log, LogError, Record};
 use crate::model::{
     new_id, now_ms, rfc3339_ms, Auth, RetrySpec, SignatureSpec, Subscription, SubscriptionInput, TransportKind,
@@ -13,7 +14,6 @@ use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -28,30 +28,8 @@ pub struct Target {
     pub uri: Uri,
     /// Fixed headers: custom ones, user agent, Basic auth.
     pub headers: HeaderMap,
-    /// Deliveries to this subscription in flight in this process.
-    pub in_flight: AtomicU32,
-}
-
-/// In-flight cap of a subscription that sets none.
-pub const DEFAULT_MAX_IN_FLIGHT: u32 = 64;
-
-impl Target {
-    /// Takes an in-flight slot if the subscription is below its cap; the slot is given back
-    /// when the returned guard drops.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<InFlightSlot> {
-        let cap = self.sub.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
-        self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).ok()?;
-        Some(InFlightSlot(self.clone()))
-    }
-}
-
-/// One delivery's place under its subscription's in-flight cap.
-pub struct InFlightSlot(Arc<Target>);
-
-impl Drop for InFlightSlot {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
+    /// Load on the endpoint in this process.
+    pub endpoint: Endpoint,
 }
 
 /// A field that failed validation.
@@ -133,7 +111,8 @@ impl Target {
             value.set_sensitive(true);
             headers.insert(http::header::AUTHORIZATION, value);
         }
-        Ok(Target { sub, signer, uri, headers, in_flight: AtomicU32::new(0) })
+        let endpoint = Endpoint::new(sub.max_in_flight);
+        Ok(Target { sub, signer, uri, headers, endpoint })
     }
 }
 

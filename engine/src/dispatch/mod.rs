@@ -10,7 +10,7 @@ pub use shard::ShardLimits;
 
 use crate::log::{Assignment, Log, LogError, LogRecord};
 use crate::model::{now_ms, Delivery};
-use crate::registry::{Registry, Target};
+use crate::registry::Registry;
 use crate::retry::{tiers, verdict, LastAttempt, Retrier, Verdict};
 use crate::transport::{Outcome, Transports};
 use std::collections::HashMap;
@@ -18,13 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-
-/// How long a delivery waits when its subscription is at its in-flight cap: long enough
-/// not to spin through the log, short enough to keep up once a slot frees.
-fn deferral(target: &Target) -> Duration {
-    let timeout = target.sub.timeout.map_or(Duration::from_secs(30), |t| t.0);
-    (timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30))
-}
 
 /// Makes one delivery from its log record to its settlement.
 pub struct Deliverer {
@@ -65,13 +58,17 @@ impl Deliverer {
             let last = LastAttempt { status: None, error: format!("subscription is disabled: {reason}") };
             return self.retrier.dead_letter(&delivery, raw, last).await;
         }
-        let Some(_slot) = target.try_acquire() else {
-            // At its cap: park it briefly rather than hold this partition's window.
-            let later = Delivery { due_ms: now_ms() + deferral(&target).as_millis() as i64, ..delivery };
-            return self.retrier.schedule(&later).await;
+        let _slot = match target.endpoint.admit().await {
+            Ok(slot) => slot,
+            Err(busy) => {
+                // At its cap: park it in a tier rather than hold this partition's window.
+                let later = Delivery { due_ms: now_ms() + busy.defer.as_millis() as i64, ..delivery };
+                return self.retrier.schedule(&later).await;
+            }
         };
         let pending = self.retrier.pending_retries(&target, &delivery);
         let outcome = self.transports.deliver(&target, &delivery, pending).await;
+        target.endpoint.observe(outcome.latency());
         match verdict(&outcome) {
             Verdict::Delivered => {}
             v => {

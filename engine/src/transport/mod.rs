@@ -37,6 +37,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// How long the attempt took.
+    pub fn latency(&self) -> Duration {
+        match self {
+            Outcome::Delivered { latency, .. } | Outcome::Failed { latency, .. } => *latency,
+        }
+    }
+
     fn failed(status: Option<u16>, error: String, latency: Duration) -> Outcome {
         Outcome::Failed { status, error, retry_after: None, latency }
     }

@@ -134,3 +134,50 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn sigkill_in_the_middle_of_retry_schedules_loses_nothing() {
+    use crate::support::Behaviour;
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    // Each event fails twice, then succeeds on its third attempt, 500 ms apart.
+    rx.behave("/flaky", Behaviour::FailFirst { n: 2, status: 503 });
+    let (mut child, addr) = spawn_herald(dir.path());
+    let api = Api::new(addr, TOKEN);
+    api.subscribe(
+        json!({ "url": rx.url("/flaky"), "retry": { "policy": "fixed", "interval": "500ms", "max_attempts": 5 } }),
+    )
+    .await;
+    let events: Vec<_> = (0..200).map(|i| json!({ "id": format!("r-{i}"), "type": "T", "data": i })).collect();
+    let (status, _) = api.post("/v1/events/batch", serde_json::Value::Array(events)).await;
+    assert_eq!(status, 202);
+    // Kill once every event has failed at least once and none has succeeded yet: all 200
+    // are somewhere in the retry tiers.
+    until("every event's first attempt", Duration::from_secs(30), || async {
+        (rx.on("/flaky").len() >= 200).then_some(())
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let attempts_before = rx.on("/flaky").len();
+
+    let (mut child, _) = spawn_herald(dir.path());
+    let succeeded = || {
+        let mut per_id: HashMap<String, usize> = HashMap::new();
+        for r in rx.on("/flaky") {
+            *per_id.entry(r.header("webhook-id").to_string()).or_insert(0) += 1;
+        }
+        per_id.values().filter(|&&n| n >= 3).count()
+    };
+    until("all 200 events delivered on their third attempt", Duration::from_secs(60), || async {
+        (succeeded() == 200).then_some(())
+    })
+    .await;
+    eprintln!(
+        "retry crash test: {} attempts before SIGKILL, {} in all for 200 events (600 without the crash)",
+        attempts_before,
+        rx.on("/flaky").len()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

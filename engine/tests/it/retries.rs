@@ -181,7 +181,8 @@ async fn a_hanging_endpoint_does_not_delay_a_healthy_one_on_the_same_partition()
     let got = rx.wait_on("/fast", 60).await;
     let worst = got.iter().map(|r| r.at - sent[r.header("webhook-id")]).max().unwrap();
     eprintln!("head-of-line test: worst healthy latency {worst:?} while the other endpoint hangs 2 s");
-    // Stated bound: healthy deliveries stay under 500 ms while the other endpoint hangs 2 s.
+    // Stated bound: healthy deliveries stay under 500 ms (the 250 ms patience plus slack)
+    // while the other endpoint hangs 2 s.
     assert!(worst < Duration::from_millis(500), "healthy endpoint delayed {worst:?}");
     // The stuck endpoint holds at most its cap of requests at once.
     let stuck_requests = rx.on("/stuck").len();

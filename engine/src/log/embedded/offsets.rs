@@ -19,6 +19,9 @@ struct Group {
 pub struct OffsetStore {
     dir: PathBuf,
     groups: Mutex<HashMap<String, Group>>,
+    /// Held for a whole flush, so a flush that returns has also waited for one under way
+    /// (which may hold the latest commits).
+    flushing: Mutex<()>,
 }
 
 fn file_for(dir: &std::path::Path, group: &str) -> PathBuf {
@@ -43,7 +46,7 @@ impl OffsetStore {
                 groups.insert(name, Group { offsets, dirty: false });
             }
         }
-        Ok(OffsetStore { dir, groups: Mutex::new(groups) })
+        Ok(OffsetStore { dir, groups: Mutex::new(groups), flushing: Mutex::new(()) })
     }
 
     /// The committed offset of `group` on a partition (0 when never committed).
@@ -77,6 +80,7 @@ impl OffsetStore {
 
     /// Writes the groups that changed since the last flush.
     pub fn flush(&self) -> io::Result<()> {
+        let _one_at_a_time = self.flushing.lock().unwrap();
         let pending: Vec<(String, TopicOffsets)> = {
             let mut groups = self.groups.lock().unwrap();
             groups
@@ -89,13 +93,22 @@ impl OffsetStore {
                 .collect()
         };
         for (name, offsets) in pending {
-            let path = file_for(&self.dir, &name);
-            let tmp = path.with_extension("json.tmp");
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec(&offsets).expect("offsets serialize"))?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            fs::File::open(&self.dir)?.sync_all()?;
+            let written = (|| {
+                let path = file_for(&self.dir, &name);
+                let tmp = path.with_extension("json.tmp");
+                let mut f = fs::File::create(&tmp)?;
+                f.write_all(&serde_json::to_vec(&offsets).expect("offsets serialize"))?;
+                f.sync_all()?;
+                fs::rename(&tmp, &path)?;
+                fs::File::open(&self.dir)?.sync_all()
+            })();
+            if let Err(e) = written {
+                // Try again next time rather than lose the commit.
+                if let Some(g) = self.groups.lock().unwrap().get_mut(&name) {
+                    g.dirty = true;
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
