@@ -108,6 +108,7 @@ impl Ingest {
             accepted.push(Accepted { id: event.id, deliveries: targets.len() });
         }
         self.log.append(&self.topic, records).await?;
+        metrics::counter!(crate::metrics::EVENTS_INGESTED).increment(accepted.len() as u64);
         Ok(accepted)
     }
 }

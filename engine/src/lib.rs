@@ -6,6 +6,7 @@ pub mod dispatch;
 pub mod endpoint;
 pub mod ingest;
 pub mod log;
+pub mod metrics;
 pub mod model;
 pub mod payload;
 pub mod registry;

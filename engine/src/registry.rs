@@ -391,6 +391,12 @@ impl Registry {
         }
     }
 
+    /// Number of subscriptions, and of those disabled.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.state.read().unwrap();
+        (state.by_id.len(), state.by_id.values().filter(|t| !t.sub.enabled).count())
+    }
+
     /// Number of subscriptions.
     pub fn len(&self) -> usize {
         self.state.read().unwrap().by_id.len()

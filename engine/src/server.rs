@@ -7,6 +7,7 @@ use crate::dispatch::{Deliverer, Dispatcher, ShardLimits, Source};
 use crate::ingest::Ingest;
 use crate::log::embedded::{EmbeddedConfig, EmbeddedLog};
 use crate::log::{Log, LogError, Topics};
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::retry::dead_letters::DeadLetters;
 use crate::retry::Retrier;
@@ -140,9 +141,16 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         drain: DRAIN,
     };
     let (stop, stop_rx) = watch::channel(false);
-    let mut sources = vec![Source { topic: topics.deliveries.clone(), delay: Duration::ZERO }];
-    sources.extend(topics.tiers.iter().map(|(topic, delay)| Source { topic: topic.clone(), delay: *delay }));
-    let dispatcher = Dispatcher::new(log.clone(), sources, DISPATCH_GROUP.into(), deliverer, limits);
+    let label = |topic: &str| topic.strip_prefix(&topics.prefix).unwrap_or(topic).to_string();
+    let mut sources =
+        vec![Source { topic: topics.deliveries.clone(), label: label(&topics.deliveries), delay: Duration::ZERO }];
+    sources.extend(topics.tiers.iter().map(|(topic, delay)| Source {
+        topic: topic.clone(),
+        label: label(topic),
+        delay: *delay,
+    }));
+    let metrics = Arc::new(Metrics::new());
+    let dispatcher = Dispatcher::new(log.clone(), sources, DISPATCH_GROUP.into(), deliverer, limits, metrics.clone());
     let dispatcher = {
         let stop_rx = stop_rx.clone();
         tokio::spawn(async move {
@@ -154,7 +162,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
 
     let ingest = Arc::new(Ingest::new(log.clone(), registry.clone(), topics.deliveries.clone()));
     let dead_letters = Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone()));
-    let state = AppState { registry, ingest, log, admin_token: token.clone().into(), dead_letters };
+    let state = AppState { registry, ingest, log, admin_token: token.clone().into(), dead_letters, metrics };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.listen, source })?;

@@ -34,6 +34,8 @@ pub struct AppState {
     pub admin_token: Arc<str>,
     /// The dead-letter store.
     pub dead_letters: Arc<crate::retry::dead_letters::DeadLetters>,
+    /// Scrape-time metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The router of every endpoint.
@@ -45,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/subscriptions/{id}", get(subscriptions::get).delete(subscriptions::delete))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("route") })
@@ -53,7 +56,29 @@ pub fn router(state: AppState) -> Router {
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(count_requests))
         .with_state(state)
+}
+
+/// Counts every API request by route template (never the raw path: ids stay out of labels).
+async fn count_requests(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().as_str().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!(crate::metrics::API_REQUEST_SECONDS, "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(crate::metrics::API_REQUESTS, "route" => route, "method" => method, "status" => status)
+        .increment(1);
+    response
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&state.registry))
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -9,7 +9,8 @@ mod window;
 pub use shard::ShardLimits;
 
 use crate::log::{Assignment, Log, LogError, LogRecord};
-use crate::model::{now_ms, Delivery};
+use crate::metrics::{self as m, Metrics};
+use crate::model::{now_ms, Delivery, TransportKind};
 use crate::registry::Registry;
 use crate::retry::{tiers, verdict, LastAttempt, Retrier, Verdict};
 use crate::transport::{Outcome, Transports};
@@ -42,12 +43,15 @@ impl Deliverer {
         let Some(target) = self.registry.get(&delivery.subscription) else {
             // Deleted since the event was accepted: the customer no longer wants it.
             tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, "subscription gone; delivery dropped");
+            metrics::counter!(m::DELIVERIES, "transport" => "webhook", "outcome" => "dropped").increment(1);
             return;
         };
+        let transport = transport_label(target.sub.transport);
         let wait = delivery.due_ms - now_ms();
         if wait >= tiers::SLACK.as_millis() as i64 {
             // Not due yet: hop to the tier that fits the rest of the wait.
-            return self.retrier.schedule(&delivery).await;
+            self.retrier.schedule(&delivery).await;
+            return;
         }
         if wait > 0 {
             // Less than the shortest tier: wait here, so no attempt is ever early.
@@ -56,27 +60,48 @@ impl Deliverer {
         if !target.sub.enabled {
             let reason = target.sub.disabled_reason.as_deref().unwrap_or("disabled");
             let last = LastAttempt { status: None, error: format!("subscription is disabled: {reason}") };
-            return self.retrier.dead_letter(&delivery, raw, last).await;
+            self.retrier.dead_letter(&delivery, raw, last).await;
+            metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dead_lettered").increment(1);
+            return;
         }
         let _slot = match target.endpoint.admit().await {
             Ok(slot) => slot,
             Err(busy) => {
                 // At its cap: park it in a tier rather than hold this partition's window.
                 let later = Delivery { due_ms: now_ms() + busy.defer.as_millis() as i64, ..delivery };
-                return self.retrier.schedule(&later).await;
+                self.retrier.schedule(&later).await;
+                metrics::counter!(m::DEFERRED).increment(1);
+                return;
             }
         };
         let pending = self.retrier.pending_retries(&target, &delivery);
         let outcome = self.transports.deliver(&target, &delivery, pending).await;
         target.endpoint.observe(outcome.latency());
-        match verdict(&outcome) {
-            Verdict::Delivered => {}
-            v => {
-                let Outcome::Failed { status, error, .. } = outcome else { unreachable!("only failures are retried") };
-                tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, ?status, %error, "delivery failed");
-                self.retrier.after_failure(&target, &delivery, raw, LastAttempt { status, error }, v).await;
+        metrics::histogram!(m::REQUEST_SECONDS, "transport" => transport).record(outcome.latency().as_secs_f64());
+        match (verdict(&outcome), outcome) {
+            (Verdict::Delivered, Outcome::Delivered { status, .. }) => {
+                metrics::counter!(m::ATTEMPTS, "transport" => transport, "outcome" => m::attempt_outcome(Some(status), "")).increment(1);
+                metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "delivered").increment(1);
+                let age = (now_ms() - delivery.accepted_ms).max(0) as f64 / 1000.0;
+                metrics::histogram!(m::END_TO_END_SECONDS, "transport" => transport).record(age);
             }
+            (v, Outcome::Failed { status, error, .. }) => {
+                metrics::counter!(m::ATTEMPTS, "transport" => transport, "outcome" => m::attempt_outcome(status, &error)).increment(1);
+                tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, ?status, %error, "delivery failed");
+                if self.retrier.after_failure(&target, &delivery, raw, LastAttempt { status, error }, v).await {
+                    metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dead_lettered")
+                        .increment(1);
+                }
+            }
+            (_, Outcome::Delivered { .. }) => unreachable!("a 2xx is always delivered"),
         }
+    }
+}
+
+fn transport_label(kind: TransportKind) -> &'static str {
+    match kind {
+        TransportKind::Webhook => "webhook",
+        TransportKind::Amqp => "amqp",
     }
 }
 
@@ -85,6 +110,8 @@ impl Deliverer {
 pub struct Source {
     /// Topic name.
     pub topic: String,
+    /// Short name for metrics (`deliveries`, `retry.30s`).
+    pub label: String,
     /// Fixed delay of the topic (zero for fresh deliveries).
     pub delay: Duration,
 }
@@ -96,6 +123,7 @@ pub struct Dispatcher {
     group: String,
     deliverer: Arc<Deliverer>,
     limits: ShardLimits,
+    metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
@@ -106,8 +134,9 @@ impl Dispatcher {
         group: String,
         deliverer: Arc<Deliverer>,
         limits: ShardLimits,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        Dispatcher { log, sources, group, deliverer, limits }
+        Dispatcher { log, sources, group, deliverer, limits, metrics }
     }
 
     /// Joins the consumer group on every source and runs until `stop` turns true.
@@ -115,13 +144,9 @@ impl Dispatcher {
         let mut loops = Vec::new();
         for source in &self.sources {
             let consumer = self.log.consume(&self.group, &source.topic).await?;
-            loops.push(tokio::spawn(run_source(
-                consumer,
-                source.clone(),
-                self.deliverer.clone(),
-                self.limits,
-                stop.clone(),
-            )));
+            let (deliverer, metrics) = (self.deliverer.clone(), self.metrics.clone());
+            let run = run_source(consumer, source.clone(), deliverer, self.limits, metrics, stop.clone());
+            loops.push(tokio::spawn(run));
         }
         for l in loops {
             let _ = l.await;
@@ -135,6 +160,7 @@ async fn run_source(
     source: Source,
     deliverer: Arc<Deliverer>,
     limits: ShardLimits,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut shards: HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
@@ -145,7 +171,8 @@ async fn run_source(
                 Some(Assignment::Assigned(reader)) => {
                     let partition = reader.partition();
                     let (tx, rx) = watch::channel(false);
-                    let task = tokio::spawn(shard::run(reader, deliverer.clone(), source.delay, limits, rx));
+                    let stats = metrics.shard(&source.label, partition, reader.committer());
+                    let task = tokio::spawn(shard::run(reader, deliverer.clone(), source.delay, limits, stats, rx));
                     shards.insert(partition, (tx, task));
                 }
                 Some(Assignment::Revoked(partition)) => {

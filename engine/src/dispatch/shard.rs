@@ -51,6 +51,7 @@ pub async fn run(
     deliverer: Arc<Deliverer>,
     delay: Duration,
     limits: ShardLimits,
+    stats: Arc<crate::metrics::ShardStats>,
     mut stop: watch::Receiver<bool>,
 ) {
     let partition = reader.partition();
@@ -77,6 +78,7 @@ pub async fn run(
                 .boxed(),
             );
         }
+        stats.set_in_flight(window.in_flight());
         let room = has_room(&window);
         // Read only when nothing is waiting, so memory stays bounded by one batch.
         if reading.is_none() && waiting.is_empty() && room {
@@ -120,6 +122,7 @@ pub async fn run(
         }
     })
     .await;
+    stats.set_in_flight(0);
     if drained.is_err() {
         tracing::warn!(
             partition,

@@ -126,6 +126,9 @@ pub trait Committer: Send + Sync {
 
     /// Offset of the next record that will be appended (for lag).
     fn end_offset(&self) -> u64;
+
+    /// The committed offset: everything below it is done (for lag).
+    fn committed(&self) -> u64;
 }
 
 /// The topic names Herald uses, under one prefix.

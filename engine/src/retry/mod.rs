@@ -92,15 +92,16 @@ impl Retrier {
         raw: Bytes,
         last: LastAttempt,
         verdict: Verdict,
-    ) {
+    ) -> bool {
         let not_before = match verdict {
-            Verdict::Delivered => return,
+            Verdict::Delivered => return false,
             Verdict::Gone => {
                 let reason = format!("the receiver answered 410 Gone at {}", rfc3339_ms(now_ms()));
                 if let Err(e) = self.registry.disable(&target.sub.id, reason).await {
                     tracing::error!(subscription = %target.sub.id, error = %e, "could not disable a gone subscription");
                 }
-                return self.dead_letter(delivery, raw, last).await;
+                self.dead_letter(delivery, raw, last).await;
+                return true;
             }
             Verdict::Retry { not_before } => not_before,
         };
@@ -109,19 +110,25 @@ impl Retrier {
         match Self::policy(target).next_due(delivery.attempt, delivery.budget_ms, now, seed, not_before) {
             Some(due) => {
                 let next = Delivery { attempt: delivery.attempt + 1, due_ms: due, ..delivery.clone() };
-                self.schedule(&next).await;
+                let tier = self.schedule(&next).await;
+                metrics::counter!(crate::metrics::RETRIES_SCHEDULED, "tier" => tiers::label(tier)).increment(1);
+                false
             }
-            None => self.dead_letter(delivery, raw, last).await,
+            None => {
+                self.dead_letter(delivery, raw, last).await;
+                true
+            }
         }
     }
 
     /// Appends `delivery` to the tier that fits its remaining wait (or the shortest tier when
-    /// it is already due), durably.
-    pub async fn schedule(&self, delivery: &Delivery) {
+    /// it is already due), durably; returns the tier.
+    pub async fn schedule(&self, delivery: &Delivery) -> Duration {
         let wait = Duration::from_millis((delivery.due_ms - now_ms()).max(0) as u64);
         let tier = tiers::for_wait(wait).unwrap_or(tiers::TIERS[0]);
         let record = Record { key: Bytes::copy_from_slice(delivery.subscription.as_bytes()), value: delivery.encode() };
         self.append_durably(&tiers::topic(&self.prefix, tier), record).await;
+        tier
     }
 
     /// Parks a delivery in the dead-letter topic with the contract's fields.
@@ -143,6 +150,7 @@ impl Retrier {
             value: dead_letters::encode_entry(&entry, &raw),
         };
         self.append_durably(&self.dlq_topic, record).await;
+        metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);
     }
 
     /// Dead-letters a record that is not a readable delivery, so it cannot stop its partition.
@@ -166,6 +174,7 @@ impl Retrier {
         };
         let record = Record { key: rec.key.clone(), value: dead_letters::encode_entry(&entry, &rec.value) };
         self.append_durably(&self.dlq_topic, record).await;
+        metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);
     }
 
     /// Appends, retrying until durable: the caller must not settle the delivery before that.

@@ -2,40 +2,13 @@
 //! published and delivered; after a restart (also over a torn log tail) every acknowledged
 //! event is delivered at least once.
 
-use crate::support::{until, Api, Receiver, TOKEN};
+use crate::support::{spawn_herald, until, Api, Receiver, TOKEN};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Starts `herald serve` on a free port and returns it with its address.
-fn spawn_herald(data_dir: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("HERALD_ADMIN_TOKEN", TOKEN)
-        .env("HERALD_NETWORK_ALLOW", "127.0.0.0/8")
-        .env("HERALD_LOG_FLUSH_INTERVAL", "50ms")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("herald binary runs");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("herald printed its address").unwrap();
-        if let Some(a) = line.strip_prefix("herald listening on http://") {
-            break a.parse().unwrap();
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
-}
 
 /// Appends half a frame to every deliveries segment, as a crash mid-write leaves it.
 fn tear_tails(data_dir: &Path) -> usize {
@@ -94,8 +67,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
         (acked.lock().unwrap().len() >= 500 && rx.all().len() >= 100).then_some(())
     })
     .await;
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.kill(); // SIGKILL
     publisher.await.unwrap();
     let acked: HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
     let delivered_before = rx.all().len();
@@ -131,8 +103,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event() {
         total,
         duplicates
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 }
 
 #[tokio::test]
@@ -157,8 +128,7 @@ async fn sigkill_in_the_middle_of_retry_schedules_loses_nothing() {
         (rx.on("/flaky").len() >= 200).then_some(())
     })
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     let attempts_before = rx.on("/flaky").len();
 
     let (mut child, _) = spawn_herald(dir.path());
@@ -178,6 +148,5 @@ async fn sigkill_in_the_middle_of_retry_schedules_loses_nothing() {
         attempts_before,
         rx.on("/flaky").len()
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 }

@@ -3,5 +3,6 @@
 mod api;
 mod crash;
 mod delivery;
+mod observability;
 mod retries;
 mod support;

@@ -329,3 +329,46 @@ pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLett
         })
         .collect()
 }
+
+/// Starts `herald serve` on a free port and returns it with its address.
+pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("HERALD_ADMIN_TOKEN", TOKEN)
+        .env("HERALD_NETWORK_ALLOW", "127.0.0.0/8")
+        .env("HERALD_LOG_FLUSH_INTERVAL", "50ms")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("herald binary runs");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let addr = loop {
+        let line = lines.next().expect("herald printed its address").unwrap();
+        if let Some(a) = line.strip_prefix("herald listening on http://") {
+            break a.parse().unwrap();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (ChildGuard(child), addr)
+}
+
+/// A child process that is killed when the guard drops, so a failing test leaves no server
+/// behind (holding ports and its parent's output pipes).
+pub struct ChildGuard(pub std::process::Child);
+
+impl ChildGuard {
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -228,8 +228,12 @@ impl Log for EmbeddedLog {
         let n = parts.len() as u32;
         let records = records.into_iter().map(|r| (parts[partition_for(&r.key, n) as usize].clone(), r)).collect();
         let (reply, rx) = oneshot::channel();
+        let started = std::time::Instant::now();
         self.writer.send(AppendRequest { records, reply }).map_err(|_| LogError::Closed)?;
-        match rx.await {
+        let answer = rx.await;
+        metrics::histogram!(crate::metrics::LOG_APPEND_SECONDS, "topic" => topic.to_string())
+            .record(started.elapsed().as_secs_f64());
+        match answer {
             Ok(Ok(positions)) => Ok(positions),
             Ok(Err(e)) => Err(LogError::Io(std::io::Error::other(e))),
             Err(_) => Err(LogError::Closed),
@@ -382,6 +386,10 @@ impl Committer for EmbeddedCommitter {
 
     fn end_offset(&self) -> u64 {
         self.part.end_offset()
+    }
+
+    fn committed(&self) -> u64 {
+        self.offsets.get(&self.group, &self.topic, self.part.id())
     }
 }
 

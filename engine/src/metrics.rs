@@ -1,0 +1,204 @@
+//! Prometheus metrics: every name Herald exports, the recorder (installed once per process),
+//! and the scrape-time gauges (lag and in-flight per shard, subscription counts). Labels are
+//! low-cardinality by rule: transport, outcome, tier, topic, partition, API route; never an
+//! event, subscription or tenant id.
+
+use crate::log::Committer;
+use crate::registry::Registry;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+/// Events accepted through the API.
+pub const EVENTS_INGESTED: &str = "herald_events_ingested_total";
+/// Deliveries settled, by `transport` and `outcome` (`delivered`, `dead_lettered`, `dropped`).
+pub const DELIVERIES: &str = "herald_deliveries_total";
+/// Attempts made, by `transport` and `outcome` (`success`, `client_error`, `server_error`,
+/// `other_status`, `timeout`, `error`).
+pub const ATTEMPTS: &str = "herald_attempts_total";
+/// Request latency of one attempt, by `transport`.
+pub const REQUEST_SECONDS: &str = "herald_delivery_request_seconds";
+/// Event accepted → delivered, by `transport`.
+pub const END_TO_END_SECONDS: &str = "herald_delivery_end_to_end_seconds";
+/// Retries scheduled, by `tier`.
+pub const RETRIES_SCHEDULED: &str = "herald_retries_scheduled_total";
+/// Deliveries deferred because their subscription was at its in-flight cap.
+pub const DEFERRED: &str = "herald_deliveries_deferred_total";
+/// Deliveries parked in the dead-letter topic.
+pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
+/// Deliveries in flight, by `source` topic and `partition`.
+pub const IN_FLIGHT: &str = "herald_in_flight";
+/// Records appended but not yet committed by the dispatcher, by `source` and `partition`.
+pub const CONSUMER_LAG: &str = "herald_consumer_lag";
+/// Subscriptions whose circuit breaker is open.
+pub const BREAKERS_OPEN: &str = "herald_circuit_breakers_open";
+/// Subscriptions known to the registry.
+pub const SUBSCRIPTIONS: &str = "herald_subscriptions";
+/// Subscriptions disabled (by a 410 or by an operator).
+pub const SUBSCRIPTIONS_DISABLED: &str = "herald_subscriptions_disabled";
+/// Durable append latency, by `topic`.
+pub const LOG_APPEND_SECONDS: &str = "herald_log_append_seconds";
+/// API requests, by `route`, `method` and `status`.
+pub const API_REQUESTS: &str = "herald_api_requests_total";
+/// API request latency, by `route`.
+pub const API_REQUEST_SECONDS: &str = "herald_api_request_seconds";
+
+/// Every metric name above, for documentation and tests.
+pub const ALL: &[&str] = &[
+    EVENTS_INGESTED,
+    DELIVERIES,
+    ATTEMPTS,
+    REQUEST_SECONDS,
+    END_TO_END_SECONDS,
+    RETRIES_SCHEDULED,
+    DEFERRED,
+    DEAD_LETTERS,
+    IN_FLIGHT,
+    CONSUMER_LAG,
+    BREAKERS_OPEN,
+    SUBSCRIPTIONS,
+    SUBSCRIPTIONS_DISABLED,
+    LOG_APPEND_SECONDS,
+    API_REQUESTS,
+    API_REQUEST_SECONDS,
+];
+
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const END_TO_END_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0];
+
+/// The process's recorder handle: installed on first use, shared afterwards (tests run
+/// several servers in one process).
+fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(LATENCY_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(END_TO_END_SECONDS.into()), END_TO_END_BUCKETS))
+                .expect("bucket lists are not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics shows only Herald's own");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// One shard's live numbers, read at scrape time.
+pub struct ShardStats {
+    source: String,
+    partition: u32,
+    committer: Arc<dyn Committer>,
+    in_flight: AtomicUsize,
+}
+
+impl ShardStats {
+    /// Sets the shard's in-flight count.
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n, Ordering::Relaxed);
+    }
+}
+
+/// Scrape-time metrics of this server.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    shards: Mutex<Vec<Weak<ShardStats>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Installs the recorder if needed and exposes every series from the start (at zero), so
+    /// dashboards and alerts see 0 rather than nothing.
+    pub fn new() -> Self {
+        let metrics = Metrics { handle: handle(), shards: Mutex::new(Vec::new()) };
+        describe();
+        metrics::counter!(EVENTS_INGESTED).increment(0);
+        metrics::counter!(DEFERRED).increment(0);
+        metrics::counter!(DEAD_LETTERS).increment(0);
+        for transport in ["webhook"] {
+            for outcome in ["delivered", "dead_lettered", "dropped"] {
+                metrics::counter!(DELIVERIES, "transport" => transport, "outcome" => outcome).increment(0);
+            }
+            for outcome in ["success", "client_error", "server_error", "other_status", "timeout", "error"] {
+                metrics::counter!(ATTEMPTS, "transport" => transport, "outcome" => outcome).increment(0);
+            }
+        }
+        for tier in crate::retry::tiers::TIERS {
+            metrics::counter!(RETRIES_SCHEDULED, "tier" => crate::retry::tiers::label(*tier)).increment(0);
+        }
+        metrics
+    }
+
+    /// Registers a shard; its gauges disappear from updates once the returned value drops.
+    pub fn shard(&self, source: &str, partition: u32, committer: Arc<dyn Committer>) -> Arc<ShardStats> {
+        let stats =
+            Arc::new(ShardStats { source: source.to_string(), partition, committer, in_flight: AtomicUsize::new(0) });
+        self.shards.lock().unwrap().push(Arc::downgrade(&stats));
+        stats
+    }
+
+    /// The Prometheus text exposition, with scrape-time gauges brought up to date.
+    pub fn render(&self, registry: &Registry) -> String {
+        let shards: Vec<Arc<ShardStats>> = {
+            let mut list = self.shards.lock().unwrap();
+            list.retain(|w| w.strong_count() > 0);
+            list.iter().filter_map(Weak::upgrade).collect()
+        };
+        for s in shards {
+            let labels = [("source", s.source.clone()), ("partition", s.partition.to_string())];
+            let lag = s.committer.end_offset().saturating_sub(s.committer.committed());
+            metrics::gauge!(CONSUMER_LAG, &labels).set(lag as f64);
+            metrics::gauge!(IN_FLIGHT, &labels).set(s.in_flight.load(Ordering::Relaxed) as f64);
+        }
+        let (total, disabled) = registry.counts();
+        metrics::gauge!(SUBSCRIPTIONS).set(total as f64);
+        metrics::gauge!(SUBSCRIPTIONS_DISABLED).set(disabled as f64);
+        metrics::gauge!(BREAKERS_OPEN).set(0.0);
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+/// HELP texts.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(EVENTS_INGESTED, "Events accepted through the API.");
+    describe_counter!(
+        DELIVERIES,
+        "Deliveries settled, by outcome: delivered, dead_lettered, dropped (subscription deleted)."
+    );
+    describe_counter!(ATTEMPTS, "Delivery attempts, by outcome.");
+    describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Latency of one delivery attempt.");
+    describe_histogram!(END_TO_END_SECONDS, Unit::Seconds, "Time from event accepted to delivered.");
+    describe_counter!(RETRIES_SCHEDULED, "Retries scheduled, by delay tier.");
+    describe_counter!(DEFERRED, "Deliveries deferred because their subscription was at its in-flight cap.");
+    describe_counter!(DEAD_LETTERS, "Deliveries parked in the dead-letter topic.");
+    describe_gauge!(IN_FLIGHT, "Deliveries in flight, by source topic and partition.");
+    describe_gauge!(CONSUMER_LAG, "Records appended but not yet committed, by source topic and partition.");
+    describe_gauge!(BREAKERS_OPEN, "Subscriptions whose circuit breaker is open.");
+    describe_gauge!(SUBSCRIPTIONS, "Subscriptions in the registry.");
+    describe_gauge!(SUBSCRIPTIONS_DISABLED, "Subscriptions disabled.");
+    describe_histogram!(LOG_APPEND_SECONDS, Unit::Seconds, "Durable log append latency, by topic.");
+    describe_counter!(API_REQUESTS, "API requests, by route template, method and status.");
+    describe_histogram!(API_REQUEST_SECONDS, Unit::Seconds, "API request latency, by route template.");
+}
+
+/// The `outcome` label of an attempt.
+pub fn attempt_outcome(status: Option<u16>, error: &str) -> &'static str {
+    match status {
+        Some(200..=299) => "success",
+        Some(400..=499) => "client_error",
+        Some(500..=599) => "server_error",
+        Some(_) => "other_status",
+        None if error.starts_with("timed out") => "timeout",
+        None => "error",
+    }
+}

@@ -1,0 +1,250 @@
+//! Metrics as Prometheus reads them after known traffic, and the deploy files that query them.
+
+use crate::support::{spawn_herald, until, Api, Behaviour, Receiver, TOKEN};
+use serde_json::json;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Scrapes `/metrics` and parses it with a Prometheus text-format parser.
+async fn scrape(api: &Api) -> (String, prometheus_parse::Scrape) {
+    let (status, body) = api.raw("GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    let text = body.as_str().expect("text exposition").to_string();
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
+    (text, scrape)
+}
+
+/// The value of the sample `name` whose labels include `labels` (summed over the rest).
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+        .sum()
+}
+
+/// Metric families exposed, with the series names a histogram adds.
+fn exposed_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            names.insert(name.to_string());
+            if kind == "histogram" || kind == "summary" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Herald metric names a PromQL expression uses.
+fn herald_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("herald_") {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+async fn known_traffic() -> (crate::support::ChildGuard, Api, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    rx.behave("/flaky", Behaviour::FailFirst { n: 1, status: 500 });
+    rx.respond_on("/dead", 500);
+    let (child, addr) = spawn_herald(dir.path());
+    let api = Api::new(addr, TOKEN);
+    let policy = |n: u32| json!({ "policy": "fixed", "interval": "100ms", "max_attempts": n });
+    api.subscribe(json!({ "url": rx.url("/ok"), "events": ["A"] })).await;
+    api.subscribe(json!({ "url": rx.url("/flaky"), "events": ["B"], "retry": policy(3) })).await;
+    api.subscribe(json!({ "url": rx.url("/dead"), "events": ["C"], "retry": policy(2) })).await;
+    for t in ["A", "A", "A", "B", "B", "C"] {
+        let (status, _) = api.post("/v1/events", json!({ "type": t, "data": {} })).await;
+        assert_eq!(status, 202);
+    }
+    // Keep the receiver alive for the test's duration.
+    std::mem::forget(rx);
+    (child, api, dir)
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_exactly() {
+    let (mut child, api, _dir) = known_traffic().await;
+    let (text, s) = until("all traffic settled in the metrics", Duration::from_secs(20), || async {
+        let (text, s) = scrape(&api).await;
+        let delivered = value(&s, "herald_deliveries_total", &[("outcome", "delivered")]);
+        let dead = value(&s, "herald_deliveries_total", &[("outcome", "dead_lettered")]);
+        let lag = value(&s, "herald_consumer_lag", &[]);
+        (delivered == 5.0 && dead == 1.0 && lag == 0.0).then_some((text, s))
+    })
+    .await;
+    let expect = |name: &str, labels: &[(&str, &str)], want: f64| {
+        let got = value(&s, name, labels);
+        assert_eq!(got, want, "{name}{labels:?}");
+    };
+    expect("herald_events_ingested_total", &[], 6.0);
+    // A: 3 successes; B: 2 failures then 2 successes; C: 2 failures, then dead-lettered.
+    expect("herald_attempts_total", &[("transport", "webhook"), ("outcome", "success")], 5.0);
+    expect("herald_attempts_total", &[("transport", "webhook"), ("outcome", "server_error")], 4.0);
+    expect("herald_deliveries_total", &[("transport", "webhook"), ("outcome", "delivered")], 5.0);
+    expect("herald_deliveries_total", &[("transport", "webhook"), ("outcome", "dead_lettered")], 1.0);
+    expect("herald_dead_letters_total", &[], 1.0);
+    expect("herald_retries_scheduled_total", &[("tier", "100ms")], 3.0);
+    expect("herald_delivery_request_seconds", &[("transport", "webhook")], 9.0); // count of observations
+    expect("herald_delivery_end_to_end_seconds", &[("transport", "webhook")], 5.0);
+    expect("herald_subscriptions", &[], 3.0);
+    expect("herald_subscriptions_disabled", &[], 0.0);
+    expect("herald_circuit_breakers_open", &[], 0.0);
+    expect("herald_in_flight", &[], 0.0);
+    expect("herald_consumer_lag", &[("source", "deliveries")], 0.0);
+    expect("herald_api_requests_total", &[("route", "/v1/events"), ("method", "POST"), ("status", "202")], 6.0);
+    expect("herald_api_requests_total", &[("route", "/v1/subscriptions"), ("method", "POST"), ("status", "201")], 3.0);
+    assert!(value(&s, "herald_log_append_seconds", &[("topic", "herald.deliveries")]) >= 1.0);
+    // Every documented metric is exposed, and no label carries an id.
+    let names = exposed_names(&text);
+    for name in herald::metrics::ALL {
+        assert!(names.contains(*name), "{name} is not exposed");
+    }
+    for sample in &s.samples {
+        for (k, v) in sample.labels.iter() {
+            assert!(!v.starts_with("sub_") && !v.starts_with("evt_"), "{} has an id in label {k}={v}", sample.metric);
+        }
+    }
+    child.kill();
+}
+
+#[tokio::test]
+async fn every_metric_the_dashboard_and_alerts_query_is_exposed() {
+    let (mut child, api, _dir) = known_traffic().await;
+    let text = until("the dead letter in the metrics", Duration::from_secs(20), || async {
+        let (text, s) = scrape(&api).await;
+        (value(&s, "herald_dead_letters_total", &[]) == 1.0).then_some(text)
+    })
+    .await;
+    child.kill();
+    let exposed = exposed_names(&text);
+
+    let dashboard: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo().join("deploy/grafana/dashboards/herald.json")).unwrap()).unwrap();
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} queries nothing", panel["title"]);
+        for t in targets {
+            queried.extend(herald_names(t["expr"].as_str().unwrap()));
+        }
+    }
+    let titles: Vec<&str> =
+        dashboard["panels"].as_array().unwrap().iter().map(|p| p["title"].as_str().unwrap()).collect();
+    for wanted in [
+        "Throughput",
+        "Request latency",
+        "End-to-end latency",
+        "Delivery outcomes",
+        "Retries",
+        "Dead letters",
+        "Consumer lag",
+        "Circuit breakers",
+    ] {
+        assert!(titles.iter().any(|t| t.starts_with(wanted)), "no {wanted} panel in {titles:?}");
+    }
+
+    let rules: serde_norway::Value =
+        serde_norway::from_slice(&std::fs::read(repo().join("deploy/prometheus/alerts.yml")).unwrap()).unwrap();
+    let mut alerts = Vec::new();
+    for group in rules["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            alerts.push(rule["alert"].as_str().unwrap().to_string());
+            queried.extend(herald_names(rule["expr"].as_str().unwrap()));
+        }
+    }
+    for wanted in [
+        "HeraldConsumerLagGrowing",
+        "HeraldDeadLettersGrowing",
+        "HeraldDeliveryErrorRatioHigh",
+        "HeraldCircuitBreakersOpen",
+    ] {
+        assert!(alerts.iter().any(|a| a == wanted), "no {wanted} alert");
+    }
+    assert!(queried.len() > 20);
+    let missing: Vec<_> = queried.iter().filter(|n| !exposed.contains(*n)).collect();
+    assert!(missing.is_empty(), "queried but not exposed: {missing:?}");
+}
+
+#[test]
+fn docker_compose_mounts_exist_and_dependencies_are_defined() {
+    let root = repo();
+    let compose: serde_norway::Value =
+        serde_norway::from_slice(&std::fs::read(root.join("docker-compose.yml")).unwrap()).unwrap();
+    let services = compose["services"].as_mapping().unwrap();
+    let names: BTreeSet<String> = services.keys().map(|k| k.as_str().unwrap().to_string()).collect();
+    for wanted in ["herald", "sink", "kafka", "rabbitmq", "prometheus", "grafana"] {
+        assert!(names.contains(wanted), "no {wanted} service");
+    }
+    let volumes: BTreeSet<String> = compose["volumes"]
+        .as_mapping()
+        .map(|m| m.keys().map(|k| k.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    let mut mounts: HashMap<String, String> = HashMap::new();
+    for (name, svc) in services {
+        let name = name.as_str().unwrap();
+        for dep in svc["depends_on"].as_sequence().into_iter().flatten() {
+            assert!(names.contains(dep.as_str().unwrap()), "{name} depends on undefined {dep:?}");
+        }
+        if let Some(context) = svc["build"].as_str() {
+            assert!(
+                root.join(context).join("Dockerfile").exists(),
+                "{name} builds from {context} without a Dockerfile"
+            );
+        }
+        for v in svc["volumes"].as_sequence().into_iter().flatten() {
+            let spec = v.as_str().unwrap();
+            let (host, container) = spec.split_once(':').unwrap();
+            if host.starts_with("./") {
+                assert!(root.join(host).exists(), "{name} mounts missing {host}");
+                mounts.insert(container.trim_end_matches(":ro").to_string(), host.to_string());
+            } else {
+                assert!(volumes.contains(host), "{name} uses undeclared volume {host}");
+            }
+        }
+    }
+    // Prometheus loads the rule file at the path it is mounted to.
+    let prom: serde_norway::Value =
+        serde_norway::from_slice(&std::fs::read(root.join("deploy/prometheus/prometheus.yml")).unwrap()).unwrap();
+    for rule_file in prom["rule_files"].as_sequence().unwrap() {
+        assert!(mounts.contains_key(rule_file.as_str().unwrap()), "rule file {rule_file:?} is not mounted");
+    }
+    // Grafana finds the dashboard where its provisioning says.
+    let provider: serde_norway::Value = serde_norway::from_slice(
+        &std::fs::read(root.join("deploy/grafana/provisioning/dashboards/herald.yml")).unwrap(),
+    )
+    .unwrap();
+    let path = provider["providers"][0]["options"]["path"].as_str().unwrap();
+    assert!(
+        mounts.get(path).is_some_and(|host| root.join(host).join("herald.json").exists()),
+        "dashboard not mounted at {path}"
+    );
+    // The config Herald runs with in compose is one it accepts.
+    let config = root.join("deploy/herald/herald.toml");
+    herald::config::Config::load(Some(&config), &[]).expect("compose's herald.toml loads");
+}
