@@ -2,9 +2,10 @@
 
 use super::auth::Admin;
 use super::error::{ApiError, JsonBody};
+use super::page::{self, StrictQuery};
 use super::AppState;
 use crate::retry::dead_letters::Selection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
@@ -23,13 +24,9 @@ pub struct DlqQuery {
 pub async fn list(
     _: Admin,
     State(state): State<AppState>,
-    query: Result<Query<DlqQuery>, axum::extract::rejection::QueryRejection>,
+    StrictQuery(q): StrictQuery<DlqQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::validation("query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(50);
-    if limit == 0 || limit > 500 {
-        return Err(ApiError::validation("limit", "must be between 1 and 500"));
-    }
+    let limit = page::limit(q.limit)?;
     let after = match q.cursor.as_deref() {
         None => None,
         Some(c) => {

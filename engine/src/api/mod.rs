@@ -4,6 +4,7 @@ mod auth;
 mod dlq;
 mod error;
 mod events;
+mod page;
 mod subscriptions;
 
 pub use error::ApiError;

@@ -3,19 +3,14 @@
 use super::auth::Admin;
 use super::error::{ApiError, JsonBody};
 use super::events::DEFAULT_TENANT;
+use super::page::{self, StrictQuery};
 use super::AppState;
 use crate::model::SubscriptionInput;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
-
-/// Page size when none is asked for.
-const DEFAULT_LIMIT: usize = 50;
-
-/// Largest page.
-const MAX_LIMIT: usize = 500;
 
 /// Creates a subscription; the answer is the only one (with rotation) that shows the secret.
 pub async fn create(
@@ -41,13 +36,9 @@ pub struct ListQuery {
 pub async fn list(
     _: Admin,
     State(state): State<AppState>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    StrictQuery(q): StrictQuery<ListQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::validation("query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::validation("limit", format!("must be between 1 and {MAX_LIMIT}")));
-    }
+    let limit = page::limit(q.limit)?;
     let (page, next) = state.registry.list(q.tenant.as_deref(), q.cursor.as_deref(), limit);
     let items: Vec<_> = page.iter().map(|t| t.sub.view(false)).collect();
     Ok(Json(serde_json::json!({ "items": items, "next": next })))

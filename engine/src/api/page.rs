@@ -1,0 +1,36 @@
+//! Paging and query strings shared by every list endpoint: `?limit=&cursor=`, the page
+//! bounds, and query errors in the contract's shape.
+
+use super::error::ApiError;
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+/// Page size when none is asked for.
+pub const DEFAULT_LIMIT: usize = 50;
+
+/// Largest page.
+pub const MAX_LIMIT: usize = 500;
+
+/// The page size asked for, checked.
+pub fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
+    let limit = requested.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::validation("limit", format!("must be between 1 and {MAX_LIMIT}")));
+    }
+    Ok(limit)
+}
+
+/// A query string parsed strictly; a bad one is a `VALIDATION_ERROR` naming `query`.
+pub struct StrictQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for StrictQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(q) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::validation("query", e.body_text()))?;
+        Ok(StrictQuery(q))
+    }
+}
