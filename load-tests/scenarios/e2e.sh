@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# End-to-end throughput on this machine, against a baseline measured in the same run.
+#   load-tests/scenarios/e2e.sh [SUBSCRIPTIONS] [EVENTS]
+# Starts a release Herald on a fresh embedded log, a verifying sink, creates SUBSCRIPTIONS
+# subscriptions (standard signing, 1 KB events), publishes EVENTS/SUBSCRIPTIONS events through
+# the batch API and reports deliveries/s, then what wrk pushes straight into the same sink.
+# Loopback only; every process is stopped on exit.
+set -euo pipefail
+SUBS=${1:-8}
+EVENTS=${2:-200000}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BIN=$ROOT/target/release
+WORK=$(mktemp -d)
+HERALD_PORT=18181
+SINK_PORT=19100
+export HERALD_ADMIN_TOKEN=e2e-admin-token-0123456789 HERALD_NETWORK_ALLOW=127.0.0.0/8 RUST_LOG=warn
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+(cd "$ROOT" && cargo build --release --locked -q -p herald -p herald-load-tests --bins)
+
+"$BIN/herald" serve --listen 127.0.0.1:$HERALD_PORT --data-dir "$WORK/data" >"$WORK/herald.out" 2>"$WORK/herald.err" &
+pids+=($!)
+for _ in $(seq 1 100); do curl -sf localhost:$HERALD_PORT/healthz >/dev/null && break; sleep 0.1; done
+# One known secret for every subscription, so the sink verifies every signature.
+SECRET=$(python3 -c "import base64,os;print('whsec_'+base64.b64encode(os.urandom(24)).decode())")
+for i in $(seq 1 "$SUBS"); do
+  curl -sf -X POST localhost:$HERALD_PORT/v1/subscriptions -H "authorization: Bearer $HERALD_ADMIN_TOKEN" \
+    -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook$i\",\"secret\":\"$SECRET\"}" >/dev/null
+done
+"$BIN/herald-sink" --listen 127.0.0.1:$SINK_PORT --secret "$SECRET" --expect "$EVENTS" >"$WORK/sink.json" 2>"$WORK/sink.err" &
+sink=$!
+pids+=($sink)
+sleep 0.3
+"$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT --events $((EVENTS / SUBS)) --batch 100 --concurrency 8 --size 1024 >"$WORK/load.json"
+timeout 300 tail --pid=$sink -f /dev/null
+herald_rate=$(python3 -c "import json;print(round(json.load(open('$WORK/sink.json'))['deliveries_per_second']))")
+echo "load:   $(cat "$WORK/load.json")"
+echo "sink:   $(cat "$WORK/sink.json")"
+
+# Baseline: the same sink, the same kind of body, pushed by wrk with no Herald in between.
+"$BIN/herald-sink" --listen 127.0.0.1:$((SINK_PORT + 1)) >/dev/null 2>&1 &
+pids+=($!)
+python3 - "$WORK/post.lua" <<'PY'
+import json, sys
+body = json.dumps({"id": "evt_x", "event": "LoadTest", "tenant": "default", "data": {"n": 1, "pad": "x" * 1000},
+                   "deliveryAttempt": 1, "pendingRetries": 184, "sentAt": "2026-01-01T00:00:00.000Z"})
+open(sys.argv[1], "w").write('wrk.method="POST"\nwrk.body=[[%s]]\nwrk.headers["Content-Type"]="application/json"\n' % body)
+PY
+sleep 0.3
+wrk_rate=$(wrk -t2 -c64 -d5s -s "$WORK/post.lua" http://127.0.0.1:$((SINK_PORT + 1))/hook | awk '/Requests\/sec/ {print int($2)}')
+echo "herald: $herald_rate deliveries/s ($SUBS subscriptions, standard signing, 1 KB events)"
+echo "wrk:    $wrk_rate requests/s straight into the sink"
+python3 -c "print('ratio:  %.2f of what this machine pushes over HTTP at all' % ($herald_rate / $wrk_rate))"
