@@ -79,6 +79,8 @@ fn tiers(c: &mut Criterion) {
             .collect();
     let mut config = Config::load(None, &env).unwrap();
     config.data_dir = dir.path().to_path_buf();
+    // Every first attempt fails on purpose; this measures the tiers, not the circuit breaker.
+    config.health.breaker_failures = u32::MAX;
     let (herald, url, arrivals) = rt.block_on(async {
         let herald = herald::server::start(config).await.unwrap();
         let (url, arrivals) = sink().await;

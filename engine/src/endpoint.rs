@@ -1,11 +1,17 @@
-//! Per-subscription endpoint state in this process: the in-flight cap as a semaphore, and
-//! the endpoint's recent latency, which decides how long a delivery may queue for a slot
-//! (a fast endpoint's backlog drains within it; a hung endpoint's deliveries leave the
-//! partition's window quickly) and how far a delivery that ran out of patience is deferred.
+//! Per-subscription endpoint state in this process: the in-flight cap, the optional rate
+//! limit, recent latency, and health (circuit breaker, continuous-failure clock).
+//!
+//! Admission: a delivery takes an in-flight slot at once, or queues for one for at most
+//! [`PATIENCE`] (a fast endpoint's backlog drains within it; a hung endpoint's deliveries
+//! leave the partition's window quickly); a stalled endpoint's deliveries are deferred at once.
+//! Health: after `failures` consecutive failed attempts the breaker opens for a pause that
+//! doubles after each failed probe; while it is open deliveries wait in the retry tiers
+//! without using an attempt, and once the pause is over one probe goes through.
 
+use crate::config::HealthConfig;
 use crate::model::now_ms;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -17,38 +23,165 @@ pub const DEFAULT_MAX_IN_FLIGHT: u32 = 64;
 /// a partition's window slots.
 pub const PATIENCE: Duration = Duration::from_millis(250);
 
-/// Load on one subscription's endpoint.
+/// While a probe is out, other deliveries wait at most this long before looking again.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a delivery may not be attempted now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// At the in-flight cap (or stalled): defer this long.
+    Full(Duration),
+    /// Over the rate limit: defer this long.
+    Rate(Duration),
+    /// The circuit breaker is open: defer this long.
+    Open(Duration),
+}
+
+impl Busy {
+    /// How long to defer.
+    pub fn defer(self) -> Duration {
+        match self {
+            Busy::Full(d) | Busy::Rate(d) | Busy::Open(d) => d,
+        }
+    }
+
+    /// Metric label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Busy::Full(_) => "in_flight_cap",
+            Busy::Rate(_) => "rate_limit",
+            Busy::Open(_) => "circuit_breaker",
+        }
+    }
+}
+
+/// A token bucket of `rate` deliveries per second, holding up to one second's worth.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    state: Mutex<(f64, i64)>,
+}
+
+impl Bucket {
+    /// Takes a token, or says how long until one is there.
+    fn take(&self, now_ms: i64) -> Result<(), Duration> {
+        let mut s = self.state.lock().unwrap();
+        let capacity = self.rate.max(1.0);
+        s.0 = (s.0 + (now_ms - s.1).max(0) as f64 / 1000.0 * self.rate).min(capacity);
+        s.1 = now_ms;
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(((1.0 - s.0) / self.rate).max(0.001)))
+        }
+    }
+}
+
+/// What one failed attempt did to the endpoint's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Health {
+    /// The breaker opened (or re-opened after a failed probe) with this pause.
+    pub opened: Option<Duration>,
+    /// The endpoint has now failed continuously for longer than `disable_after`.
+    pub give_up: bool,
+}
+
+/// Load and health of one subscription's endpoint.
 #[derive(Debug)]
 pub struct Endpoint {
     slots: Arc<Semaphore>,
+    bucket: Option<Bucket>,
     /// Exponentially weighted mean of attempt latency, microseconds.
     latency_us: AtomicU64,
-    /// When a slot was last taken or an attempt last completed, ms since the epoch: with
-    /// every slot held, no movement for longer than [`PATIENCE`] means the endpoint stalled.
+    /// When a slot was last taken or an attempt last completed: with every slot held, no
+    /// movement for longer than [`PATIENCE`] means the endpoint stalled.
     last_progress_ms: AtomicI64,
-}
-
-/// Why a delivery was not admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Busy {
-    /// How long to defer it.
-    pub defer: Duration,
+    failures: AtomicU32,
+    failing_since_ms: AtomicI64,
+    open_until_ms: AtomicI64,
+    pause_ms: AtomicI64,
+    probing: AtomicBool,
+    health: HealthConfig,
 }
 
 impl Endpoint {
-    /// State for an endpoint with `max_in_flight` (or the default) slots.
-    pub fn new(max_in_flight: Option<u32>) -> Self {
+    /// State for an endpoint with `max_in_flight` (or the default) slots and an optional
+    /// rate limit in deliveries per second.
+    pub fn new(max_in_flight: Option<u32>, rate_limit: Option<f64>, health: HealthConfig) -> Self {
         let cap = max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT).max(1);
         Endpoint {
             slots: Arc::new(Semaphore::new(cap as usize)),
+            bucket: rate_limit.map(|rate| Bucket { rate, state: Mutex::new((rate.max(1.0), now_ms())) }),
             latency_us: AtomicU64::new(0),
             last_progress_ms: AtomicI64::new(now_ms()),
+            failures: AtomicU32::new(0),
+            failing_since_ms: AtomicI64::new(0),
+            open_until_ms: AtomicI64::new(0),
+            pause_ms: AtomicI64::new(0),
+            probing: AtomicBool::new(false),
+            health,
         }
     }
 
     /// Mean latency of recent attempts.
     pub fn latency(&self) -> Duration {
         Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
+    }
+
+    /// Whether the breaker is open now.
+    pub fn is_open(&self) -> bool {
+        self.open_until_ms.load(Ordering::Acquire) > now_ms()
+    }
+
+    /// The breaker's verdict: `Ok(probe)` to go ahead (`probe` when this attempt tests an
+    /// endpoint whose pause is over), or how long to wait.
+    fn breaker(&self, now: i64) -> Result<bool, Busy> {
+        let until = self.open_until_ms.load(Ordering::Acquire);
+        if until == 0 {
+            return Ok(false);
+        }
+        if now < until {
+            return Err(Busy::Open(Duration::from_millis((until - now) as u64)));
+        }
+        // Half-open: one probe at a time.
+        if self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            Ok(true)
+        } else {
+            let pause = Duration::from_millis(self.pause_ms.load(Ordering::Relaxed).max(0) as u64);
+            Err(Busy::Open(pause.min(PROBE_WAIT)))
+        }
+    }
+
+    /// Admits a delivery: breaker, rate limit, then an in-flight slot. Returns the slot and
+    /// whether this attempt is the breaker's probe.
+    pub async fn admit(&self) -> Result<(OwnedSemaphorePermit, bool), Busy> {
+        let now = now_ms();
+        let probe = self.breaker(now)?;
+        let release_probe = |busy: Busy| {
+            if probe {
+                self.probing.store(false, Ordering::Release);
+            }
+            busy
+        };
+        if let Some(bucket) = &self.bucket {
+            bucket.take(now).map_err(|wait| release_probe(Busy::Rate(wait)))?;
+        }
+        let full = || Busy::Full((self.latency() * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)));
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
+            return Ok((p, probe));
+        }
+        if now - self.last_progress_ms.load(Ordering::Relaxed) > PATIENCE.as_millis() as i64 {
+            return Err(release_probe(full()));
+        }
+        match tokio::time::timeout(PATIENCE, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => {
+                self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
+                Ok((p, probe))
+            }
+            _ => Err(release_probe(full())),
+        }
     }
 
     /// Records an attempt's latency.
@@ -60,41 +193,65 @@ impl Endpoint {
         });
     }
 
-    /// Takes an in-flight slot: at once if one is free; else, if the endpoint is still
-    /// completing requests, after queueing (in order) for at most [`PATIENCE`]. A delivery
-    /// that runs out of patience, or finds every slot held by requests that have not moved
-    /// for longer than that (a stalled endpoint), is busy: defer it by about two mean latencies.
-    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, Busy> {
-        if let Ok(p) = self.slots.clone().try_acquire_owned() {
-            self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
-            return Ok(p);
+    /// A successful attempt: the breaker closes and the failure clock stops.
+    pub fn succeeded(&self, probe: bool) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.failing_since_ms.store(0, Ordering::Relaxed);
+        if self.open_until_ms.swap(0, Ordering::AcqRel) != 0 {
+            self.pause_ms.store(0, Ordering::Relaxed);
         }
-        let busy = || Busy { defer: (self.latency() * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)) };
-        let stalled = now_ms() - self.last_progress_ms.load(Ordering::Relaxed) > PATIENCE.as_millis() as i64;
-        if stalled {
-            return Err(busy());
+        if probe {
+            self.probing.store(false, Ordering::Release);
         }
-        match tokio::time::timeout(PATIENCE, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(p)) => {
-                self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
-                Ok(p)
-            }
-            _ => Err(busy()),
+    }
+
+    /// A failed attempt: counts towards opening the breaker and towards giving up.
+    pub fn failed(&self, probe: bool) -> Health {
+        let now = now_ms();
+        let _ = self.failing_since_ms.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+        let since = self.failing_since_ms.load(Ordering::Acquire);
+        let disable_after = self.health.disable_after.0;
+        let give_up = !disable_after.is_zero() && now - since >= disable_after.as_millis() as i64;
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut opened = None;
+        if probe || (failures >= self.health.breaker_failures && self.open_until_ms.load(Ordering::Acquire) == 0) {
+            let first = self.health.breaker_pause.0.as_millis() as i64;
+            let max = self.health.breaker_max_pause.0.as_millis() as i64;
+            let pause = match self.pause_ms.load(Ordering::Relaxed) {
+                0 => first,
+                p => (p * 2).min(max),
+            };
+            self.pause_ms.store(pause, Ordering::Relaxed);
+            self.open_until_ms.store(now + pause, Ordering::Release);
+            opened = Some(Duration::from_millis(pause as u64));
         }
+        if probe {
+            self.probing.store(false, Ordering::Release);
+        }
+        Health { opened, give_up }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HumanDuration;
+
+    fn health(failures: u32, pause_ms: u64) -> HealthConfig {
+        HealthConfig {
+            breaker_failures: failures,
+            breaker_pause: HumanDuration(Duration::from_millis(pause_ms)),
+            breaker_max_pause: HumanDuration(Duration::from_millis(pause_ms * 4)),
+            disable_after: HumanDuration(Duration::ZERO),
+        }
+    }
 
     #[tokio::test]
     async fn admits_up_to_the_cap_then_queues_until_patience_runs_out() {
-        let e = Endpoint::new(Some(2));
+        let e = Endpoint::new(Some(2), None, HealthConfig::default());
         e.observe(Duration::from_millis(10));
-        let a = e.admit().await.unwrap();
+        let (a, _) = e.admit().await.unwrap();
         let _b = e.admit().await.unwrap();
-        // A third waits for a slot and gets it when one frees.
         let freed = async {
             tokio::time::sleep(Duration::from_millis(5)).await;
             drop(a);
@@ -105,22 +262,61 @@ mod tests {
         let started = std::time::Instant::now();
         let busy = e.admit().await.unwrap_err();
         assert!(started.elapsed() >= PATIENCE);
-        assert_eq!(busy.defer, Duration::from_millis(100));
-        // ...and once nothing has completed for that long, the endpoint counts as stalled:
-        // the next delivery is deferred at once instead of waiting.
+        assert_eq!(busy, Busy::Full(Duration::from_millis(100)));
+        // ...and once nothing has moved for that long, the endpoint counts as stalled.
         let started = std::time::Instant::now();
         assert!(e.admit().await.is_err());
         assert!(started.elapsed() < Duration::from_millis(50));
     }
 
-    #[test]
-    fn latency_is_a_moving_mean() {
-        let e = Endpoint::new(None);
-        e.observe(Duration::from_millis(80));
-        assert_eq!(e.latency(), Duration::from_millis(80));
-        for _ in 0..50 {
-            e.observe(Duration::from_millis(8));
+    #[tokio::test]
+    async fn the_breaker_opens_after_consecutive_failures_probes_once_and_backs_off() {
+        let e = Endpoint::new(None, None, health(3, 40));
+        for _ in 0..2 {
+            let (_slot, probe) = e.admit().await.unwrap();
+            assert_eq!(e.failed(probe).opened, None);
         }
-        assert!(e.latency() < Duration::from_millis(10));
+        let (_slot, probe) = e.admit().await.unwrap();
+        assert_eq!(e.failed(probe).opened, Some(Duration::from_millis(40)));
+        assert!(matches!(e.admit().await, Err(Busy::Open(_))));
+        tokio::time::sleep(Duration::from_millis(45)).await;
+        // Half-open: exactly one probe goes through.
+        let (_probe_slot, probe) = e.admit().await.unwrap();
+        assert!(probe);
+        assert!(matches!(e.admit().await, Err(Busy::Open(_))));
+        // The probe fails: open again, for twice as long.
+        assert_eq!(e.failed(true).opened, Some(Duration::from_millis(80)));
+        tokio::time::sleep(Duration::from_millis(85)).await;
+        let (_slot, probe) = e.admit().await.unwrap();
+        assert!(probe);
+        e.succeeded(probe);
+        assert!(!e.is_open());
+        let (_slot, probe) = e.admit().await.unwrap();
+        assert!(!probe);
+    }
+
+    #[tokio::test]
+    async fn the_rate_limit_hands_out_a_second_of_tokens_then_paces() {
+        let e = Endpoint::new(None, Some(10.0), HealthConfig::default());
+        let mut admitted = Vec::new();
+        for _ in 0..10 {
+            admitted.push(e.admit().await.unwrap());
+        }
+        match e.admit().await {
+            Err(Busy::Rate(wait)) => assert!(wait <= Duration::from_millis(100)),
+            other => panic!("rate limited expected, got {:?}", other.map(|(_, p)| p)),
+        }
+    }
+
+    #[test]
+    fn continuous_failure_past_disable_after_gives_up() {
+        let mut h = health(1000, 10);
+        h.disable_after = HumanDuration(Duration::from_millis(30));
+        let e = Endpoint::new(None, None, h);
+        assert!(!e.failed(false).give_up);
+        std::thread::sleep(Duration::from_millis(35));
+        assert!(e.failed(false).give_up);
+        e.succeeded(false);
+        assert!(!e.failed(false).give_up, "a success restarts the clock");
     }
 }

@@ -22,7 +22,8 @@ pub const REQUEST_SECONDS: &str = "herald_delivery_request_seconds";
 pub const END_TO_END_SECONDS: &str = "herald_delivery_end_to_end_seconds";
 /// Retries scheduled, by `tier`.
 pub const RETRIES_SCHEDULED: &str = "herald_retries_scheduled_total";
-/// Deliveries deferred because their subscription was at its in-flight cap.
+/// Deliveries deferred without an attempt, by `reason` (`in_flight_cap`, `rate_limit`,
+/// `circuit_breaker`).
 pub const DEFERRED: &str = "herald_deliveries_deferred_total";
 /// Deliveries parked in the dead-letter topic.
 pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
@@ -121,7 +122,9 @@ impl Metrics {
         let metrics = Metrics { handle: handle(), shards: Mutex::new(Vec::new()) };
         describe();
         metrics::counter!(EVENTS_INGESTED).increment(0);
-        metrics::counter!(DEFERRED).increment(0);
+        for reason in ["in_flight_cap", "rate_limit", "circuit_breaker"] {
+            metrics::counter!(DEFERRED, "reason" => reason).increment(0);
+        }
         metrics::counter!(DEAD_LETTERS).increment(0);
         for transport in ["webhook"] {
             for outcome in ["delivered", "dead_lettered", "dropped"] {
@@ -161,7 +164,7 @@ impl Metrics {
         let (total, disabled) = registry.counts();
         metrics::gauge!(SUBSCRIPTIONS).set(total as f64);
         metrics::gauge!(SUBSCRIPTIONS_DISABLED).set(disabled as f64);
-        metrics::gauge!(BREAKERS_OPEN).set(0.0);
+        metrics::gauge!(BREAKERS_OPEN).set(registry.breakers_open() as f64);
         self.handle.run_upkeep();
         self.handle.render()
     }
@@ -179,7 +182,10 @@ fn describe() {
     describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Latency of one delivery attempt.");
     describe_histogram!(END_TO_END_SECONDS, Unit::Seconds, "Time from event accepted to delivered.");
     describe_counter!(RETRIES_SCHEDULED, "Retries scheduled, by delay tier.");
-    describe_counter!(DEFERRED, "Deliveries deferred because their subscription was at its in-flight cap.");
+    describe_counter!(
+        DEFERRED,
+        "Deliveries deferred without an attempt: in-flight cap, rate limit or open circuit breaker."
+    );
     describe_counter!(DEAD_LETTERS, "Deliveries parked in the dead-letter topic.");
     describe_gauge!(IN_FLIGHT, "Deliveries in flight, by source topic and partition.");
     describe_gauge!(CONSUMER_LAG, "Records appended but not yet committed, by source topic and partition.");

@@ -2,7 +2,7 @@
 //! `subscriptions` topic (the source of truth) and serves them from memory, compiled into
 //! [`Target`]s that are ready to sign and send.
 
-use crate::config::HumanDuration;
+use crate::config::{HealthConfig, HumanDuration};
 use crate::endpoint::Endpoint;
 use crate::log::{Log, LogError, Record};
 use crate::model::{
@@ -81,8 +81,13 @@ const USER_AGENT: &str = concat!("Herald/", env!("CARGO_PKG_VERSION"));
 const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
 
 impl Target {
-    /// Compiles a stored subscription; fails only if it could never be delivered.
+    /// Compiles a stored subscription with default endpoint health settings.
     pub fn compile(sub: Subscription) -> Result<Target, Invalid> {
+        Self::compile_with(sub, HealthConfig::default())
+    }
+
+    /// Compiles a stored subscription; fails only if it could never be delivered.
+    pub fn compile_with(sub: Subscription, health: HealthConfig) -> Result<Target, Invalid> {
         let signer = Signer::new(&sub.signature, &[&sub.secret]).map_err(|e| match e {
             SigningError::BadHeader(_) => invalid("signature.header", e.to_string()),
             _ => invalid("secret", e.to_string()),
@@ -111,7 +116,7 @@ impl Target {
             value.set_sensitive(true);
             headers.insert(http::header::AUTHORIZATION, value);
         }
-        let endpoint = Endpoint::new(sub.max_in_flight);
+        let endpoint = Endpoint::new(sub.max_in_flight, sub.rate_limit, health);
         Ok(Target { sub, signer, uri, headers, endpoint })
     }
 }
@@ -268,13 +273,19 @@ pub struct Registry {
     log: Arc<dyn Log>,
     topic: String,
     guard: NetworkGuard,
+    health: HealthConfig,
     state: RwLock<State>,
     writes: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
     /// Materialises the registry from `topic`.
-    pub async fn load(log: Arc<dyn Log>, topic: String, guard: NetworkGuard) -> Result<Registry, LogError> {
+    pub async fn load(
+        log: Arc<dyn Log>,
+        topic: String,
+        guard: NetworkGuard,
+        health: HealthConfig,
+    ) -> Result<Registry, LogError> {
         let mut state = State::default();
         let mut loaded = 0usize;
         for rec in log.read_all(&topic).await? {
@@ -285,7 +296,7 @@ impl Registry {
             }
             match serde_json::from_slice::<Subscription>(&rec.value)
                 .map_err(|e| invalid("record", e.to_string()))
-                .and_then(Target::compile)
+                .and_then(|sub| Target::compile_with(sub, health.clone()))
             {
                 Ok(t) => {
                     state.put(Arc::new(t));
@@ -297,7 +308,7 @@ impl Registry {
             }
         }
         tracing::info!(subscriptions = state.by_id.len(), records = loaded, "registry loaded");
-        Ok(Registry { log, topic, guard, state: RwLock::new(state), writes: tokio::sync::Mutex::new(()) })
+        Ok(Registry { log, topic, guard, health, state: RwLock::new(state), writes: tokio::sync::Mutex::new(()) })
     }
 
     /// The network guard used to validate URLs.
@@ -322,7 +333,7 @@ impl Registry {
         if duplicate {
             return Err(invalid("url", "this tenant already has a subscription for this URL").into());
         }
-        let target = Arc::new(Target::compile(sub)?);
+        let target = Arc::new(Target::compile_with(sub, self.health.clone())?);
         self.persist(&target.sub.id, Bytes::from(serde_json::to_vec(&target.sub).expect("serializes"))).await?;
         self.state.write().unwrap().put(target.clone());
         Ok(target)
@@ -339,7 +350,7 @@ impl Registry {
         sub.enabled = false;
         sub.disabled_reason = Some(reason);
         sub.updated_at = rfc3339_ms(now_ms());
-        let target = Arc::new(Target::compile(sub)?);
+        let target = Arc::new(Target::compile_with(sub, self.health.clone())?);
         self.persist(id, Bytes::from(serde_json::to_vec(&target.sub).expect("serializes"))).await?;
         tracing::warn!(subscription = %id, reason = target.sub.disabled_reason.as_deref().unwrap_or(""), "subscription disabled");
         self.state.write().unwrap().put(target);
@@ -389,6 +400,11 @@ impl Registry {
         } else {
             (page, None)
         }
+    }
+
+    /// Subscriptions whose circuit breaker is open now.
+    pub fn breakers_open(&self) -> usize {
+        self.state.read().unwrap().by_id.values().filter(|t| t.endpoint.is_open()).count()
     }
 
     /// Number of subscriptions, and of those disabled.

@@ -124,7 +124,9 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
     .await?;
     let log: Arc<dyn Log> = embedded.clone();
     let guard = NetworkGuard::new(config.network.allow.clone());
-    let registry = Arc::new(Registry::load(log.clone(), topics.subscriptions.clone(), guard.clone()).await?);
+    let registry = Arc::new(
+        Registry::load(log.clone(), topics.subscriptions.clone(), guard.clone(), config.health.clone()).await?,
+    );
 
     let settings = HttpSettings {
         connect_timeout: config.http.connect_timeout.0,

@@ -32,6 +32,8 @@ pub struct Config {
     pub dispatch: DispatchConfig,
     /// HTTP transport defaults.
     pub http: HttpConfig,
+    /// Endpoint health: circuit breaker and auto-disable.
+    pub health: HealthConfig,
     /// Log output.
     pub logging: LoggingConfig,
 }
@@ -99,6 +101,31 @@ pub struct HttpConfig {
     pub pool_max_idle_per_host: usize,
 }
 
+/// Endpoint health: when to stop hammering a failing endpoint, and when to give up on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive failed attempts that open a subscription's circuit breaker.
+    pub breaker_failures: u32,
+    /// First pause while the breaker is open; doubles after each failed probe.
+    pub breaker_pause: HumanDuration,
+    /// Longest pause.
+    pub breaker_max_pause: HumanDuration,
+    /// Disable a subscription after failing continuously this long (`0s`: never).
+    pub disable_after: HumanDuration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            breaker_failures: 10,
+            breaker_pause: Duration::from_secs(30).into(),
+            breaker_max_pause: Duration::from_secs(600).into(),
+            disable_after: Duration::from_secs(5 * 86_400).into(),
+        }
+    }
+}
+
 /// Log output settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -129,6 +156,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             dispatch: DispatchConfig::default(),
             http: HttpConfig::default(),
+            health: HealthConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -210,7 +238,7 @@ pub enum ConfigError {
 
 /// Sections whose environment variables use one underscore after the section name,
 /// e.g. `HERALD_NETWORK_ALLOW` → `network.allow`.
-const SECTIONS: &[&str] = &["log", "network", "dispatch", "http", "logging"];
+const SECTIONS: &[&str] = &["log", "network", "dispatch", "http", "health", "logging"];
 
 fn env_key(key: &str) -> String {
     let key = key.to_ascii_lowercase();
@@ -264,6 +292,12 @@ impl Config {
         }
         if self.dispatch.max_uncommitted < self.dispatch.window {
             return reject("dispatch.max_uncommitted", "must be at least dispatch.window");
+        }
+        if self.health.breaker_failures == 0 {
+            return reject("health.breaker_failures", "must be at least 1");
+        }
+        if self.health.breaker_pause.0.is_zero() || self.health.breaker_max_pause < self.health.breaker_pause {
+            return reject("health.breaker_pause", "must be more than zero and at most health.breaker_max_pause");
         }
         if self.http.timeout.0.is_zero() {
             return reject("http.timeout", "must be more than zero");

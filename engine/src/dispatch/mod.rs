@@ -11,7 +11,7 @@ pub use shard::ShardLimits;
 use crate::log::{Assignment, Log, LogError, LogRecord};
 use crate::metrics::{self as m, Metrics};
 use crate::model::{now_ms, Delivery, TransportKind};
-use crate::registry::Registry;
+use crate::registry::{Registry, Target};
 use crate::retry::{tiers, verdict, LastAttempt, Retrier, Verdict};
 use crate::transport::{Outcome, Transports};
 use std::collections::HashMap;
@@ -64,13 +64,14 @@ impl Deliverer {
             metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dead_lettered").increment(1);
             return;
         }
-        let _slot = match target.endpoint.admit().await {
-            Ok(slot) => slot,
+        let (_slot, probe) = match target.endpoint.admit().await {
+            Ok(admitted) => admitted,
             Err(busy) => {
-                // At its cap: park it in a tier rather than hold this partition's window.
-                let later = Delivery { due_ms: now_ms() + busy.defer.as_millis() as i64, ..delivery };
+                // Not now (cap, rate limit or open breaker): wait in a tier without using an
+                // attempt, rather than hold this partition's window.
+                let later = Delivery { due_ms: now_ms() + busy.defer().as_millis() as i64, ..delivery };
                 self.retrier.schedule(&later).await;
-                metrics::counter!(m::DEFERRED).increment(1);
+                metrics::counter!(m::DEFERRED, "reason" => busy.reason()).increment(1);
                 return;
             }
         };
@@ -80,12 +81,14 @@ impl Deliverer {
         metrics::histogram!(m::REQUEST_SECONDS, "transport" => transport).record(outcome.latency().as_secs_f64());
         match (verdict(&outcome), outcome) {
             (Verdict::Delivered, Outcome::Delivered { status, .. }) => {
+                target.endpoint.succeeded(probe);
                 metrics::counter!(m::ATTEMPTS, "transport" => transport, "outcome" => m::attempt_outcome(Some(status), "")).increment(1);
                 metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "delivered").increment(1);
                 let age = (now_ms() - delivery.accepted_ms).max(0) as f64 / 1000.0;
                 metrics::histogram!(m::END_TO_END_SECONDS, "transport" => transport).record(age);
             }
             (v, Outcome::Failed { status, error, .. }) => {
+                self.judge_health(&target, probe).await;
                 metrics::counter!(m::ATTEMPTS, "transport" => transport, "outcome" => m::attempt_outcome(status, &error)).increment(1);
                 tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, ?status, %error, "delivery failed");
                 if self.retrier.after_failure(&target, &delivery, raw, LastAttempt { status, error }, v).await {
@@ -94,6 +97,24 @@ impl Deliverer {
                 }
             }
             (_, Outcome::Delivered { .. }) => unreachable!("a 2xx is always delivered"),
+        }
+    }
+}
+
+impl Deliverer {
+    /// Counts a failed attempt against the endpoint's health: opens its breaker, or disables
+    /// the subscription once it has failed continuously for too long.
+    async fn judge_health(&self, target: &Target, probe: bool) {
+        let health = target.endpoint.failed(probe);
+        if let Some(pause) = health.opened {
+            tracing::warn!(subscription = %target.sub.id, pause = %humantime::format_duration(pause), "circuit breaker opened");
+        }
+        if health.give_up {
+            let reason =
+                format!("failing continuously; disabled automatically at {}", crate::model::rfc3339_ms(now_ms()));
+            if let Err(e) = self.registry.disable(&target.sub.id, reason).await {
+                tracing::error!(subscription = %target.sub.id, error = %e, "could not disable a failing subscription");
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 mod api;
 mod crash;
 mod delivery;
+mod health;
 mod observability;
 mod retries;
 mod support;

@@ -271,6 +271,9 @@ pub fn config(data_dir: &std::path::Path) -> Config {
         ("HERALD_NETWORK_ALLOW".to_string(), "127.0.0.0/8".to_string()),
         ("HERALD_LISTEN".to_string(), "127.0.0.1:0".to_string()),
         ("HERALD_LOG_FLUSH_INTERVAL".to_string(), "20ms".to_string()),
+        // Breakers pause briefly, so tests on test timescales still see them at work.
+        ("HERALD_HEALTH_BREAKER_PAUSE".to_string(), "200ms".to_string()),
+        ("HERALD_HEALTH_BREAKER_MAX_PAUSE".to_string(), "1s".to_string()),
     ];
     let mut c = Config::load(None, &env).unwrap();
     c.data_dir = data_dir.to_path_buf();
@@ -338,6 +341,8 @@ pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
         .env("HERALD_ADMIN_TOKEN", TOKEN)
         .env("HERALD_NETWORK_ALLOW", "127.0.0.0/8")
         .env("HERALD_LOG_FLUSH_INTERVAL", "50ms")
+        .env("HERALD_HEALTH_BREAKER_PAUSE", "200ms")
+        .env("HERALD_HEALTH_BREAKER_MAX_PAUSE", "1s")
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -1,0 +1,80 @@
+//! Endpoint health: the circuit breaker bounds what a dead endpoint receives, the rate limit
+//! paces deliveries, and continuous failure disables a subscription.
+
+use crate::support::{until, Receiver, TestHerald};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn a_dead_endpoint_gets_a_trickle_from_the_breaker_and_everything_after_it_recovers() {
+    let h = TestHerald::start_with(|c| {
+        c.health.breaker_failures = 3;
+        c.health.breaker_pause = Duration::from_millis(300).into();
+        c.health.breaker_max_pause = Duration::from_millis(600).into();
+    })
+    .await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/down", 503);
+    // Without a breaker, 30 events retried every 50 ms for 2 s would be about 1 200 requests.
+    h.api
+        .subscribe(
+            json!({ "url": rx.url("/down"), "retry": { "policy": "fixed", "interval": "50ms", "max_attempts": 1000 } }),
+        )
+        .await;
+    for i in 0..30 {
+        h.api.post("/v1/events", json!({ "id": format!("out-{i}"), "type": "T", "data": i })).await;
+    }
+    let outage = Duration::from_secs(2);
+    tokio::time::sleep(outage).await; // the outage's length: a scenario parameter, not a wait for state
+    let during = rx.on("/down").len();
+    rx.respond_on("/down", 200);
+    let recovered = Instant::now();
+    // The first burst (every event's first attempt) plus a probe per pause.
+    assert!(during <= 30 + 12, "{during} requests reached the endpoint during a {outage:?} outage");
+    let (_, metrics) = h.api.raw("GET", "/metrics", None, None).await;
+    let text = metrics.as_str().unwrap().to_string();
+    assert!(text.contains("herald_deliveries_deferred_total{reason=\"circuit_breaker\"}"), "deferrals are counted");
+    // After recovery every event arrives.
+    until("all 30 events delivered after recovery", Duration::from_secs(30), || async {
+        let delivered: std::collections::HashSet<String> =
+            rx.on("/down").iter().filter(|r| r.at >= recovered).map(|r| r.header("webhook-id").to_string()).collect();
+        (delivered.len() == 30).then_some(())
+    })
+    .await;
+    eprintln!("breaker test: {during} requests during a 2 s outage for 30 events, {} in all", rx.on("/down").len());
+}
+
+#[tokio::test]
+async fn the_rate_limit_paces_deliveries() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/paced"), "rate_limit": 20 })).await;
+    let events: Vec<_> = (0..50).map(|i| json!({ "type": "T", "data": i })).collect();
+    h.api.post("/v1/events/batch", serde_json::Value::Array(events)).await;
+    let got = rx.wait_on("/paced", 50).await;
+    let span = got.last().unwrap().at - got[0].at;
+    // A second's worth (20) at once, then 20 per second: the other 30 take about 1.5 s.
+    assert!(span >= Duration::from_millis(1300), "50 deliveries at 20/s took only {span:?}");
+}
+
+#[tokio::test]
+async fn continuous_failure_disables_the_subscription() {
+    let h = TestHerald::start_with(|c| c.health.disable_after = Duration::from_millis(500).into()).await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/broken", 500);
+    let sub = h
+        .api
+        .subscribe(json!({ "url": rx.url("/broken"), "retry": { "policy": "fixed", "interval": "100ms", "max_attempts": 100 } }))
+        .await;
+    let id = sub["id"].as_str().unwrap().to_string();
+    h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    let api = h.api.clone();
+    let state = until("the subscription to be disabled", Duration::from_secs(20), || async {
+        let (_, s) = api.get(&format!("/v1/subscriptions/{id}")).await;
+        (s["enabled"] == false).then_some(s)
+    })
+    .await;
+    assert!(state["disabled_reason"].as_str().unwrap().contains("failing continuously"), "{state}");
+    let (_, metrics) = h.api.raw("GET", "/metrics", None, None).await;
+    assert!(metrics.as_str().unwrap().lines().any(|l| l == "herald_subscriptions_disabled 1"));
+}
