@@ -78,3 +78,47 @@ async fn continuous_failure_disables_the_subscription() {
     let (_, metrics) = h.api.raw("GET", "/metrics", None, None).await;
     assert!(metrics.as_str().unwrap().lines().any(|l| l == "herald_subscriptions_disabled 1"));
 }
+
+#[tokio::test]
+async fn a_name_resolving_to_a_private_address_is_refused_at_connect_time() {
+    // No network.allow: loopback is private to this guard.
+    let h = TestHerald::start_with(|c| c.network.allow.clear()).await;
+    let rx = Receiver::start().await;
+    let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    // An IP literal is refused when the subscription is created...
+    let (status, err) = h.api.post("/v1/subscriptions", json!({ "url": rx.url("/x") })).await;
+    assert_eq!(status, 400);
+    assert!(err["error"]["message"].as_str().unwrap().contains("network.allow"));
+    // ...a name is judged by what it resolves to, when connecting.
+    let url = format!("http://localhost:{}/x", rx.addr.port());
+    h.api.subscribe(json!({ "url": url, "retry": once })).await;
+    h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    let api = h.api.clone();
+    let entry = until("the refused delivery in the dead-letter list", Duration::from_secs(10), || async {
+        let (_, page) = api.get("/v1/dlq").await;
+        page["items"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    assert!(entry["last_error"].as_str().unwrap().contains("network.allow"), "{entry}");
+    assert!(rx.all().is_empty(), "nothing reached the private address");
+}
+
+#[tokio::test]
+async fn a_hanging_receiver_is_a_failure_within_the_subscription_timeout() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.behave("/hang", crate::support::Behaviour::Hang);
+    let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    h.api.subscribe(json!({ "url": rx.url("/hang"), "timeout": "PT0.5S", "retry": once })).await;
+    let published = Instant::now();
+    h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    let api = h.api.clone();
+    let entry = until("the timed-out delivery dead-lettered", Duration::from_secs(10), || async {
+        let (_, page) = api.get("/v1/dlq").await;
+        page["items"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    let took = published.elapsed();
+    assert!(entry["last_error"].as_str().unwrap().contains("timed out"), "{entry}");
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_millis(1500), "timeout took {took:?}");
+}
