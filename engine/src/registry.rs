@@ -286,29 +286,40 @@ impl Registry {
         guard: NetworkGuard,
         health: HealthConfig,
     ) -> Result<Registry, LogError> {
-        let mut state = State::default();
-        let mut loaded = 0usize;
-        for rec in log.read_all(&topic).await? {
-            let id = String::from_utf8_lossy(&rec.key).into_owned();
-            if rec.value.is_empty() {
-                state.remove(&id);
-                continue;
-            }
-            match serde_json::from_slice::<Subscription>(&rec.value)
-                .map_err(|e| invalid("record", e.to_string()))
-                .and_then(|sub| Target::compile_with(sub, health.clone()))
-            {
-                Ok(t) => {
-                    state.put(Arc::new(t));
-                    loaded += 1;
-                }
-                Err(e) => {
-                    tracing::error!(subscription = %id, offset = rec.offset, error = %e, "skipping unreadable subscription record")
-                }
+        let records = log.read_all(&topic).await?;
+        let registry = Registry {
+            log,
+            topic,
+            guard,
+            health,
+            state: RwLock::new(State::default()),
+            writes: tokio::sync::Mutex::new(()),
+        };
+        let count = records.len();
+        for rec in &records {
+            registry.apply(rec);
+        }
+        tracing::info!(subscriptions = registry.len(), records = count, "registry loaded");
+        Ok(registry)
+    }
+
+    /// Applies one record of the registry topic (a subscription, or a tombstone deleting
+    /// one): the path both loading and, with several processes, tailing the topic take.
+    pub fn apply(&self, rec: &crate::log::LogRecord) {
+        let id = String::from_utf8_lossy(&rec.key).into_owned();
+        if rec.value.is_empty() {
+            self.state.write().unwrap().remove(&id);
+            return;
+        }
+        match serde_json::from_slice::<Subscription>(&rec.value)
+            .map_err(|e| invalid("record", e.to_string()))
+            .and_then(|sub| Target::compile_with(sub, self.health.clone()))
+        {
+            Ok(t) => self.state.write().unwrap().put(Arc::new(t)),
+            Err(e) => {
+                tracing::error!(subscription = %id, offset = rec.offset, error = %e, "skipping unreadable subscription record")
             }
         }
-        tracing::info!(subscriptions = state.by_id.len(), records = loaded, "registry loaded");
-        Ok(Registry { log, topic, guard, health, state: RwLock::new(state), writes: tokio::sync::Mutex::new(()) })
     }
 
     /// The network guard used to validate URLs.

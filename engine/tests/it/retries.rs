@@ -122,8 +122,13 @@ async fn a_410_disables_the_subscription_instead_of_retrying() {
     .await;
     assert!(state["disabled_reason"].as_str().unwrap().contains("410"), "{state}");
     assert_eq!(rx.on("/gone").len(), 1, "no retry after a 410");
-    let (_, dlq) = h.api.get("/v1/dlq").await;
-    assert_eq!(dlq["items"][0]["last_status"], 410);
+    // The subscription is disabled first, then the delivery is dead-lettered.
+    let entry = until("the 410 dead letter", Duration::from_secs(10), || async {
+        let (_, dlq) = api.get("/v1/dlq").await;
+        dlq["items"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(entry["last_status"], 410);
     let (_, accepted) = h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
     assert_eq!(accepted["deliveries"], 0, "a disabled subscription gets no new deliveries");
 }
