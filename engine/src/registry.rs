@@ -157,11 +157,33 @@ pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) 
             return Err(invalid(format!("events[{i}]"), "event types are 1 to 256 characters"));
         }
     }
-    if input.tls.is_some() {
-        return Err(invalid("tls", "custom TLS settings are not available in this build yet"));
+    if let Some(tls) = &input.tls {
+        crate::transport::tls::client_config(Some(tls)).map_err(|e| invalid(e.field, e.message))?;
     }
-    if matches!(input.auth, Auth::Oauth2 { .. }) {
-        return Err(invalid("auth", "oauth2 is not available in this build yet; use basic or none"));
+    if let Auth::Oauth2 { grant, token_url, client_secret, username, password, .. } = &input.auth {
+        let url = url::Url::parse(token_url).map_err(|e| invalid("auth.token_url", format!("not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(invalid("auth.token_url", "must be an http or https URL with a host"));
+        }
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => {
+                guard.check(ip.into()).map_err(|e| invalid("auth.token_url", e.to_string()))?
+            }
+            Some(url::Host::Ipv6(ip)) => {
+                guard.check(ip.into()).map_err(|e| invalid("auth.token_url", e.to_string()))?
+            }
+            _ => {}
+        }
+        match grant.as_str() {
+            "password" if username.is_none() || password.is_none() => {
+                return Err(invalid("auth.username", "the password grant needs username and password"))
+            }
+            "client_credentials" if client_secret.is_none() => {
+                return Err(invalid("auth.client_secret", "the client_credentials grant needs client_secret"))
+            }
+            "password" | "client_credentials" => {}
+            _ => return Err(invalid("auth.grant", "must be \"password\" or \"client_credentials\"")),
+        }
     }
     if input.amqp.is_some() {
         return Err(invalid("amqp", "only valid with transport \"amqp\""));
@@ -300,6 +322,9 @@ impl Registry {
             registry.apply(rec);
         }
         tracing::info!(subscriptions = registry.len(), records = count, "registry loaded");
+        for target in registry.state.read().unwrap().by_id.values() {
+            warn_trust_all(&target.sub);
+        }
         Ok(registry)
     }
 
@@ -346,6 +371,7 @@ impl Registry {
         }
         let target = Arc::new(Target::compile_with(sub, self.health.clone())?);
         self.persist(&target.sub.id, Bytes::from(serde_json::to_vec(&target.sub).expect("serializes"))).await?;
+        warn_trust_all(&target.sub);
         self.state.write().unwrap().put(target.clone());
         Ok(target)
     }
@@ -432,6 +458,13 @@ impl Registry {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// `trust_all` turns off server verification: say so loudly, at creation and every start.
+fn warn_trust_all(sub: &Subscription) {
+    if sub.tls.as_ref().is_some_and(|t| t.trust_all) {
+        tracing::warn!(subscription = %sub.id, url = %sub.url, "tls.trust_all is set: server certificates are NOT verified for this subscription");
     }
 }
 

@@ -3,17 +3,22 @@
 //! followed; any 2xx is success.
 
 use super::guard::NetworkGuard;
+use super::tls::{client_config, ProfileKey, TlsError};
 use super::Outcome;
+use crate::model::TlsOptions;
 use crate::payload::Body;
+use bytes::Bytes;
 use http::{HeaderMap, Request, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -66,59 +71,101 @@ pub struct WebhookRequest {
     pub timeout: Duration,
 }
 
-/// The pooled HTTP(S) client.
+type Pool = Client<Connector, Body>;
+
+/// Pooled HTTP(S) clients: one for the default TLS profile, one per custom profile.
 #[derive(Clone)]
 pub struct HttpTransport {
-    client: Client<Connector, Body>,
+    default: Pool,
+    profiles: Arc<Mutex<HashMap<ProfileKey, Pool>>>,
     guard: NetworkGuard,
+    settings: HttpSettings,
 }
 
-fn tls_config() -> rustls::ClientConfig {
-    use hyper_rustls::ConfigBuilderExt;
-    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_webpki_roots()
-        .with_no_client_auth()
+fn pool(guard: &NetworkGuard, settings: &HttpSettings, tls: rustls::ClientConfig) -> Pool {
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver { guard: guard.clone() });
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(settings.pool_idle_timeout)
+        .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
 }
 
 impl HttpTransport {
-    /// A client whose connections pass `guard`.
+    /// Clients whose connections pass `guard`.
     pub fn new(guard: NetworkGuard, settings: &HttpSettings) -> Self {
-        let mut http = HttpConnector::new_with_resolver(GuardedResolver { guard: guard.clone() });
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(settings.connect_timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config())
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        HttpTransport { client, guard }
+        let default = pool(&guard, settings, client_config(None).expect("the default TLS profile builds"));
+        HttpTransport { default, profiles: Default::default(), guard, settings: settings.clone() }
+    }
+
+    /// The pool for a TLS profile, built on first use.
+    fn pool_for(&self, tls: Option<&TlsOptions>) -> Result<Pool, TlsError> {
+        let Some(opts) = tls else { return Ok(self.default.clone()) };
+        let key = ProfileKey::of(opts);
+        if let Some(p) = self.profiles.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let built = pool(&self.guard, &self.settings, client_config(Some(opts))?);
+        Ok(self.profiles.lock().unwrap().entry(key).or_insert(built).clone())
+    }
+
+    /// Refuses IP-literal hosts outside the guard (names are checked by the resolver).
+    fn check_literal(&self, uri: &Uri) -> Result<(), String> {
+        match uri.host().and_then(|h| h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok()) {
+            Some(ip) => self.guard.check(ip).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// A POST whose whole (small) response body is wanted, e.g. an OAuth token request.
+    pub async fn exchange(
+        &self,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Body,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), String> {
+        self.check_literal(&uri)?;
+        let mut request = Request::post(uri).body(body).expect("method, uri and body are valid");
+        *request.headers_mut() = headers;
+        let call = async {
+            let response = self.default.request(request).await.map_err(|e| describe(&e))?;
+            let status = response.status().as_u16();
+            let body = http_body_util::Limited::new(response.into_body(), 1 << 20)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((status, body.to_bytes()))
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| format!("timed out after {}", humantime::format_duration(timeout)))?
     }
 
     /// Sends one request and reports what happened. Never panics, never hangs past `timeout`.
-    pub async fn send(&self, req: WebhookRequest) -> Outcome {
+    pub async fn send(&self, req: WebhookRequest, tls: Option<&TlsOptions>) -> Outcome {
         let started = Instant::now();
-        // IP-literal hosts skip the resolver, so they are checked here.
-        if let Some(ip) =
-            req.uri.host().and_then(|h| h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok())
-        {
-            if let Err(refused) = self.guard.check(ip) {
-                return Outcome::failed(None, refused.to_string(), started.elapsed());
-            }
+        if let Err(refused) = self.check_literal(&req.uri) {
+            return Outcome::failed(None, refused, started.elapsed());
         }
+        let client = match self.pool_for(tls) {
+            Ok(c) => c,
+            Err(e) => return Outcome::failed(None, e.to_string(), started.elapsed()),
+        };
         let mut request = Request::post(req.uri).body(req.body).expect("method, uri and body are valid");
         *request.headers_mut() = req.headers;
         let exchange = async {
-            let response = self.client.request(request).await?;
+            let response = client.request(request).await?;
             let status = response.status();
             let retry_after = response.headers().get(http::header::RETRY_AFTER).cloned();
             // Read a little of the body so the connection can be reused; ignore the rest.

@@ -2,8 +2,10 @@
 
 pub mod guard;
 pub mod http;
+pub mod oauth;
+pub mod tls;
 
-use crate::model::{now_ms, Delivery, TransportKind};
+use crate::model::{now_ms, Auth, Delivery, TransportKind};
 use crate::payload;
 use crate::registry::Target;
 use crate::signing::{WEBHOOK_ID, WEBHOOK_TIMESTAMP};
@@ -69,22 +71,50 @@ impl Outcome {
 #[derive(Clone)]
 pub struct Transports {
     http: HttpTransport,
+    tokens: oauth::Tokens,
     default_timeout: Duration,
 }
 
 impl Transports {
     /// Builds the transports.
     pub fn new(guard: NetworkGuard, settings: &HttpSettings, default_timeout: Duration) -> Self {
-        Transports { http: HttpTransport::new(guard, settings), default_timeout }
+        let http = HttpTransport::new(guard, settings);
+        Transports { tokens: oauth::Tokens::new(http.clone()), http, default_timeout }
     }
 
     /// Makes attempt `delivery.attempt` of `delivery` to `target`.
     pub async fn deliver(&self, target: &Target, delivery: &Delivery, pending_retries: u32) -> Outcome {
         match target.sub.transport {
-            TransportKind::Webhook => self.http.send(self.webhook_request(target, delivery, pending_retries)).await,
+            TransportKind::Webhook => self.deliver_webhook(target, delivery, pending_retries).await,
             TransportKind::Amqp => {
                 Outcome::failed(None, "the amqp transport is not available in this build".into(), Duration::ZERO)
             }
+        }
+    }
+
+    /// A webhook attempt; with OAuth, a refused token is fetched anew and the request sent
+    /// once more.
+    async fn deliver_webhook(&self, target: &Target, delivery: &Delivery, pending_retries: u32) -> Outcome {
+        let oauth = matches!(target.sub.auth, Auth::Oauth2 { .. });
+        let tls = target.sub.tls.as_ref();
+        let mut refreshed = false;
+        loop {
+            let mut request = self.webhook_request(target, delivery, pending_retries);
+            if oauth {
+                match self.tokens.bearer(&target.sub.auth).await {
+                    Ok(bearer) => {
+                        request.headers.insert(header::AUTHORIZATION, bearer);
+                    }
+                    Err(e) => return Outcome::failed(None, format!("oauth2: {e}"), Duration::ZERO),
+                }
+            }
+            let outcome = self.http.send(request, tls).await;
+            if oauth && !refreshed && matches!(outcome, Outcome::Failed { status: Some(401), .. }) {
+                self.tokens.forget(&target.sub.auth).await;
+                refreshed = true;
+                continue;
+            }
+            return outcome;
         }
     }
 

@@ -7,3 +7,4 @@ mod health;
 mod observability;
 mod retries;
 mod support;
+mod tls;

@@ -1,0 +1,374 @@
+//! Receivers behind TLS, client certificates and OAuth: real servers on loopback, with a
+//! test PKI generated for the run.
+
+use crate::support::{until, Receiver, TestHerald};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::json;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A test CA, a server certificate for `localhost`, and a client certificate as PEM files
+/// and as a password-protected PKCS#12 file.
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    client_p12: PathBuf,
+    server: Arc<rustls::ServerConfig>,
+}
+
+const P12_PASSWORD: &str = "p12-pass";
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "Herald Test CA");
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert =
+        CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&server_key, &ca).unwrap();
+
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params.distinguished_name.push(DnType::CommonName, "herald-client");
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &ca).unwrap();
+
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("client.pem"), client_cert.pem()).unwrap();
+    std::fs::write(path("client.key"), client_key.serialize_pem()).unwrap();
+    let mut store = p12_keystore::KeyStore::new();
+    let chain = p12_keystore::PrivateKeyChain::new(
+        b"herald-client".to_vec(),
+        p12_keystore::PrivateKey::from_der(&client_key.serialize_der()).unwrap(),
+        vec![p12_keystore::Certificate::from_der(client_cert.der()).unwrap()],
+    );
+    store.add_entry("client", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
+    std::fs::write(path("client.p12"), store.writer(P12_PASSWORD).write().unwrap()).unwrap();
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(server_cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+        )
+        .unwrap();
+    Pki {
+        ca: path("ca.pem"),
+        client_cert: path("client.pem"),
+        client_key: path("client.key"),
+        client_p12: path("client.p12"),
+        server: Arc::new(server),
+        _dir: dir,
+    }
+}
+
+/// An HTTPS receiver that requires a client certificate signed by the test CA.
+struct TlsReceiver {
+    port: u16,
+    paths: Arc<Mutex<Vec<String>>>,
+    refused_handshakes: Arc<AtomicUsize>,
+}
+
+async fn tls_receiver(config: Arc<rustls::ServerConfig>) -> TlsReceiver {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let paths: Arc<Mutex<Vec<String>>> = Default::default();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let (seen, refused_count) = (paths.clone(), refused.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (acceptor, seen, refused) = (acceptor.clone(), seen.clone(), refused_count.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    return;
+                };
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push(req.uri().path().to_string());
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    TlsReceiver { port, paths, refused_handshakes: refused }
+}
+
+#[tokio::test]
+async fn mutual_tls_delivers_with_the_client_certificate_and_fails_without_it() {
+    let pki = pki();
+    let rx = tls_receiver(pki.server.clone()).await;
+    let h = TestHerald::start().await;
+    let url = |path: &str| format!("https://localhost:{}{path}", rx.port);
+    let s = |p: &PathBuf| p.display().to_string();
+    let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    let subs = [
+        (
+            "/pem",
+            json!({ "ca_file": s(&pki.ca), "client_cert_file": s(&pki.client_cert), "client_key_file": s(&pki.client_key) }),
+        ),
+        (
+            "/p12",
+            json!({ "ca_file": s(&pki.ca), "client_cert_file": s(&pki.client_p12), "key_password": P12_PASSWORD }),
+        ),
+        (
+            "/trust-all",
+            json!({ "trust_all": true, "client_cert_file": s(&pki.client_cert), "client_key_file": s(&pki.client_key) }),
+        ),
+        ("/no-client-cert", json!({ "ca_file": s(&pki.ca) })),
+    ];
+    for (path, tls) in &subs {
+        h.api.subscribe(json!({ "url": url(path), "tls": tls, "retry": once })).await;
+    }
+    h.api.subscribe(json!({ "url": url("/unknown-ca"), "retry": once })).await;
+    let (_, accepted) = h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    assert_eq!(accepted["deliveries"], 5);
+
+    let paths = rx.paths.clone();
+    let got = until("three certificate-holding subscriptions delivered", Duration::from_secs(15), || async {
+        let got: HashSet<String> = paths.lock().unwrap().iter().cloned().collect();
+        (got.len() >= 3).then_some(got)
+    })
+    .await;
+    assert_eq!(got, ["/pem", "/p12", "/trust-all"].iter().map(|s| s.to_string()).collect());
+    let api = h.api.clone();
+    let dlq = until("two refused deliveries dead-lettered", Duration::from_secs(15), || async {
+        let (_, page) = api.get("/v1/dlq").await;
+        let items = page["items"].as_array().unwrap().clone();
+        (items.len() >= 2).then_some(items)
+    })
+    .await;
+    let errors: Vec<String> = dlq.iter().map(|e| e["last_error"].as_str().unwrap().to_lowercase()).collect();
+    assert!(errors.iter().any(|e| e.contains("unknownissuer") || e.contains("unknown issuer")), "{errors:?}");
+    assert!(
+        rx.refused_handshakes.load(Ordering::SeqCst) >= 1,
+        "the receiver refused the handshake without a client certificate"
+    );
+    assert!(!rx.paths.lock().unwrap().iter().any(|p| p == "/no-client-cert" || p == "/unknown-ca"));
+}
+
+#[tokio::test]
+async fn unusable_tls_settings_are_refused_naming_the_field() {
+    let pki = pki();
+    let h = TestHerald::start().await;
+    let s = |p: &PathBuf| p.display().to_string();
+    let cases = [
+        (json!({ "ca_file": "/nonexistent/ca.pem" }), "tls.ca_file"),
+        (json!({ "ca_file": s(&pki.client_key) }), "tls.ca_file"),
+        (json!({ "client_cert_file": s(&pki.client_p12), "key_password": "wrong" }), "tls.key_password"),
+        (json!({ "client_cert_file": s(&pki.client_cert) }), "tls.client_key_file"),
+        (json!({ "client_key_file": s(&pki.client_key) }), "tls.client_cert_file"),
+        (json!({ "bogus": true }), "tls.bogus"),
+    ];
+    for (tls, field) in cases {
+        let (status, err) =
+            h.api.post("/v1/subscriptions", json!({ "url": "https://hooks.example.com/x", "tls": tls })).await;
+        assert_eq!(status, 400, "{tls}: {err}");
+        assert_eq!(err["error"]["field"], field, "{tls}: {err}");
+    }
+    // The key password is a secret: never shown back.
+    let sub = h
+        .api
+        .subscribe(json!({ "url": "https://hooks.example.com/p12", "tls": { "client_cert_file": s(&pki.client_p12), "key_password": P12_PASSWORD } }))
+        .await;
+    let (_, got) = h.api.get(&format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap())).await;
+    assert!(!got.to_string().contains(P12_PASSWORD));
+}
+
+/// A token endpoint: client credentials in Basic auth (or user and password in the form),
+/// issuing `tok-1`, `tok-2`, … and remembering which are valid.
+struct TokenServer {
+    url: String,
+    issued: Arc<AtomicUsize>,
+    valid: Arc<Mutex<HashSet<String>>>,
+}
+
+async fn token_server() -> TokenServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let issued = Arc::new(AtomicUsize::new(0));
+    let valid: Arc<Mutex<HashSet<String>>> = Default::default();
+    let (count, tokens) = (issued.clone(), valid.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (count, tokens) = (count.clone(), tokens.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (count, tokens) = (count.clone(), tokens.clone());
+                    async move {
+                        let basic = req.headers().get("authorization").map(|v| v.to_str().unwrap().to_string());
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let form: std::collections::HashMap<String, String> =
+                            url::form_urlencoded::parse(&body).into_owned().collect();
+                        let client_ok = basic.as_deref() == Some("Basic Y2xpZW50LTE6Y2xpZW50LXNlY3JldA=="); // client-1:client-secret
+                        let user_ok = form.get("grant_type").map(String::as_str) != Some("password")
+                            || (form.get("username").map(String::as_str) == Some("alice")
+                                && form.get("password").map(String::as_str) == Some("wonderland"));
+                        if !client_ok || !user_ok {
+                            return Ok::<_, std::convert::Infallible>(
+                                Response::builder().status(401).body(Full::new(Bytes::new())).unwrap(),
+                            );
+                        }
+                        let token = format!("tok-{}", count.fetch_add(1, Ordering::SeqCst) + 1);
+                        tokens.lock().unwrap().insert(token.clone());
+                        let body =
+                            json!({ "access_token": token, "token_type": "Bearer", "expires_in": 3600 }).to_string();
+                        Ok(Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                            .unwrap())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    TokenServer { url, issued, valid }
+}
+
+/// A receiver that accepts only currently valid bearer tokens (401 otherwise).
+async fn bearer_receiver(valid: Arc<Mutex<HashSet<String>>>) -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api", listener.local_addr().unwrap());
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Default::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (valid, log) = (valid.clone(), log.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (valid, log) = (valid.clone(), log.clone());
+                    async move {
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .map(|v| v.to_str().unwrap().to_string())
+                            .unwrap_or_default();
+                        let id = req
+                            .headers()
+                            .get("webhook-id")
+                            .map(|v| v.to_str().unwrap().to_string())
+                            .unwrap_or_default();
+                        log.lock().unwrap().push((id, auth.clone()));
+                        let ok = auth.strip_prefix("Bearer ").is_some_and(|t| valid.lock().unwrap().contains(t));
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .status(if ok { 200 } else { 401 })
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn oauth2_tokens_are_fetched_cached_and_refreshed_once_after_a_401() {
+    let tokens = token_server().await;
+    let (receiver, seen) = bearer_receiver(tokens.valid.clone()).await;
+    let h = TestHerald::start().await;
+    h.api
+        .subscribe(json!({
+            "url": receiver,
+            "auth": { "type": "oauth2", "grant": "client_credentials", "token_url": tokens.url, "client_id": "client-1", "client_secret": "client-secret" },
+            "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 1 }
+        }))
+        .await;
+    for i in 0..5 {
+        h.api.post("/v1/events", json!({ "id": format!("o-{i}"), "type": "T", "data": i })).await;
+    }
+    let log = seen.clone();
+    until("five deliveries", Duration::from_secs(10), || async { (log.lock().unwrap().len() >= 5).then_some(()) })
+        .await;
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 1, "one token, cached for every delivery");
+    assert!(seen.lock().unwrap().iter().all(|(_, auth)| auth == "Bearer tok-1"));
+
+    // The receiver revokes the token: Herald's next delivery gets a 401, fetches a new
+    // token once and sends again.
+    tokens.valid.lock().unwrap().clear();
+    h.api.post("/v1/events", json!({ "id": "o-after-revoke", "type": "T", "data": {} })).await;
+    let log = seen.clone();
+    until("the retried request with the new token", Duration::from_secs(10), || async {
+        (log.lock().unwrap().iter().filter(|(id, _)| id == "o-after-revoke").count() >= 2).then_some(())
+    })
+    .await;
+    let attempts: Vec<String> =
+        seen.lock().unwrap().iter().filter(|(id, _)| id == "o-after-revoke").map(|(_, a)| a.clone()).collect();
+    assert_eq!(attempts, vec!["Bearer tok-1".to_string(), "Bearer tok-2".to_string()]);
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 2);
+    let (_, dlq) = h.api.get("/v1/dlq").await;
+    assert!(dlq["items"].as_array().unwrap().is_empty(), "{dlq}");
+}
+
+#[tokio::test]
+async fn oauth2_password_grant_and_basic_auth_reach_the_receiver() {
+    let tokens = token_server().await;
+    let (receiver, seen) = bearer_receiver(tokens.valid.clone()).await;
+    let h = TestHerald::start().await;
+    h.api
+        .subscribe(json!({
+            "url": receiver,
+            "auth": { "type": "oauth2", "grant": "password", "token_url": tokens.url, "client_id": "client-1",
+                      "client_secret": "client-secret", "username": "alice", "password": "wonderland" }
+        }))
+        .await;
+    let basic_rx = Receiver::start().await;
+    h.api
+        .subscribe(
+            json!({ "url": basic_rx.url("/basic"), "auth": { "type": "basic", "username": "u", "password": "p" } }),
+        )
+        .await;
+    h.api.post("/v1/events", json!({ "id": "pw-1", "type": "T", "data": {} })).await;
+    let log = seen.clone();
+    until("the password-grant delivery", Duration::from_secs(10), || async {
+        (!log.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(seen.lock().unwrap()[0], ("pw-1".to_string(), "Bearer tok-1".to_string()));
+    let basic = basic_rx.wait_on("/basic", 1).await;
+    assert_eq!(basic[0].header("authorization"), "Basic dTpw");
+    // A password grant without a user is refused when the subscription is created.
+    let (status, err) = h
+        .api
+        .post("/v1/subscriptions", json!({ "url": "https://hooks.example.com/o", "auth": { "type": "oauth2", "grant": "password", "token_url": tokens.url, "client_id": "c" } }))
+        .await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("auth.username")));
+}
