@@ -134,12 +134,14 @@ impl HttpTransport {
         headers: HeaderMap,
         body: Body,
         timeout: Duration,
+        tls: Option<&TlsOptions>,
     ) -> Result<(u16, Bytes), String> {
         self.check_literal(&uri)?;
+        let client = self.pool_for(tls).map_err(|e| e.to_string())?;
         let mut request = Request::post(uri).body(body).expect("method, uri and body are valid");
         *request.headers_mut() = headers;
         let call = async {
-            let response = self.default.request(request).await.map_err(|e| describe(&e))?;
+            let response = client.request(request).await.map_err(|e| describe(&e))?;
             let status = response.status().as_u16();
             let body = http_body_util::Limited::new(response.into_body(), 1 << 20)
                 .collect()

@@ -101,7 +101,7 @@ impl Transports {
         loop {
             let mut request = self.webhook_request(target, delivery, pending_retries);
             if oauth {
-                match self.tokens.bearer(&target.sub.auth).await {
+                match self.tokens.bearer(&target.sub.auth, tls).await {
                     Ok(bearer) => {
                         request.headers.insert(header::AUTHORIZATION, bearer);
                     }

@@ -4,7 +4,7 @@
 //! deliveries makes one token request.
 
 use super::http::HttpTransport;
-use crate::model::Auth;
+use crate::model::{Auth, TlsOptions};
 use crate::payload::Body;
 use base64::Engine;
 use bytes::Bytes;
@@ -65,8 +65,9 @@ impl Tokens {
         }
     }
 
-    /// The `Authorization` value for `auth`: cached, or fetched now.
-    pub async fn bearer(&self, auth: &Auth) -> Result<HeaderValue, String> {
+    /// The `Authorization` value for `auth`: cached, or fetched now (over the
+    /// subscription's TLS profile, since token endpoints often share the receiver's CA).
+    pub async fn bearer(&self, auth: &Auth, tls: Option<&TlsOptions>) -> Result<HeaderValue, String> {
         let key = Self::key(auth).ok_or("not an oauth2 subscription")?;
         let slot = self.slot(key);
         let mut cached = slot.lock().await;
@@ -75,7 +76,7 @@ impl Tokens {
                 return Ok(value.clone());
             }
         }
-        let (value, until) = self.fetch(auth).await?;
+        let (value, until) = self.fetch(auth, tls).await?;
         *cached = Some((value.clone(), until));
         Ok(value)
     }
@@ -87,7 +88,7 @@ impl Tokens {
         }
     }
 
-    async fn fetch(&self, auth: &Auth) -> Result<(HeaderValue, Instant), String> {
+    async fn fetch(&self, auth: &Auth, tls: Option<&TlsOptions>) -> Result<(HeaderValue, Instant), String> {
         let Auth::Oauth2 { grant, token_url, client_id, client_secret, username, password, scope } = auth else {
             return Err("not an oauth2 subscription".into());
         };
@@ -119,7 +120,7 @@ impl Tokens {
         let body = Body::new([Bytes::from(form)]);
         let (status, body) = self
             .http
-            .exchange(uri, headers, body, TOKEN_TIMEOUT)
+            .exchange(uri, headers, body, TOKEN_TIMEOUT, tls)
             .await
             .map_err(|e| format!("token request failed: {e}"))?;
         if !(200..300).contains(&status) {
