@@ -6,7 +6,8 @@ use crate::config::{HealthConfig, HumanDuration};
 use crate::endpoint::Endpoint;
 use crate::log::{Log, LogError, Record};
 use crate::model::{
-    new_id, now_ms, rfc3339_ms, Auth, RetrySpec, SignatureSpec, Subscription, SubscriptionInput, TransportKind,
+    new_id, now_ms, rfc3339_ms, Auth, RetrySpec, SignatureSpec, Subscription, SubscriptionInput, SubscriptionPatch,
+    TransportKind,
 };
 use crate::signing::{generate_secret, Signer, SigningError};
 use crate::transport::guard::NetworkGuard;
@@ -88,10 +89,13 @@ impl Target {
 
     /// Compiles a stored subscription; fails only if it could never be delivered.
     pub fn compile_with(sub: Subscription, health: HealthConfig) -> Result<Target, Invalid> {
-        let signer = Signer::new(&sub.signature, &[&sub.secret]).map_err(|e| match e {
+        let mut signer = Signer::new(&sub.signature, &[&sub.secret]).map_err(|e| match e {
             SigningError::BadHeader(_) => invalid("signature.header", e.to_string()),
             _ => invalid("secret", e.to_string()),
         })?;
+        if let (Some(previous), Some(until)) = (&sub.previous_secret, sub.previous_secret_until) {
+            signer = signer.with_previous(previous, until).map_err(|e| invalid("secret", e.to_string()))?;
+        }
         let mut url = url::Url::parse(&sub.url).map_err(|e| invalid("url", e.to_string()))?;
         if let Some(key) = &sub.key {
             url.query_pairs_mut().append_pair("key", key.expose());
@@ -230,6 +234,8 @@ pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) 
         events: input.events,
         transport: input.transport,
         secret,
+        previous_secret: None,
+        previous_secret_until: None,
         signature: input.signature,
         payload: input.payload,
         headers: input.headers,
@@ -362,11 +368,7 @@ impl Registry {
     pub async fn create(&self, input: SubscriptionInput, tenant: String) -> Result<Arc<Target>, RegistryError> {
         let sub = validate(input, tenant, &self.guard)?;
         let _serial = self.writes.lock().await;
-        let duplicate = {
-            let state = self.state.read().unwrap();
-            state.by_tenant.get(&sub.tenant).is_some_and(|subs| subs.values().any(|t| same_url(&t.sub.url, &sub.url)))
-        };
-        if duplicate {
+        if self.has_url(&sub.tenant, &sub.url, None) {
             return Err(invalid("url", "this tenant already has a subscription for this URL").into());
         }
         let target = Arc::new(Target::compile_with(sub, self.health.clone())?);
@@ -374,6 +376,102 @@ impl Registry {
         warn_trust_all(&target.sub);
         self.state.write().unwrap().put(target.clone());
         Ok(target)
+    }
+
+    /// Changes a subscription: the patch is applied to its stored fields and the result is
+    /// validated like a new subscription. `None` when it does not exist (for `tenant`).
+    pub async fn update(
+        &self,
+        id: &str,
+        tenant: Option<&str>,
+        patch: SubscriptionPatch,
+    ) -> Result<Option<Arc<Target>>, RegistryError> {
+        let _serial = self.writes.lock().await;
+        let Some(current) = self.get(id).filter(|t| tenant.is_none_or(|x| t.sub.tenant == x)) else { return Ok(None) };
+        let old = &current.sub;
+        let mut input = old.as_input();
+        let SubscriptionPatch {
+            url,
+            events,
+            signature,
+            payload,
+            headers,
+            key,
+            timeout,
+            auth,
+            tls,
+            retry,
+            max_in_flight,
+            rate_limit,
+            enabled,
+        } = patch;
+        input.url = url.unwrap_or(input.url);
+        input.events = events.unwrap_or(input.events);
+        input.signature = signature.unwrap_or(input.signature);
+        input.payload = payload.unwrap_or(input.payload);
+        input.headers = headers.unwrap_or(input.headers);
+        input.key = key.or(input.key);
+        input.timeout = timeout.or(input.timeout);
+        input.auth = auth.unwrap_or(input.auth);
+        input.tls = tls.or(input.tls);
+        input.retry = retry.or(input.retry);
+        input.max_in_flight = max_in_flight.or(input.max_in_flight);
+        input.rate_limit = rate_limit.or(input.rate_limit);
+        input.enabled = enabled.or(input.enabled);
+        let checked = validate(input, old.tenant.clone(), &self.guard)?;
+        if !same_url(&checked.url, &old.url) && self.has_url(&old.tenant, &checked.url, Some(id)) {
+            return Err(invalid("url", "this tenant already has a subscription for this URL").into());
+        }
+        let sub = Subscription {
+            id: old.id.clone(),
+            created_at: old.created_at.clone(),
+            previous_secret: old.previous_secret.clone(),
+            previous_secret_until: old.previous_secret_until,
+            disabled_reason: if checked.enabled { None } else { old.disabled_reason.clone() },
+            ..checked
+        };
+        Ok(Some(self.store(sub).await?))
+    }
+
+    /// Replaces a subscription's secret; the old one keeps signing (beside the new one) for
+    /// `overlap`. `None` when it does not exist (for `tenant`).
+    pub async fn rotate_secret(
+        &self,
+        id: &str,
+        tenant: Option<&str>,
+        new_secret: Option<crate::model::Secret>,
+        overlap: std::time::Duration,
+    ) -> Result<Option<Arc<Target>>, RegistryError> {
+        let _serial = self.writes.lock().await;
+        let Some(current) = self.get(id).filter(|t| tenant.is_none_or(|x| t.sub.tenant == x)) else { return Ok(None) };
+        let mut sub = current.sub.clone();
+        let now = now_ms();
+        sub.previous_secret = Some(std::mem::replace(&mut sub.secret, new_secret.unwrap_or_else(generate_secret)));
+        sub.previous_secret_until = Some(now + overlap.as_millis() as i64);
+        sub.updated_at = rfc3339_ms(now);
+        if matches!(sub.signature, SignatureSpec::Standard)
+            && !sub.secret.expose().starts_with(crate::signing::SECRET_PREFIX)
+        {
+            return Err(invalid("secret", "a standard-scheme secret must start with \"whsec_\"").into());
+        }
+        Ok(Some(self.store(sub).await?))
+    }
+
+    /// Compiles, persists and serves a changed subscription (caller holds `writes`).
+    async fn store(&self, sub: Subscription) -> Result<Arc<Target>, RegistryError> {
+        let target = Arc::new(Target::compile_with(sub, self.health.clone())?);
+        self.persist(&target.sub.id, Bytes::from(serde_json::to_vec(&target.sub).expect("serializes"))).await?;
+        warn_trust_all(&target.sub);
+        self.state.write().unwrap().put(target.clone());
+        Ok(target)
+    }
+
+    fn has_url(&self, tenant: &str, url: &str, except: Option<&str>) -> bool {
+        let state = self.state.read().unwrap();
+        state
+            .by_tenant
+            .get(tenant)
+            .is_some_and(|subs| subs.values().any(|t| Some(t.sub.id.as_str()) != except && same_url(&t.sub.url, url)))
     }
 
     /// Disables a subscription, recording why (e.g. the receiver answered 410 Gone).

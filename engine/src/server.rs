@@ -134,6 +134,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         pool_max_idle_per_host: config.http.pool_max_idle_per_host,
     };
     let transports = Transports::new(guard, &settings, config.http.timeout.0);
+    let test_transports = transports.clone();
     let retrier = Retrier::new(log.clone(), registry.clone(), topics.prefix.clone(), topics.dlq.clone());
     let deliverer = Arc::new(Deliverer::new(registry.clone(), transports, retrier));
     let limits = ShardLimits {
@@ -164,7 +165,16 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
 
     let ingest = Arc::new(Ingest::new(log.clone(), registry.clone(), topics.deliveries.clone()));
     let dead_letters = Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone()));
-    let state = AppState { registry, ingest, log, admin_token: token.clone().into(), dead_letters, metrics };
+    let state = AppState {
+        registry,
+        ingest,
+        log,
+        admin_token: token.clone().into(),
+        dead_letters,
+        metrics,
+        transports: test_transports,
+        rotation_overlap: config.signing.rotation_overlap.0,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.listen, source })?;

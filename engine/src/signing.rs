@@ -67,6 +67,8 @@ enum Scheme {
 pub struct Signer {
     scheme: Scheme,
     keys: Vec<HmacSha256>,
+    /// The key being rotated out and when it stops being used (ms since epoch).
+    previous: Option<(HmacSha256, i64)>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -119,7 +121,17 @@ impl Signer {
                 (Scheme::Hmac { header: name, encoding: *encoding }, keys)
             }
         };
-        Ok(Signer { scheme, keys })
+        Ok(Signer { scheme, keys, previous: None })
+    }
+
+    /// Also signs with `secret` until `until_ms` (a rotation's overlap), for the `standard`
+    /// scheme, whose header carries several signatures; `hmac` headers carry one, the new.
+    pub fn with_previous(mut self, secret: &Secret, until_ms: i64) -> Result<Signer, SigningError> {
+        if let Scheme::Standard = self.scheme {
+            let key = standard_key(secret)?;
+            self.previous = Some((HmacSha256::new_from_slice(&key).expect("any key length"), until_ms));
+        }
+        Ok(self)
     }
 
     /// The signature header for a request whose body is the concatenation of `body`.
@@ -130,6 +142,7 @@ impl Signer {
             Scheme::Standard => self
                 .keys
                 .iter()
+                .chain(self.previous.iter().filter(|(_, until)| timestamp * 1000 < *until).map(|(k, _)| k))
                 .map(|k| {
                     let mut mac = k.clone();
                     mac.update(id.as_bytes());

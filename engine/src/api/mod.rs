@@ -37,6 +37,10 @@ pub struct AppState {
     pub dead_letters: Arc<crate::retry::dead_letters::DeadLetters>,
     /// Scrape-time metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Transports, for test deliveries.
+    pub transports: crate::transport::Transports,
+    /// How long a rotated-out secret keeps signing.
+    pub rotation_overlap: std::time::Duration,
 }
 
 /// The router of every endpoint.
@@ -45,7 +49,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(events::publish))
         .route("/v1/events/batch", post(events::publish_batch))
         .route("/v1/subscriptions", post(subscriptions::create).get(subscriptions::list))
-        .route("/v1/subscriptions/{id}", get(subscriptions::get).delete(subscriptions::delete))
+        .route("/v1/subscriptions/{id}", get(subscriptions::get).patch(subscriptions::patch).delete(subscriptions::delete))
+        .route("/v1/subscriptions/{id}/rotate-secret", post(subscriptions::rotate_secret))
+        .route("/v1/subscriptions/{id}/test", post(subscriptions::test))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))
         .route("/metrics", get(metrics))

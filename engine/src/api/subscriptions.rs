@@ -5,12 +5,14 @@ use super::error::{ApiError, JsonBody};
 use super::events::DEFAULT_TENANT;
 use super::page::{self, StrictQuery};
 use super::AppState;
-use crate::model::SubscriptionInput;
+use crate::model::{new_id, now_ms, Delivery, Secret, SubscriptionInput, SubscriptionPatch};
+use crate::transport::Outcome;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
+use serde_json::json;
 
 /// Creates a subscription; the answer is the only one (with rotation) that shows the secret.
 pub async fn create(
@@ -65,4 +67,77 @@ pub async fn delete(
     } else {
         Err(ApiError::not_found("subscription"))
     }
+}
+
+/// Changes a subscription (events, URL, auth, policy, enabled, …); validated like a new one.
+pub async fn patch(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(patch): JsonBody<SubscriptionPatch>,
+) -> Result<impl IntoResponse, ApiError> {
+    let target = state.registry.update(&id, None, patch).await?.ok_or_else(|| ApiError::not_found("subscription"))?;
+    Ok(Json(target.sub.view(false)))
+}
+
+/// `POST /v1/subscriptions/{id}/rotate-secret` body: the new secret, or none to generate one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    #[serde(default)]
+    secret: Option<Secret>,
+}
+
+/// Rotates the signing secret; the answer shows the new one (the only time besides create).
+/// An empty body is allowed.
+pub async fn rotate_secret(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::validation("secret", e.to_string()))?
+    };
+    let target = state
+        .registry
+        .rotate_secret(&id, None, req.secret, state.rotation_overlap)
+        .await?
+        .ok_or_else(|| ApiError::not_found("subscription"))?;
+    Ok(Json(target.sub.view(true)))
+}
+
+/// Sends a signed `herald.ping` event to the subscription now and reports what happened.
+pub async fn test(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let target = state.registry.get(&id).ok_or_else(|| ApiError::not_found("subscription"))?;
+    let now = now_ms();
+    let ping = Delivery {
+        event_id: new_id("ping"),
+        subscription: target.sub.id.clone(),
+        tenant: target.sub.tenant.clone(),
+        event_type: "herald.ping".into(),
+        attempt: 1,
+        accepted_ms: now,
+        due_ms: now,
+        budget_ms: now,
+        generation: 0,
+        data: bytes::Bytes::from_static(br#"{"ping":true}"#),
+        changes: None,
+    };
+    let outcome = state.transports.deliver(&target, &ping, 0).await;
+    let body = match outcome {
+        Outcome::Delivered { status, latency } => {
+            json!({ "delivered": true, "event_id": ping.event_id, "status": status, "latency_ms": latency.as_millis() as u64 })
+        }
+        Outcome::Failed { status, error, latency, .. } => json!({
+            "delivered": false, "event_id": ping.event_id, "status": status, "error": error, "latency_ms": latency.as_millis() as u64
+        }),
+    };
+    Ok(Json(body))
 }

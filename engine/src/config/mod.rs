@@ -34,6 +34,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Endpoint health: circuit breaker and auto-disable.
     pub health: HealthConfig,
+    /// Signing secrets.
+    pub signing: SigningConfig,
     /// Log output.
     pub logging: LoggingConfig,
 }
@@ -126,6 +128,20 @@ impl Default for HealthConfig {
     }
 }
 
+/// Signing secrets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningConfig {
+    /// After a secret rotation, how long the old secret keeps signing beside the new one.
+    pub rotation_overlap: HumanDuration,
+}
+
+impl Default for SigningConfig {
+    fn default() -> Self {
+        SigningConfig { rotation_overlap: Duration::from_secs(24 * 3600).into() }
+    }
+}
+
 /// Log output settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -157,6 +173,7 @@ impl Default for Config {
             dispatch: DispatchConfig::default(),
             http: HttpConfig::default(),
             health: HealthConfig::default(),
+            signing: SigningConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -238,7 +255,7 @@ pub enum ConfigError {
 
 /// Sections whose environment variables use one underscore after the section name,
 /// e.g. `HERALD_NETWORK_ALLOW` → `network.allow`.
-const SECTIONS: &[&str] = &["log", "network", "dispatch", "http", "health", "logging"];
+const SECTIONS: &[&str] = &["log", "network", "dispatch", "http", "health", "signing", "logging"];
 
 fn env_key(key: &str) -> String {
     let key = key.to_ascii_lowercase();

@@ -10,7 +10,7 @@ pub use delivery::{DecodeError, Delivery};
 pub use event::{EventInput, MAX_EVENT_ID_LEN};
 pub use subscription::{
     AmqpTarget, Auth, PayloadFormat, RetrySpec, Secret, SignatureEncoding, SignatureSpec, Subscription,
-    SubscriptionInput, TlsOptions, TransportKind,
+    SubscriptionInput, SubscriptionPatch, TlsOptions, TransportKind,
 };
 
 /// Milliseconds since the Unix epoch, now.

@@ -198,6 +198,12 @@ pub struct Subscription {
     pub transport: TransportKind,
     /// Signing secret.
     pub secret: Secret,
+    /// The secret being rotated out: still signed with until `previous_secret_until`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret: Option<Secret>,
+    /// End of the rotation overlap, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_until: Option<i64>,
     /// Signature scheme.
     #[serde(default)]
     pub signature: SignatureSpec,
@@ -298,7 +304,63 @@ pub struct SubscriptionInput {
     pub enabled: Option<bool>,
 }
 
+/// `PATCH /v1/subscriptions/{id}` body: the fields given replace the stored ones.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionPatch {
+    /// Target URL.
+    pub url: Option<String>,
+    /// Event types (empty: all).
+    pub events: Option<Vec<String>>,
+    /// Signature scheme.
+    pub signature: Option<SignatureSpec>,
+    /// Body shape.
+    pub payload: Option<PayloadFormat>,
+    /// Extra request headers.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// `key` query parameter.
+    pub key: Option<Secret>,
+    /// Request timeout.
+    pub timeout: Option<HumanDuration>,
+    /// Receiver authentication.
+    pub auth: Option<Auth>,
+    /// TLS options.
+    pub tls: Option<TlsOptions>,
+    /// Retry policy.
+    pub retry: Option<RetrySpec>,
+    /// In-flight cap.
+    pub max_in_flight: Option<u32>,
+    /// Rate cap.
+    pub rate_limit: Option<f64>,
+    /// Enabled; enabling clears `disabled_reason`.
+    pub enabled: Option<bool>,
+}
+
 impl Subscription {
+    /// The editable fields as a creation request, for validating a changed subscription
+    /// exactly like a new one.
+    pub fn as_input(&self) -> SubscriptionInput {
+        SubscriptionInput {
+            tenant: Some(self.tenant.clone()),
+            url: self.url.clone(),
+            events: self.events.clone(),
+            transport: self.transport,
+            secret: Some(self.secret.clone()),
+            signature: self.signature.clone(),
+            payload: self.payload,
+            headers: self.headers.clone(),
+            key: self.key.clone(),
+            timeout: self.timeout,
+            auth: self.auth.clone(),
+            tls: self.tls.clone(),
+            amqp: self.amqp.clone(),
+            retry: self.retry.clone(),
+            max_in_flight: self.max_in_flight,
+            rate_limit: self.rate_limit,
+            enabled: Some(self.enabled),
+        }
+    }
+
     /// The API view: every field but the secrets (the signing secret only when
     /// `with_secret`, as on create and rotation).
     pub fn view(&self, with_secret: bool) -> serde_json::Value {
@@ -306,6 +368,10 @@ impl Subscription {
         let obj = v.as_object_mut().expect("object");
         if !with_secret {
             obj.remove("secret");
+        }
+        obj.remove("previous_secret");
+        if let Some(until) = obj.remove("previous_secret_until").and_then(|v| v.as_i64()) {
+            obj.insert("previous_secret_expires_at".into(), super::rfc3339_ms(until).into());
         }
         if obj.contains_key("key") {
             obj.insert("key".into(), serde_json::Value::String("********".into()));
@@ -355,6 +421,8 @@ mod tests {
             events: vec![],
             transport: TransportKind::Webhook,
             secret: Secret("whsec_abc".into()),
+            previous_secret: Some(Secret("whsec_old".into())),
+            previous_secret_until: Some(0),
             signature: SignatureSpec::Standard,
             payload: PayloadFormat::Envelope,
             headers: BTreeMap::new(),
@@ -380,7 +448,7 @@ mod tests {
     #[test]
     fn views_leave_out_every_secret() {
         let text = sample().view(false).to_string();
-        for secret in ["whsec_abc", "\"pw\"", "hunter2", "\"k\""] {
+        for secret in ["whsec_abc", "whsec_old", "\"pw\"", "hunter2", "\"k\""] {
             assert!(!text.contains(secret), "{secret} leaked in {text}");
         }
         assert!(sample().view(true).to_string().contains("whsec_abc"));

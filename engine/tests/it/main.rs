@@ -6,5 +6,6 @@ mod delivery;
 mod health;
 mod observability;
 mod retries;
+mod subscription_changes;
 mod support;
 mod tls;
