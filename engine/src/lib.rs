@@ -14,4 +14,5 @@ pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod signing;
+pub mod tenants;
 pub mod transport;

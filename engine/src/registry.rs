@@ -337,6 +337,9 @@ impl Registry {
     /// Applies one record of the registry topic (a subscription, or a tombstone deleting
     /// one): the path both loading and, with several processes, tailing the topic take.
     pub fn apply(&self, rec: &crate::log::LogRecord) {
+        if crate::tenants::owns(&rec.key) {
+            return;
+        }
         let id = String::from_utf8_lossy(&rec.key).into_owned();
         if rec.value.is_empty() {
             self.state.write().unwrap().remove(&id);

@@ -163,6 +163,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         })
     };
 
+    let tenants = Arc::new(crate::tenants::Tenants::load(log.clone(), topics.subscriptions.clone()).await?);
     let ingest = Arc::new(Ingest::new(log.clone(), registry.clone(), topics.deliveries.clone()));
     let dead_letters = Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone()));
     let state = AppState {
@@ -174,6 +175,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         metrics,
         transports: test_transports,
         rotation_overlap: config.signing.rotation_overlap.0,
+        tenants,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

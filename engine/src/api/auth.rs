@@ -1,4 +1,5 @@
-//! Who is calling: bearer tokens checked in constant time.
+//! Who is calling: the admin token or a tenant's API key, checked in constant time. A
+//! tenant key sees only its tenant's objects; another tenant's ids answer 404.
 
 use super::error::ApiError;
 use super::AppState;
@@ -6,7 +7,31 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
 
-/// A caller holding the admin token.
+/// The caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// Holds the admin token: everything.
+    Admin,
+    /// Holds a key of this tenant: its own subscriptions and dead letters.
+    Tenant(String),
+}
+
+impl Principal {
+    /// The tenant the caller is limited to (`None` for the admin).
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Principal::Admin => None,
+            Principal::Tenant(t) => Some(t),
+        }
+    }
+
+    /// Whether the caller may see objects of `tenant`.
+    pub fn sees(&self, tenant: &str) -> bool {
+        self.tenant().is_none_or(|t| t == tenant)
+    }
+}
+
+/// A caller holding the admin token (tenant keys get 403).
 pub struct Admin;
 
 /// Compares secrets without leaking where they differ (digests have a fixed length).
@@ -15,7 +40,7 @@ fn same_secret(a: &str, b: &str) -> bool {
     a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-impl FromRequestParts<AppState> for Admin {
+impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
@@ -24,10 +49,22 @@ impl FromRequestParts<AppState> for Admin {
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim);
-        match token {
-            Some(t) if same_secret(t, &state.admin_token) => Ok(Admin),
-            _ => Err(ApiError::unauthorized()),
+            .map(str::trim)
+            .ok_or_else(ApiError::unauthorized)?;
+        if same_secret(token, &state.admin_token) {
+            return Ok(Principal::Admin);
+        }
+        state.tenants.authenticate(token).map(Principal::Tenant).ok_or_else(ApiError::unauthorized)
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match Principal::from_request_parts(parts, state).await? {
+            Principal::Admin => Ok(Admin),
+            Principal::Tenant(_) => Err(ApiError::forbidden("this needs the admin token")),
         }
     }
 }

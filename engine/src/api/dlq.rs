@@ -1,6 +1,6 @@
 //! `GET /v1/dlq` (filtered by subscription and tenant, paged) and `POST /v1/dlq/replay`.
 
-use super::auth::Admin;
+use super::auth::Principal;
 use super::error::{ApiError, JsonBody};
 use super::page::{self, StrictQuery};
 use super::AppState;
@@ -22,7 +22,7 @@ pub struct DlqQuery {
 
 /// Lists live dead letters, oldest first per partition.
 pub async fn list(
-    _: Admin,
+    who: Principal,
     State(state): State<AppState>,
     StrictQuery(q): StrictQuery<DlqQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -34,7 +34,8 @@ pub async fn list(
             Some(parsed.ok_or_else(|| ApiError::validation("cursor", "not a cursor returned by this API"))?)
         }
     };
-    let (items, next) = state.dead_letters.list(q.subscription.as_deref(), q.tenant.as_deref(), after, limit).await?;
+    let (items, next) =
+        state.dead_letters.list(q.subscription.as_deref(), who.tenant().or(q.tenant.as_deref()), after, limit).await?;
     let next = next.map(|(p, o)| format!("{p}.{o}"));
     Ok(Json(serde_json::json!({ "items": items, "next": next })))
 }
@@ -51,7 +52,7 @@ pub struct ReplayRequest {
 
 /// Re-enqueues dead letters with a fresh attempt budget; each entry at most once.
 pub async fn replay(
-    _: Admin,
+    who: Principal,
     State(state): State<AppState>,
     JsonBody(req): JsonBody<ReplayRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -61,6 +62,6 @@ pub async fn replay(
         (None, Some(sub)) => Selection::Subscription(sub),
         _ => return Err(ApiError::validation("ids", "give either ids or subscription")),
     };
-    let report = state.dead_letters.replay(selection, None).await?;
+    let report = state.dead_letters.replay(selection, who.tenant()).await?;
     Ok(Json(report))
 }

@@ -39,6 +39,11 @@ impl ApiError {
         }
     }
 
+    /// 403: the caller may not do this.
+    pub fn forbidden(message: &str) -> Self {
+        ApiError { status: StatusCode::FORBIDDEN, code: "FORBIDDEN", message: message.into(), field: None }
+    }
+
     /// 404 for a missing object or route.
     pub fn not_found(what: &str) -> Self {
         ApiError { status: StatusCode::NOT_FOUND, code: "NOT_FOUND", message: format!("{what} not found"), field: None }

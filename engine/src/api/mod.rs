@@ -6,6 +6,7 @@ mod error;
 mod events;
 mod page;
 mod subscriptions;
+mod tenants;
 
 pub use error::ApiError;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     pub transports: crate::transport::Transports,
     /// How long a rotated-out secret keeps signing.
     pub rotation_overlap: std::time::Duration,
+    /// Tenants and their API keys.
+    pub tenants: Arc<crate::tenants::Tenants>,
 }
 
 /// The router of every endpoint.
@@ -52,6 +55,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/subscriptions/{id}", get(subscriptions::get).patch(subscriptions::patch).delete(subscriptions::delete))
         .route("/v1/subscriptions/{id}/rotate-secret", post(subscriptions::rotate_secret))
         .route("/v1/subscriptions/{id}/test", post(subscriptions::test))
+        .route("/v1/tenants", post(tenants::create))
+        .route("/v1/tenants/{id}/keys", post(tenants::issue_key))
+        .route("/v1/tenants/{id}/keys/{key_id}", axum::routing::delete(tenants::revoke_key))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))
         .route("/metrics", get(metrics))

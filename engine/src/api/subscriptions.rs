@@ -1,6 +1,6 @@
 //! `/v1/subscriptions`: create, list, read, delete.
 
-use super::auth::Admin;
+use super::auth::Principal;
 use super::error::{ApiError, JsonBody};
 use super::events::DEFAULT_TENANT;
 use super::page::{self, StrictQuery};
@@ -16,11 +16,18 @@ use serde_json::json;
 
 /// Creates a subscription; the answer is the only one (with rotation) that shows the secret.
 pub async fn create(
-    _: Admin,
+    who: Principal,
     State(state): State<AppState>,
     JsonBody(input): JsonBody<SubscriptionInput>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let tenant = input.tenant.clone().unwrap_or_else(|| DEFAULT_TENANT.to_string());
+    let tenant = match (who.tenant(), input.tenant.clone()) {
+        (None, given) => given.unwrap_or_else(|| DEFAULT_TENANT.to_string()),
+        (Some(own), None) => own.to_string(),
+        (Some(own), Some(given)) if given == own => given,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::validation("tenant", "a tenant key creates subscriptions for its own tenant only"))
+        }
+    };
     let target = state.registry.create(input, tenant).await?;
     Ok((StatusCode::CREATED, Json(target.sub.view(true))))
 }
@@ -36,32 +43,34 @@ pub struct ListQuery {
 
 /// Lists subscriptions, `{"items","next"}`.
 pub async fn list(
-    _: Admin,
+    who: Principal,
     State(state): State<AppState>,
     StrictQuery(q): StrictQuery<ListQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let limit = page::limit(q.limit)?;
-    let (page, next) = state.registry.list(q.tenant.as_deref(), q.cursor.as_deref(), limit);
+    let tenant = who.tenant().or(q.tenant.as_deref());
+    let (page, next) = state.registry.list(tenant, q.cursor.as_deref(), limit);
     let items: Vec<_> = page.iter().map(|t| t.sub.view(false)).collect();
     Ok(Json(serde_json::json!({ "items": items, "next": next })))
 }
 
 /// Reads one subscription.
 pub async fn get(
-    _: Admin,
+    who: Principal,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let target = state.registry.get(&id).ok_or_else(|| ApiError::not_found("subscription"))?;
+    let target = visible(&state, &who, &id)?;
     Ok(Json(target.sub.view(false)))
 }
 
 /// Deletes one subscription; its pending deliveries are dropped.
 pub async fn delete(
-    _: Admin,
+    who: Principal,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
+    visible(&state, &who, &id)?;
     if state.registry.delete(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -71,12 +80,13 @@ pub async fn delete(
 
 /// Changes a subscription (events, URL, auth, policy, enabled, …); validated like a new one.
 pub async fn patch(
-    _: Admin,
+    who: Principal,
     State(state): State<AppState>,
     Path(id): Path<String>,
     JsonBody(patch): JsonBody<SubscriptionPatch>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let target = state.registry.update(&id, None, patch).await?.ok_or_else(|| ApiError::not_found("subscription"))?;
+    let target =
+        state.registry.update(&id, who.tenant(), patch).await?.ok_or_else(|| ApiError::not_found("subscription"))?;
     Ok(Json(target.sub.view(false)))
 }
 
@@ -91,7 +101,7 @@ pub struct RotateRequest {
 /// Rotates the signing secret; the answer shows the new one (the only time besides create).
 /// An empty body is allowed.
 pub async fn rotate_secret(
-    _: Admin,
+    who: Principal,
     State(state): State<AppState>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
@@ -103,7 +113,7 @@ pub async fn rotate_secret(
     };
     let target = state
         .registry
-        .rotate_secret(&id, None, req.secret, state.rotation_overlap)
+        .rotate_secret(&id, who.tenant(), req.secret, state.rotation_overlap)
         .await?
         .ok_or_else(|| ApiError::not_found("subscription"))?;
     Ok(Json(target.sub.view(true)))
@@ -111,11 +121,11 @@ pub async fn rotate_secret(
 
 /// Sends a signed `herald.ping` event to the subscription now and reports what happened.
 pub async fn test(
-    _: Admin,
+    who: Principal,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let target = state.registry.get(&id).ok_or_else(|| ApiError::not_found("subscription"))?;
+    let target = visible(&state, &who, &id)?;
     let now = now_ms();
     let ping = Delivery {
         event_id: new_id("ping"),
@@ -140,4 +150,10 @@ pub async fn test(
         }),
     };
     Ok(Json(body))
+}
+
+/// The subscription `id` if the caller may see it; another tenant's answers 404, as if it
+/// did not exist.
+fn visible(state: &AppState, who: &Principal, id: &str) -> Result<std::sync::Arc<crate::registry::Target>, ApiError> {
+    state.registry.get(id).filter(|t| who.sees(&t.sub.tenant)).ok_or_else(|| ApiError::not_found("subscription"))
 }

@@ -8,4 +8,5 @@ mod observability;
 mod retries;
 mod subscription_changes;
 mod support;
+mod tenants;
 mod tls;

@@ -1,0 +1,55 @@
+//! `/v1/tenants`: the admin creates tenants and issues and revokes their API keys.
+
+use super::auth::Admin;
+use super::error::{ApiError, JsonBody};
+use super::AppState;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+
+/// `POST /v1/tenants` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTenant {
+    name: String,
+}
+
+/// Creates a tenant: `{"id","name"}`.
+pub async fn create(
+    _: Admin,
+    State(state): State<AppState>,
+    JsonBody(t): JsonBody<NewTenant>,
+) -> Result<impl IntoResponse, ApiError> {
+    let name = t.name.trim().to_string();
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::validation("name", "must be 1 to 200 characters"));
+    }
+    let tenant = state.tenants.create(name).await?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": tenant.id, "name": tenant.name }))))
+}
+
+/// Issues an API key: `{"id","key"}`; the key is shown this once.
+pub async fn issue_key(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    state.tenants.get(&id).ok_or_else(|| ApiError::not_found("tenant"))?;
+    let (key_id, key) = state.tenants.issue_key(&id).await?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": key_id, "key": key }))))
+}
+
+/// Revokes an API key.
+pub async fn revoke_key(
+    _: Admin,
+    State(state): State<AppState>,
+    Path((id, key_id)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    if state.tenants.revoke_key(&id, &key_id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("key"))
+    }
+}

@@ -1,0 +1,155 @@
+//! Tenants and their API keys, kept in the registry topic beside the subscriptions (records
+//! keyed `tenant/<id>` and `key/<id>`). A key is shown once; only its SHA-256 is stored. A
+//! presented key names its id (`hk.<key id>.<secret>`), so checking it is one lookup and one
+//! constant-time comparison.
+
+use crate::log::{Log, LogError, LogRecord, Record};
+use crate::model::{new_id, now_ms, rfc3339_ms};
+use bytes::Bytes;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+const TENANT_PREFIX: &str = "tenant/";
+const KEY_PREFIX: &str = "key/";
+
+/// Whether a registry-topic record belongs to this module.
+pub fn owns(key: &[u8]) -> bool {
+    key.starts_with(TENANT_PREFIX.as_bytes()) || key.starts_with(KEY_PREFIX.as_bytes())
+}
+
+/// A tenant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tenant {
+    /// Id (`ten_…`); subscriptions and events name it as their `tenant`.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Creation time.
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredKey {
+    id: String,
+    tenant: String,
+    sha256: String,
+    created_at: String,
+}
+
+#[derive(Default)]
+struct State {
+    tenants: HashMap<String, Tenant>,
+    keys: HashMap<String, StoredKey>,
+}
+
+/// Tenants and keys in memory, persisted in the registry topic.
+pub struct Tenants {
+    log: Arc<dyn Log>,
+    topic: String,
+    state: RwLock<State>,
+}
+
+fn digest(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Tenants {
+    /// Loads tenants and keys from the registry topic.
+    pub async fn load(log: Arc<dyn Log>, topic: String) -> Result<Tenants, LogError> {
+        let tenants = Tenants { state: RwLock::new(State::default()), topic: topic.clone(), log: log.clone() };
+        for rec in log.read_all(&topic).await? {
+            tenants.apply(&rec);
+        }
+        Ok(tenants)
+    }
+
+    /// Applies one record (a tenant, a key, or a tombstone).
+    pub fn apply(&self, rec: &LogRecord) {
+        let key = String::from_utf8_lossy(&rec.key).into_owned();
+        let mut state = self.state.write().unwrap();
+        if let Some(id) = key.strip_prefix(TENANT_PREFIX) {
+            match serde_json::from_slice::<Tenant>(&rec.value) {
+                Ok(t) => {
+                    state.tenants.insert(id.to_string(), t);
+                }
+                Err(_) => {
+                    state.tenants.remove(id);
+                }
+            }
+        } else if let Some(id) = key.strip_prefix(KEY_PREFIX) {
+            match serde_json::from_slice::<StoredKey>(&rec.value) {
+                Ok(k) => {
+                    state.keys.insert(id.to_string(), k);
+                }
+                Err(_) => {
+                    state.keys.remove(id);
+                }
+            }
+        }
+    }
+
+    async fn persist(&self, key: String, value: Bytes) -> Result<(), LogError> {
+        let rec = Record { key: Bytes::from(key), value };
+        self.log.append(&self.topic, vec![rec.clone()]).await?;
+        self.apply(&LogRecord { partition: 0, offset: 0, timestamp_ms: now_ms(), key: rec.key, value: rec.value });
+        Ok(())
+    }
+
+    /// Creates a tenant.
+    pub async fn create(&self, name: String) -> Result<Tenant, LogError> {
+        let tenant = Tenant { id: new_id("ten"), name, created_at: rfc3339_ms(now_ms()) };
+        self.persist(
+            format!("{TENANT_PREFIX}{}", tenant.id),
+            Bytes::from(serde_json::to_vec(&tenant).expect("serializes")),
+        )
+        .await?;
+        Ok(tenant)
+    }
+
+    /// A tenant by id.
+    pub fn get(&self, id: &str) -> Option<Tenant> {
+        self.state.read().unwrap().tenants.get(id).cloned()
+    }
+
+    /// Issues a key for `tenant`: returns its id and the key, which is never shown again.
+    pub async fn issue_key(&self, tenant: &str) -> Result<(String, String), LogError> {
+        let id = new_id("key");
+        let mut raw = [0u8; 24];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let secret = hex::encode(raw);
+        let stored = StoredKey {
+            id: id.clone(),
+            tenant: tenant.to_string(),
+            sha256: digest(&secret),
+            created_at: rfc3339_ms(now_ms()),
+        };
+        self.persist(format!("{KEY_PREFIX}{id}"), Bytes::from(serde_json::to_vec(&stored).expect("serializes")))
+            .await?;
+        Ok((id.clone(), format!("hk.{id}.{secret}")))
+    }
+
+    /// Revokes a key of `tenant`; `false` when there is no such key.
+    pub async fn revoke_key(&self, tenant: &str, key_id: &str) -> Result<bool, LogError> {
+        let exists = self.state.read().unwrap().keys.get(key_id).is_some_and(|k| k.tenant == tenant);
+        if exists {
+            self.persist(format!("{KEY_PREFIX}{key_id}"), Bytes::new()).await?;
+        }
+        Ok(exists)
+    }
+
+    /// The tenant a presented key belongs to, if the key is valid.
+    pub fn authenticate(&self, presented: &str) -> Option<String> {
+        let mut parts = presented.splitn(3, '.');
+        let (Some("hk"), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next()) else { return None };
+        let state = self.state.read().unwrap();
+        let key = state.keys.get(id)?;
+        same(&key.sha256, &digest(secret)).then(|| key.tenant.clone())
+    }
+}

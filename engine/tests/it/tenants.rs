@@ -1,0 +1,99 @@
+//! Tenants and keys: each tenant sees and changes only its own objects.
+
+use crate::support::{until, Api, Receiver, TestHerald};
+use serde_json::json;
+use std::time::Duration;
+
+async fn tenant_with_key(h: &TestHerald, name: &str) -> (String, Api) {
+    let (status, tenant) = h.api.post("/v1/tenants", json!({ "name": name })).await;
+    assert_eq!(status, 201, "{tenant}");
+    let id = tenant["id"].as_str().unwrap().to_string();
+    assert_eq!(tenant["name"], name);
+    let (status, key) = h.api.post(&format!("/v1/tenants/{id}/keys"), json!({})).await;
+    assert_eq!(status, 201, "{key}");
+    let mut api = h.api.clone();
+    api.token = key["key"].as_str().unwrap().to_string();
+    (id, api)
+}
+
+#[tokio::test]
+async fn a_tenant_key_sees_and_changes_only_its_own_objects() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/a-down", 500);
+    let (a_id, a) = tenant_with_key(&h, "Acme").await;
+    let (b_id, b) = tenant_with_key(&h, "Globex").await;
+    let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    let a_sub = a.subscribe(json!({ "url": rx.url("/a-down"), "retry": once })).await;
+    assert_eq!(a_sub["tenant"], a_id.as_str());
+    let b_sub = b.subscribe(json!({ "url": rx.url("/b") })).await;
+    // The same URL under another tenant is fine; a tenant cannot create for another.
+    b.subscribe(json!({ "url": rx.url("/a-down") })).await;
+    let (status, err) = a.post("/v1/subscriptions", json!({ "url": rx.url("/x"), "tenant": b_id })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("tenant")));
+
+    let (_, own) = a.get("/v1/subscriptions").await;
+    assert_eq!(own["items"].as_array().unwrap().len(), 1, "{own}");
+    let (_, asked_for_b) = a.get(&format!("/v1/subscriptions?tenant={b_id}")).await;
+    assert_eq!(asked_for_b["items"], own["items"], "a tenant key lists its own, whatever it asks for");
+    let b_path = format!("/v1/subscriptions/{}", b_sub["id"].as_str().unwrap());
+    assert_eq!(a.get(&b_path).await.0, 404);
+    assert_eq!(a.raw("PATCH", &b_path, Some(r#"{"enabled":false}"#.into()), Some(&a.token)).await.0, 404);
+    assert_eq!(a.post(&format!("{b_path}/rotate-secret"), json!({})).await.0, 404);
+    assert_eq!(a.post(&format!("{b_path}/test"), json!({})).await.0, 404);
+    assert_eq!(a.delete(&b_path).await.0, 404);
+    assert_eq!(h.api.get(&b_path).await.0, 200, "B's subscription is untouched");
+
+    // Only the admin publishes, naming the tenant; tenant keys cannot manage tenants.
+    let (status, err) = a.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (403, Some("FORBIDDEN")));
+    assert_eq!(a.post("/v1/tenants", json!({ "name": "x" })).await.0, 403);
+    let (_, accepted) =
+        h.api.post("/v1/events", json!({ "id": "for-a", "type": "T", "tenant": a_id, "data": {} })).await;
+    assert_eq!(accepted["deliveries"], 1);
+
+    // A's dead letter is A's alone.
+    let a2 = a.clone();
+    let entries = until("A's dead letter", Duration::from_secs(10), || async {
+        let (_, page) = a2.get("/v1/dlq").await;
+        let items = page["items"].as_array().unwrap().clone();
+        (!items.is_empty()).then_some(items)
+    })
+    .await;
+    let entry_id = entries[0]["id"].as_str().unwrap().to_string();
+    let (_, b_dlq) = b.get(&format!("/v1/dlq?tenant={a_id}")).await;
+    assert!(b_dlq["items"].as_array().unwrap().is_empty(), "{b_dlq}");
+    let (_, b_replay) = b.post("/v1/dlq/replay", json!({ "ids": [entry_id] })).await;
+    assert_eq!(b_replay["skipped"][0]["reason"], "not_found", "{b_replay}");
+    let (_, b_replay_sub) = b.post("/v1/dlq/replay", json!({ "subscription": a_sub["id"] })).await;
+    assert!(b_replay_sub["replayed"].as_array().unwrap().is_empty());
+    let (_, a_replay) = a.post("/v1/dlq/replay", json!({ "ids": [entry_id] })).await;
+    assert_eq!(a_replay["replayed"].as_array().unwrap().len(), 1, "{a_replay}");
+
+    // A revoked key stops working at once.
+    let key_id = a.token.split('.').nth(1).unwrap().to_string();
+    assert_eq!(h.api.delete(&format!("/v1/tenants/{a_id}/keys/{key_id}")).await.0, 204);
+    let (status, _) = a.get("/v1/subscriptions").await;
+    assert_eq!(status, 401);
+    assert_eq!(h.api.delete(&format!("/v1/tenants/{a_id}/keys/{key_id}")).await.0, 404);
+    // Forged keys fail.
+    let mut forged = b.clone();
+    forged.token = format!("hk.{key_id}.{}", "0".repeat(48));
+    assert_eq!(forged.get("/v1/subscriptions").await.0, 401);
+}
+
+#[tokio::test]
+async fn tenants_and_keys_survive_a_restart() {
+    let h = TestHerald::start().await;
+    let (a_id, a) = tenant_with_key(&h, "Acme").await;
+    a.subscribe(json!({ "url": "https://hooks.example.com/a" })).await;
+    let dir = h.dir;
+    h.herald.stop().await;
+    let herald = herald::server::start(crate::support::config(dir.path())).await.unwrap();
+    let mut again = Api::new(herald.addr, &a.token);
+    again.token = a.token.clone();
+    let (status, list) = again.get("/v1/subscriptions").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["items"][0]["tenant"], a_id.as_str());
+    herald.stop().await;
+}
