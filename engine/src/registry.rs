@@ -540,6 +540,59 @@ impl Registry {
         }
     }
 
+    /// Makes the registry match the config file's webhooks: each is created or updated as
+    /// `static-<name>`; static subscriptions no longer in the file are deleted.
+    pub async fn sync_static(&self, webhooks: &[crate::config::StaticWebhook]) -> Result<(), RegistryError> {
+        let _serial = self.writes.lock().await;
+        let mut wanted = std::collections::HashSet::new();
+        for (i, w) in webhooks.iter().enumerate() {
+            // Name the setting as the file spells it.
+            let at = |e: Invalid| {
+                let key = match e.field.as_str() {
+                    "url" => "endpoint",
+                    "timeout" => "connection_timeout",
+                    "tls.ca_file" => "trust_file",
+                    "tls.client_cert_file" => "client_cert",
+                    "tls.client_key_file" => "key_file",
+                    "tls.key_password" => "key_password",
+                    other => other,
+                };
+                Invalid { field: format!("webhooks[{i}].{key}"), message: e.message }
+            };
+            let id = format!("{STATIC_PREFIX}{}", w.name);
+            if !wanted.insert(id.clone()) {
+                return Err(at(invalid("name", "two webhooks have this name")).into());
+            }
+            let input = static_input(w);
+            let mut sub =
+                validate(input, w.tenant.clone().unwrap_or_else(|| "default".into()), &self.guard).map_err(at)?;
+            sub.id = id.clone();
+            if let Some(current) = self.get(&id) {
+                sub.created_at = current.sub.created_at.clone();
+                if current.sub.as_input() == sub.as_input() && current.sub.tenant == sub.tenant {
+                    continue; // unchanged
+                }
+            }
+            self.store(sub).await?;
+            tracing::info!(subscription = %id, "static webhook from the config file");
+        }
+        let stale: Vec<String> = self
+            .state
+            .read()
+            .unwrap()
+            .by_id
+            .keys()
+            .filter(|id| id.starts_with(STATIC_PREFIX) && !wanted.contains(*id))
+            .cloned()
+            .collect();
+        for id in stale {
+            self.persist(&id, Bytes::new()).await?;
+            self.state.write().unwrap().remove(&id);
+            tracing::info!(subscription = %id, "static webhook removed from the config file; deleted");
+        }
+        Ok(())
+    }
+
     /// Subscriptions whose circuit breaker is open now.
     pub fn breakers_open(&self) -> usize {
         self.state.read().unwrap().by_id.values().filter(|t| t.endpoint.is_open()).count()
@@ -559,6 +612,46 @@ impl Registry {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Id prefix of subscriptions declared in the config file.
+pub const STATIC_PREFIX: &str = "static-";
+
+/// A config-file webhook as a creation request: HMAC in `X-Signature`, raw payloads.
+fn static_input(w: &crate::config::StaticWebhook) -> SubscriptionInput {
+    use crate::model::{PayloadFormat, Secret, SignatureEncoding, TlsOptions};
+    let tls = (w.trust_all || w.trust_file.is_some() || w.client_cert.is_some()).then(|| TlsOptions {
+        ca_file: w.trust_file.clone(),
+        client_cert_file: w.client_cert.clone(),
+        client_key_file: w.key_file.clone(),
+        key_password: w.key_password.clone().map(Secret),
+        trust_all: w.trust_all,
+    });
+    let encoding =
+        if w.signature_encoding.as_deref() == Some("hex") { SignatureEncoding::Hex } else { SignatureEncoding::Base64 };
+    let (signature, secret) = match &w.secret {
+        Some(s) => (SignatureSpec::Hmac { header: "X-Signature".into(), encoding }, Some(Secret(s.clone()))),
+        None => (SignatureSpec::None, None),
+    };
+    SubscriptionInput {
+        tenant: w.tenant.clone(),
+        url: w.endpoint.clone(),
+        events: w.events.clone(),
+        transport: TransportKind::Webhook,
+        secret,
+        signature,
+        payload: PayloadFormat::Raw,
+        headers: Default::default(),
+        key: w.key.clone().map(Secret),
+        timeout: Some(w.connection_timeout.unwrap_or(HumanDuration(Duration::from_secs(30)))),
+        auth: Auth::None,
+        tls,
+        amqp: None,
+        retry: None,
+        max_in_flight: None,
+        rate_limit: None,
+        enabled: Some(w.enabled),
     }
 }
 

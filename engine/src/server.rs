@@ -48,6 +48,9 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+    /// A webhook declared in the config file is not valid.
+    #[error("config file webhooks: {0}")]
+    Webhooks(crate::registry::RegistryError),
     /// The configured backend is not built in yet.
     #[error("log backend {0:?} is not available in this build; use \"embedded\"")]
     Backend(Backend),
@@ -127,6 +130,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
     let registry = Arc::new(
         Registry::load(log.clone(), topics.subscriptions.clone(), guard.clone(), config.health.clone()).await?,
     );
+    registry.sync_static(&config.webhooks).await.map_err(StartError::Webhooks)?;
 
     let settings = HttpSettings {
         connect_timeout: config.http.connect_timeout.0,

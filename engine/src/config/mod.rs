@@ -36,6 +36,9 @@ pub struct Config {
     pub health: HealthConfig,
     /// Signing secrets.
     pub signing: SigningConfig,
+    /// Webhooks declared in the file rather than through the API.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<StaticWebhook>,
     /// Log output.
     pub logging: LoggingConfig,
 }
@@ -128,6 +131,57 @@ impl Default for HealthConfig {
     }
 }
 
+/// A webhook declared in the config file (`[[webhooks]]`): kept as subscription
+/// `static-<name>`, created or updated at start and deleted when it leaves the file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticWebhook {
+    /// Stable name; the subscription id is `static-<name>`.
+    pub name: String,
+    /// Tenant (default `default`).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Whether deliveries are made.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Target URL.
+    pub endpoint: String,
+    /// Sent as the `key` query parameter.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Request timeout (default 30 s).
+    #[serde(default)]
+    pub connection_timeout: Option<HumanDuration>,
+    /// HMAC-SHA256 secret, signed into `X-Signature`; no signature when absent.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// `X-Signature` encoding: `base64` (default) or `hex`.
+    #[serde(default)]
+    pub signature_encoding: Option<String>,
+    /// Event types delivered (absent: all).
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Accept any server certificate.
+    #[serde(default)]
+    pub trust_all: bool,
+    /// PEM CA certificates to trust.
+    #[serde(default)]
+    pub trust_file: Option<String>,
+    /// Client certificate (PEM, or PKCS#12 with `key_password`).
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// Client key (PEM).
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// PKCS#12 password.
+    #[serde(default)]
+    pub key_password: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// Signing secrets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -174,6 +228,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             health: HealthConfig::default(),
             signing: SigningConfig::default(),
+            webhooks: Vec::new(),
             logging: LoggingConfig::default(),
         }
     }

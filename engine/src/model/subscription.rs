@@ -249,7 +249,7 @@ pub struct Subscription {
 }
 
 /// `POST /v1/subscriptions` body: the stored fields a client may set.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionInput {
     /// Owner (admin only; a tenant key implies its tenant).

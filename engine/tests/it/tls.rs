@@ -92,6 +92,8 @@ fn pki() -> Pki {
 struct TlsReceiver {
     port: u16,
     paths: Arc<Mutex<Vec<String>>>,
+    /// (path?query, x-signature, body) of every request.
+    requests: Arc<Mutex<Vec<(String, String, Bytes)>>>,
     refused_handshakes: Arc<AtomicUsize>,
 }
 
@@ -99,23 +101,31 @@ async fn tls_receiver(config: Arc<rustls::ServerConfig>) -> TlsReceiver {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let paths: Arc<Mutex<Vec<String>>> = Default::default();
+    let requests: Arc<Mutex<Vec<(String, String, Bytes)>>> = Default::default();
     let refused = Arc::new(AtomicUsize::new(0));
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let (seen, refused_count) = (paths.clone(), refused.clone());
+    let (seen, refused_count, log) = (paths.clone(), refused.clone(), requests.clone());
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { return };
-            let (acceptor, seen, refused) = (acceptor.clone(), seen.clone(), refused_count.clone());
+            let (acceptor, seen, refused, log) = (acceptor.clone(), seen.clone(), refused_count.clone(), log.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     refused.fetch_add(1, Ordering::SeqCst);
                     return;
                 };
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
+                    let (seen, log) = (seen.clone(), log.clone());
                     async move {
                         seen.lock().unwrap().push(req.uri().path().to_string());
-                        let _ = req.into_body().collect().await;
+                        let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+                        let sig = req
+                            .headers()
+                            .get("x-signature")
+                            .map(|v| v.to_str().unwrap().to_string())
+                            .unwrap_or_default();
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        log.lock().unwrap().push((target, sig, body));
                         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
                     }
                 });
@@ -123,7 +133,7 @@ async fn tls_receiver(config: Arc<rustls::ServerConfig>) -> TlsReceiver {
             });
         }
     });
-    TlsReceiver { port, paths, refused_handshakes: refused }
+    TlsReceiver { port, paths, requests, refused_handshakes: refused }
 }
 
 #[tokio::test]
@@ -371,4 +381,79 @@ async fn oauth2_password_grant_and_basic_auth_reach_the_receiver() {
         .post("/v1/subscriptions", json!({ "url": "https://hooks.example.com/o", "auth": { "type": "oauth2", "grant": "password", "token_url": tokens.url, "client_id": "c" } }))
         .await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("auth.username")));
+}
+
+#[tokio::test]
+async fn a_static_webhook_from_the_config_file_is_delivered_with_its_key_secret_timeout_and_tls() {
+    use base64::Engine;
+    use hmac::Mac;
+    let pki = pki();
+    let rx = tls_receiver(pki.server.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("herald.toml");
+    let toml = format!(
+        r#"
+[[webhooks]]
+name = "erp"
+enabled = true
+endpoint = "https://localhost:{port}/erp/hooks"
+key = "erp-key"
+connection_timeout = "PT5S"
+secret = "erp-secret"
+events = ["OrderCreated", "OrderAccepted"]
+trust_file = "{ca}"
+client_cert = "{cert}"
+key_file = "{key}"
+"#,
+        port = rx.port,
+        ca = pki.ca.display(),
+        cert = pki.client_cert.display(),
+        key = pki.client_key.display()
+    );
+    std::fs::write(&file, toml).unwrap();
+    let env: Vec<(String, String)> = [
+        ("HERALD_ADMIN_TOKEN", crate::support::TOKEN),
+        ("HERALD_NETWORK_ALLOW", "127.0.0.0/8"),
+        ("HERALD_LISTEN", "127.0.0.1:0"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut config = herald::config::Config::load(Some(&file), &env).unwrap();
+    config.data_dir = dir.path().join("data");
+    let herald = herald::server::start(config.clone()).await.unwrap();
+    let api = crate::support::Api::new(herald.addr, crate::support::TOKEN);
+
+    let (status, sub) = api.get("/v1/subscriptions/static-erp").await;
+    assert_eq!(status, 200, "{sub}");
+    assert_eq!((sub["timeout"].as_str(), sub["payload"].as_str()), (Some("5s"), Some("raw")));
+    let data = r#"{"orderId":"42","eventType":"OrderCreated"}"#;
+    let body = format!(r#"{{"type":"OrderCreated","data":{data}}}"#);
+    let (_, accepted) = api.raw("POST", "/v1/events", Some(body.into()), Some(crate::support::TOKEN)).await;
+    assert_eq!(accepted["deliveries"], 1);
+    let (_, shipped) = api.post("/v1/events", json!({ "type": "OrderShipped", "data": {} })).await;
+    assert_eq!(shipped["deliveries"], 0, "only the configured events");
+    let requests = rx.requests.clone();
+    let (target, signature, got) = until("the static webhook's delivery", Duration::from_secs(10), || async {
+        requests.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(target, "/erp/hooks?key=erp-key");
+    assert_eq!(&got[..], data.as_bytes(), "the producer's data, exactly");
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"erp-secret").unwrap();
+    mac.update(&got);
+    assert_eq!(signature, base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()));
+    herald.stop().await;
+
+    // Taken out of the file, the webhook is deleted at the next start; a bad one stops the start.
+    let mut without = config.clone();
+    without.webhooks.clear();
+    let herald = herald::server::start(without).await.unwrap();
+    let api = crate::support::Api::new(herald.addr, crate::support::TOKEN);
+    assert_eq!(api.get("/v1/subscriptions/static-erp").await.0, 404);
+    herald.stop().await;
+    let mut bad = config.clone();
+    bad.webhooks[0].endpoint = "ftp://nowhere".into();
+    let err = herald::server::start(bad).await.err().expect("a bad webhook stops the start").to_string();
+    assert!(err.contains("webhooks[0].endpoint"), "{err}");
 }
