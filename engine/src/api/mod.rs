@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tenants/{id}/keys/{key_id}", axum::routing::delete(tenants::revoke_key))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))
+        .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -92,6 +93,13 @@ async fn count_requests(req: axum::extract::Request, next: axum::middleware::Nex
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&state.registry))
+}
+
+/// The OpenAPI 3 document of this API (`engine/openapi/herald.json`).
+pub const OPENAPI: &str = include_str!("../../openapi/herald.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -5,6 +5,7 @@ mod crash;
 mod delivery;
 mod health;
 mod observability;
+mod openapi;
 mod retries;
 mod subscription_changes;
 mod support;
