@@ -65,23 +65,24 @@ async fn the_rate_limit_paces_deliveries() {
 
 #[tokio::test]
 async fn continuous_failure_disables_the_subscription() {
-    let h = TestHerald::start_with(|c| c.health.disable_after = Duration::from_millis(500).into()).await;
+    // A process of its own, so the disabled gauge is this server's alone.
+    let dir = tempfile::tempdir().unwrap();
     let rx = Receiver::start().await;
     rx.respond_on("/broken", 500);
-    let sub = h
-        .api
+    let (_child, addr) = crate::support::spawn_herald_with(dir.path(), &[("HERALD_HEALTH_DISABLE_AFTER", "500ms")]);
+    let api = crate::support::Api::new(addr, crate::support::TOKEN);
+    let sub = api
         .subscribe(json!({ "url": rx.url("/broken"), "retry": { "policy": "fixed", "interval": "100ms", "max_attempts": 100 } }))
         .await;
     let id = sub["id"].as_str().unwrap().to_string();
-    h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
-    let api = h.api.clone();
+    api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
     let state = until("the subscription to be disabled", Duration::from_secs(20), || async {
         let (_, s) = api.get(&format!("/v1/subscriptions/{id}")).await;
         (s["enabled"] == false).then_some(s)
     })
     .await;
     assert!(state["disabled_reason"].as_str().unwrap().contains("failing continuously"), "{state}");
-    let (_, metrics) = h.api.raw("GET", "/metrics", None, None).await;
+    let (_, metrics) = api.raw("GET", "/metrics", None, None).await;
     assert!(metrics.as_str().unwrap().lines().any(|l| l == "herald_subscriptions_disabled 1"));
 }
 

@@ -335,6 +335,11 @@ pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLett
 
 /// Starts `herald serve` on a free port and returns it with its address.
 pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
+    spawn_herald_with(data_dir, &[])
+}
+
+/// Starts `herald serve` with extra environment variables.
+pub fn spawn_herald_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (ChildGuard, SocketAddr) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -344,6 +349,8 @@ pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
         .env("HERALD_HEALTH_BREAKER_PAUSE", "200ms")
         .env("HERALD_HEALTH_BREAKER_MAX_PAUSE", "1s")
         .env("RUST_LOG", "warn")
+        // The caller's variables last, so they win over the defaults above.
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("herald binary runs");
