@@ -137,11 +137,32 @@ fn check_duration(field: &str, d: Option<HumanDuration>, (min, max): (Duration, 
 /// Checks a new subscription and fills in what the server decides.
 pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) -> Result<Subscription, Invalid> {
     validate_tenant(&tenant)?;
+    let mut input = input;
     match input.transport {
-        TransportKind::Webhook => {}
-        TransportKind::Amqp => {
-            return Err(invalid("transport", "the amqp transport is not available in this build yet"))
+        TransportKind::Webhook => {
+            if input.amqp.is_some() {
+                return Err(invalid("amqp", "only valid with transport \"amqp\""));
+            }
         }
+        TransportKind::Amqp => {
+            let target = input
+                .amqp
+                .as_ref()
+                .ok_or_else(|| invalid("amqp", "transport \"amqp\" needs amqp.uri and amqp.exchange"))?;
+            crate::transport::amqp::validate(target).map_err(|(field, message)| invalid(field, message))?;
+            if input.url.is_empty() {
+                // The label of an AMQP subscription: broker and exchange, never the password.
+                let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| invalid("amqp.uri", e.to_string()))?;
+                let _ = uri.set_password(None);
+                let _ = uri.set_username("");
+                input.url = format!("{}{}", uri.as_str().trim_end_matches('/'), format_args!("/{}", target.exchange));
+            }
+            validate_amqp_host(target, guard)?;
+            return finish(input, tenant);
+        }
+    }
+    if input.url.is_empty() {
+        return Err(invalid("url", "required"));
     }
     let url = url::Url::parse(&input.url).map_err(|e| invalid("url", format!("not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -155,11 +176,6 @@ pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) 
     }
     if input.url.len() > 2048 {
         return Err(invalid("url", "must be at most 2048 characters"));
-    }
-    for (i, e) in input.events.iter().enumerate() {
-        if e.is_empty() || e.len() > 256 {
-            return Err(invalid(format!("events[{i}]"), "event types are 1 to 256 characters"));
-        }
     }
     if let Some(tls) = &input.tls {
         crate::transport::tls::client_config(Some(tls)).map_err(|e| invalid(e.field, e.message))?;
@@ -189,8 +205,24 @@ pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) 
             _ => return Err(invalid("auth.grant", "must be \"password\" or \"client_credentials\"")),
         }
     }
-    if input.amqp.is_some() {
-        return Err(invalid("amqp", "only valid with transport \"amqp\""));
+    finish(input, tenant)
+}
+
+fn validate_amqp_host(target: &crate::model::AmqpTarget, guard: &NetworkGuard) -> Result<(), Invalid> {
+    let uri = url::Url::parse(target.uri.expose()).map_err(|e| invalid("amqp.uri", e.to_string()))?;
+    match uri.host() {
+        Some(url::Host::Ipv4(ip)) => guard.check(ip.into()).map_err(|e| invalid("amqp.uri", e.to_string())),
+        Some(url::Host::Ipv6(ip)) => guard.check(ip.into()).map_err(|e| invalid("amqp.uri", e.to_string())),
+        _ => Ok(()),
+    }
+}
+
+/// The checks every transport shares, then the stored form.
+fn finish(input: SubscriptionInput, tenant: String) -> Result<Subscription, Invalid> {
+    for (i, e) in input.events.iter().enumerate() {
+        if e.is_empty() || e.len() > 256 {
+            return Err(invalid(format!("events[{i}]"), "event types are 1 to 256 characters"));
+        }
     }
     if input.key.as_ref().is_some_and(|k| k.expose().is_empty()) {
         return Err(invalid("key", "must not be empty"));

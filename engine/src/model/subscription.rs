@@ -255,7 +255,8 @@ pub struct SubscriptionInput {
     /// Owner (admin only; a tenant key implies its tenant).
     #[serde(default)]
     pub tenant: Option<String>,
-    /// Target URL.
+    /// Target URL (for AMQP, a label derived from the broker and exchange when absent).
+    #[serde(default)]
     pub url: String,
     /// Event types; absent or empty means all.
     #[serde(default)]

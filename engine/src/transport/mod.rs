@@ -1,5 +1,6 @@
 //! Transports: how a prepared delivery reaches its subscriber, and what came of it.
 
+pub mod amqp;
 pub mod guard;
 pub mod http;
 pub mod oauth;
@@ -71,6 +72,7 @@ impl Outcome {
 #[derive(Clone)]
 pub struct Transports {
     http: HttpTransport,
+    amqp: amqp::AmqpTransport,
     tokens: oauth::Tokens,
     default_timeout: Duration,
 }
@@ -78,17 +80,20 @@ pub struct Transports {
 impl Transports {
     /// Builds the transports.
     pub fn new(guard: NetworkGuard, settings: &HttpSettings, default_timeout: Duration) -> Self {
-        let http = HttpTransport::new(guard, settings);
-        Transports { tokens: oauth::Tokens::new(http.clone()), http, default_timeout }
+        let http = HttpTransport::new(guard.clone(), settings);
+        Transports {
+            tokens: oauth::Tokens::new(http.clone()),
+            amqp: amqp::AmqpTransport::new(guard.clone()),
+            http,
+            default_timeout,
+        }
     }
 
     /// Makes attempt `delivery.attempt` of `delivery` to `target`.
     pub async fn deliver(&self, target: &Target, delivery: &Delivery, pending_retries: u32) -> Outcome {
         match target.sub.transport {
             TransportKind::Webhook => self.deliver_webhook(target, delivery, pending_retries).await,
-            TransportKind::Amqp => {
-                Outcome::failed(None, "the amqp transport is not available in this build".into(), Duration::ZERO)
-            }
+            TransportKind::Amqp => self.deliver_amqp(target, delivery, pending_retries).await,
         }
     }
 
@@ -116,6 +121,26 @@ impl Transports {
             }
             return outcome;
         }
+    }
+
+    /// An AMQP attempt: the same body and signature headers as a webhook, published to the
+    /// subscription's exchange.
+    async fn deliver_amqp(&self, target: &Target, delivery: &Delivery, pending_retries: u32) -> Outcome {
+        let Some(amqp) = &target.sub.amqp else {
+            return Outcome::failed(None, "the subscription has no amqp settings".into(), Duration::ZERO);
+        };
+        let now = now_ms();
+        let body = payload::build(target.sub.payload, delivery, pending_retries, now);
+        let timestamp = now / 1000;
+        let mut headers = vec![
+            ("webhook-id".to_string(), delivery.event_id.clone()),
+            ("webhook-timestamp".to_string(), timestamp.to_string()),
+        ];
+        if let Some((name, value)) = target.signer.signature(&delivery.event_id, timestamp, body.chunks()) {
+            headers.push((name.to_string(), value.to_str().unwrap_or_default().to_string()));
+        }
+        let timeout = target.sub.timeout.map_or(self.default_timeout, |t| t.0);
+        self.amqp.publish(amqp, delivery, body, headers, timeout).await
     }
 
     /// Builds the signed request for one attempt; the signature covers exactly the body sent.

@@ -145,7 +145,10 @@ async fn subscription_validation_names_the_field() {
         ),
         (json!({ "url": "https://h.example.com", "headers": { "Content-Length": "1" } }), "headers.Content-Length"),
         (json!({ "url": "https://h.example.com", "colour": "blue" }), "colour"),
-        (json!({ "url": "https://h.example.com", "transport": "amqp" }), "transport"),
+        (json!({ "url": "https://h.example.com", "transport": "amqp" }), "amqp"),
+        (json!({ "transport": "amqp", "amqp": { "uri": "http://x", "exchange": "e" } }), "amqp.uri"),
+        (json!({ "transport": "amqp", "amqp": { "uri": "amqp://127.0.0.1", "exchange": "" } }), "amqp.exchange"),
+        (json!({ "url": "https://h.example.com", "amqp": { "uri": "amqp://127.0.0.1", "exchange": "e" } }), "amqp"),
     ];
     for (body, field) in cases {
         let (status, err) = h.api.post("/v1/subscriptions", body.clone()).await;

@@ -1,5 +1,6 @@
 //! Integration tests: the real server, real HTTP on loopback, a real log on disk.
 
+mod amqp;
 mod api;
 mod crash;
 mod delivery;

@@ -1,0 +1,188 @@
+//! AMQP delivery against a real RabbitMQ on loopback (`scripts/test` installs and starts
+//! Debian's rabbitmq-server). One sequential test, because it restarts the broker.
+
+use crate::support::{until, TestHerald};
+use herald_load_tests::verify::Verifier;
+use lapin::options::{BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::Duration;
+
+const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+async fn channel() -> (Connection, Channel) {
+    let conn = Connection::connect(BROKER, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ reachable on 127.0.0.1:5672 (./scripts/test installs and starts it)");
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+async fn topic(ch: &Channel, exchange: &str, durable: bool, bindings: &[(&str, &str)]) {
+    let opts = ExchangeDeclareOptions { durable, ..Default::default() };
+    ch.exchange_declare(exchange.into(), ExchangeKind::Topic, opts, FieldTable::default()).await.unwrap();
+    for (queue, key) in bindings {
+        ch.queue_declare((*queue).into(), QueueDeclareOptions { durable, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        ch.queue_bind(
+            (*queue).into(),
+            exchange.into(),
+            (*key).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+async fn take(ch: &Channel, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+    ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.ok().flatten()
+}
+
+fn header(props: &lapin::BasicProperties, name: &str) -> String {
+    match props.headers().as_ref().and_then(|h| h.inner().get(&ShortString::from(name)).cloned()) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("header {name}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn events_are_published_to_the_exchange_by_routing_key_and_survive_a_broker_restart() {
+    let run = format!(
+        "{:x}",
+        std::process::id() as u64 * 1_000_003
+            + std::time::SystemTime::now().elapsed().map(|d| d.as_nanos() as u64).unwrap_or(7)
+    );
+    let h = TestHerald::start().await;
+    let (_conn, ch) = channel().await;
+
+    // 1. Routing keys per event type, properties and signature headers.
+    let exchange = format!("herald-test-{run}");
+    let (q_imported, q_machine) = (format!("imported-{run}"), format!("machine-{run}"));
+    topic(&ch, &exchange, false, &[(&q_imported, "ImportedStatus"), (&q_machine, "MachineGroupStatus")]).await;
+    let sub = h
+        .api
+        .subscribe(json!({
+            "transport": "amqp",
+            "amqp": { "uri": BROKER, "exchange": exchange,
+                      "routing_keys": { "Imported": "ImportedStatus", "MachineGroupChanged": "MachineGroupStatus" } },
+            "retry": { "policy": "fixed", "interval": "200ms", "max_attempts": 3 }
+        }))
+        .await;
+    assert!(!sub.to_string().contains(":guest@"), "the broker password is never returned: {sub}");
+    let verifier = Verifier::new(sub["secret"].as_str().unwrap()).unwrap();
+    let (_, a) = h.api.post("/v1/events", json!({ "id": "imp-1", "type": "Imported", "data": { "batch": 7 } })).await;
+    let (_, b) = h
+        .api
+        .post("/v1/events", json!({ "id": "mg-1", "type": "MachineGroupChanged", "data": { "group": "A" } }))
+        .await;
+    assert_eq!((a["deliveries"].as_u64(), b["deliveries"].as_u64()), (Some(1), Some(1)));
+    for (queue, id, event) in [(&q_imported, "imp-1", "Imported"), (&q_machine, "mg-1", "MachineGroupChanged")] {
+        let msg =
+            until(&format!("{event} on its queue"), Duration::from_secs(15), || async { take(&ch, queue).await }).await;
+        let props = &msg.delivery.properties;
+        let body: serde_json::Value = serde_json::from_slice(&msg.delivery.data).unwrap();
+        assert_eq!((body["id"].as_str(), body["event"].as_str()), (Some(id), Some(event)));
+        assert_eq!(props.message_id().as_ref().map(|s| s.as_str()), Some(id));
+        assert_eq!(props.content_type().as_ref().map(|s| s.as_str()), Some("application/json"));
+        assert_eq!(*props.delivery_mode(), Some(2), "persistent");
+        assert!(props.timestamp().is_some_and(|t| t > 0));
+        assert_eq!(
+            msg.delivery.routing_key.as_str(),
+            if event == "Imported" { "ImportedStatus" } else { "MachineGroupStatus" }
+        );
+        assert!(verifier.verify(
+            id,
+            &header(props, "webhook-timestamp"),
+            &msg.delivery.data,
+            &header(props, "webhook-signature")
+        ));
+    }
+
+    // 2. An unroutable key and a missing exchange are failures: retried, then dead-lettered.
+    let once_more = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 2 });
+    let unbound = format!("herald-unbound-{run}");
+    topic(&ch, &unbound, false, &[]).await; // an exchange with no queue bound
+    let unroutable = h
+        .api
+        .subscribe(json!({ "transport": "amqp", "events": ["Unbound"], "amqp": { "uri": BROKER, "exchange": unbound }, "retry": once_more }))
+        .await;
+    let missing = h
+        .api
+        .subscribe(json!({ "transport": "amqp", "events": ["Lost"], "amqp": { "uri": BROKER, "exchange": format!("missing-{run}") }, "retry": once_more }))
+        .await;
+    h.api.post("/v1/events", json!({ "type": "Unbound", "data": {} })).await;
+    h.api.post("/v1/events", json!({ "type": "Lost", "data": {} })).await;
+    let api = h.api.clone();
+    let dead = until("both failures dead-lettered", Duration::from_secs(20), || async {
+        let (_, page) = api.get("/v1/dlq").await;
+        let items = page["items"].as_array().unwrap().clone();
+        (items.len() >= 2).then_some(items)
+    })
+    .await;
+    let error_of = |sub: &serde_json::Value| {
+        dead.iter()
+            .find(|e| e["subscription"] == sub["id"])
+            .map(|e| (e["attempts"].as_u64(), e["last_error"].as_str().unwrap().to_string()))
+            .unwrap()
+    };
+    let (attempts, error) = error_of(&unroutable);
+    assert_eq!(attempts, Some(2));
+    assert!(error.contains("unroutable"), "{error}");
+    let (attempts, error) = error_of(&missing);
+    assert_eq!(attempts, Some(2));
+    assert!(error.to_lowercase().contains("not_found") || error.contains("404"), "{error}");
+
+    // 3. The broker stops mid-stream and comes back: every event arrives at least once.
+    let durable_exchange = format!("herald-durable-{run}");
+    let durable_queue = format!("durable-{run}");
+    topic(&ch, &durable_exchange, true, &[(&durable_queue, "#")]).await;
+    h.api
+        .subscribe(json!({
+            "transport": "amqp", "events": ["Steady"], "amqp": { "uri": BROKER, "exchange": durable_exchange },
+            "retry": { "policy": "fixed", "interval": "300ms", "max_attempts": 200 }
+        }))
+        .await;
+    let rabbitmqctl = |args: &[&str]| {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(status.success(), "rabbitmqctl {args:?}");
+    };
+    for i in 0..40 {
+        if i == 15 {
+            rabbitmqctl(&["stop_app"]);
+        }
+        if i == 25 {
+            rabbitmqctl(&["start_app"]);
+            rabbitmqctl(&["await_startup", "--timeout", "60"]);
+        }
+        let (status, _) =
+            h.api.post("/v1/events", json!({ "id": format!("steady-{i}"), "type": "Steady", "data": i })).await;
+        assert_eq!(status, 202, "Herald keeps accepting while the broker is down");
+        tokio::time::sleep(Duration::from_millis(50)).await; // pacing the producer, not synchronisation
+    }
+    let (_conn2, ch2) = channel().await; // the first connection died with the broker
+    let seen: std::sync::Arc<std::sync::Mutex<(HashSet<String>, usize)>> = Default::default();
+    until("all 40 events in the durable queue", Duration::from_secs(60), || {
+        let (ch2, queue, seen) = (ch2.clone(), durable_queue.clone(), seen.clone());
+        async move {
+            while let Some(msg) = take(&ch2, &queue).await {
+                let id = msg.delivery.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
+                let mut s = seen.lock().unwrap();
+                s.0.insert(id);
+                s.1 += 1;
+            }
+            (seen.lock().unwrap().0.len() >= 40).then_some(())
+        }
+    })
+    .await;
+    let copies = seen.lock().unwrap().1;
+    eprintln!("amqp restart test: 40 events, {copies} messages received ({} duplicates)", copies - 40);
+}
