@@ -5,7 +5,8 @@ use crate::log::{Log, LogError, Record};
 use crate::model::{new_id, now_ms, Delivery, EventInput, MAX_EVENT_ID_LEN};
 use crate::registry::{validate_tenant, Invalid, Registry};
 use bytes::Bytes;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 /// An event that passed validation.
 #[derive(Debug, Clone)]
@@ -20,6 +21,8 @@ pub struct Event {
     pub data: Bytes,
     /// `changes` bytes as sent.
     pub changes: Option<Bytes>,
+    /// Whether the producer gave the id (only those are checked for repeats).
+    pub id_given: bool,
 }
 
 /// What was accepted for one event.
@@ -47,6 +50,7 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str) -> Result
     if event_type.is_empty() || event_type.len() > 256 || event_type.chars().any(char::is_control) {
         return Err(bad("type", "must be 1 to 256 characters without control characters"));
     }
+    let id_given = input.id.is_some();
     let id = match input.id {
         Some(id) => {
             // It travels as the webhook-id header: visible ASCII only.
@@ -65,7 +69,35 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str) -> Result
         tenant,
         data: Bytes::copy_from_slice(input.data.get().as_bytes()),
         changes: input.changes.map(|c| Bytes::copy_from_slice(c.get().as_bytes())),
+        id_given,
     })
+}
+
+/// How long an accepted event id is remembered, so a producer's retry is not published twice.
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Most event ids remembered at once.
+const IDEMPOTENCY_CAPACITY: usize = 200_000;
+
+/// Recently accepted (tenant, event id) pairs and their delivery counts. In memory: after a
+/// restart a repeated publish is appended again, and receivers drop it by `webhook-id`.
+#[derive(Default)]
+struct Recent {
+    counts: HashMap<(String, String), usize>,
+    order: VecDeque<((String, String), i64)>,
+}
+
+impl Recent {
+    fn expire(&mut self, now: i64) {
+        let horizon = now - IDEMPOTENCY_WINDOW.as_millis() as i64;
+        while let Some((key, at)) = self.order.front() {
+            if *at >= horizon && self.order.len() <= IDEMPOTENCY_CAPACITY {
+                break;
+            }
+            self.counts.remove(key);
+            self.order.pop_front();
+        }
+    }
 }
 
 /// Fans out and appends.
@@ -73,20 +105,39 @@ pub struct Ingest {
     log: Arc<dyn Log>,
     registry: Arc<Registry>,
     topic: String,
+    recent: Mutex<Recent>,
 }
 
 impl Ingest {
     /// Ingest into `topic`.
     pub fn new(log: Arc<dyn Log>, registry: Arc<Registry>, topic: String) -> Self {
-        Ingest { log, registry, topic }
+        Ingest { log, registry, topic, recent: Mutex::new(Recent::default()) }
     }
 
     /// Appends every delivery of `events` in one durable append; returns per-event counts.
+    /// An event whose id (for its tenant) was accepted in the last [`IDEMPOTENCY_WINDOW`],
+    /// in this request or an earlier one, gets the first answer back and appends nothing.
     pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<Accepted>, LogError> {
         let now = now_ms();
         let mut records = Vec::new();
         let mut accepted = Vec::with_capacity(events.len());
+        let mut fresh: Vec<((String, String), usize)> = Vec::new();
+        let mut new_events = 0u64;
+        let known = |key: &(String, String), fresh: &[((String, String), usize)]| {
+            fresh
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, n)| *n)
+                .or_else(|| self.recent.lock().unwrap().counts.get(key).copied())
+        };
         for event in events {
+            let key = (event.tenant.clone(), event.id.clone());
+            if event.id_given {
+                if let Some(deliveries) = known(&key, &fresh) {
+                    accepted.push(Accepted { id: event.id, deliveries });
+                    continue;
+                }
+            }
             let targets = self.registry.matching(&event.tenant, &event.event_type);
             for target in &targets {
                 let delivery = Delivery {
@@ -105,10 +156,22 @@ impl Ingest {
                 records
                     .push(Record { key: Bytes::copy_from_slice(target.sub.id.as_bytes()), value: delivery.encode() });
             }
+            if event.id_given {
+                fresh.push((key, targets.len()));
+            }
+            new_events += 1;
             accepted.push(Accepted { id: event.id, deliveries: targets.len() });
         }
         self.log.append(&self.topic, records).await?;
-        metrics::counter!(crate::metrics::EVENTS_INGESTED).increment(accepted.len() as u64);
+        {
+            let mut recent = self.recent.lock().unwrap();
+            for (key, n) in fresh {
+                recent.counts.insert(key.clone(), n);
+                recent.order.push_back((key, now));
+            }
+            recent.expire(now);
+        }
+        metrics::counter!(crate::metrics::EVENTS_INGESTED).increment(new_events);
         Ok(accepted)
     }
 }

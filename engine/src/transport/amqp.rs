@@ -1,8 +1,10 @@
 //! The AMQP 0.9.1 transport: publishes a delivery to the subscriber's exchange with a routing
-//! key per event type. One connection and one confirm-mode channel per broker URI, re-opened
-//! on the next publish after any failure (so delivery resumes by itself when a broker comes
-//! back). Every publish is mandatory and persistent and waits for its own confirm; many are
-//! in flight at once, up to a window of unconfirmed messages per broker.
+//! key per event type. One connection and one confirm-mode channel per broker URI and
+//! exchange (so one subscription's missing exchange, which makes the broker close the
+//! channel, cannot fail another's publishes), re-opened on the next publish after any failure
+//! (so delivery resumes by itself when a broker comes back). Every publish is mandatory and
+//! persistent and waits for its own confirm; many are in flight at once, up to a window of
+//! unconfirmed messages per channel.
 
 use super::guard::NetworkGuard;
 use super::Outcome;
@@ -17,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-/// Unconfirmed publishes per broker at most.
+/// Unconfirmed publishes per channel at most.
 const CONFIRM_WINDOW: usize = 1024;
 
 struct Link {
@@ -31,7 +33,7 @@ struct Broker {
     window: Option<Arc<Semaphore>>,
 }
 
-/// Publishers pooled per broker URI.
+/// Publishers pooled per broker URI and exchange.
 #[derive(Clone)]
 pub struct AmqpTransport {
     brokers: Arc<Mutex<HashMap<String, Arc<Broker>>>>,
@@ -65,10 +67,10 @@ impl AmqpTransport {
         AmqpTransport { brokers: Default::default(), guard }
     }
 
-    fn broker(&self, uri: &str) -> Arc<Broker> {
+    fn broker(&self, uri: &str, exchange: &str) -> Arc<Broker> {
         let mut brokers = self.brokers.lock().unwrap();
         brokers
-            .entry(uri.to_string())
+            .entry(format!("{uri}\n{exchange}"))
             .or_insert_with(|| {
                 Arc::new(Broker { link: Default::default(), window: Some(Arc::new(Semaphore::new(CONFIRM_WINDOW))) })
             })
@@ -132,7 +134,7 @@ impl AmqpTransport {
         let failed =
             |error: String| Outcome::Failed { status: None, error, retry_after: None, latency: started.elapsed() };
         let uri = target.uri.expose();
-        let broker = self.broker(uri);
+        let broker = self.broker(uri, &target.exchange);
         let Some(window) = broker.window.clone() else { return failed("no confirm window".into()) };
         let Ok(_slot) = window.acquire_owned().await else { return failed("broker closed".into()) };
         let channel = match self.channel(&broker, uri, timeout).await {

@@ -225,3 +225,41 @@ async fn a_malformed_record_is_dead_lettered_and_does_not_stop_its_partition() {
     assert_eq!(dlq[0].subscription, id);
     assert!(dlq[0].last_error.as_deref().unwrap().contains("malformed delivery record"), "{:?}", dlq[0]);
 }
+
+#[tokio::test]
+async fn a_repeated_event_id_is_accepted_once() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/idem") })).await;
+    h.api.subscribe(json!({ "url": rx.url("/idem2") })).await;
+    // A producer retrying after a timeout sends the same id again: same answer, no new deliveries.
+    for _ in 0..2 {
+        let (status, body) = h.api.post("/v1/events", json!({ "id": "dup-1", "type": "T", "data": 1 })).await;
+        assert_eq!((status.as_u16(), body["id"].as_str(), body["deliveries"].as_u64()), (202, Some("dup-1"), Some(2)));
+    }
+    let (_, batch) = h
+        .api
+        .post(
+            "/v1/events/batch",
+            json!([{ "id": "dup-2", "type": "T", "data": 2 }, { "id": "dup-2", "type": "T", "data": 2 }, { "id": "dup-1", "type": "T", "data": 1 }]),
+        )
+        .await;
+    let counts: Vec<u64> =
+        batch["items"].as_array().unwrap().iter().map(|i| i["deliveries"].as_u64().unwrap()).collect();
+    assert_eq!(counts, vec![2, 2, 2]);
+    // Another tenant's event may use the same id.
+    let (_, other) =
+        h.api.post("/v1/events", json!({ "id": "dup-1", "type": "T", "tenant": "other", "data": 1 })).await;
+    assert_eq!(other["deliveries"], 0);
+    // The log holds each (event, subscription) delivery once.
+    let records = h.herald.log().read_all("herald.deliveries").await.unwrap();
+    let mut per_event = std::collections::HashMap::new();
+    for r in records {
+        let d = herald::model::Delivery::decode(r.value).unwrap();
+        *per_event.entry(d.event_id).or_insert(0) += 1;
+    }
+    assert_eq!(per_event.get("dup-1"), Some(&2), "{per_event:?}");
+    assert_eq!(per_event.get("dup-2"), Some(&2), "{per_event:?}");
+    let got = rx.wait_on("/idem", 2).await;
+    assert_eq!(got.len(), 2);
+}
