@@ -83,6 +83,17 @@ pub trait Log: Send + Sync + 'static {
     /// Reads every record currently in `topic`, all partitions, oldest first per partition.
     async fn read_all(&self, topic: &str) -> Result<Vec<LogRecord>, LogError>;
 
+    /// Reads up to `max` records of one partition at or after `from`; returns them and the
+    /// offset to continue from, `None` once the partition's current end is reached. For
+    /// scanning a large topic a page at a time.
+    async fn read_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<LogRecord>, Option<u64>), LogError>;
+
     /// Joins consumer `group` on `topic`; the consumer is told which partitions it owns.
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError>;
 

@@ -70,17 +70,6 @@ pub fn decode(mut bytes: Bytes) -> Option<DlqRecord> {
     }
 }
 
-/// A live (not replayed) entry and where it is.
-#[derive(Debug, Clone)]
-pub struct Live {
-    /// Position, the list cursor.
-    pub position: (u32, u64),
-    /// The entry.
-    pub entry: DeadLetter,
-    /// Its delivery record.
-    pub delivery: Bytes,
-}
-
 /// What a replay asks for.
 #[derive(Debug, Clone)]
 pub enum Selection {
@@ -108,50 +97,115 @@ pub struct Skipped {
     pub reason: &'static str,
 }
 
-/// Lists and replays dead letters.
+/// Records read from the topic at a time: pages stream, the topic is never held whole.
+const SCAN_CHUNK: usize = 1024;
+
+/// Entries replayed per append when a whole subscription is replayed.
+const REPLAY_CHUNK: usize = 1000;
+
+/// Lists and replays dead letters, reading the topic a page at a time. The ids of replayed
+/// entries (small: only what was replayed) are kept in memory, found once by a scan.
 pub struct DeadLetters {
     log: Arc<dyn Log>,
     dlq_topic: String,
     deliveries_topic: String,
     replays: tokio::sync::Mutex<()>,
+    replayed: tokio::sync::OnceCell<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// One entry read from the topic.
+struct Found {
+    position: (u32, u64),
+    entry: DeadLetter,
+    delivery: Bytes,
 }
 
 impl DeadLetters {
     /// Dead letters in `dlq_topic`, replayed into `deliveries_topic`.
     pub fn new(log: Arc<dyn Log>, dlq_topic: String, deliveries_topic: String) -> Self {
-        DeadLetters { log, dlq_topic, deliveries_topic, replays: tokio::sync::Mutex::new(()) }
+        DeadLetters {
+            log,
+            dlq_topic,
+            deliveries_topic,
+            replays: tokio::sync::Mutex::new(()),
+            replayed: tokio::sync::OnceCell::new(),
+        }
     }
 
-    /// Every live entry, oldest first per partition, each id once; and the replayed ids.
-    async fn scan(&self) -> Result<(Vec<Live>, HashSet<String>), LogError> {
-        let mut records = self.log.read_all(&self.dlq_topic).await?;
-        records.sort_by_key(|r| (r.partition, r.offset));
-        let mut replayed = HashSet::new();
-        let mut seen = HashSet::new();
-        let mut live = Vec::new();
-        for rec in records {
-            match decode(rec.value) {
-                Some(DlqRecord::Replayed(id)) => {
-                    replayed.insert(id);
-                }
-                Some(DlqRecord::Entry { entry, delivery }) => {
-                    if seen.insert(entry.id.clone()) {
-                        live.push(Live { position: (rec.partition, rec.offset), entry: *entry, delivery });
+    /// The ids replayed so far (scanned from the topic's markers on first use).
+    async fn replayed(&self) -> Result<&std::sync::Mutex<HashSet<String>>, LogError> {
+        self.replayed
+            .get_or_try_init(|| async {
+                let mut ids = HashSet::new();
+                for p in 0..self.log.partitions(&self.dlq_topic)? {
+                    let mut from = Some(0);
+                    while let Some(at) = from {
+                        let (records, next) = self.log.read_partition(&self.dlq_topic, p, at, SCAN_CHUNK).await?;
+                        ids.extend(records.into_iter().filter_map(|r| match decode(r.value) {
+                            Some(DlqRecord::Replayed(id)) => Some(id),
+                            _ => None,
+                        }));
+                        from = next;
                     }
                 }
-                None => tracing::warn!(
-                    partition = rec.partition,
-                    offset = rec.offset,
-                    "unreadable dead-letter record skipped"
-                ),
+                Ok(std::sync::Mutex::new(ids))
+            })
+            .await
+    }
+
+    /// Partitions holding `subscription`'s entries (all of them when `None`).
+    fn partitions(&self, subscription: Option<&str>) -> Result<Vec<u32>, LogError> {
+        let n = self.log.partitions(&self.dlq_topic)?;
+        Ok(match subscription {
+            // Entries are keyed by subscription, so one subscription's are in one partition.
+            Some(s) => vec![crate::log::partition_for(s.as_bytes(), n)],
+            None => (0..n).collect(),
+        })
+    }
+
+    /// Streams live entries of `partitions` after `after`, calling `take` until it says stop.
+    async fn scan(
+        &self,
+        partitions: Vec<u32>,
+        after: Option<(u32, u64)>,
+        mut take: impl FnMut(Found) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), LogError> {
+        let replayed = self.replayed().await?;
+        for p in partitions {
+            let mut from = match after {
+                Some((ap, _)) if ap > p => continue,
+                Some((ap, ao)) if ap == p => Some(ao + 1),
+                _ => Some(0),
+            };
+            while let Some(at) = from {
+                let (records, next) = self.log.read_partition(&self.dlq_topic, p, at, SCAN_CHUNK).await?;
+                for rec in records {
+                    let position = (rec.partition, rec.offset);
+                    match decode(rec.value) {
+                        Some(DlqRecord::Entry { entry, delivery }) => {
+                            if replayed.lock().unwrap().contains(&entry.id) {
+                                continue;
+                            }
+                            if take(Found { position, entry: *entry, delivery }).is_break() {
+                                return Ok(());
+                            }
+                        }
+                        Some(DlqRecord::Replayed(_)) => {}
+                        None => tracing::warn!(
+                            partition = position.0,
+                            offset = position.1,
+                            "unreadable dead-letter record skipped"
+                        ),
+                    }
+                }
+                from = next;
             }
         }
-        live.retain(|l| !replayed.contains(&l.entry.id));
-        Ok((live, replayed))
+        Ok(())
     }
 
     /// Live entries matching the filters after `after`, at most `limit`, and the cursor of
-    /// the last one when more may follow.
+    /// the last one when more follow. Reads only as far as the page needs.
     pub async fn list(
         &self,
         subscription: Option<&str>,
@@ -159,63 +213,113 @@ impl DeadLetters {
         after: Option<(u32, u64)>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, Option<(u32, u64)>), LogError> {
-        let (live, _) = self.scan().await?;
-        let mut page: Vec<Live> = live
-            .into_iter()
-            .filter(|l| after.is_none_or(|a| l.position > a))
-            .filter(|l| subscription.is_none_or(|s| l.entry.subscription == s))
-            .filter(|l| tenant.is_none_or(|t| l.entry.tenant == t))
-            .take(limit + 1)
-            .collect();
-        let next = (page.len() > limit).then(|| page[limit - 1].position);
-        page.truncate(limit);
-        Ok((page.into_iter().map(|l| l.entry).collect(), next))
+        let mut page: Vec<Found> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut more = false;
+        self.scan(self.partitions(subscription)?, after, |f| {
+            let wanted =
+                subscription.is_none_or(|s| f.entry.subscription == s) && tenant.is_none_or(|t| f.entry.tenant == t);
+            if !wanted || !seen.insert(f.entry.id.clone()) {
+                return std::ops::ControlFlow::Continue(());
+            }
+            if page.len() == limit {
+                more = true;
+                return std::ops::ControlFlow::Break(());
+            }
+            page.push(f);
+            std::ops::ControlFlow::Continue(())
+        })
+        .await?;
+        let next = if more { page.last().map(|f| f.position) } else { None };
+        Ok((page.into_iter().map(|f| f.entry).collect(), next))
     }
 
     /// Re-enqueues the selected entries with a fresh attempt budget (attempt 1, `max_age`
     /// from now), then marks them replayed. `tenant` limits what may be replayed.
     pub async fn replay(&self, selection: Selection, tenant: Option<&str>) -> Result<ReplayReport, LogError> {
         let _one_at_a_time = self.replays.lock().await;
-        let (live, replayed) = self.scan().await?;
-        let visible = |l: &&Live| tenant.is_none_or(|t| l.entry.tenant == t);
+        let visible = |f: &Found| tenant.is_none_or(|t| f.entry.tenant == t);
         let mut report = ReplayReport::default();
-        let chosen: Vec<&Live> = match &selection {
+        match selection {
             Selection::Subscription(sub) => {
-                live.iter().filter(visible).filter(|l| &l.entry.subscription == sub).collect()
-            }
-            Selection::Ids(ids) => {
-                let mut chosen = Vec::new();
-                for id in ids {
-                    match live.iter().filter(visible).find(|l| &l.entry.id == id) {
-                        Some(l) if !chosen.iter().any(|c: &&Live| c.entry.id == l.entry.id) => chosen.push(l),
-                        Some(_) => {}
-                        None if replayed.contains(id) => {
-                            report.skipped.push(Skipped { id: id.clone(), reason: "already_replayed" })
+                // Stream the subscription's partition, replaying a chunk at a time.
+                let mut after = None;
+                loop {
+                    let mut chunk: Vec<Found> = Vec::new();
+                    let mut seen = HashSet::new();
+                    self.scan(self.partitions(Some(&sub))?, after, |f| {
+                        if f.entry.subscription == sub && visible(&f) && seen.insert(f.entry.id.clone()) {
+                            chunk.push(f);
                         }
-                        None => report.skipped.push(Skipped { id: id.clone(), reason: "not_found" }),
+                        if chunk.len() == REPLAY_CHUNK {
+                            std::ops::ControlFlow::Break(())
+                        } else {
+                            std::ops::ControlFlow::Continue(())
+                        }
+                    })
+                    .await?;
+                    let full = chunk.len() == REPLAY_CHUNK;
+                    after = chunk.last().map(|f| f.position);
+                    self.enqueue(chunk, &mut report).await?;
+                    if !full {
+                        break;
                     }
                 }
-                chosen
             }
-        };
+            Selection::Ids(ids) => {
+                let mut wanted: HashSet<String> = ids.iter().cloned().collect();
+                let mut chosen = Vec::new();
+                self.scan(self.partitions(None)?, None, |f| {
+                    if wanted.contains(&f.entry.id) && visible(&f) {
+                        wanted.remove(&f.entry.id);
+                        chosen.push(f);
+                    }
+                    if wanted.is_empty() {
+                        std::ops::ControlFlow::Break(())
+                    } else {
+                        std::ops::ControlFlow::Continue(())
+                    }
+                })
+                .await?;
+                let replayed = self.replayed().await?;
+                for id in ids.iter().filter(|id| wanted.contains(*id)) {
+                    let reason = if replayed.lock().unwrap().contains(id) { "already_replayed" } else { "not_found" };
+                    if !report.skipped.iter().any(|s| &s.id == id) {
+                        report.skipped.push(Skipped { id: id.clone(), reason });
+                    }
+                }
+                self.enqueue(chosen, &mut report).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Appends fresh deliveries for `entries`, then their replay markers (enqueue first: a
+    /// crash between the two can only make a later replay repeat them).
+    async fn enqueue(&self, entries: Vec<Found>, report: &mut ReplayReport) -> Result<(), LogError> {
         let now = now_ms();
         let mut deliveries = Vec::new();
         let mut markers = Vec::new();
-        for l in chosen {
-            let Ok(old) = Delivery::decode(l.delivery.clone()) else {
-                report.skipped.push(Skipped { id: l.entry.id.clone(), reason: "unreadable" });
+        let mut ids = Vec::new();
+        for f in entries {
+            let Ok(old) = Delivery::decode(f.delivery.clone()) else {
+                report.skipped.push(Skipped { id: f.entry.id.clone(), reason: "unreadable" });
                 continue;
             };
             let fresh = Delivery { attempt: 1, due_ms: now, budget_ms: now, generation: old.generation + 1, ..old };
             let key = Bytes::copy_from_slice(fresh.subscription.as_bytes());
             deliveries.push(Record { key: key.clone(), value: fresh.encode() });
-            markers.push(Record { key, value: encode_replayed(&l.entry.id) });
-            report.replayed.push(l.entry.id.clone());
+            markers.push(Record { key, value: encode_replayed(&f.entry.id) });
+            ids.push(f.entry.id);
         }
-        // Enqueue first: a crash before the markers can only make a later replay repeat it.
+        if ids.is_empty() {
+            return Ok(());
+        }
         self.log.append(&self.deliveries_topic, deliveries).await?;
         self.log.append(&self.dlq_topic, markers).await?;
-        Ok(report)
+        self.replayed().await?.lock().unwrap().extend(ids.iter().cloned());
+        report.replayed.extend(ids);
+        Ok(())
     }
 }
 

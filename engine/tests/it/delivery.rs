@@ -172,6 +172,24 @@ async fn failed_deliveries_are_dead_lettered_with_status_and_error() {
         (page["items"].as_array().unwrap().len() >= 15).then_some(())
     })
     .await;
+    // Paging across every partition reaches each entry exactly once.
+    let mut all = std::collections::HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/dlq?limit=4&cursor={c}"),
+            None => "/v1/dlq?limit=4".to_string(),
+        };
+        let (_, page) = api.get(&path).await;
+        for item in page["items"].as_array().unwrap() {
+            assert!(all.insert(item["id"].as_str().unwrap().to_string()), "listed twice: {item}");
+        }
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(all.len(), 15);
     let (_, page) = api.get(&format!("/v1/dlq?subscription={}&limit=2", broken["id"].as_str().unwrap())).await;
     assert_eq!(page["items"].as_array().unwrap().len(), 2);
     let (_, rest) = api

@@ -268,6 +268,49 @@ impl Log for EmbeddedLog {
         .map_err(|e| LogError::Backend(e.to_string()))?
     }
 
+    async fn read_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
+        let part = self
+            .topic(topic)?
+            .get(partition as usize)
+            .cloned()
+            .ok_or_else(|| LogError::UnknownTopic(format!("{topic}/{partition}")))?;
+        tokio::task::spawn_blocking(move || -> Result<_, LogError> {
+            let end = part.end_offset();
+            let mut next = from.max(part.start_offset());
+            loop {
+                if next >= end {
+                    return Ok((Vec::new(), None));
+                }
+                let (frames, after) = part.read(next, max.max(1), 4 << 20)?;
+                if !frames.is_empty() {
+                    let records = frames
+                        .into_iter()
+                        .map(|f| LogRecord {
+                            partition,
+                            offset: f.offset,
+                            timestamp_ms: f.timestamp_ms,
+                            key: f.key,
+                            value: f.value,
+                        })
+                        .collect();
+                    return Ok((records, (after < end).then_some(after)));
+                }
+                if after <= next {
+                    return Ok((Vec::new(), None));
+                }
+                next = after;
+            }
+        })
+        .await
+        .map_err(|e| LogError::Backend(e.to_string()))?
+    }
+
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
         let parts = self.topic(topic)?;
         self.offsets.join(group, topic);
