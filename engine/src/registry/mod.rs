@@ -1,51 +1,22 @@
-//! The subscription registry: validates subscriptions, keeps them in the log's compacted
-//! `subscriptions` topic (the source of truth) and serves them from memory, compiled into
-//! [`Target`]s that are ready to sign and send.
+//! The subscription registry: keeps subscriptions in the log's compacted `subscriptions`
+//! topic (the source of truth) and serves them from memory, validated (`validate`) and
+//! compiled into [`Target`]s that are ready to sign and send (`target`).
 
-use crate::config::{HealthConfig, HumanDuration};
-use crate::endpoint::Endpoint;
+mod target;
+mod validate;
+
+pub use target::Target;
+pub use validate::{validate, validate_tenant, Invalid, STATIC_PREFIX};
+
+use crate::config::HealthConfig;
 use crate::log::{Log, LogError, Record};
-use crate::model::{
-    new_id, now_ms, rfc3339_ms, Auth, RetrySpec, SignatureSpec, Subscription, SubscriptionInput, SubscriptionPatch,
-    TransportKind,
-};
-use crate::signing::{generate_secret, Signer, SigningError};
+use crate::model::{now_ms, rfc3339_ms, SignatureSpec, Subscription, SubscriptionInput, SubscriptionPatch};
+use crate::signing::generate_secret;
 use crate::transport::guard::NetworkGuard;
-use base64::Engine;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
-
-/// A subscription compiled for delivery.
-#[derive(Debug)]
-pub struct Target {
-    /// The stored subscription.
-    pub sub: Subscription,
-    /// Prepared signing keys.
-    pub signer: Signer,
-    /// Request URI, `key` query parameter included.
-    pub uri: Uri,
-    /// Fixed headers: custom ones, user agent, Basic auth.
-    pub headers: HeaderMap,
-    /// Load on the endpoint in this process.
-    pub endpoint: Endpoint,
-}
-
-/// A field that failed validation.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("{field}: {message}")]
-pub struct Invalid {
-    /// The field, as a JSON path (`url`, `headers.x-foo`).
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
-    Invalid { field: field.into(), message: message.into() }
-}
+use validate::{invalid, static_input};
 
 /// Registry failures.
 #[derive(Debug, thiserror::Error)]
@@ -56,254 +27,6 @@ pub enum RegistryError {
     /// The registry topic could not be written or read.
     #[error(transparent)]
     Log(#[from] LogError),
-}
-
-/// Headers Herald sets itself; a subscription cannot override them.
-const RESERVED_HEADERS: &[&str] = &[
-    "host",
-    "content-length",
-    "content-type",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
-];
-
-const USER_AGENT: &str = concat!("Herald/", env!("CARGO_PKG_VERSION"));
-
-/// Request timeouts a subscription may choose.
-const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
-
-impl Target {
-    /// Compiles a stored subscription with default endpoint health settings.
-    pub fn compile(sub: Subscription) -> Result<Target, Invalid> {
-        Self::compile_with(sub, HealthConfig::default())
-    }
-
-    /// Compiles a stored subscription; fails only if it could never be delivered.
-    pub fn compile_with(sub: Subscription, health: HealthConfig) -> Result<Target, Invalid> {
-        let mut signer = Signer::new(&sub.signature, &[&sub.secret]).map_err(|e| match e {
-            SigningError::BadHeader(_) => invalid("signature.header", e.to_string()),
-            _ => invalid("secret", e.to_string()),
-        })?;
-        if let (Some(previous), Some(until)) = (&sub.previous_secret, sub.previous_secret_until) {
-            signer = signer.with_previous(previous, until).map_err(|e| invalid("secret", e.to_string()))?;
-        }
-        let mut url = url::Url::parse(&sub.url).map_err(|e| invalid("url", e.to_string()))?;
-        if let Some(key) = &sub.key {
-            url.query_pairs_mut().append_pair("key", key.expose());
-        }
-        let uri: Uri = url.as_str().parse().map_err(|_| invalid("url", "not a valid request URI"))?;
-        let mut headers = HeaderMap::new();
-        headers.insert(http::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
-        for (name, value) in &sub.headers {
-            let field = format!("headers.{name}");
-            let name =
-                HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid(&field, "not a valid header name"))?;
-            if RESERVED_HEADERS.contains(&name.as_str()) {
-                return Err(invalid(&field, "this header is set by Herald and cannot be overridden"));
-            }
-            let value = HeaderValue::from_str(value).map_err(|_| invalid(&field, "not a valid header value"))?;
-            headers.insert(name, value);
-        }
-        if let Auth::Basic { username, password } = &sub.auth {
-            let token = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{}", password.expose()));
-            let mut value = HeaderValue::from_str(&format!("Basic {token}"))
-                .map_err(|_| invalid("auth.username", "not valid in a header"))?;
-            value.set_sensitive(true);
-            headers.insert(http::header::AUTHORIZATION, value);
-        }
-        let endpoint = Endpoint::new(sub.max_in_flight, sub.rate_limit, health);
-        Ok(Target { sub, signer, uri, headers, endpoint })
-    }
-}
-
-fn check_duration(field: &str, d: Option<HumanDuration>, (min, max): (Duration, Duration)) -> Result<(), Invalid> {
-    match d {
-        Some(d) if d.0 < min || d.0 > max => {
-            Err(invalid(field, format!("must be between {} and {}", HumanDuration(min), HumanDuration(max))))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Checks a new subscription and fills in what the server decides.
-pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) -> Result<Subscription, Invalid> {
-    validate_tenant(&tenant)?;
-    let mut input = input;
-    match input.transport {
-        TransportKind::Webhook => {
-            if input.amqp.is_some() {
-                return Err(invalid("amqp", "only valid with transport \"amqp\""));
-            }
-        }
-        TransportKind::Amqp => {
-            let target = input
-                .amqp
-                .as_ref()
-                .ok_or_else(|| invalid("amqp", "transport \"amqp\" needs amqp.uri and amqp.exchange"))?;
-            crate::transport::amqp::validate(target).map_err(|(field, message)| invalid(field, message))?;
-            if input.url.is_empty() {
-                // The label of an AMQP subscription: broker and exchange, never the password.
-                let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| invalid("amqp.uri", e.to_string()))?;
-                let _ = uri.set_password(None);
-                let _ = uri.set_username("");
-                input.url = format!("{}{}", uri.as_str().trim_end_matches('/'), format_args!("/{}", target.exchange));
-            }
-            validate_amqp_host(target, guard)?;
-            return finish(input, tenant);
-        }
-    }
-    if input.url.is_empty() {
-        return Err(invalid("url", "required"));
-    }
-    let url = url::Url::parse(&input.url).map_err(|e| invalid("url", format!("not a URL: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid("url", "must be an http or https URL"));
-    }
-    match url.host() {
-        None => return Err(invalid("url", "must have a host")),
-        Some(url::Host::Ipv4(ip)) => guard.check(ip.into()).map_err(|e| invalid("url", e.to_string()))?,
-        Some(url::Host::Ipv6(ip)) => guard.check(ip.into()).map_err(|e| invalid("url", e.to_string()))?,
-        Some(url::Host::Domain(_)) => {}
-    }
-    if input.url.len() > 2048 {
-        return Err(invalid("url", "must be at most 2048 characters"));
-    }
-    if let Some(tls) = &input.tls {
-        crate::transport::tls::client_config(Some(tls)).map_err(|e| invalid(e.field, e.message))?;
-    }
-    if let Auth::Oauth2 { grant, token_url, client_secret, username, password, .. } = &input.auth {
-        let url = url::Url::parse(token_url).map_err(|e| invalid("auth.token_url", format!("not a URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-            return Err(invalid("auth.token_url", "must be an http or https URL with a host"));
-        }
-        match url.host() {
-            Some(url::Host::Ipv4(ip)) => {
-                guard.check(ip.into()).map_err(|e| invalid("auth.token_url", e.to_string()))?
-            }
-            Some(url::Host::Ipv6(ip)) => {
-                guard.check(ip.into()).map_err(|e| invalid("auth.token_url", e.to_string()))?
-            }
-            _ => {}
-        }
-        match grant.as_str() {
-            "password" if username.is_none() || password.is_none() => {
-                return Err(invalid("auth.username", "the password grant needs username and password"))
-            }
-            "client_credentials" if client_secret.is_none() => {
-                return Err(invalid("auth.client_secret", "the client_credentials grant needs client_secret"))
-            }
-            "password" | "client_credentials" => {}
-            _ => return Err(invalid("auth.grant", "must be \"password\" or \"client_credentials\"")),
-        }
-    }
-    finish(input, tenant)
-}
-
-fn validate_amqp_host(target: &crate::model::AmqpTarget, guard: &NetworkGuard) -> Result<(), Invalid> {
-    let uri = url::Url::parse(target.uri.expose()).map_err(|e| invalid("amqp.uri", e.to_string()))?;
-    match uri.host() {
-        Some(url::Host::Ipv4(ip)) => guard.check(ip.into()).map_err(|e| invalid("amqp.uri", e.to_string())),
-        Some(url::Host::Ipv6(ip)) => guard.check(ip.into()).map_err(|e| invalid("amqp.uri", e.to_string())),
-        _ => Ok(()),
-    }
-}
-
-/// The checks every transport shares, then the stored form.
-fn finish(input: SubscriptionInput, tenant: String) -> Result<Subscription, Invalid> {
-    for (i, e) in input.events.iter().enumerate() {
-        if e.is_empty() || e.len() > 256 {
-            return Err(invalid(format!("events[{i}]"), "event types are 1 to 256 characters"));
-        }
-    }
-    if input.key.as_ref().is_some_and(|k| k.expose().is_empty()) {
-        return Err(invalid("key", "must not be empty"));
-    }
-    check_duration("timeout", input.timeout, TIMEOUT_RANGE)?;
-    match &input.retry {
-        Some(RetrySpec::Fixed { interval, max_attempts }) => {
-            check_duration("retry.interval", Some(*interval), (Duration::from_millis(1), Duration::from_secs(86_400)))?;
-            if !(1..=1000).contains(max_attempts) {
-                return Err(invalid("retry.max_attempts", "must be between 1 and 1000"));
-            }
-        }
-        Some(RetrySpec::Exponential { multiplier, jitter, max_attempts, .. }) => {
-            if multiplier.is_some_and(|m| !(1.0..=10.0).contains(&m)) {
-                return Err(invalid("retry.multiplier", "must be between 1 and 10"));
-            }
-            if jitter.is_some_and(|j| !(0.0..=1.0).contains(&j)) {
-                return Err(invalid("retry.jitter", "must be between 0 and 1"));
-            }
-            if max_attempts.is_some_and(|m| !(1..=1000).contains(&m)) {
-                return Err(invalid("retry.max_attempts", "must be between 1 and 1000"));
-            }
-        }
-        None => {}
-    }
-    if input.max_in_flight.is_some_and(|m| m == 0 || m > 10_000) {
-        return Err(invalid("max_in_flight", "must be between 1 and 10000"));
-    }
-    if input.rate_limit.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return Err(invalid("rate_limit", "must be a positive number of deliveries per second"));
-    }
-    let secret = match (input.secret, &input.signature) {
-        (Some(s), _) => s,
-        (None, _) => generate_secret(),
-    };
-    let now = rfc3339_ms(now_ms());
-    let sub = Subscription {
-        id: new_id("sub"),
-        tenant,
-        url: input.url,
-        events: input.events,
-        transport: input.transport,
-        secret,
-        previous_secret: None,
-        previous_secret_until: None,
-        signature: input.signature,
-        payload: input.payload,
-        headers: input.headers,
-        key: input.key,
-        timeout: input.timeout,
-        auth: input.auth,
-        tls: input.tls,
-        amqp: input.amqp,
-        retry: input.retry,
-        max_in_flight: input.max_in_flight,
-        rate_limit: input.rate_limit,
-        enabled: input.enabled.unwrap_or(true),
-        disabled_reason: None,
-        created_at: now.clone(),
-        updated_at: now,
-    };
-    // Compiling checks the secret against the scheme, the headers and the URL once more.
-    Target::compile(sub.clone())?;
-    if matches!(sub.signature, SignatureSpec::Standard)
-        && !sub.secret.expose().starts_with(crate::signing::SECRET_PREFIX)
-    {
-        return Err(invalid("secret", "a standard-scheme secret must start with \"whsec_\""));
-    }
-    Ok(sub)
-}
-
-/// Tenant names: 1 to 64 of letters, digits, `-`, `_`, `.`.
-pub fn validate_tenant(tenant: &str) -> Result<(), Invalid> {
-    let ok = !tenant.is_empty()
-        && tenant.len() <= 64
-        && tenant.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid("tenant", "must be 1 to 64 letters, digits, '-', '_' or '.'"))
-    }
 }
 
 #[derive(Default)]
@@ -644,46 +367,6 @@ impl Registry {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// Id prefix of subscriptions declared in the config file.
-pub const STATIC_PREFIX: &str = "static-";
-
-/// A config-file webhook as a creation request: HMAC in `X-Signature`, raw payloads.
-fn static_input(w: &crate::config::StaticWebhook) -> SubscriptionInput {
-    use crate::model::{PayloadFormat, Secret, SignatureEncoding, TlsOptions};
-    let tls = (w.trust_all || w.trust_file.is_some() || w.client_cert.is_some()).then(|| TlsOptions {
-        ca_file: w.trust_file.clone(),
-        client_cert_file: w.client_cert.clone(),
-        client_key_file: w.key_file.clone(),
-        key_password: w.key_password.clone().map(Secret),
-        trust_all: w.trust_all,
-    });
-    let encoding =
-        if w.signature_encoding.as_deref() == Some("hex") { SignatureEncoding::Hex } else { SignatureEncoding::Base64 };
-    let (signature, secret) = match &w.secret {
-        Some(s) => (SignatureSpec::Hmac { header: "X-Signature".into(), encoding }, Some(Secret(s.clone()))),
-        None => (SignatureSpec::None, None),
-    };
-    SubscriptionInput {
-        tenant: w.tenant.clone(),
-        url: w.endpoint.clone(),
-        events: w.events.clone(),
-        transport: TransportKind::Webhook,
-        secret,
-        signature,
-        payload: PayloadFormat::Raw,
-        headers: Default::default(),
-        key: w.key.clone().map(Secret),
-        timeout: Some(w.connection_timeout.unwrap_or(HumanDuration(Duration::from_secs(30)))),
-        auth: Auth::None,
-        tls,
-        amqp: None,
-        retry: None,
-        max_in_flight: None,
-        rate_limit: None,
-        enabled: Some(w.enabled),
     }
 }
 
