@@ -77,15 +77,25 @@ impl AmqpTransport {
             .clone()
     }
 
-    /// The broker's host must pass the network guard like a webhook's.
-    async fn check_host(&self, uri: &str) -> Result<(), String> {
-        let parsed = url::Url::parse(uri).map_err(|e| e.to_string())?;
+    /// The URI to connect with: the broker's host must pass the network guard like a
+    /// webhook's. For `amqp://` the checked address itself is connected to, so a name cannot
+    /// resolve differently the second time; `amqps://` keeps the name, which its certificate
+    /// is verified against.
+    async fn pinned(&self, uri: &str) -> Result<String, String> {
+        let mut parsed = url::Url::parse(uri).map_err(|e| e.to_string())?;
         let host = parsed.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
         let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" { 5671 } else { 5672 });
-        match host.parse::<IpAddr>() {
-            Ok(ip) => self.guard.check(ip).map_err(|e| e.to_string()),
-            Err(_) => self.guard.resolve(&host, port).await.map(|_| ()).map_err(|e| e.to_string()),
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            self.guard.check(ip).map_err(|e| e.to_string())?;
+            return Ok(uri.to_string());
         }
+        let addrs = self.guard.resolve(&host, port).await.map_err(|e| e.to_string())?;
+        let first = addrs.first().ok_or_else(|| format!("{host} resolves to no address"))?;
+        if parsed.scheme() == "amqp" {
+            parsed.set_ip_host(first.ip()).map_err(|_| "cannot pin the broker address".to_string())?;
+            return Ok(parsed.to_string());
+        }
+        Ok(uri.to_string())
     }
 
     /// The broker's confirm-mode channel, opened now if there is none or it closed.
@@ -97,9 +107,9 @@ impl AmqpTransport {
             }
         }
         *link = None;
-        self.check_host(uri).await?;
+        let pinned = self.pinned(uri).await?;
         let open = async {
-            let conn = Connection::connect(uri, ConnectionProperties::default())
+            let conn = Connection::connect(&pinned, ConnectionProperties::default())
                 .await
                 .map_err(|e| format!("connecting to the broker: {e}"))?;
             let channel = conn.create_channel().await.map_err(|e| format!("opening a channel: {e}"))?;
@@ -187,5 +197,36 @@ impl AmqpTransport {
                 None => Outcome::Delivered { status: 200, latency: started.elapsed() },
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Secret;
+
+    #[tokio::test]
+    async fn plain_amqp_connects_to_the_address_the_guard_checked() {
+        let allowed = AmqpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]));
+        let pinned = allowed.pinned("amqp://user:pw@localhost:5672/%2f").await.unwrap();
+        assert_eq!(pinned, "amqp://user:pw@127.0.0.1:5672/%2f");
+        // TLS keeps the name its certificate is checked against.
+        assert_eq!(allowed.pinned("amqps://localhost/vh").await.unwrap(), "amqps://localhost/vh");
+        let strict = AmqpTransport::new(NetworkGuard::default());
+        assert!(strict.pinned("amqp://localhost/").await.unwrap_err().contains("network.allow"));
+        assert!(strict.pinned("amqp://127.0.0.1/").await.unwrap_err().contains("network.allow"));
+    }
+
+    #[test]
+    fn targets_are_validated_naming_the_field() {
+        let target = |uri: &str, exchange: &str| AmqpTarget {
+            uri: Secret(uri.into()),
+            exchange: exchange.into(),
+            routing_keys: Default::default(),
+        };
+        assert!(validate(&target("amqp://h/vh", "x")).is_ok());
+        assert_eq!(validate(&target("http://h", "x")).unwrap_err().0, "amqp.uri");
+        assert_eq!(validate(&target("amqp://", "x")).unwrap_err().0, "amqp.uri");
+        assert_eq!(validate(&target("amqp://h", " ")).unwrap_err().0, "amqp.exchange");
     }
 }
