@@ -214,6 +214,32 @@ fn commit_group(group: Vec<AppendRequest>) {
     }
 }
 
+/// A stored frame as the log interface hands it out.
+fn record(partition: u32, f: segment::Frame) -> LogRecord {
+    LogRecord { partition, offset: f.offset, timestamp_ms: f.timestamp_ms, key: f.key, value: f.value }
+}
+
+/// Up to `max` durable records of `part` at or after `from` (skipping gaps), and the offset to
+/// continue from, `None` once the durable end is reached. Blocking: run it off the runtime.
+fn read_chunk(part: &Partition, from: u64, max: usize) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
+    let end = part.end_offset();
+    let mut next = from.max(part.start_offset());
+    loop {
+        if next >= end {
+            return Ok((Vec::new(), None));
+        }
+        let (frames, after) = part.read(next, max.max(1), 4 << 20)?;
+        if !frames.is_empty() {
+            let records = frames.into_iter().map(|f| record(part.id(), f)).collect();
+            return Ok((records, (after < end).then_some(after)));
+        }
+        if after <= next {
+            return Ok((Vec::new(), None));
+        }
+        next = after;
+    }
+}
+
 #[async_trait]
 impl Log for EmbeddedLog {
     fn partitions(&self, topic: &str) -> Result<u32, LogError> {
@@ -245,21 +271,11 @@ impl Log for EmbeddedLog {
         tokio::task::spawn_blocking(move || -> Result<Vec<LogRecord>, LogError> {
             let mut out = Vec::new();
             for part in parts.iter() {
-                let end = part.end_offset();
-                let mut next = part.start_offset();
-                while next < end {
-                    let (frames, after) = part.read(next, 4096, 4 << 20)?;
-                    if frames.is_empty() && after <= next {
-                        break;
-                    }
-                    out.extend(frames.into_iter().map(|f| LogRecord {
-                        partition: part.id(),
-                        offset: f.offset,
-                        timestamp_ms: f.timestamp_ms,
-                        key: f.key,
-                        value: f.value,
-                    }));
-                    next = after;
+                let mut from = Some(0);
+                while let Some(at) = from {
+                    let (records, next) = read_chunk(part, at, 4096)?;
+                    out.extend(records);
+                    from = next;
                 }
             }
             Ok(out)
@@ -280,35 +296,9 @@ impl Log for EmbeddedLog {
             .get(partition as usize)
             .cloned()
             .ok_or_else(|| LogError::UnknownTopic(format!("{topic}/{partition}")))?;
-        tokio::task::spawn_blocking(move || -> Result<_, LogError> {
-            let end = part.end_offset();
-            let mut next = from.max(part.start_offset());
-            loop {
-                if next >= end {
-                    return Ok((Vec::new(), None));
-                }
-                let (frames, after) = part.read(next, max.max(1), 4 << 20)?;
-                if !frames.is_empty() {
-                    let records = frames
-                        .into_iter()
-                        .map(|f| LogRecord {
-                            partition,
-                            offset: f.offset,
-                            timestamp_ms: f.timestamp_ms,
-                            key: f.key,
-                            value: f.value,
-                        })
-                        .collect();
-                    return Ok((records, (after < end).then_some(after)));
-                }
-                if after <= next {
-                    return Ok((Vec::new(), None));
-                }
-                next = after;
-            }
-        })
-        .await
-        .map_err(|e| LogError::Backend(e.to_string()))?
+        tokio::task::spawn_blocking(move || read_chunk(&part, from, max))
+            .await
+            .map_err(|e| LogError::Backend(e.to_string()))?
     }
 
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
@@ -384,16 +374,7 @@ impl PartitionReader for EmbeddedReader {
             self.next = next.max(self.next);
             if !frames.is_empty() {
                 let partition = self.part.id();
-                return Ok(frames
-                    .into_iter()
-                    .map(|f| LogRecord {
-                        partition,
-                        offset: f.offset,
-                        timestamp_ms: f.timestamp_ms,
-                        key: f.key,
-                        value: f.value,
-                    })
-                    .collect());
+                return Ok(frames.into_iter().map(|f| record(partition, f)).collect());
             }
             if self.next == from {
                 // Planned against a segment that was just reclaimed; re-plan from the new start.
