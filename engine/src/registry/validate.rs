@@ -70,12 +70,8 @@ pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) 
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid("url", "must be an http or https URL"));
     }
-    match url.host() {
-        None => return Err(invalid("url", "must have a host")),
-        Some(url::Host::Ipv4(ip)) => guard.check(ip.into()).map_err(|e| invalid("url", e.to_string()))?,
-        Some(url::Host::Ipv6(ip)) => guard.check(ip.into()).map_err(|e| invalid("url", e.to_string()))?,
-        Some(url::Host::Domain(_)) => {}
-    }
+    let host = url.host_str().ok_or_else(|| invalid("url", "must have a host"))?;
+    guard.check_host(host).map_err(|e| invalid("url", e.to_string()))?;
     if input.url.len() > 2048 {
         return Err(invalid("url", "must be at most 2048 characters"));
     }
@@ -87,15 +83,7 @@ pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) 
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
             return Err(invalid("auth.token_url", "must be an http or https URL with a host"));
         }
-        match url.host() {
-            Some(url::Host::Ipv4(ip)) => {
-                guard.check(ip.into()).map_err(|e| invalid("auth.token_url", e.to_string()))?
-            }
-            Some(url::Host::Ipv6(ip)) => {
-                guard.check(ip.into()).map_err(|e| invalid("auth.token_url", e.to_string()))?
-            }
-            _ => {}
-        }
+        guard.check_host(url.host_str().unwrap_or_default()).map_err(|e| invalid("auth.token_url", e.to_string()))?;
         match grant.as_str() {
             "password" if username.is_none() || password.is_none() => {
                 return Err(invalid("auth.username", "the password grant needs username and password"))
@@ -112,11 +100,7 @@ pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) 
 
 fn validate_amqp_host(target: &crate::model::AmqpTarget, guard: &NetworkGuard) -> Result<(), Invalid> {
     let uri = url::Url::parse(target.uri.expose()).map_err(|e| invalid("amqp.uri", e.to_string()))?;
-    match uri.host() {
-        Some(url::Host::Ipv4(ip)) => guard.check(ip.into()).map_err(|e| invalid("amqp.uri", e.to_string())),
-        Some(url::Host::Ipv6(ip)) => guard.check(ip.into()).map_err(|e| invalid("amqp.uri", e.to_string())),
-        _ => Ok(()),
-    }
+    guard.check_host(uri.host_str().unwrap_or_default()).map_err(|e| invalid("amqp.uri", e.to_string()))
 }
 
 /// The checks every transport shares, then the stored form.

@@ -14,7 +14,6 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -83,9 +82,9 @@ impl AmqpTransport {
     /// is verified against.
     async fn pinned(&self, uri: &str) -> Result<String, String> {
         let mut parsed = url::Url::parse(uri).map_err(|e| e.to_string())?;
-        let host = parsed.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = parsed.host_str().unwrap_or_default().to_string();
         let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" { 5671 } else { 5672 });
-        if let Ok(ip) = host.parse::<IpAddr>() {
+        if let Some(ip) = NetworkGuard::literal(&host) {
             self.guard.check(ip).map_err(|e| e.to_string())?;
             return Ok(uri.to_string());
         }

@@ -68,6 +68,17 @@ impl NetworkGuard {
         }
     }
 
+    /// The address a URL's host spells when it is an IP literal (`[::1]` brackets allowed).
+    pub fn literal(host: &str) -> Option<IpAddr> {
+        host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    }
+
+    /// Checks a host as a URL writes it: an IP literal against the ranges now; a name passes
+    /// here and is judged by what it resolves to when connecting.
+    pub fn check_host(&self, host: &str) -> Result<(), Refused> {
+        Self::literal(host).map_or(Ok(()), |ip| self.check(ip))
+    }
+
     /// Resolves `host` and keeps only allowed addresses; refuses when none is left.
     pub async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
         let host = host.trim_start_matches('[').trim_end_matches(']');

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -121,10 +121,7 @@ impl HttpTransport {
 
     /// Refuses IP-literal hosts outside the guard (names are checked by the resolver).
     fn check_literal(&self, uri: &Uri) -> Result<(), String> {
-        match uri.host().and_then(|h| h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok()) {
-            Some(ip) => self.guard.check(ip).map_err(|e| e.to_string()),
-            None => Ok(()),
-        }
+        self.guard.check_host(uri.host().unwrap_or_default()).map_err(|e| e.to_string())
     }
 
     /// A POST whose whole (small) response body is wanted, e.g. an OAuth token request.
