@@ -56,8 +56,11 @@ fn digest(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares two secrets without leaking where, or whether in length, they differ: both are
+/// hashed to fixed-length digests, compared byte for byte without stopping early.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Tenants {
@@ -150,6 +153,6 @@ impl Tenants {
         let (Some("hk"), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next()) else { return None };
         let state = self.state.read().unwrap();
         let key = state.keys.get(id)?;
-        same(&key.sha256, &digest(secret)).then(|| key.tenant.clone())
+        same_secret(&key.sha256, &digest(secret)).then(|| key.tenant.clone())
     }
 }

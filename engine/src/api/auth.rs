@@ -5,7 +5,6 @@ use super::error::ApiError;
 use super::AppState;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use sha2::{Digest, Sha256};
 
 /// The caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,12 +33,6 @@ impl Principal {
 /// A caller holding the admin token (tenant keys get 403).
 pub struct Admin;
 
-/// Compares secrets without leaking where they differ (digests have a fixed length).
-fn same_secret(a: &str, b: &str) -> bool {
-    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
@@ -51,7 +44,7 @@ impl FromRequestParts<AppState> for Principal {
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim)
             .ok_or_else(ApiError::unauthorized)?;
-        if same_secret(token, &state.admin_token) {
+        if crate::tenants::same_secret(token, &state.admin_token) {
             return Ok(Principal::Admin);
         }
         state.tenants.authenticate(token).map(Principal::Tenant).ok_or_else(ApiError::unauthorized)
