@@ -127,9 +127,17 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
     .await?;
     let log: Arc<dyn Log> = embedded.clone();
     let guard = NetworkGuard::new(config.network.allow.clone());
-    let registry = Arc::new(
-        Registry::load(log.clone(), topics.subscriptions.clone(), guard.clone(), config.health.clone()).await?,
-    );
+    // One read of the registry topic serves subscriptions and tenants alike.
+    let registry_records = log.read_all(&topics.subscriptions).await?;
+    let registry = Arc::new(Registry::load(
+        log.clone(),
+        topics.subscriptions.clone(),
+        &registry_records,
+        guard.clone(),
+        config.health.clone(),
+    ));
+    let tenants = Arc::new(crate::tenants::Tenants::load(log.clone(), topics.subscriptions.clone(), &registry_records));
+    drop(registry_records);
     registry.sync_static(&config.webhooks).await.map_err(StartError::Webhooks)?;
 
     let settings = HttpSettings {
@@ -167,7 +175,6 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         })
     };
 
-    let tenants = Arc::new(crate::tenants::Tenants::load(log.clone(), topics.subscriptions.clone()).await?);
     let ingest = Arc::new(Ingest::new(log.clone(), registry.clone(), topics.deliveries.clone()));
     let dead_letters = Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone()));
     let state = AppState {

@@ -64,13 +64,13 @@ pub fn same_secret(a: &str, b: &str) -> bool {
 }
 
 impl Tenants {
-    /// Loads tenants and keys from the registry topic.
-    pub async fn load(log: Arc<dyn Log>, topic: String) -> Result<Tenants, LogError> {
-        let tenants = Tenants { state: RwLock::new(State::default()), topic: topic.clone(), log: log.clone() };
-        for rec in log.read_all(&topic).await? {
-            tenants.apply(&rec);
+    /// Materialises tenants and keys from `records`, the whole registry topic.
+    pub fn load(log: Arc<dyn Log>, topic: String, records: &[LogRecord]) -> Tenants {
+        let tenants = Tenants { state: RwLock::new(State::default()), topic, log };
+        for rec in records {
+            tenants.apply(rec);
         }
-        Ok(tenants)
+        tenants
     }
 
     /// Applies one record (a tenant, a key, or a tombstone).

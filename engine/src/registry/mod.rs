@@ -9,7 +9,7 @@ pub use target::Target;
 pub use validate::{validate, validate_tenant, Invalid, STATIC_PREFIX};
 
 use crate::config::HealthConfig;
-use crate::log::{Log, LogError, Record};
+use crate::log::{Log, LogError, LogRecord, Record};
 use crate::model::{now_ms, rfc3339_ms, SignatureSpec, Subscription, SubscriptionInput, SubscriptionPatch};
 use crate::signing::generate_secret;
 use crate::transport::guard::NetworkGuard;
@@ -62,14 +62,14 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Materialises the registry from `topic`.
-    pub async fn load(
+    /// Materialises the registry from `records`, the whole registry topic (also read for tenants).
+    pub fn load(
         log: Arc<dyn Log>,
         topic: String,
+        records: &[LogRecord],
         guard: NetworkGuard,
         health: HealthConfig,
-    ) -> Result<Registry, LogError> {
-        let records = log.read_all(&topic).await?;
+    ) -> Registry {
         let registry = Registry {
             log,
             topic,
@@ -79,14 +79,14 @@ impl Registry {
             writes: tokio::sync::Mutex::new(()),
         };
         let count = records.len();
-        for rec in &records {
+        for rec in records {
             registry.apply(rec);
         }
         tracing::info!(subscriptions = registry.len(), records = count, "registry loaded");
         for target in registry.state.read().unwrap().by_id.values() {
             warn_trust_all(&target.sub);
         }
-        Ok(registry)
+        registry
     }
 
     /// Applies one record of the registry topic (a subscription, or a tombstone deleting
