@@ -79,6 +79,27 @@ pub enum Behaviour {
     RetryAfter { status: u16, secs: u64 },
 }
 
+/// Serves HTTP/1 on `listener` with `handler`, a task per connection, for the test's life.
+pub fn serve_http1<F, Fut>(listener: tokio::net::TcpListener, handler: F)
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let answer = handler(req);
+                    async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+}
+
 /// A loopback webhook receiver.
 #[derive(Clone)]
 pub struct Receiver {
@@ -101,66 +122,53 @@ impl Receiver {
             arrived: Arc::new(Notify::new()),
         };
         let state = r.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let state = state.clone();
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let path = parts.uri.path().to_string();
-                            let id =
-                                parts.headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-                            let behaviour = state.behaviours.lock().unwrap().get(&path).copied();
-                            let earlier = {
-                                let mut seen = state.seen.lock().unwrap();
-                                let earlier =
-                                    seen.iter().filter(|r| r.path == path && r.header("webhook-id") == id).count();
-                                seen.push(Received {
-                                    path,
-                                    query: parts.uri.query().map(str::to_string),
-                                    headers: parts.headers,
-                                    body,
-                                    at: Instant::now(),
-                                });
-                                earlier
-                            };
-                            state.arrived.notify_waiters();
-                            let mut response = Response::builder();
-                            let status = match behaviour {
-                                None => state.status.load(Ordering::SeqCst),
-                                Some(Behaviour::Status(s)) => s,
-                                Some(Behaviour::FailFirst { n, status }) => {
-                                    if earlier < n {
-                                        status
-                                    } else {
-                                        200
-                                    }
-                                }
-                                Some(Behaviour::Hang) => std::future::pending().await,
-                                Some(Behaviour::RetryAfter { status, secs }) => {
-                                    if earlier == 0 {
-                                        response = response.header("retry-after", secs.to_string());
-                                        status
-                                    } else {
-                                        200
-                                    }
-                                }
-                            };
-                            Ok::<_, std::convert::Infallible>(
-                                response.status(status).body(Full::new(Bytes::from_static(b"ok"))).unwrap(),
-                            )
-                        }
-                    });
-                    let _ =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
-            }
-        });
+        serve_http1(listener, move |req| state.clone().answer(req));
         r
+    }
+
+    /// Records a request and answers it as the path's behaviour says.
+    async fn answer(self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let state = self;
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let path = parts.uri.path().to_string();
+        let id = parts.headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let behaviour = state.behaviours.lock().unwrap().get(&path).copied();
+        let earlier = {
+            let mut seen = state.seen.lock().unwrap();
+            let earlier = seen.iter().filter(|r| r.path == path && r.header("webhook-id") == id).count();
+            seen.push(Received {
+                path,
+                query: parts.uri.query().map(str::to_string),
+                headers: parts.headers,
+                body,
+                at: Instant::now(),
+            });
+            earlier
+        };
+        state.arrived.notify_waiters();
+        let mut response = Response::builder();
+        let status = match behaviour {
+            None => state.status.load(Ordering::SeqCst),
+            Some(Behaviour::Status(s)) => s,
+            Some(Behaviour::FailFirst { n, status }) => {
+                if earlier < n {
+                    status
+                } else {
+                    200
+                }
+            }
+            Some(Behaviour::Hang) => std::future::pending().await,
+            Some(Behaviour::RetryAfter { status, secs }) => {
+                if earlier == 0 {
+                    response = response.header("retry-after", secs.to_string());
+                    status
+                } else {
+                    200
+                }
+            }
+        };
+        response.status(status).body(Full::new(Bytes::from_static(b"ok"))).unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,7 +1,7 @@
 //! Receivers behind TLS, client certificates and OAuth: real servers on loopback, with a
 //! test PKI generated for the run.
 
-use crate::support::{until, Receiver, TestHerald};
+use crate::support::{serve_http1, until, Receiver, TestHerald};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -231,39 +231,24 @@ async fn token_server() -> TokenServer {
     let issued = Arc::new(AtomicUsize::new(0));
     let valid: Arc<Mutex<HashSet<String>>> = Default::default();
     let (count, tokens) = (issued.clone(), valid.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            let (count, tokens) = (count.clone(), tokens.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (count, tokens) = (count.clone(), tokens.clone());
-                    async move {
-                        let basic = req.headers().get("authorization").map(|v| v.to_str().unwrap().to_string());
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        let form: std::collections::HashMap<String, String> =
-                            url::form_urlencoded::parse(&body).into_owned().collect();
-                        let client_ok = basic.as_deref() == Some("Basic Y2xpZW50LTE6Y2xpZW50LXNlY3JldA=="); // client-1:client-secret
-                        let user_ok = form.get("grant_type").map(String::as_str) != Some("password")
-                            || (form.get("username").map(String::as_str) == Some("alice")
-                                && form.get("password").map(String::as_str) == Some("wonderland"));
-                        if !client_ok || !user_ok {
-                            return Ok::<_, std::convert::Infallible>(
-                                Response::builder().status(401).body(Full::new(Bytes::new())).unwrap(),
-                            );
-                        }
-                        let token = format!("tok-{}", count.fetch_add(1, Ordering::SeqCst) + 1);
-                        tokens.lock().unwrap().insert(token.clone());
-                        let body =
-                            json!({ "access_token": token, "token_type": "Bearer", "expires_in": 3600 }).to_string();
-                        Ok(Response::builder()
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(body)))
-                            .unwrap())
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
+    serve_http1(listener, move |req: Request<hyper::body::Incoming>| {
+        let (count, tokens) = (count.clone(), tokens.clone());
+        async move {
+            let basic = req.headers().get("authorization").map(|v| v.to_str().unwrap().to_string());
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let form: std::collections::HashMap<String, String> =
+                url::form_urlencoded::parse(&body).into_owned().collect();
+            let client_ok = basic.as_deref() == Some("Basic Y2xpZW50LTE6Y2xpZW50LXNlY3JldA=="); // client-1:client-secret
+            let user_ok = form.get("grant_type").map(String::as_str) != Some("password")
+                || (form.get("username").map(String::as_str) == Some("alice")
+                    && form.get("password").map(String::as_str) == Some("wonderland"));
+            if !client_ok || !user_ok {
+                return Response::builder().status(401).body(Full::new(Bytes::new())).unwrap();
+            }
+            let token = format!("tok-{}", count.fetch_add(1, Ordering::SeqCst) + 1);
+            tokens.lock().unwrap().insert(token.clone());
+            let body = json!({ "access_token": token, "token_type": "Bearer", "expires_in": 3600 }).to_string();
+            Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(body))).unwrap()
         }
     });
     TokenServer { url, issued, valid }
@@ -275,37 +260,12 @@ async fn bearer_receiver(valid: Arc<Mutex<HashSet<String>>>) -> (String, Arc<Mut
     let url = format!("http://{}/api", listener.local_addr().unwrap());
     let seen: Arc<Mutex<Vec<(String, String)>>> = Default::default();
     let log = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            let (valid, log) = (valid.clone(), log.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (valid, log) = (valid.clone(), log.clone());
-                    async move {
-                        let auth = req
-                            .headers()
-                            .get("authorization")
-                            .map(|v| v.to_str().unwrap().to_string())
-                            .unwrap_or_default();
-                        let id = req
-                            .headers()
-                            .get("webhook-id")
-                            .map(|v| v.to_str().unwrap().to_string())
-                            .unwrap_or_default();
-                        log.lock().unwrap().push((id, auth.clone()));
-                        let ok = auth.strip_prefix("Bearer ").is_some_and(|t| valid.lock().unwrap().contains(t));
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder()
-                                .status(if ok { 200 } else { 401 })
-                                .body(Full::new(Bytes::new()))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
+    serve_http1(listener, move |req: Request<hyper::body::Incoming>| {
+        let header = |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let (auth, id) = (header("authorization"), header("webhook-id"));
+        log.lock().unwrap().push((id, auth.clone()));
+        let ok = auth.strip_prefix("Bearer ").is_some_and(|t| valid.lock().unwrap().contains(t));
+        async move { Response::builder().status(if ok { 200 } else { 401 }).body(Full::new(Bytes::new())).unwrap() }
     });
     (url, seen)
 }
