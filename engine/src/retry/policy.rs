@@ -158,8 +158,55 @@ impl Policy {
     }
 
     /// Attempts still to come if attempt `attempt`, made at `now_ms`, fails and every later
-    /// one fails too (the envelope's `pendingRetries`).
+    /// one fails too (the envelope's `pendingRetries`). On every attempt, so usually O(1):
+    /// jitter only shortens delays, so when even the jitter-free rest of the schedule ends
+    /// within `max_age`, every remaining attempt fits; only near the end of the budget is the
+    /// schedule walked.
     pub fn pending_retries(&self, attempt: u32, budget_ms: i64, now_ms: i64, seed: u64) -> u32 {
+        let left = self.max_attempts().saturating_sub(attempt);
+        let fits = match self.max_age() {
+            None => true,
+            Some(age) => now_ms + self.nominal_span_ms(attempt, left) <= budget_ms + age.as_millis() as i64,
+        };
+        if fits {
+            left
+        } else {
+            self.walk_pending(attempt, budget_ms, now_ms, seed)
+        }
+    }
+
+    /// The jitter-free time, rounded up to whole ms, from attempt `attempt` to `n` attempts
+    /// later: a geometric sum up to the cap, then the cap per attempt.
+    fn nominal_span_ms(&self, attempt: u32, n: u32) -> i64 {
+        let secs = match self {
+            Policy::Fixed { interval, .. } => interval.as_secs_f64() * n as f64,
+            Policy::Exponential { initial, multiplier, max_interval, .. } => {
+                let (d0, m, cap) = (initial.as_secs_f64(), *multiplier, max_interval.as_secs_f64());
+                // The delay after attempt k is min(d0 * m^(k-1), cap), for k in attempt..attempt+n.
+                let first = attempt.saturating_sub(1).min(1000) as i32;
+                let below_cap = if m > 1.0 && d0 > 0.0 && cap > d0 {
+                    let to_cap = ((cap / d0).ln() / m.ln()).ceil() as i32; // first exponent at or over the cap
+                    (to_cap - first).clamp(0, n as i32)
+                } else if d0 < cap {
+                    n as i32
+                } else {
+                    0
+                };
+                let geometric = if below_cap == 0 {
+                    0.0
+                } else if m > 1.0 {
+                    d0 * m.powi(first) * (m.powi(below_cap) - 1.0) / (m - 1.0)
+                } else {
+                    d0 * below_cap as f64
+                };
+                geometric + cap * (n as i32 - below_cap) as f64
+            }
+        };
+        (secs * 1000.0).ceil() as i64 + 1
+    }
+
+    /// `pending_retries` the long way: draws every remaining delay.
+    fn walk_pending(&self, attempt: u32, budget_ms: i64, now_ms: i64, seed: u64) -> u32 {
         let mut n = 0;
         let mut at = now_ms;
         let mut a = attempt;
@@ -240,6 +287,40 @@ mod tests {
         // Late in the budget, max_age leaves fewer attempts than max_attempts would.
         let late = 23 * 3600 * 1000;
         assert!(p.pending_retries(10, 0, late, 7) < 10);
+    }
+
+    #[test]
+    fn the_quick_count_always_equals_walking_the_schedule() {
+        let fixed = Policy::Fixed { interval: Duration::from_secs(1800), max_attempts: 5 };
+        let custom = Policy::from_spec(Some(&RetrySpec::Exponential {
+            initial: Some(HumanDuration(Duration::from_millis(50))),
+            multiplier: Some(1.5),
+            max_interval: Some(HumanDuration(Duration::from_secs(600))),
+            jitter: Some(0.0),
+            max_attempts: Some(60),
+            max_age: Some(HumanDuration(Duration::from_secs(3 * 3600))),
+        }));
+        let flat = Policy::from_spec(Some(&RetrySpec::Exponential {
+            initial: Some(HumanDuration(Duration::from_secs(10))),
+            multiplier: Some(1.0),
+            max_interval: None,
+            jitter: Some(1.0),
+            max_attempts: Some(30),
+            max_age: Some(HumanDuration(Duration::from_secs(200))),
+        }));
+        for p in [Policy::default(), fixed, custom, flat] {
+            for s in 0..40u64 {
+                for attempt in [1, 2, 7, 30, 100, 184, 185] {
+                    for now in [0i64, 3_600_000, 20 * 3_600_000, 23 * 3_600_000 + 59 * 60_000] {
+                        assert_eq!(
+                            p.pending_retries(attempt, 0, now, s),
+                            p.walk_pending(attempt, 0, now, s),
+                            "{p:?} seed {s} attempt {attempt} at {now}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
