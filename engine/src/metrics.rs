@@ -148,6 +148,11 @@ impl Metrics {
         stats
     }
 
+    /// Partitions this process is working on now, across every source topic.
+    pub fn shards_running(&self) -> usize {
+        self.shards.lock().unwrap().iter().filter(|w| w.strong_count() > 0).count()
+    }
+
     /// The Prometheus text exposition, with scrape-time gauges brought up to date.
     pub fn render(&self, registry: &Registry) -> String {
         let shards: Vec<Arc<ShardStats>> = {

@@ -6,8 +6,10 @@ use crate::config::{Backend, Config};
 use crate::dispatch::{Deliverer, Dispatcher, ShardLimits, Source};
 use crate::ingest::Ingest;
 use crate::log::embedded::{EmbeddedConfig, EmbeddedLog};
+use crate::log::kafka::{KafkaConfig, KafkaLog};
 use crate::log::{Log, LogError, Topics};
 use crate::metrics::Metrics;
+use crate::registry::feed::{self, Feed};
 use crate::registry::Registry;
 use crate::retry::dead_letters::DeadLetters;
 use crate::retry::Retrier;
@@ -51,9 +53,6 @@ pub enum StartError {
     /// A webhook declared in the config file is not valid.
     #[error("config file webhooks: {0}")]
     Webhooks(crate::registry::RegistryError),
-    /// The configured backend is not built in yet.
-    #[error("log backend {0:?} is not available in this build; use \"embedded\"")]
-    Backend(Backend),
 }
 
 /// Where the admin token came from.
@@ -105,39 +104,66 @@ pub struct Herald {
     stop: watch::Sender<bool>,
     api: JoinHandle<()>,
     dispatcher: JoinHandle<()>,
-    log: Arc<EmbeddedLog>,
+    follower: (watch::Sender<bool>, JoinHandle<()>),
+    metrics: Arc<Metrics>,
+    log: Arc<dyn Log>,
+}
+
+/// Opens the configured backend with every topic Herald uses.
+async fn open_log(config: &Config, topics: &Topics) -> Result<Arc<dyn Log>, LogError> {
+    let specs = topics.specs(config.log.partitions);
+    Ok(match config.log.backend {
+        Backend::Embedded => {
+            EmbeddedLog::open(EmbeddedConfig {
+                dir: config.data_dir.join("log"),
+                segment_bytes: config.log.segment_bytes,
+                flush_interval: config.log.flush_interval.0,
+                topics: specs,
+            })
+            .await?
+        }
+        Backend::Kafka => {
+            KafkaLog::open(KafkaConfig {
+                brokers: config.log.brokers.clone(),
+                replication: config.log.replication,
+                properties: config.log.kafka.0.clone(),
+                topics: specs,
+                drain: DRAIN,
+            })
+            .await?
+        }
+    })
 }
 
 /// Starts every stage from `config`.
 pub async fn start(config: Config) -> Result<Herald, StartError> {
-    if config.log.backend != Backend::Embedded {
-        return Err(StartError::Backend(config.log.backend));
-    }
     let data_err = |source| StartError::DataDir { path: config.data_dir.display().to_string(), source };
     std::fs::create_dir_all(&config.data_dir).map_err(data_err)?;
     let (token, token_source) = admin_token(&config).map_err(data_err)?;
 
     let topics = Topics::new(&config.log.topic_prefix);
-    let embedded = EmbeddedLog::open(EmbeddedConfig {
-        dir: config.data_dir.join("log"),
-        segment_bytes: config.log.segment_bytes,
-        flush_interval: config.log.flush_interval.0,
-        topics: topics.specs(config.log.partitions),
-    })
-    .await?;
-    let log: Arc<dyn Log> = embedded.clone();
+    let log = open_log(&config, &topics).await?;
     let guard = NetworkGuard::new(config.network.allow.clone());
     // One read of the registry topic serves subscriptions and tenants alike.
     let registry_records = log.read_all(&topics.subscriptions).await?;
-    let registry = Arc::new(Registry::load(
-        log.clone(),
-        topics.subscriptions.clone(),
-        &registry_records,
-        guard.clone(),
-        config.health.clone(),
-    ));
-    let tenants = Arc::new(crate::tenants::Tenants::load(log.clone(), topics.subscriptions.clone(), &registry_records));
+    let next = feed::next_offset(&registry_records);
+    let (feed, applied) = Feed::new(log.clone(), topics.subscriptions.clone(), next);
+    let feed = Arc::new(feed);
+    let registry = Arc::new(Registry::load(feed.clone(), &registry_records, guard.clone(), config.health.clone()));
+    let tenants = Arc::new(crate::tenants::Tenants::load(feed, &registry_records));
     drop(registry_records);
+    let (stop, stop_rx) = watch::channel(false);
+    // Stopped last: deliveries finishing during shutdown may still write (disable on a 410).
+    let (follow_stop, follow_rx) = watch::channel(false);
+    // Every process follows the registry topic, so changes made through any of them apply here.
+    let follower = {
+        let (registry, tenants) = (registry.clone(), tenants.clone());
+        let apply = move |rec: &crate::log::LogRecord| {
+            registry.apply(rec);
+            tenants.apply(rec);
+        };
+        tokio::spawn(feed::follow(log.clone(), topics.subscriptions.clone(), next, applied, apply, follow_rx))
+    };
     registry.sync_static(&config.webhooks).await.map_err(StartError::Webhooks)?;
 
     let settings = HttpSettings {
@@ -155,7 +181,6 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         batch: config.dispatch.batch,
         drain: DRAIN,
     };
-    let (stop, stop_rx) = watch::channel(false);
     let label = |topic: &str| topic.strip_prefix(&topics.prefix).unwrap_or(topic).to_string();
     let mut sources =
         vec![Source { topic: topics.deliveries.clone(), label: label(&topics.deliveries), delay: Duration::ZERO }];
@@ -177,6 +202,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
 
     let ingest = Arc::new(Ingest::new(log.clone(), registry.clone(), topics.deliveries.clone()));
     let dead_letters = Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone()));
+    let (log_handle, metrics_handle) = (log.clone(), metrics.clone());
     let state = AppState {
         registry,
         ingest,
@@ -204,8 +230,18 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
             }
         })
     };
-    tracing::info!(%addr, backend = "embedded", data_dir = %config.data_dir.display(), "herald is serving");
-    Ok(Herald { addr, admin_token: token, token_source, stop, api, dispatcher, log: embedded })
+    tracing::info!(%addr, backend = ?config.log.backend, data_dir = %config.data_dir.display(), "herald is serving");
+    Ok(Herald {
+        addr,
+        admin_token: token,
+        token_source,
+        stop,
+        api,
+        dispatcher,
+        follower: (follow_stop, follower),
+        metrics: metrics_handle,
+        log: log_handle,
+    })
 }
 
 impl Herald {
@@ -214,11 +250,19 @@ impl Herald {
         self.log.clone()
     }
 
+    /// Partitions (of the deliveries topic and every retry tier) this process works on now;
+    /// on Kafka it grows once the consumer groups have assigned them.
+    pub fn partitions_owned(&self) -> usize {
+        self.metrics.shards_running()
+    }
+
     /// Stops taking requests, lets in-flight deliveries finish (bounded), commits, closes the log.
     pub async fn stop(self) {
         self.stop.send_replace(true);
         let _ = self.api.await;
         let _ = self.dispatcher.await;
+        self.follower.0.send_replace(true);
+        let _ = self.follower.1.await;
         if let Err(e) = self.log.close().await {
             tracing::error!(error = %e, "closing the log");
         }

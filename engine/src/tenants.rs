@@ -3,7 +3,7 @@
 //! presented key names its id (`hk.<key id>.<secret>`), so checking it is one lookup and one
 //! constant-time comparison.
 
-use crate::log::{Log, LogError, LogRecord, Record};
+use crate::log::{LogError, LogRecord};
 use crate::model::{new_id, now_ms, rfc3339_ms};
 use bytes::Bytes;
 use rand::RngCore;
@@ -47,8 +47,7 @@ struct State {
 
 /// Tenants and keys in memory, persisted in the registry topic.
 pub struct Tenants {
-    log: Arc<dyn Log>,
-    topic: String,
+    feed: Arc<crate::registry::feed::Feed>,
     state: RwLock<State>,
 }
 
@@ -65,8 +64,8 @@ pub fn same_secret(a: &str, b: &str) -> bool {
 
 impl Tenants {
     /// Materialises tenants and keys from `records`, the whole registry topic.
-    pub fn load(log: Arc<dyn Log>, topic: String, records: &[LogRecord]) -> Tenants {
-        let tenants = Tenants { state: RwLock::new(State::default()), topic, log };
+    pub fn load(feed: Arc<crate::registry::feed::Feed>, records: &[LogRecord]) -> Tenants {
+        let tenants = Tenants { state: RwLock::new(State::default()), feed };
         for rec in records {
             tenants.apply(rec);
         }
@@ -99,10 +98,7 @@ impl Tenants {
     }
 
     async fn persist(&self, key: String, value: Bytes) -> Result<(), LogError> {
-        let rec = Record { key: Bytes::from(key), value };
-        self.log.append(&self.topic, vec![rec.clone()]).await?;
-        self.apply(&LogRecord { partition: 0, offset: 0, timestamp_ms: now_ms(), key: rec.key, value: rec.value });
-        Ok(())
+        self.feed.write(key.as_bytes(), value).await.map(|_| ())
     }
 
     /// Creates a tenant.

@@ -57,6 +57,61 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// Embedded log: how often consumer offsets are persisted.
     pub flush_interval: HumanDuration,
+    /// Kafka: bootstrap brokers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Kafka: replication factor of the topics Herald creates (-1: the broker's default).
+    pub replication: i32,
+    /// Kafka: librdkafka settings passed through to every client, such as
+    /// `security.protocol` or `sasl.password`; nested tables join their keys with dots.
+    #[serde(skip_serializing_if = "KafkaProperties::is_empty")]
+    pub kafka: KafkaProperties,
+}
+
+/// librdkafka settings by name. Values are never shown by `Debug` (they may be passwords).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaProperties(pub std::collections::BTreeMap<String, String>);
+
+impl KafkaProperties {
+    /// Whether no setting is given.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+impl Serialize for KafkaProperties {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for KafkaProperties {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        fn flatten(prefix: &str, v: serde_json::Value, out: &mut std::collections::BTreeMap<String, String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+                        flatten(&key, v, out);
+                    }
+                }
+                serde_json::Value::String(s) => {
+                    out.insert(prefix.to_string(), s);
+                }
+                other => {
+                    out.insert(prefix.to_string(), other.to_string());
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        flatten("", serde_json::Value::deserialize(d)?, &mut out);
+        Ok(KafkaProperties(out))
+    }
 }
 
 /// The log backends.
@@ -242,6 +297,9 @@ impl Default for LogConfig {
             partitions: 8,
             segment_bytes: 64 << 20,
             flush_interval: Duration::from_millis(200).into(),
+            brokers: "localhost:9092".into(),
+            replication: -1,
+            kafka: KafkaProperties::default(),
         }
     }
 }
@@ -355,6 +413,12 @@ impl Config {
         let reject = |field, message: &str| Err(ConfigError::Rejected { field, message: message.to_string() });
         if self.log.partitions == 0 || self.log.partitions > 4096 {
             return reject("log.partitions", "must be between 1 and 4096");
+        }
+        if self.log.backend == Backend::Kafka && self.log.brokers.trim().is_empty() {
+            return reject("log.brokers", "is required with log.backend = \"kafka\"");
+        }
+        if self.log.replication == 0 || self.log.replication < -1 {
+            return reject("log.replication", "must be at least 1, or -1 for the broker's default");
         }
         if self.log.segment_bytes < 4096 {
             return reject("log.segment_bytes", "must be at least 4096");

@@ -40,7 +40,7 @@ impl Deliverer {
             Ok(d) => d,
             Err(e) => return self.retrier.park_malformed(&rec, e.to_string()).await,
         };
-        let Some(target) = self.registry.get(&delivery.subscription) else {
+        let Some(target) = self.registry.get_current(&delivery.subscription).await else {
             // Deleted since the event was accepted: the customer no longer wants it.
             tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, "subscription gone; delivery dropped");
             metrics::counter!(m::DELIVERIES, "transport" => "webhook", "outcome" => "dropped").increment(1);

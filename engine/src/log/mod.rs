@@ -2,6 +2,7 @@
 //! whichever backend stores them.
 
 pub mod embedded;
+pub mod kafka;
 mod partitioner;
 
 use async_trait::async_trait;
@@ -94,11 +95,21 @@ pub trait Log: Send + Sync + 'static {
         max: usize,
     ) -> Result<(Vec<LogRecord>, Option<u64>), LogError>;
 
+    /// Offset of the next record to be appended to one partition.
+    async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError>;
+
     /// Joins consumer `group` on `topic`; the consumer is told which partitions it owns.
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError>;
 
+    /// Tails one partition from `from`, outside any consumer group: every process sees every
+    /// record (the registry follows its topic this way). The reader's committer does nothing.
+    async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError>;
+
     /// Whether the log can take appends right now (readiness).
     async fn ready(&self) -> bool;
+
+    /// Stops consumers, persists their progress and releases the log.
+    async fn close(&self) -> Result<(), LogError>;
 }
 
 /// A change in the set of partitions a consumer owns.
@@ -140,6 +151,21 @@ pub trait Committer: Send + Sync {
 
     /// The committed offset: everything below it is done (for lag).
     fn committed(&self) -> u64;
+}
+
+/// The committer of a reader outside any group: progress is not recorded.
+pub(crate) struct NoCommit;
+
+impl Committer for NoCommit {
+    fn commit(&self, _next: u64) {}
+
+    fn end_offset(&self) -> u64 {
+        0
+    }
+
+    fn committed(&self) -> u64 {
+        0
+    }
 }
 
 /// The topic names Herald uses, under one prefix.

@@ -2,6 +2,7 @@
 //! topic (the source of truth) and serves them from memory, validated (`validate`) and
 //! compiled into [`Target`]s that are ready to sign and send (`target`).
 
+pub mod feed;
 mod target;
 mod validate;
 
@@ -9,11 +10,12 @@ pub use target::Target;
 pub use validate::{validate, validate_tenant, Invalid, STATIC_PREFIX};
 
 use crate::config::HealthConfig;
-use crate::log::{Log, LogError, LogRecord, Record};
+use crate::log::{LogError, LogRecord, Position};
 use crate::model::{now_ms, rfc3339_ms, SignatureSpec, Subscription, SubscriptionInput, SubscriptionPatch};
 use crate::signing::generate_secret;
 use crate::transport::guard::NetworkGuard;
 use bytes::Bytes;
+use feed::Feed;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use validate::{invalid, static_input};
@@ -33,16 +35,26 @@ pub enum RegistryError {
 struct State {
     by_id: HashMap<String, Arc<Target>>,
     by_tenant: HashMap<String, BTreeMap<String, Arc<Target>>>,
+    /// Offset of the record each subscription was last applied from.
+    version: HashMap<String, u64>,
 }
 
 impl State {
-    fn put(&mut self, target: Arc<Target>) {
+    fn put(&mut self, target: Arc<Target>, offset: u64) {
         self.remove(&target.sub.id);
+        self.version.insert(target.sub.id.clone(), offset);
         self.by_tenant.entry(target.sub.tenant.clone()).or_default().insert(target.sub.id.clone(), target.clone());
         self.by_id.insert(target.sub.id.clone(), target);
     }
 
+    /// Another subscription of `tenant` with `url`, if any.
+    fn url_holder(&self, tenant: &str, url: &str, except: &str) -> Option<&str> {
+        let subs = self.by_tenant.get(tenant)?;
+        subs.values().find(|t| t.sub.id != except && same_url(&t.sub.url, url)).map(|t| t.sub.id.as_str())
+    }
+
     fn remove(&mut self, id: &str) -> Option<Arc<Target>> {
+        self.version.remove(id);
         let old = self.by_id.remove(id)?;
         if let Some(subs) = self.by_tenant.get_mut(&old.sub.tenant) {
             subs.remove(id);
@@ -53,8 +65,7 @@ impl State {
 
 /// The in-memory registry backed by the `subscriptions` topic.
 pub struct Registry {
-    log: Arc<dyn Log>,
-    topic: String,
+    feed: Arc<Feed>,
     guard: NetworkGuard,
     health: HealthConfig,
     state: RwLock<State>,
@@ -63,21 +74,9 @@ pub struct Registry {
 
 impl Registry {
     /// Materialises the registry from `records`, the whole registry topic (also read for tenants).
-    pub fn load(
-        log: Arc<dyn Log>,
-        topic: String,
-        records: &[LogRecord],
-        guard: NetworkGuard,
-        health: HealthConfig,
-    ) -> Registry {
-        let registry = Registry {
-            log,
-            topic,
-            guard,
-            health,
-            state: RwLock::new(State::default()),
-            writes: tokio::sync::Mutex::new(()),
-        };
+    pub fn load(feed: Arc<Feed>, records: &[LogRecord], guard: NetworkGuard, health: HealthConfig) -> Registry {
+        let registry =
+            Registry { feed, guard, health, state: RwLock::new(State::default()), writes: tokio::sync::Mutex::new(()) };
         let count = records.len();
         for rec in records {
             registry.apply(rec);
@@ -90,7 +89,9 @@ impl Registry {
     }
 
     /// Applies one record of the registry topic (a subscription, or a tombstone deleting
-    /// one): the path both loading and, with several processes, tailing the topic take.
+    /// one): the path both loading and following the topic take, in log order. A record
+    /// giving a tenant a URL another of its subscriptions already has is ignored, so two
+    /// processes racing to create the same URL agree that the first in the log won.
     pub fn apply(&self, rec: &crate::log::LogRecord) {
         if crate::tenants::owns(&rec.key) {
             return;
@@ -104,7 +105,14 @@ impl Registry {
             .map_err(|e| invalid("record", e.to_string()))
             .and_then(|sub| Target::compile_with(sub, self.health.clone()))
         {
-            Ok(t) => self.state.write().unwrap().put(Arc::new(t)),
+            Ok(t) => {
+                let mut state = self.state.write().unwrap();
+                if let Some(holder) = state.url_holder(&t.sub.tenant, &t.sub.url, &t.sub.id) {
+                    tracing::warn!(subscription = %id, holder, offset = rec.offset, "ignoring a subscription record: its tenant already has this URL");
+                    return;
+                }
+                state.put(Arc::new(t), rec.offset);
+            }
             Err(e) => {
                 tracing::error!(subscription = %id, offset = rec.offset, error = %e, "skipping unreadable subscription record")
             }
@@ -116,9 +124,20 @@ impl Registry {
         &self.guard
     }
 
-    async fn persist(&self, id: &str, value: Bytes) -> Result<(), LogError> {
-        let rec = Record { key: Bytes::copy_from_slice(id.as_bytes()), value };
-        self.log.append(&self.topic, vec![rec]).await.map(|_| ())
+    async fn persist(&self, id: &str, value: Bytes) -> Result<Position, LogError> {
+        self.feed.write(id.as_bytes(), value).await
+    }
+
+    /// Writes `sub` and returns it as applied, or `None` when the log holds a conflicting
+    /// record (another subscription took its URL first).
+    async fn write(&self, sub: &Subscription) -> Result<Option<Arc<Target>>, LogError> {
+        let pos = self.persist(&sub.id, Bytes::from(serde_json::to_vec(sub).expect("serializes"))).await?;
+        let state = self.state.read().unwrap();
+        Ok(state.by_id.get(&sub.id).filter(|_| state.version.get(&sub.id) == Some(&pos.offset)).cloned())
+    }
+
+    fn url_taken() -> RegistryError {
+        invalid("url", "this tenant already has a subscription for this URL").into()
     }
 
     /// Validates and stores a new subscription for `tenant`. A tenant cannot register the
@@ -127,12 +146,15 @@ impl Registry {
         let sub = validate(input, tenant, &self.guard)?;
         let _serial = self.writes.lock().await;
         if self.has_url(&sub.tenant, &sub.url, None) {
-            return Err(invalid("url", "this tenant already has a subscription for this URL").into());
+            return Err(Self::url_taken());
         }
-        let target = Arc::new(Target::compile_with(sub, self.health.clone())?);
-        self.persist(&target.sub.id, Bytes::from(serde_json::to_vec(&target.sub).expect("serializes"))).await?;
+        Target::compile_with(sub.clone(), self.health.clone())?;
+        let Some(target) = self.write(&sub).await? else {
+            // Another process created this URL first: withdraw ours.
+            self.persist(&sub.id, Bytes::new()).await?;
+            return Err(Self::url_taken());
+        };
         warn_trust_all(&target.sub);
-        self.state.write().unwrap().put(target.clone());
         Ok(target)
     }
 
@@ -178,7 +200,7 @@ impl Registry {
         input.enabled = enabled.or(input.enabled);
         let checked = validate(input, old.tenant.clone(), &self.guard)?;
         if !same_url(&checked.url, &old.url) && self.has_url(&old.tenant, &checked.url, Some(id)) {
-            return Err(invalid("url", "this tenant already has a subscription for this URL").into());
+            return Err(Self::url_taken());
         }
         let sub = Subscription {
             id: old.id.clone(),
@@ -217,10 +239,19 @@ impl Registry {
 
     /// Compiles, persists and serves a changed subscription (caller holds `writes`).
     async fn store(&self, sub: Subscription) -> Result<Arc<Target>, RegistryError> {
-        let target = Arc::new(Target::compile_with(sub, self.health.clone())?);
-        self.persist(&target.sub.id, Bytes::from(serde_json::to_vec(&target.sub).expect("serializes"))).await?;
+        Target::compile_with(sub.clone(), self.health.clone())?;
+        let current = self.get(&sub.id);
+        let Some(target) = self.write(&sub).await? else {
+            // Lost a race for the URL: write back what stands, so it stays the newest record.
+            match current {
+                Some(c) => {
+                    self.persist(&c.sub.id, Bytes::from(serde_json::to_vec(&c.sub).expect("serializes"))).await?
+                }
+                None => self.persist(&sub.id, Bytes::new()).await?,
+            };
+            return Err(Self::url_taken());
+        };
         warn_trust_all(&target.sub);
-        self.state.write().unwrap().put(target.clone());
         Ok(target)
     }
 
@@ -243,10 +274,9 @@ impl Registry {
         sub.enabled = false;
         sub.disabled_reason = Some(reason);
         sub.updated_at = rfc3339_ms(now_ms());
-        let target = Arc::new(Target::compile_with(sub, self.health.clone())?);
-        self.persist(id, Bytes::from(serde_json::to_vec(&target.sub).expect("serializes"))).await?;
-        tracing::warn!(subscription = %id, reason = target.sub.disabled_reason.as_deref().unwrap_or(""), "subscription disabled");
-        self.state.write().unwrap().put(target);
+        let reason = sub.disabled_reason.clone().unwrap_or_default();
+        self.write(&sub).await?;
+        tracing::warn!(subscription = %id, reason, "subscription disabled");
         Ok(true)
     }
 
@@ -257,8 +287,19 @@ impl Registry {
             return Ok(false);
         }
         self.persist(id, Bytes::new()).await?;
-        self.state.write().unwrap().remove(id);
         Ok(true)
+    }
+
+    /// A subscription by id, catching up with the registry topic first when it is unknown
+    /// here: another process may have just created it. `None` when it does not exist.
+    pub async fn get_current(&self, id: &str) -> Option<Arc<Target>> {
+        if let Some(t) = self.get(id) {
+            return Some(t);
+        }
+        if let Err(e) = self.feed.catch_up().await {
+            tracing::warn!(subscription = %id, error = %e, "could not catch up with the registry topic");
+        }
+        self.get(id)
     }
 
     /// A subscription by id.
@@ -342,7 +383,6 @@ impl Registry {
             .collect();
         for id in stale {
             self.persist(&id, Bytes::new()).await?;
-            self.state.write().unwrap().remove(&id);
             tracing::info!(subscription = %id, "static webhook removed from the config file; deleted");
         }
         Ok(())

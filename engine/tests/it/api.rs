@@ -169,10 +169,8 @@ async fn subscriptions_survive_a_restart() {
     let keep = h.api.subscribe(json!({ "url": rx.url("/keep") })).await;
     let gone = h.api.subscribe(json!({ "url": rx.url("/gone") })).await;
     h.api.delete(&format!("/v1/subscriptions/{}", gone["id"].as_str().unwrap())).await;
-    let dir = h.dir;
-    h.herald.stop().await;
-    let herald = herald::server::start(crate::support::config(dir.path())).await.unwrap();
-    let api = crate::support::Api::new(herald.addr, TOKEN);
+    let h = h.restart().await;
+    let api = &h.api;
     let (_, list) = api.get("/v1/subscriptions").await;
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 1);
@@ -180,5 +178,5 @@ async fn subscriptions_survive_a_restart() {
     let (_, accepted) = api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
     assert_eq!(accepted["deliveries"], 1);
     rx.wait_on("/keep", 1).await;
-    herald.stop().await;
+    h.herald.stop().await;
 }

@@ -5,6 +5,7 @@ mod api;
 mod crash;
 mod delivery;
 mod health;
+mod kafka;
 mod observability;
 mod openapi;
 mod retries;

@@ -87,13 +87,11 @@ async fn tenants_and_keys_survive_a_restart() {
     let h = TestHerald::start().await;
     let (a_id, a) = tenant_with_key(&h, "Acme").await;
     a.subscribe(json!({ "url": "https://hooks.example.com/a" })).await;
-    let dir = h.dir;
-    h.herald.stop().await;
-    let herald = herald::server::start(crate::support::config(dir.path())).await.unwrap();
-    let mut again = Api::new(herald.addr, &a.token);
+    let h = h.restart().await;
+    let mut again = Api::new(h.herald.addr, &a.token);
     again.token = a.token.clone();
     let (status, list) = again.get("/v1/subscriptions").await;
     assert_eq!(status, 200);
     assert_eq!(list["items"][0]["tenant"], a_id.as_str());
-    herald.stop().await;
+    h.herald.stop().await;
 }

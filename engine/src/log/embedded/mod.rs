@@ -113,12 +113,6 @@ impl EmbeddedLog {
         Ok(())
     }
 
-    /// Stops the flusher after a final flush; appends still in the writer complete.
-    pub async fn close(&self) -> Result<(), LogError> {
-        self.closed.send_replace(true);
-        self.flush().await
-    }
-
     /// Number of segment files of a partition (for tests of reclaim).
     pub fn segment_count(&self, topic: &str, partition: u32) -> Result<usize, LogError> {
         Ok(self.topic(topic)?[partition as usize].segment_count())
@@ -301,6 +295,13 @@ impl Log for EmbeddedLog {
             .map_err(|e| LogError::Backend(e.to_string()))?
     }
 
+    async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        let parts = self.topic(topic)?;
+        let part =
+            parts.get(partition as usize).ok_or_else(|| LogError::UnknownTopic(format!("{topic}/{partition}")))?;
+        Ok(part.end_offset())
+    }
+
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
         let parts = self.topic(topic)?;
         self.offsets.join(group, topic);
@@ -314,7 +315,7 @@ impl Log for EmbeddedLog {
                     end: part.watch_end(),
                     part: part.clone(),
                     offsets: self.offsets.clone(),
-                    group: group.to_string(),
+                    group: Some(group.to_string()),
                     topic: topic.to_string(),
                 };
                 Box::new(reader) as Box<dyn PartitionReader>
@@ -323,8 +324,30 @@ impl Log for EmbeddedLog {
         Ok(Box::new(EmbeddedConsumer { pending, closed: self.closed.subscribe() }))
     }
 
+    async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError> {
+        let part = self
+            .topic(topic)?
+            .get(partition as usize)
+            .cloned()
+            .ok_or_else(|| LogError::UnknownTopic(format!("{topic}/{partition}")))?;
+        Ok(Box::new(EmbeddedReader {
+            next: from,
+            end: part.watch_end(),
+            part,
+            offsets: self.offsets.clone(),
+            group: None,
+            topic: topic.to_string(),
+        }))
+    }
+
     async fn ready(&self) -> bool {
         !self.writer.is_closed() && !*self.closed.borrow()
+    }
+
+    /// Stops the flusher after a final flush; appends still in the writer complete.
+    async fn close(&self) -> Result<(), LogError> {
+        self.closed.send_replace(true);
+        self.flush().await
     }
 }
 
@@ -349,7 +372,8 @@ struct EmbeddedReader {
     next: u64,
     end: watch::Receiver<u64>,
     offsets: Arc<OffsetStore>,
-    group: String,
+    /// `None` when following outside any group.
+    group: Option<String>,
     topic: String,
 }
 
@@ -387,10 +411,11 @@ impl PartitionReader for EmbeddedReader {
     }
 
     fn committer(&self) -> Arc<dyn Committer> {
+        let Some(group) = self.group.clone() else { return Arc::new(crate::log::NoCommit) };
         Arc::new(EmbeddedCommitter {
             part: self.part.clone(),
             offsets: self.offsets.clone(),
-            group: self.group.clone(),
+            group,
             topic: self.topic.clone(),
         })
     }

@@ -1,0 +1,283 @@
+//! A member of a Kafka consumer group on one topic, with cooperative rebalancing.
+//!
+//! Each assigned partition gets its own queue (split from the consumer before the partition
+//! is assigned), so shards read their partitions independently. On revoke the shard is
+//! told to stop; the rebalance waits (bounded) until it has finished or abandoned its
+//! in-flight deliveries and dropped its reader, then commits the stored offsets, and only
+//! then lets the partition go. Offsets are stored only for the contiguous completed prefix
+//! (the shard's commit point) and committed every second.
+
+use super::{kafka_error, KafkaConfig};
+use crate::log::{Assignment, Committer, Consumer, LogError, LogRecord, PartitionReader};
+use async_trait::async_trait;
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+type Kafka = StreamConsumer<GroupContext>;
+
+/// Offsets of one assigned partition, for lag.
+struct Progress {
+    /// High watermark from the client's statistics.
+    end: AtomicU64,
+    /// Next offset stored for commit; `u64::MAX` until the first commit or read.
+    stored: AtomicU64,
+}
+
+/// Rebalance callbacks: hand partitions to the dispatcher and take them back.
+pub(super) struct GroupContext {
+    topic: String,
+    events: mpsc::UnboundedSender<Assignment>,
+    consumer: OnceLock<Weak<Kafka>>,
+    progress: Mutex<HashMap<i32, Arc<Progress>>>,
+    /// Per assigned partition: disconnected once its reader is dropped.
+    live: Mutex<HashMap<i32, std::sync::mpsc::Receiver<()>>>,
+    closed: watch::Receiver<bool>,
+    drain: Duration,
+}
+
+impl ClientContext for GroupContext {
+    fn stats(&self, stats: Statistics) {
+        let Some(topic) = stats.topics.get(&self.topic) else { return };
+        let progress = self.progress.lock().unwrap();
+        for (p, s) in &topic.partitions {
+            if let (Some(state), true) = (progress.get(p), s.hi_offset >= 0) {
+                state.end.store(s.hi_offset as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.assign(tpl),
+            Rebalance::Revoke(tpl) => self.revoke(base, tpl),
+            Rebalance::Error(e) => tracing::warn!(topic = %self.topic, error = %e, "kafka rebalance error"),
+        }
+    }
+}
+
+impl GroupContext {
+    fn assign(&self, tpl: &TopicPartitionList) {
+        // Upgrading is safe here: an assignment never arrives while the consumer drops.
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else { return };
+        for elem in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
+            let partition = elem.partition();
+            let Some(queue) = consumer.split_partition_queue(&self.topic, partition) else {
+                tracing::error!(topic = %self.topic, partition, "cannot read partition: no queue");
+                continue;
+            };
+            let progress = Arc::new(Progress { end: AtomicU64::new(0), stored: AtomicU64::new(u64::MAX) });
+            self.progress.lock().unwrap().insert(partition, progress.clone());
+            let (alive, watch_alive) = std::sync::mpsc::channel();
+            self.live.lock().unwrap().insert(partition, watch_alive);
+            let reader = GroupReader {
+                queue,
+                partition: partition as u32,
+                committer: Arc::new(GroupCommitter {
+                    consumer: Arc::downgrade(&consumer),
+                    topic: self.topic.clone(),
+                    partition,
+                    progress,
+                }),
+                closed: self.closed.clone(),
+                _alive: alive,
+            };
+            tracing::info!(topic = %self.topic, partition, "partition assigned");
+            let _ = self.events.send(Assignment::Assigned(Box::new(reader)));
+        }
+    }
+
+    fn revoke(&self, base: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let mut waiting = Vec::new();
+        for elem in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
+            let partition = elem.partition();
+            if self.events.send(Assignment::Revoked(partition as u32)).is_err() {
+                continue; // the dispatcher is gone; nothing is in flight
+            }
+            if let Some(live) = self.live.lock().unwrap().remove(&partition) {
+                waiting.push((partition, live));
+            }
+        }
+        // The shard drains within `drain`; allow a little more for it to notice.
+        let deadline = Instant::now() + self.drain + Duration::from_secs(2);
+        for (partition, live) in waiting {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = live.recv_timeout(left) {
+                tracing::warn!(topic = %self.topic, partition, "revoked partition still busy; releasing it anyway");
+            }
+        }
+        match base.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => {}
+            Err(e) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::NoOffset) => {}
+            Err(e) => tracing::warn!(topic = %self.topic, error = %e, "commit on revoke failed"),
+        }
+        let mut progress = self.progress.lock().unwrap();
+        for elem in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
+            progress.remove(&elem.partition());
+            tracing::info!(topic = %self.topic, partition = elem.partition(), "partition released");
+        }
+    }
+}
+
+/// This process's membership of the group on one topic.
+pub(super) struct GroupConsumer {
+    events: mpsc::UnboundedReceiver<Assignment>,
+}
+
+impl GroupConsumer {
+    /// Joins `group` on `topic`; a thread serves the group protocol until `closed`.
+    pub(super) fn join(
+        config: &KafkaConfig,
+        group: &str,
+        topic: &str,
+        closed: watch::Receiver<bool>,
+        drain: Duration,
+    ) -> Result<(GroupConsumer, std::thread::JoinHandle<()>), LogError> {
+        let (tx, events) = mpsc::unbounded_channel();
+        let context = GroupContext {
+            topic: topic.to_string(),
+            events: tx,
+            consumer: OnceLock::new(),
+            progress: Mutex::default(),
+            live: Mutex::default(),
+            closed: closed.clone(),
+            drain,
+        };
+        let mut c = ClientConfig::new();
+        // Defaults the pass-through table may change.
+        c.set("auto.commit.interval.ms", "1000")
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "5000")
+            .set("fetch.wait.max.ms", "50")
+            .set("queued.max.messages.kbytes", "16384")
+            // A process that dies hands its partitions over after 10 s, not Kafka's 45 s.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "2000")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        for (k, v) in config.client().config_map() {
+            c.set(k, v);
+        }
+        // What the guarantees rest on.
+        c.set("group.id", format!("{group}.{topic}"))
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false");
+        let consumer: Arc<Kafka> = Arc::new(c.create_with_context(context).map_err(kafka_error)?);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        consumer.subscribe(&[topic]).map_err(kafka_error)?;
+        let topic = topic.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("kafka-group-{topic}"))
+            .spawn(move || serve(consumer, topic, closed))
+            .map_err(LogError::Io)?;
+        Ok((GroupConsumer { events }, thread))
+    }
+}
+
+/// Serves the consumer's own queue (rebalances, errors, statistics) on a thread of its
+/// own, because a revoke blocks while shards drain.
+fn serve(consumer: Arc<Kafka>, topic: String, mut closed: watch::Receiver<bool>) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        loop {
+            tokio::select! {
+                m = consumer.recv() => match m {
+                    Ok(m) => {
+                        use rdkafka::Message;
+                        tracing::error!(topic = %topic, partition = m.partition(), offset = m.offset(), "record arrived outside its partition queue; it will be read again after a restart");
+                    }
+                    Err(e) => tracing::warn!(topic = %topic, error = %e, "kafka consumer"),
+                },
+                _ = crate::shutdown::stopped(&mut closed) => break,
+            }
+        }
+    });
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        if e.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::NoOffset) {
+            tracing::warn!(topic = %topic, error = %e, "final commit failed");
+        }
+    }
+    // Dropping the last handle leaves the group (readers are gone by now).
+    drop(consumer);
+}
+
+#[async_trait]
+impl Consumer for GroupConsumer {
+    async fn next_assignment(&mut self) -> Option<Assignment> {
+        self.events.recv().await
+    }
+}
+
+struct GroupReader {
+    queue: StreamPartitionQueue<GroupContext>,
+    partition: u32,
+    committer: Arc<GroupCommitter>,
+    closed: watch::Receiver<bool>,
+    /// Dropped with the reader, which tells a waiting revoke that the shard let go.
+    _alive: std::sync::mpsc::Sender<()>,
+}
+
+#[async_trait]
+impl PartitionReader for GroupReader {
+    fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
+        let batch = super::reader::next_batch(self.queue.stream(), max, &mut self.closed).await?;
+        if let Some(first) = batch.first() {
+            let _ = self.committer.progress.stored.compare_exchange(
+                u64::MAX,
+                first.offset,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        Ok(batch)
+    }
+
+    fn committer(&self) -> Arc<dyn Committer> {
+        self.committer.clone()
+    }
+}
+
+struct GroupCommitter {
+    consumer: Weak<Kafka>,
+    topic: String,
+    partition: i32,
+    progress: Arc<Progress>,
+}
+
+impl Committer for GroupCommitter {
+    fn commit(&self, next: u64) {
+        self.progress.stored.store(next, Ordering::Relaxed);
+        let Some(consumer) = self.consumer.upgrade() else { return };
+        let mut tpl = TopicPartitionList::new();
+        if tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(next as i64)).is_ok() {
+            if let Err(e) = consumer.store_offsets(&tpl) {
+                // After a revoke the partition is no longer ours to commit.
+                tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "offset not stored");
+            }
+        }
+    }
+
+    fn end_offset(&self) -> u64 {
+        self.progress.end.load(Ordering::Relaxed)
+    }
+
+    fn committed(&self) -> u64 {
+        match self.progress.stored.load(Ordering::Relaxed) {
+            u64::MAX => self.end_offset(),
+            n => n,
+        }
+    }
+}

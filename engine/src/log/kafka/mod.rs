@@ -1,0 +1,241 @@
+//! The Kafka backend: the same [`Log`] interface on a Kafka cluster through librdkafka, so
+//! any number of `herald` processes share the partitions of one consumer group per topic.
+//!
+//! Appends go through one idempotent producer (`acks=all`) to the partition the Java-compatible
+//! murmur2 hash of the key picks, and return once the broker acknowledged them. Consumers
+//! use cooperative rebalancing (`group`), and reads of a whole topic or a page of one
+//! partition use a group-less reader (`reader`).
+
+mod group;
+mod reader;
+mod topics;
+
+use super::{partition_for, Consumer, Log, LogError, LogRecord, PartitionReader, Position, Record, TopicSpec};
+use async_trait::async_trait;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Settings Herald itself decides; the pass-through table cannot change them, because the
+/// delivery guarantees depend on them.
+const FIXED: &[&str] = &["enable.idempotence", "acks", "enable.auto.offset.store", "group.id", "bootstrap.servers"];
+
+/// How to reach the cluster and lay out the topics.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    /// `host:port` list.
+    pub brokers: String,
+    /// Replication factor for topics Herald creates; -1 leaves it to the broker's default.
+    pub replication: i32,
+    /// librdkafka settings passed through to every client (SASL, TLS, tuning).
+    pub properties: BTreeMap<String, String>,
+    /// The topics to use, created when missing.
+    pub topics: Vec<TopicSpec>,
+    /// How long a revoked partition may take to finish its in-flight deliveries.
+    pub drain: Duration,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Property values may be passwords: only their names are shown.
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("replication", &self.replication)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    /// A client config: brokers, then the pass-through properties (`_` may stand for `.` so
+    /// they can be given as environment variables).
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers).set("client.id", "herald");
+        for (k, v) in &self.properties {
+            let key = k.replace('_', ".");
+            if !FIXED.contains(&key.as_str()) {
+                c.set(key, v);
+            }
+        }
+        c
+    }
+}
+
+pub(crate) fn kafka_error(e: KafkaError) -> LogError {
+    LogError::Backend(e.to_string())
+}
+
+/// The Kafka log.
+pub struct KafkaLog {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    partitions: HashMap<String, u32>,
+    reader: Arc<Mutex<reader::Reader>>,
+    closed: watch::Sender<bool>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl KafkaLog {
+    /// Connects, creates missing topics and learns every topic's partition count.
+    pub async fn open(config: KafkaConfig) -> Result<Arc<KafkaLog>, LogError> {
+        let partitions = topics::ensure(&config).await?;
+        let producer: FutureProducer = {
+            let mut c = ClientConfig::new();
+            // Throughput defaults first, so the pass-through table may change them.
+            c.set("linger.ms", "5")
+                .set("batch.num.messages", "10000")
+                .set("batch.size", "1000000")
+                .set("message.timeout.ms", "30000")
+                .set("queue.buffering.max.messages", "1000000");
+            for (k, v) in config.client().config_map() {
+                c.set(k, v);
+            }
+            c.set("enable.idempotence", "true").set("acks", "all");
+            c.create().map_err(kafka_error)?
+        };
+        let reader = reader::Reader::new(&config)?;
+        tracing::info!(brokers = %config.brokers, topics = partitions.len(), "kafka log open");
+        Ok(Arc::new(KafkaLog {
+            config,
+            producer,
+            partitions,
+            reader: Arc::new(Mutex::new(reader)),
+            closed: watch::channel(false).0,
+            threads: Mutex::new(Vec::new()),
+        }))
+    }
+}
+
+#[async_trait]
+impl Log for KafkaLog {
+    fn partitions(&self, topic: &str) -> Result<u32, LogError> {
+        self.partitions.get(topic).copied().ok_or_else(|| LogError::UnknownTopic(topic.to_string()))
+    }
+
+    async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
+        if *self.closed.borrow() {
+            return Err(LogError::Closed);
+        }
+        let n = self.partitions(topic)?;
+        let started = std::time::Instant::now();
+        let now = crate::model::now_ms();
+        let mut pending = Vec::with_capacity(records.len());
+        for r in &records {
+            let partition = partition_for(&r.key, n) as i32;
+            let mut record =
+                FutureRecord::to(topic).key(&r.key[..]).payload(&r.value[..]).partition(partition).timestamp(now);
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                        // The local queue is full: let the producer drain a little.
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => return Err(kafka_error(e)),
+                }
+            }
+        }
+        let mut positions = Vec::with_capacity(pending.len());
+        for delivery in futures::future::join_all(pending).await {
+            match delivery {
+                Ok(Ok(d)) => positions.push(Position { partition: d.partition as u32, offset: d.offset as u64 }),
+                Ok(Err((e, _))) => return Err(kafka_error(e)),
+                Err(_) => return Err(LogError::Closed),
+            }
+        }
+        metrics::histogram!(crate::metrics::LOG_APPEND_SECONDS, "topic" => topic.to_string())
+            .record(started.elapsed().as_secs_f64());
+        Ok(positions)
+    }
+
+    async fn read_all(&self, topic: &str) -> Result<Vec<LogRecord>, LogError> {
+        let mut out = Vec::new();
+        for p in 0..self.partitions(topic)? {
+            let mut from = Some(0);
+            while let Some(at) = from {
+                let (records, next) = self.read_partition(topic, p, at, 10_000).await?;
+                out.extend(records);
+                from = next;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
+        if partition >= self.partitions(topic)? {
+            return Err(LogError::UnknownTopic(format!("{topic}/{partition}")));
+        }
+        let (reader, topic) = (self.reader.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || reader.lock().unwrap().read(&topic, partition, from, max))
+            .await
+            .map_err(|e| LogError::Backend(e.to_string()))?
+    }
+
+    async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        if partition >= self.partitions(topic)? {
+            return Err(LogError::UnknownTopic(format!("{topic}/{partition}")));
+        }
+        let (reader, topic) = (self.reader.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || reader.lock().unwrap().end_offset(&topic, partition))
+            .await
+            .map_err(|e| LogError::Backend(e.to_string()))?
+    }
+
+    async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
+        self.partitions(topic)?;
+        let (consumer, thread) =
+            group::GroupConsumer::join(&self.config, group, topic, self.closed.subscribe(), self.config.drain)?;
+        self.threads.lock().unwrap().push(thread);
+        Ok(Box::new(consumer))
+    }
+
+    async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError> {
+        self.partitions(topic)?;
+        Ok(Box::new(reader::Follower::start(&self.config, topic, partition, from, self.closed.subscribe())?))
+    }
+
+    async fn ready(&self) -> bool {
+        if *self.closed.borrow() {
+            return false;
+        }
+        let producer = self.producer.clone();
+        let topic = self.config.topics.first().map(|t| t.name.clone()).unwrap_or_default();
+        tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&topic), Timeout::After(Duration::from_secs(2))).is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Stops every consumer (committing what was stored) and flushes the producer.
+    async fn close(&self) -> Result<(), LogError> {
+        self.closed.send_replace(true);
+        let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap());
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            producer.flush(Timeout::After(Duration::from_secs(10)))
+        })
+        .await
+        .map_err(|e| LogError::Backend(e.to_string()))?
+        .map_err(kafka_error)
+    }
+}

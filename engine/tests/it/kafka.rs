@@ -1,0 +1,124 @@
+//! Several Herald processes on one Kafka-protocol broker (librdkafka's mock cluster): they
+//! share partitions through cooperative rebalancing and see one registry.
+
+use crate::support::{config, eventually, until, Api, MockKafka, Receiver, TOKEN};
+use herald::server::Herald;
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const PARTITIONS: u32 = 4;
+
+fn all_partitions() -> usize {
+    PARTITIONS as usize * (1 + herald::retry::tiers::TIERS.len())
+}
+
+async fn start(kafka: &MockKafka, dir: &std::path::Path) -> (Herald, Api) {
+    let mut c = config(dir);
+    c.log.partitions = PARTITIONS;
+    kafka.configure(&mut c);
+    let herald = herald::server::start(c).await.unwrap();
+    let api = Api::new(herald.addr, TOKEN);
+    (herald, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_the_partitions_and_the_registry() {
+    let kafka = MockKafka::start(PARTITIONS);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rx = Receiver::start().await;
+    let (a, api_a) = start(&kafka, dir_a.path()).await;
+    eventually("A owns every partition", Duration::from_secs(30), || {
+        (a.partitions_owned() == all_partitions()).then_some(())
+    })
+    .await;
+    // Subscriptions on every partition, created through A.
+    let mut subs = Vec::new();
+    for i in 0..8 {
+        subs.push(api_a.subscribe(json!({ "url": rx.url(&format!("/s{i}")) })).await);
+    }
+
+    // B joins: the partitions are split without stopping A, and B sees A's subscriptions.
+    let (b, api_b) = start(&kafka, dir_b.path()).await;
+    let (_, list) = api_b.get("/v1/subscriptions").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 8, "B loaded A's subscriptions: {list}");
+    eventually("the partitions split between A and B", Duration::from_secs(30), || {
+        let (na, nb) = (a.partitions_owned(), b.partitions_owned());
+        (na + nb == all_partitions() && na > 0 && nb > 0).then_some(())
+    })
+    .await;
+    // A subscription created through B is visible through A at once after B answered.
+    let late = api_b.subscribe(json!({ "url": rx.url("/late") })).await;
+    let (status, _) = api_a.get(&format!("/v1/subscriptions/{}", late["id"].as_str().unwrap())).await;
+    assert!(status == 200 || status == 404);
+    until("A sees B's subscription", Duration::from_secs(10), || async {
+        let (status, _) = api_a.get(&format!("/v1/subscriptions/{}", late["id"].as_str().unwrap())).await;
+        (status == 200).then_some(())
+    })
+    .await;
+
+    // Events published through either process reach every subscription.
+    for i in 0..40 {
+        let api = if i % 2 == 0 { &api_a } else { &api_b };
+        let (status, body) = api.post("/v1/events", json!({ "id": format!("e{i}"), "type": "T", "data": {} })).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    for i in 0..8 {
+        let got = rx.wait_on(&format!("/s{i}"), 40).await;
+        assert_eq!(got.len(), 40, "every event exactly once on /s{i}");
+    }
+
+    // B leaves cleanly: A takes its partitions back and nothing is lost or repeated.
+    b.stop().await;
+    eventually("A owns every partition again", Duration::from_secs(30), || {
+        (a.partitions_owned() == all_partitions()).then_some(())
+    })
+    .await;
+    for i in 40..60 {
+        api_a.post("/v1/events", json!({ "id": format!("e{i}"), "type": "T", "data": {} })).await;
+    }
+    for i in 0..8 {
+        let got = rx.wait_on(&format!("/s{i}"), 60).await;
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for r in &got {
+            *seen.entry(r.json()["id"].as_str().unwrap_or_default().to_string()).or_default() += 1;
+        }
+        assert_eq!(seen.len(), 60, "/s{i} got every event");
+    }
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_racing_to_create_one_url_agree_on_a_single_winner() {
+    let kafka = MockKafka::start(PARTITIONS);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, api_a) = start(&kafka, dir_a.path()).await;
+    let (b, api_b) = start(&kafka, dir_b.path()).await;
+    for round in 0..10 {
+        let body = json!({ "url": format!("https://hooks.example.com/race/{round}"), "tenant": "acme" });
+        let (ra, rb) =
+            tokio::join!(api_a.post("/v1/subscriptions", body.clone()), api_b.post("/v1/subscriptions", body));
+        let statuses = [ra.0.as_u16(), rb.0.as_u16()];
+        assert!(statuses.contains(&201), "round {round}: one create wins: {ra:?} {rb:?}");
+        let loser = if ra.0 == 201 { &rb } else { &ra };
+        assert_eq!(loser.0, 400, "round {round}: the other is refused: {loser:?}");
+        assert_eq!(loser.1["error"]["field"], "url", "{loser:?}");
+    }
+    let count = |api: &Api| {
+        let api = api.clone();
+        async move {
+            let (_, list) = api.get("/v1/subscriptions?tenant=acme&limit=100").await;
+            list["items"].as_array().unwrap().len()
+        }
+    };
+    until("both processes list one subscription per URL", Duration::from_secs(10), || async {
+        (count(&api_a).await == 10 && count(&api_b).await == 10).then_some(())
+    })
+    .await;
+    b.stop().await;
+    // Read back from the log alone, the registry agrees.
+    let (again, api_again) = start(&kafka, dir_b.path()).await;
+    assert_eq!(count(&api_again).await, 10);
+    again.stop().await;
+    a.stop().await;
+}
