@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end throughput on this machine, against a baseline measured in the same run.
 #   load-tests/scenarios/e2e.sh [SUBSCRIPTIONS] [EVENTS]
-# Starts a release Herald on a fresh embedded log, a verifying sink, creates SUBSCRIPTIONS
+#   BACKEND=kafka load-tests/scenarios/e2e.sh ...   (on a local tansu broker, in memory)
+# Starts a release Herald on a fresh embedded log (or Kafka), a verifying sink, creates SUBSCRIPTIONS
 # subscriptions (standard signing, 1 KB events), publishes EVENTS/SUBSCRIPTIONS events through
 # the batch API and reports deliveries/s, then what wrk pushes straight into the same sink.
 # Loopback only; every process is stopped on exit.
@@ -20,6 +21,16 @@ trap cleanup EXIT
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 (cd "$ROOT" && cargo build --release --locked -q -p herald -p herald-load-tests --bins)
+
+if [ "${BACKEND:-embedded}" = kafka ]; then
+  TANSU=${HERALD_TANSU:-$HOME/.cargo/bin/tansu}
+  [ -x "$TANSU" ] || { echo "tansu is not installed: cargo install tansu --locked --features dynostore,libsql" >&2; exit 1; }
+  "$TANSU" broker --listener-url tcp://127.0.0.1:19192 --advertised-listener-url tcp://127.0.0.1:19192 \
+    --storage-engine memory://tansu/ >"$WORK/tansu.out" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/19192) 2>/dev/null && break; sleep 0.1; done
+  export HERALD_LOG_BACKEND=kafka HERALD_LOG_BROKERS=127.0.0.1:19192 HERALD_LOG_REPLICATION=1
+fi
 
 "$BIN/herald" serve --listen 127.0.0.1:$HERALD_PORT --data-dir "$WORK/data" >"$WORK/herald.out" 2>"$WORK/herald.err" &
 pids+=($!)

@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 mod health;
 mod kafka;
+mod kafka_system;
 mod observability;
 mod openapi;
 mod retries;

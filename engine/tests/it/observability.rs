@@ -208,7 +208,13 @@ fn docker_compose_mounts_exist_and_dependencies_are_defined() {
     let mut mounts: HashMap<String, String> = HashMap::new();
     for (name, svc) in services {
         let name = name.as_str().unwrap();
-        for dep in svc["depends_on"].as_sequence().into_iter().flatten() {
+        // `depends_on` is a list of names, or a map from name to condition.
+        let deps: Vec<&serde_norway::Value> = match &svc["depends_on"] {
+            serde_norway::Value::Sequence(list) => list.iter().collect(),
+            serde_norway::Value::Mapping(map) => map.keys().collect(),
+            _ => Vec::new(),
+        };
+        for dep in deps {
             assert!(names.contains(dep.as_str().unwrap()), "{name} depends on undefined {dep:?}");
         }
         if let Some(context) = svc["build"].as_str() {
@@ -246,5 +252,11 @@ fn docker_compose_mounts_exist_and_dependencies_are_defined() {
     );
     // The config Herald runs with in compose is one it accepts.
     let config = root.join("deploy/herald/herald.toml");
-    herald::config::Config::load(Some(&config), &[]).expect("compose's herald.toml loads");
+    let config = herald::config::Config::load(Some(&config), &[]).expect("compose's herald.toml loads");
+    // ... and runs on the compose file's Kafka, which Herald waits for.
+    assert_eq!(config.log.backend, herald::config::Backend::Kafka);
+    let (host, _) = config.log.brokers.split_once(':').unwrap();
+    assert!(names.contains(host), "herald's brokers {} are not a compose service", config.log.brokers);
+    assert!(!services["kafka"]["healthcheck"].is_null(), "kafka has a healthcheck herald can wait on");
+    assert_eq!(services["herald"]["depends_on"]["kafka"]["condition"].as_str(), Some("service_healthy"));
 }

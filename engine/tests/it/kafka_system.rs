@@ -1,0 +1,115 @@
+//! System test on a standalone Kafka-protocol broker (`tansu`, which `./scripts/test`
+//! installs): two `herald serve` processes share the work, one is SIGKILLed mid-stream, and
+//! every event still arrives at every subscription at least once.
+
+use crate::support::{spawn_herald_with, until, Api, ChildGuard, Receiver};
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// A tansu broker on a free loopback port, in memory, killed on drop.
+struct Tansu {
+    _child: ChildGuard,
+    addr: String,
+}
+
+fn tansu_binary() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("HERALD_TANSU") {
+        return p.into();
+    }
+    let home = std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default());
+    let cached = home.join(".cargo/bin/tansu");
+    assert!(cached.exists(), "tansu is not installed: ./scripts/test installs it (cargo install tansu)");
+    cached
+}
+
+impl Tansu {
+    fn start() -> Tansu {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(tansu_binary())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu runs");
+        let child = ChildGuard(child);
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "tansu did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Tansu { _child: child, addr }
+    }
+}
+
+async fn delivered(api: &Api) -> f64 {
+    let (_, text) = api.raw("GET", "/metrics", None, None).await;
+    let text = text.as_str().unwrap_or_default().to_string();
+    text.lines()
+        .find(|l| l.starts_with("herald_deliveries_total{") && l.contains("outcome=\"delivered\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_herald_processes_on_one_broker_survive_a_sigkill_without_losing_an_event() {
+    let broker = Tansu::start();
+    let rx = Receiver::start().await;
+    let env = [
+        ("HERALD_LOG_BACKEND", "kafka"),
+        ("HERALD_LOG_BROKERS", broker.addr.as_str()),
+        ("HERALD_LOG_REPLICATION", "1"),
+        ("HERALD_LOG_PARTITIONS", "4"),
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_a, addr_a) = spawn_herald_with(dir_a.path(), &env);
+    let api_a = Api::new(addr_a, crate::support::TOKEN);
+    const SUBS: usize = 8;
+    for i in 0..SUBS {
+        api_a.subscribe(json!({ "url": rx.url(&format!("/s{i}")) })).await;
+    }
+    let (mut b, addr_b) = spawn_herald_with(dir_b.path(), &env);
+    let api_b = Api::new(addr_b, crate::support::TOKEN);
+    let (_, list) = api_b.get("/v1/subscriptions").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), SUBS, "B reads A's subscriptions from the broker");
+
+    // A steady stream through A: 20 events every 50 ms. B is killed once it has delivered
+    // its share of them for a while.
+    let mut published = 0usize;
+    let mut killed_at = None;
+    for round in 0..120 {
+        let batch: Vec<_> =
+            (0..20).map(|i| json!({ "id": format!("e{}", round * 20 + i), "type": "T", "data": {} })).collect();
+        let (status, body) = api_a.post("/v1/events/batch", json!(batch)).await;
+        assert_eq!(status, 202, "{body}");
+        published += 20;
+        if killed_at.is_none() && round >= 40 && delivered(&api_b).await >= 200.0 {
+            b.kill();
+            killed_at = Some(published);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let killed_at = killed_at.expect("B took a share of the partitions and delivered before it was killed");
+
+    // Everything arrives, B's partitions taken over by A after the session timeout.
+    let counts = until("every event at every subscription", Duration::from_secs(120), || async {
+        let mut counts: HashMap<(String, String), usize> = HashMap::new();
+        for r in rx.all() {
+            *counts.entry((r.path.clone(), r.json()["id"].as_str().unwrap_or_default().to_string())).or_default() += 1;
+        }
+        (counts.len() == published * SUBS).then_some(counts)
+    })
+    .await;
+    let total: usize = counts.values().sum();
+    let duplicates = total - counts.len();
+    eprintln!(
+        "kafka system test: {published} events x {SUBS} subscriptions, B killed after {killed_at} events; \
+         {} deliveries received, {} unique, {duplicates} duplicates",
+        total,
+        counts.len()
+    );
+    assert_eq!(counts.len(), published * SUBS, "at least once: nothing lost");
+}
