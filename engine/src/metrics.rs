@@ -37,6 +37,8 @@ pub const BREAKERS_OPEN: &str = "herald_circuit_breakers_open";
 pub const SUBSCRIPTIONS: &str = "herald_subscriptions";
 /// Subscriptions disabled (by a 410 or by an operator).
 pub const SUBSCRIPTIONS_DISABLED: &str = "herald_subscriptions_disabled";
+/// Partitions (deliveries and retry tiers) this process works on now.
+pub const PARTITIONS_OWNED: &str = "herald_partitions_owned";
 /// Durable append latency, by `topic`.
 pub const LOG_APPEND_SECONDS: &str = "herald_log_append_seconds";
 /// API requests, by `route`, `method` and `status`.
@@ -59,6 +61,7 @@ pub const ALL: &[&str] = &[
     BREAKERS_OPEN,
     SUBSCRIPTIONS,
     SUBSCRIPTIONS_DISABLED,
+    PARTITIONS_OWNED,
     LOG_APPEND_SECONDS,
     API_REQUESTS,
     API_REQUEST_SECONDS,
@@ -169,6 +172,7 @@ impl Metrics {
         let (total, disabled) = registry.counts();
         metrics::gauge!(SUBSCRIPTIONS).set(total as f64);
         metrics::gauge!(SUBSCRIPTIONS_DISABLED).set(disabled as f64);
+        metrics::gauge!(PARTITIONS_OWNED).set(self.shards_running() as f64);
         metrics::gauge!(BREAKERS_OPEN).set(registry.breakers_open() as f64);
         self.handle.run_upkeep();
         self.handle.render()
@@ -197,6 +201,7 @@ fn describe() {
     describe_gauge!(BREAKERS_OPEN, "Subscriptions whose circuit breaker is open.");
     describe_gauge!(SUBSCRIPTIONS, "Subscriptions in the registry.");
     describe_gauge!(SUBSCRIPTIONS_DISABLED, "Subscriptions disabled.");
+    describe_gauge!(PARTITIONS_OWNED, "Partitions of the deliveries and retry topics this process works on now.");
     describe_histogram!(LOG_APPEND_SECONDS, Unit::Seconds, "Durable log append latency, by topic.");
     describe_counter!(API_REQUESTS, "API requests, by route template, method and status.");
     describe_histogram!(API_REQUEST_SECONDS, Unit::Seconds, "API request latency, by route template.");

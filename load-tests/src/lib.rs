@@ -1,3 +1,7 @@
 //! Load generator and verifying sink for Herald.
 
+pub mod generate;
+pub mod report;
+pub mod scenario;
+pub mod sink;
 pub mod verify;

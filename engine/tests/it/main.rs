@@ -10,6 +10,7 @@ mod kafka_system;
 mod observability;
 mod openapi;
 mod retries;
+mod scenarios;
 mod subscription_changes;
 mod support;
 mod tenants;

@@ -1,17 +1,10 @@
 //! `herald-sink`: a webhook receiver that verifies every signature, counts each event id's
-//! arrivals (for loss and duplicates) and reports throughput.
+//! arrivals (for loss and duplicates) and reports throughput; it can answer slowly, fail a
+//! share of requests, and go down on a schedule.
 
-use bytes::Bytes;
 use clap::Parser;
-use herald_load_tests::verify::Verifier;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::collections::HashMap;
+use herald_load_tests::sink::{Behaviour, Sink};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Clone)]
@@ -23,106 +16,67 @@ struct Args {
     /// Standard Webhooks secret (`whsec_…`) to verify signatures with.
     #[arg(long)]
     secret: Option<String>,
-    /// Print every request's headers and body.
-    #[arg(long)]
-    print: bool,
     /// Stop after this many distinct (path, event id) pairs and print a summary.
     #[arg(long)]
     expect: Option<u64>,
-    /// Status code to answer with.
-    #[arg(long, default_value_t = 200)]
-    status: u16,
+    /// Answer latency range in milliseconds, e.g. `20-100`.
+    #[arg(long, value_parser = parse_range)]
+    latency_ms: Option<(u64, u64)>,
+    /// Fraction of requests to fail, 0..1.
+    #[arg(long, default_value_t = 0.0)]
+    failure_ratio: f64,
+    /// Statuses failures are answered with.
+    #[arg(long, value_delimiter = ',', default_value = "500,503")]
+    failure_status: Vec<u16>,
+    /// Outages, seconds after start, e.g. `10-20,40-45`: every request gets 503.
+    #[arg(long, value_delimiter = ',', value_parser = parse_range)]
+    outage: Vec<(u64, u64)>,
 }
 
-#[derive(Default)]
-struct Stats {
-    requests: AtomicU64,
-    bad_signatures: AtomicU64,
-    ids: Mutex<HashMap<String, u32>>,
-    first: Mutex<Option<Instant>>,
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once('-').ok_or("expected FROM-TO")?;
+    Ok((a.trim().parse().map_err(|_| "not a number")?, b.trim().parse().map_err(|_| "not a number")?))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let verifier = match &args.secret {
-        Some(s) => Some(Verifier::new(s).ok_or_else(|| anyhow::anyhow!("--secret must be whsec_ followed by base64"))?),
-        None => None,
+    let behaviour = Behaviour {
+        latency_ms: args.latency_ms.unwrap_or((0, 0)),
+        failure_ratio: args.failure_ratio,
+        failure_statuses: args.failure_status.clone(),
+        outages: args.outage.iter().map(|&(a, b)| (Duration::from_secs(a), Duration::from_secs(b))).collect(),
+        only_prefix: None,
     };
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    eprintln!("herald-sink listening on http://{}", listener.local_addr()?);
-    let stats = Arc::new(Stats::default());
-    let done = Arc::new(tokio::sync::Notify::new());
-    {
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            let mut last = 0;
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = stats.requests.load(Ordering::Relaxed);
-                if now != last {
-                    eprintln!("{:>10} requests  {:>8}/s", now, now - last);
-                }
-                last = now;
-            }
-        });
-    }
+    let sink = Sink::start(args.listen, args.secret.as_deref(), behaviour).await?;
+    eprintln!("herald-sink listening on http://{}", sink.addr);
+    let mut last = 0;
+    let mut first: Option<Instant> = None;
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = accepted?;
-                let (stats, args, verifier, done) = (stats.clone(), args.clone(), verifier.clone(), done.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (stats, args, verifier, done) = (stats.clone(), args.clone(), verifier.clone(), done.clone());
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-                            let id = header("webhook-id");
-                            if let Some(v) = &verifier {
-                                if !v.verify(&id, &header("webhook-timestamp"), &body, &header("webhook-signature")) {
-                                    stats.bad_signatures.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            if args.print {
-                                println!("POST {}", parts.uri);
-                                for (k, v) in &parts.headers {
-                                    println!("{k}: {}", v.to_str().unwrap_or("<binary>"));
-                                }
-                                println!("\n{}\n", String::from_utf8_lossy(&body));
-                            }
-                            stats.first.lock().unwrap().get_or_insert_with(Instant::now);
-                            stats.requests.fetch_add(1, Ordering::Relaxed);
-                            let distinct = {
-                                let mut ids = stats.ids.lock().unwrap();
-                                // One subscription per path: an event id counts once per path.
-                                *ids.entry(format!("{}|{id}", parts.uri.path())).or_insert(0) += 1;
-                                ids.len() as u64
-                            };
-                            if args.expect.is_some_and(|n| distinct >= n) {
-                                done.notify_one();
-                            }
-                            let status = StatusCode::from_u16(args.status).unwrap_or(StatusCode::OK);
-                            Ok::<_, std::convert::Infallible>(Response::builder().status(status).body(Full::new(Bytes::new())).unwrap())
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
-                });
-            }
-            _ = done.notified() => break,
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let distinct = sink.distinct();
+        if distinct > 0 {
+            first.get_or_insert_with(Instant::now);
+        }
+        let now = sink.requests();
+        if now / 10_000 != last / 10_000 {
+            eprintln!("{now:>10} requests, {distinct:>10} distinct");
+        }
+        last = now;
+        if args.expect.is_some_and(|n| distinct >= n) {
+            break;
         }
     }
-    let elapsed = stats.first.lock().unwrap().map_or(Duration::ZERO, |f| f.elapsed());
-    let ids = stats.ids.lock().unwrap();
-    let requests = stats.requests.load(Ordering::Relaxed);
+    let report = sink.report();
+    let elapsed = first.map_or(0.0, |f| f.elapsed().as_secs_f64()).max(1e-9);
     let summary = serde_json::json!({
-        "requests": requests,
-        "distinct": ids.len(),
-        "duplicates": requests - ids.len() as u64,
-        "bad_signatures": stats.bad_signatures.load(Ordering::Relaxed),
-        "seconds": elapsed.as_secs_f64(),
-        "deliveries_per_second": ids.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        "requests": report.requests,
+        "distinct": report.distinct,
+        "duplicates": report.duplicates,
+        "bad_signatures": report.bad_signatures,
+        "failures_sent": report.failures_sent,
+        "seconds": elapsed,
+        "deliveries_per_second": report.distinct as f64 / elapsed,
     });
     println!("{summary}");
     Ok(())

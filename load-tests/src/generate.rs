@@ -1,0 +1,207 @@
+//! The load generator: publishes events through Herald's batch API at a target rate or as
+//! fast as it takes them, for a duration or a count. A refused or failed batch is sent again
+//! with the same event ids until accepted, so a server restart mid-run loses nothing.
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What to publish.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// Herald's base URL.
+    pub server: String,
+    /// Bearer token.
+    pub token: String,
+    /// Events per second in all; 0 = as fast as accepted.
+    pub rate: u64,
+    /// Stop after this many events.
+    pub events: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Events per batch request.
+    pub batch: u64,
+    /// Batch requests in flight.
+    pub concurrency: u64,
+    /// Approximate size of each event's `data`, bytes.
+    pub size: usize,
+    /// Tenants the events are spread over (`t0`, `t1`, …), or `default` when 0.
+    pub tenants: u32,
+    /// Event ids are `<prefix>-<n>`.
+    pub id_prefix: String,
+    /// Show a progress bar (only on a terminal).
+    pub progress: bool,
+}
+
+/// What the generator achieved.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadReport {
+    /// Events accepted (202).
+    pub accepted: u64,
+    /// Batches sent again after an error.
+    pub retried_batches: u64,
+    /// Seconds from first to last request.
+    pub seconds: f64,
+    /// Accepted events per second.
+    pub events_per_second: f64,
+    /// Accepted per second since start.
+    pub timeline: Vec<u64>,
+}
+
+/// Publishes `load`; `stop` ends it early.
+pub async fn run(load: Load, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport> {
+    let load = Arc::new(load);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let next = Arc::new(AtomicU64::new(0));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let retried = Arc::new(AtomicU64::new(0));
+    let timeline = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let filler = Arc::new("x".repeat(load.size.saturating_sub(60)));
+    let started = Instant::now();
+    let bar = progress_bar(&load);
+    let workers: Vec<_> = (0..load.concurrency.max(1))
+        .map(|_| {
+            let (load, client, next, accepted, retried, timeline, filler, stop, bar) = (
+                load.clone(),
+                client.clone(),
+                next.clone(),
+                accepted.clone(),
+                retried.clone(),
+                timeline.clone(),
+                filler.clone(),
+                stop.clone(),
+                bar.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    if stop.load(Ordering::Relaxed) || load.duration.is_some_and(|d| started.elapsed() >= d) {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let first = next.fetch_add(load.batch, Ordering::Relaxed);
+                    let Some(last) = batch_end(&load, first) else { return Ok(()) };
+                    if load.rate > 0 {
+                        // Pace: event `first` is due at first / rate seconds.
+                        let due = started + Duration::from_secs_f64(first as f64 / load.rate as f64);
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    let body = batch_body(&load, first, last, &filler);
+                    let mut backoff = Duration::from_millis(50);
+                    loop {
+                        match send(&client, &load, body.clone()).await {
+                            Ok(()) => break,
+                            Err(e) => {
+                                if stop.load(Ordering::Relaxed) {
+                                    return Ok(());
+                                }
+                                retried.fetch_add(1, Ordering::Relaxed);
+                                warn_now_and_then(&e);
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(1));
+                            }
+                        }
+                    }
+                    let n = last - first;
+                    accepted.fetch_add(n, Ordering::Relaxed);
+                    let second = started.elapsed().as_secs() as usize;
+                    {
+                        let mut t = timeline.lock().unwrap();
+                        if t.len() <= second {
+                            t.resize(second + 1, 0);
+                        }
+                        t[second] += n;
+                    }
+                    if let Some(bar) = &bar {
+                        bar.inc(n);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await??;
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let n = accepted.load(Ordering::Relaxed);
+    let timeline = timeline.lock().unwrap().clone();
+    Ok(LoadReport {
+        accepted: n,
+        retried_batches: retried.load(Ordering::Relaxed),
+        seconds,
+        events_per_second: n as f64 / seconds.max(1e-9),
+        timeline,
+    })
+}
+
+fn batch_end(load: &Load, first: u64) -> Option<u64> {
+    match load.events {
+        Some(total) if first >= total => None,
+        Some(total) => Some((first + load.batch).min(total)),
+        None => Some(first + load.batch),
+    }
+}
+
+fn batch_body(load: &Load, first: u64, last: u64, filler: &str) -> Bytes {
+    let sent = crate::sink::now_ms();
+    let events: Vec<_> = (first..last)
+        .map(|i| {
+            let tenant =
+                if load.tenants == 0 { "default".to_string() } else { format!("t{}", i % u64::from(load.tenants)) };
+            serde_json::json!({
+                "id": format!("{}-{i}", load.id_prefix), "type": "LoadTest", "tenant": tenant,
+                "data": { "n": i, "sentMs": sent, "pad": filler },
+            })
+        })
+        .collect();
+    Bytes::from(serde_json::to_vec(&events).expect("serializes"))
+}
+
+async fn send(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    load: &Load,
+    body: Bytes,
+) -> anyhow::Result<()> {
+    let req = Request::post(format!("{}/v1/events/batch", load.server))
+        .header("authorization", format!("Bearer {}", load.token))
+        .header("content-type", "application/json")
+        .body(Full::new(body))?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req)).await??;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(status == 202, "batch refused: {status} {}", String::from_utf8_lossy(&body));
+    Ok(())
+}
+
+fn warn_now_and_then(e: &anyhow::Error) {
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap();
+    if last.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+        eprintln!("herald-load: {e:#}; retrying the batch");
+        *last = Some(Instant::now());
+    }
+}
+
+fn progress_bar(load: &Load) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !load.progress || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = match load.events {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} events ({per_sec})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(bar)
+}

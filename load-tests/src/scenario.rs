@@ -1,0 +1,363 @@
+//! The scenario runner: starts a `herald serve` child process and a verifying sink, creates
+//! subscriptions, drives load through the generator while the sink misbehaves as the
+//! scenario says (or Herald is killed), waits until every delivery arrived or progress stops,
+//! and reports.
+
+use crate::generate::{self, Load};
+use crate::report::{Percentiles, Report, Second};
+use crate::sink::{Behaviour, Sink};
+use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// A fixed rate to healthy endpoints.
+    Steady,
+    /// As fast as Herald accepts, then drain.
+    Burst,
+    /// Every endpoint answers after 20–100 ms.
+    Slow,
+    /// 20 % of requests fail with 500 or 503 and are retried.
+    Failing,
+    /// Half the endpoints are down for a while, then back.
+    Outage,
+    /// Herald is SIGKILLed mid-run and restarted on the same data.
+    Sigkill,
+}
+
+impl Scenario {
+    /// Every scenario, in the order they run.
+    pub const ALL: [Scenario; 6] =
+        [Scenario::Steady, Scenario::Burst, Scenario::Slow, Scenario::Failing, Scenario::Outage, Scenario::Sigkill];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Steady => "steady",
+            Scenario::Burst => "burst",
+            Scenario::Slow => "slow",
+            Scenario::Failing => "failing",
+            Scenario::Outage => "outage",
+            Scenario::Sigkill => "sigkill",
+        }
+    }
+
+    /// A scenario by name.
+    pub fn parse(name: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    fn description(self, p: &Plan) -> String {
+        let pace = if p.rate == 0 { "as fast as accepted".to_string() } else { format!("{} events/s", p.rate) };
+        let what = match self {
+            Scenario::Steady => "healthy endpoints",
+            Scenario::Burst => "healthy endpoints, then drain",
+            Scenario::Slow => "every endpoint answers after 20–100 ms",
+            Scenario::Failing => "20 % of requests answered 500 or 503, retried",
+            Scenario::Outage => "half the endpoints answer 503 for a third of the run, then recover",
+            Scenario::Sigkill => "Herald SIGKILLed halfway and restarted on the same data",
+        };
+        let amount = match (p.events, p.duration) {
+            (Some(n), _) => format!("{n} events"),
+            (None, Some(d)) => format!("{} s", d.as_secs_f64()),
+            _ => String::new(),
+        };
+        format!("{amount} at {pace} to {SUBSCRIPTIONS} subscriptions, {} B events: {what}", p.size)
+    }
+}
+
+/// Subscriptions every event fans out to.
+pub const SUBSCRIPTIONS: u64 = 8;
+
+/// How much load a scenario puts on.
+struct Plan {
+    rate: u64,
+    events: Option<u64>,
+    duration: Option<Duration>,
+    size: usize,
+}
+
+fn plan(s: Scenario, short: bool, rate_override: Option<u64>) -> Plan {
+    let secs = |full: u64, brief: u64| Some(Duration::from_secs(if short { brief } else { full }));
+    let mut p = match s {
+        Scenario::Steady => {
+            Plan { rate: if short { 500 } else { 2000 }, events: None, duration: secs(60, 3), size: 1024 }
+        }
+        Scenario::Burst => {
+            Plan { rate: 0, events: Some(if short { 4000 } else { 100_000 }), duration: None, size: 1024 }
+        }
+        Scenario::Slow => Plan { rate: if short { 200 } else { 500 }, events: None, duration: secs(30, 3), size: 1024 },
+        Scenario::Failing => {
+            Plan { rate: if short { 300 } else { 1000 }, events: None, duration: secs(30, 3), size: 1024 }
+        }
+        Scenario::Outage => {
+            Plan { rate: if short { 300 } else { 1000 }, events: None, duration: secs(45, 3), size: 1024 }
+        }
+        Scenario::Sigkill => {
+            Plan { rate: if short { 300 } else { 1000 }, events: None, duration: secs(30, 4), size: 1024 }
+        }
+    };
+    if let Some(r) = rate_override {
+        p.rate = r;
+    }
+    p
+}
+
+/// How to run scenarios.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `herald` binary.
+    pub herald: PathBuf,
+    /// Seconds-long forms for CI.
+    pub short: bool,
+    /// Kafka bootstrap brokers; the embedded log when `None`.
+    pub kafka: Option<String>,
+    /// Events per second instead of the scenario's own.
+    pub rate: Option<u64>,
+    /// Show the generator's progress bar.
+    pub progress: bool,
+}
+
+/// One Herald child process.
+struct Herald {
+    child: std::process::Child,
+    url: String,
+}
+
+const TOKEN: &str = "scenario-admin-token-0123456789";
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Herald {
+    fn spawn(opts: &Options, dir: &std::path::Path, port: u16, prefix: &str) -> anyhow::Result<Herald> {
+        let mut cmd = std::process::Command::new(&opts.herald);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(dir)
+            .env("HERALD_ADMIN_TOKEN", TOKEN)
+            .env("HERALD_NETWORK_ALLOW", "127.0.0.0/8")
+            .env("HERALD_HEALTH_BREAKER_PAUSE", "500ms")
+            .env("HERALD_HEALTH_BREAKER_MAX_PAUSE", "2s")
+            .env("HERALD_LOG_TOPIC_PREFIX", prefix)
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(brokers) = &opts.kafka {
+            cmd.env("HERALD_LOG_BACKEND", "kafka")
+                .env("HERALD_LOG_BROKERS", brokers)
+                .env("HERALD_LOG_REPLICATION", "1");
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {}", opts.herald.display()))?;
+        Ok(Herald { child, url: format!("http://127.0.0.1:{port}") })
+    }
+
+    /// Peak resident memory so far, MiB (Linux).
+    fn peak_rss_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A small JSON API client.
+async fn call(method: &str, url: &str, body: Option<serde_json::Value>) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let body = body.map(|b| bytes::Bytes::from(b.to_string())).unwrap_or_default();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(body))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await??;
+    let status = resp.status().as_u16();
+    let text = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+    Ok((status, text))
+}
+
+/// Waits until Herald answers `/readyz` and owns every partition (on Kafka the group takes a
+/// few seconds to assign them).
+async fn ready(url: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok((200, _)) = call("GET", &format!("{url}/readyz"), None).await {
+            if let Ok((200, metrics)) = call("GET", &format!("{url}/metrics"), None).await {
+                let owned = metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix("herald_partitions_owned "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0);
+                if owned > 0.0 {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "herald at {url} did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the machine pushes over loopback HTTP at all: 1 KB POSTs straight into a sink, 64
+/// in flight, for `secs` seconds. Requests per second.
+pub async fn baseline(secs: f64) -> anyhow::Result<f64> {
+    let sink = Sink::start("127.0.0.1:0".parse()?, None, Behaviour::default()).await?;
+    let url = format!("http://{}/baseline", sink.addr);
+    let body = bytes::Bytes::from(format!("{{\"id\":\"x\",\"data\":{{\"pad\":\"{}\"}}}}", "x".repeat(1000)));
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(128)
+            .build_http();
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    let req = http::Request::post(&url).body(http_body_util::Full::new(body.clone())).expect("request");
+                    if let Ok(resp) = client.request(req).await {
+                        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Runs one scenario and reports; `baseline` is the machine's HTTP baseline of this run.
+pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::Result<Report> {
+    let p = plan(s, opts.short, opts.rate);
+    let secret = "whsec_c2NlbmFyaW8tc2VjcmV0LWZvci1oZXJhbGQtbG9hZA==";
+    let behaviour = match s {
+        Scenario::Slow => Behaviour { latency_ms: (20, 100), ..Behaviour::default() },
+        Scenario::Failing => Behaviour { failure_ratio: 0.2, failure_statuses: vec![500, 503], ..Behaviour::default() },
+        _ => Behaviour::default(),
+    };
+    let sink = Sink::start("127.0.0.1:0".parse()?, Some(secret), behaviour).await?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    // A fresh topic prefix per run, so runs sharing a Kafka cluster never see each other.
+    let prefix = format!("herald.{}.{}.{}.", s.name(), std::process::id(), port);
+    let mut herald = Herald::spawn(opts, dir.path(), port, &prefix)?;
+    ready(&herald.url).await?;
+    for i in 0..SUBSCRIPTIONS {
+        let sub = serde_json::json!({
+            "url": format!("http://{}{}/s{i}", sink.addr, if s == Scenario::Outage && i < SUBSCRIPTIONS / 2 { "/down" } else { "" }),
+            "secret": secret,
+            "retry": { "policy": "exponential", "initial": "200ms", "multiplier": 2.0, "max_interval": "2s", "max_attempts": 100 },
+        });
+        let (status, body) = call("POST", &format!("{}/v1/subscriptions", herald.url), Some(sub)).await?;
+        anyhow::ensure!(status == 201, "creating a subscription: {status} {body}");
+    }
+    let run_time = p.duration.unwrap_or(Duration::from_secs(10));
+    if s == Scenario::Outage {
+        let third = run_time / 3;
+        // The endpoints of the first half of the subscriptions (under /down/) go away.
+        sink.behave(Behaviour {
+            outages: vec![(third, third * 2)],
+            only_prefix: Some("/down/".into()),
+            ..Behaviour::default()
+        });
+    }
+    let load = Load {
+        server: herald.url.clone(),
+        token: TOKEN.into(),
+        rate: p.rate,
+        events: p.events,
+        duration: p.duration,
+        batch: if p.rate == 0 { 100 } else { (p.rate / 20).clamp(1, 100) },
+        concurrency: 8,
+        size: p.size,
+        tenants: 0,
+        id_prefix: format!("{}-{}", s.name(), std::process::id()),
+        progress: opts.progress,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let generator = tokio::spawn(generate::run(load, stop.clone()));
+    if s == Scenario::Sigkill {
+        tokio::time::sleep(run_time / 2).await;
+        herald.kill();
+        herald = Herald::spawn(opts, dir.path(), port, &prefix)?;
+        ready(&herald.url).await?;
+    }
+    let load = generator.await??;
+    // Wait for every delivery, or until nothing has arrived for a while.
+    let expected = load.accepted * SUBSCRIPTIONS;
+    let patience = Duration::from_secs(if opts.short { 30 } else { 60 });
+    let (mut last, mut since) = (sink.distinct(), Instant::now());
+    while sink.distinct() < expected && since.elapsed() < patience {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = sink.distinct();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    let rss = herald.peak_rss_mib();
+    drop(herald);
+    let got = sink.report();
+    let first = got.timeline.iter().position(|s| s.1 > 0).unwrap_or(0);
+    let last_s = got.timeline.iter().rposition(|s| s.1 > 0).unwrap_or(first);
+    let span = (last_s - first + 1) as f64;
+    // The generator started after Herald was ready; shift its timeline onto the sink's clock.
+    let shift = got.timeline.len().saturating_sub(load.timeline.len()).min(first);
+    let timeline = (0..got.timeline.len().max(load.timeline.len() + shift))
+        .map(|t| {
+            let d = got.timeline.get(t).copied().unwrap_or((t as u64, 0, 0, 0));
+            Second {
+                t: t as u64,
+                accepted: t.checked_sub(shift).and_then(|i| load.timeline.get(i)).copied().unwrap_or(0),
+                delivered: d.1,
+                p50_ms: d.2,
+                p99_ms: d.3,
+            }
+        })
+        .collect();
+    let deliveries_per_second = got.distinct as f64 / span;
+    Ok(Report {
+        scenario: s.name().into(),
+        description: s.description(&p),
+        backend: if opts.kafka.is_some() { "kafka" } else { "embedded" }.into(),
+        subscriptions: SUBSCRIPTIONS,
+        events_accepted: load.accepted,
+        events_per_second: load.events_per_second,
+        deliveries_expected: expected,
+        deliveries: got.distinct,
+        deliveries_per_second,
+        latency_ms: Percentiles::of(&got.latencies_ms),
+        lost: expected.saturating_sub(got.distinct),
+        duplicates: got.duplicates,
+        bad_signatures: got.bad_signatures,
+        failures_sent: got.failures_sent,
+        retried_batches: load.retried_batches,
+        baseline_requests_per_second: baseline,
+        ratio_to_baseline: baseline.map(|b| deliveries_per_second / b),
+        herald_peak_rss_mib: rss,
+        timeline,
+    })
+}

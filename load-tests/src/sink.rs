@@ -1,0 +1,272 @@
+//! The verifying sink: a hyper server that answers like a configurable receiver (latency,
+//! failures, outages), verifies every signature, and records each (path, event id)'s first
+//! arrival and count, and each first arrival's end-to-end latency, to report loss,
+//! duplicates and latency over time.
+
+use crate::verify::Verifier;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::Rng;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// How the sink answers.
+#[derive(Debug, Clone, Default)]
+pub struct Behaviour {
+    /// Each answer waits uniformly between these many milliseconds.
+    pub latency_ms: (u64, u64),
+    /// Fraction of requests (0..1) answered with one of `failure_statuses`.
+    pub failure_ratio: f64,
+    /// Statuses used for failures (default 500 and 503).
+    pub failure_statuses: Vec<u16>,
+    /// Windows after start during which every request gets 503.
+    pub outages: Vec<(Duration, Duration)>,
+    /// Only paths starting with this prefix behave so; others answer 200 at once.
+    pub only_prefix: Option<String>,
+}
+
+/// What the sink saw.
+#[derive(Default)]
+struct Seen {
+    /// (path, event id) → arrivals.
+    counts: HashMap<String, u32>,
+    /// Per second since start: first arrivals, and their end-to-end latencies in ms.
+    per_second: Vec<(u64, Vec<u32>)>,
+}
+
+/// Counters and arrivals, shared with the server's tasks.
+pub struct SinkState {
+    started: Instant,
+    requests: AtomicU64,
+    failures_sent: AtomicU64,
+    bad_signatures: AtomicU64,
+    verifier: Option<Verifier>,
+    behaviour: RwLock<Behaviour>,
+    seen: Mutex<Seen>,
+}
+
+/// A running sink.
+pub struct Sink {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<SinkState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The sink's totals and timeline.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SinkReport {
+    /// Requests answered (every attempt).
+    pub requests: u64,
+    /// Requests answered with a failure on purpose.
+    pub failures_sent: u64,
+    /// Distinct (path, event id) pairs that arrived.
+    pub distinct: u64,
+    /// Arrivals beyond the first of a pair that was answered 2xx at least once.
+    pub duplicates: u64,
+    /// Signatures that did not verify.
+    pub bad_signatures: u64,
+    /// Per second since the sink started: (first arrivals, p50 ms, p99 ms).
+    pub timeline: Vec<(u64, u64, u32, u32)>,
+    /// End-to-end latency of every first arrival, sorted, in ms.
+    #[serde(skip)]
+    pub latencies_ms: Vec<u32>,
+}
+
+/// The `sentMs` number in a body, written by the generator when it built the event.
+fn sent_ms(body: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"sentMs\":";
+    let at = body.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits: &[u8] = &body[at..];
+    let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl SinkState {
+    async fn answer(&self, path: &str, id: &str, timestamp: &str, signature: &str, body: Bytes) -> StatusCode {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(v) = &self.verifier {
+            if !v.verify(id, timestamp, &body, signature) {
+                self.bad_signatures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let (delay, fail) = {
+            let b = self.behaviour.read().unwrap();
+            if b.only_prefix.as_deref().is_some_and(|p| !path.starts_with(p)) {
+                (Duration::ZERO, None)
+            } else {
+                let since = self.started.elapsed();
+                let mut rng = rand::thread_rng();
+                let delay = if b.latency_ms.1 > 0 {
+                    Duration::from_millis(rng.gen_range(b.latency_ms.0..=b.latency_ms.1.max(b.latency_ms.0)))
+                } else {
+                    Duration::ZERO
+                };
+                let fail = if b.outages.iter().any(|(from, to)| since >= *from && since < *to) {
+                    Some(503)
+                } else if b.failure_ratio > 0.0 && rng.gen_bool(b.failure_ratio.min(1.0)) {
+                    let statuses =
+                        if b.failure_statuses.is_empty() { &[500, 503][..] } else { &b.failure_statuses[..] };
+                    Some(statuses[rng.gen_range(0..statuses.len())])
+                } else {
+                    None
+                };
+                (delay, fail)
+            }
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(status) = fail {
+            self.failures_sent.fetch_add(1, Ordering::Relaxed);
+            return StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let latency = sent_ms(&body).map(|sent| now_ms().saturating_sub(sent) as u32);
+        let second = self.started.elapsed().as_secs();
+        let mut seen = self.seen.lock().unwrap();
+        let count = seen.counts.entry(format!("{path}|{id}")).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            let idx = second as usize;
+            while seen.per_second.len() <= idx {
+                let s = seen.per_second.len() as u64;
+                seen.per_second.push((s, Vec::new()));
+            }
+            seen.per_second[idx].1.push(latency.unwrap_or(0));
+        }
+        StatusCode::OK
+    }
+}
+
+impl Sink {
+    /// Starts on `listen`, verifying with `secret` when given.
+    pub async fn start(listen: SocketAddr, secret: Option<&str>, behaviour: Behaviour) -> std::io::Result<Sink> {
+        let verifier = secret.map(|s| {
+            Verifier::new(s).ok_or_else(|| std::io::Error::other("the secret must be whsec_ followed by base64"))
+        });
+        let verifier = verifier.transpose()?;
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(SinkState {
+            started: Instant::now(),
+            requests: AtomicU64::new(0),
+            failures_sent: AtomicU64::new(0),
+            bad_signatures: AtomicU64::new(0),
+            verifier,
+            behaviour: RwLock::new(behaviour),
+            seen: Mutex::new(Seen::default()),
+        });
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let state = state.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let h = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("");
+                            let status = state
+                                .answer(
+                                    parts.uri.path(),
+                                    h("webhook-id"),
+                                    h("webhook-timestamp"),
+                                    h("webhook-signature"),
+                                    body,
+                                )
+                                .await;
+                            Ok::<_, std::convert::Infallible>(
+                                Response::builder().status(status).body(Full::new(Bytes::new())).unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Sink { addr, state, task })
+    }
+
+    /// Changes how the sink answers from now on.
+    pub fn behave(&self, behaviour: Behaviour) {
+        *self.state.behaviour.write().unwrap() = behaviour;
+    }
+
+    /// Distinct (path, event id) pairs that arrived so far.
+    pub fn distinct(&self) -> u64 {
+        self.state.seen.lock().unwrap().counts.len() as u64
+    }
+
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Totals, duplicates and the latency timeline so far.
+    pub fn report(&self) -> SinkReport {
+        let seen = self.state.seen.lock().unwrap();
+        let duplicates = seen.counts.values().map(|&c| u64::from(c.saturating_sub(1))).sum();
+        let mut all = Vec::new();
+        let timeline = seen
+            .per_second
+            .iter()
+            .map(|(s, lat)| {
+                let mut lat = lat.clone();
+                lat.sort_unstable();
+                all.extend_from_slice(&lat);
+                (*s, lat.len() as u64, percentile(&lat, 0.50), percentile(&lat, 0.99))
+            })
+            .collect();
+        all.sort_unstable();
+        SinkReport {
+            requests: self.requests(),
+            failures_sent: self.state.failures_sent.load(Ordering::Relaxed),
+            distinct: seen.counts.len() as u64,
+            duplicates,
+            bad_signatures: self.state.bad_signatures.load(Ordering::Relaxed),
+            timeline,
+            latencies_ms: all,
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The `q` quantile of sorted values (0 when empty).
+pub fn percentile(sorted: &[u32], q: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sent_ms_is_found_in_an_envelope() {
+        let body = br#"{"id":"e","data":{"n":1,"sentMs":1700000000123,"pad":"x"}}"#;
+        assert_eq!(super::sent_ms(body), Some(1_700_000_000_123));
+        assert_eq!(super::sent_ms(b"{}"), None);
+        assert_eq!(super::percentile(&[1, 2, 3, 4, 100], 0.5), 3);
+    }
+}
