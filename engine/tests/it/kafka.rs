@@ -14,9 +14,15 @@ fn all_partitions() -> usize {
 }
 
 async fn start(kafka: &MockKafka, dir: &std::path::Path) -> (Herald, Api) {
+    crate::support::trace_to_test_output();
     let mut c = config(dir);
     c.log.partitions = PARTITIONS;
     kafka.configure(&mut c);
+    // The mock broker closes a rebalance round only after the session timeout, so a shorter
+    // one (through the pass-through table) keeps the two-round cooperative split quick.
+    for (k, v) in [("session.timeout.ms", "6000"), ("heartbeat.interval.ms", "1000")] {
+        c.log.kafka.0.insert(k.into(), v.into());
+    }
     let herald = herald::server::start(c).await.unwrap();
     let api = Api::new(herald.addr, TOKEN);
     (herald, api)
@@ -42,7 +48,7 @@ async fn two_processes_share_the_partitions_and_the_registry() {
     let (b, api_b) = start(&kafka, dir_b.path()).await;
     let (_, list) = api_b.get("/v1/subscriptions").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 8, "B loaded A's subscriptions: {list}");
-    eventually("the partitions split between A and B", Duration::from_secs(30), || {
+    eventually("the partitions split between A and B", Duration::from_secs(60), || {
         let (na, nb) = (a.partitions_owned(), b.partitions_owned());
         (na + nb == all_partitions() && na > 0 && nb > 0).then_some(())
     })
@@ -70,7 +76,7 @@ async fn two_processes_share_the_partitions_and_the_registry() {
 
     // B leaves cleanly: A takes its partitions back and nothing is lost or repeated.
     b.stop().await;
-    eventually("A owns every partition again", Duration::from_secs(30), || {
+    eventually("A owns every partition again", Duration::from_secs(60), || {
         (a.partitions_owned() == all_partitions()).then_some(())
     })
     .await;

@@ -288,6 +288,16 @@ pub fn config(data_dir: &std::path::Path) -> Config {
     c
 }
 
+/// With `RUST_LOG` set, in-process servers log into the test's output.
+pub fn trace_to_test_output() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Which log backend the in-process tests run on: `HERALD_TEST_BACKEND=kafka` runs them on
 /// the librdkafka mock cluster (a real Kafka-protocol broker in-process), else embedded.
 pub fn on_kafka() -> bool {
@@ -345,12 +355,7 @@ impl TestHerald {
 
     /// Starts with a config adjusted by `tweak`, on the backend the suite runs on.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestHerald {
-        if std::env::var_os("RUST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-                .with_test_writer()
-                .try_init();
-        }
+        trace_to_test_output();
         let dir = tempfile::tempdir().unwrap();
         let mut config = config(dir.path());
         tweak(&mut config);

@@ -2,6 +2,7 @@
 //! server takes them, for a count or a duration, and reports accepted events per second.
 
 use clap::Parser;
+use herald_load_tests::direct;
 use herald_load_tests::generate::{run, Load};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -37,11 +38,48 @@ struct Args {
     /// Spread events over this many tenants (t0, t1, ...); 0 = the default tenant.
     #[arg(long, default_value_t = 0)]
     tenants: u32,
+    /// Append delivery records straight to Kafka at these brokers, bypassing the API.
+    #[arg(long, conflicts_with = "direct_embedded")]
+    direct_kafka: Option<String>,
+    /// Append delivery records into a *stopped* Herald's data directory (builds a backlog).
+    #[arg(long)]
+    direct_embedded: Option<std::path::PathBuf>,
+    /// Direct mode: subscription ids to fan out to (tenant `default`); by default every
+    /// subscription the server at --server lists.
+    #[arg(long, value_delimiter = ',')]
+    subscription: Vec<String>,
+    /// Direct mode: topic prefix and partitions of Herald's log.
+    #[arg(long, default_value = "herald.")]
+    topic_prefix: String,
+    /// See `--topic-prefix`.
+    #[arg(long, default_value_t = 8)]
+    partitions: u32,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let target = match (&args.direct_kafka, &args.direct_embedded) {
+        (Some(b), _) => Some(direct::Target::Kafka(b.clone())),
+        (_, Some(d)) => Some(direct::Target::Embedded(d.clone())),
+        _ => None,
+    };
+    if let Some(target) = target {
+        let subs = if args.subscription.is_empty() {
+            list_subscriptions(&args.server, &args.token).await?
+        } else {
+            args.subscription.iter().map(|id| (id.clone(), "default".to_string())).collect()
+        };
+        let (log, topics) = direct::open(&target, &args.topic_prefix, args.partitions).await?;
+        let events = args.events.unwrap_or(10_000);
+        let rate =
+            direct::publish(log, &topics.deliveries, &subs, events, args.size, 1000, args.concurrency as usize).await?;
+        println!(
+            "{}",
+            serde_json::json!({ "events": events, "records": events * subs.len() as u64, "records_per_second": rate })
+        );
+        return Ok(());
+    }
     let events = match (args.events, args.duration) {
         (None, None) => Some(10_000),
         (e, _) => e,
@@ -65,4 +103,34 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({ "accepted": report.accepted, "seconds": report.seconds, "events_per_second": report.events_per_second, "retried_batches": report.retried_batches })
     );
     Ok(())
+}
+
+/// Every subscription the server lists, with its tenant.
+async fn list_subscriptions(server: &str, token: &str) -> anyhow::Result<Vec<(String, String)>> {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("{server}/v1/subscriptions?limit=100");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let req = http::Request::get(url)
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+        let resp = client.request(req).await?;
+        let page: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+        for s in page["items"].as_array().into_iter().flatten() {
+            out.push((
+                s["id"].as_str().unwrap_or_default().to_string(),
+                s["tenant"].as_str().unwrap_or("default").to_string(),
+            ));
+        }
+        match page["next"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return Ok(out),
+        }
+    }
 }

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Memory while a large backlog drains.
+#   load-tests/scenarios/backlog.sh [EVENTS]      (default 5000000)
+# Creates one subscription on a fresh embedded log, stops Herald, appends EVENTS delivery
+# records (1 KB events) straight into its log with `herald-load --direct-embedded`, then
+# starts Herald with a verifying sink and samples Herald's resident memory every second until
+# the sink has every event. Reports peak RSS, the drain rate, and loss/duplicates.
+set -euo pipefail
+EVENTS=${1:-5000000}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BIN=$ROOT/target/release
+WORK=$(mktemp -d)
+PORT=18281
+SINK_PORT=19281
+export HERALD_ADMIN_TOKEN=backlog-admin-token-0123456789 HERALD_NETWORK_ALLOW=127.0.0.0/8 RUST_LOG=warn
+SECRET=whsec_YmFja2xvZy1zZWNyZXQtZm9yLWhlcmFsZC10ZXN0cw==
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+(cd "$ROOT" && cargo build --release --locked -q -p herald -p herald-load-tests --bins)
+
+start_herald() {
+  "$BIN/herald" serve --listen 127.0.0.1:$PORT --data-dir "$WORK/data" >"$WORK/herald.out" 2>"$WORK/herald.err" &
+  herald=$!
+  pids+=($herald)
+  for _ in $(seq 1 300); do curl -sf localhost:$PORT/readyz >/dev/null && break; sleep 0.1; done
+}
+start_herald
+SUB=$(curl -sf -X POST localhost:$PORT/v1/subscriptions -H "authorization: Bearer $HERALD_ADMIN_TOKEN" \
+  -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook\",\"secret\":\"$SECRET\"}" |
+  python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])')
+kill -TERM $herald; wait $herald || true
+
+echo "appending $EVENTS delivery records into the stopped server's log ..."
+"$BIN/herald-load" --direct-embedded "$WORK/data" --subscription "$SUB" --events "$EVENTS" --size 1024 --concurrency 4
+echo "log on disk: $(du -sh "$WORK/data/log" | cut -f1)"
+
+"$BIN/herald-sink" --listen 127.0.0.1:$SINK_PORT --secret "$SECRET" --expect "$EVENTS" >"$WORK/sink.json" 2>"$WORK/sink.err" &
+sink=$!
+pids+=($sink)
+sleep 0.3
+start_herald
+peak=0
+samples=()
+while kill -0 $sink 2>/dev/null; do
+  rss=$(awk '/VmRSS/ {print $2}' /proc/$herald/status 2>/dev/null || echo 0)
+  samples+=($rss)
+  [ "$rss" -gt "$peak" ] && peak=$rss
+  sleep 1
+done
+hwm=$(awk '/VmHWM/ {print $2}' /proc/$herald/status)
+echo "sink:   $(cat "$WORK/sink.json")"
+echo "herald RSS while draining: peak sampled $((peak / 1024)) MiB, high-water mark $((hwm / 1024)) MiB, ${#samples[@]} samples"
+echo "RSS samples (MiB, 1/s): $(for s in "${samples[@]}"; do printf '%d ' $((s / 1024)); done)"
