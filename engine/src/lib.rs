@@ -3,6 +3,7 @@
 pub mod api;
 pub mod config;
 pub mod dispatch;
+pub mod edge;
 pub mod endpoint;
 pub mod ingest;
 pub mod log;

@@ -33,6 +33,25 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Run an edge agent: hold a connection to Herald and make the deliveries of the
+    /// subscriptions that name this device, from inside this network.
+    Edge {
+        /// Herald's base URL, e.g. https://herald.example.com.
+        #[arg(long)]
+        server: String,
+        /// The device token (`he.…`), shown once when the device was created.
+        #[arg(long, env = "HERALD_EDGE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Deliveries this agent takes at once.
+        #[arg(long, default_value_t = 64)]
+        window: u32,
+        /// Networks targets may be in (CIDR list); every network by default.
+        #[arg(long, value_delimiter = ',', default_value = "0.0.0.0/0,::/0")]
+        allow: Vec<ipnet::IpNet>,
+        /// Request timeout where a subscription sets none.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn init_tracing(config: &Config) {
@@ -79,6 +98,20 @@ async fn main() -> anyhow::Result<()> {
             shutdown_signal().await;
             tracing::info!("shutting down");
             herald.stop().await;
+            Ok(())
+        }
+        Command::Edge { server, token, window, allow, timeout } => {
+            init_tracing(&Config::default());
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let config = herald::edge::agent::AgentConfig { server, token, window, allow, default_timeout: timeout };
+            let mut agent = tokio::spawn(herald::edge::agent::run(config, stopped));
+            tokio::select! {
+                _ = shutdown_signal() => {
+                    stop.send_replace(true);
+                    (&mut agent).await??;
+                }
+                ended = &mut agent => ended??,
+            }
             Ok(())
         }
     }

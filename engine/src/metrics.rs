@@ -37,6 +37,13 @@ pub const BREAKERS_OPEN: &str = "herald_circuit_breakers_open";
 pub const SUBSCRIPTIONS: &str = "herald_subscriptions";
 /// Subscriptions disabled (by a 410 or by an operator).
 pub const SUBSCRIPTIONS_DISABLED: &str = "herald_subscriptions_disabled";
+/// Edge agents connected to this process.
+pub const EDGE_AGENTS: &str = "herald_edge_agents_connected";
+/// Deliveries sent to an edge agent and not yet answered, by `device` (one series per
+/// device: bounded by the number of devices).
+pub const EDGE_IN_FLIGHT: &str = "herald_edge_in_flight";
+/// Round trip to an edge agent: the time to its report minus the attempt's own duration.
+pub const EDGE_RTT_SECONDS: &str = "herald_edge_rtt_seconds";
 /// Partitions (deliveries and retry tiers) this process works on now.
 pub const PARTITIONS_OWNED: &str = "herald_partitions_owned";
 /// Durable append latency, by `topic`.
@@ -62,6 +69,9 @@ pub const ALL: &[&str] = &[
     SUBSCRIPTIONS,
     SUBSCRIPTIONS_DISABLED,
     PARTITIONS_OWNED,
+    EDGE_AGENTS,
+    EDGE_IN_FLIGHT,
+    EDGE_RTT_SECONDS,
     LOG_APPEND_SECONDS,
     API_REQUESTS,
     API_REQUEST_SECONDS,
@@ -209,6 +219,9 @@ fn describe() {
     describe_gauge!(BREAKERS_OPEN, "Subscriptions whose circuit breaker is open.");
     describe_gauge!(SUBSCRIPTIONS, "Subscriptions in the registry.");
     describe_gauge!(SUBSCRIPTIONS_DISABLED, "Subscriptions disabled.");
+    describe_gauge!(EDGE_AGENTS, "Edge agents connected to this process.");
+    describe_gauge!(EDGE_IN_FLIGHT, "Deliveries sent to an edge agent and not yet answered, by device.");
+    describe_histogram!(EDGE_RTT_SECONDS, Unit::Seconds, "Round trip to an edge agent, less the attempt itself.");
     describe_gauge!(PARTITIONS_OWNED, "Partitions of the deliveries and retry topics this process works on now.");
     describe_histogram!(LOG_APPEND_SECONDS, Unit::Seconds, "Durable log append latency, by topic.");
     describe_counter!(API_REQUESTS, "API requests, by route template, method and status.");

@@ -150,17 +150,19 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
     let (feed, applied) = Feed::new(log.clone(), topics.subscriptions.clone(), next);
     let feed = Arc::new(feed);
     let registry = Arc::new(Registry::load(feed.clone(), &registry_records, guard.clone(), config.health.clone()));
-    let tenants = Arc::new(crate::tenants::Tenants::load(feed, &registry_records));
+    let tenants = Arc::new(crate::tenants::Tenants::load(feed.clone(), &registry_records));
+    let devices = Arc::new(crate::edge::devices::Devices::load(feed, &registry_records));
     drop(registry_records);
     let (stop, stop_rx) = watch::channel(false);
     // Stopped last: deliveries finishing during shutdown may still write (disable on a 410).
     let (follow_stop, follow_rx) = watch::channel(false);
     // Every process follows the registry topic, so changes made through any of them apply here.
     let follower = {
-        let (registry, tenants) = (registry.clone(), tenants.clone());
+        let (registry, tenants, devices) = (registry.clone(), tenants.clone(), devices.clone());
         let apply = move |rec: &crate::log::LogRecord| {
             registry.apply(rec);
             tenants.apply(rec);
+            devices.apply(rec);
         };
         tokio::spawn(feed::follow(log.clone(), topics.subscriptions.clone(), next, applied, apply, follow_rx))
     };
@@ -171,7 +173,10 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         pool_idle_timeout: config.http.pool_idle_timeout.0,
         pool_max_idle_per_host: config.http.pool_max_idle_per_host,
     };
-    let transports = Transports::new(guard, &settings, config.http.timeout.0);
+    // The recorder first, so every stage's metrics (the hub's gauge too) are recorded.
+    let metrics = Arc::new(Metrics::new());
+    let edge = crate::edge::hub::EdgeHub::new();
+    let transports = Transports::new(guard, &settings, config.http.timeout.0).with_edge(edge.clone());
     let test_transports = transports.clone();
     let retrier = Retrier::new(log.clone(), registry.clone(), topics.prefix.clone(), topics.dlq.clone());
     let deliverer = Arc::new(Deliverer::new(registry.clone(), transports, retrier));
@@ -189,7 +194,6 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         label: label(topic),
         delay: *delay,
     }));
-    let metrics = Arc::new(Metrics::new());
     let dispatcher = Dispatcher::new(log.clone(), sources, DISPATCH_GROUP.into(), deliverer, limits, metrics.clone());
     let dispatcher = {
         let stop_rx = stop_rx.clone();
@@ -211,6 +215,8 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         dead_letters,
         metrics,
         transports: test_transports,
+        devices,
+        edge,
         rotation_overlap: config.signing.rotation_overlap.0,
         tenants,
     };

@@ -2,6 +2,7 @@
 
 mod auth;
 mod dlq;
+mod edge;
 mod error;
 mod events;
 mod page;
@@ -44,6 +45,10 @@ pub struct AppState {
     pub rotation_overlap: std::time::Duration,
     /// Tenants and their API keys.
     pub tenants: Arc<crate::tenants::Tenants>,
+    /// Tenants' edge devices.
+    pub devices: Arc<crate::edge::devices::Devices>,
+    /// Connected edge agents.
+    pub edge: Arc<crate::edge::hub::EdgeHub>,
 }
 
 /// The router of every endpoint.
@@ -58,6 +63,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tenants", post(tenants::create))
         .route("/v1/tenants/{id}/keys", post(tenants::issue_key))
         .route("/v1/tenants/{id}/keys/{key_id}", axum::routing::delete(tenants::revoke_key))
+        .route("/v1/edge-devices", post(edge::create).get(edge::list))
+        .route("/v1/edge-devices/{id}", get(edge::get).delete(edge::delete))
+        .route(crate::edge::protocol::CONNECT_PATH, get(edge::connect))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))
         .route("/v1/openapi.json", get(openapi))

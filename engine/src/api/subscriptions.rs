@@ -28,8 +28,19 @@ pub async fn create(
             return Err(ApiError::validation("tenant", "a tenant key creates subscriptions for its own tenant only"))
         }
     };
+    check_device(&state, input.via_edge.as_deref(), &tenant)?;
     let target = state.registry.create(input, tenant).await?;
     Ok((StatusCode::CREATED, Json(target.sub.view(true))))
+}
+
+/// `via_edge` must name an edge device of the subscription's own tenant.
+fn check_device(state: &AppState, device: Option<&str>, tenant: &str) -> Result<(), ApiError> {
+    match device {
+        Some(id) if !id.is_empty() && state.devices.get(id, Some(tenant)).is_none() => {
+            Err(ApiError::validation("via_edge", "no edge device with this id belongs to the subscription's tenant"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Query of a list call.
@@ -85,6 +96,9 @@ pub async fn patch(
     Path(id): Path<String>,
     JsonBody(patch): JsonBody<SubscriptionPatch>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if let Some(current) = state.registry.get(&id).filter(|t| who.sees(&t.sub.tenant)) {
+        check_device(&state, patch.via_edge.as_deref(), &current.sub.tenant)?;
+    }
     let target =
         state.registry.update(&id, who.tenant(), patch).await?.ok_or_else(|| ApiError::not_found("subscription"))?;
     Ok(Json(target.sub.view(false)))

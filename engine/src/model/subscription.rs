@@ -239,6 +239,10 @@ pub struct Subscription {
     pub rate_limit: Option<f64>,
     /// Whether deliveries are made.
     pub enabled: bool,
+    /// The edge device (`edg_…`) that makes this subscription's deliveries from inside the
+    /// customer's network, instead of Herald itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_edge: Option<String>,
     /// Why it was disabled by Herald, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
@@ -303,6 +307,9 @@ pub struct SubscriptionInput {
     /// Enabled (default true).
     #[serde(default)]
     pub enabled: Option<bool>,
+    /// Deliver through this edge device.
+    #[serde(default)]
+    pub via_edge: Option<String>,
 }
 
 /// `PATCH /v1/subscriptions/{id}` body: the fields given replace the stored ones.
@@ -335,6 +342,8 @@ pub struct SubscriptionPatch {
     pub rate_limit: Option<f64>,
     /// Enabled; enabling clears `disabled_reason`.
     pub enabled: Option<bool>,
+    /// Deliver through this edge device; `""` delivers directly again.
+    pub via_edge: Option<String>,
 }
 
 impl Subscription {
@@ -359,6 +368,7 @@ impl Subscription {
             max_in_flight: self.max_in_flight,
             rate_limit: self.rate_limit,
             enabled: Some(self.enabled),
+            via_edge: self.via_edge.clone(),
         }
     }
 
@@ -440,6 +450,7 @@ mod tests {
             max_in_flight: None,
             rate_limit: None,
             enabled: true,
+            via_edge: None,
             disabled_reason: None,
             created_at: "now".into(),
             updated_at: "now".into(),

@@ -93,7 +93,7 @@ impl Registry {
     /// giving a tenant a URL another of its subscriptions already has is ignored, so two
     /// processes racing to create the same URL agree that the first in the log won.
     pub fn apply(&self, rec: &crate::log::LogRecord) {
-        if crate::tenants::owns(&rec.key) {
+        if crate::tenants::owns(&rec.key) || crate::edge::devices::owns(&rec.key) {
             return;
         }
         let id = String::from_utf8_lossy(&rec.key).into_owned();
@@ -184,6 +184,7 @@ impl Registry {
             max_in_flight,
             rate_limit,
             enabled,
+            via_edge,
         } = patch;
         input.url = url.unwrap_or(input.url);
         input.events = events.unwrap_or(input.events);
@@ -198,6 +199,11 @@ impl Registry {
         input.max_in_flight = max_in_flight.or(input.max_in_flight);
         input.rate_limit = rate_limit.or(input.rate_limit);
         input.enabled = enabled.or(input.enabled);
+        input.via_edge = match via_edge {
+            Some(d) if d.is_empty() => None,
+            Some(d) => Some(d),
+            None => input.via_edge,
+        };
         let checked = validate(input, old.tenant.clone(), &self.guard)?;
         if !same_url(&checked.url, &old.url) && self.has_url(&old.tenant, &checked.url, Some(id)) {
             return Err(Self::url_taken());

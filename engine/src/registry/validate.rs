@@ -40,6 +40,14 @@ fn check_duration(field: &str, d: Option<HumanDuration>, (min, max): (Duration, 
 pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) -> Result<Subscription, Invalid> {
     validate_tenant(&tenant)?;
     let mut input = input;
+    // Through an edge device the target is reached from the customer's network, where
+    // private addresses are the point: Herald's own network guard does not apply.
+    let open = NetworkGuard::new(vec!["0.0.0.0/0".parse().expect("net"), "::/0".parse().expect("net")]);
+    let guard = match &input.via_edge {
+        Some(d) if d.is_empty() || d.len() > 64 => return Err(invalid("via_edge", "must name an edge device")),
+        Some(_) => &open,
+        None => guard,
+    };
     match input.transport {
         TransportKind::Webhook => {
             if input.amqp.is_some() {
@@ -166,6 +174,7 @@ fn finish(input: SubscriptionInput, tenant: String) -> Result<Subscription, Inva
         max_in_flight: input.max_in_flight,
         rate_limit: input.rate_limit,
         enabled: input.enabled.unwrap_or(true),
+        via_edge: input.via_edge,
         disabled_reason: None,
         created_at: now.clone(),
         updated_at: now,
@@ -229,5 +238,6 @@ pub(super) fn static_input(w: &crate::config::StaticWebhook) -> SubscriptionInpu
         max_in_flight: None,
         rate_limit: None,
         enabled: Some(w.enabled),
+        via_edge: None,
     }
 }

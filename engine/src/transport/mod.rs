@@ -75,6 +75,7 @@ pub struct Transports {
     amqp: amqp::AmqpTransport,
     tokens: oauth::Tokens,
     default_timeout: Duration,
+    edge: Option<std::sync::Arc<crate::edge::hub::EdgeHub>>,
 }
 
 impl Transports {
@@ -86,11 +87,25 @@ impl Transports {
             amqp: amqp::AmqpTransport::new(guard.clone()),
             http,
             default_timeout,
+            edge: None,
         }
+    }
+
+    /// Delivers subscriptions that name an edge device through `hub`'s agents.
+    pub fn with_edge(mut self, hub: std::sync::Arc<crate::edge::hub::EdgeHub>) -> Self {
+        self.edge = Some(hub);
+        self
     }
 
     /// Makes attempt `delivery.attempt` of `delivery` to `target`.
     pub async fn deliver(&self, target: &Target, delivery: &Delivery, pending_retries: u32) -> Outcome {
+        if let Some(device) = &target.sub.via_edge {
+            let Some(hub) = &self.edge else {
+                return Outcome::failed(None, "edge delivery is not available here".into(), Duration::ZERO);
+            };
+            let timeout = target.sub.timeout.map_or(self.default_timeout, |t| t.0);
+            return hub.deliver(device, target, delivery, pending_retries, timeout).await;
+        }
         match target.sub.transport {
             TransportKind::Webhook => self.deliver_webhook(target, delivery, pending_retries).await,
             TransportKind::Amqp => self.deliver_amqp(target, delivery, pending_retries).await,

@@ -4,6 +4,7 @@ mod amqp;
 mod api;
 mod crash;
 mod delivery;
+mod edge;
 mod health;
 mod kafka;
 mod kafka_system;

@@ -1,0 +1,107 @@
+//! `/v1/edge-devices`: a tenant's edge devices (the token is shown once, at creation), and
+//! `/v1/edge/connect`, where agents open their WebSocket with a device token.
+
+use super::auth::Principal;
+use super::error::{ApiError, JsonBody};
+use super::events::DEFAULT_TENANT;
+use super::page::StrictQuery;
+use super::AppState;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+
+/// `POST /v1/edge-devices` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDevice {
+    name: String,
+    /// Owner (admin only; a tenant key implies its tenant).
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+/// Creates a device: `{"id","tenant","name","created_at","token"}`; the token is shown once.
+pub async fn create(
+    who: Principal,
+    State(state): State<AppState>,
+    JsonBody(d): JsonBody<NewDevice>,
+) -> Result<impl IntoResponse, ApiError> {
+    let tenant = match (who.tenant(), d.tenant) {
+        (None, given) => given.unwrap_or_else(|| DEFAULT_TENANT.to_string()),
+        (Some(own), None) => own.to_string(),
+        (Some(own), Some(given)) if given == own => given,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::validation("tenant", "a tenant key creates devices for its own tenant only"))
+        }
+    };
+    crate::registry::validate_tenant(&tenant)?;
+    let name = d.name.trim().to_string();
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::validation("name", "must be 1 to 200 characters"));
+    }
+    let (device, token) = state.devices.create(&tenant, name).await?;
+    let mut body = serde_json::to_value(&device).expect("serializes");
+    body["token"] = token.into();
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// Query of the list call.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    tenant: Option<String>,
+}
+
+/// Lists devices (`{"items"}`) with whether each has an agent connected here.
+pub async fn list(
+    who: Principal,
+    State(state): State<AppState>,
+    StrictQuery(q): StrictQuery<ListQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let tenant = who.tenant().or(q.tenant.as_deref());
+    let items = state.devices.list(tenant);
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+/// Reads one device.
+pub async fn get(
+    who: Principal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let device = state.devices.get(&id, who.tenant()).ok_or_else(|| ApiError::not_found("edge device"))?;
+    Ok(Json(device))
+}
+
+/// Deletes a device; its token stops working.
+pub async fn delete(
+    who: Principal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    if state.devices.delete(&id, who.tenant()).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("edge device"))
+    }
+}
+
+/// An agent's connection: a WebSocket, authenticated by its device token.
+pub async fn connect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<impl IntoResponse, ApiError> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(ApiError::unauthorized)?;
+    let device = state.devices.authenticate(token).ok_or_else(ApiError::unauthorized)?;
+    let hub = state.edge.clone();
+    Ok(ws.on_upgrade(move |socket| hub.serve(device, socket)))
+}

@@ -1,0 +1,122 @@
+//! Edge devices: objects of a tenant, kept in the registry topic (records keyed
+//! `edge/<id>`). Each has its own token, shown once at creation and stored as a SHA-256; a
+//! presented token names its device (`he.<device id>.<secret>`).
+
+use crate::log::{LogError, LogRecord};
+use crate::model::{new_id, now_ms, rfc3339_ms};
+use crate::registry::feed::Feed;
+use bytes::Bytes;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+const PREFIX: &str = "edge/";
+
+/// Whether a registry-topic record belongs to this module.
+pub fn owns(key: &[u8]) -> bool {
+    key.starts_with(PREFIX.as_bytes())
+}
+
+/// An edge device as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EdgeDevice {
+    /// Id (`edg_…`); subscriptions name it in `via_edge`.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Display name.
+    pub name: String,
+    /// Creation time.
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    device: EdgeDevice,
+    sha256: String,
+}
+
+fn digest(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Every tenant's edge devices, in memory, persisted in the registry topic.
+pub struct Devices {
+    feed: Arc<Feed>,
+    state: RwLock<HashMap<String, Stored>>,
+}
+
+impl Devices {
+    /// Materialises the devices from `records`, the whole registry topic.
+    pub fn load(feed: Arc<Feed>, records: &[LogRecord]) -> Devices {
+        let devices = Devices { feed, state: RwLock::default() };
+        for rec in records {
+            devices.apply(rec);
+        }
+        devices
+    }
+
+    /// Applies one registry-topic record (a device or a tombstone).
+    pub fn apply(&self, rec: &LogRecord) {
+        let Some(id) = rec.key.strip_prefix(PREFIX.as_bytes()) else { return };
+        let id = String::from_utf8_lossy(id).into_owned();
+        let mut state = self.state.write().unwrap();
+        match serde_json::from_slice::<Stored>(&rec.value) {
+            Ok(d) => {
+                state.insert(id, d);
+            }
+            Err(_) => {
+                state.remove(&id);
+            }
+        }
+    }
+
+    /// Creates a device for `tenant`; returns it and its token, which is never shown again.
+    pub async fn create(&self, tenant: &str, name: String) -> Result<(EdgeDevice, String), LogError> {
+        let device =
+            EdgeDevice { id: new_id("edg"), tenant: tenant.to_string(), name, created_at: rfc3339_ms(now_ms()) };
+        let mut raw = [0u8; 24];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let secret = hex::encode(raw);
+        let stored = Stored { device: device.clone(), sha256: digest(&secret) };
+        let key = format!("{PREFIX}{}", device.id);
+        self.feed.write(key.as_bytes(), Bytes::from(serde_json::to_vec(&stored).expect("serializes"))).await?;
+        Ok((device.clone(), format!("he.{}.{secret}", device.id)))
+    }
+
+    /// A device by id, if it exists (and belongs to `tenant`, when given).
+    pub fn get(&self, id: &str, tenant: Option<&str>) -> Option<EdgeDevice> {
+        let state = self.state.read().unwrap();
+        state.get(id).map(|s| s.device.clone()).filter(|d| tenant.is_none_or(|t| d.tenant == t))
+    }
+
+    /// The devices of `tenant`, or of every tenant, by id.
+    pub fn list(&self, tenant: Option<&str>) -> Vec<EdgeDevice> {
+        let state = self.state.read().unwrap();
+        let mut out: Vec<EdgeDevice> =
+            state.values().map(|s| s.device.clone()).filter(|d| tenant.is_none_or(|t| d.tenant == t)).collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Deletes a device of `tenant` (any tenant's when `None`); `false` when there is none.
+    pub async fn delete(&self, id: &str, tenant: Option<&str>) -> Result<bool, LogError> {
+        if self.get(id, tenant).is_none() {
+            return Ok(false);
+        }
+        self.feed.write(format!("{PREFIX}{id}").as_bytes(), Bytes::new()).await?;
+        Ok(true)
+    }
+
+    /// The device a presented token belongs to, if the token is valid.
+    pub fn authenticate(&self, presented: &str) -> Option<EdgeDevice> {
+        let mut parts = presented.splitn(3, '.');
+        let (Some("he"), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next()) else { return None };
+        let state = self.state.read().unwrap();
+        let stored = state.get(id)?;
+        crate::tenants::same_secret(&stored.sha256, &digest(secret)).then(|| stored.device.clone())
+    }
+}

@@ -1,0 +1,149 @@
+//! Edge relay, as a system: a `herald serve` that may not reach loopback at all, `herald
+//! edge` agent processes, and a loopback receiver only the agents can reach.
+
+use crate::support::{spawn_herald_with, until, Api, ChildGuard, Receiver, TOKEN};
+use herald_load_tests::verify::Verifier;
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Starts `herald edge` and waits until it says it is connected.
+fn spawn_agent(server: SocketAddr, token: &str) -> ChildGuard {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["edge", "--server", &format!("http://{server}"), "--window", "16"])
+        .env("HERALD_EDGE_TOKEN", token)
+        .env("RUST_LOG", "warn")
+        .env_remove("HERALD_TEST_BACKEND")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("herald edge runs");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    loop {
+        let line = lines.next().expect("the agent said it connected").unwrap();
+        if line.starts_with("herald edge connected") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    ChildGuard(child)
+}
+
+/// A tenant with an API key and an edge device: (tenant id, tenant API, device id, token).
+async fn tenant_with_device(admin: &Api, name: &str) -> (String, Api, String, String) {
+    let (status, tenant) = admin.post("/v1/tenants", json!({ "name": name })).await;
+    assert_eq!(status, 201, "{tenant}");
+    let tenant_id = tenant["id"].as_str().unwrap().to_string();
+    let (_, key) = admin.post(&format!("/v1/tenants/{tenant_id}/keys"), json!({})).await;
+    let mut api = Api::new(admin.base.trim_start_matches("http://").parse().unwrap(), TOKEN);
+    api.token = key["key"].as_str().unwrap().to_string();
+    let (status, device) = api.post("/v1/edge-devices", json!({ "name": format!("{name} office") })).await;
+    assert_eq!(status, 201, "{device}");
+    assert_eq!(device["tenant"], tenant_id.as_str());
+    let token = device["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("he."), "{device}");
+    let (_, listed) = api.get("/v1/edge-devices").await;
+    assert!(listed.to_string().find("he.").is_none(), "the token is shown once: {listed}");
+    (tenant_id, api, device["id"].as_str().unwrap().to_string(), token)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_restart() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Herald itself may reach no private or loopback address: only the agents can.
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (acme_id, acme, acme_device, acme_token) = tenant_with_device(&admin, "Acme").await;
+    let (globex_id, globex, globex_device, globex_token) = tenant_with_device(&admin, "Globex").await;
+
+    // Directly, the receiver is out of Herald's reach; through the device it is fine.
+    let (status, err) = acme.post("/v1/subscriptions", json!({ "url": rx.url("/direct") })).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["field"], "url");
+    let retry = json!({ "policy": "fixed", "interval": "200ms", "max_attempts": 300 });
+    let sub = acme.subscribe(json!({ "url": rx.url("/acme"), "via_edge": acme_device, "retry": retry })).await;
+    assert_eq!(sub["via_edge"], acme_device.as_str());
+    let verifier = Verifier::new(sub["secret"].as_str().unwrap()).unwrap();
+    // Another tenant cannot route through Acme's device.
+    let (status, err) =
+        globex.post("/v1/subscriptions", json!({ "url": rx.url("/stolen"), "via_edge": acme_device })).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["field"], "via_edge");
+    globex.subscribe(json!({ "url": rx.url("/globex"), "via_edge": globex_device, "retry": retry })).await;
+    // A device token is not an API key.
+    let (status, _) = admin.raw("GET", "/v1/subscriptions", None, Some(&acme_token)).await;
+    assert_eq!(status, 401);
+
+    let mut acme_agent = spawn_agent(addr, &acme_token);
+    let _globex_agent = spawn_agent(addr, &globex_token);
+    until("both agents connected", Duration::from_secs(10), || async {
+        let (_, m) = admin.raw("GET", "/metrics", None, None).await;
+        (metric(m.as_str().unwrap_or_default(), "herald_edge_agents_connected ") == 2.0).then_some(())
+    })
+    .await;
+
+    // A stream of Acme events; the agent is killed mid-stream and comes back later.
+    const EVENTS: usize = 200;
+    let mut restarted = None;
+    for i in 0..EVENTS {
+        let event = json!({ "id": format!("a{i}"), "type": "T", "tenant": acme_id, "data": { "i": i } });
+        let (status, body) = admin.post("/v1/events", event).await;
+        assert_eq!(status, 202, "{body}");
+        if i == 60 {
+            rx.wait_on("/acme", 20).await;
+            acme_agent.kill();
+            until("Herald noticed the agent is gone", Duration::from_secs(10), || async {
+                let (_, m) = admin.raw("GET", "/metrics", None, None).await;
+                (metric(m.as_str().unwrap_or_default(), "herald_edge_agents_connected ") == 1.0).then_some(())
+            })
+            .await;
+        }
+        if i == 140 {
+            restarted = Some(spawn_agent(addr, &acme_token));
+        }
+    }
+    let (_, body) = admin.post("/v1/events", json!({ "id": "g0", "type": "T", "tenant": globex_id, "data": {} })).await;
+    assert_eq!(body["deliveries"], 1);
+    let _restarted = restarted.unwrap();
+
+    let arrived = until("every Acme event through the agent", Duration::from_secs(60), || async {
+        let mut ids: HashMap<String, usize> = HashMap::new();
+        for r in rx.on("/acme") {
+            *ids.entry(r.header("webhook-id").to_string()).or_default() += 1;
+        }
+        (ids.len() == EVENTS).then_some(ids)
+    })
+    .await;
+    for r in rx.on("/acme") {
+        let ok = verifier.verify(
+            r.header("webhook-id"),
+            r.header("webhook-timestamp"),
+            &r.body,
+            r.header("webhook-signature"),
+        );
+        assert!(ok, "signed with the subscription's secret");
+    }
+    let duplicates: usize = arrived.values().map(|n| n - 1).sum();
+    eprintln!("edge: {EVENTS} events through the agent, {duplicates} duplicates after killing it");
+    // Each tenant's device got only its own tenant's deliveries.
+    let globex_ids: Vec<String> =
+        rx.wait_on("/globex", 1).await.iter().map(|r| r.header("webhook-id").to_string()).collect();
+    assert_eq!(globex_ids, vec!["g0".to_string()]);
+    assert!(rx.on("/direct").is_empty() && rx.on("/stolen").is_empty());
+
+    // Reports trail the requests a little: wait for them to be counted.
+    let m = until("a round trip measured per delivery", Duration::from_secs(10), || async {
+        let (_, m) = admin.raw("GET", "/metrics", None, None).await;
+        let m = m.as_str().unwrap_or_default().to_string();
+        (metric(&m, "herald_edge_rtt_seconds_count ") > EVENTS as f64).then_some(m)
+    })
+    .await;
+    assert!(m.contains(&format!("herald_edge_in_flight{{device=\"{acme_device}\"}}")), "in flight per device");
+}
