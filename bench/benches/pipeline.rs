@@ -52,19 +52,14 @@ fn pipeline(c: &mut Criterion) {
                         .map(|i| {
                             next += 1;
                             let sub = &subs[i % SUBS];
-                            let d = Delivery {
-                                event_id: format!("evt_bench_{next}"),
-                                subscription: sub.clone(),
-                                tenant: "default".into(),
-                                event_type: "Bench".into(),
-                                attempt: 1,
-                                accepted_ms: now,
-                                due_ms: now,
-                                budget_ms: now,
-                                generation: 0,
-                                data: data.clone(),
-                                changes: None,
-                            };
+                            let d = Delivery::first_attempt(
+                                format!("evt_bench_{next}"),
+                                sub.clone(),
+                                "default".into(),
+                                "Bench".into(),
+                                data.clone(),
+                                now,
+                            );
                             Record { key: Bytes::from(sub.clone()), value: d.encode() }
                         })
                         .collect();

@@ -141,17 +141,15 @@ impl Ingest {
             let targets = self.registry.matching(&event.tenant, &event.event_type);
             for target in &targets {
                 let delivery = Delivery {
-                    event_id: event.id.clone(),
-                    subscription: target.sub.id.clone(),
-                    tenant: event.tenant.clone(),
-                    event_type: event.event_type.clone(),
-                    attempt: 1,
-                    accepted_ms: now,
-                    due_ms: now,
-                    budget_ms: now,
-                    generation: 0,
-                    data: event.data.clone(),
                     changes: event.changes.clone(),
+                    ..Delivery::first_attempt(
+                        event.id.clone(),
+                        target.sub.id.clone(),
+                        event.tenant.clone(),
+                        event.event_type.clone(),
+                        event.data.clone(),
+                        now,
+                    )
                 };
                 records
                     .push(Record { key: Bytes::copy_from_slice(target.sub.id.as_bytes()), value: delivery.encode() });

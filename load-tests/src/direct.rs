@@ -84,19 +84,14 @@ pub async fn publish(
                             crate::sink::now_ms()
                         ));
                         for (id, tenant) in subs.iter() {
-                            let d = Delivery {
-                                event_id: format!("direct-{run}-{n}"),
-                                subscription: id.clone(),
-                                tenant: tenant.clone(),
-                                event_type: "LoadTest".into(),
-                                attempt: 1,
-                                accepted_ms: now,
-                                due_ms: now,
-                                budget_ms: now,
-                                generation: 0,
-                                data: data.clone(),
-                                changes: None,
-                            };
+                            let d = Delivery::first_attempt(
+                                format!("direct-{run}-{n}"),
+                                id.clone(),
+                                tenant.clone(),
+                                "LoadTest".into(),
+                                data.clone(),
+                                now,
+                            );
                             records.push(Record { key: Bytes::from(id.clone()), value: d.encode() });
                         }
                     }

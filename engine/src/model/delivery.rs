@@ -71,6 +71,30 @@ fn get_bytes(buf: &mut Bytes, width: usize) -> Result<Bytes, DecodeError> {
 }
 
 impl Delivery {
+    /// The first attempt of a newly accepted event, due at once; no `changes`.
+    pub fn first_attempt(
+        event_id: String,
+        subscription: String,
+        tenant: String,
+        event_type: String,
+        data: Bytes,
+        now_ms: i64,
+    ) -> Delivery {
+        Delivery {
+            event_id,
+            subscription,
+            tenant,
+            event_type,
+            attempt: 1,
+            accepted_ms: now_ms,
+            due_ms: now_ms,
+            budget_ms: now_ms,
+            generation: 0,
+            data,
+            changes: None,
+        }
+    }
+
     /// Serialises the record.
     pub fn encode(&self) -> Bytes {
         let changes_len = self.changes.as_ref().map_or(0, |c| c.len() + 4);
