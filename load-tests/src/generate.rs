@@ -34,6 +34,8 @@ pub struct Load {
     pub tenants: u32,
     /// Event ids are `<prefix>-<n>`.
     pub id_prefix: String,
+    /// Event type.
+    pub event_type: String,
     /// Show a progress bar (only on a terminal).
     pub progress: bool,
 }
@@ -155,7 +157,7 @@ fn batch_body(load: &Load, first: u64, last: u64, filler: &str) -> Bytes {
             let tenant =
                 if load.tenants == 0 { "default".to_string() } else { format!("t{}", i % u64::from(load.tenants)) };
             serde_json::json!({
-                "id": format!("{}-{i}", load.id_prefix), "type": "LoadTest", "tenant": tenant,
+                "id": format!("{}-{i}", load.id_prefix), "type": load.event_type, "tenant": tenant,
                 "data": { "n": i, "sentMs": sent, "pad": filler },
             })
         })

@@ -296,6 +296,7 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
         size: p.size,
         tenants: 0,
         id_prefix: format!("{}-{}", s.name(), std::process::id()),
+        event_type: "LoadTest".into(),
         progress: opts.progress,
     };
     let stop = Arc::new(AtomicBool::new(false));

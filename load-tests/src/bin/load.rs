@@ -35,6 +35,9 @@ struct Args {
     /// Size of each event's `data` in bytes (approximately).
     #[arg(long, default_value_t = 1024)]
     size: usize,
+    /// Event type.
+    #[arg(long, default_value = "LoadTest")]
+    event_type: String,
     /// Spread events over this many tenants (t0, t1, ...); 0 = the default tenant.
     #[arg(long, default_value_t = 0)]
     tenants: u32,
@@ -95,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         size: args.size,
         tenants: args.tenants,
         id_prefix: format!("load-{}", std::process::id()),
+        event_type: args.event_type,
         progress: true,
     };
     let report = run(load, Arc::new(AtomicBool::new(false))).await?;
