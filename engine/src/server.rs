@@ -175,7 +175,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
     };
     // The recorder first, so every stage's metrics (the hub's gauge too) are recorded.
     let metrics = Arc::new(Metrics::new());
-    let edge = crate::edge::hub::EdgeHub::new();
+    let edge = crate::edge::hub::EdgeHub::new(devices.clone(), token.clone());
     let transports = Transports::new(guard, &settings, config.http.timeout.0).with_edge(edge.clone());
     let test_transports = transports.clone();
     let retrier = Retrier::new(log.clone(), registry.clone(), topics.prefix.clone(), topics.dlq.clone());
@@ -206,7 +206,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
 
     let ingest = Arc::new(Ingest::new(log.clone(), registry.clone(), topics.deliveries.clone()));
     let dead_letters = Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone()));
-    let (log_handle, metrics_handle) = (log.clone(), metrics.clone());
+    let (log_handle, metrics_handle, edge_hub) = (log.clone(), metrics.clone(), edge.clone());
     let state = AppState {
         registry,
         ingest,
@@ -224,6 +224,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         .await
         .map_err(|source| StartError::Listen { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    edge_hub.advertise(config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}")));
     let app = api::router(state);
     let api = {
         let mut stop_rx = stop_rx.clone();

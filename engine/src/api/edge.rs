@@ -105,3 +105,18 @@ pub async fn connect(
     let hub = state.edge.clone();
     Ok(ws.on_upgrade(move |socket| hub.serve(device, socket)))
 }
+
+/// Another Herald process asks this one to make an attempt through an agent connected here.
+pub async fn forward(
+    _: super::auth::Admin,
+    State(state): State<AppState>,
+    JsonBody(f): JsonBody<crate::edge::protocol::Forward>,
+) -> Result<impl IntoResponse, ApiError> {
+    let target =
+        state.registry.get_current(&f.subscription).await.ok_or_else(|| ApiError::not_found("subscription"))?;
+    let delivery = crate::edge::protocol::decode_delivery(&f.delivery)
+        .ok_or_else(|| ApiError::validation("delivery", "not a delivery record"))?;
+    let timeout = std::time::Duration::from_millis(f.timeout_ms.clamp(1, 600_000));
+    let outcome = state.edge.deliver_here(&f.device, &target, &delivery, f.pending_retries, timeout).await;
+    Ok(Json(crate::edge::protocol::Report::of(0, &outcome)))
+}

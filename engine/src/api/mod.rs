@@ -66,6 +66,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/edge-devices", post(edge::create).get(edge::list))
         .route("/v1/edge-devices/{id}", get(edge::get).delete(edge::delete))
         .route(crate::edge::protocol::CONNECT_PATH, get(edge::connect))
+        .route(crate::edge::protocol::FORWARD_PATH, post(edge::forward))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))
         .route("/v1/openapi.json", get(openapi))

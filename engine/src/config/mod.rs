@@ -21,6 +21,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the embedded log and local state live.
     pub data_dir: PathBuf,
+    /// The URL other Herald processes reach this one at (to forward edge deliveries to the
+    /// agents connected here); `http://<listen address>` by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_url: Option<String>,
     /// Admin bearer token; generated and stored in the data dir when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
@@ -277,6 +281,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".parse().unwrap(),
             data_dir: PathBuf::from("./herald-data"),
             admin_token: None,
+            advertise_url: None,
             log: LogConfig::default(),
             network: NetworkConfig::default(),
             dispatch: DispatchConfig::default(),

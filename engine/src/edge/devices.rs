@@ -13,10 +13,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 const PREFIX: &str = "edge/";
+/// Where a device's agent is connected: `edge-at/<device id>`.
+const PRESENCE_PREFIX: &str = "edge-at/";
 
 /// Whether a registry-topic record belongs to this module.
 pub fn owns(key: &[u8]) -> bool {
-    key.starts_with(PREFIX.as_bytes())
+    key.starts_with(PREFIX.as_bytes()) || key.starts_with(PRESENCE_PREFIX.as_bytes())
+}
+
+/// Which Herald process a device's agent is connected to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// That process's URL, as other processes reach it.
+    pub url: String,
+    /// The connection, unique across processes.
+    pub connection: String,
 }
 
 /// An edge device as the API shows it.
@@ -47,12 +58,13 @@ fn digest(secret: &str) -> String {
 pub struct Devices {
     feed: Arc<Feed>,
     state: RwLock<HashMap<String, Stored>>,
+    presence: RwLock<HashMap<String, Presence>>,
 }
 
 impl Devices {
     /// Materialises the devices from `records`, the whole registry topic.
     pub fn load(feed: Arc<Feed>, records: &[LogRecord]) -> Devices {
-        let devices = Devices { feed, state: RwLock::default() };
+        let devices = Devices { feed, state: RwLock::default(), presence: RwLock::default() };
         for rec in records {
             devices.apply(rec);
         }
@@ -61,6 +73,15 @@ impl Devices {
 
     /// Applies one registry-topic record (a device or a tombstone).
     pub fn apply(&self, rec: &LogRecord) {
+        if let Some(id) = rec.key.strip_prefix(PRESENCE_PREFIX.as_bytes()) {
+            let id = String::from_utf8_lossy(id).into_owned();
+            let mut presence = self.presence.write().unwrap();
+            match serde_json::from_slice::<Presence>(&rec.value) {
+                Ok(p) => presence.insert(id, p),
+                Err(_) => presence.remove(&id),
+            };
+            return;
+        }
         let Some(id) = rec.key.strip_prefix(PREFIX.as_bytes()) else { return };
         let id = String::from_utf8_lossy(id).into_owned();
         let mut state = self.state.write().unwrap();
@@ -109,6 +130,25 @@ impl Devices {
         }
         self.feed.write(format!("{PREFIX}{id}").as_bytes(), Bytes::new()).await?;
         Ok(true)
+    }
+
+    /// Where `device`'s agent was last seen connecting, if anywhere.
+    pub fn located(&self, device: &str) -> Option<Presence> {
+        self.presence.read().unwrap().get(device).cloned()
+    }
+
+    /// Records that `device`'s agent is connected at `presence`.
+    pub async fn announce(&self, device: &str, presence: &Presence) -> Result<(), LogError> {
+        let value = Bytes::from(serde_json::to_vec(presence).expect("serializes"));
+        self.feed.write(format!("{PRESENCE_PREFIX}{device}").as_bytes(), value).await.map(|_| ())
+    }
+
+    /// Withdraws `presence` of `device`, unless a newer connection has replaced it.
+    pub async fn withdraw(&self, device: &str, presence: &Presence) -> Result<(), LogError> {
+        if self.located(device).as_ref() != Some(presence) {
+            return Ok(());
+        }
+        self.feed.write(format!("{PRESENCE_PREFIX}{device}").as_bytes(), Bytes::new()).await.map(|_| ())
     }
 
     /// The device a presented token belongs to, if the token is valid.

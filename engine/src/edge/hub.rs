@@ -3,14 +3,16 @@
 //! the outcome. An agent that is offline, has no room in its window, or does not answer in
 //! time is a failed attempt, which the subscription's retry policy handles like any other.
 
-use super::devices::EdgeDevice;
-use super::protocol::{encode_delivery, Report, ToAgent, ToServer, MAX_WINDOW};
+use super::devices::{Devices, EdgeDevice, Presence};
+use super::protocol::{encode_delivery, Forward, Report, ToAgent, ToServer, FORWARD_PATH, MAX_WINDOW};
 use crate::metrics as m;
 use crate::model::Delivery;
 use crate::registry::Target;
 use crate::transport::Outcome;
 use axum::extract::ws::{Message, WebSocket};
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,11 +33,18 @@ struct Link {
     seq: AtomicU64,
 }
 
-/// Every connected agent, by device id.
-#[derive(Default)]
+/// Every agent connected to this process, by device id; and the way to the other processes'
+/// agents.
 pub struct EdgeHub {
     links: Mutex<HashMap<String, Arc<Link>>>,
     conns: AtomicU64,
+    devices: Arc<Devices>,
+    /// This process's URL for the others, once it listens.
+    advertised: std::sync::OnceLock<String>,
+    /// Unique per process, so presence records of two processes never compare equal.
+    process: String,
+    admin_token: String,
+    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
 fn failed(error: String, started: Instant) -> Outcome {
@@ -43,10 +52,23 @@ fn failed(error: String, started: Instant) -> Outcome {
 }
 
 impl EdgeHub {
-    /// An empty hub.
-    pub fn new() -> Arc<EdgeHub> {
+    /// An empty hub. `admin_token` authenticates forwards between processes (which share it).
+    pub fn new(devices: Arc<Devices>, admin_token: String) -> Arc<EdgeHub> {
         metrics::gauge!(m::EDGE_AGENTS).set(0.0);
-        Arc::new(EdgeHub::default())
+        Arc::new(EdgeHub {
+            links: Mutex::default(),
+            conns: AtomicU64::new(0),
+            devices,
+            advertised: std::sync::OnceLock::new(),
+            process: uuid::Uuid::new_v4().simple().to_string(),
+            admin_token,
+            client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
+        })
+    }
+
+    /// Sets the URL other processes reach this one at (once).
+    pub fn advertise(&self, url: String) {
+        let _ = self.advertised.set(url);
     }
 
     /// Agents connected now.
@@ -54,9 +76,72 @@ impl EdgeHub {
         self.links.lock().unwrap().len()
     }
 
-    /// Makes one attempt through `device`'s agent, waiting at most `timeout` plus a grace
-    /// period for its report.
+    /// Makes one attempt through `device`'s agent: here when it is connected here, else
+    /// through the process it is connected to.
     pub async fn deliver(
+        &self,
+        device: &str,
+        target: &Target,
+        delivery: &Delivery,
+        pending_retries: u32,
+        timeout: Duration,
+    ) -> Outcome {
+        if self.links.lock().unwrap().contains_key(device) {
+            return self.deliver_here(device, target, delivery, pending_retries, timeout).await;
+        }
+        match self.devices.located(device) {
+            Some(p) if self.advertised.get() != Some(&p.url) => {
+                self.forward(&p.url, device, target, delivery, pending_retries, timeout).await
+            }
+            _ => failed(format!("edge device {device} is not connected"), Instant::now()),
+        }
+    }
+
+    /// Asks the process at `url`, which holds `device`'s agent, to make the attempt.
+    async fn forward(
+        &self,
+        url: &str,
+        device: &str,
+        target: &Target,
+        delivery: &Delivery,
+        pending_retries: u32,
+        timeout: Duration,
+    ) -> Outcome {
+        let started = Instant::now();
+        let body = Forward {
+            device: device.to_string(),
+            subscription: target.sub.id.clone(),
+            delivery: encode_delivery(delivery),
+            pending_retries,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let request = http::Request::post(format!("{}{FORWARD_PATH}", url.trim_end_matches('/')))
+            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.admin_token))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(serde_json::to_vec(&body).expect("serializes"))));
+        let Ok(request) = request else { return failed(format!("bad forward URL {url}"), started) };
+        let answer = tokio::time::timeout(timeout + GRACE * 2, async {
+            let response = self.client.request(request).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+            if !status.is_success() {
+                return Err(format!("answered {status}"));
+            }
+            serde_json::from_slice::<Report>(&bytes).map_err(|e| e.to_string())
+        })
+        .await;
+        match answer {
+            Ok(Ok(report)) => report.outcome(),
+            Ok(Err(e)) => {
+                failed(format!("forwarding to the process holding edge device {device} ({url}): {e}"), started)
+            }
+            Err(_) => failed(format!("forwarding to {url} timed out"), started),
+        }
+    }
+
+    /// Makes one attempt through `device`'s agent connected here, waiting at most `timeout`
+    /// plus a grace period for its report.
+    pub async fn deliver_here(
         &self,
         device: &str,
         target: &Target,
@@ -125,6 +210,16 @@ impl EdgeHub {
         }
         metrics::gauge!(m::EDGE_AGENTS).set(self.connected() as f64);
         tracing::info!(device = %device.id, tenant = %device.tenant, window, "edge agent connected");
+        // Tell the other processes where this agent is, so they can forward to it.
+        let presence = self
+            .advertised
+            .get()
+            .map(|url| Presence { url: url.clone(), connection: format!("{}-{}", self.process, link.conn) });
+        if let Some(p) = &presence {
+            if let Err(e) = self.devices.announce(&device.id, p).await {
+                tracing::warn!(device = %device.id, error = %e, "could not record where the edge agent is");
+            }
+        }
         let writer = async {
             let mut ping = tokio::time::interval(PING_EVERY);
             loop {
@@ -168,6 +263,11 @@ impl EdgeHub {
         }
         // Deliveries still waiting for this connection fail now and go to their retry policy.
         link.pending.lock().unwrap().clear();
+        if let Some(p) = &presence {
+            if let Err(e) = self.devices.withdraw(&device.id, p).await {
+                tracing::warn!(device = %device.id, error = %e, "could not withdraw the edge agent's presence");
+            }
+        }
         metrics::gauge!(m::EDGE_AGENTS).set(self.connected() as f64);
         tracing::info!(device = %device.id, "edge agent disconnected");
     }

@@ -65,6 +65,26 @@ pub struct Report {
     pub latency_ms: u64,
 }
 
+/// Herald → Herald: make this attempt through the agent connected to you (several
+/// processes share partitions, but an agent connects to one of them).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// The edge device.
+    pub device: String,
+    /// The subscription id.
+    pub subscription: String,
+    /// The delivery record, base64 of its binary form.
+    pub delivery: String,
+    /// The envelope's `pendingRetries`.
+    pub pending_retries: u32,
+    /// The attempt's timeout, ms.
+    pub timeout_ms: u64,
+}
+
+/// The path processes forward edge deliveries to (admin token).
+pub const FORWARD_PATH: &str = "/v1/edge/forward";
+
 /// The delivery record as sent.
 pub fn encode_delivery(d: &Delivery) -> String {
     B64.encode(d.encode())

@@ -121,7 +121,8 @@ async fn events_are_published_to_the_exchange_by_routing_key_and_survive_a_broke
     let dead = until("both failures dead-lettered", Duration::from_secs(20), || async {
         let (_, page) = api.get("/v1/dlq").await;
         let items = page["items"].as_array().unwrap().clone();
-        (items.len() >= 2).then_some(items)
+        let has = |sub: &serde_json::Value| items.iter().any(|e| e["subscription"] == sub["id"]);
+        (has(&unroutable) && has(&missing)).then_some(items)
     })
     .await;
     let error_of = |sub: &serde_json::Value| {

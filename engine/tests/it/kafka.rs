@@ -128,3 +128,52 @@ async fn processes_racing_to_create_one_url_agree_on_a_single_winner() {
     again.stop().await;
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_agent_connected_to_one_process_serves_the_deliveries_of_both() {
+    let kafka = MockKafka::start(PARTITIONS);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let rx = Receiver::start().await;
+    let (a, api_a) = start(&kafka, dir_a.path()).await;
+    let (b, _api_b) = start(&kafka, dir_b.path()).await;
+    // Every group split evenly, so B owns half of the deliveries partitions.
+    eventually("the partitions split evenly", Duration::from_secs(60), || {
+        (a.partitions_owned() == all_partitions() / 2 && b.partitions_owned() == all_partitions() / 2).then_some(())
+    })
+    .await;
+    let (status, device) = api_a.post("/v1/edge-devices", json!({ "name": "office" })).await;
+    assert_eq!(status, 201, "{device}");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = tokio::spawn(herald::edge::agent::run(
+        herald::edge::agent::AgentConfig {
+            server: format!("http://{}", a.addr),
+            token: device["token"].as_str().unwrap().to_string(),
+            window: 32,
+            allow: vec!["0.0.0.0/0".parse().unwrap()],
+            default_timeout: Duration::from_secs(10),
+        },
+        stopped,
+    ));
+    // Subscriptions on every deliveries partition, all through the agent connected to A.
+    let retry = json!({ "policy": "fixed", "interval": "200ms", "max_attempts": 100 });
+    let mut covered = std::collections::HashSet::new();
+    let mut paths = Vec::new();
+    while covered.len() < PARTITIONS as usize {
+        let path = format!("/e{}", paths.len());
+        let sub = api_a.subscribe(json!({ "url": rx.url(&path), "via_edge": device["id"], "retry": retry })).await;
+        covered.insert(herald::log::partition_for(sub["id"].as_str().unwrap().as_bytes(), PARTITIONS));
+        paths.push(path);
+    }
+    for i in 0..10 {
+        api_a.post("/v1/events", json!({ "id": format!("e{i}"), "type": "T", "data": {} })).await;
+    }
+    for path in &paths {
+        let got = rx.wait_on(path, 10).await;
+        let ids: std::collections::HashSet<_> = got.iter().map(|r| r.header("webhook-id").to_string()).collect();
+        assert_eq!(ids.len(), 10, "{path}: every event, whichever process owned its partition");
+    }
+    stop.send_replace(true);
+    agent.await.unwrap().unwrap();
+    b.stop().await;
+    a.stop().await;
+}
