@@ -24,6 +24,19 @@ impl Principal {
         }
     }
 
+    /// The tenant a new object belongs to: the admin names it (else the default tenant); a
+    /// tenant key creates for its own tenant only.
+    pub fn owner(&self, given: Option<String>) -> Result<String, ApiError> {
+        match (self.tenant(), given) {
+            (None, given) => Ok(given.unwrap_or_else(|| super::events::DEFAULT_TENANT.to_string())),
+            (Some(own), None) => Ok(own.to_string()),
+            (Some(own), Some(given)) if given == own => Ok(given),
+            (Some(_), Some(_)) => {
+                Err(ApiError::validation("tenant", "a tenant key creates objects of its own tenant only"))
+            }
+        }
+    }
+
     /// Whether the caller may see objects of `tenant`.
     pub fn sees(&self, tenant: &str) -> bool {
         self.tenant().is_none_or(|t| t == tenant)

@@ -3,7 +3,6 @@
 
 use super::auth::Principal;
 use super::error::{ApiError, JsonBody};
-use super::events::DEFAULT_TENANT;
 use super::page::StrictQuery;
 use super::AppState;
 use axum::extract::ws::WebSocketUpgrade;
@@ -29,14 +28,7 @@ pub async fn create(
     State(state): State<AppState>,
     JsonBody(d): JsonBody<NewDevice>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let tenant = match (who.tenant(), d.tenant) {
-        (None, given) => given.unwrap_or_else(|| DEFAULT_TENANT.to_string()),
-        (Some(own), None) => own.to_string(),
-        (Some(own), Some(given)) if given == own => given,
-        (Some(_), Some(_)) => {
-            return Err(ApiError::validation("tenant", "a tenant key creates devices for its own tenant only"))
-        }
-    };
+    let tenant = who.owner(d.tenant)?;
     crate::registry::validate_tenant(&tenant)?;
     let name = d.name.trim().to_string();
     if name.is_empty() || name.len() > 200 {

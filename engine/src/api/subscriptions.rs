@@ -2,7 +2,6 @@
 
 use super::auth::Principal;
 use super::error::{ApiError, JsonBody};
-use super::events::DEFAULT_TENANT;
 use super::page::{self, StrictQuery};
 use super::AppState;
 use crate::model::{new_id, now_ms, Delivery, Secret, SubscriptionInput, SubscriptionPatch};
@@ -20,14 +19,7 @@ pub async fn create(
     State(state): State<AppState>,
     JsonBody(input): JsonBody<SubscriptionInput>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let tenant = match (who.tenant(), input.tenant.clone()) {
-        (None, given) => given.unwrap_or_else(|| DEFAULT_TENANT.to_string()),
-        (Some(own), None) => own.to_string(),
-        (Some(own), Some(given)) if given == own => given,
-        (Some(_), Some(_)) => {
-            return Err(ApiError::validation("tenant", "a tenant key creates subscriptions for its own tenant only"))
-        }
-    };
+    let tenant = who.owner(input.tenant.clone())?;
     check_device(&state, input.via_edge.as_deref(), &tenant)?;
     let target = state.registry.create(input, tenant).await?;
     Ok((StatusCode::CREATED, Json(target.sub.view(true))))
