@@ -55,6 +55,23 @@ fn digest(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+/// A new bearer token `<kind>.<id>.<secret>` naming `id`, and the SHA-256 of its secret, the
+/// only part stored. API keys (`hk`) and edge-device tokens (`he`) are made this way.
+pub fn new_token(kind: &str, id: &str) -> (String, String) {
+    let mut raw = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut raw);
+    let secret = hex::encode(raw);
+    (format!("{kind}.{id}.{secret}"), digest(&secret))
+}
+
+/// The id a presented `<kind>.<id>.<secret>` token names, if it is one, with a check of its
+/// secret against a stored SHA-256 (constant time).
+pub fn parse_token<'a>(presented: &'a str, kind: &str) -> Option<(&'a str, impl Fn(&str) -> bool + 'a)> {
+    let mut parts = presented.splitn(3, '.');
+    let (Some(k), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next()) else { return None };
+    (k == kind).then_some((id, move |sha256: &str| same_secret(sha256, &digest(secret))))
+}
+
 /// Compares two secrets without leaking where, or whether in length, they differ: both are
 /// hashed to fixed-length digests, compared byte for byte without stopping early.
 pub fn same_secret(a: &str, b: &str) -> bool {
@@ -120,18 +137,11 @@ impl Tenants {
     /// Issues a key for `tenant`: returns its id and the key, which is never shown again.
     pub async fn issue_key(&self, tenant: &str) -> Result<(String, String), LogError> {
         let id = new_id("key");
-        let mut raw = [0u8; 24];
-        rand::thread_rng().fill_bytes(&mut raw);
-        let secret = hex::encode(raw);
-        let stored = StoredKey {
-            id: id.clone(),
-            tenant: tenant.to_string(),
-            sha256: digest(&secret),
-            created_at: rfc3339_ms(now_ms()),
-        };
+        let (key, sha256) = new_token("hk", &id);
+        let stored = StoredKey { id: id.clone(), tenant: tenant.to_string(), sha256, created_at: rfc3339_ms(now_ms()) };
         self.persist(format!("{KEY_PREFIX}{id}"), Bytes::from(serde_json::to_vec(&stored).expect("serializes")))
             .await?;
-        Ok((id.clone(), format!("hk.{id}.{secret}")))
+        Ok((id, key))
     }
 
     /// Revokes a key of `tenant`; `false` when there is no such key.
@@ -145,10 +155,9 @@ impl Tenants {
 
     /// The tenant a presented key belongs to, if the key is valid.
     pub fn authenticate(&self, presented: &str) -> Option<String> {
-        let mut parts = presented.splitn(3, '.');
-        let (Some("hk"), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next()) else { return None };
+        let (id, matches) = parse_token(presented, "hk")?;
         let state = self.state.read().unwrap();
         let key = state.keys.get(id)?;
-        same_secret(&key.sha256, &digest(secret)).then(|| key.tenant.clone())
+        matches(&key.sha256).then(|| key.tenant.clone())
     }
 }

@@ -6,9 +6,7 @@ use crate::log::{LogError, LogRecord};
 use crate::model::{new_id, now_ms, rfc3339_ms};
 use crate::registry::feed::Feed;
 use bytes::Bytes;
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -48,10 +46,6 @@ struct Stored {
     #[serde(flatten)]
     device: EdgeDevice,
     sha256: String,
-}
-
-fn digest(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 /// Every tenant's edge devices, in memory, persisted in the registry topic.
@@ -99,13 +93,11 @@ impl Devices {
     pub async fn create(&self, tenant: &str, name: String) -> Result<(EdgeDevice, String), LogError> {
         let device =
             EdgeDevice { id: new_id("edg"), tenant: tenant.to_string(), name, created_at: rfc3339_ms(now_ms()) };
-        let mut raw = [0u8; 24];
-        rand::thread_rng().fill_bytes(&mut raw);
-        let secret = hex::encode(raw);
-        let stored = Stored { device: device.clone(), sha256: digest(&secret) };
+        let (token, sha256) = crate::tenants::new_token("he", &device.id);
+        let stored = Stored { device: device.clone(), sha256 };
         let key = format!("{PREFIX}{}", device.id);
         self.feed.write(key.as_bytes(), Bytes::from(serde_json::to_vec(&stored).expect("serializes"))).await?;
-        Ok((device.clone(), format!("he.{}.{secret}", device.id)))
+        Ok((device, token))
     }
 
     /// A device by id, if it exists (and belongs to `tenant`, when given).
@@ -153,10 +145,9 @@ impl Devices {
 
     /// The device a presented token belongs to, if the token is valid.
     pub fn authenticate(&self, presented: &str) -> Option<EdgeDevice> {
-        let mut parts = presented.splitn(3, '.');
-        let (Some("he"), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next()) else { return None };
+        let (id, matches) = crate::tenants::parse_token(presented, "he")?;
         let state = self.state.read().unwrap();
         let stored = state.get(id)?;
-        crate::tenants::same_secret(&stored.sha256, &digest(secret)).then(|| stored.device.clone())
+        matches(&stored.sha256).then(|| stored.device.clone())
     }
 }
