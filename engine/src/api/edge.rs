@@ -87,12 +87,7 @@ pub async fn connect(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<impl IntoResponse, ApiError> {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(ApiError::unauthorized)?;
+    let token = super::auth::bearer(&headers).ok_or_else(ApiError::unauthorized)?;
     let device = state.devices.authenticate(token).ok_or_else(ApiError::unauthorized)?;
     let hub = state.edge.clone();
     Ok(ws.on_upgrade(move |socket| hub.serve(device, socket)))
