@@ -41,41 +41,31 @@ impl Feed {
         (Feed { log, topic, applied: rx }, Applied(tx))
     }
 
-    /// The registry topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     /// Appends one record and waits until the follower applied it; returns where it landed.
     pub async fn write(&self, key: &[u8], value: Bytes) -> Result<Position, LogError> {
         let rec = Record { key: Bytes::copy_from_slice(key), value };
         let pos = self.log.append(&self.topic, vec![rec]).await?.pop().ok_or(LogError::Closed)?;
-        let mut applied = self.applied.clone();
-        let seen = tokio::time::timeout(SEEN_WITHIN, applied.wait_for(|n| *n > pos.offset)).await.map(|r| r.is_ok());
-        match seen {
-            Ok(true) => Ok(pos),
-            Ok(false) => Err(LogError::Closed),
-            Err(_) => Err(LogError::Backend(format!(
-                "registry record at offset {} was not read back within {}s",
-                pos.offset,
-                SEEN_WITHIN.as_secs()
-            ))),
-        }
+        self.applied_up_to(pos.offset + 1).await?;
+        Ok(pos)
     }
-}
 
-impl Feed {
     /// Waits until every record now in the registry topic has been applied here.
     pub async fn catch_up(&self) -> Result<(), LogError> {
         let end = self.log.end_offset(&self.topic, 0).await?;
+        self.applied_up_to(end).await
+    }
+
+    /// Waits (bounded) until every record below `next` has been applied here.
+    async fn applied_up_to(&self, next: u64) -> Result<(), LogError> {
         let mut applied = self.applied.clone();
-        let seen = tokio::time::timeout(SEEN_WITHIN, applied.wait_for(|n| *n >= end)).await.map(|r| r.is_ok());
+        let seen = tokio::time::timeout(SEEN_WITHIN, applied.wait_for(|n| *n >= next)).await.map(|r| r.is_ok());
         match seen {
             Ok(true) => Ok(()),
             Ok(false) => Err(LogError::Closed),
-            Err(_) => {
-                Err(LogError::Backend(format!("registry did not reach offset {end} within {}s", SEEN_WITHIN.as_secs())))
-            }
+            Err(_) => Err(LogError::Backend(format!(
+                "the registry did not read back up to offset {next} within {}s",
+                SEEN_WITHIN.as_secs()
+            ))),
         }
     }
 }
