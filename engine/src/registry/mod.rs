@@ -148,14 +148,7 @@ impl Registry {
         if self.has_url(&sub.tenant, &sub.url, None) {
             return Err(Self::url_taken());
         }
-        Target::compile_with(sub.clone(), self.health.clone())?;
-        let Some(target) = self.write(&sub).await? else {
-            // Another process created this URL first: withdraw ours.
-            self.persist(&sub.id, Bytes::new()).await?;
-            return Err(Self::url_taken());
-        };
-        warn_trust_all(&target.sub);
-        Ok(target)
+        self.store(sub).await
     }
 
     /// Changes a subscription: the patch is applied to its stored fields and the result is
@@ -248,7 +241,8 @@ impl Registry {
         Target::compile_with(sub.clone(), self.health.clone())?;
         let current = self.get(&sub.id);
         let Some(target) = self.write(&sub).await? else {
-            // Lost a race for the URL: write back what stands, so it stays the newest record.
+            // Lost a race for the URL: write back what stands (withdraw a new one), so it
+            // stays the newest record.
             match current {
                 Some(c) => {
                     self.persist(&c.sub.id, Bytes::from(serde_json::to_vec(&c.sub).expect("serializes"))).await?
@@ -262,11 +256,7 @@ impl Registry {
     }
 
     fn has_url(&self, tenant: &str, url: &str, except: Option<&str>) -> bool {
-        let state = self.state.read().unwrap();
-        state
-            .by_tenant
-            .get(tenant)
-            .is_some_and(|subs| subs.values().any(|t| Some(t.sub.id.as_str()) != except && same_url(&t.sub.url, url)))
+        self.state.read().unwrap().url_holder(tenant, url, except.unwrap_or_default()).is_some()
     }
 
     /// Disables a subscription, recording why (e.g. the receiver answered 410 Gone).
