@@ -140,7 +140,7 @@ async fn attempt(
     delivery: &str,
     pending_retries: u32,
 ) -> Outcome {
-    let failed = |error: String| Outcome::Failed { status: None, error, retry_after: None, latency: Duration::ZERO };
+    let failed = |error: String| Outcome::failed(None, error, Duration::ZERO);
     let Some(delivery) = decode_delivery(delivery) else { return failed("unreadable delivery record".into()) };
     sub.via_edge = None;
     let cached = targets.lock().unwrap().get(&sub.id).filter(|(v, _)| *v == sub.updated_at).map(|(_, t)| t.clone());

@@ -47,10 +47,6 @@ pub struct EdgeHub {
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
-fn failed(error: String, started: Instant) -> Outcome {
-    Outcome::Failed { status: None, error, retry_after: None, latency: started.elapsed() }
-}
-
 impl EdgeHub {
     /// An empty hub. `admin_token` authenticates forwards between processes (which share it).
     pub fn new(devices: Arc<Devices>, admin_token: String) -> Arc<EdgeHub> {
@@ -93,7 +89,7 @@ impl EdgeHub {
             Some(p) if self.advertised.get() != Some(&p.url) => {
                 self.forward(&p.url, device, target, delivery, pending_retries, timeout).await
             }
-            _ => failed(format!("edge device {device} is not connected"), Instant::now()),
+            _ => Outcome::failed(None, format!("edge device {device} is not connected"), Duration::ZERO),
         }
     }
 
@@ -119,7 +115,9 @@ impl EdgeHub {
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.admin_token))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(serde_json::to_vec(&body).expect("serializes"))));
-        let Ok(request) = request else { return failed(format!("bad forward URL {url}"), started) };
+        let Ok(request) = request else {
+            return Outcome::failed(None, format!("bad forward URL {url}"), started.elapsed());
+        };
         let answer = tokio::time::timeout(timeout + GRACE * 2, async {
             let response = self.client.request(request).await.map_err(|e| e.to_string())?;
             let status = response.status();
@@ -132,10 +130,12 @@ impl EdgeHub {
         .await;
         match answer {
             Ok(Ok(report)) => report.outcome(),
-            Ok(Err(e)) => {
-                failed(format!("forwarding to the process holding edge device {device} ({url}): {e}"), started)
-            }
-            Err(_) => failed(format!("forwarding to {url} timed out"), started),
+            Ok(Err(e)) => Outcome::failed(
+                None,
+                format!("forwarding to the process holding edge device {device} ({url}): {e}"),
+                started.elapsed(),
+            ),
+            Err(_) => Outcome::failed(None, format!("forwarding to {url} timed out"), started.elapsed()),
         }
     }
 
@@ -151,12 +151,18 @@ impl EdgeHub {
     ) -> Outcome {
         let started = Instant::now();
         let Some(link) = self.links.lock().unwrap().get(device).cloned() else {
-            return failed(format!("edge device {device} is not connected"), started);
+            return Outcome::failed(None, format!("edge device {device} is not connected"), started.elapsed());
         };
         // Flow control: never more than the agent's window unanswered.
         let permit = match tokio::time::timeout(timeout, link.window.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
-            _ => return failed(format!("edge device {device} had no room in its window"), started),
+            _ => {
+                return Outcome::failed(
+                    None,
+                    format!("edge device {device} had no room in its window"),
+                    started.elapsed(),
+                )
+            }
         };
         let seq = link.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -180,9 +186,15 @@ impl EdgeHub {
                 metrics::histogram!(m::EDGE_RTT_SECONDS).record(rtt.as_secs_f64());
                 report.outcome()
             }
-            Some(Err(_)) => failed(format!("edge device {device} disconnected before answering"), started),
-            None if !sent => failed(format!("edge device {device} disconnected"), started),
-            None => failed(format!("edge device {device} did not answer within {timeout:?}"), started),
+            Some(Err(_)) => {
+                Outcome::failed(None, format!("edge device {device} disconnected before answering"), started.elapsed())
+            }
+            None if !sent => Outcome::failed(None, format!("edge device {device} disconnected"), started.elapsed()),
+            None => Outcome::failed(
+                None,
+                format!("edge device {device} did not answer within {timeout:?}"),
+                started.elapsed(),
+            ),
         }
     }
 

@@ -47,7 +47,8 @@ impl Outcome {
         }
     }
 
-    fn failed(status: Option<u16>, error: String, latency: Duration) -> Outcome {
+    /// A failure without `Retry-After`.
+    pub(crate) fn failed(status: Option<u16>, error: String, latency: Duration) -> Outcome {
         Outcome::Failed { status, error, retry_after: None, latency }
     }
 
