@@ -11,7 +11,6 @@ use super::{kafka_error, KafkaConfig};
 use crate::log::{Assignment, Committer, Consumer, LogError, LogRecord, PartitionReader};
 use async_trait::async_trait;
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::statistics::Statistics;
@@ -153,24 +152,23 @@ impl GroupConsumer {
             closed: closed.clone(),
             drain,
         };
-        let mut c = ClientConfig::new();
-        // Defaults the pass-through table may change.
-        c.set("auto.commit.interval.ms", "1000")
-            .set("auto.offset.reset", "earliest")
-            .set("statistics.interval.ms", "5000")
-            .set("fetch.wait.max.ms", "50")
-            .set("queued.max.messages.kbytes", "16384")
-            // A process that dies hands its partitions over after 10 s, not Kafka's 45 s.
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "2000")
-            .set("partition.assignment.strategy", "cooperative-sticky");
-        for (k, v) in config.client().config_map() {
-            c.set(k, v);
-        }
-        // What the guarantees rest on.
-        c.set("group.id", format!("{group}.{topic}"))
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false");
+        let group_id = format!("{group}.{topic}");
+        let c = config.layered(
+            // Defaults the pass-through table may change.
+            &[
+                ("auto.commit.interval.ms", "1000"),
+                ("auto.offset.reset", "earliest"),
+                ("statistics.interval.ms", "5000"),
+                ("fetch.wait.max.ms", "50"),
+                ("queued.max.messages.kbytes", "16384"),
+                // A process that dies hands its partitions over after 10 s, not Kafka's 45 s.
+                ("session.timeout.ms", "10000"),
+                ("heartbeat.interval.ms", "2000"),
+                ("partition.assignment.strategy", "cooperative-sticky"),
+            ],
+            // What the guarantees rest on.
+            &[("group.id", &group_id), ("enable.auto.commit", "true"), ("enable.auto.offset.store", "false")],
+        );
         let consumer: Arc<Kafka> = Arc::new(c.create_with_context(context).map_err(kafka_error)?);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         consumer.subscribe(&[topic]).map_err(kafka_error)?;

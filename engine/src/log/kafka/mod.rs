@@ -55,13 +55,25 @@ impl KafkaConfig {
     /// A client config: brokers, then the pass-through properties (`_` may stand for `.` so
     /// they can be given as environment variables).
     fn client(&self) -> ClientConfig {
+        self.layered(&[], &[])
+    }
+
+    /// A client config in layers: `defaults`, then brokers and the pass-through properties,
+    /// then `fixed`, which nothing overrides.
+    fn layered(&self, defaults: &[(&str, &str)], fixed: &[(&str, &str)]) -> ClientConfig {
         let mut c = ClientConfig::new();
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
         c.set("bootstrap.servers", &self.brokers).set("client.id", "herald");
         for (k, v) in &self.properties {
             let key = k.replace('_', ".");
             if !FIXED.contains(&key.as_str()) {
                 c.set(key, v);
             }
+        }
+        for (k, v) in fixed {
+            c.set(*k, *v);
         }
         c
     }
@@ -85,20 +97,20 @@ impl KafkaLog {
     /// Connects, creates missing topics and learns every topic's partition count.
     pub async fn open(config: KafkaConfig) -> Result<Arc<KafkaLog>, LogError> {
         let partitions = topics::ensure(&config).await?;
-        let producer: FutureProducer = {
-            let mut c = ClientConfig::new();
-            // Throughput defaults first, so the pass-through table may change them.
-            c.set("linger.ms", "5")
-                .set("batch.num.messages", "10000")
-                .set("batch.size", "1000000")
-                .set("message.timeout.ms", "30000")
-                .set("queue.buffering.max.messages", "1000000");
-            for (k, v) in config.client().config_map() {
-                c.set(k, v);
-            }
-            c.set("enable.idempotence", "true").set("acks", "all");
-            c.create().map_err(kafka_error)?
-        };
+        // Throughput defaults the pass-through table may change; the guarantees it may not.
+        let producer: FutureProducer = config
+            .layered(
+                &[
+                    ("linger.ms", "5"),
+                    ("batch.num.messages", "10000"),
+                    ("batch.size", "1000000"),
+                    ("message.timeout.ms", "30000"),
+                    ("queue.buffering.max.messages", "1000000"),
+                ],
+                &[("enable.idempotence", "true"), ("acks", "all")],
+            )
+            .create()
+            .map_err(kafka_error)?;
         let reader = reader::Reader::new(&config)?;
         tracing::info!(brokers = %config.brokers, topics = partitions.len(), "kafka log open");
         Ok(Arc::new(KafkaLog {
