@@ -88,6 +88,10 @@ impl EmbeddedLog {
         self.topics.get(name).ok_or_else(|| LogError::UnknownTopic(name.to_string()))
     }
 
+    fn partition(&self, topic: &str, partition: u32) -> Result<&PartitionRef, LogError> {
+        self.topic(topic)?.get(partition as usize).ok_or_else(|| LogError::UnknownTopic(format!("{topic}/{partition}")))
+    }
+
     /// Persists offsets and reclaims fully consumed segments now.
     pub async fn flush(&self) -> Result<(), LogError> {
         let offsets = self.offsets.clone();
@@ -115,7 +119,7 @@ impl EmbeddedLog {
 
     /// Number of segment files of a partition (for tests of reclaim).
     pub fn segment_count(&self, topic: &str, partition: u32) -> Result<usize, LogError> {
-        Ok(self.topic(topic)?[partition as usize].segment_count())
+        Ok(self.partition(topic, partition)?.segment_count())
     }
 }
 
@@ -285,21 +289,14 @@ impl Log for EmbeddedLog {
         from: u64,
         max: usize,
     ) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
-        let part = self
-            .topic(topic)?
-            .get(partition as usize)
-            .cloned()
-            .ok_or_else(|| LogError::UnknownTopic(format!("{topic}/{partition}")))?;
+        let part = self.partition(topic, partition)?.clone();
         tokio::task::spawn_blocking(move || read_chunk(&part, from, max))
             .await
             .map_err(|e| LogError::Backend(e.to_string()))?
     }
 
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-        let parts = self.topic(topic)?;
-        let part =
-            parts.get(partition as usize).ok_or_else(|| LogError::UnknownTopic(format!("{topic}/{partition}")))?;
-        Ok(part.end_offset())
+        Ok(self.partition(topic, partition)?.end_offset())
     }
 
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
@@ -325,11 +322,7 @@ impl Log for EmbeddedLog {
     }
 
     async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError> {
-        let part = self
-            .topic(topic)?
-            .get(partition as usize)
-            .cloned()
-            .ok_or_else(|| LogError::UnknownTopic(format!("{topic}/{partition}")))?;
+        let part = self.partition(topic, partition)?.clone();
         Ok(Box::new(EmbeddedReader {
             next: from,
             end: part.watch_end(),

@@ -124,6 +124,24 @@ impl KafkaLog {
     }
 }
 
+impl KafkaLog {
+    /// Runs `read` with the group-less reader on a blocking thread, for a partition that exists.
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        topic: &str,
+        partition: u32,
+        read: impl FnOnce(&mut reader::Reader, &str) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, LogError> {
+        if partition >= self.partitions(topic)? {
+            return Err(LogError::UnknownTopic(format!("{topic}/{partition}")));
+        }
+        let (reader, topic) = (self.reader.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || read(&mut reader.lock().unwrap(), &topic))
+            .await
+            .map_err(|e| LogError::Backend(e.to_string()))?
+    }
+}
+
 #[async_trait]
 impl Log for KafkaLog {
     fn partitions(&self, topic: &str) -> Result<u32, LogError> {
@@ -190,23 +208,11 @@ impl Log for KafkaLog {
         from: u64,
         max: usize,
     ) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
-        if partition >= self.partitions(topic)? {
-            return Err(LogError::UnknownTopic(format!("{topic}/{partition}")));
-        }
-        let (reader, topic) = (self.reader.clone(), topic.to_string());
-        tokio::task::spawn_blocking(move || reader.lock().unwrap().read(&topic, partition, from, max))
-            .await
-            .map_err(|e| LogError::Backend(e.to_string()))?
+        self.with_reader(topic, partition, move |r, topic| r.read(topic, partition, from, max)).await
     }
 
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-        if partition >= self.partitions(topic)? {
-            return Err(LogError::UnknownTopic(format!("{topic}/{partition}")));
-        }
-        let (reader, topic) = (self.reader.clone(), topic.to_string());
-        tokio::task::spawn_blocking(move || reader.lock().unwrap().end_offset(&topic, partition))
-            .await
-            .map_err(|e| LogError::Backend(e.to_string()))?
+        self.with_reader(topic, partition, move |r, topic| r.end_offset(topic, partition)).await
     }
 
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
