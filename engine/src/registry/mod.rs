@@ -37,25 +37,32 @@ struct State {
     by_tenant: HashMap<String, BTreeMap<String, Arc<Target>>>,
     /// Offset of the record each subscription was last applied from.
     version: HashMap<String, u64>,
+    /// (tenant, URL as parsed) → the subscription holding it; a tenant has each URL once.
+    by_url: HashMap<(String, String), String>,
 }
 
 impl State {
     fn put(&mut self, target: Arc<Target>, offset: u64) {
         self.remove(&target.sub.id);
         self.version.insert(target.sub.id.clone(), offset);
+        self.by_url.insert((target.sub.tenant.clone(), url_key(&target.sub.url)), target.sub.id.clone());
         self.by_tenant.entry(target.sub.tenant.clone()).or_default().insert(target.sub.id.clone(), target.clone());
         self.by_id.insert(target.sub.id.clone(), target);
     }
 
-    /// Another subscription of `tenant` with `url`, if any.
+    /// Another subscription of `tenant` with `url`, if any (one lookup: this runs for every
+    /// record applied, at start-up too).
     fn url_holder(&self, tenant: &str, url: &str, except: &str) -> Option<&str> {
-        let subs = self.by_tenant.get(tenant)?;
-        subs.values().find(|t| t.sub.id != except && same_url(&t.sub.url, url)).map(|t| t.sub.id.as_str())
+        self.by_url.get(&(tenant.to_string(), url_key(url))).map(String::as_str).filter(|id| *id != except)
     }
 
     fn remove(&mut self, id: &str) -> Option<Arc<Target>> {
         self.version.remove(id);
         let old = self.by_id.remove(id)?;
+        let key = (old.sub.tenant.clone(), url_key(&old.sub.url));
+        if self.by_url.get(&key).is_some_and(|holder| holder == id) {
+            self.by_url.remove(&key);
+        }
         if let Some(subs) = self.by_tenant.get_mut(&old.sub.tenant) {
             subs.remove(id);
         }
@@ -415,10 +422,13 @@ fn warn_trust_all(sub: &Subscription) {
 
 /// URLs compare equal after parsing (so `HTTPS://Host/` equals `https://host/`).
 fn same_url(a: &str, b: &str) -> bool {
-    match (url::Url::parse(a), url::Url::parse(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
+    url_key(a) == url_key(b)
+}
+
+/// A URL as parsed (`HTTPS://Host/` becomes `https://host/`), or as given when it does not
+/// parse.
+fn url_key(url: &str) -> String {
+    url::Url::parse(url).map_or_else(|_| url.to_string(), String::from)
 }
 
 #[cfg(test)]
