@@ -181,6 +181,7 @@ impl Metrics {
             list.retain(|w| w.strong_count() > 0);
             list.iter().filter_map(Weak::upgrade).collect()
         };
+        metrics::gauge!(PARTITIONS_OWNED).set(shards.len() as f64);
         for s in shards {
             let labels = [("source", s.source.clone()), ("partition", s.partition.to_string())];
             let lag = s.committer.end_offset().saturating_sub(s.committer.committed());
@@ -190,7 +191,6 @@ impl Metrics {
         let (total, disabled) = registry.counts();
         metrics::gauge!(SUBSCRIPTIONS).set(total as f64);
         metrics::gauge!(SUBSCRIPTIONS_DISABLED).set(disabled as f64);
-        metrics::gauge!(PARTITIONS_OWNED).set(self.shards_running() as f64);
         metrics::gauge!(BREAKERS_OPEN).set(registry.breakers_open() as f64);
         self.handle.run_upkeep();
         self.handle.render()
