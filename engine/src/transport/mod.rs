@@ -98,14 +98,18 @@ impl Transports {
         self
     }
 
+    /// The subscription's timeout, or the default.
+    fn timeout(&self, target: &Target) -> Duration {
+        target.sub.timeout.map_or(self.default_timeout, |t| t.0)
+    }
+
     /// Makes attempt `delivery.attempt` of `delivery` to `target`.
     pub async fn deliver(&self, target: &Target, delivery: &Delivery, pending_retries: u32) -> Outcome {
         if let Some(device) = &target.sub.via_edge {
             let Some(hub) = &self.edge else {
                 return Outcome::failed(None, "edge delivery is not available here".into(), Duration::ZERO);
             };
-            let timeout = target.sub.timeout.map_or(self.default_timeout, |t| t.0);
-            return hub.deliver(device, target, delivery, pending_retries, timeout).await;
+            return hub.deliver(device, target, delivery, pending_retries, self.timeout(target)).await;
         }
         match target.sub.transport {
             TransportKind::Webhook => self.deliver_webhook(target, delivery, pending_retries).await,
@@ -155,8 +159,7 @@ impl Transports {
         if let Some((name, value)) = target.signer.signature(&delivery.event_id, timestamp, body.chunks()) {
             headers.push((name.to_string(), value.to_str().unwrap_or_default().to_string()));
         }
-        let timeout = target.sub.timeout.map_or(self.default_timeout, |t| t.0);
-        self.amqp.publish(amqp, delivery, body, headers, timeout).await
+        self.amqp.publish(amqp, delivery, body, headers, self.timeout(target)).await
     }
 
     /// Builds the signed request for one attempt; the signature covers exactly the body sent.
@@ -173,11 +176,6 @@ impl Transports {
         if let Some((name, value)) = target.signer.signature(&delivery.event_id, timestamp, body.chunks()) {
             headers.insert(name, value);
         }
-        http::WebhookRequest {
-            uri: target.uri.clone(),
-            headers,
-            body,
-            timeout: target.sub.timeout.map_or(self.default_timeout, |t| t.0),
-        }
+        http::WebhookRequest { uri: target.uri.clone(), headers, body, timeout: self.timeout(target) }
     }
 }
