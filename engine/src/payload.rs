@@ -72,7 +72,7 @@ fn push_json_str(buf: &mut Vec<u8>, s: &str) {
 /// The body for `delivery` in `format`: the envelope for this attempt, or the raw data.
 pub fn build(format: PayloadFormat, delivery: &Delivery, pending_retries: u32, sent_at_ms: i64) -> Body {
     match format {
-        PayloadFormat::Raw => Body::new([delivery.data.clone()]),
+        PayloadFormat::Raw | PayloadFormat::RawBytes => Body::new([delivery.data.clone()]),
         PayloadFormat::Envelope => envelope(delivery, pending_retries, sent_at_ms),
     }
 }

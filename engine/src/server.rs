@@ -166,7 +166,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         };
         tokio::spawn(feed::follow(log.clone(), topics.subscriptions.clone(), next, applied, apply, follow_rx))
     };
-    registry.sync_static(&config.webhooks).await.map_err(StartError::Webhooks)?;
+    registry.sync_static(&config.static_webhooks()).await.map_err(StartError::Webhooks)?;
 
     let settings = HttpSettings {
         connect_timeout: config.http.connect_timeout.0,

@@ -1,11 +1,13 @@
 //! Configuration: built-in defaults, then a TOML file, then `HERALD_*` environment
 //! variables, then command-line flags; validated once at start-up.
 
+mod automation;
 mod duration;
 
+pub use automation::AutomationWebHook;
 pub use duration::{DurationError, HumanDuration};
 
-use figment::providers::{Format, Serialized, Toml};
+use figment::providers::{Format, Json, Serialized, Toml};
 use figment::Figment;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -43,6 +45,9 @@ pub struct Config {
     /// Webhooks declared in the file rather than through the API.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<StaticWebhook>,
+    /// The Automation API's own `webHook` section, as its guide writes it.
+    #[serde(rename = "webHook", skip_serializing_if = "Option::is_none")]
+    pub web_hook: Option<AutomationWebHook>,
     /// Log output.
     pub logging: LoggingConfig,
 }
@@ -235,6 +240,42 @@ pub struct StaticWebhook {
     /// PKCS#12 password.
     #[serde(default)]
     pub key_password: Option<String>,
+    /// How the file spells its settings, for error messages.
+    #[serde(skip)]
+    pub spelling: Spelling,
+}
+
+/// Which section of the file a static webhook came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Spelling {
+    /// Herald's `[[webhooks]]`.
+    #[default]
+    Webhooks,
+    /// The Automation API's `webHook`.
+    AutomationApi,
+}
+
+impl StaticWebhook {
+    /// The file's name for a subscription field (`url` → `webhooks[0].endpoint`), so an error
+    /// names the line the operator wrote.
+    pub fn setting(&self, index: usize, field: &str) -> String {
+        match self.spelling {
+            Spelling::AutomationApi => format!("webHook.{}", automation::setting(field)),
+            Spelling::Webhooks => {
+                let key = match field {
+                    "url" => "endpoint",
+                    "timeout" => "connection_timeout",
+                    "tls.ca_file" => "trust_file",
+                    "tls.client_cert_file" => "client_cert",
+                    "tls.client_key_file" => "key_file",
+                    "tls.key_password" => "key_password",
+                    "tls.trust_all" => "trust_all",
+                    other => other,
+                };
+                format!("webhooks[{index}].{key}")
+            }
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -289,6 +330,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             signing: SigningConfig::default(),
             webhooks: Vec::new(),
+            web_hook: None,
             logging: LoggingConfig::default(),
         }
     }
@@ -399,7 +441,11 @@ impl Config {
                     message: format!("{} does not exist", file.display()),
                 });
             }
-            fig = fig.merge(Toml::file(file));
+            fig = if file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
+                fig.merge(Json::file(file))
+            } else {
+                fig.merge(Toml::file(file))
+            };
         }
         // Read from the given variables (not the process's) so tests are hermetic.
         let vars: Vec<(String, String)> =
@@ -412,6 +458,13 @@ impl Config {
         let config: Config = fig.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Every webhook the file declares: `[[webhooks]]`, then the `webHook` section.
+    pub fn static_webhooks(&self) -> Vec<StaticWebhook> {
+        let mut all = self.webhooks.clone();
+        all.extend(self.web_hook.as_ref().map(AutomationWebHook::to_static));
+        all
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -496,6 +549,27 @@ mod tests {
         assert_eq!(c.http.timeout.0, Duration::from_secs(45));
         assert_eq!(c.http.connect_timeout.0, Duration::from_secs(2));
         assert_eq!(c.admin_token.as_deref(), Some("0123456789abcdef0123"));
+    }
+
+    #[test]
+    fn a_json_file_with_the_automation_apis_section_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("herald.json");
+        std::fs::write(
+            &file,
+            r#"{"listen": "127.0.0.1:9100", "webHook": {"enabled": true, "endpoint": "https://erp.example/n",
+                "key": "k", "connectionTimeout": 30000, "secret": "s", "useSslTrustAll": false}}"#,
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), &[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9100");
+        let hooks = c.static_webhooks();
+        assert_eq!(hooks.len(), 1);
+        assert_eq!(hooks[0].setting(0, "timeout"), "webHook.connectionTimeout");
+        assert_eq!(hooks[0].connection_timeout, Some(HumanDuration(Duration::from_secs(30))));
+        std::fs::write(&file, r#"{"webHook": {"endpoint": "https://x/", "unknownSetting": 1}}"#).unwrap();
+        let err = Config::load(Some(&file), &[]).unwrap_err();
+        assert!(err.to_string().contains("unknownSetting"), "{err}");
     }
 
     #[test]

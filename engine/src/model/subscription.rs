@@ -65,15 +65,27 @@ pub enum SignatureEncoding {
     Hex,
 }
 
-/// Body shape (the contract's `payload`).
+/// Body shape (the contract's `payload`). `envelope` and `raw` carry the producer's `data` in
+/// JavaScript's `JSON.stringify` form, which receivers written from the source systems'
+/// guides verify (see `ingest::canonical`); `raw_bytes` carries it exactly as it was sent, for
+/// receivers that verify the raw body of a producer's own format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum PayloadFormat {
     /// `{"id","event","tenant","data",…}`.
     #[default]
     Envelope,
-    /// The producer's `data` bytes only.
+    /// The producer's `data` only.
     Raw,
+    /// The producer's `data` bytes exactly as sent, whitespace and all.
+    RawBytes,
+}
+
+impl PayloadFormat {
+    /// Whether deliveries carry `data` in JavaScript's form rather than as sent.
+    pub fn canonical(self) -> bool {
+        !matches!(self, PayloadFormat::RawBytes)
+    }
 }
 
 /// How Herald authenticates to the receiver (the contract's `auth`).

@@ -346,18 +346,7 @@ impl Registry {
         let mut wanted = std::collections::HashSet::new();
         for (i, w) in webhooks.iter().enumerate() {
             // Name the setting as the file spells it.
-            let at = |e: Invalid| {
-                let key = match e.field.as_str() {
-                    "url" => "endpoint",
-                    "timeout" => "connection_timeout",
-                    "tls.ca_file" => "trust_file",
-                    "tls.client_cert_file" => "client_cert",
-                    "tls.client_key_file" => "key_file",
-                    "tls.key_password" => "key_password",
-                    other => other,
-                };
-                Invalid { field: format!("webhooks[{i}].{key}"), message: e.message }
-            };
+            let at = |e: Invalid| Invalid { field: w.setting(i, &e.field), message: e.message };
             let id = format!("{STATIC_PREFIX}{}", w.name);
             if !wanted.insert(id.clone()) {
                 return Err(at(invalid("name", "two webhooks have this name")).into());

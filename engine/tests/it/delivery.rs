@@ -122,14 +122,21 @@ async fn hmac_schemes_raw_payloads_keys_and_headers_reach_the_receiver_exactly()
         .await;
     let none = h.api.subscribe(json!({ "url": rx.url("/none"), "signature": { "scheme": "none" } })).await;
     assert!(none["secret"].is_string());
-    // Whitespace and number formatting inside `data` must survive byte for byte.
+    h.api
+        .subscribe(json!({
+            "url": rx.url("/bytes"), "secret": "bytes-secret", "payload": "raw_bytes",
+            "signature": { "scheme": "hmac", "header": "X-Signature", "encoding": "base64" }
+        }))
+        .await;
+    // `data` arrives in JavaScript's JSON.stringify form (what the guides' receivers verify),
+    // or with `raw_bytes` byte for byte as sent.
     let body = r#"{"type":"OrderAccepted","id":"order-7-accepted","data":{ "orderId" : "7",  "total": 1.50 },"changes":[{"op":"replace"}]}"#;
     let (status, resp) = h.api.raw("POST", "/v1/events", Some(body.into()), Some(crate::support::TOKEN)).await;
     assert_eq!(status, 202, "{resp}");
     assert_eq!(resp["id"], "order-7-accepted");
 
     let hex = &rx.wait_on("/hex", 1).await[0];
-    assert_eq!(&hex.body[..], br#"{ "orderId" : "7",  "total": 1.50 }"#);
+    assert_eq!(&hex.body[..], br#"{"orderId":"7","total":1.5}"#);
     assert_eq!(hex.header("x-opentrack-signature"), hex::encode(hmac_sha256(b"opentrack-secret", &hex.body)));
     assert_eq!(hex.query.as_deref(), Some("key=k+1"));
     assert_eq!(hex.header("x-customer"), "c-42");
@@ -140,7 +147,11 @@ async fn hmac_schemes_raw_payloads_keys_and_headers_reach_the_receiver_exactly()
     assert_eq!(b64.header("x-packsize-signature"), B64.encode(hmac_sha256(b"packsize-secret", &b64.body)));
     let env = b64.json();
     assert_eq!(env["changes"][0]["op"], "replace");
-    assert!(std::str::from_utf8(&b64.body).unwrap().contains(r#""data":{ "orderId" : "7",  "total": 1.50 }"#));
+    assert!(std::str::from_utf8(&b64.body).unwrap().contains(r#""data":{"orderId":"7","total":1.5}"#));
+
+    let bytes = &rx.wait_on("/bytes", 1).await[0];
+    assert_eq!(&bytes.body[..], br#"{ "orderId" : "7",  "total": 1.50 }"#);
+    assert_eq!(bytes.header("x-signature"), B64.encode(hmac_sha256(b"bytes-secret", &bytes.body)));
 
     let plain = &rx.wait_on("/none", 1).await[0];
     assert!(plain.header("webhook-signature").is_empty());

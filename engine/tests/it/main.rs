@@ -10,6 +10,7 @@ mod kafka;
 mod kafka_system;
 mod observability;
 mod openapi;
+mod receivers;
 mod retries;
 mod scenarios;
 mod subscription_changes;

@@ -1,8 +1,12 @@
 //! Ingest: validate published events, fan each out to the matching subscriptions, and
-//! append one delivery record per match, durably, before the producer is answered.
+//! append one delivery record per match, durably, before the producer is answered. The
+//! producer's JSON is put in JavaScript's form here, once (`canonical`), so every attempt
+//! after shares the stored bytes.
+
+pub mod canonical;
 
 use crate::log::{Log, LogError, Record};
-use crate::model::{new_id, now_ms, Delivery, EventInput, MAX_EVENT_ID_LEN};
+use crate::model::{new_id, now_ms, Delivery, EventInput, PayloadFormat, MAX_EVENT_ID_LEN};
 use crate::registry::{validate_tenant, Invalid, Registry};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -17,12 +21,41 @@ pub struct Event {
     pub event_type: String,
     /// Tenant.
     pub tenant: String,
-    /// `data` bytes as sent.
-    pub data: Bytes,
-    /// `changes` bytes as sent.
-    pub changes: Option<Bytes>,
+    /// `data`.
+    pub data: Json,
+    /// `changes`.
+    pub changes: Option<Json>,
     /// Whether the producer gave the id (only those are checked for repeats).
     pub id_given: bool,
+}
+
+/// A JSON value of the producer's, as sent and in JavaScript's form (the same buffer when the
+/// two are equal, as they are for compact producers).
+#[derive(Debug, Clone)]
+pub struct Json {
+    /// The bytes as sent.
+    pub sent: Bytes,
+    /// `JSON.stringify(JSON.parse(sent))`.
+    pub canonical: Bytes,
+}
+
+impl Json {
+    /// Both forms of `text`; fails for JSON that JavaScript would change the meaning of.
+    pub fn new(text: &str) -> Result<Json, canonical::CanonicalError> {
+        let canonical = canonical::canonical(text.as_bytes())?;
+        let sent =
+            if canonical == text.as_bytes() { canonical.clone() } else { Bytes::copy_from_slice(text.as_bytes()) };
+        Ok(Json { sent, canonical })
+    }
+
+    /// The form a subscription's payload carries.
+    pub fn for_payload(&self, format: PayloadFormat) -> Bytes {
+        if format.canonical() {
+            self.canonical.clone()
+        } else {
+            self.sent.clone()
+        }
+    }
 }
 
 /// What was accepted for one event.
@@ -63,14 +96,10 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str) -> Result
     };
     let tenant = input.tenant.unwrap_or_else(|| default_tenant.to_string());
     validate_tenant(&tenant).map_err(|e| bad("tenant", &e.message))?;
-    Ok(Event {
-        id,
-        event_type,
-        tenant,
-        data: Bytes::copy_from_slice(input.data.get().as_bytes()),
-        changes: input.changes.map(|c| Bytes::copy_from_slice(c.get().as_bytes())),
-        id_given,
-    })
+    let json = |name: &str, text: &str| Json::new(text).map_err(|e| bad(name, &e.to_string()));
+    let data = json("data", input.data.get())?;
+    let changes = input.changes.map(|c| json("changes", c.get())).transpose()?;
+    Ok(Event { id, event_type, tenant, data, changes, id_given })
 }
 
 /// How long an accepted event id is remembered, so a producer's retry is not published twice.
@@ -140,14 +169,15 @@ impl Ingest {
             }
             let targets = self.registry.matching(&event.tenant, &event.event_type);
             for target in &targets {
+                let format = target.sub.payload;
                 let delivery = Delivery {
-                    changes: event.changes.clone(),
+                    changes: event.changes.as_ref().map(|c| c.for_payload(format)),
                     ..Delivery::first_attempt(
                         event.id.clone(),
                         target.sub.id.clone(),
                         event.tenant.clone(),
                         event.event_type.clone(),
-                        event.data.clone(),
+                        event.data.for_payload(format),
                         now,
                     )
                 };
