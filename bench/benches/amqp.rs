@@ -5,12 +5,14 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::stream::{FuturesUnordered, StreamExt};
-use herald::model::{AmqpTarget, Delivery, PayloadFormat, Secret};
+use herald::model::{AmqpTarget, Delivery, Outcome, Secret, Subscription, SubscriptionSpec, TransportKind};
+use herald::target::Target;
 use herald::transport::amqp::AmqpTransport;
-use herald::transport::{NetworkGuard, Outcome};
+use herald::transport::NetworkGuard;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -45,8 +47,25 @@ fn amqp(c: &mut Criterion) {
         (conn, ch)
     });
     let transport = AmqpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]));
-    let target =
+    let amqp =
         AmqpTarget { uri: Secret(BROKER.into()), exchange: "herald-bench".into(), routing_keys: Default::default() };
+    let sub = Subscription {
+        id: "sub_bench".into(),
+        tenant: "bench".into(),
+        spec: SubscriptionSpec {
+            url: "amqp://127.0.0.1/herald-bench".into(),
+            transport: TransportKind::Amqp,
+            amqp: Some(amqp),
+            ..SubscriptionSpec::default()
+        },
+        secret: herald::signing::generate_secret(),
+        previous_secret: None,
+        previous_secret_until: None,
+        disabled_reason: None,
+        created_at: String::new(),
+        updated_at: String::new(),
+    };
+    let target = Arc::new(Target::compile(sub).unwrap());
     let data = Bytes::from(format!(r#"{{"pad":"{}"}}"#, "x".repeat(1000)));
     let mut group = c.benchmark_group("amqp");
     group.sample_size(10);
@@ -73,11 +92,10 @@ fn amqp(c: &mut Criterion) {
                             data: data.clone(),
                             changes: None,
                         };
-                        let body = herald::payload::build(PayloadFormat::Envelope, &d, 0, 0);
+                        let signed = target.sign(&d, 0, 0);
                         let (transport, target) = (transport.clone(), target.clone());
-                        pending.push(async move {
-                            transport.publish(&target, &d, body, Vec::new(), Duration::from_secs(30)).await
-                        });
+                        pending
+                            .push(async move { transport.publish(&target, &d, signed, Duration::from_secs(30)).await });
                         if pending.len() >= IN_FLIGHT {
                             let outcome = pending.next().await.unwrap();
                             assert!(matches!(outcome, Outcome::Delivered { .. }), "{outcome:?}");

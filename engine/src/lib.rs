@@ -1,10 +1,19 @@
 //! Herald: a webhook and event-notification delivery engine.
+//!
+//! The modules follow the data flow and form a DAG, lowest first: `config`, `model`,
+//! `signing`, `payload`, `log`, `metrics`, `catalog`, `tenants`, `devices`, `admission`,
+//! `target`, `transport`, `retry`, `topics`, `registry`, `ingest`, `dispatch`, `agent`, `api`,
+//! `server`. A lower stage never imports a higher one (a test holds this).
 
+#![warn(missing_docs)]
+
+pub mod admission;
+pub mod agent;
 pub mod api;
+pub mod catalog;
 pub mod config;
+pub mod devices;
 pub mod dispatch;
-pub mod edge;
-pub mod endpoint;
 pub mod ingest;
 pub mod log;
 pub mod metrics;
@@ -15,5 +24,7 @@ pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod signing;
+pub mod target;
 pub mod tenants;
+pub mod topics;
 pub mod transport;

@@ -103,8 +103,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Edge { server, token, window, allow, timeout } => {
             init_tracing(&Config::default());
             let (stop, stopped) = tokio::sync::watch::channel(false);
-            let config = herald::edge::agent::AgentConfig { server, token, window, allow, default_timeout: timeout };
-            let mut agent = tokio::spawn(herald::edge::agent::run(config, stopped));
+            let config = herald::agent::AgentConfig { server, token, window, allow, default_timeout: timeout };
+            let mut agent = tokio::spawn(herald::agent::run(config, stopped));
             tokio::select! {
                 _ = shutdown_signal() => {
                     stop.send_replace(true);

@@ -1,10 +1,14 @@
 //! Prometheus metrics: every name Herald exports, the recorder (installed once per process),
-//! and the scrape-time gauges (lag and in-flight per shard, subscription counts). Labels are
-//! low-cardinality by rule: transport, outcome, tier, topic, partition, API route; never an
-//! event, subscription or tenant id.
+//! and the scrape-time gauges (lag and in-flight per shard, and whatever the stages above
+//! register with [`Metrics::on_scrape`]). Labels come from fixed sets only: transport,
+//! outcome, tier, topic, partition, API route and method; never an event, subscription,
+//! tenant or device id, so `/metrics` stays the same size whatever the traffic.
+//!
+//! This module sits just above the log: every stage may record here, and it imports none of
+//! them (append latency is recorded by wrapping the log, [`timed`]).
 
-use crate::log::Committer;
-use crate::registry::Registry;
+use crate::log::{Committer, Consumer, Log, LogError, LogRecord, PartitionReader, Position, Record};
+use async_trait::async_trait;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -23,10 +27,12 @@ pub const END_TO_END_SECONDS: &str = "herald_delivery_end_to_end_seconds";
 /// Retries scheduled, by `tier`.
 pub const RETRIES_SCHEDULED: &str = "herald_retries_scheduled_total";
 /// Deliveries deferred without an attempt, by `reason` (`in_flight_cap`, `rate_limit`,
-/// `circuit_breaker`).
+/// `circuit_breaker`, `unknown_subscription`).
 pub const DEFERRED: &str = "herald_deliveries_deferred_total";
 /// Deliveries parked in the dead-letter topic.
 pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
+/// Deliveries whose processing panicked twice, parked in the dead-letter topic.
+pub const PANICS: &str = "herald_deliveries_panicked_total";
 /// Deliveries in flight, by `source` topic and `partition`.
 pub const IN_FLIGHT: &str = "herald_in_flight";
 /// Records appended but not yet committed by the dispatcher, by `source` and `partition`.
@@ -39,8 +45,7 @@ pub const SUBSCRIPTIONS: &str = "herald_subscriptions";
 pub const SUBSCRIPTIONS_DISABLED: &str = "herald_subscriptions_disabled";
 /// Edge agents connected to this process.
 pub const EDGE_AGENTS: &str = "herald_edge_agents_connected";
-/// Deliveries sent to an edge agent and not yet answered, by `device` (one series per
-/// device: bounded by the number of devices).
+/// Deliveries sent to edge agents connected to this process and not yet answered.
 pub const EDGE_IN_FLIGHT: &str = "herald_edge_in_flight";
 /// Round trip to an edge agent: the time to its report minus the attempt's own duration.
 pub const EDGE_RTT_SECONDS: &str = "herald_edge_rtt_seconds";
@@ -63,6 +68,7 @@ pub const ALL: &[&str] = &[
     RETRIES_SCHEDULED,
     DEFERRED,
     DEAD_LETTERS,
+    PANICS,
     IN_FLIGHT,
     CONSUMER_LAG,
     BREAKERS_OPEN,
@@ -124,10 +130,13 @@ impl ShardStats {
     }
 }
 
+type Hook = Box<dyn Fn() + Send + Sync>;
+
 /// Scrape-time metrics of this server.
 pub struct Metrics {
     handle: PrometheusHandle,
     shards: Mutex<Vec<Weak<ShardStats>>>,
+    hooks: Mutex<Vec<Hook>>,
 }
 
 impl Default for Metrics {
@@ -140,10 +149,11 @@ impl Metrics {
     /// Installs the recorder if needed and exposes every series from the start (at zero), so
     /// dashboards and alerts see 0 rather than nothing.
     pub fn new() -> Self {
-        let metrics = Metrics { handle: handle(), shards: Mutex::new(Vec::new()) };
+        let metrics = Metrics { handle: handle(), shards: Mutex::new(Vec::new()), hooks: Mutex::new(Vec::new()) };
         describe();
         metrics::counter!(EVENTS_INGESTED).increment(0);
-        for reason in ["in_flight_cap", "rate_limit", "circuit_breaker"] {
+        metrics::counter!(PANICS).increment(0);
+        for reason in ["in_flight_cap", "rate_limit", "circuit_breaker", "unknown_subscription"] {
             metrics::counter!(DEFERRED, "reason" => reason).increment(0);
         }
         metrics::counter!(DEAD_LETTERS).increment(0);
@@ -151,7 +161,7 @@ impl Metrics {
             for outcome in ["delivered", "dead_lettered", "dropped"] {
                 metrics::counter!(DELIVERIES, "transport" => transport, "outcome" => outcome).increment(0);
             }
-            for outcome in ["success", "client_error", "server_error", "other_status", "timeout", "error"] {
+            for outcome in ["success", "client_error", "server_error", "other_status", "timeout", "connect_error"] {
                 metrics::counter!(ATTEMPTS, "transport" => transport, "outcome" => outcome).increment(0);
             }
         }
@@ -174,8 +184,13 @@ impl Metrics {
         self.shards.lock().unwrap().iter().filter(|w| w.strong_count() > 0).count()
     }
 
+    /// Runs `hook` before every scrape (stages above this one set their gauges in it).
+    pub fn on_scrape(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.hooks.lock().unwrap().push(Box::new(hook));
+    }
+
     /// The Prometheus text exposition, with scrape-time gauges brought up to date.
-    pub fn render(&self, registry: &Registry) -> String {
+    pub fn render(&self) -> String {
         let shards: Vec<Arc<ShardStats>> = {
             let mut list = self.shards.lock().unwrap();
             list.retain(|w| w.strong_count() > 0);
@@ -188,10 +203,9 @@ impl Metrics {
             metrics::gauge!(CONSUMER_LAG, &labels).set(lag as f64);
             metrics::gauge!(IN_FLIGHT, &labels).set(s.in_flight.load(Ordering::Relaxed) as f64);
         }
-        let (total, disabled) = registry.counts();
-        metrics::gauge!(SUBSCRIPTIONS).set(total as f64);
-        metrics::gauge!(SUBSCRIPTIONS_DISABLED).set(disabled as f64);
-        metrics::gauge!(BREAKERS_OPEN).set(registry.breakers_open() as f64);
+        for hook in self.hooks.lock().unwrap().iter() {
+            hook();
+        }
         self.handle.run_upkeep();
         self.handle.render()
     }
@@ -214,13 +228,14 @@ fn describe() {
         "Deliveries deferred without an attempt: in-flight cap, rate limit or open circuit breaker."
     );
     describe_counter!(DEAD_LETTERS, "Deliveries parked in the dead-letter topic.");
+    describe_counter!(PANICS, "Deliveries whose processing panicked twice and were parked in the dead-letter topic.");
     describe_gauge!(IN_FLIGHT, "Deliveries in flight, by source topic and partition.");
     describe_gauge!(CONSUMER_LAG, "Records appended but not yet committed, by source topic and partition.");
     describe_gauge!(BREAKERS_OPEN, "Subscriptions whose circuit breaker is open.");
     describe_gauge!(SUBSCRIPTIONS, "Subscriptions in the registry.");
     describe_gauge!(SUBSCRIPTIONS_DISABLED, "Subscriptions disabled.");
     describe_gauge!(EDGE_AGENTS, "Edge agents connected to this process.");
-    describe_gauge!(EDGE_IN_FLIGHT, "Deliveries sent to an edge agent and not yet answered, by device.");
+    describe_gauge!(EDGE_IN_FLIGHT, "Deliveries sent to edge agents connected here and not yet answered.");
     describe_histogram!(EDGE_RTT_SECONDS, Unit::Seconds, "Round trip to an edge agent, less the attempt itself.");
     describe_gauge!(PARTITIONS_OWNED, "Partitions of the deliveries and retry topics this process works on now.");
     describe_histogram!(LOG_APPEND_SECONDS, Unit::Seconds, "Durable log append latency, by topic.");
@@ -228,14 +243,58 @@ fn describe() {
     describe_histogram!(API_REQUEST_SECONDS, Unit::Seconds, "API request latency, by route template.");
 }
 
-/// The `outcome` label of an attempt.
-pub fn attempt_outcome(status: Option<u16>, error: &str) -> &'static str {
-    match status {
-        Some(200..=299) => "success",
-        Some(400..=499) => "client_error",
-        Some(500..=599) => "server_error",
-        Some(_) => "other_status",
-        None if error.starts_with("timed out") => "timeout",
-        None => "error",
+/// `log` with the latency of every append recorded (by topic) in
+/// `herald_log_append_seconds`, so neither backend records metrics itself.
+pub fn timed(log: Arc<dyn Log>) -> Arc<dyn Log> {
+    Arc::new(Timed(log))
+}
+
+struct Timed(Arc<dyn Log>);
+
+#[async_trait]
+impl Log for Timed {
+    fn partitions(&self, topic: &str) -> Result<u32, LogError> {
+        self.0.partitions(topic)
+    }
+
+    async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
+        let started = std::time::Instant::now();
+        let appended = self.0.append(topic, records).await;
+        metrics::histogram!(LOG_APPEND_SECONDS, "topic" => topic.to_string()).record(started.elapsed().as_secs_f64());
+        appended
+    }
+
+    async fn read_all(&self, topic: &str) -> Result<Vec<LogRecord>, LogError> {
+        self.0.read_all(topic).await
+    }
+
+    async fn read_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
+        self.0.read_partition(topic, partition, from, max).await
+    }
+
+    async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        self.0.end_offset(topic, partition).await
+    }
+
+    async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
+        self.0.consume(group, topic).await
+    }
+
+    async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError> {
+        self.0.follow(topic, partition, from).await
+    }
+
+    async fn ready(&self) -> bool {
+        self.0.ready().await
+    }
+
+    async fn close(&self) -> Result<(), LogError> {
+        self.0.close().await
     }
 }

@@ -1,18 +1,23 @@
-//! Wiring: open the log, load the registry, start the dispatcher and the API, and stop them
+//! Wiring: open the log, load the catalog, start the dispatcher and the API, and stop them
 //! in order. `herald serve` is this plus a signal handler.
 
 use crate::api::{self, AppState};
+use crate::catalog::feed::{self, Feed};
+use crate::catalog::Router;
 use crate::config::{Backend, Config};
-use crate::dispatch::{Deliverer, Dispatcher, ShardLimits, Source};
+use crate::devices::Devices;
+use crate::dispatch::{Deliverer, Dispatcher, Settler, ShardLimits, Source};
 use crate::ingest::Ingest;
 use crate::log::embedded::{EmbeddedConfig, EmbeddedLog};
 use crate::log::kafka::{KafkaConfig, KafkaLog};
-use crate::log::{Log, LogError, Topics};
+use crate::log::{Log, LogError};
 use crate::metrics::Metrics;
-use crate::registry::feed::{self, Feed};
 use crate::registry::Registry;
 use crate::retry::dead_letters::DeadLetters;
 use crate::retry::Retrier;
+use crate::tenants::Tenants;
+use crate::topics::Topics;
+use crate::transport::edge::EdgeHub;
 use crate::transport::{HttpSettings, NetworkGuard, Transports};
 use rand::RngCore;
 use std::net::SocketAddr;
@@ -135,108 +140,143 @@ async fn open_log(config: &Config, topics: &Topics) -> Result<Arc<dyn Log>, LogE
     })
 }
 
-/// Starts every stage from `config`.
-pub async fn start(config: Config) -> Result<Herald, StartError> {
-    let data_err = |source| StartError::DataDir { path: config.data_dir.display().to_string(), source };
-    std::fs::create_dir_all(&config.data_dir).map_err(data_err)?;
-    let (token, token_source) = admin_token(&config).map_err(data_err)?;
+/// The catalog's owners, loaded and following the topic.
+struct Stores {
+    registry: Arc<Registry>,
+    tenants: Arc<Tenants>,
+    devices: Arc<Devices>,
+    /// Stopped last: deliveries finishing during shutdown may still write (disable on a 410).
+    follower: (watch::Sender<bool>, JoinHandle<()>),
+}
 
-    let topics = Topics::new(&config.log.topic_prefix);
-    let log = open_log(&config, &topics).await?;
-    let guard = NetworkGuard::new(config.network.allow.clone());
-    // One read of the registry topic serves subscriptions and tenants alike.
-    let registry_records = log.read_all(&topics.subscriptions).await?;
-    let next = feed::next_offset(&registry_records);
+/// Reads the catalog once (subscriptions, tenants and devices share it), then follows it, so
+/// changes made through any process apply here.
+async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> Result<Stores, StartError> {
+    let records = log.read_all(&topics.subscriptions).await?;
+    let next = feed::next_offset(&records);
     let (feed, applied) = Feed::new(log.clone(), topics.subscriptions.clone(), next);
     let feed = Arc::new(feed);
-    let registry = Arc::new(Registry::load(feed.clone(), &registry_records, guard.clone(), config.health.clone()));
-    let tenants = Arc::new(crate::tenants::Tenants::load(feed.clone(), &registry_records));
-    let devices = Arc::new(crate::edge::devices::Devices::load(feed, &registry_records));
-    drop(registry_records);
-    let (stop, stop_rx) = watch::channel(false);
-    // Stopped last: deliveries finishing during shutdown may still write (disable on a 410).
-    let (follow_stop, follow_rx) = watch::channel(false);
-    // Every process follows the registry topic, so changes made through any of them apply here.
-    let follower = {
-        let (registry, tenants, devices) = (registry.clone(), tenants.clone(), devices.clone());
-        let apply = move |rec: &crate::log::LogRecord| {
-            registry.apply(rec);
-            tenants.apply(rec);
-            devices.apply(rec);
-        };
-        tokio::spawn(feed::follow(log.clone(), topics.subscriptions.clone(), next, applied, apply, follow_rx))
-    };
+    let guard = NetworkGuard::new(config.network.allow.clone());
+    let registry = Arc::new(Registry::load(feed.clone(), &records, guard, config.health.clone()));
+    let tenants = Arc::new(Tenants::load(feed.clone(), &records));
+    let devices = Arc::new(Devices::load(feed, &records));
+    drop(records);
+    let router = Router::new(registry.clone(), tenants.clone(), devices.clone());
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(feed::follow(log.clone(), topics.subscriptions.clone(), next, applied, router, stopped));
     registry.sync_static(&config.static_webhooks()).await.map_err(StartError::Webhooks)?;
+    Ok(Stores { registry, tenants, devices, follower: (stop, task) })
+}
 
+/// The secret processes authenticate edge forwards with: configured, or derived from the
+/// admin token (so processes sharing one agree without another setting, and a forward secret
+/// that leaks is not the admin token).
+fn forward_secret(config: &Config, admin_token: &str) -> String {
+    use hmac::Mac;
+    if let Some(s) = &config.edge.forward_secret {
+        return s.clone();
+    }
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(admin_token.as_bytes()).expect("any key length");
+    mac.update(b"herald edge forward v1");
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Every transport, edge delivery through `hub` included.
+fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
     let settings = HttpSettings {
         connect_timeout: config.http.connect_timeout.0,
         pool_idle_timeout: config.http.pool_idle_timeout.0,
         pool_max_idle_per_host: config.http.pool_max_idle_per_host,
+        response_bytes: HttpSettings::default().response_bytes,
     };
-    // The recorder first, so every stage's metrics (the hub's gauge too) are recorded.
-    let metrics = Arc::new(Metrics::new());
-    let edge = crate::edge::hub::EdgeHub::new(devices.clone(), token.clone());
-    let transports = Transports::new(guard, &settings, config.http.timeout.0).with_edge(edge.clone());
-    let test_transports = transports.clone();
-    let retrier = Retrier::new(log.clone(), registry.clone(), topics.prefix.clone(), topics.dlq.clone());
-    let deliverer = Arc::new(Deliverer::new(registry.clone(), transports, retrier));
+    let guard = NetworkGuard::new(config.network.allow.clone());
+    Transports::new(guard, &settings, config.http.timeout.0).with_edge(hub)
+}
+
+/// Starts the dispatcher on every source topic.
+fn spawn_dispatcher(
+    config: &Config,
+    log: &Arc<dyn Log>,
+    topics: &Topics,
+    deliverer: Arc<Deliverer>,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     let limits = ShardLimits {
         window: config.dispatch.window,
         max_uncommitted: config.dispatch.max_uncommitted,
         batch: config.dispatch.batch,
         drain: DRAIN,
     };
-    let label = |topic: &str| topic.strip_prefix(&topics.prefix).unwrap_or(topic).to_string();
-    let mut sources =
-        vec![Source { topic: topics.deliveries.clone(), label: label(&topics.deliveries), delay: Duration::ZERO }];
-    sources.extend(topics.tiers.iter().map(|(topic, delay)| Source {
-        topic: topic.clone(),
-        label: label(topic),
-        delay: *delay,
-    }));
-    let dispatcher = Dispatcher::new(log.clone(), sources, DISPATCH_GROUP.into(), deliverer, limits, metrics.clone());
-    let dispatcher = {
-        let stop_rx = stop_rx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = dispatcher.run(stop_rx).await {
-                tracing::error!(error = %e, "dispatcher stopped");
-            }
-        })
-    };
+    let sources = topics.sources().into_iter().map(|(topic, label, delay)| Source { topic, label, delay }).collect();
+    let dispatcher = Dispatcher::new(log.clone(), sources, DISPATCH_GROUP.into(), deliverer, limits, metrics);
+    tokio::spawn(async move {
+        if let Err(e) = dispatcher.run(stop).await {
+            tracing::error!(error = %e, "dispatcher stopped");
+        }
+    })
+}
 
-    let ingest = Arc::new(Ingest::new(log.clone(), registry.clone(), topics.deliveries.clone()));
-    let dead_letters = Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone()));
-    let (log_handle, metrics_handle, edge_hub) = (log.clone(), metrics.clone(), edge.clone());
-    let state = AppState {
-        registry,
-        ingest,
-        log,
-        admin_token: token.clone().into(),
-        dead_letters,
-        metrics,
-        transports: test_transports,
-        devices,
-        edge,
-        rotation_overlap: config.signing.rotation_overlap.0,
-        tenants,
-    };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
-    edge_hub.advertise(config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}")));
+/// Binds the API and serves it until `stop` turns true.
+async fn serve_api(
+    config: &Config,
+    state: AppState,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
+    let listen = |source| StartError::Listen { addr: config.listen, source };
+    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(listen)?;
+    let addr = listener.local_addr().map_err(listen)?;
+    state.edge.advertise(config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}")));
     let app = api::router(state);
-    let api = {
-        let mut stop_rx = stop_rx.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { crate::shutdown::stopped(&mut stop_rx).await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "API server failed");
-            }
-        })
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { crate::shutdown::stopped(&mut stop).await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+    Ok((addr, task))
+}
+
+/// Starts every stage from `config`.
+pub async fn start(config: Config) -> Result<Herald, StartError> {
+    let data_err = |source| StartError::DataDir { path: config.data_dir.display().to_string(), source };
+    std::fs::create_dir_all(&config.data_dir).map_err(data_err)?;
+    let (token, token_source) = admin_token(&config).map_err(data_err)?;
+    // The recorder first, so every stage's metrics (the hub's gauges too) are recorded.
+    let metrics = Arc::new(Metrics::new());
+    let topics = Topics::new(&config.log.topic_prefix);
+    let log = crate::metrics::timed(open_log(&config, &topics).await?);
+    let stores = open_catalog(&log, &topics, &config).await?;
+    let hub = EdgeHub::new(stores.devices.clone(), forward_secret(&config, &token));
+    let transports = transports(&config, hub.clone());
+    let retrier = Retrier::new(log.clone(), topics.prefix.clone(), topics.dlq.clone());
+    let settler = Settler::new(stores.registry.clone(), retrier);
+    let deliverer = Arc::new(Deliverer::new(stores.registry.clone(), transports.clone(), settler));
+    let (stop, stop_rx) = watch::channel(false);
+    let dispatcher = spawn_dispatcher(&config, &log, &topics, deliverer, metrics.clone(), stop_rx.clone());
+    let registry = stores.registry.clone();
+    metrics.on_scrape(move || {
+        let (total, disabled) = registry.counts();
+        metrics::gauge!(crate::metrics::SUBSCRIPTIONS).set(total as f64);
+        metrics::gauge!(crate::metrics::SUBSCRIPTIONS_DISABLED).set(disabled as f64);
+        metrics::gauge!(crate::metrics::BREAKERS_OPEN).set(registry.breakers_open() as f64);
+    });
+    let state = AppState {
+        registry: stores.registry.clone(),
+        ingest: Arc::new(Ingest::new(log.clone(), stores.registry.clone(), topics.deliveries.clone())),
+        log: log.clone(),
+        admin_token: token.clone().into(),
+        dead_letters: Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone())),
+        metrics: metrics.clone(),
+        transports,
+        devices: stores.devices.clone(),
+        edge: hub,
+        rotation_overlap: config.signing.rotation_overlap.0,
+        tenants: stores.tenants.clone(),
     };
+    let (addr, api) = serve_api(&config, state, stop_rx).await?;
     tracing::info!(%addr, backend = ?config.log.backend, data_dir = %config.data_dir.display(), "herald is serving");
     Ok(Herald {
         addr,
@@ -245,9 +285,9 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         stop,
         api,
         dispatcher,
-        follower: (follow_stop, follower),
-        metrics: metrics_handle,
-        log: log_handle,
+        follower: stores.follower,
+        metrics,
+        log,
     })
 }
 

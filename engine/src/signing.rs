@@ -77,20 +77,31 @@ impl std::fmt::Debug for Signer {
     }
 }
 
-/// Headers a subscriber may not choose for an `hmac` signature.
-fn reserved(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "host"
-            | "content-length"
-            | "content-type"
-            | "transfer-encoding"
-            | "connection"
-            | "authorization"
-            | "webhook-id"
-            | "webhook-timestamp"
-            | "webhook-signature"
-    )
+/// Headers Herald sets on every request itself (framing, hop-by-hop, the Standard Webhooks
+/// set): neither a subscription's custom headers nor its `hmac` signature header may be one.
+const RESERVED: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+/// Longest header name a subscription may choose (AMQP headers allow 255 bytes).
+pub const MAX_HEADER_NAME: usize = 128;
+
+/// Whether Herald sets `name` itself, so a subscription cannot.
+pub fn reserved(name: &HeaderName) -> bool {
+    RESERVED.contains(&name.as_str())
 }
 
 impl Signer {
@@ -99,6 +110,11 @@ impl Signer {
         let (scheme, keys) = match spec {
             SignatureSpec::None => (Scheme::None, Vec::new()),
             SignatureSpec::Standard => {
+                // The one place the `whsec_` rule is decided: a secret without the prefix is
+                // refused when it is set (key bytes alone are easy to mistake for a password).
+                if secrets.iter().any(|s| !s.expose().starts_with(SECRET_PREFIX)) {
+                    return Err(SigningError::MalformedSecret);
+                }
                 let keys = secrets
                     .iter()
                     .map(|s| standard_key(s).map(|k| HmacSha256::new_from_slice(&k).expect("any key length")))
@@ -108,7 +124,9 @@ impl Signer {
             SignatureSpec::Hmac { header, encoding } => {
                 let name =
                     HeaderName::from_bytes(header.as_bytes()).map_err(|_| SigningError::BadHeader(header.clone()))?;
-                if reserved(&name) {
+                // `authorization` is the receiver's credentials (`auth`), never a signature;
+                // AMQP carries header names as short strings, so they stay well under 255 bytes.
+                if reserved(&name) || name == http::header::AUTHORIZATION || header.len() > MAX_HEADER_NAME {
                     return Err(SigningError::BadHeader(header.clone()));
                 }
                 if secrets.iter().any(|s| s.expose().is_empty()) {
@@ -134,9 +152,22 @@ impl Signer {
         Ok(self)
     }
 
+    /// The headers that identify and sign one request whose body is the concatenation of
+    /// `body`: `webhook-id` and `webhook-timestamp` (for every scheme, so receivers can drop
+    /// duplicates) and the scheme's signature over exactly those bytes.
+    pub fn headers(&self, id: &str, timestamp: i64, body: &[Bytes]) -> Vec<(HeaderName, HeaderValue)> {
+        let mut headers = Vec::with_capacity(3);
+        // Event ids are checked at ingest to be visible ASCII, so this always succeeds.
+        if let Ok(id) = HeaderValue::from_str(id) {
+            headers.push((WEBHOOK_ID, id));
+        }
+        headers.push((WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp)));
+        headers.extend(self.signature(id, timestamp, body));
+        headers
+    }
+
     /// The signature header for a request whose body is the concatenation of `body`.
-    /// `webhook-id` and `webhook-timestamp` are added by the caller for every scheme.
-    pub fn signature(&self, id: &str, timestamp: i64, body: &[Bytes]) -> Option<(HeaderName, HeaderValue)> {
+    fn signature(&self, id: &str, timestamp: i64, body: &[Bytes]) -> Option<(HeaderName, HeaderValue)> {
         let sigs: Vec<String> = match &self.scheme {
             Scheme::None => return None,
             Scheme::Standard => self

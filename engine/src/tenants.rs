@@ -1,9 +1,10 @@
-//! Tenants and their API keys, kept in the registry topic beside the subscriptions (records
-//! keyed `tenant/<id>` and `key/<id>`). A key is shown once; only its SHA-256 is stored. A
-//! presented key names its id (`hk.<key id>.<secret>`), so checking it is one lookup and one
-//! constant-time comparison.
+//! Tenants and their API keys, kept in the catalog beside the subscriptions. A key is shown
+//! once; only its SHA-256 is stored. A presented key names its id (`hk.<key id>.<secret>`), so
+//! checking it is one lookup and one constant-time comparison.
 
-use crate::log::{LogError, LogRecord};
+use crate::catalog::feed::Feed;
+use crate::catalog::{Apply, CatalogError, Entry, Key, Kind};
+use crate::log::LogRecord;
 use crate::model::{new_id, now_ms, rfc3339_ms};
 use bytes::Bytes;
 use rand::RngCore;
@@ -12,13 +13,8 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-const TENANT_PREFIX: &str = "tenant/";
-const KEY_PREFIX: &str = "key/";
-
-/// Whether a registry-topic record belongs to this module.
-pub fn owns(key: &[u8]) -> bool {
-    key.starts_with(TENANT_PREFIX.as_bytes()) || key.starts_with(KEY_PREFIX.as_bytes())
-}
+/// The tenant of objects the admin creates without naming one, and of events it publishes so.
+pub const DEFAULT_TENANT: &str = "default";
 
 /// A tenant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,7 +43,7 @@ struct State {
 
 /// Tenants and keys in memory, persisted in the registry topic.
 pub struct Tenants {
-    feed: Arc<crate::registry::feed::Feed>,
+    feed: Arc<Feed>,
     state: RwLock<State>,
 }
 
@@ -81,51 +77,20 @@ pub fn same_secret(a: &str, b: &str) -> bool {
 
 impl Tenants {
     /// Materialises tenants and keys from `records`, the whole registry topic.
-    pub fn load(feed: Arc<crate::registry::feed::Feed>, records: &[LogRecord]) -> Tenants {
+    pub fn load(feed: Arc<Feed>, records: &[LogRecord]) -> Tenants {
         let tenants = Tenants { state: RwLock::new(State::default()), feed };
-        for rec in records {
-            tenants.apply(rec);
-        }
+        crate::catalog::load(&tenants, records, crate::catalog::Owner::Tenants);
         tenants
     }
 
-    /// Applies one record (a tenant, a key, or a tombstone).
-    pub fn apply(&self, rec: &LogRecord) {
-        let key = String::from_utf8_lossy(&rec.key).into_owned();
-        let mut state = self.state.write().unwrap();
-        if let Some(id) = key.strip_prefix(TENANT_PREFIX) {
-            match serde_json::from_slice::<Tenant>(&rec.value) {
-                Ok(t) => {
-                    state.tenants.insert(id.to_string(), t);
-                }
-                Err(_) => {
-                    state.tenants.remove(id);
-                }
-            }
-        } else if let Some(id) = key.strip_prefix(KEY_PREFIX) {
-            match serde_json::from_slice::<StoredKey>(&rec.value) {
-                Ok(k) => {
-                    state.keys.insert(id.to_string(), k);
-                }
-                Err(_) => {
-                    state.keys.remove(id);
-                }
-            }
-        }
-    }
-
-    async fn persist(&self, key: String, value: Bytes) -> Result<(), LogError> {
+    async fn persist(&self, key: String, value: Bytes) -> Result<(), CatalogError> {
         self.feed.write(key.as_bytes(), value).await.map(|_| ())
     }
 
     /// Creates a tenant.
-    pub async fn create(&self, name: String) -> Result<Tenant, LogError> {
+    pub async fn create(&self, name: String) -> Result<Tenant, CatalogError> {
         let tenant = Tenant { id: new_id("ten"), name, created_at: rfc3339_ms(now_ms()) };
-        self.persist(
-            format!("{TENANT_PREFIX}{}", tenant.id),
-            Bytes::from(serde_json::to_vec(&tenant).expect("serializes")),
-        )
-        .await?;
+        self.persist(Key::tenant(&tenant.id), Bytes::from(serde_json::to_vec(&tenant).expect("serializes"))).await?;
         Ok(tenant)
     }
 
@@ -135,20 +100,19 @@ impl Tenants {
     }
 
     /// Issues a key for `tenant`: returns its id and the key, which is never shown again.
-    pub async fn issue_key(&self, tenant: &str) -> Result<(String, String), LogError> {
+    pub async fn issue_key(&self, tenant: &str) -> Result<(String, String), CatalogError> {
         let id = new_id("key");
         let (key, sha256) = new_token("hk", &id);
         let stored = StoredKey { id: id.clone(), tenant: tenant.to_string(), sha256, created_at: rfc3339_ms(now_ms()) };
-        self.persist(format!("{KEY_PREFIX}{id}"), Bytes::from(serde_json::to_vec(&stored).expect("serializes")))
-            .await?;
+        self.persist(Key::api_key(&id), Bytes::from(serde_json::to_vec(&stored).expect("serializes"))).await?;
         Ok((id, key))
     }
 
     /// Revokes a key of `tenant`; `false` when there is no such key.
-    pub async fn revoke_key(&self, tenant: &str, key_id: &str) -> Result<bool, LogError> {
+    pub async fn revoke_key(&self, tenant: &str, key_id: &str) -> Result<bool, CatalogError> {
         let exists = self.state.read().unwrap().keys.get(key_id).is_some_and(|k| k.tenant == tenant);
         if exists {
-            self.persist(format!("{KEY_PREFIX}{key_id}"), Bytes::new()).await?;
+            self.persist(Key::api_key(key_id), Bytes::new()).await?;
         }
         Ok(exists)
     }
@@ -159,5 +123,32 @@ impl Tenants {
         let state = self.state.read().unwrap();
         let key = state.keys.get(id)?;
         matches(&key.sha256).then(|| key.tenant.clone())
+    }
+}
+
+impl Apply for Tenants {
+    /// A tenant, a key, or a tombstone deleting one.
+    fn apply(&self, entry: Entry<'_>) {
+        let value = &entry.record.value;
+        let mut state = self.state.write().unwrap();
+        match entry.kind {
+            Kind::Tenant => match serde_json::from_slice::<Tenant>(value) {
+                Ok(t) => {
+                    state.tenants.insert(entry.id, t);
+                }
+                Err(_) => {
+                    state.tenants.remove(&entry.id);
+                }
+            },
+            Kind::ApiKey => match serde_json::from_slice::<StoredKey>(value) {
+                Ok(k) => {
+                    state.keys.insert(entry.id, k);
+                }
+                Err(_) => {
+                    state.keys.remove(&entry.id);
+                }
+            },
+            _ => {}
+        }
     }
 }

@@ -5,8 +5,9 @@
 use bytes::Bytes;
 use herald::log::embedded::{EmbeddedConfig, EmbeddedLog};
 use herald::log::kafka::{KafkaConfig, KafkaLog};
-use herald::log::{Log, Record, Topics};
+use herald::log::{Log, Record};
 use herald::model::Delivery;
+use herald::topics::Topics;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

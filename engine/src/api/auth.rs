@@ -28,7 +28,7 @@ impl Principal {
     /// tenant key creates for its own tenant only.
     pub fn owner(&self, given: Option<String>) -> Result<String, ApiError> {
         match (self.tenant(), given) {
-            (None, given) => Ok(given.unwrap_or_else(|| super::events::DEFAULT_TENANT.to_string())),
+            (None, given) => Ok(given.unwrap_or_else(|| crate::tenants::DEFAULT_TENANT.to_string())),
             (Some(own), None) => Ok(own.to_string()),
             (Some(own), Some(given)) if given == own => Ok(given),
             (Some(_), Some(_)) => {

@@ -5,6 +5,8 @@ use super::auth::Principal;
 use super::error::{ApiError, JsonBody};
 use super::page::StrictQuery;
 use super::AppState;
+use crate::registry::Lookup;
+use crate::transport::edge::protocol::{decode_delivery, Forward, Report};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -75,6 +77,9 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     if state.devices.delete(&id, who.tenant()).await? {
+        // Its token stops working now, and so does a connection made with it (processes that
+        // hold one elsewhere close it within a ping interval).
+        state.edge.disconnect(&id);
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("edge device"))
@@ -94,16 +99,22 @@ pub async fn connect(
 }
 
 /// Another Herald process asks this one to make an attempt through an agent connected here.
+/// Authenticated with the processes' shared forward secret, not a user's token.
 pub async fn forward(
-    _: super::auth::Admin,
     State(state): State<AppState>,
-    JsonBody(f): JsonBody<crate::edge::protocol::Forward>,
+    headers: HeaderMap,
+    JsonBody(f): JsonBody<Forward>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let target =
-        state.registry.get_current(&f.subscription).await.ok_or_else(|| ApiError::not_found("subscription"))?;
-    let delivery = crate::edge::protocol::decode_delivery(&f.delivery)
-        .ok_or_else(|| ApiError::validation("delivery", "not a delivery record"))?;
+    let presented = super::auth::bearer(&headers).ok_or_else(ApiError::unauthorized)?;
+    if !state.edge.forward_allowed(presented) {
+        return Err(ApiError::unauthorized());
+    }
+    let Lookup::Found(target) = state.registry.lookup(&f.subscription).await else {
+        return Err(ApiError::not_found("subscription"));
+    };
+    let delivery =
+        decode_delivery(&f.delivery).ok_or_else(|| ApiError::validation("delivery", "not a delivery record"))?;
     let timeout = std::time::Duration::from_millis(f.timeout_ms.clamp(1, 600_000));
     let outcome = state.edge.deliver_here(&f.device, &target, &delivery, f.pending_retries, timeout).await;
-    Ok(Json(crate::edge::protocol::Report::of(0, &outcome)))
+    Ok(Json(Report { seq: 0, outcome }))
 }

@@ -55,8 +55,8 @@ impl ApiError {
     }
 }
 
-impl From<crate::registry::Invalid> for ApiError {
-    fn from(e: crate::registry::Invalid) -> Self {
+impl From<crate::model::Invalid> for ApiError {
+    fn from(e: crate::model::Invalid) -> Self {
         ApiError::validation(e.field, e.message)
     }
 }
@@ -65,8 +65,15 @@ impl From<crate::registry::RegistryError> for ApiError {
     fn from(e: crate::registry::RegistryError) -> Self {
         match e {
             crate::registry::RegistryError::Invalid(i) => i.into(),
-            crate::registry::RegistryError::Log(l) => l.into(),
+            crate::registry::RegistryError::Catalog(c) => c.into(),
         }
+    }
+}
+
+impl From<crate::catalog::CatalogError> for ApiError {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        tracing::error!(error = %e, "catalog write failed");
+        ApiError::unavailable("the registry could not take the write; retry later")
     }
 }
 

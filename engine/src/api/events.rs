@@ -5,6 +5,7 @@ use super::error::{ApiError, JsonBody};
 use super::AppState;
 use crate::ingest;
 use crate::model::EventInput;
+use crate::tenants::DEFAULT_TENANT;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -12,9 +13,6 @@ use axum::Json;
 
 /// Events in one batch at most.
 pub const MAX_BATCH: usize = 1000;
-
-/// Tenant used when the admin publishes without naming one.
-pub const DEFAULT_TENANT: &str = "default";
 
 /// Publishes one event.
 pub async fn publish(

@@ -4,8 +4,8 @@ use super::auth::Principal;
 use super::error::{ApiError, JsonBody};
 use super::page::{self, StrictQuery};
 use super::AppState;
-use crate::model::{new_id, now_ms, Delivery, Secret, SubscriptionInput, SubscriptionPatch};
-use crate::transport::Outcome;
+use crate::model::{new_id, now_ms, Delivery, Outcome, Secret};
+use crate::registry::spec;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -17,12 +17,13 @@ use serde_json::json;
 pub async fn create(
     who: Principal,
     State(state): State<AppState>,
-    JsonBody(input): JsonBody<SubscriptionInput>,
+    JsonBody(body): JsonBody<serde_json::Value>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let tenant = who.owner(input.tenant.clone())?;
-    check_device(&state, input.via_edge.as_deref(), &tenant)?;
-    let target = state.registry.create(input, tenant).await?;
-    Ok((StatusCode::CREATED, Json(target.sub.view(true))))
+    let (extras, spec) = spec::create_body(body)?;
+    let tenant = who.owner(extras.tenant)?;
+    check_device(&state, spec.via_edge.as_deref(), &tenant)?;
+    let target = state.registry.create(tenant, spec, extras.secret).await?;
+    Ok((StatusCode::CREATED, Json(target.sub.view_with_secret())))
 }
 
 /// `via_edge` must name an edge device of the subscription's own tenant.
@@ -53,7 +54,7 @@ pub async fn list(
     let limit = page::limit(q.limit)?;
     let tenant = who.tenant().or(q.tenant.as_deref());
     let (page, next) = state.registry.list(tenant, q.cursor.as_deref(), limit);
-    let items: Vec<_> = page.iter().map(|t| t.sub.view(false)).collect();
+    let items: Vec<_> = page.iter().map(|t| t.sub.view()).collect();
     Ok(Json(serde_json::json!({ "items": items, "next": next })))
 }
 
@@ -64,7 +65,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = visible(&state, &who, &id)?;
-    Ok(Json(target.sub.view(false)))
+    Ok(Json(target.sub.view()))
 }
 
 /// Deletes one subscription; its pending deliveries are dropped.
@@ -81,19 +82,21 @@ pub async fn delete(
     }
 }
 
-/// Changes a subscription (events, URL, auth, policy, enabled, …); validated like a new one.
+/// Changes a subscription: a JSON Merge Patch onto its spec (`null` clears a field), checked
+/// like a new one.
 pub async fn patch(
     who: Principal,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(patch): JsonBody<SubscriptionPatch>,
+    JsonBody(patch): JsonBody<serde_json::Value>,
 ) -> Result<impl IntoResponse, ApiError> {
     if let Some(current) = state.registry.get(&id).filter(|t| who.sees(&t.sub.tenant)) {
-        check_device(&state, patch.via_edge.as_deref(), &current.sub.tenant)?;
+        let device = patch.get("via_edge").and_then(|d| d.as_str());
+        check_device(&state, device, &current.sub.tenant)?;
     }
     let target =
-        state.registry.update(&id, who.tenant(), patch).await?.ok_or_else(|| ApiError::not_found("subscription"))?;
-    Ok(Json(target.sub.view(false)))
+        state.registry.update(&id, who.tenant(), &patch).await?.ok_or_else(|| ApiError::not_found("subscription"))?;
+    Ok(Json(target.sub.view()))
 }
 
 /// `POST /v1/subscriptions/{id}/rotate-secret` body: the new secret, or none to generate one.
@@ -122,7 +125,7 @@ pub async fn rotate_secret(
         .rotate_secret(&id, who.tenant(), req.secret, state.rotation_overlap)
         .await?
         .ok_or_else(|| ApiError::not_found("subscription"))?;
-    Ok(Json(target.sub.view(true)))
+    Ok(Json(target.sub.view_with_secret()))
 }
 
 /// Sends a signed `herald.ping` event to the subscription now and reports what happened.
@@ -147,19 +150,19 @@ pub async fn test(
         changes: None,
     };
     let outcome = state.transports.deliver(&target, &ping, 0).await;
-    let body = match outcome {
-        Outcome::Delivered { status, latency } => {
-            json!({ "delivered": true, "event_id": ping.event_id, "status": status, "latency_ms": latency.as_millis() as u64 })
-        }
-        Outcome::Failed { status, error, latency, .. } => json!({
-            "delivered": false, "event_id": ping.event_id, "status": status, "error": error, "latency_ms": latency.as_millis() as u64
-        }),
-    };
+    let body = json!({
+        "delivered": matches!(outcome, Outcome::Delivered { .. }),
+        "event_id": ping.event_id,
+        "outcome": outcome.label(),
+        "status": outcome.status(),
+        "error": outcome.failure().map(ToString::to_string),
+        "latency_ms": outcome.latency().as_millis() as u64,
+    });
     Ok(Json(body))
 }
 
 /// The subscription `id` if the caller may see it; another tenant's answers 404, as if it
 /// did not exist.
-fn visible(state: &AppState, who: &Principal, id: &str) -> Result<std::sync::Arc<crate::registry::Target>, ApiError> {
+fn visible(state: &AppState, who: &Principal, id: &str) -> Result<std::sync::Arc<crate::target::Target>, ApiError> {
     state.registry.get(id).filter(|t| who.sees(&t.sub.tenant)).ok_or_else(|| ApiError::not_found("subscription"))
 }

@@ -42,6 +42,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// Signing secrets.
     pub signing: SigningConfig,
+    /// Edge relay between processes.
+    pub edge: EdgeConfig,
     /// Webhooks declared in the file rather than through the API.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<StaticWebhook>,
@@ -282,6 +284,25 @@ fn yes() -> bool {
     true
 }
 
+/// Edge relay between Herald processes: an agent connects to one process, and the others
+/// forward its subscriptions' attempts to that one.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// The secret processes authenticate those forwards with (all processes must share it);
+    /// derived from the admin token when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_secret: Option<String>,
+}
+
+impl std::fmt::Debug for EdgeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeConfig")
+            .field("forward_secret", &self.forward_secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// Signing secrets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -329,6 +350,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             health: HealthConfig::default(),
             signing: SigningConfig::default(),
+            edge: EdgeConfig::default(),
             webhooks: Vec::new(),
             web_hook: None,
             logging: LoggingConfig::default(),
@@ -415,7 +437,7 @@ pub enum ConfigError {
 
 /// Sections whose environment variables use one underscore after the section name,
 /// e.g. `HERALD_NETWORK_ALLOW` → `network.allow`.
-const SECTIONS: &[&str] = &["log", "network", "dispatch", "http", "health", "signing", "logging"];
+const SECTIONS: &[&str] = &["log", "network", "dispatch", "http", "health", "signing", "edge", "logging"];
 
 fn env_key(key: &str) -> String {
     let key = key.to_ascii_lowercase();

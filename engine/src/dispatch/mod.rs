@@ -1,128 +1,136 @@
 //! The dispatcher: consumes the `deliveries` topic and every retry tier, one shard per owned
-//! partition, and makes each delivery: look up the subscription, take a slot under its
-//! in-flight cap, sign, send, then settle (done, rescheduled or dead-lettered, durably)
-//! before the offset may be committed.
+//! partition (`shard`), and makes each delivery as the data flow reads:
+//! decode → look up → gate (due, enabled, admitted) → sign and send → settle (`settle`).
+//! A record's offset may be committed once it is settled, durably (`window`).
 
+mod settle;
 mod shard;
 mod window;
 
+pub use settle::{record, Deferral, Parked, Settled, Settlement, Settler, Via};
 pub use shard::ShardLimits;
 
-use crate::log::{Assignment, Log, LogError, LogRecord};
-use crate::metrics::{self as m, Metrics};
-use crate::model::{now_ms, Delivery, TransportKind};
-use crate::registry::{Registry, Target};
-use crate::retry::{tiers, verdict, LastAttempt, Retrier, Verdict};
-use crate::transport::{Outcome, Transports};
+use crate::admission::Busy;
+use crate::log::{Assignment, Consumer, Log, LogError, LogRecord};
+use crate::metrics::Metrics;
+use crate::model::{now_ms, Delivery};
+use crate::registry::{Lookup, Registry};
+use crate::retry::{self, tiers};
+use crate::target::Target;
+use crate::transport::Transports;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
+
+/// Whatever observes settled deliveries besides metrics (the delivery history).
+pub trait Observe: Send + Sync {
+    /// Sees one settled delivery.
+    fn settled(&self, settled: &Settled);
+}
 
 /// Makes one delivery from its log record to its settlement.
 pub struct Deliverer {
     registry: Arc<Registry>,
     transports: Transports,
-    retrier: Retrier,
+    settler: Settler,
+    observers: Vec<Arc<dyn Observe>>,
+}
+
+/// What the gate decided for a delivery that is due.
+enum Gate {
+    /// Go: an in-flight slot, and whether this attempt is the breaker's probe.
+    Open(OwnedSemaphorePermit, bool),
+    /// Its subscription is disabled.
+    Disabled,
+    /// Not now.
+    Busy(Busy),
 }
 
 impl Deliverer {
     /// Wires the stages together.
-    pub fn new(registry: Arc<Registry>, transports: Transports, retrier: Retrier) -> Self {
-        Deliverer { registry, transports, retrier }
+    pub fn new(registry: Arc<Registry>, transports: Transports, settler: Settler) -> Self {
+        Deliverer { registry, transports, settler, observers: Vec::new() }
     }
 
-    /// Processes one record; returns only when it is settled, so its offset may be committed.
-    pub async fn process(&self, rec: LogRecord) {
-        let raw = rec.value.clone();
+    /// Adds an observer of every settlement.
+    pub fn observed_by(mut self, observer: Arc<dyn Observe>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
+    /// Processes one record; returns only when it is settled (durably), so its offset may be
+    /// committed.
+    pub async fn process(&self, rec: LogRecord) -> Settled {
+        let settled = self.deliver(rec).await;
+        self.observe(&settled);
+        settled
+    }
+
+    /// Settles a record whose processing panicked twice (the shard's supervision).
+    pub async fn park_panicked(&self, rec: &LogRecord, message: String) -> Settled {
+        let settled = self.settler.panicked(rec, message).await;
+        self.observe(&settled);
+        settled
+    }
+
+    fn observe(&self, settled: &Settled) {
+        record(settled);
+        for o in &self.observers {
+            o.settled(settled);
+        }
+    }
+
+    async fn deliver(&self, rec: LogRecord) -> Settled {
         let delivery = match Delivery::decode(rec.value.clone()) {
             Ok(d) => d,
-            Err(e) => return self.retrier.park_malformed(&rec, e.to_string()).await,
+            Err(e) => return self.settler.malformed(&rec, e.to_string()).await,
         };
-        let Some(target) = self.registry.get_current(&delivery.subscription).await else {
-            // Deleted since the event was accepted: the customer no longer wants it.
-            tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, "subscription gone; delivery dropped");
-            metrics::counter!(m::DELIVERIES, "transport" => "webhook", "outcome" => "dropped").increment(1);
-            return;
+        let target = match self.registry.lookup(&delivery.subscription).await {
+            Lookup::Found(t) => t,
+            Lookup::Deleted => return self.settler.dropped(delivery),
+            Lookup::Unknown => return self.settler.unknown(delivery).await,
         };
-        let transport = transport_label(target.sub.transport);
-        let wait = delivery.due_ms - now_ms();
-        if wait >= tiers::SLACK.as_millis() as i64 {
+        let transport = Via::of(&target);
+        if tiers::for_wait(wait(&delivery)).is_some() {
             // Not due yet: hop to the tier that fits the rest of the wait.
-            self.retrier.schedule(&delivery).await;
-            return;
+            let due = delivery.due_ms;
+            return self.settler.defer(delivery, transport, Deferral::NotDue, due).await;
         }
-        if wait > 0 {
-            // Less than the shortest tier: wait here, so no attempt is ever early.
-            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        // Less than the shortest tier: wait here, so no attempt is ever early.
+        let left = wait(&delivery);
+        if !left.is_zero() {
+            tokio::time::sleep(left).await;
         }
-        if !target.sub.enabled {
-            let reason = target.sub.disabled_reason.as_deref().unwrap_or("disabled");
-            let last = LastAttempt { status: None, error: format!("subscription is disabled: {reason}") };
-            self.retrier.dead_letter(&delivery, raw, last).await;
-            metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dead_lettered").increment(1);
-            return;
-        }
-        let (_slot, probe) = match target.endpoint.admit().await {
-            Ok(admitted) => admitted,
-            Err(busy) => {
-                // Not now (cap, rate limit or open breaker): wait in a tier without using an
-                // attempt, rather than hold this partition's window.
-                let later = Delivery { due_ms: now_ms() + busy.defer().as_millis() as i64, ..delivery };
-                self.retrier.schedule(&later).await;
-                metrics::counter!(m::DEFERRED, "reason" => busy.reason()).increment(1);
-                return;
+        let (_slot, probe) = match gate(&target).await {
+            Gate::Open(slot, probe) => (slot, probe),
+            Gate::Disabled => return self.settler.disabled(&target, delivery, rec.value).await,
+            Gate::Busy(busy) => {
+                let due = now_ms() + busy.defer().as_millis() as i64;
+                return self.settler.defer(delivery, transport, Deferral::Busy(busy), due).await;
             }
         };
-        let pending = self.retrier.pending_retries(&target, &delivery);
+        let pending = retry::pending_retries(&target, &delivery);
         let outcome = self.transports.deliver(&target, &delivery, pending).await;
-        target.endpoint.observe(outcome.latency());
-        metrics::histogram!(m::REQUEST_SECONDS, "transport" => transport).record(outcome.latency().as_secs_f64());
-        match (verdict(&outcome), outcome) {
-            (Verdict::Delivered, Outcome::Delivered { status, .. }) => {
-                target.endpoint.succeeded(probe);
-                metrics::counter!(m::ATTEMPTS, "transport" => transport, "outcome" => m::attempt_outcome(Some(status), "")).increment(1);
-                metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "delivered").increment(1);
-                let age = (now_ms() - delivery.accepted_ms).max(0) as f64 / 1000.0;
-                metrics::histogram!(m::END_TO_END_SECONDS, "transport" => transport).record(age);
-            }
-            (v, Outcome::Failed { status, error, .. }) => {
-                self.judge_health(&target, probe).await;
-                metrics::counter!(m::ATTEMPTS, "transport" => transport, "outcome" => m::attempt_outcome(status, &error)).increment(1);
-                tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, ?status, %error, "delivery failed");
-                if self.retrier.after_failure(&target, &delivery, raw, LastAttempt { status, error }, v).await {
-                    metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dead_lettered")
-                        .increment(1);
-                }
-            }
-            (_, Outcome::Delivered { .. }) => unreachable!("a 2xx is always delivered"),
-        }
+        self.settler.attempted(&target, delivery, rec.value, outcome, probe).await
     }
 }
 
-impl Deliverer {
-    /// Counts a failed attempt against the endpoint's health: opens its breaker, or disables
-    /// the subscription once it has failed continuously for too long.
-    async fn judge_health(&self, target: &Target, probe: bool) {
-        let health = target.endpoint.failed(probe);
-        if let Some(pause) = health.opened {
-            tracing::warn!(subscription = %target.sub.id, pause = %humantime::format_duration(pause), "circuit breaker opened");
-        }
-        if health.give_up {
-            let reason =
-                format!("failing continuously; disabled automatically at {}", crate::model::rfc3339_ms(now_ms()));
-            if let Err(e) = self.registry.disable(&target.sub.id, reason).await {
-                tracing::error!(subscription = %target.sub.id, error = %e, "could not disable a failing subscription");
-            }
-        }
-    }
+/// How long until `delivery` is due (zero when it is).
+fn wait(delivery: &Delivery) -> Duration {
+    Duration::from_millis((delivery.due_ms - now_ms()).max(0) as u64)
 }
 
-fn transport_label(kind: TransportKind) -> &'static str {
-    match kind {
-        TransportKind::Webhook => "webhook",
-        TransportKind::Amqp => "amqp",
+/// Whether a due delivery may be attempted now: its subscription enabled, and admitted
+/// (breaker, rate limit, an in-flight slot).
+async fn gate(target: &Target) -> Gate {
+    if !target.sub.spec.enabled {
+        return Gate::Disabled;
+    }
+    match target.admission.admit().await {
+        Ok((slot, probe)) => Gate::Open(slot, probe),
+        Err(busy) => Gate::Busy(busy),
     }
 }
 
@@ -176,8 +184,9 @@ impl Dispatcher {
     }
 }
 
+/// Starts a shard for each partition assigned, and stops it when its partition is revoked.
 async fn run_source(
-    mut consumer: Box<dyn crate::log::Consumer>,
+    mut consumer: Box<dyn Consumer>,
     source: Source,
     deliverer: Arc<Deliverer>,
     limits: ShardLimits,

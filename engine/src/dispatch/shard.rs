@@ -1,23 +1,29 @@
 //! A shard works one partition: read a batch, start each record once it is due (at once for
-//! fresh deliveries; at append time plus the tier's delay for a retry tier, so a tier
-//! shard sleeps until its head is due), let deliveries finish in any order, and commit the
+//! fresh deliveries; at append time plus the tier's delay for a retry tier, so a tier shard
+//! sleeps until its head is due), let deliveries finish in any order, and commit the
 //! contiguous prefix of finished offsets. A read is never cancelled to make room for a
 //! completion, and a completion never waits for a read.
+//!
+//! Supervised: a delivery that panics is processed once more; one that panics twice is
+//! dead-lettered with the panic's message, so no record can stop its partition, for this
+//! process or, after a restart, the next.
 
+use super::window::Window;
 use super::Deliverer;
 use crate::log::{Committer, LogError, LogRecord, PartitionReader};
+use crate::metrics::ShardStats;
 use crate::model::now_ms;
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-type Read = Pin<Box<dyn Future<Output = (Box<dyn PartitionReader>, Result<Vec<LogRecord>, LogError>)> + Send>>;
+type Read = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<LogRecord>, LogError>)>;
 
 /// Limits of one shard.
 #[derive(Debug, Clone, Copy)]
@@ -33,16 +39,18 @@ pub struct ShardLimits {
     pub drain: Duration,
 }
 
-fn read(mut reader: Box<dyn PartitionReader>, max: usize) -> Read {
-    Box::pin(async move {
-        let batch = reader.next_batch(max).await;
-        (reader, batch)
-    })
-}
-
-/// When a record may start: its append time plus the topic's delay.
-fn due(rec: &LogRecord, delay: Duration) -> i64 {
-    rec.timestamp_ms + delay.as_millis() as i64
+/// One partition's work in progress.
+struct Shard {
+    deliverer: Arc<Deliverer>,
+    delay: Duration,
+    limits: ShardLimits,
+    committer: Arc<dyn Committer>,
+    window: Window,
+    in_flight: FuturesUnordered<BoxFuture<'static, u64>>,
+    /// Read, not started yet (they wait to be due, or for room in the window).
+    waiting: VecDeque<LogRecord>,
+    idle: Option<Box<dyn PartitionReader>>,
+    reading: Option<Read>,
 }
 
 /// Runs one partition until `stop` turns true, then drains within `limits.drain`.
@@ -51,83 +59,150 @@ pub async fn run(
     deliverer: Arc<Deliverer>,
     delay: Duration,
     limits: ShardLimits,
-    stats: Arc<crate::metrics::ShardStats>,
+    stats: Arc<ShardStats>,
     mut stop: watch::Receiver<bool>,
 ) {
     let partition = reader.partition();
-    let committer: Arc<dyn Committer> = reader.committer();
-    let mut window = super::window::Window::default();
-    let mut in_flight = FuturesUnordered::new();
-    let mut waiting: VecDeque<LogRecord> = VecDeque::new();
-    let mut idle = Some(reader);
-    let mut reading: Option<Read> = None;
+    let mut shard = Shard {
+        committer: reader.committer(),
+        deliverer,
+        delay,
+        limits,
+        window: Window::default(),
+        in_flight: FuturesUnordered::new(),
+        waiting: VecDeque::new(),
+        idle: Some(reader),
+        reading: None,
+    };
     loop {
-        // Start what is due while the window has room.
-        let now = now_ms();
-        let has_room = |w: &super::window::Window| w.in_flight() < limits.window && w.held() < limits.max_uncommitted;
-        while has_room(&window) && waiting.front().is_some_and(|r| due(r, delay) <= now) {
-            let rec = waiting.pop_front().expect("checked");
-            let offset = rec.offset;
-            window.start(offset);
-            let d = deliverer.clone();
-            in_flight.push(
-                async move {
-                    d.process(rec).await;
-                    offset
-                }
-                .boxed(),
-            );
-        }
-        stats.set_in_flight(window.in_flight());
-        let room = has_room(&window);
-        // Read only when nothing is waiting, so memory stays bounded by one batch.
-        if reading.is_none() && waiting.is_empty() && room {
-            let max =
-                (limits.window - window.in_flight()).min(limits.max_uncommitted - window.held()).min(limits.batch);
-            reading = Some(read(idle.take().expect("reader is idle when no read is pending"), max));
-        }
-        let wake = waiting
-            .front()
-            .filter(|_| room)
-            .map(|r| Instant::now() + Duration::from_millis((due(r, delay) - now_ms()).max(0) as u64));
+        shard.start_due();
+        stats.set_in_flight(shard.window.in_flight());
+        let wake = shard.wake_at();
         tokio::select! {
             _ = crate::shutdown::stopped(&mut stop) => break,
-            Some(offset) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Some(next) = window.finish(offset) {
-                    committer.commit(next);
-                }
-            }
-            (reader, batch) = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
-                reading = None;
-                idle = Some(reader);
-                match batch {
-                    Ok(records) => waiting.extend(records),
-                    Err(LogError::Closed) => break,
-                    Err(e) => {
-                        tracing::error!(partition, error = %e, "reading the log failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
+            Some(offset) = shard.in_flight.next(), if !shard.in_flight.is_empty() => shard.finished(offset),
+            (reader, batch) = async { shard.reading.as_mut().expect("guarded").await }, if shard.reading.is_some() => {
+                if !shard.read(reader, batch, partition).await {
+                    break;
                 }
             }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
         }
     }
-    // Finish what is in flight (bounded), and commit what finished. Records still waiting
-    // were never started: they are read again after a restart.
-    let drained = tokio::time::timeout(limits.drain, async {
-        while let Some(offset) = in_flight.next().await {
-            if let Some(next) = window.finish(offset) {
-                committer.commit(next);
+    shard.drain(partition).await;
+    stats.set_in_flight(0);
+}
+
+impl Shard {
+    fn has_room(&self) -> bool {
+        self.window.in_flight() < self.limits.window && self.window.held() < self.limits.max_uncommitted
+    }
+
+    /// When a record may start: its append time plus the topic's delay.
+    fn due(&self, rec: &LogRecord) -> i64 {
+        rec.timestamp_ms + self.delay.as_millis() as i64
+    }
+
+    /// Starts what is due while the window has room; reads more only when nothing waits, so
+    /// memory stays bounded by one batch.
+    fn start_due(&mut self) {
+        let now = now_ms();
+        while self.has_room() && self.waiting.front().is_some_and(|r| self.due(r) <= now) {
+            let rec = self.waiting.pop_front().expect("checked");
+            self.window.start(rec.offset);
+            self.in_flight.push(supervised(self.deliverer.clone(), rec));
+        }
+        if self.reading.is_none() && self.waiting.is_empty() && self.has_room() {
+            let room = (self.limits.window - self.window.in_flight())
+                .min(self.limits.max_uncommitted - self.window.held())
+                .min(self.limits.batch);
+            let mut reader = self.idle.take().expect("reader is idle when no read is pending");
+            self.reading = Some(
+                async move {
+                    let batch = reader.next_batch(room).await;
+                    (reader, batch)
+                }
+                .boxed(),
+            );
+        }
+    }
+
+    /// When the head of the waiting records is due, if the window has room to start it.
+    fn wake_at(&self) -> Option<Instant> {
+        let head = self.waiting.front().filter(|_| self.has_room())?;
+        Some(Instant::now() + Duration::from_millis((self.due(head) - now_ms()).max(0) as u64))
+    }
+
+    fn finished(&mut self, offset: u64) {
+        if let Some(next) = self.window.finish(offset) {
+            self.committer.commit(next);
+        }
+    }
+
+    /// Takes a finished read; `false` when the log closed.
+    async fn read(
+        &mut self,
+        reader: Box<dyn PartitionReader>,
+        batch: Result<Vec<LogRecord>, LogError>,
+        partition: u32,
+    ) -> bool {
+        self.reading = None;
+        self.idle = Some(reader);
+        match batch {
+            Ok(records) => self.waiting.extend(records),
+            Err(LogError::Closed) => return false,
+            Err(e) => {
+                tracing::error!(partition, error = %e, "reading the log failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-    })
-    .await;
-    stats.set_in_flight(0);
-    if drained.is_err() {
-        tracing::warn!(
-            partition,
-            abandoned = window.in_flight(),
-            "stopped with deliveries in flight; they will be redelivered"
-        );
+        true
     }
+
+    /// Finishes what is in flight (bounded), and commits what finished. Records still
+    /// waiting were never started: they are read again after a restart.
+    async fn drain(&mut self, partition: u32) {
+        let drained = tokio::time::timeout(self.limits.drain, async {
+            while let Some(offset) = self.in_flight.next().await {
+                self.finished(offset);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                partition,
+                abandoned = self.window.in_flight(),
+                "stopped with deliveries in flight; they will be redelivered"
+            );
+        }
+    }
+}
+
+/// Processes `rec`, once more if that panics, and parks it in the dead-letter topic if it
+/// panics again; resolves to its offset once it is settled.
+fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord) -> BoxFuture<'static, u64> {
+    async move {
+        let offset = rec.offset;
+        let mut last = String::new();
+        for attempt in 1..=2 {
+            match AssertUnwindSafe(deliverer.process(rec.clone())).catch_unwind().await {
+                Ok(_) => return offset,
+                Err(panic) => {
+                    last = panic_message(panic.as_ref());
+                    tracing::error!(partition = rec.partition, offset, attempt, panic = %last, "a delivery panicked");
+                }
+            }
+        }
+        deliverer.park_panicked(&rec, last).await;
+        offset
+    }
+    .boxed()
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

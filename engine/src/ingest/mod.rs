@@ -6,8 +6,8 @@
 pub mod canonical;
 
 use crate::log::{Log, LogError, Record};
-use crate::model::{new_id, now_ms, Delivery, EventInput, PayloadFormat, MAX_EVENT_ID_LEN};
-use crate::registry::{validate_tenant, Invalid, Registry};
+use crate::model::{new_id, now_ms, Delivery, EventInput, Invalid, PayloadFormat, MAX_EVENT_ID_LEN};
+use crate::registry::{validate_tenant, Registry};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -80,15 +80,15 @@ fn field(prefix: &str, name: &str) -> String {
 pub fn validate(input: EventInput, prefix: &str, default_tenant: &str) -> Result<Event, Invalid> {
     let bad = |name: &str, message: &str| Invalid { field: field(prefix, name), message: message.to_string() };
     let event_type = input.event_type;
-    if event_type.is_empty() || event_type.len() > 256 || event_type.chars().any(char::is_control) {
-        return Err(bad("type", "must be 1 to 256 characters without control characters"));
+    if event_type.is_empty() || event_type.len() > MAX_EVENT_ID_LEN || event_type.chars().any(char::is_control) {
+        return Err(bad("type", "must be 1 to 255 bytes without control characters"));
     }
     let id_given = input.id.is_some();
     let id = match input.id {
         Some(id) => {
             // It travels as the webhook-id header: visible ASCII only.
             if id.is_empty() || id.len() > MAX_EVENT_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(bad("id", "must be 1 to 256 visible ASCII characters"));
+                return Err(bad("id", "must be 1 to 255 visible ASCII characters"));
             }
             id
         }
@@ -169,7 +169,7 @@ impl Ingest {
             }
             let targets = self.registry.matching(&event.tenant, &event.event_type);
             for target in &targets {
-                let format = target.sub.payload;
+                let format = target.sub.spec.payload;
                 let delivery = Delivery {
                     changes: event.changes.as_ref().map(|c| c.for_payload(format)),
                     ..Delivery::first_attempt(

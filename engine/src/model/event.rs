@@ -3,8 +3,9 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// Longest accepted event id (it travels as the `webhook-id` header).
-pub const MAX_EVENT_ID_LEN: usize = 256;
+/// Longest accepted event id and type: both travel as AMQP short strings (the message id and
+/// type), which hold 255 bytes.
+pub const MAX_EVENT_ID_LEN: usize = 255;
 
 /// `POST /v1/events` body. `data` and `changes` are kept as the exact bytes sent.
 #[derive(Debug, Deserialize)]

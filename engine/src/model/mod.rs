@@ -3,15 +3,37 @@
 mod dead_letter;
 mod delivery;
 mod event;
+pub mod outcome;
+pub mod secret;
 mod subscription;
 
 pub use dead_letter::DeadLetter;
 pub use delivery::{DecodeError, Delivery};
 pub use event::{EventInput, MAX_EVENT_ID_LEN};
+pub use outcome::{Failure, Outcome, Response};
+pub use secret::Secret;
 pub use subscription::{
-    AmqpTarget, Auth, PayloadFormat, RetrySpec, Secret, SignatureEncoding, SignatureSpec, Subscription,
-    SubscriptionInput, SubscriptionPatch, TlsOptions, TransportKind,
+    AmqpTarget, Auth, PayloadFormat, RetrySpec, SignatureEncoding, SignatureSpec, Subscription, SubscriptionSpec,
+    TlsOptions, TransportKind,
 };
+
+/// A field that failed validation: what the API answers `400` with, naming the field as a JSON
+/// path (`url`, `headers.x-foo`, `[3].data`).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    /// The field.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl Invalid {
+    /// `field` is wrong because `message`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+        Invalid { field: field.into(), message: message.into() }
+    }
+}
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {

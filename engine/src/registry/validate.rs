@@ -1,191 +1,260 @@
-//! Validation: the one place that decides whether a subscription is acceptable, whether it
-//! comes from the API (create or PATCH) or from the config file; every error names its field.
+//! Validation: the one place that decides whether a subscription spec is acceptable, whether
+//! it comes from the API (create or PATCH) or from the config file. Every error names its
+//! field, and every number and duration has a range (the OpenAPI document states the same), so
+//! no stored setting can reach arithmetic that overflows.
 
-use super::Target;
-use crate::config::HumanDuration;
+use crate::config::{HumanDuration, StaticWebhook};
 use crate::model::{
-    new_id, now_ms, rfc3339_ms, Auth, RetrySpec, SignatureSpec, Subscription, SubscriptionInput, TransportKind,
+    new_id, now_ms, rfc3339_ms, Auth, Invalid, PayloadFormat, RetrySpec, Secret, SignatureEncoding, SignatureSpec,
+    Subscription, SubscriptionSpec, TlsOptions, TransportKind,
 };
 use crate::signing::generate_secret;
+use crate::target::Target;
 use crate::transport::guard::NetworkGuard;
 use std::time::Duration;
 
-/// A field that failed validation.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("{field}: {message}")]
-pub struct Invalid {
-    /// The field, as a JSON path (`url`, `headers.x-foo`).
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
+/// The ranges: `(min, max)` per setting.
+pub mod range {
+    use std::time::Duration;
 
-pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
-    Invalid { field: field.into(), message: message.into() }
+    /// `timeout`.
+    pub const TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
+    /// `retry.interval` (fixed).
+    pub const FIXED_INTERVAL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(86_400));
+    /// `retry.initial` (exponential).
+    pub const INITIAL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(3600));
+    /// `retry.max_interval` (exponential).
+    pub const MAX_INTERVAL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(86_400));
+    /// `retry.max_age` (exponential).
+    pub const MAX_AGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(7 * 86_400));
+    /// `retry.multiplier`.
+    pub const MULTIPLIER: (f64, f64) = (1.0, 10.0);
+    /// `retry.jitter`.
+    pub const JITTER: (f64, f64) = (0.0, 1.0);
+    /// `retry.max_attempts`.
+    pub const MAX_ATTEMPTS: (u32, u32) = (1, 1000);
+    /// `max_in_flight`.
+    pub const MAX_IN_FLIGHT: (u32, u32) = (1, 10_000);
+    /// `rate_limit`, deliveries per second.
+    pub const RATE_LIMIT: (f64, f64) = (0.01, 100_000.0);
+    /// Entries of `events`, and of `headers`.
+    pub const EVENTS: usize = 1000;
+    /// Entries of `headers`.
+    pub const HEADERS: usize = 64;
+    /// Bytes of a header value, of `key`, of a credential.
+    pub const VALUE: usize = 4096;
+    /// Bytes of `url` (and `auth.token_url`).
+    pub const URL: usize = 2048;
 }
-
-/// Request timeouts a subscription may choose.
-const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
 
 fn check_duration(field: &str, d: Option<HumanDuration>, (min, max): (Duration, Duration)) -> Result<(), Invalid> {
     match d {
         Some(d) if d.0 < min || d.0 > max => {
-            Err(invalid(field, format!("must be between {} and {}", HumanDuration(min), HumanDuration(max))))
+            Err(Invalid::new(field, format!("must be between {} and {}", HumanDuration(min), HumanDuration(max))))
         }
         _ => Ok(()),
     }
 }
 
-/// Checks a new subscription and fills in what the server decides.
-pub fn validate(input: SubscriptionInput, tenant: String, guard: &NetworkGuard) -> Result<Subscription, Invalid> {
-    validate_tenant(&tenant)?;
-    let mut input = input;
+fn check_number<T: PartialOrd + std::fmt::Display>(
+    field: &str,
+    v: Option<T>,
+    (min, max): (T, T),
+) -> Result<(), Invalid> {
+    match v {
+        Some(v) if !(min <= v && v <= max) => Err(Invalid::new(field, format!("must be between {min} and {max}"))),
+        _ => Ok(()),
+    }
+}
+
+fn check_len(field: &str, text: &str, max: usize) -> Result<(), Invalid> {
+    if text.len() > max {
+        return Err(Invalid::new(field, format!("must be at most {max} bytes")));
+    }
+    Ok(())
+}
+
+/// A secret the client sent: not empty, not the `********` a view shows, bounded.
+fn check_secret(field: &str, secret: &Secret) -> Result<(), Invalid> {
+    if secret.expose().is_empty() {
+        return Err(Invalid::new(field, "must not be empty"));
+    }
+    if secret.is_placeholder() {
+        return Err(Invalid::new(field, "this is the placeholder views show; send the value, or leave the field out"));
+    }
+    check_len(field, secret.expose(), range::VALUE)
+}
+
+/// Checks a spec and fills in what follows from it (an AMQP subscription's `url` label).
+pub fn check(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), Invalid> {
     // Through an edge device the target is reached from the customer's network, where
     // private addresses are the point: Herald's own network guard does not apply.
     let open = NetworkGuard::new(vec!["0.0.0.0/0".parse().expect("net"), "::/0".parse().expect("net")]);
-    let guard = match &input.via_edge {
-        Some(d) if d.is_empty() || d.len() > 64 => return Err(invalid("via_edge", "must name an edge device")),
+    let guard = match &spec.via_edge {
+        Some(d) if d.is_empty() || d.len() > 64 => return Err(Invalid::new("via_edge", "must name an edge device")),
         Some(_) => &open,
         None => guard,
     };
-    match input.transport {
-        TransportKind::Webhook => {
-            if input.amqp.is_some() {
-                return Err(invalid("amqp", "only valid with transport \"amqp\""));
-            }
-        }
-        TransportKind::Amqp => {
-            let target = input
-                .amqp
-                .as_ref()
-                .ok_or_else(|| invalid("amqp", "transport \"amqp\" needs amqp.uri and amqp.exchange"))?;
-            crate::transport::amqp::validate(target).map_err(|(field, message)| invalid(field, message))?;
-            if input.url.is_empty() {
-                // The label of an AMQP subscription: broker and exchange, never the password.
-                let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| invalid("amqp.uri", e.to_string()))?;
-                let _ = uri.set_password(None);
-                let _ = uri.set_username("");
-                input.url = format!("{}{}", uri.as_str().trim_end_matches('/'), format_args!("/{}", target.exchange));
-            }
-            validate_amqp_host(target, guard)?;
-            return finish(input, tenant);
-        }
+    match spec.transport {
+        TransportKind::Webhook => check_webhook(spec, guard)?,
+        TransportKind::Amqp => check_amqp(spec, guard)?,
     }
-    if input.url.is_empty() {
-        return Err(invalid("url", "required"));
+    check_common(spec)
+}
+
+fn check_webhook(spec: &SubscriptionSpec, guard: &NetworkGuard) -> Result<(), Invalid> {
+    if spec.amqp.is_some() {
+        return Err(Invalid::new("amqp", "only valid with transport \"amqp\""));
     }
-    let url = url::Url::parse(&input.url).map_err(|e| invalid("url", format!("not a URL: {e}")))?;
+    if spec.url.is_empty() {
+        return Err(Invalid::new("url", "required"));
+    }
+    check_len("url", &spec.url, range::URL)?;
+    let url = url::Url::parse(&spec.url).map_err(|e| Invalid::new("url", format!("not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid("url", "must be an http or https URL"));
+        return Err(Invalid::new("url", "must be an http or https URL"));
     }
-    let host = url.host_str().ok_or_else(|| invalid("url", "must have a host"))?;
-    guard.check_host(host).map_err(|e| invalid("url", e.to_string()))?;
-    if input.url.len() > 2048 {
-        return Err(invalid("url", "must be at most 2048 characters"));
+    let host = url.host_str().ok_or_else(|| Invalid::new("url", "must have a host"))?;
+    guard.check_host(host).map_err(|e| Invalid::new("url", e.to_string()))?;
+    if let Some(tls) = &spec.tls {
+        crate::transport::tls::client_config(Some(tls)).map_err(|e| Invalid::new(e.field, e.message))?;
     }
-    if let Some(tls) = &input.tls {
-        crate::transport::tls::client_config(Some(tls)).map_err(|e| invalid(e.field, e.message))?;
-    }
-    if let Auth::Oauth2 { grant, token_url, client_secret, username, password, .. } = &input.auth {
-        let url = url::Url::parse(token_url).map_err(|e| invalid("auth.token_url", format!("not a URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-            return Err(invalid("auth.token_url", "must be an http or https URL with a host"));
-        }
-        guard.check_host(url.host_str().unwrap_or_default()).map_err(|e| invalid("auth.token_url", e.to_string()))?;
-        match grant.as_str() {
-            "password" if username.is_none() || password.is_none() => {
-                return Err(invalid("auth.username", "the password grant needs username and password"))
-            }
-            "client_credentials" if client_secret.is_none() => {
-                return Err(invalid("auth.client_secret", "the client_credentials grant needs client_secret"))
-            }
-            "password" | "client_credentials" => {}
-            _ => return Err(invalid("auth.grant", "must be \"password\" or \"client_credentials\"")),
-        }
-    }
-    finish(input, tenant)
+    check_auth(&spec.auth, guard)
 }
 
-fn validate_amqp_host(target: &crate::model::AmqpTarget, guard: &NetworkGuard) -> Result<(), Invalid> {
-    let uri = url::Url::parse(target.uri.expose()).map_err(|e| invalid("amqp.uri", e.to_string()))?;
-    guard.check_host(uri.host_str().unwrap_or_default()).map_err(|e| invalid("amqp.uri", e.to_string()))
-}
-
-/// The checks every transport shares, then the stored form.
-fn finish(input: SubscriptionInput, tenant: String) -> Result<Subscription, Invalid> {
-    for (i, e) in input.events.iter().enumerate() {
-        if e.is_empty() || e.len() > 256 {
-            return Err(invalid(format!("events[{i}]"), "event types are 1 to 256 characters"));
+fn check_auth(auth: &Auth, guard: &NetworkGuard) -> Result<(), Invalid> {
+    match auth {
+        Auth::None => Ok(()),
+        Auth::Basic { username, password } => {
+            check_len("auth.username", username, range::VALUE)?;
+            check_secret("auth.password", password)
+        }
+        Auth::Oauth2 { grant, token_url, client_id, client_secret, username, password, scope } => {
+            check_len("auth.token_url", token_url, range::URL)?;
+            let url =
+                url::Url::parse(token_url).map_err(|e| Invalid::new("auth.token_url", format!("not a URL: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(Invalid::new("auth.token_url", "must be an http or https URL with a host"));
+            }
+            let host = url.host_str().unwrap_or_default();
+            guard.check_host(host).map_err(|e| Invalid::new("auth.token_url", e.to_string()))?;
+            check_len("auth.client_id", client_id, range::VALUE)?;
+            check_len("auth.scope", scope.as_deref().unwrap_or_default(), range::VALUE)?;
+            check_len("auth.username", username.as_deref().unwrap_or_default(), range::VALUE)?;
+            if let Some(s) = client_secret {
+                check_secret("auth.client_secret", s)?;
+            }
+            if let Some(p) = password {
+                check_secret("auth.password", p)?;
+            }
+            match grant.as_str() {
+                "password" if username.is_none() || password.is_none() => {
+                    Err(Invalid::new("auth.username", "the password grant needs username and password"))
+                }
+                "client_credentials" if client_secret.is_none() => {
+                    Err(Invalid::new("auth.client_secret", "the client_credentials grant needs client_secret"))
+                }
+                "password" | "client_credentials" => Ok(()),
+                _ => Err(Invalid::new("auth.grant", "must be \"password\" or \"client_credentials\"")),
+            }
         }
     }
-    if input.key.as_ref().is_some_and(|k| k.expose().is_empty()) {
-        return Err(invalid("key", "must not be empty"));
+}
+
+fn check_amqp(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), Invalid> {
+    let target = spec
+        .amqp
+        .as_ref()
+        .ok_or_else(|| Invalid::new("amqp", "transport \"amqp\" needs amqp.uri and amqp.exchange"))?;
+    crate::transport::amqp::validate(target).map_err(|(field, message)| Invalid::new(field, message))?;
+    let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;
+    guard.check_host(uri.host_str().unwrap_or_default()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;
+    if spec.url.is_empty() {
+        // The label of an AMQP subscription: broker and exchange, never the password.
+        let _ = uri.set_password(None);
+        let _ = uri.set_username("");
+        spec.url = format!("{}/{}", uri.as_str().trim_end_matches('/'), target.exchange);
     }
-    check_duration("timeout", input.timeout, TIMEOUT_RANGE)?;
-    match &input.retry {
+    check_len("url", &spec.url, range::URL)
+}
+
+/// The checks every transport shares.
+fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
+    if spec.events.len() > range::EVENTS {
+        return Err(Invalid::new("events", format!("at most {} event types", range::EVENTS)));
+    }
+    for (i, e) in spec.events.iter().enumerate() {
+        if e.is_empty() || e.len() > crate::model::MAX_EVENT_ID_LEN {
+            return Err(Invalid::new(format!("events[{i}]"), "event types are 1 to 255 bytes"));
+        }
+    }
+    if spec.headers.len() > range::HEADERS {
+        return Err(Invalid::new("headers", format!("at most {} headers", range::HEADERS)));
+    }
+    for (name, value) in &spec.headers {
+        let field = format!("headers.{name}");
+        check_len(&field, name, crate::signing::MAX_HEADER_NAME)?;
+        check_secret(&field, value)?;
+    }
+    if let Some(key) = &spec.key {
+        check_secret("key", key)?;
+    }
+    if let Some(tls) = &spec.tls {
+        if let Some(p) = &tls.key_password {
+            check_secret("tls.key_password", p)?;
+        }
+    }
+    check_duration("timeout", spec.timeout, range::TIMEOUT)?;
+    check_retry(spec.retry.as_ref())?;
+    check_number("max_in_flight", spec.max_in_flight, range::MAX_IN_FLIGHT)?;
+    if spec.rate_limit.is_some_and(|r| !r.is_finite()) {
+        return Err(Invalid::new("rate_limit", "must be a number of deliveries per second"));
+    }
+    check_number("rate_limit", spec.rate_limit, range::RATE_LIMIT)
+}
+
+fn check_retry(retry: Option<&RetrySpec>) -> Result<(), Invalid> {
+    match retry {
         Some(RetrySpec::Fixed { interval, max_attempts }) => {
-            check_duration("retry.interval", Some(*interval), (Duration::from_millis(1), Duration::from_secs(86_400)))?;
-            if !(1..=1000).contains(max_attempts) {
-                return Err(invalid("retry.max_attempts", "must be between 1 and 1000"));
-            }
+            check_duration("retry.interval", Some(*interval), range::FIXED_INTERVAL)?;
+            check_number("retry.max_attempts", Some(*max_attempts), range::MAX_ATTEMPTS)
         }
-        Some(RetrySpec::Exponential { multiplier, jitter, max_attempts, .. }) => {
-            if multiplier.is_some_and(|m| !(1.0..=10.0).contains(&m)) {
-                return Err(invalid("retry.multiplier", "must be between 1 and 10"));
-            }
-            if jitter.is_some_and(|j| !(0.0..=1.0).contains(&j)) {
-                return Err(invalid("retry.jitter", "must be between 0 and 1"));
-            }
-            if max_attempts.is_some_and(|m| !(1..=1000).contains(&m)) {
-                return Err(invalid("retry.max_attempts", "must be between 1 and 1000"));
-            }
+        Some(RetrySpec::Exponential { initial, multiplier, max_interval, jitter, max_attempts, max_age }) => {
+            check_duration("retry.initial", *initial, range::INITIAL)?;
+            check_duration("retry.max_interval", *max_interval, range::MAX_INTERVAL)?;
+            check_duration("retry.max_age", *max_age, range::MAX_AGE)?;
+            check_number("retry.multiplier", *multiplier, range::MULTIPLIER)?;
+            check_number("retry.jitter", *jitter, range::JITTER)?;
+            check_number("retry.max_attempts", *max_attempts, range::MAX_ATTEMPTS)
         }
-        None => {}
+        None => Ok(()),
     }
-    if input.max_in_flight.is_some_and(|m| m == 0 || m > 10_000) {
-        return Err(invalid("max_in_flight", "must be between 1 and 10000"));
+}
+
+/// A new subscription of `tenant` from a checked spec, with `secret` or a generated one.
+/// Compiling it checks the secret against the scheme, the headers and the URL once more.
+pub fn new_subscription(
+    tenant: String,
+    spec: SubscriptionSpec,
+    secret: Option<Secret>,
+) -> Result<Subscription, Invalid> {
+    validate_tenant(&tenant)?;
+    if let Some(s) = &secret {
+        check_secret("secret", s)?;
     }
-    if input.rate_limit.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return Err(invalid("rate_limit", "must be a positive number of deliveries per second"));
-    }
-    let secret = match (input.secret, &input.signature) {
-        (Some(s), _) => s,
-        (None, _) => generate_secret(),
-    };
     let now = rfc3339_ms(now_ms());
     let sub = Subscription {
         id: new_id("sub"),
         tenant,
-        url: input.url,
-        events: input.events,
-        transport: input.transport,
-        secret,
+        spec,
+        secret: secret.unwrap_or_else(generate_secret),
         previous_secret: None,
         previous_secret_until: None,
-        signature: input.signature,
-        payload: input.payload,
-        headers: input.headers,
-        key: input.key,
-        timeout: input.timeout,
-        auth: input.auth,
-        tls: input.tls,
-        amqp: input.amqp,
-        retry: input.retry,
-        max_in_flight: input.max_in_flight,
-        rate_limit: input.rate_limit,
-        enabled: input.enabled.unwrap_or(true),
-        via_edge: input.via_edge,
         disabled_reason: None,
         created_at: now.clone(),
         updated_at: now,
     };
-    // Compiling checks the secret against the scheme, the headers and the URL once more.
     Target::compile(sub.clone())?;
-    if matches!(sub.signature, SignatureSpec::Standard)
-        && !sub.secret.expose().starts_with(crate::signing::SECRET_PREFIX)
-    {
-        return Err(invalid("secret", "a standard-scheme secret must start with \"whsec_\""));
-    }
     Ok(sub)
 }
 
@@ -197,16 +266,16 @@ pub fn validate_tenant(tenant: &str) -> Result<(), Invalid> {
     if ok {
         Ok(())
     } else {
-        Err(invalid("tenant", "must be 1 to 64 letters, digits, '-', '_' or '.'"))
+        Err(Invalid::new("tenant", "must be 1 to 64 letters, digits, '-', '_' or '.'"))
     }
 }
 
 /// Id prefix of subscriptions declared in the config file.
 pub const STATIC_PREFIX: &str = "static-";
 
-/// A config-file webhook as a creation request: HMAC in `X-Signature`, raw payloads.
-pub(super) fn static_input(w: &crate::config::StaticWebhook) -> SubscriptionInput {
-    use crate::model::{PayloadFormat, Secret, SignatureEncoding, TlsOptions};
+/// A config-file webhook as a spec and its secret: HMAC in `X-Signature`, raw payloads. Its
+/// TLS files are the operator's own, so paths are allowed here (and only here).
+pub fn static_spec(w: &StaticWebhook) -> (SubscriptionSpec, Option<Secret>) {
     let tls = (w.trust_all || w.trust_file.is_some() || w.client_cert.is_some()).then(|| TlsOptions {
         ca_file: w.trust_file.clone(),
         client_cert_file: w.client_cert.clone(),
@@ -220,24 +289,90 @@ pub(super) fn static_input(w: &crate::config::StaticWebhook) -> SubscriptionInpu
         Some(s) => (SignatureSpec::Hmac { header: "X-Signature".into(), encoding }, Some(Secret(s.clone()))),
         None => (SignatureSpec::None, None),
     };
-    SubscriptionInput {
-        tenant: w.tenant.clone(),
+    let spec = SubscriptionSpec {
         url: w.endpoint.clone(),
         events: w.events.clone(),
-        transport: TransportKind::Webhook,
-        secret,
         signature,
         payload: PayloadFormat::Raw,
-        headers: Default::default(),
         key: w.key.clone().map(Secret),
         timeout: Some(w.connection_timeout.unwrap_or(HumanDuration(Duration::from_secs(30)))),
-        auth: Auth::None,
         tls,
-        amqp: None,
-        retry: None,
-        max_in_flight: None,
-        rate_limit: None,
-        enabled: Some(w.enabled),
-        via_edge: None,
+        enabled: w.enabled,
+        ..SubscriptionSpec::default()
+    };
+    (spec, secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(v: serde_json::Value) -> SubscriptionSpec {
+        super::super::spec::strict(&v).unwrap()
+    }
+
+    fn checked(v: serde_json::Value) -> Result<SubscriptionSpec, Invalid> {
+        let mut s = spec(v);
+        check(&mut s, &NetworkGuard::default()).map(|()| s)
+    }
+
+    #[test]
+    fn urls_must_be_http_with_a_host_and_not_private_literals() {
+        assert_eq!(checked(json!({"url": "ftp://x.example/"})).unwrap_err().field, "url");
+        assert_eq!(checked(json!({"url": "not a url"})).unwrap_err().field, "url");
+        let e = checked(json!({"url": "http://127.0.0.1:9/"})).unwrap_err();
+        assert!(e.message.contains("network.allow"), "{e}");
+        let mut s = spec(json!({"url": "http://127.0.0.1:9/"}));
+        assert!(check(&mut s, &NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()])).is_ok());
+    }
+
+    #[test]
+    fn every_number_and_duration_has_a_range() {
+        for (body, field) in [
+            (json!({"url": "https://a.example/", "rate_limit": 1e-20}), "rate_limit"),
+            (json!({"url": "https://a.example/", "max_in_flight": 0}), "max_in_flight"),
+            (json!({"url": "https://a.example/", "timeout": "P3650D"}), "timeout"),
+            (
+                json!({"url": "https://a.example/", "retry": {"policy": "exponential", "initial": "P999D", "jitter": 0}}),
+                "retry.initial",
+            ),
+            (
+                json!({"url": "https://a.example/", "retry": {"policy": "exponential", "max_interval": "P99D"}}),
+                "retry.max_interval",
+            ),
+            (
+                json!({"url": "https://a.example/", "retry": {"policy": "exponential", "max_age": "P30D"}}),
+                "retry.max_age",
+            ),
+            (
+                json!({"url": "https://a.example/", "retry": {"policy": "fixed", "interval": "1ms", "max_attempts": 2}}),
+                "retry.interval",
+            ),
+            (json!({"url": "https://a.example/", "key": "********"}), "key"),
+        ] {
+            assert_eq!(checked(body.clone()).unwrap_err().field, field, "{body}");
+        }
+        let headers: serde_json::Map<_, _> = (0..65).map(|i| (format!("X-{i}"), json!("v"))).collect();
+        assert_eq!(checked(json!({"url": "https://a.example/", "headers": headers})).unwrap_err().field, "headers");
+    }
+
+    #[test]
+    fn a_generated_secret_is_given_and_reserved_headers_refused() {
+        let sub =
+            new_subscription("t".into(), checked(json!({"url": "https://hooks.example/x"})).unwrap(), None).unwrap();
+        assert!(sub.secret.expose().starts_with("whsec_"));
+        let bad =
+            checked(json!({"url": "https://hooks.example/x", "headers": {"Webhook-Signature": "forged"}})).unwrap();
+        assert_eq!(new_subscription("t".into(), bad, None).unwrap_err().field, "headers.Webhook-Signature");
+        let plain = checked(json!({"url": "https://hooks.example/x"})).unwrap();
+        assert_eq!(new_subscription("t".into(), plain, Some(Secret("no-prefix".into()))).unwrap_err().field, "secret");
+    }
+
+    #[test]
+    fn the_key_goes_into_the_query_string() {
+        let s = checked(json!({"url": "https://hooks.example/x?a=1", "key": "s3cr3t key"})).unwrap();
+        let t = Target::compile(new_subscription("t".into(), s, None).unwrap()).unwrap();
+        assert_eq!(t.uri.to_string(), "https://hooks.example/x?a=1&key=s3cr3t+key");
     }
 }

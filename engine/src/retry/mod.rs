@@ -1,7 +1,8 @@
-//! What happens after an attempt: the one place that decides whether an outcome is retried,
-//! when (the subscription's [`Policy`]), into which delay tier, and when a delivery is dead-
-//! lettered instead. Every hand-off is a durable append made before the caller may settle
-//! the delivery's offset (append first, then commit).
+//! What happens after a failed attempt: the one place that decides whether an outcome is
+//! retried ([`verdict`]), when (the subscription's [`Policy`]), into which delay tier
+//! ([`tiers`]), and the durable writes that hand a delivery on: to a tier, or to the
+//! dead-letter topic. Every write returns only once durable, so the caller may settle the
+//! delivery's offset after it (append first, then commit).
 
 pub mod dead_letters;
 pub mod policy;
@@ -10,9 +11,8 @@ pub mod tiers;
 pub use policy::Policy;
 
 use crate::log::{Log, LogRecord, Record};
-use crate::model::{now_ms, rfc3339_ms, DeadLetter, Delivery};
-use crate::registry::{Registry, Target};
-use crate::transport::Outcome;
+use crate::model::{now_ms, rfc3339_ms, DeadLetter, Delivery, Failure, Outcome};
+use crate::target::Target;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,91 +34,50 @@ pub enum Verdict {
     Gone,
 }
 
-/// Decides what an outcome means: 2xx is delivered; 410 disables; every other status,
-/// timeouts, connection and TLS errors are retried; `Retry-After` counts on 429 and 503.
+/// Decides what an outcome means: delivered is delivered; 410 disables; every other status,
+/// timeouts, connection, TLS, broker and edge failures are retried; `Retry-After` counts on
+/// 429 and 503.
 pub fn verdict(outcome: &Outcome) -> Verdict {
-    match outcome {
-        Outcome::Delivered { .. } => Verdict::Delivered,
-        Outcome::Failed { status: Some(410), .. } => Verdict::Gone,
-        Outcome::Failed { status, retry_after, .. } => {
-            let honoured = matches!(status, Some(429 | 503)).then_some(*retry_after).flatten();
-            Verdict::Retry { not_before: honoured.map(|d| d.min(RETRY_AFTER_CAP)) }
+    match outcome.failure() {
+        None => Verdict::Delivered,
+        Some(Failure::Status { status: 410, .. }) => Verdict::Gone,
+        Some(Failure::Status { status: 429 | 503, retry_after_ms: Some(ms) }) => {
+            Verdict::Retry { not_before: Some(Duration::from_millis(*ms).min(RETRY_AFTER_CAP)) }
         }
+        Some(_) => Verdict::Retry { not_before: None },
     }
 }
 
-/// Where failed, deferred and early deliveries go.
+/// The policy of a subscription.
+pub fn policy(target: &Target) -> Policy {
+    Policy::from_spec(target.sub.spec.retry.as_ref())
+}
+
+/// When the attempt after a failed `delivery` is due, if the policy has one left.
+pub fn next_due(target: &Target, delivery: &Delivery, not_before: Option<Duration>) -> Option<i64> {
+    let seed = policy::seed(&delivery.event_id, &delivery.subscription, delivery.generation);
+    policy(target).next_due(delivery.attempt, delivery.budget_ms, now_ms(), seed, not_before)
+}
+
+/// Attempts still to come after this one fails (the envelope's `pendingRetries`).
+pub fn pending_retries(target: &Target, delivery: &Delivery) -> u32 {
+    let seed = policy::seed(&delivery.event_id, &delivery.subscription, delivery.generation);
+    policy(target).pending_retries(delivery.attempt, delivery.budget_ms, now_ms(), seed)
+}
+
+/// The durable hand-offs: a delivery into the tier that fits its wait, or into the
+/// dead-letter topic.
 #[derive(Clone)]
 pub struct Retrier {
     log: Arc<dyn Log>,
-    registry: Arc<Registry>,
     prefix: String,
     dlq_topic: String,
 }
 
-/// What the last attempt ended with.
-#[derive(Debug, Clone)]
-pub struct LastAttempt {
-    /// Status code, if there was a response.
-    pub status: Option<u16>,
-    /// The failure.
-    pub error: String,
-}
-
 impl Retrier {
     /// A retrier writing tiers under `prefix` and dead letters to `dlq_topic`.
-    pub fn new(log: Arc<dyn Log>, registry: Arc<Registry>, prefix: String, dlq_topic: String) -> Self {
-        Retrier { log, registry, prefix, dlq_topic }
-    }
-
-    /// The policy of a subscription.
-    pub fn policy(target: &Target) -> Policy {
-        Policy::from_spec(target.sub.retry.as_ref())
-    }
-
-    /// Attempts still to come after this one fails (the envelope's `pendingRetries`).
-    pub fn pending_retries(&self, target: &Target, delivery: &Delivery) -> u32 {
-        let seed = policy::seed(&delivery.event_id, &delivery.subscription, delivery.generation);
-        Self::policy(target).pending_retries(delivery.attempt, delivery.budget_ms, now_ms(), seed)
-    }
-
-    /// Settles a failed attempt: schedules the next one, or dead-letters the delivery when
-    /// the policy has no attempt left (or the receiver said 410, which also disables the
-    /// subscription). Returns once that is durable.
-    pub async fn after_failure(
-        &self,
-        target: &Target,
-        delivery: &Delivery,
-        raw: Bytes,
-        last: LastAttempt,
-        verdict: Verdict,
-    ) -> bool {
-        let not_before = match verdict {
-            Verdict::Delivered => return false,
-            Verdict::Gone => {
-                let reason = format!("the receiver answered 410 Gone at {}", rfc3339_ms(now_ms()));
-                if let Err(e) = self.registry.disable(&target.sub.id, reason).await {
-                    tracing::error!(subscription = %target.sub.id, error = %e, "could not disable a gone subscription");
-                }
-                self.dead_letter(delivery, raw, last).await;
-                return true;
-            }
-            Verdict::Retry { not_before } => not_before,
-        };
-        let seed = policy::seed(&delivery.event_id, &delivery.subscription, delivery.generation);
-        let now = now_ms();
-        match Self::policy(target).next_due(delivery.attempt, delivery.budget_ms, now, seed, not_before) {
-            Some(due) => {
-                let next = Delivery { attempt: delivery.attempt + 1, due_ms: due, ..delivery.clone() };
-                let tier = self.schedule(&next).await;
-                metrics::counter!(crate::metrics::RETRIES_SCHEDULED, "tier" => tiers::label(tier)).increment(1);
-                false
-            }
-            None => {
-                self.dead_letter(delivery, raw, last).await;
-                true
-            }
-        }
+    pub fn new(log: Arc<dyn Log>, prefix: String, dlq_topic: String) -> Self {
+        Retrier { log, prefix, dlq_topic }
     }
 
     /// Appends `delivery` to the tier that fits its remaining wait (or the shortest tier when
@@ -131,8 +90,9 @@ impl Retrier {
         tier
     }
 
-    /// Parks a delivery in the dead-letter topic with the contract's fields.
-    pub async fn dead_letter(&self, delivery: &Delivery, raw: Bytes, last: LastAttempt) {
+    /// Parks a delivery in the dead-letter topic with the contract's fields; `raw` is its
+    /// record, kept for replay.
+    pub async fn dead_letter(&self, delivery: &Delivery, raw: Bytes, last_status: Option<u16>, last_error: String) {
         let entry = DeadLetter {
             id: dead_letters::entry_id(&delivery.subscription, &delivery.event_id, delivery.generation),
             event_id: delivery.event_id.clone(),
@@ -142,15 +102,14 @@ impl Retrier {
             attempts: delivery.attempt,
             first_attempt_at: rfc3339_ms(delivery.accepted_ms),
             last_attempt_at: rfc3339_ms(now_ms()),
-            last_status: last.status,
-            last_error: Some(last.error),
+            last_status,
+            last_error: Some(crate::model::outcome::truncate(&last_error, crate::model::outcome::MAX_DETAIL)),
         };
         let record = Record {
             key: Bytes::copy_from_slice(delivery.subscription.as_bytes()),
             value: dead_letters::encode_entry(&entry, &raw),
         };
         self.append_durably(&self.dlq_topic, record).await;
-        metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);
     }
 
     /// Dead-letters a record that is not a readable delivery, so it cannot stop its partition.
@@ -174,7 +133,6 @@ impl Retrier {
         };
         let record = Record { key: rec.key.clone(), value: dead_letters::encode_entry(&entry, &rec.value) };
         self.append_durably(&self.dlq_topic, record).await;
-        metrics::counter!(crate::metrics::DEAD_LETTERS).increment(1);
     }
 
     /// Appends, retrying until durable: the caller must not settle the delivery before that.
@@ -198,20 +156,23 @@ mod tests {
     use super::*;
 
     fn failed(status: Option<u16>, retry_after: Option<u64>) -> Outcome {
-        Outcome::Failed {
-            status,
-            error: "x".into(),
-            retry_after: retry_after.map(Duration::from_secs),
-            latency: Duration::ZERO,
-        }
+        let failure = match status {
+            Some(status) => Failure::Status { status, retry_after_ms: retry_after.map(|s| s * 1000) },
+            None => Failure::Timeout { after_ms: 10 },
+        };
+        Outcome::failed(failure, Duration::ZERO)
     }
 
     #[test]
     fn decides_what_is_retried() {
-        assert_eq!(verdict(&Outcome::Delivered { status: 204, latency: Duration::ZERO }), Verdict::Delivered);
+        let delivered = Outcome::Delivered { status: 204, latency: Duration::ZERO, response: None };
+        assert_eq!(verdict(&delivered), Verdict::Delivered);
         assert_eq!(verdict(&failed(Some(410), None)), Verdict::Gone);
         for status in [Some(400), Some(404), Some(500), Some(302), None] {
             assert_eq!(verdict(&failed(status, None)), Verdict::Retry { not_before: None }, "{status:?}");
+        }
+        for failure in [Failure::Nacked, Failure::EdgeOffline { device: "d".into() }] {
+            assert_eq!(verdict(&Outcome::failed(failure, Duration::ZERO)), Verdict::Retry { not_before: None });
         }
         assert_eq!(verdict(&failed(Some(429), Some(30))), Verdict::Retry { not_before: Some(Duration::from_secs(30)) });
         assert_eq!(verdict(&failed(Some(503), Some(86_400))), Verdict::Retry { not_before: Some(RETRY_AFTER_CAP) });

@@ -27,9 +27,9 @@ pub const TIERS: &[Duration] = &[
 /// A remaining wait below this (the shortest tier) is slept in place instead of hopping.
 pub const SLACK: Duration = Duration::from_millis(100);
 
-/// Topic name of a tier, e.g. `herald.retry.30s`.
+/// Topic name of a tier: its label under the topic prefix, e.g. `herald.retry.30s`.
 pub fn topic(prefix: &str, delay: Duration) -> String {
-    format!("{prefix}retry.{}", humantime::format_duration(delay).to_string().replace(' ', ""))
+    format!("{prefix}{}", label(delay))
 }
 
 /// The tier for a remaining wait: the longest not exceeding it, or `None` when it is due.
@@ -40,9 +40,10 @@ pub fn for_wait(wait: Duration) -> Option<Duration> {
     Some(TIERS.iter().rev().find(|&&t| t <= wait).copied().unwrap_or(TIERS[0]))
 }
 
-/// A short label of a tier for metrics and logs.
+/// A tier's name in metrics (the `tier` of retries scheduled, the `source` of its shards) and
+/// logs, e.g. `retry.30s`: the one spelling, which its topic name ends with too.
 pub fn label(delay: Duration) -> String {
-    humantime::format_duration(delay).to_string().replace(' ', "")
+    format!("retry.{}", humantime::format_duration(delay).to_string().replace(' ', ""))
 }
 
 #[cfg(test)]

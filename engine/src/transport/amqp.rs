@@ -5,15 +5,24 @@
 //! (so delivery resumes by itself when a broker comes back). Every publish is mandatory and
 //! persistent and waits for its own confirm; many are in flight at once, up to a window of
 //! unconfirmed messages per channel.
+//!
+//! The connection goes to the address the network guard checked, whatever the URI spells
+//! (an IPv6 literal, or a name that resolves again differently): Herald makes the TCP
+//! connection itself and hands it to lapin, with TLS verified against the URI's host name.
+//! Opening is shared by every publish waiting for it, with no lock held while it runs.
 
 use super::guard::NetworkGuard;
-use super::Outcome;
-use crate::model::{AmqpTarget, Delivery};
-use crate::payload::Body;
+use super::http::timed_out;
+use crate::model::{AmqpTarget, Delivery, Failure, Outcome};
+use crate::target::{Signed, Target};
+use futures::future::{BoxFuture, FutureExt, Shared};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::{AsyncTcpStream, TLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -21,15 +30,29 @@ use tokio::sync::Semaphore;
 /// Unconfirmed publishes per channel at most.
 const CONFIRM_WINDOW: usize = 1024;
 
+/// Brokers unused this long are closed and forgotten (their subscriptions may be gone).
+const IDLE: Duration = Duration::from_secs(600);
+
+/// Longest AMQP short string (exchange names, routing keys, header names, message ids).
+pub const SHORT_STRING: usize = 255;
+
 struct Link {
     _conn: Connection,
     channel: Channel,
 }
 
-#[derive(Default)]
+type Opening = Shared<BoxFuture<'static, Result<Arc<Link>, Failure>>>;
+
+enum State {
+    Closed,
+    Opening(Opening),
+    Open(Arc<Link>),
+}
+
 struct Broker {
-    link: tokio::sync::Mutex<Option<Link>>,
-    window: Option<Arc<Semaphore>>,
+    state: Mutex<State>,
+    window: Arc<Semaphore>,
+    last_used: Mutex<Instant>,
 }
 
 /// Publishers pooled per broker URI and exchange.
@@ -48,16 +71,25 @@ pub fn validate(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
     if uri.host_str().is_none_or(str::is_empty) {
         return Err(("amqp.uri", "must have a host".into()));
     }
-    if target.uri.expose().parse::<lapin::uri::AMQPUri>().is_err() {
-        return Err(("amqp.uri", "not a valid AMQP URI".into()));
+    lapin_uri(&uri).map_err(|e| ("amqp.uri", e))?;
+    if target.exchange.trim().is_empty() || target.exchange.len() > SHORT_STRING {
+        return Err(("amqp.exchange", format!("name the exchange to publish to (1 to {SHORT_STRING} characters)")));
     }
-    if target.exchange.trim().is_empty() || target.exchange.len() > 255 {
-        return Err(("amqp.exchange", "name the exchange to publish to (1 to 255 characters)".into()));
+    if target.routing_keys.len() > 1000 {
+        return Err(("amqp.routing_keys", "at most 1000 routing keys".into()));
     }
-    if target.routing_keys.values().any(|k| k.len() > 255) {
-        return Err(("amqp.routing_keys", "routing keys are at most 255 characters".into()));
+    if target.routing_keys.iter().any(|(t, k)| k.len() > SHORT_STRING || t.len() > 256) {
+        return Err(("amqp.routing_keys", format!("routing keys are at most {SHORT_STRING} characters")));
     }
     Ok(())
+}
+
+/// The URI as lapin reads it, with its host replaced: lapin's parser loses IPv6 literals, and
+/// the connection goes to the checked address anyway.
+fn lapin_uri(uri: &url::Url) -> Result<AMQPUri, String> {
+    let mut placeholder = uri.clone();
+    placeholder.set_host(Some("broker.invalid")).map_err(|e| e.to_string())?;
+    placeholder.as_str().parse::<AMQPUri>().map_err(|e| format!("not a valid AMQP URI: {e}"))
 }
 
 impl AmqpTransport {
@@ -68,132 +100,167 @@ impl AmqpTransport {
 
     fn broker(&self, uri: &str, exchange: &str) -> Arc<Broker> {
         let mut brokers = self.brokers.lock().unwrap();
-        brokers
-            .entry(format!("{uri}\n{exchange}"))
-            .or_insert_with(|| {
-                Arc::new(Broker { link: Default::default(), window: Some(Arc::new(Semaphore::new(CONFIRM_WINDOW))) })
+        let key = format!("{uri}\n{exchange}");
+        if !brokers.contains_key(&key) {
+            // Forget brokers nobody published to for a while (closing their connections).
+            brokers.retain(|_, b| b.last_used.lock().unwrap().elapsed() < IDLE);
+        }
+        let broker = brokers.entry(key).or_insert_with(|| {
+            Arc::new(Broker {
+                state: Mutex::new(State::Closed),
+                window: Arc::new(Semaphore::new(CONFIRM_WINDOW)),
+                last_used: Mutex::new(Instant::now()),
             })
-            .clone()
+        });
+        *broker.last_used.lock().unwrap() = Instant::now();
+        broker.clone()
     }
 
-    /// The URI to connect with: the broker's host must pass the network guard like a
-    /// webhook's. For `amqp://` the checked address itself is connected to, so a name cannot
-    /// resolve differently the second time; `amqps://` keeps the name, which its certificate
-    /// is verified against.
-    async fn pinned(&self, uri: &str) -> Result<String, String> {
-        let mut parsed = url::Url::parse(uri).map_err(|e| e.to_string())?;
-        let host = parsed.host_str().unwrap_or_default().to_string();
-        let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" { 5671 } else { 5672 });
-        if let Some(ip) = NetworkGuard::literal(&host) {
-            self.guard.check(ip).map_err(|e| e.to_string())?;
-            return Ok(uri.to_string());
+    /// The address to connect to: the broker's host must pass the network guard like a
+    /// webhook's, and the checked address itself is connected to.
+    async fn address(&self, uri: &url::Url) -> Result<SocketAddr, Failure> {
+        let host = uri.host_str().unwrap_or_default();
+        let port = uri.port().unwrap_or(if uri.scheme() == "amqps" { 5671 } else { 5672 });
+        let refused = |e: &dyn std::fmt::Display| Failure::Refused { detail: e.to_string() };
+        if let Some(ip) = NetworkGuard::literal(host) {
+            self.guard.check(ip).map_err(|e| refused(&e))?;
+            return Ok(SocketAddr::new(ip, port));
         }
-        let addrs = self.guard.resolve(&host, port).await.map_err(|e| e.to_string())?;
-        let first = addrs.first().ok_or_else(|| format!("{host} resolves to no address"))?;
-        if parsed.scheme() == "amqp" {
-            parsed.set_ip_host(first.ip()).map_err(|_| "cannot pin the broker address".to_string())?;
-            return Ok(parsed.to_string());
-        }
-        Ok(uri.to_string())
+        let addrs = self.guard.resolve(host, port).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => refused(&e),
+            _ => Failure::Connect { detail: format!("resolving {host}: {e}") },
+        })?;
+        addrs.first().copied().ok_or_else(|| Failure::Connect { detail: format!("{host} resolves to no address") })
     }
 
-    /// The broker's confirm-mode channel, opened now if there is none or it closed.
-    async fn channel(&self, broker: &Broker, uri: &str, timeout: Duration) -> Result<Channel, String> {
-        let mut link = broker.link.lock().await;
-        if let Some(l) = link.as_ref() {
-            if l.channel.status().connected() {
-                return Ok(l.channel.clone());
+    /// Opens a connection and a confirm-mode channel to the broker of `uri`.
+    async fn open(self, uri: String) -> Result<Arc<Link>, Failure> {
+        let parsed = url::Url::parse(&uri).map_err(|e| Failure::Unusable { detail: format!("amqp.uri: {e}") })?;
+        let amqp_uri = lapin_uri(&parsed).map_err(|detail| Failure::Unusable { detail })?;
+        let addr = self.address(&parsed).await?;
+        let tls_name = (parsed.scheme() == "amqps").then(|| parsed.host_str().unwrap_or_default().to_string());
+        let runtime = lapin::runtime::default_runtime().map_err(|e| Failure::Broker { detail: e.to_string() })?;
+        let connect = async move |_uri, runtime| {
+            let stream = AsyncTcpStream::connect(&runtime, addr).await?;
+            Ok(match &tls_name {
+                Some(name) => stream.into_tls(name, TLSConfig::default()).await?,
+                None => stream,
+            })
+        };
+        let connecting = |e: lapin::Error| Failure::Connect { detail: format!("connecting to the broker: {e}") };
+        let conn = Connection::connector(amqp_uri, runtime, connect, ConnectionProperties::default())
+            .await
+            .map_err(connecting)?;
+        let channel = conn.create_channel().await.map_err(connecting)?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| Failure::Broker { detail: format!("enabling confirms: {e}") })?;
+        Ok(Arc::new(Link { _conn: conn, channel }))
+    }
+
+    /// The broker's confirm-mode channel: open, or being opened (shared), or opened now.
+    async fn channel(&self, broker: &Broker, uri: &str, timeout: Duration) -> Result<Channel, Failure> {
+        let opening = {
+            let mut state = broker.state.lock().unwrap();
+            match &*state {
+                State::Open(link) if link.channel.status().connected() => return Ok(link.channel.clone()),
+                State::Opening(f) => f.clone(),
+                _ => {
+                    let f = self.clone().open(uri.to_string()).boxed().shared();
+                    *state = State::Opening(f.clone());
+                    f
+                }
+            }
+        };
+        let opened = tokio::time::timeout(timeout, opening.clone()).await.unwrap_or_else(|_| Err(timed_out(timeout)));
+        let mut state = broker.state.lock().unwrap();
+        let ours = matches!(&*state, State::Opening(f) if f.ptr_eq(&opening));
+        match opened {
+            Ok(link) => {
+                if ours {
+                    *state = State::Open(link.clone());
+                }
+                Ok(link.channel.clone())
+            }
+            Err(failure) => {
+                if ours {
+                    *state = State::Closed;
+                }
+                Err(failure)
             }
         }
-        *link = None;
-        let pinned = self.pinned(uri).await?;
-        let open = async {
-            let conn = Connection::connect(&pinned, ConnectionProperties::default())
-                .await
-                .map_err(|e| format!("connecting to the broker: {e}"))?;
-            let channel = conn.create_channel().await.map_err(|e| format!("opening a channel: {e}"))?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|e| format!("enabling confirms: {e}"))?;
-            Ok::<_, String>(Link { _conn: conn, channel })
-        };
-        let opened = tokio::time::timeout(timeout, open)
-            .await
-            .map_err(|_| "timed out connecting to the broker".to_string())??;
-        let channel = opened.channel.clone();
-        *link = Some(opened);
-        Ok(channel)
     }
 
-    async fn forget(&self, broker: &Broker) {
-        *broker.link.lock().await = None;
+    fn forget(broker: &Broker) {
+        *broker.state.lock().unwrap() = State::Closed;
     }
 
-    /// Publishes `body` for `delivery` and waits for the broker's confirm.
-    pub async fn publish(
-        &self,
-        target: &AmqpTarget,
-        delivery: &Delivery,
-        body: Body,
-        signature: Vec<(String, String)>,
-        timeout: Duration,
-    ) -> Outcome {
+    /// Publishes the signed attempt of `delivery` and waits for the broker's confirm.
+    pub async fn publish(&self, target: &Target, delivery: &Delivery, signed: Signed, timeout: Duration) -> Outcome {
         let started = Instant::now();
-        let failed =
-            |error: String| Outcome::Failed { status: None, error, retry_after: None, latency: started.elapsed() };
-        let uri = target.uri.expose();
-        let broker = self.broker(uri, &target.exchange);
-        let Some(window) = broker.window.clone() else { return failed("no confirm window".into()) };
-        let Ok(_slot) = window.acquire_owned().await else { return failed("broker closed".into()) };
+        let failed = |failure: Failure| Outcome::failed(failure, started.elapsed());
+        let Some(amqp) = &target.sub.spec.amqp else {
+            return failed(Failure::Unusable { detail: "the subscription has no amqp settings".into() });
+        };
+        let uri = amqp.uri.expose();
+        let broker = self.broker(uri, &amqp.exchange);
+        let Ok(_slot) = broker.window.clone().acquire_owned().await else {
+            return failed(Failure::Broker { detail: "the broker's publisher was closed".into() });
+        };
         let channel = match self.channel(&broker, uri, timeout).await {
             Ok(c) => c,
-            Err(e) => return failed(e),
+            Err(f) => return failed(f),
         };
         let routing_key =
-            target.routing_keys.get(&delivery.event_type).cloned().unwrap_or_else(|| delivery.event_type.clone());
+            amqp.routing_keys.get(&delivery.event_type).cloned().unwrap_or_else(|| delivery.event_type.clone());
+        // Short strings on the wire: checked at ingest and creation, and again here for records
+        // written before those checks, since an over-long one would fail the whole channel.
+        if [&routing_key, &delivery.event_id, &delivery.event_type].iter().any(|s| s.len() > SHORT_STRING) {
+            let detail = format!("the event id, type and routing key must be at most {SHORT_STRING} bytes for AMQP");
+            return failed(Failure::Unusable { detail });
+        }
         let mut headers = FieldTable::default();
-        for (name, value) in signature {
-            headers.insert(ShortString::from(name), AMQPValue::LongString(LongString::from(value)));
+        for (name, value) in &signed.headers {
+            if name != http::header::CONTENT_TYPE {
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                headers.insert(ShortString::from(name.as_str()), AMQPValue::LongString(LongString::from(value)));
+            }
         }
         let properties = BasicProperties::default()
             .with_message_id(ShortString::from(delivery.event_id.clone()))
             .with_content_type(ShortString::from("application/json"))
             .with_delivery_mode(2)
-            .with_timestamp(crate::model::now_ms().max(0) as u64 / 1000)
+            .with_timestamp(signed.at_ms.max(0) as u64 / 1000)
             .with_type(ShortString::from(delivery.event_type.clone()))
             .with_headers(headers);
-        let payload = body.to_bytes();
+        let payload = signed.body.to_bytes();
         let publish = async {
             let confirm = channel
                 .basic_publish(
-                    ShortString::from(target.exchange.clone()),
+                    ShortString::from(amqp.exchange.clone()),
                     ShortString::from(routing_key.clone()),
                     BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
                     &payload,
                     properties,
                 )
-                .await
-                .map_err(|e| format!("publishing: {e}"))?;
-            confirm.await.map_err(|e| format!("waiting for the confirm: {e}"))
+                .await?;
+            confirm.await
         };
         match tokio::time::timeout(timeout, publish).await {
             Err(_) => {
-                self.forget(&broker).await;
-                failed("timed out waiting for the broker's confirm".into())
+                Self::forget(&broker);
+                failed(timed_out(timeout))
             }
             Ok(Err(e)) => {
                 // A closed channel (e.g. the exchange does not exist) or connection: reopen next time.
-                self.forget(&broker).await;
-                failed(e)
+                Self::forget(&broker);
+                failed(Failure::Broker { detail: e.to_string() })
             }
-            Ok(Ok(confirmation)) if confirmation.is_nack() => failed("the broker refused the message (nack)".into()),
+            Ok(Ok(confirmation)) if confirmation.is_nack() => failed(Failure::Nacked),
             Ok(Ok(confirmation)) => match confirmation.take_message() {
-                Some(returned) => failed(format!(
-                    "unroutable: exchange {:?} has no queue bound for routing key {routing_key:?} ({} {})",
-                    target.exchange, returned.reply_code, returned.reply_text
-                )),
-                None => Outcome::Delivered { status: 200, latency: started.elapsed() },
+                Some(_) => failed(Failure::Unroutable { exchange: amqp.exchange.clone(), routing_key }),
+                None => Outcome::Delivered { status: 200, latency: started.elapsed(), response: None },
             },
         }
     }
@@ -204,28 +271,40 @@ mod tests {
     use super::*;
     use crate::model::Secret;
 
+    fn target(uri: &str, exchange: &str) -> AmqpTarget {
+        AmqpTarget { uri: Secret(uri.into()), exchange: exchange.into(), routing_keys: Default::default() }
+    }
+
     #[tokio::test]
-    async fn plain_amqp_connects_to_the_address_the_guard_checked() {
+    async fn the_address_connected_to_is_the_one_the_guard_checked() {
         let allowed = AmqpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]));
-        let pinned = allowed.pinned("amqp://user:pw@localhost:5672/%2f").await.unwrap();
-        assert_eq!(pinned, "amqp://user:pw@127.0.0.1:5672/%2f");
-        // TLS keeps the name its certificate is checked against.
-        assert_eq!(allowed.pinned("amqps://localhost/vh").await.unwrap(), "amqps://localhost/vh");
+        let at = |u: &str| url::Url::parse(u).unwrap();
+        assert_eq!(
+            allowed.address(&at("amqp://user:pw@localhost:5673/%2f")).await.unwrap().to_string(),
+            "127.0.0.1:5673"
+        );
         let strict = AmqpTransport::new(NetworkGuard::default());
-        assert!(strict.pinned("amqp://localhost/").await.unwrap_err().contains("network.allow"));
-        assert!(strict.pinned("amqp://127.0.0.1/").await.unwrap_err().contains("network.allow"));
+        for refused in ["amqp://localhost/", "amqp://127.0.0.1/", "amqp://[::1]/", "amqps://[::ffff:127.0.0.1]/vh"] {
+            let e = strict.address(&at(refused)).await.unwrap_err();
+            assert!(matches!(e, Failure::Refused { .. }), "{refused}: {e:?}");
+        }
+        // An IPv6 literal is kept as the address (lapin's own parser would turn it into localhost).
+        let v6 = AmqpTransport::new(NetworkGuard::new(vec!["::/0".parse().unwrap()]));
+        assert_eq!(
+            v6.address(&at("amqp://u:p@[2001:db8::7]:5679/vh")).await.unwrap().to_string(),
+            "[2001:db8::7]:5679"
+        );
+        let parsed = lapin_uri(&at("amqp://u:p@[2001:db8::7]:5679/vh")).unwrap();
+        assert_eq!((parsed.authority.userinfo.username.as_str(), parsed.vhost.as_str()), ("u", "vh"));
     }
 
     #[test]
     fn targets_are_validated_naming_the_field() {
-        let target = |uri: &str, exchange: &str| AmqpTarget {
-            uri: Secret(uri.into()),
-            exchange: exchange.into(),
-            routing_keys: Default::default(),
-        };
         assert!(validate(&target("amqp://h/vh", "x")).is_ok());
+        assert!(validate(&target("amqp://u:p@[2001:db8::1]:5672/vh", "x")).is_ok());
         assert_eq!(validate(&target("http://h", "x")).unwrap_err().0, "amqp.uri");
         assert_eq!(validate(&target("amqp://", "x")).unwrap_err().0, "amqp.uri");
         assert_eq!(validate(&target("amqp://h", " ")).unwrap_err().0, "amqp.exchange");
+        assert_eq!(validate(&target("amqp://h", &"x".repeat(256))).unwrap_err().0, "amqp.exchange");
     }
 }

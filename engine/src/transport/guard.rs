@@ -6,9 +6,12 @@ use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-/// Refusal of a target address.
+/// Refusal of a target address. Its text does not name the address: a tenant learns that its
+/// host was refused, not what an internal name resolves to (operators see it in `addr`).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("{addr} is in a private, loopback or link-local range; allow it with network.allow (HERALD_NETWORK_ALLOW)")]
+#[error(
+    "the target's address is in a private, loopback, link-local or reserved range; allow it with network.allow (HERALD_NETWORK_ALLOW)"
+)]
 pub struct Refused {
     /// The refused address.
     pub addr: IpAddr,

@@ -2,12 +2,11 @@
 //! guard, so every connection goes to an address that was checked. Redirects are not
 //! followed; any 2xx is success.
 
-use super::guard::NetworkGuard;
+use super::guard::{NetworkGuard, Refused};
 use super::tls::{client_config, ProfileKey, TlsError};
-use super::Outcome;
-use crate::model::TlsOptions;
+use crate::model::{Failure, Outcome, Response, TlsOptions};
 use crate::payload::Body;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Request, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::dns::Name;
@@ -57,6 +56,19 @@ pub struct HttpSettings {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle_per_host: usize,
+    /// Bytes of each response body kept in the attempt's outcome (for the history).
+    pub response_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            connect_timeout: Duration::from_secs(10),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 256,
+            response_bytes: 1024,
+        }
+    }
 }
 
 /// One webhook request, ready to send.
@@ -120,8 +132,8 @@ impl HttpTransport {
     }
 
     /// Refuses IP-literal hosts outside the guard (names are checked by the resolver).
-    fn check_literal(&self, uri: &Uri) -> Result<(), String> {
-        self.guard.check_host(uri.host().unwrap_or_default()).map_err(|e| e.to_string())
+    fn check_literal(&self, uri: &Uri) -> Result<(), Failure> {
+        self.guard.check_host(uri.host().unwrap_or_default()).map_err(|e| Failure::Refused { detail: e.to_string() })
     }
 
     /// A POST whose whole (small) response body is wanted, e.g. an OAuth token request.
@@ -132,71 +144,107 @@ impl HttpTransport {
         body: Body,
         timeout: Duration,
         tls: Option<&TlsOptions>,
-    ) -> Result<(u16, Bytes), String> {
+    ) -> Result<(u16, Bytes), Failure> {
         self.check_literal(&uri)?;
-        let client = self.pool_for(tls).map_err(|e| e.to_string())?;
+        let client = self.pool_for(tls).map_err(|e| Failure::Unusable { detail: e.to_string() })?;
         let mut request = Request::post(uri).body(body).expect("method, uri and body are valid");
         *request.headers_mut() = headers;
         let call = async {
-            let response = client.request(request).await.map_err(|e| describe(&e))?;
+            let response = client.request(request).await.map_err(|e| classify(&e))?;
             let status = response.status().as_u16();
             let body = http_body_util::Limited::new(response.into_body(), 1 << 20)
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Failure::Connect { detail: e.to_string() })?;
             Ok((status, body.to_bytes()))
         };
-        tokio::time::timeout(timeout, call)
-            .await
-            .map_err(|_| format!("timed out after {}", humantime::format_duration(timeout)))?
+        tokio::time::timeout(timeout, call).await.map_err(|_| timed_out(timeout))?
     }
 
     /// Sends one request and reports what happened. Never panics, never hangs past `timeout`.
     pub async fn send(&self, req: WebhookRequest, tls: Option<&TlsOptions>) -> Outcome {
         let started = Instant::now();
         if let Err(refused) = self.check_literal(&req.uri) {
-            return Outcome::failed(None, refused, started.elapsed());
+            return Outcome::failed(refused, started.elapsed());
         }
         let client = match self.pool_for(tls) {
             Ok(c) => c,
-            Err(e) => return Outcome::failed(None, e.to_string(), started.elapsed()),
+            Err(e) => return Outcome::failed(Failure::Unusable { detail: e.to_string() }, started.elapsed()),
         };
         let mut request = Request::post(req.uri).body(req.body).expect("method, uri and body are valid");
         *request.headers_mut() = req.headers;
+        let keep = self.settings.response_bytes;
         let exchange = async {
             let response = client.request(request).await?;
-            let status = response.status();
-            let retry_after = response.headers().get(http::header::RETRY_AFTER).cloned();
-            // Read a little of the body so the connection can be reused; ignore the rest.
-            let mut body = response.into_body();
+            let (parts, mut body) = response.into_parts();
+            // Read a little of the body so the connection can be reused, keeping its start.
+            let mut kept = BytesMut::new();
             let mut read = 0usize;
             while read < RESPONSE_READ_LIMIT {
                 match body.frame().await {
-                    Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                    Some(Ok(frame)) => {
+                        let Some(data) = frame.data_ref() else { continue };
+                        read += data.len();
+                        let room = keep.saturating_sub(kept.len());
+                        kept.extend_from_slice(&data[..data.len().min(room)]);
+                    }
                     _ => break,
                 }
             }
-            Ok::<_, hyper_util::client::legacy::Error>((status, retry_after))
+            Ok::<_, hyper_util::client::legacy::Error>(Response::new(
+                parts.status.as_u16(),
+                &parts.headers,
+                kept.freeze(),
+            ))
         };
+        let latency = || started.elapsed();
         match tokio::time::timeout(req.timeout, exchange).await {
-            Ok(Ok((status, retry_after))) => Outcome::from_status(status, retry_after.as_ref(), started.elapsed()),
-            Ok(Err(e)) => Outcome::failed(None, describe(&e), started.elapsed()),
-            Err(_) => Outcome::failed(
-                None,
-                format!("timed out after {}", humantime::format_duration(req.timeout)),
-                started.elapsed(),
-            ),
+            Ok(Ok(response)) if (200..300).contains(&response.status) => {
+                Outcome::Delivered { status: response.status, latency: latency(), response: Some(response) }
+            }
+            Ok(Ok(response)) => {
+                let retry_after_ms = retry_after(&response);
+                let failure = Failure::Status { status: response.status, retry_after_ms };
+                Outcome::Failed { failure, latency: latency(), response: Some(response) }
+            }
+            Ok(Err(e)) => Outcome::failed(classify(&e), latency()),
+            Err(_) => Outcome::failed(timed_out(req.timeout), latency()),
         }
     }
 }
 
-/// The most specific message of a client error chain (e.g. "connection refused").
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    let mut msg = e.to_string();
+/// The receiver's `Retry-After` in ms, when it gave one in seconds.
+fn retry_after(response: &Response) -> Option<u64> {
+    let (_, value) = response.headers.iter().find(|(n, _)| n == "retry-after")?;
+    value.trim().parse::<u64>().ok().map(|s| s.saturating_mul(1000))
+}
+
+/// A timeout failure of `timeout`.
+pub(crate) fn timed_out(timeout: Duration) -> Failure {
+    Failure::Timeout { after_ms: timeout.as_millis().min(u64::MAX as u128) as u64 }
+}
+
+/// `e` as a `T`, or the `T` an `io::Error` wraps (whose `source` skips it).
+fn found<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    e.downcast_ref::<T>().or_else(|| e.downcast_ref::<std::io::Error>()?.get_ref()?.downcast_ref::<T>())
+}
+
+/// What kind of failure a client error is: the guard's refusal, TLS, or the connection.
+fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    let mut detail = e.to_string();
     let mut source = std::error::Error::source(e);
+    let mut tls = false;
     while let Some(s) = source {
-        msg = format!("{msg}: {s}");
+        detail = format!("{detail}: {s}");
+        if let Some(refused) = found::<Refused>(s) {
+            return Failure::Refused { detail: refused.to_string() };
+        }
+        tls |= found::<rustls::Error>(s).is_some();
         source = s.source();
     }
-    msg
+    if tls {
+        Failure::Tls { detail }
+    } else {
+        Failure::Connect { detail }
+    }
 }

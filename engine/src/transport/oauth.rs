@@ -1,14 +1,22 @@
-//! OAuth 2 bearer tokens for receivers behind OAuth: fetched from the token endpoint with
-//! the password or client-credentials grant, cached until shortly before they expire, and
-//! fetched anew when the receiver answers 401. One fetch per key at a time, so a burst of
-//! deliveries makes one token request.
+//! OAuth 2 bearer tokens for receivers behind OAuth: fetched from the token endpoint with the
+//! password or client-credentials grant, cached until shortly before they expire, and fetched
+//! anew when the receiver answers 401.
+//!
+//! The cache is keyed by the tenant and a digest of every credential (client secret and
+//! password included), so a token is only ever reused for the same tenant presenting the same
+//! credentials. One fetch per key at a time, shared by every delivery waiting for it, and no
+//! lock is held while it runs: a blackholed token endpoint costs each delivery its own
+//! timeout, not a queue of them.
 
 use super::http::HttpTransport;
-use crate::model::{Auth, TlsOptions};
+use crate::model::secret::revealing;
+use crate::model::{Auth, Failure, Subscription, TlsOptions};
 use crate::payload::Body;
 use base64::Engine;
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use http::{header, HeaderMap, HeaderValue, Uri};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,21 +27,24 @@ const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Tokens are dropped this long (at most) before they expire.
 const EARLY: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    token_url: String,
-    client_id: String,
-    username: Option<String>,
-    grant: String,
-}
+/// The longest a token is cached, whatever `expires_in` says.
+const LONGEST: Duration = Duration::from_secs(24 * 3600);
 
-type Slot = Arc<tokio::sync::Mutex<Option<(HeaderValue, Instant)>>>;
+/// Cache entries kept before expired ones are swept out.
+const SWEEP_AT: usize = 4096;
+
+type Fetched = Result<(HeaderValue, Instant), Failure>;
+
+enum Slot {
+    Ready(HeaderValue, Instant),
+    Fetching(Shared<BoxFuture<'static, Fetched>>),
+}
 
 /// The token cache.
 #[derive(Clone)]
 pub struct Tokens {
     http: HttpTransport,
-    slots: Arc<Mutex<HashMap<Key, Slot>>>,
+    slots: Arc<Mutex<HashMap<[u8; 32], Slot>>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -43,55 +54,73 @@ struct TokenResponse {
     expires_in: Option<u64>,
 }
 
+/// The cache key of a subscription's credentials: its tenant and every credential field.
+fn key(sub: &Subscription) -> [u8; 32] {
+    let credentials =
+        revealing(|| serde_json::to_vec(&(&sub.tenant, &sub.spec.auth, &sub.spec.tls))).expect("credentials serialize");
+    Sha256::digest(credentials).into()
+}
+
 impl Tokens {
     /// A cache fetching through `http` (so token endpoints pass the network guard too).
     pub fn new(http: HttpTransport) -> Self {
         Tokens { http, slots: Default::default() }
     }
 
-    fn slot(&self, key: Key) -> Slot {
-        self.slots.lock().unwrap().entry(key).or_default().clone()
-    }
-
-    fn key(auth: &Auth) -> Option<Key> {
-        match auth {
-            Auth::Oauth2 { grant, token_url, client_id, username, .. } => Some(Key {
-                token_url: token_url.clone(),
-                client_id: client_id.clone(),
-                username: username.clone(),
-                grant: grant.clone(),
-            }),
-            _ => None,
-        }
-    }
-
-    /// The `Authorization` value for `auth`: cached, or fetched now (over the
-    /// subscription's TLS profile, since token endpoints often share the receiver's CA).
-    pub async fn bearer(&self, auth: &Auth, tls: Option<&TlsOptions>) -> Result<HeaderValue, String> {
-        let key = Self::key(auth).ok_or("not an oauth2 subscription")?;
-        let slot = self.slot(key);
-        let mut cached = slot.lock().await;
-        if let Some((value, until)) = cached.as_ref() {
-            if Instant::now() < *until {
-                return Ok(value.clone());
+    /// The `Authorization` value for `sub`'s OAuth credentials: cached, or fetched now (over
+    /// the subscription's TLS profile, since token endpoints often share the receiver's CA),
+    /// waiting at most `timeout`.
+    pub async fn bearer(&self, sub: &Subscription, timeout: Duration) -> Result<HeaderValue, Failure> {
+        let key = key(sub);
+        let fetch = {
+            let mut slots = self.slots.lock().unwrap();
+            match slots.get(&key) {
+                Some(Slot::Ready(value, until)) if Instant::now() < *until => return Ok(value.clone()),
+                Some(Slot::Fetching(f)) => f.clone(),
+                _ => {
+                    let (this, auth, tls) = (self.clone(), sub.spec.auth.clone(), sub.spec.tls.clone());
+                    let f = async move { this.fetch(&auth, tls.as_ref()).await }.boxed().shared();
+                    if slots.len() >= SWEEP_AT {
+                        let now = Instant::now();
+                        slots.retain(|_, s| matches!(s, Slot::Ready(_, until) if *until > now));
+                    }
+                    slots.insert(key, Slot::Fetching(f.clone()));
+                    f
+                }
+            }
+        };
+        let fetched = tokio::time::timeout(timeout, fetch)
+            .await
+            .unwrap_or_else(|_| Err(Failure::Auth { detail: "the token endpoint did not answer in time".into() }));
+        let mut slots = self.slots.lock().unwrap();
+        match fetched {
+            Ok((value, until)) => {
+                slots.insert(key, Slot::Ready(value.clone(), until));
+                Ok(value)
+            }
+            Err(failure) => {
+                if matches!(slots.get(&key), Some(Slot::Fetching(_))) {
+                    slots.remove(&key);
+                }
+                Err(failure)
             }
         }
-        let (value, until) = self.fetch(auth, tls).await?;
-        *cached = Some((value.clone(), until));
-        Ok(value)
     }
 
-    /// Drops the cached token of `auth` (the receiver refused it).
-    pub async fn forget(&self, auth: &Auth) {
-        if let Some(key) = Self::key(auth) {
-            *self.slot(key).lock().await = None;
+    /// Drops the cached token of `sub` (the receiver refused it).
+    pub fn forget(&self, sub: &Subscription) {
+        let key = key(sub);
+        let mut slots = self.slots.lock().unwrap();
+        if matches!(slots.get(&key), Some(Slot::Ready(..))) {
+            slots.remove(&key);
         }
     }
 
-    async fn fetch(&self, auth: &Auth, tls: Option<&TlsOptions>) -> Result<(HeaderValue, Instant), String> {
+    async fn fetch(&self, auth: &Auth, tls: Option<&TlsOptions>) -> Fetched {
         let Auth::Oauth2 { grant, token_url, client_id, client_secret, username, password, scope } = auth else {
-            return Err("not an oauth2 subscription".into());
+            return Err(Failure::Unusable { detail: "not an oauth2 subscription".into() });
         };
+        let failed = |detail: String| Failure::Auth { detail };
         // Built in a block: the serializer is not `Send` and must not live across an await.
         let form = {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
@@ -112,26 +141,27 @@ impl Tokens {
         if let Some(secret) = client_secret {
             // RFC 6749 §2.3.1: client credentials in HTTP Basic.
             let basic = base64::engine::general_purpose::STANDARD.encode(format!("{client_id}:{}", secret.expose()));
-            let mut value = HeaderValue::from_str(&format!("Basic {basic}")).map_err(|e| e.to_string())?;
+            let mut value = HeaderValue::from_str(&format!("Basic {basic}")).map_err(|e| failed(e.to_string()))?;
             value.set_sensitive(true);
             headers.insert(header::AUTHORIZATION, value);
         }
-        let uri: Uri = token_url.parse().map_err(|_| "token_url is not a URI".to_string())?;
+        let uri: Uri = token_url.parse().map_err(|_| failed("token_url is not a URI".into()))?;
         let body = Body::new([Bytes::from(form)]);
         let (status, body) = self
             .http
             .exchange(uri, headers, body, TOKEN_TIMEOUT, tls)
             .await
-            .map_err(|e| format!("token request failed: {e}"))?;
+            .map_err(|e| failed(format!("token request failed: {e}")))?;
         if !(200..300).contains(&status) {
-            return Err(format!("token endpoint answered {status}"));
+            return Err(failed(format!("token endpoint answered {status}")));
         }
-        let token: TokenResponse =
-            serde_json::from_slice(&body).map_err(|e| format!("token endpoint answered unreadable JSON: {e}"))?;
-        let lifetime = Duration::from_secs(token.expires_in.unwrap_or(3600));
+        let token: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| failed(format!("token endpoint answered unreadable JSON: {e}")))?;
+        // Saturating: a huge `expires_in` caches for a day, never overflows the clock.
+        let lifetime = Duration::from_secs(token.expires_in.unwrap_or(3600)).min(LONGEST);
         let until = Instant::now() + lifetime.saturating_sub(EARLY.min(lifetime / 10));
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.access_token))
-            .map_err(|_| "the access token is not valid header text".to_string())?;
+            .map_err(|_| failed("the access token is not valid header text".into()))?;
         value.set_sensitive(true);
         Ok((value, until))
     }

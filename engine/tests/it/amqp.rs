@@ -103,6 +103,29 @@ async fn events_are_published_to_the_exchange_by_routing_key_and_survive_a_broke
         ));
     }
 
+    // 1b. PATCH moves the subscription to another exchange; the next delivery goes there.
+    let moved = format!("herald-moved-{run}");
+    let q_moved = format!("moved-{run}");
+    topic(&ch, &moved, false, &[(&q_moved, "#")]).await;
+    let (status, patched) = h
+        .api
+        .raw(
+            "PATCH",
+            &format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap()),
+            Some(json!({ "amqp": { "exchange": moved } }).to_string().into()),
+            Some(crate::support::TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["amqp"]["exchange"], moved.as_str());
+    assert!(!patched.to_string().contains(":guest@"), "the broker password is never returned: {patched}");
+    h.api.post("/v1/events", json!({ "id": "imp-2", "type": "Imported", "data": { "batch": 8 } })).await;
+    let msg =
+        until("the event on the new exchange", Duration::from_secs(15), || async { take(&ch, &q_moved).await }).await;
+    assert_eq!(msg.delivery.properties.message_id().as_ref().map(|s| s.as_str()), Some("imp-2"));
+    assert_eq!(msg.delivery.exchange.as_str(), moved.as_str());
+    assert!(take(&ch, &q_imported).await.is_none(), "nothing more on the old exchange");
+
     // 2. An unroutable key and a missing exchange are failures: retried, then dead-lettered.
     let once_more = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 2 });
     let unbound = format!("herald-unbound-{run}");

@@ -145,5 +145,7 @@ async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_
         (metric(&m, "herald_edge_rtt_seconds_count ") > EVENTS as f64).then_some(m)
     })
     .await;
-    assert!(m.contains(&format!("herald_edge_in_flight{{device=\"{acme_device}\"}}")), "in flight per device");
+    // One in-flight gauge for the process: device ids never become metric labels.
+    assert!(m.contains("herald_edge_in_flight "), "the in-flight gauge is exposed");
+    assert!(!m.contains(&acme_device), "no device id in /metrics");
 }

@@ -144,8 +144,8 @@ async fn an_edge_agent_connected_to_one_process_serves_the_deliveries_of_both() 
     let (status, device) = api_a.post("/v1/edge-devices", json!({ "name": "office" })).await;
     assert_eq!(status, 201, "{device}");
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let agent = tokio::spawn(herald::edge::agent::run(
-        herald::edge::agent::AgentConfig {
+    let agent = tokio::spawn(herald::agent::run(
+        herald::agent::AgentConfig {
             server: format!("http://{}", a.addr),
             token: device["token"].as_str().unwrap().to_string(),
             window: 32,

@@ -109,7 +109,7 @@ async fn metrics_count_known_traffic_exactly() {
     expect("herald_deliveries_total", &[("transport", "webhook"), ("outcome", "delivered")], 5.0);
     expect("herald_deliveries_total", &[("transport", "webhook"), ("outcome", "dead_lettered")], 1.0);
     expect("herald_dead_letters_total", &[], 1.0);
-    expect("herald_retries_scheduled_total", &[("tier", "100ms")], 3.0);
+    expect("herald_retries_scheduled_total", &[("tier", "retry.100ms")], 3.0);
     expect("herald_delivery_request_seconds", &[("transport", "webhook")], 9.0); // count of observations
     expect("herald_delivery_end_to_end_seconds", &[("transport", "webhook")], 5.0);
     expect("herald_subscriptions", &[], 3.0);

@@ -89,12 +89,17 @@ async fn rotation_sends_both_signatures_during_the_overlap_then_only_the_new_one
     // After the overlap only the new secret signs.
     let api = h.api.clone();
     let mut n = 0;
-    let after = until("a delivery after the overlap", Duration::from_secs(10), || {
+    let after = until("a delivery after the overlap", Duration::from_secs(20), || {
         n += 1;
         let (api, rx, id) = (api.clone(), rx.clone(), format!("after-{n}"));
         async move {
             api.post("/v1/events", json!({ "id": id, "type": "T", "data": {} })).await;
-            let r = rx.wait_on("/r", 1).await.into_iter().find(|r| r.header("webhook-id") == id)?;
+            // Wait for this event's own delivery before judging it.
+            let r = until("the event's delivery", Duration::from_secs(10), || {
+                let found = rx.on("/r").into_iter().find(|r| r.header("webhook-id") == id);
+                async move { found }
+            })
+            .await;
             (!r.header("webhook-signature").contains(' ')).then_some(r)
         }
     })
@@ -132,4 +137,84 @@ async fn the_test_endpoint_sends_a_signed_ping_and_reports_the_outcome() {
     assert_eq!((report["delivered"].as_bool(), report["status"].as_u64()), (Some(false), Some(500)), "{report}");
     let (status, _) = h.api.post("/v1/subscriptions/sub_nope/test", json!({})).await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn patch_with_null_clears_optional_fields() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let sub = h
+        .api
+        .subscribe(json!({
+            "url": rx.url("/n"), "rate_limit": 5.0, "timeout": "10s", "key": "k-1", "max_in_flight": 3,
+            "tls": { "trust_all": true }, "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 2 },
+            "headers": { "X-Keep": "yes", "X-Drop": "no" }
+        }))
+        .await;
+    let id = sub["id"].as_str().unwrap();
+    for field in ["rate_limit", "timeout", "key", "max_in_flight", "tls", "retry"] {
+        assert!(sub.get(field).is_some(), "{field} set at creation: {sub}");
+    }
+    let body = json!({ "rate_limit": null, "timeout": null, "key": null, "max_in_flight": null, "tls": null,
+                       "retry": null, "headers": { "X-Drop": null } });
+    let (status, cleared) = h
+        .api
+        .raw("PATCH", &format!("/v1/subscriptions/{id}"), Some(body.to_string().into()), Some(crate::support::TOKEN))
+        .await;
+    assert_eq!(status, 200, "{cleared}");
+    let (_, read) = h.api.get(&format!("/v1/subscriptions/{id}")).await;
+    for field in ["rate_limit", "timeout", "key", "max_in_flight", "tls", "retry"] {
+        assert!(read.get(field).is_none(), "{field} cleared: {read}");
+    }
+    assert_eq!(read["headers"], json!({ "X-Keep": "********" }));
+    // The change is what is delivered: no key in the query any more, the kept header sent.
+    h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    let got = rx.wait_on("/n", 1).await;
+    assert_eq!(got[0].query, None);
+    assert_eq!(got[0].header("x-keep"), "yes");
+    assert!(got[0].header("x-drop").is_empty());
+}
+
+#[tokio::test]
+async fn no_secret_of_any_kind_appears_in_a_read_or_a_list() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let secrets = [
+        "whsec_c2VjcmV0LXNpZ25pbmcta2V5LWZvci10ZXN0",
+        "query-key-77",
+        "basic-pw-88",
+        "header-token-99",
+        "key-pass-11",
+        "amqp-pw-22",
+        "client-secret-33",
+        "oauth-pw-44",
+    ];
+    let webhook = h
+        .api
+        .subscribe(json!({
+            "url": rx.url("/s"), "secret": secrets[0], "key": secrets[1],
+            "auth": { "type": "basic", "username": "u", "password": secrets[2] },
+            "headers": { "Authorization-Extra": secrets[3] }, "tls": { "key_password": secrets[4] }
+        }))
+        .await;
+    assert_eq!(webhook["secret"], secrets[0], "the create answer shows the signing secret, on purpose");
+    h.api
+        .subscribe(json!({ "transport": "amqp",
+                           "amqp": { "uri": format!("amqp://herald:{}@127.0.0.1:5672/vh", secrets[5]), "exchange": "x" } }))
+        .await;
+    h.api
+        .subscribe(json!({
+            "url": rx.url("/o"),
+            "auth": { "type": "oauth2", "grant": "password", "token_url": rx.url("/token"), "client_id": "c",
+                      "client_secret": secrets[6], "username": "u", "password": secrets[7] }
+        }))
+        .await;
+    let (_, list) = h.api.get("/v1/subscriptions").await;
+    let (_, one) = h.api.get(&format!("/v1/subscriptions/{}", webhook["id"].as_str().unwrap())).await;
+    for text in [list.to_string(), one.to_string()] {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+    }
+    assert!(list.to_string().contains("amqp://herald:********@127.0.0.1:5672/vh"), "the broker stays visible: {list}");
 }

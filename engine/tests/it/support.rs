@@ -311,7 +311,7 @@ impl MockKafka {
     pub fn start(partitions: u32) -> MockKafka {
         let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
         // The mock broker has no CreateTopics: lay the topics out as Herald would.
-        for spec in herald::log::Topics::new("herald.").specs(partitions) {
+        for spec in herald::topics::Topics::new("herald.").specs(partitions) {
             cluster.create_topic(&spec.name, spec.partitions as i32, 1).expect("mock topic");
         }
         MockKafka(cluster)
@@ -405,7 +405,8 @@ fn dead_letters(records: Vec<herald::log::LogRecord>) -> Vec<herald::model::Dead
 /// Reads the dead-letter topic of a stopped server's data dir.
 pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLetter> {
     use herald::log::embedded::{EmbeddedConfig, EmbeddedLog};
-    use herald::log::{Log, Topics};
+    use herald::log::Log;
+    use herald::topics::Topics;
     let topics = Topics::new("herald.");
     let log = EmbeddedLog::open(EmbeddedConfig {
         dir: data_dir.join("log"),

@@ -252,11 +252,8 @@ impl Log for EmbeddedLog {
         let n = parts.len() as u32;
         let records = records.into_iter().map(|r| (parts[partition_for(&r.key, n) as usize].clone(), r)).collect();
         let (reply, rx) = oneshot::channel();
-        let started = std::time::Instant::now();
         self.writer.send(AppendRequest { records, reply }).map_err(|_| LogError::Closed)?;
         let answer = rx.await;
-        metrics::histogram!(crate::metrics::LOG_APPEND_SECONDS, "topic" => topic.to_string())
-            .record(started.elapsed().as_secs_f64());
         match answer {
             Ok(Ok(positions)) => Ok(positions),
             Ok(Err(e)) => Err(LogError::Io(std::io::Error::other(e))),

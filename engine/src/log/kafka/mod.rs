@@ -153,7 +153,6 @@ impl Log for KafkaLog {
             return Err(LogError::Closed);
         }
         let n = self.partitions(topic)?;
-        let started = std::time::Instant::now();
         let now = crate::model::now_ms();
         let mut pending = Vec::with_capacity(records.len());
         for r in &records {
@@ -183,8 +182,6 @@ impl Log for KafkaLog {
                 Err(_) => return Err(LogError::Closed),
             }
         }
-        metrics::histogram!(crate::metrics::LOG_APPEND_SECONDS, "topic" => topic.to_string())
-            .record(started.elapsed().as_secs_f64());
         Ok(positions)
     }
 

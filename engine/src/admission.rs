@@ -1,5 +1,6 @@
-//! Per-subscription endpoint state in this process: the in-flight cap, the optional rate
-//! limit, recent latency, and health (circuit breaker, continuous-failure clock).
+//! Admission control and the circuit breaker: per-subscription state in this process that
+//! decides whether a delivery may be attempted now. The in-flight cap, the optional rate
+//! limit, recent latency, and health (the breaker, the continuous-failure clock).
 //!
 //! Admission: a delivery takes an in-flight slot at once, or queues for one for at most
 //! [`PATIENCE`] (a fast endpoint's backlog drains within it; a hung endpoint's deliveries
@@ -22,6 +23,9 @@ pub const DEFAULT_MAX_IN_FLIGHT: u32 = 64;
 /// within it stays in memory, and it is the longest a hung endpoint's deliveries can hold
 /// a partition's window slots.
 pub const PATIENCE: Duration = Duration::from_millis(250);
+
+/// The longest a delivery is deferred for by admission.
+const MAX_DEFER: Duration = Duration::from_secs(3600);
 
 /// While a probe is out, other deliveries wait at most this long before looking again.
 const PROBE_WAIT: Duration = Duration::from_secs(5);
@@ -73,7 +77,9 @@ impl Bucket {
             s.0 -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(((1.0 - s.0) / self.rate).max(0.001)))
+            // Saturating: a rate too small to pace (a stored value from before it was
+            // range-checked) defers for an hour rather than overflowing.
+            Err(Duration::try_from_secs_f64(((1.0 - s.0) / self.rate).max(0.001)).unwrap_or(MAX_DEFER).min(MAX_DEFER))
         }
     }
 }
@@ -87,9 +93,9 @@ pub struct Health {
     pub give_up: bool,
 }
 
-/// Load and health of one subscription's endpoint.
+/// Load and health of one subscription's endpoint, as this process sees it.
 #[derive(Debug)]
-pub struct Endpoint {
+pub struct Admission {
     slots: Arc<Semaphore>,
     bucket: Option<Bucket>,
     /// Exponentially weighted mean of attempt latency, microseconds.
@@ -105,12 +111,12 @@ pub struct Endpoint {
     health: HealthConfig,
 }
 
-impl Endpoint {
+impl Admission {
     /// State for an endpoint with `max_in_flight` (or the default) slots and an optional
     /// rate limit in deliveries per second.
     pub fn new(max_in_flight: Option<u32>, rate_limit: Option<f64>, health: HealthConfig) -> Self {
         let cap = max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT).max(1);
-        Endpoint {
+        Admission {
             slots: Arc::new(Semaphore::new(cap as usize)),
             bucket: rate_limit.map(|rate| Bucket { rate, state: Mutex::new((rate.max(1.0), now_ms())) }),
             latency_us: AtomicU64::new(0),
@@ -248,7 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn admits_up_to_the_cap_then_queues_until_patience_runs_out() {
-        let e = Endpoint::new(Some(2), None, HealthConfig::default());
+        let e = Admission::new(Some(2), None, HealthConfig::default());
         e.observe(Duration::from_millis(10));
         let (a, _) = e.admit().await.unwrap();
         let _b = e.admit().await.unwrap();
@@ -271,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_breaker_opens_after_consecutive_failures_probes_once_and_backs_off() {
-        let e = Endpoint::new(None, None, health(3, 40));
+        let e = Admission::new(None, None, health(3, 40));
         for _ in 0..2 {
             let (_slot, probe) = e.admit().await.unwrap();
             assert_eq!(e.failed(probe).opened, None);
@@ -297,7 +303,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_rate_limit_hands_out_a_second_of_tokens_then_paces() {
-        let e = Endpoint::new(None, Some(10.0), HealthConfig::default());
+        let e = Admission::new(None, Some(10.0), HealthConfig::default());
         let mut admitted = Vec::new();
         for _ in 0..10 {
             admitted.push(e.admit().await.unwrap());
@@ -312,7 +318,7 @@ mod tests {
     fn continuous_failure_past_disable_after_gives_up() {
         let mut h = health(1000, 10);
         h.disable_after = HumanDuration(Duration::from_millis(30));
-        let e = Endpoint::new(None, None, h);
+        let e = Admission::new(None, None, h);
         assert!(!e.failed(false).give_up);
         std::thread::sleep(Duration::from_millis(35));
         assert!(e.failed(false).give_up);

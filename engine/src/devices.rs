@@ -1,23 +1,16 @@
-//! Edge devices: objects of a tenant, kept in the registry topic (records keyed
-//! `edge/<id>`). Each has its own token, shown once at creation and stored as a SHA-256; a
-//! presented token names its device (`he.<device id>.<secret>`).
+//! Edge devices: objects of a tenant, kept in the catalog. Each has its own token, shown once
+//! at creation and stored as a SHA-256; a presented token names its device
+//! (`he.<device id>.<secret>`). The catalog also records which Herald process a device's agent
+//! is connected to (its presence), so any process can reach it.
 
-use crate::log::{LogError, LogRecord};
+use crate::catalog::feed::Feed;
+use crate::catalog::{Apply, CatalogError, Entry, Key, Kind, Owner};
+use crate::log::LogRecord;
 use crate::model::{new_id, now_ms, rfc3339_ms};
-use crate::registry::feed::Feed;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-
-const PREFIX: &str = "edge/";
-/// Where a device's agent is connected: `edge-at/<device id>`.
-const PRESENCE_PREFIX: &str = "edge-at/";
-
-/// Whether a registry-topic record belongs to this module.
-pub fn owns(key: &[u8]) -> bool {
-    key.starts_with(PREFIX.as_bytes()) || key.starts_with(PRESENCE_PREFIX.as_bytes())
-}
 
 /// Which Herald process a device's agent is connected to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,44 +52,19 @@ impl Devices {
     /// Materialises the devices from `records`, the whole registry topic.
     pub fn load(feed: Arc<Feed>, records: &[LogRecord]) -> Devices {
         let devices = Devices { feed, state: RwLock::default(), presence: RwLock::default() };
-        for rec in records {
-            devices.apply(rec);
-        }
+        crate::catalog::load(&devices, records, Owner::Devices);
         devices
     }
 
-    /// Applies one registry-topic record (a device or a tombstone).
-    pub fn apply(&self, rec: &LogRecord) {
-        if let Some(id) = rec.key.strip_prefix(PRESENCE_PREFIX.as_bytes()) {
-            let id = String::from_utf8_lossy(id).into_owned();
-            let mut presence = self.presence.write().unwrap();
-            match serde_json::from_slice::<Presence>(&rec.value) {
-                Ok(p) => presence.insert(id, p),
-                Err(_) => presence.remove(&id),
-            };
-            return;
-        }
-        let Some(id) = rec.key.strip_prefix(PREFIX.as_bytes()) else { return };
-        let id = String::from_utf8_lossy(id).into_owned();
-        let mut state = self.state.write().unwrap();
-        match serde_json::from_slice::<Stored>(&rec.value) {
-            Ok(d) => {
-                state.insert(id, d);
-            }
-            Err(_) => {
-                state.remove(&id);
-            }
-        }
-    }
-
     /// Creates a device for `tenant`; returns it and its token, which is never shown again.
-    pub async fn create(&self, tenant: &str, name: String) -> Result<(EdgeDevice, String), LogError> {
+    pub async fn create(&self, tenant: &str, name: String) -> Result<(EdgeDevice, String), CatalogError> {
         let device =
             EdgeDevice { id: new_id("edg"), tenant: tenant.to_string(), name, created_at: rfc3339_ms(now_ms()) };
         let (token, sha256) = crate::tenants::new_token("he", &device.id);
         let stored = Stored { device: device.clone(), sha256 };
-        let key = format!("{PREFIX}{}", device.id);
-        self.feed.write(key.as_bytes(), Bytes::from(serde_json::to_vec(&stored).expect("serializes"))).await?;
+        self.feed
+            .write(Key::device(&device.id).as_bytes(), Bytes::from(serde_json::to_vec(&stored).expect("serializes")))
+            .await?;
         Ok((device, token))
     }
 
@@ -116,11 +84,11 @@ impl Devices {
     }
 
     /// Deletes a device of `tenant` (any tenant's when `None`); `false` when there is none.
-    pub async fn delete(&self, id: &str, tenant: Option<&str>) -> Result<bool, LogError> {
+    pub async fn delete(&self, id: &str, tenant: Option<&str>) -> Result<bool, CatalogError> {
         if self.get(id, tenant).is_none() {
             return Ok(false);
         }
-        self.feed.write(format!("{PREFIX}{id}").as_bytes(), Bytes::new()).await?;
+        self.feed.write(Key::device(id).as_bytes(), Bytes::new()).await?;
         Ok(true)
     }
 
@@ -130,17 +98,17 @@ impl Devices {
     }
 
     /// Records that `device`'s agent is connected at `presence`.
-    pub async fn announce(&self, device: &str, presence: &Presence) -> Result<(), LogError> {
+    pub async fn announce(&self, device: &str, presence: &Presence) -> Result<(), CatalogError> {
         let value = Bytes::from(serde_json::to_vec(presence).expect("serializes"));
-        self.feed.write(format!("{PRESENCE_PREFIX}{device}").as_bytes(), value).await.map(|_| ())
+        self.feed.write(Key::presence(device).as_bytes(), value).await.map(|_| ())
     }
 
     /// Withdraws `presence` of `device`, unless a newer connection has replaced it.
-    pub async fn withdraw(&self, device: &str, presence: &Presence) -> Result<(), LogError> {
+    pub async fn withdraw(&self, device: &str, presence: &Presence) -> Result<(), CatalogError> {
         if self.located(device).as_ref() != Some(presence) {
             return Ok(());
         }
-        self.feed.write(format!("{PRESENCE_PREFIX}{device}").as_bytes(), Bytes::new()).await.map(|_| ())
+        self.feed.write(Key::presence(device).as_bytes(), Bytes::new()).await.map(|_| ())
     }
 
     /// The device a presented token belongs to, if the token is valid.
@@ -149,5 +117,29 @@ impl Devices {
         let state = self.state.read().unwrap();
         let stored = state.get(id)?;
         matches(&stored.sha256).then(|| stored.device.clone())
+    }
+}
+
+impl Apply for Devices {
+    /// A device, a presence, or a tombstone deleting one.
+    fn apply(&self, entry: Entry<'_>) {
+        let value = &entry.record.value;
+        match entry.kind {
+            Kind::Presence => {
+                let mut presence = self.presence.write().unwrap();
+                match serde_json::from_slice::<Presence>(value) {
+                    Ok(p) => presence.insert(entry.id, p),
+                    Err(_) => presence.remove(&entry.id),
+                };
+            }
+            Kind::Device => {
+                let mut state = self.state.write().unwrap();
+                match serde_json::from_slice::<Stored>(value) {
+                    Ok(d) => state.insert(entry.id, d),
+                    Err(_) => state.remove(&entry.id),
+                };
+            }
+            _ => {}
+        }
     }
 }

@@ -2,10 +2,10 @@
 //! WebSocket to Herald, reconnecting with backoff, and makes each delivery it is sent with
 //! the same transports, signing and timeouts as the server, then reports the outcome.
 
-use super::protocol::{decode_delivery, Report, ToAgent, ToServer, CONNECT_PATH};
-use crate::model::Subscription;
-use crate::registry::Target;
-use crate::transport::{HttpSettings, NetworkGuard, Outcome, Transports};
+use crate::model::{Failure, Outcome, Subscription};
+use crate::target::Target;
+use crate::transport::edge::protocol::{decode_delivery, Report, ToAgent, ToServer, CONNECT_PATH};
+use crate::transport::{HttpSettings, NetworkGuard, Transports};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
 use std::collections::HashMap;
@@ -48,11 +48,7 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
         s if s.starts_with("http://") => format!("ws://{}{CONNECT_PATH}", &s[7..]),
         s => return Err(AgentError::Server(s.to_string())),
     };
-    let settings = HttpSettings {
-        connect_timeout: Duration::from_secs(10),
-        pool_idle_timeout: Duration::from_secs(90),
-        pool_max_idle_per_host: 256,
-    };
+    let settings = HttpSettings::default();
     let transports = Transports::new(NetworkGuard::new(config.allow.clone()), &settings, config.default_timeout);
     let targets: Targets = Arc::default();
     let mut backoff = Duration::from_millis(200);
@@ -120,7 +116,7 @@ async fn session(
             let (tx, transports, targets) = (tx.clone(), transports.clone(), targets.clone());
             tokio::spawn(async move {
                 let outcome = attempt(&transports, &targets, *subscription, &delivery, pending_retries).await;
-                let report = ToServer::Outcome(Report::of(seq, &outcome));
+                let report = ToServer::Outcome(Report { seq, outcome });
                 let _ = tx.send(serde_json::to_string(&report).expect("serializes"));
             });
         }
@@ -140,9 +136,9 @@ async fn attempt(
     delivery: &str,
     pending_retries: u32,
 ) -> Outcome {
-    let failed = |error: String| Outcome::failed(None, error, Duration::ZERO);
+    let failed = |detail: String| Outcome::failed(Failure::Unusable { detail }, Duration::ZERO);
     let Some(delivery) = decode_delivery(delivery) else { return failed("unreadable delivery record".into()) };
-    sub.via_edge = None;
+    sub.spec.via_edge = None;
     let cached = targets.lock().unwrap().get(&sub.id).filter(|(v, _)| *v == sub.updated_at).map(|(_, t)| t.clone());
     let target = match cached {
         Some(t) => t,

@@ -1,8 +1,9 @@
 //! The registry topic as a feed: every process follows it and applies each record in log
-//! order, its own writes included, so all processes hold the same subscriptions and tenants
-//! and settle a race (two creates of one URL) the same way. A write returns once this
+//! order, its own writes included, so all processes hold the same subscriptions, tenants and
+//! devices and settle a race (two creates of one URL) the same way. A write returns once this
 //! process has applied it: read your writes.
 
+use super::CatalogError;
 use crate::log::{Log, LogError, LogRecord, Position, Record};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -42,7 +43,7 @@ impl Feed {
     }
 
     /// Appends one record and waits until the follower applied it; returns where it landed.
-    pub async fn write(&self, key: &[u8], value: Bytes) -> Result<Position, LogError> {
+    pub async fn write(&self, key: &[u8], value: Bytes) -> Result<Position, CatalogError> {
         let rec = Record { key: Bytes::copy_from_slice(key), value };
         let pos = self.log.append(&self.topic, vec![rec]).await?.pop().ok_or(LogError::Closed)?;
         self.applied_up_to(pos.offset + 1).await?;
@@ -50,22 +51,19 @@ impl Feed {
     }
 
     /// Waits until every record now in the registry topic has been applied here.
-    pub async fn catch_up(&self) -> Result<(), LogError> {
+    pub async fn catch_up(&self) -> Result<(), CatalogError> {
         let end = self.log.end_offset(&self.topic, 0).await?;
         self.applied_up_to(end).await
     }
 
     /// Waits (bounded) until every record below `next` has been applied here.
-    async fn applied_up_to(&self, next: u64) -> Result<(), LogError> {
+    async fn applied_up_to(&self, next: u64) -> Result<(), CatalogError> {
         let mut applied = self.applied.clone();
         let seen = tokio::time::timeout(SEEN_WITHIN, applied.wait_for(|n| *n >= next)).await.map(|r| r.is_ok());
         match seen {
             Ok(true) => Ok(()),
-            Ok(false) => Err(LogError::Closed),
-            Err(_) => Err(LogError::Backend(format!(
-                "the registry did not read back up to offset {next} within {}s",
-                SEEN_WITHIN.as_secs()
-            ))),
+            Ok(false) => Err(LogError::Closed.into()),
+            Err(_) => Err(CatalogError::NotReadBack { offset: next, within: SEEN_WITHIN }),
         }
     }
 }
@@ -75,14 +73,14 @@ pub fn next_offset(records: &[LogRecord]) -> u64 {
     records.iter().map(|r| r.offset + 1).max().unwrap_or(0)
 }
 
-/// Follows the registry topic from `from`, handing each record to `apply`, until the log
+/// Follows the registry topic from `from`, handing each record to `router`, until the log
 /// closes or `stop` turns true.
 pub async fn follow(
     log: Arc<dyn Log>,
     topic: String,
     from: u64,
     applied: Applied,
-    apply: impl Fn(&LogRecord) + Send + 'static,
+    router: super::Router,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut reader = loop {
@@ -104,7 +102,7 @@ pub async fn follow(
         match batch {
             Ok(records) => {
                 for rec in &records {
-                    apply(rec);
+                    router.apply(rec);
                 }
                 if let Some(last) = records.last() {
                     applied.set(last.offset + 1);

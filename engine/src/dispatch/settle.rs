@@ -1,0 +1,296 @@
+//! Settling: the one place where what happened to a delivery is decided and made durable —
+//! delivered, rescheduled into a tier, deferred without using an attempt, dead-lettered, or
+//! dropped — and returned as one [`Settled`] value. Metrics are recorded from it once
+//! ([`record`]), and anything else that observes deliveries (the history) observes it there.
+
+use crate::admission::Busy;
+use crate::log::LogRecord;
+use crate::metrics as m;
+use crate::model::{now_ms, rfc3339_ms, Delivery, Outcome, TransportKind};
+use crate::registry::Registry;
+use crate::retry::{self, tiers, Retrier, Verdict};
+use crate::target::Target;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What became of one delivery record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settlement {
+    /// The receiver took it.
+    Delivered,
+    /// The attempt failed; attempt `attempt` is due at `due_ms`, waiting in `tier`.
+    Rescheduled {
+        /// The next attempt's number.
+        attempt: u32,
+        /// When it is due, ms since the epoch.
+        due_ms: i64,
+        /// The tier it waits in.
+        tier: Duration,
+    },
+    /// Not attempted now, and no attempt used: it waits in a tier until `due_ms`.
+    Deferred {
+        /// Why.
+        reason: Deferral,
+        /// When it is looked at again, ms since the epoch.
+        due_ms: i64,
+    },
+    /// Parked in the dead-letter topic.
+    DeadLettered {
+        /// Why.
+        reason: Parked,
+    },
+    /// Its subscription was deleted: nobody wants it any more.
+    Dropped,
+}
+
+/// Why a delivery was not attempted now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deferral {
+    /// It is not due yet (hopping down the tiers).
+    NotDue,
+    /// Admission said not now (in-flight cap, rate limit, open breaker).
+    Busy(Busy),
+    /// Its subscription is not known here yet (the catalog could not be read, or its record is
+    /// from a newer version): it waits rather than be dropped.
+    UnknownSubscription,
+}
+
+impl Deferral {
+    /// The `reason` label of `herald_deliveries_deferred_total`, if it is counted there (a hop
+    /// to a shorter tier is routine, not a deferral).
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            Deferral::NotDue => None,
+            Deferral::Busy(busy) => Some(busy.reason()),
+            Deferral::UnknownSubscription => Some("unknown_subscription"),
+        }
+    }
+}
+
+/// Why a delivery was dead-lettered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parked {
+    /// Its retry policy has no attempt left (attempts or `max_age`).
+    Exhausted,
+    /// The receiver answered 410 Gone (the subscription is disabled too).
+    Gone,
+    /// Its subscription is disabled.
+    Disabled(String),
+    /// The record is not a readable delivery.
+    Malformed(String),
+    /// Processing it panicked twice.
+    Panicked(String),
+}
+
+/// How a delivery travels, as metrics and the history name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A signed HTTP POST from Herald.
+    Webhook,
+    /// An AMQP publish.
+    Amqp,
+    /// Through the subscription's edge agent.
+    Edge,
+}
+
+impl Via {
+    /// How `target`'s deliveries travel.
+    pub fn of(target: &Target) -> Via {
+        match (&target.sub.spec.via_edge, target.sub.spec.transport) {
+            (Some(_), _) => Via::Edge,
+            (None, TransportKind::Webhook) => Via::Webhook,
+            (None, TransportKind::Amqp) => Via::Amqp,
+        }
+    }
+
+    /// The `transport` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Via::Webhook => "webhook",
+            Via::Amqp => "amqp",
+            Via::Edge => "edge",
+        }
+    }
+}
+
+/// One settled delivery: the value metrics and the history observe.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    /// The delivery (`None` for a record that is not one).
+    pub delivery: Option<Delivery>,
+    /// How it travels (webhook when its subscription is not known).
+    pub transport: Via,
+    /// The attempt made, if one was.
+    pub attempt: Option<Outcome>,
+    /// What became of it.
+    pub settlement: Settlement,
+}
+
+impl Settled {
+    fn of(delivery: Delivery, transport: Via, settlement: Settlement) -> Settled {
+        Settled { delivery: Some(delivery), transport, attempt: None, settlement }
+    }
+}
+
+/// How long a delivery of a subscription not known here waits before it is looked at again.
+const UNKNOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Makes settlements durable: tiers and dead letters through the retrier, and the
+/// subscription changes an outcome implies (disabled after a 410, or after failing too long).
+pub struct Settler {
+    registry: Arc<Registry>,
+    retrier: Retrier,
+}
+
+impl Settler {
+    /// A settler writing through `retrier`.
+    pub fn new(registry: Arc<Registry>, retrier: Retrier) -> Self {
+        Settler { registry, retrier }
+    }
+
+    /// Settles an attempt's outcome: delivered, rescheduled by the policy, or dead-lettered.
+    pub async fn attempted(
+        &self,
+        target: &Target,
+        delivery: Delivery,
+        raw: Bytes,
+        outcome: Outcome,
+        probe: bool,
+    ) -> Settled {
+        target.admission.observe(outcome.latency());
+        let transport = Via::of(target);
+        let settlement = match retry::verdict(&outcome) {
+            Verdict::Delivered => {
+                target.admission.succeeded(probe);
+                Settlement::Delivered
+            }
+            Verdict::Gone => {
+                self.judge_health(target, probe).await;
+                let reason = format!("the receiver answered 410 Gone at {}", rfc3339_ms(now_ms()));
+                self.disable(&target.sub.id, reason).await;
+                self.park(&delivery, raw, &outcome, Parked::Gone).await
+            }
+            Verdict::Retry { not_before } => {
+                self.judge_health(target, probe).await;
+                tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, outcome = outcome.label(), "attempt failed");
+                match retry::next_due(target, &delivery, not_before) {
+                    Some(due_ms) => {
+                        let next = Delivery { attempt: delivery.attempt + 1, due_ms, ..delivery.clone() };
+                        let tier = self.retrier.schedule(&next).await;
+                        Settlement::Rescheduled { attempt: next.attempt, due_ms, tier }
+                    }
+                    None => self.park(&delivery, raw, &outcome, Parked::Exhausted).await,
+                }
+            }
+        };
+        Settled { delivery: Some(delivery), transport, attempt: Some(outcome), settlement }
+    }
+
+    /// Defers a delivery without using an attempt: it waits in a tier until `due_ms`.
+    pub async fn defer(&self, delivery: Delivery, transport: Via, reason: Deferral, due_ms: i64) -> Settled {
+        let later = Delivery { due_ms, ..delivery };
+        self.retrier.schedule(&later).await;
+        Settled::of(later, transport, Settlement::Deferred { reason, due_ms })
+    }
+
+    /// Defers a delivery whose subscription is not known here yet.
+    pub async fn unknown(&self, delivery: Delivery) -> Settled {
+        let due = now_ms() + UNKNOWN_WAIT.as_millis() as i64;
+        self.defer(delivery, Via::Webhook, Deferral::UnknownSubscription, due).await
+    }
+
+    /// Dead-letters a delivery of a disabled subscription.
+    pub async fn disabled(&self, target: &Target, delivery: Delivery, raw: Bytes) -> Settled {
+        let reason = target.sub.disabled_reason.clone().unwrap_or_else(|| "disabled".into());
+        let error = format!("subscription is disabled: {reason}");
+        self.retrier.dead_letter(&delivery, raw, None, error).await;
+        Settled::of(delivery, Via::of(target), Settlement::DeadLettered { reason: Parked::Disabled(reason) })
+    }
+
+    /// Drops a delivery of a deleted subscription.
+    pub fn dropped(&self, delivery: Delivery) -> Settled {
+        tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, "subscription deleted; delivery dropped");
+        Settled::of(delivery, Via::Webhook, Settlement::Dropped)
+    }
+
+    /// Dead-letters a record that is not a readable delivery, so it cannot stop its partition.
+    pub async fn malformed(&self, rec: &LogRecord, error: String) -> Settled {
+        self.retrier.park_malformed(rec, error.clone()).await;
+        let settlement = Settlement::DeadLettered { reason: Parked::Malformed(error) };
+        Settled { delivery: None, transport: Via::Webhook, attempt: None, settlement }
+    }
+
+    /// Dead-letters a record whose processing panicked twice, with the panic's message.
+    pub async fn panicked(&self, rec: &LogRecord, message: String) -> Settled {
+        let error = format!("processing this delivery panicked twice: {message}");
+        tracing::error!(partition = rec.partition, offset = rec.offset, %error, "delivery parked");
+        metrics::counter!(m::PANICS).increment(1);
+        match Delivery::decode(rec.value.clone()) {
+            Ok(delivery) => {
+                self.retrier.dead_letter(&delivery, rec.value.clone(), None, error.clone()).await;
+                let settlement = Settlement::DeadLettered { reason: Parked::Panicked(error) };
+                Settled::of(delivery, Via::Webhook, settlement)
+            }
+            Err(_) => self.malformed(rec, error).await,
+        }
+    }
+
+    async fn park(&self, delivery: &Delivery, raw: Bytes, outcome: &Outcome, reason: Parked) -> Settlement {
+        let error = outcome.failure().map(ToString::to_string).unwrap_or_default();
+        self.retrier.dead_letter(delivery, raw, outcome.status(), error).await;
+        Settlement::DeadLettered { reason }
+    }
+
+    async fn disable(&self, id: &str, reason: String) {
+        if let Err(e) = self.registry.disable(id, reason).await {
+            tracing::error!(subscription = %id, error = %e, "could not disable a subscription");
+        }
+    }
+
+    /// Counts a failed attempt against the endpoint's health: opens its breaker, or disables
+    /// the subscription once it has failed continuously for too long.
+    async fn judge_health(&self, target: &Target, probe: bool) {
+        let health = target.admission.failed(probe);
+        if let Some(pause) = health.opened {
+            tracing::warn!(subscription = %target.sub.id, pause = %humantime::format_duration(pause), "circuit breaker opened");
+        }
+        if health.give_up {
+            let reason = format!("failing continuously; disabled automatically at {}", rfc3339_ms(now_ms()));
+            self.disable(&target.sub.id, reason).await;
+        }
+    }
+}
+
+/// Records a settled delivery's metrics: the one place they are counted.
+pub fn record(settled: &Settled) {
+    let transport = settled.transport.label();
+    if let Some(outcome) = &settled.attempt {
+        metrics::counter!(m::ATTEMPTS, "transport" => transport, "outcome" => outcome.metric_label()).increment(1);
+        metrics::histogram!(m::REQUEST_SECONDS, "transport" => transport).record(outcome.latency().as_secs_f64());
+    }
+    match &settled.settlement {
+        Settlement::Delivered => {
+            metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "delivered").increment(1);
+            if let Some(d) = &settled.delivery {
+                let age = (now_ms() - d.accepted_ms).max(0) as f64 / 1000.0;
+                metrics::histogram!(m::END_TO_END_SECONDS, "transport" => transport).record(age);
+            }
+        }
+        Settlement::Rescheduled { tier, .. } => {
+            metrics::counter!(m::RETRIES_SCHEDULED, "tier" => tiers::label(*tier)).increment(1);
+        }
+        Settlement::Deferred { reason, .. } => {
+            if let Some(reason) = reason.label() {
+                metrics::counter!(m::DEFERRED, "reason" => reason).increment(1);
+            }
+        }
+        Settlement::DeadLettered { .. } => {
+            metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dead_lettered").increment(1);
+            metrics::counter!(m::DEAD_LETTERS).increment(1);
+        }
+        Settlement::Dropped => {
+            metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dropped").increment(1);
+        }
+    }
+}

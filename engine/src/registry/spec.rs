@@ -1,0 +1,146 @@
+//! Reading a subscription spec from the API: strictly (an unknown field is refused, naming it,
+//! while stored records stay lenient for rolling upgrades), and PATCH as a JSON Merge Patch
+//! (RFC 7396) onto the stored spec: `null` clears a field, objects merge member by member.
+
+use crate::model::secret::revealing;
+use crate::model::{Invalid, Secret, SubscriptionSpec};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// What a create body holds besides the spec: the owner (admin only) and the signing secret.
+#[derive(Debug, Default)]
+pub struct CreateExtras {
+    /// `tenant`, when given.
+    pub tenant: Option<String>,
+    /// `secret`, when given.
+    pub secret: Option<Secret>,
+}
+
+/// Fields of tagged objects whose change replaces the object instead of merging into it: a
+/// merge of `{"policy":"fixed",…}` into an exponential policy would otherwise keep the
+/// exponential fields and be refused for them.
+const TAGS: &[&str] = &["type", "scheme", "policy"];
+
+/// Reads `T` from `value`, refusing unknown fields and naming the first bad one as a path.
+/// Unknown fields are found by reading the value and writing it back: a member the input has
+/// and the read-back lacks was not understood. (serde's own `deny_unknown_fields` would make
+/// stored records of a newer version unreadable, and does not reach inside tagged enums.)
+pub fn strict<T: DeserializeOwned + Serialize>(value: &Value) -> Result<T, Invalid> {
+    let parsed: T = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        Invalid::new(if path == "." { String::new() } else { path }, e.into_inner().to_string())
+    })?;
+    let read = revealing(|| serde_json::to_value(&parsed)).expect("what was read serializes");
+    match first_unknown(value, &read, "") {
+        Some(field) => Err(Invalid::new(field, "unknown field")),
+        None => Ok(parsed),
+    }
+}
+
+/// The path of the first member of `given` that `read` lacks (`null` members are the
+/// absence of a value, not a field).
+fn first_unknown(given: &Value, read: &Value, path: &str) -> Option<String> {
+    let join = |key: &str| if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    match (given, read) {
+        (Value::Object(given), Value::Object(read)) => {
+            given.iter().filter(|(_, v)| !v.is_null()).find_map(|(k, v)| match read.get(k) {
+                None => Some(join(k)),
+                Some(r) => first_unknown(v, r, &join(k)),
+            })
+        }
+        (Value::Array(given), Value::Array(read)) => {
+            given.iter().zip(read).enumerate().find_map(|(i, (g, r))| first_unknown(g, r, &format!("{path}[{i}]")))
+        }
+        _ => None,
+    }
+}
+
+/// A create body: the spec, plus `tenant` and `secret`.
+pub fn create_body(mut body: Value) -> Result<(CreateExtras, SubscriptionSpec), Invalid> {
+    let Some(object) = body.as_object_mut() else { return Err(Invalid::new("", "the body must be a JSON object")) };
+    let mut extras = CreateExtras::default();
+    if let Some(tenant) = object.remove("tenant") {
+        extras.tenant = Some(strict(&tenant).map_err(|e| Invalid::new("tenant", e.message))?);
+    }
+    if let Some(secret) = object.remove("secret") {
+        extras.secret = Some(strict(&secret).map_err(|e| Invalid::new("secret", e.message))?);
+    }
+    Ok((extras, strict(&body)?))
+}
+
+/// `current` with `patch` merged in (RFC 7396), read back strictly like a create body.
+pub fn patched(current: &SubscriptionSpec, patch: &Value) -> Result<SubscriptionSpec, Invalid> {
+    if !patch.is_object() {
+        return Err(Invalid::new("", "a patch is a JSON object of the fields to change"));
+    }
+    let mut merged = revealing(|| serde_json::to_value(current)).expect("a spec serializes");
+    merge(&mut merged, patch);
+    strict(&merged)
+}
+
+/// RFC 7396 JSON Merge Patch, except that an object whose tag (`type`, `scheme`, `policy`)
+/// changes is replaced rather than merged.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    let retagged = target.as_object().is_some_and(|t| {
+        TAGS.iter().any(|tag| patch.get(*tag).is_some_and(|new| t.get(*tag).is_some_and(|old| old != new)))
+    });
+    if !target.is_object() || retagged {
+        *target = Value::Object(Map::new());
+    }
+    let target = target.as_object_mut().expect("made an object");
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            merge(target.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_fields_are_named_wherever_they_are() {
+        assert_eq!(strict::<SubscriptionSpec>(&json!({"url": "x", "colour": 1})).unwrap_err().field, "colour");
+        let nested = json!({"url": "x", "auth": {"type": "basic", "username": "u", "password": "p", "otp": 1}});
+        assert_eq!(strict::<SubscriptionSpec>(&nested).unwrap_err().field, "auth.otp");
+        let wrong = strict::<SubscriptionSpec>(&json!({"url": "x", "max_in_flight": "many"})).unwrap_err();
+        assert_eq!(wrong.field, "max_in_flight");
+    }
+
+    #[test]
+    fn a_patch_clears_with_null_merges_objects_and_replaces_on_a_new_tag() {
+        let current = strict::<SubscriptionSpec>(&json!({
+            "url": "https://a.example/", "rate_limit": 5.0, "timeout": "10s", "headers": {"A": "1", "B": "2"},
+            "retry": {"policy": "exponential", "initial": "1s", "max_attempts": 5}
+        }))
+        .unwrap();
+        let spec =
+            patched(&current, &json!({"rate_limit": null, "timeout": null, "headers": {"A": null, "C": "3"}})).unwrap();
+        assert_eq!((spec.rate_limit, spec.timeout), (None, None));
+        assert_eq!(spec.headers.keys().collect::<Vec<_>>(), ["B", "C"]);
+        assert_eq!(spec.headers["B"].expose(), "2", "unchanged secrets survive the merge");
+        let fixed = patched(&current, &json!({"retry": {"policy": "fixed", "interval": "5s", "max_attempts": 3}}));
+        assert!(matches!(fixed.unwrap().retry, Some(crate::model::RetrySpec::Fixed { .. })));
+        let more = patched(&current, &json!({"retry": {"max_attempts": 9}})).unwrap();
+        assert!(matches!(more.retry, Some(crate::model::RetrySpec::Exponential { max_attempts: Some(9), .. })));
+        assert_eq!(patched(&current, &json!({"tenant": "other"})).unwrap_err().field, "tenant");
+    }
+
+    #[test]
+    fn a_create_body_splits_into_owner_secret_and_spec() {
+        let (extras, spec) = create_body(json!({"url": "https://a.example/", "tenant": "t", "secret": "s"})).unwrap();
+        assert_eq!(extras.tenant.as_deref(), Some("t"));
+        assert_eq!(extras.secret.unwrap().expose(), "s");
+        assert_eq!(spec.url, "https://a.example/");
+        assert_eq!(create_body(json!({"url": "x", "tenant": 5})).unwrap_err().field, "tenant");
+    }
+}

@@ -1,0 +1,100 @@
+//! A subscription compiled for delivery: parsed URI with its `key`, fixed headers, prepared
+//! signing keys and admission state. Compiled once when the subscription is applied, so an
+//! attempt does no parsing; and [`Target::sign`], the one function that turns a delivery into
+//! the body and headers every transport sends.
+
+use crate::admission::Admission;
+use crate::config::HealthConfig;
+use crate::model::{Auth, Delivery, Invalid, Subscription};
+use crate::payload::{self, Body};
+use crate::signing::{self, Signer, SigningError};
+use base64::Engine;
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+
+/// A subscription compiled for delivery.
+#[derive(Debug)]
+pub struct Target {
+    /// The stored subscription.
+    pub sub: Subscription,
+    /// Prepared signing keys.
+    pub signer: Signer,
+    /// Request URI, `key` query parameter included.
+    pub uri: Uri,
+    /// Fixed headers: custom ones, user agent, Basic auth.
+    pub headers: HeaderMap,
+    /// Admission control and health of the endpoint in this process.
+    pub admission: Admission,
+}
+
+/// One attempt ready to send on any transport: the body and the headers that identify and
+/// sign it, over exactly these bytes.
+pub struct Signed {
+    /// The body.
+    pub body: Body,
+    /// `content-type`, `webhook-id`, `webhook-timestamp` and the signature.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The signing time, ms since the epoch.
+    pub at_ms: i64,
+}
+
+const USER_AGENT: &str = concat!("Herald/", env!("CARGO_PKG_VERSION"));
+
+impl Target {
+    /// Compiles a stored subscription with default endpoint health settings.
+    pub fn compile(sub: Subscription) -> Result<Target, Invalid> {
+        Self::compile_with(sub, HealthConfig::default())
+    }
+
+    /// Compiles a stored subscription; fails only if it could never be delivered.
+    pub fn compile_with(sub: Subscription, health: HealthConfig) -> Result<Target, Invalid> {
+        let spec = &sub.spec;
+        let mut signer = Signer::new(&spec.signature, &[&sub.secret]).map_err(|e| match e {
+            SigningError::BadHeader(_) => Invalid::new("signature.header", e.to_string()),
+            _ => Invalid::new("secret", e.to_string()),
+        })?;
+        if let (Some(previous), Some(until)) = (&sub.previous_secret, sub.previous_secret_until) {
+            signer = signer.with_previous(previous, until).map_err(|e| Invalid::new("secret", e.to_string()))?;
+        }
+        let mut url = url::Url::parse(&spec.url).map_err(|e| Invalid::new("url", e.to_string()))?;
+        if let Some(key) = &spec.key {
+            url.query_pairs_mut().append_pair("key", key.expose());
+        }
+        let uri: Uri = url.as_str().parse().map_err(|_| Invalid::new("url", "not a valid request URI"))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        for (name, value) in &spec.headers {
+            let field = format!("headers.{name}");
+            let name =
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| Invalid::new(&field, "not a valid header name"))?;
+            if signing::reserved(&name) {
+                return Err(Invalid::new(&field, "this header is set by Herald and cannot be overridden"));
+            }
+            if name == http::header::AUTHORIZATION && !matches!(spec.auth, Auth::None) {
+                return Err(Invalid::new(&field, "auth sets this header; remove one of the two"));
+            }
+            let mut value =
+                HeaderValue::from_str(value.expose()).map_err(|_| Invalid::new(&field, "not a valid header value"))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        if let Auth::Basic { username, password } = &spec.auth {
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{}", password.expose()));
+            let mut value = HeaderValue::from_str(&format!("Basic {token}"))
+                .map_err(|_| Invalid::new("auth.username", "not valid in a header"))?;
+            value.set_sensitive(true);
+            headers.insert(http::header::AUTHORIZATION, value);
+        }
+        let admission = Admission::new(spec.max_in_flight, spec.rate_limit, health);
+        Ok(Target { sub, signer, uri, headers, admission })
+    }
+
+    /// The body of `delivery`'s attempt and the headers that sign it, at `now_ms`: what every
+    /// transport sends (a webhook as HTTP headers, AMQP as message headers, an edge agent
+    /// through its own copy of this function).
+    pub fn sign(&self, delivery: &Delivery, pending_retries: u32, now_ms: i64) -> Signed {
+        let body = payload::build(self.sub.spec.payload, delivery, pending_retries, now_ms);
+        let mut headers = vec![(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+        headers.extend(self.signer.headers(&delivery.event_id, now_ms / 1000, body.chunks()));
+        Signed { body, headers, at_ms: now_ms }
+    }
+}

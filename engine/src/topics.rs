@@ -1,0 +1,55 @@
+//! The topics Herald uses, under one prefix: fresh deliveries, one per retry tier, dead
+//! letters and the catalog. Their names and layouts are decided here, from the tiers the retry
+//! stage owns.
+
+use crate::log::TopicSpec;
+use crate::retry::tiers;
+use std::time::Duration;
+
+/// The topic names Herald uses, under one prefix.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    /// Fresh deliveries, keyed by subscription.
+    pub deliveries: String,
+    /// Dead letters.
+    pub dlq: String,
+    /// The compacted catalog: subscriptions, tenants, keys, edge devices. Named for what it
+    /// first held; the name is kept so existing data and clusters keep working.
+    pub subscriptions: String,
+    /// Retry tiers: topic name and fixed delay, shortest first.
+    pub tiers: Vec<(String, Duration)>,
+    /// The prefix all names share.
+    pub prefix: String,
+}
+
+impl Topics {
+    /// Names under `prefix` (default `herald.`).
+    pub fn new(prefix: &str) -> Self {
+        Topics {
+            deliveries: format!("{prefix}deliveries"),
+            dlq: format!("{prefix}dlq"),
+            subscriptions: format!("{prefix}subscriptions"),
+            tiers: tiers::TIERS.iter().map(|&d| (tiers::topic(prefix, d), d)).collect(),
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// Every topic with its layout; data topics get `partitions` partitions.
+    pub fn specs(&self, partitions: u32) -> Vec<TopicSpec> {
+        let mut specs = vec![
+            TopicSpec { name: self.deliveries.clone(), partitions, compacted: false },
+            TopicSpec { name: self.dlq.clone(), partitions, compacted: false },
+            TopicSpec { name: self.subscriptions.clone(), partitions: 1, compacted: true },
+        ];
+        specs.extend(self.tiers.iter().map(|(name, _)| TopicSpec { name: name.clone(), partitions, compacted: false }));
+        specs
+    }
+
+    /// Every topic the dispatcher consumes, with its short name for metrics and the delay
+    /// its records wait (fresh deliveries, then each tier).
+    pub fn sources(&self) -> Vec<(String, String, Duration)> {
+        let mut sources = vec![(self.deliveries.clone(), "deliveries".to_string(), Duration::ZERO)];
+        sources.extend(self.tiers.iter().map(|(topic, delay)| (topic.clone(), tiers::label(*delay), *delay)));
+        sources
+    }
+}

@@ -1,0 +1,339 @@
+//! The edge transport: delivery through an agent inside the customer's network. The agent
+//! holds a WebSocket to one Herald process (`protocol`); a delivery is sent down it and
+//! settled only when the agent reports the outcome. Another process forwards its attempts to
+//! the process the agent is connected to (the catalog records where that is). An agent that
+//! is offline, has no room in its window, or does not answer in time is a failed attempt,
+//! which the subscription's retry policy handles like any other.
+
+pub mod protocol;
+
+use crate::devices::{Devices, EdgeDevice, Presence};
+use crate::metrics as m;
+use crate::model::secret::revealing;
+use crate::model::{Delivery, Failure, Outcome};
+use crate::target::Target;
+use axum::extract::ws::{Message, WebSocket};
+use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use protocol::{encode_delivery, Forward, Report, ToAgent, ToServer, FORWARD_PATH, MAX_WINDOW};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+/// Extra time an agent gets beyond the subscription's timeout, for the hop to it and back.
+const GRACE: Duration = Duration::from_secs(5);
+/// How often the server pings an agent (and checks its device still exists), and how long
+/// silence may last before it is dropped.
+const PING_EVERY: Duration = Duration::from_secs(15);
+const SILENCE: Duration = Duration::from_secs(45);
+
+/// One agent's live connection.
+struct Link {
+    conn: u64,
+    tx: mpsc::UnboundedSender<Message>,
+    window: Arc<Semaphore>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Report>>>,
+    seq: AtomicU64,
+    /// Turns true when the connection must end (replaced, or its device deleted).
+    close: watch::Sender<bool>,
+}
+
+/// Every agent connected to this process, by device id; and the way to the other processes'
+/// agents.
+pub struct EdgeHub {
+    links: Mutex<HashMap<String, Arc<Link>>>,
+    conns: AtomicU64,
+    devices: Arc<Devices>,
+    /// This process's URL for the others, once it listens.
+    advertised: std::sync::OnceLock<String>,
+    /// Unique per process, so presence records of two processes never compare equal.
+    process: String,
+    /// Authenticates forwards between processes (all of them share it).
+    forward_secret: String,
+    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl EdgeHub {
+    /// An empty hub; `forward_secret` authenticates forwards between processes.
+    pub fn new(devices: Arc<Devices>, forward_secret: String) -> Arc<EdgeHub> {
+        metrics::gauge!(m::EDGE_AGENTS).set(0.0);
+        metrics::gauge!(m::EDGE_IN_FLIGHT).set(0.0);
+        Arc::new(EdgeHub {
+            links: Mutex::default(),
+            conns: AtomicU64::new(0),
+            devices,
+            advertised: std::sync::OnceLock::new(),
+            process: uuid::Uuid::new_v4().simple().to_string(),
+            forward_secret,
+            client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
+        })
+    }
+
+    /// Sets the URL other processes reach this one at (once).
+    pub fn advertise(&self, url: String) {
+        let _ = self.advertised.set(url);
+    }
+
+    /// Whether `presented` is the secret forwards between processes carry.
+    pub fn forward_allowed(&self, presented: &str) -> bool {
+        crate::tenants::same_secret(presented, &self.forward_secret)
+    }
+
+    /// Agents connected now.
+    pub fn connected(&self) -> usize {
+        self.links.lock().unwrap().len()
+    }
+
+    /// Whether `device`'s agent is connected to this process.
+    pub fn is_connected_here(&self, device: &str) -> bool {
+        self.links.lock().unwrap().contains_key(device)
+    }
+
+    /// Ends `device`'s connection here, if it has one (its device was deleted).
+    pub fn disconnect(&self, device: &str) {
+        if let Some(link) = self.links.lock().unwrap().get(device) {
+            link.close.send_replace(true);
+        }
+    }
+
+    /// Makes one attempt through `device`'s agent: here when it is connected here, else
+    /// through the process it is connected to.
+    pub async fn deliver(
+        &self,
+        device: &str,
+        target: &Target,
+        delivery: &Delivery,
+        pending_retries: u32,
+        timeout: Duration,
+    ) -> Outcome {
+        if self.is_connected_here(device) {
+            return self.deliver_here(device, target, delivery, pending_retries, timeout).await;
+        }
+        match self.devices.located(device) {
+            Some(p) if self.advertised.get() != Some(&p.url) => {
+                self.forward(&p.url, device, target, delivery, pending_retries, timeout).await
+            }
+            _ => Outcome::failed(Failure::EdgeOffline { device: device.to_string() }, Duration::ZERO),
+        }
+    }
+
+    /// Asks the process at `url`, which holds `device`'s agent, to make the attempt.
+    async fn forward(
+        &self,
+        url: &str,
+        device: &str,
+        target: &Target,
+        delivery: &Delivery,
+        pending_retries: u32,
+        timeout: Duration,
+    ) -> Outcome {
+        let started = Instant::now();
+        let failed = |detail: String| Outcome::failed(Failure::Connect { detail }, started.elapsed());
+        let body = Forward {
+            device: device.to_string(),
+            subscription: target.sub.id.clone(),
+            delivery: encode_delivery(delivery),
+            pending_retries,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let request = http::Request::post(format!("{}{FORWARD_PATH}", url.trim_end_matches('/')))
+            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.forward_secret))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(serde_json::to_vec(&body).expect("serializes"))));
+        let Ok(request) = request else { return failed(format!("bad forward URL {url}")) };
+        let answer = tokio::time::timeout(timeout + GRACE * 2, async {
+            let response = self.client.request(request).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+            if !status.is_success() {
+                return Err(format!("answered {status}"));
+            }
+            serde_json::from_slice::<Report>(&bytes).map_err(|e| e.to_string())
+        })
+        .await;
+        match answer {
+            Ok(Ok(report)) => report.into_outcome(),
+            Ok(Err(e)) => failed(format!("forwarding to the process holding edge device {device} ({url}): {e}")),
+            Err(_) => Outcome::failed(super::http::timed_out(timeout), started.elapsed()),
+        }
+    }
+
+    /// Makes one attempt through `device`'s agent connected here, waiting at most `timeout`
+    /// plus a grace period for its report.
+    pub async fn deliver_here(
+        &self,
+        device: &str,
+        target: &Target,
+        delivery: &Delivery,
+        pending_retries: u32,
+        timeout: Duration,
+    ) -> Outcome {
+        let started = Instant::now();
+        let offline = || Outcome::failed(Failure::EdgeOffline { device: device.to_string() }, started.elapsed());
+        let Some(link) = self.links.lock().unwrap().get(device).cloned() else { return offline() };
+        // Flow control: never more than the agent's window unanswered.
+        let Ok(Ok(permit)) = tokio::time::timeout(timeout, link.window.clone().acquire_owned()).await else {
+            return Outcome::failed(Failure::EdgeBusy { device: device.to_string() }, started.elapsed());
+        };
+        let seq = link.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        link.pending.lock().unwrap().insert(seq, tx);
+        let msg = ToAgent::Deliver {
+            seq,
+            subscription: Box::new(target.sub.clone()),
+            delivery: encode_delivery(delivery),
+            pending_retries,
+        };
+        // The agent needs the subscription's secrets to sign and authenticate.
+        let text = revealing(|| serde_json::to_string(&msg).expect("serializes"));
+        metrics::gauge!(m::EDGE_IN_FLIGHT).increment(1.0);
+        let sent = link.tx.send(Message::Text(text.into())).is_ok();
+        let answer = if sent { tokio::time::timeout(timeout + GRACE, rx).await.ok() } else { None };
+        link.pending.lock().unwrap().remove(&seq);
+        metrics::gauge!(m::EDGE_IN_FLIGHT).decrement(1.0);
+        drop(permit);
+        match answer {
+            Some(Ok(report)) => {
+                let outcome = report.into_outcome();
+                let rtt = started.elapsed().saturating_sub(outcome.latency());
+                metrics::histogram!(m::EDGE_RTT_SECONDS).record(rtt.as_secs_f64());
+                outcome
+            }
+            // Disconnected before answering, or while sending.
+            Some(Err(_)) => offline(),
+            None if !sent => offline(),
+            None => Outcome::failed(super::http::timed_out(timeout), started.elapsed()),
+        }
+    }
+
+    /// Serves one agent's connection until it closes, is replaced by a newer connection of
+    /// the same device (at most one lives per device), or its device is deleted.
+    pub async fn serve(self: Arc<Self>, device: EdgeDevice, socket: WebSocket) {
+        let (sink, mut stream) = socket.split();
+        let Some(window) = hello(&mut stream).await else { return };
+        let (link, rx, close) = self.attach(&device, window);
+        let presence = self.announce(&device, &link).await;
+        tokio::select! {
+            _ = self.write(&device, sink, rx, close) => {}
+            _ = read(&link, &device, stream) => {}
+        }
+        self.detach(&device, &link, presence).await;
+    }
+
+    /// Registers a new connection for `device`, ending any older one.
+    fn attach(
+        &self,
+        device: &EdgeDevice,
+        window: u32,
+    ) -> (Arc<Link>, mpsc::UnboundedReceiver<Message>, watch::Receiver<bool>) {
+        let (close, closed) = watch::channel(false);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let link = Arc::new(Link {
+            conn: self.conns.fetch_add(1, Ordering::Relaxed),
+            tx,
+            window: Arc::new(Semaphore::new(window as usize)),
+            pending: Mutex::default(),
+            seq: AtomicU64::new(0),
+            close,
+        });
+        if let Some(old) = self.links.lock().unwrap().insert(device.id.clone(), link.clone()) {
+            old.pending.lock().unwrap().clear();
+            old.close.send_replace(true);
+        }
+        metrics::gauge!(m::EDGE_AGENTS).set(self.connected() as f64);
+        tracing::info!(device = %device.id, tenant = %device.tenant, window, "edge agent connected");
+        (link, rx, closed)
+    }
+
+    /// Tells the other processes where this agent is, so they can forward to it.
+    async fn announce(&self, device: &EdgeDevice, link: &Link) -> Option<Presence> {
+        let url = self.advertised.get()?;
+        let presence = Presence { url: url.clone(), connection: format!("{}-{}", self.process, link.conn) };
+        if let Err(e) = self.devices.announce(&device.id, &presence).await {
+            tracing::warn!(device = %device.id, error = %e, "could not record where the edge agent is");
+        }
+        Some(presence)
+    }
+
+    /// Sends queued messages and pings until the socket fails or the link must close; drops
+    /// the connection when its device no longer exists.
+    async fn write(
+        &self,
+        device: &EdgeDevice,
+        mut sink: SplitSink<WebSocket, Message>,
+        mut rx: mpsc::UnboundedReceiver<Message>,
+        mut close: watch::Receiver<bool>,
+    ) {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        loop {
+            let msg = tokio::select! {
+                m = rx.recv() => match m { Some(m) => m, None => break },
+                _ = ping.tick() => {
+                    if self.devices.get(&device.id, None).is_none() {
+                        tracing::info!(device = %device.id, "edge device deleted; closing its connection");
+                        break;
+                    }
+                    Message::Ping(Vec::new().into())
+                }
+                _ = crate::shutdown::stopped(&mut close) => break,
+            };
+            if sink.send(msg).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.send(Message::Close(None)).await;
+    }
+
+    /// Forgets a connection that ended: its waiting deliveries fail now (and go to their retry
+    /// policy), and its presence is withdrawn unless a newer connection replaced it.
+    async fn detach(&self, device: &EdgeDevice, link: &Arc<Link>, presence: Option<Presence>) {
+        {
+            let mut links = self.links.lock().unwrap();
+            if links.get(&device.id).is_some_and(|l| l.conn == link.conn) {
+                links.remove(&device.id);
+            }
+        }
+        link.pending.lock().unwrap().clear();
+        if let Some(p) = &presence {
+            if let Err(e) = self.devices.withdraw(&device.id, p).await {
+                tracing::warn!(device = %device.id, error = %e, "could not withdraw the edge agent's presence");
+            }
+        }
+        metrics::gauge!(m::EDGE_AGENTS).set(self.connected() as f64);
+        tracing::info!(device = %device.id, "edge agent disconnected");
+    }
+}
+
+/// The agent's first message: its window (clamped), or `None` when it does not say hello.
+async fn hello(stream: &mut SplitStream<WebSocket>) -> Option<u32> {
+    match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<ToServer>(&t) {
+            Ok(ToServer::Hello { window }) => Some(window.clamp(1, MAX_WINDOW)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Hands each report to the delivery waiting for it, until the agent goes silent or closes.
+async fn read(link: &Link, device: &EdgeDevice, mut stream: SplitStream<WebSocket>) {
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(SILENCE, stream.next()).await {
+        match msg {
+            Message::Text(t) => match serde_json::from_str::<ToServer>(&t) {
+                Ok(ToServer::Outcome(report)) => {
+                    if let Some(waiting) = link.pending.lock().unwrap().remove(&report.seq) {
+                        let _ = waiting.send(report);
+                    }
+                }
+                Ok(ToServer::Hello { .. }) => {}
+                Err(e) => tracing::warn!(device = %device.id, error = %e, "unreadable message from an edge agent"),
+            },
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+}

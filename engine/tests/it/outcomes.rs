@@ -1,0 +1,87 @@
+//! Typed outcomes: one kind of failure gets one label on every transport. A receiver that
+//! hangs, a broker that accepts the connection and never speaks, and an edge agent that never
+//! reports are each counted as `outcome="timeout"`, and dead-lettered saying they timed out.
+
+use crate::support::{spawn_herald, until, Api, Behaviour, Receiver, TOKEN};
+use futures::SinkExt;
+use serde_json::json;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A TCP server that accepts connections and never answers: an AMQP broker that hangs.
+async fn silent_broker() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    addr
+}
+
+/// An edge agent that says hello and never reports an outcome.
+async fn mute_agent(addr: std::net::SocketAddr, token: &str) {
+    let mut request = format!("ws://{addr}/v1/edge/connect").into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("agent connects");
+    ws.send(Message::Text(json!({ "type": "hello", "window": 8 }).to_string().into())).await.unwrap();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while ws.next().await.is_some() {} // read and ignore, keeping the connection
+    });
+}
+
+fn timeouts(text: &str, transport: &str) -> f64 {
+    let needle = format!("herald_attempts_total{{transport=\"{transport}\",outcome=\"timeout\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&needle)).map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_timeout_is_counted_as_timeout_on_every_transport() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    rx.behave("/hang", Behaviour::Hang);
+    // A process of its own: the metrics recorder is per process.
+    let (_child, addr) = spawn_herald(dir.path());
+    let api = Api::new(addr, TOKEN);
+    let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    api.subscribe(json!({ "url": rx.url("/hang"), "events": ["H"], "timeout": "300ms", "retry": once })).await;
+    let broker = silent_broker().await;
+    api.subscribe(json!({
+        "transport": "amqp", "events": ["A"], "timeout": "300ms", "retry": once,
+        "amqp": { "uri": format!("amqp://guest:guest@{broker}/%2f"), "exchange": "x" }
+    }))
+    .await;
+    let (status, device) = api.post("/v1/edge-devices", json!({ "name": "mute" })).await;
+    assert_eq!(status, 201, "{device}");
+    mute_agent(addr, device["token"].as_str().unwrap()).await;
+    api.subscribe(json!({
+        "url": "http://10.9.9.9/behind-the-agent", "events": ["E"], "timeout": "100ms", "retry": once,
+        "via_edge": device["id"]
+    }))
+    .await;
+    for t in ["H", "A", "E"] {
+        let (status, answer) = api.post("/v1/events", json!({ "type": t, "data": {} })).await;
+        assert_eq!((status.as_u16(), answer["deliveries"].as_u64()), (202, Some(1)), "{answer}");
+    }
+    let text = until("a timeout counted for each transport", Duration::from_secs(30), || async {
+        let (_, body) = api.raw("GET", "/metrics", None, None).await;
+        let text = body.as_str().unwrap_or_default().to_string();
+        ["webhook", "amqp", "edge"].iter().all(|t| timeouts(&text, t) == 1.0).then_some(text)
+    })
+    .await;
+    assert!(!text.contains("outcome=\"error\""), "no failure is an unlabelled error");
+    let dead = until("three dead letters", Duration::from_secs(10), || async {
+        let (_, page) = api.get("/v1/dlq").await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        (items.len() == 3).then_some(items)
+    })
+    .await;
+    for entry in dead {
+        let error = entry["last_error"].as_str().unwrap();
+        assert!(error.starts_with("timed out after"), "{error}");
+    }
+}
