@@ -26,11 +26,11 @@ pub struct Presence {
 pub struct EdgeDevice {
     /// Id (`edg_…`); subscriptions name it in `via_edge`.
     pub id: String,
-    /// Owning tenant.
+    /// The tenant whose subscriptions may deliver through it.
     pub tenant: String,
-    /// Display name.
+    /// A name for people (where it runs).
     pub name: String,
-    /// Creation time.
+    /// When it was created, RFC 3339.
     pub created_at: String,
 }
 

@@ -39,9 +39,9 @@ pub enum StartError {
     /// The data directory or admin token file is unusable.
     #[error("data directory {path}: {source}")]
     DataDir {
-        /// The path.
+        /// The directory, as configured.
         path: String,
-        /// The error.
+        /// Why it could not be created or read (permissions, a full disk).
         source: std::io::Error,
     },
     /// The log could not be opened.
@@ -50,9 +50,9 @@ pub enum StartError {
     /// The listen address could not be bound.
     #[error("listening on {addr}: {source}")]
     Listen {
-        /// The address.
+        /// The address asked for (`--listen`).
         addr: SocketAddr,
-        /// The error.
+        /// Why (in use, not permitted).
         source: std::io::Error,
     },
     /// A webhook declared in the config file is not valid.
@@ -102,7 +102,7 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 pub struct Herald {
     /// Address the API listens on.
     pub addr: SocketAddr,
-    /// The admin token.
+    /// The admin token, to print once when it was generated.
     pub admin_token: String,
     /// Where the token came from (print it once when generated).
     pub token_source: TokenSource,

@@ -14,9 +14,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 /// A subscription compiled for delivery.
 #[derive(Debug)]
 pub struct Target {
-    /// The stored subscription.
+    /// The subscription it was compiled from (what views and policies read).
     pub sub: Subscription,
-    /// Prepared signing keys.
+    /// Signing keys prepared once, so an attempt only hashes.
     pub signer: Signer,
     /// Request URI, `key` query parameter included.
     pub uri: Uri,
@@ -29,7 +29,7 @@ pub struct Target {
 /// One attempt ready to send on any transport: the body and the headers that identify and
 /// sign it, over exactly these bytes.
 pub struct Signed {
-    /// The body.
+    /// The body, shared with the log record (signed exactly as sent).
     pub body: Body,
     /// `content-type`, `webhook-id`, `webhook-timestamp` and the signature.
     pub headers: Vec<(HeaderName, HeaderValue)>,

@@ -16,14 +16,14 @@ use std::sync::{Arc, RwLock};
 /// The tenant of objects the admin creates without naming one, and of events it publishes so.
 pub const DEFAULT_TENANT: &str = "default";
 
-/// A tenant.
+/// A tenant: the owner of subscriptions, API keys and edge devices, and the scope a key sees.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tenant {
     /// Id (`ten_…`); subscriptions and events name it as their `tenant`.
     pub id: String,
-    /// Display name.
+    /// A name for people; ids are what the API matches on.
     pub name: String,
-    /// Creation time.
+    /// When it was created, RFC 3339.
     pub created_at: String,
 }
 
@@ -87,14 +87,14 @@ impl Tenants {
         self.feed.write(key.as_bytes(), value).await.map(|_| ())
     }
 
-    /// Creates a tenant.
+    /// Creates a tenant, durably in the catalog.
     pub async fn create(&self, name: String) -> Result<Tenant, CatalogError> {
         let tenant = Tenant { id: new_id("ten"), name, created_at: rfc3339_ms(now_ms()) };
         self.persist(Key::tenant(&tenant.id), Bytes::from(serde_json::to_vec(&tenant).expect("serializes"))).await?;
         Ok(tenant)
     }
 
-    /// A tenant by id.
+    /// A tenant by id, as this process has applied it.
     pub fn get(&self, id: &str) -> Option<Tenant> {
         self.state.read().unwrap().tenants.get(id).cloned()
     }

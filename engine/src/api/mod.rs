@@ -33,7 +33,7 @@ pub struct AppState {
     pub ingest: Arc<Ingest>,
     /// The log, for readiness.
     pub log: Arc<dyn Log>,
-    /// The admin bearer token.
+    /// The admin bearer token (compared in constant time).
     pub admin_token: Arc<str>,
     /// The dead-letter store.
     pub dead_letters: Arc<crate::retry::dead_letters::DeadLetters>,

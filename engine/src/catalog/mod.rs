@@ -85,13 +85,13 @@ impl Key {
 /// The kind of object a record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// A subscription.
+    /// A subscription, keyed by its bare id (older records have no prefix).
     Subscription,
-    /// A tenant.
+    /// A tenant (`tenant/…`).
     Tenant,
-    /// An API key.
+    /// An API key's digest (`key/…`).
     ApiKey,
-    /// An edge device.
+    /// An edge device and its token digest (`edge/…`).
     Device,
     /// An edge agent's presence.
     Presence,
@@ -103,7 +103,7 @@ pub struct Entry<'a> {
     pub kind: Kind,
     /// The object's id.
     pub id: String,
-    /// The record.
+    /// The record itself (its offset orders racing writes).
     pub record: &'a LogRecord,
 }
 

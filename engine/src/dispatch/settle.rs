@@ -30,14 +30,14 @@ pub enum Settlement {
     },
     /// Not attempted now, and no attempt used: it waits in a tier until `due_ms`.
     Deferred {
-        /// Why.
+        /// Why it was not attempted (a metric label, unless it is a routine hop).
         reason: Deferral,
         /// When it is looked at again, ms since the epoch.
         due_ms: i64,
     },
     /// Parked in the dead-letter topic.
     DeadLettered {
-        /// Why.
+        /// Why it was parked (the dead letter's `last_error` says it in words).
         reason: Parked,
     },
     /// Its subscription was deleted: nobody wants it any more.

@@ -15,15 +15,15 @@ use std::sync::{Arc, Mutex};
 /// An event that passed validation.
 #[derive(Debug, Clone)]
 pub struct Event {
-    /// Id (given or generated).
+    /// Id: the producer's (its idempotency key) or generated; becomes `webhook-id`.
     pub id: String,
-    /// Type.
+    /// Type: what subscriptions match on.
     pub event_type: String,
-    /// Tenant.
+    /// Tenant: only its subscriptions receive it.
     pub tenant: String,
-    /// `data`.
+    /// `data`, in both forms: subscriptions choose one.
     pub data: Json,
-    /// `changes`.
+    /// `changes`, in both forms, when given.
     pub changes: Option<Json>,
     /// Whether the producer gave the id (only those are checked for repeats).
     pub id_given: bool,
@@ -129,7 +129,7 @@ impl Recent {
     }
 }
 
-/// Fans out and appends.
+/// Fans events out to their subscriptions and appends the deliveries, durably.
 pub struct Ingest {
     log: Arc<dyn Log>,
     registry: Arc<Registry>,

@@ -37,7 +37,7 @@ pub struct LogRecord {
 /// Where an appended record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
-    /// Partition.
+    /// The partition its key hashed to.
     pub partition: u32,
     /// Offset within the partition.
     pub offset: u64,
@@ -48,7 +48,7 @@ pub struct Position {
 pub struct TopicSpec {
     /// Full topic name, prefix included.
     pub name: String,
-    /// Number of partitions.
+    /// Partitions: the most shards that can work it at once.
     pub partitions: u32,
     /// Keep only the newest record per key (the registry's topic).
     pub compacted: bool,

@@ -6,15 +6,15 @@ use serde::{Deserialize, Serialize};
 /// A delivery parked after its last attempt (the contract's dead-letter fields).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
-    /// Entry id.
+    /// Entry id: the same for a delivery written twice by a crash, so it lists once.
     pub id: String,
     /// The event's id.
     pub event_id: String,
     /// Subscription the delivery was for.
     pub subscription: String,
-    /// Tenant.
+    /// The tenant, so a tenant key lists only its own.
     pub tenant: String,
-    /// Event type.
+    /// The event's type.
     pub event: String,
     /// Attempts made.
     pub attempts: u32,

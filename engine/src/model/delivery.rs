@@ -17,7 +17,7 @@ pub struct Delivery {
     pub subscription: String,
     /// Tenant that owns the event.
     pub tenant: String,
-    /// Event type.
+    /// Event type (the AMQP routing key's default).
     pub event_type: String,
     /// The attempt this record is for, from 1.
     pub attempt: u32,

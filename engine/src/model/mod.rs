@@ -22,7 +22,7 @@ pub use subscription::{
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("{field}: {message}")]
 pub struct Invalid {
-    /// The field.
+    /// The field, as a JSON path the client can find in what it sent.
     pub field: String,
     /// What is wrong with it.
     pub message: String,

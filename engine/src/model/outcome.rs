@@ -23,7 +23,7 @@ pub enum Outcome {
     },
     /// Anything else.
     Failed {
-        /// Why.
+        /// What kind of failure: decides the label and whether it is retried.
         failure: Failure,
         /// How long the attempt took.
         #[serde(with = "millis")]

@@ -84,7 +84,7 @@ pub enum Auth {
     Basic {
         /// User name.
         username: String,
-        /// Password.
+        /// Password (a secret: never returned).
         password: Secret,
     },
     /// OAuth 2 bearer token fetched from `token_url`.
@@ -93,9 +93,9 @@ pub enum Auth {
         grant: String,
         /// Token endpoint.
         token_url: String,
-        /// Client id.
+        /// The client id the token endpoint knows Herald by.
         client_id: String,
-        /// Client secret.
+        /// Client secret, sent in HTTP Basic to the token endpoint (a secret).
         #[serde(default)]
         client_secret: Option<Secret>,
         /// Resource owner (password grant).
@@ -188,7 +188,7 @@ pub struct SubscriptionSpec {
     pub url: String,
     /// Event types delivered; empty means all.
     pub events: Vec<String>,
-    /// Transport.
+    /// How deliveries travel: a webhook, or an AMQP publish.
     pub transport: TransportKind,
     /// Signature scheme.
     pub signature: SignatureSpec,
@@ -254,9 +254,9 @@ impl Default for SubscriptionSpec {
 /// A subscription as stored in the registry: a spec, and what the server decides.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Subscription {
-    /// Server-made id.
+    /// Server-made id; also the key of its deliveries' partition.
     pub id: String,
-    /// Owner.
+    /// The owning tenant: whose keys see it and whose events it receives.
     pub tenant: String,
     /// What the client asked for.
     #[serde(flatten)]

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-/// Registry failures.
+/// Why a subscription could not be created or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The request is not a valid subscription.

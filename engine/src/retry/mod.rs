@@ -23,7 +23,7 @@ pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
 /// What an attempt's outcome means for the delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
-    /// Done.
+    /// Delivered: nothing more to do.
     Delivered,
     /// Try again, not before `not_before` when the receiver said so.
     Retry {

@@ -37,7 +37,7 @@ pub enum Policy {
     },
     /// The same delay every time.
     Fixed {
-        /// Delay.
+        /// The wait between any two attempts.
         interval: Duration,
         /// Attempts in all.
         max_attempts: u32,

@@ -40,7 +40,7 @@ enum Slot {
     Fetching(Shared<BoxFuture<'static, Fetched>>),
 }
 
-/// The token cache.
+/// Bearer tokens by tenant and credentials, shared by every delivery that needs one.
 #[derive(Clone)]
 pub struct Tokens {
     http: HttpTransport,

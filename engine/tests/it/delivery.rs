@@ -1,46 +1,20 @@
 //! Events published through the API arrive, signed, at loopback receivers.
 
+use crate::support::verify::{hmac_sha256, standard};
 use crate::support::{until, Receiver, TestHerald};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use serde_json::json;
-use sha2::Sha256;
 use std::collections::HashSet;
 use std::time::Duration;
 
-/// A receiver's Standard Webhooks check, written from the spec, independent of the engine.
-fn verify_standard(secret: &str, id: &str, timestamp: &str, body: &[u8], header: &str) -> bool {
-    let key = B64.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
-    mac.update(format!("{id}.{timestamp}.").as_bytes());
-    mac.update(body);
-    let expected = format!("v1,{}", B64.encode(mac.finalize().into_bytes()));
-    header.split(' ').any(|s| s == expected)
-}
-
-fn hmac_sha256(key: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
-    mac.update(body);
-    mac.finalize().into_bytes().to_vec()
-}
-
 #[test]
 fn the_receiver_check_accepts_the_published_test_vector() {
-    assert!(verify_standard(
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-        "msg_p5jXN8AQM9LWM0D4loKWxJek",
-        "1614265330",
-        br#"{"test": 2432232314}"#,
-        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-    ));
-    assert!(!verify_standard(
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-        "msg_p5jXN8AQM9LWM0D4loKWxJek",
-        "1614265331",
-        br#"{"test": 2432232314}"#,
-        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-    ));
+    let v = herald_load_tests::verify::Verifier::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+    let (id, body, sig) =
+        ("msg_p5jXN8AQM9LWM0D4loKWxJek", br#"{"test": 2432232314}"#, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    assert!(v.verify(id, "1614265330", body, sig));
+    assert!(!v.verify(id, "1614265331", body, sig));
 }
 
 #[tokio::test]
@@ -69,17 +43,11 @@ async fn events_reach_each_matching_subscription_once_signed_in_an_envelope() {
     let got_all = rx.wait_on("/all", 20).await;
     let got_orders = rx.wait_on("/orders", 20).await;
     for (got, sub) in [(&got_all, &all), (&got_orders, &orders)] {
-        let secret = sub["secret"].as_str().unwrap();
+        let verified = standard(sub["secret"].as_str().unwrap());
         let seen: HashSet<String> = got.iter().map(|r| r.header("webhook-id").to_string()).collect();
         assert_eq!(seen, ids.iter().cloned().collect(), "each event once");
         for r in got.iter() {
-            assert!(verify_standard(
-                secret,
-                r.header("webhook-id"),
-                r.header("webhook-timestamp"),
-                &r.body,
-                r.header("webhook-signature")
-            ));
+            assert!(verified(r));
             assert_eq!(r.header("content-type"), "application/json");
             let env = r.json();
             assert_eq!(env["id"], r.header("webhook-id"));

@@ -1,6 +1,7 @@
 //! Edge relay, as a system: a `herald serve` that may not reach loopback at all, `herald
 //! edge` agent processes, and a loopback receiver only the agents can reach.
 
+use crate::support::metrics::scrape;
 use crate::support::{spawn_herald_with, until, Api, ChildGuard, Receiver, TOKEN};
 use herald_load_tests::verify::Verifier;
 use serde_json::json;
@@ -49,10 +50,6 @@ async fn tenant_with_device(admin: &Api, name: &str) -> (String, Api, String, St
     (tenant_id, api, device["id"].as_str().unwrap().to_string(), token)
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_restart() {
     let rx = Receiver::start().await;
@@ -84,8 +81,7 @@ async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_
     let mut acme_agent = spawn_agent(addr, &acme_token);
     let _globex_agent = spawn_agent(addr, &globex_token);
     until("both agents connected", Duration::from_secs(10), || async {
-        let (_, m) = admin.raw("GET", "/metrics", None, None).await;
-        (metric(m.as_str().unwrap_or_default(), "herald_edge_agents_connected ") == 2.0).then_some(())
+        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 2.0).then_some(())
     })
     .await;
 
@@ -100,8 +96,7 @@ async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_
             rx.wait_on("/acme", 20).await;
             acme_agent.kill();
             until("Herald noticed the agent is gone", Duration::from_secs(10), || async {
-                let (_, m) = admin.raw("GET", "/metrics", None, None).await;
-                (metric(m.as_str().unwrap_or_default(), "herald_edge_agents_connected ") == 1.0).then_some(())
+                (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 1.0).then_some(())
             })
             .await;
         }
@@ -140,9 +135,8 @@ async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_
 
     // Reports trail the requests a little: wait for them to be counted.
     let m = until("a round trip measured per delivery", Duration::from_secs(10), || async {
-        let (_, m) = admin.raw("GET", "/metrics", None, None).await;
-        let m = m.as_str().unwrap_or_default().to_string();
-        (metric(&m, "herald_edge_rtt_seconds_count ") > EVENTS as f64).then_some(m)
+        let m = scrape(&admin).await;
+        (m.value("herald_edge_rtt_seconds", &[]) > EVENTS as f64).then_some(m.text)
     })
     .await;
     // One in-flight gauge for the process: device ids never become metric labels.

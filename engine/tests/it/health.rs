@@ -31,14 +31,9 @@ async fn a_dead_endpoint_gets_a_trickle_from_the_breaker_and_everything_after_it
     let recovered = Instant::now();
     // The first burst (every event's first attempt) plus a probe per pause.
     assert!(during <= 30 + 12, "{during} requests reached the endpoint during a {outage:?} outage");
-    let (_, metrics) = h.api.raw("GET", "/metrics", None, None).await;
-    let text = metrics.as_str().unwrap().to_string();
-    let deferred: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("herald_deliveries_deferred_total{reason=\"circuit_breaker\"} "))
-        .expect("the deferral series")
-        .parse()
-        .unwrap();
+    let deferred: f64 = crate::support::metrics::scrape(&h.api)
+        .await
+        .value("herald_deliveries_deferred_total", &[("reason", "circuit_breaker")]);
     assert!(deferred > 0.0, "deliveries held back by the open breaker are counted");
     // After recovery every event arrives.
     until("all 30 events delivered after recovery", Duration::from_secs(30), || async {
@@ -82,8 +77,7 @@ async fn continuous_failure_disables_the_subscription() {
     })
     .await;
     assert!(state["disabled_reason"].as_str().unwrap().contains("failing continuously"), "{state}");
-    let (_, metrics) = api.raw("GET", "/metrics", None, None).await;
-    assert!(metrics.as_str().unwrap().lines().any(|l| l == "herald_subscriptions_disabled 1"));
+    assert_eq!(crate::support::metrics::scrape(&api).await.value("herald_subscriptions_disabled", &[]), 1.0);
 }
 
 #[tokio::test]

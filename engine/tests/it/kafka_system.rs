@@ -46,12 +46,7 @@ impl Tansu {
 }
 
 async fn delivered(api: &Api) -> f64 {
-    let (_, text) = api.raw("GET", "/metrics", None, None).await;
-    let text = text.as_str().unwrap_or_default().to_string();
-    text.lines()
-        .find(|l| l.starts_with("herald_deliveries_total{") && l.contains("outcome=\"delivered\""))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    crate::support::metrics::scrape(api).await.value("herald_deliveries_total", &[("outcome", "delivered")])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

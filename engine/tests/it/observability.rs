@@ -1,5 +1,6 @@
 //! Metrics as Prometheus reads them after known traffic, and the deploy files that query them.
 
+use crate::support::metrics::scrape;
 use crate::support::{spawn_herald, until, Api, Behaviour, Receiver, TOKEN};
 use serde_json::json;
 use std::collections::{BTreeSet, HashMap};
@@ -8,32 +9,6 @@ use std::time::Duration;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// Scrapes `/metrics` and parses it with a Prometheus text-format parser.
-async fn scrape(api: &Api) -> (String, prometheus_parse::Scrape) {
-    let (status, body) = api.raw("GET", "/metrics", None, None).await;
-    assert_eq!(status, 200);
-    let text = body.as_str().expect("text exposition").to_string();
-    let lines = text.lines().map(|l| Ok(l.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
-    (text, scrape)
-}
-
-/// The value of the sample `name` whose labels include `labels` (summed over the rest).
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match &s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
-            prometheus_parse::Value::Summary(_) => f64::NAN,
-        })
-        .sum()
 }
 
 /// Metric families exposed, with the series names a histogram adds.
@@ -90,16 +65,16 @@ async fn known_traffic() -> (crate::support::ChildGuard, Api, tempfile::TempDir)
 #[tokio::test]
 async fn metrics_count_known_traffic_exactly() {
     let (mut child, api, _dir) = known_traffic().await;
-    let (text, s) = until("all traffic settled in the metrics", Duration::from_secs(20), || async {
-        let (text, s) = scrape(&api).await;
-        let delivered = value(&s, "herald_deliveries_total", &[("outcome", "delivered")]);
-        let dead = value(&s, "herald_deliveries_total", &[("outcome", "dead_lettered")]);
-        let lag = value(&s, "herald_consumer_lag", &[]);
-        (delivered == 5.0 && dead == 1.0 && lag == 0.0).then_some((text, s))
+    let s = until("all traffic settled in the metrics", Duration::from_secs(20), || async {
+        let s = scrape(&api).await;
+        let delivered = s.value("herald_deliveries_total", &[("outcome", "delivered")]);
+        let dead = s.value("herald_deliveries_total", &[("outcome", "dead_lettered")]);
+        let lag = s.value("herald_consumer_lag", &[]);
+        (delivered == 5.0 && dead == 1.0 && lag == 0.0).then_some(s)
     })
     .await;
     let expect = |name: &str, labels: &[(&str, &str)], want: f64| {
-        let got = value(&s, name, labels);
+        let got = s.value(name, labels);
         assert_eq!(got, want, "{name}{labels:?}");
     };
     expect("herald_events_ingested_total", &[], 6.0);
@@ -119,17 +94,17 @@ async fn metrics_count_known_traffic_exactly() {
     expect("herald_consumer_lag", &[("source", "deliveries")], 0.0);
     expect("herald_api_requests_total", &[("route", "/v1/events"), ("method", "POST"), ("status", "202")], 6.0);
     expect("herald_api_requests_total", &[("route", "/v1/subscriptions"), ("method", "POST"), ("status", "201")], 3.0);
-    assert!(value(&s, "herald_log_append_seconds", &[("topic", "herald.deliveries")]) >= 1.0);
+    assert!(s.value("herald_log_append_seconds", &[("topic", "herald.deliveries")]) >= 1.0);
     // Every documented metric is exposed, and no label carries an id.
-    let names = exposed_names(&text);
+    let names = exposed_names(&s.text);
     for name in herald::metrics::ALL {
-        // Per-device edge series need edge traffic; `edge.rs` checks them.
+        // The edge round trip needs edge traffic; `edge.rs` checks it.
         if [herald::metrics::EDGE_IN_FLIGHT, herald::metrics::EDGE_RTT_SECONDS].contains(name) {
             continue;
         }
         assert!(names.contains(*name), "{name} is not exposed");
     }
-    for sample in &s.samples {
+    for sample in s.samples() {
         for (k, v) in sample.labels.iter() {
             assert!(!v.starts_with("sub_") && !v.starts_with("evt_"), "{} has an id in label {k}={v}", sample.metric);
         }
@@ -141,8 +116,8 @@ async fn metrics_count_known_traffic_exactly() {
 async fn every_metric_the_dashboard_and_alerts_query_is_exposed() {
     let (mut child, api, _dir) = known_traffic().await;
     let text = until("the dead letter in the metrics", Duration::from_secs(20), || async {
-        let (text, s) = scrape(&api).await;
-        (value(&s, "herald_dead_letters_total", &[]) == 1.0).then_some(text)
+        let s = scrape(&api).await;
+        (s.value("herald_dead_letters_total", &[]) == 1.0).then_some(s.text)
     })
     .await;
     child.kill();

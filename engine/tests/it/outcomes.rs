@@ -2,6 +2,7 @@
 //! hangs, a broker that accepts the connection and never speaks, and an edge agent that never
 //! reports are each counted as `outcome="timeout"`, and dead-lettered saying they timed out.
 
+use crate::support::metrics::scrape;
 use crate::support::{spawn_herald, until, Api, Behaviour, Receiver, TOKEN};
 use futures::SinkExt;
 use serde_json::json;
@@ -34,11 +35,6 @@ async fn mute_agent(addr: std::net::SocketAddr, token: &str) {
     });
 }
 
-fn timeouts(text: &str, transport: &str) -> f64 {
-    let needle = format!("herald_attempts_total{{transport=\"{transport}\",outcome=\"timeout\"}} ");
-    text.lines().find_map(|l| l.strip_prefix(&needle)).map_or(0.0, |v| v.trim().parse().unwrap())
-}
-
 #[tokio::test]
 async fn a_timeout_is_counted_as_timeout_on_every_transport() {
     let dir = tempfile::tempdir().unwrap();
@@ -68,9 +64,9 @@ async fn a_timeout_is_counted_as_timeout_on_every_transport() {
         assert_eq!((status.as_u16(), answer["deliveries"].as_u64()), (202, Some(1)), "{answer}");
     }
     let text = until("a timeout counted for each transport", Duration::from_secs(30), || async {
-        let (_, body) = api.raw("GET", "/metrics", None, None).await;
-        let text = body.as_str().unwrap_or_default().to_string();
-        ["webhook", "amqp", "edge"].iter().all(|t| timeouts(&text, t) == 1.0).then_some(text)
+        let m = scrape(&api).await;
+        let timeouts = |t| m.value("herald_attempts_total", &[("transport", t), ("outcome", "timeout")]);
+        ["webhook", "amqp", "edge"].into_iter().all(|t| timeouts(t) == 1.0).then_some(m.text)
     })
     .await;
     assert!(!text.contains("outcome=\"error\""), "no failure is an unlabelled error");

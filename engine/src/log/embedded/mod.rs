@@ -39,7 +39,7 @@ struct AppendRequest {
     reply: oneshot::Sender<Result<Vec<Position>, String>>,
 }
 
-/// The embedded log backend.
+/// The log in local files: what `herald serve` runs on with nothing else installed.
 pub struct EmbeddedLog {
     topics: HashMap<String, Topic>,
     writer: mpsc::UnboundedSender<AppendRequest>,

@@ -83,7 +83,7 @@ pub(crate) fn kafka_error(e: KafkaError) -> LogError {
     LogError::Backend(e.to_string())
 }
 
-/// The Kafka log.
+/// The log on a Kafka cluster: one producer, consumer groups per topic, readers for pages.
 pub struct KafkaLog {
     config: KafkaConfig,
     producer: FutureProducer,

@@ -36,7 +36,8 @@ pub enum ToAgent {
 pub enum ToServer {
     /// The first message: how many deliveries may be unanswered at once.
     Hello {
-        /// The window.
+        /// How many deliveries the agent takes at once: flow control, so Herald never
+        /// buries a slow agent.
         window: u32,
     },
     /// What one attempt came to.

@@ -1,0 +1,209 @@
+//! Herald under test: in-process on a temporary data dir (on the embedded log, or on
+//! librdkafka's mock cluster when `HERALD_TEST_BACKEND=kafka`), or as a child process. Both
+//! take their settings from one list ([`ENV`]).
+
+use super::{eventually, Api, TOKEN};
+use herald::config::Config;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The settings every Herald under test runs with, in-process or as a child: the admin
+/// token, receivers on loopback allowed, offsets flushed often, and breakers that pause
+/// briefly so tests on test timescales still see them at work.
+pub const ENV: &[(&str, &str)] = &[
+    ("HERALD_ADMIN_TOKEN", TOKEN),
+    ("HERALD_NETWORK_ALLOW", "127.0.0.0/8"),
+    ("HERALD_LOG_FLUSH_INTERVAL", "20ms"),
+    ("HERALD_HEALTH_BREAKER_PAUSE", "200ms"),
+    ("HERALD_HEALTH_BREAKER_MAX_PAUSE", "1s"),
+];
+
+/// Config for an in-process server on a temporary data dir.
+pub fn config(data_dir: &std::path::Path) -> Config {
+    let mut env: Vec<(String, String)> = ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    env.push(("HERALD_LISTEN".into(), "127.0.0.1:0".into()));
+    let mut c = Config::load(None, &env).unwrap();
+    c.data_dir = data_dir.to_path_buf();
+    c
+}
+
+/// With `RUST_LOG` set, in-process servers log into the test's output.
+pub fn trace_to_test_output() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Which log backend the in-process tests run on: `HERALD_TEST_BACKEND=kafka` runs them on
+/// the librdkafka mock cluster (a real Kafka-protocol broker in-process), else embedded.
+pub fn on_kafka() -> bool {
+    std::env::var("HERALD_TEST_BACKEND").is_ok_and(|b| b == "kafka")
+}
+
+/// A Kafka-protocol broker for one test: librdkafka's mock cluster, with Herald's topics.
+pub struct MockKafka(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>);
+
+impl MockKafka {
+    pub fn start(partitions: u32) -> MockKafka {
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        // The mock broker has no CreateTopics: lay the topics out as Herald would.
+        for spec in herald::topics::Topics::new("herald.").specs(partitions) {
+            cluster.create_topic(&spec.name, spec.partitions as i32, 1).expect("mock topic");
+        }
+        MockKafka(cluster)
+    }
+
+    /// Points `config` at this broker.
+    pub fn configure(&self, config: &mut Config) {
+        config.log.backend = herald::config::Backend::Kafka;
+        config.log.brokers = self.0.bootstrap_servers();
+        config.log.replication = 1;
+    }
+}
+
+/// Starts Herald; on Kafka, waits until the consumer groups have handed it every partition
+/// (the broker holds a new group back about 3 s), so tests time deliveries, not group joins.
+async fn started(config: Config, kafka: bool) -> herald::server::Herald {
+    let all = config.log.partitions as usize * (1 + herald::retry::tiers::TIERS.len());
+    let herald = herald::server::start(config).await.unwrap();
+    if kafka {
+        eventually("every partition assigned", Duration::from_secs(30), || {
+            (herald.partitions_owned() == all).then_some(())
+        })
+        .await;
+    }
+    herald
+}
+
+/// A running in-process Herald with its data dir (and its broker, on Kafka).
+pub struct TestHerald {
+    pub herald: herald::server::Herald,
+    pub api: Api,
+    pub dir: tempfile::TempDir,
+    config: Config,
+    kafka: Option<MockKafka>,
+}
+
+impl TestHerald {
+    pub async fn start() -> TestHerald {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with a config adjusted by `tweak`, on the backend the suite runs on.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestHerald {
+        trace_to_test_output();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        tweak(&mut config);
+        let kafka = on_kafka().then(|| MockKafka::start(config.log.partitions));
+        if let Some(k) = &kafka {
+            k.configure(&mut config);
+        }
+        let herald = started(config.clone(), kafka.is_some()).await;
+        let api = Api::new(herald.addr, TOKEN);
+        TestHerald { herald, api, dir, config, kafka }
+    }
+
+    /// Stops the server and starts it again on the same data and broker.
+    pub async fn restart(self) -> TestHerald {
+        let TestHerald { herald, api: _, dir, config, kafka } = self;
+        herald.stop().await;
+        let herald = started(config.clone(), kafka.is_some()).await;
+        let api = Api::new(herald.addr, TOKEN);
+        TestHerald { herald, api, dir, config, kafka }
+    }
+
+    /// Stops the server and returns every dead letter in its log.
+    pub async fn stop_and_read_dlq(self) -> Vec<herald::model::DeadLetter> {
+        if self.kafka.is_none() {
+            self.herald.stop().await;
+            return read_dlq(self.dir.path()).await;
+        }
+        let log = self.herald.log();
+        self.herald.stop().await;
+        let records = log.read_all("herald.dlq").await.unwrap();
+        drop(self.kafka);
+        dead_letters(records)
+    }
+}
+
+fn dead_letters(records: Vec<herald::log::LogRecord>) -> Vec<herald::model::DeadLetter> {
+    use herald::retry::dead_letters::{decode, DlqRecord};
+    records
+        .into_iter()
+        .filter_map(|r| match decode(r.value).expect("dead-letter record") {
+            DlqRecord::Entry { entry, .. } => Some(*entry),
+            DlqRecord::Replayed(_) => None,
+        })
+        .collect()
+}
+
+/// Reads the dead-letter topic of a stopped server's data dir.
+pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLetter> {
+    use herald::log::embedded::{EmbeddedConfig, EmbeddedLog};
+    use herald::log::Log;
+    use herald::topics::Topics;
+    let topics = Topics::new("herald.");
+    let log = EmbeddedLog::open(EmbeddedConfig {
+        dir: data_dir.join("log"),
+        segment_bytes: 64 << 20,
+        flush_interval: Duration::from_secs(1),
+        topics: topics.specs(8),
+    })
+    .await
+    .unwrap();
+    dead_letters(log.read_all(&topics.dlq).await.unwrap())
+}
+
+/// Starts `herald serve` on a free port and returns it with its address.
+pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
+    spawn_herald_with(data_dir, &[])
+}
+
+/// Starts `herald serve` with extra environment variables.
+pub fn spawn_herald_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (ChildGuard, SocketAddr) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .envs(ENV.iter().copied())
+        .env("RUST_LOG", "warn")
+        // The suite's own switch is not a setting of the server.
+        .env_remove("HERALD_TEST_BACKEND")
+        // The caller's variables last, so they win over the defaults above.
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("herald binary runs");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let addr = loop {
+        let line = lines.next().expect("herald printed its address").unwrap();
+        if let Some(a) = line.strip_prefix("herald listening on http://") {
+            break a.parse().unwrap();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (ChildGuard(child), addr)
+}
+
+/// A child process that is killed when the guard drops, so a failing test leaves no server
+/// behind (holding ports and its parent's output pipes).
+pub struct ChildGuard(pub std::process::Child);
+
+impl ChildGuard {
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
