@@ -6,9 +6,9 @@ use crate::catalog::feed::{self, Feed};
 use crate::catalog::Router;
 use crate::config::{Backend, Config};
 use crate::devices::Devices;
-use crate::dispatch::{Deliverer, Dispatcher, Settler, ShardLimits, Source};
+use crate::dispatch::{Deliverer, Dispatcher, Observe, Settler, ShardLimits, Source};
 use crate::ingest::Ingest;
-use crate::log::embedded::{EmbeddedConfig, EmbeddedLog};
+use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, Faults};
 use crate::log::kafka::{KafkaConfig, KafkaLog};
 use crate::log::{Log, LogError};
 use crate::metrics::Metrics;
@@ -115,8 +115,8 @@ pub struct Herald {
 }
 
 /// Opens the configured backend with every topic Herald uses.
-async fn open_log(config: &Config, topics: &Topics) -> Result<Arc<dyn Log>, LogError> {
-    let specs = topics.specs(config.log.partitions);
+async fn open_log(config: &Config, topics: &Topics, faults: &Faults) -> Result<Arc<dyn Log>, LogError> {
+    let specs = topics.specs(&config.log);
     Ok(match config.log.backend {
         Backend::Embedded => {
             EmbeddedLog::open(EmbeddedConfig {
@@ -124,6 +124,7 @@ async fn open_log(config: &Config, topics: &Topics) -> Result<Arc<dyn Log>, LogE
                 segment_bytes: config.log.segment_bytes,
                 flush_interval: config.log.flush_interval.0,
                 topics: specs,
+                faults: faults.clone(),
             })
             .await?
         }
@@ -134,6 +135,9 @@ async fn open_log(config: &Config, topics: &Topics) -> Result<Arc<dyn Log>, LogE
                 properties: config.log.kafka.0.clone(),
                 topics: specs,
                 drain: DRAIN,
+                retention: config.log.retention.0,
+                min_insync_replicas: config.log.min_insync_replicas,
+                max_record_bytes: config.ingest.max_record_bytes(),
             })
             .await?
         }
@@ -239,21 +243,39 @@ async fn serve_api(
     Ok((addr, task))
 }
 
+/// What a caller may add to a server beyond its configuration.
+#[derive(Default, Clone)]
+pub struct Extras {
+    /// Observers of every settled delivery, besides metrics.
+    pub observers: Vec<Arc<dyn Observe>>,
+    /// Faults injected into the embedded log's writes (tests of failing disks).
+    pub faults: Faults,
+}
+
 /// Starts every stage from `config`.
 pub async fn start(config: Config) -> Result<Herald, StartError> {
+    start_with(config, Extras::default()).await
+}
+
+/// Starts every stage from `config`, with `extras`.
+pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartError> {
     let data_err = |source| StartError::DataDir { path: config.data_dir.display().to_string(), source };
     std::fs::create_dir_all(&config.data_dir).map_err(data_err)?;
     let (token, token_source) = admin_token(&config).map_err(data_err)?;
     // The recorder first, so every stage's metrics (the hub's gauges too) are recorded.
     let metrics = Arc::new(Metrics::new());
     let topics = Topics::new(&config.log.topic_prefix);
-    let log = crate::metrics::timed(open_log(&config, &topics).await?);
+    let log = crate::metrics::timed(open_log(&config, &topics, &extras.faults).await?);
     let stores = open_catalog(&log, &topics, &config).await?;
     let hub = EdgeHub::new(stores.devices.clone(), forward_secret(&config, &token));
     let transports = transports(&config, hub.clone());
     let retrier = Retrier::new(log.clone(), topics.prefix.clone(), topics.dlq.clone());
     let settler = Settler::new(stores.registry.clone(), retrier);
-    let deliverer = Arc::new(Deliverer::new(stores.registry.clone(), transports.clone(), settler));
+    let deliverer = extras
+        .observers
+        .iter()
+        .fold(Deliverer::new(stores.registry.clone(), transports.clone(), settler), |d, o| d.observed_by(o.clone()));
+    let deliverer = Arc::new(deliverer);
     let (stop, stop_rx) = watch::channel(false);
     let dispatcher = spawn_dispatcher(&config, &log, &topics, deliverer, metrics.clone(), stop_rx.clone());
     let registry = stores.registry.clone();
@@ -274,6 +296,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
         devices: stores.devices.clone(),
         edge: hub,
         rotation_overlap: config.signing.rotation_overlap.0,
+        max_event_bytes: config.ingest.max_event_bytes,
         tenants: stores.tenants.clone(),
     };
     let (addr, api) = serve_api(&config, state, stop_rx).await?;

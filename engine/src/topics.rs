@@ -2,6 +2,7 @@
 //! letters and the catalog. Their names and layouts are decided here, from the tiers the retry
 //! stage owns.
 
+use crate::config::LogConfig;
 use crate::log::TopicSpec;
 use crate::retry::tiers;
 use std::time::Duration;
@@ -34,14 +35,22 @@ impl Topics {
         }
     }
 
-    /// Every topic with its layout; data topics get `partitions` partitions.
-    pub fn specs(&self, partitions: u32) -> Vec<TopicSpec> {
+    /// Every topic with its layout: data topics get `log.partitions` partitions; the catalog
+    /// one, compacted; dead letters are kept for `log.dlq_retention`; deliveries and tiers until
+    /// consumed (and on Kafka at most `log.retention`).
+    pub fn specs(&self, log: &LogConfig) -> Vec<TopicSpec> {
+        let data = |name: &String, retention: Option<Duration>| TopicSpec {
+            name: name.clone(),
+            partitions: log.partitions,
+            compacted: false,
+            retention,
+        };
         let mut specs = vec![
-            TopicSpec { name: self.deliveries.clone(), partitions, compacted: false },
-            TopicSpec { name: self.dlq.clone(), partitions, compacted: false },
-            TopicSpec { name: self.subscriptions.clone(), partitions: 1, compacted: true },
+            data(&self.deliveries, None),
+            data(&self.dlq, Some(log.dlq_retention.0)),
+            TopicSpec { name: self.subscriptions.clone(), partitions: 1, compacted: true, retention: None },
         ];
-        specs.extend(self.tiers.iter().map(|(name, _)| TopicSpec { name: name.clone(), partitions, compacted: false }));
+        specs.extend(self.tiers.iter().map(|(name, _)| data(name, None)));
         specs
     }
 

@@ -24,7 +24,8 @@ pub enum Target {
 /// Opens the log Herald uses at `target`, with its topic layout.
 pub async fn open(target: &Target, prefix: &str, partitions: u32) -> anyhow::Result<(Arc<dyn Log>, Topics)> {
     let topics = Topics::new(prefix);
-    let specs = topics.specs(partitions);
+    let layout = herald::config::LogConfig { partitions, ..Default::default() };
+    let specs = topics.specs(&layout);
     let log: Arc<dyn Log> = match target {
         Target::Kafka(brokers) => {
             KafkaLog::open(KafkaConfig {
@@ -33,6 +34,9 @@ pub async fn open(target: &Target, prefix: &str, partitions: u32) -> anyhow::Res
                 properties: Default::default(),
                 topics: specs,
                 drain: Duration::from_secs(1),
+                retention: layout.retention.0,
+                min_insync_replicas: layout.min_insync_replicas,
+                max_record_bytes: herald::config::IngestConfig::default().max_record_bytes(),
             })
             .await?
         }
@@ -42,6 +46,7 @@ pub async fn open(target: &Target, prefix: &str, partitions: u32) -> anyhow::Res
                 segment_bytes: 64 << 20,
                 flush_interval: Duration::from_millis(200),
                 topics: specs,
+                faults: None,
             })
             .await?
         }

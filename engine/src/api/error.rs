@@ -61,6 +61,20 @@ impl From<crate::model::Invalid> for ApiError {
     }
 }
 
+impl From<crate::ingest::Refusal> for ApiError {
+    fn from(e: crate::ingest::Refusal) -> Self {
+        match e {
+            crate::ingest::Refusal::Invalid(i) => i.into(),
+            crate::ingest::Refusal::TooLarge { ref field, .. } => ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: "PAYLOAD_TOO_LARGE",
+                field: Some(field.clone()),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
 impl From<crate::registry::RegistryError> for ApiError {
     fn from(e: crate::registry::RegistryError) -> Self {
         match e {
@@ -80,7 +94,16 @@ impl From<crate::catalog::CatalogError> for ApiError {
 impl From<crate::log::LogError> for ApiError {
     fn from(e: crate::log::LogError) -> Self {
         tracing::error!(error = %e, "log write failed");
-        ApiError::unavailable("the log could not take the write; nothing was accepted, retry later")
+        match e {
+            // A full disk: nothing was appended, and appends resume by themselves with space.
+            crate::log::LogError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => ApiError {
+                status: StatusCode::INSUFFICIENT_STORAGE,
+                code: "STORAGE_FULL",
+                message: "the log's disk is full; nothing was accepted, retry once space is freed".into(),
+                field: None,
+            },
+            _ => ApiError::unavailable("the log could not take the write; nothing was accepted, retry later"),
+        }
     }
 }
 

@@ -20,7 +20,7 @@ pub async fn publish(
     State(state): State<AppState>,
     JsonBody(input): JsonBody<EventInput>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let event = ingest::validate(input, "", DEFAULT_TENANT)?;
+    let event = ingest::validate(input, "", DEFAULT_TENANT, state.max_event_bytes)?;
     let accepted = state.ingest.publish(vec![event]).await?;
     Ok((StatusCode::ACCEPTED, Json(&accepted[0]).into_response()))
 }
@@ -37,7 +37,7 @@ pub async fn publish_batch(
     let events = inputs
         .into_iter()
         .enumerate()
-        .map(|(i, input)| ingest::validate(input, &format!("[{i}]"), DEFAULT_TENANT))
+        .map(|(i, input)| ingest::validate(input, &format!("[{i}]"), DEFAULT_TENANT, state.max_event_bytes))
         .collect::<Result<Vec<_>, _>>()?;
     let accepted = state.ingest.publish(events).await?;
     let deliveries: usize = accepted.iter().map(|a| a.deliveries).sum();

@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Transports, for test deliveries.
     pub transports: crate::transport::Transports,
+    /// The largest event (`ingest.max_event_bytes`).
+    pub max_event_bytes: usize,
     /// How long a rotated-out secret keeps signing.
     pub rotation_overlap: std::time::Duration,
     /// Tenants and their API keys.

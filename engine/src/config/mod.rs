@@ -34,6 +34,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Which private networks webhook targets may be in.
     pub network: NetworkConfig,
+    /// What events may be.
+    pub ingest: IngestConfig,
     /// Dispatcher tuning.
     pub dispatch: DispatchConfig,
     /// HTTP transport defaults.
@@ -66,8 +68,17 @@ pub struct LogConfig {
     pub partitions: u32,
     /// Embedded log: seal a segment past this size.
     pub segment_bytes: u64,
-    /// Embedded log: how often consumer offsets are persisted.
+    /// Embedded log: how often consumer offsets are persisted (and consumed or expired
+    /// segments reclaimed).
     pub flush_interval: HumanDuration,
+    /// How long dead letters are kept (both backends); replay them before.
+    pub dlq_retention: HumanDuration,
+    /// Kafka: the most a delivery or retry record is kept unconsumed (`retention.ms` of those
+    /// topics). Herald consumes them continuously; this bounds a long outage of every process.
+    pub retention: HumanDuration,
+    /// Kafka: `min.insync.replicas` of the topics Herald creates, so `acks=all` means this many
+    /// copies (applied when `replication` is at least 2; at most `replication`).
+    pub min_insync_replicas: u32,
     /// Kafka: bootstrap brokers, `host:port[,host:port...]`.
     pub brokers: String,
     /// Kafka: replication factor of the topics Herald creates (-1: the broker's default).
@@ -142,6 +153,32 @@ pub struct NetworkConfig {
     /// Private, loopback or link-local ranges that targets may nevertheless be in.
     #[serde(deserialize_with = "nets_from_list_or_csv")]
     pub allow: Vec<IpNet>,
+}
+
+/// What events may be.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// The largest event, `data` and `changes` together, in bytes: larger ones are refused
+    /// with `413`. Every record Herald writes stays below this plus
+    /// [`IngestConfig::RECORD_OVERHEAD`], which both backends are set to take.
+    pub max_event_bytes: usize,
+}
+
+impl IngestConfig {
+    /// Room a record needs beyond its event: delivery metadata, a dead letter's fields.
+    pub const RECORD_OVERHEAD: usize = 64 * 1024;
+
+    /// The largest record Herald writes.
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_event_bytes + Self::RECORD_OVERHEAD
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig { max_event_bytes: 1 << 20 }
+    }
 }
 
 /// Dispatcher tuning.
@@ -346,6 +383,7 @@ impl Default for Config {
             advertise_url: None,
             log: LogConfig::default(),
             network: NetworkConfig::default(),
+            ingest: IngestConfig::default(),
             dispatch: DispatchConfig::default(),
             http: HttpConfig::default(),
             health: HealthConfig::default(),
@@ -366,6 +404,9 @@ impl Default for LogConfig {
             partitions: 8,
             segment_bytes: 64 << 20,
             flush_interval: Duration::from_millis(200).into(),
+            dlq_retention: Duration::from_secs(14 * 86_400).into(),
+            retention: Duration::from_secs(7 * 86_400).into(),
+            min_insync_replicas: 2,
             brokers: "localhost:9092".into(),
             replication: -1,
             kafka: KafkaProperties::default(),
@@ -437,7 +478,7 @@ pub enum ConfigError {
 
 /// Sections whose environment variables use one underscore after the section name,
 /// e.g. `HERALD_NETWORK_ALLOW` → `network.allow`.
-const SECTIONS: &[&str] = &["log", "network", "dispatch", "http", "health", "signing", "edge", "logging"];
+const SECTIONS: &[&str] = &["log", "network", "ingest", "dispatch", "http", "health", "signing", "edge", "logging"];
 
 fn env_key(key: &str) -> String {
     let key = key.to_ascii_lowercase();
@@ -502,6 +543,18 @@ impl Config {
         }
         if self.log.segment_bytes < 4096 {
             return reject("log.segment_bytes", "must be at least 4096");
+        }
+        if self.log.flush_interval.0 < Duration::from_millis(1) {
+            return reject("log.flush_interval", "must be at least 1ms");
+        }
+        if self.log.dlq_retention.0 < Duration::from_secs(60) || self.log.retention.0 < Duration::from_secs(3600) {
+            return reject("log.dlq_retention", "dlq_retention must be at least 1m and retention at least 1h");
+        }
+        if !(1024..=12 << 20).contains(&self.ingest.max_event_bytes) {
+            return reject("ingest.max_event_bytes", "must be between 1024 and 12582912 (12 MiB)");
+        }
+        if self.log.min_insync_replicas == 0 {
+            return reject("log.min_insync_replicas", "must be at least 1");
         }
         if self.dispatch.window == 0 || self.dispatch.batch == 0 {
             return reject("dispatch.window", "window and batch must be at least 1");
@@ -602,5 +655,7 @@ mod tests {
         assert!(err.to_string().contains("log.partitions"), "{err}");
         let err = Config::load(None, &env(&[("HERALD_HTTP_TIMEOUT", "soon")])).unwrap_err();
         assert!(err.to_string().contains("timeout"), "{err}");
+        let err = Config::load(None, &env(&[("HERALD_LOG_FLUSH_INTERVAL", "0s")])).unwrap_err();
+        assert!(err.to_string().contains("log.flush_interval"), "{err}");
     }
 }

@@ -68,10 +68,14 @@ impl Deliverer {
         settled
     }
 
-    /// Settles a record whose processing panicked twice (the shard's supervision).
+    /// Settles a record whose processing panicked twice (the shard's supervision). Observing
+    /// it may panic once more (it is the same record): that is caught, so the partition moves on.
     pub async fn park_panicked(&self, rec: &LogRecord, message: String) -> Settled {
         let settled = self.settler.panicked(rec, message).await;
-        self.observe(&settled);
+        let observed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.observe(&settled)));
+        if observed.is_err() {
+            tracing::error!(partition = rec.partition, offset = rec.offset, "observing a parked delivery panicked");
+        }
         settled
     }
 
@@ -194,9 +198,13 @@ async fn run_source(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut shards: HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
+    // Revoked shards drain side by side, each within the whole drain budget; the group waits
+    // for their readers to drop, not for this loop.
+    let mut draining = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = crate::shutdown::stopped(&mut stop) => break,
+            Some(_) = draining.join_next(), if !draining.is_empty() => {}
             change = consumer.next_assignment() => match change {
                 Some(Assignment::Assigned(reader)) => {
                     let partition = reader.partition();
@@ -208,7 +216,7 @@ async fn run_source(
                 Some(Assignment::Revoked(partition)) => {
                     if let Some((tx, task)) = shards.remove(&partition) {
                         tx.send_replace(true);
-                        let _ = task.await;
+                        draining.spawn(task);
                     }
                 }
                 None => break,
@@ -221,4 +229,5 @@ async fn run_source(
     for (_, (_, task)) in shards {
         let _ = task.await;
     }
+    while draining.join_next().await.is_some() {}
 }

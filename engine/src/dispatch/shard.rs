@@ -98,9 +98,11 @@ impl Shard {
         self.window.in_flight() < self.limits.window && self.window.held() < self.limits.max_uncommitted
     }
 
-    /// When a record may start: its append time plus the topic's delay.
+    /// When a record may start: its append time plus the topic's delay, and never more than
+    /// the delay from now (a clock stepped back must not hold a tier for the size of the step;
+    /// the delivery's own due time still keeps every attempt from being early).
     fn due(&self, rec: &LogRecord) -> i64 {
-        rec.timestamp_ms + self.delay.as_millis() as i64
+        due(rec.timestamp_ms, self.delay, now_ms())
     }
 
     /// Starts what is due while the window has room; reads more only when nothing waits, so
@@ -178,6 +180,11 @@ impl Shard {
     }
 }
 
+fn due(appended_ms: i64, delay: Duration, now_ms: i64) -> i64 {
+    let delay = delay.as_millis() as i64;
+    appended_ms.saturating_add(delay).min(now_ms.saturating_add(delay))
+}
+
 /// Processes `rec`, once more if that panics, and parks it in the dead-letter topic if it
 /// panics again; resolves to its offset once it is settled.
 fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord) -> BoxFuture<'static, u64> {
@@ -205,4 +212,17 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_stepped_back_does_not_hold_a_tier() {
+        let delay = Duration::from_secs(30);
+        // Appended a minute "in the future" (the clock then stepped back an hour's worth).
+        assert_eq!(due(3_600_000, delay, 0), 30_000);
+        assert_eq!(due(1_000, delay, 5_000), 31_000);
+    }
 }

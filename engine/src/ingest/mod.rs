@@ -11,6 +11,7 @@ use crate::registry::{validate_tenant, Registry};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 
 /// An event that passed validation.
 #[derive(Debug, Clone)]
@@ -75,20 +76,42 @@ fn field(prefix: &str, name: &str) -> String {
     }
 }
 
+/// Why an event was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// A field is not valid.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The event is larger than `ingest.max_event_bytes`.
+    #[error("{field}: the event's data and changes are {bytes} bytes; the limit is ingest.max_event_bytes = {max}")]
+    TooLarge {
+        /// The event's `data` field, as a path in the request.
+        field: String,
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
 /// Validates one event; `prefix` names its place in a batch (e.g. `[3]`), `tenant` is used
-/// when the event names none.
-pub fn validate(input: EventInput, prefix: &str, default_tenant: &str) -> Result<Event, Invalid> {
+/// when the event names none, and `data` with `changes` may be at most `max_bytes`.
+pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes: usize) -> Result<Event, Refusal> {
+    let bytes = input.data.get().len() + input.changes.as_ref().map_or(0, |c| c.get().len());
+    if bytes > max_bytes {
+        return Err(Refusal::TooLarge { field: field(prefix, "data"), bytes, max: max_bytes });
+    }
     let bad = |name: &str, message: &str| Invalid { field: field(prefix, name), message: message.to_string() };
     let event_type = input.event_type;
     if event_type.is_empty() || event_type.len() > MAX_EVENT_ID_LEN || event_type.chars().any(char::is_control) {
-        return Err(bad("type", "must be 1 to 255 bytes without control characters"));
+        return Err(Refusal::from(bad("type", "must be 1 to 255 bytes without control characters")));
     }
     let id_given = input.id.is_some();
     let id = match input.id {
         Some(id) => {
             // It travels as the webhook-id header: visible ASCII only.
             if id.is_empty() || id.len() > MAX_EVENT_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(bad("id", "must be 1 to 255 visible ASCII characters"));
+                return Err(Refusal::from(bad("id", "must be 1 to 255 visible ASCII characters")));
             }
             id
         }
@@ -96,7 +119,7 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str) -> Result
     };
     let tenant = input.tenant.unwrap_or_else(|| default_tenant.to_string());
     validate_tenant(&tenant).map_err(|e| bad("tenant", &e.message))?;
-    let json = |name: &str, text: &str| Json::new(text).map_err(|e| bad(name, &e.to_string()));
+    let json = |name: &str, text: &str| Json::new(text).map_err(|e| Refusal::from(bad(name, &e.to_string())));
     let data = json("data", input.data.get())?;
     let changes = input.changes.map(|c| json("changes", c.get())).transpose()?;
     Ok(Event { id, event_type, tenant, data, changes, id_given })
@@ -108,11 +131,18 @@ pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_se
 /// Most event ids remembered at once.
 const IDEMPOTENCY_CAPACITY: usize = 200_000;
 
-/// Recently accepted (tenant, event id) pairs and their delivery counts. In memory: after a
-/// restart a repeated publish is appended again, and receivers drop it by `webhook-id`.
+/// An event id (per tenant) seen recently: being appended by a request now, or accepted with
+/// this many deliveries.
+enum Seen {
+    Pending(watch::Receiver<Option<usize>>),
+    Done(usize),
+}
+
+/// Recently accepted (tenant, event id) pairs. In memory: after a restart a repeated publish
+/// is appended again, and receivers drop it by `webhook-id`.
 #[derive(Default)]
 struct Recent {
-    counts: HashMap<(String, String), usize>,
+    seen: HashMap<(String, String), Seen>,
     order: VecDeque<((String, String), i64)>,
 }
 
@@ -123,11 +153,16 @@ impl Recent {
             if *at >= horizon && self.order.len() <= IDEMPOTENCY_CAPACITY {
                 break;
             }
-            self.counts.remove(key);
+            if matches!(self.seen.get(key), Some(Seen::Done(_))) {
+                self.seen.remove(key);
+            }
             self.order.pop_front();
         }
     }
 }
+
+/// How long a request waits for another that is appending the same event id.
+const SAME_ID_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Fans events out to their subscriptions and appends the deliveries, durably.
 pub struct Ingest {
@@ -137,32 +172,88 @@ pub struct Ingest {
     recent: Mutex<Recent>,
 }
 
+/// A (tenant, event id) pair.
+type Key = (String, String);
+
+/// The ids this request reserved: released (as refused) unless the append succeeded.
+struct Reserved<'a> {
+    recent: &'a Mutex<Recent>,
+    mine: Vec<(Key, watch::Sender<Option<usize>>)>,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.mine.is_empty() {
+            return;
+        }
+        let mut recent = self.recent.lock().unwrap();
+        for (key, _) in self.mine.drain(..) {
+            if matches!(recent.seen.get(&key), Some(Seen::Pending(_))) {
+                recent.seen.remove(&key);
+            }
+        }
+    }
+}
+
 impl Ingest {
     /// Ingest into `topic`.
     pub fn new(log: Arc<dyn Log>, registry: Arc<Registry>, topic: String) -> Self {
         Ingest { log, registry, topic, recent: Mutex::new(Recent::default()) }
     }
 
+    /// Reserves the given ids of `events` that no request has seen, after waiting for any
+    /// request appending one of them now: so concurrent duplicates append once.
+    async fn reserve(&self, events: &[Event]) -> Reserved<'_> {
+        loop {
+            let busy: Vec<watch::Receiver<Option<usize>>> = {
+                let mut recent = self.recent.lock().unwrap();
+                let busy: Vec<_> = events
+                    .iter()
+                    .filter(|e| e.id_given)
+                    .filter_map(|e| match recent.seen.get(&(e.tenant.clone(), e.id.clone())) {
+                        Some(Seen::Pending(rx)) => Some(rx.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                if busy.is_empty() {
+                    let mut mine = Vec::new();
+                    for e in events.iter().filter(|e| e.id_given) {
+                        let key = (e.tenant.clone(), e.id.clone());
+                        if !recent.seen.contains_key(&key) {
+                            let (tx, rx) = watch::channel(None);
+                            recent.seen.insert(key.clone(), Seen::Pending(rx));
+                            mine.push((key, tx));
+                        }
+                    }
+                    return Reserved { recent: &self.recent, mine };
+                }
+                busy
+            };
+            for mut rx in busy {
+                let _ = tokio::time::timeout(SAME_ID_WAIT, rx.wait_for(Option::is_some)).await;
+            }
+        }
+    }
+
     /// Appends every delivery of `events` in one durable append; returns per-event counts.
     /// An event whose id (for its tenant) was accepted in the last [`IDEMPOTENCY_WINDOW`],
-    /// in this request or an earlier one, gets the first answer back and appends nothing.
+    /// in this request or an earlier one (or is being appended by a concurrent one), gets the
+    /// first answer back and appends nothing.
     pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<Accepted>, LogError> {
+        let mut reserved = self.reserve(&events).await;
         let now = now_ms();
         let mut records = Vec::new();
         let mut accepted = Vec::with_capacity(events.len());
-        let mut fresh: Vec<((String, String), usize)> = Vec::new();
+        let mut counts: HashMap<(String, String), usize> = HashMap::new();
         let mut new_events = 0u64;
-        let known = |key: &(String, String), fresh: &[((String, String), usize)]| {
-            fresh
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, n)| *n)
-                .or_else(|| self.recent.lock().unwrap().counts.get(key).copied())
-        };
         for event in events {
             let key = (event.tenant.clone(), event.id.clone());
             if event.id_given {
-                if let Some(deliveries) = known(&key, &fresh) {
+                let earlier = counts.get(&key).copied().or_else(|| match self.recent.lock().unwrap().seen.get(&key) {
+                    Some(Seen::Done(n)) => Some(*n),
+                    _ => None,
+                });
+                if let Some(deliveries) = earlier {
                     accepted.push(Accepted { id: event.id, deliveries });
                     continue;
                 }
@@ -185,7 +276,7 @@ impl Ingest {
                     .push(Record { key: Bytes::copy_from_slice(target.sub.id.as_bytes()), value: delivery.encode() });
             }
             if event.id_given {
-                fresh.push((key, targets.len()));
+                counts.insert(key, targets.len());
             }
             new_events += 1;
             accepted.push(Accepted { id: event.id, deliveries: targets.len() });
@@ -193,9 +284,11 @@ impl Ingest {
         self.log.append(&self.topic, records).await?;
         {
             let mut recent = self.recent.lock().unwrap();
-            for (key, n) in fresh {
-                recent.counts.insert(key.clone(), n);
+            for (key, tx) in reserved.mine.drain(..) {
+                let n = counts.get(&key).copied().unwrap_or(0);
+                recent.seen.insert(key.clone(), Seen::Done(n));
                 recent.order.push_back((key, now));
+                tx.send_replace(Some(n));
             }
             recent.expire(now);
         }

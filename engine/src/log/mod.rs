@@ -50,8 +50,11 @@ pub struct TopicSpec {
     pub name: String,
     /// Partitions: the most shards that can work it at once.
     pub partitions: u32,
-    /// Keep only the newest record per key (the registry's topic).
+    /// Keep only the newest record per key (the catalog).
     pub compacted: bool,
+    /// Records older than this may be deleted (dead letters); `None`: kept until every
+    /// consumer group has consumed them (deliveries and tiers), or forever (the catalog).
+    pub retention: Option<std::time::Duration>,
 }
 
 /// Errors from either log backend.
@@ -66,6 +69,14 @@ pub enum LogError {
     /// The log is shutting down and takes no more work.
     #[error("log is closed")]
     Closed,
+    /// A record is larger than the log can store (the API's size limit keeps events below it).
+    #[error("a record of {bytes} bytes is larger than the log takes ({max} bytes)")]
+    TooLarge {
+        /// The record's size.
+        bytes: usize,
+        /// The most the log takes.
+        max: usize,
+    },
     /// The backend rejected the operation.
     #[error("log backend error: {0}")]
     Backend(String),

@@ -81,12 +81,16 @@ impl Retrier {
     }
 
     /// Appends `delivery` to the tier that fits its remaining wait (or the shortest tier when
-    /// it is already due), durably; returns the tier.
+    /// it is already due), durably; returns the tier. A record the log refuses as too large
+    /// (written before a lower `ingest.max_event_bytes`) is dead-lettered instead.
     pub async fn schedule(&self, delivery: &Delivery) -> Duration {
         let wait = Duration::from_millis((delivery.due_ms - now_ms()).max(0) as u64);
         let tier = tiers::for_wait(wait).unwrap_or(tiers::TIERS[0]);
-        let record = Record { key: Bytes::copy_from_slice(delivery.subscription.as_bytes()), value: delivery.encode() };
-        self.append_durably(&tiers::topic(&self.prefix, tier), record).await;
+        let value = delivery.encode();
+        let record = Record { key: Bytes::copy_from_slice(delivery.subscription.as_bytes()), value: value.clone() };
+        if let Err(e) = self.append_durably(&tiers::topic(&self.prefix, tier), record).await {
+            self.dead_letter(delivery, value, None, format!("could not be rescheduled: {e}")).await;
+        }
         tier
     }
 
@@ -105,11 +109,15 @@ impl Retrier {
             last_status,
             last_error: Some(crate::model::outcome::truncate(&last_error, crate::model::outcome::MAX_DETAIL)),
         };
-        let record = Record {
-            key: Bytes::copy_from_slice(delivery.subscription.as_bytes()),
-            value: dead_letters::encode_entry(&entry, &raw),
-        };
-        self.append_durably(&self.dlq_topic, record).await;
+        let key = Bytes::copy_from_slice(delivery.subscription.as_bytes());
+        let record = Record { key: key.clone(), value: dead_letters::encode_entry(&entry, &raw) };
+        if let Err(e) = self.append_durably(&self.dlq_topic, record).await {
+            // Too large for the log: park the entry without its payload, saying so.
+            let mut entry = entry;
+            entry.last_error = Some(format!("{}; payload dropped: {e}", entry.last_error.unwrap_or_default()));
+            let record = Record { key, value: dead_letters::encode_entry(&entry, &Bytes::new()) };
+            let _ = self.append_durably(&self.dlq_topic, record).await;
+        }
     }
 
     /// Dead-letters a record that is not a readable delivery, so it cannot stop its partition.
@@ -132,15 +140,23 @@ impl Retrier {
             )),
         };
         let record = Record { key: rec.key.clone(), value: dead_letters::encode_entry(&entry, &rec.value) };
-        self.append_durably(&self.dlq_topic, record).await;
+        if self.append_durably(&self.dlq_topic, record).await.is_err() {
+            let record = Record { key: rec.key.clone(), value: dead_letters::encode_entry(&entry, &Bytes::new()) };
+            let _ = self.append_durably(&self.dlq_topic, record).await;
+        }
     }
 
     /// Appends, retrying until durable: the caller must not settle the delivery before that.
-    async fn append_durably(&self, topic: &str, record: Record) {
+    /// Only a record too large for the log is given up on (retrying cannot help).
+    async fn append_durably(&self, topic: &str, record: Record) -> Result<(), crate::log::LogError> {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.log.append(topic, vec![record.clone()]).await {
-                Ok(_) => return,
+                Ok(_) => return Ok(()),
+                Err(e @ crate::log::LogError::TooLarge { .. }) => {
+                    tracing::error!(topic, error = %e, "a record too large for the log");
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::error!(topic, error = %e, "append failed; retrying");
                     tokio::time::sleep(backoff).await;

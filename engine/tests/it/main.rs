@@ -4,6 +4,7 @@ mod amqp;
 mod api;
 mod crash;
 mod delivery;
+mod durability;
 mod edge;
 mod health;
 mod kafka;

@@ -12,7 +12,7 @@ use super::{
 };
 use async_trait::async_trait;
 use offsets::OffsetStore;
-use partition::{Partition, PartitionRef};
+use partition::{AppendError, Partition, PartitionRef};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How the embedded log is laid out and tuned.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EmbeddedConfig {
     /// Root directory (`<data-dir>/log`).
     pub dir: PathBuf,
@@ -30,18 +30,43 @@ pub struct EmbeddedConfig {
     pub flush_interval: Duration,
     /// The topics to open or create.
     pub topics: Vec<TopicSpec>,
+    /// Faults to inject into segment writes (tests of disk full and failing disks).
+    pub faults: Faults,
 }
+
+/// A file operation of the append path, offered to an injected fault.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault<'a> {
+    /// Writing a batch to this segment file.
+    Write(&'a std::path::Path),
+    /// Making this segment file durable.
+    Sync(&'a std::path::Path),
+}
+
+/// A hook that may fail an operation of the append path as the disk would (ENOSPC, EIO), so
+/// tests can show that no failure loses or corrupts an acknowledged record.
+pub type Faults = Option<Arc<dyn Fn(Fault<'_>) -> std::io::Result<()> + Send + Sync>>;
 
 type Topic = Arc<Vec<PartitionRef>>;
 
 struct AppendRequest {
     records: Vec<(PartitionRef, Record)>,
-    reply: oneshot::Sender<Result<Vec<Position>, String>>,
+    reply: oneshot::Sender<Result<Vec<Position>, Refused>>,
+}
+
+/// Why a group of appends was refused: nothing of it was kept.
+#[derive(Debug, Clone)]
+enum Refused {
+    TooLarge(usize),
+    Io(std::io::ErrorKind, String),
 }
 
 /// The log in local files: what `herald serve` runs on with nothing else installed.
 pub struct EmbeddedLog {
     topics: HashMap<String, Topic>,
+    /// Topics with a retention by age, and compacted ones, for the flusher.
+    retention: Vec<(Topic, Duration)>,
+    compacted: Vec<Topic>,
     writer: mpsc::UnboundedSender<AppendRequest>,
     offsets: Arc<OffsetStore>,
     closed: watch::Sender<bool>,
@@ -59,10 +84,10 @@ impl EmbeddedLog {
         let (topics, offsets) = tokio::task::spawn_blocking(move || -> Result<_, LogError> {
             let mut topics = HashMap::new();
             for spec in &cfg.topics {
+                let dir = cfg.dir.join("topics").join(&spec.name);
                 let mut parts = Vec::new();
-                for p in 0..spec.partitions {
-                    let dir = cfg.dir.join("topics").join(&spec.name).join(p.to_string());
-                    let part = Partition::open(p, dir, cfg.segment_bytes)?;
+                for p in 0..partitions_on_disk(&dir, spec)? {
+                    let part = Partition::open(p, dir.join(p.to_string()), cfg.segment_bytes, cfg.faults.clone())?;
                     if spec.compacted && part.compact()? {
                         tracing::info!(topic = %spec.name, partition = p, "compacted");
                     }
@@ -79,7 +104,10 @@ impl EmbeddedLog {
         let (writer, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new().name("herald-log-writer".into()).spawn(move || write_loop(rx))?;
         let (closed, _) = watch::channel(false);
-        let log = Arc::new(EmbeddedLog { topics, writer, offsets, closed });
+        let of = |spec: &TopicSpec| topics[&spec.name].clone();
+        let retention = config.topics.iter().filter_map(|t| Some((of(t), t.retention?))).collect();
+        let compacted = config.topics.iter().filter(|t| t.compacted).map(of).collect();
+        let log = Arc::new(EmbeddedLog { topics, retention, compacted, writer, offsets, closed });
         tokio::spawn(flush_loop(Arc::downgrade(&log), config.flush_interval));
         Ok(log)
     }
@@ -92,11 +120,25 @@ impl EmbeddedLog {
         self.topic(topic)?.get(partition as usize).ok_or_else(|| LogError::UnknownTopic(format!("{topic}/{partition}")))
     }
 
-    /// Persists offsets and reclaims fully consumed segments now.
+    /// Persists offsets, reclaims segments every consumer has consumed or that outlived their
+    /// topic's retention, and compacts catalog segments that piled up.
     pub async fn flush(&self) -> Result<(), LogError> {
         let offsets = self.offsets.clone();
         let topics: Vec<(String, Topic)> = self.topics.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let retention = self.retention.clone();
+        let compacted = self.compacted.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let now = now_ms();
+            for (parts, keep) in &retention {
+                for part in parts.iter() {
+                    part.reclaim_older(now - keep.as_millis() as i64)?;
+                }
+            }
+            for parts in &compacted {
+                for part in parts.iter() {
+                    part.compact_sealed()?;
+                }
+            }
             // Decide what may go before flushing, so nothing is reclaimed past what is on disk.
             let mut plan = Vec::new();
             for (name, parts) in &topics {
@@ -139,7 +181,7 @@ async fn flush_loop(log: std::sync::Weak<EmbeddedLog>, every: Duration) {
 }
 
 /// The group-commit loop: take every request that is waiting, write each partition's share
-/// in one write, fsync each touched partition once (in parallel), then answer them all.
+/// in one write, fsync every touched partition (in parallel), then answer them all.
 fn write_loop(mut rx: mpsc::UnboundedReceiver<AppendRequest>) {
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
@@ -153,6 +195,10 @@ fn write_loop(mut rx: mpsc::UnboundedReceiver<AppendRequest>) {
     }
 }
 
+/// Appends a group all or nothing: every partition's share is written, then all are made
+/// durable, and only then published; if any write or fsync fails, every share is rolled back
+/// and every request refused, so a refused append leaves nothing behind (a producer's retry
+/// is not a duplicate) and an acknowledged one is always readable.
 fn commit_group(group: Vec<AppendRequest>) {
     // Bucket records by partition, remembering where each came from.
     let mut buckets: Vec<(PartitionRef, Vec<(usize, usize)>)> = Vec::new();
@@ -167,49 +213,77 @@ fn commit_group(group: Vec<AppendRequest>) {
         }
     }
     let ts = now_ms();
-    let outcomes: Vec<std::io::Result<u64>> = std::thread::scope(|s| {
-        let handles: Vec<_> = buckets
+    let mut staged = Vec::with_capacity(buckets.len());
+    let mut refused = None;
+    for (part, members) in &buckets {
+        let records: Vec<(&[u8], &[u8])> = members
             .iter()
-            .map(|(part, members)| {
-                let group = &group;
-                s.spawn(move || {
-                    let records: Vec<(&[u8], &[u8])> = members
-                        .iter()
-                        .map(|&(r, i)| {
-                            let rec = &group[r].records[i].1;
-                            (&rec.key[..], &rec.value[..])
-                        })
-                        .collect();
-                    part.append(&records, ts)
-                })
+            .map(|&(r, i)| {
+                let rec = &group[r].records[i].1;
+                (&rec.key[..], &rec.value[..])
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("log writer panicked")).collect()
-    });
-    let mut positions: Vec<Vec<Option<Position>>> = group.iter().map(|r| vec![None; r.records.len()]).collect();
-    let mut failures: Vec<Option<String>> = vec![None; group.len()];
-    for ((part, members), outcome) in buckets.iter().zip(outcomes) {
-        match outcome {
-            Ok(first) => {
-                for (k, &(r, i)) in members.iter().enumerate() {
-                    positions[r][i] = Some(Position { partition: part.id(), offset: first + k as u64 });
-                }
+        match part.stage(&records, ts) {
+            Ok(s) => staged.push(s),
+            Err(AppendError::TooLarge { bytes }) => {
+                refused = Some(Refused::TooLarge(bytes));
+                break;
             }
-            Err(e) => {
-                tracing::error!(partition = part.id(), error = %e, "log append failed");
-                for &(r, _) in members {
-                    failures[r] = Some(e.to_string());
-                }
+            Err(AppendError::Io(e)) => {
+                tracing::error!(partition = part.id(), error = %e, "log write failed; the group is rolled back");
+                refused = Some(Refused::Io(e.kind(), e.to_string()));
+                break;
             }
         }
     }
-    for ((req, pos), failure) in group.into_iter().zip(positions).zip(failures) {
-        let answer = match failure {
-            Some(e) => Err(e),
-            None => Ok(pos.into_iter().map(|p| p.expect("every record placed")).collect()),
-        };
-        let _ = req.reply.send(answer);
+    if refused.is_none() {
+        let synced: Vec<std::io::Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                buckets.iter().zip(&staged).map(|((part, _), st)| s.spawn(move || part.sync(st))).collect();
+            handles.into_iter().map(|h| h.join().expect("log writer panicked")).collect()
+        });
+        if let Some(e) = synced.into_iter().find_map(Result::err) {
+            tracing::error!(error = %e, "log fsync failed; the group is rolled back");
+            refused = Some(Refused::Io(e.kind(), e.to_string()));
+        }
     }
+    if let Some(refused) = refused {
+        for ((part, _), st) in buckets.iter().zip(staged) {
+            part.rollback(st);
+        }
+        for req in group {
+            let _ = req.reply.send(Err(refused.clone()));
+        }
+        return;
+    }
+    let mut positions: Vec<Vec<Option<Position>>> = group.iter().map(|r| vec![None; r.records.len()]).collect();
+    for ((part, members), st) in buckets.iter().zip(staged) {
+        let first = part.publish(st);
+        for (k, &(r, i)) in members.iter().enumerate() {
+            positions[r][i] = Some(Position { partition: part.id(), offset: first + k as u64 });
+        }
+    }
+    for (req, pos) in group.into_iter().zip(positions) {
+        let _ = req.reply.send(Ok(pos.into_iter().map(|p| p.expect("every record placed")).collect()));
+    }
+}
+
+/// How many partitions a topic has: as configured, or more when its directory already holds
+/// more (lowering `log.partitions` must not orphan the records in the others).
+fn partitions_on_disk(dir: &std::path::Path, spec: &TopicSpec) -> std::io::Result<u32> {
+    let mut n = spec.partitions;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries {
+            let name = entry?.file_name();
+            if let Some(p) = name.to_str().and_then(|s| s.parse::<u32>().ok()) {
+                n = n.max(p + 1);
+            }
+        }
+    }
+    if n != spec.partitions {
+        tracing::warn!(topic = %spec.name, configured = spec.partitions, on_disk = n, "the topic has more partitions on disk than configured; using them all");
+    }
+    Ok(n)
 }
 
 /// A stored frame as the log interface hands it out.
@@ -256,7 +330,8 @@ impl Log for EmbeddedLog {
         let answer = rx.await;
         match answer {
             Ok(Ok(positions)) => Ok(positions),
-            Ok(Err(e)) => Err(LogError::Io(std::io::Error::other(e))),
+            Ok(Err(Refused::TooLarge(bytes))) => Err(LogError::TooLarge { bytes, max: segment::MAX_FRAME - 20 }),
+            Ok(Err(Refused::Io(kind, message))) => Err(LogError::Io(std::io::Error::new(kind, message))),
             Err(_) => Err(LogError::Closed),
         }
     }

@@ -78,7 +78,8 @@ impl OffsetStore {
         groups.values().filter_map(|g| g.offsets.get(topic)).map(|t| t.get(&partition).copied().unwrap_or(0)).min()
     }
 
-    /// Writes the groups that changed since the last flush.
+    /// Writes the groups that changed since the last flush. A group whose write fails stays
+    /// marked, and so do the others: every one is tried, and the first error reported.
     pub fn flush(&self) -> io::Result<()> {
         let _one_at_a_time = self.flushing.lock().unwrap();
         let pending: Vec<(String, TopicOffsets)> = {
@@ -92,25 +93,27 @@ impl OffsetStore {
                 })
                 .collect()
         };
+        let mut first_error = None;
         for (name, offsets) in pending {
-            let written = (|| {
-                let path = file_for(&self.dir, &name);
-                let tmp = path.with_extension("json.tmp");
-                let mut f = fs::File::create(&tmp)?;
-                f.write_all(&serde_json::to_vec(&offsets).expect("offsets serialize"))?;
-                f.sync_all()?;
-                fs::rename(&tmp, &path)?;
-                fs::File::open(&self.dir)?.sync_all()
-            })();
-            if let Err(e) = written {
+            if let Err(e) = self.write(&name, &offsets) {
                 // Try again next time rather than lose the commit.
                 if let Some(g) = self.groups.lock().unwrap().get_mut(&name) {
                     g.dirty = true;
                 }
-                return Err(e);
+                first_error.get_or_insert(e);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn write(&self, name: &str, offsets: &TopicOffsets) -> io::Result<()> {
+        let path = file_for(&self.dir, name);
+        let tmp = path.with_extension("json.tmp");
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(offsets).expect("offsets serialize"))?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        fs::File::open(&self.dir)?.sync_all()
     }
 }
 
@@ -129,5 +132,24 @@ mod tests {
         assert_eq!(again.get("dispatch", "t", 3), 10);
         assert_eq!(again.min_committed("t", 3), Some(10));
         assert_eq!(again.min_committed("other", 3), None);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_every_unwritten_group_for_the_next_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OffsetStore::open(dir.path().to_path_buf()).unwrap();
+        for group in ["a", "b", "c"] {
+            store.commit(group, "t", 0, 5);
+        }
+        // Group b's file cannot be written: a directory stands where its scratch file goes.
+        let blocker = dir.path().join("b.json.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        assert!(store.flush().is_err());
+        std::fs::remove_dir(&blocker).unwrap();
+        store.flush().unwrap();
+        let again = OffsetStore::open(dir.path().to_path_buf()).unwrap();
+        for group in ["a", "b", "c"] {
+            assert_eq!(again.get(group, "t", 0), 5, "group {group} was written");
+        }
     }
 }

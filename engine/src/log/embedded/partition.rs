@@ -1,7 +1,14 @@
 //! One partition of the embedded log: a directory of segment files, the append path used by
-//! the group-commit writer, reads for consumers, reclaim and compaction.
+//! the group-commit writer, reads for consumers, reclaim (by consumer progress or by age) and
+//! compaction.
+//!
+//! Appending is staged: a batch is written to its segment (a new one, when the active one is
+//! full), then made durable, and only then published to readers and installed as the writer's
+//! state. A failed write or fsync rolls the file back and leaves the partition as it was, so
+//! an error can never leave acknowledged records where readers will not find them.
 
-use super::segment::{self, Decoded, Frame, INDEX_INTERVAL};
+use super::segment::{self, Decoded, Frame, INDEX_INTERVAL, MAX_FRAME};
+use super::{Fault, Faults};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -14,6 +21,27 @@ use tokio::sync::watch;
 /// Bytes read from a segment file at a time.
 const READ_WINDOW: usize = 256 * 1024;
 
+/// Sealed segments of a compacted partition that trigger compacting them while running.
+const COMPACT_AT_SEGMENTS: usize = 4;
+
+/// Why an append was refused before anything was written.
+#[derive(Debug)]
+pub enum AppendError {
+    /// A record is larger than a frame may be (it could never be read back).
+    TooLarge {
+        /// The record's size.
+        bytes: usize,
+    },
+    /// Writing or syncing failed; nothing of the batch remains.
+    Io(io::Error),
+}
+
+impl From<io::Error> for AppendError {
+    fn from(e: io::Error) -> Self {
+        AppendError::Io(e)
+    }
+}
+
 /// A segment as readers see it: only durable bytes are counted in `len`.
 #[derive(Debug, Clone)]
 struct SegmentInfo {
@@ -25,16 +53,38 @@ struct SegmentInfo {
     end: u64,
     /// Sparse (offset, position) index.
     index: Vec<(u64, u64)>,
+    /// Newest append time in the segment, ms: retention by age drops whole segments.
+    last_ms: i64,
+    /// Damaged byte ranges found at open, skipped by readers.
+    holes: Vec<(u64, u64)>,
 }
 
 /// The writer's view of the active segment; touched only by the writer thread.
 struct Active {
     /// Opened on the first append, so an unused partition costs no file and no fsync.
     file: Option<File>,
+    path: PathBuf,
     base: u64,
     len: u64,
     next_offset: u64,
     next_index_at: u64,
+}
+
+/// A batch written to its segment file but not yet durable nor visible.
+pub struct Staged {
+    first: u64,
+    count: u64,
+    /// The file written to and its path (a new segment when the active one was full).
+    file: File,
+    path: PathBuf,
+    rolled: bool,
+    base: u64,
+    /// The file's length before the batch (where a rollback cuts it back to).
+    start_len: u64,
+    len: u64,
+    next_index_at: u64,
+    new_index: Vec<(u64, u64)>,
+    last_ms: i64,
 }
 
 /// One partition's files and state.
@@ -45,6 +95,9 @@ pub struct Partition {
     segments: Mutex<Vec<SegmentInfo>>,
     active: Mutex<Active>,
     durable: watch::Sender<u64>,
+    faults: Faults,
+    /// The last compaction's generation, for the compacted file's name.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// Where a read should start, found under the segments lock and used without it.
@@ -54,6 +107,8 @@ struct ReadPlan {
     limit: u64,
     seg_end: u64,
     next_base: Option<u64>,
+    holes: Vec<(u64, u64)>,
+    index: Vec<(u64, u64)>,
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -61,25 +116,28 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl Partition {
-    /// Opens (creating if needed) the partition in `dir`, validating every segment and
-    /// cutting off a torn or corrupt tail.
-    pub fn open(id: u32, dir: PathBuf, segment_bytes: u64) -> io::Result<Self> {
+    /// Opens (creating if needed) the partition in `dir`, validating every segment: damage in
+    /// the middle of a segment is stepped over, a torn tail of the newest is cut off.
+    pub fn open(id: u32, dir: PathBuf, segment_bytes: u64, faults: Faults) -> io::Result<Self> {
         fs::create_dir_all(&dir)?;
-        let mut bases = Vec::new();
+        let mut files = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "compact") {
                 fs::remove_file(&path)?; // an interrupted compaction's scratch file
-            } else if let Some(base) = segment::parse_file_name(&path) {
-                bases.push(base);
+            } else if let Some((base, generation)) = segment::parse_file_name(&path) {
+                files.push((base, std::cmp::Reverse(generation), path));
             }
         }
-        bases.sort_unstable();
+        // By base; of two files with one base the newer compaction first, so the older file
+        // (left by a compaction interrupted before it deleted it) is overlapped and removed.
+        files.sort();
         let mut segments: Vec<SegmentInfo> = Vec::new();
-        for base in bases {
-            let path = dir.join(segment::file_name(base));
+        let newest = files.last().map(|(b, _, _)| *b);
+        let count = files.len();
+        for (i, (base, _, path)) in files.into_iter().enumerate() {
             if let Some(prev) = segments.last() {
-                if base < prev.end {
+                if base < prev.end || (base == prev.base && prev.len > 0) {
                     // Left over from a compaction that was interrupted after its rename:
                     // everything in it is already in the compacted segment.
                     tracing::warn!(path = %path.display(), "removing segment overlapped by compaction");
@@ -88,19 +146,31 @@ impl Partition {
                 }
             }
             let scan = segment::scan(&path, base)?;
-            if scan.garbage > 0 {
+            for (from, to) in &scan.holes {
+                tracing::error!(path = %path.display(), from, to, "damaged bytes in a log segment; the records after them are kept");
+            }
+            let file_len = fs::metadata(&path)?.len();
+            if Some(base) == newest && i + 1 == count && file_len > scan.valid_len {
                 tracing::warn!(
                     path = %path.display(),
-                    cut_bytes = scan.garbage,
+                    cut_bytes = file_len - scan.valid_len,
                     kept_bytes = scan.valid_len,
-                    "log segment has a torn or corrupt tail; cutting it off"
+                    "log segment has a torn tail; cutting it off"
                 );
                 let f = OpenOptions::new().write(true).open(&path)?;
                 f.set_len(scan.valid_len)?;
                 f.sync_all()?;
             }
             let end = scan.last_offset.map_or(base, |o| o + 1);
-            segments.push(SegmentInfo { base, path, len: scan.valid_len, end, index: scan.index });
+            segments.push(SegmentInfo {
+                base,
+                path,
+                len: scan.valid_len,
+                end,
+                index: scan.index,
+                last_ms: scan.last_timestamp_ms,
+                holes: scan.holes,
+            });
         }
         // Drop empty segments except the newest (which stays the active one).
         let last = segments.len().saturating_sub(1);
@@ -115,14 +185,39 @@ impl Partition {
         let mut segments = kept;
         if segments.is_empty() {
             let path = dir.join(segment::file_name(0));
-            segments.push(SegmentInfo { base: 0, path, len: 0, end: 0, index: Vec::new() });
+            segments.push(SegmentInfo {
+                base: 0,
+                path,
+                len: 0,
+                end: 0,
+                index: Vec::new(),
+                last_ms: 0,
+                holes: Vec::new(),
+            });
         }
         let tail = segments.last().unwrap().clone();
         let file = if tail.path.exists() { Some(OpenOptions::new().append(true).open(&tail.path)?) } else { None };
         let next_index_at = tail.index.last().map_or(0, |&(_, p)| p + INDEX_INTERVAL);
-        let active = Active { file, base: tail.base, len: tail.len, next_offset: tail.end, next_index_at };
+        let active = Active {
+            file,
+            path: tail.path.clone(),
+            base: tail.base,
+            len: tail.len,
+            next_offset: tail.end,
+            next_index_at,
+        };
         let (durable, _) = watch::channel(tail.end);
-        Ok(Partition { id, dir, segment_bytes, segments: Mutex::new(segments), active: Mutex::new(active), durable })
+        let generation = segments.iter().filter_map(|s| segment::parse_file_name(&s.path)).map(|(_, g)| g).max();
+        Ok(Partition {
+            id,
+            dir,
+            segment_bytes,
+            segments: Mutex::new(segments),
+            active: Mutex::new(active),
+            durable,
+            faults,
+            generation: generation.unwrap_or(0).into(),
+        })
     }
 
     /// Partition number.
@@ -145,69 +240,138 @@ impl Partition {
         self.segments.lock().unwrap()[0].base
     }
 
-    /// Writes `records` as one batch, fsyncs, and publishes them to readers. Returns the
-    /// offset of the first record. Called only by the writer thread.
-    pub fn append(&self, records: &[(&[u8], &[u8])], timestamp_ms: i64) -> io::Result<u64> {
-        let mut guard = self.active.lock().unwrap();
-        let active = &mut *guard;
+    fn fault(&self, fault: Fault<'_>) -> io::Result<()> {
+        match &self.faults {
+            Some(hook) => hook(fault),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `records` as one batch to the end of the partition (a new segment when the
+    /// active one would grow past its size), without making it durable or visible yet.
+    /// Called only by the writer thread; on error nothing of the batch remains.
+    pub fn stage(&self, records: &[(&[u8], &[u8])], timestamp_ms: i64) -> Result<Staged, AppendError> {
+        if let Some((k, v)) = records.iter().find(|(k, v)| 20 + k.len() + v.len() > MAX_FRAME) {
+            return Err(AppendError::TooLarge { bytes: k.len() + v.len() });
+        }
+        let mut active = self.active.lock().unwrap();
         let size: u64 = records.iter().map(|(k, v)| (segment::FRAME_HEADER + 20 + k.len() + v.len()) as u64).sum();
         let first = active.next_offset;
         let rolled = active.len > 0 && active.len + size > self.segment_bytes;
-        if rolled {
+        let (mut file, path, base, start_len, mut next_index_at) = if rolled {
             let path = self.dir.join(segment::file_name(first));
             let file = OpenOptions::new().create(true).append(true).open(&path)?;
-            sync_dir(&self.dir)?;
-            *active = Active { file: Some(file), base: first, len: 0, next_offset: first, next_index_at: 0 };
-        }
-        if active.file.is_none() {
-            let path = self.dir.join(segment::file_name(active.base));
-            let file = OpenOptions::new().create(true).append(true).open(&path)?;
-            // The partition's directories were made without fsync at open; make them durable
-            // now that they hold data.
-            sync_dir(&self.dir)?;
-            if let Some(topic_dir) = self.dir.parent() {
-                sync_dir(topic_dir)?;
-                if let Some(topics) = topic_dir.parent() {
-                    sync_dir(topics)?;
-                }
+            (file, path, first, 0, 0)
+        } else {
+            let path = active.path.clone();
+            if active.file.is_none() {
+                active.file = Some(OpenOptions::new().create(true).append(true).open(&path)?);
             }
-            active.file = Some(file);
-        }
-        let Some(file) = active.file.as_mut() else { unreachable!("opened above") };
+            let file = active.file.as_ref().expect("opened above").try_clone()?;
+            // A rollback that could not cut the file back leaves bytes past the durable end:
+            // cut them now, or refuse, rather than write after them.
+            if file.metadata()?.len() != active.len {
+                file.set_len(active.len)?;
+            }
+            (file, path, active.base, active.len, active.next_index_at)
+        };
+        drop(active);
         let mut buf = BytesMut::with_capacity(size as usize);
         let mut new_index = Vec::new();
         for (i, (key, value)) in records.iter().enumerate() {
-            let pos = active.len + buf.len() as u64;
-            if pos >= active.next_index_at {
+            let pos = start_len + buf.len() as u64;
+            if pos >= next_index_at {
                 new_index.push((first + i as u64, pos));
-                active.next_index_at = pos + INDEX_INTERVAL;
+                next_index_at = pos + INDEX_INTERVAL;
             }
             segment::encode(&mut buf, first + i as u64, timestamp_ms, key, value);
         }
-        let written = file.write_all(&buf).and_then(|_| file.sync_data());
+        let written = self.fault(Fault::Write(&path)).and_then(|()| file.write_all(&buf));
+        let staged = Staged {
+            first,
+            count: records.len() as u64,
+            file,
+            path,
+            rolled,
+            base,
+            start_len,
+            len: start_len + buf.len() as u64,
+            next_index_at,
+            new_index,
+            last_ms: timestamp_ms,
+        };
         if let Err(e) = written {
-            // Leave nothing half-written behind the durable end.
-            let _ = file.set_len(active.len);
-            active.next_index_at = new_index.first().map_or(active.next_index_at, |&(_, p)| p);
-            return Err(e);
+            self.rollback(staged);
+            return Err(e.into());
         }
-        active.len += buf.len() as u64;
-        active.next_offset = first + records.len() as u64;
-        let (base, len, end) = (active.base, active.len, active.next_offset);
-        drop(guard);
+        Ok(staged)
+    }
+
+    /// Makes a staged batch durable (and a new segment's directory entry with it).
+    pub fn sync(&self, staged: &Staged) -> io::Result<()> {
+        self.fault(Fault::Sync(&staged.path))?;
+        staged.file.sync_data()?;
+        if staged.rolled || staged.start_len == 0 {
+            // A new file: its name must be durable too. The first file of a partition also
+            // makes the directories made without fsync at open durable.
+            sync_dir(&self.dir)?;
+            if let Some(topic_dir) = self.dir.parent() {
+                sync_dir(topic_dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes a durable batch to readers and makes it the writer's state; returns the
+    /// offset of its first record.
+    pub fn publish(&self, staged: Staged) -> u64 {
+        let end = staged.first + staged.count;
+        {
+            let mut active = self.active.lock().unwrap();
+            if staged.rolled {
+                active.file = Some(staged.file);
+                active.path = staged.path.clone();
+                active.base = staged.base;
+            }
+            active.len = staged.len;
+            active.next_offset = end;
+            active.next_index_at = staged.next_index_at;
+        }
         {
             let mut segs = self.segments.lock().unwrap();
-            if rolled {
-                let path = self.dir.join(segment::file_name(base));
-                segs.push(SegmentInfo { base, path, len: 0, end: base, index: Vec::new() });
+            if staged.rolled {
+                segs.push(SegmentInfo {
+                    base: staged.base,
+                    path: staged.path,
+                    len: 0,
+                    end: staged.base,
+                    index: Vec::new(),
+                    last_ms: 0,
+                    holes: Vec::new(),
+                });
             }
             let seg = segs.last_mut().unwrap();
-            seg.len = len;
+            seg.len = staged.len;
             seg.end = end;
-            seg.index.extend(new_index);
+            seg.last_ms = seg.last_ms.max(staged.last_ms);
+            seg.index.extend(staged.new_index);
         }
         self.durable.send_replace(end);
-        Ok(first)
+        staged.first
+    }
+
+    /// Undoes a staged batch: the file is cut back to where it was (a new segment removed).
+    pub fn rollback(&self, staged: Staged) {
+        let undone = if staged.rolled {
+            drop(staged.file);
+            fs::remove_file(&staged.path)
+        } else {
+            staged.file.set_len(staged.start_len)
+        };
+        if let Err(e) = undone {
+            // The next stage cuts the file back before writing, or refuses.
+            tracing::error!(partition = self.id, error = %e, "could not roll back a failed append yet");
+        }
     }
 
     fn plan(&self, from: u64) -> ReadPlan {
@@ -226,6 +390,8 @@ impl Partition {
             limit: seg.len,
             seg_end: seg.end,
             next_base: segs.get(i + 1).map(|s| s.base),
+            holes: seg.holes.clone(),
+            index: if seg.holes.is_empty() { Vec::new() } else { seg.index.clone() },
         }
     }
 
@@ -240,7 +406,7 @@ impl Partition {
         }
         let file = match File::open(&plan.path) {
             Ok(f) => f,
-            // Reclaimed between planning and opening: read again from the new start.
+            // Reclaimed or compacted between planning and opening: read again from the new start.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), from)),
             Err(e) => return Err(e),
         };
@@ -252,7 +418,12 @@ impl Partition {
         let mut window = READ_WINDOW.min(max_bytes.max(4096));
         // `from < seg_end`, so a record at or after `from` lies in [pos, limit).
         'windows: while frames.len() < max && bytes < max_bytes && pos < plan.limit {
-            let n = ((plan.limit - pos) as usize).min(window);
+            if let Some(&(_, hole_end)) = plan.holes.iter().find(|&&(s, e)| s <= pos && pos < e) {
+                pos = hole_end; // damaged at open: step over
+                continue;
+            }
+            let hole_at = plan.holes.iter().map(|&(s, _)| s).filter(|&s| s > pos).min().unwrap_or(plan.limit);
+            let n = ((hole_at.min(plan.limit) - pos) as usize).min(window);
             let mut buf = vec![0u8; n];
             file.read_exact_at(&mut buf, pos)?;
             let buf = Bytes::from(buf);
@@ -271,15 +442,24 @@ impl Partition {
                     }
                     Decoded::Incomplete => break,
                     Decoded::Corrupt => {
-                        // Damaged after it was validated at open (bit rot): never serve it.
-                        tracing::error!(
-                            partition = self.id,
-                            path = %plan.path.display(),
-                            position = pos + used as u64,
-                            "corrupt frame in log segment; skipping the rest of the segment"
-                        );
-                        let next = frames.last().map_or(from, |f: &Frame| f.offset + 1);
-                        return Ok((frames, plan.next_base.unwrap_or(plan.seg_end).max(next)));
+                        // Damaged after it was validated at open (bit rot): never serve it;
+                        // go on at the next frame the window shows, else the next indexed one.
+                        let after = frames.last().map(|f: &Frame| f.offset);
+                        let at = pos + used as u64;
+                        tracing::error!(partition = self.id, path = %plan.path.display(), position = at, "corrupt frame in log segment; stepping over it");
+                        let next = segment::resync(&buf, used, after)
+                            .map(|p| pos + p as u64)
+                            .or_else(|| self.index_after(&plan, at));
+                        match next {
+                            Some(p) => {
+                                pos = p;
+                                continue 'windows;
+                            }
+                            None => {
+                                let next = frames.last().map_or(from, |f| f.offset + 1);
+                                return Ok((frames, plan.next_base.unwrap_or(plan.seg_end).max(next)));
+                            }
+                        }
                     }
                 }
             }
@@ -292,12 +472,35 @@ impl Partition {
         Ok((frames, next))
     }
 
-    /// Deletes sealed segments whose every record is below `below`.
+    /// The position of the first indexed frame after `pos` in the planned segment.
+    fn index_after(&self, plan: &ReadPlan, pos: u64) -> Option<u64> {
+        let index = if plan.index.is_empty() {
+            let segs = self.segments.lock().unwrap();
+            segs.iter().find(|s| s.path == plan.path).map(|s| s.index.clone()).unwrap_or_default()
+        } else {
+            plan.index.clone()
+        };
+        index.into_iter().map(|(_, p)| p).find(|&p| p > pos)
+    }
+
+    /// Deletes sealed segments whose every record is below `below` (consumed by every group).
     pub fn reclaim(&self, below: u64) -> io::Result<usize> {
+        self.drop_sealed_prefix(|s, next| next.base <= below && s.end <= below)
+    }
+
+    /// Deletes sealed segments whose newest record was appended before `cutoff_ms` (retention
+    /// by age, for topics nobody consumes to the end: dead letters).
+    pub fn reclaim_older(&self, cutoff_ms: i64) -> io::Result<usize> {
+        self.drop_sealed_prefix(|s, _| s.last_ms < cutoff_ms)
+    }
+
+    /// Deletes the longest prefix of sealed segments (never the active one) that `doomed`
+    /// accepts, given each segment and the one after it.
+    fn drop_sealed_prefix(&self, doomed: impl Fn(&SegmentInfo, &SegmentInfo) -> bool) -> io::Result<usize> {
         let doomed: Vec<PathBuf> = {
             let mut segs = self.segments.lock().unwrap();
             let mut n = 0;
-            while n + 1 < segs.len() && segs[n + 1].base <= below {
+            while n + 1 < segs.len() && doomed(&segs[n], &segs[n + 1]) {
                 n += 1;
             }
             segs.drain(..n).map(|s| s.path).collect()
@@ -308,11 +511,27 @@ impl Partition {
         Ok(doomed.len())
     }
 
-    /// Rewrites the partition keeping only the newest record per key (and always the last
-    /// record, so the end offset never moves back). Offsets are preserved. Called at open.
-    pub fn compact(&self) -> io::Result<bool> {
+    /// Every durable record from `from` to the durable end, across segments.
+    fn read_to_end(&self, from: u64) -> io::Result<Vec<Frame>> {
         let end = self.end_offset();
-        let (all, _) = self.read(0, usize::MAX, usize::MAX)?;
+        let mut out = Vec::new();
+        let mut next = from;
+        while next < end {
+            let (frames, after) = self.read(next, usize::MAX, usize::MAX)?;
+            out.extend(frames);
+            if after <= next {
+                break;
+            }
+            next = after;
+        }
+        Ok(out)
+    }
+
+    /// Rewrites the partition keeping only the newest record per key, tombstones dropped
+    /// (and always the last record, so the end offset never moves back). Offsets are
+    /// preserved. Called at open, before anything else reads or writes the partition.
+    pub fn compact(&self) -> io::Result<bool> {
+        let all = self.read_to_end(0)?;
         let mut latest: HashMap<&[u8], usize> = HashMap::new();
         for (i, f) in all.iter().enumerate() {
             latest.insert(&f.key, i);
@@ -323,44 +542,101 @@ impl Partition {
             .filter(|(i, f)| (latest[&f.key[..]] == *i && !f.value.is_empty()) || *i + 1 == all.len())
             .map(|(_, f)| f)
             .collect();
-        if keep.len() * 2 + 16 > all.len() {
+        if keep.len() * 2 + 16 > all.len() && self.segment_count() == 1 {
             return Ok(false);
         }
+        let end = self.end_offset();
         let base = keep.first().map_or(end, |f| f.offset);
-        let mut buf = BytesMut::new();
-        let mut index = Vec::new();
-        let mut next_index_at = 0u64;
-        for f in &keep {
-            if buf.len() as u64 >= next_index_at {
-                index.push((f.offset, buf.len() as u64));
-                next_index_at = buf.len() as u64 + INDEX_INTERVAL;
-            }
-            segment::encode(&mut buf, f.offset, f.timestamp_ms, &f.key, &f.value);
-        }
-        let scratch = self.dir.join(format!("{}.compact", segment::file_name(base)));
-        let mut file = File::create(&scratch)?;
-        file.write_all(&buf)?;
-        file.sync_all()?;
-        let path = self.dir.join(segment::file_name(base));
+        let (path, info) = self.write_compacted(base, &keep, end)?;
         let mut active = self.active.lock().unwrap();
         let mut segs = self.segments.lock().unwrap();
-        fs::rename(&scratch, &path)?;
-        sync_dir(&self.dir)?;
         for s in segs.iter().filter(|s| s.path != path && s.path.exists()) {
             fs::remove_file(&s.path)?;
         }
         sync_dir(&self.dir)?;
-        let len = buf.len() as u64;
-        *segs = vec![SegmentInfo { base, path: path.clone(), len, end, index: index.clone() }];
-        let next_index_at = index.last().map_or(0, |&(_, p)| p + INDEX_INTERVAL);
         *active = Active {
             file: Some(OpenOptions::new().append(true).open(&path)?),
+            path: path.clone(),
             base,
-            len,
+            len: info.len,
             next_offset: end,
-            next_index_at,
+            next_index_at: info.index.last().map_or(0, |&(_, p)| p + INDEX_INTERVAL),
         };
+        *segs = vec![info];
         Ok(true)
+    }
+
+    /// While running: rewrites the sealed segments (never the active one) of a compacted
+    /// partition keeping, per key, only a record that is still its newest (tombstones are kept,
+    /// so a follower behind them still learns of the delete). `false` when there was too
+    /// little to gain.
+    pub fn compact_sealed(&self) -> io::Result<bool> {
+        let sealed: Vec<SegmentInfo> = {
+            let segs = self.segments.lock().unwrap();
+            if segs.len() <= COMPACT_AT_SEGMENTS {
+                return Ok(false);
+            }
+            segs[..segs.len() - 1].to_vec()
+        };
+        let (first, sealed_end) = (sealed[0].base, sealed.last().expect("several").end);
+        let all = self.read_to_end(first)?;
+        let mut latest: HashMap<&[u8], usize> = HashMap::new();
+        for (i, f) in all.iter().enumerate() {
+            latest.insert(&f.key, i);
+        }
+        let in_sealed = all.iter().take_while(|f| f.offset < sealed_end).count();
+        let keep: Vec<&Frame> =
+            all[..in_sealed].iter().enumerate().filter(|(i, f)| latest[&f.key[..]] == *i).map(|(_, f)| f).collect();
+        if keep.len() * 2 > in_sealed {
+            return Ok(false);
+        }
+        let (path, info) = self.write_compacted(first, &keep, sealed_end)?;
+        let doomed: Vec<PathBuf> = {
+            let mut segs = self.segments.lock().unwrap();
+            let n = segs.iter().take_while(|s| s.base < sealed_end).count();
+            if segs.first().map(|s| s.base) != Some(first) || n != sealed.len() {
+                // Reclaimed meanwhile: leave it for next time.
+                drop(segs);
+                fs::remove_file(&path)?;
+                return Ok(false);
+            }
+            let doomed = segs[..n].iter().map(|s| s.path.clone()).collect();
+            segs.splice(..n, [info]);
+            doomed
+        };
+        for p in doomed {
+            fs::remove_file(p)?;
+        }
+        sync_dir(&self.dir)?;
+        Ok(true)
+    }
+
+    /// Writes `keep` as the segment whose file name is `base`, ending at `end`, through a
+    /// scratch file renamed into place (a crash leaves the old or the new).
+    fn write_compacted(&self, base: u64, keep: &[&Frame], end: u64) -> io::Result<(PathBuf, SegmentInfo)> {
+        let mut buf = BytesMut::new();
+        let mut index = Vec::new();
+        let mut next_index_at = 0u64;
+        let mut last_ms = 0;
+        for f in keep {
+            if buf.len() as u64 >= next_index_at {
+                index.push((f.offset, buf.len() as u64));
+                next_index_at = buf.len() as u64 + INDEX_INTERVAL;
+            }
+            last_ms = last_ms.max(f.timestamp_ms);
+            segment::encode(&mut buf, f.offset, f.timestamp_ms, &f.key, &f.value);
+        }
+        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let path = self.dir.join(segment::compacted_name(base, generation));
+        let scratch = self.dir.join(format!("{}.compact", segment::compacted_name(base, generation)));
+        let mut file = File::create(&scratch)?;
+        file.write_all(&buf)?;
+        file.sync_all()?;
+        fs::rename(&scratch, &path)?;
+        sync_dir(&self.dir)?;
+        let info =
+            SegmentInfo { base, path: path.clone(), len: buf.len() as u64, end, index, last_ms, holes: Vec::new() };
+        Ok((path, info))
     }
 
     /// Number of segment files (for tests and metrics).

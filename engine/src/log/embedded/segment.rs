@@ -97,78 +97,88 @@ pub fn file_name(base: u64) -> String {
     format!("{base:020}.log")
 }
 
-/// Parses a segment file name back to its base offset.
-pub fn parse_file_name(path: &Path) -> Option<u64> {
-    let name = path.file_name()?.to_str()?;
-    name.strip_suffix(".log")?.parse().ok()
+/// File name of the `generation`th compaction of the segment at `base`: a new name, so a reader
+/// that planned against the old file never opens the new one by mistake.
+pub fn compacted_name(base: u64, generation: u64) -> String {
+    format!("{base:020}.{generation}.log")
+}
+
+/// Parses a segment file name back to its base offset and compaction generation (0 for a
+/// segment as appended).
+pub fn parse_file_name(path: &Path) -> Option<(u64, u64)> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".log")?;
+    match name.split_once('.') {
+        Some((base, generation)) => Some((base.parse().ok()?, generation.parse().ok()?)),
+        None => Some((name.parse().ok()?, 0)),
+    }
 }
 
 /// What a scan of a segment file found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Scan {
-    /// Bytes of valid frames from the start.
+    /// Bytes up to the end of the last valid frame: anything after it is a torn or corrupt
+    /// tail, which the active segment cuts off.
     pub valid_len: u64,
-    /// Bytes after the last valid frame (torn or corrupt), to be cut off.
-    pub garbage: u64,
     /// Offset of the last valid frame, if any.
     pub last_offset: Option<u64>,
+    /// Newest append time of a valid frame, ms (0 when none): for time-based retention.
+    pub last_timestamp_ms: i64,
     /// Sparse index: (offset, file position) every [`INDEX_INTERVAL`] bytes.
     pub index: Vec<(u64, u64)>,
+    /// Damaged byte ranges between valid frames, which readers skip.
+    pub holes: Vec<(u64, u64)>,
+}
+
+/// Largest jump in offsets a frame found by resynchronising may make: a frame claiming more is
+/// taken for noise that happens to checksum.
+const MAX_OFFSET_GAP: u64 = 1 << 32;
+
+/// The position of the next valid frame after damage at `from`, whose offset follows `after`
+/// (a cheap plausibility check before the checksum keeps this linear in practice).
+pub fn resync(buf: &Bytes, from: usize, after: Option<u64>) -> Option<usize> {
+    (from + 1..buf.len().saturating_sub(FRAME_HEADER + BODY_FIXED)).find(|&p| {
+        let offset = u64::from_le_bytes(buf[p + FRAME_HEADER..p + FRAME_HEADER + 8].try_into().unwrap());
+        let plausible = after.is_none_or(|a| offset > a && offset - a < MAX_OFFSET_GAP);
+        plausible && matches!(decode(&buf.slice(p..)), Decoded::Frame(..))
+    })
 }
 
 /// Reads a whole segment, checking every frame's checksum and that offsets rise from `base`.
+/// Damage in the middle is stepped over (a hole), so the valid frames after it are kept.
 pub fn scan(path: &PathBuf, base: u64) -> io::Result<Scan> {
     let mut file = File::open(path)?;
-    let file_len = file.metadata()?.len();
-    let mut pending = BytesMut::new();
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut pos = 0u64; // file position of pending[0]
-    let mut last_offset: Option<u64> = None;
-    let mut index = Vec::new();
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let buf = Bytes::from(bytes);
+    let mut scan = Scan::default();
     let mut next_index_at = 0u64;
-    let mut eof = false;
-    loop {
-        let view = pending.clone().freeze();
-        let mut used = 0usize;
-        let mut corrupt = false;
-        loop {
-            match decode(&view.slice(used..)) {
-                Decoded::Frame(frame, size) => {
-                    let ordered = match last_offset {
-                        Some(prev) => frame.offset > prev,
-                        None => frame.offset >= base,
-                    };
-                    if !ordered {
-                        corrupt = true;
-                        break;
-                    }
-                    let at = pos + used as u64;
-                    if at >= next_index_at {
-                        index.push((frame.offset, at));
-                        next_index_at = at + INDEX_INTERVAL;
-                    }
-                    last_offset = Some(frame.offset);
-                    used += size;
+    let mut pos = 0usize;
+    while pos < buf.len() {
+        match decode(&buf.slice(pos..)) {
+            Decoded::Frame(frame, size)
+                if scan.last_offset.is_none_or(|l| frame.offset > l) && frame.offset >= base =>
+            {
+                if pos as u64 >= next_index_at {
+                    scan.index.push((frame.offset, pos as u64));
+                    next_index_at = pos as u64 + INDEX_INTERVAL;
                 }
-                Decoded::Incomplete => break,
-                Decoded::Corrupt => {
-                    corrupt = true;
-                    break;
-                }
+                scan.last_offset = Some(frame.offset);
+                scan.last_timestamp_ms = scan.last_timestamp_ms.max(frame.timestamp_ms);
+                pos += size;
+                scan.valid_len = pos as u64;
             }
-        }
-        let _ = pending.split_to(used);
-        pos += used as u64;
-        if corrupt || eof {
-            return Ok(Scan { valid_len: pos, garbage: file_len - pos, last_offset, index });
-        }
-        let n = file.read(&mut chunk)?;
-        if n == 0 {
-            eof = true;
-        } else {
-            pending.extend_from_slice(&chunk[..n]);
+            // Damage (or a length that claims more than the file holds): step to the next
+            // valid frame if there is one; otherwise this is the torn tail.
+            _ => match resync(&buf, pos, scan.last_offset.or(base.checked_sub(1))) {
+                Some(next) => {
+                    scan.holes.push((pos as u64, next as u64));
+                    pos = next;
+                }
+                None => break,
+            },
         }
     }
+    Ok(scan)
 }
 
 #[cfg(test)]
@@ -217,6 +227,26 @@ mod tests {
         let scan = scan(&path, 0).unwrap();
         assert_eq!(scan.valid_len, good);
         assert_eq!(scan.last_offset, Some(2));
-        assert!(scan.garbage > 0);
+        assert!(scan.holes.is_empty());
+    }
+
+    #[test]
+    fn scan_steps_over_damage_in_the_middle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(0));
+        let mut buf = BytesMut::new();
+        let mut starts = Vec::new();
+        for i in 0..10 {
+            starts.push(buf.len());
+            encode(&mut buf, i, i as i64, b"key", format!("value-{i}").as_bytes());
+        }
+        let end = buf.len();
+        buf[starts[4] + 12] ^= 0xff; // inside frame 4
+        std::fs::write(&path, &buf).unwrap();
+        let scan = scan(&path, 0).unwrap();
+        assert_eq!(scan.last_offset, Some(9));
+        assert_eq!(scan.valid_len, end as u64);
+        assert_eq!(scan.holes, vec![(starts[4] as u64, starts[5] as u64)]);
+        assert_eq!(scan.last_timestamp_ms, 9);
     }
 }

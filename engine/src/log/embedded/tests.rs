@@ -1,9 +1,10 @@
 use super::*;
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::io::Write;
 
 fn spec(name: &str, partitions: u32, compacted: bool) -> TopicSpec {
-    TopicSpec { name: name.into(), partitions, compacted }
+    TopicSpec { name: name.into(), partitions, compacted, retention: None }
 }
 
 fn config(dir: &std::path::Path, segment_bytes: u64) -> EmbeddedConfig {
@@ -12,6 +13,7 @@ fn config(dir: &std::path::Path, segment_bytes: u64) -> EmbeddedConfig {
         segment_bytes,
         flush_interval: Duration::from_millis(20),
         topics: vec![spec("t", 2, false), spec("c", 1, true)],
+        faults: None,
     }
 }
 
@@ -176,4 +178,264 @@ async fn concurrent_appends_are_group_committed_and_all_acknowledged() {
     }
     assert_eq!(total, 640);
     assert_eq!(log.read_all("t").await.unwrap().len(), 640);
+}
+
+fn config_with(dir: &std::path::Path, segment_bytes: u64, faults: Faults) -> EmbeddedConfig {
+    EmbeddedConfig { faults, ..config(dir, segment_bytes) }
+}
+
+/// A config whose flusher only runs when the test calls `flush`.
+fn quiet(dir: &std::path::Path, segment_bytes: u64) -> EmbeddedConfig {
+    EmbeddedConfig { flush_interval: Duration::from_secs(3600), ..config(dir, segment_bytes) }
+}
+
+/// Every (key, value) of the compacted topic `c`, as read.
+async fn latest(log: &EmbeddedLog) -> HashMap<String, String> {
+    log.read_all("c")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (String::from_utf8(r.key.to_vec()).unwrap(), String::from_utf8(r.value.to_vec()).unwrap()))
+        .fold(HashMap::new(), |mut m, (k, v)| {
+            if v.is_empty() {
+                m.remove(&k);
+            } else {
+                m.insert(k, v);
+            }
+            m
+        })
+}
+
+#[tokio::test]
+async fn compaction_keeps_every_keys_newest_value_across_many_small_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut expected: HashMap<String, String> = HashMap::new();
+    let end = {
+        let log = EmbeddedLog::open(quiet(dir.path(), 4096)).await.unwrap();
+        for round in 0..6 {
+            for k in 0..150 {
+                let (key, value) = (format!("key-{k}"), format!("round-{round}-{}", "x".repeat(k % 40)));
+                log.append("c", vec![rec(&key, &value)]).await.unwrap();
+                expected.insert(key, value);
+            }
+        }
+        for k in (0..150).step_by(7) {
+            log.append("c", vec![rec(&format!("key-{k}"), "")]).await.unwrap(); // tombstones
+            expected.remove(&format!("key-{k}"));
+        }
+        // A late update of a key that was first written long ago.
+        log.append("c", vec![rec("key-1", "late")]).await.unwrap();
+        expected.insert("key-1".into(), "late".into());
+        assert!(log.segment_count("c", 0).unwrap() > 10, "{} segments", log.segment_count("c", 0).unwrap());
+        log.end_offset("c", 0).await.unwrap()
+    };
+    let log = EmbeddedLog::open(config(dir.path(), 4096)).await.unwrap();
+    assert_eq!(latest(&log).await, expected, "compaction at open lost or revived records");
+    assert_eq!(log.end_offset("c", 0).await.unwrap(), end, "the end offset never moves back");
+    assert!(log.segment_count("c", 0).unwrap() <= 2);
+    let p = log.append("c", vec![rec("key-new", "v")]).await.unwrap();
+    assert_eq!(p[0].offset, end);
+    // Reopened once more, nothing changes.
+    drop(log);
+    let log = EmbeddedLog::open(config(dir.path(), 4096)).await.unwrap();
+    expected.insert("key-new".into(), "v".into());
+    assert_eq!(latest(&log).await, expected);
+}
+
+#[tokio::test]
+async fn sealed_segments_are_compacted_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(quiet(dir.path(), 4096)).await.unwrap();
+    let mut expected = HashMap::new();
+    for round in 0..20 {
+        for k in 0..20 {
+            let (key, value) = (format!("k{k}"), format!("r{round}-{}", "y".repeat(40)));
+            log.append("c", vec![rec(&key, &value)]).await.unwrap();
+            expected.insert(key, value);
+        }
+    }
+    let before = log.segment_count("c", 0).unwrap();
+    log.flush().await.unwrap();
+    let after = log.segment_count("c", 0).unwrap();
+    assert!(after < before / 2, "{before} segments became {after}");
+    assert_eq!(latest(&log).await, expected);
+    // A follower from the start still reads every key's newest value.
+    let mut reader = log.follow("c", 0, 0).await.unwrap();
+    let stored = log.read_all("c").await.unwrap().len();
+    let followed: HashMap<String, String> = take(&mut reader, stored)
+        .await
+        .into_iter()
+        .map(|r| (String::from_utf8(r.key.to_vec()).unwrap(), String::from_utf8(r.value.to_vec()).unwrap()))
+        .collect();
+    assert_eq!(followed, expected);
+}
+
+/// Faults that fail writes or fsyncs on demand.
+#[derive(Default)]
+struct Switch {
+    fail_writes_to_new_segments: std::sync::atomic::AtomicBool,
+    disk_full: std::sync::atomic::AtomicBool,
+    fail_syncs: std::sync::atomic::AtomicBool,
+}
+
+fn faults(switch: &Arc<Switch>) -> Faults {
+    use std::sync::atomic::Ordering::SeqCst;
+    let s = switch.clone();
+    Some(Arc::new(move |fault: Fault<'_>| match fault {
+        Fault::Write(_) if s.disk_full.load(SeqCst) => Err(std::io::Error::from(std::io::ErrorKind::StorageFull)),
+        Fault::Write(path) if s.fail_writes_to_new_segments.load(SeqCst) && !path.ends_with(segment::file_name(0)) => {
+            Err(std::io::Error::other("injected EIO"))
+        }
+        Fault::Sync(_) if s.fail_syncs.load(SeqCst) => Err(std::io::Error::other("injected fsync failure")),
+        _ => Ok(()),
+    }))
+}
+
+#[tokio::test]
+async fn a_failed_write_right_after_a_roll_loses_no_acknowledged_record() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let switch = Arc::new(Switch::default());
+    let value = "v".repeat(600);
+    let mut acknowledged = Vec::new();
+    {
+        let log = EmbeddedLog::open(config_with(dir.path(), 4096, faults(&switch))).await.unwrap();
+        for i in 0..6 {
+            log.append("c", vec![rec("k", &format!("{i}-{value}"))]).await.unwrap();
+            acknowledged.push(i);
+        }
+        // The next append rolls to a new segment, and that write fails.
+        switch.fail_writes_to_new_segments.store(true, SeqCst);
+        let failed = log.append("c", vec![rec("k", &format!("lost-{value}"))]).await;
+        assert!(matches!(failed, Err(LogError::Io(_))), "{failed:?}");
+        switch.fail_writes_to_new_segments.store(false, SeqCst);
+        for i in 6..20 {
+            log.append("c", vec![rec("k", &format!("{i}-{value}"))]).await.unwrap();
+            acknowledged.push(i);
+        }
+        let read: Vec<String> =
+            log.read_all("c").await.unwrap().iter().map(|r| String::from_utf8_lossy(&r.value).into()).collect();
+        assert_eq!(read.len(), 20, "every acknowledged record reads back at once");
+    }
+    let log = EmbeddedLog::open(config_with(dir.path(), 1 << 20, None)).await.unwrap();
+    let read = log.read_all("c").await.unwrap();
+    let values: Vec<String> =
+        read.iter().map(|r| String::from_utf8_lossy(&r.value).split('-').next().unwrap().to_string()).collect();
+    // Compaction at open keeps the newest of key "k" only; the offsets never skipped one.
+    assert_eq!(values, vec!["19".to_string()]);
+    assert_eq!(read[0].offset, 19, "offsets stayed contiguous: the failed write took none");
+}
+
+#[tokio::test]
+async fn a_failed_fsync_rolls_back_the_whole_group_and_appends_resume() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let switch = Arc::new(Switch::default());
+    let log = EmbeddedLog::open(config_with(dir.path(), 1 << 20, faults(&switch))).await.unwrap();
+    log.append("t", (0..10).map(|i| rec(&format!("k{i}"), "before")).collect()).await.unwrap();
+    switch.fail_syncs.store(true, SeqCst);
+    let failed = log.append("t", (0..10).map(|i| rec(&format!("k{i}"), "refused")).collect()).await;
+    assert!(failed.is_err());
+    switch.fail_syncs.store(false, SeqCst);
+    log.append("t", (0..10).map(|i| rec(&format!("k{i}"), "after")).collect()).await.unwrap();
+    let values: Vec<Vec<u8>> = log.read_all("t").await.unwrap().into_iter().map(|r| r.value.to_vec()).collect();
+    assert_eq!(values.len(), 20);
+    assert!(values.iter().all(|v| v == b"before" || v == b"after"), "nothing of the refused group remains");
+    drop(log);
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+    assert_eq!(log.read_all("t").await.unwrap().len(), 20);
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_appends_and_they_resume_with_space() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let switch = Arc::new(Switch::default());
+    let log = EmbeddedLog::open(config_with(dir.path(), 1 << 20, faults(&switch))).await.unwrap();
+    log.append("t", vec![rec("k", "one")]).await.unwrap();
+    switch.disk_full.store(true, SeqCst);
+    match log.append("t", vec![rec("k", "two")]).await {
+        Err(LogError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::StorageFull),
+        other => panic!("a full disk expected, got {other:?}"),
+    }
+    // Reads go on meanwhile.
+    assert_eq!(log.read_all("t").await.unwrap().len(), 1);
+    switch.disk_full.store(false, SeqCst);
+    log.append("t", vec![rec("k", "three")]).await.unwrap();
+    let values: Vec<Vec<u8>> = log.read_all("t").await.unwrap().into_iter().map(|r| r.value.to_vec()).collect();
+    assert_eq!(values, vec![b"one".to_vec(), b"three".to_vec()]);
+}
+
+#[tokio::test]
+async fn a_record_larger_than_a_frame_is_refused_and_nothing_breaks() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+        log.append("t", vec![rec("k", "small")]).await.unwrap();
+        let huge = Record { key: Bytes::from_static(b"k"), value: Bytes::from(vec![b'x'; segment::MAX_FRAME]) };
+        assert!(matches!(log.append("t", vec![huge]).await, Err(LogError::TooLarge { .. })));
+        log.append("t", vec![rec("k", "after")]).await.unwrap();
+    }
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+    let values: Vec<Vec<u8>> = log.read_all("t").await.unwrap().into_iter().map(|r| r.value.to_vec()).collect();
+    assert_eq!(values, vec![b"small".to_vec(), b"after".to_vec()]);
+}
+
+#[tokio::test]
+async fn damage_in_the_middle_of_a_sealed_segment_keeps_the_records_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = {
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 14)).await.unwrap();
+        let positions = log
+            .append("t", (0..60).map(|i| rec("same", &format!("value-{i:03}-{}", "z".repeat(600)))).collect())
+            .await
+            .unwrap();
+        for i in 60..80 {
+            log.append("t", vec![rec("same", &format!("value-{i:03}-{}", "z".repeat(600)))]).await.unwrap();
+        }
+        positions[0].partition
+    };
+    let seg = dir.path().join(format!("topics/t/{part}/{}", segment::file_name(0)));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&seg, bytes).unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 14)).await.unwrap();
+    let offsets: Vec<u64> = log.read_all("t").await.unwrap().iter().map(|r| r.offset).collect();
+    assert_eq!(offsets.len(), 79, "only the damaged record is lost: {offsets:?}");
+    assert_eq!(offsets.last(), Some(&79));
+}
+
+#[tokio::test]
+async fn dead_letters_past_their_retention_are_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = quiet(dir.path(), 4096);
+    cfg.topics.push(TopicSpec {
+        name: "d".into(),
+        partitions: 1,
+        compacted: false,
+        retention: Some(Duration::from_millis(1)),
+    });
+    let log = EmbeddedLog::open(cfg).await.unwrap();
+    for i in 0..40 {
+        log.append("d", vec![rec("k", &format!("{i}-{}", "d".repeat(500)))]).await.unwrap();
+    }
+    assert!(log.segment_count("d", 0).unwrap() > 5);
+    tokio::time::sleep(Duration::from_millis(5)).await; // let the records age past 1 ms
+    log.flush().await.unwrap();
+    assert_eq!(log.segment_count("d", 0).unwrap(), 1, "only the active segment remains");
+}
+
+#[tokio::test]
+async fn lowering_the_partition_count_keeps_every_partition_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+        log.append("t", (0..50).map(|i| rec(&format!("key-{i}"), "v")).collect()).await.unwrap();
+    }
+    let mut cfg = config(dir.path(), 1 << 20);
+    cfg.topics[0].partitions = 1;
+    let log = EmbeddedLog::open(cfg).await.unwrap();
+    assert_eq!(log.partitions("t").unwrap(), 2);
+    assert_eq!(log.read_all("t").await.unwrap().len(), 50);
 }

@@ -38,6 +38,12 @@ pub struct KafkaConfig {
     pub topics: Vec<TopicSpec>,
     /// How long a revoked partition may take to finish its in-flight deliveries.
     pub drain: Duration,
+    /// `retention.ms` of topics without one of their own (deliveries, tiers).
+    pub retention: Duration,
+    /// `min.insync.replicas` of the topics created (when `replication` is at least 2).
+    pub min_insync_replicas: u32,
+    /// The largest record Herald writes: topics and the producer are set to take it.
+    pub max_record_bytes: usize,
 }
 
 impl std::fmt::Debug for KafkaConfig {
@@ -105,6 +111,7 @@ impl KafkaLog {
                     ("batch.num.messages", "10000"),
                     ("batch.size", "1000000"),
                     ("message.timeout.ms", "30000"),
+                    ("message.max.bytes", &config.max_record_bytes.to_string()),
                     ("queue.buffering.max.messages", "1000000"),
                 ],
                 &[("enable.idempotence", "true"), ("acks", "all")],
@@ -125,6 +132,18 @@ impl KafkaLog {
 }
 
 impl KafkaLog {
+    /// An append's error, typed: a record the broker or producer refuses for its size cannot
+    /// be retried into success.
+    fn append_error(&self, e: KafkaError, bytes: usize) -> LogError {
+        // librdkafka reports its own size check with the broker's code, 10.
+        match e.rdkafka_error_code() {
+            Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge) => {
+                LogError::TooLarge { bytes, max: self.config.max_record_bytes }
+            }
+            _ => kafka_error(e),
+        }
+    }
+
     /// Runs `read` with the group-less reader on a blocking thread, for a partition that exists.
     async fn with_reader<T: Send + 'static>(
         &self,
@@ -170,7 +189,7 @@ impl Log for KafkaLog {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err((e, _)) => return Err(kafka_error(e)),
+                    Err((e, _)) => return Err(self.append_error(e, r.value.len())),
                 }
             }
         }
@@ -178,7 +197,7 @@ impl Log for KafkaLog {
         for delivery in futures::future::join_all(pending).await {
             match delivery {
                 Ok(Ok(d)) => positions.push(Position { partition: d.partition as u32, offset: d.offset as u64 }),
-                Ok(Err((e, _))) => return Err(kafka_error(e)),
+                Ok(Err((e, _))) => return Err(self.append_error(e, 0)),
                 Err(_) => return Err(LogError::Closed),
             }
         }

@@ -2,7 +2,7 @@
 //! topic's real partition count from the cluster's metadata.
 
 use super::{kafka_error, KafkaConfig};
-use crate::log::LogError;
+use crate::log::{LogError, TopicSpec};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
@@ -19,15 +19,15 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<HashMap<String, u32>,
     let existing = partition_counts(&admin).await?;
     let missing: Vec<_> = config.topics.iter().filter(|t| !existing.contains_key(&t.name)).collect();
     if !missing.is_empty() {
+        let settings: Vec<Vec<(&str, String)>> = missing.iter().map(|t| topic_settings(config, t)).collect();
         let new: Vec<NewTopic> = missing
             .iter()
-            .map(|t| {
-                let topic = NewTopic::new(&t.name, t.partitions as i32, TopicReplication::Fixed(config.replication));
-                if t.compacted {
-                    topic.set("cleanup.policy", "compact")
-                } else {
-                    topic
-                }
+            .zip(&settings)
+            .map(|(t, settings)| {
+                settings.iter().fold(
+                    NewTopic::new(&t.name, t.partitions as i32, TopicReplication::Fixed(config.replication)),
+                    |topic, (k, v)| topic.set(k, v),
+                )
             })
             .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Timeout::After(METADATA_TIMEOUT)));
@@ -70,6 +70,25 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<HashMap<String, u32>,
         // Newly created topics take a moment to appear in metadata.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What a durable deployment needs of each topic: the catalog compacted (kept forever, newest
+/// per key); dead letters kept for their retention; deliveries and tiers for `log.retention`
+/// (they are consumed long before); every topic with `min.insync.replicas` so `acks=all` means
+/// more than one copy; records up to the largest event plus room for metadata.
+pub(super) fn topic_settings(config: &KafkaConfig, t: &TopicSpec) -> Vec<(&'static str, String)> {
+    let mut settings = vec![("max.message.bytes", config.max_record_bytes.to_string())];
+    if t.compacted {
+        settings.push(("cleanup.policy", "compact".to_string()));
+    } else {
+        let keep = t.retention.unwrap_or(config.retention);
+        settings.push(("retention.ms", keep.as_millis().to_string()));
+    }
+    if config.replication >= 2 {
+        let min = config.min_insync_replicas.min(config.replication as u32);
+        settings.push(("min.insync.replicas", min.to_string()));
+    }
+    settings
 }
 
 async fn partition_counts(admin: &Arc<AdminClient<DefaultClientContext>>) -> Result<HashMap<String, u32>, LogError> {

@@ -4,6 +4,7 @@
 
 use super::{eventually, Api, TOKEN};
 use herald::config::Config;
+use herald::server::Extras;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -50,7 +51,8 @@ impl MockKafka {
     pub fn start(partitions: u32) -> MockKafka {
         let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
         // The mock broker has no CreateTopics: lay the topics out as Herald would.
-        for spec in herald::topics::Topics::new("herald.").specs(partitions) {
+        let layout = herald::config::LogConfig { partitions, ..Default::default() };
+        for spec in herald::topics::Topics::new("herald.").specs(&layout) {
             cluster.create_topic(&spec.name, spec.partitions as i32, 1).expect("mock topic");
         }
         MockKafka(cluster)
@@ -66,9 +68,9 @@ impl MockKafka {
 
 /// Starts Herald; on Kafka, waits until the consumer groups have handed it every partition
 /// (the broker holds a new group back about 3 s), so tests time deliveries, not group joins.
-async fn started(config: Config, kafka: bool) -> herald::server::Herald {
+async fn started(config: Config, kafka: bool, extras: Extras) -> herald::server::Herald {
     let all = config.log.partitions as usize * (1 + herald::retry::tiers::TIERS.len());
-    let herald = herald::server::start(config).await.unwrap();
+    let herald = herald::server::start_with(config, extras).await.unwrap();
     if kafka {
         eventually("every partition assigned", Duration::from_secs(30), || {
             (herald.partitions_owned() == all).then_some(())
@@ -85,6 +87,7 @@ pub struct TestHerald {
     pub dir: tempfile::TempDir,
     config: Config,
     kafka: Option<MockKafka>,
+    extras: Extras,
 }
 
 impl TestHerald {
@@ -94,6 +97,11 @@ impl TestHerald {
 
     /// Starts with a config adjusted by `tweak`, on the backend the suite runs on.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestHerald {
+        Self::start_with_extras(tweak, Extras::default()).await
+    }
+
+    /// Starts with a config adjusted by `tweak` and `extras` (observers, injected faults).
+    pub async fn start_with_extras(tweak: impl FnOnce(&mut Config), extras: Extras) -> TestHerald {
         trace_to_test_output();
         let dir = tempfile::tempdir().unwrap();
         let mut config = config(dir.path());
@@ -102,18 +110,18 @@ impl TestHerald {
         if let Some(k) = &kafka {
             k.configure(&mut config);
         }
-        let herald = started(config.clone(), kafka.is_some()).await;
+        let herald = started(config.clone(), kafka.is_some(), extras.clone()).await;
         let api = Api::new(herald.addr, TOKEN);
-        TestHerald { herald, api, dir, config, kafka }
+        TestHerald { herald, api, dir, config, kafka, extras }
     }
 
     /// Stops the server and starts it again on the same data and broker.
     pub async fn restart(self) -> TestHerald {
-        let TestHerald { herald, api: _, dir, config, kafka } = self;
+        let TestHerald { herald, api: _, dir, config, kafka, extras } = self;
         herald.stop().await;
-        let herald = started(config.clone(), kafka.is_some()).await;
+        let herald = started(config.clone(), kafka.is_some(), extras.clone()).await;
         let api = Api::new(herald.addr, TOKEN);
-        TestHerald { herald, api, dir, config, kafka }
+        TestHerald { herald, api, dir, config, kafka, extras }
     }
 
     /// Stops the server and returns every dead letter in its log.
@@ -151,7 +159,8 @@ pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLett
         dir: data_dir.join("log"),
         segment_bytes: 64 << 20,
         flush_interval: Duration::from_secs(1),
-        topics: topics.specs(8),
+        topics: topics.specs(&herald::config::LogConfig::default()),
+        faults: None,
     })
     .await
     .unwrap();

@@ -1,0 +1,213 @@
+//! Nothing acknowledged is lost, tried at the API: the catalog across restarts when it spans
+//! many small segments, a full disk, oversized events, concurrent duplicates, and a delivery
+//! that panics.
+
+use crate::support::metrics::scrape;
+use crate::support::{until, Receiver, TestHerald, TOKEN};
+use herald::dispatch::{Observe, Settled};
+use herald::log::embedded::Fault;
+use herald::server::Extras;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test]
+async fn the_catalog_survives_restarts_when_it_spans_many_small_segments() {
+    let h = TestHerald::start_with(|c| c.log.segment_bytes = 4096).await;
+    let rx = Receiver::start().await;
+    let mut live = Vec::new();
+    for i in 0..60 {
+        let sub = h.api.subscribe(json!({ "url": rx.url(&format!("/s{i}")), "events": ["T"] })).await;
+        live.push(sub["id"].as_str().unwrap().to_string());
+    }
+    // Change some, delete some, create and revoke keys: enough records for many segments.
+    for id in live.iter().take(20) {
+        let patch = json!({ "url": rx.url(&format!("/moved-{id}")) });
+        let (status, _) =
+            h.api.raw("PATCH", &format!("/v1/subscriptions/{id}"), Some(patch.to_string().into()), Some(TOKEN)).await;
+        assert_eq!(status, 200);
+    }
+    let deleted: Vec<String> = live.drain(40..).collect();
+    for id in &deleted {
+        assert_eq!(h.api.delete(&format!("/v1/subscriptions/{id}")).await.0, 204);
+    }
+    let (_, tenant) = h.api.post("/v1/tenants", json!({ "name": "Acme" })).await;
+    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let (_, revoked) = h.api.post(&format!("/v1/tenants/{tenant}/keys"), json!({})).await;
+    let (_, kept) = h.api.post(&format!("/v1/tenants/{tenant}/keys"), json!({})).await;
+    let revoked_id = revoked["id"].as_str().unwrap();
+    assert_eq!(h.api.delete(&format!("/v1/tenants/{tenant}/keys/{revoked_id}")).await.0, 204);
+    let h = h.restart().await.restart().await;
+    let (_, page) = h.api.get("/v1/subscriptions?limit=500").await;
+    let mut ids: Vec<String> =
+        page["items"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().into()).collect();
+    ids.sort();
+    live.sort();
+    assert_eq!(ids, live, "every live subscription, and no deleted one, after restarts");
+    for id in live.iter().take(20) {
+        let (_, sub) = h.api.get(&format!("/v1/subscriptions/{id}")).await;
+        assert!(sub["url"].as_str().unwrap().contains("/moved-"), "updates are not reverted: {sub}");
+    }
+    let as_key = |key: &serde_json::Value| crate::support::Api::new(h.herald.addr, key["key"].as_str().unwrap());
+    assert_eq!(as_key(&kept).get("/v1/subscriptions").await.0, 200, "a live key still works");
+    assert_eq!(as_key(&revoked).get("/v1/subscriptions").await.0, 401, "a revoked key stays revoked");
+}
+
+#[tokio::test]
+async fn an_event_over_the_size_limit_is_refused_naming_the_limit() {
+    let h = TestHerald::start_with(|c| c.ingest.max_event_bytes = 2048).await;
+    let big = json!({ "type": "T", "data": { "pad": "x".repeat(3000) } });
+    let (status, err) = h.api.post("/v1/events", big.clone()).await;
+    assert_eq!(status, 413, "{err}");
+    assert_eq!(err["error"]["field"], "data");
+    assert!(err["error"]["message"].as_str().unwrap().contains("ingest.max_event_bytes"), "{err}");
+    let (status, err) = h.api.post("/v1/events/batch", json!([{ "type": "T", "data": {} }, big])).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (413, Some("[1].data")), "{err}");
+}
+
+#[tokio::test]
+async fn concurrent_publishes_of_one_event_id_append_it_once() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/once") })).await;
+    let posts = (0..20).map(|_| {
+        let api = h.api.clone();
+        tokio::spawn(async move { api.post("/v1/events", json!({ "id": "same-id", "type": "T", "data": {} })).await })
+    });
+    for post in futures::future::join_all(posts).await {
+        let (status, body) = post.unwrap();
+        assert_eq!((status.as_u16(), body["deliveries"].as_u64()), (202, Some(1)), "{body}");
+    }
+    rx.wait_on("/once", 1).await;
+    // A later event proves the partition moved on past anything the duplicates could add.
+    h.api.post("/v1/events", json!({ "id": "later", "type": "T", "data": {} })).await;
+    let got = until("the later event", Duration::from_secs(10), || {
+        let got = rx.on("/once");
+        async move { got.iter().any(|r| r.header("webhook-id") == "later").then_some(got) }
+    })
+    .await;
+    assert_eq!(got.iter().filter(|r| r.header("webhook-id") == "same-id").count(), 1);
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_507_keeps_delivering_and_recovers_by_itself() {
+    if crate::support::on_kafka() {
+        return; // the fault layer is the embedded log's
+    }
+    let full = Arc::new(AtomicBool::new(false));
+    let flag = full.clone();
+    let faults: herald::log::embedded::Faults = Some(Arc::new(move |fault: Fault<'_>| match fault {
+        Fault::Write(_) if flag.load(Ordering::SeqCst) => Err(std::io::Error::from(std::io::ErrorKind::StorageFull)),
+        _ => Ok(()),
+    }));
+    let h = TestHerald::start_with_extras(|_| {}, Extras { faults, ..Extras::default() }).await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/ok"), "events": ["A"] })).await;
+    for i in 0..20 {
+        h.api.post("/v1/events", json!({ "id": format!("before-{i}"), "type": "A", "data": {} })).await;
+    }
+    full.store(true, Ordering::SeqCst);
+    let (status, err) = h.api.post("/v1/events", json!({ "id": "refused", "type": "A", "data": {} })).await;
+    assert_eq!(status, 507, "{err}");
+    assert_eq!(err["error"]["code"], "STORAGE_FULL");
+    // What was accepted before keeps flowing while the disk is full.
+    rx.wait_on("/ok", 20).await;
+    full.store(false, Ordering::SeqCst);
+    let (status, _) = h.api.post("/v1/events", json!({ "id": "after", "type": "A", "data": {} })).await;
+    assert_eq!(status, 202, "appends resume by themselves");
+    let got = until("the event accepted after the disk had space", Duration::from_secs(10), || {
+        let got = rx.on("/ok");
+        async move { got.iter().any(|r| r.header("webhook-id") == "after").then_some(got) }
+    })
+    .await;
+    assert!(got.iter().all(|r| r.header("webhook-id") != "refused"), "the refused event left nothing behind");
+}
+
+/// Panics while observing the settlement of event `boom`: a stand-in for a bug in delivery.
+struct Bomb(AtomicUsize);
+
+impl Observe for Bomb {
+    fn settled(&self, settled: &Settled) {
+        if settled.delivery.as_ref().is_some_and(|d| d.event_id == "boom") {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            panic!("a bug in delivering {:?}", settled.delivery.as_ref().map(|d| &d.event_id));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_delivery_that_panics_twice_is_parked_and_its_partition_moves_on() {
+    let bomb = Arc::new(Bomb(AtomicUsize::new(0)));
+    let extras = Extras { observers: vec![bomb.clone()], ..Extras::default() };
+    let h = TestHerald::start_with_extras(|c| c.log.partitions = 1, extras).await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/p") })).await;
+    for id in ["before", "boom", "after"] {
+        h.api.post("/v1/events", json!({ "id": id, "type": "T", "data": {} })).await;
+    }
+    let got = until("the event after the panicking one", Duration::from_secs(10), || {
+        let got = rx.on("/p");
+        async move { got.iter().any(|r| r.header("webhook-id") == "after").then_some(got) }
+    })
+    .await;
+    assert!(got.iter().any(|r| r.header("webhook-id") == "before"));
+    // Processed twice (each panicked), then parked; observing the parked settlement panicked a
+    // third time, which is caught too.
+    assert_eq!(bomb.0.load(Ordering::SeqCst), 3);
+    let (_, dlq) = h.api.get("/v1/dlq").await;
+    let parked = dlq["items"].as_array().unwrap();
+    assert_eq!(parked.len(), 1, "{dlq}");
+    assert_eq!(parked[0]["event_id"], "boom");
+    assert!(parked[0]["last_error"].as_str().unwrap().contains("panicked twice"), "{dlq}");
+    assert!(scrape(&h.api).await.value("herald_deliveries_panicked_total", &[]) >= 1.0);
+    // After a restart the parked record is not processed again.
+    let h = h.restart().await;
+    h.api.post("/v1/events", json!({ "id": "after-restart", "type": "T", "data": {} })).await;
+    until("an event after the restart", Duration::from_secs(10), || {
+        let got = rx.on("/p");
+        async move { got.iter().any(|r| r.header("webhook-id") == "after-restart").then_some(()) }
+    })
+    .await;
+    assert_eq!(bomb.0.load(Ordering::SeqCst), 3, "the parked record did not come back");
+}
+
+#[tokio::test]
+async fn a_delivery_whose_subscription_cannot_be_read_waits_instead_of_being_dropped() {
+    use herald::log::Record;
+    use herald::model::{Delivery, Subscription, SubscriptionSpec};
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let log = h.herald.log();
+    let mut sub = Subscription {
+        id: "sub_from_a_newer_version".into(),
+        tenant: "default".into(),
+        spec: SubscriptionSpec { url: rx.url("/newer"), ..SubscriptionSpec::default() },
+        secret: herald::signing::generate_secret(),
+        previous_secret: None,
+        previous_secret_until: None,
+        disabled_reason: None,
+        created_at: String::new(),
+        updated_at: String::new(),
+    };
+    // A catalog record a newer Herald wrote, with an auth type this one does not know.
+    let mut stored: serde_json::Value = serde_json::from_slice(&sub.stored()).unwrap();
+    stored["auth"] = json!({ "type": "signed-jwt-v9", "issuer": "x" });
+    let key = bytes::Bytes::from(sub.id.clone());
+    let record = |value: Vec<u8>| Record { key: key.clone(), value: bytes::Bytes::from(value) };
+    log.append("herald.subscriptions", vec![record(serde_json::to_vec(&stored).unwrap())]).await.unwrap();
+    let now = herald::model::now_ms();
+    let data = bytes::Bytes::from_static(br#"{"n":1}"#);
+    let delivery = Delivery::first_attempt("evt-waits".into(), sub.id.clone(), "default".into(), "T".into(), data, now);
+    log.append("herald.deliveries", vec![record(delivery.encode().to_vec())]).await.unwrap();
+    until("the delivery deferred, not dropped", Duration::from_secs(20), || async {
+        let m = scrape(&h.api).await;
+        (m.value("herald_deliveries_deferred_total", &[("reason", "unknown_subscription")]) >= 1.0).then_some(())
+    })
+    .await;
+    // Once the record is readable (the version rolled back, or it was rewritten), it arrives.
+    sub.updated_at = "now".into();
+    log.append("herald.subscriptions", vec![record(sub.stored())]).await.unwrap();
+    let got = rx.wait_on("/newer", 1).await;
+    assert_eq!(got[0].header("webhook-id"), "evt-waits");
+}
