@@ -10,17 +10,18 @@ set -euo pipefail
 SUBS=${1:-8}
 EVENTS=${2:-200000}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-BIN=$ROOT/target/release
+# E2E_BIN_DIR runs binaries built elsewhere (another commit, for a before/after pair).
+BIN=${E2E_BIN_DIR:-$ROOT/target/release}
 WORK=$(mktemp -d)
 HERALD_PORT=18181
 SINK_PORT=19100
 export HERALD_ADMIN_TOKEN=e2e-admin-token-0123456789 HERALD_NETWORK_ALLOW=127.0.0.0/8 RUST_LOG=warn
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -s "$WORK/herald.err" ] && grep -v "^ *[0-9]*: \|^ *at " "$WORK/herald.err" | head -8 >&2; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-(cd "$ROOT" && cargo build --release --locked -q -p herald -p herald-load-tests --bins)
+[ -n "${E2E_BIN_DIR:-}" ] || (cd "$ROOT" && cargo build --release --locked -q -p herald -p herald-load-tests --bins)
 
 if [ "${BACKEND:-embedded}" = kafka ]; then
   TANSU=${HERALD_TANSU:-$HOME/.cargo/bin/tansu}
