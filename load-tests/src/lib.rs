@@ -1,5 +1,6 @@
 //! Load generator and verifying sink for Herald.
 
+pub mod chaos;
 pub mod direct;
 pub mod generate;
 pub mod report;

@@ -123,19 +123,30 @@ pub struct Options {
 }
 
 /// One Herald child process.
-struct Herald {
+pub(crate) struct Herald {
     child: std::process::Child,
-    url: String,
+    pub(crate) url: String,
 }
 
-const TOKEN: &str = "scenario-admin-token-0123456789";
+pub(crate) const TOKEN: &str = "scenario-admin-token-0123456789";
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Herald {
     fn spawn(opts: &Options, dir: &std::path::Path, port: u16, prefix: &str) -> anyhow::Result<Herald> {
+        Self::spawn_with(opts, dir, port, prefix, &[])
+    }
+
+    /// Starts `herald serve` with `env` on top of the scenario settings.
+    pub(crate) fn spawn_with(
+        opts: &Options,
+        dir: &std::path::Path,
+        port: u16,
+        prefix: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Herald> {
         let mut cmd = std::process::Command::new(&opts.herald);
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(dir)
@@ -152,6 +163,7 @@ impl Herald {
                 .env("HERALD_LOG_BROKERS", brokers)
                 .env("HERALD_LOG_REPLICATION", "1");
         }
+        cmd.envs(env.iter().copied());
         let child = cmd.spawn().with_context(|| format!("starting {}", opts.herald.display()))?;
         Ok(Herald { child, url: format!("http://127.0.0.1:{port}") })
     }
@@ -163,7 +175,7 @@ impl Herald {
         Some(kb / 1024.0)
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -176,7 +188,7 @@ impl Drop for Herald {
 }
 
 /// A small JSON API client.
-async fn call(method: &str, url: &str, body: Option<serde_json::Value>) -> anyhow::Result<(u16, String)> {
+pub(crate) async fn call(method: &str, url: &str, body: Option<serde_json::Value>) -> anyhow::Result<(u16, String)> {
     use http_body_util::BodyExt;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
@@ -195,7 +207,7 @@ async fn call(method: &str, url: &str, body: Option<serde_json::Value>) -> anyho
 
 /// Waits until Herald answers `/readyz` and owns every partition (on Kafka the group takes a
 /// few seconds to assign them).
-async fn ready(url: &str) -> anyhow::Result<()> {
+pub(crate) async fn ready(url: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok((200, _)) = call("GET", &format!("{url}/readyz"), None).await {

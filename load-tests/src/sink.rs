@@ -212,6 +212,16 @@ impl Sink {
         self.state.seen.lock().unwrap().counts.len() as u64
     }
 
+    /// How long the sink has been running: outage windows count from its start.
+    pub fn age(&self) -> Duration {
+        self.state.started.elapsed()
+    }
+
+    /// Whether `id` has arrived on `path` (answered 2xx at least once).
+    pub fn arrived(&self, path: &str, id: &str) -> bool {
+        self.state.seen.lock().unwrap().counts.contains_key(&format!("{path}|{id}"))
+    }
+
     /// Requests answered so far.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)

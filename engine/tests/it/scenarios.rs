@@ -21,3 +21,23 @@ async fn every_scenario_in_short_form_loses_nothing() {
         assert!(!r.timeline.is_empty() && r.latency_ms.max >= r.latency_ms.p50);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fault_injection_suite_in_short_form_loses_nothing() {
+    use herald_load_tests::chaos::{run, summary, Chaos};
+    let opts =
+        Options { herald: env!("CARGO_BIN_EXE_herald").into(), short: true, kafka: None, rate: None, progress: false };
+    let chaos = Chaos {
+        duration: std::time::Duration::from_secs(15),
+        rate: 200,
+        every_ms: (1000, 2500),
+        segment_bytes: 64 * 1024,
+        seed: 20261130,
+    };
+    let r = run(&opts, &chaos).await.unwrap();
+    eprintln!("{}", summary(&r));
+    assert!(r.kills >= 2, "Herald was killed during the run: {r:?}");
+    assert!(r.events > 1000, "events flowed: {r:?}");
+    assert_eq!(r.lost, 0, "{r:?}");
+    assert_eq!(r.bad_signatures, 0);
+}
