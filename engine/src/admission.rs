@@ -10,7 +10,7 @@
 //! without using an attempt, and once the pause is over one probe goes through.
 
 use crate::config::HealthConfig;
-use crate::model::now_ms;
+use crate::model::{now_ms, range};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,18 +59,26 @@ impl Busy {
     }
 }
 
-/// A token bucket of `rate` deliveries per second, holding up to one second's worth.
+/// A token bucket of `rate` per second, holding up to `capacity` tokens (full at first). Paces
+/// a subscription's deliveries, and a tenant key's API requests.
 #[derive(Debug)]
-struct Bucket {
+pub struct Bucket {
     rate: f64,
+    capacity: f64,
     state: Mutex<(f64, i64)>,
 }
 
 impl Bucket {
+    /// A full bucket of `capacity` (at least one) refilled at `rate` per second.
+    pub fn new(rate: f64, capacity: f64) -> Bucket {
+        let capacity = capacity.max(1.0);
+        Bucket { rate, capacity, state: Mutex::new((capacity, now_ms())) }
+    }
+
     /// Takes a token, or says how long until one is there.
-    fn take(&self, now_ms: i64) -> Result<(), Duration> {
+    pub fn take(&self, now_ms: i64) -> Result<(), Duration> {
         let mut s = self.state.lock().unwrap();
-        let capacity = self.rate.max(1.0);
+        let capacity = self.capacity;
         s.0 = (s.0 + (now_ms - s.1).max(0) as f64 / 1000.0 * self.rate).min(capacity);
         s.1 = now_ms;
         if s.0 >= 1.0 {
@@ -113,12 +121,14 @@ pub struct Admission {
 
 impl Admission {
     /// State for an endpoint with `max_in_flight` (or the default) slots and an optional
-    /// rate limit in deliveries per second.
+    /// rate limit in deliveries per second, both within their ranges.
     pub fn new(max_in_flight: Option<u32>, rate_limit: Option<f64>, health: HealthConfig) -> Self {
-        let cap = max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT).max(1);
+        let cap = range::clamp_u32(max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT), range::MAX_IN_FLIGHT);
+        let rate_limit = rate_limit.map(|r| range::clamp_f64(r, range::RATE_LIMIT));
         Admission {
             slots: Arc::new(Semaphore::new(cap as usize)),
-            bucket: rate_limit.map(|rate| Bucket { rate, state: Mutex::new((rate.max(1.0), now_ms())) }),
+            // A second's worth in a burst.
+            bucket: rate_limit.map(|rate| Bucket::new(rate, rate)),
             latency_us: AtomicU64::new(0),
             last_progress_ms: AtomicI64::new(now_ms()),
             failures: AtomicU32::new(0),

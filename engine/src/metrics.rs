@@ -57,6 +57,10 @@ pub const LOG_APPEND_SECONDS: &str = "herald_log_append_seconds";
 pub const API_REQUESTS: &str = "herald_api_requests_total";
 /// API request latency, by `route`.
 pub const API_REQUEST_SECONDS: &str = "herald_api_request_seconds";
+/// API connections closed at once because `api.max_connections` were open.
+pub const API_CONNECTIONS_REFUSED: &str = "herald_api_connections_refused_total";
+/// API requests refused with `429`, by `reason` (`key_rate`, `tests`).
+pub const API_THROTTLED: &str = "herald_api_throttled_total";
 
 /// Every metric name above, for documentation and tests.
 pub const ALL: &[&str] = &[
@@ -81,6 +85,8 @@ pub const ALL: &[&str] = &[
     LOG_APPEND_SECONDS,
     API_REQUESTS,
     API_REQUEST_SECONDS,
+    API_CONNECTIONS_REFUSED,
+    API_THROTTLED,
 ];
 
 const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -153,6 +159,10 @@ impl Metrics {
         describe();
         metrics::counter!(EVENTS_INGESTED).increment(0);
         metrics::counter!(PANICS).increment(0);
+        metrics::counter!(API_CONNECTIONS_REFUSED).increment(0);
+        for reason in ["key_rate", "tests"] {
+            metrics::counter!(API_THROTTLED, "reason" => reason).increment(0);
+        }
         for reason in ["in_flight_cap", "rate_limit", "circuit_breaker", "unknown_subscription"] {
             metrics::counter!(DEFERRED, "reason" => reason).increment(0);
         }
@@ -241,6 +251,8 @@ fn describe() {
     describe_histogram!(LOG_APPEND_SECONDS, Unit::Seconds, "Durable log append latency, by topic.");
     describe_counter!(API_REQUESTS, "API requests, by route template, method and status.");
     describe_histogram!(API_REQUEST_SECONDS, Unit::Seconds, "API request latency, by route template.");
+    describe_counter!(API_CONNECTIONS_REFUSED, "API connections closed at once: api.max_connections were open.");
+    describe_counter!(API_THROTTLED, "API requests refused with 429, by reason (key_rate, tests).");
 }
 
 /// `log` with the latency of every append recorded (by topic) in

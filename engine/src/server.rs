@@ -12,7 +12,7 @@ use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, Faults};
 use crate::log::kafka::{KafkaConfig, KafkaLog};
 use crate::log::{Log, LogError};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Registry, Rules};
 use crate::retry::dead_letters::DeadLetters;
 use crate::retry::Retrier;
 use crate::tenants::Tenants;
@@ -58,6 +58,9 @@ pub enum StartError {
     /// A webhook declared in the config file is not valid.
     #[error("config file webhooks: {0}")]
     Webhooks(crate::registry::RegistryError),
+    /// The secret key is not usable.
+    #[error("secret_key: {0}")]
+    Secrets(String),
 }
 
 /// Where the admin token came from.
@@ -153,22 +156,43 @@ struct Stores {
     follower: (watch::Sender<bool>, JoinHandle<()>),
 }
 
+/// Installs the key secrets are sealed with, or says once that they are stored as text.
+fn seal_secrets(config: &Config) -> Result<bool, StartError> {
+    let key = config.sealing_key().map_err(|e| StartError::Secrets(e.to_string()))?;
+    let Some(key) = key else {
+        crate::model::secret::install(None);
+        tracing::warn!(
+            "no secret key: subscription secrets are stored in the catalog as text; set HERALD_SECRET_KEY (32 bytes, \
+             base64) to encrypt them"
+        );
+        return Ok(false);
+    };
+    let keys = crate::model::secret::Keys::new(&key, &config.previous_secret_keys)
+        .map_err(|e| StartError::Secrets(e.to_string()))?;
+    crate::model::secret::install(Some(keys));
+    Ok(true)
+}
+
 /// Reads the catalog once (subscriptions, tenants and devices share it), then follows it, so
 /// changes made through any process apply here.
 async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> Result<Stores, StartError> {
+    let sealed = seal_secrets(config)?;
     let records = log.read_all(&topics.subscriptions).await?;
     let next = feed::next_offset(&records);
     let (feed, applied) = Feed::new(log.clone(), topics.subscriptions.clone(), next);
     let feed = Arc::new(feed);
     let guard = NetworkGuard::new(config.network.allow.clone());
-    let registry = Arc::new(Registry::load(feed.clone(), &records, guard, config.health.clone()));
+    let rules = Rules { guard, tls_files_dir: config.http.tls_files_dir.clone() };
+    let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
     let tenants = Arc::new(Tenants::load(feed.clone(), &records));
     let devices = Arc::new(Devices::load(feed, &records));
-    drop(records);
     let router = Router::new(registry.clone(), tenants.clone(), devices.clone());
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(feed::follow(log.clone(), topics.subscriptions.clone(), next, applied, router, stopped));
     registry.sync_static(&config.static_webhooks()).await.map_err(StartError::Webhooks)?;
+    if sealed {
+        registry.reseal(&records).await.map_err(StartError::Webhooks)?;
+    }
     Ok(Stores { registry, tenants, devices, follower: (stop, task) })
 }
 
@@ -192,6 +216,7 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
         pool_idle_timeout: config.http.pool_idle_timeout.0,
         pool_max_idle_per_host: config.http.pool_max_idle_per_host,
         response_bytes: HttpSettings::default().response_bytes,
+        tls_files_dir: config.http.tls_files_dir.clone(),
     };
     let guard = NetworkGuard::new(config.network.allow.clone());
     Transports::new(guard, &settings, config.http.timeout.0).with_edge(hub)
@@ -225,22 +250,55 @@ fn spawn_dispatcher(
 async fn serve_api(
     config: &Config,
     state: AppState,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
     let listen = |source| StartError::Listen { addr: config.listen, source };
     let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(listen)?;
     let addr = listener.local_addr().map_err(listen)?;
     state.edge.advertise(config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}")));
     let app = api::router(state);
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { crate::shutdown::stopped(&mut stop).await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "API server failed");
-        }
-    });
+    let limits = config.api.clone();
+    let task = tokio::spawn(serve_connections(listener, app, limits, stop));
     Ok((addr, task))
+}
+
+/// The API's accept loop: at most `api.max_connections` at once (more are closed at once), each
+/// given `api.header_read_timeout` to send its headers (a slow client cannot hold a connection
+/// open for free), upgrades allowed (edge agents' WebSockets); on stop, connections finish their
+/// requests (bounded).
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    limits: crate::config::ApiConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout.0);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = crate::shutdown::stopped(&mut stop) => break,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!(crate::metrics::API_CONNECTIONS_REFUSED).increment(1);
+            continue; // dropping the stream closes it
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+        tracing::warn!("API connections still open after the drain; closing them");
+    }
 }
 
 /// What a caller may add to a server beyond its configuration.
@@ -260,7 +318,13 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
 /// Starts every stage from `config`, with `extras`.
 pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartError> {
     let data_err = |source| StartError::DataDir { path: config.data_dir.display().to_string(), source };
-    std::fs::create_dir_all(&config.data_dir).map_err(data_err)?;
+    crate::log::private::create_dir(&config.data_dir).map_err(data_err)?;
+    if crate::log::private::open_to_others(&config.data_dir) {
+        tracing::warn!(
+            path = %config.data_dir.display(),
+            "the data directory can be read by other users; it holds events and subscriptions (chmod 700)"
+        );
+    }
     let (token, token_source) = admin_token(&config).map_err(data_err)?;
     // The recorder first, so every stage's metrics (the hub's gauges too) are recorded.
     let metrics = Arc::new(Metrics::new());
@@ -285,9 +349,15 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         metrics::gauge!(crate::metrics::SUBSCRIPTIONS_DISABLED).set(disabled as f64);
         metrics::gauge!(crate::metrics::BREAKERS_OPEN).set(registry.breakers_open() as f64);
     });
+    let (key_rate, tests) = api::throttles(&config);
     let state = AppState {
         registry: stores.registry.clone(),
-        ingest: Arc::new(Ingest::new(log.clone(), stores.registry.clone(), topics.deliveries.clone())),
+        ingest: Arc::new(Ingest::new(
+            log.clone(),
+            stores.registry.clone(),
+            topics.deliveries.clone(),
+            config.quotas.fanout_bytes,
+        )),
         log: log.clone(),
         admin_token: token.clone().into(),
         dead_letters: Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone())),
@@ -297,6 +367,10 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         edge: hub,
         rotation_overlap: config.signing.rotation_overlap.0,
         max_event_bytes: config.ingest.max_event_bytes,
+        quotas: config.quotas.clone(),
+        key_rate,
+        tests,
+        request_timeout: config.api.request_timeout.0,
         tenants: stores.tenants.clone(),
     };
     let (addr, api) = serve_api(&config, state, stop_rx).await?;

@@ -135,7 +135,8 @@ pub async fn run(opts: &Options, chaos: &Chaos) -> anyhow::Result<ChaosReport> {
         }
     }
     let ids: Vec<String> = (0..load_report.accepted).map(|n| format!("{}-{n}", load.id_prefix)).collect();
-    let lost = paths.iter().flat_map(|p| ids.iter().map(move |id| (p, id))).filter(|(p, id)| !sink.arrived(p, id)).count();
+    let lost =
+        paths.iter().flat_map(|p| ids.iter().map(move |id| (p, id))).filter(|(p, id)| !sink.arrived(p, id)).count();
     let got = sink.report();
     drop(nodes);
     Ok(ChaosReport {
@@ -158,7 +159,16 @@ pub fn summary(r: &ChaosReport) -> String {
     format!(
         "chaos ({}): {:.0} s of faults, {} kills, {} receiver outages; {} events acknowledged, {} deliveries \
          expected, {} delivered, {} lost, {} duplicates, {} bad signatures; drained in {:.1} s",
-        r.backend, r.seconds, r.kills, r.outages, r.events, r.expected, r.delivered, r.lost, r.duplicates,
-        r.bad_signatures, r.drain_seconds
+        r.backend,
+        r.seconds,
+        r.kills,
+        r.outages,
+        r.events,
+        r.expected,
+        r.delivered,
+        r.lost,
+        r.duplicates,
+        r.bad_signatures,
+        r.drain_seconds
     )
 }

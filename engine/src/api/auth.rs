@@ -63,7 +63,11 @@ impl FromRequestParts<AppState> for Principal {
         if crate::tenants::same_secret(token, &state.admin_token) {
             return Ok(Principal::Admin);
         }
-        state.tenants.authenticate(token).map(Principal::Tenant).ok_or_else(ApiError::unauthorized)
+        let tenant = state.tenants.authenticate(token).ok_or_else(ApiError::unauthorized)?;
+        // Authenticated first, so nobody can spend another key's rate.
+        let (key_id, _) = crate::tenants::parse_token(token, "hk").ok_or_else(ApiError::unauthorized)?;
+        state.key_rate.admit(key_id)?;
+        Ok(Principal::Tenant(tenant))
     }
 }
 

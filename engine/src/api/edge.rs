@@ -98,17 +98,29 @@ pub async fn connect(
     Ok(ws.on_upgrade(move |socket| hub.serve(device, socket)))
 }
 
+/// A caller that presented the processes' shared forward secret (checked before the body is
+/// read, so nobody else learns anything from how a body is judged).
+pub struct Forwarder;
+
+impl axum::extract::FromRequestParts<AppState> for Forwarder {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = super::auth::bearer(&parts.headers).ok_or_else(ApiError::unauthorized)?;
+        if !state.edge.forward_allowed(presented) {
+            return Err(ApiError::unauthorized());
+        }
+        Ok(Forwarder)
+    }
+}
+
 /// Another Herald process asks this one to make an attempt through an agent connected here.
 /// Authenticated with the processes' shared forward secret, not a user's token.
 pub async fn forward(
+    _: Forwarder,
     State(state): State<AppState>,
-    headers: HeaderMap,
     JsonBody(f): JsonBody<Forward>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let presented = super::auth::bearer(&headers).ok_or_else(ApiError::unauthorized)?;
-    if !state.edge.forward_allowed(presented) {
-        return Err(ApiError::unauthorized());
-    }
     let Lookup::Found(target) = state.registry.lookup(&f.subscription).await else {
         return Err(ApiError::not_found("subscription"));
     };

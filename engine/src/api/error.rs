@@ -15,6 +15,7 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     field: Option<String>,
+    retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -26,6 +27,40 @@ impl ApiError {
             code: "VALIDATION_ERROR",
             message: message.into(),
             field: (!field.is_empty()).then_some(field),
+            retry_after: None,
+        }
+    }
+
+    /// 429: over a rate; come back after `wait` (sent as `Retry-After`).
+    pub fn throttled(wait: std::time::Duration) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "RATE_LIMITED",
+            message: format!("too many requests; retry after {} s", wait.as_secs().max(1)),
+            field: None,
+            retry_after: Some(wait),
+        }
+    }
+
+    /// 403 `QUOTA_EXCEEDED`: the tenant has used up `setting`.
+    pub fn quota(setting: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "QUOTA_EXCEEDED",
+            message: format!("{} (quotas.{setting})", message.into()),
+            field: None,
+            retry_after: None,
+        }
+    }
+
+    /// 408: the request was not answered within `api.request_timeout`.
+    pub fn timed_out() -> Self {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "REQUEST_TIMEOUT",
+            message: "the request took longer than api.request_timeout".into(),
+            field: None,
+            retry_after: None,
         }
     }
 
@@ -36,22 +71,41 @@ impl ApiError {
             code: "UNAUTHORIZED",
             message: "a valid bearer token is required".into(),
             field: None,
+            retry_after: None,
         }
     }
 
     /// 403: the caller may not do this.
     pub fn forbidden(message: &str) -> Self {
-        ApiError { status: StatusCode::FORBIDDEN, code: "FORBIDDEN", message: message.into(), field: None }
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "FORBIDDEN",
+            message: message.into(),
+            field: None,
+            retry_after: None,
+        }
     }
 
     /// 404 for a missing object or route.
     pub fn not_found(what: &str) -> Self {
-        ApiError { status: StatusCode::NOT_FOUND, code: "NOT_FOUND", message: format!("{what} not found"), field: None }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "NOT_FOUND",
+            message: format!("{what} not found"),
+            field: None,
+            retry_after: None,
+        }
     }
 
     /// 503: the log could not take the write; nothing was accepted.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, code: "UNAVAILABLE", message: message.into(), field: None }
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "UNAVAILABLE",
+            message: message.into(),
+            field: None,
+            retry_after: None,
+        }
     }
 }
 
@@ -65,11 +119,20 @@ impl From<crate::ingest::Refusal> for ApiError {
     fn from(e: crate::ingest::Refusal) -> Self {
         match e {
             crate::ingest::Refusal::Invalid(i) => i.into(),
+            crate::ingest::Refusal::Log(l) => l.into(),
+            crate::ingest::Refusal::FanOut { .. } => ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: "QUOTA_EXCEEDED",
+                message: e.to_string(),
+                field: None,
+                retry_after: None,
+            },
             crate::ingest::Refusal::TooLarge { ref field, .. } => ApiError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
                 code: "PAYLOAD_TOO_LARGE",
                 field: Some(field.clone()),
                 message: e.to_string(),
+                retry_after: None,
             },
         }
     }
@@ -101,6 +164,7 @@ impl From<crate::log::LogError> for ApiError {
                 code: "STORAGE_FULL",
                 message: "the log's disk is full; nothing was accepted, retry once space is freed".into(),
                 field: None,
+                retry_after: None,
             },
             _ => ApiError::unavailable("the log could not take the write; nothing was accepted, retry later"),
         }
@@ -113,7 +177,11 @@ impl IntoResponse for ApiError {
         if let Some(field) = self.field {
             error["field"] = field.into();
         }
-        (self.status, Json(serde_json::json!({ "error": error }))).into_response()
+        let mut response = (self.status, Json(serde_json::json!({ "error": error }))).into_response();
+        if let Some(wait) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, wait.as_secs().max(1).into());
+        }
+        response
     }
 }
 
@@ -148,6 +216,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 code: "UNSUPPORTED_MEDIA_TYPE",
                 message: "send the body as application/json".into(),
                 field: None,
+                retry_after: None,
             });
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError {
@@ -155,6 +224,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             code: if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "PAYLOAD_TOO_LARGE" } else { "BAD_REQUEST" },
             message: e.body_text(),
             field: None,
+            retry_after: None,
         })?;
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         let value = serde_path_to_error::deserialize(de).map_err(|e| {

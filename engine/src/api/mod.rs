@@ -8,6 +8,7 @@ mod events;
 mod page;
 mod subscriptions;
 mod tenants;
+mod throttle;
 
 pub use error::ApiError;
 
@@ -43,6 +44,14 @@ pub struct AppState {
     pub transports: crate::transport::Transports,
     /// The largest event (`ingest.max_event_bytes`).
     pub max_event_bytes: usize,
+    /// What one tenant may use.
+    pub quotas: crate::config::QuotaConfig,
+    /// Requests per tenant key.
+    pub key_rate: Arc<throttle::Throttle>,
+    /// Test pings per subscription.
+    pub tests: Arc<throttle::Throttle>,
+    /// How long a request may take (`api.request_timeout`).
+    pub request_timeout: std::time::Duration,
     /// How long a rotated-out secret keeps signing.
     pub rotation_overlap: std::time::Duration,
     /// Tenants and their API keys.
@@ -81,8 +90,38 @@ pub fn router(state: AppState) -> Router {
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.request_timeout, bounded))
         .layer(axum::middleware::from_fn(count_requests))
         .with_state(state)
+}
+
+/// Answers `408` to a request not answered within `api.request_timeout` (a client that sends
+/// its body slowly cannot hold a handler). Edge connections and forwards are exempt: one is an
+/// upgrade that lives on, the other waits as long as the attempt it forwards.
+async fn bounded(
+    State(limit): State<std::time::Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = req.uri().path();
+    if path == crate::transport::edge::protocol::CONNECT_PATH || path == crate::transport::edge::protocol::FORWARD_PATH
+    {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::timed_out().into_response(),
+    }
+}
+
+/// The per-key and per-subscription throttles `config` asks for.
+pub fn throttles(config: &crate::config::Config) -> (Arc<throttle::Throttle>, Arc<throttle::Throttle>) {
+    let rate = config.api.key_rate_limit;
+    let tests = f64::from(config.quotas.tests_per_minute);
+    (
+        Arc::new(throttle::Throttle::new(rate, rate * 2.0, "key_rate")),
+        Arc::new(throttle::Throttle::new(tests / 60.0, tests, "tests")),
+    )
 }
 
 /// Counts every API request by route template (never the raw path: ids stay out of labels).

@@ -21,6 +21,10 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let (extras, spec) = spec::create_body(body)?;
     let tenant = who.owner(extras.tenant)?;
+    if state.registry.count_of(&tenant) >= state.quotas.subscriptions_per_tenant {
+        let max = state.quotas.subscriptions_per_tenant;
+        return Err(ApiError::quota("subscriptions_per_tenant", format!("this tenant has its {max} subscriptions")));
+    }
     check_device(&state, spec.via_edge.as_deref(), &tenant)?;
     let target = state.registry.create(tenant, spec, extras.secret).await?;
     Ok((StatusCode::CREATED, Json(target.sub.view_with_secret())))
@@ -135,6 +139,7 @@ pub async fn test(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = visible(&state, &who, &id)?;
+    state.tests.admit(&target.sub.id)?;
     let now = now_ms();
     let ping = Delivery {
         event_id: new_id("ping"),

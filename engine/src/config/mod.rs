@@ -30,12 +30,27 @@ pub struct Config {
     /// Admin bearer token; generated and stored in the data dir when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// The key secrets are sealed with in the catalog (32 bytes, base64; `HERALD_SECRET_KEY`).
+    /// Without one they are stored as text, and Herald says so at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_key: Option<String>,
+    /// A file holding `secret_key` instead (its first line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_key_file: Option<PathBuf>,
+    /// Keys secrets were sealed with before a rotation: they still open them, and Herald
+    /// rewrites every subscription sealed with one at start.
+    #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "list_or_csv")]
+    pub previous_secret_keys: Vec<String>,
     /// The log backend and topics.
     pub log: LogConfig,
     /// Which private networks webhook targets may be in.
     pub network: NetworkConfig,
     /// What events may be.
     pub ingest: IngestConfig,
+    /// Limits of the API's edge: connections, timeouts, request rates.
+    pub api: ApiConfig,
+    /// What one tenant may use.
+    pub quotas: QuotaConfig,
     /// Dispatcher tuning.
     pub dispatch: DispatchConfig,
     /// HTTP transport defaults.
@@ -100,6 +115,22 @@ impl KafkaProperties {
     }
 }
 
+impl Config {
+    /// The key secrets are sealed with: `secret_key`, else the first line of
+    /// `secret_key_file`.
+    pub fn sealing_key(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(k) = &self.secret_key {
+            return Ok(Some(k.clone()));
+        }
+        let Some(path) = &self.secret_key_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Rejected {
+            field: "secret_key_file",
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Ok(text.lines().next().map(|l| l.trim().to_string()))
+    }
+}
+
 impl std::fmt::Debug for KafkaProperties {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(self.0.keys()).finish()
@@ -155,6 +186,52 @@ pub struct NetworkConfig {
     pub allow: Vec<IpNet>,
 }
 
+/// Limits of the API's edge, so no client can exhaust it: slow clients are cut off, connections
+/// are capped, and each tenant key gets a request rate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Connections open at once at most; more are closed at once.
+    pub max_connections: usize,
+    /// A client must send its request headers within this.
+    pub header_read_timeout: HumanDuration,
+    /// A request (body included) must be answered within this, or gets `408`.
+    pub request_timeout: HumanDuration,
+    /// Requests per second one tenant key may make (twice as many in a burst); `429` with
+    /// `Retry-After` beyond. The admin token is not limited.
+    pub key_rate_limit: f64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10).into(),
+            request_timeout: Duration::from_secs(60).into(),
+            key_rate_limit: 100.0,
+        }
+    }
+}
+
+/// What one tenant may use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// Subscriptions one tenant may have.
+    pub subscriptions_per_tenant: usize,
+    /// Bytes one publish request may fan out to: each event's size times the subscriptions
+    /// it matches, summed.
+    pub fanout_bytes: u64,
+    /// `POST /v1/subscriptions/{id}/test` calls per subscription per minute.
+    pub tests_per_minute: u32,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig { subscriptions_per_tenant: 1000, fanout_bytes: 256 << 20, tests_per_minute: 12 }
+    }
+}
+
 /// What events may be.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -207,6 +284,10 @@ pub struct HttpConfig {
     /// Idle connections kept per host; set it near the concurrency one host sees, since
     /// closing busy connections between bursts cost more than half the throughput in tests.
     pub pool_max_idle_per_host: usize,
+    /// A directory of TLS files subscriptions may name (`tls.ca_file`, …); without it, tenants
+    /// give certificates and keys as content only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_files_dir: Option<PathBuf>,
 }
 
 /// Endpoint health: when to stop hammering a failing endpoint, and when to give up on it.
@@ -380,10 +461,15 @@ impl Default for Config {
             listen: "127.0.0.1:8080".parse().unwrap(),
             data_dir: PathBuf::from("./herald-data"),
             admin_token: None,
+            secret_key: None,
+            secret_key_file: None,
+            previous_secret_keys: Vec::new(),
             advertise_url: None,
             log: LogConfig::default(),
             network: NetworkConfig::default(),
             ingest: IngestConfig::default(),
+            api: ApiConfig::default(),
+            quotas: QuotaConfig::default(),
             dispatch: DispatchConfig::default(),
             http: HttpConfig::default(),
             health: HealthConfig::default(),
@@ -427,6 +513,7 @@ impl Default for HttpConfig {
             connect_timeout: Duration::from_secs(10).into(),
             pool_idle_timeout: Duration::from_secs(90).into(),
             pool_max_idle_per_host: 1024,
+            tls_files_dir: None,
         }
     }
 }
@@ -437,21 +524,24 @@ impl Default for LoggingConfig {
     }
 }
 
-fn nets_from_list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+/// A list given as a list (files) or as comma-separated text (environment variables).
+fn list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum Nets {
+    enum Items {
         List(Vec<String>),
         Csv(String),
     }
-    let items = match Nets::deserialize(d)? {
-        Nets::List(v) => v,
-        Nets::Csv(s) => s.split(',').map(str::to_string).collect(),
+    let items = match Items::deserialize(d)? {
+        Items::List(v) => v,
+        Items::Csv(s) => s.split(',').map(str::to_string).collect(),
     };
-    items
+    Ok(items.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+}
+
+fn nets_from_list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    list_or_csv(d)?
         .iter()
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
         .map(|s| {
             s.parse::<IpNet>().or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| {
                 serde::de::Error::custom(format!("network.allow: {s:?} is not a CIDR range such as 127.0.0.0/8"))
@@ -478,7 +568,8 @@ pub enum ConfigError {
 
 /// Sections whose environment variables use one underscore after the section name,
 /// e.g. `HERALD_NETWORK_ALLOW` → `network.allow`.
-const SECTIONS: &[&str] = &["log", "network", "ingest", "dispatch", "http", "health", "signing", "edge", "logging"];
+const SECTIONS: &[&str] =
+    &["log", "network", "ingest", "api", "quotas", "dispatch", "http", "health", "signing", "edge", "logging"];
 
 fn env_key(key: &str) -> String {
     let key = key.to_ascii_lowercase();
@@ -552,6 +643,15 @@ impl Config {
         }
         if !(1024..=12 << 20).contains(&self.ingest.max_event_bytes) {
             return reject("ingest.max_event_bytes", "must be between 1024 and 12582912 (12 MiB)");
+        }
+        if self.api.max_connections == 0 || !(self.api.key_rate_limit > 0.0 && self.api.key_rate_limit.is_finite()) {
+            return reject("api.max_connections", "max_connections and key_rate_limit must be more than zero");
+        }
+        if self.api.header_read_timeout.0.is_zero() || self.api.request_timeout.0.is_zero() {
+            return reject("api.request_timeout", "header_read_timeout and request_timeout must be more than zero");
+        }
+        if self.quotas.subscriptions_per_tenant == 0 || self.quotas.tests_per_minute == 0 {
+            return reject("quotas.subscriptions_per_tenant", "quotas must be at least 1");
         }
         if self.log.min_insync_replicas == 0 {
             return reject("log.min_insync_replicas", "must be at least 1");

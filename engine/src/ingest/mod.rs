@@ -82,6 +82,17 @@ pub enum Refusal {
     /// A field is not valid.
     #[error(transparent)]
     Invalid(#[from] Invalid),
+    /// The log could not take the append; nothing was accepted.
+    #[error(transparent)]
+    Log(LogError),
+    /// The request would fan out to more bytes than `quotas.fanout_bytes`.
+    #[error("this request fans out to {bytes} bytes of deliveries; the limit is quotas.fanout_bytes = {max}")]
+    FanOut {
+        /// What it would fan out to.
+        bytes: u64,
+        /// The limit.
+        max: u64,
+    },
     /// The event is larger than `ingest.max_event_bytes`.
     #[error("{field}: the event's data and changes are {bytes} bytes; the limit is ingest.max_event_bytes = {max}")]
     TooLarge {
@@ -170,6 +181,8 @@ pub struct Ingest {
     registry: Arc<Registry>,
     topic: String,
     recent: Mutex<Recent>,
+    /// `quotas.fanout_bytes`.
+    max_fanout: u64,
 }
 
 /// A (tenant, event id) pair.
@@ -196,9 +209,9 @@ impl Drop for Reserved<'_> {
 }
 
 impl Ingest {
-    /// Ingest into `topic`.
-    pub fn new(log: Arc<dyn Log>, registry: Arc<Registry>, topic: String) -> Self {
-        Ingest { log, registry, topic, recent: Mutex::new(Recent::default()) }
+    /// Ingest into `topic`; one request may fan out to `max_fanout` bytes.
+    pub fn new(log: Arc<dyn Log>, registry: Arc<Registry>, topic: String, max_fanout: u64) -> Self {
+        Ingest { log, registry, topic, recent: Mutex::new(Recent::default()), max_fanout }
     }
 
     /// Reserves the given ids of `events` that no request has seen, after waiting for any
@@ -239,13 +252,14 @@ impl Ingest {
     /// An event whose id (for its tenant) was accepted in the last [`IDEMPOTENCY_WINDOW`],
     /// in this request or an earlier one (or is being appended by a concurrent one), gets the
     /// first answer back and appends nothing.
-    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<Accepted>, LogError> {
+    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<Accepted>, Refusal> {
         let mut reserved = self.reserve(&events).await;
         let now = now_ms();
         let mut records = Vec::new();
         let mut accepted = Vec::with_capacity(events.len());
         let mut counts: HashMap<(String, String), usize> = HashMap::new();
         let mut new_events = 0u64;
+        let mut fanout = 0u64;
         for event in events {
             let key = (event.tenant.clone(), event.id.clone());
             if event.id_given {
@@ -259,6 +273,10 @@ impl Ingest {
                 }
             }
             let targets = self.registry.matching(&event.tenant, &event.event_type);
+            fanout += event.data.sent.len() as u64 * targets.len() as u64;
+            if fanout > self.max_fanout {
+                return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
+            }
             for target in &targets {
                 let format = target.sub.spec.payload;
                 let delivery = Delivery {
@@ -281,7 +299,7 @@ impl Ingest {
             new_events += 1;
             accepted.push(Accepted { id: event.id, deliveries: targets.len() });
         }
-        self.log.append(&self.topic, records).await?;
+        self.log.append(&self.topic, records).await.map_err(Refusal::Log)?;
         {
             let mut recent = self.recent.lock().unwrap();
             for (key, tx) in reserved.mine.drain(..) {

@@ -4,6 +4,7 @@
 pub mod embedded;
 pub mod kafka;
 mod partitioner;
+pub mod private;
 
 use async_trait::async_trait;
 use bytes::Bytes;

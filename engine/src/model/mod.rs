@@ -4,6 +4,7 @@ mod dead_letter;
 mod delivery;
 mod event;
 pub mod outcome;
+pub mod range;
 pub mod secret;
 mod subscription;
 

@@ -110,24 +110,40 @@ pub enum Auth {
     },
 }
 
-/// TLS options for the receiver connection (the contract's `tls`).
+/// TLS options for the receiver connection (the contract's `tls`). Certificates and keys
+/// come as content (PEM, or PKCS#12 as base64): a tenant never names a file on Herald's server.
+/// The `*_file` paths are for the operator's own config file (static webhooks), or for files
+/// under `tls.files_dir` when the operator sets one.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TlsOptions {
-    /// PEM file of CA certificates to trust.
-    #[serde(default)]
-    pub ca_file: Option<String>,
-    /// Client certificate (PEM or PKCS#12).
-    #[serde(default)]
-    pub client_cert_file: Option<String>,
-    /// Client key (PEM).
-    #[serde(default)]
-    pub client_key_file: Option<String>,
-    /// Password of the PKCS#12 file or key.
-    #[serde(default)]
+    /// CA certificates to trust besides the public roots, PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    /// The client certificate chain, PEM (with `client_key_pem`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_pem: Option<String>,
+    /// The client certificate's key, PEM (a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_pem: Option<Secret>,
+    /// The client certificate and key as PKCS#12, base64 (a secret; opened with
+    /// `key_password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_p12: Option<Secret>,
+    /// Password of the PKCS#12 content or file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_password: Option<Secret>,
-    /// Accept any server certificate (explicit opt-in only).
+    /// Accept any server certificate (explicit opt-in only; warned about at every start).
     #[serde(default)]
     pub trust_all: bool,
+    /// A PEM file of CA certificates (operator's config file, or under `tls.files_dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// A client certificate file, PEM or PKCS#12 (as `ca_file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<String>,
+    /// A client key file, PEM (as `ca_file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<String>,
 }
 
 /// AMQP target (the contract's `amqp`).
@@ -145,7 +161,7 @@ pub struct AmqpTarget {
 
 /// Retry policy (the contract's `retry`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "policy", rename_all = "lowercase")]
+#[serde(tag = "policy", rename_all = "lowercase", try_from = "RetryFields")]
 pub enum RetrySpec {
     /// Exponential backoff with jitter.
     Exponential {
@@ -175,6 +191,57 @@ pub enum RetrySpec {
         /// Attempts in all.
         max_attempts: u32,
     },
+}
+
+/// `retry` as read: one flat object, so a bad value is reported at its own path
+/// (`retry.max_age`), which serde cannot do inside an internally tagged enum.
+#[derive(Deserialize)]
+struct RetryFields {
+    policy: RetryPolicy,
+    #[serde(default)]
+    initial: Option<HumanDuration>,
+    #[serde(default)]
+    multiplier: Option<f64>,
+    #[serde(default)]
+    max_interval: Option<HumanDuration>,
+    #[serde(default)]
+    jitter: Option<f64>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    max_age: Option<HumanDuration>,
+    #[serde(default)]
+    interval: Option<HumanDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RetryPolicy {
+    Exponential,
+    Fixed,
+}
+
+impl TryFrom<RetryFields> for RetrySpec {
+    type Error = String;
+
+    /// Fields of the other policy are kept out here, so the API's read-back check names them
+    /// as unknown.
+    fn try_from(f: RetryFields) -> Result<Self, String> {
+        Ok(match f.policy {
+            RetryPolicy::Exponential => RetrySpec::Exponential {
+                initial: f.initial,
+                multiplier: f.multiplier,
+                max_interval: f.max_interval,
+                jitter: f.jitter,
+                max_attempts: f.max_attempts,
+                max_age: f.max_age,
+            },
+            RetryPolicy::Fixed => RetrySpec::Fixed {
+                interval: f.interval.ok_or("missing field `interval`")?,
+                max_attempts: f.max_attempts.ok_or("missing field `max_attempts`")?,
+            },
+        })
+    }
 }
 
 /// Every field of a subscription a client may set: declared once, and what the create body,
@@ -302,9 +369,9 @@ impl Subscription {
         v
     }
 
-    /// The stored form, secrets and all (the registry topic's record).
+    /// The stored form, secrets and all, sealed when a key is installed (the catalog's record).
     pub fn stored(&self) -> Vec<u8> {
-        secret::revealing(|| serde_json::to_vec(self).expect("subscription serializes"))
+        secret::storing(|| serde_json::to_vec(self).expect("subscription serializes"))
     }
 
     /// Whether an event of `event_type` goes to this subscription.

@@ -5,7 +5,7 @@
 pub mod spec;
 mod validate;
 
-pub use validate::{range, validate_tenant, STATIC_PREFIX};
+pub use validate::{range, validate_tenant, Rules, STATIC_PREFIX};
 
 use crate::catalog::feed::Feed;
 use crate::catalog::{Apply, CatalogError, Entry, Kind, Owner};
@@ -87,7 +87,7 @@ impl State {
 /// The in-memory registry backed by the catalog.
 pub struct Registry {
     feed: Arc<Feed>,
-    guard: NetworkGuard,
+    rules: Rules,
     health: HealthConfig,
     state: RwLock<State>,
     writes: tokio::sync::Mutex<()>,
@@ -131,9 +131,9 @@ impl Apply for Registry {
 
 impl Registry {
     /// Materialises the registry from `records`, the whole catalog (also read for tenants).
-    pub fn load(feed: Arc<Feed>, records: &[LogRecord], guard: NetworkGuard, health: HealthConfig) -> Registry {
+    pub fn load(feed: Arc<Feed>, records: &[LogRecord], rules: Rules, health: HealthConfig) -> Registry {
         let registry =
-            Registry { feed, guard, health, state: RwLock::new(State::default()), writes: tokio::sync::Mutex::new(()) };
+            Registry { feed, rules, health, state: RwLock::new(State::default()), writes: tokio::sync::Mutex::new(()) };
         crate::catalog::load(&registry, records, Owner::Subscriptions);
         tracing::info!(subscriptions = registry.len(), records = records.len(), "registry loaded");
         for target in registry.state.read().unwrap().by_id.values() {
@@ -144,7 +144,7 @@ impl Registry {
 
     /// The network guard used to validate URLs.
     pub fn guard(&self) -> &NetworkGuard {
-        &self.guard
+        &self.rules.guard
     }
 
     /// Writes `sub` and returns it as applied, or `None` when the log holds a conflicting
@@ -167,7 +167,7 @@ impl Registry {
         mut spec: SubscriptionSpec,
         secret: Option<Secret>,
     ) -> Result<Arc<Target>, RegistryError> {
-        validate::check(&mut spec, &self.guard)?;
+        validate::check(&mut spec, &self.rules)?;
         let sub = validate::new_subscription(tenant, spec, secret)?;
         let _serial = self.writes.lock().await;
         if self.has_url(&sub.tenant, &sub.spec.url, None) {
@@ -188,7 +188,7 @@ impl Registry {
         let Some(current) = self.get(id).filter(|t| tenant.is_none_or(|x| t.sub.tenant == x)) else { return Ok(None) };
         let old = &current.sub;
         let mut spec = spec::patched(&old.spec, patch)?;
-        validate::check(&mut spec, &self.guard)?;
+        validate::check(&mut spec, &self.rules)?;
         if !same_url(&spec.url, &old.spec.url) && self.has_url(&old.tenant, &spec.url, Some(id)) {
             return Err(Self::url_taken());
         }
@@ -329,8 +329,8 @@ impl Registry {
             if !wanted.insert(id.clone()) {
                 return Err(at(Invalid::new("name", "two webhooks have this name")).into());
             }
-            let (mut spec, secret) = validate::static_spec(w);
-            validate::check(&mut spec, &self.guard).map_err(at)?;
+            let (mut spec, secret) = validate::static_spec(w).map_err(at)?;
+            validate::check(&mut spec, &self.rules).map_err(at)?;
             let tenant = w.tenant.clone().unwrap_or_else(|| DEFAULT_TENANT.into());
             let given = secret.clone();
             let mut sub = validate::new_subscription(tenant, spec, secret).map_err(at)?;
@@ -362,6 +362,33 @@ impl Registry {
         Ok(())
     }
 
+    /// Rewrites every subscription whose stored record (in `records`, the catalog as read at
+    /// start) is not sealed with the current key: after a key is set, or rotated.
+    pub async fn reseal(&self, records: &[LogRecord]) -> Result<(), RegistryError> {
+        let mut stale = HashSet::new();
+        for rec in records.iter().filter(|r| crate::catalog::Key::parse(&r.key).1 == Kind::Subscription) {
+            let id = String::from_utf8_lossy(&rec.key).into_owned();
+            let secret = serde_json::from_slice::<serde_json::Value>(&rec.value)
+                .ok()
+                .and_then(|v| v.get("secret").and_then(|s| s.as_str()).map(str::to_string));
+            match secret {
+                Some(s) if !crate::model::secret::sealed_with_current(&s) => stale.insert(id),
+                _ => stale.remove(&id),
+            };
+        }
+        let _serial = self.writes.lock().await;
+        let n = stale.len();
+        for id in stale {
+            if let Some(current) = self.get(&id) {
+                self.write(&current.sub).await?;
+            }
+        }
+        if n > 0 {
+            tracing::info!(subscriptions = n, "sealed the secrets of subscriptions stored as text or with an old key");
+        }
+        Ok(())
+    }
+
     /// Subscriptions whose circuit breaker is open now.
     pub fn breakers_open(&self) -> usize {
         self.state.read().unwrap().by_id.values().filter(|t| t.admission.is_open()).count()
@@ -371,6 +398,11 @@ impl Registry {
     pub fn counts(&self) -> (usize, usize) {
         let state = self.state.read().unwrap();
         (state.by_id.len(), state.by_id.values().filter(|t| !t.sub.spec.enabled).count())
+    }
+
+    /// Number of subscriptions of `tenant`.
+    pub fn count_of(&self, tenant: &str) -> usize {
+        self.state.read().unwrap().by_tenant.get(tenant).map_or(0, BTreeMap::len)
     }
 
     /// Number of subscriptions.
@@ -455,7 +487,7 @@ mod tests {
 
     fn registry(readable: bool) -> Registry {
         let (feed, _applied) = Feed::new(Arc::new(Catalog { readable }), "catalog".into(), 0);
-        Registry::load(Arc::new(feed), &[], NetworkGuard::default(), HealthConfig::default())
+        Registry::load(Arc::new(feed), &[], Rules::default(), HealthConfig::default())
     }
 
     #[tokio::test]

@@ -13,39 +13,7 @@ use crate::target::Target;
 use crate::transport::guard::NetworkGuard;
 use std::time::Duration;
 
-/// The ranges: `(min, max)` per setting.
-pub mod range {
-    use std::time::Duration;
-
-    /// `timeout`.
-    pub const TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
-    /// `retry.interval` (fixed).
-    pub const FIXED_INTERVAL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(86_400));
-    /// `retry.initial` (exponential).
-    pub const INITIAL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(3600));
-    /// `retry.max_interval` (exponential).
-    pub const MAX_INTERVAL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(86_400));
-    /// `retry.max_age` (exponential).
-    pub const MAX_AGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(7 * 86_400));
-    /// `retry.multiplier`.
-    pub const MULTIPLIER: (f64, f64) = (1.0, 10.0);
-    /// `retry.jitter`.
-    pub const JITTER: (f64, f64) = (0.0, 1.0);
-    /// `retry.max_attempts`.
-    pub const MAX_ATTEMPTS: (u32, u32) = (1, 1000);
-    /// `max_in_flight`.
-    pub const MAX_IN_FLIGHT: (u32, u32) = (1, 10_000);
-    /// `rate_limit`, deliveries per second.
-    pub const RATE_LIMIT: (f64, f64) = (0.01, 100_000.0);
-    /// Entries of `events`, and of `headers`.
-    pub const EVENTS: usize = 1000;
-    /// Entries of `headers`.
-    pub const HEADERS: usize = 64;
-    /// Bytes of a header value, of `key`, of a credential.
-    pub const VALUE: usize = 4096;
-    /// Bytes of `url` (and `auth.token_url`).
-    pub const URL: usize = 2048;
-}
+pub use crate::model::range;
 
 fn check_duration(field: &str, d: Option<HumanDuration>, (min, max): (Duration, Duration)) -> Result<(), Invalid> {
     match d {
@@ -85,8 +53,18 @@ fn check_secret(field: &str, secret: &Secret) -> Result<(), Invalid> {
     check_len(field, secret.expose(), range::VALUE)
 }
 
+/// What acceptance depends on besides the spec: the network guard, and where TLS files may be.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// Which addresses targets may have.
+    pub guard: NetworkGuard,
+    /// `http.tls_files_dir`.
+    pub tls_files_dir: Option<std::path::PathBuf>,
+}
+
 /// Checks a spec and fills in what follows from it (an AMQP subscription's `url` label).
-pub fn check(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), Invalid> {
+pub fn check(spec: &mut SubscriptionSpec, rules: &Rules) -> Result<(), Invalid> {
+    let guard = &rules.guard;
     // Through an edge device the target is reached from the customer's network, where
     // private addresses are the point: Herald's own network guard does not apply.
     let open = NetworkGuard::new(vec!["0.0.0.0/0".parse().expect("net"), "::/0".parse().expect("net")]);
@@ -96,13 +74,17 @@ pub fn check(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), In
         None => guard,
     };
     match spec.transport {
-        TransportKind::Webhook => check_webhook(spec, guard)?,
+        TransportKind::Webhook => check_webhook(spec, guard, rules.tls_files_dir.as_deref())?,
         TransportKind::Amqp => check_amqp(spec, guard)?,
     }
     check_common(spec)
 }
 
-fn check_webhook(spec: &SubscriptionSpec, guard: &NetworkGuard) -> Result<(), Invalid> {
+fn check_webhook(
+    spec: &SubscriptionSpec,
+    guard: &NetworkGuard,
+    files: Option<&std::path::Path>,
+) -> Result<(), Invalid> {
     if spec.amqp.is_some() {
         return Err(Invalid::new("amqp", "only valid with transport \"amqp\""));
     }
@@ -117,7 +99,7 @@ fn check_webhook(spec: &SubscriptionSpec, guard: &NetworkGuard) -> Result<(), In
     let host = url.host_str().ok_or_else(|| Invalid::new("url", "must have a host"))?;
     guard.check_host(host).map_err(|e| Invalid::new("url", e.to_string()))?;
     if let Some(tls) = &spec.tls {
-        crate::transport::tls::client_config(Some(tls)).map_err(|e| Invalid::new(e.field, e.message))?;
+        crate::transport::tls::client_config(Some(tls), files).map_err(|e| Invalid::new(e.field, e.message))?;
     }
     check_auth(&spec.auth, guard)
 }
@@ -273,15 +255,20 @@ pub fn validate_tenant(tenant: &str) -> Result<(), Invalid> {
 /// Id prefix of subscriptions declared in the config file.
 pub const STATIC_PREFIX: &str = "static-";
 
-/// A config-file webhook as a spec and its secret: HMAC in `X-Signature`, raw payloads. Its
-/// TLS files are the operator's own, so paths are allowed here (and only here).
-pub fn static_spec(w: &StaticWebhook) -> (SubscriptionSpec, Option<Secret>) {
+/// A config-file webhook as a spec and its secret: HMAC in `X-Signature`, raw payloads. Its TLS
+/// files are the operator's own: read now (boundedly) into content, so no delivery reads a file.
+pub fn static_spec(w: &StaticWebhook) -> Result<(SubscriptionSpec, Option<Secret>), Invalid> {
+    let path = |p: &Option<String>| p.as_ref().map(std::path::PathBuf::from);
+    let files = crate::transport::tls::inline_files(
+        path(&w.trust_file).as_ref(),
+        path(&w.client_cert).as_ref(),
+        path(&w.key_file).as_ref(),
+    )
+    .map_err(|e| Invalid::new(e.field, e.message))?;
     let tls = (w.trust_all || w.trust_file.is_some() || w.client_cert.is_some()).then(|| TlsOptions {
-        ca_file: w.trust_file.clone(),
-        client_cert_file: w.client_cert.clone(),
-        client_key_file: w.key_file.clone(),
         key_password: w.key_password.clone().map(Secret),
         trust_all: w.trust_all,
+        ..files
     });
     let encoding =
         if w.signature_encoding.as_deref() == Some("hex") { SignatureEncoding::Hex } else { SignatureEncoding::Base64 };
@@ -300,7 +287,7 @@ pub fn static_spec(w: &StaticWebhook) -> (SubscriptionSpec, Option<Secret>) {
         enabled: w.enabled,
         ..SubscriptionSpec::default()
     };
-    (spec, secret)
+    Ok((spec, secret))
 }
 
 #[cfg(test)]
@@ -314,7 +301,7 @@ mod tests {
 
     fn checked(v: serde_json::Value) -> Result<SubscriptionSpec, Invalid> {
         let mut s = spec(v);
-        check(&mut s, &NetworkGuard::default()).map(|()| s)
+        check(&mut s, &Rules::default()).map(|()| s)
     }
 
     #[test]
@@ -324,7 +311,8 @@ mod tests {
         let e = checked(json!({"url": "http://127.0.0.1:9/"})).unwrap_err();
         assert!(e.message.contains("network.allow"), "{e}");
         let mut s = spec(json!({"url": "http://127.0.0.1:9/"}));
-        assert!(check(&mut s, &NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()])).is_ok());
+        let rules = Rules { guard: NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), ..Rules::default() };
+        assert!(check(&mut s, &rules).is_ok());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! from a seed fixed per delivery, so the whole schedule is known in advance: the envelope's
 //! `pendingRetries` is exact, and a restart replays the same schedule.
 
-use crate::model::RetrySpec;
+use crate::model::{range, RetrySpec};
 use std::time::Duration;
 
 /// The default promise: 185 attempts within 24 hours, exponential with jitter.
@@ -57,6 +57,11 @@ impl Default for Policy {
     }
 }
 
+/// Whole milliseconds of `d`, saturating.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// SplitMix64: a tiny, well-known mixer; enough to turn (seed, attempt) into a uniform draw.
 fn unit(seed: u64, attempt: u32) -> f64 {
     let mut z = seed ^ (attempt as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -81,18 +86,22 @@ impl Policy {
     pub fn from_spec(spec: Option<&RetrySpec>) -> Policy {
         let Some(spec) = spec else { return Policy::default() };
         match spec {
-            RetrySpec::Fixed { interval, max_attempts } => {
-                Policy::Fixed { interval: interval.0, max_attempts: *max_attempts }
-            }
+            // Clamped into the documented ranges: the API refuses anything outside them, but a
+            // subscription stored before a range existed must not reach overflowing arithmetic.
+            RetrySpec::Fixed { interval, max_attempts } => Policy::Fixed {
+                interval: range::clamp_duration(interval.0, range::FIXED_INTERVAL),
+                max_attempts: range::clamp_u32(*max_attempts, range::MAX_ATTEMPTS),
+            },
             RetrySpec::Exponential { initial, multiplier, max_interval, jitter, max_attempts, max_age } => {
-                let initial = initial.map_or(DEFAULT_INITIAL, |d| d.0);
+                let initial = range::clamp_duration(initial.map_or(DEFAULT_INITIAL, |d| d.0), range::INITIAL);
+                let max_interval = max_interval.map_or(DEFAULT_MAX_INTERVAL, |d| d.0);
                 Policy::Exponential {
                     initial,
-                    multiplier: multiplier.unwrap_or(DEFAULT_MULTIPLIER),
-                    max_interval: max_interval.map_or(DEFAULT_MAX_INTERVAL, |d| d.0).max(initial),
-                    jitter: jitter.unwrap_or(DEFAULT_JITTER),
-                    max_attempts: max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
-                    max_age: max_age.map_or(DEFAULT_MAX_AGE, |d| d.0),
+                    multiplier: range::clamp_f64(multiplier.unwrap_or(DEFAULT_MULTIPLIER), range::MULTIPLIER),
+                    max_interval: range::clamp_duration(max_interval, range::MAX_INTERVAL).max(initial),
+                    jitter: range::clamp_f64(jitter.unwrap_or(DEFAULT_JITTER), range::JITTER),
+                    max_attempts: range::clamp_u32(max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS), range::MAX_ATTEMPTS),
+                    max_age: range::clamp_duration(max_age.map_or(DEFAULT_MAX_AGE, |d| d.0), range::MAX_AGE),
                 }
             }
         }
@@ -127,7 +136,8 @@ impl Policy {
             Policy::Exponential { initial, multiplier, max_interval, jitter, .. } => {
                 let grown = initial.as_secs_f64() * multiplier.powi(attempt.saturating_sub(1).min(1000) as i32);
                 let nominal = grown.min(max_interval.as_secs_f64());
-                Duration::from_secs_f64(nominal * (1.0 - jitter * unit(seed, attempt)))
+                let secs = nominal * (1.0 - jitter.clamp(0.0, 1.0) * unit(seed, attempt));
+                Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(*max_interval)
             }
         }
     }
@@ -150,9 +160,9 @@ impl Policy {
         if let Some(later) = not_before {
             delay = delay.max(later);
         }
-        let due = now_ms + delay.as_millis() as i64;
+        let due = now_ms.saturating_add(millis(delay));
         match self.max_age() {
-            Some(age) if due > budget_ms + age.as_millis() as i64 => None,
+            Some(age) if due > budget_ms.saturating_add(millis(age)) => None,
             _ => Some(due),
         }
     }
@@ -166,7 +176,9 @@ impl Policy {
         let left = self.max_attempts().saturating_sub(attempt);
         let fits = match self.max_age() {
             None => true,
-            Some(age) => now_ms + self.nominal_span_ms(attempt, left) <= budget_ms + age.as_millis() as i64,
+            Some(age) => {
+                now_ms.saturating_add(self.nominal_span_ms(attempt, left)) <= budget_ms.saturating_add(millis(age))
+            }
         };
         if fits {
             left
@@ -202,7 +214,8 @@ impl Policy {
                 geometric + cap * (n as i32 - below_cap) as f64
             }
         };
-        (secs * 1000.0).ceil() as i64 + 1
+        // `as` saturates (and makes a NaN 0), so an absurd schedule is simply very long.
+        ((secs * 1000.0).ceil() as i64).saturating_add(1)
     }
 
     /// `pending_retries` the long way: draws every remaining delay.
@@ -233,6 +246,45 @@ mod tests {
             attempt += 1;
         }
         times
+    }
+
+    /// A subscription stored before its settings were range-checked (or written to the log by
+    /// hand) must not panic or hang delivery, whatever it holds.
+    #[test]
+    fn settings_from_an_unchecked_record_cannot_overflow_or_hang() {
+        let huge = Some(HumanDuration(Duration::from_secs(u64::MAX / 4)));
+        let specs = [
+            RetrySpec::Exponential {
+                initial: huge,
+                multiplier: Some(1e300),
+                max_interval: huge,
+                jitter: Some(0.0),
+                max_attempts: Some(u32::MAX),
+                max_age: huge,
+            },
+            RetrySpec::Exponential {
+                initial: Some(HumanDuration(Duration::ZERO)),
+                multiplier: Some(-3.0),
+                max_interval: Some(HumanDuration(Duration::ZERO)),
+                jitter: Some(7.5),
+                max_attempts: Some(u32::MAX),
+                max_age: huge,
+            },
+            RetrySpec::Fixed { interval: HumanDuration(Duration::from_secs(u64::MAX)), max_attempts: u32::MAX },
+            RetrySpec::Fixed { interval: HumanDuration(Duration::ZERO), max_attempts: u32::MAX },
+        ];
+        for spec in specs {
+            let p = Policy::from_spec(Some(&spec));
+            for attempt in [0, 1, 2, 999, 1000, u32::MAX] {
+                for now in [0, i64::MAX / 2, i64::MAX] {
+                    let _ = p.delay_after(attempt, 7);
+                    let _ = p.next_due(attempt, now, now, 7, Some(Duration::MAX));
+                    let _ = p.pending_retries(attempt, 0, now, 7);
+                }
+            }
+            assert!(p.max_attempts() <= range::MAX_ATTEMPTS.1, "{p:?}");
+            assert!(p.max_interval() <= range::MAX_INTERVAL.1.max(range::FIXED_INTERVAL.1), "{p:?}");
+        }
     }
 
     #[test]

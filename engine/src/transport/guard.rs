@@ -34,7 +34,30 @@ fn special_v4(ip: Ipv4Addr) -> bool {
         || o[0] == 0
         || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10 carrier-grade NAT
         || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24 protocol assignments
+        || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15 benchmarking, often internal
+        || o == [168, 63, 129, 16] // Azure's host endpoint (wireserver, metadata)
         || o[0] >= 240 // reserved
+}
+
+/// The IPv4 address an IPv6 address carries, if it is one of the forms that reach it:
+/// IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), 6to4 (`2002:AABB:CCDD::/48`)
+/// or Teredo (`2001:0::/32`, the client address inverted in the last 32 bits).
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    if s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified() {
+        return Some(v4(s[6], s[7]));
+    }
+    if s[0] == 0x2002 {
+        return Some(v4(s[1], s[2]));
+    }
+    if s[0] == 0x2001 && s[1] == 0 {
+        return Some(v4(!s[6], !s[7]));
+    }
+    None
 }
 
 fn special_v6(ip: Ipv6Addr) -> bool {
@@ -44,7 +67,9 @@ fn special_v6(ip: Ipv6Addr) -> bool {
         || ip.is_multicast()
         || (s[0] & 0xfe00) == 0xfc00 // fc00::/7 unique local (fd00:ec2::254 metadata too)
         || (s[0] & 0xffc0) == 0xfe80 // fe80::/10 link-local
+        || (s[0] & 0xffc0) == 0xfec0 // fec0::/10 site-local (deprecated, still routed in places)
         || (s[0] == 0x64 && s[1] == 0xff9b) // 64:ff9b::/96 NAT64 can reach anything
+        || embedded_v4(ip).is_some_and(special_v4)
 }
 
 impl NetworkGuard {
@@ -55,7 +80,8 @@ impl NetworkGuard {
 
     /// Whether `addr` may be connected to.
     pub fn check(&self, addr: IpAddr) -> Result<(), Refused> {
-        // An IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
+        // An IPv4-mapped IPv6 address is judged as the IPv4 address it carries (other
+        // embeddings are judged by `special_v6`).
         let ip = match addr {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
             v4 => v4,
@@ -128,11 +154,19 @@ mod tests {
             "fd00:ec2::254",
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
+            "::127.0.0.1", // IPv4-compatible
+            "::10.0.0.1",
+            "2002:7f00:1::1",                       // 6to4 of 127.0.0.1
+            "2002:a9fe:a9fe::",                     // 6to4 of 169.254.169.254
+            "2001:0:4136:e378:8000:63bf:80ff:fffe", // Teredo of 127.0.0.1
+            "fec0::1",
+            "168.63.129.16",
+            "198.18.0.1",
         ] {
             let e = g.check(ip(bad)).unwrap_err();
             assert!(e.to_string().contains("network.allow"), "{e}");
         }
-        for good in ["93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for good in ["93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1", "2001:db8::1"] {
             assert!(g.check(ip(good)).is_ok(), "{good}");
         }
     }

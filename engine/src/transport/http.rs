@@ -58,6 +58,8 @@ pub struct HttpSettings {
     pub pool_max_idle_per_host: usize,
     /// Bytes of each response body kept in the attempt's outcome (for the history).
     pub response_bytes: usize,
+    /// Where TLS files named by subscriptions may be read (none: content only).
+    pub tls_files_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for HttpSettings {
@@ -67,6 +69,7 @@ impl Default for HttpSettings {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
             response_bytes: 1024,
+            tls_files_dir: None,
         }
     }
 }
@@ -85,11 +88,17 @@ pub struct WebhookRequest {
 
 type Pool = Client<Connector, Body>;
 
+/// How long a custom TLS profile's pool is kept without use.
+const PROFILE_IDLE: Duration = Duration::from_secs(600);
+
 /// Pooled HTTP(S) clients: one for the default TLS profile, one per custom profile.
 #[derive(Clone)]
 pub struct HttpTransport {
     default: Pool,
-    profiles: Arc<Mutex<HashMap<ProfileKey, Pool>>>,
+    /// Custom profiles and when each was last used: one unused for `PROFILE_IDLE` (its
+    /// subscriptions deleted or changed) is dropped when another is built, so tenants cannot
+    /// grow this map without bound.
+    profiles: Arc<Mutex<HashMap<ProfileKey, (Pool, Instant)>>>,
     guard: NetworkGuard,
     settings: HttpSettings,
 }
@@ -116,7 +125,7 @@ fn pool(guard: &NetworkGuard, settings: &HttpSettings, tls: rustls::ClientConfig
 impl HttpTransport {
     /// Clients whose connections pass `guard`.
     pub fn new(guard: NetworkGuard, settings: &HttpSettings) -> Self {
-        let default = pool(&guard, settings, client_config(None).expect("the default TLS profile builds"));
+        let default = pool(&guard, settings, client_config(None, None).expect("the default TLS profile builds"));
         HttpTransport { default, profiles: Default::default(), guard, settings: settings.clone() }
     }
 
@@ -124,11 +133,15 @@ impl HttpTransport {
     fn pool_for(&self, tls: Option<&TlsOptions>) -> Result<Pool, TlsError> {
         let Some(opts) = tls else { return Ok(self.default.clone()) };
         let key = ProfileKey::of(opts);
-        if let Some(p) = self.profiles.lock().unwrap().get(&key) {
+        if let Some((p, used)) = self.profiles.lock().unwrap().get_mut(&key) {
+            *used = Instant::now();
             return Ok(p.clone());
         }
-        let built = pool(&self.guard, &self.settings, client_config(Some(opts))?);
-        Ok(self.profiles.lock().unwrap().entry(key).or_insert(built).clone())
+        let built =
+            pool(&self.guard, &self.settings, client_config(Some(opts), self.settings.tls_files_dir.as_deref())?);
+        let mut profiles = self.profiles.lock().unwrap();
+        profiles.retain(|_, (_, used)| used.elapsed() < PROFILE_IDLE);
+        Ok(profiles.entry(key).or_insert((built, Instant::now())).0.clone())
     }
 
     /// Refuses IP-literal hosts outside the guard (names are checked by the resolver).

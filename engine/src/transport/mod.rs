@@ -10,7 +10,7 @@ pub mod http;
 pub mod oauth;
 pub mod tls;
 
-use crate::model::{now_ms, Auth, Delivery, Failure, Outcome, TransportKind};
+use crate::model::{now_ms, range, Auth, Delivery, Failure, Outcome, TransportKind};
 use crate::target::Target;
 use ::http::header;
 use std::sync::Arc;
@@ -48,9 +48,10 @@ impl Transports {
         self
     }
 
-    /// How long one attempt may take: the subscription's timeout, or the default.
+    /// How long one attempt may take: the subscription's timeout (within its range), or the
+    /// default.
     pub fn timeout(&self, target: &Target) -> Duration {
-        target.sub.spec.timeout.map_or(self.default_timeout, |t| t.0)
+        target.sub.spec.timeout.map_or(self.default_timeout, |t| range::clamp_duration(t.0, range::TIMEOUT))
     }
 
     /// Makes attempt `delivery.attempt` of `delivery` to `target`.

@@ -1,19 +1,31 @@
-//! TLS profiles of webhook connections: which roots to trust (webpki roots, plus a custom CA
-//! file), which client certificate to present (PEM certificate and key, or PKCS#12 with a
-//! password), or, only when explicitly asked, no server verification at all.
+//! TLS profiles of webhook connections: which roots to trust (webpki roots, plus CA
+//! certificates the subscription gives), which client certificate to present (PEM certificate
+//! and key, or PKCS#12 with a password), or, only when explicitly asked, no server
+//! verification at all.
+//!
+//! Material comes as content in the subscription. Files are read only under the operator's
+//! `tls.files_dir` (canonicalized, so `..` and links cannot leave it), and never more than
+//! [`MAX_MATERIAL`] bytes of one (a device file cannot hang a request).
 
 use crate::model::TlsOptions;
+use base64::Engine;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The most bytes of TLS material read from one field or file.
+pub const MAX_MATERIAL: u64 = 1 << 20;
 
 /// A TLS setting that cannot be used, naming its field.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("{field}: {message}")]
 pub struct TlsError {
-    /// The field (`tls.ca_file`, …).
+    /// The field (`tls.ca_pem`, …).
     pub field: &'static str,
     /// What is wrong.
     pub message: String,
@@ -23,26 +35,16 @@ fn bad(field: &'static str, message: impl Into<String>) -> TlsError {
     TlsError { field, message: message.into() }
 }
 
-/// What identifies a TLS profile: subscriptions with equal profiles share a client pool.
+/// What identifies a TLS profile: subscriptions with equal profiles share a client pool. A
+/// digest of every option, secrets included, so no secret is kept in the key itself.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ProfileKey {
-    ca_file: Option<String>,
-    client_cert_file: Option<String>,
-    client_key_file: Option<String>,
-    key_password: Option<String>,
-    trust_all: bool,
-}
+pub struct ProfileKey([u8; 32]);
 
 impl ProfileKey {
     /// The profile of a subscription's options.
     pub fn of(opts: &TlsOptions) -> Self {
-        ProfileKey {
-            ca_file: opts.ca_file.clone(),
-            client_cert_file: opts.client_cert_file.clone(),
-            client_key_file: opts.client_key_file.clone(),
-            key_password: opts.key_password.as_ref().map(|p| p.expose().to_string()),
-            trust_all: opts.trust_all,
-        }
+        let all = crate::model::secret::revealing(|| serde_json::to_vec(opts)).expect("options serialize");
+        ProfileKey(Sha256::digest(all).into())
     }
 }
 
@@ -50,50 +52,115 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read(field: &'static str, path: &str) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| bad(field, format!("cannot read {path}: {e}")))
+/// Reads at most [`MAX_MATERIAL`] bytes of `path`, which must lie under `dir` (the operator's
+/// `tls.files_dir`). Errors do not tell a tenant whether a file outside it exists.
+pub fn read_under(field: &'static str, path: &str, dir: Option<&Path>) -> Result<Vec<u8>, TlsError> {
+    let Some(dir) = dir else {
+        return Err(bad(field, "files on Herald's server cannot be named here; send the content instead (PEM)"));
+    };
+    let outside = || bad(field, format!("must name a readable file under the TLS directory {}", dir.display()));
+    let dir = dir.canonicalize().map_err(|_| outside())?;
+    let real = dir.join(path).canonicalize().map_err(|_| outside())?;
+    if !real.starts_with(&dir) || !real.is_file() {
+        return Err(outside());
+    }
+    read_bounded(field, &real)
 }
 
-/// The client certificate chain and key of `opts`, if it names one.
+/// Reads at most [`MAX_MATERIAL`] bytes of the operator's own file `path`.
+pub fn read_bounded(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    let file = std::fs::File::open(path).map_err(|e| bad(field, format!("cannot read {}: {e}", path.display())))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MATERIAL + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(field, format!("cannot read {}: {e}", path.display())))?;
+    if bytes.len() as u64 > MAX_MATERIAL {
+        return Err(bad(field, format!("larger than {MAX_MATERIAL} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// The bytes of one piece of material: the content field, else the file field (under `dir`).
+fn material(
+    content: Option<&[u8]>,
+    (content_field, file_field): (&'static str, &'static str),
+    file: Option<&String>,
+    dir: Option<&Path>,
+) -> Result<Option<Vec<u8>>, TlsError> {
+    match (content, file) {
+        (Some(c), _) if c.len() as u64 > MAX_MATERIAL => {
+            Err(bad(content_field, format!("larger than {MAX_MATERIAL} bytes")))
+        }
+        (Some(c), None) => Ok(Some(c.to_vec())),
+        (Some(_), Some(_)) => Err(bad(file_field, format!("give {content_field} or {file_field}, not both"))),
+        (None, Some(path)) => read_under(file_field, path, dir).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The client certificate chain and key of `opts`, if it has one.
 fn client_identity(
     opts: &TlsOptions,
+    dir: Option<&Path>,
 ) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, TlsError> {
-    let Some(cert_file) = &opts.client_cert_file else {
-        if opts.client_key_file.is_some() {
-            return Err(bad("tls.client_cert_file", "a client key needs its certificate"));
-        }
-        return Ok(None);
+    let password = opts.key_password.as_ref().map_or("", |p| p.expose());
+    let p12 = match &opts.client_p12 {
+        Some(b64) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.expose().trim())
+                .map_err(|_| bad("tls.client_p12", "must be base64 of a PKCS#12 file"))?,
+        ),
+        None => None,
     };
-    let bytes = read("tls.client_cert_file", cert_file)?;
-    let is_pem = bytes.starts_with(b"-----") || bytes.windows(11).any(|w| w == b"-----BEGIN ");
-    if !is_pem {
-        // PKCS#12: certificate chain and key in one file, opened with key_password.
-        let password = opts.key_password.as_ref().map_or("", |p| p.expose());
-        let store = p12_keystore::KeyStore::from_pkcs12(&bytes, password, p12_keystore::Pkcs12ImportPolicy::Strict)
-            .map_err(|e| bad("tls.key_password", format!("cannot open the PKCS#12 file {cert_file}: {e}")))?;
+    let cert = material(
+        opts.client_cert_pem.as_deref().map(str::as_bytes),
+        ("tls.client_cert_pem", "tls.client_cert_file"),
+        opts.client_cert_file.as_ref(),
+        dir,
+    )?;
+    let is_pkcs12 = |bytes: &[u8]| !(bytes.starts_with(b"-----") || bytes.windows(11).any(|w| w == b"-----BEGIN "));
+    let (p12, cert) = match (p12, cert) {
+        (Some(_), Some(_)) => return Err(bad("tls.client_p12", "give client_p12 or a PEM certificate, not both")),
+        // A PKCS#12 file named by client_cert_file (as the Automation API's guide has it).
+        (None, Some(c)) if is_pkcs12(&c) => (Some(c), None),
+        other => other,
+    };
+    if let Some(p12) = p12 {
+        let store = p12_keystore::KeyStore::from_pkcs12(&p12, password, p12_keystore::Pkcs12ImportPolicy::Strict)
+            .map_err(|e| bad("tls.key_password", format!("cannot open the PKCS#12 content: {e}")))?;
         let (_, chain) =
-            store.private_key_chain().ok_or_else(|| bad("tls.client_cert_file", "the PKCS#12 file holds no key"))?;
+            store.private_key_chain().ok_or_else(|| bad("tls.client_p12", "the PKCS#12 content holds no key"))?;
         let certs = chain.certs().iter().map(|c| CertificateDer::from(c.as_der().to_vec())).collect();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(chain.key().as_der().to_vec()));
         return Ok(Some((certs, key)));
     }
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    let key = material(
+        opts.client_key_pem.as_ref().map(|k| k.expose().as_bytes()),
+        ("tls.client_key_pem", "tls.client_key_file"),
+        opts.client_key_file.as_ref(),
+        dir,
+    )?;
+    let Some(cert) = cert else {
+        if key.is_some() {
+            return Err(bad("tls.client_cert_pem", "a client key needs its certificate"));
+        }
+        return Ok(None);
+    };
+    let certs = CertificateDer::pem_slice_iter(&cert)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("tls.client_cert_file", format!("not a PEM certificate: {e}")))?;
+        .map_err(|e| bad("tls.client_cert_pem", format!("not a PEM certificate: {e}")))?;
     if certs.is_empty() {
-        return Err(bad("tls.client_cert_file", "holds no certificate"));
+        return Err(bad("tls.client_cert_pem", "holds no certificate"));
     }
-    let key_file = opts
-        .client_key_file
-        .as_ref()
-        .ok_or_else(|| bad("tls.client_key_file", "a PEM client certificate needs its key file"))?;
-    let key = PrivateKeyDer::from_pem_slice(&read("tls.client_key_file", key_file)?)
-        .map_err(|e| bad("tls.client_key_file", format!("not an unencrypted PEM private key: {e}")))?;
+    let key = key.ok_or_else(|| bad("tls.client_key_pem", "a PEM client certificate needs its key"))?;
+    let key = PrivateKeyDer::from_pem_slice(&key)
+        .map_err(|e| bad("tls.client_key_pem", format!("not an unencrypted PEM private key: {e}")))?;
     Ok(Some((certs, key)))
 }
 
-/// The rustls configuration of a TLS profile (`None`: defaults).
-pub fn client_config(opts: Option<&TlsOptions>) -> Result<ClientConfig, TlsError> {
+/// The rustls configuration of a TLS profile (`None`: defaults); files are read only under
+/// `files_dir`.
+pub fn client_config(opts: Option<&TlsOptions>, files_dir: Option<&Path>) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions");
@@ -103,26 +170,61 @@ pub fn client_config(opts: Option<&TlsOptions>) -> Result<ClientConfig, TlsError
         builder.dangerous().with_custom_certificate_verifier(Arc::new(TrustAll(provider())))
     } else {
         let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        if let Some(ca_file) = &opts.ca_file {
-            let pem = read("tls.ca_file", ca_file)?;
+        let ca = material(
+            opts.ca_pem.as_deref().map(str::as_bytes),
+            ("tls.ca_pem", "tls.ca_file"),
+            opts.ca_file.as_ref(),
+            files_dir,
+        )?;
+        if let Some(pem) = ca {
             let mut added = 0;
             for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| bad("tls.ca_file", format!("not a PEM certificate: {e}")))?;
-                roots.add(cert).map_err(|e| bad("tls.ca_file", format!("unusable CA certificate: {e}")))?;
+                let cert = cert.map_err(|e| bad("tls.ca_pem", format!("not a PEM certificate: {e}")))?;
+                roots.add(cert).map_err(|e| bad("tls.ca_pem", format!("unusable CA certificate: {e}")))?;
                 added += 1;
             }
             if added == 0 {
-                return Err(bad("tls.ca_file", format!("{ca_file} holds no certificate")));
+                return Err(bad("tls.ca_pem", "holds no certificate"));
             }
         }
         builder.with_root_certificates(roots)
     };
-    match client_identity(opts)? {
+    match client_identity(opts, files_dir)? {
         Some((certs, key)) => builder
             .with_client_auth_cert(certs, key)
-            .map_err(|e| bad("tls.client_key_file", format!("the key does not fit the certificate: {e}"))),
+            .map_err(|e| bad("tls.client_key_pem", format!("the key does not fit the certificate: {e}"))),
         None => Ok(builder.with_no_client_auth()),
     }
+}
+
+/// The operator's TLS files of a config-file webhook, read now into content (the returned
+/// options' PEM and PKCS#12 fields): stored with the subscription, keys as secrets, so
+/// deliveries never read server files.
+pub fn inline_files(
+    ca: Option<&PathBuf>,
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+) -> Result<TlsOptions, TlsError> {
+    let text = |field, bytes: Vec<u8>| String::from_utf8(bytes).map_err(|_| bad(field, "not a PEM text file"));
+    let ca = ca.map(|p| read_bounded("tls.ca_file", p).and_then(|b| text("tls.ca_file", b))).transpose()?;
+    let (mut cert_pem, mut p12) = (None, None);
+    if let Some(p) = cert {
+        let bytes = read_bounded("tls.client_cert_file", p)?;
+        if bytes.starts_with(b"-----") || bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+            cert_pem = Some(text("tls.client_cert_file", bytes)?);
+        } else {
+            p12 = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+        }
+    }
+    let key =
+        key.map(|p| read_bounded("tls.client_key_file", p).and_then(|b| text("tls.client_key_file", b))).transpose()?;
+    Ok(TlsOptions {
+        ca_pem: ca,
+        client_cert_pem: cert_pem,
+        client_key_pem: key.map(crate::model::Secret),
+        client_p12: p12.map(crate::model::Secret),
+        ..TlsOptions::default()
+    })
 }
 
 /// Accepts any server certificate: only for `trust_all`, which the operator set explicitly
@@ -162,5 +264,26 @@ impl ServerCertVerifier for TrustAll {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_read_only_under_the_operators_directory_and_boundedly() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), b"not really a pem").unwrap();
+        assert_eq!(read_under("tls.ca_file", "ca.pem", Some(dir.path())).unwrap(), b"not really a pem");
+        for escape in ["../etc/passwd", "/etc/passwd", "/dev/zero", "missing.pem"] {
+            let e = read_under("tls.ca_file", escape, Some(dir.path())).unwrap_err();
+            assert_eq!(e.field, "tls.ca_file");
+            assert!(!e.message.contains("No such file") && !e.message.contains("denied"), "{e}");
+        }
+        assert!(read_under("tls.ca_file", "ca.pem", None).unwrap_err().message.contains("content"));
+        // Even the operator's own device file is read boundedly, not forever.
+        let e = read_bounded("tls.ca_file", Path::new("/dev/zero")).unwrap_err();
+        assert!(e.message.contains("larger than"), "{e}");
     }
 }

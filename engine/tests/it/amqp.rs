@@ -10,9 +10,9 @@ use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;
 
-const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub(crate) const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-async fn channel() -> (Connection, Channel) {
+pub(crate) async fn channel() -> (Connection, Channel) {
     let conn = Connection::connect(BROKER, ConnectionProperties::default())
         .await
         .expect("RabbitMQ reachable on 127.0.0.1:5672 (./scripts/test installs and starts it)");
@@ -20,7 +20,7 @@ async fn channel() -> (Connection, Channel) {
     (conn, ch)
 }
 
-async fn topic(ch: &Channel, exchange: &str, durable: bool, bindings: &[(&str, &str)]) {
+pub(crate) async fn topic(ch: &Channel, exchange: &str, durable: bool, bindings: &[(&str, &str)]) {
     let opts = ExchangeDeclareOptions { durable, ..Default::default() };
     ch.exchange_declare(exchange.into(), ExchangeKind::Topic, opts, FieldTable::default()).await.unwrap();
     for (queue, key) in bindings {
@@ -39,7 +39,7 @@ async fn topic(ch: &Channel, exchange: &str, durable: bool, bindings: &[(&str, &
     }
 }
 
-async fn take(ch: &Channel, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+pub(crate) async fn take(ch: &Channel, queue: &str) -> Option<lapin::message::BasicGetMessage> {
     ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.ok().flatten()
 }
 
@@ -52,6 +52,7 @@ fn header(props: &lapin::BasicProperties, name: &str) -> String {
 
 #[tokio::test]
 async fn events_are_published_to_the_exchange_by_routing_key_and_survive_a_broker_restart() {
+    let _broker = crate::support::RABBITMQ.lock().await;
     let run = format!(
         "{:x}",
         std::process::id() as u64 * 1_000_003

@@ -143,3 +143,37 @@ async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_
     assert!(m.contains("herald_edge_in_flight "), "the in-flight gauge is exposed");
     assert!(!m.contains(&acme_device), "no device id in /metrics");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_holds_one_connection_and_deleting_it_ends_that_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (_, acme, device, token) = tenant_with_device(&admin, "Acme").await;
+    let connected = |n: f64| {
+        let admin = admin.clone();
+        async move {
+            until(&format!("{n} agents connected"), Duration::from_secs(10), || async {
+                (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == n).then_some(())
+            })
+            .await
+        }
+    };
+    let _first = spawn_agent(addr, &token);
+    connected(1.0).await;
+    // A second connection with the same token replaces the first: never two.
+    let _second = spawn_agent(addr, &token);
+    connected(1.0).await;
+
+    // Deleting the device ends its live connection, and the token no longer connects.
+    assert_eq!(acme.delete(&format!("/v1/edge-devices/{device}")).await.0, 204);
+    connected(0.0).await;
+    until("the agents' reconnections refused", Duration::from_secs(20), || async {
+        let refused = scrape(&admin)
+            .await
+            .value("herald_api_requests_total", &[("route", "/v1/edge/connect"), ("status", "401")]);
+        (refused >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(scrape(&admin).await.value("herald_edge_agents_connected", &[]), 0.0);
+}

@@ -16,6 +16,7 @@ mod outcomes;
 mod receivers;
 mod retries;
 mod scenarios;
+mod security;
 mod subscription_changes;
 mod support;
 mod tenants;

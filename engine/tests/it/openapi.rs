@@ -191,3 +191,37 @@ async fn random_and_malformed_input_at_every_operation_gets_no_5xx_and_appends_n
     assert_eq!(status, 200);
     eprintln!("openapi fuzz: {requests} requests, no 5xx");
 }
+
+/// The ranges the document states are the ones the API enforces (`herald::model::range`, the
+/// one place that decides them).
+#[test]
+fn every_documented_range_is_the_one_the_api_enforces() {
+    use herald::config::HumanDuration;
+    use herald::model::range;
+    let doc = document();
+    let s = &doc["components"]["schemas"];
+    let duration = |v: &Value| serde_json::from_value::<HumanDuration>(v.clone()).unwrap().0;
+    let durations = |field: &Value| (duration(&field["x-minimum"]), duration(&field["x-maximum"]));
+    let numbers = |field: &Value| (field["minimum"].as_f64().unwrap(), field["maximum"].as_f64().unwrap());
+    let exponential = &s["Retry"]["oneOf"][0]["properties"];
+    let fixed = &s["Retry"]["oneOf"][1]["properties"];
+    let as_f64 = |(a, b): (u32, u32)| (f64::from(a), f64::from(b));
+    assert_eq!(durations(&exponential["initial"]), range::INITIAL);
+    assert_eq!(durations(&exponential["max_interval"]), range::MAX_INTERVAL);
+    assert_eq!(durations(&exponential["max_age"]), range::MAX_AGE);
+    assert_eq!(durations(&fixed["interval"]), range::FIXED_INTERVAL);
+    assert_eq!(numbers(&exponential["multiplier"]), range::MULTIPLIER);
+    assert_eq!(numbers(&exponential["jitter"]), range::JITTER);
+    assert_eq!(numbers(&exponential["max_attempts"]), as_f64(range::MAX_ATTEMPTS));
+    assert_eq!(numbers(&fixed["max_attempts"]), as_f64(range::MAX_ATTEMPTS));
+    for name in ["SubscriptionInput", "SubscriptionPatch", "Subscription"] {
+        let p = &s[name]["properties"];
+        assert_eq!(durations(&p["timeout"]), range::TIMEOUT, "{name}");
+        assert_eq!(numbers(&p["rate_limit"]), range::RATE_LIMIT, "{name}");
+        assert_eq!(numbers(&p["max_in_flight"]), as_f64(range::MAX_IN_FLIGHT), "{name}");
+        assert_eq!(p["headers"]["maxProperties"], range::HEADERS, "{name}");
+        assert_eq!(p["events"]["maxItems"], range::EVENTS, "{name}");
+        assert_eq!(p["key"]["maxLength"], range::VALUE, "{name}");
+        assert_eq!(p["url"]["maxLength"], range::URL, "{name}");
+    }
+}

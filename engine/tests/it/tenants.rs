@@ -1,28 +1,16 @@
 //! Tenants and keys: each tenant sees and changes only its own objects.
 
-use crate::support::{until, Api, Receiver, TestHerald};
+use crate::support::{tenant_with_key, until, Api, Receiver, TestHerald};
 use serde_json::json;
 use std::time::Duration;
-
-async fn tenant_with_key(h: &TestHerald, name: &str) -> (String, Api) {
-    let (status, tenant) = h.api.post("/v1/tenants", json!({ "name": name })).await;
-    assert_eq!(status, 201, "{tenant}");
-    let id = tenant["id"].as_str().unwrap().to_string();
-    assert_eq!(tenant["name"], name);
-    let (status, key) = h.api.post(&format!("/v1/tenants/{id}/keys"), json!({})).await;
-    assert_eq!(status, 201, "{key}");
-    let mut api = h.api.clone();
-    api.token = key["key"].as_str().unwrap().to_string();
-    (id, api)
-}
 
 #[tokio::test]
 async fn a_tenant_key_sees_and_changes_only_its_own_objects() {
     let h = TestHerald::start().await;
     let rx = Receiver::start().await;
     rx.respond_on("/a-down", 500);
-    let (a_id, a) = tenant_with_key(&h, "Acme").await;
-    let (b_id, b) = tenant_with_key(&h, "Globex").await;
+    let (a_id, a) = tenant_with_key(&h.api, "Acme").await;
+    let (b_id, b) = tenant_with_key(&h.api, "Globex").await;
     let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
     let a_sub = a.subscribe(json!({ "url": rx.url("/a-down"), "retry": once })).await;
     assert_eq!(a_sub["tenant"], a_id.as_str());
@@ -85,7 +73,7 @@ async fn a_tenant_key_sees_and_changes_only_its_own_objects() {
 #[tokio::test]
 async fn tenants_and_keys_survive_a_restart() {
     let h = TestHerald::start().await;
-    let (a_id, a) = tenant_with_key(&h, "Acme").await;
+    let (a_id, a) = tenant_with_key(&h.api, "Acme").await;
     a.subscribe(json!({ "url": "https://hooks.example.com/a" })).await;
     let h = h.restart().await;
     let mut again = Api::new(h.herald.addr, &a.token);

@@ -2,6 +2,7 @@
 //! test PKI generated for the run.
 
 use crate::support::{serve_http1, until, Receiver, TestHerald};
+use base64::Engine;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -142,22 +143,15 @@ async fn mutual_tls_delivers_with_the_client_certificate_and_fails_without_it() 
     let rx = tls_receiver(pki.server.clone()).await;
     let h = TestHerald::start().await;
     let url = |path: &str| format!("https://localhost:{}{path}", rx.port);
-    let s = |p: &PathBuf| p.display().to_string();
     let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    // Certificates and keys as content: a tenant never names a file on Herald's server.
+    let (ca, cert, key) = (text(&pki.ca), text(&pki.client_cert), text(&pki.client_key));
+    let p12 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&pki.client_p12).unwrap());
     let subs = [
-        (
-            "/pem",
-            json!({ "ca_file": s(&pki.ca), "client_cert_file": s(&pki.client_cert), "client_key_file": s(&pki.client_key) }),
-        ),
-        (
-            "/p12",
-            json!({ "ca_file": s(&pki.ca), "client_cert_file": s(&pki.client_p12), "key_password": P12_PASSWORD }),
-        ),
-        (
-            "/trust-all",
-            json!({ "trust_all": true, "client_cert_file": s(&pki.client_cert), "client_key_file": s(&pki.client_key) }),
-        ),
-        ("/no-client-cert", json!({ "ca_file": s(&pki.ca) })),
+        ("/pem", json!({ "ca_pem": ca, "client_cert_pem": cert, "client_key_pem": key })),
+        ("/p12", json!({ "ca_pem": ca, "client_p12": p12, "key_password": P12_PASSWORD })),
+        ("/trust-all", json!({ "trust_all": true, "client_cert_pem": cert, "client_key_pem": key })),
+        ("/no-client-cert", json!({ "ca_pem": ca })),
     ];
     for (path, tls) in &subs {
         h.api.subscribe(json!({ "url": url(path), "tls": tls, "retry": once })).await;
@@ -189,17 +183,22 @@ async fn mutual_tls_delivers_with_the_client_certificate_and_fails_without_it() 
     assert!(!rx.paths.lock().unwrap().iter().any(|p| p == "/no-client-cert" || p == "/unknown-ca"));
 }
 
+fn text(path: &PathBuf) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
+
 #[tokio::test]
 async fn unusable_tls_settings_are_refused_naming_the_field() {
     let pki = pki();
     let h = TestHerald::start().await;
-    let s = |p: &PathBuf| p.display().to_string();
+    let p12 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&pki.client_p12).unwrap());
     let cases = [
-        (json!({ "ca_file": "/nonexistent/ca.pem" }), "tls.ca_file"),
-        (json!({ "ca_file": s(&pki.client_key) }), "tls.ca_file"),
-        (json!({ "client_cert_file": s(&pki.client_p12), "key_password": "wrong" }), "tls.key_password"),
-        (json!({ "client_cert_file": s(&pki.client_cert) }), "tls.client_key_file"),
-        (json!({ "client_key_file": s(&pki.client_key) }), "tls.client_cert_file"),
+        (json!({ "ca_pem": "not a certificate" }), "tls.ca_pem"),
+        (json!({ "ca_pem": text(&pki.client_key) }), "tls.ca_pem"),
+        (json!({ "client_p12": p12, "key_password": "wrong" }), "tls.key_password"),
+        (json!({ "client_p12": "***not base64***" }), "tls.client_p12"),
+        (json!({ "client_cert_pem": text(&pki.client_cert) }), "tls.client_key_pem"),
+        (json!({ "client_key_pem": text(&pki.client_key) }), "tls.client_cert_pem"),
         (json!({ "bogus": true }), "tls.bogus"),
     ];
     for (tls, field) in cases {
@@ -208,24 +207,61 @@ async fn unusable_tls_settings_are_refused_naming_the_field() {
         assert_eq!(status, 400, "{tls}: {err}");
         assert_eq!(err["error"]["field"], field, "{tls}: {err}");
     }
-    // The key password is a secret: never shown back.
+    // The key, the PKCS#12 content and its password are secrets: never shown back.
     let sub = h
         .api
-        .subscribe(json!({ "url": "https://hooks.example.com/p12", "tls": { "client_cert_file": s(&pki.client_p12), "key_password": P12_PASSWORD } }))
+        .subscribe(json!({ "url": "https://hooks.example.com/p12", "tls": { "client_p12": p12, "key_password": P12_PASSWORD } }))
         .await;
     let (_, got) = h.api.get(&format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap())).await;
-    assert!(!got.to_string().contains(P12_PASSWORD));
+    assert!(!got.to_string().contains(P12_PASSWORD) && !got.to_string().contains(&p12[..40]), "{got}");
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_make_herald_read_its_files() {
+    let pki = pki();
+    let h = TestHerald::start().await;
+    let (_, tenant) = h.api.post("/v1/tenants", json!({ "name": "Mallory" })).await;
+    let (_, key) = h.api.post(&format!("/v1/tenants/{}/keys", tenant["id"].as_str().unwrap()), json!({})).await;
+    let mallory = crate::support::Api::new(h.herald.addr, key["key"].as_str().unwrap());
+    let operator_cert = pki.client_cert.display().to_string();
+    for tls in [
+        json!({ "ca_file": "/dev/zero" }),
+        json!({ "ca_file": "/etc/passwd" }),
+        json!({ "client_cert_file": operator_cert, "client_key_file": pki.client_key.display().to_string() }),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, err) =
+            mallory.post("/v1/subscriptions", json!({ "url": "https://hooks.example.com/m", "tls": tls })).await;
+        assert_eq!(status, 400, "{tls}: {err}");
+        assert!(err["error"]["field"].as_str().unwrap().ends_with("_file"), "{err}");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains("content"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(2), "refused at once, nothing read");
+    }
+    // With a TLS directory the operator chose, files under it may be named, and only those.
+    let dir = pki.ca.parent().unwrap().to_path_buf();
+    let h = TestHerald::start_with(|c| c.http.tls_files_dir = Some(dir.clone())).await;
+    let ok = json!({ "url": "https://hooks.example.com/f", "tls": { "ca_file": "ca.pem" } });
+    assert_eq!(h.api.post("/v1/subscriptions", ok).await.0, 201);
+    for escape in ["../../../etc/passwd", "/dev/zero", "missing.pem"] {
+        let (status, err) = h
+            .api
+            .post("/v1/subscriptions", json!({ "url": "https://hooks.example.com/e", "tls": { "ca_file": escape } }))
+            .await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("tls.ca_file")), "{escape}: {err}");
+        assert!(!err["error"]["message"].as_str().unwrap().contains("No such file"), "{err}");
+    }
 }
 
 /// A token endpoint: client credentials in Basic auth (or user and password in the form),
 /// issuing `tok-1`, `tok-2`, … and remembering which are valid.
-struct TokenServer {
-    url: String,
-    issued: Arc<AtomicUsize>,
-    valid: Arc<Mutex<HashSet<String>>>,
+pub(crate) struct TokenServer {
+    pub(crate) url: String,
+    pub(crate) issued: Arc<AtomicUsize>,
+    pub(crate) valid: Arc<Mutex<HashSet<String>>>,
 }
 
-async fn token_server() -> TokenServer {
+pub(crate) async fn token_server() -> TokenServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/token", listener.local_addr().unwrap());
     let issued = Arc::new(AtomicUsize::new(0));
@@ -255,7 +291,7 @@ async fn token_server() -> TokenServer {
 }
 
 /// A receiver that accepts only currently valid bearer tokens (401 otherwise).
-async fn bearer_receiver(valid: Arc<Mutex<HashSet<String>>>) -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+pub(crate) async fn bearer_receiver(valid: Arc<Mutex<HashSet<String>>>) -> (String, Arc<Mutex<Vec<(String, String)>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/api", listener.local_addr().unwrap());
     let seen: Arc<Mutex<Vec<(String, String)>>> = Default::default();

@@ -35,7 +35,7 @@ fn file_for(dir: &std::path::Path, group: &str) -> PathBuf {
 impl OffsetStore {
     /// Loads every group file under `dir`.
     pub fn open(dir: PathBuf) -> io::Result<Self> {
-        fs::create_dir_all(&dir)?;
+        crate::log::private::create_dir(&dir)?;
         let mut groups = HashMap::new();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -109,7 +109,7 @@ impl OffsetStore {
     fn write(&self, name: &str, offsets: &TopicOffsets) -> io::Result<()> {
         let path = file_for(&self.dir, name);
         let tmp = path.with_extension("json.tmp");
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = crate::log::private::create(&tmp)?;
         f.write_all(&serde_json::to_vec(offsets).expect("offsets serialize"))?;
         f.sync_all()?;
         fs::rename(&tmp, &path)?;

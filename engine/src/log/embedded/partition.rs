@@ -119,7 +119,7 @@ impl Partition {
     /// Opens (creating if needed) the partition in `dir`, validating every segment: damage in
     /// the middle of a segment is stepped over, a torn tail of the newest is cut off.
     pub fn open(id: u32, dir: PathBuf, segment_bytes: u64, faults: Faults) -> io::Result<Self> {
-        fs::create_dir_all(&dir)?;
+        crate::log::private::create_dir(&dir)?;
         let mut files = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -260,12 +260,12 @@ impl Partition {
         let rolled = active.len > 0 && active.len + size > self.segment_bytes;
         let (mut file, path, base, start_len, mut next_index_at) = if rolled {
             let path = self.dir.join(segment::file_name(first));
-            let file = OpenOptions::new().create(true).append(true).open(&path)?;
+            let file = crate::log::private::options().create(true).append(true).open(&path)?;
             (file, path, first, 0, 0)
         } else {
             let path = active.path.clone();
             if active.file.is_none() {
-                active.file = Some(OpenOptions::new().create(true).append(true).open(&path)?);
+                active.file = Some(crate::log::private::options().create(true).append(true).open(&path)?);
             }
             let file = active.file.as_ref().expect("opened above").try_clone()?;
             // A rollback that could not cut the file back leaves bytes past the durable end:
@@ -629,7 +629,7 @@ impl Partition {
         let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let path = self.dir.join(segment::compacted_name(base, generation));
         let scratch = self.dir.join(format!("{}.compact", segment::compacted_name(base, generation)));
-        let mut file = File::create(&scratch)?;
+        let mut file = crate::log::private::create(&scratch)?;
         file.write_all(&buf)?;
         file.sync_all()?;
         fs::rename(&scratch, &path)?;

@@ -38,6 +38,17 @@ impl Api {
         body: Option<Bytes>,
         token: Option<&str>,
     ) -> Result<(StatusCode, Value), String> {
+        self.request(method, path, body, token).await.map(|(status, _, value)| (status, value))
+    }
+
+    /// A request whose answer's headers are wanted too.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Bytes>,
+        token: Option<&str>,
+    ) -> Result<(StatusCode, http::HeaderMap, Value), String> {
         let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
@@ -51,13 +62,14 @@ impl Api {
             .await
             .map_err(|e| e.to_string())?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
         let value = if bytes.is_empty() {
             Value::Null
         } else {
             serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
         };
-        Ok((status, value))
+        Ok((status, headers, value))
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
@@ -78,4 +90,17 @@ impl Api {
         assert_eq!(status, StatusCode::CREATED, "{sub}");
         sub
     }
+}
+
+/// Creates a tenant through `admin` and a key for it: (tenant id, an API with that key).
+pub async fn tenant_with_key(admin: &Api, name: &str) -> (String, Api) {
+    let (status, tenant) = admin.post("/v1/tenants", serde_json::json!({ "name": name })).await;
+    assert_eq!(status, 201, "{tenant}");
+    let id = tenant["id"].as_str().unwrap().to_string();
+    assert_eq!(tenant["name"], name);
+    let (status, key) = admin.post(&format!("/v1/tenants/{id}/keys"), serde_json::json!({})).await;
+    assert_eq!(status, 201, "{key}");
+    let mut api = admin.clone();
+    api.token = key["key"].as_str().unwrap().to_string();
+    (id, api)
 }

@@ -9,13 +9,16 @@ mod receiver;
 mod server;
 pub mod verify;
 
-pub use api::Api;
+pub use api::{tenant_with_key, Api};
 pub use receiver::{serve_http1, Behaviour, Received, Receiver};
 pub use server::*;
 
 use std::time::{Duration, Instant};
 
 pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// Held by every test that uses the RabbitMQ on loopback, since one of them restarts it.
+pub static RABBITMQ: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
 pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {

@@ -80,7 +80,13 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start() -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// A receiver on another loopback address (`127.0.0.2`), so a test can let Herald reach
+    /// it alone while the rest of loopback stays closed.
+    pub async fn start_on(ip: &str) -> Receiver {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let r = Receiver {
             addr,

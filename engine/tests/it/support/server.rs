@@ -115,6 +115,11 @@ impl TestHerald {
         TestHerald { herald, api, dir, config, kafka, extras }
     }
 
+    /// Partitions of each topic.
+    pub fn partitions(&self) -> u32 {
+        self.config.log.partitions
+    }
+
     /// Stops the server and starts it again on the same data and broker.
     pub async fn restart(self) -> TestHerald {
         let TestHerald { herald, api: _, dir, config, kafka, extras } = self;
