@@ -77,6 +77,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, listen, data_dir } => {
+            // Everything Herald writes (the log, the history index, the token) is its user's
+            // alone, whatever the umask it was started with.
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
             let env: Vec<(String, String)> = std::env::vars().collect();
             let mut config = Config::load(config.as_deref(), &env)?;
             if let Some(listen) = listen {

@@ -61,6 +61,16 @@ pub const API_REQUEST_SECONDS: &str = "herald_api_request_seconds";
 pub const API_CONNECTIONS_REFUSED: &str = "herald_api_connections_refused_total";
 /// API requests refused with `429`, by `reason` (`key_rate`, `tests`).
 pub const API_THROTTLED: &str = "herald_api_throttled_total";
+/// History records not yet in this process's index (summed over the topic's partitions).
+pub const HISTORY_LAG: &str = "herald_history_lag";
+/// History records indexed by this process.
+pub const HISTORY_RECORDS: &str = "herald_history_records_total";
+/// Bytes of this process's history index on disk.
+pub const HISTORY_BYTES: &str = "herald_history_bytes";
+/// History entries deleted for being past `history.retention`.
+pub const HISTORY_EXPIRED: &str = "herald_history_expired_total";
+/// Attempts whose history record was not durable within the budget (delivery went on).
+pub const HISTORY_LATE: &str = "herald_history_late_total";
 
 /// Every metric name above, for documentation and tests.
 pub const ALL: &[&str] = &[
@@ -87,6 +97,11 @@ pub const ALL: &[&str] = &[
     API_REQUEST_SECONDS,
     API_CONNECTIONS_REFUSED,
     API_THROTTLED,
+    HISTORY_LAG,
+    HISTORY_RECORDS,
+    HISTORY_BYTES,
+    HISTORY_EXPIRED,
+    HISTORY_LATE,
 ];
 
 const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -225,6 +240,14 @@ impl Metrics {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(EVENTS_INGESTED, "Events accepted through the API.");
+    describe_gauge!(HISTORY_LAG, "History records not yet in this process's index.");
+    describe_counter!(HISTORY_RECORDS, "History records indexed by this process.");
+    describe_gauge!(HISTORY_BYTES, Unit::Bytes, "Bytes of this process's history index on disk.");
+    describe_counter!(HISTORY_EXPIRED, "History entries deleted for being past history.retention.");
+    describe_counter!(
+        HISTORY_LATE,
+        "Attempts whose history record was not durable within the budget; delivery went on without waiting."
+    );
     describe_counter!(
         DELIVERIES,
         "Deliveries settled, by outcome: delivered, dead_lettered, dropped (subscription deleted)."

@@ -7,6 +7,7 @@ use crate::catalog::Router;
 use crate::config::{Backend, Config};
 use crate::devices::Devices;
 use crate::dispatch::{Deliverer, Dispatcher, Observe, Settler, ShardLimits, Source};
+use crate::history::History;
 use crate::ingest::Ingest;
 use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, Faults};
 use crate::log::kafka::{KafkaConfig, KafkaLog};
@@ -61,6 +62,9 @@ pub enum StartError {
     /// The secret key is not usable.
     #[error("secret_key: {0}")]
     Secrets(String),
+    /// The delivery history could not be opened.
+    #[error("history: {0}")]
+    History(String),
 }
 
 /// Where the admin token came from.
@@ -113,13 +117,14 @@ pub struct Herald {
     api: JoinHandle<()>,
     dispatcher: JoinHandle<()>,
     follower: (watch::Sender<bool>, JoinHandle<()>),
+    history: Option<(watch::Sender<bool>, Arc<History>)>,
     metrics: Arc<Metrics>,
     log: Arc<dyn Log>,
 }
 
 /// Opens the configured backend with every topic Herald uses.
 async fn open_log(config: &Config, topics: &Topics, faults: &Faults) -> Result<Arc<dyn Log>, LogError> {
-    let specs = topics.specs(&config.log);
+    let specs = topics.specs(&config.log, &config.history);
     Ok(match config.log.backend {
         Backend::Embedded => {
             EmbeddedLog::open(EmbeddedConfig {
@@ -215,7 +220,7 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
         connect_timeout: config.http.connect_timeout.0,
         pool_idle_timeout: config.http.pool_idle_timeout.0,
         pool_max_idle_per_host: config.http.pool_max_idle_per_host,
-        response_bytes: HttpSettings::default().response_bytes,
+        response_bytes: config.history.response_bytes,
         tls_files_dir: config.http.tls_files_dir.clone(),
     };
     let guard = NetworkGuard::new(config.network.allow.clone());
@@ -335,12 +340,27 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     let transports = transports(&config, hub.clone());
     let retrier = Retrier::new(log.clone(), topics.prefix.clone(), topics.dlq.clone());
     let settler = Settler::new(stores.registry.clone(), retrier);
-    let deliverer = extras
+    let (stop, stop_rx) = watch::channel(false);
+    let (history_stop, history_stop_rx) = watch::channel(false);
+    let history = if config.history.enabled() {
+        let dir = config.data_dir.join("history");
+        let started =
+            History::start(log.clone(), &topics.history, &dir, config.history.retention.0, &metrics, history_stop_rx);
+        Some(started.map_err(|e| StartError::History(e.to_string()))?)
+    } else {
+        None
+    };
+    let mut deliverer = extras
         .observers
         .iter()
         .fold(Deliverer::new(stores.registry.clone(), transports.clone(), settler), |d, o| d.observed_by(o.clone()));
+    let mut ingest =
+        Ingest::new(log.clone(), stores.registry.clone(), topics.deliveries.clone(), config.quotas.fanout_bytes);
+    if let Some(h) = &history {
+        deliverer = deliverer.recorded_by(h.recorder.clone());
+        ingest = ingest.recorded_by(h.recorder.clone());
+    }
     let deliverer = Arc::new(deliverer);
-    let (stop, stop_rx) = watch::channel(false);
     let dispatcher = spawn_dispatcher(&config, &log, &topics, deliverer, metrics.clone(), stop_rx.clone());
     let registry = stores.registry.clone();
     metrics.on_scrape(move || {
@@ -352,12 +372,8 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     let (key_rate, tests) = api::throttles(&config);
     let state = AppState {
         registry: stores.registry.clone(),
-        ingest: Arc::new(Ingest::new(
-            log.clone(),
-            stores.registry.clone(),
-            topics.deliveries.clone(),
-            config.quotas.fanout_bytes,
-        )),
+        ingest: Arc::new(ingest),
+        history: history.clone(),
         log: log.clone(),
         admin_token: token.clone().into(),
         dead_letters: Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone())),
@@ -383,6 +399,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         api,
         dispatcher,
         follower: stores.follower,
+        history: history.map(|h| (history_stop, h)),
         metrics,
         log,
     })
@@ -407,6 +424,10 @@ impl Herald {
         let _ = self.dispatcher.await;
         self.follower.0.send_replace(true);
         let _ = self.follower.1.await;
+        if let Some((stop, history)) = self.history {
+            stop.send_replace(true);
+            history.stopped().await;
+        }
         if let Err(e) = self.log.close().await {
             tracing::error!(error = %e, "closing the log");
         }

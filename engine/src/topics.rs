@@ -2,7 +2,7 @@
 //! letters and the catalog. Their names and layouts are decided here, from the tiers the retry
 //! stage owns.
 
-use crate::config::LogConfig;
+use crate::config::{HistoryConfig, LogConfig};
 use crate::log::TopicSpec;
 use crate::retry::tiers;
 use std::time::Duration;
@@ -17,6 +17,8 @@ pub struct Topics {
     /// The compacted catalog: subscriptions, tenants, keys, edge devices. Named for what it
     /// first held; the name is kept so existing data and clusters keep working.
     pub subscriptions: String,
+    /// Delivery history: events, attempts and state changes, keyed by subscription.
+    pub history: String,
     /// Retry tiers: topic name and fixed delay, shortest first.
     pub tiers: Vec<(String, Duration)>,
     /// The prefix all names share.
@@ -30,6 +32,7 @@ impl Topics {
             deliveries: format!("{prefix}deliveries"),
             dlq: format!("{prefix}dlq"),
             subscriptions: format!("{prefix}subscriptions"),
+            history: format!("{prefix}history"),
             tiers: tiers::TIERS.iter().map(|&d| (tiers::topic(prefix, d), d)).collect(),
             prefix: prefix.to_string(),
         }
@@ -37,8 +40,9 @@ impl Topics {
 
     /// Every topic with its layout: data topics get `log.partitions` partitions; the catalog
     /// one, compacted; dead letters are kept for `log.dlq_retention`; deliveries and tiers until
-    /// consumed (and on Kafka at most `log.retention`).
-    pub fn specs(&self, log: &LogConfig) -> Vec<TopicSpec> {
+    /// consumed (and on Kafka at most `log.retention`); history for `history.retention` (it is
+    /// there even when history is off, so turning it on needs no new topic).
+    pub fn specs(&self, log: &LogConfig, history: &HistoryConfig) -> Vec<TopicSpec> {
         let data = |name: &String, retention: Option<Duration>| TopicSpec {
             name: name.clone(),
             partitions: log.partitions,
@@ -49,6 +53,7 @@ impl Topics {
             data(&self.deliveries, None),
             data(&self.dlq, Some(log.dlq_retention.0)),
             TopicSpec { name: self.subscriptions.clone(), partitions: 1, compacted: true, retention: None },
+            data(&self.history, Some(history.retention.0.max(Duration::from_secs(3600)))),
         ];
         specs.extend(self.tiers.iter().map(|(name, _)| data(name, None)));
         specs

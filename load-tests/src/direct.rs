@@ -25,7 +25,7 @@ pub enum Target {
 pub async fn open(target: &Target, prefix: &str, partitions: u32) -> anyhow::Result<(Arc<dyn Log>, Topics)> {
     let topics = Topics::new(prefix);
     let layout = herald::config::LogConfig { partitions, ..Default::default() };
-    let specs = topics.specs(&layout);
+    let specs = topics.specs(&layout, &Default::default());
     let log: Arc<dyn Log> = match target {
         Target::Kafka(brokers) => {
             KafkaLog::open(KafkaConfig {

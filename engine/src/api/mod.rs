@@ -5,6 +5,7 @@ mod dlq;
 mod edge;
 mod error;
 mod events;
+mod history;
 mod page;
 mod subscriptions;
 mod tenants;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Transports, for test deliveries.
     pub transports: crate::transport::Transports,
+    /// The delivery history, when it is kept.
+    pub history: Option<Arc<crate::history::History>>,
     /// The largest event (`ingest.max_event_bytes`).
     pub max_event_bytes: usize,
     /// What one tenant may use.
@@ -65,8 +68,12 @@ pub struct AppState {
 /// The router of every endpoint.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/events", post(events::publish))
+        .route("/v1/events", post(events::publish).get(history::list))
         .route("/v1/events/batch", post(events::publish_batch))
+        .route("/v1/events/{id}", get(history::get))
+        .route("/v1/events/{id}/resend", post(history::resend))
+        .route("/v1/attempts", get(history::attempts))
+        .route("/v1/subscriptions/{id}/recover", post(history::recover))
         .route("/v1/subscriptions", post(subscriptions::create).get(subscriptions::list))
         .route("/v1/subscriptions/{id}", get(subscriptions::get).patch(subscriptions::patch).delete(subscriptions::delete))
         .route("/v1/subscriptions/{id}/rotate-secret", post(subscriptions::rotate_secret))

@@ -51,6 +51,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// What one tenant may use.
     pub quotas: QuotaConfig,
+    /// Delivery history.
+    pub history: HistoryConfig,
     /// Dispatcher tuning.
     pub dispatch: DispatchConfig,
     /// HTTP transport defaults.
@@ -421,6 +423,30 @@ impl std::fmt::Debug for EdgeConfig {
     }
 }
 
+/// Delivery history: every attempt, and each event's state, kept for a while.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// How long attempts and events are kept (and with them, what resend and recover can
+    /// send again); `0s` turns the history off.
+    pub retention: HumanDuration,
+    /// Bytes of a receiver's answer kept per attempt.
+    pub response_bytes: usize,
+}
+
+impl HistoryConfig {
+    /// Whether history is kept at all.
+    pub fn enabled(&self) -> bool {
+        !self.retention.0.is_zero()
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig { retention: Duration::from_secs(14 * 86_400).into(), response_bytes: 1024 }
+    }
+}
+
 /// Signing secrets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -470,6 +496,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             api: ApiConfig::default(),
             quotas: QuotaConfig::default(),
+            history: HistoryConfig::default(),
             dispatch: DispatchConfig::default(),
             http: HttpConfig::default(),
             health: HealthConfig::default(),

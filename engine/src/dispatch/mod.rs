@@ -11,6 +11,7 @@ pub use settle::{record, Deferral, Parked, Settled, Settlement, Settler, Via};
 pub use shard::ShardLimits;
 
 use crate::admission::Busy;
+use crate::history::Recorder;
 use crate::log::{Assignment, Consumer, Log, LogError, LogRecord};
 use crate::metrics::Metrics;
 use crate::model::{now_ms, Delivery};
@@ -24,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 
-/// Whatever observes settled deliveries besides metrics (the delivery history).
+/// Whatever observes settled deliveries besides metrics and the history (tests' probes).
 pub trait Observe: Send + Sync {
     /// Sees one settled delivery.
     fn settled(&self, settled: &Settled);
@@ -36,6 +37,7 @@ pub struct Deliverer {
     transports: Transports,
     settler: Settler,
     observers: Vec<Arc<dyn Observe>>,
+    history: Option<Arc<Recorder>>,
 }
 
 /// What the gate decided for a delivery that is due.
@@ -51,7 +53,7 @@ enum Gate {
 impl Deliverer {
     /// Wires the stages together.
     pub fn new(registry: Arc<Registry>, transports: Transports, settler: Settler) -> Self {
-        Deliverer { registry, transports, settler, observers: Vec::new() }
+        Deliverer { registry, transports, settler, observers: Vec::new(), history: None }
     }
 
     /// Adds an observer of every settlement.
@@ -60,12 +62,27 @@ impl Deliverer {
         self
     }
 
-    /// Processes one record; returns only when it is settled (durably), so its offset may be
-    /// committed.
+    /// Records every settlement in the delivery history.
+    pub fn recorded_by(mut self, history: Arc<Recorder>) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    /// Processes one record; returns only when it is settled (durably, its history record
+    /// too), so its offset may be committed.
     pub async fn process(&self, rec: LogRecord) -> Settled {
         let settled = self.deliver(rec).await;
         self.observe(&settled);
+        self.write_history(&settled).await;
         settled
+    }
+
+    async fn write_history(&self, settled: &Settled) {
+        if let Some(history) = &self.history {
+            if let Some(record) = settled.history(now_ms()) {
+                history.record(&record).await;
+            }
+        }
     }
 
     /// Settles a record whose processing panicked twice (the shard's supervision). Observing
@@ -76,6 +93,7 @@ impl Deliverer {
         if observed.is_err() {
             tracing::error!(partition = rec.partition, offset = rec.offset, "observing a parked delivery panicked");
         }
+        self.write_history(&settled).await;
         settled
     }
 

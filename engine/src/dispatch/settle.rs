@@ -4,9 +4,10 @@
 //! ([`record`]), and anything else that observes deliveries (the history) observes it there.
 
 use crate::admission::Busy;
+use crate::history::{AttemptRecord, HistoryRecord, State, StateRecord};
 use crate::log::LogRecord;
 use crate::metrics as m;
-use crate::model::{now_ms, rfc3339_ms, Delivery, Outcome, TransportKind};
+use crate::model::{new_id, now_ms, rfc3339_ms, Delivery, Outcome, TransportKind};
 use crate::registry::Registry;
 use crate::retry::{self, tiers, Retrier, Verdict};
 use crate::target::Target;
@@ -130,6 +131,68 @@ pub struct Settled {
 impl Settled {
     fn of(delivery: Delivery, transport: Via, settlement: Settlement) -> Settled {
         Settled { delivery: Some(delivery), transport, attempt: None, settlement }
+    }
+}
+
+impl Settled {
+    /// What the delivery history records of this settlement, made at `now_ms`: an attempt
+    /// (with its typed outcome and the delivery's state after it), a failure inside Herald
+    /// (a disabled subscription, recorded like an attempt that did not leave), or a state
+    /// change; nothing for a deferral (no attempt was used) or a record that is not a delivery.
+    pub fn history(&self, now_ms: i64) -> Option<HistoryRecord> {
+        let d = self.delivery.as_ref()?;
+        let (state, next_ms) = match &self.settlement {
+            Settlement::Delivered => (State::Delivered, None),
+            Settlement::Rescheduled { due_ms, .. } => (State::Retrying, Some(*due_ms)),
+            Settlement::DeadLettered { .. } => (State::DeadLettered, None),
+            Settlement::Dropped => (State::Dropped, None),
+            Settlement::Deferred { .. } => return None,
+        };
+        let attempt = |outcome: &str, latency: Duration, status, error, response| {
+            HistoryRecord::Attempt(AttemptRecord {
+                id: new_id("att"),
+                event_id: d.event_id.clone(),
+                subscription: d.subscription.clone(),
+                tenant: d.tenant.clone(),
+                event_type: d.event_type.clone(),
+                attempt: d.attempt,
+                accepted_ms: d.accepted_ms,
+                at_ms: now_ms - latency.as_millis().min(i64::MAX as u128) as i64,
+                duration_ms: latency.as_millis().min(u64::MAX as u128) as u64,
+                outcome: outcome.to_string(),
+                status,
+                error,
+                response,
+                state,
+                next_ms,
+            })
+        };
+        match (&self.attempt, &self.settlement) {
+            (Some(o), _) => Some(attempt(
+                o.label(),
+                o.latency(),
+                o.status(),
+                o.failure().map(ToString::to_string),
+                o.response().cloned(),
+            )),
+            (None, Settlement::DeadLettered { reason: Parked::Disabled(why) }) => {
+                Some(attempt("disabled", Duration::ZERO, None, Some(format!("subscription is disabled: {why}")), None))
+            }
+            (None, settlement) => Some(HistoryRecord::State(StateRecord {
+                event_id: d.event_id.clone(),
+                subscription: d.subscription.clone(),
+                tenant: d.tenant.clone(),
+                accepted_ms: d.accepted_ms,
+                at_ms: now_ms,
+                state,
+                error: match settlement {
+                    Settlement::DeadLettered { reason: Parked::Panicked(why) | Parked::Malformed(why) } => {
+                        Some(why.clone())
+                    }
+                    _ => None,
+                },
+            })),
+        }
     }
 }
 

@@ -5,9 +5,11 @@
 
 pub mod canonical;
 
+use crate::history::{EventRecord, HistoryRecord, Recorder, State, StateRecord};
 use crate::log::{Log, LogError, Record};
 use crate::model::{new_id, now_ms, Delivery, EventInput, Invalid, PayloadFormat, MAX_EVENT_ID_LEN};
 use crate::registry::{validate_tenant, Registry};
+use crate::target::Target;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,23 @@ pub struct Event {
     pub changes: Option<Json>,
     /// Whether the producer gave the id (only those are checked for repeats).
     pub id_given: bool,
+}
+
+/// The log record of `delivery` to `target`, with the event's `data` and `changes` in the
+/// form the subscription's payload carries: the one place deliveries are made, for fresh
+/// events and resent ones alike.
+fn delivery_record(target: &Target, delivery: Delivery, data: &Json, changes: Option<&Json>) -> Record {
+    let format = target.sub.spec.payload;
+    let delivery =
+        Delivery { data: data.for_payload(format), changes: changes.map(|c| c.for_payload(format)), ..delivery };
+    Record { key: Bytes::copy_from_slice(target.sub.id.as_bytes()), value: delivery.encode() }
+}
+
+/// `bytes` (JSON the API has parsed) as a raw JSON value.
+fn raw(bytes: &Bytes) -> Box<serde_json::value::RawValue> {
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    serde_json::value::RawValue::from_string(text)
+        .unwrap_or_else(|_| serde_json::value::to_raw_value(&serde_json::Value::Null).expect("null serializes"))
 }
 
 /// A JSON value of the producer's, as sent and in JavaScript's form (the same buffer when the
@@ -183,6 +202,8 @@ pub struct Ingest {
     recent: Mutex<Recent>,
     /// `quotas.fanout_bytes`.
     max_fanout: u64,
+    /// Where accepted events are recorded, when history is kept.
+    history: Option<Arc<Recorder>>,
 }
 
 /// A (tenant, event id) pair.
@@ -211,7 +232,13 @@ impl Drop for Reserved<'_> {
 impl Ingest {
     /// Ingest into `topic`; one request may fan out to `max_fanout` bytes.
     pub fn new(log: Arc<dyn Log>, registry: Arc<Registry>, topic: String, max_fanout: u64) -> Self {
-        Ingest { log, registry, topic, recent: Mutex::new(Recent::default()), max_fanout }
+        Ingest { log, registry, topic, recent: Mutex::new(Recent::default()), max_fanout, history: None }
+    }
+
+    /// Records every accepted event in the delivery history too.
+    pub fn recorded_by(mut self, history: Arc<Recorder>) -> Self {
+        self.history = Some(history);
+        self
     }
 
     /// Reserves the given ids of `events` that no request has seen, after waiting for any
@@ -260,6 +287,7 @@ impl Ingest {
         let mut counts: HashMap<(String, String), usize> = HashMap::new();
         let mut new_events = 0u64;
         let mut fanout = 0u64;
+        let mut history = Vec::new();
         for event in events {
             let key = (event.tenant.clone(), event.id.clone());
             if event.id_given {
@@ -278,20 +306,26 @@ impl Ingest {
                 return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
             }
             for target in &targets {
-                let format = target.sub.spec.payload;
-                let delivery = Delivery {
-                    changes: event.changes.as_ref().map(|c| c.for_payload(format)),
-                    ..Delivery::first_attempt(
-                        event.id.clone(),
-                        target.sub.id.clone(),
-                        event.tenant.clone(),
-                        event.event_type.clone(),
-                        event.data.for_payload(format),
-                        now,
-                    )
-                };
-                records
-                    .push(Record { key: Bytes::copy_from_slice(target.sub.id.as_bytes()), value: delivery.encode() });
+                let first = Delivery::first_attempt(
+                    event.id.clone(),
+                    target.sub.id.clone(),
+                    event.tenant.clone(),
+                    event.event_type.clone(),
+                    Bytes::new(),
+                    now,
+                );
+                records.push(delivery_record(target, first, &event.data, event.changes.as_ref()));
+            }
+            if self.history.is_some() {
+                history.push(HistoryRecord::Event(EventRecord {
+                    id: event.id.clone(),
+                    tenant: event.tenant.clone(),
+                    event_type: event.event_type.clone(),
+                    accepted_ms: now,
+                    subscriptions: targets.iter().map(|t| t.sub.id.clone()).collect(),
+                    data: raw(&event.data.sent),
+                    changes: event.changes.as_ref().map(|c| raw(&c.sent)),
+                }));
             }
             if event.id_given {
                 counts.insert(key, targets.len());
@@ -299,7 +333,14 @@ impl Ingest {
             new_events += 1;
             accepted.push(Accepted { id: event.id, deliveries: targets.len() });
         }
-        self.log.append(&self.topic, records).await.map_err(Refusal::Log)?;
+        // The history's copy of each event and its deliveries are appended together (the
+        // log's group commit makes them one write); the answer waits for both.
+        let deliveries = self.log.append(&self.topic, records);
+        match &self.history {
+            Some(h) => tokio::try_join!(deliveries, h.append(&history)).map(|_| ()),
+            None => deliveries.await.map(|_| ()),
+        }
+        .map_err(Refusal::Log)?;
         {
             let mut recent = self.recent.lock().unwrap();
             for (key, tx) in reserved.mine.drain(..) {
@@ -312,5 +353,57 @@ impl Ingest {
         }
         metrics::counter!(crate::metrics::EVENTS_INGESTED).increment(new_events);
         Ok(accepted)
+    }
+
+    /// Sends recorded events again, each to its targets, now, in one append: a fresh attempt
+    /// budget and the same id (so `webhook-id`), a new delivery generation, and the state back
+    /// to pending. Returns the deliveries queued.
+    pub async fn resend(&self, items: &[(EventRecord, Vec<Arc<Target>>)]) -> Result<usize, Refusal> {
+        let invalid = |e: canonical::CanonicalError| Invalid::new("data", e.to_string());
+        let now = now_ms();
+        // A generation no earlier one has: dead letters and jitter are per generation.
+        let generation = u32::try_from(now / 1000).unwrap_or(u32::MAX);
+        let mut records = Vec::new();
+        let mut states = Vec::new();
+        for (event, targets) in items {
+            let data = Json::new(event.data.get()).map_err(invalid)?;
+            let changes = event.changes.as_ref().map(|c| Json::new(c.get())).transpose().map_err(invalid)?;
+            for target in targets {
+                let delivery = Delivery {
+                    event_id: event.id.clone(),
+                    subscription: target.sub.id.clone(),
+                    tenant: event.tenant.clone(),
+                    event_type: event.event_type.clone(),
+                    attempt: 1,
+                    accepted_ms: event.accepted_ms,
+                    due_ms: now,
+                    budget_ms: now,
+                    generation,
+                    data: Bytes::new(),
+                    changes: None,
+                };
+                records.push(delivery_record(target, delivery, &data, changes.as_ref()));
+                states.push(HistoryRecord::State(StateRecord {
+                    event_id: event.id.clone(),
+                    subscription: target.sub.id.clone(),
+                    tenant: event.tenant.clone(),
+                    accepted_ms: event.accepted_ms,
+                    at_ms: now,
+                    state: State::Pending,
+                    error: None,
+                }));
+            }
+        }
+        let queued = records.len();
+        if queued == 0 {
+            return Ok(0);
+        }
+        let deliveries = self.log.append(&self.topic, records);
+        match &self.history {
+            Some(h) => tokio::try_join!(deliveries, h.append(&states)).map(|_| ()),
+            None => deliveries.await.map(|_| ()),
+        }
+        .map_err(Refusal::Log)?;
+        Ok(queued)
     }
 }

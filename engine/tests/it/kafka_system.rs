@@ -108,3 +108,79 @@ async fn two_herald_processes_on_one_broker_survive_a_sigkill_without_losing_an_
     );
     assert_eq!(counts.len(), published * SUBS, "at least once: nothing lost");
 }
+
+/// On Kafka every process builds the whole history from the topic: both answer the same
+/// queries, whichever of them made the attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_answer_the_same_history_queries() {
+    let broker = Tansu::start();
+    let rx = Receiver::start().await;
+    let env = [
+        ("HERALD_LOG_BACKEND", "kafka"),
+        ("HERALD_LOG_BROKERS", broker.addr.as_str()),
+        ("HERALD_LOG_REPLICATION", "1"),
+        ("HERALD_LOG_PARTITIONS", "4"),
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_a, addr_a) = spawn_herald_with(dir_a.path(), &env);
+    let (_b, addr_b) = spawn_herald_with(dir_b.path(), &env);
+    let apis = [Api::new(addr_a, crate::support::TOKEN), Api::new(addr_b, crate::support::TOKEN)];
+    let retry = json!({ "policy": "fixed", "interval": "200ms", "max_attempts": 5 });
+    let mut subs = Vec::new();
+    for i in 0..4 {
+        rx.behave(&format!("/h{i}"), crate::support::Behaviour::FailFirst { n: 1, status: 503 });
+        let sub = apis[0].subscribe(json!({ "url": rx.url(&format!("/h{i}")), "retry": retry })).await;
+        subs.push(sub["id"].as_str().unwrap().to_string());
+    }
+    for i in 0..10 {
+        let (status, _) =
+            apis[i % 2].post("/v1/events", json!({ "id": format!("h{i}"), "type": "T", "data": { "i": i } })).await;
+        assert_eq!(status, 202);
+    }
+    // Each delivery fails once, then succeeds: 10 events x 4 subscriptions x 2 attempts.
+    let answers = |path: String| {
+        let apis = apis.clone();
+        async move {
+            until(&format!("both processes answer {path} the same"), Duration::from_secs(60), || async {
+                let (_, a) = apis[0].get(&path).await;
+                let (_, b) = apis[1].get(&path).await;
+                let found = a["items"].as_array().is_some_and(|i| !i.is_empty()) || a["deliveries"].is_array();
+                (a == b && found).then_some(a)
+            })
+            .await
+        }
+    };
+    let full = until("every attempt in both processes' history", Duration::from_secs(60), || async {
+        let mut all = Vec::new();
+        for api in &apis {
+            let mut n = 0;
+            for sub in &subs {
+                let (_, page) = api.get(&format!("/v1/attempts?subscription={sub}&limit=500")).await;
+                n += page["items"].as_array().map_or(0, Vec::len);
+            }
+            all.push(n);
+        }
+        (all == [80, 80]).then_some(all)
+    })
+    .await;
+    assert_eq!(full, [80, 80]);
+    for i in 0..10 {
+        let event = answers(format!("/v1/events/h{i}")).await;
+        let states: Vec<&str> =
+            event["deliveries"].as_array().unwrap().iter().map(|d| d["state"].as_str().unwrap()).collect();
+        if states.iter().all(|s| *s == "delivered") {
+            continue;
+        }
+        until("every delivery delivered, seen from both", Duration::from_secs(60), || async {
+            let mut done = true;
+            for api in &apis {
+                let (_, e) = api.get(&format!("/v1/events/h{i}")).await;
+                done &= e["deliveries"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().all(|d| d["state"] == "delivered" && d["attempts"] == 2));
+            }
+            done.then_some(())
+        })
+        .await;
+    }
+}

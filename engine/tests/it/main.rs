@@ -7,6 +7,7 @@ mod delivery;
 mod durability;
 mod edge;
 mod health;
+mod history;
 mod kafka;
 mod kafka_system;
 mod layers;

@@ -89,6 +89,7 @@ impl GroupContext {
                     progress,
                 }),
                 closed: self.closed.clone(),
+                next: 0,
                 _alive: alive,
             };
             tracing::info!(topic = %self.topic, partition, "partition assigned");
@@ -220,6 +221,9 @@ struct GroupReader {
     partition: u32,
     committer: Arc<GroupCommitter>,
     closed: watch::Receiver<bool>,
+    /// The offset after the last record handed out: librdkafka can fetch a stretch again
+    /// (after a fetch error or a reset), and a partition must read strictly in order.
+    next: u64,
     /// Dropped with the reader, which tells a waiting revoke that the shard let go.
     _alive: std::sync::mpsc::Sender<()>,
 }
@@ -231,7 +235,19 @@ impl PartitionReader for GroupReader {
     }
 
     async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
-        let batch = super::reader::next_batch(self.queue.stream(), max, &mut self.closed).await?;
+        let batch = loop {
+            let mut batch = super::reader::next_batch(self.queue.stream(), max, &mut self.closed).await?;
+            let fetched = batch.len();
+            let next = self.next;
+            batch.retain(|r| r.offset >= next);
+            if fetched == 0 || !batch.is_empty() {
+                break batch;
+            }
+            tracing::debug!(topic = %self.committer.topic, partition = self.partition, "records fetched again skipped");
+        };
+        if let Some(last) = batch.last() {
+            self.next = last.offset + 1;
+        }
         if let Some(first) = batch.first() {
             let _ = self.committer.progress.stored.compare_exchange(
                 u64::MAX,

@@ -52,7 +52,7 @@ impl MockKafka {
         let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
         // The mock broker has no CreateTopics: lay the topics out as Herald would.
         let layout = herald::config::LogConfig { partitions, ..Default::default() };
-        for spec in herald::topics::Topics::new("herald.").specs(&layout) {
+        for spec in herald::topics::Topics::new("herald.").specs(&layout, &Default::default()) {
             cluster.create_topic(&spec.name, spec.partitions as i32, 1).expect("mock topic");
         }
         MockKafka(cluster)
@@ -164,7 +164,7 @@ pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLett
         dir: data_dir.join("log"),
         segment_bytes: 64 << 20,
         flush_interval: Duration::from_secs(1),
-        topics: topics.specs(&herald::config::LogConfig::default()),
+        topics: topics.specs(&herald::config::LogConfig::default(), &Default::default()),
         faults: None,
     })
     .await

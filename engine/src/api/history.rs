@@ -1,0 +1,289 @@
+//! The delivery history: `GET /v1/attempts`, `GET /v1/events`, `GET /v1/events/{id}`,
+//! `POST /v1/events/{id}/resend` and `POST /v1/subscriptions/{id}/recover`. A tenant key sees
+//! its own tenant's history only; another tenant's ids answer 404.
+
+use super::auth::Principal;
+use super::error::{ApiError, JsonBody};
+use super::page::{self, StrictQuery};
+use super::AppState;
+use crate::history::{AttemptQuery, EventQuery, EventRecord, History};
+use crate::model::{now_ms, rfc3339_ms};
+use crate::target::Target;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// Outcome labels an attempt may have (the typed outcome's, and `disabled`).
+const OUTCOMES: &[&str] = &[
+    "delivered",
+    "failed",
+    "timeout",
+    "connect_error",
+    "tls_error",
+    "refused",
+    "auth_error",
+    "unroutable",
+    "nacked",
+    "broker_error",
+    "edge_offline",
+    "edge_busy",
+    "misconfigured",
+    "disabled",
+];
+
+/// Events one recover call re-sends at most (the answer says where to continue).
+const RECOVER_MAX: usize = 10_000;
+/// Deliveries appended at a time while recovering.
+const RECOVER_CHUNK: usize = 500;
+
+/// Runs `f` (an index read) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::history::IndexError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::unavailable("the history index is not available"))?
+        .map_err(|e| ApiError::unavailable(e.to_string()))
+}
+
+fn history(state: &AppState) -> Result<&Arc<History>, ApiError> {
+    state.history.as_ref().ok_or_else(|| ApiError::not_found("delivery history (history.retention is 0)"))
+}
+
+/// An RFC 3339 time in the query, as ms since the epoch.
+fn time(field: &str, text: Option<&str>) -> Result<Option<i64>, ApiError> {
+    text.map(|t| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .map(|d| d.timestamp_millis())
+            .map_err(|_| ApiError::validation(field, "must be an RFC 3339 time, e.g. 2026-11-30T09:00:00Z"))
+    })
+    .transpose()
+}
+
+/// Whose history a request reads: a key's own tenant, or the one the admin names (else the
+/// default tenant).
+fn scope(who: &Principal, tenant: Option<String>) -> String {
+    match who.tenant() {
+        Some(own) => own.to_string(),
+        None => tenant.unwrap_or_else(|| crate::tenants::DEFAULT_TENANT.to_string()),
+    }
+}
+
+fn cursor(c: Option<String>) -> Result<Option<String>, ApiError> {
+    match c {
+        Some(c) if crate::history::index::decode_cursor(&c).is_none() => {
+            Err(ApiError::validation("cursor", "not a cursor returned by this API"))
+        }
+        c => Ok(c),
+    }
+}
+
+/// Query of `GET /v1/attempts`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttemptsQuery {
+    event: Option<String>,
+    subscription: Option<String>,
+    outcome: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    tenant: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// Attempts, newest first.
+pub async fn attempts(
+    who: Principal,
+    State(state): State<AppState>,
+    StrictQuery(q): StrictQuery<AttemptsQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let history = history(&state)?;
+    if let Some(o) = &q.outcome {
+        if !OUTCOMES.contains(&o.as_str()) {
+            return Err(ApiError::validation("outcome", format!("must be one of {}", OUTCOMES.join(", "))));
+        }
+    }
+    let mut tenant = scope(&who, q.tenant);
+    if let (Some(sub), None) = (&q.subscription, &q.event) {
+        // A subscription's attempts are its tenant's: the admin need not name it.
+        if let (None, Some(t)) = (who.tenant(), state.registry.get(sub)) {
+            tenant = t.sub.tenant.clone();
+        }
+    }
+    let query = AttemptQuery {
+        tenant,
+        event: q.event,
+        subscription: q.subscription,
+        outcome: q.outcome,
+        since_ms: time("since", q.since.as_deref())?,
+        until_ms: time("until", q.until.as_deref())?,
+        limit: page::limit(q.limit)?,
+        cursor: cursor(q.cursor)?,
+    };
+    let index = history.index.clone();
+    let page = blocking(move || index.attempts(&query)).await?;
+    Ok(Json(serde_json::json!({ "items": page.items, "next": page.next })))
+}
+
+/// Query of `GET /v1/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    tenant: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// The tenant's events, newest first.
+pub async fn list(
+    who: Principal,
+    State(state): State<AppState>,
+    StrictQuery(q): StrictQuery<EventsQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let history = history(&state)?;
+    let query = EventQuery {
+        tenant: scope(&who, q.tenant),
+        event_type: q.event_type,
+        since_ms: time("since", q.since.as_deref())?,
+        until_ms: time("until", q.until.as_deref())?,
+        limit: page::limit(q.limit)?,
+        cursor: cursor(q.cursor)?,
+    };
+    let index = history.index.clone();
+    let page = blocking(move || index.events(&query)).await?;
+    Ok(Json(serde_json::json!({ "items": page.items, "next": page.next })))
+}
+
+/// Query naming a tenant (the admin's).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuery {
+    tenant: Option<String>,
+}
+
+async fn find(history: &Arc<History>, tenant: String, id: String) -> Result<EventRecord, ApiError> {
+    let index = history.index.clone();
+    blocking(move || index.event(&tenant, &id)).await?.ok_or_else(|| ApiError::not_found("event"))
+}
+
+/// One event and where each of its deliveries stands.
+pub async fn get(
+    who: Principal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    StrictQuery(q): StrictQuery<TenantQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let history = history(&state)?;
+    let event = find(history, scope(&who, q.tenant), id).await?;
+    let index = history.index.clone();
+    let (event, deliveries) = blocking(move || index.deliveries(&event).map(|d| (event, d))).await?;
+    Ok(Json(serde_json::json!({
+        "id": event.id,
+        "tenant": event.tenant,
+        "type": event.event_type,
+        "accepted_at": rfc3339_ms(event.accepted_ms),
+        "data": event.data,
+        "changes": event.changes,
+        "deliveries": deliveries,
+    })))
+}
+
+/// `POST /v1/events/{id}/resend` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResendRequest {
+    subscription: Option<String>,
+    tenant: Option<String>,
+}
+
+/// The subscriptions of `event` that still exist (a named one must be one it matched).
+fn targets(state: &AppState, event: &EventRecord, only: Option<&str>) -> Result<Vec<Arc<Target>>, ApiError> {
+    let live = |id: &str| state.registry.get(id).filter(|t| t.sub.tenant == event.tenant);
+    match only {
+        Some(sub) => {
+            if !event.subscriptions.iter().any(|s| s == sub) {
+                return Err(ApiError::validation("subscription", "the event did not match this subscription"));
+            }
+            Ok(vec![live(sub).ok_or_else(|| ApiError::not_found("subscription"))?])
+        }
+        None => Ok(event.subscriptions.iter().filter_map(|s| live(s)).collect()),
+    }
+}
+
+/// Sends an event again, now, to one subscription or every one it matched.
+pub async fn resend(
+    who: Principal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    // The body is optional: none resends to every subscription the event matched.
+    let req: ResendRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ResendRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::validation("body", e.to_string()))?
+    };
+    let history = history(&state)?;
+    let event = find(history, scope(&who, req.tenant), id).await?;
+    let targets = targets(&state, &event, req.subscription.as_deref())?;
+    let subscriptions: Vec<String> = targets.iter().map(|t| t.sub.id.clone()).collect();
+    let id = event.id.clone();
+    let queued = state.ingest.resend(&[(event, targets)]).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "queued": queued, "subscriptions": subscriptions }))))
+}
+
+/// `POST /v1/subscriptions/{id}/recover` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    since: String,
+    until: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// Re-sends the subscription's events accepted in a window whose delivery is dead-lettered or
+/// still retrying (every one with `all`: a rewind for a receiver that lost its data).
+pub async fn recover(
+    who: Principal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<RecoverRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let history = history(&state)?.clone();
+    let target = state
+        .registry
+        .get(&id)
+        .filter(|t| who.sees(&t.sub.tenant))
+        .ok_or_else(|| ApiError::not_found("subscription"))?;
+    let since = time("since", Some(&req.since))?.expect("given");
+    let until = time("until", req.until.as_deref())?.unwrap_or_else(now_ms);
+    if until < since {
+        return Err(ApiError::validation("until", "must not be before since"));
+    }
+    let (index, sub) = (history.index.clone(), id.clone());
+    let found = blocking(move || index.recoverable(&sub, since, until, req.all, RECOVER_MAX)).await?;
+    let truncated = found.len() >= RECOVER_MAX;
+    let mut queued = 0;
+    let mut last_accepted = None;
+    for chunk in found.chunks(RECOVER_CHUNK) {
+        let (index, chunk) = (history.index.clone(), chunk.to_vec());
+        let events = blocking(move || {
+            Ok(chunk.iter().filter_map(|(tenant, event)| index.event(tenant, event).ok().flatten()).collect::<Vec<_>>())
+        })
+        .await?;
+        last_accepted = events.last().map(|e| e.accepted_ms).or(last_accepted);
+        let items: Vec<_> = events.into_iter().map(|e| (e, vec![target.clone()])).collect();
+        queued += state.ingest.resend(&items).await?;
+    }
+    let continue_from = truncated.then(|| last_accepted.map(|ms| rfc3339_ms(ms + 1))).flatten();
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "queued": queued, "continue_from": continue_from }))))
+}

@@ -1,0 +1,154 @@
+//! Delivery history: every attempt on record, each event's state per subscription, and the
+//! events themselves for `history.retention`, so an operator can answer "did you send it, and
+//! what did our server say?", resend one event and recover an endpoint after an outage.
+//!
+//! Records go to the `history` topic of the log where attempts settle (`recorder`), so the
+//! history is as durable as delivery and works the same on both backends; every process builds
+//! its own index of the whole topic (`index`), so on Kafka any process answers any query. See
+//! the README's "Delivery history" for why, and for sizing.
+
+pub mod index;
+mod keys;
+pub mod record;
+mod recorder;
+
+pub use index::{AttemptQuery, DeliveryView, EventQuery, Index, IndexError, Page};
+pub use record::{AttemptRecord, EventRecord, HistoryRecord, State, StateRecord};
+pub use recorder::Recorder;
+
+use crate::log::{Log, LogError};
+use crate::metrics::Metrics;
+use crate::model::now_ms;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How often days past retention are looked for, and the lag measured.
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The history of this process: the recorder that writes it and the index that answers.
+pub struct History {
+    /// Writes records to the topic.
+    pub recorder: Arc<Recorder>,
+    /// Answers queries.
+    pub index: Arc<Index>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl History {
+    /// Opens the index in `dir`, starts reading every partition of `topic` into it, and
+    /// expires what passes `retention`, until `stop`.
+    pub fn start(
+        log: Arc<dyn Log>,
+        topic: &str,
+        dir: &Path,
+        retention: Duration,
+        metrics: &Metrics,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Arc<History>, HistoryError> {
+        let index = Arc::new(Index::open(dir, retention)?);
+        let partitions = log.partitions(topic)?;
+        let mut tasks = Vec::new();
+        for partition in 0..partitions {
+            tasks.push(tokio::spawn(follow(log.clone(), topic.to_string(), partition, index.clone(), stop.clone())));
+        }
+        tasks.push(tokio::spawn(upkeep(log.clone(), topic.to_string(), partitions, index.clone(), stop)));
+        let bytes = index.clone();
+        metrics.on_scrape(move || metrics::gauge!(crate::metrics::HISTORY_BYTES).set(bytes.disk_bytes() as f64));
+        metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(0);
+        metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(0);
+        metrics::counter!(crate::metrics::HISTORY_LATE).increment(0);
+        let recorder = Recorder::start(log, topic.to_string());
+        Ok(Arc::new(History { recorder, index, tasks: std::sync::Mutex::new(tasks) }))
+    }
+
+    /// Waits for the readers to end (after the stop signal), so the index is closed once the
+    /// last handle to it goes.
+    pub async fn stopped(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Why the history could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// The index could not be opened.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// The topic is not there.
+    #[error("history topic: {0}")]
+    Log(#[from] LogError),
+}
+
+/// Reads one partition of the topic into the index, from where the index left off.
+async fn follow(log: Arc<dyn Log>, topic: String, partition: u32, index: Arc<Index>, mut stop: watch::Receiver<bool>) {
+    let pause = Duration::from_millis(500);
+    loop {
+        let from = index.offset(partition);
+        let mut reader = match log.follow(&topic, partition, from).await {
+            Ok(r) => r,
+            Err(LogError::Closed) => return,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "cannot read the history topic; retrying");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        loop {
+            let batch = tokio::select! {
+                b = reader.next_batch(1024) => b,
+                _ = crate::shutdown::stopped(&mut stop) => return,
+            };
+            let records = match batch {
+                Ok(r) if r.is_empty() => continue,
+                Ok(r) => r,
+                Err(LogError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "reading the history topic failed; resuming");
+                    tokio::time::sleep(pause).await;
+                    break;
+                }
+            };
+            let next = records.last().map_or(from, |r| r.offset + 1);
+            let idx = index.clone();
+            let applied = tokio::task::spawn_blocking(move || idx.apply(partition, &records, next, now_ms())).await;
+            match applied {
+                Ok(Ok(n)) => metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(n as u64),
+                Ok(Err(e)) => {
+                    tracing::error!(partition, error = %e, "indexing history failed; resuming from the last indexed record");
+                    tokio::time::sleep(pause).await;
+                    break;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Deletes days past retention and measures how far the index trails the topic.
+async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<Index>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(UPKEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = crate::shutdown::stopped(&mut stop) => return,
+        }
+        let idx = index.clone();
+        match tokio::task::spawn_blocking(move || idx.expire(now_ms())).await {
+            Ok(Ok(n)) if n > 0 => metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(n),
+            Ok(Err(e)) => tracing::warn!(error = %e, "expiring history failed"),
+            _ => {}
+        }
+        let mut lag = 0u64;
+        for p in 0..partitions {
+            if let Ok(end) = log.end_offset(&topic, p).await {
+                lag += end.saturating_sub(index.offset(p));
+            }
+        }
+        metrics::gauge!(crate::metrics::HISTORY_LAG).set(lag as f64);
+    }
+}

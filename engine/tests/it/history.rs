@@ -1,0 +1,255 @@
+//! Delivery history through the API: every attempt on record with the receiver's answer, each
+//! event's state per subscription, resend, recover and rewind, tenant isolation, and history
+//! that survives a SIGKILL.
+
+use crate::support::{tenant_with_key, until, Api, Behaviour, Receiver, TestHerald, TOKEN};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until `GET path` answers 200 with at least `n` items, and returns them.
+async fn items(api: &Api, path: &str, n: usize) -> Vec<Value> {
+    until(&format!("{n} items at {path}"), WAIT, || async {
+        let (status, page) = api.get(path).await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        (status == 200 && items.len() >= n).then_some(items)
+    })
+    .await
+}
+
+/// Waits until event `id`'s delivery to `sub` is in `state`, and returns the event.
+async fn state_of(api: &Api, id: &str, sub: &str, state: &str) -> Value {
+    until(&format!("{id} {state} for {sub}"), WAIT, || async {
+        let (status, event) = api.get(&format!("/v1/events/{id}")).await;
+        let delivery = event["deliveries"].as_array()?.iter().find(|d| d["subscription"] == sub)?.clone();
+        (status == 200 && delivery["state"] == state).then_some(event)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn every_attempt_is_on_record_with_the_receiver_s_answer() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.behave("/flaky", Behaviour::FailFirst { n: 2, status: 503 });
+    let retry = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 5 });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/flaky"), "retry": retry })).await;
+    let sub_id = sub["id"].as_str().unwrap();
+    let (status, _) =
+        h.api.post("/v1/events", json!({ "id": "order-1001", "type": "order.created", "data": { "n": 1001 } })).await;
+    assert_eq!(status, 202);
+
+    let attempts = items(&h.api, "/v1/attempts?event=order-1001", 3).await;
+    let statuses: Vec<u64> = attempts.iter().rev().map(|a| a["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [503, 503, 200], "oldest first: {attempts:?}");
+    let outcomes: Vec<&str> = attempts.iter().rev().map(|a| a["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["failed", "failed", "delivered"]);
+    let numbers: Vec<u64> = attempts.iter().map(|a| a["attempt"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, [3, 2, 1], "newest first");
+    for a in &attempts {
+        assert_eq!(a["subscription"], sub_id);
+        assert_eq!(a["event"], "order.created");
+        assert_eq!(a["tenant"], "default");
+        assert_eq!(a["response"]["body"], "ok", "{a}");
+        assert!(chrono::DateTime::parse_from_rfc3339(a["at"].as_str().unwrap()).is_ok());
+        assert!(a["duration_ms"].as_u64().is_some());
+    }
+    assert!(attempts[1]["next_attempt_at"].is_string(), "a failed attempt says when the next is due");
+    assert!(attempts[0]["next_attempt_at"].is_null());
+    assert_eq!(attempts[2]["error"], "receiver answered 503 Service Unavailable");
+
+    let event = state_of(&h.api, "order-1001", sub_id, "delivered").await;
+    assert_eq!(event["type"], "order.created");
+    assert_eq!(event["data"], json!({ "n": 1001 }));
+    assert_eq!(event["deliveries"][0]["attempts"], 3);
+    assert!(event["deliveries"][0]["last_attempt_at"].is_string());
+
+    // By subscription, a page at a time; by outcome.
+    let (_, first) = h.api.get(&format!("/v1/attempts?subscription={sub_id}&limit=2")).await;
+    assert_eq!(first["items"].as_array().unwrap().len(), 2);
+    let next = first["next"].as_str().expect("a next page");
+    let (_, second) = h.api.get(&format!("/v1/attempts?subscription={sub_id}&limit=2&cursor={next}")).await;
+    let ids: HashSet<&str> = first["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["items"].as_array().unwrap())
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "pages do not overlap and miss nothing");
+    let (_, failed) = h.api.get("/v1/attempts?outcome=failed").await;
+    assert_eq!(failed["items"].as_array().unwrap().len(), 2);
+    let (_, listed) = h.api.get("/v1/events?type=order.created").await;
+    assert_eq!(listed["items"][0]["id"], "order-1001");
+
+    // Bad queries name the field.
+    for (query, field) in [("outcome=exploded", "outcome"), ("since=yesterday", "since"), ("cursor=%21", "cursor")] {
+        let (status, err) = h.api.get(&format!("/v1/attempts?{query}")).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{query}: {err}");
+    }
+    assert_eq!(h.api.get("/v1/events/no-such-event").await.0, 404);
+}
+
+#[tokio::test]
+async fn dead_letters_show_in_the_event_state_and_resend_recover_and_rewind_send_again() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/down", 500);
+    let once = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 2 });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/down"), "retry": once })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    for i in 0..3 {
+        h.api.post("/v1/events", json!({ "id": format!("down-{i}"), "type": "T", "data": { "i": i } })).await;
+    }
+    for i in 0..3 {
+        let event = state_of(&h.api, &format!("down-{i}"), &sub_id, "dead_lettered").await;
+        assert_eq!(event["deliveries"][0]["attempts"], 2, "{event}");
+    }
+
+    // The receiver is back: resend one event (same webhook-id, fresh budget).
+    rx.respond_on("/down", 200);
+    let (status, answer) = h.api.post("/v1/events/down-0/resend", json!({ "subscription": sub_id })).await;
+    assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(1)), "{answer}");
+    state_of(&h.api, "down-0", &sub_id, "delivered").await;
+    let arrived = |id: &str| {
+        rx.on("/down").iter().filter(|r| r.header("webhook-id") == id && r.json()["data"].is_object()).count()
+    };
+    assert_eq!(arrived("down-0"), 3, "two failed attempts and the resend");
+
+    // Recover: every failed event since a time, not the delivered one.
+    let since = before.to_rfc3339();
+    let (status, answer) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since })).await;
+    assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(2)), "{answer}");
+    for i in 1..3 {
+        state_of(&h.api, &format!("down-{i}"), &sub_id, "delivered").await;
+    }
+    assert_eq!(arrived("down-0"), 3, "the delivered event was not sent again");
+
+    // Rewind: every event in the window, delivered or not.
+    let (status, answer) =
+        h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since, "all": true })).await;
+    assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(3)), "{answer}");
+    until("every event sent once more", WAIT, || async { (arrived("down-0") == 4).then_some(()) }).await;
+    until("the others too", WAIT, || async { ((1..3).all(|i| arrived(&format!("down-{i}")) == 4)).then_some(()) })
+        .await;
+
+    let (status, err) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({})).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("since")), "{err}");
+    let (status, err) = h.api.post("/v1/events/down-0/resend", json!({ "subscription": "sub_other" })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("subscription")), "{err}");
+}
+
+#[tokio::test]
+async fn another_tenant_sees_none_of_it() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let (acme_id, acme) = tenant_with_key(&h.api, "Acme").await;
+    let (_, globex) = tenant_with_key(&h.api, "Globex").await;
+    let sub = acme.subscribe(json!({ "url": rx.url("/acme") })).await;
+    let sub_id = sub["id"].as_str().unwrap();
+    h.api.post("/v1/events", json!({ "id": "acme-1", "type": "T", "tenant": acme_id, "data": {} })).await;
+    items(&acme, "/v1/attempts?event=acme-1", 1).await;
+    assert_eq!(acme.get("/v1/events/acme-1").await.0, 200);
+    items(&acme, "/v1/events", 1).await;
+
+    assert_eq!(globex.get("/v1/events/acme-1").await.0, 404);
+    assert_eq!(globex.get(&format!("/v1/events/acme-1?tenant={acme_id}")).await.0, 404);
+    for path in [
+        "/v1/attempts?event=acme-1".to_string(),
+        format!("/v1/attempts?subscription={sub_id}"),
+        "/v1/attempts".to_string(),
+        "/v1/events".to_string(),
+        format!("/v1/attempts?tenant={acme_id}"),
+    ] {
+        let (status, page) = globex.get(&path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(page["items"].as_array().unwrap().is_empty(), "{path}: {page}");
+    }
+    assert_eq!(globex.post("/v1/events/acme-1/resend", json!({})).await.0, 404);
+    let since = json!({ "since": "2020-01-01T00:00:00Z", "all": true });
+    assert_eq!(globex.post(&format!("/v1/subscriptions/{sub_id}/recover"), since).await.0, 404);
+    assert_eq!(rx.on("/acme").len(), 1, "nothing was sent again");
+}
+
+#[tokio::test]
+async fn records_older_than_the_retention_are_not_kept() {
+    use herald::history::{AttemptRecord, HistoryRecord, State};
+    use herald::log::Record;
+    let h = TestHerald::start_with(|c| c.history.retention = Duration::from_secs(2 * 86_400).into()).await;
+    let day = 86_400_000;
+    let now = herald::model::now_ms();
+    let attempt = |id: &str, at_ms: i64| {
+        HistoryRecord::Attempt(AttemptRecord {
+            id: id.into(),
+            event_id: format!("evt-{id}"),
+            subscription: "sub_old".into(),
+            tenant: "default".into(),
+            event_type: "T".into(),
+            attempt: 1,
+            accepted_ms: at_ms,
+            at_ms,
+            duration_ms: 1,
+            outcome: "delivered".into(),
+            status: Some(200),
+            error: None,
+            response: None,
+            state: State::Delivered,
+            next_ms: None,
+        })
+    };
+    let records = [attempt("att_recent", now - day), attempt("att_expired", now - 5 * day)]
+        .iter()
+        .map(|r| Record { key: bytes::Bytes::from_static(b"sub_old"), value: r.encode() })
+        .collect();
+    h.herald.log().append("herald.history", records).await.unwrap();
+    let kept = items(&h.api, "/v1/attempts?subscription=sub_old", 1).await;
+    let ids: Vec<&str> = kept.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["att_recent"], "what is past retention is not indexed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_settled_attempt_is_missing_after_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    let (mut herald, addr) = crate::support::spawn_herald(dir.path());
+    let api = Api::new(addr, TOKEN);
+    let sub = api.subscribe(json!({ "url": rx.url("/k") })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    for i in 0..200 {
+        let (status, _) =
+            api.post("/v1/events", json!({ "id": format!("k-{i}"), "type": "T", "data": { "i": i } })).await;
+        assert_eq!(status, 202);
+        if i == 150 {
+            rx.wait_on("/k", 100).await;
+            herald.kill();
+            break;
+        }
+    }
+    let received: HashSet<String> = rx.on("/k").iter().map(|r| r.header("webhook-id").to_string()).collect();
+    let (_herald, addr) = crate::support::spawn_herald(dir.path());
+    let api = Api::new(addr, TOKEN);
+    until("a delivered attempt on record for every event the receiver got", WAIT, || async {
+        let mut delivered = HashSet::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/attempts?subscription={sub_id}&outcome=delivered&limit=500");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let (status, page) = api.get(&path).await;
+            if status != 200 {
+                return None;
+            }
+            delivered.extend(page["items"].as_array()?.iter().map(|a| a["event_id"].as_str().unwrap().to_string()));
+            cursor = page["next"].as_str().map(str::to_string);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        received.is_subset(&delivered).then_some(())
+    })
+    .await;
+}
