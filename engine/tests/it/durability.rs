@@ -152,10 +152,16 @@ async fn a_delivery_that_panics_twice_is_parked_and_its_partition_moves_on() {
     })
     .await;
     assert!(got.iter().any(|r| r.header("webhook-id") == "before"));
+    // Later records may be delivered while the panicking one is tried again (on Kafka the
+    // window lets them through), so wait for it to be parked.
     // Processed twice (each panicked), then parked; observing the parked settlement panicked a
     // third time, which is caught too.
+    let dlq = until("the panicking delivery parked", Duration::from_secs(10), || async {
+        let (_, dlq) = h.api.get("/v1/dlq").await;
+        (!dlq["items"].as_array().unwrap().is_empty() && bomb.0.load(Ordering::SeqCst) >= 3).then_some(dlq)
+    })
+    .await;
     assert_eq!(bomb.0.load(Ordering::SeqCst), 3);
-    let (_, dlq) = h.api.get("/v1/dlq").await;
     let parked = dlq["items"].as_array().unwrap();
     assert_eq!(parked.len(), 1, "{dlq}");
     assert_eq!(parked[0]["event_id"], "boom");
