@@ -2,7 +2,7 @@
 //! letters and the catalog. Their names and layouts are decided here, from the tiers the retry
 //! stage owns.
 
-use crate::config::{HistoryConfig, LogConfig};
+use crate::config::{Backend, HistoryConfig, LogConfig};
 use crate::log::TopicSpec;
 use crate::retry::tiers;
 use std::time::Duration;
@@ -53,7 +53,26 @@ impl Topics {
             data(&self.deliveries, None),
             data(&self.dlq, Some(log.dlq_retention.0)),
             TopicSpec { name: self.subscriptions.clone(), partitions: 1, compacted: true, retention: None },
-            data(&self.history, Some(history.retention.0.max(Duration::from_secs(3600)))),
+            TopicSpec {
+                name: self.history.clone(),
+                // One process reads the embedded log: one partition, one fsync per group
+                // commit. On Kafka the records spread like deliveries.
+                partitions: match log.backend {
+                    Backend::Embedded => 1,
+                    Backend::Kafka => log.partitions,
+                },
+                compacted: false,
+                // On Kafka a process joining later builds its index from the topic, so the topic
+                // keeps all of the history; the embedded log's one reader keeps its index beside
+                // it, so a day is enough to rebuild from.
+                retention: Some(
+                    match log.backend {
+                        Backend::Embedded => history.retention.0.min(Duration::from_secs(86_400)),
+                        Backend::Kafka => history.retention.0,
+                    }
+                    .max(Duration::from_secs(3600)),
+                ),
+            },
         ];
         specs.extend(self.tiers.iter().map(|(name, _)| data(name, None)));
         specs

@@ -595,8 +595,9 @@ pub enum ConfigError {
 
 /// Sections whose environment variables use one underscore after the section name,
 /// e.g. `HERALD_NETWORK_ALLOW` → `network.allow`.
-const SECTIONS: &[&str] =
-    &["log", "network", "ingest", "api", "quotas", "dispatch", "http", "health", "signing", "edge", "logging"];
+const SECTIONS: &[&str] = &[
+    "log", "network", "ingest", "api", "quotas", "history", "dispatch", "http", "health", "signing", "edge", "logging",
+];
 
 fn env_key(key: &str) -> String {
     let key = key.to_ascii_lowercase();
@@ -710,6 +711,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_section_takes_environment_variables_with_one_underscore() {
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        for (key, value) in defaults.as_object().unwrap() {
+            if value.is_object() {
+                assert!(SECTIONS.contains(&key.as_str()), "section {key} is missing from SECTIONS");
+            }
+        }
+        let env = vec![("HERALD_HISTORY_RETENTION".to_string(), "0s".to_string())];
+        assert!(!Config::load(None, &env).unwrap().history.enabled());
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

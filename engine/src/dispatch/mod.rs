@@ -68,20 +68,38 @@ impl Deliverer {
         self
     }
 
-    /// Processes one record; returns only when it is settled (durably, its history record
-    /// too), so its offset may be committed.
+    /// Processes one record; returns only when it is settled (durably; its history record
+    /// queued, and durable before a commit of its offset goes through), so its offset may be
+    /// committed.
     pub async fn process(&self, rec: LogRecord) -> Settled {
         let settled = self.deliver(rec).await;
         self.observe(&settled);
-        self.write_history(&settled).await;
+        self.write_history(&settled);
         settled
     }
 
-    async fn write_history(&self, settled: &Settled) {
+    fn write_history(&self, settled: &Settled) {
         if let Some(history) = &self.history {
             if let Some(record) = settled.history(now_ms()) {
-                history.record(&record).await;
+                history.record(&record);
             }
+        }
+    }
+
+    /// Waits until the history of every settled delivery is durable (bounded): a stopping
+    /// shard's last commits need it.
+    pub async fn history_synced(&self) {
+        if let Some(h) = &self.history {
+            h.synced().await;
+        }
+    }
+
+    /// The committer a shard commits through: with history kept, one that commits an offset
+    /// only once the history of everything before it is durable.
+    pub fn committer(&self, inner: Arc<dyn crate::log::Committer>) -> Arc<dyn crate::log::Committer> {
+        match &self.history {
+            Some(h) => h.gate(inner),
+            None => inner,
         }
     }
 
@@ -93,7 +111,7 @@ impl Deliverer {
         if observed.is_err() {
             tracing::error!(partition = rec.partition, offset = rec.offset, "observing a parked delivery panicked");
         }
-        self.write_history(&settled).await;
+        self.write_history(&settled);
         settled
     }
 

@@ -64,7 +64,7 @@ pub async fn run(
 ) {
     let partition = reader.partition();
     let mut shard = Shard {
-        committer: reader.committer(),
+        committer: deliverer.committer(reader.committer()),
         deliverer,
         delay,
         limits,
@@ -177,6 +177,7 @@ impl Shard {
                 "stopped with deliveries in flight; they will be redelivered"
             );
         }
+        self.deliverer.history_synced().await;
     }
 }
 

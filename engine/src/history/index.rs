@@ -6,12 +6,12 @@
 //! what they produced, so after a crash the index resumes exactly where its data ends.
 
 use super::keys::{self, Key};
-use super::record::{attempt_view, DeliveryState, EventRecord, HistoryRecord, State};
+use super::record::{attempt_view, AttemptRecord, DeliveryState, EventRecord, HistoryRecord, State};
 use crate::log::LogRecord;
 use crate::model::rfc3339_ms;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use serde_json::value::RawValue;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::RwLock;
@@ -133,6 +133,14 @@ fn newest_first_bounds(prefix: &[u8], since: Option<i64>, until: Option<i64>) ->
     (start, end)
 }
 
+/// A day's keyspace: written once, read now and then, so every level is LZ4-compressed (JSON
+/// records shrink about threefold; the index's threads yield to delivery, so the CPU this
+/// takes is spare CPU).
+fn day_options() -> KeyspaceCreateOptions {
+    use fjall::config::CompressionPolicy;
+    KeyspaceCreateOptions::default().data_block_compression_policy(CompressionPolicy::all(fjall::CompressionType::Lz4))
+}
+
 /// What a visit tells a scan.
 enum Flow {
     Go,
@@ -143,15 +151,32 @@ impl Index {
     /// Opens (creating if needed) the index in `dir`, keeping `retention` of history.
     pub fn open(dir: &Path, retention: Duration) -> Result<Index, IndexError> {
         crate::log::private::create_dir(dir)?;
-        let db = Database::builder(dir).open()?;
+        // One background worker: flushes and compactions of derived data need not take a
+        // core from delivery.
+        let db = Database::builder(dir).worker_threads(1).open()?;
+        Self::yield_to_delivery();
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let mut days = BTreeMap::new();
         for name in db.list_keyspace_names() {
             if let Some(day) = keys::day_of_name(&name) {
-                days.insert(day, db.keyspace(&name, KeyspaceCreateOptions::default)?);
+                days.insert(day, db.keyspace(&name, day_options)?);
             }
         }
         Ok(Index { db, meta, days: RwLock::new(days), retention })
+    }
+
+    /// Lowers the CPU priority of the store's own background threads (flushes, compactions)
+    /// like the indexing thread's: derived data waits while deliveries need the cores. Linux
+    /// gives each thread its own nice value; elsewhere this does nothing.
+    pub fn yield_to_delivery() {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return };
+        for task in tasks.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let tid = task.file_name().to_str().and_then(|t| t.parse::<i32>().ok());
+            if let (true, Some(pid)) = (comm.starts_with("fjall"), tid.and_then(rustix::process::Pid::from_raw)) {
+                let _ = rustix::process::setpriority_process(Some(pid), 19);
+            }
+        }
     }
 
     /// The first day still kept at `now_ms`.
@@ -172,9 +197,14 @@ impl Index {
         if let Some(ks) = days.get(&day) {
             return Ok(Some(ks.clone()));
         }
-        let ks = self.db.keyspace(&keys::day_name(day), KeyspaceCreateOptions::default)?;
+        let ks = self.db.keyspace(&keys::day_name(day), day_options)?;
         days.insert(day, ks.clone());
         Ok(Some(ks))
+    }
+
+    /// A kept day's keyspace, if there is one.
+    fn kept(&self, day: u32) -> Option<Keyspace> {
+        self.days.read().unwrap().get(&day).cloned()
     }
 
     /// The days kept, newest first, within `[from, to]`.
@@ -195,11 +225,12 @@ impl Index {
     }
 
     /// Indexes `records` of `partition` and notes that reading continues at `next`, in one
-    /// atomic batch. Returns how many records were indexed.
+    /// atomic batch. Returns how many records were indexed. Only blind writes, three keys an
+    /// attempt: an attempt is stored as its record (its view is made when a query returns it),
+    /// and a delivery's states are kept side by side as versions (the newest is read), so
+    /// indexing never reads the store.
     pub fn apply(&self, partition: u32, records: &[LogRecord], next: u64, now_ms: i64) -> Result<usize, IndexError> {
         let mut batch = self.db.batch();
-        // States changed in this batch: a later record must see an earlier one's change.
-        let mut states: HashMap<(u32, Vec<u8>), (Keyspace, DeliveryState)> = HashMap::new();
         let mut applied = 0;
         for rec in records {
             let Some(record) = HistoryRecord::decode(&rec.value) else {
@@ -210,98 +241,84 @@ impl Index {
             match record {
                 HistoryRecord::Event(e) => {
                     let Some(ks) = self.day(keys::day(e.accepted_ms), now_ms)? else { continue };
-                    batch.insert(&ks, Key::new(keys::EVENT).part(&e.tenant).part(&e.id).done(), rec.value.to_vec());
-                    let listed = Key::new(keys::EVENTS).part(&e.tenant).newest_first(e.accepted_ms).part(&e.id).done();
-                    batch.insert(&ks, listed, e.event_type.as_bytes());
-                    for sub in &e.subscriptions {
-                        let key = Key::new(keys::RECOVERY).part(sub).time(e.accepted_ms).part(&e.id).done();
-                        batch.insert(&ks, key, e.tenant.as_bytes());
-                    }
+                    batch.insert(&ks, Key::new(keys::EVENT).id(&e.tenant).id(&e.id).done(), rec.value.to_vec());
+                    let listed = Key::new(keys::EVENTS).id(&e.tenant).newest_first(e.accepted_ms).id(&e.id).done();
+                    let value = serde_json::to_vec(&(&e.id, &e.event_type)).expect("pairs serialize");
+                    batch.insert(&ks, listed, value);
                 }
                 HistoryRecord::Attempt(a) => {
                     if let Some(ks) = self.day(keys::day(a.at_ms), now_ms)? {
-                        let view = serde_json::to_vec(&attempt_view(&a)).expect("views serialize");
-                        let key = Key::new(keys::ATTEMPT).part(&a.tenant).newest_first(a.at_ms).part(&a.id).done();
-                        batch.insert(&ks, key, view);
-                        let key = Key::new(keys::BY_SUBSCRIPTION)
-                            .part(&a.subscription)
-                            .newest_first(a.at_ms)
-                            .part(&a.id)
-                            .done();
-                        batch.insert(&ks, key, a.tenant.as_bytes());
-                        let key = Key::new(keys::BY_EVENT)
-                            .part(&a.tenant)
-                            .part(&a.event_id)
-                            .newest_first(a.at_ms)
-                            .part(&a.id)
-                            .done();
-                        batch.insert(&ks, key, a.subscription.as_bytes());
+                        let key = Key::new(keys::ATTEMPT).id(&a.tenant).newest_first(a.at_ms).id(&a.id).done();
+                        batch.insert(&ks, key, rec.value.to_vec());
+                        let key =
+                            Key::new(keys::BY_SUBSCRIPTION).id(&a.subscription).newest_first(a.at_ms).id(&a.id).done();
+                        batch.insert(&ks, key, keys::hash(&a.tenant).to_be_bytes());
                     }
                     let state = DeliveryState {
                         state: a.state,
                         at_ms: a.at_ms,
-                        attempt: a.attempt,
-                        last_attempt_ms: Some(a.at_ms),
+                        attempt: a.attempt.max(1),
                         next_ms: a.next_ms,
+                        tenant: a.tenant,
+                        event: a.event_id,
+                        attempt_id: Some(a.id),
                     };
-                    self.merge_state(
-                        &mut states,
-                        (&a.tenant, &a.event_id, &a.subscription),
-                        a.accepted_ms,
-                        state,
-                        now_ms,
-                    )?;
+                    self.put_state(&mut batch, &a.subscription, a.accepted_ms, &state, now_ms)?;
                 }
                 HistoryRecord::State(s) => {
                     let state = DeliveryState {
                         state: s.state,
                         at_ms: s.at_ms,
                         attempt: 0,
-                        last_attempt_ms: None,
                         next_ms: None,
+                        tenant: s.tenant,
+                        event: s.event_id,
+                        attempt_id: None,
                     };
-                    self.merge_state(
-                        &mut states,
-                        (&s.tenant, &s.event_id, &s.subscription),
-                        s.accepted_ms,
-                        state,
-                        now_ms,
-                    )?;
+                    self.put_state(&mut batch, &s.subscription, s.accepted_ms, &state, now_ms)?;
                 }
             }
-        }
-        for ((_, key), (ks, state)) in states {
-            batch.insert(&ks, key, serde_json::to_vec(&state).expect("states serialize"));
         }
         batch.insert(&self.meta, Self::offset_key(partition), next.to_be_bytes());
         batch.commit()?;
         Ok(applied)
     }
 
-    /// Keeps `state` for a delivery if it is newer than what is known.
-    fn merge_state(
+    /// Writes one version of a delivery's state, in the day its event was accepted.
+    fn put_state(
         &self,
-        states: &mut HashMap<(u32, Vec<u8>), (Keyspace, DeliveryState)>,
-        (tenant, event, subscription): (&str, &str, &str),
+        batch: &mut fjall::OwnedWriteBatch,
+        subscription: &str,
         accepted_ms: i64,
-        mut state: DeliveryState,
+        state: &DeliveryState,
         now_ms: i64,
     ) -> Result<(), IndexError> {
-        let day = keys::day(accepted_ms);
-        let Some(ks) = self.day(day, now_ms)? else { return Ok(()) };
-        let key = Key::new(keys::STATE).part(tenant).part(event).part(subscription).done();
-        let known = match states.get(&(day, key.clone())) {
-            Some((_, s)) => Some(s.clone()),
-            None => ks.get(&key)?.and_then(|v| serde_json::from_slice::<DeliveryState>(&v).ok()),
-        };
-        if let Some(known) = known {
-            if !state.newer_than(&known) {
-                return Ok(());
-            }
-            state.last_attempt_ms = state.last_attempt_ms.or(known.last_attempt_ms);
-        }
-        states.insert((day, key), (ks, state));
+        let Some(ks) = self.day(keys::day(accepted_ms), now_ms)? else { return Ok(()) };
+        let key = Key::new(keys::STATE)
+            .id(subscription)
+            .time(accepted_ms)
+            .id(&state.event)
+            .time(state.at_ms)
+            .number(state.attempt)
+            .done();
+        batch.insert(&ks, key, serde_json::to_vec(state).expect("states serialize"));
         Ok(())
+    }
+
+    /// Every version of one delivery's state, oldest first.
+    fn versions(&self, subscription: &str, event: &EventRecord) -> Result<Vec<DeliveryState>, IndexError> {
+        let Some(ks) = self.kept(keys::day(event.accepted_ms)) else { return Ok(Vec::new()) };
+        let prefix = Key::new(keys::STATE).id(subscription).time(event.accepted_ms).id(&event.id).done();
+        let mut versions = Vec::new();
+        for item in ks.prefix(&prefix) {
+            let (_, value) = item.into_inner()?;
+            if let Ok(v) = serde_json::from_slice::<DeliveryState>(&value) {
+                if v.event == event.id && v.tenant == event.tenant {
+                    versions.push(v);
+                }
+            }
+        }
+        Ok(versions)
     }
 
     /// Deletes every day past retention; returns how many entries went with them.
@@ -321,14 +338,24 @@ impl Index {
         Ok(entries)
     }
 
+    /// Writes everything in memory out to the index's tables (a bulk load's last step, so the
+    /// journal need not be replayed at the next start).
+    pub fn flush(&self) -> Result<(), IndexError> {
+        for ks in self.days.read().unwrap().values() {
+            ks.rotate_memtable_and_wait()?;
+        }
+        self.meta.rotate_memtable_and_wait()?;
+        Ok(())
+    }
+
     /// Bytes the index takes on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.db.disk_space().unwrap_or(0)
     }
 
-    /// Visits entries under `prefix` newest day first, within `[start, end)` of each day, from
-    /// after `from` (a cursor), until `visit` stops or [`SCAN_LIMIT`] entries were seen; returns
-    /// the cursor after the last entry visited if the scan did not reach the end.
+    /// Visits entries within `[start, end)` newest day first, from after `from` (a cursor),
+    /// until `visit` stops or [`SCAN_LIMIT`] entries were seen; returns the cursor after the
+    /// last entry visited if the scan did not reach the end.
     fn scan(
         &self,
         (start, end): (Vec<u8>, Option<Vec<u8>>),
@@ -363,52 +390,46 @@ impl Index {
 
     /// Attempts, newest first.
     pub fn attempts(&self, q: &AttemptQuery) -> Result<Page, IndexError> {
+        if let Some(event) = &q.event {
+            return self.attempts_of_event(q, event);
+        }
         let limit = q.limit.max(1);
         let from = q.cursor.as_deref().and_then(decode_cursor);
         let mut items: Vec<Box<RawValue>> = Vec::new();
-        let wanted = |view: &[u8]| -> Option<Box<RawValue>> {
-            if let Some(outcome) = &q.outcome {
-                #[derive(serde::Deserialize)]
-                struct Outcome<'a> {
-                    outcome: &'a str,
+        // The record at the `a` key, if it is one the query asks for.
+        let wanted = |ks: &Keyspace, a_key: &[u8], stored: Option<&[u8]>| -> Option<Box<RawValue>> {
+            let fetched;
+            let stored = match stored {
+                Some(s) => s,
+                None => {
+                    fetched = ks.get(a_key).ok().flatten()?;
+                    &fetched
                 }
-                if serde_json::from_slice::<Outcome>(view).ok()?.outcome != outcome {
-                    return None;
-                }
-            }
-            serde_json::from_slice(view).ok()
+            };
+            let Some(HistoryRecord::Attempt(a)) = HistoryRecord::decode(stored) else { return None };
+            let matches = a.tenant == q.tenant
+                && q.subscription.as_ref().is_none_or(|s| *s == a.subscription)
+                && q.outcome.as_ref().is_none_or(|o| *o == a.outcome);
+            matches.then(|| serde_json::value::to_raw_value(&attempt_view(&a)).ok()).flatten()
         };
-        // The attempt's full view, from the key of an entry pointing at it.
-        let view_at = |ks: &Keyspace, tenant: &str, time_and_id: &[u8]| -> Option<Vec<u8>> {
-            let mut key = Key::new(keys::ATTEMPT).part(tenant).done();
-            key.extend_from_slice(time_and_id);
-            ks.get(key).ok().flatten().map(|v| v.to_vec())
+        let prefix = match &q.subscription {
+            Some(sub) => Key::new(keys::BY_SUBSCRIPTION).id(sub).done(),
+            None => Key::new(keys::ATTEMPT).id(&q.tenant).done(),
         };
-        let (prefix, kind) = match (&q.event, &q.subscription) {
-            (Some(event), _) => (Key::new(keys::BY_EVENT).part(&q.tenant).part(event).done(), keys::BY_EVENT),
-            (None, Some(sub)) => (Key::new(keys::BY_SUBSCRIPTION).part(sub).done(), keys::BY_SUBSCRIPTION),
-            (None, None) => (Key::new(keys::ATTEMPT).part(&q.tenant).done(), keys::ATTEMPT),
-        };
+        let by_subscription = q.subscription.is_some();
         let bounds = newest_first_bounds(&prefix, q.since_ms, q.until_ms);
         let span = Self::day_span(q.since_ms, q.until_ms);
         let next = self.scan(bounds, span, from, |ks, key, value| {
-            let rest = &key[prefix.len()..];
-            let view = match kind {
-                keys::ATTEMPT => Some(value.to_vec()),
-                keys::BY_EVENT => {
-                    if q.subscription.as_deref().is_some_and(|s| s.as_bytes() != value) {
-                        return Flow::Go;
-                    }
-                    view_at(ks, &q.tenant, rest)
-                }
-                _ => match std::str::from_utf8(value) {
-                    Ok(tenant) if tenant == q.tenant => view_at(ks, tenant, rest),
-                    _ => None,
-                },
+            let item = if by_subscription {
+                // `s | sub | -at | attempt` → the tenant's hash: the `a` key is its neighbour.
+                let mut a_key = vec![keys::ATTEMPT];
+                a_key.extend_from_slice(value);
+                a_key.extend_from_slice(&key[prefix.len()..]);
+                wanted(ks, &a_key, None)
+            } else {
+                wanted(ks, key, Some(value))
             };
-            if let Some(item) = view.as_deref().and_then(wanted) {
-                items.push(item);
-            }
+            items.extend(item);
             if items.len() >= limit {
                 Flow::Stop
             } else {
@@ -418,23 +439,58 @@ impl Index {
         Ok(Page { items, next })
     }
 
+    /// One event's attempts, newest first: found through its deliveries' state versions.
+    fn attempts_of_event(&self, q: &AttemptQuery, event_id: &str) -> Result<Page, IndexError> {
+        let Some(event) = self.event(&q.tenant, event_id)? else { return Ok(Page::default()) };
+        let mut found: Vec<AttemptRecord> = Vec::new();
+        for sub in event.subscriptions.iter().filter(|s| q.subscription.as_ref().is_none_or(|w| w == *s)) {
+            for v in self.versions(sub, &event)? {
+                let Some(id) = &v.attempt_id else { continue };
+                let Some(ks) = self.kept(keys::day(v.at_ms)) else { continue };
+                let key = Key::new(keys::ATTEMPT).id(&event.tenant).newest_first(v.at_ms).id(id).done();
+                if let Some(HistoryRecord::Attempt(a)) = ks.get(key)?.and_then(|b| HistoryRecord::decode(&b)) {
+                    let within = q.since_ms.is_none_or(|s| a.at_ms >= s) && q.until_ms.is_none_or(|u| a.at_ms <= u);
+                    if a.id == *id && within && q.outcome.as_ref().is_none_or(|o| *o == a.outcome) {
+                        found.push(a);
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| (b.at_ms, &b.id).cmp(&(a.at_ms, &a.id)));
+        // A page of an event's attempts (rarely more than one): the cursor is where it starts.
+        let skip = q
+            .cursor
+            .as_deref()
+            .and_then(decode_cursor)
+            .map_or(0, |(_, k)| k.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes) as usize);
+        let limit = q.limit.max(1);
+        let more = found.len() > skip + limit;
+        let items = found
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .filter_map(|a| serde_json::value::to_raw_value(&attempt_view(a)).ok())
+            .collect();
+        let next = more.then(|| encode_cursor(u32::MAX, &((skip + limit) as u64).to_be_bytes()));
+        Ok(Page { items, next })
+    }
+
     /// The tenant's events, newest first: `{id, tenant, type, accepted_at}`.
     pub fn events(&self, q: &EventQuery) -> Result<Page, IndexError> {
         let limit = q.limit.max(1);
         let from = q.cursor.as_deref().and_then(decode_cursor);
-        let prefix = Key::new(keys::EVENTS).part(&q.tenant).done();
+        let prefix = Key::new(keys::EVENTS).id(&q.tenant).done();
         let bounds = newest_first_bounds(&prefix, q.since_ms, q.until_ms);
         let mut items = Vec::new();
         let next = self.scan(bounds, Self::day_span(q.since_ms, q.until_ms), from, |_, key, value| {
-            let event_type = String::from_utf8_lossy(value);
-            if q.event_type.as_deref().is_some_and(|t| t != event_type) {
+            let Ok((id, event_type)) = serde_json::from_slice::<(String, String)>(value) else { return Flow::Go };
+            if q.event_type.as_ref().is_some_and(|t| *t != event_type) {
                 return Flow::Go;
             }
-            let at = keys::read_time(key, prefix.len()).map(|inv| (u64::MAX - inv) as i64).unwrap_or(0);
-            if let Some((id, _)) = keys::read_part(key, prefix.len() + 8) {
-                let item = serde_json::json!({ "id": id, "tenant": q.tenant, "type": event_type, "accepted_at": rfc3339_ms(at) });
-                items.push(serde_json::value::to_raw_value(&item).expect("items serialize"));
-            }
+            let at = keys::read_word(key, prefix.len()).map(|inv| (u64::MAX - inv) as i64).unwrap_or(0);
+            let item =
+                serde_json::json!({ "id": id, "tenant": q.tenant, "type": event_type, "accepted_at": rfc3339_ms(at) });
+            items.push(serde_json::value::to_raw_value(&item).expect("items serialize"));
             if items.len() >= limit {
                 Flow::Stop
             } else {
@@ -446,11 +502,13 @@ impl Index {
 
     /// The event `id` of `tenant`, as recorded when it was accepted.
     pub fn event(&self, tenant: &str, id: &str) -> Result<Option<EventRecord>, IndexError> {
-        let key = Key::new(keys::EVENT).part(tenant).part(id).done();
+        let key = Key::new(keys::EVENT).id(tenant).id(id).done();
         for (_, ks) in self.days_newest_first(0, u32::MAX) {
             if let Some(v) = ks.get(&key)? {
                 if let Some(HistoryRecord::Event(e)) = HistoryRecord::decode(&v) {
-                    return Ok(Some(e));
+                    if e.tenant == tenant && e.id == id {
+                        return Ok(Some(e));
+                    }
                 }
             }
         }
@@ -459,49 +517,25 @@ impl Index {
 
     /// Each delivery of an event: its state, attempts, and when the last and next are.
     pub fn deliveries(&self, event: &EventRecord) -> Result<Vec<DeliveryView>, IndexError> {
-        let day = keys::day(event.accepted_ms);
-        let mut states: HashMap<String, DeliveryState> = HashMap::new();
-        if let Some(ks) = self.days.read().unwrap().get(&day).cloned() {
-            let prefix = Key::new(keys::STATE).part(&event.tenant).part(&event.id).done();
-            for item in ks.prefix(&prefix) {
-                let (key, value) = item.into_inner()?;
-                if let (Some((sub, _)), Ok(state)) =
-                    (keys::read_part(&key, prefix.len()), serde_json::from_slice::<DeliveryState>(&value))
-                {
-                    states.insert(sub.to_string(), state);
-                }
-            }
+        let mut views = Vec::with_capacity(event.subscriptions.len());
+        for sub in &event.subscriptions {
+            let versions = self.versions(sub, event)?;
+            let newest = versions.iter().reduce(|a, b| if b.newer_than(a) { b } else { a });
+            let attempts: Vec<&DeliveryState> = versions.iter().filter(|v| v.attempt_id.is_some()).collect();
+            views.push(DeliveryView {
+                subscription: sub.clone(),
+                state: newest.map_or(State::Pending, |s| s.state).as_str(),
+                attempts: attempts.len() as u32,
+                last_attempt_at: attempts.iter().map(|v| v.at_ms).max().map(rfc3339_ms),
+                next_attempt_at: newest.filter(|s| s.state == State::Retrying).and_then(|s| s.next_ms).map(rfc3339_ms),
+            });
         }
-        let mut attempts: HashMap<String, u32> = HashMap::new();
-        let prefix = Key::new(keys::BY_EVENT).part(&event.tenant).part(&event.id).done();
-        for (_, ks) in self.days_newest_first(day, u32::MAX) {
-            for item in ks.prefix(&prefix) {
-                let (_, sub) = item.into_inner()?;
-                *attempts.entry(String::from_utf8_lossy(&sub).into_owned()).or_default() += 1;
-            }
-        }
-        let mut subs = event.subscriptions.clone();
-        subs.extend(states.keys().filter(|s| !event.subscriptions.contains(s)).cloned());
-        Ok(subs
-            .into_iter()
-            .map(|sub| {
-                let state = states.get(&sub);
-                DeliveryView {
-                    state: state.map_or(State::Pending, |s| s.state).as_str(),
-                    attempts: attempts.get(&sub).copied().unwrap_or(0),
-                    last_attempt_at: state.and_then(|s| s.last_attempt_ms).map(rfc3339_ms),
-                    next_attempt_at: state
-                        .filter(|s| s.state == State::Retrying)
-                        .and_then(|s| s.next_ms)
-                        .map(rfc3339_ms),
-                    subscription: sub,
-                }
-            })
-            .collect())
+        Ok(views)
     }
 
     /// Events of `subscription` accepted within `[since, until]` whose delivery is dead-lettered
-    /// or retrying (or every one, with `all`), oldest first, at most `max`: `(tenant, event)`.
+    /// or retrying (or every one that was attempted, with `all`), oldest first, at most `max`:
+    /// `(tenant, event)`.
     pub fn recoverable(
         &self,
         subscription: &str,
@@ -510,37 +544,50 @@ impl Index {
         all: bool,
         max: usize,
     ) -> Result<Vec<(String, String)>, IndexError> {
-        let prefix = Key::new(keys::RECOVERY).part(subscription).done();
-        let mut start = prefix.clone();
-        start.extend_from_slice(&(since_ms.max(0) as u64).to_be_bytes());
-        let mut end = prefix.clone();
-        end.extend_from_slice(&(until_ms.max(0) as u64).saturating_add(1).to_be_bytes());
-        let mut found = Vec::new();
-        let days: Vec<(u32, Keyspace)> = self
+        let prefix = Key::new(keys::STATE).id(subscription).done();
+        let start = Key::new(keys::STATE).id(subscription).time(since_ms).done();
+        let end = Key::new(keys::STATE).id(subscription).time(until_ms.saturating_add(1)).done();
+        let days: Vec<Keyspace> = self
             .days
             .read()
             .unwrap()
             .range(keys::day(since_ms)..=keys::day(until_ms))
-            .map(|(d, k)| (*d, k.clone()))
+            .map(|(_, k)| k.clone())
             .collect();
-        for (_, ks) in days {
+        let mut found = Vec::new();
+        // Versions of one delivery are neighbours (same accepted time and event), oldest first.
+        let mut current: Option<(Vec<u8>, DeliveryState)> = None;
+        let take = |(_, newest): (Vec<u8>, DeliveryState), found: &mut Vec<(String, String)>| {
+            if all || matches!(newest.state, State::DeadLettered | State::Retrying) {
+                found.push((newest.tenant, newest.event));
+            }
+        };
+        for ks in days {
             for item in ks.range(start.clone()..end.clone()) {
-                let (key, tenant) = item.into_inner()?;
-                let Some((event, _)) = keys::read_part(&key, prefix.len() + 8) else { continue };
-                let tenant = String::from_utf8_lossy(&tenant).into_owned();
-                if !all {
-                    let state_key = Key::new(keys::STATE).part(&tenant).part(event).part(subscription).done();
-                    let state = ks.get(state_key)?.and_then(|v| serde_json::from_slice::<DeliveryState>(&v).ok());
-                    if !matches!(state.map(|s| s.state), Some(State::DeadLettered | State::Retrying)) {
-                        continue;
+                let (key, value) = item.into_inner()?;
+                let delivery = key[..prefix.len() + 16].to_vec();
+                let Ok(state) = serde_json::from_slice::<DeliveryState>(&value) else { continue };
+                match &mut current {
+                    Some((d, newest)) if *d == delivery => {
+                        if state.newer_than(newest) {
+                            *newest = state;
+                        }
                     }
-                }
-                found.push((tenant, event.to_string()));
-                if found.len() >= max {
-                    return Ok(found);
+                    _ => {
+                        if let Some(done) = current.replace((delivery, state)) {
+                            take(done, &mut found);
+                            if found.len() >= max {
+                                return Ok(found);
+                            }
+                        }
+                    }
                 }
             }
         }
+        if let Some(done) = current {
+            take(done, &mut found);
+        }
+        found.truncate(max);
         Ok(found)
     }
 }

@@ -16,7 +16,7 @@ pub use index::{AttemptQuery, DeliveryView, EventQuery, Index, IndexError, Page}
 pub use record::{AttemptRecord, EventRecord, HistoryRecord, State, StateRecord};
 pub use recorder::Recorder;
 
-use crate::log::{Log, LogError};
+use crate::log::{Log, LogError, LogRecord};
 use crate::metrics::Metrics;
 use crate::model::now_ms;
 use std::path::Path;
@@ -34,6 +34,7 @@ pub struct History {
     /// Answers queries.
     pub index: Arc<Index>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl History {
@@ -49,9 +50,12 @@ impl History {
     ) -> Result<Arc<History>, HistoryError> {
         let index = Arc::new(Index::open(dir, retention)?);
         let partitions = log.partitions(topic)?;
+        let (indexer, thread) = Indexer::start(index.clone());
         let mut tasks = Vec::new();
         for partition in 0..partitions {
-            tasks.push(tokio::spawn(follow(log.clone(), topic.to_string(), partition, index.clone(), stop.clone())));
+            let follow =
+                follow(log.clone(), topic.to_string(), partition, index.clone(), indexer.clone(), stop.clone());
+            tasks.push(tokio::spawn(follow));
         }
         tasks.push(tokio::spawn(upkeep(log.clone(), topic.to_string(), partitions, index.clone(), stop)));
         let bytes = index.clone();
@@ -60,7 +64,12 @@ impl History {
         metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(0);
         metrics::counter!(crate::metrics::HISTORY_LATE).increment(0);
         let recorder = Recorder::start(log, topic.to_string());
-        Ok(Arc::new(History { recorder, index, tasks: std::sync::Mutex::new(tasks) }))
+        Ok(Arc::new(History {
+            recorder,
+            index,
+            tasks: std::sync::Mutex::new(tasks),
+            thread: std::sync::Mutex::new(thread),
+        }))
     }
 
     /// Waits for the readers to end (after the stop signal), so the index is closed once the
@@ -69,6 +78,11 @@ impl History {
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
         for t in tasks {
             let _ = t.await;
+        }
+        // The readers are gone, so the indexing thread's queue closes and it ends.
+        let thread = self.thread.lock().unwrap().take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 }
@@ -84,8 +98,54 @@ pub enum HistoryError {
     Log(#[from] LogError),
 }
 
+/// One batch for the indexing thread, and where to say it is done.
+type Job = (u32, Vec<LogRecord>, u64, std::sync::mpsc::SyncSender<Result<usize, IndexError>>);
+
+/// The thread that writes the index, at the lowest CPU priority: the index is derived data,
+/// so when deliveries need every core it falls behind (`herald_history_lag`) and catches up
+/// when they do not, instead of slowing them. Readers hand it batches and wait for each.
+#[derive(Clone)]
+struct Indexer(std::sync::mpsc::SyncSender<Job>);
+
+impl Indexer {
+    fn start(index: Arc<Index>) -> (Indexer, Option<std::thread::JoinHandle<()>>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(2);
+        let spawned = std::thread::Builder::new().name("history-index".into()).spawn(move || {
+            // Linux gives each thread its own nice value: only this one yields.
+            if let Err(e) = rustix::process::setpriority_process(None, 19) {
+                tracing::debug!(error = %e, "could not lower the history indexer's priority");
+            }
+            for (partition, records, next, done) in rx {
+                let _ = done.send(index.apply(partition, &records, next, now_ms()));
+            }
+        });
+        let thread = spawned.map_err(|e| tracing::error!(error = %e, "cannot start the history indexer")).ok();
+        (Indexer(tx), thread)
+    }
+
+    /// Indexes a batch; `None` once the indexer is gone.
+    async fn apply(&self, partition: u32, records: Vec<LogRecord>, next: u64) -> Option<Result<usize, IndexError>> {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let tx = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            tx.send((partition, records, next, done)).ok()?;
+            result.recv().ok()
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
 /// Reads one partition of the topic into the index, from where the index left off.
-async fn follow(log: Arc<dyn Log>, topic: String, partition: u32, index: Arc<Index>, mut stop: watch::Receiver<bool>) {
+async fn follow(
+    log: Arc<dyn Log>,
+    topic: String,
+    partition: u32,
+    index: Arc<Index>,
+    indexer: Indexer,
+    mut stop: watch::Receiver<bool>,
+) {
     let pause = Duration::from_millis(500);
     loop {
         let from = index.offset(partition);
@@ -100,7 +160,7 @@ async fn follow(log: Arc<dyn Log>, topic: String, partition: u32, index: Arc<Ind
         };
         loop {
             let batch = tokio::select! {
-                b = reader.next_batch(1024) => b,
+                b = reader.next_batch(4096) => b,
                 _ = crate::shutdown::stopped(&mut stop) => return,
             };
             let records = match batch {
@@ -114,16 +174,14 @@ async fn follow(log: Arc<dyn Log>, topic: String, partition: u32, index: Arc<Ind
                 }
             };
             let next = records.last().map_or(from, |r| r.offset + 1);
-            let idx = index.clone();
-            let applied = tokio::task::spawn_blocking(move || idx.apply(partition, &records, next, now_ms())).await;
-            match applied {
-                Ok(Ok(n)) => metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(n as u64),
-                Ok(Err(e)) => {
+            match indexer.apply(partition, records, next).await {
+                Some(Ok(n)) => metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(n as u64),
+                Some(Err(e)) => {
                     tracing::error!(partition, error = %e, "indexing history failed; resuming from the last indexed record");
                     tokio::time::sleep(pause).await;
                     break;
                 }
-                Err(_) => return,
+                None => return,
             }
         }
     }
@@ -138,6 +196,7 @@ async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<In
             _ = crate::shutdown::stopped(&mut stop) => return,
         }
         let idx = index.clone();
+        Index::yield_to_delivery();
         match tokio::task::spawn_blocking(move || idx.expire(now_ms())).await {
             Ok(Ok(n)) if n > 0 => metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(n),
             Ok(Err(e)) => tracing::warn!(error = %e, "expiring history failed"),

@@ -153,21 +153,26 @@ impl HistoryRecord {
     }
 }
 
-/// The latest state of one delivery, as kept in the index.
+/// One version of a delivery's state, as kept in the index: each attempt (and each change
+/// without one) adds a version, and the newest is the delivery's state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeliveryState {
     /// Where it stands.
     pub state: State,
-    /// When that became so (the newest wins).
+    /// When that became so.
     pub at_ms: i64,
-    /// The attempt that made it so (0 for none), breaking ties.
+    /// The attempt that made it so (0 for a change without one).
     pub attempt: u32,
-    /// When its last attempt started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_attempt_ms: Option<i64>,
     /// When the next attempt is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_ms: Option<i64>,
+    /// The event's tenant.
+    pub tenant: String,
+    /// The event.
+    pub event: String,
+    /// The attempt's id, for an attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_id: Option<String>,
 }
 
 impl DeliveryState {

@@ -1,57 +1,72 @@
-//! Appends history records to the history topic. Attempts are gathered from every delivery in
-//! flight into one append (the log's group commit makes that one write), and each delivery
-//! waits for its record to be durable before its offset may be committed: after a crash no
-//! settled attempt is missing. The wait has a budget: if the log cannot take history records
-//! in time, delivery goes on (`herald_history_late_total`) and the record is still written
-//! when it can be.
+//! Appends history records to the history topic. Attempts from every delivery in flight are
+//! gathered into one append (the log's group commit makes that one write). A delivery does not
+//! wait for its record: instead its partition's commit point does ([`Recorder::gate`]), so an
+//! offset is committed only once the history records of everything before it are durable, and
+//! after a crash no settled attempt is missing. The wait has a budget: if the log cannot take
+//! history in time, commits go on (`herald_history_late_total`) and the records follow.
 
 use super::record::HistoryRecord;
-use crate::log::{Log, LogError, Record};
-use std::sync::Arc;
+use crate::log::{Committer, Log, LogError, Record};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
-/// The longest a delivery waits for its history record.
+/// The longest a commit waits for history records.
 const BUDGET: Duration = Duration::from_secs(2);
 /// Records gathered into one append at most.
 const BATCH: usize = 4096;
-/// Appends in flight at once (later batches do not wait for an earlier slow one).
-const APPENDS: usize = 4;
-/// Records waiting to be appended at most; beyond, new ones are not waited for.
+/// Records waiting to be appended at most; beyond, new ones are dropped (and counted late).
 const QUEUE: usize = 1 << 16;
-
-struct Pending {
-    record: Record,
-    done: oneshot::Sender<()>,
-}
 
 /// Writes history records.
 pub struct Recorder {
     log: Arc<dyn Log>,
     topic: String,
-    queue: mpsc::Sender<Pending>,
+    queue: mpsc::Sender<(u64, Record)>,
+    /// Held while numbering and queueing a record, so the queue is in sequence order.
+    order: Mutex<()>,
+    /// Sequence number of the last record queued.
+    queued: AtomicU64,
+    /// Sequence number up to which every record queued is durable.
+    durable: watch::Receiver<u64>,
+    /// Gated committers with commits waiting.
+    waiting: Mutex<Vec<std::sync::Weak<Gated>>>,
 }
 
 impl Recorder {
     /// A recorder appending to `topic`, with its writer running.
     pub fn start(log: Arc<dyn Log>, topic: String) -> Arc<Recorder> {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write(log.clone(), topic.clone(), rx));
-        Arc::new(Recorder { log, topic, queue })
+        let (durable_tx, durable) = watch::channel(0);
+        tokio::spawn(write(log.clone(), topic.clone(), rx, durable_tx));
+        let recorder = Arc::new(Recorder {
+            log,
+            topic,
+            queue,
+            order: Mutex::new(()),
+            queued: AtomicU64::new(0),
+            durable: durable.clone(),
+            waiting: Mutex::default(),
+        });
+        tokio::spawn(release(Arc::downgrade(&recorder), durable));
+        recorder
     }
 
     fn record_of(rec: &HistoryRecord) -> Record {
         Record { key: bytes::Bytes::copy_from_slice(rec.key().as_bytes()), value: rec.encode() }
     }
 
-    /// Records `rec` and waits until it is durable, or for the budget at most.
-    pub async fn record(&self, rec: &HistoryRecord) {
-        let (done, durable) = oneshot::channel();
-        if self.queue.try_send(Pending { record: Self::record_of(rec), done }).is_err() {
-            metrics::counter!(crate::metrics::HISTORY_LATE).increment(1);
-            return;
-        }
-        if tokio::time::timeout(BUDGET, durable).await.is_err() {
+    /// Queues `rec`; it is durable by the time a commit gated by this recorder goes through.
+    pub fn record(&self, rec: &HistoryRecord) {
+        let record = Self::record_of(rec);
+        let _ordered = self.order.lock().unwrap();
+        let seq = self.queued.load(Ordering::SeqCst) + 1;
+        if self.queue.try_send((seq, record)).is_ok() {
+            self.queued.store(seq, Ordering::SeqCst);
+        } else {
             metrics::counter!(crate::metrics::HISTORY_LATE).increment(1);
         }
     }
@@ -64,44 +79,145 @@ impl Recorder {
         }
         self.log.append(&self.topic, records.iter().map(Self::record_of).collect()).await.map(|_| ())
     }
+
+    /// Waits until every record queued so far is durable, or the budget passed.
+    pub async fn synced(&self) {
+        let target = self.queued.load(Ordering::SeqCst);
+        let mut durable = self.durable.clone();
+        let _ = tokio::time::timeout(BUDGET, durable.wait_for(|d| *d >= target)).await;
+    }
+
+    /// `inner`, committing an offset only once every history record queued before it is
+    /// durable (or the budget passed).
+    pub fn gate(self: &Arc<Self>, inner: Arc<dyn Committer>) -> Arc<dyn Committer> {
+        Arc::new_cyclic(|me| Gated { inner, recorder: self.clone(), pending: Mutex::default(), me: me.clone() })
+    }
 }
 
-/// The writer: takes whatever is queued, appends it in one go (retrying a failed append until
-/// the log takes it), then tells each waiting delivery.
-async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<Pending>) {
-    let slots = Arc::new(Semaphore::new(APPENDS));
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
+/// A committer whose commits wait for the history.
+struct Gated {
+    inner: Arc<dyn Committer>,
+    recorder: Arc<Recorder>,
+    /// Commits waiting: the offset, the last record before it, and when to stop waiting.
+    pending: Mutex<VecDeque<(u64, u64, Instant)>>,
+    me: std::sync::Weak<Gated>,
+}
+
+impl Committer for Gated {
+    fn commit(&self, next: u64) {
+        let seq = self.recorder.queued.load(Ordering::SeqCst);
+        if *self.recorder.durable.borrow() >= seq && self.pending.lock().unwrap().is_empty() {
+            self.inner.commit(next);
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap();
+        if pending.is_empty() {
+            self.recorder.waiting.lock().unwrap().push(self.me.clone());
+        }
+        pending.push_back((next, seq, Instant::now() + BUDGET));
+    }
+
+    fn end_offset(&self) -> u64 {
+        self.inner.end_offset()
+    }
+
+    fn committed(&self) -> u64 {
+        self.inner.committed()
+    }
+}
+
+impl Drop for Gated {
+    /// The last commits whose history is durable go through as the shard lets go (it waits
+    /// for [`Recorder::synced`] first when it stops).
+    fn drop(&mut self) {
+        let done = *self.recorder.durable.borrow();
+        let pending = self.pending.get_mut().unwrap();
+        if let Some(next) = pending.iter().take_while(|(_, seq, _)| *seq <= done).map(|(n, _, _)| *n).last() {
+            self.inner.commit(next);
+        }
+    }
+}
+
+impl Gated {
+    /// Commits what may go through now; whether commits are still waiting.
+    fn release(&self, durable: u64, now: Instant) -> bool {
+        let mut pending = self.pending.lock().unwrap();
+        let mut release = None;
+        let mut late = 0;
+        while let Some(&(next, seq, until)) = pending.front() {
+            if seq <= durable {
+                release = Some(next);
+            } else if until <= now {
+                release = Some(next);
+                late += 1;
+            } else {
+                break;
+            }
+            pending.pop_front();
+        }
+        if let Some(next) = release {
+            self.inner.commit(next);
+        }
+        if late > 0 {
+            metrics::counter!(crate::metrics::HISTORY_LATE).increment(late);
+        }
+        !pending.is_empty()
+    }
+}
+
+/// Lets waiting commits through as the history they wait for becomes durable, or once their
+/// budget is spent; only committers with commits waiting are looked at.
+async fn release(recorder: std::sync::Weak<Recorder>, mut durable: watch::Receiver<u64>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            changed = durable.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let Some(recorder) = recorder.upgrade() else { return };
+        let done = *durable.borrow();
+        let now = Instant::now();
+        let waiting = std::mem::take(&mut *recorder.waiting.lock().unwrap());
+        let still: Vec<_> = waiting.into_iter().filter(|w| w.upgrade().is_some_and(|g| g.release(done, now))).collect();
+        recorder.waiting.lock().unwrap().extend(still);
+    }
+}
+
+/// Appends `records`, retrying a failed append until the log takes it (or is closed, or could
+/// never take it).
+async fn append_until_taken(log: &Arc<dyn Log>, topic: &str, records: Vec<Record>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match log.append(topic, records.clone()).await {
+            Ok(_) | Err(LogError::Closed) => return,
+            Err(e @ LogError::TooLarge { .. }) => {
+                tracing::error!(error = %e, "history records too large for the log; dropped");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, records = records.len(), "history append failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The writer: takes whatever is queued, appends it in one go, then marks it durable.
+async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Record)>, durable: watch::Sender<u64>) {
+    while let Some((first_seq, first)) = rx.recv().await {
+        let mut last = first_seq;
+        let mut records = vec![first];
+        while records.len() < BATCH {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok((seq, r)) => {
+                    last = last.max(seq);
+                    records.push(r);
+                }
                 Err(_) => break,
             }
         }
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let (log, topic) = (log.clone(), topic.clone());
-        tokio::spawn(async move {
-            let records: Vec<Record> = batch.iter().map(|p| p.record.clone()).collect();
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                match log.append(&topic, records.clone()).await {
-                    Ok(_) => break,
-                    Err(LogError::Closed) => return,
-                    Err(e @ LogError::TooLarge { .. }) => {
-                        tracing::error!(error = %e, "history records too large for the log; dropped");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, records = records.len(), "history append failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-            for p in batch {
-                let _ = p.done.send(());
-            }
-            drop(slot);
-        });
+        append_until_taken(&log, &topic, records).await;
+        durable.send_modify(|d| *d = (*d).max(last));
     }
 }
