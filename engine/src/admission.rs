@@ -16,6 +16,33 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// A circuit breaker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Breaker {
+    /// Deliveries go through.
+    Closed,
+    /// Paused after consecutive failures.
+    Open,
+    /// The pause is over: one probe decides.
+    HalfOpen,
+}
+
+/// An endpoint's health in this process: what an operator looks at first.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EndpointHealth {
+    /// The breaker.
+    pub breaker: Breaker,
+    /// Attempts in flight now.
+    pub in_flight: u32,
+    /// The in-flight cap.
+    pub max_in_flight: u32,
+    /// Recent attempts' mean latency (exponentially weighted), ms.
+    pub latency_ms: f64,
+    /// Failures in a row since the last success.
+    pub consecutive_failures: u32,
+}
+
 /// In-flight cap of a subscription that sets none.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 64;
 
@@ -105,6 +132,7 @@ pub struct Health {
 #[derive(Debug)]
 pub struct Admission {
     slots: Arc<Semaphore>,
+    cap: u32,
     bucket: Option<Bucket>,
     /// Exponentially weighted mean of attempt latency, microseconds.
     latency_us: AtomicU64,
@@ -127,6 +155,7 @@ impl Admission {
         let rate_limit = rate_limit.map(|r| range::clamp_f64(r, range::RATE_LIMIT));
         Admission {
             slots: Arc::new(Semaphore::new(cap as usize)),
+            cap,
             // A second's worth in a burst.
             bucket: rate_limit.map(|rate| Bucket::new(rate, rate)),
             latency_us: AtomicU64::new(0),
@@ -143,6 +172,24 @@ impl Admission {
     /// Mean latency of recent attempts.
     pub fn latency(&self) -> Duration {
         Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
+    }
+
+    /// The endpoint's health as this process sees it now, for people (the API's `health`).
+    pub fn health(&self) -> EndpointHealth {
+        let now = now_ms();
+        let until = self.open_until_ms.load(Ordering::Acquire);
+        let breaker = match until {
+            0 => Breaker::Closed,
+            _ if now < until => Breaker::Open,
+            _ => Breaker::HalfOpen,
+        };
+        EndpointHealth {
+            breaker,
+            in_flight: self.cap.saturating_sub(self.slots.available_permits().min(u32::MAX as usize) as u32),
+            max_in_flight: self.cap,
+            latency_ms: self.latency().as_secs_f64() * 1000.0,
+            consecutive_failures: self.failures.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether the breaker is open now.
@@ -285,6 +332,19 @@ mod tests {
         // (Without waiting out its patience again: bounded by it, not by a guess at how
         // loaded the machine running the test is.)
         assert!(started.elapsed() < PATIENCE);
+    }
+
+    #[tokio::test]
+    async fn health_shows_the_breaker_the_slots_taken_and_the_failures() {
+        let e = Admission::new(Some(4), None, health(2, 10_000));
+        let (slot, probe) = e.admit().await.unwrap();
+        let h = e.health();
+        assert_eq!((h.breaker, h.in_flight, h.max_in_flight, h.consecutive_failures), (Breaker::Closed, 1, 4, 0));
+        e.failed(probe);
+        e.failed(false);
+        drop(slot);
+        let h = e.health();
+        assert_eq!((h.breaker, h.in_flight, h.consecutive_failures), (Breaker::Open, 0, 2));
     }
 
     #[tokio::test]

@@ -388,6 +388,11 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         tests,
         request_timeout: config.api.request_timeout.0,
         tenants: stores.tenants.clone(),
+        portal: api::portal::Portal {
+            key: api::portal::PortalKey::derive(&token),
+            ttl: config.api.portal_ttl.0,
+            public_url: config.api.public_url.clone(),
+        },
     };
     let (addr, api) = serve_api(&config, state, stop_rx).await?;
     tracing::info!(%addr, backend = ?config.log.backend, data_dir = %config.data_dir.display(), "herald is serving");

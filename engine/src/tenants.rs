@@ -27,6 +27,25 @@ pub struct Tenant {
     pub created_at: String,
 }
 
+/// An API key as listed: which one, since when; the key itself is never shown again.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    /// Key id (`key_…`), what revoking names.
+    pub id: String,
+    /// When it was issued, RFC 3339.
+    pub created_at: String,
+}
+
+/// A tenant with its keys, as `GET /v1/tenants` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantKeys {
+    /// The tenant's id, name and creation time.
+    #[serde(flatten)]
+    pub tenant: Tenant,
+    /// Its live keys, oldest first.
+    pub keys: Vec<KeyInfo>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredKey {
     id: String,
@@ -97,6 +116,28 @@ impl Tenants {
     /// A tenant by id, as this process has applied it.
     pub fn get(&self, id: &str) -> Option<Tenant> {
         self.state.read().unwrap().tenants.get(id).cloned()
+    }
+
+    /// Every tenant, oldest first, with its keys' ids and creation times (never their
+    /// digests).
+    pub fn list(&self) -> Vec<TenantKeys> {
+        let state = self.state.read().unwrap();
+        let mut items: Vec<TenantKeys> = state
+            .tenants
+            .values()
+            .map(|t| {
+                let mut keys: Vec<KeyInfo> = state
+                    .keys
+                    .values()
+                    .filter(|k| k.tenant == t.id)
+                    .map(|k| KeyInfo { id: k.id.clone(), created_at: k.created_at.clone() })
+                    .collect();
+                keys.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+                TenantKeys { tenant: t.clone(), keys }
+            })
+            .collect();
+        items.sort_by(|a, b| (&a.tenant.created_at, &a.tenant.id).cmp(&(&b.tenant.created_at, &b.tenant.id)));
+        items
     }
 
     /// Issues a key for `tenant`: returns its id and the key, which is never shown again.

@@ -1,5 +1,6 @@
-//! Who is calling: the admin token or a tenant's API key, checked in constant time. A
-//! tenant key sees only its tenant's objects; another tenant's ids answer 404.
+//! Who is calling: the admin token, a tenant's API key, or a tenant's portal link (see
+//! `portal`), checked in constant time. A tenant key or portal link sees only its tenant's
+//! objects; another tenant's ids answer 404.
 
 use super::error::ApiError;
 use super::AppState;
@@ -62,6 +63,12 @@ impl FromRequestParts<AppState> for Principal {
         let token = bearer(&parts.headers).ok_or_else(ApiError::unauthorized)?;
         if crate::tenants::same_secret(token, &state.admin_token) {
             return Ok(Principal::Admin);
+        }
+        if token.starts_with("hp.") {
+            // A portal link: its tenant, within its lifetime, limited like that tenant's keys.
+            let tenant = state.portal.key.verify(token, crate::model::now_ms()).ok_or_else(ApiError::unauthorized)?;
+            state.key_rate.admit(&format!("portal:{tenant}"))?;
+            return Ok(Principal::Tenant(tenant));
         }
         let tenant = state.tenants.authenticate(token).ok_or_else(ApiError::unauthorized)?;
         // Authenticated first, so nobody can spend another key's rate.

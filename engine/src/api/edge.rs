@@ -56,8 +56,16 @@ pub async fn list(
     StrictQuery(q): StrictQuery<ListQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let tenant = who.tenant().or(q.tenant.as_deref());
-    let items = state.devices.list(tenant);
+    let items: Vec<_> = state.devices.list(tenant).iter().map(|d| view(&state, d)).collect();
     Ok(Json(serde_json::json!({ "items": items })))
+}
+
+/// A device as the API shows it: with `connected`, whether its agent is connected to any
+/// process of the deployment (as the registry topic last said).
+fn view(state: &AppState, device: &crate::devices::EdgeDevice) -> serde_json::Value {
+    let mut body = serde_json::to_value(device).expect("serializes");
+    body["connected"] = state.devices.located(&device.id).is_some().into();
+    body
 }
 
 /// Reads one device.
@@ -67,7 +75,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let device = state.devices.get(&id, who.tenant()).ok_or_else(|| ApiError::not_found("edge device"))?;
-    Ok(Json(device))
+    Ok(Json(view(&state, &device)))
 }
 
 /// Deletes a device; its token stops working.

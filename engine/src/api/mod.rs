@@ -1,12 +1,14 @@
 //! The HTTP API (`/v1`, JSON, bearer tokens) and the health endpoints.
 
 mod auth;
+mod console;
 mod dlq;
 mod edge;
 mod error;
 mod events;
 mod history;
 mod page;
+pub mod portal;
 mod subscriptions;
 mod tenants;
 mod throttle;
@@ -63,6 +65,8 @@ pub struct AppState {
     pub devices: Arc<crate::devices::Devices>,
     /// Connected edge agents.
     pub edge: Arc<crate::transport::edge::EdgeHub>,
+    /// Portal links: their key, lifetime and base URL.
+    pub portal: portal::Portal,
 }
 
 /// The router of every endpoint.
@@ -78,7 +82,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/subscriptions/{id}", get(subscriptions::get).patch(subscriptions::patch).delete(subscriptions::delete))
         .route("/v1/subscriptions/{id}/rotate-secret", post(subscriptions::rotate_secret))
         .route("/v1/subscriptions/{id}/test", post(subscriptions::test))
-        .route("/v1/tenants", post(tenants::create))
+        .route("/v1/tenants", post(tenants::create).get(tenants::list))
+        .route("/v1/tenants/{id}/portal", post(portal::mint))
         .route("/v1/tenants/{id}/keys", post(tenants::issue_key))
         .route("/v1/tenants/{id}/keys/{key_id}", axum::routing::delete(tenants::revoke_key))
         .route("/v1/edge-devices", post(edge::create).get(edge::list))
@@ -90,6 +95,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/console", get(console::console))
+        .route("/portal", get(console::portal))
+        .route("/console/assets/{file}", get(console::asset))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {

@@ -58,7 +58,7 @@ pub async fn list(
     let limit = page::limit(q.limit)?;
     let tenant = who.tenant().or(q.tenant.as_deref());
     let (page, next) = state.registry.list(tenant, q.cursor.as_deref(), limit);
-    let items: Vec<_> = page.iter().map(|t| t.sub.view()).collect();
+    let items: Vec<_> = page.iter().map(|t| view(t)).collect();
     Ok(Json(serde_json::json!({ "items": items, "next": next })))
 }
 
@@ -69,7 +69,15 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = visible(&state, &who, &id)?;
-    Ok(Json(target.sub.view()))
+    Ok(Json(view(&target)))
+}
+
+/// A subscription as reads show it: its view (no secrets) and its endpoint's `health` in
+/// this process.
+fn view(target: &crate::target::Target) -> serde_json::Value {
+    let mut body = target.sub.view();
+    body["health"] = serde_json::to_value(target.admission.health()).expect("serializes");
+    body
 }
 
 /// Deletes one subscription; its pending deliveries are dropped.
@@ -100,7 +108,7 @@ pub async fn patch(
     }
     let target =
         state.registry.update(&id, who.tenant(), &patch).await?.ok_or_else(|| ApiError::not_found("subscription"))?;
-    Ok(Json(target.sub.view()))
+    Ok(Json(view(&target)))
 }
 
 /// `POST /v1/subscriptions/{id}/rotate-secret` body: the new secret, or none to generate one.

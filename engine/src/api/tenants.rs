@@ -1,4 +1,4 @@
-//! `/v1/tenants`: the admin creates tenants and issues and revokes their API keys.
+//! `/v1/tenants`: the admin lists and creates tenants and issues and revokes their API keys.
 
 use super::auth::Admin;
 use super::error::{ApiError, JsonBody};
@@ -28,6 +28,11 @@ pub async fn create(
     }
     let tenant = state.tenants.create(name).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": tenant.id, "name": tenant.name }))))
+}
+
+/// Lists tenants, oldest first, with their keys' ids: `{"items"}`.
+pub async fn list(_: Admin, State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "items": state.tenants.list() }))
 }
 
 /// Issues an API key: `{"id","key"}`; the key is shown this once.

@@ -202,6 +202,11 @@ pub struct ApiConfig {
     /// Requests per second one tenant key may make (twice as many in a burst); `429` with
     /// `Retry-After` beyond. The admin token is not limited.
     pub key_rate_limit: f64,
+    /// The URL people reach this deployment at (`https://herald.example.com`), which portal
+    /// links start with; unset, a link starts with the `Host` the admin's request came to.
+    pub public_url: Option<String>,
+    /// How long a tenant portal link works unless the request says otherwise.
+    pub portal_ttl: HumanDuration,
 }
 
 impl Default for ApiConfig {
@@ -211,6 +216,8 @@ impl Default for ApiConfig {
             header_read_timeout: Duration::from_secs(10).into(),
             request_timeout: Duration::from_secs(60).into(),
             key_rate_limit: 100.0,
+            public_url: None,
+            portal_ttl: Duration::from_secs(3600).into(),
         }
     }
 }
@@ -671,6 +678,14 @@ impl Config {
         }
         if !(1024..=12 << 20).contains(&self.ingest.max_event_bytes) {
             return reject("ingest.max_event_bytes", "must be between 1024 and 12582912 (12 MiB)");
+        }
+        if let Some(url) = &self.api.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<http::Uri>().is_err() {
+                return reject("api.public_url", "must be an http:// or https:// URL");
+            }
+        }
+        if !(crate::api::portal::MIN_TTL..=crate::api::portal::MAX_TTL).contains(&self.api.portal_ttl.0) {
+            return reject("api.portal_ttl", "must be from 1 minute to 7 days");
         }
         if self.api.max_connections == 0 || !(self.api.key_rate_limit > 0.0 && self.api.key_rate_limit.is_finite()) {
             return reject("api.max_connections", "max_connections and key_rate_limit must be more than zero");

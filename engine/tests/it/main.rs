@@ -2,6 +2,7 @@
 
 mod amqp;
 mod api;
+mod console;
 mod crash;
 mod delivery;
 mod durability;

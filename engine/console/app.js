@@ -1,0 +1,788 @@
+// Herald Console and tenant portal: one script, no framework, no build step. It uses only the
+// public /v1 API and /metrics, with the token it keeps in session storage (never in the URL),
+// so everything here can be scripted. Pages are built with DOM calls, never from HTML strings,
+// so no value from the API can become markup.
+"use strict";
+
+const PORTAL = location.pathname.startsWith("/portal");
+const TOKEN_KEY = "herald.token";
+const session = { token: sessionStorage.getItem(TOKEN_KEY), role: null };
+let timers = [];
+// A secret to show once on the next page (a new subscription's), held in memory only.
+let flash = null;
+
+// ---------- DOM helpers ----------
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "text") el.textContent = v;
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+const fmtTime = (s) => (s ? new Date(s).toLocaleString() : "—");
+const fmtNum = (n, d = 0) => (Number.isFinite(n) ? n.toLocaleString(undefined, { maximumFractionDigits: d }) : "—");
+const badge = (text, kind) => h("span", { class: "badge " + (kind || "") }, text);
+const STATE_KIND = { delivered: "ok", dead_lettered: "bad", dropped: "bad", retrying: "warn", pending: "" };
+const stateBadge = (s) => badge(s.replace("_", " "), STATE_KIND[s] ?? "");
+const outcomeBadge = (o) => badge(o.replace("_", " "), o === "delivered" ? "ok" : "bad");
+const link = (href, text) => h("a", { href }, text);
+const empty = (text) => h("p", { class: "empty" }, text);
+
+function table(headers, rows, emptyText) {
+  if (!rows.length) return empty(emptyText);
+  return h("div", { class: "table-wrap" },
+    h("table", {},
+      h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))),
+      h("tbody", {}, rows)));
+}
+
+function errorBox(err) {
+  const text = err.field ? `${err.field}: ${err.message}` : err.message;
+  return h("div", { class: "alert error", role: "alert" }, text);
+}
+
+function secretBox(title, value) {
+  const code = h("code", { "data-secret": "" }, value);
+  const copy = h("button", { type: "button", onclick: () => navigator.clipboard?.writeText(value) }, "Copy");
+  return h("div", { class: "alert secret", role: "status" }, h("strong", {}, title), code,
+    h("div", { class: "muted" }, "Shown this once: store it now."), copy);
+}
+
+// ---------- the API ----------
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const e = (body && body.error) || {};
+    super(e.message || `HTTP ${status}`);
+    this.status = status;
+    this.code = e.code;
+    this.field = e.field;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { authorization: "Bearer " + session.token };
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await res.text();
+  let json = null;
+  try { json = text ? JSON.parse(text) : null; } catch { json = null; }
+  if (res.status === 401 && session.role) { signOut("Your session ended: sign in again."); throw new ApiError(401, json); }
+  if (!res.ok) throw new ApiError(res.status, json);
+  return json;
+}
+
+const q = (params) => {
+  const s = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null && v !== "") s.set(k, v);
+  const t = s.toString();
+  return t ? "?" + t : "";
+};
+
+// ---------- session ----------
+
+async function whoAmI() {
+  // The admin token lists tenants; a tenant key or portal link is refused there (403).
+  try {
+    await api("GET", "/v1/tenants");
+    return "admin";
+  } catch (e) {
+    if (e.status === 403) return "tenant";
+    throw e;
+  }
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  session.token = null;
+  session.role = null;
+  renderLogin(message);
+}
+
+function renderLogin(message) {
+  stopTimers();
+  const input = h("input", { id: "token", type: "password", autocomplete: "off", required: true, "aria-describedby": "token-help" });
+  const out = h("div", {});
+  if (message) out.append(h("div", { class: "alert error", role: "alert" }, message));
+  const form = h("form", { class: "stack", onsubmit: async (ev) => {
+    ev.preventDefault();
+    out.replaceChildren();
+    session.token = input.value.trim();
+    try {
+      session.role = await whoAmI();
+      sessionStorage.setItem(TOKEN_KEY, session.token);
+      if (!location.hash || location.hash === "#/") location.hash = home();
+      route();
+    } catch (e) {
+      session.token = null;
+      out.replaceChildren(h("div", { class: "alert error", role: "alert" },
+        e.status === 401 ? "That token was not accepted." : e.message));
+    }
+  } },
+  h("label", { for: "token" }, PORTAL ? "API key" : "Admin token or tenant API key", input),
+  h("p", { id: "token-help", class: "muted" }, "Kept in this tab's session storage only; signing out or closing the tab forgets it."),
+  h("button", { class: "primary", type: "submit" }, "Sign in"));
+  document.getElementById("app").replaceChildren(
+    h("main", { id: "main", class: "login" },
+      h("div", { class: "panel" }, h("h1", {}, PORTAL ? "Herald portal" : "Herald Console"), out, form)));
+  input.focus();
+}
+
+const home = () => (session.role === "admin" ? "#/overview" : "#/subscriptions");
+
+// ---------- layout and routing ----------
+
+const SCREENS = [
+  { path: "overview", title: "Overview", admin: true },
+  { path: "tenants", title: "Tenants", admin: true },
+  { path: "subscriptions", title: "Subscriptions" },
+  { path: "events", title: "Events" },
+  { path: "dlq", title: "Dead letters" },
+  { path: "edge", title: "Edge devices", admin: true },
+];
+
+function stopTimers() {
+  timers.forEach(clearInterval);
+  timers = [];
+}
+
+function layout(current, title, ...content) {
+  const nav = h("nav", { class: "tabs", "aria-label": "Sections" },
+    SCREENS.filter((s) => !s.admin || session.role === "admin")
+      .map((s) => h("a", { href: "#/" + s.path, "aria-current": s.path === current ? "page" : false }, s.title)));
+  const brand = h("span", { class: "brand" }, "Herald",
+    h("small", {}, session.role === "admin" ? "console" : "portal"));
+  const out = h("button", { type: "button", onclick: () => signOut() }, "Sign out");
+  const heading = h("h1", { tabindex: "-1" }, title);
+  document.title = `${title} · Herald`;
+  document.getElementById("app").replaceChildren(
+    h("header", { class: "top" }, brand, nav, out),
+    h("main", { id: "main" }, heading, ...content));
+  heading.focus({ preventScroll: true });
+}
+
+async function route() {
+  stopTimers();
+  if (!session.token) return renderLogin();
+  if (!session.role) {
+    try { session.role = await whoAmI(); } catch (e) {
+      return signOut(e.status === 401 ? "That token is no longer accepted: sign in again." : e.message);
+    }
+  }
+  const [screen, id, sub] = location.hash.replace(/^#\/?/, "").split("?")[0].split("/").map(decodeURIComponent);
+  const screens = {
+    overview: overview, tenants: tenants, subscriptions: subscriptions, events: events, dlq: deadLetters, edge: edgeDevices,
+  };
+  const allowed = SCREENS.find((s) => s.path === screen && (!s.admin || session.role === "admin"));
+  if (!allowed) { location.hash = home(); return; }
+  try {
+    await screens[screen](id, sub);
+  } catch (e) {
+    if (e.status === 401) return;
+    layout(screen, allowed.title, errorBox(e));
+  }
+}
+
+// ---------- Overview: Herald's own metrics, live ----------
+
+function parseMetrics(text) {
+  const series = [];
+  for (const line of text.split("\n")) {
+    if (!line || line.startsWith("#")) continue;
+    const m = line.match(/^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/);
+    if (!m) continue;
+    const labels = {};
+    for (const l of (m[2] || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) labels[l[1]] = l[2];
+    series.push({ name: m[1], labels, value: Number(m[3]) });
+  }
+  return series;
+}
+
+// An attempt that succeeded: a 2xx answer ("success") or a transport's own delivered outcome.
+const succeeded = (l) => l.outcome === "success" || l.outcome === "delivered";
+// A tier's delay in ms from its topic suffix ("retry.250ms", "retry.4h"), to list tiers in order.
+const tierMs = (source) => {
+  const m = /(\d+)(ms|s|m|h|d)$/.exec(source) || [];
+  return Number(m[1]) * ({ ms: 1, s: 1e3, m: 6e4, h: 3.6e6, d: 8.64e7 }[m[2]] || NaN);
+};
+const sum = (series, name, pred = () => true) =>
+  series.filter((s) => s.name === name && pred(s.labels)).reduce((a, s) => a + s.value, 0);
+
+// A quantile from the difference of two scrapes' cumulative histogram buckets.
+function quantile(prev, cur, name, q) {
+  const buckets = (series) => {
+    const by = new Map();
+    for (const s of series) if (s.name === name + "_bucket") by.set(s.labels.le, (by.get(s.labels.le) || 0) + s.value);
+    return by;
+  };
+  const a = buckets(prev), b = buckets(cur);
+  const les = [...b.keys()].sort((x, y) => Number(x) - Number(y));
+  const counts = les.map((le) => (b.get(le) || 0) - (a.get(le) || 0));
+  const total = counts[counts.length - 1];
+  if (!total) return NaN;
+  const i = counts.findIndex((c) => c >= q * total);
+  return Number(les[i]);
+}
+
+function sparkline(points) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", "0 0 100 30");
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("aria-hidden", "true");
+  const finite = points.filter(Number.isFinite);
+  if (finite.length > 1) {
+    const max = Math.max(...finite), min = Math.min(...finite, 0);
+    const line = document.createElementNS(ns, "polyline");
+    line.setAttribute("points", points.map((v, i) =>
+      `${(i / (points.length - 1)) * 100},${28 - ((Number.isFinite(v) ? v : min) - min) / ((max - min) || 1) * 26}`).join(" "));
+    svg.append(line);
+  }
+  return svg;
+}
+
+async function overview() {
+  const cards = h("div", { class: "grid", "aria-live": "polite" });
+  const tiers = h("div", {});
+  const status = h("p", { class: "muted" }, "Reading /metrics…");
+  layout("overview", "Overview", status, cards, h("h2", {}, "Retries waiting, per tier"), tiers);
+  const history = { rate: [], success: [], p50: [], p99: [], dead: [], lag: [] };
+  let prev = null, prevAt = 0;
+  const tick = async () => {
+    let text;
+    try {
+      const res = await fetch("/metrics");
+      text = await res.text();
+    } catch (e) {
+      status.textContent = "Could not read /metrics: " + e.message;
+      return;
+    }
+    const cur = parseMetrics(text), now = Date.now();
+    const delivered = sum(cur, "herald_deliveries_total", (l) => l.outcome === "delivered");
+    const attempts = sum(cur, "herald_attempts_total");
+    const ok = sum(cur, "herald_attempts_total", succeeded);
+    const dead = sum(cur, "herald_dead_letters_total");
+    const lag = sum(cur, "herald_consumer_lag", (l) => !/retry|dlq|history/.test(l.source || ""));
+    if (prev) {
+      const secs = (now - prevAt) / 1000;
+      const dAttempts = attempts - sum(prev, "herald_attempts_total");
+      const dOk = ok - sum(prev, "herald_attempts_total", succeeded);
+      history.rate.push((delivered - sum(prev, "herald_deliveries_total", (l) => l.outcome === "delivered")) / secs);
+      history.success.push(dAttempts ? (dOk / dAttempts) * 100 : NaN);
+      history.p50.push(quantile(prev, cur, "herald_delivery_end_to_end_seconds", 0.5) * 1000);
+      history.p99.push(quantile(prev, cur, "herald_delivery_end_to_end_seconds", 0.99) * 1000);
+    } else {
+      history.rate.push(NaN); history.success.push(attempts ? (ok / attempts) * 100 : NaN);
+      history.p50.push(NaN); history.p99.push(NaN);
+    }
+    history.dead.push(dead);
+    history.lag.push(lag);
+    for (const k of Object.keys(history)) if (history[k].length > 60) history[k].shift();
+    const last = (k) => history[k][history[k].length - 1];
+    const card = (label, key, value) => h("div", { class: "card", "data-metric": key },
+      h("div", { class: "label" }, label), h("div", { class: "value" }, value), sparkline(history[key]));
+    cards.replaceChildren(
+      card("Deliveries / s", "rate", fmtNum(last("rate"), 1)),
+      // The value is since start (a quiet moment has no ratio); the line is per refresh.
+      card("Success ratio since start", "success", attempts ? fmtNum((ok / attempts) * 100, 1) + " %" : "—"),
+      card("End to end p50", "p50", Number.isFinite(last("p50")) ? fmtNum(last("p50"), 1) + " ms" : "—"),
+      card("End to end p99", "p99", Number.isFinite(last("p99")) ? fmtNum(last("p99"), 1) + " ms" : "—"),
+      card("Dead letters", "dead", fmtNum(last("dead"))),
+      card("Consumer lag", "lag", fmtNum(last("lag"))));
+    const bySource = new Map();
+    for (const s of cur) if (s.name === "herald_consumer_lag" && /retry/.test(s.labels.source || ""))
+      bySource.set(s.labels.source, (bySource.get(s.labels.source) || 0) + s.value);
+    tiers.replaceChildren(table(["Tier", "Waiting"],
+      [...bySource].sort((a, b) => tierMs(a[0]) - tierMs(b[0])).map(([src, n]) => h("tr", {}, h("td", { class: "mono" }, src), h("td", { class: "num" }, fmtNum(n)))),
+      "No retry tier is worked by this process yet."));
+    status.textContent = `This process, refreshed every 3 s · last ${new Date(now).toLocaleTimeString()}`;
+    prev = cur; prevAt = now;
+  };
+  await tick();
+  timers.push(setInterval(tick, 3000));
+}
+
+// ---------- Tenants ----------
+
+async function tenants() {
+  const out = h("div", {});
+  const name = h("input", { id: "tenant-name", type: "text", required: true, maxlength: 200 });
+  const create = h("form", { class: "row", onsubmit: async (ev) => {
+    ev.preventDefault();
+    try {
+      const t = await api("POST", "/v1/tenants", { name: name.value });
+      out.replaceChildren(h("div", { class: "alert ok", role: "status" }, `Tenant ${t.name} created: ${t.id}`));
+      name.value = "";
+      await load();
+    } catch (e) { out.replaceChildren(errorBox(e)); }
+  } }, h("label", { for: "tenant-name" }, "New tenant's name", name), h("button", { class: "primary", type: "submit" }, "Create tenant"));
+  const list = h("div", {});
+  layout("tenants", "Tenants", h("div", { class: "panel" }, create), out, list);
+
+  async function load() {
+    const { items } = await api("GET", "/v1/tenants");
+    list.replaceChildren(table(["Tenant", "Created", "API keys", ""], items.map((t) => {
+      const keys = h("ul", {}, t.keys.map((k) => h("li", {}, h("span", { class: "mono" }, k.id), " ",
+        h("button", { type: "button", class: "danger", "aria-label": `Revoke ${k.id}`, onclick: async () => {
+          if (!confirm(`Revoke key ${k.id}? Clients using it stop working at once.`)) return;
+          try { await api("DELETE", `/v1/tenants/${t.id}/keys/${k.id}`); await load(); } catch (e) { out.replaceChildren(errorBox(e)); }
+        } }, "Revoke"))));
+      return h("tr", { "data-tenant": t.id },
+        h("td", {}, h("strong", {}, t.name), h("div", { class: "mono muted" }, t.id)),
+        h("td", {}, fmtTime(t.created_at)),
+        h("td", {}, t.keys.length ? keys : h("span", { class: "muted" }, "none")),
+        h("td", {}, h("div", { class: "actions" },
+          h("button", { type: "button", onclick: async () => {
+            try {
+              const k = await api("POST", `/v1/tenants/${t.id}/keys`);
+              out.replaceChildren(secretBox(`New API key ${k.id} for ${t.name}`, k.key));
+              await load();
+            } catch (e) { out.replaceChildren(errorBox(e)); }
+          } }, "Issue key"),
+          h("button", { type: "button", onclick: async () => {
+            try {
+              const p = await api("POST", `/v1/tenants/${t.id}/portal`, {});
+              out.replaceChildren(h("div", { class: "alert secret", role: "status" },
+                h("strong", {}, `Portal link for ${t.name}, valid until ${fmtTime(p.expires_at)}`),
+                h("code", { "data-portal-url": "" }, p.url),
+                h("div", { class: "muted" }, "Anyone with this link acts as the tenant until it expires.")));
+            } catch (e) { out.replaceChildren(errorBox(e)); }
+          } }, "Portal link"),
+          link(`#/subscriptions?tenant=${encodeURIComponent(t.id)}`, "Subscriptions"))));
+    }), "No tenants yet: create the first one above."));
+  }
+  await load();
+}
+
+// ---------- Subscriptions ----------
+
+function hashParams() {
+  const i = location.hash.indexOf("?");
+  return new URLSearchParams(i < 0 ? "" : location.hash.slice(i + 1));
+}
+
+async function subscriptions(id, sub) {
+  if (id === "new") return subscriptionForm(null);
+  if (id && sub === "edit") return subscriptionForm(await api("GET", `/v1/subscriptions/${encodeURIComponent(id)}`));
+  if (id) return subscriptionDetail(id);
+  const params = hashParams();
+  const filters = {
+    tenant: h("input", { id: "f-tenant", type: "text", value: params.get("tenant") || "", placeholder: "any" }),
+    transport: h("select", { id: "f-transport" }, ["", "webhook", "amqp", "edge"].map((v) => h("option", { value: v }, v || "any"))),
+    enabled: h("select", { id: "f-enabled" }, [["", "any"], ["true", "enabled"], ["false", "disabled"]].map(([v, t]) => h("option", { value: v }, t))),
+    breaker: h("select", { id: "f-breaker" }, ["", "closed", "open", "half_open"].map((v) => h("option", { value: v }, v ? v.replace("_", " ") : "any"))),
+  };
+  const list = h("div", {});
+  const more = h("div", {});
+  const bar = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); draw(); } },
+    session.role === "admin" ? h("label", { for: "f-tenant" }, "Tenant", filters.tenant) : null,
+    h("label", { for: "f-transport" }, "Transport", filters.transport),
+    h("label", { for: "f-enabled" }, "State", filters.enabled),
+    h("label", { for: "f-breaker" }, "Breaker", filters.breaker),
+    h("button", { type: "submit" }, "Filter"),
+    h("a", { href: "#/subscriptions/new", class: "primary-link" }, "New subscription"));
+  layout("subscriptions", "Subscriptions", bar, list, more);
+  for (const f of [filters.transport, filters.enabled, filters.breaker]) f.addEventListener("change", () => draw());
+  let loaded = [], next = null;
+  const kind = (s) => (s.via_edge ? "edge" : s.transport);
+  function draw() {
+    const rows = loaded.filter((s) =>
+      (!filters.tenant.value || s.tenant === filters.tenant.value.trim()) &&
+      (!filters.transport.value || kind(s) === filters.transport.value) &&
+      (!filters.enabled.value || String(s.enabled !== false) === filters.enabled.value) &&
+      (!filters.breaker.value || s.health?.breaker === filters.breaker.value));
+    list.replaceChildren(table(["Subscription", "Tenant", "Transport", "Events", "State", "Breaker", "In flight"], rows.map((s) =>
+      h("tr", { "data-subscription": s.id },
+        h("td", {}, link(`#/subscriptions/${s.id}`, s.id), h("div", { class: "muted wrap" }, s.url)),
+        h("td", { class: "mono" }, s.tenant),
+        h("td", {}, kind(s)),
+        h("td", {}, (s.events || []).length ? s.events.join(", ") : h("span", { class: "muted" }, "all")),
+        h("td", {}, s.enabled === false ? badge("disabled", "bad") : badge("enabled", "ok")),
+        h("td", {}, badge((s.health?.breaker || "—").replace("_", " "), s.health?.breaker === "closed" ? "ok" : "bad")),
+        h("td", { class: "num" }, `${s.health?.in_flight ?? "—"} / ${s.health?.max_in_flight ?? "—"}`))),
+    loaded.length ? "No subscription matches these filters." : "No subscriptions yet: create one with “New subscription”."));
+    more.replaceChildren(next ? h("button", { type: "button", onclick: page }, "Load more") : "");
+  }
+  async function page() {
+    const t = session.role === "admin" ? filters.tenant.value.trim() : "";
+    const r = await api("GET", "/v1/subscriptions" + q({ limit: 500, cursor: next, tenant: t || undefined }));
+    loaded = loaded.concat(r.items);
+    next = r.next;
+    draw();
+  }
+  filters.tenant.addEventListener("change", async () => { loaded = []; next = null; await page(); });
+  await page();
+}
+
+// The form shows the common fields; the rest of the API's settings go in the JSON box, so
+// nothing the API can do is out of the console's reach. Errors come back naming a field: shown
+// under that field if the form has it, else above the form with its name.
+const FORM_FIELDS = ["tenant", "url", "events", "payload", "timeout", "max_in_flight", "rate_limit", "via_edge"];
+const ADVANCED_KEYS = ["signature", "headers", "key", "auth", "tls", "retry", "amqp", "transport"];
+
+function subscriptionForm(existing) {
+  const v = existing || {};
+  const input = (name, attrs) => h("input", { id: "s-" + name, name, type: "text", ...attrs });
+  const fields = {
+    tenant: input("tenant", { value: v.tenant || "", placeholder: "default", disabled: !!existing }),
+    url: input("url", { value: v.url || "", required: true, placeholder: "https://example.com/webhooks" }),
+    events: input("events", { value: (v.events || []).join(", "), placeholder: "all event types" }),
+    payload: h("select", { id: "s-payload" }, ["envelope", "raw", "raw_bytes"].map((p) => h("option", { value: p, selected: (v.payload || "envelope") === p }, p))),
+    timeout: input("timeout", { value: v.timeout || "", placeholder: "30s" }),
+    max_in_flight: input("max_in_flight", { value: v.max_in_flight ?? "", inputmode: "numeric", placeholder: "64" }),
+    rate_limit: input("rate_limit", { value: v.rate_limit ?? "", inputmode: "decimal", placeholder: "no limit" }),
+    via_edge: input("via_edge", { value: v.via_edge || "", placeholder: "none" }),
+  };
+  const advanced = {};
+  for (const k of ADVANCED_KEYS) if (v[k] !== undefined) advanced[k] = v[k];
+  const json = h("textarea", { id: "s-advanced", spellcheck: "false" }, Object.keys(advanced).length ? JSON.stringify(advanced, null, 2) : "");
+  const errors = {};
+  const labelled = (name, text, control) => {
+    errors[name] = h("div", { class: "field-error", id: `s-${name}-error`, role: "alert" });
+    control.setAttribute("aria-describedby", `s-${name}-error`);
+    // The error sits beside the label, not in it, so the field's accessible name stays its
+    // label; aria-describedby reads the error out with it.
+    return h("div", { class: "field" }, h("label", { for: control.id }, text, control), errors[name]);
+  };
+  const banner = h("div", {});
+  const form = h("form", { class: "stack panel", novalidate: true, onsubmit: async (ev) => {
+    ev.preventDefault();
+    banner.replaceChildren();
+    Object.values(errors).forEach((e) => e.replaceChildren());
+    let body;
+    try { body = buildBody(); } catch (e) { return show(e); }
+    try {
+      const saved = existing
+        ? await api("PATCH", `/v1/subscriptions/${existing.id}`, body)
+        : await api("POST", "/v1/subscriptions", body);
+      if (!existing) flash = { title: `Signing secret of ${saved.id}`, secret: saved.secret };
+      location.hash = `#/subscriptions/${saved.id}`;
+    } catch (e) { show(e); }
+  } },
+  session.role === "admin" ? labelled("tenant", "Tenant", fields.tenant) : null,
+  labelled("url", "URL", fields.url),
+  labelled("events", "Event types (comma-separated; empty: all)", fields.events),
+  labelled("payload", "Payload", fields.payload),
+  h("div", { class: "row" },
+    labelled("timeout", "Timeout", fields.timeout),
+    labelled("max_in_flight", "Max in flight", fields.max_in_flight),
+    labelled("rate_limit", "Rate limit (/s)", fields.rate_limit)),
+  labelled("via_edge", "Through edge device", fields.via_edge),
+  labelled("advanced", "More settings as JSON (signature, retry, headers, auth, tls, amqp…)", json),
+  h("div", { class: "actions" },
+    h("button", { class: "primary", type: "submit" }, existing ? "Save changes" : "Create subscription"),
+    link(existing ? `#/subscriptions/${existing.id}` : "#/subscriptions", "Cancel")));
+
+  function show(e) {
+    const top = (e.field || "").split(/[.[]/)[0];
+    if (errors[top]) errors[top].textContent = `${e.field}: ${e.message}`;
+    else if (e.field && ADVANCED_KEYS.includes(top)) errors.advanced.textContent = `${e.field}: ${e.message}`;
+    else banner.replaceChildren(errorBox(e));
+    (errors[top] ? fields[top] : null)?.focus();
+  }
+
+  function buildBody() {
+    const body = {};
+    const text = (k) => fields[k].value.trim();
+    const num = (k) => {
+      if (!text(k)) return existing ? null : undefined;
+      const n = Number(text(k));
+      if (!Number.isFinite(n)) throw Object.assign(new Error("must be a number"), { field: k });
+      return n;
+    };
+    if (!existing && text("tenant")) body.tenant = text("tenant");
+    body.url = text("url");
+    body.events = text("events") ? text("events").split(",").map((s) => s.trim()).filter(Boolean) : [];
+    body.payload = fields.payload.value;
+    body.timeout = text("timeout") || (existing ? null : undefined);
+    body.max_in_flight = num("max_in_flight");
+    body.rate_limit = num("rate_limit");
+    body.via_edge = text("via_edge") || (existing ? null : undefined);
+    if (json.value.trim()) {
+      let extra;
+      try { extra = JSON.parse(json.value); } catch (err) {
+        throw Object.assign(new Error("not valid JSON: " + err.message), { field: "advanced" });
+      }
+      if (typeof extra !== "object" || Array.isArray(extra) || extra === null)
+        throw Object.assign(new Error("must be a JSON object"), { field: "advanced" });
+      Object.assign(body, extra);
+    }
+    for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
+    return body;
+  }
+  layout("subscriptions", existing ? `Edit ${existing.id}` : "New subscription", banner, form);
+}
+
+async function subscriptionDetail(id) {
+  const s = await api("GET", `/v1/subscriptions/${encodeURIComponent(id)}`);
+  const out = h("div", {});
+  if (flash) {
+    out.append(secretBox(flash.title, flash.secret));
+    flash = null;
+  }
+  const attemptsBox = h("div", {});
+  const act = (label, fn, cls) => h("button", { type: "button", class: cls, onclick: async () => {
+    try { await fn(); } catch (e) { out.replaceChildren(errorBox(e)); }
+  } }, label);
+  const since = h("input", { id: "recover-since", type: "datetime-local", required: true });
+  const all = h("input", { id: "recover-all", type: "checkbox" });
+  const recover = h("form", { class: "row", onsubmit: async (ev) => {
+    ev.preventDefault();
+    try {
+      if (!since.value) throw Object.assign(new Error("choose a time"), { field: "since" });
+      const r = await api("POST", `/v1/subscriptions/${s.id}/recover`, { since: new Date(since.value).toISOString(), all: all.checked });
+      out.replaceChildren(h("div", { class: "alert ok", role: "status" },
+        `${r.queued} event(s) queued again.` + (r.continue_from ? ` Stopped at ${fmtTime(r.continue_from)}: recover again from there.` : "")));
+    } catch (e) { out.replaceChildren(errorBox(e)); }
+  } }, h("label", { for: "recover-since" }, "Recover since", since),
+  h("label", { class: "check", for: "recover-all" }, all, " every event, delivered or not"),
+  h("button", { type: "submit" }, "Recover"));
+  const health = s.health || {};
+  const facts = h("dl", { class: "facts" },
+    h("dt", {}, "Tenant"), h("dd", { class: "mono" }, s.tenant),
+    h("dt", {}, "URL"), h("dd", {}, s.url),
+    h("dt", {}, "Events"), h("dd", {}, (s.events || []).join(", ") || "all"),
+    h("dt", {}, "State"), h("dd", {}, s.enabled === false ? badge("disabled", "bad") : badge("enabled", "ok"),
+      s.disabled_reason ? h("span", { class: "muted" }, " " + s.disabled_reason) : ""),
+    h("dt", {}, "Breaker"), h("dd", { "data-breaker": health.breaker }, badge((health.breaker || "—").replace("_", " "), health.breaker === "closed" ? "ok" : "bad")),
+    h("dt", {}, "In flight"), h("dd", {}, `${health.in_flight ?? "—"} of ${health.max_in_flight ?? "—"}`),
+    h("dt", {}, "Latency (recent mean)"), h("dd", {}, Number.isFinite(health.latency_ms) ? `${fmtNum(health.latency_ms, 1)} ms` : "—"),
+    h("dt", {}, "Failures in a row"), h("dd", {}, fmtNum(health.consecutive_failures)),
+    h("dt", {}, "Success (last 100 attempts)"), h("dd", { id: "success-ratio" }, "…"));
+  layout("subscriptions", s.id, out,
+    h("div", { class: "actions" },
+      link(`#/subscriptions/${s.id}/edit`, "Edit"),
+      act(s.enabled === false ? "Enable" : "Disable", async () => {
+        await api("PATCH", `/v1/subscriptions/${s.id}`, { enabled: s.enabled === false });
+        await route();
+      }),
+      act("Rotate secret", async () => {
+        if (!confirm("Rotate the signing secret? The old one keeps signing for the overlap period.")) return;
+        const r = await api("POST", `/v1/subscriptions/${s.id}/rotate-secret`, {});
+        out.replaceChildren(secretBox(`New signing secret of ${s.id}`, r.secret));
+      }),
+      act("Send test event", async () => {
+        const r = await api("POST", `/v1/subscriptions/${s.id}/test`);
+        out.replaceChildren(h("div", { class: "alert " + (r.delivered ? "ok" : "error"), role: "status", "data-test-result": "" },
+          r.delivered ? `Test delivered: HTTP ${r.status ?? "ok"} in ${r.latency_ms} ms.`
+            : `Test failed${r.status ? `: HTTP ${r.status}` : ""}${r.error ? ` — ${r.error}` : ""}.`));
+      }),
+      link(`#/dlq?subscription=${encodeURIComponent(s.id)}`, "Dead letters"),
+      act("Delete", async () => {
+        if (!confirm(`Delete ${s.id}? Its pending deliveries are dropped.`)) return;
+        await api("DELETE", `/v1/subscriptions/${s.id}`);
+        location.hash = "#/subscriptions";
+      }, "danger")),
+    h("div", { class: "panel" }, facts),
+    h("div", { class: "panel" }, recover),
+    h("h2", {}, "Recent attempts"), attemptsBox);
+  try {
+    const r = await api("GET", "/v1/attempts" + q({ subscription: s.id, limit: 100 }));
+    const ok = r.items.filter((a) => a.outcome === "delivered").length;
+    document.getElementById("success-ratio").textContent = r.items.length ? `${fmtNum((ok / r.items.length) * 100, 1)} % of ${r.items.length}` : "no attempts yet";
+    attemptsBox.replaceChildren(attemptsTable(r.items, true));
+  } catch (e) {
+    attemptsBox.replaceChildren(errorBox(e));
+  }
+}
+
+function attemptsTable(items, showEvent) {
+  return table(["When", showEvent ? "Event" : "Subscription", "#", "Outcome", "Status", "Duration", "Detail"], items.map((a) => {
+    const response = a.response
+      ? h("details", {}, h("summary", {}, "Response"),
+        h("pre", {}, Object.entries(a.response.headers || {}).map(([k, v]) => `${k}: ${v}`).join("\n")),
+        h("pre", { "data-response-body": "" }, a.response.body || ""))
+      : "";
+    return h("tr", { "data-attempt": a.id, "data-outcome": a.outcome },
+      h("td", {}, fmtTime(a.at)),
+      h("td", {}, showEvent ? link(eventHref(a.event_id, a.tenant), a.event_id) : link(`#/subscriptions/${a.subscription}`, a.subscription),
+        h("div", { class: "muted" }, a.event)),
+      h("td", { class: "num" }, a.attempt),
+      h("td", {}, outcomeBadge(a.outcome), a.next_attempt_at ? h("div", { class: "muted" }, "next " + fmtTime(a.next_attempt_at)) : ""),
+      h("td", { class: "num" }, a.status ?? "—"),
+      h("td", { class: "num" }, `${a.duration_ms} ms`),
+      h("td", {}, a.error ? h("div", { class: "wrap" }, a.error) : "", response));
+  }), "No attempts on record yet.");
+}
+
+// ---------- Events and attempts ----------
+
+// Event ids are unique within a tenant: the admin names the tenant (default: "default"); a
+// tenant key or portal link is its own tenant.
+const eventHref = (id, tenant) =>
+  `#/events/${encodeURIComponent(id)}` + (session.role === "admin" && tenant ? `?tenant=${encodeURIComponent(tenant)}` : "");
+
+async function events(id) {
+  if (id) return eventDetail(id);
+  const find = h("input", { id: "event-id", type: "search", placeholder: "evt_… or your own id", required: true });
+  const type = h("input", { id: "event-type", type: "text", placeholder: "any type" });
+  const admin = session.role === "admin";
+  const tenant = h("input", { id: "event-tenant", type: "text", value: hashParams().get("tenant") || "", placeholder: "default" });
+  const list = h("div", {});
+  const search = h("form", { class: "row panel", role: "search", onsubmit: (ev) => {
+    ev.preventDefault();
+    if (find.value.trim()) location.hash = eventHref(find.value.trim(), tenant.value.trim() || "default");
+  } }, h("label", { for: "event-id" }, "Find an event by id", find),
+  admin ? h("label", { for: "event-tenant" }, "Tenant", tenant) : null,
+  h("button", { class: "primary", type: "submit" }, "Find"));
+  const filter = h("form", { class: "row", onsubmit: (ev) => { ev.preventDefault(); load(); } },
+    h("label", { for: "event-type" }, "Type", type), h("button", { type: "submit" }, "Filter"));
+  tenant.addEventListener("change", () => load());
+  layout("events", "Events", search, h("h2", {}, "Recent events"), filter, list);
+  async function load() {
+    const r = await api("GET", "/v1/events" + q({ type: type.value.trim(), limit: 50, tenant: admin ? tenant.value.trim() : undefined }));
+    list.replaceChildren(table(["Accepted", "Event", "Type", "Tenant"], r.items.map((e) =>
+      h("tr", { "data-event": e.id },
+        h("td", {}, fmtTime(e.accepted_at)),
+        h("td", {}, link(eventHref(e.id, e.tenant), e.id)),
+        h("td", {}, e.type), h("td", { class: "mono" }, e.tenant))),
+    "No events on record yet. Events published from now on show up here."));
+  }
+  await load();
+}
+
+async function eventDetail(id) {
+  const tenant = session.role === "admin" ? hashParams().get("tenant") || undefined : undefined;
+  let e;
+  try {
+    e = await api("GET", `/v1/events/${encodeURIComponent(id)}` + q({ tenant }));
+  } catch (err) {
+    if (err.status !== 404) throw err;
+    layout("events", "Event not found", h("div", { class: "alert error", role: "alert" },
+      `No event ${id} is on record for you.`), link("#/events", "Back to events"));
+    return;
+  }
+  const out = h("div", {});
+  const attempts = h("div", {});
+  const resend = (subscription) => async () => {
+    try {
+      const r = await api("POST", `/v1/events/${encodeURIComponent(e.id)}/resend`, { subscription, tenant });
+      out.replaceChildren(h("div", { class: "alert ok", role: "status" }, `Sent again to ${r.queued} subscription(s).`));
+    } catch (err) { out.replaceChildren(errorBox(err)); }
+  };
+  layout("events", e.id, out,
+    h("div", { class: "panel" }, h("dl", { class: "facts" },
+      h("dt", {}, "Type"), h("dd", {}, e.type),
+      h("dt", {}, "Tenant"), h("dd", { class: "mono" }, e.tenant),
+      h("dt", {}, "Accepted"), h("dd", {}, fmtTime(e.accepted_at))),
+    h("details", {}, h("summary", {}, "Data"), h("pre", {}, JSON.stringify(e.data, null, 2)))),
+    h("div", { class: "actions" }, h("button", { type: "button", onclick: resend() }, "Resend to every subscription")),
+    h("h2", {}, "Deliveries"),
+    table(["Subscription", "State", "Attempts", "Last attempt", "Next attempt", ""], e.deliveries.map((d) =>
+      h("tr", { "data-delivery": d.subscription, "data-state": d.state },
+        h("td", {}, link(`#/subscriptions/${d.subscription}`, d.subscription)),
+        h("td", {}, stateBadge(d.state)),
+        h("td", { class: "num" }, d.attempts),
+        h("td", {}, fmtTime(d.last_attempt_at)),
+        h("td", {}, fmtTime(d.next_attempt_at)),
+        h("td", {}, h("button", { type: "button", onclick: resend(d.subscription) }, "Resend")))),
+    "This event matched no subscription."),
+    h("h2", {}, "Attempts"), attempts);
+  const r = await api("GET", "/v1/attempts" + q({ event: e.id, tenant, limit: 200 }));
+  attempts.replaceChildren(attemptsTable(r.items, false));
+}
+
+// ---------- Dead letters ----------
+
+async function deadLetters() {
+  const params = hashParams();
+  const subscription = h("input", { id: "dlq-subscription", type: "text", value: params.get("subscription") || "", placeholder: "any" });
+  const tenant = h("input", { id: "dlq-tenant", type: "text", placeholder: "any" });
+  const out = h("div", {});
+  const list = h("div", {});
+  const actions = h("div", { class: "actions" });
+  const filter = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); load(); } },
+    h("label", { for: "dlq-subscription" }, "Subscription", subscription),
+    session.role === "admin" ? h("label", { for: "dlq-tenant" }, "Tenant", tenant) : null,
+    h("button", { type: "submit" }, "Filter"));
+  layout("dlq", "Dead letters", filter, out, actions, list);
+  const report = (r) => out.replaceChildren(h("div", { class: "alert ok", role: "status", "data-replay-report": "" },
+    `Replayed ${r.replayed.length}` + (r.skipped.length ? `; skipped ${r.skipped.length} (${[...new Set(r.skipped.map((s) => s.reason.replace("_", " ")))].join(", ")})` : "") + "."));
+  async function load() {
+    const r = await api("GET", "/v1/dlq" + q({ subscription: subscription.value.trim(), tenant: tenant.value.trim(), limit: 500 }));
+    const boxes = [];
+    list.replaceChildren(table(["", "Event", "Subscription", "Attempts", "Last error", "Last attempt"], r.items.map((d) => {
+      const box = h("input", { type: "checkbox", value: d.id, "aria-label": `Select ${d.event_id}` });
+      boxes.push(box);
+      return h("tr", { "data-dead-letter": d.id },
+        h("td", {}, box),
+        h("td", {}, link(eventHref(d.event_id, d.tenant), d.event_id), h("div", { class: "muted" }, d.event)),
+        h("td", {}, link(`#/subscriptions/${d.subscription}`, d.subscription)),
+        h("td", { class: "num" }, d.attempts),
+        h("td", { class: "wrap" }, d.last_status ? `HTTP ${d.last_status} · ` : "", d.last_error),
+        h("td", {}, fmtTime(d.last_attempt_at)));
+    }), "No dead letters. Deliveries that exhaust their retries are parked here."));
+    const replay = async (body) => {
+      try { report(await api("POST", "/v1/dlq/replay", body)); await load(); } catch (e) { out.replaceChildren(errorBox(e)); }
+    };
+    actions.replaceChildren(
+      h("button", { type: "button", class: "primary", disabled: !r.items.length, onclick: () => {
+        const ids = boxes.filter((b) => b.checked).map((b) => b.value);
+        if (!ids.length) return out.replaceChildren(errorBox({ message: "Select the dead letters to replay first." }));
+        replay({ ids });
+      } }, "Replay selected"),
+      subscription.value.trim() ? h("button", { type: "button", disabled: !r.items.length, onclick: () => {
+        if (confirm(`Replay every dead letter of ${subscription.value.trim()}?`)) replay({ subscription: subscription.value.trim() });
+      } }, "Replay all of this subscription") : "");
+  }
+  await load();
+}
+
+// ---------- Edge devices ----------
+
+async function edgeDevices() {
+  const out = h("div", {});
+  const list = h("div", {});
+  const name = h("input", { id: "edge-name", type: "text", required: true, maxlength: 200 });
+  const tenant = h("input", { id: "edge-tenant", type: "text", placeholder: "default" });
+  const create = h("form", { class: "row panel", onsubmit: async (ev) => {
+    ev.preventDefault();
+    try {
+      const d = await api("POST", "/v1/edge-devices", { name: name.value, tenant: tenant.value.trim() || undefined });
+      out.replaceChildren(secretBox(`Token of edge device ${d.id}`, d.token));
+      name.value = "";
+      await load();
+    } catch (e) { out.replaceChildren(errorBox(e)); }
+  } }, h("label", { for: "edge-name" }, "Device name", name), h("label", { for: "edge-tenant" }, "Tenant", tenant),
+  h("button", { class: "primary", type: "submit" }, "Create device"));
+  layout("edge", "Edge devices", create, out, list);
+  async function load() {
+    const r = await api("GET", "/v1/edge-devices");
+    list.replaceChildren(table(["Device", "Tenant", "Created", "Agent", ""], r.items.map((d) =>
+      h("tr", { "data-device": d.id },
+        h("td", {}, h("strong", {}, d.name), h("div", { class: "mono muted" }, d.id)),
+        h("td", { class: "mono" }, d.tenant),
+        h("td", {}, fmtTime(d.created_at)),
+        h("td", {}, d.connected ? badge("connected", "ok") : badge("not connected", "")),
+        h("td", {}, h("button", { type: "button", class: "danger", onclick: async () => {
+          if (!confirm(`Delete ${d.name}? Its token stops working and its agent is disconnected.`)) return;
+          try { await api("DELETE", `/v1/edge-devices/${d.id}`); await load(); } catch (e) { out.replaceChildren(errorBox(e)); }
+        } }, "Delete")))),
+    "No edge devices. An edge device delivers from inside a customer's network."));
+  }
+  await load();
+}
+
+// ---------- start ----------
+
+(function start() {
+  // A portal link carries its token in the fragment: keep it for this tab, then take it out of
+  // the address bar and history at once.
+  const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
+  if (m) {
+    session.token = decodeURIComponent(m[1]);
+    sessionStorage.setItem(TOKEN_KEY, session.token);
+    history.replaceState(null, "", location.pathname + "#/subscriptions");
+  }
+  window.addEventListener("hashchange", route);
+  route();
+})();

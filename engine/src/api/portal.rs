@@ -1,0 +1,151 @@
+//! Tenant portal links: `POST /v1/tenants/{id}/portal` mints a short-lived, signed token for
+//! one tenant and a console URL that carries it in its fragment (never sent to a server, so it
+//! stays out of access logs and `Referer`). The token acts as that tenant's key and nothing
+//! more: admin endpoints answer 403 to it.
+//!
+//! Tokens are `hp.<tenant>.<expires ms>.<HMAC-SHA256>`, keyed by a key derived from the admin
+//! token, so every process of a deployment checks them without shared state, and rotating the
+//! admin token revokes every link at once. Nothing is stored per link.
+
+use super::auth::Admin;
+use super::error::ApiError;
+use super::AppState;
+use crate::config::HumanDuration;
+use crate::model::{now_ms, rfc3339_ms};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+use std::time::Duration;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The longest a portal link may live.
+pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The shortest.
+pub const MIN_TTL: Duration = Duration::from_secs(60);
+
+/// The key portal tokens are signed with, derived from the admin token.
+#[derive(Clone)]
+pub struct PortalKey(HmacSha256);
+
+impl std::fmt::Debug for PortalKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PortalKey(********)")
+    }
+}
+
+impl PortalKey {
+    /// The key of a deployment whose admin token is `admin_token`.
+    pub fn derive(admin_token: &str) -> PortalKey {
+        let mut mac = HmacSha256::new_from_slice(admin_token.as_bytes()).expect("HMAC takes any key");
+        mac.update(b"herald portal links v1");
+        let derived = mac.finalize().into_bytes();
+        PortalKey(HmacSha256::new_from_slice(&derived).expect("HMAC takes any key"))
+    }
+
+    fn mac(&self, tenant: &str, expires_ms: i64) -> HmacSha256 {
+        let mut mac = self.0.clone();
+        mac.update(format!("hp.{tenant}.{expires_ms}").as_bytes());
+        mac
+    }
+
+    /// A token for `tenant` valid until `expires_ms`.
+    pub fn mint(&self, tenant: &str, expires_ms: i64) -> String {
+        let tag = hex::encode(self.mac(tenant, expires_ms).finalize().into_bytes());
+        format!("hp.{tenant}.{expires_ms}.{tag}")
+    }
+
+    /// The tenant a presented token was minted for, if it is one of ours and still valid at
+    /// `now_ms` (the tag is compared in constant time).
+    pub fn verify(&self, presented: &str, now_ms: i64) -> Option<String> {
+        let rest = presented.strip_prefix("hp.")?;
+        let (tenant, rest) = rest.split_once('.')?;
+        let (expires, tag) = rest.split_once('.')?;
+        let expires_ms: i64 = expires.parse().ok()?;
+        let tag = hex::decode(tag).ok()?;
+        self.mac(tenant, expires_ms).verify_slice(&tag).ok()?;
+        (now_ms < expires_ms).then(|| tenant.to_string())
+    }
+}
+
+/// `POST /v1/tenants/{id}/portal` body (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPortal {
+    /// How long the link works; default `api.portal_ttl`.
+    ttl: Option<HumanDuration>,
+}
+
+/// Mints a portal link: `{"url","token","expires_at"}`.
+pub async fn mint(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: NewPortal = if body.iter().all(u8::is_ascii_whitespace) {
+        NewPortal::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            let field = if e.to_string().contains("ttl") { "ttl" } else { "body" };
+            ApiError::validation(field, e.to_string())
+        })?
+    };
+    if id != crate::tenants::DEFAULT_TENANT && state.tenants.get(&id).is_none() {
+        return Err(ApiError::not_found("tenant"));
+    }
+    let ttl = req.ttl.map_or(state.portal.ttl, |t| t.0);
+    if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+        return Err(ApiError::validation("ttl", "must be from 1 minute to 7 days"));
+    }
+    let expires_ms = now_ms() + ttl.as_millis() as i64;
+    let token = state.portal.key.mint(&id, expires_ms);
+    let base = match &state.portal.public_url {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => {
+            // Where the admin reached us: the link works for the same audience.
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+            format!("http://{host}")
+        }
+    };
+    let body = serde_json::json!({
+        "url": format!("{base}/portal#token={token}"),
+        "token": token,
+        "expires_at": rfc3339_ms(expires_ms),
+    });
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// What the API needs to mint and check portal links.
+#[derive(Debug, Clone)]
+pub struct Portal {
+    /// Signs and checks tokens.
+    pub key: PortalKey,
+    /// Default lifetime of a link.
+    pub ttl: Duration,
+    /// The base URL links start with (`api.public_url`); else the request's `Host`.
+    pub public_url: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_only_unaltered_unexpired_and_under_the_same_admin_token() {
+        let key = PortalKey::derive("admin-token");
+        let token = key.mint("ten_a", 2_000);
+        assert_eq!(key.verify(&token, 1_999).as_deref(), Some("ten_a"));
+        assert_eq!(key.verify(&token, 2_000), None, "expired");
+        assert_eq!(key.verify(&token.replace("ten_a", "ten_b"), 1_000), None, "another tenant");
+        assert_eq!(key.verify(&token.replace(".2000.", ".9000."), 1_000), None, "extended");
+        assert_eq!(PortalKey::derive("rotated").verify(&token, 1_000), None, "admin token rotated");
+        assert_eq!(key.verify("hk.key_x.secret", 1_000), None);
+        assert_eq!(key.verify("hp.x", 1_000), None);
+    }
+}

@@ -1,0 +1,246 @@
+// Drives Debian's chromium through Herald's console and tenant portal as an operator and a
+// tenant would. Started by engine/tests/it/console.rs, which runs Herald and the receivers and
+// passes what they are in the environment. Exits non-zero, saying which step failed, on any
+// failure; saves a screenshot of each main screen in $SHOTS.
+import { chromium } from "playwright-core";
+import assert from "node:assert/strict";
+import { mkdirSync } from "node:fs";
+
+const env = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set`);
+  return v;
+};
+const BASE = env("HERALD_URL");
+const ADMIN = env("HERALD_ADMIN_TOKEN");
+const OK_URL = env("OK_URL");
+const FAIL_URL = env("FAIL_URL");
+const OTHER_SUB = env("OTHER_SUB");
+const OTHER_EVENT = env("OTHER_EVENT");
+const SHOTS = env("SHOTS");
+mkdirSync(SHOTS, { recursive: true });
+
+const WAIT = 20_000;
+let step = "start";
+const say = (s) => { step = s; console.log("· " + s); };
+
+/** Calls `check` until it returns something truthy, reloading `page` between tries. */
+async function until(what, page, check, ms = WAIT) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const got = await check().catch(() => null);
+    if (got) return got;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await page.reload();
+    await page.locator("main h1").waitFor({ timeout: WAIT });
+  }
+}
+
+const shot = (page, name) => page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
+
+async function publish(key, event) {
+  const res = await fetch(`${BASE}/v1/events`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+    body: JSON.stringify(event),
+  });
+  assert.equal(res.status, 202, await res.text());
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+});
+const problems = [];
+function watch(page) {
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("console", (m) => {
+    // 4xx answers are expected (not-found and validation checks); anything else, such as a
+    // Content-Security-Policy refusal, is a defect.
+    if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) problems.push(m.text());
+  });
+}
+
+try {
+  const ctx = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+  const page = await ctx.newPage();
+  watch(page);
+
+  say("log in with the admin token, from the keyboard");
+  await page.goto(`${BASE}/console`);
+  await page.getByLabel("Admin token or tenant API key").fill("not-the-token");
+  await page.keyboard.press("Enter");
+  await page.getByRole("alert").filter({ hasText: "not accepted" }).waitFor({ timeout: WAIT });
+  await page.getByLabel("Admin token or tenant API key").fill(ADMIN);
+  await page.keyboard.press("Enter");
+  await page.getByRole("heading", { name: "Overview" }).waitFor({ timeout: WAIT });
+  assert.ok(!page.url().includes(ADMIN), "the token is not in the URL");
+  await page.locator('[data-metric="rate"] .value').waitFor({ timeout: WAIT });
+  await page.locator('[data-metric="dead"] .value').waitFor({ timeout: WAIT });
+
+  say("create a tenant through the form and issue it a key");
+  await page.getByRole("link", { name: "Tenants" }).click();
+  await page.getByLabel("New tenant's name").fill("Acme Logistics");
+  await page.getByRole("button", { name: "Create tenant" }).click();
+  const row = page.locator("tr[data-tenant]", { hasText: "Acme Logistics" });
+  await row.waitFor({ timeout: WAIT });
+  const tenant = await row.getAttribute("data-tenant");
+  await row.getByRole("button", { name: "Issue key" }).click();
+  const key = (await page.locator("[data-secret]").textContent()).trim();
+  assert.match(key, /^hk\./, "the new key is shown once");
+  await row.locator("li").first().waitFor({ timeout: WAIT });
+  await shot(page, "tenants");
+
+  say("a subscription with a bad URL is refused, the field named under it");
+  await page.goto(`${BASE}/console#/subscriptions/new`);
+  await page.getByLabel("Tenant", { exact: true }).fill(tenant);
+  await page.getByLabel("URL", { exact: true }).fill("not a url");
+  await page.getByRole("button", { name: "Create subscription" }).click();
+  const urlError = page.locator("#s-url-error");
+  await urlError.filter({ hasText: "url" }).waitFor({ timeout: WAIT });
+  await shot(page, "subscription-form");
+
+  say("create a working and a failing subscription through the form");
+  await page.getByLabel("URL", { exact: true }).fill(OK_URL);
+  await page.getByLabel(/Event types/).fill("order.created");
+  await page.getByRole("button", { name: "Create subscription" }).click();
+  await page.locator("[data-secret]").waitFor({ timeout: WAIT });
+  const okSub = (await page.locator("main h1").textContent()).trim();
+  assert.match(okSub, /^sub_/);
+  await page.goto(`${BASE}/console#/subscriptions/new`);
+  await page.getByLabel("Tenant", { exact: true }).fill(tenant);
+  await page.getByLabel("URL", { exact: true }).fill(FAIL_URL);
+  await page.getByLabel(/More settings as JSON/).fill(JSON.stringify({ retry: { policy: "fixed", interval: "100ms", max_attempts: 2 } }));
+  await page.getByRole("button", { name: "Create subscription" }).click();
+  await page.locator("[data-secret]").waitFor({ timeout: WAIT });
+  const failSub = (await page.locator("main h1").textContent()).trim();
+  assert.match(failSub, /^sub_/);
+  assert.notEqual(okSub, failSub);
+
+  say("the subscriptions list filters by tenant");
+  await page.goto(`${BASE}/console#/subscriptions?tenant=${tenant}`);
+  await page.locator(`tr[data-subscription="${failSub}"]`).waitFor({ timeout: WAIT });
+  assert.equal(await page.locator("tr[data-subscription]").count(), 2, "only Acme's two");
+  await shot(page, "subscriptions");
+
+  say("publish an event for the tenant (the platform's admin token) and watch its attempts appear");
+  await publish(ADMIN, { id: "order-1001", tenant, type: "order.created", data: { order: 1001, total: "42.00" } });
+  await page.goto(`${BASE}/console#/events/order-1001?tenant=${tenant}`);
+  await until("order-1001 delivered to the working subscription and dead-lettered at the failing one", page, async () => {
+    const ok = await page.locator(`tr[data-delivery="${okSub}"][data-state="delivered"]`).count();
+    const dead = await page.locator(`tr[data-delivery="${failSub}"][data-state="dead_lettered"]`).count();
+    return ok === 1 && dead === 1;
+  });
+  await until("the attempts on record", page, async () =>
+    (await page.locator('tr[data-outcome="delivered"]').count()) === 1 &&
+    (await page.locator('tr[data-outcome="failed"]').count()) === 2);
+  const failed = page.locator('tr[data-outcome="failed"]').first();
+  assert.match(await failed.textContent(), /500/, "the receiver's status is shown");
+  await failed.getByText("Response").click();
+  await failed.locator("[data-response-body]").waitFor({ timeout: WAIT });
+  await shot(page, "event");
+
+  say("the failing subscription's dead letter, replayed from the console");
+  await page.goto(`${BASE}/console#/dlq?subscription=${failSub}`);
+  const letter = page.locator("tr[data-dead-letter]", { hasText: "order-1001" });
+  await letter.waitFor({ timeout: WAIT });
+  await shot(page, "dead-letters");
+  await letter.getByRole("checkbox").check();
+  await page.getByRole("button", { name: "Replay selected" }).click();
+  await page.locator("[data-replay-report]", { hasText: "Replayed 1" }).waitFor({ timeout: WAIT });
+  await page.goto(`${BASE}/console#/events/order-1001?tenant=${tenant}`);
+  await until("the replayed delivery's new attempts", page, async () =>
+    (await page.locator('tr[data-outcome="failed"]').count()) > 2);
+
+  say("the failing subscription's health and a test event");
+  await page.goto(`${BASE}/console#/subscriptions/${failSub}`);
+  await page.locator("#success-ratio", { hasText: "%" }).waitFor({ timeout: WAIT });
+  assert.match(await page.locator("#success-ratio").textContent(), /^0 %/);
+  await page.getByRole("button", { name: "Send test event" }).click();
+  await page.locator("[data-test-result]", { hasText: "500" }).waitFor({ timeout: WAIT });
+  await shot(page, "subscription");
+
+  say("an edge device: created, its token shown once, not connected");
+  await page.goto(`${BASE}/console#/edge`);
+  await page.getByLabel("Device name").fill("Warehouse gateway");
+  await page.getByLabel("Tenant").fill(tenant);
+  await page.getByRole("button", { name: "Create device" }).click();
+  assert.match((await page.locator("[data-secret]").textContent()).trim(), /^he\./);
+  await page.locator("tr[data-device]", { hasText: "not connected" }).waitFor({ timeout: WAIT });
+  await shot(page, "edge-devices");
+
+  say("the overview after traffic");
+  await page.goto(`${BASE}/console#/overview`);
+  await page.locator('[data-metric="dead"] .value').filter({ hasText: /^[1-9]/ }).waitFor({ timeout: WAIT });
+  // A rate needs two scrapes (3 s apart); the success ratio counts what the receivers answered.
+  await page.locator('[data-metric="rate"] .value').filter({ hasText: /^\d/ }).waitFor({ timeout: WAIT });
+  assert.match(await page.locator('[data-metric="success"] .value').textContent(), /^\d/);
+  await shot(page, "overview");
+
+  say("mint a portal link for the tenant");
+  await page.goto(`${BASE}/console#/tenants`);
+  await row.getByRole("button", { name: "Portal link" }).click();
+  const portalUrl = (await page.locator("[data-portal-url]").textContent()).trim();
+  assert.match(portalUrl, /\/portal#token=hp\./);
+  assert.ok(!portalUrl.includes(key) && !portalUrl.includes(ADMIN), "the link carries no API key");
+
+  say("the portal shows the tenant its own data only");
+  const tctx = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+  const portal = await tctx.newPage();
+  watch(portal);
+  await portal.goto(portalUrl);
+  await portal.getByRole("heading", { name: "Subscriptions" }).waitFor({ timeout: WAIT });
+  assert.ok(!portal.url().includes("token="), "the token left the address bar");
+  await portal.locator(`tr[data-subscription="${okSub}"]`).waitFor({ timeout: WAIT });
+  assert.equal(await portal.locator(`tr[data-subscription="${OTHER_SUB}"]`).count(), 0);
+  assert.equal(await portal.locator("tr[data-subscription]").count(), 2);
+  assert.equal(await portal.getByRole("link", { name: "Tenants" }).count(), 0, "no operator screens");
+  assert.equal(await portal.getByRole("link", { name: "Overview" }).count(), 0, "no operator screens");
+  await shot(portal, "portal-subscriptions");
+  await portal.goto(`${BASE}/portal#/events`);
+  await portal.locator('tr[data-event="order-1001"]').waitFor({ timeout: WAIT });
+  assert.equal(await portal.locator(`tr[data-event="${OTHER_EVENT}"]`).count(), 0);
+
+  say("another tenant's subscription and event answer not found in the portal");
+  await portal.goto(`${BASE}/portal#/subscriptions/${OTHER_SUB}`);
+  await portal.getByRole("alert").filter({ hasText: /not found/i }).waitFor({ timeout: WAIT });
+  await portal.goto(`${BASE}/portal#/events/${OTHER_EVENT}`);
+  await portal.getByRole("heading", { name: "Event not found" }).waitFor({ timeout: WAIT });
+  await portal.goto(`${BASE}/portal#/dlq`);
+  await portal.locator("tr[data-dead-letter]").first().waitFor({ timeout: WAIT }).catch(() => {});
+  const dlqText = await portal.locator("main").textContent();
+  assert.ok(!dlqText.includes(OTHER_SUB), "no other tenant's dead letters");
+
+  say("the portal's token cannot call admin endpoints");
+  const adminCall = await portal.evaluate(async () => {
+    const token = sessionStorage.getItem("herald.token");
+    const res = await fetch("/v1/tenants", { headers: { authorization: `Bearer ${token}` } });
+    return { status: res.status, token };
+  });
+  assert.equal(adminCall.status, 403);
+  assert.match(adminCall.token, /^hp\./);
+
+  say("on a narrow screen nothing spills sideways");
+  // (The same tab: session storage, where the portal keeps its token, is per tab.)
+  const narrow = portal;
+  await narrow.setViewportSize({ width: 390, height: 844 });
+  await narrow.goto(`${BASE}/portal#/subscriptions`);
+  await narrow.locator(`tr[data-subscription="${okSub}"]`).waitFor({ timeout: WAIT });
+  const spill = await narrow.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(spill <= 1, `the page is ${spill}px wider than the screen`);
+  await shot(narrow, "portal-narrow");
+
+  say("sign out forgets the token");
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await page.getByLabel("Admin token or tenant API key").waitFor({ timeout: WAIT });
+  assert.equal(await page.evaluate(() => sessionStorage.getItem("herald.token")), null);
+
+  assert.deepEqual(problems, [], "no script errors or policy refusals in the pages");
+  console.log("console and portal: every step passed");
+} catch (e) {
+  console.error(`FAILED at step "${step}": ${e.stack || e}`);
+  if (problems.length) console.error("page problems:\n" + problems.join("\n"));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
