@@ -16,7 +16,7 @@ pub use index::{AttemptQuery, DeliveryView, EventQuery, Index, IndexError, Page}
 pub use record::{AttemptRecord, EventRecord, HistoryRecord, State, StateRecord};
 pub use recorder::Recorder;
 
-use crate::log::{Log, LogError, LogRecord};
+use crate::log::{Log, LogError};
 use crate::metrics::Metrics;
 use crate::model::now_ms;
 use std::path::Path;
@@ -50,13 +50,8 @@ impl History {
     ) -> Result<Arc<History>, HistoryError> {
         let index = Arc::new(Index::open(dir, retention)?);
         let partitions = log.partitions(topic)?;
-        let (indexer, thread) = Indexer::start(index.clone());
+        let thread = Indexer::start(log.clone(), topic.to_string(), partitions, index.clone(), stop.clone());
         let mut tasks = Vec::new();
-        for partition in 0..partitions {
-            let follow =
-                follow(log.clone(), topic.to_string(), partition, index.clone(), indexer.clone(), stop.clone());
-            tasks.push(tokio::spawn(follow));
-        }
         tasks.push(tokio::spawn(upkeep(log.clone(), topic.to_string(), partitions, index.clone(), stop)));
         let bytes = index.clone();
         metrics.on_scrape(move || metrics::gauge!(crate::metrics::HISTORY_BYTES).set(bytes.disk_bytes() as f64));
@@ -79,7 +74,7 @@ impl History {
         for t in tasks {
             let _ = t.await;
         }
-        // The readers are gone, so the indexing thread's queue closes and it ends.
+        // The readers on the indexing thread end at the stop signal too, and so does it.
         let thread = self.thread.lock().unwrap().take();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -98,54 +93,46 @@ pub enum HistoryError {
     Log(#[from] LogError),
 }
 
-/// One batch for the indexing thread, and where to say it is done.
-type Job = (u32, Vec<LogRecord>, u64, std::sync::mpsc::SyncSender<Result<usize, IndexError>>);
-
-/// The thread that writes the index, at the lowest CPU priority: the index is derived data,
-/// so when deliveries need every core it falls behind (`herald_history_lag`) and catches up
-/// when they do not, instead of slowing them. Readers hand it batches and wait for each.
-#[derive(Clone)]
-struct Indexer(std::sync::mpsc::SyncSender<Job>);
+/// The thread that reads the topic and writes the index, at the lowest CPU priority: the
+/// index is derived data, so when deliveries need every core it falls behind
+/// (`herald_history_lag`) and catches up when they do not, instead of slowing them. It runs
+/// its own single-threaded runtime, so reading the topic (and the blocking reads the embedded
+/// log makes, on threads this one starts, which inherit its priority) yields too.
+struct Indexer;
 
 impl Indexer {
-    fn start(index: Arc<Index>) -> (Indexer, Option<std::thread::JoinHandle<()>>) {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(2);
+    fn start(
+        log: Arc<dyn Log>,
+        topic: String,
+        partitions: u32,
+        index: Arc<Index>,
+        stop: watch::Receiver<bool>,
+    ) -> Option<std::thread::JoinHandle<()>> {
         let spawned = std::thread::Builder::new().name("history-index".into()).spawn(move || {
-            // Linux gives each thread its own nice value: only this one yields.
+            // Linux gives each thread its own nice value: only this one (and what it starts)
+            // yields.
             if let Err(e) = rustix::process::setpriority_process(None, 19) {
                 tracing::debug!(error = %e, "could not lower the history indexer's priority");
             }
-            for (partition, records, next, done) in rx {
-                let _ = done.send(index.apply(partition, &records, next, now_ms()));
-            }
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => return tracing::error!(error = %e, "cannot start the history indexer"),
+            };
+            runtime.block_on(async move {
+                let readers: Vec<_> = (0..partitions)
+                    .map(|p| tokio::spawn(follow(log.clone(), topic.clone(), p, index.clone(), stop.clone())))
+                    .collect();
+                for r in readers {
+                    let _ = r.await;
+                }
+            });
         });
-        let thread = spawned.map_err(|e| tracing::error!(error = %e, "cannot start the history indexer")).ok();
-        (Indexer(tx), thread)
-    }
-
-    /// Indexes a batch; `None` once the indexer is gone.
-    async fn apply(&self, partition: u32, records: Vec<LogRecord>, next: u64) -> Option<Result<usize, IndexError>> {
-        let (done, result) = std::sync::mpsc::sync_channel(1);
-        let tx = self.0.clone();
-        tokio::task::spawn_blocking(move || {
-            tx.send((partition, records, next, done)).ok()?;
-            result.recv().ok()
-        })
-        .await
-        .ok()
-        .flatten()
+        spawned.map_err(|e| tracing::error!(error = %e, "cannot start the history indexer")).ok()
     }
 }
 
 /// Reads one partition of the topic into the index, from where the index left off.
-async fn follow(
-    log: Arc<dyn Log>,
-    topic: String,
-    partition: u32,
-    index: Arc<Index>,
-    indexer: Indexer,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn follow(log: Arc<dyn Log>, topic: String, partition: u32, index: Arc<Index>, mut stop: watch::Receiver<bool>) {
     let pause = Duration::from_millis(500);
     loop {
         let from = index.offset(partition);
@@ -174,14 +161,15 @@ async fn follow(
                 }
             };
             let next = records.last().map_or(from, |r| r.offset + 1);
-            match indexer.apply(partition, records, next).await {
-                Some(Ok(n)) => metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(n as u64),
-                Some(Err(e)) => {
+            // On the indexer's own thread: blocking here holds up only the other partitions'
+            // readers, which feed the same index one batch at a time anyway.
+            match index.apply(partition, &records, next, now_ms()) {
+                Ok(n) => metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(n as u64),
+                Err(e) => {
                     tracing::error!(partition, error = %e, "indexing history failed; resuming from the last indexed record");
                     tokio::time::sleep(pause).await;
                     break;
                 }
-                None => return,
             }
         }
     }
