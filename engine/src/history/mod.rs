@@ -51,8 +51,7 @@ impl History {
         let index = Arc::new(Index::open(dir, retention)?);
         let partitions = log.partitions(topic)?;
         let thread = Indexer::start(log.clone(), topic.to_string(), partitions, index.clone(), stop.clone());
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(upkeep(log.clone(), topic.to_string(), partitions, index.clone(), stop)));
+        let tasks = vec![tokio::spawn(upkeep(log.clone(), topic.to_string(), partitions, index.clone(), stop))];
         let bytes = index.clone();
         metrics.on_scrape(move || metrics::gauge!(crate::metrics::HISTORY_BYTES).set(bytes.disk_bytes() as f64));
         metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(0);
