@@ -29,6 +29,8 @@ pub struct Behaviour {
     pub outages: Vec<(Duration, Duration)>,
     /// Only paths starting with this prefix behave so; others answer 200 at once.
     pub only_prefix: Option<String>,
+    /// Writes every request to stdout as it arrives: method, path, headers, body.
+    pub print: bool,
 }
 
 /// What the sink saw.
@@ -86,6 +88,24 @@ fn sent_ms(body: &[u8]) -> Option<u64> {
     let digits: &[u8] = &body[at..];
     let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+/// A request as a person reads it: the request line, the headers that say what it is (not
+/// `host`, `content-length` or `user-agent`), a blank line, the body.
+fn print_request(parts: &http::request::Parts, body: &[u8]) {
+    use std::io::Write;
+    let mut text = format!("{} {}\n", parts.method, parts.uri.path());
+    for (name, value) in &parts.headers {
+        if !matches!(name.as_str(), "host" | "content-length" | "user-agent") {
+            text.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+        }
+    }
+    text.push('\n');
+    text.push_str(&String::from_utf8_lossy(body));
+    text.push_str("\n\n");
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
 /// Milliseconds since the Unix epoch.
@@ -178,6 +198,9 @@ impl Sink {
                         async move {
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            if state.behaviour.read().unwrap().print {
+                                print_request(&parts, &body);
+                            }
                             let h = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("");
                             let status = state
                                 .answer(

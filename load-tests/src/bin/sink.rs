@@ -31,6 +31,9 @@ struct Args {
     /// Outages, seconds after start, e.g. `10-20,40-45`: every request gets 503.
     #[arg(long, value_delimiter = ',', value_parser = parse_range)]
     outage: Vec<(u64, u64)>,
+    /// Print every request (request line, headers, body) to stdout as it arrives.
+    #[arg(long)]
+    print: bool,
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         failure_statuses: args.failure_status.clone(),
         outages: args.outage.iter().map(|&(a, b)| (Duration::from_secs(a), Duration::from_secs(b))).collect(),
         only_prefix: None,
+        print: args.print,
     };
     let sink = Sink::start(args.listen, args.secret.as_deref(), behaviour).await?;
     eprintln!("herald-sink listening on http://{}", sink.addr);
