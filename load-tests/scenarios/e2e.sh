@@ -34,7 +34,8 @@ if [ "${BACKEND:-embedded}" = kafka ]; then
 fi
 
 "$BIN/herald" serve --listen 127.0.0.1:$HERALD_PORT --data-dir "$WORK/data" >"$WORK/herald.out" 2>"$WORK/herald.err" &
-pids+=($!)
+herald=$!
+pids+=($herald)
 for _ in $(seq 1 100); do curl -sf localhost:$HERALD_PORT/healthz >/dev/null && break; sleep 0.1; done
 # One known secret for every subscription, so the sink verifies every signature.
 SECRET=$(python3 -c "import base64,os;print('whsec_'+base64.b64encode(os.urandom(24)).decode())")
@@ -48,6 +49,8 @@ pids+=($sink)
 sleep 0.3
 "$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT --events $((EVENTS / SUBS)) --batch 100 --concurrency 8 --size 1024 >"$WORK/load.json"
 timeout 300 tail --pid=$sink -f /dev/null
+# Herald's CPU time (user + system) for the whole run: less noisy than a rate on a shared box.
+herald_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat)
 herald_rate=$(python3 -c "import json;print(round(json.load(open('$WORK/sink.json'))['deliveries_per_second']))")
 echo "load:   $(cat "$WORK/load.json")"
 echo "sink:   $(cat "$WORK/sink.json")"
@@ -64,5 +67,6 @@ PY
 sleep 0.3
 wrk_rate=$(wrk -t2 -c64 -d5s -s "$WORK/post.lua" http://127.0.0.1:$((SINK_PORT + 1))/hook | awk '/Requests\/sec/ {print int($2)}')
 echo "herald: $herald_rate deliveries/s ($SUBS subscriptions, standard signing, 1 KB events)"
+python3 -c "print('cpu:    %s s of Herald CPU, %.1f µs per delivery' % ('$herald_cpu', $herald_cpu * 1e6 / $EVENTS))"
 echo "wrk:    $wrk_rate requests/s straight into the sink"
 python3 -c "print('ratio:  %.2f of what this machine pushes over HTTP at all' % ($herald_rate / $wrk_rate))"
