@@ -297,6 +297,15 @@ pub struct HttpConfig {
     /// give certificates and keys as content only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_files_dir: Option<PathBuf>,
+    /// An HTTP proxy every webhook goes through (`http://user:password@proxy:3128`), so that
+    /// receivers see a fixed set of addresses: an HTTP CONNECT tunnel per connection, to the
+    /// address the network guard checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
+    /// Hosts reached directly even with a proxy: names (`hooks.internal`), domains
+    /// (`.corp.example`, every name under it) or IP addresses.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub no_proxy: Vec<String>,
 }
 
 /// Endpoint health: when to stop hammering a failing endpoint, and when to give up on it.
@@ -548,6 +557,8 @@ impl Default for HttpConfig {
             pool_idle_timeout: Duration::from_secs(90).into(),
             pool_max_idle_per_host: 1024,
             tls_files_dir: None,
+            proxy: None,
+            no_proxy: Vec::new(),
         }
     }
 }
@@ -678,6 +689,11 @@ impl Config {
         }
         if !(1024..=12 << 20).contains(&self.ingest.max_event_bytes) {
             return reject("ingest.max_event_bytes", "must be between 1024 and 12582912 (12 MiB)");
+        }
+        if let Some(proxy) = &self.http.proxy {
+            if let Err(e) = crate::transport::http::Proxy::parse(proxy, &self.http.no_proxy) {
+                return reject("http.proxy", &e);
+            }
         }
         if let Some(url) = &self.api.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<http::Uri>().is_err() {

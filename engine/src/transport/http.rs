@@ -45,7 +45,7 @@ impl tower::Service<Name> for GuardedResolver {
     }
 }
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
+type Connector = hyper_rustls::HttpsConnector<Route>;
 
 /// Client settings shared by every request.
 #[derive(Debug, Clone)]
@@ -60,6 +60,95 @@ pub struct HttpSettings {
     pub response_bytes: usize,
     /// Where TLS files named by subscriptions may be read (none: content only).
     pub tls_files_dir: Option<std::path::PathBuf>,
+    /// The egress proxy, if webhooks go through one.
+    pub proxy: Option<Proxy>,
+}
+
+/// An egress proxy (`http.proxy`) and the hosts that bypass it (`http.no_proxy`).
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    /// The proxy's address (`http://host:port`), credentials taken out.
+    uri: Uri,
+    /// `Proxy-Authorization` from the URL's credentials.
+    auth: Option<http::HeaderValue>,
+    no_proxy: Vec<String>,
+}
+
+impl Proxy {
+    /// A proxy from its URL and the `no_proxy` list; the error says what is wrong.
+    pub fn parse(url: &str, no_proxy: &[String]) -> Result<Proxy, String> {
+        let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+        if parsed.scheme() != "http" {
+            return Err("must be an http:// URL (the tunnel to https targets is TLS end to end)".into());
+        }
+        let host = parsed.host_str().ok_or("needs a host")?;
+        let port = parsed.port_or_known_default().unwrap_or(80);
+        let uri: Uri = format!("http://{host}:{port}").parse().map_err(|_| "not a valid proxy address".to_string())?;
+        let auth = match (parsed.username(), parsed.password()) {
+            ("", None) => None,
+            (user, password) => {
+                let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+                let pair = format!("{}:{}", decode(user), decode(password.unwrap_or("")));
+                let token = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pair);
+                let mut value = http::HeaderValue::from_str(&format!("Basic {token}")).map_err(|e| e.to_string())?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        let no_proxy = no_proxy.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
+        Ok(Proxy { uri, auth, no_proxy })
+    }
+
+    /// Whether `host` is reached without the proxy.
+    fn bypassed(&self, host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        self.no_proxy.iter().any(|rule| match rule.strip_prefix('.') {
+            Some(domain) => host == domain || host.ends_with(rule.as_str()),
+            None => host == *rule || host.ends_with(&format!(".{rule}")),
+        })
+    }
+}
+
+/// How a connection is made: straight to the guarded address, or through the egress proxy
+/// with a CONNECT tunnel to that same guarded address (the proxy never resolves the target's
+/// name, so it cannot be steered elsewhere by DNS after the guard's check). TLS, when the
+/// target is https, runs inside the tunnel, end to end with the receiver.
+#[derive(Clone)]
+pub struct Route {
+    direct: HttpConnector<GuardedResolver>,
+    proxy: Option<(Proxy, hyper_util::client::legacy::connect::proxy::Tunnel<HttpConnector>, NetworkGuard)>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<Uri> for Route {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let host = dst.host().unwrap_or_default().to_string();
+        match &self.proxy {
+            Some((proxy, tunnel, guard)) if !proxy.bypassed(&host) => {
+                let (tunnel, guard) = (tunnel.clone(), guard.clone());
+                let port = dst.port_u16().unwrap_or(if dst.scheme_str() == Some("https") { 443 } else { 80 });
+                Box::pin(async move {
+                    let addr = *guard.resolve(&host, port).await?.first().ok_or("no address")?;
+                    let target: Uri = format!("http://{addr}").parse()?;
+                    let stream = tower::ServiceExt::oneshot(tunnel, target).await?;
+                    Ok(stream)
+                })
+            }
+            _ => {
+                let direct = self.direct.clone();
+                Box::pin(async move { Ok(tower::ServiceExt::oneshot(direct, dst).await?) })
+            }
+        }
+    }
 }
 
 impl Default for HttpSettings {
@@ -70,6 +159,7 @@ impl Default for HttpSettings {
             pool_max_idle_per_host: 256,
             response_bytes: 1024,
             tls_files_dir: None,
+            proxy: None,
         }
     }
 }
@@ -108,12 +198,23 @@ fn pool(guard: &NetworkGuard, settings: &HttpSettings, tls: rustls::ClientConfig
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
+    let proxy = settings.proxy.clone().map(|p| {
+        // The proxy is the operator's: reached by its own name, not through the guard.
+        let mut to_proxy = HttpConnector::new();
+        to_proxy.set_nodelay(true);
+        to_proxy.set_connect_timeout(Some(settings.connect_timeout));
+        let mut tunnel = hyper_util::client::legacy::connect::proxy::Tunnel::new(p.uri.clone(), to_proxy);
+        if let Some(auth) = p.auth.clone() {
+            tunnel = tunnel.with_auth(auth);
+        }
+        (p, tunnel, guard.clone())
+    });
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(Route { direct: http, proxy });
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_max_idle_per_host(settings.pool_max_idle_per_host)

@@ -15,6 +15,7 @@ mod layers;
 mod observability;
 mod openapi;
 mod outcomes;
+mod proxy;
 mod quickstart;
 mod receivers;
 mod retries;

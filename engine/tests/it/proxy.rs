@@ -1,0 +1,125 @@
+//! The egress proxy (`http.proxy`): webhooks leave through a real HTTP CONNECT proxy on
+//! loopback, with its credentials, to the address the network guard checked; `no_proxy`
+//! hosts go direct; the guard still refuses what it refuses.
+
+use crate::support::{until, Receiver, TestHerald};
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A CONNECT proxy that asks for `credentials` (Basic, base64 of `user:password`) and notes
+/// every target it was asked for.
+struct ConnectProxy {
+    addr: std::net::SocketAddr,
+    asked: Arc<Mutex<Vec<String>>>,
+}
+
+impl ConnectProxy {
+    async fn start(credentials: &'static str) -> ConnectProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let noted = asked.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                let noted = noted.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                        if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let target = head.split_whitespace().nth(1).unwrap_or_default().to_string();
+                    noted.lock().unwrap().push(target.clone());
+                    let authorized = head
+                        .lines()
+                        .any(|l| l.eq_ignore_ascii_case(&format!("proxy-authorization: Basic {credentials}")));
+                    if !head.starts_with("CONNECT ") || !authorized {
+                        let _ = client.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").await;
+                        return;
+                    }
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                        return;
+                    };
+                    let _ = client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        ConnectProxy { addr, asked }
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn webhooks_leave_through_the_egress_proxy_to_the_checked_address() {
+    // "herald:s3cret" in base64; the password is percent-encoded in the URL.
+    let proxy = ConnectProxy::start("aGVyYWxkOnMzY3JldA==").await;
+    let url = format!("http://herald:s3%63ret@{}", proxy.addr);
+    let h = TestHerald::start_with(|c| {
+        c.http.proxy = Some(url);
+        c.http.no_proxy = vec!["127.0.0.2".into()];
+    })
+    .await;
+    let rx = Receiver::start().await;
+    // By name: the guard resolves it, and the proxy is asked for the checked address.
+    let by_name = rx.url("/via-proxy").replace("127.0.0.1", "localhost");
+    h.api.subscribe(json!({ "url": by_name, "events": ["a"] })).await;
+    h.api.post("/v1/events", json!({ "id": "p1", "type": "a", "data": {} })).await;
+    rx.wait_on("/via-proxy", 1).await;
+    let port = rx.url("/").split(':').nth(2).unwrap().trim_end_matches('/').to_string();
+    let asked = proxy.asked();
+    assert!(asked.iter().any(|t| t == &format!("127.0.0.1:{port}")), "CONNECT to the checked address: {asked:?}");
+    assert!(asked.iter().all(|t| !t.contains("localhost")), "the proxy never resolves names: {asked:?}");
+
+    // A no_proxy host goes direct.
+    let before = proxy.asked().len();
+    let elsewhere = Receiver::start_on("127.0.0.2").await;
+    h.api.subscribe(json!({ "url": elsewhere.url("/direct"), "events": ["b"] })).await;
+    h.api.post("/v1/events", json!({ "id": "p2", "type": "b", "data": {} })).await;
+    elsewhere.wait_on("/direct", 1).await;
+    assert_eq!(proxy.asked().len(), before, "no_proxy hosts do not use the proxy");
+
+    // The guard still applies to the final target: an address it refuses is never asked for.
+    let (status, err) = h.api.post("/v1/subscriptions", json!({ "url": "http://10.1.2.3:9/x", "events": ["c"] })).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(proxy.asked().iter().all(|t| !t.starts_with("10.")));
+}
+
+#[tokio::test]
+async fn a_proxy_refusing_herald_s_credentials_fails_the_attempt_with_the_reason() {
+    let proxy = ConnectProxy::start("aGVyYWxkOnMzY3JldA==").await;
+    let url = format!("http://herald:wrong@{}", proxy.addr);
+    let h = TestHerald::start_with(|c| c.http.proxy = Some(url)).await;
+    let rx = Receiver::start().await;
+    let sub = h.api.subscribe(json!({ "url": rx.url("/never") })).await;
+    let (status, result) =
+        h.api.post(&format!("/v1/subscriptions/{}/test", sub["id"].as_str().unwrap()), json!({})).await;
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["delivered"], false, "{result}");
+    assert!(result["error"].as_str().unwrap_or_default().to_lowercase().contains("proxy"), "{result}");
+    until("the proxy asked", WAIT, || async { (!proxy.asked().is_empty()).then_some(()) }).await;
+    assert!(rx.on("/never").is_empty());
+}
+
+#[tokio::test]
+async fn an_unusable_proxy_setting_is_refused_at_start_naming_it() {
+    let env = [("HERALD_HTTP_PROXY".to_string(), "socks5://127.0.0.1:1080".to_string())];
+    let err = herald::config::Config::load(None, &env).unwrap_err().to_string();
+    assert!(err.contains("http.proxy"), "{err}");
+    let env = [("HERALD_HTTP_PROXY".to_string(), "http://proxy.internal:3128".to_string())];
+    let config = herald::config::Config::load(None, &env).unwrap();
+    assert_eq!(config.http.proxy.as_deref(), Some("http://proxy.internal:3128"));
+}
