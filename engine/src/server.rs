@@ -222,11 +222,7 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
         pool_max_idle_per_host: config.http.pool_max_idle_per_host,
         response_bytes: config.history.response_bytes,
         tls_files_dir: config.http.tls_files_dir.clone(),
-        proxy: config
-            .http
-            .proxy
-            .as_ref()
-            .and_then(|p| crate::transport::http::Proxy::parse(p, &config.http.no_proxy).ok()),
+        proxy: config.http.proxy.as_ref().and_then(|p| crate::transport::http::Proxy::parse(p, &config.http.no_proxy)),
     };
     let guard = NetworkGuard::new(config.network.allow.clone());
     Transports::new(guard, &settings, config.http.timeout.0).with_edge(hub)

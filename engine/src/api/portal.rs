@@ -23,11 +23,6 @@ use std::time::Duration;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The longest a portal link may live.
-pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// The shortest.
-pub const MIN_TTL: Duration = Duration::from_secs(60);
-
 /// The key portal tokens are signed with, derived from the admin token.
 #[derive(Clone)]
 pub struct PortalKey(HmacSha256);
@@ -100,7 +95,8 @@ pub async fn mint(
         return Err(ApiError::not_found("tenant"));
     }
     let ttl = req.ttl.map_or(state.portal.ttl, |t| t.0);
-    if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+    let (min, max) = crate::config::ApiConfig::PORTAL_TTL;
+    if !(min..=max).contains(&ttl) {
         return Err(ApiError::validation("ttl", "must be from 1 minute to 7 days"));
     }
     let expires_ms = now_ms() + ttl.as_millis() as i64;

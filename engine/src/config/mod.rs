@@ -209,6 +209,11 @@ pub struct ApiConfig {
     pub portal_ttl: HumanDuration,
 }
 
+impl ApiConfig {
+    /// How long a tenant portal link may work: `portal_ttl` and a mint's `ttl`.
+    pub const PORTAL_TTL: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(7 * 86_400));
+}
+
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
@@ -691,8 +696,12 @@ impl Config {
             return reject("ingest.max_event_bytes", "must be between 1024 and 12582912 (12 MiB)");
         }
         if let Some(proxy) = &self.http.proxy {
-            if let Err(e) = crate::transport::http::Proxy::parse(proxy, &self.http.no_proxy) {
-                return reject("http.proxy", &e);
+            match url::Url::parse(proxy) {
+                Ok(u) if u.scheme() == "http" && u.host_str().is_some() => {}
+                Ok(_) => {
+                    return reject("http.proxy", "must be an http:// URL with a host (https targets are tunnelled)")
+                }
+                Err(e) => return reject("http.proxy", &format!("not a URL: {e}")),
             }
         }
         if let Some(url) = &self.api.public_url {
@@ -700,7 +709,8 @@ impl Config {
                 return reject("api.public_url", "must be an http:// or https:// URL");
             }
         }
-        if !(crate::api::portal::MIN_TTL..=crate::api::portal::MAX_TTL).contains(&self.api.portal_ttl.0) {
+        let (min, max) = ApiConfig::PORTAL_TTL;
+        if !(min..=max).contains(&self.api.portal_ttl.0) {
             return reject("api.portal_ttl", "must be from 1 minute to 7 days");
         }
         if self.api.max_connections == 0 || !(self.api.key_rate_limit > 0.0 && self.api.key_rate_limit.is_finite()) {

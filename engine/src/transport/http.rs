@@ -75,28 +75,26 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A proxy from its URL and the `no_proxy` list; the error says what is wrong.
-    pub fn parse(url: &str, no_proxy: &[String]) -> Result<Proxy, String> {
-        let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
-        if parsed.scheme() != "http" {
-            return Err("must be an http:// URL (the tunnel to https targets is TLS end to end)".into());
-        }
-        let host = parsed.host_str().ok_or("needs a host")?;
+    /// A proxy from its URL (checked when the configuration was loaded) and the `no_proxy`
+    /// list.
+    pub fn parse(url: &str, no_proxy: &[String]) -> Option<Proxy> {
+        let parsed = url::Url::parse(url).ok()?;
+        let host = parsed.host_str()?;
         let port = parsed.port_or_known_default().unwrap_or(80);
-        let uri: Uri = format!("http://{host}:{port}").parse().map_err(|_| "not a valid proxy address".to_string())?;
+        let uri: Uri = format!("http://{host}:{port}").parse().ok()?;
         let auth = match (parsed.username(), parsed.password()) {
             ("", None) => None,
             (user, password) => {
                 let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
                 let pair = format!("{}:{}", decode(user), decode(password.unwrap_or("")));
                 let token = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pair);
-                let mut value = http::HeaderValue::from_str(&format!("Basic {token}")).map_err(|e| e.to_string())?;
+                let mut value = http::HeaderValue::from_str(&format!("Basic {token}")).ok()?;
                 value.set_sensitive(true);
                 Some(value)
             }
         };
         let no_proxy = no_proxy.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
-        Ok(Proxy { uri, auth, no_proxy })
+        Some(Proxy { uri, auth, no_proxy })
     }
 
     /// Whether `host` is reached without the proxy.

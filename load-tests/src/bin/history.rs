@@ -18,21 +18,29 @@ struct Args {
     command: Command,
 }
 
+/// What `fill` writes and `query` must be told again: how many attempts, over how many
+/// subscriptions and tenants.
+#[derive(clap::Args, Clone, Copy)]
+struct Shape {
+    /// Attempts in all; every event has two (a failure, then the delivery).
+    #[arg(long, default_value_t = 10_000_000)]
+    attempts: u64,
+    /// Subscriptions they are spread over.
+    #[arg(long, default_value_t = 1000)]
+    subscriptions: u64,
+    /// Tenants the subscriptions belong to.
+    #[arg(long, default_value_t = 10)]
+    tenants: u64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Writes attempts into `<data-dir>/history` (Herald must not be running on it).
     Fill {
         #[arg(long)]
         data_dir: PathBuf,
-        /// Attempts in all; every event has two (a failure, then the delivery).
-        #[arg(long, default_value_t = 10_000_000)]
-        attempts: u64,
-        /// Subscriptions they are spread over.
-        #[arg(long, default_value_t = 1000)]
-        subscriptions: u64,
-        /// Tenants the subscriptions belong to.
-        #[arg(long, default_value_t = 10)]
-        tenants: u64,
+        #[command(flatten)]
+        shape: Shape,
         /// Days the attempts are spread over, ending now.
         #[arg(long, default_value_t = 7)]
         days: i64,
@@ -46,12 +54,8 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
         /// What `fill` was given.
-        #[arg(long, default_value_t = 10_000_000)]
-        attempts: u64,
-        #[arg(long, default_value_t = 1000)]
-        subscriptions: u64,
-        #[arg(long, default_value_t = 10)]
-        tenants: u64,
+        #[command(flatten)]
+        shape: Shape,
         /// Requests of each kind.
         #[arg(long, default_value_t = 1000)]
         requests: usize,
@@ -60,12 +64,13 @@ enum Command {
 
 /// The subscription, tenant and time of event `n`, fixed by `n`, so `query` knows what
 /// `fill` wrote.
-fn layout(n: u64, subscriptions: u64, tenants: u64) -> (String, String) {
-    let sub = n % subscriptions;
-    (format!("sub_bench_{sub:05}"), format!("ten_bench_{:03}", sub % tenants))
+fn layout(n: u64, shape: Shape) -> (String, String) {
+    let sub = n % shape.subscriptions;
+    (format!("sub_bench_{sub:05}"), format!("ten_bench_{:03}", sub % shape.tenants))
 }
 
-fn fill(dir: &Path, attempts: u64, subscriptions: u64, tenants: u64, days: i64) -> anyhow::Result<()> {
+fn fill(dir: &Path, shape: Shape, days: i64) -> anyhow::Result<()> {
+    let attempts = shape.attempts;
     let index = Index::open(&dir.join("history"), Duration::from_secs(14 * 86_400))?;
     let events = attempts / 2;
     let now = herald::model::now_ms();
@@ -82,7 +87,7 @@ fn fill(dir: &Path, attempts: u64, subscriptions: u64, tenants: u64, days: i64) 
     while n < events {
         let mut records = Vec::with_capacity(BATCH as usize * 3);
         for e in n..(n + BATCH / 2).min(events) {
-            let (sub, tenant) = layout(e, subscriptions, tenants);
+            let (sub, tenant) = layout(e, shape);
             // Oldest first, as they would arrive.
             let accepted = now - span + (span * e as i64) / events as i64;
             let id = format!("evt_bench_{e:09}");
@@ -163,16 +168,8 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn query(
-    server: &str,
-    token: &str,
-    dir: &Path,
-    attempts: u64,
-    subscriptions: u64,
-    tenants: u64,
-    requests: usize,
-) -> anyhow::Result<()> {
+async fn query(server: &str, token: &str, dir: &Path, shape: Shape, requests: usize) -> anyhow::Result<()> {
+    let attempts = shape.attempts;
     use http_body_util::{BodyExt, Empty};
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Empty<bytes::Bytes>>();
@@ -184,7 +181,7 @@ async fn query(
         let mut found = 0usize;
         for _ in 0..requests {
             let e = rng.gen_range(0..events);
-            let (sub, tenant) = layout(e, subscriptions, tenants);
+            let (sub, tenant) = layout(e, shape);
             let path = match kind {
                 "event" => format!("/v1/attempts?event=evt_bench_{e:09}&tenant={tenant}"),
                 _ => format!("/v1/attempts?subscription={sub}&tenant={tenant}&limit=100"),
@@ -225,11 +222,9 @@ async fn query(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
-        Command::Fill { data_dir, attempts, subscriptions, tenants, days } => {
-            fill(&data_dir, attempts, subscriptions, tenants, days)
-        }
-        Command::Query { server, token, data_dir, attempts, subscriptions, tenants, requests } => {
-            query(&server, &token, &data_dir, attempts, subscriptions, tenants, requests).await
+        Command::Fill { data_dir, shape, days } => fill(&data_dir, shape, days),
+        Command::Query { server, token, data_dir, shape, requests } => {
+            query(&server, &token, &data_dir, shape, requests).await
         }
     }
 }
