@@ -1,7 +1,10 @@
-//! The `herald` command.
+//! The `herald` command: the server (`serve`), the edge agent (`edge`), and the admin CLI
+//! (`tenants`, `subscriptions`, `events`, … — see `cli`).
+
+mod cli;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use herald::config::{Config, LogFormat};
 use herald::server::{self, TokenSource};
 use std::net::SocketAddr;
@@ -52,6 +55,13 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    #[command(flatten)]
+    Client(cli::Client),
+    /// Print shell completions for this command.
+    Completions {
+        /// bash, zsh, fish, powershell or elvish.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn init_tracing(config: &Config) {
@@ -76,6 +86,20 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Client(command) => match cli::run(command).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Exit codes a script can rely on: 1 refused, 3 unavailable, 2 anything else
+                // the caller got wrong (usage, files, token).
+                eprintln!("herald: {e:#}");
+                let code = e.downcast_ref::<cli::Failed>().map_or(2, cli::Failed::code);
+                std::process::exit(code);
+            }
+        },
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "herald", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Serve { config, listen, data_dir } => {
             // Everything Herald writes (the log, the history index, the token) is its user's
             // alone, whatever the umask it was started with.

@@ -90,14 +90,42 @@ async fn two_herald_processes_on_one_broker_survive_a_sigkill_without_losing_an_
     let killed_at = killed_at.expect("B took a share of the partitions and delivered before it was killed");
 
     // Everything arrives, B's partitions taken over by A after the session timeout.
-    let counts = until("every event at every subscription", Duration::from_secs(120), || async {
+    let received = || {
         let mut counts: HashMap<(String, String), usize> = HashMap::new();
         for r in rx.all() {
             *counts.entry((r.path.clone(), r.json()["id"].as_str().unwrap_or_default().to_string())).or_default() += 1;
         }
-        (counts.len() == published * SUBS).then_some(counts)
-    })
-    .await;
+        counts
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let counts = loop {
+        let counts = received();
+        if counts.len() == published * SUBS {
+            break counts;
+        }
+        if std::time::Instant::now() > deadline {
+            // Say what is missing, so a failure can be told from slowness.
+            let mut missing: Vec<(String, String)> = (0..SUBS)
+                .flat_map(|s| (0..published).map(move |e| (format!("/s{s}"), format!("e{e}"))))
+                .filter(|k| !counts.contains_key(k))
+                .collect();
+            missing.sort();
+            let (_, lag) = api_a.get("/metrics").await;
+            panic!(
+                "{} of {} deliveries missing after 180 s (B killed after {killed_at} events); first: {:?}\nA's lag: {}",
+                missing.len(),
+                published * SUBS,
+                &missing[..missing.len().min(10)],
+                lag.as_str()
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.starts_with("herald_consumer_lag"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let total: usize = counts.values().sum();
     let duplicates = total - counts.len();
     eprintln!(

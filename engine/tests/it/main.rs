@@ -2,6 +2,7 @@
 
 mod amqp;
 mod api;
+mod cli;
 mod console;
 mod crash;
 mod delivery;

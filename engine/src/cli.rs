@@ -1,0 +1,601 @@
+//! `herald tenants|keys|subscriptions|events|attempts|dlq|edge-devices`: the admin CLI, a thin
+//! client of the public `/v1` API (so it can do exactly what the API lets its token do).
+//! Tables for people, `--json` for scripts. Exit codes a script can rely on: 0 done, 1 the API
+//! refused (4xx, its error on stderr), 2 bad usage, 3 the server failed or could not be reached.
+
+use anyhow::{anyhow, Context};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use std::io::BufRead;
+use std::path::PathBuf;
+
+/// Where the API is and who is calling.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Herald's base URL.
+    #[arg(long, global = true, env = "HERALD_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// The admin token or a tenant API key; else the file `$XDG_CONFIG_HOME/herald/token`
+    /// (or `~/.config/herald/token`).
+    #[arg(long, global = true, env = "HERALD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// The client subcommands; each takes the connection flags (`--server`, `--token`, `--json`)
+/// anywhere after its name.
+#[derive(Subcommand)]
+pub enum Client {
+    /// Tenants (admin).
+    Tenants {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: Tenants,
+    },
+    /// Tenants' API keys (admin).
+    Keys {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: Keys,
+    },
+    /// Subscriptions.
+    Subscriptions {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: Subscriptions,
+    },
+    /// Publish and read events.
+    Events {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: Events,
+    },
+    /// Delivery attempts, newest first.
+    Attempts {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        event: Option<String>,
+        #[arg(long)]
+        subscription: Option<String>,
+        #[arg(long)]
+        outcome: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Dead letters.
+    Dlq {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: Dlq,
+    },
+    /// Edge devices.
+    #[command(name = "edge-devices")]
+    EdgeDevices {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: EdgeDevices,
+    },
+}
+
+impl Client {
+    fn conn(&self) -> &Conn {
+        match self {
+            Client::Tenants { conn, .. }
+            | Client::Keys { conn, .. }
+            | Client::Subscriptions { conn, .. }
+            | Client::Events { conn, .. }
+            | Client::Attempts { conn, .. }
+            | Client::Dlq { conn, .. }
+            | Client::EdgeDevices { conn, .. } => conn,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Tenants {
+    /// List tenants and their keys' ids.
+    List,
+    /// Create a tenant.
+    Create { name: String },
+    /// Mint a tenant portal link.
+    Portal {
+        id: String,
+        /// How long it works (`1h`, `2d`); default the server's `api.portal_ttl`.
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Keys {
+    /// Issue an API key (shown once).
+    Issue { tenant: String },
+    /// Revoke an API key.
+    Revoke { tenant: String, key_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum Subscriptions {
+    /// List subscriptions.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Read one subscription.
+    Get { id: String },
+    /// Create one, from flags or a JSON file (`-` for stdin); flags override the file.
+    Create {
+        #[arg(long)]
+        url: Option<String>,
+        /// Event types, comma-separated (none: all).
+        #[arg(long, value_delimiter = ',')]
+        events: Vec<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Change one with a JSON Merge Patch from a file (`-` for stdin) or `--set '{"…"}'`.
+    Patch {
+        id: String,
+        #[arg(long, conflicts_with = "set")]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        set: Option<String>,
+    },
+    /// Delete one.
+    Delete { id: String },
+    /// Rotate its signing secret (the new one is shown).
+    Rotate { id: String },
+    /// Send it a signed test event now.
+    Test { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum Events {
+    /// Publish: one event from flags or a file, or one JSON event per line of stdin (`--stdin`).
+    Send {
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// The event's `data`, JSON.
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, conflicts_with = "stdin")]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// An event and where each of its deliveries stands.
+    Get {
+        id: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Recent events.
+    List {
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Dlq {
+    /// List dead letters.
+    List {
+        #[arg(long)]
+        subscription: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Deliver dead letters again: these ids, or every one of a subscription.
+    Replay {
+        #[arg(long, value_delimiter = ',', required_unless_present = "subscription")]
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        subscription: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum EdgeDevices {
+    /// List edge devices.
+    List,
+    /// Create one (its token is shown once).
+    Create {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Delete one; its token stops working.
+    Delete { id: String },
+}
+
+/// How a command failed, as its exit code tells.
+#[derive(Debug, thiserror::Error)]
+pub enum Failed {
+    /// The API refused the request (4xx).
+    #[error("{0}")]
+    Refused(String),
+    /// The server failed or could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl Failed {
+    /// The exit code: 1 refused, 3 unavailable.
+    pub fn code(&self) -> i32 {
+        match self {
+            Failed::Refused(_) => 1,
+            Failed::Unavailable(_) => 3,
+        }
+    }
+}
+
+struct Api {
+    base: String,
+    token: String,
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Full<Bytes>,
+    >,
+}
+
+impl Api {
+    fn new(conn: &Conn) -> anyhow::Result<Api> {
+        let token = match &conn.token {
+            Some(t) => t.clone(),
+            None => {
+                let dir = std::env::var_os("XDG_CONFIG_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+                    .ok_or_else(|| anyhow!("no token: pass --token or set HERALD_TOKEN"))?;
+                let path = dir.join("herald/token");
+                std::fs::read_to_string(&path)
+                    .map(|t| t.trim().to_string())
+                    .with_context(|| format!("no token: pass --token, set HERALD_TOKEN or write {}", path.display()))?
+            }
+        };
+        let https =
+            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+        Ok(Api { base: conn.server.trim_end_matches('/').to_string(), token, client })
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failed> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token));
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+        let req = req.body(Full::new(body)).map_err(|e| Failed::Refused(format!("bad request: {e}")))?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| Failed::Unavailable(format!("cannot reach {}: {e}", self.base)))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Failed::Unavailable(format!("reading the answer: {e}")))?
+            .to_bytes();
+        let value: Value =
+            if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        if status.is_success() {
+            return Ok(value);
+        }
+        let error = &value["error"];
+        let message = match (error["message"].as_str(), error["field"].as_str()) {
+            (Some(m), Some(f)) => format!("{status}: {f}: {m}"),
+            (Some(m), None) => format!("{status}: {m}"),
+            _ => format!("{status}"),
+        };
+        Err(if status.is_client_error() { Failed::Refused(message) } else { Failed::Unavailable(message) })
+    }
+}
+
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        if let Some(v) = v {
+            q.append_pair(k, v);
+        }
+    }
+    let q = q.finish();
+    if q.is_empty() {
+        q
+    } else {
+        format!("?{q}")
+    }
+}
+
+fn read_json(path: &PathBuf) -> anyhow::Result<Value> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+/// A table of `items` with these columns (a column is a JSON pointer or a top-level key).
+fn table(items: &[Value], columns: &[&str]) -> String {
+    let cell = |item: &Value, col: &str| -> String {
+        let v = if col.starts_with('/') { item.pointer(col) } else { item.get(col) };
+        match v {
+            None | Some(Value::Null) => "-".into(),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(a)) if a.is_empty() => "-".into(),
+            // Lists of strings, or of objects named by their ids (a tenant's keys).
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_str().or_else(|| x["id"].as_str()).map_or_else(|| x.to_string(), String::from))
+                .collect::<Vec<_>>()
+                .join(","),
+            Some(other) => other.to_string(),
+        }
+    };
+    let header: Vec<String> =
+        columns.iter().map(|c| c.trim_start_matches('/').replace('/', ".").to_uppercase()).collect();
+    let rows: Vec<Vec<String>> = items.iter().map(|i| columns.iter().map(|c| cell(i, c)).collect()).collect();
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: &[String]| {
+        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+    };
+    let mut out = vec![line(&header)];
+    out.extend(rows.iter().map(|r| line(r)));
+    out.join("\n")
+}
+
+/// One object as `key: value` lines.
+fn facts(v: &Value) -> String {
+    match v.as_object() {
+        Some(o) => o
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.as_str().map_or_else(|| v.to_string(), String::from)))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        None => v.to_string(),
+    }
+}
+
+enum Shown {
+    List(&'static [&'static str]),
+    One,
+    Done(&'static str),
+}
+
+/// Runs a client command; the error's [`Failed::code`] is the exit code.
+pub async fn run(command: Client) -> anyhow::Result<()> {
+    let conn = command.conn().clone();
+    let api = Api::new(&conn)?;
+    let (answer, shown) = match command {
+        Client::Tenants { cmd, .. } => match cmd {
+            Tenants::List => {
+                (api.call("GET", "/v1/tenants", None).await?, Shown::List(&["id", "name", "created_at", "keys"]))
+            }
+            Tenants::Create { name } => {
+                (api.call("POST", "/v1/tenants", Some(json!({ "name": name }))).await?, Shown::One)
+            }
+            Tenants::Portal { id, ttl } => {
+                let body = ttl.map_or_else(|| json!({}), |t| json!({ "ttl": t }));
+                (api.call("POST", &format!("/v1/tenants/{id}/portal"), Some(body)).await?, Shown::One)
+            }
+        },
+        Client::Keys { cmd, .. } => match cmd {
+            Keys::Issue { tenant } => {
+                (api.call("POST", &format!("/v1/tenants/{tenant}/keys"), Some(json!({}))).await?, Shown::One)
+            }
+            Keys::Revoke { tenant, key_id } => (
+                api.call("DELETE", &format!("/v1/tenants/{tenant}/keys/{key_id}"), None).await?,
+                Shown::Done("revoked"),
+            ),
+        },
+        Client::Subscriptions { cmd, .. } => match cmd {
+            Subscriptions::List { tenant } => (
+                api.call(
+                    "GET",
+                    &format!("/v1/subscriptions{}", query(&[("tenant", tenant), ("limit", Some("500".into()))])),
+                    None,
+                )
+                .await?,
+                Shown::List(&["id", "tenant", "url", "events", "enabled", "/health/breaker"]),
+            ),
+            Subscriptions::Get { id } => (api.call("GET", &format!("/v1/subscriptions/{id}"), None).await?, Shown::One),
+            Subscriptions::Create { url, events, tenant, file } => {
+                let mut body = match &file {
+                    Some(f) => read_json(f)?,
+                    None => json!({}),
+                };
+                if let Some(u) = url {
+                    body["url"] = u.into();
+                }
+                if !events.is_empty() {
+                    body["events"] = events.into();
+                }
+                if let Some(t) = tenant {
+                    body["tenant"] = t.into();
+                }
+                (api.call("POST", "/v1/subscriptions", Some(body)).await?, Shown::One)
+            }
+            Subscriptions::Patch { id, file, set } => {
+                let body = match (file, set) {
+                    (Some(f), _) => read_json(&f)?,
+                    (None, Some(s)) => serde_json::from_str(&s).context("--set is not JSON")?,
+                    (None, None) => return Err(anyhow!("give the patch with --file or --set")),
+                };
+                (api.call("PATCH", &format!("/v1/subscriptions/{id}"), Some(body)).await?, Shown::One)
+            }
+            Subscriptions::Delete { id } => {
+                (api.call("DELETE", &format!("/v1/subscriptions/{id}"), None).await?, Shown::Done("deleted"))
+            }
+            Subscriptions::Rotate { id } => {
+                (api.call("POST", &format!("/v1/subscriptions/{id}/rotate-secret"), Some(json!({}))).await?, Shown::One)
+            }
+            Subscriptions::Test { id } => {
+                (api.call("POST", &format!("/v1/subscriptions/{id}/test"), Some(json!({}))).await?, Shown::One)
+            }
+        },
+        Client::Events { cmd, .. } => match cmd {
+            Events::Send { event_type, data, id, tenant, file, stdin } => {
+                let events: Vec<Value> = if stdin {
+                    let mut out = Vec::new();
+                    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+                        let line = line?;
+                        if !line.trim().is_empty() {
+                            out.push(
+                                serde_json::from_str(&line).with_context(|| format!("line {} is not JSON", n + 1))?,
+                            );
+                        }
+                    }
+                    out
+                } else {
+                    let mut event = match &file {
+                        Some(f) => read_json(f)?,
+                        None => json!({}),
+                    };
+                    if let Some(t) = event_type {
+                        event["type"] = t.into();
+                    }
+                    if let Some(d) = data {
+                        event["data"] = serde_json::from_str(&d).context("--data is not JSON")?;
+                    }
+                    if let Some(i) = id {
+                        event["id"] = i.into();
+                    }
+                    if let Some(t) = tenant {
+                        event["tenant"] = t.into();
+                    }
+                    vec![event]
+                };
+                match events.len() {
+                    0 => return Err(anyhow!("no events on stdin")),
+                    1 => (api.call("POST", "/v1/events", events.into_iter().next()).await?, Shown::One),
+                    _ => {
+                        let mut items = Vec::new();
+                        for chunk in events.chunks(1000) {
+                            let answer =
+                                api.call("POST", "/v1/events/batch", Some(Value::Array(chunk.to_vec()))).await?;
+                            items.extend(answer["items"].as_array().cloned().unwrap_or_default());
+                        }
+                        (json!({ "items": items }), Shown::List(&["id", "deliveries"]))
+                    }
+                }
+            }
+            Events::Get { id, tenant } => {
+                (api.call("GET", &format!("/v1/events/{id}{}", query(&[("tenant", tenant)])), None).await?, Shown::One)
+            }
+            Events::List { event_type, tenant, limit } => (
+                api.call(
+                    "GET",
+                    &format!(
+                        "/v1/events{}",
+                        query(&[("type", event_type), ("tenant", tenant), ("limit", Some(limit.to_string()))])
+                    ),
+                    None,
+                )
+                .await?,
+                Shown::List(&["id", "type", "tenant", "accepted_at"]),
+            ),
+        },
+        Client::Attempts { event, subscription, outcome, tenant, limit, .. } => {
+            let q = query(&[
+                ("event", event),
+                ("subscription", subscription),
+                ("outcome", outcome),
+                ("tenant", tenant),
+                ("limit", Some(limit.to_string())),
+            ]);
+            (
+                api.call("GET", &format!("/v1/attempts{q}"), None).await?,
+                Shown::List(&[
+                    "at",
+                    "event_id",
+                    "subscription",
+                    "attempt",
+                    "outcome",
+                    "status",
+                    "duration_ms",
+                    "error",
+                ]),
+            )
+        }
+        Client::Dlq { cmd, .. } => match cmd {
+            Dlq::List { subscription, tenant } => (
+                api.call(
+                    "GET",
+                    &format!(
+                        "/v1/dlq{}",
+                        query(&[("subscription", subscription), ("tenant", tenant), ("limit", Some("500".into()))])
+                    ),
+                    None,
+                )
+                .await?,
+                Shown::List(&["id", "event_id", "subscription", "attempts", "last_status", "last_error"]),
+            ),
+            Dlq::Replay { ids, subscription } => {
+                let body = match subscription {
+                    Some(s) => json!({ "subscription": s }),
+                    None => json!({ "ids": ids }),
+                };
+                (api.call("POST", "/v1/dlq/replay", Some(body)).await?, Shown::One)
+            }
+        },
+        Client::EdgeDevices { cmd, .. } => match cmd {
+            EdgeDevices::List => (
+                api.call("GET", "/v1/edge-devices", None).await?,
+                Shown::List(&["id", "tenant", "name", "connected", "created_at"]),
+            ),
+            EdgeDevices::Create { name, tenant } => (
+                api.call("POST", "/v1/edge-devices", Some(json!({ "name": name, "tenant": tenant }))).await?,
+                Shown::One,
+            ),
+            EdgeDevices::Delete { id } => {
+                (api.call("DELETE", &format!("/v1/edge-devices/{id}"), None).await?, Shown::Done("deleted"))
+            }
+        },
+    };
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    match shown {
+        Shown::List(columns) => {
+            let items = answer["items"].as_array().cloned().unwrap_or_default();
+            println!("{}", table(&items, columns));
+            if let Some(next) = answer["next"].as_str() {
+                eprintln!("(more: the next page starts at cursor {next})");
+            }
+        }
+        Shown::One => println!("{}", facts(&answer)),
+        Shown::Done(what) => println!("{what}"),
+    }
+    Ok(())
+}

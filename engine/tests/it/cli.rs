@@ -1,0 +1,126 @@
+//! The admin CLI, run as a binary against a real server: tables for people, `--json` for
+//! scripts, exit codes a script can rely on.
+
+use crate::support::{Receiver, TestHerald, TOKEN};
+use serde_json::Value;
+use std::process::Output;
+
+async fn herald(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    use tokio::io::AsyncWriteExt;
+    // The connection flags and `--json` go after the subcommand (`herald tenants list --json`).
+    let (json, args): (Vec<&str>, Vec<&str>) = args.iter().partition(|a| **a == "--json");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .args(json)
+        .args(["--server", server, "--token", TOKEN])
+        .env_remove("HERALD_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or_default().as_bytes()).await.unwrap();
+    drop(input);
+    tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap()
+}
+
+fn json(out: &Output) -> Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn an_operator_scripts_herald_with_its_cli() {
+    if crate::support::on_kafka() {
+        return; // the CLI is a client of the API, the same on both backends
+    }
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let base = h.api.base.clone();
+
+    let tenant = json(&herald(&base, &["--json", "tenants", "create", "Acme"], None).await);
+    let tenant_id = tenant["id"].as_str().unwrap();
+    let key = json(&herald(&base, &["--json", "keys", "issue", tenant_id], None).await);
+    assert!(key["key"].as_str().unwrap().starts_with("hk."));
+    let listed = text(&herald(&base, &["tenants", "list"], None).await);
+    assert!(
+        listed.starts_with("ID") && listed.contains("Acme") && listed.contains(key["id"].as_str().unwrap()),
+        "{listed}"
+    );
+
+    let url = rx.url("/cli");
+    let sub = json(
+        &herald(
+            &base,
+            &["--json", "subscriptions", "create", "--url", &url, "--events", "a,b", "--tenant", tenant_id],
+            None,
+        )
+        .await,
+    );
+    let sub_id = sub["id"].as_str().unwrap();
+    assert!(sub["secret"].as_str().unwrap().starts_with("whsec_"));
+    let patched = json(
+        &herald(&base, &["--json", "subscriptions", "patch", sub_id, "--set", r#"{"rate_limit": 5}"#], None).await,
+    );
+    assert_eq!(patched["rate_limit"], 5.0);
+    let table = text(&herald(&base, &["subscriptions", "list", "--tenant", tenant_id], None).await);
+    assert!(table.contains(sub_id) && table.contains("a,b") && table.contains("closed"), "{table}");
+
+    // One event from flags, then three from stdin lines (a batch).
+    let sent = json(
+        &herald(
+            &base,
+            &["--json", "events", "send", "--type", "a", "--tenant", tenant_id, "--id", "e-1", "--data", r#"{"n":1}"#],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(sent["deliveries"], 1);
+    let lines = (2..=4)
+        .map(|n| format!(r#"{{"id":"e-{n}","type":"b","tenant":"{tenant_id}","data":{{"n":{n}}}}}"#))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let batch = json(&herald(&base, &["--json", "events", "send", "--stdin"], Some(&lines)).await);
+    assert_eq!(batch["items"].as_array().unwrap().len(), 3);
+    rx.wait_on("/cli", 4).await;
+
+    let attempts = crate::support::until("the attempts on record", std::time::Duration::from_secs(20), || {
+        let base = base.clone();
+        let sub_id = sub_id.to_string();
+        async move {
+            let out = herald(&base, &["attempts", "--subscription", &sub_id], None).await;
+            let t = text(&out);
+            (t.lines().count() == 5).then_some(t)
+        }
+    })
+    .await;
+    assert!(attempts.contains("delivered") && attempts.contains("200"), "{attempts}");
+    let event = json(&herald(&base, &["--json", "events", "get", "e-1", "--tenant", tenant_id], None).await);
+    assert_eq!(event["deliveries"][0]["state"], "delivered");
+
+    // Exit codes: 1 when the API refuses (its error on stderr), 2 for bad usage, 3 when the
+    // server is not there.
+    let missing = herald(&base, &["subscriptions", "get", "sub_nope"], None).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"), "{missing:?}");
+    let invalid = herald(&base, &["subscriptions", "create", "--url", "not a url"], None).await;
+    assert_eq!(invalid.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&invalid.stderr).contains("url"), "{invalid:?}");
+    assert_eq!(herald(&base, &["subscriptions", "frobnicate"], None).await.status.code(), Some(2));
+    assert_eq!(herald("http://127.0.0.1:9", &["tenants", "list"], None).await.status.code(), Some(3));
+
+    let deleted = herald(&base, &["subscriptions", "delete", sub_id], None).await;
+    assert_eq!(text(&deleted).trim(), "deleted");
+    let completions = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["completions", "bash"])
+        .output()
+        .await
+        .unwrap();
+    assert!(text(&completions).contains("subscriptions"), "bash completions name the subcommands");
+}
