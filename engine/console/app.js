@@ -477,7 +477,7 @@ function subscriptionForm(existing) {
     labelled("max_in_flight", "Max in flight", fields.max_in_flight),
     labelled("rate_limit", "Rate limit (/s)", fields.rate_limit)),
   labelled("via_edge", "Through edge device", fields.via_edge),
-  labelled("advanced", "More settings as JSON (signature, retry, headers, auth, tls, amqp…)", json),
+  labelled("advanced", "More settings as JSON (signature, retry, headers, auth, tls, amqp…; null clears one)", json),
   h("div", { class: "actions" },
     h("button", { class: "primary", type: "submit" }, existing ? "Save changes" : "Create subscription"),
     link(existing ? `#/subscriptions/${existing.id}` : "#/subscriptions", "Cancel")));
@@ -514,7 +514,12 @@ function subscriptionForm(existing) {
       }
       if (typeof extra !== "object" || Array.isArray(extra) || extra === null)
         throw Object.assign(new Error("must be a JSON object"), { field: "advanced" });
-      Object.assign(body, extra);
+      for (const [k, v] of Object.entries(extra)) {
+        // Settings shown as read carry secrets as "********": sending them back unchanged
+        // would overwrite the real ones, so only what was edited is sent.
+        if (existing && JSON.stringify(v) === JSON.stringify(advanced[k])) continue;
+        body[k] = v;
+      }
     }
     for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
     return body;

@@ -111,7 +111,10 @@ impl Shard {
         let now = now_ms();
         while self.has_room() && self.waiting.front().is_some_and(|r| self.due(r) <= now) {
             let rec = self.waiting.pop_front().expect("checked");
-            self.window.start(rec.offset);
+            if !self.window.start(rec.offset) {
+                tracing::debug!(offset = rec.offset, "record handed out again; already started");
+                continue;
+            }
             self.in_flight.push(supervised(self.deliverer.clone(), rec));
         }
         if self.reading.is_none() && self.waiting.is_empty() && self.has_room() {

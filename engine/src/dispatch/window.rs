@@ -10,14 +10,24 @@ use std::collections::VecDeque;
 pub struct Window {
     pending: VecDeque<(u64, bool)>,
     in_flight: usize,
+    /// The highest offset ever started (the pending queue empties as commits move on).
+    last_started: Option<u64>,
 }
 
 impl Window {
-    /// Records that work on `offset` began; offsets rise (gaps allowed).
-    pub fn start(&mut self, offset: u64) {
-        debug_assert!(self.pending.back().is_none_or(|&(o, _)| o < offset));
+    /// Records that work on `offset` began, if offsets still rise (gaps allowed); `false` for
+    /// an offset at or below the last one started — a record a reader handed out again (Kafka
+    /// can fetch a stretch twice): it was started already, and letting it in would break the
+    /// order the commit point is computed from, and with it, what a commit promises.
+    #[must_use]
+    pub fn start(&mut self, offset: u64) -> bool {
+        if self.pending.back().is_some_and(|&(o, _)| o >= offset) || self.last_started.is_some_and(|o| o >= offset) {
+            return false;
+        }
+        self.last_started = Some(offset);
         self.pending.push_back((offset, false));
         self.in_flight += 1;
+        true
     }
 
     /// Records that `offset` is done; returns the new commit point (the offset after the
@@ -53,10 +63,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_record_handed_out_again_is_not_started_twice_and_the_commit_point_stays_true() {
+        let mut w = Window::default();
+        for o in [10, 11, 12] {
+            assert!(w.start(o));
+        }
+        // A reader fetched 11..=12 again (and, after 10 was committed, 10 too).
+        assert_eq!(w.finish(10), Some(11));
+        assert!(!w.start(10));
+        assert!(!w.start(11));
+        assert!(!w.start(12));
+        assert!(w.start(13));
+        assert_eq!(w.in_flight(), 3);
+        assert_eq!(w.finish(13), None, "11 and 12 are not done: nothing past them commits");
+        assert_eq!(w.finish(12), None);
+        assert_eq!(w.finish(11), Some(14));
+    }
+
+    #[test]
     fn commits_only_the_contiguous_prefix() {
         let mut w = Window::default();
         for o in [10, 11, 12, 14] {
-            w.start(o);
+            assert!(w.start(o));
         }
         assert_eq!(w.in_flight(), 4);
         assert_eq!(w.finish(12), None);
@@ -75,7 +103,7 @@ mod tests {
         for _ in 0..200 {
             let mut w = Window::default();
             let offsets: Vec<u64> = (0..50).map(|i| i * 2).collect();
-            offsets.iter().for_each(|&o| w.start(o));
+            offsets.iter().for_each(|&o| assert!(w.start(o)));
             let mut order = offsets.clone();
             order.shuffle(&mut rng);
             let mut commit = 0;

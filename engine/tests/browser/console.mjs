@@ -117,6 +117,23 @@ try {
   assert.match(failSub, /^sub_/);
   assert.notEqual(okSub, failSub);
 
+  say("edit a subscription: only what changed is sent, its secret header kept");
+  const created = await fetch(`${BASE}/v1/subscriptions`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" },
+    body: JSON.stringify({ url: `${OK_URL}?edited`, tenant, events: ["other.type"], headers: { "x-api-key": "s3cret-value" } }),
+  }).then((r) => r.json());
+  await page.goto(`${BASE}/console#/subscriptions/${created.id}/edit`);
+  await page.getByLabel("Rate limit (/s)").fill("50");
+  await page.getByRole("button", { name: "Save changes" }).click();
+  await page.getByRole("heading", { name: created.id, exact: true }).waitFor({ timeout: WAIT });
+  const edited = await fetch(`${BASE}/v1/subscriptions/${created.id}`, { headers: { authorization: `Bearer ${ADMIN}` } }).then((r) => r.json());
+  assert.equal(edited.rate_limit, 50);
+  assert.deepEqual(edited.events, ["other.type"]);
+  const test = await fetch(`${BASE}/v1/subscriptions/${created.id}/test`, { method: "POST", headers: { authorization: `Bearer ${ADMIN}` } }).then((r) => r.json());
+  assert.equal(test.delivered, true, JSON.stringify(test));
+  await fetch(`${BASE}/v1/subscriptions/${created.id}`, { method: "DELETE", headers: { authorization: `Bearer ${ADMIN}` } });
+
   say("the subscriptions list filters by tenant");
   await page.goto(`${BASE}/console#/subscriptions?tenant=${tenant}`);
   await page.locator(`tr[data-subscription="${failSub}"]`).waitFor({ timeout: WAIT });
@@ -219,6 +236,17 @@ try {
   });
   assert.equal(adminCall.status, 403);
   assert.match(adminCall.token, /^hp\./);
+
+  say("a tenant key signs in to the portal too");
+  const kctx = await browser.newContext();
+  const keyed = await kctx.newPage();
+  watch(keyed);
+  await keyed.goto(`${BASE}/portal`);
+  await keyed.getByLabel("API key").fill(key);
+  await keyed.keyboard.press("Enter");
+  await keyed.locator(`tr[data-subscription="${okSub}"]`).waitFor({ timeout: WAIT });
+  assert.equal(await keyed.locator(`tr[data-subscription="${OTHER_SUB}"]`).count(), 0);
+  await kctx.close();
 
   say("on a narrow screen nothing spills sideways");
   // (The same tab: session storage, where the portal keeps its token, is per tab.)

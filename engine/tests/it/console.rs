@@ -185,4 +185,6 @@ async fn an_operator_and_a_tenant_use_the_console_in_a_real_browser() {
     assert!(out.status.success(), "the browser run failed:\n{said}");
     assert!(said.contains("every step passed"), "{said}");
     assert!(rx.on("/ok").iter().any(|r| r.header("webhook-id") == "order-1001"), "the event went out");
+    // The subscription edited in the form kept its secret header (the form showed it masked).
+    assert!(rx.on("/ok").iter().any(|r| r.header("x-api-key") == "s3cret-value"), "the edit kept the secret header");
 }

@@ -238,8 +238,15 @@ impl PartitionReader for GroupReader {
         let batch = loop {
             let mut batch = super::reader::next_batch(self.queue.stream(), max, &mut self.closed).await?;
             let fetched = batch.len();
-            let next = self.next;
-            batch.retain(|r| r.offset >= next);
+            // Strictly rising, within the batch too: a fetch can start over in the middle.
+            let mut next = self.next;
+            batch.retain(|r| {
+                let fresh = r.offset >= next;
+                if fresh {
+                    next = r.offset + 1;
+                }
+                fresh
+            });
             if fetched == 0 || !batch.is_empty() {
                 break batch;
             }
