@@ -66,7 +66,17 @@ open(sys.argv[1], "w").write('wrk.method="POST"\nwrk.body=[[%s]]\nwrk.headers["C
 PY
 sleep 0.3
 wrk_rate=$(wrk -t2 -c64 -d5s -s "$WORK/post.lua" http://127.0.0.1:$((SINK_PORT + 1))/hook | awk '/Requests\/sec/ {print int($2)}')
+# The ideal signed loop: sign and POST straight into a verifying sink, no log (herald-ideal).
+"$BIN/herald-sink" --listen 127.0.0.1:$((SINK_PORT + 2)) --secret "$SECRET" --expect "$EVENTS" >"$WORK/ideal-sink.json" 2>/dev/null &
+ideal_sink=$!
+pids+=($ideal_sink)
+sleep 0.3
+ideal_rate=$("$BIN/herald-ideal" --url "http://127.0.0.1:$((SINK_PORT + 2))/hook" --secret "$SECRET" --requests "$EVENTS" \
+  | python3 -c "import json,sys;print(round(json.load(sys.stdin)['requests_per_second']))")
+timeout 30 tail --pid=$ideal_sink -f /dev/null
 echo "herald: $herald_rate deliveries/s ($SUBS subscriptions, standard signing, 1 KB events)"
 python3 -c "print('cpu:    %s s of Herald CPU, %.1f µs per delivery' % ('$herald_cpu', $herald_cpu * 1e6 / $EVENTS))"
 echo "wrk:    $wrk_rate requests/s straight into the sink"
 python3 -c "print('ratio:  %.2f of what this machine pushes over HTTP at all' % ($herald_rate / $wrk_rate))"
+echo "ideal:  $ideal_rate signed POSTs/s (herald-ideal: Standard Webhooks, 1 KB, 64 connections, no log) $(python3 -c "import json;print('bad signatures: %d' % json.load(open('$WORK/ideal-sink.json'))['bad_signatures'])")"
+python3 -c "print('ratio:  %.2f of the ideal signed loop' % ($herald_rate / $ideal_rate))"

@@ -19,15 +19,20 @@ impl Verifier {
         Some(Verifier { mac: Hmac::new_from_slice(&key).ok()? })
     }
 
-    /// Whether any `v1,` signature in `header` matches `id.timestamp.body`.
-    pub fn verify(&self, id: &str, timestamp: &str, body: &[u8], header: &str) -> bool {
+    /// The base64 signature of `id.timestamp.body` (what follows `v1,`).
+    pub fn sign(&self, id: &str, timestamp: &str, body: &[u8]) -> String {
         let mut mac = self.mac.clone();
         mac.update(id.as_bytes());
         mac.update(b".");
         mac.update(timestamp.as_bytes());
         mac.update(b".");
         mac.update(body);
-        let expected = B64.encode(mac.finalize().into_bytes());
+        B64.encode(mac.finalize().into_bytes())
+    }
+
+    /// Whether any `v1,` signature in `header` matches `id.timestamp.body`.
+    pub fn verify(&self, id: &str, timestamp: &str, body: &[u8], header: &str) -> bool {
+        let expected = self.sign(id, timestamp, body);
         header.split(' ').filter_map(|s| s.strip_prefix("v1,")).any(|s| s == expected)
     }
 }
