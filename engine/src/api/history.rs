@@ -16,24 +16,6 @@ use axum::Json;
 use serde::Deserialize;
 use std::sync::Arc;
 
-/// Outcome labels an attempt may have (the typed outcome's, and `disabled`).
-const OUTCOMES: &[&str] = &[
-    "delivered",
-    "failed",
-    "timeout",
-    "connect_error",
-    "tls_error",
-    "refused",
-    "auth_error",
-    "unroutable",
-    "nacked",
-    "broker_error",
-    "edge_offline",
-    "edge_busy",
-    "misconfigured",
-    "disabled",
-];
-
 /// Events one recover call re-sends at most (the answer says where to continue).
 const RECOVER_MAX: usize = 10_000;
 /// Deliveries appended at a time while recovering.
@@ -103,8 +85,10 @@ pub async fn attempts(
 ) -> Result<impl IntoResponse, ApiError> {
     let history = history(&state)?;
     if let Some(o) = &q.outcome {
-        if !OUTCOMES.contains(&o.as_str()) {
-            return Err(ApiError::validation("outcome", format!("must be one of {}", OUTCOMES.join(", "))));
+        // The typed outcome's labels, and the one a disabled subscription's attempt gets.
+        use crate::model::outcome::{DISABLED, LABELS};
+        if !LABELS.contains(&o.as_str()) && o != DISABLED {
+            return Err(ApiError::validation("outcome", format!("must be one of {}, {DISABLED}", LABELS.join(", "))));
         }
     }
     let mut tenant = scope(&who, q.tenant);

@@ -175,9 +175,13 @@ impl Settled {
                 o.failure().map(ToString::to_string),
                 o.response().cloned(),
             )),
-            (None, Settlement::DeadLettered { reason: Parked::Disabled(why) }) => {
-                Some(attempt("disabled", Duration::ZERO, None, Some(format!("subscription is disabled: {why}")), None))
-            }
+            (None, Settlement::DeadLettered { reason: Parked::Disabled(why) }) => Some(attempt(
+                crate::model::outcome::DISABLED,
+                Duration::ZERO,
+                None,
+                Some(format!("subscription is disabled: {why}")),
+                None,
+            )),
             (None, settlement) => Some(HistoryRecord::State(StateRecord {
                 event_id: d.event_id.clone(),
                 subscription: d.subscription.clone(),

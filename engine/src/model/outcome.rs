@@ -230,6 +230,10 @@ impl Failure {
     }
 }
 
+/// The label of an attempt not made because its subscription is disabled (history only: no
+/// transport was involved, so it is no [`Outcome`]).
+pub const DISABLED: &str = "disabled";
+
 /// Every label [`Outcome::label`] can give, for metrics set up at zero and for documentation.
 pub const LABELS: &[&str] = &[
     "delivered",
