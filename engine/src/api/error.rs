@@ -201,41 +201,66 @@ fn field_of(path: &str, message: &str) -> String {
     }
 }
 
+/// A JSON body that may be left out: an empty body reads as `T::default()`; one that is
+/// given is parsed exactly as [`JsonBody`] parses it.
+pub struct OptionalJsonBody<T>(pub T);
+
+/// The body of a request that must be JSON if it says what it is, as bytes.
+async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: "UNSUPPORTED_MEDIA_TYPE",
+            message: "send the body as application/json".into(),
+            field: None,
+            retry_after: None,
+        });
+    }
+    Bytes::from_request(req, state).await.map_err(|e| ApiError {
+        status: e.status(),
+        code: if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "PAYLOAD_TOO_LARGE" } else { "BAD_REQUEST" },
+        message: e.body_text(),
+        field: None,
+        retry_after: None,
+    })
+}
+
+/// Parses `bytes` strictly; an error names the field it concerns.
+fn parse_strict<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        let field = field_of(&path, &message);
+        // serde's message carries " at line 1 column 7"; keep it, it helps with raw JSON.
+        ApiError::validation(field, message)
+    })
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_none_or(|ct| ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
-        if !json {
-            return Err(ApiError {
-                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                code: "UNSUPPORTED_MEDIA_TYPE",
-                message: "send the body as application/json".into(),
-                field: None,
-                retry_after: None,
-            });
+        let bytes = json_bytes(req, state).await?;
+        parse_strict(&bytes).map(JsonBody)
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = json_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError {
-            status: e.status(),
-            code: if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "PAYLOAD_TOO_LARGE" } else { "BAD_REQUEST" },
-            message: e.body_text(),
-            field: None,
-            retry_after: None,
-        })?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        let value = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let message = inner.to_string();
-            let field = field_of(&path, &message);
-            // serde's message carries " at line 1 column 7"; keep it, it helps with raw JSON.
-            ApiError::validation(field, message)
-        })?;
-        Ok(JsonBody(value))
+        parse_strict(&bytes).map(OptionalJsonBody)
     }
 }
 

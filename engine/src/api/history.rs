@@ -3,7 +3,7 @@
 //! its own tenant's history only; another tenant's ids answer 404.
 
 use super::auth::Principal;
-use super::error::{ApiError, JsonBody};
+use super::error::{ApiError, JsonBody, OptionalJsonBody};
 use super::page::{self, StrictQuery};
 use super::AppState;
 use crate::history::{AttemptQuery, EventQuery, EventRecord, History};
@@ -207,14 +207,9 @@ pub async fn resend(
     who: Principal,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> Result<impl IntoResponse, ApiError> {
     // The body is optional: none resends to every subscription the event matched.
-    let req: ResendRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        ResendRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::validation("body", e.to_string()))?
-    };
+    OptionalJsonBody(req): OptionalJsonBody<ResendRequest>,
+) -> Result<impl IntoResponse, ApiError> {
     let history = history(&state)?;
     let event = find(history, scope(&who, req.tenant), id).await?;
     let targets = targets(&state, &event, req.subscription.as_deref())?;

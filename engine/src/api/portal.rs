@@ -8,7 +8,7 @@
 //! admin token revokes every link at once. Nothing is stored per link.
 
 use super::auth::Admin;
-use super::error::ApiError;
+use super::error::{ApiError, OptionalJsonBody};
 use super::AppState;
 use crate::config::HumanDuration;
 use crate::model::{now_ms, rfc3339_ms};
@@ -81,16 +81,8 @@ pub async fn mint(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    OptionalJsonBody(req): OptionalJsonBody<NewPortal>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let req: NewPortal = if body.iter().all(u8::is_ascii_whitespace) {
-        NewPortal::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            let field = if e.to_string().contains("ttl") { "ttl" } else { "body" };
-            ApiError::validation(field, e.to_string())
-        })?
-    };
     if id != crate::tenants::DEFAULT_TENANT && state.tenants.get(&id).is_none() {
         return Err(ApiError::not_found("tenant"));
     }

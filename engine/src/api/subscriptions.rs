@@ -1,7 +1,7 @@
 //! `/v1/subscriptions`: create, list, read, delete.
 
 use super::auth::Principal;
-use super::error::{ApiError, JsonBody};
+use super::error::{ApiError, JsonBody, OptionalJsonBody};
 use super::page::{self, StrictQuery};
 use super::AppState;
 use crate::model::{new_id, now_ms, Delivery, Outcome, Secret};
@@ -125,13 +125,8 @@ pub async fn rotate_secret(
     who: Principal,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    OptionalJsonBody(req): OptionalJsonBody<RotateRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let req: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        RotateRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::validation("secret", e.to_string()))?
-    };
     let target = state
         .registry
         .rotate_secret(&id, who.tenant(), req.secret, state.rotation_overlap)
