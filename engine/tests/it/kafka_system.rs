@@ -43,6 +43,16 @@ impl Tansu {
         }
         Tansu { _child: child, addr }
     }
+
+    /// The environment of a Herald process on this broker: 4 partitions, one replica.
+    fn env(&self) -> [(&'static str, &str); 4] {
+        [
+            ("HERALD_LOG_BACKEND", "kafka"),
+            ("HERALD_LOG_BROKERS", self.addr.as_str()),
+            ("HERALD_LOG_REPLICATION", "1"),
+            ("HERALD_LOG_PARTITIONS", "4"),
+        ]
+    }
 }
 
 async fn delivered(api: &Api) -> f64 {
@@ -53,12 +63,7 @@ async fn delivered(api: &Api) -> f64 {
 async fn two_herald_processes_on_one_broker_survive_a_sigkill_without_losing_an_event() {
     let broker = Tansu::start();
     let rx = Receiver::start().await;
-    let env = [
-        ("HERALD_LOG_BACKEND", "kafka"),
-        ("HERALD_LOG_BROKERS", broker.addr.as_str()),
-        ("HERALD_LOG_REPLICATION", "1"),
-        ("HERALD_LOG_PARTITIONS", "4"),
-    ];
+    let env = broker.env();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (_a, addr_a) = spawn_herald_with(dir_a.path(), &env);
     let api_a = Api::new(addr_a, crate::support::TOKEN);
@@ -143,12 +148,7 @@ async fn two_herald_processes_on_one_broker_survive_a_sigkill_without_losing_an_
 async fn two_processes_answer_the_same_history_queries() {
     let broker = Tansu::start();
     let rx = Receiver::start().await;
-    let env = [
-        ("HERALD_LOG_BACKEND", "kafka"),
-        ("HERALD_LOG_BROKERS", broker.addr.as_str()),
-        ("HERALD_LOG_REPLICATION", "1"),
-        ("HERALD_LOG_PARTITIONS", "4"),
-    ];
+    let env = broker.env();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (_a, addr_a) = spawn_herald_with(dir_a.path(), &env);
     let (_b, addr_b) = spawn_herald_with(dir_b.path(), &env);

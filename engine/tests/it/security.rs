@@ -588,18 +588,7 @@ async fn secrets_are_sealed_at_rest_survive_a_key_rotation_and_files_are_private
         .await;
     let secret = sub["secret"].as_str().unwrap().to_string();
     let verify = crate::support::verify::standard(&secret);
-    let deliver = |id: &'static str| {
-        let (api, rx) = (api.clone(), &rx);
-        async move {
-            let (status, body) = api.post("/v1/events", json!({ "id": id, "type": "T", "data": {} })).await;
-            assert_eq!(status, 202, "{body}");
-            until(id, Duration::from_secs(20), || async {
-                rx.on("/sealed").into_iter().find(|r| r.header("webhook-id") == id)
-            })
-            .await
-        }
-    };
-    let got = deliver("sealed-1").await;
+    let got = deliver_sealed(&api, &rx, "sealed-1").await;
     assert!(verify(&got) && got.header("x-api-key") == "header-secret-2");
     herald.kill();
 
@@ -623,29 +612,21 @@ async fn secrets_are_sealed_at_rest_survive_a_key_rotation_and_files_are_private
     // old key can then be dropped.
     let (mut herald, addr) = spawn(&[("HERALD_SECRET_KEY", &new_key), ("HERALD_PREVIOUS_SECRET_KEYS", &old_key)]);
     let api = Api::new(addr, TOKEN);
-    let deliver = |id: &'static str| {
-        let (api, rx) = (api.clone(), &rx);
-        async move {
-            let (status, body) = api.post("/v1/events", json!({ "id": id, "type": "T", "data": {} })).await;
-            assert_eq!(status, 202, "{body}");
-            until(id, Duration::from_secs(20), || async {
-                rx.on("/sealed").into_iter().find(|r| r.header("webhook-id") == id)
-            })
-            .await
-        }
-    };
-    let got = deliver("sealed-2").await;
+    let got = deliver_sealed(&api, &rx, "sealed-2").await;
     assert!(verify(&got) && got.header("x-api-key") == "header-secret-2");
     herald.kill();
     let (_herald, addr) = spawn(&[("HERALD_SECRET_KEY", &new_key)]);
     let api = Api::new(addr, TOKEN);
-    let (status, body) = api.post("/v1/events", json!({ "id": "sealed-3", "type": "T", "data": {} })).await;
-    assert_eq!(status, 202, "{body}");
-    let got = until("sealed-3", Duration::from_secs(20), || async {
-        rx.on("/sealed").into_iter().find(|r| r.header("webhook-id") == "sealed-3")
-    })
-    .await;
+    let got = deliver_sealed(&api, &rx, "sealed-3").await;
     assert!(verify(&got) && got.header("authorization") == "Basic dTpiYXNpYy1zZWNyZXQtMQ==");
+}
+
+/// Publishes event `id` and waits for it at the receiver's `/sealed`.
+async fn deliver_sealed(api: &Api, rx: &Receiver, id: &str) -> crate::support::Received {
+    let (status, body) = api.post("/v1/events", json!({ "id": id, "type": "T", "data": {} })).await;
+    assert_eq!(status, 202, "{body}");
+    until(id, Duration::from_secs(20), || async { rx.on("/sealed").into_iter().find(|r| r.header("webhook-id") == id) })
+        .await
 }
 
 /// Without a key Herald still runs, and says once at start that secrets are stored as text.
