@@ -50,7 +50,7 @@ impl History {
     ) -> Result<Arc<History>, HistoryError> {
         let index = Arc::new(Index::open(dir, retention)?);
         let partitions = log.partitions(topic)?;
-        let thread = Indexer::start(log.clone(), topic.to_string(), partitions, index.clone(), stop.clone());
+        let thread = start_indexer(log.clone(), topic.to_string(), partitions, index.clone(), stop.clone());
         let tasks = vec![tokio::spawn(upkeep(log.clone(), topic.to_string(), partitions, index.clone(), stop))];
         let bytes = index.clone();
         metrics.on_scrape(move || metrics::gauge!(crate::metrics::HISTORY_BYTES).set(bytes.disk_bytes() as f64));
@@ -92,42 +92,38 @@ pub enum HistoryError {
     Log(#[from] LogError),
 }
 
-/// The thread that reads the topic and writes the index, at the lowest CPU priority: the
+/// Starts the thread that reads the topic and writes the index, at the lowest CPU priority: the
 /// index is derived data, so when deliveries need every core it falls behind
 /// (`herald_history_lag`) and catches up when they do not, instead of slowing them. It runs
 /// its own single-threaded runtime, so reading the topic (and the blocking reads the embedded
 /// log makes, on threads this one starts, which inherit its priority) yields too.
-struct Indexer;
-
-impl Indexer {
-    fn start(
-        log: Arc<dyn Log>,
-        topic: String,
-        partitions: u32,
-        index: Arc<Index>,
-        stop: watch::Receiver<bool>,
-    ) -> Option<std::thread::JoinHandle<()>> {
-        let spawned = std::thread::Builder::new().name("history-index".into()).spawn(move || {
-            // Linux gives each thread its own nice value: only this one (and what it starts)
-            // yields.
-            if let Err(e) = rustix::process::setpriority_process(None, 19) {
-                tracing::debug!(error = %e, "could not lower the history indexer's priority");
+fn start_indexer(
+    log: Arc<dyn Log>,
+    topic: String,
+    partitions: u32,
+    index: Arc<Index>,
+    stop: watch::Receiver<bool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let spawned = std::thread::Builder::new().name("history-index".into()).spawn(move || {
+        // Linux gives each thread its own nice value: only this one (and what it starts)
+        // yields.
+        if let Err(e) = rustix::process::setpriority_process(None, 19) {
+            tracing::debug!(error = %e, "could not lower the history indexer's priority");
+        }
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => return tracing::error!(error = %e, "cannot start the history indexer"),
+        };
+        runtime.block_on(async move {
+            let readers: Vec<_> = (0..partitions)
+                .map(|p| tokio::spawn(follow(log.clone(), topic.clone(), p, index.clone(), stop.clone())))
+                .collect();
+            for r in readers {
+                let _ = r.await;
             }
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(r) => r,
-                Err(e) => return tracing::error!(error = %e, "cannot start the history indexer"),
-            };
-            runtime.block_on(async move {
-                let readers: Vec<_> = (0..partitions)
-                    .map(|p| tokio::spawn(follow(log.clone(), topic.clone(), p, index.clone(), stop.clone())))
-                    .collect();
-                for r in readers {
-                    let _ = r.await;
-                }
-            });
         });
-        spawned.map_err(|e| tracing::error!(error = %e, "cannot start the history indexer")).ok()
-    }
+    });
+    spawned.map_err(|e| tracing::error!(error = %e, "cannot start the history indexer")).ok()
 }
 
 /// Reads one partition of the topic into the index, from where the index left off.
