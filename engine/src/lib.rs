@@ -14,6 +14,7 @@ pub mod catalog;
 pub mod config;
 pub mod devices;
 pub mod dispatch;
+pub mod event_types;
 pub mod history;
 pub mod ingest;
 pub mod log;

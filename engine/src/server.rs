@@ -7,6 +7,7 @@ use crate::catalog::Router;
 use crate::config::{Backend, Config};
 use crate::devices::Devices;
 use crate::dispatch::{Deliverer, Dispatcher, Observe, Settler, ShardLimits, Source};
+use crate::event_types::EventTypes;
 use crate::history::History;
 use crate::ingest::Ingest;
 use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, Faults};
@@ -157,6 +158,7 @@ struct Stores {
     registry: Arc<Registry>,
     tenants: Arc<Tenants>,
     devices: Arc<Devices>,
+    event_types: Arc<EventTypes>,
     /// Stopped last: deliveries finishing during shutdown may still write (disable on a 410).
     follower: (watch::Sender<bool>, JoinHandle<()>),
 }
@@ -190,15 +192,16 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     let rules = Rules { guard, tls_files_dir: config.http.tls_files_dir.clone() };
     let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
     let tenants = Arc::new(Tenants::load(feed.clone(), &records));
-    let devices = Arc::new(Devices::load(feed, &records));
-    let router = Router::new(registry.clone(), tenants.clone(), devices.clone());
+    let devices = Arc::new(Devices::load(feed.clone(), &records));
+    let event_types = Arc::new(EventTypes::load(feed, &records));
+    let router = Router::new(registry.clone(), tenants.clone(), devices.clone(), event_types.clone());
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(feed::follow(log.clone(), topics.subscriptions.clone(), next, applied, router, stopped));
     registry.sync_static(&config.static_webhooks()).await.map_err(StartError::Webhooks)?;
     if sealed {
         registry.reseal(&records).await.map_err(StartError::Webhooks)?;
     }
-    Ok(Stores { registry, tenants, devices, follower: (stop, task) })
+    Ok(Stores { registry, tenants, devices, event_types, follower: (stop, task) })
 }
 
 /// The secret processes authenticate edge forwards with: configured, or derived from the
@@ -389,6 +392,9 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         tests,
         request_timeout: config.api.request_timeout.0,
         tenants: stores.tenants.clone(),
+        event_types: stores.event_types.clone(),
+        validate_events: config.ingest.validate,
+        unknown_event_types: config.ingest.unknown_types,
         portal: api::portal::Portal {
             key: api::portal::PortalKey::derive(&token),
             ttl: config.api.portal_ttl.0,

@@ -147,6 +147,24 @@ impl From<crate::registry::RegistryError> for ApiError {
     }
 }
 
+impl From<crate::event_types::EventTypeError> for ApiError {
+    fn from(e: crate::event_types::EventTypeError) -> Self {
+        use crate::event_types::EventTypeError;
+        match e {
+            EventTypeError::Invalid(i) => i.into(),
+            EventTypeError::Exists(_) => ApiError {
+                status: StatusCode::CONFLICT,
+                code: "CONFLICT",
+                message: e.to_string(),
+                field: Some("name".into()),
+                retry_after: None,
+            },
+            EventTypeError::Full => ApiError::quota("event_types", e.to_string()),
+            EventTypeError::Catalog(c) => c.into(),
+        }
+    }
+}
+
 impl From<crate::catalog::CatalogError> for ApiError {
     fn from(e: crate::catalog::CatalogError) -> Self {
         tracing::error!(error = %e, "catalog write failed");

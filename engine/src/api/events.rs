@@ -21,6 +21,7 @@ pub async fn publish(
     JsonBody(input): JsonBody<EventInput>,
 ) -> Result<impl IntoResponse, ApiError> {
     let event = ingest::validate(input, "", DEFAULT_TENANT, state.max_event_bytes)?;
+    fits_its_type(&state, &event, "")?;
     let accepted = state.ingest.publish(vec![event]).await?;
     Ok((StatusCode::ACCEPTED, Json(&accepted[0]).into_response()))
 }
@@ -37,9 +38,20 @@ pub async fn publish_batch(
     let events = inputs
         .into_iter()
         .enumerate()
-        .map(|(i, input)| ingest::validate(input, &format!("[{i}]"), DEFAULT_TENANT, state.max_event_bytes))
+        .map(|(i, input)| {
+            let prefix = format!("[{i}]");
+            let event = ingest::validate(input, &prefix, DEFAULT_TENANT, state.max_event_bytes)?;
+            fits_its_type(&state, &event, &prefix)?;
+            Ok::<_, ApiError>(event)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let accepted = state.ingest.publish(events).await?;
     let deliveries: usize = accepted.iter().map(|a| a.deliveries).sum();
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "items": accepted, "deliveries": deliveries }))))
+}
+
+/// Refuses an event whose `data` does not fit its type's schema in the catalogue (when
+/// validation is on for the type, or for all with `ingest.validate`).
+fn fits_its_type(state: &AppState, event: &ingest::Event, prefix: &str) -> Result<(), ApiError> {
+    Ok(state.event_types.check_data(&event.event_type, &event.data.sent, prefix, state.validate_events)?)
 }

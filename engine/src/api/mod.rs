@@ -5,6 +5,7 @@ mod console;
 mod dlq;
 mod edge;
 mod error;
+mod event_types;
 mod events;
 mod history;
 mod page;
@@ -65,6 +66,12 @@ pub struct AppState {
     pub devices: Arc<crate::devices::Devices>,
     /// Connected edge agents.
     pub edge: Arc<crate::transport::edge::EdgeHub>,
+    /// The event-type catalogue.
+    pub event_types: Arc<crate::event_types::EventTypes>,
+    /// Whether every event of a type with a schema is checked (`ingest.validate`).
+    pub validate_events: bool,
+    /// What a subscription naming an uncatalogued type gets (`ingest.unknown_types`).
+    pub unknown_event_types: crate::config::UnknownTypes,
     /// Portal links: their key, lifetime and base URL.
     pub portal: portal::Portal,
 }
@@ -82,6 +89,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/subscriptions/{id}", get(subscriptions::get).patch(subscriptions::patch).delete(subscriptions::delete))
         .route("/v1/subscriptions/{id}/rotate-secret", post(subscriptions::rotate_secret))
         .route("/v1/subscriptions/{id}/test", post(subscriptions::test))
+        .route("/v1/event-types", post(event_types::create).get(event_types::list))
+        .route(
+            "/v1/event-types/{name}",
+            get(event_types::get).patch(event_types::patch).delete(event_types::delete),
+        )
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
         .route("/v1/tenants/{id}/portal", post(portal::mint))
         .route("/v1/tenants/{id}/keys", post(tenants::issue_key))
@@ -174,8 +186,31 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// The OpenAPI 3 document of this API (`engine/openapi/herald.json`).
 pub const OPENAPI: &str = include_str!("../../openapi/herald.json");
 
-async fn openapi() -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
+/// The document, with the event-type catalogue's examples added as examples of
+/// `POST /v1/events` (so generated clients and API explorers show the platform's real events).
+async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
+    let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+    let examples: serde_json::Map<String, serde_json::Value> = state
+        .event_types
+        .list()
+        .into_iter()
+        .filter_map(|t| {
+            let data = t.spec.example?;
+            let example = serde_json::json!({
+                "summary": if t.spec.deprecated { format!("{} (deprecated)", t.name) } else { t.name.clone() },
+                "description": t.spec.description,
+                "value": { "type": t.name, "data": data },
+            });
+            Some((t.name, example))
+        })
+        .collect();
+    if examples.is_empty() {
+        return (json, OPENAPI.to_string());
+    }
+    let mut doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("the embedded document is JSON");
+    doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["examples"] =
+        serde_json::Value::Object(examples);
+    (json, doc.to_string())
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -26,8 +26,36 @@ pub async fn create(
         return Err(ApiError::quota("subscriptions_per_tenant", format!("this tenant has its {max} subscriptions")));
     }
     check_device(&state, spec.via_edge.as_deref(), &tenant)?;
+    let warnings = catalogued(&state, &spec.events)?;
     let target = state.registry.create(tenant, spec, extras.secret).await?;
-    Ok((StatusCode::CREATED, Json(target.sub.view_with_secret())))
+    Ok((StatusCode::CREATED, Json(warned(target.sub.view_with_secret(), warnings))))
+}
+
+/// Checks the event types a subscription names against the catalogue: with
+/// `ingest.unknown_types = "reject"` one it lacks is refused, naming the entry; otherwise the
+/// answer carries a warning for each (none while the catalogue is empty: a platform that does
+/// not keep one is not warned about every subscription).
+fn catalogued(state: &AppState, events: &[String]) -> Result<Vec<String>, ApiError> {
+    let unknown = state.event_types.unknown(events);
+    let reject = state.unknown_event_types == crate::config::UnknownTypes::Reject;
+    if let (true, Some(&i)) = (reject, unknown.first()) {
+        return Err(ApiError::validation(format!("events[{i}]"), "no event type of this name in the catalogue"));
+    }
+    if state.event_types.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(unknown
+        .into_iter()
+        .map(|i| format!("events[{i}]: {:?} is not in the event-type catalogue", events[i]))
+        .collect())
+}
+
+/// `body` with `warnings` added when there are any.
+fn warned(mut body: serde_json::Value, warnings: Vec<String>) -> serde_json::Value {
+    if !warnings.is_empty() {
+        body["warnings"] = json!(warnings);
+    }
+    body
 }
 
 /// `via_edge` must name an edge device of the subscription's own tenant.
@@ -106,9 +134,14 @@ pub async fn patch(
         let device = patch.get("via_edge").and_then(|d| d.as_str());
         check_device(&state, device, &current.sub.tenant)?;
     }
+    // A patch's `events` replaces the list whole (arrays are not merged); a malformed one is
+    // refused below, by the registry.
+    let events: Vec<String> =
+        patch.get("events").and_then(|e| serde_json::from_value(e.clone()).ok()).unwrap_or_default();
+    let warnings = catalogued(&state, &events)?;
     let target =
         state.registry.update(&id, who.tenant(), &patch).await?.ok_or_else(|| ApiError::not_found("subscription"))?;
-    Ok(Json(view(&target)))
+    Ok(Json(warned(view(&target), warnings)))
 }
 
 /// `POST /v1/subscriptions/{id}/rotate-secret` body: the new secret, or none to generate one.

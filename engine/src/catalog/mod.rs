@@ -1,5 +1,5 @@
 //! The catalog: the compacted registry topic (`<prefix>subscriptions`) that holds every
-//! subscription, tenant, API key, edge device and edge presence, followed by every process
+//! subscription, tenant, API key, edge device, edge presence and event type, followed by every process
 //! (`feed`). One router decides, from a record's key, which owner applies it; each owner
 //! writes its records under the key the [`Key`] functions make.
 
@@ -34,12 +34,15 @@ pub enum Owner {
     Tenants,
     /// An edge device or where its agent is connected.
     Devices,
+    /// An entry of the event-type catalogue.
+    EventTypes,
 }
 
 const TENANT: &str = "tenant/";
 const API_KEY: &str = "key/";
 const DEVICE: &str = "edge/";
 const PRESENCE: &str = "edge-at/";
+const EVENT_TYPE: &str = "event-type/";
 
 /// The catalog's record keys: the one place that spells them.
 pub struct Key;
@@ -65,6 +68,11 @@ impl Key {
         format!("{PRESENCE}{device}")
     }
 
+    /// An event type's record.
+    pub fn event_type(name: &str) -> String {
+        format!("{EVENT_TYPE}{name}")
+    }
+
     /// What a record key names: its owner, its kind's prefix stripped, and the id.
     pub fn parse(key: &[u8]) -> (Owner, Kind, String) {
         let key = String::from_utf8_lossy(key);
@@ -73,6 +81,7 @@ impl Key {
             (API_KEY, Owner::Tenants, Kind::ApiKey),
             (PRESENCE, Owner::Devices, Kind::Presence),
             (DEVICE, Owner::Devices, Kind::Device),
+            (EVENT_TYPE, Owner::EventTypes, Kind::EventType),
         ] {
             if let Some(id) = key.strip_prefix(prefix) {
                 return (owner, kind, id.to_string());
@@ -95,6 +104,8 @@ pub enum Kind {
     Device,
     /// An edge agent's presence.
     Presence,
+    /// An event type (`event-type/…`).
+    EventType,
 }
 
 /// A record as its owner gets it: what it is, its id, and its value (empty: deleted).
@@ -119,12 +130,18 @@ pub struct Router {
     subscriptions: Arc<dyn Apply>,
     tenants: Arc<dyn Apply>,
     devices: Arc<dyn Apply>,
+    event_types: Arc<dyn Apply>,
 }
 
 impl Router {
-    /// A router to the three owners.
-    pub fn new(subscriptions: Arc<dyn Apply>, tenants: Arc<dyn Apply>, devices: Arc<dyn Apply>) -> Router {
-        Router { subscriptions, tenants, devices }
+    /// A router to the four owners.
+    pub fn new(
+        subscriptions: Arc<dyn Apply>,
+        tenants: Arc<dyn Apply>,
+        devices: Arc<dyn Apply>,
+        event_types: Arc<dyn Apply>,
+    ) -> Router {
+        Router { subscriptions, tenants, devices, event_types }
     }
 
     /// Applies one record through its owner.
@@ -135,6 +152,7 @@ impl Router {
             Owner::Subscriptions => self.subscriptions.apply(entry),
             Owner::Tenants => self.tenants.apply(entry),
             Owner::Devices => self.devices.apply(entry),
+            Owner::EventTypes => self.event_types.apply(entry),
         }
     }
 }
@@ -160,6 +178,10 @@ mod tests {
         assert_eq!(Key::parse(Key::api_key("key_1").as_bytes()), (Owner::Tenants, Kind::ApiKey, "key_1".into()));
         assert_eq!(Key::parse(Key::device("edg_1").as_bytes()), (Owner::Devices, Kind::Device, "edg_1".into()));
         assert_eq!(Key::parse(Key::presence("edg_1").as_bytes()), (Owner::Devices, Kind::Presence, "edg_1".into()));
+        assert_eq!(
+            Key::parse(Key::event_type("order.created").as_bytes()),
+            (Owner::EventTypes, Kind::EventType, "order.created".into())
+        );
         assert_eq!(Key::parse(b"sub_1"), (Owner::Subscriptions, Kind::Subscription, "sub_1".into()));
         assert_eq!(Key::parse(b"static-erp"), (Owner::Subscriptions, Kind::Subscription, "static-erp".into()));
     }

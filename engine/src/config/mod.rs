@@ -254,6 +254,22 @@ pub struct IngestConfig {
     /// with `413`. Every record Herald writes stays below this plus
     /// [`IngestConfig::RECORD_OVERHEAD`], which both backends are set to take.
     pub max_event_bytes: usize,
+    /// Check every event whose type has a schema in the event-type catalogue against it (off:
+    /// only types that ask for it with their own `validate`).
+    pub validate: bool,
+    /// What happens to a subscription naming an event type the catalogue does not hold.
+    pub unknown_types: UnknownTypes,
+}
+
+/// What a subscription naming an event type missing from the catalogue gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownTypes {
+    /// Created or changed, with a `warnings` entry in the answer (the catalogue is optional).
+    #[default]
+    Warn,
+    /// Refused with `400` naming the `events` entry.
+    Reject,
 }
 
 impl IngestConfig {
@@ -268,7 +284,7 @@ impl IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig { max_event_bytes: 1 << 20 }
+        IngestConfig { max_event_bytes: 1 << 20, validate: false, unknown_types: UnknownTypes::Warn }
     }
 }
 

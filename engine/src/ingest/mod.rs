@@ -133,9 +133,7 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes
     }
     let bad = |name: &str, message: &str| Invalid { field: field(prefix, name), message: message.to_string() };
     let event_type = input.event_type;
-    if event_type.is_empty() || event_type.len() > MAX_EVENT_ID_LEN || event_type.chars().any(char::is_control) {
-        return Err(Refusal::from(bad("type", "must be 1 to 255 bytes without control characters")));
-    }
+    crate::model::check_event_type(&event_type).map_err(|e| bad("type", e))?;
     let id_given = input.id.is_some();
     let id = match input.id {
         Some(id) => {

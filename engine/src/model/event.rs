@@ -7,6 +7,15 @@ use serde_json::value::RawValue;
 /// type), which hold 255 bytes.
 pub const MAX_EVENT_ID_LEN: usize = 255;
 
+/// Whether `name` can be an event type: the one rule events, subscriptions' `events` and the
+/// event-type catalogue share. Returns what is wrong, if anything.
+pub fn check_event_type(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > MAX_EVENT_ID_LEN || name.chars().any(char::is_control) {
+        return Err("must be 1 to 255 bytes without control characters");
+    }
+    Ok(())
+}
+
 /// `POST /v1/events` body. `data` and `changes` are kept as the exact bytes sent.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,7 +10,7 @@ mod subscription;
 
 pub use dead_letter::DeadLetter;
 pub use delivery::{DecodeError, Delivery};
-pub use event::{EventInput, MAX_EVENT_ID_LEN};
+pub use event::{check_event_type, EventInput, MAX_EVENT_ID_LEN};
 pub use outcome::{Failure, Outcome, Response};
 pub use secret::Secret;
 pub use subscription::{

@@ -166,9 +166,7 @@ fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
         return Err(Invalid::new("events", format!("at most {} event types", range::EVENTS)));
     }
     for (i, e) in spec.events.iter().enumerate() {
-        if e.is_empty() || e.len() > crate::model::MAX_EVENT_ID_LEN {
-            return Err(Invalid::new(format!("events[{i}]"), "event types are 1 to 255 bytes"));
-        }
+        crate::model::check_event_type(e).map_err(|m| Invalid::new(format!("events[{i}]"), m))?;
     }
     if spec.headers.len() > range::HEADERS {
         return Err(Invalid::new("headers", format!("at most {} headers", range::HEADERS)));

@@ -8,6 +8,7 @@ mod crash;
 mod delivery;
 mod durability;
 mod edge;
+mod event_types;
 mod health;
 mod history;
 mod kafka;

@@ -48,7 +48,7 @@ async fn the_served_document_is_the_file_and_every_operation_answers_as_document
     let ops = operations(&doc);
     assert!(ops.len() >= 17, "{} operations", ops.len());
     for (method, path, op) in ops {
-        let concrete = path.replace("{id}", "nope").replace("{key_id}", "nope");
+        let concrete = path.replace("{id}", "nope").replace("{key_id}", "nope").replace("{name}", "nope");
         let body = op.get("requestBody").map(|_| Bytes::from_static(b"{}"));
         let (status, answer) = h.api.raw(&method, &concrete, body, Some(TOKEN)).await;
         assert_ne!(status, 405, "{method} {path} is not routed");
@@ -142,13 +142,15 @@ async fn random_and_malformed_input_at_every_operation_gets_no_5xx_and_appends_n
     // Real ids, so bodies are judged past the lookup.
     let sub = api.subscribe(json!({ "url": "https://hooks.example.com/fuzz" })).await;
     let (_, tenant) = api.post("/v1/tenants", json!({ "name": "fuzz" })).await;
+    api.post("/v1/event-types", json!({ "name": "fuzz.type", "schema": { "type": "object" }, "validate": true })).await;
     let (sub_id, tenant_id) = (sub["id"].as_str().unwrap().to_string(), tenant["id"].as_str().unwrap().to_string());
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x4e52_414c_4421);
     let mut requests = 0;
     for (method, path, op) in operations(&doc) {
         let concrete = path
             .replace("{id}", if path.contains("tenants") { &tenant_id } else { &sub_id })
-            .replace("{key_id}", "key_nope");
+            .replace("{key_id}", "key_nope")
+            .replace("{name}", "fuzz.type");
         let cases = if op.get("requestBody").is_some() { 120 } else { 8 };
         for case in 0..cases {
             let body: Bytes = match case % 6 {

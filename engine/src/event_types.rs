@@ -1,0 +1,285 @@
+//! The event-type catalogue: the event types a platform publishes, each with a description, an
+//! optional JSON Schema for its `data`, an example and a deprecation flag. Kept in the catalog
+//! beside subscriptions, so every process holds the same catalogue and compiles each schema
+//! once, when it applies the record. Ingest asks it whether an event's `data` fits its type
+//! ([`EventTypes::check_data`]); subscriptions ask whether the types they name exist.
+
+use crate::catalog::feed::Feed;
+use crate::catalog::{Apply, CatalogError, Entry, Key, Kind};
+use crate::log::LogRecord;
+use crate::model::{now_ms, rfc3339_ms, Invalid};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// Event types in the catalogue at most (each compiled schema is held in memory).
+pub const MAX_EVENT_TYPES: usize = 10_000;
+
+/// Why a catalogue change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EventTypeError {
+    /// A field is not valid.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// An event type of this name exists already.
+    #[error("event type {0:?} exists already")]
+    Exists(String),
+    /// The catalogue holds [`MAX_EVENT_TYPES`] types.
+    #[error("the catalogue holds its {MAX_EVENT_TYPES} event types")]
+    Full,
+    /// The catalog could not be written.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// What a client sets on an event type (the create body besides `name`; PATCH replaces
+/// fields, `null` clears one).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EventTypeSpec {
+    /// What the event means, for the people who subscribe to it.
+    pub description: String,
+    /// A JSON Schema (draft 2020-12 unless `$schema` names another) for the event's `data`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Value>,
+    /// Whether ingest refuses events of this type whose `data` does not fit the schema (with
+    /// `[ingest] validate = true`, every type with a schema is checked).
+    pub validate: bool,
+    /// Still published, but subscribers should move off it.
+    pub deprecated: bool,
+    /// An example `data` (it must fit the schema).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub example: Option<Value>,
+}
+
+/// An event type as stored and listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventType {
+    /// The name events carry as their `type`.
+    pub name: String,
+    /// Everything else about it.
+    #[serde(flatten)]
+    pub spec: EventTypeSpec,
+    /// When it was created, RFC 3339.
+    pub created_at: String,
+    /// When it last changed, RFC 3339.
+    pub updated_at: String,
+}
+
+/// A catalogued type with its schema compiled.
+struct Held {
+    event_type: EventType,
+    validator: Option<Arc<jsonschema::Validator>>,
+}
+
+/// The catalogue in memory, persisted in the registry topic.
+pub struct EventTypes {
+    feed: Arc<Feed>,
+    types: RwLock<HashMap<String, Held>>,
+}
+
+fn check_name(name: &str) -> Result<(), Invalid> {
+    crate::model::check_event_type(name).map_err(|m| Invalid::new("name", m))
+}
+
+/// Compiles `schema`, refusing one that is not a JSON Schema or that refers outside itself
+/// (no retriever is built in: Herald never fetches a schema from the network or disk).
+fn compile(schema: &Value) -> Result<jsonschema::Validator, Invalid> {
+    jsonschema::validator_for(schema).map_err(|e| Invalid::new("schema", format!("not a usable JSON Schema: {e}")))
+}
+
+/// A JSON Pointer into `data` as a field path in this API's style (`data.items[0].sku`).
+fn data_path(prefix: &str, pointer: &str) -> String {
+    let mut path = if prefix.is_empty() { "data".to_string() } else { format!("{prefix}.data") };
+    for segment in pointer.split('/').skip(1) {
+        let segment = segment.replace("~1", "/").replace("~0", "~");
+        if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            path.push_str(&format!("[{segment}]"));
+        } else {
+            path.push('.');
+            path.push_str(&segment);
+        }
+    }
+    path
+}
+
+/// The first way `data` does not fit `validator`, as an [`Invalid`] naming where.
+fn fits(validator: &jsonschema::Validator, data: &Value, prefix: &str) -> Result<(), Invalid> {
+    match validator.validate(data) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(Invalid::new(data_path(prefix, e.instance_path().as_str()), e.to_string())),
+    }
+}
+
+/// Checks a spec: its schema compiles and its example fits it.
+fn checked(spec: &EventTypeSpec) -> Result<Option<jsonschema::Validator>, Invalid> {
+    if spec.description.len() > 4096 {
+        return Err(Invalid::new("description", "must be at most 4096 bytes"));
+    }
+    let validator = spec.schema.as_ref().map(compile).transpose()?;
+    if let (Some(v), Some(example)) = (&validator, &spec.example) {
+        fits(v, example, "").map_err(|e| Invalid::new(e.field.replacen("data", "example", 1), e.message))?;
+    }
+    if spec.validate && validator.is_none() {
+        return Err(Invalid::new("validate", "needs a schema to validate against"));
+    }
+    Ok(validator)
+}
+
+impl EventTypes {
+    /// Materialises the catalogue from `records`, the whole registry topic.
+    pub fn load(feed: Arc<Feed>, records: &[LogRecord]) -> EventTypes {
+        let types = EventTypes { feed, types: RwLock::default() };
+        crate::catalog::load(&types, records, crate::catalog::Owner::EventTypes);
+        types
+    }
+
+    async fn persist(&self, event_type: &EventType) -> Result<(), CatalogError> {
+        let value = Bytes::from(serde_json::to_vec(event_type).expect("serializes"));
+        self.feed.write(Key::event_type(&event_type.name).as_bytes(), value).await.map(|_| ())
+    }
+
+    /// Adds `name` to the catalogue.
+    pub async fn create(&self, name: String, spec: EventTypeSpec) -> Result<EventType, EventTypeError> {
+        check_name(&name)?;
+        checked(&spec)?;
+        {
+            let types = self.types.read().unwrap();
+            if types.contains_key(&name) {
+                return Err(EventTypeError::Exists(name));
+            }
+            if types.len() >= MAX_EVENT_TYPES {
+                return Err(EventTypeError::Full);
+            }
+        }
+        let now = rfc3339_ms(now_ms());
+        let event_type = EventType { name, spec, created_at: now.clone(), updated_at: now };
+        self.persist(&event_type).await?;
+        Ok(event_type)
+    }
+
+    /// Replaces `name`'s spec with `spec` (already merged by the caller); `None` when there is
+    /// no such type.
+    pub async fn update(&self, name: &str, spec: EventTypeSpec) -> Result<Option<EventType>, EventTypeError> {
+        checked(&spec)?;
+        let Some(current) = self.get(name) else { return Ok(None) };
+        let event_type = EventType { spec, updated_at: rfc3339_ms(now_ms()), ..current };
+        self.persist(&event_type).await?;
+        Ok(Some(event_type))
+    }
+
+    /// Removes `name`; `false` when there is no such type. Subscriptions naming it keep
+    /// receiving events of that type: the catalogue describes, routing does not depend on it.
+    pub async fn delete(&self, name: &str) -> Result<bool, CatalogError> {
+        if self.get(name).is_none() {
+            return Ok(false);
+        }
+        self.feed.write(Key::event_type(name).as_bytes(), Bytes::new()).await?;
+        Ok(true)
+    }
+
+    /// One type, as this process has applied it.
+    pub fn get(&self, name: &str) -> Option<EventType> {
+        self.types.read().unwrap().get(name).map(|h| h.event_type.clone())
+    }
+
+    /// Every type, by name.
+    pub fn list(&self) -> Vec<EventType> {
+        let mut items: Vec<EventType> = self.types.read().unwrap().values().map(|h| h.event_type.clone()).collect();
+        items.sort_by(|a, b| a.name.cmp(&b.name));
+        items
+    }
+
+    /// Where in `names` the catalogue has no such type.
+    pub fn unknown(&self, names: &[String]) -> Vec<usize> {
+        let types = self.types.read().unwrap();
+        (0..names.len()).filter(|&i| !types.contains_key(&names[i])).collect()
+    }
+
+    /// Whether the catalogue holds no type at all (a platform that does not use it).
+    pub fn is_empty(&self) -> bool {
+        self.types.read().unwrap().is_empty()
+    }
+
+    /// Whether an event of `event_type` with `data` may be accepted: it may unless the type
+    /// has a schema, validation is on for it (or `always`), and `data` does not fit. `prefix`
+    /// names the event's place in a batch.
+    pub fn check_data(&self, event_type: &str, data: &[u8], prefix: &str, always: bool) -> Result<(), Invalid> {
+        let validator = {
+            let types = self.types.read().unwrap();
+            match types.get(event_type) {
+                Some(Held { event_type: t, validator: Some(v) }) if always || t.spec.validate => v.clone(),
+                _ => return Ok(()),
+            }
+        };
+        let data: Value =
+            serde_json::from_slice(data).map_err(|e| Invalid::new(data_path(prefix, ""), e.to_string()))?;
+        fits(&validator, &data, prefix)
+    }
+}
+
+impl Apply for EventTypes {
+    /// An event type, or a tombstone deleting one. A schema this version cannot compile
+    /// (written by a newer one) keeps the type listed, unchecked.
+    fn apply(&self, entry: Entry<'_>) {
+        if entry.kind != Kind::EventType {
+            return;
+        }
+        let mut types = self.types.write().unwrap();
+        match serde_json::from_slice::<EventType>(&entry.record.value) {
+            Ok(event_type) => {
+                let validator = event_type.spec.schema.as_ref().and_then(|s| match compile(s) {
+                    Ok(v) => Some(Arc::new(v)),
+                    Err(e) => {
+                        tracing::warn!(event_type = %event_type.name, error = %e.message, "a stored schema does not compile; not checked");
+                        None
+                    }
+                });
+                types.insert(entry.id, Held { event_type, validator });
+            }
+            Err(_) => {
+                types.remove(&entry.id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn pointers_become_field_paths() {
+        assert_eq!(data_path("", ""), "data");
+        assert_eq!(data_path("", "/items/0/sku"), "data.items[0].sku");
+        assert_eq!(data_path("[3]", "/a~1b/c~0d"), "[3].data.a/b.c~d");
+    }
+
+    #[test]
+    fn a_spec_needs_a_compiling_schema_and_a_fitting_example() {
+        let schema = json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}}});
+        let ok = EventTypeSpec { schema: Some(schema.clone()), example: Some(json!({"id": 1})), ..Default::default() };
+        assert!(checked(&ok).unwrap().is_some());
+        let bad_example = EventTypeSpec { example: Some(json!({"id": "x"})), ..ok.clone() };
+        assert_eq!(checked(&bad_example).unwrap_err().field, "example.id");
+        let not_a_schema = EventTypeSpec { schema: Some(json!({"type": 12})), ..Default::default() };
+        assert_eq!(checked(&not_a_schema).unwrap_err().field, "schema");
+        let remote =
+            EventTypeSpec { schema: Some(json!({"$ref": "https://example.com/s.json"})), ..Default::default() };
+        assert_eq!(checked(&remote).unwrap_err().field, "schema", "no schema is fetched");
+        let nothing_to_check = EventTypeSpec { validate: true, ..Default::default() };
+        assert_eq!(checked(&nothing_to_check).unwrap_err().field, "validate");
+    }
+
+    #[test]
+    fn names_follow_the_rule_events_follow() {
+        assert!(check_name("order.created").is_ok());
+        assert!(check_name("container.status.updated:v2").is_ok());
+        for bad in ["", "a\nb", &"x".repeat(256)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The event-type catalogue through the API: the admin defines types with schemas, tenants
+//! read them, ingest refuses `data` that does not fit (naming where) and loses nothing, and
+//! subscriptions naming uncatalogued types are warned or refused.
+
+use crate::support::{tenant_with_key, Receiver, TestHerald};
+use serde_json::json;
+
+fn order_created() -> serde_json::Value {
+    json!({
+        "name": "order.created",
+        "description": "An order was placed.",
+        "schema": {
+            "type": "object",
+            "required": ["id", "items"],
+            "properties": {
+                "id": { "type": "integer" },
+                "items": { "type": "array", "items": { "type": "object", "required": ["sku"], "properties": { "sku": { "type": "string" } } } }
+            }
+        },
+        "example": { "id": 1001, "items": [{ "sku": "BOX-40" }] },
+        "validate": true
+    })
+}
+
+#[tokio::test]
+async fn the_admin_keeps_a_catalogue_that_tenants_read_and_ingest_checks() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+
+    let (status, created) = h.api.post("/v1/event-types", order_created()).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["name"], "order.created");
+    assert!(created["created_at"].is_string());
+    let (status, again) = h.api.post("/v1/event-types", order_created()).await;
+    assert_eq!((status.as_u16(), again["error"]["code"].as_str()), (409, Some("CONFLICT")), "{again}");
+
+    // The served OpenAPI document shows the catalogue's examples on `POST /v1/events`.
+    let (_, doc) = h.api.get("/v1/openapi.json").await;
+    let examples = &doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["examples"];
+    assert_eq!(examples["order.created"]["value"]["data"]["id"], 1001, "{examples}");
+
+    // Bad definitions are refused, naming the field.
+    let mut bad_example = order_created();
+    bad_example["name"] = json!("order.bad");
+    bad_example["example"] = json!({ "id": 1, "items": [{ "sku": 7 }] });
+    let (status, err) = h.api.post("/v1/event-types", bad_example).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("example.items[0].sku")), "{err}");
+    let not_a_schema = json!({ "name": "x", "schema": { "type": "integer", "minimum": "zero" } });
+    let (status, err) = h.api.post("/v1/event-types", not_a_schema).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("schema")), "{err}");
+    let unknown = json!({ "name": "x", "colour": "red" });
+    let (status, err) = h.api.post("/v1/event-types", unknown).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("colour")), "{err}");
+
+    // Tenants read the catalogue; only the admin changes it.
+    let (_, tenant) = tenant_with_key(&h.api, "Acme").await;
+    let (status, listed) = tenant.get("/v1/event-types").await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["items"][0]["name"], "order.created", "{listed}");
+    assert_eq!(tenant.get("/v1/event-types/order.created").await.1["example"]["id"], 1001);
+    assert_eq!(tenant.post("/v1/event-types", json!({ "name": "mine" })).await.0, 403);
+    assert_eq!(tenant.delete("/v1/event-types/order.created").await.0, 403);
+    assert_eq!(h.api.get("/v1/event-types/nope").await.0, 404);
+
+    // Ingest: data that does not fit is refused with the path, and nothing of the request is
+    // accepted; data that fits is delivered.
+    h.api.subscribe(json!({ "url": rx.url("/orders"), "events": ["order.created"] })).await;
+    let bad = json!({ "id": "o-bad", "type": "order.created", "data": { "id": 1, "items": [{ "sku": 5 }] } });
+    let (status, err) = h.api.post("/v1/events", bad).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("data.items[0].sku")), "{err}");
+    let good = json!({ "id": "o-good", "type": "order.created", "data": { "id": 2, "items": [{ "sku": "A" }] } });
+    let missing = json!({ "id": "o-missing", "type": "order.created", "data": { "items": [] } });
+    let (status, err) = h.api.post("/v1/events/batch", json!([good, missing])).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("[1].data")), "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("id"), "{err}");
+    let (status, _) = h.api.post("/v1/events", good.clone()).await;
+    assert_eq!(status, 202);
+    let (status, _) = h.api.post("/v1/events", json!({ "type": "not.catalogued", "data": { "anything": true } })).await;
+    assert_eq!(status, 202, "types outside the catalogue are not checked");
+
+    // PATCH replaces fields (a schema whole), `null` clears; turning validation off lets any
+    // data of the type through.
+    let (status, patched) = h
+        .api
+        .raw(
+            "PATCH",
+            "/v1/event-types/order.created",
+            Some(r#"{"validate":false,"deprecated":true,"description":null}"#.into()),
+            Some(&h.api.token),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!((patched["deprecated"].as_bool(), patched["description"].as_str()), (Some(true), Some("")));
+    assert!(patched["schema"].is_object(), "untouched fields stay: {patched}");
+    let (status, _) =
+        h.api.post("/v1/events", json!({ "id": "o-free", "type": "order.created", "data": { "free": "form" } })).await;
+    assert_eq!(status, 202);
+    let got = rx.wait_on("/orders", 2).await;
+    let mut ids: Vec<&str> = got.iter().map(|r| r.header("webhook-id")).collect();
+    ids.sort();
+    assert_eq!(ids, ["o-free", "o-good"], "only events that fit (or were not checked) were ever accepted");
+    let (status, err) = h
+        .api
+        .raw("PATCH", "/v1/event-types/order.created", Some(r#"{"name":"renamed"}"#.into()), Some(&h.api.token))
+        .await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("name")));
+
+    // The catalogue is in the registry topic: it survives a restart.
+    let h = h.restart().await;
+    let (_, kept) = h.api.get("/v1/event-types/order.created").await;
+    assert_eq!((kept["deprecated"].as_bool(), kept["validate"].as_bool()), (Some(true), Some(false)), "{kept}");
+    assert_eq!(h.api.delete("/v1/event-types/order.created").await.0, 204);
+    assert_eq!(h.api.get("/v1/event-types").await.1["items"], json!([]));
+}
+
+#[tokio::test]
+async fn ingest_validate_checks_every_type_with_a_schema() {
+    let h = TestHerald::start_with(|c| c.ingest.validate = true).await;
+    let mut lenient = order_created();
+    lenient["validate"] = json!(false);
+    assert_eq!(h.api.post("/v1/event-types", lenient).await.0, 201);
+    let (status, err) =
+        h.api.post("/v1/events", json!({ "type": "order.created", "data": { "id": "one", "items": [] } })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("data.id")), "{err}");
+}
+
+#[tokio::test]
+async fn subscriptions_naming_uncatalogued_types_are_warned_or_refused() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    // An empty catalogue warns no one: the platform does not keep one.
+    let sub = h.api.subscribe(json!({ "url": rx.url("/a"), "events": ["anything"] })).await;
+    assert!(sub.get("warnings").is_none(), "{sub}");
+    assert_eq!(h.api.post("/v1/event-types", order_created()).await.0, 201);
+    let sub = h.api.subscribe(json!({ "url": rx.url("/b"), "events": ["order.created", "order.shiped"] })).await;
+    assert_eq!(sub["warnings"].as_array().map(Vec::len), Some(1), "{sub}");
+    assert!(sub["warnings"][0].as_str().unwrap().starts_with("events[1]"), "{sub}");
+    let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
+    let (status, fixed) =
+        h.api.raw("PATCH", &path, Some(r#"{"events":["order.created"]}"#.into()), Some(&h.api.token)).await;
+    assert_eq!(status, 200);
+    assert!(fixed.get("warnings").is_none(), "{fixed}");
+
+    let strict = TestHerald::start_with(|c| c.ingest.unknown_types = herald::config::UnknownTypes::Reject).await;
+    assert_eq!(strict.api.post("/v1/event-types", order_created()).await.0, 201);
+    let body = json!({ "url": rx.url("/c"), "events": ["order.created", "order.shiped"] });
+    let (status, err) = strict.api.post("/v1/subscriptions", body).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("events[1]")), "{err}");
+}
