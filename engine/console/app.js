@@ -146,6 +146,7 @@ const SCREENS = [
   { path: "tenants", title: "Tenants", admin: true },
   { path: "subscriptions", title: "Subscriptions" },
   { path: "events", title: "Events" },
+  { path: "event-types", title: "Event types" },
   { path: "dlq", title: "Dead letters" },
   { path: "edge", title: "Edge devices", admin: true },
 ];
@@ -181,6 +182,7 @@ async function route() {
   const [screen, id, sub] = location.hash.replace(/^#\/?/, "").split("?")[0].split("/").map(decodeURIComponent);
   const screens = {
     overview: overview, tenants: tenants, subscriptions: subscriptions, events: events, dlq: deadLetters, edge: edgeDevices,
+    "event-types": eventTypes,
   };
   const allowed = SCREENS.find((s) => s.path === screen && (!s.admin || session.role === "admin"));
   if (!allowed) { location.hash = home(); return; }
@@ -773,6 +775,68 @@ async function edgeDevices() {
           try { await api("DELETE", `/v1/edge-devices/${d.id}`); await load(); } catch (e) { out.replaceChildren(errorBox(e)); }
         } }, "Delete")))),
     "No edge devices. An edge device delivers from inside a customer's network."));
+  }
+  await load();
+}
+
+// ---------- Event types: the catalogue (the admin edits it; tenants read what they can subscribe to) ----------
+
+async function eventTypes() {
+  const admin = session.role === "admin";
+  const out = h("div", {});
+  const list = h("div", {});
+  const forms = [];
+  if (admin) {
+    const name = h("input", { id: "et-name", type: "text", required: true, maxlength: 255, placeholder: "order.created" });
+    const description = h("input", { id: "et-description", type: "text", maxlength: 4096 });
+    const schema = h("textarea", { id: "et-schema", spellcheck: "false", placeholder: '{"type": "object", "required": ["id"]}' });
+    const example = h("textarea", { id: "et-example", spellcheck: "false", placeholder: '{"id": 1001}' });
+    const validate = h("input", { id: "et-validate", type: "checkbox" });
+    // Text that is not JSON is named like the API names a bad field.
+    const parsed = (el, field) => {
+      if (!el.value.trim()) return undefined;
+      try { return JSON.parse(el.value); } catch (e) { throw Object.assign(new Error(`not JSON (${e.message})`), { field }); }
+    };
+    forms.push(h("form", { class: "stack panel", onsubmit: async (ev) => {
+      ev.preventDefault();
+      try {
+        const body = { name: name.value.trim(), description: description.value,
+          schema: parsed(schema, "schema"), example: parsed(example, "example"), validate: validate.checked };
+        const t = await api("POST", "/v1/event-types", body);
+        out.replaceChildren(h("div", { class: "alert ok", role: "status" }, `Event type ${t.name} added`));
+        ev.target.reset();
+        await load();
+      } catch (e) { out.replaceChildren(errorBox(e)); }
+    } },
+    h("div", { class: "row" }, h("label", { for: "et-name" }, "Name", name), h("label", { for: "et-description" }, "Description", description)),
+    h("label", { for: "et-schema" }, "JSON Schema of data (optional)", schema),
+    h("label", { for: "et-example" }, "Example data (optional; must fit the schema)", example),
+    h("label", { for: "et-validate", class: "check" }, validate, "Refuse events whose data does not fit the schema"),
+    h("div", {}, h("button", { class: "primary", type: "submit" }, "Add event type"))));
+  }
+  layout("event-types", "Event types", ...forms, out, list);
+
+  async function load() {
+    const { items } = await api("GET", "/v1/event-types");
+    const json = (v) => h("pre", {}, JSON.stringify(v, null, 2));
+    const act = (label, run) => h("button", { type: "button", onclick: async () => {
+      try { await run(); await load(); } catch (e) { out.replaceChildren(errorBox(e)); }
+    } }, label);
+    list.replaceChildren(table(["Event type", "Schema", "Example", ...(admin ? [""] : [])], items.map((t) =>
+      h("tr", { "data-event-type": t.name },
+        h("td", {}, h("strong", { class: "mono" }, t.name), " ",
+          t.deprecated ? badge("deprecated", "warn") : "", t.validate ? badge("validated", "ok") : "",
+          h("div", { class: "muted" }, t.description || "")),
+        h("td", {}, t.schema ? h("details", {}, h("summary", {}, "Schema"), json(t.schema)) : h("span", { class: "muted" }, "none")),
+        h("td", {}, t.example !== undefined ? json(t.example) : h("span", { class: "muted" }, "none")),
+        ...(admin ? [h("td", {}, h("div", { class: "actions" },
+          act(t.deprecated ? "Undeprecate" : "Deprecate",
+            () => api("PATCH", `/v1/event-types/${encodeURIComponent(t.name)}`, { deprecated: !t.deprecated })),
+          h("button", { type: "button", class: "danger", onclick: async () => {
+            if (!confirm(`Remove ${t.name} from the catalogue? Subscriptions and events naming it are not touched.`)) return;
+            try { await api("DELETE", `/v1/event-types/${encodeURIComponent(t.name)}`); await load(); } catch (e) { out.replaceChildren(errorBox(e)); }
+          } }, "Remove")))] : []))),
+    admin ? "No event types yet: add the first one above." : "No event types are published here yet."));
   }
   await load();
 }

@@ -88,6 +88,14 @@ pub enum Client {
         #[command(subcommand)]
         cmd: EdgeDevices,
     },
+    /// The event-type catalogue.
+    #[command(name = "event-types")]
+    EventTypes {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: EventTypes,
+    },
 }
 
 impl Client {
@@ -99,7 +107,8 @@ impl Client {
             | Client::Events { conn, .. }
             | Client::Attempts { conn, .. }
             | Client::Dlq { conn, .. }
-            | Client::EdgeDevices { conn, .. } => conn,
+            | Client::EdgeDevices { conn, .. }
+            | Client::EventTypes { conn, .. } => conn,
         }
     }
 }
@@ -229,6 +238,27 @@ pub enum EdgeDevices {
     },
     /// Delete one; its token stops working.
     Delete { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum EventTypes {
+    /// List the catalogue.
+    List,
+    /// Show one event type with its schema and example.
+    Get { name: String },
+    /// Add one from a JSON file (`-` for stdin): `{name, description, schema, example, validate}`.
+    Create {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Change one: a JSON object of the fields to replace (`null` clears one).
+    Patch {
+        name: String,
+        #[arg(long)]
+        set: String,
+    },
+    /// Remove one.
+    Delete { name: String },
 }
 
 /// How a command failed, as its exit code tells.
@@ -581,6 +611,29 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                 (api.call("DELETE", &format!("/v1/edge-devices/{id}"), None).await?, Shown::Done("deleted"))
             }
         },
+        Client::EventTypes { cmd, .. } => {
+            let path = |name: &str| {
+                format!(
+                    "/v1/event-types/{}",
+                    percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+                )
+            };
+            match cmd {
+                EventTypes::List => (
+                    api.call("GET", "/v1/event-types", None).await?,
+                    Shown::List(&["name", "description", "validate", "deprecated", "updated_at"]),
+                ),
+                EventTypes::Get { name } => (api.call("GET", &path(&name), None).await?, Shown::One),
+                EventTypes::Create { file } => {
+                    (api.call("POST", "/v1/event-types", Some(read_json(&file)?)).await?, Shown::One)
+                }
+                EventTypes::Patch { name, set } => {
+                    let patch = serde_json::from_str(&set).context("--set is not JSON")?;
+                    (api.call("PATCH", &path(&name), Some(patch)).await?, Shown::One)
+                }
+                EventTypes::Delete { name } => (api.call("DELETE", &path(&name), None).await?, Shown::Done("deleted")),
+            }
+        }
     };
     if conn.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);

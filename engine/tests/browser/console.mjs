@@ -186,6 +186,22 @@ try {
   await page.locator("tr[data-device]", { hasText: "not connected" }).waitFor({ timeout: WAIT });
   await shot(page, "edge-devices");
 
+  say("the event-type catalogue: a bad example is named, a good type is listed and deprecated");
+  await page.goto(`${BASE}/console#/event-types`);
+  await page.getByLabel("Name").fill("container.status.updated");
+  await page.getByLabel("Description").fill("A container moved to another status.");
+  await page.getByLabel("JSON Schema of data").fill('{"type":"object","required":["containerId"],"properties":{"containerId":{"type":"string"}}}');
+  await page.getByLabel("Example data").fill('{"containerId": 42}');
+  await page.getByRole("button", { name: "Add event type" }).click();
+  await page.getByRole("alert").filter({ hasText: /^example\.containerId: / }).waitFor({ timeout: WAIT });
+  await page.getByLabel("Example data").fill('{"containerId": "MSKU-1"}');
+  await page.getByRole("button", { name: "Add event type" }).click();
+  const typeRow = page.locator('tr[data-event-type="container.status.updated"]');
+  await typeRow.waitFor({ timeout: WAIT });
+  await typeRow.getByRole("button", { name: "Deprecate" }).click();
+  await typeRow.getByText("deprecated", { exact: true }).waitFor({ timeout: WAIT });
+  await shot(page, "event-types");
+
   say("the overview after traffic");
   await page.goto(`${BASE}/console#/overview`);
   await page.locator('[data-metric="dead"] .value').filter({ hasText: /^[1-9]/ }).waitFor({ timeout: WAIT });
@@ -217,6 +233,12 @@ try {
   await portal.goto(`${BASE}/portal#/events`);
   await portal.locator('tr[data-event="order-1001"]').waitFor({ timeout: WAIT });
   assert.equal(await portal.locator(`tr[data-event="${OTHER_EVENT}"]`).count(), 0);
+
+  say("the portal lists the event types, read only");
+  await portal.goto(`${BASE}/portal#/event-types`);
+  await portal.locator('tr[data-event-type="container.status.updated"]').waitFor({ timeout: WAIT });
+  assert.equal(await portal.getByRole("button", { name: "Add event type" }).count(), 0, "tenants cannot change the catalogue");
+  assert.equal(await portal.getByRole("button", { name: "Remove" }).count(), 0);
 
   say("another tenant's subscription and event answer not found in the portal");
   await portal.goto(`${BASE}/portal#/subscriptions/${OTHER_SUB}`);

@@ -115,6 +115,17 @@ async fn an_operator_scripts_herald_with_its_cli() {
     assert_eq!(herald(&base, &["subscriptions", "frobnicate"], None).await.status.code(), Some(2));
     assert_eq!(herald("http://127.0.0.1:9", &["tenants", "list"], None).await.status.code(), Some(3));
 
+    // The event-type catalogue: a definition from stdin, a table, a refusal naming the field.
+    let definition = r#"{"name":"order.created","schema":{"type":"object","required":["id"]},"example":{"id":1}}"#;
+    let created = json(&herald(&base, &["--json", "event-types", "create", "--file", "-"], Some(definition)).await);
+    assert_eq!(created["name"], "order.created");
+    let types = text(&herald(&base, &["event-types", "list"], None).await);
+    assert!(types.starts_with("NAME") && types.contains("order.created"), "{types}");
+    let bad = herald(&base, &["event-types", "patch", "order.created", "--set", r#"{"example":{}}"#], None).await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("example"), "{bad:?}");
+    assert_eq!(text(&herald(&base, &["event-types", "delete", "order.created"], None).await).trim(), "deleted");
+
     let deleted = herald(&base, &["subscriptions", "delete", sub_id], None).await;
     assert_eq!(text(&deleted).trim(), "deleted");
     let completions = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
