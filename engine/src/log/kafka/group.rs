@@ -240,10 +240,18 @@ impl PartitionReader for GroupReader {
             let fetched = batch.len();
             // Strictly rising, within the batch too: a fetch can start over in the middle.
             let mut next = self.next;
+            let (topic, partition) = (&self.committer.topic, self.partition);
             batch.retain(|r| {
                 let fresh = r.offset >= next;
                 if fresh {
+                    // Herald's topics have no transactions and no compaction: their offsets
+                    // are contiguous, and a jump means records this reader never saw.
+                    if r.offset > next && next > 0 {
+                        tracing::warn!(topic = %topic, partition, from = next, to = r.offset, "offsets jumped");
+                    }
                     next = r.offset + 1;
+                } else {
+                    tracing::debug!(topic = %topic, partition, offset = r.offset, "record fetched again skipped");
                 }
                 fresh
             });
