@@ -70,10 +70,7 @@ async fn delivered(api: &Api) -> f64 {
 async fn two_herald_processes_on_one_broker_survive_a_sigkill_without_losing_an_event() {
     let broker = Tansu::start();
     let rx = Receiver::start().await;
-    // The readers' and shards' own account (partitions assigned and released, records fetched
-    // twice) goes to the test's output: if a delivery is ever missing, it says where.
-    let mut env = broker.env().to_vec();
-    env.push(("RUST_LOG", "warn,herald::log::kafka=debug,herald::dispatch::shard=debug"));
+    let env = broker.env();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (_a, addr_a) = spawn_herald_with(dir_a.path(), &env);
     let api_a = Api::new(addr_a, crate::support::TOKEN);
