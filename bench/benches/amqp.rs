@@ -91,6 +91,7 @@ fn amqp(c: &mut Criterion) {
                             generation: 0,
                             data: data.clone(),
                             changes: None,
+                            trace: None,
                         };
                         let signed = target.sign(&d, 0, 0);
                         let (transport, target) = (transport.clone(), target.clone());

@@ -19,6 +19,7 @@ fn delivery(size: usize) -> Delivery {
         generation: 0,
         data: Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(size.saturating_sub(10)))),
         changes: None,
+        trace: None,
     }
 }
 

@@ -27,6 +27,7 @@ pub mod server;
 pub mod shutdown;
 pub mod signing;
 pub mod target;
+pub mod telemetry;
 pub mod tenants;
 pub mod topics;
 pub mod transport;

@@ -64,14 +64,24 @@ enum Command {
     },
 }
 
-fn init_tracing(config: &Config) {
+/// Log lines to stderr (filtered by `RUST_LOG` or `logging.level`) and, when configured,
+/// Herald's spans to an OTLP collector (a layer with its own filter: the log level does not
+/// decide which spans are exported). Returns what flushes the spans at exit.
+fn init_tracing(config: &Config) -> anyhow::Result<Option<herald::telemetry::Telemetry>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.logging.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match config.logging.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
-    }
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match config.logging.format {
+        LogFormat::Json => lines.json().boxed(),
+        LogFormat::Human => lines.boxed(),
+    };
+    let spans = herald::telemetry::start(&config.tracing, |k| std::env::var(k).ok())?;
+    let (spans, telemetry) = spans.map_or((None, None), |(layer, t)| (Some(layer), Some(t)));
+    tracing_subscriber::registry().with(lines.with_filter(filter)).with(spans).init();
+    Ok(telemetry)
 }
 
 async fn shutdown_signal() {
@@ -112,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(dir) = data_dir {
                 config.data_dir = dir;
             }
-            init_tracing(&config);
+            let telemetry = init_tracing(&config)?;
             let herald = server::start(config.clone()).await.context("starting herald")?;
             if herald.token_source == TokenSource::Generated {
                 println!(
@@ -125,10 +135,14 @@ async fn main() -> anyhow::Result<()> {
             shutdown_signal().await;
             tracing::info!("shutting down");
             herald.stop().await;
+            if let Some(t) = telemetry {
+                // Blocks until the last spans are exported: off the runtime's worker threads.
+                tokio::task::spawn_blocking(move || t.shutdown()).await?;
+            }
             Ok(())
         }
         Command::Edge { server, token, window, allow, timeout } => {
-            init_tracing(&Config::default());
+            let _spans = init_tracing(&Config::default())?;
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let config = herald::agent::AgentConfig { server, token, window, allow, default_timeout: timeout };
             let mut agent = tokio::spawn(herald::agent::run(config, stopped));

@@ -123,6 +123,7 @@ mod tests {
             generation: 0,
             data: Bytes::from_static(br#"{"orderId": "A-1",  "n": 1.50}"#),
             changes: changes.map(|c| Bytes::from_static(c.as_bytes())),
+            trace: None,
         }
     }
 

@@ -94,6 +94,8 @@ const RESERVED: &[&str] = &[
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
+    "traceparent",
+    "tracestate",
 ];
 
 /// Longest header name a subscription may choose (AMQP headers allow 255 bytes).

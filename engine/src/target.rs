@@ -95,6 +95,12 @@ impl Target {
         let body = payload::build(self.sub.spec.payload, delivery, pending_retries, now_ms);
         let mut headers = vec![(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))];
         headers.extend(self.signer.headers(&delivery.event_id, now_ms / 1000, body.chunks()));
+        if let Some((parent, state)) = crate::telemetry::headers(delivery.trace.as_ref()) {
+            headers.push((http::header::HeaderName::from_static("traceparent"), parent));
+            if let Some(state) = state {
+                headers.push((http::header::HeaderName::from_static("tracestate"), state));
+            }
+        }
         Signed { body, headers, at_ms: now_ms }
     }
 }

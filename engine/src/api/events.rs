@@ -7,22 +7,41 @@ use crate::ingest;
 use crate::model::EventInput;
 use crate::tenants::DEFAULT_TENANT;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 
 /// Events in one batch at most.
 pub const MAX_BATCH: usize = 1000;
 
+/// The request's W3C trace context, for events that do not carry their own.
+fn traced(mut input: EventInput, headers: &HeaderMap) -> EventInput {
+    if input.traceparent.is_none() {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        input.traceparent = text("traceparent");
+        input.tracestate = input.tracestate.or_else(|| text("tracestate"));
+    }
+    input
+}
+
+/// The spans of accepting `events` (each a child of its producer's span), open while they
+/// are published.
+fn ingest_spans(events: &[ingest::Event]) -> Vec<tracing::Span> {
+    events.iter().map(|e| crate::telemetry::ingest_span(&e.id, &e.event_type, &e.tenant, e.trace.as_ref())).collect()
+}
+
 /// Publishes one event.
 pub async fn publish(
     _: Admin,
     State(state): State<AppState>,
+    headers: HeaderMap,
     JsonBody(input): JsonBody<EventInput>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let event = ingest::validate(input, "", DEFAULT_TENANT, state.max_event_bytes)?;
+    let event = ingest::validate(traced(input, &headers), "", DEFAULT_TENANT, state.max_event_bytes)?;
     fits_its_type(&state, &event, "")?;
+    let spans = ingest_spans(std::slice::from_ref(&event));
     let accepted = state.ingest.publish(vec![event]).await?;
+    drop(spans);
     Ok((StatusCode::ACCEPTED, Json(&accepted[0]).into_response()))
 }
 
@@ -30,6 +49,7 @@ pub async fn publish(
 pub async fn publish_batch(
     _: Admin,
     State(state): State<AppState>,
+    headers: HeaderMap,
     JsonBody(inputs): JsonBody<Vec<EventInput>>,
 ) -> Result<impl IntoResponse, ApiError> {
     if inputs.is_empty() || inputs.len() > MAX_BATCH {
@@ -40,12 +60,14 @@ pub async fn publish_batch(
         .enumerate()
         .map(|(i, input)| {
             let prefix = format!("[{i}]");
-            let event = ingest::validate(input, &prefix, DEFAULT_TENANT, state.max_event_bytes)?;
+            let event = ingest::validate(traced(input, &headers), &prefix, DEFAULT_TENANT, state.max_event_bytes)?;
             fits_its_type(&state, &event, &prefix)?;
             Ok::<_, ApiError>(event)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let spans = ingest_spans(&events);
     let accepted = state.ingest.publish(events).await?;
+    drop(spans);
     let deliveries: usize = accepted.iter().map(|a| a.deliveries).sum();
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "items": accepted, "deliveries": deliveries }))))
 }

@@ -189,6 +189,7 @@ pub async fn test(
         generation: 0,
         data: bytes::Bytes::from_static(br#"{"ping":true}"#),
         changes: None,
+        trace: None,
     };
     let outcome = state.transports.deliver(&target, &ping, 0).await;
     let body = json!({

@@ -71,6 +71,8 @@ pub struct Config {
     pub web_hook: Option<AutomationWebHook>,
     /// Log output.
     pub logging: LoggingConfig,
+    /// OpenTelemetry traces.
+    pub tracing: TracingConfig,
 }
 
 /// Which log backend and how topics are named and sized.
@@ -542,6 +544,7 @@ impl Default for Config {
             webhooks: Vec::new(),
             web_hook: None,
             logging: LoggingConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }
@@ -581,6 +584,37 @@ impl Default for HttpConfig {
             proxy: None,
             no_proxy: Vec::new(),
         }
+    }
+}
+
+/// OpenTelemetry traces: spans of ingest, attempts and dead-lettering, exported over OTLP/HTTP.
+/// Off unless an endpoint is set here or in `OTEL_EXPORTER_OTLP_ENDPOINT` /
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (the other `OTEL_*` variables are honoured too).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// Where spans go: the collector's OTLP/HTTP base URL (`http://collector:4318`).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the spans (`OTEL_SERVICE_NAME` wins).
+    pub service_name: String,
+    /// Send `traceparent` (and `tracestate`) to receivers for events that carry a trace
+    /// context, whether or not spans are exported.
+    pub propagate: bool,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig { otlp_endpoint: None, service_name: "herald".into(), propagate: true }
+    }
+}
+
+impl TracingConfig {
+    /// Whether spans are exported: an endpoint is configured here or in the environment.
+    pub fn exporting(&self, env: impl Fn(&str) -> Option<String>) -> bool {
+        self.otlp_endpoint.is_some()
+            || ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+                .iter()
+                .any(|k| env(k).is_some_and(|v| !v.is_empty()))
     }
 }
 
@@ -636,6 +670,7 @@ pub enum ConfigError {
 /// e.g. `HERALD_NETWORK_ALLOW` → `network.allow`.
 const SECTIONS: &[&str] = &[
     "log", "network", "ingest", "api", "quotas", "history", "dispatch", "http", "health", "signing", "edge", "logging",
+    "tracing",
 ];
 
 fn env_key(key: &str) -> String {
@@ -779,6 +814,8 @@ mod tests {
         }
         let env = vec![("HERALD_HISTORY_RETENTION".to_string(), "0s".to_string())];
         assert!(!Config::load(None, &env).unwrap().history.enabled());
+        let env = vec![("HERALD_TRACING_OTLP_ENDPOINT".to_string(), "http://collector:4318".to_string())];
+        assert!(Config::load(None, &env).unwrap().tracing.exporting(|_| None));
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

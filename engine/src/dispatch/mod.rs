@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 /// Whatever observes settled deliveries besides metrics and the history (tests' probes).
 pub trait Observe: Send + Sync {
@@ -152,8 +153,22 @@ impl Deliverer {
             }
         };
         let pending = retry::pending_retries(&target, &delivery);
-        let outcome = self.transports.deliver(&target, &delivery, pending).await;
-        self.settler.attempted(&target, delivery, rec.value, outcome, probe).await
+        let span = crate::telemetry::attempt_span(
+            &delivery.event_id,
+            &delivery.subscription,
+            transport.label(),
+            delivery.attempt,
+            delivery.trace.as_ref(),
+        );
+        // In the attempt's span: the `traceparent` receivers get names it as their parent.
+        let outcome = self.transports.deliver(&target, &delivery, pending).instrument(span.clone()).await;
+        let delivered = matches!(outcome, crate::model::Outcome::Delivered { .. });
+        crate::telemetry::attempted(&span, outcome.label(), outcome.status(), delivered);
+        let settled = self.settler.attempted(&target, delivery, rec.value, outcome, probe).await;
+        if let Settlement::DeadLettered { reason } = &settled.settlement {
+            crate::telemetry::dead_lettered(&span, reason.label());
+        }
+        settled
     }
 }
 

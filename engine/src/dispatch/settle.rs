@@ -84,6 +84,19 @@ pub enum Parked {
     Panicked(String),
 }
 
+impl Parked {
+    /// A short name for why (a span attribute; the dead letter's `last_error` has the words).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Parked::Exhausted => "exhausted",
+            Parked::Gone => "gone",
+            Parked::Disabled(_) => "disabled",
+            Parked::Malformed(_) => "malformed",
+            Parked::Panicked(_) => "panicked",
+        }
+    }
+}
+
 /// How a delivery travels, as metrics and the history name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {

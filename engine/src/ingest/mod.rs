@@ -30,6 +30,8 @@ pub struct Event {
     pub changes: Option<Json>,
     /// Whether the producer gave the id (only those are checked for repeats).
     pub id_given: bool,
+    /// The producer's trace context (`traceparent`), kept with every delivery.
+    pub trace: Option<crate::model::TraceContext>,
 }
 
 /// The log record of `delivery` to `target`, with the event's `data` and `changes` in the
@@ -150,7 +152,12 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes
     let json = |name: &str, text: &str| Json::new(text).map_err(|e| Refusal::from(bad(name, &e.to_string())));
     let data = json("data", input.data.get())?;
     let changes = input.changes.map(|c| json("changes", c.get())).transpose()?;
-    Ok(Event { id, event_type, tenant, data, changes, id_given })
+    let trace = input
+        .traceparent
+        .map(|tp| crate::model::TraceContext::parse(&tp, input.tracestate.as_deref()))
+        .transpose()
+        .map_err(|(name, message)| bad(name, message))?;
+    Ok(Event { id, event_type, tenant, data, changes, id_given, trace })
 }
 
 /// How long an accepted event id is remembered, so a producer's retry is not published twice.
@@ -312,6 +319,7 @@ impl Ingest {
                     Bytes::new(),
                     now,
                 );
+                let first = Delivery { trace: event.trace.clone(), ..first };
                 records.push(delivery_record(target, first, &event.data, event.changes.as_ref()));
             }
             if self.history.is_some() {
@@ -379,6 +387,8 @@ impl Ingest {
                     generation,
                     data: Bytes::new(),
                     changes: None,
+                    // The history keeps no trace context: a resend starts a trace of its own.
+                    trace: None,
                 };
                 records.push(delivery_record(target, delivery, &data, changes.as_ref()));
                 states.push(HistoryRecord::State(StateRecord {

@@ -3,10 +3,13 @@
 //! `changes`) bytes exactly as the producer sent them, so the payload is never re-serialised
 //! and decoding shares the log's buffer instead of copying it.
 
+use super::trace::TraceContext;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 const VERSION: u8 = 1;
 const HAS_CHANGES: u8 = 1;
+/// A trace context follows `changes` (records without one, and older records, lack the bit).
+const HAS_TRACE: u8 = 2;
 
 /// One delivery of one event to one subscription.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +36,8 @@ pub struct Delivery {
     pub data: Bytes,
     /// The producer's `changes`, bytes as sent, if any.
     pub changes: Option<Bytes>,
+    /// The producer's trace context, if it sent one.
+    pub trace: Option<TraceContext>,
 }
 
 /// Why a record's bytes are not a delivery.
@@ -92,6 +97,7 @@ impl Delivery {
             generation: 0,
             data,
             changes: None,
+            trace: None,
         }
     }
 
@@ -105,10 +111,12 @@ impl Delivery {
                 + self.event_type.len()
                 + self.data.len()
                 + changes_len
+                + self.trace.as_ref().map_or(0, TraceContext::encoded_len)
                 + 8,
         );
         buf.put_u8(VERSION);
-        buf.put_u8(if self.changes.is_some() { HAS_CHANGES } else { 0 });
+        let trace = if self.trace.is_some() { HAS_TRACE } else { 0 };
+        buf.put_u8(if self.changes.is_some() { HAS_CHANGES } else { 0 } | trace);
         buf.put_u32_le(self.attempt);
         buf.put_i64_le(self.accepted_ms);
         buf.put_i64_le(self.due_ms);
@@ -123,6 +131,9 @@ impl Delivery {
         if let Some(changes) = &self.changes {
             buf.put_u32_le(changes.len() as u32);
             buf.put_slice(changes);
+        }
+        if let Some(trace) = &self.trace {
+            trace.encode(&mut buf);
         }
         buf.freeze()
     }
@@ -148,6 +159,11 @@ impl Delivery {
         let event_type = get_str(&mut bytes)?;
         let data = get_bytes(&mut bytes, 4)?;
         let changes = if flags & HAS_CHANGES != 0 { Some(get_bytes(&mut bytes, 4)?) } else { None };
+        let trace = if flags & HAS_TRACE != 0 {
+            Some(TraceContext::decode(&mut bytes).ok_or(DecodeError::Truncated)?)
+        } else {
+            None
+        };
         Ok(Delivery {
             event_id,
             subscription,
@@ -160,6 +176,7 @@ impl Delivery {
             generation,
             data,
             changes,
+            trace,
         })
     }
 }
@@ -181,15 +198,21 @@ mod tests {
             generation: 2,
             data: Bytes::from_static(br#"{"orderId": "A-1"}"#),
             changes: Some(Bytes::from_static(br#"[{"op":"replace"}]"#)),
+            trace: None,
         }
     }
 
     #[test]
-    fn round_trips_with_and_without_changes() {
+    fn round_trips_with_and_without_changes_and_a_trace() {
         let d = sample();
         assert_eq!(Delivery::decode(d.encode()).unwrap(), d);
         let d = Delivery { changes: None, ..sample() };
         assert_eq!(Delivery::decode(d.encode()).unwrap(), d);
+        let trace = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", Some("k=v")).ok();
+        for changes in [None, sample().changes] {
+            let d = Delivery { changes, trace: trace.clone(), ..sample() };
+            assert_eq!(Delivery::decode(d.encode()).unwrap(), d);
+        }
     }
 
     #[test]

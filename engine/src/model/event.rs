@@ -34,4 +34,10 @@ pub struct EventInput {
     /// Optional change description, any JSON.
     #[serde(default)]
     pub changes: Option<Box<RawValue>>,
+    /// W3C `traceparent` of the producer's span (else the request's `traceparent` header).
+    #[serde(default)]
+    pub traceparent: Option<String>,
+    /// W3C `tracestate` going with `traceparent`.
+    #[serde(default)]
+    pub tracestate: Option<String>,
 }

@@ -7,6 +7,7 @@ pub mod outcome;
 pub mod range;
 pub mod secret;
 mod subscription;
+pub mod trace;
 
 pub use dead_letter::DeadLetter;
 pub use delivery::{DecodeError, Delivery};
@@ -17,6 +18,7 @@ pub use subscription::{
     AmqpTarget, Auth, PayloadFormat, RetrySpec, SignatureEncoding, SignatureSpec, Subscription, SubscriptionSpec,
     TlsOptions, TransportKind,
 };
+pub use trace::TraceContext;
 
 /// A field that failed validation: what the API answers `400` with, naming the field as a JSON
 /// path (`url`, `headers.x-foo`, `[3].data`).

@@ -16,6 +16,7 @@ mod kafka_system;
 mod layers;
 mod observability;
 mod openapi;
+mod otel;
 mod outcomes;
 mod proxy;
 mod quickstart;

@@ -49,7 +49,22 @@ impl Api {
         body: Option<Bytes>,
         token: Option<&str>,
     ) -> Result<(StatusCode, http::HeaderMap, Value), String> {
+        self.request_with(method, path, body, token, &[]).await
+    }
+
+    /// A request with extra headers (a `traceparent`, say).
+    pub async fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Bytes>,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, http::HeaderMap, Value), String> {
         let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }

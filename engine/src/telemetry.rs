@@ -1,0 +1,179 @@
+//! OpenTelemetry traces: a span per accepted event (`herald.ingest`), per attempt
+//! (`herald.attempt`) and per dead-lettering (`herald.dead_letter`), each a child of the
+//! producer's span when the event carried a `traceparent`, exported over OTLP/HTTP
+//! (`tracing-opentelemetry` + `opentelemetry-otlp`). Off by default, and then free: no span is
+//! made. Receivers get a `traceparent` naming the attempt as their parent either way (unless
+//! `tracing.propagate` is off), so their own spans join the producer's trace.
+
+use crate::config::TracingConfig;
+use crate::model::TraceContext;
+use http::HeaderValue;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+/// The `tracing` target of Herald's spans: the only ones exported, and not log lines.
+pub const TARGET: &str = "herald::otel";
+
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+static PROPAGATE: AtomicBool = AtomicBool::new(true);
+
+/// Why spans cannot be exported as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built (a bad endpoint, say).
+    #[error("tracing: the OTLP exporter: {0}")]
+    Exporter(String),
+}
+
+/// The layer that exports Herald's spans.
+pub type SpanLayer<S> = Box<dyn Layer<S> + Send + Sync>;
+
+/// Flushes what is still buffered when dropped through [`Telemetry::shutdown`].
+pub struct Telemetry(SdkTracerProvider);
+
+impl Telemetry {
+    /// Exports the spans still buffered and stops the exporter.
+    pub fn shutdown(self) {
+        if let Err(e) = self.0.shutdown() {
+            eprintln!("herald: flushing traces: {e}");
+        }
+    }
+}
+
+/// Applies `config` (whether receivers get a `traceparent`), and when spans are to be exported
+/// builds the layer that exports them, filtered to Herald's own spans. Needs a Tokio runtime.
+pub fn start<S>(
+    config: &TracingConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<(SpanLayer<S>, Telemetry)>, TelemetryError>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    use opentelemetry_otlp::WithExportConfig;
+    PROPAGATE.store(config.propagate, Ordering::Relaxed);
+    if !config.exporting(&env) {
+        return Ok(None);
+    }
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+    if let Some(base) = &config.otlp_endpoint {
+        // Given like OTEL_EXPORTER_OTLP_ENDPOINT: the base URL, to which the signal's path is added.
+        let base = base.trim_end_matches('/');
+        let url = if base.ends_with("/v1/traces") { base.to_string() } else { format!("{base}/v1/traces") };
+        exporter = exporter.with_endpoint(url);
+    }
+    let exporter = exporter.build().map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+        exporter,
+        opentelemetry_sdk::runtime::Tokio,
+    )
+    .build();
+    let service = env("OTEL_SERVICE_NAME").filter(|s| !s.is_empty()).unwrap_or_else(|| config.service_name.clone());
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
+    let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build();
+    let tracer = provider.tracer("herald");
+    let only_ours = tracing_subscriber::filter::Targets::new().with_target(TARGET, tracing::Level::INFO);
+    let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(only_ours).boxed();
+    EXPORTING.store(true, Ordering::Relaxed);
+    Ok(Some((layer, Telemetry(provider))))
+}
+
+/// Whether spans are being exported (else none is made).
+fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// The producer's span as the remote parent of ours.
+fn parent(trace: &TraceContext) -> opentelemetry::Context {
+    let state = trace.state.parse::<TraceState>().unwrap_or_default();
+    let remote = SpanContext::new(
+        TraceId::from_bytes(trace.trace_id),
+        SpanId::from_bytes(trace.parent_id),
+        TraceFlags::new(trace.flags),
+        true,
+        state,
+    );
+    opentelemetry::Context::new().with_remote_span_context(remote)
+}
+
+/// `span`, a child of the producer's span when there is one.
+fn child_of(span: tracing::Span, trace: Option<&TraceContext>) -> tracing::Span {
+    if let Some(trace) = trace {
+        let _ = span.set_parent(parent(trace));
+    }
+    span
+}
+
+/// The span of accepting one event (none when not exporting).
+pub fn ingest_span(event_id: &str, event_type: &str, tenant: &str, trace: Option<&TraceContext>) -> tracing::Span {
+    if !exporting() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(target: TARGET, "herald.ingest", otel.kind = "server", event.id = event_id, event.type = event_type, tenant = tenant);
+    child_of(span, trace)
+}
+
+/// The span of one attempt; its outcome is added by [`attempted`].
+pub fn attempt_span(
+    event_id: &str,
+    subscription: &str,
+    transport: &str,
+    attempt: u32,
+    trace: Option<&TraceContext>,
+) -> tracing::Span {
+    if !exporting() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: TARGET,
+        "herald.attempt",
+        otel.kind = "client",
+        event.id = event_id,
+        subscription = subscription,
+        transport = transport,
+        attempt = attempt,
+        outcome = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    child_of(span, trace)
+}
+
+/// Adds an attempt's outcome to its span.
+pub fn attempted(span: &tracing::Span, outcome: &str, status: Option<u16>, ok: bool) {
+    span.record("outcome", outcome);
+    if let Some(status) = status {
+        span.record("http.response.status_code", status);
+    }
+    span.record("otel.status_code", if ok { "OK" } else { "ERROR" });
+}
+
+/// A span marking that the delivery went to the dead-letter topic, inside the attempt's.
+pub fn dead_lettered(span: &tracing::Span, reason: &str) {
+    if exporting() {
+        let _ = tracing::info_span!(target: TARGET, parent: span, "herald.dead_letter", reason = reason).entered();
+    }
+}
+
+/// The `traceparent` (and `tracestate`) a receiver gets for an attempt of a delivery that
+/// carries `trace`: a child of the attempt's span when it is exported (the current span), else
+/// of a fresh span id, so the receiver's spans still join the producer's trace.
+pub fn headers(trace: Option<&TraceContext>) -> Option<(HeaderValue, Option<HeaderValue>)> {
+    let trace = trace.filter(|_| PROPAGATE.load(Ordering::Relaxed))?;
+    let current = if exporting() {
+        tracing::Span::current().context().span().span_context().clone()
+    } else {
+        SpanContext::empty_context()
+    };
+    let span_id = if current.is_valid() && current.trace_id().to_bytes() == trace.trace_id {
+        current.span_id().to_bytes()
+    } else {
+        rand::random::<[u8; 8]>()
+    };
+    let parent = HeaderValue::from_str(&trace.child(span_id)).ok()?;
+    let state = (!trace.state.is_empty()).then(|| HeaderValue::from_str(&trace.state).ok()).flatten();
+    Some((parent, state))
+}
