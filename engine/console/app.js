@@ -429,7 +429,7 @@ async function subscriptions(id, sub) {
 // nothing the API can do is out of the console's reach. Errors come back naming a field: shown
 // under that field if the form has it, else above the form with its name.
 const FORM_FIELDS = ["tenant", "url", "events", "payload", "timeout", "max_in_flight", "rate_limit", "via_edge"];
-const ADVANCED_KEYS = ["signature", "headers", "key", "auth", "tls", "retry", "amqp", "transport"];
+const ADVANCED_KEYS = ["signature", "headers", "key", "auth", "tls", "retry", "amqp", "transport", "proxy"];
 
 function subscriptionForm(existing) {
   const v = existing || {};

@@ -189,7 +189,8 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     let (feed, applied) = Feed::new(log.clone(), topics.subscriptions.clone(), next);
     let feed = Arc::new(feed);
     let guard = NetworkGuard::new(config.network.allow.clone());
-    let rules = Rules { guard, tls_files_dir: config.http.tls_files_dir.clone() };
+    let proxies = config.http.proxies.keys().cloned().collect();
+    let rules = Rules { guard, tls_files_dir: config.http.tls_files_dir.clone(), proxies };
     let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
     let tenants = Arc::new(Tenants::load(feed.clone(), &records));
     let devices = Arc::new(Devices::load(feed.clone(), &records));
@@ -226,6 +227,14 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
         response_bytes: config.history.response_bytes,
         tls_files_dir: config.http.tls_files_dir.clone(),
         proxy: config.http.proxy.as_ref().and_then(|p| crate::transport::http::Proxy::parse(p, &config.http.no_proxy)),
+        proxies: config
+            .http
+            .proxies
+            .iter()
+            .filter_map(|(name, url)| {
+                Some((name.clone(), crate::transport::http::Proxy::parse(url, &config.http.no_proxy)?))
+            })
+            .collect(),
     };
     let guard = NetworkGuard::new(config.network.allow.clone());
     Transports::new(guard, &settings, config.http.timeout.0).with_edge(hub)

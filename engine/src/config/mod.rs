@@ -329,6 +329,9 @@ pub struct HttpConfig {
     /// (`.corp.example`, every name under it) or IP addresses.
     #[serde(deserialize_with = "list_or_csv")]
     pub no_proxy: Vec<String>,
+    /// More egress proxies, by name, that a subscription may choose with its `proxy` field
+    /// (say, one per region's fixed addresses); `no_proxy` applies to them too.
+    pub proxies: std::collections::BTreeMap<String, String>,
 }
 
 /// Endpoint health: when to stop hammering a failing endpoint, and when to give up on it.
@@ -583,6 +586,7 @@ impl Default for HttpConfig {
             tls_files_dir: None,
             proxy: None,
             no_proxy: Vec::new(),
+            proxies: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -746,13 +750,27 @@ impl Config {
         if !(1024..=12 << 20).contains(&self.ingest.max_event_bytes) {
             return reject("ingest.max_event_bytes", "must be between 1024 and 12582912 (12 MiB)");
         }
-        if let Some(proxy) = &self.http.proxy {
+        let named = self.http.proxies.iter().map(|(name, url)| ("http.proxies", format!("{name}: "), url));
+        for (field, name, proxy) in self.http.proxy.iter().map(|p| ("http.proxy", String::new(), p)).chain(named) {
             match url::Url::parse(proxy) {
                 Ok(u) if u.scheme() == "http" && u.host_str().is_some() => {}
                 Ok(_) => {
-                    return reject("http.proxy", "must be an http:// URL with a host (https targets are tunnelled)")
+                    let why = "must be an http:// URL with a host (https targets are tunnelled)";
+                    return reject(field, &format!("{name}{why}"));
                 }
-                Err(e) => return reject("http.proxy", &format!("not a URL: {e}")),
+                Err(e) => return reject(field, &format!("{name}not a URL: {e}")),
+            }
+        }
+        for name in self.http.proxies.keys() {
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name != "none"
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return reject(
+                    "http.proxies",
+                    &format!("{name:?}: names are 1 to 64 of A-Z a-z 0-9 - _ . and not \"none\""),
+                );
             }
         }
         if let Some(url) = &self.api.public_url {

@@ -293,6 +293,10 @@ pub struct SubscriptionSpec {
     /// customer's network, instead of Herald itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub via_edge: Option<String>,
+    /// Which egress proxy webhooks leave through: one the operator named in `http.proxies`,
+    /// or `"none"` to go direct; absent, `http.proxy` (if any) is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 impl Default for SubscriptionSpec {
@@ -314,6 +318,7 @@ impl Default for SubscriptionSpec {
             rate_limit: None,
             enabled: true,
             via_edge: None,
+            proxy: None,
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Rules {
     pub guard: NetworkGuard,
     /// `http.tls_files_dir`.
     pub tls_files_dir: Option<std::path::PathBuf>,
+    /// The names in `http.proxies`, what a subscription's `proxy` may name.
+    pub proxies: Vec<String>,
 }
 
 /// Checks a spec and fills in what follows from it (an AMQP subscription's `url` label).
@@ -77,6 +79,7 @@ pub fn check(spec: &mut SubscriptionSpec, rules: &Rules) -> Result<(), Invalid> 
         TransportKind::Webhook => check_webhook(spec, guard, rules.tls_files_dir.as_deref())?,
         TransportKind::Amqp => check_amqp(spec, guard)?,
     }
+    check_proxy(spec, &rules.proxies)?;
     check_common(spec)
 }
 
@@ -158,6 +161,25 @@ fn check_amqp(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), I
         spec.url = format!("{}/{}", uri.as_str().trim_end_matches('/'), target.exchange);
     }
     check_len("url", &spec.url, range::URL)
+}
+
+/// `proxy` names a configured egress proxy, or `none`, for a webhook Herald itself sends.
+fn check_proxy(spec: &SubscriptionSpec, proxies: &[String]) -> Result<(), Invalid> {
+    let Some(proxy) = &spec.proxy else { return Ok(()) };
+    if spec.transport != TransportKind::Webhook {
+        return Err(Invalid::new("proxy", "only webhooks go through an egress proxy"));
+    }
+    if spec.via_edge.is_some() {
+        return Err(Invalid::new("proxy", "an edge device delivers from the customer's network; no proxy applies"));
+    }
+    if proxy != "none" && !proxies.contains(proxy) {
+        let known = if proxies.is_empty() { "none is configured".to_string() } else { proxies.join(", ") };
+        return Err(Invalid::new(
+            "proxy",
+            format!("no egress proxy of this name (\"none\", or one of http.proxies: {known})"),
+        ));
+    }
+    Ok(())
 }
 
 /// The checks every transport shares.

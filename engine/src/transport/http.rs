@@ -62,6 +62,30 @@ pub struct HttpSettings {
     pub tls_files_dir: Option<std::path::PathBuf>,
     /// The egress proxy, if webhooks go through one.
     pub proxy: Option<Proxy>,
+    /// More proxies a subscription may name (`http.proxies`).
+    pub proxies: std::collections::BTreeMap<String, Proxy>,
+}
+
+/// Which way a subscription's requests leave: its `proxy` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress<'a> {
+    /// As configured for all (`http.proxy`, or direct without one).
+    Default,
+    /// Straight to the receiver (`"proxy": "none"`).
+    Direct,
+    /// Through the proxy of this name in `http.proxies`.
+    Named(&'a str),
+}
+
+impl<'a> Egress<'a> {
+    /// The egress a subscription's `proxy` field asks for.
+    pub fn of(proxy: Option<&'a str>) -> Egress<'a> {
+        match proxy {
+            None => Egress::Default,
+            Some("none") => Egress::Direct,
+            Some(name) => Egress::Named(name),
+        }
+    }
 }
 
 /// An egress proxy (`http.proxy`) and the hosts that bypass it (`http.no_proxy`).
@@ -158,6 +182,7 @@ impl Default for HttpSettings {
             response_bytes: 1024,
             tls_files_dir: None,
             proxy: None,
+            proxies: Default::default(),
         }
     }
 }
@@ -176,6 +201,9 @@ pub struct WebhookRequest {
 
 type Pool = Client<Connector, Body>;
 
+/// What a pool is kept by: the TLS profile (none: the default) and the egress route.
+type PoolKey = (Option<ProfileKey>, String);
+
 /// How long a custom TLS profile's pool is kept without use.
 const PROFILE_IDLE: Duration = Duration::from_secs(600);
 
@@ -186,17 +214,17 @@ pub struct HttpTransport {
     /// Custom profiles and when each was last used: one unused for `PROFILE_IDLE` (its
     /// subscriptions deleted or changed) is dropped when another is built, so tenants cannot
     /// grow this map without bound.
-    profiles: Arc<Mutex<HashMap<ProfileKey, (Pool, Instant)>>>,
+    profiles: Arc<Mutex<HashMap<PoolKey, (Pool, Instant)>>>,
     guard: NetworkGuard,
     settings: HttpSettings,
 }
 
-fn pool(guard: &NetworkGuard, settings: &HttpSettings, tls: rustls::ClientConfig) -> Pool {
+fn pool(guard: &NetworkGuard, settings: &HttpSettings, proxy: Option<&Proxy>, tls: rustls::ClientConfig) -> Pool {
     let mut http = HttpConnector::new_with_resolver(GuardedResolver { guard: guard.clone() });
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
-    let proxy = settings.proxy.clone().map(|p| {
+    let proxy = proxy.cloned().map(|p| {
         // The proxy is the operator's: reached by its own name, not through the guard.
         let mut to_proxy = HttpConnector::new();
         to_proxy.set_nodelay(true);
@@ -224,20 +252,36 @@ fn pool(guard: &NetworkGuard, settings: &HttpSettings, tls: rustls::ClientConfig
 impl HttpTransport {
     /// Clients whose connections pass `guard`.
     pub fn new(guard: NetworkGuard, settings: &HttpSettings) -> Self {
-        let default = pool(&guard, settings, client_config(None, None).expect("the default TLS profile builds"));
+        let tls = client_config(None, None).expect("the default TLS profile builds");
+        let default = pool(&guard, settings, settings.proxy.as_ref(), tls);
         HttpTransport { default, profiles: Default::default(), guard, settings: settings.clone() }
     }
 
-    /// The pool for a TLS profile, built on first use.
-    fn pool_for(&self, tls: Option<&TlsOptions>) -> Result<Pool, TlsError> {
-        let Some(opts) = tls else { return Ok(self.default.clone()) };
-        let key = ProfileKey::of(opts);
+    /// The pool for a TLS profile and an egress, built on first use.
+    fn pool_for(&self, tls: Option<&TlsOptions>, egress: Egress<'_>) -> Result<Pool, Failure> {
+        if tls.is_none() && egress == Egress::Default {
+            return Ok(self.default.clone());
+        }
+        let proxy = match egress {
+            Egress::Default => self.settings.proxy.as_ref(),
+            Egress::Direct => None,
+            Egress::Named(name) => Some(self.settings.proxies.get(name).ok_or_else(|| Failure::Unusable {
+                detail: format!("no egress proxy named {name:?} is configured (http.proxies)"),
+            })?),
+        };
+        let route = match egress {
+            Egress::Default => String::new(),
+            Egress::Direct => "none".into(),
+            Egress::Named(name) => format!("={name}"),
+        };
+        let key = (tls.map(ProfileKey::of), route);
         if let Some((p, used)) = self.profiles.lock().unwrap().get_mut(&key) {
             *used = Instant::now();
             return Ok(p.clone());
         }
-        let built =
-            pool(&self.guard, &self.settings, client_config(Some(opts), self.settings.tls_files_dir.as_deref())?);
+        let unusable = |e: TlsError| Failure::Unusable { detail: e.to_string() };
+        let config = client_config(tls, self.settings.tls_files_dir.as_deref()).map_err(unusable)?;
+        let built = pool(&self.guard, &self.settings, proxy, config);
         let mut profiles = self.profiles.lock().unwrap();
         profiles.retain(|_, (_, used)| used.elapsed() < PROFILE_IDLE);
         Ok(profiles.entry(key).or_insert((built, Instant::now())).0.clone())
@@ -256,9 +300,10 @@ impl HttpTransport {
         body: Body,
         timeout: Duration,
         tls: Option<&TlsOptions>,
+        egress: Egress<'_>,
     ) -> Result<(u16, Bytes), Failure> {
         self.check_literal(&uri)?;
-        let client = self.pool_for(tls).map_err(|e| Failure::Unusable { detail: e.to_string() })?;
+        let client = self.pool_for(tls, egress)?;
         let mut request = Request::post(uri).body(body).expect("method, uri and body are valid");
         *request.headers_mut() = headers;
         let call = async {
@@ -274,14 +319,14 @@ impl HttpTransport {
     }
 
     /// Sends one request and reports what happened. Never panics, never hangs past `timeout`.
-    pub async fn send(&self, req: WebhookRequest, tls: Option<&TlsOptions>) -> Outcome {
+    pub async fn send(&self, req: WebhookRequest, tls: Option<&TlsOptions>, egress: Egress<'_>) -> Outcome {
         let started = Instant::now();
         if let Err(refused) = self.check_literal(&req.uri) {
             return Outcome::failed(refused, started.elapsed());
         }
-        let client = match self.pool_for(tls) {
+        let client = match self.pool_for(tls, egress) {
             Ok(c) => c,
-            Err(e) => return Outcome::failed(Failure::Unusable { detail: e.to_string() }, started.elapsed()),
+            Err(failure) => return Outcome::failed(failure, started.elapsed()),
         };
         let mut request = Request::post(req.uri).body(req.body).expect("method, uri and body are valid");
         *request.headers_mut() = req.headers;

@@ -92,7 +92,8 @@ impl Transports {
                 }
             }
             let request = http::WebhookRequest { uri: target.uri.clone(), headers, body: signed.body, timeout };
-            let outcome = self.http.send(request, tls).await;
+            let egress = http::Egress::of(target.sub.spec.proxy.as_deref());
+            let outcome = self.http.send(request, tls, egress).await;
             if oauth && !refreshed && outcome.status() == Some(401) {
                 self.tokens.forget(&target.sub);
                 refreshed = true;

@@ -79,7 +79,8 @@ impl Tokens {
                 Some(Slot::Fetching(f)) => f.clone(),
                 _ => {
                     let (this, auth, tls) = (self.clone(), sub.spec.auth.clone(), sub.spec.tls.clone());
-                    let f = async move { this.fetch(&auth, tls.as_ref()).await }.boxed().shared();
+                    let proxy = sub.spec.proxy.clone();
+                    let f = async move { this.fetch(&auth, tls.as_ref(), proxy.as_deref()).await }.boxed().shared();
                     if slots.len() >= SWEEP_AT {
                         let now = Instant::now();
                         slots.retain(|_, s| matches!(s, Slot::Ready(_, until) if *until > now));
@@ -116,7 +117,8 @@ impl Tokens {
         }
     }
 
-    async fn fetch(&self, auth: &Auth, tls: Option<&TlsOptions>) -> Fetched {
+    /// Fetches a token, through the subscription's egress (`proxy`) like its webhooks.
+    async fn fetch(&self, auth: &Auth, tls: Option<&TlsOptions>, proxy: Option<&str>) -> Fetched {
         let Auth::Oauth2 { grant, token_url, client_id, client_secret, username, password, scope } = auth else {
             return Err(Failure::Unusable { detail: "not an oauth2 subscription".into() });
         };
@@ -149,7 +151,7 @@ impl Tokens {
         let body = Body::new([Bytes::from(form)]);
         let (status, body) = self
             .http
-            .exchange(uri, headers, body, TOKEN_TIMEOUT, tls)
+            .exchange(uri, headers, body, TOKEN_TIMEOUT, tls, super::http::Egress::of(proxy))
             .await
             .map_err(|e| failed(format!("token request failed: {e}")))?;
         if !(200..300).contains(&status) {

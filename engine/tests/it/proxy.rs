@@ -123,3 +123,53 @@ async fn an_unusable_proxy_setting_is_refused_at_start_naming_it() {
     let config = herald::config::Config::load(None, &env).unwrap();
     assert_eq!(config.http.proxy.as_deref(), Some("http://proxy.internal:3128"));
 }
+
+#[tokio::test]
+async fn a_subscription_chooses_its_egress_proxy_by_name_or_goes_direct() {
+    let default = ConnectProxy::start("aGVyYWxkOnMzY3JldA==").await;
+    let eu = ConnectProxy::start("ZXU6ZXU=").await; // "eu:eu"
+    let (default_url, eu_url) = (format!("http://herald:s3cret@{}", default.addr), format!("http://eu:eu@{}", eu.addr));
+    let h = TestHerald::start_with(move |c| {
+        c.http.proxy = Some(default_url);
+        c.http.proxies.insert("eu-static".into(), eu_url);
+    })
+    .await;
+    let rx = Receiver::start().await;
+    let port = rx.url("/").split(':').nth(2).unwrap().trim_end_matches('/').to_string();
+    let checked = format!("127.0.0.1:{port}");
+    let send = |id: &'static str, event: &'static str| {
+        let api = h.api.clone();
+        async move { api.post("/v1/events", json!({ "id": id, "type": event, "data": {} })).await }
+    };
+
+    // Named: through that proxy only.
+    let sub = h.api.subscribe(json!({ "url": rx.url("/eu"), "events": ["eu"], "proxy": "eu-static" })).await;
+    assert_eq!(sub["proxy"], "eu-static");
+    send("e1", "eu").await;
+    rx.wait_on("/eu", 1).await;
+    assert_eq!(eu.asked(), std::slice::from_ref(&checked));
+    assert!(default.asked().is_empty(), "{:?}", default.asked());
+
+    // "none": straight to the receiver, past the default proxy.
+    h.api.subscribe(json!({ "url": rx.url("/direct"), "events": ["direct"], "proxy": "none" })).await;
+    send("e2", "direct").await;
+    rx.wait_on("/direct", 1).await;
+    assert!(default.asked().is_empty() && eu.asked().len() == 1);
+
+    // Cleared with a merge patch: back to the default proxy.
+    let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
+    let (status, patched) = h.api.raw("PATCH", &path, Some(r#"{"proxy":null}"#.into()), Some(&h.api.token)).await;
+    assert_eq!(status, 200, "{patched}");
+    assert!(patched.get("proxy").is_none(), "{patched}");
+    send("e3", "eu").await;
+    rx.wait_on("/eu", 2).await;
+    assert_eq!(default.asked(), [checked]);
+
+    // A name the operator did not configure, or a proxy where none applies, is refused.
+    let (status, err) = h.api.post("/v1/subscriptions", json!({ "url": rx.url("/x"), "proxy": "us" })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("proxy")), "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("eu-static"), "{err}");
+    let amqp = json!({ "transport": "amqp", "proxy": "eu-static", "amqp": { "uri": "amqp://127.0.0.1:5672/%2f", "exchange": "x" } });
+    let (status, err) = h.api.post("/v1/subscriptions", amqp).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("proxy")), "{err}");
+}
