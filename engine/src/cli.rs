@@ -1,12 +1,11 @@
-//! `herald tenants|keys|subscriptions|events|attempts|dlq|edge-devices`: the admin CLI, a thin
-//! client of the public `/v1` API (so it can do exactly what the API lets its token do).
+//! `herald tenants|keys|subscriptions|events|attempts|dlq|edge-devices|event-types`: the admin
+//! CLI, a thin client of the public `/v1` API through `herald-client` (so it can do exactly what
+//! the API lets its token do).
 //! Tables for people, `--json` for scripts. Exit codes a script can rely on: 0 done, 1 the API
 //! refused (4xx, its error on stderr), 2 bad usage, 3 the server failed or could not be reached.
 
 use anyhow::{anyhow, Context};
-use bytes::Bytes;
 use clap::{Args, Subcommand};
-use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -282,14 +281,8 @@ impl Failed {
     }
 }
 
-struct Api {
-    base: String,
-    token: String,
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
-}
+/// The API, through the client library.
+struct Api(herald_client::Client);
 
 impl Api {
     fn new(conn: &Conn) -> anyhow::Result<Api> {
@@ -306,46 +299,18 @@ impl Api {
                     .with_context(|| format!("no token: pass --token, set HERALD_TOKEN or write {}", path.display()))?
             }
         };
-        let https =
-            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
-        Ok(Api { base: conn.server.trim_end_matches('/').to_string(), token, client })
+        Ok(Api(herald_client::Client::new(&conn.server, &token)))
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failed> {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("authorization", format!("Bearer {}", self.token));
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        let body = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-        let req = req.body(Full::new(body)).map_err(|e| Failed::Refused(format!("bad request: {e}")))?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| Failed::Unavailable(format!("cannot reach {}: {e}", self.base)))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| Failed::Unavailable(format!("reading the answer: {e}")))?
-            .to_bytes();
-        let value: Value =
-            if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
-        if status.is_success() {
-            return Ok(value);
-        }
-        let error = &value["error"];
-        let message = match (error["message"].as_str(), error["field"].as_str()) {
-            (Some(m), Some(f)) => format!("{status}: {f}: {m}"),
-            (Some(m), None) => format!("{status}: {m}"),
-            _ => format!("{status}"),
-        };
-        Err(if status.is_client_error() { Failed::Refused(message) } else { Failed::Unavailable(message) })
+        let method = http::Method::from_bytes(method.as_bytes()).map_err(|e| Failed::Refused(e.to_string()))?;
+        self.0.call(method, path, body.as_ref()).await.map_err(|e| {
+            if e.is_refusal() {
+                Failed::Refused(e.to_string())
+            } else {
+                Failed::Unavailable(e.to_string())
+            }
+        })
     }
 }
 

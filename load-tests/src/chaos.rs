@@ -5,7 +5,7 @@
 //! fails the run.
 
 use crate::generate::{self, Load};
-use crate::scenario::{call, free_port, ready, Herald, Options, TOKEN};
+use crate::scenario::{free_port, ready, Herald, Options, TOKEN};
 use crate::sink::{Behaviour, Sink};
 use anyhow::Context;
 use rand::rngs::StdRng;
@@ -83,8 +83,7 @@ pub async fn run(opts: &Options, chaos: &Chaos) -> anyhow::Result<ChaosReport> {
             // Patient enough that nothing is dead-lettered during the run.
             "retry": { "policy": "fixed", "interval": "250ms", "max_attempts": 1000 },
         });
-        let (status, body) = call("POST", &format!("{url}/v1/subscriptions"), Some(sub)).await?;
-        anyhow::ensure!(status == 201, "creating a subscription: {status} {body}");
+        herald_client::Client::new(&url, TOKEN).create_subscription(&sub).await?;
     }
     let load = Load {
         server: url.clone(),

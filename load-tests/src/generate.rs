@@ -3,10 +3,6 @@
 //! with the same event ids until accepted, so a server restart mid-run loses nothing.
 
 use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,7 +54,7 @@ pub struct LoadReport {
 /// Publishes `load`; `stop` ends it early.
 pub async fn run(load: Load, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport> {
     let load = Arc::new(load);
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client = herald_client::Client::new(&load.server, &load.token);
     let next = Arc::new(AtomicU64::new(0));
     let accepted = Arc::new(AtomicU64::new(0));
     let retried = Arc::new(AtomicU64::new(0));
@@ -94,7 +90,7 @@ pub async fn run(load: Load, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport
                     let body = batch_body(&load, first, last, &filler);
                     let mut backoff = Duration::from_millis(50);
                     loop {
-                        match send(&client, &load, body.clone()).await {
+                        match send(&client, body.clone()).await {
                             Ok(()) => break,
                             Err(e) => {
                                 if stop.load(Ordering::Relaxed) {
@@ -165,19 +161,10 @@ fn batch_body(load: &Load, first: u64, last: u64, filler: &str) -> Bytes {
     Bytes::from(serde_json::to_vec(&events).expect("serializes"))
 }
 
-async fn send(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    load: &Load,
-    body: Bytes,
-) -> anyhow::Result<()> {
-    let req = Request::post(format!("{}/v1/events/batch", load.server))
-        .header("authorization", format!("Bearer {}", load.token))
-        .header("content-type", "application/json")
-        .body(Full::new(body))?;
-    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req)).await??;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    anyhow::ensure!(status == 202, "batch refused: {status} {}", String::from_utf8_lossy(&body));
+/// Publishes one pre-serialised batch (built once, so the generator spends its time sending).
+async fn send(client: &herald_client::Client, body: Bytes) -> anyhow::Result<()> {
+    let publish = client.send(http::Method::POST, "/v1/events/batch", Some(body));
+    tokio::time::timeout(Duration::from_secs(30), publish).await??;
     Ok(())
 }
 

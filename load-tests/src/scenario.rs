@@ -187,31 +187,14 @@ impl Drop for Herald {
     }
 }
 
-/// A small JSON API client.
-pub(crate) async fn call(method: &str, url: &str, body: Option<serde_json::Value>) -> anyhow::Result<(u16, String)> {
-    use http_body_util::BodyExt;
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let body = body.map(|b| bytes::Bytes::from(b.to_string())).unwrap_or_default();
-    let req = http::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(body))?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await??;
-    let status = resp.status().as_u16();
-    let text = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
-    Ok((status, text))
-}
-
 /// Waits until Herald answers `/readyz` and owns every partition (on Kafka the group takes a
 /// few seconds to assign them).
 pub(crate) async fn ready(url: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok((200, _)) = call("GET", &format!("{url}/readyz"), None).await {
-            if let Ok((200, metrics)) = call("GET", &format!("{url}/metrics"), None).await {
+        let client = herald_client::Client::new(url, TOKEN);
+        if client.send(http::Method::GET, "/readyz", None).await.is_ok() {
+            if let Ok(serde_json::Value::String(metrics)) = client.send(http::Method::GET, "/metrics", None).await {
                 let owned = metrics
                     .lines()
                     .find_map(|l| l.strip_prefix("herald_partitions_owned "))
@@ -284,8 +267,7 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
             "secret": secret,
             "retry": { "policy": "exponential", "initial": "200ms", "multiplier": 2.0, "max_interval": "2s", "max_attempts": 100 },
         });
-        let (status, body) = call("POST", &format!("{}/v1/subscriptions", herald.url), Some(sub)).await?;
-        anyhow::ensure!(status == 201, "creating a subscription: {status} {body}");
+        herald_client::Client::new(&herald.url, TOKEN).create_subscription(&sub).await?;
     }
     let run_time = p.duration.unwrap_or(Duration::from_secs(10));
     if s == Scenario::Outage {

@@ -3,6 +3,7 @@
 mod amqp;
 mod api;
 mod cli;
+mod clients;
 mod console;
 mod crash;
 mod delivery;

@@ -111,29 +111,19 @@ async fn main() -> anyhow::Result<()> {
 
 /// Every subscription the server lists, with its tenant.
 async fn list_subscriptions(server: &str, token: &str) -> anyhow::Result<Vec<(String, String)>> {
-    use http_body_util::BodyExt;
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let client = herald_client::Client::new(server, token);
     let mut out = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let mut url = format!("{server}/v1/subscriptions?limit=100");
-        if let Some(c) = &cursor {
-            url.push_str(&format!("&cursor={c}"));
-        }
-        let req = http::Request::get(url)
-            .header("authorization", format!("Bearer {token}"))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))?;
-        let resp = client.request(req).await?;
-        let page: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
-        for s in page["items"].as_array().into_iter().flatten() {
+        let page = client.subscriptions(None, cursor.as_deref()).await?;
+        for s in &page.items {
             out.push((
                 s["id"].as_str().unwrap_or_default().to_string(),
                 s["tenant"].as_str().unwrap_or("default").to_string(),
             ));
         }
-        match page["next"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
+        match page.next {
+            Some(c) => cursor = Some(c),
             None => return Ok(out),
         }
     }

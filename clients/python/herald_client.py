@@ -1,0 +1,195 @@
+"""A client of Herald's HTTP API (engine/openapi/herald.json), and the checks a webhook
+receiver makes of Herald's signatures. Standard library only: drop the file into a project,
+or install the directory (pyproject.toml).
+
+    from herald_client import HeraldClient, verify_hmac
+    herald = HeraldClient("http://127.0.0.1:8080", token)
+    herald.publish({"type": "order.created", "data": {"id": 1001}})
+
+Every refusal raises HeraldError with the status, the error code and the field the API named.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+__all__ = ["HeraldClient", "HeraldError", "verify_hmac", "verify_standard"]
+
+
+class HeraldError(Exception):
+    """The API refused a request, or the server could not be reached (status 0)."""
+
+    def __init__(self, status, code, message, field=None):
+        super().__init__(f"{status}: {field + ': ' if field else ''}{message}")
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+def _segment(value):
+    return urllib.parse.quote(str(value), safe="")
+
+
+def _query(**params):
+    kept = {k: v for k, v in params.items() if v is not None}
+    return "?" + urllib.parse.urlencode(kept) if kept else ""
+
+
+class HeraldClient:
+    """One Herald server and one token (the admin token, or a tenant's API key)."""
+
+    def __init__(self, base_url, token, timeout=30):
+        self.base = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method, path, body=None):
+        """Any call; returns the decoded JSON answer (None when empty)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request.add_header("authorization", f"Bearer {self.token}")
+        if data is not None:
+            request.add_header("content-type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                text = response.read()
+                return json.loads(text) if text else None
+        except urllib.error.HTTPError as e:
+            text = e.read()
+            try:
+                error = json.loads(text).get("error", {})
+            except ValueError:
+                error = {"message": text.decode(errors="replace")}
+            raise HeraldError(e.code, error.get("code", ""), error.get("message", ""), error.get("field")) from None
+        except urllib.error.URLError as e:
+            raise HeraldError(0, "UNREACHABLE", f"cannot reach {self.base}: {e.reason}") from None
+
+    # events and their history
+    def publish(self, event):
+        """Publishes one event ({"type", "data", "id"?, "tenant"?, ...}); returns {"id", "deliveries"}."""
+        return self.call("POST", "/v1/events", event)
+
+    def publish_batch(self, events):
+        """Publishes up to 1000 events atomically."""
+        return self.call("POST", "/v1/events/batch", events)
+
+    def event(self, event_id, tenant=None):
+        return self.call("GET", f"/v1/events/{_segment(event_id)}" + _query(tenant=tenant))
+
+    def events(self, type=None, tenant=None, limit=None):
+        return self.call("GET", "/v1/events" + _query(type=type, tenant=tenant, limit=limit))
+
+    def attempts(self, event=None, subscription=None, outcome=None, tenant=None, limit=None, cursor=None):
+        query = _query(event=event, subscription=subscription, outcome=outcome, tenant=tenant, limit=limit, cursor=cursor)
+        return self.call("GET", "/v1/attempts" + query)
+
+    def resend(self, event_id, body=None):
+        return self.call("POST", f"/v1/events/{_segment(event_id)}/resend", body or {})
+
+    # subscriptions
+    def create_subscription(self, spec):
+        """Creates a subscription; the answer shows its secret, this once."""
+        return self.call("POST", "/v1/subscriptions", spec)
+
+    def subscriptions(self, tenant=None, cursor=None, limit=None):
+        return self.call("GET", "/v1/subscriptions" + _query(tenant=tenant, cursor=cursor, limit=limit))
+
+    def subscription(self, subscription_id):
+        return self.call("GET", f"/v1/subscriptions/{_segment(subscription_id)}")
+
+    def patch_subscription(self, subscription_id, patch):
+        """A JSON Merge Patch: None clears a field."""
+        return self.call("PATCH", f"/v1/subscriptions/{_segment(subscription_id)}", patch)
+
+    def delete_subscription(self, subscription_id):
+        self.call("DELETE", f"/v1/subscriptions/{_segment(subscription_id)}")
+
+    def rotate_secret(self, subscription_id, secret=None):
+        body = {} if secret is None else {"secret": secret}
+        return self.call("POST", f"/v1/subscriptions/{_segment(subscription_id)}/rotate-secret", body)
+
+    def test_subscription(self, subscription_id):
+        return self.call("POST", f"/v1/subscriptions/{_segment(subscription_id)}/test", {})
+
+    # tenants and keys (admin)
+    def create_tenant(self, name):
+        return self.call("POST", "/v1/tenants", {"name": name})
+
+    def tenants(self):
+        return self.call("GET", "/v1/tenants")["items"]
+
+    def issue_key(self, tenant_id):
+        """Returns {"id", "key"}; the key is shown this once."""
+        return self.call("POST", f"/v1/tenants/{_segment(tenant_id)}/keys", {})
+
+    def revoke_key(self, tenant_id, key_id):
+        self.call("DELETE", f"/v1/tenants/{_segment(tenant_id)}/keys/{_segment(key_id)}")
+
+    def portal_link(self, tenant_id, ttl=None):
+        return self.call("POST", f"/v1/tenants/{_segment(tenant_id)}/portal", {} if ttl is None else {"ttl": ttl})
+
+    # dead letters
+    def dead_letters(self, subscription=None, tenant=None):
+        return self.call("GET", "/v1/dlq" + _query(subscription=subscription, tenant=tenant))
+
+    def replay(self, ids=None, subscription=None):
+        return self.call("POST", "/v1/dlq/replay", {"subscription": subscription} if subscription else {"ids": ids or []})
+
+    # edge devices
+    def create_edge_device(self, name, tenant=None):
+        return self.call("POST", "/v1/edge-devices", {"name": name, "tenant": tenant})
+
+    def edge_devices(self):
+        return self.call("GET", "/v1/edge-devices")
+
+    def delete_edge_device(self, device_id):
+        self.call("DELETE", f"/v1/edge-devices/{_segment(device_id)}")
+
+    # the event-type catalogue
+    def create_event_type(self, definition):
+        return self.call("POST", "/v1/event-types", definition)
+
+    def event_types(self):
+        return self.call("GET", "/v1/event-types")["items"]
+
+    def event_type(self, name):
+        return self.call("GET", f"/v1/event-types/{_segment(name)}")
+
+    def patch_event_type(self, name, patch):
+        return self.call("PATCH", f"/v1/event-types/{_segment(name)}", patch)
+
+    def delete_event_type(self, name):
+        self.call("DELETE", f"/v1/event-types/{_segment(name)}")
+
+
+def verify_hmac(secret, body, signature, encoding="hex"):
+    """The `hmac` scheme (PackNet, OpenTrack, Punt Uit, the Automation API): HMAC-SHA256 of the
+    body bytes exactly as received, hex or base64, compared in constant time."""
+    if isinstance(body, str):
+        body = body.encode()
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+    expected = digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
+    return hmac.compare_digest(expected, (signature or "").strip())
+
+
+def verify_standard(secret, msg_id, timestamp, body, signatures, tolerance=300, now=None):
+    """The `standard` scheme (Standard Webhooks): any `v1,<base64>` in `webhook-signature` over
+    `id.timestamp.body`, with the timestamp within `tolerance` seconds of now."""
+    if isinstance(body, str):
+        body = body.encode()
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        key = base64.b64decode(secret[len("whsec_"):])
+        ts = int(timestamp)
+    except ValueError:
+        return False
+    if abs((now if now is not None else time.time()) - ts) > tolerance:
+        return False
+    signed = f"{msg_id}.{ts}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    given = [s[3:] for s in (signatures or "").split() if s.startswith("v1,")]
+    return any(hmac.compare_digest(expected, s) for s in given)

@@ -1,0 +1,102 @@
+"""The Python client against a real Herald server (HERALD_URL, HERALD_TOKEN: the admin token),
+with a receiver of its own on loopback that checks Herald's signatures with the helpers.
+Run by engine/tests/it/clients.rs, which starts the server."""
+
+import http.server
+import json
+import os
+import threading
+import time
+import unittest
+
+from herald_client import HeraldClient, HeraldError, verify_hmac, verify_standard
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    got = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        Receiver.got.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def until(what, check, seconds=20):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class LiveServer(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.herald = HeraldClient(os.environ["HERALD_URL"], os.environ["HERALD_TOKEN"])
+        cls.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+        threading.Thread(target=cls.server.serve_forever, daemon=True).start()
+        cls.hooks = f"http://127.0.0.1:{cls.server.server_address[1]}"
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.shutdown()
+
+    def test_a_tenant_subscribes_and_every_webhook_verifies(self):
+        herald = self.herald
+        tenant = herald.create_tenant("Python Co")
+        key = herald.issue_key(tenant["id"])
+        self.assertTrue(key["key"].startswith("hk."))
+        hmac_sub = herald.create_subscription({
+            "url": self.hooks + "/hmac", "tenant": tenant["id"], "secret": "py-secret",
+            "signature": {"scheme": "hmac", "header": "x-hook-signature", "encoding": "base64"},
+        })
+        standard_sub = herald.create_subscription({"url": self.hooks + "/standard", "tenant": tenant["id"]})
+        accepted = herald.publish({"id": "py-1", "type": "order.created", "tenant": tenant["id"], "data": {"n": 1}})
+        self.assertEqual(accepted, {"id": "py-1", "deliveries": 2})
+
+        by_path = until("both webhooks", lambda: {p: (h, b) for p, h, b in Receiver.got} if len(Receiver.got) >= 2 else None)
+        headers, body = by_path["/hmac"]
+        self.assertTrue(verify_hmac("py-secret", body, headers["x-hook-signature"], "base64"))
+        self.assertFalse(verify_hmac("py-secret", body.replace(b'"n":1', b'"n":2'), headers["x-hook-signature"], "base64"))
+        headers, body = by_path["/standard"]
+        secret = standard_sub["secret"]
+        args = (headers["webhook-id"], headers["webhook-timestamp"], body, headers["webhook-signature"])
+        self.assertTrue(verify_standard(secret, *args))
+        self.assertFalse(verify_standard(secret, "py-2", *args[1:]))
+
+        # The history, through the tenant's own key: its subscriptions only, the attempt on record.
+        own = HeraldClient(herald.base, key["key"])
+        self.assertEqual({s["id"] for s in own.subscriptions()["items"]}, {hmac_sub["id"], standard_sub["id"]})
+        attempts = until("the attempts on record", lambda: own.attempts(event="py-1")["items"] if len(own.attempts(event="py-1")["items"]) == 2 else None)
+        self.assertEqual({a["outcome"] for a in attempts}, {"delivered"})
+        self.assertEqual(own.event("py-1")["deliveries"][0]["state"], "delivered")
+
+    def test_refusals_name_the_field(self):
+        with self.assertRaises(HeraldError) as refused:
+            self.herald.create_subscription({"url": "not a url"})
+        self.assertEqual((refused.exception.status, refused.exception.field), (400, "url"))
+        with self.assertRaises(HeraldError) as missing:
+            self.herald.subscription("sub_nope")
+        self.assertEqual((missing.exception.status, missing.exception.code), (404, "NOT_FOUND"))
+        with self.assertRaises(HeraldError) as away:
+            HeraldClient("http://127.0.0.1:9", "x", timeout=2).tenants()
+        self.assertEqual(away.exception.status, 0)
+
+    def test_the_event_type_catalogue(self):
+        herald = self.herald
+        herald.create_event_type({"name": "py.created", "schema": {"type": "object", "required": ["id"]}, "validate": True})
+        self.assertIn("py.created", [t["name"] for t in herald.event_types()])
+        with self.assertRaises(HeraldError) as refused:
+            herald.publish({"type": "py.created", "data": {}})
+        self.assertEqual(refused.exception.field, "data")
+        herald.delete_event_type("py.created")
+
+
+if __name__ == "__main__":
+    unittest.main()
