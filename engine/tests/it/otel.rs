@@ -98,7 +98,11 @@ async fn a_producer_s_trace_reaches_every_attempt_span_and_the_receiver() {
     // The collector: the ingest span and both attempt spans are in the producer's trace, the
     // attempts' ids are the parents the receiver was given, and they say what happened.
     let attempts = until("two attempt spans exported", Duration::from_secs(20), || {
-        let spans = collector.named("herald.attempt");
+        let spans: Vec<Span> = collector
+            .named("herald.attempt")
+            .into_iter()
+            .filter(|s| attribute(s, "event.id").as_deref() == Some("traced-1"))
+            .collect();
         async move { (spans.len() >= 2).then_some(spans) }
     })
     .await;
@@ -134,6 +138,23 @@ async fn a_producer_s_trace_reaches_every_attempt_span_and_the_receiver() {
         (TRACE.into(), PRODUCER_SPAN.into())
     );
     assert_eq!(attribute(&ingest, "event.id").as_deref(), Some("traced-1"));
+
+    // Dead-lettering shows in the trace too, inside the attempt that gave up.
+    rx.respond_on("/dead", 500);
+    let once = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 1 });
+    api.subscribe(json!({ "url": rx.url("/dead"), "events": ["doomed"], "retry": once })).await;
+    let body = Bytes::from(json!({ "id": "traced-2", "type": "doomed", "data": {} }).to_string());
+    let headers = [("traceparent", traceparent.as_str())];
+    api.request_with("POST", "/v1/events", Some(body), Some(TOKEN), &headers).await.unwrap();
+    let parked = until("the dead-letter span exported", Duration::from_secs(20), || {
+        let spans = collector.named("herald.dead_letter");
+        async move { spans.into_iter().next() }
+    })
+    .await;
+    assert_eq!(hex::encode(&parked.trace_id), TRACE);
+    assert_eq!(attribute(&parked, "reason").as_deref(), Some("exhausted"));
+    let attempt = collector.named("herald.attempt").into_iter().find(|s| s.span_id == parked.parent_span_id);
+    assert_eq!(attempt.and_then(|a| attribute(&a, "event.id")).as_deref(), Some("traced-2"));
 }
 
 #[tokio::test]

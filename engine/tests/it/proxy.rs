@@ -173,3 +173,28 @@ async fn a_subscription_chooses_its_egress_proxy_by_name_or_goes_direct() {
     let (status, err) = h.api.post("/v1/subscriptions", amqp).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("proxy")), "{err}");
 }
+
+#[tokio::test]
+async fn an_https_receiver_is_reached_through_the_tunnel_with_end_to_end_tls() {
+    let proxy = ConnectProxy::start("aGVyYWxkOnMzY3JldA==").await;
+    let url = format!("http://herald:s3cret@{}", proxy.addr);
+    let h = TestHerald::start_with(|c| c.http.proxy = Some(url)).await;
+    // A receiver that checks Herald's client certificate: TLS runs inside the tunnel, between
+    // Herald and the receiver, with the name in the URL.
+    let pki = crate::tls::pki();
+    let rx = crate::tls::tls_receiver(pki.server.clone()).await;
+    let tls = json!({
+        "ca_pem": crate::tls::text(&pki.ca),
+        "client_cert_pem": crate::tls::text(&pki.client_cert),
+        "client_key_pem": crate::tls::text(&pki.client_key),
+    });
+    let target = format!("https://localhost:{}/through", rx.port);
+    h.api.subscribe(json!({ "url": target, "tls": tls })).await;
+    h.api.post("/v1/events", json!({ "id": "tls-1", "type": "t", "data": {} })).await;
+    let paths = rx.paths.clone();
+    until("the https receiver reached", WAIT, || async {
+        paths.lock().unwrap().contains(&"/through".to_string()).then_some(())
+    })
+    .await;
+    assert_eq!(proxy.asked(), [format!("127.0.0.1:{}", rx.port)], "a tunnel to the checked address");
+}

@@ -22,18 +22,18 @@ use std::time::Duration;
 
 /// A test CA, a server certificate for `localhost`, and a client certificate as PEM files
 /// and as a password-protected PKCS#12 file.
-struct Pki {
+pub(crate) struct Pki {
     _dir: tempfile::TempDir,
-    ca: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
+    pub(crate) ca: PathBuf,
+    pub(crate) client_cert: PathBuf,
+    pub(crate) client_key: PathBuf,
     client_p12: PathBuf,
-    server: Arc<rustls::ServerConfig>,
+    pub(crate) server: Arc<rustls::ServerConfig>,
 }
 
 const P12_PASSWORD: &str = "p12-pass";
 
-fn pki() -> Pki {
+pub(crate) fn pki() -> Pki {
     let dir = tempfile::tempdir().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -90,15 +90,15 @@ fn pki() -> Pki {
 }
 
 /// An HTTPS receiver that requires a client certificate signed by the test CA.
-struct TlsReceiver {
-    port: u16,
-    paths: Arc<Mutex<Vec<String>>>,
+pub(crate) struct TlsReceiver {
+    pub(crate) port: u16,
+    pub(crate) paths: Arc<Mutex<Vec<String>>>,
     /// (path?query, x-signature, body) of every request.
     requests: Arc<Mutex<Vec<(String, String, Bytes)>>>,
     refused_handshakes: Arc<AtomicUsize>,
 }
 
-async fn tls_receiver(config: Arc<rustls::ServerConfig>) -> TlsReceiver {
+pub(crate) async fn tls_receiver(config: Arc<rustls::ServerConfig>) -> TlsReceiver {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let paths: Arc<Mutex<Vec<String>>> = Default::default();
@@ -183,7 +183,7 @@ async fn mutual_tls_delivers_with_the_client_certificate_and_fails_without_it() 
     assert!(!rx.paths.lock().unwrap().iter().any(|p| p == "/no-client-cert" || p == "/unknown-ca"));
 }
 
-fn text(path: &PathBuf) -> String {
+pub(crate) fn text(path: &PathBuf) -> String {
     std::fs::read_to_string(path).unwrap()
 }
 
