@@ -62,8 +62,9 @@ pub fn standard(
 ) -> Result<(), Rejected> {
     let key = secret.strip_prefix("whsec_").and_then(|k| B64.decode(k).ok()).ok_or(Rejected::Secret)?;
     let ts: i64 = timestamp.trim().parse().map_err(|_| Rejected::Timestamp)?;
-    if (now_s - ts).abs() > tolerance_s {
-        return Err(Rejected::Stale(now_s - ts));
+    // A sender's timestamp may be anything: no arithmetic on it may overflow.
+    if now_s.abs_diff(ts) > tolerance_s.unsigned_abs() {
+        return Err(Rejected::Stale(now_s.saturating_sub(ts)));
     }
     let mut mac = HmacSha256::new_from_slice(&key).expect("any key length");
     mac.update(id.as_bytes());
@@ -109,5 +110,7 @@ mod tests {
         );
         assert_eq!(standard(&secret, "msg_2", "1700000000", b"{}", &sig, 1_700_000_000, 300), Err(Rejected::Signature));
         assert_eq!(standard("nope", "msg_1", "1700000000", b"{}", &sig, 1_700_000_000, 300), Err(Rejected::Secret));
+        let far = standard(&secret, "msg_1", "-9223372036854775808", b"{}", &sig, 1_700_000_000, 300);
+        assert!(matches!(far, Err(Rejected::Stale(_))), "{far:?}");
     }
 }

@@ -143,7 +143,7 @@ class HeraldClient:
         return self.call("POST", "/v1/edge-devices", {"name": name, "tenant": tenant})
 
     def edge_devices(self):
-        return self.call("GET", "/v1/edge-devices")
+        return self.call("GET", "/v1/edge-devices")["items"]
 
     def delete_edge_device(self, device_id):
         self.call("DELETE", f"/v1/edge-devices/{_segment(device_id)}")
@@ -172,7 +172,8 @@ def verify_hmac(secret, body, signature, encoding="hex"):
         body = body.encode()
     digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
     expected = digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
-    return hmac.compare_digest(expected, (signature or "").strip())
+    # As bytes: compare_digest refuses non-ASCII text, and a header may carry anything.
+    return hmac.compare_digest(expected.encode(), (signature or "").strip().encode())
 
 
 def verify_standard(secret, msg_id, timestamp, body, signatures, tolerance=300, now=None):
@@ -191,5 +192,5 @@ def verify_standard(secret, msg_id, timestamp, body, signatures, tolerance=300, 
         return False
     signed = f"{msg_id}.{ts}.".encode() + body
     expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    given = [s[3:] for s in (signatures or "").split() if s.startswith("v1,")]
-    return any(hmac.compare_digest(expected, s) for s in given)
+    given = [s[3:].encode() for s in (signatures or "").split() if s.startswith("v1,")]
+    return any(hmac.compare_digest(expected.encode(), s) for s in given)

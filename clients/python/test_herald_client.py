@@ -64,6 +64,7 @@ class LiveServer(unittest.TestCase):
         headers, body = by_path["/hmac"]
         self.assertTrue(verify_hmac("py-secret", body, headers["x-hook-signature"], "base64"))
         self.assertFalse(verify_hmac("py-secret", body.replace(b'"n":1', b'"n":2'), headers["x-hook-signature"], "base64"))
+        self.assertFalse(verify_hmac("py-secret", body, "é", "base64"), "any header value is an answer, not an error")
         headers, body = by_path["/standard"]
         secret = standard_sub["secret"]
         args = (headers["webhook-id"], headers["webhook-timestamp"], body, headers["webhook-signature"])

@@ -189,7 +189,7 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     let (feed, applied) = Feed::new(log.clone(), topics.subscriptions.clone(), next);
     let feed = Arc::new(feed);
     let guard = NetworkGuard::new(config.network.allow.clone());
-    let proxies = config.http.proxies.keys().cloned().collect();
+    let proxies = egress_proxies(config).into_keys().collect();
     let rules = Rules { guard, tls_files_dir: config.http.tls_files_dir.clone(), proxies };
     let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
     let tenants = Arc::new(Tenants::load(feed.clone(), &records));
@@ -218,6 +218,13 @@ fn forward_secret(config: &Config, admin_token: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// The named egress proxies (`http.proxies`): the one list both the transport and the checks of
+/// a subscription's `proxy` are made from (their URLs were checked when the config loaded).
+fn egress_proxies(config: &Config) -> std::collections::BTreeMap<String, crate::transport::http::Proxy> {
+    let parse = |url: &String| crate::transport::http::Proxy::parse(url, &config.http.no_proxy);
+    config.http.proxies.iter().filter_map(|(name, url)| Some((name.clone(), parse(url)?))).collect()
+}
+
 /// Every transport, edge delivery through `hub` included.
 fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
     let settings = HttpSettings {
@@ -227,14 +234,7 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
         response_bytes: config.history.response_bytes,
         tls_files_dir: config.http.tls_files_dir.clone(),
         proxy: config.http.proxy.as_ref().and_then(|p| crate::transport::http::Proxy::parse(p, &config.http.no_proxy)),
-        proxies: config
-            .http
-            .proxies
-            .iter()
-            .filter_map(|(name, url)| {
-                Some((name.clone(), crate::transport::http::Proxy::parse(url, &config.http.no_proxy)?))
-            })
-            .collect(),
+        proxies: egress_proxies(config),
     };
     let guard = NetworkGuard::new(config.network.allow.clone());
     Transports::new(guard, &settings, config.http.timeout.0).with_edge(hub)
@@ -337,6 +337,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
 pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartError> {
     let data_err = |source| StartError::DataDir { path: config.data_dir.display().to_string(), source };
     crate::log::private::create_dir(&config.data_dir).map_err(data_err)?;
+    crate::telemetry::configure(&config.tracing);
     if crate::log::private::open_to_others(&config.data_dir) {
         tracing::warn!(
             path = %config.data_dir.display(),

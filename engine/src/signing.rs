@@ -94,9 +94,12 @@ const RESERVED: &[&str] = &[
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
-    "traceparent",
-    "tracestate",
 ];
+
+/// The trace-context headers Herald sets for traced events: new subscriptions may not set them
+/// (refused when written), and a subscription stored before they were Herald's keeps
+/// delivering, without its own copy.
+pub const TRACE_HEADERS: &[&str] = &["traceparent", "tracestate"];
 
 /// Longest header name a subscription may choose (AMQP headers allow 255 bytes).
 pub const MAX_HEADER_NAME: usize = 128;

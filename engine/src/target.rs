@@ -69,6 +69,9 @@ impl Target {
             if signing::reserved(&name) {
                 return Err(Invalid::new(&field, "this header is set by Herald and cannot be overridden"));
             }
+            if signing::TRACE_HEADERS.contains(&name.as_str()) {
+                continue; // Herald's own, now (new subscriptions cannot set it: see `validate`)
+            }
             if name == http::header::AUTHORIZATION && !matches!(spec.auth, Auth::None) {
                 return Err(Invalid::new(&field, "auth sets this header; remove one of the two"));
             }

@@ -2,8 +2,8 @@
 //! (`herald.attempt`) and per dead-lettering (`herald.dead_letter`), each a child of the
 //! producer's span when the event carried a `traceparent`, exported over OTLP/HTTP
 //! (`tracing-opentelemetry` + `opentelemetry-otlp`). Off by default, and then free: no span is
-//! made. Receivers get a `traceparent` naming the attempt as their parent either way (unless
-//! `tracing.propagate` is off), so their own spans join the producer's trace.
+//! made. Receivers of a traced event get a `traceparent` of the producer's trace either way
+//! (unless `tracing.propagate` is off; see [`headers`]), so their own spans join it.
 
 use crate::config::TracingConfig;
 use crate::model::TraceContext;
@@ -32,7 +32,8 @@ pub enum TelemetryError {
 /// The layer that exports Herald's spans.
 pub type SpanLayer<S> = Box<dyn Layer<S> + Send + Sync>;
 
-/// Flushes what is still buffered when dropped through [`Telemetry::shutdown`].
+/// The exporter's handle: [`Telemetry::shutdown`] exports what is still buffered (dropping it
+/// does not).
 pub struct Telemetry(SdkTracerProvider);
 
 impl Telemetry {
@@ -54,7 +55,7 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
 {
     use opentelemetry_otlp::WithExportConfig;
-    PROPAGATE.store(config.propagate, Ordering::Relaxed);
+    configure(config);
     if !config.exporting(&env) {
         return Ok(None);
     }
@@ -79,6 +80,12 @@ where
     let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(only_ours).boxed();
     EXPORTING.store(true, Ordering::Relaxed);
     Ok(Some((layer, Telemetry(provider))))
+}
+
+/// Applies what does not need an exporter: whether receivers get a `traceparent`. The server
+/// calls this at start, so it holds for embedded servers too.
+pub fn configure(config: &TracingConfig) {
+    PROPAGATE.store(config.propagate, Ordering::Relaxed);
 }
 
 /// Whether spans are being exported (else none is made).
@@ -159,8 +166,10 @@ pub fn dead_lettered(span: &tracing::Span, reason: &str) {
 }
 
 /// The `traceparent` (and `tracestate`) a receiver gets for an attempt of a delivery that
-/// carries `trace`: a child of the attempt's span when it is exported (the current span), else
-/// of a fresh span id, so the receiver's spans still join the producer's trace.
+/// carries `trace`. When spans are exported, its parent is the attempt's span — the current
+/// span, since transports sign inside it — with the sampling decision made for that span;
+/// otherwise a fresh span id no exported span has, which still puts the receiver's spans in the
+/// producer's trace. (Edge agents sign in their own process and send none.)
 pub fn headers(trace: Option<&TraceContext>) -> Option<(HeaderValue, Option<HeaderValue>)> {
     let trace = trace.filter(|_| PROPAGATE.load(Ordering::Relaxed))?;
     let current = if exporting() {
@@ -168,12 +177,12 @@ pub fn headers(trace: Option<&TraceContext>) -> Option<(HeaderValue, Option<Head
     } else {
         SpanContext::empty_context()
     };
-    let span_id = if current.is_valid() && current.trace_id().to_bytes() == trace.trace_id {
-        current.span_id().to_bytes()
+    let (span_id, flags) = if current.is_valid() && current.trace_id().to_bytes() == trace.trace_id {
+        (current.span_id().to_bytes(), current.trace_flags().to_u8())
     } else {
-        rand::random::<[u8; 8]>()
+        (rand::random::<[u8; 8]>(), trace.flags)
     };
-    let parent = HeaderValue::from_str(&trace.child(span_id)).ok()?;
+    let parent = HeaderValue::from_str(&trace.child(span_id, flags)).ok()?;
     let state = (!trace.state.is_empty()).then(|| HeaderValue::from_str(&trace.state).ok()).flatten();
     Some((parent, state))
 }

@@ -60,18 +60,19 @@ pub async fn patch(
     if patch.contains_key("name") {
         return Err(ApiError::validation("name", "an event type cannot be renamed; create the new name instead"));
     }
-    let current = state.event_types.get(&name).ok_or_else(|| ApiError::not_found("event type"))?;
-    let mut merged = serde_json::to_value(&current.spec).expect("a spec serializes");
-    let fields = merged.as_object_mut().expect("a spec is an object");
-    for (key, value) in patch {
-        if value.is_null() {
-            fields.remove(&key);
-        } else {
-            fields.insert(key, value);
+    let merge = |current: &EventTypeSpec| {
+        let mut merged = serde_json::to_value(current).expect("a spec serializes");
+        let fields = merged.as_object_mut().expect("a spec is an object");
+        for (key, value) in patch {
+            if value.is_null() {
+                fields.remove(&key);
+            } else {
+                fields.insert(key, value);
+            }
         }
-    }
-    let spec: EventTypeSpec = strict(&merged)?;
-    let updated = state.event_types.update(&name, spec).await?.ok_or_else(|| ApiError::not_found("event type"))?;
+        strict::<EventTypeSpec>(&merged)
+    };
+    let updated = state.event_types.update(&name, merge).await?.ok_or_else(|| ApiError::not_found("event type"))?;
     Ok(Json(updated))
 }
 

@@ -14,12 +14,29 @@ use axum::Json;
 /// Events in one batch at most.
 pub const MAX_BATCH: usize = 1000;
 
-/// The request's W3C trace context, for events that do not carry their own.
-fn traced(mut input: EventInput, headers: &HeaderMap) -> EventInput {
-    if input.traceparent.is_none() {
-        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-        input.traceparent = text("traceparent");
-        input.tracestate = input.tracestate.or_else(|| text("tracestate"));
+/// The request's W3C trace context, if its headers carry a valid one: as the spec says of
+/// headers, an invalid one is ignored (the events start no trace), never a reason to refuse
+/// them. A context in an event's own fields is checked, and refused naming the field.
+fn header_context(headers: &HeaderMap) -> Option<(String, Option<String>)> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let (parent, state) = (text("traceparent")?, text("tracestate"));
+    match crate::model::TraceContext::parse(&parent, state.as_deref()) {
+        Ok(_) => Some((parent, state)),
+        Err(_) => match crate::model::TraceContext::parse(&parent, None) {
+            Ok(_) => Some((parent, None)), // only the tracestate is bad: drop it
+            Err(_) => {
+                tracing::debug!("an invalid traceparent header ignored");
+                None
+            }
+        },
+    }
+}
+
+/// `input` with the request's trace context when it has none of its own.
+fn traced(mut input: EventInput, context: &Option<(String, Option<String>)>) -> EventInput {
+    if let (None, Some((parent, state))) = (&input.traceparent, context) {
+        input.traceparent = Some(parent.clone());
+        input.tracestate = input.tracestate.or_else(|| state.clone());
     }
     input
 }
@@ -37,7 +54,7 @@ pub async fn publish(
     headers: HeaderMap,
     JsonBody(input): JsonBody<EventInput>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let event = ingest::validate(traced(input, &headers), "", DEFAULT_TENANT, state.max_event_bytes)?;
+    let event = ingest::validate(traced(input, &header_context(&headers)), "", DEFAULT_TENANT, state.max_event_bytes)?;
     fits_its_type(&state, &event, "")?;
     let spans = ingest_spans(std::slice::from_ref(&event));
     let accepted = state.ingest.publish(vec![event]).await?;
@@ -55,12 +72,13 @@ pub async fn publish_batch(
     if inputs.is_empty() || inputs.len() > MAX_BATCH {
         return Err(ApiError::validation("", format!("a batch holds 1 to {MAX_BATCH} events")));
     }
+    let context = header_context(&headers);
     let events = inputs
         .into_iter()
         .enumerate()
         .map(|(i, input)| {
             let prefix = format!("[{i}]");
-            let event = ingest::validate(traced(input, &headers), &prefix, DEFAULT_TENANT, state.max_event_bytes)?;
+            let event = ingest::validate(traced(input, &context), &prefix, DEFAULT_TENANT, state.max_event_bytes)?;
             fits_its_type(&state, &event, &prefix)?;
             Ok::<_, ApiError>(event)
         })

@@ -186,10 +186,17 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// The OpenAPI 3 document of this API (`engine/openapi/herald.json`).
 pub const OPENAPI: &str = include_str!("../../openapi/herald.json");
 
-/// The document, with the event-type catalogue's examples added as examples of
-/// `POST /v1/events` (so generated clients and API explorers show the platform's real events).
-async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
+/// The document (public, as it is in the repository); to a caller with a token, also the
+/// event-type catalogue's examples as examples of `POST /v1/events`, so generated clients and
+/// API explorers show the platform's real events without the catalogue going public.
+async fn openapi(State(state): State<AppState>, mut parts: axum::http::request::Parts) -> impl IntoResponse {
+    use axum::extract::FromRequestParts;
     let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+    let known =
+        auth::bearer(&parts.headers).is_some() && auth::Principal::from_request_parts(&mut parts, &state).await.is_ok();
+    if !known {
+        return (json, OPENAPI.to_string());
+    }
     let examples: serde_json::Map<String, serde_json::Value> = state
         .event_types
         .list()

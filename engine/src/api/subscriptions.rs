@@ -26,9 +26,19 @@ pub async fn create(
         return Err(ApiError::quota("subscriptions_per_tenant", format!("this tenant has its {max} subscriptions")));
     }
     check_device(&state, spec.via_edge.as_deref(), &tenant)?;
+    operator_only(&who, spec.proxy.is_some())?;
     let warnings = catalogued(&state, &spec.events)?;
     let target = state.registry.create(tenant, spec, extras.secret).await?;
     Ok((StatusCode::CREATED, Json(warned(target.sub.view_with_secret(), warnings))))
+}
+
+/// A subscription's egress (`proxy`) is the operator's to choose: which fixed addresses a
+/// receiver sees, or going around the proxy, is not a tenant's decision.
+fn operator_only(who: &Principal, sets_proxy: bool) -> Result<(), ApiError> {
+    if sets_proxy && who.tenant().is_some() {
+        return Err(ApiError::forbidden("only the admin chooses a subscription's egress proxy"));
+    }
+    Ok(())
 }
 
 /// Checks the event types a subscription names against the catalogue: with
@@ -134,6 +144,7 @@ pub async fn patch(
         let device = patch.get("via_edge").and_then(|d| d.as_str());
         check_device(&state, device, &current.sub.tenant)?;
     }
+    operator_only(&who, patch.get("proxy").is_some())?;
     // A patch's `events` replaces the list whole (arrays are not merged); a malformed one is
     // refused below, by the registry.
     let events: Vec<String> =

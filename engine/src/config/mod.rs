@@ -334,6 +334,10 @@ pub struct HttpConfig {
     pub proxies: std::collections::BTreeMap<String, String>,
 }
 
+/// What a subscription's `proxy` names to go direct, around `http.proxy` (so no proxy in
+/// `http.proxies` may have this name).
+pub const DIRECT_EGRESS: &str = "none";
+
 /// Endpoint health: when to stop hammering a failing endpoint, and when to give up on it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -615,7 +619,7 @@ impl Default for TracingConfig {
 impl TracingConfig {
     /// Whether spans are exported: an endpoint is configured here or in the environment.
     pub fn exporting(&self, env: impl Fn(&str) -> Option<String>) -> bool {
-        self.otlp_endpoint.is_some()
+        self.otlp_endpoint.as_deref().is_some_and(|e| !e.is_empty())
             || ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
                 .iter()
                 .any(|k| env(k).is_some_and(|v| !v.is_empty()))
@@ -764,7 +768,7 @@ impl Config {
         for name in self.http.proxies.keys() {
             let ok = !name.is_empty()
                 && name.len() <= 64
-                && name != "none"
+                && name != DIRECT_EGRESS
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
             if !ok {
                 return reject(

@@ -387,7 +387,8 @@ impl Ingest {
                     generation,
                     data: Bytes::new(),
                     changes: None,
-                    // The history keeps no trace context: a resend starts a trace of its own.
+                    // The history keeps no trace context, so a resend carries none (a dead
+                    // letter's replay keeps its record's).
                     trace: None,
                 };
                 records.push(delivery_record(target, delivery, &data, changes.as_ref()));

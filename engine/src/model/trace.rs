@@ -36,6 +36,9 @@ impl TraceContext {
     pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Result<TraceContext, (&'static str, &'static str)> {
         const BAD: (&str, &str) = ("traceparent", "must be a W3C traceparent: 00-<32 hex>-<16 hex>-<2 hex>");
         let tp = traceparent.trim();
+        if !tp.is_ascii() {
+            return Err(BAD);
+        }
         // Later versions may append fields after these four; version 00 has exactly four.
         let head = tp.get(..55).ok_or(BAD)?;
         let (version, rest) = head.split_at(2);
@@ -52,7 +55,8 @@ impl TraceContext {
         };
         let trace_id = hex_array::<16>(trace).filter(|_| trace.len() == 32).ok_or(BAD)?;
         let parent_id = hex_array::<8>(parent).filter(|_| parent.len() == 16).ok_or(BAD)?;
-        let flags = u8::from_str_radix(flags, 16).ok().filter(|_| flags.len() == 2).ok_or(BAD)?;
+        let lower_hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let flags = u8::from_str_radix(flags, 16).ok().filter(|_| flags.len() == 2 && lower_hex(flags)).ok_or(BAD)?;
         let state = tracestate.unwrap_or_default().trim();
         if state.len() > MAX_TRACESTATE || !state.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return Err(("tracestate", "must be at most 512 printable ASCII characters"));
@@ -60,9 +64,10 @@ impl TraceContext {
         Ok(TraceContext { trace_id, parent_id, flags, state: state.to_string() })
     }
 
-    /// The `traceparent` of a span of this trace with id `span_id` (a child of the producer's).
-    pub fn child(&self, span_id: [u8; 8]) -> String {
-        format!("00-{}-{}-{:02x}", hex::encode(self.trace_id), hex::encode(span_id), self.flags)
+    /// The `traceparent` of a span of this trace with id `span_id` (a child of the producer's),
+    /// with `flags` (only the bits W3C defines: sampled and random trace id; others are zeroed).
+    pub fn child(&self, span_id: [u8; 8], flags: u8) -> String {
+        format!("00-{}-{}-{:02x}", hex::encode(self.trace_id), hex::encode(span_id), flags & 0x03)
     }
 
     /// Appends the context to a delivery record.
@@ -109,7 +114,8 @@ mod tests {
         let t = TraceContext::parse(TP, Some("congo=t61rcWkgMzE")).unwrap();
         assert_eq!(hex::encode(t.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!((t.flags, t.state.as_str()), (1, "congo=t61rcWkgMzE"));
-        assert_eq!(t.child([1; 8]), "00-4bf92f3577b34da6a3ce929d0e0e4736-0101010101010101-01");
+        assert_eq!(t.child([1; 8], t.flags), "00-4bf92f3577b34da6a3ce929d0e0e4736-0101010101010101-01");
+        assert!(t.child([1; 8], 0xff).ends_with("-03"), "unknown flag bits are not passed on");
         // A later version may carry more fields; version 00 may not.
         assert!(TraceContext::parse(&format!("01{}-extra", &TP[2..]), None).is_ok());
         for bad in [
@@ -120,6 +126,8 @@ mod tests {
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0A",
+            "0é-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
         ] {
             assert_eq!(TraceContext::parse(bad, None).unwrap_err().0, "traceparent", "{bad:?}");
         }

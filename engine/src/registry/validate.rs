@@ -172,7 +172,7 @@ fn check_proxy(spec: &SubscriptionSpec, proxies: &[String]) -> Result<(), Invali
     if spec.via_edge.is_some() {
         return Err(Invalid::new("proxy", "an edge device delivers from the customer's network; no proxy applies"));
     }
-    if proxy != "none" && !proxies.contains(proxy) {
+    if proxy != crate::config::DIRECT_EGRESS && !proxies.contains(proxy) {
         let known = if proxies.is_empty() { "none is configured".to_string() } else { proxies.join(", ") };
         return Err(Invalid::new(
             "proxy",
@@ -195,6 +195,9 @@ fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
     }
     for (name, value) in &spec.headers {
         let field = format!("headers.{name}");
+        if crate::signing::TRACE_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(Invalid::new(&field, "Herald sets the trace context of traced events itself"));
+        }
         check_len(&field, name, crate::signing::MAX_HEADER_NAME)?;
         check_secret(&field, value)?;
     }

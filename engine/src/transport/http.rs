@@ -82,7 +82,7 @@ impl<'a> Egress<'a> {
     pub fn of(proxy: Option<&'a str>) -> Egress<'a> {
         match proxy {
             None => Egress::Default,
-            Some("none") => Egress::Direct,
+            Some(crate::config::DIRECT_EGRESS) => Egress::Direct,
             Some(name) => Egress::Named(name),
         }
     }
@@ -207,7 +207,8 @@ type PoolKey = (Option<ProfileKey>, String);
 /// How long a custom TLS profile's pool is kept without use.
 const PROFILE_IDLE: Duration = Duration::from_secs(600);
 
-/// Pooled HTTP(S) clients: one for the default TLS profile, one per custom profile.
+/// Pooled HTTP(S) clients: one for the default TLS profile and egress, one per other pair of
+/// TLS profile and egress route.
 #[derive(Clone)]
 pub struct HttpTransport {
     default: Pool,
@@ -271,7 +272,7 @@ impl HttpTransport {
         };
         let route = match egress {
             Egress::Default => String::new(),
-            Egress::Direct => "none".into(),
+            Egress::Direct => crate::config::DIRECT_EGRESS.into(),
             Egress::Named(name) => format!("={name}"),
         };
         let key = (tls.map(ProfileKey::of), route);

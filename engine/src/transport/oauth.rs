@@ -56,8 +56,8 @@ struct TokenResponse {
 
 /// The cache key of a subscription's credentials: its tenant and every credential field.
 fn key(sub: &Subscription) -> [u8; 32] {
-    let credentials =
-        revealing(|| serde_json::to_vec(&(&sub.tenant, &sub.spec.auth, &sub.spec.tls))).expect("credentials serialize");
+    let credentials = revealing(|| serde_json::to_vec(&(&sub.tenant, &sub.spec.auth, &sub.spec.tls, &sub.spec.proxy)))
+        .expect("credentials serialize");
     Sha256::digest(credentials).into()
 }
 

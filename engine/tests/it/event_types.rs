@@ -38,6 +38,10 @@ async fn the_admin_keeps_a_catalogue_that_tenants_read_and_ingest_checks() {
     let (_, doc) = h.api.get("/v1/openapi.json").await;
     let examples = &doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["examples"];
     assert_eq!(examples["order.created"]["value"]["data"]["id"], 1001, "{examples}");
+    let (_, public) = h.api.raw("GET", "/v1/openapi.json", None, None).await;
+    let public_examples =
+        &public["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["examples"];
+    assert!(public_examples.is_null(), "without a token the catalogue stays private: {public_examples}");
 
     // Bad definitions are refused, naming the field.
     let mut bad_example = order_created();
@@ -68,12 +72,13 @@ async fn the_admin_keeps_a_catalogue_that_tenants_read_and_ingest_checks() {
     let bad = json!({ "id": "o-bad", "type": "order.created", "data": { "id": 1, "items": [{ "sku": 5 }] } });
     let (status, err) = h.api.post("/v1/events", bad).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("data.items[0].sku")), "{err}");
-    let good = json!({ "id": "o-good", "type": "order.created", "data": { "id": 2, "items": [{ "sku": "A" }] } });
+    let fitting = json!({ "id": "o-batch", "type": "order.created", "data": { "id": 2, "items": [{ "sku": "A" }] } });
     let missing = json!({ "id": "o-missing", "type": "order.created", "data": { "items": [] } });
-    let (status, err) = h.api.post("/v1/events/batch", json!([good, missing])).await;
+    let (status, err) = h.api.post("/v1/events/batch", json!([fitting, missing])).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("[1].data")), "{err}");
     assert!(err["error"]["message"].as_str().unwrap().contains("id"), "{err}");
-    let (status, _) = h.api.post("/v1/events", good.clone()).await;
+    let good = json!({ "id": "o-good", "type": "order.created", "data": { "id": 2, "items": [{ "sku": "A" }] } });
+    let (status, _) = h.api.post("/v1/events", good).await;
     assert_eq!(status, 202);
     let (status, _) = h.api.post("/v1/events", json!({ "type": "not.catalogued", "data": { "anything": true } })).await;
     assert_eq!(status, 202, "types outside the catalogue are not checked");

@@ -183,4 +183,17 @@ async fn trace_context_is_checked_carried_per_event_and_propagated_without_expor
     assert!(by_id("b-2").header("traceparent").starts_with(&format!("00-{other}-")));
     assert!(by_id("b-2").header("traceparent").ends_with("-00"), "the sampled flag travels as given");
     assert_eq!(by_id("b-3").header("traceparent"), "", "no context, no header");
+
+    // The trace-context headers are Herald's: a subscription cannot set its own.
+    let (status, err) =
+        h.api.post("/v1/subscriptions", json!({ "url": rx.url("/x"), "headers": { "traceparent": "00-x" } })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("headers.traceparent")), "{err}");
+
+    // A malformed header is ignored, as the spec says of headers: the event is accepted untraced.
+    let body = Bytes::from(json!({ "id": "h-1", "type": "t", "data": {} }).to_string());
+    let headers = [("traceparent", "00-nonsense-01")];
+    let (status, _, _) = h.api.request_with("POST", "/v1/events", Some(body), Some(TOKEN), &headers).await.unwrap();
+    assert_eq!(status, 202);
+    let got = rx.wait_on("/t", 4).await;
+    assert_eq!(got.iter().find(|r| r.header("webhook-id") == "h-1").unwrap().header("traceparent"), "");
 }

@@ -169,6 +169,15 @@ async fn a_subscription_chooses_its_egress_proxy_by_name_or_goes_direct() {
     let (status, err) = h.api.post("/v1/subscriptions", json!({ "url": rx.url("/x"), "proxy": "us" })).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("proxy")), "{err}");
     assert!(err["error"]["message"].as_str().unwrap().contains("eu-static"), "{err}");
+    // The egress is the operator's choice: a tenant key cannot set it, nor go around the proxy.
+    let (_, tenant) = crate::support::tenant_with_key(&h.api, "Acme").await;
+    let (status, err) = tenant.post("/v1/subscriptions", json!({ "url": rx.url("/t"), "proxy": "none" })).await;
+    assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (403, Some("FORBIDDEN")), "{err}");
+    let own = tenant.subscribe(json!({ "url": rx.url("/t") })).await;
+    let own_path = format!("/v1/subscriptions/{}", own["id"].as_str().unwrap());
+    let (status, _) =
+        tenant.raw("PATCH", &own_path, Some(r#"{"proxy":"eu-static"}"#.into()), Some(&tenant.token)).await;
+    assert_eq!(status, 403);
     let amqp = json!({ "transport": "amqp", "proxy": "eu-static", "amqp": { "uri": "amqp://127.0.0.1:5672/%2f", "exchange": "x" } });
     let (status, err) = h.api.post("/v1/subscriptions", amqp).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("proxy")), "{err}");
