@@ -197,7 +197,9 @@ fn path_segment(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
-fn query(pairs: &[(&str, Option<String>)]) -> String {
+/// A query string (`?a=1&b=x`, or nothing) of the pairs that have a value, encoded: for paths
+/// given to [`Client::call`].
+pub fn query(pairs: &[(&str, Option<String>)]) -> String {
     let mut q = url::form_urlencoded::Serializer::new(String::new());
     for (k, v) in pairs {
         if let Some(v) = v {

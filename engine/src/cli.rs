@@ -6,6 +6,7 @@
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
+use herald_client::query;
 use serde_json::{json, Value};
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -311,21 +312,6 @@ impl Api {
                 Failed::Unavailable(e.to_string())
             }
         })
-    }
-}
-
-fn query(pairs: &[(&str, Option<String>)]) -> String {
-    let mut q = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in pairs {
-        if let Some(v) = v {
-            q.append_pair(k, v);
-        }
-    }
-    let q = q.finish();
-    if q.is_empty() {
-        q
-    } else {
-        format!("?{q}")
     }
 }
 
