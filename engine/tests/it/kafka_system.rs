@@ -250,7 +250,9 @@ async fn two_processes_answer_the_same_history_queries() {
             .await
         }
     };
-    let full = until("every attempt in both processes' history", Duration::from_secs(60), || async {
+    // Delivery is at least once: a partition changing hands as B joins can repeat an attempt,
+    // so there are 80 attempts or a few more — and both processes must show the same ones.
+    let counts = || async {
         let mut all = Vec::new();
         for api in &apis {
             let mut n = 0;
@@ -260,10 +262,18 @@ async fn two_processes_answer_the_same_history_queries() {
             }
             all.push(n);
         }
-        (all == [80, 80]).then_some(all)
-    })
-    .await;
-    assert_eq!(full, [80, 80]);
+        all
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let full = loop {
+        let all = counts().await;
+        if all[0] >= 80 && all[0] == all[1] {
+            break all;
+        }
+        assert!(std::time::Instant::now() < deadline, "every attempt in both processes' history: {all:?} of 80+");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("history on tansu: {} attempts in both processes (80 without repeats)", full[0]);
     for i in 0..10 {
         let event = answers(format!("/v1/events/h{i}")).await;
         let states: Vec<&str> =
@@ -277,7 +287,7 @@ async fn two_processes_answer_the_same_history_queries() {
                 let (_, e) = api.get(&format!("/v1/events/h{i}")).await;
                 done &= e["deliveries"]
                     .as_array()
-                    .is_some_and(|d| d.iter().all(|d| d["state"] == "delivered" && d["attempts"] == 2));
+                    .is_some_and(|d| d.iter().all(|d| d["state"] == "delivered" && d["attempts"].as_u64() >= Some(2)));
             }
             done.then_some(())
         })
