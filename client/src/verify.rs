@@ -48,6 +48,51 @@ pub enum Rejected {
     Signature,
 }
 
+/// A receiver's Standard Webhooks key, prepared once (a receiver checking many requests, or a
+/// sender signing them, pays for the key's setup one time).
+#[derive(Clone)]
+pub struct Standard {
+    mac: HmacSha256,
+}
+
+impl Standard {
+    /// The key of a `whsec_<base64>` secret.
+    pub fn new(secret: &str) -> Result<Standard, Rejected> {
+        let key = secret.strip_prefix("whsec_").and_then(|k| B64.decode(k).ok()).ok_or(Rejected::Secret)?;
+        Ok(Standard::from_key(&key))
+    }
+
+    /// The key from its bytes.
+    pub fn from_key(key: &[u8]) -> Standard {
+        Standard { mac: HmacSha256::new_from_slice(key).expect("any key length") }
+    }
+
+    fn mac_of(&self, id: &str, timestamp: &str, body: &[u8]) -> HmacSha256 {
+        let mut mac = self.mac.clone();
+        mac.update(id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        mac
+    }
+
+    /// The base64 signature of `id.timestamp.body` (what follows `v1,` in `webhook-signature`).
+    pub fn sign(&self, id: &str, timestamp: &str, body: &[u8]) -> String {
+        B64.encode(self.mac_of(id, timestamp, body).finalize().into_bytes())
+    }
+
+    /// Whether any `v1,<base64>` in `signatures` (several during a secret rotation) signs
+    /// `id.timestamp.body`, compared in constant time. The timestamp is not judged here.
+    pub fn verify(&self, id: &str, timestamp: &str, body: &[u8], signatures: &str) -> bool {
+        let mac = self.mac_of(id, timestamp, body);
+        signatures.split_whitespace().filter_map(|s| s.strip_prefix("v1,")).any(|sig| {
+            let Ok(sig) = B64.decode(sig) else { return false };
+            mac.clone().verify_slice(&sig).is_ok()
+        })
+    }
+}
+
 /// The `standard` scheme (Standard Webhooks): `webhook-signature` holds one or more
 /// `v1,<base64>` signatures (several during a secret rotation) of `id.timestamp.body`; the
 /// timestamp must be within `tolerance_s` of `now_s`.
@@ -60,23 +105,13 @@ pub fn standard(
     now_s: i64,
     tolerance_s: i64,
 ) -> Result<(), Rejected> {
-    let key = secret.strip_prefix("whsec_").and_then(|k| B64.decode(k).ok()).ok_or(Rejected::Secret)?;
+    let key = Standard::new(secret)?;
     let ts: i64 = timestamp.trim().parse().map_err(|_| Rejected::Timestamp)?;
     // A sender's timestamp may be anything: no arithmetic on it may overflow.
     if now_s.abs_diff(ts) > tolerance_s.unsigned_abs() {
         return Err(Rejected::Stale(now_s.saturating_sub(ts)));
     }
-    let mut mac = HmacSha256::new_from_slice(&key).expect("any key length");
-    mac.update(id.as_bytes());
-    mac.update(b".");
-    mac.update(timestamp.trim().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let ok = signatures.split_whitespace().filter_map(|s| s.strip_prefix("v1,")).any(|sig| {
-        let Ok(sig) = B64.decode(sig) else { return false };
-        mac.clone().verify_slice(&sig).is_ok()
-    });
-    ok.then_some(()).ok_or(Rejected::Signature)
+    key.verify(id, timestamp.trim(), body, signatures).then_some(()).ok_or(Rejected::Signature)
 }
 
 #[cfg(test)]

@@ -173,7 +173,8 @@ impl Sink {
     /// Starts on `listen`, verifying with `secret` when given.
     pub async fn start(listen: SocketAddr, secret: Option<&str>, behaviour: Behaviour) -> std::io::Result<Sink> {
         let verifier = secret.map(|s| {
-            Verifier::new(s).ok_or_else(|| std::io::Error::other("the secret must be whsec_ followed by base64"))
+            crate::verify::verifier(s)
+                .ok_or_else(|| std::io::Error::other("the secret must be whsec_ followed by base64"))
         });
         let verifier = verifier.transpose()?;
         let listener = tokio::net::TcpListener::bind(listen).await?;

@@ -5,7 +5,6 @@
 
 use bytes::Bytes;
 use clap::Parser;
-use herald_load_tests::verify::Verifier;
 use http_body_util::{BodyExt, Full};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,8 +33,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let signer =
-        Arc::new(Verifier::new(&args.secret).ok_or_else(|| anyhow::anyhow!("the secret must be whsec_ + base64"))?);
+    let signer = Arc::new(
+        herald_load_tests::verify::verifier(&args.secret)
+            .ok_or_else(|| anyhow::anyhow!("the secret must be whsec_ + base64"))?,
+    );
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(args.connections)
         .build_http::<Full<Bytes>>();
