@@ -92,6 +92,7 @@ fn amqp(c: &mut Criterion) {
                             data: data.clone(),
                             changes: None,
                             trace: None,
+                            ordering_key: None,
                         };
                         let signed = target.sign(&d, 0, 0);
                         let (transport, target) = (transport.clone(), target.clone());

@@ -20,6 +20,7 @@ fn delivery(size: usize) -> Delivery {
         data: Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(size.saturating_sub(10)))),
         changes: None,
         trace: None,
+        ordering_key: None,
     }
 }
 

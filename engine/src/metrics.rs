@@ -29,6 +29,8 @@ pub const RETRIES_SCHEDULED: &str = "herald_retries_scheduled_total";
 /// Deliveries deferred without an attempt, by `reason` (`in_flight_cap`, `rate_limit`,
 /// `circuit_breaker`, `unknown_subscription`).
 pub const DEFERRED: &str = "herald_deliveries_deferred_total";
+/// Ordered subscriptions' keys whose head has failed or is held after a dead letter.
+pub const ORDERED_KEYS_BLOCKED: &str = "herald_ordered_keys_blocked";
 /// Deliveries parked in the dead-letter topic.
 pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
 /// Deliveries whose processing panicked twice, parked in the dead-letter topic.
@@ -265,6 +267,10 @@ fn describe() {
     describe_gauge!(IN_FLIGHT, "Deliveries in flight, by source topic and partition.");
     describe_gauge!(CONSUMER_LAG, "Records appended but not yet committed, by source topic and partition.");
     describe_gauge!(BREAKERS_OPEN, "Subscriptions whose circuit breaker is open.");
+    describe_gauge!(
+        ORDERED_KEYS_BLOCKED,
+        "Keys of ordered subscriptions whose head delivery has failed (or is held after a dead letter), on the partitions this process sequences: their later deliveries wait."
+    );
     describe_gauge!(SUBSCRIPTIONS, "Subscriptions in the registry.");
     describe_gauge!(SUBSCRIPTIONS_DISABLED, "Subscriptions disabled.");
     describe_gauge!(EDGE_AGENTS, "Edge agents connected to this process.");

@@ -124,6 +124,7 @@ mod tests {
             data: Bytes::from_static(br#"{"orderId": "A-1",  "n": 1.50}"#),
             changes: changes.map(|c| Bytes::from_static(c.as_bytes())),
             trace: None,
+            ordering_key: None,
         }
     }
 

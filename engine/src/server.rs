@@ -6,7 +6,7 @@ use crate::catalog::feed::{self, Feed};
 use crate::catalog::Router;
 use crate::config::{Backend, Config};
 use crate::devices::Devices;
-use crate::dispatch::{Deliverer, Dispatcher, Observe, Settler, ShardLimits, Source};
+use crate::dispatch::{Deliverer, Dispatcher, Observe, OrderedKeys, Settler, ShardLimits, Source};
 use crate::event_types::EventTypes;
 use crate::history::History;
 use crate::ingest::Ingest;
@@ -247,6 +247,7 @@ fn spawn_dispatcher(
     topics: &Topics,
     deliverer: Arc<Deliverer>,
     metrics: Arc<Metrics>,
+    keys: Arc<OrderedKeys>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let limits = ShardLimits {
@@ -255,8 +256,12 @@ fn spawn_dispatcher(
         batch: config.dispatch.batch,
         drain: DRAIN,
     };
-    let sources = topics.sources().into_iter().map(|(topic, label, delay)| Source { topic, label, delay }).collect();
-    let dispatcher = Dispatcher::new(log.clone(), sources, DISPATCH_GROUP.into(), deliverer, limits, metrics);
+    let sources = topics
+        .sources()
+        .into_iter()
+        .map(|(topic, label, delay)| Source { ordered: topic == topics.ordered, topic, label, delay })
+        .collect();
+    let dispatcher = Dispatcher::new(log.clone(), sources, DISPATCH_GROUP.into(), deliverer, limits, metrics, keys);
     tokio::spawn(async move {
         if let Err(e) = dispatcher.run(stop).await {
             tracing::error!(error = %e, "dispatcher stopped");
@@ -368,16 +373,25 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         .observers
         .iter()
         .fold(Deliverer::new(stores.registry.clone(), transports.clone(), settler), |d, o| d.observed_by(o.clone()));
-    let mut ingest =
-        Ingest::new(log.clone(), stores.registry.clone(), topics.deliveries.clone(), config.quotas.fanout_bytes);
+    let mut ingest = Ingest::new(
+        log.clone(),
+        stores.registry.clone(),
+        topics.deliveries.clone(),
+        topics.ordered.clone(),
+        config.quotas.fanout_bytes,
+    );
     if let Some(h) = &history {
         deliverer = deliverer.recorded_by(h.recorder.clone());
         ingest = ingest.recorded_by(h.recorder.clone());
     }
     let deliverer = Arc::new(deliverer);
-    let dispatcher = spawn_dispatcher(&config, &log, &topics, deliverer, metrics.clone(), stop_rx.clone());
+    let ordered_keys = Arc::new(OrderedKeys::default());
+    let dispatcher =
+        spawn_dispatcher(&config, &log, &topics, deliverer, metrics.clone(), ordered_keys.clone(), stop_rx.clone());
     let registry = stores.registry.clone();
+    let keys = ordered_keys.clone();
     metrics.on_scrape(move || {
+        metrics::gauge!(crate::metrics::ORDERED_KEYS_BLOCKED).set(keys.count() as f64);
         let (total, disabled) = registry.counts();
         metrics::gauge!(crate::metrics::SUBSCRIPTIONS).set(total as f64);
         metrics::gauge!(crate::metrics::SUBSCRIPTIONS_DISABLED).set(disabled as f64);
@@ -392,6 +406,8 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         admin_token: token.clone().into(),
         dead_letters: Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone())),
         metrics: metrics.clone(),
+        ordered_keys,
+        ordered_topic: topics.ordered.clone(),
         transports,
         devices: stores.devices.clone(),
         edge: hub,

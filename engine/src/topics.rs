@@ -12,6 +12,8 @@ use std::time::Duration;
 pub struct Topics {
     /// Fresh deliveries, keyed by subscription.
     pub deliveries: String,
+    /// Ordered subscriptions' deliveries and their keys' markers, keyed by subscription.
+    pub ordered: String,
     /// Dead letters.
     pub dlq: String,
     /// The compacted catalog: subscriptions, tenants, keys, edge devices. Named for what it
@@ -30,6 +32,7 @@ impl Topics {
     pub fn new(prefix: &str) -> Self {
         Topics {
             deliveries: format!("{prefix}deliveries"),
+            ordered: format!("{prefix}ordered"),
             dlq: format!("{prefix}dlq"),
             subscriptions: format!("{prefix}subscriptions"),
             history: format!("{prefix}history"),
@@ -51,6 +54,7 @@ impl Topics {
         };
         let mut specs = vec![
             data(&self.deliveries, None),
+            data(&self.ordered, None),
             data(&self.dlq, Some(log.dlq_retention.0)),
             TopicSpec { name: self.subscriptions.clone(), partitions: 1, compacted: true, retention: None },
             TopicSpec {
@@ -81,7 +85,10 @@ impl Topics {
     /// Every topic the dispatcher consumes, with its short name for metrics and the delay
     /// its records wait (fresh deliveries, then each tier).
     pub fn sources(&self) -> Vec<(String, String, Duration)> {
-        let mut sources = vec![(self.deliveries.clone(), "deliveries".to_string(), Duration::ZERO)];
+        let mut sources = vec![
+            (self.deliveries.clone(), "deliveries".to_string(), Duration::ZERO),
+            (self.ordered.clone(), "ordered".to_string(), Duration::ZERO),
+        ];
         sources.extend(self.tiers.iter().map(|(topic, delay)| (topic.clone(), tiers::label(*delay), *delay)));
         sources
     }

@@ -2,6 +2,7 @@
 # End-to-end throughput on this machine, against a baseline measured in the same run.
 #   load-tests/scenarios/e2e.sh [SUBSCRIPTIONS] [EVENTS]
 #   BACKEND=kafka load-tests/scenarios/e2e.sh ...   (on a local tansu broker, in memory)
+#   ORDERED_KEYS=1000 load-tests/scenarios/e2e.sh ... (ordered subscriptions, events over 1000 keys)
 # Starts a release Herald on a fresh embedded log (or Kafka), a verifying sink, creates SUBSCRIPTIONS
 # subscriptions (standard signing, 1 KB events), publishes EVENTS/SUBSCRIPTIONS events through
 # the batch API and reports deliveries/s, then what wrk pushes straight into the same sink.
@@ -38,16 +39,18 @@ herald=$!
 pids+=($herald)
 for _ in $(seq 1 100); do curl -sf localhost:$HERALD_PORT/healthz >/dev/null && break; sleep 0.1; done
 # One known secret for every subscription, so the sink verifies every signature.
+ORDERING=""
+[ "${ORDERED_KEYS:-0}" -gt 0 ] && ORDERING=',"ordering":{"mode":"key"}'
 SECRET=$(python3 -c "import base64,os;print('whsec_'+base64.b64encode(os.urandom(24)).decode())")
 for i in $(seq 1 "$SUBS"); do
   curl -sf -X POST localhost:$HERALD_PORT/v1/subscriptions -H "authorization: Bearer $HERALD_ADMIN_TOKEN" \
-    -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook$i\",\"secret\":\"$SECRET\"}" >/dev/null
+    -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook$i\",\"secret\":\"$SECRET\"$ORDERING}" >/dev/null
 done
 "$BIN/herald-sink" --listen 127.0.0.1:$SINK_PORT --secret "$SECRET" --expect "$EVENTS" >"$WORK/sink.json" 2>"$WORK/sink.err" &
 sink=$!
 pids+=($sink)
 sleep 0.3
-"$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT --events $((EVENTS / SUBS)) --batch 100 --concurrency 8 --size 1024 >"$WORK/load.json"
+"$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT --events $((EVENTS / SUBS)) --batch 100 --concurrency 8 --size 1024 --keys "${ORDERED_KEYS:-0}" >"$WORK/load.json"
 timeout 300 tail --pid=$sink -f /dev/null
 # Herald's CPU time (user + system) for the whole run: less noisy than a rate on a shared box.
 herald_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat)

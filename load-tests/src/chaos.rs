@@ -95,6 +95,7 @@ pub async fn run(opts: &Options, chaos: &Chaos) -> anyhow::Result<ChaosReport> {
         concurrency: 4,
         size: 256,
         tenants: 0,
+        keys: 0,
         id_prefix: format!("chaos-{}", chaos.seed),
         event_type: "Chaos".into(),
         progress: false,
@@ -137,6 +138,9 @@ pub async fn run(opts: &Options, chaos: &Chaos) -> anyhow::Result<ChaosReport> {
     let lost =
         paths.iter().flat_map(|p| ids.iter().map(move |id| (p, id))).filter(|(p, id)| !sink.arrived(p, id)).count();
     let got = sink.report();
+    for (dir, _, _) in &nodes {
+        let _ = std::fs::remove_file(crate::scenario::log_path(dir.path()));
+    }
     drop(nodes);
     Ok(ChaosReport {
         backend: if opts.kafka.is_some() { "kafka" } else { "embedded" }.into(),

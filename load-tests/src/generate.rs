@@ -28,6 +28,8 @@ pub struct Load {
     pub size: usize,
     /// Tenants the events are spread over (`t0`, `t1`, …), or `default` when 0.
     pub tenants: u32,
+    /// Ordering keys the events are spread over (`k0`, `k1`, …, as `ordering_key`), or none when 0.
+    pub keys: u32,
     /// Event ids are `<prefix>-<n>`.
     pub id_prefix: String,
     /// Event type.
@@ -152,10 +154,14 @@ fn batch_body(load: &Load, first: u64, last: u64, filler: &str) -> Bytes {
         .map(|i| {
             let tenant =
                 if load.tenants == 0 { "default".to_string() } else { format!("t{}", i % u64::from(load.tenants)) };
-            serde_json::json!({
+            let mut event = serde_json::json!({
                 "id": format!("{}-{i}", load.id_prefix), "type": load.event_type, "tenant": tenant,
                 "data": { "n": i, "sentMs": sent, "pad": filler },
-            })
+            });
+            if load.keys > 0 {
+                event["ordering_key"] = format!("k{}", i % u64::from(load.keys)).into();
+            }
+            event
         })
         .collect();
     Bytes::from(serde_json::to_vec(&events).expect("serializes"))

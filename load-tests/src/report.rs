@@ -58,6 +58,10 @@ pub struct Report {
     pub ratio_to_baseline: Option<f64>,
     /// Peak resident memory of Herald, MiB.
     pub herald_peak_rss_mib: Option<f64>,
+    /// When deliveries are missing: what Herald itself said of them at the end (its lag,
+    /// breakers, dead letters, and the last warnings it logged), to tell slow from lost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<String>,
     /// Per-second timeline.
     pub timeline: Vec<Second>,
 }

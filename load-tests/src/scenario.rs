@@ -122,6 +122,11 @@ pub struct Options {
     pub progress: bool,
 }
 
+/// Where a scenario's Herald writes its log (warnings and errors).
+pub(crate) fn log_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.with_extension("herald.log")
+}
+
 /// One Herald child process.
 pub(crate) struct Herald {
     child: std::process::Child,
@@ -155,9 +160,10 @@ impl Herald {
             .env("HERALD_HEALTH_BREAKER_PAUSE", "500ms")
             .env("HERALD_HEALTH_BREAKER_MAX_PAUSE", "2s")
             .env("HERALD_LOG_TOPIC_PREFIX", prefix)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+            // Kept beside the data (appended across restarts), for a run that falls short.
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log_path(dir))?);
         if let Some(brokers) = &opts.kafka {
             cmd.env("HERALD_LOG_BACKEND", "kafka")
                 .env("HERALD_LOG_BROKERS", brokers)
@@ -166,6 +172,33 @@ impl Herald {
         cmd.envs(env.iter().copied());
         let child = cmd.spawn().with_context(|| format!("starting {}", opts.herald.display()))?;
         Ok(Herald { child, url: format!("http://127.0.0.1:{port}") })
+    }
+
+    /// What Herald reports when deliveries are missing: its lag, breakers, dead letters and
+    /// deliveries by outcome, and the last warnings it logged.
+    async fn diagnose(&self, dir: &std::path::Path) -> String {
+        let client = herald_client::Client::new(&self.url, TOKEN);
+        let mut out = String::new();
+        if let Ok(serde_json::Value::String(metrics)) = client.send(http::Method::GET, "/metrics", None).await {
+            let wanted = [
+                "herald_consumer_lag",
+                "herald_breakers_open",
+                "herald_deliveries_total",
+                "herald_dead_letters_total",
+                "herald_in_flight",
+            ];
+            for line in metrics.lines().filter(|l| wanted.iter().any(|w| l.starts_with(w)) && !l.ends_with(" 0")) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        let log = std::fs::read_to_string(log_path(dir)).unwrap_or_default();
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        for line in &warnings[warnings.len().saturating_sub(20)..] {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
     }
 
     /// Peak resident memory so far, MiB (Linux).
@@ -289,6 +322,7 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
         concurrency: 8,
         size: p.size,
         tenants: 0,
+        keys: 0,
         id_prefix: format!("{}-{}", s.name(), std::process::id()),
         event_type: "LoadTest".into(),
         progress: opts.progress,
@@ -314,7 +348,9 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
         }
     }
     let rss = herald.peak_rss_mib();
+    let diagnosis = if sink.distinct() < expected { Some(herald.diagnose(dir.path()).await) } else { None };
     drop(herald);
+    let _ = std::fs::remove_file(log_path(dir.path()));
     let got = sink.report();
     let first = got.timeline.iter().position(|s| s.1 > 0).unwrap_or(0);
     let last_s = got.timeline.iter().rposition(|s| s.1 > 0).unwrap_or(first);
@@ -353,6 +389,7 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
         baseline_requests_per_second: baseline,
         ratio_to_baseline: baseline.map(|b| deliveries_per_second / b),
         herald_peak_rss_mib: rss,
+        diagnosis,
         timeline,
     })
 }

@@ -176,6 +176,7 @@ pub async fn get(
         "accepted_at": rfc3339_ms(event.accepted_ms),
         "data": event.data,
         "changes": event.changes,
+        "ordering_key": event.ordering_key,
         "deliveries": deliveries,
     })))
 }

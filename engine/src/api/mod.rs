@@ -8,6 +8,7 @@ mod error;
 mod event_types;
 mod events;
 mod history;
+mod ordering;
 mod page;
 pub mod portal;
 mod subscriptions;
@@ -44,6 +45,10 @@ pub struct AppState {
     pub dead_letters: Arc<crate::retry::dead_letters::DeadLetters>,
     /// Scrape-time metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Ordered subscriptions' blocked keys on this process's partitions.
+    pub ordered_keys: Arc<crate::dispatch::OrderedKeys>,
+    /// Where ordering markers (an operator's skip) are written.
+    pub ordered_topic: String,
     /// Transports, for test deliveries.
     pub transports: crate::transport::Transports,
     /// The delivery history, when it is kept.
@@ -89,6 +94,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/subscriptions/{id}", get(subscriptions::get).patch(subscriptions::patch).delete(subscriptions::delete))
         .route("/v1/subscriptions/{id}/rotate-secret", post(subscriptions::rotate_secret))
         .route("/v1/subscriptions/{id}/test", post(subscriptions::test))
+        .route("/v1/subscriptions/{id}/ordering/blocked", get(ordering::blocked))
+        .route("/v1/subscriptions/{id}/ordering/skip", post(ordering::skip))
         .route("/v1/event-types", post(event_types::create).get(event_types::list))
         .route(
             "/v1/event-types/{name}",

@@ -201,6 +201,7 @@ pub async fn test(
         data: bytes::Bytes::from_static(br#"{"ping":true}"#),
         changes: None,
         trace: None,
+        ordering_key: None,
     };
     let outcome = state.transports.deliver(&target, &ping, 0).await;
     let body = json!({
@@ -216,6 +217,10 @@ pub async fn test(
 
 /// The subscription `id` if the caller may see it; another tenant's answers 404, as if it
 /// did not exist.
-fn visible(state: &AppState, who: &Principal, id: &str) -> Result<std::sync::Arc<crate::target::Target>, ApiError> {
+pub(super) fn visible(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+) -> Result<std::sync::Arc<crate::target::Target>, ApiError> {
     state.registry.get(id).filter(|t| who.sees(&t.sub.tenant)).ok_or_else(|| ApiError::not_found("subscription"))
 }

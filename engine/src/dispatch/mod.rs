@@ -3,11 +3,13 @@
 //! decode → look up → gate (due, enabled, admitted) → sign and send → settle (`settle`).
 //! A record's offset may be committed once it is settled, durably (`window`).
 
+mod ordered;
 mod settle;
 mod shard;
 mod window;
 
-pub use settle::{record, Deferral, Parked, Settled, Settlement, Settler, Via};
+pub use ordered::{BlockedKey, LaneId, Marker, OrderedKeys};
+pub use settle::{record, Deferral, Parked, Settled, Settlement, Settler, Via, Waits};
 pub use shard::ShardLimits;
 
 use crate::admission::Busy;
@@ -73,10 +75,31 @@ impl Deliverer {
     /// queued, and durable before a commit of its offset goes through), so its offset may be
     /// committed.
     pub async fn process(&self, rec: LogRecord) -> Settled {
-        let settled = self.deliver(rec).await;
+        self.process_waiting(rec, Waits::InTiers).await
+    }
+
+    /// Processes one record, keeping a delivery that must wait where `waits` says.
+    pub async fn process_waiting(&self, rec: LogRecord, waits: Waits) -> Settled {
+        let settled = self.deliver(rec, waits).await;
         self.observe(&settled);
         self.write_history(&settled);
         settled
+    }
+
+    /// Dead-letters the head of an ordered key an operator skipped, and records it.
+    pub async fn skip(&self, delivery: Delivery, raw: bytes::Bytes) -> Settled {
+        let settled = self.settler.skipped(delivery, raw).await;
+        self.observe(&settled);
+        self.write_history(&settled);
+        settled
+    }
+
+    /// The subscription's ordering rules, if it is still known here.
+    pub fn on_dead_letter(&self, subscription: &str) -> crate::model::OnDeadLetter {
+        self.registry
+            .get(subscription)
+            .and_then(|t| t.sub.spec.ordering.as_ref().map(|o| o.on_dead_letter))
+            .unwrap_or(crate::model::OnDeadLetter::Skip)
     }
 
     fn write_history(&self, settled: &Settled) {
@@ -116,6 +139,13 @@ impl Deliverer {
         settled
     }
 
+    /// Parks a record that is not a readable delivery, and records it.
+    pub async fn park_malformed(&self, rec: &LogRecord, error: String) -> Settled {
+        let settled = self.settler.malformed(rec, error).await;
+        self.observe(&settled);
+        settled
+    }
+
     fn observe(&self, settled: &Settled) {
         record(settled);
         for o in &self.observers {
@@ -123,7 +153,7 @@ impl Deliverer {
         }
     }
 
-    async fn deliver(&self, rec: LogRecord) -> Settled {
+    async fn deliver(&self, rec: LogRecord, waits: Waits) -> Settled {
         let delivery = match Delivery::decode(rec.value.clone()) {
             Ok(d) => d,
             Err(e) => return self.settler.malformed(&rec, e.to_string()).await,
@@ -131,13 +161,13 @@ impl Deliverer {
         let target = match self.registry.lookup(&delivery.subscription).await {
             Lookup::Found(t) => t,
             Lookup::Deleted => return self.settler.dropped(delivery),
-            Lookup::Unknown => return self.settler.unknown(delivery).await,
+            Lookup::Unknown => return self.settler.unknown(delivery, waits).await,
         };
         let transport = Via::of(&target);
-        if tiers::for_wait(wait(&delivery)).is_some() {
+        if waits == Waits::InTiers && tiers::for_wait(wait(&delivery)).is_some() {
             // Not due yet: hop to the tier that fits the rest of the wait.
             let due = delivery.due_ms;
-            return self.settler.defer(delivery, transport, Deferral::NotDue, due).await;
+            return self.settler.defer(delivery, transport, Deferral::NotDue, due, waits).await;
         }
         // Less than the shortest tier: wait here, so no attempt is ever early.
         let left = wait(&delivery);
@@ -149,7 +179,7 @@ impl Deliverer {
             Gate::Disabled => return self.settler.disabled(&target, delivery, rec.value).await,
             Gate::Busy(busy) => {
                 let due = now_ms() + busy.defer().as_millis() as i64;
-                return self.settler.defer(delivery, transport, Deferral::Busy(busy), due).await;
+                return self.settler.defer(delivery, transport, Deferral::Busy(busy), due, waits).await;
             }
         };
         let pending = retry::pending_retries(&target, &delivery);
@@ -164,7 +194,7 @@ impl Deliverer {
         let outcome = self.transports.deliver(&target, &delivery, pending).instrument(span.clone()).await;
         let delivered = matches!(outcome, crate::model::Outcome::Delivered { .. });
         crate::telemetry::attempted(&span, outcome.label(), outcome.status(), delivered);
-        let settled = self.settler.attempted(&target, delivery, rec.value, outcome, probe).await;
+        let settled = self.settler.attempted(&target, delivery, rec.value, outcome, probe, waits).await;
         if let Settlement::DeadLettered { reason } = &settled.settlement {
             crate::telemetry::dead_lettered(&span, reason.label());
         }
@@ -198,6 +228,8 @@ pub struct Source {
     pub label: String,
     /// Fixed delay of the topic (zero for fresh deliveries).
     pub delay: Duration,
+    /// The `ordered` topic: its partitions are sequenced per key, not worked as shards.
+    pub ordered: bool,
 }
 
 /// Runs shards for the partitions this process owns, for every source topic.
@@ -208,6 +240,7 @@ pub struct Dispatcher {
     deliverer: Arc<Deliverer>,
     limits: ShardLimits,
     metrics: Arc<Metrics>,
+    keys: Arc<OrderedKeys>,
 }
 
 impl Dispatcher {
@@ -219,8 +252,9 @@ impl Dispatcher {
         deliverer: Arc<Deliverer>,
         limits: ShardLimits,
         metrics: Arc<Metrics>,
+        keys: Arc<OrderedKeys>,
     ) -> Self {
-        Dispatcher { log, sources, group, deliverer, limits, metrics }
+        Dispatcher { log, sources, group, deliverer, limits, metrics, keys }
     }
 
     /// Joins the consumer group on every source and runs until `stop` turns true.
@@ -228,8 +262,14 @@ impl Dispatcher {
         let mut loops = Vec::new();
         for source in &self.sources {
             let consumer = self.log.consume(&self.group, &source.topic).await?;
-            let (deliverer, metrics) = (self.deliverer.clone(), self.metrics.clone());
-            let run = run_source(consumer, source.clone(), deliverer, self.limits, metrics, stop.clone());
+            let work = Work {
+                log: self.log.clone(),
+                deliverer: self.deliverer.clone(),
+                limits: self.limits,
+                metrics: self.metrics.clone(),
+                keys: self.keys.clone(),
+            };
+            let run = run_source(consumer, source.clone(), work, stop.clone());
             loops.push(tokio::spawn(run));
         }
         for l in loops {
@@ -239,15 +279,19 @@ impl Dispatcher {
     }
 }
 
-/// Starts a shard for each partition assigned, and stops it when its partition is revoked.
-async fn run_source(
-    mut consumer: Box<dyn Consumer>,
-    source: Source,
+/// What a source's partitions are worked with.
+struct Work {
+    log: Arc<dyn Log>,
     deliverer: Arc<Deliverer>,
     limits: ShardLimits,
     metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
-) {
+    keys: Arc<OrderedKeys>,
+}
+
+/// Starts a shard (or, on the `ordered` topic, a sequencer) for each partition assigned, and
+/// stops it when its partition is revoked.
+async fn run_source(mut consumer: Box<dyn Consumer>, source: Source, work: Work, mut stop: watch::Receiver<bool>) {
+    let Work { log, deliverer, limits, metrics, keys } = work;
     let mut shards: HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
     // Revoked shards drain side by side, each within the whole drain budget; the group waits
     // for their readers to drop, not for this loop.
@@ -261,7 +305,12 @@ async fn run_source(
                     let partition = reader.partition();
                     let (tx, rx) = watch::channel(false);
                     let stats = metrics.shard(&source.label, partition, reader.committer());
-                    let task = tokio::spawn(shard::run(reader, deliverer.clone(), source.delay, limits, stats, rx));
+                    let task = if source.ordered {
+                        let (topic, log, keys) = (source.topic.clone(), log.clone(), keys.clone());
+                        tokio::spawn(ordered::run(reader, topic, log, deliverer.clone(), limits, keys, stats, rx))
+                    } else {
+                        tokio::spawn(shard::run(reader, deliverer.clone(), source.delay, limits, stats, rx))
+                    };
                     shards.insert(partition, (tx, task));
                 }
                 Some(Assignment::Revoked(partition)) => {

@@ -26,8 +26,9 @@ pub enum Settlement {
         attempt: u32,
         /// When it is due, ms since the epoch.
         due_ms: i64,
-        /// The tier it waits in.
-        tier: Duration,
+        /// The tier it waits in; `None` for the head of an ordered key, which waits with its
+        /// key's sequencer.
+        tier: Option<Duration>,
     },
     /// Not attempted now, and no attempt used: it waits in a tier until `due_ms`.
     Deferred {
@@ -82,6 +83,8 @@ pub enum Parked {
     Malformed(String),
     /// Processing it panicked twice.
     Panicked(String),
+    /// An operator skipped it, the blocked head of an ordered key.
+    Skipped(String),
 }
 
 impl Parked {
@@ -93,6 +96,7 @@ impl Parked {
             Parked::Disabled(_) => "disabled",
             Parked::Malformed(_) => "malformed",
             Parked::Panicked(_) => "panicked",
+            Parked::Skipped(_) => "skipped",
         }
     }
 }
@@ -178,6 +182,7 @@ impl Settled {
                 response,
                 state,
                 next_ms,
+                ordering_key: d.ordering_key.clone(),
             })
         };
         match (&self.attempt, &self.settlement) {
@@ -203,14 +208,24 @@ impl Settled {
                 at_ms: now_ms,
                 state,
                 error: match settlement {
-                    Settlement::DeadLettered { reason: Parked::Panicked(why) | Parked::Malformed(why) } => {
-                        Some(why.clone())
-                    }
+                    Settlement::DeadLettered {
+                        reason: Parked::Panicked(why) | Parked::Malformed(why) | Parked::Skipped(why),
+                    } => Some(why.clone()),
                     _ => None,
                 },
             })),
         }
     }
+}
+
+/// Where a delivery that must wait for a later attempt is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waits {
+    /// In the retry tiers, durably, so its record's offset may be committed.
+    InTiers,
+    /// With its key's sequencer (the head of an ordered key), which records the next attempt
+    /// itself: its key's later deliveries must not pass it.
+    InLane,
 }
 
 /// How long a delivery of a subscription not known here waits before it is looked at again.
@@ -237,6 +252,7 @@ impl Settler {
         raw: Bytes,
         outcome: Outcome,
         probe: bool,
+        waits: Waits,
     ) -> Settled {
         target.admission.observe(outcome.latency());
         let transport = Via::of(target);
@@ -257,7 +273,10 @@ impl Settler {
                 match retry::next_due(target, &delivery, not_before) {
                     Some(due_ms) => {
                         let next = Delivery { attempt: delivery.attempt + 1, due_ms, ..delivery.clone() };
-                        let tier = self.retrier.schedule(&next).await;
+                        let tier = match waits {
+                            Waits::InTiers => Some(self.retrier.schedule(&next).await),
+                            Waits::InLane => None,
+                        };
                         Settlement::Rescheduled { attempt: next.attempt, due_ms, tier }
                     }
                     None => self.park(&delivery, raw, &outcome, Parked::Exhausted).await,
@@ -267,17 +286,34 @@ impl Settler {
         Settled { delivery: Some(delivery), transport, attempt: Some(outcome), settlement }
     }
 
-    /// Defers a delivery without using an attempt: it waits in a tier until `due_ms`.
-    pub async fn defer(&self, delivery: Delivery, transport: Via, reason: Deferral, due_ms: i64) -> Settled {
+    /// Defers a delivery without using an attempt: it waits (in a tier, or in its lane) until
+    /// `due_ms`.
+    pub async fn defer(
+        &self,
+        delivery: Delivery,
+        transport: Via,
+        reason: Deferral,
+        due_ms: i64,
+        waits: Waits,
+    ) -> Settled {
         let later = Delivery { due_ms, ..delivery };
-        self.retrier.schedule(&later).await;
+        if waits == Waits::InTiers {
+            self.retrier.schedule(&later).await;
+        }
         Settled::of(later, transport, Settlement::Deferred { reason, due_ms })
     }
 
     /// Defers a delivery whose subscription is not known here yet.
-    pub async fn unknown(&self, delivery: Delivery) -> Settled {
+    pub async fn unknown(&self, delivery: Delivery, waits: Waits) -> Settled {
         let due = now_ms() + UNKNOWN_WAIT.as_millis() as i64;
-        self.defer(delivery, Via::Webhook, Deferral::UnknownSubscription, due).await
+        self.defer(delivery, Via::Webhook, Deferral::UnknownSubscription, due, waits).await
+    }
+
+    /// Dead-letters the head of an ordered key that an operator skipped.
+    pub async fn skipped(&self, delivery: Delivery, raw: Bytes) -> Settled {
+        let error = format!("skipped by an operator at {}; the key's later deliveries went on", rfc3339_ms(now_ms()));
+        self.retrier.dead_letter(&delivery, raw, None, error.clone()).await;
+        Settled::of(delivery, Via::Webhook, Settlement::DeadLettered { reason: Parked::Skipped(error) })
     }
 
     /// Dead-letters a delivery of a disabled subscription.
@@ -358,7 +394,8 @@ pub fn record(settled: &Settled) {
             }
         }
         Settlement::Rescheduled { tier, .. } => {
-            metrics::counter!(m::RETRIES_SCHEDULED, "tier" => tiers::label(*tier)).increment(1);
+            let tier = tier.map_or_else(|| "ordered".to_string(), tiers::label);
+            metrics::counter!(m::RETRIES_SCHEDULED, "tier" => tier).increment(1);
         }
         Settlement::Deferred { reason, .. } => {
             if let Some(reason) = reason.label() {

@@ -614,6 +614,7 @@ mod tests {
             response: None,
             state: State::Delivered,
             next_ms: None,
+            ordering_key: None,
         });
         LogRecord { partition: 0, offset: 0, key: bytes::Bytes::new(), value: rec.encode(), timestamp_ms: at_ms }
     }

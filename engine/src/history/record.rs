@@ -40,6 +40,9 @@ pub struct EventRecord {
     /// `changes` as the producer sent them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes: Option<Box<RawValue>>,
+    /// The producer's ordering key, if it gave one (a resend keeps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
 }
 
 /// Where a delivery stands.
@@ -109,6 +112,10 @@ pub struct AttemptRecord {
     /// When the next attempt is due, if one is scheduled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_ms: Option<i64>,
+    /// The key an ordered subscription keeps this delivery in order by: while it is retrying
+    /// or dead-lettered and blocking, the key's later deliveries wait behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
 }
 
 /// A state change that is not an attempt.
@@ -208,6 +215,7 @@ pub fn attempt_view(a: &AttemptRecord) -> serde_json::Value {
         "response": response,
         "state": a.state.as_str(),
         "next_attempt_at": a.next_ms.map(rfc3339_ms),
+        "ordering_key": a.ordering_key,
     })
 }
 
@@ -225,6 +233,7 @@ mod tests {
             subscriptions: vec!["s".into()],
             data: RawValue::from_string(r#"{"a": [1, 2.50]}"#.into()).unwrap(),
             changes: None,
+            ordering_key: None,
         });
         let HistoryRecord::Event(back) = HistoryRecord::decode(&event.encode()).expect("reads back") else {
             panic!("an event")

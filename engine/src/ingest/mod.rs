@@ -32,6 +32,43 @@ pub struct Event {
     pub id_given: bool,
     /// The producer's trace context (`traceparent`), kept with every delivery.
     pub trace: Option<crate::model::TraceContext>,
+    /// The producer's ordering key, for subscriptions that keep order per key.
+    pub ordering_key: Option<String>,
+}
+
+/// The parts of an event an ordering key can come from.
+struct Keyed<'a> {
+    id: &'a str,
+    event_type: &'a str,
+    tenant: &'a str,
+    ordering_key: Option<&'a str>,
+    data: &'a Json,
+    changes: Option<&'a Json>,
+}
+
+/// The key `target` orders this event's delivery by: none for an unordered subscription; the
+/// event's own `ordering_key`, else what the subscription's `ordering.key` pointer finds in the
+/// event (a string, or a number's or boolean's text). An event without one is delivered
+/// unordered. `parsed` caches the event as JSON across the subscriptions of one event.
+fn ordering_key(target: &Target, event: &Keyed<'_>, parsed: &mut Option<serde_json::Value>) -> Option<String> {
+    let ordering = target.sub.spec.ordering.as_ref().filter(|o| o.ordered())?;
+    if let Some(key) = event.ordering_key {
+        return Some(key.to_string());
+    }
+    let pointer = ordering.key.as_deref()?;
+    let event = parsed.get_or_insert_with(|| {
+        let json = |j: &Json| serde_json::from_slice(&j.canonical).unwrap_or(serde_json::Value::Null);
+        serde_json::json!({
+            "id": event.id, "type": event.event_type, "tenant": event.tenant,
+            "data": json(event.data), "changes": event.changes.map(json),
+        })
+    });
+    let key = match event.pointer(pointer)? {
+        serde_json::Value::String(s) => s.clone(),
+        v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => v.to_string(),
+        _ => return None,
+    };
+    (!key.is_empty() && key.len() <= crate::model::MAX_ORDERING_KEY_LEN).then_some(key)
 }
 
 /// The log record of `delivery` to `target`, with the event's `data` and `changes` in the
@@ -157,7 +194,11 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes
         .map(|tp| crate::model::TraceContext::parse(&tp, input.tracestate.as_deref()))
         .transpose()
         .map_err(|(name, message)| bad(name, message))?;
-    Ok(Event { id, event_type, tenant, data, changes, id_given, trace })
+    let ordering_key = input.ordering_key;
+    if ordering_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > crate::model::MAX_ORDERING_KEY_LEN) {
+        return Err(Refusal::from(bad("ordering_key", "must be 1 to 255 bytes")));
+    }
+    Ok(Event { id, event_type, tenant, data, changes, id_given, trace, ordering_key })
 }
 
 /// How long an accepted event id is remembered, so a producer's retry is not published twice.
@@ -204,6 +245,8 @@ pub struct Ingest {
     log: Arc<dyn Log>,
     registry: Arc<Registry>,
     topic: String,
+    /// Where ordered subscriptions' deliveries go (their keys' sequencers read it).
+    ordered_topic: String,
     recent: Mutex<Recent>,
     /// `quotas.fanout_bytes`.
     max_fanout: u64,
@@ -235,9 +278,35 @@ impl Drop for Reserved<'_> {
 }
 
 impl Ingest {
-    /// Ingest into `topic`; one request may fan out to `max_fanout` bytes.
-    pub fn new(log: Arc<dyn Log>, registry: Arc<Registry>, topic: String, max_fanout: u64) -> Self {
-        Ingest { log, registry, topic, recent: Mutex::new(Recent::default()), max_fanout, history: None }
+    /// Ingest into `topic`, ordered subscriptions' deliveries into `ordered_topic`; one request
+    /// may fan out to `max_fanout` bytes.
+    pub fn new(
+        log: Arc<dyn Log>,
+        registry: Arc<Registry>,
+        topic: String,
+        ordered_topic: String,
+        max_fanout: u64,
+    ) -> Self {
+        Ingest { log, registry, topic, ordered_topic, recent: Mutex::new(Recent::default()), max_fanout, history: None }
+    }
+
+    /// Appends deliveries, each to its topic (ordered ones to their keys' sequencers), durably.
+    async fn append(&self, records: Vec<(Record, bool)>) -> Result<(), LogError> {
+        let (ordered, plain): (Vec<_>, Vec<_>) = records.into_iter().partition(|(_, ordered)| *ordered);
+        let strip = |v: Vec<(Record, bool)>| v.into_iter().map(|(r, _)| r).collect::<Vec<_>>();
+        let (ordered, plain) = (strip(ordered), strip(plain));
+        let append = |topic: &str, records: Vec<Record>| {
+            let log = self.log.clone();
+            let topic = topic.to_string();
+            async move {
+                if records.is_empty() {
+                    Ok(())
+                } else {
+                    log.append(&topic, records).await.map(|_| ())
+                }
+            }
+        };
+        tokio::try_join!(append(&self.topic, plain), append(&self.ordered_topic, ordered)).map(|_| ())
     }
 
     /// Records every accepted event in the delivery history too.
@@ -310,6 +379,7 @@ impl Ingest {
             if fanout > self.max_fanout {
                 return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
             }
+            let mut parsed = None;
             for target in &targets {
                 let first = Delivery::first_attempt(
                     event.id.clone(),
@@ -319,8 +389,18 @@ impl Ingest {
                     Bytes::new(),
                     now,
                 );
-                let first = Delivery { trace: event.trace.clone(), ..first };
-                records.push(delivery_record(target, first, &event.data, event.changes.as_ref()));
+                let keyed = Keyed {
+                    id: &event.id,
+                    event_type: &event.event_type,
+                    tenant: &event.tenant,
+                    ordering_key: event.ordering_key.as_deref(),
+                    data: &event.data,
+                    changes: event.changes.as_ref(),
+                };
+                let key = ordering_key(target, &keyed, &mut parsed);
+                let ordered = key.is_some();
+                let first = Delivery { trace: event.trace.clone(), ordering_key: key, ..first };
+                records.push((delivery_record(target, first, &event.data, event.changes.as_ref()), ordered));
             }
             if self.history.is_some() {
                 history.push(HistoryRecord::Event(EventRecord {
@@ -331,6 +411,7 @@ impl Ingest {
                     subscriptions: targets.iter().map(|t| t.sub.id.clone()).collect(),
                     data: raw(&event.data.sent),
                     changes: event.changes.as_ref().map(|c| raw(&c.sent)),
+                    ordering_key: event.ordering_key.clone(),
                 }));
             }
             if event.id_given {
@@ -341,7 +422,7 @@ impl Ingest {
         }
         // The history's copy of each event and its deliveries are appended together (the
         // log's group commit makes them one write); the answer waits for both.
-        let deliveries = self.log.append(&self.topic, records);
+        let deliveries = self.append(records);
         match &self.history {
             Some(h) => tokio::try_join!(deliveries, h.append(&history)).map(|_| ()),
             None => deliveries.await.map(|_| ()),
@@ -374,7 +455,18 @@ impl Ingest {
         for (event, targets) in items {
             let data = Json::new(event.data.get()).map_err(invalid)?;
             let changes = event.changes.as_ref().map(|c| Json::new(c.get())).transpose().map_err(invalid)?;
+            let mut parsed = None;
             for target in targets {
+                let keyed = Keyed {
+                    id: &event.id,
+                    event_type: &event.event_type,
+                    tenant: &event.tenant,
+                    ordering_key: event.ordering_key.as_deref(),
+                    data: &data,
+                    changes: changes.as_ref(),
+                };
+                let key = ordering_key(target, &keyed, &mut parsed);
+                let ordered = key.is_some();
                 let delivery = Delivery {
                     event_id: event.id.clone(),
                     subscription: target.sub.id.clone(),
@@ -390,8 +482,9 @@ impl Ingest {
                     // The history keeps no trace context, so a resend carries none (a dead
                     // letter's replay keeps its record's).
                     trace: None,
+                    ordering_key: key,
                 };
-                records.push(delivery_record(target, delivery, &data, changes.as_ref()));
+                records.push((delivery_record(target, delivery, &data, changes.as_ref()), ordered));
                 states.push(HistoryRecord::State(StateRecord {
                     event_id: event.id.clone(),
                     subscription: target.sub.id.clone(),
@@ -407,7 +500,7 @@ impl Ingest {
         if queued == 0 {
             return Ok(0);
         }
-        let deliveries = self.log.append(&self.topic, records);
+        let deliveries = self.append(records);
         match &self.history {
             Some(h) => tokio::try_join!(deliveries, h.append(&states)).map(|_| ()),
             None => deliveries.await.map(|_| ()),

@@ -10,6 +10,8 @@ const VERSION: u8 = 1;
 const HAS_CHANGES: u8 = 1;
 /// A trace context follows `changes` (records without one, and older records, lack the bit).
 const HAS_TRACE: u8 = 2;
+/// An ordering key follows the trace context (only ordered subscriptions' deliveries have one).
+const HAS_ORDERING_KEY: u8 = 4;
 
 /// One delivery of one event to one subscription.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +40,9 @@ pub struct Delivery {
     pub changes: Option<Bytes>,
     /// The producer's trace context, if it sent one.
     pub trace: Option<TraceContext>,
+    /// The key whose deliveries an ordered subscription makes one after another; `None` for
+    /// an unordered delivery.
+    pub ordering_key: Option<String>,
 }
 
 /// Why a record's bytes are not a delivery.
@@ -98,6 +103,7 @@ impl Delivery {
             data,
             changes: None,
             trace: None,
+            ordering_key: None,
         }
     }
 
@@ -112,11 +118,13 @@ impl Delivery {
                 + self.data.len()
                 + changes_len
                 + self.trace.as_ref().map_or(0, TraceContext::encoded_len)
+                + self.ordering_key.as_ref().map_or(0, |k| k.len() + 2)
                 + 8,
         );
         buf.put_u8(VERSION);
         let trace = if self.trace.is_some() { HAS_TRACE } else { 0 };
-        buf.put_u8(if self.changes.is_some() { HAS_CHANGES } else { 0 } | trace);
+        let key = if self.ordering_key.is_some() { HAS_ORDERING_KEY } else { 0 };
+        buf.put_u8(if self.changes.is_some() { HAS_CHANGES } else { 0 } | trace | key);
         buf.put_u32_le(self.attempt);
         buf.put_i64_le(self.accepted_ms);
         buf.put_i64_le(self.due_ms);
@@ -134,6 +142,9 @@ impl Delivery {
         }
         if let Some(trace) = &self.trace {
             trace.encode(&mut buf);
+        }
+        if let Some(key) = &self.ordering_key {
+            put_str(&mut buf, key);
         }
         buf.freeze()
     }
@@ -164,6 +175,7 @@ impl Delivery {
         } else {
             None
         };
+        let ordering_key = if flags & HAS_ORDERING_KEY != 0 { Some(get_str(&mut bytes)?) } else { None };
         Ok(Delivery {
             event_id,
             subscription,
@@ -177,6 +189,7 @@ impl Delivery {
             data,
             changes,
             trace,
+            ordering_key,
         })
     }
 }
@@ -199,6 +212,7 @@ mod tests {
             data: Bytes::from_static(br#"{"orderId": "A-1"}"#),
             changes: Some(Bytes::from_static(br#"[{"op":"replace"}]"#)),
             trace: None,
+            ordering_key: None,
         }
     }
 
@@ -210,8 +224,10 @@ mod tests {
         assert_eq!(Delivery::decode(d.encode()).unwrap(), d);
         let trace = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", Some("k=v")).ok();
         for changes in [None, sample().changes] {
-            let d = Delivery { changes, trace: trace.clone(), ..sample() };
-            assert_eq!(Delivery::decode(d.encode()).unwrap(), d);
+            for ordering_key in [None, Some("container-7".to_string())] {
+                let d = Delivery { changes: changes.clone(), trace: trace.clone(), ordering_key, ..sample() };
+                assert_eq!(Delivery::decode(d.encode()).unwrap(), d);
+            }
         }
     }
 

@@ -7,6 +7,10 @@ use serde_json::value::RawValue;
 /// type), which hold 255 bytes.
 pub const MAX_EVENT_ID_LEN: usize = 255;
 
+/// Longest ordering key (an event's `ordering_key`, or the value a subscription's pointer finds):
+/// an ordered subscription keeps one small state per blocked key, and this bounds its size.
+pub const MAX_ORDERING_KEY_LEN: usize = 255;
+
 /// Whether `name` can be an event type: the one rule events, subscriptions' `events` and the
 /// event-type catalogue share. Returns what is wrong, if anything.
 pub fn check_event_type(name: &str) -> Result<(), &'static str> {
@@ -40,4 +44,8 @@ pub struct EventInput {
     /// W3C `tracestate` going with `traceparent`.
     #[serde(default)]
     pub tracestate: Option<String>,
+    /// The key an ordered subscription keeps this event's deliveries in order by (else the
+    /// subscription's `ordering.key` pointer finds one).
+    #[serde(default)]
+    pub ordering_key: Option<String>,
 }

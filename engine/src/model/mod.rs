@@ -11,12 +11,12 @@ pub mod trace;
 
 pub use dead_letter::DeadLetter;
 pub use delivery::{DecodeError, Delivery};
-pub use event::{check_event_type, EventInput, MAX_EVENT_ID_LEN};
+pub use event::{check_event_type, EventInput, MAX_EVENT_ID_LEN, MAX_ORDERING_KEY_LEN};
 pub use outcome::{Failure, Outcome, Response};
 pub use secret::Secret;
 pub use subscription::{
-    AmqpTarget, Auth, PayloadFormat, RetrySpec, SignatureEncoding, SignatureSpec, Subscription, SubscriptionSpec,
-    TlsOptions, TransportKind,
+    AmqpTarget, Auth, OnDeadLetter, OrderingMode, OrderingSpec, PayloadFormat, RetrySpec, SignatureEncoding,
+    SignatureSpec, Subscription, SubscriptionSpec, TlsOptions, TransportKind,
 };
 pub use trace::TraceContext;
 

@@ -297,6 +297,57 @@ pub struct SubscriptionSpec {
     /// or `"none"` to go direct; absent, `http.proxy` (if any) is used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy: Option<String>,
+    /// Per-key ordering: deliveries with the same key are made one after another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<OrderingSpec>,
+}
+
+/// `ordering`: a subscription that opts in gets each key's deliveries strictly one after
+/// another, in the order they were accepted, while other keys flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrderingSpec {
+    /// `key` (ordered per key) or `none` (as if `ordering` were absent).
+    pub mode: OrderingMode,
+    /// Where the key is taken from when an event carries no `ordering_key`: a JSON pointer
+    /// into the event (`/data/containerId`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// What a dead-lettered delivery does to the rest of its key.
+    pub on_dead_letter: OnDeadLetter,
+}
+
+impl Default for OrderingSpec {
+    fn default() -> Self {
+        OrderingSpec { mode: OrderingMode::Key, key: None, on_dead_letter: OnDeadLetter::Skip }
+    }
+}
+
+impl OrderingSpec {
+    /// Whether deliveries are ordered per key.
+    pub fn ordered(&self) -> bool {
+        self.mode == OrderingMode::Key
+    }
+}
+
+/// `ordering.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderingMode {
+    /// Unordered, as without `ordering`.
+    None,
+    /// One after another per key.
+    Key,
+}
+
+/// `ordering.on_dead_letter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeadLetter {
+    /// The key's next delivery goes on once the head is dead-lettered.
+    Skip,
+    /// The key waits until an operator skips the dead-lettered head.
+    Block,
 }
 
 impl Default for SubscriptionSpec {
@@ -319,6 +370,7 @@ impl Default for SubscriptionSpec {
             enabled: true,
             via_edge: None,
             proxy: None,
+            ordering: None,
         }
     }
 }

@@ -215,7 +215,22 @@ fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
     if spec.rate_limit.is_some_and(|r| !r.is_finite()) {
         return Err(Invalid::new("rate_limit", "must be a number of deliveries per second"));
     }
-    check_number("rate_limit", spec.rate_limit, range::RATE_LIMIT)
+    check_number("rate_limit", spec.rate_limit, range::RATE_LIMIT)?;
+    check_ordering(spec.ordering.as_ref())
+}
+
+/// `ordering.key` is a JSON pointer into the event's fields.
+fn check_ordering(ordering: Option<&crate::model::OrderingSpec>) -> Result<(), Invalid> {
+    let Some(pointer) = ordering.and_then(|o| o.key.as_deref()) else { return Ok(()) };
+    check_len("ordering.key", pointer, crate::model::MAX_ORDERING_KEY_LEN)?;
+    let first = pointer.strip_prefix('/').map(|p| p.split('/').next().unwrap_or(""));
+    if !matches!(first, Some("data" | "changes" | "id" | "type" | "tenant")) {
+        return Err(Invalid::new(
+            "ordering.key",
+            "must be a JSON pointer into the event: /data/…, /changes/…, /id, /type or /tenant",
+        ));
+    }
+    Ok(())
 }
 
 fn check_retry(retry: Option<&RetrySpec>) -> Result<(), Invalid> {

@@ -198,6 +198,7 @@ async fn records_older_than_the_retention_are_not_kept() {
             response: None,
             state: State::Delivered,
             next_ms: None,
+            ordering_key: None,
         })
     };
     let records = [attempt("att_recent", now - day), attempt("att_expired", now - 5 * day)]

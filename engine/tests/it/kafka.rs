@@ -10,7 +10,7 @@ use std::time::Duration;
 const PARTITIONS: u32 = 4;
 
 fn all_partitions() -> usize {
-    PARTITIONS as usize * (1 + herald::retry::tiers::TIERS.len())
+    PARTITIONS as usize * herald::topics::Topics::new("herald.").sources().len()
 }
 
 async fn start(kafka: &MockKafka, dir: &std::path::Path) -> (Herald, Api) {

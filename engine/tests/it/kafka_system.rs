@@ -161,6 +161,119 @@ async fn two_herald_processes_on_one_broker_survive_a_sigkill_without_losing_an_
     assert_eq!(counts.len(), published * SUBS, "at least once: nothing lost");
 }
 
+/// Ordered subscriptions on two processes: B joins while keys are failing and being retried
+/// (partitions of the `ordered` topic move to it, their lanes rebuilt from the log), then B is
+/// SIGKILLed (A takes them back). Each key still reaches its receiver in order, and all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_keys_keep_their_order_across_a_rebalance_and_a_sigkill() {
+    use crate::ordering::{assert_in_order, ordered_subscription, publish_n, OrderedReceiver};
+    let broker = Tansu::start();
+    let env = broker.env();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_a, addr_a) = spawn_herald_with(dir_a.path(), &env);
+    let api_a = Api::new(addr_a, crate::support::TOKEN);
+    // Subscriptions until every partition has one, so whichever partitions B takes, it
+    // sequences some keys.
+    let mut receivers = Vec::new();
+    let mut covered = std::collections::HashSet::new();
+    while covered.len() < 4 {
+        let rx = OrderedReceiver::start(true).await;
+        let sub = api_a.subscribe(ordered_subscription(rx.url())).await;
+        covered.insert(herald::log::partition_for(sub["id"].as_str().unwrap().as_bytes(), 4));
+        receivers.push(rx);
+        assert!(receivers.len() < 64, "subscription ids spread over the partitions");
+    }
+    let received = |receivers: &[OrderedReceiver]| -> usize {
+        receivers.iter().map(|r| r.seen.lock().unwrap().values().flatten().filter(|s| s.status == 200).count()).sum()
+    };
+    let mut per_key = std::collections::BTreeMap::new();
+    publish_n(&api_a, "r1", 300, &mut per_key).await;
+    until("some delivered before B joins", Duration::from_secs(60), || async {
+        (received(&receivers) >= 200).then_some(())
+    })
+    .await;
+    let (mut b, addr_b) = spawn_herald_with(dir_b.path(), &env);
+    let api_b = Api::new(addr_b, crate::support::TOKEN);
+    publish_n(&api_b, "r2", 300, &mut per_key).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while delivered(&api_b).await < 50.0 {
+        if std::time::Instant::now() > deadline {
+            let (_, a) = api_a.get("/metrics").await;
+            let (_, b) = api_b.get("/metrics").await;
+            let pick = |m: &serde_json::Value| -> Vec<String> {
+                m.as_str()
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| {
+                        (l.contains("ordered")
+                            || l.starts_with("herald_deliveries_total")
+                            || l.starts_with("herald_partitions"))
+                            && !l.starts_with('#')
+                    })
+                    .map(str::to_string)
+                    .collect()
+            };
+            panic!("B delivered too little in 60 s\nA: {:#?}\nB: {:#?}", pick(&a), pick(&b));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.kill();
+    publish_n(&api_a, "r3", 300, &mut per_key).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while receivers.iter().any(|rx| rx.complete(&per_key) < per_key.len()) {
+        if std::time::Instant::now() > deadline {
+            // Say where each unfinished key stands, and what A's sequencer holds.
+            let mut report = String::new();
+            for (i, rx) in receivers.iter().enumerate() {
+                for (key, n) in &per_key {
+                    let seen = rx.of(key);
+                    let done = seen.iter().filter(|s| s.status == 200).map(|s| s.seq).max();
+                    if done != Some(n - 1) {
+                        let last: Vec<_> = seen.iter().rev().take(3).map(|s| (s.seq, s.status)).collect();
+                        report.push_str(&format!("\nsubscription {i} key {key}: {n} published, delivered up to {done:?}, last requests {last:?}"));
+                        // The next event's id, as publish_n made it (300 per tag, key k(i*7 % 20)).
+                        let next = done.map_or(0, |d| d + 1);
+                        let mut count: std::collections::BTreeMap<String, u64> = Default::default();
+                        let id =
+                            ["r1", "r2", "r3"].iter().flat_map(|t| (0..300).map(move |i| (t, i))).find_map(|(t, i)| {
+                                let k = format!("k{}", (i * 7) % 20);
+                                let c = count.entry(k.clone()).or_default();
+                                let hit = (k == *key && *c == next).then(|| format!("{t}-{i}"));
+                                *c += 1;
+                                hit
+                            });
+                        if let Some(id) = id {
+                            let (_, e) = api_a.get(&format!("/v1/events/{id}")).await;
+                            let (_, a) = api_a.get(&format!("/v1/attempts?event={id}")).await;
+                            report.push_str(&format!("\n  next {id}: {}\n  attempts: {}", e["deliveries"], a["items"]));
+                        }
+                    }
+                }
+            }
+            let (_, subs) = api_a.get("/v1/subscriptions").await;
+            for sub in subs["items"].as_array().unwrap() {
+                let (_, blocked) =
+                    api_a.get(&format!("/v1/subscriptions/{}/ordering/blocked", sub["id"].as_str().unwrap())).await;
+                report.push_str(&format!("\nA's blocked keys of {}: {blocked}", sub["id"]));
+            }
+            let (_, metrics) = api_a.get("/metrics").await;
+            let lag: Vec<_> = metrics
+                .as_str()
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("herald_consumer_lag") && l.contains("ordered"))
+                .collect();
+            panic!("not every ordered key was delivered in 180 s:{report}\nA's lag: {lag:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for rx in &receivers {
+        for (key, n) in &per_key {
+            assert_in_order(key, &rx.of(key), *n, true);
+        }
+    }
+}
+
 /// Where the broker holds the delivery records `wanted` ((subscription id, event id) pairs),
 /// with each partition's end and committed offset: tells a record the broker lost from one a
 /// consumer skipped.

@@ -17,6 +17,7 @@ mod kafka_system;
 mod layers;
 mod observability;
 mod openapi;
+mod ordering;
 mod otel;
 mod outcomes;
 mod proxy;

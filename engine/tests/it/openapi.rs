@@ -140,7 +140,7 @@ async fn random_and_malformed_input_at_every_operation_gets_no_5xx_and_appends_n
     let doc = document();
     let fields = field_names(&doc);
     // Real ids, so bodies are judged past the lookup.
-    let sub = api.subscribe(json!({ "url": "https://hooks.example.com/fuzz" })).await;
+    let sub = api.subscribe(json!({ "url": "https://hooks.example.com/fuzz", "ordering": { "key": "/data/k" } })).await;
     let (_, tenant) = api.post("/v1/tenants", json!({ "name": "fuzz" })).await;
     api.post("/v1/event-types", json!({ "name": "fuzz.type", "schema": { "type": "object" }, "validate": true })).await;
     let (sub_id, tenant_id) = (sub["id"].as_str().unwrap().to_string(), tenant["id"].as_str().unwrap().to_string());

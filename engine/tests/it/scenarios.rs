@@ -11,7 +11,15 @@ async fn every_scenario_in_short_form_loses_nothing() {
         let r = run(s, &opts, None).await.unwrap();
         eprintln!("{}", herald_load_tests::report::table(std::slice::from_ref(&r)));
         assert!(r.events_accepted > 0, "{}: nothing was published", r.scenario);
-        assert_eq!(r.lost, 0, "{}: {} of {} deliveries lost", r.scenario, r.lost, r.deliveries_expected);
+        assert_eq!(
+            r.lost,
+            0,
+            "{}: {} of {} deliveries lost; Herald said:\n{}",
+            r.scenario,
+            r.lost,
+            r.deliveries_expected,
+            r.diagnosis.as_deref().unwrap_or_default()
+        );
         assert_eq!(r.bad_signatures, 0, "{}: bad signatures", r.scenario);
         match s {
             Scenario::Failing => assert!(r.failures_sent > 0, "the failing sink failed some requests"),

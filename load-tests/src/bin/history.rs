@@ -102,6 +102,7 @@ fn fill(dir: &Path, shape: Shape, days: i64) -> anyhow::Result<()> {
                 subscriptions: vec![sub.clone()],
                 data,
                 changes: None,
+                ordering_key: None,
             });
             records.push(event.encode());
             for (attempt, (status, state)) in
@@ -125,6 +126,7 @@ fn fill(dir: &Path, shape: Shape, days: i64) -> anyhow::Result<()> {
                     response: Some(herald::model::Response { status, ..body.clone() }),
                     state,
                     next_ms: failed.then_some(at + 5000),
+                    ordering_key: None,
                 });
                 records.push(rec.encode());
             }

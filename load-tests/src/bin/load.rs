@@ -41,6 +41,9 @@ struct Args {
     /// Spread events over this many tenants (t0, t1, ...); 0 = the default tenant.
     #[arg(long, default_value_t = 0)]
     tenants: u32,
+    /// Give events an `ordering_key` out of this many (k0, k1, ...); 0 = none.
+    #[arg(long, default_value_t = 0)]
+    keys: u32,
     /// Append delivery records straight to Kafka at these brokers, bypassing the API.
     #[arg(long, conflicts_with = "direct_embedded")]
     direct_kafka: Option<String>,
@@ -97,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency,
         size: args.size,
         tenants: args.tenants,
+        keys: args.keys,
         id_prefix: format!("load-{}", std::process::id()),
         event_type: args.event_type,
         progress: true,

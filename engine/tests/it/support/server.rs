@@ -69,7 +69,7 @@ impl MockKafka {
 /// Starts Herald; on Kafka, waits until the consumer groups have handed it every partition
 /// (the broker holds a new group back about 3 s), so tests time deliveries, not group joins.
 async fn started(config: Config, kafka: bool, extras: Extras) -> herald::server::Herald {
-    let all = config.log.partitions as usize * (1 + herald::retry::tiers::TIERS.len());
+    let all = config.log.partitions as usize * herald::topics::Topics::new("herald.").sources().len();
     let herald = herald::server::start_with(config, extras).await.unwrap();
     if kafka {
         eventually("every partition assigned", Duration::from_secs(30), || {

@@ -1,0 +1,63 @@
+//! `/v1/subscriptions/{id}/ordering`: an ordered subscription's blocked keys, and skipping a
+//! blocked key's head so the rest of the key goes on.
+
+use super::auth::Principal;
+use super::error::{ApiError, JsonBody};
+use super::subscriptions::visible;
+use super::AppState;
+use crate::dispatch::{LaneId, Marker};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+
+/// The subscription, if it keeps order per key.
+fn ordered(state: &AppState, who: &Principal, id: &str) -> Result<std::sync::Arc<crate::target::Target>, ApiError> {
+    let target = visible(state, who, id)?;
+    if !target.sub.spec.ordering.as_ref().is_some_and(|o| o.ordered()) {
+        return Err(ApiError::validation("ordering", "this subscription does not keep order per key"));
+    }
+    Ok(target)
+}
+
+/// The keys whose head has failed (retrying) or is held after a dead letter, with the head's
+/// event and how many deliveries wait behind it. On Kafka each process lists the keys of the
+/// partitions it sequences.
+pub async fn blocked(
+    who: Principal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let target = ordered(&state, &who, &id)?;
+    let items = state.ordered_keys.blocked(&target.sub.id);
+    Ok(Json(serde_json::json!({ "items": items, "next": null })))
+}
+
+/// `POST /v1/subscriptions/{id}/ordering/skip` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkipRequest {
+    key: String,
+}
+
+/// Skips the key's head: dead-lettered (if it is not already, so it can be replayed), and
+/// the key's next delivery goes on. Written to the log, so whichever process sequences the
+/// key takes it; answered once durable.
+pub async fn skip(
+    who: Principal,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<SkipRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let target = ordered(&state, &who, &id)?;
+    if req.key.is_empty() || req.key.len() > crate::model::MAX_ORDERING_KEY_LEN {
+        return Err(ApiError::validation("key", "must be 1 to 255 bytes"));
+    }
+    let marker = Marker::Skip { lane: LaneId { subscription: target.sub.id.clone(), key: req.key.clone() } };
+    state.log.append(&state.ordered_topic, vec![marker.record()]).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "subscription": target.sub.id, "key": req.key, "skip": "queued" })),
+    ))
+}

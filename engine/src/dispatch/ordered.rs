@@ -1,0 +1,911 @@
+//! Ordered delivery per key: the sequencer of one partition of the `ordered` topic.
+//!
+//! Ingest appends an ordered subscription's deliveries to the `ordered` topic (keyed by
+//! subscription, so one partition holds all of a subscription's keys, in acceptance order).
+//! The sequencer reads it in order and keeps, per *lane* (subscription, key) that has
+//! something outstanding, one **head**: the delivery being attempted. The head's retries are
+//! kept here, not in the tiers, so nothing of its key can pass it; the key's later deliveries
+//! stay where they are, in the log, counted, with at most [`BUFFER`] of them held in memory
+//! and the rest found again by reading the partition from where the last one held was
+//! (`Log::read_partition`) when the head settles. A failing key costs one delivery and a few
+//! counters however long its backlog; other keys and other subscriptions go on.
+//!
+//! What happens to a head is written back to the same partition as a [`Marker`] before it
+//! takes effect — its next attempt, its end (delivered, dead-lettered, dropped), a key held
+//! after a dead letter — so the lanes are a function of the partition's records: a restart,
+//! or another process taking the partition over, rebuilds them by reading from the committed
+//! offset, which never passes the oldest head still outstanding. Nothing is attempted while
+//! that replay runs, so a settled head is not sent again and no head starts out of turn.
+//!
+//! An operator's skip is a marker too (written by the API), so any process can take it.
+
+use super::{Deliverer, Settled, Settlement, ShardLimits};
+use crate::log::{Committer, Log, LogError, LogRecord, PartitionReader, Record};
+use crate::model::{now_ms, rfc3339_ms, Delivery, OnDeadLetter};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// A key's later deliveries held in memory at most; the rest wait in the log.
+pub const BUFFER: usize = 32;
+
+/// Records read at a time when looking for a key's next deliveries.
+const SCAN_PAGE: usize = 512;
+
+/// The first byte of a marker record; a delivery record starts with its version (1).
+const MARKER: u8 = 0xA7;
+
+/// A subscription and one of its keys: the unit that is kept in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LaneId {
+    /// The subscription.
+    pub subscription: String,
+    /// The ordering key.
+    pub key: String,
+}
+
+/// What happened to a lane's head, as written to its partition (see the module's doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Marker {
+    /// The head (the delivery at offset `head`) failed; attempt `attempt` is due at `due_ms`.
+    Attempted {
+        /// Its lane.
+        lane: LaneId,
+        /// The head's offset.
+        head: u64,
+        /// The next attempt's number.
+        attempt: u32,
+        /// When it is due, ms since the epoch.
+        due_ms: i64,
+    },
+    /// The head is done (delivered, dead-lettered, dropped or skipped): the next may go.
+    Settled {
+        /// Its lane.
+        lane: LaneId,
+        /// The head's offset.
+        head: u64,
+    },
+    /// The head was dead-lettered and its subscription holds the key until an operator skips it.
+    Blocked {
+        /// Its lane.
+        lane: LaneId,
+        /// The head's offset.
+        head: u64,
+    },
+    /// An operator asks that the key's head be skipped (dead-lettered if it is not yet).
+    Skip {
+        /// Its lane.
+        lane: LaneId,
+    },
+}
+
+fn put_str(buf: &mut BytesMut, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    buf.put_u16_le(s.len() as u16);
+    buf.put_slice(s);
+}
+
+fn get_str(buf: &mut Bytes) -> Option<String> {
+    if buf.remaining() < 2 {
+        return None;
+    }
+    let len = buf.get_u16_le() as usize;
+    if buf.remaining() < len {
+        return None;
+    }
+    String::from_utf8(buf.split_to(len).to_vec()).ok()
+}
+
+impl Marker {
+    /// The lane it is about.
+    pub fn lane(&self) -> &LaneId {
+        match self {
+            Marker::Attempted { lane, .. }
+            | Marker::Settled { lane, .. }
+            | Marker::Blocked { lane, .. }
+            | Marker::Skip { lane } => lane,
+        }
+    }
+
+    /// The record that carries it: keyed by subscription, so it lands in its lane's partition.
+    pub fn record(&self) -> Record {
+        let lane = self.lane();
+        let mut buf = BytesMut::with_capacity(32 + lane.subscription.len() + lane.key.len());
+        buf.put_u8(MARKER);
+        let kind = match self {
+            Marker::Attempted { .. } => 1,
+            Marker::Settled { .. } => 2,
+            Marker::Blocked { .. } => 3,
+            Marker::Skip { .. } => 4,
+        };
+        buf.put_u8(kind);
+        put_str(&mut buf, &lane.subscription);
+        put_str(&mut buf, &lane.key);
+        match self {
+            Marker::Attempted { head, attempt, due_ms, .. } => {
+                buf.put_u64_le(*head);
+                buf.put_u32_le(*attempt);
+                buf.put_i64_le(*due_ms);
+            }
+            Marker::Settled { head, .. } | Marker::Blocked { head, .. } => buf.put_u64_le(*head),
+            Marker::Skip { .. } => {}
+        }
+        Record { key: Bytes::copy_from_slice(lane.subscription.as_bytes()), value: buf.freeze() }
+    }
+
+    /// Reads a marker record; `None` for anything else (a delivery, or garbage).
+    pub fn decode(mut value: Bytes) -> Option<Marker> {
+        if value.remaining() < 2 || value.get_u8() != MARKER {
+            return None;
+        }
+        let kind = value.get_u8();
+        let lane = LaneId { subscription: get_str(&mut value)?, key: get_str(&mut value)? };
+        let head = |v: &mut Bytes| (v.remaining() >= 8).then(|| v.get_u64_le());
+        Some(match kind {
+            1 => {
+                let head = head(&mut value)?;
+                if value.remaining() < 12 {
+                    return None;
+                }
+                Marker::Attempted { lane, head, attempt: value.get_u32_le(), due_ms: value.get_i64_le() }
+            }
+            2 => Marker::Settled { lane, head: head(&mut value)? },
+            3 => Marker::Blocked { lane, head: head(&mut value)? },
+            4 => Marker::Skip { lane },
+            _ => return None,
+        })
+    }
+}
+
+/// Where a blocked key's head stands (what the API lists).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BlockedKey {
+    /// The subscription.
+    pub subscription: String,
+    /// The key.
+    pub key: String,
+    /// The head's event.
+    pub head_event: String,
+    /// Attempts made on the head so far.
+    pub attempts: u32,
+    /// `retrying`, or `dead_lettered` (held until skipped).
+    pub state: &'static str,
+    /// When the head is tried next, while retrying.
+    pub next_attempt_at: Option<String>,
+    /// The key's deliveries waiting behind the head.
+    pub waiting: u64,
+    /// How many of them are held in memory (at most [`BUFFER`]; the rest wait in the log).
+    pub held: usize,
+}
+
+/// The keys blocked behind a failing or dead-lettered head, on the partitions this process
+/// sequences: what `herald_ordered_keys_blocked` counts and the API lists.
+#[derive(Default)]
+pub struct OrderedKeys {
+    blocked: Mutex<BTreeMap<LaneId, BlockedKey>>,
+}
+
+impl OrderedKeys {
+    /// The blocked keys of `subscription`.
+    pub fn blocked(&self, subscription: &str) -> Vec<BlockedKey> {
+        let blocked = self.blocked.lock().unwrap();
+        blocked.values().filter(|b| b.subscription == subscription).cloned().collect()
+    }
+
+    /// Blocked keys in all.
+    pub fn count(&self) -> usize {
+        self.blocked.lock().unwrap().len()
+    }
+
+    fn set(&self, lane: &LaneId, view: Option<BlockedKey>) {
+        let mut blocked = self.blocked.lock().unwrap();
+        match view {
+            Some(v) => blocked.insert(lane.clone(), v),
+            None => blocked.remove(lane),
+        };
+    }
+}
+
+/// Where a lane's head is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadState {
+    /// Waiting for its due time.
+    Waiting,
+    /// Being attempted.
+    InFlight,
+    /// Dead-lettered, the key held until an operator skips it.
+    Parked,
+    /// Settled; the next delivery is being looked for in the log.
+    Scanning,
+}
+
+/// One key with something outstanding.
+struct Lane {
+    /// The head's record, as read (its offset is the head's identity).
+    head: LogRecord,
+    /// The head's event (for the API).
+    event: String,
+    /// Its next attempt's number and due time (the record's own, until a marker says more).
+    attempt: u32,
+    due_ms: i64,
+    state: HeadState,
+    /// An operator asked to skip the head while it was being attempted.
+    skip: bool,
+    /// The key's deliveries waiting behind the head, in the log.
+    waiting: u64,
+    /// The first of them, at most [`BUFFER`].
+    buffered: VecDeque<LogRecord>,
+    /// Where the first waiting delivery not buffered is looked for.
+    scan_from: u64,
+}
+
+impl Lane {
+    fn new(head: LogRecord, d: &Delivery) -> Lane {
+        Lane {
+            scan_from: head.offset + 1,
+            head,
+            event: d.event_id.clone(),
+            attempt: d.attempt,
+            due_ms: d.due_ms,
+            state: HeadState::Waiting,
+            skip: false,
+            waiting: 0,
+            buffered: VecDeque::new(),
+        }
+    }
+
+    /// The head's delivery record as it is to be attempted now (its attempt and due time).
+    fn attempt_record(&self) -> Option<LogRecord> {
+        let d = Delivery::decode(self.head.value.clone()).ok()?;
+        let d = Delivery { attempt: self.attempt, due_ms: self.due_ms, ..d };
+        Some(LogRecord { value: d.encode(), ..self.head.clone() })
+    }
+
+    /// Blocked: its head failed at least once, or is held after a dead letter.
+    fn blocked(&self, lane: &LaneId) -> Option<BlockedKey> {
+        let parked = self.state == HeadState::Parked;
+        (parked || (self.attempt > 1 && self.state != HeadState::Scanning)).then(|| BlockedKey {
+            subscription: lane.subscription.clone(),
+            key: lane.key.clone(),
+            head_event: self.event.clone(),
+            attempts: if parked { self.attempt } else { self.attempt - 1 },
+            state: if parked { "dead_lettered" } else { "retrying" },
+            next_attempt_at: (!parked).then(|| rfc3339_ms(self.due_ms)),
+            waiting: self.waiting,
+            held: self.buffered.len(),
+        })
+    }
+}
+
+/// What an attempt (or skip) on a head came to, once its marker is durable.
+enum Done {
+    /// The head is settled: the next may go.
+    Settled,
+    /// It waits for another attempt (or, deferred, the same one) at `due_ms`.
+    Again { attempt: u32, due_ms: i64 },
+    /// Dead-lettered; the key is held.
+    Parked,
+}
+
+type Finished = BoxFuture<'static, (LaneId, u64, Done)>;
+/// What one pass over the partition found: per lane, its next deliveries and where to look on.
+type Found = BoxFuture<'static, HashMap<LaneId, (Vec<LogRecord>, u64)>>;
+type Read = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<LogRecord>, LogError>)>;
+
+/// One partition's lanes.
+struct Sequencer {
+    partition: u32,
+    topic: String,
+    log: Arc<dyn Log>,
+    deliverer: Arc<Deliverer>,
+    committer: Arc<dyn Committer>,
+    limits: ShardLimits,
+    keys: Arc<OrderedKeys>,
+    lanes: HashMap<LaneId, Lane>,
+    /// Every lane's head offset: the lowest is as far as the partition may be committed.
+    heads: BTreeMap<u64, LaneId>,
+    /// Waiting heads by due time.
+    timers: BTreeSet<(i64, u64)>,
+    attempts: FuturesUnordered<Finished>,
+    /// Lanes whose next deliveries are to be looked for in the log, and the one pass doing it.
+    needy: HashMap<LaneId, (u64, usize)>,
+    scan: Option<Found>,
+    /// The offset after the last record read.
+    read_to: u64,
+    /// The partition's end when the sequencer started: until it is read, nothing is attempted.
+    replay_end: u64,
+    committed: u64,
+    /// Replay is over and skips read during it have acted.
+    live: bool,
+    idle: Option<Box<dyn PartitionReader>>,
+    reading: Option<Read>,
+}
+
+/// Sequences one partition of the `ordered` topic until `stop` turns true, then lets the
+/// attempts in flight finish (bounded).
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    reader: Box<dyn PartitionReader>,
+    topic: String,
+    log: Arc<dyn Log>,
+    deliverer: Arc<Deliverer>,
+    limits: ShardLimits,
+    keys: Arc<OrderedKeys>,
+    stats: Arc<crate::metrics::ShardStats>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let partition = reader.partition();
+    let raw = reader.committer();
+    let replay_end = loop {
+        match log.end_offset(&topic, partition).await {
+            Ok(end) => break end,
+            Err(LogError::Closed) => return,
+            Err(e) => {
+                tracing::error!(partition, error = %e, "reading the ordered topic's end failed; retrying");
+                tokio::select! {
+                    _ = crate::shutdown::stopped(&mut stop) => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    };
+    let mut seq = Sequencer {
+        partition,
+        committer: deliverer.committer(raw),
+        topic,
+        log,
+        deliverer,
+        limits,
+        keys,
+        lanes: HashMap::new(),
+        heads: BTreeMap::new(),
+        timers: BTreeSet::new(),
+        attempts: FuturesUnordered::new(),
+        needy: HashMap::new(),
+        scan: None,
+        // Set by the first record read: a committer's idea of the committed offset can run
+        // ahead of where its reader starts (Kafka's reports the end until a first commit).
+        read_to: 0,
+        replay_end,
+        committed: 0,
+        live: false,
+        idle: Some(reader),
+        reading: None,
+    };
+    loop {
+        seq.start_due();
+        seq.read_more();
+        seq.scan_more();
+        stats.set_in_flight(seq.attempts.len());
+        let wake = seq.wake_at();
+        tokio::select! {
+            _ = crate::shutdown::stopped(&mut stop) => break,
+            Some((lane, head, done)) = seq.attempts.next(), if !seq.attempts.is_empty() => seq.finished(lane, head, done),
+            found = async { seq.scan.as_mut().expect("guarded").await }, if seq.scan.is_some() => {
+                seq.scan = None;
+                for (lane, (records, scanned_to)) in found {
+                    seq.found(lane, records, scanned_to);
+                }
+            }
+            (reader, batch) = async { seq.reading.as_mut().expect("guarded").await }, if seq.reading.is_some() => {
+                if !seq.read(reader, batch).await {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
+        }
+    }
+    seq.drain().await;
+    stats.set_in_flight(0);
+}
+
+impl Sequencer {
+    fn replaying(&self) -> bool {
+        !self.live && self.read_to < self.replay_end
+    }
+
+    /// Keeps one read pending: every record is looked at as it comes (a waiting delivery costs
+    /// a count, not memory), so reading never waits for the lanes.
+    fn read_more(&mut self) {
+        if self.reading.is_some() {
+            return;
+        }
+        let Some(mut reader) = self.idle.take() else { return };
+        let batch = self.limits.batch;
+        self.reading = Some(
+            async move {
+                let records = reader.next_batch(batch).await;
+                (reader, records)
+            }
+            .boxed(),
+        );
+    }
+
+    async fn read(&mut self, reader: Box<dyn PartitionReader>, batch: Result<Vec<LogRecord>, LogError>) -> bool {
+        self.reading = None;
+        self.idle = Some(reader);
+        match batch {
+            Ok(records) => {
+                for rec in records {
+                    if rec.offset < self.read_to {
+                        continue; // handed out again
+                    }
+                    self.read_to = rec.offset + 1;
+                    self.apply(rec);
+                }
+                if !self.live && !self.replaying() {
+                    self.live = true;
+                    self.replayed();
+                }
+                self.commit();
+            }
+            Err(LogError::Closed) => return false,
+            Err(e) => {
+                tracing::error!(partition = self.partition, error = %e, "reading the ordered topic failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        true
+    }
+
+    /// Takes one record of the partition: a delivery joins its lane; a marker moves a lane on.
+    fn apply(&mut self, rec: LogRecord) {
+        if let Some(marker) = Marker::decode(rec.value.clone()) {
+            return self.mark(marker);
+        }
+        let delivery = match Delivery::decode(rec.value.clone()) {
+            Ok(d) => d,
+            Err(e) => {
+                // Not a delivery: parked so it cannot stop the partition (or be lost).
+                let (deliverer, offset) = (self.deliverer.clone(), rec.offset);
+                let lane = LaneId { subscription: String::new(), key: format!("malformed@{offset}") };
+                // Not committed past until it is parked.
+                self.heads.insert(offset, lane.clone());
+                self.attempts.push(
+                    async move {
+                        deliverer.park_malformed(&rec, e.to_string()).await;
+                        (lane, offset, Done::Settled)
+                    }
+                    .boxed(),
+                );
+                return;
+            }
+        };
+        let lane = LaneId {
+            subscription: delivery.subscription.clone(),
+            key: delivery.ordering_key.clone().unwrap_or_default(),
+        };
+        match self.lanes.get_mut(&lane) {
+            Some(l) => {
+                l.waiting += 1;
+                // Buffered only while every earlier one is, so the buffer is always the front.
+                if l.buffered.len() as u64 == l.waiting - 1 && l.buffered.len() < BUFFER {
+                    l.scan_from = rec.offset + 1;
+                    l.buffered.push_back(rec);
+                }
+                let view = l.blocked(&lane);
+                if view.is_some() {
+                    self.keys.set(&lane, view);
+                }
+            }
+            None => {
+                let l = Lane::new(rec, &delivery);
+                self.heads.insert(l.head.offset, lane.clone());
+                self.timers.insert((l.due_ms, l.head.offset));
+                self.lanes.insert(lane, l);
+            }
+        }
+    }
+
+    /// Applies a marker; each applies once (to the head it names, forward only), so reading
+    /// back a marker this sequencer wrote and applied changes nothing.
+    fn mark(&mut self, marker: Marker) {
+        match marker {
+            Marker::Attempted { lane, head, attempt, due_ms } => {
+                self.again(&lane, head, attempt, due_ms);
+            }
+            Marker::Settled { lane, head } => self.release(&lane, head),
+            Marker::Blocked { lane, head } => self.park(&lane, head),
+            Marker::Skip { lane } => {
+                let Some(l) = self.lanes.get_mut(&lane) else { return };
+                l.skip = true;
+                if self.live {
+                    self.skip_now(&lane);
+                }
+            }
+        }
+    }
+
+    fn again(&mut self, lane: &LaneId, head: u64, attempt: u32, due_ms: i64) {
+        let Some(l) = self.lanes.get_mut(lane).filter(|l| l.head.offset == head) else { return };
+        // A marker read back after the head settled (its lane now looks for the next) is old news.
+        if attempt < l.attempt || matches!(l.state, HeadState::Parked | HeadState::Scanning) {
+            return;
+        }
+        self.timers.remove(&(l.due_ms, head));
+        l.attempt = attempt;
+        l.due_ms = due_ms;
+        if l.state != HeadState::InFlight {
+            l.state = HeadState::Waiting;
+            self.timers.insert((due_ms, head));
+        }
+        self.keys.set(lane, l.blocked(lane));
+    }
+
+    fn park(&mut self, lane: &LaneId, head: u64) {
+        let Some(l) = self.lanes.get_mut(lane).filter(|l| l.head.offset == head && l.state != HeadState::Scanning)
+        else {
+            return;
+        };
+        self.timers.remove(&(l.due_ms, head));
+        l.state = HeadState::Parked;
+        self.keys.set(lane, l.blocked(lane));
+    }
+
+    /// The head at `head` is settled: the key's next delivery becomes its head (found in the
+    /// log when none is buffered), or the lane is done.
+    fn release(&mut self, lane: &LaneId, head: u64) {
+        let Some(l) = self.lanes.get_mut(lane).filter(|l| l.head.offset == head) else { return };
+        if l.state == HeadState::Scanning {
+            return;
+        }
+        self.timers.remove(&(l.due_ms, head));
+        self.keys.set(lane, None);
+        if l.waiting == 0 {
+            self.heads.remove(&head);
+            self.lanes.remove(lane);
+            return;
+        }
+        if let Some(next) = l.buffered.pop_front() {
+            self.next_head(lane, next);
+            return;
+        }
+        // The next ones wait in the log: read on from where the last one held was (one pass
+        // for every lane that needs it). The old head's offset stays the commit floor until
+        // a new head is found.
+        l.state = HeadState::Scanning;
+        self.needy.insert(lane.clone(), (l.scan_from, l.waiting.min(BUFFER as u64) as usize));
+    }
+
+    /// Starts a pass over the log for the lanes waiting for their next deliveries, if none is
+    /// running: one sequential read serves them all, so a partition never has more than one.
+    fn scan_more(&mut self) {
+        if self.scan.is_some() || self.needy.is_empty() {
+            return;
+        }
+        let wants = std::mem::take(&mut self.needy);
+        let (log, topic, partition, to) = (self.log.clone(), self.topic.clone(), self.partition, self.read_to);
+        self.scan = Some(async move { scan(&*log, &topic, partition, wants, to).await }.boxed());
+    }
+
+    fn found(&mut self, lane: LaneId, found: Vec<LogRecord>, scanned_to: u64) {
+        let Some(l) = self.lanes.get_mut(&lane) else { return };
+        l.scan_from = scanned_to;
+        // Buffered ones arrived while scanning only if none waited unbuffered: none did.
+        let mut found: VecDeque<LogRecord> = found.into();
+        found.extend(l.buffered.drain(..));
+        l.buffered = found;
+        match l.buffered.pop_front() {
+            Some(next) => self.next_head(&lane, next),
+            None => {
+                tracing::error!(
+                    partition = self.partition,
+                    subscription = %lane.subscription,
+                    waiting = l.waiting,
+                    "an ordered key's next deliveries were not found in the log; the key is released"
+                );
+                let head = l.head.offset;
+                self.heads.remove(&head);
+                self.lanes.remove(&lane);
+            }
+        }
+        self.commit();
+    }
+
+    fn next_head(&mut self, lane: &LaneId, next: LogRecord) {
+        let l = self.lanes.get_mut(lane).expect("a lane being released exists");
+        let d = match Delivery::decode(next.value.clone()) {
+            Ok(d) => d,
+            Err(_) => return, // read and decoded once already
+        };
+        self.heads.remove(&l.head.offset);
+        if l.waiting == 0 {
+            tracing::error!(partition = self.partition, subscription = %lane.subscription, "an ordered key's count of waiting deliveries was off");
+        }
+        l.waiting = l.waiting.saturating_sub(1);
+        l.head = next;
+        l.event = d.event_id;
+        l.attempt = d.attempt;
+        l.due_ms = d.due_ms;
+        l.state = HeadState::Waiting;
+        l.skip = false;
+        self.heads.insert(l.head.offset, lane.clone());
+        self.timers.insert((l.due_ms, l.head.offset));
+        self.commit();
+    }
+
+    /// An operator's skip, now that it may act: a held head is released; a waiting one is
+    /// dead-lettered first; one being attempted is skipped when its attempt ends, if it failed.
+    fn skip_now(&mut self, lane: &LaneId) {
+        let Some(l) = self.lanes.get_mut(lane) else { return };
+        match l.state {
+            HeadState::Parked | HeadState::Waiting => {
+                // A held head is in the dead-letter topic already; a waiting one goes there now.
+                let parked = l.state == HeadState::Parked;
+                l.state = HeadState::InFlight;
+                self.timers.remove(&(l.due_ms, l.head.offset));
+                let (head, rec) = (l.head.offset, l.attempt_record());
+                let (deliverer, log, topic, lane) =
+                    (self.deliverer.clone(), self.log.clone(), self.topic.clone(), lane.clone());
+                self.attempts.push(
+                    async move {
+                        if let (false, Some(rec)) = (parked, rec) {
+                            if let Ok(d) = Delivery::decode(rec.value.clone()) {
+                                deliverer.skip(d, rec.value).await;
+                            }
+                        }
+                        append_durably(&*log, &topic, Marker::Settled { lane: lane.clone(), head }).await;
+                        (lane, head, Done::Settled)
+                    }
+                    .boxed(),
+                );
+            }
+            HeadState::InFlight | HeadState::Scanning => {}
+        }
+    }
+
+    /// Starts every head that is due, while the window has room; nothing during replay.
+    fn start_due(&mut self) {
+        if self.replaying() {
+            return;
+        }
+        let now = now_ms();
+        while self.attempts.len() < self.limits.window {
+            let Some(&(due, head)) = self.timers.first() else { break };
+            if due > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(lane) = self.heads.get(&head).cloned() else { continue };
+            let l = self.lanes.get_mut(&lane).expect("a head's lane exists");
+            if l.state != HeadState::Waiting {
+                continue;
+            }
+            l.state = HeadState::InFlight;
+            let Some(rec) = l.attempt_record() else { continue };
+            let attempt = l.attempt;
+            let (deliverer, log, topic) = (self.deliverer.clone(), self.log.clone(), self.topic.clone());
+            self.attempts.push(attempt_head(deliverer, log, topic, lane, head, attempt, rec));
+        }
+    }
+
+    /// When the earliest waiting head is due, if there is room to start it.
+    fn wake_at(&self) -> Option<Instant> {
+        if self.replaying() || self.attempts.len() >= self.limits.window {
+            return None;
+        }
+        let &(due, _) = self.timers.first()?;
+        Some(Instant::now() + Duration::from_millis((due - now_ms()).max(0) as u64))
+    }
+
+    /// A head's attempt (or skip) ended and its marker is durable.
+    fn finished(&mut self, lane: LaneId, head: u64, done: Done) {
+        if lane.subscription.is_empty() {
+            self.heads.remove(&head); // a malformed record, parked
+        }
+        match done {
+            Done::Settled => self.release(&lane, head),
+            Done::Parked => self.park(&lane, head),
+            Done::Again { attempt, due_ms } => {
+                // Unless the head settled meanwhile (another process's marker, after a rebalance).
+                if let Some(l) =
+                    self.lanes.get_mut(&lane).filter(|l| l.head.offset == head && l.state == HeadState::InFlight)
+                {
+                    l.state = HeadState::Waiting;
+                    l.attempt = l.attempt.max(attempt);
+                    l.due_ms = due_ms;
+                    self.timers.insert((due_ms, head));
+                    self.keys.set(&lane, l.blocked(&lane));
+                    if l.skip {
+                        self.skip_now(&lane);
+                    }
+                }
+            }
+        }
+        self.commit();
+    }
+
+    /// Replay is over: skips read during it act now.
+    fn replayed(&mut self) {
+        let skipped: Vec<LaneId> = self.lanes.iter().filter(|(_, l)| l.skip).map(|(id, _)| id.clone()).collect();
+        for lane in skipped {
+            self.skip_now(&lane);
+        }
+    }
+
+    /// Commits up to the oldest head still outstanding (or all that was read).
+    fn commit(&mut self) {
+        let floor = self.heads.keys().next().copied().unwrap_or(self.read_to).min(self.read_to);
+        if floor > self.committed {
+            self.committed = floor;
+            self.committer.commit(floor);
+        }
+    }
+
+    async fn drain(&mut self) {
+        let drained = tokio::time::timeout(self.limits.drain, async {
+            while let Some((lane, head, done)) = self.attempts.next().await {
+                self.finished(lane, head, done);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                partition = self.partition,
+                "stopped with ordered attempts in flight; they will be made again"
+            );
+        }
+        for lane in self.lanes.keys() {
+            self.keys.set(lane, None);
+        }
+        self.deliverer.history_synced().await;
+    }
+}
+
+/// Attempts a head (supervised like any delivery: a second panic dead-letters it), then
+/// writes what became of it to the partition before it takes effect.
+fn attempt_head(
+    deliverer: Arc<Deliverer>,
+    log: Arc<dyn Log>,
+    topic: String,
+    lane: LaneId,
+    head: u64,
+    attempt: u32,
+    rec: LogRecord,
+) -> Finished {
+    async move {
+        let mut settled = None;
+        for _ in 0..2 {
+            let run = deliverer.process_waiting(rec.clone(), super::Waits::InLane);
+            match AssertUnwindSafe(run).catch_unwind().await {
+                Ok(s) => {
+                    settled = Some(s);
+                    break;
+                }
+                Err(panic) => tracing::error!(subscription = %lane.subscription, head, panic = ?panic.type_id(), "an ordered delivery panicked"),
+            }
+        }
+        let settled: Settled = match settled {
+            Some(s) => s,
+            None => deliverer.park_panicked(&rec, "processing an ordered delivery panicked twice".into()).await,
+        };
+        let (done, marker) = match settled.settlement {
+            Settlement::Delivered | Settlement::Dropped => (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head })),
+            Settlement::DeadLettered { .. } => match deliverer.on_dead_letter(&lane.subscription) {
+                OnDeadLetter::Skip => (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head })),
+                OnDeadLetter::Block => (Done::Parked, Some(Marker::Blocked { lane: lane.clone(), head })),
+            },
+            Settlement::Rescheduled { attempt, due_ms, .. } => {
+                (Done::Again { attempt, due_ms }, Some(Marker::Attempted { lane: lane.clone(), head, attempt, due_ms }))
+            }
+            // No attempt was used: it is tried again as it is, at its time.
+            Settlement::Deferred { due_ms, .. } => (Done::Again { attempt, due_ms }, None),
+        };
+        if let Some(marker) = marker {
+            append_durably(&*log, &topic, marker).await;
+        }
+        (lane, head, done)
+    }
+    .boxed()
+}
+
+/// Appends a marker, retrying until it is durable: the lane must not move before it is.
+async fn append_durably(log: &dyn Log, topic: &str, marker: Marker) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match log.append(topic, vec![marker.record()]).await {
+            Ok(_) => return,
+            Err(LogError::Closed) => return, // stopping: the lane is rebuilt from the log
+            Err(e) => {
+                tracing::error!(topic, error = %e, "appending an ordering marker failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Reads `partition` (below `to`, what the sequencer has read) for the next deliveries of
+/// each lane in `wants` (from where its last one was, as many as it wants), in one pass from
+/// the lowest of those offsets; returns what each lane found and where to look on for it.
+async fn scan(
+    log: &dyn Log,
+    topic: &str,
+    partition: u32,
+    wants: HashMap<LaneId, (u64, usize)>,
+    to: u64,
+) -> HashMap<LaneId, (Vec<LogRecord>, u64)> {
+    let mut from = wants.values().map(|(from, _)| *from).min().unwrap_or(to);
+    let mut found: HashMap<LaneId, (Vec<LogRecord>, u64)> =
+        wants.keys().map(|lane| (lane.clone(), (Vec::new(), to))).collect();
+    let mut unsatisfied = wants.len();
+    let mut failures = 0;
+    'pages: while from < to && unsatisfied > 0 {
+        match log.read_partition(topic, partition, from, SCAN_PAGE).await {
+            Ok((records, next)) => {
+                for rec in records {
+                    if rec.offset >= to {
+                        break 'pages;
+                    }
+                    from = rec.offset + 1;
+                    if Marker::decode(rec.value.clone()).is_some() {
+                        continue;
+                    }
+                    let Ok(d) = Delivery::decode(rec.value.clone()) else { continue };
+                    let lane = LaneId { subscription: d.subscription, key: d.ordering_key.unwrap_or_default() };
+                    let Some(&(start, want)) = wants.get(&lane) else { continue };
+                    let (records, scanned_to) = found.get_mut(&lane).expect("every wanted lane");
+                    if rec.offset < start || records.len() == want {
+                        continue;
+                    }
+                    *scanned_to = rec.offset + 1;
+                    records.push(rec);
+                    if records.len() == want {
+                        unsatisfied -= 1;
+                    }
+                }
+                match next {
+                    Some(next) => from = from.max(next),
+                    None => break,
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::error!(topic, partition, error = %e, "reading ordered keys' next deliveries failed; retrying");
+                if failures > 20 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100 * failures)).await;
+            }
+        }
+    }
+    // A lane that found fewer than it wanted has none left below `to`.
+    for (lane, (records, scanned_to)) in found.iter_mut() {
+        if records.len() < wants[lane].1 {
+            *scanned_to = to;
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_and_nothing_else_reads_as_one() {
+        let lane = LaneId { subscription: "sub_1".into(), key: "container-7".into() };
+        for m in [
+            Marker::Attempted { lane: lane.clone(), head: 42, attempt: 3, due_ms: 1_700_000_000_000 },
+            Marker::Settled { lane: lane.clone(), head: 7 },
+            Marker::Blocked { lane: lane.clone(), head: 9 },
+            Marker::Skip { lane: lane.clone() },
+        ] {
+            let rec = m.record();
+            assert_eq!(&rec.key[..], b"sub_1");
+            assert_eq!(Marker::decode(rec.value.clone()), Some(m));
+            for cut in 0..rec.value.len() - 1 {
+                let _ = Marker::decode(rec.value.slice(..cut)); // no panic on any prefix
+            }
+        }
+        let d = Delivery::first_attempt("e".into(), "s".into(), "t".into(), "x".into(), Bytes::new(), 0);
+        assert_eq!(Marker::decode(d.encode()), None);
+    }
+}

@@ -1,0 +1,329 @@
+//! Ordered delivery per key: an ordered subscription's receiver sees each key's events one
+//! after another in acceptance order, every event arrives, and a failing key holds back only
+//! itself — through the API, on whichever backend the suite runs on, and across a SIGKILL.
+
+use crate::support::metrics::scrape;
+use crate::support::{serve_http1, spawn_herald, until, Api, TestHerald, TOKEN};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const KEYS: usize = 20;
+const EVENTS: usize = 1000;
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+pub(crate) struct Seen {
+    pub(crate) seq: u64,
+    id: String,
+    pub(crate) status: u16,
+}
+
+/// A receiver of events `{"key","seq"}` that fails about one request in five (which, fixed
+/// per event id and try, so a run is repeatable), answers after up to 8 ms, and fails every
+/// request of the key `stuck` while `stuck_fails` is set. It records each key's requests in
+/// the order they arrived.
+#[derive(Clone)]
+pub(crate) struct OrderedReceiver {
+    addr: SocketAddr,
+    pub(crate) seen: Arc<Mutex<BTreeMap<String, Vec<Seen>>>>,
+    stuck: Arc<Mutex<Option<String>>>,
+    random_failures: bool,
+}
+
+impl OrderedReceiver {
+    pub(crate) async fn start(random_failures: bool) -> OrderedReceiver {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let r = OrderedReceiver {
+            addr: listener.local_addr().unwrap(),
+            seen: Default::default(),
+            stuck: Default::default(),
+            random_failures,
+        };
+        let state = r.clone();
+        serve_http1(listener, move |req| state.clone().answer(req));
+        r
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("http://{}/ordered", self.addr)
+    }
+
+    async fn answer(self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let envelope: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let key = envelope["data"]["key"].as_str().unwrap_or("?").to_string();
+        let seq = envelope["data"]["seq"].as_u64().unwrap_or(u64::MAX);
+        let id = envelope["id"].as_str().unwrap_or("").to_string();
+        let (status, pause) = {
+            let mut seen = self.seen.lock().unwrap();
+            let tries = seen.get(&key).map_or(0, |s| s.iter().filter(|s| s.id == id).count());
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (&id, tries).hash(&mut h);
+            let roll = h.finish();
+            let stuck = self.stuck.lock().unwrap().as_deref() == Some(key.as_str());
+            let status = if stuck || (self.random_failures && roll % 5 == 0) { 503 } else { 200 };
+            seen.entry(key).or_default().push(Seen { seq, id, status });
+            (status, Duration::from_millis(roll % 9))
+        };
+        tokio::time::sleep(pause).await;
+        Response::builder().status(status).body(Full::new(Bytes::from_static(b"ok"))).unwrap()
+    }
+
+    /// Keys whose every event `0..n` has been answered 200.
+    pub(crate) fn complete(&self, per_key: &BTreeMap<String, u64>) -> usize {
+        let seen = self.seen.lock().unwrap();
+        per_key
+            .iter()
+            .filter(|(key, n)| {
+                let ok: HashSet<u64> = seen
+                    .get(*key)
+                    .map(|s| s.iter().filter(|s| s.status == 200).map(|s| s.seq).collect())
+                    .unwrap_or_default();
+                (0..**n).all(|seq| ok.contains(&seq))
+            })
+            .count()
+    }
+
+    pub(crate) fn of(&self, key: &str) -> Vec<Seen> {
+        self.seen.lock().unwrap().get(key).cloned().unwrap_or_default()
+    }
+}
+
+/// Checks that `key`'s events reached the receiver one after another in order: a request for
+/// event `n + 1` only ever came after event `n` was answered 200. With `duplicates`, an
+/// event delivered already may come again (a crash repeats the attempt in flight), but never
+/// once a later one has started.
+pub(crate) fn assert_in_order(key: &str, seen: &[Seen], n: u64, duplicates: bool) {
+    let mut delivered: Option<u64> = None; // the highest seq answered 200 so far
+    for s in seen {
+        let expected = delivered.map_or(0, |d| d + 1);
+        if s.seq == expected {
+            if s.status == 200 {
+                delivered = Some(s.seq);
+            }
+            continue;
+        }
+        let repeat = delivered.is_some_and(|d| s.seq <= d);
+        assert!(
+            duplicates && repeat,
+            "key {key}: event {} arrived while {expected} was due (delivered so far: {delivered:?}); requests: {:?}",
+            s.seq,
+            seen.iter().map(|s| (s.seq, s.status)).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(delivered, n.checked_sub(1), "key {key}: every event delivered");
+}
+
+/// `EVENTS` events over `KEYS` keys (`k0`…), published in batches of 50 in acceptance order.
+async fn publish(api: &Api, tag: &str) -> BTreeMap<String, u64> {
+    let mut per_key = BTreeMap::new();
+    publish_n(api, tag, EVENTS, &mut per_key).await;
+    per_key
+}
+
+/// `n` more events over `KEYS` keys, in batches of 50, each key's `seq` going on from its
+/// count in `per_key` (which counts them).
+pub(crate) async fn publish_n(api: &Api, tag: &str, n: usize, per_key: &mut BTreeMap<String, u64>) {
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let key = format!("k{}", (i * 7) % KEYS);
+        let seq = per_key.entry(key.clone()).or_default();
+        batch.push(json!({ "id": format!("{tag}-{i}"), "type": "container.status.updated", "data": { "key": key, "seq": *seq } }));
+        *seq += 1;
+        if batch.len() == 50 {
+            let (status, body) = api.post("/v1/events/batch", Value::Array(std::mem::take(&mut batch))).await;
+            assert_eq!(status, 202, "{body}");
+        }
+    }
+}
+
+pub(crate) fn ordered_subscription(url: String) -> Value {
+    json!({
+        "url": url,
+        "ordering": { "mode": "key", "key": "/data/key" },
+        "retry": { "policy": "fixed", "interval": "50ms", "max_attempts": 100 },
+    })
+}
+
+#[tokio::test]
+async fn each_key_arrives_in_order_and_a_failing_key_holds_back_only_itself() {
+    let h = TestHerald::start().await;
+    let rx = OrderedReceiver::start(true).await;
+    *rx.stuck.lock().unwrap() = Some("k0".into());
+    let sub = h.api.subscribe(ordered_subscription(rx.url())).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    assert_eq!(sub["ordering"], json!({ "mode": "key", "key": "/data/key", "on_dead_letter": "skip" }));
+
+    let started = Instant::now();
+    let per_key = publish(&h.api, "ord").await;
+    let others: BTreeMap<String, u64> =
+        per_key.iter().filter(|(k, _)| *k != "k0").map(|(k, n)| (k.clone(), *n)).collect();
+
+    // Every other key completes while k0 keeps failing.
+    until("the 19 healthy keys delivered", Duration::from_secs(90), || async {
+        (rx.complete(&others) == others.len()).then_some(())
+    })
+    .await;
+    let healthy_done = started.elapsed();
+    let k0 = rx.of("k0");
+    assert!(k0.len() > 1, "k0's head was retried: {k0:?}");
+    assert!(k0.iter().all(|s| s.seq == 0 && s.status == 503), "only k0's head was tried, and it failed: {k0:?}");
+
+    // The blocked key is visible: the API, the metric and the head's attempts.
+    let (status, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+    assert_eq!(status, 200, "{blocked}");
+    let items = blocked["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{blocked}");
+    assert_eq!(items[0]["key"], "k0");
+    assert_eq!(items[0]["state"], "retrying");
+    assert_eq!(items[0]["waiting"], per_key["k0"] - 1, "{blocked}");
+    // 49 wait; 32 of them in memory, the rest in the log only.
+    assert_eq!(items[0]["held"], 32, "{blocked}");
+    let head = items[0]["head_event"].as_str().unwrap().to_string();
+    assert_eq!(scrape(&h.api).await.value("herald_ordered_keys_blocked", &[]), 1.0);
+    let (_, attempts) = h.api.get(&format!("/v1/attempts?event={head}")).await;
+    let attempts = attempts["items"].as_array().unwrap();
+    assert!(!attempts.is_empty() && attempts.iter().all(|a| a["ordering_key"] == "k0"), "{attempts:?}");
+
+    // k0 recovers: its events follow, in order.
+    *rx.stuck.lock().unwrap() = None;
+    until("every key delivered", Duration::from_secs(90), || async {
+        (rx.complete(&per_key) == per_key.len()).then_some(())
+    })
+    .await;
+    for (key, n) in &per_key {
+        assert_in_order(key, &rx.of(key), *n, false);
+    }
+    let total: usize = per_key.keys().map(|k| rx.of(k).iter().filter(|s| s.status == 200).count()).sum();
+    assert_eq!(total, EVENTS, "each event delivered once");
+    until("no key blocked", Duration::from_secs(10), || async {
+        let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+        blocked["items"].as_array().is_some_and(|i| i.is_empty()).then_some(())
+    })
+    .await;
+    eprintln!(
+        "ordered: 19 healthy keys' {} events in {healthy_done:?} while k0 failed",
+        EVENTS - per_key["k0"] as usize
+    );
+}
+
+#[tokio::test]
+async fn a_dead_lettered_head_holds_its_key_until_an_operator_skips_it() {
+    let h = TestHerald::start().await;
+    let rx = OrderedReceiver::start(false).await;
+    *rx.stuck.lock().unwrap() = Some("a".into());
+    let sub = h
+        .api
+        .subscribe(json!({
+            "url": rx.url(),
+            "ordering": { "key": "/data/key", "on_dead_letter": "block" },
+            "retry": { "policy": "fixed", "interval": "50ms", "max_attempts": 2 },
+        }))
+        .await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    for (id, key, seq) in [("a0", "a", 0), ("a1", "a", 1), ("b0", "b", 0), ("a2", "a", 2)] {
+        let (status, _) =
+            h.api.post("/v1/events", json!({ "id": id, "type": "t", "data": { "key": key, "seq": seq } })).await;
+        assert_eq!(status, 202);
+    }
+    // The event's own ordering_key wins over the pointer.
+    let (status, _) = h
+        .api
+        .post("/v1/events", json!({ "id": "c0", "type": "t", "ordering_key": "c", "data": { "key": "c", "seq": 0 } }))
+        .await;
+    assert_eq!(status, 202);
+
+    let blocked = until("key a held after its head is dead-lettered", Duration::from_secs(30), || async {
+        let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+        let item = blocked["items"].as_array()?.first()?.clone();
+        (item["state"] == "dead_lettered").then_some(item)
+    })
+    .await;
+    assert_eq!(
+        (blocked["key"].as_str(), blocked["head_event"].as_str(), blocked["waiting"].as_u64()),
+        (Some("a"), Some("a0"), Some(2))
+    );
+    let (_, dlq) = h.api.get("/v1/dlq").await;
+    assert!(dlq["items"].as_array().unwrap().iter().any(|d| d["event_id"] == "a0"), "{dlq}");
+    until("b and c delivered", Duration::from_secs(10), || async {
+        (rx.of("b").len() == 1 && rx.of("c").len() == 1).then_some(())
+    })
+    .await;
+    assert!(rx.of("a").iter().all(|s| s.seq == 0), "a1 waits behind the held head: {:?}", rx.of("a"));
+
+    // Skipping: a tenant's key of another tenant, a missing key, an unordered subscription.
+    let (status, err) = h.api.post(&format!("/v1/subscriptions/{sub_id}/ordering/skip"), json!({})).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("key")), "{err}");
+    let plain = h.api.subscribe(json!({ "url": format!("http://{}/plain", rx.addr) })).await;
+    let (status, err) = h
+        .api
+        .post(&format!("/v1/subscriptions/{}/ordering/skip", plain["id"].as_str().unwrap()), json!({ "key": "a" }))
+        .await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("ordering")), "{err}");
+
+    *rx.stuck.lock().unwrap() = None;
+    let (status, body) = h.api.post(&format!("/v1/subscriptions/{sub_id}/ordering/skip"), json!({ "key": "a" })).await;
+    assert_eq!(status, 202, "{body}");
+    let a = until("a1 and a2 delivered after the skip", Duration::from_secs(30), || async {
+        let a = rx.of("a");
+        (a.iter().filter(|s| s.status == 200).count() == 2).then_some(a)
+    })
+    .await;
+    let delivered: Vec<u64> = a.iter().filter(|s| s.status == 200).map(|s| s.seq).collect();
+    assert_eq!(delivered, [1, 2], "{a:?}");
+    let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+    assert_eq!(blocked["items"], json!([]));
+}
+
+#[tokio::test]
+async fn bad_ordering_settings_and_keys_are_refused_naming_the_field() {
+    let h = TestHerald::start().await;
+    for (ordering, field) in [
+        (json!({ "mode": "sometimes" }), "ordering.mode"),
+        (json!({ "key": "data/x" }), "ordering.key"),
+        (json!({ "key": "/body/x" }), "ordering.key"),
+        (json!({ "on_dead_letter": "retry" }), "ordering.on_dead_letter"),
+        (json!({ "keys": "/data/x" }), "ordering.keys"),
+    ] {
+        let (status, err) =
+            h.api.post("/v1/subscriptions", json!({ "url": "http://127.0.0.1:9/x", "ordering": ordering })).await;
+        assert_eq!(status, 400, "{ordering}: {err}");
+        assert_eq!(err["error"]["field"], field, "{ordering}: {err}");
+    }
+    for key in [json!(""), json!("x".repeat(256)), json!(7)] {
+        let (status, err) = h.api.post("/v1/events", json!({ "type": "t", "data": {}, "ordering_key": key })).await;
+        assert_eq!(status, 400, "{key}: {err}");
+        assert_eq!(err["error"]["field"], "ordering_key", "{err}");
+    }
+}
+
+#[tokio::test]
+async fn order_holds_across_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = OrderedReceiver::start(true).await;
+    let (mut child, addr) = spawn_herald(dir.path());
+    let api = Api::new(addr, TOKEN);
+    api.subscribe(ordered_subscription(rx.url())).await;
+    let per_key = publish(&api, "kill").await;
+    // Kill once delivery is well under way, not done.
+    let delivered = || rx.seen.lock().unwrap().values().flatten().filter(|s| s.status == 200).count();
+    until("a third delivered", Duration::from_secs(60), || async { (delivered() >= EVENTS / 3).then_some(()) }).await;
+    child.kill();
+    let at_kill = delivered();
+    let (_child, _) = spawn_herald(dir.path());
+    until("every key delivered after the restart", Duration::from_secs(120), || async {
+        (rx.complete(&per_key) == per_key.len()).then_some(())
+    })
+    .await;
+    for (key, n) in &per_key {
+        assert_in_order(key, &rx.of(key), *n, true);
+    }
+    eprintln!("ordered across SIGKILL: {at_kill} of {EVENTS} delivered before the kill");
+}
