@@ -12,10 +12,16 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
 
-/// The subscription, if it keeps order per key.
-fn ordered(state: &AppState, who: &Principal, id: &str) -> Result<std::sync::Arc<crate::target::Target>, ApiError> {
+/// The subscription, if it keeps order per key (or, for a skip, ever did: keys queued while it
+/// was ordered are still sequenced).
+fn ordered(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+    or_was: bool,
+) -> Result<std::sync::Arc<crate::target::Target>, ApiError> {
     let target = visible(state, who, id)?;
-    if !target.sub.spec.ordering.as_ref().is_some_and(|o| o.ordered()) {
+    if !target.sub.spec.ordering.as_ref().is_some_and(|o| o.ordered() || or_was) {
         return Err(ApiError::validation("ordering", "this subscription does not keep order per key"));
     }
     Ok(target)
@@ -29,7 +35,7 @@ pub async fn blocked(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let target = ordered(&state, &who, &id)?;
+    let target = ordered(&state, &who, &id, false)?;
     let items = state.ordered_keys.blocked(&target.sub.id);
     Ok(Json(serde_json::json!({ "items": items, "next": null })))
 }
@@ -39,6 +45,9 @@ pub async fn blocked(
 #[serde(deny_unknown_fields)]
 pub struct SkipRequest {
     key: String,
+    /// The head's event as the blocked-keys list showed it: skipped only if it is still the head.
+    #[serde(default)]
+    event: Option<String>,
 }
 
 /// Skips the key's head: dead-lettered (if it is not already, so it can be replayed), and
@@ -50,11 +59,15 @@ pub async fn skip(
     Path(id): Path<String>,
     JsonBody(req): JsonBody<SkipRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let target = ordered(&state, &who, &id)?;
+    let target = ordered(&state, &who, &id, true)?;
     if req.key.is_empty() || req.key.len() > crate::model::MAX_ORDERING_KEY_LEN {
         return Err(ApiError::validation("key", "must be 1 to 255 bytes"));
     }
-    let marker = Marker::Skip { lane: LaneId { subscription: target.sub.id.clone(), key: req.key.clone() } };
+    if req.event.as_ref().is_some_and(|e| e.is_empty() || e.len() > crate::model::MAX_EVENT_ID_LEN) {
+        return Err(ApiError::validation("event", "must be 1 to 255 bytes"));
+    }
+    let lane = LaneId { subscription: target.sub.id.clone(), key: req.key.clone() };
+    let marker = Marker::Skip { lane, event: req.event };
     state.log.append(&state.ordered_topic, vec![marker.record()]).await?;
     Ok((
         StatusCode::ACCEPTED,

@@ -94,12 +94,25 @@ impl Deliverer {
         settled
     }
 
-    /// The subscription's ordering rules, if it is still known here.
+    /// What a dead-lettered head does to its key, by the subscription's ordering rules (a key
+    /// of a subscription not known here, or no longer ordered, is not held).
     pub fn on_dead_letter(&self, subscription: &str) -> crate::model::OnDeadLetter {
-        self.registry
-            .get(subscription)
-            .and_then(|t| t.sub.spec.ordering.as_ref().map(|o| o.on_dead_letter))
-            .unwrap_or(crate::model::OnDeadLetter::Skip)
+        if self.holds(subscription) {
+            crate::model::OnDeadLetter::Block
+        } else {
+            crate::model::OnDeadLetter::Skip
+        }
+    }
+
+    /// Whether the subscription holds a key whose head was dead-lettered until it is skipped.
+    pub fn holds(&self, subscription: &str) -> bool {
+        self.registry.get(subscription).is_some_and(|t| {
+            t.sub
+                .spec
+                .ordering
+                .as_ref()
+                .is_some_and(|o| o.ordered() && o.on_dead_letter == crate::model::OnDeadLetter::Block)
+        })
     }
 
     fn write_history(&self, settled: &Settled) {

@@ -36,8 +36,20 @@ use tokio::time::Instant;
 /// A key's later deliveries held in memory at most; the rest wait in the log.
 pub const BUFFER: usize = 32;
 
+/// Keys with something outstanding in one partition at most: past it the sequencer stops
+/// reading (the rest waits in the log) until some settle, so memory is bounded however many
+/// distinct keys a tenant fails on.
+pub const MAX_KEYS: usize = 10_000;
+
+/// Later deliveries held in memory per partition at most (over all its keys).
+pub const MAX_HELD: usize = 4_096;
+
 /// Records read at a time when looking for a key's next deliveries.
 const SCAN_PAGE: usize = 512;
+
+/// How often held keys are looked at again: one whose subscription no longer holds keys
+/// after a dead letter (deleted, or changed to `skip`) goes on.
+const SWEEP: Duration = Duration::from_secs(10);
 
 /// The first byte of a marker record; a delivery record starts with its version (1).
 const MARKER: u8 = 0xA7;
@@ -79,10 +91,13 @@ pub enum Marker {
         /// The head's offset.
         head: u64,
     },
-    /// An operator asks that the key's head be skipped (dead-lettered if it is not yet).
+    /// An operator asks that the key's head be skipped (dead-lettered if it is not yet) — only
+    /// if it is still `event`, when one is named (a head that moved on is not skipped by mistake).
     Skip {
         /// Its lane.
         lane: LaneId,
+        /// The head's event the operator saw, if named.
+        event: Option<String>,
     },
 }
 
@@ -110,7 +125,7 @@ impl Marker {
             Marker::Attempted { lane, .. }
             | Marker::Settled { lane, .. }
             | Marker::Blocked { lane, .. }
-            | Marker::Skip { lane } => lane,
+            | Marker::Skip { lane, .. } => lane,
         }
     }
 
@@ -135,7 +150,7 @@ impl Marker {
                 buf.put_i64_le(*due_ms);
             }
             Marker::Settled { head, .. } | Marker::Blocked { head, .. } => buf.put_u64_le(*head),
-            Marker::Skip { .. } => {}
+            Marker::Skip { event, .. } => put_str(&mut buf, event.as_deref().unwrap_or("")),
         }
         Record { key: Bytes::copy_from_slice(lane.subscription.as_bytes()), value: buf.freeze() }
     }
@@ -158,7 +173,7 @@ impl Marker {
             }
             2 => Marker::Settled { lane, head: head(&mut value)? },
             3 => Marker::Blocked { lane, head: head(&mut value)? },
-            4 => Marker::Skip { lane },
+            4 => Marker::Skip { lane, event: get_str(&mut value).filter(|e| !e.is_empty()) },
             _ => return None,
         })
     }
@@ -317,7 +332,13 @@ struct Sequencer {
     /// Lanes whose next deliveries are to be looked for in the log, and the one pass doing it.
     needy: HashMap<LaneId, (u64, usize)>,
     scan: Option<Found>,
-    /// The offset after the last record read.
+    /// Records read and not yet applied: applying waits while a key's next deliveries are
+    /// looked for (so a marker for one of them is never read before it is), and while the
+    /// partition holds [`MAX_KEYS`] keys.
+    unread: VecDeque<LogRecord>,
+    /// Later deliveries held in memory over all keys (at most [`MAX_HELD`]).
+    held: usize,
+    /// The offset after the last record applied.
     read_to: u64,
     /// The partition's end when the sequencer started: until it is read, nothing is attempted.
     replay_end: u64,
@@ -370,6 +391,8 @@ pub async fn run(
         attempts: FuturesUnordered::new(),
         needy: HashMap::new(),
         scan: None,
+        unread: VecDeque::new(),
+        held: 0,
         // Set by the first record read: a committer's idea of the committed offset can run
         // ahead of where its reader starts (Kafka's reports the end until a first commit).
         read_to: 0,
@@ -379,6 +402,8 @@ pub async fn run(
         idle: Some(reader),
         reading: None,
     };
+    let mut sweep = tokio::time::interval(SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         seq.start_due();
         seq.read_more();
@@ -393,6 +418,7 @@ pub async fn run(
                 for (lane, (records, scanned_to)) in found {
                     seq.found(lane, records, scanned_to);
                 }
+                seq.apply_unread();
             }
             (reader, batch) = async { seq.reading.as_mut().expect("guarded").await }, if seq.reading.is_some() => {
                 if !seq.read(reader, batch).await {
@@ -400,6 +426,7 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
+            _ = sweep.tick() => seq.sweep(),
         }
     }
     seq.drain().await;
@@ -414,7 +441,7 @@ impl Sequencer {
     /// Keeps one read pending: every record is looked at as it comes (a waiting delivery costs
     /// a count, not memory), so reading never waits for the lanes.
     fn read_more(&mut self) {
-        if self.reading.is_some() {
+        if self.reading.is_some() || !self.unread.is_empty() {
             return;
         }
         let Some(mut reader) = self.idle.take() else { return };
@@ -433,18 +460,8 @@ impl Sequencer {
         self.idle = Some(reader);
         match batch {
             Ok(records) => {
-                for rec in records {
-                    if rec.offset < self.read_to {
-                        continue; // handed out again
-                    }
-                    self.read_to = rec.offset + 1;
-                    self.apply(rec);
-                }
-                if !self.live && !self.replaying() {
-                    self.live = true;
-                    self.replayed();
-                }
-                self.commit();
+                self.unread.extend(records);
+                self.apply_unread();
             }
             Err(LogError::Closed) => return false,
             Err(e) => {
@@ -453,6 +470,24 @@ impl Sequencer {
             }
         }
         true
+    }
+
+    /// Applies what was read, in order, until a key must look for its next deliveries in the
+    /// log first, or the partition holds as many keys as it may.
+    fn apply_unread(&mut self) {
+        while self.scan.is_none() && self.needy.is_empty() && self.lanes.len() < MAX_KEYS {
+            let Some(rec) = self.unread.pop_front() else { break };
+            if rec.offset < self.read_to {
+                continue; // handed out again
+            }
+            self.read_to = rec.offset + 1;
+            self.apply(rec);
+        }
+        if !self.live && !self.replaying() {
+            self.live = true;
+            self.replayed();
+        }
+        self.commit();
     }
 
     /// Takes one record of the partition: a delivery joins its lane; a marker moves a lane on.
@@ -486,9 +521,10 @@ impl Sequencer {
             Some(l) => {
                 l.waiting += 1;
                 // Buffered only while every earlier one is, so the buffer is always the front.
-                if l.buffered.len() as u64 == l.waiting - 1 && l.buffered.len() < BUFFER {
+                if l.buffered.len() as u64 == l.waiting - 1 && l.buffered.len() < BUFFER && self.held < MAX_HELD {
                     l.scan_from = rec.offset + 1;
                     l.buffered.push_back(rec);
+                    self.held += 1;
                 }
                 let view = l.blocked(&lane);
                 if view.is_some() {
@@ -513,8 +549,11 @@ impl Sequencer {
             }
             Marker::Settled { lane, head } => self.release(&lane, head),
             Marker::Blocked { lane, head } => self.park(&lane, head),
-            Marker::Skip { lane } => {
+            Marker::Skip { lane, event } => {
                 let Some(l) = self.lanes.get_mut(&lane) else { return };
+                if event.is_some_and(|e| e != l.event) {
+                    return; // the head it named is gone: its key moved on
+                }
                 l.skip = true;
                 if self.live {
                     self.skip_now(&lane);
@@ -526,7 +565,8 @@ impl Sequencer {
     fn again(&mut self, lane: &LaneId, head: u64, attempt: u32, due_ms: i64) {
         let Some(l) = self.lanes.get_mut(lane).filter(|l| l.head.offset == head) else { return };
         // A marker read back after the head settled (its lane now looks for the next) is old news.
-        if attempt < l.attempt || matches!(l.state, HeadState::Parked | HeadState::Scanning) {
+        let stale = attempt < l.attempt || (attempt == l.attempt && due_ms < l.due_ms);
+        if stale || matches!(l.state, HeadState::Parked | HeadState::Scanning) {
             return;
         }
         self.timers.remove(&(l.due_ms, head));
@@ -547,6 +587,9 @@ impl Sequencer {
         self.timers.remove(&(l.due_ms, head));
         l.state = HeadState::Parked;
         self.keys.set(lane, l.blocked(lane));
+        if l.skip && self.live {
+            self.skip_now(lane); // an operator asked while its last attempt was under way
+        }
     }
 
     /// The head at `head` is settled: the key's next delivery becomes its head (found in the
@@ -564,6 +607,7 @@ impl Sequencer {
             return;
         }
         if let Some(next) = l.buffered.pop_front() {
+            self.held -= 1;
             self.next_head(lane, next);
             return;
         }
@@ -571,7 +615,8 @@ impl Sequencer {
         // for every lane that needs it). The old head's offset stays the commit floor until
         // a new head is found.
         l.state = HeadState::Scanning;
-        self.needy.insert(lane.clone(), (l.scan_from, l.waiting.min(BUFFER as u64) as usize));
+        let room = BUFFER.min(MAX_HELD.saturating_sub(self.held)).max(1);
+        self.needy.insert(lane.clone(), (l.scan_from, l.waiting.min(room as u64) as usize));
     }
 
     /// Starts a pass over the log for the lanes waiting for their next deliveries, if none is
@@ -590,10 +635,14 @@ impl Sequencer {
         l.scan_from = scanned_to;
         // Buffered ones arrived while scanning only if none waited unbuffered: none did.
         let mut found: VecDeque<LogRecord> = found.into();
+        self.held += found.len();
         found.extend(l.buffered.drain(..));
         l.buffered = found;
         match l.buffered.pop_front() {
-            Some(next) => self.next_head(&lane, next),
+            Some(next) => {
+                self.held -= 1;
+                self.next_head(&lane, next)
+            }
             None => {
                 tracing::error!(
                     partition = self.partition,
@@ -720,6 +769,24 @@ impl Sequencer {
             }
         }
         self.commit();
+    }
+
+    /// Lets a held key go on once its subscription no longer holds keys (it was deleted, or no
+    /// longer says `"on_dead_letter": "block"`); otherwise it would hold the partition's commit
+    /// point for good.
+    fn sweep(&mut self) {
+        if !self.live {
+            return;
+        }
+        let loose: Vec<LaneId> = self
+            .lanes
+            .iter()
+            .filter(|(id, l)| l.state == HeadState::Parked && !self.deliverer.holds(&id.subscription))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for lane in loose {
+            self.skip_now(&lane);
+        }
     }
 
     /// Replay is over: skips read during it act now.
@@ -867,11 +934,9 @@ async fn scan(
                 }
             }
             Err(e) => {
-                failures += 1;
+                // Never taken for "nothing found": that would let later deliveries go first.
+                failures = (failures + 1).min(50);
                 tracing::error!(topic, partition, error = %e, "reading ordered keys' next deliveries failed; retrying");
-                if failures > 20 {
-                    break;
-                }
                 tokio::time::sleep(Duration::from_millis(100 * failures)).await;
             }
         }
@@ -896,7 +961,8 @@ mod tests {
             Marker::Attempted { lane: lane.clone(), head: 42, attempt: 3, due_ms: 1_700_000_000_000 },
             Marker::Settled { lane: lane.clone(), head: 7 },
             Marker::Blocked { lane: lane.clone(), head: 9 },
-            Marker::Skip { lane: lane.clone() },
+            Marker::Skip { lane: lane.clone(), event: None },
+            Marker::Skip { lane: lane.clone(), event: Some("evt_1".into()) },
         ] {
             let rec = m.record();
             assert_eq!(&rec.key[..], b"sub_1");

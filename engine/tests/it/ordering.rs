@@ -253,7 +253,7 @@ async fn a_dead_lettered_head_holds_its_key_until_an_operator_skips_it() {
     let (_, dlq) = h.api.get("/v1/dlq").await;
     assert!(dlq["items"].as_array().unwrap().iter().any(|d| d["event_id"] == "a0"), "{dlq}");
     until("b and c delivered", Duration::from_secs(10), || async {
-        (rx.of("b").len() == 1 && rx.of("c").len() == 1).then_some(())
+        (!rx.of("b").is_empty() && !rx.of("c").is_empty()).then_some(())
     })
     .await;
     assert!(rx.of("a").iter().all(|s| s.seq == 0), "a1 waits behind the held head: {:?}", rx.of("a"));
@@ -269,7 +269,22 @@ async fn a_dead_lettered_head_holds_its_key_until_an_operator_skips_it() {
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("ordering")), "{err}");
 
     *rx.stuck.lock().unwrap() = None;
-    let (status, body) = h.api.post(&format!("/v1/subscriptions/{sub_id}/ordering/skip"), json!({ "key": "a" })).await;
+    // A skip naming another head than the key's is not applied: once an event published after
+    // it is through (markers and deliveries of a subscription are applied in log order), `a`
+    // is still held.
+    let skip = format!("/v1/subscriptions/{sub_id}/ordering/skip");
+    let (status, body) = h.api.post(&skip, json!({ "key": "a", "event": "a1" })).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, _) =
+        h.api.post("/v1/events", json!({ "id": "b1", "type": "t", "data": { "key": "b", "seq": 1 } })).await;
+    assert_eq!(status, 202);
+    until("b1 delivered", Duration::from_secs(10), || async {
+        rx.of("b").iter().any(|s| s.seq == 1 && s.status == 200).then_some(())
+    })
+    .await;
+    let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+    assert_eq!(blocked["items"][0]["key"], "a", "a skip of another head left the key held: {blocked}");
+    let (status, body) = h.api.post(&skip, json!({ "key": "a", "event": "a0" })).await;
     assert_eq!(status, 202, "{body}");
     let a = until("a1 and a2 delivered after the skip", Duration::from_secs(30), || async {
         let a = rx.of("a");
