@@ -41,8 +41,9 @@ pub const BUFFER: usize = 32;
 /// distinct keys a tenant fails on.
 pub const MAX_KEYS: usize = 10_000;
 
-/// Later deliveries held in memory per partition at most (over all its keys).
-pub const MAX_HELD: usize = 4_096;
+/// Bytes of later deliveries held in memory per partition at most (over all its keys); past
+/// it a key's next deliveries are read back from the log one at a time.
+pub const MAX_HELD_BYTES: usize = 32 << 20;
 
 /// Records read at a time when looking for a key's next deliveries.
 const SCAN_PAGE: usize = 512;
@@ -279,6 +280,9 @@ impl Lane {
     /// The head's delivery record as it is to be attempted now (its attempt and due time).
     fn attempt_record(&self) -> Option<LogRecord> {
         let d = Delivery::decode(self.head.value.clone()).ok()?;
+        if (d.attempt, d.due_ms) == (self.attempt, self.due_ms) {
+            return Some(self.head.clone()); // its first attempt, as most are: no copy
+        }
         let d = Delivery { attempt: self.attempt, due_ms: self.due_ms, ..d };
         Some(LogRecord { value: d.encode(), ..self.head.clone() })
     }
@@ -336,7 +340,7 @@ struct Sequencer {
     /// looked for (so a marker for one of them is never read before it is), and while the
     /// partition holds [`MAX_KEYS`] keys.
     unread: VecDeque<LogRecord>,
-    /// Later deliveries held in memory over all keys (at most [`MAX_HELD`]).
+    /// Bytes of later deliveries held in memory over all keys (about [`MAX_HELD_BYTES`] at most).
     held: usize,
     /// The offset after the last record applied.
     read_to: u64,
@@ -521,10 +525,10 @@ impl Sequencer {
             Some(l) => {
                 l.waiting += 1;
                 // Buffered only while every earlier one is, so the buffer is always the front.
-                if l.buffered.len() as u64 == l.waiting - 1 && l.buffered.len() < BUFFER && self.held < MAX_HELD {
+                if l.buffered.len() as u64 == l.waiting - 1 && l.buffered.len() < BUFFER && self.held < MAX_HELD_BYTES {
                     l.scan_from = rec.offset + 1;
+                    self.held += rec.value.len();
                     l.buffered.push_back(rec);
-                    self.held += 1;
                 }
                 let view = l.blocked(&lane);
                 if view.is_some() {
@@ -607,7 +611,7 @@ impl Sequencer {
             return;
         }
         if let Some(next) = l.buffered.pop_front() {
-            self.held -= 1;
+            self.held = self.held.saturating_sub(next.value.len());
             self.next_head(lane, next);
             return;
         }
@@ -615,7 +619,7 @@ impl Sequencer {
         // for every lane that needs it). The old head's offset stays the commit floor until
         // a new head is found.
         l.state = HeadState::Scanning;
-        let room = BUFFER.min(MAX_HELD.saturating_sub(self.held)).max(1);
+        let room = if self.held < MAX_HELD_BYTES { BUFFER } else { 1 };
         self.needy.insert(lane.clone(), (l.scan_from, l.waiting.min(room as u64) as usize));
     }
 
@@ -635,12 +639,12 @@ impl Sequencer {
         l.scan_from = scanned_to;
         // Buffered ones arrived while scanning only if none waited unbuffered: none did.
         let mut found: VecDeque<LogRecord> = found.into();
-        self.held += found.len();
+        self.held += found.iter().map(|r| r.value.len()).sum::<usize>();
         found.extend(l.buffered.drain(..));
         l.buffered = found;
         match l.buffered.pop_front() {
             Some(next) => {
-                self.held -= 1;
+                self.held = self.held.saturating_sub(next.value.len());
                 self.next_head(&lane, next)
             }
             None => {
