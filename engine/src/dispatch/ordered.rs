@@ -313,7 +313,11 @@ enum Done {
     Parked,
 }
 
-type Finished = BoxFuture<'static, (LaneId, u64, Done)>;
+/// An attempt (or skip) that ended: its lane, head, what it came to, and the marker that must
+/// be durable before that takes effect.
+type Finished = BoxFuture<'static, (LaneId, u64, Done, Option<Marker>)>;
+/// One append of the markers gathered meanwhile; resolves to the transitions they carry.
+type Marking = BoxFuture<'static, Vec<(LaneId, u64, Done)>>;
 /// What one pass over the partition found: per lane, its next deliveries and where to look on.
 type Found = BoxFuture<'static, HashMap<LaneId, (Vec<LogRecord>, u64)>>;
 type Read = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<LogRecord>, LogError>)>;
@@ -333,6 +337,10 @@ struct Sequencer {
     /// Waiting heads by due time.
     timers: BTreeSet<(i64, u64)>,
     attempts: FuturesUnordered<Finished>,
+    /// Ended attempts whose markers wait for the append in flight, and that append: markers
+    /// go to the log in groups, one append for all that ended meanwhile.
+    to_mark: Vec<(LaneId, u64, Done, Marker)>,
+    marking: Option<Marking>,
     /// Lanes whose next deliveries are to be looked for in the log, and the one pass doing it.
     needy: HashMap<LaneId, (u64, usize)>,
     scan: Option<Found>,
@@ -393,6 +401,8 @@ pub async fn run(
         heads: BTreeMap::new(),
         timers: BTreeSet::new(),
         attempts: FuturesUnordered::new(),
+        to_mark: Vec::new(),
+        marking: None,
         needy: HashMap::new(),
         scan: None,
         unread: VecDeque::new(),
@@ -412,11 +422,20 @@ pub async fn run(
         seq.start_due();
         seq.read_more();
         seq.scan_more();
+        seq.mark_more();
         stats.set_in_flight(seq.attempts.len());
         let wake = seq.wake_at();
         tokio::select! {
             _ = crate::shutdown::stopped(&mut stop) => break,
-            Some((lane, head, done)) = seq.attempts.next(), if !seq.attempts.is_empty() => seq.finished(lane, head, done),
+            Some((lane, head, done, marker)) = seq.attempts.next(), if !seq.attempts.is_empty() => {
+                seq.ended(lane, head, done, marker);
+            }
+            marked = async { seq.marking.as_mut().expect("guarded").await }, if seq.marking.is_some() => {
+                seq.marking = None;
+                for (lane, head, done) in marked {
+                    seq.finished(lane, head, done);
+                }
+            }
             found = async { seq.scan.as_mut().expect("guarded").await }, if seq.scan.is_some() => {
                 seq.scan = None;
                 for (lane, (records, scanned_to)) in found {
@@ -510,7 +529,7 @@ impl Sequencer {
                 self.attempts.push(
                     async move {
                         deliverer.park_malformed(&rec, e.to_string()).await;
-                        (lane, offset, Done::Settled)
+                        (lane, offset, Done::Settled, None)
                     }
                     .boxed(),
                 );
@@ -695,8 +714,7 @@ impl Sequencer {
                 l.state = HeadState::InFlight;
                 self.timers.remove(&(l.due_ms, l.head.offset));
                 let (head, rec) = (l.head.offset, l.attempt_record());
-                let (deliverer, log, topic, lane) =
-                    (self.deliverer.clone(), self.log.clone(), self.topic.clone(), lane.clone());
+                let (deliverer, lane) = (self.deliverer.clone(), lane.clone());
                 self.attempts.push(
                     async move {
                         if let (false, Some(rec)) = (parked, rec) {
@@ -704,8 +722,8 @@ impl Sequencer {
                                 deliverer.skip(d, rec.value).await;
                             }
                         }
-                        append_durably(&*log, &topic, Marker::Settled { lane: lane.clone(), head }).await;
-                        (lane, head, Done::Settled)
+                        let marker = Marker::Settled { lane: lane.clone(), head };
+                        (lane, head, Done::Settled, Some(marker))
                     }
                     .boxed(),
                 );
@@ -734,8 +752,7 @@ impl Sequencer {
             l.state = HeadState::InFlight;
             let Some(rec) = l.attempt_record() else { continue };
             let attempt = l.attempt;
-            let (deliverer, log, topic) = (self.deliverer.clone(), self.log.clone(), self.topic.clone());
-            self.attempts.push(attempt_head(deliverer, log, topic, lane, head, attempt, rec));
+            self.attempts.push(attempt_head(self.deliverer.clone(), lane, head, attempt, rec));
         }
     }
 
@@ -746,6 +763,31 @@ impl Sequencer {
         }
         let &(due, _) = self.timers.first()?;
         Some(Instant::now() + Duration::from_millis((due - now_ms()).max(0) as u64))
+    }
+
+    /// An attempt (or skip) ended: it takes effect now, or once its marker is durable.
+    fn ended(&mut self, lane: LaneId, head: u64, done: Done, marker: Option<Marker>) {
+        match marker {
+            Some(marker) => self.to_mark.push((lane, head, done, marker)),
+            None => self.finished(lane, head, done),
+        }
+    }
+
+    /// Appends the gathered markers in one go, if no append is in flight.
+    fn mark_more(&mut self) {
+        if self.marking.is_some() || self.to_mark.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.to_mark);
+        let (log, topic) = (self.log.clone(), self.topic.clone());
+        self.marking = Some(
+            async move {
+                let records = batch.iter().map(|(_, _, _, m)| m.record()).collect();
+                append_durably(&*log, &topic, records).await;
+                batch.into_iter().map(|(lane, head, done, _)| (lane, head, done)).collect()
+            }
+            .boxed(),
+        );
     }
 
     /// A head's attempt (or skip) ended and its marker is durable.
@@ -812,8 +854,16 @@ impl Sequencer {
 
     async fn drain(&mut self) {
         let drained = tokio::time::timeout(self.limits.drain, async {
-            while let Some((lane, head, done)) = self.attempts.next().await {
-                self.finished(lane, head, done);
+            while let Some((lane, head, done, marker)) = self.attempts.next().await {
+                self.ended(lane, head, done, marker);
+            }
+            // Every marker of an attempt made is written before the partition goes.
+            loop {
+                self.mark_more();
+                let Some(marking) = self.marking.take() else { break };
+                for (lane, head, done) in marking.await {
+                    self.finished(lane, head, done);
+                }
             }
         })
         .await;
@@ -830,17 +880,9 @@ impl Sequencer {
     }
 }
 
-/// Attempts a head (supervised like any delivery: a second panic dead-letters it), then
-/// writes what became of it to the partition before it takes effect.
-fn attempt_head(
-    deliverer: Arc<Deliverer>,
-    log: Arc<dyn Log>,
-    topic: String,
-    lane: LaneId,
-    head: u64,
-    attempt: u32,
-    rec: LogRecord,
-) -> Finished {
+/// Attempts a head (supervised like any delivery: a second panic dead-letters it), and says
+/// what became of it with the marker to write before that takes effect.
+fn attempt_head(deliverer: Arc<Deliverer>, lane: LaneId, head: u64, attempt: u32, rec: LogRecord) -> Finished {
     async move {
         let mut settled = None;
         for _ in 0..2 {
@@ -869,19 +911,16 @@ fn attempt_head(
             // No attempt was used: it is tried again as it is, at its time.
             Settlement::Deferred { due_ms, .. } => (Done::Again { attempt, due_ms }, None),
         };
-        if let Some(marker) = marker {
-            append_durably(&*log, &topic, marker).await;
-        }
-        (lane, head, done)
+        (lane, head, done, marker)
     }
     .boxed()
 }
 
-/// Appends a marker, retrying until it is durable: the lane must not move before it is.
-async fn append_durably(log: &dyn Log, topic: &str, marker: Marker) {
+/// Appends markers, retrying until they are durable: no lane may move before its marker is.
+async fn append_durably(log: &dyn Log, topic: &str, records: Vec<Record>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match log.append(topic, vec![marker.record()]).await {
+        match log.append(topic, records.clone()).await {
             Ok(_) => return,
             Err(LogError::Closed) => return, // stopping: the lane is rebuilt from the log
             Err(e) => {
