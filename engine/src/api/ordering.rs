@@ -60,9 +60,7 @@ pub async fn skip(
     JsonBody(req): JsonBody<SkipRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = ordered(&state, &who, &id, true)?;
-    if req.key.is_empty() || req.key.len() > crate::model::MAX_ORDERING_KEY_LEN {
-        return Err(ApiError::validation("key", "must be 1 to 255 bytes"));
-    }
+    crate::model::check_ordering_key(&req.key).map_err(|e| ApiError::validation("key", e))?;
     if req.event.as_ref().is_some_and(|e| e.is_empty() || e.len() > crate::model::MAX_EVENT_ID_LEN) {
         return Err(ApiError::validation("event", "must be 1 to 255 bytes"));
     }

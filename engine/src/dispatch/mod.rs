@@ -94,17 +94,8 @@ impl Deliverer {
         settled
     }
 
-    /// What a dead-lettered head does to its key, by the subscription's ordering rules (a key
-    /// of a subscription not known here, or no longer ordered, is not held).
-    pub fn on_dead_letter(&self, subscription: &str) -> crate::model::OnDeadLetter {
-        if self.holds(subscription) {
-            crate::model::OnDeadLetter::Block
-        } else {
-            crate::model::OnDeadLetter::Skip
-        }
-    }
-
-    /// Whether the subscription holds a key whose head was dead-lettered until it is skipped.
+    /// Whether the subscription holds a key whose head was dead-lettered until it is skipped
+    /// (`"on_dead_letter": "block"`); a subscription not known here, or no longer ordered, does not.
     pub fn holds(&self, subscription: &str) -> bool {
         self.registry.get(subscription).is_some_and(|t| {
             t.sub

@@ -21,7 +21,7 @@
 
 use super::{Deliverer, Settled, Settlement, ShardLimits};
 use crate::log::{Committer, Log, LogError, LogRecord, PartitionReader, Record};
-use crate::model::{now_ms, rfc3339_ms, Delivery, OnDeadLetter};
+use crate::model::{get_str, now_ms, put_str, rfc3339_ms, Delivery};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -102,23 +102,6 @@ pub enum Marker {
     },
 }
 
-fn put_str(buf: &mut BytesMut, s: &str) {
-    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
-    buf.put_u16_le(s.len() as u16);
-    buf.put_slice(s);
-}
-
-fn get_str(buf: &mut Bytes) -> Option<String> {
-    if buf.remaining() < 2 {
-        return None;
-    }
-    let len = buf.get_u16_le() as usize;
-    if buf.remaining() < len {
-        return None;
-    }
-    String::from_utf8(buf.split_to(len).to_vec()).ok()
-}
-
 impl Marker {
     /// The lane it is about.
     pub fn lane(&self) -> &LaneId {
@@ -162,7 +145,7 @@ impl Marker {
             return None;
         }
         let kind = value.get_u8();
-        let lane = LaneId { subscription: get_str(&mut value)?, key: get_str(&mut value)? };
+        let lane = LaneId { subscription: get_str(&mut value).ok()?, key: get_str(&mut value).ok()? };
         let head = |v: &mut Bytes| (v.remaining() >= 8).then(|| v.get_u64_le());
         Some(match kind {
             1 => {
@@ -174,7 +157,7 @@ impl Marker {
             }
             2 => Marker::Settled { lane, head: head(&mut value)? },
             3 => Marker::Blocked { lane, head: head(&mut value)? },
-            4 => Marker::Skip { lane, event: get_str(&mut value).filter(|e| !e.is_empty()) },
+            4 => Marker::Skip { lane, event: get_str(&mut value).ok().filter(|e| !e.is_empty()) },
             _ => return None,
         })
     }
@@ -264,17 +247,29 @@ struct Lane {
 
 impl Lane {
     fn new(head: LogRecord, d: &Delivery) -> Lane {
-        Lane {
+        let mut lane = Lane {
             scan_from: head.offset + 1,
-            head,
-            event: d.event_id.clone(),
-            attempt: d.attempt,
-            due_ms: d.due_ms,
+            head: head.clone(),
+            event: String::new(),
+            attempt: 0,
+            due_ms: 0,
             state: HeadState::Waiting,
             skip: false,
             waiting: 0,
             buffered: VecDeque::new(),
-        }
+        };
+        lane.take_head(head, d);
+        lane
+    }
+
+    /// `head` (the delivery `d`) becomes the key's head, waiting for its first attempt.
+    fn take_head(&mut self, head: LogRecord, d: &Delivery) {
+        self.head = head;
+        self.event = d.event_id.clone();
+        self.attempt = d.attempt;
+        self.due_ms = d.due_ms;
+        self.state = HeadState::Waiting;
+        self.skip = false;
     }
 
     /// The head's delivery record as it is to be attempted now (its attempt and due time).
@@ -692,12 +687,7 @@ impl Sequencer {
             tracing::error!(partition = self.partition, subscription = %lane.subscription, "an ordered key's count of waiting deliveries was off");
         }
         l.waiting = l.waiting.saturating_sub(1);
-        l.head = next;
-        l.event = d.event_id;
-        l.attempt = d.attempt;
-        l.due_ms = d.due_ms;
-        l.state = HeadState::Waiting;
-        l.skip = false;
+        l.take_head(next, &d);
         self.heads.insert(l.head.offset, lane.clone());
         self.timers.insert((l.due_ms, l.head.offset));
         self.commit();
@@ -782,8 +772,9 @@ impl Sequencer {
         let (log, topic) = (self.log.clone(), self.topic.clone());
         self.marking = Some(
             async move {
+                // No lane moves before its marker is durable (markers are far below the size limit).
                 let records = batch.iter().map(|(_, _, _, m)| m.record()).collect();
-                append_durably(&*log, &topic, records).await;
+                let _ = crate::log::append_durably(&*log, &topic, records).await;
                 batch.into_iter().map(|(lane, head, done, _)| (lane, head, done)).collect()
             }
             .boxed(),
@@ -901,10 +892,10 @@ fn attempt_head(deliverer: Arc<Deliverer>, lane: LaneId, head: u64, attempt: u32
         };
         let (done, marker) = match settled.settlement {
             Settlement::Delivered | Settlement::Dropped => (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head })),
-            Settlement::DeadLettered { .. } => match deliverer.on_dead_letter(&lane.subscription) {
-                OnDeadLetter::Skip => (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head })),
-                OnDeadLetter::Block => (Done::Parked, Some(Marker::Blocked { lane: lane.clone(), head })),
-            },
+            Settlement::DeadLettered { .. } if deliverer.holds(&lane.subscription) => {
+                (Done::Parked, Some(Marker::Blocked { lane: lane.clone(), head }))
+            }
+            Settlement::DeadLettered { .. } => (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head })),
             Settlement::Rescheduled { attempt, due_ms, .. } => {
                 (Done::Again { attempt, due_ms }, Some(Marker::Attempted { lane: lane.clone(), head, attempt, due_ms }))
             }
@@ -914,22 +905,6 @@ fn attempt_head(deliverer: Arc<Deliverer>, lane: LaneId, head: u64, attempt: u32
         (lane, head, done, marker)
     }
     .boxed()
-}
-
-/// Appends markers, retrying until they are durable: no lane may move before its marker is.
-async fn append_durably(log: &dyn Log, topic: &str, records: Vec<Record>) {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match log.append(topic, records.clone()).await {
-            Ok(_) => return,
-            Err(LogError::Closed) => return, // stopping: the lane is rebuilt from the log
-            Err(e) => {
-                tracing::error!(topic, error = %e, "appending an ordering marker failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }
 
 /// Reads `partition` (below `to`, what the sequencer has read) for the next deliveries of

@@ -36,7 +36,8 @@ pub struct Event {
     pub ordering_key: Option<String>,
 }
 
-/// The parts of an event an ordering key can come from.
+/// The parts of an event an ordering key can come from, and the event as JSON once a
+/// subscription's pointer needs it (parsed once for all of its subscriptions).
 struct Keyed<'a> {
     id: &'a str,
     event_type: &'a str,
@@ -44,31 +45,53 @@ struct Keyed<'a> {
     ordering_key: Option<&'a str>,
     data: &'a Json,
     changes: Option<&'a Json>,
+    parsed: Option<serde_json::Value>,
 }
 
-/// The key `target` orders this event's delivery by: none for an unordered subscription; the
-/// event's own `ordering_key`, else what the subscription's `ordering.key` pointer finds in the
-/// event (a string, or a number's or boolean's text). An event without one is delivered
-/// unordered. `parsed` caches the event as JSON across the subscriptions of one event.
-fn ordering_key(target: &Target, event: &Keyed<'_>, parsed: &mut Option<serde_json::Value>) -> Option<String> {
-    let ordering = target.sub.spec.ordering.as_ref().filter(|o| o.ordered())?;
-    if let Some(key) = event.ordering_key {
-        return Some(key.to_string());
+impl Keyed<'_> {
+    /// The key `target` orders this event's delivery by: none for an unordered subscription;
+    /// the event's own `ordering_key`, else what the subscription's `ordering.key` pointer finds
+    /// in the event (a string, or a number's or boolean's text). An event without one is
+    /// delivered unordered.
+    fn key_for(&mut self, target: &Target) -> Option<String> {
+        let ordering = target.sub.spec.ordering.as_ref().filter(|o| o.ordered())?;
+        if let Some(key) = self.ordering_key {
+            return Some(key.to_string());
+        }
+        let pointer = ordering.key.as_deref()?;
+        let (id, event_type, tenant, data, changes) = (self.id, self.event_type, self.tenant, self.data, self.changes);
+        let event = self.parsed.get_or_insert_with(|| {
+            let json = |j: &Json| serde_json::from_slice(&j.canonical).unwrap_or(serde_json::Value::Null);
+            serde_json::json!({
+                "id": id, "type": event_type, "tenant": tenant,
+                "data": json(data), "changes": changes.map(json),
+            })
+        });
+        let key = match event.pointer(pointer)? {
+            serde_json::Value::String(s) => s.clone(),
+            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => v.to_string(),
+            _ => return None,
+        };
+        crate::model::check_ordering_key(&key).is_ok().then_some(key)
     }
-    let pointer = ordering.key.as_deref()?;
-    let event = parsed.get_or_insert_with(|| {
-        let json = |j: &Json| serde_json::from_slice(&j.canonical).unwrap_or(serde_json::Value::Null);
-        serde_json::json!({
-            "id": event.id, "type": event.event_type, "tenant": event.tenant,
-            "data": json(event.data), "changes": event.changes.map(json),
-        })
-    });
-    let key = match event.pointer(pointer)? {
-        serde_json::Value::String(s) => s.clone(),
-        v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => v.to_string(),
-        _ => return None,
-    };
-    (!key.is_empty() && key.len() <= crate::model::MAX_ORDERING_KEY_LEN).then_some(key)
+}
+
+/// One request's deliveries, by the topic they go to.
+#[derive(Default)]
+struct Deliveries {
+    plain: Vec<Record>,
+    /// Ordered subscriptions' (their keys' sequencers read them).
+    ordered: Vec<Record>,
+}
+
+impl Deliveries {
+    fn push(&mut self, record: Record, ordered: bool) {
+        if ordered { &mut self.ordered } else { &mut self.plain }.push(record);
+    }
+
+    fn len(&self) -> usize {
+        self.plain.len() + self.ordered.len()
+    }
 }
 
 /// The log record of `delivery` to `target`, with the event's `data` and `changes` in the
@@ -195,8 +218,8 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes
         .transpose()
         .map_err(|(name, message)| bad(name, message))?;
     let ordering_key = input.ordering_key;
-    if ordering_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > crate::model::MAX_ORDERING_KEY_LEN) {
-        return Err(Refusal::from(bad("ordering_key", "must be 1 to 255 bytes")));
+    if let Some(key) = &ordering_key {
+        crate::model::check_ordering_key(key).map_err(|e| bad("ordering_key", e))?;
     }
     Ok(Event { id, event_type, tenant, data, changes, id_given, trace, ordering_key })
 }
@@ -290,23 +313,18 @@ impl Ingest {
         Ingest { log, registry, topic, ordered_topic, recent: Mutex::new(Recent::default()), max_fanout, history: None }
     }
 
-    /// Appends deliveries, each to its topic (ordered ones to their keys' sequencers), durably.
-    async fn append(&self, records: Vec<(Record, bool)>) -> Result<(), LogError> {
-        let (ordered, plain): (Vec<_>, Vec<_>) = records.into_iter().partition(|(_, ordered)| *ordered);
-        let strip = |v: Vec<(Record, bool)>| v.into_iter().map(|(r, _)| r).collect::<Vec<_>>();
-        let (ordered, plain) = (strip(ordered), strip(plain));
-        let append = |topic: &str, records: Vec<Record>| {
-            let log = self.log.clone();
-            let topic = topic.to_string();
-            async move {
-                if records.is_empty() {
-                    Ok(())
-                } else {
-                    log.append(&topic, records).await.map(|_| ())
-                }
-            }
-        };
-        tokio::try_join!(append(&self.topic, plain), append(&self.ordered_topic, ordered)).map(|_| ())
+    /// Appends deliveries, each to its topic, durably (the two appends side by side).
+    async fn append(&self, deliveries: Deliveries) -> Result<(), LogError> {
+        let (plain, ordered) =
+            (self.append_to(&self.topic, deliveries.plain), self.append_to(&self.ordered_topic, deliveries.ordered));
+        tokio::try_join!(plain, ordered).map(|_| ())
+    }
+
+    async fn append_to(&self, topic: &str, records: Vec<Record>) -> Result<(), LogError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.log.append(topic, records).await.map(|_| ())
     }
 
     /// Records every accepted event in the delivery history too.
@@ -356,7 +374,7 @@ impl Ingest {
     pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<Accepted>, Refusal> {
         let mut reserved = self.reserve(&events).await;
         let now = now_ms();
-        let mut records = Vec::new();
+        let mut records = Deliveries::default();
         let mut accepted = Vec::with_capacity(events.len());
         let mut counts: HashMap<(String, String), usize> = HashMap::new();
         let mut new_events = 0u64;
@@ -379,7 +397,15 @@ impl Ingest {
             if fanout > self.max_fanout {
                 return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
             }
-            let mut parsed = None;
+            let mut keyed = Keyed {
+                id: &event.id,
+                event_type: &event.event_type,
+                tenant: &event.tenant,
+                ordering_key: event.ordering_key.as_deref(),
+                data: &event.data,
+                changes: event.changes.as_ref(),
+                parsed: None,
+            };
             for target in &targets {
                 let first = Delivery::first_attempt(
                     event.id.clone(),
@@ -389,18 +415,10 @@ impl Ingest {
                     Bytes::new(),
                     now,
                 );
-                let keyed = Keyed {
-                    id: &event.id,
-                    event_type: &event.event_type,
-                    tenant: &event.tenant,
-                    ordering_key: event.ordering_key.as_deref(),
-                    data: &event.data,
-                    changes: event.changes.as_ref(),
-                };
-                let key = ordering_key(target, &keyed, &mut parsed);
+                let key = keyed.key_for(target);
                 let ordered = key.is_some();
                 let first = Delivery { trace: event.trace.clone(), ordering_key: key, ..first };
-                records.push((delivery_record(target, first, &event.data, event.changes.as_ref()), ordered));
+                records.push(delivery_record(target, first, &event.data, event.changes.as_ref()), ordered);
             }
             if self.history.is_some() {
                 history.push(HistoryRecord::Event(EventRecord {
@@ -450,22 +468,22 @@ impl Ingest {
         let now = now_ms();
         // A generation no earlier one has: dead letters and jitter are per generation.
         let generation = u32::try_from(now / 1000).unwrap_or(u32::MAX);
-        let mut records = Vec::new();
+        let mut records = Deliveries::default();
         let mut states = Vec::new();
         for (event, targets) in items {
             let data = Json::new(event.data.get()).map_err(invalid)?;
             let changes = event.changes.as_ref().map(|c| Json::new(c.get())).transpose().map_err(invalid)?;
-            let mut parsed = None;
+            let mut keyed = Keyed {
+                id: &event.id,
+                event_type: &event.event_type,
+                tenant: &event.tenant,
+                ordering_key: event.ordering_key.as_deref(),
+                data: &data,
+                changes: changes.as_ref(),
+                parsed: None,
+            };
             for target in targets {
-                let keyed = Keyed {
-                    id: &event.id,
-                    event_type: &event.event_type,
-                    tenant: &event.tenant,
-                    ordering_key: event.ordering_key.as_deref(),
-                    data: &data,
-                    changes: changes.as_ref(),
-                };
-                let key = ordering_key(target, &keyed, &mut parsed);
+                let key = keyed.key_for(target);
                 let ordered = key.is_some();
                 let delivery = Delivery {
                     event_id: event.id.clone(),
@@ -484,7 +502,7 @@ impl Ingest {
                     trace: None,
                     ordering_key: key,
                 };
-                records.push((delivery_record(target, delivery, &data, changes.as_ref()), ordered));
+                records.push(delivery_record(target, delivery, &data, changes.as_ref()), ordered);
                 states.push(HistoryRecord::State(StateRecord {
                     event_id: event.id.clone(),
                     subscription: target.sub.id.clone(),

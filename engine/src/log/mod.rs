@@ -124,6 +124,27 @@ pub trait Log: Send + Sync + 'static {
     async fn close(&self) -> Result<(), LogError>;
 }
 
+/// Appends `records`, retrying (with backoff) until they are durable: a caller that settles
+/// something after an append must not do so before. Only records too large for the log are
+/// given up on, since retrying cannot help them.
+pub async fn append_durably(log: &dyn Log, topic: &str, records: Vec<Record>) -> Result<(), LogError> {
+    let mut backoff = std::time::Duration::from_millis(50);
+    loop {
+        match log.append(topic, records.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e @ LogError::TooLarge { .. }) => {
+                tracing::error!(topic, error = %e, "a record too large for the log");
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::error!(topic, error = %e, "append failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// A change in the set of partitions a consumer owns.
 pub enum Assignment {
     /// A partition is now ours: read it from its committed offset.

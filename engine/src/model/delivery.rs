@@ -59,12 +59,15 @@ pub enum DecodeError {
     Utf8,
 }
 
-fn put_str(buf: &mut BytesMut, s: &str) {
+/// Writes a string of at most 64 KiB with its length (u16) first: the record formats' strings
+/// (deliveries', ordering markers').
+pub(crate) fn put_str(buf: &mut BytesMut, s: &str) {
     buf.put_u16_le(s.len() as u16);
     buf.put_slice(s.as_bytes());
 }
 
-fn get_str(buf: &mut Bytes) -> Result<String, DecodeError> {
+/// Reads what [`put_str`] wrote.
+pub(crate) fn get_str(buf: &mut Bytes) -> Result<String, DecodeError> {
     let b = get_bytes(buf, 2)?;
     String::from_utf8(b.to_vec()).map_err(|_| DecodeError::Utf8)
 }

@@ -11,6 +11,15 @@ pub const MAX_EVENT_ID_LEN: usize = 255;
 /// an ordered subscription keeps one small state per blocked key, and this bounds its size.
 pub const MAX_ORDERING_KEY_LEN: usize = 255;
 
+/// Whether `key` can be an ordering key: the one rule events' `ordering_key`, the keys a
+/// subscription's pointer finds and the skip API share. Returns what is wrong, if anything.
+pub fn check_ordering_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() || key.len() > MAX_ORDERING_KEY_LEN {
+        return Err("must be 1 to 255 bytes");
+    }
+    Ok(())
+}
+
 /// Whether `name` can be an event type: the one rule events, subscriptions' `events` and the
 /// event-type catalogue share. Returns what is wrong, if anything.
 pub fn check_event_type(name: &str) -> Result<(), &'static str> {

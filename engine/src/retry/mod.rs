@@ -146,24 +146,9 @@ impl Retrier {
         }
     }
 
-    /// Appends, retrying until durable: the caller must not settle the delivery before that.
-    /// Only a record too large for the log is given up on (retrying cannot help).
+    /// One record, durably ([`crate::log::append_durably`]).
     async fn append_durably(&self, topic: &str, record: Record) -> Result<(), crate::log::LogError> {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.log.append(topic, vec![record.clone()]).await {
-                Ok(_) => return Ok(()),
-                Err(e @ crate::log::LogError::TooLarge { .. }) => {
-                    tracing::error!(topic, error = %e, "a record too large for the log");
-                    return Err(e);
-                }
-                Err(e) => {
-                    tracing::error!(topic, error = %e, "append failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        crate::log::append_durably(&*self.log, topic, vec![record]).await
     }
 }
 

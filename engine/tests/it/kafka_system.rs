@@ -166,7 +166,7 @@ async fn two_herald_processes_on_one_broker_survive_a_sigkill_without_losing_an_
 /// SIGKILLed (A takes them back). Each key still reaches its receiver in order, and all of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordered_keys_keep_their_order_across_a_rebalance_and_a_sigkill() {
-    use crate::ordering::{assert_in_order, ordered_subscription, publish_n, OrderedReceiver};
+    use crate::ordering::{assert_in_order, ordered_subscription, publish_n, OrderedReceiver, Published};
     let broker = Tansu::start();
     let env = broker.env();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -186,15 +186,15 @@ async fn ordered_keys_keep_their_order_across_a_rebalance_and_a_sigkill() {
     let received = |receivers: &[OrderedReceiver]| -> usize {
         receivers.iter().map(|r| r.seen.lock().unwrap().values().flatten().filter(|s| s.status == 200).count()).sum()
     };
-    let mut per_key = std::collections::BTreeMap::new();
-    publish_n(&api_a, "r1", 300, &mut per_key).await;
+    let mut published = Published::default();
+    publish_n(&api_a, "r1", 300, &mut published).await;
     until("some delivered before B joins", Duration::from_secs(60), || async {
         (received(&receivers) >= 200).then_some(())
     })
     .await;
     let (mut b, addr_b) = spawn_herald_with(dir_b.path(), &env);
     let api_b = Api::new(addr_b, crate::support::TOKEN);
-    publish_n(&api_b, "r2", 300, &mut per_key).await;
+    publish_n(&api_b, "r2", 300, &mut published).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while delivered(&api_b).await < 50.0 {
         if std::time::Instant::now() > deadline {
@@ -218,30 +218,21 @@ async fn ordered_keys_keep_their_order_across_a_rebalance_and_a_sigkill() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     b.kill();
-    publish_n(&api_a, "r3", 300, &mut per_key).await;
+    publish_n(&api_a, "r3", 300, &mut published).await;
+    let per_key = &published.per_key;
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    while receivers.iter().any(|rx| rx.complete(&per_key) < per_key.len()) {
+    while receivers.iter().any(|rx| rx.complete(per_key) < per_key.len()) {
         if std::time::Instant::now() > deadline {
             // Say where each unfinished key stands, and what A's sequencer holds.
             let mut report = String::new();
             for (i, rx) in receivers.iter().enumerate() {
-                for (key, n) in &per_key {
+                for (key, n) in per_key {
                     let seen = rx.of(key);
                     let done = seen.iter().filter(|s| s.status == 200).map(|s| s.seq).max();
                     if done != Some(n - 1) {
                         let last: Vec<_> = seen.iter().rev().take(3).map(|s| (s.seq, s.status)).collect();
                         report.push_str(&format!("\nsubscription {i} key {key}: {n} published, delivered up to {done:?}, last requests {last:?}"));
-                        // The next event's id, as publish_n made it (300 per tag, key k(i*7 % 20)).
-                        let next = done.map_or(0, |d| d + 1);
-                        let mut count: std::collections::BTreeMap<String, u64> = Default::default();
-                        let id =
-                            ["r1", "r2", "r3"].iter().flat_map(|t| (0..300).map(move |i| (t, i))).find_map(|(t, i)| {
-                                let k = format!("k{}", (i * 7) % 20);
-                                let c = count.entry(k.clone()).or_default();
-                                let hit = (k == *key && *c == next).then(|| format!("{t}-{i}"));
-                                *c += 1;
-                                hit
-                            });
+                        let id = published.ids.get(&(key.clone(), done.map_or(0, |d| d + 1)));
                         if let Some(id) = id {
                             let (_, e) = api_a.get(&format!("/v1/events/{id}")).await;
                             let (_, a) = api_a.get(&format!("/v1/attempts?event={id}")).await;
@@ -268,7 +259,7 @@ async fn ordered_keys_keep_their_order_across_a_rebalance_and_a_sigkill() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for rx in &receivers {
-        for (key, n) in &per_key {
+        for (key, n) in per_key {
             assert_in_order(key, &rx.of(key), *n, true);
         }
     }

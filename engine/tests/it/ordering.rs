@@ -123,19 +123,27 @@ pub(crate) fn assert_in_order(key: &str, seen: &[Seen], n: u64, duplicates: bool
 
 /// `EVENTS` events over `KEYS` keys (`k0`…), published in batches of 50 in acceptance order.
 async fn publish(api: &Api, tag: &str) -> BTreeMap<String, u64> {
-    let mut per_key = BTreeMap::new();
-    publish_n(api, tag, EVENTS, &mut per_key).await;
-    per_key
+    let mut published = Published::default();
+    publish_n(api, tag, EVENTS, &mut published).await;
+    published.per_key
+}
+
+/// What was published: each key's event count, and each (key, seq)'s event id.
+#[derive(Default)]
+pub(crate) struct Published {
+    pub(crate) per_key: BTreeMap<String, u64>,
+    pub(crate) ids: BTreeMap<(String, u64), String>,
 }
 
 /// `n` more events over `KEYS` keys, in batches of 50, each key's `seq` going on from its
-/// count in `per_key` (which counts them).
-pub(crate) async fn publish_n(api: &Api, tag: &str, n: usize, per_key: &mut BTreeMap<String, u64>) {
+/// count so far.
+pub(crate) async fn publish_n(api: &Api, tag: &str, n: usize, published: &mut Published) {
     let mut batch = Vec::new();
     for i in 0..n {
-        let key = format!("k{}", (i * 7) % KEYS);
-        let seq = per_key.entry(key.clone()).or_default();
-        batch.push(json!({ "id": format!("{tag}-{i}"), "type": "container.status.updated", "data": { "key": key, "seq": *seq } }));
+        let (key, id) = (format!("k{}", (i * 7) % KEYS), format!("{tag}-{i}"));
+        let seq = published.per_key.entry(key.clone()).or_default();
+        published.ids.insert((key.clone(), *seq), id.clone());
+        batch.push(json!({ "id": id, "type": "container.status.updated", "data": { "key": key, "seq": *seq } }));
         *seq += 1;
         if batch.len() == 50 {
             let (status, body) = api.post("/v1/events/batch", Value::Array(std::mem::take(&mut batch))).await;
