@@ -248,12 +248,15 @@ async fn a_dead_lettered_head_holds_its_key_until_an_operator_skips_it() {
         .await;
     assert_eq!(status, 202);
 
-    let blocked = until("key a held after its head is dead-lettered", Duration::from_secs(30), || async {
-        let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
-        let item = blocked["items"].as_array()?.first()?.clone();
-        (item["state"] == "dead_lettered").then_some(item)
-    })
-    .await;
+    // The head can be dead-lettered before a2 is even read (two attempts 50 ms apart): wait for
+    // both to be counted behind it.
+    let blocked =
+        until("key a held after its head is dead-lettered, two behind it", Duration::from_secs(30), || async {
+            let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+            let item = blocked["items"].as_array()?.first()?.clone();
+            (item["state"] == "dead_lettered" && item["waiting"] == 2).then_some(item)
+        })
+        .await;
     assert_eq!(
         (blocked["key"].as_str(), blocked["head_event"].as_str(), blocked["waiting"].as_u64()),
         (Some("a"), Some("a0"), Some(2))
