@@ -54,6 +54,17 @@ sleep 0.3
 timeout 300 tail --pid=$sink -f /dev/null
 # Herald's CPU time (user + system) for the whole run: less noisy than a rate on a shared box.
 herald_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat)
+# The same per thread (tokio-rt-worker, herald-log-writ, history-index, fjall:worker), then
+# again once the history index has caught up (its lag at 0), so indexing done after the last
+# delivery is counted too.
+threads() { for t in /proc/$herald/task/*; do echo "$(cat "$t/comm") $(cut -d' ' -f14,15 "$t/stat")"; done |
+  awk -v hz="$(getconf CLK_TCK)" '{ c[$1] += ($2 + $3) / hz } END { for (k in c) printf "%s %.2f s, ", k, c[k] }'; }
+herald_threads=$(threads)
+for _ in $(seq 1 600); do
+  lag=$(curl -sf localhost:$HERALD_PORT/metrics | awk '/^herald_history_lag / {print $2}')
+  [ "${lag:-0}" = 0 ] && break; sleep 0.1
+done
+herald_cpu_caught_up=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat)
 herald_rate=$(python3 -c "import json;print(round(json.load(open('$WORK/sink.json'))['deliveries_per_second']))")
 echo "load:   $(cat "$WORK/load.json")"
 echo "sink:   $(cat "$WORK/sink.json")"
@@ -79,6 +90,8 @@ ideal_rate=$("$BIN/herald-ideal" --url "http://127.0.0.1:$((SINK_PORT + 2))/hook
 timeout 30 tail --pid=$ideal_sink -f /dev/null
 echo "herald: $herald_rate deliveries/s ($SUBS subscriptions, standard signing, 1 KB events)"
 python3 -c "print('cpu:    %s s of Herald CPU, %.1f µs per delivery' % ('$herald_cpu', $herald_cpu * 1e6 / $EVENTS))"
+echo "        by thread: ${herald_threads%, }"
+python3 -c "print('        %.1f µs per delivery once the history index caught up' % ($herald_cpu_caught_up * 1e6 / $EVENTS))"
 echo "wrk:    $wrk_rate requests/s straight into the sink"
 python3 -c "print('ratio:  %.2f of what this machine pushes over HTTP at all' % ($herald_rate / $wrk_rate))"
 echo "ideal:  $ideal_rate signed POSTs/s (herald-ideal: Standard Webhooks, 1 KB, 64 connections, no log) $(python3 -c "import json;print('bad signatures: %d' % json.load(open('$WORK/ideal-sink.json'))['bad_signatures'])")"

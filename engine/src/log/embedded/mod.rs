@@ -381,6 +381,7 @@ impl Log for EmbeddedLog {
             .map(|part| {
                 let reader = EmbeddedReader {
                     next: self.offsets.get(group, topic, part.id()),
+                    hint: None,
                     end: part.watch_end(),
                     part: part.clone(),
                     offsets: self.offsets.clone(),
@@ -397,6 +398,7 @@ impl Log for EmbeddedLog {
         let part = self.partition(topic, partition)?.clone();
         Ok(Box::new(EmbeddedReader {
             next: from,
+            hint: None,
             end: part.watch_end(),
             part,
             offsets: self.offsets.clone(),
@@ -435,6 +437,8 @@ impl Consumer for EmbeddedConsumer {
 struct EmbeddedReader {
     part: PartitionRef,
     next: u64,
+    /// Where the last read stopped.
+    hint: Option<partition::ReadHint>,
     end: watch::Receiver<u64>,
     offsets: Arc<OffsetStore>,
     /// `None` when following outside any group.
@@ -457,9 +461,12 @@ impl PartitionReader for EmbeddedReader {
             }
             let part = self.part.clone();
             let from = self.next;
-            let (frames, next) = tokio::task::spawn_blocking(move || part.read(from, max, 1 << 20))
+            let mut hint = self.hint.take();
+            let (read, hint) = tokio::task::spawn_blocking(move || (part.read_on(from, max, 1 << 20, &mut hint), hint))
                 .await
-                .map_err(|e| LogError::Backend(e.to_string()))??;
+                .map_err(|e| LogError::Backend(e.to_string()))?;
+            self.hint = hint;
+            let (frames, next) = read?;
             self.next = next.max(self.next);
             if !frames.is_empty() {
                 let partition = self.part.id();

@@ -100,6 +100,20 @@ pub struct Partition {
     /// The buffer a batch is encoded into, kept between appends: a fresh one per group
     /// commit made the allocator fault in (and zero) new pages on every append.
     scratch: Mutex<BytesMut>,
+    /// Bytes per frame in the last batch appended: a read sizes its window from it, so it
+    /// copies about what it hands out (a fixed 256 KiB window copied ten times that when a
+    /// shard had room for a few dozen records).
+    frame_bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// Where the last read of a reader stopped, so its next read starts at that frame instead of
+/// at the sparse index entry before it, in a file it already has open.
+pub struct ReadHint {
+    /// The offset the hint is for.
+    offset: u64,
+    path: PathBuf,
+    pos: u64,
+    file: Arc<File>,
 }
 
 /// A scratch buffer grown past this is not kept.
@@ -109,6 +123,8 @@ const SCRATCH_KEEP: usize = 8 << 20;
 struct ReadPlan {
     path: PathBuf,
     pos: u64,
+    /// The offset of the frame at `pos`.
+    pos_offset: u64,
     limit: u64,
     seg_end: u64,
     next_base: Option<u64>,
@@ -237,6 +253,7 @@ impl Partition {
             faults,
             generation: generation.unwrap_or(0).into(),
             scratch: Mutex::new(BytesMut::new()),
+            frame_bytes: std::sync::atomic::AtomicUsize::new(1024),
         })
     }
 
@@ -310,6 +327,9 @@ impl Partition {
         }
         let written = self.fault(Fault::Write(&path)).and_then(|()| file.write_all(&buf));
         let buf_len = buf.len() as u64;
+        if !records.is_empty() {
+            self.frame_bytes.store(buf.len() / records.len(), std::sync::atomic::Ordering::Relaxed);
+        }
         if buf.capacity() <= SCRATCH_KEEP {
             *self.scratch.lock().unwrap() = buf;
         }
@@ -409,10 +429,11 @@ impl Partition {
         }
         let seg = &segs[i];
         let at = seg.index.partition_point(|&(o, _)| o <= from);
-        let pos = if at == 0 { 0 } else { seg.index[at - 1].1 };
+        let (pos_offset, pos) = if at == 0 { (seg.base, 0) } else { seg.index[at - 1] };
         ReadPlan {
             path: seg.path.clone(),
             pos,
+            pos_offset,
             limit: seg.len,
             seg_end: seg.end,
             next_base: segs.get(i + 1).map(|s| s.base),
@@ -424,24 +445,68 @@ impl Partition {
     /// Reads durable records at or after `from`, up to `max` records and roughly
     /// `max_bytes`. Returns the records and the offset to read from next.
     pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> io::Result<(Vec<Frame>, u64)> {
+        self.read_on(from, max, max_bytes, &mut None)
+    }
+
+    /// [`Partition::read`] for a reader that reads on from where it stopped: `hint` is where
+    /// the last read stopped, used when it is for `from` and replaced by where this one stops.
+    pub fn read_on(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+        hint: &mut Option<ReadHint>,
+    ) -> io::Result<(Vec<Frame>, u64)> {
         let from = from.max(self.start_offset());
-        let plan = self.plan(from);
+        let mut plan = self.plan(from);
         if from >= plan.seg_end {
             // Nothing at or after `from` here: continue in the next segment, if any.
+            *hint = None;
             return Ok((Vec::new(), plan.next_base.map_or(from, |b| b.max(from))));
         }
-        let file = match File::open(&plan.path) {
-            Ok(f) => f,
-            // Reclaimed or compacted between planning and opening: read again from the new start.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), from)),
-            Err(e) => return Err(e),
+        let hinted = hint.take().filter(|h| h.offset == from && h.path == plan.path && h.pos <= plan.limit);
+        let file = match &hinted {
+            Some(h) => {
+                plan.pos = h.pos;
+                plan.pos_offset = from;
+                h.file.clone()
+            }
+            None => match File::open(&plan.path) {
+                Ok(f) => Arc::new(f),
+                // Reclaimed or compacted between planning and opening: read again from the new start.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), from)),
+                Err(e) => return Err(e),
+            },
         };
+        let (frames, next, stopped_at) = self.read_planned(&file, &plan, from, max, max_bytes)?;
+        if hinted.is_some() && frames.first().is_some_and(|f| f.offset != from) {
+            // The hint did not lead to `from` (it should always): read as if there were none.
+            return self.read_on(from, max, max_bytes, &mut None);
+        }
+        *hint = stopped_at.map(|pos| ReadHint { offset: next, path: plan.path, pos, file });
+        Ok((frames, next))
+    }
+
+    /// Reads from the planned segment; also returns the position after the last frame handed
+    /// out, when the next read can start there.
+    fn read_planned(
+        &self,
+        file: &File,
+        plan: &ReadPlan,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> io::Result<(Vec<Frame>, u64, Option<u64>)> {
         let mut frames = Vec::new();
         let mut bytes = 0usize;
         let mut pos = plan.pos;
-        // Read in modest windows: a big zeroed buffer per call costs more than a second read,
-        // and every record handed out keeps its whole window alive.
-        let mut window = READ_WINDOW.min(max_bytes.max(4096));
+        let mut stopped_at = None;
+        // A window about the size of what this read hands out (the frames before `from` it
+        // must step over, and `max` more), bounded: every record handed out keeps its whole
+        // window alive, and copying what is not handed out is wasted.
+        let frame_bytes = self.frame_bytes.load(std::sync::atomic::Ordering::Relaxed).max(32);
+        let wanted = (from.saturating_sub(plan.pos_offset) as usize).saturating_add(max).saturating_mul(frame_bytes);
+        let mut window = (wanted.saturating_add(wanted / 8)).clamp(4096, READ_WINDOW).min(max_bytes.max(4096));
         // `from < seg_end`, so a record at or after `from` lies in [pos, limit).
         'windows: while frames.len() < max && bytes < max_bytes && pos < plan.limit {
             if let Some(&(_, hole_end)) = plan.holes.iter().find(|&&(s, e)| s <= pos && pos < e) {
@@ -450,7 +515,7 @@ impl Partition {
             }
             let hole_at = plan.holes.iter().map(|&(s, _)| s).filter(|&s| s > pos).min().unwrap_or(plan.limit);
             let n = ((hole_at.min(plan.limit) - pos) as usize).min(window);
-            let buf = read_exact_at(&file, pos, n)?;
+            let buf = read_exact_at(file, pos, n)?;
             let mut used = 0usize;
             loop {
                 match segment::decode(&buf.slice(used..)) {
@@ -459,6 +524,7 @@ impl Partition {
                         if frame.offset >= from {
                             bytes += frame.value.len();
                             frames.push(frame);
+                            stopped_at = Some(pos + used as u64);
                             if frames.len() >= max || bytes >= max_bytes {
                                 break 'windows;
                             }
@@ -473,7 +539,8 @@ impl Partition {
                         tracing::error!(partition = self.id, path = %plan.path.display(), position = at, "corrupt frame in log segment; stepping over it");
                         let next = segment::resync(&buf, used, after)
                             .map(|p| pos + p as u64)
-                            .or_else(|| self.index_after(&plan, at));
+                            .or_else(|| self.index_after(plan, at));
+                        stopped_at = None;
                         match next {
                             Some(p) => {
                                 pos = p;
@@ -481,19 +548,21 @@ impl Partition {
                             }
                             None => {
                                 let next = frames.last().map_or(from, |f| f.offset + 1);
-                                return Ok((frames, plan.next_base.unwrap_or(plan.seg_end).max(next)));
+                                return Ok((frames, plan.next_base.unwrap_or(plan.seg_end).max(next), None));
                             }
                         }
                     }
                 }
             }
             if used == 0 {
-                window *= 2; // one frame is larger than the window
+                window = window.saturating_mul(2); // one frame is larger than the window
+            } else {
+                window = READ_WINDOW.min(max_bytes.max(4096)); // the estimate fell short
             }
             pos += used as u64;
         }
         let next = frames.last().map_or(plan.seg_end, |f| f.offset + 1);
-        Ok((frames, next))
+        Ok((frames, next, stopped_at))
     }
 
     /// The position of the first indexed frame after `pos` in the planned segment.
