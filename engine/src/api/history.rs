@@ -174,8 +174,8 @@ pub async fn get(
         "tenant": event.tenant,
         "type": event.event_type,
         "accepted_at": rfc3339_ms(event.accepted_ms),
-        "data": event.data,
-        "changes": event.changes,
+        "data": event.data_json(),
+        "changes": event.changes_json(),
         "ordering_key": event.ordering_key,
         "deliveries": deliveries,
     })))

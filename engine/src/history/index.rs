@@ -6,7 +6,9 @@
 //! what they produced, so after a crash the index resumes exactly where its data ends.
 
 use super::keys::{self, Key};
-use super::record::{attempt_view, AttemptRecord, DeliveryState, EventRecord, HistoryRecord, State};
+use super::record::{
+    attempt_view, listing, read_listing, AttemptRecord, DeliveryState, EventRecord, HistoryRecord, State,
+};
 use crate::log::LogRecord;
 use crate::model::rfc3339_ms;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
@@ -133,8 +135,8 @@ fn newest_first_bounds(prefix: &[u8], since: Option<i64>, until: Option<i64>) ->
     (start, end)
 }
 
-/// A day's keyspace: written once, read now and then, so every level is LZ4-compressed (JSON
-/// records shrink about threefold; the index's threads yield to delivery, so the CPU this
+/// A day's keyspace: written once, read now and then, so every level is LZ4-compressed (records
+/// shrink about twofold; the index's threads yield to delivery, so the CPU this
 /// takes is spare CPU).
 fn day_options() -> KeyspaceCreateOptions {
     use fjall::config::CompressionPolicy;
@@ -243,8 +245,7 @@ impl Index {
                     let Some(ks) = self.day(keys::day(e.accepted_ms), now_ms)? else { continue };
                     batch.insert(&ks, Key::new(keys::EVENT).id(&e.tenant).id(&e.id).done(), rec.value.to_vec());
                     let listed = Key::new(keys::EVENTS).id(&e.tenant).newest_first(e.accepted_ms).id(&e.id).done();
-                    let value = serde_json::to_vec(&(&e.id, &e.event_type)).expect("pairs serialize");
-                    batch.insert(&ks, listed, value);
+                    batch.insert(&ks, listed, listing(&e.id, &e.event_type));
                 }
                 HistoryRecord::Attempt(a) => {
                     if let Some(ks) = self.day(keys::day(a.at_ms), now_ms)? {
@@ -301,7 +302,7 @@ impl Index {
             .time(state.at_ms)
             .number(state.attempt)
             .done();
-        batch.insert(&ks, key, serde_json::to_vec(state).expect("states serialize"));
+        batch.insert(&ks, key, state.encode());
         Ok(())
     }
 
@@ -312,7 +313,7 @@ impl Index {
         let mut versions = Vec::new();
         for item in ks.prefix(&prefix) {
             let (_, value) = item.into_inner()?;
-            if let Ok(v) = serde_json::from_slice::<DeliveryState>(&value) {
+            if let Some(v) = DeliveryState::decode(&value) {
                 if v.event == event.id && v.tenant == event.tenant {
                     versions.push(v);
                 }
@@ -483,7 +484,7 @@ impl Index {
         let bounds = newest_first_bounds(&prefix, q.since_ms, q.until_ms);
         let mut items = Vec::new();
         let next = self.scan(bounds, Self::day_span(q.since_ms, q.until_ms), from, |_, key, value| {
-            let Ok((id, event_type)) = serde_json::from_slice::<(String, String)>(value) else { return Flow::Go };
+            let Some((id, event_type)) = read_listing(value) else { return Flow::Go };
             if q.event_type.as_ref().is_some_and(|t| *t != event_type) {
                 return Flow::Go;
             }
@@ -566,7 +567,7 @@ impl Index {
             for item in ks.range(start.clone()..end.clone()) {
                 let (key, value) = item.into_inner()?;
                 let delivery = key[..prefix.len() + 16].to_vec();
-                let Ok(state) = serde_json::from_slice::<DeliveryState>(&value) else { continue };
+                let Some(state) = DeliveryState::decode(&value) else { continue };
                 match &mut current {
                     Some((d, newest)) if *d == delivery => {
                         if state.newer_than(newest) {

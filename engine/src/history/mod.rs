@@ -110,10 +110,11 @@ fn start_indexer(
         if let Err(e) = rustix::process::setpriority_process(None, 19) {
             tracing::debug!(error = %e, "could not lower the history indexer's priority");
         }
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(r) => r,
-            Err(e) => return tracing::error!(error = %e, "cannot start the history indexer"),
-        };
+        let runtime =
+            match tokio::runtime::Builder::new_current_thread().thread_name("history-read").enable_all().build() {
+                Ok(r) => r,
+                Err(e) => return tracing::error!(error = %e, "cannot start the history indexer"),
+            };
         runtime.block_on(async move {
             let readers: Vec<_> = (0..partitions)
                 .map(|p| tokio::spawn(follow(log.clone(), topic.clone(), p, index.clone(), stop.clone())))

@@ -2,15 +2,21 @@
 //! again), each attempt as it settled, and state changes that are not attempts (dropped,
 //! parked without an attempt, queued again). Records about one delivery may be read in any
 //! order across partitions, so a state carries its own time and the newest wins.
+//!
+//! Records are binary (see [`codec`]): every settled attempt is written once and read once by
+//! every process's index, and JSON cost more CPU on that path than the rest of the history
+//! (field names, escaping, and the event's `data` parsed on every read). Records written as
+//! JSON by earlier versions (their first byte is `{`) are still read.
 
 use crate::model::{rfc3339_ms, Response};
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+use bytes::Bytes;
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// One record of the history topic, externally tagged (`{"event": {…}}`): an internally tagged
-/// enum would buffer the record and lose the raw `data`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One record of the history topic. Earlier versions wrote it as JSON, externally tagged
+/// (`{"event": {…}}`), which is why it still derives `Deserialize`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HistoryRecord {
     /// An event was accepted.
@@ -22,7 +28,7 @@ pub enum HistoryRecord {
 }
 
 /// An accepted event: what `GET /v1/events/{id}` shows and what a resend sends again.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct EventRecord {
     /// The event's id (`webhook-id`).
     pub id: String,
@@ -35,18 +41,37 @@ pub struct EventRecord {
     pub accepted_ms: i64,
     /// The subscriptions it matched.
     pub subscriptions: Vec<String>,
-    /// `data` as the producer sent it.
-    pub data: Box<RawValue>,
-    /// `changes` as the producer sent them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub changes: Option<Box<RawValue>>,
+    /// `data` as accepted (JSON text).
+    #[serde(deserialize_with = "legacy::raw")]
+    pub data: Bytes,
+    /// `changes` as accepted (JSON text).
+    #[serde(default, deserialize_with = "legacy::raw_opt")]
+    pub changes: Option<Bytes>,
     /// The producer's ordering key, if it gave one (a resend keeps it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ordering_key: Option<String>,
 }
 
+impl EventRecord {
+    /// `data`, as the JSON value the API shows.
+    pub fn data_json(&self) -> Box<RawValue> {
+        json_of(&self.data)
+    }
+
+    /// `changes`, as the JSON value the API shows.
+    pub fn changes_json(&self) -> Option<Box<RawValue>> {
+        self.changes.as_deref().map(json_of)
+    }
+}
+
+/// Bytes checked as JSON when they were accepted, as a JSON value (`null` should they not be).
+fn json_of(bytes: &[u8]) -> Box<RawValue> {
+    RawValue::from_string(String::from_utf8_lossy(bytes).into_owned())
+        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
+}
+
 /// Where a delivery stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Accepted (or queued again), no attempt settled since.
@@ -75,7 +100,7 @@ impl State {
 }
 
 /// One settled attempt, from its typed outcome.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct AttemptRecord {
     /// The attempt's own id.
     pub id: String,
@@ -99,27 +124,27 @@ pub struct AttemptRecord {
     /// The outcome's label (`delivered`, `failed`, `timeout`, …).
     pub outcome: String,
     /// The receiver's status, when it answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub status: Option<u16>,
     /// What went wrong, in words.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub error: Option<String>,
     /// The start of the receiver's answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub response: Option<Response>,
     /// The delivery's state after this attempt.
     pub state: State,
     /// When the next attempt is due, if one is scheduled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub next_ms: Option<i64>,
     /// The key an ordered subscription keeps this delivery in order by: while it is retrying
     /// or dead-lettered and blocking, the key's later deliveries wait behind it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ordering_key: Option<String>,
 }
 
 /// A state change that is not an attempt.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct StateRecord {
     /// The event.
     pub event_id: String,
@@ -134,7 +159,7 @@ pub struct StateRecord {
     /// The new state.
     pub state: State,
     /// Why, when it is a failure.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub error: Option<String>,
 }
 
@@ -150,19 +175,23 @@ impl HistoryRecord {
     }
 
     /// The record's bytes on the topic.
-    pub fn encode(&self) -> bytes::Bytes {
-        bytes::Bytes::from(serde_json::to_vec(self).expect("history records serialize"))
+    pub fn encode(&self) -> Bytes {
+        codec::encode(self)
     }
 
-    /// A record read back; `None` for one this version does not understand.
+    /// A record read back (binary, or JSON from an earlier version); `None` for one this
+    /// version does not understand.
     pub fn decode(bytes: &[u8]) -> Option<HistoryRecord> {
-        serde_json::from_slice(bytes).ok()
+        match bytes.first() {
+            Some(b'{') => serde_json::from_slice(bytes).ok(),
+            _ => codec::decode(bytes),
+        }
     }
 }
 
 /// One version of a delivery's state, as kept in the index: each attempt (and each change
 /// without one) adds a version, and the newest is the delivery's state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct DeliveryState {
     /// Where it stands.
     pub state: State,
@@ -171,21 +200,47 @@ pub struct DeliveryState {
     /// The attempt that made it so (0 for a change without one).
     pub attempt: u32,
     /// When the next attempt is due.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub next_ms: Option<i64>,
     /// The event's tenant.
     pub tenant: String,
     /// The event.
     pub event: String,
     /// The attempt's id, for an attempt.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub attempt_id: Option<String>,
 }
 
 impl DeliveryState {
+    /// The bytes the index keeps.
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode_state(self)
+    }
+
+    /// A version read back from the index (binary, or JSON from an earlier version).
+    pub fn decode(bytes: &[u8]) -> Option<DeliveryState> {
+        match bytes.first() {
+            Some(b'{') => serde_json::from_slice(bytes).ok(),
+            _ => codec::decode_state(bytes),
+        }
+    }
+
     /// Whether `self` is newer than `other`.
     pub fn newer_than(&self, other: &DeliveryState) -> bool {
         (self.at_ms, self.attempt) > (other.at_ms, other.attempt)
+    }
+}
+
+/// The value an event's entry in a tenant's list of events keeps: its id and type.
+pub fn listing(id: &str, event_type: &str) -> Vec<u8> {
+    codec::encode_listing(id, event_type)
+}
+
+/// What [`listing`] wrote (or the JSON pair earlier versions wrote).
+pub fn read_listing(bytes: &[u8]) -> Option<(String, String)> {
+    match bytes.first() {
+        Some(b'[') => serde_json::from_slice(bytes).ok(),
+        _ => codec::decode_listing(bytes),
     }
 }
 
@@ -219,35 +274,404 @@ pub fn attempt_view(a: &AttemptRecord) -> serde_json::Value {
     })
 }
 
+/// Reading what earlier versions wrote as JSON.
+mod legacy {
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer};
+    use serde_json::value::RawValue;
+
+    pub fn raw<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        Ok(Bytes::from(Box::<RawValue>::deserialize(d)?.get().to_owned()))
+    }
+
+    pub fn raw_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::Error> {
+        Ok(Option::<Box<RawValue>>::deserialize(d)?.map(|r| Bytes::from(r.get().to_owned())))
+    }
+}
+
+/// The binary form: a format byte (never `{`, so JSON records of earlier versions are told
+/// apart), a kind byte, then the fields in a fixed order — integers little-endian, texts and
+/// bytes with a u32 length, optional fields behind a presence byte. A reader ignores bytes
+/// after the fields it knows, so later versions can append fields.
+mod codec {
+    use super::{AttemptRecord, DeliveryState, EventRecord, HistoryRecord, State, StateRecord};
+    use crate::model::Response;
+    use bytes::{BufMut, Bytes, BytesMut};
+
+    const FORMAT: u8 = 1;
+    const EVENT: u8 = b'e';
+    const ATTEMPT: u8 = b'a';
+    const STATE: u8 = b's';
+
+    struct Out(BytesMut);
+
+    impl Out {
+        fn new(kind: u8, capacity: usize) -> Out {
+            let mut b = BytesMut::with_capacity(capacity + 2);
+            b.put_u8(FORMAT);
+            b.put_u8(kind);
+            Out(b)
+        }
+        fn bytes(&mut self, b: &[u8]) {
+            self.0.put_u32_le(u32::try_from(b.len()).unwrap_or(u32::MAX));
+            self.0.put_slice(&b[..b.len().min(u32::MAX as usize)]);
+        }
+        fn text(&mut self, s: &str) {
+            self.bytes(s.as_bytes());
+        }
+        fn opt<T>(&mut self, v: Option<T>, put: impl FnOnce(&mut Out, T)) {
+            self.0.put_u8(v.is_some() as u8);
+            if let Some(v) = v {
+                put(self, v);
+            }
+        }
+        fn i64(&mut self, v: i64) {
+            self.0.put_i64_le(v);
+        }
+        fn u32(&mut self, v: u32) {
+            self.0.put_u32_le(v);
+        }
+    }
+
+    struct In<'a>(&'a [u8]);
+
+    impl<'a> In<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+            self.0 = rest;
+            Some(head)
+        }
+        fn u8(&mut self) -> Option<u8> {
+            Some(self.take(1)?[0])
+        }
+        fn u16(&mut self) -> Option<u16> {
+            Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+        }
+        fn u32(&mut self) -> Option<u32> {
+            Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+        }
+        fn i64(&mut self) -> Option<i64> {
+            Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
+        }
+        fn u64(&mut self) -> Option<u64> {
+            Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+        }
+        fn bytes(&mut self) -> Option<&'a [u8]> {
+            let n = self.u32()? as usize;
+            self.take(n)
+        }
+        fn text(&mut self) -> Option<String> {
+            String::from_utf8(self.bytes()?.to_vec()).ok()
+        }
+        fn opt<T>(&mut self, get: impl FnOnce(&mut In<'a>) -> Option<T>) -> Option<Option<T>> {
+            match self.u8()? {
+                0 => Some(None),
+                1 => get(self).map(Some),
+                _ => None,
+            }
+        }
+    }
+
+    fn state_byte(s: State) -> u8 {
+        match s {
+            State::Pending => 0,
+            State::Delivered => 1,
+            State::Retrying => 2,
+            State::DeadLettered => 3,
+            State::Dropped => 4,
+        }
+    }
+
+    fn state_of(b: u8) -> Option<State> {
+        Some(match b {
+            0 => State::Pending,
+            1 => State::Delivered,
+            2 => State::Retrying,
+            3 => State::DeadLettered,
+            4 => State::Dropped,
+            _ => return None,
+        })
+    }
+
+    pub fn encode(rec: &HistoryRecord) -> Bytes {
+        let out = match rec {
+            HistoryRecord::Event(e) => {
+                let mut o = Out::new(EVENT, 64 + e.id.len() + e.data.len() + e.subscriptions.len() * 32);
+                o.i64(e.accepted_ms);
+                o.text(&e.id);
+                o.text(&e.tenant);
+                o.text(&e.event_type);
+                o.u32(e.subscriptions.len() as u32);
+                for s in &e.subscriptions {
+                    o.text(s);
+                }
+                o.bytes(&e.data);
+                o.opt(e.changes.as_deref(), Out::bytes);
+                o.opt(e.ordering_key.as_deref(), Out::text);
+                o
+            }
+            HistoryRecord::Attempt(a) => {
+                let response = a.response.as_ref().map_or(0, |r| r.body.len() + r.headers.len() * 48);
+                let mut o = Out::new(ATTEMPT, 192 + response);
+                o.text(&a.id);
+                o.text(&a.event_id);
+                o.text(&a.subscription);
+                o.text(&a.tenant);
+                o.text(&a.event_type);
+                o.u32(a.attempt);
+                o.i64(a.accepted_ms);
+                o.i64(a.at_ms);
+                o.0.put_u64_le(a.duration_ms);
+                o.text(&a.outcome);
+                o.opt(a.status, |o, s| o.0.put_u16_le(s));
+                o.opt(a.error.as_deref(), Out::text);
+                o.opt(a.response.as_ref(), |o, r| {
+                    o.0.put_u16_le(r.status);
+                    o.u32(r.headers.len() as u32);
+                    for (n, v) in &r.headers {
+                        o.text(n);
+                        o.text(v);
+                    }
+                    o.bytes(&r.body);
+                });
+                o.0.put_u8(state_byte(a.state));
+                o.opt(a.next_ms, Out::i64);
+                o.opt(a.ordering_key.as_deref(), Out::text);
+                o
+            }
+            HistoryRecord::State(s) => {
+                let mut o = Out::new(STATE, 96);
+                o.text(&s.event_id);
+                o.text(&s.subscription);
+                o.text(&s.tenant);
+                o.i64(s.accepted_ms);
+                o.i64(s.at_ms);
+                o.0.put_u8(state_byte(s.state));
+                o.opt(s.error.as_deref(), Out::text);
+                o
+            }
+        };
+        out.0.freeze()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<HistoryRecord> {
+        let mut i = In(bytes);
+        if i.u8()? != FORMAT {
+            return None;
+        }
+        Some(match i.u8()? {
+            EVENT => HistoryRecord::Event(EventRecord {
+                accepted_ms: i.i64()?,
+                id: i.text()?,
+                tenant: i.text()?,
+                event_type: i.text()?,
+                subscriptions: {
+                    let n = i.u32()? as usize;
+                    // Each takes at least its length's 4 bytes: a count larger than the record
+                    // could hold is damage, not a reason to allocate.
+                    if n > i.0.len() / 4 {
+                        return None;
+                    }
+                    (0..n).map(|_| i.text()).collect::<Option<_>>()?
+                },
+                data: Bytes::copy_from_slice(i.bytes()?),
+                changes: i.opt(|i| i.bytes().map(Bytes::copy_from_slice))?,
+                ordering_key: i.opt(In::text)?,
+            }),
+            ATTEMPT => HistoryRecord::Attempt(AttemptRecord {
+                id: i.text()?,
+                event_id: i.text()?,
+                subscription: i.text()?,
+                tenant: i.text()?,
+                event_type: i.text()?,
+                attempt: i.u32()?,
+                accepted_ms: i.i64()?,
+                at_ms: i.i64()?,
+                duration_ms: i.u64()?,
+                outcome: i.text()?,
+                status: i.opt(In::u16)?,
+                error: i.opt(In::text)?,
+                response: i.opt(|i| {
+                    let status = i.u16()?;
+                    let n = i.u32()? as usize;
+                    if n > i.0.len() / 8 {
+                        return None;
+                    }
+                    let headers = (0..n).map(|_| Some((i.text()?, i.text()?))).collect::<Option<_>>()?;
+                    Some(Response { status, headers, body: Bytes::copy_from_slice(i.bytes()?) })
+                })?,
+                state: state_of(i.u8()?)?,
+                next_ms: i.opt(In::i64)?,
+                ordering_key: i.opt(In::text)?,
+            }),
+            STATE => HistoryRecord::State(StateRecord {
+                event_id: i.text()?,
+                subscription: i.text()?,
+                tenant: i.text()?,
+                accepted_ms: i.i64()?,
+                at_ms: i.i64()?,
+                state: state_of(i.u8()?)?,
+                error: i.opt(In::text)?,
+            }),
+            _ => return None,
+        })
+    }
+
+    const LISTING: u8 = b'l';
+
+    pub fn encode_listing(id: &str, event_type: &str) -> Vec<u8> {
+        let mut o = Out::new(LISTING, 8 + id.len() + event_type.len());
+        o.text(id);
+        o.text(event_type);
+        o.0.to_vec()
+    }
+
+    pub fn decode_listing(bytes: &[u8]) -> Option<(String, String)> {
+        let mut i = In(bytes);
+        if (i.u8()?, i.u8()?) != (FORMAT, LISTING) {
+            return None;
+        }
+        Some((i.text()?, i.text()?))
+    }
+
+    pub fn encode_state(s: &DeliveryState) -> Vec<u8> {
+        let mut o = Out::new(STATE, 64 + s.tenant.len() + s.event.len());
+        o.0.put_u8(state_byte(s.state));
+        o.i64(s.at_ms);
+        o.u32(s.attempt);
+        o.opt(s.next_ms, Out::i64);
+        o.text(&s.tenant);
+        o.text(&s.event);
+        o.opt(s.attempt_id.as_deref(), Out::text);
+        o.0.to_vec()
+    }
+
+    pub fn decode_state(bytes: &[u8]) -> Option<DeliveryState> {
+        let mut i = In(bytes);
+        if (i.u8()?, i.u8()?) != (FORMAT, STATE) {
+            return None;
+        }
+        Some(DeliveryState {
+            state: state_of(i.u8()?)?,
+            at_ms: i.i64()?,
+            attempt: i.u32()?,
+            next_ms: i.opt(In::i64)?,
+            tenant: i.text()?,
+            event: i.text()?,
+            attempt_id: i.opt(In::text)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn attempt() -> AttemptRecord {
+        AttemptRecord {
+            id: "att_1".into(),
+            event_id: "evt_1".into(),
+            subscription: "sub_1".into(),
+            tenant: "acme".into(),
+            event_type: "order.created".into(),
+            attempt: 3,
+            accepted_ms: 1_700_000_000_000,
+            at_ms: 1_700_000_000_500,
+            duration_ms: 12,
+            outcome: "failed".into(),
+            status: Some(503),
+            error: Some("receiver answered 503 Service Unavailable".into()),
+            response: Some(Response {
+                status: 503,
+                headers: vec![("content-type".into(), "text/plain".into())],
+                body: Bytes::from_static(b"busy \xff"),
+            }),
+            state: State::Retrying,
+            next_ms: Some(1_700_000_005_000),
+            ordering_key: Some("order-1".into()),
+        }
+    }
+
+    fn records() -> Vec<HistoryRecord> {
+        vec![
+            HistoryRecord::Event(EventRecord {
+                id: "e".into(),
+                tenant: "t".into(),
+                event_type: "T".into(),
+                accepted_ms: 1,
+                subscriptions: vec!["s".into(), "s2".into()],
+                data: Bytes::from_static(br#"{"a": [1, 2.50]}"#),
+                changes: Some(Bytes::from_static(b"[]")),
+                ordering_key: None,
+            }),
+            HistoryRecord::Attempt(attempt()),
+            HistoryRecord::Attempt(AttemptRecord {
+                status: None,
+                error: None,
+                response: None,
+                next_ms: None,
+                ..attempt()
+            }),
+            HistoryRecord::State(StateRecord {
+                event_id: "e".into(),
+                subscription: "s".into(),
+                tenant: "t".into(),
+                accepted_ms: 1,
+                at_ms: 2,
+                state: State::Dropped,
+                error: Some("deleted".into()),
+            }),
+        ]
+    }
+
     #[test]
-    fn every_kind_reads_back() {
-        let event = HistoryRecord::Event(EventRecord {
-            id: "e".into(),
+    fn every_kind_reads_back_field_for_field() {
+        for rec in records() {
+            let bytes = rec.encode();
+            assert_ne!(bytes[0], b'{', "told apart from JSON");
+            let back = HistoryRecord::decode(&bytes).expect("reads back");
+            assert_eq!(format!("{back:?}"), format!("{rec:?}"));
+        }
+        let state = DeliveryState {
+            state: State::Retrying,
+            at_ms: 5,
+            attempt: 2,
+            next_ms: Some(9),
             tenant: "t".into(),
-            event_type: "T".into(),
-            accepted_ms: 1,
-            subscriptions: vec!["s".into()],
-            data: RawValue::from_string(r#"{"a": [1, 2.50]}"#.into()).unwrap(),
-            changes: None,
-            ordering_key: None,
-        });
-        let HistoryRecord::Event(back) = HistoryRecord::decode(&event.encode()).expect("reads back") else {
-            panic!("an event")
+            event: "e".into(),
+            attempt_id: Some("att".into()),
         };
-        assert_eq!(back.data.get(), r#"{"a": [1, 2.50]}"#, "the producer's bytes, untouched");
-        let state = HistoryRecord::State(StateRecord {
-            event_id: "e".into(),
-            subscription: "s".into(),
-            tenant: "t".into(),
-            accepted_ms: 1,
-            at_ms: 2,
-            state: State::Dropped,
-            error: None,
-        });
-        assert!(matches!(HistoryRecord::decode(&state.encode()), Some(HistoryRecord::State(_))));
+        assert_eq!(format!("{:?}", DeliveryState::decode(&state.encode())), format!("{:?}", Some(state)));
+    }
+
+    #[test]
+    fn damaged_records_are_refused_without_a_panic() {
+        for rec in records() {
+            let bytes = rec.encode();
+            for cut in 0..bytes.len() {
+                let _ = HistoryRecord::decode(&bytes[..cut]);
+                let mut flipped = bytes.to_vec();
+                flipped[cut] ^= 0xff;
+                let _ = HistoryRecord::decode(&flipped);
+            }
+            assert!(HistoryRecord::decode(&bytes[..bytes.len() / 2]).is_none(), "half a record is not one");
+        }
+        let huge_count =
+            [1, b'e', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255];
+        assert!(HistoryRecord::decode(&huge_count).is_none());
+    }
+
+    #[test]
+    fn json_records_of_earlier_versions_are_still_read() {
+        let event = br#"{"event":{"id":"e","tenant":"t","type":"T","accepted_ms":1,"subscriptions":["s"],"data":{"a": [1, 2.50]}}}"#;
+        let Some(HistoryRecord::Event(e)) = HistoryRecord::decode(event) else { panic!("an event") };
+        assert_eq!(&e.data[..], br#"{"a": [1, 2.50]}"#, "the producer's bytes, untouched");
+        assert_eq!(e.data_json().get(), r#"{"a": [1, 2.50]}"#);
+        let attempt = br#"{"attempt":{"id":"a","event_id":"e","subscription":"s","tenant":"t","type":"T","attempt":1,"accepted_ms":1,"at_ms":2,"duration_ms":3,"outcome":"delivered","status":200,"response":{"status":200,"headers":[["x","y"]],"body":"b2s="},"state":"delivered"}}"#;
+        let Some(HistoryRecord::Attempt(a)) = HistoryRecord::decode(attempt) else { panic!("an attempt") };
+        assert_eq!((a.state, a.response.map(|r| r.body)), (State::Delivered, Some(Bytes::from_static(b"ok"))));
+        let state =
+            br#"{"state":"retrying","at_ms":5,"attempt":2,"next_ms":9,"tenant":"t","event":"e","attempt_id":"att"}"#;
+        assert_eq!(DeliveryState::decode(state).map(|s| (s.state, s.next_ms)), Some((State::Retrying, Some(9))));
     }
 }

@@ -104,13 +104,6 @@ fn delivery_record(target: &Target, delivery: Delivery, data: &Json, changes: Op
     Record { key: Bytes::copy_from_slice(target.sub.id.as_bytes()), value: delivery.encode() }
 }
 
-/// `bytes` (JSON the API has parsed) as a raw JSON value.
-fn raw(bytes: &Bytes) -> Box<serde_json::value::RawValue> {
-    let text = String::from_utf8_lossy(bytes).into_owned();
-    serde_json::value::RawValue::from_string(text)
-        .unwrap_or_else(|_| serde_json::value::to_raw_value(&serde_json::Value::Null).expect("null serializes"))
-}
-
 /// A JSON value of the producer's, as sent and in JavaScript's form (the same buffer when the
 /// two are equal, as they are for compact producers).
 #[derive(Debug, Clone)]
@@ -427,8 +420,8 @@ impl Ingest {
                     event_type: event.event_type.clone(),
                     accepted_ms: now,
                     subscriptions: targets.iter().map(|t| t.sub.id.clone()).collect(),
-                    data: raw(&event.data.sent),
-                    changes: event.changes.as_ref().map(|c| raw(&c.sent)),
+                    data: event.data.sent.clone(),
+                    changes: event.changes.as_ref().map(|c| c.sent.clone()),
                     ordering_key: event.ordering_key.clone(),
                 }));
             }
@@ -471,8 +464,10 @@ impl Ingest {
         let mut records = Deliveries::default();
         let mut states = Vec::new();
         for (event, targets) in items {
-            let data = Json::new(event.data.get()).map_err(invalid)?;
-            let changes = event.changes.as_ref().map(|c| Json::new(c.get())).transpose().map_err(invalid)?;
+            // Checked as JSON (so UTF-8) when the event was accepted.
+            let data = Json::new(&String::from_utf8_lossy(&event.data)).map_err(invalid)?;
+            let changes =
+                event.changes.as_ref().map(|c| Json::new(&String::from_utf8_lossy(c))).transpose().map_err(invalid)?;
             let mut keyed = Keyed {
                 id: &event.id,
                 event_type: &event.event_type,

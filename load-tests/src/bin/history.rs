@@ -91,9 +91,9 @@ fn fill(dir: &Path, shape: Shape, days: i64) -> anyhow::Result<()> {
             // Oldest first, as they would arrive.
             let accepted = now - span + (span * e as i64) / events as i64;
             let id = format!("evt_bench_{e:09}");
-            let data = serde_json::value::RawValue::from_string(format!(
+            let data = bytes::Bytes::from(format!(
                 r#"{{"order":{e},"total":129.5,"currency":"EUR","lines":[{{"sku":"A-1","qty":2}}]}}"#
-            ))?;
+            ));
             let event = HistoryRecord::Event(EventRecord {
                 id: id.clone(),
                 tenant: tenant.clone(),
