@@ -232,7 +232,10 @@ impl Index {
     /// and a delivery's states are kept side by side as versions (the newest is read), so
     /// indexing never reads the store.
     pub fn apply(&self, partition: u32, records: &[LogRecord], next: u64, now_ms: i64) -> Result<usize, IndexError> {
-        let mut batch = self.db.batch();
+        // Sized up front (at most three entries a record, and the offset): growing it faulted
+        // in fresh pages on every batch. Written to the OS like `Database::batch` does.
+        let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), records.len() * 3 + 1)
+            .durability(Some(fjall::PersistMode::Buffer));
         let mut applied = 0;
         for rec in records {
             let Some(record) = HistoryRecord::decode(&rec.value) else {
@@ -243,14 +246,14 @@ impl Index {
             match record {
                 HistoryRecord::Event(e) => {
                     let Some(ks) = self.day(keys::day(e.accepted_ms), now_ms)? else { continue };
-                    batch.insert(&ks, Key::new(keys::EVENT).id(&e.tenant).id(&e.id).done(), rec.value.to_vec());
+                    batch.insert(&ks, Key::new(keys::EVENT).id(&e.tenant).id(&e.id).done(), &rec.value[..]);
                     let listed = Key::new(keys::EVENTS).id(&e.tenant).newest_first(e.accepted_ms).id(&e.id).done();
                     batch.insert(&ks, listed, listing(&e.id, &e.event_type));
                 }
                 HistoryRecord::Attempt(a) => {
                     if let Some(ks) = self.day(keys::day(a.at_ms), now_ms)? {
                         let key = Key::new(keys::ATTEMPT).id(&a.tenant).newest_first(a.at_ms).id(&a.id).done();
-                        batch.insert(&ks, key, rec.value.to_vec());
+                        batch.insert(&ks, key, &rec.value[..]);
                         let key =
                             Key::new(keys::BY_SUBSCRIPTION).id(&a.subscription).newest_first(a.at_ms).id(&a.id).done();
                         batch.insert(&ks, key, keys::hash(&a.tenant).to_be_bytes());

@@ -24,6 +24,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// Records indexed in one batch at most: enough that a batch's fixed costs are small, few
+/// enough that its buffers stay below the allocator's huge-allocation size (batches of 4096
+/// had every batch's growing buffers faulted in and zeroed afresh, 18 % of the indexer's time).
+const READ_BATCH: usize = 1024;
+
 /// How often days past retention are looked for, and the lag measured.
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -143,7 +148,7 @@ async fn follow(log: Arc<dyn Log>, topic: String, partition: u32, index: Arc<Ind
         };
         loop {
             let batch = tokio::select! {
-                b = reader.next_batch(4096) => b,
+                b = reader.next_batch(READ_BATCH) => b,
                 _ = crate::shutdown::stopped(&mut stop) => return,
             };
             let records = match batch {
