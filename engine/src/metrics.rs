@@ -138,6 +138,62 @@ fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Handles of the delivery path's counters and histograms, by name and label values, kept per
+/// thread: the `metrics` macros build (and allocate) a key and look it up in the registry on
+/// every call, and settling a delivery made four such calls. The labels' names are the
+/// metric's own, so the values (at most two) identify the series.
+type Series = (&'static str, &'static str, &'static str);
+
+thread_local! {
+    static COUNTERS: std::cell::RefCell<std::collections::HashMap<Series, metrics::Counter>> = {
+        // Installed before the first handle is made: a handle made without a recorder would
+        // count nowhere for the life of the thread.
+        handle();
+        Default::default()
+    };
+    static HISTOGRAMS: std::cell::RefCell<std::collections::HashMap<Series, metrics::Histogram>> = {
+        handle();
+        Default::default()
+    };
+}
+
+/// The counter `name` with `labels` (at most two), from this thread's handles.
+pub fn counter(name: &'static str, labels: &[(&'static str, &'static str)]) -> metrics::Counter {
+    let series = series(name, labels);
+    COUNTERS.with(|c| {
+        c.borrow_mut()
+            .entry(series)
+            .or_insert_with(|| {
+                metrics::counter!(
+                    name,
+                    labels.iter().map(|&(k, v)| metrics::Label::from_static_parts(k, v)).collect::<Vec<_>>()
+                )
+            })
+            .clone()
+    })
+}
+
+/// The histogram `name` with `labels` (at most two), from this thread's handles.
+pub fn histogram(name: &'static str, labels: &[(&'static str, &'static str)]) -> metrics::Histogram {
+    let series = series(name, labels);
+    HISTOGRAMS.with(|c| {
+        c.borrow_mut()
+            .entry(series)
+            .or_insert_with(|| {
+                metrics::histogram!(
+                    name,
+                    labels.iter().map(|&(k, v)| metrics::Label::from_static_parts(k, v)).collect::<Vec<_>>()
+                )
+            })
+            .clone()
+    })
+}
+
+fn series(name: &'static str, labels: &[(&'static str, &'static str)]) -> Series {
+    debug_assert!(labels.len() <= 2, "{name}: at most two labels");
+    (name, labels.first().map_or("", |l| l.1), labels.get(1).map_or("", |l| l.1))
+}
+
 /// One shard's live numbers, read at scrape time.
 pub struct ShardStats {
     source: String,

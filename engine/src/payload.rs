@@ -3,10 +3,11 @@
 //! written per attempt, because `deliveryAttempt`, `pendingRetries` and `sentAt` change.
 
 use crate::model::{rfc3339_ms, Delivery, PayloadFormat};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -65,8 +66,8 @@ impl HttpBody for Body {
     }
 }
 
-fn push_json_str(buf: &mut Vec<u8>, s: &str) {
-    serde_json::to_writer(&mut *buf, s).expect("writing to a Vec cannot fail");
+fn push_json_str(buf: &mut BytesMut, s: &str) {
+    serde_json::to_writer(buf.writer(), s).expect("writing to memory cannot fail");
 }
 
 /// The body for `delivery` in `format`: the envelope for this attempt, or the raw data.
@@ -79,31 +80,24 @@ pub fn build(format: PayloadFormat, delivery: &Delivery, pending_retries: u32, s
 
 /// `{"id","event","tenant","data","changes"?,"deliveryAttempt","pendingRetries","sentAt"}`.
 fn envelope(d: &Delivery, pending_retries: u32, sent_at_ms: i64) -> Body {
-    let mut head = Vec::with_capacity(96 + d.event_id.len() + d.event_type.len() + d.tenant.len());
-    head.extend_from_slice(b"{\"id\":");
-    push_json_str(&mut head, &d.event_id);
-    head.extend_from_slice(b",\"event\":");
-    push_json_str(&mut head, &d.event_type);
-    head.extend_from_slice(b",\"tenant\":");
-    push_json_str(&mut head, &d.tenant);
-    head.extend_from_slice(b",\"data\":");
-    let mut tail = Vec::with_capacity(96);
-    let mut middle = None;
-    if let Some(changes) = &d.changes {
-        middle = Some((Bytes::from_static(b",\"changes\":"), changes.clone()));
+    // Head and tail share one allocation (this runs once per attempt).
+    let mut buf = BytesMut::with_capacity(192 + d.event_id.len() + d.event_type.len() + d.tenant.len());
+    buf.put_slice(b"{\"id\":");
+    push_json_str(&mut buf, &d.event_id);
+    buf.put_slice(b",\"event\":");
+    push_json_str(&mut buf, &d.event_type);
+    buf.put_slice(b",\"tenant\":");
+    push_json_str(&mut buf, &d.tenant);
+    buf.put_slice(b",\"data\":");
+    let head = buf.split().freeze();
+    let _ = write!(buf, ",\"deliveryAttempt\":{},\"pendingRetries\":{},\"sentAt\":", d.attempt, pending_retries);
+    push_json_str(&mut buf, &rfc3339_ms(sent_at_ms));
+    buf.put_u8(b'}');
+    let tail = buf.freeze();
+    match &d.changes {
+        Some(changes) => Body::new([head, d.data.clone(), Bytes::from_static(b",\"changes\":"), changes.clone(), tail]),
+        None => Body::new([head, d.data.clone(), tail]),
     }
-    tail.extend_from_slice(
-        format!(",\"deliveryAttempt\":{},\"pendingRetries\":{},\"sentAt\":", d.attempt, pending_retries).as_bytes(),
-    );
-    push_json_str(&mut tail, &rfc3339_ms(sent_at_ms));
-    tail.push(b'}');
-    let mut chunks = vec![Bytes::from(head), d.data.clone()];
-    if let Some((label, changes)) = middle {
-        chunks.push(label);
-        chunks.push(changes);
-    }
-    chunks.push(Bytes::from(tail));
-    Body::new(chunks)
 }
 
 #[cfg(test)]
