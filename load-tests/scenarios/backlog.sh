@@ -4,11 +4,13 @@
 # Creates one subscription on a fresh embedded log, stops Herald, appends EVENTS delivery
 # records (1 KB events) straight into its log with `herald-load --direct-embedded`, then
 # starts Herald with a verifying sink and samples Herald's resident memory every second until
-# the sink has every event. Reports peak RSS, the drain rate, and loss/duplicates.
+# the sink has every event. Reports peak RSS, the drain rate, and loss/duplicates; then runs the
+# ideal signed loop (herald-ideal, no log) in the same run and prints the drain's ratio to it.
+# E2E_BIN_DIR runs binaries built elsewhere (another commit, for a before/after pair).
 set -euo pipefail
 EVENTS=${1:-5000000}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-BIN=$ROOT/target/release
+BIN=${E2E_BIN_DIR:-$ROOT/target/release}
 WORK=$(mktemp -d)
 PORT=18281
 SINK_PORT=19281
@@ -17,7 +19,7 @@ SECRET=whsec_YmFja2xvZy1zZWNyZXQtZm9yLWhlcmFsZC10ZXN0cw==
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
-(cd "$ROOT" && cargo build --release --locked -q -p herald -p herald-load-tests --bins)
+[ -n "${E2E_BIN_DIR:-}" ] || (cd "$ROOT" && cargo build --release --locked -q -p herald -p herald-load-tests --bins)
 
 start_herald() {
   "$BIN/herald" serve --listen 127.0.0.1:$PORT --data-dir "$WORK/data" >"$WORK/herald.out" 2>"$WORK/herald.err" &
@@ -52,3 +54,14 @@ hwm=$(awk '/VmHWM/ {print $2}' /proc/$herald/status)
 echo "sink:   $(cat "$WORK/sink.json")"
 echo "herald RSS while draining: peak sampled $((peak / 1024)) MiB, high-water mark $((hwm / 1024)) MiB, ${#samples[@]} samples"
 echo "RSS samples (MiB, 1/s): $(for s in "${samples[@]}"; do printf '%d ' $((s / 1024)); done)"
+# The ideal signed loop in the same run: sign and POST straight into a verifying sink, no log.
+kill $herald 2>/dev/null || true
+IDEAL=$(( EVENTS < 1000000 ? EVENTS : 1000000 ))
+"$BIN/herald-sink" --listen 127.0.0.1:$((SINK_PORT + 1)) --secret "$SECRET" --expect "$IDEAL" >"$WORK/ideal-sink.json" 2>/dev/null &
+pids+=($!)
+sleep 0.3
+ideal=$("$BIN/herald-ideal" --url "http://127.0.0.1:$((SINK_PORT + 1))/hook" --secret "$SECRET" --requests "$IDEAL" |
+  python3 -c "import json,sys;print(round(json.load(sys.stdin)['requests_per_second']))")
+drain=$(python3 -c "import json;print(round(json.load(open('$WORK/sink.json'))['deliveries_per_second']))")
+echo "ideal:  $ideal signed POSTs/s (herald-ideal, 1 KB, 64 connections, no log)"
+python3 -c "print('ratio:  %.2f of the ideal signed loop (drain %d deliveries/s)' % ($drain / $ideal, $drain))"

@@ -161,6 +161,14 @@ async fn follow(log: Arc<dyn Log>, topic: String, partition: u32, index: Arc<Ind
                     break;
                 }
             };
+            // Memory stays bounded: while the store's memtables wait for its flush worker,
+            // wait with them.
+            while index.flush_backlog() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = crate::shutdown::stopped(&mut stop) => return,
+                }
+            }
             let next = records.last().map_or(from, |r| r.offset + 1);
             // On the indexer's own thread: blocking here holds up only the other partitions'
             // readers, which feed the same index one batch at a time anyway.
