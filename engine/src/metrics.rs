@@ -159,32 +159,26 @@ thread_local! {
 
 /// The counter `name` with `labels` (at most two), from this thread's handles.
 pub fn counter(name: &'static str, labels: &[(&'static str, &'static str)]) -> metrics::Counter {
-    let series = series(name, labels);
-    COUNTERS.with(|c| {
-        c.borrow_mut()
-            .entry(series)
-            .or_insert_with(|| {
-                metrics::counter!(
-                    name,
-                    labels.iter().map(|&(k, v)| metrics::Label::from_static_parts(k, v)).collect::<Vec<_>>()
-                )
-            })
-            .clone()
-    })
+    cached(&COUNTERS, name, labels, |labels| metrics::counter!(name, labels))
 }
 
 /// The histogram `name` with `labels` (at most two), from this thread's handles.
 pub fn histogram(name: &'static str, labels: &[(&'static str, &'static str)]) -> metrics::Histogram {
+    cached(&HISTOGRAMS, name, labels, |labels| metrics::histogram!(name, labels))
+}
+
+/// The handle of one series from `cache`, made by `make` the first time.
+fn cached<T: Clone>(
+    cache: &'static std::thread::LocalKey<std::cell::RefCell<std::collections::HashMap<Series, T>>>,
+    name: &'static str,
+    labels: &[(&'static str, &'static str)],
+    make: impl FnOnce(Vec<metrics::Label>) -> T,
+) -> T {
     let series = series(name, labels);
-    HISTOGRAMS.with(|c| {
+    cache.with(|c| {
         c.borrow_mut()
             .entry(series)
-            .or_insert_with(|| {
-                metrics::histogram!(
-                    name,
-                    labels.iter().map(|&(k, v)| metrics::Label::from_static_parts(k, v)).collect::<Vec<_>>()
-                )
-            })
+            .or_insert_with(|| make(labels.iter().map(|&(k, v)| metrics::Label::from_static_parts(k, v)).collect()))
             .clone()
     })
 }
