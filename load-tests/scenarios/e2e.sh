@@ -3,6 +3,7 @@
 #   load-tests/scenarios/e2e.sh [SUBSCRIPTIONS] [EVENTS]
 #   BACKEND=kafka load-tests/scenarios/e2e.sh ...   (on a local tansu broker, in memory)
 #   ORDERED_KEYS=1000 load-tests/scenarios/e2e.sh ... (ordered subscriptions, events over 1000 keys)
+#   E2E_BATCH=1 E2E_CONCURRENCY=64 load-tests/scenarios/e2e.sh ... (one event per request, 64 producers)
 # Starts a release Herald on a fresh embedded log (or Kafka), a verifying sink, creates SUBSCRIPTIONS
 # subscriptions (standard signing, 1 KB events), publishes EVENTS/SUBSCRIPTIONS events through
 # the batch API and reports deliveries/s, then what wrk pushes straight into the same sink.
@@ -50,7 +51,7 @@ done
 sink=$!
 pids+=($sink)
 sleep 0.3
-"$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT --events $((EVENTS / SUBS)) --batch 100 --concurrency 8 --size 1024 --keys "${ORDERED_KEYS:-0}" >"$WORK/load.json"
+"$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT --events $((EVENTS / SUBS)) --batch "${E2E_BATCH:-100}" --concurrency "${E2E_CONCURRENCY:-8}" --size 1024 --keys "${ORDERED_KEYS:-0}" >"$WORK/load.json"
 timeout 300 tail --pid=$sink -f /dev/null
 # Herald's CPU time (user + system) for the whole run: less noisy than a rate on a shared box.
 herald_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat)

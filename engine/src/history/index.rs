@@ -135,14 +135,16 @@ fn newest_first_bounds(prefix: &[u8], since: Option<i64>, until: Option<i64>) ->
     (start, end)
 }
 
-/// A day keyspace's memtable (fjall's default is 64 MiB).
-const MEMTABLE_BYTES: u64 = 16 << 20;
+/// A day keyspace's memtable (fjall's default is 64 MiB; 16 MiB doubled the flush worker's
+/// CPU in e2e).
+const MEMTABLE_BYTES: u64 = 32 << 20;
 
-/// Memtables (active and sealed) the indexer lets wait for the store's flush worker before it
-/// waits too. That worker yields to delivery like the indexer, and fjall does not hold writers
-/// back for memtables waiting to be flushed: while a backlog drained, they piled up to a
-/// 476 MiB peak (197 MiB with history off, 2 M records).
-const WRITE_BUFFER_BYTES: u64 = 3 * MEMTABLE_BYTES;
+/// Sealed memtables queued for the store's flush worker before the indexer waits for them.
+/// That worker yields to delivery like the indexer, and fjall does not hold writers back for
+/// memtables waiting to be flushed: while a backlog drained they piled up to a 476 MiB peak
+/// (197 MiB with history off, 2 M records). Only sealed ones count: active memtables of
+/// several days are not flushed until they fill, so waiting on them could wait forever.
+const QUEUED_FLUSHES: usize = 2;
 
 /// A day's keyspace: written once, read now and then, so every level is LZ4-compressed (records
 /// shrink about twofold; the index's threads yield to delivery, so the CPU this
@@ -229,11 +231,11 @@ impl Index {
         format!("offset/{partition}").into_bytes()
     }
 
-    /// Whether the memtables waiting to be flushed are past [`WRITE_BUFFER_BYTES`], so more
-    /// indexing should wait (the index falls behind, `herald_history_lag`, and catches up).
+    /// Whether [`QUEUED_FLUSHES`] sealed memtables wait to be flushed, so more indexing
+    /// should wait (the index falls behind, `herald_history_lag`, and catches up).
     pub fn flush_backlog(&self) -> bool {
         // Marked experimental in fjall 3.1 (pinned in Cargo.lock); the only measure of it.
-        self.db.write_buffer_size() > WRITE_BUFFER_BYTES
+        self.db.outstanding_flushes() >= QUEUED_FLUSHES
     }
 
     /// The offset of `partition` of the history topic read so far.
