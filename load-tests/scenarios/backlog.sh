@@ -11,6 +11,7 @@ set -euo pipefail
 EVENTS=${1:-5000000}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=${E2E_BIN_DIR:-$ROOT/target/release}
+. "$ROOT/load-tests/scenarios/ideal.sh"
 WORK=$(mktemp -d)
 PORT=18281
 SINK_PORT=19281
@@ -57,11 +58,7 @@ echo "RSS samples (MiB, 1/s): $(for s in "${samples[@]}"; do printf '%d ' $((s /
 # The ideal signed loop in the same run: sign and POST straight into a verifying sink, no log.
 kill $herald 2>/dev/null || true
 IDEAL=$(( EVENTS < 1000000 ? EVENTS : 1000000 ))
-"$BIN/herald-sink" --listen 127.0.0.1:$((SINK_PORT + 1)) --secret "$SECRET" --expect "$IDEAL" >"$WORK/ideal-sink.json" 2>/dev/null &
-pids+=($!)
-sleep 0.3
-ideal=$("$BIN/herald-ideal" --url "http://127.0.0.1:$((SINK_PORT + 1))/hook" --secret "$SECRET" --requests "$IDEAL" |
-  python3 -c "import json,sys;print(round(json.load(sys.stdin)['requests_per_second']))")
+ideal=$(ideal_loop $((SINK_PORT + 1)) "$SECRET" "$IDEAL" "$WORK/ideal-sink.json")
 drain=$(python3 -c "import json;print(round(json.load(open('$WORK/sink.json'))['deliveries_per_second']))")
 echo "ideal:  $ideal signed POSTs/s (herald-ideal, 1 KB, 64 connections, no log)"
 python3 -c "print('ratio:  %.2f of the ideal signed loop (drain %d deliveries/s)' % ($drain / $ideal, $drain))"

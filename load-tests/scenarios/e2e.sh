@@ -14,6 +14,7 @@ EVENTS=${2:-200000}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # E2E_BIN_DIR runs binaries built elsewhere (another commit, for a before/after pair).
 BIN=${E2E_BIN_DIR:-$ROOT/target/release}
+. "$ROOT/load-tests/scenarios/ideal.sh"
 WORK=$(mktemp -d)
 HERALD_PORT=18181
 SINK_PORT=19100
@@ -54,7 +55,8 @@ sleep 0.3
 "$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT --events $((EVENTS / SUBS)) --batch "${E2E_BATCH:-100}" --concurrency "${E2E_CONCURRENCY:-8}" --size 1024 --keys "${ORDERED_KEYS:-0}" >"$WORK/load.json"
 timeout 300 tail --pid=$sink -f /dev/null
 # Herald's CPU time (user + system) for the whole run: less noisy than a rate on a shared box.
-herald_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat)
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat; }
+herald_cpu=$(cpu)
 # The same per thread (tokio-rt-worker, herald-log-writ, history-index, fjall:worker), then
 # again once the history index has caught up (its lag at 0), so indexing done after the last
 # delivery is counted too.
@@ -65,7 +67,7 @@ for _ in $(seq 1 600); do
   lag=$(curl -sf localhost:$HERALD_PORT/metrics | awk '/^herald_history_lag / {print $2}')
   [ "${lag:-0}" = 0 ] && break; sleep 0.1
 done
-herald_cpu_caught_up=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat)
+herald_cpu_caught_up=$(cpu)
 herald_rate=$(python3 -c "import json;print(round(json.load(open('$WORK/sink.json'))['deliveries_per_second']))")
 echo "load:   $(cat "$WORK/load.json")"
 echo "sink:   $(cat "$WORK/sink.json")"
@@ -82,13 +84,7 @@ PY
 sleep 0.3
 wrk_rate=$(wrk -t2 -c64 -d5s -s "$WORK/post.lua" http://127.0.0.1:$((SINK_PORT + 1))/hook | awk '/Requests\/sec/ {print int($2)}')
 # The ideal signed loop: sign and POST straight into a verifying sink, no log (herald-ideal).
-"$BIN/herald-sink" --listen 127.0.0.1:$((SINK_PORT + 2)) --secret "$SECRET" --expect "$EVENTS" >"$WORK/ideal-sink.json" 2>/dev/null &
-ideal_sink=$!
-pids+=($ideal_sink)
-sleep 0.3
-ideal_rate=$("$BIN/herald-ideal" --url "http://127.0.0.1:$((SINK_PORT + 2))/hook" --secret "$SECRET" --requests "$EVENTS" \
-  | python3 -c "import json,sys;print(round(json.load(sys.stdin)['requests_per_second']))")
-timeout 30 tail --pid=$ideal_sink -f /dev/null
+ideal_rate=$(ideal_loop $((SINK_PORT + 2)) "$SECRET" "$EVENTS" "$WORK/ideal-sink.json")
 echo "herald: $herald_rate deliveries/s ($SUBS subscriptions, standard signing, 1 KB events)"
 python3 -c "print('cpu:    %s s of Herald CPU, %.1f µs per delivery' % ('$herald_cpu', $herald_cpu * 1e6 / $EVENTS))"
 echo "        by thread: ${herald_threads%, }"
