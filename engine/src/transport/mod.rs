@@ -81,9 +81,9 @@ impl Transports {
         let mut refreshed = false;
         loop {
             let signed = target.sign(delivery, pending_retries, now_ms());
-            // Sized for every header up front (growing it reallocated per request).
-            let mut headers = ::http::HeaderMap::with_capacity(target.headers.len() + signed.headers.len() + 2);
-            headers.extend(target.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+            // Room for every header up front (growing it reallocated per request).
+            let mut headers = target.headers.clone();
+            headers.reserve(signed.headers.len() + 1);
             headers.extend(signed.headers);
             if oauth {
                 match self.tokens.bearer(&target.sub, timeout).await {

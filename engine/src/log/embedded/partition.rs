@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
-/// Bytes read from a segment file at a time.
+/// Most bytes read from a segment file at a time (a read's window is sized to what it hands out,
+/// up to this).
 const READ_WINDOW: usize = 256 * 1024;
 
 /// Sealed segments of a compacted partition that trigger compacting them while running.
