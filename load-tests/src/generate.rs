@@ -51,6 +51,9 @@ pub struct LoadReport {
     pub events_per_second: f64,
     /// Accepted per second since start.
     pub timeline: Vec<u64>,
+    /// Round trip of every accepted publish request (sent → `202`), µs, sorted.
+    #[serde(skip)]
+    pub publish_us: Vec<u32>,
 }
 
 /// Publishes `load`; `stop` ends it early.
@@ -61,18 +64,20 @@ pub async fn run(load: Load, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport
     let accepted = Arc::new(AtomicU64::new(0));
     let retried = Arc::new(AtomicU64::new(0));
     let timeline = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let round_trips = Arc::new(Mutex::new(Vec::<u32>::new()));
     let filler = Arc::new("x".repeat(load.size.saturating_sub(60)));
     let started = Instant::now();
     let bar = progress_bar(&load);
     let workers: Vec<_> = (0..load.concurrency.max(1))
         .map(|_| {
-            let (load, client, next, accepted, retried, timeline, filler, stop, bar) = (
+            let (load, client, next, accepted, retried, timeline, round_trips, filler, stop, bar) = (
                 load.clone(),
                 client.clone(),
                 next.clone(),
                 accepted.clone(),
                 retried.clone(),
                 timeline.clone(),
+                round_trips.clone(),
                 filler.clone(),
                 stop.clone(),
                 bar.clone(),
@@ -92,8 +97,13 @@ pub async fn run(load: Load, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport
                     let body = batch_body(&load, first, last, &filler);
                     let mut backoff = Duration::from_millis(50);
                     loop {
+                        let sent = Instant::now();
                         match send(&client, body.clone()).await {
-                            Ok(()) => break,
+                            Ok(()) => {
+                                let us = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                                round_trips.lock().unwrap().push(us);
+                                break;
+                            }
                             Err(e) => {
                                 if stop.load(Ordering::Relaxed) {
                                     return Ok(());
@@ -131,12 +141,15 @@ pub async fn run(load: Load, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport
     let seconds = started.elapsed().as_secs_f64();
     let n = accepted.load(Ordering::Relaxed);
     let timeline = timeline.lock().unwrap().clone();
+    let mut publish_us = std::mem::take(&mut *round_trips.lock().unwrap());
+    publish_us.sort_unstable();
     Ok(LoadReport {
         accepted: n,
         retried_batches: retried.load(Ordering::Relaxed),
         seconds,
         events_per_second: n as f64 / seconds.max(1e-9),
         timeline,
+        publish_us,
     })
 }
 

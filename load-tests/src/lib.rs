@@ -6,4 +6,5 @@ pub mod generate;
 pub mod report;
 pub mod scenario;
 pub mod sink;
+pub mod stages;
 pub mod verify;

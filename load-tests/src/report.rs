@@ -62,6 +62,9 @@ pub struct Report {
     /// breakers, dead letters, and the last warnings it logged), to tell slow from lost.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<String>,
+    /// Where the milliseconds went: the generator's publish round trips and the stages Herald
+    /// times itself.
+    pub stages: Vec<crate::stages::Stage>,
     /// Per-second timeline.
     pub timeline: Vec<Second>,
 }
@@ -116,6 +119,33 @@ pub fn table(reports: &[Report]) -> String {
             r.duplicates,
             ratio
         );
+    }
+    out
+}
+
+/// The stages of each report (where an event's milliseconds go).
+pub fn stages_table(reports: &[Report]) -> String {
+    let mut out = String::new();
+    for r in reports.iter().filter(|r| !r.stages.is_empty()) {
+        let _ = writeln!(
+            out,
+            "{}: where the time goes{:>w$}{:>9}{:>9}",
+            r.scenario,
+            "samples",
+            "p50 ms",
+            "p99 ms",
+            w = 62 - r.scenario.len()
+        );
+        let sink = [(
+            "end to end: event built → first byte at the sink",
+            r.deliveries,
+            f64::from(r.latency_ms.p50),
+            f64::from(r.latency_ms.p99),
+        )];
+        let rows = r.stages.iter().map(|s| (s.stage.as_str(), s.samples, s.p50_ms, s.p99_ms)).chain(sink);
+        for (stage, samples, p50, p99) in rows {
+            let _ = writeln!(out, "  {stage:<60}{samples:>10}{p50:>9.2}{p99:>9.2}");
+        }
     }
     out
 }

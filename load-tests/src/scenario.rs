@@ -108,7 +108,7 @@ fn plan(s: Scenario, short: bool, rate_override: Option<u64>) -> Plan {
 }
 
 /// How to run scenarios.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// The `herald` binary.
     pub herald: PathBuf,
@@ -118,6 +118,10 @@ pub struct Options {
     pub kafka: Option<String>,
     /// Events per second instead of the scenario's own.
     pub rate: Option<u64>,
+    /// Events per publish request instead of the scenario's own (1 = single events).
+    pub batch: Option<u64>,
+    /// Publish requests in flight at once.
+    pub concurrency: Option<u64>,
     /// Show the generator's progress bar.
     pub progress: bool,
 }
@@ -174,12 +178,19 @@ impl Herald {
         Ok(Herald { child, url: format!("http://127.0.0.1:{port}") })
     }
 
+    /// Herald's `/metrics` text.
+    async fn metrics(&self) -> Option<String> {
+        match herald_client::Client::new(&self.url, TOKEN).send(http::Method::GET, "/metrics", None).await {
+            Ok(serde_json::Value::String(text)) => Some(text),
+            _ => None,
+        }
+    }
+
     /// What Herald reports when deliveries are missing: its lag, breakers, dead letters and
     /// deliveries by outcome, and the last warnings it logged.
     async fn diagnose(&self, dir: &std::path::Path) -> String {
-        let client = herald_client::Client::new(&self.url, TOKEN);
         let mut out = String::new();
-        if let Ok(serde_json::Value::String(metrics)) = client.send(http::Method::GET, "/metrics", None).await {
+        if let Some(metrics) = self.metrics().await {
             let wanted = [
                 "herald_consumer_lag",
                 "herald_breakers_open",
@@ -318,8 +329,8 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
         rate: p.rate,
         events: p.events,
         duration: p.duration,
-        batch: if p.rate == 0 { 100 } else { (p.rate / 20).clamp(1, 100) },
-        concurrency: 8,
+        batch: opts.batch.unwrap_or(if p.rate == 0 { 100 } else { (p.rate / 20).clamp(1, 100) }).max(1),
+        concurrency: opts.concurrency.unwrap_or(8).max(1),
         size: p.size,
         tenants: 0,
         keys: 0,
@@ -349,6 +360,11 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
     }
     let rss = herald.peak_rss_mib();
     let diagnosis = if sink.distinct() < expected { Some(herald.diagnose(dir.path()).await) } else { None };
+    let mut stages: Vec<_> =
+        crate::stages::of_samples("publish round trip: request sent → 202 (generator)", &load.publish_us)
+            .into_iter()
+            .collect();
+    stages.extend(herald.metrics().await.map(|m| crate::stages::of_herald(&m)).unwrap_or_default());
     drop(herald);
     let _ = std::fs::remove_file(log_path(dir.path()));
     let got = sink.report();
@@ -390,6 +406,7 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
         ratio_to_baseline: baseline.map(|b| deliveries_per_second / b),
         herald_peak_rss_mib: rss,
         diagnosis,
+        stages,
         timeline,
     })
 }

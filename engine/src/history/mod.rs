@@ -110,11 +110,8 @@ fn start_indexer(
     stop: watch::Receiver<bool>,
 ) -> Option<std::thread::JoinHandle<()>> {
     let spawned = std::thread::Builder::new().name("history-index".into()).spawn(move || {
-        // Linux gives each thread its own nice value: only this one (and what it starts)
-        // yields.
-        if let Err(e) = rustix::process::setpriority_process(None, 19) {
-            tracing::debug!(error = %e, "could not lower the history indexer's priority");
-        }
+        // Only this thread (and what it starts) yields.
+        index::background_priority(0);
         let runtime =
             match tokio::runtime::Builder::new_current_thread().thread_name("history-read").enable_all().build() {
                 Ok(r) => r,

@@ -5,8 +5,7 @@ use herald_load_tests::scenario::{run, Options, Scenario};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_in_short_form_loses_nothing() {
-    let opts =
-        Options { herald: env!("CARGO_BIN_EXE_herald").into(), short: true, kafka: None, rate: None, progress: false };
+    let opts = Options { herald: env!("CARGO_BIN_EXE_herald").into(), short: true, ..Options::default() };
     for s in Scenario::ALL {
         let r = run(s, &opts, None).await.unwrap();
         eprintln!("{}", herald_load_tests::report::table(std::slice::from_ref(&r)));
@@ -33,8 +32,7 @@ async fn every_scenario_in_short_form_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fault_injection_suite_in_short_form_loses_nothing() {
     use herald_load_tests::chaos::{run, summary, Chaos};
-    let opts =
-        Options { herald: env!("CARGO_BIN_EXE_herald").into(), short: true, kafka: None, rate: None, progress: false };
+    let opts = Options { herald: env!("CARGO_BIN_EXE_herald").into(), short: true, ..Options::default() };
     let chaos = Chaos {
         duration: std::time::Duration::from_secs(15),
         rate: 200,

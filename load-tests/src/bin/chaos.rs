@@ -42,7 +42,15 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let herald = args.herald.unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("herald"));
-    let opts = Options { herald, short: false, kafka: args.kafka, rate: None, progress: false };
+    let opts = Options {
+        herald,
+        short: false,
+        kafka: args.kafka,
+        rate: None,
+        batch: None,
+        concurrency: None,
+        progress: false,
+    };
     let every = match args.every_ms[..] {
         [one] => (one / 2, one * 3 / 2),
         [min, max, ..] => (min, max),

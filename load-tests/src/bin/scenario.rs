@@ -3,7 +3,7 @@
 //! writes `report.json` and `report.html`.
 
 use clap::Parser;
-use herald_load_tests::report::{html, table};
+use herald_load_tests::report::{html, stages_table, table};
 use herald_load_tests::scenario::{self, Options, Scenario};
 use std::path::PathBuf;
 
@@ -25,6 +25,13 @@ struct Args {
     /// Events per second instead of each scenario's own rate.
     #[arg(long)]
     rate: Option<u64>,
+    /// Events per publish request (1 = one event per request); by default a twentieth of a
+    /// second's events, at most 100.
+    #[arg(long)]
+    batch: Option<u64>,
+    /// Publish requests in flight at once.
+    #[arg(long)]
+    concurrency: Option<u64>,
     /// Where the reports go.
     #[arg(long, default_value = "load-test-report")]
     out: PathBuf,
@@ -49,7 +56,15 @@ async fn main() -> anyhow::Result<()> {
         None => std::env::current_exe()?.with_file_name("herald"),
     };
     anyhow::ensure!(herald.exists(), "no herald binary at {} (build it, or pass --herald)", herald.display());
-    let opts = Options { herald, short: args.short, kafka: args.kafka, rate: args.rate, progress: true };
+    let opts = Options {
+        herald,
+        short: args.short,
+        kafka: args.kafka,
+        rate: args.rate,
+        batch: args.batch,
+        concurrency: args.concurrency,
+        progress: true,
+    };
     let baseline = if args.baseline > 0.0 {
         let b = scenario::baseline(args.baseline).await?;
         eprintln!("baseline: {b:.0} requests/s straight into the sink over loopback HTTP");
@@ -62,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("running {} ...", s.name());
         let r = scenario::run(s, &opts, baseline).await?;
         eprint!("{}", table(std::slice::from_ref(&r)));
+        eprint!("{}", stages_table(std::slice::from_ref(&r)));
         reports.push(r);
     }
     std::fs::create_dir_all(&args.out)?;
