@@ -4,6 +4,8 @@
 #   BACKEND=kafka load-tests/scenarios/e2e.sh ...   (on a local tansu broker, in memory)
 #   ORDERED_KEYS=1000 load-tests/scenarios/e2e.sh ... (ordered subscriptions, events over 1000 keys)
 #   E2E_BATCH=1 E2E_CONCURRENCY=64 load-tests/scenarios/e2e.sh ... (one event per request, 64 producers)
+#   E2E_SPREAD=1 load-tests/scenarios/e2e.sh 8 ... (each subscription its own tenant's, each event
+#     for one of them: EVENTS events of one delivery each, as in #20's Svix comparison)
 # Starts a release Herald on a fresh embedded log (or Kafka), a verifying sink, creates SUBSCRIPTIONS
 # subscriptions (standard signing, 1 KB events), publishes EVENTS/SUBSCRIPTIONS events through
 # the batch API and reports deliveries/s, then what wrk pushes straight into the same sink.
@@ -42,17 +44,21 @@ pids+=($herald)
 for _ in $(seq 1 100); do curl -sf localhost:$HERALD_PORT/healthz >/dev/null && break; sleep 0.1; done
 # One known secret for every subscription, so the sink verifies every signature.
 ORDERING=""
+SPREAD=${E2E_SPREAD:-0}
 [ "${ORDERED_KEYS:-0}" -gt 0 ] && ORDERING=',"ordering":{"mode":"key"}'
 SECRET=$(python3 -c "import base64,os;print('whsec_'+base64.b64encode(os.urandom(24)).decode())")
 for i in $(seq 1 "$SUBS"); do
+  TENANT=""
+  [ "$SPREAD" = 1 ] && TENANT=",\"tenant\":\"t$((i - 1))\""
   curl -sf -X POST localhost:$HERALD_PORT/v1/subscriptions -H "authorization: Bearer $HERALD_ADMIN_TOKEN" \
-    -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook$i\",\"secret\":\"$SECRET\"$ORDERING}" >/dev/null
+    -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook$i\",\"secret\":\"$SECRET\"$ORDERING$TENANT}" >/dev/null
 done
 "$BIN/herald-sink" --listen 127.0.0.1:$SINK_PORT --secret "$SECRET" --expect "$EVENTS" >"$WORK/sink.json" 2>"$WORK/sink.err" &
 sink=$!
 pids+=($sink)
 sleep 0.3
-"$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT --events $((EVENTS / SUBS)) --batch "${E2E_BATCH:-100}" --concurrency "${E2E_CONCURRENCY:-8}" --size 1024 --keys "${ORDERED_KEYS:-0}" >"$WORK/load.json"
+if [ "$SPREAD" = 1 ]; then PUBLISH=(--events "$EVENTS" --tenants "$SUBS"); else PUBLISH=(--events $((EVENTS / SUBS))); fi
+"$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT "${PUBLISH[@]}" --batch "${E2E_BATCH:-100}" --concurrency "${E2E_CONCURRENCY:-8}" --size 1024 --keys "${ORDERED_KEYS:-0}" >"$WORK/load.json"
 timeout 300 tail --pid=$sink -f /dev/null
 # Herald's CPU time (user + system) for the whole run: less noisy than a rate on a shared box.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat; }
