@@ -621,7 +621,7 @@ impl Index {
 /// core it holds must not wait for it. A nice value of 19 was not enough: a woken worker still
 /// waited out the niced thread's slice (end-to-end p99 at a steady 1,300 single events/s:
 /// 21–28 ms niced, 17 ms idle, 13 ms with history off). Threads it starts inherit the class.
-/// Falls back to nice 19 where the idle class is refused; elsewhere than Linux does nothing.
+/// Falls back to nice 19 where the idle class is refused, and off Linux.
 pub(crate) fn background_priority(tid: i32) {
     #[cfg(target_os = "linux")]
     {
