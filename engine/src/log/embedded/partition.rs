@@ -147,6 +147,27 @@ fn read_exact_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
+/// Deletes a consumed segment a few MiB at a time, then its name. Unlinking a whole 64 MiB
+/// segment held the file system's journal (15–50 ms on this ext4 disk, mounted with
+/// `discard`) and every append's `fdatasync` waited behind it: a stall each time a
+/// partition's segment was consumed, which made most of the p99 of a steady run (1,300 single
+/// events/s, history off: p99 9–14 ms before, 5–6 ms after). Only for segments every consumer
+/// has passed: no reader is in them, and a reader that was would see the file shrink.
+fn remove_in_steps(path: &Path) -> io::Result<()> {
+    const STEP: u64 = 8 << 20;
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+    let file = OpenOptions::new().write(true).open(path)?;
+    let mut len = file.metadata()?.len();
+    while len > STEP {
+        len -= STEP;
+        file.set_len(len)?;
+        // Pacing, so each step's blocks are freed in a journal commit of their own.
+        std::thread::sleep(PAUSE);
+    }
+    drop(file);
+    fs::remove_file(path)
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -579,18 +600,24 @@ impl Partition {
 
     /// Deletes sealed segments whose every record is below `below` (consumed by every group).
     pub fn reclaim(&self, below: u64) -> io::Result<usize> {
-        self.drop_sealed_prefix(|s, next| next.base <= below && s.end <= below)
+        self.drop_sealed_prefix(|s, next| next.base <= below && s.end <= below, remove_in_steps)
     }
 
     /// Deletes sealed segments whose newest record was appended before `cutoff_ms` (retention
     /// by age, for topics nobody consumes to the end: dead letters).
     pub fn reclaim_older(&self, cutoff_ms: i64) -> io::Result<usize> {
-        self.drop_sealed_prefix(|s, _| s.last_ms < cutoff_ms)
+        // At once: a scan of the dead letters may still be reading the file, and an unlinked
+        // file stays whole for whoever has it open (a shrinking one would not).
+        self.drop_sealed_prefix(|s, _| s.last_ms < cutoff_ms, |path| fs::remove_file(path))
     }
 
     /// Deletes the longest prefix of sealed segments (never the active one) that `doomed`
-    /// accepts, given each segment and the one after it.
-    fn drop_sealed_prefix(&self, doomed: impl Fn(&SegmentInfo, &SegmentInfo) -> bool) -> io::Result<usize> {
+    /// accepts, given each segment and the one after it, each with `remove`.
+    fn drop_sealed_prefix(
+        &self,
+        doomed: impl Fn(&SegmentInfo, &SegmentInfo) -> bool,
+        remove: fn(&Path) -> io::Result<()>,
+    ) -> io::Result<usize> {
         let doomed: Vec<PathBuf> = {
             let mut segs = self.segments.lock().unwrap();
             let mut n = 0;
@@ -600,7 +627,7 @@ impl Partition {
             segs.drain(..n).map(|s| s.path).collect()
         };
         for path in &doomed {
-            fs::remove_file(path)?;
+            remove(path)?;
         }
         Ok(doomed.len())
     }

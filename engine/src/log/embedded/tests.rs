@@ -147,6 +147,30 @@ async fn consumed_segments_are_reclaimed() {
 }
 
 #[tokio::test]
+async fn consumed_segments_larger_than_a_deletion_step_are_removed_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 20 << 20)).await.unwrap();
+    let value = "x".repeat(1 << 20);
+    let part = log.append("t", vec![rec("k", &value)]).await.unwrap()[0].partition;
+    for _ in 0..44 {
+        log.append("t", vec![rec("k", &value)]).await.unwrap();
+    }
+    let files = || std::fs::read_dir(dir.path().join("topics/t").join(part.to_string())).unwrap().count();
+    assert_eq!(log.segment_count("t", part).unwrap(), 3);
+    let before = files();
+    let mut rs = readers(&log, "g", "t").await;
+    let r = &mut rs[part as usize];
+    take(r, 45).await;
+    r.committer().commit(45);
+    log.flush().await.unwrap();
+    assert_eq!(log.segment_count("t", part).unwrap(), 1);
+    // Both 20 MiB segments are gone from the disk, not left behind shrunk.
+    assert_eq!(files(), before / 3, "{before} files before");
+    log.append("t", vec![rec("k", "tail")]).await.unwrap();
+    assert_eq!(&take(r, 1).await[0].value[..], b"tail");
+}
+
+#[tokio::test]
 async fn a_compacted_topic_keeps_the_newest_value_per_key() {
     let dir = tempfile::tempdir().unwrap();
     {
