@@ -152,10 +152,15 @@ fn read_exact_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
 /// `discard`) and every append's `fdatasync` waited behind it: a stall each time a
 /// partition's segment was consumed, which made most of the p99 of a steady run (1,300 single
 /// events/s, history off: p99 9–14 ms before, 5–6 ms after). Only for segments every consumer
-/// has passed: no reader is in them, and a reader that was would see the file shrink.
+/// has passed: no reader is in them, and a reader that was would see the file shrink. Renamed
+/// out of the segments' names first, so a process killed halfway leaves no shortened segment
+/// behind (`open` removes what it finds under that name).
 fn remove_in_steps(path: &Path) -> io::Result<()> {
     const STEP: u64 = 8 << 20;
     const PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+    let doomed = path.with_extension(DELETING);
+    fs::rename(path, &doomed)?;
+    let path = doomed.as_path();
     let file = OpenOptions::new().write(true).open(path)?;
     let mut len = file.metadata()?.len();
     while len > STEP {
@@ -167,6 +172,9 @@ fn remove_in_steps(path: &Path) -> io::Result<()> {
     drop(file);
     fs::remove_file(path)
 }
+
+/// The extension of a segment being deleted in steps.
+const DELETING: &str = "deleting";
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -180,8 +188,10 @@ impl Partition {
         let mut files = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "compact") {
-                fs::remove_file(&path)?; // an interrupted compaction's scratch file
+            if path.extension().is_some_and(|e| e == "compact" || e == DELETING) {
+                // An interrupted compaction's scratch file, or a consumed segment whose
+                // deletion was interrupted.
+                fs::remove_file(&path)?;
             } else if let Some((base, generation)) = segment::parse_file_name(&path) {
                 files.push((base, std::cmp::Reverse(generation), path));
             }

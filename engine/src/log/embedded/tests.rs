@@ -171,6 +171,26 @@ async fn consumed_segments_larger_than_a_deletion_step_are_removed_whole() {
 }
 
 #[tokio::test]
+async fn a_segment_whose_deletion_was_interrupted_is_removed_at_open_and_nothing_else_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = {
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+        let part = log.append("t", vec![rec("k", "kept")]).await.unwrap()[0].partition;
+        log.close().await.unwrap();
+        part
+    };
+    // What a process killed between two steps leaves: a shortened consumed segment, renamed.
+    let pdir = dir.path().join("topics/t").join(part.to_string());
+    let leftover = pdir.join("00000000000000000000.deleting");
+    std::fs::write(&leftover, b"half a frame").unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+    assert!(!leftover.exists());
+    assert_eq!(log.segment_count("t", part).unwrap(), 1);
+    let mut rs = readers(&log, "g", "t").await;
+    assert_eq!(&take(&mut rs[part as usize], 1).await[0].value[..], b"kept");
+}
+
+#[tokio::test]
 async fn a_compacted_topic_keeps_the_newest_value_per_key() {
     let dir = tempfile::tempdir().unwrap();
     {
