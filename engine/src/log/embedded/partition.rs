@@ -147,7 +147,7 @@ fn read_exact_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
-/// Deletes a consumed segment a few MiB at a time, then its name. Unlinking a whole 64 MiB
+/// Deletes a consumed segment a few MiB at a time, then its name (on the log's reaper thread). Unlinking a whole 64 MiB
 /// segment held the file system's journal (15–50 ms on this ext4 disk, mounted with
 /// `discard`) and every append's `fdatasync` waited behind it: a stall each time a
 /// partition's segment was consumed, which made most of the p99 of a steady run (1,300 single
@@ -155,7 +155,7 @@ fn read_exact_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
 /// has passed: no reader is in them, and a reader that was would see the file shrink. Renamed
 /// out of the segments' names first, so a process killed halfway leaves no shortened segment
 /// behind (`open` removes what it finds under that name).
-fn remove_in_steps(path: &Path) -> io::Result<()> {
+pub(super) fn remove_in_steps(path: &Path) -> io::Result<()> {
     const STEP: u64 = 8 << 20;
     const PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
     let doomed = path.with_extension(DELETING);
@@ -608,9 +608,11 @@ impl Partition {
         index.into_iter().map(|(_, p)| p).find(|&p| p > pos)
     }
 
-    /// Deletes sealed segments whose every record is below `below` (consumed by every group).
-    pub fn reclaim(&self, below: u64) -> io::Result<usize> {
-        self.drop_sealed_prefix(|s, next| next.base <= below && s.end <= below, remove_in_steps)
+    /// Takes sealed segments whose every record is below `below` (consumed by every group) out
+    /// of the partition and returns their files, for the caller to delete with
+    /// [`remove_in_steps`] where its pacing holds up nothing else.
+    pub fn reclaim(&self, below: u64) -> Vec<PathBuf> {
+        self.take_sealed_prefix(|s, next| next.base <= below && s.end <= below)
     }
 
     /// Deletes sealed segments whose newest record was appended before `cutoff_ms` (retention
@@ -618,28 +620,23 @@ impl Partition {
     pub fn reclaim_older(&self, cutoff_ms: i64) -> io::Result<usize> {
         // At once: a scan of the dead letters may still be reading the file, and an unlinked
         // file stays whole for whoever has it open (a shrinking one would not).
-        self.drop_sealed_prefix(|s, _| s.last_ms < cutoff_ms, |path| fs::remove_file(path))
-    }
-
-    /// Deletes the longest prefix of sealed segments (never the active one) that `doomed`
-    /// accepts, given each segment and the one after it, each with `remove`.
-    fn drop_sealed_prefix(
-        &self,
-        doomed: impl Fn(&SegmentInfo, &SegmentInfo) -> bool,
-        remove: fn(&Path) -> io::Result<()>,
-    ) -> io::Result<usize> {
-        let doomed: Vec<PathBuf> = {
-            let mut segs = self.segments.lock().unwrap();
-            let mut n = 0;
-            while n + 1 < segs.len() && doomed(&segs[n], &segs[n + 1]) {
-                n += 1;
-            }
-            segs.drain(..n).map(|s| s.path).collect()
-        };
+        let doomed = self.take_sealed_prefix(|s, _| s.last_ms < cutoff_ms);
         for path in &doomed {
-            remove(path)?;
+            fs::remove_file(path)?;
         }
         Ok(doomed.len())
+    }
+
+    /// Takes the longest prefix of sealed segments (never the active one) that `doomed`
+    /// accepts, given each segment and the one after it, out of the partition: no read is
+    /// planned against them from now on. Returns their files.
+    fn take_sealed_prefix(&self, doomed: impl Fn(&SegmentInfo, &SegmentInfo) -> bool) -> Vec<PathBuf> {
+        let mut segs = self.segments.lock().unwrap();
+        let mut n = 0;
+        while n + 1 < segs.len() && doomed(&segs[n], &segs[n + 1]) {
+            n += 1;
+        }
+        segs.drain(..n).map(|s| s.path).collect()
     }
 
     /// Every durable record from `from` to the durable end, across segments.
