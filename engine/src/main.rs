@@ -92,8 +92,35 @@ async fn shutdown_signal() {
     }
 }
 
+/// mimalloc 3 keeps freed memory for a second before handing it back to the system (its
+/// `purge_delay` is 1,000 ms; mimalloc 2's was 10 ms). Herald frees in bursts — the history
+/// index's memtables once flushed, the buffers of a draining backlog — and that second held
+/// 100 MiB and more: peak RSS while a backlog of 1 M records drained with history on was
+/// 358–414 MiB at the default, 283 MiB at 10 ms (see BENCHMARKS.md). An operator's own
+/// `MIMALLOC_PURGE_DELAY` still decides.
+fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: the C signature below is mimalloc's; it sets one integer that mimalloc
+        // reads on each purge.
+        unsafe { mi_option_set(MI_PURGE_DELAY, 10) };
+    }
+}
+
+// mimalloc's own functions, linked in by the `mimalloc` crate (whose bindings for them need a
+// crate this build does not have).
+extern "C" {
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    #[cfg(test)]
+    fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
+}
+
+/// `mi_option_purge_delay` in mimalloc 3's `mimalloc.h` (the version Cargo.lock pins; a test
+/// checks that the number still names that option).
+const MI_PURGE_DELAY: std::ffi::c_int = 15;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Client(command) => match cli::run(command).await {
@@ -155,5 +182,24 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freed_memory_goes_back_to_the_system_after_10_ms_unless_the_operator_says_otherwise() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return; // the operator's value stands, whatever it is
+        }
+        // SAFETY: mimalloc's signature; reads one integer option.
+        let get = || unsafe { mi_option_get(MI_PURGE_DELAY) };
+        // mimalloc 3's default for `purge_delay`, which no other option has: the number still
+        // names that option.
+        assert_eq!(get(), 1000);
+        tune_allocator();
+        assert_eq!(get(), 10);
     }
 }
