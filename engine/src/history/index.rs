@@ -118,6 +118,8 @@ pub struct Index {
     meta: Keyspace,
     days: RwLock<BTreeMap<u32, Keyspace>>,
     retention: Duration,
+    /// Memtable bytes (active and sealed, every keyspace) beyond which indexing waits.
+    write_buffer: u64,
 }
 
 /// The key range of `prefix` followed by a newest-first time within `[since, until]`.
@@ -139,12 +141,13 @@ fn newest_first_bounds(prefix: &[u8], since: Option<i64>, until: Option<i64>) ->
 /// CPU in e2e).
 const MEMTABLE_BYTES: u64 = 32 << 20;
 
-/// Sealed memtables queued for the store's flush worker before the indexer waits for them.
-/// That worker yields to delivery like the indexer, and fjall does not hold writers back for
-/// memtables waiting to be flushed: while a backlog drained they piled up to a 476 MiB peak
-/// (197 MiB with history off, 2 M records). Only sealed ones count: active memtables of
-/// several days are not flushed until they fill, so waiting on them could wait forever.
-const QUEUED_FLUSHES: usize = 2;
+/// Memtable bytes (active and sealed, every day) beyond which indexing waits for the store's
+/// flush worker: one full memtable being flushed while the next fills. That worker yields to
+/// delivery like the indexer, and fjall holds writers back only once four memtables are sealed
+/// — and it seals a full memtable on that same worker, between compactions. While a 10 M
+/// backlog drained, the worker sat in compactions and the active memtable grew to over 6 GiB
+/// (RSS 6.8 GiB). Waiting on the queued flushes alone (before) never saw it: nothing was sealed.
+const WRITE_BUFFER_BYTES: u64 = 2 * MEMTABLE_BYTES;
 
 /// A day's keyspace: written once, read now and then, so every level is LZ4-compressed (records
 /// shrink about twofold; the index's threads yield to delivery, so the CPU this
@@ -165,6 +168,11 @@ enum Flow {
 impl Index {
     /// Opens (creating if needed) the index in `dir`, keeping `retention` of history.
     pub fn open(dir: &Path, retention: Duration) -> Result<Index, IndexError> {
+        Self::open_bounded(dir, retention, WRITE_BUFFER_BYTES)
+    }
+
+    /// [`Index::open`] with indexing waiting beyond `write_buffer` memtable bytes.
+    fn open_bounded(dir: &Path, retention: Duration, write_buffer: u64) -> Result<Index, IndexError> {
         crate::log::private::create_dir(dir)?;
         // One background worker: flushes and compactions of derived data need not take a
         // core from delivery.
@@ -177,7 +185,7 @@ impl Index {
                 days.insert(day, db.keyspace(&name, day_options)?);
             }
         }
-        Ok(Index { db, meta, days: RwLock::new(days), retention })
+        Ok(Index { db, meta, days: RwLock::new(days), retention, write_buffer })
     }
 
     /// Lowers the CPU priority of the store's own background threads (flushes, compactions)
@@ -231,11 +239,31 @@ impl Index {
         format!("offset/{partition}").into_bytes()
     }
 
-    /// Whether [`QUEUED_FLUSHES`] sealed memtables wait to be flushed, so more indexing
-    /// should wait (the index falls behind, `herald_history_lag`, and catches up).
+    /// Whether the memtables hold more than [`WRITE_BUFFER_BYTES`], so more indexing should
+    /// wait (the index falls behind, `herald_history_lag`, and catches up). If none of them is
+    /// sealed — fjall's worker has not got round to sealing the full one — the days' active
+    /// memtables are sealed here, which queues their flush; so the wait always ends, and a
+    /// past day's memtable that will never fill does not hold it up either.
     pub fn flush_backlog(&self) -> bool {
-        // Marked experimental in fjall 3.1 (pinned in Cargo.lock); the only measure of it.
-        self.db.outstanding_flushes() >= QUEUED_FLUSHES
+        // `write_buffer_size` and `rotate_memtable` are marked experimental in fjall 3.1
+        // (pinned in Cargo.lock); they are the only measure and the only lever.
+        if self.db.write_buffer_size() < self.write_buffer {
+            return false;
+        }
+        let days: Vec<Keyspace> = self.days.read().unwrap().values().cloned().collect();
+        if days.iter().any(|ks| ks.sealed_memtable_count() > 0) {
+            return true; // being flushed; wait for it
+        }
+        let mut sealed = false;
+        for ks in &days {
+            match ks.rotate_memtable() {
+                Ok(rotated) => sealed |= rotated,
+                Err(e) => tracing::warn!(error = %e, "sealing a history memtable failed"),
+            }
+        }
+        // Nothing to seal means the bytes are not the days' (the store's own bookkeeping):
+        // waiting would not end.
+        sealed
     }
 
     /// The offset of `partition` of the history topic read so far.
@@ -690,6 +718,32 @@ mod tests {
             .iter()
             .map(|i| serde_json::from_str::<serde_json::Value>(i.get()).unwrap()["id"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    #[test]
+    fn memtables_beyond_the_bound_are_sealed_and_flushed_even_if_the_store_did_not_seal_them() {
+        let dir = tempfile::tempdir().unwrap();
+        // Far below a memtable's own size, so fjall never seals one by itself here: as when
+        // its worker is busy compacting.
+        let bound = 64 << 10;
+        let index = Index::open_bounded(dir.path(), Duration::from_secs(86_400), bound).unwrap();
+        let now = 100 * 86_400_000 + 1000;
+        let mut offset = 0;
+        while index.db.write_buffer_size() < bound {
+            let batch: Vec<_> = (0..100).map(|i| attempt(&format!("a{offset}-{i}"), now)).collect();
+            offset += 100;
+            index.apply(0, &batch, offset, now).unwrap();
+            assert!(offset < 100_000, "the write buffer never reached the bound");
+        }
+        assert!(index.flush_backlog(), "over the bound, indexing waits");
+        // ... and not for ever: the memtable was sealed, so it is flushed and the wait ends.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while index.flush_backlog() {
+            assert!(std::time::Instant::now() < deadline, "still {} bytes", index.db.write_buffer_size());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(index.db.write_buffer_size() < bound);
+        assert_eq!(all(&index).len(), 100, "what was flushed still answers (one page of 100)");
     }
 
     #[test]
