@@ -147,9 +147,9 @@ fn read_exact_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
-/// Deletes a consumed segment a few MiB at a time, then its name (on the log's reaper thread). Unlinking a whole 64 MiB
-/// segment held the file system's journal (15–50 ms on this ext4 disk, mounted with
-/// `discard`) and every append's `fdatasync` waited behind it: a stall each time a
+/// Deletes a consumed segment a few MiB at a time, then its name (on the log's reaper thread).
+/// Unlinking a whole 64 MiB segment held the file system's journal (15–50 ms on this ext4
+/// disk, mounted with `discard`) and every append's `fdatasync` waited behind it: a stall each time a
 /// partition's segment was consumed, which made most of the p99 of a steady run (1,300 single
 /// events/s, history off: p99 9–15 ms in five runs before, 5–7 ms in most runs after). Only for segments every consumer
 /// has passed: no reader is in them, and a reader that was would see the file shrink. Renamed
