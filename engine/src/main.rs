@@ -95,8 +95,9 @@ async fn shutdown_signal() {
 /// mimalloc 3 keeps freed memory for a second before handing it back to the system (its
 /// `purge_delay` is 1,000 ms; mimalloc 2's was 10 ms). Herald frees in bursts — the history
 /// index's memtables once flushed, the buffers of a draining backlog — and that second held
-/// 100 MiB and more: peak RSS while a backlog of 1 M records drained with history on was
-/// 358–414 MiB at the default, 283 MiB at 10 ms (see BENCHMARKS.md). An operator's own
+/// 100 MiB and more: RSS high-water while a backlog of 1 M records drained with history on was
+/// 394 and 402 MiB at the default, 308 and 310 MiB at 10 ms, at the same drain rate (builds
+/// alternated; see BENCHMARKS.md, "Backlog"). An operator's own
 /// `MIMALLOC_PURGE_DELAY` still decides.
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {

@@ -11,7 +11,8 @@
 #      from the burst;
 #   4. while HELD_SUBSCRIPTIONS more subscriptions at a sink that answers after 10 s have their
 #      64 default slots full: HELD_SUBSCRIPTIONS × 64 requests held open (`herald_in_flight`).
-# Reports the per-subscription cost (stored; delivered to once) and the per-in-flight cost.
+# Reports the per-subscription cost (stored; after the burst of first deliveries) and the
+# per-in-flight cost.
 # E2E_BIN_DIR runs binaries built elsewhere (another commit, for a before/after pair).
 set -euo pipefail
 SUBS=${1:-10000}

@@ -149,12 +149,12 @@ fn read_exact_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
 
 /// Deletes a consumed segment a few MiB at a time, then its name (on the log's reaper thread).
 /// Unlinking a whole 64 MiB segment held the file system's journal (15–50 ms on this ext4
-/// disk, mounted with `discard`) and every append's `fdatasync` waited behind it: a stall each time a
-/// partition's segment was consumed, which made most of the p99 of a steady run (1,300 single
-/// events/s, history off: p99 9–15 ms in five runs before, 5–7 ms in most runs after). Only for segments every consumer
-/// has passed: no reader is in them, and a reader that was would see the file shrink. Renamed
-/// out of the segments' names first, so a process killed halfway leaves no shortened segment
-/// behind (`open` removes what it finds under that name).
+/// disk, mounted with `discard`) and every append's `fdatasync` waited behind it: a stall each
+/// time a partition's segment was consumed, which made most of the p99 of a steady run (1,300
+/// single events/s, history off: p99 9–15 ms in five runs before, 5–7 ms in most runs after).
+/// Only for segments every consumer has passed: no reader is in them, and a reader that was
+/// would see the file shrink. Renamed out of the segments' names first, so a process killed
+/// halfway leaves no shortened segment behind (`open` removes what it finds under that name).
 pub(super) fn remove_in_steps(path: &Path) -> io::Result<()> {
     const STEP: u64 = 8 << 20;
     const PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
