@@ -12,7 +12,7 @@ use super::{
 };
 use async_trait::async_trait;
 use offsets::OffsetStore;
-use partition::{AppendError, Partition, PartitionRef};
+use partition::{AppendError, Partition, PartitionRef, Staged};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -206,6 +206,7 @@ fn reap_loop(doomed: std::sync::mpsc::Receiver<PathBuf>) {
 /// The group-commit loop: take every request that is waiting, write each partition's share
 /// in one write, fsync every touched partition (in parallel), then answer them all.
 fn write_loop(mut rx: mpsc::UnboundedReceiver<AppendRequest>) {
+    let mut syncer = Syncer::default();
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
         while group.len() < 4096 {
@@ -214,15 +215,111 @@ fn write_loop(mut rx: mpsc::UnboundedReceiver<AppendRequest>) {
                 Err(_) => break,
             }
         }
-        commit_group(group);
+        commit_group(group, &mut syncer);
     }
+}
+
+/// Threads the writer keeps for syncing a group's shares besides its own; a group touching
+/// more partitions queues the rest on them in turn (each `fdatasync` mostly waits on the disk).
+const SYNC_HELPERS: usize = 16;
+
+/// One partition's staged share (and its place in the group), on its way to be made durable.
+type SyncJob = (usize, PartitionRef, Staged);
+/// A share back from its sync, with how that went.
+type Synced = (SyncJob, std::io::Result<()>);
+
+/// Makes a group's staged shares durable side by side: the writer syncs one itself and hands
+/// the others to threads kept for it. Starting a thread per partition per group (before) cost
+/// a `clone`, a stack and its teardown for every `fdatasync` — thousands a second with single
+/// events fanned out to 8 partitions — and each new thread had to be scheduled before its
+/// sync could even start.
+#[derive(Default)]
+struct Syncer {
+    /// One queue per helper thread, started as groups first need them.
+    helpers: Vec<std::sync::mpsc::Sender<SyncJob>>,
+    /// Where helpers send shares back (made with the first helper).
+    done: Option<(std::sync::mpsc::Sender<Synced>, std::sync::mpsc::Receiver<Synced>)>,
+}
+
+impl Syncer {
+    /// Syncs every share; the results in `shares`' order, and the shares back.
+    fn sync_all(&mut self, shares: Vec<(PartitionRef, Staged)>) -> (Vec<Staged>, Vec<std::io::Result<()>>) {
+        let n = shares.len();
+        let (done_tx, _) = self.done.get_or_insert_with(std::sync::mpsc::channel);
+        let done_tx = done_tx.clone();
+        let mut shares = shares.into_iter().enumerate();
+        let own = shares.next();
+        let mut sent = 0;
+        for (i, (part, staged)) in shares {
+            let job = (i, part, staged);
+            let job = match self.helper((i - 1) % SYNC_HELPERS, &done_tx) {
+                Some(helper) => match helper.send(job) {
+                    Ok(()) => {
+                        sent += 1;
+                        continue;
+                    }
+                    Err(std::sync::mpsc::SendError(job)) => job,
+                },
+                None => job,
+            };
+            // No helper to take it: sync it here.
+            let result = sync_share(&job.1, &job.2);
+            let _ = done_tx.send((job, result));
+            sent += 1;
+        }
+        let mut out: Vec<Option<(Staged, std::io::Result<()>)>> = (0..n).map(|_| None).collect();
+        if let Some((i, (part, staged))) = own {
+            let result = sync_share(&part, &staged);
+            out[i] = Some((staged, result));
+        }
+        let (_, done_rx) = self.done.as_ref().expect("made above");
+        for _ in 0..sent {
+            let ((i, _, staged), result) = done_rx.recv().expect("the writer holds a sender");
+            out[i] = Some((staged, result));
+        }
+        out.into_iter().map(|o| o.expect("every share synced")).unzip()
+    }
+
+    /// Helper `i`, started if it is not running yet; `None` if it cannot be started.
+    fn helper(
+        &mut self,
+        i: usize,
+        done: &std::sync::mpsc::Sender<Synced>,
+    ) -> Option<&std::sync::mpsc::Sender<SyncJob>> {
+        while self.helpers.len() <= i {
+            let (tx, rx) = std::sync::mpsc::channel::<SyncJob>();
+            let done = done.clone();
+            let started = std::thread::Builder::new().name("herald-log-sync".into()).spawn(move || {
+                // Ends when the writer (and with it the queue's sender) goes.
+                while let Ok(job) = rx.recv() {
+                    let result = sync_share(&job.1, &job.2);
+                    if done.send((job, result)).is_err() {
+                        return;
+                    }
+                }
+            });
+            if let Err(e) = started {
+                tracing::warn!(error = %e, "could not start a log sync thread; syncing on the writer");
+                return None;
+            }
+            self.helpers.push(tx);
+        }
+        self.helpers.get(i)
+    }
+}
+
+/// Syncs one share; a panic in it is an error of that share, so the group is refused rather
+/// than the writer waiting for an answer that never comes.
+fn sync_share(part: &Partition, staged: &Staged) -> std::io::Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| part.sync(staged)))
+        .unwrap_or_else(|_| Err(std::io::Error::other("log sync panicked")))
 }
 
 /// Appends a group all or nothing: every partition's share is written, then all are made
 /// durable, and only then published; if any write or fsync fails, every share is rolled back
 /// and every request refused, so a refused append leaves nothing behind (a producer's retry
 /// is not a duplicate) and an acknowledged one is always readable.
-fn commit_group(group: Vec<AppendRequest>) {
+fn commit_group(group: Vec<AppendRequest>, syncer: &mut Syncer) {
     // Bucket records by partition, remembering where each came from.
     let mut buckets: Vec<(PartitionRef, Vec<(usize, usize)>)> = Vec::new();
     let mut by_part: HashMap<*const Partition, usize> = HashMap::new();
@@ -260,11 +357,9 @@ fn commit_group(group: Vec<AppendRequest>) {
         }
     }
     if refused.is_none() {
-        let synced: Vec<std::io::Result<()>> = std::thread::scope(|s| {
-            let handles: Vec<_> =
-                buckets.iter().zip(&staged).map(|((part, _), st)| s.spawn(move || part.sync(st))).collect();
-            handles.into_iter().map(|h| h.join().expect("log writer panicked")).collect()
-        });
+        let shares = buckets.iter().map(|(part, _)| part.clone()).zip(staged).collect();
+        let synced;
+        (staged, synced) = syncer.sync_all(shares);
         if let Some(e) = synced.into_iter().find_map(Result::err) {
             tracing::error!(error = %e, "log fsync failed; the group is rolled back");
             refused = Some(Refused::Io(e.kind(), e.to_string()));

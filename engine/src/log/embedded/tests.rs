@@ -408,6 +408,41 @@ async fn a_failed_fsync_rolls_back_the_whole_group_and_appends_resume() {
     assert_eq!(log.read_all("t").await.unwrap().len(), 20);
 }
 
+/// A group touching more partitions than the writer keeps sync threads for: every share is
+/// made durable, and one share's failed `fdatasync` refuses the whole group, whichever thread
+/// synced it.
+#[tokio::test]
+async fn a_group_over_more_partitions_than_sync_threads_is_durable_whole_or_refused_whole() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let failing = fail.clone();
+    let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| match fault {
+        // Partition 37 only: its share goes to a helper thread, not the writer's own.
+        Fault::Sync(path) if failing.load(SeqCst) && path.parent().is_some_and(|p| p.ends_with("37")) => {
+            Err(std::io::Error::other("injected fsync failure"))
+        }
+        _ => Ok(()),
+    }));
+    let partitions = 3 * SYNC_HELPERS as u32;
+    let cfg =
+        EmbeddedConfig { topics: vec![spec("wide", partitions, false)], ..config_with(dir.path(), 1 << 20, faults) };
+    let log = EmbeddedLog::open(cfg.clone()).await.unwrap();
+    let batch = |tag: &str| (0..2000).map(|i| rec(&format!("k{i}"), tag)).collect::<Vec<_>>();
+    let positions = log.append("wide", batch("first")).await.unwrap();
+    let touched: std::collections::HashSet<u32> = positions.iter().map(|p| p.partition).collect();
+    assert_eq!(touched.len(), partitions as usize, "the group touched every partition");
+    fail.store(true, SeqCst);
+    assert!(log.append("wide", batch("refused")).await.is_err(), "one failed share refuses the group");
+    fail.store(false, SeqCst);
+    log.append("wide", batch("after")).await.unwrap();
+    drop(log);
+    let log = EmbeddedLog::open(cfg).await.unwrap();
+    let values: Vec<Vec<u8>> = log.read_all("wide").await.unwrap().into_iter().map(|r| r.value.to_vec()).collect();
+    assert_eq!(values.len(), 4000);
+    assert!(values.iter().all(|v| v == b"first" || v == b"after"), "nothing of the refused group remains");
+}
+
 #[tokio::test]
 async fn a_full_disk_refuses_appends_and_they_resume_with_space() {
     use std::sync::atomic::Ordering::SeqCst;
