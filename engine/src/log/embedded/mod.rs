@@ -206,7 +206,7 @@ fn reap_loop(doomed: std::sync::mpsc::Receiver<PathBuf>) {
 /// The group-commit loop: take every request that is waiting, write each partition's share
 /// in one write, fsync every touched partition (in parallel), then answer them all.
 fn write_loop(mut rx: mpsc::UnboundedReceiver<AppendRequest>) {
-    let mut syncer = Syncer::default();
+    let mut syncer = Syncer::new();
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
         while group.len() < 4096 {
@@ -233,26 +233,27 @@ type Synced = (SyncJob, std::io::Result<()>);
 /// a `clone`, a stack and its teardown for every `fdatasync` — thousands a second with single
 /// events fanned out to 8 partitions — and each new thread had to be scheduled before its
 /// sync could even start.
-#[derive(Default)]
 struct Syncer {
     /// One queue per helper thread, started as groups first need them.
     helpers: Vec<std::sync::mpsc::Sender<SyncJob>>,
-    /// Where helpers send shares back (made with the first helper).
-    done: Option<(std::sync::mpsc::Sender<Synced>, std::sync::mpsc::Receiver<Synced>)>,
+    /// Where helpers send shares back.
+    done: (std::sync::mpsc::Sender<Synced>, std::sync::mpsc::Receiver<Synced>),
 }
 
 impl Syncer {
+    fn new() -> Syncer {
+        Syncer { helpers: Vec::new(), done: std::sync::mpsc::channel() }
+    }
+
     /// Syncs every share; the results in `shares`' order, and the shares back.
     fn sync_all(&mut self, shares: Vec<(PartitionRef, Staged)>) -> (Vec<Staged>, Vec<std::io::Result<()>>) {
-        let n = shares.len();
-        let (done_tx, _) = self.done.get_or_insert_with(std::sync::mpsc::channel);
-        let done_tx = done_tx.clone();
+        let mut out: Vec<Option<(Staged, std::io::Result<()>)>> = (0..shares.len()).map(|_| None).collect();
         let mut shares = shares.into_iter().enumerate();
         let own = shares.next();
         let mut sent = 0;
         for (i, (part, staged)) in shares {
             let job = (i, part, staged);
-            let job = match self.helper((i - 1) % SYNC_HELPERS, &done_tx) {
+            let (i, part, staged) = match self.helper((i - 1) % SYNC_HELPERS) {
                 Some(helper) => match helper.send(job) {
                     Ok(()) => {
                         sent += 1;
@@ -263,32 +264,25 @@ impl Syncer {
                 None => job,
             };
             // No helper to take it: sync it here.
-            let result = sync_share(&job.1, &job.2);
-            let _ = done_tx.send((job, result));
-            sent += 1;
+            let result = sync_share(&part, &staged);
+            out[i] = Some((staged, result));
         }
-        let mut out: Vec<Option<(Staged, std::io::Result<()>)>> = (0..n).map(|_| None).collect();
         if let Some((i, (part, staged))) = own {
             let result = sync_share(&part, &staged);
             out[i] = Some((staged, result));
         }
-        let (_, done_rx) = self.done.as_ref().expect("made above");
         for _ in 0..sent {
-            let ((i, _, staged), result) = done_rx.recv().expect("the writer holds a sender");
+            let ((i, _, staged), result) = self.done.1.recv().expect("the writer holds a sender");
             out[i] = Some((staged, result));
         }
         out.into_iter().map(|o| o.expect("every share synced")).unzip()
     }
 
     /// Helper `i`, started if it is not running yet; `None` if it cannot be started.
-    fn helper(
-        &mut self,
-        i: usize,
-        done: &std::sync::mpsc::Sender<Synced>,
-    ) -> Option<&std::sync::mpsc::Sender<SyncJob>> {
+    fn helper(&mut self, i: usize) -> Option<&std::sync::mpsc::Sender<SyncJob>> {
         while self.helpers.len() <= i {
             let (tx, rx) = std::sync::mpsc::channel::<SyncJob>();
-            let done = done.clone();
+            let done = self.done.0.clone();
             let started = std::thread::Builder::new().name("herald-log-sync".into()).spawn(move || {
                 // Ends when the writer (and with it the queue's sender) goes.
                 while let Ok(job) = rx.recv() {
