@@ -152,10 +152,19 @@ const WRITE_BUFFER_BYTES: u64 = 2 * MEMTABLE_BYTES;
 /// A day's keyspace: written once, read now and then, so every level is LZ4-compressed (records
 /// shrink about twofold; the index's threads yield to delivery, so the CPU this
 /// takes is spare CPU).
+///
+/// Index and filter blocks are partitioned at every level (fjall's default does so from L3 on).
+/// A table written with one whole index block keeps every data block's last key until the
+/// table is finished, and in a compaction those keys are slices of the decompressed blocks it
+/// read, so each key holds its whole source block: `heaptrack` during a 1 M backlog drain put
+/// 26 MiB of the peak heap there, and 8 MiB in the whole filter's key hashes. Partitions are
+/// written out as they fill. A query reads one more (small) block per table.
 fn day_options() -> KeyspaceCreateOptions {
-    use fjall::config::CompressionPolicy;
+    use fjall::config::{CompressionPolicy, PartitioningPolicy};
     KeyspaceCreateOptions::default()
         .data_block_compression_policy(CompressionPolicy::all(fjall::CompressionType::Lz4))
+        .index_block_partitioning_policy(PartitioningPolicy::all(true))
+        .filter_block_partitioning_policy(PartitioningPolicy::all(true))
         .max_memtable_size(MEMTABLE_BYTES)
 }
 
