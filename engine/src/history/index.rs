@@ -156,7 +156,7 @@ const WRITE_BUFFER_BYTES: u64 = 2 * MEMTABLE_BYTES;
 /// Index and filter blocks are partitioned at every level (fjall's default does so from L3 on).
 /// A table written with one whole index block keeps every data block's last key until the
 /// table is finished, and in a compaction those keys are slices of the decompressed blocks it
-/// read, so each key holds its whole source block: `heaptrack` during a 1 M backlog drain put
+/// read, so each key holds its whole source block: `heaptrack` during a 600 k backlog drain put
 /// 26 MiB of the peak heap there, and 8 MiB in the whole filter's key hashes. Partitions are
 /// written out as they fill. A query reads one more (small) block per table.
 fn day_options() -> KeyspaceCreateOptions {
