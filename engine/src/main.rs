@@ -99,11 +99,24 @@ async fn shutdown_signal() {
 /// 394 and 402 MiB at the default, 308 and 310 MiB at 10 ms, at the same drain rate (builds
 /// alternated; see BENCHMARKS.md, "Backlog"). An operator's own
 /// `MIMALLOC_PURGE_DELAY` still decides.
+///
+/// mimalloc 3 also asks the kernel for transparent huge pages on its arenas (`MADV_HUGEPAGE`,
+/// its `allow_thp` option, on by default), and a 2 MiB page stays resident whole while any part
+/// of it is in use. At the end of that drain
+/// 100 MiB of Herald's 243 MiB resident were huge pages (`AnonHugePages`); without them the
+/// high-water mark fell from 272 to 183 MiB (BENCHMARKS.md, "Backlog"). mimalloc reads its
+/// option before `main`, so Herald turns huge pages off for the process itself
+/// (`PR_SET_THP_DISABLE`, which applies to the whole process and what it starts); an operator's
+/// own `MIMALLOC_ALLOW_THP` still decides.
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: the C signature below is mimalloc's; it sets one integer that mimalloc
         // reads on each purge.
         unsafe { mi_option_set(MI_PURGE_DELAY, 10) };
+    }
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // Only a kernel without the flag (before 3.15) refuses; huge pages then stay as they were.
+        let _ = rustix::thread::disable_transparent_huge_pages(true);
     }
 }
 
@@ -202,5 +215,14 @@ mod tests {
         assert_eq!(get(), 1000);
         tune_allocator();
         assert_eq!(get(), 10);
+    }
+
+    #[test]
+    fn transparent_huge_pages_are_off_unless_the_operator_says_otherwise() {
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+            return; // the operator's value stands, whatever it is
+        }
+        tune_allocator();
+        assert!(rustix::thread::transparent_huge_pages_are_disabled().unwrap());
     }
 }
