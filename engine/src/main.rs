@@ -92,28 +92,36 @@ async fn shutdown_signal() {
     }
 }
 
+/// The allocator's two settings that are Herald's own choice (README, "Configuration").
+fn tune_allocator() {
+    return_freed_memory_sooner();
+    turn_off_huge_pages();
+}
+
 /// mimalloc 3 keeps freed memory for a second before handing it back to the system (its
 /// `purge_delay` is 1,000 ms; mimalloc 2's was 10 ms). Herald frees in bursts — the history
 /// index's memtables once flushed, the buffers of a draining backlog — and that second held
 /// 100 MiB and more: RSS high-water while a backlog of 1 M records drained with history on was
 /// 394 and 402 MiB at the default, 308 and 310 MiB at 10 ms, at the same drain rate (builds
-/// alternated; see BENCHMARKS.md, "Backlog"). An operator's own
-/// `MIMALLOC_PURGE_DELAY` still decides.
-///
-/// mimalloc 3 also asks the kernel for transparent huge pages on its arenas (`MADV_HUGEPAGE`,
-/// its `allow_thp` option, on by default), and a 2 MiB page stays resident whole while any part
-/// of it is in use. At the end of that drain
-/// 100 MiB of Herald's 243 MiB resident were huge pages (`AnonHugePages`); without them the
-/// high-water mark fell from 272 to 183 MiB (BENCHMARKS.md, "Backlog"). mimalloc reads its
-/// option before `main`, so Herald turns huge pages off for the process itself
-/// (`PR_SET_THP_DISABLE`, which applies to the whole process and what it starts); an operator's
-/// own `MIMALLOC_ALLOW_THP` still decides.
-fn tune_allocator() {
+/// alternated; see BENCHMARKS.md, "Backlog"). An operator's own `MIMALLOC_PURGE_DELAY` still
+/// decides.
+fn return_freed_memory_sooner() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: the C signature below is mimalloc's; it sets one integer that mimalloc
         // reads on each purge.
         unsafe { mi_option_set(MI_PURGE_DELAY, 10) };
     }
+}
+
+/// mimalloc 3 also asks the kernel for transparent huge pages on its arenas (`MADV_HUGEPAGE`,
+/// its `allow_thp` option, on by default), and a 2 MiB page stays resident whole while any part
+/// of it is in use. At the end of a 1 M drain (history on) 100 MiB of Herald's 243 MiB resident
+/// were huge pages (`AnonHugePages`); without them the high-water mark fell from 269–389 to
+/// 183–193 MiB, with no cost in drain rate or CPU beyond this machine's noise (BENCHMARKS.md,
+/// "Backlog"). mimalloc reads its option before `main`, so Herald turns huge pages off for its
+/// process itself (`PR_SET_THP_DISABLE`, which holds for the whole process and what it
+/// starts); an operator's own `MIMALLOC_ALLOW_THP` still decides.
+fn turn_off_huge_pages() {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
         // Only a kernel without the flag (before 3.15) refuses; huge pages then stay as they were.
         let _ = rustix::thread::disable_transparent_huge_pages(true);
@@ -213,7 +221,7 @@ mod tests {
         // mimalloc 3's default for `purge_delay`, which no other option has: the number still
         // names that option.
         assert_eq!(get(), 1000);
-        tune_allocator();
+        return_freed_memory_sooner();
         assert_eq!(get(), 10);
     }
 
@@ -222,7 +230,7 @@ mod tests {
         if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
             return; // the operator's value stands, whatever it is
         }
-        tune_allocator();
+        turn_off_huge_pages();
         assert!(rustix::thread::transparent_huge_pages_are_disabled().unwrap());
     }
 }
