@@ -270,8 +270,8 @@ impl Index {
                 Err(e) => tracing::warn!(error = %e, "sealing a history memtable failed"),
             }
         }
-        // Nothing to seal means the bytes are not the days' (the store's own bookkeeping):
-        // waiting would not end.
+        // Nothing to seal means the bytes are not the days' (the store's own bookkeeping), or a
+        // flush that has just finished is taking them off the count: waiting might not end.
         sealed
     }
 
@@ -745,13 +745,15 @@ mod tests {
             assert!(offset < 100_000, "the write buffer never reached the bound");
         }
         assert!(index.flush_backlog(), "over the bound, indexing waits");
-        // ... and not for ever: the memtable was sealed, so it is flushed and the wait ends.
+        // ... and not for ever: the memtable was sealed, so it is flushed and the wait ends. fjall
+        // takes a flushed memtable out of the tree a moment before it takes its bytes off the
+        // count, and in that moment there is nothing left to wait for (the wait ends, the count
+        // is still high): so the count is waited for as well.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while index.flush_backlog() {
+        while index.flush_backlog() || index.db.write_buffer_size() >= bound {
             assert!(std::time::Instant::now() < deadline, "still {} bytes", index.db.write_buffer_size());
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(index.db.write_buffer_size() < bound);
         assert_eq!(all(&index).len(), 100, "what was flushed still answers (one page of 100)");
     }
 
