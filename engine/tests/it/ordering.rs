@@ -136,7 +136,10 @@ pub(crate) struct Published {
 }
 
 /// `n` more events over `KEYS` keys, in batches of 50, each key's `seq` going on from its
-/// count so far.
+/// count so far. A batch answered `503` (the log could not take it: on Kafka, a broker that did
+/// not answer within the producer's 30 s, as right after a process was SIGKILLed on a loaded
+/// machine) is sent again with the same ids, as Herald asks of a producer; a Kafka write that
+/// timed out may still have landed, so there a retry can add duplicates (that test allows them).
 pub(crate) async fn publish_n(api: &Api, tag: &str, n: usize, published: &mut Published) {
     let mut batch = Vec::new();
     for i in 0..n {
@@ -146,8 +149,17 @@ pub(crate) async fn publish_n(api: &Api, tag: &str, n: usize, published: &mut Pu
         batch.push(json!({ "id": id, "type": "container.status.updated", "data": { "key": key, "seq": *seq } }));
         *seq += 1;
         if batch.len() == 50 {
-            let (status, body) = api.post("/v1/events/batch", Value::Array(std::mem::take(&mut batch))).await;
-            assert_eq!(status, 202, "{body}");
+            let batch = Value::Array(std::mem::take(&mut batch));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            loop {
+                let (status, body) = api.post("/v1/events/batch", batch.clone()).await;
+                if status == 503 && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await; // a producer's back-off
+                    continue;
+                }
+                assert_eq!(status, 202, "{body}");
+                break;
+            }
         }
     }
 }
