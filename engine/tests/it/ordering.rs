@@ -150,16 +150,11 @@ pub(crate) async fn publish_n(api: &Api, tag: &str, n: usize, published: &mut Pu
         *seq += 1;
         if batch.len() == 50 {
             let batch = Value::Array(std::mem::take(&mut batch));
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            loop {
+            until("the batch accepted (a 503 is sent again)", Duration::from_secs(120), || async {
                 let (status, body) = api.post("/v1/events/batch", batch.clone()).await;
-                if status == 503 && std::time::Instant::now() < deadline {
-                    tokio::time::sleep(std::time::Duration::from_millis(250)).await; // a producer's back-off
-                    continue;
-                }
-                assert_eq!(status, 202, "{body}");
-                break;
-            }
+                (status != 503).then(|| assert_eq!(status, 202, "{body}"))
+            })
+            .await;
         }
     }
 }
