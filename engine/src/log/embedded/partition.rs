@@ -133,16 +133,51 @@ struct ReadPlan {
     index: Vec<(u64, u64)>,
 }
 
+/// Whether a read may wait for the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Read what the page cache holds and nothing else: `WouldBlock` if any of it would have
+    /// to come from the disk (or the kernel cannot tell), so that the caller can read on a
+    /// thread that may wait.
+    No,
+    /// Read from the disk when needed.
+    Yes,
+}
+
 /// `n` bytes of `file` at `pos`, read into memory that is not zeroed first (zeroing a fresh
-/// window per read was a measurable share of the reader's time).
-fn read_exact_at(file: &File, pos: u64, n: usize) -> io::Result<Bytes> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut buf = Vec::with_capacity(n);
-    let mut file = file;
-    file.seek(SeekFrom::Start(pos))?;
-    file.take(n as u64).read_to_end(&mut buf)?;
-    if buf.len() < n {
-        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+/// window per read was a measurable share of the reader's time). Positional, so readers
+/// sharing an open file do not move each other's position.
+fn read_exact_at(file: &File, pos: u64, n: usize, wait: Wait) -> io::Result<Bytes> {
+    use std::os::fd::AsRawFd;
+    let flags = match wait {
+        Wait::No => libc::RWF_NOWAIT,
+        Wait::Yes => 0,
+    };
+    let mut buf = Vec::<u8>::with_capacity(n);
+    while buf.len() < n {
+        let spare = buf.spare_capacity_mut();
+        let iov = libc::iovec { iov_base: spare.as_mut_ptr().cast(), iov_len: spare.len() };
+        let at =
+            libc::off_t::try_from(pos + buf.len() as u64).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the one iovec is the vector's unused capacity, which preadv2 writes at most
+        // `iov_len` bytes of; only the count it reports is added to the length.
+        let got = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, flags) };
+        match got {
+            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            k if k > 0 => unsafe { buf.set_len(buf.len() + k as usize) },
+            _ => {
+                let e = io::Error::last_os_error();
+                match (e.raw_os_error(), wait) {
+                    (Some(libc::EINTR), _) => continue,
+                    // EAGAIN: not all cached. EOPNOTSUPP / EINVAL: a file system or kernel
+                    // without RWF_NOWAIT, which cannot say; either way the caller waits elsewhere.
+                    (Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL), Wait::No) => {
+                        return Err(io::Error::from(io::ErrorKind::WouldBlock))
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
     }
     Ok(Bytes::from(buf))
 }
@@ -477,17 +512,20 @@ impl Partition {
     /// Reads durable records at or after `from`, up to `max` records and roughly
     /// `max_bytes`. Returns the records and the offset to read from next.
     pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> io::Result<(Vec<Frame>, u64)> {
-        self.read_on(from, max, max_bytes, &mut None)
+        self.read_on(from, max, max_bytes, &mut None, Wait::Yes)
     }
 
     /// [`Partition::read`] for a reader that reads on from where it stopped: `hint` is where
     /// the last read stopped, used when it is for `from` and replaced by where this one stops.
+    /// With [`Wait::No`], a read that would wait for the disk fails with `WouldBlock` and
+    /// leaves `hint` as it was.
     pub fn read_on(
         &self,
         from: u64,
         max: usize,
         max_bytes: usize,
         hint: &mut Option<ReadHint>,
+        wait: Wait,
     ) -> io::Result<(Vec<Frame>, u64)> {
         let from = from.max(self.start_offset());
         let mut plan = self.plan(from);
@@ -510,10 +548,16 @@ impl Partition {
                 Err(e) => return Err(e),
             },
         };
-        let (frames, next, stopped_at) = self.read_planned(&file, &plan, from, max, max_bytes)?;
+        let (frames, next, stopped_at) = match self.read_planned(&file, &plan, from, max, max_bytes, wait) {
+            Ok(read) => read,
+            Err(e) => {
+                *hint = hinted;
+                return Err(e);
+            }
+        };
         if hinted.is_some() && frames.first().is_some_and(|f| f.offset != from) {
             // The hint did not lead to `from` (it should always): read as if there were none.
-            return self.read_on(from, max, max_bytes, &mut None);
+            return self.read_on(from, max, max_bytes, &mut None, wait);
         }
         *hint = stopped_at.map(|pos| ReadHint { offset: next, path: plan.path, pos, file });
         Ok((frames, next))
@@ -528,6 +572,7 @@ impl Partition {
         from: u64,
         max: usize,
         max_bytes: usize,
+        wait: Wait,
     ) -> io::Result<(Vec<Frame>, u64, Option<u64>)> {
         let mut frames = Vec::new();
         let mut bytes = 0usize;
@@ -547,7 +592,7 @@ impl Partition {
             }
             let hole_at = plan.holes.iter().map(|&(s, _)| s).filter(|&s| s > pos).min().unwrap_or(plan.limit);
             let n = ((hole_at.min(plan.limit) - pos) as usize).min(window);
-            let buf = read_exact_at(file, pos, n)?;
+            let buf = read_exact_at(file, pos, n, wait)?;
             let mut used = 0usize;
             loop {
                 match segment::decode(&buf.slice(used..)) {

@@ -583,3 +583,83 @@ async fn small_reads_of_records_of_any_size_hand_out_every_record_in_order() {
     let expected: Vec<u64> = stored.iter().map(|r| r.offset).filter(|o| *o >= rest_from).collect();
     assert_eq!(offsets, expected, "after the compaction the follower reads what the partition holds, in order");
 }
+
+/// The files under `dir`.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Drops every file under `dir` from the page cache (they are synced, so the kernel can).
+/// Pages just written can sit in another CPU's page batch, where the kernel does not drop
+/// them yet: asked again until a read that may not wait finds none of the files' first pages.
+fn evict_from_page_cache(dir: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let cached = |file: &std::fs::File| {
+        let mut page = [0u8; 4096];
+        let iov = libc::iovec { iov_base: page.as_mut_ptr().cast(), iov_len: page.len() };
+        // SAFETY: one iovec over a local buffer of its stated length.
+        unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) >= 0 }
+    };
+    loop {
+        let mut any = false;
+        for path in files_under(dir) {
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: an advisory call on a descriptor held open here.
+            assert_eq!(unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+            any |= file.metadata().unwrap().len() > 0 && cached(&file);
+        }
+        if !any {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the log's files stay in the page cache");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Readers read what the page cache holds on the runtime's own thread and only go to a
+/// blocking thread for what must come from the disk: a log evicted from the cache is still
+/// read whole, in order, and a read that may not wait says so and keeps where it was.
+#[tokio::test]
+async fn records_no_longer_in_the_page_cache_are_read_from_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(quiet(dir.path(), 256 * 1024)).await.unwrap();
+    let value = |i: usize| format!("{i:06}-{}", "x".repeat(1000));
+    let partition = log.append("t", vec![rec("k", &value(0))]).await.unwrap()[0].partition;
+    for chunk in 0..10 {
+        log.append("t", (chunk * 100 + 1..=chunk * 100 + 100).map(|i| rec("k", &value(i))).collect()).await.unwrap();
+    }
+    let mut reader = log.follow("t", partition, 0).await.unwrap();
+    let mut got = some(&mut reader, 50).await;
+    evict_from_page_cache(dir.path());
+
+    // Straight at the partition: not cached, so a read that may not wait refuses, and the
+    // reader's place (its hint) survives the refusal; waiting, it reads; then it is cached.
+    let part = log.partition("t", partition).unwrap().clone();
+    let mut hint = None;
+    part.read_on(0, 10, 1 << 20, &mut hint, Wait::Yes).unwrap();
+    assert!(hint.is_some(), "a read that stopped leaves a hint");
+    evict_from_page_cache(dir.path());
+    let refused = part.read_on(10, 10, 1 << 20, &mut hint, Wait::No).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::WouldBlock);
+    assert!(hint.is_some(), "the hint is kept");
+    let (frames, _) = part.read_on(10, 10, 1 << 20, &mut hint, Wait::Yes).unwrap();
+    assert_eq!(frames.iter().map(|f| f.offset).collect::<Vec<_>>(), (10..20).collect::<Vec<_>>());
+    let (again, _) = part.read_on(10, 10, 1 << 20, &mut None, Wait::No).unwrap();
+    assert_eq!(again.len(), 10, "what was just read is cached, and read without waiting");
+
+    // The reader itself: everything after where it stopped, in order, from a cold log.
+    evict_from_page_cache(dir.path());
+    got.extend(take(&mut reader, 1001 - got.len()).await);
+    let values: Vec<String> = got.iter().map(|r| String::from_utf8(r.value.to_vec()).unwrap()).collect();
+    assert_eq!(values, (0..=1000).map(value).collect::<Vec<_>>());
+}
