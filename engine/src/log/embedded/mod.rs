@@ -579,13 +579,14 @@ impl PartitionReader for EmbeddedReader {
             // pages back only through ones it abandons: a 10 M backlog's drain held ~50 MiB for
             // ten minutes, then climbed to 183–208 MiB and stayed. Read here, the same drain
             // held 48–58 MiB throughout, and ran at 10,356 deliveries/s against 8,426–8,720
-            // (BENCHMARKS.md, "Backlog").
-            let read = match self.part.read_on(from, max, 1 << 20, &mut self.hint, Wait::No) {
+            // (a build reading every batch here; BENCHMARKS.md, "Backlog").
+            let max_bytes = 1 << 20;
+            let read = match self.part.read_on(from, max, max_bytes, &mut self.hint, Wait::No) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let part = self.part.clone();
                     let mut hint = self.hint.take();
                     let (read, hint) = tokio::task::spawn_blocking(move || {
-                        (part.read_on(from, max, 1 << 20, &mut hint, Wait::Yes), hint)
+                        (part.read_on(from, max, max_bytes, &mut hint, Wait::Yes), hint)
                     })
                     .await
                     .map_err(|e| LogError::Backend(e.to_string()))?;

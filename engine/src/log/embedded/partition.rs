@@ -147,7 +147,7 @@ pub enum Wait {
 /// `n` bytes of `file` at `pos`, read into memory that is not zeroed first (zeroing a fresh
 /// window per read was a measurable share of the reader's time). Positional, so readers
 /// sharing an open file do not move each other's position.
-fn read_exact_at(file: &File, pos: u64, n: usize, wait: Wait) -> io::Result<Bytes> {
+pub(super) fn read_exact_at(file: &File, pos: u64, n: usize, wait: Wait) -> io::Result<Bytes> {
     use std::os::fd::AsRawFd;
     let flags = match wait {
         Wait::No => libc::RWF_NOWAIT,

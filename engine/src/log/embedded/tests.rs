@@ -604,19 +604,13 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn evict_from_page_cache(dir: &std::path::Path) {
     use std::os::fd::AsRawFd;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let cached = |file: &std::fs::File| {
-        let mut page = [0u8; 4096];
-        let iov = libc::iovec { iov_base: page.as_mut_ptr().cast(), iov_len: page.len() };
-        // SAFETY: one iovec over a local buffer of its stated length.
-        unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) >= 0 }
-    };
     loop {
         let mut any = false;
         for path in files_under(dir) {
             let file = std::fs::File::open(&path).unwrap();
             // SAFETY: an advisory call on a descriptor held open here.
             assert_eq!(unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
-            any |= file.metadata().unwrap().len() > 0 && cached(&file);
+            any |= file.metadata().unwrap().len() > 0 && partition::read_exact_at(&file, 0, 1, Wait::No).is_ok();
         }
         if !any {
             return;
