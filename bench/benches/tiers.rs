@@ -28,7 +28,12 @@ async fn sink() -> (String, Arrivals) {
     let seen = arrivals.clone();
     tokio::spawn(async move {
         loop {
-            let (stream, _) = listener.accept().await.unwrap();
+            // A failed accept (a connection reset before it was taken, a full fd table) loses
+            // that connection, not the receiver: Herald retries what it could not send.
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
             let seen = seen.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -67,6 +72,40 @@ async fn post(
         .unwrap();
     let resp = client.request(req).await.unwrap();
     assert!(resp.status().is_success(), "{}", resp.status());
+}
+
+/// What a round that timed out is missing, and what Herald says it did, for the panic message.
+async fn missing(
+    arrivals: &Arrivals,
+    prefix: &str,
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    api: &str,
+) -> String {
+    let mut by_count = [0usize; 3];
+    for (_, times) in arrivals.lock().unwrap().iter().filter(|(id, _)| id.starts_with(prefix)) {
+        by_count[times.len().min(2)] += 1;
+    }
+    let never = EVENTS - by_count[1] - by_count[2];
+    let req = Request::get(format!("{api}/metrics"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let metrics = match client.request(req).await {
+        Ok(resp) => match resp.into_body().collect().await {
+            Ok(body) => String::from_utf8_lossy(&body.to_bytes())
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+                .filter(|l| l.contains("deliver") || l.contains("retr") || l.contains("lag"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(e) => format!("metrics body: {e}"),
+        },
+        Err(e) => format!("metrics: {e}"),
+    };
+    format!(
+        "of {EVENTS} events, {never} never arrived, {} arrived once, {} twice or more; Herald's metrics:\n{metrics}",
+        by_count[1], by_count[2]
+    )
 }
 
 fn tiers(c: &mut Criterion) {
@@ -126,7 +165,9 @@ fn tiers(c: &mut Criterion) {
                         if pairs.len() == EVENTS {
                             break pairs;
                         }
-                        assert!(Instant::now() < deadline, "retries did not all arrive");
+                        if Instant::now() >= deadline {
+                            panic!("retries did not all arrive: {}", missing(&arrivals, &prefix, &client, &api).await);
+                        }
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     };
                     let first_due = pairs.iter().map(|(a, _)| *a + INTERVAL).min().unwrap();
