@@ -137,9 +137,26 @@ fn newest_first_bounds(prefix: &[u8], since: Option<i64>, until: Option<i64>) ->
     (start, end)
 }
 
-/// A day keyspace's memtable (fjall's default is 64 MiB; 16 MiB doubled the flush worker's
-/// CPU in e2e).
-const MEMTABLE_BYTES: u64 = 32 << 20;
+/// A day keyspace's memtable (fjall's default is 64 MiB). The memtables are most of Herald's
+/// own heap with history on (`heaptrack`: 92 of 120 MB at 32 MiB, the skiplist holding about
+/// 1.4× what fjall counts), and what the allocator keeps around them is most of the rest: at
+/// 32 MiB a 10 M backlog drain peaked at 302 MiB of RSS, at 16 MiB at 218 MiB (#20's bound is
+/// 256 MB; BENCHMARKS.md, "Backlog"). What smaller memtables cost is compaction, see
+/// [`L0_TABLES`].
+const MEMTABLE_BYTES: u64 = 16 << 20;
+
+/// Flushed tables merged into level 1 at once, and level 1's table size (fjall's defaults: 4
+/// and 64 MiB). Every key starts with a tenant's or a subscription's id followed by a
+/// newest-first time, so each flushed table overlaps nearly every table of level 1, and each
+/// merge rewrites level 1 whole: what decides the compaction work is how much is merged at
+/// once against level 1's size (its tables' size × this count). Eight 16 MiB memtables merge as
+/// much at once as fjall's four of 32 MiB did, and 32 MiB tables keep level 1 at 256 MiB as
+/// before; with the defaults, 16 MiB memtables cost 5–20 % more CPU per delivery end to end.
+/// A scan reads up to eight level-0 tables instead of four. fjall keeps a keyspace's options
+/// from its creation, so a day created by an older version keeps the older ones.
+const L0_TABLES: u8 = 8;
+/// See [`L0_TABLES`].
+const TABLE_BYTES: u64 = 32 << 20;
 
 /// Memtable bytes (active and sealed, every day) beyond which indexing waits for the store's
 /// flush worker: one full memtable being flushed while the next fills. That worker yields to
@@ -166,6 +183,9 @@ fn day_options() -> KeyspaceCreateOptions {
         .index_block_partitioning_policy(PartitioningPolicy::all(true))
         .filter_block_partitioning_policy(PartitioningPolicy::all(true))
         .max_memtable_size(MEMTABLE_BYTES)
+        .compaction_strategy(std::sync::Arc::new(
+            fjall::compaction::Leveled::default().with_l0_threshold(L0_TABLES).with_table_target_size(TABLE_BYTES),
+        ))
 }
 
 /// What a visit tells a scan.
