@@ -398,7 +398,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         metrics::gauge!(crate::metrics::BREAKERS_OPEN).set(registry.breakers_open() as f64);
     });
     let (key_rate, tests) = api::throttles(&config);
-    let state = AppState {
+    let state = AppState::new(api::Shared {
         registry: stores.registry.clone(),
         ingest: Arc::new(ingest),
         history: history.clone(),
@@ -426,7 +426,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
             ttl: config.api.portal_ttl.0,
             public_url: config.api.public_url.clone(),
         },
-    };
+    });
     let (addr, api) = serve_api(&config, state, stop_rx).await?;
     tracing::info!(%addr, backend = ?config.log.backend, data_dir = %config.data_dir.display(), "herald is serving");
     Ok(Herald {

@@ -30,9 +30,30 @@ use std::sync::Arc;
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 << 20;
 
-/// What the handlers share.
+/// What the handlers share, behind one `Arc`: axum clones the state for every extractor of
+/// every request, and cloning the fields themselves (two dozen reference counts, the
+/// transports' HTTP clients, a `String`) was about 2.5 % of Herald's CPU with one event per
+/// request (`perf`, BENCHMARKS.md "Taking a CPU profile").
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// The state handlers get.
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     /// The subscription registry.
     pub registry: Arc<Registry>,
     /// The ingest stage.
