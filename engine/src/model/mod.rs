@@ -41,7 +41,12 @@ impl Invalid {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    // From `SystemTime` directly: chrono's `Utc::now()` works out a calendar date only for
+    // `timestamp_millis` to turn it back into a count, and this runs several times an attempt.
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+    }
 }
 
 /// RFC 3339 text (UTC, milliseconds) for a millisecond timestamp.
@@ -52,4 +57,15 @@ pub fn rfc3339_ms(ms: i64) -> String {
 /// A new time-ordered identifier with the given prefix, e.g. `sub_0192…`.
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn now_ms_is_the_wall_clock_in_milliseconds_since_the_epoch() {
+        let before = chrono::Utc::now().timestamp_millis();
+        let now = super::now_ms();
+        let after = chrono::Utc::now().timestamp_millis();
+        assert!(before <= now && now <= after, "{before} <= {now} <= {after}");
+    }
 }

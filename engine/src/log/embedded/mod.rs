@@ -10,6 +10,7 @@ use super::{
     partition_for, Assignment, Committer, Consumer, Log, LogError, LogRecord, PartitionReader, Position, Record,
     TopicSpec,
 };
+use crate::model::now_ms;
 use async_trait::async_trait;
 use offsets::OffsetStore;
 use partition::{AppendError, Partition, PartitionRef, Staged, Wait};
@@ -72,10 +73,6 @@ pub struct EmbeddedLog {
     reaper: std::sync::mpsc::Sender<PathBuf>,
     offsets: Arc<OffsetStore>,
     closed: watch::Sender<bool>,
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 impl EmbeddedLog {
