@@ -31,9 +31,9 @@ use std::sync::Arc;
 pub const MAX_BODY_BYTES: usize = 16 << 20;
 
 /// What the handlers share, behind one `Arc`: axum clones the state for every extractor of
-/// every request, and cloning the fields themselves (two dozen reference counts, the
-/// transports' HTTP clients, a `String`) was about 2.5 % of Herald's CPU with one event per
-/// request (`perf`, BENCHMARKS.md "Taking a CPU profile").
+/// every request, and cloning the fields themselves (two dozen shared counts, the transports'
+/// HTTP clients, strings) was about 2.5 % of Herald's CPU with one event per request (`perf`,
+/// BENCHMARKS.md "Taking a CPU profile").
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
 

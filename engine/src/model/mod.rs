@@ -43,9 +43,15 @@ impl Invalid {
 pub fn now_ms() -> i64 {
     // From `SystemTime` directly: chrono's `Utc::now()` works out a calendar date only for
     // `timestamp_millis` to turn it back into a count, and this runs several times an attempt.
-    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+    ms_since_epoch(std::time::SystemTime::now())
+}
+
+/// Milliseconds from the Unix epoch to `t`, rounded down like chrono's `timestamp_millis`
+/// (a clock set before 1970 gives a negative count rather than a panic).
+fn ms_since_epoch(t: std::time::SystemTime) -> i64 {
+    match t.duration_since(std::time::UNIX_EPOCH) {
         Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_nanos().div_ceil(1_000_000)).map_or(i64::MIN, |ms| -ms),
     }
 }
 
@@ -61,11 +67,20 @@ pub fn new_id(prefix: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     #[test]
-    fn now_ms_is_the_wall_clock_in_milliseconds_since_the_epoch() {
-        let before = chrono::Utc::now().timestamp_millis();
+    fn milliseconds_since_the_epoch_round_down_like_chrono() {
+        for nanos in [0i64, 1, 999_999, 1_000_000, 1_700_000_000_123_456_789, -1, -500_000, -1_000_000, -1_000_001] {
+            let t = if nanos >= 0 {
+                UNIX_EPOCH + Duration::from_nanos(nanos as u64)
+            } else {
+                UNIX_EPOCH - Duration::from_nanos(nanos.unsigned_abs())
+            };
+            let chrono = chrono::DateTime::from_timestamp_nanos(nanos).timestamp_millis();
+            assert_eq!(super::ms_since_epoch(t), chrono, "{nanos} ns");
+        }
         let now = super::now_ms();
-        let after = chrono::Utc::now().timestamp_millis();
-        assert!(before <= now && now <= after, "{before} <= {now} <= {after}");
+        assert!((now - chrono::Utc::now().timestamp_millis()).abs() < 60_000, "{now}");
     }
 }
