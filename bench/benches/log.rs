@@ -14,6 +14,7 @@ fn open(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Arc<EmbeddedLog>
         segment_bytes: 64 << 20,
         flush_interval: Duration::from_millis(200),
         topics: vec![TopicSpec { name: "t".into(), partitions: 8, compacted: false, retention: None }],
+        journal_bytes: herald::log::embedded::DEFAULT_JOURNAL_BYTES,
         faults: None,
     }))
     .unwrap()

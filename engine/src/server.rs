@@ -133,6 +133,7 @@ async fn open_log(config: &Config, topics: &Topics, faults: &Faults) -> Result<A
                 segment_bytes: config.log.segment_bytes,
                 flush_interval: config.log.flush_interval.0,
                 topics: specs,
+                journal_bytes: crate::log::embedded::DEFAULT_JOURNAL_BYTES,
                 faults: faults.clone(),
             })
             .await?

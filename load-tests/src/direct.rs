@@ -46,6 +46,7 @@ pub async fn open(target: &Target, prefix: &str, partitions: u32) -> anyhow::Res
                 segment_bytes: 64 << 20,
                 flush_interval: Duration::from_millis(200),
                 topics: specs,
+                journal_bytes: herald::log::embedded::DEFAULT_JOURNAL_BYTES,
                 faults: None,
             })
             .await?

@@ -1,7 +1,9 @@
 //! The embedded log: partitioned topics as segment files in the data directory, a single
-//! group-commit writer thread, persisted consumer offsets, and reclaim of consumed segments.
+//! group-commit writer thread whose groups are made durable by one journal sync each
+//! ([`journal`]), persisted consumer offsets, and reclaim of consumed segments.
 //! It is the default backend, so `herald serve` needs nothing but a disk.
 
+mod journal;
 mod offsets;
 mod partition;
 mod segment;
@@ -12,6 +14,8 @@ use super::{
 };
 use crate::model::now_ms;
 use async_trait::async_trait;
+use bytes::BytesMut;
+use journal::Journal;
 use offsets::OffsetStore;
 use partition::{AppendError, Partition, PartitionRef, Staged, Wait};
 use std::collections::HashMap;
@@ -19,6 +23,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
+
+/// Bytes of each group-journal file, unless configured otherwise.
+pub const DEFAULT_JOURNAL_BYTES: u64 = journal::DEFAULT_BYTES;
 
 /// How the embedded log is laid out and tuned.
 #[derive(Clone)]
@@ -31,6 +38,9 @@ pub struct EmbeddedConfig {
     pub flush_interval: Duration,
     /// The topics to open or create.
     pub topics: Vec<TopicSpec>,
+    /// Bytes of each of the two group-journal files before the writer turns to the other
+    /// ([`DEFAULT_JOURNAL_BYTES`] unless a test wants many turns).
+    pub journal_bytes: u64,
     /// Faults to inject into segment writes (tests of disk full and failing disks).
     pub faults: Faults,
 }
@@ -55,6 +65,15 @@ struct AppendRequest {
     reply: oneshot::Sender<Result<Vec<Position>, Refused>>,
 }
 
+impl AppendRequest {
+    fn bytes(&self) -> usize {
+        self.records.iter().map(|(_, r)| r.key.len() + r.value.len()).sum()
+    }
+}
+
+/// A group takes no more requests once it holds this many bytes.
+const GROUP_BYTES: usize = 64 << 20;
+
 /// Why a group of appends was refused: nothing of it was kept.
 #[derive(Debug, Clone)]
 enum Refused {
@@ -76,17 +95,28 @@ pub struct EmbeddedLog {
 }
 
 impl EmbeddedLog {
-    /// Opens the log, recovering every partition (torn tails cut off, compacted topics
-    /// compacted), and starts the writer thread and the offset flusher.
+    /// Opens the log, recovering every partition (torn tails cut off, what the group journal
+    /// holds written back, compacted topics compacted), and starts the writer thread and the
+    /// offset flusher.
     pub async fn open(config: EmbeddedConfig) -> Result<Arc<Self>, LogError> {
         let cfg = config.clone();
-        let (topics, offsets) = tokio::task::spawn_blocking(move || -> Result<_, LogError> {
+        let (topics, offsets, journal) = tokio::task::spawn_blocking(move || -> Result<_, LogError> {
             let mut topics = HashMap::new();
             for spec in &cfg.topics {
+                if spec.name.len() > journal::MAX_TOPIC {
+                    return Err(LogError::Backend(format!("topic name longer than {} bytes", journal::MAX_TOPIC)));
+                }
                 let dir = cfg.dir.join("topics").join(&spec.name);
                 let mut parts = Vec::new();
                 for p in 0..partitions_on_disk(&dir, spec)? {
-                    let part = Partition::open(p, dir.join(p.to_string()), cfg.segment_bytes, cfg.faults.clone())?;
+                    let part = Partition::open(
+                        p,
+                        &spec.name,
+                        !spec.compacted,
+                        dir.join(p.to_string()),
+                        cfg.segment_bytes,
+                        cfg.faults.clone(),
+                    )?;
                     if spec.compacted && part.compact()? {
                         tracing::info!(topic = %spec.name, partition = p, "compacted");
                     }
@@ -94,14 +124,17 @@ impl EmbeddedLog {
                 }
                 topics.insert(spec.name.clone(), Arc::new(parts));
             }
+            let (mut journal, replay) = Journal::open(&cfg.dir.join("journal"), cfg.journal_bytes, cfg.faults.clone())?;
+            restore(&topics, replay)?;
+            journal.start()?;
             let offsets = OffsetStore::open(cfg.dir.join("offsets"))?;
-            Ok((topics, Arc::new(offsets)))
+            Ok((topics, Arc::new(offsets), journal))
         })
         .await
         .map_err(|e| LogError::Backend(e.to_string()))??;
 
         let (writer, rx) = mpsc::unbounded_channel();
-        std::thread::Builder::new().name("herald-log-writer".into()).spawn(move || write_loop(rx))?;
+        std::thread::Builder::new().name("herald-log-writer".into()).spawn(move || write_loop(rx, journal))?;
         let (reaper, doomed) = std::sync::mpsc::channel();
         std::thread::Builder::new().name("herald-log-reaper".into()).spawn(move || reap_loop(doomed))?;
         let (closed, _) = watch::channel(false);
@@ -201,116 +234,56 @@ fn reap_loop(doomed: std::sync::mpsc::Receiver<PathBuf>) {
 }
 
 /// The group-commit loop: take every request that is waiting, write each partition's share
-/// in one write, fsync every touched partition (in parallel), then answer them all.
-fn write_loop(mut rx: mpsc::UnboundedReceiver<AppendRequest>) {
-    let mut syncer = Syncer::new();
+/// in one write, make the group durable with one journal sync, then answer them all.
+fn write_loop(mut rx: mpsc::UnboundedReceiver<AppendRequest>, mut journal: Journal) {
+    let mut buffers = Buffers::default();
     while let Some(first) = rx.blocking_recv() {
+        let mut bytes = first.bytes();
         let mut group = vec![first];
-        while group.len() < 4096 {
+        // Bounded in bytes too: a group is one journal entry, held in memory whole.
+        while group.len() < 4096 && bytes < GROUP_BYTES {
             match rx.try_recv() {
-                Ok(r) => group.push(r),
+                Ok(r) => {
+                    bytes += r.bytes();
+                    group.push(r);
+                }
                 Err(_) => break,
             }
         }
-        commit_group(group, &mut syncer);
+        commit_group(group, &mut journal, &mut buffers);
+        buffers.trim();
     }
 }
 
-/// Threads the writer keeps for syncing a group's shares besides its own; a group touching
-/// more partitions queues the rest on them in turn (each `fdatasync` mostly waits on the disk).
-const SYNC_HELPERS: usize = 16;
-
-/// One partition's staged share (and its place in the group), on its way to be made durable.
-type SyncJob = (usize, PartitionRef, Staged);
-/// A share back from its sync, with how that went.
-type Synced = (SyncJob, std::io::Result<()>);
-
-/// Makes a group's staged shares durable side by side: the writer syncs one itself and hands
-/// the others to threads kept for it. Starting a thread per partition per group (before) cost
-/// a `clone`, a stack and its teardown for every `fdatasync` — thousands a second with single
-/// events fanned out to 8 partitions — and each new thread had to be scheduled before its
-/// sync could even start.
-struct Syncer {
-    /// One queue per helper thread, started as groups first need them.
-    helpers: Vec<std::sync::mpsc::Sender<SyncJob>>,
-    /// Where helpers send shares back.
-    done: (std::sync::mpsc::Sender<Synced>, std::sync::mpsc::Receiver<Synced>),
+/// The buffers a group is encoded into, kept between groups: fresh ones per group commit made
+/// the allocator fault in (and zero) new pages on every append.
+#[derive(Default)]
+struct Buffers {
+    /// The group's journal entry: the frames of every journaled share.
+    entry: BytesMut,
+    /// The frames of the compacted topics' shares, which are not journaled.
+    plain: BytesMut,
 }
 
-impl Syncer {
-    fn new() -> Syncer {
-        Syncer { helpers: Vec::new(), done: std::sync::mpsc::channel() }
-    }
+impl Buffers {
+    /// A buffer grown past this (a huge group) is not kept.
+    const KEEP: usize = 8 << 20;
 
-    /// Syncs every share; the results in `shares`' order, and the shares back.
-    fn sync_all(&mut self, shares: Vec<(PartitionRef, Staged)>) -> (Vec<Staged>, Vec<std::io::Result<()>>) {
-        let mut out: Vec<Option<(Staged, std::io::Result<()>)>> = (0..shares.len()).map(|_| None).collect();
-        let mut shares = shares.into_iter().enumerate();
-        let own = shares.next();
-        let mut sent = 0;
-        for (i, (part, staged)) in shares {
-            let job = (i, part, staged);
-            let (i, part, staged) = match self.helper((i - 1) % SYNC_HELPERS) {
-                Some(helper) => match helper.send(job) {
-                    Ok(()) => {
-                        sent += 1;
-                        continue;
-                    }
-                    Err(std::sync::mpsc::SendError(job)) => job,
-                },
-                None => job,
-            };
-            // No helper to take it: sync it here.
-            let result = sync_share(&part, &staged);
-            out[i] = Some((staged, result));
-        }
-        if let Some((i, (part, staged))) = own {
-            let result = sync_share(&part, &staged);
-            out[i] = Some((staged, result));
-        }
-        for _ in 0..sent {
-            let ((i, _, staged), result) = self.done.1.recv().expect("the writer holds a sender");
-            out[i] = Some((staged, result));
-        }
-        out.into_iter().map(|o| o.expect("every share synced")).unzip()
-    }
-
-    /// Helper `i`, started if it is not running yet; `None` if it cannot be started.
-    fn helper(&mut self, i: usize) -> Option<&std::sync::mpsc::Sender<SyncJob>> {
-        while self.helpers.len() <= i {
-            let (tx, rx) = std::sync::mpsc::channel::<SyncJob>();
-            let done = self.done.0.clone();
-            let started = std::thread::Builder::new().name("herald-log-sync".into()).spawn(move || {
-                // Ends when the writer (and with it the queue's sender) goes.
-                while let Ok(job) = rx.recv() {
-                    let result = sync_share(&job.1, &job.2);
-                    if done.send((job, result)).is_err() {
-                        return;
-                    }
-                }
-            });
-            if let Err(e) = started {
-                tracing::warn!(error = %e, "could not start a log sync thread; syncing on the writer");
-                return None;
+    fn trim(&mut self) {
+        for buf in [&mut self.entry, &mut self.plain] {
+            if buf.capacity() > Self::KEEP {
+                *buf = BytesMut::new();
             }
-            self.helpers.push(tx);
         }
-        self.helpers.get(i)
     }
 }
 
-/// Syncs one share; a panic in it is an error of that share, so the group is refused rather
-/// than the writer waiting for an answer that never comes.
-fn sync_share(part: &Partition, staged: &Staged) -> std::io::Result<()> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| part.sync(staged)))
-        .unwrap_or_else(|_| Err(std::io::Error::other("log sync panicked")))
-}
-
-/// Appends a group all or nothing: every partition's share is written, then all are made
-/// durable, and only then published; if any write or fsync fails, every share is rolled back
-/// and every request refused, so a refused append leaves nothing behind (a producer's retry
-/// is not a duplicate) and an acknowledged one is always readable.
-fn commit_group(group: Vec<AppendRequest>, syncer: &mut Syncer) {
+/// Appends a group all or nothing: every partition's share is written, then the group is made
+/// durable — one journal entry for the shares of plain topics, a sync of its own for a
+/// compacted topic's — and only then published; if any write or sync fails, every share is
+/// rolled back and every request refused, so a refused append leaves nothing behind (a
+/// producer's retry is not a duplicate) and an acknowledged one is always readable.
+fn commit_group(group: Vec<AppendRequest>, journal: &mut Journal, buffers: &mut Buffers) {
     // Bucket records by partition, remembering where each came from.
     let mut buckets: Vec<(PartitionRef, Vec<(usize, usize)>)> = Vec::new();
     let mut by_part: HashMap<*const Partition, usize> = HashMap::new();
@@ -324,6 +297,8 @@ fn commit_group(group: Vec<AppendRequest>, syncer: &mut Syncer) {
         }
     }
     let ts = now_ms();
+    journal::begin(&mut buffers.entry);
+    buffers.plain.clear();
     let mut staged = Vec::with_capacity(buckets.len());
     let mut refused = None;
     for (part, members) in &buckets {
@@ -334,7 +309,15 @@ fn commit_group(group: Vec<AppendRequest>, syncer: &mut Syncer) {
                 (&rec.key[..], &rec.value[..])
             })
             .collect();
-        match part.stage(&records, ts) {
+        let written = if part.journaled() {
+            let at = journal::begin_share(&mut buffers.entry, part.topic(), part.id());
+            let written = part.stage(&records, ts, &mut buffers.entry);
+            journal::end_share(&mut buffers.entry, at);
+            written
+        } else {
+            part.stage(&records, ts, &mut buffers.plain)
+        };
+        match written {
             Ok(s) => staged.push(s),
             Err(AppendError::TooLarge { bytes }) => {
                 refused = Some(Refused::TooLarge(bytes));
@@ -348,11 +331,8 @@ fn commit_group(group: Vec<AppendRequest>, syncer: &mut Syncer) {
         }
     }
     if refused.is_none() {
-        let shares = buckets.iter().map(|(part, _)| part.clone()).zip(staged).collect();
-        let synced;
-        (staged, synced) = syncer.sync_all(shares);
-        if let Some(e) = synced.into_iter().find_map(Result::err) {
-            tracing::error!(error = %e, "log fsync failed; the group is rolled back");
+        if let Err(e) = make_durable(&buckets, &staged, journal, &mut buffers.entry) {
+            tracing::error!(error = %e, "making a log group durable failed; the group is rolled back");
             refused = Some(Refused::Io(e.kind(), e.to_string()));
         }
     }
@@ -375,6 +355,100 @@ fn commit_group(group: Vec<AppendRequest>, syncer: &mut Syncer) {
     for (req, pos) in group.into_iter().zip(positions) {
         let _ = req.reply.send(Ok(pos.into_iter().map(|p| p.expect("every record placed")).collect()));
     }
+}
+
+/// Makes a staged group durable: a compacted topic's share (rare: catalog changes) synced on
+/// its own, the rest as the one journal entry, each journaled share's file first noted for the
+/// journal's checkpoint.
+fn make_durable(
+    buckets: &[(PartitionRef, Vec<(usize, usize)>)],
+    staged: &[Staged],
+    journal: &mut Journal,
+    entry: &mut BytesMut,
+) -> std::io::Result<()> {
+    for ((part, _), st) in buckets.iter().zip(staged) {
+        if !part.journaled() {
+            sync_share(part, st)?;
+        }
+    }
+    if journal::has_shares(entry) {
+        for ((part, _), st) in buckets.iter().zip(staged) {
+            if part.journaled() {
+                journal.written(part, st)?;
+            }
+        }
+        journal.commit(entry)?;
+    }
+    Ok(())
+}
+
+/// Syncs one share; a panic in it is an error of that share, so the group is refused rather
+/// than the writer dying with requests unanswered.
+fn sync_share(part: &Partition, staged: &Staged) -> std::io::Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| part.sync(staged)))
+        .unwrap_or_else(|_| Err(std::io::Error::other("log sync panicked")))
+}
+
+/// Writes back into their partitions the records the group journal holds (at open, before
+/// anything reads them): each partition is cut back to the first offset the journal has for it
+/// and its records appended again with their offsets and times, so whatever of them a crash
+/// kept from the disk is restored, and what did reach it is rewritten the same.
+fn restore(topics: &HashMap<String, Topic>, replay: Vec<journal::Replay>) -> std::io::Result<()> {
+    let mut restored = 0usize;
+    for r in replay {
+        let Some(part) = topics.get(&r.topic).and_then(|t| t.get(r.partition as usize)).filter(|p| p.journaled())
+        else {
+            // A topic renamed (`log.topic_prefix` changed) or no longer journaled: nothing reads
+            // the old partition any more.
+            tracing::error!(topic = %r.topic, partition = r.partition, records = r.frames.len(), "the log journal holds records of a partition this log does not journal; they are not restored");
+            continue;
+        };
+        let Some(last) = r.frames.last() else { continue };
+        if part.end_offset() > last.offset + 1 {
+            // Should not happen while every append goes through the journal; never cut records
+            // the journal could not put back, and make what is there durable.
+            tracing::warn!(topic = %r.topic, partition = r.partition, "the partition is ahead of the log journal; left as it is");
+            part.sync_from(r.frames[0].offset)?;
+            continue;
+        }
+        // Only a contiguous run can be put back whole: after a gap (which should not happen),
+        // what comes before it is not the journal's to cut.
+        let from = r.frames.windows(2).rposition(|w| w[1].offset != w[0].offset + 1).map_or(0, |i| i + 1);
+        if from > 0 {
+            tracing::warn!(topic = %r.topic, partition = r.partition, at = r.frames[from].offset, "a gap in the log journal's records of a partition; restoring from after it");
+        }
+        let cut = r.frames[from].offset.max(part.start_offset());
+        let frames: Vec<&segment::Frame> = r.frames[from..].iter().filter(|f| f.offset >= cut).collect();
+        if frames.is_empty() {
+            continue;
+        }
+        part.truncate_to(cut)?;
+        let mut files: Vec<(std::fs::File, PathBuf, bool)> = Vec::new();
+        let mut buf = BytesMut::new();
+        for run in frames.chunk_by(|a, b| a.timestamp_ms == b.timestamp_ms) {
+            let records: Vec<(&[u8], &[u8])> = run.iter().map(|f| (&f.key[..], &f.value[..])).collect();
+            buf.clear();
+            let st = part.stage(&records, run[0].timestamp_ms, &mut buf).map_err(|e| match e {
+                AppendError::Io(e) => e,
+                AppendError::TooLarge { bytes } => {
+                    std::io::Error::other(format!("a journaled record of {bytes} bytes"))
+                }
+            })?;
+            match files.last_mut() {
+                Some((_, path, created)) if path.as_path() == st.path() => *created |= st.created_file(),
+                _ => files.push((st.file().try_clone()?, st.path().to_path_buf(), st.created_file())),
+            }
+            part.publish(st);
+        }
+        for (file, path, created) in files {
+            part.sync_file(&file, &path, created)?;
+        }
+        restored += frames.len();
+    }
+    if restored > 0 {
+        tracing::info!(records = restored, "log records restored from the group journal");
+    }
+    Ok(())
 }
 
 /// How many partitions a topic has: as configured, or more when its directory already holds

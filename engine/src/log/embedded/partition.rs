@@ -3,8 +3,8 @@
 //! compaction.
 //!
 //! Appending is staged: a batch is written to its segment (a new one, when the active one is
-//! full), then made durable, and only then published to readers and installed as the writer's
-//! state. A failed write or fsync rolls the file back and leaves the partition as it was, so
+//! full), then made durable (by the group journal's sync, or its own for a compacted topic),
+//! and only then published to readers and installed as the writer's state. A failed write or fsync rolls the file back and leaves the partition as it was, so
 //! an error can never leave acknowledged records where readers will not find them.
 
 use super::segment::{self, Decoded, Frame, INDEX_INTERVAL, MAX_FRAME};
@@ -87,9 +87,32 @@ pub struct Staged {
     last_ms: i64,
 }
 
+impl Staged {
+    /// The segment file the batch was written to.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// That file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the batch created its file (a new segment, or a partition's first), whose
+    /// directory entry must then be made durable too.
+    pub fn created_file(&self) -> bool {
+        self.rolled || self.start_len == 0
+    }
+}
+
 /// One partition's files and state.
 pub struct Partition {
     id: u32,
+    /// Its topic's name, which the group journal knows it by.
+    topic: String,
+    /// Whether its appends are made durable through the group journal (every topic but the
+    /// compacted ones, whose rare appends are synced each on its own).
+    journaled: bool,
     dir: PathBuf,
     segment_bytes: u64,
     segments: Mutex<Vec<SegmentInfo>>,
@@ -98,9 +121,6 @@ pub struct Partition {
     faults: Faults,
     /// The last compaction's generation, for the compacted file's name.
     generation: std::sync::atomic::AtomicU64,
-    /// The buffer a batch is encoded into, kept between appends: a fresh one per group
-    /// commit made the allocator fault in (and zero) new pages on every append.
-    scratch: Mutex<BytesMut>,
     /// Bytes per frame in the last batch appended: a read sizes its window from it, so it
     /// copies about what it hands out (a fixed 256 KiB window copied ten times that when a
     /// shard had room for a few dozen records).
@@ -116,9 +136,6 @@ pub struct ReadHint {
     pos: u64,
     file: Arc<File>,
 }
-
-/// A scratch buffer grown past this is not kept.
-const SCRATCH_KEEP: usize = 8 << 20;
 
 /// Where a read should start, found under the segments lock and used without it.
 struct ReadPlan {
@@ -211,14 +228,21 @@ pub(super) fn remove_in_steps(path: &Path) -> io::Result<()> {
 /// The extension of a segment being deleted in steps.
 const DELETING: &str = "deleting";
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 impl Partition {
     /// Opens (creating if needed) the partition in `dir`, validating every segment: damage in
     /// the middle of a segment is stepped over, a torn tail of the newest is cut off.
-    pub fn open(id: u32, dir: PathBuf, segment_bytes: u64, faults: Faults) -> io::Result<Self> {
+    pub fn open(
+        id: u32,
+        topic: &str,
+        journaled: bool,
+        dir: PathBuf,
+        segment_bytes: u64,
+        faults: Faults,
+    ) -> io::Result<Self> {
         crate::log::private::create_dir(&dir)?;
         let mut files = Vec::new();
         for entry in fs::read_dir(&dir)? {
@@ -312,6 +336,8 @@ impl Partition {
         let generation = segments.iter().filter_map(|s| segment::parse_file_name(&s.path)).map(|(_, g)| g).max();
         Ok(Partition {
             id,
+            topic: topic.to_string(),
+            journaled,
             dir,
             segment_bytes,
             segments: Mutex::new(segments),
@@ -319,7 +345,6 @@ impl Partition {
             durable,
             faults,
             generation: generation.unwrap_or(0).into(),
-            scratch: Mutex::new(BytesMut::new()),
             frame_bytes: std::sync::atomic::AtomicUsize::new(1024),
         })
     }
@@ -327,6 +352,16 @@ impl Partition {
     /// Partition number.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Its topic's name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Whether its appends go through the group journal.
+    pub fn journaled(&self) -> bool {
+        self.journaled
     }
 
     /// Offset after the last durable record.
@@ -352,9 +387,16 @@ impl Partition {
     }
 
     /// Writes `records` as one batch to the end of the partition (a new segment when the
-    /// active one would grow past its size), without making it durable or visible yet.
-    /// Called only by the writer thread; on error nothing of the batch remains.
-    pub fn stage(&self, records: &[(&[u8], &[u8])], timestamp_ms: i64) -> Result<Staged, AppendError> {
+    /// active one would grow past its size), without making it durable or visible yet. The
+    /// frames are encoded onto the end of `out` and written from there, so the writer can
+    /// hand the same bytes to the group journal. Called only by the writer thread; on error
+    /// nothing of the batch remains (in the file or in `out`).
+    pub fn stage(
+        &self,
+        records: &[(&[u8], &[u8])],
+        timestamp_ms: i64,
+        out: &mut BytesMut,
+    ) -> Result<Staged, AppendError> {
         if let Some((k, v)) = records.iter().find(|(k, v)| 20 + k.len() + v.len() > MAX_FRAME) {
             return Err(AppendError::TooLarge { bytes: k.len() + v.len() });
         }
@@ -380,25 +422,24 @@ impl Partition {
             (file, path, active.base, active.len, active.next_index_at)
         };
         drop(active);
-        let mut buf = std::mem::take(&mut *self.scratch.lock().unwrap());
-        buf.clear();
-        buf.reserve(size as usize);
+        let at = out.len();
+        out.reserve(size as usize);
         let mut new_index = Vec::new();
         for (i, (key, value)) in records.iter().enumerate() {
-            let pos = start_len + buf.len() as u64;
+            let pos = start_len + (out.len() - at) as u64;
             if pos >= next_index_at {
                 new_index.push((first + i as u64, pos));
                 next_index_at = pos + INDEX_INTERVAL;
             }
-            segment::encode(&mut buf, first + i as u64, timestamp_ms, key, value);
+            segment::encode(out, first + i as u64, timestamp_ms, key, value);
         }
-        let written = self.fault(Fault::Write(&path)).and_then(|()| file.write_all(&buf));
-        let buf_len = buf.len() as u64;
+        let written = self.fault(Fault::Write(&path)).and_then(|()| file.write_all(&out[at..]));
+        let buf_len = (out.len() - at) as u64;
         if !records.is_empty() {
-            self.frame_bytes.store(buf.len() / records.len(), std::sync::atomic::Ordering::Relaxed);
+            self.frame_bytes.store(buf_len as usize / records.len(), std::sync::atomic::Ordering::Relaxed);
         }
-        if buf.capacity() <= SCRATCH_KEEP {
-            *self.scratch.lock().unwrap() = buf;
+        if written.is_err() {
+            out.truncate(at);
         }
         let staged = Staged {
             first,
@@ -422,9 +463,15 @@ impl Partition {
 
     /// Makes a staged batch durable (and a new segment's directory entry with it).
     pub fn sync(&self, staged: &Staged) -> io::Result<()> {
-        self.fault(Fault::Sync(&staged.path))?;
-        staged.file.sync_data()?;
-        if staged.rolled || staged.start_len == 0 {
+        self.sync_file(&staged.file, &staged.path, staged.created_file())
+    }
+
+    /// Makes what was written to one of this partition's segment files durable, and its name
+    /// too when the file is new.
+    pub fn sync_file(&self, file: &File, path: &Path, created: bool) -> io::Result<()> {
+        self.fault(Fault::Sync(path))?;
+        file.sync_data()?;
+        if created {
             // A new file: its name must be durable too. The first file of a partition also
             // makes the directories made without fsync at open durable.
             sync_dir(&self.dir)?;
@@ -485,6 +532,84 @@ impl Partition {
             // The next stage cuts the file back before writing, or refuses.
             tracing::error!(partition = self.id, error = %e, "could not roll back a failed append yet");
         }
+    }
+
+    /// Cuts the partition back so that its next record gets offset `cut`: records at or after
+    /// it are removed (files after it deleted, the one holding it cut short); past the end, a
+    /// new segment starts at `cut`. For the group journal's recovery at open, before anything
+    /// reads or writes the partition; `cut` is at or above the first offset stored.
+    pub fn truncate_to(&self, cut: u64) -> io::Result<()> {
+        let mut active = self.active.lock().unwrap();
+        let mut segs = self.segments.lock().unwrap();
+        let end = *self.durable.borrow();
+        if cut > end {
+            if let Some(empty) = segs.last().filter(|s| s.len == 0) {
+                // Nothing in it (often not even a file): the new segment takes its place.
+                let _ = fs::remove_file(&empty.path);
+                segs.pop();
+            }
+            let path = self.dir.join(segment::file_name(cut));
+            segs.push(SegmentInfo {
+                base: cut,
+                path: path.clone(),
+                len: 0,
+                end: cut,
+                index: Vec::new(),
+                last_ms: 0,
+                holes: Vec::new(),
+            });
+            *active = Active { file: None, path, base: cut, len: 0, next_offset: cut, next_index_at: 0 };
+        } else if cut < end {
+            let mut removed = false;
+            while segs.len() > 1 && segs.last().is_some_and(|s| s.base >= cut) {
+                let doomed = segs.pop().expect("more than one");
+                fs::remove_file(&doomed.path)?;
+                removed = true;
+            }
+            if removed {
+                sync_dir(&self.dir)?;
+            }
+            let seg = segs.last_mut().expect("a partition has a segment");
+            let from = seg.index.iter().rev().find(|&&(o, _)| o < cut).map_or(0, |&(_, p)| p);
+            let pos = if seg.base >= cut { 0 } else { segment::position_of(&seg.path, from, cut)? };
+            let file = OpenOptions::new().append(true).open(&seg.path)?;
+            file.set_len(pos)?;
+            file.sync_all()?;
+            seg.len = pos;
+            seg.end = cut;
+            seg.index.retain(|&(o, _)| o < cut);
+            seg.holes.retain(|&(s, _)| s < pos);
+            for hole in &mut seg.holes {
+                hole.1 = hole.1.min(pos);
+            }
+            *active = Active {
+                file: Some(file),
+                path: seg.path.clone(),
+                base: seg.base,
+                len: pos,
+                next_offset: cut,
+                next_index_at: seg.index.last().map_or(0, |&(_, p)| p + INDEX_INTERVAL),
+            };
+        }
+        drop((segs, active));
+        self.durable.send_replace(cut);
+        Ok(())
+    }
+
+    /// Makes durable every segment file holding records at or after `from` (at open).
+    pub fn sync_from(&self, from: u64) -> io::Result<()> {
+        let paths: Vec<PathBuf> = self
+            .segments
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.end > from && s.len > 0)
+            .map(|s| s.path.clone())
+            .collect();
+        for path in paths {
+            self.sync_file(&File::open(&path)?, &path, true)?;
+        }
+        Ok(())
     }
 
     fn plan(&self, from: u64) -> ReadPlan {

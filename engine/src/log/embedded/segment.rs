@@ -181,6 +181,33 @@ pub fn scan(path: &PathBuf, base: u64) -> io::Result<Scan> {
     Ok(scan)
 }
 
+/// The position in the segment at `path` of its first frame whose offset is `offset` or more,
+/// reading from `from` (a frame's position at or before it); the end of its valid frames if
+/// there is none. Damage on the way is stepped over as [`scan`] does.
+pub fn position_of(path: &Path, from: u64, offset: u64) -> io::Result<u64> {
+    let mut file = File::open(path)?;
+    io::Seek::seek(&mut file, io::SeekFrom::Start(from))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let buf = Bytes::from(bytes);
+    let (mut pos, mut valid, mut last) = (0usize, 0usize, None);
+    while pos < buf.len() {
+        match decode(&buf.slice(pos..)) {
+            Decoded::Frame(frame, _) if frame.offset >= offset => return Ok(from + pos as u64),
+            Decoded::Frame(frame, size) => {
+                last = Some(frame.offset);
+                pos += size;
+                valid = pos;
+            }
+            _ => match resync(&buf, pos, last) {
+                Some(next) => pos = next,
+                None => break,
+            },
+        }
+    }
+    Ok(from + valid as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -165,6 +165,7 @@ pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLett
         segment_bytes: 64 << 20,
         flush_interval: Duration::from_secs(1),
         topics: topics.specs(&herald::config::LogConfig::default(), &Default::default()),
+        journal_bytes: herald::log::embedded::DEFAULT_JOURNAL_BYTES,
         faults: None,
     })
     .await
