@@ -33,6 +33,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Bytes a journal file is written to before the writer turns to the other one. Each turn
 /// checkpoints about this much segment data: small enough that its writeback does not hold up
@@ -86,6 +88,8 @@ pub struct Journal {
     void_pending: bool,
     /// Why the journal cannot go on (a checkpoint failed): every group is refused.
     poisoned: Option<String>,
+    /// Set with `poisoned`, for the log's readiness.
+    failed: Arc<AtomicBool>,
     capacity: u64,
     faults: Faults,
     /// Segment files written since the current file's epoch began.
@@ -147,6 +151,7 @@ impl Journal {
             salt: 0,
             void_pending: false,
             poisoned: None,
+            failed: Arc::default(),
             capacity,
             faults,
             dirty: HashMap::new(),
@@ -277,7 +282,14 @@ impl Journal {
     fn poison(&mut self, e: io::Error) -> io::Error {
         tracing::error!(error = %e, "the log journal cannot go on: appends are refused until Herald restarts, which restores the log from it");
         self.poisoned = Some(e.to_string());
+        self.failed.store(true, Ordering::Relaxed);
         e
+    }
+
+    /// Whether the journal was poisoned (appends refused until a restart), to be read from
+    /// other threads.
+    pub fn failed(&self) -> Arc<AtomicBool> {
+        self.failed.clone()
     }
 
     fn fault(&self, fault: Fault<'_>) -> io::Result<()> {
@@ -429,7 +441,6 @@ fn decode_shares(body: Bytes) -> Vec<(String, u32, Vec<Frame>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     /// An entry of one share of topic `t` with frames at `offsets`.
     fn entry(partition: u32, offsets: std::ops::Range<u64>) -> BytesMut {

@@ -92,6 +92,8 @@ pub struct EmbeddedLog {
     reaper: std::sync::mpsc::Sender<PathBuf>,
     offsets: Arc<OffsetStore>,
     closed: watch::Sender<bool>,
+    /// Set once the group journal refuses every append until a restart.
+    journal_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EmbeddedLog {
@@ -134,6 +136,7 @@ impl EmbeddedLog {
         .map_err(|e| LogError::Backend(e.to_string()))??;
 
         let (writer, rx) = mpsc::unbounded_channel();
+        let journal_failed = journal.failed();
         std::thread::Builder::new().name("herald-log-writer".into()).spawn(move || write_loop(rx, journal))?;
         let (reaper, doomed) = std::sync::mpsc::channel();
         std::thread::Builder::new().name("herald-log-reaper".into()).spawn(move || reap_loop(doomed))?;
@@ -141,7 +144,8 @@ impl EmbeddedLog {
         let of = |spec: &TopicSpec| topics[&spec.name].clone();
         let retention = config.topics.iter().filter_map(|t| Some((of(t), t.retention?))).collect();
         let compacted = config.topics.iter().filter(|t| t.compacted).map(of).collect();
-        let log = Arc::new(EmbeddedLog { topics, retention, compacted, writer, reaper, offsets, closed });
+        let log =
+            Arc::new(EmbeddedLog { topics, retention, compacted, writer, reaper, offsets, closed, journal_failed });
         tokio::spawn(flush_loop(Arc::downgrade(&log), config.flush_interval));
         Ok(log)
     }
@@ -591,7 +595,9 @@ impl Log for EmbeddedLog {
     }
 
     async fn ready(&self) -> bool {
-        !self.writer.is_closed() && !*self.closed.borrow()
+        !self.writer.is_closed()
+            && !*self.closed.borrow()
+            && !self.journal_failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops the flusher after a final flush; appends still in the writer complete.
