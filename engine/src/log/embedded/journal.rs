@@ -36,10 +36,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Bytes a journal file is written to before the writer turns to the other one. Each turn
-/// checkpoints about this much segment data: small enough that its writeback does not hold up
-/// the journal's own syncs for long, and that a restart has little to write back.
-pub const DEFAULT_BYTES: u64 = 8 << 20;
+/// Bytes a journal file is written to before the writer turns to the other one. A turn waits
+/// for the other file's checkpoint, so a file must last longer than a checkpoint takes: with
+/// 8 MiB files, batches of 100 events to 8 subscriptions lost up to half their rate against
+/// the build before the journal (three alternated pairs, 9,283–18,419 against 16,415–20,034
+/// deliveries/s); with 32 MiB they were level (BENCHMARKS.md, "CPU per event"). A restart
+/// writes back at most two files' worth.
+pub const DEFAULT_BYTES: u64 = 32 << 20;
 
 const FILES: [&str; 2] = ["0.journal", "1.journal"];
 const MAGIC: u32 = 0x4c4e_4a48; // "HJNL"
