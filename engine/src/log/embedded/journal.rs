@@ -193,7 +193,7 @@ impl Journal {
         let bytes = seal(&mut marker, self.epoch, None);
         self.fault(Fault::Write(&self.paths[i]))?;
         self.files[i].write_all_at(bytes, 0)?;
-        self.fault(Fault::Sync(&self.paths[i]))?;
+        self.fault(Fault::Sync(&self.paths[i], &self.files[i]))?;
         self.files[i].sync_data()?;
         Ok(salt)
     }
@@ -216,11 +216,11 @@ impl Journal {
         let (file, path) = (&self.files[self.current], &self.paths[self.current]);
         self.fault(Fault::Write(path))?;
         file.write_all_at(bytes, self.pos)?;
-        let synced = self.fault(Fault::Sync(path)).and_then(|()| file.sync_data());
+        let synced = self.fault(Fault::Sync(path, file)).and_then(|()| file.sync_data());
         if let Err(e) = synced {
             // Complete in the page cache, so it could reach the disk later: void its magic.
             let voided = file.write_all_at(&[0; 4], self.pos).and_then(|()| {
-                self.fault(Fault::Sync(path))?;
+                self.fault(Fault::Sync(path, file))?;
                 file.sync_data()
             });
             self.void_pending = voided.is_err();
@@ -232,12 +232,14 @@ impl Journal {
     }
 
     /// Remembers a share's segment file for the current epoch's checkpoint (call before the
-    /// group's entry is committed; a share of a group then refused costs a needless sync).
+    /// group's entry is committed; a share of a group then refused costs a needless sync). A
+    /// file the share created replaces one noted under its name: a refused group that rolled a
+    /// segment removed its file, and the next roll creates another file with that name.
     pub fn written(&mut self, part: &PartitionRef, staged: &Staged) -> io::Result<()> {
         let created = staged.created_file();
         match self.dirty.get_mut(staged.path()) {
-            Some(d) => d.created |= created,
-            None => {
+            Some(_) if !created => {}
+            _ => {
                 let file = staged.file().try_clone()?;
                 let path = staged.path().to_path_buf();
                 self.dirty.insert(path.clone(), Dirty { part: part.clone(), path, file, created });
@@ -254,7 +256,7 @@ impl Journal {
         if self.void_pending {
             let (file, path) = (&self.files[self.current], &self.paths[self.current]);
             file.write_all_at(&[0; 4], self.pos)?;
-            self.fault(Fault::Sync(path))?;
+            self.fault(Fault::Sync(path, file))?;
             file.sync_data()?;
             self.void_pending = false;
         }
@@ -472,7 +474,7 @@ mod tests {
         let fail = Arc::new(AtomicBool::new(false));
         let failing = fail.clone();
         let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| match fault {
-            Fault::Sync(_) if failing.load(SeqCst) => Err(io::Error::other("injected fsync failure")),
+            Fault::Sync(..) if failing.load(SeqCst) => Err(io::Error::other("injected fsync failure")),
             _ => Ok(()),
         }));
         {

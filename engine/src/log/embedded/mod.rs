@@ -50,8 +50,9 @@ pub struct EmbeddedConfig {
 pub enum Fault<'a> {
     /// Writing a batch to this segment file.
     Write(&'a std::path::Path),
-    /// Making this segment file durable.
-    Sync(&'a std::path::Path),
+    /// Making this file durable (through this open file: a test of a power cut can tell which
+    /// file behind a name was synced).
+    Sync(&'a std::path::Path, &'a std::fs::File),
 }
 
 /// A hook that may fail an operation of the append path as the disk would (ENOSPC, EIO), so

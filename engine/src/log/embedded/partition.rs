@@ -469,7 +469,7 @@ impl Partition {
     /// Makes what was written to one of this partition's segment files durable, and its name
     /// too when the file is new.
     pub fn sync_file(&self, file: &File, path: &Path, created: bool) -> io::Result<()> {
-        self.fault(Fault::Sync(path))?;
+        self.fault(Fault::Sync(path, file))?;
         file.sync_data()?;
         if created {
             // A new file: its name must be durable too. The first file of a partition also

@@ -360,8 +360,8 @@ fn faults(switch: &Arc<Switch>) -> Faults {
         Fault::Write(path) if s.fail_writes_to_new_segments.load(SeqCst) && !path.ends_with(segment::file_name(0)) => {
             Err(std::io::Error::other("injected EIO"))
         }
-        Fault::Sync(_) if s.fail_syncs.load(SeqCst) => Err(std::io::Error::other("injected fsync failure")),
-        Fault::Sync(path) if s.fail_segment_syncs.load(SeqCst) && path.extension().is_some_and(|e| e == "log") => {
+        Fault::Sync(..) if s.fail_syncs.load(SeqCst) => Err(std::io::Error::other("injected fsync failure")),
+        Fault::Sync(path, _) if s.fail_segment_syncs.load(SeqCst) && path.extension().is_some_and(|e| e == "log") => {
             Err(std::io::Error::other("injected segment fsync failure"))
         }
         _ => Ok(()),
@@ -432,7 +432,7 @@ async fn a_group_over_many_partitions_is_durable_whole_or_refused_whole() {
     let fail = Arc::new(AtomicBool::new(false));
     let failing = fail.clone();
     let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| match fault {
-        Fault::Sync(path) if failing.load(SeqCst) && path.extension().is_some_and(|e| e == "journal") => {
+        Fault::Sync(path, _) if failing.load(SeqCst) && path.extension().is_some_and(|e| e == "journal") => {
             Err(std::io::Error::other("injected fsync failure"))
         }
         _ => Ok(()),
@@ -530,27 +530,68 @@ async fn acknowledged_records_whose_segments_never_reached_the_disk_come_back_fr
     assert_eq!(contents(&log).await.len(), acknowledged.len() + 1);
 }
 
-/// With a small journal the writer turns between its two files many times, checkpointing
-/// segments on the way. A power cut then takes from every segment file what no sync had
-/// covered (the fault hook notes each file's length as its sync starts; a file never synced
-/// is gone): every acknowledged record comes back, from the journal, at its offset.
-#[tokio::test]
-async fn a_power_cut_after_many_journal_turns_loses_no_acknowledged_record() {
-    use std::sync::Mutex;
-    let dir = tempfile::tempdir().unwrap();
-    let synced: Arc<Mutex<HashMap<std::path::PathBuf, u64>>> = Arc::default();
-    let noted = synced.clone();
-    let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| {
-        if let Fault::Sync(path) = fault {
-            if path.extension().is_some_and(|e| e == "log") {
-                let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-                let mut noted = noted.lock().unwrap();
-                let at = noted.entry(path.to_path_buf()).or_default();
-                *at = (*at).max(len);
+/// Segment files and the length each had when a sync of it last started, noted by a fault
+/// hook: what a power cut would leave of them. `fail_journal_sync` fails the journal's syncs.
+struct PowerCut {
+    /// Per file name: bytes a sync covered, and of which file (its inode).
+    synced: Arc<std::sync::Mutex<HashMap<std::path::PathBuf, (u64, u64)>>>,
+    fail_journal_sync: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PowerCut {
+    fn new() -> (PowerCut, Faults) {
+        let cut = PowerCut { synced: Arc::default(), fail_journal_sync: Arc::default() };
+        let (noted, failing) = (cut.synced.clone(), cut.fail_journal_sync.clone());
+        let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| {
+            if let Fault::Sync(path, file) = fault {
+                if path.extension().is_some_and(|e| e == "log") {
+                    use std::os::unix::fs::MetadataExt;
+                    let meta = file.metadata().unwrap();
+                    let mut noted = noted.lock().unwrap();
+                    let at = noted.entry(path.to_path_buf()).or_default();
+                    // A sync of another file than the one now behind the name covers nothing of it.
+                    *at = if at.1 == meta.ino() { (at.0.max(meta.len()), at.1) } else { (meta.len(), meta.ino()) };
+                } else if failing.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    return Err(std::io::Error::other("injected journal fsync failure"));
+                }
+            }
+            Ok(())
+        }));
+        (cut, faults)
+    }
+
+    /// Cuts every segment file of `topic` back to what a sync covered, and removes those never
+    /// synced; how many files it changed.
+    fn strike(&self, dir: &std::path::Path, topic: &str) -> usize {
+        let synced = self.synced.lock().unwrap().clone();
+        let mut changed = 0;
+        for part in std::fs::read_dir(dir.join("topics").join(topic)).unwrap() {
+            for file in std::fs::read_dir(part.unwrap().path()).unwrap() {
+                use std::os::unix::fs::MetadataExt;
+                let file = file.unwrap().path();
+                let meta = std::fs::metadata(&file).unwrap();
+                let len = meta.len();
+                match synced.get(&file).filter(|(_, ino)| *ino == meta.ino()) {
+                    None => std::fs::remove_file(&file).unwrap(),
+                    Some(&(durable, _)) if durable < len => {
+                        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(durable).unwrap()
+                    }
+                    Some(_) => continue,
+                }
+                changed += 1;
             }
         }
-        Ok(())
-    }));
+        changed
+    }
+}
+
+/// With a small journal the writer turns between its two files many times, checkpointing
+/// segments on the way. A power cut then takes from every segment file what no sync had
+/// covered: every acknowledged record comes back, from the journal, at its offset.
+#[tokio::test]
+async fn a_power_cut_after_many_journal_turns_loses_no_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cut, faults) = PowerCut::new();
     let cfg = EmbeddedConfig { journal_bytes: 16 << 10, ..config_with(dir.path(), 8192, faults) };
     let value = "p".repeat(400);
     let mut acknowledged = Vec::new();
@@ -565,32 +606,57 @@ async fn a_power_cut_after_many_journal_turns_loses_no_acknowledged_record() {
         }
         acknowledged.sort();
     }
-    let synced = synced.lock().unwrap().clone();
-    assert!(synced.len() > 4, "checkpoints synced segments: {synced:?}");
-    let (mut cut, mut gone) = (0, 0);
-    for p in 0..2 {
-        for file in segment_files(dir.path(), p) {
-            let len = std::fs::metadata(&file).unwrap().len();
-            match synced.get(&file) {
-                None => {
-                    std::fs::remove_file(&file).unwrap();
-                    gone += 1;
-                }
-                Some(&durable) if durable < len => {
-                    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(durable).unwrap();
-                    cut += 1;
-                }
-                Some(_) => {}
-            }
-        }
-    }
-    assert!(gone + cut > 0, "the power cut took something");
+    assert!(cut.synced.lock().unwrap().len() > 4, "checkpoints synced segments");
+    assert!(cut.strike(dir.path(), "t") > 0, "the power cut took something");
     let cfg = EmbeddedConfig { faults: None, ..cfg };
     let log = EmbeddedLog::open(cfg.clone()).await.unwrap();
     assert_eq!(contents(&log).await, acknowledged, "every acknowledged record is back, at its offset");
     drop(log);
     let log = EmbeddedLog::open(cfg).await.unwrap();
     assert_eq!(contents(&log).await, acknowledged, "and stays so");
+}
+
+/// A group refused after it rolled a new segment (its journal sync failed) removes that file;
+/// the next roll creates a file of the same name, which the checkpoints must sync — not the
+/// removed one noted under that name — or a power cut after two turns loses what it holds.
+#[tokio::test]
+async fn a_segment_created_again_after_a_refused_roll_is_checkpointed() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let (cut, faults) = PowerCut::new();
+    let cfg = EmbeddedConfig {
+        journal_bytes: 16 << 10,
+        topics: vec![spec("t", 1, false)],
+        ..config_with(dir.path(), 4096, faults)
+    };
+    let value = "r".repeat(600);
+    let mut acknowledged = Vec::new();
+    {
+        let log = EmbeddedLog::open(cfg.clone()).await.unwrap();
+        let mut refused = 0;
+        for g in 0..300 {
+            let before = log.segment_count("t", 0).unwrap();
+            // Refuse the group that rolls the partition's second segment.
+            if g == 6 {
+                cut.fail_journal_sync.store(true, SeqCst);
+            }
+            match log.append("t", vec![rec(&format!("k{g}"), &format!("{g}-{value}"))]).await {
+                Ok(p) => acknowledged.push((p[0].partition, p[0].offset, format!("{g}-{value}"))),
+                Err(_) => {
+                    refused += 1;
+                    assert_eq!(log.segment_count("t", 0).unwrap(), before, "the refused group's segment is gone");
+                }
+            }
+        }
+        assert_eq!(refused, 1);
+        acknowledged.sort();
+    }
+    cut.strike(dir.path(), "t");
+    let log = EmbeddedLog::open(EmbeddedConfig { faults: None, ..cfg }).await.unwrap();
+    let read = contents(&log).await;
+    let missing: Vec<u64> = acknowledged.iter().filter(|r| !read.contains(r)).map(|r| r.1).collect();
+    assert_eq!(missing, Vec::<u64>::new(), "acknowledged offsets lost");
+    assert_eq!(read, acknowledged, "every acknowledged record is back, at its offset");
 }
 
 /// A checkpoint whose segment sync fails cannot be retried (a second `fdatasync` would report
