@@ -248,6 +248,16 @@ impl Journal {
         Ok(())
     }
 
+    /// The segment files noted since the epoch began, taken for a checkpoint.
+    fn take_written(&mut self) -> Vec<Dirty> {
+        self.dirty.drain().map(|(_, d)| d).collect()
+    }
+
+    /// Syncs the segment files noted so far, here and now (at open, for what was written back).
+    pub fn sync_written(&mut self) -> io::Result<()> {
+        sync_all(self.take_written())
+    }
+
     /// Turns to the other file: its last epoch's checkpoint must be done; this epoch's starts,
     /// and the other file gets the next epoch's marker. A refused entry left at the end of this
     /// file is voided first (if that fails, the group is refused and nothing has changed). A
@@ -267,7 +277,7 @@ impl Journal {
                 return Err(self.poison(e));
             }
         }
-        let dirty: Vec<Dirty> = self.dirty.drain().map(|(_, d)| d).collect();
+        let dirty = self.take_written();
         let (tx, rx) = std::sync::mpsc::channel();
         if let Err(std::sync::mpsc::SendError((dirty, tx))) = self.checkpoints.send((dirty, tx)) {
             let _ = tx.send(sync_all(dirty));

@@ -128,7 +128,7 @@ impl EmbeddedLog {
                 topics.insert(spec.name.clone(), Arc::new(parts));
             }
             let (mut journal, replay) = Journal::open(&cfg.dir.join("journal"), cfg.journal_bytes, cfg.faults.clone())?;
-            restore(&topics, replay)?;
+            restore(&topics, replay, &mut journal)?;
             journal.start()?;
             let offsets = OffsetStore::open(cfg.dir.join("offsets"))?;
             Ok((topics, Arc::new(offsets), journal))
@@ -398,7 +398,11 @@ fn sync_share(part: &Partition, staged: &Staged) -> std::io::Result<()> {
 /// anything reads them): each partition is cut back to the first offset the journal has for it
 /// and its records appended again with their offsets and times, so whatever of them a crash
 /// kept from the disk is restored, and what did reach it is rewritten the same.
-fn restore(topics: &HashMap<String, Topic>, replay: Vec<journal::Replay>) -> std::io::Result<()> {
+fn restore(
+    topics: &HashMap<String, Topic>,
+    replay: Vec<journal::Replay>,
+    journal: &mut Journal,
+) -> std::io::Result<()> {
     let mut restored = 0usize;
     for r in replay {
         let Some(part) = topics.get(&r.topic).and_then(|t| t.get(r.partition as usize)).filter(|p| p.journaled())
@@ -428,7 +432,6 @@ fn restore(topics: &HashMap<String, Topic>, replay: Vec<journal::Replay>) -> std
             continue;
         }
         part.truncate_to(cut)?;
-        let mut files: Vec<(std::fs::File, PathBuf, bool)> = Vec::new();
         let mut buf = BytesMut::new();
         for run in frames.chunk_by(|a, b| a.timestamp_ms == b.timestamp_ms) {
             let records: Vec<(&[u8], &[u8])> = run.iter().map(|f| (&f.key[..], &f.value[..])).collect();
@@ -439,17 +442,13 @@ fn restore(topics: &HashMap<String, Topic>, replay: Vec<journal::Replay>) -> std
                     std::io::Error::other(format!("a journaled record of {bytes} bytes"))
                 }
             })?;
-            match files.last_mut() {
-                Some((_, path, created)) if path.as_path() == st.path() => *created |= st.created_file(),
-                _ => files.push((st.file().try_clone()?, st.path().to_path_buf(), st.created_file())),
-            }
+            journal.written(part, &st)?;
             part.publish(st);
-        }
-        for (file, path, created) in files {
-            part.sync_file(&file, &path, created)?;
         }
         restored += frames.len();
     }
+    // Every file written back is synced before the journal starts a new epoch.
+    journal.sync_written()?;
     if restored > 0 {
         tracing::info!(records = restored, "log records restored from the group journal");
     }

@@ -4,8 +4,9 @@
 //!
 //! Appending is staged: a batch is written to its segment (a new one, when the active one is
 //! full), then made durable (by the group journal's sync, or its own for a compacted topic),
-//! and only then published to readers and installed as the writer's state. A failed write or fsync rolls the file back and leaves the partition as it was, so
-//! an error can never leave acknowledged records where readers will not find them.
+//! and only then published to readers and installed as the writer's state. A failed write or
+//! fsync rolls the file back and leaves the partition as it was, so an error can never leave
+//! acknowledged records where readers will not find them.
 
 use super::segment::{self, Decoded, Frame, INDEX_INTERVAL, MAX_FRAME};
 use super::{Fault, Faults};
