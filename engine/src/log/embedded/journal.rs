@@ -79,7 +79,7 @@ type Done = std::sync::mpsc::Sender<io::Result<()>>;
 pub struct Journal {
     files: [File; 2],
     paths: [PathBuf; 2],
-    /// The epoch each file held at open, until [`Journal::start`].
+    /// The epoch each file's marker holds (at open, of its last entries; `None`: no entries).
     file_epochs: [Option<u64>; 2],
     /// The file being written, where, its epoch and its marker's salt.
     current: usize,
@@ -184,8 +184,27 @@ impl Journal {
         Ok(())
     }
 
+    /// A checkpoint of everything, at a clean close: waits for the checkpoints under way, syncs
+    /// the segment files written since, then starts a new epoch in both files, so the next
+    /// open finds no entries and writes nothing back (it used to rewrite up to both files'
+    /// worth, 64 MiB, at every start). Entries may follow; a crash at any point leaves what
+    /// [`Journal::open`] restores from. A failure poisons the journal, as a failed checkpoint
+    /// does, and leaves it for the next open to restore from.
+    pub fn clear(&mut self) -> io::Result<()> {
+        if let Some(why) = &self.poisoned {
+            return Err(io::Error::other(format!("the log journal was not cleared: {why}")));
+        }
+        self.void_refused()?;
+        self.checkpointed(0)?;
+        self.checkpointed(1)?;
+        if let Err(e) = self.sync_written().and_then(|()| self.start()) {
+            return Err(self.poison(e));
+        }
+        Ok(())
+    }
+
     /// Writes and syncs the current epoch's marker, with a fresh salt, at the start of file `i`.
-    fn mark(&self, i: usize) -> io::Result<u64> {
+    fn mark(&mut self, i: usize) -> io::Result<u64> {
         let salt = rand::random::<u64>();
         let mut marker = BytesMut::with_capacity(MARKER);
         marker.put_bytes(0, HEADER);
@@ -195,6 +214,7 @@ impl Journal {
         self.files[i].write_all_at(bytes, 0)?;
         self.fault(Fault::Sync(&self.paths[i], &self.files[i]))?;
         self.files[i].sync_data()?;
+        self.file_epochs[i] = Some(self.epoch);
         Ok(salt)
     }
 
@@ -263,20 +283,9 @@ impl Journal {
     /// file is voided first (if that fails, the group is refused and nothing has changed). A
     /// failed checkpoint, or a marker that cannot be written, poisons the journal.
     fn turn(&mut self) -> io::Result<()> {
-        if self.void_pending {
-            let (file, path) = (&self.files[self.current], &self.paths[self.current]);
-            file.write_all_at(&[0; 4], self.pos)?;
-            self.fault(Fault::Sync(path, file))?;
-            file.sync_data()?;
-            self.void_pending = false;
-        }
+        self.void_refused()?;
         let other = 1 - self.current;
-        if let Some(done) = self.pending[other].take() {
-            let outcome = done.recv().unwrap_or_else(|_| Err(io::Error::other("the log checkpoint thread is gone")));
-            if let Err(e) = outcome {
-                return Err(self.poison(e));
-            }
-        }
+        self.checkpointed(other)?;
         let dirty = self.take_written();
         let (tx, rx) = std::sync::mpsc::channel();
         if let Err(std::sync::mpsc::SendError((dirty, tx))) = self.checkpoints.send((dirty, tx)) {
@@ -290,6 +299,31 @@ impl Journal {
         }
         self.current = other;
         self.pos = MARKER as u64;
+        Ok(())
+    }
+
+    /// Waits for the checkpoint of file `i`'s last epoch, if one is under way; a failed one
+    /// poisons the journal.
+    fn checkpointed(&mut self, i: usize) -> io::Result<()> {
+        if let Some(done) = self.pending[i].take() {
+            let outcome = done.recv().unwrap_or_else(|_| Err(io::Error::other("the log checkpoint thread is gone")));
+            if let Err(e) = outcome {
+                return Err(self.poison(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Voids a refused entry left at the end of the current file (before the file's epoch can
+    /// end with it: a crash must not bring its group back).
+    fn void_refused(&mut self) -> io::Result<()> {
+        if self.void_pending {
+            let (file, path) = (&self.files[self.current], &self.paths[self.current]);
+            file.write_all_at(&[0; 4], self.pos)?;
+            self.fault(Fault::Sync(path, file))?;
+            file.sync_data()?;
+            self.void_pending = false;
+        }
         Ok(())
     }
 

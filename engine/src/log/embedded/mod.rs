@@ -66,6 +66,13 @@ struct AppendRequest {
     reply: oneshot::Sender<Result<Vec<Position>, Refused>>,
 }
 
+/// What the writer thread is asked to do.
+enum Job {
+    Append(AppendRequest),
+    /// A checkpoint of everything appended before it, at a clean close ([`Journal::clear`]).
+    Clear(oneshot::Sender<std::io::Result<()>>),
+}
+
 impl AppendRequest {
     fn bytes(&self) -> usize {
         self.records.iter().map(|(_, r)| r.key.len() + r.value.len()).sum()
@@ -88,7 +95,7 @@ pub struct EmbeddedLog {
     /// Topics with a retention by age, and compacted ones, for the flusher.
     retention: Vec<(Topic, Duration)>,
     compacted: Vec<Topic>,
-    writer: mpsc::UnboundedSender<AppendRequest>,
+    writer: mpsc::UnboundedSender<Job>,
     /// Consumed segments for the reaper thread to delete, paced, off the flusher's path.
     reaper: std::sync::mpsc::Sender<PathBuf>,
     offsets: Arc<OffsetStore>,
@@ -240,23 +247,38 @@ fn reap_loop(doomed: std::sync::mpsc::Receiver<PathBuf>) {
 
 /// The group-commit loop: take every request that is waiting, write each partition's share
 /// in one write, make the group durable with one journal sync, then answer them all.
-fn write_loop(mut rx: mpsc::UnboundedReceiver<AppendRequest>, mut journal: Journal) {
+fn write_loop(mut rx: mpsc::UnboundedReceiver<Job>, mut journal: Journal) {
     let mut buffers = Buffers::default();
-    while let Some(first) = rx.blocking_recv() {
+    while let Some(job) = rx.blocking_recv() {
+        let first = match job {
+            Job::Append(first) => first,
+            Job::Clear(done) => {
+                let _ = done.send(journal.clear());
+                continue;
+            }
+        };
         let mut bytes = first.bytes();
         let mut group = vec![first];
+        let mut then_clear = None;
         // Bounded in bytes too: a group is one journal entry, held in memory whole.
         while group.len() < 4096 && bytes < GROUP_BYTES {
             match rx.try_recv() {
-                Ok(r) => {
+                Ok(Job::Append(r)) => {
                     bytes += r.bytes();
                     group.push(r);
+                }
+                Ok(Job::Clear(done)) => {
+                    then_clear = Some(done);
+                    break;
                 }
                 Err(_) => break,
             }
         }
         commit_group(group, &mut journal, &mut buffers);
         buffers.trim();
+        if let Some(done) = then_clear {
+            let _ = done.send(journal.clear());
+        }
     }
 }
 
@@ -513,7 +535,7 @@ impl Log for EmbeddedLog {
         let n = parts.len() as u32;
         let records = records.into_iter().map(|r| (parts[partition_for(&r.key, n) as usize].clone(), r)).collect();
         let (reply, rx) = oneshot::channel();
-        self.writer.send(AppendRequest { records, reply }).map_err(|_| LogError::Closed)?;
+        self.writer.send(Job::Append(AppendRequest { records, reply })).map_err(|_| LogError::Closed)?;
         let answer = rx.await;
         match answer {
             Ok(Ok(positions)) => Ok(positions),
@@ -600,10 +622,18 @@ impl Log for EmbeddedLog {
             && !self.journal_failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stops the flusher after a final flush; appends still in the writer complete.
+    /// Stops the flusher after a final flush; appends still in the writer complete, then the
+    /// journal is checkpointed whole, so the next open has nothing to write back.
     async fn close(&self) -> Result<(), LogError> {
         self.closed.send_replace(true);
-        self.flush().await
+        self.flush().await?;
+        let (done, cleared) = oneshot::channel();
+        if self.writer.send(Job::Clear(done)).is_ok() {
+            if let Ok(outcome) = cleared.await {
+                outcome?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -616,6 +616,52 @@ async fn a_power_cut_after_many_journal_turns_loses_no_acknowledged_record() {
     assert_eq!(contents(&log).await, acknowledged, "and stays so");
 }
 
+/// A clean close checkpoints everything: a power cut right after it finds every segment file
+/// synced whole, and the next open writes nothing back (it used to rewrite up to both journal
+/// files' worth at every start) — shown by an open that succeeds while writes to segments fail.
+#[tokio::test]
+async fn a_clean_close_leaves_nothing_for_the_next_open_to_write_back() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let dir = tempfile::tempdir().unwrap();
+    let (cut, power_cut) = PowerCut::new();
+    let refuse_segment_writes = Arc::new(AtomicBool::new(false));
+    let refusing = refuse_segment_writes.clone();
+    let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| match fault {
+        Fault::Write(path) if refusing.load(SeqCst) && path.extension().is_some_and(|e| e == "log") => {
+            Err(std::io::Error::other("injected EIO"))
+        }
+        _ => power_cut.as_ref().unwrap()(fault),
+    }));
+    let cfg = EmbeddedConfig { journal_bytes: 16 << 10, ..config_with(dir.path(), 8192, faults) };
+    let value = "q".repeat(400);
+    let mut acknowledged = Vec::new();
+    {
+        let log = EmbeddedLog::open(cfg.clone()).await.unwrap();
+        for g in 0..100 {
+            let batch: Vec<Record> = (0..2).map(|i| rec(&format!("k{g}-{i}"), &format!("{g}-{i}-{value}"))).collect();
+            let values: Vec<String> = batch.iter().map(|r| String::from_utf8(r.value.to_vec()).unwrap()).collect();
+            for (p, v) in log.append("t", batch).await.unwrap().into_iter().zip(values) {
+                acknowledged.push((p.partition, p.offset, v));
+            }
+        }
+        acknowledged.sort();
+        log.close().await.unwrap();
+    }
+    assert_eq!(cut.strike(dir.path(), "t"), 0, "the close synced every segment file whole");
+    refuse_segment_writes.store(true, SeqCst);
+    let log = EmbeddedLog::open(cfg.clone()).await.expect("an open with nothing to write back");
+    assert_eq!(contents(&log).await, acknowledged);
+    refuse_segment_writes.store(false, SeqCst);
+    let next = log.append("t", vec![rec("k0-0", "after")]).await.unwrap();
+    let end = acknowledged.iter().filter(|(p, _, _)| *p == next[0].partition).map(|(_, o, _)| o + 1).max().unwrap();
+    assert_eq!(next[0].offset, end, "appends go on after a clean close");
+    // Dropped without a close (as a crash would leave it): the next open writes back again.
+    drop(log);
+    refuse_segment_writes.store(true, SeqCst);
+    let written_back = EmbeddedLog::open(cfg).await.err().expect("the journal's last record is written back at open");
+    assert!(written_back.to_string().contains("injected EIO"), "{written_back}");
+}
+
 /// A group refused after it rolled a new segment (its journal sync failed) removes that file;
 /// the next roll creates a file of the same name, which the checkpoints must sync — not the
 /// removed one noted under that name — or a power cut after two turns loses what it holds.

@@ -154,23 +154,30 @@ fn dead_letters(records: Vec<herald::log::LogRecord>) -> Vec<herald::model::Dead
         .collect()
 }
 
-/// Reads the dead-letter topic of a stopped server's data dir.
-pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLetter> {
+/// Opens the embedded log of a stopped server's data dir (its default topics), with `faults`
+/// injected into its appends.
+pub async fn open_log(
+    data_dir: &std::path::Path,
+    faults: herald::log::embedded::Faults,
+) -> Result<std::sync::Arc<herald::log::embedded::EmbeddedLog>, herald::log::LogError> {
     use herald::log::embedded::{EmbeddedConfig, EmbeddedLog};
-    use herald::log::Log;
-    use herald::topics::Topics;
-    let topics = Topics::new("herald.");
-    let log = EmbeddedLog::open(EmbeddedConfig {
+    EmbeddedLog::open(EmbeddedConfig {
         dir: data_dir.join("log"),
         segment_bytes: 64 << 20,
         flush_interval: Duration::from_secs(1),
-        topics: topics.specs(&herald::config::LogConfig::default(), &Default::default()),
+        topics: herald::topics::Topics::new("herald.")
+            .specs(&herald::config::LogConfig::default(), &Default::default()),
         journal_bytes: herald::log::embedded::DEFAULT_JOURNAL_BYTES,
-        faults: None,
+        faults,
     })
     .await
-    .unwrap();
-    dead_letters(log.read_all(&topics.dlq).await.unwrap())
+}
+
+/// Reads the dead-letter topic of a stopped server's data dir.
+pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLetter> {
+    use herald::log::Log;
+    let log = open_log(data_dir, None).await.unwrap();
+    dead_letters(log.read_all(&herald::topics::Topics::new("herald.").dlq).await.unwrap())
 }
 
 /// Starts `herald serve` on a free port and returns it with its address.
