@@ -151,10 +151,11 @@ async fn sigkill_in_the_middle_of_retry_schedules_loses_nothing() {
     child.kill();
 }
 
-/// A stop by SIGTERM checkpoints the embedded log: every segment synced and the group journal
-/// emptied, so the next start has nothing to write back (it used to rewrite up to 64 MiB at
-/// every start) — shown by opening the stopped server's log with every write to a segment
-/// failing — and every acknowledged event is in it.
+/// A stop by SIGTERM checkpoints the embedded log, emptying the group journal, so the next start
+/// has nothing to write back (it used to rewrite up to 64 MiB at every start) — shown by opening
+/// the stopped server's log with every write to a segment failing — and every acknowledged event
+/// is in it. (That the segments are synced first is the log's own test's:
+/// `a_clean_close_leaves_nothing_for_the_next_open_to_write_back`.)
 #[tokio::test]
 async fn a_sigterm_stop_leaves_nothing_for_the_next_start_to_write_back() {
     use herald::log::embedded::{Fault, Faults};

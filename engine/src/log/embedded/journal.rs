@@ -79,7 +79,7 @@ type Done = std::sync::mpsc::Sender<io::Result<()>>;
 pub struct Journal {
     files: [File; 2],
     paths: [PathBuf; 2],
-    /// The epoch each file's marker holds (at open, of its last entries; `None`: no entries).
+    /// The epoch of each file's marker (`None`: no valid marker, found at open).
     file_epochs: [Option<u64>; 2],
     /// The file being written, where, its epoch and its marker's salt.
     current: usize,
@@ -185,11 +185,12 @@ impl Journal {
     }
 
     /// A checkpoint of everything, at a clean close: waits for the checkpoints under way, syncs
-    /// the segment files written since, then starts a new epoch in both files, so the next
-    /// open finds no entries and writes nothing back (it used to rewrite up to both files'
-    /// worth, 64 MiB, at every start). Entries may follow; a crash at any point leaves what
-    /// [`Journal::open`] restores from. A failure poisons the journal, as a failed checkpoint
-    /// does, and leaves it for the next open to restore from.
+    /// the segment files written since, then starts a new epoch in both files, so that, if
+    /// nothing is appended after it, the next open finds no entries and writes nothing back (it
+    /// used to rewrite up to both files' worth, 64 MiB, at every start). Entries may follow; a
+    /// crash at any point leaves what [`Journal::open`] restores from. A refused entry that
+    /// cannot be voided yet is an error that changes nothing (as for a turn); any later failure
+    /// poisons the journal, as a failed checkpoint does, and leaves it for the next open.
     pub fn clear(&mut self) -> io::Result<()> {
         if let Some(why) = &self.poisoned {
             return Err(io::Error::other(format!("the log journal was not cleared: {why}")));

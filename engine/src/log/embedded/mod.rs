@@ -623,17 +623,16 @@ impl Log for EmbeddedLog {
     }
 
     /// Stops the flusher after a final flush; appends still in the writer complete, then the
-    /// journal is checkpointed whole, so the next open has nothing to write back.
+    /// journal is checkpointed whole, so the next open has nothing to write back. A failed
+    /// flush does not skip the checkpoint; the first error is returned.
     async fn close(&self) -> Result<(), LogError> {
         self.closed.send_replace(true);
-        self.flush().await?;
+        let flushed = self.flush().await;
         let (done, cleared) = oneshot::channel();
-        if self.writer.send(Job::Clear(done)).is_ok() {
-            if let Ok(outcome) = cleared.await {
-                outcome?;
-            }
-        }
-        Ok(())
+        self.writer.send(Job::Clear(done)).map_err(|_| LogError::Closed)?;
+        let cleared = cleared.await.map_err(|_| LogError::Closed)?;
+        flushed?;
+        Ok(cleared?)
     }
 }
 
