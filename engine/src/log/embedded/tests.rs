@@ -585,6 +585,21 @@ impl PowerCut {
     }
 }
 
+/// Appends `groups` groups of two records to topic `t` (keys `k{g}-{i}`, values `{g}-{i}-{pad}`),
+/// one append each; every acknowledged (partition, offset, value), sorted.
+async fn append_pairs(log: &EmbeddedLog, groups: usize, pad: &str) -> Vec<(u32, u64, String)> {
+    let mut acknowledged = Vec::new();
+    for g in 0..groups {
+        let batch: Vec<Record> = (0..2).map(|i| rec(&format!("k{g}-{i}"), &format!("{g}-{i}-{pad}"))).collect();
+        let values: Vec<String> = batch.iter().map(|r| String::from_utf8(r.value.to_vec()).unwrap()).collect();
+        for (p, v) in log.append("t", batch).await.unwrap().into_iter().zip(values) {
+            acknowledged.push((p.partition, p.offset, v));
+        }
+    }
+    acknowledged.sort();
+    acknowledged
+}
+
 /// With a small journal the writer turns between its two files many times, checkpointing
 /// segments on the way. A power cut then takes from every segment file what no sync had
 /// covered: every acknowledged record comes back, from the journal, at its offset.
@@ -593,19 +608,10 @@ async fn a_power_cut_after_many_journal_turns_loses_no_acknowledged_record() {
     let dir = tempfile::tempdir().unwrap();
     let (cut, faults) = PowerCut::new();
     let cfg = EmbeddedConfig { journal_bytes: 16 << 10, ..config_with(dir.path(), 8192, faults) };
-    let value = "p".repeat(400);
-    let mut acknowledged = Vec::new();
-    {
+    let acknowledged = {
         let log = EmbeddedLog::open(cfg.clone()).await.unwrap();
-        for g in 0..500 {
-            let batch: Vec<Record> = (0..2).map(|i| rec(&format!("k{g}-{i}"), &format!("{g}-{i}-{value}"))).collect();
-            let values: Vec<String> = batch.iter().map(|r| String::from_utf8(r.value.to_vec()).unwrap()).collect();
-            for (p, v) in log.append("t", batch).await.unwrap().into_iter().zip(values) {
-                acknowledged.push((p.partition, p.offset, v));
-            }
-        }
-        acknowledged.sort();
-    }
+        append_pairs(&log, 500, &"p".repeat(400)).await
+    };
     assert!(cut.synced.lock().unwrap().len() > 4, "checkpoints synced segments");
     assert!(cut.strike(dir.path(), "t") > 0, "the power cut took something");
     let cfg = EmbeddedConfig { faults: None, ..cfg };
@@ -633,20 +639,12 @@ async fn a_clean_close_leaves_nothing_for_the_next_open_to_write_back() {
         _ => power_cut.as_ref().unwrap()(fault),
     }));
     let cfg = EmbeddedConfig { journal_bytes: 16 << 10, ..config_with(dir.path(), 8192, faults) };
-    let value = "q".repeat(400);
-    let mut acknowledged = Vec::new();
-    {
+    let acknowledged = {
         let log = EmbeddedLog::open(cfg.clone()).await.unwrap();
-        for g in 0..100 {
-            let batch: Vec<Record> = (0..2).map(|i| rec(&format!("k{g}-{i}"), &format!("{g}-{i}-{value}"))).collect();
-            let values: Vec<String> = batch.iter().map(|r| String::from_utf8(r.value.to_vec()).unwrap()).collect();
-            for (p, v) in log.append("t", batch).await.unwrap().into_iter().zip(values) {
-                acknowledged.push((p.partition, p.offset, v));
-            }
-        }
-        acknowledged.sort();
+        let acknowledged = append_pairs(&log, 100, &"q".repeat(400)).await;
         log.close().await.unwrap();
-    }
+        acknowledged
+    };
     assert_eq!(cut.strike(dir.path(), "t"), 0, "the close synced every segment file whole");
     refuse_segment_writes.store(true, SeqCst);
     let log = EmbeddedLog::open(cfg.clone()).await.expect("an open with nothing to write back");
