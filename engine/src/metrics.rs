@@ -35,6 +35,9 @@ pub const ORDERED_KEYS_BLOCKED: &str = "herald_ordered_keys_blocked";
 pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
 /// Deliveries whose processing panicked twice, parked in the dead-letter topic.
 pub const PANICS: &str = "herald_deliveries_panicked_total";
+/// Partition workers (shards, sequencers) that panicked outside any one delivery; each is
+/// started again from the committed offset while this process still owns its partition.
+pub const WORKERS_PANICKED: &str = "herald_partition_workers_panicked_total";
 /// Deliveries in flight, by `source` topic and `partition`.
 pub const IN_FLIGHT: &str = "herald_in_flight";
 /// Records appended but not yet committed by the dispatcher, by `source` and `partition`.
@@ -85,6 +88,7 @@ pub const ALL: &[&str] = &[
     DEFERRED,
     DEAD_LETTERS,
     PANICS,
+    WORKERS_PANICKED,
     IN_FLIGHT,
     CONSUMER_LAG,
     BREAKERS_OPEN,
@@ -232,6 +236,7 @@ impl Metrics {
         describe();
         metrics::counter!(EVENTS_INGESTED).increment(0);
         metrics::counter!(PANICS).increment(0);
+        metrics::counter!(WORKERS_PANICKED).increment(0);
         metrics::counter!(API_CONNECTIONS_REFUSED).increment(0);
         for reason in ["key_rate", "tests"] {
             metrics::counter!(API_THROTTLED, "reason" => reason).increment(0);
@@ -320,6 +325,10 @@ fn describe() {
     );
     describe_counter!(DEAD_LETTERS, "Deliveries parked in the dead-letter topic.");
     describe_counter!(PANICS, "Deliveries whose processing panicked twice and were parked in the dead-letter topic.");
+    describe_counter!(
+        WORKERS_PANICKED,
+        "Partition workers that panicked outside any one delivery (each started again from the committed offset)."
+    );
     describe_gauge!(IN_FLIGHT, "Deliveries in flight, by source topic and partition.");
     describe_gauge!(CONSUMER_LAG, "Records appended but not yet committed, by source topic and partition.");
     describe_gauge!(BREAKERS_OPEN, "Subscriptions whose circuit breaker is open.");

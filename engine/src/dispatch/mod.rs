@@ -1,5 +1,6 @@
 //! The dispatcher: consumes the `deliveries` topic and every retry tier, one shard per owned
-//! partition (`shard`), and makes each delivery as the data flow reads:
+//! partition (`shard`; `workers` starts, stops and restarts them), and makes each delivery as
+//! the data flow reads:
 //! decode → look up → gate (due, enabled, admitted) → sign and send → settle (`settle`).
 //! A record's offset may be committed once it is settled, durably (`window`).
 
@@ -7,6 +8,7 @@ mod ordered;
 mod settle;
 mod shard;
 mod window;
+mod workers;
 
 pub use ordered::{BlockedKey, LaneId, Marker, OrderedKeys};
 pub use settle::{record, Deferral, Parked, Settled, Settlement, Settler, Via, Waits};
@@ -14,18 +16,16 @@ pub use shard::ShardLimits;
 
 use crate::admission::Busy;
 use crate::history::Recorder;
-use crate::log::{Assignment, Consumer, Log, LogError, LogRecord};
+use crate::log::{Log, LogError, LogRecord};
 use crate::metrics::Metrics;
 use crate::model::{now_ms, Delivery};
 use crate::registry::{Lookup, Registry};
 use crate::retry::{self, tiers};
 use crate::target::Target;
 use crate::transport::Transports;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
-use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 /// Whatever observes settled deliveries besides metrics and the history (tests' probes).
@@ -266,14 +266,14 @@ impl Dispatcher {
         let mut loops = Vec::new();
         for source in &self.sources {
             let consumer = self.log.consume(&self.group, &source.topic).await?;
-            let work = Work {
+            let work = workers::Work {
                 log: self.log.clone(),
                 deliverer: self.deliverer.clone(),
                 limits: self.limits,
                 metrics: self.metrics.clone(),
                 keys: self.keys.clone(),
             };
-            let run = run_source(consumer, source.clone(), work, stop.clone());
+            let run = workers::run_source(consumer, source.clone(), work, stop.clone());
             loops.push(tokio::spawn(run));
         }
         for l in loops {
@@ -281,57 +281,4 @@ impl Dispatcher {
         }
         Ok(())
     }
-}
-
-/// What a source's partitions are worked with.
-struct Work {
-    log: Arc<dyn Log>,
-    deliverer: Arc<Deliverer>,
-    limits: ShardLimits,
-    metrics: Arc<Metrics>,
-    keys: Arc<OrderedKeys>,
-}
-
-/// Starts a shard (or, on the `ordered` topic, a sequencer) for each partition assigned, and
-/// stops it when its partition is revoked.
-async fn run_source(mut consumer: Box<dyn Consumer>, source: Source, work: Work, mut stop: watch::Receiver<bool>) {
-    let Work { log, deliverer, limits, metrics, keys } = work;
-    let mut shards: HashMap<u32, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
-    // Revoked shards drain side by side, each within the whole drain budget; the group waits
-    // for their readers to drop, not for this loop.
-    let mut draining = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = crate::shutdown::stopped(&mut stop) => break,
-            Some(_) = draining.join_next(), if !draining.is_empty() => {}
-            change = consumer.next_assignment() => match change {
-                Some(Assignment::Assigned(reader)) => {
-                    let partition = reader.partition();
-                    let (tx, rx) = watch::channel(false);
-                    let stats = metrics.shard(&source.label, partition, reader.committer());
-                    let task = if source.ordered {
-                        let (topic, log, keys) = (source.topic.clone(), log.clone(), keys.clone());
-                        tokio::spawn(ordered::run(reader, topic, log, deliverer.clone(), limits, keys, stats, rx))
-                    } else {
-                        tokio::spawn(shard::run(reader, deliverer.clone(), source.delay, limits, stats, rx))
-                    };
-                    shards.insert(partition, (tx, task));
-                }
-                Some(Assignment::Revoked(partition)) => {
-                    if let Some((tx, task)) = shards.remove(&partition) {
-                        tx.send_replace(true);
-                        draining.spawn(task);
-                    }
-                }
-                None => break,
-            },
-        }
-    }
-    for (tx, _) in shards.values() {
-        tx.send_replace(true);
-    }
-    for (_, (_, task)) in shards {
-        let _ = task.await;
-    }
-    while draining.join_next().await.is_some() {}
 }

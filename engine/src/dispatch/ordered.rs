@@ -864,10 +864,17 @@ impl Sequencer {
                 "stopped with ordered attempts in flight; they will be made again"
             );
         }
+        self.deliverer.history_synced().await;
+    }
+}
+
+impl Drop for Sequencer {
+    /// Its keys are no longer blocked here once it goes, drained or not (a sequencer that
+    /// panicked left them listed; the next one of the partition lists its own).
+    fn drop(&mut self) {
         for lane in self.lanes.keys() {
             self.keys.set(lane, None);
         }
-        self.deliverer.history_synced().await;
     }
 }
 

@@ -210,7 +210,7 @@ fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord) -> BoxFuture<'static, u
     .boxed()
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -158,6 +158,12 @@ pub enum Assignment {
 pub trait Consumer: Send {
     /// Waits for the next assignment change; `None` once the log is closed.
     async fn next_assignment(&mut self) -> Option<Assignment>;
+
+    /// A new reader of a partition this consumer was assigned, from its committed offset,
+    /// for a worker that died and took its reader with it (a panic outside any one
+    /// delivery): what it had read past the committed offset is read again. The old reader
+    /// must be gone; a partition revoked meanwhile is refused.
+    async fn reopen(&mut self, partition: u32) -> Result<Box<dyn PartitionReader>, LogError>;
 }
 
 /// Reads one owned partition in order.

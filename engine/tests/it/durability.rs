@@ -124,6 +124,51 @@ async fn a_full_disk_answers_507_keeps_delivering_and_recovers_by_itself() {
     assert!(got.iter().all(|r| r.header("webhook-id") != "refused"), "the refused event left nothing behind");
 }
 
+/// A bug in a partition's worker outside any one delivery (here its reader panics, once): a
+/// new worker reads the partition again from its committed offset, and every event accepted
+/// is delivered. Before, the worker's task ended and the partition stayed unworked until the
+/// process restarted.
+#[tokio::test]
+async fn a_partition_whose_worker_panics_is_worked_again_from_its_committed_offset() {
+    if crate::support::on_kafka() {
+        return; // the fault layer is the embedded log's (Kafka's reopen: `kafka::a_reopened_reader_*`)
+    }
+    let armed = Arc::new(AtomicBool::new(false));
+    let flag = armed.clone();
+    let faults: herald::log::embedded::Faults = Some(Arc::new(move |fault: Fault<'_>| {
+        if let Fault::Read(path) = fault {
+            let deliveries = path.components().any(|c| c.as_os_str() == "herald.deliveries");
+            if deliveries && flag.swap(false, Ordering::SeqCst) {
+                panic!("a bug in reading {}", path.display());
+            }
+        }
+        Ok(())
+    }));
+    let h = TestHerald::start_with_extras(|c| c.log.partitions = 1, Extras { faults, ..Extras::default() }).await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/w"), "events": ["A"] })).await;
+    for i in 0..5 {
+        h.api.post("/v1/events", json!({ "id": format!("before-{i}"), "type": "A", "data": {} })).await;
+    }
+    rx.wait_on("/w", 5).await;
+    armed.store(true, Ordering::SeqCst);
+    for i in 0..20 {
+        let (status, body) =
+            h.api.post("/v1/events", json!({ "id": format!("after-{i}"), "type": "A", "data": {} })).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let got = until("every event accepted after the worker panicked", Duration::from_secs(20), || {
+        let got = rx.on("/w");
+        async move {
+            (0..20).all(|i| got.iter().any(|r| r.header("webhook-id") == format!("after-{i}"))).then_some(got)
+        }
+    })
+    .await;
+    assert!(!armed.load(Ordering::SeqCst), "the reader's fault fired");
+    assert!(got.iter().any(|r| r.header("webhook-id") == "before-0"));
+    assert!(scrape(&h.api).await.value("herald_partition_workers_panicked_total", &[]) >= 1.0);
+}
+
 /// Panics while observing the settlement of event `boom`: a stand-in for a bug in delivery.
 struct Bomb(AtomicUsize);
 

@@ -177,3 +177,81 @@ async fn an_edge_agent_connected_to_one_process_serves_the_deliveries_of_both() 
     b.stop().await;
     a.stop().await;
 }
+
+/// A partition's worker that dies takes its reader with it; `reopen` gives the partition a
+/// new reader that starts at the offset the dead one committed — or, if it committed none,
+/// at the group's committed offset — so nothing past the commit point is skipped, and what
+/// the dead reader's queue still held is not handed out out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_reader_reads_again_from_the_committed_offset() {
+    use herald::log::{Assignment, PartitionReader, Record};
+    let kafka = MockKafka::start(PARTITIONS);
+    let dir = tempfile::tempdir().unwrap();
+    let (herald, _api) = start(&kafka, dir.path()).await;
+    let log = herald.log();
+    // The dead-letter topic: Herald reads it by pages, in no group of its own.
+    let topic = "herald.dlq";
+    let append = |key: &'static str, n: usize| {
+        let log = log.clone();
+        async move {
+            let records = (0..n).map(|i| Record { key: key.into(), value: format!("{key}-{i}").into() }).collect();
+            log.append(topic, records).await.unwrap()
+        }
+    };
+    // Reads until `n` records came, within a deadline.
+    async fn read(reader: &mut Box<dyn PartitionReader>, n: usize, max: usize) -> Vec<(u64, String)> {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while got.len() < n {
+                for r in reader.next_batch(max).await.unwrap() {
+                    got.push((r.offset, String::from_utf8(r.value.to_vec()).unwrap()));
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{n} records within 20 s; got {got:?}"));
+        got
+    }
+    let written = append("read", 10).await;
+    let p = written[0].partition;
+    let other = ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .into_iter()
+        .find(|k| herald::log::partition_for(k.as_bytes(), PARTITIONS) != p)
+        .unwrap();
+    let unread = append(other, 3).await;
+    let q = unread[0].partition;
+    assert_ne!(p, q);
+
+    let mut consumer = log.consume("reopen-test", topic).await.unwrap();
+    let mut readers = HashMap::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !(readers.contains_key(&p) && readers.contains_key(&q)) {
+            if let Some(Assignment::Assigned(r)) = consumer.next_assignment().await {
+                readers.insert(r.partition(), r);
+            }
+        }
+    })
+    .await
+    .expect("both partitions assigned");
+
+    // Read two of `p` (the rest wait in its queue), commit one, and lose the reader.
+    let mut reader = readers.remove(&p).unwrap();
+    let first = read(&mut reader, 2, 2).await;
+    assert_eq!(first[0].0, written[0].offset);
+    reader.committer().commit(written[1].offset);
+    drop(reader);
+    let mut reader = consumer.reopen(p).await.unwrap();
+    let again = read(&mut reader, 9, 100).await;
+    let expected: Vec<(u64, String)> = (1..10).map(|i| (written[i].offset, format!("read-{i}"))).collect();
+    assert_eq!(again, expected, "read again from the committed offset, in order, once each");
+
+    // `q`'s reader never handed out a record: the new one starts where the group does.
+    drop(readers.remove(&q).unwrap());
+    let mut reader = consumer.reopen(q).await.unwrap();
+    let again = read(&mut reader, 3, 100).await;
+    assert_eq!(again.iter().map(|(o, _)| *o).collect::<Vec<_>>(), unread.iter().map(|u| u.offset).collect::<Vec<_>>());
+
+    assert!(consumer.reopen(PARTITIONS + 7).await.is_err(), "a partition that is not ours");
+    drop((reader, consumer));
+    herald.stop().await;
+}

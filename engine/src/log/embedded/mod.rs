@@ -41,13 +41,15 @@ pub struct EmbeddedConfig {
     /// Bytes of each of the two group-journal files before the writer turns to the other
     /// ([`DEFAULT_JOURNAL_BYTES`] unless a test wants many turns).
     pub journal_bytes: u64,
-    /// Faults to inject into segment writes (tests of disk full and failing disks).
+    /// Faults to inject into segment reads and writes (tests of disk full and failing disks).
     pub faults: Faults,
 }
 
-/// A file operation of the append path, offered to an injected fault.
+/// A file operation of the append or read path, offered to an injected fault.
 #[derive(Debug, Clone, Copy)]
 pub enum Fault<'a> {
+    /// Reading records from this segment file.
+    Read(&'a std::path::Path),
     /// Writing a batch to this segment file.
     Write(&'a std::path::Path),
     /// Making this file durable (through this open file: a test of a power cut can tell which
@@ -55,8 +57,9 @@ pub enum Fault<'a> {
     Sync(&'a std::path::Path, &'a std::fs::File),
 }
 
-/// A hook that may fail an operation of the append path as the disk would (ENOSPC, EIO), so
-/// tests can show that no failure loses or corrupts an acknowledged record.
+/// A hook that may fail an operation of the append or read path as the disk would (ENOSPC,
+/// EIO), so tests can show that no failure loses or corrupts an acknowledged record (or, by
+/// panicking, stand for a bug in a partition's reader).
 pub type Faults = Option<Arc<dyn Fn(Fault<'_>) -> std::io::Result<()> + Send + Sync>>;
 
 type Topic = Arc<Vec<PartitionRef>>;
@@ -581,26 +584,18 @@ impl Log for EmbeddedLog {
     }
 
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
-        let parts = self.topic(topic)?;
+        let parts = self.topic(topic)?.clone();
         self.offsets.join(group, topic);
-        // One process owns every partition of the embedded log.
-        let pending = parts
-            .iter()
-            .rev()
-            .map(|part| {
-                let reader = EmbeddedReader {
-                    next: self.offsets.get(group, topic, part.id()),
-                    hint: None,
-                    end: part.watch_end(),
-                    part: part.clone(),
-                    offsets: self.offsets.clone(),
-                    group: Some(group.to_string()),
-                    topic: topic.to_string(),
-                };
-                Box::new(reader) as Box<dyn PartitionReader>
-            })
-            .collect();
-        Ok(Box::new(EmbeddedConsumer { pending, closed: self.closed.subscribe() }))
+        let consumer = EmbeddedConsumer {
+            // One process owns every partition of the embedded log.
+            pending: parts.iter().rev().cloned().collect(),
+            parts,
+            offsets: self.offsets.clone(),
+            group: group.to_string(),
+            topic: topic.to_string(),
+            closed: self.closed.subscribe(),
+        };
+        Ok(Box::new(consumer))
     }
 
     async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError> {
@@ -637,18 +632,50 @@ impl Log for EmbeddedLog {
 }
 
 struct EmbeddedConsumer {
-    pending: Vec<Box<dyn PartitionReader>>,
+    /// Partitions not handed out yet.
+    pending: Vec<PartitionRef>,
+    parts: Topic,
+    offsets: Arc<OffsetStore>,
+    group: String,
+    topic: String,
     closed: watch::Receiver<bool>,
+}
+
+impl EmbeddedConsumer {
+    /// A reader of `part` in this group, from its committed offset.
+    fn reader(&self, part: &PartitionRef) -> Box<dyn PartitionReader> {
+        Box::new(EmbeddedReader {
+            next: self.offsets.get(&self.group, &self.topic, part.id()),
+            hint: None,
+            end: part.watch_end(),
+            part: part.clone(),
+            offsets: self.offsets.clone(),
+            group: Some(self.group.clone()),
+            topic: self.topic.clone(),
+        })
+    }
 }
 
 #[async_trait]
 impl Consumer for EmbeddedConsumer {
     async fn next_assignment(&mut self) -> Option<Assignment> {
-        if let Some(reader) = self.pending.pop() {
-            return Some(Assignment::Assigned(reader));
+        if let Some(part) = self.pending.pop() {
+            return Some(Assignment::Assigned(self.reader(&part)));
         }
         let _ = self.closed.wait_for(|c| *c).await;
         None
+    }
+
+    async fn reopen(&mut self, partition: u32) -> Result<Box<dyn PartitionReader>, LogError> {
+        if *self.closed.borrow() {
+            return Err(LogError::Closed);
+        }
+        let part = self
+            .parts
+            .iter()
+            .find(|p| p.id() == partition)
+            .ok_or_else(|| LogError::UnknownTopic(format!("{}/{partition}", self.topic)))?;
+        Ok(self.reader(part))
     }
 }
 

@@ -660,6 +660,7 @@ impl Partition {
             *hint = None;
             return Ok((Vec::new(), plan.next_base.map_or(from, |b| b.max(from))));
         }
+        self.fault(Fault::Read(&plan.path))?;
         let hinted = hint.take().filter(|h| h.offset == from && h.path == plan.path && h.pos <= plan.limit);
         let file = match &hinted {
             Some(h) => {

@@ -1,7 +1,8 @@
 //! A member of a Kafka consumer group on one topic, with cooperative rebalancing.
 //!
 //! Each assigned partition gets its own queue (split from the consumer before the partition
-//! is assigned), so shards read their partitions independently. On revoke the shard is
+//! is assigned, and again when a reader lost with a dead worker is reopened), so shards read
+//! their partitions independently. On revoke the shard is
 //! told to stop; the rebalance waits (bounded) until it has finished or abandoned its
 //! in-flight deliveries and dropped its reader, then commits the stored offsets, and only
 //! then lets the partition go. Offsets are stored only for the contiguous completed prefix
@@ -41,6 +42,8 @@ pub(super) struct GroupContext {
     live: Mutex<HashMap<i32, std::sync::mpsc::Receiver<()>>>,
     closed: watch::Receiver<bool>,
     drain: Duration,
+    /// Where the group starts a partition with no committed offset (`auto.offset.reset`).
+    reset: Offset,
 }
 
 impl ClientContext for GroupContext {
@@ -71,41 +74,53 @@ impl GroupContext {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else { return };
         for elem in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
             let partition = elem.partition();
-            let Some(queue) = consumer.split_partition_queue(&self.topic, partition) else {
-                tracing::error!(topic = %self.topic, partition, "cannot read partition: no queue");
-                continue;
-            };
             let progress = Arc::new(Progress { end: AtomicU64::new(0), stored: AtomicU64::new(u64::MAX) });
             self.progress.lock().unwrap().insert(partition, progress.clone());
-            let (alive, watch_alive) = std::sync::mpsc::channel();
-            self.live.lock().unwrap().insert(partition, watch_alive);
-            let reader = GroupReader {
-                queue,
-                partition: partition as u32,
-                committer: Arc::new(GroupCommitter {
-                    consumer: Arc::downgrade(&consumer),
-                    topic: self.topic.clone(),
-                    partition,
-                    progress,
-                }),
-                closed: self.closed.clone(),
-                next: 0,
-                _alive: alive,
-            };
+            let Some(reader) = self.reader(&consumer, partition, progress) else { continue };
             tracing::info!(topic = %self.topic, partition, "partition assigned");
             let _ = self.events.send(Assignment::Assigned(Box::new(reader)));
         }
     }
 
+    /// A reader of `partition` on a queue of its own, split from the consumer.
+    fn reader(&self, consumer: &Arc<Kafka>, partition: i32, progress: Arc<Progress>) -> Option<GroupReader> {
+        let Some(queue) = consumer.split_partition_queue(&self.topic, partition) else {
+            tracing::error!(topic = %self.topic, partition, "cannot read partition: no queue");
+            return None;
+        };
+        let (alive, watch_alive) = std::sync::mpsc::channel();
+        self.live.lock().unwrap().insert(partition, watch_alive);
+        Some(GroupReader {
+            queue,
+            partition: partition as u32,
+            committer: Arc::new(GroupCommitter {
+                consumer: Arc::downgrade(consumer),
+                topic: self.topic.clone(),
+                partition,
+                progress,
+            }),
+            closed: self.closed.clone(),
+            next: 0,
+            _alive: alive,
+            resume: None,
+            reset: self.reset,
+        })
+    }
+
     fn revoke(&self, base: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let mut waiting = Vec::new();
-        for elem in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
-            let partition = elem.partition();
-            if self.events.send(Assignment::Revoked(partition as u32)).is_err() {
-                continue; // the dispatcher is gone; nothing is in flight
-            }
-            if let Some(live) = self.live.lock().unwrap().remove(&partition) {
-                waiting.push((partition, live));
+        {
+            // The progress lock first, as `reopen` takes it: from here on no reader is made
+            // again for these partitions.
+            let mut progress = self.progress.lock().unwrap();
+            for elem in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
+                let partition = elem.partition();
+                progress.remove(&partition);
+                let live = self.live.lock().unwrap().remove(&partition);
+                if self.events.send(Assignment::Revoked(partition as u32)).is_err() {
+                    continue; // the dispatcher is gone; nothing is in flight
+                }
+                waiting.extend(live.map(|live| (partition, live)));
             }
         }
         // The shard drains within `drain`; allow a little more for it to notice.
@@ -121,9 +136,7 @@ impl GroupContext {
             Err(e) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::NoOffset) => {}
             Err(e) => tracing::warn!(topic = %self.topic, error = %e, "commit on revoke failed"),
         }
-        let mut progress = self.progress.lock().unwrap();
         for elem in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
-            progress.remove(&elem.partition());
             tracing::info!(topic = %self.topic, partition = elem.partition(), "partition released");
         }
     }
@@ -132,6 +145,8 @@ impl GroupContext {
 /// This process's membership of the group on one topic.
 pub(super) struct GroupConsumer {
     events: mpsc::UnboundedReceiver<Assignment>,
+    /// Weak: the serving thread's handle is the one whose drop leaves the group.
+    consumer: Weak<Kafka>,
 }
 
 impl GroupConsumer {
@@ -144,15 +159,6 @@ impl GroupConsumer {
         drain: Duration,
     ) -> Result<(GroupConsumer, std::thread::JoinHandle<()>), LogError> {
         let (tx, events) = mpsc::unbounded_channel();
-        let context = GroupContext {
-            topic: topic.to_string(),
-            events: tx,
-            consumer: OnceLock::new(),
-            progress: Mutex::default(),
-            live: Mutex::default(),
-            closed: closed.clone(),
-            drain,
-        };
         let group_id = format!("{group}.{topic}");
         let c = config.layered(
             // Defaults the pass-through table may change.
@@ -170,15 +176,35 @@ impl GroupConsumer {
             // What the guarantees rest on.
             &[("group.id", &group_id), ("enable.auto.commit", "true"), ("enable.auto.offset.store", "false")],
         );
+        let context = GroupContext {
+            topic: topic.to_string(),
+            events: tx,
+            consumer: OnceLock::new(),
+            progress: Mutex::default(),
+            live: Mutex::default(),
+            closed: closed.clone(),
+            drain,
+            reset: reset_of(c.get("auto.offset.reset")),
+        };
         let consumer: Arc<Kafka> = Arc::new(c.create_with_context(context).map_err(kafka_error)?);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         consumer.subscribe(&[topic]).map_err(kafka_error)?;
+        let weak = Arc::downgrade(&consumer);
         let topic = topic.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("kafka-group-{topic}"))
             .spawn(move || serve(consumer, topic, closed))
             .map_err(LogError::Io)?;
-        Ok((GroupConsumer { events }, thread))
+        Ok((GroupConsumer { events, consumer: weak }, thread))
+    }
+}
+
+/// Where `auto.offset.reset` starts a partition with no committed offset (librdkafka's names
+/// and aliases; `error` too starts at the earliest here, as a reopen has nowhere to report).
+fn reset_of(setting: Option<&str>) -> Offset {
+    match setting {
+        Some("latest" | "largest" | "end") => Offset::End,
+        _ => Offset::Beginning,
     }
 }
 
@@ -214,6 +240,41 @@ impl Consumer for GroupConsumer {
     async fn next_assignment(&mut self) -> Option<Assignment> {
         self.events.recv().await
     }
+
+    /// Splits the partition's queue again; the new reader's first read moves the fetch
+    /// position back (see [`Resume`]) before it reads.
+    async fn reopen(&mut self, partition: u32) -> Result<Box<dyn PartitionReader>, LogError> {
+        let consumer = self.consumer.upgrade().ok_or(LogError::Closed)?;
+        let context = consumer.context();
+        if *context.closed.borrow() {
+            return Err(LogError::Closed);
+        }
+        let partition = partition as i32;
+        let not_ours =
+            || LogError::Backend(format!("partition {}/{partition} is not assigned to this process", context.topic));
+        // Held while the reader is made: a revoke takes it first, so a partition being
+        // revoked gets no new reader.
+        let assigned = context.progress.lock().unwrap();
+        let progress = assigned.get(&partition).cloned().ok_or_else(not_ours)?;
+        let mut reader = context.reader(&consumer, partition, progress.clone()).ok_or_else(not_ours)?;
+        drop(assigned);
+        reader.resume = Some(match progress.stored.load(Ordering::Relaxed) {
+            u64::MAX => Resume::Committed,
+            stored => Resume::At(stored),
+        });
+        Ok(Box::new(reader))
+    }
+}
+
+/// Where a reopened reader starts: what the dead reader took from the partition's queue is
+/// gone with it, so the fetch position is moved back before the new one reads.
+#[derive(Debug, Clone, Copy)]
+enum Resume {
+    /// The offset the dead reader's worker stored last.
+    At(u64),
+    /// It stored none: the group's committed offset (or, with none, where
+    /// `auto.offset.reset` starts the group).
+    Committed,
 }
 
 struct GroupReader {
@@ -226,6 +287,39 @@ struct GroupReader {
     next: u64,
     /// Dropped with the reader, which tells a waiting revoke that the shard let go.
     _alive: std::sync::mpsc::Sender<()>,
+    /// For a reopened reader, where to move the fetch position before the first read.
+    resume: Option<Resume>,
+    /// Where the group starts a partition with no committed offset.
+    reset: Offset,
+}
+
+impl GroupReader {
+    /// Moves the partition's fetch position to where `resume` says (blocking calls, so on a
+    /// blocking thread); records fetched before are discarded by the client.
+    async fn seek(&self, resume: Resume) -> Result<(), LogError> {
+        let consumer = self.committer.consumer.upgrade().ok_or(LogError::Closed)?;
+        let (topic, partition, reset) = (self.committer.topic.clone(), self.committer.partition, self.reset);
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(10);
+            let offset = match resume {
+                Resume::At(n) => Offset::Offset(n as i64),
+                Resume::Committed => {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&topic, partition);
+                    let committed = consumer.committed_offsets(tpl, timeout).map_err(kafka_error)?;
+                    match committed.find_partition(&topic, partition).map(|e| e.offset()) {
+                        Some(Offset::Offset(n)) => Offset::Offset(n),
+                        _ => reset,
+                    }
+                }
+            };
+            consumer.seek(&topic, partition, offset, timeout).map_err(kafka_error)?;
+            tracing::info!(topic = %topic, partition, offset = ?offset, "partition reopened");
+            Ok(())
+        })
+        .await
+        .map_err(|e| LogError::Backend(e.to_string()))?
+    }
 }
 
 #[async_trait]
@@ -235,6 +329,11 @@ impl PartitionReader for GroupReader {
     }
 
     async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
+        // Cleared only once the seek is done: a read cancelled meanwhile seeks again.
+        if let Some(resume) = self.resume {
+            self.seek(resume).await?;
+            self.resume = None;
+        }
         let batch = loop {
             let mut batch = super::reader::next_batch(self.queue.stream(), max, &mut self.closed).await?;
             let fetched = batch.len();
