@@ -8,6 +8,7 @@
 //! then lets the partition go. Offsets are stored only for the contiguous completed prefix
 //! (the shard's commit point) and committed every second.
 
+use super::reader::{Gaps, GAP_PAUSE};
 use super::{kafka_error, KafkaConfig};
 use crate::log::{Assignment, Committer, Consumer, LogError, LogRecord, PartitionReader};
 use async_trait::async_trait;
@@ -103,6 +104,7 @@ impl GroupContext {
             next: 0,
             _alive: alive,
             resume: None,
+            gaps: Gaps::default(),
             reset: self.reset,
         })
     }
@@ -275,6 +277,9 @@ enum Resume {
     /// It stored none: the group's committed offset (or, with none, where
     /// `auto.offset.reset` starts the group).
     Committed,
+    /// A gap in the offsets, read again from its first offset after [`GAP_PAUSE`] (see
+    /// [`Gaps`]).
+    Gap(u64),
 }
 
 struct GroupReader {
@@ -287,15 +292,19 @@ struct GroupReader {
     next: u64,
     /// Dropped with the reader, which tells a waiting revoke that the shard let go.
     _alive: std::sync::mpsc::Sender<()>,
-    /// For a reopened reader, where to move the fetch position before the first read.
+    /// Where to move the fetch position before the next read (a reopened reader's start, or
+    /// a gap in the offsets to read again).
     resume: Option<Resume>,
+    /// Gaps in the offsets read again.
+    gaps: Gaps,
     /// Where the group starts a partition with no committed offset.
     reset: Offset,
 }
 
 impl GroupReader {
     /// Moves the partition's fetch position to where `resume` says (blocking calls, so on a
-    /// blocking thread); records fetched before are discarded by the client.
+    /// blocking thread); records fetched before are discarded by the client. Cancel-safe: the
+    /// caller clears `resume` only once this returned.
     async fn seek(&self, resume: Resume) -> Result<(), LogError> {
         let consumer = self.committer.consumer.upgrade().ok_or(LogError::Closed)?;
         let (topic, partition, reset) = (self.committer.topic.clone(), self.committer.partition, self.reset);
@@ -303,6 +312,10 @@ impl GroupReader {
             let timeout = Duration::from_secs(10);
             let offset = match resume {
                 Resume::At(n) => Offset::Offset(n as i64),
+                Resume::Gap(n) => {
+                    std::thread::sleep(GAP_PAUSE);
+                    Offset::Offset(n as i64)
+                }
                 Resume::Committed => {
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(&topic, partition);
@@ -314,7 +327,9 @@ impl GroupReader {
                 }
             };
             consumer.seek(&topic, partition, offset, timeout).map_err(kafka_error)?;
-            tracing::info!(topic = %topic, partition, offset = ?offset, "partition reopened");
+            if !matches!(resume, Resume::Gap(_)) {
+                tracing::info!(topic = %topic, partition, offset = ?offset, "partition reopened");
+            }
             Ok(())
         })
         .await
@@ -329,35 +344,20 @@ impl PartitionReader for GroupReader {
     }
 
     async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
-        // Cleared only once the seek is done: a read cancelled meanwhile seeks again.
-        if let Some(resume) = self.resume {
-            self.seek(resume).await?;
-            self.resume = None;
-        }
         let batch = loop {
-            let mut batch = super::reader::next_batch(self.queue.stream(), max, &mut self.closed).await?;
-            let fetched = batch.len();
-            // Strictly rising, within the batch too: a fetch can start over in the middle.
-            let mut next = self.next;
-            let (topic, partition) = (&self.committer.topic, self.partition);
-            batch.retain(|r| {
-                let fresh = r.offset >= next;
-                if fresh {
-                    // Herald's topics have no transactions and no compaction: their offsets
-                    // are contiguous, and a jump means records this reader never saw.
-                    if r.offset > next && next > 0 {
-                        tracing::warn!(topic = %topic, partition, from = next, to = r.offset, "offsets jumped");
-                    }
-                    next = r.offset + 1;
-                } else {
-                    tracing::debug!(topic = %topic, partition, offset = r.offset, "record fetched again skipped");
-                }
-                fresh
-            });
-            if fetched == 0 || !batch.is_empty() {
-                break batch;
+            // Cleared only once the seek is done: a read cancelled meanwhile seeks again.
+            if let Some(resume) = self.resume {
+                self.seek(resume).await?;
+                self.resume = None;
             }
-            tracing::debug!(topic = %self.committer.topic, partition = self.partition, "records fetched again skipped");
+            let batch = super::reader::next_batch(self.queue.stream(), max, &mut self.closed).await?;
+            let sifted = self.gaps.sift(&self.committer.topic, self.partition, batch, self.next);
+            if let Some(at) = sifted.gap {
+                self.resume = Some(Resume::Gap(at));
+            }
+            if !sifted.fresh.is_empty() {
+                break sifted.fresh;
+            }
         };
         if let Some(last) = batch.last() {
             self.next = last.offset + 1;

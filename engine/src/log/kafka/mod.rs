@@ -241,7 +241,9 @@ impl Log for KafkaLog {
 
     async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError> {
         self.partitions(topic)?;
-        Ok(Box::new(reader::Follower::start(&self.config, topic, partition, from, self.closed.subscribe())?))
+        let compacted = self.config.topics.iter().any(|t| t.name == topic && t.compacted);
+        let closed = self.closed.subscribe();
+        Ok(Box::new(reader::Follower::start(&self.config, topic, partition, from, !compacted, closed)?))
     }
 
     async fn ready(&self) -> bool {

@@ -57,6 +57,88 @@ pub(super) async fn next_batch<C: ConsumerContext>(
     Ok(out)
 }
 
+/// Times a gap in a partition's offsets is read again before it is taken as final.
+pub(super) const GAP_TRIES: u8 = 3;
+/// The pause before a gap is read again.
+pub(super) const GAP_PAUSE: Duration = Duration::from_millis(20);
+
+/// A fetched batch, sifted.
+#[derive(Debug, Default)]
+pub(super) struct Sifted {
+    /// The records to hand out: strictly rising from `next`, up to the first gap to re-read.
+    pub fresh: Vec<LogRecord>,
+    /// Records below `next` (fetched again after a fetch started over), dropped.
+    pub skipped: usize,
+    /// The offset to read again from: records after a gap were dropped.
+    pub gap: Option<u64>,
+    /// A gap taken as final: from the offset expected to the one that came.
+    pub jumped: Option<(u64, u64)>,
+}
+
+/// Keeps what a reader at `next` may hand out of `batch`. Herald's data topics have no
+/// transactions and no compaction, so their offsets are contiguous and a jump means records
+/// not served yet: the records from the jump on are dropped, to be read again from the gap,
+/// while `retry` allows it. (For a reader that has read nothing, `next` is 0 and its first
+/// offset is wherever it starts.)
+fn sift(batch: Vec<LogRecord>, mut next: u64, retry: impl Fn(u64) -> bool) -> Sifted {
+    let mut sifted = Sifted { fresh: Vec::with_capacity(batch.len()), ..Sifted::default() };
+    for r in batch {
+        if r.offset < next {
+            sifted.skipped += 1;
+            continue;
+        }
+        if r.offset > next && next > 0 {
+            if retry(next) {
+                sifted.gap = Some(next);
+                break;
+            }
+            sifted.jumped = Some((next, r.offset));
+        }
+        next = r.offset + 1;
+        sifted.fresh.push(r);
+    }
+    sifted
+}
+
+/// Gaps in a partition's offsets that a reader reads again. A broker may show an offset
+/// before the record is readable — tansu 0.6.0's memory engine raises the high watermark
+/// before it stores the batch, so a fetch racing two producers passes over a record stored a
+/// moment later, and the client, having moved past it, never fetches it — so a gap is read
+/// again, after [`GAP_PAUSE`], up to [`GAP_TRIES`] times before it is taken.
+#[derive(Debug, Default)]
+pub(super) struct Gaps {
+    /// The last gap read again, and how many times.
+    last: Option<(u64, u8)>,
+}
+
+impl Gaps {
+    /// Sifts `batch` for a reader of `topic`/`partition` at `next`, logging what it drops; a
+    /// gap it returns is counted as read again.
+    pub(super) fn sift(&mut self, topic: &str, partition: u32, batch: Vec<LogRecord>, next: u64) -> Sifted {
+        let last = self.last;
+        let tries = |at: u64| last.filter(|(offset, _)| *offset == at).map_or(0, |(_, t)| t);
+        let sifted = sift(batch, next, |at| tries(at) < GAP_TRIES);
+        if sifted.skipped > 0 {
+            tracing::debug!(topic, partition, records = sifted.skipped, "records fetched again skipped");
+        }
+        if let Some((from, to)) = sifted.jumped {
+            tracing::warn!(topic, partition, from, to, "offsets jumped; the records between were never served");
+        }
+        if let Some(at) = sifted.gap {
+            let tries = tries(at) + 1;
+            self.last = Some((at, tries));
+            tracing::info!(
+                topic,
+                partition,
+                offset = at,
+                tries,
+                "offsets jumped; reading again from the first one missing"
+            );
+        }
+        sifted
+    }
+}
+
 /// Reads pages of one partition at a time by assignment, without a consumer group.
 pub(super) struct Reader {
     consumer: BaseConsumer,
@@ -101,11 +183,15 @@ impl Reader {
         if start >= high || max == 0 {
             return Ok((Vec::new(), None));
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Offset(start as i64)).map_err(kafka_error)?;
-        self.consumer.assign(&tpl).map_err(kafka_error)?;
+        let assign = |at: u64| {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, p, Offset::Offset(at as i64)).map_err(kafka_error)?;
+            self.consumer.assign(&tpl).map_err(kafka_error)
+        };
+        assign(start)?;
         let deadline = Instant::now() + READ_TIMEOUT;
         let mut out: Vec<LogRecord> = Vec::new();
+        let mut gap_tries = 0;
         let result = loop {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 break Err(LogError::Backend(format!("reading {topic}/{partition} timed out at offset {start}")));
@@ -117,6 +203,25 @@ impl Reader {
                         continue;
                     }
                     if out.last().is_some_and(|r| r.offset >= m.offset() as u64) {
+                        continue;
+                    }
+                    // Contiguous offsets: a gap is read again (see [`Gaps`]), from a fresh
+                    // assignment.
+                    let expected = out.last().map_or(start, |r| r.offset + 1);
+                    if m.offset() as u64 > expected && gap_tries < GAP_TRIES {
+                        gap_tries += 1;
+                        tracing::info!(
+                            topic,
+                            partition,
+                            offset = expected,
+                            tries = gap_tries,
+                            "offsets jumped; reading again from the first one missing"
+                        );
+                        std::thread::sleep(GAP_PAUSE);
+                        let _ = self.consumer.unassign();
+                        if let Err(e) = assign(expected) {
+                            break Err(e);
+                        }
                         continue;
                     }
                     let rec = to_record(&m);
@@ -142,8 +247,16 @@ impl Reader {
 /// Tails one partition from an offset, outside any group; nothing is committed.
 pub(super) struct Follower {
     consumer: StreamConsumer,
+    topic: String,
     partition: u32,
     closed: watch::Receiver<bool>,
+    /// Offsets are contiguous (not a compacted topic): gaps are read again.
+    contiguous: bool,
+    /// The offset after the last record handed out.
+    next: u64,
+    gaps: Gaps,
+    /// A gap to read again before the next read.
+    reread: Option<u64>,
 }
 
 impl Follower {
@@ -152,6 +265,7 @@ impl Follower {
         topic: &str,
         partition: u32,
         from: u64,
+        contiguous: bool,
         closed: watch::Receiver<bool>,
     ) -> Result<Follower, LogError> {
         let consumer: StreamConsumer = config
@@ -165,7 +279,8 @@ impl Follower {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64)).map_err(kafka_error)?;
         consumer.assign(&tpl).map_err(kafka_error)?;
-        Ok(Follower { consumer, partition, closed })
+        let (topic, gaps) = (topic.to_string(), Gaps::default());
+        Ok(Follower { consumer, topic, partition, closed, contiguous, next: from, gaps, reread: None })
     }
 }
 
@@ -176,10 +291,73 @@ impl PartitionReader for Follower {
     }
 
     async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
-        next_batch(self.consumer.stream(), max, &mut self.closed).await
+        loop {
+            // Cleared only once the seek is done: a read cancelled meanwhile seeks again.
+            if let Some(at) = self.reread {
+                tokio::time::sleep(GAP_PAUSE).await;
+                // A seek on a local, assigned partition returns at once; it blocks this
+                // thread only for that (the history index's own, or a catalog feed's task).
+                let offset = Offset::Offset(at as i64);
+                self.consumer.seek(&self.topic, self.partition as i32, offset, READ_TIMEOUT).map_err(kafka_error)?;
+                self.reread = None;
+            }
+            let batch = next_batch(self.consumer.stream(), max, &mut self.closed).await?;
+            if !self.contiguous {
+                return Ok(batch);
+            }
+            let sifted = self.gaps.sift(&self.topic, self.partition, batch, self.next);
+            self.reread = sifted.gap;
+            if let Some(last) = sifted.fresh.last() {
+                self.next = last.offset + 1;
+                return Ok(sifted.fresh);
+            }
+        }
     }
 
     fn committer(&self) -> Arc<dyn Committer> {
         Arc::new(crate::log::NoCommit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(offsets: &[u64]) -> Vec<LogRecord> {
+        offsets
+            .iter()
+            .map(|&offset| LogRecord {
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+                key: Default::default(),
+                value: Default::default(),
+            })
+            .collect()
+    }
+
+    fn offsets(records: &[LogRecord]) -> Vec<u64> {
+        records.iter().map(|r| r.offset).collect()
+    }
+
+    #[test]
+    fn a_gap_stops_the_batch_to_be_read_again_and_is_taken_once_retries_are_spent() {
+        // The offsets tansu's memory engine served under two producers: 10920 not yet stored.
+        let s = sift(batch(&[10918, 10919, 10921, 10923, 10922]), 10918, |_| true);
+        assert_eq!((offsets(&s.fresh), s.gap, s.jumped), (vec![10918, 10919], Some(10920), None));
+        // Read again from the gap, it is there.
+        let s = sift(batch(&[10920, 10921, 10922]), 10920, |_| true);
+        assert_eq!((offsets(&s.fresh), s.gap, s.jumped), (vec![10920, 10921, 10922], None, None));
+        // A gap that stays (retries spent) is taken, and reported.
+        let s = sift(batch(&[5, 6, 9, 10]), 5, |_| false);
+        assert_eq!((offsets(&s.fresh), s.gap, s.jumped), (vec![5, 6, 9, 10], None, Some((7, 9))));
+    }
+
+    #[test]
+    fn records_fetched_again_are_skipped_and_a_new_reader_starts_anywhere() {
+        let s = sift(batch(&[3, 4, 5, 6]), 5, |_| true);
+        assert_eq!((offsets(&s.fresh), s.skipped, s.gap), (vec![5, 6], 2, None));
+        let s = sift(batch(&[40, 41]), 0, |_| true);
+        assert_eq!((offsets(&s.fresh), s.gap), (vec![40, 41], None));
     }
 }
