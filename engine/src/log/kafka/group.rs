@@ -260,10 +260,15 @@ impl Consumer for GroupConsumer {
         let progress = assigned.get(&partition).cloned().ok_or_else(not_ours)?;
         let mut reader = context.reader(&consumer, partition, progress.clone()).ok_or_else(not_ours)?;
         drop(assigned);
-        reader.resume = Some(match progress.stored.load(Ordering::Relaxed) {
-            u64::MAX => Resume::Committed,
-            stored => Resume::At(stored),
-        });
+        match progress.stored.load(Ordering::Relaxed) {
+            u64::MAX => reader.resume = Some(Resume::Committed),
+            stored => {
+                reader.resume = Some(Resume::At(stored));
+                // Whatever a seek of the dead reader's still lands, nothing below is handed
+                // out and a jump past it is a gap.
+                reader.next = stored;
+            }
+        }
         Ok(Box::new(reader))
     }
 }
@@ -304,18 +309,21 @@ struct GroupReader {
 impl GroupReader {
     /// Moves the partition's fetch position to where `resume` says (blocking calls, so on a
     /// blocking thread); records fetched before are discarded by the client. Cancel-safe: the
-    /// caller clears `resume` only once this returned.
+    /// caller clears `resume` only once this returned, and a seek already on the blocking
+    /// thread that lands after a cancel is harmless (`next` skips what it repeats, and a jump
+    /// past `next` is read again as a gap).
     async fn seek(&self, resume: Resume) -> Result<(), LogError> {
+        if matches!(resume, Resume::Gap(_)) {
+            // Here, not on the blocking thread: a read cancelled meanwhile seeks nothing.
+            tokio::time::sleep(GAP_PAUSE).await;
+        }
         let consumer = self.committer.consumer.upgrade().ok_or(LogError::Closed)?;
         let (topic, partition, reset) = (self.committer.topic.clone(), self.committer.partition, self.reset);
         tokio::task::spawn_blocking(move || {
             let timeout = Duration::from_secs(10);
             let offset = match resume {
                 Resume::At(n) => Offset::Offset(n as i64),
-                Resume::Gap(n) => {
-                    std::thread::sleep(GAP_PAUSE);
-                    Offset::Offset(n as i64)
-                }
+                Resume::Gap(n) => Offset::Offset(n as i64),
                 Resume::Committed => {
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(&topic, partition);

@@ -145,6 +145,11 @@ impl KafkaLog {
     }
 
     /// Runs `read` with the group-less reader on a blocking thread, for a partition that exists.
+    /// Whether `topic` is compacted: its offsets have gaps that are not to be read again.
+    fn compacted(&self, topic: &str) -> bool {
+        self.config.topics.iter().any(|t| t.name == topic && t.compacted)
+    }
+
     async fn with_reader<T: Send + 'static>(
         &self,
         topic: &str,
@@ -224,7 +229,8 @@ impl Log for KafkaLog {
         from: u64,
         max: usize,
     ) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
-        self.with_reader(topic, partition, move |r, topic| r.read(topic, partition, from, max)).await
+        let contiguous = !self.compacted(topic);
+        self.with_reader(topic, partition, move |r, topic| r.read(topic, partition, from, max, contiguous)).await
     }
 
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
@@ -241,9 +247,8 @@ impl Log for KafkaLog {
 
     async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError> {
         self.partitions(topic)?;
-        let compacted = self.config.topics.iter().any(|t| t.name == topic && t.compacted);
         let closed = self.closed.subscribe();
-        Ok(Box::new(reader::Follower::start(&self.config, topic, partition, from, !compacted, closed)?))
+        Ok(Box::new(reader::Follower::start(&self.config, topic, partition, from, !self.compacted(topic), closed)?))
     }
 
     async fn ready(&self) -> bool {

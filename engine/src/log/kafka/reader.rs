@@ -1,5 +1,6 @@
 //! Reads outside any consumer group: a page of one partition (whole-topic reads, the DLQ
-//! list), and a follower that tails one partition from an offset (the registry).
+//! list, ordered keys' scans), and a follower that tails one partition from an offset (the
+//! registry, the history index).
 
 use super::{kafka_error, KafkaConfig};
 use crate::log::{Committer, LogError, LogRecord, PartitionReader};
@@ -78,9 +79,9 @@ pub(super) struct Sifted {
 /// Keeps what a reader at `next` may hand out of `batch`. Herald's data topics have no
 /// transactions and no compaction, so their offsets are contiguous and a jump means records
 /// not served yet: the records from the jump on are dropped, to be read again from the gap,
-/// while `retry` allows it. (For a reader that has read nothing, `next` is 0 and its first
-/// offset is wherever it starts.)
-fn sift(batch: Vec<LogRecord>, mut next: u64, retry: impl Fn(u64) -> bool) -> Sifted {
+/// while `retry` allows it. (A reader with `next` 0 takes its first offset wherever it
+/// starts.)
+fn sift(batch: Vec<LogRecord>, mut next: u64, mut retry: impl FnMut(u64) -> bool) -> Sifted {
     let mut sifted = Sifted { fresh: Vec::with_capacity(batch.len()), ..Sifted::default() };
     for r in batch {
         if r.offset < next {
@@ -112,28 +113,47 @@ pub(super) struct Gaps {
 }
 
 impl Gaps {
+    /// Whether the gap at `at` is to be read again (then counted), or taken: its tries spent.
+    fn again(&mut self, at: u64) -> bool {
+        let tries = self.last.filter(|(offset, _)| *offset == at).map_or(0, |(_, t)| t);
+        if tries >= GAP_TRIES {
+            return false;
+        }
+        self.last = Some((at, tries + 1));
+        true
+    }
+
+    /// Logs that the gap at `at` of `topic`/`partition` is read again, or was taken.
+    fn log(&self, topic: &str, partition: u32, at: u64, taken_to: Option<u64>) {
+        match taken_to {
+            Some(to) => {
+                tracing::warn!(topic, partition, from = at, to, "offsets jumped; the records between were never served")
+            }
+            None => {
+                let tries = self.last.map_or(0, |(_, t)| t);
+                tracing::info!(
+                    topic,
+                    partition,
+                    offset = at,
+                    tries,
+                    "offsets jumped; reading again from the first one missing"
+                );
+            }
+        }
+    }
+
     /// Sifts `batch` for a reader of `topic`/`partition` at `next`, logging what it drops; a
     /// gap it returns is counted as read again.
     pub(super) fn sift(&mut self, topic: &str, partition: u32, batch: Vec<LogRecord>, next: u64) -> Sifted {
-        let last = self.last;
-        let tries = |at: u64| last.filter(|(offset, _)| *offset == at).map_or(0, |(_, t)| t);
-        let sifted = sift(batch, next, |at| tries(at) < GAP_TRIES);
+        let sifted = sift(batch, next, |at| self.again(at));
         if sifted.skipped > 0 {
             tracing::debug!(topic, partition, records = sifted.skipped, "records fetched again skipped");
         }
         if let Some((from, to)) = sifted.jumped {
-            tracing::warn!(topic, partition, from, to, "offsets jumped; the records between were never served");
+            self.log(topic, partition, from, Some(to));
         }
         if let Some(at) = sifted.gap {
-            let tries = tries(at) + 1;
-            self.last = Some((at, tries));
-            tracing::info!(
-                topic,
-                partition,
-                offset = at,
-                tries,
-                "offsets jumped; reading again from the first one missing"
-            );
+            self.log(topic, partition, at, None);
         }
         sifted
     }
@@ -174,6 +194,7 @@ impl Reader {
         partition: u32,
         from: u64,
         max: usize,
+        contiguous: bool,
     ) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
         let p = partition as i32;
         let (low, high) =
@@ -191,7 +212,7 @@ impl Reader {
         assign(start)?;
         let deadline = Instant::now() + READ_TIMEOUT;
         let mut out: Vec<LogRecord> = Vec::new();
-        let mut gap_tries = 0;
+        let mut gaps = Gaps::default();
         let result = loop {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 break Err(LogError::Backend(format!("reading {topic}/{partition} timed out at offset {start}")));
@@ -205,24 +226,21 @@ impl Reader {
                     if out.last().is_some_and(|r| r.offset >= m.offset() as u64) {
                         continue;
                     }
-                    // Contiguous offsets: a gap is read again (see [`Gaps`]), from a fresh
-                    // assignment.
+                    // A gap in a data topic's offsets is read again (see [`Gaps`]), from a
+                    // fresh assignment.
                     let expected = out.last().map_or(start, |r| r.offset + 1);
-                    if m.offset() as u64 > expected && gap_tries < GAP_TRIES {
-                        gap_tries += 1;
-                        tracing::info!(
-                            topic,
-                            partition,
-                            offset = expected,
-                            tries = gap_tries,
-                            "offsets jumped; reading again from the first one missing"
-                        );
-                        std::thread::sleep(GAP_PAUSE);
-                        let _ = self.consumer.unassign();
-                        if let Err(e) = assign(expected) {
-                            break Err(e);
+                    let offset = m.offset() as u64;
+                    if contiguous && offset > expected {
+                        if gaps.again(expected) {
+                            gaps.log(topic, partition, expected, None);
+                            std::thread::sleep(GAP_PAUSE);
+                            let _ = self.consumer.unassign();
+                            if let Err(e) = assign(expected) {
+                                break Err(e);
+                            }
+                            continue;
                         }
-                        continue;
+                        gaps.log(topic, partition, expected, Some(offset));
                     }
                     let rec = to_record(&m);
                     let last = rec.offset;
@@ -252,7 +270,8 @@ pub(super) struct Follower {
     closed: watch::Receiver<bool>,
     /// Offsets are contiguous (not a compacted topic): gaps are read again.
     contiguous: bool,
-    /// The offset after the last record handed out.
+    /// The offset after the last record handed out (0 before the first: what is served first
+    /// is taken, wherever it starts).
     next: u64,
     gaps: Gaps,
     /// A gap to read again before the next read.
@@ -280,7 +299,7 @@ impl Follower {
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64)).map_err(kafka_error)?;
         consumer.assign(&tpl).map_err(kafka_error)?;
         let (topic, gaps) = (topic.to_string(), Gaps::default());
-        Ok(Follower { consumer, topic, partition, closed, contiguous, next: from, gaps, reread: None })
+        Ok(Follower { consumer, topic, partition, closed, contiguous, next: 0, gaps, reread: None })
     }
 }
 
@@ -295,10 +314,10 @@ impl PartitionReader for Follower {
             // Cleared only once the seek is done: a read cancelled meanwhile seeks again.
             if let Some(at) = self.reread {
                 tokio::time::sleep(GAP_PAUSE).await;
-                // A seek on a local, assigned partition returns at once; it blocks this
-                // thread only for that (the history index's own, or a catalog feed's task).
+                // Not waited for (a zero timeout): records fetched before it are still
+                // discarded when read, and this thread is not held.
                 let offset = Offset::Offset(at as i64);
-                self.consumer.seek(&self.topic, self.partition as i32, offset, READ_TIMEOUT).map_err(kafka_error)?;
+                self.consumer.seek(&self.topic, self.partition as i32, offset, Duration::ZERO).map_err(kafka_error)?;
                 self.reread = None;
             }
             let batch = next_batch(self.consumer.stream(), max, &mut self.closed).await?;
@@ -351,6 +370,13 @@ mod tests {
         // A gap that stays (retries spent) is taken, and reported.
         let s = sift(batch(&[5, 6, 9, 10]), 5, |_| false);
         assert_eq!((offsets(&s.fresh), s.gap, s.jumped), (vec![5, 6, 9, 10], None, Some((7, 9))));
+    }
+
+    #[test]
+    fn each_gap_is_read_again_three_times_at_most() {
+        let mut gaps = Gaps::default();
+        assert_eq!((0..4).map(|_| gaps.again(5)).collect::<Vec<_>>(), [true, true, true, false]);
+        assert!(gaps.again(9), "another gap is counted afresh");
     }
 
     #[test]
