@@ -199,6 +199,14 @@ async fn ordered_keys_keep_their_order_across_a_rebalance_and_a_sigkill() {
     .await;
     let (mut b, addr_b) = spawn_herald_with(dir_b.path(), &env);
     let api_b = Api::new(addr_b, crate::support::TOKEN);
+    // Published once B owns some of the ordered topic: published earlier, A (still owning every
+    // partition while B joins) could deliver all of it before the rebalance, and B be left
+    // with too little to show (it happened on a quiet machine: B delivered 28 in 120 s).
+    until("B owns partitions of the ordered topic", Duration::from_secs(60), || async {
+        let (_, metrics) = api_b.get("/metrics").await;
+        metrics.as_str().unwrap_or_default().contains("herald_in_flight{source=\"ordered\"").then_some(())
+    })
+    .await;
     publish_n(&api_b, "r2", 300, &mut published).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while delivered(&api_b).await < 50.0 {
