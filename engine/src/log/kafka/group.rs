@@ -322,8 +322,7 @@ impl GroupReader {
         tokio::task::spawn_blocking(move || {
             let timeout = Duration::from_secs(10);
             let offset = match resume {
-                Resume::At(n) => Offset::Offset(n as i64),
-                Resume::Gap(n) => Offset::Offset(n as i64),
+                Resume::At(n) | Resume::Gap(n) => Offset::Offset(n as i64),
                 Resume::Committed => {
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(&topic, partition);

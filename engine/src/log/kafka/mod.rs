@@ -144,12 +144,12 @@ impl KafkaLog {
         }
     }
 
-    /// Runs `read` with the group-less reader on a blocking thread, for a partition that exists.
     /// Whether `topic` is compacted: its offsets have gaps that are not to be read again.
     fn compacted(&self, topic: &str) -> bool {
         self.config.topics.iter().any(|t| t.name == topic && t.compacted)
     }
 
+    /// Runs `read` with the group-less reader on a blocking thread, for a partition that exists.
     async fn with_reader<T: Send + 'static>(
         &self,
         topic: &str,
