@@ -80,17 +80,17 @@ impl Deliverer {
 
     /// Processes one record, keeping a delivery that must wait where `waits` says.
     pub async fn process_waiting(&self, rec: LogRecord, waits: Waits) -> Settled {
-        let settled = self.deliver(rec, waits).await;
+        let mut settled = self.deliver(rec, waits).await;
         self.observe(&settled);
-        self.write_history(&settled);
+        self.write_history(&mut settled);
         settled
     }
 
     /// Dead-letters the head of an ordered key an operator skipped, and records it.
     pub async fn skip(&self, delivery: Delivery, raw: bytes::Bytes) -> Settled {
-        let settled = self.settler.skipped(delivery, raw).await;
+        let mut settled = self.settler.skipped(delivery, raw).await;
         self.observe(&settled);
-        self.write_history(&settled);
+        self.write_history(&mut settled);
         settled
     }
 
@@ -106,9 +106,10 @@ impl Deliverer {
         })
     }
 
-    fn write_history(&self, settled: &Settled) {
+    /// Records `settled` (after its observers: the record takes the receiver's answer).
+    fn write_history(&self, settled: &mut Settled) {
         if let Some(history) = &self.history {
-            if let Some(record) = settled.history(now_ms()) {
+            if let Some(record) = settled.take_history(now_ms()) {
                 history.record(&record);
             }
         }
@@ -134,12 +135,12 @@ impl Deliverer {
     /// Settles a record whose processing panicked twice (the shard's supervision). Observing
     /// it may panic once more (it is the same record): that is caught, so the partition moves on.
     pub async fn park_panicked(&self, rec: &LogRecord, message: String) -> Settled {
-        let settled = self.settler.panicked(rec, message).await;
+        let mut settled = self.settler.panicked(rec, message).await;
         let observed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.observe(&settled)));
         if observed.is_err() {
             tracing::error!(partition = rec.partition, offset = rec.offset, "observing a parked delivery panicked");
         }
-        self.write_history(&settled);
+        self.write_history(&mut settled);
         settled
     }
 

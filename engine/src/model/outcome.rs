@@ -280,10 +280,10 @@ impl Outcome {
         }
     }
 
-    /// The start of the receiver's answer, if there was one.
-    pub fn response(&self) -> Option<&Response> {
+    /// Takes the start of the receiver's answer, if there was one (only the history keeps it).
+    pub fn take_response(&mut self) -> Option<Response> {
         match self {
-            Outcome::Delivered { response, .. } | Outcome::Failed { response, .. } => response.as_ref(),
+            Outcome::Delivered { response, .. } | Outcome::Failed { response, .. } => response.take(),
         }
     }
 
