@@ -242,50 +242,7 @@ async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Re
 mod tests {
     use super::*;
     use crate::history::record::{State, StateRecord};
-    use crate::log::{Consumer, LogRecord, PartitionReader, Position};
-    use async_trait::async_trait;
-
-    /// A log that only counts the records of each append.
-    #[derive(Default)]
-    struct Appends(Mutex<Vec<usize>>);
-
-    #[async_trait]
-    impl Log for Appends {
-        fn partitions(&self, _: &str) -> Result<u32, LogError> {
-            Ok(1)
-        }
-        async fn append(&self, _: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
-            self.0.lock().unwrap().push(records.len());
-            Ok(records.iter().enumerate().map(|(i, _)| Position { partition: 0, offset: i as u64 }).collect())
-        }
-        async fn read_all(&self, _: &str) -> Result<Vec<LogRecord>, LogError> {
-            Ok(Vec::new())
-        }
-        async fn read_partition(
-            &self,
-            _: &str,
-            _: u32,
-            _: u64,
-            _: usize,
-        ) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
-            Ok((Vec::new(), None))
-        }
-        async fn end_offset(&self, _: &str, _: u32) -> Result<u64, LogError> {
-            Ok(0)
-        }
-        async fn consume(&self, _: &str, _: &str) -> Result<Box<dyn Consumer>, LogError> {
-            Err(LogError::Backend("not in this test".into()))
-        }
-        async fn follow(&self, _: &str, _: u32, _: u64) -> Result<Box<dyn PartitionReader>, LogError> {
-            Err(LogError::Backend("not in this test".into()))
-        }
-        async fn ready(&self) -> bool {
-            true
-        }
-        async fn close(&self) -> Result<(), LogError> {
-            Ok(())
-        }
-    }
+    use crate::log::stub::Stub;
 
     fn state(n: usize) -> HistoryRecord {
         HistoryRecord::State(StateRecord {
@@ -303,12 +260,12 @@ mod tests {
     /// time, with the writer free to run between them, show whether it waits out the gap.
     #[tokio::test(start_paused = true)]
     async fn a_lone_record_is_appended_at_once_and_those_within_the_gap_together() {
-        let log = Arc::new(Appends::default());
+        let log = Arc::new(Stub::new(true, true));
         let recorder = Recorder::start(log.clone(), "history".into());
         let started = Instant::now();
         recorder.record(&state(0));
         recorder.synced().await;
-        assert_eq!(*log.0.lock().unwrap(), [1]);
+        assert_eq!(*log.appends.lock().unwrap(), [1]);
         assert_eq!(Instant::now(), started, "a lone record waited");
 
         for n in 1..=100 {
@@ -316,7 +273,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         recorder.synced().await;
-        assert_eq!(*log.0.lock().unwrap(), [1, 100], "records queued within the gap went out apart");
+        assert_eq!(*log.appends.lock().unwrap(), [1, 100], "records queued within the gap went out apart");
         assert!(Instant::now() >= started + APPEND_GAP);
     }
 }

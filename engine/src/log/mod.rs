@@ -5,6 +5,8 @@ pub mod embedded;
 pub mod kafka;
 mod partitioner;
 pub mod private;
+#[cfg(test)]
+pub(crate) mod stub;
 
 use async_trait::async_trait;
 use bytes::Bytes;

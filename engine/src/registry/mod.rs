@@ -437,56 +437,10 @@ fn url_key(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::{Consumer, Log, LogError, PartitionReader, Position, Record};
-
-    /// A catalog topic whose end can be read (empty), or not.
-    struct Catalog {
-        readable: bool,
-    }
-
-    #[async_trait::async_trait]
-    impl Log for Catalog {
-        fn partitions(&self, _: &str) -> Result<u32, LogError> {
-            Ok(1)
-        }
-        async fn append(&self, _: &str, _: Vec<Record>) -> Result<Vec<Position>, LogError> {
-            Err(LogError::Closed)
-        }
-        async fn read_all(&self, _: &str) -> Result<Vec<LogRecord>, LogError> {
-            Ok(Vec::new())
-        }
-        async fn read_partition(
-            &self,
-            _: &str,
-            _: u32,
-            _: u64,
-            _: usize,
-        ) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
-            Ok((Vec::new(), None))
-        }
-        async fn end_offset(&self, _: &str, _: u32) -> Result<u64, LogError> {
-            if self.readable {
-                Ok(0)
-            } else {
-                Err(LogError::Backend("the broker is unreachable".into()))
-            }
-        }
-        async fn consume(&self, _: &str, _: &str) -> Result<Box<dyn Consumer>, LogError> {
-            Err(LogError::Closed)
-        }
-        async fn follow(&self, _: &str, _: u32, _: u64) -> Result<Box<dyn PartitionReader>, LogError> {
-            Err(LogError::Closed)
-        }
-        async fn ready(&self) -> bool {
-            self.readable
-        }
-        async fn close(&self) -> Result<(), LogError> {
-            Ok(())
-        }
-    }
+    use crate::log::stub::Stub;
 
     fn registry(readable: bool) -> Registry {
-        let (feed, _applied) = Feed::new(Arc::new(Catalog { readable }), "catalog".into(), 0);
+        let (feed, _applied) = Feed::new(Arc::new(Stub::new(false, readable)), "catalog".into(), 0);
         Registry::load(Arc::new(feed), &[], Rules::default(), HealthConfig::default())
     }
 

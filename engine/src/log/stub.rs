@@ -1,0 +1,65 @@
+//! A log for unit tests of what sits on top of one: it keeps nothing and reads nothing.
+
+use super::{Consumer, Log, LogError, LogRecord, PartitionReader, Position, Record};
+use async_trait::async_trait;
+use std::sync::Mutex;
+
+/// One partition per topic, always empty. Appends are counted (each one's size kept in
+/// `appends`) when `taking`, refused as closed otherwise; reaching its end fails and it is not
+/// ready when it is not `reachable` (a broker that is down).
+pub struct Stub {
+    pub taking: bool,
+    pub reachable: bool,
+    pub appends: Mutex<Vec<usize>>,
+}
+
+impl Stub {
+    pub fn new(taking: bool, reachable: bool) -> Stub {
+        Stub { taking, reachable, appends: Mutex::default() }
+    }
+}
+
+#[async_trait]
+impl Log for Stub {
+    fn partitions(&self, _: &str) -> Result<u32, LogError> {
+        Ok(1)
+    }
+    async fn append(&self, _: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
+        if !self.taking {
+            return Err(LogError::Closed);
+        }
+        self.appends.lock().unwrap().push(records.len());
+        Ok((0..records.len() as u64).map(|offset| Position { partition: 0, offset }).collect())
+    }
+    async fn read_all(&self, _: &str) -> Result<Vec<LogRecord>, LogError> {
+        Ok(Vec::new())
+    }
+    async fn read_partition(
+        &self,
+        _: &str,
+        _: u32,
+        _: u64,
+        _: usize,
+    ) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
+        Ok((Vec::new(), None))
+    }
+    async fn end_offset(&self, _: &str, _: u32) -> Result<u64, LogError> {
+        if self.reachable {
+            Ok(0)
+        } else {
+            Err(LogError::Backend("the broker is unreachable".into()))
+        }
+    }
+    async fn consume(&self, _: &str, _: &str) -> Result<Box<dyn Consumer>, LogError> {
+        Err(LogError::Closed)
+    }
+    async fn follow(&self, _: &str, _: u32, _: u64) -> Result<Box<dyn PartitionReader>, LogError> {
+        Err(LogError::Closed)
+    }
+    async fn ready(&self) -> bool {
+        self.reachable
+    }
+    async fn close(&self) -> Result<(), LogError> {
+        Ok(())
+    }
+}
