@@ -126,6 +126,9 @@ pub struct Partition {
     /// copies about what it hands out (a fixed 256 KiB window copied ten times that when a
     /// shard had room for a few dozen records).
     frame_bytes: std::sync::atomic::AtomicUsize,
+    /// Bytes read from segment files for readers, against what they handed out: what a read
+    /// copies that it does not hand out is wasted.
+    read_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Where the last read of a reader stopped, so its next read starts at that frame instead of
@@ -347,6 +350,7 @@ impl Partition {
             faults,
             generation: generation.unwrap_or(0).into(),
             frame_bytes: std::sync::atomic::AtomicUsize::new(1024),
+            read_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -641,6 +645,12 @@ impl Partition {
         self.read_on(from, max, max_bytes, &mut None, Wait::Yes)
     }
 
+    /// Bytes read from segment files for readers so far.
+    #[cfg(test)]
+    pub fn read_bytes(&self) -> u64 {
+        self.read_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// [`Partition::read`] for a reader that reads on from where it stopped: `hint` is where
     /// the last read stopped, used when it is for `from` and replaced by where this one stops.
     /// With [`Wait::No`], a read that would wait for the disk fails with `WouldBlock` and
@@ -711,6 +721,8 @@ impl Partition {
         let frame_bytes = self.frame_bytes.load(std::sync::atomic::Ordering::Relaxed).max(32);
         let wanted = (from.saturating_sub(plan.pos_offset) as usize).saturating_add(max).saturating_mul(frame_bytes);
         let mut window = (wanted.saturating_add(wanted / 8)).clamp(4096, READ_WINDOW).min(max_bytes.max(4096));
+        // The offset after the last frame decoded (handed out or stepped over).
+        let mut next_seen = plan.pos_offset;
         // `from < seg_end`, so a record at or after `from` lies in [pos, limit).
         'windows: while frames.len() < max && bytes < max_bytes && pos < plan.limit {
             if let Some(&(_, hole_end)) = plan.holes.iter().find(|&&(s, e)| s <= pos && pos < e) {
@@ -720,11 +732,15 @@ impl Partition {
             let hole_at = plan.holes.iter().map(|&(s, _)| s).filter(|&s| s > pos).min().unwrap_or(plan.limit);
             let n = ((hole_at.min(plan.limit) - pos) as usize).min(window);
             let buf = read_exact_at(file, pos, n, wait)?;
+            self.read_bytes.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let mut used = 0usize;
+            let mut seen = 0usize;
             loop {
                 match segment::decode(&buf.slice(used..)) {
                     Decoded::Frame(frame, size) => {
                         used += size;
+                        seen += 1;
+                        next_seen = frame.offset + 1;
                         if frame.offset >= from {
                             bytes += frame.value.len();
                             frames.push(frame);
@@ -761,7 +777,15 @@ impl Partition {
             if used == 0 {
                 window = window.saturating_mul(2); // one frame is larger than the window
             } else {
-                window = READ_WINDOW.min(max_bytes.max(4096)); // the estimate fell short
+                // The estimate fell short (after a restart it is a default until the first
+                // append): the next window holds what is still wanted at the size these
+                // frames had, which becomes the estimate. The largest window instead read
+                // 256 KiB for the frame or two still wanted, in every read of a drain.
+                let frame_bytes = used / seen;
+                self.frame_bytes.store(frame_bytes, std::sync::atomic::Ordering::Relaxed);
+                let still = (from.saturating_sub(next_seen) as usize).saturating_add(max - frames.len());
+                let wanted = still.saturating_mul(frame_bytes);
+                window = (wanted.saturating_add(wanted / 8)).clamp(4096, READ_WINDOW).min(max_bytes.max(4096));
             }
             pos += used as u64;
         }
