@@ -159,7 +159,6 @@ impl Settled {
     /// The receiver's answer moves into the record: nothing reads it after the history, and
     /// copying its headers for every delivery was half the cost of making the record.
     pub fn take_history(&mut self, now_ms: i64) -> Option<HistoryRecord> {
-        let response = self.attempt.as_mut().and_then(Outcome::take_response);
         let d = self.delivery.as_ref()?;
         let (state, next_ms) = match &self.settlement {
             Settlement::Delivered => (State::Delivered, None),
@@ -168,6 +167,7 @@ impl Settled {
             Settlement::Dropped => (State::Dropped, None),
             Settlement::Deferred { .. } => return None,
         };
+        let response = self.attempt.as_mut().and_then(Outcome::take_response);
         let attempt = |outcome: &str, latency: Duration, status, error, response| {
             HistoryRecord::Attempt(AttemptRecord {
                 id: new_id("att"),

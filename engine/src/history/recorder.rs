@@ -213,9 +213,11 @@ async fn append_until_taken(log: &Arc<dyn Log>, topic: &str, records: Vec<Record
     }
 }
 
-/// The writer: takes whatever is queued, at most once every [`APPEND_GAP`], appends it in
-/// one go, then marks it durable.
+/// The writer: takes whatever is queued, at most once every [`APPEND_GAP`] unless the last
+/// append was a full [`BATCH`] (a gap after full batches would cap history at 160 k records a
+/// second), appends it in one go, then marks it durable.
 async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Record)>, durable: watch::Sender<u64>) {
+    // When the last append started, if it was not full: after a full one, more is waiting.
     let mut last_append: Option<Instant> = None;
     while let Some((first_seq, first)) = rx.recv().await {
         if let Some(at) = last_append {
@@ -232,7 +234,7 @@ async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Re
                 Err(_) => break,
             }
         }
-        last_append = Some(Instant::now());
+        last_append = (records.len() < BATCH).then(Instant::now);
         append_until_taken(&log, &topic, records).await;
         durable.send_modify(|d| *d = (*d).max(last));
     }

@@ -122,9 +122,10 @@ pub struct Partition {
     faults: Faults,
     /// The last compaction's generation, for the compacted file's name.
     generation: std::sync::atomic::AtomicU64,
-    /// Bytes per frame in the last batch appended: a read sizes its window from it, so it
-    /// copies about what it hands out (a fixed 256 KiB window copied ten times that when a
-    /// shard had room for a few dozen records).
+    /// Bytes per frame in the last batch appended, or in the last read window that fell
+    /// short of its estimate (appends and every reader update it; it is only an estimate): a
+    /// read sizes its window from it, so it copies about what it hands out (a fixed 256 KiB
+    /// window copied ten times that when a shard had room for a few dozen records).
     frame_bytes: std::sync::atomic::AtomicUsize,
     /// Bytes read from segment files for readers, against what they handed out: what a read
     /// copies that it does not hand out is wasted.
@@ -735,8 +736,16 @@ impl Partition {
             self.read_bytes.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let mut used = 0usize;
             let mut seen = 0usize;
+            // Whether the window reaches the end of what may be read here: a frame that would
+            // run on past it had its length damaged after the segment was validated, and
+            // waiting for more of it (doubling the window) would spin for ever.
+            let at_end = pos + buf.len() as u64 >= hole_at.min(plan.limit);
             loop {
-                match segment::decode(&buf.slice(used..)) {
+                let decoded = match segment::decode(&buf.slice(used..)) {
+                    Decoded::Incomplete if at_end && used < buf.len() => Decoded::Corrupt,
+                    decoded => decoded,
+                };
+                match decoded {
                     Decoded::Frame(frame, size) => {
                         used += size;
                         seen += 1;
@@ -785,7 +794,11 @@ impl Partition {
                 self.frame_bytes.store(frame_bytes, std::sync::atomic::Ordering::Relaxed);
                 let still = (from.saturating_sub(next_seen) as usize).saturating_add(max - frames.len());
                 let wanted = still.saturating_mul(frame_bytes);
-                window = (wanted.saturating_add(wanted / 8)).clamp(4096, READ_WINDOW).min(max_bytes.max(4096));
+                // At least the frame it stopped in, when its header shows how large it is
+                // (small frames before a large one would make the average too small).
+                let partial = segment::frame_size(&buf[used..]).unwrap_or(0);
+                window =
+                    (wanted.saturating_add(wanted / 8)).clamp(4096, READ_WINDOW).min(max_bytes.max(4096)).max(partial);
             }
             pos += used as u64;
         }

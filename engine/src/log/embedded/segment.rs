@@ -60,15 +60,20 @@ pub enum Decoded {
 
 /// Decodes the frame at the start of `buf` (a slice of a shared buffer, so key and value
 /// are zero-copy views).
+/// The whole size of the frame whose header starts `buf`, header included; `None` when the
+/// header is not all there or gives a length no frame can have.
+pub fn frame_size(buf: &[u8]) -> Option<usize> {
+    let len = u32::from_le_bytes(buf.get(0..4)?.try_into().ok()?) as usize;
+    (buf.len() >= FRAME_HEADER && (BODY_FIXED..=MAX_FRAME).contains(&len)).then_some(FRAME_HEADER + len)
+}
+
 pub fn decode(buf: &Bytes) -> Decoded {
     if buf.len() < FRAME_HEADER {
         return Decoded::Incomplete;
     }
-    let len = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as usize;
-    if !(BODY_FIXED..=MAX_FRAME).contains(&len) {
-        return Decoded::Corrupt;
-    }
-    if buf.len() < FRAME_HEADER + len {
+    let Some(size) = frame_size(buf) else { return Decoded::Corrupt };
+    let len = size - FRAME_HEADER;
+    if buf.len() < size {
         return Decoded::Incomplete;
     }
     let crc = u32::from_le_bytes(buf[4..8].try_into().unwrap());

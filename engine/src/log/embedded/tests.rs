@@ -114,6 +114,32 @@ async fn a_corrupt_record_is_never_served() {
     assert!(all.iter().all(|r| r.value.starts_with(b"value-")));
 }
 
+/// A frame whose length is damaged after the segment was validated, so that it claims to run
+/// past the segment's end, is stepped over like any damage: a read that waited for the rest of
+/// it doubled its window for ever and never returned.
+#[tokio::test]
+async fn a_frame_whose_length_runs_past_the_end_does_not_hang_a_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = {
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+        log.append("t", (0..5).map(|i| rec("k", &format!("value-{i}"))).collect()).await.unwrap()[0].partition
+    };
+    settle_journal(dir.path(), config(dir.path(), 1 << 20)).await;
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+    // Five frames of 36 bytes (header 8, fixed body 20, key 1, value 7): the last starts at 144.
+    let seg = dir.path().join(format!("topics/t/{p}/{}", segment::file_name(0)));
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 180);
+    let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_at(&file, &1000u32.to_le_bytes(), 144).unwrap();
+    let part = log.partition("t", p).unwrap().clone();
+    // On a thread of its own, so that a read that never returns fails the test instead of
+    // holding up the runtime's shutdown.
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(part.read_on(0, 10, 1 << 20, &mut None, Wait::Yes)));
+    let (frames, _) = result.recv_timeout(Duration::from_secs(20)).expect("the read returned").unwrap();
+    assert_eq!(frames.iter().map(|f| f.offset).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+}
+
 #[tokio::test]
 async fn consumers_resume_from_their_committed_offset() {
     let dir = tempfile::tempdir().unwrap();
