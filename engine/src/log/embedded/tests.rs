@@ -95,15 +95,22 @@ async fn settle_journal(dir: &std::path::Path, cfg: EmbeddedConfig) {
     assert!(dir.join("journal").is_dir());
 }
 
+/// Five small records (`value-0` … `value-4`, frames of 36 bytes: header 8, fixed body 20, key
+/// 1, value 7) appended and settled into one partition's first segment: that partition, and
+/// the segment's path.
+async fn five_settled_records(dir: &std::path::Path) -> (u32, std::path::PathBuf) {
+    let part = {
+        let log = EmbeddedLog::open(config(dir, 1 << 20)).await.unwrap();
+        log.append("t", (0..5).map(|i| rec("k", &format!("value-{i}"))).collect()).await.unwrap()[0].partition
+    };
+    settle_journal(dir, config(dir, 1 << 20)).await;
+    (part, dir.join(format!("topics/t/{part}/{}", segment::file_name(0))))
+}
+
 #[tokio::test]
 async fn a_corrupt_record_is_never_served() {
     let dir = tempfile::tempdir().unwrap();
-    let part = {
-        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
-        log.append("t", (0..5).map(|i| rec("k", &format!("value-{i}"))).collect()).await.unwrap()[0].partition
-    };
-    settle_journal(dir.path(), config(dir.path(), 1 << 20)).await;
-    let seg = dir.path().join(format!("topics/t/{part}/{}", segment::file_name(0)));
+    let (_, seg) = five_settled_records(dir.path()).await;
     let mut bytes = std::fs::read(&seg).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0xff; // flip a byte inside the last record's value
@@ -120,14 +127,9 @@ async fn a_corrupt_record_is_never_served() {
 #[tokio::test]
 async fn a_frame_whose_length_runs_past_the_end_does_not_hang_a_read() {
     let dir = tempfile::tempdir().unwrap();
-    let p = {
-        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
-        log.append("t", (0..5).map(|i| rec("k", &format!("value-{i}"))).collect()).await.unwrap()[0].partition
-    };
-    settle_journal(dir.path(), config(dir.path(), 1 << 20)).await;
+    let (p, seg) = five_settled_records(dir.path()).await;
     let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
-    // Five frames of 36 bytes (header 8, fixed body 20, key 1, value 7): the last starts at 144.
-    let seg = dir.path().join(format!("topics/t/{p}/{}", segment::file_name(0)));
+    // The last of the five 36-byte frames starts at 144.
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), 180);
     let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
     std::os::unix::fs::FileExt::write_at(&file, &1000u32.to_le_bytes(), 144).unwrap();
