@@ -127,8 +127,9 @@ pub struct Partition {
     /// read sizes its window from it, so it copies about what it hands out (a fixed 256 KiB
     /// window copied ten times that when a shard had room for a few dozen records).
     frame_bytes: std::sync::atomic::AtomicUsize,
-    /// Bytes read from segment files for readers, against what they handed out: what a read
-    /// copies that it does not hand out is wasted.
+    /// Bytes read from segment files for readers, for tests of what a read copies against
+    /// what it hands out (only tests count them: reads are the hot path).
+    #[cfg(test)]
     read_bytes: std::sync::atomic::AtomicU64,
 }
 
@@ -351,6 +352,7 @@ impl Partition {
             faults,
             generation: generation.unwrap_or(0).into(),
             frame_bytes: std::sync::atomic::AtomicUsize::new(1024),
+            #[cfg(test)]
             read_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -733,6 +735,7 @@ impl Partition {
             let hole_at = plan.holes.iter().map(|&(s, _)| s).filter(|&s| s > pos).min().unwrap_or(plan.limit);
             let n = ((hole_at.min(plan.limit) - pos) as usize).min(window);
             let buf = read_exact_at(file, pos, n, wait)?;
+            #[cfg(test)]
             self.read_bytes.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let mut used = 0usize;
             let mut seen = 0usize;
