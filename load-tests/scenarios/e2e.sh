@@ -22,7 +22,9 @@ HERALD_PORT=18181
 SINK_PORT=19100
 export HERALD_ADMIN_TOKEN=e2e-admin-token-0123456789 HERALD_NETWORK_ALLOW=127.0.0.0/8 RUST_LOG=warn
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -s "$WORK/herald.err" ] && grep -v "^ *[0-9]*: \|^ *at " "$WORK/herald.err" | head -8 >&2; rm -rf "$WORK"; }
+# Waits for every process to end, so the next run's tansu can bind its port (a broker that
+# held a run's records takes a while to exit, and a probe would reach it instead).
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; [ -s "$WORK/herald.err" ] && sed '/^Stack backtrace:/q' "$WORK/herald.err" | grep -v "INFO" | head -12 >&2; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
