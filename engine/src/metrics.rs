@@ -303,7 +303,10 @@ impl Metrics {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(EVENTS_INGESTED, "Events accepted through the API.");
-    describe_gauge!(HISTORY_LAG, "History records not yet in this process's index.");
+    describe_gauge!(
+        HISTORY_LAG,
+        "Records of the history topic not yet in this process's index (a bundle of history records counts once)."
+    );
     describe_counter!(HISTORY_RECORDS, "History records indexed by this process.");
     describe_gauge!(HISTORY_BYTES, Unit::Bytes, "Bytes of this process's history index on disk.");
     describe_counter!(HISTORY_EXPIRED, "History entries deleted for being past history.retention.");

@@ -24,10 +24,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Records indexed in one batch at most: enough that a batch's fixed costs are small, few
-/// enough that its buffers stay below the allocator's huge-allocation size (batches of 4096
-/// had every batch's growing buffers faulted in and zeroed afresh, 18 % of the indexer's time).
-const READ_BATCH: usize = 1024;
+/// Records of the topic read at a time at most. Under load each is a bundle of up to 16 KiB
+/// of history records, so a read holds a few MiB at most; the index writes what it reads in
+/// bounded batches of its own.
+const READ_BATCH: usize = 256;
 
 /// How often days past retention are looked for, and the lag measured.
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);

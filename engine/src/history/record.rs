@@ -244,6 +244,23 @@ pub fn read_listing(bytes: &[u8]) -> Option<(String, String)> {
     }
 }
 
+/// Several records of one partition appended as one record of the topic. A record of the
+/// topic costs the same on its way whatever it holds — a producer call, a broker's per-message
+/// work, a frame on disk, a consumer's per-message work — and on Kafka that was a third of what
+/// history added to a delivery (BENCHMARKS.md, "Delivery history"), so the recorder packs what
+/// it appends together into bundles; the index reads their members.
+pub fn bundle(members: &[&[u8]]) -> Bytes {
+    codec::encode_bundle(members)
+}
+
+/// The records one value of the topic holds: a bundle's members, or the value itself. A damaged
+/// bundle's unreadable rest comes out as one last member (which then does not decode).
+pub fn members(value: &[u8]) -> Members<'_> {
+    codec::members(value)
+}
+
+pub use codec::Members;
+
 /// The API's view of an attempt (what `GET /v1/attempts` lists), made once when it is indexed.
 pub fn attempt_view(a: &AttemptRecord) -> serde_json::Value {
     let response = a.response.as_ref().map(|r| {
@@ -517,6 +534,67 @@ mod codec {
         })
     }
 
+    const BUNDLE: u8 = b'b';
+
+    /// `FORMAT`, `BUNDLE`, the number of members (u32), then each member with its length.
+    pub fn encode_bundle(members: &[&[u8]]) -> Bytes {
+        let size = members.iter().map(|m| m.len() + 4).sum::<usize>();
+        let mut o = Out::new(BUNDLE, size + 4);
+        o.u32(members.len() as u32);
+        for m in members {
+            o.bytes(m);
+        }
+        o.0.freeze()
+    }
+
+    /// The members of a value of the topic (see [`super::members`]).
+    pub struct Members<'a> {
+        rest: &'a [u8],
+        left: usize,
+        bundled: bool,
+    }
+
+    impl Members<'_> {
+        /// How many records are left, at most (a damaged bundle's count cannot exceed what
+        /// its bytes could hold).
+        pub fn at_most(&self) -> usize {
+            self.left
+        }
+    }
+
+    impl<'a> Iterator for Members<'a> {
+        type Item = &'a [u8];
+
+        fn next(&mut self) -> Option<&'a [u8]> {
+            if self.left == 0 {
+                return None;
+            }
+            self.left -= 1;
+            let mut i = In(self.rest);
+            // A plain record is its own only member.
+            let member = if self.bundled { i.bytes() } else { None };
+            match member {
+                Some(member) => {
+                    self.rest = i.0;
+                    Some(member)
+                }
+                None => {
+                    self.left = 0;
+                    Some(std::mem::take(&mut self.rest))
+                }
+            }
+        }
+    }
+
+    pub fn members(value: &[u8]) -> Members<'_> {
+        let mut i = In(value);
+        if let (Some(FORMAT), Some(BUNDLE), Some(count)) = (i.u8(), i.u8(), i.u32()) {
+            // Each member takes at least its length's 4 bytes.
+            return Members { rest: i.0, left: (count as usize).min(i.0.len() / 4), bundled: true };
+        }
+        Members { rest: value, left: 1, bundled: false }
+    }
+
     const LISTING: u8 = b'l';
 
     pub fn encode_listing(id: &str, event_type: &str) -> Vec<u8> {
@@ -566,6 +644,41 @@ mod codec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bundle_holds_its_members_in_order_and_a_plain_record_is_its_own() {
+        let encoded: Vec<Bytes> = records().iter().map(HistoryRecord::encode).collect();
+        let refs: Vec<&[u8]> = encoded.iter().map(|b| &b[..]).collect();
+        let bundle = bundle(&refs);
+        let members = members(&bundle);
+        assert_eq!(members.at_most(), encoded.len());
+        let back: Vec<HistoryRecord> = members.map(|m| HistoryRecord::decode(m).expect("a member decodes")).collect();
+        assert_eq!(format!("{back:?}"), format!("{:?}", records()));
+
+        let plain: Vec<&[u8]> = super::members(&encoded[1]).collect();
+        assert_eq!(plain, [&encoded[1][..]]);
+        let json = br#"{"kind":"state"}"#;
+        assert_eq!(super::members(json).collect::<Vec<_>>(), [&json[..]], "an earlier version's JSON record");
+    }
+
+    #[test]
+    fn a_damaged_bundle_gives_what_it_can_and_never_more_than_its_bytes_hold() {
+        let encoded: Vec<Bytes> = records().iter().map(HistoryRecord::encode).collect();
+        let refs: Vec<&[u8]> = encoded.iter().map(|b| &b[..]).collect();
+        let bundle = bundle(&refs);
+        // Cut in the middle of the second member: the first comes out whole, then the rest once.
+        let cut = 2 + 4 + 4 + encoded[0].len() + 4 + encoded[1].len() / 2;
+        let got: Vec<&[u8]> = members(&bundle[..cut]).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], &encoded[0][..]);
+        assert!(HistoryRecord::decode(got[1]).is_none());
+        // A count far beyond the bytes.
+        let mut lying = bundle.to_vec();
+        lying[2..6].copy_from_slice(&u32::MAX.to_le_bytes());
+        let members = members(&lying);
+        assert!(members.at_most() <= lying.len() / 4);
+        assert!(members.at_most() >= encoded.len());
+    }
 
     fn attempt() -> AttemptRecord {
         AttemptRecord {

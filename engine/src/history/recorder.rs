@@ -5,8 +5,8 @@
 //! after a crash no settled attempt is missing. The wait has a budget: if the log cannot take
 //! history in time, commits go on (`herald_history_late_total`) and the records follow.
 
-use super::record::HistoryRecord;
-use crate::log::{Committer, Log, LogError, Record};
+use super::record::{self, HistoryRecord};
+use crate::log::{partition_for, Committer, Log, LogError, Record};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,10 @@ const QUEUE: usize = 1 << 16;
 /// (and the attempts' appearance in queries), never a delivery; an attempt after a quiet
 /// spell is appended at once.
 const APPEND_GAP: Duration = Duration::from_millis(25);
+/// Bytes of records packed into one record of the topic at most ([`record::bundle`]): dozens
+/// of attempts, a dozen events; small beside any record size a log takes, and a reader's batch
+/// of them stays a few MiB.
+const BUNDLE_BYTES: usize = 16 << 10;
 
 /// Writes history records.
 pub struct Recorder {
@@ -87,7 +91,8 @@ impl Recorder {
         if records.is_empty() {
             return Ok(());
         }
-        self.log.append(&self.topic, records.iter().map(Self::record_of).collect()).await.map(|_| ())
+        let records = bundled(records.iter().map(Self::record_of).collect(), self.log.partitions(&self.topic)?);
+        self.log.append(&self.topic, records).await.map(|_| ())
     }
 
     /// Waits until every record queued so far is durable, or the budget passed.
@@ -193,6 +198,43 @@ async fn release(recorder: std::sync::Weak<Recorder>, mut durable: watch::Receiv
     }
 }
 
+/// `records` as they go to the topic: those bound for one partition, in their order, packed
+/// into bundles of up to [`BUNDLE_BYTES`] (keyed by their first member, so a bundle goes where
+/// each of its members would have gone); a record alone, or too large to share, goes as it is.
+fn bundled(records: Vec<Record>, partitions: u32) -> Vec<Record> {
+    let mut by_partition: Vec<Vec<Record>> = (0..partitions.max(1)).map(|_| Vec::new()).collect();
+    for r in records {
+        let p = partition_for(&r.key, partitions.max(1)) as usize;
+        by_partition[p].push(r);
+    }
+    let mut out = Vec::new();
+    for records in by_partition {
+        let mut group: Vec<Record> = Vec::new();
+        let mut bytes = 0;
+        for r in records {
+            if !group.is_empty() && bytes + r.value.len() + 4 > BUNDLE_BYTES {
+                out.push(pack(std::mem::take(&mut group)));
+                bytes = 0;
+            }
+            bytes += r.value.len() + 4;
+            group.push(r);
+        }
+        if !group.is_empty() {
+            out.push(pack(group));
+        }
+    }
+    out
+}
+
+/// One record of the topic for `group`: its only member, or a bundle of them.
+fn pack(mut group: Vec<Record>) -> Record {
+    if group.len() == 1 {
+        return group.pop().expect("one");
+    }
+    let members: Vec<&[u8]> = group.iter().map(|r| &r.value[..]).collect();
+    Record { key: group[0].key.clone(), value: record::bundle(&members) }
+}
+
 /// Appends `records`, retrying a failed append until the log takes it (or is closed, or could
 /// never take it).
 async fn append_until_taken(log: &Arc<dyn Log>, topic: &str, records: Vec<Record>) {
@@ -217,6 +259,7 @@ async fn append_until_taken(log: &Arc<dyn Log>, topic: &str, records: Vec<Record
 /// append was a full [`BATCH`] (a gap after full batches would cap history at 160 k records a
 /// second), appends it in one go, then marks it durable.
 async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Record)>, durable: watch::Sender<u64>) {
+    let partitions = log.partitions(&topic).unwrap_or(1);
     // When the last append started, if it was not full: after a full one, more is waiting.
     let mut last_append: Option<Instant> = None;
     while let Some((first_seq, first)) = rx.recv().await {
@@ -235,7 +278,7 @@ async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Re
             }
         }
         last_append = (records.len() < BATCH).then(Instant::now);
-        append_until_taken(&log, &topic, records).await;
+        append_until_taken(&log, &topic, bundled(records, partitions)).await;
         durable.send_modify(|d| *d = (*d).max(last));
     }
 }
@@ -245,6 +288,7 @@ mod tests {
     use super::*;
     use crate::history::record::{State, StateRecord};
     use crate::log::stub::Stub;
+    use bytes::Bytes;
 
     fn state(n: usize) -> HistoryRecord {
         HistoryRecord::State(StateRecord {
@@ -275,7 +319,40 @@ mod tests {
             tokio::task::yield_now().await;
         }
         recorder.synced().await;
-        assert_eq!(*log.appends.lock().unwrap(), [1, 100], "records queued within the gap went out apart");
+        assert_eq!(*log.appends.lock().unwrap(), [1, 1], "records queued within the gap went out apart, or unbundled");
         assert!(Instant::now() >= started + APPEND_GAP);
+    }
+
+    #[test]
+    fn records_are_bundled_per_partition_in_order_and_within_the_size() {
+        let partitions = 3;
+        let mut records = Vec::new();
+        for n in 0..600 {
+            let key = format!("sub_{}", n % 7);
+            // Every 50th record is too large to share a bundle.
+            let size = if n % 50 == 0 { BUNDLE_BYTES + 1 } else { 100 + n % 300 };
+            records.push(Record { key: key.into_bytes().into(), value: format!("{n:08}").repeat(size / 8).into() });
+        }
+        let out = bundled(records.clone(), partitions);
+        assert!(out.len() < records.len() / 10, "{} topic records for {}", out.len(), records.len());
+        let mut seen: Vec<Vec<Bytes>> = vec![Vec::new(); partitions as usize];
+        for r in &out {
+            let p = partition_for(&r.key, partitions) as usize;
+            let members: Vec<&[u8]> = record::members(&r.value).collect();
+            if members.len() > 1 {
+                assert!(r.value.len() <= BUNDLE_BYTES + 6, "a bundle of {} bytes", r.value.len());
+            }
+            seen[p].extend(members.iter().map(|m| Bytes::copy_from_slice(m)));
+        }
+        for (p, got) in seen.iter().enumerate() {
+            let want: Vec<Bytes> = records
+                .iter()
+                .filter(|r| partition_for(&r.key, partitions) as usize == p)
+                .map(|r| r.value.clone())
+                .collect();
+            assert_eq!(got, &want, "partition {p}: every record once, in order, where its key sends it");
+        }
+        let lone = Record { key: "sub".into(), value: HistoryRecord::encode(&state(1)) };
+        assert_eq!(bundled(vec![lone.clone()], partitions)[0].value, lone.value, "a lone record goes as it is");
     }
 }
