@@ -34,8 +34,9 @@ pub enum IndexError {
 /// (a filter that matches little cannot make a request scan the whole history).
 const SCAN_LIMIT: usize = 20_000;
 
-/// History records indexed in one atomic write at most: enough that a write's fixed costs are
-/// small, few enough that its buffers stay below the allocator's huge-allocation size
+/// History records indexed in one atomic write at most (unless one record of the topic holds
+/// more): enough that a write's fixed costs are small, few enough that its buffers stay below
+/// the allocator's huge-allocation size
 /// (batches of 4096 had every batch's growing buffers faulted in and zeroed afresh, 18 % of
 /// the indexer's time).
 const APPLY_BATCH: usize = 1024;
@@ -194,6 +195,34 @@ fn day_options() -> KeyspaceCreateOptions {
         ))
 }
 
+/// One atomic write of [`Index::apply`]: these records of the topic, about `members` history
+/// records, and the offset to note after them.
+#[derive(Debug, PartialEq)]
+struct Run {
+    records: std::ops::Range<usize>,
+    members: usize,
+    next: u64,
+}
+
+/// `records` split into runs of at most [`APPLY_BATCH`] history records; a record of the topic
+/// is never split, and one holding more than that is a run of its own. The last run notes
+/// `next` (reading may go on past records it skipped); the others the offset after their last
+/// record. Always at least one run, so `next` is noted even with nothing to index.
+fn runs(records: &[LogRecord], next: u64) -> Vec<Run> {
+    let mut runs = Vec::new();
+    let (mut start, mut members) = (0, 0);
+    for (i, rec) in records.iter().enumerate() {
+        let these = record::members(&rec.value).at_most();
+        if members > 0 && members + these > APPLY_BATCH {
+            runs.push(Run { records: start..i, members, next: rec.offset });
+            (start, members) = (i, 0);
+        }
+        members += these;
+    }
+    runs.push(Run { records: start..records.len(), members, next });
+    runs
+}
+
 /// What a visit tells a scan.
 enum Flow {
     Go,
@@ -310,44 +339,39 @@ impl Index {
     }
 
     /// Indexes `records` of `partition` and notes that reading continues at `next`, atomically
-    /// with what it indexed. Returns how many history records were indexed (a record of the
-    /// topic may be a bundle of them: every [`APPLY_BATCH`] of those, what is indexed so far is
-    /// written with the offset after its topic record). Only blind writes, three keys an
+    /// with what it indexed: in [`runs`] of history records (a record of the topic may be a
+    /// bundle of them), each written with the offset after its last record of the topic.
+    /// Returns how many history records were indexed. Only blind writes, three keys an
     /// attempt: an attempt is stored as its record (its view is made when a query returns it),
     /// and a delivery's states are kept side by side as versions (the newest is read), so
     /// indexing never reads the store.
     pub fn apply(&self, partition: u32, records: &[LogRecord], next: u64, now_ms: i64) -> Result<usize, IndexError> {
-        // Sized up front (at most three entries a record, and the offset): growing it faulted
-        // in fresh pages on every batch. Written to the OS like `Database::batch` does.
-        let sized = |members: usize| {
-            fjall::OwnedWriteBatch::with_capacity(self.db.clone(), members.min(APPLY_BATCH) * 3 + 1)
-                .durability(Some(fjall::PersistMode::Buffer))
-        };
-        let members = records.iter().map(|r| record::members(&r.value).at_most()).sum::<usize>();
-        let mut batch = sized(members);
-        let (mut applied, mut in_batch) = (0, 0);
-        for rec in records {
-            for value in record::members(&rec.value) {
-                let Some(record) = HistoryRecord::decode(value) else {
-                    tracing::warn!(
-                        partition,
-                        offset = rec.offset,
-                        "a history record this version cannot read; skipped"
-                    );
-                    continue;
-                };
-                applied += 1;
-                in_batch += 1;
-                self.index_one(&mut batch, record, value, now_ms)?;
+        let mut applied = 0;
+        for run in runs(records, next) {
+            // Sized up front (at most three entries a record, and the offset): growing it
+            // faulted in fresh pages on every batch. Written to the OS like `Database::batch`.
+            let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), run.members * 3 + 1)
+                .durability(Some(fjall::PersistMode::Buffer));
+            let mut in_run = 0;
+            for rec in &records[run.records] {
+                for value in record::members(&rec.value) {
+                    let Some(record) = HistoryRecord::decode(value) else {
+                        tracing::warn!(
+                            partition,
+                            offset = rec.offset,
+                            "a history record this version cannot read; skipped"
+                        );
+                        continue;
+                    };
+                    in_run += 1;
+                    self.index_one(&mut batch, record, value, now_ms)?;
+                }
             }
-            if in_batch >= APPLY_BATCH && rec.offset + 1 < next {
-                batch.insert(&self.meta, Self::offset_key(partition), (rec.offset + 1).to_be_bytes());
-                std::mem::replace(&mut batch, sized(members.saturating_sub(applied))).commit()?;
-                in_batch = 0;
-            }
+            batch.insert(&self.meta, Self::offset_key(partition), run.next.to_be_bytes());
+            batch.commit()?;
+            metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(in_run as u64);
+            applied += in_run;
         }
-        batch.insert(&self.meta, Self::offset_key(partition), next.to_be_bytes());
-        batch.commit()?;
         Ok(applied)
     }
 
@@ -803,6 +827,11 @@ mod tests {
         ];
         assert_eq!(index.apply(0, &records, 10, now).unwrap(), APPLY_BATCH + 8);
         assert_eq!(index.offset(0), 10);
+        // Written in two: the large bundle alone, noting offset 8; then the rest, noting 10.
+        assert_eq!(
+            runs(&records, 10),
+            [Run { records: 0..1, members: APPLY_BATCH + 5, next: 8 }, Run { records: 1..3, members: 3, next: 10 }]
+        );
         let q = AttemptQuery { tenant: "t".into(), limit: 5, ..AttemptQuery::default() };
         let newest: Vec<String> = index
             .attempts(&q)
@@ -813,6 +842,29 @@ mod tests {
             .collect();
         let want: Vec<String> = (0..5).map(|i| format!("a{}", APPLY_BATCH + 7 - i)).collect();
         assert_eq!(newest, want, "every member is an attempt of its own");
+    }
+
+    #[test]
+    fn runs_stay_within_a_write_s_worth_and_never_split_a_record_of_the_topic() {
+        let now = 100 * 86_400_000;
+        let plain = |offset: u64| LogRecord { offset, ..attempt("p", now) };
+        let bundle_of = |offset: u64, n: usize| {
+            let one = attempt("b", now).value;
+            let members: Vec<&[u8]> = (0..n).map(|_| &one[..]).collect();
+            LogRecord { offset, value: record::bundle(&members), ..attempt("b", now) }
+        };
+        assert_eq!(runs(&[], 5), [Run { records: 0..0, members: 0, next: 5 }], "the offset is noted anyway");
+        // 1000 + 24 fit in one write; 1 more does not; a gap in the offsets (12 → 20) is kept.
+        let records = [bundle_of(10, 1000), bundle_of(11, 24), plain(12), bundle_of(20, 2000), plain(21)];
+        assert_eq!(
+            runs(&records, 30),
+            [
+                Run { records: 0..2, members: APPLY_BATCH, next: 12 },
+                Run { records: 2..3, members: 1, next: 20 },
+                Run { records: 3..4, members: 2000, next: 21 },
+                Run { records: 4..5, members: 1, next: 30 },
+            ]
+        );
     }
 
     #[test]

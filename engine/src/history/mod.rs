@@ -25,8 +25,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// Records of the topic read at a time at most. Under load each is a bundle of up to 16 KiB
-/// of history records, so a read holds a few MiB at most; the index writes what it reads in
-/// bounded batches of its own.
+/// of history records (a read of them holds 4 MiB at most; a record of one event up to
+/// `ingest.max_event_bytes`, as before); the index writes what it reads in bounded batches of
+/// its own.
 const READ_BATCH: usize = 256;
 
 /// How often days past retention are looked for, and the lag measured.
@@ -169,13 +170,11 @@ async fn follow(log: Arc<dyn Log>, topic: String, partition: u32, index: Arc<Ind
             let next = records.last().map_or(from, |r| r.offset + 1);
             // On the indexer's own thread: blocking here holds up only the other partitions'
             // readers, which feed the same index one batch at a time anyway.
-            match index.apply(partition, &records, next, now_ms()) {
-                Ok(n) => metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(n as u64),
-                Err(e) => {
-                    tracing::error!(partition, error = %e, "indexing history failed; resuming from the last indexed record");
-                    tokio::time::sleep(pause).await;
-                    break;
-                }
+            // The index counts what it indexed (`herald_history_records_total`) as it writes.
+            if let Err(e) = index.apply(partition, &records, next, now_ms()) {
+                tracing::error!(partition, error = %e, "indexing history failed; resuming from the last indexed record");
+                tokio::time::sleep(pause).await;
+                break;
             }
         }
     }

@@ -4,13 +4,13 @@ use super::{Consumer, Log, LogError, LogRecord, PartitionReader, Position, Recor
 use async_trait::async_trait;
 use std::sync::Mutex;
 
-/// One partition per topic, always empty. Appends are counted (each one's size kept in
-/// `appends`) when `taking`, refused as closed otherwise; reaching its end fails and it is not
+/// One partition per topic, always empty. Appends are kept (each one's records in `appends`)
+/// when `taking`, refused as closed otherwise; reaching its end fails and it is not
 /// ready when it is not `reachable` (a broker that is down).
 pub struct Stub {
     pub taking: bool,
     pub reachable: bool,
-    pub appends: Mutex<Vec<usize>>,
+    pub appends: Mutex<Vec<Vec<Record>>>,
 }
 
 impl Stub {
@@ -28,8 +28,9 @@ impl Log for Stub {
         if !self.taking {
             return Err(LogError::Closed);
         }
-        self.appends.lock().unwrap().push(records.len());
-        Ok((0..records.len() as u64).map(|offset| Position { partition: 0, offset }).collect())
+        let positions = (0..records.len() as u64).map(|offset| Position { partition: 0, offset }).collect();
+        self.appends.lock().unwrap().push(records);
+        Ok(positions)
     }
     async fn read_all(&self, _: &str) -> Result<Vec<LogRecord>, LogError> {
         Ok(Vec::new())

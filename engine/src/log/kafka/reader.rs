@@ -292,6 +292,10 @@ impl Follower {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "20")
+            // librdkafka prefetches up to 64 MiB a partition by default; a reader that falls
+            // behind (the history index while deliveries take the cores) would hold that
+            // much for each partition it follows.
+            .set("queued.max.messages.kbytes", "16384")
             .set("group.id", "herald-follower")
             .create()
             .map_err(kafka_error)?;
