@@ -166,50 +166,65 @@ impl Signer {
         if let Ok(id) = HeaderValue::from_str(id) {
             headers.push((WEBHOOK_ID, id));
         }
-        headers.push((WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp)));
-        headers.extend(self.signature(id, timestamp, body));
+        // One text of the timestamp, signed and sent (the header shares its bytes).
+        let stamp = Bytes::from(timestamp.to_string());
+        let signature = self.signature(id, timestamp, &stamp, body);
+        headers.push((WEBHOOK_TIMESTAMP, header_value(stamp)));
+        headers.extend(signature);
         headers
     }
 
-    /// The signature header for a request whose body is the concatenation of `body`.
-    fn signature(&self, id: &str, timestamp: i64, body: &[Bytes]) -> Option<(HeaderName, HeaderValue)> {
-        let sigs: Vec<String> = match &self.scheme {
-            Scheme::None => return None,
-            Scheme::Standard => self
-                .keys
-                .iter()
-                .chain(self.previous.iter().filter(|(_, until)| timestamp * 1000 < *until).map(|(k, _)| k))
-                .map(|k| {
-                    let mut mac = k.clone();
-                    mac.update(id.as_bytes());
-                    mac.update(b".");
-                    mac.update(timestamp.to_string().as_bytes());
-                    mac.update(b".");
-                    body.iter().for_each(|c| mac.update(c));
-                    format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
-                })
-                .collect(),
-            Scheme::Hmac { encoding, .. } => self
-                .keys
-                .iter()
-                .map(|k| {
-                    let mut mac = k.clone();
-                    body.iter().for_each(|c| mac.update(c));
-                    let tag = mac.finalize().into_bytes();
-                    match encoding {
-                        SignatureEncoding::Base64 => B64.encode(tag),
-                        SignatureEncoding::Hex => hex::encode(tag),
-                    }
-                })
-                .collect(),
-        };
+    /// The signature header for a request whose body is the concatenation of `body`; `stamp`
+    /// is `timestamp` as text. Written into one string (this runs once per attempt: a string
+    /// per signature, joined, then copied into the header cost four allocations more).
+    fn signature(&self, id: &str, timestamp: i64, stamp: &[u8], body: &[Bytes]) -> Option<(HeaderName, HeaderValue)> {
+        let mut value = String::with_capacity(48 * (self.keys.len() + 1));
         let name = match &self.scheme {
-            Scheme::Hmac { header, .. } => header.clone(),
-            _ => WEBHOOK_SIGNATURE,
+            Scheme::None => return None,
+            Scheme::Standard => {
+                let previous = self.previous.iter().filter(|(_, until)| timestamp * 1000 < *until).map(|(k, _)| k);
+                for key in self.keys.iter().chain(previous) {
+                    let tag = mac(key, &[id.as_bytes(), b".", stamp, b"."], body);
+                    next_signature(&mut value);
+                    value.push_str("v1,");
+                    B64.encode_string(tag, &mut value);
+                }
+                WEBHOOK_SIGNATURE
+            }
+            Scheme::Hmac { header, encoding } => {
+                for key in &self.keys {
+                    let tag = mac(key, &[], body);
+                    next_signature(&mut value);
+                    match encoding {
+                        SignatureEncoding::Base64 => B64.encode_string(tag, &mut value),
+                        SignatureEncoding::Hex => value.push_str(&hex::encode(tag)),
+                    }
+                }
+                header.clone()
+            }
         };
-        let value = HeaderValue::from_str(&sigs.join(" ")).expect("base64 and hex are valid header text");
-        Some((name, value))
+        Some((name, header_value(Bytes::from(value))))
     }
+}
+
+/// The HMAC of `prefix` then `body` under `key`.
+fn mac(key: &HmacSha256, prefix: &[&[u8]], body: &[Bytes]) -> impl AsRef<[u8]> {
+    let mut mac = key.clone();
+    prefix.iter().for_each(|p| mac.update(p));
+    body.iter().for_each(|c| mac.update(c));
+    mac.finalize().into_bytes()
+}
+
+/// Separates signatures in one header value with a space.
+fn next_signature(value: &mut String) {
+    if !value.is_empty() {
+        value.push(' ');
+    }
+}
+
+/// A header value of text Herald wrote (digits, base64, hex), without copying it.
+fn header_value(text: Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(text).expect("digits, base64 and hex are valid header text")
 }
 
 #[cfg(test)]
@@ -225,7 +240,7 @@ mod tests {
     fn standard_matches_the_published_test_vector() {
         let s = signer(SignatureSpec::Standard, &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
         let body = [Bytes::from_static(br#"{"test": 2432232314}"#)];
-        let (name, value) = s.signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &body).unwrap();
+        let (name, value) = s.signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, b"1614265330", &body).unwrap();
         assert_eq!(name, "webhook-signature");
         assert_eq!(value, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
@@ -234,8 +249,22 @@ mod tests {
     fn chunked_bodies_sign_like_the_whole() {
         let s = signer(SignatureSpec::Standard, &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
         let parts = [Bytes::from_static(br#"{"test": "#), Bytes::from_static(b"2432232314}")];
-        let (_, value) = s.signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &parts).unwrap();
+        let (_, value) = s.signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, b"1614265330", &parts).unwrap();
         assert_eq!(value, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn headers_carry_the_id_the_timestamp_and_the_signature_over_them() {
+        let s = signer(SignatureSpec::Standard, &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
+        let body = [Bytes::from_static(br#"{"test": 2432232314}"#)];
+        let headers = s.headers("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &body);
+        let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["webhook-id", "webhook-timestamp", "webhook-signature"]);
+        assert_eq!(headers[0].1, "msg_p5jXN8AQM9LWM0D4loKWxJek");
+        assert_eq!(headers[1].1, "1614265330");
+        assert_eq!(headers[2].1, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        let none = signer(SignatureSpec::None, &[]);
+        assert_eq!(none.headers("evt_1", -5, &body).len(), 2, "ids and timestamps for every scheme");
     }
 
     #[test]
@@ -243,7 +272,12 @@ mod tests {
         let new = generate_secret();
         let s = signer(SignatureSpec::Standard, &[new.expose(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
         let (_, value) = s
-            .signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, &[Bytes::from_static(br#"{"test": 2432232314}"#)])
+            .signature(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1_614_265_330,
+                b"1614265330",
+                &[Bytes::from_static(br#"{"test": 2432232314}"#)],
+            )
             .unwrap();
         let parts: Vec<&str> = value.to_str().unwrap().split(' ').collect();
         assert_eq!(parts.len(), 2);
@@ -258,14 +292,14 @@ mod tests {
             SignatureSpec::Hmac { header: "X-OpenTrack-Signature".into(), encoding: SignatureEncoding::Hex },
             &["secret"],
         );
-        let (name, value) = hex.signature("ignored", 0, &[Bytes::from_static(b"hello")]).unwrap();
+        let (name, value) = hex.signature("ignored", 0, b"0", &[Bytes::from_static(b"hello")]).unwrap();
         assert_eq!(name, "x-opentrack-signature");
         assert_eq!(value, expected_hex);
         let b64 = signer(
             SignatureSpec::Hmac { header: "x-packsize-signature".into(), encoding: SignatureEncoding::Base64 },
             &["secret"],
         );
-        let (_, value) = b64.signature("ignored", 0, &[Bytes::from_static(b"hello")]).unwrap();
+        let (_, value) = b64.signature("ignored", 0, b"0", &[Bytes::from_static(b"hello")]).unwrap();
         assert_eq!(B64.decode(value.as_bytes()).unwrap(), hex::decode(expected_hex).unwrap());
     }
 
@@ -275,7 +309,7 @@ mod tests {
         assert_eq!(Signer::new(&SignatureSpec::Standard, &[&bad]).unwrap_err(), SigningError::MalformedSecret);
         let spec = SignatureSpec::Hmac { header: "content-type".into(), encoding: SignatureEncoding::Hex };
         assert!(matches!(Signer::new(&spec, &[&Secret("s".into())]), Err(SigningError::BadHeader(_))));
-        assert!(signer(SignatureSpec::None, &[]).signature("id", 1, &[]).is_none());
+        assert!(signer(SignatureSpec::None, &[]).signature("id", 1, b"1", &[]).is_none());
         assert!(standard_key(&generate_secret()).is_ok());
     }
 }
