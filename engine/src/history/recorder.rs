@@ -91,7 +91,7 @@ impl Recorder {
         if records.is_empty() {
             return Ok(());
         }
-        let records = bundled(records.iter().map(Self::record_of).collect(), self.log.partitions(&self.topic)?);
+        let records = for_topic(&*self.log, &self.topic, records.iter().map(Self::record_of).collect());
         self.log.append(&self.topic, records).await.map(|_| ())
     }
 
@@ -198,6 +198,16 @@ async fn release(recorder: std::sync::Weak<Recorder>, mut durable: watch::Receiv
     }
 }
 
+/// `records` as they go to `topic` ([`bundled`] by its partitions). A topic whose partitions
+/// are unknown would refuse the append anyway: then the records go as they are, and the
+/// append reports why.
+fn for_topic(log: &dyn Log, topic: &str, records: Vec<Record>) -> Vec<Record> {
+    match log.partitions(topic) {
+        Ok(partitions) => bundled(records, partitions),
+        Err(_) => records,
+    }
+}
+
 /// `records` as they go to the topic: those bound for one partition, in their order, packed
 /// into bundles of up to [`BUNDLE_BYTES`] (keyed by their first member, so a bundle goes where
 /// each of its members would have gone); a record alone, or too large to share, goes as it is.
@@ -278,13 +288,7 @@ async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Re
             }
         }
         last_append = (records.len() < BATCH).then(Instant::now);
-        // A topic whose partitions are unknown would refuse the append anyway; then the
-        // records go as they are, and the append reports why.
-        let records = match log.partitions(&topic) {
-            Ok(partitions) => bundled(records, partitions),
-            Err(_) => records,
-        };
-        append_until_taken(&log, &topic, records).await;
+        append_until_taken(&log, &topic, for_topic(&*log, &topic, records)).await;
         durable.send_modify(|d| *d = (*d).max(last));
     }
 }
