@@ -381,7 +381,10 @@ async fn two_processes_answer_the_same_history_queries() {
         }
         all
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // The index is built on threads in the idle scheduling class, which wait while anything
+    // else wants the cores: in the full suite (every test at once on two cores) it can fall a
+    // minute behind, so this waits longer than the other steps.
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
     let full = loop {
         let all = counts().await;
         if all[0] >= 80 && all[0] == all[1] {
@@ -402,7 +405,33 @@ async fn two_processes_answer_the_same_history_queries() {
                     }
                 }
             }
-            panic!("every attempt in both processes' history: {all:?} of 80+; short: {short:#?}");
+            // And which attempts an event's own query finds that its subscription's list lacks.
+            let mut unlisted = Vec::new();
+            for (p, api) in apis.iter().enumerate() {
+                let mut listed = std::collections::BTreeSet::new();
+                for sub in &subs {
+                    let (_, page) = api.get(&format!("/v1/attempts?subscription={sub}&limit=500")).await;
+                    listed.extend(page["items"].as_array().into_iter().flatten().map(|a| a["id"].to_string()));
+                }
+                for i in 0..10 {
+                    let (_, page) = api.get(&format!("/v1/attempts?event=h{i}&limit=500")).await;
+                    for a in page["items"].as_array().into_iter().flatten() {
+                        if !listed.contains(&a["id"].to_string()) {
+                            unlisted.push(format!("process {p}: {a}"));
+                        }
+                    }
+                }
+            }
+            // The index's lag, and the counts again: the answers above came later than them.
+            let mut lag = Vec::new();
+            for api in &apis {
+                lag.push(crate::support::metrics::scrape(api).await.value("herald_history_lag", &[]));
+            }
+            let again = counts().await;
+            panic!(
+                "every attempt in both processes' history: {all:?} of 80+ (then {again:?}, history lag \
+                 {lag:?}); short: {short:#?}; found by event, not listed by subscription: {unlisted:#?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
