@@ -364,8 +364,15 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     let (history_stop, history_stop_rx) = watch::channel(false);
     let history = if config.history.enabled() {
         let dir = config.data_dir.join("history");
-        let started =
-            History::start(log.clone(), &topics.history, &dir, config.history.retention.0, &metrics, history_stop_rx);
+        let started = History::start(
+            log.clone(),
+            &topics.history,
+            &dir,
+            config.history.retention.0,
+            config.history.index_defer.0,
+            &metrics,
+            history_stop_rx,
+        );
         Some(started.map_err(|e| StartError::History(e.to_string()))?)
     } else {
         None

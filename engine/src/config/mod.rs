@@ -478,6 +478,10 @@ pub struct HistoryConfig {
     pub retention: HumanDuration,
     /// Bytes of a receiver's answer kept per attempt.
     pub response_bytes: usize,
+    /// How long indexing may wait while deliveries keep the workers busy, so that a burst is
+    /// indexed after it rather than during it (queries see its attempts up to this much
+    /// later); `0s` indexes at once.
+    pub index_defer: HumanDuration,
 }
 
 impl HistoryConfig {
@@ -489,7 +493,11 @@ impl HistoryConfig {
 
 impl Default for HistoryConfig {
     fn default() -> Self {
-        HistoryConfig { retention: Duration::from_secs(14 * 86_400).into(), response_bytes: 1024 }
+        HistoryConfig {
+            retention: Duration::from_secs(14 * 86_400).into(),
+            response_bytes: 1024,
+            index_defer: Duration::from_secs(30).into(),
+        }
     }
 }
 
@@ -751,6 +759,10 @@ impl Config {
         if self.log.dlq_retention.0 < Duration::from_secs(60) || self.log.retention.0 < Duration::from_secs(3600) {
             return reject("log.dlq_retention", "dlq_retention must be at least 1m and retention at least 1h");
         }
+        if self.history.index_defer.0 > Duration::from_secs(3600) {
+            // The embedded log keeps the history topic for a day: the index must not trail it.
+            return reject("history.index_defer", "must be at most 1h");
+        }
         if !(1024..=12 << 20).contains(&self.ingest.max_event_bytes) {
             return reject("ingest.max_event_bytes", "must be between 1024 and 12582912 (12 MiB)");
         }
@@ -851,6 +863,18 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./herald-data"));
         assert_eq!(c.log.backend, Backend::Embedded);
         assert_eq!(c.log.topic_prefix, "herald.");
+    }
+
+    #[test]
+    fn indexing_defers_30s_by_default_and_never_past_an_hour() {
+        let c = Config::load(None, &[]).unwrap();
+        assert_eq!(c.history.index_defer.0, std::time::Duration::from_secs(30));
+        let c = Config::load(None, &env(&[("HERALD_HISTORY_INDEX_DEFER", "0s")])).unwrap();
+        assert!(c.history.index_defer.0.is_zero());
+        match Config::load(None, &env(&[("HERALD_HISTORY_INDEX_DEFER", "2h")])) {
+            Err(ConfigError::Rejected { field, .. }) => assert_eq!(field, "history.index_defer"),
+            other => panic!("2h accepted: {other:?}"),
+        }
     }
 
     #[test]

@@ -33,6 +33,60 @@ const READ_BATCH: usize = 256;
 /// How often days past retention are looked for, and the lag measured.
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// The share of the delivery runtime's worker time spent working (not parked) at and above
+/// which delivery counts as busy, and indexing waits (see [`Load`]).
+const BUSY: f64 = 0.5;
+
+/// How long one measure of that share holds, and how often a waiting indexer looks again.
+const BUSY_WINDOW: Duration = Duration::from_millis(100);
+
+/// Whether delivery keeps this process's workers busy, so indexing should wait. The index's
+/// threads are in the idle scheduling class, yet while deliveries peak they still run in every
+/// gap the workers leave and cost them: end to end (`e2e.sh 8 200000`) history on delivered
+/// 0.86 of history off, and 0.96 with the index not written during the run (BENCHMARKS.md,
+/// "Delivery history", twentieth session). So while the workers are busy the indexer holds
+/// what it read — records younger than `history.index_defer` — and indexes it once they are
+/// not (or once it is that old): a burst is indexed after it, a sustained peak with at most
+/// that much delay. The records wait in the topic, not in memory.
+struct Load {
+    runtime: tokio::runtime::Handle,
+    defer_ms: i64,
+    at: std::time::Instant,
+    busy: Duration,
+    share: f64,
+}
+
+impl Load {
+    fn new(runtime: tokio::runtime::Handle, defer: Duration) -> Load {
+        let busy = Self::busy_total(&runtime);
+        let defer_ms = defer.as_millis().min(i64::MAX as u128) as i64;
+        Load { runtime, defer_ms, at: std::time::Instant::now(), busy, share: 0.0 }
+    }
+
+    fn busy_total(runtime: &tokio::runtime::Handle) -> Duration {
+        let m = runtime.metrics();
+        (0..m.num_workers()).map(|w| m.worker_total_busy_duration(w)).sum()
+    }
+
+    /// The workers' busy share over the last window (measured again once it has passed).
+    fn share(&mut self) -> f64 {
+        let elapsed = self.at.elapsed();
+        if elapsed >= BUSY_WINDOW {
+            let busy = Self::busy_total(&self.runtime);
+            let workers = self.runtime.metrics().num_workers().max(1) as f64;
+            self.share = busy.saturating_sub(self.busy).as_secs_f64() / (elapsed.as_secs_f64() * workers);
+            (self.at, self.busy) = (std::time::Instant::now(), busy);
+        }
+        self.share
+    }
+
+    /// Whether records written at `oldest_ms` (the oldest of a batch) should wait: delivery
+    /// is busy and they are younger than the deferral.
+    fn defers(&mut self, oldest_ms: i64, now_ms: i64) -> bool {
+        self.defer_ms > 0 && now_ms.saturating_sub(oldest_ms) < self.defer_ms && self.share() >= BUSY
+    }
+}
+
 /// The history of this process: the recorder that writes it and the index that answers.
 pub struct History {
     /// Writes records to the topic.
@@ -46,17 +100,20 @@ pub struct History {
 impl History {
     /// Opens the index in `dir`, starts reading every partition of `topic` into it, and
     /// expires what passes `retention`, until `stop`.
+    /// While this runtime's workers are busy, indexing waits up to `defer` (see [`Load`]).
     pub fn start(
         log: Arc<dyn Log>,
         topic: &str,
         dir: &Path,
         retention: Duration,
+        defer: Duration,
         metrics: &Metrics,
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<History>, HistoryError> {
         let index = Arc::new(Index::open(dir, retention)?);
         let partitions = log.partitions(topic)?;
-        let thread = start_indexer(log.clone(), topic.to_string(), partitions, index.clone(), stop.clone());
+        let load = (tokio::runtime::Handle::current(), defer);
+        let thread = start_indexer(log.clone(), topic.to_string(), partitions, index.clone(), load, stop.clone());
         let tasks = vec![tokio::spawn(upkeep(log.clone(), topic.to_string(), partitions, index.clone(), stop))];
         let bytes = index.clone();
         metrics.on_scrape(move || metrics::gauge!(crate::metrics::HISTORY_BYTES).set(bytes.disk_bytes() as f64));
@@ -108,6 +165,7 @@ fn start_indexer(
     topic: String,
     partitions: u32,
     index: Arc<Index>,
+    (delivery, defer): (tokio::runtime::Handle, Duration),
     stop: watch::Receiver<bool>,
 ) -> Option<std::thread::JoinHandle<()>> {
     let spawned = std::thread::Builder::new().name("history-index".into()).spawn(move || {
@@ -120,7 +178,10 @@ fn start_indexer(
             };
         runtime.block_on(async move {
             let readers: Vec<_> = (0..partitions)
-                .map(|p| tokio::spawn(follow(log.clone(), topic.clone(), p, index.clone(), stop.clone())))
+                .map(|p| {
+                    let load = Load::new(delivery.clone(), defer);
+                    tokio::spawn(follow(log.clone(), topic.clone(), p, index.clone(), load, stop.clone()))
+                })
                 .collect();
             for r in readers {
                 let _ = r.await;
@@ -131,7 +192,14 @@ fn start_indexer(
 }
 
 /// Reads one partition of the topic into the index, from where the index left off.
-async fn follow(log: Arc<dyn Log>, topic: String, partition: u32, index: Arc<Index>, mut stop: watch::Receiver<bool>) {
+async fn follow(
+    log: Arc<dyn Log>,
+    topic: String,
+    partition: u32,
+    index: Arc<Index>,
+    mut load: Load,
+    mut stop: watch::Receiver<bool>,
+) {
     let pause = Duration::from_millis(500);
     loop {
         let from = index.offset(partition);
@@ -164,6 +232,14 @@ async fn follow(log: Arc<dyn Log>, topic: String, partition: u32, index: Arc<Ind
             while index.flush_backlog() {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = crate::shutdown::stopped(&mut stop) => return,
+                }
+            }
+            // While deliveries keep the workers busy, these wait (up to the deferral).
+            let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(i64::MAX);
+            while load.defers(oldest, now_ms()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(BUSY_WINDOW) => {}
                     _ = crate::shutdown::stopped(&mut stop) => return,
                 }
             }
@@ -202,5 +278,47 @@ async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<In
             }
         }
         metrics::gauge!(crate::metrics::HISTORY_LAG).set(lag as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Waits until `load` says `defers` for records written now, within a deadline.
+    fn until_defers(load: &mut Load, defers: bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if load.defers(now_ms(), now_ms()) == defers {
+                return true;
+            }
+            std::thread::sleep(BUSY_WINDOW);
+        }
+        false
+    }
+
+    #[test]
+    fn indexing_waits_while_the_workers_are_busy_and_never_past_the_deferral() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
+        let mut load = Load::new(runtime.handle().clone(), Duration::from_secs(30));
+        let mut never = Load::new(runtime.handle().clone(), Duration::ZERO);
+        assert!(until_defers(&mut load, false), "an idle runtime counts as busy");
+        // A task that keeps the one worker working (as deliveries at their peak do).
+        let spin = Arc::new(AtomicBool::new(true));
+        let spinning = spin.clone();
+        runtime.spawn(async move {
+            while spinning.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(1));
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(until_defers(&mut load, true), "a busy runtime does not hold indexing back");
+        // Records as old as the deferral are indexed however busy delivery is; with no
+        // deferral, nothing waits.
+        assert!(!load.defers(now_ms() - 30_000, now_ms()));
+        assert!(!never.defers(now_ms(), now_ms()));
+        spin.store(false, Ordering::Relaxed);
+        assert!(until_defers(&mut load, false), "indexing still waits once delivery is idle");
     }
 }
