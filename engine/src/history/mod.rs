@@ -99,8 +99,8 @@ pub struct History {
 
 impl History {
     /// Opens the index in `dir`, starts reading every partition of `topic` into it, and
-    /// expires what passes `retention`, until `stop`.
-    /// While this runtime's workers are busy, indexing waits up to `defer` (see [`Load`]).
+    /// expires what passes `retention`, until `stop`. While the workers of the runtime it is
+    /// called on are busy, indexing waits up to `defer` (see [`Load`]).
     pub fn start(
         log: Arc<dyn Log>,
         topic: &str,
