@@ -759,9 +759,10 @@ impl Config {
         if self.log.dlq_retention.0 < Duration::from_secs(60) || self.log.retention.0 < Duration::from_secs(3600) {
             return reject("log.dlq_retention", "dlq_retention must be at least 1m and retention at least 1h");
         }
-        if self.history.index_defer.0 > Duration::from_secs(3600) {
-            // The embedded log keeps the history topic for a day: the index must not trail it.
-            return reject("history.index_defer", "must be at most 1h");
+        if self.history.index_defer.0 > Duration::from_secs(600) {
+            // For bursts: an index that trails longer would keep stale answers for long, and
+            // come near the embedded log's shortest keep of the topic (an hour).
+            return reject("history.index_defer", "must be at most 10m");
         }
         if !(1024..=12 << 20).contains(&self.ingest.max_event_bytes) {
             return reject("ingest.max_event_bytes", "must be between 1024 and 12582912 (12 MiB)");
@@ -866,14 +867,14 @@ mod tests {
     }
 
     #[test]
-    fn indexing_defers_30s_by_default_and_never_past_an_hour() {
+    fn indexing_defers_30s_by_default_and_never_past_ten_minutes() {
         let c = Config::load(None, &[]).unwrap();
         assert_eq!(c.history.index_defer.0, std::time::Duration::from_secs(30));
         let c = Config::load(None, &env(&[("HERALD_HISTORY_INDEX_DEFER", "0s")])).unwrap();
         assert!(c.history.index_defer.0.is_zero());
-        match Config::load(None, &env(&[("HERALD_HISTORY_INDEX_DEFER", "2h")])) {
+        match Config::load(None, &env(&[("HERALD_HISTORY_INDEX_DEFER", "11m")])) {
             Err(ConfigError::Rejected { field, .. }) => assert_eq!(field, "history.index_defer"),
-            other => panic!("2h accepted: {other:?}"),
+            other => panic!("11m accepted: {other:?}"),
         }
     }
 

@@ -45,12 +45,18 @@ const BUSY_WINDOW: Duration = Duration::from_millis(100);
 /// gap the workers leave and cost them: end to end (`e2e.sh 8 200000`) history on delivered
 /// 0.86 of history off, and 0.96 with the index not written during the run (BENCHMARKS.md,
 /// "Delivery history", twentieth session). So while the workers are busy the indexer holds
-/// what it read — records younger than `history.index_defer` — and indexes it once they are
-/// not (or once it is that old): a burst is indexed after it, a sustained peak with at most
-/// that much delay. The records wait in the topic, not in memory.
-struct Load {
+/// the batch it read — for at most `history.index_defer`, and never records that old — and
+/// indexes it once they are not: a burst is indexed after it, a sustained peak with at most
+/// that much delay. The cost is moved, not removed. One per process, shared by every
+/// partition's reader, so they all see one measure.
+pub(crate) struct Load {
     runtime: tokio::runtime::Handle,
-    defer_ms: i64,
+    defer: Duration,
+    sample: std::sync::Mutex<Sample>,
+}
+
+/// The workers' busy time at the last measure, and the share measured then.
+struct Sample {
     at: std::time::Instant,
     busy: Duration,
     share: f64,
@@ -59,8 +65,8 @@ struct Load {
 impl Load {
     fn new(runtime: tokio::runtime::Handle, defer: Duration) -> Load {
         let busy = Self::busy_total(&runtime);
-        let defer_ms = defer.as_millis().min(i64::MAX as u128) as i64;
-        Load { runtime, defer_ms, at: std::time::Instant::now(), busy, share: 0.0 }
+        let sample = Sample { at: std::time::Instant::now(), busy, share: 0.0 };
+        Load { runtime, defer, sample: std::sync::Mutex::new(sample) }
     }
 
     fn busy_total(runtime: &tokio::runtime::Handle) -> Duration {
@@ -68,22 +74,31 @@ impl Load {
         (0..m.num_workers()).map(|w| m.worker_total_busy_duration(w)).sum()
     }
 
-    /// The workers' busy share over the last window (measured again once it has passed).
-    fn share(&mut self) -> f64 {
-        let elapsed = self.at.elapsed();
+    /// The workers' busy share since the previous measure (taken again once [`BUSY_WINDOW`]
+    /// has passed). tokio adds to a worker's busy time when it parks, or every few dozen
+    /// polls, so a share is lumpy; a lump only makes a window look busier.
+    fn share(&self) -> f64 {
+        let mut s = self.sample.lock().unwrap();
+        let elapsed = s.at.elapsed();
         if elapsed >= BUSY_WINDOW {
             let busy = Self::busy_total(&self.runtime);
             let workers = self.runtime.metrics().num_workers().max(1) as f64;
-            self.share = busy.saturating_sub(self.busy).as_secs_f64() / (elapsed.as_secs_f64() * workers);
-            (self.at, self.busy) = (std::time::Instant::now(), busy);
+            s.share = busy.saturating_sub(s.busy).as_secs_f64() / (elapsed.as_secs_f64() * workers);
+            (s.at, s.busy) = (std::time::Instant::now(), busy);
         }
-        self.share
+        s.share
     }
 
-    /// Whether records written at `oldest_ms` (the oldest of a batch) should wait: delivery
-    /// is busy and they are younger than the deferral.
-    fn defers(&mut self, oldest_ms: i64, now_ms: i64) -> bool {
-        self.defer_ms > 0 && now_ms.saturating_sub(oldest_ms) < self.defer_ms && self.share() >= BUSY
+    /// Whether a batch held since `held` whose oldest record was written at `oldest_ms` should
+    /// wait on: delivery is busy, and neither the batch has waited nor its records are as old
+    /// as the deferral. The wait is bounded on the monotonic clock too, so a record stamped in
+    /// the future (a producer's clock ahead, the clock stepped back) cannot hold it longer.
+    fn defers(&self, held: std::time::Instant, oldest_ms: i64, now_ms: i64) -> bool {
+        let defer_ms = self.defer.as_millis().min(i64::MAX as u128) as i64;
+        !self.defer.is_zero()
+            && held.elapsed() < self.defer
+            && now_ms.saturating_sub(oldest_ms) < defer_ms
+            && self.share() >= BUSY
     }
 }
 
@@ -112,7 +127,7 @@ impl History {
     ) -> Result<Arc<History>, HistoryError> {
         let index = Arc::new(Index::open(dir, retention)?);
         let partitions = log.partitions(topic)?;
-        let load = (tokio::runtime::Handle::current(), defer);
+        let load = Arc::new(Load::new(tokio::runtime::Handle::current(), defer));
         let thread = start_indexer(log.clone(), topic.to_string(), partitions, index.clone(), load, stop.clone());
         let tasks = vec![tokio::spawn(upkeep(log.clone(), topic.to_string(), partitions, index.clone(), stop))];
         let bytes = index.clone();
@@ -165,7 +180,7 @@ fn start_indexer(
     topic: String,
     partitions: u32,
     index: Arc<Index>,
-    (delivery, defer): (tokio::runtime::Handle, Duration),
+    load: Arc<Load>,
     stop: watch::Receiver<bool>,
 ) -> Option<std::thread::JoinHandle<()>> {
     let spawned = std::thread::Builder::new().name("history-index".into()).spawn(move || {
@@ -178,10 +193,7 @@ fn start_indexer(
             };
         runtime.block_on(async move {
             let readers: Vec<_> = (0..partitions)
-                .map(|p| {
-                    let load = Load::new(delivery.clone(), defer);
-                    tokio::spawn(follow(log.clone(), topic.clone(), p, index.clone(), load, stop.clone()))
-                })
+                .map(|p| tokio::spawn(follow(log.clone(), topic.clone(), p, index.clone(), load.clone(), stop.clone())))
                 .collect();
             for r in readers {
                 let _ = r.await;
@@ -197,7 +209,7 @@ async fn follow(
     topic: String,
     partition: u32,
     index: Arc<Index>,
-    mut load: Load,
+    load: Arc<Load>,
     mut stop: watch::Receiver<bool>,
 ) {
     let pause = Duration::from_millis(500);
@@ -236,8 +248,8 @@ async fn follow(
                 }
             }
             // While deliveries keep the workers busy, these wait (up to the deferral).
-            let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(i64::MAX);
-            while load.defers(oldest, now_ms()) {
+            let (held, oldest) = (std::time::Instant::now(), records.iter().map(|r| r.timestamp_ms).min());
+            while load.defers(held, oldest.unwrap_or(i64::MAX), now_ms()) {
                 tokio::select! {
                     _ = tokio::time::sleep(BUSY_WINDOW) => {}
                     _ = crate::shutdown::stopped(&mut stop) => return,
@@ -287,10 +299,10 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     /// Waits until `load` says `defers` for records written now, within a deadline.
-    fn until_defers(load: &mut Load, defers: bool) -> bool {
+    fn until_defers(load: &Load, defers: bool) -> bool {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
-            if load.defers(now_ms(), now_ms()) == defers {
+            if load.defers(std::time::Instant::now(), now_ms(), now_ms()) == defers {
                 return true;
             }
             std::thread::sleep(BUSY_WINDOW);
@@ -301,9 +313,8 @@ mod tests {
     #[test]
     fn indexing_waits_while_the_workers_are_busy_and_never_past_the_deferral() {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
-        let mut load = Load::new(runtime.handle().clone(), Duration::from_secs(30));
-        let mut never = Load::new(runtime.handle().clone(), Duration::ZERO);
-        assert!(until_defers(&mut load, false), "an idle runtime counts as busy");
+        let load = Load::new(runtime.handle().clone(), Duration::from_secs(30));
+        let never = Load::new(runtime.handle().clone(), Duration::ZERO);
         // A task that keeps the one worker working (as deliveries at their peak do).
         let spin = Arc::new(AtomicBool::new(true));
         let spinning = spin.clone();
@@ -313,12 +324,16 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         });
-        assert!(until_defers(&mut load, true), "a busy runtime does not hold indexing back");
-        // Records as old as the deferral are indexed however busy delivery is; with no
-        // deferral, nothing waits.
-        assert!(!load.defers(now_ms() - 30_000, now_ms()));
-        assert!(!never.defers(now_ms(), now_ms()));
+        assert!(until_defers(&load, true), "a busy runtime does not hold indexing back");
+        // However busy delivery is: records as old as the deferral are indexed, a batch held
+        // that long is indexed (even if its records claim to be from the future), and with
+        // no deferral nothing waits.
+        let now = std::time::Instant::now();
+        assert!(!load.defers(now, now_ms() - 30_000, now_ms()));
+        assert!(!load.defers(now - Duration::from_secs(30), now_ms() + 3_600_000, now_ms()));
+        assert!(load.defers(now, now_ms() + 3_600_000, now_ms()));
+        assert!(!never.defers(now, now_ms(), now_ms()));
         spin.store(false, Ordering::Relaxed);
-        assert!(until_defers(&mut load, false), "indexing still waits once delivery is idle");
+        assert!(until_defers(&load, false), "indexing still waits once delivery is idle");
     }
 }

@@ -9,14 +9,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// The settings every Herald under test runs with, in-process or as a child: the admin
-/// token, receivers on loopback allowed, offsets flushed often, and breakers that pause
-/// briefly so tests on test timescales still see them at work.
+/// token, receivers on loopback allowed, offsets flushed often, breakers that pause
+/// briefly so tests on test timescales still see them at work, and the history indexed at
+/// once (its deferral under load, tested in `history::tests`, would otherwise hold history
+/// queries 30 s whenever the whole suite keeps a test's workers busy).
 pub const ENV: &[(&str, &str)] = &[
     ("HERALD_ADMIN_TOKEN", TOKEN),
     ("HERALD_NETWORK_ALLOW", "127.0.0.0/8"),
     ("HERALD_LOG_FLUSH_INTERVAL", "20ms"),
     ("HERALD_HEALTH_BREAKER_PAUSE", "200ms"),
     ("HERALD_HEALTH_BREAKER_MAX_PAUSE", "1s"),
+    ("HERALD_HISTORY_INDEX_DEFER", "0s"),
 ];
 
 /// Config for an in-process server on a temporary data dir.
