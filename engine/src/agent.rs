@@ -66,9 +66,8 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
             Err(e) => tracing::warn!(server = %config.server, error = %e, retry_in = ?backoff, "cannot reach herald"),
         }
         let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.8..1.2));
-        tokio::select! {
-            _ = tokio::time::sleep(jittered) => {}
-            _ = crate::shutdown::stopped(&mut stop) => return Ok(()),
+        if !crate::shutdown::sleep(jittered, &mut stop).await {
+            return Ok(());
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }

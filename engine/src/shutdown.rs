@@ -7,3 +7,12 @@ use tokio::sync::watch;
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
+
+/// Sleeps for `pause` unless `stop` comes first: true if the pause ran out, false on stop —
+/// the wait every retrying or polling task makes between tries.
+pub async fn sleep(pause: std::time::Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => true,
+        _ = stopped(stop) => false,
+    }
+}

@@ -89,9 +89,8 @@ pub async fn follow(
             Err(LogError::Closed) => return,
             Err(e) => tracing::error!(error = %e, "cannot follow the registry topic yet; retrying"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = crate::shutdown::stopped(&mut stop) => return,
+        if !crate::shutdown::sleep(Duration::from_secs(1), &mut stop).await {
+            return;
         }
     };
     loop {

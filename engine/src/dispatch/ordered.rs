@@ -377,9 +377,8 @@ pub async fn run(
             Err(LogError::Closed) => return,
             Err(e) => {
                 tracing::error!(partition, error = %e, "reading the ordered topic's end failed; retrying");
-                tokio::select! {
-                    _ = crate::shutdown::stopped(&mut stop) => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                if !crate::shutdown::sleep(Duration::from_millis(500), &mut stop).await {
+                    return;
                 }
             }
         }

@@ -49,7 +49,7 @@ const BUSY_WINDOW: Duration = Duration::from_millis(100);
 /// indexes it once they are not: a burst is indexed after it, a sustained peak with at most
 /// that much delay. The cost is moved, not removed. One per process, shared by every
 /// partition's reader, so they all see one measure.
-pub(crate) struct Load {
+struct Load {
     runtime: tokio::runtime::Handle,
     defer: Duration,
     sample: std::sync::Mutex<Sample>,
@@ -242,17 +242,15 @@ async fn follow(
             // Memory stays bounded: while the store's memtables wait for its flush worker,
             // wait with them.
             while index.flush_backlog() {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                    _ = crate::shutdown::stopped(&mut stop) => return,
+                if !crate::shutdown::sleep(Duration::from_millis(20), &mut stop).await {
+                    return;
                 }
             }
             // While deliveries keep the workers busy, these wait (up to the deferral).
             let (held, oldest) = (std::time::Instant::now(), records.iter().map(|r| r.timestamp_ms).min());
             while load.defers(held, oldest.unwrap_or(i64::MAX), now_ms()) {
-                tokio::select! {
-                    _ = tokio::time::sleep(BUSY_WINDOW) => {}
-                    _ = crate::shutdown::stopped(&mut stop) => return,
+                if !crate::shutdown::sleep(BUSY_WINDOW, &mut stop).await {
+                    return;
                 }
             }
             let next = records.last().map_or(from, |r| r.offset + 1);

@@ -369,18 +369,20 @@ async fn two_processes_answer_the_same_history_queries() {
     };
     // Delivery is at least once: a partition changing hands as B joins can repeat an attempt,
     // so there are 80 attempts or a few more — and both processes must show the same ones.
-    let counts = || async {
+    // The ids of the attempts each process lists by subscription.
+    let listed = || async {
         let mut all = Vec::new();
         for api in &apis {
-            let mut n = 0;
+            let mut ids = Vec::new();
             for sub in &subs {
                 let (_, page) = api.get(&format!("/v1/attempts?subscription={sub}&limit=500")).await;
-                n += page["items"].as_array().map_or(0, Vec::len);
+                ids.extend(page["items"].as_array().into_iter().flatten().map(|a| a["id"].to_string()));
             }
-            all.push(n);
+            all.push(ids);
         }
         all
     };
+    let counts = || async { listed().await.iter().map(Vec::len).collect::<Vec<_>>() };
     // The index is built on threads in the idle scheduling class, which wait while anything
     // else wants the cores: in the full suite (every test at once on two cores) it can fall a
     // minute behind, so this waits longer than the other steps.
@@ -407,12 +409,7 @@ async fn two_processes_answer_the_same_history_queries() {
             }
             // And which attempts an event's own query finds that its subscription's list lacks.
             let mut unlisted = Vec::new();
-            for (p, api) in apis.iter().enumerate() {
-                let mut listed = std::collections::BTreeSet::new();
-                for sub in &subs {
-                    let (_, page) = api.get(&format!("/v1/attempts?subscription={sub}&limit=500")).await;
-                    listed.extend(page["items"].as_array().into_iter().flatten().map(|a| a["id"].to_string()));
-                }
+            for (p, (api, listed)) in apis.iter().zip(listed().await).enumerate() {
                 for i in 0..10 {
                     let (_, page) = api.get(&format!("/v1/attempts?event=h{i}&limit=500")).await;
                     for a in page["items"].as_array().into_iter().flatten() {
