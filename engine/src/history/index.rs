@@ -154,13 +154,17 @@ const MEMTABLE_BYTES: u64 = 16 << 20;
 /// Flushed tables merged into level 1 at once, and level 1's table size (fjall's defaults: 4
 /// and 64 MiB). Every key starts with a tenant's or a subscription's id followed by a
 /// newest-first time, so each flushed table overlaps nearly every table of level 1, and each
-/// merge rewrites level 1 whole: what decides the compaction work is how much is merged at
-/// once against level 1's size (its tables' size × this count). Eight 16 MiB memtables merge as
-/// much at once as fjall's four of 32 MiB did, and 32 MiB tables keep level 1 at 256 MiB as
-/// before; with the defaults, 16 MiB memtables cost 5–20 % more CPU per delivery end to end.
-/// A scan reads up to eight level-0 tables instead of four. fjall keeps a keyspace's options
-/// from its creation, so a day created by an older version keeps the older ones.
-const L0_TABLES: u8 = 8;
+/// merge rewrites level 1 whole: what decides the compaction work is how often level 0 is
+/// merged against how large level 1 has grown. Sixteen 16 MiB memtables a merge (eight
+/// before) took fjall's worker from 15.1–15.7 s to 11.6–11.9 s of CPU over 1.6 M deliveries
+/// indexed at once (e2e, history at `0s`), and a 10 M fill from 88 k to 97 k attempts/s;
+/// KV separation (values of 96 or 512 bytes and more in blob files) saved nothing more. A scan
+/// reads up to sixteen level-0 tables: at 10 M attempts `?event=` p99 0.65 → 1.2 ms,
+/// `?subscription=&limit=100` 1.7 → 2.1 ms (BENCHMARKS.md, "Delivery history"). fjall slows
+/// writers at 20 level-0 tables and halts them at 30: only the indexer, which yields anyway.
+/// fjall keeps a keyspace's options from its creation, so a day created by an older version
+/// keeps the older ones.
+const L0_TABLES: u8 = 16;
 /// See [`L0_TABLES`].
 const TABLE_BYTES: u64 = 32 << 20;
 
