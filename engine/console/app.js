@@ -548,7 +548,8 @@ async function subscriptionDetail(id) {
       if (!since.value) throw Object.assign(new Error("choose a time"), { field: "since" });
       const r = await api("POST", `/v1/subscriptions/${s.id}/recover`, { since: new Date(since.value).toISOString(), all: all.checked });
       out.replaceChildren(h("div", { class: "alert ok", role: "status" },
-        `${r.queued} event(s) queued again.` + (r.continue_from ? ` Stopped at ${fmtTime(r.continue_from)}: recover again from there.` : "")));
+        `${r.queued} event(s) queued again.` + (r.continue_from ? ` Stopped at ${fmtTime(r.continue_from)}: recover again from there.` : "")
+        + (r.history_lag ? ` The history was ${r.history_lag} record(s) behind: recover again in a moment for the newest.` : "")));
     } catch (e) { out.replaceChildren(errorBox(e)); }
   } }, h("label", { for: "recover-since" }, "Recover since", since),
   h("label", { class: "check", for: "recover-all" }, all, " every event, delivered or not"),

@@ -20,6 +20,12 @@ use std::sync::Arc;
 const RECOVER_MAX: usize = 10_000;
 /// Deliveries appended at a time while recovering.
 const RECOVER_CHUNK: usize = 500;
+/// How long a lookup of an event not found waits for the index to take in what the history
+/// topic holds (during a peak indexing may be behind by up to `history.index_defer`).
+const FIND_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a recover waits for the same before choosing what to send: with the newest
+/// states indexed, it neither re-sends a delivery just made nor misses the newest events.
+const RECOVER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs `f` (an index read) off the async threads.
 async fn blocking<T: Send + 'static>(
@@ -108,6 +114,7 @@ pub async fn attempts(
         limit: page::limit(q.limit)?,
         cursor: cursor(q.cursor)?,
     };
+    history.want();
     let index = history.index.clone();
     let page = blocking(move || index.attempts(&query)).await?;
     Ok(Json(serde_json::json!({ "items": page.items, "next": page.next })))
@@ -141,6 +148,7 @@ pub async fn list(
         limit: page::limit(q.limit)?,
         cursor: cursor(q.cursor)?,
     };
+    history.want();
     let index = history.index.clone();
     let page = blocking(move || index.events(&query)).await?;
     Ok(Json(serde_json::json!({ "items": page.items, "next": page.next })))
@@ -153,9 +161,19 @@ pub struct TenantQuery {
     tenant: Option<String>,
 }
 
+/// The event, looked up again once the index has caught up if it was not found: an event
+/// accepted a moment ago may not be indexed yet.
 async fn find(history: &Arc<History>, tenant: String, id: String) -> Result<EventRecord, ApiError> {
-    let index = history.index.clone();
-    blocking(move || index.event(&tenant, &id)).await?.ok_or_else(|| ApiError::not_found("event"))
+    let lookup = || {
+        let (index, tenant, id) = (history.index.clone(), tenant.clone(), id.clone());
+        blocking(move || index.event(&tenant, &id))
+    };
+    if let Some(event) = lookup().await? {
+        history.want();
+        return Ok(event);
+    }
+    history.caught_up(FIND_CATCH_UP).await;
+    lookup().await?.ok_or_else(|| ApiError::not_found("event"))
 }
 
 /// One event and where each of its deliveries stands.
@@ -249,6 +267,7 @@ pub async fn recover(
     if until < since {
         return Err(ApiError::validation("until", "must not be before since"));
     }
+    let behind = history.caught_up(RECOVER_CATCH_UP).await;
     let (index, sub) = (history.index.clone(), id.clone());
     let found = blocking(move || index.recoverable(&sub, since, until, req.all, RECOVER_MAX)).await?;
     let truncated = found.len() >= RECOVER_MAX;
@@ -265,5 +284,8 @@ pub async fn recover(
         queued += state.ingest.resend(&items).await?;
     }
     let continue_from = truncated.then(|| last_accepted.map(|ms| rfc3339_ms(ms + 1))).flatten();
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "queued": queued, "continue_from": continue_from }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "queued": queued, "continue_from": continue_from, "history_lag": behind })),
+    ))
 }

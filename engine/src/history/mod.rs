@@ -40,6 +40,12 @@ const BUSY: f64 = 0.5;
 /// How long one measure of that share holds, and how often a waiting indexer looks again.
 const BUSY_WINDOW: Duration = Duration::from_millis(100);
 
+/// How long a question to the history keeps indexing from waiting (see [`Load::want`]).
+const WANTED_FOR: Duration = Duration::from_secs(60);
+
+/// How often [`History::caught_up`] looks at the index's offsets.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+
 /// Whether delivery keeps this process's workers busy, so indexing should wait. The index's
 /// threads are in the idle scheduling class, yet while deliveries peak they still run in every
 /// gap the workers leave and cost them: end to end (`e2e.sh 8 200000`) history on delivered
@@ -53,6 +59,9 @@ struct Load {
     runtime: tokio::runtime::Handle,
     defer: Duration,
     sample: std::sync::Mutex<Sample>,
+    /// Until when (ms after `origin`, monotonic) someone asked the history: no waiting then.
+    wanted_until: std::sync::atomic::AtomicU64,
+    origin: std::time::Instant,
 }
 
 /// The workers' busy time at the last measure, and the share measured then.
@@ -66,7 +75,26 @@ impl Load {
     fn new(runtime: tokio::runtime::Handle, defer: Duration) -> Load {
         let busy = Self::busy_total(&runtime);
         let sample = Sample { at: std::time::Instant::now(), busy, share: 0.0 };
-        Load { runtime, defer, sample: std::sync::Mutex::new(sample) }
+        Load {
+            runtime,
+            defer,
+            sample: std::sync::Mutex::new(sample),
+            wanted_until: std::sync::atomic::AtomicU64::new(0),
+            origin: std::time::Instant::now(),
+        }
+    }
+
+    fn since_origin(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// Someone is asking the history (a query, a resend, a recover): indexing stops waiting
+    /// for [`WANTED_FOR`], so their answers, and the next ones, are not a deferral behind.
+    /// While operators look at the history during a peak, delivery pays the index as it goes,
+    /// as it did before the deferral.
+    fn want(&self) {
+        let until = self.since_origin() + WANTED_FOR.as_millis() as u64;
+        self.wanted_until.fetch_max(until, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn busy_total(runtime: &tokio::runtime::Handle) -> Duration {
@@ -97,6 +125,7 @@ impl Load {
         let defer_ms = self.defer.as_millis().min(i64::MAX as u128) as i64;
         !self.defer.is_zero()
             && held.elapsed() < self.defer
+            && self.since_origin() >= self.wanted_until.load(std::sync::atomic::Ordering::Relaxed)
             && now_ms.saturating_sub(oldest_ms) < defer_ms
             && self.share() >= BUSY
     }
@@ -108,6 +137,10 @@ pub struct History {
     pub recorder: Arc<Recorder>,
     /// Answers queries.
     pub index: Arc<Index>,
+    log: Arc<dyn Log>,
+    topic: String,
+    partitions: u32,
+    load: Arc<Load>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -128,20 +161,54 @@ impl History {
         let index = Arc::new(Index::open(dir, retention)?);
         let partitions = log.partitions(topic)?;
         let load = Arc::new(Load::new(tokio::runtime::Handle::current(), defer));
-        let thread = start_indexer(log.clone(), topic.to_string(), partitions, index.clone(), load, stop.clone());
+        let thread =
+            start_indexer(log.clone(), topic.to_string(), partitions, index.clone(), load.clone(), stop.clone());
         let tasks = vec![tokio::spawn(upkeep(log.clone(), topic.to_string(), partitions, index.clone(), stop))];
         let bytes = index.clone();
         metrics.on_scrape(move || metrics::gauge!(crate::metrics::HISTORY_BYTES).set(bytes.disk_bytes() as f64));
         metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(0);
         metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(0);
         metrics::counter!(crate::metrics::HISTORY_LATE).increment(0);
-        let recorder = Recorder::start(log, topic.to_string());
+        let recorder = Recorder::start(log.clone(), topic.to_string());
         Ok(Arc::new(History {
             recorder,
             index,
+            log,
+            topic: topic.to_string(),
+            partitions,
+            load,
             tasks: std::sync::Mutex::new(tasks),
             thread: std::sync::Mutex::new(thread),
         }))
+    }
+
+    /// Someone asks the history: indexing stops waiting for a while (see [`Load::want`]).
+    pub fn want(&self) {
+        self.load.want();
+    }
+
+    /// Waits until the index holds everything the topic held when called, for at most
+    /// `within`, with indexing no longer waiting meanwhile: for answers that must not miss
+    /// the newest records (an event not found yet, a recover). Returns how many records of
+    /// the topic the index still lacks then (0: it caught up), `None` if the topic's end could
+    /// not be read.
+    pub async fn caught_up(&self, within: Duration) -> Option<u64> {
+        self.want();
+        let deadline = tokio::time::Instant::now() + within;
+        let mut ends = Vec::with_capacity(self.partitions as usize);
+        for p in 0..self.partitions {
+            match tokio::time::timeout_at(deadline, self.log.end_offset(&self.topic, p)).await {
+                Ok(Ok(end)) => ends.push(end),
+                _ => return None,
+            }
+        }
+        loop {
+            let behind: u64 = ends.iter().zip(0..).map(|(end, p)| end.saturating_sub(self.index.offset(p))).sum();
+            if behind == 0 || tokio::time::Instant::now() + CATCH_UP_POLL > deadline {
+                return Some(behind);
+            }
+            tokio::time::sleep(CATCH_UP_POLL).await;
+        }
     }
 
     /// Waits for the readers to end (after the stop signal), so the index is closed once the
@@ -220,7 +287,9 @@ async fn follow(
             Err(LogError::Closed) => return,
             Err(e) => {
                 tracing::warn!(partition, error = %e, "cannot read the history topic; retrying");
-                tokio::time::sleep(pause).await;
+                if !crate::shutdown::sleep(pause, &mut stop).await {
+                    return;
+                }
                 continue;
             }
         };
@@ -235,7 +304,9 @@ async fn follow(
                 Err(LogError::Closed) => return,
                 Err(e) => {
                     tracing::warn!(partition, error = %e, "reading the history topic failed; resuming");
-                    tokio::time::sleep(pause).await;
+                    if !crate::shutdown::sleep(pause, &mut stop).await {
+                        return;
+                    }
                     break;
                 }
             };
@@ -259,7 +330,9 @@ async fn follow(
             // The index counts what it indexed (`herald_history_records_total`) as it writes.
             if let Err(e) = index.apply(partition, &records, next, now_ms()) {
                 tracing::error!(partition, error = %e, "indexing history failed; resuming from the last indexed record");
-                tokio::time::sleep(pause).await;
+                if !crate::shutdown::sleep(pause, &mut stop).await {
+                    return;
+                }
                 break;
             }
         }
@@ -331,7 +404,88 @@ mod tests {
         assert!(!load.defers(now - Duration::from_secs(30), now_ms() + 3_600_000, now_ms()));
         assert!(load.defers(now, now_ms() + 3_600_000, now_ms()));
         assert!(!never.defers(now, now_ms(), now_ms()));
+        // Someone asking the history lifts the deferral, however busy delivery is.
+        let asked = Load::new(runtime.handle().clone(), Duration::from_secs(30));
+        assert!(until_defers(&asked, true));
+        asked.want();
+        assert!(!asked.defers(now, now_ms(), now_ms()), "a question leaves indexing waiting");
         spin.store(false, Ordering::Relaxed);
         assert!(until_defers(&load, false), "indexing still waits once delivery is idle");
+    }
+
+    /// Keeps the runtime's workers busy (as deliveries at their peak do) until dropped.
+    struct Spin(Arc<AtomicBool>);
+
+    impl Spin {
+        fn on(runtime: &tokio::runtime::Runtime) -> Spin {
+            let spin = Arc::new(AtomicBool::new(true));
+            let spinning = spin.clone();
+            runtime.spawn(async move {
+                while spinning.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                    tokio::task::yield_now().await;
+                }
+            });
+            Spin(spin)
+        }
+    }
+
+    impl Drop for Spin {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// While delivery is busy and indexing waits, an answer that must not miss the newest
+    /// records (`caught_up`) gets them indexed at once, not a deferral later.
+    #[test]
+    fn catching_up_indexes_what_the_topic_holds_though_indexing_waits() {
+        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
+        use crate::log::TopicSpec;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let _busy = Spin::on(&runtime);
+        let dir = tempfile::tempdir().unwrap();
+        runtime.block_on(async {
+            let topic = TopicSpec { name: "history".into(), partitions: 2, compacted: false, retention: None };
+            let log = EmbeddedLog::open(EmbeddedConfig {
+                dir: dir.path().join("log"),
+                segment_bytes: 1 << 20,
+                flush_interval: Duration::from_millis(20),
+                topics: vec![topic],
+                journal_bytes: DEFAULT_JOURNAL_BYTES,
+                faults: None,
+            })
+            .await
+            .unwrap();
+            let (stop, stopped) = watch::channel(false);
+            let day = Duration::from_secs(86_400);
+            let history = History::start(
+                log,
+                "history",
+                &dir.path().join("index"),
+                day,
+                Duration::from_secs(600),
+                &Metrics::new(),
+                stopped,
+            )
+            .unwrap();
+            assert!(until_defers(&history.load, true), "the runtime does not look busy");
+            let event = EventRecord {
+                id: "evt_now".into(),
+                tenant: "t".into(),
+                event_type: "T".into(),
+                accepted_ms: now_ms(),
+                subscriptions: vec!["sub".into()],
+                data: bytes::Bytes::from_static(b"{}"),
+                changes: None,
+                ordering_key: None,
+            };
+            history.recorder.append(&[HistoryRecord::Event(event)]).await.unwrap();
+            assert!(history.index.event("t", "evt_now").unwrap().is_none(), "indexed without waiting");
+            assert_eq!(history.caught_up(Duration::from_secs(20)).await, Some(0));
+            assert!(history.index.event("t", "evt_now").unwrap().is_some());
+            stop.send(true).unwrap();
+            history.stopped().await;
+        });
     }
 }

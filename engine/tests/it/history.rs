@@ -92,6 +92,30 @@ async fn every_attempt_is_on_record_with_the_receiver_s_answer() {
     assert_eq!(h.api.get("/v1/events/no-such-event").await.0, 404);
 }
 
+/// An event can be looked up and resent the moment it is accepted: a lookup that misses
+/// waits for the index to take in what the history topic holds (during a peak, indexing may
+/// be behind by up to `history.index_defer`), and an id never accepted still answers 404.
+#[tokio::test]
+async fn an_event_is_found_and_resent_the_moment_it_is_accepted() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let sub = h.api.subscribe(json!({ "url": rx.url("/ok") })).await;
+    for i in 0..20 {
+        let id = format!("now-{i}");
+        let (status, _) = h.api.post("/v1/events", json!({ "id": id, "type": "T", "data": { "i": i } })).await;
+        assert_eq!(status, 202);
+        let (status, event) = h.api.get(&format!("/v1/events/{id}")).await;
+        assert_eq!(status, 200, "{id} right after it was accepted: {event}");
+        assert_eq!(event["deliveries"][0]["subscription"], sub["id"], "{event}");
+    }
+    let (status, _) = h.api.post("/v1/events", json!({ "id": "now-resent", "type": "T", "data": {} })).await;
+    assert_eq!(status, 202);
+    let (status, answer) = h.api.post("/v1/events/now-resent/resend", json!({})).await;
+    assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(1)), "{answer}");
+    let (status, _) = h.api.get("/v1/events/never-accepted").await;
+    assert_eq!(status, 404);
+}
+
 #[tokio::test]
 async fn dead_letters_show_in_the_event_state_and_resend_recover_and_rewind_send_again() {
     let h = TestHerald::start().await;
@@ -123,6 +147,7 @@ async fn dead_letters_show_in_the_event_state_and_resend_recover_and_rewind_send
     let since = before.to_rfc3339();
     let (status, answer) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since })).await;
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(2)), "{answer}");
+    assert_eq!(answer["history_lag"], 0, "it chose with every state indexed: {answer}");
     for i in 1..3 {
         state_of(&h.api, &format!("down-{i}"), &sub_id, "delivered").await;
     }

@@ -11,8 +11,8 @@ use std::time::Duration;
 /// The settings every Herald under test runs with, in-process or as a child: the admin
 /// token, receivers on loopback allowed, offsets flushed often, breakers that pause
 /// briefly so tests on test timescales still see them at work, and the history indexed at
-/// once (its deferral under load, tested in `history::tests`, would otherwise hold history
-/// queries 30 s whenever the whole suite keeps a test's workers busy).
+/// once (its deferral under load, tested in `history::tests`, would otherwise hold what a
+/// test's first history query sees whenever the whole suite keeps its workers busy).
 pub const ENV: &[(&str, &str)] = &[
     ("HERALD_ADMIN_TOKEN", TOKEN),
     ("HERALD_NETWORK_ALLOW", "127.0.0.0/8"),
