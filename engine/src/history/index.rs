@@ -156,7 +156,7 @@ const MEMTABLE_BYTES: u64 = 16 << 20;
 /// newest-first time, so each flushed table overlaps nearly every table of level 1, and each
 /// merge rewrites level 1 whole: what decides the compaction work is how often level 0 is
 /// merged against how large level 1 has grown. Sixteen 16 MiB memtables a merge (eight
-/// before) took fjall's worker from 15.1–15.7 s to 11.6–11.9 s of CPU over 1.6 M deliveries
+/// before) took fjall's worker from 15.1–15.9 s to 11.6–12.1 s of CPU over 1.6 M deliveries
 /// indexed at once (e2e, history at `0s`), and a 10 M fill from 88 k to 97 k attempts/s;
 /// KV separation (values of 96 or 512 bytes and more in blob files) saved nothing more. A scan
 /// reads up to sixteen level-0 tables: at 10 M attempts `?event=` p99 0.65 → 1.2 ms,
