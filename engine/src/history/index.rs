@@ -126,6 +126,8 @@ pub struct Index {
     retention: Duration,
     /// Memtable bytes (active and sealed, every keyspace) beyond which indexing waits.
     write_buffer: u64,
+    /// When the store's journal was last written out ([`SYNC_EVERY`]).
+    synced: std::sync::Mutex<std::time::Instant>,
 }
 
 /// The key range of `prefix` followed by a newest-first time within `[since, until]`.
@@ -175,6 +177,15 @@ const TABLE_BYTES: u64 = 32 << 20;
 /// backlog drained, the worker sat in compactions and the active memtable grew to over 6 GiB
 /// (RSS 6.8 GiB). Waiting on the queued flushes alone (before) never saw it: nothing was sealed.
 const WRITE_BUFFER_BYTES: u64 = 2 * MEMTABLE_BYTES;
+
+/// How often indexing writes the store's journal out to disk. fjall hands its journal to the
+/// OS at every write and syncs it whole only when a full memtable is sealed: a memtable's worth
+/// of dirty pages written back at once, in `fsync`s of 100–850 ms (`perf trace --duration 10`
+/// at 1,300 single events/s), and the log's group-commit `fdatasync`s — on which every
+/// accepted event and committed offset waits — queued behind that writeback. Written out this
+/// often, each sync is a fraction of a MiB: BENCHMARKS.md, "Latency at half load". It also
+/// bounds what a crash makes the index read again.
+const SYNC_EVERY: Duration = Duration::from_millis(200);
 
 /// A day's keyspace: written once, read now and then, so every level is LZ4-compressed (records
 /// shrink about twofold; the index's threads yield to delivery, so the CPU this
@@ -252,7 +263,8 @@ impl Index {
                 days.insert(day, db.keyspace(&name, day_options)?);
             }
         }
-        Ok(Index { db, meta, days: RwLock::new(days), retention, write_buffer })
+        let synced = std::sync::Mutex::new(std::time::Instant::now());
+        Ok(Index { db, meta, days: RwLock::new(days), retention, write_buffer, synced })
     }
 
     /// Lowers the CPU priority of the store's own background threads (flushes, compactions)
@@ -375,7 +387,18 @@ impl Index {
             metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(in_run as u64);
             applied += in_run;
         }
+        self.sync_if_due()?;
         Ok(applied)
+    }
+
+    /// Writes the store's journal out if [`SYNC_EVERY`] has passed since it last was.
+    fn sync_if_due(&self) -> Result<(), IndexError> {
+        let mut synced = self.synced.lock().unwrap();
+        if synced.elapsed() >= SYNC_EVERY {
+            self.db.persist(fjall::PersistMode::SyncData)?;
+            *synced = std::time::Instant::now();
+        }
+        Ok(())
     }
 
     /// Adds one history record's entries to `batch`; `value` is its bytes, stored as they are.
