@@ -23,8 +23,9 @@ const RECOVER_CHUNK: usize = 500;
 /// How long a lookup of an event not found waits for the index to take in what the history
 /// topic holds (during a peak indexing may be behind by up to `history.index_defer`).
 const FIND_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
-/// How long a recover waits for the same before choosing what to send: with the newest
-/// states indexed, it neither re-sends a delivery just made nor misses the newest events.
+/// How long a recover waits for the same before choosing what to send, after the attempts
+/// recorded so far reached the topic: the states it chooses by are then the newest ones
+/// settled before it was asked, unless the index could not catch up in time (it says so).
 const RECOVER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs `f` (an index read) off the async threads.
@@ -114,7 +115,6 @@ pub async fn attempts(
         limit: page::limit(q.limit)?,
         cursor: cursor(q.cursor)?,
     };
-    history.want();
     let index = history.index.clone();
     let page = blocking(move || index.attempts(&query)).await?;
     Ok(Json(serde_json::json!({ "items": page.items, "next": page.next })))
@@ -148,7 +148,6 @@ pub async fn list(
         limit: page::limit(q.limit)?,
         cursor: cursor(q.cursor)?,
     };
-    history.want();
     let index = history.index.clone();
     let page = blocking(move || index.events(&query)).await?;
     Ok(Json(serde_json::json!({ "items": page.items, "next": page.next })))
@@ -169,7 +168,6 @@ async fn find(history: &Arc<History>, tenant: String, id: String) -> Result<Even
         blocking(move || index.event(&tenant, &id))
     };
     if let Some(event) = lookup().await? {
-        history.want();
         return Ok(event);
     }
     history.caught_up(FIND_CATCH_UP).await;
@@ -267,6 +265,7 @@ pub async fn recover(
     if until < since {
         return Err(ApiError::validation("until", "must not be before since"));
     }
+    history.recorder.synced().await;
     let behind = history.caught_up(RECOVER_CATCH_UP).await;
     let (index, sub) = (history.index.clone(), id.clone());
     let found = blocking(move || index.recoverable(&sub, since, until, req.all, RECOVER_MAX)).await?;

@@ -479,8 +479,9 @@ pub struct HistoryConfig {
     /// Bytes of a receiver's answer kept per attempt.
     pub response_bytes: usize,
     /// How long indexing may wait while deliveries keep the workers busy, so that a burst is
-    /// indexed after it rather than during it (queries see its attempts up to this much
-    /// later); `0s` indexes at once.
+    /// indexed after it rather than during it (lists see its attempts up to this much later;
+    /// a lookup of an event not found, a resend and a recover wait for the index instead, and
+    /// nothing is held back while they do); `0s` indexes at once.
     pub index_defer: HumanDuration,
 }
 

@@ -180,11 +180,12 @@ const WRITE_BUFFER_BYTES: u64 = 2 * MEMTABLE_BYTES;
 
 /// How often indexing writes the store's journal out to disk. fjall hands its journal to the
 /// OS at every write and syncs it whole only when a full memtable is sealed: a memtable's worth
-/// of dirty pages written back at once, in `fsync`s of 100–850 ms (`perf trace --duration 10`
+/// of dirty pages written back at once, in `fsync`s of 115–220 ms (`perf trace --duration 10`
 /// at 1,300 single events/s), and the log's group-commit `fdatasync`s — on which every
 /// accepted event and committed offset waits — queued behind that writeback. Written out this
-/// often, each sync is a fraction of a MiB: BENCHMARKS.md, "Latency at half load". It also
-/// bounds what a crash makes the index read again.
+/// often, each sync is a fraction of a MiB: BENCHMARKS.md, "Latency at half load". The tables
+/// fjall writes in flushes and merges are still synced whole (up to 854 ms in that trace). It
+/// also bounds what a crash makes the index read again.
 const SYNC_EVERY: Duration = Duration::from_millis(200);
 
 /// A day's keyspace: written once, read now and then, so every level is LZ4-compressed (records

@@ -40,11 +40,12 @@ const BUSY: f64 = 0.5;
 /// How long one measure of that share holds, and how often a waiting indexer looks again.
 const BUSY_WINDOW: Duration = Duration::from_millis(100);
 
-/// How long a question to the history keeps indexing from waiting (see [`Load::want`]).
-const WANTED_FOR: Duration = Duration::from_secs(60);
-
 /// How often [`History::caught_up`] looks at the index's offsets.
 const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+
+/// Requests that wait in [`History::caught_up`] at once, at most; others answer from what is
+/// indexed without waiting, so lookups of ids never accepted cannot hold many connections.
+const CATCH_UP_WAITERS: usize = 16;
 
 /// Whether delivery keeps this process's workers busy, so indexing should wait. The index's
 /// threads are in the idle scheduling class, yet while deliveries peak they still run in every
@@ -59,9 +60,12 @@ struct Load {
     runtime: tokio::runtime::Handle,
     defer: Duration,
     sample: std::sync::Mutex<Sample>,
-    /// Until when (ms after `origin`, monotonic) someone asked the history: no waiting then.
+    /// Until when (ms after `origin`, monotonic) someone waits for the index: no holding then.
     wanted_until: std::sync::atomic::AtomicU64,
     origin: std::time::Instant,
+    /// Tests: delivery counts as busy whatever the workers do.
+    #[cfg(test)]
+    busy: std::sync::atomic::AtomicBool,
 }
 
 /// The workers' busy time at the last measure, and the share measured then.
@@ -81,6 +85,8 @@ impl Load {
             sample: std::sync::Mutex::new(sample),
             wanted_until: std::sync::atomic::AtomicU64::new(0),
             origin: std::time::Instant::now(),
+            #[cfg(test)]
+            busy: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -88,12 +94,11 @@ impl Load {
         self.origin.elapsed().as_millis() as u64
     }
 
-    /// Someone is asking the history (a query, a resend, a recover): indexing stops waiting
-    /// for [`WANTED_FOR`], so their answers, and the next ones, are not a deferral behind.
-    /// While operators look at the history during a peak, delivery pays the index as it goes,
-    /// as it did before the deferral.
-    fn want(&self) {
-        let until = self.since_origin() + WANTED_FOR.as_millis() as u64;
+    /// Someone waits for the index (see [`History::caught_up`]): nothing is held until
+    /// `until`, so the wait is short even while delivery is busy. While it lasts, delivery pays
+    /// the index as it goes, as it did before the deferral.
+    fn want_until(&self, until: std::time::Instant) {
+        let until = until.saturating_duration_since(self.origin).as_millis() as u64;
         self.wanted_until.fetch_max(until, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -106,6 +111,10 @@ impl Load {
     /// has passed). tokio adds to a worker's busy time when it parks, or every few dozen
     /// polls, so a share is lumpy; a lump only makes a window look busier.
     fn share(&self) -> f64 {
+        #[cfg(test)]
+        if self.busy.load(std::sync::atomic::Ordering::Relaxed) {
+            return 1.0;
+        }
         let mut s = self.sample.lock().unwrap();
         let elapsed = s.at.elapsed();
         if elapsed >= BUSY_WINDOW {
@@ -141,6 +150,7 @@ pub struct History {
     topic: String,
     partitions: u32,
     load: Arc<Load>,
+    waiters: tokio::sync::Semaphore,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -177,24 +187,21 @@ impl History {
             topic: topic.to_string(),
             partitions,
             load,
+            waiters: tokio::sync::Semaphore::new(CATCH_UP_WAITERS),
             tasks: std::sync::Mutex::new(tasks),
             thread: std::sync::Mutex::new(thread),
         }))
     }
 
-    /// Someone asks the history: indexing stops waiting for a while (see [`Load::want`]).
-    pub fn want(&self) {
-        self.load.want();
-    }
-
     /// Waits until the index holds everything the topic held when called, for at most
-    /// `within`, with indexing no longer waiting meanwhile: for answers that must not miss
+    /// `within`, with indexing no longer held back meanwhile: for answers that must not miss
     /// the newest records (an event not found yet, a recover). Returns how many records of
-    /// the topic the index still lacks then (0: it caught up), `None` if the topic's end could
-    /// not be read.
+    /// the topic the index still lacks then (0: it caught up); `None` if the topic's end could
+    /// not be read, or [`CATCH_UP_WAITERS`] requests are waiting already.
     pub async fn caught_up(&self, within: Duration) -> Option<u64> {
-        self.want();
+        let _waiting = self.waiters.try_acquire().ok()?;
         let deadline = tokio::time::Instant::now() + within;
+        self.load.want_until(deadline.into_std());
         let mut ends = Vec::with_capacity(self.partitions as usize);
         for p in 0..self.partitions {
             match tokio::time::timeout_at(deadline, self.log.end_offset(&self.topic, p)).await {
@@ -404,36 +411,14 @@ mod tests {
         assert!(!load.defers(now - Duration::from_secs(30), now_ms() + 3_600_000, now_ms()));
         assert!(load.defers(now, now_ms() + 3_600_000, now_ms()));
         assert!(!never.defers(now, now_ms(), now_ms()));
-        // Someone asking the history lifts the deferral, however busy delivery is.
+        // Someone waiting for the index lifts the deferral while they wait, however busy
+        // delivery is.
         let asked = Load::new(runtime.handle().clone(), Duration::from_secs(30));
         assert!(until_defers(&asked, true));
-        asked.want();
-        assert!(!asked.defers(now, now_ms(), now_ms()), "a question leaves indexing waiting");
+        asked.want_until(std::time::Instant::now() + Duration::from_secs(60));
+        assert!(!asked.defers(now, now_ms(), now_ms()), "a waiter leaves indexing held back");
         spin.store(false, Ordering::Relaxed);
         assert!(until_defers(&load, false), "indexing still waits once delivery is idle");
-    }
-
-    /// Keeps the runtime's workers busy (as deliveries at their peak do) until dropped.
-    struct Spin(Arc<AtomicBool>);
-
-    impl Spin {
-        fn on(runtime: &tokio::runtime::Runtime) -> Spin {
-            let spin = Arc::new(AtomicBool::new(true));
-            let spinning = spin.clone();
-            runtime.spawn(async move {
-                while spinning.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(1));
-                    tokio::task::yield_now().await;
-                }
-            });
-            Spin(spin)
-        }
-    }
-
-    impl Drop for Spin {
-        fn drop(&mut self) {
-            self.0.store(false, Ordering::Relaxed);
-        }
     }
 
     /// While delivery is busy and indexing waits, an answer that must not miss the newest
@@ -443,7 +428,6 @@ mod tests {
         use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
         use crate::log::TopicSpec;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let _busy = Spin::on(&runtime);
         let dir = tempfile::tempdir().unwrap();
         runtime.block_on(async {
             let topic = TopicSpec { name: "history".into(), partitions: 2, compacted: false, retention: None };
@@ -469,7 +453,9 @@ mod tests {
                 stopped,
             )
             .unwrap();
-            assert!(until_defers(&history.load, true), "the runtime does not look busy");
+            // Delivery at its peak, whatever this machine's load makes of a measure.
+            history.load.busy.store(true, Ordering::Relaxed);
+            assert!(history.load.defers(std::time::Instant::now(), now_ms(), now_ms()));
             let event = EventRecord {
                 id: "evt_now".into(),
                 tenant: "t".into(),
@@ -481,7 +467,15 @@ mod tests {
                 ordering_key: None,
             };
             history.recorder.append(&[HistoryRecord::Event(event)]).await.unwrap();
+            let ends = history.log.end_offset("history", 0).await.unwrap()
+                + history.log.end_offset("history", 1).await.unwrap();
+            assert_eq!(ends, 1, "the event is in the topic");
             assert!(history.index.event("t", "evt_now").unwrap().is_none(), "indexed without waiting");
+            // Beyond the bound on waiters, a request answers from what is indexed.
+            let all = history.waiters.try_acquire_many(CATCH_UP_WAITERS as u32).unwrap();
+            assert_eq!(history.caught_up(Duration::from_secs(20)).await, None);
+            assert!(history.index.event("t", "evt_now").unwrap().is_none(), "indexed without a waiter");
+            drop(all);
             assert_eq!(history.caught_up(Duration::from_secs(20)).await, Some(0));
             assert!(history.index.event("t", "evt_now").unwrap().is_some());
             stop.send(true).unwrap();

