@@ -58,8 +58,14 @@ pub(super) async fn next_batch<C: ConsumerContext>(
     Ok(out)
 }
 
-/// Times a gap in a partition's offsets is read again before it is taken as final.
-pub(super) const GAP_TRIES: u8 = 3;
+/// Times a gap in a partition's offsets is read again before it is taken as final: about 2 s
+/// at [`GAP_PAUSE`]. Three (60 ms) may be too few for tansu when every core is busy: the
+/// two-process history test then failed about one run in ten (the whole suite, or two `yes`
+/// loops beside it) with two attempts in neither process's index and no lag — what both
+/// followers passing over the same gap would leave; no log confirmed it (the tests now show a
+/// gap taken). Herald's topics have no gaps on a real broker, so the patience costs nothing
+/// there.
+pub(super) const GAP_TRIES: u8 = 100;
 /// The pause before a gap is read again.
 pub(super) const GAP_PAUSE: Duration = Duration::from_millis(20);
 
@@ -377,9 +383,11 @@ mod tests {
     }
 
     #[test]
-    fn each_gap_is_read_again_three_times_at_most() {
+    fn each_gap_is_read_again_a_bounded_number_of_times() {
         let mut gaps = Gaps::default();
-        assert_eq!((0..4).map(|_| gaps.again(5)).collect::<Vec<_>>(), [true, true, true, false]);
+        let tries: Vec<bool> = (0..=GAP_TRIES).map(|_| gaps.again(5)).collect();
+        assert_eq!(tries.iter().filter(|t| **t).count(), usize::from(GAP_TRIES));
+        assert_eq!(tries.last(), Some(&false), "then it is taken");
         assert!(gaps.again(9), "another gap is counted afresh");
     }
 

@@ -210,8 +210,16 @@ pub fn spawn_herald_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (C
             break a.parse().unwrap();
         }
     };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep draining stdout so the child never blocks on a full pipe; a gap in a topic's
+    // offsets taken as final (records never served) is said in the test's output, so a
+    // shortfall a test sees can be told from one Herald made.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("never served") {
+                eprintln!("herald {addr}: {line}");
+            }
+        }
+    });
     (ChildGuard(child), addr)
 }
 
