@@ -128,6 +128,8 @@ pub struct Index {
     write_buffer: u64,
     /// When the store's journal was last written out ([`SYNC_EVERY`]).
     synced: std::sync::Mutex<std::time::Instant>,
+    /// Bumped after every write, for those waiting for the index to catch up.
+    progress: tokio::sync::watch::Sender<u64>,
 }
 
 /// The key range of `prefix` followed by a newest-first time within `[since, until]`.
@@ -265,7 +267,8 @@ impl Index {
             }
         }
         let synced = std::sync::Mutex::new(std::time::Instant::now());
-        Ok(Index { db, meta, days: RwLock::new(days), retention, write_buffer, synced })
+        let progress = tokio::sync::watch::Sender::new(0);
+        Ok(Index { db, meta, days: RwLock::new(days), retention, write_buffer, synced, progress })
     }
 
     /// Lowers the CPU priority of the store's own background threads (flushes, compactions)
@@ -387,9 +390,15 @@ impl Index {
             batch.commit()?;
             metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(in_run as u64);
             applied += in_run;
+            self.progress.send_modify(|n| *n += 1);
         }
         self.sync_if_due()?;
         Ok(applied)
+    }
+
+    /// Changes after every write of the index: to wait for its offsets to move.
+    pub fn progress(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.progress.subscribe()
     }
 
     /// Writes the store's journal out if [`SYNC_EVERY`] has passed since it last was.

@@ -40,9 +40,6 @@ const BUSY: f64 = 0.5;
 /// How long one measure of that share holds, and how often a waiting indexer looks again.
 const BUSY_WINDOW: Duration = Duration::from_millis(100);
 
-/// How often [`History::caught_up`] looks at the index's offsets.
-const CATCH_UP_POLL: Duration = Duration::from_millis(10);
-
 /// Requests that wait in [`History::caught_up`] at once, at most; others answer from what is
 /// indexed without waiting, so lookups of ids never accepted cannot hold many connections.
 const CATCH_UP_WAITERS: usize = 16;
@@ -209,12 +206,16 @@ impl History {
                 _ => return None,
             }
         }
+        // Subscribed before the first look, so a write between the look and the wait wakes it.
+        let mut progress = self.index.progress();
         loop {
             let behind: u64 = ends.iter().zip(0..).map(|(end, p)| end.saturating_sub(self.index.offset(p))).sum();
-            if behind == 0 || tokio::time::Instant::now() + CATCH_UP_POLL > deadline {
+            if behind == 0 {
+                return Some(0);
+            }
+            if !matches!(tokio::time::timeout_at(deadline, progress.changed()).await, Ok(Ok(()))) {
                 return Some(behind);
             }
-            tokio::time::sleep(CATCH_UP_POLL).await;
         }
     }
 
