@@ -349,6 +349,12 @@ impl Index {
         sealed
     }
 
+    /// Records of the history topic not indexed yet, given the ends of its partitions
+    /// (partition, end offset): what `herald_history_lag` shows and a waiter waits out.
+    pub fn behind(&self, ends: &[(u32, u64)]) -> u64 {
+        ends.iter().map(|&(p, end)| end.saturating_sub(self.offset(p))).sum()
+    }
+
     /// The offset of `partition` of the history topic read so far.
     pub fn offset(&self, partition: u32) -> u64 {
         match self.meta.get(Self::offset_key(partition)) {

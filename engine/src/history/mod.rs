@@ -74,7 +74,7 @@ struct Sample {
 
 impl Load {
     fn new(runtime: tokio::runtime::Handle, defer: Duration) -> Load {
-        let busy = Self::busy_total(&runtime);
+        let busy = Self::busy_total(&runtime.metrics());
         let sample = Sample { at: std::time::Instant::now(), busy, share: 0.0 };
         Load {
             runtime,
@@ -99,8 +99,7 @@ impl Load {
         self.wanted_until.fetch_max(until, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn busy_total(runtime: &tokio::runtime::Handle) -> Duration {
-        let m = runtime.metrics();
+    fn busy_total(m: &tokio::runtime::RuntimeMetrics) -> Duration {
         (0..m.num_workers()).map(|w| m.worker_total_busy_duration(w)).sum()
     }
 
@@ -115,8 +114,9 @@ impl Load {
         let mut s = self.sample.lock().unwrap();
         let elapsed = s.at.elapsed();
         if elapsed >= BUSY_WINDOW {
-            let busy = Self::busy_total(&self.runtime);
-            let workers = self.runtime.metrics().num_workers().max(1) as f64;
+            let m = self.runtime.metrics();
+            let busy = Self::busy_total(&m);
+            let workers = m.num_workers().max(1) as f64;
             s.share = busy.saturating_sub(s.busy).as_secs_f64() / (elapsed.as_secs_f64() * workers);
             (s.at, s.busy) = (std::time::Instant::now(), busy);
         }
@@ -202,14 +202,14 @@ impl History {
         let mut ends = Vec::with_capacity(self.partitions as usize);
         for p in 0..self.partitions {
             match tokio::time::timeout_at(deadline, self.log.end_offset(&self.topic, p)).await {
-                Ok(Ok(end)) => ends.push(end),
+                Ok(Ok(end)) => ends.push((p, end)),
                 _ => return None,
             }
         }
         // Subscribed before the first look, so a write between the look and the wait wakes it.
         let mut progress = self.index.progress();
         loop {
-            let behind: u64 = ends.iter().zip(0..).map(|(end, p)| end.saturating_sub(self.index.offset(p))).sum();
+            let behind = self.index.behind(&ends);
             if behind == 0 {
                 return Some(0);
             }
@@ -362,13 +362,13 @@ async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<In
             Ok(Err(e)) => tracing::warn!(error = %e, "expiring history failed"),
             _ => {}
         }
-        let mut lag = 0u64;
+        let mut ends = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {
             if let Ok(end) = log.end_offset(&topic, p).await {
-                lag += end.saturating_sub(index.offset(p));
+                ends.push((p, end));
             }
         }
-        metrics::gauge!(crate::metrics::HISTORY_LAG).set(lag as f64);
+        metrics::gauge!(crate::metrics::HISTORY_LAG).set(index.behind(&ends) as f64);
     }
 }
 
