@@ -13,7 +13,13 @@ fn open(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Arc<EmbeddedLog>
         dir: dir.to_path_buf(),
         segment_bytes: 64 << 20,
         flush_interval: Duration::from_millis(200),
-        topics: vec![TopicSpec { name: "t".into(), partitions: 8, compacted: false, retention: None }],
+        topics: vec![TopicSpec {
+            name: "t".into(),
+            partitions: 8,
+            compacted: false,
+            retention: None,
+            delay: std::time::Duration::ZERO,
+        }],
         journal_bytes: herald::log::embedded::DEFAULT_JOURNAL_BYTES,
         faults: None,
     }))

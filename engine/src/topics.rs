@@ -51,12 +51,19 @@ impl Topics {
             partitions: log.partitions,
             compacted: false,
             retention,
+            delay: Duration::ZERO,
         };
         let mut specs = vec![
             data(&self.deliveries, None),
             data(&self.ordered, None),
             data(&self.dlq, Some(log.dlq_retention.0)),
-            TopicSpec { name: self.subscriptions.clone(), partitions: 1, compacted: true, retention: None },
+            TopicSpec {
+                name: self.subscriptions.clone(),
+                partitions: 1,
+                compacted: true,
+                retention: None,
+                delay: Duration::ZERO,
+            },
             TopicSpec {
                 name: self.history.clone(),
                 // One process reads the embedded log: one partition, one fsync per group
@@ -76,9 +83,10 @@ impl Topics {
                     }
                     .max(Duration::from_secs(3600)),
                 ),
+                delay: Duration::ZERO,
             },
         ];
-        specs.extend(self.tiers.iter().map(|(name, _)| data(name, None)));
+        specs.extend(self.tiers.iter().map(|(name, delay)| TopicSpec { delay: *delay, ..data(name, None) }));
         specs
     }
 
@@ -91,5 +99,20 @@ impl Topics {
         ];
         sources.extend(self.tiers.iter().map(|(topic, delay)| (topic.clone(), tiers::label(*delay), *delay)));
         sources
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_tier_s_topic_says_when_its_records_are_due_and_no_other_does() {
+        let topics = Topics::new("herald.");
+        let specs = topics.specs(&LogConfig::default(), &HistoryConfig::default());
+        for (name, delay) in &topics.tiers {
+            assert_eq!(specs.iter().find(|s| &s.name == name).map(|s| s.delay), Some(*delay), "{name}");
+        }
+        assert!(specs.iter().filter(|s| !topics.tiers.iter().any(|(n, _)| n == &s.name)).all(|s| s.delay.is_zero()));
     }
 }

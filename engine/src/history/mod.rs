@@ -431,7 +431,13 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
         runtime.block_on(async {
-            let topic = TopicSpec { name: "history".into(), partitions: 2, compacted: false, retention: None };
+            let topic = TopicSpec {
+                name: "history".into(),
+                partitions: 2,
+                compacted: false,
+                retention: None,
+                delay: Duration::ZERO,
+            };
             let log = EmbeddedLog::open(EmbeddedConfig {
                 dir: dir.path().join("log"),
                 segment_bytes: 1 << 20,

@@ -58,6 +58,9 @@ pub struct TopicSpec {
     /// Records older than this may be deleted (dead letters); `None`: kept until every
     /// consumer group has consumed them (deliveries and tiers), or forever (the catalog).
     pub retention: Option<std::time::Duration>,
+    /// How long after it is written a record is due (a retry tier's delay; zero for the rest):
+    /// a reader may take that long's tenth to see it, and so ask a broker less often.
+    pub delay: std::time::Duration,
 }
 
 /// Errors from either log backend.

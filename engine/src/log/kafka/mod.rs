@@ -149,6 +149,11 @@ impl KafkaLog {
         self.config.topics.iter().any(|t| t.name == topic && t.compacted)
     }
 
+    /// How long after they are written `topic`'s records are due (zero if unknown).
+    fn delay(&self, topic: &str) -> Duration {
+        self.config.topics.iter().find(|t| t.name == topic).map_or(Duration::ZERO, |t| t.delay)
+    }
+
     /// Runs `read` with the group-less reader on a blocking thread, for a partition that exists.
     async fn with_reader<T: Send + 'static>(
         &self,
@@ -239,8 +244,14 @@ impl Log for KafkaLog {
 
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
         self.partitions(topic)?;
-        let (consumer, thread) =
-            group::GroupConsumer::join(&self.config, group, topic, self.closed.subscribe(), self.config.drain)?;
+        let (consumer, thread) = group::GroupConsumer::join(
+            &self.config,
+            group,
+            topic,
+            self.delay(topic),
+            self.closed.subscribe(),
+            self.config.drain,
+        )?;
         self.threads.lock().unwrap().push(thread);
         Ok(Box::new(consumer))
     }
