@@ -436,7 +436,7 @@ mod tests {
                 partitions: 2,
                 compacted: false,
                 retention: None,
-                delay: Duration::ZERO,
+                read_within: Duration::from_millis(50),
             };
             let log = EmbeddedLog::open(EmbeddedConfig {
                 dir: dir.path().join("log"),

@@ -58,9 +58,12 @@ pub struct TopicSpec {
     /// Records older than this may be deleted (dead letters); `None`: kept until every
     /// consumer group has consumed them (deliveries and tiers), or forever (the catalog).
     pub retention: Option<std::time::Duration>,
-    /// How long after it is written a record is due (a retry tier's delay; zero for the rest):
-    /// a reader may take that long's tenth to see it, and so ask a broker less often.
-    pub delay: std::time::Duration,
+    /// How soon after it is written a reader should see a record: on Kafka, how long a fetch
+    /// that finds nothing new may wait at the broker (a broker that answers such a fetch only
+    /// at the wait's end, as tansu does, has readers trail by up to this much; Kafka answers
+    /// when records arrive). Longer means fewer fetches while idle. The embedded log's readers
+    /// wake on each append and ignore it. Chosen per topic in [`crate::topics::Topics::specs`].
+    pub read_within: std::time::Duration,
 }
 
 /// Errors from either log backend.

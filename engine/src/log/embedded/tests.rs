@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io::Write;
 
 fn spec(name: &str, partitions: u32, compacted: bool) -> TopicSpec {
-    TopicSpec { name: name.into(), partitions, compacted, retention: None, delay: Duration::ZERO }
+    TopicSpec { name: name.into(), partitions, compacted, retention: None, read_within: Duration::from_millis(50) }
 }
 
 fn config(dir: &std::path::Path, segment_bytes: u64) -> EmbeddedConfig {
@@ -840,7 +840,7 @@ async fn dead_letters_past_their_retention_are_reclaimed() {
         partitions: 1,
         compacted: false,
         retention: Some(Duration::from_millis(1)),
-        delay: Duration::ZERO,
+        read_within: Duration::from_millis(50),
     });
     let log = EmbeddedLog::open(cfg).await.unwrap();
     for i in 0..40 {

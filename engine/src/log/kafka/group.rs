@@ -151,32 +151,21 @@ pub(super) struct GroupConsumer {
     consumer: Weak<Kafka>,
 }
 
-/// How long the broker may hold a group's fetch that finds nothing new (librdkafka's
-/// `fetch.wait.max.ms`) on a topic whose records are due `delay` after they are written: 50 ms
-/// for fresh deliveries, a tenth of the delay for a retry tier, at most 500 ms. Herald joins a
-/// group on each of its sixteen tiers, which are empty most of the time, and an idle consumer
-/// fetches again as soon as an empty fetch comes back — at 50 ms each, 20 fetches a second a
-/// tier, which a broker serves and, on one machine, takes from delivery. A broker that answers
-/// a waiting fetch when records arrive (Kafka does) adds no delay; one that answers at the
-/// wait's end delays a retry by at most a tenth of its tier's delay, per hop.
-fn fetch_wait(delay: Duration) -> Duration {
-    (delay / 10).clamp(Duration::from_millis(50), Duration::from_millis(500))
-}
-
 impl GroupConsumer {
     /// Joins `group` on `topic`; a thread serves the group protocol until `closed`.
-    /// `delay`: how long after they are written its records are due (see [`fetch_wait`]).
+    /// `wait`: how long an idle fetch may wait at the broker (the topic's
+    /// [`TopicSpec::read_within`](crate::log::TopicSpec::read_within)).
     pub(super) fn join(
         config: &KafkaConfig,
         group: &str,
         topic: &str,
-        delay: Duration,
+        wait: Duration,
         closed: watch::Receiver<bool>,
         drain: Duration,
     ) -> Result<(GroupConsumer, std::thread::JoinHandle<()>), LogError> {
         let (tx, events) = mpsc::unbounded_channel();
         let group_id = format!("{group}.{topic}");
-        let wait = fetch_wait(delay).as_millis().to_string();
+        let wait = wait.as_millis().to_string();
         let c = config.layered(
             // Defaults the pass-through table may change.
             &[
@@ -429,19 +418,5 @@ impl Committer for GroupCommitter {
             u64::MAX => self.end_offset(),
             n => n,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_tier_s_consumer_waits_a_tenth_of_its_delay_within_bounds() {
-        let ms = |ms| Duration::from_millis(ms);
-        assert_eq!(fetch_wait(Duration::ZERO), ms(50), "fresh deliveries as before");
-        assert_eq!(fetch_wait(ms(250)), ms(50));
-        assert_eq!(fetch_wait(ms(2_000)), ms(200));
-        assert_eq!(fetch_wait(Duration::from_secs(14_400)), ms(500));
     }
 }

@@ -149,9 +149,10 @@ impl KafkaLog {
         self.config.topics.iter().any(|t| t.name == topic && t.compacted)
     }
 
-    /// How long after they are written `topic`'s records are due (zero if unknown).
-    fn delay(&self, topic: &str) -> Duration {
-        self.config.topics.iter().find(|t| t.name == topic).map_or(Duration::ZERO, |t| t.delay)
+    /// How long an idle fetch of `topic` may wait at the broker (its spec's `read_within`;
+    /// librdkafka's own 500 ms default for a topic without one).
+    fn read_within(&self, topic: &str) -> Duration {
+        self.config.topics.iter().find(|t| t.name == topic).map_or(Duration::from_millis(500), |t| t.read_within)
     }
 
     /// Runs `read` with the group-less reader on a blocking thread, for a partition that exists.
@@ -248,7 +249,7 @@ impl Log for KafkaLog {
             &self.config,
             group,
             topic,
-            self.delay(topic),
+            self.read_within(topic),
             self.closed.subscribe(),
             self.config.drain,
         )?;
@@ -259,7 +260,8 @@ impl Log for KafkaLog {
     async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError> {
         self.partitions(topic)?;
         let closed = self.closed.subscribe();
-        Ok(Box::new(reader::Follower::start(&self.config, topic, partition, from, !self.compacted(topic), closed)?))
+        let (contiguous, wait) = (!self.compacted(topic), self.read_within(topic));
+        Ok(Box::new(reader::Follower::start(&self.config, topic, partition, from, contiguous, wait, closed)?))
     }
 
     async fn ready(&self) -> bool {

@@ -268,18 +268,6 @@ impl Reader {
     }
 }
 
-/// How long the broker may hold a follower's fetch that finds nothing new (librdkafka's
-/// `fetch.wait.max.ms`), in milliseconds. Each followed partition has a consumer of its own
-/// (the history topic's eight, the catalog's one), and an idle one asks again as soon as its
-/// fetch comes back empty: at 20 ms, an idle Herald with history on had tansu take 15 % of a
-/// core (10 % at 100 ms); at a peak those fetches took cores from delivery (history on,
-/// `BACKEND=kafka e2e.sh 8 400000`: 29.7–36.1 k deliveries/s at 20 ms, 37.0–38.0 k at 100 ms;
-/// BENCHMARKS.md, twenty-second session). A broker that answers a waiting fetch as soon as
-/// records arrive (Kafka does) adds no delay for it; on tansu a follower trails more with a
-/// longer wait (a lookup of an event just accepted took 40–155 ms at 500 ms, at most 17 ms
-/// at 100 ms, under 1 ms at 20 ms).
-const FOLLOW_WAIT_MS: &str = "100";
-
 /// Tails one partition from an offset, outside any group; nothing is committed.
 pub(super) struct Follower {
     consumer: StreamConsumer,
@@ -303,18 +291,22 @@ impl Follower {
         partition: u32,
         from: u64,
         contiguous: bool,
+        wait: Duration,
         closed: watch::Receiver<bool>,
     ) -> Result<Follower, LogError> {
+        let wait = wait.as_millis().to_string();
         let consumer: StreamConsumer = config
-            .client()
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", FOLLOW_WAIT_MS)
-            // librdkafka prefetches up to 64 MiB a partition by default; a reader that falls
-            // behind (the history index while deliveries take the cores) would hold that
-            // much for each partition it follows.
-            .set("queued.max.messages.kbytes", "16384")
-            .set("group.id", "herald-follower")
+            .layered(
+                // Defaults the pass-through table may change.
+                &[
+                    ("fetch.wait.max.ms", &wait),
+                    // librdkafka prefetches up to 64 MiB a partition by default; a reader that
+                    // falls behind (the history index while deliveries take the cores) would
+                    // hold that much for each partition it follows.
+                    ("queued.max.messages.kbytes", "16384"),
+                ],
+                &[("enable.auto.commit", "false"), ("auto.offset.reset", "earliest"), ("group.id", "herald-follower")],
+            )
             .create()
             .map_err(kafka_error)?;
         let mut tpl = TopicPartitionList::new();
