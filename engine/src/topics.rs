@@ -12,8 +12,8 @@ use std::time::Duration;
 const FRESH: Duration = Duration::from_millis(50);
 
 /// The catalog's: a registry write returns once its own process has read it back, and writes
-/// are made one at a time, so on a broker that answers a waiting fetch only at its end each
-/// would wait this long.
+/// are made one at a time, so on a broker slow to answer a waiting fetch when records arrive
+/// each would wait up to this long.
 const CATALOG: Duration = Duration::from_millis(20);
 
 /// The history topic's: each process's index follows every partition with a consumer of its

@@ -59,9 +59,9 @@ pub struct TopicSpec {
     /// consumer group has consumed them (deliveries and tiers), or forever (the catalog).
     pub retention: Option<std::time::Duration>,
     /// How soon after it is written a reader should see a record: on Kafka, how long a fetch
-    /// that finds nothing new may wait at the broker (a broker that answers such a fetch only
-    /// at the wait's end, as tansu does, has readers trail by up to this much; Kafka answers
-    /// when records arrive). Longer means fewer fetches while idle. The embedded log's readers
+    /// that finds nothing new may wait at the broker (a broker slow to answer such a fetch when
+    /// records arrive, as tansu is, has readers trail by up to this much; Kafka answers at
+    /// once). Longer means fewer fetches while idle. The embedded log's readers
     /// wake on each append and ignore it. Chosen per topic in [`crate::topics::Topics::specs`].
     pub read_within: std::time::Duration,
 }
