@@ -61,8 +61,8 @@ pub struct TopicSpec {
     /// How soon after it is written a reader should see a record: on Kafka, how long a fetch
     /// that finds nothing new may wait at the broker (a broker slow to answer such a fetch when
     /// records arrive, as tansu is, has readers trail by up to this much; Kafka answers at
-    /// once). Longer means fewer fetches while idle. The embedded log's readers
-    /// wake on each append and ignore it. Chosen per topic in [`crate::topics::Topics::specs`].
+    /// once). Longer means fewer fetches while idle. The embedded log's readers wake on each
+    /// append and ignore it. Chosen per topic in [`crate::topics::Topics::specs`].
     pub read_within: std::time::Duration,
 }
 

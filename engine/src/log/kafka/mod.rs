@@ -144,15 +144,20 @@ impl KafkaLog {
         }
     }
 
+    /// How `topic` is laid out, if it is one of Herald's.
+    fn spec(&self, topic: &str) -> Option<&TopicSpec> {
+        self.config.topics.iter().find(|t| t.name == topic)
+    }
+
     /// Whether `topic` is compacted: its offsets have gaps that are not to be read again.
     fn compacted(&self, topic: &str) -> bool {
-        self.config.topics.iter().any(|t| t.name == topic && t.compacted)
+        self.spec(topic).is_some_and(|t| t.compacted)
     }
 
     /// How long an idle fetch of `topic` may wait at the broker (its spec's `read_within`;
     /// librdkafka's own 500 ms default for a topic without one).
     fn read_within(&self, topic: &str) -> Duration {
-        self.config.topics.iter().find(|t| t.name == topic).map_or(Duration::from_millis(500), |t| t.read_within)
+        self.spec(topic).map_or(Duration::from_millis(500), |t| t.read_within)
     }
 
     /// Runs `read` with the group-less reader on a blocking thread, for a partition that exists.
