@@ -52,8 +52,11 @@ while kill -0 $sink 2>/dev/null; do
   sleep 1
 done
 hwm=$(awk '/VmHWM/ {print $2}' /proc/$herald/status)
+# Herald's CPU time (user + system) since its restart: steadier than the rate on a shared box.
+herald_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat)
 echo "sink:   $(cat "$WORK/sink.json")"
 echo "herald RSS while draining: peak sampled $((peak / 1024)) MiB, high-water mark $((hwm / 1024)) MiB, ${#samples[@]} samples"
+python3 -c "print('cpu:    %s s of Herald CPU, %.1f µs per delivery' % ('$herald_cpu', $herald_cpu * 1e6 / $EVENTS))"
 echo "RSS samples (MiB, 1/s): $(for s in "${samples[@]}"; do printf '%d ' $((s / 1024)); done)"
 # The ideal signed loop in the same run: sign and POST straight into a verifying sink, no log.
 kill $herald 2>/dev/null || true
