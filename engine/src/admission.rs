@@ -216,11 +216,6 @@ impl Admission {
         }
     }
 
-    /// The in-flight cap.
-    pub fn cap(&self) -> u32 {
-        self.cap
-    }
-
     /// Admits a delivery: breaker, rate limit, then an in-flight slot. Returns the slot and
     /// whether this attempt is the breaker's probe.
     pub async fn admit(&self) -> Result<(OwnedSemaphorePermit, bool), Busy> {

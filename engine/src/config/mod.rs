@@ -294,9 +294,7 @@ impl Default for IngestConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchConfig {
-    /// Deliveries started per partition at most (in flight, or queued for their endpoint's
-    /// slot); a shard fills only what the subscriptions its partition carries need, until
-    /// one of them is slower than its queue (`dispatch::carried`).
+    /// Deliveries in flight per partition at most.
     pub window: usize,
     /// Offsets per partition held back from the commit point at most; finished deliveries
     /// behind a slow one wait here (a crash re-delivers them).

@@ -4,7 +4,6 @@
 //! decode → look up → gate (due, enabled, admitted) → sign and send → settle (`settle`).
 //! A record's offset may be committed once it is settled, durably (`window`).
 
-mod carried;
 mod ordered;
 mod settle;
 mod shard;
@@ -85,15 +84,6 @@ impl Deliverer {
         self.observe(&settled);
         self.write_history(&mut settled);
         settled
-    }
-
-    /// The in-flight cap of the subscription a record of the delivery topics is keyed by, as
-    /// known here (the default for one not known).
-    pub fn cap_of(&self, key: &[u8]) -> u32 {
-        std::str::from_utf8(key)
-            .ok()
-            .and_then(|id| self.registry.get(id))
-            .map_or(crate::admission::DEFAULT_MAX_IN_FLIGHT, |t| t.admission.cap())
     }
 
     /// Dead-letters the head of an ordered key an operator skipped, and records it.

@@ -4,18 +4,12 @@
 //! contiguous prefix of finished offsets. A read is never cancelled to make room for a
 //! completion, and a completion never waits for a read.
 //!
-//! How much of the window a shard fills is `carried`'s to say: a partition that carries one
-//! fast subscription needs no look-ahead past its cap, and the records it would read ahead
-//! cost CPU.
-//!
 //! Supervised: a delivery that panics is processed once more; one that panics twice is
 //! dead-lettered with the panic's message, so no record can stop its partition, for this
 //! process or, after a restart, the next.
 
-use super::carried::Carried;
 use super::window::Window;
-use super::{Deferral, Deliverer, Settlement};
-use crate::admission::Busy;
+use super::Deliverer;
 use crate::log::{Committer, LogError, LogRecord, PartitionReader};
 use crate::metrics::ShardStats;
 use crate::model::now_ms;
@@ -52,14 +46,9 @@ struct Shard {
     limits: ShardLimits,
     committer: Arc<dyn Committer>,
     window: Window,
-    /// Each resolves to its record's offset, and whether it waited out its patience for a slot.
-    in_flight: FuturesUnordered<BoxFuture<'static, (u64, bool)>>,
+    in_flight: FuturesUnordered<BoxFuture<'static, u64>>,
     /// Read, not started yet (they wait to be due, or for room in the window).
     waiting: VecDeque<LogRecord>,
-    /// The subscriptions this partition carried lately, for how much of the window to fill.
-    carried: Carried,
-    /// Deliveries started and not settled at most, now (`limits.window` at most).
-    limit: usize,
     idle: Option<Box<dyn PartitionReader>>,
     reading: Option<Read>,
 }
@@ -82,8 +71,6 @@ pub async fn run(
         window: Window::default(),
         in_flight: FuturesUnordered::new(),
         waiting: VecDeque::new(),
-        carried: Carried::default(),
-        limit: limits.window,
         idle: Some(reader),
         reading: None,
     };
@@ -93,9 +80,7 @@ pub async fn run(
         let wake = shard.wake_at();
         tokio::select! {
             _ = crate::shutdown::stopped(&mut stop) => break,
-            Some((offset, queued_out)) = shard.in_flight.next(), if !shard.in_flight.is_empty() => {
-                shard.finished(offset, queued_out)
-            }
+            Some(offset) = shard.in_flight.next(), if !shard.in_flight.is_empty() => shard.finished(offset),
             (reader, batch) = async { shard.reading.as_mut().expect("guarded").await }, if shard.reading.is_some() => {
                 if !shard.read(reader, batch, partition).await {
                     break;
@@ -110,7 +95,7 @@ pub async fn run(
 
 impl Shard {
     fn has_room(&self) -> bool {
-        self.window.in_flight() < self.limit && self.window.held() < self.limits.max_uncommitted
+        self.window.in_flight() < self.limits.window && self.window.held() < self.limits.max_uncommitted
     }
 
     /// When a record may start: its append time plus the topic's delay, and never more than
@@ -123,20 +108,17 @@ impl Shard {
     /// Starts what is due while the window has room; reads more only when nothing waits, so
     /// memory stays bounded by one batch.
     fn start_due(&mut self) {
-        let (now, instant) = (now_ms(), Instant::now());
-        self.limit = self.carried.window(self.limits.window, instant);
+        let now = now_ms();
         while self.has_room() && self.waiting.front().is_some_and(|r| self.due(r) <= now) {
             let rec = self.waiting.pop_front().expect("checked");
             if !self.window.start(rec.offset) {
                 tracing::debug!(offset = rec.offset, "record handed out again; already started");
                 continue;
             }
-            let deliverer = &self.deliverer;
-            self.carried.saw(&rec.key, instant, || deliverer.cap_of(&rec.key));
             self.in_flight.push(supervised(self.deliverer.clone(), rec));
         }
         if self.reading.is_none() && self.waiting.is_empty() && self.has_room() {
-            let room = (self.limit - self.window.in_flight())
+            let room = (self.limits.window - self.window.in_flight())
                 .min(self.limits.max_uncommitted - self.window.held())
                 .min(self.limits.batch);
             let mut reader = self.idle.take().expect("reader is idle when no read is pending");
@@ -156,13 +138,9 @@ impl Shard {
         Some(Instant::now() + Duration::from_millis((self.due(head) - now_ms()).max(0) as u64))
     }
 
-    /// `offset` is settled; `queued_out` when it waited out its patience for a slot.
-    fn finished(&mut self, offset: u64, queued_out: bool) {
+    fn finished(&mut self, offset: u64) {
         if let Some(next) = self.window.finish(offset) {
             self.committer.commit(next);
-        }
-        if queued_out {
-            self.carried.slot_wanted(Instant::now());
         }
     }
 
@@ -190,8 +168,8 @@ impl Shard {
     /// waiting were never started: they are read again after a restart.
     async fn drain(&mut self, partition: u32) {
         let drained = tokio::time::timeout(self.limits.drain, async {
-            while let Some((offset, queued_out)) = self.in_flight.next().await {
-                self.finished(offset, queued_out);
+            while let Some(offset) = self.in_flight.next().await {
+                self.finished(offset);
             }
         })
         .await;
@@ -212,21 +190,14 @@ fn due(appended_ms: i64, delay: Duration, now_ms: i64) -> i64 {
 }
 
 /// Processes `rec`, once more if that panics, and parks it in the dead-letter topic if it
-/// panics again; resolves to its offset once it is settled, and whether it was deferred for
-/// want of an in-flight slot.
-fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord) -> BoxFuture<'static, (u64, bool)> {
+/// panics again; resolves to its offset once it is settled.
+fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord) -> BoxFuture<'static, u64> {
     async move {
         let offset = rec.offset;
         let mut last = String::new();
         for attempt in 1..=2 {
             match AssertUnwindSafe(deliverer.process(rec.clone())).catch_unwind().await {
-                Ok(settled) => {
-                    let queued_out = matches!(
-                        settled.settlement,
-                        Settlement::Deferred { reason: Deferral::Busy(Busy::Full(_)), .. }
-                    );
-                    return (offset, queued_out);
-                }
+                Ok(_) => return offset,
                 Err(panic) => {
                     last = panic_message(panic.as_ref());
                     tracing::error!(partition = rec.partition, offset, attempt, panic = %last, "a delivery panicked");
@@ -234,7 +205,7 @@ fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord) -> BoxFuture<'static, (
             }
         }
         deliverer.park_panicked(&rec, last).await;
-        (offset, false)
+        offset
     }
     .boxed()
 }

@@ -147,23 +147,7 @@ async fn retry_after_on_429_is_honoured() {
 async fn a_hanging_endpoint_does_not_delay_a_healthy_one_on_the_same_partition() {
     // A small window makes blocking easy to provoke: without per-subscription caps, eight
     // hanging deliveries would fill it.
-    head_of_line(Some(8)).await;
-}
-
-#[tokio::test]
-async fn a_hanging_endpoint_does_not_delay_a_healthy_one_with_the_window_its_partition_uses() {
-    // The default window, of which a shard fills only twice the caps of what its partition
-    // carries (here 2 × 2 + 2 × 64) until a record waits out its patience for a slot.
-    head_of_line(None).await;
-}
-
-async fn head_of_line(window: Option<usize>) {
-    let h = TestHerald::start_with(|c| {
-        if let Some(w) = window {
-            c.dispatch.window = w;
-        }
-    })
-    .await;
+    let h = TestHerald::start_with(|c| c.dispatch.window = 8).await;
     let rx = Receiver::start().await;
     rx.behave("/stuck", Behaviour::Hang);
     let fast = h.api.subscribe(json!({ "url": rx.url("/fast") })).await;
