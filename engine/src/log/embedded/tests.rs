@@ -835,13 +835,7 @@ async fn damage_in_the_middle_of_a_sealed_segment_keeps_the_records_after_it() {
 async fn dead_letters_past_their_retention_are_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = quiet(dir.path(), 4096);
-    cfg.topics.push(TopicSpec {
-        name: "d".into(),
-        partitions: 1,
-        compacted: false,
-        retention: Some(Duration::from_millis(1)),
-        read_within: Duration::from_millis(50),
-    });
+    cfg.topics.push(TopicSpec { retention: Some(Duration::from_millis(1)), ..spec("d", 1, false) });
     let log = EmbeddedLog::open(cfg).await.unwrap();
     for i in 0..40 {
         log.append("d", vec![rec("k", &format!("{i}-{}", "d".repeat(500)))]).await.unwrap();
