@@ -349,6 +349,16 @@ async fn two_processes_answer_the_same_history_queries() {
         let sub = apis[0].subscribe(json!({ "url": rx.url(&format!("/h{i}")), "retry": retry })).await;
         subs.push(sub["id"].as_str().unwrap().to_string());
     }
+    // An event is fanned out to the subscriptions the process accepting it knows: B learns of
+    // A's new ones from the registry topic a moment later, so half the events (those sent to
+    // B) wait for that. Without the wait, an event could reach B first and go to three
+    // subscriptions: 78 attempts, every listed delivery complete (as this test once saw).
+    for sub in &subs {
+        until("B knows every subscription made through A", Duration::from_secs(30), || async {
+            (apis[1].get(&format!("/v1/subscriptions/{sub}")).await.0 == 200).then_some(())
+        })
+        .await;
+    }
     for i in 0..10 {
         let (status, _) =
             apis[i % 2].post("/v1/events", json!({ "id": format!("h{i}"), "type": "T", "data": { "i": i } })).await;
@@ -400,6 +410,10 @@ async fn two_processes_answer_the_same_history_queries() {
             for (p, api) in apis.iter().enumerate() {
                 for i in 0..10 {
                     let (_, e) = api.get(&format!("/v1/events/h{i}")).await;
+                    let deliveries = e["deliveries"].as_array().map_or(0, Vec::len);
+                    if deliveries != subs.len() {
+                        short.push(format!("process {p}: h{i} fanned out to {deliveries} subscriptions"));
+                    }
                     for d in e["deliveries"].as_array().into_iter().flatten() {
                         if d["attempts"].as_u64() < Some(2) || d["state"] != "delivered" {
                             short.push(format!("process {p}: h{i} {d}"));

@@ -59,12 +59,11 @@ pub(super) async fn next_batch<C: ConsumerContext>(
 }
 
 /// Times a gap in a partition's offsets is read again before it is taken as final: about 2 s
-/// at [`GAP_PAUSE`]. Three (60 ms) may be too few for tansu when every core is busy: the
-/// two-process history test then failed about one run in ten (the whole suite, or two `yes`
-/// loops beside it) with two attempts in neither process's index and no lag — what both
-/// followers passing over the same gap would leave; no log confirmed it (the tests now show a
-/// gap taken). Herald's topics have no gaps on a real broker, so the patience costs nothing
-/// there.
+/// at [`GAP_PAUSE`], where three (60 ms) may be too few for tansu when every core is busy.
+/// (The two-process history test's rare miss of two attempts, once blamed on a gap, came
+/// from its own race: an event published through a process that had not yet read a new
+/// subscription.) Herald's topics have no gaps on a real broker, so the patience costs
+/// nothing there.
 pub(super) const GAP_TRIES: u8 = 100;
 /// The pause before a gap is read again.
 pub(super) const GAP_PAUSE: Duration = Duration::from_millis(20);
