@@ -353,6 +353,7 @@ async fn two_processes_answer_the_same_history_queries() {
     // A's new ones from the registry topic a moment later, so half the events (those sent to
     // B) wait for that. Without the wait, an event could reach B first and go to three
     // subscriptions: 78 attempts, every listed delivery complete (as this test once saw).
+    // Each event's answer says how many subscriptions it went to.
     for sub in &subs {
         until("B knows every subscription made through A", Duration::from_secs(30), || async {
             (apis[1].get(&format!("/v1/subscriptions/{sub}")).await.0 == 200).then_some(())
@@ -360,9 +361,10 @@ async fn two_processes_answer_the_same_history_queries() {
         .await;
     }
     for i in 0..10 {
-        let (status, _) =
+        let (status, accepted) =
             apis[i % 2].post("/v1/events", json!({ "id": format!("h{i}"), "type": "T", "data": { "i": i } })).await;
         assert_eq!(status, 202);
+        assert_eq!(accepted["deliveries"], subs.len(), "h{i} goes to every subscription: {accepted}");
     }
     // Each delivery fails once, then succeeds: 10 events x 4 subscriptions x 2 attempts.
     let answers = |path: String| {
@@ -409,10 +411,10 @@ async fn two_processes_answer_the_same_history_queries() {
             let mut short = Vec::new();
             for (p, api) in apis.iter().enumerate() {
                 for i in 0..10 {
-                    let (_, e) = api.get(&format!("/v1/events/h{i}")).await;
+                    let (status, e) = api.get(&format!("/v1/events/h{i}")).await;
                     let deliveries = e["deliveries"].as_array().map_or(0, Vec::len);
-                    if deliveries != subs.len() {
-                        short.push(format!("process {p}: h{i} fanned out to {deliveries} subscriptions"));
+                    if status != 200 || deliveries != subs.len() {
+                        short.push(format!("process {p}: h{i} answers {status} with {deliveries} deliveries"));
                     }
                     for d in e["deliveries"].as_array().into_iter().flatten() {
                         if d["attempts"].as_u64() < Some(2) || d["state"] != "delivered" {

@@ -59,9 +59,9 @@ pub(super) async fn next_batch<C: ConsumerContext>(
 }
 
 /// Times a gap in a partition's offsets is read again before it is taken as final: about 2 s
-/// at [`GAP_PAUSE`], where three (60 ms) may be too few for tansu when every core is busy.
-/// (The two-process history test's rare miss of two attempts, once blamed on a gap, came
-/// from its own race: an event published through a process that had not yet read a new
+/// at [`GAP_PAUSE`], a precaution for tansu on busy cores. (It was raised from three tries
+/// for the two-process history test's rare miss of two attempts, which turned out to be
+/// that test's own race: an event published through a process that had not yet read a new
 /// subscription.) Herald's topics have no gaps on a real broker, so the patience costs
 /// nothing there.
 pub(super) const GAP_TRIES: u8 = 100;
