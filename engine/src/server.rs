@@ -232,7 +232,7 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
         connect_timeout: config.http.connect_timeout.0,
         pool_idle_timeout: config.http.pool_idle_timeout.0,
         pool_max_idle_per_host: config.http.pool_max_idle_per_host,
-        response_bytes: config.history.response_bytes,
+        response_bytes: config.history.enabled().then_some(config.history.response_bytes),
         tls_files_dir: config.http.tls_files_dir.clone(),
         proxy: config.http.proxy.as_ref().and_then(|p| crate::transport::http::Proxy::parse(p, &config.http.no_proxy)),
         proxies: egress_proxies(config),
@@ -328,7 +328,8 @@ async fn serve_connections(
 /// What a caller may add to a server beyond its configuration.
 #[derive(Default, Clone)]
 pub struct Extras {
-    /// Observers of every settled delivery, besides metrics.
+    /// Observers of every settled delivery, besides metrics. (An attempt's `response` is there
+    /// only when a history is kept.)
     pub observers: Vec<Arc<dyn Observe>>,
     /// Faults injected into the embedded log's writes (tests of failing disks).
     pub faults: Faults,

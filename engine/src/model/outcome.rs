@@ -17,7 +17,8 @@ pub enum Outcome {
         /// How long the attempt took.
         #[serde(with = "millis")]
         latency: Duration,
-        /// The start of the receiver's answer, when there was one.
+        /// The start of the receiver's answer, when there was one and a history keeps it
+        /// (with history off it is not copied).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         response: Option<Response>,
     },
@@ -28,7 +29,8 @@ pub enum Outcome {
         /// How long the attempt took.
         #[serde(with = "millis")]
         latency: Duration,
-        /// The start of the receiver's answer, when there was one.
+        /// The start of the receiver's answer, when there was one and a history keeps it
+        /// (with history off it is not copied).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         response: Option<Response>,
     },

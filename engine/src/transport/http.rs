@@ -57,8 +57,10 @@ pub struct HttpSettings {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle_per_host: usize,
-    /// Bytes of each response body kept in the attempt's outcome (for the history).
-    pub response_bytes: usize,
+    /// Bytes of each response body kept in the attempt's outcome, for the history; `None`
+    /// when no history is kept: then a response's headers and body are not copied at all,
+    /// only its status and `Retry-After` read (the copies were ~2 % of a delivery's CPU).
+    pub response_bytes: Option<usize>,
     /// Where TLS files named by subscriptions may be read (none: content only).
     pub tls_files_dir: Option<std::path::PathBuf>,
     /// The egress proxy, if webhooks go through one.
@@ -180,7 +182,7 @@ impl Default for HttpSettings {
             connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
-            response_bytes: 1024,
+            response_bytes: Some(1024),
             tls_files_dir: None,
             proxy: None,
             proxies: Default::default(),
@@ -347,27 +349,24 @@ impl HttpTransport {
                     Some(Ok(frame)) => {
                         let Some(data) = frame.data_ref() else { continue };
                         read += data.len();
-                        let room = keep.saturating_sub(kept.len());
+                        let room = keep.unwrap_or(0).saturating_sub(kept.len());
                         kept.extend_from_slice(&data[..data.len().min(room)]);
                     }
                     _ => break,
                 }
             }
-            Ok::<_, hyper_util::client::legacy::Error>(Response::new(
-                parts.status.as_u16(),
-                &parts.headers,
-                kept.freeze(),
-            ))
+            let status = parts.status.as_u16();
+            let response = keep.map(|_| Response::new(status, &parts.headers, kept.freeze()));
+            Ok::<_, hyper_util::client::legacy::Error>((status, parts.headers, response))
         };
         let latency = || started.elapsed();
         match tokio::time::timeout(req.timeout, exchange).await {
-            Ok(Ok(response)) if (200..300).contains(&response.status) => {
-                Outcome::Delivered { status: response.status, latency: latency(), response: Some(response) }
+            Ok(Ok((status, _, response))) if (200..300).contains(&status) => {
+                Outcome::Delivered { status, latency: latency(), response }
             }
-            Ok(Ok(response)) => {
-                let retry_after_ms = retry_after(&response);
-                let failure = Failure::Status { status: response.status, retry_after_ms };
-                Outcome::Failed { failure, latency: latency(), response: Some(response) }
+            Ok(Ok((status, headers, response))) => {
+                let failure = Failure::Status { status, retry_after_ms: retry_after(&headers) };
+                Outcome::Failed { failure, latency: latency(), response }
             }
             Ok(Err(e)) => Outcome::failed(classify(&e), latency()),
             Err(_) => Outcome::failed(timed_out(req.timeout), latency()),
@@ -376,8 +375,8 @@ impl HttpTransport {
 }
 
 /// The receiver's `Retry-After` in ms, when it gave one in seconds.
-fn retry_after(response: &Response) -> Option<u64> {
-    let (_, value) = response.headers.iter().find(|(n, _)| n == "retry-after")?;
+fn retry_after(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
     value.trim().parse::<u64>().ok().map(|s| s.saturating_mul(1000))
 }
 
@@ -408,5 +407,26 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
         Failure::Tls { detail }
     } else {
         Failure::Connect { detail }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_whole_seconds_wherever_the_header_is() {
+        let mut headers = HeaderMap::new();
+        for i in 0..40 {
+            headers.insert(http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(), "v".parse().unwrap());
+        }
+        assert_eq!(retry_after(&headers), None);
+        // After more headers than a kept response holds (it used to be read from those).
+        headers.insert(http::header::RETRY_AFTER, " 7 ".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(7_000));
+        for unusable in ["Wed, 21 Oct 2026 07:28:00 GMT", "-1", "1.5", ""] {
+            headers.insert(http::header::RETRY_AFTER, unusable.parse().unwrap());
+            assert_eq!(retry_after(&headers), None, "{unusable:?}");
+        }
     }
 }

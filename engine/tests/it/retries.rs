@@ -129,7 +129,16 @@ async fn a_410_disables_the_subscription_instead_of_retrying() {
 
 #[tokio::test]
 async fn retry_after_on_429_is_honoured() {
-    let h = TestHerald::start().await;
+    retry_after_is_honoured(TestHerald::start().await).await;
+}
+
+/// Without a history the receiver's answer is not kept, but its `Retry-After` is still read.
+#[tokio::test]
+async fn retry_after_on_429_is_honoured_with_history_off() {
+    retry_after_is_honoured(TestHerald::start_with(|c| c.history.retention = Duration::ZERO.into()).await).await;
+}
+
+async fn retry_after_is_honoured(h: TestHerald) {
     let rx = Receiver::start().await;
     rx.behave("/busy", Behaviour::RetryAfter { status: 429, secs: 1 });
     h.api
