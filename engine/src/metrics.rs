@@ -391,6 +391,10 @@ impl Log for Timed {
         self.0.end_offset(topic, partition).await
     }
 
+    fn shared(&self) -> bool {
+        self.0.shared()
+    }
+
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
         self.0.consume(group, topic).await
     }

@@ -6,6 +6,7 @@
 use super::CatalogError;
 use crate::log::{Log, LogError, LogRecord, Position, Record};
 use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -13,12 +14,27 @@ use tokio::sync::watch;
 /// How long a write may take to come back through the feed.
 const SEEN_WITHIN: Duration = Duration::from_secs(15);
 
+/// How long [`Feed::settled`] may hold a publish up (the broker slow or unreachable) before
+/// the publish goes by what this process knows.
+const SETTLE_WITHIN: Duration = Duration::from_secs(2);
+
+/// The least time between the starts of two of [`Feed::settled`]'s queries: under a stream of
+/// single-event publishes they would otherwise run back to back (each a broker request and
+/// a blocking-pool hop); spaced, more publishes share each, for at most this much more wait.
+const SETTLE_SPACING: Duration = Duration::from_millis(2);
+
 /// Writes to the registry topic and waits until they have been applied.
 pub struct Feed {
     log: Arc<dyn Log>,
     topic: String,
     /// Offset of the next record to apply.
     applied: watch::Receiver<u64>,
+    /// Queries of the topic's end started for [`Feed::settled`].
+    started: AtomicU64,
+    /// The number of the last such query that finished (this process had read up to the end
+    /// it found), and when the last one started; held while one runs, so they run one at a
+    /// time.
+    settled: tokio::sync::Mutex<(u64, Option<tokio::time::Instant>)>,
 }
 
 /// Advances a [`Feed`]: owned by the task that applies records.
@@ -39,7 +55,8 @@ impl Feed {
     /// A feed on `topic` whose records below `next` are already applied.
     pub fn new(log: Arc<dyn Log>, topic: String, next: u64) -> (Feed, Applied) {
         let (tx, rx) = watch::channel(next);
-        (Feed { log, topic, applied: rx }, Applied(tx))
+        let settled = tokio::sync::Mutex::new((0, None));
+        (Feed { log, topic, applied: rx, started: AtomicU64::new(0), settled }, Applied(tx))
     }
 
     /// Appends one record and waits until the follower applied it; returns where it landed.
@@ -54,6 +71,41 @@ impl Feed {
     pub async fn catch_up(&self) -> Result<(), CatalogError> {
         let end = self.log.end_offset(&self.topic, 0).await?;
         self.applied_up_to(end).await
+    }
+
+    /// Waits until every record appended to the registry topic before this call, by any
+    /// process, has been applied here: a publish calls it before it fans out, so an event
+    /// goes to every subscription whose create had returned when it came, whichever process
+    /// made it. Only a shared log needs it (on the embedded one every record is this
+    /// process's, applied before its write returned). Concurrent callers share the query of
+    /// the topic's end: each needs one that started after it came — at worst the one
+    /// running and the next — so a publish waits one or two broker round trips, and a
+    /// burst of them makes one query per round trip, not one apiece. Bounded by
+    /// [`SETTLE_WITHIN`].
+    pub async fn settled(&self) -> Result<(), CatalogError> {
+        if !self.log.shared() {
+            return Ok(());
+        }
+        let came = self.started.load(Ordering::Acquire);
+        let settle = async {
+            let mut last = self.settled.lock().await;
+            let (finished, started) = &mut *last;
+            if *finished > came {
+                return Ok(());
+            }
+            if let Some(at) = started {
+                tokio::time::sleep_until(*at + SETTLE_SPACING).await;
+            }
+            *started = Some(tokio::time::Instant::now());
+            let this = self.started.fetch_add(1, Ordering::AcqRel) + 1;
+            let end = self.log.end_offset(&self.topic, 0).await?;
+            self.applied_up_to(end).await?;
+            *finished = this;
+            Ok(())
+        };
+        tokio::time::timeout(SETTLE_WITHIN, settle)
+            .await
+            .unwrap_or(Err(CatalogError::NotSettled { within: SETTLE_WITHIN }))
     }
 
     /// Waits (bounded) until every record below `next` has been applied here.
@@ -113,5 +165,47 @@ pub async fn follow(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::stub::Stub;
+
+    fn stubbed(shared: bool, reachable: bool) -> (Arc<Feed>, Arc<Stub>) {
+        let mut stub = Stub::new(true, reachable);
+        stub.shared = shared;
+        let stub = Arc::new(stub);
+        let (feed, _applied) = Feed::new(stub.clone(), "catalog".into(), 0);
+        (Arc::new(feed), stub)
+    }
+
+    #[tokio::test]
+    async fn publishes_arriving_together_share_the_query_of_the_topics_end() {
+        let (feed, stub) = stubbed(true, true);
+        let calls: Vec<_> = (0..50)
+            .map(|_| {
+                let feed = feed.clone();
+                tokio::spawn(async move { feed.settled().await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        // The first caller's query, and one that started after the other 49 came.
+        assert_eq!(stub.end_queries.load(Ordering::Relaxed), 2);
+        // A caller that comes once those finished needs one of its own.
+        feed.settled().await.unwrap();
+        assert_eq!(stub.end_queries.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn only_a_shared_log_is_asked_and_an_unreachable_one_is_reported() {
+        let (feed, stub) = stubbed(false, true);
+        feed.settled().await.unwrap();
+        assert_eq!(stub.end_queries.load(Ordering::Relaxed), 0, "one process: nothing to catch up with");
+        let (feed, _) = stubbed(true, false);
+        assert!(matches!(feed.settled().await, Err(CatalogError::Log(_))));
     }
 }

@@ -23,6 +23,12 @@ pub enum CatalogError {
         /// How long it waited.
         within: Duration,
     },
+    /// This process could not tell, in time, that it had read every record in the topic.
+    #[error("the registry could not catch up with the topic within {}s", within.as_secs())]
+    NotSettled {
+        /// How long it waited.
+        within: Duration,
+    },
 }
 
 /// Who owns a catalog record.

@@ -365,6 +365,8 @@ impl Ingest {
     /// in this request or an earlier one (or is being appended by a concurrent one), gets the
     /// first answer back and appends nothing.
     pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<Accepted>, Refusal> {
+        // Every subscription made before this request, through any process, is known here.
+        self.registry.settled().await;
         let mut reserved = self.reserve(&events).await;
         let now = now_ms();
         let mut records = Deliveries::default();

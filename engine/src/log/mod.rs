@@ -118,6 +118,12 @@ pub trait Log: Send + Sync + 'static {
     /// Offset of the next record to be appended to one partition.
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError>;
 
+    /// Whether other processes may append to this log's topics (Kafka), so what this process
+    /// has read of a topic can trail what is in it. The embedded log has one process.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Joins consumer `group` on `topic`; the consumer is told which partitions it owns.
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError>;
 

@@ -2,20 +2,25 @@
 
 use super::{Consumer, Log, LogError, LogRecord, PartitionReader, Position, Record};
 use async_trait::async_trait;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// One partition per topic, always empty. Appends are kept (each one's records in `appends`)
 /// when `taking`, refused as closed otherwise; reaching its end fails and it is not
-/// ready when it is not `reachable` (a broker that is down).
+/// ready when it is not `reachable` (a broker that is down). A `shared` one stands for a
+/// broker: each query of a partition's end takes 20 ms, and is counted in `end_queries`.
 pub struct Stub {
     pub taking: bool,
     pub reachable: bool,
+    pub shared: bool,
     pub appends: Mutex<Vec<Vec<Record>>>,
+    pub end_queries: AtomicUsize,
 }
 
 impl Stub {
     pub fn new(taking: bool, reachable: bool) -> Stub {
-        Stub { taking, reachable, appends: Mutex::default() }
+        Stub { taking, reachable, shared: false, appends: Mutex::default(), end_queries: AtomicUsize::new(0) }
     }
 }
 
@@ -45,6 +50,10 @@ impl Log for Stub {
         Ok((Vec::new(), None))
     }
     async fn end_offset(&self, _: &str, _: u32) -> Result<u64, LogError> {
+        self.end_queries.fetch_add(1, Ordering::Relaxed);
+        if self.shared {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if self.reachable {
             Ok(0)
         } else {
@@ -59,6 +68,9 @@ impl Log for Stub {
     }
     async fn ready(&self) -> bool {
         self.reachable
+    }
+    fn shared(&self) -> bool {
+        self.shared
     }
     async fn close(&self) -> Result<(), LogError> {
         Ok(())

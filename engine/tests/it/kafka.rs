@@ -94,6 +94,29 @@ async fn two_processes_share_the_partitions_and_the_registry() {
     a.stop().await;
 }
 
+/// A subscription made through one process gets every event published afterwards through
+/// any other, even one published the moment the create returned (before the other process
+/// would have read it from the registry topic on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_published_through_any_process_after_a_create_goes_to_the_new_subscription() {
+    let kafka = MockKafka::start(PARTITIONS);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, api_a) = start(&kafka, dir_a.path()).await;
+    let (b, api_b) = start(&kafka, dir_b.path()).await;
+    let mut short = Vec::new();
+    for i in 0..20 {
+        api_a.subscribe(json!({ "url": format!("http://127.0.0.1:9/new{i}") })).await;
+        let (status, accepted) = api_b.post("/v1/events", json!({ "type": "T", "data": { "i": i } })).await;
+        assert_eq!(status, 202, "{accepted}");
+        if accepted["deliveries"] != i + 1 {
+            short.push(format!("event {i}: {accepted}"));
+        }
+    }
+    assert!(short.is_empty(), "events that missed subscriptions made before them: {short:#?}");
+    b.stop().await;
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_racing_to_create_one_url_agree_on_a_single_winner() {
     let kafka = MockKafka::start(PARTITIONS);

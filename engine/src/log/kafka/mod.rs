@@ -95,6 +95,9 @@ pub struct KafkaLog {
     producer: FutureProducer,
     partitions: HashMap<String, u32>,
     reader: Arc<Mutex<reader::Reader>>,
+    /// Answers `end_offset` apart from `reader`, whose page reads hold its lock (for seconds
+    /// on a gap): every publish asks for the registry topic's end before it fans out.
+    watermarks: Arc<reader::Reader>,
     closed: watch::Sender<bool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -119,12 +122,14 @@ impl KafkaLog {
             .create()
             .map_err(kafka_error)?;
         let reader = reader::Reader::new(&config)?;
+        let watermarks = Arc::new(reader::Reader::new(&config)?);
         tracing::info!(brokers = %config.brokers, topics = partitions.len(), "kafka log open");
         Ok(Arc::new(KafkaLog {
             config,
             producer,
             partitions,
             reader: Arc::new(Mutex::new(reader)),
+            watermarks,
             closed: watch::channel(false).0,
             threads: Mutex::new(Vec::new()),
         }))
@@ -160,6 +165,14 @@ impl KafkaLog {
         self.spec(topic).map_or(Duration::from_millis(500), |t| t.read_within)
     }
 
+    /// Refuses a partition `topic` does not have.
+    fn existing(&self, topic: &str, partition: u32) -> Result<(), LogError> {
+        if partition >= self.partitions(topic)? {
+            return Err(LogError::UnknownTopic(format!("{topic}/{partition}")));
+        }
+        Ok(())
+    }
+
     /// Runs `read` with the group-less reader on a blocking thread, for a partition that exists.
     async fn with_reader<T: Send + 'static>(
         &self,
@@ -167,9 +180,7 @@ impl KafkaLog {
         partition: u32,
         read: impl FnOnce(&mut reader::Reader, &str) -> Result<T, LogError> + Send + 'static,
     ) -> Result<T, LogError> {
-        if partition >= self.partitions(topic)? {
-            return Err(LogError::UnknownTopic(format!("{topic}/{partition}")));
-        }
+        self.existing(topic, partition)?;
         let (reader, topic) = (self.reader.clone(), topic.to_string());
         tokio::task::spawn_blocking(move || read(&mut reader.lock().unwrap(), &topic))
             .await
@@ -245,7 +256,15 @@ impl Log for KafkaLog {
     }
 
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-        self.with_reader(topic, partition, move |r, topic| r.end_offset(topic, partition)).await
+        self.existing(topic, partition)?;
+        let (watermarks, topic) = (self.watermarks.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || watermarks.end_offset(&topic, partition))
+            .await
+            .map_err(|e| LogError::Backend(e.to_string()))?
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {

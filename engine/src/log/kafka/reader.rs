@@ -182,13 +182,19 @@ impl Reader {
         Ok(Reader { consumer })
     }
 
-    /// The partition's high watermark: the offset the next record will get.
+    /// The partition's high watermark: the offset the next record will get. Asked as the
+    /// offset for the "latest" time, one request where `fetch_watermarks` makes two (each
+    /// publish on Kafka waits for one of these: the catalog's `Feed::settled`).
     pub(super) fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-        let (_, high) = self
-            .consumer
-            .fetch_watermarks(topic, partition as i32, Timeout::After(READ_TIMEOUT))
-            .map_err(kafka_error)?;
-        Ok(high.max(0) as u64)
+        let mut latest = TopicPartitionList::new();
+        latest.add_partition_offset(topic, partition as i32, Offset::End).map_err(kafka_error)?;
+        let found = self.consumer.offsets_for_times(latest, Timeout::After(READ_TIMEOUT)).map_err(kafka_error)?;
+        let answer = found.find_partition(topic, partition as i32);
+        match answer.as_ref().map(|p| (p.error(), p.offset())) {
+            Some((Ok(()), Offset::Offset(end))) => Ok(end.max(0) as u64),
+            Some((Err(e), _)) => Err(kafka_error(e)),
+            other => Err(LogError::Backend(format!("no end offset for {topic}/{partition}: {other:?}"))),
+        }
     }
 
     /// Up to `max` records of `topic`/`partition` from `from`, and where to go on (`None` at
