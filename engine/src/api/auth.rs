@@ -70,7 +70,7 @@ impl FromRequestParts<AppState> for Principal {
             state.key_rate.admit(&format!("portal:{tenant}"))?;
             return Ok(Principal::Tenant(tenant));
         }
-        let tenant = state.tenants.authenticate(token).ok_or_else(ApiError::unauthorized)?;
+        let tenant = state.tenants.authenticate_settled(token).await.ok_or_else(ApiError::unauthorized)?;
         // Authenticated first, so nobody can spend another key's rate.
         let (key_id, _) = crate::tenants::parse_token(token, "hk").ok_or_else(ApiError::unauthorized)?;
         state.key_rate.admit(key_id)?;

@@ -96,7 +96,8 @@ async fn two_processes_share_the_partitions_and_the_registry() {
 
 /// A subscription made through one process gets every event published afterwards through
 /// any other, even one published the moment the create returned (before the other process
-/// would have read it from the registry topic on its own).
+/// would have read it from the registry topic on its own); likewise a tenant's new API key
+/// works through any process at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_published_through_any_process_after_a_create_goes_to_the_new_subscription() {
     let kafka = MockKafka::start(PARTITIONS);
@@ -113,6 +114,14 @@ async fn an_event_published_through_any_process_after_a_create_goes_to_the_new_s
         }
     }
     assert!(short.is_empty(), "events that missed subscriptions made before them: {short:#?}");
+    // A tenant's key made through A works through B at once (tenants do not publish; they
+    // read and manage their own subscriptions).
+    for i in 0..10 {
+        let (_, through_a) = crate::support::tenant_with_key(&api_a, &format!("t{i}")).await;
+        let through_b = Api::new(b.addr, &through_a.token);
+        let (status, body) = through_b.get("/v1/subscriptions").await;
+        assert_eq!(status, 200, "a key made through A, used through B at once: {body}");
+    }
     b.stop().await;
     a.stop().await;
 }
