@@ -79,9 +79,9 @@ impl Feed {
     /// made it. Only a shared log needs it (on the embedded one every record is this
     /// process's, applied before its write returned). Concurrent callers share the query of
     /// the topic's end: each needs one that started after it came — at worst the one
-    /// running and the next — so a publish waits one or two broker round trips, and a
-    /// burst of them makes one query per round trip, not one apiece. Bounded by
-    /// [`SETTLE_WITHIN`].
+    /// running and the next, started at least [`SETTLE_SPACING`] apart — so a publish waits
+    /// a few milliseconds at most, and a burst of them makes one query, not one apiece.
+    /// Bounded by [`SETTLE_WITHIN`].
     pub async fn settled(&self) -> Result<(), CatalogError> {
         if !self.log.shared() {
             return Ok(());
