@@ -6,6 +6,7 @@
 use super::CatalogError;
 use crate::log::{Log, LogError, LogRecord, Position, Record};
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,10 +32,25 @@ pub struct Feed {
     applied: watch::Receiver<u64>,
     /// Queries of the topic's end started for [`Feed::settled`].
     started: AtomicU64,
-    /// The number of the last such query that finished (this process had read up to the end
-    /// it found), and when the last one started; held while one runs, so they run one at a
-    /// time.
-    settled: tokio::sync::Mutex<(u64, Option<tokio::time::Instant>)>,
+    /// Those queries' progress; held while one runs, so they run one at a time.
+    settling: tokio::sync::Mutex<Settling>,
+}
+
+/// A query of the registry topic's end, run as a task of its own: a caller that gives up
+/// (its publish timed out, its client left) does not abandon it, and the next caller waits
+/// for it rather than start another beside it — with the broker down, queries would
+/// otherwise pile up on the blocking pool, each for the reader's whole timeout.
+type EndQuery = Shared<BoxFuture<'static, Result<u64, String>>>;
+
+/// Where [`Feed::settled`]'s queries are.
+#[derive(Default)]
+struct Settling {
+    /// The number of the last query whose end this process has applied.
+    applied: u64,
+    /// When the last query started.
+    started_at: Option<tokio::time::Instant>,
+    /// The last query started, and its number.
+    last: Option<(u64, EndQuery)>,
 }
 
 /// Advances a [`Feed`]: owned by the task that applies records.
@@ -55,8 +71,8 @@ impl Feed {
     /// A feed on `topic` whose records below `next` are already applied.
     pub fn new(log: Arc<dyn Log>, topic: String, next: u64) -> (Feed, Applied) {
         let (tx, rx) = watch::channel(next);
-        let settled = tokio::sync::Mutex::new((0, None));
-        (Feed { log, topic, applied: rx, started: AtomicU64::new(0), settled }, Applied(tx))
+        let settling = tokio::sync::Mutex::default();
+        (Feed { log, topic, applied: rx, started: AtomicU64::new(0), settling }, Applied(tx))
     }
 
     /// Appends one record and waits until the follower applied it; returns where it landed.
@@ -80,28 +96,41 @@ impl Feed {
     /// process's, applied before its write returned). Concurrent callers share the query of
     /// the topic's end: each needs one that started after it came — at worst the one
     /// running and the next, started at least [`SETTLE_SPACING`] apart — so a publish waits
-    /// a few milliseconds at most, and a burst of them makes one query, not one apiece.
-    /// Bounded by [`SETTLE_WITHIN`].
+    /// about two broker round trips, and a burst of them makes one query, not one apiece;
+    /// a query that fails fails every caller waiting for it. Bounded by [`SETTLE_WITHIN`].
     pub async fn settled(&self) -> Result<(), CatalogError> {
         if !self.log.shared() {
             return Ok(());
         }
         let came = self.started.load(Ordering::Acquire);
         let settle = async {
-            let mut last = self.settled.lock().await;
-            let (finished, started) = &mut *last;
-            if *finished > came {
-                return Ok(());
+            let mut settling = self.settling.lock().await;
+            loop {
+                if settling.applied > came {
+                    return Ok(());
+                }
+                // The last query: its answer does if it started after this caller came; if
+                // not, it still ends before another starts.
+                if let Some((number, query)) = settling.last.clone() {
+                    let end = query.await;
+                    if number > came {
+                        self.applied_up_to(end.map_err(LogError::Backend)?).await?;
+                        settling.applied = settling.applied.max(number);
+                        return Ok(());
+                    }
+                }
+                if let Some(at) = settling.started_at {
+                    tokio::time::sleep_until(at + SETTLE_SPACING).await;
+                }
+                settling.started_at = Some(tokio::time::Instant::now());
+                let number = self.started.fetch_add(1, Ordering::AcqRel) + 1;
+                let (log, topic) = (self.log.clone(), self.topic.clone());
+                let query = tokio::spawn(async move { log.end_offset(&topic, 0).await.map_err(|e| e.to_string()) })
+                    .map(|joined| joined.unwrap_or_else(|e| Err(e.to_string())))
+                    .boxed()
+                    .shared();
+                settling.last = Some((number, query));
             }
-            if let Some(at) = started {
-                tokio::time::sleep_until(*at + SETTLE_SPACING).await;
-            }
-            *started = Some(tokio::time::Instant::now());
-            let this = self.started.fetch_add(1, Ordering::AcqRel) + 1;
-            let end = self.log.end_offset(&self.topic, 0).await?;
-            self.applied_up_to(end).await?;
-            *finished = this;
-            Ok(())
         };
         tokio::time::timeout(SETTLE_WITHIN, settle)
             .await
@@ -198,6 +227,28 @@ mod tests {
         // A caller that comes once those finished needs one of its own.
         feed.settled().await.unwrap();
         assert_eq!(stub.end_queries.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_query_fails_every_caller_waiting_for_it_and_one_given_up_is_not_run_twice() {
+        let (feed, stub) = stubbed(true, false);
+        let calls: Vec<_> = (0..50)
+            .map(|_| {
+                let feed = feed.clone();
+                tokio::spawn(async move { feed.settled().await })
+            })
+            .collect();
+        for call in calls {
+            assert!(call.await.unwrap().is_err());
+        }
+        assert_eq!(stub.end_queries.load(Ordering::Relaxed), 2, "the 49 waiting share the second's error");
+        // Callers that give up while their query runs: the next waits for it, never beside it.
+        let (feed, stub) = stubbed(true, true);
+        for _ in 0..5 {
+            let _ = tokio::time::timeout(Duration::from_millis(3), feed.settled()).await;
+        }
+        feed.settled().await.unwrap();
+        assert_eq!(stub.most_at_once.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

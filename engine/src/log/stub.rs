@@ -9,18 +9,33 @@ use std::time::Duration;
 /// One partition per topic, always empty. Appends are kept (each one's records in `appends`)
 /// when `taking`, refused as closed otherwise; reaching its end fails and it is not
 /// ready when it is not `reachable` (a broker that is down). A `shared` one stands for a
-/// broker: each query of a partition's end takes 20 ms, and is counted in `end_queries`.
+/// broker: each query of a partition's end takes 20 ms, and is counted in `end_queries`
+/// (the most running at once in `most_at_once`).
 pub struct Stub {
     pub taking: bool,
     pub reachable: bool,
     pub shared: bool,
     pub appends: Mutex<Vec<Vec<Record>>>,
     pub end_queries: AtomicUsize,
+    pub most_at_once: AtomicUsize,
+    running: AtomicUsize,
 }
 
 impl Stub {
+    fn counters() -> Stub {
+        Stub {
+            taking: false,
+            reachable: false,
+            shared: false,
+            appends: Mutex::default(),
+            end_queries: AtomicUsize::new(0),
+            most_at_once: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+        }
+    }
+
     pub fn new(taking: bool, reachable: bool) -> Stub {
-        Stub { taking, reachable, shared: false, appends: Mutex::default(), end_queries: AtomicUsize::new(0) }
+        Stub { taking, reachable, shared: false, appends: Mutex::default(), ..Stub::counters() }
     }
 }
 
@@ -52,7 +67,10 @@ impl Log for Stub {
     async fn end_offset(&self, _: &str, _: u32) -> Result<u64, LogError> {
         self.end_queries.fetch_add(1, Ordering::Relaxed);
         if self.shared {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_at_once.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(20)).await;
+            self.running.fetch_sub(1, Ordering::SeqCst);
         }
         if self.reachable {
             Ok(0)

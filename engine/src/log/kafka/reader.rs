@@ -188,7 +188,10 @@ impl Reader {
     pub(super) fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
         let mut latest = TopicPartitionList::new();
         latest.add_partition_offset(topic, partition as i32, Offset::End).map_err(kafka_error)?;
-        let found = self.consumer.offsets_for_times(latest, Timeout::After(READ_TIMEOUT)).map_err(kafka_error)?;
+        let found = self.consumer.offsets_for_times(latest, Timeout::After(READ_TIMEOUT));
+        // Serve the client's queue (errors, statistics): this consumer is never read from.
+        let _ = self.consumer.poll(Duration::ZERO);
+        let found = found.map_err(kafka_error)?;
         let answer = found.find_partition(topic, partition as i32);
         match answer.as_ref().map(|p| (p.error(), p.offset())) {
             Some((Ok(()), Offset::Offset(end))) => Ok(end.max(0) as u64),
