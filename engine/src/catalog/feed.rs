@@ -210,17 +210,26 @@ mod tests {
         (Arc::new(feed), stub)
     }
 
-    #[tokio::test]
-    async fn publishes_arriving_together_share_the_query_of_the_topics_end() {
-        let (feed, stub) = stubbed(true, true);
+    /// What fifty callers that come together get.
+    async fn fifty_at_once(feed: &Arc<Feed>) -> Vec<Result<(), CatalogError>> {
         let calls: Vec<_> = (0..50)
             .map(|_| {
                 let feed = feed.clone();
                 tokio::spawn(async move { feed.settled().await })
             })
             .collect();
+        let mut answers = Vec::new();
         for call in calls {
-            call.await.unwrap().unwrap();
+            answers.push(call.await.unwrap());
+        }
+        answers
+    }
+
+    #[tokio::test]
+    async fn publishes_arriving_together_share_the_query_of_the_topics_end() {
+        let (feed, stub) = stubbed(true, true);
+        for settled in fifty_at_once(&feed).await {
+            settled.unwrap();
         }
         // The first caller's query, and one that started after the other 49 came.
         assert_eq!(stub.end_queries.load(Ordering::Relaxed), 2);
@@ -232,14 +241,8 @@ mod tests {
     #[tokio::test]
     async fn a_failed_query_fails_every_caller_waiting_for_it_and_one_given_up_is_not_run_twice() {
         let (feed, stub) = stubbed(true, false);
-        let calls: Vec<_> = (0..50)
-            .map(|_| {
-                let feed = feed.clone();
-                tokio::spawn(async move { feed.settled().await })
-            })
-            .collect();
-        for call in calls {
-            assert!(call.await.unwrap().is_err());
+        for settled in fifty_at_once(&feed).await {
+            assert!(settled.is_err());
         }
         assert_eq!(stub.end_queries.load(Ordering::Relaxed), 2, "the 49 waiting share the second's error");
         // Callers that give up while their query runs: the next waits for it, never beside it.
