@@ -22,20 +22,16 @@ pub struct Stub {
 }
 
 impl Stub {
-    fn counters() -> Stub {
+    pub fn new(taking: bool, reachable: bool) -> Stub {
         Stub {
-            taking: false,
-            reachable: false,
+            taking,
+            reachable,
             shared: false,
             appends: Mutex::default(),
             end_queries: AtomicUsize::new(0),
             most_at_once: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
         }
-    }
-
-    pub fn new(taking: bool, reachable: bool) -> Stub {
-        Stub { taking, reachable, shared: false, appends: Mutex::default(), ..Stub::counters() }
     }
 }
 
