@@ -48,6 +48,10 @@ pub const BREAKERS_OPEN: &str = "herald_circuit_breakers_open";
 pub const SUBSCRIPTIONS: &str = "herald_subscriptions";
 /// Subscriptions disabled (by a 410 or by an operator).
 pub const SUBSCRIPTIONS_DISABLED: &str = "herald_subscriptions_disabled";
+/// API requests served by the catalog this process knew, because it could not tell in time
+/// that it had read every change made through other processes (Kafka: the broker slow or
+/// unreachable).
+pub const CATALOG_UNSETTLED: &str = "herald_catalog_unsettled_total";
 /// Edge agents connected to this process.
 pub const EDGE_AGENTS: &str = "herald_edge_agents_connected";
 /// Deliveries sent to edge agents connected to this process and not yet answered.
@@ -94,6 +98,7 @@ pub const ALL: &[&str] = &[
     BREAKERS_OPEN,
     SUBSCRIPTIONS,
     SUBSCRIPTIONS_DISABLED,
+    CATALOG_UNSETTLED,
     PARTITIONS_OWNED,
     EDGE_AGENTS,
     EDGE_IN_FLIGHT,
@@ -238,6 +243,7 @@ impl Metrics {
         metrics::counter!(PANICS).increment(0);
         metrics::counter!(WORKERS_PANICKED).increment(0);
         metrics::counter!(API_CONNECTIONS_REFUSED).increment(0);
+        metrics::counter!(CATALOG_UNSETTLED).increment(0);
         for reason in ["key_rate", "tests"] {
             metrics::counter!(API_THROTTLED, "reason" => reason).increment(0);
         }
@@ -341,6 +347,10 @@ fn describe() {
     );
     describe_gauge!(SUBSCRIPTIONS, "Subscriptions in the registry.");
     describe_gauge!(SUBSCRIPTIONS_DISABLED, "Subscriptions disabled.");
+    describe_counter!(
+        CATALOG_UNSETTLED,
+        "API requests served by the catalog this process knew: it could not tell in time that it had read every change made through other processes."
+    );
     describe_gauge!(EDGE_AGENTS, "Edge agents connected to this process.");
     describe_gauge!(EDGE_IN_FLIGHT, "Deliveries sent to edge agents connected here and not yet answered.");
     describe_histogram!(EDGE_RTT_SECONDS, Unit::Seconds, "Round trip to an edge agent, less the attempt itself.");

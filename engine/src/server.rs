@@ -156,6 +156,8 @@ async fn open_log(config: &Config, topics: &Topics, faults: &Faults) -> Result<A
 
 /// The catalog's owners, loaded and following the topic.
 struct Stores {
+    /// The registry topic as followed here: requests wait on it to see other processes' changes.
+    catalog: Arc<Feed>,
     registry: Arc<Registry>,
     tenants: Arc<Tenants>,
     devices: Arc<Devices>,
@@ -195,7 +197,7 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
     let tenants = Arc::new(Tenants::load(feed.clone(), &records));
     let devices = Arc::new(Devices::load(feed.clone(), &records));
-    let event_types = Arc::new(EventTypes::load(feed, &records));
+    let event_types = Arc::new(EventTypes::load(feed.clone(), &records));
     let router = Router::new(registry.clone(), tenants.clone(), devices.clone(), event_types.clone());
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(feed::follow(log.clone(), topics.subscriptions.clone(), next, applied, router, stopped));
@@ -203,7 +205,7 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     if sealed {
         registry.reseal(&records).await.map_err(StartError::Webhooks)?;
     }
-    Ok(Stores { registry, tenants, devices, event_types, follower: (stop, task) })
+    Ok(Stores { catalog: feed, registry, tenants, devices, event_types, follower: (stop, task) })
 }
 
 /// The secret processes authenticate edge forwards with: configured, or derived from the
@@ -408,6 +410,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     });
     let (key_rate, tests) = api::throttles(&config);
     let state = AppState::new(api::Shared {
+        catalog: stores.catalog.clone(),
         registry: stores.registry.clone(),
         ingest: Arc::new(ingest),
         history: history.clone(),

@@ -158,24 +158,6 @@ impl Tenants {
         Ok(exists)
     }
 
-    /// [`Tenants::authenticate`]; a well-formed key whose id is not known here is tried again
-    /// once this process has read every catalog record made before the call
-    /// ([`Feed::settled`]), so a key made through another process a moment ago works at once.
-    /// (Those waits share one query of the topic's end, so unknown keys cannot make many.)
-    pub async fn authenticate_settled(&self, presented: &str) -> Option<String> {
-        if let Some(tenant) = self.authenticate(presented) {
-            return Some(tenant);
-        }
-        let (id, _) = parse_token(presented, "hk")?;
-        if self.state.read().unwrap().keys.contains_key(id) {
-            return None;
-        }
-        if let Err(e) = self.feed.settled().await {
-            tracing::warn!(error = %e, "an unknown API key is refused by what this process knows");
-        }
-        self.authenticate(presented)
-    }
-
     /// The tenant a presented key belongs to, if the key is valid.
     pub fn authenticate(&self, presented: &str) -> Option<String> {
         let (id, matches) = parse_token(presented, "hk")?;

@@ -101,6 +101,7 @@ pub async fn connect(
     ws: WebSocketUpgrade,
 ) -> Result<impl IntoResponse, ApiError> {
     let token = super::auth::bearer(&headers).ok_or_else(ApiError::unauthorized)?;
+    state.catalog.settle().await; // a device made through another process a moment ago
     let device = state.devices.authenticate(token).ok_or_else(ApiError::unauthorized)?;
     let hub = state.edge.clone();
     Ok(ws.on_upgrade(move |socket| hub.serve(device, socket)))

@@ -54,6 +54,9 @@ impl std::ops::Deref for AppState {
 
 /// The parts of [`AppState`].
 pub struct Shared {
+    /// The registry topic as this process follows it: every authenticated request first
+    /// waits until it has read whatever other processes changed before the request came.
+    pub catalog: Arc<crate::catalog::feed::Feed>,
     /// The subscription registry.
     pub registry: Arc<Registry>,
     /// The ingest stage.

@@ -24,6 +24,10 @@ const SETTLE_WITHIN: Duration = Duration::from_secs(2);
 /// a blocking-pool hop); spaced, more publishes share each, for at most this much more wait.
 const SETTLE_SPACING: Duration = Duration::from_millis(2);
 
+/// The least time between two warnings that requests go by what this process knows: with
+/// the broker down every request would log one.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Writes to the registry topic and waits until they have been applied.
 pub struct Feed {
     log: Arc<dyn Log>,
@@ -34,6 +38,30 @@ pub struct Feed {
     started: AtomicU64,
     /// Those queries' progress; held while one runs, so they run one at a time.
     settling: tokio::sync::Mutex<Settling>,
+    /// Requests that went by what this process knew, and when that was last logged.
+    unsettled: std::sync::Mutex<Unsettled>,
+}
+
+/// [`Feed::settle`]'s failures since the last warning.
+#[derive(Default)]
+struct Unsettled {
+    /// When the last warning was logged.
+    warned_at: Option<tokio::time::Instant>,
+    /// Failures not logged since.
+    quiet: u64,
+}
+
+impl Unsettled {
+    /// One more failure: `Some(failures not logged before it)` when it is to be logged.
+    fn failed(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        if self.warned_at.is_some_and(|at| now < at + WARN_EVERY) {
+            self.quiet += 1;
+            return None;
+        }
+        self.warned_at = Some(now);
+        Some(std::mem::take(&mut self.quiet))
+    }
 }
 
 /// A query of the registry topic's end, run as a task of its own: a caller that gives up
@@ -71,8 +99,8 @@ impl Feed {
     /// A feed on `topic` whose records below `next` are already applied.
     pub fn new(log: Arc<dyn Log>, topic: String, next: u64) -> (Feed, Applied) {
         let (tx, rx) = watch::channel(next);
-        let settling = tokio::sync::Mutex::default();
-        (Feed { log, topic, applied: rx, started: AtomicU64::new(0), settling }, Applied(tx))
+        let (settling, unsettled) = Default::default();
+        (Feed { log, topic, applied: rx, started: AtomicU64::new(0), settling, unsettled }, Applied(tx))
     }
 
     /// Appends one record and waits until the follower applied it; returns where it landed.
@@ -83,16 +111,10 @@ impl Feed {
         Ok(pos)
     }
 
-    /// Waits until every record now in the registry topic has been applied here.
-    pub async fn catch_up(&self) -> Result<(), CatalogError> {
-        let end = self.log.end_offset(&self.topic, 0).await?;
-        self.applied_up_to(end).await
-    }
-
     /// Waits until every record appended to the registry topic before this call, by any
-    /// process, has been applied here: a publish calls it before it fans out, so an event
-    /// goes to every subscription whose create had returned when it came, whichever process
-    /// made it. Only a shared log needs it (on the embedded one every record is this
+    /// process, has been applied here: a request waits for it ([`Feed::settle`]), so an
+    /// event goes to every subscription whose create had returned when it came, whichever
+    /// process made it, and a key revoked anywhere is refused everywhere. Only a shared log needs it (on the embedded one every record is this
     /// process's, applied before its write returned). Concurrent callers share the query of
     /// the topic's end: each needs one that started after it came — at worst the one
     /// running and the next, started at least [`SETTLE_SPACING`] apart — so a publish waits
@@ -135,6 +157,18 @@ impl Feed {
         tokio::time::timeout(SETTLE_WITHIN, settle)
             .await
             .unwrap_or(Err(CatalogError::NotSettled { within: SETTLE_WITHIN }))
+    }
+
+    /// [`Feed::settled`] for a caller that goes on either way — every API request, so that
+    /// a call through this process sees whatever an earlier call changed through any other
+    /// (behind a load balancer, a platform's calls land anywhere). When it cannot tell in
+    /// time, the request goes by what this process knows: counted, and logged at most once
+    /// per [`WARN_EVERY`].
+    pub async fn settle(&self) {
+        let Err(e) = self.settled().await else { return };
+        metrics::counter!(crate::metrics::CATALOG_UNSETTLED).increment(1);
+        let Some(quiet) = self.unsettled.lock().unwrap().failed() else { return };
+        tracing::warn!(error = %e, not_logged_since = quiet, "requests go by the catalog this process knows");
     }
 
     /// Waits (bounded) until every record below `next` has been applied here.
@@ -261,5 +295,19 @@ mod tests {
         assert_eq!(stub.end_queries.load(Ordering::Relaxed), 0, "one process: nothing to catch up with");
         let (feed, _) = stubbed(true, false);
         assert!(matches!(feed.settled().await, Err(CatalogError::Log(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_broker_down_requests_go_on_and_warn_once_per_ten_seconds() {
+        let (feed, _) = stubbed(true, false);
+        for _ in 0..20 {
+            feed.settle().await; // returns: the request goes by what this process knows
+        }
+        let mut unsettled = Unsettled::default();
+        let logged: Vec<_> = (0..5).map(|_| unsettled.failed()).collect();
+        assert_eq!(logged, [Some(0), None, None, None, None]);
+        tokio::time::advance(WARN_EVERY).await;
+        assert_eq!(unsettled.failed(), Some(4), "the next warning says how many were not logged");
+        assert_eq!(unsettled.failed(), None);
     }
 }

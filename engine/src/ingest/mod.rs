@@ -363,10 +363,10 @@ impl Ingest {
     /// Appends every delivery of `events` in one durable append; returns per-event counts.
     /// An event whose id (for its tenant) was accepted in the last [`IDEMPOTENCY_WINDOW`],
     /// in this request or an earlier one (or is being appended by a concurrent one), gets the
-    /// first answer back and appends nothing.
+    /// first answer back and appends nothing. Fans out to the subscriptions this process
+    /// knows: the API has waited for every one made before the request, through any process
+    /// (`Feed::settle`).
     pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<Accepted>, Refusal> {
-        // Every subscription made before this request, through any process, is known here.
-        self.registry.settled().await;
         let mut reserved = self.reserve(&events).await;
         let now = now_ms();
         let mut records = Deliveries::default();

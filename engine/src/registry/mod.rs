@@ -266,22 +266,13 @@ impl Registry {
         Ok(true)
     }
 
-    /// Waits until this process has read every subscription change made before the call,
-    /// through any process ([`Feed::settled`]); if it cannot tell in time, the caller goes by
-    /// what it knows.
-    pub async fn settled(&self) {
-        if let Err(e) = self.feed.settled().await {
-            tracing::warn!(error = %e, "a publish goes by the subscriptions this process knows");
-        }
-    }
-
     /// What the registry knows of `id`, catching up with the catalog first when it is not
     /// here: another process may have just created it.
     pub async fn lookup(&self, id: &str) -> Lookup {
         if let Some(t) = self.get(id) {
             return Lookup::Found(t);
         }
-        if let Err(e) = self.feed.catch_up().await {
+        if let Err(e) = self.feed.settled().await {
             tracing::warn!(subscription = %id, error = %e, "could not catch up with the catalog; the delivery waits");
             return Lookup::Unknown;
         }

@@ -126,6 +126,56 @@ async fn an_event_published_through_any_process_after_a_create_goes_to_the_new_s
     a.stop().await;
 }
 
+/// Behind a load balancer a platform's calls land on either process: whatever one call made
+/// or changed through A, the next call through B sees (read your writes across processes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_through_either_process_sees_what_was_made_through_the_other_before_it() {
+    let kafka = MockKafka::start(PARTITIONS);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, api_a) = start(&kafka, dir_a.path()).await;
+    let (b, api_b) = start(&kafka, dir_b.path()).await;
+    let mut missed = Vec::new();
+    for i in 0..8 {
+        // A subscription made through A is there through B.
+        let sub = api_a.subscribe(json!({ "url": format!("http://127.0.0.1:9/seen{i}") })).await;
+        let (status, body) = api_b.get(&format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap())).await;
+        if status != 200 {
+            missed.push(format!("round {i}: subscription read through B: {status} {body}"));
+        }
+        // An event type whose schema is checked, defined through A, is checked through B.
+        let name = format!("order.placed.{i}");
+        let schema = json!({ "type": "object", "required": ["id"] });
+        let (status, body) =
+            api_a.post("/v1/event-types", json!({ "name": name, "schema": schema, "validate": true })).await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = api_b.post("/v1/events", json!({ "type": name, "data": { "no_id": true } })).await;
+        if status != 400 {
+            missed.push(format!("round {i}: an event that does not fit its type, through B: {status} {body}"));
+        }
+        // An edge device made through A may carry a subscription made through B.
+        let (status, device) = api_a.post("/v1/edge-devices", json!({ "name": format!("office{i}") })).await;
+        assert_eq!(status, 201, "{device}");
+        let url = format!("http://127.0.0.1:9/edge{i}");
+        let (status, body) = api_b.post("/v1/subscriptions", json!({ "url": url, "via_edge": device["id"] })).await;
+        if status != 201 {
+            missed.push(format!("round {i}: a subscription through B via A's new device: {status} {body}"));
+        }
+        // A key revoked through A no longer works through B.
+        let (tenant, key) = crate::support::tenant_with_key(&api_a, &format!("revoked{i}")).await;
+        let through_b = Api::new(b.addr, &key.token);
+        assert_eq!(through_b.get("/v1/subscriptions").await.0, 200);
+        let key_id = key.token.split('.').nth(1).unwrap().to_string();
+        assert_eq!(api_a.delete(&format!("/v1/tenants/{tenant}/keys/{key_id}")).await.0, 204);
+        let (status, body) = through_b.get("/v1/subscriptions").await;
+        if status != 401 {
+            missed.push(format!("round {i}: a key revoked through A, used through B: {status} {body}"));
+        }
+    }
+    assert!(missed.is_empty(), "calls through B that did not see A's changes: {missed:#?}");
+    b.stop().await;
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_racing_to_create_one_url_agree_on_a_single_winner() {
     let kafka = MockKafka::start(PARTITIONS);
