@@ -439,14 +439,20 @@ mod tests {
     use super::*;
     use crate::log::stub::Stub;
 
-    fn registry(readable: bool) -> Registry {
-        let (feed, _applied) = Feed::new(Arc::new(Stub::new(false, readable)), "catalog".into(), 0);
+    /// A registry on a log shared with other processes (Kafka) or not (embedded), whose
+    /// broker is reachable or not.
+    fn registry(shared: bool, reachable: bool) -> Registry {
+        let mut stub = Stub::new(false, reachable);
+        stub.shared = shared;
+        let (feed, _applied) = Feed::new(Arc::new(stub), "catalog".into(), 0);
         Registry::load(Arc::new(feed), &[], Rules::default(), HealthConfig::default())
     }
 
     #[tokio::test]
     async fn an_unknown_subscription_is_deleted_only_once_the_whole_catalog_was_read() {
-        assert!(matches!(registry(true).lookup("sub_gone").await, Lookup::Deleted));
-        assert!(matches!(registry(false).lookup("sub_not_read_yet").await, Lookup::Unknown));
+        assert!(matches!(registry(true, true).lookup("sub_gone").await, Lookup::Deleted));
+        assert!(matches!(registry(true, false).lookup("sub_not_read_yet").await, Lookup::Unknown));
+        // One process writes every record of an unshared log, and read them all at start.
+        assert!(matches!(registry(false, false).lookup("sub_gone").await, Lookup::Deleted));
     }
 }

@@ -28,6 +28,14 @@ async fn start(kafka: &MockKafka, dir: &std::path::Path) -> (Herald, Api) {
     (herald, api)
 }
 
+/// Two processes on `kafka`, A started first, each with a data directory of its own.
+async fn two(kafka: &MockKafka) -> ([tempfile::TempDir; 2], (Herald, Api), (Herald, Api)) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = start(kafka, dirs[0].path()).await;
+    let b = start(kafka, dirs[1].path()).await;
+    (dirs, a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_share_the_partitions_and_the_registry() {
     let kafka = MockKafka::start(PARTITIONS);
@@ -101,9 +109,7 @@ async fn two_processes_share_the_partitions_and_the_registry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_published_through_any_process_after_a_create_goes_to_the_new_subscription() {
     let kafka = MockKafka::start(PARTITIONS);
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, api_a) = start(&kafka, dir_a.path()).await;
-    let (b, api_b) = start(&kafka, dir_b.path()).await;
+    let (_dirs, (a, api_a), (b, api_b)) = two(&kafka).await;
     let mut short = Vec::new();
     for i in 0..20 {
         api_a.subscribe(json!({ "url": format!("http://127.0.0.1:9/new{i}") })).await;
@@ -131,9 +137,7 @@ async fn an_event_published_through_any_process_after_a_create_goes_to_the_new_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_through_either_process_sees_what_was_made_through_the_other_before_it() {
     let kafka = MockKafka::start(PARTITIONS);
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, api_a) = start(&kafka, dir_a.path()).await;
-    let (b, api_b) = start(&kafka, dir_b.path()).await;
+    let (_dirs, (a, api_a), (b, api_b)) = two(&kafka).await;
     let mut missed = Vec::new();
     for i in 0..8 {
         // A subscription made through A is there through B.
@@ -179,9 +183,7 @@ async fn a_request_through_either_process_sees_what_was_made_through_the_other_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_racing_to_create_one_url_agree_on_a_single_winner() {
     let kafka = MockKafka::start(PARTITIONS);
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, api_a) = start(&kafka, dir_a.path()).await;
-    let (b, api_b) = start(&kafka, dir_b.path()).await;
+    let (dirs, (a, api_a), (b, api_b)) = two(&kafka).await;
     for round in 0..10 {
         let body = json!({ "url": format!("https://hooks.example.com/race/{round}"), "tenant": "acme" });
         let (ra, rb) =
@@ -205,7 +207,7 @@ async fn processes_racing_to_create_one_url_agree_on_a_single_winner() {
     .await;
     b.stop().await;
     // Read back from the log alone, the registry agrees.
-    let (again, api_again) = start(&kafka, dir_b.path()).await;
+    let (again, api_again) = start(&kafka, dirs[1].path()).await;
     assert_eq!(count(&api_again).await, 10);
     again.stop().await;
     a.stop().await;
