@@ -4,7 +4,9 @@
 //!
 //! Admission: a delivery takes an in-flight slot at once, or queues for one for at most
 //! [`PATIENCE`] (a fast endpoint's backlog drains within it; a hung endpoint's deliveries
-//! leave the partition's window quickly); a stalled endpoint's deliveries are deferred at once.
+//! leave the partition's window quickly); a stalled endpoint's deliveries are deferred at once,
+//! and so is one that, by the endpoint's recent pace, would not get a slot within its patience
+//! (an endpoint that keeps answering but not keeping up).
 //! Health: after `failures` consecutive failed attempts the breaker opens for a pause that
 //! doubles after each failed probe; while it is open deliveries wait in the retry tiers
 //! without using an attempt, and once the pause is over one probe goes through.
@@ -119,6 +121,27 @@ impl Bucket {
     }
 }
 
+/// A delivery's place in the queue for a slot, left when dropped (the slot taken, the
+/// patience over, or the delivery cancelled).
+struct Queued {
+    count: Arc<AtomicU32>,
+    /// Deliveries queued, this one included, when it joined.
+    position: u32,
+}
+
+impl Queued {
+    fn join(count: &Arc<AtomicU32>) -> Queued {
+        let position = count.fetch_add(1, Ordering::AcqRel) + 1;
+        Queued { count: count.clone(), position }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What one failed attempt did to the endpoint's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Health {
@@ -139,6 +162,8 @@ pub struct Admission {
     /// When a slot was last taken or an attempt last completed: with every slot held, no
     /// movement for longer than [`PATIENCE`] means the endpoint stalled.
     last_progress_ms: AtomicI64,
+    /// Deliveries queued for a slot now.
+    queued: Arc<AtomicU32>,
     failures: AtomicU32,
     failing_since_ms: AtomicI64,
     open_until_ms: AtomicI64,
@@ -160,6 +185,7 @@ impl Admission {
             bucket: rate_limit.map(|rate| Bucket::new(rate, rate)),
             latency_us: AtomicU64::new(0),
             last_progress_ms: AtomicI64::new(now_ms()),
+            queued: Arc::default(),
             failures: AtomicU32::new(0),
             failing_since_ms: AtomicI64::new(0),
             open_until_ms: AtomicI64::new(0),
@@ -236,6 +262,16 @@ impl Admission {
             return Ok((p, probe));
         }
         if now - self.last_progress_ms.load(Ordering::Relaxed) >= PATIENCE.as_millis() as i64 {
+            return Err(release_probe(full()));
+        }
+        // Its wait, at the endpoint's recent pace: the deliveries queued ahead and this one,
+        // `cap` at a time, a mean latency each. Past the patience it is deferred now, rather
+        // than hold its slot of the partition's window for the whole patience and be deferred
+        // then: an endpoint sent more than it answers would otherwise hold PATIENCE times that
+        // surplus of its partition's window (all of it, at a few thousand a second), and every
+        // other subscription there would wait for room.
+        let queued = Queued::join(&self.queued);
+        if self.latency() * queued.position / self.cap > PATIENCE {
             return Err(release_probe(full()));
         }
         match tokio::time::timeout(PATIENCE, self.slots.clone().acquire_owned()).await {
@@ -332,6 +368,37 @@ mod tests {
         // (Without waiting out its patience again: bounded by it, not by a guess at how
         // loaded the machine running the test is.)
         assert!(started.elapsed() < PATIENCE);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_that_would_wait_past_its_patience_at_the_endpoints_pace_is_deferred_at_once() {
+        // Two slots, 200 ms an attempt: a queue of two is served within 200 ms, a third would
+        // wait about 300.
+        let e = Arc::new(Admission::new(Some(2), None, HealthConfig::default()));
+        e.observe(Duration::from_millis(200));
+        let held = [e.admit().await.unwrap(), e.admit().await.unwrap()];
+        let queue: Vec<_> = (0..2)
+            .map(|_| {
+                tokio::spawn({
+                    let e = e.clone();
+                    async move { e.admit().await.map(|_| ()) }
+                })
+            })
+            .collect();
+        let both_queued = async {
+            while e.queued.load(Ordering::Acquire) < 2 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), both_queued).await.expect("the two queue for a slot");
+        let started = std::time::Instant::now();
+        assert_eq!(e.admit().await.unwrap_err(), Busy::Full(Duration::from_millis(400)));
+        assert!(started.elapsed() < PATIENCE, "deferred without waiting out its patience");
+        drop(held);
+        for queued in queue {
+            assert!(queued.await.unwrap().is_ok(), "the two queued got slots");
+        }
+        assert_eq!(e.queued.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]

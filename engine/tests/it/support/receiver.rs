@@ -43,6 +43,8 @@ pub enum Behaviour {
     FailFirst { n: usize, status: u16 },
     /// Never answer.
     Hang,
+    /// 200, after this long (an endpoint that keeps up only slowly).
+    Slow(Duration),
     /// `status` with `Retry-After: secs`, for the first request of each event id.
     RetryAfter { status: u16, secs: u64 },
 }
@@ -133,6 +135,10 @@ impl Receiver {
                 }
             }
             Some(Behaviour::Hang) => std::future::pending().await,
+            Some(Behaviour::Slow(after)) => {
+                tokio::time::sleep(after).await; // the endpoint's own pace
+                200
+            }
             Some(Behaviour::RetryAfter { status, secs }) => {
                 if earlier == 0 {
                     response = response.header("retry-after", secs.to_string());
