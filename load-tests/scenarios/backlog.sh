@@ -38,7 +38,10 @@ echo "appending $EVENTS delivery records into the stopped server's log ..."
 "$BIN/herald-load" --direct-embedded "$WORK/data" --subscription "$SUB" --events "$EVENTS" --size 1024 --concurrency 4
 echo "log on disk: $(du -sh "$WORK/data/log" | cut -f1)"
 
-"$BIN/herald-sink" --listen 127.0.0.1:$SINK_PORT --secret "$SECRET" --expect "$EVENTS" >"$WORK/sink.json" 2>"$WORK/sink.err" &
+# SINK_LATENCY_MS (e.g. 10-10) makes the receiver answer that slowly: a backlog to an endpoint
+# slower than the window's worth of slots, where admission defers what would wait too long.
+"$BIN/herald-sink" --listen 127.0.0.1:$SINK_PORT --secret "$SECRET" --expect "$EVENTS" \
+  ${SINK_LATENCY_MS:+--latency-ms "$SINK_LATENCY_MS"} >"$WORK/sink.json" 2>"$WORK/sink.err" &
 sink=$!
 pids+=($sink)
 sleep 0.3
@@ -58,6 +61,9 @@ echo "sink:   $(cat "$WORK/sink.json")"
 echo "herald RSS while draining: peak sampled $((peak / 1024)) MiB, high-water mark $((hwm / 1024)) MiB, ${#samples[@]} samples"
 python3 -c "print('cpu:    %s s of Herald CPU, %.1f µs per delivery' % ('$herald_cpu', $herald_cpu * 1e6 / $EVENTS))"
 echo "RSS samples (MiB, 1/s): $(for s in "${samples[@]}"; do printf '%d ' $((s / 1024)); done)"
+# What admission deferred to the retry tiers (each deferral is an append and a read again).
+curl -sf localhost:$PORT/metrics | awk '/^herald_deliveries_deferred_total\{.*in_flight_cap/ { d += $NF }
+  /^herald_retries_scheduled_total/ { r += $NF } END { printf "deferred: %d at the in-flight cap, %d retries scheduled\n", d, r }'
 # The ideal signed loop in the same run: sign and POST straight into a verifying sink, no log.
 kill $herald 2>/dev/null || true
 IDEAL=$(( EVENTS < 1000000 ? EVENTS : 1000000 ))

@@ -15,18 +15,24 @@ use tokio::sync::watch;
 /// How long a write may take to come back through the feed.
 const SEEN_WITHIN: Duration = Duration::from_secs(15);
 
-/// How long [`Feed::settled`] may hold a publish up (the broker slow or unreachable) before
-/// the publish goes by what this process knows.
+/// How long [`Feed::settled`] may hold a request up (the broker slow or unreachable) before
+/// it goes by what this process knows.
 const SETTLE_WITHIN: Duration = Duration::from_secs(2);
 
 /// The least time between the starts of two of [`Feed::settled`]'s queries: under a stream of
-/// single-event publishes they would otherwise run back to back (each a broker request and
-/// a blocking-pool hop); spaced, more publishes share each, for at most this much more wait.
+/// requests (single-event publishes, say) they would otherwise run back to back (each a broker
+/// request and a blocking-pool hop); spaced, more requests share each, for at most this much
+/// more wait.
 const SETTLE_SPACING: Duration = Duration::from_millis(2);
 
 /// The least time between two warnings that requests go by what this process knows: with
 /// the broker down every request would log one.
 const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// After a wait that failed, how long requests go by what this process knows at once: with
+/// the broker down, each would otherwise be held up the whole [`SETTLE_WITHIN`] (holding its
+/// connection), though the last one's answer is a second old at most.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Writes to the registry topic and waits until they have been applied.
 pub struct Feed {
@@ -45,17 +51,29 @@ pub struct Feed {
 /// [`Feed::settle`]'s failures since the last warning.
 #[derive(Default)]
 struct Unsettled {
+    /// When the last wait failed.
+    failed_at: Option<tokio::time::Instant>,
     /// When the last warning was logged.
     warned_at: Option<tokio::time::Instant>,
-    /// Failures not logged since.
+    /// Requests gone by what this process knew, not logged since.
     quiet: u64,
 }
 
 impl Unsettled {
-    /// One more failure: `Some(failures not logged before it)` when it is to be logged.
-    fn failed(&mut self) -> Option<u64> {
+    /// Whether a wait failed less than [`RETRY_AFTER`] ago (the next request need not wait).
+    fn failing(&self) -> bool {
+        self.failed_at.is_some_and(|at| tokio::time::Instant::now() < at + RETRY_AFTER)
+    }
+
+    /// One more request gone by what this process knows, after a wait of its own that
+    /// failed (`waited`) or without one: `Some(requests not logged before it)` when it is to
+    /// be logged (a failed wait, at most once per [`WARN_EVERY`]).
+    fn failed(&mut self, waited: bool) -> Option<u64> {
         let now = tokio::time::Instant::now();
-        if self.warned_at.is_some_and(|at| now < at + WARN_EVERY) {
+        if waited {
+            self.failed_at = Some(now);
+        }
+        if !waited || self.warned_at.is_some_and(|at| now < at + WARN_EVERY) {
             self.quiet += 1;
             return None;
         }
@@ -114,12 +132,14 @@ impl Feed {
     /// Waits until every record appended to the registry topic before this call, by any
     /// process, has been applied here: a request waits for it ([`Feed::settle`]), so an
     /// event goes to every subscription whose create had returned when it came, whichever
-    /// process made it, and a key revoked anywhere is refused everywhere. Only a shared log needs it (on the embedded one every record is this
-    /// process's, applied before its write returned). Concurrent callers share the query of
-    /// the topic's end: each needs one that started after it came — at worst the one
-    /// running and the next, started at least [`SETTLE_SPACING`] apart — so a publish waits
-    /// about two broker round trips, and a burst of them makes one query, not one apiece;
-    /// a query that fails fails every caller waiting for it. Bounded by [`SETTLE_WITHIN`].
+    /// process made it, and a key revoked anywhere is refused everywhere; a delivery for a
+    /// subscription not known here waits for it before deciding it was deleted. Only a
+    /// shared log needs it (on the embedded one every record is this process's, applied
+    /// before its write returned). Concurrent callers share the query of the topic's end:
+    /// each needs one that started after it came — at worst the one running and the next,
+    /// started at least [`SETTLE_SPACING`] apart — so a caller waits about two broker round
+    /// trips, and a burst of them makes one query, not one apiece; a query that fails fails
+    /// every caller waiting for it. Bounded by [`SETTLE_WITHIN`].
     pub async fn settled(&self) -> Result<(), CatalogError> {
         if !self.log.shared() {
             return Ok(());
@@ -163,12 +183,21 @@ impl Feed {
     /// a call through this process sees whatever an earlier call changed through any other
     /// (behind a load balancer, a platform's calls land anywhere). When it cannot tell in
     /// time, the request goes by what this process knows: counted, and logged at most once
-    /// per [`WARN_EVERY`].
+    /// per [`WARN_EVERY`]; for [`RETRY_AFTER`] after such a failure, requests go by it at once.
     pub async fn settle(&self) {
-        let Err(e) = self.settled().await else { return };
+        let failing = self.unsettled.lock().unwrap().failing();
+        let error = match failing {
+            true => None,
+            false => match self.settled().await {
+                Ok(()) => return,
+                Err(e) => Some(e),
+            },
+        };
         metrics::counter!(crate::metrics::CATALOG_UNSETTLED).increment(1);
-        let Some(quiet) = self.unsettled.lock().unwrap().failed() else { return };
-        tracing::warn!(error = %e, not_logged_since = quiet, "requests go by the catalog this process knows");
+        let quiet = self.unsettled.lock().unwrap().failed(error.is_some());
+        if let (Some(e), Some(quiet)) = (error, quiet) {
+            tracing::warn!(error = %e, not_logged_since = quiet, "requests go by the catalog this process knows");
+        }
     }
 
     /// Waits (bounded) until every record below `next` has been applied here.
@@ -237,9 +266,8 @@ mod tests {
     use crate::log::stub::Stub;
 
     fn stubbed(shared: bool, reachable: bool) -> (Arc<Feed>, Arc<Stub>) {
-        let mut stub = Stub::new(true, reachable);
-        stub.shared = shared;
-        let stub = Arc::new(stub);
+        let stub = Stub::new(true, reachable);
+        let stub = Arc::new(if shared { stub.sharing() } else { stub });
         let (feed, _applied) = Feed::new(stub.clone(), "catalog".into(), 0);
         (Arc::new(feed), stub)
     }
@@ -298,16 +326,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn with_the_broker_down_requests_go_on_and_warn_once_per_ten_seconds() {
-        let (feed, _) = stubbed(true, false);
+    async fn with_the_broker_down_requests_go_on_wait_once_a_second_and_warn_once_per_ten() {
+        let (feed, stub) = stubbed(true, false);
         for _ in 0..20 {
             feed.settle().await; // returns: the request goes by what this process knows
         }
+        assert_eq!(
+            stub.end_queries.load(Ordering::Relaxed),
+            1,
+            "after a failed wait the next second's requests go at once"
+        );
+        assert_eq!(feed.unsettled.lock().unwrap().quiet, 19, "the first was logged, the others counted");
+        tokio::time::advance(RETRY_AFTER).await;
+        feed.settle().await;
+        assert_eq!(stub.end_queries.load(Ordering::Relaxed), 2, "a second later, one waits again");
+        assert_eq!(feed.unsettled.lock().unwrap().quiet, 20, "and is not logged within ten seconds");
+
         let mut unsettled = Unsettled::default();
-        let logged: Vec<_> = (0..5).map(|_| unsettled.failed()).collect();
+        let logged: Vec<_> = (0..5).map(|_| unsettled.failed(true)).collect();
         assert_eq!(logged, [Some(0), None, None, None, None]);
         tokio::time::advance(WARN_EVERY).await;
-        assert_eq!(unsettled.failed(), Some(4), "the next warning says how many were not logged");
-        assert_eq!(unsettled.failed(), None);
+        assert_eq!(unsettled.failed(false), None, "a request that did not wait is counted, not logged");
+        assert_eq!(unsettled.failed(true), Some(5), "the next warning says how many were not logged");
+        assert_eq!(unsettled.failed(true), None);
     }
 }

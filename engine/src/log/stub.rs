@@ -33,6 +33,11 @@ impl Stub {
             running: AtomicUsize::new(0),
         }
     }
+
+    /// This stub standing for a broker shared with other processes.
+    pub fn sharing(self) -> Stub {
+        Stub { shared: true, ..self }
+    }
 }
 
 #[async_trait]

@@ -442,8 +442,8 @@ mod tests {
     /// A registry on a log shared with other processes (Kafka) or not (embedded), whose
     /// broker is reachable or not.
     fn registry(shared: bool, reachable: bool) -> Registry {
-        let mut stub = Stub::new(false, reachable);
-        stub.shared = shared;
+        let stub = Stub::new(false, reachable);
+        let stub = if shared { stub.sharing() } else { stub };
         let (feed, _applied) = Feed::new(Arc::new(stub), "catalog".into(), 0);
         Registry::load(Arc::new(feed), &[], Rules::default(), HealthConfig::default())
     }

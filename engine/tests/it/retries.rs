@@ -205,9 +205,9 @@ async fn a_hanging_endpoint_does_not_delay_a_healthy_one_on_the_same_partition()
 }
 
 /// An endpoint that answers every request, but at 200 ms with two at a time (10 a second
-/// against the 50 it is sent), never stalls: its deliveries queue for a slot rather than being
-/// deferred at once, up to the 250 ms patience. They must not hold the healthy endpoint up
-/// either, and each reaches it in the end.
+/// against the 50 it is sent), never stalls, so the stall check does not defer its deliveries;
+/// queued for a slot each for the 250 ms patience, its surplus would fill the window. They must
+/// not hold the healthy endpoint up, and each reaches it in the end.
 #[tokio::test]
 async fn an_overloaded_endpoint_that_keeps_answering_does_not_delay_a_healthy_one_on_the_same_partition() {
     let h = TestHerald::start_with(|c| c.dispatch.window = 8).await;
