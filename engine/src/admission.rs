@@ -271,6 +271,12 @@ impl Admission {
         let full = || Busy::Full((self.latency() * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)));
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
+            // A slot free with nobody queued: the endpoint is not behind, so turns promised
+            // while it was no longer push the next deferral back.
+            let now_us = self.origin.elapsed().as_micros() as i64;
+            if self.turns_until_us.load(Ordering::Relaxed) > now_us {
+                self.turns_until_us.fetch_min(now_us, Ordering::AcqRel);
+            }
             return Ok((p, probe));
         }
         if now - self.last_progress_ms.load(Ordering::Relaxed) >= PATIENCE.as_millis() as i64 {
@@ -436,6 +442,9 @@ mod tests {
             assert!(queued.await.unwrap().is_ok(), "the two queued got slots");
         }
         assert_eq!(e.queued.load(Ordering::Acquire), 0);
+        // Caught up (a slot free at once): the turns promised meanwhile are forgotten.
+        let _slot = e.admit().await.unwrap();
+        assert!(e.turns_until_us.load(Ordering::Acquire) <= e.origin.elapsed().as_micros() as i64);
     }
 
     #[tokio::test]
