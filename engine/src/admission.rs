@@ -4,9 +4,7 @@
 //!
 //! Admission: a delivery takes an in-flight slot at once, or queues for one for at most
 //! [`PATIENCE`] (a fast endpoint's backlog drains within it; a hung endpoint's deliveries
-//! leave the partition's window quickly); a stalled endpoint's deliveries are deferred at once,
-//! and so is one that, by the endpoint's recent pace, would not get a slot within its patience
-//! (an endpoint that keeps answering but not keeping up).
+//! leave the partition's window quickly); a stalled endpoint's deliveries are deferred at once.
 //! Health: after `failures` consecutive failed attempts the breaker opens for a pause that
 //! doubles after each failed probe; while it is open deliveries wait in the retry tiers
 //! without using an attempt, and once the pause is over one probe goes through.
@@ -55,12 +53,6 @@ pub const PATIENCE: Duration = Duration::from_millis(250);
 
 /// The longest a delivery is deferred for by admission.
 const MAX_DEFER: Duration = Duration::from_secs(3600);
-
-/// The furthest ahead a turn is promised to a delivery deferred for its endpoint's pace: a
-/// turn worked out from a latency that then falls is waited for in full, so the promise is
-/// kept short enough that such a wait is bounded; past it, a delivery comes back, and if the
-/// endpoint is still behind it is given a later turn.
-const MAX_TURN_AHEAD: Duration = Duration::from_secs(60);
 
 /// While a probe is out, other deliveries wait at most this long before looking again.
 const PROBE_WAIT: Duration = Duration::from_secs(5);
@@ -127,27 +119,6 @@ impl Bucket {
     }
 }
 
-/// A delivery's place in the queue for a slot, left when dropped (the slot taken, the
-/// patience over, or the delivery cancelled).
-struct Queued {
-    count: Arc<AtomicU32>,
-    /// Deliveries queued, this one included, when it joined.
-    position: u32,
-}
-
-impl Queued {
-    fn join(count: &Arc<AtomicU32>) -> Queued {
-        let position = count.fetch_add(1, Ordering::AcqRel) + 1;
-        Queued { count: count.clone(), position }
-    }
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// What one failed attempt did to the endpoint's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Health {
@@ -168,12 +139,6 @@ pub struct Admission {
     /// When a slot was last taken or an attempt last completed: with every slot held, no
     /// movement for longer than [`PATIENCE`] means the endpoint stalled.
     last_progress_ms: AtomicI64,
-    /// Deliveries queued for a slot now.
-    queued: Arc<AtomicU32>,
-    /// Until when (µs after `origin`) the endpoint's slots are promised to deliveries
-    /// deferred for its pace ([`Admission::turn`]).
-    turns_until_us: AtomicI64,
-    origin: std::time::Instant,
     failures: AtomicU32,
     failing_since_ms: AtomicI64,
     open_until_ms: AtomicI64,
@@ -195,9 +160,6 @@ impl Admission {
             bucket: rate_limit.map(|rate| Bucket::new(rate, rate)),
             latency_us: AtomicU64::new(0),
             last_progress_ms: AtomicI64::new(now_ms()),
-            queued: Arc::default(),
-            turns_until_us: AtomicI64::new(0),
-            origin: std::time::Instant::now(),
             failures: AtomicU32::new(0),
             failing_since_ms: AtomicI64::new(0),
             open_until_ms: AtomicI64::new(0),
@@ -271,27 +233,10 @@ impl Admission {
         let full = || Busy::Full((self.latency() * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)));
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
-            // A slot free with nobody queued: the endpoint is not behind, so turns promised
-            // while it was no longer push the next deferral back.
-            let now_us = self.origin.elapsed().as_micros() as i64;
-            if self.turns_until_us.load(Ordering::Relaxed) > now_us {
-                self.turns_until_us.fetch_min(now_us, Ordering::AcqRel);
-            }
             return Ok((p, probe));
         }
         if now - self.last_progress_ms.load(Ordering::Relaxed) >= PATIENCE.as_millis() as i64 {
             return Err(release_probe(full()));
-        }
-        // Its wait, at the endpoint's recent pace: the deliveries queued ahead and this one,
-        // `cap` at a time, a mean latency each. Past the patience it is deferred now, rather
-        // than hold its slot of the partition's window for the whole patience and be deferred
-        // then: an endpoint sent more than it answers would otherwise hold PATIENCE times that
-        // surplus of its partition's window (all of it, at a few thousand a second), and every
-        // other subscription there would wait for room.
-        let queued = Queued::join(&self.queued);
-        let wait = self.latency() * queued.position / self.cap;
-        if wait > PATIENCE {
-            return Err(release_probe(Busy::Full(self.turn(wait))));
         }
         match tokio::time::timeout(PATIENCE, self.slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => {
@@ -300,23 +245,6 @@ impl Admission {
             }
             _ => Err(release_probe(full())),
         }
-    }
-
-    /// How long to defer a delivery that would wait `wait` for a slot: until a turn of its
-    /// own, after every turn already promised (one slot's turnover, the mean latency over
-    /// the cap, apart). Deferred deliveries so come back about when the endpoint can take
-    /// them, one by one; all deferred for the same short pause would come back together,
-    /// find the slots as full, and be deferred again — an append and a read each, for
-    /// nothing (with a backlog for an endpoint at 50 ms, 110 deferrals a delivery).
-    fn turn(&self, wait: Duration) -> Duration {
-        let now = self.origin.elapsed().as_micros() as i64;
-        let apart = (self.latency() / self.cap).as_micros().max(1) as i64;
-        let earliest = now + wait.as_micros() as i64;
-        let promised = self
-            .turns_until_us
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |until| Some(until.max(earliest) + apart))
-            .unwrap_or_else(|until| until);
-        Duration::from_micros((promised.max(earliest) - now) as u64).min(MAX_TURN_AHEAD)
     }
 
     /// Records an attempt's latency.
@@ -404,47 +332,6 @@ mod tests {
         // (Without waiting out its patience again: bounded by it, not by a guess at how
         // loaded the machine running the test is.)
         assert!(started.elapsed() < PATIENCE);
-    }
-
-    // Paused: the two queued wait out no real patience if the machine stalls the test.
-    #[tokio::test(start_paused = true)]
-    async fn a_delivery_that_would_wait_past_its_patience_at_the_endpoints_pace_is_deferred_at_once() {
-        // Two slots, 200 ms an attempt: a queue of two is served within 200 ms, a third would
-        // wait about 300.
-        let e = Arc::new(Admission::new(Some(2), None, HealthConfig::default()));
-        e.observe(Duration::from_millis(200));
-        let held = [e.admit().await.unwrap(), e.admit().await.unwrap()];
-        let queue: Vec<_> = (0..2)
-            .map(|_| {
-                tokio::spawn({
-                    let e = e.clone();
-                    async move { e.admit().await.map(|_| ()) }
-                })
-            })
-            .collect();
-        let both_queued = async {
-            while e.queued.load(Ordering::Acquire) < 2 {
-                tokio::task::yield_now().await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), both_queued).await.expect("the two queue for a slot");
-        let started = std::time::Instant::now();
-        // Its turn: about the 300 ms it would have waited (a third of the way through the
-        // queue of three, two at a time, 200 ms each).
-        let Busy::Full(turn) = e.admit().await.unwrap_err() else { panic!("deferred for its pace") };
-        assert!(turn >= Duration::from_millis(299) && turn <= Duration::from_millis(301), "{turn:?}");
-        // The next deferred comes one slot's turnover (100 ms) after it, not with it.
-        let Busy::Full(next) = e.admit().await.unwrap_err() else { panic!("deferred for its pace") };
-        assert!(next >= turn + Duration::from_millis(95), "{turn:?} then {next:?}");
-        assert!(started.elapsed() < PATIENCE, "deferred without waiting out its patience");
-        drop(held);
-        for queued in queue {
-            assert!(queued.await.unwrap().is_ok(), "the two queued got slots");
-        }
-        assert_eq!(e.queued.load(Ordering::Acquire), 0);
-        // Caught up (a slot free at once): the turns promised meanwhile are forgotten.
-        let _slot = e.admit().await.unwrap();
-        assert!(e.turns_until_us.load(Ordering::Acquire) <= e.origin.elapsed().as_micros() as i64);
     }
 
     #[tokio::test]

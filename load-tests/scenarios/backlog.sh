@@ -61,9 +61,7 @@ echo "sink:   $(cat "$WORK/sink.json")"
 echo "herald RSS while draining: peak sampled $((peak / 1024)) MiB, high-water mark $((hwm / 1024)) MiB, ${#samples[@]} samples"
 python3 -c "print('cpu:    %s s of Herald CPU, %.1f µs per delivery' % ('$herald_cpu', $herald_cpu * 1e6 / $EVENTS))"
 echo "RSS samples (MiB, 1/s): $(for s in "${samples[@]}"; do printf '%d ' $((s / 1024)); done)"
-# What admission deferred to the retry tiers (each deferral is an append and a read again).
-curl -sf localhost:$PORT/metrics | awk '/^herald_deliveries_deferred_total\{.*in_flight_cap/ { d += $NF }
-  /^herald_retries_scheduled_total/ { r += $NF } END { printf "deferred: %d at the in-flight cap, %d retries scheduled\n", d, r }'
+deferrals $PORT
 # The ideal signed loop in the same run: sign and POST straight into a verifying sink, no log.
 kill $herald 2>/dev/null || true
 IDEAL=$(( EVENTS < 1000000 ? EVENTS : 1000000 ))

@@ -79,6 +79,7 @@ herald_cpu_caught_up=$(cpu)
 herald_rate=$(python3 -c "import json;print(round(json.load(open('$WORK/sink.json'))['deliveries_per_second']))")
 echo "load:   $(cat "$WORK/load.json")"
 echo "sink:   $(cat "$WORK/sink.json")"
+deferrals $HERALD_PORT
 
 # Baseline: the same sink, the same kind of body, pushed by wrk with no Herald in between.
 "$BIN/herald-sink" --listen 127.0.0.1:$((SINK_PORT + 1)) >/dev/null 2>&1 &

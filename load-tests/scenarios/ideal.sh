@@ -11,3 +11,10 @@ ideal_loop() {
   timeout 30 tail --pid=$sink -f /dev/null || true
   kill $sink 2>/dev/null || true
 }
+
+# deferrals PORT: what Herald on PORT deferred at an in-flight cap to the retry tiers (each an
+# append and a read again: work the ideal loop never does), and the retries it scheduled.
+deferrals() {
+  curl -sf "localhost:$1/metrics" | awk '/^herald_deliveries_deferred_total\{.*in_flight_cap/ { d += $NF }
+    /^herald_retries_scheduled_total/ { r += $NF } END { printf "deferred: %d at the in-flight cap, %d retries scheduled\n", d, r }'
+}
