@@ -185,6 +185,9 @@ impl Feed {
     /// time, the request goes by what this process knows: counted, and logged at most once
     /// per [`WARN_EVERY`]; for [`RETRY_AFTER`] after such a failure, requests go by it at once.
     pub async fn settle(&self) {
+        if !self.log.shared() {
+            return; // one process: nothing to wait for, nothing to count
+        }
         let failing = self.unsettled.lock().unwrap().failing();
         let error = match failing {
             true => None,
