@@ -182,10 +182,16 @@ impl KafkaLog {
     ) -> Result<T, LogError> {
         self.existing(topic, partition)?;
         let (reader, topic) = (self.reader.clone(), topic.to_string());
-        tokio::task::spawn_blocking(move || read(&mut reader.lock().unwrap(), &topic))
-            .await
-            .map_err(|e| LogError::Backend(e.to_string()))?
+        blocking(move || read(&mut reader.lock().unwrap(), &topic)).await
     }
+}
+
+/// Runs `call` on a blocking thread (librdkafka's calls block the caller); a panic there is
+/// reported as the backend's error.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, LogError> + Send + 'static,
+) -> Result<T, LogError> {
+    tokio::task::spawn_blocking(call).await.map_err(|e| LogError::Backend(e.to_string()))?
 }
 
 #[async_trait]
@@ -258,9 +264,7 @@ impl Log for KafkaLog {
     async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
         self.existing(topic, partition)?;
         let (watermarks, topic) = (self.watermarks.clone(), topic.to_string());
-        tokio::task::spawn_blocking(move || watermarks.end_offset(&topic, partition))
-            .await
-            .map_err(|e| LogError::Backend(e.to_string()))?
+        blocking(move || watermarks.end_offset(&topic, partition)).await
     }
 
     fn shared(&self) -> bool {
@@ -306,14 +310,12 @@ impl Log for KafkaLog {
         self.closed.send_replace(true);
         let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap());
         let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             for t in threads {
                 let _ = t.join();
             }
-            producer.flush(Timeout::After(Duration::from_secs(10)))
+            producer.flush(Timeout::After(Duration::from_secs(10))).map_err(kafka_error)
         })
         .await
-        .map_err(|e| LogError::Backend(e.to_string()))?
-        .map_err(kafka_error)
     }
 }
