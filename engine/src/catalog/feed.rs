@@ -83,7 +83,7 @@ impl Unsettled {
 }
 
 /// A query of the registry topic's end, run as a task of its own: a caller that gives up
-/// (its publish timed out, its client left) does not abandon it, and the next caller waits
+/// (its request timed out, its client left) does not abandon it, and the next caller waits
 /// for it rather than start another beside it — with the broker down, queries would
 /// otherwise pile up on the blocking pool, each for the reader's whole timeout.
 type EndQuery = Shared<BoxFuture<'static, Result<u64, String>>>;
@@ -291,7 +291,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn publishes_arriving_together_share_the_query_of_the_topics_end() {
+    async fn requests_arriving_together_share_the_query_of_the_topics_end() {
         let (feed, stub) = stubbed(true, true);
         for settled in fifty_at_once(&feed).await {
             settled.unwrap();

@@ -96,7 +96,7 @@ pub struct KafkaLog {
     partitions: HashMap<String, u32>,
     reader: Arc<Mutex<reader::Reader>>,
     /// Answers `end_offset` apart from `reader`, whose page reads hold its lock (for seconds
-    /// on a gap): every publish asks for the registry topic's end before it fans out.
+    /// on a gap): every API request waits for a query of the registry topic's end.
     watermarks: Arc<reader::Reader>,
     closed: watch::Sender<bool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,

@@ -183,8 +183,8 @@ impl Reader {
     }
 
     /// The partition's high watermark: the offset the next record will get. Asked as the
-    /// offset for the "latest" time, one request where `fetch_watermarks` makes two (each
-    /// publish on Kafka waits for one of these: the catalog's `Feed::settled`).
+    /// offset for the "latest" time, one request where `fetch_watermarks` makes two (every API
+    /// request on Kafka waits for one of these: the catalog's `Feed::settled`).
     pub(super) fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
         let mut latest = TopicPartitionList::new();
         latest.add_partition_offset(topic, partition as i32, Offset::End).map_err(kafka_error)?;
