@@ -4,7 +4,9 @@
 //!
 //! Admission: a delivery takes an in-flight slot at once, or queues for one for at most
 //! [`PATIENCE`] (a fast endpoint's backlog drains within it; a hung endpoint's deliveries
-//! leave the partition's window quickly); a stalled endpoint's deliveries are deferred at once.
+//! leave the partition's window quickly); a stalled endpoint's deliveries are deferred at once,
+//! and so is one that, at the pace queued deliveries have lately been served, would not get a
+//! slot within its patience (an endpoint that keeps answering but does not keep up).
 //! Health: after `failures` consecutive failed attempts the breaker opens for a pause that
 //! doubles after each failed probe; while it is open deliveries wait in the retry tiers
 //! without using an attempt, and once the pause is over one probe goes through.
@@ -54,6 +56,15 @@ pub const PATIENCE: Duration = Duration::from_millis(250);
 /// The longest a delivery is deferred for by admission.
 const MAX_DEFER: Duration = Duration::from_secs(3600);
 
+/// The furthest ahead a turn is promised to a delivery deferred for its endpoint's pace: a
+/// turn worked out from a pace that then quickens is waited for in full, so the promise is
+/// kept short enough that such a wait is bounded; past it, a delivery comes back, and if the
+/// endpoint is still behind it is given a later turn.
+const MAX_TURN_AHEAD: Duration = Duration::from_secs(60);
+
+/// How quickly the measured pace forgets: evidence this old counts for about a third.
+const PACE_MEMORY: Duration = Duration::from_secs(1);
+
 /// While a probe is out, other deliveries wait at most this long before looking again.
 const PROBE_WAIT: Duration = Duration::from_secs(5);
 
@@ -62,6 +73,9 @@ const PROBE_WAIT: Duration = Duration::from_secs(5);
 pub enum Busy {
     /// At the in-flight cap (or stalled): defer this long.
     Full(Duration),
+    /// A slow endpoint sent more than it answers: by its pace, no slot within the patience.
+    /// Defer until this delivery's turn.
+    Pace(Duration),
     /// Over the rate limit: defer this long.
     Rate(Duration),
     /// The circuit breaker is open: defer this long.
@@ -72,7 +86,7 @@ impl Busy {
     /// How long to defer.
     pub fn defer(self) -> Duration {
         match self {
-            Busy::Full(d) | Busy::Rate(d) | Busy::Open(d) => d,
+            Busy::Full(d) | Busy::Pace(d) | Busy::Rate(d) | Busy::Open(d) => d,
         }
     }
 
@@ -80,6 +94,7 @@ impl Busy {
     pub fn reason(self) -> &'static str {
         match self {
             Busy::Full(_) => "in_flight_cap",
+            Busy::Pace(_) => "endpoint_pace",
             Busy::Rate(_) => "rate_limit",
             Busy::Open(_) => "circuit_breaker",
         }
@@ -119,6 +134,76 @@ impl Bucket {
     }
 }
 
+/// The queue for an endpoint's slots, and the pace at which it has lately been served: slots
+/// granted to queued deliveries over the time someone was queued. Measured over the queue's
+/// busy time, not from attempts' latency (under CPU saturation a few slow attempts swing a
+/// latency average, and a guess from it once deferred a third of an end-to-end run) nor from
+/// each waiter's own view (waiters' waits overlap, so a pause counts once per waiter, and the
+/// first behind slots all taken together sees one slot in a whole latency while the endpoint
+/// turns over all of them).
+#[derive(Debug)]
+struct Queue {
+    /// Deliveries queued now.
+    len: u32,
+    /// Slots granted to queued deliveries lately, fading with age.
+    granted: f64,
+    /// Seconds someone was queued lately, fading the same way.
+    busy: f64,
+    at: tokio::time::Instant,
+}
+
+impl Queue {
+    /// Brings the sums up to now: the time since the last change counts as busy when someone
+    /// was queued, and older evidence fades.
+    fn advance(&mut self) {
+        let now = tokio::time::Instant::now();
+        let elapsed = (now - self.at).as_secs_f64();
+        let fade = (-elapsed / PACE_MEMORY.as_secs_f64()).exp();
+        self.granted *= fade;
+        // The busy time just passed, faded as if spread evenly over it.
+        let busy_now = if self.len > 0 { PACE_MEMORY.as_secs_f64() * (1.0 - fade) } else { 0.0 };
+        self.busy = self.busy * fade + busy_now;
+        self.at = now;
+    }
+
+    /// Slots granted a second to queued deliveries, once at least `evidence` grants have been
+    /// seen lately.
+    fn per_second(&self, evidence: f64) -> Option<f64> {
+        (self.granted >= evidence && self.busy > 0.0).then(|| self.granted / self.busy)
+    }
+}
+
+/// A delivery's place in the queue for a slot, left when dropped (the slot taken, the
+/// patience over, or the delivery cancelled).
+struct Queued<'a> {
+    queue: &'a Mutex<Queue>,
+    /// Deliveries queued, this one included, when it joined.
+    position: u32,
+    /// The pace when it joined (see [`Queue::per_second`]).
+    per_second: Option<f64>,
+    granted: bool,
+}
+
+impl<'a> Queued<'a> {
+    fn join(queue: &'a Mutex<Queue>, evidence: f64) -> Queued<'a> {
+        let mut q = queue.lock().unwrap();
+        q.advance();
+        q.len += 1;
+        Queued { queue, position: q.len, per_second: q.per_second(evidence), granted: false }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut q = self.queue.lock().unwrap();
+        q.advance();
+        q.len -= 1;
+        if self.granted {
+            q.granted += 1.0;
+        }
+    }
+}
+
 /// What one failed attempt did to the endpoint's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Health {
@@ -139,6 +224,13 @@ pub struct Admission {
     /// When a slot was last taken or an attempt last completed: with every slot held, no
     /// movement for longer than [`PATIENCE`] means the endpoint stalled.
     last_progress_ms: AtomicI64,
+    /// Deliveries queued for a slot, and the pace they are served at (the fast path needs no
+    /// count: it finds a slot only when nobody is queued).
+    queue: Mutex<Queue>,
+    /// Until when (µs after `origin`) the endpoint's slots are promised to deliveries
+    /// deferred for its pace ([`Admission::turn`]).
+    turns_until_us: AtomicI64,
+    origin: std::time::Instant,
     failures: AtomicU32,
     failing_since_ms: AtomicI64,
     open_until_ms: AtomicI64,
@@ -160,6 +252,9 @@ impl Admission {
             bucket: rate_limit.map(|rate| Bucket::new(rate, rate)),
             latency_us: AtomicU64::new(0),
             last_progress_ms: AtomicI64::new(now_ms()),
+            queue: Mutex::new(Queue { len: 0, granted: 0.0, busy: 0.0, at: tokio::time::Instant::now() }),
+            turns_until_us: AtomicI64::new(0),
+            origin: std::time::Instant::now(),
             failures: AtomicU32::new(0),
             failing_since_ms: AtomicI64::new(0),
             open_until_ms: AtomicI64::new(0),
@@ -233,18 +328,65 @@ impl Admission {
         let full = || Busy::Full((self.latency() * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)));
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
+            // A slot free with nobody queued: the endpoint is not behind, so turns promised
+            // while it was no longer push the next deferral back.
+            let now_us = self.origin.elapsed().as_micros() as i64;
+            if self.turns_until_us.load(Ordering::Relaxed) > now_us {
+                self.turns_until_us.fetch_min(now_us, Ordering::AcqRel);
+            }
             return Ok((p, probe));
         }
         if now - self.last_progress_ms.load(Ordering::Relaxed) >= PATIENCE.as_millis() as i64 {
             return Err(release_probe(full()));
         }
-        match tokio::time::timeout(PATIENCE, self.slots.clone().acquire_owned()).await {
+        // A slow endpoint sent more than it answers: a delivery that, at the pace queued ones
+        // have lately been served, would not get a slot within its patience is deferred now,
+        // rather than hold its slot of the partition's window for the whole patience and be
+        // deferred then (the surplus would hold PATIENCE times its rate of the window, and
+        // every other subscription there would wait for room). Two exceptions. A slot's worth
+        // of queue always waits: it holds no more of the window than the slots do, and its
+        // waits keep the pace up to date. And an endpoint whose slots each turn over within
+        // half the patience is left to the patience: that is a fast endpoint slowed by this
+        // machine's own load (two saturated cores make a queue of hundreds look like 300 ms),
+        // and deferring its backlog feeds on itself, each deferral an append and a read that
+        // slow the pace further (measured: a third of an end-to-end run deferred).
+        let mut queued = Queued::join(&self.queue, self.cap as f64);
+        if queued.position > self.cap {
+            let slow = |per_second: &f64| self.cap as f64 / per_second > PATIENCE.as_secs_f64() / 2.0;
+            if let Some(per_second) = queued.per_second.filter(slow) {
+                let wait = Duration::try_from_secs_f64(queued.position as f64 / per_second).unwrap_or(MAX_TURN_AHEAD);
+                if wait > PATIENCE {
+                    return Err(release_probe(Busy::Pace(self.turn(wait, per_second))));
+                }
+            }
+        }
+        let slot = tokio::time::timeout(PATIENCE, self.slots.clone().acquire_owned()).await;
+        queued.granted = matches!(slot, Ok(Ok(_)));
+        drop(queued);
+        match slot {
             Ok(Ok(p)) => {
                 self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
                 Ok((p, probe))
             }
             _ => Err(release_probe(full())),
         }
+    }
+
+    /// How long to defer a delivery that would wait `wait` for a slot: until a turn of its
+    /// own, after every turn already promised, one slot's turnover (at `per_second`) apart.
+    /// Deferred deliveries so come back about when the endpoint can take them, one by one;
+    /// all deferred for the same short pause would come back together, find the slots as
+    /// full, and be deferred again, an append and a read each for nothing (with a backlog
+    /// for an endpoint at 50 ms, 110 deferrals a delivery).
+    fn turn(&self, wait: Duration, per_second: f64) -> Duration {
+        let now = self.origin.elapsed().as_micros() as i64;
+        let apart = (1e6 / per_second.max(1e-3)).min(MAX_TURN_AHEAD.as_micros() as f64).max(1.0) as i64;
+        let earliest = now + wait.min(MAX_TURN_AHEAD).as_micros() as i64;
+        let promised = self
+            .turns_until_us
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |until| Some(until.max(earliest) + apart))
+            .unwrap_or_else(|until| until);
+        Duration::from_micros((promised.max(earliest) - now) as u64).min(MAX_TURN_AHEAD)
     }
 
     /// Records an attempt's latency.
@@ -332,6 +474,86 @@ mod tests {
         // (Without waiting out its patience again: bounded by it, not by a guess at how
         // loaded the machine running the test is.)
         assert!(started.elapsed() < PATIENCE);
+    }
+
+    impl Admission {
+        fn queued(&self) -> u32 {
+            self.queue.lock().unwrap().len
+        }
+    }
+
+    /// Spawns a delivery that queues for a slot, and waits until it has. It resolves to the
+    /// slot, if it got one.
+    async fn queue_one(e: &Arc<Admission>) -> tokio::task::JoinHandle<Option<OwnedSemaphorePermit>> {
+        let before = e.queued();
+        let waiter = tokio::spawn({
+            let e = e.clone();
+            async move { e.admit().await.ok().map(|(slot, _)| slot) }
+        });
+        for _ in 0..100_000 {
+            if e.queued() != before || waiter.is_finished() {
+                return waiter;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the delivery never queued");
+    }
+
+    // Paused: waits are exactly what the test says, however loaded the machine is.
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_that_would_wait_past_its_patience_at_the_pace_queued_ones_were_served_is_deferred_at_once() {
+        let e = Arc::new(Admission::new(Some(2), None, HealthConfig::default()));
+        // Latency says nothing about the queue: only waits measured in it do.
+        e.observe(Duration::from_secs(5));
+        let (first, _) = e.admit().await.unwrap();
+        let (second, _) = e.admit().await.unwrap();
+        // No evidence yet: two queue at once, a third 100 ms later, and a slot is freed every
+        // 100 ms.
+        let [one, two] = [queue_one(&e).await, queue_one(&e).await];
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(first);
+        let one = one.await.unwrap().expect("the first queued got the first slot freed");
+        let late = queue_one(&e).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(second);
+        let _two = two.await.unwrap().expect("the second queued got the second");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(one);
+        let _three = late.await.unwrap().expect("the third got the third");
+        // Three slots granted in 300 ms with someone queued: ten a second (a little more, as
+        // older evidence fades). A slot's worth still queues (two here)...
+        let _queued = [queue_one(&e).await, queue_one(&e).await];
+        let started = tokio::time::Instant::now();
+        // ...but the third in the queue would wait about 290 ms: deferred at once, for its turn.
+        let Busy::Pace(turn) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
+        assert_eq!(started.elapsed(), Duration::ZERO, "deferred without waiting");
+        assert!(turn > Duration::from_millis(260) && turn < Duration::from_millis(310), "{turn:?}");
+        // The next comes one slot's turnover (about 95 ms) after it, not with it.
+        let Busy::Pace(next) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
+        assert!(next > turn + Duration::from_millis(85), "{turn:?} then {next:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_endpoints_queue_is_joined_not_deferred_even_when_long() {
+        let e = Arc::new(Admission::new(Some(2), None, HealthConfig::default()));
+        e.observe(Duration::from_secs(5));
+        let mut held: Vec<_> = vec![e.admit().await.unwrap(), e.admit().await.unwrap()];
+        // Slots freed every 10 ms: a hundred a second.
+        for _ in 0..5 {
+            let waiter = queue_one(&e).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(held.remove(0));
+            assert!(waiter.await.unwrap().is_some());
+            held.push(e.admit().await.unwrap());
+        }
+        // Forty queued: about 400 ms at that pace, past the patience, but a slot turns over
+        // every 20 ms: a fast endpoint, behind only for now. All wait.
+        let queue: Vec<_> = futures::future::join_all((0..40).map(|_| queue_one(&e))).await;
+        assert_eq!(e.queued(), 40);
+        drop(held);
+        for waiter in queue {
+            assert!(waiter.await.unwrap().is_some(), "every queued delivery got a slot");
+        }
     }
 
     #[tokio::test]

@@ -26,8 +26,8 @@ pub const REQUEST_SECONDS: &str = "herald_delivery_request_seconds";
 pub const END_TO_END_SECONDS: &str = "herald_delivery_end_to_end_seconds";
 /// Retries scheduled, by `tier`.
 pub const RETRIES_SCHEDULED: &str = "herald_retries_scheduled_total";
-/// Deliveries deferred without an attempt, by `reason` (`in_flight_cap`, `rate_limit`,
-/// `circuit_breaker`, `unknown_subscription`).
+/// Deliveries deferred without an attempt, by `reason` (`in_flight_cap`, `endpoint_pace`,
+/// `rate_limit`, `circuit_breaker`, `unknown_subscription`).
 pub const DEFERRED: &str = "herald_deliveries_deferred_total";
 /// Ordered subscriptions' keys whose head has failed or is held after a dead letter.
 pub const ORDERED_KEYS_BLOCKED: &str = "herald_ordered_keys_blocked";
@@ -247,7 +247,7 @@ impl Metrics {
         for reason in ["key_rate", "tests"] {
             metrics::counter!(API_THROTTLED, "reason" => reason).increment(0);
         }
-        for reason in ["in_flight_cap", "rate_limit", "circuit_breaker", "unknown_subscription"] {
+        for reason in ["in_flight_cap", "endpoint_pace", "rate_limit", "circuit_breaker", "unknown_subscription"] {
             metrics::counter!(DEFERRED, "reason" => reason).increment(0);
         }
         metrics::counter!(DEAD_LETTERS).increment(0);

@@ -12,9 +12,12 @@ ideal_loop() {
   kill $sink 2>/dev/null || true
 }
 
-# deferrals PORT: what Herald on PORT deferred at an in-flight cap to the retry tiers (each an
-# append and a read again: work the ideal loop never does), and the retries it scheduled.
+# deferrals PORT: what Herald on PORT deferred to the retry tiers at an in-flight cap, and for a
+# slow endpoint's pace (each an append and a read again: work the ideal loop never does), and
+# the retries it scheduled.
 deferrals() {
   curl -sf "localhost:$1/metrics" | awk '/^herald_deliveries_deferred_total\{.*in_flight_cap/ { d += $NF }
-    /^herald_retries_scheduled_total/ { r += $NF } END { printf "deferred: %d at the in-flight cap, %d retries scheduled\n", d, r }'
+    /^herald_deliveries_deferred_total\{.*endpoint_pace/ { p += $NF }
+    /^herald_retries_scheduled_total/ { r += $NF }
+    END { printf "deferred: %d at the in-flight cap, %d for an endpoint'"'"'s pace, %d retries scheduled\n", d, p, r }'
 }
