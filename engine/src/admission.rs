@@ -59,11 +59,15 @@ const MAX_DEFER: Duration = Duration::from_secs(3600);
 /// The furthest ahead a turn is promised to a delivery deferred for its endpoint's pace: a
 /// turn worked out from a pace that then quickens is waited for in full, so the promise is
 /// kept short enough that such a wait is bounded; past it, a delivery comes back, and if the
-/// endpoint is still behind it is given a later turn.
+/// endpoint is still behind it is given a later turn. (Turns past it are all given it, so a
+/// backlog of more than this much of an endpoint's pace comes back together.)
 const MAX_TURN_AHEAD: Duration = Duration::from_secs(60);
 
-/// How quickly the measured pace forgets: evidence this old counts for about a third.
-const PACE_MEMORY: Duration = Duration::from_secs(1);
+/// How quickly the measured pace forgets: evidence this old counts for about a third. Long
+/// enough to hold a slot's worth of grants from an endpoint whose every slot takes up to this
+/// long to turn over (the pace is used only with that much evidence), and to see past a
+/// moment's stall of this machine.
+const PACE_MEMORY: Duration = Duration::from_secs(10);
 
 /// While a probe is out, other deliveries wait at most this long before looking again.
 const PROBE_WAIT: Duration = Duration::from_secs(5);
@@ -384,7 +388,9 @@ impl Admission {
         let earliest = now + wait.min(MAX_TURN_AHEAD).as_micros() as i64;
         let promised = self
             .turns_until_us
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |until| Some(until.max(earliest) + apart))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |until| {
+                Some((until.max(earliest) + apart).min(now + MAX_TURN_AHEAD.as_micros() as i64))
+            })
             .unwrap_or_else(|until| until);
         Duration::from_micros((promised.max(earliest) - now) as u64).min(MAX_TURN_AHEAD)
     }
@@ -520,9 +526,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(one);
         let _three = late.await.unwrap().expect("the third got the third");
-        // Three slots granted in 300 ms with someone queued: ten a second (a little more, as
-        // older evidence fades). A slot's worth still queues (two here)...
+        // Three slots granted in 300 ms with someone queued: ten a second. A slot's worth
+        // still queues (two here)...
         let _queued = [queue_one(&e).await, queue_one(&e).await];
+        assert_eq!(e.queued(), 2);
         let started = tokio::time::Instant::now();
         // ...but the third in the queue would wait about 290 ms: deferred at once, for its turn.
         let Busy::Pace(turn) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
@@ -531,6 +538,30 @@ mod tests {
         // The next comes one slot's turnover (about 95 ms) after it, not with it.
         let Busy::Pace(next) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
         assert!(next > turn + Duration::from_millis(85), "{turn:?} then {next:?}");
+    }
+
+    // An endpoint whose every slot takes 1.6 s to turn over (eight, one freed every 200 ms):
+    // a slot's worth of evidence takes longer than a second to gather, and is kept.
+    #[tokio::test(start_paused = true)]
+    async fn a_very_slow_endpoints_pace_is_measured_too() {
+        let e = Arc::new(Admission::new(Some(8), None, HealthConfig::default()));
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            held.push(e.admit().await.unwrap().0);
+        }
+        for _ in 0..10 {
+            let waiter = queue_one(&e).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(held.remove(0));
+            held.push(waiter.await.unwrap().expect("the queued delivery got the freed slot"));
+        }
+        // Five a second: a slot's worth queues, the ninth (1.8 s away) is deferred at once.
+        let _queued: Vec<_> = futures::future::join_all((0..8).map(|_| queue_one(&e))).await;
+        assert_eq!(e.queued(), 8);
+        let started = tokio::time::Instant::now();
+        let Busy::Pace(turn) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert!(turn > Duration::from_millis(1700) && turn < Duration::from_millis(1900), "{turn:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -330,7 +330,7 @@ fn describe() {
     describe_counter!(RETRIES_SCHEDULED, "Retries scheduled, by delay tier.");
     describe_counter!(
         DEFERRED,
-        "Deliveries deferred without an attempt: in-flight cap, rate limit or open circuit breaker."
+        "Deliveries deferred without an attempt, by reason: in-flight cap, a slow endpoint's pace, rate limit, open circuit breaker, unknown subscription."
     );
     describe_counter!(DEAD_LETTERS, "Deliveries parked in the dead-letter topic.");
     describe_counter!(PANICS, "Deliveries whose processing panicked twice and were parked in the dead-letter topic.");

@@ -51,7 +51,7 @@ pub enum Settlement {
 pub enum Deferral {
     /// It is not due yet (hopping down the tiers).
     NotDue,
-    /// Admission said not now (in-flight cap, rate limit, open breaker).
+    /// Admission said not now (in-flight cap, a slow endpoint's pace, rate limit, open breaker).
     Busy(Busy),
     /// Its subscription is not known here yet (the catalog could not be read, or its record is
     /// from a newer version): it waits rather than be dropped.
