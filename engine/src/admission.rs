@@ -347,13 +347,15 @@ impl Admission {
         // have lately been served, would not get a slot within its patience is deferred now,
         // rather than hold its slot of the partition's window for the whole patience and be
         // deferred then (the surplus would hold PATIENCE times its rate of the window, and
-        // every other subscription there would wait for room). Two exceptions. A slot's worth
+        // every other subscription there would wait for room). Two exceptions besides a
+        // slot's worth of evidence. A slot's worth
         // of queue always waits: it holds no more of the window than the slots do, and its
         // waits keep the pace up to date. And an endpoint whose slots each turn over within
         // half the patience is left to the patience: that is a fast endpoint slowed by this
         // machine's own load (two saturated cores make a queue of hundreds look like 300 ms),
         // and deferring its backlog feeds on itself, each deferral an append and a read that
-        // slow the pace further (measured: a third of an end-to-end run deferred).
+        // slow the pace further (without this condition, end-to-end runs deferred hundreds to
+        // a thousand deliveries and ran slower: BENCHMARKS.md "Backlog").
         let mut queued = Queued::join(&self.queue, self.cap as f64);
         if queued.position > self.cap {
             let slow = |per_second: &f64| self.cap as f64 / per_second > PATIENCE.as_secs_f64() / 2.0;
