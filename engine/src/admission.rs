@@ -333,10 +333,10 @@ impl Admission {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
             // A slot free with nobody queued: the endpoint is not behind, so turns promised
-            // while it was no longer push the next deferral back.
-            let now_us = self.origin.elapsed().as_micros() as i64;
-            if self.turns_until_us.load(Ordering::Relaxed) > now_us {
-                self.turns_until_us.fetch_min(now_us, Ordering::AcqRel);
+            // while it was no longer push the next deferral back. (Zero, not now: a turn is
+            // never before now anyway, and the fast path reads no clock.)
+            if self.turns_until_us.load(Ordering::Relaxed) != 0 {
+                self.turns_until_us.store(0, Ordering::Relaxed);
             }
             return Ok((p, probe));
         }
@@ -348,9 +348,9 @@ impl Admission {
         // rather than hold its slot of the partition's window for the whole patience and be
         // deferred then (the surplus would hold PATIENCE times its rate of the window, and
         // every other subscription there would wait for room). Two exceptions besides a
-        // slot's worth of evidence. A slot's worth
-        // of queue always waits: it holds no more of the window than the slots do, and its
-        // waits keep the pace up to date. And an endpoint whose slots each turn over within
+        // slot's worth of evidence. A slot's worth of queue always waits: it holds no more of
+        // the window than the slots do, and its waits keep the pace up to date. And an
+        // endpoint whose slots each turn over within
         // half the patience is left to the patience: that is a fast endpoint slowed by this
         // machine's own load (two saturated cores make a queue of hundreds look like 300 ms),
         // and deferring its backlog feeds on itself, each deferral an append and a read that
