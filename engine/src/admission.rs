@@ -105,6 +105,32 @@ impl Busy {
     }
 }
 
+/// The circuit breaker's probe: the one attempt let through to an endpoint whose pause is
+/// over. Another may start once this one is settled ([`Admission::succeeded`] or
+/// [`Admission::failed`]) or dropped unsettled, as an attempt is when it panics or its
+/// partition stops mid-way; a flag cleared by hand on those paths stayed set for good, and
+/// every later delivery to the endpoint was deferred as if a probe were still out.
+#[derive(Debug)]
+pub struct Probe<'a>(Option<&'a AtomicBool>);
+
+impl Probe<'_> {
+    /// Not a probe: an attempt with the breaker closed.
+    pub const NONE: Probe<'static> = Probe(None);
+
+    /// Whether this attempt is the breaker's probe.
+    pub fn is_probe(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if let Some(probing) = self.0 {
+            probing.store(false, Ordering::Release);
+        }
+    }
+}
+
 /// A token bucket of `rate` per second, holding up to `capacity` tokens (full at first). Paces
 /// a subscription's deliveries, and a tenant key's API requests.
 #[derive(Debug)]
@@ -296,19 +322,19 @@ impl Admission {
         self.open_until_ms.load(Ordering::Acquire) > now_ms()
     }
 
-    /// The breaker's verdict: `Ok(probe)` to go ahead (`probe` when this attempt tests an
-    /// endpoint whose pause is over), or how long to wait.
-    fn breaker(&self, now: i64) -> Result<bool, Busy> {
+    /// The breaker's verdict: go ahead (with the [`Probe`] when this attempt tests an endpoint
+    /// whose pause is over), or how long to wait.
+    fn breaker(&self, now: i64) -> Result<Probe<'_>, Busy> {
         let until = self.open_until_ms.load(Ordering::Acquire);
         if until == 0 {
-            return Ok(false);
+            return Ok(Probe::NONE);
         }
         if now < until {
             return Err(Busy::Open(Duration::from_millis((until - now) as u64)));
         }
         // Half-open: one probe at a time.
         if self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            Ok(true)
+            Ok(Probe(Some(&self.probing)))
         } else {
             let pause = Duration::from_millis(self.pause_ms.load(Ordering::Relaxed).max(0) as u64);
             Err(Busy::Open(pause.min(PROBE_WAIT)))
@@ -316,18 +342,13 @@ impl Admission {
     }
 
     /// Admits a delivery: breaker, rate limit, then an in-flight slot. Returns the slot and
-    /// whether this attempt is the breaker's probe.
-    pub async fn admit(&self) -> Result<(OwnedSemaphorePermit, bool), Busy> {
+    /// the breaker's probe when this attempt is one (a delivery not admitted is no probe: the
+    /// probe is dropped with it, and the next delivery may probe).
+    pub async fn admit(&self) -> Result<(OwnedSemaphorePermit, Probe<'_>), Busy> {
         let now = now_ms();
         let probe = self.breaker(now)?;
-        let release_probe = |busy: Busy| {
-            if probe {
-                self.probing.store(false, Ordering::Release);
-            }
-            busy
-        };
         if let Some(bucket) = &self.bucket {
-            bucket.take(now).map_err(|wait| release_probe(Busy::Rate(wait)))?;
+            bucket.take(now).map_err(Busy::Rate)?;
         }
         let full = || Busy::Full((self.latency() * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)));
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
@@ -341,7 +362,7 @@ impl Admission {
             return Ok((p, probe));
         }
         if now - self.last_progress_ms.load(Ordering::Relaxed) >= PATIENCE.as_millis() as i64 {
-            return Err(release_probe(full()));
+            return Err(full());
         }
         // A slow endpoint sent more than it answers: a delivery that, at the pace queued ones
         // have lately been served, would not get a slot within its patience is deferred now,
@@ -362,7 +383,7 @@ impl Admission {
             if let Some(per_second) = queued.per_second.filter(slow) {
                 let wait = Duration::try_from_secs_f64(queued.position as f64 / per_second).unwrap_or(MAX_TURN_AHEAD);
                 if wait > PATIENCE {
-                    return Err(release_probe(Busy::Pace(self.turn(wait, per_second))));
+                    return Err(Busy::Pace(self.turn(wait, per_second)));
                 }
             }
         }
@@ -374,7 +395,7 @@ impl Admission {
                 self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
                 Ok((p, probe))
             }
-            _ => Err(release_probe(full())),
+            _ => Err(full()),
         }
     }
 
@@ -406,20 +427,20 @@ impl Admission {
         });
     }
 
-    /// A successful attempt: the breaker closes and the failure clock stops.
-    pub fn succeeded(&self, probe: bool) {
+    /// A successful attempt: the breaker closes and the failure clock stops. (The probe, if
+    /// this was one, ends only after: the next delivery sees the breaker closed.)
+    pub fn succeeded(&self, probe: Probe<'_>) {
         self.failures.store(0, Ordering::Relaxed);
         self.failing_since_ms.store(0, Ordering::Relaxed);
         if self.open_until_ms.swap(0, Ordering::AcqRel) != 0 {
             self.pause_ms.store(0, Ordering::Relaxed);
         }
-        if probe {
-            self.probing.store(false, Ordering::Release);
-        }
+        drop(probe);
     }
 
-    /// A failed attempt: counts towards opening the breaker and towards giving up.
-    pub fn failed(&self, probe: bool) -> Health {
+    /// A failed attempt: counts towards opening the breaker and towards giving up. (A failed
+    /// probe opens it again for longer, before the probe ends.)
+    pub fn failed(&self, probe: Probe<'_>) -> Health {
         let now = now_ms();
         let _ = self.failing_since_ms.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
         let since = self.failing_since_ms.load(Ordering::Acquire);
@@ -427,7 +448,9 @@ impl Admission {
         let give_up = !disable_after.is_zero() && now - since >= disable_after.as_millis() as i64;
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         let mut opened = None;
-        if probe || (failures >= self.health.breaker_failures && self.open_until_ms.load(Ordering::Acquire) == 0) {
+        if probe.is_probe()
+            || (failures >= self.health.breaker_failures && self.open_until_ms.load(Ordering::Acquire) == 0)
+        {
             let first = self.health.breaker_pause.0.as_millis() as i64;
             let max = self.health.breaker_max_pause.0.as_millis() as i64;
             let pause = match self.pause_ms.load(Ordering::Relaxed) {
@@ -438,9 +461,7 @@ impl Admission {
             self.open_until_ms.store(now + pause, Ordering::Release);
             opened = Some(Duration::from_millis(pause as u64));
         }
-        if probe {
-            self.probing.store(false, Ordering::Release);
-        }
+        drop(probe);
         Health { opened, give_up }
     }
 }
@@ -596,7 +617,7 @@ mod tests {
         let h = e.health();
         assert_eq!((h.breaker, h.in_flight, h.max_in_flight, h.consecutive_failures), (Breaker::Closed, 1, 4, 0));
         e.failed(probe);
-        e.failed(false);
+        e.failed(Probe::NONE);
         drop(slot);
         let h = e.health();
         assert_eq!((h.breaker, h.in_flight, h.consecutive_failures), (Breaker::Open, 0, 2));
@@ -615,17 +636,35 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(45)).await;
         // Half-open: exactly one probe goes through.
         let (_probe_slot, probe) = e.admit().await.unwrap();
-        assert!(probe);
+        assert!(probe.is_probe());
         assert!(matches!(e.admit().await, Err(Busy::Open(_))));
         // The probe fails: open again, for twice as long.
-        assert_eq!(e.failed(true).opened, Some(Duration::from_millis(80)));
+        assert_eq!(e.failed(probe).opened, Some(Duration::from_millis(80)));
         tokio::time::sleep(Duration::from_millis(85)).await;
         let (_slot, probe) = e.admit().await.unwrap();
-        assert!(probe);
+        assert!(probe.is_probe());
         e.succeeded(probe);
         assert!(!e.is_open());
         let (_slot, probe) = e.admit().await.unwrap();
-        assert!(!probe);
+        assert!(!probe.is_probe());
+    }
+
+    // An attempt that panics, or whose partition stops while it is out, is dropped unsettled:
+    // if it was the probe, the next delivery probes, rather than every delivery after it
+    // being deferred for good as if the probe were still out.
+    #[tokio::test]
+    async fn a_probe_dropped_unsettled_lets_the_next_delivery_probe() {
+        let e = Admission::new(None, None, health(1, 20));
+        let (_slot, probe) = e.admit().await.unwrap();
+        assert!(e.failed(probe).opened.is_some());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let probe = e.admit().await;
+        assert!(probe.is_ok(), "half-open: a probe goes through");
+        assert!(matches!(e.admit().await, Err(Busy::Open(_))), "one probe at a time");
+        drop(probe);
+        let next = e.admit().await;
+        assert!(next.is_ok(), "the probe was dropped: the next delivery probes");
+        assert!(next.unwrap().1.is_probe());
     }
 
     #[tokio::test]
@@ -635,7 +674,8 @@ mod tests {
         for _ in 0..10 {
             admitted.push(e.admit().await.unwrap());
         }
-        match e.admit().await {
+        let next = e.admit().await;
+        match next {
             Err(Busy::Rate(wait)) => assert!(wait <= Duration::from_millis(100)),
             other => panic!("rate limited expected, got {:?}", other.map(|(_, p)| p)),
         }
@@ -646,10 +686,10 @@ mod tests {
         let mut h = health(1000, 10);
         h.disable_after = HumanDuration(Duration::from_millis(30));
         let e = Admission::new(None, None, h);
-        assert!(!e.failed(false).give_up);
+        assert!(!e.failed(Probe::NONE).give_up);
         std::thread::sleep(Duration::from_millis(35));
-        assert!(e.failed(false).give_up);
-        e.succeeded(false);
-        assert!(!e.failed(false).give_up, "a success restarts the clock");
+        assert!(e.failed(Probe::NONE).give_up);
+        e.succeeded(Probe::NONE);
+        assert!(!e.failed(Probe::NONE).give_up, "a success restarts the clock");
     }
 }

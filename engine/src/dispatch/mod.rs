@@ -14,7 +14,7 @@ pub use ordered::{BlockedKey, LaneId, Marker, OrderedKeys};
 pub use settle::{record, Deferral, Parked, Settled, Settlement, Settler, Via, Waits};
 pub use shard::ShardLimits;
 
-use crate::admission::Busy;
+use crate::admission::{Busy, Probe};
 use crate::history::Recorder;
 use crate::log::{Log, LogError, LogRecord};
 use crate::metrics::Metrics;
@@ -44,9 +44,9 @@ pub struct Deliverer {
 }
 
 /// What the gate decided for a delivery that is due.
-enum Gate {
-    /// Go: an in-flight slot, and whether this attempt is the breaker's probe.
-    Open(OwnedSemaphorePermit, bool),
+enum Gate<'a> {
+    /// Go: an in-flight slot, and the breaker's probe if this attempt is one.
+    Open(OwnedSemaphorePermit, Probe<'a>),
     /// Its subscription is disabled.
     Disabled,
     /// Not now.
@@ -214,7 +214,7 @@ fn wait(delivery: &Delivery) -> Duration {
 
 /// Whether a due delivery may be attempted now: its subscription enabled, and admitted
 /// (breaker, rate limit, an in-flight slot).
-async fn gate(target: &Target) -> Gate {
+async fn gate(target: &Target) -> Gate<'_> {
     if !target.sub.spec.enabled {
         return Gate::Disabled;
     }

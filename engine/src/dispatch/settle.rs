@@ -3,7 +3,7 @@
 //! dropped — and returned as one [`Settled`] value. Metrics are recorded from it once
 //! ([`record`]), and anything else that observes deliveries (the history) observes it there.
 
-use crate::admission::Busy;
+use crate::admission::{Busy, Probe};
 use crate::history::{AttemptRecord, HistoryRecord, State, StateRecord};
 use crate::log::LogRecord;
 use crate::metrics as m;
@@ -250,7 +250,7 @@ impl Settler {
         delivery: Delivery,
         raw: Bytes,
         outcome: Outcome,
-        probe: bool,
+        probe: Probe<'_>,
         waits: Waits,
     ) -> Settled {
         target.admission.observe(outcome.latency());
@@ -365,7 +365,7 @@ impl Settler {
 
     /// Counts a failed attempt against the endpoint's health: opens its breaker, or disables
     /// the subscription once it has failed continuously for too long.
-    async fn judge_health(&self, target: &Target, probe: bool) {
+    async fn judge_health(&self, target: &Target, probe: Probe<'_>) {
         let health = target.admission.failed(probe);
         if let Some(pause) = health.opened {
             tracing::warn!(subscription = %target.sub.id, pause = %humantime::format_duration(pause), "circuit breaker opened");
