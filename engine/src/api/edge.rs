@@ -101,6 +101,9 @@ pub async fn connect(
     ws: WebSocketUpgrade,
 ) -> Result<impl IntoResponse, ApiError> {
     let token = super::auth::bearer(&headers).ok_or_else(ApiError::unauthorized)?;
+    if crate::tenants::parse_token(token, "he").is_none() {
+        return Err(ApiError::unauthorized()); // no device token at all: nothing to wait for
+    }
     state.catalog.settle().await; // a device made through another process a moment ago
     let device = state.devices.authenticate(token).ok_or_else(ApiError::unauthorized)?;
     let hub = state.edge.clone();

@@ -11,6 +11,18 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Starts `herald edge` and waits until it says it is connected.
+/// The status a WebSocket connection to the edge endpoint with `token` is answered with.
+async fn connect_status(server: SocketAddr, token: &str) -> u16 {
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error};
+    let mut request = format!("ws://{server}/v1/edge/connect").into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok(_) => 101,
+        Err(Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("no answer: {e}"),
+    }
+}
+
 fn spawn_agent(server: SocketAddr, token: &str) -> ChildGuard {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["edge", "--server", &format!("http://{server}"), "--window", "16"])
@@ -74,9 +86,13 @@ async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_
     assert_eq!(status, 400, "{err}");
     assert_eq!(err["error"]["field"], "via_edge");
     globex.subscribe(json!({ "url": rx.url("/globex"), "via_edge": globex_device, "retry": retry })).await;
-    // A device token is not an API key.
+    // A device token is not an API key, and neither an API key nor the admin token connects
+    // as a device (refused before waiting to see the catalog: it is no device token at all).
     let (status, _) = admin.raw("GET", "/v1/subscriptions", None, Some(&acme_token)).await;
     assert_eq!(status, 401);
+    for token in [&acme.token, &admin.token, "he.not-a-device"] {
+        assert_eq!(connect_status(addr, token).await, 401, "{token}");
+    }
 
     let mut acme_agent = spawn_agent(addr, &acme_token);
     let _globex_agent = spawn_agent(addr, &globex_token);
