@@ -550,20 +550,11 @@ mod tests {
     // Paused: waits are exactly what the test says, however loaded the machine is.
     #[tokio::test(start_paused = true)]
     async fn a_delivery_that_would_wait_past_its_patience_at_the_pace_queued_ones_were_served_is_deferred_at_once() {
-        let e = Arc::new(Admission::new(Some(2), None, HealthConfig::default()));
         // Whether to defer is judged by waits measured in the queue, not by latency (here 5 s:
         // two slots of it would take 0.4 a second, far below the pace, so it spaces nothing).
-        e.observe(Duration::from_secs(5));
-        let _held = served_ten_a_second(&e).await;
-        let started = tokio::time::Instant::now();
-        // ...but the third in the queue would wait about 300 ms: deferred at once, for its turn.
-        let Busy::Pace(turn) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
-        assert_eq!(started.elapsed(), Duration::ZERO, "deferred without waiting");
-        assert!(turn > Duration::from_millis(280) && turn < Duration::from_millis(310), "{turn:?}");
-        // The next comes one grant at that pace (about 100 ms) after it, not with it.
-        let Busy::Pace(next) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
-        let apart = next.saturating_sub(turn);
-        assert!(apart > Duration::from_millis(97) && apart < Duration::from_millis(101), "{turn:?} then {next:?}");
+        // The next comes one grant at that pace (about 100 ms) after the first, not with it.
+        let apart = turns_apart_with_latency(Duration::from_secs(5)).await;
+        assert!(apart > Duration::from_millis(97) && apart < Duration::from_millis(101), "{apart:?}");
     }
 
     // The pace decides whether to defer; the turns are spaced at what the slots can take by
@@ -571,23 +562,28 @@ mod tests {
     // a slow endpoint's slots idle through a whole backlog), but at most a quarter faster.
     #[tokio::test(start_paused = true)]
     async fn turns_are_spaced_at_the_slots_latency_when_that_is_faster_than_the_pace_by_up_to_a_quarter() {
-        // Paced ten a second; then two deferred, the first at the pace's turn. How far apart?
-        async fn apart_with_latency(latency: Duration) -> Duration {
-            let e = Arc::new(Admission::new(Some(2), None, HealthConfig::default()));
-            e.observe(latency);
-            let _held = served_ten_a_second(&e).await;
-            let Busy::Pace(turn) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
-            assert!(turn > Duration::from_millis(280) && turn < Duration::from_millis(310), "{turn:?}");
-            let Busy::Pace(next) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
-            next.saturating_sub(turn)
-        }
         // Two slots of 180 ms: 11.1 a second, a tenth above the pace: 90 ms apart, not 100.
-        let apart = apart_with_latency(Duration::from_millis(180)).await;
+        let apart = turns_apart_with_latency(Duration::from_millis(180)).await;
         assert!(apart > Duration::from_millis(89) && apart < Duration::from_millis(91), "{apart:?}");
         // Two slots of 10 ms would be 200 a second, twenty times the pace: held to a quarter
         // above it (80 ms apart), not 5 ms.
-        let apart = apart_with_latency(Duration::from_millis(10)).await;
+        let apart = turns_apart_with_latency(Duration::from_millis(10)).await;
         assert!(apart > Duration::from_millis(78) && apart < Duration::from_millis(81), "{apart:?}");
+    }
+
+    /// With attempts' mean latency at `latency` and the queue served ten a second, two more
+    /// deliveries: the first, third in the queue, would wait about 300 ms, so it is deferred
+    /// at once for its turn, and so is the next. How far apart their turns are.
+    async fn turns_apart_with_latency(latency: Duration) -> Duration {
+        let e = Arc::new(Admission::new(Some(2), None, HealthConfig::default()));
+        e.observe(latency);
+        let _held = served_ten_a_second(&e).await;
+        let started = tokio::time::Instant::now();
+        let Busy::Pace(turn) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
+        assert_eq!(started.elapsed(), Duration::ZERO, "deferred without waiting");
+        assert!(turn > Duration::from_millis(280) && turn < Duration::from_millis(310), "{turn:?}");
+        let Busy::Pace(next) = e.admit().await.unwrap_err() else { panic!("deferred for the pace") };
+        next.saturating_sub(turn)
     }
 
     /// Two slots served ten a second to queued deliveries (three granted over 300 ms), then

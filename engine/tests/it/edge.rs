@@ -2,7 +2,7 @@
 //! edge` agent processes, and a loopback receiver only the agents can reach.
 
 use crate::support::metrics::scrape;
-use crate::support::{spawn_herald_with, until, Api, ChildGuard, Receiver, TOKEN};
+use crate::support::{edge_connect_request, spawn_herald_with, until, Api, ChildGuard, Receiver, TOKEN};
 use herald_load_tests::verify::Verifier;
 use serde_json::json;
 use std::collections::HashMap;
@@ -10,19 +10,17 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Starts `herald edge` and waits until it says it is connected.
 /// The status a WebSocket connection to the edge endpoint with `token` is answered with.
 async fn connect_status(server: SocketAddr, token: &str) -> u16 {
-    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error};
-    let mut request = format!("ws://{server}/v1/edge/connect").into_client_request().unwrap();
-    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    match tokio_tungstenite::connect_async(request).await {
+    use tokio_tungstenite::tungstenite::Error;
+    match tokio_tungstenite::connect_async(edge_connect_request(server, token)).await {
         Ok(_) => 101,
         Err(Error::Http(response)) => response.status().as_u16(),
         Err(e) => panic!("no answer: {e}"),
     }
 }
 
+/// Starts `herald edge` and waits until it says it is connected.
 fn spawn_agent(server: SocketAddr, token: &str) -> ChildGuard {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["edge", "--server", &format!("http://{server}"), "--window", "16"])

@@ -3,11 +3,10 @@
 //! reports are each counted as `outcome="timeout"`, and dead-lettered saying they timed out.
 
 use crate::support::metrics::scrape;
-use crate::support::{spawn_herald, until, Api, Behaviour, Receiver, TOKEN};
+use crate::support::{edge_connect_request, spawn_herald, until, Api, Behaviour, Receiver, TOKEN};
 use futures::SinkExt;
 use serde_json::json;
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A TCP server that accepts connections and never answers: an AMQP broker that hangs.
@@ -25,9 +24,8 @@ async fn silent_broker() -> std::net::SocketAddr {
 
 /// An edge agent that says hello and never reports an outcome.
 async fn mute_agent(addr: std::net::SocketAddr, token: &str) {
-    let mut request = format!("ws://{addr}/v1/edge/connect").into_client_request().unwrap();
-    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("agent connects");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(edge_connect_request(addr, token)).await.expect("agent connects");
     ws.send(Message::Text(json!({ "type": "hello", "window": 8 }).to_string().into())).await.unwrap();
     tokio::spawn(async move {
         use futures::StreamExt;

@@ -183,6 +183,18 @@ pub async fn read_dlq(data_dir: &std::path::Path) -> Vec<herald::model::DeadLett
     dead_letters(log.read_all(&herald::topics::Topics::new("herald.").dlq).await.unwrap())
 }
 
+/// A WebSocket request to connect to `server`'s edge endpoint as a device presenting `token`.
+pub fn edge_connect_request(
+    server: SocketAddr,
+    token: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let path = herald::transport::edge::protocol::CONNECT_PATH;
+    let mut request = format!("ws://{server}{path}").into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
 /// Starts `herald serve` on a free port and returns it with its address.
 pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
     spawn_herald_with(data_dir, &[])
