@@ -158,21 +158,24 @@ impl Deliverer {
         }
     }
 
+    /// Every path but an attempt's is boxed where it is awaited: this future is as large as
+    /// its largest await, it is part of every delivery's future, and the shard copies that
+    /// whole into a fresh allocation for each delivery (about 4 % of a drain's CPU at 3.6 KB).
     async fn deliver(&self, rec: LogRecord, waits: Waits) -> Settled {
         let delivery = match Delivery::decode(rec.value.clone()) {
             Ok(d) => d,
-            Err(e) => return self.settler.malformed(&rec, e.to_string()).await,
+            Err(e) => return Box::pin(self.settler.malformed(&rec, e.to_string())).await,
         };
         let target = match self.registry.lookup(&delivery.subscription).await {
             Lookup::Found(t) => t,
             Lookup::Deleted => return self.settler.dropped(delivery),
-            Lookup::Unknown => return self.settler.unknown(delivery, waits).await,
+            Lookup::Unknown => return Box::pin(self.settler.unknown(delivery, waits)).await,
         };
         let transport = Via::of(&target);
         if waits == Waits::InTiers && tiers::for_wait(wait(&delivery)).is_some() {
             // Not due yet: hop to the tier that fits the rest of the wait.
             let due = delivery.due_ms;
-            return self.settler.defer(delivery, transport, Deferral::NotDue, due, waits).await;
+            return Box::pin(self.settler.defer(delivery, transport, Deferral::NotDue, due, waits)).await;
         }
         // Less than the shortest tier: wait here, so no attempt is ever early.
         let left = wait(&delivery);
@@ -181,10 +184,10 @@ impl Deliverer {
         }
         let (_slot, probe) = match gate(&target).await {
             Gate::Open(slot, probe) => (slot, probe),
-            Gate::Disabled => return self.settler.disabled(&target, delivery, rec.value).await,
+            Gate::Disabled => return Box::pin(self.settler.disabled(&target, delivery, rec.value)).await,
             Gate::Busy(busy) => {
                 let due = now_ms() + busy.defer().as_millis() as i64;
-                return self.settler.defer(delivery, transport, Deferral::Busy(busy), due, waits).await;
+                return Box::pin(self.settler.defer(delivery, transport, Deferral::Busy(busy), due, waits)).await;
             }
         };
         let pending = retry::pending_retries(&target, &delivery);

@@ -260,13 +260,18 @@ impl Settler {
                 target.admission.succeeded(probe);
                 Settlement::Delivered
             }
-            Verdict::Gone => {
+            // The failed paths are boxed: their awaits (the breaker's verdict, a retry's
+            // append, a dead letter) are most of this future's size, which is part of every
+            // delivery's future, and the shard copies that whole into a fresh allocation for
+            // each delivery, delivered ones too.
+            Verdict::Gone => Box::pin(async {
                 self.judge_health(target, probe).await;
                 let reason = format!("the receiver answered 410 Gone at {}", rfc3339_ms(now_ms()));
                 self.disable(&target.sub.id, reason).await;
                 self.park(&delivery, raw, &outcome, Parked::Gone).await
-            }
-            Verdict::Retry { not_before } => {
+            })
+            .await,
+            Verdict::Retry { not_before } => Box::pin(async {
                 self.judge_health(target, probe).await;
                 tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, outcome = outcome.label(), "attempt failed");
                 match retry::next_due(target, &delivery, not_before) {
@@ -280,7 +285,8 @@ impl Settler {
                     }
                     None => self.park(&delivery, raw, &outcome, Parked::Exhausted).await,
                 }
-            }
+            })
+            .await,
         };
         Settled { delivery: Some(delivery), transport, attempt: Some(outcome), settlement }
     }

@@ -272,7 +272,9 @@ impl Registry {
         if let Some(t) = self.get(id) {
             return Lookup::Found(t);
         }
-        if let Err(e) = self.feed.settled().await {
+        // Boxed: rare, and as large again as the rest of this future, which is part of every
+        // delivery's.
+        if let Err(e) = Box::pin(self.feed.settled()).await {
             tracing::warn!(subscription = %id, error = %e, "could not catch up with the catalog; the delivery waits");
             return Lookup::Unknown;
         }

@@ -207,6 +207,9 @@ type Pool = Client<Connector, Body>;
 /// What a pool is kept by: the TLS profile (none: the default) and the egress route.
 type PoolKey = (Option<ProfileKey>, String);
 
+/// The pools of other TLS profiles and egresses, and when each was last used.
+type Profiles = HashMap<PoolKey, (Arc<Pool>, Instant)>;
+
 /// How long a custom TLS profile's pool is kept without use.
 const PROFILE_IDLE: Duration = Duration::from_secs(600);
 
@@ -214,11 +217,11 @@ const PROFILE_IDLE: Duration = Duration::from_secs(600);
 /// TLS profile and egress route.
 #[derive(Clone)]
 pub struct HttpTransport {
-    default: Pool,
+    default: Arc<Pool>,
     /// Custom profiles and when each was last used: one unused for `PROFILE_IDLE` (its
     /// subscriptions deleted or changed) is dropped when another is built, so tenants cannot
     /// grow this map without bound.
-    profiles: Arc<Mutex<HashMap<PoolKey, (Pool, Instant)>>>,
+    profiles: Arc<Mutex<Profiles>>,
     guard: NetworkGuard,
     settings: HttpSettings,
 }
@@ -257,15 +260,17 @@ impl HttpTransport {
     /// Clients whose connections pass `guard`.
     pub fn new(guard: NetworkGuard, settings: &HttpSettings) -> Self {
         let tls = client_config(None, None).expect("the default TLS profile builds");
-        let default = pool(&guard, settings, settings.proxy.as_ref(), tls);
+        let default = Arc::new(pool(&guard, settings, settings.proxy.as_ref(), tls));
         HttpTransport { default, profiles: Default::default(), guard, settings: settings.clone() }
     }
 
     /// The pool for a TLS profile and an egress, built on first use. The default one is lent,
     /// not cloned: a client's clone (its connector, resolver and proxy settings, each a shared
     /// count both cores write) was about 2 % of Herald's CPU (`perf`), and `Client::request`
-    /// already makes one per delivery.
-    fn pool_for(&self, tls: Option<&TlsOptions>, egress: Egress<'_>) -> Result<Cow<'_, Pool>, Failure> {
+    /// already makes one per delivery. Either way only a pointer: what a request holds is
+    /// part of every delivery's future, which the shard copies whole into a fresh allocation
+    /// (a client by value is about 700 bytes, a fifth of that future).
+    fn pool_for(&self, tls: Option<&TlsOptions>, egress: Egress<'_>) -> Result<Cow<'_, Arc<Pool>>, Failure> {
         if tls.is_none() && egress == Egress::Default {
             return Ok(Cow::Borrowed(&self.default));
         }
@@ -288,7 +293,7 @@ impl HttpTransport {
         }
         let unusable = |e: TlsError| Failure::Unusable { detail: e.to_string() };
         let config = client_config(tls, self.settings.tls_files_dir.as_deref()).map_err(unusable)?;
-        let built = pool(&self.guard, &self.settings, proxy, config);
+        let built = Arc::new(pool(&self.guard, &self.settings, proxy, config));
         let mut profiles = self.profiles.lock().unwrap();
         profiles.retain(|_, (_, used)| used.elapsed() < PROFILE_IDLE);
         Ok(Cow::Owned(profiles.entry(key).or_insert((built, Instant::now())).0.clone()))
@@ -335,8 +340,10 @@ impl HttpTransport {
             Ok(c) => c,
             Err(failure) => return Outcome::failed(failure, started.elapsed()),
         };
-        let mut request = Request::post(req.uri).body(req.body).expect("method, uri and body are valid");
-        *request.headers_mut() = req.headers;
+        // Taken apart here, so that nothing of it outlives the request it becomes.
+        let WebhookRequest { uri, headers, body, timeout } = req;
+        let mut request = Request::post(uri).body(body).expect("method, uri and body are valid");
+        *request.headers_mut() = headers;
         let keep = self.settings.response_bytes;
         let exchange = async {
             let response = client.request(request).await?;
@@ -360,7 +367,7 @@ impl HttpTransport {
             Ok::<_, hyper_util::client::legacy::Error>((status, parts.headers, response))
         };
         let latency = || started.elapsed();
-        match tokio::time::timeout(req.timeout, exchange).await {
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok((status, _, response))) if (200..300).contains(&status) => {
                 Outcome::Delivered { status, latency: latency(), response }
             }
@@ -369,7 +376,7 @@ impl HttpTransport {
                 Outcome::Failed { failure, latency: latency(), response }
             }
             Ok(Err(e)) => Outcome::failed(classify(&e), latency()),
-            Err(_) => Outcome::failed(timed_out(req.timeout), latency()),
+            Err(_) => Outcome::failed(timed_out(timeout), latency()),
         }
     }
 }

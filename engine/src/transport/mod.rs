@@ -68,7 +68,10 @@ impl Transports {
             TransportKind::Webhook => self.webhook(target, delivery, pending_retries, timeout).await,
             TransportKind::Amqp => {
                 let signed = target.sign(delivery, pending_retries, now_ms());
-                self.amqp.publish(target, delivery, signed, timeout).await
+                // Boxed: a publish's future is larger than a webhook's, and every delivery's
+                // future is as large as its largest transport's (the shard copies it whole
+                // into a fresh allocation for each delivery).
+                Box::pin(self.amqp.publish(target, delivery, signed, timeout)).await
             }
         }
     }
