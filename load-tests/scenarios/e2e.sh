@@ -4,6 +4,8 @@
 #   BACKEND=kafka load-tests/scenarios/e2e.sh ...   (on a local tansu broker, in memory)
 #   ORDERED_KEYS=1000 load-tests/scenarios/e2e.sh ... (ordered subscriptions, events over 1000 keys)
 #   E2E_BATCH=1 E2E_CONCURRENCY=64 load-tests/scenarios/e2e.sh ... (one event per request, 64 producers)
+#   E2E_MAX_IN_FLIGHT=8 load-tests/scenarios/e2e.sh ... (each subscription's in-flight cap; the
+#     default, 64, lets 8 subscriptions hold 512 connections to the sink, the loop's 64)
 #   E2E_SPREAD=1 load-tests/scenarios/e2e.sh 8 ... (each subscription its own tenant's, each event
 #     for one of them: EVENTS events of one delivery each, as in #20's Svix comparison)
 # Starts a release Herald on a fresh embedded log (or Kafka), a verifying sink, creates SUBSCRIPTIONS
@@ -48,6 +50,7 @@ for _ in $(seq 1 100); do curl -sf localhost:$HERALD_PORT/healthz >/dev/null && 
 ORDERING=""
 SPREAD=${E2E_SPREAD:-0}
 [ "${ORDERED_KEYS:-0}" -gt 0 ] && ORDERING=',"ordering":{"mode":"key"}'
+[ -n "${E2E_MAX_IN_FLIGHT:-}" ] && ORDERING="$ORDERING,\"max_in_flight\":$E2E_MAX_IN_FLIGHT"
 SECRET=$(python3 -c "import base64,os;print('whsec_'+base64.b64encode(os.urandom(24)).decode())")
 for i in $(seq 1 "$SUBS"); do
   TENANT=""
