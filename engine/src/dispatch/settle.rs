@@ -261,9 +261,8 @@ impl Settler {
                 Settlement::Delivered
             }
             // The failed paths are boxed: their awaits (the breaker's verdict, a retry's
-            // append, a dead letter) are most of this future's size, which is part of every
-            // delivery's future, and the shard copies that whole into a fresh allocation for
-            // each delivery, delivered ones too.
+            // append, a dead letter) were most of this future's size, which every delivery's
+            // future carries (see `Deliverer::deliver`).
             Verdict::Gone => Box::pin(async {
                 self.judge_health(target, probe).await;
                 let reason = format!("the receiver answered 410 Gone at {}", rfc3339_ms(now_ms()));

@@ -272,8 +272,8 @@ impl Registry {
         if let Some(t) = self.get(id) {
             return Lookup::Found(t);
         }
-        // Boxed: rare, and as large again as the rest of this future, which is part of every
-        // delivery's.
+        // Boxed: rare, and nine tenths of this future's size, which every delivery's future
+        // carries (see `Deliverer::deliver`).
         if let Err(e) = Box::pin(self.feed.settled()).await {
             tracing::warn!(subscription = %id, error = %e, "could not catch up with the catalog; the delivery waits");
             return Lookup::Unknown;

@@ -267,9 +267,9 @@ impl HttpTransport {
     /// The pool for a TLS profile and an egress, built on first use. The default one is lent,
     /// not cloned: a client's clone (its connector, resolver and proxy settings, each a shared
     /// count both cores write) was about 2 % of Herald's CPU (`perf`), and `Client::request`
-    /// already makes one per delivery. Either way only a pointer: what a request holds is
-    /// part of every delivery's future, which the shard copies whole into a fresh allocation
-    /// (a client by value is about 700 bytes, a fifth of that future).
+    /// already makes one per delivery. Either way only a pointer: what a send holds, every
+    /// delivery's future carries (a client by value is about 700 bytes; see
+    /// `Deliverer::deliver`).
     fn pool_for(&self, tls: Option<&TlsOptions>, egress: Egress<'_>) -> Result<Cow<'_, Arc<Pool>>, Failure> {
         if tls.is_none() && egress == Egress::Default {
             return Ok(Cow::Borrowed(&self.default));

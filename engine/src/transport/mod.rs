@@ -69,8 +69,7 @@ impl Transports {
             TransportKind::Amqp => {
                 let signed = target.sign(delivery, pending_retries, now_ms());
                 // Boxed: a publish's future is larger than a webhook's, and every delivery's
-                // future is as large as its largest transport's (the shard copies it whole
-                // into a fresh allocation for each delivery).
+                // future would carry it (see `Deliverer::deliver`).
                 Box::pin(self.amqp.publish(target, delivery, signed, timeout)).await
             }
         }
