@@ -75,7 +75,8 @@ impl Deliverer {
     /// queued, and durable before a commit of its offset goes through), so its offset may be
     /// committed.
     pub fn process(&self, rec: LogRecord) -> impl std::future::Future<Output = Settled> + Send + '_ {
-        self.process_waiting(rec, Waits::InTiers) // not a layer of its own: see `deliver`
+        // A plain fn: an async one would hold `rec` beside this future throughout (see `deliver`).
+        self.process_waiting(rec, Waits::InTiers)
     }
 
     /// Processes one record, keeping a delivery that must wait where `waits` says.

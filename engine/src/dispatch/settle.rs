@@ -260,7 +260,7 @@ impl Settler {
                 target.admission.succeeded(probe);
                 Settlement::Delivered
             }
-            // The failed paths are boxed: their awaits (the breaker's verdict, a retry's
+            // The failed paths are boxed: their awaits (disabling the subscription, a retry's
             // append, a dead letter) were most of this future's size, which every delivery's
             // future carries (see `Deliverer::deliver`).
             Verdict::Gone => Box::pin(async {

@@ -340,7 +340,8 @@ impl HttpTransport {
             Ok(c) => c,
             Err(failure) => return Outcome::failed(failure, started.elapsed()),
         };
-        // Taken apart here, so that nothing of it outlives the request it becomes.
+        // Taken apart, so that only `timeout`, not the whole request's room, is held across
+        // the send's awaits.
         let WebhookRequest { uri, headers, body, timeout } = req;
         let mut request = Request::post(uri).body(body).expect("method, uri and body are valid");
         *request.headers_mut() = headers;
