@@ -4,8 +4,8 @@
 #   BACKEND=kafka load-tests/scenarios/e2e.sh ...   (on a local tansu broker, in memory)
 #   ORDERED_KEYS=1000 load-tests/scenarios/e2e.sh ... (ordered subscriptions, events over 1000 keys)
 #   E2E_BATCH=1 E2E_CONCURRENCY=64 load-tests/scenarios/e2e.sh ... (one event per request, 64 producers)
-#   E2E_MAX_IN_FLIGHT=8 load-tests/scenarios/e2e.sh ... (each subscription's in-flight cap; the
-#     default, 64, lets 8 subscriptions hold 512 connections to the sink, the loop's 64)
+#   E2E_MAX_IN_FLIGHT=8 load-tests/scenarios/e2e.sh ... (each subscription's in-flight cap; at the
+#     default, 64, 8 subscriptions may hold 512 connections to the sink, against the loop's 64)
 #   E2E_SPREAD=1 load-tests/scenarios/e2e.sh 8 ... (each subscription its own tenant's, each event
 #     for one of them: EVENTS events of one delivery each, as in #20's Svix comparison)
 # Starts a release Herald on a fresh embedded log (or Kafka), a verifying sink, creates SUBSCRIPTIONS
@@ -47,16 +47,17 @@ herald=$!
 pids+=($herald)
 for _ in $(seq 1 100); do curl -sf localhost:$HERALD_PORT/healthz >/dev/null && break; sleep 0.1; done
 # One known secret for every subscription, so the sink verifies every signature.
-ORDERING=""
+# Fields every subscription gets besides its URL and secret.
+FIELDS=""
 SPREAD=${E2E_SPREAD:-0}
-[ "${ORDERED_KEYS:-0}" -gt 0 ] && ORDERING=',"ordering":{"mode":"key"}'
-[ -n "${E2E_MAX_IN_FLIGHT:-}" ] && ORDERING="$ORDERING,\"max_in_flight\":$E2E_MAX_IN_FLIGHT"
+[ "${ORDERED_KEYS:-0}" -gt 0 ] && FIELDS=',"ordering":{"mode":"key"}'
+[ -n "${E2E_MAX_IN_FLIGHT:-}" ] && FIELDS="$FIELDS,\"max_in_flight\":$E2E_MAX_IN_FLIGHT"
 SECRET=$(python3 -c "import base64,os;print('whsec_'+base64.b64encode(os.urandom(24)).decode())")
 for i in $(seq 1 "$SUBS"); do
   TENANT=""
   [ "$SPREAD" = 1 ] && TENANT=",\"tenant\":\"t$((i - 1))\""
   curl -sf -X POST localhost:$HERALD_PORT/v1/subscriptions -H "authorization: Bearer $HERALD_ADMIN_TOKEN" \
-    -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook$i\",\"secret\":\"$SECRET\"$ORDERING$TENANT}" >/dev/null
+    -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook$i\",\"secret\":\"$SECRET\"$FIELDS$TENANT}" >/dev/null
 done
 "$BIN/herald-sink" --listen 127.0.0.1:$SINK_PORT --secret "$SECRET" --expect "$EVENTS" >"$WORK/sink.json" 2>"$WORK/sink.err" &
 sink=$!
