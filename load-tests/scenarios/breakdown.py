@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Where a delivery's CPU goes, from a call-graph profile of Herald (or of herald-ideal).
+
+    perf record -F 499 --call-graph dwarf,16384 -p <pid> -o herald.perf -- sleep 4
+    perf script -i herald.perf -F comm,ip,sym | load-tests/scenarios/breakdown.py [--us 30.7]
+
+Each sample goes to the first row whose frames it has anywhere in its stack, in the order of
+ROWS below (so a signature computed inside a send counts as signing, not as the send), and
+samples of threads other than tokio's go to a row per thread. With --us (the run's CPU per
+delivery, which backlog.sh and e2e.sh print), each row is also given in µs per delivery.
+BENCHMARKS.md, "Taking a CPU profile", has a table made this way for Herald and the ideal loop.
+"""
+import argparse
+import collections
+import sys
+
+CONNECTION = ("UpgradeableConnection", "proto::h1::dispatch::Dispatcher")
+
+SIGNING = "body, signature, headers"
+READING = "reading the log, starting deliveries"
+
+# (row, patterns): the first entry with any pattern in any frame of a sample takes it. A row
+# may come twice: what is called inside a frame must be matched before that frame.
+ROWS = [
+    ("writev of the request (kernel: TCP send, loopback receive)", None),  # decided in row_of
+    ("rest of hyper's connection task (encode, parse, recvfrom)", CONNECTION),
+    (SIGNING, ("Target::sign", "payload::build", "verify::Signer")),
+    ("hyper-util's request, Herald's per-request timeout", ("transport::http::", "hyper_util::client")),
+    (SIGNING, ("ideal::main",)),  # the loop's own body: formatting it and its headers
+    ("transport glue", ("herald::transport::{impl#0}::deliver",)),
+    ("history: recording", ("herald::history::", "write_history", "take_history")),
+    (READING, ("start_due", "next_batch")),  # before the deliveries they start
+    ("the delivery's own work (decode, lookup, admission, settle)", ("process_waiting", "shard::supervise")),
+    (READING, ("shard::run",)),  # after the deliveries it polls
+    ("tokio's timers and scheduler", ("tokio::runtime::time", "tokio::runtime::scheduler")),
+]
+
+
+def row_of(comm, frames):
+    if not comm.startswith("tokio-rt-worker"):
+        return "thread " + comm
+    if any(c in f for f in frames for c in CONNECTION):
+        if any("writev" in f or "tcp_sendmsg" in f for f in frames):
+            return ROWS[0][0]
+    for name, patterns in ROWS[1:]:
+        if any(p in f for f in frames for p in patterns):
+            return name
+    return "other"
+
+
+def samples(lines):
+    """(comm, frames) per sample of `perf script -F comm,ip,sym`."""
+    comm, frames = None, []
+    for line in lines:
+        if line.startswith("\t") or line.startswith(" "):
+            parts = line.strip().split(" ", 1)
+            if len(parts) == 2:
+                frames.append(parts[1])
+        elif line.strip():
+            if comm is not None:
+                yield comm, frames
+            comm, frames = line.split()[0], []
+    if comm is not None:
+        yield comm, frames
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("script", nargs="?", help="perf script output (default: stdin)")
+    parser.add_argument("--us", type=float, help="CPU µs per delivery of the profiled run")
+    args = parser.parse_args()
+    source = open(args.script) if args.script else sys.stdin
+    counts = collections.Counter(row_of(c, f) for c, f in samples(source) if f)
+    total = sum(counts.values())
+    if not total:
+        sys.exit("no samples with call graphs: record with --call-graph dwarf")
+    order = list(dict.fromkeys(name for name, _ in ROWS)) + sorted(k for k in counts if k.startswith("thread ")) + ["other"]
+    for name in order:
+        if counts[name]:
+            share = counts[name] / total
+            us = f"{share * args.us:6.2f} µs" if args.us else ""
+            print(f"{100 * share:6.2f} %  {us}  {name}")
+    print(f"{total} samples")
+
+
+if __name__ == "__main__":
+    main()
