@@ -30,7 +30,8 @@ ROWS = [
     ("transport glue", ("herald::transport::{impl#0}::deliver",)),
     ("history: recording", ("herald::history::", "write_history", "take_history")),
     (READING, ("start_due", "next_batch")),  # before the deliveries they start
-    ("the delivery's own work (decode, lookup, admission, settle)", ("process_waiting", "shard::supervise")),
+    ("the delivery's own work (decode, lookup, admission, settle)",
+     ("process_waiting", "shard::supervise")),
     (READING, ("shard::run",)),  # after the deliveries it polls
     ("tokio's timers and scheduler", ("tokio::runtime::time", "tokio::runtime::scheduler")),
 ]
@@ -65,7 +66,9 @@ def samples(lines):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("script", nargs="?", help="perf script output (default: stdin)")
     parser.add_argument("--us", type=float, help="CPU µs per delivery of the profiled run")
     args = parser.parse_args()
@@ -74,7 +77,8 @@ def main():
     total = sum(counts.values())
     if not total:
         sys.exit("no samples with call graphs: record with --call-graph dwarf")
-    order = list(dict.fromkeys(name for name, _ in ROWS)) + sorted(k for k in counts if k.startswith("thread ")) + ["other"]
+    threads = sorted(k for k in counts if k.startswith("thread "))
+    order = list(dict.fromkeys(name for name, _ in ROWS)) + threads + ["other"]
     for name in order:
         if counts[name]:
             share = counts[name] / total
