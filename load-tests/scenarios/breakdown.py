@@ -12,6 +12,7 @@ BENCHMARKS.md, "Taking a CPU profile", has a table made this way for Herald and 
 """
 import argparse
 import collections
+import signal
 import sys
 
 CONNECTION = ("UpgradeableConnection", "proto::h1::dispatch::Dispatcher")
@@ -66,6 +67,7 @@ def samples(lines):
 
 
 def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
