@@ -2,49 +2,64 @@
 """Where a delivery's CPU goes, from a call-graph profile of Herald (or of herald-ideal).
 
     perf record -F 499 --call-graph dwarf,16384 -p <pid> -o herald.perf -- sleep 4
-    perf script -i herald.perf -F comm,ip,sym | load-tests/scenarios/breakdown.py [--us 30.7]
+    perf script -i herald.perf -F comm,ip,sym | load-tests/scenarios/breakdown.py [--us MICROSECONDS]
 
-Each sample goes to the first row whose frames it has anywhere in its stack, in the order of
-ROWS below (so a signature computed inside a send counts as signing, not as the send), and
-samples of threads other than tokio's go to a row per thread. With --us (the run's CPU per
-delivery, which backlog.sh and e2e.sh print), each row is also given in µs per delivery.
-BENCHMARKS.md, "Taking a CPU profile", has a table made this way for Herald and the ideal loop.
+A sample of a thread other than tokio's runtime goes to a row of that thread. A runtime
+sample goes to the first entry of ROWS below with any of its patterns in any frame of the
+sample's stack (so a signature computed inside a send counts as signing, not as the send);
+the API's row is matched first, and the writev row takes a client connection's frames
+together with the writev system call. The last row matches every runtime stack (tokio's
+worker loop is at the base of each), so it is also what is left. With --us (CPU µs per
+delivery of the whole run, as backlog.sh and e2e.sh print it), each row is also given in µs
+per delivery: one run's shares, which move between runs. BENCHMARKS.md, "Taking a CPU
+profile", has a table made this way for Herald and for the ideal loop.
 """
 import argparse
 import collections
 import signal
 import sys
 
-CONNECTION = ("UpgradeableConnection", "proto::h1::dispatch::Dispatcher")
+# An HTTP client connection's task, and hyper's server side (the API), told apart first.
+CONNECTION = ("client::conn::http1::upgrades::UpgradeableConnection", "dispatch::Client<",
+              "role::Client")
+API = ("dispatch::Server", "role::Server", "server::conn::http1", "herald::api::",
+       "herald::ingest")
+WRITEV = ("__GI___writev", "do_writev", "vfs_writev", "tcp_sendmsg")
 
 SIGNING = "body, signature, headers"
-READING = "reading the log, starting deliveries"
+READING = "reading the log, starting deliveries, the shard's loop"
 
 # (row, patterns): the first entry with any pattern in any frame of a sample takes it. A row
 # may come twice: what is called inside a frame must be matched before that frame.
 ROWS = [
+    ("the API (hyper's server side, handlers, ingest)", API),
     ("writev of the request (kernel: TCP send, loopback receive)", None),  # decided in row_of
     ("rest of hyper's connection task (encode, parse, recvfrom)", CONNECTION),
     (SIGNING, ("Target::sign", "payload::build", "verify::Signer")),
-    ("hyper-util's request, Herald's per-request timeout", ("transport::http::", "hyper_util::client")),
+    ("hyper-util's request (pool checkout, its boxed future)",
+     ("transport::http::", "hyper_util::client")),
     (SIGNING, ("ideal::main",)),  # the loop's own body: formatting it and its headers
-    ("transport glue", ("herald::transport::{impl#0}::deliver",)),
+    ("transport glue (request and headers assembled, the timeout, outcome)",
+     ("herald::transport::{impl#0}::deliver",)),
     ("history: recording", ("herald::history::", "write_history", "take_history")),
     (READING, ("start_due", "next_batch")),  # before the deliveries they start
     ("the delivery's own work (decode, lookup, admission, settle)",
      ("process_waiting", "shard::supervise")),
     (READING, ("shard::run",)),  # after the deliveries it polls
-    ("tokio's timers and scheduler", ("tokio::runtime::time", "tokio::runtime::scheduler")),
+    ("tokio's timers and scheduler, and the rest",
+     ("tokio::runtime::time", "tokio::runtime::scheduler")),
 ]
 
 
 def row_of(comm, frames):
     if not comm.startswith("tokio-rt-worker"):
         return "thread " + comm
-    if any(c in f for f in frames for c in CONNECTION):
-        if any("writev" in f or "tcp_sendmsg" in f for f in frames):
-            return ROWS[0][0]
-    for name, patterns in ROWS[1:]:
+    if any(a in f for f in frames for a in API):
+        return ROWS[0][0]
+    connection = any(c in f for f in frames for c in CONNECTION)
+    if connection and any(w in f for f in frames for w in WRITEV):
+        return ROWS[1][0]
+    for name, patterns in ROWS[2:]:
         if any(p in f for f in frames for p in patterns):
             return name
     return "other"
