@@ -191,8 +191,10 @@ const WRITE_BUFFER_BYTES: u64 = 2 * MEMTABLE_BYTES;
 const SYNC_EVERY: Duration = Duration::from_millis(200);
 
 /// A day's keyspace: written once, read now and then, so every level is LZ4-compressed (records
-/// shrink about twofold; the index's threads yield to delivery, so the CPU this
-/// takes is spare CPU).
+/// shrink about twofold). The CPU this takes is mostly spare: the index's threads are in the
+/// idle class. Not free, though: at a fixed load on two cores shared with other work they
+/// still lengthened delivery's run-queue waits (LZ4 about a sixth of their CPU; BENCHMARKS.md,
+/// "Latency at half load", twenty-ninth session).
 ///
 /// Index and filter blocks are partitioned at every level (fjall's default does so from L3 on).
 /// A table written with one whole index block keeps every data block's last key until the
