@@ -87,7 +87,7 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("script", nargs="?", help="perf script output (default: stdin)")
-    parser.add_argument("--us", type=float, help="CPU µs per delivery of the profiled run")
+    parser.add_argument("--us", type=float, help="CPU µs per delivery of the whole run (backlog.sh and e2e.sh print it)")
     args = parser.parse_args()
     source = open(args.script) if args.script else sys.stdin
     counts = collections.Counter(row_of(c, f) for c, f in samples(source) if f)
