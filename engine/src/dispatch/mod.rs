@@ -23,6 +23,8 @@ use crate::registry::{Lookup, Registry};
 use crate::retry::{self, tiers};
 use crate::target::Target;
 use crate::transport::Transports;
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
@@ -71,12 +73,24 @@ impl Deliverer {
         self
     }
 
-    /// Processes one record; returns only when it is settled (durably; its history record
-    /// queued, and durable before a commit of its offset goes through), so its offset may be
-    /// committed.
-    pub fn process(&self, rec: LogRecord) -> impl std::future::Future<Output = Settled> + Send + '_ {
-        // A plain fn: an async one would hold `rec` beside this future throughout (see `deliver`).
-        self.process_waiting(rec, Waits::InTiers)
+    /// Processes one record, once more if that panics; returns only when it is settled
+    /// (durably; its history record queued, and durable before a commit of its offset goes
+    /// through), so its offset may be committed. A record that panicked twice is the caller's
+    /// to park ([`Deliverer::park_panicked`], boxed where awaited: it would add to every
+    /// delivery's future), with the last panic's message here, so no record can stop its
+    /// partition.
+    pub async fn process_supervised(&self, rec: &LogRecord, waits: Waits) -> Result<Settled, String> {
+        let mut last = String::new();
+        for attempt in 1..=2 {
+            match AssertUnwindSafe(self.process_waiting(rec.clone(), waits)).catch_unwind().await {
+                Ok(settled) => return Ok(settled),
+                Err(panic) => {
+                    last = panic_message(panic.as_ref());
+                    tracing::error!(partition = rec.partition, offset = rec.offset, attempt, panic = %last, "a delivery panicked");
+                }
+            }
+        }
+        Err(last)
     }
 
     /// Processes one record, keeping a delivery that must wait where `waits` says.
@@ -133,8 +147,9 @@ impl Deliverer {
         }
     }
 
-    /// Settles a record whose processing panicked twice (the shard's supervision). Observing
-    /// it may panic once more (it is the same record): that is caught, so the partition moves on.
+    /// Settles a record whose processing panicked twice ([`Deliverer::process_supervised`]).
+    /// Observing it may panic once more (it is the same record): that is caught, so the
+    /// partition moves on.
     pub async fn park_panicked(&self, rec: &LogRecord, message: String) -> Settled {
         let mut settled = self.settler.panicked(rec, message).await;
         let observed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.observe(&settled)));
@@ -210,6 +225,15 @@ impl Deliverer {
         }
         settled
     }
+}
+
+/// A caught panic's message, for logs and dead letters.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// How long until `delivery` is due (zero when it is).

@@ -19,7 +19,7 @@
 //!
 //! An operator's skip is a marker too (written by the API), so any process can take it.
 
-use super::{Deliverer, Settled, Settlement, ShardLimits};
+use super::{Deliverer, Settlement, ShardLimits};
 use crate::log::{Committer, Log, LogError, LogRecord, PartitionReader, Record};
 use crate::model::{get_str, now_ms, put_str, rfc3339_ms, Delivery};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -27,7 +27,6 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -881,23 +880,17 @@ impl Drop for Sequencer {
 /// what became of it with the marker to write before that takes effect.
 fn attempt_head(deliverer: Arc<Deliverer>, lane: LaneId, head: u64, attempt: u32, rec: LogRecord) -> Finished {
     async move {
-        let mut settled = None;
-        for _ in 0..2 {
-            let run = deliverer.process_waiting(rec.clone(), super::Waits::InLane);
-            match AssertUnwindSafe(run).catch_unwind().await {
-                Ok(s) => {
-                    settled = Some(s);
-                    break;
-                }
-                Err(panic) => tracing::error!(subscription = %lane.subscription, head, panic = ?panic.type_id(), "an ordered delivery panicked"),
+        let settled = match deliverer.process_supervised(&rec, super::Waits::InLane).await {
+            Ok(s) => s,
+            // Boxed: rare, and it would add to every head's future.
+            Err(_) => {
+                Box::pin(deliverer.park_panicked(&rec, "processing an ordered delivery panicked twice".into())).await
             }
-        }
-        let settled: Settled = match settled {
-            Some(s) => s,
-            None => deliverer.park_panicked(&rec, "processing an ordered delivery panicked twice".into()).await,
         };
         let (done, marker) = match settled.settlement {
-            Settlement::Delivered | Settlement::Dropped => (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head })),
+            Settlement::Delivered | Settlement::Dropped => {
+                (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head }))
+            }
             Settlement::DeadLettered { .. } if deliverer.holds(&lane.subscription) => {
                 (Done::Parked, Some(Marker::Blocked { lane: lane.clone(), head }))
             }

@@ -17,7 +17,6 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use std::collections::VecDeque;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -198,28 +197,12 @@ fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord) -> BoxFuture<'static, u
 /// [`supervised`]'s future, unboxed, so that its size can be measured
 /// (`a_deliverys_future_stays_small`).
 async fn supervise(deliverer: Arc<Deliverer>, rec: LogRecord) -> u64 {
-    let offset = rec.offset;
-    let mut last = String::new();
-    for attempt in 1..=2 {
-        match AssertUnwindSafe(deliverer.process(rec.clone())).catch_unwind().await {
-            Ok(_) => return offset,
-            Err(panic) => {
-                last = panic_message(panic.as_ref());
-                tracing::error!(partition = rec.partition, offset, attempt, panic = %last, "a delivery panicked");
-            }
-        }
-    }
-    // Boxed: rare, and it would add to every delivery's future.
+    // Not `if let`: its scrutinee, a whole `Settled`, would be held across the park's await.
+    let Err(last) = deliverer.process_supervised(&rec, super::Waits::InTiers).await else {
+        return rec.offset;
+    };
     Box::pin(deliverer.park_panicked(&rec, last)).await;
-    offset
-}
-
-pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
+    rec.offset
 }
 
 #[cfg(test)]

@@ -170,7 +170,7 @@ async fn watched(
     tracing::error!(
         source,
         partition = died.partition,
-        panic = %shard::panic_message(panic.as_ref()),
+        panic = %super::panic_message(panic.as_ref()),
         pause = ?pause(died.in_a_row),
         "a partition's worker panicked; it is read again from its committed offset after a pause"
     );
