@@ -314,6 +314,9 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
         herald_client::Client::new(&herald.url, TOKEN).create_subscription(&sub).await?;
     }
     let run_time = p.duration.unwrap_or(Duration::from_secs(10));
+    if let Some(events) = p.events.or(p.duration.map(|d| p.rate * d.as_secs())) {
+        sink.expect(events * SUBSCRIPTIONS);
+    }
     if s == Scenario::Outage {
         let third = run_time / 3;
         // The endpoints of the first half of the subscriptions (under /down/) go away.

@@ -55,6 +55,8 @@ pub enum Fault<'a> {
     /// Making this file durable (through this open file: a test of a power cut can tell which
     /// file behind a name was synced).
     Sync(&'a std::path::Path, &'a std::fs::File),
+    /// Starting this segment file's writeback early (a hint: refusing it only skips it).
+    WriteBack(&'a std::path::Path),
 }
 
 /// A hook that may fail an operation of the append or read path as the disk would (ENOSPC,

@@ -474,6 +474,18 @@ impl Partition {
         self.sync_file(&staged.file, &staged.path, staged.created_file())
     }
 
+    /// Starts writing `file`'s dirty pages to the disk without waiting for them: a hint that
+    /// spreads a checkpoint's writeback over the epoch (`journal::WRITE_BACK_EVERY`). Nothing
+    /// counts on it; an I/O error it meets is reported by the checkpoint's sync.
+    pub fn write_back(&self, file: &File, path: &Path) {
+        if self.fault(Fault::WriteBack(path)).is_err() {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain system call on an open descriptor, no memory passed.
+        unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    }
+
     /// Makes what was written to one of this partition's segment files durable, and its name
     /// too when the file is new.
     pub fn sync_file(&self, file: &File, path: &Path, created: bool) -> io::Result<()> {

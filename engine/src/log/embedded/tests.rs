@@ -650,6 +650,42 @@ async fn a_power_cut_after_many_journal_turns_loses_no_acknowledged_record() {
     assert_eq!(contents(&log).await, acknowledged, "and stays so");
 }
 
+/// The epoch's segment pages are handed to the disk as the journal fills, not all at the
+/// checkpoint (whose one burst of writeback held up the group commits' syncs queued behind it):
+/// here no turn comes (the journal's default size), yet every segment file written is
+/// written back early, and not one is synced by it.
+#[tokio::test]
+async fn segment_files_are_written_back_as_the_journal_fills_before_any_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let written_back = Arc::new(std::sync::Mutex::new(std::collections::HashSet::<std::path::PathBuf>::new()));
+    let segment_syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (seen, syncs) = (written_back.clone(), segment_syncs.clone());
+    let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| {
+        match fault {
+            Fault::WriteBack(path) => {
+                seen.lock().unwrap().insert(path.to_path_buf());
+            }
+            Fault::Sync(path, _) if path.extension().is_some_and(|e| e == "log") => {
+                syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            _ => {}
+        }
+        Ok(())
+    }));
+    let log = EmbeddedLog::open(config_with(dir.path(), 64 << 20, faults)).await.unwrap();
+    // About 3 MiB through the journal, over both partitions of `t`.
+    let acknowledged = append_pairs(&log, 400, &"w".repeat(4000)).await;
+    assert_eq!(acknowledged.len(), 800);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while written_back.lock().unwrap().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "segments written back: {:?}", written_back.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let files = written_back.lock().unwrap().clone();
+    assert!(files.iter().all(|p| p.extension().is_some_and(|e| e == "log")), "{files:?}");
+    assert_eq!(segment_syncs.load(std::sync::atomic::Ordering::SeqCst), 0, "no checkpoint came, so nothing was synced");
+}
+
 /// A clean close checkpoints everything: a power cut right after it finds every segment file
 /// synced whole, and the next open writes nothing back (it used to rewrite up to both journal
 /// files' worth at every start) — shown by an open that succeeds while writes to segments fail.
