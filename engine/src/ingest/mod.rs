@@ -11,7 +11,7 @@ use crate::model::{new_id, now_ms, Delivery, EventInput, Invalid, PayloadFormat,
 use crate::registry::{validate_tenant, Registry};
 use crate::target::Target;
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -217,11 +217,15 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes
     Ok(Event { id, event_type, tenant, data, changes, id_given, trace, ordering_key })
 }
 
-/// How long an accepted event id is remembered, so a producer's retry is not published twice.
+/// How long an accepted event id is remembered at least (unless more than
+/// [`IDEMPOTENCY_CAPACITY`] / 2 ids arrive in it), so a producer's retry is not published twice.
 pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Most event ids remembered at once.
+/// Most event ids remembered at once; at least half as many of the latest are.
 const IDEMPOTENCY_CAPACITY: usize = 200_000;
+
+/// Ids one generation of [`Recent`] holds before it is retired.
+const GENERATION: usize = IDEMPOTENCY_CAPACITY / 2;
 
 /// An event id (per tenant) seen recently: being appended by a request now, or accepted with
 /// this many deliveries.
@@ -230,26 +234,86 @@ enum Seen {
     Done(usize),
 }
 
-/// Recently accepted (tenant, event id) pairs. In memory: after a restart a repeated publish
-/// is appended again, and receivers drop it by `webhook-id`.
-#[derive(Default)]
+/// A (tenant, event id) pair.
+type Key = (String, String);
+
+/// One generation of remembered ids.
+type Ids = HashMap<Key, Seen>;
+
+/// Recently accepted (tenant, event id) pairs, in two generations: ids go into the current
+/// one; when it is [`IDEMPOTENCY_WINDOW`] old or holds [`GENERATION`] ids it becomes the
+/// previous one, and the previous one is dropped whole. Every publish takes this lock, so
+/// nothing under it may take long: a single map expired id by id would rehash everything it
+/// holds as it doubled (57 k and 115 k ids, at 28 and 57 s of 2,000 events/s, the steady
+/// scenario's spikes) and again in place whenever its removals' tombstones used up its slack.
+/// Each generation is sized up front and never removed from but for a failed append, and a
+/// retired one is freed off the lock and off the runtime's threads. In memory: after a
+/// restart a repeated publish is appended again, and receivers drop it by `webhook-id`.
 struct Recent {
-    seen: HashMap<(String, String), Seen>,
-    order: VecDeque<((String, String), i64)>,
+    current: Ids,
+    previous: Ids,
+    /// When `current` began, in ms since the epoch.
+    since: i64,
 }
 
 impl Recent {
-    fn expire(&mut self, now: i64) {
-        let horizon = now - IDEMPOTENCY_WINDOW.as_millis() as i64;
-        while let Some((key, at)) = self.order.front() {
-            if *at >= horizon && self.order.len() <= IDEMPOTENCY_CAPACITY {
-                break;
+    fn new(now: i64) -> Recent {
+        Recent { current: Recent::generation(), previous: Recent::generation(), since: now }
+    }
+
+    /// An empty generation with room for its ids and a quarter more being appended now.
+    /// Untouched, the room is address space, not memory.
+    fn generation() -> Ids {
+        HashMap::with_capacity(GENERATION + GENERATION / 4)
+    }
+
+    fn get(&self, key: &Key) -> Option<&Seen> {
+        self.current.get(key).or_else(|| self.previous.get(key))
+    }
+
+    /// Marks `key` as being appended by a request now.
+    fn pend(&mut self, key: Key, rx: watch::Receiver<Option<usize>>) {
+        self.current.insert(key, Seen::Pending(rx));
+    }
+
+    /// Forgets `key` if it is still being appended: its append failed.
+    fn abandon(&mut self, key: &Key) {
+        for ids in [&mut self.current, &mut self.previous] {
+            if matches!(ids.get(key), Some(Seen::Pending(_))) {
+                ids.remove(key);
             }
-            if matches!(self.seen.get(key), Some(Seen::Done(_))) {
-                self.seen.remove(key);
-            }
-            self.order.pop_front();
         }
+    }
+
+    /// Remembers `key`, accepted with `deliveries`.
+    fn remember(&mut self, key: Key, deliveries: usize) {
+        self.current.insert(key, Seen::Done(deliveries));
+    }
+
+    /// Starts a new generation if the current one is full or a window old, and forgets
+    /// everything if even the previous one is past the window; returns what was retired, for
+    /// the caller to free after letting go of the lock.
+    #[must_use]
+    fn turn(&mut self, now: i64) -> Vec<Ids> {
+        let window = IDEMPOTENCY_WINDOW.as_millis() as i64;
+        let age = now - self.since;
+        if self.current.len() < GENERATION && age < window {
+            return Vec::new();
+        }
+        self.since = now;
+        let current = std::mem::replace(&mut self.current, Recent::generation());
+        if age >= 2 * window {
+            let previous = std::mem::replace(&mut self.previous, Recent::generation());
+            return vec![previous, current];
+        }
+        vec![std::mem::replace(&mut self.previous, current)]
+    }
+}
+
+/// Frees retired generations on a blocking thread: ~100 k ids are a few milliseconds of frees.
+fn free(retired: Vec<Ids>) {
+    if !retired.is_empty() {
+        tokio::task::spawn_blocking(move || drop(retired));
     }
 }
 
@@ -270,9 +334,6 @@ pub struct Ingest {
     history: Option<Arc<Recorder>>,
 }
 
-/// A (tenant, event id) pair.
-type Key = (String, String);
-
 /// The ids this request reserved: released (as refused) unless the append succeeded.
 struct Reserved<'a> {
     recent: &'a Mutex<Recent>,
@@ -286,9 +347,7 @@ impl Drop for Reserved<'_> {
         }
         let mut recent = self.recent.lock().unwrap();
         for (key, _) in self.mine.drain(..) {
-            if matches!(recent.seen.get(&key), Some(Seen::Pending(_))) {
-                recent.seen.remove(&key);
-            }
+            recent.abandon(&key);
         }
     }
 }
@@ -303,7 +362,15 @@ impl Ingest {
         ordered_topic: String,
         max_fanout: u64,
     ) -> Self {
-        Ingest { log, registry, topic, ordered_topic, recent: Mutex::new(Recent::default()), max_fanout, history: None }
+        Ingest {
+            log,
+            registry,
+            topic,
+            ordered_topic,
+            recent: Mutex::new(Recent::new(now_ms())),
+            max_fanout,
+            history: None,
+        }
     }
 
     /// Appends deliveries, each to its topic, durably (the two appends side by side).
@@ -330,12 +397,13 @@ impl Ingest {
     /// request appending one of them now: so concurrent duplicates append once.
     async fn reserve(&self, events: &[Event]) -> Reserved<'_> {
         loop {
-            let busy: Vec<watch::Receiver<Option<usize>>> = {
+            let (busy, retired): (Vec<watch::Receiver<Option<usize>>>, _) = {
                 let mut recent = self.recent.lock().unwrap();
+                let retired = recent.turn(now_ms());
                 let busy: Vec<_> = events
                     .iter()
                     .filter(|e| e.id_given)
-                    .filter_map(|e| match recent.seen.get(&(e.tenant.clone(), e.id.clone())) {
+                    .filter_map(|e| match recent.get(&(e.tenant.clone(), e.id.clone())) {
                         Some(Seen::Pending(rx)) => Some(rx.clone()),
                         _ => None,
                     })
@@ -344,16 +412,19 @@ impl Ingest {
                     let mut mine = Vec::new();
                     for e in events.iter().filter(|e| e.id_given) {
                         let key = (e.tenant.clone(), e.id.clone());
-                        if !recent.seen.contains_key(&key) {
+                        if recent.get(&key).is_none() {
                             let (tx, rx) = watch::channel(None);
-                            recent.seen.insert(key.clone(), Seen::Pending(rx));
+                            recent.pend(key.clone(), rx);
                             mine.push((key, tx));
                         }
                     }
+                    drop(recent);
+                    free(retired);
                     return Reserved { recent: &self.recent, mine };
                 }
-                busy
+                (busy, retired)
             };
+            free(retired);
             for mut rx in busy {
                 let _ = tokio::time::timeout(SAME_ID_WAIT, rx.wait_for(Option::is_some)).await;
             }
@@ -378,7 +449,7 @@ impl Ingest {
         for event in events {
             let key = (event.tenant.clone(), event.id.clone());
             if event.id_given {
-                let earlier = counts.get(&key).copied().or_else(|| match self.recent.lock().unwrap().seen.get(&key) {
+                let earlier = counts.get(&key).copied().or_else(|| match self.recent.lock().unwrap().get(&key) {
                     Some(Seen::Done(n)) => Some(*n),
                     _ => None,
                 });
@@ -441,16 +512,16 @@ impl Ingest {
             None => deliveries.await.map(|_| ()),
         }
         .map_err(Refusal::Log)?;
-        {
+        let retired = {
             let mut recent = self.recent.lock().unwrap();
             for (key, tx) in reserved.mine.drain(..) {
                 let n = counts.get(&key).copied().unwrap_or(0);
-                recent.seen.insert(key.clone(), Seen::Done(n));
-                recent.order.push_back((key, now));
+                recent.remember(key, n);
                 tx.send_replace(Some(n));
             }
-            recent.expire(now);
-        }
+            recent.turn(now)
+        };
+        free(retired);
         metrics::counter!(crate::metrics::EVENTS_INGESTED).increment(new_events);
         Ok(accepted)
     }
@@ -522,5 +593,73 @@ impl Ingest {
         }
         .map_err(Refusal::Log)?;
         Ok(queued)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: usize) -> Key {
+        ("tenant".to_string(), format!("evt_{i}"))
+    }
+
+    /// The ids are remembered under the lock every publish takes: nothing that holds them may
+    /// grow (rehashing all it holds) while they arrive, however many do.
+    #[test]
+    fn remembering_ids_never_regrows_what_holds_them() {
+        let mut recent = Recent::new(0);
+        let room = recent.current.capacity();
+        for i in 0..3 * GENERATION + 1_000 {
+            recent.remember(key(i), 1);
+            assert_eq!(recent.current.capacity(), room, "grew after {i} ids");
+            drop(recent.turn(0));
+        }
+    }
+
+    /// At least the latest half of the capacity is remembered, and never more than it.
+    #[test]
+    fn the_latest_ids_are_remembered_up_to_the_capacity() {
+        let mut recent = Recent::new(0);
+        for i in 0..2 * GENERATION + 10 {
+            recent.remember(key(i), 1);
+            drop(recent.turn(0));
+        }
+        assert!(recent.get(&key(2 * GENERATION + 9)).is_some());
+        assert!(recent.get(&key(GENERATION + 10)).is_some(), "the latest half of the capacity");
+        assert!(recent.get(&key(9)).is_none(), "more than the capacity");
+        assert!(recent.current.len() + recent.previous.len() <= IDEMPOTENCY_CAPACITY);
+    }
+
+    /// An id is remembered for the window at least, and forgotten after twice the window,
+    /// even if no other id arrives in between.
+    #[test]
+    fn an_id_is_remembered_for_the_window_and_forgotten_after_two() {
+        let window = IDEMPOTENCY_WINDOW.as_millis() as i64;
+        let mut recent = Recent::new(0);
+        recent.remember(key(1), 3);
+        drop(recent.turn(window - 1));
+        recent.remember(key(2), 3);
+        drop(recent.turn(window));
+        assert!(matches!(recent.get(&key(1)), Some(Seen::Done(3))), "within the window");
+        drop(recent.turn(2 * window - 1));
+        assert!(recent.get(&key(2)).is_some(), "a window after it arrived");
+        drop(recent.turn(3 * window));
+        assert!(recent.get(&key(2)).is_none(), "two windows after it arrived");
+    }
+
+    /// An id whose append failed is forgotten, in whichever generation it waits.
+    #[test]
+    fn an_abandoned_id_is_forgotten_after_a_turn() {
+        let mut recent = Recent::new(0);
+        let (_tx, rx) = watch::channel(None);
+        recent.pend(key(1), rx);
+        for i in 2..GENERATION + 2 {
+            recent.remember(key(i), 1);
+        }
+        assert_eq!(recent.turn(0).len(), 1);
+        assert!(matches!(recent.get(&key(1)), Some(Seen::Pending(_))));
+        recent.abandon(&key(1));
+        assert!(recent.get(&key(1)).is_none());
     }
 }
