@@ -63,8 +63,8 @@ impl Seen {
     /// fills at the same pace, so all 64 grew within the same fraction of a second (at 229 k,
     /// 458 k and 917 k arrivals: rehashing up to ~1 M keys at once on the cores Herald shares).
     /// Steady runs at 2,000 events/s × 8 had latency spikes near those moments; with the map
-    /// reserved the spikes at 28 and 57 s remained (their cause is open: BENCHMARKS.md,
-    /// "Latency at half load") — so the resize is ruled out there, not shown to have been one.
+    /// reserved the spikes at 28 and 57 s remained: they were Herald's idempotency map growing
+    /// at the same moments (BENCHMARKS.md, "Latency at half load", thirty-first session).
     fn reserve(&self, arrivals: u64) {
         let each = arrivals as usize / SHARDS;
         for shard in &self.shards {
