@@ -267,6 +267,16 @@ fn start_indexer(
                 Err(e) => return tracing::error!(error = %e, "cannot start the history indexer"),
             };
         runtime.block_on(async move {
+            // Ends with this runtime, when the readers have.
+            let tables = index.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(index::TABLE_WRITE_BACK_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    tables.write_back_tables();
+                }
+            });
             let readers: Vec<_> = (0..partitions)
                 .map(|p| tokio::spawn(follow(log.clone(), topic.clone(), p, index.clone(), load.clone(), stop.clone())))
                 .collect();
