@@ -261,10 +261,12 @@ impl Recent {
         Recent { current: Recent::generation(), previous: Recent::generation(), since: now }
     }
 
-    /// An empty generation with room for its ids and a quarter more being appended now.
-    /// Untouched, the room is address space, not memory.
+    /// An empty generation with room for its ids and an eighth more being appended now (the
+    /// table that fits that, 2^17 buckets, has room for 14,688 more: a burst of appends
+    /// beyond it costs one resize, not an error). Untouched, the room is address space, not
+    /// memory; full, a generation takes about 16 MiB (its table and its ids' strings).
     fn generation() -> Ids {
-        HashMap::with_capacity(GENERATION + GENERATION / 4)
+        HashMap::with_capacity(GENERATION + GENERATION / 8)
     }
 
     fn get(&self, key: &Key) -> Option<&Seen> {
