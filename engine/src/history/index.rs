@@ -121,8 +121,6 @@ pub fn decode_cursor(cursor: &str) -> Option<(u32, Vec<u8>)> {
 /// The index.
 pub struct Index {
     db: Database,
-    /// The store's directory ([`Index::write_back_tables`]).
-    dir: std::path::PathBuf,
     meta: Keyspace,
     days: RwLock<BTreeMap<u32, Keyspace>>,
     retention: Duration,
@@ -272,16 +270,7 @@ impl Index {
         }
         let synced = std::sync::Mutex::new(std::time::Instant::now());
         let progress = tokio::sync::watch::Sender::new(0);
-        Ok(Index {
-            db,
-            dir: dir.to_path_buf(),
-            meta,
-            days: RwLock::new(days),
-            retention,
-            write_buffer,
-            synced,
-            progress,
-        })
+        Ok(Index { db, meta, days: RwLock::new(days), retention, write_buffer, synced, progress })
     }
 
     /// Lowers the CPU priority of the store's own background threads (flushes, compactions)
@@ -553,22 +542,25 @@ impl Index {
     pub fn write_back_tables(&self) {
         for path in self.newest_tables() {
             if let Ok(file) = std::fs::File::open(path) {
-                write_back(&file);
+                crate::log::embedded::start_write_back(&file);
             }
         }
     }
 
     /// The newest table file of each keyspace (fjall numbers tables in the order it starts
-    /// them, in `keyspaces/<id>/tables/<id>`).
+    /// them, in `tables/<id>` under the keyspace's own folder).
     fn newest_tables(&self) -> Vec<std::path::PathBuf> {
-        let Ok(keyspaces) = std::fs::read_dir(self.dir.join("keyspaces")) else { return Vec::new() };
-        let newest = |ks: std::fs::DirEntry| {
-            let tables = std::fs::read_dir(ks.path().join("tables")).ok()?;
+        let folders: Vec<std::path::PathBuf> = std::iter::once(&self.meta)
+            .chain(self.days.read().unwrap().values())
+            .map(|ks| ks.path().join("tables"))
+            .collect();
+        let newest = |folder: std::path::PathBuf| {
+            let tables = std::fs::read_dir(folder).ok()?;
             let numbered =
                 tables.flatten().filter_map(|t| Some((t.file_name().to_str()?.parse::<u64>().ok()?, t.path())));
             numbered.max_by_key(|(id, _)| *id).map(|(_, path)| path)
         };
-        keyspaces.flatten().filter_map(newest).collect()
+        folders.into_iter().filter_map(newest).collect()
     }
 
     /// Bytes the index takes on disk.
@@ -822,19 +814,6 @@ impl Index {
 /// dirty at once); with it, none in four pairs (BENCHMARKS.md, "Latency at half load",
 /// thirtieth and thirty-first sessions).
 pub const TABLE_WRITE_BACK_EVERY: Duration = Duration::from_millis(50);
-
-/// Starts writing `file`'s dirty pages to the disk, waiting for nothing (a hint; fjall's own
-/// sync is what makes a table durable).
-fn write_back(file: &std::fs::File) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain system call on an open descriptor, no memory passed.
-        unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = file;
-}
 
 /// Puts thread `tid` (0: the calling one) in the idle scheduling class, which runs only on a
 /// core nothing else wants: the history index is derived data, and a delivery woken on a

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use journal::Journal;
 use offsets::OffsetStore;
+pub use partition::start_write_back;
 use partition::{AppendError, Partition, PartitionRef, Staged, Wait};
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -234,6 +234,15 @@ pub(super) fn remove_in_steps(path: &Path) -> io::Result<()> {
 /// The extension of a segment being deleted in steps.
 const DELETING: &str = "deleting";
 
+/// Starts writing `file`'s dirty pages to the disk, waiting for nothing: a hint that spreads
+/// a later sync's writeback out (`sync_file_range(SYNC_FILE_RANGE_WRITE)`); only that sync
+/// makes anything durable. The log's segments and the history index's tables both use it.
+pub fn start_write_back(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on an open descriptor, no memory passed.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -481,9 +490,7 @@ impl Partition {
         if self.fault(Fault::WriteBack(path)).is_err() {
             return;
         }
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain system call on an open descriptor, no memory passed.
-        unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        start_write_back(file);
     }
 
     /// Makes what was written to one of this partition's segment files durable, and its name
