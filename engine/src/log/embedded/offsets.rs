@@ -2,32 +2,42 @@
 //!
 //! A group's file holds two slots of the same size, each `magic u32 | len u32 | crc u32 |
 //! seq u64 | JSON` (the CRC covers the sequence number and the JSON). A flush overwrites the
-//! older slot in place and syncs its data: the file keeps its size and its blocks, so the sync
-//! writes one page and no filesystem metadata, instead of the journal commits of replacing a
-//! file (write, sync, rename, directory sync) five times a second, which slowed the appends'
-//! own syncs beside it. A crash mid-write leaves that slot failing its check and the other one
-//! (the previous flush) read: offsets may go back one flush, never forward past what was
-//! committed, so a crash re-delivers and never skips. A slot too small for the JSON (many more
-//! topics or partitions) makes the file be replaced once, atomically, with slots twice the
-//! size; so is a group's first file. Files of the older format, `{group}.json` replaced
-//! whole, are read, and removed once their group's new file is written.
+//! older slot in place and syncs its data: the file keeps its size and its blocks, so (on ext4
+//! or xfs; a copy-on-write file system allocates anew) the sync writes one page and no file
+//! system metadata — where replacing a file (write, sync, rename, directory sync) every
+//! `log.flush_interval` made journal commits that slowed the appends' own syncs beside them.
+//! A crash mid-write leaves that slot failing its check and the other one (the previous flush)
+//! read: offsets may go back one flush, never forward past what was committed, so a crash
+//! re-delivers and never skips. A slot too small for the JSON (many more topics or partitions)
+//! makes the file be replaced once, atomically, with slots twice the size; so is a group's
+//! first file. Files of the older format, `{group}.json` replaced whole, are read, and removed
+//! once their group's new file is written; if both are there (a crash between the two, or an
+//! older Herald run since), each partition takes the higher offset of the two, since both hold
+//! only committed ones.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 type TopicOffsets = BTreeMap<String, BTreeMap<u32, u64>>;
 
-const MAGIC: u32 = 0x4f46_5331; // "OFS1"
-/// `magic | len | crc | seq`.
-const HEADER: usize = 4 + 4 + 4 + 8;
+/// Marks a slot that was written at all (a preallocated one is zeros).
+const MAGIC: u32 = 0x4f46_5331;
+/// Where a slot's fields are: `magic u32 | len u32 | crc u32 | seq u64`, then the JSON. The
+/// CRC covers the sequence number and the JSON.
+const LEN_AT: usize = 4;
+const CRC_AT: usize = 8;
+const SEQ_AT: usize = 12;
+const HEADER: usize = SEQ_AT + 8;
 /// The first file's slot: one page, room for a few hundred partitions' offsets.
 const FIRST_SLOT: usize = 4096;
 const EXTENSION: &str = "offsets";
 const LEGACY_EXTENSION: &str = "json";
+/// A file being written before its rename (either format's).
+const SCRATCH_EXTENSION: &str = "tmp";
 
 #[derive(Default)]
 struct Group {
@@ -41,7 +51,14 @@ pub struct OffsetStore {
     groups: Mutex<HashMap<String, Group>>,
     /// The groups' open files, held for a whole flush, so a flush that returns has also waited
     /// for one under way (which may hold the latest commits).
-    files: Mutex<HashMap<String, SlotFile>>,
+    files: Mutex<Files>,
+}
+
+#[derive(Default)]
+struct Files {
+    open: HashMap<String, SlotFile>,
+    /// Groups' files of the older format, removed once the group's new file holds what they held.
+    carried_over: HashMap<String, PathBuf>,
 }
 
 /// A group's file of two slots, the next write going to the older one.
@@ -52,8 +69,20 @@ struct SlotFile {
     seq: u64,
 }
 
-fn safe_name(group: &str) -> String {
-    group.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
+/// A group's file: `{group}.offsets`, the name kept to characters safe in a file name.
+fn path_for(dir: &Path, group: &str) -> PathBuf {
+    let safe: String = group
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .collect();
+    dir.join(format!("{safe}.{EXTENSION}"))
+}
+
+/// Where a file is written before it is renamed to `path`.
+fn scratch_for(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{SCRATCH_EXTENSION}"));
+    PathBuf::from(name)
 }
 
 fn invalid(path: &Path, what: impl std::fmt::Display) -> io::Error {
@@ -68,8 +97,8 @@ fn frame(seq: u64, body: &[u8]) -> Vec<u8> {
     buf.extend_from_slice(&[0; 4]);
     buf.extend_from_slice(&seq.to_le_bytes());
     buf.extend_from_slice(body);
-    let crc = crc32fast::hash(&buf[12..]);
-    buf[8..12].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32fast::hash(&buf[SEQ_AT..]);
+    buf[CRC_AT..SEQ_AT].copy_from_slice(&crc.to_le_bytes());
     buf
 }
 
@@ -79,39 +108,46 @@ fn unframe(slot: &[u8]) -> Option<(u64, &[u8])> {
     if slot.len() < HEADER || word(0) != MAGIC {
         return None;
     }
-    let len = word(4) as usize;
+    let len = word(LEN_AT) as usize;
     let body = slot.get(HEADER..HEADER.checked_add(len)?)?;
-    (crc32fast::hash(&slot[12..HEADER + len]) == word(8))
-        .then(|| (u64::from_le_bytes(slot[12..20].try_into().unwrap()), body))
+    (crc32fast::hash(&slot[SEQ_AT..HEADER + len]) == word(CRC_AT))
+        .then(|| (u64::from_le_bytes(slot[SEQ_AT..HEADER].try_into().unwrap()), body))
 }
 
 impl SlotFile {
     /// Reads the newest valid slot of a group's file.
     fn open(path: &Path) -> io::Result<(SlotFile, TopicOffsets)> {
-        let file = crate::log::private::options().read(true).write(true).open(path)?;
-        let bytes = fs::read(path)?;
+        let mut file = crate::log::private::options().read(true).write(true).open(path)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
         if bytes.is_empty() || bytes.len() % 2 != 0 {
             return Err(invalid(path, format_args!("{} bytes is not two slots", bytes.len())));
         }
         let slot = bytes.len() / 2;
+        // A whole write in the slot its sequence number does not name is not one of ours: were
+        // it taken, the next overwrite would go over the newest.
         let newest = bytes
             .chunks(slot)
             .enumerate()
             .filter_map(|(i, s)| unframe(s).filter(|(seq, _)| *seq % 2 == i as u64))
             .max_by_key(|(seq, _)| *seq)
-            .ok_or_else(|| invalid(path, "neither slot holds a whole write"))?;
+            .ok_or_else(|| {
+                invalid(path, "neither slot holds a whole write (remove the file to start the group from the beginning of its topics, which delivers everything retained again)")
+            })?;
         let offsets = serde_json::from_slice(newest.1).map_err(|e| invalid(path, e))?;
         Ok((SlotFile { file, slot, seq: newest.0 }, offsets))
     }
 
     /// Writes a new file whose slots fit `body` (twice over, so it grows rarely), atomically.
-    fn create(dir: &Path, path: &Path, seq: u64, body: &[u8]) -> io::Result<SlotFile> {
+    /// Its one write is sequence 1: sequence numbers only order the two slots of one file.
+    fn create(dir: &Path, path: &Path, body: &[u8]) -> io::Result<SlotFile> {
+        let seq = 1;
         let slot = (HEADER + body.len()).saturating_mul(2).next_power_of_two().max(FIRST_SLOT);
         let mut bytes = vec![0; 2 * slot];
         let at = (seq % 2) as usize * slot;
         let framed = frame(seq, body);
         bytes[at..at + framed.len()].copy_from_slice(&framed);
-        let tmp = path.with_extension(format!("{EXTENSION}.tmp"));
+        let tmp = scratch_for(path);
         let file = crate::log::private::create(&tmp)?;
         file.write_all_at(&bytes, 0)?;
         file.sync_all()?;
@@ -136,11 +172,13 @@ impl SlotFile {
 }
 
 impl OffsetStore {
-    /// Loads every group's file under `dir` (and files of the older format without a new one).
+    /// Loads every group's file under `dir`, and files of the older format. Removing a file
+    /// left over (a scratch file, an old file already carried over) needs no directory sync:
+    /// if a crash brings one back, the next open removes it again.
     pub fn open(dir: PathBuf) -> io::Result<Self> {
         crate::log::private::create_dir(&dir)?;
         let mut groups = HashMap::new();
-        let mut files = HashMap::new();
+        let mut files = Files::default();
         let mut legacy = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -149,23 +187,31 @@ impl OffsetStore {
             if extension == EXTENSION {
                 let (file, offsets) = SlotFile::open(&path)?;
                 groups.insert(name.clone(), Group { offsets, dirty: false });
-                files.insert(name, file);
+                files.open.insert(name, file);
             } else if extension == LEGACY_EXTENSION {
                 legacy.push((name, path));
-            } else if extension == "tmp" {
-                // A new file whose rename a crash cut short: the old one (or none) stands.
-                fs::remove_file(&path)?;
+            } else if extension == SCRATCH_EXTENSION
+                && [EXTENSION, LEGACY_EXTENSION].iter().any(|e| Path::new(stem).extension().is_some_and(|x| x == *e))
+            {
+                // A file whose rename a crash cut short: the one it was to replace (or none) stands.
+                if let Err(e) = fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove a consumer offsets scratch file");
+                }
             }
         }
         for (name, path) in legacy {
-            if files.contains_key(&name) {
-                // Its new file was written and a crash came before the old one was removed.
-                fs::remove_file(&path)?;
-                continue;
+            let old: TopicOffsets = serde_json::from_slice(&fs::read(&path)?).map_err(|e| invalid(&path, e))?;
+            let group = groups.entry(name.clone()).or_default();
+            for (topic, partitions) in old {
+                let kept = group.offsets.entry(topic).or_default();
+                for (partition, next) in partitions {
+                    let slot = kept.entry(partition).or_insert(0);
+                    *slot = (*slot).max(next);
+                }
             }
-            let offsets = serde_json::from_slice(&fs::read(&path)?).map_err(|e| invalid(&path, e))?;
-            // Dirty, so the first flush writes the new file and removes this one.
-            groups.insert(name, Group { offsets, dirty: true });
+            // Dirty, so the first flush writes the group's new file and then removes this one.
+            group.dirty = true;
+            files.carried_over.insert(name, path);
         }
         Ok(OffsetStore { dir, groups: Mutex::new(groups), files: Mutex::new(files) })
     }
@@ -227,20 +273,28 @@ impl OffsetStore {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn write(&self, files: &mut HashMap<String, SlotFile>, name: &str, offsets: &TopicOffsets) -> io::Result<()> {
+    fn write(&self, files: &mut Files, name: &str, offsets: &TopicOffsets) -> io::Result<()> {
         let body = serde_json::to_vec(offsets).expect("offsets serialize");
-        match files.get_mut(name) {
-            Some(file) if file.fits(&body) => file.overwrite(&body),
-            existing => {
-                let seq = existing.map_or(1, |f| f.seq + 1);
-                let path = self.dir.join(format!("{}.{EXTENSION}", safe_name(name)));
-                files.insert(name.to_string(), SlotFile::create(&self.dir, &path, seq, &body)?);
-                match fs::remove_file(path.with_extension(LEGACY_EXTENSION)) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                }
+        match files.open.get_mut(name).filter(|f| f.fits(&body)) {
+            Some(file) => file.overwrite(&body)?,
+            None => {
+                // Forgotten before the new file is made: if making it fails after its rename,
+                // the old handle would write to a file no longer in the directory, and succeed.
+                files.open.remove(name);
+                let file = SlotFile::create(&self.dir, &path_for(&self.dir, name), &body)?;
+                files.open.insert(name.to_string(), file);
             }
         }
+        if let Some(old) = files.carried_over.remove(name) {
+            match fs::remove_file(&old) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    files.carried_over.insert(name.to_string(), old);
+                    return Err(e);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -297,7 +351,8 @@ mod tests {
         // short by a crash would.
         let path = dir.path().join("dispatch.offsets");
         let mut bytes = fs::read(&path).unwrap();
-        let len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+        let slot = bytes.len() / 2;
+        let len = u32::from_le_bytes(bytes[LEN_AT..CRC_AT].try_into().unwrap()) as usize;
         bytes[HEADER + len - 1] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
         let again = open(&dir);
@@ -306,10 +361,28 @@ mod tests {
         again.commit("dispatch", "t", 0, 30);
         again.flush().unwrap();
         assert_eq!(open(&dir).get("dispatch", "t", 0), 30);
+        let bytes = fs::read(&path).unwrap();
+        let (seq, held) = unframe(&bytes[slot..]).expect("slot 1 still whole");
+        assert_eq!((seq, held), (1, &br#"{"t":{"0":10}}"#[..]));
         // Both slots broken is an error naming the file, not offsets back at zero.
         fs::write(&path, vec![7; bytes.len()]).unwrap();
         let err = OffsetStore::open(dir.path().to_path_buf()).err().expect("both slots broken");
         assert!(err.to_string().contains("dispatch.offsets"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_overwrite_is_tried_again_in_the_same_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.offsets");
+        let mut file = SlotFile::create(dir.path(), &path, b"{}").unwrap();
+        file.overwrite(b"{\"t\":{}}").unwrap();
+        assert_eq!(file.seq, 2);
+        // A handle that cannot write: the overwrite fails and the sequence stays.
+        file.file = File::open(&path).unwrap();
+        assert!(file.overwrite(b"{\"u\":{}}").is_err());
+        assert_eq!(file.seq, 2, "the next try goes to slot 1 again, not over slot 0's sequence 2");
+        let (reopened, offsets) = SlotFile::open(&path).unwrap();
+        assert_eq!((reopened.seq, offsets.keys().map(String::as_str).collect::<Vec<_>>()), (2, vec!["t"]));
     }
 
     #[test]
@@ -335,25 +408,32 @@ mod tests {
     #[test]
     fn files_of_the_older_format_are_read_and_replaced() {
         let dir = tempfile::tempdir().unwrap();
+        let names = |dir: &tempfile::TempDir| {
+            let mut names: Vec<_> =
+                fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            names.sort();
+            names
+        };
         fs::write(dir.path().join("dispatch.json"), br#"{"t":{"0":42}}"#).unwrap();
-        fs::write(dir.path().join("retry.json"), br#"{"t":{"0":7}}"#).unwrap();
-        // A crash between writing retry's new file and removing its old one.
-        let written = open(&dir);
-        written.commit("retry", "t", 0, 9);
-        written.flush().unwrap();
-        drop(written);
-        fs::write(dir.path().join("retry.json"), br#"{"t":{"0":7}}"#).unwrap();
-        fs::write(dir.path().join("other.offsets.tmp"), b"half").unwrap();
-
+        fs::write(dir.path().join("retry.json"), br#"{"t":{"0":7,"1":3}}"#).unwrap();
         let store = open(&dir);
-        assert_eq!(store.get("dispatch", "t", 0), 42);
-        assert_eq!(store.get("retry", "t", 0), 9, "the newer file wins");
+        assert_eq!((store.get("dispatch", "t", 0), store.get("retry", "t", 1)), (42, 3));
+        store.commit("retry", "t", 0, 9);
         store.flush().unwrap();
-        let mut names: Vec<_> =
-            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        names.sort();
-        assert_eq!(names, ["dispatch.offsets", "retry.offsets"]);
-        assert_eq!(open(&dir).get("dispatch", "t", 0), 42);
+        assert_eq!(names(&dir), ["dispatch.offsets", "retry.offsets"], "the old files are carried over and gone");
+        drop(store);
+
+        // An old file back beside a new one (a crash between the two, or an older Herald run
+        // since), and scratch files a crash left: each partition takes the higher offset.
+        fs::write(dir.path().join("retry.json"), br#"{"t":{"0":7,"1":5}}"#).unwrap();
+        fs::write(dir.path().join("other.offsets.tmp"), b"half").unwrap();
+        fs::write(dir.path().join("other.json.tmp"), b"half").unwrap();
+        fs::write(dir.path().join("notes.tmp"), b"someone else's").unwrap();
+        let store = open(&dir);
+        assert_eq!((store.get("retry", "t", 0), store.get("retry", "t", 1)), (9, 5));
+        store.flush().unwrap();
+        assert_eq!(names(&dir), ["dispatch.offsets", "notes.tmp", "retry.offsets"]);
+        assert_eq!(open(&dir).get("retry", "t", 1), 5);
     }
 
     #[test]
