@@ -588,7 +588,7 @@ impl Log for EmbeddedLog {
 
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
         let parts = self.topic(topic)?.clone();
-        self.offsets.join(group, topic);
+        self.offsets.join(group, topic)?;
         let consumer = EmbeddedConsumer {
             // One process owns every partition of the embedded log.
             pending: parts.iter().rev().cloned().collect(),

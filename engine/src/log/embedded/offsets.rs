@@ -69,13 +69,17 @@ struct SlotFile {
     seq: u64,
 }
 
-/// A group's file: `{group}.offsets`, the name kept to characters safe in a file name.
+/// A group's file: `{group}.offsets`. Only names that are file names as they stand are taken
+/// ([`OffsetStore::join`]): two names made into one file would have one group's writes go to a
+/// file the other had replaced, and its offsets read back as the other's after a restart.
 fn path_for(dir: &Path, group: &str) -> PathBuf {
-    let safe: String = group
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
-        .collect();
-    dir.join(format!("{safe}.{EXTENSION}"))
+    dir.join(format!("{group}.{EXTENSION}"))
+}
+
+fn is_file_stem(group: &str) -> bool {
+    !group.is_empty()
+        && !group.starts_with('.')
+        && group.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
 /// Where a file is written before it is renamed to `path`.
@@ -222,10 +226,16 @@ impl OffsetStore {
         groups.get(group).and_then(|g| g.offsets.get(topic)).and_then(|t| t.get(&partition)).copied().unwrap_or(0)
     }
 
-    /// Registers `group` as a consumer of `topic` so reclaim waits for it.
-    pub fn join(&self, group: &str, topic: &str) {
+    /// Registers `group` as a consumer of `topic` so reclaim waits for it. The name must be
+    /// a file name as it stands (letters, digits, `-`, `_`, `.`; not starting with `.`).
+    pub fn join(&self, group: &str, topic: &str) -> io::Result<()> {
+        if !is_file_stem(group) {
+            let why = format!("consumer group {group:?}: only letters, digits, '-', '_' and '.' (not first)");
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
         let mut groups = self.groups.lock().unwrap();
         groups.entry(group.to_string()).or_default().offsets.entry(topic.to_string()).or_default();
+        Ok(())
     }
 
     /// Records progress; offsets only move forward.
@@ -318,6 +328,19 @@ mod tests {
         assert_eq!(again.get("dispatch", "t", 3), 10);
         assert_eq!(again.min_committed("t", 3), Some(10));
         assert_eq!(again.min_committed("other", 3), None);
+    }
+
+    #[test]
+    fn a_group_whose_name_is_not_a_file_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        for bad in ["a/b", "", ".hidden", "a b", "ü"] {
+            let err = store.join(bad, "t").expect_err(bad);
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad}");
+        }
+        store.join("herald-dispatch", "t").unwrap();
+        store.join("v1.group_2", "t").unwrap();
+        assert_eq!(store.min_committed("t", 0), Some(0), "the good ones joined");
     }
 
     #[test]
