@@ -89,6 +89,15 @@ fn scratch_for(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Moves a partition's offset to `next` if that is further: offsets only move forward.
+/// Whether it moved.
+fn advance(offsets: &mut TopicOffsets, topic: &str, partition: u32, next: u64) -> bool {
+    let slot = offsets.entry(topic.to_string()).or_default().entry(partition).or_insert(0);
+    let moved = next > *slot;
+    *slot = (*slot).max(next);
+    moved
+}
+
 fn invalid(path: &Path, what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("{}: {what}", path.display()))
 }
@@ -151,12 +160,7 @@ impl SlotFile {
         let at = (seq % 2) as usize * slot;
         let framed = frame(seq, body);
         bytes[at..at + framed.len()].copy_from_slice(&framed);
-        let tmp = scratch_for(path);
-        let file = crate::log::private::create(&tmp)?;
-        file.write_all_at(&bytes, 0)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()?;
+        let file = super::partition::replace_durably(dir, &scratch_for(path), path, &bytes)?;
         Ok(SlotFile { file, slot, seq })
     }
 
@@ -206,11 +210,11 @@ impl OffsetStore {
         for (name, path) in legacy {
             let old: TopicOffsets = serde_json::from_slice(&fs::read(&path)?).map_err(|e| invalid(&path, e))?;
             let group = groups.entry(name.clone()).or_default();
-            for (topic, partitions) in old {
-                let kept = group.offsets.entry(topic).or_default();
-                for (partition, next) in partitions {
-                    let slot = kept.entry(partition).or_insert(0);
-                    *slot = (*slot).max(next);
+            for (topic, partitions) in &old {
+                // A topic joined and never committed is kept too: reclaim waits for it.
+                group.offsets.entry(topic.clone()).or_default();
+                for (&partition, &next) in partitions {
+                    advance(&mut group.offsets, topic, partition, next);
                 }
             }
             // Dirty, so the first flush writes the group's new file and then removes this one.
@@ -242,9 +246,7 @@ impl OffsetStore {
     pub fn commit(&self, group: &str, topic: &str, partition: u32, next: u64) {
         let mut groups = self.groups.lock().unwrap();
         let g = groups.entry(group.to_string()).or_default();
-        let slot = g.offsets.entry(topic.to_string()).or_default().entry(partition).or_insert(0);
-        if next > *slot {
-            *slot = next;
+        if advance(&mut g.offsets, topic, partition, next) {
             g.dirty = true;
         }
     }

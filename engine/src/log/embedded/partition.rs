@@ -247,6 +247,18 @@ pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Writes `bytes` to a new file at `scratch`, syncs it, renames it to `path` and syncs `dir`
+/// (which holds both): a crash leaves the file that was at `path` (or none) or the whole new
+/// one. Returns the new file, open for writing.
+pub(super) fn replace_durably(dir: &Path, scratch: &Path, path: &Path, bytes: &[u8]) -> io::Result<File> {
+    let mut file = crate::log::private::create(scratch)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(scratch, path)?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
 impl Partition {
     /// Opens (creating if needed) the partition in `dir`, validating every segment: damage in
     /// the middle of a segment is stepped over, a torn tail of the newest is cut off.
@@ -988,11 +1000,7 @@ impl Partition {
         let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let path = self.dir.join(segment::compacted_name(base, generation));
         let scratch = self.dir.join(format!("{}.compact", segment::compacted_name(base, generation)));
-        let mut file = crate::log::private::create(&scratch)?;
-        file.write_all(&buf)?;
-        file.sync_all()?;
-        fs::rename(&scratch, &path)?;
-        sync_dir(&self.dir)?;
+        replace_durably(&self.dir, &scratch, &path, &buf)?;
         let info =
             SegmentInfo { base, path: path.clone(), len: buf.len() as u64, end, index, last_ms, holes: Vec::new() };
         Ok((path, info))
