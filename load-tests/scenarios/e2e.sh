@@ -37,7 +37,8 @@ if [ "${BACKEND:-embedded}" = kafka ]; then
   [ -x "$TANSU" ] || { echo "tansu is not installed: cargo install tansu --locked --features dynostore,libsql" >&2; exit 1; }
   "$TANSU" broker --listener-url tcp://127.0.0.1:19192 --advertised-listener-url tcp://127.0.0.1:19192 \
     --storage-engine memory://tansu/ >"$WORK/tansu.out" 2>&1 &
-  pids+=($!)
+  tansu=$!
+  pids+=($tansu)
   for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/19192) 2>/dev/null && break; sleep 0.1; done
   export HERALD_LOG_BACKEND=kafka HERALD_LOG_BROKERS=127.0.0.1:19192 HERALD_LOG_REPLICATION=1
 fi
@@ -67,8 +68,10 @@ if [ "$SPREAD" = 1 ]; then PUBLISH=(--events "$EVENTS" --tenants "$SUBS"); else 
 "$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT "${PUBLISH[@]}" --batch "${E2E_BATCH:-100}" --concurrency "${E2E_CONCURRENCY:-8}" --size 1024 --keys "${ORDERED_KEYS:-0}" >"$WORK/load.json"
 timeout 300 tail --pid=$sink -f /dev/null
 # Herald's CPU time (user + system) for the whole run: less noisy than a rate on a shared box.
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/$herald/stat; }
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/${1:-$herald}/stat; }
 herald_cpu=$(cpu)
+# On Kafka the broker shares the cores: its CPU is part of what a delivery costs the machine.
+[ -n "${tansu:-}" ] && tansu_cpu=$(cpu "$tansu")
 # The same per thread (tokio-rt-worker, herald-log-writ, history-index, fjall:worker), then
 # again once the history index has caught up (its lag at 0), so indexing done after the last
 # delivery is counted too.
@@ -80,6 +83,7 @@ for _ in $(seq 1 600); do
   [ "${lag:-0}" = 0 ] && break; sleep 0.1
 done
 herald_cpu_caught_up=$(cpu)
+[ -n "${tansu:-}" ] && tansu_cpu_caught_up=$(cpu "$tansu")
 herald_rate=$(python3 -c "import json;print(round(json.load(open('$WORK/sink.json'))['deliveries_per_second']))")
 echo "load:   $(cat "$WORK/load.json")"
 echo "sink:   $(cat "$WORK/sink.json")"
@@ -102,6 +106,7 @@ echo "herald: $herald_rate deliveries/s ($SUBS subscriptions, standard signing, 
 python3 -c "print('cpu:    %s s of Herald CPU, %.1f µs per delivery' % ('$herald_cpu', $herald_cpu * 1e6 / $EVENTS))"
 echo "        by thread: ${herald_threads%, }"
 python3 -c "print('        %.1f µs per delivery once the history index caught up' % ($herald_cpu_caught_up * 1e6 / $EVENTS))"
+[ -n "${tansu:-}" ] && python3 -c "print('broker: %s s of tansu CPU, %.1f µs per delivery (%.1f once the index caught up)' % ('$tansu_cpu', $tansu_cpu * 1e6 / $EVENTS, $tansu_cpu_caught_up * 1e6 / $EVENTS))"
 echo "wrk:    $wrk_rate requests/s straight into the sink"
 python3 -c "print('ratio:  %.2f of what this machine pushes over HTTP at all' % ($herald_rate / $wrk_rate))"
 echo "ideal:  $ideal_rate signed POSTs/s (herald-ideal: Standard Webhooks, 1 KB, 64 connections, no log) $(python3 -c "import json;print('bad signatures: %d' % json.load(open('$WORK/ideal-sink.json'))['bad_signatures'])")"

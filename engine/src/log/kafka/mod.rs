@@ -98,6 +98,8 @@ pub struct KafkaLog {
     /// Answers `end_offset` apart from `reader`, whose page reads hold its lock (for seconds
     /// on a gap): every API request waits for a query of the registry topic's end.
     watermarks: Arc<reader::Reader>,
+    /// Per topic, the client its followers share.
+    followers: Mutex<HashMap<String, Arc<reader::Followed>>>,
     closed: watch::Sender<bool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -130,6 +132,7 @@ impl KafkaLog {
             partitions,
             reader: Arc::new(Mutex::new(reader)),
             watermarks,
+            followers: Mutex::default(),
             closed: watch::channel(false).0,
             threads: Mutex::new(Vec::new()),
         }))
@@ -286,10 +289,24 @@ impl Log for KafkaLog {
     }
 
     async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError> {
-        self.partitions(topic)?;
+        self.existing(topic, partition)?;
         let closed = self.closed.subscribe();
-        let (contiguous, wait) = (!self.compacted(topic), self.read_within(topic));
-        Ok(Box::new(reader::Follower::start(&self.config, topic, partition, from, contiguous, wait, closed)?))
+        let client = || reader::Followed::new(&self.config, topic, !self.compacted(topic), self.read_within(topic));
+        let shared = {
+            let mut followers = self.followers.lock().unwrap();
+            match followers.get(topic) {
+                Some(shared) => shared.clone(),
+                None => followers.entry(topic.to_string()).or_insert(client()?).clone(),
+            }
+        };
+        if let Some(follower) = shared.follow(partition, from, closed.clone())? {
+            return Ok(Box::new(follower));
+        }
+        // Its follower on the shared client still lives: a client of its own.
+        match client()?.follow(partition, from, closed)? {
+            Some(follower) => Ok(Box::new(follower)),
+            None => Err(LogError::Backend(format!("cannot follow {topic}/{partition}"))),
+        }
     }
 
     async fn ready(&self) -> bool {
@@ -317,5 +334,101 @@ impl Log for KafkaLog {
             producer.flush(Timeout::After(Duration::from_secs(10))).map_err(kafka_error)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::PartitionReader;
+
+    const PARTITIONS: u32 = 4;
+
+    /// A log on librdkafka's mock cluster with one topic, `t`.
+    async fn open(
+        cluster: &rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    ) -> Arc<KafkaLog> {
+        cluster.create_topic("t", PARTITIONS as i32, 1).unwrap();
+        let topic = TopicSpec {
+            name: "t".into(),
+            partitions: PARTITIONS,
+            compacted: false,
+            retention: None,
+            read_within: Duration::from_millis(20),
+        };
+        KafkaLog::open(KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            replication: 1,
+            properties: BTreeMap::new(),
+            topics: vec![topic],
+            drain: Duration::from_secs(1),
+            retention: Duration::from_secs(3600),
+            min_insync_replicas: 1,
+            max_record_bytes: 1 << 20,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The offsets and values of `n` records `reader` hands out, within a deadline.
+    async fn read(reader: &mut Box<dyn PartitionReader>, n: usize) -> Vec<(u64, String)> {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while got.len() < n {
+                for r in reader.next_batch(100).await.unwrap() {
+                    got.push((r.offset, String::from_utf8(r.value.to_vec()).unwrap()));
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{n} records within 20 s; got {got:?}"));
+        got
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_topics_partitions_are_followed_through_one_client_each_from_its_own_offset() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let log = open(&cluster).await;
+        // Three records in each partition, named for it.
+        let keys: Vec<String> = (0..PARTITIONS)
+            .map(|p| (0..).map(|i| format!("k{i}")).find(|k| partition_for(k.as_bytes(), PARTITIONS) == p).unwrap())
+            .collect();
+        for (p, key) in keys.iter().enumerate() {
+            let records =
+                (0..3).map(|i| Record { key: key.clone().into(), value: format!("p{p}-{i}").into() }).collect();
+            log.append("t", records).await.unwrap();
+        }
+        let expected =
+            |p: u32, from: u64| -> Vec<(u64, String)> { (from..3).map(|i| (i, format!("p{p}-{i}"))).collect() };
+
+        // Each partition from an offset of its own, all through one client.
+        let mut readers = Vec::new();
+        for p in 0..PARTITIONS {
+            readers.push(log.follow("t", p, u64::from(p % 3)).await.unwrap());
+        }
+        let shared = log.followers.lock().unwrap().get("t").cloned().unwrap();
+        assert_eq!((log.followers.lock().unwrap().len(), shared.following()), (1, PARTITIONS as usize));
+        for (p, reader) in readers.iter_mut().enumerate() {
+            let p = p as u32;
+            assert_eq!(read(reader, 3 - (p % 3) as usize).await, expected(p, u64::from(p % 3)), "partition {p}");
+        }
+        // Records appended later reach the partition's own follower.
+        log.append("t", vec![Record { key: keys[2].clone().into(), value: "p2-3".into() }]).await.unwrap();
+        assert_eq!(read(&mut readers[2], 1).await, vec![(3, "p2-3".to_string())]);
+
+        // A follower dropped gives its partition back: followed again, it starts where asked.
+        drop(readers.remove(0));
+        assert_eq!(shared.following(), PARTITIONS as usize - 1);
+        let mut again = log.follow("t", 0, 1).await.unwrap();
+        assert_eq!(read(&mut again, 2).await, expected(0, 1));
+        assert_eq!(shared.following(), PARTITIONS as usize);
+        // A partition whose follower lives is followed again through a client of its own.
+        let mut second = log.follow("t", 0, 0).await.unwrap();
+        assert_eq!(read(&mut second, 3).await, expected(0, 0));
+        assert_eq!((log.followers.lock().unwrap().len(), shared.following()), (1, PARTITIONS as usize));
+        assert!(log.follow("t", PARTITIONS, 0).await.is_err(), "a partition the topic does not have");
+        drop((readers, again, second));
+        assert_eq!(shared.following(), 0);
+        log.close().await.unwrap();
     }
 }

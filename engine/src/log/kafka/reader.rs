@@ -1,17 +1,21 @@
 //! Reads outside any consumer group: a page of one partition (whole-topic reads, the DLQ
-//! list, ordered keys' scans), and a follower that tails one partition from an offset (the
-//! registry, the history index).
+//! list, ordered keys' scans), and followers that tail partitions from offsets (the
+//! registry, the history index), one client per topic.
 
 use super::{kafka_error, KafkaConfig};
 use crate::log::{Committer, LogError, LogRecord, PartitionReader};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, MessageStream, StreamConsumer};
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, DefaultConsumerContext, MessageStream, StreamConsumer,
+};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -276,52 +280,110 @@ impl Reader {
     }
 }
 
-/// Tails one partition from an offset, outside any group; nothing is committed.
-pub(super) struct Follower {
-    consumer: StreamConsumer,
+/// One client following any of one topic's partitions from offsets of their own, outside any
+/// group, each partition read through a queue of its own ([`Follower`]). One client for all
+/// of a topic's followed partitions rather than one each: the history topic's eight followers
+/// made eight fetch requests where one carries them all, each client with its connections
+/// and threads (on a broker sharing the cores, its work was history's cost on Kafka).
+pub(super) struct Followed {
+    consumer: Arc<StreamConsumer>,
     topic: String,
-    partition: u32,
-    closed: watch::Receiver<bool>,
     /// Offsets are contiguous (not a compacted topic): gaps are read again.
     contiguous: bool,
-    /// The offset after the last record handed out (0 before the first: what is served first
-    /// is taken, wherever it starts).
-    next: u64,
-    gaps: Gaps,
-    /// A gap to read again before the next read.
-    reread: Option<u64>,
+    /// The partitions with a live follower: a partition's queue has one reader.
+    followed: Mutex<HashSet<u32>>,
 }
 
-impl Follower {
-    pub(super) fn start(
+impl Followed {
+    /// A client for `topic`, following nothing yet; `wait`: how long an idle fetch may wait at
+    /// the broker.
+    pub(super) fn new(
         config: &KafkaConfig,
         topic: &str,
-        partition: u32,
-        from: u64,
         contiguous: bool,
         wait: Duration,
-        closed: watch::Receiver<bool>,
-    ) -> Result<Follower, LogError> {
+    ) -> Result<Arc<Followed>, LogError> {
         let wait = wait.as_millis().to_string();
         let consumer: StreamConsumer = config
             .layered(
                 // Defaults the pass-through table may change.
                 &[
                     ("fetch.wait.max.ms", &wait),
-                    // librdkafka prefetches up to 64 MiB a partition by default; a reader that
-                    // falls behind (the history index while deliveries take the cores) would
-                    // hold that much for each partition it follows.
+                    // librdkafka prefetches up to 64 MiB a partition by default (per
+                    // partition, with a queue each); a reader that falls behind (the history
+                    // index while deliveries take the cores) would hold that much for each
+                    // partition it follows.
                     ("queued.max.messages.kbytes", "16384"),
                 ],
                 &[("enable.auto.commit", "false"), ("auto.offset.reset", "earliest"), ("group.id", "herald-follower")],
             )
             .create()
             .map_err(kafka_error)?;
+        let followed = Mutex::default();
+        Ok(Arc::new(Followed { consumer: Arc::new(consumer), topic: topic.to_string(), contiguous, followed }))
+    }
+
+    /// Follows `partition` from `from`: its queue is split off before it is assigned, so
+    /// none of its records reaches the client's own queue. `None` if it already has a live
+    /// follower on this client.
+    pub(super) fn follow(
+        self: &Arc<Self>,
+        partition: u32,
+        from: u64,
+        closed: watch::Receiver<bool>,
+    ) -> Result<Option<Follower>, LogError> {
+        if !self.followed.lock().unwrap().insert(partition) {
+            return Ok(None);
+        }
+        let release = || self.followed.lock().unwrap().remove(&partition);
+        let Some(queue) = self.consumer.split_partition_queue(&self.topic, partition as i32) else {
+            release();
+            return Err(LogError::Backend(format!("cannot read {}/{partition}: no queue", self.topic)));
+        };
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64)).map_err(kafka_error)?;
-        consumer.assign(&tpl).map_err(kafka_error)?;
-        let (topic, gaps) = (topic.to_string(), Gaps::default());
-        Ok(Follower { consumer, topic, partition, closed, contiguous, next: 0, gaps, reread: None })
+        let assigned = tpl
+            .add_partition_offset(&self.topic, partition as i32, Offset::Offset(from as i64))
+            .and_then(|()| self.consumer.incremental_assign(&tpl));
+        if let Err(e) = assigned {
+            release();
+            return Err(kafka_error(e));
+        }
+        let (client, gaps) = (self.clone(), Gaps::default());
+        Ok(Some(Follower { client, queue, partition, closed, from, next: 0, gaps, reread: None }))
+    }
+
+    /// How many partitions are followed through this client.
+    #[cfg(test)]
+    pub(super) fn following(&self) -> usize {
+        self.followed.lock().unwrap().len()
+    }
+}
+
+/// Tails one partition from an offset, on its topic's [`Followed`] client; nothing is
+/// committed. Dropped, it gives the partition back to be followed again from anywhere.
+pub(super) struct Follower {
+    client: Arc<Followed>,
+    queue: StreamPartitionQueue<DefaultConsumerContext>,
+    partition: u32,
+    closed: watch::Receiver<bool>,
+    /// Where it was asked to start: nothing below is handed out.
+    from: u64,
+    /// The offset after the last record handed out (0 before the first: what is served first
+    /// is taken, wherever at or past `from` it starts — past it, once retention took the rest).
+    next: u64,
+    gaps: Gaps,
+    /// A gap to read again before the next read.
+    reread: Option<u64>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.client.topic, self.partition as i32);
+        if let Err(e) = self.client.consumer.incremental_unassign(&tpl) {
+            tracing::warn!(topic = %self.client.topic, partition = self.partition, error = %e, "cannot stop following");
+        }
+        self.client.followed.lock().unwrap().remove(&self.partition);
     }
 }
 
@@ -332,6 +394,8 @@ impl PartitionReader for Follower {
     }
 
     async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
+        let client = self.client.clone();
+        let topic = client.topic.as_str();
         loop {
             // Cleared only once the seek is done: a read cancelled meanwhile seeks again.
             if let Some(at) = self.reread {
@@ -339,14 +403,32 @@ impl PartitionReader for Follower {
                 // Not waited for (a zero timeout): records fetched before it are still
                 // discarded when read, and this thread is not held.
                 let offset = Offset::Offset(at as i64);
-                self.consumer.seek(&self.topic, self.partition as i32, offset, Duration::ZERO).map_err(kafka_error)?;
+                client.consumer.seek(topic, self.partition as i32, offset, Duration::ZERO).map_err(kafka_error)?;
                 self.reread = None;
             }
-            let batch = next_batch(self.consumer.stream(), max, &mut self.closed).await?;
-            if !self.contiguous {
-                return Ok(batch);
+            // The client's own queue (errors; records only if a split failed) is served by
+            // whichever of its followers waits.
+            let mut batch = tokio::select! {
+                b = next_batch(self.queue.stream(), max, &mut self.closed) => b?,
+                m = client.consumer.recv() => {
+                    match m {
+                        Ok(m) => tracing::error!(topic, partition = m.partition(), offset = m.offset(), "record arrived outside its partition queue"),
+                        Err(e) => tracing::warn!(topic, error = %e, "kafka follower"),
+                    }
+                    continue;
+                }
+            };
+            if self.next == 0 {
+                batch.retain(|r| r.offset >= self.from);
             }
-            let sifted = self.gaps.sift(&self.topic, self.partition, batch, self.next);
+            if !client.contiguous {
+                if let Some(last) = batch.last() {
+                    self.next = last.offset + 1;
+                    return Ok(batch);
+                }
+                continue;
+            }
+            let sifted = self.gaps.sift(topic, self.partition, batch, self.next);
             self.reread = sifted.gap;
             if let Some(last) = sifted.fresh.last() {
                 self.next = last.offset + 1;
