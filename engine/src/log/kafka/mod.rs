@@ -325,6 +325,8 @@ impl Log for KafkaLog {
     /// Stops every consumer (committing what was stored) and flushes the producer.
     async fn close(&self) -> Result<(), LogError> {
         self.closed.send_replace(true);
+        // Each shared client closes with the last of its followers.
+        self.followers.lock().unwrap().clear();
         let threads: Vec<_> = std::mem::take(&mut *self.threads.lock().unwrap());
         let producer = self.producer.clone();
         blocking(move || {
@@ -429,6 +431,10 @@ mod tests {
         assert!(log.follow("t", PARTITIONS, 0).await.is_err(), "a partition the topic does not have");
         drop((readers, again, second));
         assert_eq!(shared.following(), 0);
+        // An offset past the partition's end (a topic made again, an index kept): read from
+        // the start, as the topic's readers are set to.
+        let mut reset = log.follow("t", 1, 100).await.unwrap();
+        assert_eq!(read(&mut reset, 3).await, expected(1, 0));
         log.close().await.unwrap();
     }
 }

@@ -345,11 +345,14 @@ impl Followed {
             .add_partition_offset(&self.topic, partition as i32, Offset::Offset(from as i64))
             .and_then(|()| self.consumer.incremental_assign(&tpl));
         if let Err(e) = assigned {
+            // The queue first: dropping a handle of a partition's queue clears its wake-up,
+            // which a follower made once the partition is free would share.
+            drop(queue);
             release();
             return Err(kafka_error(e));
         }
         let (client, gaps) = (self.clone(), Gaps::default());
-        Ok(Some(Follower { client, queue, partition, closed, from, next: 0, gaps, reread: None }))
+        Ok(Some(Follower { client, queue: Some(queue), partition, closed, next: 0, gaps, reread: None }))
     }
 
     /// How many partitions are followed through this client.
@@ -363,13 +366,15 @@ impl Followed {
 /// committed. Dropped, it gives the partition back to be followed again from anywhere.
 pub(super) struct Follower {
     client: Arc<Followed>,
-    queue: StreamPartitionQueue<DefaultConsumerContext>,
+    /// Always there until the follower drops (see its `Drop`).
+    queue: Option<StreamPartitionQueue<DefaultConsumerContext>>,
     partition: u32,
     closed: watch::Receiver<bool>,
-    /// Where it was asked to start: nothing below is handed out.
-    from: u64,
     /// The offset after the last record handed out (0 before the first: what is served first
-    /// is taken, wherever at or past `from` it starts — past it, once retention took the rest).
+    /// is taken, wherever it starts — past the offset asked for once retention took the rest,
+    /// or from the start if the offset is past the partition's end, a topic made again).
+    /// Records fetched for an earlier follower of the partition are not served: librdkafka
+    /// drops those of an assignment that ended.
     next: u64,
     gaps: Gaps,
     /// A gap to read again before the next read.
@@ -378,12 +383,20 @@ pub(super) struct Follower {
 
 impl Drop for Follower {
     fn drop(&mut self) {
+        // The queue before the partition is freed: dropping a handle of a partition's queue
+        // clears its wake-up, which the next follower of the partition shares.
+        drop(self.queue.take());
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.client.topic, self.partition as i32);
-        if let Err(e) = self.client.consumer.incremental_unassign(&tpl) {
-            tracing::warn!(topic = %self.client.topic, partition = self.partition, error = %e, "cannot stop following");
+        match self.client.consumer.incremental_unassign(&tpl) {
+            Ok(()) => {
+                self.client.followed.lock().unwrap().remove(&self.partition);
+            }
+            // Still assigned: it stays taken, and a next follower gets a client of its own.
+            Err(e) => {
+                tracing::warn!(topic = %self.client.topic, partition = self.partition, error = %e, "cannot stop following")
+            }
         }
-        self.client.followed.lock().unwrap().remove(&self.partition);
     }
 }
 
@@ -408,8 +421,9 @@ impl PartitionReader for Follower {
             }
             // The client's own queue (errors; records only if a split failed) is served by
             // whichever of its followers waits.
-            let mut batch = tokio::select! {
-                b = next_batch(self.queue.stream(), max, &mut self.closed) => b?,
+            let Some(queue) = &self.queue else { return Err(LogError::Closed) };
+            let batch = tokio::select! {
+                b = next_batch(queue.stream(), max, &mut self.closed) => b?,
                 m = client.consumer.recv() => {
                     match m {
                         Ok(m) => tracing::error!(topic, partition = m.partition(), offset = m.offset(), "record arrived outside its partition queue"),
@@ -418,15 +432,8 @@ impl PartitionReader for Follower {
                     continue;
                 }
             };
-            if self.next == 0 {
-                batch.retain(|r| r.offset >= self.from);
-            }
             if !client.contiguous {
-                if let Some(last) = batch.last() {
-                    self.next = last.offset + 1;
-                    return Ok(batch);
-                }
-                continue;
+                return Ok(batch);
             }
             let sifted = self.gaps.sift(topic, self.partition, batch, self.next);
             self.reread = sifted.gap;
