@@ -6,6 +6,8 @@
 #   E2E_BATCH=1 E2E_CONCURRENCY=64 load-tests/scenarios/e2e.sh ... (one event per request, 64 producers)
 #   E2E_MAX_IN_FLIGHT=8 load-tests/scenarios/e2e.sh ... (each subscription's in-flight cap; at the
 #     default, 64, 8 subscriptions may hold 512 connections to the sink, against the loop's 64)
+#   E2E_RANDOM_PAD=1 load-tests/scenarios/e2e.sh ... (each event padded with random letters and
+#     digits of its own, which nothing compresses, instead of a run of x shared by all)
 #   E2E_SPREAD=1 load-tests/scenarios/e2e.sh 8 ... (each subscription its own tenant's, each event
 #     for one of them: EVENTS events of one delivery each, as in #20's Svix comparison)
 # Starts a release Herald on a fresh embedded log (or Kafka), a verifying sink, creates SUBSCRIPTIONS
@@ -65,6 +67,7 @@ sink=$!
 pids+=($sink)
 sleep 0.3
 if [ "$SPREAD" = 1 ]; then PUBLISH=(--events "$EVENTS" --tenants "$SUBS"); else PUBLISH=(--events $((EVENTS / SUBS))); fi
+[ "${E2E_RANDOM_PAD:-0}" = 1 ] && PUBLISH+=(--random-pad)
 "$BIN/herald-load" --server http://127.0.0.1:$HERALD_PORT "${PUBLISH[@]}" --batch "${E2E_BATCH:-100}" --concurrency "${E2E_CONCURRENCY:-8}" --size 1024 --keys "${ORDERED_KEYS:-0}" >"$WORK/load.json"
 timeout 300 tail --pid=$sink -f /dev/null
 # Herald's CPU time (user + system) for the whole run: less noisy than a rate on a shared box.

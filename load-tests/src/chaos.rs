@@ -94,6 +94,7 @@ pub async fn run(opts: &Options, chaos: &Chaos) -> anyhow::Result<ChaosReport> {
         batch: (chaos.rate / 20).clamp(1, 50),
         concurrency: 4,
         size: 256,
+        random_pad: false,
         tenants: 0,
         keys: 0,
         id_prefix: format!("chaos-{}", chaos.seed),

@@ -26,6 +26,9 @@ pub struct Load {
     pub concurrency: u64,
     /// Approximate size of each event's `data`, bytes.
     pub size: usize,
+    /// Fill each event's `data` with random letters and digits of its own, which nothing
+    /// compresses, instead of one run of `x` shared by all (a compressor's worst and best case).
+    pub random_pad: bool,
     /// Tenants the events are spread over (`t0`, `t1`, …), or `default` when 0.
     pub tenants: u32,
     /// Ordering keys the events are spread over (`k0`, `k1`, …, as `ordering_key`), or none when 0.
@@ -169,7 +172,7 @@ fn batch_body(load: &Load, first: u64, last: u64, filler: &str) -> Bytes {
                 if load.tenants == 0 { "default".to_string() } else { format!("t{}", i % u64::from(load.tenants)) };
             let mut event = serde_json::json!({
                 "id": format!("{}-{i}", load.id_prefix), "type": load.event_type, "tenant": tenant,
-                "data": { "n": i, "sentMs": sent, "pad": filler },
+                "data": { "n": i, "sentMs": sent, "pad": pad(load, filler) },
             });
             if load.keys > 0 {
                 event["ordering_key"] = format!("k{}", i % u64::from(load.keys)).into();
@@ -178,6 +181,15 @@ fn batch_body(load: &Load, first: u64, last: u64, filler: &str) -> Bytes {
         })
         .collect();
     Bytes::from(serde_json::to_vec(&events).expect("serializes"))
+}
+
+/// An event's padding: the shared run of `x`, or random letters and digits of the same length.
+fn pad(load: &Load, filler: &str) -> String {
+    use rand::{distributions::Alphanumeric, Rng};
+    if !load.random_pad {
+        return filler.to_string();
+    }
+    rand::thread_rng().sample_iter(&Alphanumeric).take(filler.len()).map(char::from).collect()
 }
 
 /// Publishes one pre-serialised batch (built once, so the generator spends its time sending).

@@ -335,6 +335,7 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
         batch: opts.batch.unwrap_or(if p.rate == 0 { 100 } else { (p.rate / 20).clamp(1, 100) }).max(1),
         concurrency: opts.concurrency.unwrap_or(8).max(1),
         size: p.size,
+        random_pad: false,
         tenants: 0,
         keys: 0,
         id_prefix: format!("{}-{}", s.name(), std::process::id()),

@@ -35,6 +35,10 @@ struct Args {
     /// Size of each event's `data` in bytes (approximately).
     #[arg(long, default_value_t = 1024)]
     size: usize,
+    /// Pad each event with random letters and digits of its own (incompressible) instead of
+    /// a run of `x` shared by all.
+    #[arg(long)]
+    random_pad: bool,
     /// Event type.
     #[arg(long, default_value = "LoadTest")]
     event_type: String,
@@ -99,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         batch: args.batch,
         concurrency: args.concurrency,
         size: args.size,
+        random_pad: args.random_pad,
         tenants: args.tenants,
         keys: args.keys,
         id_prefix: format!("load-{}", std::process::id()),
