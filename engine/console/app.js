@@ -385,7 +385,7 @@ async function subscriptions(id, sub) {
   };
   const list = h("div", {});
   const more = h("div", {});
-  const bar = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); draw(); } },
+  const bar = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); reload(); } },
     session.role === "admin" ? h("label", { for: "f-tenant" }, "Tenant", filters.tenant) : null,
     h("label", { for: "f-transport" }, "Transport", filters.transport),
     h("label", { for: "f-enabled" }, "State", filters.enabled),
@@ -393,16 +393,14 @@ async function subscriptions(id, sub) {
     h("button", { type: "submit" }, "Filter"),
     h("a", { href: "#/subscriptions/new", class: "primary-link" }, "New subscription"));
   layout("subscriptions", "Subscriptions", bar, list, more);
-  for (const f of [filters.transport, filters.enabled, filters.breaker]) f.addEventListener("change", () => draw());
-  let loaded = [], next = null;
+  // A link may carry the filters (#/subscriptions?breaker=open); the server applies them.
+  for (const name of ["transport", "enabled", "breaker"]) filters[name].value = params.get(name) || "";
+  for (const f of [filters.transport, filters.enabled, filters.breaker]) f.addEventListener("change", () => reload());
+  let loaded = [], next = null, generation = 0;
   const kind = (s) => (s.via_edge ? "edge" : s.transport);
+  const filtered = () => [filters.tenant, filters.transport, filters.enabled, filters.breaker].some((f) => f.value.trim());
   function draw() {
-    const rows = loaded.filter((s) =>
-      (!filters.tenant.value || s.tenant === filters.tenant.value.trim()) &&
-      (!filters.transport.value || kind(s) === filters.transport.value) &&
-      (!filters.enabled.value || String(s.enabled !== false) === filters.enabled.value) &&
-      (!filters.breaker.value || s.health?.breaker === filters.breaker.value));
-    list.replaceChildren(table(["Subscription", "Tenant", "Transport", "Events", "State", "Breaker", "In flight"], rows.map((s) =>
+    list.replaceChildren(table(["Subscription", "Tenant", "Transport", "Events", "State", "Breaker", "In flight"], loaded.map((s) =>
       h("tr", { "data-subscription": s.id },
         h("td", {}, link(`#/subscriptions/${s.id}`, s.id), h("div", { class: "muted wrap" }, s.url)),
         h("td", { class: "mono" }, s.tenant),
@@ -411,17 +409,33 @@ async function subscriptions(id, sub) {
         h("td", {}, s.enabled === false ? badge("disabled", "bad") : badge("enabled", "ok")),
         h("td", {}, badge((s.health?.breaker || "—").replace("_", " "), s.health?.breaker === "closed" ? "ok" : "bad")),
         h("td", { class: "num" }, `${s.health?.in_flight ?? "—"} / ${s.health?.max_in_flight ?? "—"}`))),
-    loaded.length ? "No subscription matches these filters." : "No subscriptions yet: create one with “New subscription”."));
+    filtered() ? "No subscription matches these filters." : "No subscriptions yet: create one with “New subscription”."));
     more.replaceChildren(next ? h("button", { type: "button", onclick: page }, "Load more") : "");
   }
+  // The server filters, looking at a bounded number of subscriptions a page: a page that
+  // found none may still say where to go on, so a few more are asked for before drawing.
   async function page() {
+    const mine = generation;
     const t = session.role === "admin" ? filters.tenant.value.trim() : "";
-    const r = await api("GET", "/v1/subscriptions" + q({ limit: 500, cursor: next, tenant: t || undefined }));
-    loaded = loaded.concat(r.items);
-    next = r.next;
+    for (let asked = 0; asked < 20; asked++) {
+      const r = await api("GET", "/v1/subscriptions" + q({
+        limit: 500, cursor: next, tenant: t || undefined,
+        transport: filters.transport.value, enabled: filters.enabled.value, breaker: filters.breaker.value,
+      }));
+      if (mine !== generation) return; // the filters changed while this page was on its way
+      loaded = loaded.concat(r.items);
+      next = r.next;
+      if (r.items.length || !next) break;
+    }
     draw();
   }
-  filters.tenant.addEventListener("change", async () => { loaded = []; next = null; await page(); });
+  async function reload() {
+    generation++;
+    loaded = [];
+    next = null;
+    await page();
+  }
+  filters.tenant.addEventListener("change", () => reload());
   await page();
 }
 

@@ -12,6 +12,10 @@ pub const DEFAULT_LIMIT: usize = 50;
 /// Largest page.
 pub const MAX_LIMIT: usize = 500;
 
+/// Most entries a filtered in-memory list looks at for one page: enough that a page is
+/// rarely cut short, few enough that no request holds a lock for long (about a millisecond).
+pub const MAX_SCAN: usize = 10_000;
+
 /// The page size asked for, checked.
 pub fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
     let limit = requested.unwrap_or(DEFAULT_LIMIT);

@@ -4,12 +4,16 @@ use super::auth::Principal;
 use super::error::{ApiError, JsonBody, OptionalJsonBody};
 use super::page::{self, StrictQuery};
 use super::AppState;
+use crate::admission::Breaker;
+use crate::dispatch::Via;
 use crate::model::{new_id, now_ms, Delivery, Outcome, Secret};
 use crate::registry::spec;
+use crate::target::Target;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use serde::de::IntoDeserializer;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -85,6 +89,52 @@ pub struct ListQuery {
     tenant: Option<String>,
     cursor: Option<String>,
     limit: Option<usize>,
+    transport: Option<String>,
+    enabled: Option<String>,
+    breaker: Option<String>,
+}
+
+/// What a list keeps: each filter the query names, checked.
+struct Filter {
+    via: Option<Via>,
+    enabled: Option<bool>,
+    breaker: Option<Breaker>,
+}
+
+impl Filter {
+    fn of(q: &ListQuery) -> Result<Filter, ApiError> {
+        let via = q
+            .transport
+            .as_deref()
+            .map(|t| {
+                Via::ALL.into_iter().find(|v| v.label() == t).ok_or_else(|| {
+                    let labels: Vec<_> = Via::ALL.iter().map(|v| v.label()).collect();
+                    ApiError::validation("transport", format!("must be one of {}", labels.join(", ")))
+                })
+            })
+            .transpose()?;
+        let enabled = q
+            .enabled
+            .as_deref()
+            .map(|e| e.parse().map_err(|_| ApiError::validation("enabled", "must be true or false")))
+            .transpose()?;
+        let breaker = q
+            .breaker
+            .as_deref()
+            .map(|b| {
+                Breaker::deserialize(b.into_deserializer()).map_err(|_: serde::de::value::Error| {
+                    ApiError::validation("breaker", "must be closed, open or half_open")
+                })
+            })
+            .transpose()?;
+        Ok(Filter { via, enabled, breaker })
+    }
+
+    fn keeps(&self, t: &Target) -> bool {
+        self.via.is_none_or(|v| Via::of(t) == v)
+            && self.enabled.is_none_or(|e| t.sub.spec.enabled == e)
+            && self.breaker.is_none_or(|b| t.admission.health().breaker == b)
+    }
 }
 
 /// Lists subscriptions, `{"items","next"}`.
@@ -94,8 +144,9 @@ pub async fn list(
     StrictQuery(q): StrictQuery<ListQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let limit = page::limit(q.limit)?;
+    let filter = Filter::of(&q)?;
     let tenant = who.tenant().or(q.tenant.as_deref());
-    let (page, next) = state.registry.list(tenant, q.cursor.as_deref(), limit);
+    let (page, next) = state.registry.list(tenant, q.cursor.as_deref(), limit, page::MAX_SCAN, |t| filter.keeps(t));
     let items: Vec<_> = page.iter().map(|t| view(t)).collect();
     Ok(Json(serde_json::json!({ "items": items, "next": next })))
 }

@@ -113,6 +113,9 @@ pub enum Via {
 }
 
 impl Via {
+    /// Every way, in the order the API lists them.
+    pub const ALL: [Via; 3] = [Via::Webhook, Via::Amqp, Via::Edge];
+
     /// How `target`'s deliveries travel.
     pub fn of(target: &Target) -> Via {
         match (&target.sub.spec.via_edge, target.sub.spec.transport) {

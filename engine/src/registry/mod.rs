@@ -18,6 +18,7 @@ use crate::tenants::DEFAULT_TENANT;
 use crate::transport::guard::NetworkGuard;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
 /// Why a subscription could not be created or changed.
@@ -45,6 +46,9 @@ pub enum Lookup {
 #[derive(Default)]
 struct State {
     by_id: HashMap<String, Arc<Target>>,
+    /// Every subscription again in id order, so that a page of all tenants' starts where the
+    /// last ended instead of sorting them all (`by_id` stays the deliveries' one lookup).
+    in_order: BTreeMap<String, Arc<Target>>,
     by_tenant: HashMap<String, BTreeMap<String, Arc<Target>>>,
     /// Offset of the record each subscription was last applied from.
     version: HashMap<String, u64>,
@@ -60,6 +64,7 @@ impl State {
         self.version.insert(target.sub.id.clone(), offset);
         self.by_url.insert((target.sub.tenant.clone(), url_key(&target.sub.spec.url)), target.sub.id.clone());
         self.by_tenant.entry(target.sub.tenant.clone()).or_default().insert(target.sub.id.clone(), target.clone());
+        self.in_order.insert(target.sub.id.clone(), target.clone());
         self.by_id.insert(target.sub.id.clone(), target);
     }
 
@@ -73,6 +78,7 @@ impl State {
         self.version.remove(id);
         self.unreadable.remove(id);
         let old = self.by_id.remove(id)?;
+        self.in_order.remove(id);
         let key = (old.sub.tenant.clone(), url_key(&old.sub.spec.url));
         if self.by_url.get(&key).is_some_and(|holder| holder == id) {
             self.by_url.remove(&key);
@@ -300,23 +306,36 @@ impl Registry {
             .map_or_else(Vec::new, |subs| subs.values().filter(|t| t.sub.wants(event_type)).cloned().collect())
     }
 
-    /// A page of subscriptions in id order after `after`, of one tenant or all.
-    pub fn list(&self, tenant: Option<&str>, after: Option<&str>, limit: usize) -> (Vec<Arc<Target>>, Option<String>) {
+    /// A page of subscriptions in id order after `after`, of one tenant or all: up to `limit`
+    /// of those `wanted` keeps, looking at no more than `scan` (a filter few match must not
+    /// make one request walk every subscription under the registry's lock). The id to go on
+    /// after comes back while any are left to look at — so a page may hold fewer than
+    /// `limit`, even none, and still not be the last.
+    pub fn list(
+        &self,
+        tenant: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        scan: usize,
+        wanted: impl Fn(&Target) -> bool,
+    ) -> (Vec<Arc<Target>>, Option<String>) {
         let state = self.state.read().unwrap();
-        let mut all: Vec<&Arc<Target>> = match tenant {
-            Some(t) => state.by_tenant.get(t).map_or_else(Vec::new, |m| m.values().collect()),
-            None => state.by_id.values().collect(),
+        let from = (after.map_or(Bound::Unbounded, Bound::Excluded), Bound::Unbounded);
+        let subs = match tenant {
+            Some(t) => state.by_tenant.get(t),
+            None => Some(&state.in_order),
         };
-        all.sort_by(|a, b| a.sub.id.cmp(&b.sub.id));
-        let mut page: Vec<Arc<Target>> =
-            all.into_iter().filter(|t| after.is_none_or(|a| t.sub.id.as_str() > a)).take(limit + 1).cloned().collect();
-        if page.len() > limit {
-            page.truncate(limit);
-            let next = page.last().map(|t| t.sub.id.clone());
-            (page, next)
-        } else {
-            (page, None)
+        let (mut page, mut last) = (Vec::new(), None);
+        for (looked, (id, target)) in subs.into_iter().flat_map(|m| m.range::<str, _>(from)).enumerate() {
+            if page.len() == limit || looked == scan {
+                return (page, last.map(str::to_string));
+            }
+            last = Some(id.as_str());
+            if wanted(target) {
+                page.push(target.clone());
+            }
         }
+        (page, None)
     }
 
     /// Makes the registry match the config file's webhooks: each is created or updated as
@@ -448,6 +467,47 @@ mod tests {
         let stub = if shared { stub.sharing() } else { stub };
         let (feed, _applied) = Feed::new(Arc::new(stub), "catalog".into(), 0);
         Registry::load(Arc::new(feed), &[], Rules::default(), HealthConfig::default())
+    }
+
+    /// A page looks at no more than its scan: one that found too few says where to go on.
+    #[test]
+    fn a_filtered_list_looks_at_a_bounded_number_per_page_and_goes_on_to_the_end() {
+        let registry = registry(false, true);
+        for i in 0..25 {
+            let spec = spec::strict(
+                &serde_json::json!({ "url": format!("https://hooks.example/{i}"), "enabled": i % 7 != 3 }),
+            )
+            .unwrap();
+            let target =
+                Target::compile(validate::new_subscription(format!("t{}", i % 2), spec, None).unwrap()).unwrap();
+            registry.state.write().unwrap().put(Arc::new(target), i);
+        }
+        // Counts what each call looks at.
+        let looked = std::cell::Cell::new(0);
+        let disabled = |t: &Target| {
+            looked.set(looked.get() + 1);
+            !t.sub.spec.enabled
+        };
+        for (tenant, expected) in [(None, 4), (Some("t0"), 2), (Some("t1"), 2)] {
+            let (mut found, mut after) = (Vec::new(), None::<String>);
+            loop {
+                looked.set(0);
+                let (page, next) = registry.list(tenant, after.as_deref(), 1, 5, disabled);
+                assert!(page.len() <= 1 && looked.get() <= 5, "{} looked at for a page", looked.get());
+                found.extend(page.iter().map(|t| t.sub.id.clone()));
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            assert_eq!(found.len(), expected, "{tenant:?}: {found:?}");
+            assert!(found.windows(2).all(|w| w[0] < w[1]), "in id order, each once: {found:?}");
+        }
+        let (all, next) = registry.list(None, None, 500, 10_000, |_| true);
+        assert_eq!((all.len(), next), (25, None));
+        assert!(all.windows(2).all(|w| w[0].sub.id < w[1].sub.id));
+        let (rest, next) = registry.list(None, Some(&all[19].sub.id), 500, 10_000, |_| true);
+        assert_eq!((rest.len(), next), (5, None));
     }
 
     #[tokio::test]

@@ -132,6 +132,24 @@ try {
   assert.deepEqual(edited.events, ["other.type"]);
   const test = await fetch(`${BASE}/v1/subscriptions/${created.id}/test`, { method: "POST", headers: { authorization: `Bearer ${ADMIN}` } }).then((r) => r.json());
   assert.equal(test.delivered, true, JSON.stringify(test));
+
+  say("the subscriptions list asks the server for the disabled ones");
+  const disabled = await fetch(`${BASE}/v1/subscriptions/${created.id}`, {
+    method: "PATCH",
+    headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" },
+    body: JSON.stringify({ enabled: false }),
+  });
+  assert.equal(disabled.status, 200, await disabled.text());
+  await page.goto(`${BASE}/console#/subscriptions`);
+  await page.locator(`tr[data-subscription="${okSub}"]`).waitFor({ timeout: WAIT });
+  const asked = page.waitForRequest((r) => r.url().includes("/v1/subscriptions?") && r.url().includes("enabled=false"));
+  await page.locator("#f-enabled").selectOption("false");
+  await asked;
+  await page.locator(`tr[data-subscription="${okSub}"]`).waitFor({ state: "detached", timeout: WAIT });
+  assert.deepEqual(await page.locator("tr[data-subscription]").evaluateAll((rows) => rows.map((r) => r.dataset.subscription)), [created.id]);
+  await page.goto(`${BASE}/console#/subscriptions?breaker=open`);
+  await until("the breaker filter taken from the link", page, async () => (await page.locator("#f-breaker").inputValue()) === "open");
+
   await fetch(`${BASE}/v1/subscriptions/${created.id}`, { method: "DELETE", headers: { authorization: `Bearer ${ADMIN}` } });
 
   say("the subscriptions list filters by tenant");

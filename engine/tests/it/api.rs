@@ -1,8 +1,9 @@
 //! The API as a client meets it: auth, validation, errors, subscription management.
 
-use crate::support::{Receiver, TestHerald, TOKEN};
+use crate::support::{tenant_with_key, until, Receiver, TestHerald, TOKEN};
 use bytes::Bytes;
-use serde_json::json;
+use serde_json::{json, Value};
+use std::time::Duration;
 
 #[tokio::test]
 async fn requests_without_the_admin_token_are_refused_in_the_contract_shape() {
@@ -179,4 +180,83 @@ async fn subscriptions_survive_a_restart() {
     assert_eq!(accepted["deliveries"], 1);
     rx.wait_on("/keep", 1).await;
     h.herald.stop().await;
+}
+
+/// What an operator looks for in an incident — the disabled ones, the ones whose breaker is
+/// open, one transport — is filtered by the server, so a page holds matches however many
+/// subscriptions come between them, and a tenant's key still sees only its own.
+#[tokio::test]
+async fn the_subscription_list_is_filtered_by_the_server() {
+    let h = TestHerald::start_with(|c| {
+        c.health.breaker_failures = 2;
+        c.health.breaker_pause = Duration::from_secs(600).into();
+        c.health.breaker_max_pause = Duration::from_secs(600).into();
+    })
+    .await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/down", 503);
+    let (acme, acme_api) = tenant_with_key(&h.api, "Acme").await;
+    let (globex, _) = tenant_with_key(&h.api, "Globex").await;
+    let retry = json!({ "policy": "fixed", "interval": "50ms", "max_attempts": 100 });
+    let api = &h.api;
+    let sub = |body: Value| async move { api.subscribe(body).await["id"].as_str().unwrap().to_string() };
+    // Many plain subscriptions between the ones looked for, in both tenants.
+    for i in 0..30 {
+        sub(json!({ "url": rx.url(&format!("/up/{i}")), "tenant": if i % 2 == 0 { &acme } else { &globex }, "events": ["Quiet"] }))
+            .await;
+    }
+    let down = sub(json!({ "url": rx.url("/down"), "tenant": acme, "events": ["Order"], "retry": retry })).await;
+    let off = sub(json!({ "url": rx.url("/off"), "tenant": acme, "enabled": false })).await;
+    let off_globex = sub(json!({ "url": rx.url("/off-globex"), "tenant": globex, "enabled": false })).await;
+    let amqp = sub(json!({
+        "transport": "amqp", "tenant": globex, "events": ["Quiet"],
+        "amqp": { "uri": "amqp://127.0.0.1:5672/%2f", "exchange": "x" }
+    }))
+    .await;
+    let (status, device) = h.api.post("/v1/edge-devices", json!({ "name": "gw", "tenant": acme })).await;
+    assert_eq!(status, 201, "{device}");
+    let edge =
+        sub(json!({ "url": "http://10.9.8.7/hook", "tenant": acme, "events": ["Quiet"], "via_edge": device["id"] }))
+            .await;
+
+    // Every page of a filtered list, followed to its end.
+    async fn all(api: &crate::support::Api, query: &str) -> Vec<String> {
+        let (mut ids, mut cursor) = (Vec::new(), None::<String>);
+        loop {
+            let after = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
+            let (status, page) = api.get(&format!("/v1/subscriptions?{query}&limit=2{after}")).await;
+            assert_eq!(status, 200, "{query}: {page}");
+            ids.extend(page["items"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()));
+            match page["next"].as_str() {
+                Some(next) => cursor = Some(next.to_string()),
+                None => return ids,
+            }
+        }
+    }
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(all(&h.api, "enabled=false").await, sorted(vec![off.clone(), off_globex.clone()]));
+    assert_eq!(all(&h.api, &format!("enabled=false&tenant={acme}")).await, vec![off.clone()]);
+    assert_eq!(all(&acme_api, "enabled=false").await, vec![off.clone()], "a tenant's key sees its own only");
+    assert_eq!(all(&h.api, "transport=amqp").await, vec![amqp.clone()]);
+    assert_eq!(all(&h.api, "transport=edge").await, vec![edge.clone()]);
+    assert_eq!(all(&h.api, "transport=webhook&enabled=true").await.len(), 31, "the plain ones and the failing one");
+    assert!(all(&h.api, "breaker=open").await.is_empty());
+
+    // The failing endpoint's breaker opens after two failed attempts.
+    let (status, _) =
+        h.api.post("/v1/events", json!({ "id": "o-1", "tenant": acme, "type": "Order", "data": {} })).await;
+    assert_eq!(status, 202);
+    until("the failing endpoint's breaker open", Duration::from_secs(20), || async {
+        (all(&h.api, "breaker=open").await == vec![down.clone()]).then_some(())
+    })
+    .await;
+    assert_eq!(all(&h.api, "breaker=closed&enabled=false").await, sorted(vec![off.clone(), off_globex.clone()]));
+
+    for (query, field) in [("transport=smtp", "transport"), ("enabled=maybe", "enabled"), ("breaker=ajar", "breaker")] {
+        let (status, err) = h.api.get(&format!("/v1/subscriptions?{query}")).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{query}: {err}");
+    }
 }
