@@ -385,8 +385,9 @@ async function subscriptions(id, sub) {
   };
   const list = h("div", {});
   const more = h("div", {});
-  const bar = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); reload(); } },
-    session.role === "admin" ? h("label", { for: "f-tenant" }, "Tenant", filters.tenant) : null,
+  const admin = session.role === "admin";
+  const bar = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); load(reload); } },
+    admin ? h("label", { for: "f-tenant" }, "Tenant", filters.tenant) : null,
     h("label", { for: "f-transport" }, "Transport", filters.transport),
     h("label", { for: "f-enabled" }, "State", filters.enabled),
     h("label", { for: "f-breaker" }, "Breaker", filters.breaker),
@@ -395,10 +396,10 @@ async function subscriptions(id, sub) {
   layout("subscriptions", "Subscriptions", bar, list, more);
   // A link may carry the filters (#/subscriptions?breaker=open); the server applies them.
   for (const name of ["transport", "enabled", "breaker"]) filters[name].value = params.get(name) || "";
-  for (const f of [filters.transport, filters.enabled, filters.breaker]) f.addEventListener("change", () => reload());
+  for (const f of [filters.transport, filters.enabled, filters.breaker]) f.addEventListener("change", () => load(reload));
   let loaded = [], next = null, generation = 0;
   const kind = (s) => (s.via_edge ? "edge" : s.transport);
-  const filtered = () => [filters.tenant, filters.transport, filters.enabled, filters.breaker].some((f) => f.value.trim());
+  const filtered = () => [admin && filters.tenant, filters.transport, filters.enabled, filters.breaker].some((f) => f && f.value.trim());
   function draw() {
     list.replaceChildren(table(["Subscription", "Tenant", "Transport", "Events", "State", "Breaker", "In flight"], loaded.map((s) =>
       h("tr", { "data-subscription": s.id },
@@ -409,33 +410,41 @@ async function subscriptions(id, sub) {
         h("td", {}, s.enabled === false ? badge("disabled", "bad") : badge("enabled", "ok")),
         h("td", {}, badge((s.health?.breaker || "—").replace("_", " "), s.health?.breaker === "closed" ? "ok" : "bad")),
         h("td", { class: "num" }, `${s.health?.in_flight ?? "—"} / ${s.health?.max_in_flight ?? "—"}`))),
-    filtered() ? "No subscription matches these filters." : "No subscriptions yet: create one with “New subscription”."));
-    more.replaceChildren(next ? h("button", { type: "button", onclick: page }, "Load more") : "");
+    next ? "None found yet: “Load more” looks further." : filtered() ? "No subscription matches these filters." :
+      "No subscriptions yet: create one with “New subscription”."));
+    more.replaceChildren(next ? h("button", { type: "button", onclick: () => load(page) }, "Load more") : "");
   }
   // The server filters, looking at a bounded number of subscriptions a page: a page that
-  // found none may still say where to go on, so a few more are asked for before drawing.
+  // found none may still say where to go on, so a few more are asked for before drawing. A
+  // page that comes back after the filters changed, or after another request moved on from
+  // the same cursor (a second click on "Load more"), is dropped.
   async function page() {
     const mine = generation;
-    const t = session.role === "admin" ? filters.tenant.value.trim() : "";
+    const t = admin ? filters.tenant.value.trim() : "";
     for (let asked = 0; asked < 20; asked++) {
+      const cursor = next;
       const r = await api("GET", "/v1/subscriptions" + q({
-        limit: 500, cursor: next, tenant: t || undefined,
+        limit: 500, cursor, tenant: t || undefined,
         transport: filters.transport.value, enabled: filters.enabled.value, breaker: filters.breaker.value,
       }));
-      if (mine !== generation) return; // the filters changed while this page was on its way
+      if (mine !== generation || next !== cursor) return;
       loaded = loaded.concat(r.items);
       next = r.next;
       if (r.items.length || !next) break;
     }
     draw();
   }
-  async function reload() {
+  function reload() {
     generation++;
     loaded = [];
     next = null;
-    await page();
+    return page();
   }
-  filters.tenant.addEventListener("change", () => reload());
+  // What a click or a change starts: an API error takes the list's place (a 401 signs out).
+  function load(what) {
+    what().catch((e) => { if (e.status !== 401) list.replaceChildren(errorBox(e)); });
+  }
+  filters.tenant.addEventListener("change", () => load(reload));
   await page();
 }
 
