@@ -123,6 +123,19 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+/// What a listing of subscriptions keeps; `None` keeps any.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionFilter {
+    /// One tenant's (the admin only: a tenant's key sees its own anyway).
+    pub tenant: Option<String>,
+    /// `webhook`, `amqp` or `edge` (through an edge device, whatever the transport).
+    pub transport: Option<String>,
+    /// Enabled or disabled.
+    pub enabled: Option<bool>,
+    /// The breaker's state in the answering process: `closed`, `open` or `half_open`.
+    pub breaker: Option<String>,
+}
+
 /// A tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Tenant {
@@ -332,7 +345,25 @@ impl Client {
 
     /// A page of subscriptions (a tenant's, for the admin).
     pub async fn subscriptions(&self, tenant: Option<&str>, cursor: Option<&str>) -> Result<Page<Value>, Error> {
-        let q = query(&[("tenant", tenant.map(str::to_string)), ("cursor", cursor.map(str::to_string))]);
+        let filter = SubscriptionFilter { tenant: tenant.map(str::to_string), ..SubscriptionFilter::default() };
+        self.subscriptions_where(&filter, cursor).await
+    }
+
+    /// A page of the subscriptions `filter` keeps, which the server applies. A page looks at a
+    /// bounded number of subscriptions, so a filtered one may be short, even empty, and still
+    /// have a `next`: go on until `next` is `None`.
+    pub async fn subscriptions_where(
+        &self,
+        filter: &SubscriptionFilter,
+        cursor: Option<&str>,
+    ) -> Result<Page<Value>, Error> {
+        let q = query(&[
+            ("tenant", filter.tenant.clone()),
+            ("transport", filter.transport.clone()),
+            ("enabled", filter.enabled.map(|e| e.to_string())),
+            ("breaker", filter.breaker.clone()),
+            ("cursor", cursor.map(str::to_string)),
+        ]);
         self.typed(Method::GET, &format!("/v1/subscriptions{q}"), None).await
     }
 

@@ -94,8 +94,13 @@ class HeraldClient:
         """Creates a subscription; the answer shows its secret, this once."""
         return self.call("POST", "/v1/subscriptions", spec)
 
-    def subscriptions(self, tenant=None, cursor=None, limit=None):
-        return self.call("GET", "/v1/subscriptions" + _query(tenant=tenant, cursor=cursor, limit=limit))
+    def subscriptions(self, tenant=None, cursor=None, limit=None, transport=None, enabled=None, breaker=None):
+        """A page of subscriptions, filtered by the server: transport ("webhook", "amqp", "edge"),
+        enabled (True/False), breaker ("closed", "open", "half_open"). A filtered page may be
+        short, even empty, and still have a "next": go on until "next" is None."""
+        enabled = None if enabled is None else ("true" if enabled else "false")
+        return self.call("GET", "/v1/subscriptions" + _query(tenant=tenant, cursor=cursor, limit=limit,
+                                                             transport=transport, enabled=enabled, breaker=breaker))
 
     def subscription(self, subscription_id):
         return self.call("GET", f"/v1/subscriptions/{_segment(subscription_id)}")

@@ -74,6 +74,9 @@ class LiveServer(unittest.TestCase):
         # The history, through the tenant's own key: its subscriptions only, the attempt on record.
         own = HeraldClient(herald.base, key["key"])
         self.assertEqual({s["id"] for s in own.subscriptions()["items"]}, {hmac_sub["id"], standard_sub["id"]})
+        self.assertEqual({s["id"] for s in own.subscriptions(transport="webhook", enabled=True)["items"]},
+                         {hmac_sub["id"], standard_sub["id"]})
+        self.assertEqual(own.subscriptions(enabled=False)["items"], [])
         attempts = until("the attempts on record", lambda: own.attempts(event="py-1")["items"] if len(own.attempts(event="py-1")["items"]) == 2 else None)
         self.assertEqual({a["outcome"] for a in attempts}, {"delivered"})
         self.assertEqual(own.event("py-1")["deliveries"][0]["state"], "delivered")
@@ -82,6 +85,9 @@ class LiveServer(unittest.TestCase):
         with self.assertRaises(HeraldError) as refused:
             self.herald.create_subscription({"url": "not a url"})
         self.assertEqual((refused.exception.status, refused.exception.field), (400, "url"))
+        with self.assertRaises(HeraldError) as ajar:
+            self.herald.subscriptions(breaker="ajar")
+        self.assertEqual((ajar.exception.status, ajar.exception.field), (400, "breaker"))
         with self.assertRaises(HeraldError) as missing:
             self.herald.subscription("sub_nope")
         self.assertEqual((missing.exception.status, missing.exception.code), (404, "NOT_FOUND"))

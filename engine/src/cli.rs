@@ -72,6 +72,9 @@ pub enum Client {
         tenant: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Start after this page's end (the `next` a listing printed).
+        #[arg(long)]
+        cursor: Option<String>,
     },
     /// Dead letters.
     Dlq {
@@ -138,10 +141,22 @@ pub enum Keys {
 
 #[derive(Subcommand)]
 pub enum Subscriptions {
-    /// List subscriptions.
+    /// List subscriptions (filtered by the server).
     List {
         #[arg(long)]
         tenant: Option<String>,
+        /// Only those delivered this way: webhook, amqp or edge.
+        #[arg(long)]
+        transport: Option<String>,
+        /// Only the enabled (true) or disabled (false) ones.
+        #[arg(long)]
+        enabled: Option<String>,
+        /// Only those whose breaker is closed, open or half_open (in the answering process).
+        #[arg(long)]
+        breaker: Option<String>,
+        /// Start after this page's end (the `next` a listing printed).
+        #[arg(long)]
+        cursor: Option<String>,
     },
     /// Read one subscription.
     Get { id: String },
@@ -205,6 +220,9 @@ pub enum Events {
         tenant: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Start after this page's end (the `next` a listing printed).
+        #[arg(long)]
+        cursor: Option<String>,
     },
 }
 
@@ -216,6 +234,9 @@ pub enum Dlq {
         subscription: Option<String>,
         #[arg(long)]
         tenant: Option<String>,
+        /// Start after this page's end (the `next` a listing printed).
+        #[arg(long)]
+        cursor: Option<String>,
     },
     /// Deliver dead letters again: these ids, or every one of a subscription.
     Replay {
@@ -400,10 +421,20 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
             ),
         },
         Client::Subscriptions { cmd, .. } => match cmd {
-            Subscriptions::List { tenant } => (
+            Subscriptions::List { tenant, transport, enabled, breaker, cursor } => (
                 api.call(
                     "GET",
-                    &format!("/v1/subscriptions{}", query(&[("tenant", tenant), ("limit", Some("500".into()))])),
+                    &format!(
+                        "/v1/subscriptions{}",
+                        query(&[
+                            ("tenant", tenant),
+                            ("transport", transport),
+                            ("enabled", enabled),
+                            ("breaker", breaker),
+                            ("cursor", cursor),
+                            ("limit", Some("500".into())),
+                        ])
+                    ),
                     None,
                 )
                 .await?,
@@ -493,12 +524,17 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
             Events::Get { id, tenant } => {
                 (api.call("GET", &format!("/v1/events/{id}{}", query(&[("tenant", tenant)])), None).await?, Shown::One)
             }
-            Events::List { event_type, tenant, limit } => (
+            Events::List { event_type, tenant, limit, cursor } => (
                 api.call(
                     "GET",
                     &format!(
                         "/v1/events{}",
-                        query(&[("type", event_type), ("tenant", tenant), ("limit", Some(limit.to_string()))])
+                        query(&[
+                            ("type", event_type),
+                            ("tenant", tenant),
+                            ("limit", Some(limit.to_string())),
+                            ("cursor", cursor),
+                        ])
                     ),
                     None,
                 )
@@ -506,13 +542,14 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                 Shown::List(&["id", "type", "tenant", "accepted_at"]),
             ),
         },
-        Client::Attempts { event, subscription, outcome, tenant, limit, .. } => {
+        Client::Attempts { event, subscription, outcome, tenant, limit, cursor, .. } => {
             let q = query(&[
                 ("event", event),
                 ("subscription", subscription),
                 ("outcome", outcome),
                 ("tenant", tenant),
                 ("limit", Some(limit.to_string())),
+                ("cursor", cursor),
             ]);
             (
                 api.call("GET", &format!("/v1/attempts{q}"), None).await?,
@@ -529,12 +566,17 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
             )
         }
         Client::Dlq { cmd, .. } => match cmd {
-            Dlq::List { subscription, tenant } => (
+            Dlq::List { subscription, tenant, cursor } => (
                 api.call(
                     "GET",
                     &format!(
                         "/v1/dlq{}",
-                        query(&[("subscription", subscription), ("tenant", tenant), ("limit", Some("500".into()))])
+                        query(&[
+                            ("subscription", subscription),
+                            ("tenant", tenant),
+                            ("cursor", cursor),
+                            ("limit", Some("500".into())),
+                        ])
                     ),
                     None,
                 )
@@ -595,7 +637,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
             let items = answer["items"].as_array().cloned().unwrap_or_default();
             println!("{}", table(&items, columns));
             if let Some(next) = answer["next"].as_str() {
-                eprintln!("(more: the next page starts at cursor {next})");
+                eprintln!("(more: the next page is the same command with --cursor {next})");
             }
         }
         Shown::One => println!("{}", facts(&answer)),

@@ -71,6 +71,28 @@ async fn an_operator_scripts_herald_with_its_cli() {
     assert_eq!(patched["rate_limit"], 5.0);
     let table = text(&herald(&base, &["subscriptions", "list", "--tenant", tenant_id], None).await);
     assert!(table.contains(sub_id) && table.contains("a,b") && table.contains("closed"), "{table}");
+    // Filters go to the server, which names a bad one; a page ends with how to get the next.
+    let off = json(
+        &herald(
+            &base,
+            &["--json", "subscriptions", "create", "--url", &rx.url("/cli-off"), "--tenant", tenant_id],
+            None,
+        )
+        .await,
+    );
+    let off_id = off["id"].as_str().unwrap();
+    herald(&base, &["subscriptions", "patch", off_id, "--set", r#"{"enabled": false}"#], None).await;
+    let disabled = text(&herald(&base, &["subscriptions", "list", "--enabled", "false"], None).await);
+    assert!(disabled.contains(off_id) && !disabled.contains(sub_id), "{disabled}");
+    let webhooks =
+        text(&herald(&base, &["subscriptions", "list", "--transport", "webhook", "--enabled", "true"], None).await);
+    assert!(webhooks.contains(sub_id) && !webhooks.contains(off_id), "{webhooks}");
+    let bad = herald(&base, &["subscriptions", "list", "--breaker", "ajar"], None).await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("breaker"), "{bad:?}");
+    let first = herald(&base, &["--json", "subscriptions", "list", "--tenant", tenant_id], None).await;
+    assert!(json(&first)["next"].is_null(), "two subscriptions fit one page");
+    herald(&base, &["subscriptions", "delete", off_id], None).await;
 
     // One event from flags, then three from stdin lines (a batch).
     let sent = json(
@@ -103,6 +125,21 @@ async fn an_operator_scripts_herald_with_its_cli() {
     assert!(attempts.contains("delivered") && attempts.contains("200"), "{attempts}");
     let event = json(&herald(&base, &["--json", "events", "get", "e-1", "--tenant", tenant_id], None).await);
     assert_eq!(event["deliveries"][0]["state"], "delivered");
+    // A listing with more to it says how to go on, and --cursor goes on.
+    let first = herald(&base, &["events", "list", "--tenant", tenant_id, "--limit", "1"], None).await;
+    let said = String::from_utf8_lossy(&first.stderr).into_owned();
+    let cursor = said.split("--cursor ").nth(1).map(|c| c.trim().trim_end_matches(')').to_string());
+    let cursor = cursor.unwrap_or_else(|| panic!("no cursor offered: {said}"));
+    let second = json(
+        &herald(&base, &["--json", "events", "list", "--tenant", tenant_id, "--limit", "1", "--cursor", &cursor], None)
+            .await,
+    );
+    let second_id = second["items"][0]["id"].as_str().unwrap().to_string();
+    assert!(
+        !text(&first).contains(&second_id),
+        "the second page goes on from the first: {second_id} in {}",
+        text(&first)
+    );
 
     // Exit codes: 1 when the API refuses (its error on stderr), 2 for bad usage, 3 when the
     // server is not there.

@@ -54,6 +54,17 @@ async fn the_rust_client_publishes_and_its_checks_accept_what_herald_signed() {
     assert_eq!(check(r.header("webhook-id")), Ok(()));
     assert_eq!(check("another-id"), Err(verify::Rejected::Signature));
 
+    // Listings filtered by the server.
+    let off = client.create_subscription(&json!({ "url": rx.url("/off"), "enabled": false })).await.unwrap();
+    let disabled = herald_client::SubscriptionFilter { enabled: Some(false), ..Default::default() };
+    let page = client.subscriptions_where(&disabled, None).await.unwrap();
+    assert_eq!((page.items.len(), &page.items[0]["id"], &page.next), (1, &off["id"], &None));
+    let amqp = herald_client::SubscriptionFilter { transport: Some("amqp".into()), ..Default::default() };
+    assert!(client.subscriptions_where(&amqp, None).await.unwrap().items.is_empty());
+    let ajar = herald_client::SubscriptionFilter { breaker: Some("ajar".into()), ..Default::default() };
+    let err = client.subscriptions_where(&ajar, None).await.unwrap_err();
+    assert!(matches!(&err, herald_client::Error::Api { status: 400, field: Some(f), .. } if f == "breaker"), "{err}");
+
     // Refusals come typed, naming the field.
     let err = client.create_subscription(&json!({ "url": "not a url" })).await.unwrap_err();
     assert!(matches!(&err, herald_client::Error::Api { status: 400, field: Some(f), .. } if f == "url"), "{err}");
