@@ -72,9 +72,8 @@ pub enum Client {
         tenant: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
-        /// Start after this page's end (the `next` a listing printed).
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
     },
     /// Dead letters.
     Dlq {
@@ -139,6 +138,14 @@ pub enum Keys {
     Revoke { tenant: String, key_id: String },
 }
 
+/// Where a listing starts: every paged listing takes it.
+#[derive(clap::Args)]
+pub struct Paging {
+    /// Start after an earlier page's end: the cursor its "more" line named.
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
 #[derive(Subcommand)]
 pub enum Subscriptions {
     /// List subscriptions (filtered by the server).
@@ -154,9 +161,8 @@ pub enum Subscriptions {
         /// Only those whose breaker is closed, open or half_open (in the answering process).
         #[arg(long)]
         breaker: Option<String>,
-        /// Start after this page's end (the `next` a listing printed).
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
     },
     /// Read one subscription.
     Get { id: String },
@@ -220,9 +226,8 @@ pub enum Events {
         tenant: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
-        /// Start after this page's end (the `next` a listing printed).
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
     },
 }
 
@@ -234,9 +239,8 @@ pub enum Dlq {
         subscription: Option<String>,
         #[arg(long)]
         tenant: Option<String>,
-        /// Start after this page's end (the `next` a listing printed).
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
     },
     /// Deliver dead letters again: these ids, or every one of a subscription.
     Replay {
@@ -421,7 +425,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
             ),
         },
         Client::Subscriptions { cmd, .. } => match cmd {
-            Subscriptions::List { tenant, transport, enabled, breaker, cursor } => (
+            Subscriptions::List { tenant, transport, enabled, breaker, paging } => (
                 api.call(
                     "GET",
                     &format!(
@@ -431,7 +435,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                             ("transport", transport),
                             ("enabled", enabled),
                             ("breaker", breaker),
-                            ("cursor", cursor),
+                            ("cursor", paging.cursor),
                             ("limit", Some("500".into())),
                         ])
                     ),
@@ -524,7 +528,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
             Events::Get { id, tenant } => {
                 (api.call("GET", &format!("/v1/events/{id}{}", query(&[("tenant", tenant)])), None).await?, Shown::One)
             }
-            Events::List { event_type, tenant, limit, cursor } => (
+            Events::List { event_type, tenant, limit, paging } => (
                 api.call(
                     "GET",
                     &format!(
@@ -533,7 +537,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                             ("type", event_type),
                             ("tenant", tenant),
                             ("limit", Some(limit.to_string())),
-                            ("cursor", cursor),
+                            ("cursor", paging.cursor),
                         ])
                     ),
                     None,
@@ -542,14 +546,14 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                 Shown::List(&["id", "type", "tenant", "accepted_at"]),
             ),
         },
-        Client::Attempts { event, subscription, outcome, tenant, limit, cursor, .. } => {
+        Client::Attempts { event, subscription, outcome, tenant, limit, paging, .. } => {
             let q = query(&[
                 ("event", event),
                 ("subscription", subscription),
                 ("outcome", outcome),
                 ("tenant", tenant),
                 ("limit", Some(limit.to_string())),
-                ("cursor", cursor),
+                ("cursor", paging.cursor),
             ]);
             (
                 api.call("GET", &format!("/v1/attempts{q}"), None).await?,
@@ -566,7 +570,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
             )
         }
         Client::Dlq { cmd, .. } => match cmd {
-            Dlq::List { subscription, tenant, cursor } => (
+            Dlq::List { subscription, tenant, paging } => (
                 api.call(
                     "GET",
                     &format!(
@@ -574,7 +578,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                         query(&[
                             ("subscription", subscription),
                             ("tenant", tenant),
-                            ("cursor", cursor),
+                            ("cursor", paging.cursor),
                             ("limit", Some("500".into())),
                         ])
                     ),
