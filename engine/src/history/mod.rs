@@ -40,6 +40,12 @@ const BUSY: f64 = 0.5;
 /// How long one measure of that share holds, and how often a waiting indexer looks again.
 const BUSY_WINDOW: Duration = Duration::from_millis(100);
 
+/// How long delivery counts as busy after a window that was: as a burst's last deliveries thin
+/// out, the workers' share dips below [`BUSY`] while they still run, and indexing a deferral's
+/// backlog then, at full speed, competed with them (on Kafka, 1.5–4 µs a delivery of a
+/// 400,000-delivery run; BENCHMARKS.md, thirty-fourth session).
+const QUIET: Duration = Duration::from_secs(1);
+
 /// Requests that wait in [`History::caught_up`] at once, at most; others answer from what is
 /// indexed without waiting, so lookups of ids never accepted cannot hold many connections.
 const CATCH_UP_WAITERS: usize = 16;
@@ -65,17 +71,19 @@ struct Load {
     busy: std::sync::atomic::AtomicBool,
 }
 
-/// The workers' busy time at the last measure, and the share measured then.
+/// The workers' busy time at the last measure, the share measured then, and when a window
+/// last measured busy.
 struct Sample {
     at: std::time::Instant,
     busy: Duration,
     share: f64,
+    busy_at: Option<std::time::Instant>,
 }
 
 impl Load {
     fn new(runtime: tokio::runtime::Handle, defer: Duration) -> Load {
         let busy = Self::busy_total(&runtime.metrics());
-        let sample = Sample { at: std::time::Instant::now(), busy, share: 0.0 };
+        let sample = Sample { at: std::time::Instant::now(), busy, share: 0.0, busy_at: None };
         Load {
             runtime,
             defer,
@@ -103,13 +111,14 @@ impl Load {
         (0..m.num_workers()).map(|w| m.worker_total_busy_duration(w)).sum()
     }
 
-    /// The workers' busy share since the previous measure (taken again once [`BUSY_WINDOW`]
-    /// has passed). tokio adds to a worker's busy time when it parks, or every few dozen
-    /// polls, so a share is lumpy; a lump only makes a window look busier.
-    fn share(&self) -> f64 {
+    /// Whether delivery is busy: the workers' busy share since the previous measure (taken
+    /// again once [`BUSY_WINDOW`] has passed) is at least [`BUSY`], or was within [`QUIET`].
+    /// tokio adds to a worker's busy time when it parks, or every few dozen polls, so a share
+    /// is lumpy; a lump only makes a window look busier.
+    fn busy(&self) -> bool {
         #[cfg(test)]
         if self.busy.load(std::sync::atomic::Ordering::Relaxed) {
-            return 1.0;
+            return true;
         }
         let mut s = self.sample.lock().unwrap();
         let elapsed = s.at.elapsed();
@@ -119,8 +128,11 @@ impl Load {
             let workers = m.num_workers().max(1) as f64;
             s.share = busy.saturating_sub(s.busy).as_secs_f64() / (elapsed.as_secs_f64() * workers);
             (s.at, s.busy) = (std::time::Instant::now(), busy);
+            if s.share >= BUSY {
+                s.busy_at = Some(s.at);
+            }
         }
-        s.share
+        s.busy_at.is_some_and(|at| at.elapsed() < QUIET)
     }
 
     /// Whether a batch held since `held` whose oldest record was written at `oldest_ms` should
@@ -133,7 +145,7 @@ impl Load {
             && held.elapsed() < self.defer
             && self.since_origin() >= self.wanted_until.load(std::sync::atomic::Ordering::Relaxed)
             && now_ms.saturating_sub(oldest_ms) < defer_ms
-            && self.share() >= BUSY
+            && self.busy()
     }
 }
 
@@ -428,8 +440,17 @@ mod tests {
         assert!(until_defers(&asked, true));
         asked.want_until(std::time::Instant::now() + Duration::from_secs(60));
         assert!(!asked.defers(now, now_ms(), now_ms()), "a waiter leaves indexing held back");
+        // Delivery going quiet lets indexing go — not at the first quiet window, as the last
+        // deliveries of a burst thin out, but once it has stayed quiet for QUIET.
+        assert!(until_defers(&load, true));
+        let last_busy = std::time::Instant::now();
         spin.store(false, Ordering::Relaxed);
         assert!(until_defers(&load, false), "indexing still waits once delivery is idle");
+        assert!(
+            last_busy.elapsed() >= QUIET - BUSY_WINDOW * 2,
+            "indexing went {:?} after delivery",
+            last_busy.elapsed()
+        );
     }
 
     /// While delivery is busy and indexing waits, an answer that must not miss the newest
