@@ -71,19 +71,17 @@ struct Load {
     busy: std::sync::atomic::AtomicBool,
 }
 
-/// The workers' busy time at the last measure, the share measured then, and when a window
-/// last measured busy.
+/// The workers' busy time at the last measure, and when a window last measured busy.
 struct Sample {
     at: std::time::Instant,
     busy: Duration,
-    share: f64,
     busy_at: Option<std::time::Instant>,
 }
 
 impl Load {
     fn new(runtime: tokio::runtime::Handle, defer: Duration) -> Load {
         let busy = Self::busy_total(&runtime.metrics());
-        let sample = Sample { at: std::time::Instant::now(), busy, share: 0.0, busy_at: None };
+        let sample = Sample { at: std::time::Instant::now(), busy, busy_at: None };
         Load {
             runtime,
             defer,
@@ -126,9 +124,9 @@ impl Load {
             let m = self.runtime.metrics();
             let busy = Self::busy_total(&m);
             let workers = m.num_workers().max(1) as f64;
-            s.share = busy.saturating_sub(s.busy).as_secs_f64() / (elapsed.as_secs_f64() * workers);
+            let share = busy.saturating_sub(s.busy).as_secs_f64() / (elapsed.as_secs_f64() * workers);
             (s.at, s.busy) = (std::time::Instant::now(), busy);
-            if s.share >= BUSY {
+            if share >= BUSY {
                 s.busy_at = Some(s.at);
             }
         }
