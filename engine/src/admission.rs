@@ -461,8 +461,13 @@ impl Admission {
     /// probe opens it again for longer, before the probe ends.)
     pub fn failed(&self, probe: Probe<'_>) -> Health {
         let now = now_ms();
-        let _ = self.failing_since_ms.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
-        let since = self.failing_since_ms.load(Ordering::Acquire);
+        // When failing began: now, or what an earlier failure set. Read from the exchange
+        // itself — a success on another thread may clear it right after, and a second read
+        // would then see 0, "failing since 1970", and give a flaky endpoint up.
+        let since = match self.failing_since_ms.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => now,
+            Err(earlier) => earlier,
+        };
         let disable_after = self.health.disable_after.0;
         let give_up = !disable_after.is_zero() && now - since >= disable_after.as_millis() as i64;
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
@@ -497,6 +502,32 @@ mod tests {
             breaker_max_pause: HumanDuration(Duration::from_millis(pause_ms * 4)),
             disable_after: HumanDuration(Duration::ZERO),
         }
+    }
+
+    /// A success on another thread between a failure marking when failing began and reading
+    /// it back must not make the failure read "failing since 1970" and give the endpoint up.
+    #[test]
+    fn a_success_racing_a_failure_never_gives_a_flaky_endpoint_up() {
+        let e = Arc::new(Admission::new(None, None, HealthConfig::default()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let succeeding = {
+            let (e, stop) = (e.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    e.succeeded(Probe::NONE);
+                }
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut gave_up = 0;
+        while std::time::Instant::now() < deadline {
+            for _ in 0..1000 {
+                gave_up += usize::from(e.failed(Probe::NONE).give_up);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        succeeding.join().unwrap();
+        assert_eq!(gave_up, 0, "an endpoint failing for microseconds was given up (disable_after is 5 days)");
     }
 
     #[tokio::test]
