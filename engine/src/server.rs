@@ -257,6 +257,7 @@ fn spawn_dispatcher(
         window: config.dispatch.window,
         max_uncommitted: config.dispatch.max_uncommitted,
         batch: config.dispatch.batch,
+        max_keys: config.dispatch.ordered_max_keys,
         drain: DRAIN,
     };
     let sources = topics

@@ -301,6 +301,10 @@ pub struct DispatchConfig {
     pub max_uncommitted: usize,
     /// Records read from the log at a time.
     pub batch: usize,
+    /// Keys with something outstanding per partition of the ordered topic at most: past it
+    /// a partition reads on only as its keys settle, so memory is bounded however many
+    /// distinct keys a tenant fails on.
+    pub ordered_max_keys: usize,
 }
 
 /// HTTP transport defaults, used where a subscription does not say otherwise.
@@ -585,7 +589,7 @@ impl Default for LogConfig {
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        DispatchConfig { window: 512, max_uncommitted: 100_000, batch: 256 }
+        DispatchConfig { window: 512, max_uncommitted: 100_000, batch: 256, ordered_max_keys: 10_000 }
     }
 }
 
@@ -817,6 +821,9 @@ impl Config {
         }
         if self.dispatch.max_uncommitted < self.dispatch.window {
             return reject("dispatch.max_uncommitted", "must be at least dispatch.window");
+        }
+        if self.dispatch.ordered_max_keys == 0 {
+            return reject("dispatch.ordered_max_keys", "must be at least 1");
         }
         if self.health.breaker_failures == 0 {
             return reject("health.breaker_failures", "must be at least 1");

@@ -35,11 +35,6 @@ use tokio::time::Instant;
 /// A key's later deliveries held in memory at most; the rest wait in the log.
 pub const BUFFER: usize = 32;
 
-/// Keys with something outstanding in one partition at most: past it the sequencer stops
-/// reading (the rest waits in the log) until some settle, so memory is bounded however many
-/// distinct keys a tenant fails on.
-pub const MAX_KEYS: usize = 10_000;
-
 /// Bytes of later deliveries held in memory per partition at most (over all its keys); past
 /// it a key's next deliveries are read back from the log one at a time.
 pub const MAX_HELD_BYTES: usize = 32 << 20;
@@ -340,7 +335,7 @@ struct Sequencer {
     scan: Option<Found>,
     /// Records read and not yet applied: applying waits while a key's next deliveries are
     /// looked for (so a marker for one of them is never read before it is), and while the
-    /// partition holds [`MAX_KEYS`] keys.
+    /// partition holds as many keys as it may (`limits.max_keys`).
     unread: VecDeque<LogRecord>,
     /// Bytes of later deliveries held in memory over all keys (about [`MAX_HELD_BYTES`] at most).
     held: usize,
@@ -489,9 +484,15 @@ impl Sequencer {
     }
 
     /// Applies what was read, in order, until a key must look for its next deliveries in the
-    /// log first, or the partition holds as many keys as it may.
+    /// log first, or the partition holds as many keys as it may (then again as keys settle:
+    /// see [`Sequencer::finished`]).
     fn apply_unread(&mut self) {
-        while self.scan.is_none() && self.needy.is_empty() && self.lanes.len() < MAX_KEYS {
+        let mut capped = false;
+        while self.scan.is_none() && self.needy.is_empty() {
+            if self.lanes.len() >= self.limits.max_keys {
+                capped = !self.unread.is_empty();
+                break;
+            }
             let Some(rec) = self.unread.pop_front() else { break };
             if rec.offset < self.read_to {
                 continue; // handed out again
@@ -499,7 +500,22 @@ impl Sequencer {
             self.read_to = rec.offset + 1;
             self.apply(rec);
         }
-        if !self.live && !self.replaying() {
+        if !self.live && (capped || !self.replaying()) {
+            if capped {
+                // The markers that would settle these keys lie further on, past deliveries
+                // of keys not open yet: replay would wait for them for ever (nothing is
+                // attempted while it runs, so no key settles to make room). It ends here
+                // instead; a key whose head the partition's last sequencer settled after this
+                // point is attempted again (at least once, as after any crash), and its
+                // marker, read later, changes nothing.
+                tracing::warn!(
+                    partition = self.partition,
+                    keys = self.lanes.len(),
+                    read_to = self.read_to,
+                    replay_end = self.replay_end,
+                    "replaying the ordered topic reached dispatch.ordered_max_keys; going on from here"
+                );
+            }
             self.live = true;
             self.replayed();
         }
@@ -779,7 +795,8 @@ impl Sequencer {
         );
     }
 
-    /// A head's attempt (or skip) ended and its marker is durable.
+    /// A head's attempt (or skip) ended and its marker is durable. A key that settled makes
+    /// room for what waits past the cap of keys.
     fn finished(&mut self, lane: LaneId, head: u64, done: Done) {
         if lane.subscription.is_empty() {
             self.heads.remove(&head); // a malformed record, parked
@@ -803,7 +820,11 @@ impl Sequencer {
                 }
             }
         }
-        self.commit();
+        if self.unread.is_empty() {
+            self.commit();
+        } else {
+            self.apply_unread();
+        }
     }
 
     /// Lets a held key go on once its subscription no longer holds keys (it was deleted, or no

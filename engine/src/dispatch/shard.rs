@@ -34,6 +34,8 @@ pub struct ShardLimits {
     pub max_uncommitted: usize,
     /// Records read at a time at most.
     pub batch: usize,
+    /// Ordered keys with something outstanding per partition at most (`ordered`'s sequencer).
+    pub max_keys: usize,
     /// On stop, how long in-flight deliveries may take to finish.
     pub drain: Duration,
 }

@@ -415,3 +415,116 @@ async fn order_holds_when_a_sequencer_panics_and_is_started_again() {
         assert_in_order(key, &rx.of(key), *n, true);
     }
 }
+
+/// A receiver of ordered events that answers 503 to all while `failing` is set, and counts,
+/// per key, the requests it saw and the events it took.
+#[derive(Clone, Default)]
+struct SwitchedReceiver {
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    tried: Arc<Mutex<BTreeMap<String, usize>>>,
+    taken: Arc<Mutex<BTreeMap<String, usize>>>,
+}
+
+impl SwitchedReceiver {
+    async fn start() -> (SwitchedReceiver, String) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let url = format!("http://{}/ordered", listener.local_addr().unwrap());
+        let r = SwitchedReceiver::default();
+        let state = r.clone();
+        serve_http1(listener, move |req: Request<hyper::body::Incoming>| {
+            let state = state.clone();
+            async move {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let envelope: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let key = envelope["data"]["key"].as_str().unwrap_or("?").to_string();
+                *state.tried.lock().unwrap().entry(key.clone()).or_default() += 1;
+                let status = if state.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                    503
+                } else {
+                    *state.taken.lock().unwrap().entry(key).or_default() += 1;
+                    200
+                };
+                Response::builder().status(status).body(Full::new(Bytes::new())).unwrap()
+            }
+        });
+        (r, url)
+    }
+
+    fn fail(&self, failing: bool) {
+        self.failing.store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Keys starting with `prefix` that were tried, and that were delivered.
+    fn counts(&self, prefix: &str) -> (usize, usize) {
+        let of =
+            |m: &Mutex<BTreeMap<String, usize>>| m.lock().unwrap().keys().filter(|k| k.starts_with(prefix)).count();
+        (of(&self.tried), of(&self.taken))
+    }
+}
+
+/// One event for each of `n` new keys `{prefix}0`…, in one batch.
+async fn one_event_per_key(api: &Api, prefix: &str, n: usize) {
+    let events: Vec<Value> = (0..n)
+        .map(|i| json!({ "type": "container.status.updated", "data": { "key": format!("{prefix}{i}"), "seq": 0 } }))
+        .collect();
+    let (status, body) = api.post("/v1/events/batch", Value::Array(events)).await;
+    assert_eq!(status, 202, "{body}");
+}
+
+/// A partition holding as many keys as it may (`dispatch.ordered_max_keys`) reads on as they
+/// settle — and a sequencer started on such a partition (a restart, a Kafka takeover) does
+/// not wait for ever to read markers that lie past the cap.
+#[tokio::test]
+async fn an_ordered_partition_at_its_key_cap_goes_on_as_keys_settle_and_after_a_restart() {
+    const CAP: usize = 20;
+    let h = TestHerald::start_with(|c| {
+        c.log.partitions = 1;
+        c.dispatch.ordered_max_keys = CAP;
+        // The receiver is down on purpose: its keys retry, rather than wait out a breaker.
+        c.health.breaker_failures = 1_000_000;
+    })
+    .await;
+    let (rx, url) = SwitchedReceiver::start().await;
+    h.api.subscribe(ordered_subscription(url)).await;
+
+    // Three times the cap of keys, the receiver down: only the cap's worth are tried.
+    rx.fail(true);
+    one_event_per_key(&h.api, "a", 3 * CAP).await;
+    until("the cap's worth of keys tried", Duration::from_secs(30), || async {
+        (rx.counts("a").0 >= CAP).then_some(())
+    })
+    .await;
+    let retried = |prefix: &'static str| {
+        let rx = rx.clone();
+        move || {
+            let rx = rx.clone();
+            async move {
+                let tried = rx.tried.lock().unwrap();
+                (tried.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, n)| n).sum::<usize>() >= 3 * CAP)
+                    .then_some(())
+            }
+        }
+    };
+    until("the first keys retried", Duration::from_secs(30), retried("a")).await;
+    assert_eq!(rx.counts("a").0, CAP, "keys past the cap wait");
+    // Up again: as keys settle the rest are read and delivered.
+    rx.fail(false);
+    until("every key delivered", Duration::from_secs(60), || async { (rx.counts("a").1 == 3 * CAP).then_some(()) })
+        .await;
+
+    // At the cap again, then a restart: its sequencer replays to the cap, and goes on.
+    rx.fail(true);
+    one_event_per_key(&h.api, "b", 3 * CAP).await;
+    until("the cap's worth of keys tried", Duration::from_secs(30), || async {
+        (rx.counts("b").0 >= CAP).then_some(())
+    })
+    .await;
+    until("the first keys retried", Duration::from_secs(30), retried("b")).await;
+    let h = h.restart().await;
+    rx.fail(false);
+    until("every key delivered after the restart", Duration::from_secs(60), || async {
+        (rx.counts("b").1 == 3 * CAP).then_some(())
+    })
+    .await;
+    drop(h);
+}
