@@ -4,6 +4,7 @@
 //! the body and headers every transport sends.
 
 use crate::admission::Admission;
+use std::sync::Arc;
 use crate::config::HealthConfig;
 use crate::model::{Auth, Delivery, Invalid, Subscription};
 use crate::payload::{self, Body};
@@ -22,8 +23,11 @@ pub struct Target {
     pub uri: Uri,
     /// Fixed headers: custom ones, user agent, Basic auth.
     pub headers: HeaderMap,
-    /// Admission control and health of the endpoint in this process.
-    pub admission: Admission,
+    /// Admission control and health of the endpoint in this process: shared with the
+    /// subscription's next versions while they keep its endpoint and limits (see
+    /// [`Target::keeps_admission_of`]), so a change of its headers neither frees the slots its
+    /// deliveries hold nor forgets an open breaker.
+    pub admission: Arc<Admission>,
 }
 
 /// One attempt ready to send on any transport: the body and the headers that identify and
@@ -87,8 +91,24 @@ impl Target {
             value.set_sensitive(true);
             headers.insert(http::header::AUTHORIZATION, value);
         }
-        let admission = Admission::new(spec.max_in_flight, spec.rate_limit, health);
+        let admission = Arc::new(Admission::new(spec.max_in_flight, spec.rate_limit, health));
         Ok(Target { sub, signer, uri, headers, admission })
+    }
+
+    /// Whether this version of a subscription takes over `older`'s admission: it reaches the
+    /// same endpoint the same way, with the same limits, and was not just enabled again (an
+    /// operator who enables an endpoint that was given up on gives it a fresh start, and an
+    /// attempt judged by the old admission can no longer disable it: see
+    /// `Registry::disable`).
+    pub fn keeps_admission_of(&self, older: &Target) -> bool {
+        let (new, old) = (&self.sub.spec, &older.sub.spec);
+        new.url == old.url
+            && new.transport == old.transport
+            && new.via_edge == old.via_edge
+            && new.proxy == old.proxy
+            && new.max_in_flight == old.max_in_flight
+            && new.rate_limit == old.rate_limit
+            && (old.enabled || !new.enabled)
     }
 
     /// The body of `delivery`'s attempt and the headers that sign it, at `now_ms`: what every

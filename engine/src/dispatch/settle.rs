@@ -269,7 +269,7 @@ impl Settler {
             Verdict::Gone => Box::pin(async {
                 self.judge_health(target, probe).await;
                 let reason = format!("the receiver answered 410 Gone at {}", rfc3339_ms(now_ms()));
-                self.disable(&target.sub.id, reason).await;
+                self.disable(target, reason).await;
                 self.park(&delivery, raw, &outcome, Parked::Gone).await
             })
             .await,
@@ -365,9 +365,9 @@ impl Settler {
         Settlement::DeadLettered { reason }
     }
 
-    async fn disable(&self, id: &str, reason: String) {
-        if let Err(e) = self.registry.disable(id, reason).await {
-            tracing::error!(subscription = %id, error = %e, "could not disable a subscription");
+    async fn disable(&self, judged: &Target, reason: String) {
+        if let Err(e) = self.registry.disable(judged, reason).await {
+            tracing::error!(subscription = %judged.sub.id, error = %e, "could not disable a subscription");
         }
     }
 
@@ -380,7 +380,7 @@ impl Settler {
         }
         if health.give_up {
             let reason = format!("failing continuously; disabled automatically at {}", rfc3339_ms(now_ms()));
-            self.disable(&target.sub.id, reason).await;
+            self.disable(target, reason).await;
         }
     }
 }

@@ -117,11 +117,14 @@ impl Apply for Registry {
             .map_err(|e| Invalid::new("record", e.to_string()))
             .and_then(|sub| Target::compile_with(sub, self.health.clone()));
         match compiled {
-            Ok(t) => {
+            Ok(mut t) => {
                 let mut state = self.state.write().unwrap();
                 if let Some(holder) = state.url_holder(&t.sub.tenant, &t.sub.spec.url, &t.sub.id) {
                     tracing::warn!(subscription = %id, holder, offset = rec.offset, "ignoring a subscription record: its tenant already has this URL");
                     return;
+                }
+                if let Some(older) = state.by_id.get(&id).filter(|older| t.keeps_admission_of(older)) {
+                    t.admission = older.admission.clone();
                 }
                 state.put(Arc::new(t), rec.offset);
             }
@@ -246,10 +249,17 @@ impl Registry {
         self.state.read().unwrap().url_holder(tenant, url, except.unwrap_or_default()).is_some()
     }
 
-    /// Disables a subscription, recording why (e.g. the receiver answered 410 Gone).
-    pub async fn disable(&self, id: &str, reason: String) -> Result<bool, RegistryError> {
+    /// Disables a subscription for what an attempt on `judged` (the version it was made
+    /// with) found, recording why (the receiver answered 410 Gone, or kept failing). Only while
+    /// the subscription still has `judged`'s admission: an attempt that ends after an operator
+    /// enabled it again, or pointed it elsewhere, judged an endpoint that is no longer the
+    /// subscription's. `false` when it is not disabled.
+    pub async fn disable(&self, judged: &Target, reason: String) -> Result<bool, RegistryError> {
+        let id = &judged.sub.id;
         let _serial = self.writes.lock().await;
-        let Some(current) = self.get(id) else { return Ok(false) };
+        let Some(current) = self.get(id).filter(|c| Arc::ptr_eq(&c.admission, &judged.admission)) else {
+            return Ok(false);
+        };
         if !current.sub.spec.enabled {
             return Ok(true);
         }

@@ -3,6 +3,7 @@
 
 use crate::support::{until, Receiver, TestHerald};
 use serde_json::json;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[tokio::test]
@@ -122,4 +123,125 @@ async fn a_hanging_receiver_is_a_failure_within_the_subscription_timeout() {
     let took = published.elapsed();
     assert!(entry["last_error"].as_str().unwrap().contains("timed out"), "{entry}");
     assert!(took >= Duration::from_millis(500) && took < Duration::from_millis(1500), "timeout took {took:?}");
+}
+
+/// A subscription's breaker, slots and failing clock belong to its endpoint: a change that
+/// keeps the endpoint and its limits (here its headers) keeps them; re-enabling it starts
+/// afresh.
+#[tokio::test]
+async fn a_change_that_keeps_the_endpoint_keeps_its_breaker_and_a_re_enable_starts_afresh() {
+    let h = TestHerald::start_with(|c| {
+        c.health.breaker_failures = 2;
+        c.health.breaker_pause = Duration::from_secs(60).into();
+        c.health.breaker_max_pause = Duration::from_secs(60).into();
+    })
+    .await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/down", 503);
+    let sub = h
+        .api
+        .subscribe(
+            json!({ "url": rx.url("/down"), "retry": { "policy": "fixed", "interval": "50ms", "max_attempts": 100 } }),
+        )
+        .await;
+    let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
+    for _ in 0..3 {
+        h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    }
+    let breaker = |api: crate::support::Api, path: String| async move {
+        let (_, s) = api.get(&path).await;
+        s["health"]["breaker"].as_str().unwrap_or_default().to_string()
+    };
+    until("the breaker open", Duration::from_secs(20), || async {
+        (breaker(h.api.clone(), path.clone()).await == "open").then_some(())
+    })
+    .await;
+    let patch = |body: serde_json::Value| {
+        let (api, path) = (h.api.clone(), path.clone());
+        async move {
+            let (status, s) = api.raw("PATCH", &path, Some(body.to_string().into()), Some(crate::support::TOKEN)).await;
+            assert_eq!(status, 200, "{s}");
+        }
+    };
+    patch(json!({ "headers": { "x-team": "payments" } })).await;
+    assert_eq!(breaker(h.api.clone(), path.clone()).await, "open", "a change of headers keeps the endpoint's breaker");
+    patch(json!({ "enabled": false })).await;
+    patch(json!({ "enabled": true })).await;
+    assert_eq!(breaker(h.api.clone(), path.clone()).await, "closed", "re-enabled, it starts afresh");
+}
+
+/// An attempt made before a subscription was disabled and enabled again, failing after it,
+/// judges an endpoint the operator has given a fresh start: it must not disable it again.
+#[tokio::test]
+async fn an_attempt_older_than_a_re_enable_does_not_disable_the_subscription_again() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let h = TestHerald::start_with(|c| {
+        c.health.disable_after = Duration::from_millis(400).into();
+        c.health.breaker_failures = 1_000_000;
+    })
+    .await;
+    // Fails each request that arrives before `healed` (after the event's `delay_ms`); takes
+    // every later one.
+    let (healed, slow_failed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let taken = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let url = format!("http://{}/flaky", listener.local_addr().unwrap());
+    let (state, failed, took) = (healed.clone(), slow_failed.clone(), taken.clone());
+    crate::support::serve_http1(listener, move |req: hyper::Request<hyper::body::Incoming>| {
+        let (healed, failed, took) = (state.clone(), failed.clone(), took.clone());
+        async move {
+            use http_body_util::BodyExt;
+            let healed_then = healed.load(Ordering::SeqCst);
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let status = if healed_then {
+                took.lock().unwrap().insert(envelope["data"]["n"].as_u64().unwrap_or(0));
+                200
+            } else {
+                let delay = envelope["data"]["delay_ms"].as_u64().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                if delay > 0 {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+                503
+            };
+            hyper::Response::builder().status(status).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap()
+        }
+    });
+    let sub = h
+        .api
+        .subscribe(json!({ "url": url, "retry": { "policy": "fixed", "interval": "100ms", "max_attempts": 100 } }))
+        .await;
+    let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
+    // Event 0 fails at once and again every 100 ms: the subscription is disabled after 400 ms.
+    // Events 1–3 are in flight meanwhile and fail 3–4 s after they were sent.
+    for (n, delay_ms) in [(0, 0), (1, 3000), (2, 3500), (3, 4000)] {
+        let (status, body) =
+            h.api.post("/v1/events", json!({ "type": "T", "data": { "n": n, "delay_ms": delay_ms } })).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    until("the subscription disabled", Duration::from_secs(20), || async {
+        let (_, s) = h.api.get(&path).await;
+        (s["enabled"] == false).then_some(())
+    })
+    .await;
+    // The operator fixes the endpoint and enables the subscription again.
+    healed.store(true, Ordering::SeqCst);
+    let (status, s) = h
+        .api
+        .raw("PATCH", &path, Some(json!({ "enabled": true }).to_string().into()), Some(crate::support::TOKEN))
+        .await;
+    assert_eq!(status, 200, "{s}");
+    until("the attempts sent before the re-enable failed", Duration::from_secs(20), || async {
+        (slow_failed.load(Ordering::SeqCst) == 3).then_some(())
+    })
+    .await;
+    // Each is tried again once its 100 ms have passed, and taken.
+    until("events 1–3 delivered on their next attempts", Duration::from_secs(20), || async {
+        let taken = taken.lock().unwrap();
+        ([1, 2, 3].iter().all(|n| taken.contains(n))).then_some(())
+    })
+    .await;
+    let (_, s) = h.api.get(&path).await;
+    assert_eq!(s["enabled"], true, "disabled again by an attempt from before the re-enable: {s}");
 }
