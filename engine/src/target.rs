@@ -4,13 +4,13 @@
 //! the body and headers every transport sends.
 
 use crate::admission::Admission;
-use std::sync::Arc;
 use crate::config::HealthConfig;
 use crate::model::{Auth, Delivery, Invalid, Subscription};
 use crate::payload::{self, Body};
 use crate::signing::{self, Signer, SigningError};
 use base64::Engine;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use std::sync::Arc;
 
 /// A subscription compiled for delivery.
 #[derive(Debug)]

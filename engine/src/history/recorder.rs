@@ -48,6 +48,8 @@ pub struct Recorder {
     durable: watch::Receiver<u64>,
     /// Gated committers with commits waiting.
     waiting: Mutex<Vec<std::sync::Weak<Gated>>>,
+    /// When a dropped record was last logged (ms since the epoch).
+    dropped_logged_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Recorder {
@@ -64,6 +66,7 @@ impl Recorder {
             queued: AtomicU64::new(0),
             durable: durable.clone(),
             waiting: Mutex::default(),
+            dropped_logged_ms: std::sync::atomic::AtomicI64::new(0),
         });
         tokio::spawn(release(Arc::downgrade(&recorder), durable));
         recorder
@@ -74,14 +77,27 @@ impl Recorder {
     }
 
     /// Queues `rec`; it is durable by the time a commit gated by this recorder goes through.
+    /// With [`QUEUE`] records waiting (the log has not taken history for a while), it is
+    /// dropped instead: counted late, and logged at most once a second, since it will never
+    /// be in the history.
     pub fn record(&self, rec: &HistoryRecord) {
         let record = Self::record_of(rec);
         let _ordered = self.order.lock().unwrap();
         let seq = self.queued.load(Ordering::SeqCst) + 1;
         if self.queue.try_send((seq, record)).is_ok() {
             self.queued.store(seq, Ordering::SeqCst);
-        } else {
-            metrics::counter!(crate::metrics::HISTORY_LATE).increment(1);
+            return;
+        }
+        metrics::counter!(crate::metrics::HISTORY_LATE).increment(1);
+        let now = crate::model::now_ms();
+        let logged = self.dropped_logged_ms.load(Ordering::Relaxed);
+        if now - logged >= 1000
+            && self.dropped_logged_ms.compare_exchange(logged, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            tracing::error!(
+                waiting = QUEUE,
+                "the log has not taken history for a while: attempts settling now are not recorded"
+            );
         }
     }
 
