@@ -153,7 +153,9 @@ impl Bucket {
         let mut s = self.state.lock().unwrap();
         let capacity = self.capacity;
         s.0 = (s.0 + (now_ms - s.1).max(0) as f64 / 1000.0 * self.rate).min(capacity);
-        s.1 = now_ms;
+        // Never back: a caller that read the clock before another took the lock would have
+        // the time between credited again.
+        s.1 = s.1.max(now_ms);
         if s.0 >= 1.0 {
             s.0 -= 1.0;
             Ok(())
@@ -502,6 +504,22 @@ mod tests {
             breaker_max_pause: HumanDuration(Duration::from_millis(pause_ms * 4)),
             disable_after: HumanDuration(Duration::ZERO),
         }
+    }
+
+    /// Callers read the clock before taking the bucket's lock, so one may come with a time
+    /// older than the last refill: that must not move the refill back and credit the same
+    /// time twice.
+    #[test]
+    fn a_take_with_an_older_time_credits_no_time_twice() {
+        let b = Bucket::new(1.0, 5.0);
+        let t = now_ms() + 10_000;
+        for _ in 0..5 {
+            assert!(b.take(t).is_ok(), "full at first");
+        }
+        assert!(b.take(t - 1000).is_err(), "an older time finds it empty");
+        // A second after `t`, one token has come, not two.
+        assert!(b.take(t + 1000).is_ok());
+        assert!(b.take(t + 1000).is_err(), "the second before `t` was credited twice");
     }
 
     /// A success on another thread between a failure marking when failing began and reading
