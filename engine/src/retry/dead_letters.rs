@@ -104,13 +104,17 @@ const SCAN_CHUNK: usize = 1024;
 const REPLAY_CHUNK: usize = 1000;
 
 /// Lists and replays dead letters, reading the topic a page at a time. The ids of replayed
-/// entries (small: only what was replayed) are kept in memory, found once by a scan.
+/// entries (small: only what was replayed) are kept in memory, and brought up to date from
+/// the topic's newer markers before each list or replay: on Kafka another process may have
+/// replayed an entry since.
 pub struct DeadLetters {
     log: Arc<dyn Log>,
     dlq_topic: String,
     deliveries_topic: String,
     replays: tokio::sync::Mutex<()>,
-    replayed: tokio::sync::OnceCell<std::sync::Mutex<HashSet<String>>>,
+    replayed: std::sync::Mutex<HashSet<String>>,
+    /// How far each partition's markers have been read into `replayed` (empty: not yet).
+    markers_read: tokio::sync::Mutex<Vec<u64>>,
 }
 
 /// One entry read from the topic.
@@ -128,29 +132,37 @@ impl DeadLetters {
             dlq_topic,
             deliveries_topic,
             replays: tokio::sync::Mutex::new(()),
-            replayed: tokio::sync::OnceCell::new(),
+            replayed: Default::default(),
+            markers_read: Default::default(),
         }
     }
 
-    /// The ids replayed so far (scanned from the topic's markers on first use).
-    async fn replayed(&self) -> Result<&std::sync::Mutex<HashSet<String>>, LogError> {
-        self.replayed
-            .get_or_try_init(|| async {
-                let mut ids = HashSet::new();
-                for p in 0..self.log.partitions(&self.dlq_topic)? {
-                    let mut from = Some(0);
-                    while let Some(at) = from {
-                        let (records, next) = self.log.read_partition(&self.dlq_topic, p, at, SCAN_CHUNK).await?;
-                        ids.extend(records.into_iter().filter_map(|r| match decode(r.value) {
-                            Some(DlqRecord::Replayed(id)) => Some(id),
-                            _ => None,
-                        }));
-                        from = next;
-                    }
+    /// Reads the replay markers appended since the last call (by any process) into the ids
+    /// replayed: the whole topic the first time, what is new after.
+    async fn read_markers(&self) -> Result<(), LogError> {
+        let mut read = self.markers_read.lock().await;
+        let partitions = self.log.partitions(&self.dlq_topic)? as usize;
+        read.resize(partitions, 0);
+        for (p, read_to) in read.iter_mut().enumerate() {
+            let mut from = Some(*read_to);
+            while let Some(at) = from {
+                let (records, next) = self.log.read_partition(&self.dlq_topic, p as u32, at, SCAN_CHUNK).await?;
+                if let Some(last) = records.last() {
+                    *read_to = last.offset + 1;
                 }
-                Ok(std::sync::Mutex::new(ids))
-            })
-            .await
+                let ids = records.into_iter().filter_map(|r| match decode(r.value) {
+                    Some(DlqRecord::Replayed(id)) => Some(id),
+                    _ => None,
+                });
+                self.replayed.lock().unwrap().extend(ids);
+                from = next;
+            }
+        }
+        Ok(())
+    }
+
+    fn is_replayed(&self, id: &str) -> bool {
+        self.replayed.lock().unwrap().contains(id)
     }
 
     /// Partitions holding `subscription`'s entries (all of them when `None`).
@@ -170,7 +182,7 @@ impl DeadLetters {
         after: Option<(u32, u64)>,
         mut take: impl FnMut(Found) -> std::ops::ControlFlow<()>,
     ) -> Result<(), LogError> {
-        let replayed = self.replayed().await?;
+        self.read_markers().await?;
         for p in partitions {
             let mut from = match after {
                 Some((ap, _)) if ap > p => continue,
@@ -183,7 +195,7 @@ impl DeadLetters {
                     let position = (rec.partition, rec.offset);
                     match decode(rec.value) {
                         Some(DlqRecord::Entry { entry, delivery }) => {
-                            if replayed.lock().unwrap().contains(&entry.id) {
+                            if self.is_replayed(&entry.id) {
                                 continue;
                             }
                             if take(Found { position, entry: *entry, delivery }).is_break() {
@@ -281,9 +293,8 @@ impl DeadLetters {
                     }
                 })
                 .await?;
-                let replayed = self.replayed().await?;
                 for id in ids.iter().filter(|id| wanted.contains(*id)) {
-                    let reason = if replayed.lock().unwrap().contains(id) { "already_replayed" } else { "not_found" };
+                    let reason = if self.is_replayed(id) { "already_replayed" } else { "not_found" };
                     if !report.skipped.iter().any(|s| &s.id == id) {
                         report.skipped.push(Skipped { id: id.clone(), reason });
                     }
@@ -295,7 +306,10 @@ impl DeadLetters {
     }
 
     /// Appends fresh deliveries for `entries`, then their replay markers (enqueue first: a
-    /// crash between the two can only make a later replay repeat them).
+    /// crash between the two can only make a later replay repeat them). Both in a task of
+    /// their own, the markers retried until they are taken: a request cancelled between the
+    /// two (a client gone, the API's timeout on a long replay) or a failed marker append left
+    /// deliveries enqueued without markers, which the operator's second try sent again.
     async fn enqueue(&self, entries: Vec<Found>, report: &mut ReplayReport) -> Result<(), LogError> {
         let now = now_ms();
         let mut deliveries = Vec::new();
@@ -315,9 +329,14 @@ impl DeadLetters {
         if ids.is_empty() {
             return Ok(());
         }
-        self.log.append(&self.deliveries_topic, deliveries).await?;
-        self.log.append(&self.dlq_topic, markers).await?;
-        self.replayed().await?.lock().unwrap().extend(ids.iter().cloned());
+        let (log, topic, dlq) = (self.log.clone(), self.deliveries_topic.clone(), self.dlq_topic.clone());
+        tokio::spawn(async move {
+            log.append(&topic, deliveries).await?;
+            crate::log::append_durably(&*log, &dlq, markers).await
+        })
+        .await
+        .map_err(|e| LogError::Backend(format!("replaying dead letters: {e}")))??;
+        self.replayed.lock().unwrap().extend(ids.iter().cloned());
         report.replayed.extend(ids);
         Ok(())
     }
@@ -354,5 +373,62 @@ mod tests {
         }
         assert!(matches!(decode(encode_replayed("dlq_1")), Some(DlqRecord::Replayed(id)) if id == "dlq_1"));
         assert!(decode(Bytes::from_static(b"?junk")).is_none());
+    }
+
+    /// Two processes on one log (Kafka): an entry one of them replayed is no longer listed by
+    /// the other, and a second replay of it there is refused, not sent again.
+    #[tokio::test]
+    async fn an_entry_replayed_by_another_process_is_neither_listed_nor_replayed_again() {
+        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
+        use crate::log::TopicSpec;
+        let dir = tempfile::tempdir().unwrap();
+        let topic = |name: &str| TopicSpec {
+            name: name.into(),
+            partitions: 2,
+            compacted: false,
+            retention: None,
+            read_within: std::time::Duration::from_millis(20),
+        };
+        let log: Arc<dyn Log> = EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 1 << 20,
+            flush_interval: std::time::Duration::from_millis(20),
+            topics: vec![topic("dlq"), topic("deliveries")],
+            journal_bytes: DEFAULT_JOURNAL_BYTES,
+            faults: None,
+        })
+        .await
+        .unwrap();
+        let delivery = Delivery::first_attempt("e".into(), "s".into(), "t".into(), "T".into(), Bytes::new(), 0);
+        let entry = DeadLetter {
+            id: entry_id("s", "e", 0),
+            event_id: "e".into(),
+            subscription: "s".into(),
+            tenant: "t".into(),
+            event: "T".into(),
+            attempts: 3,
+            first_attempt_at: "a".into(),
+            last_attempt_at: "b".into(),
+            last_status: Some(500),
+            last_error: None,
+        };
+        let record = Record { key: Bytes::from_static(b"s"), value: encode_entry(&entry, &delivery.encode()) };
+        log.append("dlq", vec![record]).await.unwrap();
+        let (a, b) = (
+            DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into()),
+            DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into()),
+        );
+        assert_eq!(b.list(None, None, None, 10).await.unwrap().0.len(), 1, "listed by both");
+        let report = a.replay(Selection::Ids(vec![entry.id.clone()]), None).await.unwrap();
+        assert_eq!(report.replayed, vec![entry.id.clone()]);
+        assert!(b.list(None, None, None, 10).await.unwrap().0.is_empty(), "replayed elsewhere, no longer listed");
+        let again = b.replay(Selection::Ids(vec![entry.id.clone()]), None).await.unwrap();
+        assert!(again.replayed.is_empty(), "sent again: {again:?}");
+        assert_eq!(again.skipped[0].reason, "already_replayed");
+        let again = b.replay(Selection::Subscription("s".into()), None).await.unwrap();
+        assert!(again.replayed.is_empty(), "sent again: {again:?}");
+        let sent = log.read_all("deliveries").await.unwrap();
+        assert_eq!(sent.len(), 1, "one delivery enqueued in all");
+        log.close().await.unwrap();
     }
 }
