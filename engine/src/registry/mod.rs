@@ -32,6 +32,17 @@ pub enum RegistryError {
     Catalog(#[from] CatalogError),
 }
 
+/// What became of a subscription record this process wrote.
+#[derive(Debug)]
+enum Written {
+    /// Applied, and still the subscription's newest.
+    Applied(Arc<Target>),
+    /// Ignored: another subscription of its tenant took its URL first.
+    UrlTaken,
+    /// Applied or not, a newer record of the subscription (another process's) followed it.
+    Superseded,
+}
+
 /// What the registry knows of a subscription id.
 pub enum Lookup {
     /// The subscription, current.
@@ -56,6 +67,8 @@ struct State {
     by_url: HashMap<(String, String), String>,
     /// Ids whose newest record this process cannot read.
     unreadable: HashSet<String>,
+    /// Ids whose newest record was ignored (its tenant's URL held by another), and its offset.
+    ignored: HashMap<String, u64>,
 }
 
 impl State {
@@ -77,6 +90,7 @@ impl State {
     fn remove(&mut self, id: &str) -> Option<Arc<Target>> {
         self.version.remove(id);
         self.unreadable.remove(id);
+        self.ignored.remove(id);
         let old = self.by_id.remove(id)?;
         self.in_order.remove(id);
         let key = (old.sub.tenant.clone(), url_key(&old.sub.spec.url));
@@ -121,6 +135,7 @@ impl Apply for Registry {
                 let mut state = self.state.write().unwrap();
                 if let Some(holder) = state.url_holder(&t.sub.tenant, &t.sub.spec.url, &t.sub.id) {
                     tracing::warn!(subscription = %id, holder, offset = rec.offset, "ignoring a subscription record: its tenant already has this URL");
+                    state.ignored.insert(id, rec.offset);
                     return;
                 }
                 if let Some(older) = state.by_id.get(&id).filter(|older| t.keeps_admission_of(older)) {
@@ -156,12 +171,24 @@ impl Registry {
         &self.rules.guard
     }
 
-    /// Writes `sub` and returns it as applied, or `None` when the log holds a conflicting
-    /// record (another subscription took its URL first).
-    async fn write(&self, sub: &Subscription) -> Result<Option<Arc<Target>>, CatalogError> {
+    /// Writes `sub` and says what became of it.
+    async fn write(&self, sub: &Subscription) -> Result<Written, CatalogError> {
         let pos = self.feed.write(sub.id.as_bytes(), Bytes::from(sub.stored())).await?;
+        Ok(self.written(&sub.id, pos.offset))
+    }
+
+    /// What became of `id`'s record at `offset`, once the registry has read that far (the
+    /// catalog is applied a batch at a time, so another process's newer record of the same
+    /// subscription may have been applied after it).
+    fn written(&self, id: &str, offset: u64) -> Written {
         let state = self.state.read().unwrap();
-        Ok(state.by_id.get(&sub.id).filter(|_| state.version.get(&sub.id) == Some(&pos.offset)).cloned())
+        if let Some(t) = state.by_id.get(id).filter(|_| state.version.get(id) == Some(&offset)) {
+            return Written::Applied(t.clone());
+        }
+        if state.ignored.get(id) == Some(&offset) {
+            return Written::UrlTaken;
+        }
+        Written::Superseded
     }
 
     fn url_taken() -> RegistryError {
@@ -233,13 +260,20 @@ impl Registry {
     /// changed subscription (caller holds `writes`).
     async fn store(&self, sub: Subscription) -> Result<Arc<Target>, RegistryError> {
         Target::compile_with(sub.clone(), self.health.clone())?;
-        let current = self.get(&sub.id);
-        let Some(target) = self.write(&sub).await? else {
-            // Lost a race for the URL: write back what stands (withdraw a new one), so it
-            // stays the newest record.
-            let standing = current.map_or_else(Bytes::new, |c| Bytes::from(c.sub.stored()));
-            self.feed.write(sub.id.as_bytes(), standing).await?;
-            return Err(Self::url_taken());
+        let target = match self.write(&sub).await? {
+            Written::Applied(target) => target,
+            Written::UrlTaken => {
+                // Lost a race for the URL: write back what stands (withdraw a new one), so it
+                // stays the newest record.
+                let standing = self.get(&sub.id).map_or_else(Bytes::new, |c| Bytes::from(c.sub.stored()));
+                self.feed.write(sub.id.as_bytes(), standing).await?;
+                return Err(Self::url_taken());
+            }
+            // Another process changed it right after: its change stands, as the newest.
+            Written::Superseded => match self.get(&sub.id) {
+                Some(newer) => newer,
+                None => return Err(Invalid::new("id", "the subscription was deleted meanwhile").into()),
+            },
         };
         warn_trust_all(&target.sub);
         Ok(target)
@@ -267,7 +301,9 @@ impl Registry {
         sub.spec.enabled = false;
         sub.disabled_reason = Some(reason.clone());
         sub.updated_at = rfc3339_ms(now_ms());
-        self.write(&sub).await?;
+        if !matches!(self.write(&sub).await?, Written::Applied(_)) {
+            return Ok(false);
+        }
         tracing::warn!(subscription = %id, reason, "subscription disabled");
         Ok(true)
     }
@@ -518,6 +554,37 @@ mod tests {
         assert!(all.windows(2).all(|w| w[0].sub.id < w[1].sub.id));
         let (rest, next) = registry.list(None, Some(&all[19].sub.id), 500, 10_000, |_| true);
         assert_eq!((rest.len(), next), (5, None));
+    }
+
+    /// A record this process wrote, followed in the same read by another process's newer
+    /// record of the same subscription, was superseded — not refused for its URL (then the
+    /// writer would write back what it had read before, undoing the newer one).
+    #[test]
+    fn a_write_followed_by_a_newer_one_is_superseded_and_one_refused_for_its_url_is_told_apart() {
+        let registry = registry(false, true);
+        let record = |offset: u64, id: &str, url: &str| {
+            let spec = spec::strict(&serde_json::json!({ "url": url })).unwrap();
+            let mut sub = validate::new_subscription("t".into(), spec, None).unwrap();
+            sub.id = id.into();
+            LogRecord {
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+                key: Bytes::copy_from_slice(id.as_bytes()),
+                value: Bytes::from(sub.stored()),
+            }
+        };
+        let apply = |rec: &LogRecord, id: &str| {
+            registry.apply(Entry { kind: Kind::Subscription, id: id.into(), record: rec });
+        };
+        apply(&record(5, "sub_a", "https://hooks.example/1"), "sub_a");
+        assert!(matches!(registry.written("sub_a", 5), Written::Applied(_)));
+        // Another process's change of the same subscription, read in the same batch.
+        apply(&record(6, "sub_a", "https://hooks.example/2"), "sub_a");
+        assert!(matches!(registry.written("sub_a", 5), Written::Superseded), "{:?}", registry.written("sub_a", 5));
+        // A new subscription with the URL sub_a holds now is refused.
+        apply(&record(7, "sub_b", "https://hooks.example/2"), "sub_b");
+        assert!(matches!(registry.written("sub_b", 7), Written::UrlTaken));
     }
 
     #[tokio::test]
