@@ -100,6 +100,9 @@ pub struct Skipped {
 /// Records read from the topic at a time: pages stream, the topic is never held whole.
 const SCAN_CHUNK: usize = 1024;
 
+/// How old the replay markers read may be when listing (see `DeadLetters::read_markers`).
+const LIST_MARKERS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Entries replayed per append when a whole subscription is replayed.
 const REPLAY_CHUNK: usize = 1000;
 
@@ -113,8 +116,9 @@ pub struct DeadLetters {
     deliveries_topic: String,
     replays: tokio::sync::Mutex<()>,
     replayed: std::sync::Mutex<HashSet<String>>,
-    /// How far each partition's markers have been read into `replayed` (empty: not yet).
-    markers_read: tokio::sync::Mutex<Vec<u64>>,
+    /// How far each partition's markers have been read into `replayed` (empty: not yet), and
+    /// when.
+    markers_read: tokio::sync::Mutex<(Vec<u64>, Option<std::time::Instant>)>,
 }
 
 /// One entry read from the topic.
@@ -137,13 +141,25 @@ impl DeadLetters {
         }
     }
 
-    /// Reads the replay markers appended since the last call (by any process) into the ids
-    /// replayed: the whole topic the first time, what is new after.
-    async fn read_markers(&self) -> Result<(), LogError> {
-        let mut read = self.markers_read.lock().await;
+    /// Reads the replay markers appended since the last read (by any process) into the ids
+    /// replayed, unless that read is younger than `fresh`: the whole topic the first time,
+    /// what is new after. A replay reads them at once (a second replay of an entry must be
+    /// refused, whichever process made the first); a list at most once a second (on Kafka
+    /// each partition's end is a request to the broker, and a console polls the list).
+    async fn read_markers(&self, fresh: std::time::Duration) -> Result<(), LogError> {
+        let mut guard = self.markers_read.lock().await;
+        let (read, at) = &mut *guard;
+        if at.is_some_and(|at| at.elapsed() < fresh) {
+            return Ok(());
+        }
+        *at = Some(std::time::Instant::now());
         let partitions = self.log.partitions(&self.dlq_topic)? as usize;
         read.resize(partitions, 0);
         for (p, read_to) in read.iter_mut().enumerate() {
+            // Its end first: cheaper than a read on Kafka, and most calls find nothing new.
+            if self.log.end_offset(&self.dlq_topic, p as u32).await? <= *read_to {
+                continue;
+            }
             let mut from = Some(*read_to);
             while let Some(at) = from {
                 let (records, next) = self.log.read_partition(&self.dlq_topic, p as u32, at, SCAN_CHUNK).await?;
@@ -182,7 +198,6 @@ impl DeadLetters {
         after: Option<(u32, u64)>,
         mut take: impl FnMut(Found) -> std::ops::ControlFlow<()>,
     ) -> Result<(), LogError> {
-        self.read_markers().await?;
         for p in partitions {
             let mut from = match after {
                 Some((ap, _)) if ap > p => continue,
@@ -225,6 +240,7 @@ impl DeadLetters {
         after: Option<(u32, u64)>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, Option<(u32, u64)>), LogError> {
+        self.read_markers(LIST_MARKERS_FRESH).await?;
         let mut page: Vec<Found> = Vec::new();
         let mut seen = HashSet::new();
         let mut more = false;
@@ -250,6 +266,7 @@ impl DeadLetters {
     /// from now), then marks them replayed. `tenant` limits what may be replayed.
     pub async fn replay(&self, selection: Selection, tenant: Option<&str>) -> Result<ReplayReport, LogError> {
         let _one_at_a_time = self.replays.lock().await;
+        self.read_markers(std::time::Duration::ZERO).await?;
         let visible = |f: &Found| tenant.is_none_or(|t| f.entry.tenant == t);
         let mut report = ReplayReport::default();
         match selection {
@@ -421,7 +438,12 @@ mod tests {
         assert_eq!(b.list(None, None, None, 10).await.unwrap().0.len(), 1, "listed by both");
         let report = a.replay(Selection::Ids(vec![entry.id.clone()]), None).await.unwrap();
         assert_eq!(report.replayed, vec![entry.id.clone()]);
-        assert!(b.list(None, None, None, 10).await.unwrap().0.is_empty(), "replayed elsewhere, no longer listed");
+        // A list reads markers at most once a second: within a couple of seconds it is gone.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !b.list(None, None, None, 10).await.unwrap().0.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "replayed elsewhere, still listed");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         let again = b.replay(Selection::Ids(vec![entry.id.clone()]), None).await.unwrap();
         assert!(again.replayed.is_empty(), "sent again: {again:?}");
         assert_eq!(again.skipped[0].reason, "already_replayed");
