@@ -61,6 +61,17 @@ fn scope(who: &Principal, tenant: Option<String>) -> String {
     }
 }
 
+/// `since` and `until`, each checked, and `until` not before `since`.
+fn window(since: Option<&str>, until: Option<&str>) -> Result<(Option<i64>, Option<i64>), ApiError> {
+    let (since, until) = (time("since", since)?, time("until", until)?);
+    if let (Some(s), Some(u)) = (since, until) {
+        if u < s {
+            return Err(ApiError::validation("until", "must not be before since"));
+        }
+    }
+    Ok((since, until))
+}
+
 fn cursor(c: Option<String>) -> Result<Option<String>, ApiError> {
     match c {
         Some(c) if crate::history::index::decode_cursor(&c).is_none() => {
@@ -105,13 +116,14 @@ pub async fn attempts(
             tenant = t.sub.tenant.clone();
         }
     }
+    let (since_ms, until_ms) = window(q.since.as_deref(), q.until.as_deref())?;
     let query = AttemptQuery {
         tenant,
         event: q.event,
         subscription: q.subscription,
         outcome: q.outcome,
-        since_ms: time("since", q.since.as_deref())?,
-        until_ms: time("until", q.until.as_deref())?,
+        since_ms,
+        until_ms,
         limit: page::limit(q.limit)?,
         cursor: cursor(q.cursor)?,
     };
@@ -140,11 +152,12 @@ pub async fn list(
     StrictQuery(q): StrictQuery<EventsQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let history = history(&state)?;
+    let (since_ms, until_ms) = window(q.since.as_deref(), q.until.as_deref())?;
     let query = EventQuery {
         tenant: scope(&who, q.tenant),
         event_type: q.event_type,
-        since_ms: time("since", q.since.as_deref())?,
-        until_ms: time("until", q.until.as_deref())?,
+        since_ms,
+        until_ms,
         limit: page::limit(q.limit)?,
         cursor: cursor(q.cursor)?,
     };
@@ -260,8 +273,8 @@ pub async fn recover(
         .get(&id)
         .filter(|t| who.sees(&t.sub.tenant))
         .ok_or_else(|| ApiError::not_found("subscription"))?;
-    let since = time("since", Some(&req.since))?.expect("given");
-    let until = time("until", req.until.as_deref())?.unwrap_or_else(now_ms);
+    let (since, until) = window(Some(&req.since), req.until.as_deref())?;
+    let (since, until) = (since.expect("given"), until.unwrap_or_else(now_ms));
     if until < since {
         return Err(ApiError::validation("until", "must not be before since"));
     }

@@ -315,8 +315,12 @@ impl Index {
         self.days.read().unwrap().get(&day).cloned()
     }
 
-    /// The days kept, newest first, within `[from, to]`.
+    /// The days kept, newest first, within `[from, to]` (none when `to` is before `from`: a
+    /// cursor from past the window's start).
     fn days_newest_first(&self, from: u32, to: u32) -> Vec<(u32, Keyspace)> {
+        if to < from {
+            return Vec::new();
+        }
         self.days.read().unwrap().range(from..=to).rev().map(|(d, ks)| (*d, ks.clone())).collect()
     }
 
@@ -679,14 +683,14 @@ impl Index {
             .and_then(decode_cursor)
             .map_or(0, |(_, k)| k.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes) as usize);
         let limit = q.limit.max(1);
-        let more = found.len() > skip + limit;
+        let more = found.len() > skip.saturating_add(limit);
         let items = found
             .iter()
             .skip(skip)
             .take(limit)
             .filter_map(|a| serde_json::value::to_raw_value(&attempt_view(a)).ok())
             .collect();
-        let next = more.then(|| encode_cursor(u32::MAX, &((skip + limit) as u64).to_be_bytes()));
+        let next = more.then(|| encode_cursor(u32::MAX, &(skip.saturating_add(limit) as u64).to_be_bytes()));
         Ok(Page { items, next })
     }
 
@@ -766,7 +770,7 @@ impl Index {
             .days
             .read()
             .unwrap()
-            .range(keys::day(since_ms)..=keys::day(until_ms))
+            .range(keys::day(since_ms)..=keys::day(until_ms).max(keys::day(since_ms)))
             .map(|(_, k)| k.clone())
             .collect();
         let mut found = Vec::new();

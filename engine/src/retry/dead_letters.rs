@@ -201,7 +201,8 @@ impl DeadLetters {
         for p in partitions {
             let mut from = match after {
                 Some((ap, _)) if ap > p => continue,
-                Some((ap, ao)) if ap == p => Some(ao + 1),
+                // A position past any offset (not one this API gave out) has nothing after it.
+                Some((ap, ao)) if ap == p => ao.checked_add(1),
                 _ => Some(0),
             };
             while let Some(at) = from {

@@ -293,3 +293,39 @@ async fn no_settled_attempt_is_missing_after_a_sigkill() {
     })
     .await;
 }
+
+/// A window whose end is before its start, a cursor from past the window and one naming an
+/// absurd position are answered as the contract says (a 400 naming the field, or an empty
+/// page) — not with a 503 from a panic in the index.
+#[tokio::test]
+async fn reversed_windows_and_stray_cursors_are_answered_not_a_panic() {
+    use base64::Engine;
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/ok") })).await;
+    let (status, body) = h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    // Indexed, so there is a day to scan.
+    items(&h.api, &format!("/v1/attempts?event={id}"), 1).await;
+    let (since, until) = ("2026-01-02T00:00:00Z", "2026-01-01T00:00:00Z");
+    for path in ["/v1/events", "/v1/attempts"] {
+        let (status, err) = h.api.get(&format!("{path}?since={since}&until={until}")).await;
+        assert_eq!(status, 400, "{path}: {err}");
+        assert_eq!(err["error"]["field"], "until", "{path}: {err}");
+    }
+    // A cursor of day 0 with a window that starts today: past the window, nothing more.
+    let today = chrono::Utc::now().format("%Y-%m-%dT00:00:00Z").to_string();
+    for path in ["/v1/events", "/v1/attempts"] {
+        let (status, page) = h.api.get(&format!("{path}?cursor=AAAAAA&since={today}")).await;
+        assert_eq!((status.as_u16(), page["items"].as_array().map(Vec::len)), (200, Some(0)), "{path}: {page}");
+    }
+    // An event's attempts from a position past any count.
+    let mut far = vec![0xFF; 4];
+    far.extend_from_slice(&u64::MAX.to_be_bytes());
+    let far = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(far);
+    let (status, page) = h.api.get(&format!("/v1/attempts?event={id}&cursor={far}")).await;
+    assert_eq!((status.as_u16(), page["items"].as_array().map(Vec::len)), (200, Some(0)), "{page}");
+    let (status, page) = h.api.get(&format!("/v1/dlq?cursor=0.{}", u64::MAX)).await;
+    assert_eq!((status.as_u16(), page["items"].as_array().map(Vec::len)), (200, Some(0)), "{page}");
+}
