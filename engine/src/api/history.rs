@@ -16,7 +16,8 @@ use axum::Json;
 use serde::Deserialize;
 use std::sync::Arc;
 
-/// Events one recover call re-sends at most (the answer says where to continue).
+/// Events one recover call re-sends, about: it stops between milliseconds once it has this
+/// many (the answer says where to continue; see `Index::recoverable`).
 const RECOVER_MAX: usize = 10_000;
 /// Deliveries appended at a time while recovering.
 const RECOVER_CHUNK: usize = 500;
@@ -282,20 +283,17 @@ pub async fn recover(
     let behind = history.caught_up(RECOVER_CATCH_UP).await;
     let (index, sub) = (history.index.clone(), id.clone());
     let found = blocking(move || index.recoverable(&sub, since, until, req.all, RECOVER_MAX)).await?;
-    let truncated = found.len() >= RECOVER_MAX;
     let mut queued = 0;
-    let mut last_accepted = None;
-    for chunk in found.chunks(RECOVER_CHUNK) {
+    for chunk in found.events.chunks(RECOVER_CHUNK) {
         let (index, chunk) = (history.index.clone(), chunk.to_vec());
         let events = blocking(move || {
             Ok(chunk.iter().filter_map(|(tenant, event)| index.event(tenant, event).ok().flatten()).collect::<Vec<_>>())
         })
         .await?;
-        last_accepted = events.last().map(|e| e.accepted_ms).or(last_accepted);
         let items: Vec<_> = events.into_iter().map(|e| (e, vec![target.clone()])).collect();
         queued += state.ingest.resend(&items).await?;
     }
-    let continue_from = truncated.then(|| last_accepted.map(|ms| rfc3339_ms(ms + 1))).flatten();
+    let continue_from = found.continue_from_ms.map(rfc3339_ms);
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "queued": queued, "continue_from": continue_from, "history_lag": behind })),

@@ -34,6 +34,20 @@ pub enum IndexError {
 /// (a filter that matches little cannot make a request scan the whole history).
 const SCAN_LIMIT: usize = 20_000;
 
+/// Most delivery states one recover call looks at (see [`Index::recoverable`]): a few tens of
+/// milliseconds of reads.
+const RECOVER_SCAN: usize = 100_000;
+
+/// What [`Index::recoverable`] found: `(tenant, event)` oldest first, and the time (ms) to go
+/// on from when it stopped early (its events were not looked at yet).
+#[derive(Debug)]
+pub struct Recoverable {
+    /// The events to send again.
+    pub events: Vec<(String, String)>,
+    /// Where a next call goes on (`since`), if this one stopped early.
+    pub continue_from_ms: Option<i64>,
+}
+
 /// History records indexed in one atomic write at most (unless one record of the topic holds
 /// more): enough that a write's fixed costs are small, few enough that its buffers stay below
 /// the allocator's huge-allocation size (batches of 4096 had every batch's growing buffers
@@ -753,8 +767,12 @@ impl Index {
     }
 
     /// Events of `subscription` accepted within `[since, until]` whose delivery is dead-lettered
-    /// or retrying (or every one that was attempted, with `all`), oldest first, at most `max`:
-    /// `(tenant, event)`.
+    /// or retrying (or every one that was attempted, with `all`), oldest first: `(tenant,
+    /// event)`, and where to go on when it stopped early. It stops only between milliseconds
+    /// (a request's events share one, so stopping inside it left the rest behind for good), once
+    /// it has `max` or has looked at [`RECOVER_SCAN`] states — so a window of millions of
+    /// delivered events costs one call a bounded amount, and may find none and say where to go
+    /// on. `max` is passed by the events of the millisecond it stops in.
     pub fn recoverable(
         &self,
         subscription: &str,
@@ -762,7 +780,7 @@ impl Index {
         until_ms: i64,
         all: bool,
         max: usize,
-    ) -> Result<Vec<(String, String)>, IndexError> {
+    ) -> Result<Recoverable, IndexError> {
         let prefix = Key::new(keys::STATE).id(subscription).done();
         let start = Key::new(keys::STATE).id(subscription).time(since_ms).done();
         let end = Key::new(keys::STATE).id(subscription).time(until_ms.saturating_add(1)).done();
@@ -774,9 +792,11 @@ impl Index {
             .map(|(_, k)| k.clone())
             .collect();
         let mut found = Vec::new();
-        // Versions of one delivery are neighbours (same accepted time and event), oldest first.
-        let mut current: Option<(Vec<u8>, DeliveryState)> = None;
-        let take = |(_, newest): (Vec<u8>, DeliveryState), found: &mut Vec<(String, String)>| {
+        let mut seen = 0;
+        // Versions of one delivery are neighbours (same accepted time and event), oldest first:
+        // the delivery's key, when it was accepted, and its newest version.
+        let mut current: Option<(Vec<u8>, i64, DeliveryState)> = None;
+        let take = |(_, _, newest): (Vec<u8>, i64, DeliveryState), found: &mut Vec<(String, String)>| {
             if all || matches!(newest.state, State::DeadLettered | State::Retrying) {
                 found.push((newest.tenant, newest.event));
             }
@@ -784,20 +804,23 @@ impl Index {
         for ks in days {
             for item in ks.range(start.clone()..end.clone()) {
                 let (key, value) = item.into_inner()?;
+                seen += 1;
                 let delivery = key[..prefix.len() + 16].to_vec();
+                let accepted = keys::read_word(&key, prefix.len()).unwrap_or(0) as i64;
                 let Some(state) = DeliveryState::decode(&value) else { continue };
                 match &mut current {
-                    Some((d, newest)) if *d == delivery => {
+                    Some((d, _, newest)) if *d == delivery => {
                         if state.newer_than(newest) {
                             *newest = state;
                         }
                     }
                     _ => {
-                        if let Some(done) = current.replace((delivery, state)) {
+                        let new_millisecond = current.as_ref().is_some_and(|(_, at, _)| *at != accepted);
+                        if let Some(done) = current.replace((delivery, accepted, state)) {
                             take(done, &mut found);
-                            if found.len() >= max {
-                                return Ok(found);
-                            }
+                        }
+                        if new_millisecond && (found.len() >= max || seen >= RECOVER_SCAN) {
+                            return Ok(Recoverable { events: found, continue_from_ms: Some(accepted) });
                         }
                     }
                 }
@@ -806,8 +829,7 @@ impl Index {
         if let Some(done) = current {
             take(done, &mut found);
         }
-        found.truncate(max);
-        Ok(found)
+        Ok(Recoverable { events: found, continue_from_ms: None })
     }
 }
 
@@ -893,6 +915,46 @@ mod tests {
             .iter()
             .map(|i| serde_json::from_str::<serde_json::Value>(i.get()).unwrap()["id"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    /// Events accepted in one request share their millisecond: a recover that stops at its
+    /// most and says where to go on must not leave the rest of that millisecond behind.
+    #[test]
+    fn recovering_in_parts_leaves_no_event_of_a_shared_millisecond_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
+        let now = 100 * 86_400_000 + 1000;
+        let accepted = now - 500;
+        let dead = |id: &str| {
+            let mut r = attempt(id, now);
+            let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&r.value) else { unreachable!() };
+            (a.accepted_ms, a.state, a.outcome, a.status) = (accepted, State::DeadLettered, "failed".into(), Some(500));
+            r.value = HistoryRecord::Attempt(a).encode();
+            r
+        };
+        let records: Vec<LogRecord> = ["a", "b", "c", "d", "e"].iter().map(|id| dead(id)).collect();
+        index.apply(0, &records, 1, now).unwrap();
+        let mut recovered = Vec::new();
+        let mut since = 0;
+        // Another millisecond's event after them, so the first call stops between the two.
+        let mut later = dead("f");
+        let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&later.value) else { unreachable!() };
+        a.accepted_ms = accepted + 1;
+        later.value = HistoryRecord::Attempt(a).encode();
+        index.apply(0, &[later], 2, now).unwrap();
+        let mut calls = 0;
+        loop {
+            calls += 1;
+            let found = index.recoverable("sub", since, now, false, 2).unwrap();
+            recovered.extend(found.events.iter().map(|(_, e)| e.clone()));
+            match found.continue_from_ms {
+                Some(next) if calls < 10 => since = next,
+                _ => break,
+            }
+        }
+        assert_eq!(calls, 2, "all of the first millisecond, then the rest");
+        recovered.sort();
+        assert_eq!(recovered, ["evt-a", "evt-b", "evt-c", "evt-d", "evt-e", "evt-f"]);
     }
 
     #[test]
