@@ -246,6 +246,9 @@ impl Registry {
         new_secret: Option<Secret>,
         overlap: std::time::Duration,
     ) -> Result<Option<Arc<Target>>, RegistryError> {
+        if let Some(s) = &new_secret {
+            validate::check_secret("secret", s)?;
+        }
         let _serial = self.writes.lock().await;
         let Some(current) = self.get(id).filter(|t| tenant.is_none_or(|x| t.sub.tenant == x)) else { return Ok(None) };
         let mut sub = current.sub.clone();

@@ -43,7 +43,7 @@ fn check_len(field: &str, text: &str, max: usize) -> Result<(), Invalid> {
 }
 
 /// A secret the client sent: not empty, not the `********` a view shows, bounded.
-fn check_secret(field: &str, secret: &Secret) -> Result<(), Invalid> {
+pub(crate) fn check_secret(field: &str, secret: &Secret) -> Result<(), Invalid> {
     if secret.expose().is_empty() {
         return Err(Invalid::new(field, "must not be empty"));
     }
@@ -151,6 +151,7 @@ fn check_amqp(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), I
         .amqp
         .as_ref()
         .ok_or_else(|| Invalid::new("amqp", "transport \"amqp\" needs amqp.uri and amqp.exchange"))?;
+    check_len("amqp.uri", target.uri.expose(), range::URL)?;
     crate::transport::amqp::validate(target).map_err(|(field, message)| Invalid::new(field, message))?;
     let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;
     guard.check_host(uri.host_str().unwrap_or_default()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;

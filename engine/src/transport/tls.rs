@@ -21,6 +21,9 @@ use std::sync::Arc;
 /// The most bytes of TLS material read from one field or file.
 pub const MAX_MATERIAL: u64 = 1 << 20;
 
+/// Base64 characters of `tls.client_p12` at most (48 KiB of file).
+const MAX_P12_BASE64: usize = 64 << 10;
+
 /// A TLS setting that cannot be used, naming its field.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("{field}: {message}")]
@@ -105,6 +108,11 @@ fn client_identity(
 ) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, TlsError> {
     let password = opts.key_password.as_ref().map_or("", |p| p.expose());
     let p12 = match &opts.client_p12 {
+        // Opening one runs its key derivations (up to a million rounds each): a client's file
+        // is a few KiB, and a bound on its size bounds how many it can ask for.
+        Some(b64) if b64.expose().len() > MAX_P12_BASE64 => {
+            return Err(bad("tls.client_p12", format!("larger than {} bytes", MAX_P12_BASE64 / 4 * 3)))
+        }
         Some(b64) => Some(
             base64::engine::general_purpose::STANDARD
                 .decode(b64.expose().trim())

@@ -260,3 +260,29 @@ async fn the_subscription_list_is_filtered_by_the_server() {
         assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{query}: {err}");
     }
 }
+
+/// Every text a tenant stores in a subscription is bounded and checked like at create: a
+/// rotated secret (no placeholder, not megabytes), an AMQP URI, a PKCS#12 file.
+#[tokio::test]
+async fn stored_secrets_and_uris_are_bounded_wherever_they_come_in() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let sub =
+        h.api.subscribe(json!({ "url": rx.url("/r"), "signature": { "scheme": "hmac", "header": "x-sig" } })).await;
+    let rotate = format!("/v1/subscriptions/{}/rotate-secret", sub["id"].as_str().unwrap());
+    for secret in ["a".repeat(2 << 20), "********".to_string()] {
+        let (status, err) = h.api.post(&rotate, json!({ "secret": secret })).await;
+        assert_eq!((status.as_u16(), &err["error"]["field"]), (400, &json!("secret")), "{}", err["error"]);
+    }
+    let uri = format!("amqp://guest:{}@127.0.0.1:5672/%2f", "p".repeat(1 << 20));
+    let (status, err) =
+        h.api.post("/v1/subscriptions", json!({ "transport": "amqp", "amqp": { "uri": uri, "exchange": "x" } })).await;
+    assert_eq!((status.as_u16(), &err["error"]["field"]), (400, &json!("amqp.uri")), "{}", err["error"]);
+    let p12 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, vec![0u8; 200 << 10]);
+    let (status, err) = h
+        .api
+        .post("/v1/subscriptions", json!({ "url": "https://hooks.example/p12", "tls": { "client_p12": p12 } }))
+        .await;
+    assert_eq!(status, 400, "{}", err["error"]);
+    assert!(err["error"]["message"].as_str().unwrap_or_default().contains("larger than"), "{}", err["error"]);
+}
