@@ -869,11 +869,14 @@ async function eventTypes() {
 
 (function start() {
   // A portal link carries its token in the fragment: keep it for this tab, then take it out of
-  // the address bar and history at once.
+  // the address bar and history at once. Only the portal signs in so: a console link with a
+  // key in it would sign the visitor in as whoever made the link (a login forgery).
   const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
   if (m) {
-    session.token = decodeURIComponent(m[1]);
-    sessionStorage.setItem(TOKEN_KEY, session.token);
+    if (PORTAL) {
+      session.token = decodeURIComponent(m[1]);
+      sessionStorage.setItem(TOKEN_KEY, session.token);
+    }
     history.replaceState(null, "", location.pathname + "#/subscriptions");
   }
   window.addEventListener("hashchange", route);

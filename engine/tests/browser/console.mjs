@@ -235,6 +235,18 @@ try {
   assert.match(portalUrl, /\/portal#token=hp\./);
   assert.ok(!portalUrl.includes(key) && !portalUrl.includes(ADMIN), "the link carries no API key");
 
+  say("a console link carrying a token does not sign the visitor in with it");
+  // Only a portal link signs in from its address: a console link with someone's key in it
+  // would put the visitor in that key's tenant (a login forgery).
+  const lctx = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+  const lured = await lctx.newPage();
+  watch(lured);
+  await lured.goto(`${BASE}/console#/subscriptions&token=${encodeURIComponent(key)}`);
+  await lured.locator("#token").waitFor({ timeout: WAIT });
+  assert.equal(await lured.evaluate(() => sessionStorage.getItem("herald.token")), null, "not signed in");
+  assert.ok(!lured.url().includes("token="), "the token left the address bar");
+  await lctx.close();
+
   say("the portal shows the tenant its own data only");
   const tctx = await browser.newContext({ viewport: { width: 1280, height: 860 } });
   const portal = await tctx.newPage();
