@@ -668,15 +668,41 @@ async function events(id) {
   const filter = h("form", { class: "row", onsubmit: (ev) => { ev.preventDefault(); load(); } },
     h("label", { for: "event-type" }, "Type", type), h("button", { type: "submit" }, "Filter"));
   tenant.addEventListener("change", () => load());
-  layout("events", "Events", search, h("h2", {}, "Recent events"), filter, list);
-  async function load() {
-    const r = await api("GET", "/v1/events" + q({ type: type.value.trim(), limit: 50, tenant: admin ? tenant.value.trim() : undefined }));
-    list.replaceChildren(table(["Accepted", "Event", "Type", "Tenant"], r.items.map((e) =>
+  const more = h("div", {});
+  layout("events", "Events", search, h("h2", {}, "Recent events"), filter, list, more);
+  // As the subscriptions' list: the server looks at a bounded number of entries a page, so a
+  // page of a rare type may be empty and still say where to go on; a few more are asked for
+  // before drawing, then "Load more" goes on. A page that comes back after the filter changed,
+  // or after another request moved on from the same cursor, is dropped.
+  let loaded = [], next = null, generation = 0;
+  function draw() {
+    list.replaceChildren(table(["Accepted", "Event", "Type", "Tenant"], loaded.map((e) =>
       h("tr", { "data-event": e.id },
         h("td", {}, fmtTime(e.accepted_at)),
         h("td", {}, link(eventHref(e.id, e.tenant), e.id)),
         h("td", {}, e.type), h("td", { class: "mono" }, e.tenant))),
-    "No events on record yet. Events published from now on show up here."));
+    next ? "None found yet: “Load more” looks further." : type.value.trim() ? "No event of this type on record." :
+      "No events on record yet. Events published from now on show up here."));
+    more.replaceChildren(next ? h("button", { type: "button", onclick: () => page().catch(failed) }, "Load more") : "");
+  }
+  const failed = (e) => more.replaceChildren(errorBox(e));
+  async function page() {
+    const mine = generation;
+    for (let asked = 0; asked < 20; asked++) {
+      const cursor = next;
+      const r = await api("GET", "/v1/events" + q({ type: type.value.trim(), limit: 50, cursor, tenant: admin ? tenant.value.trim() : undefined }));
+      if (mine !== generation || next !== cursor) return;
+      loaded = loaded.concat(r.items);
+      next = r.next;
+      if (r.items.length || !next) break;
+    }
+    draw();
+  }
+  async function load() {
+    generation++;
+    loaded = [];
+    next = null;
+    await page();
   }
   await load();
 }

@@ -264,6 +264,29 @@ try {
   await portal.locator('tr[data-event="order-1001"]').waitFor({ timeout: WAIT });
   assert.equal(await portal.locator(`tr[data-event="${OTHER_EVENT}"]`).count(), 0);
 
+  say("the portal's events page goes on past its first page");
+  const batch = Array.from({ length: 55 }, (_, i) => ({ id: `bulk-${i}`, tenant, type: "container.status.updated", data: { n: i } }));
+  const res = await fetch(`${BASE}/v1/events/batch`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" },
+    body: JSON.stringify(batch),
+  });
+  assert.equal(res.status, 202, await res.text());
+  // Indexed (the index may trail a burst by a moment) before the page is opened.
+  for (let deadline = Date.now() + WAIT; ; ) {
+    const page = await (await fetch(`${BASE}/v1/events?limit=100`, { headers: { authorization: `Bearer ${key}` } })).json();
+    if (page.items.filter((e) => e.id.startsWith("bulk-")).length === 55) break;
+    assert.ok(Date.now() < deadline, "the 55 events indexed");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await portal.goto(`${BASE}/portal#/subscriptions`); // from another page: a new list
+  await portal.goto(`${BASE}/portal#/events`);
+  await portal.locator('tr[data-event^="bulk-"]').first().waitFor({ timeout: WAIT });
+  assert.equal(await portal.locator("tr[data-event]").count(), 50, "a page of 50");
+  await portal.getByRole("button", { name: "Load more" }).click();
+  await portal.locator('tr[data-event="order-1001"]').waitFor({ timeout: WAIT });
+  assert.ok((await portal.locator("tr[data-event]").count()) > 50, "the next page follows the first");
+
   say("the portal lists the event types, read only");
   await portal.goto(`${BASE}/portal#/event-types`);
   await portal.locator('tr[data-event-type="container.status.updated"]').waitFor({ timeout: WAIT });
