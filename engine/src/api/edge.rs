@@ -107,7 +107,8 @@ pub async fn connect(
     state.catalog.settle().await; // a device made through another process a moment ago
     let device = state.devices.authenticate(token).ok_or_else(ApiError::unauthorized)?;
     let hub = state.edge.clone();
-    Ok(ws.on_upgrade(move |socket| hub.serve(device, socket)))
+    let limit = crate::transport::edge::protocol::MAX_AGENT_MESSAGE;
+    Ok(ws.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| hub.serve(device, socket)))
 }
 
 /// A caller that presented the processes' shared forward secret (checked before the body is

@@ -191,3 +191,29 @@ async fn a_device_holds_one_connection_and_deleting_it_ends_that_connection() {
     .await;
     assert_eq!(scrape(&admin).await.value("herald_edge_agents_connected", &[]), 0.0);
 }
+
+/// An agent's messages are small (reports of attempts): one of megabytes ends its connection
+/// instead of being read into memory, and a device's agent reconnects like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_agent_message_ends_the_connection() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (_, _, _, token) = tenant_with_device(&admin, "Bulky").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(edge_connect_request(addr, &token)).await.expect("connects");
+    ws.send(Message::Text(r#"{"type":"hello","window":1}"#.into())).await.unwrap();
+    // Unreadable as a message, but read whole first.
+    let _ = ws.send(Message::Text("x".repeat(4 << 20).into())).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open after a 4 MiB message");
+}

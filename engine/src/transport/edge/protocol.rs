@@ -13,6 +13,11 @@ pub const CONNECT_PATH: &str = "/v1/edge/connect";
 /// Largest window an agent may ask for.
 pub const MAX_WINDOW: u32 = 4096;
 
+/// Largest message an agent may send: its messages are a hello and reports of attempts (a
+/// response's start, its headers), a few KiB; past this the connection ends rather than a
+/// message of up to the WebSocket library's 64 MiB being read into memory.
+pub const MAX_AGENT_MESSAGE: usize = 1 << 20;
+
 /// Herald → agent.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
