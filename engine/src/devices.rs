@@ -74,6 +74,11 @@ impl Devices {
         state.get(id).map(|s| s.device.clone()).filter(|d| tenant.is_none_or(|t| d.tenant == t))
     }
 
+    /// How many devices `tenant` has.
+    pub fn count_of(&self, tenant: &str) -> usize {
+        self.state.read().unwrap().values().filter(|s| s.device.tenant == tenant).count()
+    }
+
     /// The devices of `tenant`, or of every tenant, by id.
     pub fn list(&self, tenant: Option<&str>) -> Vec<EdgeDevice> {
         let state = self.state.read().unwrap();

@@ -36,6 +36,10 @@ pub async fn create(
     if name.is_empty() || name.len() > 200 {
         return Err(ApiError::validation("name", "must be 1 to 200 characters"));
     }
+    let max = state.quotas.edge_devices_per_tenant;
+    if state.devices.count_of(&tenant) >= max {
+        return Err(ApiError::quota("edge_devices_per_tenant", format!("this tenant has its {max} edge devices")));
+    }
     let (device, token) = state.devices.create(&tenant, name).await?;
     let mut body = serde_json::to_value(&device).expect("serializes");
     body["token"] = token.into();

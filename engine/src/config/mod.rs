@@ -240,11 +240,18 @@ pub struct QuotaConfig {
     pub fanout_bytes: u64,
     /// `POST /v1/subscriptions/{id}/test` calls per subscription per minute.
     pub tests_per_minute: u32,
+    /// Edge devices one tenant may have (each a catalog record every process holds).
+    pub edge_devices_per_tenant: usize,
 }
 
 impl Default for QuotaConfig {
     fn default() -> Self {
-        QuotaConfig { subscriptions_per_tenant: 1000, fanout_bytes: 256 << 20, tests_per_minute: 12 }
+        QuotaConfig {
+            subscriptions_per_tenant: 1000,
+            fanout_bytes: 256 << 20,
+            tests_per_minute: 12,
+            edge_devices_per_tenant: 100,
+        }
     }
 }
 
@@ -810,7 +817,10 @@ impl Config {
         if self.api.header_read_timeout.0.is_zero() || self.api.request_timeout.0.is_zero() {
             return reject("api.request_timeout", "header_read_timeout and request_timeout must be more than zero");
         }
-        if self.quotas.subscriptions_per_tenant == 0 || self.quotas.tests_per_minute == 0 {
+        if self.quotas.subscriptions_per_tenant == 0
+            || self.quotas.tests_per_minute == 0
+            || self.quotas.edge_devices_per_tenant == 0
+        {
             return reject("quotas.subscriptions_per_tenant", "quotas must be at least 1");
         }
         if self.log.min_insync_replicas == 0 {

@@ -217,3 +217,23 @@ async fn an_oversized_agent_message_ends_the_connection() {
     .await;
     assert!(ended.is_ok(), "the connection stayed open after a 4 MiB message");
 }
+
+/// A tenant's edge devices are bounded like its subscriptions (`quotas.edge_devices_per_tenant`,
+/// 100 by default): each is a catalog record, listed whole and read by every process.
+#[tokio::test]
+async fn a_tenant_s_edge_devices_are_bounded() {
+    let h = crate::support::TestHerald::start().await;
+    let (status, tenant) = h.api.post("/v1/tenants", json!({ "name": "Many" })).await;
+    assert_eq!(status, 201, "{tenant}");
+    let tenant = tenant["id"].as_str().unwrap().to_string();
+    for i in 0..100 {
+        let (status, d) =
+            h.api.post("/v1/edge-devices", json!({ "name": format!("site {i}"), "tenant": tenant })).await;
+        assert_eq!(status, 201, "{d}");
+    }
+    let (status, err) = h.api.post("/v1/edge-devices", json!({ "name": "one more", "tenant": tenant })).await;
+    assert_eq!((status.as_u16(), &err["error"]["code"]), (403, &json!("QUOTA_EXCEEDED")), "{err}");
+    // Another tenant's are its own.
+    let (status, d) = h.api.post("/v1/edge-devices", json!({ "name": "elsewhere" })).await;
+    assert_eq!(status, 201, "{d}");
+}
