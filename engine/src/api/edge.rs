@@ -3,12 +3,13 @@
 
 use super::auth::Principal;
 use super::error::{ApiError, JsonBody};
+use super::page::StrictPath;
 use super::page::StrictQuery;
 use super::AppState;
 use crate::registry::Lookup;
 use crate::transport::edge::protocol::{decode_delivery, Forward, Report};
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
@@ -76,7 +77,7 @@ fn view(state: &AppState, device: &crate::devices::EdgeDevice) -> serde_json::Va
 pub async fn get(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let device = state.devices.get(&id, who.tenant()).ok_or_else(|| ApiError::not_found("edge device"))?;
     Ok(Json(view(&state, &device)))
@@ -86,7 +87,7 @@ pub async fn get(
 pub async fn delete(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     if state.devices.delete(&id, who.tenant()).await? {
         // Its token stops working now, and so does a connection made with it (processes that

@@ -3,11 +3,12 @@
 
 use super::auth::{Admin, Principal};
 use super::error::{ApiError, JsonBody};
+use super::page::StrictPath;
 use super::AppState;
 use crate::event_types::EventTypeSpec;
 use crate::model::Invalid;
 use crate::registry::spec::strict;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -41,7 +42,7 @@ pub async fn list(_: Principal, State(state): State<AppState>) -> Json<Value> {
 pub async fn get(
     _: Principal,
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    StrictPath(name): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     state.event_types.get(&name).map(Json).ok_or_else(|| ApiError::not_found("event type"))
 }
@@ -51,7 +52,7 @@ pub async fn get(
 pub async fn patch(
     _: Admin,
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    StrictPath(name): StrictPath<String>,
     JsonBody(patch): JsonBody<Value>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Value::Object(patch) = patch else {
@@ -81,7 +82,7 @@ pub async fn patch(
 pub async fn delete(
     _: Admin,
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    StrictPath(name): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     if state.event_types.delete(&name).await? {
         Ok(StatusCode::NO_CONTENT)

@@ -4,12 +4,13 @@
 
 use super::auth::Principal;
 use super::error::{ApiError, JsonBody, OptionalJsonBody};
+use super::page::StrictPath;
 use super::page::{self, StrictQuery};
 use super::AppState;
 use crate::history::{AttemptQuery, EventQuery, EventRecord, History};
 use crate::model::{now_ms, rfc3339_ms};
 use crate::target::Target;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -192,7 +193,7 @@ async fn find(history: &Arc<History>, tenant: String, id: String) -> Result<Even
 pub async fn get(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
     StrictQuery(q): StrictQuery<TenantQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let history = history(&state)?;
@@ -237,7 +238,7 @@ fn targets(state: &AppState, event: &EventRecord, only: Option<&str>) -> Result<
 pub async fn resend(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
     // The body is optional: none resends to every subscription the event matched.
     OptionalJsonBody(req): OptionalJsonBody<ResendRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -265,7 +266,7 @@ pub struct RecoverRequest {
 pub async fn recover(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
     JsonBody(req): JsonBody<RecoverRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let history = history(&state)?.clone();

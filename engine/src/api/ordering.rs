@@ -3,10 +3,11 @@
 
 use super::auth::Principal;
 use super::error::{ApiError, JsonBody};
+use super::page::StrictPath;
 use super::subscriptions::visible;
 use super::AppState;
 use crate::dispatch::{LaneId, Marker};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -33,7 +34,7 @@ fn ordered(
 pub async fn blocked(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = ordered(&state, &who, &id, false)?;
     let items = state.ordered_keys.blocked(&target.sub.id);
@@ -56,7 +57,7 @@ pub struct SkipRequest {
 pub async fn skip(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
     JsonBody(req): JsonBody<SkipRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = ordered(&state, &who, &id, true)?;

@@ -25,6 +25,21 @@ pub fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
     Ok(limit)
 }
 
+/// Path parameters; a bad one (not UTF-8, say) is a `VALIDATION_ERROR` naming `path`, in
+/// the contract's shape rather than the router's plain text.
+pub struct StrictPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for StrictPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path(p) = axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::validation("path", e.body_text()))?;
+        Ok(StrictPath(p))
+    }
+}
+
 /// A query string parsed strictly; a bad one is a `VALIDATION_ERROR` naming `query`.
 pub struct StrictQuery<T>(pub T);
 

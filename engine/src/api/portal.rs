@@ -9,10 +9,11 @@
 
 use super::auth::Admin;
 use super::error::{ApiError, OptionalJsonBody};
+use super::page::StrictPath;
 use super::AppState;
 use crate::config::HumanDuration;
 use crate::model::{now_ms, rfc3339_ms};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
@@ -79,7 +80,7 @@ pub struct NewPortal {
 pub async fn mint(
     _: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
     headers: HeaderMap,
     OptionalJsonBody(req): OptionalJsonBody<NewPortal>,
 ) -> Result<impl IntoResponse, ApiError> {

@@ -2,6 +2,7 @@
 
 use super::auth::Principal;
 use super::error::{ApiError, JsonBody, OptionalJsonBody};
+use super::page::StrictPath;
 use super::page::{self, StrictQuery};
 use super::AppState;
 use crate::admission::Breaker;
@@ -9,7 +10,7 @@ use crate::dispatch::Via;
 use crate::model::{new_id, now_ms, Delivery, Outcome, Secret};
 use crate::registry::spec;
 use crate::target::Target;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -155,7 +156,7 @@ pub async fn list(
 pub async fn get(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = visible(&state, &who, &id)?;
     Ok(Json(view(&target)))
@@ -173,7 +174,7 @@ fn view(target: &crate::target::Target) -> serde_json::Value {
 pub async fn delete(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     visible(&state, &who, &id)?;
     if state.registry.delete(&id).await? {
@@ -188,7 +189,7 @@ pub async fn delete(
 pub async fn patch(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
     JsonBody(patch): JsonBody<serde_json::Value>,
 ) -> Result<impl IntoResponse, ApiError> {
     if let Some(current) = state.registry.get(&id).filter(|t| who.sees(&t.sub.tenant)) {
@@ -219,7 +220,7 @@ pub struct RotateRequest {
 pub async fn rotate_secret(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<RotateRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = state
@@ -234,7 +235,7 @@ pub async fn rotate_secret(
 pub async fn test(
     who: Principal,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = visible(&state, &who, &id)?;
     state.tests.admit(&target.sub.id)?;

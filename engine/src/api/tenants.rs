@@ -2,8 +2,9 @@
 
 use super::auth::Admin;
 use super::error::{ApiError, JsonBody};
+use super::page::StrictPath;
 use super::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -39,7 +40,7 @@ pub async fn list(_: Admin, State(state): State<AppState>) -> Json<serde_json::V
 pub async fn issue_key(
     _: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    StrictPath(id): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     state.tenants.get(&id).ok_or_else(|| ApiError::not_found("tenant"))?;
     let (key_id, key) = state.tenants.issue_key(&id).await?;
@@ -50,7 +51,7 @@ pub async fn issue_key(
 pub async fn revoke_key(
     _: Admin,
     State(state): State<AppState>,
-    Path((id, key_id)): Path<(String, String)>,
+    StrictPath((id, key_id)): StrictPath<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     if state.tenants.revoke_key(&id, &key_id).await? {
         Ok(StatusCode::NO_CONTENT)

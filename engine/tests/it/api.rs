@@ -286,3 +286,15 @@ async fn stored_secrets_and_uris_are_bounded_wherever_they_come_in() {
     assert_eq!(status, 400, "{}", err["error"]);
     assert!(err["error"]["message"].as_str().unwrap_or_default().contains("larger than"), "{}", err["error"]);
 }
+
+/// A path segment that is not UTF-8 is answered in the contract's shape, like any bad input.
+#[tokio::test]
+async fn a_path_that_is_not_utf8_is_a_json_error() {
+    let h = TestHerald::start().await;
+    for path in ["/v1/subscriptions/%FF", "/v1/events/%C3%28"] {
+        let (status, body) = h.api.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "VALIDATION_ERROR", "{path}: {body}");
+        assert_eq!(body["error"]["field"], "path", "{path}: {body}");
+    }
+}
