@@ -26,14 +26,10 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let (extras, spec) = spec::create_body(body)?;
     let tenant = who.owner(extras.tenant)?;
-    if state.registry.count_of(&tenant) >= state.quotas.subscriptions_per_tenant {
-        let max = state.quotas.subscriptions_per_tenant;
-        return Err(ApiError::quota("subscriptions_per_tenant", format!("this tenant has its {max} subscriptions")));
-    }
     check_device(&state, spec.via_edge.as_deref(), &tenant)?;
     operator_only(&who, spec.proxy.is_some())?;
     let warnings = catalogued(&state, &spec.events)?;
-    let target = state.registry.create(tenant, spec, extras.secret).await?;
+    let target = state.registry.create(tenant, spec, extras.secret, state.quotas.subscriptions_per_tenant).await?;
     Ok((StatusCode::CREATED, Json(warned(target.sub.view_with_secret(), warnings))))
 }
 

@@ -30,6 +30,9 @@ pub enum RegistryError {
     /// The catalog could not be written or read back.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// The tenant has as many subscriptions as it may.
+    #[error("this tenant has its {0} subscriptions")]
+    Quota(usize),
 }
 
 /// What became of a subscription record this process wrote.
@@ -195,17 +198,22 @@ impl Registry {
         Invalid::new("url", "this tenant already has a subscription for this URL").into()
     }
 
-    /// Checks and stores a new subscription of `tenant`, with `secret` or a generated one. A
-    /// tenant cannot register the same URL twice.
+    /// Checks and stores a new subscription of `tenant`, with `secret` or a generated one,
+    /// unless the tenant has `max` already (counted under the lock creates take one at a
+    /// time, so racing creates cannot pass it). A tenant cannot register the same URL twice.
     pub async fn create(
         &self,
         tenant: String,
         mut spec: SubscriptionSpec,
         secret: Option<Secret>,
+        max: usize,
     ) -> Result<Arc<Target>, RegistryError> {
         validate::check(&mut spec, &self.rules)?;
         let sub = validate::new_subscription(tenant, spec, secret)?;
         let _serial = self.writes.lock().await;
+        if self.count_of(&sub.tenant) >= max {
+            return Err(RegistryError::Quota(max));
+        }
         if self.has_url(&sub.tenant, &sub.spec.url, None) {
             return Err(Self::url_taken());
         }

@@ -298,3 +298,18 @@ async fn a_path_that_is_not_utf8_is_a_json_error() {
         assert_eq!(body["error"]["field"], "path", "{path}: {body}");
     }
 }
+
+/// Creates racing each other cannot take a tenant past its quota: the count is checked where
+/// creates are made one at a time.
+#[tokio::test]
+async fn concurrent_creates_stop_at_the_quota() {
+    let h = TestHerald::start_with(|c| c.quotas.subscriptions_per_tenant = 3).await;
+    let creates = (0..12).map(|i| {
+        let api = h.api.clone();
+        async move { api.post("/v1/subscriptions", json!({ "url": format!("https://hooks.example/{i}") })).await.0 }
+    });
+    let statuses = futures::future::join_all(creates).await;
+    let created = statuses.iter().filter(|s| s.as_u16() == 201).count();
+    assert_eq!(created, 3, "{statuses:?}");
+    assert!(statuses.iter().all(|s| matches!(s.as_u16(), 201 | 403)), "{statuses:?}");
+}
