@@ -417,7 +417,13 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         history: history.clone(),
         log: log.clone(),
         admin_token: token.clone().into(),
-        dead_letters: Arc::new(DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone())),
+        dead_letters: Arc::new({
+            let dead_letters = DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone());
+            match &history {
+                Some(h) => dead_letters.recorded_by(h.recorder.clone()),
+                None => dead_letters,
+            }
+        }),
         metrics: metrics.clone(),
         ordered_keys,
         ordered_topic: topics.ordered.clone(),

@@ -119,6 +119,8 @@ pub struct DeadLetters {
     /// How far each partition's markers have been read into `replayed` (empty: not yet), and
     /// when.
     markers_read: tokio::sync::Mutex<(Vec<u64>, Option<std::time::Instant>)>,
+    /// Where a replayed delivery is recorded pending again, when history is kept.
+    history: Option<Arc<crate::history::Recorder>>,
 }
 
 /// One entry read from the topic.
@@ -138,7 +140,16 @@ impl DeadLetters {
             replays: tokio::sync::Mutex::new(()),
             replayed: Default::default(),
             markers_read: Default::default(),
+            history: None,
         }
+    }
+
+    /// Records each replayed delivery as pending in the delivery history too (as a resend
+    /// does): until its attempt settles, the event no longer reads dead-lettered, so a
+    /// recover meanwhile does not send it once more.
+    pub fn recorded_by(mut self, history: Arc<crate::history::Recorder>) -> Self {
+        self.history = Some(history);
+        self
     }
 
     /// Reads the replay markers appended since the last read (by any process) into the ids
@@ -333,12 +344,22 @@ impl DeadLetters {
         let mut deliveries = Vec::new();
         let mut markers = Vec::new();
         let mut ids = Vec::new();
+        let mut states = Vec::new();
         for f in entries {
             let Ok(old) = Delivery::decode(f.delivery.clone()) else {
                 report.skipped.push(Skipped { id: f.entry.id.clone(), reason: "unreadable" });
                 continue;
             };
             let fresh = Delivery { attempt: 1, due_ms: now, budget_ms: now, generation: old.generation + 1, ..old };
+            states.push(crate::history::HistoryRecord::State(crate::history::StateRecord {
+                event_id: fresh.event_id.clone(),
+                subscription: fresh.subscription.clone(),
+                tenant: fresh.tenant.clone(),
+                accepted_ms: fresh.accepted_ms,
+                at_ms: now,
+                state: crate::history::State::Pending,
+                error: None,
+            }));
             let key = Bytes::copy_from_slice(fresh.subscription.as_bytes());
             deliveries.push(Record { key: key.clone(), value: fresh.encode() });
             markers.push(Record { key, value: encode_replayed(&f.entry.id) });
@@ -348,8 +369,13 @@ impl DeadLetters {
             return Ok(());
         }
         let (log, topic, dlq) = (self.log.clone(), self.deliveries_topic.clone(), self.dlq_topic.clone());
+        let history = self.history.clone();
         tokio::spawn(async move {
-            log.append(&topic, deliveries).await?;
+            let enqueued = log.append(&topic, deliveries);
+            match &history {
+                Some(h) => tokio::try_join!(enqueued, h.append(&states)).map(|_| ())?,
+                None => enqueued.await.map(|_| ())?,
+            }
             crate::log::append_durably(&*log, &dlq, markers).await
         })
         .await

@@ -329,3 +329,27 @@ async fn reversed_windows_and_stray_cursors_are_answered_not_a_panic() {
     let (status, page) = h.api.get(&format!("/v1/dlq?cursor=0.{}", u64::MAX)).await;
     assert_eq!((status.as_u16(), page["items"].as_array().map(Vec::len)), (200, Some(0)), "{page}");
 }
+
+/// A dead letter replayed is pending again in the event's state until its attempt settles —
+/// not still dead-lettered, which a recover in between would send once more.
+#[tokio::test]
+async fn a_replayed_dead_letter_is_pending_again_until_it_settles() {
+    let h = TestHerald::start_with(|c| {
+        // The breaker opens at the first failure and stays open: replayed deliveries wait.
+        c.health.breaker_failures = 1;
+        c.health.breaker_pause = Duration::from_secs(600).into();
+        c.health.breaker_max_pause = Duration::from_secs(600).into();
+    })
+    .await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/down", 500);
+    let once = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 1 });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/down"), "retry": once })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    h.api.post("/v1/events", json!({ "id": "parked-1", "type": "T", "data": {} })).await;
+    state_of(&h.api, "parked-1", &sub_id, "dead_lettered").await;
+    let dead = items(&h.api, "/v1/dlq", 1).await;
+    let (status, answer) = h.api.post("/v1/dlq/replay", json!({ "ids": [dead[0]["id"]] })).await;
+    assert_eq!((status.as_u16(), answer["replayed"].as_array().map(Vec::len)), (200, Some(1)), "{answer}");
+    state_of(&h.api, "parked-1", &sub_id, "pending").await;
+}
