@@ -420,7 +420,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         dead_letters: Arc::new({
             let dead_letters = DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone());
             match &history {
-                Some(h) => dead_letters.recorded_by(h.recorder.clone()),
+                Some(h) => dead_letters.recorded_by(Arc::new(ReplaysInHistory(h.recorder.clone()))),
                 None => dead_letters,
             }
         }),
@@ -488,5 +488,30 @@ impl Herald {
         if let Err(e) = self.log.close().await {
             tracing::error!(error = %e, "closing the log");
         }
+    }
+}
+
+/// A replayed dead letter is pending again in the delivery history, as a resent event is.
+struct ReplaysInHistory(Arc<crate::history::Recorder>);
+
+#[async_trait::async_trait]
+impl crate::retry::dead_letters::ReplayRecorder for ReplaysInHistory {
+    async fn pending(&self, replayed: &[crate::model::Delivery], at_ms: i64) -> Result<(), LogError> {
+        use crate::history::{HistoryRecord, State, StateRecord};
+        let states: Vec<HistoryRecord> = replayed
+            .iter()
+            .map(|d| {
+                HistoryRecord::State(StateRecord {
+                    event_id: d.event_id.clone(),
+                    subscription: d.subscription.clone(),
+                    tenant: d.tenant.clone(),
+                    accepted_ms: d.accepted_ms,
+                    at_ms,
+                    state: State::Pending,
+                    error: None,
+                })
+            })
+            .collect();
+        self.0.append(&states).await
     }
 }

@@ -120,7 +120,15 @@ pub struct DeadLetters {
     /// when.
     markers_read: tokio::sync::Mutex<(Vec<u64>, Option<std::time::Instant>)>,
     /// Where a replayed delivery is recorded pending again, when history is kept.
-    history: Option<Arc<crate::history::Recorder>>,
+    history: Option<Arc<dyn ReplayRecorder>>,
+}
+
+/// Records replayed deliveries as pending again (the delivery history; the server wires it,
+/// so this module needs nothing of the history's).
+#[async_trait::async_trait]
+pub trait ReplayRecorder: Send + Sync {
+    /// `replayed` were enqueued again at `at_ms`; durable once this returns.
+    async fn pending(&self, replayed: &[Delivery], at_ms: i64) -> Result<(), LogError>;
 }
 
 /// One entry read from the topic.
@@ -147,7 +155,7 @@ impl DeadLetters {
     /// Records each replayed delivery as pending in the delivery history too (as a resend
     /// does): until its attempt settles, the event no longer reads dead-lettered, so a
     /// recover meanwhile does not send it once more.
-    pub fn recorded_by(mut self, history: Arc<crate::history::Recorder>) -> Self {
+    pub fn recorded_by(mut self, history: Arc<dyn ReplayRecorder>) -> Self {
         self.history = Some(history);
         self
     }
@@ -344,24 +352,18 @@ impl DeadLetters {
         let mut deliveries = Vec::new();
         let mut markers = Vec::new();
         let mut ids = Vec::new();
-        let mut states = Vec::new();
+        let mut replayed = Vec::new();
         for f in entries {
             let Ok(old) = Delivery::decode(f.delivery.clone()) else {
                 report.skipped.push(Skipped { id: f.entry.id.clone(), reason: "unreadable" });
                 continue;
             };
             let fresh = Delivery { attempt: 1, due_ms: now, budget_ms: now, generation: old.generation + 1, ..old };
-            states.push(crate::history::HistoryRecord::State(crate::history::StateRecord {
-                event_id: fresh.event_id.clone(),
-                subscription: fresh.subscription.clone(),
-                tenant: fresh.tenant.clone(),
-                accepted_ms: fresh.accepted_ms,
-                at_ms: now,
-                state: crate::history::State::Pending,
-                error: None,
-            }));
             let key = Bytes::copy_from_slice(fresh.subscription.as_bytes());
             deliveries.push(Record { key: key.clone(), value: fresh.encode() });
+            if self.history.is_some() {
+                replayed.push(fresh);
+            }
             markers.push(Record { key, value: encode_replayed(&f.entry.id) });
             ids.push(f.entry.id);
         }
@@ -373,7 +375,7 @@ impl DeadLetters {
         tokio::spawn(async move {
             let enqueued = log.append(&topic, deliveries);
             match &history {
-                Some(h) => tokio::try_join!(enqueued, h.append(&states)).map(|_| ())?,
+                Some(h) => tokio::try_join!(enqueued, h.pending(&replayed, now)).map(|_| ())?,
                 None => enqueued.await.map(|_| ())?,
             }
             crate::log::append_durably(&*log, &dlq, markers).await
