@@ -399,10 +399,10 @@ mod tests {
         assert_ne!(entry_id("s", "e", 0), entry_id("s2", "e", 0));
     }
 
-    #[test]
-    fn records_round_trip() {
-        let entry = DeadLetter {
-            id: "dlq_1".into(),
+    /// An entry of subscription `s`'s event `e`, with the id given.
+    fn dead_letter(id: String) -> DeadLetter {
+        DeadLetter {
+            id,
             event_id: "e".into(),
             subscription: "s".into(),
             tenant: "t".into(),
@@ -412,7 +412,12 @@ mod tests {
             last_attempt_at: "b".into(),
             last_status: Some(500),
             last_error: Some("x".into()),
-        };
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let entry = dead_letter("dlq_1".into());
         match decode(encode_entry(&entry, &Bytes::from_static(b"raw"))) {
             Some(DlqRecord::Entry { entry: e, delivery }) => assert_eq!((*e, &delivery[..]), (entry, &b"raw"[..])),
             other => panic!("{other:?}"),
@@ -446,18 +451,7 @@ mod tests {
         .await
         .unwrap();
         let delivery = Delivery::first_attempt("e".into(), "s".into(), "t".into(), "T".into(), Bytes::new(), 0);
-        let entry = DeadLetter {
-            id: entry_id("s", "e", 0),
-            event_id: "e".into(),
-            subscription: "s".into(),
-            tenant: "t".into(),
-            event: "T".into(),
-            attempts: 3,
-            first_attempt_at: "a".into(),
-            last_attempt_at: "b".into(),
-            last_status: Some(500),
-            last_error: None,
-        };
+        let entry = dead_letter(entry_id("s", "e", 0));
         let record = Record { key: Bytes::from_static(b"s"), value: encode_entry(&entry, &delivery.encode()) };
         log.append("dlq", vec![record]).await.unwrap();
         let (a, b) = (
