@@ -200,9 +200,11 @@ impl Gated {
 /// budget is spent; only committers with commits waiting are looked at.
 async fn release(recorder: std::sync::Weak<Recorder>, mut durable: watch::Receiver<u64>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // Until the writer ends (its log closed): then only budgets release commits.
+    let mut writing = true;
     loop {
         tokio::select! {
-            changed = durable.changed() => if changed.is_err() { return },
+            changed = durable.changed(), if writing => writing = changed.is_ok(),
             _ = tick.tick() => {}
         }
         let Some(recorder) = recorder.upgrade() else { return };
@@ -262,16 +264,17 @@ fn pack(mut group: Vec<Record>) -> Record {
     Record { key: group[0].key.clone(), value: record::bundle(&members) }
 }
 
-/// Appends `records`, retrying a failed append until the log takes it (or is closed, or could
-/// never take it).
-async fn append_until_taken(log: &Arc<dyn Log>, topic: &str, records: Vec<Record>) {
+/// Appends `records`, retrying a failed append until the log takes it (or could never take
+/// it); `false` when the log is closed, so nothing it was given is durable.
+async fn append_until_taken(log: &Arc<dyn Log>, topic: &str, records: Vec<Record>) -> bool {
     let mut backoff = Duration::from_millis(50);
     loop {
         match log.append(topic, records.clone()).await {
-            Ok(_) | Err(LogError::Closed) => return,
+            Ok(_) => return true,
+            Err(LogError::Closed) => return false,
             Err(e @ LogError::TooLarge { .. }) => {
                 tracing::error!(error = %e, "history records too large for the log; dropped");
-                return;
+                return true;
             }
             Err(e) => {
                 tracing::warn!(error = %e, records = records.len(), "history append failed; retrying");
@@ -304,7 +307,11 @@ async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Re
             }
         }
         last_append = (records.len() < BATCH).then(Instant::now);
-        append_until_taken(&log, &topic, for_topic(&*log, &topic, records)).await;
+        if !append_until_taken(&log, &topic, for_topic(&*log, &topic, records)).await {
+            // Closed: these records, and any after, will never be durable. Commits gated on
+            // them wait out their budget (counted late) instead of passing as if they were.
+            return;
+        }
         durable.send_modify(|d| *d = (*d).max(last));
     }
 }
@@ -353,6 +360,38 @@ mod tests {
         assert_eq!(appended(), [1, 100], "records queued within the gap went out apart");
         assert_eq!(log.appends.lock().unwrap()[1].len(), 1, "in one bundle");
         assert!(Instant::now() >= started + APPEND_GAP);
+    }
+
+    /// The committer underneath a gate: the last offset committed.
+    #[derive(Default)]
+    struct Committed(AtomicU64);
+
+    impl Committer for Committed {
+        fn commit(&self, next: u64) {
+            self.0.store(next, Ordering::SeqCst);
+        }
+        fn end_offset(&self) -> u64 {
+            0
+        }
+        fn committed(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// A record the log refused because it is closed is not durable: a commit after it waits
+    /// out the budget (counted late), rather than passing at once as if it were.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_a_closed_log_refused_is_not_taken_for_durable() {
+        let log = Arc::new(Stub::new(false, true));
+        let recorder = Recorder::start(log, "history".into());
+        let inner = Arc::new(Committed::default());
+        let gated = recorder.gate(inner.clone());
+        recorder.record(&state(0));
+        gated.commit(5);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(inner.committed(), 0, "committed past a record the log refused");
+        tokio::time::sleep(BUDGET).await;
+        assert_eq!(inner.committed(), 5, "the budget still lets it through");
     }
 
     #[test]

@@ -214,8 +214,9 @@ async fn an_attempt_older_than_a_re_enable_does_not_disable_the_subscription_aga
         .await;
     let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
     // Event 0 fails at once and again every 100 ms: the subscription is disabled after 400 ms.
-    // Events 1–3 are in flight meanwhile and fail 3–4 s after they were sent.
-    for (n, delay_ms) in [(0, 0), (1, 3000), (2, 3500), (3, 4000)] {
+    // Events 1–3 are in flight meanwhile and fail 6–7 s after they were sent (a margin for a
+    // loaded machine: they must still be in flight when the operator enables it again).
+    for (n, delay_ms) in [(0, 0), (1, 6000), (2, 6500), (3, 7000)] {
         let (status, body) =
             h.api.post("/v1/events", json!({ "type": "T", "data": { "n": n, "delay_ms": delay_ms } })).await;
         assert_eq!(status, 202, "{body}");
