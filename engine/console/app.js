@@ -372,6 +372,34 @@ function hashParams() {
   return new URLSearchParams(i < 0 ? "" : location.hash.slice(i + 1));
 }
 
+// A listing the server filters and pages, looking at a bounded number of entries a page: a
+// page that found none may still say where to go on, so a few more are asked for before
+// drawing, then "Load more" goes on (`page`). A page that comes back after the filters changed
+// (`reload`), or after another request moved on from the same cursor (a second click on "Load
+// more"), is dropped. `params()` gives the query's filters; `draw(items, next)` shows all loaded.
+function pager(path, params, draw) {
+  let loaded = [], next = null, generation = 0;
+  async function page() {
+    const mine = generation;
+    for (let asked = 0; asked < 20; asked++) {
+      const cursor = next;
+      const r = await api("GET", path + q({ ...params(), cursor }));
+      if (mine !== generation || next !== cursor) return;
+      loaded = loaded.concat(r.items);
+      next = r.next;
+      if (r.items.length || !next) break;
+    }
+    draw(loaded, next);
+  }
+  function reload() {
+    generation++;
+    loaded = [];
+    next = null;
+    return page();
+  }
+  return { page, reload };
+}
+
 async function subscriptions(id, sub) {
   if (id === "new") return subscriptionForm(null);
   if (id && sub === "edit") return subscriptionForm(await api("GET", `/v1/subscriptions/${encodeURIComponent(id)}`));
@@ -397,10 +425,12 @@ async function subscriptions(id, sub) {
   // A link may carry the filters (#/subscriptions?breaker=open); the server applies them.
   for (const name of ["transport", "enabled", "breaker"]) filters[name].value = params.get(name) || "";
   for (const f of [filters.transport, filters.enabled, filters.breaker]) f.addEventListener("change", () => load(reload));
-  let loaded = [], next = null, generation = 0;
   const kind = (s) => (s.via_edge ? "edge" : s.transport);
   const filtered = () => [admin && filters.tenant, filters.transport, filters.enabled, filters.breaker].some((f) => f && f.value.trim());
-  function draw() {
+  const { page, reload } = pager("/v1/subscriptions", () => ({
+    limit: 500, tenant: admin ? filters.tenant.value.trim() : undefined,
+    transport: filters.transport.value, enabled: filters.enabled.value, breaker: filters.breaker.value,
+  }), (loaded, next) => {
     list.replaceChildren(table(["Subscription", "Tenant", "Transport", "Events", "State", "Breaker", "In flight"], loaded.map((s) =>
       h("tr", { "data-subscription": s.id },
         h("td", {}, link(`#/subscriptions/${s.id}`, s.id), h("div", { class: "muted wrap" }, s.url)),
@@ -413,33 +443,7 @@ async function subscriptions(id, sub) {
     next ? "None found yet: “Load more” looks further." : filtered() ? "No subscription matches these filters." :
       "No subscriptions yet: create one with “New subscription”."));
     more.replaceChildren(next ? h("button", { type: "button", onclick: () => load(page) }, "Load more") : "");
-  }
-  // The server filters, looking at a bounded number of subscriptions a page: a page that
-  // found none may still say where to go on, so a few more are asked for before drawing. A
-  // page that comes back after the filters changed, or after another request moved on from
-  // the same cursor (a second click on "Load more"), is dropped.
-  async function page() {
-    const mine = generation;
-    const t = admin ? filters.tenant.value.trim() : "";
-    for (let asked = 0; asked < 20; asked++) {
-      const cursor = next;
-      const r = await api("GET", "/v1/subscriptions" + q({
-        limit: 500, cursor, tenant: t || undefined,
-        transport: filters.transport.value, enabled: filters.enabled.value, breaker: filters.breaker.value,
-      }));
-      if (mine !== generation || next !== cursor) return;
-      loaded = loaded.concat(r.items);
-      next = r.next;
-      if (r.items.length || !next) break;
-    }
-    draw();
-  }
-  function reload() {
-    generation++;
-    loaded = [];
-    next = null;
-    return page();
-  }
+  });
   // What a click or a change starts: an API error takes the list's place (a 401 signs out).
   function load(what) {
     what().catch((e) => { if (e.status !== 401) list.replaceChildren(errorBox(e)); });
@@ -665,17 +669,15 @@ async function events(id) {
   } }, h("label", { for: "event-id" }, "Find an event by id", find),
   admin ? h("label", { for: "event-tenant" }, "Tenant", tenant) : null,
   h("button", { class: "primary", type: "submit" }, "Find"));
-  const filter = h("form", { class: "row", onsubmit: (ev) => { ev.preventDefault(); load(); } },
+  const filter = h("form", { class: "row", onsubmit: (ev) => { ev.preventDefault(); reload(); } },
     h("label", { for: "event-type" }, "Type", type), h("button", { type: "submit" }, "Filter"));
-  tenant.addEventListener("change", () => load());
+  tenant.addEventListener("change", () => reload());
   const more = h("div", {});
   layout("events", "Events", search, h("h2", {}, "Recent events"), filter, list, more);
-  // As the subscriptions' list: the server looks at a bounded number of entries a page, so a
-  // page of a rare type may be empty and still say where to go on; a few more are asked for
-  // before drawing, then "Load more" goes on. A page that comes back after the filter changed,
-  // or after another request moved on from the same cursor, is dropped.
-  let loaded = [], next = null, generation = 0;
-  function draw() {
+  // A page of a rare type may be empty and still say where to go on (see `pager`).
+  const { page, reload } = pager("/v1/events", () => ({
+    type: type.value.trim(), limit: 50, tenant: admin ? tenant.value.trim() : undefined,
+  }), (loaded, next) => {
     list.replaceChildren(table(["Accepted", "Event", "Type", "Tenant"], loaded.map((e) =>
       h("tr", { "data-event": e.id },
         h("td", {}, fmtTime(e.accepted_at)),
@@ -684,27 +686,9 @@ async function events(id) {
     next ? "None found yet: “Load more” looks further." : type.value.trim() ? "No event of this type on record." :
       "No events on record yet. Events published from now on show up here."));
     more.replaceChildren(next ? h("button", { type: "button", onclick: () => page().catch(failed) }, "Load more") : "");
-  }
+  });
   const failed = (e) => more.replaceChildren(errorBox(e));
-  async function page() {
-    const mine = generation;
-    for (let asked = 0; asked < 20; asked++) {
-      const cursor = next;
-      const r = await api("GET", "/v1/events" + q({ type: type.value.trim(), limit: 50, cursor, tenant: admin ? tenant.value.trim() : undefined }));
-      if (mine !== generation || next !== cursor) return;
-      loaded = loaded.concat(r.items);
-      next = r.next;
-      if (r.items.length || !next) break;
-    }
-    draw();
-  }
-  async function load() {
-    generation++;
-    loaded = [];
-    next = null;
-    await page();
-  }
-  await load();
+  await reload();
 }
 
 async function eventDetail(id) {
