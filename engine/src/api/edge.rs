@@ -3,8 +3,7 @@
 
 use super::auth::Principal;
 use super::error::{ApiError, JsonBody};
-use super::page::StrictPath;
-use super::page::StrictQuery;
+use super::page::{StrictPath, StrictQuery};
 use super::AppState;
 use crate::registry::Lookup;
 use crate::transport::edge::protocol::{decode_delivery, Forward, Report};

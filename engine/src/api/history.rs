@@ -4,8 +4,7 @@
 
 use super::auth::Principal;
 use super::error::{ApiError, JsonBody, OptionalJsonBody};
-use super::page::StrictPath;
-use super::page::{self, StrictQuery};
+use super::page::{self, StrictPath, StrictQuery};
 use super::AppState;
 use crate::history::{AttemptQuery, EventQuery, EventRecord, History};
 use crate::model::{now_ms, rfc3339_ms};
@@ -275,8 +274,8 @@ pub async fn recover(
         .get(&id)
         .filter(|t| who.sees(&t.sub.tenant))
         .ok_or_else(|| ApiError::not_found("subscription"))?;
-    let (since, until) = window(Some(&req.since), req.until.as_deref())?;
-    let (since, until) = (since.expect("given"), until.unwrap_or_else(now_ms));
+    let since = time("since", Some(&req.since))?.expect("given");
+    let until = time("until", req.until.as_deref())?.unwrap_or_else(now_ms);
     if until < since {
         return Err(ApiError::validation("until", "must not be before since"));
     }

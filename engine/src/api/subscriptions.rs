@@ -2,8 +2,7 @@
 
 use super::auth::Principal;
 use super::error::{ApiError, JsonBody, OptionalJsonBody};
-use super::page::StrictPath;
-use super::page::{self, StrictQuery};
+use super::page::{self, StrictPath, StrictQuery};
 use super::AppState;
 use crate::admission::Breaker;
 use crate::dispatch::Via;
