@@ -497,21 +497,9 @@ struct ReplaysInHistory(Arc<crate::history::Recorder>);
 #[async_trait::async_trait]
 impl crate::retry::dead_letters::ReplayRecorder for ReplaysInHistory {
     async fn pending(&self, replayed: &[crate::model::Delivery], at_ms: i64) -> Result<(), LogError> {
-        use crate::history::{HistoryRecord, State, StateRecord};
-        let states: Vec<HistoryRecord> = replayed
-            .iter()
-            .map(|d| {
-                HistoryRecord::State(StateRecord {
-                    event_id: d.event_id.clone(),
-                    subscription: d.subscription.clone(),
-                    tenant: d.tenant.clone(),
-                    accepted_ms: d.accepted_ms,
-                    at_ms,
-                    state: State::Pending,
-                    error: None,
-                })
-            })
-            .collect();
+        use crate::history::{HistoryRecord, StateRecord};
+        let states: Vec<HistoryRecord> =
+            replayed.iter().map(|d| HistoryRecord::State(StateRecord::pending(d, at_ms))).collect();
         self.0.append(&states).await
     }
 }

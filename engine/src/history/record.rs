@@ -211,6 +211,22 @@ pub struct DeliveryState {
     pub attempt_id: Option<String>,
 }
 
+impl StateRecord {
+    /// `delivery` queued again at `at_ms` (a resend, a dead letter's replay): pending until
+    /// its attempt settles.
+    pub fn pending(delivery: &crate::model::Delivery, at_ms: i64) -> StateRecord {
+        StateRecord {
+            event_id: delivery.event_id.clone(),
+            subscription: delivery.subscription.clone(),
+            tenant: delivery.tenant.clone(),
+            accepted_ms: delivery.accepted_ms,
+            at_ms,
+            state: State::Pending,
+            error: None,
+        }
+    }
+}
+
 impl DeliveryState {
     /// The bytes the index keeps.
     pub fn encode(&self) -> Vec<u8> {

@@ -5,7 +5,7 @@
 
 pub mod canonical;
 
-use crate::history::{EventRecord, HistoryRecord, Recorder, State, StateRecord};
+use crate::history::{EventRecord, HistoryRecord, Recorder, StateRecord};
 use crate::log::{Log, LogError, Record};
 use crate::model::{new_id, now_ms, Delivery, EventInput, Invalid, PayloadFormat, MAX_EVENT_ID_LEN};
 use crate::registry::{validate_tenant, Registry};
@@ -572,16 +572,8 @@ impl Ingest {
                     trace: None,
                     ordering_key: key,
                 };
+                states.push(HistoryRecord::State(StateRecord::pending(&delivery, now)));
                 records.push(delivery_record(target, delivery, &data, changes.as_ref()), ordered);
-                states.push(HistoryRecord::State(StateRecord {
-                    event_id: event.id.clone(),
-                    subscription: target.sub.id.clone(),
-                    tenant: event.tenant.clone(),
-                    accepted_ms: event.accepted_ms,
-                    at_ms: now,
-                    state: State::Pending,
-                    error: None,
-                }));
             }
         }
         let queued = records.len();
