@@ -44,6 +44,9 @@ struct Stored {
 /// Every tenant's edge devices, in memory, persisted in the registry topic.
 pub struct Devices {
     feed: Arc<Feed>,
+    /// Held while a create counts the tenant's devices and writes, so racing creates cannot
+    /// pass a quota together.
+    creates: tokio::sync::Mutex<()>,
     state: RwLock<HashMap<String, Stored>>,
     presence: RwLock<HashMap<String, Presence>>,
 }
@@ -51,13 +54,28 @@ pub struct Devices {
 impl Devices {
     /// Materialises the devices from `records`, the whole registry topic.
     pub fn load(feed: Arc<Feed>, records: &[LogRecord]) -> Devices {
-        let devices = Devices { feed, state: RwLock::default(), presence: RwLock::default() };
+        let devices = Devices {
+            feed,
+            creates: tokio::sync::Mutex::new(()),
+            state: RwLock::default(),
+            presence: RwLock::default(),
+        };
         crate::catalog::load(&devices, records, Owner::Devices);
         devices
     }
 
-    /// Creates a device for `tenant`; returns it and its token, which is never shown again.
-    pub async fn create(&self, tenant: &str, name: String) -> Result<(EdgeDevice, String), CatalogError> {
+    /// Creates a device for `tenant`, unless it has `max` already (`None`); returns it and its
+    /// token, which is never shown again.
+    pub async fn create(
+        &self,
+        tenant: &str,
+        name: String,
+        max: usize,
+    ) -> Result<Option<(EdgeDevice, String)>, CatalogError> {
+        let _one_at_a_time = self.creates.lock().await;
+        if self.count_of(tenant) >= max {
+            return Ok(None);
+        }
         let device =
             EdgeDevice { id: new_id("edg"), tenant: tenant.to_string(), name, created_at: rfc3339_ms(now_ms()) };
         let (token, sha256) = crate::tenants::new_token("he", &device.id);
@@ -65,7 +83,7 @@ impl Devices {
         self.feed
             .write(Key::device(&device.id).as_bytes(), Bytes::from(serde_json::to_vec(&stored).expect("serializes")))
             .await?;
-        Ok((device, token))
+        Ok(Some((device, token)))
     }
 
     /// A device by id, if it exists (and belongs to `tenant`, when given).
@@ -75,7 +93,7 @@ impl Devices {
     }
 
     /// How many devices `tenant` has.
-    pub fn count_of(&self, tenant: &str) -> usize {
+    fn count_of(&self, tenant: &str) -> usize {
         self.state.read().unwrap().values().filter(|s| s.device.tenant == tenant).count()
     }
 

@@ -37,10 +37,9 @@ pub async fn create(
         return Err(ApiError::validation("name", "must be 1 to 200 characters"));
     }
     let max = state.quotas.edge_devices_per_tenant;
-    if state.devices.count_of(&tenant) >= max {
+    let Some((device, token)) = state.devices.create(&tenant, name, max).await? else {
         return Err(ApiError::quota("edge_devices_per_tenant", format!("this tenant has its {max} edge devices")));
-    }
-    let (device, token) = state.devices.create(&tenant, name).await?;
+    };
     let mut body = serde_json::to_value(&device).expect("serializes");
     body["token"] = token.into();
     Ok((StatusCode::CREATED, Json(body)))

@@ -226,11 +226,18 @@ async fn a_tenant_s_edge_devices_are_bounded() {
     let (status, tenant) = h.api.post("/v1/tenants", json!({ "name": "Many" })).await;
     assert_eq!(status, 201, "{tenant}");
     let tenant = tenant["id"].as_str().unwrap().to_string();
-    for i in 0..100 {
+    for i in 0..96 {
         let (status, d) =
             h.api.post("/v1/edge-devices", json!({ "name": format!("site {i}"), "tenant": tenant })).await;
         assert_eq!(status, 201, "{d}");
     }
+    // Creates racing each other stop at the quota too.
+    let creates = (0..12).map(|i| {
+        let (api, tenant) = (h.api.clone(), tenant.clone());
+        async move { api.post("/v1/edge-devices", json!({ "name": format!("race {i}"), "tenant": tenant })).await.0 }
+    });
+    let statuses = futures::future::join_all(creates).await;
+    assert_eq!(statuses.iter().filter(|s| s.as_u16() == 201).count(), 4, "{statuses:?}");
     let (status, err) = h.api.post("/v1/edge-devices", json!({ "name": "one more", "tenant": tenant })).await;
     assert_eq!((status.as_u16(), &err["error"]["code"]), (403, &json!("QUOTA_EXCEEDED")), "{err}");
     // Another tenant's are its own.
