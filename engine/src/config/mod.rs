@@ -817,11 +817,11 @@ impl Config {
         if self.api.header_read_timeout.0.is_zero() || self.api.request_timeout.0.is_zero() {
             return reject("api.request_timeout", "header_read_timeout and request_timeout must be more than zero");
         }
-        if self.quotas.subscriptions_per_tenant == 0
-            || self.quotas.tests_per_minute == 0
-            || self.quotas.edge_devices_per_tenant == 0
-        {
+        if self.quotas.subscriptions_per_tenant == 0 || self.quotas.tests_per_minute == 0 {
             return reject("quotas.subscriptions_per_tenant", "quotas must be at least 1");
+        }
+        if self.quotas.edge_devices_per_tenant == 0 {
+            return reject("quotas.edge_devices_per_tenant", "must be at least 1");
         }
         if self.log.min_insync_replicas == 0 {
             return reject("log.min_insync_replicas", "must be at least 1");
