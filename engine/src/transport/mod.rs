@@ -8,6 +8,7 @@ pub mod edge;
 pub mod guard;
 pub mod http;
 pub mod oauth;
+pub mod p12;
 pub mod tls;
 
 use crate::model::{now_ms, range, Auth, Delivery, Failure, Outcome, TransportKind};

@@ -108,8 +108,7 @@ fn client_identity(
 ) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, TlsError> {
     let password = opts.key_password.as_ref().map_or("", |p| p.expose());
     let p12 = match &opts.client_p12 {
-        // Opening one runs its key derivations (up to a million rounds each): a client's file
-        // is a few KiB, and a bound on its size bounds how many it can ask for.
+        // A client's file is a few KiB; what opening one asks for is counted below (`p12`).
         Some(b64) if b64.expose().len() > MAX_P12_BASE64 => {
             return Err(bad("tls.client_p12", format!("larger than {} bytes", MAX_P12_BASE64 / 4 * 3)))
         }
@@ -134,6 +133,10 @@ fn client_identity(
         other => other,
     };
     if let Some(p12) = p12 {
+        super::p12::check(&p12, password).map_err(|e| match e {
+            super::p12::Refused::Undecryptable => bad("tls.key_password", e.to_string()),
+            _ => bad("tls.client_p12", e.to_string()),
+        })?;
         let store = p12_keystore::KeyStore::from_pkcs12(&p12, password, p12_keystore::Pkcs12ImportPolicy::Strict)
             .map_err(|e| bad("tls.key_password", format!("cannot open the PKCS#12 content: {e}")))?;
         let (_, chain) =

@@ -453,3 +453,46 @@ key_file = "{key}"
     let err = herald::server::start(bad).await.err().expect("a bad webhook stops the start").to_string();
     assert!(err.contains("webhooks[0].endpoint"), "{err}");
 }
+
+/// A PKCS#12 file names its own key derivation work: rounds for each key inside, up to a
+/// million each. A hundred copies of one real key at 20,000 rounds (26 KiB) would keep the
+/// API's thread busy for seconds, and every delivery worker that first uses the subscription
+/// again; a file asking for more than a client's ever does is refused before any of it runs.
+#[tokio::test]
+async fn a_pkcs12_file_asking_for_too_much_key_derivation_is_refused_unopened() {
+    use der::{Decode, Encode};
+    let h = TestHerald::start().await;
+    let key = KeyPair::generate().unwrap().serialize_der();
+    let params = pkcs5::pbes2::Parameters::generate_pbkdf2_sha256_aes256cbc(20_000, &[7; 16], [9; 16]).unwrap();
+    let shrouded = pkcs12::pbe_params::EncryptedPrivateKeyInfo {
+        encryption_algorithm: cms::cert::x509::spki::AlgorithmIdentifierOwned {
+            oid: der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.5.13"),
+            parameters: Some(der::Any::from_der(&params.to_der().unwrap()).unwrap()),
+        },
+        encrypted_data: der::asn1::OctetString::new(params.encrypt("pw", &key).unwrap()).unwrap(),
+    };
+    let bag = pkcs12::SafeBag {
+        bag_id: pkcs12::PKCS_12_PKCS8_KEY_BAG_OID,
+        bag_value: shrouded.to_der().unwrap(),
+        bag_attributes: None,
+    };
+    let data = der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1");
+    let part = |bytes: Vec<u8>| cms::content_info::ContentInfo {
+        content_type: data,
+        content: der::Any::from_der(&der::asn1::OctetString::new(bytes).unwrap().to_der().unwrap()).unwrap(),
+    };
+    let safes = vec![part(vec![bag; 100].to_der().unwrap())];
+    let pfx =
+        pkcs12::Pfx { version: pkcs12::pfx::Version::V3, auth_safe: part(safes.to_der().unwrap()), mac_data: None };
+    let p12 = base64::engine::general_purpose::STANDARD.encode(pfx.to_der().unwrap());
+    let (status, err) = h
+        .api
+        .post(
+            "/v1/subscriptions",
+            json!({ "url": "https://hooks.example.com/x", "tls": { "client_p12": p12, "key_password": "pw" } }),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["field"], "tls.client_p12", "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("rounds of key derivation"), "{err}");
+}
