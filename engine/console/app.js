@@ -741,19 +741,24 @@ async function deadLetters() {
   const out = h("div", {});
   const list = h("div", {});
   const actions = h("div", { class: "actions" });
-  const filter = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); load(); } },
+  const filter = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); reload(); } },
     h("label", { for: "dlq-subscription" }, "Subscription", subscription),
     session.role === "admin" ? h("label", { for: "dlq-tenant" }, "Tenant", tenant) : null,
     h("button", { type: "submit" }, "Filter"));
   layout("dlq", "Dead letters", filter, out, actions, list);
   const report = (r) => out.replaceChildren(h("div", { class: "alert ok", role: "status", "data-replay-report": "" },
     `Replayed ${r.replayed.length}` + (r.skipped.length ? `; skipped ${r.skipped.length} (${[...new Set(r.skipped.map((s) => s.reason.replace("_", " ")))].join(", ")})` : "") + "."));
-  async function load() {
-    const r = await api("GET", "/v1/dlq" + q({ subscription: subscription.value.trim(), tenant: tenant.value.trim(), limit: 500 }));
+  const more = h("div", {});
+  list.after(more);
+  // A page may end short of its limit and still say where to go on: the API looks at so many
+  // records a page (see `pager`).
+  const { page, reload } = pager("/v1/dlq", () => ({
+    subscription: subscription.value.trim(), tenant: tenant.value.trim(), limit: 500,
+  }), (loaded, next) => {
     const boxes = [];
-    list.replaceChildren(table(["", "Event", "Subscription", "Attempts", "Last error", "Last attempt"], r.items.map((d) => {
+    list.replaceChildren(table(["", "Event", "Subscription", "Attempts", "Last error", "Last attempt"], loaded.map((d) => {
       const box = h("input", { type: "checkbox", value: d.id, "aria-label": `Select ${d.event_id}` });
-      boxes.push(box);
+      boxes.push([box, d]);
       return h("tr", { "data-dead-letter": d.id },
         h("td", {}, box),
         h("td", {}, link(eventHref(d.event_id, d.tenant), d.event_id), h("div", { class: "muted" }, d.event)),
@@ -761,21 +766,26 @@ async function deadLetters() {
         h("td", { class: "num" }, d.attempts),
         h("td", { class: "wrap" }, d.last_status ? `HTTP ${d.last_status} · ` : "", d.last_error),
         h("td", {}, fmtTime(d.last_attempt_at)));
-    }), "No dead letters. Deliveries that exhaust their retries are parked here."));
+    }), next ? "None found yet: “Load more” looks further." :
+      "No dead letters. Deliveries that exhaust their retries are parked here."));
+    more.replaceChildren(next ? h("button", { type: "button", onclick: () => page().catch(failed) }, "Load more") : "");
     const replay = async (body) => {
-      try { report(await api("POST", "/v1/dlq/replay", body)); await load(); } catch (e) { out.replaceChildren(errorBox(e)); }
+      try { report(await api("POST", "/v1/dlq/replay", body)); await reload(); } catch (e) { out.replaceChildren(errorBox(e)); }
     };
     actions.replaceChildren(
-      h("button", { type: "button", class: "primary", disabled: !r.items.length, onclick: () => {
-        const ids = boxes.filter((b) => b.checked).map((b) => b.value);
-        if (!ids.length) return out.replaceChildren(errorBox({ message: "Select the dead letters to replay first." }));
-        replay({ ids });
+      h("button", { type: "button", class: "primary", disabled: !loaded.length, onclick: () => {
+        const chosen = boxes.filter(([b]) => b.checked).map(([, d]) => d);
+        if (!chosen.length) return out.replaceChildren(errorBox({ message: "Select the dead letters to replay first." }));
+        // Entries of one subscription are looked for in its partition alone.
+        const subs = [...new Set(chosen.map((d) => d.subscription))];
+        replay({ ids: chosen.map((d) => d.id), subscription: subs.length === 1 ? subs[0] : undefined });
       } }, "Replay selected"),
-      subscription.value.trim() ? h("button", { type: "button", disabled: !r.items.length, onclick: () => {
+      subscription.value.trim() ? h("button", { type: "button", disabled: !loaded.length, onclick: () => {
         if (confirm(`Replay every dead letter of ${subscription.value.trim()}?`)) replay({ subscription: subscription.value.trim() });
       } }, "Replay all of this subscription") : "");
-  }
-  await load();
+  });
+  const failed = (e) => more.replaceChildren(errorBox(e));
+  await reload();
 }
 
 // ---------- Edge devices ----------

@@ -242,11 +242,12 @@ pub enum Dlq {
         #[command(flatten)]
         paging: Paging,
     },
-    /// Deliver dead letters again: these ids, or every one of a subscription.
+    /// Deliver dead letters again: these ids, or every one of a subscription (with `--ids`:
+    /// those ids, looked for among that subscription's entries alone).
     Replay {
         #[arg(long, value_delimiter = ',', required_unless_present = "subscription")]
         ids: Vec<String>,
-        #[arg(long, conflicts_with = "ids")]
+        #[arg(long)]
         subscription: Option<String>,
     },
 }
@@ -588,9 +589,10 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                 Shown::List(&["id", "event_id", "subscription", "attempts", "last_status", "last_error"]),
             ),
             Dlq::Replay { ids, subscription } => {
-                let body = match subscription {
-                    Some(s) => json!({ "subscription": s }),
-                    None => json!({ "ids": ids }),
+                let body = match (ids.is_empty(), subscription) {
+                    (true, s) => json!({ "subscription": s }),
+                    (false, None) => json!({ "ids": ids }),
+                    (false, Some(s)) => json!({ "ids": ids, "subscription": s }),
                 };
                 (api.call("POST", "/v1/dlq/replay", Some(body)).await?, Shown::One)
             }

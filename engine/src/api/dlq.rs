@@ -40,7 +40,8 @@ pub async fn list(
     Ok(Json(serde_json::json!({ "items": items, "next": next })))
 }
 
-/// `POST /v1/dlq/replay` body: entry ids, or every entry of a subscription.
+/// `POST /v1/dlq/replay` body: entry ids (of `subscription` when given, which reads only its
+/// partition), or every entry of a subscription.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
@@ -57,10 +58,10 @@ pub async fn replay(
     JsonBody(req): JsonBody<ReplayRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let selection = match (req.ids, req.subscription) {
-        (Some(ids), None) if !ids.is_empty() && ids.len() <= 1000 => Selection::Ids(ids),
-        (Some(_), None) => return Err(ApiError::validation("ids", "give 1 to 1000 ids")),
+        (Some(ids), subscription) if !ids.is_empty() && ids.len() <= 1000 => Selection::Ids { ids, subscription },
+        (Some(_), _) => return Err(ApiError::validation("ids", "give 1 to 1000 ids")),
         (None, Some(sub)) => Selection::Subscription(sub),
-        _ => return Err(ApiError::validation("ids", "give either ids or subscription")),
+        (None, None) => return Err(ApiError::validation("ids", "give ids, a subscription, or both")),
     };
     let report = state.dead_letters.replay(selection, who.tenant()).await?;
     Ok(Json(report))

@@ -73,8 +73,13 @@ pub fn decode(mut bytes: Bytes) -> Option<DlqRecord> {
 /// What a replay asks for.
 #[derive(Debug, Clone)]
 pub enum Selection {
-    /// These entries.
-    Ids(Vec<String>),
+    /// These entries; only among `subscription`'s when given (its partition alone is read).
+    Ids {
+        /// Entry ids.
+        ids: Vec<String>,
+        /// The subscription they belong to, when the caller knows it.
+        subscription: Option<String>,
+    },
     /// Every live entry of a subscription.
     Subscription(String),
 }
@@ -99,6 +104,11 @@ pub struct Skipped {
 
 /// Records read from the topic at a time: pages stream, the topic is never held whole.
 const SCAN_CHUNK: usize = 1024;
+
+/// Records one page of a list looks at, at most. A tenant's few entries behind another's
+/// million would otherwise cost a read of the whole topic per page (and a console polls the
+/// list); past this the page ends where the scan stopped, short or empty, with `next`.
+pub const LIST_SCAN: usize = 10_000;
 
 /// How old the replay markers read may be when listing (see `DeadLetters::read_markers`).
 const LIST_MARKERS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
@@ -210,13 +220,16 @@ impl DeadLetters {
         })
     }
 
-    /// Streams live entries of `partitions` after `after`, calling `take` until it says stop.
+    /// Streams live entries of `partitions` after `after`, calling `take` until it says stop
+    /// or `budget` records (of any kind) have been looked at; then the position of the last
+    /// one looked at, where a next scan goes on.
     async fn scan(
         &self,
         partitions: Vec<u32>,
         after: Option<(u32, u64)>,
+        mut budget: usize,
         mut take: impl FnMut(Found) -> std::ops::ControlFlow<()>,
-    ) -> Result<(), LogError> {
+    ) -> Result<Option<(u32, u64)>, LogError> {
         for p in partitions {
             let mut from = match after {
                 Some((ap, _)) if ap > p => continue,
@@ -228,13 +241,17 @@ impl DeadLetters {
                 let (records, next) = self.log.read_partition(&self.dlq_topic, p, at, SCAN_CHUNK).await?;
                 for rec in records {
                     let position = (rec.partition, rec.offset);
+                    if budget == 0 {
+                        return Ok(Some(position));
+                    }
+                    budget -= 1;
                     match decode(rec.value) {
                         Some(DlqRecord::Entry { entry, delivery }) => {
                             if self.is_replayed(&entry.id) {
                                 continue;
                             }
                             if take(Found { position, entry: *entry, delivery }).is_break() {
-                                return Ok(());
+                                return Ok(None);
                             }
                         }
                         Some(DlqRecord::Replayed(_)) => {}
@@ -248,11 +265,12 @@ impl DeadLetters {
                 from = next;
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Live entries matching the filters after `after`, at most `limit`, and the cursor of
-    /// the last one when more follow. Reads only as far as the page needs.
+    /// the last one when more follow. Reads only as far as the page needs, and no more than
+    /// [`LIST_SCAN`] records: a page cut short there ends with the cursor of where it stopped.
     pub async fn list(
         &self,
         subscription: Option<&str>,
@@ -264,28 +282,30 @@ impl DeadLetters {
         let mut page: Vec<Found> = Vec::new();
         let mut seen = HashSet::new();
         let mut more = false;
-        self.scan(self.partitions(subscription)?, after, |f| {
-            let wanted =
-                subscription.is_none_or(|s| f.entry.subscription == s) && tenant.is_none_or(|t| f.entry.tenant == t);
-            if !wanted || !seen.insert(f.entry.id.clone()) {
-                return std::ops::ControlFlow::Continue(());
-            }
-            if page.len() == limit {
-                more = true;
-                return std::ops::ControlFlow::Break(());
-            }
-            page.push(f);
-            std::ops::ControlFlow::Continue(())
-        })
-        .await?;
-        let next = if more { page.last().map(|f| f.position) } else { None };
+        let stopped = self
+            .scan(self.partitions(subscription)?, after, LIST_SCAN, |f| {
+                let wanted = subscription.is_none_or(|s| f.entry.subscription == s)
+                    && tenant.is_none_or(|t| f.entry.tenant == t);
+                if !wanted || !seen.insert(f.entry.id.clone()) {
+                    return std::ops::ControlFlow::Continue(());
+                }
+                if page.len() == limit {
+                    more = true;
+                    return std::ops::ControlFlow::Break(());
+                }
+                page.push(f);
+                std::ops::ControlFlow::Continue(())
+            })
+            .await?;
+        let next = if more { page.last().map(|f| f.position) } else { stopped };
         Ok((page.into_iter().map(|f| f.entry).collect(), next))
     }
 
     /// Re-enqueues the selected entries with a fresh attempt budget (attempt 1, `max_age`
     /// from now), then marks them replayed. `tenant` limits what may be replayed.
+    /// Reading takes no lock, only marking does (`enqueue`): one replay's long read (ids
+    /// looked for through the whole topic) does not hold up another's.
     pub async fn replay(&self, selection: Selection, tenant: Option<&str>) -> Result<ReplayReport, LogError> {
-        let _one_at_a_time = self.replays.lock().await;
         self.read_markers(std::time::Duration::ZERO).await?;
         let visible = |f: &Found| tenant.is_none_or(|t| f.entry.tenant == t);
         let mut report = ReplayReport::default();
@@ -296,7 +316,7 @@ impl DeadLetters {
                 loop {
                     let mut chunk: Vec<Found> = Vec::new();
                     let mut seen = HashSet::new();
-                    self.scan(self.partitions(Some(&sub))?, after, |f| {
+                    self.scan(self.partitions(Some(&sub))?, after, usize::MAX, |f| {
                         if f.entry.subscription == sub && visible(&f) && seen.insert(f.entry.id.clone()) {
                             chunk.push(f);
                         }
@@ -315,11 +335,12 @@ impl DeadLetters {
                     }
                 }
             }
-            Selection::Ids(ids) => {
+            Selection::Ids { ids, subscription } => {
                 let mut wanted: HashSet<String> = ids.iter().cloned().collect();
                 let mut chosen = Vec::new();
-                self.scan(self.partitions(None)?, None, |f| {
-                    if wanted.contains(&f.entry.id) && visible(&f) {
+                let of = |f: &Found| subscription.as_ref().is_none_or(|s| &f.entry.subscription == s);
+                self.scan(self.partitions(subscription.as_deref())?, None, usize::MAX, |f| {
+                    if wanted.contains(&f.entry.id) && visible(&f) && of(&f) {
                         wanted.remove(&f.entry.id);
                         chosen.push(f);
                     }
@@ -347,13 +368,21 @@ impl DeadLetters {
     /// their own, the markers retried until they are taken: a request cancelled between the
     /// two (a client gone, the API's timeout on a long replay) or a failed marker append left
     /// deliveries enqueued without markers, which the operator's second try sent again.
+    /// One at a time, after reading the markers again: what a replay running beside this one
+    /// (here or in another process) marked while this one read is not sent twice.
     async fn enqueue(&self, entries: Vec<Found>, report: &mut ReplayReport) -> Result<(), LogError> {
+        let _one_at_a_time = self.replays.lock().await;
+        self.read_markers(std::time::Duration::ZERO).await?;
         let now = now_ms();
         let mut deliveries = Vec::new();
         let mut markers = Vec::new();
         let mut ids = Vec::new();
         let mut replayed = Vec::new();
         for f in entries {
+            if self.is_replayed(&f.entry.id) {
+                report.skipped.push(Skipped { id: f.entry.id, reason: "already_replayed" });
+                continue;
+            }
             let Ok(old) = Delivery::decode(f.delivery.clone()) else {
                 report.skipped.push(Skipped { id: f.entry.id.clone(), reason: "unreadable" });
                 continue;
@@ -426,30 +455,197 @@ mod tests {
         assert!(decode(Bytes::from_static(b"?junk")).is_none());
     }
 
-    /// Two processes on one log (Kafka): an entry one of them replayed is no longer listed by
-    /// the other, and a second replay of it there is refused, not sent again.
-    #[tokio::test]
-    async fn an_entry_replayed_by_another_process_is_neither_listed_nor_replayed_again() {
+    /// An embedded log with topics `dlq` and `deliveries` of `partitions` each.
+    async fn log_of(dir: &std::path::Path, partitions: u32) -> Arc<dyn Log> {
         use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
         use crate::log::TopicSpec;
-        let dir = tempfile::tempdir().unwrap();
         let topic = |name: &str| TopicSpec {
             name: name.into(),
-            partitions: 2,
+            partitions,
             compacted: false,
             retention: None,
             read_within: std::time::Duration::from_millis(20),
         };
-        let log: Arc<dyn Log> = EmbeddedLog::open(EmbeddedConfig {
-            dir: dir.path().to_path_buf(),
-            segment_bytes: 1 << 20,
+        EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.to_path_buf(),
+            segment_bytes: 8 << 20,
             flush_interval: std::time::Duration::from_millis(20),
             topics: vec![topic("dlq"), topic("deliveries")],
             journal_bytes: DEFAULT_JOURNAL_BYTES,
             faults: None,
         })
         .await
+        .unwrap()
+    }
+
+    /// `n` dead letters of `subscription` (of tenant `tenant`), events `e0`, `e1`, ….
+    async fn park(log: &dyn Log, subscription: &str, tenant: &str, n: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        let records = (0..n)
+            .map(|i| {
+                let event = format!("e{i}");
+                let delivery = Delivery::first_attempt(
+                    event.clone(),
+                    subscription.into(),
+                    tenant.into(),
+                    "T".into(),
+                    Bytes::new(),
+                    0,
+                );
+                let entry = DeadLetter {
+                    subscription: subscription.into(),
+                    tenant: tenant.into(),
+                    event_id: event.clone(),
+                    ..dead_letter(entry_id(subscription, &event, 0))
+                };
+                ids.push(entry.id.clone());
+                Record {
+                    key: Bytes::copy_from_slice(subscription.as_bytes()),
+                    value: encode_entry(&entry, &delivery.encode()),
+                }
+            })
+            .collect();
+        log.append("dlq", records).await.unwrap();
+        ids
+    }
+
+    /// A tenant's entry behind 25,000 of another tenant's: each page looks at no more than
+    /// `LIST_SCAN` records and says where to go on, and following `next` finds it.
+    #[tokio::test]
+    async fn a_page_of_the_list_looks_at_a_bounded_part_of_the_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of(dir.path(), 1).await;
+        park(&*log, "s-a", "a", 25_000).await;
+        let theirs = park(&*log, "s-b", "b", 1).await;
+        let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
+        let (mut found, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let (items, next) = dlq.list(None, Some("b"), after, 10).await.unwrap();
+            pages += 1;
+            found.extend(items.into_iter().map(|e| e.id));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(found, theirs);
+        assert_eq!(pages, 3, "25,001 records at 10,000 a page");
+        log.close().await.unwrap();
+    }
+
+    /// Reads of one partition of `dlq` at or past `at` wait for the gate while it is armed.
+    struct Gated {
+        inner: Arc<dyn Log>,
+        partition: u32,
+        at: u64,
+        armed: std::sync::atomic::AtomicBool,
+        open: tokio::sync::Notify,
+        waiting: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Log for Gated {
+        fn partitions(&self, topic: &str) -> Result<u32, LogError> {
+            self.inner.partitions(topic)
+        }
+        async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<crate::log::Position>, LogError> {
+            self.inner.append(topic, records).await
+        }
+        async fn read_all(&self, topic: &str) -> Result<Vec<crate::log::LogRecord>, LogError> {
+            self.inner.read_all(topic).await
+        }
+        async fn read_partition(
+            &self,
+            topic: &str,
+            partition: u32,
+            from: u64,
+            max: usize,
+        ) -> Result<(Vec<crate::log::LogRecord>, Option<u64>), LogError> {
+            let gated = topic == "dlq" && partition == self.partition && from >= self.at;
+            if gated && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+                let opened = self.open.notified();
+                self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                opened.await;
+            }
+            self.inner.read_partition(topic, partition, from, max).await
+        }
+        async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+            self.inner.end_offset(topic, partition).await
+        }
+        async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn crate::log::Consumer>, LogError> {
+            self.inner.consume(group, topic).await
+        }
+        async fn follow(
+            &self,
+            topic: &str,
+            partition: u32,
+            from: u64,
+        ) -> Result<Box<dyn crate::log::PartitionReader>, LogError> {
+            self.inner.follow(topic, partition, from).await
+        }
+        async fn ready(&self) -> bool {
+            self.inner.ready().await
+        }
+        async fn close(&self) -> Result<(), LogError> {
+            self.inner.close().await
+        }
+    }
+
+    /// A replay by ids reads the whole topic for them; while it reads, another tenant's
+    /// replay goes through (only marking is one at a time).
+    #[tokio::test]
+    async fn a_long_replay_read_does_not_hold_up_another_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = log_of(dir.path(), 2).await;
+        let in_partition =
+            |p: u32| (0..).map(|i| format!("s{i}")).find(|s| crate::log::partition_for(s.as_bytes(), 2) == p).unwrap();
+        let (filler, victim) = (in_partition(1), in_partition(0));
+        park(&*inner, &filler, "a", 3 * SCAN_CHUNK).await;
+        park(&*inner, &victim, "b", 3).await;
+        let log = Arc::new(Gated {
+            inner,
+            partition: 1,
+            at: SCAN_CHUNK as u64,
+            armed: false.into(),
+            open: tokio::sync::Notify::new(),
+            waiting: 0.into(),
+        });
+        let dlq = Arc::new(DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into()));
+        dlq.read_markers(std::time::Duration::ZERO).await.unwrap(); // markers read: none
+        log.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let long = tokio::spawn({
+            let dlq = dlq.clone();
+            async move {
+                dlq.replay(Selection::Ids { ids: vec!["dlq_nowhere".into()], subscription: None }, Some("a")).await
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the long replay never reached the gate");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let other = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            dlq.replay(Selection::Subscription(victim.clone()), Some("b")),
+        )
+        .await
+        .expect("held up by another tenant's replay")
         .unwrap();
+        assert_eq!(other.replayed.len(), 3);
+        assert!(!long.is_finished(), "the long replay was still reading");
+        log.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+        log.open.notify_waiters();
+        let long = long.await.unwrap().unwrap();
+        assert_eq!(long.skipped[0].reason, "not_found");
+        log.close().await.unwrap();
+    }
+
+    /// Two processes on one log (Kafka): an entry one of them replayed is no longer listed by
+    /// the other, and a second replay of it there is refused, not sent again.
+    #[tokio::test]
+    async fn an_entry_replayed_by_another_process_is_neither_listed_nor_replayed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of(dir.path(), 2).await;
         let delivery = Delivery::first_attempt("e".into(), "s".into(), "t".into(), "T".into(), Bytes::new(), 0);
         let entry = dead_letter(entry_id("s", "e", 0));
         let record = Record { key: Bytes::from_static(b"s"), value: encode_entry(&entry, &delivery.encode()) };
@@ -459,7 +655,8 @@ mod tests {
             DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into()),
         );
         assert_eq!(b.list(None, None, None, 10).await.unwrap().0.len(), 1, "listed by both");
-        let report = a.replay(Selection::Ids(vec![entry.id.clone()]), None).await.unwrap();
+        let one = |id: &str| Selection::Ids { ids: vec![id.to_string()], subscription: None };
+        let report = a.replay(one(&entry.id), None).await.unwrap();
         assert_eq!(report.replayed, vec![entry.id.clone()]);
         // A list reads markers at most once a second: within a couple of seconds it is gone.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -467,7 +664,7 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "replayed elsewhere, still listed");
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        let again = b.replay(Selection::Ids(vec![entry.id.clone()]), None).await.unwrap();
+        let again = b.replay(one(&entry.id), None).await.unwrap();
         assert!(again.replayed.is_empty(), "sent again: {again:?}");
         assert_eq!(again.skipped[0].reason, "already_replayed");
         let again = b.replay(Selection::Subscription("s".into()), None).await.unwrap();
