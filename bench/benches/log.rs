@@ -18,6 +18,7 @@ fn open(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Arc<EmbeddedLog>
             partitions: 8,
             compacted: false,
             retention: None,
+            retention_waits_for_reader: false,
             read_within: std::time::Duration::from_millis(50),
         }],
         journal_bytes: herald::log::embedded::DEFAULT_JOURNAL_BYTES,

@@ -76,6 +76,7 @@ impl Topics {
             partitions: log.partitions,
             compacted: false,
             retention,
+            retention_waits_for_reader: false,
             read_within: FRESH,
         };
         let mut specs = vec![
@@ -87,6 +88,7 @@ impl Topics {
                 partitions: 1,
                 compacted: true,
                 retention: None,
+                retention_waits_for_reader: false,
                 read_within: CATALOG,
             },
             TopicSpec {
@@ -100,7 +102,8 @@ impl Topics {
                 compacted: false,
                 // On Kafka a process joining later builds its index from the topic, so the topic
                 // keeps all of the history; the embedded log's one reader keeps its index beside
-                // it, so a day is enough to rebuild from.
+                // it, so a day is enough to rebuild from — of what that reader has read: what
+                // it had not when Herald stopped waits for it, however long Herald stays down.
                 retention: Some(
                     match log.backend {
                         Backend::Embedded => history.retention.0.min(Duration::from_secs(86_400)),
@@ -108,6 +111,7 @@ impl Topics {
                     }
                     .max(Duration::from_secs(3600)),
                 ),
+                retention_waits_for_reader: log.backend == Backend::Embedded && history.enabled(),
                 read_within: HISTORY,
             },
         ];

@@ -310,6 +310,8 @@ async fn follow(
     let pause = Duration::from_millis(500);
     loop {
         let from = index.offset(partition);
+        // What is indexed may go with the topic's retention (embedded log); what is not waits.
+        log.read_up_to(&topic, partition, from);
         let mut reader = match log.follow(&topic, partition, from).await {
             Ok(r) => r,
             Err(LogError::Closed) => return,
@@ -363,6 +365,7 @@ async fn follow(
                 }
                 break;
             }
+            log.read_up_to(&topic, partition, next);
         }
     }
 }
@@ -451,6 +454,83 @@ mod tests {
         );
     }
 
+    /// Herald stopped with records of the history topic not indexed yet, and stayed down
+    /// longer than the embedded topic's retention: they wait for the index, which takes them
+    /// when it starts again; once indexed they go with the retention.
+    #[test]
+    fn records_the_index_had_not_read_outlive_the_topic_s_retention() {
+        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
+        use crate::log::TopicSpec;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        runtime.block_on(async {
+            let log = EmbeddedLog::open(EmbeddedConfig {
+                dir: dir.path().join("log"),
+                segment_bytes: 4096,
+                flush_interval: Duration::from_secs(3600), // reclaimed only when this test says
+                topics: vec![TopicSpec {
+                    name: "history".into(),
+                    partitions: 1,
+                    compacted: false,
+                    retention: Some(Duration::from_millis(1)),
+                    retention_waits_for_reader: true,
+                    read_within: Duration::from_millis(50),
+                }],
+                journal_bytes: DEFAULT_JOURNAL_BYTES,
+                faults: None,
+            })
+            .await
+            .unwrap();
+            // Recorded while the index was down.
+            let recorder = Recorder::start(log.clone(), "history".into());
+            let event = |i: usize| EventRecord {
+                id: format!("evt_{i}"),
+                tenant: "t".into(),
+                event_type: "T".into(),
+                accepted_ms: now_ms(),
+                subscriptions: vec!["sub".into()],
+                data: bytes::Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(200))),
+                changes: None,
+                ordering_key: None,
+            };
+            for i in 0..100 {
+                recorder.append(&[HistoryRecord::Event(event(i))]).await.unwrap();
+            }
+            let segments = log.segment_count("history", 0).unwrap();
+            assert!(segments > 3, "{segments} segments");
+            // Past the retention: the flusher's reclaim finds every sealed segment old enough.
+            let written = now_ms();
+            while now_ms() <= written + 1 {
+                std::thread::yield_now();
+            }
+            log.flush().await.unwrap();
+            assert_eq!(log.segment_count("history", 0).unwrap(), segments, "reclaimed unread");
+            let (stop, stopped) = watch::channel(false);
+            let history = History::start(
+                log.clone(),
+                "history",
+                &dir.path().join("index"),
+                Duration::from_secs(86_400),
+                Duration::ZERO,
+                &Metrics::new(),
+                stopped,
+            )
+            .unwrap();
+            assert_eq!(history.caught_up(Duration::from_secs(20)).await, Some(0));
+            for i in 0..100 {
+                assert!(history.index.event("t", &format!("evt_{i}")).unwrap().is_some(), "evt_{i} lost");
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while log.segment_count("history", 0).unwrap() > 1 {
+                assert!(std::time::Instant::now() < deadline, "read records kept past the retention");
+                log.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stop.send(true).unwrap();
+            history.stopped().await;
+        });
+    }
+
     /// While delivery is busy and indexing waits, an answer that must not miss the newest
     /// records (`caught_up`) gets them indexed at once, not a deferral later.
     #[test]
@@ -465,6 +545,7 @@ mod tests {
                 partitions: 2,
                 compacted: false,
                 retention: None,
+                retention_waits_for_reader: false,
                 read_within: Duration::from_millis(50),
             };
             let log = EmbeddedLog::open(EmbeddedConfig {

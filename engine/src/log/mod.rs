@@ -58,6 +58,12 @@ pub struct TopicSpec {
     /// Records older than this may be deleted (dead letters); `None`: kept until every
     /// consumer group has consumed them (deliveries and tiers), or forever (the catalog).
     pub retention: Option<std::time::Duration>,
+    /// Its retention waits for a reader that keeps its own place outside any consumer group
+    /// (the history index, on the embedded log): a record is reclaimed by age only once that
+    /// reader has said, with [`Log::read_up_to`], that it read it. Else records the reader
+    /// had not read when Herald stopped could be gone when it starts again, later than the
+    /// retention.
+    pub retention_waits_for_reader: bool,
     /// How soon after it is written a reader should see a record: on Kafka, how long a fetch
     /// that finds nothing new may wait at the broker (a broker slow to answer such a fetch when
     /// records arrive, as tansu is, has readers trail by up to this much; Kafka answers at
@@ -130,6 +136,11 @@ pub trait Log: Send + Sync + 'static {
     /// Tails one partition from `from`, outside any consumer group: every process sees every
     /// record (the registry follows its topic this way). The reader's committer does nothing.
     async fn follow(&self, topic: &str, partition: u32, from: u64) -> Result<Box<dyn PartitionReader>, LogError>;
+
+    /// The reader of a topic whose retention waits for it (`TopicSpec::retention_waits_for_reader`)
+    /// has read `partition` up to `offset` (exclusive): what is before may be reclaimed by age.
+    /// Kafka keeps such a topic for all of its retention and ignores this.
+    fn read_up_to(&self, _topic: &str, _partition: u32, _offset: u64) {}
 
     /// Whether the log can take appends right now (readiness).
     async fn ready(&self) -> bool;

@@ -464,6 +464,7 @@ mod tests {
             partitions,
             compacted: false,
             retention: None,
+            retention_waits_for_reader: false,
             read_within: std::time::Duration::from_millis(20),
         };
         EmbeddedLog::open(EmbeddedConfig {

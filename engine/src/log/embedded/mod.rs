@@ -21,6 +21,7 @@ pub use partition::start_write_back;
 use partition::{AppendError, Partition, PartitionRef, Staged, Wait};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -67,6 +68,9 @@ pub type Faults = Option<Arc<dyn Fn(Fault<'_>) -> std::io::Result<()> + Send + S
 
 type Topic = Arc<Vec<PartitionRef>>;
 
+/// How far a topic's own reader has read each partition (`Log::read_up_to`).
+type ReadUpTo = Arc<Vec<AtomicU64>>;
+
 struct AppendRequest {
     records: Vec<(PartitionRef, Record)>,
     reply: oneshot::Sender<Result<Vec<Position>, Refused>>,
@@ -98,8 +102,9 @@ enum Refused {
 /// The log in local files: what `herald serve` runs on with nothing else installed.
 pub struct EmbeddedLog {
     topics: HashMap<String, Topic>,
-    /// Topics with a retention by age, and compacted ones, for the flusher.
-    retention: Vec<(Topic, Duration)>,
+    /// Topics with a retention by age, and compacted ones, for the flusher; for a topic whose
+    /// retention waits for its reader, how far that reader read each partition.
+    retention: Vec<(Topic, Duration, Option<ReadUpTo>)>,
     compacted: Vec<Topic>,
     writer: mpsc::UnboundedSender<Job>,
     /// Consumed segments for the reaper thread to delete, paced, off the flusher's path.
@@ -156,7 +161,10 @@ impl EmbeddedLog {
         std::thread::Builder::new().name("herald-log-reaper".into()).spawn(move || reap_loop(doomed))?;
         let (closed, _) = watch::channel(false);
         let of = |spec: &TopicSpec| topics[&spec.name].clone();
-        let retention = config.topics.iter().filter_map(|t| Some((of(t), t.retention?))).collect();
+        let read_up_to = |t: &TopicSpec| {
+            t.retention_waits_for_reader.then(|| Arc::new((0..of(t).len()).map(|_| AtomicU64::new(0)).collect()))
+        };
+        let retention = config.topics.iter().filter_map(|t| Some((of(t), t.retention?, read_up_to(t)))).collect();
         let compacted = config.topics.iter().filter(|t| t.compacted).map(of).collect();
         let log =
             Arc::new(EmbeddedLog { topics, retention, compacted, writer, reaper, offsets, closed, journal_failed });
@@ -183,9 +191,10 @@ impl EmbeddedLog {
         let compacted = self.compacted.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let now = now_ms();
-            for (parts, keep) in &retention {
-                for part in parts.iter() {
-                    part.reclaim_older(now - keep.as_millis() as i64)?;
+            for (parts, keep, read) in &retention {
+                for (p, part) in parts.iter().enumerate() {
+                    let read = read.as_ref().map(|r| r[p].load(Ordering::Acquire));
+                    part.reclaim_older(now - keep.as_millis() as i64, read)?;
                 }
             }
             for parts in &compacted {
@@ -533,6 +542,14 @@ impl Log for EmbeddedLog {
         Ok(self.topic(topic)?.len() as u32)
     }
 
+    fn read_up_to(&self, topic: &str, partition: u32, offset: u64) {
+        let Some(topic) = self.topics.get(topic) else { return };
+        let read = self.retention.iter().find(|(t, _, _)| Arc::ptr_eq(t, topic)).and_then(|(_, _, r)| r.as_ref());
+        if let Some(slot) = read.and_then(|r| r.get(partition as usize)) {
+            slot.fetch_max(offset, Ordering::AcqRel);
+        }
+    }
+
     async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
         if records.is_empty() {
             return Ok(Vec::new());
@@ -615,9 +632,7 @@ impl Log for EmbeddedLog {
     }
 
     async fn ready(&self) -> bool {
-        !self.writer.is_closed()
-            && !*self.closed.borrow()
-            && !self.journal_failed.load(std::sync::atomic::Ordering::Relaxed)
+        !self.writer.is_closed() && !*self.closed.borrow() && !self.journal_failed.load(Ordering::Relaxed)
     }
 
     /// Stops the flusher after a final flush; appends still in the writer complete, then the

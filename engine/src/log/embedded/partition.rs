@@ -859,11 +859,14 @@ impl Partition {
     }
 
     /// Deletes sealed segments whose newest record was appended before `cutoff_ms` (retention
-    /// by age, for topics nobody consumes to the end: dead letters).
-    pub fn reclaim_older(&self, cutoff_ms: i64) -> io::Result<usize> {
+    /// by age, for topics nobody consumes to the end: dead letters, history), and whose every
+    /// record is below `read` when given (what the topic's own reader has read).
+    pub fn reclaim_older(&self, cutoff_ms: i64, read: Option<u64>) -> io::Result<usize> {
         // At once: a scan of the dead letters may still be reading the file, and an unlinked
         // file stays whole for whoever has it open (a shrinking one would not).
-        let doomed = self.take_sealed_prefix(|s, _| s.last_ms < cutoff_ms);
+        let doomed = self.take_sealed_prefix(|s, next| {
+            s.last_ms < cutoff_ms && read.is_none_or(|read| next.base <= read && s.end <= read)
+        });
         for path in &doomed {
             fs::remove_file(path)?;
         }

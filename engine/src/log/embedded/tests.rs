@@ -4,7 +4,14 @@ use std::collections::HashMap;
 use std::io::Write;
 
 fn spec(name: &str, partitions: u32, compacted: bool) -> TopicSpec {
-    TopicSpec { name: name.into(), partitions, compacted, retention: None, read_within: Duration::from_millis(50) }
+    TopicSpec {
+        name: name.into(),
+        partitions,
+        compacted,
+        retention: None,
+        retention_waits_for_reader: false,
+        read_within: Duration::from_millis(50),
+    }
 }
 
 fn config(dir: &std::path::Path, segment_bytes: u64) -> EmbeddedConfig {

@@ -356,6 +356,7 @@ mod tests {
             partitions: PARTITIONS,
             compacted: false,
             retention: None,
+            retention_waits_for_reader: false,
             read_within: Duration::from_millis(20),
         };
         KafkaLog::open(KafkaConfig {
