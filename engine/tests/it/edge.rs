@@ -244,3 +244,52 @@ async fn a_tenant_s_edge_devices_are_bounded() {
     let (status, d) = h.api.post("/v1/edge-devices", json!({ "name": "elsewhere" })).await;
     assert_eq!(status, 201, "{d}");
 }
+
+/// An agent that says hello, then stops reading its socket (and says hello now and then, so
+/// Herald does not drop it for silence): once its socket is full, what Herald queues for it
+/// is bounded, and deleting its device still ends the connection at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stops_reading_is_still_disconnected_when_its_device_is_deleted() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (tenant, acme, device, token) = tenant_with_device(&admin, "Stalled").await;
+    acme.subscribe(json!({ "url": "http://127.0.0.1:9/never", "via_edge": device, "max_in_flight": 1000 })).await;
+    let (ws, _) = tokio_tungstenite::connect_async(edge_connect_request(addr, &token)).await.expect("connects");
+    let (mut write, read) = ws.split();
+    write.send(Message::Text(r#"{"type":"hello","window":4096}"#.into())).await.unwrap();
+    let talking = tokio::spawn(async move {
+        let _unread = read; // held, never polled
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if write.send(Message::Text(r#"{"type":"hello","window":4096}"#.into())).await.is_err() {
+                return;
+            }
+        }
+    });
+    until("the agent connected", Duration::from_secs(10), || async {
+        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 1.0).then_some(())
+    })
+    .await;
+    // About 30 MB of deliveries for an agent that reads none of them: more than the sockets
+    // between hold.
+    let pad = "x".repeat(48 << 10);
+    for batch in 0..20 {
+        let events: Vec<_> = (0..20)
+            .map(|i| json!({ "id": format!("big-{batch}-{i}"), "tenant": tenant, "type": "t", "data": { "pad": pad } }))
+            .collect();
+        assert_eq!(admin.post("/v1/events/batch", json!(events)).await.0, 202);
+    }
+    until("deliveries in flight to the agent", Duration::from_secs(20), || async {
+        (scrape(&admin).await.value("herald_edge_in_flight", &[]) >= 300.0).then_some(())
+    })
+    .await;
+    assert_eq!(acme.delete(&format!("/v1/edge-devices/{device}")).await.0, 204);
+    until("the stalled agent disconnected", Duration::from_secs(10), || async {
+        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 0.0).then_some(())
+    })
+    .await;
+    talking.abort();
+}

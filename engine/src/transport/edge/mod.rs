@@ -30,11 +30,19 @@ const GRACE: Duration = Duration::from_secs(5);
 /// silence may last before it is dropped.
 const PING_EVERY: Duration = Duration::from_secs(15);
 const SILENCE: Duration = Duration::from_secs(45);
+/// How long one message may take to go out: an agent that stops reading its socket (it may
+/// still write, so `SILENCE` never comes) fills it, and the connection ends after this.
+const WRITE_STALL: Duration = SILENCE;
+/// How long the closing message may take (a stalled socket would hold the end for ever).
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
 /// One agent's live connection.
 struct Link {
     conn: u64,
-    tx: mpsc::UnboundedSender<Message>,
+    /// Deliveries waiting to go out: at most the window. An attempt that times out frees its
+    /// slot in the window while its message may still wait here (the socket is full), so the
+    /// queue is bounded by itself, not by the window's permits.
+    tx: mpsc::Sender<Message>,
     window: Arc<Semaphore>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Report>>>,
     seq: AtomicU64,
@@ -191,11 +199,22 @@ impl EdgeHub {
         // The agent needs the subscription's secrets to sign and authenticate.
         let text = revealing(|| serde_json::to_string(&msg).expect("serializes"));
         metrics::gauge!(m::EDGE_IN_FLIGHT).increment(1.0);
-        let sent = link.tx.send(Message::Text(text.into())).is_ok();
-        let answer = if sent { tokio::time::timeout(timeout + GRACE, rx).await.ok() } else { None };
+        let queued = link.tx.try_send(Message::Text(text.into()));
+        let answer = match queued {
+            Ok(()) => tokio::time::timeout(timeout + GRACE, rx).await.ok(),
+            Err(_) => None,
+        };
         link.pending.lock().unwrap().remove(&seq);
         metrics::gauge!(m::EDGE_IN_FLIGHT).decrement(1.0);
         drop(permit);
+        let sent = match queued {
+            Ok(()) => true,
+            // Earlier attempts' messages still wait for a socket the agent does not read.
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Outcome::failed(Failure::EdgeBusy { device: device.to_string() }, started.elapsed())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
         match answer {
             Some(Ok(report)) => {
                 let outcome = report.into_outcome();
@@ -225,13 +244,9 @@ impl EdgeHub {
     }
 
     /// Registers a new connection for `device`, ending any older one.
-    fn attach(
-        &self,
-        device: &EdgeDevice,
-        window: u32,
-    ) -> (Arc<Link>, mpsc::UnboundedReceiver<Message>, watch::Receiver<bool>) {
+    fn attach(&self, device: &EdgeDevice, window: u32) -> (Arc<Link>, mpsc::Receiver<Message>, watch::Receiver<bool>) {
         let (close, closed) = watch::channel(false);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(window as usize);
         let link = Arc::new(Link {
             conn: self.conns.fetch_add(1, Ordering::Relaxed),
             tx,
@@ -259,13 +274,14 @@ impl EdgeHub {
         Some(presence)
     }
 
-    /// Sends queued messages and pings until the socket fails or the link must close; drops
-    /// the connection when its device no longer exists.
+    /// Sends queued messages and pings until the socket fails, stalls for [`WRITE_STALL`], or
+    /// the link must close (looked at while a message is going out too); drops the connection
+    /// when its device no longer exists.
     async fn write(
         &self,
         device: &EdgeDevice,
         mut sink: SplitSink<WebSocket, Message>,
-        mut rx: mpsc::UnboundedReceiver<Message>,
+        mut rx: mpsc::Receiver<Message>,
         mut close: watch::Receiver<bool>,
     ) {
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -281,11 +297,16 @@ impl EdgeHub {
                 }
                 _ = crate::shutdown::stopped(&mut close) => break,
             };
-            if sink.send(msg).await.is_err() {
+            let sent = tokio::select! {
+                sent = tokio::time::timeout(WRITE_STALL, sink.send(msg)) => matches!(sent, Ok(Ok(()))),
+                _ = crate::shutdown::stopped(&mut close) => false,
+            };
+            if !sent {
+                tracing::info!(device = %device.id, "edge agent not reading, gone, or to close; ending its connection");
                 break;
             }
         }
-        let _ = sink.send(Message::Close(None)).await;
+        let _ = tokio::time::timeout(CLOSE_WITHIN, sink.send(Message::Close(None))).await;
     }
 
     /// Forgets a connection that ended: its waiting deliveries fail now (and go to their retry
