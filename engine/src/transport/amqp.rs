@@ -173,7 +173,14 @@ impl AmqpTransport {
                 }
             }
         };
-        let opened = tokio::time::timeout(timeout, opening.clone()).await.unwrap_or_else(|_| Err(timed_out(timeout)));
+        let opened = match tokio::time::timeout(timeout, opening.clone()).await {
+            Ok(opened) => opened,
+            // Still opening, and left so for the next attempt to wait on: lapin's connection
+            // thread goes on with the handshake whatever becomes of this attempt (a silent
+            // peer holds it until the socket fails), so opening anew would leave a thread and
+            // a socket behind each attempt.
+            Err(_) => return Err(timed_out(timeout)),
+        };
         let mut state = broker.state.lock().unwrap();
         let ours = matches!(&*state, State::Opening(f) if f.ptr_eq(&opening));
         match opened {
@@ -248,6 +255,10 @@ impl AmqpTransport {
             confirm.await
         };
         match tokio::time::timeout(timeout, publish).await {
+            // A confirm late is no broken channel; a dead connection is found by its heartbeat,
+            // and the next attempt reopens (`channel`). Dropping a live one would leave lapin's
+            // thread waiting for a slow broker's close-ok, one for each timed-out attempt.
+            Err(_) if channel.status().connected() => failed(timed_out(timeout)),
             Err(_) => {
                 Self::forget(&broker);
                 failed(timed_out(timeout))

@@ -11,15 +11,23 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// A TCP server that accepts connections and never answers: an AMQP broker that hangs.
 async fn silent_broker() -> std::net::SocketAddr {
+    silent_broker_counting().await.0
+}
+
+/// A silent broker, and how many connections it has taken.
+async fn silent_broker_counting() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             held.push(socket);
         }
     });
-    addr
+    (addr, accepted)
 }
 
 /// An edge agent that says hello and never reports an outcome.
@@ -78,4 +86,38 @@ async fn a_timeout_is_counted_as_timeout_on_every_transport() {
         let error = entry["last_error"].as_str().unwrap();
         assert!(error.starts_with("timed out after"), "{error}");
     }
+}
+
+/// Attempts to a broker that never answers the AMQP handshake time out, and do not each open
+/// a connection of their own: lapin's connection thread waits on the silent peer whatever
+/// becomes of the attempt, so each attempt that opened anew left a thread and a socket behind.
+#[tokio::test]
+async fn timed_out_amqp_attempts_to_a_silent_broker_share_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr) = spawn_herald(dir.path());
+    let api = Api::new(addr, TOKEN);
+    let (broker, accepted) = silent_broker_counting().await;
+    let retry = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 20 });
+    api.subscribe(json!({
+        "transport": "amqp", "events": ["A"], "timeout": "300ms", "retry": retry,
+        "amqp": { "uri": format!("amqp://guest:guest@{broker}/%2f"), "exchange": "x" }
+    }))
+    .await;
+    let (status, _) = api.post("/v1/events", json!({ "type": "A", "data": {} })).await;
+    assert_eq!(status, 202);
+    until("dead-lettered after its attempts", Duration::from_secs(60), || async {
+        let (_, page) = api.get("/v1/dlq").await;
+        (page["items"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    let attempts = scrape(&api).await.value("herald_attempts_total", &[("transport", "amqp"), ("outcome", "timeout")]);
+    assert_eq!(attempts, 20.0);
+    let opened = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(opened <= 2, "{opened} connections for 20 attempts");
+    let threads = std::fs::read_dir(format!("/proc/{}/task", child.0.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "lapin-io-loop")
+        .count();
+    assert!(threads <= 2, "{threads} lapin connection threads");
 }
