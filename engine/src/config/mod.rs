@@ -171,6 +171,10 @@ impl<'de> Deserialize<'de> for KafkaProperties {
     }
 }
 
+/// The least `log.retention`: twice the longest retry tier (`retry::tiers::TIERS`, whose test
+/// holds it to that), since a retry waits unread in its tier until it is due.
+pub const MIN_LOG_RETENTION: Duration = Duration::from_secs(8 * 3600);
+
 /// The log backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -768,8 +772,13 @@ impl Config {
         if self.log.flush_interval.0 < Duration::from_millis(1) {
             return reject("log.flush_interval", "must be at least 1ms");
         }
-        if self.log.dlq_retention.0 < Duration::from_secs(60) || self.log.retention.0 < Duration::from_secs(3600) {
-            return reject("log.dlq_retention", "dlq_retention must be at least 1m and retention at least 1h");
+        if self.log.dlq_retention.0 < Duration::from_secs(60) {
+            return reject("log.dlq_retention", "must be at least 1m");
+        }
+        if self.log.retention.0 < MIN_LOG_RETENTION {
+            // A retry waits unread in its tier until due, up to the longest tier's delay: a
+            // broker deleting it before then loses it.
+            return reject("log.retention", "must be at least 8h, twice the longest retry tier (4h)");
         }
         if self.history.index_defer.0 > Duration::from_secs(600) {
             // For bursts: an index that trails longer would keep stale answers for long, and
@@ -882,6 +891,19 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./herald-data"));
         assert_eq!(c.log.backend, Backend::Embedded);
         assert_eq!(c.log.topic_prefix, "herald.");
+    }
+
+    #[test]
+    fn the_log_keeps_a_retry_longer_than_its_longest_wait() {
+        match Config::load(None, &env(&[("HERALD_LOG_RETENTION", "2h")])) {
+            Err(ConfigError::Rejected { field, .. }) => assert_eq!(field, "log.retention"),
+            other => panic!("2h accepted: {other:?}"),
+        }
+        match Config::load(None, &env(&[("HERALD_LOG_DLQ_RETENTION", "10s")])) {
+            Err(ConfigError::Rejected { field, .. }) => assert_eq!(field, "log.dlq_retention"),
+            other => panic!("10s accepted: {other:?}"),
+        }
+        assert!(Config::load(None, &env(&[("HERALD_LOG_RETENTION", "8h")])).is_ok());
     }
 
     #[test]

@@ -51,6 +51,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_log_keeps_twice_the_longest_tier() {
+        assert_eq!(crate::config::MIN_LOG_RETENTION, *TIERS.last().unwrap() * 2);
+    }
+
+    #[test]
     fn picks_the_longest_tier_that_does_not_overshoot() {
         assert_eq!(for_wait(Duration::from_millis(10)), None);
         assert_eq!(for_wait(Duration::from_millis(99)), None);
