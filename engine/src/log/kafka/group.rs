@@ -43,7 +43,8 @@ pub(super) struct GroupContext {
     live: Mutex<HashMap<i32, std::sync::mpsc::Receiver<()>>>,
     closed: watch::Receiver<bool>,
     drain: Duration,
-    /// Where the group starts a partition with no committed offset (`auto.offset.reset`).
+    /// Where the group starts a partition with no committed offset (`auto.offset.reset`,
+    /// which Herald fixes at the earliest).
     reset: Offset,
 }
 
@@ -170,7 +171,6 @@ impl GroupConsumer {
             // Defaults the pass-through table may change.
             &[
                 ("auto.commit.interval.ms", "1000"),
-                ("auto.offset.reset", "earliest"),
                 ("statistics.interval.ms", "5000"),
                 ("fetch.wait.max.ms", &wait),
                 ("queued.max.messages.kbytes", "16384"),
@@ -180,7 +180,12 @@ impl GroupConsumer {
                 ("partition.assignment.strategy", "cooperative-sticky"),
             ],
             // What the guarantees rest on.
-            &[("group.id", &group_id), ("enable.auto.commit", "true"), ("enable.auto.offset.store", "false")],
+            &[
+                ("group.id", &group_id),
+                ("enable.auto.commit", "true"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+            ],
         );
         let context = GroupContext {
             topic: topic.to_string(),
@@ -190,7 +195,7 @@ impl GroupConsumer {
             live: Mutex::default(),
             closed: closed.clone(),
             drain,
-            reset: reset_of(c.get("auto.offset.reset")),
+            reset: Offset::Beginning,
         };
         let consumer: Arc<Kafka> = Arc::new(c.create_with_context(context).map_err(kafka_error)?);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
@@ -202,15 +207,6 @@ impl GroupConsumer {
             .spawn(move || serve(consumer, topic, closed))
             .map_err(LogError::Io)?;
         Ok((GroupConsumer { events, consumer: weak }, thread))
-    }
-}
-
-/// Where `auto.offset.reset` starts a partition with no committed offset (librdkafka's names
-/// and aliases; `error` too starts at the earliest here, as a reopen has nowhere to report).
-fn reset_of(setting: Option<&str>) -> Offset {
-    match setting {
-        Some("latest" | "largest" | "end") => Offset::End,
-        _ => Offset::Beginning,
     }
 }
 

@@ -22,8 +22,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// Settings Herald itself decides; the pass-through table cannot change them, because the
-/// delivery guarantees depend on them.
-const FIXED: &[&str] = &["enable.idempotence", "acks", "enable.auto.offset.store", "group.id", "bootstrap.servers"];
+/// delivery guarantees depend on them (`auto.offset.reset`: a group that started at the end
+/// would skip what was accepted before its first assignment).
+const FIXED: &[&str] =
+    &["enable.idempotence", "acks", "enable.auto.offset.store", "group.id", "bootstrap.servers", "auto.offset.reset"];
 
 /// How to reach the cluster and lay out the topics.
 #[derive(Clone)]
@@ -343,6 +345,25 @@ impl Log for KafkaLog {
 mod tests {
     use super::*;
     use crate::log::PartitionReader;
+
+    #[test]
+    fn the_pass_through_table_cannot_change_what_the_guarantees_rest_on() {
+        let properties = [("auto_offset_reset", "latest"), ("acks", "1"), ("linger.ms", "50")];
+        let config = KafkaConfig {
+            brokers: "b:9092".into(),
+            replication: 1,
+            properties: properties.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            topics: Vec::new(),
+            drain: Duration::from_secs(1),
+            retention: Duration::from_secs(86_400),
+            min_insync_replicas: 1,
+            max_record_bytes: 1 << 20,
+        };
+        let c = config.layered(&[("auto.offset.reset", "earliest"), ("linger.ms", "5")], &[("acks", "all")]);
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("linger.ms"), Some("50"), "tuning passes through");
+    }
 
     const PARTITIONS: u32 = 4;
 
