@@ -208,7 +208,7 @@ impl Registry {
         secret: Option<Secret>,
         max: usize,
     ) -> Result<Arc<Target>, RegistryError> {
-        validate::check(&mut spec, &self.rules)?;
+        validate::check(&mut spec, &self.rules, &tenant)?;
         let sub = validate::new_subscription(tenant, spec, secret)?;
         let _serial = self.writes.lock().await;
         if self.count_of(&sub.tenant) >= max {
@@ -232,7 +232,7 @@ impl Registry {
         let Some(current) = self.get(id).filter(|t| tenant.is_none_or(|x| t.sub.tenant == x)) else { return Ok(None) };
         let old = &current.sub;
         let mut spec = spec::patched(&old.spec, patch)?;
-        validate::check(&mut spec, &self.rules)?;
+        validate::check(&mut spec, &self.rules, &old.tenant)?;
         if !same_url(&spec.url, &old.spec.url) && self.has_url(&old.tenant, &spec.url, Some(id)) {
             return Err(Self::url_taken());
         }
@@ -408,8 +408,8 @@ impl Registry {
                 return Err(at(Invalid::new("name", "two webhooks have this name")).into());
             }
             let (mut spec, secret) = validate::static_spec(w).map_err(at)?;
-            validate::check(&mut spec, &self.rules).map_err(at)?;
             let tenant = w.tenant.clone().unwrap_or_else(|| DEFAULT_TENANT.into());
+            validate::check(&mut spec, &self.rules, &tenant).map_err(at)?;
             let given = secret.clone();
             let mut sub = validate::new_subscription(tenant, spec, secret).map_err(at)?;
             sub.id = id.clone();

@@ -65,7 +65,7 @@ pub struct Rules {
 }
 
 /// Checks a spec and fills in what follows from it (an AMQP subscription's `url` label).
-pub fn check(spec: &mut SubscriptionSpec, rules: &Rules) -> Result<(), Invalid> {
+pub fn check(spec: &mut SubscriptionSpec, rules: &Rules, tenant: &str) -> Result<(), Invalid> {
     let guard = &rules.guard;
     // Through an edge device the target is reached from the customer's network, where
     // private addresses are the point: Herald's own network guard does not apply.
@@ -76,7 +76,7 @@ pub fn check(spec: &mut SubscriptionSpec, rules: &Rules) -> Result<(), Invalid> 
         None => guard,
     };
     match spec.transport {
-        TransportKind::Webhook => check_webhook(spec, guard, rules.tls_files_dir.as_deref())?,
+        TransportKind::Webhook => check_webhook(spec, guard, rules.tls_files_dir.as_deref(), tenant)?,
         TransportKind::Amqp => check_amqp(spec, guard)?,
     }
     check_proxy(spec, &rules.proxies)?;
@@ -87,6 +87,7 @@ fn check_webhook(
     spec: &SubscriptionSpec,
     guard: &NetworkGuard,
     files: Option<&std::path::Path>,
+    tenant: &str,
 ) -> Result<(), Invalid> {
     if spec.amqp.is_some() {
         return Err(Invalid::new("amqp", "only valid with transport \"amqp\""));
@@ -103,6 +104,7 @@ fn check_webhook(
     guard.check_host(host).map_err(|e| Invalid::new("url", e.to_string()))?;
     if let Some(tls) = &spec.tls {
         crate::transport::tls::client_config(Some(tls), files).map_err(|e| Invalid::new(e.field, e.message))?;
+        crate::transport::tls::check_tenant_files(tls, files, tenant).map_err(|e| Invalid::new(e.field, e.message))?;
     }
     check_auth(&spec.auth, guard)
 }
@@ -279,15 +281,18 @@ pub fn new_subscription(
     Ok(sub)
 }
 
-/// Tenant names: 1 to 64 of letters, digits, `-`, `_`, `.`.
+/// Tenant names: 1 to 64 of letters, digits, `-`, `_`, `.`; not `.` or `..` (a tenant names
+/// its folder of the TLS directory, and a path segment of the API).
 pub fn validate_tenant(tenant: &str) -> Result<(), Invalid> {
     let ok = !tenant.is_empty()
         && tenant.len() <= 64
-        && tenant.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && tenant.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && tenant != "."
+        && tenant != "..";
     if ok {
         Ok(())
     } else {
-        Err(Invalid::new("tenant", "must be 1 to 64 letters, digits, '-', '_' or '.'"))
+        Err(Invalid::new("tenant", "must be 1 to 64 letters, digits, '-', '_' or '.', and not '.' or '..'"))
     }
 }
 
@@ -340,7 +345,7 @@ mod tests {
 
     fn checked(v: serde_json::Value) -> Result<SubscriptionSpec, Invalid> {
         let mut s = spec(v);
-        check(&mut s, &Rules::default()).map(|()| s)
+        check(&mut s, &Rules::default(), "t").map(|()| s)
     }
 
     #[test]
@@ -351,7 +356,7 @@ mod tests {
         assert!(e.message.contains("network.allow"), "{e}");
         let mut s = spec(json!({"url": "http://127.0.0.1:9/"}));
         let rules = Rules { guard: NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), ..Rules::default() };
-        assert!(check(&mut s, &rules).is_ok());
+        assert!(check(&mut s, &rules, "t").is_ok());
     }
 
     #[test]
@@ -401,5 +406,15 @@ mod tests {
         let s = checked(json!({"url": "https://hooks.example/x?a=1", "key": "s3cr3t key"})).unwrap();
         let t = Target::compile(new_subscription("t".into(), s, None).unwrap()).unwrap();
         assert_eq!(t.uri.to_string(), "https://hooks.example/x?a=1&key=s3cr3t+key");
+    }
+
+    #[test]
+    fn a_tenant_is_no_path_of_its_own() {
+        for ok in ["acme", "a.b", "t-1_x", "..a"] {
+            assert!(validate_tenant(ok).is_ok(), "{ok}");
+        }
+        for bad in [".", "..", "", "a/b", &"x".repeat(65)] {
+            assert!(validate_tenant(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -169,6 +169,27 @@ fn client_identity(
     Ok(Some((certs, key)))
 }
 
+/// A tenant's client certificate and key files lie in its own folder of the TLS directory
+/// (`<dir>/<tenant>/`): else one tenant could name another's and present that identity to a
+/// receiver that trusts it (the key never shows, but it signs for whoever names it). CA files
+/// may lie anywhere in the directory: CA certificates are public. Checked where a subscription
+/// is written, whose tenant it is.
+pub fn check_tenant_files(opts: &TlsOptions, dir: Option<&Path>, tenant: &str) -> Result<(), TlsError> {
+    let named = [("tls.client_cert_file", &opts.client_cert_file), ("tls.client_key_file", &opts.client_key_file)];
+    for (field, path) in named {
+        let (Some(path), Some(dir)) = (path, dir) else { continue };
+        let outside =
+            || bad(field, format!("must name a file in this tenant's folder of the TLS directory ({tenant}/…)"));
+        let root = dir.canonicalize().map_err(|_| outside())?;
+        let own = root.join(tenant).canonicalize().map_err(|_| outside())?;
+        let real = root.join(path).canonicalize().map_err(|_| outside())?;
+        if own == root || !own.starts_with(&root) || !real.starts_with(&own) {
+            return Err(outside());
+        }
+    }
+    Ok(())
+}
+
 /// The rustls configuration of a TLS profile (`None`: defaults); files are read only under
 /// `files_dir`.
 pub fn client_config(opts: Option<&TlsOptions>, files_dir: Option<&Path>) -> Result<ClientConfig, TlsError> {

@@ -496,3 +496,46 @@ async fn a_pkcs12_file_asking_for_too_much_key_derivation_is_refused_unopened() 
     assert_eq!(err["error"]["field"], "tls.client_p12", "{err}");
     assert!(err["error"]["message"].as_str().unwrap().contains("rounds of key derivation"), "{err}");
 }
+
+/// Client certificates and keys under the operator's TLS directory belong to a tenant: each
+/// tenant names only files in its own folder (`<dir>/<tenant>/`), so no tenant can present
+/// another's identity to a receiver that trusts it. CA files, public, may lie anywhere in it.
+#[tokio::test]
+async fn a_tenant_names_only_its_own_client_certificate_files() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let h = TestHerald::start_with(|c| c.http.tls_files_dir = Some(dir.path().to_path_buf())).await;
+    let mut keys = Vec::new();
+    for name in ["Acme", "Mallory"] {
+        let (_, tenant) = h.api.post("/v1/tenants", json!({ "name": name })).await;
+        let id = tenant["id"].as_str().unwrap().to_string();
+        let (_, key) = h.api.post(&format!("/v1/tenants/{id}/keys"), json!({})).await;
+        keys.push((id, crate::support::Api::new(h.herald.addr, key["key"].as_str().unwrap())));
+    }
+    let ((acme_id, acme), (mallory_id, mallory)) = (keys[0].clone(), keys[1].clone());
+    std::fs::create_dir_all(dir.path().join(&acme_id)).unwrap();
+    std::fs::create_dir_all(dir.path().join(&mallory_id)).unwrap();
+    std::fs::copy(&pki.client_cert, dir.path().join(&acme_id).join("client.pem")).unwrap();
+    std::fs::copy(&pki.client_key, dir.path().join(&acme_id).join("client.key")).unwrap();
+    std::fs::copy(&pki.ca, dir.path().join("ca.pem")).unwrap();
+    let files = |prefix: &str| json!({ "ca_file": "ca.pem", "client_cert_file": format!("{prefix}client.pem"), "client_key_file": format!("{prefix}client.key") });
+    let url = |n: &str| format!("https://hooks.example.com/{n}");
+    let (status, err) =
+        acme.post("/v1/subscriptions", json!({ "url": url("acme"), "tls": files(&format!("{acme_id}/")) })).await;
+    assert_eq!(status, 201, "{err}");
+    for prefix in [format!("{acme_id}/"), format!("{mallory_id}/../{acme_id}/"), String::new()] {
+        let (status, err) =
+            mallory.post("/v1/subscriptions", json!({ "url": url("borrowed"), "tls": files(&prefix) })).await;
+        assert_eq!(status, 400, "{prefix}: {err}");
+        assert_eq!(err["error"]["field"], "tls.client_cert_file", "{prefix}: {err}");
+    }
+    // The operator's own request for Mallory is held to Mallory's folder too.
+    let (status, err) = h
+        .api
+        .post(
+            "/v1/subscriptions",
+            json!({ "url": url("admin"), "tenant": mallory_id, "tls": files(&format!("{acme_id}/")) }),
+        )
+        .await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("tls.client_cert_file")), "{err}");
+}
