@@ -41,6 +41,15 @@ pub enum AgentError {
 /// Subscriptions compiled into targets, by id and version.
 type Targets = Arc<Mutex<HashMap<String, (String, Arc<Target>)>>>;
 
+/// A connection that lasted this long was a good one: the next reconnection starts from the
+/// shortest backoff. One that ended sooner (two agents run with one device's token, each
+/// connection replacing the other) backs off further each time.
+const STEADY: Duration = Duration::from_secs(10);
+
+/// Herald pings every 15 s: this long without any message from it, the connection is dead
+/// (a failover, a firewall dropping it silently) and the agent connects again.
+const SILENCE: Duration = Duration::from_secs(45);
+
 /// Runs until `stop` turns true, reconnecting whenever the connection is lost.
 pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result<(), AgentError> {
     let url = match config.server.trim_end_matches('/') {
@@ -54,15 +63,21 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
     let mut backoff = Duration::from_millis(200);
     loop {
         let session = session(&url, &config, &transports, &targets);
+        let began = std::time::Instant::now();
         let ended = tokio::select! {
             r = session => r,
             _ = crate::shutdown::stopped(&mut stop) => return Ok(()),
         };
         match ended {
-            Ok(()) => {
+            Ok(()) if began.elapsed() >= STEADY => {
                 tracing::warn!(server = %config.server, "connection to herald closed; reconnecting");
                 backoff = Duration::from_millis(200);
             }
+            Ok(()) => tracing::warn!(
+                server = %config.server,
+                retry_in = ?backoff,
+                "connection to herald closed soon after it opened (is another agent running with this device's token?)"
+            ),
             Err(e) => tracing::warn!(server = %config.server, error = %e, retry_in = ?backoff, "cannot reach herald"),
         }
         let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.8..1.2));
@@ -101,7 +116,15 @@ async fn session(
         Ok::<_, tokio_tungstenite::tungstenite::Error>(())
     };
     let reader = async {
-        while let Some(msg) = stream.next().await {
+        loop {
+            let msg = match tokio::time::timeout(SILENCE, stream.next()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(_) => {
+                    let silent = std::io::Error::new(std::io::ErrorKind::TimedOut, "herald went silent");
+                    return Err(tokio_tungstenite::tungstenite::Error::Io(silent));
+                }
+            };
             let text = match msg? {
                 Message::Text(t) => t,
                 Message::Close(_) => break,

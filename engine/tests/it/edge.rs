@@ -293,3 +293,24 @@ async fn an_agent_that_stops_reading_is_still_disconnected_when_its_device_is_de
     .await;
     talking.abort();
 }
+
+/// Two agents run with one device's token: each connection replaces the other. Each agent
+/// backs off further every time its connection ends that soon, instead of both reconnecting
+/// several times a second for ever (each connection a presence record in the catalog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_with_one_token_back_off_instead_of_taking_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (_, _, _, token) = tenant_with_device(&admin, "Twice").await;
+    let connects = || async {
+        scrape(&admin).await.value("herald_api_requests_total", &[("route", "/v1/edge/connect"), ("status", "101")])
+    };
+    let _first = spawn_agent(addr, &token);
+    let _second = spawn_agent(addr, &token);
+    let before = connects().await;
+    // A window of time is what is measured here: how often they connect in it.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let during = connects().await - before;
+    assert!(during <= 20.0, "{during} connections in 15 s");
+}
