@@ -323,6 +323,8 @@ async fn a_reopened_reader_reads_again_from_the_committed_offset() {
     let first = read(&mut reader, 2, 2).await;
     assert_eq!(first[0].0, written[0].offset);
     reader.committer().commit(written[1].offset);
+    // One reader a partition: a second split from its queue would stall once the first goes.
+    assert!(consumer.reopen(p).await.is_err(), "reopened while its reader lives");
     drop(reader);
     let mut reader = consumer.reopen(p).await.unwrap();
     let again = read(&mut reader, 9, 100).await;

@@ -76,6 +76,14 @@ impl GroupContext {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else { return };
         for elem in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
             let partition = elem.partition();
+            // A reader from an earlier assignment that outlived its revoke still holds the
+            // partition's queue: dropping it later would cut the new one's wake-ups off.
+            let lingering = self.live.lock().unwrap().remove(&partition);
+            if let Some(old) = lingering.filter(still_reading) {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = old.recv_timeout(self.drain) {
+                    tracing::warn!(topic = %self.topic, partition, "an earlier reader of the partition is still busy; reading it anyway");
+                }
+            }
             let progress = Arc::new(Progress { end: AtomicU64::new(0), stored: AtomicU64::new(u64::MAX) });
             self.progress.lock().unwrap().insert(partition, progress.clone());
             let Some(reader) = self.reader(&consumer, partition, progress) else { continue };
@@ -132,6 +140,8 @@ impl GroupContext {
             let left = deadline.saturating_duration_since(Instant::now());
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = live.recv_timeout(left) {
                 tracing::warn!(topic = %self.topic, partition, "revoked partition still busy; releasing it anyway");
+                // Kept, so an assignment of it back here waits for that reader to go.
+                self.live.lock().unwrap().insert(partition, live);
             }
         }
         match base.commit_consumer_state(CommitMode::Sync) {
@@ -258,6 +268,11 @@ impl Consumer for GroupConsumer {
         // revoked gets no new reader.
         let assigned = context.progress.lock().unwrap();
         let progress = assigned.get(&partition).cloned().ok_or_else(not_ours)?;
+        // One reader a partition: a second one split from the same queue loses its wake-ups
+        // when the first is dropped. The caller tries again later.
+        if context.live.lock().unwrap().get(&partition).is_some_and(still_reading) {
+            return Err(LogError::Backend(format!("partition {}/{partition} still has a live reader", context.topic)));
+        }
         let mut reader = context.reader(&consumer, partition, progress.clone()).ok_or_else(not_ours)?;
         drop(assigned);
         match progress.stored.load(Ordering::Relaxed) {
@@ -271,6 +286,11 @@ impl Consumer for GroupConsumer {
         }
         Ok(Box::new(reader))
     }
+}
+
+/// Whether the reader that `alive` watches is still there.
+fn still_reading(alive: &std::sync::mpsc::Receiver<()>) -> bool {
+    matches!(alive.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty))
 }
 
 /// Where a reopened reader starts: what the dead reader took from the partition's queue is
