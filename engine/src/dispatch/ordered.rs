@@ -231,6 +231,11 @@ struct Lane {
     state: HeadState,
     /// An operator asked to skip the head while it was being attempted.
     skip: bool,
+    /// A marker said the head was settled while this sequencer was attempting it again (the
+    /// last owner's, read after a takeover or a replay that went live at the cap of keys):
+    /// the key moves on when that attempt ends, not during it, so two of its deliveries are
+    /// never under way at once.
+    settled_elsewhere: bool,
     /// The key's deliveries waiting behind the head, in the log.
     waiting: u64,
     /// The first of them, at most [`BUFFER`].
@@ -249,6 +254,7 @@ impl Lane {
             due_ms: 0,
             state: HeadState::Waiting,
             skip: false,
+            settled_elsewhere: false,
             waiting: 0,
             buffered: VecDeque::new(),
         };
@@ -264,6 +270,7 @@ impl Lane {
         self.due_ms = d.due_ms;
         self.state = HeadState::Waiting;
         self.skip = false;
+        self.settled_elsewhere = false;
     }
 
     /// The head's delivery record as it is to be attempted now (its attempt and due time).
@@ -507,7 +514,7 @@ impl Sequencer {
                 // attempted while it runs, so no key settles to make room). It ends here
                 // instead; a key whose head the partition's last sequencer settled after this
                 // point is attempted again (at least once, as after any crash), and its
-                // marker, read later, changes nothing.
+                // marker, read later, moves the key on once that attempt ends.
                 tracing::warn!(
                     partition = self.partition,
                     keys = self.lanes.len(),
@@ -579,7 +586,13 @@ impl Sequencer {
             Marker::Attempted { lane, head, attempt, due_ms } => {
                 self.again(&lane, head, attempt, due_ms);
             }
-            Marker::Settled { lane, head } => self.release(&lane, head),
+            Marker::Settled { lane, head } => {
+                let l = self.lanes.get_mut(&lane).filter(|l| l.head.offset == head && l.state == HeadState::InFlight);
+                match l {
+                    Some(l) => l.settled_elsewhere = true,
+                    None => self.release(&lane, head),
+                }
+            }
             Marker::Blocked { lane, head } => self.park(&lane, head),
             Marker::Skip { lane, event } => {
                 let Some(l) = self.lanes.get_mut(&lane) else { return };
@@ -801,8 +814,11 @@ impl Sequencer {
         if lane.subscription.is_empty() {
             self.heads.remove(&head); // a malformed record, parked
         }
+        let elsewhere = self.lanes.get(&lane).is_some_and(|l| l.head.offset == head && l.settled_elsewhere);
         match done {
             Done::Settled => self.release(&lane, head),
+            // Settled already (see `Lane::settled_elsewhere`): whatever this attempt found.
+            _ if elsewhere => self.release(&lane, head),
             Done::Parked => self.park(&lane, head),
             Done::Again { attempt, due_ms } => {
                 // Unless the head settled meanwhile (another process's marker, after a rebalance).

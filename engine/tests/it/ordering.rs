@@ -528,3 +528,90 @@ async fn an_ordered_partition_at_its_key_cap_goes_on_as_keys_settle_and_after_a_
     .await;
     drop(h);
 }
+
+/// A receiver for keys `a` and `b`: requests of `b` fail at once while `b_fails` (its head
+/// holds the partition's commit point where it is), each of `a` takes 1 s and succeeds. It
+/// counts the requests of each key under way at once, and the most ever.
+#[derive(Clone, Default)]
+struct OverlapReceiver {
+    b_fails: Arc<std::sync::atomic::AtomicBool>,
+    busy: Arc<Mutex<BTreeMap<String, (usize, usize)>>>,
+    taken: Arc<Mutex<Vec<u64>>>,
+}
+
+impl OverlapReceiver {
+    async fn start() -> (OverlapReceiver, String) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let url = format!("http://{}/ordered", listener.local_addr().unwrap());
+        let r = OverlapReceiver::default();
+        let state = r.clone();
+        serve_http1(listener, move |req: Request<hyper::body::Incoming>| {
+            let state = state.clone();
+            async move {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let envelope: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let key = envelope["data"]["key"].as_str().unwrap_or("?").to_string();
+                if key == "b" {
+                    let fails = state.b_fails.load(std::sync::atomic::Ordering::SeqCst);
+                    return Response::builder()
+                        .status(if fails { 503 } else { 200 })
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                }
+                {
+                    let mut busy = state.busy.lock().unwrap();
+                    let (now, most) = busy.entry(key.clone()).or_default();
+                    *now += 1;
+                    *most = (*most).max(*now);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                state.busy.lock().unwrap().get_mut(&key).unwrap().0 -= 1;
+                state.taken.lock().unwrap().push(envelope["data"]["seq"].as_u64().unwrap_or(u64::MAX));
+                Response::builder().status(200).body(Full::new(Bytes::new())).unwrap()
+            }
+        });
+        (r, url)
+    }
+
+    fn most(&self, key: &str) -> usize {
+        self.busy.lock().unwrap().get(key).map_or(0, |b| b.1)
+    }
+}
+
+/// A sequencer that replays a partition whose heads were settled by the last one (a restart,
+/// a takeover) may attempt such a head again before it reads the marker that says so (its
+/// replay went live at the cap of keys, and reads on as another key settles): that marker
+/// then waits for the attempt under way, and the key's next delivery starts after it, never
+/// beside it.
+#[tokio::test]
+async fn a_settled_marker_read_during_a_repeated_attempt_does_not_start_the_next_beside_it() {
+    let h = TestHerald::start_with(|c| {
+        c.log.partitions = 1;
+        c.dispatch.ordered_max_keys = 2;
+        c.health.breaker_failures = 1_000_000;
+    })
+    .await;
+    let (rx, url) = OverlapReceiver::start().await;
+    rx.b_fails.store(true, std::sync::atomic::Ordering::SeqCst);
+    h.api.subscribe(ordered_subscription(url)).await;
+    let event = |key: &str, seq: u64| json!({ "type": "container.status.updated", "data": { "key": key, "seq": seq } });
+    let (status, _) = h.api.post("/v1/events/batch", json!([event("b", 0), event("a", 0), event("a", 1)])).await;
+    assert_eq!(status, 202);
+    until("a's events delivered", Duration::from_secs(30), || async {
+        (rx.taken.lock().unwrap().len() >= 2).then_some(())
+    })
+    .await;
+    let h = h.restart().await;
+    // Replayed to the cap (b, a): a's first event is attempted again; b settles, and the
+    // markers after it are read while that attempt is under way.
+    rx.b_fails.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (status, _) = h.api.post("/v1/events/batch", json!([event("a", 2), event("a", 3)])).await;
+    assert_eq!(status, 202);
+    until("a's later events delivered", Duration::from_secs(30), || async {
+        let taken = rx.taken.lock().unwrap();
+        (taken.contains(&2) && taken.contains(&3)).then_some(())
+    })
+    .await;
+    assert_eq!(rx.most("a"), 1, "two of a key's deliveries under way at once: {:?}", rx.taken.lock().unwrap());
+    drop(h);
+}
