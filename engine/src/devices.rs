@@ -21,6 +21,16 @@ pub struct Presence {
     pub connection: String,
 }
 
+/// A presence withdrawn: it removes the device's presence only while that is still this
+/// connection's. An empty tombstone, written after a check, removed whatever was there by the
+/// time it was applied — a newer connection's presence, announced meanwhile (an agent that
+/// reconnected before its old connection was found dead), which then stayed unknown to the
+/// other processes.
+#[derive(Debug, Serialize, Deserialize)]
+struct Withdrawn {
+    withdrawn: String,
+}
+
 /// An edge device as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EdgeDevice {
@@ -126,12 +136,14 @@ impl Devices {
         self.feed.write(Key::presence(device).as_bytes(), value).await.map(|_| ())
     }
 
-    /// Withdraws `presence` of `device`, unless a newer connection has replaced it.
+    /// Withdraws `presence` of `device`, unless a newer connection has replaced it (checked
+    /// again where the withdrawal is applied: see [`Withdrawn`]).
     pub async fn withdraw(&self, device: &str, presence: &Presence) -> Result<(), CatalogError> {
         if self.located(device).as_ref() != Some(presence) {
             return Ok(());
         }
-        self.feed.write(Key::presence(device).as_bytes(), Bytes::new()).await.map(|_| ())
+        let value = serde_json::to_vec(&Withdrawn { withdrawn: presence.connection.clone() }).expect("serializes");
+        self.feed.write(Key::presence(device).as_bytes(), Bytes::from(value)).await.map(|_| ())
     }
 
     /// The device a presented token belongs to, if the token is valid.
@@ -150,10 +162,15 @@ impl Apply for Devices {
         match entry.kind {
             Kind::Presence => {
                 let mut presence = self.presence.write().unwrap();
-                match serde_json::from_slice::<Presence>(value) {
-                    Ok(p) => presence.insert(entry.id, p),
-                    Err(_) => presence.remove(&entry.id),
-                };
+                if let Ok(p) = serde_json::from_slice::<Presence>(value) {
+                    presence.insert(entry.id, p);
+                } else if let Ok(w) = serde_json::from_slice::<Withdrawn>(value) {
+                    if presence.get(&entry.id).is_some_and(|p| p.connection == w.withdrawn) {
+                        presence.remove(&entry.id);
+                    }
+                } else {
+                    presence.remove(&entry.id);
+                }
             }
             Kind::Device => {
                 let mut state = self.state.write().unwrap();
@@ -164,5 +181,39 @@ impl Apply for Devices {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::stub::Stub;
+
+    /// The old connection's withdrawal, checked against the presence it saw, is applied after
+    /// a newer connection announced itself: the newer presence stays.
+    #[tokio::test]
+    async fn a_withdrawal_applied_after_a_newer_announce_leaves_the_newer_presence() {
+        let stub = Arc::new(Stub::new(true, true));
+        let (feed, applied) = Feed::new(stub.clone(), "catalog".into(), 0);
+        applied.set(u64::MAX); // nobody follows here: records are applied by hand below
+        let devices = Devices::load(Arc::new(feed), &[]);
+        let apply = |value: Bytes| {
+            let record = LogRecord { partition: 0, offset: 0, key: Bytes::new(), value, timestamp_ms: 0 };
+            devices.apply(Entry { kind: Kind::Presence, id: "edg_1".into(), record: &record });
+        };
+        let at = |connection: &str| Presence { url: "http://herald-a".into(), connection: connection.into() };
+        apply(Bytes::from(serde_json::to_vec(&at("old")).unwrap()));
+        devices.withdraw("edg_1", &at("old")).await.unwrap(); // checked: still "old"
+        let withdrawal = stub.appends.lock().unwrap().last().unwrap()[0].value.clone();
+        apply(Bytes::from(serde_json::to_vec(&at("new")).unwrap())); // announced meanwhile
+        apply(withdrawal);
+        assert_eq!(devices.located("edg_1"), Some(at("new")));
+        // Its own withdrawal removes a presence; so does a tombstone.
+        devices.withdraw("edg_1", &at("new")).await.unwrap();
+        apply(stub.appends.lock().unwrap().last().unwrap()[0].value.clone());
+        assert_eq!(devices.located("edg_1"), None);
+        apply(Bytes::from(serde_json::to_vec(&at("newer")).unwrap()));
+        apply(Bytes::new());
+        assert_eq!(devices.located("edg_1"), None);
     }
 }
