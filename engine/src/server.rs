@@ -291,8 +291,11 @@ async fn serve_api(
 
 /// The API's accept loop: at most `api.max_connections` at once (more are closed at once), each
 /// given `api.header_read_timeout` to send its headers (a slow client cannot hold a connection
-/// open for free), upgrades allowed (edge agents' WebSockets); on stop, connections finish their
-/// requests (bounded).
+/// open for free) — its first request's too: one that starts none in that time (silent, or
+/// stalled in an HTTP/2 preface, which hyper-util's version detection waits on without a
+/// timer) is closed — upgrades allowed (edge agents' WebSockets), HTTP/1 only (no client of the
+/// API speaks HTTP/2, and an idle HTTP/2 connection has no header timeout); on stop,
+/// connections finish their requests (bounded).
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: axum::Router,
@@ -302,24 +305,49 @@ async fn serve_connections(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout.0);
+    let first_request_within = limits.header_read_timeout.0;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = crate::shutdown::stopped(&mut stop) => break,
         };
-        let Ok((stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, most often: accept fails at once until some close, so
+                // trying again at once would spin a core. (axum's own loop waits a second.)
+                metrics::counter!(crate::metrics::API_CONNECTIONS_REFUSED).increment(1);
+                tracing::warn!(error = %e, "cannot accept an API connection; pausing accepts for 50 ms");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics::counter!(crate::metrics::API_CONNECTIONS_REFUSED).increment(1);
             continue; // dropping the stream closes it
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (app, seen) = (app.clone(), started.clone());
+        let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            seen.store(true, std::sync::atomic::Ordering::Relaxed);
+            tower::ServiceExt::oneshot(app.clone(), req)
+        });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let _ = connection.await;
+            let no_request = async {
+                tokio::time::sleep(first_request_within).await;
+                if started.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                _ = connection => {}
+                _ = no_request => {} // dropping the connection closes it
+            }
             drop(slot);
         });
     }

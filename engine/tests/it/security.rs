@@ -654,3 +654,29 @@ async fn without_a_secret_key_herald_says_so_once() {
     let warnings = log.iter().filter(|l| l.contains("no secret key")).count();
     assert_eq!(warnings, 1, "{log:?}");
 }
+
+/// Connections that never start a request — silent, or half an HTTP/2 preface, or a whole one
+/// and then nothing — are closed after `api.header_read_timeout` like a slow header, so no
+/// one, token or not, can hold every connection slot.
+#[tokio::test]
+async fn connections_that_never_start_a_request_cannot_hold_the_api() {
+    let h = TestHerald::start_with(|c| {
+        c.api.max_connections = 3;
+        c.api.header_read_timeout = Duration::from_millis(500).into();
+    })
+    .await;
+    let addr = h.herald.addr;
+    let mut held = Vec::new();
+    for opening in [&b""[..], b"PRI * HTTP/2.0\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(opening).await.unwrap();
+        held.push(stream);
+    }
+    until("the API serves again while they stay connected", Duration::from_secs(10), || async {
+        matches!(h.api.try_raw("GET", "/healthz", None, None).await, Ok((s, _)) if s == 200).then_some(())
+    })
+    .await;
+    for stream in &mut held {
+        assert!(read_until(stream, Duration::from_secs(5), |_| false).await.is_some(), "closed by Herald");
+    }
+}
