@@ -312,6 +312,17 @@ impl Recent {
     }
 }
 
+/// Appends deliveries, each to its topic, durably (the two appends side by side).
+async fn append_deliveries(log: &dyn Log, topic: &str, ordered_topic: &str, d: Deliveries) -> Result<(), LogError> {
+    let to = |topic, records: Vec<Record>| async move {
+        if records.is_empty() {
+            return Ok(());
+        }
+        log.append(topic, records).await.map(|_| ())
+    };
+    tokio::try_join!(to(topic, d.plain), to(ordered_topic, d.ordered)).map(|_| ())
+}
+
 /// Frees retired generations on a blocking thread: ~100 k ids are a few milliseconds of frees.
 fn free(retired: Vec<Ids>) {
     if !retired.is_empty() {
@@ -329,7 +340,8 @@ pub struct Ingest {
     topic: String,
     /// Where ordered subscriptions' deliveries go (their keys' sequencers read it).
     ordered_topic: String,
-    recent: Mutex<Recent>,
+    /// Shared with the task that finishes a publish's write (see [`Ingest::publish`]).
+    recent: Arc<Mutex<Recent>>,
     /// `quotas.fanout_bytes`.
     max_fanout: u64,
     /// Where accepted events are recorded, when history is kept.
@@ -337,12 +349,12 @@ pub struct Ingest {
 }
 
 /// The ids this request reserved: released (as refused) unless the append succeeded.
-struct Reserved<'a> {
-    recent: &'a Mutex<Recent>,
+struct Reserved {
+    recent: Arc<Mutex<Recent>>,
     mine: Vec<(Key, watch::Sender<Option<usize>>)>,
 }
 
-impl Drop for Reserved<'_> {
+impl Drop for Reserved {
     fn drop(&mut self) {
         if self.mine.is_empty() {
             return;
@@ -369,7 +381,7 @@ impl Ingest {
             registry,
             topic,
             ordered_topic,
-            recent: Mutex::new(Recent::new(now_ms())),
+            recent: Arc::new(Mutex::new(Recent::new(now_ms()))),
             max_fanout,
             history: None,
         }
@@ -377,16 +389,7 @@ impl Ingest {
 
     /// Appends deliveries, each to its topic, durably (the two appends side by side).
     async fn append(&self, deliveries: Deliveries) -> Result<(), LogError> {
-        let (plain, ordered) =
-            (self.append_to(&self.topic, deliveries.plain), self.append_to(&self.ordered_topic, deliveries.ordered));
-        tokio::try_join!(plain, ordered).map(|_| ())
-    }
-
-    async fn append_to(&self, topic: &str, records: Vec<Record>) -> Result<(), LogError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        self.log.append(topic, records).await.map(|_| ())
+        append_deliveries(&*self.log, &self.topic, &self.ordered_topic, deliveries).await
     }
 
     /// Records every accepted event in the delivery history too.
@@ -397,7 +400,7 @@ impl Ingest {
 
     /// Reserves the given ids of `events` that no request has seen, after waiting for any
     /// request appending one of them now: so concurrent duplicates append once.
-    async fn reserve(&self, events: &[Event]) -> Reserved<'_> {
+    async fn reserve(&self, events: &[Event]) -> Reserved {
         loop {
             let (busy, retired): (Vec<watch::Receiver<Option<usize>>>, _) = {
                 let mut recent = self.recent.lock().unwrap();
@@ -422,7 +425,7 @@ impl Ingest {
                     }
                     drop(recent);
                     free(retired);
-                    return Reserved { recent: &self.recent, mine };
+                    return Reserved { recent: self.recent.clone(), mine };
                 }
                 (busy, retired)
             };
@@ -507,24 +510,36 @@ impl Ingest {
             accepted.push(Accepted { id: event.id, deliveries: targets.len() });
         }
         // The history's copy of each event and its deliveries are appended together (the
-        // log's group commit makes them one write); the answer waits for both.
-        let deliveries = self.append(records);
-        match &self.history {
-            Some(h) => tokio::try_join!(deliveries, h.append(&history)).map(|_| ()),
-            None => deliveries.await.map(|_| ()),
-        }
-        .map_err(Refusal::Log)?;
-        let retired = {
-            let mut recent = self.recent.lock().unwrap();
-            for (key, tx) in reserved.mine.drain(..) {
-                let n = counts.get(&key).copied().unwrap_or(0);
-                recent.remember(key, n);
-                tx.send_replace(Some(n));
+        // log's group commit makes them one write); the answer waits for both. In a task of
+        // its own, which also remembers the ids once the write succeeded: a request cut off
+        // meanwhile (the API's timeout, a client that gave up) leaves records the log still
+        // writes and delivers, and a retry with the same id must find it remembered (or wait
+        // for it, pending), not send it again.
+        let (log, topic, ordered_topic) = (self.log.clone(), self.topic.clone(), self.ordered_topic.clone());
+        let recorder = self.history.clone();
+        let written = tokio::spawn(async move {
+            let deliveries = append_deliveries(&*log, &topic, &ordered_topic, records);
+            match &recorder {
+                Some(h) => tokio::try_join!(deliveries, h.append(&history)).map(|_| ())?,
+                None => deliveries.await?,
             }
-            recent.turn(now)
-        };
-        free(retired);
-        metrics::counter!(crate::metrics::EVENTS_INGESTED).increment(new_events);
+            let retired = {
+                let mut recent = reserved.recent.lock().unwrap();
+                for (key, tx) in reserved.mine.drain(..) {
+                    let n = counts.get(&key).copied().unwrap_or(0);
+                    recent.remember(key, n);
+                    tx.send_replace(Some(n));
+                }
+                recent.turn(now)
+            };
+            free(retired);
+            metrics::counter!(crate::metrics::EVENTS_INGESTED).increment(new_events);
+            Ok::<_, LogError>(())
+        });
+        written
+            .await
+            .map_err(|e| Refusal::Log(LogError::Backend(format!("publishing: {e}"))))?
+            .map_err(Refusal::Log)?;
         Ok(accepted)
     }
 

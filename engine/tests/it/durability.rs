@@ -262,3 +262,47 @@ async fn a_delivery_whose_subscription_cannot_be_read_waits_instead_of_being_dro
     let got = rx.wait_on("/newer", 1).await;
     assert_eq!(got[0].header("webhook-id"), "evt-waits");
 }
+
+/// A publish whose answer is cut off (the API's request timeout, or a client that gave up)
+/// after its records were handed to the log: they are still written and delivered, so the
+/// id stays remembered, and the producer's retry with the same id is answered as a repeat
+/// instead of being delivered twice.
+#[tokio::test]
+async fn a_publish_cut_off_while_its_write_goes_on_is_not_delivered_twice_on_retry() {
+    if crate::support::on_kafka() {
+        return; // the fault layer is the embedded log's
+    }
+    let slow = Arc::new(AtomicBool::new(false));
+    let flag = slow.clone();
+    let faults: herald::log::embedded::Faults = Some(Arc::new(move |fault: Fault<'_>| {
+        if matches!(fault, Fault::Sync(..)) && flag.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        Ok(())
+    }));
+    let h = TestHerald::start_with_extras(
+        |c| c.api.request_timeout = Duration::from_secs(1).into(),
+        Extras { faults, ..Extras::default() },
+    )
+    .await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/ok"), "events": ["A"] })).await;
+    slow.store(true, Ordering::SeqCst);
+    let (status, _) = h.api.post("/v1/events", json!({ "id": "x", "type": "A", "data": {} })).await;
+    assert_eq!(status, 408, "cut off while the disk was slow");
+    slow.store(false, Ordering::SeqCst);
+    // The producer retries until it gets an answer (the first write may still be going on:
+    // a retry waits for it, and may be cut off too).
+    until("the retry answered", Duration::from_secs(20), || async {
+        let (status, _) = h.api.post("/v1/events", json!({ "id": "x", "type": "A", "data": {} })).await;
+        (status != 408).then(|| assert_eq!(status, 202))
+    })
+    .await;
+    h.api.post("/v1/events", json!({ "id": "later", "type": "A", "data": {} })).await;
+    let got = until("the later event delivered", Duration::from_secs(10), || {
+        let got = rx.on("/ok");
+        async move { got.iter().any(|r| r.header("webhook-id") == "later").then_some(got) }
+    })
+    .await;
+    assert_eq!(got.iter().filter(|r| r.header("webhook-id") == "x").count(), 1, "delivered once");
+}
