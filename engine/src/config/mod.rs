@@ -239,8 +239,8 @@ impl Default for ApiConfig {
 pub struct QuotaConfig {
     /// Subscriptions one tenant may have.
     pub subscriptions_per_tenant: usize,
-    /// Bytes one publish request may fan out to: each event's size times the subscriptions
-    /// it matches, summed.
+    /// Bytes one publish request may fan out to: each event's delivery record (its data,
+    /// changes, ids and trace) times the subscriptions it matches, summed.
     pub fanout_bytes: u64,
     /// `POST /v1/subscriptions/{id}/test` calls per subscription per minute.
     pub tests_per_minute: u32,

@@ -464,10 +464,6 @@ impl Ingest {
                 }
             }
             let targets = self.registry.matching(&event.tenant, &event.event_type);
-            fanout += event.data.sent.len() as u64 * targets.len() as u64;
-            if fanout > self.max_fanout {
-                return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
-            }
             let mut keyed = Keyed {
                 id: &event.id,
                 event_type: &event.event_type,
@@ -477,7 +473,7 @@ impl Ingest {
                 changes: event.changes.as_ref(),
                 parsed: None,
             };
-            for target in &targets {
+            for (i, target) in targets.iter().enumerate() {
                 let first = Delivery::first_attempt(
                     event.id.clone(),
                     target.sub.id.clone(),
@@ -489,7 +485,16 @@ impl Ingest {
                 let key = keyed.key_for(target);
                 let ordered = key.is_some();
                 let first = Delivery { trace: event.trace.clone(), ordering_key: key, ..first };
-                records.push(delivery_record(target, first, &event.data, event.changes.as_ref()), ordered);
+                let record = delivery_record(target, first, &event.data, event.changes.as_ref());
+                if i == 0 {
+                    // What every record of the event copies (data, changes, ids, trace), counted
+                    // before the others are made: the first one's size, times the subscriptions.
+                    fanout += (record.key.len() + record.value.len()) as u64 * targets.len() as u64;
+                    if fanout > self.max_fanout {
+                        return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
+                    }
+                }
+                records.push(record, ordered);
             }
             if self.history.is_some() {
                 history.push(HistoryRecord::Event(EventRecord {

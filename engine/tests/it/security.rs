@@ -436,6 +436,10 @@ async fn fan_out_tests_and_request_rates_are_limited_per_tenant_with_clear_answe
     let big = json!({ "id": "big", "type": "T", "tenant": mallory_id, "data": { "pad": "p".repeat(4000) } });
     let (status, err) = h.api.post("/v1/events", big).await;
     assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (413, Some("QUOTA_EXCEEDED")), "{err}");
+    // What each delivery record copies counts, `changes` included, not only `data`.
+    let changed = json!({ "id": "changed", "type": "T", "tenant": mallory_id, "data": {}, "changes": [{ "pad": "p".repeat(4000) }] });
+    let (status, err) = h.api.post("/v1/events", changed).await;
+    assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (413, Some("QUOTA_EXCEEDED")), "{err}");
     let small = json!({ "id": "small", "type": "T", "tenant": mallory_id, "data": { "pad": "p".repeat(1000) } });
     assert_eq!(h.api.post("/v1/events", small).await.0, 202);
     for i in 0..3 {
