@@ -46,7 +46,46 @@ impl tower::Service<Name> for GuardedResolver {
     }
 }
 
-type Connector = hyper_rustls::HttpsConnector<Route>;
+type Connector = Bounded<hyper_rustls::HttpsConnector<Route>>;
+
+/// A connector whose every connection is made within a time: TCP, a proxy's CONNECT and the
+/// TLS handshake together (`http.connect_timeout`). A request's own timeout does not cover
+/// them all: a request that takes a pooled connection while its new one is still being made
+/// leaves that one to hyper-util's background, bounded by nothing else, so a receiver that
+/// accepts and then says nothing kept a socket of Herald's for ever, one per such overlap.
+#[derive(Clone)]
+pub struct Bounded<C> {
+    inner: C,
+    within: Duration,
+}
+
+impl<C> tower::Service<Uri> for Bounded<C>
+where
+    C: tower::Service<Uri> + Clone + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let (connecting, within) = (self.inner.call(dst), self.within);
+        Box::pin(async move {
+            match tokio::time::timeout(within, connecting).await {
+                Ok(made) => made.map_err(Into::into),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {} ms (TCP, proxy and TLS)", within.as_millis()),
+                )) as BoxError),
+            }
+        })
+    }
+}
 
 /// Client settings shared by every request.
 #[derive(Debug, Clone)]
@@ -248,6 +287,7 @@ fn pool(guard: &NetworkGuard, settings: &HttpSettings, proxy: Option<&Proxy>, tl
         .enable_http1()
         .enable_http2()
         .wrap_connector(Route { direct: http, proxy });
+    let connector = Bounded { inner: connector, within: settings.connect_timeout };
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_max_idle_per_host(settings.pool_max_idle_per_host)
@@ -435,6 +475,82 @@ mod tests {
         for unusable in ["Wed, 21 Oct 2026 07:28:00 GMT", "-1", "1.5", ""] {
             headers.insert(http::header::RETRY_AFTER, unusable.parse().unwrap());
             assert_eq!(retry_after(&headers), None, "{unusable:?}");
+        }
+    }
+
+    /// A connection made for a request that then took a pooled one (hyper-util goes on making
+    /// it, in the background, for the pool) is bounded by `connect_timeout` too, TLS included:
+    /// a receiver that accepts and then says nothing cannot keep a socket of Herald's for
+    /// ever per overlap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_left_to_the_background_is_bounded_by_the_connect_timeout() {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use tokio::io::AsyncReadExt;
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (accepted, silent_closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (count, closed) = (accepted.clone(), silent_closed.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // The first connection answers, slowly: 300 ms a request.
+                    let tls = acceptor.accept(stream).await.unwrap();
+                    let svc = hyper::service::service_fn(|_req| async {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<Bytes>::new()))
+                    });
+                    tokio::spawn(
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc),
+                    );
+                } else {
+                    // Later ones are taken and never answered: no TLS handshake comes back.
+                    let closed = closed.clone();
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                        closed.store(true, Ordering::SeqCst);
+                    });
+                }
+            }
+        });
+        let settings = HttpSettings { connect_timeout: Duration::from_millis(500), ..HttpSettings::default() };
+        let http = HttpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), &settings);
+        let tls = crate::model::TlsOptions { ca_pem: Some(ca.pem()), ..Default::default() };
+        let request = |path: &str| WebhookRequest {
+            uri: format!("https://localhost:{port}{path}").parse().unwrap(),
+            headers: HeaderMap::new(),
+            body: Body::new([Bytes::from_static(b"{}")]),
+            timeout: Duration::from_secs(2),
+        };
+        let first = http.send(request("/a"), Some(&tls), Egress::Direct);
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            http.send(request("/b"), Some(&tls), Egress::Direct).await
+        };
+        let (a, b) = tokio::join!(first, second);
+        assert!(matches!(a, Outcome::Delivered { .. }) && matches!(b, Outcome::Delivered { .. }), "{a:?} {b:?}");
+        assert!(accepted.load(Ordering::SeqCst) >= 2, "the second request opened a connection of its own");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !silent_closed.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the connection left to the background is still open");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
