@@ -386,11 +386,19 @@ impl HttpTransport {
         let mut request = Request::post(uri).body(body).expect("method, uri and body are valid");
         *request.headers_mut() = headers;
         let keep = self.settings.response_bytes;
-        let exchange = async {
-            let response = client.request(request).await?;
-            let (parts, mut body) = response.into_parts();
-            // Read a little of the body so the connection can be reused, keeping its start.
-            let mut kept = BytesMut::new();
+        let latency = || started.elapsed();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Outcome::failed(classify(&e), latency()),
+            Err(_) => return Outcome::failed(timed_out(timeout), latency()),
+        };
+        let (parts, mut body) = response.into_parts();
+        // The answer is in. A little of the body is read, within what is left of the timeout,
+        // so the connection can be reused and its start kept; a body that stalls ends that
+        // (dropping the connection), not the answer: a 200 whose body never ends was taken.
+        let mut kept = BytesMut::new();
+        let reading = async {
             let mut read = 0usize;
             while read < RESPONSE_READ_LIMIT {
                 match body.frame().await {
@@ -403,22 +411,15 @@ impl HttpTransport {
                     _ => break,
                 }
             }
-            let status = parts.status.as_u16();
-            let response = keep.map(|_| Response::new(status, &parts.headers, kept.freeze()));
-            Ok::<_, hyper_util::client::legacy::Error>((status, parts.headers, response))
         };
-        let latency = || started.elapsed();
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok((status, _, response))) if (200..300).contains(&status) => {
-                Outcome::Delivered { status, latency: latency(), response }
-            }
-            Ok(Ok((status, headers, response))) => {
-                let failure = Failure::Status { status, retry_after_ms: retry_after(&headers) };
-                Outcome::Failed { failure, latency: latency(), response }
-            }
-            Ok(Err(e)) => Outcome::failed(classify(&e), latency()),
-            Err(_) => Outcome::failed(timed_out(timeout), latency()),
+        let _ = tokio::time::timeout_at(deadline, reading).await;
+        let status = parts.status.as_u16();
+        let response = keep.map(|_| Response::new(status, &parts.headers, kept.freeze()));
+        if (200..300).contains(&status) {
+            return Outcome::Delivered { status, latency: latency(), response };
         }
+        let failure = Failure::Status { status, retry_after_ms: retry_after(&parts.headers) };
+        Outcome::Failed { failure, latency: latency(), response }
     }
 }
 
@@ -551,6 +552,43 @@ mod tests {
         while !silent_closed.load(Ordering::SeqCst) {
             assert!(Instant::now() < deadline, "the connection left to the background is still open");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A receiver that answers 200 and then stalls its body took the event: the attempt is
+    /// delivered (its body's start kept), not a timeout to be sent again.
+    #[tokio::test]
+    async fn a_status_whose_body_stalls_is_the_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nab").await;
+                    let _ = stream.read(&mut buf).await; // held until Herald lets go
+                });
+            }
+        });
+        let settings = HttpSettings { response_bytes: Some(64), ..HttpSettings::default() };
+        let http = HttpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), &settings);
+        let request = WebhookRequest {
+            uri: format!("http://127.0.0.1:{port}/hook").parse().unwrap(),
+            headers: HeaderMap::new(),
+            body: Body::new([Bytes::from_static(b"{}")]),
+            timeout: Duration::from_millis(300),
+        };
+        match http.send(request, None, Egress::Direct).await {
+            Outcome::Delivered { status: 200, response: Some(r), .. } => assert_eq!(&r.body[..], b"ab"),
+            other => panic!("{other:?}"),
         }
     }
 }
