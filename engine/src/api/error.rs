@@ -185,6 +185,17 @@ impl From<crate::log::LogError> for ApiError {
                 field: None,
                 retry_after: None,
             },
+            // The log's topics take smaller records than this event makes (on Kafka, topics
+            // made with a smaller `max.message.bytes`): a retry would be refused the same way.
+            crate::log::LogError::TooLarge { bytes, max } => ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: "PAYLOAD_TOO_LARGE",
+                message: format!(
+                    "a record of {bytes} bytes is larger than the log takes ({max}); nothing was accepted"
+                ),
+                field: None,
+                retry_after: None,
+            },
             _ => ApiError::unavailable("the log could not take the write; nothing was accepted, retry later"),
         }
     }
@@ -285,7 +296,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
 
 #[cfg(test)]
 mod tests {
-    use super::field_of;
+    use super::{field_of, ApiError, StatusCode};
 
     #[test]
     fn names_the_field_a_serde_error_is_about() {
@@ -294,5 +305,14 @@ mod tests {
         assert_eq!(field_of("retry.foo", "unknown field `foo`, expected one of"), "retry.foo");
         assert_eq!(field_of("timeout", "invalid duration"), "timeout");
         assert_eq!(field_of(".", "EOF while parsing"), "");
+    }
+
+    /// A record the log cannot take will not fit on a retry either: 413, not "retry later".
+    #[test]
+    fn a_record_too_large_for_the_log_is_413_and_a_broken_log_503() {
+        let too_large = ApiError::from(crate::log::LogError::TooLarge { bytes: 2 << 20, max: 1 << 20 });
+        assert_eq!((too_large.status, too_large.code), (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"));
+        let broken = ApiError::from(crate::log::LogError::Backend("down".into()));
+        assert_eq!(broken.status, StatusCode::SERVICE_UNAVAILABLE);
     }
 }
