@@ -218,3 +218,30 @@ async fn no_secret_of_any_kind_appears_in_a_read_or_a_list() {
     }
     assert!(list.to_string().contains("amqp://herald:********@127.0.0.1:5672/vh"), "the broker stays visible: {list}");
 }
+
+/// A subscription signed with `hmac` and a secret of its own, rotated, may change to the
+/// `standard` scheme: the previous secret, which that scheme cannot use, is left out of the
+/// overlap instead of refusing the change (for good, as it was, even after the overlap).
+#[tokio::test]
+async fn a_rotated_hmac_subscription_may_change_to_the_standard_scheme() {
+    let h = TestHerald::start_with(|c| c.signing.rotation_overlap = Duration::from_secs(60).into()).await;
+    let rx = Receiver::start().await;
+    let sub = h
+        .api
+        .subscribe(json!({ "url": rx.url("/r"), "secret": "plain-secret", "signature": { "scheme": "hmac", "header": "x-sig" } }))
+        .await;
+    let id = sub["id"].as_str().unwrap();
+    let (status, rotated) =
+        h.api.raw("POST", &format!("/v1/subscriptions/{id}/rotate-secret"), None, Some(crate::support::TOKEN)).await;
+    assert_eq!(status, 200, "{rotated}");
+    let patch = json!({ "signature": { "scheme": "standard" } }).to_string().into();
+    let (status, changed) =
+        h.api.raw("PATCH", &format!("/v1/subscriptions/{id}"), Some(patch), Some(crate::support::TOKEN)).await;
+    assert_eq!(status, 200, "{changed}");
+    h.api.post("/v1/events", json!({ "id": "after-change", "type": "T", "data": {} })).await;
+    let got = rx.wait_on("/r", 1).await.remove(0);
+    let verifier = Verifier::new(rotated["secret"].as_str().unwrap()).unwrap();
+    let sig = got.header("webhook-signature");
+    assert!(!sig.contains(' '), "one signature: {sig}");
+    assert!(verifier.verify(got.header("webhook-id"), got.header("webhook-timestamp"), &got.body, sig));
+}
