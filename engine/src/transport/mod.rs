@@ -77,28 +77,44 @@ impl Transports {
     }
 
     /// A webhook attempt; with OAuth, a refused token is fetched anew and the request sent
-    /// once more.
+    /// once more. The whole attempt — token fetches included, and the second send — is within
+    /// the subscription's timeout, and each request is signed once its token is in (so its
+    /// timestamp is when it is sent).
     async fn webhook(&self, target: &Target, delivery: &Delivery, pending_retries: u32, timeout: Duration) -> Outcome {
         let oauth = matches!(target.sub.spec.auth, Auth::Oauth2 { .. });
         let tls = target.sub.spec.tls.as_ref();
+        let started = std::time::Instant::now();
+        let deadline = started + timeout;
+        let left = || deadline.saturating_duration_since(std::time::Instant::now());
         let mut refreshed = false;
         loop {
+            let bearer = match oauth {
+                true => match self.tokens.bearer(&target.sub, left()).await {
+                    Ok(bearer) => Some(bearer),
+                    Err(failure) => return Outcome::failed(failure, started.elapsed()),
+                },
+                false => None,
+            };
+            if left().is_zero() {
+                return Outcome::failed(http::timed_out(timeout), started.elapsed());
+            }
             let signed = target.sign(delivery, pending_retries, now_ms());
             // Room for every header up front (growing it reallocated per request).
             let mut headers = target.headers.clone();
             headers.reserve(signed.headers.len() + 1);
             headers.extend(signed.headers);
-            if oauth {
-                match self.tokens.bearer(&target.sub, timeout).await {
-                    Ok(bearer) => {
-                        headers.insert(header::AUTHORIZATION, bearer);
-                    }
-                    Err(failure) => return Outcome::failed(failure, Duration::ZERO),
-                }
+            if let Some(bearer) = bearer {
+                headers.insert(header::AUTHORIZATION, bearer);
             }
-            let request = http::WebhookRequest { uri: target.uri.clone(), headers, body: signed.body, timeout };
+            let request = http::WebhookRequest { uri: target.uri.clone(), headers, body: signed.body, timeout: left() };
             let egress = http::Egress::of(target.sub.spec.proxy.as_deref());
-            let outcome = self.http.send(request, tls, egress).await;
+            let outcome = match self.http.send(request, tls, egress).await {
+                // What is left of it timed out: the attempt's timeout is the subscription's.
+                Outcome::Failed { failure: Failure::Timeout { .. }, latency, response } if oauth => {
+                    Outcome::Failed { failure: http::timed_out(timeout), latency, response }
+                }
+                outcome => outcome,
+            };
             if oauth && !refreshed && outcome.status() == Some(401) {
                 self.tokens.forget(&target.sub);
                 refreshed = true;

@@ -6,7 +6,10 @@
 //! password included), so a token is only ever reused for the same tenant presenting the same
 //! credentials. One fetch per key at a time, shared by every delivery waiting for it, and no
 //! lock is held while it runs: a blackholed token endpoint costs each delivery its own
-//! timeout, not a queue of them.
+//! timeout, not a queue of them. The fetch runs in a task of its own (within
+//! [`TOKEN_TIMEOUT`]) and settles its slot itself, whoever still waits: a token endpoint slower
+//! than the subscription's timeout still yields a token for the attempts after, instead of
+//! each attempt dropping the fetch at its timeout and the next one starting another.
 
 use super::http::HttpTransport;
 use crate::model::secret::revealing;
@@ -18,6 +21,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use http::{header, HeaderMap, HeaderValue, Uri};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,7 +41,8 @@ type Fetched = Result<(HeaderValue, Instant), Failure>;
 
 enum Slot {
     Ready(HeaderValue, Instant),
-    Fetching(Shared<BoxFuture<'static, Fetched>>),
+    /// A fetch under way (which one: the task settles only its own slot).
+    Fetching(u64, Shared<BoxFuture<'static, Fetched>>),
 }
 
 /// Bearer tokens by tenant and credentials, shared by every delivery that needs one.
@@ -45,6 +50,7 @@ enum Slot {
 pub struct Tokens {
     http: HttpTransport,
     slots: Arc<Mutex<HashMap<[u8; 32], Slot>>>,
+    fetches: Arc<AtomicU64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -64,7 +70,7 @@ fn key(sub: &Subscription) -> [u8; 32] {
 impl Tokens {
     /// A cache fetching through `http` (so token endpoints pass the network guard too).
     pub fn new(http: HttpTransport) -> Self {
-        Tokens { http, slots: Default::default() }
+        Tokens { http, slots: Default::default(), fetches: Default::default() }
     }
 
     /// The `Authorization` value for `sub`'s OAuth credentials: cached, or fetched now (over
@@ -76,36 +82,46 @@ impl Tokens {
             let mut slots = self.slots.lock().unwrap();
             match slots.get(&key) {
                 Some(Slot::Ready(value, until)) if Instant::now() < *until => return Ok(value.clone()),
-                Some(Slot::Fetching(f)) => f.clone(),
+                Some(Slot::Fetching(_, f)) => f.clone(),
                 _ => {
+                    let generation = self.fetches.fetch_add(1, Ordering::Relaxed);
                     let (this, auth, tls) = (self.clone(), sub.spec.auth.clone(), sub.spec.tls.clone());
                     let proxy = sub.spec.proxy.clone();
-                    let f = async move { this.fetch(&auth, tls.as_ref(), proxy.as_deref()).await }.boxed().shared();
+                    let task = tokio::spawn(async move {
+                        let fetched = this.fetch(&auth, tls.as_ref(), proxy.as_deref()).await;
+                        let mut slots = this.slots.lock().unwrap();
+                        match &fetched {
+                            Ok((value, until)) => {
+                                slots.insert(key, Slot::Ready(value.clone(), *until));
+                            }
+                            Err(_) if matches!(slots.get(&key), Some(Slot::Fetching(g, _)) if *g == generation) => {
+                                slots.remove(&key);
+                            }
+                            Err(_) => {}
+                        }
+                        fetched
+                    });
+                    let f = async move {
+                        task.await.unwrap_or_else(|e| Err(Failure::Auth { detail: format!("fetching a token: {e}") }))
+                    }
+                    .boxed()
+                    .shared();
                     if slots.len() >= SWEEP_AT {
                         let now = Instant::now();
-                        slots.retain(|_, s| matches!(s, Slot::Ready(_, until) if *until > now));
+                        slots.retain(|_, s| match s {
+                            Slot::Ready(_, until) => *until > now,
+                            Slot::Fetching(..) => true,
+                        });
                     }
-                    slots.insert(key, Slot::Fetching(f.clone()));
+                    slots.insert(key, Slot::Fetching(generation, f.clone()));
                     f
                 }
             }
         };
-        let fetched = tokio::time::timeout(timeout, fetch)
+        tokio::time::timeout(timeout, fetch)
             .await
-            .unwrap_or_else(|_| Err(Failure::Auth { detail: "the token endpoint did not answer in time".into() }));
-        let mut slots = self.slots.lock().unwrap();
-        match fetched {
-            Ok((value, until)) => {
-                slots.insert(key, Slot::Ready(value.clone(), until));
-                Ok(value)
-            }
-            Err(failure) => {
-                if matches!(slots.get(&key), Some(Slot::Fetching(_))) {
-                    slots.remove(&key);
-                }
-                Err(failure)
-            }
-        }
+            .unwrap_or_else(|_| Err(Failure::Auth { detail: "the token endpoint did not answer in time".into() }))
+            .map(|(value, _)| value)
     }
 
     /// Drops the cached token of `sub` (the receiver refused it).

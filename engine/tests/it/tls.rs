@@ -259,6 +259,8 @@ pub(crate) struct TokenServer {
     pub(crate) url: String,
     pub(crate) issued: Arc<AtomicUsize>,
     pub(crate) valid: Arc<Mutex<HashSet<String>>>,
+    /// How long it takes to answer, ms.
+    pub(crate) delay: Arc<AtomicUsize>,
 }
 
 pub(crate) async fn token_server() -> TokenServer {
@@ -266,10 +268,12 @@ pub(crate) async fn token_server() -> TokenServer {
     let url = format!("http://{}/token", listener.local_addr().unwrap());
     let issued = Arc::new(AtomicUsize::new(0));
     let valid: Arc<Mutex<HashSet<String>>> = Default::default();
-    let (count, tokens) = (issued.clone(), valid.clone());
+    let delay = Arc::new(AtomicUsize::new(0));
+    let (count, tokens, pause) = (issued.clone(), valid.clone(), delay.clone());
     serve_http1(listener, move |req: Request<hyper::body::Incoming>| {
-        let (count, tokens) = (count.clone(), tokens.clone());
+        let (count, tokens, pause) = (count.clone(), tokens.clone(), pause.load(Ordering::SeqCst));
         async move {
+            tokio::time::sleep(Duration::from_millis(pause as u64)).await;
             let basic = req.headers().get("authorization").map(|v| v.to_str().unwrap().to_string());
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let form: std::collections::HashMap<String, String> =
@@ -287,7 +291,7 @@ pub(crate) async fn token_server() -> TokenServer {
             Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(body))).unwrap()
         }
     });
-    TokenServer { url, issued, valid }
+    TokenServer { url, issued, valid, delay }
 }
 
 /// A receiver that accepts only currently valid bearer tokens (401 otherwise).
@@ -538,4 +542,59 @@ async fn a_tenant_names_only_its_own_client_certificate_files() {
         )
         .await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("tls.client_cert_file")), "{err}");
+}
+
+fn client_credentials(token_url: &str) -> serde_json::Value {
+    json!({ "type": "oauth2", "grant": "client_credentials", "token_url": token_url, "client_id": "client-1", "client_secret": "client-secret" })
+}
+
+/// A token endpoint slower than the subscription's timeout: the attempts waiting for it fail,
+/// but the one fetch goes on and its token serves the next attempt — not a fresh fetch per
+/// attempt, each dropped at its timeout, and never a token.
+#[tokio::test]
+async fn a_token_endpoint_slower_than_the_timeout_still_yields_one_token() {
+    let tokens = token_server().await;
+    tokens.delay.store(600, Ordering::SeqCst);
+    let (receiver, seen) = bearer_receiver(tokens.valid.clone()).await;
+    let h = TestHerald::start().await;
+    h.api
+        .subscribe(json!({
+            "url": receiver, "timeout": "300ms", "auth": client_credentials(&tokens.url),
+            "retry": { "policy": "fixed", "interval": "100ms", "max_attempts": 20 }
+        }))
+        .await;
+    h.api.post("/v1/events", json!({ "id": "slow-token", "type": "T", "data": {} })).await;
+    until("delivered with a token", Duration::from_secs(15), || async {
+        seen.lock().unwrap().iter().any(|(id, auth)| id == "slow-token" && auth == "Bearer tok-1").then_some(())
+    })
+    .await;
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 1, "one fetch");
+}
+
+/// An OAuth attempt is within the subscription's timeout, its token fetch included: 400 ms for
+/// the token and 400 ms for the receiver do not fit in 500 ms.
+#[tokio::test]
+async fn an_oauth_attempt_is_within_its_timeout_token_included() {
+    let tokens = token_server().await;
+    tokens.delay.store(400, Ordering::SeqCst);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = format!("http://{}/slow", listener.local_addr().unwrap());
+    serve_http1(listener, |_req: Request<hyper::body::Incoming>| async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        Response::new(Full::new(Bytes::new()))
+    });
+    let h = TestHerald::start().await;
+    h.api
+        .subscribe(json!({
+            "url": receiver, "timeout": "500ms", "auth": client_credentials(&tokens.url),
+            "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 1 }
+        }))
+        .await;
+    h.api.post("/v1/events", json!({ "id": "late", "type": "T", "data": {} })).await;
+    let dead = until("dead-lettered", Duration::from_secs(15), || async {
+        let (_, page) = h.api.get("/v1/dlq").await;
+        page["items"].as_array().and_then(|items| items.first().cloned())
+    })
+    .await;
+    assert_eq!(dead["last_error"], "timed out after 500ms", "{dead}");
 }
