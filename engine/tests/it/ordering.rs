@@ -425,18 +425,33 @@ struct SwitchedReceiver {
     taken: Arc<Mutex<BTreeMap<String, usize>>>,
 }
 
+/// Serves `answer(key, envelope)` for each request on a loopback listener (`key`: the
+/// event's `data.key`); the URL to subscribe.
+async fn serve_keyed<F, Fut>(answer: F) -> String
+where
+    F: Fn(String, Value) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let url = format!("http://{}/ordered", listener.local_addr().unwrap());
+    serve_http1(listener, move |req: Request<hyper::body::Incoming>| {
+        let answer = answer.clone();
+        async move {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let envelope: Value = serde_json::from_slice(&body).unwrap_or_default();
+            answer(envelope["data"]["key"].as_str().unwrap_or("?").to_string(), envelope).await
+        }
+    });
+    url
+}
+
 impl SwitchedReceiver {
     async fn start() -> (SwitchedReceiver, String) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
-        let url = format!("http://{}/ordered", listener.local_addr().unwrap());
         let r = SwitchedReceiver::default();
         let state = r.clone();
-        serve_http1(listener, move |req: Request<hyper::body::Incoming>| {
+        let url = serve_keyed(move |key: String, _| {
             let state = state.clone();
             async move {
-                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                let envelope: Value = serde_json::from_slice(&body).unwrap_or_default();
-                let key = envelope["data"]["key"].as_str().unwrap_or("?").to_string();
                 *state.tried.lock().unwrap().entry(key.clone()).or_default() += 1;
                 let status = if state.failing.load(std::sync::atomic::Ordering::SeqCst) {
                     503
@@ -446,7 +461,8 @@ impl SwitchedReceiver {
                 };
                 Response::builder().status(status).body(Full::new(Bytes::new())).unwrap()
             }
-        });
+        })
+        .await;
         (r, url)
     }
 
@@ -541,16 +557,11 @@ struct OverlapReceiver {
 
 impl OverlapReceiver {
     async fn start() -> (OverlapReceiver, String) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
-        let url = format!("http://{}/ordered", listener.local_addr().unwrap());
         let r = OverlapReceiver::default();
         let state = r.clone();
-        serve_http1(listener, move |req: Request<hyper::body::Incoming>| {
+        let url = serve_keyed(move |key: String, envelope: Value| {
             let state = state.clone();
             async move {
-                let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                let envelope: Value = serde_json::from_slice(&body).unwrap_or_default();
-                let key = envelope["data"]["key"].as_str().unwrap_or("?").to_string();
                 if key == "b" {
                     let fails = state.b_fails.load(std::sync::atomic::Ordering::SeqCst);
                     return Response::builder()
@@ -569,7 +580,8 @@ impl OverlapReceiver {
                 state.taken.lock().unwrap().push(envelope["data"]["seq"].as_u64().unwrap_or(u64::MAX));
                 Response::builder().status(200).body(Full::new(Bytes::new())).unwrap()
             }
-        });
+        })
+        .await;
         (r, url)
     }
 
