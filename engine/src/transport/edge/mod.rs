@@ -190,6 +190,8 @@ impl EdgeHub {
         let seq = link.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         link.pending.lock().unwrap().insert(seq, tx);
+        metrics::gauge!(m::EDGE_IN_FLIGHT).increment(1.0);
+        let in_flight = InFlight { link: &link, seq };
         let msg = ToAgent::Deliver {
             seq,
             subscription: Box::new(target.sub.clone()),
@@ -198,14 +200,12 @@ impl EdgeHub {
         };
         // The agent needs the subscription's secrets to sign and authenticate.
         let text = revealing(|| serde_json::to_string(&msg).expect("serializes"));
-        metrics::gauge!(m::EDGE_IN_FLIGHT).increment(1.0);
         let queued = link.tx.try_send(Message::Text(text.into()));
         let answer = match queued {
             Ok(()) => tokio::time::timeout(timeout + GRACE, rx).await.ok(),
             Err(_) => None,
         };
-        link.pending.lock().unwrap().remove(&seq);
-        metrics::gauge!(m::EDGE_IN_FLIGHT).decrement(1.0);
+        drop(in_flight);
         drop(permit);
         let sent = match queued {
             Ok(()) => true,
@@ -329,6 +329,20 @@ impl EdgeHub {
     }
 }
 
+/// An attempt waiting for its agent's report: forgotten when it ends however it ends — a
+/// forwarding process that gave up cancels it, and its entry and the in-flight gauge stayed.
+struct InFlight<'a> {
+    link: &'a Link,
+    seq: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.link.pending.lock().unwrap().remove(&self.seq);
+        metrics::gauge!(m::EDGE_IN_FLIGHT).decrement(1.0);
+    }
+}
+
 /// The agent's first message: its window (clamped), or `None` when it does not say hello.
 async fn hello(stream: &mut SplitStream<WebSocket>) -> Option<u32> {
     match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
@@ -356,5 +370,40 @@ async fn read(link: &Link, device: &EdgeDevice, mut stream: SplitStream<WebSocke
             Message::Close(_) => break,
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::feed::Feed;
+    use crate::log::stub::Stub;
+
+    /// An attempt cancelled while it waits for the agent (its forwarding process gave up)
+    /// leaves nothing waiting behind it.
+    #[tokio::test]
+    async fn a_cancelled_attempt_leaves_no_pending_entry() {
+        let (feed, applied) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
+        applied.set(u64::MAX);
+        let hub = EdgeHub::new(Arc::new(Devices::load(Arc::new(feed), &[])), "secret".into());
+        let device = EdgeDevice { id: "edg_1".into(), tenant: "t".into(), name: "n".into(), created_at: String::new() };
+        let (link, _rx, _close) = hub.attach(&device, 8);
+        let sub = crate::model::Subscription {
+            id: "sub_1".into(),
+            tenant: "t".into(),
+            spec: crate::model::SubscriptionSpec { url: "http://10.0.0.1/".into(), ..Default::default() },
+            secret: crate::model::Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+            previous_secret: None,
+            previous_secret_until: None,
+            disabled_reason: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let target = Target::compile(sub).unwrap();
+        let delivery =
+            Delivery::first_attempt("e".into(), target.sub.id.clone(), "t".into(), "T".into(), Bytes::new(), 0);
+        let attempt = hub.deliver_here("edg_1", &target, &delivery, 0, Duration::from_secs(30));
+        assert!(tokio::time::timeout(Duration::from_millis(50), attempt).await.is_err(), "waiting for the agent");
+        assert!(link.pending.lock().unwrap().is_empty(), "an entry left by the cancelled attempt");
     }
 }
