@@ -684,3 +684,30 @@ async fn connections_that_never_start_a_request_cannot_hold_the_api() {
         assert!(read_until(stream, Duration::from_secs(5), |_| false).await.is_some(), "closed by Herald");
     }
 }
+
+/// A token URL whose name resolves into Herald's own network is refused by the guard when
+/// the token is fetched, and the attempt says `refused` — not `auth`, as if the credentials
+/// had been turned down.
+#[tokio::test]
+async fn a_token_url_refused_by_the_guard_is_a_refused_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = crate::support::spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let api = Api::new(addr, TOKEN);
+    let auth = json!({ "type": "oauth2", "grant": "client_credentials", "token_url": "http://localhost:9/token", "client_id": "c", "client_secret": "s" });
+    let (status, sub) = api
+        .post(
+            "/v1/subscriptions",
+            json!({ "url": "https://hooks.example.com/x", "auth": auth, "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 1 } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{sub}");
+    api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    until("the attempt counted as refused", Duration::from_secs(20), || async {
+        let m = scrape(&api).await;
+        let refused = m.value("herald_attempts_total", &[("transport", "webhook"), ("outcome", "refused")]);
+        let auth = m.value("herald_attempts_total", &[("transport", "webhook"), ("outcome", "auth_error")]);
+        assert_eq!(auth, 0.0, "counted as auth_error");
+        (refused == 1.0).then_some(())
+    })
+    .await;
+}
