@@ -30,6 +30,12 @@ use std::sync::Arc;
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 << 20;
 
+/// The most a request body may be on every other route: a subscription with every TLS field
+/// at its most (three PEM files of 1 MiB, a PKCS#12 file) fits. Bodies are read whole and
+/// parsed, each byte of JSON a value of up to 16: 16 MiB on every route made a quarter of a
+/// gigabyte per request of any tenant key.
+pub const MAX_OTHER_BODY_BYTES: usize = 4 << 20;
+
 /// What the handlers share, behind one `Arc`: axum clones the state for every extractor of
 /// every request, and cloning the fields themselves (two dozen shared counts, the transports'
 /// HTTP clients, strings) was about 2.5 % of Herald's CPU with one event per request (`perf`,
@@ -108,8 +114,8 @@ pub struct Shared {
 /// The router of every endpoint.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/events", post(events::publish).get(history::list))
-        .route("/v1/events/batch", post(events::publish_batch))
+        .route("/v1/events", post(events::publish).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)).get(history::list))
+        .route("/v1/events/batch", post(events::publish_batch).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)))
         .route("/v1/events/{id}", get(history::get))
         .route("/v1/events/{id}/resend", post(history::resend))
         .route("/v1/attempts", get(history::attempts))
@@ -132,7 +138,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/edge-devices", post(edge::create).get(edge::list))
         .route("/v1/edge-devices/{id}", get(edge::get).delete(edge::delete))
         .route(crate::transport::edge::protocol::CONNECT_PATH, get(edge::connect))
-        .route(crate::transport::edge::protocol::FORWARD_PATH, post(edge::forward))
+        // A forwarded attempt carries its event.
+        .route(
+            crate::transport::edge::protocol::FORWARD_PATH,
+            post(edge::forward).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))
         .route("/v1/openapi.json", get(openapi))
@@ -147,7 +157,7 @@ pub fn router(state: AppState) -> Router {
             let body = serde_json::json!({"error": {"code": "METHOD_NOT_ALLOWED", "message": "method not allowed on this route"}});
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(MAX_OTHER_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(state.request_timeout, bounded))
         .layer(axum::middleware::from_fn(count_requests))
         .with_state(state)

@@ -711,3 +711,21 @@ async fn a_token_url_refused_by_the_guard_is_a_refused_attempt() {
     })
     .await;
 }
+
+/// Only publishing takes bodies of up to 16 MiB (a batch of events): every other route is
+/// refused past 4 MiB before its body is read whole and parsed (a 16 MiB array of zeros made
+/// a quarter of a gigabyte of JSON values on a subscription create).
+#[tokio::test]
+async fn bodies_other_than_publishing_are_bounded_to_a_few_mib() {
+    let h = TestHerald::start().await;
+    let (_, mallory) = tenant_with_key(&h.api, "Mallory").await;
+    let big = format!("{{\"url\":\"https://hooks.example.com/x\",\"events\":[{}0]}}", "0,".repeat(3 << 20));
+    let (status, _, err) =
+        mallory.request("POST", "/v1/subscriptions", Some(big.into()), Some(&mallory.token)).await.unwrap();
+    assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (413, Some("PAYLOAD_TOO_LARGE")), "{err}");
+    // A batch of events may still be large.
+    let events: Vec<Value> = (0..6)
+        .map(|i| json!({ "id": format!("big-{i}"), "type": "T", "data": { "pad": "p".repeat(900 << 10) } }))
+        .collect();
+    assert_eq!(h.api.post("/v1/events/batch", json!(events)).await.0, 202);
+}
