@@ -241,25 +241,23 @@ impl DeadLetters {
                 let (records, next) = self.log.read_partition(&self.dlq_topic, p, at, SCAN_CHUNK).await?;
                 for rec in records {
                     let position = (rec.partition, rec.offset);
-                    if budget == 0 {
-                        return Ok(Some(position));
-                    }
-                    budget -= 1;
                     match decode(rec.value) {
-                        Some(DlqRecord::Entry { entry, delivery }) => {
-                            if self.is_replayed(&entry.id) {
-                                continue;
-                            }
+                        Some(DlqRecord::Entry { entry, delivery }) if !self.is_replayed(&entry.id) => {
                             if take(Found { position, entry: *entry, delivery }).is_break() {
                                 return Ok(None);
                             }
                         }
-                        Some(DlqRecord::Replayed(_)) => {}
+                        Some(_) => {}
                         None => tracing::warn!(
                             partition = position.0,
                             offset = position.1,
                             "unreadable dead-letter record skipped"
                         ),
+                    }
+                    // Counted once looked at: the next scan goes on after this one.
+                    budget -= 1;
+                    if budget == 0 {
+                        return Ok(Some(position));
                     }
                 }
                 from = next;
@@ -516,8 +514,11 @@ mod tests {
     async fn a_page_of_the_list_looks_at_a_bounded_part_of_the_topic() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_of(dir.path(), 1).await;
-        park(&*log, "s-a", "a", 25_000).await;
-        let theirs = park(&*log, "s-b", "b", 1).await;
+        // One of theirs exactly where the first page's budget ends, one further on.
+        park(&*log, "s-a", "a", LIST_SCAN).await;
+        let mut theirs = park(&*log, "s-b", "b", 1).await;
+        park(&*log, "s-a", "a", 15_000).await;
+        theirs.extend(park(&*log, "s-b2", "b", 1).await);
         let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
         let (mut found, mut after, mut pages) = (Vec::new(), None, 0);
         loop {
@@ -530,7 +531,7 @@ mod tests {
             }
         }
         assert_eq!(found, theirs);
-        assert_eq!(pages, 3, "25,001 records at 10,000 a page");
+        assert_eq!(pages, 3, "25,002 records at 10,000 a page");
         log.close().await.unwrap();
     }
 

@@ -33,6 +33,10 @@ const CONFIRM_WINDOW: usize = 1024;
 /// Brokers unused this long are closed and forgotten (their subscriptions may be gone).
 const IDLE: Duration = Duration::from_secs(600);
 
+/// The most one opening of a broker's connection may take, whatever waits for it (attempts
+/// wait for it at most their own timeout, and leave it shared for the next ones).
+const OPEN_WITHIN: Duration = Duration::from_secs(60);
+
 /// Longest AMQP short string (exchange names, routing keys, header names, message ids).
 pub const SHORT_STRING: usize = 255;
 
@@ -167,7 +171,17 @@ impl AmqpTransport {
                 State::Open(link) if link.channel.status().connected() => return Ok(link.channel.clone()),
                 State::Opening(f) => f.clone(),
                 _ => {
-                    let f = self.clone().open(uri.to_string()).boxed().shared();
+                    // Bounded on its own: a peer that accepts and never speaks AMQP (a proxy
+                    // with no broker behind it) would hold it, and every attempt after, for as
+                    // long as its socket stays up; at most one opening is left behind a period.
+                    let open = self.clone().open(uri.to_string());
+                    let f = async move {
+                        tokio::time::timeout(OPEN_WITHIN, open).await.unwrap_or_else(|_| {
+                            Err(Failure::Connect { detail: format!("no AMQP handshake within {OPEN_WITHIN:?}") })
+                        })
+                    }
+                    .boxed()
+                    .shared();
                     *state = State::Opening(f.clone());
                     f
                 }

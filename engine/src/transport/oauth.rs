@@ -101,8 +101,16 @@ impl Tokens {
                         }
                         fetched
                     });
+                    let all = self.slots.clone();
                     let f = async move {
-                        task.await.unwrap_or_else(|e| Err(Failure::Auth { detail: format!("fetching a token: {e}") }))
+                        task.await.unwrap_or_else(|e| {
+                            // The fetch died before settling its slot: free it for the next.
+                            let mut all = all.lock().unwrap();
+                            if matches!(all.get(&key), Some(Slot::Fetching(g, _)) if *g == generation) {
+                                all.remove(&key);
+                            }
+                            Err(Failure::Auth { detail: format!("fetching a token: {e}") })
+                        })
                     }
                     .boxed()
                     .shared();
