@@ -387,11 +387,6 @@ impl Ingest {
         }
     }
 
-    /// Appends deliveries, each to its topic, durably (the two appends side by side).
-    async fn append(&self, deliveries: Deliveries) -> Result<(), LogError> {
-        append_deliveries(&*self.log, &self.topic, &self.ordered_topic, deliveries).await
-    }
-
     /// Records every accepted event in the delivery history too.
     pub fn recorded_by(mut self, history: Arc<Recorder>) -> Self {
         self.history = Some(history);
@@ -600,7 +595,7 @@ impl Ingest {
         if queued == 0 {
             return Ok(0);
         }
-        let deliveries = self.append(records);
+        let deliveries = append_deliveries(&*self.log, &self.topic, &self.ordered_topic, records);
         match &self.history {
             Some(h) => tokio::try_join!(deliveries, h.append(&states)).map(|_| ()),
             None => deliveries.await.map(|_| ()),

@@ -62,12 +62,16 @@ pub fn read_under(field: &'static str, path: &str, dir: Option<&Path>) -> Result
         return Err(bad(field, "files on Herald's server cannot be named here; send the content instead (PEM)"));
     };
     let outside = || bad(field, format!("must name a readable file under the TLS directory {}", dir.display()));
-    let dir = dir.canonicalize().map_err(|_| outside())?;
-    let real = dir.join(path).canonicalize().map_err(|_| outside())?;
-    if !real.starts_with(&dir) || !real.is_file() {
-        return Err(outside());
-    }
+    let Some((_, real)) = within(dir, path).filter(|(_, real)| real.is_file()) else { return Err(outside()) };
     read_bounded(field, &real)
+}
+
+/// `dir` and `path` under it, both canonical (so `..` and links cannot leave it), if `path`
+/// exists and lies in `dir`.
+fn within(dir: &Path, path: &str) -> Option<(PathBuf, PathBuf)> {
+    let root = dir.canonicalize().ok()?;
+    let real = root.join(path).canonicalize().ok()?;
+    real.starts_with(&root).then_some((root, real))
 }
 
 /// Reads at most [`MAX_MATERIAL`] bytes of the operator's own file `path`.
@@ -180,10 +184,10 @@ pub fn check_tenant_files(opts: &TlsOptions, dir: Option<&Path>, tenant: &str) -
         let (Some(path), Some(dir)) = (path, dir) else { continue };
         let outside =
             || bad(field, format!("must name a file in this tenant's folder of the TLS directory ({tenant}/…)"));
-        let root = dir.canonicalize().map_err(|_| outside())?;
-        let own = root.join(tenant).canonicalize().map_err(|_| outside())?;
-        let real = root.join(path).canonicalize().map_err(|_| outside())?;
-        if own == root || !own.starts_with(&root) || !real.starts_with(&own) {
+        let (Some((root, own)), Some((_, real))) = (within(dir, tenant), within(dir, path)) else {
+            return Err(outside());
+        };
+        if own == root || !real.starts_with(&own) {
             return Err(outside());
         }
     }
