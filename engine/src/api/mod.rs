@@ -30,8 +30,8 @@ use std::sync::Arc;
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 << 20;
 
-/// The most a request body may be on every other route: a subscription with every TLS field
-/// at its most (three PEM files of 1 MiB, a PKCS#12 file) fits. Bodies are read whole and
+/// The most a request body may be on every other route: a subscription at its largest (256
+/// KiB as stored) fits however its JSON is escaped. Bodies are read whole and
 /// parsed, each byte of JSON a value of up to 16: 16 MiB on every route made a quarter of a
 /// gigabyte per request of any tenant key.
 pub const MAX_OTHER_BODY_BYTES: usize = 4 << 20;

@@ -33,6 +33,8 @@ pub const HEADERS: usize = 64;
 pub const VALUE: usize = 4096;
 /// Bytes of `url` (and `auth.token_url`).
 pub const URL: usize = 2048;
+/// Bytes of a whole subscription as stored (JSON, secrets included).
+pub const SUBSCRIPTION_BYTES: usize = 256 << 10;
 
 /// `d` moved into `(min, max)`: how a stored setting from before its range existed is used.
 pub fn clamp_duration(d: Duration, (min, max): (Duration, Duration)) -> Duration {

@@ -80,7 +80,25 @@ pub fn check(spec: &mut SubscriptionSpec, rules: &Rules, tenant: &str) -> Result
         TransportKind::Amqp => check_amqp(spec, guard)?,
     }
     check_proxy(spec, &rules.proxies)?;
-    check_common(spec)
+    check_common(spec)?;
+    check_size(spec)
+}
+
+/// A whole subscription is at most [`range::SUBSCRIPTION_BYTES`] as stored: every process keeps
+/// every subscription in memory, so a tenant's quota of them bounds what it holds there. The
+/// largest field is named, being what to cut.
+fn check_size(spec: &SubscriptionSpec) -> Result<(), Invalid> {
+    let stored = crate::model::secret::revealing(|| serde_json::to_value(&*spec)).unwrap_or_default();
+    let Some(fields) = stored.as_object() else { return Ok(()) };
+    let sizes: Vec<(&String, usize)> = fields.iter().map(|(k, v)| (k, k.len() + v.to_string().len())).collect();
+    if sizes.iter().map(|(_, n)| n).sum::<usize>() <= range::SUBSCRIPTION_BYTES {
+        return Ok(());
+    }
+    let largest = sizes.iter().max_by_key(|(_, n)| *n).map_or("", |(k, _)| k.as_str());
+    Err(Invalid::new(
+        largest,
+        format!("a subscription is at most {} KiB in all; this is the largest part", range::SUBSCRIPTION_BYTES >> 10),
+    ))
 }
 
 fn check_webhook(
@@ -153,6 +171,13 @@ fn check_amqp(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), I
         .amqp
         .as_ref()
         .ok_or_else(|| Invalid::new("amqp", "transport \"amqp\" needs amqp.uri and amqp.exchange"))?;
+    // What AMQP cannot use is not kept (every process holds every subscription).
+    if spec.tls.is_some() {
+        return Err(Invalid::new("tls", "only valid for webhooks (an amqps:// URI connects to the broker with TLS)"));
+    }
+    if spec.auth != Auth::None {
+        return Err(Invalid::new("auth", "only valid for webhooks (the broker's credentials go in amqp.uri)"));
+    }
     check_len("amqp.uri", target.uri.expose(), range::URL)?;
     crate::transport::amqp::validate(target).map_err(|(field, message)| Invalid::new(field, message))?;
     let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;

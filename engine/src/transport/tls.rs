@@ -3,9 +3,10 @@
 //! and key, or PKCS#12 with a password), or, only when explicitly asked, no server
 //! verification at all.
 //!
-//! Material comes as content in the subscription. Files are read only under the operator's
-//! `tls.files_dir` (canonicalized, so `..` and links cannot leave it), and never more than
-//! [`MAX_MATERIAL`] bytes of one (a device file cannot hang a request).
+//! Material comes as content in the subscription (at most [`MAX_INLINE`] bytes a field). Files
+//! are read only under the operator's `tls.files_dir` (canonicalized, so `..` and links cannot
+//! leave it), and never more than [`MAX_MATERIAL`] bytes of one (a device file cannot hang a
+//! request).
 
 use crate::model::TlsOptions;
 use base64::Engine;
@@ -18,8 +19,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The most bytes of TLS material read from one field or file.
+/// The most bytes of TLS material read from one of the operator's files.
 pub const MAX_MATERIAL: u64 = 1 << 20;
+
+/// The most bytes of PEM in one of a subscription's content fields: a chain of a few dozen
+/// certificates. It is kept in every process's memory with the subscription, so not a whole
+/// file's worth.
+pub const MAX_INLINE: usize = 64 << 10;
 
 /// Base64 characters of `tls.client_p12` at most (48 KiB of file).
 const MAX_P12_BASE64: usize = 64 << 10;
@@ -95,9 +101,7 @@ fn material(
     dir: Option<&Path>,
 ) -> Result<Option<Vec<u8>>, TlsError> {
     match (content, file) {
-        (Some(c), _) if c.len() as u64 > MAX_MATERIAL => {
-            Err(bad(content_field, format!("larger than {MAX_MATERIAL} bytes")))
-        }
+        (Some(c), _) if c.len() > MAX_INLINE => Err(bad(content_field, format!("larger than {MAX_INLINE} bytes"))),
         (Some(c), None) => Ok(Some(c.to_vec())),
         (Some(_), Some(_)) => Err(bad(file_field, format!("give {content_field} or {file_field}, not both"))),
         (None, Some(path)) => read_under(file_field, path, dir).map(Some),

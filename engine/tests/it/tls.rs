@@ -598,3 +598,38 @@ async fn an_oauth_attempt_is_within_its_timeout_token_included() {
     .await;
     assert_eq!(dead["last_error"], "timed out after 500ms", "{dead}");
 }
+
+/// Every process keeps every subscription in memory, so what one may carry is bounded: AMQP
+/// keeps no TLS or auth settings it could not use, inline PEM is what a chain needs, and a
+/// whole subscription is at most a few hundred KiB (a tenant's quota of them then bounds
+/// what it can hold in every process).
+#[tokio::test]
+async fn a_subscription_carries_a_bounded_amount_of_tenant_material() {
+    let pki = pki();
+    let ca = std::fs::read_to_string(&pki.ca).unwrap();
+    let h = TestHerald::start().await;
+    let (_, mallory) = crate::support::tenant_with_key(&h.api, "Mallory").await;
+    let amqp = json!({ "uri": "amqp://broker.example.com/%2f", "exchange": "x" });
+    let padded = |bytes: usize| format!("{ca}{}", "A".repeat(bytes));
+    let url = "https://hooks.example.com/m";
+    let headers: serde_json::Map<String, serde_json::Value> =
+        (0..32).map(|i| (format!("X-H{i}"), json!("v".repeat(4096)))).collect();
+    let events: Vec<String> = (0..1000).map(|i| format!("{}.{i}", "e".repeat(200))).collect();
+    for (body, field) in [
+        (json!({ "transport": "amqp", "amqp": amqp, "tls": { "ca_pem": padded(3_900_000) } }), "tls"),
+        (
+            json!({ "transport": "amqp", "amqp": amqp, "auth": { "type": "basic", "username": "u", "password": "p" } }),
+            "auth",
+        ),
+        (json!({ "url": url, "tls": { "ca_pem": padded(1_000_000) } }), "tls.ca_pem"),
+        (json!({ "url": url, "headers": headers, "events": events }), "events"),
+    ] {
+        let (status, err) = mallory.post("/v1/subscriptions", body).await;
+        let shown = err.to_string().chars().take(300).collect::<String>();
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{shown}");
+    }
+    // What a receiver's chain needs is still taken.
+    let (status, err) =
+        mallory.post("/v1/subscriptions", json!({ "url": url, "tls": { "ca_pem": padded(10_000) } })).await;
+    assert_eq!(status, 201, "{err}");
+}
