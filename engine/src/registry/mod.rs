@@ -506,10 +506,36 @@ fn same_url(a: &str, b: &str) -> bool {
     url_key(a) == url_key(b)
 }
 
-/// A URL as parsed (`HTTPS://Host/` becomes `https://host/`), or as given when it does not
-/// parse.
+/// A URL as a receiver gets it, so that one target has one key however it is spelled: parsed
+/// (`HTTPS://Host:443/` is `https://host/`), without a fragment (never sent), escapes of
+/// unreserved characters decoded and other escapes' hex in capitals (RFC 3986 §6.2.2), an empty
+/// query dropped; as given when it does not parse.
 fn url_key(url: &str) -> String {
-    url::Url::parse(url).map_or_else(|_| url.to_string(), String::from)
+    let Ok(mut parsed) = url::Url::parse(url) else { return url.to_string() };
+    parsed.set_fragment(None);
+    let path = normalized_escapes(parsed.path());
+    let query = parsed.query().map(normalized_escapes).filter(|q| !q.is_empty());
+    parsed.set_path(&path);
+    parsed.set_query(query.as_deref());
+    parsed.into()
+}
+
+/// `text` with `%xx` escapes of unreserved characters decoded and the rest in capitals.
+fn normalized_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let escape = rest.get(at + 1..at + 3).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+        match escape.map(|h| u8::from_str_radix(h, 16).unwrap_or(0)) {
+            Some(b) if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => out.push(b as char),
+            Some(_) => out.push_str(&rest[at..at + 3].to_ascii_uppercase()),
+            None => out.push('%'),
+        }
+        rest = &rest[at + if escape.is_some() { 3 } else { 1 }..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]

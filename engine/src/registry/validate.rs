@@ -118,6 +118,9 @@ fn check_webhook(
     if !matches!(url.scheme(), "http" | "https") {
         return Err(Invalid::new("url", "must be an http or https URL"));
     }
+    if url.fragment().is_some() {
+        return Err(Invalid::new("url", "must not have a #fragment (it is never sent)"));
+    }
     let host = url.host_str().ok_or_else(|| Invalid::new("url", "must have a host"))?;
     guard.check_host(host).map_err(|e| Invalid::new("url", e.to_string()))?;
     if let Some(tls) = &spec.tls {
@@ -182,12 +185,11 @@ fn check_amqp(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), I
     crate::transport::amqp::validate(target).map_err(|(field, message)| Invalid::new(field, message))?;
     let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;
     guard.check_host(uri.host_str().unwrap_or_default()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;
-    if spec.url.is_empty() {
-        // The label of an AMQP subscription: broker and exchange, never the password.
-        let _ = uri.set_password(None);
-        let _ = uri.set_username("");
-        spec.url = format!("{}/{}", uri.as_str().trim_end_matches('/'), target.exchange);
-    }
+    // The label of an AMQP subscription, always made here (a PATCH of the exchange moves it,
+    // and one given cannot name anything else): broker and exchange, never the password.
+    let _ = uri.set_password(None);
+    let _ = uri.set_username("");
+    spec.url = format!("{}/{}", uri.as_str().trim_end_matches('/'), target.exchange);
     check_len("url", &spec.url, range::URL)
 }
 

@@ -163,6 +163,38 @@ async fn subscription_validation_names_the_field() {
     h.api.subscribe(json!({ "url": "https://hooks.example.com/x", "tenant": "globex" })).await;
 }
 
+/// "A tenant cannot register the same URL twice" holds for every spelling of one target: a
+/// fragment (never sent), escapes of plain characters, an empty query; and an AMQP
+/// subscription's `url` is always its broker and exchange, so it cannot be named anything.
+#[tokio::test]
+async fn one_target_cannot_be_registered_twice_under_another_spelling() {
+    let h = TestHerald::start().await;
+    h.api.subscribe(json!({ "url": "https://hooks.example.com/x/y?a=1", "tenant": "acme" })).await;
+    for url in [
+        "https://hooks.example.com/x/y?a=1#again",
+        "https://hooks.example.com/%78/y?a=1",
+        "https://hooks.example.com/x/%79?%61=1",
+        "HTTPS://Hooks.Example.com:443/x/y?a=1",
+    ] {
+        let (status, err) = h.api.post("/v1/subscriptions", json!({ "url": url, "tenant": "acme" })).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("url")), "{url}: {err}");
+    }
+    // Different targets stay different: an escaped slash is not a slash.
+    h.api.subscribe(json!({ "url": "https://hooks.example.com/x%2Fy?a=1", "tenant": "acme" })).await;
+
+    let amqp = |exchange: &str| json!({ "uri": "amqp://broker.example.com/%2f", "exchange": exchange });
+    let first = h.api.subscribe(json!({ "transport": "amqp", "amqp": amqp("e1"), "tenant": "acme" })).await;
+    assert_eq!(first["url"], "amqp://broker.example.com/%2f/e1", "{first}");
+    let named = json!({ "transport": "amqp", "amqp": amqp("e2"), "url": "anything", "tenant": "acme" });
+    let second = h.api.subscribe(named).await;
+    assert_eq!(second["url"], "amqp://broker.example.com/%2f/e2", "{second}");
+    let path = format!("/v1/subscriptions/{}", second["id"].as_str().unwrap());
+    let (status, err) = h.api.patch(&path, json!({ "amqp": amqp("e1") })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("url")), "{err}");
+    let (status, moved) = h.api.patch(&path, json!({ "amqp": amqp("e3") })).await;
+    assert_eq!((status.as_u16(), moved["url"].as_str()), (200, Some("amqp://broker.example.com/%2f/e3")), "{moved}");
+}
+
 #[tokio::test]
 async fn subscriptions_survive_a_restart() {
     let h = TestHerald::start().await;

@@ -91,6 +91,10 @@ impl Api {
         self.raw("POST", path, Some(Bytes::from(body.to_string())), Some(&self.token)).await
     }
 
+    pub async fn patch(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.raw("PATCH", path, Some(Bytes::from(body.to_string())), Some(&self.token)).await
+    }
+
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.raw("GET", path, None, Some(&self.token)).await
     }
