@@ -99,11 +99,10 @@ impl Shard {
         self.window.in_flight() < self.limits.window && self.window.held() < self.limits.max_uncommitted
     }
 
-    /// When a record may start: its append time plus the topic's delay, and never more than
-    /// the delay from now (a clock stepped back must not hold a tier for the size of the step;
-    /// the delivery's own due time still keeps every attempt from being early).
+    /// When a record may start: its append time (as [`arrived`] left it) plus the topic's
+    /// delay.
     fn due(&self, rec: &LogRecord) -> i64 {
-        due(rec.timestamp_ms, self.delay, now_ms())
+        due(rec.timestamp_ms, self.delay)
     }
 
     /// Starts what is due while the window has room; reads more only when nothing waits, so
@@ -155,7 +154,13 @@ impl Shard {
         self.reading = None;
         self.idle = Some(reader);
         match batch {
-            Ok(records) => self.waiting.extend(records),
+            Ok(records) => {
+                let now = now_ms();
+                self.waiting.extend(records.into_iter().map(|mut rec| {
+                    rec.timestamp_ms = arrived(rec.timestamp_ms, now);
+                    rec
+                }));
+            }
             Err(LogError::Closed) => return false,
             Err(e) => {
                 tracing::error!(partition, error = %e, "reading the log failed; retrying");
@@ -185,9 +190,17 @@ impl Shard {
     }
 }
 
-fn due(appended_ms: i64, delay: Duration, now_ms: i64) -> i64 {
-    let delay = delay.as_millis() as i64;
-    appended_ms.saturating_add(delay).min(now_ms.saturating_add(delay))
+/// A record's append time as its shard counts it: never later than when it was read. A record
+/// stamped in the future (another process's clock ahead, or this one's stepped back) would
+/// otherwise hold its tier, and every record behind it, for the size of the step; capping
+/// against the time of each look instead never makes it due. The delivery's own due time still
+/// keeps every attempt from being early.
+fn arrived(appended_ms: i64, read_ms: i64) -> i64 {
+    appended_ms.min(read_ms)
+}
+
+fn due(arrived_ms: i64, delay: Duration) -> i64 {
+    arrived_ms.saturating_add(delay.as_millis() as i64)
 }
 
 /// Processes `rec`, once more if that panics, and parks it in the dead-letter topic if it
@@ -222,11 +235,25 @@ mod tests {
         assert!(bytes <= 3200, "a delivery's future is {bytes} bytes (2,904 when this was written)");
     }
 
+    /// The shard looks at its head again and again as time goes by: a record stamped in the
+    /// future (another process's clock ahead, or this one's stepped back) must still come due
+    /// the tier's delay after it was read, or it holds every record behind it.
+    #[test]
+    fn a_record_stamped_in_the_future_is_due_the_delay_after_it_was_read() {
+        let delay = Duration::from_secs(30);
+        let mut now = 0;
+        let stamp = arrived(3_600_000, 0);
+        while due(stamp, delay) > now && now < 4_000_000 {
+            now += 1_000;
+        }
+        assert_eq!(now, 30_000, "the head started at {now} ms");
+    }
+
     #[test]
     fn a_clock_stepped_back_does_not_hold_a_tier() {
         let delay = Duration::from_secs(30);
         // Appended a minute "in the future" (the clock then stepped back an hour's worth).
-        assert_eq!(due(3_600_000, delay, 0), 30_000);
-        assert_eq!(due(1_000, delay, 5_000), 31_000);
+        assert_eq!(due(arrived(3_600_000, 0), delay), 30_000);
+        assert_eq!(due(arrived(1_000, 5_000), delay), 31_000);
     }
 }
