@@ -204,6 +204,9 @@ impl Deliverer {
             Gate::Disabled => return Box::pin(self.settler.disabled(&target, delivery, rec.value)).await,
             Gate::Busy(busy) => {
                 let due = now_ms() + busy.defer().as_millis() as i64;
+                if retry::outlived(&target, &delivery, due) {
+                    return Box::pin(self.settler.outlived(&target, delivery, rec.value, busy)).await;
+                }
                 return Box::pin(self.settler.defer(delivery, transport, Deferral::Busy(busy), due, waits)).await;
             }
         };

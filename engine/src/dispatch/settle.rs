@@ -319,7 +319,7 @@ impl Settler {
     /// Dead-letters the head of an ordered key that an operator skipped.
     pub async fn skipped(&self, delivery: Delivery, raw: Bytes) -> Settled {
         let error = format!("skipped by an operator at {}; the key's later deliveries went on", rfc3339_ms(now_ms()));
-        self.retrier.dead_letter(&delivery, raw, None, error.clone()).await;
+        self.retrier.dead_letter(&delivery, raw, delivery.attempt, None, error.clone()).await;
         Settled::of(delivery, Via::Webhook, Settlement::DeadLettered { reason: Parked::Skipped(error) })
     }
 
@@ -327,8 +327,18 @@ impl Settler {
     pub async fn disabled(&self, target: &Target, delivery: Delivery, raw: Bytes) -> Settled {
         let reason = target.sub.disabled_reason.clone().unwrap_or_else(|| "disabled".into());
         let error = format!("subscription is disabled: {reason}");
-        self.retrier.dead_letter(&delivery, raw, None, error).await;
+        // Its record is for an attempt not made.
+        self.retrier.dead_letter(&delivery, raw, delivery.attempt.saturating_sub(1), None, error).await;
         Settled::of(delivery, Via::of(target), Settlement::DeadLettered { reason: Parked::Disabled(reason) })
+    }
+
+    /// Dead-letters a delivery held back (rate limit, open breaker, slots) until after its
+    /// policy's `max_age`: it is not sent later than the policy allows.
+    pub async fn outlived(&self, target: &Target, delivery: Delivery, raw: Bytes, busy: Busy) -> Settled {
+        let error =
+            format!("not attempted again within the retry policy's max_age: held back ({}) past it", busy.reason());
+        self.retrier.dead_letter(&delivery, raw, delivery.attempt.saturating_sub(1), None, error).await;
+        Settled::of(delivery, Via::of(target), Settlement::DeadLettered { reason: Parked::Exhausted })
     }
 
     /// Drops a delivery of a deleted subscription.
@@ -351,7 +361,7 @@ impl Settler {
         metrics::counter!(m::PANICS).increment(1);
         match Delivery::decode(rec.value.clone()) {
             Ok(delivery) => {
-                self.retrier.dead_letter(&delivery, rec.value.clone(), None, error.clone()).await;
+                self.retrier.dead_letter(&delivery, rec.value.clone(), delivery.attempt, None, error.clone()).await;
                 let settlement = Settlement::DeadLettered { reason: Parked::Panicked(error) };
                 Settled::of(delivery, Via::Webhook, settlement)
             }
@@ -361,7 +371,7 @@ impl Settler {
 
     async fn park(&self, delivery: &Delivery, raw: Bytes, outcome: &Outcome, reason: Parked) -> Settlement {
         let error = outcome.failure().map(ToString::to_string).unwrap_or_default();
-        self.retrier.dead_letter(delivery, raw, outcome.status(), error).await;
+        self.retrier.dead_letter(delivery, raw, delivery.attempt, outcome.status(), error).await;
         Settlement::DeadLettered { reason }
     }
 

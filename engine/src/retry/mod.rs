@@ -59,6 +59,11 @@ pub fn next_due(target: &Target, delivery: &Delivery, not_before: Option<Duratio
     policy(target).next_due(delivery.attempt, delivery.budget_ms, now_ms(), seed, not_before)
 }
 
+/// Whether `delivery`, not attempted before `at_ms`, would be past its policy's `max_age` then.
+pub fn outlived(target: &Target, delivery: &Delivery, at_ms: i64) -> bool {
+    policy(target).deadline(delivery.budget_ms).is_some_and(|deadline| at_ms > deadline)
+}
+
 /// Attempts still to come after this one fails (the envelope's `pendingRetries`).
 pub fn pending_retries(target: &Target, delivery: &Delivery) -> u32 {
     let seed = policy::seed(&delivery.event_id, &delivery.subscription, delivery.generation);
@@ -89,21 +94,29 @@ impl Retrier {
         let value = delivery.encode();
         let record = Record { key: Bytes::copy_from_slice(delivery.subscription.as_bytes()), value: value.clone() };
         if let Err(e) = self.append_durably(&tiers::topic(&self.prefix, tier), record).await {
-            self.dead_letter(delivery, value, None, format!("could not be rescheduled: {e}")).await;
+            let made = delivery.attempt.saturating_sub(1);
+            self.dead_letter(delivery, value, made, None, format!("could not be rescheduled: {e}")).await;
         }
         tier
     }
 
-    /// Parks a delivery in the dead-letter topic with the contract's fields; `raw` is its
-    /// record, kept for replay.
-    pub async fn dead_letter(&self, delivery: &Delivery, raw: Bytes, last_status: Option<u16>, last_error: String) {
+    /// Parks a delivery in the dead-letter topic with the contract's fields, `attempts` made;
+    /// `raw` is its record, kept for replay.
+    pub async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        raw: Bytes,
+        attempts: u32,
+        last_status: Option<u16>,
+        last_error: String,
+    ) {
         let entry = DeadLetter {
             id: dead_letters::entry_id(&delivery.subscription, &delivery.event_id, delivery.generation),
             event_id: delivery.event_id.clone(),
             subscription: delivery.subscription.clone(),
             tenant: delivery.tenant.clone(),
             event: delivery.event_type.clone(),
-            attempts: delivery.attempt,
+            attempts,
             first_attempt_at: rfc3339_ms(delivery.accepted_ms),
             last_attempt_at: rfc3339_ms(now_ms()),
             last_status,

@@ -161,10 +161,16 @@ impl Policy {
             delay = delay.max(later);
         }
         let due = now_ms.saturating_add(millis(delay));
-        match self.max_age() {
-            Some(age) if due > budget_ms.saturating_add(millis(age)) => None,
+        match self.deadline(budget_ms) {
+            Some(deadline) if due > deadline => None,
             _ => Some(due),
         }
+    }
+
+    /// The last moment any attempt of a delivery whose budget began at `budget_ms` may be
+    /// made (`max_age` after it), if the policy has one.
+    pub fn deadline(&self, budget_ms: i64) -> Option<i64> {
+        self.max_age().map(|age| budget_ms.saturating_add(millis(age)))
     }
 
     /// Attempts still to come if attempt `attempt`, made at `now_ms`, fails and every later

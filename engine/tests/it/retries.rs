@@ -227,3 +227,60 @@ async fn an_overloaded_endpoint_that_keeps_answering_does_not_delay_a_healthy_on
     })
     .await;
 }
+
+/// `max_age` bounds a delivery's life whether or not it is attempted: one held back by its
+/// subscription's rate limit (or an open breaker) past it is dead-lettered, not sent late.
+/// Its dead letter counts the attempts made, none.
+#[tokio::test]
+async fn a_delivery_held_back_past_max_age_is_dead_lettered_not_sent_late() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let sub = h
+        .api
+        .subscribe(json!({ "url": rx.url("/paced"), "rate_limit": 0.2,
+            "retry": { "policy": "exponential", "max_age": "2s" } }))
+        .await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    for i in 0..3 {
+        h.api.post("/v1/events", json!({ "id": format!("paced-{i}"), "type": "T", "data": i })).await;
+    }
+    let api = h.api.clone();
+    let entries = until("2 dead letters", Duration::from_secs(15), || async {
+        let (_, page) = api.get(&format!("/v1/dlq?subscription={sub_id}")).await;
+        let items = page["items"].as_array().unwrap().clone();
+        (items.len() >= 2).then_some(items)
+    })
+    .await;
+    for e in &entries {
+        assert_eq!(e["attempts"], 0, "{e}");
+        assert!(e["last_error"].as_str().unwrap().contains("max_age"), "{e}");
+    }
+    assert_eq!(rx.on("/paced").len(), 1, "only the first was sent");
+}
+
+/// A delivery dead-lettered because its subscription was disabled while it waited for a retry
+/// counts the attempts the receiver saw, not the one that was never made.
+#[tokio::test]
+async fn a_dead_letter_of_a_disabled_subscription_counts_the_attempts_made() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/off", 500);
+    let sub = h
+        .api
+        .subscribe(
+            json!({ "url": rx.url("/off"), "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 5 } }),
+        )
+        .await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    h.api.post("/v1/events", json!({ "id": "off-1", "type": "T", "data": {} })).await;
+    rx.wait_on("/off", 1).await;
+    let (status, _) = h.api.patch(&format!("/v1/subscriptions/{sub_id}"), json!({ "enabled": false })).await;
+    assert_eq!(status, 200);
+    let api = h.api.clone();
+    let entry = until("the dead letter", Duration::from_secs(15), || async {
+        let (_, page) = api.get(&format!("/v1/dlq?subscription={sub_id}")).await;
+        page["items"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(entry["attempts"].as_u64(), Some(rx.on("/off").len() as u64), "{entry}");
+}
