@@ -451,11 +451,12 @@ fn restore(
         };
         let Some(last) = r.frames.last() else { continue };
         if part.end_offset() > last.offset + 1 {
-            // Should not happen while every append goes through the journal; never cut records
-            // the journal could not put back, and make what is there durable.
-            tracing::warn!(topic = %r.topic, partition = r.partition, "the partition is ahead of the log journal; left as it is");
-            part.sync_from(r.frames[0].offset)?;
-            continue;
+            // A group staged into the segment but never committed to the journal (a crash
+            // while it was written): the journal holds the partition's newest acknowledged
+            // append, so what lies past it was never acknowledged and is cut with the rest.
+            // Leaving the partition as it was would keep a stretch a power cut damaged before
+            // it (writeback goes in any order) from being put back.
+            tracing::info!(topic = %r.topic, partition = r.partition, records = part.end_offset() - last.offset - 1, "records past the log journal's last were never acknowledged; cut");
         }
         // Only a contiguous run can be put back whole: after a gap (which should not happen),
         // what comes before it is not the journal's to cut.

@@ -635,22 +635,6 @@ impl Partition {
         Ok(())
     }
 
-    /// Makes durable every segment file holding records at or after `from` (at open).
-    pub fn sync_from(&self, from: u64) -> io::Result<()> {
-        let paths: Vec<PathBuf> = self
-            .segments
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.end > from && s.len > 0)
-            .map(|s| s.path.clone())
-            .collect();
-        for path in paths {
-            self.sync_file(&File::open(&path)?, &path, true)?;
-        }
-        Ok(())
-    }
-
     fn plan(&self, from: u64) -> ReadPlan {
         let segs = self.segments.lock().unwrap();
         let mut i = segs.partition_point(|s| s.base <= from).saturating_sub(1);
