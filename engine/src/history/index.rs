@@ -144,6 +144,9 @@ pub struct Index {
     synced: std::sync::Mutex<std::time::Instant>,
     /// Bumped after every write, for those waiting for the index to catch up.
     progress: tokio::sync::watch::Sender<u64>,
+    /// Attempt records read by queries (what a test of their cost counts).
+    #[cfg(test)]
+    attempt_reads: std::sync::atomic::AtomicUsize,
 }
 
 /// The key range of `prefix` followed by a newest-first time within `[since, until]`.
@@ -284,7 +287,17 @@ impl Index {
         }
         let synced = std::sync::Mutex::new(std::time::Instant::now());
         let progress = tokio::sync::watch::Sender::new(0);
-        Ok(Index { db, meta, days: RwLock::new(days), retention, write_buffer, synced, progress })
+        Ok(Index {
+            db,
+            meta,
+            days: RwLock::new(days),
+            retention,
+            write_buffer,
+            synced,
+            progress,
+            #[cfg(test)]
+            attempt_reads: Default::default(),
+        })
     }
 
     /// Lowers the CPU priority of the store's own background threads (flushes, compactions)
@@ -508,20 +521,36 @@ impl Index {
         Ok(())
     }
 
-    /// Every version of one delivery's state, oldest first.
-    fn versions(&self, subscription: &str, event: &EventRecord) -> Result<Vec<DeliveryState>, IndexError> {
-        let Some(ks) = self.kept(keys::day(event.accepted_ms)) else { return Ok(Vec::new()) };
+    /// Visits the versions of one delivery's state, newest first, until `visit` stops. Not
+    /// collected: a tenant's resends and retries can give one delivery hundreds of thousands.
+    fn each_version(
+        &self,
+        subscription: &str,
+        event: &EventRecord,
+        mut visit: impl FnMut(DeliveryState) -> Flow,
+    ) -> Result<(), IndexError> {
+        let Some(ks) = self.kept(keys::day(event.accepted_ms)) else { return Ok(()) };
         let prefix = Key::new(keys::STATE).id(subscription).time(event.accepted_ms).id(&event.id).done();
-        let mut versions = Vec::new();
-        for item in ks.prefix(&prefix) {
+        for item in ks.prefix(&prefix).rev() {
             let (_, value) = item.into_inner()?;
-            if let Some(v) = DeliveryState::decode(&value) {
-                if v.event == event.id && v.tenant == event.tenant {
-                    versions.push(v);
-                }
+            let Some(v) = DeliveryState::decode(&value) else { continue };
+            if v.event == event.id && v.tenant == event.tenant && matches!(visit(v), Flow::Stop) {
+                break;
             }
         }
-        Ok(versions)
+        Ok(())
+    }
+
+    /// The attempt record `id` of `tenant`, made at `at_ms`.
+    fn attempt_record(&self, tenant: &str, at_ms: i64, id: &str) -> Result<Option<AttemptRecord>, IndexError> {
+        let Some(ks) = self.kept(keys::day(at_ms)) else { return Ok(None) };
+        #[cfg(test)]
+        self.attempt_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = Key::new(keys::ATTEMPT).id(tenant).newest_first(at_ms).id(id).done();
+        Ok(match ks.get(key)?.and_then(|b| HistoryRecord::decode(&b)) {
+            Some(HistoryRecord::Attempt(a)) if a.id == id && a.tenant == tenant => Some(a),
+            _ => None,
+        })
     }
 
     /// Deletes every day past retention; returns how many entries went with them.
@@ -672,24 +701,13 @@ impl Index {
         Ok(Page { items, next })
     }
 
-    /// One event's attempts, newest first: found through its deliveries' state versions.
+    /// One event's attempts, newest first: found through its deliveries' state versions, each
+    /// delivery's newest first. Only references to the newest `skip + limit` are held while
+    /// looking (a delivery stops being read once the rest of it is older than all of those),
+    /// and only the page's attempt records are read — but for an `outcome` filter, which reads
+    /// each candidate's, at most [`SCAN_LIMIT`] of them a request.
     fn attempts_of_event(&self, q: &AttemptQuery, event_id: &str) -> Result<Page, IndexError> {
         let Some(event) = self.event(&q.tenant, event_id)? else { return Ok(Page::default()) };
-        let mut found: Vec<AttemptRecord> = Vec::new();
-        for sub in event.subscriptions.iter().filter(|s| q.subscription.as_ref().is_none_or(|w| w == *s)) {
-            for v in self.versions(sub, &event)? {
-                let Some(id) = &v.attempt_id else { continue };
-                let Some(ks) = self.kept(keys::day(v.at_ms)) else { continue };
-                let key = Key::new(keys::ATTEMPT).id(&event.tenant).newest_first(v.at_ms).id(id).done();
-                if let Some(HistoryRecord::Attempt(a)) = ks.get(key)?.and_then(|b| HistoryRecord::decode(&b)) {
-                    let within = q.since_ms.is_none_or(|s| a.at_ms >= s) && q.until_ms.is_none_or(|u| a.at_ms <= u);
-                    if a.id == *id && within && q.outcome.as_ref().is_none_or(|o| *o == a.outcome) {
-                        found.push(a);
-                    }
-                }
-            }
-        }
-        found.sort_by(|a, b| (b.at_ms, &b.id).cmp(&(a.at_ms, &a.id)));
         // A page of an event's attempts (rarely more than one): the cursor is where it starts.
         let skip = q
             .cursor
@@ -697,13 +715,57 @@ impl Index {
             .and_then(decode_cursor)
             .map_or(0, |(_, k)| k.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes) as usize);
         let limit = q.limit.max(1);
+        // One more than the page, to know whether there is a next.
+        let keep = skip.saturating_add(limit).saturating_add(1);
+        let mut newest: std::collections::BinaryHeap<std::cmp::Reverse<(i64, String)>> = Default::default();
+        let mut checked = 0usize;
+        let mut failed = None;
+        for sub in event.subscriptions.iter().filter(|s| q.subscription.as_ref().is_none_or(|w| w == *s)) {
+            self.each_version(sub, &event, |v| {
+                let Some(id) = v.attempt_id else { return Flow::Go };
+                if q.until_ms.is_some_and(|u| v.at_ms > u) {
+                    return Flow::Go;
+                }
+                let full = newest.len() >= keep;
+                if q.since_ms.is_some_and(|s| v.at_ms < s)
+                    || full && newest.peek().is_some_and(|std::cmp::Reverse(m)| (v.at_ms, &id) <= (m.0, &m.1))
+                {
+                    // The rest of this delivery is older still.
+                    return Flow::Stop;
+                }
+                if let Some(outcome) = &q.outcome {
+                    checked += 1;
+                    if checked > SCAN_LIMIT {
+                        return Flow::Stop;
+                    }
+                    match self.attempt_record(&event.tenant, v.at_ms, &id) {
+                        Ok(Some(a)) if a.outcome == *outcome => {}
+                        Ok(_) => return Flow::Go,
+                        Err(e) => {
+                            failed = Some(e);
+                            return Flow::Stop;
+                        }
+                    }
+                }
+                newest.push(std::cmp::Reverse((v.at_ms, id)));
+                if newest.len() > keep {
+                    newest.pop();
+                }
+                Flow::Go
+            })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        // Sorted as `Reverse`: newest first.
+        let found = newest.into_sorted_vec();
         let more = found.len() > skip.saturating_add(limit);
-        let items = found
-            .iter()
-            .skip(skip)
-            .take(limit)
-            .filter_map(|a| serde_json::value::to_raw_value(&attempt_view(a)).ok())
-            .collect();
+        let mut items = Vec::with_capacity(limit.min(found.len()));
+        for std::cmp::Reverse((at_ms, id)) in found.iter().skip(skip).take(limit) {
+            if let Some(a) = self.attempt_record(&event.tenant, *at_ms, id)? {
+                items.extend(serde_json::value::to_raw_value(&attempt_view(&a)).ok());
+            }
+        }
         let next = more.then(|| encode_cursor(u32::MAX, &(skip.saturating_add(limit) as u64).to_be_bytes()));
         Ok(Page { items, next })
     }
@@ -752,14 +814,22 @@ impl Index {
     pub fn deliveries(&self, event: &EventRecord) -> Result<Vec<DeliveryView>, IndexError> {
         let mut views = Vec::with_capacity(event.subscriptions.len());
         for sub in &event.subscriptions {
-            let versions = self.versions(sub, event)?;
-            let newest = versions.iter().reduce(|a, b| if b.newer_than(a) { b } else { a });
-            let attempts: Vec<&DeliveryState> = versions.iter().filter(|v| v.attempt_id.is_some()).collect();
+            let (mut newest, mut attempts, mut last_attempt_ms) = (None::<DeliveryState>, 0u32, None::<i64>);
+            self.each_version(sub, event, |v| {
+                if v.attempt_id.is_some() {
+                    attempts = attempts.saturating_add(1);
+                    last_attempt_ms = last_attempt_ms.max(Some(v.at_ms));
+                }
+                if newest.as_ref().is_none_or(|n| v.newer_than(n)) {
+                    newest = Some(v);
+                }
+                Flow::Go
+            })?;
             views.push(DeliveryView {
                 subscription: sub.clone(),
-                state: newest.map_or(State::Pending, |s| s.state).as_str(),
-                attempts: attempts.len() as u32,
-                last_attempt_at: attempts.iter().map(|v| v.at_ms).max().map(rfc3339_ms),
+                state: newest.as_ref().map_or(State::Pending, |s| s.state).as_str(),
+                attempts,
+                last_attempt_at: last_attempt_ms.map(rfc3339_ms),
                 next_attempt_at: newest.filter(|s| s.state == State::Retrying).and_then(|s| s.next_ms).map(rfc3339_ms),
             });
         }
@@ -915,6 +985,59 @@ mod tests {
             .iter()
             .map(|i| serde_json::from_str::<serde_json::Value>(i.get()).unwrap()["id"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    /// An event a tenant retried and resent into thousands of attempts: a page of them reads
+    /// that page's attempt records, not every one (each up to a few KiB of response), and holds
+    /// no more than the page's worth of references while it finds them.
+    #[test]
+    fn a_page_of_one_event_s_attempts_reads_only_that_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
+        let now = 100 * 86_400_000 + 1000;
+        let accepted = now - 100_000;
+        let subs = ["s1", "s2", "s3"];
+        let event = HistoryRecord::Event(EventRecord {
+            id: "e".into(),
+            tenant: "t".into(),
+            event_type: "T".into(),
+            accepted_ms: accepted,
+            subscriptions: subs.iter().map(|s| s.to_string()).collect(),
+            data: bytes::Bytes::from_static(b"{}"),
+            changes: None,
+            ordering_key: None,
+        });
+        let mut records = vec![LogRecord { value: event.encode(), ..attempt("x", accepted) }];
+        for (n, sub) in subs.iter().enumerate() {
+            for i in 0..300i64 {
+                let mut r = attempt(&format!("{sub}-{i}"), accepted + 1 + i * 3 + n as i64);
+                let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&r.value) else { unreachable!() };
+                (a.event_id, a.subscription, a.accepted_ms, a.attempt) =
+                    ("e".into(), sub.to_string(), accepted, i as u32 + 1);
+                (a.state, a.outcome) = (State::Retrying, "failed".into());
+                r.value = HistoryRecord::Attempt(a).encode();
+                records.push(r);
+            }
+        }
+        index.apply(0, &records, records.len() as u64, now).unwrap();
+        let ids = |page: &Page| -> Vec<String> {
+            page.items
+                .iter()
+                .map(|i| {
+                    serde_json::from_str::<serde_json::Value>(i.get()).unwrap()["id"].as_str().unwrap().to_string()
+                })
+                .collect()
+        };
+        let q = AttemptQuery { tenant: "t".into(), event: Some("e".into()), limit: 4, ..AttemptQuery::default() };
+        let before = index.attempt_reads.load(std::sync::atomic::Ordering::Relaxed);
+        let first = index.attempts(&q).unwrap();
+        let read = index.attempt_reads.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert_eq!(ids(&first), ["s3-299", "s2-299", "s1-299", "s3-298"]);
+        assert!(read <= 4, "a page of 4 read {read} attempt records");
+        let second = index.attempts(&AttemptQuery { cursor: first.next.clone(), ..q.clone() }).unwrap();
+        assert_eq!(ids(&second), ["s2-298", "s1-298", "s3-297", "s2-297"]);
+        let filtered = AttemptQuery { since_ms: Some(accepted + 1 + 299 * 3), ..q.clone() };
+        assert_eq!(ids(&index.attempts(&filtered).unwrap()), ["s3-299", "s2-299", "s1-299"]);
     }
 
     /// Events accepted in one request share their millisecond: a recover that stops at its
