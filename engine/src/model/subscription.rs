@@ -402,6 +402,11 @@ pub struct Subscription {
     pub created_at: String,
     /// Last change, RFC 3339.
     pub updated_at: String,
+    /// The catalog offset of the version this record was made from (a change, not a
+    /// creation): a change made from a version before the subscription was deleted is
+    /// ignored, so a process that had not read the delete cannot bring it back. Stored only.
+    #[serde(default, skip_serializing_if = "secret::redacting")]
+    pub based_on: Option<u64>,
 }
 
 fn hidden_or_none(s: &Option<Secret>) -> bool {
@@ -463,6 +468,7 @@ mod tests {
             disabled_reason: None,
             created_at: "now".into(),
             updated_at: "now".into(),
+            based_on: Some(3),
         }
     }
 

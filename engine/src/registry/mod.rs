@@ -44,6 +44,8 @@ enum Written {
     UrlTaken,
     /// Applied or not, a newer record of the subscription (another process's) followed it.
     Superseded,
+    /// Ignored: made from a version before the subscription was deleted.
+    Deleted,
 }
 
 /// What the registry knows of a subscription id.
@@ -72,6 +74,10 @@ struct State {
     unreadable: HashSet<String>,
     /// Ids whose newest record was ignored (its tenant's URL held by another), and its offset.
     ignored: HashMap<String, u64>,
+    /// Deleted ids and the offset of their tombstone (what a late change is judged by).
+    deleted: HashMap<String, u64>,
+    /// Ids whose newest record was ignored as a change of a deleted one, and its offset.
+    stale: HashMap<String, u64>,
 }
 
 impl State {
@@ -94,6 +100,7 @@ impl State {
         self.version.remove(id);
         self.unreadable.remove(id);
         self.ignored.remove(id);
+        self.stale.remove(id);
         let old = self.by_id.remove(id)?;
         self.in_order.remove(id);
         let key = (old.sub.tenant.clone(), url_key(&old.sub.spec.url));
@@ -127,7 +134,9 @@ impl Apply for Registry {
         }
         let (id, rec) = (entry.id, entry.record);
         if rec.value.is_empty() {
-            self.state.write().unwrap().remove(&id);
+            let mut state = self.state.write().unwrap();
+            state.remove(&id);
+            state.deleted.insert(id, rec.offset);
             return;
         }
         let compiled = serde_json::from_slice::<Subscription>(&rec.value)
@@ -136,6 +145,12 @@ impl Apply for Registry {
         match compiled {
             Ok(mut t) => {
                 let mut state = self.state.write().unwrap();
+                let deleted_after = |base: u64| state.deleted.get(&id).is_some_and(|&at| at > base);
+                if t.sub.based_on.is_some_and(deleted_after) {
+                    tracing::warn!(subscription = %id, offset = rec.offset, "ignoring a change of a subscription deleted after the version it was made from");
+                    state.stale.insert(id, rec.offset);
+                    return;
+                }
                 if let Some(holder) = state.url_holder(&t.sub.tenant, &t.sub.spec.url, &t.sub.id) {
                     tracing::warn!(subscription = %id, holder, offset = rec.offset, "ignoring a subscription record: its tenant already has this URL");
                     state.ignored.insert(id, rec.offset);
@@ -174,10 +189,21 @@ impl Registry {
         &self.rules.guard
     }
 
-    /// Writes `sub` and says what became of it.
+    /// Writes `sub` and says what became of it. A change of a subscription deleted meanwhile
+    /// (by another process) is followed by the delete again, so that it stays the newest
+    /// record: compaction keeps only that, and must not keep the change.
     async fn write(&self, sub: &Subscription) -> Result<Written, CatalogError> {
         let pos = self.feed.write(sub.id.as_bytes(), Bytes::from(sub.stored())).await?;
-        Ok(self.written(&sub.id, pos.offset))
+        let written = self.written(&sub.id, pos.offset);
+        if matches!(written, Written::Deleted) {
+            self.feed.write(sub.id.as_bytes(), Bytes::new()).await?;
+        }
+        Ok(written)
+    }
+
+    /// The version `id` is at here: what a change of it is made from.
+    fn version_of(&self, id: &str) -> Option<u64> {
+        self.state.read().unwrap().version.get(id).copied()
     }
 
     /// What became of `id`'s record at `offset`, once the registry has read that far (the
@@ -190,6 +216,9 @@ impl Registry {
         }
         if state.ignored.get(id) == Some(&offset) {
             return Written::UrlTaken;
+        }
+        if state.stale.get(id) == Some(&offset) {
+            return Written::Deleted;
         }
         Written::Superseded
     }
@@ -240,6 +269,7 @@ impl Registry {
             disabled_reason: if spec.enabled { None } else { old.disabled_reason.clone() },
             updated_at: rfc3339_ms(now_ms()),
             spec,
+            based_on: self.version_of(id),
             ..old.clone()
         };
         Ok(Some(self.store(sub).await?))
@@ -264,6 +294,7 @@ impl Registry {
         sub.previous_secret = Some(std::mem::replace(&mut sub.secret, new_secret.unwrap_or_else(generate_secret)));
         sub.previous_secret_until = Some(now.saturating_add(overlap.as_millis().min(i64::MAX as u128) as i64));
         sub.updated_at = rfc3339_ms(now);
+        sub.based_on = self.version_of(id);
         Ok(Some(self.store(sub).await?))
     }
 
@@ -280,6 +311,7 @@ impl Registry {
                 self.feed.write(sub.id.as_bytes(), standing).await?;
                 return Err(Self::url_taken());
             }
+            Written::Deleted => return Err(Invalid::new("id", "the subscription was deleted meanwhile").into()),
             // Another process changed it right after: its change stands, as the newest.
             Written::Superseded => match self.get(&sub.id) {
                 Some(newer) => newer,
@@ -312,6 +344,7 @@ impl Registry {
         sub.spec.enabled = false;
         sub.disabled_reason = Some(reason.clone());
         sub.updated_at = rfc3339_ms(now_ms());
+        sub.based_on = self.version_of(id);
         if !matches!(self.write(&sub).await?, Written::Applied(_)) {
             return Ok(false);
         }
@@ -622,6 +655,37 @@ mod tests {
         // A new subscription with the URL sub_a holds now is refused.
         apply(&record(7, "sub_b", "https://hooks.example/2"), "sub_b");
         assert!(matches!(registry.written("sub_b", 7), Written::UrlTaken));
+    }
+
+    /// Process A deletes a subscription while process B, not having read the tombstone yet,
+    /// writes a change of it (a PATCH, a rotation, disabling it after a 410): B's record,
+    /// made from the version before the delete, must not bring it back in every process.
+    #[test]
+    fn a_change_made_from_a_version_before_a_delete_does_not_bring_it_back() {
+        let registry = registry(true, true);
+        let spec = spec::strict(&serde_json::json!({ "url": "https://hooks.example/1" })).unwrap();
+        let mut sub = validate::new_subscription("t".into(), spec, None).unwrap();
+        sub.id = "sub_a".into();
+        let record = |offset: u64, value: Vec<u8>| LogRecord {
+            partition: 0,
+            offset,
+            timestamp_ms: 0,
+            key: Bytes::from_static(b"sub_a"),
+            value: Bytes::from(value),
+        };
+        let apply =
+            |rec: &LogRecord| registry.apply(Entry { kind: Kind::Subscription, id: "sub_a".into(), record: rec });
+        apply(&record(5, sub.stored()));
+        apply(&record(6, Vec::new()));
+        let mut changed: serde_json::Value = serde_json::from_slice(&sub.stored()).unwrap();
+        changed["enabled"] = false.into();
+        changed["based_on"] = 5.into();
+        apply(&record(7, serde_json::to_vec(&changed).unwrap()));
+        assert!(registry.get("sub_a").is_none(), "the deleted subscription came back");
+        assert!(matches!(registry.written("sub_a", 7), Written::Deleted));
+        // A subscription made again under the same id (a static webhook back in the file) is.
+        apply(&record(8, sub.stored()));
+        assert!(registry.get("sub_a").is_some());
     }
 
     #[tokio::test]
