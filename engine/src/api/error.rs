@@ -219,7 +219,7 @@ impl IntoResponse for ApiError {
 pub struct JsonBody<T>(pub T);
 
 /// Turns a serde error at `path` into the field it concerns.
-fn field_of(path: &str, message: &str) -> String {
+pub(super) fn field_of(path: &str, message: &str) -> String {
     // "missing field `type`" concerns a child of `path` (for an unknown field the path
     // already ends at that field).
     let child = message.split('`').nth(1).filter(|_| message.starts_with("missing field"));

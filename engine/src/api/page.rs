@@ -2,7 +2,7 @@
 //! bounds, and query errors in the contract's shape.
 
 use super::error::ApiError;
-use axum::extract::{FromRequestParts, Query};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
@@ -40,16 +40,20 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for StrictP
     }
 }
 
-/// A query string parsed strictly; a bad one is a `VALIDATION_ERROR` naming `query`.
+/// A query string parsed strictly; a bad one is a `VALIDATION_ERROR` naming its parameter.
 pub struct StrictQuery<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for StrictQuery<T> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Query(q) = Query::<T>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::validation("query", e.body_text()))?;
-        Ok(StrictQuery(q))
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de).map(StrictQuery).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            let field = super::error::field_of(&path, &message);
+            ApiError::validation(if field.is_empty() { "query".into() } else { field }, message)
+        })
     }
 }

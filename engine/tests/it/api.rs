@@ -103,7 +103,7 @@ async fn subscriptions_are_created_listed_read_and_deleted_without_leaking_secre
     let (_, page2) = h.api.get(&format!("/v1/subscriptions?tenant=globex&limit=3&cursor={next}")).await;
     assert_eq!(page2["items"].as_array().unwrap().len(), 1);
     assert!(page2["next"].is_null());
-    for (query, field) in [("limit=0", "limit"), ("limit=501", "limit"), ("bogus=1", "query"), ("limit=x", "query")] {
+    for (query, field) in [("limit=0", "limit"), ("limit=501", "limit"), ("bogus=1", "bogus"), ("limit=x", "limit")] {
         for path in ["/v1/subscriptions", "/v1/dlq"] {
             let (status, err) = h.api.get(&format!("{path}?{query}")).await;
             assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{path}?{query}: {err}");
