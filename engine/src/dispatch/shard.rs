@@ -27,7 +27,7 @@ type Read = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<LogRecord>,
 /// Limits of one shard.
 #[derive(Debug, Clone, Copy)]
 pub struct ShardLimits {
-    /// Deliveries in flight at most.
+    /// Young deliveries in flight at most (twice this in all; see `Window::young`).
     pub window: usize,
     /// Offsets held back from the commit point at most (in flight, or finished behind a
     /// slower one); reached only when one delivery is slower than this many others.
@@ -95,8 +95,18 @@ pub async fn run(
 }
 
 impl Shard {
+    /// Room for another delivery: fewer young ones than the window (those in flight past
+    /// the patience count apart, so hanging endpoints cannot fill it), fewer than twice the
+    /// window in all, and the commit point not held back too far.
     fn has_room(&self) -> bool {
-        self.window.in_flight() < self.limits.window && self.window.held() < self.limits.max_uncommitted
+        self.room() > 0
+    }
+
+    fn room(&self) -> usize {
+        let w = &self.window;
+        (self.limits.window.saturating_sub(w.young()))
+            .min((2 * self.limits.window).saturating_sub(w.in_flight()))
+            .min(self.limits.max_uncommitted.saturating_sub(w.held()))
     }
 
     /// When a record may start: its append time (as [`arrived`] left it) plus the topic's
@@ -108,6 +118,7 @@ impl Shard {
     /// Starts what is due while the window has room; reads more only when nothing waits, so
     /// memory stays bounded by one batch.
     fn start_due(&mut self) {
+        self.window.age(Instant::now());
         let now = now_ms();
         while self.has_room() && self.waiting.front().is_some_and(|r| self.due(r) <= now) {
             let rec = self.waiting.pop_front().expect("checked");
@@ -118,9 +129,7 @@ impl Shard {
             self.in_flight.push(supervised(self.deliverer.clone(), rec));
         }
         if self.reading.is_none() && self.waiting.is_empty() && self.has_room() {
-            let room = (self.limits.window - self.window.in_flight())
-                .min(self.limits.max_uncommitted - self.window.held())
-                .min(self.limits.batch);
+            let room = self.room().min(self.limits.batch);
             let mut reader = self.idle.take().expect("reader is idle when no read is pending");
             self.reading = Some(
                 async move {
@@ -132,9 +141,14 @@ impl Shard {
         }
     }
 
-    /// When the head of the waiting records is due, if the window has room to start it.
+    /// When the head of the waiting records is due, if the window has room to start it; or,
+    /// with young deliveries filling it, when the oldest of them ages (a completion or a read
+    /// wakes the shard otherwise), so that it can start or read more.
     fn wake_at(&self) -> Option<Instant> {
-        let head = self.waiting.front().filter(|_| self.has_room())?;
+        if !self.has_room() {
+            return self.window.next_aging();
+        }
+        let head = self.waiting.front()?;
         Some(Instant::now() + Duration::from_millis((self.due(head) - now_ms()).max(0) as u64))
     }
 

@@ -2,16 +2,32 @@
 //! point only ever covers the contiguous prefix of completed offsets. Concurrency is
 //! bounded by `in_flight`; finished offsets waiting behind a slow one cost only a slot in
 //! `pending`, so a hung delivery holds back commits, not other deliveries.
+//!
+//! A delivery in flight for longer than [`YOUNG`] is counted apart ([`Window::aged`]): the
+//! shard bounds the young ones by its window and all of them by twice it, so deliveries to
+//! endpoints that hang (each subscription up to its own slots) cannot fill the window and
+//! hold up every other subscription of the partition.
 
 use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long a delivery in flight counts as young: the admission's patience for a slot, so
+/// that what waits for one of a stalled endpoint's slots, or holds one, ages in that time.
+pub const YOUNG: Duration = Duration::from_millis(250);
 
 /// Offsets started and not yet covered by the commit point.
 #[derive(Debug, Default)]
 pub struct Window {
-    pending: VecDeque<(u64, bool)>,
+    /// Offset, done, and when it started.
+    pending: VecDeque<(u64, bool, Instant)>,
     in_flight: usize,
     /// The highest offset ever started (the pending queue empties as commits move on).
     last_started: Option<u64>,
+    /// Every offset started at or before this one has aged (started [`YOUNG`] ago or more).
+    aged_through: Option<u64>,
+    /// Of those in flight, how many have aged.
+    aged: usize,
 }
 
 impl Window {
@@ -21,35 +37,66 @@ impl Window {
     /// order the commit point is computed from, and with it, what a commit promises.
     #[must_use]
     pub fn start(&mut self, offset: u64) -> bool {
-        if self.pending.back().is_some_and(|&(o, _)| o >= offset) || self.last_started.is_some_and(|o| o >= offset) {
+        if self.pending.back().is_some_and(|&(o, ..)| o >= offset) || self.last_started.is_some_and(|o| o >= offset) {
             return false;
         }
         self.last_started = Some(offset);
-        self.pending.push_back((offset, false));
+        self.pending.push_back((offset, false, Instant::now()));
         self.in_flight += 1;
         true
+    }
+
+    /// Counts as aged what started [`YOUNG`] before `now` or earlier.
+    pub fn age(&mut self, now: Instant) {
+        let from = match self.aged_through {
+            Some(through) => self.pending.partition_point(|&(o, ..)| o <= through),
+            None => 0,
+        };
+        for &(offset, done, started) in self.pending.range(from..) {
+            if now.duration_since(started) < YOUNG {
+                break;
+            }
+            self.aged_through = Some(offset);
+            if !done {
+                self.aged += 1;
+            }
+        }
+    }
+
+    /// When the oldest young delivery ages, if one is in flight.
+    pub fn next_aging(&self) -> Option<Instant> {
+        let from = self.aged_through.map_or(0, |through| self.pending.partition_point(|&(o, ..)| o <= through));
+        self.pending.range(from..).find(|&&(_, done, _)| !done).map(|&(_, _, started)| started + YOUNG)
     }
 
     /// Records that `offset` is done; returns the new commit point (the offset after the
     /// completed prefix) when it moved.
     pub fn finish(&mut self, offset: u64) -> Option<u64> {
-        let i = self.pending.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
+        let i = self.pending.binary_search_by_key(&offset, |&(o, ..)| o).ok()?;
         if self.pending[i].1 {
             return None;
         }
         self.pending[i].1 = true;
         self.in_flight -= 1;
+        if self.aged_through.is_some_and(|through| offset <= through) {
+            self.aged -= 1;
+        }
         let mut last = None;
-        while let Some(&(o, true)) = self.pending.front() {
+        while let Some(&(o, true, _)) = self.pending.front() {
             last = Some(o);
             self.pending.pop_front();
         }
-        last.map(|o| self.pending.front().map_or(o + 1, |&(next, _)| next))
+        last.map(|o| self.pending.front().map_or(o + 1, |&(next, ..)| next))
     }
 
     /// Deliveries started and not finished.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Deliveries in flight for less than [`YOUNG`] (as of the last [`Window::age`]).
+    pub fn young(&self) -> usize {
+        self.in_flight - self.aged
     }
 
     /// Offsets held back from the commit point (in flight, or done behind one in flight).
@@ -78,6 +125,30 @@ mod tests {
         assert_eq!(w.finish(13), None, "11 and 12 are not done: nothing past them commits");
         assert_eq!(w.finish(12), None);
         assert_eq!(w.finish(11), Some(14));
+    }
+
+    #[test]
+    fn deliveries_in_flight_past_the_patience_count_apart() {
+        let mut w = Window::default();
+        for o in [1, 2, 3] {
+            assert!(w.start(o));
+        }
+        let later = Instant::now() + YOUNG;
+        for o in [4, 5] {
+            assert!(w.start(o));
+        }
+        w.finish(2);
+        w.age(later);
+        assert_eq!((w.in_flight(), w.young()), (4, 2), "1 and 3 aged; 2 finished young");
+        assert_eq!(w.finish(1), Some(3));
+        assert_eq!(w.finish(4), None);
+        assert_eq!((w.in_flight(), w.young()), (2, 1));
+        w.age(later + YOUNG);
+        assert_eq!(w.young(), 0);
+        assert!(w.next_aging().is_none());
+        w.finish(3);
+        w.finish(5);
+        assert_eq!((w.in_flight(), w.young(), w.held()), (0, 0, 0));
     }
 
     #[test]

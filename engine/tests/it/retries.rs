@@ -155,7 +155,7 @@ async fn retry_after_is_honoured(h: TestHerald) {
 /// What a healthy endpoint's deliveries wait while another subscription on its partition,
 /// at `path` with an in-flight cap of 2, is sent one event every 20 ms (60 in all, each to
 /// both): the worst time from publish to arrival at the healthy one.
-async fn healthy_latency_beside(h: &TestHerald, rx: &Receiver, path: &str) -> Duration {
+async fn healthy_latency_beside(h: &TestHerald, rx: &Receiver, path: &str, max_in_flight: u32) -> Duration {
     let fast = h.api.subscribe(json!({ "url": rx.url("/fast") })).await;
     let partition = |id: &serde_json::Value| herald::log::partition_for(id.as_str().unwrap().as_bytes(), 8);
     let mut other = None;
@@ -163,7 +163,7 @@ async fn healthy_latency_beside(h: &TestHerald, rx: &Receiver, path: &str) -> Du
         let s = h
             .api
             .subscribe(json!({
-                "url": rx.url(&format!("{path}?n={i}")), "timeout": "2s", "max_in_flight": 2,
+                "url": rx.url(&format!("{path}?n={i}")), "timeout": "2s", "max_in_flight": max_in_flight,
                 "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 2 }
             }))
             .await;
@@ -194,7 +194,7 @@ async fn a_hanging_endpoint_does_not_delay_a_healthy_one_on_the_same_partition()
     let h = TestHerald::start_with(|c| c.dispatch.window = 8).await;
     let rx = Receiver::start().await;
     rx.behave("/stuck", Behaviour::Hang);
-    let worst = healthy_latency_beside(&h, &rx, "/stuck").await;
+    let worst = healthy_latency_beside(&h, &rx, "/stuck", 2).await;
     eprintln!("head-of-line test: worst healthy latency {worst:?} while the other endpoint hangs 2 s");
     // Stated bound: healthy deliveries stay under 500 ms (the 250 ms patience plus slack)
     // while the other endpoint hangs 2 s.
@@ -202,6 +202,19 @@ async fn a_hanging_endpoint_does_not_delay_a_healthy_one_on_the_same_partition()
     // The stuck endpoint holds at most its cap of requests at once.
     let stuck_requests = rx.on("/stuck").len();
     assert!(stuck_requests <= 2 * 4, "the cap bounds what one endpoint can hold: {stuck_requests}");
+}
+
+/// A subscription may be given as many slots as the partition's window (or several hang at
+/// once): deliveries hanging for longer than the patience stop counting against the window
+/// (up to twice it in flight), so they cannot fill it and hold up the other subscriptions there.
+#[tokio::test]
+async fn a_hanging_endpoint_with_as_many_slots_as_the_window_does_not_delay_a_healthy_one() {
+    let h = TestHerald::start_with(|c| c.dispatch.window = 8).await;
+    let rx = Receiver::start().await;
+    rx.behave("/stuck", Behaviour::Hang);
+    let worst = healthy_latency_beside(&h, &rx, "/stuck", 8).await;
+    eprintln!("head-of-line test: worst healthy latency {worst:?} beside a hanging endpoint with 8 slots");
+    assert!(worst < Duration::from_millis(500), "healthy endpoint delayed {worst:?}");
 }
 
 /// An endpoint that answers every request, but at 200 ms with two at a time (10 a second
@@ -216,7 +229,7 @@ async fn an_overloaded_endpoint_that_keeps_answering_does_not_delay_a_healthy_on
     let h = TestHerald::start_with(|c| c.dispatch.window = 8).await;
     let rx = Receiver::start().await;
     rx.behave("/slow", Behaviour::Slow(Duration::from_millis(200)));
-    let worst = healthy_latency_beside(&h, &rx, "/slow").await;
+    let worst = healthy_latency_beside(&h, &rx, "/slow", 2).await;
     eprintln!("head-of-line test: worst healthy latency {worst:?} beside an overloaded endpoint");
     // 100-130 ms with the pace check; 0.5-0.75 s without.
     assert!(worst < Duration::from_millis(300), "healthy endpoint delayed {worst:?}");
