@@ -19,8 +19,12 @@ use std::sync::Arc;
 /// Events one recover call re-sends, about: it stops between milliseconds once it has this
 /// many (the answer says where to continue; see `Index::recoverable`).
 const RECOVER_MAX: usize = 10_000;
-/// Deliveries appended at a time while recovering.
+/// Deliveries appended at a time while recovering, at most.
 const RECOVER_CHUNK: usize = 500;
+/// Bytes of events (`data` and `changes`) loaded and appended at a time while recovering, about
+/// (and no more than half of `quotas.fanout_bytes`): 500 events of a megabyte made a gigabyte
+/// held by one call.
+const RECOVER_CHUNK_BYTES: u64 = 8 << 20;
 /// How long a lookup of an event not found waits for the index to take in what the history
 /// topic holds (during a peak indexing may be behind by up to `history.index_defer`).
 const FIND_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
@@ -284,12 +288,26 @@ pub async fn recover(
     let (index, sub) = (history.index.clone(), id.clone());
     let found = blocking(move || index.recoverable(&sub, since, until, req.all, RECOVER_MAX)).await?;
     let mut queued = 0;
-    for chunk in found.events.chunks(RECOVER_CHUNK) {
-        let (index, chunk) = (history.index.clone(), chunk.to_vec());
-        let events = blocking(move || {
-            Ok(chunk.iter().filter_map(|(tenant, event)| index.event(tenant, event).ok().flatten()).collect::<Vec<_>>())
+    let budget = RECOVER_CHUNK_BYTES.min(state.ingest.max_fanout() / 2).max(1);
+    let mut rest = found.events.as_slice();
+    while !rest.is_empty() {
+        let (index, ahead) = (history.index.clone(), rest[..rest.len().min(RECOVER_CHUNK)].to_vec());
+        // Events up to the budget (one at least, however large), and how many were looked at.
+        let (events, looked) = blocking(move || {
+            let (mut events, mut bytes) = (Vec::new(), 0u64);
+            for (looked, (tenant, event)) in ahead.iter().enumerate() {
+                if bytes >= budget {
+                    return Ok((events, looked));
+                }
+                if let Some(e) = index.event(tenant, event).ok().flatten() {
+                    bytes += (e.data.len() + e.changes.as_ref().map_or(0, |c| c.len())) as u64;
+                    events.push(e);
+                }
+            }
+            Ok((events, ahead.len()))
         })
         .await?;
+        rest = &rest[looked..];
         let items: Vec<_> = events.into_iter().map(|e| (e, vec![target.clone()])).collect();
         queued += state.ingest.resend(&items).await?;
     }

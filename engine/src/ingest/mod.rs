@@ -546,6 +546,13 @@ impl Ingest {
     /// Sends recorded events again, each to its targets, now, in one append: a fresh attempt
     /// budget and the same id (so `webhook-id`), a new delivery generation, and the state back
     /// to pending. Returns the deliveries queued.
+    /// Bytes of delivery records one request may make (`quotas.fanout_bytes`).
+    pub fn max_fanout(&self) -> u64 {
+        self.max_fanout
+    }
+
+    /// As [`Ingest::publish`], a call may make at most `quotas.fanout_bytes` of delivery
+    /// records (a recover sends its events in parts that fit).
     pub async fn resend(&self, items: &[(EventRecord, Vec<Arc<Target>>)]) -> Result<usize, Refusal> {
         let invalid = |e: canonical::CanonicalError| Invalid::new("data", e.to_string());
         let now = now_ms();
@@ -553,7 +560,13 @@ impl Ingest {
         let generation = u32::try_from(now / 1000).unwrap_or(u32::MAX);
         let mut records = Deliveries::default();
         let mut states = Vec::new();
+        let mut fanout = 0u64;
         for (event, targets) in items {
+            let size = (event.data.len() + event.changes.as_ref().map_or(0, Bytes::len)) as u64;
+            fanout = fanout.saturating_add(size.saturating_mul(targets.len() as u64));
+            if fanout > self.max_fanout {
+                return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
+            }
             // Checked as JSON (so UTF-8) when the event was accepted.
             let data = Json::new(&String::from_utf8_lossy(&event.data)).map_err(invalid)?;
             let changes =
