@@ -608,12 +608,17 @@ impl Ingest {
         if queued == 0 {
             return Ok(0);
         }
-        let deliveries = append_deliveries(&*self.log, &self.topic, &self.ordered_topic, records);
-        match &self.history {
-            Some(h) => tokio::try_join!(deliveries, h.append(&states)).map(|_| ()),
-            None => deliveries.await.map(|_| ()),
+        // The deliveries first, then their pending states (stamped before, so an attempt that
+        // settles in between is still the newer state): a state written for deliveries the
+        // log then refused would leave the event pending for ever with nothing queued, and a
+        // recover asked again, which sends what is dead-lettered or retrying, would skip it.
+        append_deliveries(&*self.log, &self.topic, &self.ordered_topic, records).await.map_err(Refusal::Log)?;
+        if let Some(h) = &self.history {
+            if let Err(e) = h.append(&states).await {
+                // Queued all the same: their attempts will be recorded.
+                tracing::warn!(error = %e, "resent deliveries queued; their pending state was not recorded");
+            }
         }
-        .map_err(Refusal::Log)?;
         Ok(queued)
     }
 }

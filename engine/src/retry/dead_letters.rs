@@ -400,10 +400,13 @@ impl DeadLetters {
         let (log, topic, dlq) = (self.log.clone(), self.deliveries_topic.clone(), self.dlq_topic.clone());
         let history = self.history.clone();
         tokio::spawn(async move {
-            let enqueued = log.append(&topic, deliveries);
-            match &history {
-                Some(h) => tokio::try_join!(enqueued, h.pending(&replayed, now)).map(|_| ())?,
-                None => enqueued.await.map(|_| ())?,
+            // The deliveries first, then their pending states, as a resend does (a state
+            // recorded for deliveries the log refused would read pending with nothing queued).
+            log.append(&topic, deliveries).await?;
+            if let Some(h) = &history {
+                if let Err(e) = h.pending(&replayed, now).await {
+                    tracing::warn!(error = %e, "replayed deliveries queued; their pending state was not recorded");
+                }
             }
             crate::log::append_durably(&*log, &dlq, markers).await
         })

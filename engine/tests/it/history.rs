@@ -380,3 +380,42 @@ async fn a_recover_of_large_events_goes_in_parts_within_the_fan_out_quota() {
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(10)), "{answer}");
     rx.wait_on("/big", 20).await;
 }
+
+/// A recover whose deliveries could not be appended (the disk refused them) leaves the
+/// event's state as it was, so the recover asked again finds and sends it; it must not be
+/// left "pending" for ever with nothing queued.
+#[tokio::test]
+async fn a_recover_refused_by_the_log_can_be_asked_again() {
+    use herald::log::embedded::Fault;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if crate::support::on_kafka() {
+        return; // the fault layer is the embedded log's
+    }
+    let refuse = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = refuse.clone();
+    let faults: herald::log::embedded::Faults = Some(std::sync::Arc::new(move |fault: Fault<'_>| match fault {
+        Fault::Write(path) if flag.load(Ordering::SeqCst) && path.to_string_lossy().contains("deliveries") => {
+            Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+        }
+        _ => Ok(()),
+    }));
+    let extras = herald::server::Extras { faults, ..herald::server::Extras::default() };
+    let h = TestHerald::start_with_extras(|_| {}, extras).await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/down", 500);
+    let once = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 1 });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/down"), "retry": once })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    h.api.post("/v1/events", json!({ "id": "refused-1", "type": "T", "data": {} })).await;
+    state_of(&h.api, "refused-1", &sub_id, "dead_lettered").await;
+    rx.respond_on("/down", 200);
+    let recover = format!("/v1/subscriptions/{sub_id}/recover");
+    refuse.store(true, Ordering::SeqCst);
+    let (status, answer) = h.api.post(&recover, json!({ "since": since })).await;
+    refuse.store(false, Ordering::SeqCst);
+    assert!(status.is_server_error(), "{status}: {answer}");
+    let (status, answer) = h.api.post(&recover, json!({ "since": since })).await;
+    assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(1)), "{answer}");
+    state_of(&h.api, "refused-1", &sub_id, "delivered").await;
+}
