@@ -85,6 +85,8 @@ pub enum Parked {
     Panicked(String),
     /// An operator skipped it, the blocked head of an ordered key.
     Skipped(String),
+    /// Its retry tier refused its record (too large for the log).
+    Unschedulable(String),
 }
 
 impl Parked {
@@ -97,6 +99,7 @@ impl Parked {
             Parked::Malformed(_) => "malformed",
             Parked::Panicked(_) => "panicked",
             Parked::Skipped(_) => "skipped",
+            Parked::Unschedulable(_) => "unschedulable",
         }
     }
 }
@@ -211,7 +214,11 @@ impl Settled {
                 state,
                 error: match settlement {
                     Settlement::DeadLettered {
-                        reason: Parked::Panicked(why) | Parked::Malformed(why) | Parked::Skipped(why),
+                        reason:
+                            Parked::Panicked(why)
+                            | Parked::Malformed(why)
+                            | Parked::Skipped(why)
+                            | Parked::Unschedulable(why),
                     } => Some(why.clone()),
                     _ => None,
                 },
@@ -279,11 +286,13 @@ impl Settler {
                 match retry::next_due(target, &delivery, not_before) {
                     Some(due_ms) => {
                         let next = Delivery { attempt: delivery.attempt + 1, due_ms, ..delivery.clone() };
-                        let tier = match waits {
-                            Waits::InTiers => Some(self.retrier.schedule(&next).await),
-                            Waits::InLane => None,
-                        };
-                        Settlement::Rescheduled { attempt: next.attempt, due_ms, tier }
+                        match waits {
+                            Waits::InTiers => match self.retrier.schedule(&next).await {
+                                Ok(tier) => Settlement::Rescheduled { attempt: next.attempt, due_ms, tier: Some(tier) },
+                                Err(why) => Settlement::DeadLettered { reason: Parked::Unschedulable(why) },
+                            },
+                            Waits::InLane => Settlement::Rescheduled { attempt: next.attempt, due_ms, tier: None },
+                        }
                     }
                     None => self.park(&delivery, raw, &outcome, Parked::Exhausted).await,
                 }
@@ -305,7 +314,9 @@ impl Settler {
     ) -> Settled {
         let later = Delivery { due_ms, ..delivery };
         if waits == Waits::InTiers {
-            self.retrier.schedule(&later).await;
+            if let Err(why) = self.retrier.schedule(&later).await {
+                return Settled::of(later, transport, Settlement::DeadLettered { reason: Parked::Unschedulable(why) });
+            }
         }
         Settled::of(later, transport, Settlement::Deferred { reason, due_ms })
     }
@@ -428,5 +439,35 @@ pub fn record(settled: &Settled) {
         Settlement::Dropped => {
             metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dropped").increment(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::feed::Feed;
+    use crate::log::stub::Stub;
+
+    /// A delivery whose tier refuses it as too large (a record written before a lower
+    /// `ingest.max_event_bytes`, or a Kafka topic's smaller `max.message.bytes`) is
+    /// dead-lettered instead; what is recorded of it (history, metrics) must say so, not that
+    /// it waits in a tier.
+    #[tokio::test]
+    async fn a_delivery_its_tier_refuses_is_reported_dead_lettered() {
+        let log = Arc::new(Stub::new(true, true).refusing_as_too_large(".retry."));
+        let (feed, _applied) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
+        let registry = Arc::new(Registry::load(
+            Arc::new(feed),
+            &[],
+            crate::registry::Rules::default(),
+            crate::config::HealthConfig::default(),
+        ));
+        let settler = Settler::new(registry, Retrier::new(log.clone(), "herald.".into(), "herald.dlq".into()));
+        let delivery = Delivery::first_attempt("e".into(), "s".into(), "t".into(), "T".into(), Bytes::new(), now_ms());
+        let later = now_ms() + 60_000;
+        let settled = settler.defer(delivery, Via::Webhook, Deferral::NotDue, later, Waits::InTiers).await;
+        assert!(matches!(settled.settlement, Settlement::DeadLettered { .. }), "{:?}", settled.settlement);
+        let appends = log.appends.lock().unwrap();
+        assert_eq!(appends.len(), 1, "one dead letter");
     }
 }

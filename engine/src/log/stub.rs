@@ -13,6 +13,8 @@ use std::time::Duration;
 /// (the most running at once in `most_at_once`).
 pub struct Stub {
     pub taking: bool,
+    /// Appends to topics whose name holds this are refused as too large.
+    pub too_large: Option<&'static str>,
     pub reachable: bool,
     pub shared: bool,
     pub appends: Mutex<Vec<Vec<Record>>>,
@@ -25,6 +27,7 @@ impl Stub {
     pub fn new(taking: bool, reachable: bool) -> Stub {
         Stub {
             taking,
+            too_large: None,
             reachable,
             shared: false,
             appends: Mutex::default(),
@@ -32,6 +35,11 @@ impl Stub {
             most_at_once: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
         }
+    }
+
+    /// This stub refusing appends to topics whose name holds `part` as too large.
+    pub fn refusing_as_too_large(self, part: &'static str) -> Stub {
+        Stub { too_large: Some(part), ..self }
     }
 
     /// This stub standing for a broker shared with other processes.
@@ -45,9 +53,12 @@ impl Log for Stub {
     fn partitions(&self, _: &str) -> Result<u32, LogError> {
         Ok(1)
     }
-    async fn append(&self, _: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
+    async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
         if !self.taking {
             return Err(LogError::Closed);
+        }
+        if self.too_large.is_some_and(|t| topic.contains(t)) {
+            return Err(LogError::TooLarge { bytes: 1, max: 0 });
         }
         let positions = (0..records.len() as u64).map(|offset| Position { partition: 0, offset }).collect();
         self.appends.lock().unwrap().push(records);

@@ -87,17 +87,20 @@ impl Retrier {
 
     /// Appends `delivery` to the tier that fits its remaining wait (or the shortest tier when
     /// it is already due), durably; returns the tier. A record the log refuses as too large
-    /// (written before a lower `ingest.max_event_bytes`) is dead-lettered instead.
-    pub async fn schedule(&self, delivery: &Delivery) -> Duration {
+    /// (written before a lower `ingest.max_event_bytes`) is dead-lettered instead: `Err` with
+    /// why.
+    pub async fn schedule(&self, delivery: &Delivery) -> Result<Duration, String> {
         let wait = Duration::from_millis((delivery.due_ms - now_ms()).max(0) as u64);
         let tier = tiers::for_wait(wait).unwrap_or(tiers::TIERS[0]);
         let value = delivery.encode();
         let record = Record { key: Bytes::copy_from_slice(delivery.subscription.as_bytes()), value: value.clone() };
         if let Err(e) = self.append_durably(&tiers::topic(&self.prefix, tier), record).await {
             let made = delivery.attempt.saturating_sub(1);
-            self.dead_letter(delivery, value, made, None, format!("could not be rescheduled: {e}")).await;
+            let why = format!("could not be rescheduled: {e}");
+            self.dead_letter(delivery, value, made, None, why.clone()).await;
+            return Err(why);
         }
-        tier
+        Ok(tier)
     }
 
     /// Parks a delivery in the dead-letter topic with the contract's fields, `attempts` made;
