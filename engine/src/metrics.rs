@@ -383,7 +383,7 @@ fn describe() {
     describe_counter!(API_REQUESTS, "API requests, by route template, method and status.");
     describe_histogram!(API_REQUEST_SECONDS, Unit::Seconds, "API request latency, by route template.");
     describe_counter!(API_CONNECTIONS_REFUSED, "API connections closed at once: api.max_connections were open.");
-    describe_counter!(API_THROTTLED, "API requests refused with 429, by reason (key_rate, tests).");
+    describe_counter!(API_THROTTLED, "API requests refused with 429, by reason (key_rate, tests, edge_connects).");
 }
 
 /// `log` with the latency of every append recorded (by topic) in

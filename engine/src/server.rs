@@ -437,7 +437,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         metrics::gauge!(crate::metrics::SUBSCRIPTIONS_DISABLED).set(disabled as f64);
         metrics::gauge!(crate::metrics::BREAKERS_OPEN).set(registry.breakers_open() as f64);
     });
-    let (key_rate, tests) = api::throttles(&config);
+    let (key_rate, tests, edge_connects) = api::throttles(&config);
     let state = AppState::new(api::Shared {
         catalog: stores.catalog.clone(),
         registry: stores.registry.clone(),
@@ -462,6 +462,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         max_event_bytes: config.ingest.max_event_bytes,
         quotas: config.quotas.clone(),
         key_rate,
+        edge_connects,
         tests,
         request_timeout: config.api.request_timeout.0,
         tenants: stores.tenants.clone(),

@@ -109,6 +109,7 @@ pub async fn connect(
     }
     state.catalog.settle().await; // a device made through another process a moment ago
     let device = state.devices.authenticate(token).ok_or_else(ApiError::unauthorized)?;
+    state.edge_connects.admit(&device.tenant)?;
     let hub = state.edge.clone();
     let limit = crate::transport::edge::protocol::MAX_AGENT_MESSAGE;
     Ok(ws.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| hub.serve(device, socket)))

@@ -91,6 +91,8 @@ pub struct Shared {
     pub key_rate: Arc<throttle::Throttle>,
     /// Test pings per subscription.
     pub tests: Arc<throttle::Throttle>,
+    /// Edge agent connections per tenant.
+    pub edge_connects: Arc<throttle::Throttle>,
     /// How long a request may take (`api.request_timeout`).
     pub request_timeout: std::time::Duration,
     /// How long a rotated-out secret keeps signing.
@@ -182,13 +184,23 @@ async fn bounded(
     }
 }
 
-/// The per-key and per-subscription throttles `config` asks for.
-pub fn throttles(config: &crate::config::Config) -> (Arc<throttle::Throttle>, Arc<throttle::Throttle>) {
+/// Edge agent connections a tenant may open a second, after a burst of [`EDGE_CONNECT_BURST`]
+/// (all its devices at once, after a restart): each connection is announced to every process
+/// through the catalog, and withdrawn when it ends.
+pub const EDGE_CONNECTS_PER_SECOND: f64 = 5.0;
+/// See [`EDGE_CONNECTS_PER_SECOND`].
+pub const EDGE_CONNECT_BURST: f64 = 100.0;
+
+/// The per-key, per-subscription and per-tenant edge throttles `config` asks for.
+pub fn throttles(
+    config: &crate::config::Config,
+) -> (Arc<throttle::Throttle>, Arc<throttle::Throttle>, Arc<throttle::Throttle>) {
     let rate = config.api.key_rate_limit;
     let tests = f64::from(config.quotas.tests_per_minute);
     (
         Arc::new(throttle::Throttle::new(rate, rate * 2.0, "key_rate")),
         Arc::new(throttle::Throttle::new(tests / 60.0, tests, "tests")),
+        Arc::new(throttle::Throttle::new(EDGE_CONNECTS_PER_SECOND, EDGE_CONNECT_BURST, "edge_connects")),
     )
 }
 

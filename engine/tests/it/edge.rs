@@ -314,3 +314,21 @@ async fn two_agents_with_one_token_back_off_instead_of_taking_turns() {
     let during = connects().await - before;
     assert!(during <= 20.0, "{during} connections in 15 s");
 }
+
+/// Every edge connection is announced to every process through the catalog (and withdrawn
+/// when it ends), and every API request waits for the catalog: a tenant's agents connecting
+/// in a tight loop would make every process apply that stream. Connections are throttled per
+/// tenant (a burst for all its devices after a restart, then a few a second): 429.
+#[tokio::test]
+async fn a_tenant_s_edge_connections_are_throttled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (_, _, _, token) = tenant_with_device(&admin, "Loopy").await;
+    let mut statuses = HashMap::<u16, usize>::new();
+    for _ in 0..300 {
+        *statuses.entry(connect_status(addr, &token).await).or_default() += 1;
+    }
+    assert!(statuses.get(&429).copied().unwrap_or(0) > 100, "{statuses:?}");
+    assert!(statuses.get(&101).copied().unwrap_or(0) >= 100, "a burst goes through: {statuses:?}");
+}
