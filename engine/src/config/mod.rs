@@ -305,7 +305,7 @@ impl Default for IngestConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchConfig {
-    /// Deliveries started within the last 250 ms and in flight, per partition, at most (and
+    /// Deliveries started within the last second and in flight, per partition, at most (and
     /// twice this in flight in all: `dispatch::window`).
     pub window: usize,
     /// Offsets per partition held back from the commit point at most; finished deliveries

@@ -96,7 +96,7 @@ pub async fn run(
 
 impl Shard {
     /// Room for another delivery: fewer young ones than the window (those in flight past
-    /// the patience count apart, so hanging endpoints cannot fill it), fewer than twice the
+    /// `window::YOUNG` count apart, so hanging endpoints cannot fill it), fewer than twice the
     /// window in all, and the commit point not held back too far.
     fn has_room(&self) -> bool {
         self.room() > 0

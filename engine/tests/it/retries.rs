@@ -205,8 +205,9 @@ async fn a_hanging_endpoint_does_not_delay_a_healthy_one_on_the_same_partition()
 }
 
 /// A subscription may be given as many slots as the partition's window (or several hang at
-/// once): deliveries hanging for longer than the patience stop counting against the window
-/// (up to twice it in flight), so they cannot fill it and hold up the other subscriptions there.
+/// once): deliveries in flight for longer than a second stop counting against the window (up
+/// to twice it in flight), so they hold up the other subscriptions there for that second, not
+/// for their whole timeout (before: 3.6 s here, with a 2 s timeout; 30 s by default).
 #[tokio::test]
 async fn a_hanging_endpoint_with_as_many_slots_as_the_window_does_not_delay_a_healthy_one() {
     let h = TestHerald::start_with(|c| c.dispatch.window = 8).await;
@@ -214,7 +215,7 @@ async fn a_hanging_endpoint_with_as_many_slots_as_the_window_does_not_delay_a_he
     rx.behave("/stuck", Behaviour::Hang);
     let worst = healthy_latency_beside(&h, &rx, "/stuck", 8).await;
     eprintln!("head-of-line test: worst healthy latency {worst:?} beside a hanging endpoint with 8 slots");
-    assert!(worst < Duration::from_millis(500), "healthy endpoint delayed {worst:?}");
+    assert!(worst < Duration::from_millis(1500), "healthy endpoint delayed {worst:?}");
 }
 
 /// An endpoint that answers every request, but at 200 ms with two at a time (10 a second
