@@ -26,7 +26,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -333,6 +333,13 @@ struct Sequencer {
     /// Waiting heads by due time.
     timers: BTreeSet<(i64, u64)>,
     attempts: FuturesUnordered<Finished>,
+    /// Heads attempted, oldest first, with when: one in flight past `window::YOUNG` counts
+    /// apart from the window, as in the shards, so that heads whose endpoint hangs cannot fill
+    /// it and hold up every other subscription's keys on the partition.
+    started: VecDeque<(Instant, u64)>,
+    /// Heads whose attempt is in flight, and those of them past `window::YOUNG`.
+    attempting: HashSet<u64>,
+    aged: HashSet<u64>,
     /// Ended attempts whose markers wait for the append in flight, and that append: markers
     /// go to the log in groups, one append for all that ended meanwhile.
     to_mark: Vec<(LaneId, u64, Done, Marker)>,
@@ -396,6 +403,9 @@ pub async fn run(
         heads: BTreeMap::new(),
         timers: BTreeSet::new(),
         attempts: FuturesUnordered::new(),
+        started: VecDeque::new(),
+        attempting: HashSet::new(),
+        aged: HashSet::new(),
         to_mark: Vec::new(),
         marking: None,
         needy: HashMap::new(),
@@ -423,6 +433,7 @@ pub async fn run(
         tokio::select! {
             _ = crate::shutdown::stopped(&mut stop) => break,
             Some((lane, head, done, marker)) = seq.attempts.next(), if !seq.attempts.is_empty() => {
+                seq.attempted(head);
                 seq.ended(lane, head, done, marker);
             }
             marked = async { seq.marking.as_mut().expect("guarded").await }, if seq.marking.is_some() => {
@@ -749,13 +760,40 @@ impl Sequencer {
         }
     }
 
+    /// Room for another attempt: fewer young ones than the window, twice it in all.
+    fn has_room(&self) -> bool {
+        let young = self.attempts.len().saturating_sub(self.aged.len());
+        young < self.limits.window && self.attempts.len() < 2 * self.limits.window
+    }
+
+    /// Counts apart the attempts in flight for `window::YOUNG` or longer.
+    fn age(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, head)) = self.started.front() {
+            if now.duration_since(at) < super::window::YOUNG {
+                break;
+            }
+            self.started.pop_front();
+            if self.attempting.contains(&head) {
+                self.aged.insert(head);
+            }
+        }
+    }
+
+    /// A head's attempt ended.
+    fn attempted(&mut self, head: u64) {
+        self.attempting.remove(&head);
+        self.aged.remove(&head);
+    }
+
     /// Starts every head that is due, while the window has room; nothing during replay.
     fn start_due(&mut self) {
         if self.replaying() {
             return;
         }
+        self.age();
         let now = now_ms();
-        while self.attempts.len() < self.limits.window {
+        while self.has_room() {
             let Some(&(due, head)) = self.timers.first() else { break };
             if due > now {
                 break;
@@ -769,14 +807,20 @@ impl Sequencer {
             l.state = HeadState::InFlight;
             let Some(rec) = l.attempt_record() else { continue };
             let attempt = l.attempt;
+            self.started.push_back((Instant::now(), head));
+            self.attempting.insert(head);
             self.attempts.push(attempt_head(self.deliverer.clone(), lane, head, attempt, rec));
         }
     }
 
-    /// When the earliest waiting head is due, if there is room to start it.
+    /// When the earliest waiting head is due, if there is room to start it; with none, when
+    /// the oldest attempt ages (an ended attempt wakes the sequencer otherwise).
     fn wake_at(&self) -> Option<Instant> {
-        if self.replaying() || self.attempts.len() >= self.limits.window {
+        if self.replaying() {
             return None;
+        }
+        if !self.has_room() {
+            return self.started.front().map(|&(at, _)| at + super::window::YOUNG);
         }
         let &(due, _) = self.timers.first()?;
         Some(Instant::now() + Duration::from_millis((due - now_ms()).max(0) as u64))
@@ -881,6 +925,7 @@ impl Sequencer {
     async fn drain(&mut self) {
         let drained = tokio::time::timeout(self.limits.drain, async {
             while let Some((lane, head, done, marker)) = self.attempts.next().await {
+                self.attempted(head);
                 self.ended(lane, head, done, marker);
             }
             // Every marker of an attempt made is written before the partition goes.

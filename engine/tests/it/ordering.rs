@@ -627,3 +627,46 @@ async fn a_settled_marker_read_during_a_repeated_attempt_does_not_start_the_next
     assert_eq!(rx.most("a"), 1, "two of a key's deliveries under way at once: {:?}", rx.taken.lock().unwrap());
     drop(h);
 }
+
+/// The ordered topic's sequencer has a window of attempts per partition too: heads of a
+/// subscription whose endpoint hangs (as many as its slots, here the whole window) must not
+/// hold up another subscription's keys there for their whole timeout. An attempt in flight
+/// past a second counts apart, as in the shards.
+#[tokio::test]
+async fn hanging_heads_of_one_subscription_do_not_hold_up_another_s_keys() {
+    let h = TestHerald::start_with(|c| {
+        c.log.partitions = 1;
+        c.dispatch.window = 8;
+    })
+    .await;
+    let hanging = serve_keyed(|_, _| std::future::pending()).await;
+    let seen = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
+    let log = seen.clone();
+    let fine = serve_keyed(move |key, _| {
+        log.lock().unwrap().push((key, Instant::now()));
+        async { Response::builder().status(200).body(Full::new(Bytes::new())).unwrap() }
+    })
+    .await;
+    let ordering = json!({ "mode": "key", "key": "/data/key" });
+    h.api
+        .subscribe(json!({ "url": hanging, "ordering": ordering, "max_in_flight": 8, "timeout": "3s",
+            "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 2 } }))
+        .await;
+    h.api.subscribe(json!({ "url": fine, "ordering": ordering })).await;
+    let mut sent = std::collections::HashMap::new();
+    for i in 0..40 {
+        let key = format!("k{i}");
+        sent.insert(key.clone(), Instant::now());
+        let event = json!({ "type": "container.status.updated", "data": { "key": key, "seq": 0 } });
+        assert_eq!(h.api.post("/v1/events", event).await.0, 202);
+        tokio::time::sleep(Duration::from_millis(20)).await; // pacing the producer, not synchronisation
+    }
+    let got = until("every key at the healthy endpoint", Duration::from_secs(30), || {
+        let got = seen.lock().unwrap().clone();
+        async move { (got.len() >= 40).then_some(got) }
+    })
+    .await;
+    let worst = got.iter().map(|(k, at)| *at - sent[k]).max().unwrap();
+    eprintln!("ordered head-of-line test: worst healthy latency {worst:?}");
+    assert!(worst < Duration::from_millis(1500), "the healthy subscription's keys waited {worst:?}");
+}
