@@ -531,7 +531,14 @@ fn read_chunk(part: &Partition, from: u64, max: usize) -> Result<(Vec<LogRecord>
             return Ok((records, (after < end).then_some(after)));
         }
         if after <= next {
-            return Ok((Vec::new(), None));
+            // The segment went (reclaimed or compacted) between planning the read and opening
+            // it: go on from the partition's new start, if it moved.
+            let start = part.start_offset();
+            if start <= next {
+                return Ok((Vec::new(), None));
+            }
+            next = start;
+            continue;
         }
         next = after;
     }

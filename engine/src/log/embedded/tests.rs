@@ -1085,3 +1085,33 @@ async fn a_damaged_stretch_behind_a_group_in_flight_is_restored_from_the_journal
     let log = EmbeddedLog::open(cfg).await.unwrap();
     assert_eq!(contents(&log).await, acknowledged, "every acknowledged record is back; the group in flight is not");
 }
+
+/// A segment reclaimed by retention between a read's planning and its opening of the file: the
+/// read goes on from the partition's new start, not reporting the partition's end (the
+/// dead-letter list and replay read this way, and stopped early, missing live entries).
+#[tokio::test]
+async fn a_segment_reclaimed_under_a_read_does_not_end_the_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let part: Arc<std::sync::OnceLock<PartitionRef>> = Arc::default();
+    let (hook_part, struck) = (part.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| {
+        if let (Fault::Read(path), Some(p)) = (fault, hook_part.get()) {
+            let first = path.file_name().is_some_and(|n| n == segment::file_name(0).as_str());
+            if first && !struck.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                p.reclaim_older(i64::MAX, None).unwrap();
+            }
+        }
+        Ok(())
+    }));
+    let mut cfg = EmbeddedConfig { faults, ..quiet(dir.path(), 4096) };
+    cfg.topics.push(TopicSpec { retention: Some(Duration::from_secs(3600)), ..spec("d", 1, false) });
+    let log = EmbeddedLog::open(cfg).await.unwrap();
+    for i in 0..40 {
+        log.append("d", vec![rec("k", &format!("{i}-{}", "d".repeat(500)))]).await.unwrap();
+    }
+    assert!(log.segment_count("d", 0).unwrap() > 5);
+    part.set(log.topic("d").unwrap()[0].clone()).ok().unwrap();
+    let (records, _) = log.read_partition("d", 0, 0, 100).await.unwrap();
+    assert!(!records.is_empty(), "the read went on from the new start");
+    assert_eq!(records.last().map(|r| r.offset), Some(39));
+}
