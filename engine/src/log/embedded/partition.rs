@@ -436,6 +436,11 @@ impl Partition {
         let (mut file, path, base, start_len, mut next_index_at) = if rolled {
             let path = self.dir.join(segment::file_name(first));
             let file = crate::log::private::options().create(true).append(true).open(&path)?;
+            // Empty unless a refused group's roll left it (its removal failed): what it holds
+            // was never acknowledged, and this segment's length and index count from 0.
+            if file.metadata()?.len() > 0 {
+                file.set_len(0)?;
+            }
             (file, path, first, 0, 0)
         } else {
             let path = active.path.clone();

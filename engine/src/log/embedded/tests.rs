@@ -1115,3 +1115,38 @@ async fn a_segment_reclaimed_under_a_read_does_not_end_the_read() {
     assert!(!records.is_empty(), "the read went on from the new start");
     assert_eq!(records.last().map(|r| r.offset), Some(39));
 }
+
+/// A group refused after it started a new segment removes that file; if the removal failed
+/// (EIO), the next group starting that segment must not append after the refused frames —
+/// the segment's length and index count from its start, so readers would be served the
+/// refused records at the acknowledged offsets.
+#[tokio::test]
+async fn a_new_segment_starts_empty_even_where_a_refused_one_was_left() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let (cut, faults) = PowerCut::new();
+    let cfg = EmbeddedConfig { topics: vec![spec("t", 1, false)], ..config_with(dir.path(), 4096, faults) };
+    let log = EmbeddedLog::open(cfg).await.unwrap();
+    let value = "r".repeat(600);
+    // Six records fill the first segment; the seventh group rolls the second, and is refused.
+    for g in 0..6u64 {
+        log.append("t", vec![rec(&format!("k{g}"), &format!("{g}-{value}"))]).await.unwrap();
+    }
+    let g = 6u64;
+    let before = log.segment_count("t", 0).unwrap();
+    cut.fail_journal_sync.store(true, SeqCst);
+    assert!(log.append("t", vec![rec("k6", &format!("6-{value}"))]).await.is_err());
+    assert_eq!(log.segment_count("t", 0).unwrap(), before, "the refused roll's segment is gone");
+    // The refused group would have started segment `g` (one record a group, from offset 0).
+    let stale = dir.path().join("topics").join("t").join("0").join(segment::file_name(g));
+    if !stale.exists() {
+        let mut frame = BytesMut::new();
+        segment::encode(&mut frame, g, crate::model::now_ms(), b"k", b"stale");
+        std::fs::write(&stale, &frame).unwrap();
+    }
+    let acked = format!("acked-{value}");
+    let p = log.append("t", vec![rec("k", &acked)]).await.unwrap();
+    assert_eq!(p[0].offset, g);
+    let (read, _) = log.read_partition("t", 0, g, 1).await.unwrap();
+    assert_eq!(read.first().map(|r| String::from_utf8_lossy(&r.value).into_owned()), Some(acked));
+}
