@@ -188,7 +188,7 @@ async fn find(history: &Arc<History>, tenant: String, id: String) -> Result<Even
     if let Some(event) = lookup().await? {
         return Ok(event);
     }
-    history.caught_up(FIND_CATCH_UP).await;
+    history.caught_up(&tenant, FIND_CATCH_UP).await;
     lookup().await?.ok_or_else(|| ApiError::not_found("event"))
 }
 
@@ -284,7 +284,7 @@ pub async fn recover(
         return Err(ApiError::validation("until", "must not be before since"));
     }
     history.recorder.synced().await;
-    let behind = history.caught_up(RECOVER_CATCH_UP).await;
+    let behind = history.caught_up(&target.sub.tenant, RECOVER_CATCH_UP).await;
     let (index, sub) = (history.index.clone(), id.clone());
     let found = blocking(move || index.recoverable(&sub, since, until, req.all, RECOVER_MAX)).await?;
     let mut queued = 0;

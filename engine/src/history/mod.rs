@@ -50,6 +50,43 @@ const QUIET: Duration = Duration::from_secs(1);
 /// indexed without waiting, so lookups of ids never accepted cannot hold many connections.
 const CATCH_UP_WAITERS: usize = 16;
 
+/// Of those, one tenant's at most: one tenant looking up ids in a loop must not take every
+/// place, so that another's lookup of an event accepted a moment ago is answered 404.
+const CATCH_UP_WAITERS_PER_TENANT: usize = 2;
+
+/// A tenant's place among the waiters, given back when dropped.
+struct TenantWaiter<'a> {
+    waiting: &'a std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    tenant: String,
+}
+
+impl<'a> TenantWaiter<'a> {
+    fn take(
+        waiting: &'a std::sync::Mutex<std::collections::HashMap<String, usize>>,
+        tenant: &str,
+    ) -> Option<TenantWaiter<'a>> {
+        let mut map = waiting.lock().unwrap();
+        let n = map.entry(tenant.to_string()).or_default();
+        if *n >= CATCH_UP_WAITERS_PER_TENANT {
+            return None;
+        }
+        *n += 1;
+        Some(TenantWaiter { waiting, tenant: tenant.to_string() })
+    }
+}
+
+impl Drop for TenantWaiter<'_> {
+    fn drop(&mut self) {
+        let mut map = self.waiting.lock().unwrap();
+        if let Some(n) = map.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 /// Whether delivery keeps this process's workers busy, so indexing should wait. The index's
 /// threads are in the idle scheduling class, yet while deliveries peak they still run in every
 /// gap the workers leave and cost them: end to end (`e2e.sh 8 200000`) history on delivered
@@ -158,6 +195,8 @@ pub struct History {
     partitions: u32,
     load: Arc<Load>,
     waiters: tokio::sync::Semaphore,
+    /// Waiters by tenant (at most [`CATCH_UP_WAITERS_PER_TENANT`] each).
+    waiting: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -195,6 +234,7 @@ impl History {
             partitions,
             load,
             waiters: tokio::sync::Semaphore::new(CATCH_UP_WAITERS),
+            waiting: Default::default(),
             tasks: std::sync::Mutex::new(tasks),
             thread: std::sync::Mutex::new(thread),
         }))
@@ -204,8 +244,10 @@ impl History {
     /// `within`, with indexing no longer held back meanwhile: for answers that must not miss
     /// the newest records (an event not found yet, a recover). Returns how many records of
     /// the topic the index still lacks then (0: it caught up); `None` if the topic's end could
-    /// not be read, or [`CATCH_UP_WAITERS`] requests are waiting already.
-    pub async fn caught_up(&self, within: Duration) -> Option<u64> {
+    /// not be read, or [`CATCH_UP_WAITERS`] requests (or [`CATCH_UP_WAITERS_PER_TENANT`] of
+    /// `tenant`'s) are waiting already.
+    pub async fn caught_up(&self, tenant: &str, within: Duration) -> Option<u64> {
+        let _tenant = TenantWaiter::take(&self.waiting, tenant)?;
         let _waiting = self.waiters.try_acquire().ok()?;
         let deadline = tokio::time::Instant::now() + within;
         self.load.want_until(deadline.into_std());
@@ -516,7 +558,7 @@ mod tests {
                 stopped,
             )
             .unwrap();
-            assert_eq!(history.caught_up(Duration::from_secs(20)).await, Some(0));
+            assert_eq!(history.caught_up("t", Duration::from_secs(20)).await, Some(0));
             for i in 0..100 {
                 assert!(history.index.event("t", &format!("evt_{i}")).unwrap().is_some(), "evt_{i} lost");
             }
@@ -590,10 +632,17 @@ mod tests {
             assert!(history.index.event("t", "evt_now").unwrap().is_none(), "indexed without waiting");
             // Beyond the bound on waiters, a request answers from what is indexed.
             let all = history.waiters.try_acquire_many(CATCH_UP_WAITERS as u32).unwrap();
-            assert_eq!(history.caught_up(Duration::from_secs(20)).await, None);
+            assert_eq!(history.caught_up("t", Duration::from_secs(20)).await, None);
             assert!(history.index.event("t", "evt_now").unwrap().is_none(), "indexed without a waiter");
             drop(all);
-            assert_eq!(history.caught_up(Duration::from_secs(20)).await, Some(0));
+            // Nor can one tenant take every place: its own waits beyond its share answer at once.
+            let greedy: Vec<_> = (0..CATCH_UP_WAITERS_PER_TENANT)
+                .map(|_| TenantWaiter::take(&history.waiting, "greedy").unwrap())
+                .collect();
+            assert_eq!(history.caught_up("greedy", Duration::from_secs(20)).await, None);
+            assert!(history.index.event("t", "evt_now").unwrap().is_none());
+            drop(greedy);
+            assert_eq!(history.caught_up("t", Duration::from_secs(20)).await, Some(0));
             assert!(history.index.event("t", "evt_now").unwrap().is_some());
             stop.send(true).unwrap();
             history.stopped().await;
