@@ -292,15 +292,17 @@ pub async fn recover(
     let mut rest = found.events.as_slice();
     while !rest.is_empty() {
         let (index, ahead) = (history.index.clone(), rest[..rest.len().min(RECOVER_CHUNK)].to_vec());
-        // Events up to the budget (one at least, however large), and how many were looked at.
+        // Events within the budget (one at least, however large), and how many were looked at:
+        // one that would pass it is left for the next part.
         let (events, looked) = blocking(move || {
             let (mut events, mut bytes) = (Vec::new(), 0u64);
             for (looked, (tenant, event)) in ahead.iter().enumerate() {
-                if bytes >= budget {
-                    return Ok((events, looked));
-                }
                 if let Some(e) = index.event(tenant, event).ok().flatten() {
-                    bytes += (e.data.len() + e.changes.as_ref().map_or(0, |c| c.len())) as u64;
+                    let size = (e.data.len() + e.changes.as_ref().map_or(0, |c| c.len())) as u64;
+                    if !events.is_empty() && bytes + size > budget {
+                        return Ok((events, looked));
+                    }
+                    bytes += size;
                     events.push(e);
                 }
             }

@@ -337,8 +337,9 @@ struct Sequencer {
     /// apart from the window, as in the shards, so that heads whose endpoint hangs cannot fill
     /// it and hold up every other subscription's keys on the partition.
     started: VecDeque<(Instant, u64)>,
-    /// Heads whose attempt is in flight, and those of them past `window::YOUNG`.
-    attempting: HashSet<u64>,
+    /// Heads whose attempt is in flight, with when it started (an entry of `started` from a
+    /// head's earlier attempt must not age its next), and those of them past `window::YOUNG`.
+    attempting: HashMap<u64, Instant>,
     aged: HashSet<u64>,
     /// Ended attempts whose markers wait for the append in flight, and that append: markers
     /// go to the log in groups, one append for all that ended meanwhile.
@@ -404,7 +405,7 @@ pub async fn run(
         timers: BTreeSet::new(),
         attempts: FuturesUnordered::new(),
         started: VecDeque::new(),
-        attempting: HashSet::new(),
+        attempting: HashMap::new(),
         aged: HashSet::new(),
         to_mark: Vec::new(),
         marking: None,
@@ -774,7 +775,7 @@ impl Sequencer {
                 break;
             }
             self.started.pop_front();
-            if self.attempting.contains(&head) {
+            if self.attempting.get(&head) == Some(&at) {
                 self.aged.insert(head);
             }
         }
@@ -807,8 +808,9 @@ impl Sequencer {
             l.state = HeadState::InFlight;
             let Some(rec) = l.attempt_record() else { continue };
             let attempt = l.attempt;
-            self.started.push_back((Instant::now(), head));
-            self.attempting.insert(head);
+            let at = Instant::now();
+            self.started.push_back((at, head));
+            self.attempting.insert(head, at);
             self.attempts.push(attempt_head(self.deliverer.clone(), lane, head, attempt, rec));
         }
     }

@@ -330,7 +330,8 @@ impl Settler {
     /// Dead-letters the head of an ordered key that an operator skipped.
     pub async fn skipped(&self, delivery: Delivery, raw: Bytes) -> Settled {
         let error = format!("skipped by an operator at {}; the key's later deliveries went on", rfc3339_ms(now_ms()));
-        self.retrier.dead_letter(&delivery, raw, delivery.attempt, None, error.clone()).await;
+        // A waiting head's record is for its next attempt, not made.
+        self.retrier.dead_letter(&delivery, raw, delivery.attempt.saturating_sub(1), None, error.clone()).await;
         Settled::of(delivery, Via::Webhook, Settlement::DeadLettered { reason: Parked::Skipped(error) })
     }
 

@@ -39,11 +39,16 @@ impl Window {
     /// order the commit point is computed from, and with it, what a commit promises.
     #[must_use]
     pub fn start(&mut self, offset: u64) -> bool {
+        self.start_at(offset, Instant::now())
+    }
+
+    /// [`Window::start`], at `now`.
+    pub fn start_at(&mut self, offset: u64, now: Instant) -> bool {
         if self.pending.back().is_some_and(|&(o, ..)| o >= offset) || self.last_started.is_some_and(|o| o >= offset) {
             return false;
         }
         self.last_started = Some(offset);
-        self.pending.push_back((offset, false, Instant::now()));
+        self.pending.push_back((offset, false, now));
         self.in_flight += 1;
         true
     }
@@ -134,12 +139,13 @@ mod tests {
     #[test]
     fn deliveries_in_flight_past_young_count_apart() {
         let mut w = Window::default();
+        let t0 = Instant::now();
         for o in [1, 2, 3] {
-            assert!(w.start(o));
+            assert!(w.start_at(o, t0));
         }
-        let later = Instant::now() + YOUNG;
+        let later = t0 + YOUNG;
         for o in [4, 5] {
-            assert!(w.start(o));
+            assert!(w.start_at(o, t0 + Duration::from_millis(1)));
         }
         w.finish(2);
         w.age(later);

@@ -543,16 +543,16 @@ impl Ingest {
         Ok(accepted)
     }
 
-    /// Sends recorded events again, each to its targets, now, in one append: a fresh attempt
-    /// budget and the same id (so `webhook-id`), a new delivery generation, and the state back
-    /// to pending. Returns the deliveries queued.
     /// Bytes of delivery records one request may make (`quotas.fanout_bytes`).
     pub fn max_fanout(&self) -> u64 {
         self.max_fanout
     }
 
-    /// As [`Ingest::publish`], a call may make at most `quotas.fanout_bytes` of delivery
-    /// records (a recover sends its events in parts that fit).
+    /// Sends recorded events again, each to its targets, now, in one append: a fresh attempt
+    /// budget and the same id (so `webhook-id`), a new delivery generation, and the state back
+    /// to pending. Returns the deliveries queued. As [`Ingest::publish`], a call may make at
+    /// most `quotas.fanout_bytes` of delivery records (a recover sends its events in parts
+    /// that fit).
     pub async fn resend(&self, items: &[(EventRecord, Vec<Arc<Target>>)]) -> Result<usize, Refusal> {
         let invalid = |e: canonical::CanonicalError| Invalid::new("data", e.to_string());
         let now = now_ms();

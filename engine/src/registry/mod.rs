@@ -33,7 +33,14 @@ pub enum RegistryError {
     /// The tenant has as many subscriptions as it may.
     #[error("this tenant has its {0} subscriptions")]
     Quota(usize),
+    /// Deleted (by another process) while it was being changed.
+    #[error("the subscription was deleted meanwhile")]
+    Deleted,
 }
+
+/// How long a delete is remembered to judge late changes by: far longer than any process
+/// takes to read the catalog's newest records (a late change comes from one that had not).
+const DELETE_REMEMBERED: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What became of a subscription record this process wrote.
 #[derive(Debug)]
@@ -74,8 +81,11 @@ struct State {
     unreadable: HashSet<String>,
     /// Ids whose newest record was ignored (its tenant's URL held by another), and its offset.
     ignored: HashMap<String, u64>,
-    /// Deleted ids and the offset of their tombstone (what a late change is judged by).
-    deleted: HashMap<String, u64>,
+    /// Deleted ids, the offset of their tombstone and when it was applied (what a late change
+    /// is judged by; forgotten after [`DELETE_REMEMBERED`], swept as the map doubles).
+    deleted: HashMap<String, (u64, std::time::Instant)>,
+    /// The size of `deleted` at which it is swept next.
+    sweep_deleted_at: usize,
     /// Ids whose newest record was ignored as a change of a deleted one, and its offset.
     stale: HashMap<String, u64>,
 }
@@ -136,7 +146,11 @@ impl Apply for Registry {
         if rec.value.is_empty() {
             let mut state = self.state.write().unwrap();
             state.remove(&id);
-            state.deleted.insert(id, rec.offset);
+            state.deleted.insert(id, (rec.offset, std::time::Instant::now()));
+            if state.deleted.len() >= state.sweep_deleted_at {
+                state.deleted.retain(|_, (_, at)| at.elapsed() < DELETE_REMEMBERED);
+                state.sweep_deleted_at = (2 * state.deleted.len()).max(1024);
+            }
             return;
         }
         let compiled = serde_json::from_slice::<Subscription>(&rec.value)
@@ -145,7 +159,7 @@ impl Apply for Registry {
         match compiled {
             Ok(mut t) => {
                 let mut state = self.state.write().unwrap();
-                let deleted_after = |base: u64| state.deleted.get(&id).is_some_and(|&at| at > base);
+                let deleted_after = |base: u64| state.deleted.get(&id).is_some_and(|&(at, _)| at > base);
                 if t.sub.based_on.is_some_and(deleted_after) {
                     tracing::warn!(subscription = %id, offset = rec.offset, "ignoring a change of a subscription deleted after the version it was made from");
                     state.stale.insert(id, rec.offset);
@@ -190,13 +204,15 @@ impl Registry {
     }
 
     /// Writes `sub` and says what became of it. A change of a subscription deleted meanwhile
-    /// (by another process) is followed by the delete again, so that it stays the newest
-    /// record: compaction keeps only that, and must not keep the change.
+    /// (by another process) is followed by what stands again — the delete, or the subscription
+    /// made again under that id since — so that it is the newest record: compaction keeps
+    /// only that, and must not keep the change.
     async fn write(&self, sub: &Subscription) -> Result<Written, CatalogError> {
         let pos = self.feed.write(sub.id.as_bytes(), Bytes::from(sub.stored())).await?;
         let written = self.written(&sub.id, pos.offset);
         if matches!(written, Written::Deleted) {
-            self.feed.write(sub.id.as_bytes(), Bytes::new()).await?;
+            let standing = self.get(&sub.id).map_or_else(Bytes::new, |c| Bytes::from(c.sub.stored()));
+            self.feed.write(sub.id.as_bytes(), standing).await?;
         }
         Ok(written)
     }
@@ -238,6 +254,7 @@ impl Registry {
         max: usize,
     ) -> Result<Arc<Target>, RegistryError> {
         validate::check(&mut spec, &self.rules, &tenant)?;
+        validate::check_tenant_input(&spec, None)?;
         let sub = validate::new_subscription(tenant, spec, secret)?;
         let _serial = self.writes.lock().await;
         if self.count_of(&sub.tenant) >= max {
@@ -262,6 +279,7 @@ impl Registry {
         let old = &current.sub;
         let mut spec = spec::patched(&old.spec, patch)?;
         validate::check(&mut spec, &self.rules, &old.tenant)?;
+        validate::check_tenant_input(&spec, Some(&old.spec))?;
         if !same_url(&spec.url, &old.spec.url) && self.has_url(&old.tenant, &spec.url, Some(id)) {
             return Err(Self::url_taken());
         }
@@ -311,7 +329,7 @@ impl Registry {
                 self.feed.write(sub.id.as_bytes(), standing).await?;
                 return Err(Self::url_taken());
             }
-            Written::Deleted => return Err(Invalid::new("id", "the subscription was deleted meanwhile").into()),
+            Written::Deleted => return Err(RegistryError::Deleted),
             // Another process changed it right after: its change stands, as the newest.
             Written::Superseded => match self.get(&sub.id) {
                 Some(newer) => newer,
@@ -322,8 +340,16 @@ impl Registry {
         Ok(target)
     }
 
+    /// Whether another subscription of `tenant` has `url`, however either is spelled.
     fn has_url(&self, tenant: &str, url: &str, except: Option<&str>) -> bool {
-        self.state.read().unwrap().url_holder(tenant, url, except.unwrap_or_default()).is_some()
+        let state = self.state.read().unwrap();
+        let except = except.unwrap_or_default();
+        if state.url_holder(tenant, url, except).is_some() {
+            return true;
+        }
+        let key = target_key(url);
+        let others = state.by_tenant.get(tenant).into_iter().flat_map(|subs| subs.values());
+        others.into_iter().any(|t| t.sub.id != except && target_key(&t.sub.spec.url) == key)
     }
 
     /// Disables a subscription for what an attempt on `judged` (the version it was made
@@ -534,16 +560,24 @@ fn warn_trust_all(sub: &Subscription) {
     }
 }
 
-/// URLs compare equal after parsing (so `HTTPS://Host/` equals `https://host/`).
+/// URLs compare equal as a receiver gets them (see [`target_key`]).
 fn same_url(a: &str, b: &str) -> bool {
-    url_key(a) == url_key(b)
+    target_key(a) == target_key(b)
+}
+
+/// A URL as parsed (`HTTPS://Host/` becomes `https://host/`), or as given when it does not
+/// parse: the key records are applied by, so that every process, of every version, agrees on
+/// which of two records holding one URL was first. A request is held to [`target_key`] too.
+fn url_key(url: &str) -> String {
+    url::Url::parse(url).map_or_else(|_| url.to_string(), String::from)
 }
 
 /// A URL as a receiver gets it, so that one target has one key however it is spelled: parsed
 /// (`HTTPS://Host:443/` is `https://host/`), without a fragment (never sent), escapes of
 /// unreserved characters decoded and other escapes' hex in capitals (RFC 3986 §6.2.2), an empty
-/// query dropped; as given when it does not parse.
-fn url_key(url: &str) -> String {
+/// query dropped; as given when it does not parse. What a create or a change of URL is held to
+/// (records are applied by [`url_key`]: ones stored before this rule stay as they were).
+fn target_key(url: &str) -> String {
     let Ok(mut parsed) = url::Url::parse(url) else { return url.to_string() };
     parsed.set_fragment(None);
     let path = normalized_escapes(parsed.path());
@@ -655,6 +689,34 @@ mod tests {
         // A new subscription with the URL sub_a holds now is refused.
         apply(&record(7, "sub_b", "https://hooks.example/2"), "sub_b");
         assert!(matches!(registry.written("sub_b", 7), Written::UrlTaken));
+    }
+
+    /// Records are applied by the URL as parsed, as every version did: two subscriptions a
+    /// tenant made before fragments were refused (`/hook#a`, `/hook#b`) both stay (one being
+    /// dropped at the next start would drop its deliveries); a new one for that target, however
+    /// spelled, is refused.
+    #[tokio::test]
+    async fn subscriptions_stored_before_the_stricter_url_rule_stay() {
+        let registry = registry(false, true);
+        for (offset, id, url) in [(1, "sub_a", "https://h.example/hook#a"), (2, "sub_b", "https://h.example/hook#b")] {
+            let spec = spec::strict(&serde_json::json!({ "url": url })).unwrap();
+            let mut sub = validate::new_subscription("t".into(), spec, None).unwrap();
+            sub.id = id.into();
+            let rec = LogRecord {
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+                key: Bytes::copy_from_slice(id.as_bytes()),
+                value: Bytes::from(sub.stored()),
+            };
+            registry.apply(Entry { kind: Kind::Subscription, id: id.into(), record: &rec });
+        }
+        assert!(registry.get("sub_a").is_some() && registry.get("sub_b").is_some());
+        for url in ["https://h.example/hook", "https://h.example/%68ook"] {
+            let spec = spec::strict(&serde_json::json!({ "url": url })).unwrap();
+            let err = registry.create("t".into(), spec, None, 100).await.expect_err("refused");
+            assert!(matches!(err, RegistryError::Invalid(ref i) if i.field == "url"), "{url}: {err}");
+        }
     }
 
     /// Process A deletes a subscription while process B, not having read the tombstone yet,

@@ -80,21 +80,49 @@ pub fn check(spec: &mut SubscriptionSpec, rules: &Rules, tenant: &str) -> Result
         TransportKind::Amqp => check_amqp(spec, guard)?,
     }
     check_proxy(spec, &rules.proxies)?;
-    check_common(spec)?;
-    check_size(spec)
+    check_common(spec)
 }
 
-/// A whole subscription is at most [`range::SUBSCRIPTION_BYTES`] as stored: every process keeps
-/// every subscription in memory, so a tenant's quota of them bounds what it holds there. The
-/// largest field is named, being what to cut.
-fn check_size(spec: &SubscriptionSpec) -> Result<(), Invalid> {
-    let stored = crate::model::secret::revealing(|| serde_json::to_value(&*spec)).unwrap_or_default();
-    let Some(fields) = stored.as_object() else { return Ok(()) };
-    let sizes: Vec<(&String, usize)> = fields.iter().map(|(k, v)| (k, k.len() + v.to_string().len())).collect();
-    if sizes.iter().map(|(_, n)| n).sum::<usize>() <= range::SUBSCRIPTION_BYTES {
+/// One text field of a spec, if given.
+type Field = fn(&SubscriptionSpec) -> Option<&str>;
+
+/// What the API takes from a tenant beyond [`check`], for a new spec or one changing
+/// `previous`: only what the request changes is held to it, so a subscription stored before a
+/// bound existed can still be changed (disabled, say) as it stands, and the config file's
+/// static webhooks (whose files are read into content) are not held to it. A URL never has a
+/// `#fragment` (never sent, it spelt one target twice); inline PEM is at most
+/// [`MAX_INLINE`](crate::transport::tls::MAX_INLINE) bytes a field; and a whole subscription at
+/// most [`range::SUBSCRIPTION_BYTES`] as stored (every process keeps every subscription in
+/// memory, so a tenant's quota of them bounds what it holds there), naming the largest part.
+pub fn check_tenant_input(spec: &SubscriptionSpec, previous: Option<&SubscriptionSpec>) -> Result<(), Invalid> {
+    let changed = |f: Field| previous.is_none_or(|p| f(p) != f(spec));
+    let fragment = || url::Url::parse(&spec.url).is_ok_and(|u| u.fragment().is_some());
+    if spec.transport == TransportKind::Webhook && changed(|s| Some(s.url.as_str())) && fragment() {
+        return Err(Invalid::new("url", "must not have a #fragment (it is never sent)"));
+    }
+    let max = crate::transport::tls::MAX_INLINE;
+    let pem: [(&str, Field); 3] = [
+        ("tls.ca_pem", |s| s.tls.as_ref()?.ca_pem.as_deref()),
+        ("tls.client_cert_pem", |s| s.tls.as_ref()?.client_cert_pem.as_deref()),
+        ("tls.client_key_pem", |s| Some(s.tls.as_ref()?.client_key_pem.as_ref()?.expose())),
+    ];
+    for (field, get) in pem {
+        if get(spec).is_some_and(|p| p.len() > max) && changed(get) {
+            return Err(Invalid::new(field, format!("larger than {max} bytes")));
+        }
+    }
+    let sizes = |s: &SubscriptionSpec| -> Vec<(String, usize)> {
+        let stored = crate::model::secret::revealing(|| serde_json::to_value(s)).unwrap_or_default();
+        let fields = stored.as_object().cloned().unwrap_or_default();
+        fields.into_iter().map(|(k, v)| (k.clone(), k.len() + v.to_string().len())).collect()
+    };
+    let parts = sizes(spec);
+    let total: usize = parts.iter().map(|(_, n)| n).sum();
+    let before: Option<usize> = previous.map(|p| sizes(p).iter().map(|(_, n)| n).sum());
+    if total <= range::SUBSCRIPTION_BYTES || before.is_some_and(|b| total <= b) {
         return Ok(());
     }
-    let largest = sizes.iter().max_by_key(|(_, n)| *n).map_or("", |(k, _)| k.as_str());
+    let largest = parts.iter().max_by_key(|(_, n)| *n).map_or("", |(k, _)| k.as_str());
     Err(Invalid::new(
         largest,
         format!("a subscription is at most {} KiB in all; this is the largest part", range::SUBSCRIPTION_BYTES >> 10),
@@ -117,9 +145,6 @@ fn check_webhook(
     let url = url::Url::parse(&spec.url).map_err(|e| Invalid::new("url", format!("not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(Invalid::new("url", "must be an http or https URL"));
-    }
-    if url.fragment().is_some() {
-        return Err(Invalid::new("url", "must not have a #fragment (it is never sent)"));
     }
     let host = url.host_str().ok_or_else(|| Invalid::new("url", "must have a host"))?;
     guard.check_host(host).map_err(|e| Invalid::new("url", e.to_string()))?;
@@ -374,6 +399,24 @@ mod tests {
     fn checked(v: serde_json::Value) -> Result<SubscriptionSpec, Invalid> {
         let mut s = spec(v);
         check(&mut s, &Rules::default(), "t").map(|()| s)
+    }
+
+    /// The bounds on what a tenant sends hold for new input only: a subscription stored
+    /// before them (or a static webhook whose CA file is a system bundle, read into content)
+    /// still delivers and can still be changed as it stands; making it larger is refused.
+    #[test]
+    fn tenant_input_bounds_hold_for_what_a_request_changes() {
+        let pem =
+            "-----BEGIN CERTIFICATE-----\n".to_string() + &"QUJD\n".repeat(40_000) + "-----END CERTIFICATE-----\n";
+        let big = spec(json!({ "url": "https://h.example/#x", "tls": { "ca_pem": pem } }));
+        let field = |r: Result<(), Invalid>| r.err().map(|e| e.field);
+        assert_eq!(field(check_tenant_input(&big, None)), Some("url".into()));
+        let stored = spec(json!({ "url": "https://h.example/", "tls": { "ca_pem": pem } }));
+        assert_eq!(field(check_tenant_input(&stored, None)), Some("tls.ca_pem".into()));
+        let disabled = spec(json!({ "url": "https://h.example/#x", "tls": { "ca_pem": pem }, "enabled": false }));
+        assert_eq!(check_tenant_input(&disabled, Some(&big)), Ok(()), "changed as it stands");
+        let grown = spec(json!({ "url": "https://h.example/#x", "tls": { "ca_pem": pem.clone() + &pem } }));
+        assert_eq!(field(check_tenant_input(&grown, Some(&big))), Some("tls.ca_pem".into()));
     }
 
     #[test]

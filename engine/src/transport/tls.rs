@@ -3,7 +3,8 @@
 //! and key, or PKCS#12 with a password), or, only when explicitly asked, no server
 //! verification at all.
 //!
-//! Material comes as content in the subscription (at most [`MAX_INLINE`] bytes a field). Files
+//! Material comes as content in the subscription (from a tenant, at most [`MAX_INLINE`] bytes a
+//! field). Files
 //! are read only under the operator's `tls.files_dir` (canonicalized, so `..` and links cannot
 //! leave it), and never more than [`MAX_MATERIAL`] bytes of one (a device file cannot hang a
 //! request).
@@ -22,9 +23,11 @@ use std::sync::Arc;
 /// The most bytes of TLS material read from one of the operator's files.
 pub const MAX_MATERIAL: u64 = 1 << 20;
 
-/// The most bytes of PEM in one of a subscription's content fields: a chain of a few dozen
-/// certificates. It is kept in every process's memory with the subscription, so not a whole
-/// file's worth.
+/// The most bytes of PEM in one of a subscription's content fields that a tenant may send (a
+/// chain of a few dozen certificates): it is kept in every process's memory with the
+/// subscription, so not a whole file's worth. Checked on the API's input only
+/// (`registry::validate::check_tenant_input`): subscriptions stored before it, and the
+/// config file's static webhooks (whose files are read into content), keep working.
 pub const MAX_INLINE: usize = 64 << 10;
 
 /// Base64 characters of `tls.client_p12` at most (48 KiB of file).
@@ -101,7 +104,9 @@ fn material(
     dir: Option<&Path>,
 ) -> Result<Option<Vec<u8>>, TlsError> {
     match (content, file) {
-        (Some(c), _) if c.len() > MAX_INLINE => Err(bad(content_field, format!("larger than {MAX_INLINE} bytes"))),
+        (Some(c), _) if c.len() as u64 > MAX_MATERIAL => {
+            Err(bad(content_field, format!("larger than {MAX_MATERIAL} bytes")))
+        }
         (Some(c), None) => Ok(Some(c.to_vec())),
         (Some(_), Some(_)) => Err(bad(file_field, format!("give {content_field} or {file_field}, not both"))),
         (None, Some(path)) => read_under(file_field, path, dir).map(Some),

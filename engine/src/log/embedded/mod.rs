@@ -521,6 +521,7 @@ fn record(partition: u32, f: segment::Frame) -> LogRecord {
 fn read_chunk(part: &Partition, from: u64, max: usize) -> Result<(Vec<LogRecord>, Option<u64>), LogError> {
     let end = part.end_offset();
     let mut next = from.max(part.start_offset());
+    let mut replanned = 0;
     loop {
         if next >= end {
             return Ok((Vec::new(), None));
@@ -531,13 +532,17 @@ fn read_chunk(part: &Partition, from: u64, max: usize) -> Result<(Vec<LogRecord>
             return Ok((records, (after < end).then_some(after)));
         }
         if after <= next {
-            // The segment went (reclaimed or compacted) between planning the read and opening
-            // it: go on from the partition's new start, if it moved.
+            // The segment went (reclaimed, or compacted under a new name) between planning the
+            // read and opening it: go on from the partition's new start, or plan again (a few
+            // times: each is another file gone under the read).
             let start = part.start_offset();
             if start <= next {
-                return Ok((Vec::new(), None));
+                replanned += 1;
+                if replanned > 3 {
+                    return Ok((Vec::new(), None));
+                }
             }
-            next = start;
+            next = next.max(start);
             continue;
         }
         next = after;
