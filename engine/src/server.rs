@@ -121,6 +121,8 @@ pub struct Herald {
     history: Option<(watch::Sender<bool>, Arc<History>)>,
     metrics: Arc<Metrics>,
     log: Arc<dyn Log>,
+    /// The data directory's lock, held while this server runs.
+    _lock: std::fs::File,
 }
 
 /// Opens the configured backend with every topic Herald uses.
@@ -375,6 +377,7 @@ pub async fn start(config: Config) -> Result<Herald, StartError> {
 pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartError> {
     let data_err = |source| StartError::DataDir { path: config.data_dir.display().to_string(), source };
     crate::log::private::create_dir(&config.data_dir).map_err(data_err)?;
+    let lock = crate::log::private::lock_dir(&config.data_dir).map_err(data_err)?;
     crate::telemetry::configure(&config.tracing);
     if crate::log::private::open_to_others(&config.data_dir) {
         tracing::warn!(
@@ -488,6 +491,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         history: history.map(|h| (history_stop, h)),
         metrics,
         log,
+        _lock: lock,
     })
 }
 

@@ -12,6 +12,22 @@ pub fn create_dir(dir: &Path) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
+/// Takes the data directory `dir` for this process: an exclusive lock on `dir/herald.lock`,
+/// held while the returned file is open (the kernel lets go of it when the process ends, however
+/// it ends). A second server on one directory would rewrite the first one's live files as it
+/// opens the log (the catalog's compaction, the journal's restore) before anything else noticed.
+pub fn lock_dir(dir: &Path) -> io::Result<File> {
+    let file = options().create(true).truncate(false).write(true).open(dir.join("herald.lock"))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        if e == rustix::io::Errno::WOULDBLOCK {
+            io::Error::new(io::ErrorKind::WouldBlock, "in use by another herald process (herald.lock is held)")
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(file)
+}
+
 /// Options that create a file as `0600`.
 pub fn options() -> OpenOptions {
     let mut o = OpenOptions::new();

@@ -307,3 +307,15 @@ async fn a_publish_cut_off_while_its_write_goes_on_is_not_delivered_twice_on_ret
     .await;
     assert_eq!(got.iter().filter(|r| r.header("webhook-id") == "x").count(), 1, "delivered once");
 }
+
+/// Two servers on one data directory would each rewrite the other's live files (the
+/// catalog's compaction, the journal's restore) before either noticed: a second one refuses
+/// to start, and the first goes on.
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
+    let h = TestHerald::start().await;
+    let second = herald::server::start(crate::support::config(h.dir.path())).await;
+    let err = second.err().expect("a second server is refused");
+    assert!(err.to_string().contains("in use"), "{err}");
+    assert_eq!(h.api.get("/v1/subscriptions").await.0, 200);
+}
