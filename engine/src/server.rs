@@ -87,7 +87,9 @@ fn admin_token(config: &Config) -> Result<(String, TokenSource), std::io::Error>
     let path = config.data_dir.join("admin-token");
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), TokenSource::Stored)),
-        Ok(_) => {}
+        // Empty: a crash came between creating it and its token reaching the disk. It never
+        // held a token anyone was given; made again below.
+        Ok(_) => std::fs::remove_file(&path)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
@@ -103,7 +105,12 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     f.write_all(text.as_bytes())?;
-    f.sync_all()
+    f.sync_all()?;
+    // Its name too, so a crash cannot leave the token printed but not kept.
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// A running Herald.
@@ -534,5 +541,22 @@ impl crate::retry::dead_letters::ReplayRecorder for ReplaysInHistory {
         let states: Vec<HistoryRecord> =
             replayed.iter().map(|d| HistoryRecord::State(StateRecord::pending(d, at_ms))).collect();
         self.0.append(&states).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A crash between creating the token file and its token reaching the disk leaves it empty:
+    /// the next start makes a token again rather than failing for ever on "File exists".
+    #[test]
+    fn an_empty_admin_token_file_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("admin-token"), "").unwrap();
+        let config = Config { data_dir: dir.path().to_path_buf(), admin_token: None, ..Config::default() };
+        let (token, source) = admin_token(&config).unwrap();
+        assert!(matches!(source, TokenSource::Generated));
+        assert_eq!(std::fs::read_to_string(dir.path().join("admin-token")).unwrap(), token);
     }
 }

@@ -119,6 +119,10 @@ impl KafkaProperties {
     }
 }
 
+/// `HERALD_*` variables of the CLI and the edge agent (`herald --server`, `--token`, `herald
+/// edge --token`), which `herald serve` leaves alone.
+const CLIENT_VARIABLES: [&str; 3] = ["SERVER", "TOKEN", "EDGE_TOKEN"];
+
 impl Config {
     /// The key secrets are sealed with: `secret_key`, else the first line of
     /// `secret_key_file`.
@@ -131,7 +135,15 @@ impl Config {
             field: "secret_key_file",
             message: format!("cannot read {}: {e}", path.display()),
         })?;
-        Ok(text.lines().next().map(|l| l.trim().to_string()))
+        // A file that holds no key (a secret mount that came up empty) is not "no key": that
+        // would store new secrets as text and leave the sealed ones unreadable.
+        match text.lines().next().map(str::trim).filter(|k| !k.is_empty()) {
+            Some(key) => Ok(Some(key.to_string())),
+            None => Err(ConfigError::Rejected {
+                field: "secret_key_file",
+                message: format!("{} holds no key", path.display()),
+            }),
+        }
     }
 }
 
@@ -736,9 +748,15 @@ impl Config {
                 fig.merge(Toml::file(file))
             };
         }
-        // Read from the given variables (not the process's) so tests are hermetic.
-        let vars: Vec<(String, String)> =
-            env.iter().filter_map(|(k, v)| k.strip_prefix("HERALD_").map(|k| (env_key(k), v.clone()))).collect();
+        // Read from the given variables (not the process's) so tests are hermetic; the CLI's
+        // and the edge agent's own are not the server's settings (one shell or env file
+        // often serves both).
+        let vars: Vec<(String, String)> = env
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("HERALD_").map(|k| (k, v)))
+            .filter(|(k, _)| !CLIENT_VARIABLES.contains(k))
+            .map(|(k, v)| (env_key(k), v.clone()))
+            .collect();
         for (key, value) in vars {
             // Same value rules as figment's own Env provider: "8" is a number, "a,b" a string.
             let value: figment::value::Value = value.parse().expect("infallible");
@@ -883,6 +901,26 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// The README has the CLI's users `export HERALD_SERVER=… HERALD_TOKEN=…`, and an edge
+    /// host has `HERALD_EDGE_TOKEN`: a `herald serve` started in that shell (or with that env
+    /// file) must not refuse them as unknown settings.
+    #[test]
+    fn the_cli_s_and_the_agent_s_variables_are_not_settings() {
+        let vars = env(&[("HERALD_TOKEN", "x"), ("HERALD_SERVER", "http://h"), ("HERALD_EDGE_TOKEN", "he.x.y")]);
+        assert!(Config::load(None, &vars).is_ok(), "{:?}", Config::load(None, &vars).err());
+    }
+
+    /// A key file that holds no key (a secret mount that came up empty) is an error, not a
+    /// quiet start storing secrets as text and leaving sealed ones unreadable.
+    #[test]
+    fn an_empty_secret_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "\n").unwrap();
+        let c = Config { secret_key_file: Some(path), ..Config::default() };
+        assert!(matches!(c.sealing_key(), Err(ConfigError::Rejected { field: "secret_key_file", .. })));
     }
 
     #[test]
