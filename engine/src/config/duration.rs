@@ -9,9 +9,19 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct HumanDuration(pub Duration);
 
+/// The longest duration taken anywhere: a century. Longer ones ("forever" as
+/// `18446744073709551615`) overflowed the millisecond arithmetic they reach (a dead-letter
+/// retention so long it wrapped to the past and deleted every dead letter at the next flush).
+pub const MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// A duration within [`MAX`].
+fn bounded(d: Duration) -> Option<HumanDuration> {
+    (d <= MAX).then_some(HumanDuration(d))
+}
+
 /// Why a duration string was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid duration {input:?}: expected ISO-8601 like \"PT30S\" or humane like \"30s\"")]
+#[error("invalid duration {input:?}: expected ISO-8601 like \"PT30S\" or humane like \"30s\", at most 100 years")]
 pub struct DurationError {
     input: String,
 }
@@ -64,12 +74,12 @@ impl std::str::FromStr for HumanDuration {
         let t = s.trim();
         let err = || DurationError { input: s.to_string() };
         if t.starts_with(['P', 'p']) {
-            return parse_iso8601(t).map(HumanDuration).ok_or_else(err);
+            return parse_iso8601(t).and_then(bounded).ok_or_else(err);
         }
         if let Ok(secs) = t.parse::<u64>() {
-            return Ok(HumanDuration(Duration::from_secs(secs)));
+            return bounded(Duration::from_secs(secs)).ok_or_else(err);
         }
-        humantime::parse_duration(t).map(HumanDuration).map_err(|_| err())
+        humantime::parse_duration(t).ok().and_then(bounded).ok_or_else(err)
     }
 }
 
@@ -97,12 +107,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 v.parse().map_err(E::custom)
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<HumanDuration, E> {
-                Ok(HumanDuration(Duration::from_secs(v)))
+                bounded(Duration::from_secs(v)).ok_or_else(|| E::custom("a duration is at most 100 years"))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<HumanDuration, E> {
-                u64::try_from(v)
-                    .map(|v| HumanDuration(Duration::from_secs(v)))
-                    .map_err(|_| E::custom("a duration cannot be negative"))
+                let v = u64::try_from(v).map_err(|_| E::custom("a duration cannot be negative"))?;
+                self.visit_u64(v)
             }
         }
         d.deserialize_any(Visitor)

@@ -857,6 +857,22 @@ impl Config {
         if self.dispatch.window == 0 || self.dispatch.batch == 0 {
             return reject("dispatch.window", "window and batch must be at least 1");
         }
+        // Far past any use, and short of the arithmetic on them (twice the window, a
+        // semaphore's permits) overflowing.
+        let huge = |n: usize| n > 100_000_000;
+        if huge(self.api.max_connections) {
+            return reject("api.max_connections", "must be at most 100000000");
+        }
+        for (field, n) in [
+            ("dispatch.window", self.dispatch.window),
+            ("dispatch.batch", self.dispatch.batch),
+            ("dispatch.max_uncommitted", self.dispatch.max_uncommitted),
+            ("dispatch.ordered_max_keys", self.dispatch.ordered_max_keys),
+        ] {
+            if huge(n) {
+                return reject(field, "must be at most 100000000");
+            }
+        }
         if self.dispatch.max_uncommitted < self.dispatch.window {
             return reject("dispatch.max_uncommitted", "must be at least dispatch.window");
         }
@@ -910,6 +926,21 @@ mod tests {
     fn the_cli_s_and_the_agent_s_variables_are_not_settings() {
         let vars = env(&[("HERALD_TOKEN", "x"), ("HERALD_SERVER", "http://h"), ("HERALD_EDGE_TOKEN", "he.x.y")]);
         assert!(Config::load(None, &vars).is_ok(), "{:?}", Config::load(None, &vars).err());
+    }
+
+    /// Settings past any use are refused, not wrapped in the arithmetic they reach.
+    #[test]
+    fn durations_and_counts_past_any_use_are_refused() {
+        for (var, value) in [
+            ("HERALD_LOG_DLQ_RETENTION", "18446744073709551615"),
+            ("HERALD_LOG_DLQ_RETENTION", "P999999999999D"),
+            ("HERALD_HEALTH_DISABLE_AFTER", "200 years"),
+            ("HERALD_API_MAX_CONNECTIONS", "2305843009213693952"),
+            ("HERALD_DISPATCH_WINDOW", "9223372036854775807"),
+        ] {
+            assert!(Config::load(None, &env(&[(var, value)])).is_err(), "{var}={value}");
+        }
+        assert!(Config::load(None, &env(&[("HERALD_LOG_DLQ_RETENTION", "P3650D")])).is_ok());
     }
 
     /// A key file that holds no key (a secret mount that came up empty) is an error, not a
