@@ -141,6 +141,12 @@ pub async fn forward(
     let Lookup::Found(target) = state.registry.lookup(&f.subscription).await else {
         return Err(ApiError::not_found("subscription"));
     };
+    // Only to the device the subscription names: a forward is another process's attempt of
+    // that subscription, never a way to send one tenant's delivery (and its secrets) to
+    // another tenant's agent.
+    if target.sub.spec.via_edge.as_deref() != Some(f.device.as_str()) {
+        return Err(ApiError::validation("device", "is not the edge device this subscription names"));
+    }
     let delivery =
         decode_delivery(&f.delivery).ok_or_else(|| ApiError::validation("delivery", "not a delivery record"))?;
     let timeout = std::time::Duration::from_millis(f.timeout_ms.clamp(1, 600_000));

@@ -893,6 +893,11 @@ impl Config {
                 return reject("admin_token", "must be at least 16 characters");
             }
         }
+        // It lets any caller of the public API push a subscription (its secrets with it) to
+        // an agent: as hard to guess as the admin token.
+        if self.edge.forward_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return reject("edge.forward_secret", "must be at least 16 characters");
+        }
         Ok(())
     }
 }
@@ -941,6 +946,12 @@ mod tests {
             assert!(Config::load(None, &env(&[(var, value)])).is_err(), "{var}={value}");
         }
         assert!(Config::load(None, &env(&[("HERALD_LOG_DLQ_RETENTION", "P3650D")])).is_ok());
+    }
+
+    #[test]
+    fn a_short_forward_secret_is_refused() {
+        let short = Config::load(None, &env(&[("HERALD_EDGE_FORWARD_SECRET", "herald")]));
+        assert!(matches!(short, Err(ConfigError::Rejected { field: "edge.forward_secret", .. })));
     }
 
     /// A key file that holds no key (a secret mount that came up empty) is an error, not a

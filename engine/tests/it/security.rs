@@ -560,6 +560,31 @@ async fn edge_forwards_need_the_forward_secret_not_the_admin_token() {
     assert_eq!(status, 401);
 }
 
+/// A forward (another process's attempt through an agent connected here) goes only to the
+/// device its subscription names: not one tenant's delivery, secrets and all, to another
+/// tenant's agent, whoever holds the forward secret.
+#[tokio::test]
+async fn an_edge_forward_goes_only_to_the_subscription_s_own_device() {
+    let secret = "f".repeat(32);
+    let h = TestHerald::start_with(|c| c.edge.forward_secret = Some("f".repeat(32))).await;
+    let (_, acme) = tenant_with_key(&h.api, "Acme").await;
+    let (_, mallory) = tenant_with_key(&h.api, "Mallory").await;
+    let (_, acme_device) = acme.post("/v1/edge-devices", json!({ "name": "acme office" })).await;
+    let (_, mallory_device) = mallory.post("/v1/edge-devices", json!({ "name": "mallory office" })).await;
+    let sub =
+        acme.subscribe(json!({ "url": "http://10.1.2.3/hook", "via_edge": acme_device["id"].as_str().unwrap() })).await;
+    let forward = json!({
+        "device": mallory_device["id"].as_str().unwrap(),
+        "subscription": sub["id"].as_str().unwrap(),
+        "delivery": "AAAA",
+        "pending_retries": 0,
+        "timeout_ms": 1000,
+    });
+    let body = Some(Bytes::from(forward.to_string()));
+    let (status, err) = h.api.raw("POST", "/v1/edge/forward", body, Some(&secret)).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("device")), "{err}");
+}
+
 /// Every file under `dir`, with its mode; directories too.
 fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32, bool)>) {
     use std::os::unix::fs::PermissionsExt;
