@@ -413,15 +413,15 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
             }
             Tenants::Portal { id, ttl } => {
                 let body = ttl.map_or_else(|| json!({}), |t| json!({ "ttl": t }));
-                (api.call("POST", &format!("/v1/tenants/{id}/portal"), Some(body)).await?, Shown::One)
+                (api.call("POST", &format!("/v1/tenants/{}/portal", seg(&id)), Some(body)).await?, Shown::One)
             }
         },
         Client::Keys { cmd, .. } => match cmd {
             Keys::Issue { tenant } => {
-                (api.call("POST", &format!("/v1/tenants/{tenant}/keys"), Some(json!({}))).await?, Shown::One)
+                (api.call("POST", &format!("/v1/tenants/{}/keys", seg(&tenant)), Some(json!({}))).await?, Shown::One)
             }
             Keys::Revoke { tenant, key_id } => (
-                api.call("DELETE", &format!("/v1/tenants/{tenant}/keys/{key_id}"), None).await?,
+                api.call("DELETE", &format!("/v1/tenants/{}/keys/{}", seg(&tenant), seg(&key_id)), None).await?,
                 Shown::Done("revoked"),
             ),
         },
@@ -445,7 +445,9 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                 .await?,
                 Shown::List(&["id", "tenant", "url", "events", "enabled", "/health/breaker"]),
             ),
-            Subscriptions::Get { id } => (api.call("GET", &format!("/v1/subscriptions/{id}"), None).await?, Shown::One),
+            Subscriptions::Get { id } => {
+                (api.call("GET", &format!("/v1/subscriptions/{}", seg(&id)), None).await?, Shown::One)
+            }
             Subscriptions::Create { url, events, tenant, file } => {
                 let mut body = match &file {
                     Some(f) => read_json(f)?,
@@ -468,16 +470,17 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                     (None, Some(s)) => serde_json::from_str(&s).context("--set is not JSON")?,
                     (None, None) => return Err(anyhow!("give the patch with --file or --set")),
                 };
-                (api.call("PATCH", &format!("/v1/subscriptions/{id}"), Some(body)).await?, Shown::One)
+                (api.call("PATCH", &format!("/v1/subscriptions/{}", seg(&id)), Some(body)).await?, Shown::One)
             }
             Subscriptions::Delete { id } => {
-                (api.call("DELETE", &format!("/v1/subscriptions/{id}"), None).await?, Shown::Done("deleted"))
+                (api.call("DELETE", &format!("/v1/subscriptions/{}", seg(&id)), None).await?, Shown::Done("deleted"))
             }
-            Subscriptions::Rotate { id } => {
-                (api.call("POST", &format!("/v1/subscriptions/{id}/rotate-secret"), Some(json!({}))).await?, Shown::One)
-            }
+            Subscriptions::Rotate { id } => (
+                api.call("POST", &format!("/v1/subscriptions/{}/rotate-secret", seg(&id)), Some(json!({}))).await?,
+                Shown::One,
+            ),
             Subscriptions::Test { id } => {
-                (api.call("POST", &format!("/v1/subscriptions/{id}/test"), Some(json!({}))).await?, Shown::One)
+                (api.call("POST", &format!("/v1/subscriptions/{}/test", seg(&id)), Some(json!({}))).await?, Shown::One)
             }
         },
         Client::Events { cmd, .. } => match cmd {
@@ -526,9 +529,10 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                     }
                 }
             }
-            Events::Get { id, tenant } => {
-                (api.call("GET", &format!("/v1/events/{id}{}", query(&[("tenant", tenant)])), None).await?, Shown::One)
-            }
+            Events::Get { id, tenant } => (
+                api.call("GET", &format!("/v1/events/{}{}", seg(&id), query(&[("tenant", tenant)])), None).await?,
+                Shown::One,
+            ),
             Events::List { event_type, tenant, limit, paging } => (
                 api.call(
                     "GET",
@@ -607,16 +611,11 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                 Shown::One,
             ),
             EdgeDevices::Delete { id } => {
-                (api.call("DELETE", &format!("/v1/edge-devices/{id}"), None).await?, Shown::Done("deleted"))
+                (api.call("DELETE", &format!("/v1/edge-devices/{}", seg(&id)), None).await?, Shown::Done("deleted"))
             }
         },
         Client::EventTypes { cmd, .. } => {
-            let path = |name: &str| {
-                format!(
-                    "/v1/event-types/{}",
-                    percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
-                )
-            };
+            let path = |name: &str| format!("/v1/event-types/{}", seg(name));
             match cmd {
                 EventTypes::List => (
                     api.call("GET", "/v1/event-types", None).await?,
@@ -650,4 +649,10 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
         Shown::Done(what) => println!("{what}"),
     }
     Ok(())
+}
+
+/// An id or name as one path segment: `a b` or `sub#x` must reach the server as written (a
+/// `#` cut the path short; a space made no request at all), not something else.
+fn seg(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

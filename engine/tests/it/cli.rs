@@ -146,6 +146,12 @@ async fn an_operator_scripts_herald_with_its_cli() {
     let missing = herald(&base, &["subscriptions", "get", "sub_nope"], None).await;
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("404"), "{missing:?}");
+    // Ids reach the server as written: a space or a `#` in one makes no other request (a `#`
+    // cut the path short: this deleted the subscription itself).
+    let spaced = herald(&base, &["subscriptions", "get", "a b"], None).await;
+    assert_eq!(spaced.status.code(), Some(1), "{spaced:?}");
+    let hashed = herald(&base, &["subscriptions", "delete", &format!("{sub_id}#x")], None).await;
+    assert_eq!(hashed.status.code(), Some(1), "{hashed:?}");
     let invalid = herald(&base, &["subscriptions", "create", "--url", "not a url"], None).await;
     assert_eq!(invalid.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&invalid.stderr).contains("url"), "{invalid:?}");
