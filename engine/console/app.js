@@ -179,6 +179,8 @@ async function route() {
       return signOut(e.status === 401 ? "That token is no longer accepted: sign in again." : e.message);
     }
   }
+  // The portal is a tenant's page (other sites may frame it): the operator uses the console.
+  if (PORTAL && session.role === "admin") return signOut("The portal is for tenants: the operator signs in at /console.");
   const [screen, id, sub] = location.hash.replace(/^#\/?/, "").split("?")[0].split("/").map(decodeURIComponent);
   const screens = {
     overview: overview, tenants: tenants, subscriptions: subscriptions, events: events, dlq: deadLetters, edge: edgeDevices,
@@ -891,10 +893,13 @@ async function eventTypes() {
   // A portal link carries its token in the fragment: keep it for this tab, then take it out of
   // the address bar and history at once. Only the portal signs in so: a console link with a
   // key in it would sign the visitor in as whoever made the link (a login forgery).
+  // Only a portal link (`hp.`, a week at most) signs in so: an address carrying a tenant's
+  // API key or the admin token would sign the visitor in as that key's owner unnoticed.
   const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
   if (m) {
-    if (PORTAL) {
-      session.token = decodeURIComponent(m[1]);
+    const token = decodeURIComponent(m[1]);
+    if (PORTAL && token.startsWith("hp.")) {
+      session.token = token;
       sessionStorage.setItem(TOKEN_KEY, session.token);
     }
     history.replaceState(null, "", location.pathname + "#/subscriptions");

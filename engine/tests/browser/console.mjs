@@ -247,6 +247,22 @@ try {
   assert.ok(!lured.url().includes("token="), "the token left the address bar");
   await lctx.close();
 
+  say("a portal address carrying an API key or the admin token does not sign in with it");
+  // Only a portal link (hp.) signs in from the address; and the portal is no operator's page.
+  const pctx = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+  const addressed = await pctx.newPage();
+  watch(addressed);
+  for (const token of [key, ADMIN]) {
+    await addressed.goto(`${BASE}/portal#token=${encodeURIComponent(token)}`);
+    await addressed.locator("#token").waitFor({ timeout: WAIT });
+    assert.equal(await addressed.evaluate(() => sessionStorage.getItem("herald.token")), null, "not signed in");
+  }
+  await addressed.locator("#token").fill(ADMIN);
+  await addressed.getByRole("button", { name: "Sign in" }).click();
+  await addressed.getByText("The portal is for tenants").waitFor({ timeout: WAIT });
+  assert.equal(await addressed.getByRole("link", { name: "Tenants" }).count(), 0, "no operator screens on the portal");
+  await pctx.close();
+
   say("the portal shows the tenant its own data only");
   const tctx = await browser.newContext({ viewport: { width: 1280, height: 860 } });
   const portal = await tctx.newPage();
