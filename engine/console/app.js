@@ -160,8 +160,12 @@ function layout(current, title, ...content) {
   const nav = h("nav", { class: "tabs", "aria-label": "Sections" },
     SCREENS.filter((s) => !s.admin || session.role === "admin")
       .map((s) => h("a", { href: "#/" + s.path, "aria-current": s.path === current ? "page" : false }, s.title)));
+  // A portal link names its tenant (`hp.<tenant>.<expiry>.<tag>`): shown, so that a visitor
+  // sent someone else's link can see whose portal this is.
+  const linked = session.role !== "admin" && /^hp\.(.+)\.[^.]+\.[^.]+$/.exec(session.token || "");
   const brand = h("span", { class: "brand" }, "Herald",
-    h("small", {}, session.role === "admin" ? "console" : "portal"));
+    h("small", {}, session.role === "admin" ? "console" : "portal"),
+    linked ? h("small", { class: "mono", "data-tenant": linked[1] }, linked[1]) : null);
   const out = h("button", { type: "button", onclick: () => signOut() }, "Sign out");
   const heading = h("h1", { tabindex: "-1" }, title);
   document.title = `${title} · Herald`;
@@ -817,7 +821,8 @@ async function edgeDevices() {
         h("td", {}, fmtTime(d.created_at)),
         h("td", {}, d.connected ? badge("connected", "ok") : badge("not connected", "")),
         h("td", {}, h("button", { type: "button", class: "danger", onclick: async () => {
-          if (!confirm(`Delete ${d.name}? Its token stops working and its agent is disconnected.`)) return;
+          // The name is the tenant's: quoted on one line, so it cannot write the question.
+          if (!confirm(`Delete edge device ${JSON.stringify(d.name)} (${d.id})? Its token stops working and its agent is disconnected.`)) return;
           try { await api("DELETE", `/v1/edge-devices/${d.id}`); await load(); } catch (e) { out.replaceChildren(errorBox(e)); }
         } }, "Delete")))),
     "No edge devices. An edge device delivers from inside a customer's network."));

@@ -270,6 +270,8 @@ try {
   await portal.goto(portalUrl);
   await portal.getByRole("heading", { name: "Subscriptions" }).waitFor({ timeout: WAIT });
   assert.ok(!portal.url().includes("token="), "the token left the address bar");
+  const linkedTenant = decodeURIComponent(portalUrl.split("#token=")[1]).split(".")[1];
+  assert.equal(await portal.locator("header [data-tenant]").textContent(), linkedTenant, "whose portal it is");
   await portal.locator(`tr[data-subscription="${okSub}"]`).waitFor({ timeout: WAIT });
   assert.equal(await portal.locator(`tr[data-subscription="${OTHER_SUB}"]`).count(), 0);
   assert.equal(await portal.locator("tr[data-subscription]").count(), 2);
