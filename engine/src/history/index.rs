@@ -516,6 +516,9 @@ impl Index {
             .id(&state.event)
             .time(state.at_ms)
             .number(state.attempt)
+            // Two resends' attempts of one number in one millisecond are two versions, not one
+            // (keys written before this end at the number, and read the same).
+            .id(state.attempt_id.as_deref().unwrap_or_default())
             .done();
         batch.insert(&ks, key, state.encode());
         Ok(())
@@ -726,12 +729,16 @@ impl Index {
                 if q.until_ms.is_some_and(|u| v.at_ms > u) {
                     return Flow::Go;
                 }
-                let full = newest.len() >= keep;
-                if q.since_ms.is_some_and(|s| v.at_ms < s)
-                    || full && newest.peek().is_some_and(|std::cmp::Reverse(m)| (v.at_ms, &id) <= (m.0, &m.1))
-                {
+                if q.since_ms.is_some_and(|s| v.at_ms < s) {
                     // The rest of this delivery is older still.
                     return Flow::Stop;
+                }
+                if let Some(std::cmp::Reverse(oldest)) = newest.peek().filter(|_| newest.len() >= keep) {
+                    if (v.at_ms, &id) <= (oldest.0, &oldest.1) {
+                        // Older than every one kept: so is the rest of this delivery, but for
+                        // versions of the same millisecond (ordered by the ids' hashes).
+                        return if v.at_ms < oldest.0 { Flow::Stop } else { Flow::Go };
+                    }
                 }
                 if let Some(outcome) = &q.outcome {
                     checked += 1;
@@ -1038,6 +1045,40 @@ mod tests {
         assert_eq!(ids(&second), ["s2-298", "s1-298", "s3-297", "s2-297"]);
         let filtered = AttemptQuery { since_ms: Some(accepted + 1 + 299 * 3), ..q.clone() };
         assert_eq!(ids(&index.attempts(&filtered).unwrap()), ["s3-299", "s2-299", "s1-299"]);
+    }
+
+    /// Two resends of one event make attempts of the same number in the same millisecond (in
+    /// lockstep with a fixed interval): each keeps its own state version, so neither drops out
+    /// of the event's attempts or its count.
+    #[test]
+    fn attempts_of_one_number_in_one_millisecond_keep_a_version_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
+        let now = 100 * 86_400_000 + 1000;
+        let accepted = now - 100;
+        let event = HistoryRecord::Event(EventRecord {
+            id: "e".into(),
+            tenant: "t".into(),
+            event_type: "T".into(),
+            accepted_ms: accepted,
+            subscriptions: vec!["s".into()],
+            data: bytes::Bytes::from_static(b"{}"),
+            changes: None,
+            ordering_key: None,
+        });
+        let mut records = vec![LogRecord { value: event.encode(), ..attempt("x", accepted) }];
+        for id in ["gen1", "gen2"] {
+            let mut r = attempt(id, now);
+            let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&r.value) else { unreachable!() };
+            (a.event_id, a.subscription, a.accepted_ms) = ("e".into(), "s".into(), accepted);
+            r.value = HistoryRecord::Attempt(a).encode();
+            records.push(r);
+        }
+        index.apply(0, &records, records.len() as u64, now).unwrap();
+        let event = index.event("t", "e").unwrap().unwrap();
+        assert_eq!(index.deliveries(&event).unwrap()[0].attempts, 2);
+        let q = AttemptQuery { tenant: "t".into(), event: Some("e".into()), limit: 10, ..AttemptQuery::default() };
+        assert_eq!(index.attempts(&q).unwrap().items.len(), 2);
     }
 
     /// Events accepted in one request share their millisecond: a recover that stops at its
