@@ -764,7 +764,7 @@ impl Sequencer {
     /// Room for another attempt: fewer young ones than the window, twice it in all.
     fn has_room(&self) -> bool {
         let young = self.attempts.len().saturating_sub(self.aged.len());
-        young < self.limits.window && self.attempts.len() < 2 * self.limits.window
+        super::window::room(self.limits.window, young, self.attempts.len()) > 0
     }
 
     /// Counts apart the attempts in flight for `window::YOUNG` or longer.

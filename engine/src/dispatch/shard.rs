@@ -104,8 +104,7 @@ impl Shard {
 
     fn room(&self) -> usize {
         let w = &self.window;
-        (self.limits.window.saturating_sub(w.young()))
-            .min((2 * self.limits.window).saturating_sub(w.in_flight()))
+        super::window::room(self.limits.window, w.young(), w.in_flight())
             .min(self.limits.max_uncommitted.saturating_sub(w.held()))
     }
 

@@ -18,6 +18,13 @@ use tokio::time::Instant;
 /// 3–5 % fewer deliveries a second in `e2e.sh`), while an attempt that hangs does.
 pub const YOUNG: Duration = Duration::from_secs(1);
 
+/// How many more deliveries may start beside `in_flight`, `young` of them in flight for less
+/// than [`YOUNG`], under a window of `window`: fewer young ones than the window, fewer than
+/// twice it in all. The one rule for the shards and the ordered sequencer.
+pub fn room(window: usize, young: usize, in_flight: usize) -> usize {
+    window.saturating_sub(young).min((2 * window).saturating_sub(in_flight))
+}
+
 /// Offsets started and not yet covered by the commit point.
 #[derive(Debug, Default)]
 pub struct Window {
