@@ -758,11 +758,12 @@ impl Config {
             .map(|(k, v)| (env_key(k), v.clone()))
             .collect();
         for (key, value) in vars {
-            // Same value rules as figment's own Env provider: "8" is a number, "a,b" a string.
-            let value: figment::value::Value = value.parse().expect("infallible");
+            // Kept as text and read as what the setting is (`extract_lossy`): typed by its
+            // looks, as figment's own Env provider does, a token of digits became a number,
+            // failed to load as a string, and the error echoed it.
             fig = fig.merge(Serialized::default(&key, value));
         }
-        let config: Config = fig.extract().map_err(Box::new)?;
+        let config: Config = fig.extract_lossy().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
     }
@@ -1047,6 +1048,32 @@ mod tests {
         std::fs::write(&file, r#"{"webHook": {"endpoint": "https://x/", "unknownSetting": 1}}"#).unwrap();
         let err = Config::load(Some(&file), &[]).unwrap_err();
         assert!(err.to_string().contains("unknownSetting"), "{err}");
+    }
+
+    #[test]
+    fn environment_values_keep_the_type_of_their_setting() {
+        // A token or prefix made of digits (or reading "true") is still text: figment's own
+        // value rules typed it as a number, the load failed, and its message echoed the secret.
+        let c = Config::load(
+            None,
+            &env(&[
+                ("HERALD_ADMIN_TOKEN", "12345678901234567890123"),
+                ("HERALD_LOG_TOPIC_PREFIX", "true"),
+                ("HERALD_EDGE_FORWARD_SECRET", "2024202420242024"),
+                ("HERALD_LOG__KAFKA__LINGER_MS", "1.10"),
+                ("HERALD_DISPATCH_WINDOW", "32"),
+                ("HERALD_HTTP_TIMEOUT", "45"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some("12345678901234567890123"));
+        assert_eq!(c.log.topic_prefix, "true");
+        assert_eq!(c.edge.forward_secret.as_deref(), Some("2024202420242024"));
+        assert_eq!(c.log.kafka.0.get("linger_ms").map(String::as_str), Some("1.10"));
+        assert_eq!(c.dispatch.window, 32);
+        assert_eq!(c.http.timeout.0, Duration::from_secs(45));
+        let err = Config::load(None, &env(&[("HERALD_DISPATCH_WINDOW", "many")])).unwrap_err();
+        assert!(err.to_string().contains("window"), "{err}");
     }
 
     #[test]
