@@ -786,6 +786,11 @@ impl Config {
         if self.log.replication == 0 || self.log.replication < -1 {
             return reject("log.replication", "must be at least 1, or -1 for the broker's default");
         }
+        let prefix = &self.log.topic_prefix;
+        if prefix.len() > 200 || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            // Kafka's topic alphabet, and the embedded log's folder names under the data directory.
+            return reject("log.topic_prefix", "must be at most 200 of the characters a-z A-Z 0-9 . _ -");
+        }
         if self.log.segment_bytes < 4096 {
             return reject("log.segment_bytes", "must be at least 4096");
         }
@@ -1086,5 +1091,17 @@ mod tests {
         assert!(err.to_string().contains("timeout"), "{err}");
         let err = Config::load(None, &env(&[("HERALD_LOG_FLUSH_INTERVAL", "0s")])).unwrap_err();
         assert!(err.to_string().contains("log.flush_interval"), "{err}");
+        // Topic names are Kafka's and the embedded log's folder names: `../x` or `/tmp/` put a
+        // data directory's topics outside it, a space failed at the broker after start.
+        for prefix in ["../x.", "/tmp/", "my topics.", &"p".repeat(201)] {
+            let err = Config::load(None, &env(&[("HERALD_LOG_TOPIC_PREFIX", prefix)])).unwrap_err();
+            assert!(err.to_string().contains("log.topic_prefix"), "{prefix}: {err}");
+        }
+        for prefix in ["", "acme_prod-herald."] {
+            assert_eq!(
+                Config::load(None, &env(&[("HERALD_LOG_TOPIC_PREFIX", prefix)])).unwrap().log.topic_prefix,
+                prefix
+            );
+        }
     }
 }
