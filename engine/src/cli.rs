@@ -341,6 +341,57 @@ impl Api {
     }
 }
 
+/// Events, one JSON per line, sent a batch of up to 1,000 as they are read (input of any length
+/// is held a batch at a time; one line alone goes as a single event). A batch refused or lost
+/// says which lines were accepted before it and that nothing after it was sent, since a script
+/// that sends the whole input again publishes those again (deduplicated only by their ids).
+async fn send_lines(api: &Api, input: impl BufRead) -> anyhow::Result<(Value, Shown)> {
+    let mut lines = input.lines().enumerate().filter_map(|(n, line)| match line {
+        Ok(l) if l.trim().is_empty() => None,
+        other => Some((n + 1, other)),
+    });
+    let (mut items, mut accepted) = (Vec::new(), 0usize);
+    let mut first = true;
+    loop {
+        let mut batch = Vec::new();
+        let mut numbers = Vec::new();
+        for (n, line) in lines.by_ref().take(herald::api::MAX_BATCH) {
+            batch.push(serde_json::from_str::<Value>(&line?).with_context(|| format!("line {n} is not JSON"))?);
+            numbers.push(n);
+        }
+        let (Some(&from), Some(&to)) = (numbers.first(), numbers.last()) else {
+            if first {
+                return Err(anyhow!("no events on stdin"));
+            }
+            return Ok((json!({ "items": items }), Shown::List(&["id", "deliveries"])));
+        };
+        if std::mem::take(&mut first) && batch.len() == 1 {
+            let one = batch.pop();
+            return Ok((api.call("POST", "/v1/events", one).await?, Shown::One));
+        }
+        let count = batch.len();
+        let answer = api.call("POST", "/v1/events/batch", Some(Value::Array(batch))).await.map_err(|e| {
+            let before = match accepted {
+                0 => "no event was accepted before it".to_string(),
+                n => format!("the {n} events before line {from} were accepted"),
+            };
+            let range = format!("the batch of lines {from}–{to}");
+            match e {
+                Failed::Refused(m) => Failed::Refused(format!(
+                    "{range} was refused, none of it accepted (item [i] is its i-th line): {m}; {before}; \
+                     nothing after it was sent"
+                )),
+                Failed::Unavailable(m) => Failed::Unavailable(format!(
+                    "{range} may or may not have been accepted: {m}; {before}; nothing after it was sent \
+                     (events with an id can be sent again safely)"
+                )),
+            }
+        })?;
+        accepted += count;
+        items.extend(answer["items"].as_array().cloned().unwrap_or_default());
+    }
+}
+
 fn read_json(path: &PathBuf) -> anyhow::Result<Value> {
     let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())?
@@ -485,17 +536,8 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
         },
         Client::Events { cmd, .. } => match cmd {
             Events::Send { event_type, data, id, tenant, file, stdin } => {
-                let events: Vec<Value> = if stdin {
-                    let mut out = Vec::new();
-                    for (n, line) in std::io::stdin().lock().lines().enumerate() {
-                        let line = line?;
-                        if !line.trim().is_empty() {
-                            out.push(
-                                serde_json::from_str(&line).with_context(|| format!("line {} is not JSON", n + 1))?,
-                            );
-                        }
-                    }
-                    out
+                if stdin {
+                    send_lines(&api, std::io::stdin().lock()).await?
                 } else {
                     let mut event = match &file {
                         Some(f) => read_json(f)?,
@@ -513,20 +555,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                     if let Some(t) = tenant {
                         event["tenant"] = t.into();
                     }
-                    vec![event]
-                };
-                match events.len() {
-                    0 => return Err(anyhow!("no events on stdin")),
-                    1 => (api.call("POST", "/v1/events", events.into_iter().next()).await?, Shown::One),
-                    _ => {
-                        let mut items = Vec::new();
-                        for chunk in events.chunks(1000) {
-                            let answer =
-                                api.call("POST", "/v1/events/batch", Some(Value::Array(chunk.to_vec()))).await?;
-                            items.extend(answer["items"].as_array().cloned().unwrap_or_default());
-                        }
-                        (json!({ "items": items }), Shown::List(&["id", "deliveries"]))
-                    }
+                    (api.call("POST", "/v1/events", Some(event)).await?, Shown::One)
                 }
             }
             Events::Get { id, tenant } => (

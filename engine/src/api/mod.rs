@@ -7,6 +7,8 @@ mod edge;
 mod error;
 mod event_types;
 mod events;
+/// Events in one `POST /v1/events/batch` at most (the CLI splits a stream by it).
+pub use events::MAX_BATCH;
 mod history;
 mod ordering;
 mod page;

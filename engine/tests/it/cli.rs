@@ -112,6 +112,28 @@ async fn an_operator_scripts_herald_with_its_cli() {
     assert_eq!(batch["items"].as_array().unwrap().len(), 3);
     rx.wait_on("/cli", 4).await;
 
+    // A stream longer than a batch goes 1,000 at a time; one refused says what went before it
+    // (a script re-sending all of it would publish those again) and where it stopped.
+    let other = json(&herald(&base, &["--json", "tenants", "create", "Stream"], None).await);
+    let other = other["id"].as_str().unwrap();
+    let mut lines: Vec<String> =
+        (1..=1003).map(|n| format!(r#"{{"id":"s-{n}","type":"b","tenant":"{other}","data":{{}}}}"#)).collect();
+    lines[1001] = format!(r#"{{"id":"s-1002","tenant":"{other}","data":{{}}}}"#);
+    let out = herald(&base, &["events", "send", "--stdin"], Some(&lines.join("\n"))).await;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("1000 events before line 1001 were accepted") && said.contains("1001–1003"), "{said}");
+    crate::support::until("the accepted events on record", std::time::Duration::from_secs(20), || {
+        let (base, other) = (base.clone(), other.to_string());
+        async move {
+            let out = herald(&base, &["--json", "events", "get", "s-1000", "--tenant", &other], None).await;
+            out.status.success().then_some(())
+        }
+    })
+    .await;
+    let missing = herald(&base, &["--json", "events", "get", "s-1001", "--tenant", other], None).await;
+    assert_eq!(missing.status.code(), Some(1), "the refused batch's events were not accepted");
+
     let attempts = crate::support::until("the attempts on record", std::time::Duration::from_secs(20), || {
         let base = base.clone();
         let sub_id = sub_id.to_string();
