@@ -264,6 +264,8 @@ pub struct Admission {
     /// Until when (µs after `origin`) the endpoint's slots are promised to deliveries
     /// deferred for its pace ([`Admission::turn`]).
     turns_until_us: AtomicI64,
+    /// The same for deliveries deferred for the rate limit: a token apart, each.
+    rate_turns_until_us: AtomicI64,
     origin: tokio::time::Instant,
     failures: AtomicU32,
     failing_since_ms: AtomicI64,
@@ -288,6 +290,7 @@ impl Admission {
             last_progress_ms: AtomicI64::new(now_ms()),
             queue: Mutex::new(Queue { len: 0, granted: 0.0, busy: 0.0, at: tokio::time::Instant::now() }),
             turns_until_us: AtomicI64::new(0),
+            rate_turns_until_us: AtomicI64::new(0),
             origin: tokio::time::Instant::now(),
             failures: AtomicU32::new(0),
             failing_since_ms: AtomicI64::new(0),
@@ -352,7 +355,15 @@ impl Admission {
         let now = now_ms();
         let probe = self.breaker(now)?;
         if let Some(bucket) = &self.bucket {
-            bucket.take(now).map_err(Busy::Rate)?;
+            // A turn of its own, a token apart from every turn already promised (as for the
+            // pace, `turn`): all deferred to the next token came back together, one took it
+            // and the rest were deferred again, so a backlog of N behind a rate of r cost
+            // about N²/2 appends over its N/r seconds. The rate is exact, so turns are
+            // promised as far ahead as a deferral goes.
+            bucket.take(now).map_err(|wait| {
+                let apart = Duration::try_from_secs_f64(1.0 / bucket.rate).unwrap_or(MAX_DEFER).min(MAX_DEFER);
+                Busy::Rate(self.promise(&self.rate_turns_until_us, wait, apart, MAX_DEFER))
+            })?;
         }
         let full = || Busy::Full((self.latency() * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)));
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
@@ -422,21 +433,28 @@ impl Admission {
     /// request (settling, an edge agent's link), and instant failures pull it towards zero;
     /// turns spaced at it alone would come back together and be deferred again.
     fn turn(&self, wait: Duration, per_second: f64) -> Duration {
-        let now = self.origin.elapsed().as_micros() as i64;
         let by_latency = match self.latency().as_secs_f64() {
             latency if latency > 0.0 => self.cap as f64 / latency,
             _ => 0.0,
         };
         let per_second = per_second.max(by_latency.min(per_second * 1.25));
-        let apart = (1e6 / per_second.max(1e-3)).min(MAX_TURN_AHEAD.as_micros() as f64).max(1.0) as i64;
-        let earliest = now + wait.min(MAX_TURN_AHEAD).as_micros() as i64;
-        let promised = self
-            .turns_until_us
+        let apart =
+            Duration::try_from_secs_f64(1.0 / per_second.max(1e-3)).unwrap_or(MAX_TURN_AHEAD).min(MAX_TURN_AHEAD);
+        self.promise(&self.turns_until_us, wait, apart, MAX_TURN_AHEAD)
+    }
+
+    /// The next turn on `turns_until_us`: no sooner than `wait` from now, `apart` after the
+    /// last one promised, and no further than `horizon` (turns past it are all given it).
+    fn promise(&self, turns_until_us: &AtomicI64, wait: Duration, apart: Duration, horizon: Duration) -> Duration {
+        let now = self.origin.elapsed().as_micros() as i64;
+        let (apart, horizon_us) = ((apart.as_micros() as i64).max(1), horizon.as_micros() as i64);
+        let earliest = now + wait.min(horizon).as_micros() as i64;
+        let promised = turns_until_us
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |until| {
-                Some((until.max(earliest) + apart).min(now + MAX_TURN_AHEAD.as_micros() as i64))
+                Some((until.max(earliest) + apart).min(now + horizon_us))
             })
             .unwrap_or_else(|until| until);
-        Duration::from_micros((promised.max(earliest) - now) as u64).min(MAX_TURN_AHEAD)
+        Duration::from_micros((promised.max(earliest) - now) as u64).min(horizon)
     }
 
     /// Records an attempt's latency.
@@ -778,6 +796,30 @@ mod tests {
             Err(Busy::Rate(wait)) => assert!(wait <= Duration::from_millis(100)),
             other => panic!("rate limited expected, got {:?}", other.map(|(_, p)| p)),
         }
+    }
+
+    #[tokio::test]
+    async fn deliveries_deferred_for_the_rate_get_turns_a_token_apart() {
+        // A backlog behind a rate limit: each deferred delivery comes back at a turn of its
+        // own, one token apart, not all at the next token (where all but one were deferred
+        // again: an append each, a backlog of N cost about N²/2 appends to drain).
+        let e = Admission::new(None, Some(10.0), HealthConfig::default());
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            held.push(e.admit().await.unwrap());
+        }
+        let mut waits = Vec::new();
+        for _ in 0..50 {
+            match e.admit().await {
+                Err(Busy::Rate(wait)) => waits.push(wait),
+                other => panic!("rate limited expected, got {:?}", other.map(|(_, p)| p)),
+            }
+        }
+        for pair in waits.windows(2) {
+            let apart = pair[1].saturating_sub(pair[0]);
+            assert!(apart >= Duration::from_millis(95) && apart <= Duration::from_millis(105), "{waits:?}");
+        }
+        assert!(waits[49] >= Duration::from_millis(4900), "{waits:?}");
     }
 
     #[test]

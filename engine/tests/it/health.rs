@@ -60,6 +60,26 @@ async fn the_rate_limit_paces_deliveries() {
 }
 
 #[tokio::test]
+async fn a_backlog_behind_a_rate_limit_is_deferred_about_once_each() {
+    // A process of its own, so the deferral counter is this server's alone. 250 events at 50/s:
+    // 50 go at once, 200 wait their turns. All deferred to the next token came back together
+    // and all but one were deferred again: thousands of appends to a shared retry tier.
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    let (_child, addr) = crate::support::spawn_herald_with(dir.path(), &[]);
+    let api = crate::support::Api::new(addr, crate::support::TOKEN);
+    api.subscribe(json!({ "url": rx.url("/paced"), "rate_limit": 50 })).await;
+    let events: Vec<_> = (0..250).map(|i| json!({ "type": "T", "data": i })).collect();
+    api.post("/v1/events/batch", serde_json::Value::Array(events)).await;
+    let got = rx.wait_on("/paced", 250).await;
+    assert!(got.last().unwrap().at - got[0].at >= Duration::from_millis(3500), "paced at 50/s");
+    let deferred = crate::support::metrics::scrape(&api)
+        .await
+        .value("herald_deliveries_deferred_total", &[("reason", "rate_limit")]);
+    assert!((200.0..600.0).contains(&deferred), "{deferred} deferrals for 200 deliveries over their rate");
+}
+
+#[tokio::test]
 async fn continuous_failure_disables_the_subscription() {
     // A process of its own, so the disabled gauge is this server's alone.
     let dir = tempfile::tempdir().unwrap();
