@@ -1,15 +1,33 @@
 # Sourced by the scenarios that compare Herald with the ideal signed loop in the same run.
 # ideal_loop PORT SECRET REQUESTS REPORT: signs and POSTs REQUESTS 1 KB bodies with herald-ideal
 # straight into a verifying sink on PORT (no log, no queue), waits for the sink to count them,
-# prints the loop's requests/s, and leaves the sink's report (bad signatures…) in REPORT.
+# prints their rate as the sink measured it (first to last arrival: the clock Herald's rate is
+# taken by) and leaves the sink's report in REPORT; fails when the loop or the sink did.
 ideal_loop() {
   "$BIN/herald-sink" --listen "127.0.0.1:$1" --secret "$2" --expect "$3" >"$4" 2>/dev/null &
   local sink=$!
   sleep 0.3
-  "$BIN/herald-ideal" --url "http://127.0.0.1:$1/hook" --secret "$2" --requests "$3" |
-    python3 -c "import json,sys;print(round(json.load(sys.stdin)['requests_per_second']))"
-  timeout 30 tail --pid=$sink -f /dev/null || true
+  "$BIN/herald-ideal" --url "http://127.0.0.1:$1/hook" --secret "$2" --requests "$3" >/dev/null ||
+    { kill $sink 2>/dev/null; wait $sink 2>/dev/null; echo "the ideal loop failed" >&2; return 1; }
+  timeout 60 tail --pid=$sink -f /dev/null || true
   kill $sink 2>/dev/null || true
+  wait $sink 2>/dev/null || true
+  checked_rate "$4" "$3"
+}
+
+# checked_rate REPORT EXPECTED: a verifying sink's deliveries/s, once its report shows every
+# expected delivery and no bad signature (else a message and failure: no rate from a broken run).
+checked_rate() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    sys.exit("no sink report in %s: not every delivery arrived" % sys.argv[1])
+if r["bad_signatures"] or r["distinct"] < int(sys.argv[2]):
+    sys.exit("sink report %s: %d of %s deliveries, %d bad signatures" % (sys.argv[1], r["distinct"], sys.argv[2], r["bad_signatures"]))
+print(round(r["deliveries_per_second"]))
+PY
 }
 
 # deferrals PORT: what Herald on PORT deferred to the retry tiers at an in-flight cap, and for a

@@ -59,6 +59,9 @@ pub struct LoadReport {
     pub publish_us: Vec<u32>,
 }
 
+/// How long one batch is retried before the run ends in an error.
+const GIVE_UP: Duration = Duration::from_secs(60);
+
 /// Publishes `load`; `stop` ends it early.
 pub async fn run(load: Load, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport> {
     let load = Arc::new(load);
@@ -70,6 +73,7 @@ pub async fn run(load: Load, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport
     let round_trips = Arc::new(Mutex::new(Vec::<u32>::new()));
     let filler = Arc::new("x".repeat(load.size.saturating_sub(60)));
     let started = Instant::now();
+    let started_ms = crate::sink::now_ms();
     let bar = progress_bar(&load);
     let workers: Vec<_> = (0..load.concurrency.max(1))
         .map(|_| {
@@ -92,13 +96,20 @@ pub async fn run(load: Load, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport
                     }
                     let first = next.fetch_add(load.batch, Ordering::Relaxed);
                     let Some(last) = batch_end(&load, first) else { return Ok(()) };
-                    if load.rate > 0 {
+                    // An event's `sentMs` is when it was due: paced, its schedule, so that a
+                    // publish stalled (every producer waiting on it) shows in the latencies of
+                    // the events held up behind it rather than starting their clocks late.
+                    let sent_ms = if load.rate > 0 {
                         // Pace: event `first` is due at first / rate seconds.
-                        let due = started + Duration::from_secs_f64(first as f64 / load.rate as f64);
-                        tokio::time::sleep_until(due.into()).await;
-                    }
-                    let body = batch_body(&load, first, last, &filler);
+                        let offset = Duration::from_secs_f64(first as f64 / load.rate as f64);
+                        tokio::time::sleep_until((started + offset).into()).await;
+                        started_ms + offset.as_millis() as u64
+                    } else {
+                        crate::sink::now_ms()
+                    };
+                    let body = batch_body(&load, first, last, &filler, sent_ms);
                     let mut backoff = Duration::from_millis(50);
+                    let failing_since = Instant::now();
                     loop {
                         let sent = Instant::now();
                         match send(&client, body.clone()).await {
@@ -110,6 +121,10 @@ pub async fn run(load: Load, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport
                             Err(e) => {
                                 if stop.load(Ordering::Relaxed) {
                                     return Ok(());
+                                }
+                                if failing_since.elapsed() > GIVE_UP {
+                                    // Herald gone: the run ends with an error rather than never.
+                                    return Err(e.context(format!("no batch accepted for {GIVE_UP:?}")));
                                 }
                                 retried.fetch_add(1, Ordering::Relaxed);
                                 warn_now_and_then(&e);
@@ -164,8 +179,7 @@ fn batch_end(load: &Load, first: u64) -> Option<u64> {
     }
 }
 
-fn batch_body(load: &Load, first: u64, last: u64, filler: &str) -> Bytes {
-    let sent = crate::sink::now_ms();
+fn batch_body(load: &Load, first: u64, last: u64, filler: &str, sent: u64) -> Bytes {
     let events: Vec<_> = (first..last)
         .map(|i| {
             let tenant =

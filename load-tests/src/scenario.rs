@@ -373,8 +373,6 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
     let _ = std::fs::remove_file(log_path(dir.path()));
     let got = sink.report();
     let first = got.timeline.iter().position(|s| s.1 > 0).unwrap_or(0);
-    let last_s = got.timeline.iter().rposition(|s| s.1 > 0).unwrap_or(first);
-    let span = (last_s - first + 1) as f64;
     // The generator started after Herald was ready; shift its timeline onto the sink's clock.
     let shift = got.timeline.len().saturating_sub(load.timeline.len()).min(first);
     let timeline = (0..got.timeline.len().max(load.timeline.len() + shift))
@@ -389,7 +387,8 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
             }
         })
         .collect();
-    let deliveries_per_second = got.distinct as f64 / span;
+    // Over the span deliveries took, first to last (whole seconds counted one too many).
+    let deliveries_per_second = got.distinct.saturating_sub(1) as f64 / sink.arrival_span().as_secs_f64().max(1e-9);
     Ok(Report {
         scenario: s.name().into(),
         description: s.description(&p),

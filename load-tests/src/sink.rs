@@ -95,8 +95,14 @@ pub struct SinkState {
     verifier: Option<Verifier>,
     behaviour: RwLock<Behaviour>,
     seen: Seen,
-    /// Per second since start: first arrivals, and their end-to-end latencies in ms.
+    /// Per second since start: first arrivals, and the end-to-end latencies in ms of those
+    /// that carried a `sentMs` (one without it has no latency, not a latency of 0).
     per_second: Mutex<Vec<(u64, Vec<u32>)>>,
+    /// The first and the latest first arrival, in ns since start (`u64::MAX` and 0 before
+    /// any): a rate over exactly the span deliveries took, by the same clock for Herald and
+    /// for the ideal loop.
+    first_arrival_ns: AtomicU64,
+    last_arrival_ns: AtomicU64,
 }
 
 /// A running sink.
@@ -164,7 +170,10 @@ impl SinkState {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if let Some(v) = &self.verifier {
             if !v.verify(id, timestamp, &body, signature) {
+                // Refused, as a receiver would, and not counted as delivered: a signing
+                // regression then shows as missing deliveries, never as a rate.
                 self.bad_signatures.fetch_add(1, Ordering::Relaxed);
+                return StatusCode::UNAUTHORIZED;
             }
         }
         let (delay, fail) = {
@@ -201,13 +210,16 @@ impl SinkState {
         let latency = sent_ms(&body).map(|sent| now_ms().saturating_sub(sent) as u32);
         let second = self.started.elapsed().as_secs();
         if self.seen.arrive(format!("{path}|{id}")) {
+            let ns = self.started.elapsed().as_nanos() as u64;
+            self.first_arrival_ns.fetch_min(ns, Ordering::Relaxed);
+            self.last_arrival_ns.fetch_max(ns, Ordering::Relaxed);
             let idx = second as usize;
             let mut per_second = self.per_second.lock().unwrap();
             while per_second.len() <= idx {
-                let s = per_second.len() as u64;
-                per_second.push((s, Vec::new()));
+                per_second.push((0, Vec::new()));
             }
-            per_second[idx].1.push(latency.unwrap_or(0));
+            per_second[idx].0 += 1;
+            per_second[idx].1.extend(latency);
         }
         StatusCode::OK
     }
@@ -238,6 +250,8 @@ impl Sink {
             behaviour: RwLock::new(behaviour),
             seen: Seen::new(),
             per_second: Mutex::default(),
+            first_arrival_ns: AtomicU64::new(u64::MAX),
+            last_arrival_ns: AtomicU64::new(0),
         });
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -298,6 +312,13 @@ impl Sink {
         self.state.seen.shard(&key).lock().unwrap().contains_key(&key)
     }
 
+    /// From the first first arrival to the latest (zero before two).
+    pub fn arrival_span(&self) -> Duration {
+        let first = self.state.first_arrival_ns.load(Ordering::Relaxed);
+        let last = self.state.last_arrival_ns.load(Ordering::Relaxed);
+        Duration::from_nanos(last.saturating_sub(first))
+    }
+
     /// Requests answered so far.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
@@ -311,11 +332,12 @@ impl Sink {
         let mut all = Vec::new();
         let timeline = (self.state.per_second.lock().unwrap())
             .iter()
-            .map(|(s, lat)| {
+            .enumerate()
+            .map(|(s, (arrivals, lat))| {
                 let mut lat = lat.clone();
                 lat.sort_unstable();
                 all.extend_from_slice(&lat);
-                (*s, lat.len() as u64, percentile(&lat, 0.50), percentile(&lat, 0.99))
+                (s as u64, *arrivals, percentile(&lat, 0.50), percentile(&lat, 0.99))
             })
             .collect();
         all.sort_unstable();
