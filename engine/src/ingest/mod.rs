@@ -168,7 +168,7 @@ pub enum Refusal {
         max: u64,
     },
     /// The event is larger than `ingest.max_event_bytes`.
-    #[error("{field}: the event's data and changes are {bytes} bytes; the limit is ingest.max_event_bytes = {max}")]
+    #[error("{field}: the event's data and changes are {bytes} bytes (as sent, or as delivered); the limit is ingest.max_event_bytes = {max}")]
     TooLarge {
         /// The event's `data` field, as a path in the request.
         field: String,
@@ -205,6 +205,12 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes
     let json = |name: &str, text: &str| Json::new(text).map_err(|e| Refusal::from(bad(name, &e.to_string())));
     let data = json("data", input.data.get())?;
     let changes = input.changes.map(|c| json("changes", c.get())).transpose()?;
+    // And in the form delivered, which may be longer (`1e20` is written out in full): every
+    // record stays within the log's record limit, so none is refused after others were written.
+    let delivered = data.canonical.len() + changes.as_ref().map_or(0, |c| c.canonical.len());
+    if delivered > max_bytes {
+        return Err(Refusal::TooLarge { field: field(prefix, "data"), bytes: delivered, max: max_bytes });
+    }
     let trace = input
         .traceparent
         .map(|tp| crate::model::TraceContext::parse(&tp, input.tracestate.as_deref()))
