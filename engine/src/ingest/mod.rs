@@ -489,8 +489,16 @@ impl Ingest {
                 let record = delivery_record(target, first, &event.data, event.changes.as_ref());
                 if i == 0 {
                     // What every record of the event copies (data, changes, ids, trace), counted
-                    // before the others are made: the first one's size, times the subscriptions.
-                    fanout += (record.key.len() + record.value.len()) as u64 * targets.len() as u64;
+                    // before the others are made: the first one's size without its payload,
+                    // plus each subscription's own payload form (as sent or JavaScript's, which
+                    // can differ by megabytes of whitespace or written-out numbers).
+                    let payload = |t: &Target| {
+                        let format = t.sub.spec.payload;
+                        event.data.for_payload(format).len()
+                            + event.changes.as_ref().map_or(0, |c| c.for_payload(format).len())
+                    };
+                    let overhead = (record.key.len() + record.value.len()).saturating_sub(payload(target));
+                    fanout += targets.iter().map(|t| (overhead + payload(t)) as u64).sum::<u64>();
                     if fanout > self.max_fanout {
                         return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
                     }
@@ -568,15 +576,19 @@ impl Ingest {
         let mut states = Vec::new();
         let mut fanout = 0u64;
         for (event, targets) in items {
-            let size = (event.data.len() + event.changes.as_ref().map_or(0, Bytes::len)) as u64;
-            fanout = fanout.saturating_add(size.saturating_mul(targets.len() as u64));
-            if fanout > self.max_fanout {
-                return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
-            }
             // Checked as JSON (so UTF-8) when the event was accepted.
             let data = Json::new(&String::from_utf8_lossy(&event.data)).map_err(invalid)?;
             let changes =
                 event.changes.as_ref().map(|c| Json::new(&String::from_utf8_lossy(c))).transpose().map_err(invalid)?;
+            // Each target's own payload form, as at publish.
+            for target in targets {
+                let format = target.sub.spec.payload;
+                let size = data.for_payload(format).len() + changes.as_ref().map_or(0, |c| c.for_payload(format).len());
+                fanout = fanout.saturating_add(size as u64);
+            }
+            if fanout > self.max_fanout {
+                return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
+            }
             let mut keyed = Keyed {
                 id: &event.id,
                 event_type: &event.event_type,

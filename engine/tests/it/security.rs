@@ -418,6 +418,23 @@ async fn a_tenant_s_subscriptions_are_capped_and_the_others_are_not_affected() {
 }
 
 #[tokio::test]
+async fn the_fan_out_quota_counts_each_subscription_s_own_payload_form() {
+    // The first subscription (envelope) carries the data in JavaScript's form, 9 bytes; the
+    // two after it (`raw_bytes`) as sent, 8 KB each. Sized from the first alone, 16 KB of
+    // records passed a 10 KB quota.
+    let h = TestHerald::start_with(|c| c.quotas.fanout_bytes = 10_000).await;
+    let (mallory_id, mallory) = tenant_with_key(&h.api, "Mallory").await;
+    let rx = Receiver::start().await;
+    mallory.subscribe(json!({ "url": rx.url("/env") })).await;
+    for i in 0..2 {
+        mallory.subscribe(json!({ "url": rx.url(&format!("/raw{i}")), "payload": "raw_bytes" })).await;
+    }
+    let body = format!(r#"{{"id":"ws","type":"T","tenant":"{mallory_id}","data":{{"pad":1{}}}}}"#, " ".repeat(8000));
+    let (status, _, err) = h.api.request("POST", "/v1/events", Some(body.into()), Some(&h.api.token)).await.unwrap();
+    assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (413, Some("QUOTA_EXCEEDED")), "{err}");
+}
+
+#[tokio::test]
 async fn fan_out_tests_and_request_rates_are_limited_per_tenant_with_clear_answers() {
     let h = TestHerald::start_with(|c| {
         c.quotas.fanout_bytes = 10_000;
