@@ -221,9 +221,12 @@ pub struct JsonBody<T>(pub T);
 
 /// Turns a serde error at `path` into the field it concerns.
 pub(super) fn field_of(path: &str, message: &str) -> String {
-    // "missing field `type`" concerns a child of `path` (for an unknown field the path
-    // already ends at that field).
-    let child = message.split('`').nth(1).filter(|_| message.starts_with("missing field"));
+    // "missing field `type`" and "duplicate field `type`" concern a child of `path` (for an
+    // unknown field the path already ends at that field).
+    let child = message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.starts_with("missing field") || message.starts_with("duplicate field"));
     let path = if path == "." { "" } else { path };
     match child {
         Some(c) if path.is_empty() => c.to_string(),
@@ -306,6 +309,7 @@ mod tests {
         assert_eq!(field_of("retry.foo", "unknown field `foo`, expected one of"), "retry.foo");
         assert_eq!(field_of("timeout", "invalid duration"), "timeout");
         assert_eq!(field_of(".", "EOF while parsing"), "");
+        assert_eq!(field_of("[0]", "duplicate field `data` at line 1 column 30"), "[0].data");
     }
 
     /// A record the log cannot take will not fit on a retry either: 413, not "retry later".

@@ -45,6 +45,15 @@ async fn invalid_events_name_the_field_and_append_nothing() {
     }
     let (status, err) = h.api.raw("POST", "/v1/events", Some(Bytes::from_static(b"{not json")), Some(TOKEN)).await;
     assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (400, Some("VALIDATION_ERROR")));
+    // A field given twice is named, at the top and in a batch.
+    for (body, field) in [
+        (&b"{\"type\":\"A\",\"type\":\"B\",\"data\":{}}"[..], "type"),
+        (&b"[{\"type\":\"A\",\"data\":{},\"data\":{}}]"[..], "[0].data"),
+    ] {
+        let path = if body[0] == b'[' { "/v1/events/batch" } else { "/v1/events" };
+        let (status, err) = h.api.raw("POST", path, Some(Bytes::from_static(body)), Some(TOKEN)).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{err}");
+    }
     // One bad event rejects the whole batch: nothing of it is appended.
     let batch = json!([
         { "id": "good-1", "type": "T", "data": 1 },
