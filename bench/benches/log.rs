@@ -20,6 +20,7 @@ fn open(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Arc<EmbeddedLog>
             retention: None,
             retention_waits_for_reader: false,
             read_within: std::time::Duration::from_millis(50),
+            keyed: false,
         }],
         journal_bytes: herald::log::embedded::DEFAULT_JOURNAL_BYTES,
         faults: None,

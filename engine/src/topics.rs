@@ -78,10 +78,11 @@ impl Topics {
             retention,
             retention_waits_for_reader: false,
             read_within: FRESH,
+            keyed: false,
         };
         let mut specs = vec![
             data(&self.deliveries, None),
-            data(&self.ordered, None),
+            TopicSpec { keyed: true, ..data(&self.ordered, None) },
             data(&self.dlq, Some(log.dlq_retention.0)),
             TopicSpec {
                 name: self.subscriptions.clone(),
@@ -90,6 +91,7 @@ impl Topics {
                 retention: None,
                 retention_waits_for_reader: false,
                 read_within: CATALOG,
+                keyed: false,
             },
             TopicSpec {
                 name: self.history.clone(),
@@ -113,6 +115,7 @@ impl Topics {
                 ),
                 retention_waits_for_reader: log.backend == Backend::Embedded && history.enabled(),
                 read_within: HISTORY,
+                keyed: false,
             },
         ];
         specs

@@ -543,6 +543,7 @@ mod tests {
                     retention: Some(Duration::from_millis(1)),
                     retention_waits_for_reader: true,
                     read_within: Duration::from_millis(50),
+                    keyed: false,
                 }],
                 journal_bytes: DEFAULT_JOURNAL_BYTES,
                 faults: None,
@@ -615,6 +616,7 @@ mod tests {
                 retention: None,
                 retention_waits_for_reader: false,
                 read_within: Duration::from_millis(50),
+                keyed: false,
             };
             let log = EmbeddedLog::open(EmbeddedConfig {
                 dir: dir.path().join("log"),

@@ -70,6 +70,10 @@ pub struct TopicSpec {
     /// once). Longer means fewer fetches while idle. The embedded log's readers wake on each
     /// append and ignore it. Chosen per topic in [`crate::topics::Topics::specs`].
     pub read_within: std::time::Duration,
+    /// One key's records must stay in one partition (ordered deliveries, and the markers
+    /// their sequencer writes keyed alike): a topic that exists keeps its partition count
+    /// whatever `log.partitions` says now, since a key hashed anew would land elsewhere.
+    pub keyed: bool,
 }
 
 /// Errors from either log backend.

@@ -467,6 +467,7 @@ mod tests {
             retention: None,
             retention_waits_for_reader: false,
             read_within: std::time::Duration::from_millis(20),
+            keyed: false,
         };
         EmbeddedLog::open(EmbeddedConfig {
             dir: dir.to_path_buf(),

@@ -494,19 +494,26 @@ fn restore(
 }
 
 /// How many partitions a topic has: as configured, or more when its directory already holds
-/// more (lowering `log.partitions` must not orphan the records in the others).
+/// more (lowering `log.partitions` must not orphan the records in the others); a keyed topic
+/// that exists, exactly as many as it holds.
 fn partitions_on_disk(dir: &std::path::Path, spec: &TopicSpec) -> std::io::Result<u32> {
-    let mut n = spec.partitions;
+    let mut on_disk = 0;
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries {
             let name = entry?.file_name();
             if let Some(p) = name.to_str().and_then(|s| s.parse::<u32>().ok()) {
-                n = n.max(p + 1);
+                on_disk = on_disk.max(p + 1);
             }
         }
     }
+    let n = match on_disk {
+        0 => spec.partitions,
+        found if spec.keyed => found,
+        found => found.max(spec.partitions),
+    };
     if n != spec.partitions {
-        tracing::warn!(topic = %spec.name, configured = spec.partitions, on_disk = n, "the topic has more partitions on disk than configured; using them all");
+        tracing::warn!(topic = %spec.name, configured = spec.partitions, on_disk, using = n, keyed = spec.keyed,
+            "the topic has other partitions on disk than configured (a keyed topic keeps its own)");
     }
     Ok(n)
 }

@@ -11,6 +11,7 @@ fn spec(name: &str, partitions: u32, compacted: bool) -> TopicSpec {
         retention: None,
         retention_waits_for_reader: false,
         read_within: Duration::from_millis(50),
+        keyed: false,
     }
 }
 
@@ -901,6 +902,31 @@ async fn lowering_the_partition_count_keeps_every_partition_on_disk() {
     let log = EmbeddedLog::open(cfg).await.unwrap();
     assert_eq!(log.partitions("t").unwrap(), 2);
     assert_eq!(log.read_all("t").await.unwrap().len(), 50);
+}
+
+#[tokio::test]
+async fn raising_the_partition_count_keeps_a_keyed_topic_s_partitions() {
+    // Ordered deliveries and their keys' markers must stay in the partition whose sequencer
+    // holds the key: with more partitions, a key's new deliveries and markers hashed elsewhere
+    // and overtook (or never settled) what waited in the old one.
+    let dir = tempfile::tempdir().unwrap();
+    let keyed = |partitions| TopicSpec { keyed: true, ..spec("o", partitions, false) };
+    {
+        let mut cfg = config(dir.path(), 1 << 20);
+        cfg.topics.push(keyed(2));
+        let log = EmbeddedLog::open(cfg).await.unwrap();
+        log.append("o", (0..50).map(|i| rec(&format!("key-{i}"), "v")).collect()).await.unwrap();
+    }
+    let mut cfg = config(dir.path(), 1 << 20);
+    cfg.topics[0].partitions = 8;
+    cfg.topics.push(keyed(8));
+    let log = EmbeddedLog::open(cfg).await.unwrap();
+    assert_eq!(log.partitions("o").unwrap(), 2, "a keyed topic keeps the partitions it has");
+    assert_eq!(log.partitions("t").unwrap(), 8, "others spread new records over more");
+    let fresh = tempfile::tempdir().unwrap();
+    let mut cfg = config(fresh.path(), 1 << 20);
+    cfg.topics.push(keyed(8));
+    assert_eq!(EmbeddedLog::open(cfg).await.unwrap().partitions("o").unwrap(), 8, "a new one gets the configured");
 }
 
 /// Readers read on from where their last read stopped, with windows sized from the last

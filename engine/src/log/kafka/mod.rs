@@ -379,6 +379,7 @@ mod tests {
             retention: None,
             retention_waits_for_reader: false,
             read_within: Duration::from_millis(20),
+            keyed: false,
         };
         KafkaLog::open(KafkaConfig {
             brokers: cluster.bootstrap_servers(),
