@@ -317,6 +317,8 @@ type Marking = BoxFuture<'static, Vec<(LaneId, u64, Done)>>;
 /// What one pass over the partition found: per lane, its next deliveries and where to look on.
 type Found = BoxFuture<'static, HashMap<LaneId, (Vec<LogRecord>, u64)>>;
 type Read = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<LogRecord>, LogError>)>;
+/// What one look past the records left unread found: operators' skips, and where it ended.
+type Ahead = BoxFuture<'static, (Vec<(u64, Marker)>, u64)>;
 
 /// One partition's lanes.
 struct Sequencer {
@@ -363,6 +365,14 @@ struct Sequencer {
     live: bool,
     idle: Option<Box<dyn PartitionReader>>,
     reading: Option<Read>,
+    /// At the cap of keys, the partition past what is left unread is looked through for
+    /// operators' skips (the only markers another writer adds while this sequencer is live):
+    /// else a partition whose every key is held after a dead letter never read the skip that
+    /// frees one. The look in flight, how far looks have gone, and the offsets of skips
+    /// applied ahead (passed over when reading reaches them).
+    ahead: Option<Ahead>,
+    ahead_to: u64,
+    applied_ahead: BTreeSet<u64>,
 }
 
 /// Sequences one partition of the `ordered` topic until `stop` turns true, then lets the
@@ -421,6 +431,9 @@ pub async fn run(
         live: false,
         idle: Some(reader),
         reading: None,
+        ahead: None,
+        ahead_to: 0,
+        applied_ahead: BTreeSet::new(),
     };
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -453,6 +466,13 @@ pub async fn run(
             (reader, batch) = async { seq.reading.as_mut().expect("guarded").await }, if seq.reading.is_some() => {
                 if !seq.read(reader, batch).await {
                     break;
+                }
+            }
+            (skips, to) = async { seq.ahead.as_mut().expect("guarded").await }, if seq.ahead.is_some() => {
+                seq.ahead = None;
+                seq.ahead_to = seq.ahead_to.max(to);
+                for (offset, skip) in skips {
+                    seq.skip_ahead(offset, skip);
                 }
             }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
@@ -517,7 +537,9 @@ impl Sequencer {
                 continue; // handed out again
             }
             self.read_to = rec.offset + 1;
-            self.apply(rec);
+            if !self.applied_ahead.remove(&rec.offset) {
+                self.apply(rec);
+            }
         }
         if !self.live && (capped || !self.replaying()) {
             if capped {
@@ -537,6 +559,9 @@ impl Sequencer {
             }
             self.live = true;
             self.replayed();
+        }
+        if capped {
+            self.look_ahead();
         }
         self.commit();
     }
@@ -896,6 +921,10 @@ impl Sequencer {
         if !self.live {
             return;
         }
+        // Skips written since the last look, while the cap still holds reading back.
+        if self.lanes.len() >= self.limits.max_keys && !self.unread.is_empty() {
+            self.look_ahead();
+        }
         let loose: Vec<LaneId> = self
             .lanes
             .iter()
@@ -905,6 +934,35 @@ impl Sequencer {
         for lane in loose {
             self.skip_now(&lane);
         }
+    }
+
+    /// Looks for operators' skips past the records left unread at the cap (see `ahead`): in
+    /// those read already at once, in the log past them in a pass.
+    fn look_ahead(&mut self) {
+        if !self.live || self.ahead.is_some() {
+            return;
+        }
+        let skips: Vec<(u64, Marker)> = (self.unread.iter())
+            .filter_map(|r| Some((r.offset, Marker::decode(r.value.clone()).filter(is_skip)?)))
+            .collect();
+        for (offset, skip) in skips {
+            self.skip_ahead(offset, skip);
+        }
+        let from = self.ahead_to.max(self.unread.back().map_or(self.read_to, |r| r.offset + 1));
+        let (log, topic, partition) = (self.log.clone(), self.topic.clone(), self.partition);
+        self.ahead = Some(async move { skips_from(&*log, &topic, partition, from).await }.boxed());
+    }
+
+    /// Applies a skip read ahead of its turn, when its key is open: the records before it
+    /// that are left unread are other keys' first deliveries and markers (this sequencer's own
+    /// markers act when written), so it acts as it would in its turn. A skip of a key not open
+    /// yet waits for its turn, when the key may be.
+    fn skip_ahead(&mut self, offset: u64, skip: Marker) {
+        if offset < self.read_to || self.applied_ahead.contains(&offset) || !self.lanes.contains_key(skip.lane()) {
+            return;
+        }
+        self.applied_ahead.insert(offset);
+        self.mark(skip);
     }
 
     /// Replay is over: skips read during it act now.
@@ -988,6 +1046,36 @@ fn attempt_head(deliverer: Arc<Deliverer>, lane: LaneId, head: u64, attempt: u32
         (lane, head, done, marker)
     }
     .boxed()
+}
+
+fn is_skip(m: &Marker) -> bool {
+    matches!(m, Marker::Skip { .. })
+}
+
+/// The operators' skips in `partition` from `from` to its end, and where that was (as far as
+/// it read, when a read failed: the next look goes on from there).
+async fn skips_from(log: &dyn Log, topic: &str, partition: u32, mut from: u64) -> (Vec<(u64, Marker)>, u64) {
+    let mut skips = Vec::new();
+    loop {
+        match log.read_partition(topic, partition, from, SCAN_PAGE).await {
+            Ok((records, next)) => {
+                for rec in records {
+                    from = from.max(rec.offset + 1);
+                    if let Some(skip) = Marker::decode(rec.value).filter(is_skip) {
+                        skips.push((rec.offset, skip));
+                    }
+                }
+                match next {
+                    Some(next) => from = from.max(next),
+                    None => return (skips, from),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(topic, partition, error = %e, "looking for skips past the cap of keys failed; looking again later");
+                return (skips, from);
+            }
+        }
+    }
 }
 
 /// Reads `partition` (below `to`, what the sequencer has read) for the next deliveries of

@@ -545,6 +545,44 @@ async fn an_ordered_partition_at_its_key_cap_goes_on_as_keys_settle_and_after_a_
     drop(h);
 }
 
+/// A partition whose every key is held after a dead letter, at its cap of keys, still takes an
+/// operator's skip: it lies past a delivery of a key not open yet, and reading stopped there.
+#[tokio::test]
+async fn a_skip_frees_a_partition_whose_keys_are_all_held_at_its_cap() {
+    let h = TestHerald::start_with(|c| {
+        c.log.partitions = 1;
+        c.dispatch.ordered_max_keys = 2;
+        c.health.breaker_failures = 1_000_000;
+    })
+    .await;
+    let (rx, url) = SwitchedReceiver::start().await;
+    let sub = h
+        .api
+        .subscribe(json!({
+            "url": url,
+            "ordering": { "key": "/data/key", "on_dead_letter": "block" },
+            "retry": { "policy": "fixed", "interval": "50ms", "max_attempts": 2 },
+        }))
+        .await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    rx.fail(true);
+    one_event_per_key(&h.api, "a", 3).await;
+    until("two keys held after a dead letter", Duration::from_secs(30), || async {
+        let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+        let items = blocked["items"].as_array()?.clone();
+        (items.len() == 2 && items.iter().all(|i| i["state"] == "dead_lettered")).then_some(())
+    })
+    .await;
+    rx.fail(false);
+    let (status, body) = h.api.post(&format!("/v1/subscriptions/{sub_id}/ordering/skip"), json!({ "key": "a0" })).await;
+    assert_eq!(status, 202, "{body}");
+    until("the third key delivered once the skip freed a place", Duration::from_secs(30), || async {
+        rx.taken.lock().unwrap().contains_key("a2").then_some(())
+    })
+    .await;
+    assert!(!rx.taken.lock().unwrap().contains_key("a1"), "a1 is still held");
+}
+
 /// A receiver for keys `a` and `b`: requests of `b` fail at once while `b_fails` (its head
 /// holds the partition's commit point where it is), each of `a` takes 1 s and succeeds. It
 /// counts the requests of each key under way at once, and the most ever.
