@@ -709,7 +709,11 @@ impl Sequencer {
         }
         let wants = std::mem::take(&mut self.needy);
         let (log, topic, partition, to) = (self.log.clone(), self.topic.clone(), self.partition, self.read_to);
-        self.scan = Some(async move { scan(&*log, &topic, partition, wants, to).await }.boxed());
+        // What may be held now over all lanes: each asked for its buffer's worth when it was
+        // released, with the partition below the limit then, and hundreds released during one
+        // pass all found theirs in the next.
+        let budget = MAX_HELD_BYTES.saturating_sub(self.held);
+        self.scan = Some(async move { scan(&*log, &topic, partition, wants, to, budget).await }.boxed());
     }
 
     fn found(&mut self, lane: LaneId, found: Vec<LogRecord>, scanned_to: u64) {
@@ -1081,16 +1085,21 @@ async fn skips_from(log: &dyn Log, topic: &str, partition: u32, mut from: u64) -
 /// Reads `partition` (below `to`, what the sequencer has read) for the next deliveries of
 /// each lane in `wants` (from where its last one was, as many as it wants), in one pass from
 /// the lowest of those offsets; returns what each lane found and where to look on for it.
+/// Each lane's first (its next head) is taken whatever its size; the rest, to be held, only
+/// while they come to no more than `budget` bytes in all (a lane cut short looks on from its
+/// last one found).
 async fn scan(
     log: &dyn Log,
     topic: &str,
     partition: u32,
     wants: HashMap<LaneId, (u64, usize)>,
     to: u64,
+    mut budget: usize,
 ) -> HashMap<LaneId, (Vec<LogRecord>, u64)> {
     let mut from = wants.values().map(|(from, _)| *from).min().unwrap_or(to);
     let mut found: HashMap<LaneId, (Vec<LogRecord>, u64)> =
         wants.keys().map(|lane| (lane.clone(), (Vec::new(), to))).collect();
+    let mut cut = HashSet::new();
     let mut unsatisfied = wants.len();
     let mut failures = 0;
     'pages: while from < to && unsatisfied > 0 {
@@ -1108,8 +1117,17 @@ async fn scan(
                     let lane = LaneId { subscription: d.subscription, key: d.ordering_key.unwrap_or_default() };
                     let Some(&(start, want)) = wants.get(&lane) else { continue };
                     let (records, scanned_to) = found.get_mut(&lane).expect("every wanted lane");
-                    if rec.offset < start || records.len() == want {
+                    if rec.offset < start || records.len() == want || cut.contains(&lane) {
                         continue;
+                    }
+                    if !records.is_empty() {
+                        if rec.value.len() > budget {
+                            // Held no more: it is looked for again once the buffer runs dry.
+                            cut.insert(lane);
+                            unsatisfied -= 1;
+                            continue;
+                        }
+                        budget -= rec.value.len();
                     }
                     *scanned_to = rec.offset + 1;
                     records.push(rec);
@@ -1130,9 +1148,9 @@ async fn scan(
             }
         }
     }
-    // A lane that found fewer than it wanted has none left below `to`.
+    // A lane that found fewer than it wanted, and was not cut short, has none left below `to`.
     for (lane, (records, scanned_to)) in found.iter_mut() {
-        if records.len() < wants[lane].1 {
+        if records.len() < wants[lane].1 && !cut.contains(lane) {
             *scanned_to = to;
         }
     }
@@ -1142,6 +1160,63 @@ async fn scan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lanes released while the partition was below its limit each ask for a buffer's worth;
+    /// found in one pass, what they get to hold stays within what is left of the limit (plus
+    /// each one's next head), and one cut short looks on from its last one found.
+    #[tokio::test]
+    async fn a_pass_for_many_lanes_holds_no_more_than_the_budget() {
+        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::log::TopicSpec {
+            name: "o".into(),
+            partitions: 1,
+            compacted: false,
+            retention: None,
+            retention_waits_for_reader: false,
+            read_within: Duration::from_millis(20),
+            keyed: true,
+        };
+        let log = EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 8 << 20,
+            flush_interval: Duration::from_millis(20),
+            topics: vec![spec],
+            journal_bytes: DEFAULT_JOURNAL_BYTES,
+            faults: None,
+        })
+        .await
+        .unwrap();
+        let lane = |k: usize| LaneId { subscription: "sub_1".into(), key: format!("k{k}") };
+        let mut records = Vec::new();
+        for i in 0..10 {
+            for k in 0..10 {
+                let d = Delivery::first_attempt(
+                    format!("e{k}-{i}"),
+                    "sub_1".into(),
+                    "t".into(),
+                    "T".into(),
+                    Bytes::from(vec![b'x'; 1000]),
+                    0,
+                );
+                let d = Delivery { ordering_key: Some(format!("k{k}")), ..d };
+                records.push(Record { key: Bytes::from_static(b"sub_1"), value: d.encode() });
+            }
+        }
+        let size = records[0].value.len();
+        log.append("o", records).await.unwrap();
+        let wants = (0..10).map(|k| (lane(k), (0, BUFFER))).collect();
+        let found = scan(&*log, "o", 0, wants, 100, 5 * size).await;
+        let held: usize = found.values().map(|(r, _)| r.iter().skip(1).map(|r| r.value.len()).sum::<usize>()).sum();
+        assert!(held <= 5 * size, "{held} bytes held beyond the heads, budget {}", 5 * size);
+        for (lane, (records, scanned_to)) in &found {
+            assert!(!records.is_empty(), "{lane:?} found its next head");
+            assert_eq!(*scanned_to, records.last().unwrap().offset + 1, "{lane:?} looks on from its last one found");
+        }
+        let all = (0..10).map(|k| (lane(k), (0, BUFFER))).collect();
+        let unbounded = scan(&*log, "o", 0, all, 100, usize::MAX).await;
+        assert!(unbounded.values().all(|(r, to)| r.len() == 10 && *to == 100), "with room, each found all ten");
+    }
 
     #[test]
     fn markers_round_trip_and_nothing_else_reads_as_one() {
