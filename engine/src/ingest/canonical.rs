@@ -25,6 +25,10 @@ pub enum CanonicalError {
     /// Nested deeper than [`MAX_DEPTH`].
     #[error("nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    /// So many nested objects whose keys JavaScript reorders, each around much of the
+    /// document, that rearranging them would copy it more than [`REARRANGED_PER_BYTE`] times.
+    #[error("too many nested objects whose keys JavaScript reorders (index-like keys such as \"0\" after others)")]
+    TooCostly,
     /// A number JavaScript would read as `Infinity` (and `JSON.stringify` print as `null`):
     /// refused rather than silently changed.
     #[error("the number {0} is too large for a double")]
@@ -37,12 +41,19 @@ pub const MAX_DEPTH: usize = 512;
 /// The digits of 2^53: a longer (or larger) integer literal is kept as written.
 const EXACT_DIGITS: &[u8] = b"9007199254740992";
 
+/// Bytes rearranged (copied to reorder an object's keys) per byte of the document at most,
+/// past a first [`REARRANGED_FREE`]: each reordered object copies what it holds, so nested
+/// ones copy the same bytes once per level.
+pub const REARRANGED_PER_BYTE: usize = 8;
+const REARRANGED_FREE: usize = 1 << 20;
+
 /// Objects with more members than this find repeated keys through a hash map.
 const LINEAR_MEMBERS: usize = 16;
 
 /// The JavaScript form of `text` (see the module documentation).
 pub fn canonical(text: &[u8]) -> Result<Bytes, CanonicalError> {
-    let mut parser = Parser { s: text, i: 0, depth: 0 };
+    let budget = text.len().saturating_mul(REARRANGED_PER_BYTE).saturating_add(REARRANGED_FREE);
+    let mut parser = Parser { s: text, i: 0, depth: 0, rearranged: 0, budget };
     let mut out = Vec::with_capacity(text.len());
     parser.value(&mut out)?;
     parser.whitespace();
@@ -56,6 +67,9 @@ struct Parser<'a> {
     s: &'a [u8],
     i: usize,
     depth: usize,
+    /// Bytes copied so far to reorder objects' keys, and the most allowed.
+    rearranged: usize,
+    budget: usize,
 }
 
 /// One object member as written to the output: its key's bytes and the whole `"key":value`.
@@ -212,6 +226,10 @@ impl Parser<'_> {
         }
         self.i += 1;
         if rearrange {
+            self.rearranged = self.rearranged.saturating_add(out.len() - start);
+            if self.rearranged > self.budget {
+                return Err(CanonicalError::TooCostly);
+            }
             let mut order: Vec<usize> = (0..members.len()).collect();
             // A stable sort: array-index keys by value, the rest keep their first position.
             order.sort_by_key(|&m| order_key(&out[members[m].key.clone()]));
@@ -424,6 +442,24 @@ mod tests {
         assert_eq!(js(r#"{"a":1,"a":{"c":1,"c":[2]}}"#), r#"{"a":{"c":[2]}}"#);
         // Escaped and plain spellings of one key are the same key.
         assert_eq!(js(r#"{"a":1,"\u0061":2}"#), r#"{"a":2}"#);
+    }
+
+    #[test]
+    fn reordering_at_every_level_of_a_deep_document_is_bounded() {
+        // Each level's keys reordered (the index-like "0" after "a") copied the whole level
+        // again, a megabyte 511 times over: half a gigabyte of copying for one event, on the
+        // thread that took the request. Refused past a bounded amount of rearranging.
+        let pad = "x".repeat(1_000_000);
+        let nested = format!("{}\"{pad}\"{}", "{\"a\":".repeat(511), ",\"0\":0}".repeat(511));
+        let started = std::time::Instant::now();
+        assert_eq!(canonical(nested.as_bytes()), Err(CanonicalError::TooCostly));
+        assert!(started.elapsed() < std::time::Duration::from_millis(500), "{:?}", started.elapsed());
+        // What documents do: one reordered object holding a large value, and many small ones.
+        assert!(canonical(format!("{{\"a\":\"{pad}\",\"0\":0}}").as_bytes()).is_ok());
+        let small: Vec<String> = (0..20_000).map(|i| format!("{{\"b\":{i},\"1\":{{\"c\":1,\"0\":2}}}}")).collect();
+        assert!(canonical(format!("[{}]", small.join(",")).as_bytes()).is_ok());
+        let three = format!("{}\"{pad}\"{}", "{\"a\":".repeat(3), ",\"0\":0}".repeat(3));
+        assert!(canonical(three.as_bytes()).is_ok(), "a few levels of a large value");
     }
 
     #[test]
