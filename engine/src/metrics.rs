@@ -113,6 +113,7 @@ pub const ALL: &[&str] = &[
     HISTORY_BYTES,
     HISTORY_EXPIRED,
     HISTORY_LATE,
+    ORDERED_KEYS_BLOCKED,
 ];
 
 /// Fine below 10 ms, where the latency budget of a healthy delivery lies (a p99 read from
@@ -239,6 +240,17 @@ impl ShardStats {
     /// Sets the shard's in-flight count.
     pub fn set_in_flight(&self, n: usize) {
         self.in_flight.store(n, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ShardStats {
+    /// The partition is no longer worked here (revoked, or its worker ended): its series read
+    /// 0 from now on (the exporter cannot drop a series), so a sum over processes counts only
+    /// its new owner's. A worker started again for the partition sets them at the next scrape.
+    fn drop(&mut self) {
+        let labels = [("source", self.source.clone()), ("partition", self.partition.to_string())];
+        metrics::gauge!(CONSUMER_LAG, &labels).set(0.0);
+        metrics::gauge!(IN_FLIGHT, &labels).set(0.0);
     }
 }
 
@@ -452,6 +464,31 @@ mod tests {
 
     /// The handles are keyed by where their strings are: the same text elsewhere (a label
     /// value built at run time, leaked to be `'static`) must still count into the one series.
+    /// A partition that goes to another process (or whose worker ends) stops counting here:
+    /// its last lag stayed exported for good, and summed with the new owner's.
+    #[test]
+    fn a_partition_no_longer_worked_here_shows_no_lag_or_work_in_flight() {
+        struct Behind;
+        impl Committer for Behind {
+            fn commit(&self, _: u64) {}
+            fn end_offset(&self) -> u64 {
+                40
+            }
+            fn committed(&self) -> u64 {
+                0
+            }
+        }
+        let m = Metrics::new();
+        let s = m.shard("retry.revoked-test", 7, Arc::new(Behind));
+        s.set_in_flight(3);
+        let line = |name: &str, value: u32| format!(r#"{name}{{source="retry.revoked-test",partition="7"}} {value}"#);
+        let text = m.render();
+        assert!(text.contains(&line(CONSUMER_LAG, 40)) && text.contains(&line(IN_FLIGHT, 3)), "{text}");
+        drop(s);
+        let text = m.render();
+        assert!(text.contains(&line(CONSUMER_LAG, 0)) && text.contains(&line(IN_FLIGHT, 0)), "{text}");
+    }
+
     #[test]
     fn a_series_counts_once_whatever_copy_of_its_text_names_it() {
         let name: &'static str = "herald_test_series_total";
