@@ -332,7 +332,14 @@ impl Settler {
         let error = format!("skipped by an operator at {}; the key's later deliveries went on", rfc3339_ms(now_ms()));
         // A waiting head's record is for its next attempt, not made.
         self.retrier.dead_letter(&delivery, raw, delivery.attempt.saturating_sub(1), None, error.clone()).await;
-        Settled::of(delivery, Via::Webhook, Settlement::DeadLettered { reason: Parked::Skipped(error) })
+        let via = self.via(&delivery);
+        Settled::of(delivery, via, Settlement::DeadLettered { reason: Parked::Skipped(error) })
+    }
+
+    /// How the subscription of `delivery` delivers, for the metrics' `transport` label (a
+    /// deleted one's: `webhook`).
+    fn via(&self, delivery: &Delivery) -> Via {
+        self.registry.get(&delivery.subscription).map_or(Via::Webhook, |t| Via::of(&t))
     }
 
     /// Dead-letters a delivery of a disabled subscription.
@@ -375,7 +382,8 @@ impl Settler {
             Ok(delivery) => {
                 self.retrier.dead_letter(&delivery, rec.value.clone(), delivery.attempt, None, error.clone()).await;
                 let settlement = Settlement::DeadLettered { reason: Parked::Panicked(error) };
-                Settled::of(delivery, Via::Webhook, settlement)
+                let via = self.via(&delivery);
+                Settled::of(delivery, via, settlement)
             }
             Err(_) => self.malformed(rec, error).await,
         }

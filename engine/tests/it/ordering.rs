@@ -545,6 +545,47 @@ async fn an_ordered_partition_at_its_key_cap_goes_on_as_keys_settle_and_after_a_
     drop(h);
 }
 
+/// A skipped head is counted under its subscription's transport (it was `webhook` for all).
+#[tokio::test]
+async fn a_skipped_head_is_counted_under_its_own_transport() {
+    // A process of its own: the counters are per process.
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, addr) = crate::support::spawn_herald_with(dir.path(), &[]);
+    let api = Api::new(addr, crate::support::TOKEN);
+    let (status, device) = api.post("/v1/edge-devices", json!({ "name": "gw" })).await;
+    assert_eq!(status, 201, "{device}");
+    // No agent connects: the head fails (edge offline) and waits an hour for its next attempt.
+    let sub = api
+        .subscribe(json!({
+            "url": "http://10.9.8.7/hook", "via_edge": device["id"],
+            "ordering": { "key": "/data/key" },
+            "retry": { "policy": "fixed", "interval": "1h", "max_attempts": 10 },
+        }))
+        .await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    api.post("/v1/events", json!({ "type": "t", "data": { "key": "a" } })).await;
+    until("the head retrying", Duration::from_secs(20), || async {
+        let (_, blocked) = api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+        (blocked["items"][0]["state"] == "retrying").then_some(())
+    })
+    .await;
+    let (status, _) = api.post(&format!("/v1/subscriptions/{sub_id}/ordering/skip"), json!({ "key": "a" })).await;
+    assert_eq!(status, 202);
+    let dead = |transport: &'static str| {
+        let api = api.clone();
+        async move {
+            crate::support::metrics::scrape(&api)
+                .await
+                .value("herald_deliveries_total", &[("transport", transport), ("outcome", "dead_lettered")])
+        }
+    };
+    until("the skip counted as an edge dead letter", Duration::from_secs(20), || async {
+        (dead("edge").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(dead("webhook").await, 0.0);
+}
+
 /// A partition whose every key is held after a dead letter, at its cap of keys, still takes an
 /// operator's skip: it lies past a delivery of a key not open yet, and reading stopped there.
 #[tokio::test]
