@@ -208,9 +208,14 @@ impl IntoResponse for ApiError {
         if let Some(field) = self.field {
             error["field"] = field.into();
         }
+        // Whole seconds, at least one: in the body (as documented) and the header alike.
+        let wait = self.retry_after.map(|w| w.as_secs().max(1));
+        if let Some(wait) = wait {
+            error["retry_after"] = wait.into();
+        }
         let mut response = (self.status, Json(serde_json::json!({ "error": error }))).into_response();
-        if let Some(wait) = self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, wait.as_secs().max(1).into());
+        if let Some(wait) = wait {
+            response.headers_mut().insert(header::RETRY_AFTER, wait.into());
         }
         response
     }

@@ -227,3 +227,74 @@ fn every_documented_range_is_the_one_the_api_enforces() {
         assert_eq!(p["url"]["maxLength"], range::URL, "{name}");
     }
 }
+
+/// What the server takes and answers for the contract's shapes is in the document, so a client
+/// generated from it can make and read them: an AMQP subscription (`transport: amqp` and its
+/// `amqp` target), the errors' codes and `retry_after`, and what an edge forward reports.
+#[tokio::test]
+async fn shapes_the_server_takes_and_answers_are_documented() {
+    let doc = document();
+    let schema = |name: &str| doc["components"]["schemas"][name].clone();
+    let h = TestHerald::start_with(|c| {
+        c.api.key_rate_limit = 1.0;
+    })
+    .await;
+    let input = json!({ "transport": "amqp",
+        "amqp": { "uri": "amqp://guest:guest@127.0.0.1:5672/%2f", "exchange": "herald.doc", "routing_keys": { "T": "t" } } });
+    for key in input.as_object().unwrap().keys() {
+        assert!(schema("SubscriptionInput")["properties"].get(key).is_some(), "SubscriptionInput lacks {key}");
+    }
+    assert!(schema("SubscriptionInput")["properties"]["transport"]["enum"].as_array().unwrap().contains(&json!("amqp")));
+    assert!(schema("SubscriptionPatch")["properties"].get("amqp").is_some(), "SubscriptionPatch lacks amqp");
+    let required = schema("SubscriptionInput")["required"].as_array().cloned().unwrap_or_default();
+    assert!(!required.contains(&json!("url")), "an AMQP subscription has no url to give");
+    let (status, sub) = h.api.post("/v1/subscriptions", input).await;
+    assert_eq!(status, 201, "{sub}");
+    for key in sub.as_object().unwrap().keys() {
+        assert!(schema("Subscription")["properties"].get(key).is_some(), "Subscription lacks {key}: {sub}");
+    }
+    for key in sub["amqp"].as_object().unwrap().keys() {
+        assert!(schema("AmqpTarget")["properties"].get(key).is_some(), "AmqpTarget lacks {key}");
+    }
+
+    // Error codes: a name taken (409), and a key over its rate (429, with `retry_after`).
+    let codes = schema("Error")["properties"]["error"]["properties"]["code"]["enum"].clone();
+    h.api.post("/v1/event-types", json!({ "name": "doc.taken" })).await;
+    let (status, err) = h.api.post("/v1/event-types", json!({ "name": "doc.taken" })).await;
+    assert_eq!(status, 409, "{err}");
+    assert!(codes.as_array().unwrap().contains(&err["error"]["code"]), "{err} not in {codes}");
+    let (_, tenant) = h.api.post("/v1/tenants", json!({ "name": "Doc" })).await;
+    let (_, key) = h.api.post(&format!("/v1/tenants/{}/keys", tenant["id"].as_str().unwrap()), json!({})).await;
+    let tenant_api = Api::new(h.herald.addr, key["key"].as_str().unwrap());
+    let mut throttled = None;
+    for _ in 0..20 {
+        let (status, body) = tenant_api.get("/v1/subscriptions").await;
+        if status == 429 {
+            throttled = Some(body);
+            break;
+        }
+    }
+    let throttled = throttled.expect("throttled");
+    assert!(codes.as_array().unwrap().contains(&throttled["error"]["code"]), "{throttled}");
+    assert!(throttled["error"]["retry_after"].as_u64().is_some_and(|s| s >= 1), "{throttled}");
+
+    // An edge forward reports the agent's `Report`: its fields are the documented ones.
+    let report = herald::transport::edge::protocol::Report {
+        seq: 0,
+        outcome: herald::model::Outcome::Delivered {
+            status: 200,
+            latency: std::time::Duration::from_millis(5),
+            response: None,
+        },
+    };
+    let report = serde_json::to_value(report).unwrap();
+    let documented = schema("EdgeReport");
+    for name in documented["required"].as_array().unwrap() {
+        assert!(report.get(name.as_str().unwrap()).is_some(), "EdgeReport requires {name}: {report}");
+    }
+    for key in report.as_object().unwrap().keys() {
+        assert!(documented["properties"].get(key).is_some(), "EdgeReport lacks {key}");
+    }
+    let forward = &doc["paths"]["/v1/edge/forward"]["post"];
+    assert!(!forward["summary"].as_str().unwrap().contains("(admin)"), "the forward secret, not the admin token");
+}
