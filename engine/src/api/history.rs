@@ -40,7 +40,10 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|_| ApiError::unavailable("the history index is not available"))?
-        .map_err(|e| ApiError::unavailable(e.to_string()))
+        .map_err(|e| match e {
+            crate::history::IndexError::Cursor => ApiError::validation("cursor", e.to_string()),
+            e => ApiError::unavailable(e.to_string()),
+        })
 }
 
 fn history(state: &AppState) -> Result<&Arc<History>, ApiError> {

@@ -142,6 +142,13 @@ pub async fn list(
     let limit = page::limit(q.limit)?;
     let filter = Filter::of(&q)?;
     let tenant = who.tenant().or(q.tenant.as_deref());
+    // A position in this list is a subscription id: another list's cursor (a dead letter's
+    // `0.17`) or a stray word was taken for one, and answered a first page or an empty one.
+    if let Some(c) = q.cursor.as_deref() {
+        if !c.starts_with("sub_") && !c.starts_with(crate::registry::STATIC_PREFIX) {
+            return Err(ApiError::validation("cursor", "not a cursor returned by this API"));
+        }
+    }
     let (page, next) = state.registry.list(tenant, q.cursor.as_deref(), limit, page::MAX_SCAN, |t| filter.keeps(t));
     let items: Vec<_> = page.iter().map(|t| view(t)).collect();
     Ok(Json(serde_json::json!({ "items": items, "next": next })))

@@ -28,6 +28,10 @@ pub enum IndexError {
     /// Its directory could not be made.
     #[error("history index directory: {0}")]
     Io(#[from] std::io::Error),
+    /// A cursor that is not a position in the list asked for (another list's, or the same
+    /// list's for another filter).
+    #[error("not a cursor of this list: use the next a page of this query returned")]
+    Cursor,
 }
 
 /// Most index entries one query looks at before it answers with what it found and a cursor
@@ -630,9 +634,15 @@ impl Index {
     ) -> Result<Option<String>, IndexError> {
         let last_day = from.as_ref().map_or(days.1, |(d, _)| (*d).min(days.1));
         let mut seen = 0;
+        if let Some((_, key)) = &from {
+            // The last entry a page of this query visited lies within its range.
+            if key.as_slice() < start.as_slice() || end.as_ref().is_some_and(|e| key >= e) {
+                return Err(IndexError::Cursor);
+            }
+        }
         for (day, ks) in self.days_newest_first(days.0, last_day) {
             let lower = match &from {
-                Some((d, key)) if *d == day && key.as_slice() >= start.as_slice() => Bound::Excluded(key.clone()),
+                Some((d, key)) if *d == day => Bound::Excluded(key.clone()),
                 _ => Bound::Included(start.clone()),
             };
             let upper = end.clone().map_or(Bound::Unbounded, Bound::Excluded);

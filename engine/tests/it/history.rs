@@ -314,11 +314,11 @@ async fn reversed_windows_and_stray_cursors_are_answered_not_a_panic() {
         assert_eq!(status, 400, "{path}: {err}");
         assert_eq!(err["error"]["field"], "until", "{path}: {err}");
     }
-    // A cursor of day 0 with a window that starts today: past the window, nothing more.
+    // A cursor of day 0 naming no entry of these lists (none the API gave): refused.
     let today = chrono::Utc::now().format("%Y-%m-%dT00:00:00Z").to_string();
     for path in ["/v1/events", "/v1/attempts"] {
-        let (status, page) = h.api.get(&format!("{path}?cursor=AAAAAA&since={today}")).await;
-        assert_eq!((status.as_u16(), page["items"].as_array().map(Vec::len)), (200, Some(0)), "{path}: {page}");
+        let (status, err) = h.api.get(&format!("{path}?cursor=AAAAAA&since={today}")).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "{path}: {err}");
     }
     // An event's attempts from a position past any count.
     let mut far = vec![0xFF; 4];
@@ -328,6 +328,24 @@ async fn reversed_windows_and_stray_cursors_are_answered_not_a_panic() {
     assert_eq!((status.as_u16(), page["items"].as_array().map(Vec::len)), (200, Some(0)), "{page}");
     let (status, page) = h.api.get(&format!("/v1/dlq?cursor=0.{}", u64::MAX)).await;
     assert_eq!((status.as_u16(), page["items"].as_array().map(Vec::len)), (200, Some(0)), "{page}");
+    // A cursor of one list given to another, or to the same list for another subscription,
+    // is refused: it was taken as a position, skipping or repeating what it should not.
+    h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    items(&h.api, "/v1/events", 2).await;
+    let (_, events) = h.api.get("/v1/events?limit=1").await;
+    let next = events["next"].as_str().expect("a next page").to_string();
+    let (status, err) = h.api.get(&format!("/v1/attempts?cursor={next}")).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "{err}");
+    let other = h.api.subscribe(json!({ "url": rx.url("/other") })).await;
+    let subs = [other["id"].as_str().unwrap().to_string()];
+    let (_, attempts) = h.api.get("/v1/attempts?limit=1").await;
+    let next = attempts["next"].as_str().expect("a next page of attempts").to_string();
+    let (status, err) = h.api.get(&format!("/v1/attempts?subscription={}&cursor={next}", subs[0])).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "{err}");
+    for cursor in ["zzz", "0.17"] {
+        let (status, err) = h.api.get(&format!("/v1/subscriptions?cursor={cursor}")).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "{cursor}: {err}");
+    }
 }
 
 /// A dead letter replayed is pending again in the event's state until its attempt settles —

@@ -244,7 +244,10 @@ async fn shapes_the_server_takes_and_answers_are_documented() {
     for key in input.as_object().unwrap().keys() {
         assert!(schema("SubscriptionInput")["properties"].get(key).is_some(), "SubscriptionInput lacks {key}");
     }
-    assert!(schema("SubscriptionInput")["properties"]["transport"]["enum"].as_array().unwrap().contains(&json!("amqp")));
+    assert!(schema("SubscriptionInput")["properties"]["transport"]["enum"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("amqp")));
     assert!(schema("SubscriptionPatch")["properties"].get("amqp").is_some(), "SubscriptionPatch lacks amqp");
     let required = schema("SubscriptionInput")["required"].as_array().cloned().unwrap_or_default();
     assert!(!required.contains(&json!("url")), "an AMQP subscription has no url to give");
