@@ -146,6 +146,8 @@ async fn random_and_malformed_input_at_every_operation_gets_no_5xx_and_appends_n
     let (sub_id, tenant_id) = (sub["id"].as_str().unwrap().to_string(), tenant["id"].as_str().unwrap().to_string());
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x4e52_414c_4421);
     let mut requests = 0;
+    let codes = doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"].clone();
+    let mut undocumented = std::collections::BTreeSet::new();
     for (method, path, op) in operations(&doc) {
         let concrete = path
             .replace("{id}", if path.contains("tenants") { &tenant_id } else { &sub_id })
@@ -185,9 +187,15 @@ async fn random_and_malformed_input_at_every_operation_gets_no_5xx_and_appends_n
                     String::from_utf8_lossy(&body)
                 );
                 assert!(answer["error"]["code"].is_string(), "errors keep the contract's shape: {answer}");
+                assert!(codes.as_array().unwrap().contains(&answer["error"]["code"]), "{answer} not in {codes}");
+            }
+            // What a client generated from the document expects to be answered.
+            if op["responses"].get(status.as_str()).is_none() {
+                undocumented.insert(format!("{method} {path} {status}"));
             }
         }
     }
+    assert!(undocumented.is_empty(), "answered but not documented: {undocumented:?}");
     // The server is still well after it all.
     let (status, _) = api.raw("GET", "/readyz", None, None).await;
     assert_eq!(status, 200);
@@ -297,6 +305,19 @@ async fn shapes_the_server_takes_and_answers_are_documented() {
     }
     for key in report.as_object().unwrap().keys() {
         assert!(documented["properties"].get(key).is_some(), "EdgeReport lacks {key}");
+    }
+    // A test ping's answer: every field documented, a null only where the type admits one.
+    let rx = crate::support::Receiver::start().await;
+    let (_, hook) = h.api.post("/v1/subscriptions", json!({ "url": rx.url("/ping") })).await;
+    let (status, test) =
+        h.api.post(&format!("/v1/subscriptions/{}/test", hook["id"].as_str().unwrap()), json!({})).await;
+    assert_eq!(status, 200, "{test}");
+    let documented = schema("TestResult");
+    for (key, value) in test.as_object().unwrap() {
+        let property = &documented["properties"][key];
+        assert!(!property.is_null(), "TestResult lacks {key}");
+        let admits_null = property["type"].as_array().is_some_and(|t| t.contains(&json!("null")));
+        assert!(!value.is_null() || admits_null, "TestResult.{key} is null but typed {}", property["type"]);
     }
     let forward = &doc["paths"]["/v1/edge/forward"]["post"];
     assert!(!forward["summary"].as_str().unwrap().contains("(admin)"), "the forward secret, not the admin token");
