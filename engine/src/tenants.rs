@@ -122,16 +122,19 @@ impl Tenants {
     /// digests).
     pub fn list(&self) -> Vec<TenantKeys> {
         let state = self.state.read().unwrap();
+        // Keys grouped in one pass (each tenant filtering every key was tenants × keys).
+        let mut by_tenant: HashMap<&str, Vec<KeyInfo>> = HashMap::new();
+        for k in state.keys.values() {
+            by_tenant
+                .entry(&k.tenant)
+                .or_default()
+                .push(KeyInfo { id: k.id.clone(), created_at: k.created_at.clone() });
+        }
         let mut items: Vec<TenantKeys> = state
             .tenants
             .values()
             .map(|t| {
-                let mut keys: Vec<KeyInfo> = state
-                    .keys
-                    .values()
-                    .filter(|k| k.tenant == t.id)
-                    .map(|k| KeyInfo { id: k.id.clone(), created_at: k.created_at.clone() })
-                    .collect();
+                let mut keys = by_tenant.remove(t.id.as_str()).unwrap_or_default();
                 keys.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
                 TenantKeys { tenant: t.clone(), keys }
             })

@@ -60,7 +60,8 @@ pub async fn list(
 ) -> Result<impl IntoResponse, ApiError> {
     let tenant = who.tenant().or(q.tenant.as_deref());
     let items: Vec<_> = state.devices.list(tenant).iter().map(|d| view(&state, d)).collect();
-    Ok(Json(serde_json::json!({ "items": items })))
+    // One page: a tenant has at most `quotas.edge_devices_per_tenant`.
+    Ok(Json(serde_json::json!({ "items": items, "next": null })))
 }
 
 /// A device as the API shows it: with `connected`, whether its agent is connected to any

@@ -33,9 +33,9 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
-/// The whole catalogue, by name: `{"items"}`.
+/// The whole catalogue, by name, on one page: `{"items","next"}` (`next` always null).
 pub async fn list(_: Principal, State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "items": state.event_types.list() }))
+    Json(json!({ "items": state.event_types.list(), "next": null }))
 }
 
 /// One event type.

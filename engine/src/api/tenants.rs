@@ -31,9 +31,10 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": tenant.id, "name": tenant.name }))))
 }
 
-/// Lists tenants, oldest first, with their keys' ids: `{"items"}`.
+/// Lists tenants, oldest first, with their keys' ids: `{"items","next"}`, all of them on one
+/// page (`next` is always null: lists answer in one shape).
 pub async fn list(_: Admin, State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "items": state.tenants.list() }))
+    Json(serde_json::json!({ "items": state.tenants.list(), "next": null }))
 }
 
 /// Issues an API key: `{"id","key"}`; the key is shown this once.

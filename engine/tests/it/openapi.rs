@@ -306,6 +306,12 @@ async fn shapes_the_server_takes_and_answers_are_documented() {
     for key in report.as_object().unwrap().keys() {
         assert!(documented["properties"].get(key).is_some(), "EdgeReport lacks {key}");
     }
+    // Lists answer `{items, next}`, these three on one page.
+    for path in ["/v1/tenants", "/v1/edge-devices", "/v1/event-types"] {
+        let (status, list) = h.api.get(path).await;
+        assert_eq!((status.as_u16(), list.get("next")), (200, Some(&Value::Null)), "{path}: {list}");
+        assert!(list["items"].is_array(), "{path}: {list}");
+    }
     // A test ping's answer: every field documented, a null only where the type admits one.
     let rx = crate::support::Receiver::start().await;
     let (_, hook) = h.api.post("/v1/subscriptions", json!({ "url": rx.url("/ping") })).await;
