@@ -33,7 +33,8 @@ pub async fn create(
     let tenant = who.owner(d.tenant)?;
     crate::registry::validate_tenant(&tenant)?;
     let name = d.name.trim().to_string();
-    if name.is_empty() || name.len() > 200 {
+    // Characters, as the message (and the document's maxLength) say, not bytes.
+    if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::validation("name", "must be 1 to 200 characters"));
     }
     let max = state.quotas.edge_devices_per_tenant;

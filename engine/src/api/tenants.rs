@@ -24,7 +24,8 @@ pub async fn create(
     JsonBody(t): JsonBody<NewTenant>,
 ) -> Result<impl IntoResponse, ApiError> {
     let name = t.name.trim().to_string();
-    if name.is_empty() || name.len() > 200 {
+    // Characters, as the message (and the document's maxLength) say, not bytes.
+    if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::validation("name", "must be 1 to 200 characters"));
     }
     let tenant = state.tenants.create(name).await?;

@@ -306,6 +306,14 @@ async fn shapes_the_server_takes_and_answers_are_documented() {
     for key in report.as_object().unwrap().keys() {
         assert!(documented["properties"].get(key).is_some(), "EdgeReport lacks {key}");
     }
+    // Names of up to 200 characters (maxLength counts characters), whatever their bytes.
+    let long = "名".repeat(200);
+    let (status, body) = h.api.post("/v1/tenants", json!({ "name": long })).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = h.api.post("/v1/edge-devices", json!({ "name": long })).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, _) = h.api.post("/v1/tenants", json!({ "name": "名".repeat(201) })).await;
+    assert_eq!(status, 400);
     // Lists answer `{items, next}`, these three on one page.
     for path in ["/v1/tenants", "/v1/edge-devices", "/v1/event-types"] {
         let (status, list) = h.api.get(path).await;
