@@ -4,6 +4,7 @@
 //! after shares the stored bytes.
 
 pub mod canonical;
+mod keys;
 
 use crate::history::{EventRecord, HistoryRecord, Recorder, StateRecord};
 use crate::log::{Log, LogError, Record};
@@ -11,6 +12,7 @@ use crate::model::{new_id, now_ms, Delivery, EventInput, Invalid, PayloadFormat,
 use crate::registry::{validate_tenant, Registry};
 use crate::target::Target;
 use bytes::Bytes;
+use keys::Keyed;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -34,100 +36,6 @@ pub struct Event {
     pub trace: Option<crate::model::TraceContext>,
     /// The producer's ordering key, for subscriptions that keep order per key.
     pub ordering_key: Option<String>,
-}
-
-/// The parts of an event an ordering key can come from, and the keys subscriptions' pointers
-/// found in it (each pointer looked up once for all of its subscriptions).
-struct Keyed<'a> {
-    id: &'a str,
-    event_type: &'a str,
-    tenant: &'a str,
-    ordering_key: Option<&'a str>,
-    data: &'a Json,
-    changes: Option<&'a Json>,
-    found: HashMap<String, Option<String>>,
-}
-
-impl<'a> Keyed<'a> {
-    fn new(
-        id: &'a str,
-        event_type: &'a str,
-        tenant: &'a str,
-        ordering_key: Option<&'a str>,
-        data: &'a Json,
-        changes: Option<&'a Json>,
-    ) -> Self {
-        Keyed { id, event_type, tenant, ordering_key, data, changes, found: HashMap::new() }
-    }
-
-    /// The key `target` orders this event's delivery by: none for an unordered subscription;
-    /// the event's own `ordering_key`, else what the subscription's `ordering.key` pointer finds
-    /// in the event (a string, or a number's or boolean's text). An event without one is
-    /// delivered unordered.
-    fn key_for(&mut self, target: &Target) -> Option<String> {
-        let ordering = target.sub.spec.ordering.as_ref().filter(|o| o.ordered())?;
-        if let Some(key) = self.ordering_key {
-            return Some(key.to_string());
-        }
-        self.find(ordering.key.as_deref()?)
-    }
-
-    /// What JSON pointer `pointer` finds in the event (`{id, type, tenant, data, changes}`): a
-    /// string, or a number's or boolean's text, that is a valid ordering key. `data` and
-    /// `changes` are read a level at a time, as raw text, so what serde's `Value` cannot hold
-    /// elsewhere in them (a lone surrogate, nesting past 128 levels, a number past f64) does
-    /// not hide a key that is there.
-    fn find(&mut self, pointer: &str) -> Option<String> {
-        if let Some(found) = self.found.get(pointer) {
-            return found.clone();
-        }
-        let key = self.look_up(pointer);
-        self.found.insert(pointer.to_string(), key.clone());
-        key
-    }
-
-    fn look_up(&self, pointer: &str) -> Option<String> {
-        let mut tokens = pointer.strip_prefix('/')?.split('/').map(|t| t.replace("~1", "/").replace("~0", "~"));
-        let top = tokens.next()?;
-        let plain = |text: &str, rest: Option<String>| rest.is_none().then(|| text.to_string());
-        let key = match top.as_str() {
-            "id" => plain(self.id, tokens.next())?,
-            "type" => plain(self.event_type, tokens.next())?,
-            "tenant" => plain(self.tenant, tokens.next())?,
-            "data" | "changes" => {
-                let json = if top == "data" { Some(self.data) } else { self.changes };
-                let text = std::str::from_utf8(&json?.canonical).ok()?;
-                let mut here: &serde_json::value::RawValue = serde_json::from_str(text).ok()?;
-                for token in tokens {
-                    here = match here.get().as_bytes().first()? {
-                        b'{' => *serde_json::from_str::<HashMap<String, &serde_json::value::RawValue>>(here.get())
-                            .ok()?
-                            .get(&token)?,
-                        b'[' => {
-                            // As RFC 6901 (and `Value::pointer`): no sign, no leading zero.
-                            if token.starts_with('+') || (token.starts_with('0') && token.len() > 1) {
-                                return None;
-                            }
-                            let items: Vec<&serde_json::value::RawValue> = serde_json::from_str(here.get()).ok()?;
-                            *items.get(token.parse::<usize>().ok()?)?
-                        }
-                        _ => return None,
-                    };
-                }
-                let text = here.get();
-                match text.as_bytes().first()? {
-                    b'"' => serde_json::from_str::<String>(text).ok()?,
-                    b't' | b'f' => text.to_string(),
-                    // As `Value` wrote them (the text of one read as f64), or as given.
-                    b'-' | b'0'..=b'9' => serde_json::from_str::<serde_json::Number>(text)
-                        .map_or_else(|_| text.to_string(), |n| n.to_string()),
-                    _ => return None,
-                }
-            }
-            _ => return None,
-        };
-        crate::model::check_ordering_key(&key).is_ok().then_some(key)
-    }
 }
 
 /// One request's deliveries, by the topic they go to.
@@ -699,33 +607,6 @@ mod tests {
 
     fn key(i: usize) -> Key {
         ("tenant".to_string(), format!("evt_{i}"))
-    }
-
-    /// An ordering key is found wherever the rest of the event holds what serde's `Value`
-    /// cannot (a lone surrogate, nesting past its 128 levels, a number past f64): read whole,
-    /// such data read as null, the key was not found and the delivery went out unordered,
-    /// ahead of the key's held head.
-    #[test]
-    fn ordering_keys_are_found_beside_data_a_value_cannot_hold() {
-        let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
-        for data in [
-            r#"{"key":"a","note":"\ud800"}"#.to_string(),
-            format!(r#"{{"deep":{deep},"key":"a"}}"#),
-            format!(r#"{{"big":1{},"key":"a"}}"#, "0".repeat(400)),
-        ] {
-            let data = Json::new(&data).unwrap();
-            let mut keyed = Keyed::new("e1", "T", "t1", None, &data, None);
-            assert_eq!(keyed.find("/data/key").as_deref(), Some("a"), "{:?}", data.canonical);
-        }
-        let data = Json::new(r#"{"n":[{"k":7},{"k":true}],"a/b":{"~":"s"}}"#).unwrap();
-        let mut keyed = Keyed::new("e1", "T", "t1", None, &data, None);
-        assert_eq!(keyed.find("/data/n/0/k").as_deref(), Some("7"));
-        assert_eq!(keyed.find("/data/n/1/k").as_deref(), Some("true"));
-        assert_eq!(keyed.find("/data/a~1b/~0").as_deref(), Some("s"));
-        assert_eq!(keyed.find("/tenant").as_deref(), Some("t1"));
-        for missing in ["/data/n/01/k", "/data/n/2/k", "/data/n", "/changes/x", "data/n", ""] {
-            assert_eq!(keyed.find(missing), None, "{missing}");
-        }
     }
 
     /// The ids are remembered under the lock every publish takes: nothing that holds them may
