@@ -358,11 +358,14 @@ impl Admission {
             // A turn of its own, a token apart from every turn already promised (as for the
             // pace, `turn`): all deferred to the next token came back together, one took it
             // and the rest were deferred again, so a backlog of N behind a rate of r cost
-            // about N²/2 appends over its N/r seconds. The rate is exact, so turns are
-            // promised as far ahead as a deferral goes.
+            // about N²/2 appends over its N/r seconds. Promised no further ahead than the
+            // pace's turns: a promise is written into the tier and cannot be taken back, so
+            // a limit raised (or a delivery dead-lettered past its max_age after taking a
+            // turn) would otherwise leave the backlog coming back at the old rate for an hour.
             bucket.take(now).map_err(|wait| {
-                let apart = Duration::try_from_secs_f64(1.0 / bucket.rate).unwrap_or(MAX_DEFER).min(MAX_DEFER);
-                Busy::Rate(self.promise(&self.rate_turns_until_us, wait, apart, MAX_DEFER))
+                let apart =
+                    Duration::try_from_secs_f64(1.0 / bucket.rate).unwrap_or(MAX_TURN_AHEAD).min(MAX_TURN_AHEAD);
+                Busy::Rate(self.promise(&self.rate_turns_until_us, wait, apart, MAX_TURN_AHEAD))
             })?;
         }
         let full = || Busy::Full((self.latency() * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)));
@@ -820,6 +823,14 @@ mod tests {
             assert!(apart >= Duration::from_millis(95) && apart <= Duration::from_millis(105), "{waits:?}");
         }
         assert!(waits[49] >= Duration::from_millis(4900), "{waits:?}");
+        // Never promised further ahead than the pace's turns: a promise cannot be taken back,
+        // and a limit raised meanwhile should reach the backlog within a minute.
+        let mut last = Duration::ZERO;
+        for _ in 0..1000 {
+            let Err(Busy::Rate(wait)) = e.admit().await else { panic!("rate limited expected") };
+            last = wait;
+        }
+        assert!(last <= MAX_TURN_AHEAD && last >= MAX_TURN_AHEAD - Duration::from_millis(200), "{last:?}");
     }
 
     #[test]

@@ -7,21 +7,24 @@
 set -euo pipefail
 EVENTS=${1:-50000}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-BIN=$ROOT/target/release
+# E2E_BIN_DIR runs binaries built elsewhere (another commit, for a before/after pair).
+BIN=${E2E_BIN_DIR:-$ROOT/target/release}
 WORK=$(mktemp -d)
 PORT=18381
 export HERALD_ADMIN_TOKEN=edge-admin-token-0123456789 HERALD_NETWORK_ALLOW=127.0.0.0/8 RUST_LOG=warn
 SECRET=whsec_ZWRnZS1zZWNyZXQtZm9yLWhlcmFsZC10ZXN0aW5nLTE=
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
-(cd "$ROOT" && cargo build --release --locked -q -p herald -p herald-load-tests --bins)
+[ -n "${E2E_BIN_DIR:-}" ] || (cd "$ROOT" && cargo build --release --locked -q -p herald -p herald-load-tests --bins)
 api() { curl -sf -X "$1" "localhost:$PORT$2" -H "authorization: Bearer $HERALD_ADMIN_TOKEN" -H 'content-type: application/json' ${3:+-d "$3"}; }
 field() { python3 -c "import json,sys;print(json.load(sys.stdin)['$1'])"; }
 
 "$BIN/herald" serve --listen 127.0.0.1:$PORT --data-dir "$WORK/data" >"$WORK/herald.out" 2>"$WORK/herald.err" &
 pids+=($!)
-for _ in $(seq 1 100); do curl -sf localhost:$PORT/readyz >/dev/null && break; sleep 0.1; done
+ready=0
+for _ in $(seq 1 100); do curl -sf localhost:$PORT/readyz >/dev/null && { ready=1; break; }; sleep 0.1; done
+[ $ready = 1 ] || { echo "herald was not ready within 10 s" >&2; exit 1; }
 TOKEN=$(api POST /v1/edge-devices '{"name":"bench"}' | field token)
 DEVICE=${TOKEN#he.}; DEVICE=${DEVICE%%.*}
 HERALD_EDGE_TOKEN=$TOKEN "$BIN/herald" edge --server http://127.0.0.1:$PORT --window 512 >"$WORK/agent.out" 2>&1 &

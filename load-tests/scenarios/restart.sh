@@ -24,8 +24,9 @@ start() {
   t0=$(now)
   "$BIN/herald" serve --listen 127.0.0.1:$PORT --data-dir "$WORK/data" >"$WORK/out" 2>"$WORK/err" &
   herald=$!
-  for _ in $(seq 1 6000); do curl -sf localhost:$PORT/readyz >/dev/null && break; sleep 0.01; done
-  took=$(since "$t0")
+  for _ in $(seq 1 6000); do curl -sf localhost:$PORT/readyz >/dev/null && { took=$(since "$t0"); return; }; sleep 0.01; done
+  echo "herald was not ready within 60 s" >&2
+  exit 1
 }
 for r in $(seq 1 "$ROUNDS"); do
   for sig in TERM KILL; do
@@ -33,7 +34,8 @@ for r in $(seq 1 "$ROUNDS"); do
     start
     curl -sf -X POST localhost:$PORT/v1/subscriptions -H "authorization: Bearer $HERALD_ADMIN_TOKEN" \
       -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook\"}" >/dev/null
-    "$BIN/herald-load" --server http://127.0.0.1:$PORT --events "$EVENTS" --batch 100 --concurrency 8 --size 1024 >/dev/null
+    timeout 300 "$BIN/herald-load" --server http://127.0.0.1:$PORT --events "$EVENTS" --batch 100 --concurrency 8 --size 1024 >/dev/null ||
+      { echo "publishing failed" >&2; exit 1; }
     t0=$(now)
     kill -$sig $herald
     wait $herald 2>/dev/null
