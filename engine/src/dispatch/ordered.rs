@@ -317,8 +317,8 @@ type Marking = BoxFuture<'static, Vec<(LaneId, u64, Done)>>;
 /// What one pass over the partition found: per lane, its next deliveries and where to look on.
 type Found = BoxFuture<'static, HashMap<LaneId, (Vec<LogRecord>, u64)>>;
 type Read = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<LogRecord>, LogError>)>;
-/// What one look past the records left unread found: operators' skips, and where it ended.
-type Ahead = BoxFuture<'static, (Vec<(u64, Marker)>, u64)>;
+/// What one look past the records left unread found: the markers there, and where it ended.
+type Ahead = BoxFuture<'static, (Vec<(u64, Marker)>, u64, u64)>;
 
 /// One partition's lanes.
 struct Sequencer {
@@ -369,9 +369,12 @@ struct Sequencer {
     /// operators' skips (the only markers another writer adds while this sequencer is live):
     /// else a partition whose every key is held after a dead letter never read the skip that
     /// frees one. The look in flight, how far looks have gone, and the offsets of skips
-    /// applied ahead (passed over when reading reaches them).
+    /// applied ahead (passed over when reading reaches them). Looks go on from where the last
+    /// ended, so the keys with another writer's marker in what was looked at (from the records
+    /// left unread on) are kept: a skip after one of them waits for its turn.
     ahead: Option<Ahead>,
     ahead_to: u64,
+    touched_ahead: HashSet<LaneId>,
     applied_ahead: BTreeSet<u64>,
 }
 
@@ -433,6 +436,7 @@ pub async fn run(
         reading: None,
         ahead: None,
         ahead_to: 0,
+        touched_ahead: HashSet::new(),
         applied_ahead: BTreeSet::new(),
     };
     let mut sweep = tokio::time::interval(SWEEP);
@@ -468,12 +472,9 @@ pub async fn run(
                     break;
                 }
             }
-            (skips, to) = async { seq.ahead.as_mut().expect("guarded").await }, if seq.ahead.is_some() => {
+            (markers, started, to) = async { seq.ahead.as_mut().expect("guarded").await }, if seq.ahead.is_some() => {
                 seq.ahead = None;
-                seq.ahead_to = seq.ahead_to.max(to);
-                for (offset, skip) in skips {
-                    seq.skip_ahead(offset, skip);
-                }
+                seq.looked(markers, started, to);
             }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
             _ = sweep.tick() => seq.sweep(),
@@ -946,27 +947,69 @@ impl Sequencer {
         if !self.live || self.ahead.is_some() {
             return;
         }
-        let skips: Vec<(u64, Marker)> = (self.unread.iter())
-            .filter_map(|r| Some((r.offset, Marker::decode(r.value.clone()).filter(is_skip)?)))
-            .collect();
-        for (offset, skip) in skips {
-            self.skip_ahead(offset, skip);
+        // The records left unread run on from the last one applied: every record before a
+        // skip among them is among them.
+        let unread = self.unread_markers();
+        self.apply_ahead(unread, HashSet::new());
+        let unread_end = self.unread.back().map_or(self.read_to, |r| r.offset + 1);
+        if self.ahead_to < unread_end {
+            // Reading went past what earlier looks saw: look again from the unread ones' end.
+            self.ahead_to = unread_end;
+            self.touched_ahead.clear();
         }
-        let from = self.ahead_to.max(self.unread.back().map_or(self.read_to, |r| r.offset + 1));
-        let (log, topic, partition) = (self.log.clone(), self.topic.clone(), self.partition);
-        self.ahead = Some(async move { skips_from(&*log, &topic, partition, from).await }.boxed());
+        let (log, topic, partition, from) = (self.log.clone(), self.topic.clone(), self.partition, self.ahead_to);
+        self.ahead = Some(async move { markers_from(&*log, &topic, partition, from).await }.boxed());
     }
 
-    /// Applies a skip read ahead of its turn, when its key is open: the records before it
-    /// that are left unread are other keys' first deliveries and markers (this sequencer's own
-    /// markers act when written), so it acts as it would in its turn. A skip of a key not open
-    /// yet waits for its turn, when the key may be.
-    fn skip_ahead(&mut self, offset: u64, skip: Marker) {
-        if offset < self.read_to || self.applied_ahead.contains(&offset) || !self.lanes.contains_key(skip.lane()) {
-            return;
+    /// A look ahead found `markers` from `started` to `to`: skips among them act now if they
+    /// would in their turn, the rest of what the looks saw being kept in `touched_ahead`.
+    fn looked(&mut self, markers: Vec<(u64, Marker)>, started: u64, to: u64) {
+        if started != self.ahead_to {
+            return; // looked again from elsewhere meanwhile
         }
-        self.applied_ahead.insert(offset);
-        self.mark(skip);
+        self.ahead_to = to;
+        // Before these: the records left unread, then what earlier looks saw.
+        let mut touched = std::mem::take(&mut self.touched_ahead);
+        for (_, m) in self.unread_markers() {
+            if would_move(&m, self.lanes.get(m.lane())) {
+                touched.insert(m.lane().clone());
+            }
+        }
+        self.touched_ahead = self.apply_ahead(markers, touched);
+    }
+
+    /// The markers among the records left unread, in order.
+    fn unread_markers(&self) -> Vec<(u64, Marker)> {
+        (self.unread.iter())
+            .filter(|r| r.offset >= self.read_to)
+            .filter_map(|r| Some((r.offset, Marker::decode(r.value.clone())?)))
+            .collect()
+    }
+
+    /// Applies, ahead of their turn, the skips among `markers` (in offset order) that act now
+    /// as they would in their turn ([`acts_ahead`]); the others wait for it. `touched`: the
+    /// keys with a marker in what lies between the first record left unread and `markers`;
+    /// returned with those of `markers` added.
+    fn apply_ahead(&mut self, markers: Vec<(u64, Marker)>, mut touched: HashSet<LaneId>) -> HashSet<LaneId> {
+        // Keys with a marker still to be read before the skip (another writer's: a takeover's
+        // replay that went live at the cap leaves the last owner's — a key's head settled,
+        // the next one held — behind the records it stopped at) may have moved on by then.
+        for (offset, marker) in markers {
+            let Marker::Skip { lane, event } = &marker else {
+                if would_move(&marker, self.lanes.get(marker.lane())) {
+                    touched.insert(marker.lane().clone());
+                }
+                continue;
+            };
+            if offset < self.read_to || self.applied_ahead.contains(&offset) {
+                continue;
+            }
+            if acts_ahead(self.lanes.get(lane), event.as_deref(), touched.contains(lane)) {
+                self.applied_ahead.insert(offset);
+                self.mark(marker);
+            }
+        }
+        touched
     }
 
     /// Replay is over: skips read during it act now.
@@ -1052,34 +1095,62 @@ fn attempt_head(deliverer: Arc<Deliverer>, lane: LaneId, head: u64, attempt: u32
     .boxed()
 }
 
-fn is_skip(m: &Marker) -> bool {
-    matches!(m, Marker::Skip { .. })
+/// Whether an operator's skip of `lane`'s head (naming `event`, if it does), read ahead of its
+/// turn, acts now as it would in its turn: the key is open and its head not being looked for
+/// (a skip then is cleared when the next head is found); a skip naming the head's event acts
+/// on it whatever comes before; one naming none only when nothing before it could move the
+/// key on (`unsure`: a marker for it lies before the skip).
+fn acts_ahead(lane: Option<&Lane>, event: Option<&str>, unsure: bool) -> bool {
+    let Some(l) = lane.filter(|l| l.state != HeadState::Scanning) else { return false };
+    match event {
+        Some(e) => e == l.event,
+        None => !unsure,
+    }
 }
 
-/// The operators' skips in `partition` from `from` to its end, and where that was (as far as
-/// it read, when a read failed: the next look goes on from there).
-async fn skips_from(log: &dyn Log, topic: &str, partition: u32, mut from: u64) -> (Vec<(u64, Marker)>, u64) {
-    let mut skips = Vec::new();
-    loop {
+/// Whether a marker read would move `lane` from where it stands (one this sequencer wrote
+/// has: it acted when written; a key being looked for is left to its turn anyway).
+fn would_move(marker: &Marker, lane: Option<&Lane>) -> bool {
+    match (marker, lane.filter(|l| l.state != HeadState::Scanning)) {
+        (_, None) | (Marker::Skip { .. }, _) => false,
+        (Marker::Settled { head, .. }, Some(l)) => l.head.offset == *head,
+        (Marker::Blocked { head, .. }, Some(l)) => l.head.offset == *head && l.state != HeadState::Parked,
+        (Marker::Attempted { head, attempt, due_ms, .. }, Some(l)) => {
+            l.head.offset == *head && (*attempt, *due_ms) > (l.attempt, l.due_ms)
+        }
+    }
+}
+
+/// Pages one look ahead reads at most: on a partition appended to as fast as it is read, a
+/// look that went on to the end would never report.
+const AHEAD_PAGES: usize = 64;
+
+/// The markers in `partition` from `from`, where the look started (`from`), and where it ended
+/// (the end, or as far as it read: the next look goes on from there).
+async fn markers_from(log: &dyn Log, topic: &str, partition: u32, mut from: u64) -> (Vec<(u64, Marker)>, u64, u64) {
+    let started = from;
+    let mut markers = Vec::new();
+    for _ in 0..AHEAD_PAGES {
         match log.read_partition(topic, partition, from, SCAN_PAGE).await {
             Ok((records, next)) => {
                 for rec in records {
                     from = from.max(rec.offset + 1);
-                    if let Some(skip) = Marker::decode(rec.value).filter(is_skip) {
-                        skips.push((rec.offset, skip));
+                    if let Some(marker) = Marker::decode(rec.value) {
+                        markers.push((rec.offset, marker));
                     }
                 }
                 match next {
                     Some(next) => from = from.max(next),
-                    None => return (skips, from),
+                    None => return (markers, started, from),
                 }
             }
             Err(e) => {
                 tracing::warn!(topic, partition, error = %e, "looking for skips past the cap of keys failed; looking again later");
-                return (skips, from);
+                return (markers, started, from);
             }
         }
     }
+    (markers, started, from)
 }
 
 /// Reads `partition` (below `to`, what the sequencer has read) for the next deliveries of
@@ -1216,6 +1287,34 @@ mod tests {
         let all = (0..10).map(|k| (lane(k), (0, BUFFER))).collect();
         let unbounded = scan(&*log, "o", 0, all, 100, usize::MAX).await;
         assert!(unbounded.values().all(|(r, to)| r.len() == 10 && *to == 100), "with room, each found all ten");
+    }
+
+    /// A skip read ahead of its turn acts only as it would in its turn: on an open key not
+    /// being looked for, on the head it names, or — naming none — when no marker before it
+    /// would move the key first (another writer's, read after a takeover that went live at
+    /// the cap); markers this sequencer wrote move nothing when read back.
+    #[test]
+    fn a_skip_read_ahead_acts_only_as_it_would_in_its_turn() {
+        let id = LaneId { subscription: "sub_1".into(), key: "k".into() };
+        let d = Delivery::first_attempt("h1".into(), "sub_1".into(), "t".into(), "T".into(), Bytes::new(), 0);
+        let rec = LogRecord { partition: 0, offset: 7, timestamp_ms: 0, key: Bytes::new(), value: d.encode() };
+        let mut lane = Lane::new(rec, &d);
+        assert!(acts_ahead(Some(&lane), Some("h1"), true), "names the head: acts whatever is before");
+        assert!(!acts_ahead(Some(&lane), Some("h0"), false), "names another head");
+        assert!(acts_ahead(Some(&lane), None, false));
+        assert!(!acts_ahead(Some(&lane), None, true), "a marker before it may move the key");
+        assert!(!acts_ahead(None, None, false), "a key not open yet waits for its turn");
+        let settled = |head| Marker::Settled { lane: id.clone(), head };
+        let blocked = Marker::Blocked { lane: id.clone(), head: 7 };
+        assert!(would_move(&settled(7), Some(&lane)) && !would_move(&settled(3), Some(&lane)));
+        assert!(would_move(&blocked, Some(&lane)));
+        let again = |attempt, due_ms| Marker::Attempted { lane: id.clone(), head: 7, attempt, due_ms };
+        assert!(would_move(&again(2, 100), Some(&lane)) && !would_move(&again(1, 0), Some(&lane)));
+        lane.state = HeadState::Parked;
+        assert!(!would_move(&blocked, Some(&lane)), "its own Blocked, read back");
+        lane.state = HeadState::Scanning;
+        assert!(!acts_ahead(Some(&lane), Some("h1"), false), "a skip is cleared when the next head is found");
+        assert!(!would_move(&settled(7), Some(&lane)));
     }
 
     #[test]
