@@ -356,7 +356,21 @@ async fn send_lines(api: &Api, input: impl BufRead) -> anyhow::Result<(Value, Sh
         let mut batch = Vec::new();
         let mut numbers = Vec::new();
         for (n, line) in lines.by_ref().take(herald::api::MAX_BATCH) {
-            batch.push(serde_json::from_str::<Value>(&line?).with_context(|| format!("line {n} is not JSON"))?);
+            let event = line.map_err(anyhow::Error::from).and_then(|l| Ok(serde_json::from_str::<Value>(&l)?));
+            match event {
+                Ok(event) => batch.push(event),
+                // What went before it was sent: say so, as for a batch refused.
+                Err(e) => {
+                    let before = match accepted {
+                        0 => "nothing was sent".to_string(),
+                        n => format!(
+                            "the {n} events before line {} were accepted; nothing after them was sent",
+                            numbers.first().copied().unwrap_or(n)
+                        ),
+                    };
+                    return Err(e.context(format!("line {n} is not JSON; {before}")));
+                }
+            }
             numbers.push(n);
         }
         let (Some(&from), Some(&to)) = (numbers.first(), numbers.last()) else {

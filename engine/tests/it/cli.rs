@@ -133,6 +133,16 @@ async fn an_operator_scripts_herald_with_its_cli() {
     .await;
     let missing = herald(&base, &["--json", "events", "get", "s-1001", "--tenant", other], None).await;
     assert_eq!(missing.status.code(), Some(1), "the refused batch's events were not accepted");
+    // A line that is not JSON past the first batch says the same.
+    let mut lines: Vec<String> =
+        (1..=1001).map(|n| format!(r#"{{"id":"j-{n}","type":"b","tenant":"{other}","data":{{}}}}"#)).collect();
+    lines.push("{bad".into());
+    let out = herald(&base, &["events", "send", "--stdin"], Some(&lines.join("\n"))).await;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        said.contains("line 1002 is not JSON") && said.contains("1000 events before line 1001 were accepted"),
+        "{said}"
+    );
 
     let attempts = crate::support::until("the attempts on record", std::time::Duration::from_secs(20), || {
         let base = base.clone();
