@@ -136,6 +136,12 @@ pub fn decode_cursor(cursor: &str) -> Option<(u32, Vec<u8>)> {
     Some((day, bytes[4..].to_vec()))
 }
 
+/// What ties a page of one event's attempts to that event: 8 bytes of a hash of its id.
+fn event_cursor_tag(event_id: &str) -> [u8; 8] {
+    use sha2::Digest;
+    sha2::Sha256::digest(event_id.as_bytes())[..8].try_into().expect("8 bytes")
+}
+
 /// The index.
 pub struct Index {
     db: Database,
@@ -720,13 +726,17 @@ impl Index {
     /// and only the page's attempt records are read — but for an `outcome` filter, which reads
     /// each candidate's, at most [`SCAN_LIMIT`] of them a request.
     fn attempts_of_event(&self, q: &AttemptQuery, event_id: &str) -> Result<Page, IndexError> {
-        let Some(event) = self.event(&q.tenant, event_id)? else { return Ok(Page::default()) };
         // A page of an event's attempts (rarely more than one): the cursor is where it starts.
-        let skip = q
-            .cursor
-            .as_deref()
-            .and_then(decode_cursor)
-            .map_or(0, |(_, k)| k.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes) as usize);
+        // The position, and a hash of the event it is a position in: another list's cursor,
+        // or another event's, is refused rather than taken for a count to skip.
+        let skip = match q.cursor.as_deref().and_then(decode_cursor) {
+            None => 0,
+            Some((u32::MAX, key)) if key.len() == 16 && key[8..] == event_cursor_tag(event_id) => {
+                u64::from_be_bytes(key[..8].try_into().expect("8 bytes")) as usize
+            }
+            Some(_) => return Err(IndexError::Cursor),
+        };
+        let Some(event) = self.event(&q.tenant, event_id)? else { return Ok(Page::default()) };
         let limit = q.limit.max(1);
         // One more than the page, to know whether there is a next.
         let keep = skip.saturating_add(limit).saturating_add(1);
@@ -783,7 +793,11 @@ impl Index {
                 items.extend(serde_json::value::to_raw_value(&attempt_view(&a)).ok());
             }
         }
-        let next = more.then(|| encode_cursor(u32::MAX, &(skip.saturating_add(limit) as u64).to_be_bytes()));
+        let next = more.then(|| {
+            let mut position = (skip.saturating_add(limit) as u64).to_be_bytes().to_vec();
+            position.extend_from_slice(&event_cursor_tag(event_id));
+            encode_cursor(u32::MAX, &position)
+        });
         Ok(Page { items, next })
     }
 
