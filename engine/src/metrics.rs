@@ -462,8 +462,6 @@ impl Log for Timed {
 mod tests {
     use super::*;
 
-    /// The handles are keyed by where their strings are: the same text elsewhere (a label
-    /// value built at run time, leaked to be `'static`) must still count into the one series.
     /// A partition that goes to another process (or whose worker ends) stops counting here:
     /// its last lag stayed exported for good, and summed with the new owner's.
     #[test]
@@ -489,6 +487,8 @@ mod tests {
         assert!(text.contains(&line(CONSUMER_LAG, 0)) && text.contains(&line(IN_FLIGHT, 0)), "{text}");
     }
 
+    /// The handles are keyed by where their strings are: the same text elsewhere (a label
+    /// value built at run time, leaked to be `'static`) must still count into the one series.
     #[test]
     fn a_series_counts_once_whatever_copy_of_its_text_names_it() {
         let name: &'static str = "herald_test_series_total";
