@@ -161,7 +161,14 @@ impl From<crate::event_types::EventTypeError> for ApiError {
                 field: Some("name".into()),
                 retry_after: None,
             },
-            EventTypeError::Full => ApiError::quota("event_types", e.to_string()),
+            // A fixed bound, not a setting: the message must not name one to raise.
+            EventTypeError::Full => ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "QUOTA_EXCEEDED",
+                message: format!("{e} (a fixed limit); delete types no longer published"),
+                field: Some("name".into()),
+                retry_after: None,
+            },
             EventTypeError::Catalog(c) => c.into(),
         }
     }
