@@ -370,11 +370,13 @@ struct Sequencer {
     /// else a partition whose every key is held after a dead letter never read the skip that
     /// frees one. The look in flight, how far looks have gone, and the offsets of skips
     /// applied ahead (passed over when reading reaches them). Looks go on from where the last
-    /// ended, so the keys with another writer's marker in what was looked at (from the records
-    /// left unread on) are kept: a skip after one of them waits for its turn.
+    /// ended, so the latest marker of each key in what was looked at is kept (a key's markers
+    /// only move it on: whether the latest would move it says whether any would), judged again
+    /// at each skip — one found while its own marker's append was still settling must not hold
+    /// a later skip back for good; past [`AHEAD_KEYS`] of them, no skip naming no head acts.
     ahead: Option<Ahead>,
     ahead_to: u64,
-    touched_ahead: HashSet<LaneId>,
+    latest_ahead: Latest,
     applied_ahead: BTreeSet<u64>,
 }
 
@@ -436,7 +438,7 @@ pub async fn run(
         reading: None,
         ahead: None,
         ahead_to: 0,
-        touched_ahead: HashSet::new(),
+        latest_ahead: Latest::default(),
         applied_ahead: BTreeSet::new(),
     };
     let mut sweep = tokio::time::interval(SWEEP);
@@ -950,32 +952,33 @@ impl Sequencer {
         // The records left unread run on from the last one applied: every record before a
         // skip among them is among them.
         let unread = self.unread_markers();
-        self.apply_ahead(unread, HashSet::new());
+        let mut latest = Latest::default();
+        self.apply_ahead(unread, &mut latest);
         let unread_end = self.unread.back().map_or(self.read_to, |r| r.offset + 1);
         if self.ahead_to < unread_end {
             // Reading went past what earlier looks saw: look again from the unread ones' end.
             self.ahead_to = unread_end;
-            self.touched_ahead.clear();
+            self.latest_ahead = Latest::default();
         }
         let (log, topic, partition, from) = (self.log.clone(), self.topic.clone(), self.partition, self.ahead_to);
         self.ahead = Some(async move { markers_from(&*log, &topic, partition, from).await }.boxed());
     }
 
     /// A look ahead found `markers` from `started` to `to`: skips among them act now if they
-    /// would in their turn, the rest of what the looks saw being kept in `touched_ahead`.
+    /// would in their turn, the latest marker of each key being kept in `latest_ahead`.
     fn looked(&mut self, markers: Vec<(u64, Marker)>, started: u64, to: u64) {
         if started != self.ahead_to {
             return; // looked again from elsewhere meanwhile
         }
         self.ahead_to = to;
-        // Before these: the records left unread, then what earlier looks saw.
-        let mut touched = std::mem::take(&mut self.touched_ahead);
-        for (_, m) in self.unread_markers() {
-            if would_move(&m, self.lanes.get(m.lane())) {
-                touched.insert(m.lane().clone());
-            }
-        }
-        self.touched_ahead = self.apply_ahead(markers, touched);
+        // Before these: the records left unread, then what earlier looks saw (later, so theirs
+        // are the latest).
+        let mut latest = Latest::default();
+        latest.extend(self.unread_markers());
+        latest.overflow |= self.latest_ahead.overflow;
+        latest.extend(std::mem::take(&mut self.latest_ahead.by_key).into_values().map(|m| (0, m)));
+        self.apply_ahead(markers, &mut latest);
+        self.latest_ahead = latest;
     }
 
     /// The markers among the records left unread, in order.
@@ -987,29 +990,28 @@ impl Sequencer {
     }
 
     /// Applies, ahead of their turn, the skips among `markers` (in offset order) that act now
-    /// as they would in their turn ([`acts_ahead`]); the others wait for it. `touched`: the
-    /// keys with a marker in what lies between the first record left unread and `markers`;
-    /// returned with those of `markers` added.
-    fn apply_ahead(&mut self, markers: Vec<(u64, Marker)>, mut touched: HashSet<LaneId>) -> HashSet<LaneId> {
-        // Keys with a marker still to be read before the skip (another writer's: a takeover's
-        // replay that went live at the cap leaves the last owner's — a key's head settled,
-        // the next one held — behind the records it stopped at) may have moved on by then.
+    /// as they would in their turn ([`acts_ahead`]); the others wait for it. `latest`: each
+    /// key's latest marker in what lies between the first record left unread and `markers`,
+    /// brought up to date with `markers`.
+    fn apply_ahead(&mut self, markers: Vec<(u64, Marker)>, latest: &mut Latest) {
+        // A key with a marker still to be read before the skip (another writer's: a takeover's
+        // replay that went live at the cap leaves the last owner's — a key's head settled, the
+        // next one held — behind the records it stopped at) may have moved on by then.
         for (offset, marker) in markers {
             let Marker::Skip { lane, event } = &marker else {
-                if would_move(&marker, self.lanes.get(marker.lane())) {
-                    touched.insert(marker.lane().clone());
-                }
+                latest.extend([(offset, marker)]);
                 continue;
             };
             if offset < self.read_to || self.applied_ahead.contains(&offset) {
                 continue;
             }
-            if acts_ahead(self.lanes.get(lane), event.as_deref(), touched.contains(lane)) {
+            let l = self.lanes.get(lane);
+            let unsure = latest.overflow || latest.by_key.get(lane).is_some_and(|m| would_move(m, l));
+            if acts_ahead(l, event.as_deref(), unsure) {
                 self.applied_ahead.insert(offset);
                 self.mark(marker);
             }
         }
-        touched
     }
 
     /// Replay is over: skips read during it act now.
@@ -1117,6 +1119,33 @@ fn would_move(marker: &Marker, lane: Option<&Lane>) -> bool {
         (Marker::Blocked { head, .. }, Some(l)) => l.head.offset == *head && l.state != HeadState::Parked,
         (Marker::Attempted { head, attempt, due_ms, .. }, Some(l)) => {
             l.head.offset == *head && (*attempt, *due_ms) > (l.attempt, l.due_ms)
+        }
+    }
+}
+
+/// Keys whose latest marker a look ahead keeps at most (past it, only skips naming their head
+/// act ahead of their turn).
+const AHEAD_KEYS: usize = 50_000;
+
+/// The latest marker (not a skip) of each key, in records looked at ahead of their turn.
+#[derive(Default)]
+struct Latest {
+    by_key: HashMap<LaneId, Marker>,
+    /// More keys than [`AHEAD_KEYS`] had one.
+    overflow: bool,
+}
+
+impl Latest {
+    fn extend(&mut self, markers: impl IntoIterator<Item = (u64, Marker)>) {
+        for (_, m) in markers {
+            if matches!(m, Marker::Skip { .. }) {
+                continue;
+            }
+            if self.by_key.len() >= AHEAD_KEYS && !self.by_key.contains_key(m.lane()) {
+                self.overflow = true;
+                continue;
+            }
+            self.by_key.insert(m.lane().clone(), m);
         }
     }
 }
@@ -1310,8 +1339,22 @@ mod tests {
         assert!(would_move(&blocked, Some(&lane)));
         let again = |attempt, due_ms| Marker::Attempted { lane: id.clone(), head: 7, attempt, due_ms };
         assert!(would_move(&again(2, 100), Some(&lane)) && !would_move(&again(1, 0), Some(&lane)));
+        // Kept as a key's latest marker, it is judged again at each skip: read while its own
+        // append was settling (the head still in flight), then the head parked.
+        let mut latest = Latest::default();
+        latest.extend([(1, settled(3)), (2, blocked.clone()), (3, Marker::Skip { lane: id.clone(), event: None })]);
+        lane.state = HeadState::InFlight;
+        assert!(would_move(&latest.by_key[&id], Some(&lane)), "unsure while in flight");
         lane.state = HeadState::Parked;
+        assert!(!would_move(&latest.by_key[&id], Some(&lane)), "its own Blocked, read back");
         assert!(!would_move(&blocked, Some(&lane)), "its own Blocked, read back");
+        let mut many = Latest::default();
+        many.extend(
+            (0..AHEAD_KEYS as u64 + 1).map(|i| {
+                (i, Marker::Settled { lane: LaneId { subscription: "s".into(), key: i.to_string() }, head: 0 })
+            }),
+        );
+        assert!(many.overflow && many.by_key.len() == AHEAD_KEYS, "bounded, and then unsure for all");
         lane.state = HeadState::Scanning;
         assert!(!acts_ahead(Some(&lane), Some("h1"), false), "a skip is cleared when the next head is found");
         assert!(!would_move(&settled(7), Some(&lane)));
