@@ -478,6 +478,17 @@ impl SwitchedReceiver {
     }
 }
 
+/// A server with one partition of at most two keys, and no breaker: a key whose receiver is
+/// down retries, rather than wait out a pause.
+async fn two_keys_a_partition() -> TestHerald {
+    TestHerald::start_with(|c| {
+        c.log.partitions = 1;
+        c.dispatch.ordered_max_keys = 2;
+        c.health.breaker_failures = 1_000_000;
+    })
+    .await
+}
+
 /// One event for each of `n` new keys `{prefix}0`…, in one batch.
 async fn one_event_per_key(api: &Api, prefix: &str, n: usize) {
     let events: Vec<Value> = (0..n)
@@ -590,12 +601,7 @@ async fn a_skipped_head_is_counted_under_its_own_transport() {
 /// operator's skip: it lies past a delivery of a key not open yet, and reading stopped there.
 #[tokio::test]
 async fn a_skip_frees_a_partition_whose_keys_are_all_held_at_its_cap() {
-    let h = TestHerald::start_with(|c| {
-        c.log.partitions = 1;
-        c.dispatch.ordered_max_keys = 2;
-        c.health.breaker_failures = 1_000_000;
-    })
-    .await;
+    let h = two_keys_a_partition().await;
     let (rx, url) = SwitchedReceiver::start().await;
     let sub = h
         .api
@@ -676,12 +682,7 @@ impl OverlapReceiver {
 /// beside it.
 #[tokio::test]
 async fn a_settled_marker_read_during_a_repeated_attempt_does_not_start_the_next_beside_it() {
-    let h = TestHerald::start_with(|c| {
-        c.log.partitions = 1;
-        c.dispatch.ordered_max_keys = 2;
-        c.health.breaker_failures = 1_000_000;
-    })
-    .await;
+    let h = two_keys_a_partition().await;
     let (rx, url) = OverlapReceiver::start().await;
     rx.b_fails.store(true, std::sync::atomic::Ordering::SeqCst);
     h.api.subscribe(ordered_subscription(url)).await;
