@@ -229,8 +229,15 @@ struct Lane {
     attempt: u32,
     due_ms: i64,
     state: HeadState,
-    /// An operator asked to skip the head while it was being attempted.
+    /// An operator asked to skip the head while it was being attempted; when (the skip's
+    /// record's time).
     skip: bool,
+    skip_at: Option<i64>,
+    /// Set when an operator released the key after a dead letter held it: no later delivery
+    /// of the key has its retry budget (`max_age`) start before then. They waited for the
+    /// operator, not for their receiver; counted from acceptance, those held past it got one
+    /// attempt each, and a failure dead-lettered them at once.
+    budget_floor: i64,
     /// A marker said the head was settled while this sequencer was attempting it again (the
     /// last owner's, read after a takeover or a replay that went live at the cap of keys):
     /// the key moves on when that attempt ends, not during it, so two of its deliveries are
@@ -254,6 +261,8 @@ impl Lane {
             due_ms: 0,
             state: HeadState::Waiting,
             skip: false,
+            skip_at: None,
+            budget_floor: 0,
             settled_elsewhere: false,
             waiting: 0,
             buffered: VecDeque::new(),
@@ -270,16 +279,18 @@ impl Lane {
         self.due_ms = d.due_ms;
         self.state = HeadState::Waiting;
         self.skip = false;
+        self.skip_at = None;
         self.settled_elsewhere = false;
     }
 
     /// The head's delivery record as it is to be attempted now (its attempt and due time).
     fn attempt_record(&self) -> Option<LogRecord> {
         let d = Delivery::decode(self.head.value.clone()).ok()?;
-        if (d.attempt, d.due_ms) == (self.attempt, self.due_ms) {
+        let budget_ms = d.budget_ms.max(self.budget_floor);
+        if (d.attempt, d.due_ms, d.budget_ms) == (self.attempt, self.due_ms, budget_ms) {
             return Some(self.head.clone()); // its first attempt, as most are: no copy
         }
-        let d = Delivery { attempt: self.attempt, due_ms: self.due_ms, ..d };
+        let d = Delivery { attempt: self.attempt, due_ms: self.due_ms, budget_ms, ..d };
         Some(LogRecord { value: d.encode(), ..self.head.clone() })
     }
 
@@ -572,7 +583,7 @@ impl Sequencer {
     /// Takes one record of the partition: a delivery joins its lane; a marker moves a lane on.
     fn apply(&mut self, rec: LogRecord) {
         if let Some(marker) = Marker::decode(rec.value.clone()) {
-            return self.mark(marker);
+            return self.mark(marker, rec.timestamp_ms);
         }
         let delivery = match Delivery::decode(rec.value.clone()) {
             Ok(d) => d,
@@ -621,7 +632,7 @@ impl Sequencer {
 
     /// Applies a marker; each applies once (to the head it names, forward only), so reading
     /// back a marker this sequencer wrote and applied changes nothing.
-    fn mark(&mut self, marker: Marker) {
+    fn mark(&mut self, marker: Marker, at_ms: i64) {
         match marker {
             Marker::Attempted { lane, head, attempt, due_ms } => {
                 self.again(&lane, head, attempt, due_ms);
@@ -640,6 +651,7 @@ impl Sequencer {
                     return; // the head it named is gone: its key moved on
                 }
                 l.skip = true;
+                l.skip_at = Some(at_ms);
                 if self.live {
                     self.skip_now(&lane);
                 }
@@ -683,6 +695,10 @@ impl Sequencer {
         let Some(l) = self.lanes.get_mut(lane).filter(|l| l.head.offset == head) else { return };
         if l.state == HeadState::Scanning {
             return;
+        }
+        if l.state == HeadState::Parked && l.skip {
+            // Released by an operator's skip, as a replay reads it (live: `skip_now`).
+            l.budget_floor = l.budget_floor.max(l.skip_at.unwrap_or_else(now_ms));
         }
         self.timers.remove(&(l.due_ms, head));
         self.keys.set(lane, None);
@@ -772,6 +788,10 @@ impl Sequencer {
             HeadState::Parked | HeadState::Waiting => {
                 // A held head is in the dead-letter topic already; a waiting one goes there now.
                 let parked = l.state == HeadState::Parked;
+                if parked {
+                    // Released: the key's later deliveries' budgets start no earlier (`budget_floor`).
+                    l.budget_floor = l.budget_floor.max(l.skip_at.unwrap_or_else(now_ms));
+                }
                 l.state = HeadState::InFlight;
                 self.timers.remove(&(l.due_ms, l.head.offset));
                 let (head, rec) = (l.head.offset, l.attempt_record());
@@ -1009,7 +1029,7 @@ impl Sequencer {
             let unsure = latest.overflow || latest.by_key.get(lane).is_some_and(|m| would_move(m, l));
             if acts_ahead(l, event.as_deref(), unsure) {
                 self.applied_ahead.insert(offset);
-                self.mark(marker);
+                self.mark(marker, now_ms());
             }
         }
     }

@@ -556,6 +556,51 @@ async fn an_ordered_partition_at_its_key_cap_goes_on_as_keys_settle_and_after_a_
     drop(h);
 }
 
+/// A key released by an operator after a dead letter held it: its later deliveries' retry
+/// budgets (`max_age`) start no earlier than the release — they waited for the operator, not
+/// their receiver. Counted from acceptance, one held past it got a single attempt, and its
+/// first failure dead-lettered it.
+#[tokio::test]
+async fn deliveries_held_behind_a_blocked_head_keep_their_retries_after_the_release() {
+    let h = TestHerald::start_with(|c| c.health.breaker_failures = 1_000_000).await;
+    let (rx, url) = SwitchedReceiver::start().await;
+    let sub = h
+        .api
+        .subscribe(json!({
+            "url": url,
+            "ordering": { "key": "/data/key", "on_dead_letter": "block" },
+            "retry": { "policy": "exponential", "initial": "100ms", "max_interval": "200ms", "max_attempts": 20, "max_age": "2s" },
+        }))
+        .await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    rx.fail(true);
+    let published = tokio::time::Instant::now();
+    for seq in 0..2 {
+        let (status, _) = h.api.post("/v1/events", json!({ "type": "t", "data": { "key": "a", "seq": seq } })).await;
+        assert_eq!(status, 202);
+    }
+    until("the head dead-lettered past its max_age, the key held", Duration::from_secs(30), || async {
+        let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+        (blocked["items"][0]["state"] == "dead_lettered" && blocked["items"][0]["waiting"] == 1).then_some(())
+    })
+    .await;
+    // Not synchronisation: the scenario is a delivery held past its own max_age (2 s after
+    // its acceptance) before the operator releases the key.
+    tokio::time::sleep_until(published + Duration::from_millis(3000)).await;
+    let tried = rx.tried.lock().unwrap()["a"];
+    let (status, _) = h.api.post(&format!("/v1/subscriptions/{sub_id}/ordering/skip"), json!({ "key": "a" })).await;
+    assert_eq!(status, 202);
+    until("the held delivery's first attempt (failing)", Duration::from_secs(10), || async {
+        (rx.tried.lock().unwrap()["a"] > tried).then_some(())
+    })
+    .await;
+    rx.fail(false);
+    until("the held delivery retried and delivered", Duration::from_secs(10), || async {
+        rx.taken.lock().unwrap().contains_key("a").then_some(())
+    })
+    .await;
+}
+
 /// A skipped head is counted under its subscription's transport (it was `webhook` for all).
 #[tokio::test]
 async fn a_skipped_head_is_counted_under_its_own_transport() {
