@@ -283,6 +283,12 @@ impl Lane {
         self.settled_elsewhere = false;
     }
 
+    /// The key, held after a dead letter, is released (by the skip read at `skip_at`, else
+    /// now): its later deliveries' budgets start no earlier (`budget_floor`).
+    fn released(&mut self) {
+        self.budget_floor = self.budget_floor.max(self.skip_at.unwrap_or_else(now_ms));
+    }
+
     /// The head's delivery record as it is to be attempted now (its attempt and due time).
     fn attempt_record(&self) -> Option<LogRecord> {
         let d = Delivery::decode(self.head.value.clone()).ok()?;
@@ -697,8 +703,7 @@ impl Sequencer {
             return;
         }
         if l.state == HeadState::Parked && l.skip {
-            // Released by an operator's skip, as a replay reads it (live: `skip_now`).
-            l.budget_floor = l.budget_floor.max(l.skip_at.unwrap_or_else(now_ms));
+            l.released(); // by an operator's skip, as a replay reads it (live: `skip_now`)
         }
         self.timers.remove(&(l.due_ms, head));
         self.keys.set(lane, None);
@@ -789,8 +794,7 @@ impl Sequencer {
                 // A held head is in the dead-letter topic already; a waiting one goes there now.
                 let parked = l.state == HeadState::Parked;
                 if parked {
-                    // Released: the key's later deliveries' budgets start no earlier (`budget_floor`).
-                    l.budget_floor = l.budget_floor.max(l.skip_at.unwrap_or_else(now_ms));
+                    l.released();
                 }
                 l.state = HeadState::InFlight;
                 self.timers.remove(&(l.due_ms, l.head.offset));
@@ -994,9 +998,13 @@ impl Sequencer {
         // Before these: the records left unread, then what earlier looks saw (later, so theirs
         // are the latest).
         let mut latest = Latest::default();
-        latest.extend(self.unread_markers());
+        for (_, m) in self.unread_markers() {
+            latest.note(m);
+        }
         latest.overflow |= self.latest_ahead.overflow;
-        latest.extend(std::mem::take(&mut self.latest_ahead.by_key).into_values().map(|m| (0, m)));
+        for m in std::mem::take(&mut self.latest_ahead.by_key).into_values() {
+            latest.note(m);
+        }
         self.apply_ahead(markers, &mut latest);
         self.latest_ahead = latest;
     }
@@ -1019,7 +1027,7 @@ impl Sequencer {
         // next one held — behind the records it stopped at) may have moved on by then.
         for (offset, marker) in markers {
             let Marker::Skip { lane, event } = &marker else {
-                latest.extend([(offset, marker)]);
+                latest.note(marker);
                 continue;
             };
             if offset < self.read_to || self.applied_ahead.contains(&offset) {
@@ -1156,17 +1164,16 @@ struct Latest {
 }
 
 impl Latest {
-    fn extend(&mut self, markers: impl IntoIterator<Item = (u64, Marker)>) {
-        for (_, m) in markers {
-            if matches!(m, Marker::Skip { .. }) {
-                continue;
-            }
-            if self.by_key.len() >= AHEAD_KEYS && !self.by_key.contains_key(m.lane()) {
-                self.overflow = true;
-                continue;
-            }
-            self.by_key.insert(m.lane().clone(), m);
+    /// Takes `m` as its key's latest (a skip is not kept).
+    fn note(&mut self, m: Marker) {
+        if matches!(m, Marker::Skip { .. }) {
+            return;
         }
+        if self.by_key.len() >= AHEAD_KEYS && !self.by_key.contains_key(m.lane()) {
+            self.overflow = true;
+            return;
+        }
+        self.by_key.insert(m.lane().clone(), m);
     }
 }
 
@@ -1362,18 +1369,18 @@ mod tests {
         // Kept as a key's latest marker, it is judged again at each skip: read while its own
         // append was settling (the head still in flight), then the head parked.
         let mut latest = Latest::default();
-        latest.extend([(1, settled(3)), (2, blocked.clone()), (3, Marker::Skip { lane: id.clone(), event: None })]);
+        for m in [settled(3), blocked.clone(), Marker::Skip { lane: id.clone(), event: None }] {
+            latest.note(m);
+        }
         lane.state = HeadState::InFlight;
         assert!(would_move(&latest.by_key[&id], Some(&lane)), "unsure while in flight");
         lane.state = HeadState::Parked;
         assert!(!would_move(&latest.by_key[&id], Some(&lane)), "its own Blocked, read back");
         assert!(!would_move(&blocked, Some(&lane)), "its own Blocked, read back");
         let mut many = Latest::default();
-        many.extend(
-            (0..AHEAD_KEYS as u64 + 1).map(|i| {
-                (i, Marker::Settled { lane: LaneId { subscription: "s".into(), key: i.to_string() }, head: 0 })
-            }),
-        );
+        for i in 0..=AHEAD_KEYS {
+            many.note(Marker::Settled { lane: LaneId { subscription: "s".into(), key: i.to_string() }, head: 0 });
+        }
         assert!(many.overflow && many.by_key.len() == AHEAD_KEYS, "bounded, and then unsure for all");
         lane.state = HeadState::Scanning;
         assert!(!acts_ahead(Some(&lane), Some("h1"), false), "a skip is cleared when the next head is found");
