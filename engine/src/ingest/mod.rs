@@ -87,12 +87,23 @@ impl Json {
 
     /// The form a subscription's payload carries.
     pub fn for_payload(&self, format: PayloadFormat) -> Bytes {
+        self.form(format).clone()
+    }
+
+    fn form(&self, format: PayloadFormat) -> &Bytes {
         if format.canonical() {
-            self.canonical.clone()
+            &self.canonical
         } else {
-            self.sent.clone()
+            &self.sent
         }
     }
+}
+
+/// Bytes of `data` and `changes` a record for `target` carries (its payload's form of each):
+/// what the fan-out quota counts, at publish and at resend alike.
+fn payload_bytes(target: &Target, data: &Json, changes: Option<&Json>) -> usize {
+    let format = target.sub.spec.payload;
+    data.form(format).len() + changes.map_or(0, |c| c.form(format).len())
 }
 
 /// What was accepted for one event.
@@ -453,11 +464,7 @@ impl Ingest {
                     // before the others are made: the first one's size without its payload,
                     // plus each subscription's own payload form (as sent or JavaScript's, which
                     // can differ by megabytes of whitespace or written-out numbers).
-                    let payload = |t: &Target| {
-                        let format = t.sub.spec.payload;
-                        event.data.for_payload(format).len()
-                            + event.changes.as_ref().map_or(0, |c| c.for_payload(format).len())
-                    };
+                    let payload = |t: &Target| payload_bytes(t, &event.data, event.changes.as_ref());
                     let overhead = (record.key.len() + record.value.len()).saturating_sub(payload(target));
                     fanout += targets.iter().map(|t| (overhead + payload(t)) as u64).sum::<u64>();
                     if fanout > self.max_fanout {
@@ -543,9 +550,7 @@ impl Ingest {
                 event.changes.as_ref().map(|c| Json::new(&String::from_utf8_lossy(c))).transpose().map_err(invalid)?;
             // Each target's own payload form, as at publish.
             for target in targets {
-                let format = target.sub.spec.payload;
-                let size = data.for_payload(format).len() + changes.as_ref().map_or(0, |c| c.for_payload(format).len());
-                fanout = fanout.saturating_add(size as u64);
+                fanout = fanout.saturating_add(payload_bytes(target, &data, changes.as_ref()) as u64);
             }
             if fanout > self.max_fanout {
                 return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
