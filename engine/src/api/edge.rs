@@ -32,11 +32,7 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let tenant = who.owner(d.tenant)?;
     crate::registry::validate_tenant(&tenant)?;
-    let name = d.name.trim().to_string();
-    // Characters, as the message (and the document's maxLength) say, not bytes.
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::validation("name", "must be 1 to 200 characters"));
-    }
+    let name = super::display_name(&d.name)?;
     let max = state.quotas.edge_devices_per_tenant;
     let Some((device, token)) = state.devices.create(&tenant, name, max).await? else {
         return Err(ApiError::quota("edge_devices_per_tenant", format!("this tenant has its {max} edge devices")));

@@ -9,6 +9,16 @@ mod event_types;
 mod events;
 /// Events in one `POST /v1/events/batch` at most (the CLI splits a stream by it).
 pub use events::MAX_BATCH;
+
+/// A tenant's or an edge device's name as given, trimmed: 1 to 200 characters (characters, as
+/// the message and the document's `maxLength` say, not bytes).
+fn display_name(given: &str) -> Result<String, ApiError> {
+    let name = given.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::validation("name", "must be 1 to 200 characters"));
+    }
+    Ok(name.to_string())
+}
 mod history;
 mod ordering;
 mod page;

@@ -23,11 +23,7 @@ pub async fn create(
     State(state): State<AppState>,
     JsonBody(t): JsonBody<NewTenant>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let name = t.name.trim().to_string();
-    // Characters, as the message (and the document's maxLength) say, not bytes.
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::validation("name", "must be 1 to 200 characters"));
-    }
+    let name = super::display_name(&t.name)?;
     let tenant = state.tenants.create(name).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": tenant.id, "name": tenant.name }))))
 }
