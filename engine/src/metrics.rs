@@ -241,6 +241,11 @@ impl ShardStats {
     pub fn set_in_flight(&self, n: usize) {
         self.in_flight.store(n, Ordering::Relaxed);
     }
+
+    /// The labels of its series.
+    fn labels(&self) -> [(&'static str, String); 2] {
+        [("source", self.source.clone()), ("partition", self.partition.to_string())]
+    }
 }
 
 impl Drop for ShardStats {
@@ -248,7 +253,7 @@ impl Drop for ShardStats {
     /// 0 from now on (the exporter cannot drop a series), so a sum over processes counts only
     /// its new owner's. A worker started again for the partition sets them at the next scrape.
     fn drop(&mut self) {
-        let labels = [("source", self.source.clone()), ("partition", self.partition.to_string())];
+        let labels = self.labels();
         metrics::gauge!(CONSUMER_LAG, &labels).set(0.0);
         metrics::gauge!(IN_FLIGHT, &labels).set(0.0);
     }
@@ -328,7 +333,7 @@ impl Metrics {
         };
         metrics::gauge!(PARTITIONS_OWNED).set(shards.len() as f64);
         for s in shards {
-            let labels = [("source", s.source.clone()), ("partition", s.partition.to_string())];
+            let labels = s.labels();
             let lag = s.committer.end_offset().saturating_sub(s.committer.committed());
             metrics::gauge!(CONSUMER_LAG, &labels).set(lag as f64);
             metrics::gauge!(IN_FLIGHT, &labels).set(s.in_flight.load(Ordering::Relaxed) as f64);
