@@ -361,14 +361,8 @@ async fn send_lines(api: &Api, input: impl BufRead) -> anyhow::Result<(Value, Sh
                 Ok(event) => batch.push(event),
                 // What went before it was sent: say so, as for a batch refused.
                 Err(e) => {
-                    let before = match accepted {
-                        0 => "nothing was sent".to_string(),
-                        n => format!(
-                            "the {n} events before line {} were accepted; nothing after them was sent",
-                            numbers.first().copied().unwrap_or(n)
-                        ),
-                    };
-                    return Err(e.context(format!("line {n} is not JSON; {before}")));
+                    let before = accepted_before(accepted, numbers.first().copied().unwrap_or(n));
+                    return Err(e.context(format!("line {n} is not JSON; {before}; nothing after it was sent")));
                 }
             }
             numbers.push(n);
@@ -385,10 +379,7 @@ async fn send_lines(api: &Api, input: impl BufRead) -> anyhow::Result<(Value, Sh
         }
         let count = batch.len();
         let answer = api.call("POST", "/v1/events/batch", Some(Value::Array(batch))).await.map_err(|e| {
-            let before = match accepted {
-                0 => "no event was accepted before it".to_string(),
-                n => format!("the {n} events before line {from} were accepted"),
-            };
+            let before = accepted_before(accepted, from);
             let range = format!("the batch of lines {from}–{to}");
             match e {
                 Failed::Refused(m) => Failed::Refused(format!(
@@ -403,6 +394,14 @@ async fn send_lines(api: &Api, input: impl BufRead) -> anyhow::Result<(Value, Sh
         })?;
         accepted += count;
         items.extend(answer["items"].as_array().cloned().unwrap_or_default());
+    }
+}
+
+/// What [`send_lines`] says was accepted before the lines from `line` on.
+fn accepted_before(accepted: usize, line: usize) -> String {
+    match accepted {
+        0 => "no event was accepted before it".to_string(),
+        n => format!("the {n} events before line {line} were accepted"),
     }
 }
 

@@ -143,6 +143,18 @@ async fn an_operator_scripts_herald_with_its_cli() {
         said.contains("line 1002 is not JSON") && said.contains("1000 events before line 1001 were accepted"),
         "{said}"
     );
+    // The bad line the first of a batch: the events before it were accepted.
+    lines.truncate(1000);
+    for (n, line) in lines.iter_mut().enumerate() {
+        *line = format!(r#"{{"id":"k-{n}","type":"b","tenant":"{other}","data":{{}}}}"#);
+    }
+    lines.push("{bad".into());
+    let out = herald(&base, &["events", "send", "--stdin"], Some(&lines.join("\n"))).await;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        said.contains("line 1001 is not JSON") && said.contains("1000 events before line 1001 were accepted"),
+        "{said}"
+    );
 
     let attempts = crate::support::until("the attempts on record", std::time::Duration::from_secs(20), || {
         let base = base.clone();
