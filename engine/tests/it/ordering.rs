@@ -239,15 +239,9 @@ async fn a_dead_lettered_head_holds_its_key_until_an_operator_skips_it() {
     let h = TestHerald::start().await;
     let rx = OrderedReceiver::start(false).await;
     *rx.stuck.lock().unwrap() = Some("a".into());
-    let sub = h
-        .api
-        .subscribe(json!({
-            "url": rx.url(),
-            "ordering": { "key": "/data/key", "on_dead_letter": "block" },
-            "retry": { "policy": "fixed", "interval": "50ms", "max_attempts": 2 },
-        }))
-        .await;
-    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let sub_id =
+        holding_subscription(&h.api, rx.url(), json!({ "policy": "fixed", "interval": "50ms", "max_attempts": 2 }))
+            .await;
     for (id, key, seq) in [("a0", "a", 0), ("a1", "a", 1), ("b0", "b", 0), ("a2", "a", 2)] {
         let (status, _) =
             h.api.post("/v1/events", json!({ "id": id, "type": "t", "data": { "key": key, "seq": seq } })).await;
@@ -489,6 +483,19 @@ async fn two_keys_a_partition() -> TestHerald {
     .await
 }
 
+/// A subscription ordered by `data.key` that holds a key after a dead letter
+/// (`"on_dead_letter": "block"`), with `retry`; its id.
+async fn holding_subscription(api: &Api, url: impl Into<String>, retry: Value) -> String {
+    let sub = api
+        .subscribe(json!({
+            "url": url.into(),
+            "ordering": { "key": "/data/key", "on_dead_letter": "block" },
+            "retry": retry,
+        }))
+        .await;
+    sub["id"].as_str().unwrap().to_string()
+}
+
 /// One event for each of `n` new keys `{prefix}0`…, in one batch.
 async fn one_event_per_key(api: &Api, prefix: &str, n: usize) {
     let events: Vec<Value> = (0..n)
@@ -564,15 +571,7 @@ async fn an_ordered_partition_at_its_key_cap_goes_on_as_keys_settle_and_after_a_
 async fn deliveries_held_behind_a_blocked_head_keep_their_retries_after_the_release() {
     let h = TestHerald::start_with(|c| c.health.breaker_failures = 1_000_000).await;
     let (rx, url) = SwitchedReceiver::start().await;
-    let sub = h
-        .api
-        .subscribe(json!({
-            "url": url,
-            "ordering": { "key": "/data/key", "on_dead_letter": "block" },
-            "retry": { "policy": "exponential", "initial": "100ms", "max_interval": "200ms", "max_attempts": 20, "max_age": "2s" },
-        }))
-        .await;
-    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let sub_id = holding_subscription(&h.api, url, json!({ "policy": "exponential", "initial": "100ms", "max_interval": "200ms", "max_attempts": 20, "max_age": "2s" })).await;
     rx.fail(true);
     let published = tokio::time::Instant::now();
     for seq in 0..2 {
@@ -648,15 +647,8 @@ async fn a_skipped_head_is_counted_under_its_own_transport() {
 async fn a_skip_frees_a_partition_whose_keys_are_all_held_at_its_cap() {
     let h = two_keys_a_partition().await;
     let (rx, url) = SwitchedReceiver::start().await;
-    let sub = h
-        .api
-        .subscribe(json!({
-            "url": url,
-            "ordering": { "key": "/data/key", "on_dead_letter": "block" },
-            "retry": { "policy": "fixed", "interval": "50ms", "max_attempts": 2 },
-        }))
-        .await;
-    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let sub_id =
+        holding_subscription(&h.api, url, json!({ "policy": "fixed", "interval": "50ms", "max_attempts": 2 })).await;
     rx.fail(true);
     one_event_per_key(&h.api, "a", 3).await;
     until("two keys held after a dead letter", Duration::from_secs(30), || async {
