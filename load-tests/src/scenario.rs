@@ -388,7 +388,7 @@ pub async fn run(s: Scenario, opts: &Options, baseline: Option<f64>) -> anyhow::
         })
         .collect();
     // Over the span deliveries took, first to last (whole seconds counted one too many).
-    let deliveries_per_second = got.distinct.saturating_sub(1) as f64 / sink.arrival_span().as_secs_f64().max(1e-9);
+    let deliveries_per_second = got.deliveries_per_second;
     Ok(Report {
         scenario: s.name().into(),
         description: s.description(&p),

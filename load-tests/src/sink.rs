@@ -126,6 +126,11 @@ pub struct SinkReport {
     pub duplicates: u64,
     /// Signatures that did not verify.
     pub bad_signatures: u64,
+    /// From the first distinct arrival to the last, seconds.
+    pub seconds: f64,
+    /// Distinct arrivals over that span (the one rate every scenario reports, by this clock
+    /// for Herald and for the ideal loop alike).
+    pub deliveries_per_second: f64,
     /// Per second since the sink started: (first arrivals, p50 ms, p99 ms).
     pub timeline: Vec<(u64, u64, u32, u32)>,
     /// End-to-end latency of every first arrival, sorted, in ms.
@@ -341,11 +346,15 @@ impl Sink {
             })
             .collect();
         all.sort_unstable();
+        let seconds = self.arrival_span().as_secs_f64().max(1e-9);
+        let distinct = self.distinct();
         SinkReport {
             requests: self.requests(),
             failures_sent: self.state.failures_sent.load(Ordering::Relaxed),
-            distinct: self.distinct(),
+            distinct,
             duplicates,
+            seconds,
+            deliveries_per_second: distinct.saturating_sub(1) as f64 / seconds,
             bad_signatures: self.state.bad_signatures.load(Ordering::Relaxed),
             timeline,
             latencies_ms: all,
