@@ -61,6 +61,7 @@ fn amqp(c: &mut Criterion) {
         secret: herald::signing::generate_secret(),
         previous_secret: None,
         previous_secret_until: None,
+        earlier_secrets: Vec::new(),
         based_on: None,
         disabled_reason: None,
         created_at: String::new(),

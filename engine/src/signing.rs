@@ -67,8 +67,8 @@ enum Scheme {
 pub struct Signer {
     scheme: Scheme,
     keys: Vec<HmacSha256>,
-    /// The key being rotated out and when it stops being used (ms since epoch).
-    previous: Option<(HmacSha256, i64)>,
+    /// The keys being rotated out and when each stops being used (ms since epoch).
+    previous: Vec<(HmacSha256, i64)>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -144,7 +144,7 @@ impl Signer {
                 (Scheme::Hmac { header: name, encoding: *encoding }, keys)
             }
         };
-        Ok(Signer { scheme, keys, previous: None })
+        Ok(Signer { scheme, keys, previous: Vec::new() })
     }
 
     /// Also signs with `secret` until `until_ms` (a rotation's overlap), for the `standard`
@@ -152,7 +152,7 @@ impl Signer {
     pub fn with_previous(mut self, secret: &Secret, until_ms: i64) -> Result<Signer, SigningError> {
         if let Scheme::Standard = self.scheme {
             let key = standard_key(secret)?;
-            self.previous = Some((HmacSha256::new_from_slice(&key).expect("any key length"), until_ms));
+            self.previous.push((HmacSha256::new_from_slice(&key).expect("any key length"), until_ms));
         }
         Ok(self)
     }
@@ -178,7 +178,7 @@ impl Signer {
     /// is `timestamp` as text. Written into one string (this runs once per attempt: a string
     /// per signature, joined, then copied into the header cost four allocations more).
     fn signature(&self, id: &str, timestamp: i64, stamp: &[u8], body: &[Bytes]) -> Option<(HeaderName, HeaderValue)> {
-        let mut value = String::with_capacity(48 * (self.keys.len() + 1));
+        let mut value = String::with_capacity(48 * (self.keys.len() + self.previous.len() + 1));
         let name = match &self.scheme {
             Scheme::None => return None,
             Scheme::Standard => {

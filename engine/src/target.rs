@@ -56,14 +56,12 @@ impl Target {
             SigningError::BadHeader(_) => Invalid::new("signature.header", e.to_string()),
             _ => Invalid::new("secret", e.to_string()),
         })?;
-        if let (Some(previous), Some(until)) = (&sub.previous_secret, sub.previous_secret_until) {
+        for (previous, until) in sub.rotated_out(crate::model::now_ms()) {
             // Within its overlap, and only if the scheme can use it: after a change of scheme
-            // (hmac to standard) the previous secret may be no key of the new one, and the
+            // (hmac to standard) a previous secret may be no key of the new one, and the
             // receiver verifies the new way anyway. Past its overlap it signs nothing.
-            if until > crate::model::now_ms() {
-                if let Ok(both) = signer.clone().with_previous(previous, until) {
-                    signer = both;
-                }
+            if let Ok(more) = signer.clone().with_previous(previous, until) {
+                signer = more;
             }
         }
         let mut url = url::Url::parse(&spec.url).map_err(|e| Invalid::new("url", e.to_string()))?;

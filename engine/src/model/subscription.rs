@@ -395,6 +395,11 @@ pub struct Subscription {
     /// End of the rotation overlap, ms since the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_secret_until: Option<i64>,
+    /// Secrets rotated out before `previous_secret` whose own overlap has not ended (newest
+    /// first): a second rotation within the first one's overlap would otherwise end the first
+    /// secret at once, failing every receiver still holding it. Stored only.
+    #[serde(default, skip_serializing_if = "hidden_or_empty")]
+    pub earlier_secrets: Vec<RotatedSecret>,
     /// Why it was disabled by Herald, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
@@ -413,6 +418,22 @@ fn hidden_or_none(s: &Option<Secret>) -> bool {
     s.is_none() || secret::redacting(s)
 }
 
+fn hidden_or_empty(s: &[RotatedSecret]) -> bool {
+    s.is_empty() || secret::redacting(&s)
+}
+
+/// A secret rotated out, and the end of its overlap (ms since the epoch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RotatedSecret {
+    pub secret: Secret,
+    pub until: i64,
+}
+
+/// How many rotated-out secrets sign beside the current one at most: each costs an HMAC per
+/// attempt, and a tenant rotating in a loop must not make its deliveries dearer without end.
+/// Past it the oldest ends early.
+pub const MAX_ROTATED_SECRETS: usize = 4;
+
 impl Subscription {
     /// The API view: every field, secrets redacted, the signing secret left out.
     pub fn view(&self) -> serde_json::Value {
@@ -429,6 +450,26 @@ impl Subscription {
         let mut v = self.view();
         v["secret"] = self.secret.expose().into();
         v
+    }
+
+    /// The secrets rotated out that still sign at `now_ms`, newest first.
+    pub fn rotated_out(&self, now_ms: i64) -> impl Iterator<Item = (&Secret, i64)> {
+        let previous = self.previous_secret.as_ref().zip(self.previous_secret_until);
+        previous
+            .into_iter()
+            .chain(self.earlier_secrets.iter().map(|e| (&e.secret, e.until)))
+            .filter(move |(_, until)| *until > now_ms)
+    }
+
+    /// Rotates to `new`: the current secret signs beside it until `until`, and the secrets
+    /// rotated out before it keep their own overlaps (at most [`MAX_ROTATED_SECRETS`] in all).
+    pub fn rotate(&mut self, new: Secret, now_ms: i64, until: i64) {
+        let mut earlier: Vec<RotatedSecret> =
+            self.rotated_out(now_ms).map(|(secret, until)| RotatedSecret { secret: secret.clone(), until }).collect();
+        earlier.truncate(MAX_ROTATED_SECRETS - 1);
+        self.previous_secret = Some(std::mem::replace(&mut self.secret, new));
+        self.previous_secret_until = Some(until);
+        self.earlier_secrets = earlier;
     }
 
     /// The stored form, secrets and all, sealed when a key is installed (the catalog's record).
@@ -465,6 +506,7 @@ mod tests {
             secret: Secret("whsec_abc".into()),
             previous_secret: Some(Secret("whsec_old".into())),
             previous_secret_until: Some(0),
+            earlier_secrets: vec![RotatedSecret { secret: Secret("whsec_older".into()), until: 0 }],
             disabled_reason: None,
             created_at: "now".into(),
             updated_at: "now".into(),
@@ -475,7 +517,7 @@ mod tests {
     #[test]
     fn views_leave_out_every_secret() {
         let text = sample().view().to_string();
-        for secret in ["whsec_abc", "whsec_old", "\"pw\"", "hunter2", "\"k\"", "tok3n"] {
+        for secret in ["whsec_abc", "whsec_old", "whsec_older", "\"pw\"", "hunter2", "\"k\"", "tok3n"] {
             assert!(!text.contains(secret), "{secret} leaked in {text}");
         }
         assert!(text.contains("amqp://u:********@host/vh"), "{text}");
@@ -488,10 +530,32 @@ mod tests {
     fn the_stored_form_keeps_every_secret_and_reads_back() {
         let stored = sample().stored();
         let text = String::from_utf8(stored.clone()).unwrap();
-        for secret in ["whsec_abc", "whsec_old", "hunter2", "tok3n"] {
+        for secret in ["whsec_abc", "whsec_old", "whsec_older", "hunter2", "tok3n"] {
             assert!(text.contains(secret), "{secret} missing from {text}");
         }
         assert_eq!(serde_json::from_slice::<Subscription>(&stored).unwrap(), sample());
+    }
+
+    #[test]
+    fn rotations_keep_each_secret_until_its_own_overlap_ends_a_bounded_few() {
+        let mut sub = sample();
+        sub.previous_secret = None;
+        sub.earlier_secrets.clear();
+        for n in 0..10 {
+            sub.rotate(Secret(format!("whsec_{n}")), 1_000 + n, 10_000 + n);
+        }
+        let live: Vec<_> = sub.rotated_out(1_009).map(|(s, until)| (s.expose().to_string(), until)).collect();
+        assert_eq!(live.len(), MAX_ROTATED_SECRETS, "{live:?}");
+        assert_eq!(live[0], ("whsec_8".to_string(), 10_009), "the newest rotated out first");
+        assert_eq!(sub.secret.expose(), "whsec_9");
+        // Past their overlaps the earlier ones sign nothing and the next rotation drops them.
+        assert_eq!(sub.rotated_out(10_008).count(), 1);
+        sub.rotate(Secret("whsec_10".into()), 10_008, 20_000);
+        assert_eq!(sub.earlier_secrets.len(), 1, "only the one still in its overlap is kept");
+        // A record written before `earlier_secrets` existed reads back with none.
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().stored()).unwrap();
+        v.as_object_mut().unwrap().remove("earlier_secrets");
+        assert!(serde_json::from_value::<Subscription>(v).unwrap().earlier_secrets.is_empty());
     }
 
     #[test]

@@ -294,7 +294,7 @@ impl Registry {
     }
 
     /// Replaces a subscription's secret; the old one keeps signing (beside the new one) for
-    /// `overlap`. `None` when it does not exist (for `tenant`).
+    /// `overlap`, and those rotated out before it until their own overlaps end. `None` when it does not exist (for `tenant`).
     pub async fn rotate_secret(
         &self,
         id: &str,
@@ -309,8 +309,8 @@ impl Registry {
         let Some(current) = self.get(id).filter(|t| tenant.is_none_or(|x| t.sub.tenant == x)) else { return Ok(None) };
         let mut sub = current.sub.clone();
         let now = now_ms();
-        sub.previous_secret = Some(std::mem::replace(&mut sub.secret, new_secret.unwrap_or_else(generate_secret)));
-        sub.previous_secret_until = Some(now.saturating_add(overlap.as_millis().min(i64::MAX as u128) as i64));
+        let until = now.saturating_add(overlap.as_millis().min(i64::MAX as u128) as i64);
+        sub.rotate(new_secret.unwrap_or_else(generate_secret), now, until);
         sub.updated_at = rfc3339_ms(now);
         sub.based_on = self.version_of(id);
         Ok(Some(self.store(sub).await?))

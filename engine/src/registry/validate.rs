@@ -325,6 +325,7 @@ pub fn new_subscription(
         secret: secret.unwrap_or_else(generate_secret),
         previous_secret: None,
         previous_secret_until: None,
+        earlier_secrets: Vec::new(),
         based_on: None,
         disabled_reason: None,
         created_at: now.clone(),

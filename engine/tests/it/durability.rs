@@ -244,6 +244,7 @@ async fn a_delivery_whose_subscription_cannot_be_read_waits_instead_of_being_dro
         secret: herald::signing::generate_secret(),
         previous_secret: None,
         previous_secret_until: None,
+        earlier_secrets: Vec::new(),
         based_on: None,
         disabled_reason: None,
         created_at: String::new(),

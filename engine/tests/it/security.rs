@@ -178,6 +178,7 @@ async fn a_hostile_subscription_already_in_the_log_cannot_stop_delivery() {
         secret: herald::signing::generate_secret(),
         previous_secret: None,
         previous_secret_until: None,
+        earlier_secrets: Vec::new(),
         based_on: None,
         disabled_reason: None,
         created_at: String::new(),

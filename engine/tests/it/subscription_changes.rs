@@ -112,6 +112,33 @@ async fn rotation_sends_both_signatures_during_the_overlap_then_only_the_new_one
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("secret")));
 }
 
+/// A second rotation within the first one's overlap (a double click, or a rotation to a chosen
+/// secret just after one to a made one) must not end the first secret early: a receiver that
+/// still holds it verifies until its own overlap ends, as after a single rotation.
+#[tokio::test]
+async fn a_second_rotation_within_the_overlap_keeps_the_first_secret_signing() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let sub = h.api.subscribe(json!({ "url": rx.url("/r") })).await;
+    let id = sub["id"].as_str().unwrap();
+    let rotate = format!("/v1/subscriptions/{id}/rotate-secret");
+    let mut secrets = vec![sub["secret"].as_str().unwrap().to_string()];
+    for _ in 0..2 {
+        let (status, rotated) = h.api.raw("POST", &rotate, None, Some(crate::support::TOKEN)).await;
+        assert_eq!(status, 200, "{rotated}");
+        secrets.push(rotated["secret"].as_str().unwrap().to_string());
+    }
+    h.api.post("/v1/events", json!({ "id": "after-two", "type": "T", "data": {} })).await;
+    let got = rx.wait_on("/r", 1).await.remove(0);
+    let sigs: Vec<&str> = got.header("webhook-signature").split(' ').collect();
+    assert_eq!(sigs.len(), 3, "the new secret and both previous ones sign: {sigs:?}");
+    for (n, secret) in secrets.iter().enumerate() {
+        let v = Verifier::new(secret).unwrap();
+        let ok = sigs.iter().any(|s| v.verify(got.header("webhook-id"), got.header("webhook-timestamp"), &got.body, s));
+        assert!(ok, "secret {n} of {} verifies the delivery", secrets.len());
+    }
+}
+
 #[tokio::test]
 async fn the_test_endpoint_sends_a_signed_ping_and_reports_the_outcome() {
     let h = TestHerald::start().await;

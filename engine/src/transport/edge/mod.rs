@@ -395,6 +395,7 @@ mod tests {
             secret: crate::model::Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
             previous_secret: None,
             previous_secret_until: None,
+            earlier_secrets: Vec::new(),
             based_on: None,
             disabled_reason: None,
             created_at: String::new(),
