@@ -36,7 +36,7 @@ impl ApiError {
         ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
             code: "RATE_LIMITED",
-            message: format!("too many requests; retry after {} s", wait.as_secs().max(1)),
+            message: format!("too many requests; retry after {} s", whole_seconds(wait)),
             field: None,
             retry_after: Some(wait),
         }
@@ -209,14 +209,20 @@ impl From<crate::log::LogError> for ApiError {
     }
 }
 
+/// A wait in whole seconds, rounded up and at least one: a client that waits as long as it is
+/// told must find the token there.
+fn whole_seconds(wait: std::time::Duration) -> u64 {
+    (wait.as_millis().div_ceil(1000) as u64).max(1)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut error = serde_json::json!({ "code": self.code, "message": self.message });
         if let Some(field) = self.field {
             error["field"] = field.into();
         }
-        // Whole seconds, at least one: in the body (as documented) and the header alike.
-        let wait = self.retry_after.map(|w| w.as_secs().max(1));
+        // In the body (as documented) and the header alike.
+        let wait = self.retry_after.map(whole_seconds);
         if let Some(wait) = wait {
             error["retry_after"] = wait.into();
         }
@@ -322,6 +328,17 @@ mod tests {
         assert_eq!(field_of("timeout", "invalid duration"), "timeout");
         assert_eq!(field_of(".", "EOF while parsing"), "");
         assert_eq!(field_of("[0]", "duplicate field `data` at line 1 column 30"), "[0].data");
+    }
+
+    /// A client that waits as long as `Retry-After` says is let in: the wait is rounded up
+    /// (4.99 s sent as 4 had it refused again for the last 0.99 s).
+    #[test]
+    fn retry_after_rounds_the_wait_up() {
+        let response =
+            axum::response::IntoResponse::into_response(ApiError::throttled(std::time::Duration::from_millis(4_010)));
+        assert_eq!(response.headers()["retry-after"], "5");
+        let err = ApiError::throttled(std::time::Duration::from_millis(10));
+        assert!(err.message.contains("after 1 s"), "{}", err.message);
     }
 
     /// A record the log cannot take will not fit on a retry either: 413, not "retry later".
