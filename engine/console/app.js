@@ -8,6 +8,9 @@ const PORTAL = location.pathname.startsWith("/portal");
 const TOKEN_KEY = "herald.token";
 const session = { token: sessionStorage.getItem(TOKEN_KEY), role: null };
 let timers = [];
+// Counts `route()` calls: an answer to a request made for an earlier one belongs to a page the
+// user has left, and is dropped (`Stale`) rather than drawn over the page they went to.
+let routes = 0;
 // A secret to show once on the next page (a new subscription's), held in memory only.
 let flash = null;
 
@@ -59,6 +62,9 @@ function secretBox(title, value) {
 
 // ---------- the API ----------
 
+/** A request answered after the user left the page that made it. */
+class Stale extends Error {}
+
 class ApiError extends Error {
   constructor(status, body) {
     const e = (body && body.error) || {};
@@ -70,6 +76,7 @@ class ApiError extends Error {
 }
 
 async function api(method, path, body) {
+  const mine = routes;
   const headers = { authorization: "Bearer " + session.token };
   if (body !== undefined) headers["content-type"] = "application/json";
   const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
@@ -77,6 +84,7 @@ async function api(method, path, body) {
   let json = null;
   try { json = text ? JSON.parse(text) : null; } catch { json = null; }
   if (res.status === 401 && session.role) { signOut("Your session ended: sign in again."); throw new ApiError(401, json); }
+  if (mine !== routes) throw new Stale("the page was left");
   if (!res.ok) throw new ApiError(res.status, json);
   return json;
 }
@@ -120,8 +128,9 @@ function renderLogin(message) {
     try {
       session.role = await whoAmI();
       sessionStorage.setItem(TOKEN_KEY, session.token);
+      // A new address routes by itself (hashchange); routing here too drew the page twice.
       if (!location.hash || location.hash === "#/") location.hash = home();
-      route();
+      else route();
     } catch (e) {
       session.token = null;
       out.replaceChildren(h("div", { class: "alert error", role: "alert" },
@@ -175,12 +184,26 @@ function layout(current, title, ...content) {
   heading.focus({ preventScroll: true });
 }
 
+// Herald did not answer who the token is (a restart, a 503, a 429): the token is kept — a
+// portal link's is in no address any more, so forgetting it would lock the tenant out.
+function renderUnreachable(err) {
+  document.getElementById("app").replaceChildren(
+    h("main", { id: "main", class: "login" },
+      h("div", { class: "panel" }, h("h1", {}, PORTAL ? "Herald portal" : "Herald Console"), errorBox(err),
+        h("div", { class: "actions" },
+          h("button", { class: "primary", type: "button", onclick: () => route() }, "Try again"),
+          h("button", { type: "button", onclick: () => signOut() }, "Sign out")))));
+}
+
 async function route() {
+  routes++;
   stopTimers();
   if (!session.token) return renderLogin();
   if (!session.role) {
     try { session.role = await whoAmI(); } catch (e) {
-      return signOut(e.status === 401 ? "That token is no longer accepted: sign in again." : e.message);
+      if (e instanceof Stale) return;
+      if (e.status === 401) return signOut("That token is no longer accepted: sign in again.");
+      return renderUnreachable(e);
     }
   }
   // The portal is a tenant's page (other sites may frame it): the operator uses the console.
@@ -195,7 +218,7 @@ async function route() {
   try {
     await screens[screen](id, sub);
   } catch (e) {
-    if (e.status === 401) return;
+    if (e.status === 401 || e instanceof Stale) return;
     layout(screen, allowed.title, errorBox(e));
   }
 }
@@ -259,6 +282,7 @@ function sparkline(points) {
 }
 
 async function overview() {
+  const mine = routes;
   const cards = h("div", { class: "grid", "aria-live": "polite" });
   const tiers = h("div", {});
   const status = h("p", { class: "muted" }, "Reading /metrics…");
@@ -269,6 +293,9 @@ async function overview() {
     let text;
     try {
       const res = await fetch("/metrics");
+      // A proxy that keeps /metrics to itself answers 403 or 404: no series, so every sum
+      // would read 0 — say so instead.
+      if (!res.ok) throw new Error(`HTTP ${res.status}`);
       text = await res.text();
     } catch (e) {
       status.textContent = "Could not read /metrics: " + e.message;
@@ -316,7 +343,8 @@ async function overview() {
     prev = cur; prevAt = now;
   };
   await tick();
-  timers.push(setInterval(tick, 3000));
+  // Left during the first scrape: `route` has already stopped this page's timers.
+  if (mine === routes) timers.push(setInterval(tick, 3000));
 }
 
 // ---------- Tenants ----------
@@ -382,25 +410,29 @@ function hashParams() {
 // page that found none may still say where to go on, so a few more are asked for before
 // drawing, then "Load more" goes on (`page`). A page that comes back after the filters changed
 // (`reload`), or after another request moved on from the same cursor (a second click on "Load
-// more"), is dropped. `params()` gives the query's filters; `draw(items, next)` shows all loaded.
+// more"), is dropped. `params()` gives the query's filters, read when the list is (re)loaded:
+// a cursor goes on with the filters it was made with, not what has been typed since;
+// `draw(items, next, filters)` shows all loaded.
 function pager(path, params, draw) {
-  let loaded = [], next = null, generation = 0;
+  let loaded = [], next = null, generation = 0, filters = null;
   async function page() {
     const mine = generation;
+    filters ??= params();
     for (let asked = 0; asked < 20; asked++) {
       const cursor = next;
-      const r = await api("GET", path + q({ ...params(), cursor }));
+      const r = await api("GET", path + q({ ...filters, cursor }));
       if (mine !== generation || next !== cursor) return;
       loaded = loaded.concat(r.items);
       next = r.next;
       if (r.items.length || !next) break;
     }
-    draw(loaded, next);
+    draw(loaded, next, filters);
   }
   function reload() {
     generation++;
     loaded = [];
     next = null;
+    filters = null;
     return page();
   }
   return { page, reload };
@@ -432,11 +464,11 @@ async function subscriptions(id, sub) {
   for (const name of ["transport", "enabled", "breaker"]) filters[name].value = params.get(name) || "";
   for (const f of [filters.transport, filters.enabled, filters.breaker]) f.addEventListener("change", () => load(reload));
   const kind = (s) => (s.via_edge ? "edge" : s.transport);
-  const filtered = () => [admin && filters.tenant, filters.transport, filters.enabled, filters.breaker].some((f) => f && f.value.trim());
+  const filtered = (used) => [used.tenant, used.transport, used.enabled, used.breaker].some(Boolean);
   const { page, reload } = pager("/v1/subscriptions", () => ({
     limit: 500, tenant: admin ? filters.tenant.value.trim() : undefined,
     transport: filters.transport.value, enabled: filters.enabled.value, breaker: filters.breaker.value,
-  }), (loaded, next) => {
+  }), (loaded, next, used) => {
     list.replaceChildren(table(["Subscription", "Tenant", "Transport", "Events", "State", "Breaker", "In flight"], loaded.map((s) =>
       h("tr", { "data-subscription": s.id },
         h("td", {}, link(`#/subscriptions/${s.id}`, s.id), h("div", { class: "muted wrap" }, s.url)),
@@ -446,7 +478,7 @@ async function subscriptions(id, sub) {
         h("td", {}, s.enabled === false ? badge("disabled", "bad") : badge("enabled", "ok")),
         h("td", {}, badge((s.health?.breaker || "—").replace("_", " "), s.health?.breaker === "closed" ? "ok" : "bad")),
         h("td", { class: "num" }, `${s.health?.in_flight ?? "—"} / ${s.health?.max_in_flight ?? "—"}`))),
-    next ? "None found yet: “Load more” looks further." : filtered() ? "No subscription matches these filters." :
+    next ? "None found yet: “Load more” looks further." : filtered(used) ? "No subscription matches these filters." :
       "No subscriptions yet: create one with “New subscription”."));
     more.replaceChildren(next ? h("button", { type: "button", onclick: () => load(page) }, "Load more") : "");
   });
@@ -536,7 +568,11 @@ function subscriptionForm(existing) {
     };
     if (!existing && text("tenant")) body.tenant = text("tenant");
     body.url = text("url");
-    body.events = text("events") ? text("events").split(",").map((s) => s.trim()).filter(Boolean) : [];
+    // Sent when changed only: a type may have a comma in its name, which the field's
+    // comma-separated text cannot give back.
+    if (!existing || fields.events.value !== fields.events.defaultValue) {
+      body.events = text("events") ? text("events").split(",").map((s) => s.trim()).filter(Boolean) : [];
+    }
     body.payload = fields.payload.value;
     body.timeout = text("timeout") || (existing ? null : undefined);
     body.max_in_flight = num("max_in_flight");
@@ -683,13 +719,13 @@ async function events(id) {
   // A page of a rare type may be empty and still say where to go on (see `pager`).
   const { page, reload } = pager("/v1/events", () => ({
     type: type.value.trim(), limit: 50, tenant: admin ? tenant.value.trim() : undefined,
-  }), (loaded, next) => {
+  }), (loaded, next, used) => {
     list.replaceChildren(table(["Accepted", "Event", "Type", "Tenant"], loaded.map((e) =>
       h("tr", { "data-event": e.id },
         h("td", {}, fmtTime(e.accepted_at)),
         h("td", {}, link(eventHref(e.id, e.tenant), e.id)),
         h("td", {}, e.type), h("td", { class: "mono" }, e.tenant))),
-    next ? "None found yet: “Load more” looks further." : type.value.trim() ? "No event of this type on record." :
+    next ? "None found yet: “Load more” looks further." : used.type ? "No event of this type on record." :
       "No events on record yet. Events published from now on show up here."));
     more.replaceChildren(next ? h("button", { type: "button", onclick: () => page().catch(failed) }, "Load more") : "");
   });
@@ -760,7 +796,7 @@ async function deadLetters() {
   // records a page (see `pager`).
   const { page, reload } = pager("/v1/dlq", () => ({
     subscription: subscription.value.trim(), tenant: tenant.value.trim(), limit: 500,
-  }), (loaded, next) => {
+  }), (loaded, next, used) => {
     const boxes = [];
     list.replaceChildren(table(["", "Event", "Subscription", "Attempts", "Last error", "Last attempt"], loaded.map((d) => {
       const box = h("input", { type: "checkbox", value: d.id, "aria-label": `Select ${d.event_id}` });
@@ -786,8 +822,9 @@ async function deadLetters() {
         const subs = [...new Set(chosen.map((d) => d.subscription))];
         replay({ ids: chosen.map((d) => d.id), subscription: subs.length === 1 ? subs[0] : undefined });
       } }, "Replay selected"),
-      subscription.value.trim() ? h("button", { type: "button", disabled: !loaded.length, onclick: () => {
-        if (confirm(`Replay every dead letter of ${subscription.value.trim()}?`)) replay({ subscription: subscription.value.trim() });
+      // The subscription whose list is shown, not what has been typed since.
+      used.subscription ? h("button", { type: "button", disabled: !loaded.length, onclick: () => {
+        if (confirm(`Replay every dead letter of ${used.subscription}?`)) replay({ subscription: used.subscription });
       } }, "Replay all of this subscription") : "");
   });
   const failed = (e) => more.replaceChildren(errorBox(e));

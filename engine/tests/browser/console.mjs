@@ -351,6 +351,93 @@ try {
   assert.ok(spill <= 1, `the page is ${spill}px wider than the screen`);
   await shot(narrow, "portal-narrow");
 
+  // Checks that go on after a failure, so one run names every one that fails.
+  const missed = [];
+  const check = async (what, fn) => {
+    say(what);
+    try { await fn(); } catch (e) { missed.push(`${what}: ${e.message}`); }
+  };
+
+  await check("a page other than the first keeps the filter it was loaded with", async () => {
+    await portal.goto(`${BASE}/portal#/subscriptions`);
+    await portal.goto(`${BASE}/portal#/events`);
+    await portal.locator("tr[data-event]").nth(49).waitFor({ timeout: WAIT });
+    // Typed, not submitted: "Load more" goes on with the list shown.
+    await portal.getByLabel("Type").fill("order.created");
+    await portal.getByRole("button", { name: "Load more" }).click();
+    await portal.locator('tr[data-event="bulk-0"]').waitFor({ timeout: 5_000 });
+  });
+
+  await check("a reload while Herald answers 503 keeps the portal's session", async () => {
+    await portal.route("**/v1/tenants", (r) => r.fulfill({ status: 503, contentType: "application/json",
+      body: JSON.stringify({ error: { code: "UNAVAILABLE", message: "busy for a moment" } }) }));
+    await portal.reload();
+    await portal.getByRole("alert").filter({ hasText: "busy for a moment" }).waitFor({ timeout: WAIT });
+    assert.match(await portal.evaluate(() => sessionStorage.getItem("herald.token")) || "", /^hp\./, "the token kept");
+    await portal.unroute("**/v1/tenants");
+    await portal.getByRole("button", { name: "Try again" }).click();
+    await portal.getByRole("heading", { name: "Events", exact: true }).waitFor({ timeout: WAIT });
+  });
+
+  await check("a screen that answers late does not replace the one navigated to since", async () => {
+    const slow = `**/v1/subscriptions/${okSub}`;
+    await page.route(slow, async (r) => { await new Promise((t) => setTimeout(t, 1500)); await r.continue(); });
+    await page.goto(`${BASE}/console#/events`);
+    await page.getByRole("heading", { name: "Events", exact: true }).waitFor({ timeout: WAIT });
+    const answered = page.waitForResponse((r) => r.url().endsWith(`/v1/subscriptions/${okSub}`));
+    await page.evaluate((id) => { location.hash = `#/subscriptions/${id}`; }, okSub);
+    await page.getByRole("link", { name: "Tenants" }).click();
+    await page.getByRole("heading", { name: "Tenants", exact: true }).waitFor({ timeout: WAIT });
+    await answered;
+    // The late screen would draw right after its answer: give it a moment to (not) do so.
+    const replaced = await page.waitForFunction(() => document.querySelector("main h1")?.textContent !== "Tenants", null,
+      { timeout: 1_000 }).then(() => true, () => false);
+    await page.unroute(slow);
+    assert.ok(!replaced, `the screen became ${await page.locator("main h1").textContent()}`);
+  });
+
+  await check("the overview says when /metrics cannot be read instead of showing zeros", async () => {
+    await page.route("**/metrics", (r) => r.fulfill({ status: 403, contentType: "text/html", body: "<h1>Forbidden</h1>" }));
+    await page.goto(`${BASE}/console#/overview`);
+    await page.getByText(/Could not read \/metrics/).waitFor({ timeout: 5_000 });
+    await page.unroute("**/metrics");
+  });
+
+  await check("signing in polls /metrics once every 3 s, not twice", async () => {
+    const sctx = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+    const fresh = await sctx.newPage();
+    watch(fresh);
+    const scrapes = [];
+    fresh.on("request", (r) => { if (new URL(r.url()).pathname === "/metrics") scrapes.push(Date.now()); });
+    await fresh.goto(`${BASE}/console`);
+    await fresh.getByLabel("Admin token or tenant API key").fill(ADMIN);
+    await fresh.keyboard.press("Enter");
+    await fresh.getByRole("heading", { name: "Overview" }).waitFor({ timeout: WAIT });
+    for (const deadline = Date.now() + WAIT; scrapes.length < 3; ) {
+      assert.ok(Date.now() < deadline, "three scrapes");
+      await fresh.waitForRequest((r) => new URL(r.url()).pathname === "/metrics", { timeout: WAIT });
+    }
+    await sctx.close();
+    assert.ok(scrapes[2] - scrapes[0] > 4_500, `three scrapes in ${scrapes[2] - scrapes[0]} ms`);
+  });
+
+  await check("an edit that does not touch the event types keeps a type with a comma in it", async () => {
+    const made = await fetch(`${BASE}/v1/subscriptions`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" },
+      body: JSON.stringify({ url: `${OK_URL}?comma`, tenant, events: ["size,colour"] }),
+    }).then((r) => r.json());
+    await page.goto(`${BASE}/console#/subscriptions/${made.id}/edit`);
+    await page.getByLabel("Rate limit (/s)").fill("7");
+    await page.getByRole("button", { name: "Save changes" }).click();
+    await page.getByRole("heading", { name: made.id, exact: true }).waitFor({ timeout: WAIT });
+    const after = await fetch(`${BASE}/v1/subscriptions/${made.id}`, { headers: { authorization: `Bearer ${ADMIN}` } }).then((r) => r.json());
+    await fetch(`${BASE}/v1/subscriptions/${made.id}`, { method: "DELETE", headers: { authorization: `Bearer ${ADMIN}` } });
+    assert.equal(after.rate_limit, 7);
+    assert.deepEqual(after.events, ["size,colour"]);
+  });
+  assert.deepEqual(missed, [], "every check passed");
+
   say("sign out forgets the token");
   await page.getByRole("button", { name: "Sign out" }).click();
   await page.getByLabel("Admin token or tenant API key").waitFor({ timeout: WAIT });
