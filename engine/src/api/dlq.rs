@@ -63,6 +63,23 @@ pub async fn replay(
         (None, Some(sub)) => Selection::Subscription(sub),
         (None, None) => return Err(ApiError::validation("ids", "give ids, a subscription, or both")),
     };
-    let report = state.dead_letters.replay(selection, who.tenant()).await?;
+    // A deleted subscription would drop what is replayed (the dead letters gone, nothing
+    // sent), a disabled one dead-letter it again at once: refused, and they stay listed.
+    if let Selection::Subscription(sub) = &selection {
+        let target = state.registry.get(sub).filter(|t| who.tenant().is_none_or(|x| t.sub.tenant == x));
+        match target {
+            None => return Err(ApiError::not_found("subscription")),
+            Some(t) if !t.sub.spec.enabled => {
+                return Err(ApiError::conflict("subscription", "the subscription is disabled: enable it, then replay"))
+            }
+            Some(_) => {}
+        }
+    }
+    let refuse = |sub: &str| match state.registry.get(sub) {
+        None => Some("subscription_deleted"),
+        Some(t) if !t.sub.spec.enabled => Some("subscription_disabled"),
+        Some(_) => None,
+    };
+    let report = state.dead_letters.replay(selection, who.tenant(), &refuse).await?;
     Ok(Json(report))
 }

@@ -42,6 +42,17 @@ impl ApiError {
         }
     }
 
+    /// 409 `CONFLICT`: the request cannot be carried out in `field`'s present state.
+    pub fn conflict(field: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::CONFLICT,
+            code: "CONFLICT",
+            message: message.into(),
+            field: Some(field.into()),
+            retry_after: None,
+        }
+    }
+
     /// 403 `QUOTA_EXCEEDED`: the tenant has used up `setting`.
     pub fn quota(setting: &str, message: impl Into<String>) -> Self {
         ApiError {

@@ -98,7 +98,8 @@ pub struct ReplayReport {
 pub struct Skipped {
     /// The id asked for.
     pub id: String,
-    /// `not_found`, `already_replayed` or `unreadable`.
+    /// `not_found`, `already_replayed`, `unreadable`, or what the caller's check refused
+    /// (`subscription_deleted`, `subscription_disabled`).
     pub reason: &'static str,
 }
 
@@ -113,8 +114,16 @@ pub const LIST_SCAN: usize = 10_000;
 /// How old the replay markers read may be when listing (see `DeadLetters::read_markers`).
 const LIST_MARKERS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Entries replayed per append when a whole subscription is replayed.
+/// Entries replayed per append.
 const REPLAY_CHUNK: usize = 1000;
+
+/// Payload bytes replayed per append, at most (about; the entry that passes it is the last):
+/// a thousand entries of a megabyte each held at once, then copied, was gigabytes per replay.
+const REPLAY_CHUNK_BYTES: usize = 8 << 20;
+
+/// Why an entry of a subscription may not be replayed now, if it may not (the caller's check:
+/// deleted, disabled).
+pub type Refuse<'a> = &'a (dyn Fn(&str) -> Option<&'static str> + Sync);
 
 /// Lists and replays dead letters, reading the topic a page at a time. The ids of replayed
 /// entries (small: only what was replayed) are kept in memory, and brought up to date from
@@ -124,7 +133,10 @@ pub struct DeadLetters {
     log: Arc<dyn Log>,
     dlq_topic: String,
     deliveries_topic: String,
-    replays: tokio::sync::Mutex<()>,
+    /// Held by the task that appends a replay's deliveries and markers, not by the request:
+    /// a request cancelled mid-append let the next replay read the markers before they were
+    /// written, and send the same entries again.
+    replays: Arc<tokio::sync::Mutex<()>>,
     replayed: std::sync::Mutex<HashSet<String>>,
     /// How far each partition's markers have been read into `replayed` (empty: not yet), and
     /// when.
@@ -155,7 +167,7 @@ impl DeadLetters {
             log,
             dlq_topic,
             deliveries_topic,
-            replays: tokio::sync::Mutex::new(()),
+            replays: Default::default(),
             replayed: Default::default(),
             markers_read: Default::default(),
             history: None,
@@ -220,17 +232,17 @@ impl DeadLetters {
         })
     }
 
-    /// Streams live entries of `partitions` after `after`, calling `take` until it says stop
-    /// or `budget` records (of any kind) have been looked at; then the position of the last
-    /// one looked at, where a next scan goes on.
+    /// Streams live entries of `partitions` (each up to its end offset, exclusive) after
+    /// `after`, calling `take` until it says stop or `budget` records (of any kind) have been
+    /// looked at; then the position of the last one looked at, where a next scan goes on.
     async fn scan(
         &self,
-        partitions: Vec<u32>,
+        partitions: Vec<(u32, u64)>,
         after: Option<(u32, u64)>,
         mut budget: usize,
         mut take: impl FnMut(Found) -> std::ops::ControlFlow<()>,
     ) -> Result<Option<(u32, u64)>, LogError> {
-        for p in partitions {
+        for (p, end) in partitions {
             let mut from = match after {
                 Some((ap, _)) if ap > p => continue,
                 // A position past any offset (not one this API gave out) has nothing after it.
@@ -238,8 +250,11 @@ impl DeadLetters {
                 _ => Some(0),
             };
             while let Some(at) = from {
+                if at >= end {
+                    break;
+                }
                 let (records, next) = self.log.read_partition(&self.dlq_topic, p, at, SCAN_CHUNK).await?;
-                for rec in records {
+                for rec in records.into_iter().take_while(|r| r.offset < end) {
                     let position = (rec.partition, rec.offset);
                     match decode(rec.value) {
                         Some(DlqRecord::Entry { entry, delivery }) if !self.is_replayed(&entry.id) => {
@@ -277,11 +292,13 @@ impl DeadLetters {
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, Option<(u32, u64)>), LogError> {
         self.read_markers(LIST_MARKERS_FRESH).await?;
-        let mut page: Vec<Found> = Vec::new();
+        // Positions and entries only: a page of 500 kept each payload (up to megabytes) too.
+        let mut page: Vec<((u32, u64), DeadLetter)> = Vec::new();
         let mut seen = HashSet::new();
         let mut more = false;
+        let partitions = self.partitions(subscription)?.into_iter().map(|p| (p, u64::MAX)).collect();
         let stopped = self
-            .scan(self.partitions(subscription)?, after, LIST_SCAN, |f| {
+            .scan(partitions, after, LIST_SCAN, |f| {
                 let wanted = subscription.is_none_or(|s| f.entry.subscription == s)
                     && tenant.is_none_or(|t| f.entry.tenant == t);
                 if !wanted || !seen.insert(f.entry.id.clone()) {
@@ -291,71 +308,81 @@ impl DeadLetters {
                     more = true;
                     return std::ops::ControlFlow::Break(());
                 }
-                page.push(f);
+                page.push((f.position, f.entry));
                 std::ops::ControlFlow::Continue(())
             })
             .await?;
-        let next = if more { page.last().map(|f| f.position) } else { stopped };
-        Ok((page.into_iter().map(|f| f.entry).collect(), next))
+        let next = if more { page.last().map(|(position, _)| *position) } else { stopped };
+        Ok((page.into_iter().map(|(_, entry)| entry).collect(), next))
     }
 
     /// Re-enqueues the selected entries with a fresh attempt budget (attempt 1, `max_age`
-    /// from now), then marks them replayed. `tenant` limits what may be replayed.
+    /// from now), then marks them replayed. `tenant` limits what may be replayed; `refuse`
+    /// says why an entry's subscription may not take it now (it is then skipped and stays).
+    /// Only entries there when the replay began are replayed: one that fails again at once (a
+    /// subscription answering 4xx, `max_attempts` 1) comes back as a new entry behind the
+    /// scan, which a scan to the moving end replayed again, and again.
     /// Reading takes no lock, only marking does (`enqueue`): one replay's long read (ids
     /// looked for through the whole topic) does not hold up another's.
-    pub async fn replay(&self, selection: Selection, tenant: Option<&str>) -> Result<ReplayReport, LogError> {
+    pub async fn replay(
+        &self,
+        selection: Selection,
+        tenant: Option<&str>,
+        refuse: Refuse<'_>,
+    ) -> Result<ReplayReport, LogError> {
         self.read_markers(std::time::Duration::ZERO).await?;
         let visible = |f: &Found| tenant.is_none_or(|t| f.entry.tenant == t);
-        let mut report = ReplayReport::default();
-        match selection {
-            Selection::Subscription(sub) => {
-                // Stream the subscription's partition, replaying a chunk at a time.
-                let mut after = None;
-                loop {
-                    let mut chunk: Vec<Found> = Vec::new();
-                    let mut seen = HashSet::new();
-                    self.scan(self.partitions(Some(&sub))?, after, usize::MAX, |f| {
-                        if f.entry.subscription == sub && visible(&f) && seen.insert(f.entry.id.clone()) {
-                            chunk.push(f);
-                        }
-                        if chunk.len() == REPLAY_CHUNK {
-                            std::ops::ControlFlow::Break(())
-                        } else {
-                            std::ops::ControlFlow::Continue(())
-                        }
-                    })
-                    .await?;
-                    let full = chunk.len() == REPLAY_CHUNK;
-                    after = chunk.last().map(|f| f.position);
-                    self.enqueue(chunk, &mut report).await?;
-                    if !full {
-                        break;
-                    }
-                }
-            }
+        let (of, mut wanted): (Option<&str>, Option<HashSet<&str>>) = match &selection {
+            Selection::Subscription(sub) => (Some(sub), None),
             Selection::Ids { ids, subscription } => {
-                let mut wanted: HashSet<String> = ids.iter().cloned().collect();
-                let mut chosen = Vec::new();
-                let of = |f: &Found| subscription.as_ref().is_none_or(|s| &f.entry.subscription == s);
-                self.scan(self.partitions(subscription.as_deref())?, None, usize::MAX, |f| {
-                    if wanted.contains(&f.entry.id) && visible(&f) && of(&f) {
-                        wanted.remove(&f.entry.id);
-                        chosen.push(f);
-                    }
-                    if wanted.is_empty() {
-                        std::ops::ControlFlow::Break(())
-                    } else {
-                        std::ops::ControlFlow::Continue(())
-                    }
-                })
-                .await?;
-                for id in ids.iter().filter(|id| wanted.contains(*id)) {
-                    let reason = if self.is_replayed(id) { "already_replayed" } else { "not_found" };
-                    if !report.skipped.iter().any(|s| &s.id == id) {
-                        report.skipped.push(Skipped { id: id.clone(), reason });
-                    }
+                (subscription.as_deref(), Some(ids.iter().map(String::as_str).collect()))
+            }
+        };
+        let mut partitions = Vec::new();
+        for p in self.partitions(of)? {
+            partitions.push((p, self.log.end_offset(&self.dlq_topic, p).await?));
+        }
+        let mut report = ReplayReport::default();
+        let mut after = None;
+        loop {
+            // A chunk at a time: at most so many entries and so many payload bytes held.
+            let (mut chunk, mut bytes, mut cut) = (Vec::<Found>::new(), 0, false);
+            let mut seen = HashSet::new();
+            self.scan(partitions.clone(), after, usize::MAX, |f| {
+                let chosen = match &mut wanted {
+                    Some(ids) => ids.contains(f.entry.id.as_str()),
+                    None => true,
+                };
+                if !chosen || of.is_some_and(|s| f.entry.subscription != s) || !visible(&f) {
+                    return std::ops::ControlFlow::Continue(());
                 }
-                self.enqueue(chosen, &mut report).await?;
+                if let Some(ids) = &mut wanted {
+                    ids.remove(f.entry.id.as_str());
+                }
+                if seen.insert(f.entry.id.clone()) {
+                    bytes += f.delivery.len();
+                    chunk.push(f);
+                }
+                cut = chunk.len() == REPLAY_CHUNK || bytes >= REPLAY_CHUNK_BYTES;
+                if cut || wanted.as_ref().is_some_and(|ids| ids.is_empty()) {
+                    std::ops::ControlFlow::Break(())
+                } else {
+                    std::ops::ControlFlow::Continue(())
+                }
+            })
+            .await?;
+            after = chunk.last().map(|f| f.position);
+            self.enqueue(chunk, refuse, &mut report).await?;
+            if !cut {
+                break;
+            }
+        }
+        if let (Selection::Ids { ids, .. }, Some(wanted)) = (&selection, wanted) {
+            for id in ids.iter().filter(|id| wanted.contains(id.as_str())) {
+                let reason = if self.is_replayed(id) { "already_replayed" } else { "not_found" };
+                if !report.skipped.iter().any(|s| &s.id == id) {
+                    report.skipped.push(Skipped { id: id.clone(), reason });
+                }
             }
         }
         Ok(report)
@@ -368,8 +395,16 @@ impl DeadLetters {
     /// deliveries enqueued without markers, which the operator's second try sent again.
     /// One at a time, after reading the markers again: what a replay running beside this one
     /// (here or in another process) marked while this one read is not sent twice.
-    async fn enqueue(&self, entries: Vec<Found>, report: &mut ReplayReport) -> Result<(), LogError> {
-        let _one_at_a_time = self.replays.lock().await;
+    async fn enqueue(
+        &self,
+        entries: Vec<Found>,
+        refuse: Refuse<'_>,
+        report: &mut ReplayReport,
+    ) -> Result<(), LogError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let one_at_a_time = self.replays.clone().lock_owned().await;
         self.read_markers(std::time::Duration::ZERO).await?;
         let now = now_ms();
         let mut deliveries = Vec::new();
@@ -379,6 +414,10 @@ impl DeadLetters {
         for f in entries {
             if self.is_replayed(&f.entry.id) {
                 report.skipped.push(Skipped { id: f.entry.id, reason: "already_replayed" });
+                continue;
+            }
+            if let Some(reason) = refuse(&f.entry.subscription) {
+                report.skipped.push(Skipped { id: f.entry.id, reason });
                 continue;
             }
             let Ok(old) = Delivery::decode(f.delivery.clone()) else {
@@ -400,6 +439,7 @@ impl DeadLetters {
         let (log, topic, dlq) = (self.log.clone(), self.deliveries_topic.clone(), self.dlq_topic.clone());
         let history = self.history.clone();
         tokio::spawn(async move {
+            let _one_at_a_time = one_at_a_time;
             // The deliveries first, then their pending states, as a resend does (a state
             // recorded for deliveries the log refused would read pending with nothing queued).
             log.append(&topic, deliveries).await?;
@@ -483,6 +523,11 @@ mod tests {
 
     /// `n` dead letters of `subscription` (of tenant `tenant`), events `e0`, `e1`, ….
     async fn park(log: &dyn Log, subscription: &str, tenant: &str, n: usize) -> Vec<String> {
+        park_sized(log, subscription, tenant, n, 0).await
+    }
+
+    /// As [`park`], each delivery's payload `bytes` long.
+    async fn park_sized(log: &dyn Log, subscription: &str, tenant: &str, n: usize, bytes: usize) -> Vec<String> {
         let mut ids = Vec::new();
         let records = (0..n)
             .map(|i| {
@@ -492,7 +537,7 @@ mod tests {
                     subscription.into(),
                     tenant.into(),
                     "T".into(),
-                    Bytes::new(),
+                    Bytes::from(vec![b'x'; bytes]),
                     0,
                 );
                 let entry = DeadLetter {
@@ -540,6 +585,9 @@ mod tests {
     }
 
     /// Reads of one partition of `dlq` at or past `at` wait for the gate while it is armed.
+    /// Appends to `deliveries` are counted (their bytes), held while `hold` is set (until
+    /// `release`), and with `echo` dead-letter what they enqueue again at once (a subscription
+    /// failing every attempt at once).
     struct Gated {
         inner: Arc<dyn Log>,
         partition: u32,
@@ -547,6 +595,27 @@ mod tests {
         armed: std::sync::atomic::AtomicBool,
         open: tokio::sync::Notify,
         waiting: std::sync::atomic::AtomicUsize,
+        echo: bool,
+        hold: std::sync::atomic::AtomicBool,
+        release: tokio::sync::Notify,
+        appends: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl Gated {
+        fn new(inner: Arc<dyn Log>) -> Gated {
+            Gated {
+                inner,
+                partition: 0,
+                at: u64::MAX,
+                armed: false.into(),
+                open: tokio::sync::Notify::new(),
+                waiting: 0.into(),
+                echo: false,
+                hold: false.into(),
+                release: tokio::sync::Notify::new(),
+                appends: Default::default(),
+            }
+        }
     }
 
     #[async_trait::async_trait]
@@ -555,7 +624,34 @@ mod tests {
             self.inner.partitions(topic)
         }
         async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<crate::log::Position>, LogError> {
-            self.inner.append(topic, records).await
+            if topic != "deliveries" {
+                return self.inner.append(topic, records).await;
+            }
+            self.appends.lock().unwrap().push(records.iter().map(|r| r.value.len()).sum());
+            if self.hold.load(std::sync::atomic::Ordering::SeqCst) {
+                let released = self.release.notified();
+                self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                released.await;
+            }
+            let again: Vec<Record> = records
+                .iter()
+                .filter(|_| self.echo)
+                .map(|r| {
+                    let d = Delivery::decode(r.value.clone()).unwrap();
+                    let entry = DeadLetter {
+                        subscription: d.subscription.clone(),
+                        tenant: d.tenant.clone(),
+                        event_id: d.event_id.clone(),
+                        ..dead_letter(entry_id(&d.subscription, &d.event_id, d.generation))
+                    };
+                    Record { key: r.key.clone(), value: encode_entry(&entry, &r.value) }
+                })
+                .collect();
+            let positions = self.inner.append(topic, records).await?;
+            if !again.is_empty() {
+                self.inner.append("dlq", again).await?;
+            }
+            Ok(positions)
         }
         async fn read_all(&self, topic: &str) -> Result<Vec<crate::log::LogRecord>, LogError> {
             self.inner.read_all(topic).await
@@ -608,21 +704,15 @@ mod tests {
         let (filler, victim) = (in_partition(1), in_partition(0));
         park(&*inner, &filler, "a", 3 * SCAN_CHUNK).await;
         park(&*inner, &victim, "b", 3).await;
-        let log = Arc::new(Gated {
-            inner,
-            partition: 1,
-            at: SCAN_CHUNK as u64,
-            armed: false.into(),
-            open: tokio::sync::Notify::new(),
-            waiting: 0.into(),
-        });
+        let log = Arc::new(Gated { partition: 1, at: SCAN_CHUNK as u64, ..Gated::new(inner) });
         let dlq = Arc::new(DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into()));
         dlq.read_markers(std::time::Duration::ZERO).await.unwrap(); // markers read: none
         log.armed.store(true, std::sync::atomic::Ordering::SeqCst);
         let long = tokio::spawn({
             let dlq = dlq.clone();
             async move {
-                dlq.replay(Selection::Ids { ids: vec!["dlq_nowhere".into()], subscription: None }, Some("a")).await
+                dlq.replay(Selection::Ids { ids: vec!["dlq_nowhere".into()], subscription: None }, Some("a"), &|_| None)
+                    .await
             }
         });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -632,7 +722,7 @@ mod tests {
         }
         let other = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            dlq.replay(Selection::Subscription(victim.clone()), Some("b")),
+            dlq.replay(Selection::Subscription(victim.clone()), Some("b"), &|_| None),
         )
         .await
         .expect("held up by another tenant's replay")
@@ -662,7 +752,7 @@ mod tests {
         );
         assert_eq!(b.list(None, None, None, 10).await.unwrap().0.len(), 1, "listed by both");
         let one = |id: &str| Selection::Ids { ids: vec![id.to_string()], subscription: None };
-        let report = a.replay(one(&entry.id), None).await.unwrap();
+        let report = a.replay(one(&entry.id), None, &|_| None).await.unwrap();
         assert_eq!(report.replayed, vec![entry.id.clone()]);
         // A list reads markers at most once a second: within a couple of seconds it is gone.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -670,13 +760,105 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "replayed elsewhere, still listed");
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        let again = b.replay(one(&entry.id), None).await.unwrap();
+        let again = b.replay(one(&entry.id), None, &|_| None).await.unwrap();
         assert!(again.replayed.is_empty(), "sent again: {again:?}");
         assert_eq!(again.skipped[0].reason, "already_replayed");
-        let again = b.replay(Selection::Subscription("s".into()), None).await.unwrap();
+        let again = b.replay(Selection::Subscription("s".into()), None, &|_| None).await.unwrap();
         assert!(again.replayed.is_empty(), "sent again: {again:?}");
         let sent = log.read_all("deliveries").await.unwrap();
         assert_eq!(sent.len(), 1, "one delivery enqueued in all");
+        log.close().await.unwrap();
+    }
+
+    /// A replay of a subscription whose deliveries fail again at once (and come back as new
+    /// entries behind the scan) replays what was there when it began, once, and ends.
+    #[tokio::test]
+    async fn a_replay_does_not_chase_the_entries_its_own_deliveries_make() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Gated { echo: true, ..Gated::new(log_of(dir.path(), 1).await) });
+        let parked = park(&*log, "s", "t", REPLAY_CHUNK + 500).await;
+        let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
+        let report = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            dlq.replay(Selection::Subscription("s".into()), None, &|_| None),
+        )
+        .await
+        .expect("the replay ended")
+        .unwrap();
+        assert_eq!(report.replayed.len(), parked.len());
+        assert_eq!(log.read_all("deliveries").await.unwrap().len(), parked.len(), "each sent once");
+        assert_eq!(dlq.list(Some("s"), None, None, 500).await.unwrap().0.len(), 500, "the new entries stay");
+        log.close().await.unwrap();
+    }
+
+    /// A replay holds and appends a bounded number of payload bytes at a time, however large
+    /// each entry is.
+    #[tokio::test]
+    async fn a_replay_appends_a_bounded_number_of_bytes_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Gated::new(log_of(dir.path(), 1).await));
+        let size = 300 << 10;
+        let parked = park_sized(&*log, "s", "t", 60, size).await;
+        let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
+        let report = dlq.replay(Selection::Subscription("s".into()), None, &|_| None).await.unwrap();
+        assert_eq!(report.replayed.len(), parked.len());
+        let appends = log.appends.lock().unwrap().clone();
+        assert!(appends.len() > 1, "{appends:?}");
+        assert!(appends.iter().all(|&n| n <= REPLAY_CHUNK_BYTES + size + 4096), "{appends:?}");
+        log.close().await.unwrap();
+    }
+
+    /// A replay whose request is cancelled while its deliveries are being appended keeps the
+    /// next replay waiting until its markers are written: the same entry is not sent twice.
+    #[tokio::test]
+    async fn a_cancelled_replay_holds_the_next_one_until_its_markers_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Gated::new(log_of(dir.path(), 1).await));
+        let ids = park(&*log, "s", "t", 1).await;
+        let dlq = Arc::new(DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into()));
+        let one = || Selection::Ids { ids: ids.clone(), subscription: None };
+        log.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+        let first = tokio::spawn({
+            let (dlq, one) = (dlq.clone(), one());
+            async move { dlq.replay(one, None, &|_| None).await }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the first replay never appended");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        first.abort(); // the request goes (a client gone, the API's timeout); its append goes on
+        log.hold.store(false, std::sync::atomic::Ordering::SeqCst);
+        let second = tokio::spawn({
+            let (dlq, one) = (dlq.clone(), one());
+            async move { dlq.replay(one, None, &|_| None).await }
+        });
+        // Let the second replay run as far as it can before the first append is let go.
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        log.release.notify_waiters();
+        let second = tokio::time::timeout(std::time::Duration::from_secs(10), second).await.unwrap().unwrap().unwrap();
+        assert!(second.replayed.is_empty(), "sent twice: {second:?}");
+        assert_eq!(log.read_all("deliveries").await.unwrap().len(), 1);
+        log.close().await.unwrap();
+    }
+
+    /// What the caller's check refuses is skipped with its reason and stays listed.
+    #[tokio::test]
+    async fn an_entry_the_check_refuses_is_skipped_and_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of(dir.path(), 1).await;
+        let ids = park(&*log, "s", "t", 2).await;
+        let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
+        let report = dlq
+            .replay(Selection::Ids { ids: ids.clone(), subscription: None }, None, &|_| Some("subscription_deleted"))
+            .await
+            .unwrap();
+        assert!(report.replayed.is_empty());
+        assert!(report.skipped.iter().all(|s| s.reason == "subscription_deleted"), "{report:?}");
+        assert_eq!(dlq.list(None, None, None, 10).await.unwrap().0.len(), 2);
+        assert!(log.read_all("deliveries").await.unwrap().is_empty());
         log.close().await.unwrap();
     }
 }

@@ -95,6 +95,55 @@ async fn an_always_failing_endpoint_dead_letters_each_event_once_and_replay_deli
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("ids")));
 }
 
+/// Dead letters replayed into a deleted subscription were dropped (gone from the list, sent
+/// nowhere), into a disabled one dead-lettered again at once: both are refused, and the
+/// entries stay listed until the subscription can take them.
+#[tokio::test]
+async fn dead_letters_of_a_deleted_or_disabled_subscription_stay_until_they_can_be_sent() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let retry = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 1 });
+    let mut subs = Vec::new();
+    for path in ["/gone", "/off"] {
+        rx.respond_on(path, 500);
+        let sub = h.api.subscribe(json!({ "url": rx.url(path), "retry": retry })).await;
+        subs.push(sub["id"].as_str().unwrap().to_string());
+    }
+    let (gone, off) = (&subs[0], &subs[1]);
+    h.api.post("/v1/events", json!({ "id": "parked", "type": "T", "data": {} })).await;
+    let api = h.api.clone();
+    let entries = until("2 dead letters", Duration::from_secs(20), || async {
+        let (_, page) = api.get("/v1/dlq").await;
+        let items = page["items"].as_array().unwrap().clone();
+        (items.len() == 2).then_some(items)
+    })
+    .await;
+    assert_eq!(h.api.delete(&format!("/v1/subscriptions/{gone}")).await.0, 204);
+    let (status, _) = h.api.patch(&format!("/v1/subscriptions/{off}"), json!({ "enabled": false })).await;
+    assert_eq!(status, 200);
+    rx.respond_on("/off", 200);
+
+    let ids: Vec<_> = entries.iter().map(|e| e["id"].clone()).collect();
+    let (status, report) = h.api.post("/v1/dlq/replay", json!({ "ids": ids })).await;
+    assert_eq!(status, 200, "{report}");
+    assert!(report["replayed"].as_array().unwrap().is_empty(), "{report}");
+    let mut reasons: Vec<_> = report["skipped"].as_array().unwrap().iter().map(|s| s["reason"].clone()).collect();
+    reasons.sort_by_key(|r| r.to_string());
+    assert_eq!(reasons, [json!("subscription_deleted"), json!("subscription_disabled")]);
+    let (status, err) = h.api.post("/v1/dlq/replay", json!({ "subscription": gone })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (404, None), "{err}");
+    let (status, err) = h.api.post("/v1/dlq/replay", json!({ "subscription": off })).await;
+    assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (409, Some("CONFLICT")), "{err}");
+    let (_, page) = h.api.get("/v1/dlq").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "both still listed: {page}");
+
+    // Enabled again, its entry is replayed and delivered.
+    h.api.patch(&format!("/v1/subscriptions/{off}"), json!({ "enabled": true })).await;
+    let (_, report) = h.api.post("/v1/dlq/replay", json!({ "subscription": off })).await;
+    assert_eq!(report["replayed"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(rx.wait_on("/off", 2).await.len(), 2);
+}
+
 #[tokio::test]
 async fn a_410_disables_the_subscription_instead_of_retrying() {
     let h = TestHerald::start().await;
