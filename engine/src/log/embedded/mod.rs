@@ -190,19 +190,30 @@ impl EmbeddedLog {
         let retention = self.retention.clone();
         let compacted = self.compacted.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            // Every step runs whatever another failed, the first error reported: a compaction
+            // that cannot write its scratch file on a full disk stopped the offsets being saved
+            // and consumed segments being reclaimed, so the disk never freed itself.
+            let mut first_error = None;
+            let mut note = |r: std::io::Result<()>| {
+                if let Err(e) = r {
+                    first_error.get_or_insert(e);
+                }
+            };
             let now = now_ms();
             for (parts, keep, read) in &retention {
                 for (p, part) in parts.iter().enumerate() {
                     let read = read.as_ref().map(|r| r[p].load(Ordering::Acquire));
-                    part.reclaim_older(now - keep.as_millis() as i64, read)?;
+                    note(part.reclaim_older(now - keep.as_millis() as i64, read).map(drop));
                 }
             }
             for parts in &compacted {
                 for part in parts.iter() {
-                    part.compact_sealed()?;
+                    note(part.compact_sealed().map(drop));
                 }
             }
-            // Decide what may go before flushing, so nothing is reclaimed past what is on disk.
+            // What every group has committed in memory has been settled: reclaimed even when
+            // saving the offsets failed, since a group that restarts from an older saved
+            // offset goes on from the partition's start (nothing unsettled is below it).
             let mut plan = Vec::new();
             for (name, parts) in &topics {
                 for part in parts.iter() {
@@ -211,7 +222,7 @@ impl EmbeddedLog {
                     }
                 }
             }
-            offsets.flush()?;
+            note(offsets.flush());
             for (part, min) in plan {
                 for path in part.reclaim(min) {
                     // Only fails once the reaper is gone, with the process: the file stays and
@@ -219,7 +230,7 @@ impl EmbeddedLog {
                     let _ = reaper.send(path);
                 }
             }
-            Ok(())
+            first_error.map_or(Ok(()), Err)
         })
         .await
         .map_err(|e| LogError::Backend(e.to_string()))??;

@@ -789,9 +789,18 @@ impl Partition {
                         let after = frames.last().map(|f: &Frame| f.offset);
                         let at = pos + used as u64;
                         tracing::error!(partition = self.id, path = %plan.path.display(), position = at, "corrupt frame in log segment; stepping over it");
-                        let next = segment::resync(&buf, used, after)
-                            .map(|p| pos + p as u64)
-                            .or_else(|| self.index_after(plan, at));
+                        let next = match segment::resync(&buf, used, after) {
+                            Some(p) => Some(pos + p as u64),
+                            // Not within this window (a small one): look through everything up
+                            // to the next indexed frame (at most about the index's interval and
+                            // a frame), as the scan at open would — jumping there skipped the
+                            // valid frames between.
+                            None => {
+                                let bound = self.index_after(plan, at).unwrap_or(hole_at.min(plan.limit));
+                                let wide = read_exact_at(file, at, (bound - at) as usize, wait)?;
+                                segment::resync(&wide, 0, after).map(|p| at + p as u64).or(self.index_after(plan, at))
+                            }
+                        };
                         stopped_at = None;
                         match next {
                             Some(p) => {
@@ -856,10 +865,14 @@ impl Partition {
         let doomed = self.take_sealed_prefix(|s, next| {
             s.last_ms < cutoff_ms && read.is_none_or(|read| next.base <= read && s.end <= read)
         });
+        // Each tried: the list no longer has them, so one left behind here stays until a restart.
+        let mut first_error = None;
         for path in &doomed {
-            fs::remove_file(path)?;
+            if let Err(e) = fs::remove_file(path) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(doomed.len())
+        first_error.map_or(Ok(doomed.len()), Err)
     }
 
     /// Takes the longest prefix of sealed segments (never the active one) that `doomed`
@@ -992,7 +1005,12 @@ impl Partition {
         let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let path = self.dir.join(segment::compacted_name(base, generation));
         let scratch = self.dir.join(format!("{}.compact", segment::compacted_name(base, generation)));
-        replace_durably(&self.dir, &scratch, &path, &buf)?;
+        if let Err(e) = replace_durably(&self.dir, &scratch, &path, &buf) {
+            // Nothing lists either file yet: a full disk retried every flush left one more each time.
+            let _ = fs::remove_file(&scratch);
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         let info =
             SegmentInfo { base, path: path.clone(), len: buf.len() as u64, end, index, last_ms, holes: Vec::new() };
         Ok((path, info))

@@ -150,6 +150,26 @@ async fn a_frame_whose_length_runs_past_the_end_does_not_hang_a_read() {
     assert_eq!(frames.iter().map(|f| f.offset).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
 }
 
+/// A frame damaged while running, read through a window too small to show the next frame:
+/// the read goes on at the next frame, not at the next indexed one (64 KiB on) or the end of
+/// the segment, which skipped the valid records between.
+#[tokio::test]
+async fn damage_found_while_running_skips_only_the_damaged_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+    let value = "v".repeat(3000);
+    let p = log.append("t", (0..5).map(|_| rec("k", &value)).collect()).await.unwrap()[0].partition;
+    let seg = dir.path().join(format!("topics/t/{p}/{}", segment::file_name(0)));
+    let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_at(&file, b"#", 1000).unwrap(); // inside record 0's value
+    let part = log.partition("t", p).unwrap().clone();
+    let (frames, next) = part.read_on(0, 1, 1 << 20, &mut None, Wait::Yes).unwrap();
+    let got: Vec<u64> = frames.iter().map(|f| f.offset).collect();
+    assert!(got == [1] || (got.is_empty() && next == 1), "read {got:?}, next {next}");
+    let (frames, _) = part.read_on(1, 10, 1 << 20, &mut None, Wait::Yes).unwrap();
+    assert_eq!(frames.iter().map(|f| f.offset).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+}
+
 #[tokio::test]
 async fn consumers_resume_from_their_committed_offset() {
     let dir = tempfile::tempdir().unwrap();
@@ -377,6 +397,51 @@ async fn sealed_segments_are_compacted_while_running() {
         .map(|r| (String::from_utf8(r.key.to_vec()).unwrap(), String::from_utf8(r.value.to_vec()).unwrap()))
         .collect();
     assert_eq!(followed, expected);
+}
+
+/// One step of the flush failing (here the catalog's compaction, which cannot read its
+/// segments) does not keep the others from running: offsets are still saved and consumed
+/// segments still reclaimed — on a full disk that is what frees space.
+#[tokio::test]
+async fn a_failing_compaction_does_not_stop_offsets_or_reclaim() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let dir = tempfile::tempdir().unwrap();
+    let broken = Arc::new(AtomicBool::new(false));
+    let b = broken.clone();
+    let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| match fault {
+        Fault::Read(path) if b.load(SeqCst) && path.components().any(|c| c.as_os_str() == "c") => {
+            Err(std::io::Error::other("injected EIO"))
+        }
+        _ => Ok(()),
+    }));
+    let part = {
+        let log = EmbeddedLog::open(EmbeddedConfig { faults, ..quiet(dir.path(), 2048) }).await.unwrap();
+        for round in 0..20 {
+            for k in 0..20 {
+                log.append("c", vec![rec(&format!("k{k}"), &format!("r{round}-{}", "y".repeat(40)))]).await.unwrap();
+            }
+        }
+        let value = "x".repeat(500);
+        let part = log.append("t", vec![rec("k", &value)]).await.unwrap()[0].partition;
+        for _ in 0..30 {
+            log.append("t", vec![rec("k", &value)]).await.unwrap();
+        }
+        let mut rs = readers(&log, "g", "t").await;
+        take(&mut rs[part as usize], 31).await;
+        rs[part as usize].committer().commit(31);
+        broken.store(true, SeqCst);
+        assert!(log.flush().await.is_err(), "the compaction's failure is reported");
+        assert_eq!(log.segment_count("t", part).unwrap(), 1, "consumed segments reclaimed all the same");
+        broken.store(false, SeqCst);
+        drop(rs);
+        log.close().await.unwrap();
+        part
+    };
+    let log = EmbeddedLog::open(quiet(dir.path(), 2048)).await.unwrap();
+    log.append("t", vec![rec("k", "tail")]).await.unwrap();
+    let mut rs = readers(&log, "g", "t").await;
+    let got = take(&mut rs[part as usize], 1).await;
+    assert_eq!((got[0].offset, &got[0].value[..]), (31, &b"tail"[..]), "the group resumes where it committed");
 }
 
 /// Faults that fail writes or fsyncs on demand.
