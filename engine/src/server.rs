@@ -243,7 +243,7 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
         connect_timeout: config.http.connect_timeout.0,
         pool_idle_timeout: config.http.pool_idle_timeout.0,
         pool_max_idle_per_host: config.http.pool_max_idle_per_host,
-        response_bytes: config.history.enabled().then_some(config.history.response_bytes),
+        response_bytes: config.history.kept_response_bytes(),
         tls_files_dir: config.http.tls_files_dir.clone(),
         proxy: config.http.proxy.as_ref().and_then(|p| crate::transport::http::Proxy::parse(p, &config.http.no_proxy)),
         proxies: egress_proxies(config),
@@ -398,7 +398,8 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     let topics = Topics::new(&config.log.topic_prefix);
     let log = crate::metrics::timed(open_log(&config, &topics, &extras.faults).await?);
     let stores = open_catalog(&log, &topics, &config).await?;
-    let hub = EdgeHub::new(stores.devices.clone(), forward_secret(&config, &token));
+    let hub =
+        EdgeHub::new(stores.devices.clone(), forward_secret(&config, &token), config.history.kept_response_bytes());
     let transports = transports(&config, hub.clone());
     let retrier = Retrier::new(log.clone(), topics.prefix.clone(), topics.dlq.clone());
     let settler = Settler::new(stores.registry.clone(), retrier);

@@ -513,10 +513,20 @@ pub struct HistoryConfig {
     pub index_defer: HumanDuration,
 }
 
+/// Most of a receiver's answer an attempt may keep (`history.response_bytes`): also what the
+/// HTTP transport reads of a body at most.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
 impl HistoryConfig {
     /// Whether history is kept at all.
     pub fn enabled(&self) -> bool {
         !self.retention.0.is_zero()
+    }
+
+    /// Bytes of a receiver's answer each attempt keeps, for every transport (`None`: no
+    /// history, nothing kept).
+    pub fn kept_response_bytes(&self) -> Option<usize> {
+        self.enabled().then_some(self.response_bytes)
     }
 }
 
@@ -805,6 +815,9 @@ impl Config {
             // broker deleting it before then loses it.
             return reject("log.retention", "must be at least 8h, twice the longest retry tier (4h)");
         }
+        if self.history.response_bytes > MAX_RESPONSE_BYTES {
+            return reject("history.response_bytes", &format!("must be at most {MAX_RESPONSE_BYTES}"));
+        }
         if self.history.index_defer.0 > Duration::from_secs(600) {
             // For bursts: an index that trails longer would keep stale answers for long, and
             // come near the embedded log's shortest keep of the topic (an hour).
@@ -999,6 +1012,10 @@ mod tests {
         match Config::load(None, &env(&[("HERALD_HISTORY_INDEX_DEFER", "11m")])) {
             Err(ConfigError::Rejected { field, .. }) => assert_eq!(field, "history.index_defer"),
             other => panic!("11m accepted: {other:?}"),
+        }
+        match Config::load(None, &env(&[("HERALD_HISTORY_RESPONSE_BYTES", "65537")])) {
+            Err(ConfigError::Rejected { field, .. }) => assert_eq!(field, "history.response_bytes"),
+            other => panic!("more than the transport reads accepted: {other:?}"),
         }
     }
 

@@ -135,16 +135,20 @@ pub const RESPONSE_HEADERS: usize = 32;
 const RESPONSE_HEADER_VALUE: usize = 256;
 
 impl Response {
-    /// The response with at most [`RESPONSE_HEADERS`] headers of bounded size and `MAX_DETAIL`
-    /// bytes of body (for one reported by an edge agent).
-    pub fn bounded(self) -> Response {
+    /// The response with at most [`RESPONSE_HEADERS`] headers of bounded size and `body_bytes`
+    /// of body, `MAX_DETAIL` at most (for one reported by an edge agent).
+    pub fn bounded(self, body_bytes: usize) -> Response {
         let headers = self
             .headers
             .into_iter()
             .take(RESPONSE_HEADERS)
             .map(|(n, v)| (truncate(&n, RESPONSE_HEADER_VALUE), truncate(&v, RESPONSE_HEADER_VALUE)))
             .collect();
-        let body = self.body.slice(..self.body.len().min(MAX_DETAIL));
+        let keep = body_bytes.min(MAX_DETAIL);
+        let body = match self.body.len() > keep {
+            true => whole_characters(self.body.slice(..keep)),
+            false => self.body,
+        };
         Response { status: self.status, headers, body }
     }
 
@@ -159,6 +163,15 @@ impl Response {
             })
             .collect();
         Response { status, headers, body }
+    }
+}
+
+/// A body cut short, without the part of a UTF-8 character the cut left at its end: a text
+/// answer cut inside a character would otherwise be kept as bytes (and shown in base64).
+pub fn whole_characters(cut: Bytes) -> Bytes {
+    match std::str::from_utf8(&cut) {
+        Err(e) if e.error_len().is_none() => cut.slice(..e.valid_up_to()),
+        _ => cut,
     }
 }
 

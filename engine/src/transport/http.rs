@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// How much of a response body is read (to keep the connection reusable) before giving up.
-const RESPONSE_READ_LIMIT: usize = 64 * 1024;
+const RESPONSE_READ_LIMIT: usize = crate::config::MAX_RESPONSE_BYTES;
 
 /// A DNS resolver that returns only addresses the guard allows.
 #[derive(Clone)]
@@ -398,6 +398,7 @@ impl HttpTransport {
         // so the connection can be reused and its start kept; a body that stalls ends that
         // (dropping the connection), not the answer: a 200 whose body never ends was taken.
         let mut kept = BytesMut::new();
+        let mut cut = false;
         let reading = async {
             let mut read = 0usize;
             while read < RESPONSE_READ_LIMIT {
@@ -406,6 +407,7 @@ impl HttpTransport {
                         let Some(data) = frame.data_ref() else { continue };
                         read += data.len();
                         let room = keep.unwrap_or(0).saturating_sub(kept.len());
+                        cut |= data.len() > room;
                         kept.extend_from_slice(&data[..data.len().min(room)]);
                     }
                     _ => break,
@@ -414,7 +416,8 @@ impl HttpTransport {
         };
         let _ = tokio::time::timeout_at(deadline, reading).await;
         let status = parts.status.as_u16();
-        let response = keep.map(|_| Response::new(status, &parts.headers, kept.freeze()));
+        let kept = if cut { crate::model::outcome::whole_characters(kept.freeze()) } else { kept.freeze() };
+        let response = keep.map(|_| Response::new(status, &parts.headers, kept));
         if (200..300).contains(&status) {
             return Outcome::Delivered { status, latency: latency(), response };
         }

@@ -158,6 +158,34 @@ async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_
     assert!(!m.contains(&acme_device), "no device id in /metrics");
 }
 
+/// `history.response_bytes` holds for attempts made through an agent too (its report was
+/// kept to 1 KiB whatever the setting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_attempt_keeps_as_much_of_the_answer_as_configured() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("HERALD_NETWORK_ALLOW", ""), ("HERALD_HISTORY_RESPONSE_BYTES", "1")];
+    let (_herald, addr) = spawn_herald_with(dir.path(), &env);
+    let admin = Api::new(addr, TOKEN);
+    let (acme_id, acme, device, token) = tenant_with_device(&admin, "Acme").await;
+    acme.subscribe(json!({ "url": rx.url("/short"), "via_edge": device })).await;
+    let _agent = spawn_agent(addr, &token);
+    until("the agent connected", Duration::from_secs(10), || async {
+        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 1.0).then_some(())
+    })
+    .await;
+    let (status, answer) =
+        admin.post("/v1/events", json!({ "id": "short", "type": "T", "tenant": acme_id, "data": {} })).await;
+    assert_eq!(status, 202, "{answer}");
+    let attempt = until("the edge attempt on record", Duration::from_secs(30), || async {
+        let (_, page) = acme.get("/v1/attempts?event=short").await;
+        page["items"].as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(attempt["outcome"], "delivered", "{attempt}");
+    assert_eq!(attempt["response"]["body"], "o", "the receiver's \"ok\" cut to 1 byte: {attempt}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_holds_one_connection_and_deleting_it_ends_that_connection() {
     let dir = tempfile::tempdir().unwrap();

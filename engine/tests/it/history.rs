@@ -29,6 +29,25 @@ async fn state_of(api: &Api, id: &str, sub: &str, state: &str) -> Value {
     .await
 }
 
+/// A UTF-8 answer longer than `history.response_bytes`, cut inside a character, is still
+/// text (what fits, whole characters), not the whole start in base64.
+#[tokio::test]
+async fn a_text_answer_cut_inside_a_character_stays_text() {
+    let h = TestHerald::start().await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let url = format!("http://{}/accents", listener.local_addr().unwrap());
+    crate::support::serve_http1(listener, |_req: hyper::Request<hyper::body::Incoming>| async {
+        let body = format!("x{}", "é".repeat(600)); // byte 1,024 is the first of an é
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)))
+    });
+    h.api.subscribe(json!({ "url": url })).await;
+    h.api.post("/v1/events", json!({ "id": "accents", "type": "T", "data": {} })).await;
+    let attempt = items(&h.api, "/v1/attempts?event=accents", 1).await.remove(0);
+    assert_eq!(attempt["response"]["body_encoding"], "text", "{attempt}");
+    let body = attempt["response"]["body"].as_str().unwrap();
+    assert!(body.starts_with("xé") && body.len() == 1023, "{} bytes", body.len());
+}
+
 #[tokio::test]
 async fn every_attempt_is_on_record_with_the_receiver_s_answer() {
     let h = TestHerald::start().await;

@@ -62,12 +62,15 @@ pub struct EdgeHub {
     process: String,
     /// Authenticates forwards between processes (all of them share it).
     forward_secret: String,
+    /// Bytes of a receiver's answer the history keeps (`None`: no history).
+    response_bytes: Option<usize>,
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
 impl EdgeHub {
-    /// An empty hub; `forward_secret` authenticates forwards between processes.
-    pub fn new(devices: Arc<Devices>, forward_secret: String) -> Arc<EdgeHub> {
+    /// An empty hub; `forward_secret` authenticates forwards between processes;
+    /// `response_bytes` is how much of a receiver's answer the history keeps.
+    pub fn new(devices: Arc<Devices>, forward_secret: String, response_bytes: Option<usize>) -> Arc<EdgeHub> {
         metrics::gauge!(m::EDGE_AGENTS).set(0.0);
         metrics::gauge!(m::EDGE_IN_FLIGHT).set(0.0);
         Arc::new(EdgeHub {
@@ -77,6 +80,7 @@ impl EdgeHub {
             advertised: std::sync::OnceLock::new(),
             process: uuid::Uuid::new_v4().simple().to_string(),
             forward_secret,
+            response_bytes,
             client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
         })
     }
@@ -164,7 +168,7 @@ impl EdgeHub {
         })
         .await;
         match answer {
-            Ok(Ok(report)) => report.into_outcome(),
+            Ok(Ok(report)) => report.into_outcome(self.response_bytes),
             Ok(Err(e)) => failed(format!("forwarding to the process holding edge device {device} ({url}): {e}")),
             Err(_) => Outcome::failed(super::http::timed_out(timeout), started.elapsed()),
         }
@@ -217,7 +221,7 @@ impl EdgeHub {
         };
         match answer {
             Some(Ok(report)) => {
-                let outcome = report.into_outcome();
+                let outcome = report.into_outcome(self.response_bytes);
                 let rtt = started.elapsed().saturating_sub(outcome.latency());
                 metrics::histogram!(m::EDGE_RTT_SECONDS).record(rtt.as_secs_f64());
                 outcome
@@ -385,7 +389,7 @@ mod tests {
     async fn a_cancelled_attempt_leaves_no_pending_entry() {
         let (feed, applied) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
         applied.set(u64::MAX);
-        let hub = EdgeHub::new(Arc::new(Devices::load(Arc::new(feed), &[])), "secret".into());
+        let hub = EdgeHub::new(Arc::new(Devices::load(Arc::new(feed), &[])), "secret".into(), Some(1024));
         let device = EdgeDevice { id: "edg_1".into(), tenant: "t".into(), name: "n".into(), created_at: String::new() };
         let (link, _rx, _close) = hub.attach(&device, 8);
         let sub = crate::model::Subscription {

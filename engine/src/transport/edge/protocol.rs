@@ -91,14 +91,16 @@ pub fn decode_delivery(s: &str) -> Option<Delivery> {
 
 impl Report {
     /// The outcome as the server takes it: every text an agent sends is bounded, since it is
-    /// copied into dead letters and the history.
-    pub fn into_outcome(self) -> Outcome {
+    /// copied into dead letters and the history; of the receiver's answer, as much as the
+    /// history keeps (`response_bytes`; none without a history), as for any attempt.
+    pub fn into_outcome(self, response_bytes: Option<usize>) -> Outcome {
+        let keep = |r: Option<crate::model::outcome::Response>| Some(r?.bounded(response_bytes?));
         match self.outcome {
             Outcome::Failed { failure, latency, response } => {
-                Outcome::Failed { failure: failure.bounded(), latency, response: response.map(|r| r.bounded()) }
+                Outcome::Failed { failure: failure.bounded(), latency, response: keep(response) }
             }
             Outcome::Delivered { status, latency, response } => {
-                Outcome::Delivered { status, latency, response: response.map(|r| r.bounded()) }
+                Outcome::Delivered { status, latency, response: keep(response) }
             }
         }
     }
@@ -116,7 +118,7 @@ mod tests {
         let json = serde_json::to_string(&ToServer::Outcome(Report { seq: 9, outcome: failed })).unwrap();
         assert!(json.contains("\"type\":\"outcome\""), "{json}");
         let ToServer::Outcome(back) = serde_json::from_str(&json).unwrap() else { panic!("an outcome") };
-        let outcome = back.into_outcome();
+        let outcome = back.into_outcome(Some(1024));
         assert_eq!(outcome.label(), "connect_error");
         assert!(outcome.failure().unwrap().to_string().len() < 2048);
     }
