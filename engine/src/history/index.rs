@@ -720,30 +720,39 @@ impl Index {
         Ok(Page { items, next })
     }
 
-    /// One event's attempts, newest first: found through its deliveries' state versions, each
-    /// delivery's newest first. Only references to the newest `skip + limit` are held while
-    /// looking (a delivery stops being read once the rest of it is older than all of those),
-    /// and only the page's attempt records are read — but for an `outcome` filter, which reads
-    /// each candidate's, at most [`SCAN_LIMIT`] of them a request.
+    /// One event's attempts, newest first (by time, then id): found through its deliveries'
+    /// state versions, each delivery's newest first. Only references to the newest `limit`
+    /// are held while looking (a delivery stops being read once the rest of it is older than
+    /// all of those), and only the page's attempt records are read — but for an `outcome`
+    /// filter, which reads each candidate's, at most [`SCAN_LIMIT`] of them a request, shared
+    /// among the deliveries: one that reaches its share stops there, and the page then ends at
+    /// the newest place any delivery stopped, with a cursor to go on below it.
+    /// The cursor is the last attempt's place, not a count: attempts made between two pages
+    /// neither repeat nor push an attempt past the next page.
     fn attempts_of_event(&self, q: &AttemptQuery, event_id: &str) -> Result<Page, IndexError> {
-        // A page of an event's attempts (rarely more than one): the cursor is where it starts.
-        // The position, and a hash of the event it is a position in: another list's cursor,
-        // or another event's, is refused rather than taken for a count to skip.
-        let skip = match q.cursor.as_deref().and_then(decode_cursor) {
-            None => 0,
-            Some((u32::MAX, key)) if key.len() == 16 && key[8..] == event_cursor_tag(event_id) => {
-                u64::from_be_bytes(key[..8].try_into().expect("8 bytes")) as usize
+        // Another list's cursor, or another event's, is refused rather than taken for a place.
+        let below: Option<(i64, String)> = match q.cursor.as_deref().and_then(decode_cursor) {
+            None => None,
+            Some((u32::MAX, key)) if key.len() > 16 && key[8..16] == event_cursor_tag(event_id) => {
+                let at = i64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
+                Some((at, String::from_utf8(key[16..].to_vec()).map_err(|_| IndexError::Cursor)?))
             }
             Some(_) => return Err(IndexError::Cursor),
         };
         let Some(event) = self.event(&q.tenant, event_id)? else { return Ok(Page::default()) };
         let limit = q.limit.max(1);
         // One more than the page, to know whether there is a next.
-        let keep = skip.saturating_add(limit).saturating_add(1);
+        let keep = limit.saturating_add(1);
+        let subs: Vec<&String> =
+            event.subscriptions.iter().filter(|s| q.subscription.as_ref().is_none_or(|w| w == *s)).collect();
+        let share = (SCAN_LIMIT / subs.len().max(1)).max(64);
         let mut newest: std::collections::BinaryHeap<std::cmp::Reverse<(i64, String)>> = Default::default();
-        let mut checked = 0usize;
+        // The newest place a delivery stopped at its share (the last it looked at): everything
+        // at or above it has been looked at in every delivery.
+        let mut horizon: Option<(i64, String)> = None;
         let mut failed = None;
-        for sub in event.subscriptions.iter().filter(|s| q.subscription.as_ref().is_none_or(|w| w == *s)) {
+        for sub in subs {
+            let (mut checked, mut last_checked) = (0usize, None::<(i64, String)>);
             self.each_version(sub, &event, |v| {
                 let Some(id) = v.attempt_id else { return Flow::Go };
                 if q.until_ms.is_some_and(|u| v.at_ms > u) {
@@ -752,6 +761,9 @@ impl Index {
                 if q.since_ms.is_some_and(|s| v.at_ms < s) {
                     // The rest of this delivery is older still.
                     return Flow::Stop;
+                }
+                if below.as_ref().is_some_and(|(at, below_id)| (v.at_ms, &id) >= (*at, below_id)) {
+                    return Flow::Go; // on an earlier page
                 }
                 if let Some(std::cmp::Reverse(oldest)) = newest.peek().filter(|_| newest.len() >= keep) {
                     if (v.at_ms, &id) <= (oldest.0, &oldest.1) {
@@ -762,9 +774,16 @@ impl Index {
                 }
                 if let Some(outcome) = &q.outcome {
                     checked += 1;
-                    if checked > SCAN_LIMIT {
+                    if checked > share {
+                        // Everything at or above the last one looked at has been.
+                        if let Some(here) = last_checked.take() {
+                            if horizon.as_ref().is_none_or(|h| here > *h) {
+                                horizon = Some(here);
+                            }
+                        }
                         return Flow::Stop;
                     }
+                    last_checked = Some((v.at_ms, id.clone()));
                     match self.attempt_record(&event.tenant, v.at_ms, &id) {
                         Ok(Some(a)) if a.outcome == *outcome => {}
                         Ok(_) => return Flow::Go,
@@ -784,19 +803,28 @@ impl Index {
                 return Err(e);
             }
         }
-        // Sorted as `Reverse`: newest first.
-        let found = newest.into_sorted_vec();
-        let more = found.len() > skip.saturating_add(limit);
+        // Sorted as `Reverse`: newest first. Past the horizon a delivery was not looked at.
+        let found: Vec<(i64, String)> = newest
+            .into_sorted_vec()
+            .into_iter()
+            .map(|std::cmp::Reverse(x)| x)
+            .filter(|x| horizon.as_ref().is_none_or(|h| x >= h))
+            .collect();
         let mut items = Vec::with_capacity(limit.min(found.len()));
-        for std::cmp::Reverse((at_ms, id)) in found.iter().skip(skip).take(limit) {
+        for (at_ms, id) in found.iter().take(limit) {
             if let Some(a) = self.attempt_record(&event.tenant, *at_ms, id)? {
                 items.extend(serde_json::value::to_raw_value(&attempt_view(&a)).ok());
             }
         }
-        let next = more.then(|| {
-            let mut position = (skip.saturating_add(limit) as u64).to_be_bytes().to_vec();
-            position.extend_from_slice(&event_cursor_tag(event_id));
-            encode_cursor(u32::MAX, &position)
+        let next_place = match found.len() > limit {
+            true => found.get(limit - 1).cloned(),
+            false => horizon,
+        };
+        let next = next_place.map(|(at, id)| {
+            let mut place = at.to_be_bytes().to_vec();
+            place.extend_from_slice(&event_cursor_tag(event_id));
+            place.extend_from_slice(id.as_bytes());
+            encode_cursor(u32::MAX, &place)
         });
         Ok(Page { items, next })
     }
@@ -1069,6 +1097,85 @@ mod tests {
         assert_eq!(ids(&second), ["s2-298", "s1-298", "s3-297", "s2-297"]);
         let filtered = AttemptQuery { since_ms: Some(accepted + 1 + 299 * 3), ..q.clone() };
         assert_eq!(ids(&index.attempts(&filtered).unwrap()), ["s3-299", "s2-299", "s1-299"]);
+    }
+
+    /// An event of one subscription (`s`) with `n` failed attempts after one `timeout`, each a
+    /// millisecond apart; the index and when it was applied.
+    fn an_event_with_attempts(dir: &std::path::Path, n: i64) -> (Index, i64) {
+        let index = Index::open(dir, Duration::from_secs(86_400)).unwrap();
+        let now = 100 * 86_400_000 + 1000;
+        let accepted = now - 100_000;
+        let event = HistoryRecord::Event(EventRecord {
+            id: "e".into(),
+            tenant: "t".into(),
+            event_type: "T".into(),
+            accepted_ms: accepted,
+            subscriptions: vec!["s".into()],
+            data: bytes::Bytes::from_static(b"{}"),
+            changes: None,
+            ordering_key: None,
+        });
+        let mut records = vec![LogRecord { value: event.encode(), ..attempt("x", accepted) }];
+        for i in 0..=n {
+            let mut r = attempt(&format!("a{i:06}"), accepted + 1 + i);
+            let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&r.value) else { unreachable!() };
+            (a.event_id, a.subscription, a.accepted_ms, a.attempt) = ("e".into(), "s".into(), accepted, i as u32 + 1);
+            (a.state, a.outcome) = (State::Retrying, if i == 0 { "timeout" } else { "failed" }.into());
+            r.value = HistoryRecord::Attempt(a).encode();
+            records.push(r);
+        }
+        index.apply(0, &records, records.len() as u64, now).unwrap();
+        (index, accepted)
+    }
+
+    fn ids_of(page: &Page) -> Vec<String> {
+        page.items
+            .iter()
+            .map(|i| serde_json::from_str::<serde_json::Value>(i.get()).unwrap()["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// A page of an event's attempts goes on from the last one shown: an attempt made between
+    /// two pages neither repeats one nor pushes one past the next page (the cursor was a count).
+    #[test]
+    fn an_event_s_next_page_goes_on_from_its_last_attempt_whatever_came_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let (index, accepted) = an_event_with_attempts(dir.path(), 5);
+        let q = AttemptQuery { tenant: "t".into(), event: Some("e".into()), limit: 2, ..AttemptQuery::default() };
+        let first = index.attempts(&q).unwrap();
+        assert_eq!(ids_of(&first), ["a000005", "a000004"]);
+        let mut late = attempt("a000006", accepted + 10);
+        let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&late.value) else { unreachable!() };
+        (a.event_id, a.subscription, a.accepted_ms, a.attempt) = ("e".into(), "s".into(), accepted, 7);
+        late.value = HistoryRecord::Attempt(a).encode();
+        index.apply(0, &[late], 100, accepted + 100_000).unwrap();
+        let second = index.attempts(&AttemptQuery { cursor: first.next.clone(), ..q.clone() }).unwrap();
+        assert_eq!(ids_of(&second), ["a000003", "a000002"]);
+    }
+
+    /// An `outcome` filter that reaches its budget of attempt records ends the page with a
+    /// cursor to go on from, not with `next: null` as if nothing more matched.
+    #[test]
+    fn an_outcome_filter_past_its_budget_says_where_to_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (index, _) = an_event_with_attempts(dir.path(), SCAN_LIMIT as i64 + 10);
+        let mut q = AttemptQuery {
+            tenant: "t".into(),
+            event: Some("e".into()),
+            outcome: Some("timeout".into()),
+            limit: 10,
+            ..AttemptQuery::default()
+        };
+        let mut found = Vec::new();
+        for _ in 0..5 {
+            let page = index.attempts(&q).unwrap();
+            found.extend(ids_of(&page));
+            match page.next {
+                Some(next) => q.cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(found, ["a000000"], "the timeout, found by following the cursor");
     }
 
     /// Two resends of one event make attempts of the same number in the same millisecond (in

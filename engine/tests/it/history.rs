@@ -280,6 +280,53 @@ async fn records_older_than_the_retention_are_not_kept() {
     assert_eq!(ids, ["att_recent"], "what is past retention is not indexed");
 }
 
+/// Another tenant's subscription answers an empty page at once: a scan of its attempts (up to
+/// the scan's limit) answered with a cursor that carries the time of that tenant's attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenant_s_subscription_answers_nothing_not_even_a_cursor() {
+    use herald::history::{AttemptRecord, HistoryRecord, State};
+    use herald::log::Record;
+    let h = TestHerald::start().await;
+    let (acme_id, acme) = tenant_with_key(&h.api, "Acme").await;
+    let (_, globex) = tenant_with_key(&h.api, "Globex").await;
+    let rx = Receiver::start().await;
+    let sub = acme.subscribe(json!({ "url": rx.url("/acme") })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let now = herald::model::now_ms();
+    let records = (0..20_050i64)
+        .map(|i| {
+            let record = HistoryRecord::Attempt(AttemptRecord {
+                id: format!("att_{i:06}"),
+                event_id: format!("evt-{i}"),
+                subscription: sub_id.clone(),
+                tenant: acme_id.clone(),
+                event_type: "T".into(),
+                attempt: 1,
+                accepted_ms: now - 60_000 + i,
+                at_ms: now - 60_000 + i,
+                duration_ms: 1,
+                outcome: "delivered".into(),
+                status: Some(200),
+                error: None,
+                response: None,
+                state: State::Delivered,
+                next_ms: None,
+                ordering_key: None,
+            });
+            Record { key: bytes::Bytes::from(sub_id.clone()), value: record.encode() }
+        })
+        .collect();
+    h.herald.log().append("herald.history", records).await.unwrap();
+    until("all of Acme's attempts indexed", WAIT, || async {
+        let (_, page) = acme.get(&format!("/v1/attempts?subscription={sub_id}&limit=1")).await;
+        (page["items"][0]["id"] == "att_020049").then_some(())
+    })
+    .await;
+    let (status, page) = globex.get(&format!("/v1/attempts?subscription={sub_id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(page, json!({ "items": [], "next": null }));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_settled_attempt_is_missing_after_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
