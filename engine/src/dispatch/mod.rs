@@ -199,13 +199,17 @@ impl Deliverer {
         if !left.is_zero() {
             tokio::time::sleep(left).await;
         }
+        if retry::outlived(&target, &delivery, now_ms()) {
+            // Came due after its max_age (Herald was down, or far behind): not sent late.
+            return Box::pin(self.settler.outlived(&target, delivery, rec.value, None)).await;
+        }
         let (_slot, probe) = match gate(&target).await {
             Gate::Open(slot, probe) => (slot, probe),
             Gate::Disabled => return Box::pin(self.settler.disabled(&target, delivery, rec.value)).await,
             Gate::Busy(busy) => {
                 let due = now_ms() + busy.defer().as_millis() as i64;
                 if retry::outlived(&target, &delivery, due) {
-                    return Box::pin(self.settler.outlived(&target, delivery, rec.value, busy)).await;
+                    return Box::pin(self.settler.outlived(&target, delivery, rec.value, Some(busy))).await;
                 }
                 return Box::pin(self.settler.defer(delivery, transport, Deferral::Busy(busy), due, waits)).await;
             }

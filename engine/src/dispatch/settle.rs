@@ -351,11 +351,15 @@ impl Settler {
         Settled::of(delivery, Via::of(target), Settlement::DeadLettered { reason: Parked::Disabled(reason) })
     }
 
-    /// Dead-letters a delivery held back (rate limit, open breaker, slots) until after its
-    /// policy's `max_age`: it is not sent later than the policy allows.
-    pub async fn outlived(&self, target: &Target, delivery: Delivery, raw: Bytes, busy: Busy) -> Settled {
-        let error =
-            format!("not attempted again within the retry policy's max_age: held back ({}) past it", busy.reason());
+    /// Dead-letters a delivery that would be attempted after its policy's `max_age` — held
+    /// back by admission (`busy`: rate limit, open breaker, slots) or come due late (`None`:
+    /// Herald was down or behind): it is not sent later than the policy allows.
+    pub async fn outlived(&self, target: &Target, delivery: Delivery, raw: Bytes, busy: Option<Busy>) -> Settled {
+        let why = match busy {
+            Some(busy) => format!("held back ({}) past it", busy.reason()),
+            None => "came due after it".to_string(),
+        };
+        let error = format!("not attempted again within the retry policy's max_age: {why}");
         self.retrier.dead_letter(&delivery, raw, delivery.attempt.saturating_sub(1), None, error).await;
         Settled::of(delivery, Via::of(target), Settlement::DeadLettered { reason: Parked::Exhausted })
     }

@@ -327,6 +327,37 @@ async fn a_delivery_held_back_past_max_age_is_dead_lettered_not_sent_late() {
     assert_eq!(rx.on("/paced").len(), 1, "only the first was sent");
 }
 
+/// A delivery that comes due after its `max_age` for any reason (Herald down, a backlog) is
+/// dead-lettered, not sent late: the check was made only when admission held it back.
+#[tokio::test]
+async fn a_delivery_due_after_its_max_age_is_dead_lettered_not_sent() {
+    use herald::log::Record;
+    use herald::model::Delivery;
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let sub =
+        h.api.subscribe(json!({ "url": rx.url("/late"), "retry": { "policy": "exponential", "max_age": "3s" } })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    // As a restart would find it: accepted 10 s ago, its first attempt never made.
+    let accepted = herald::model::now_ms() - 10_000;
+    let late =
+        Delivery::first_attempt("late".into(), sub_id.clone(), "default".into(), "T".into(), "{}".into(), accepted);
+    let record = Record { key: bytes::Bytes::from(sub_id.clone()), value: late.encode() };
+    h.herald.log().append("herald.deliveries", vec![record]).await.unwrap();
+    h.api.post("/v1/events", json!({ "id": "fresh", "type": "T", "data": {} })).await;
+    // The fresh event is behind the late one in the subscription's partition.
+    assert_eq!(rx.wait_on("/late", 1).await[0].header("webhook-id"), "fresh");
+    let api = h.api.clone();
+    let entry = until("the late delivery dead-lettered", Duration::from_secs(15), || async {
+        let (_, page) = api.get(&format!("/v1/dlq?subscription={sub_id}")).await;
+        page["items"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!((entry["event_id"].as_str(), entry["attempts"].as_u64()), (Some("late"), Some(0)), "{entry}");
+    assert!(entry["last_error"].as_str().unwrap().contains("max_age"), "{entry}");
+    assert!(rx.on("/late").iter().all(|r| r.header("webhook-id") != "late"), "sent after its max_age");
+}
+
 /// A delivery dead-lettered because its subscription was disabled while it waited for a retry
 /// counts the attempts the receiver saw, not the one that was never made.
 #[tokio::test]
