@@ -428,8 +428,14 @@ impl HttpTransport {
 
 /// The receiver's `Retry-After` in ms, when it gave one in seconds.
 fn retry_after(headers: &HeaderMap) -> Option<u64> {
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(|s| s.saturating_mul(1000))
+    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(seconds.saturating_mul(1000));
+    }
+    // Or an HTTP date (RFC 9110 allows both): the wait until then, none if it has passed.
+    let at = httpdate::parse_http_date(value).ok()?;
+    let wait = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    Some(wait.as_millis().min(u64::MAX as u128) as u64)
 }
 
 /// A timeout failure of `timeout`.
@@ -467,7 +473,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_after_reads_whole_seconds_wherever_the_header_is() {
+    fn retry_after_reads_seconds_or_a_date_wherever_the_header_is() {
         let mut headers = HeaderMap::new();
         for i in 0..40 {
             headers.insert(http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(), "v".parse().unwrap());
@@ -476,10 +482,17 @@ mod tests {
         // After more headers than a kept response holds (it used to be read from those).
         headers.insert(http::header::RETRY_AFTER, " 7 ".parse().unwrap());
         assert_eq!(retry_after(&headers), Some(7_000));
-        for unusable in ["Wed, 21 Oct 2026 07:28:00 GMT", "-1", "1.5", ""] {
+        for unusable in ["-1", "1.5", "", "Wed, 32 Oct 2026 07:28:00 GMT"] {
             headers.insert(http::header::RETRY_AFTER, unusable.parse().unwrap());
             assert_eq!(retry_after(&headers), None, "{unusable:?}");
         }
+        // An HTTP date: the wait until then (a past one: none).
+        let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
+        headers.insert(http::header::RETRY_AFTER, soon.parse().unwrap());
+        let wait = retry_after(&headers).unwrap();
+        assert!((118_000..=120_000).contains(&wait), "{wait}");
+        headers.insert(http::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(0));
     }
 
     /// A connection made for a request that then took a pooled one (hyper-util goes on making
