@@ -368,7 +368,15 @@ impl Admission {
                 Busy::Rate(self.promise(&self.rate_turns_until_us, wait, apart, MAX_TURN_AHEAD))
             })?;
         }
-        let full = || Busy::Full((self.latency() * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)));
+        // Back after twice what an attempt takes here — or, when no slot has come free for
+        // longer than that, twice how long it has been stalled: latency is learnt from
+        // attempts that end, so an endpoint that stops answering looked instant until its
+        // first timeout, and its backlog went round the shared 100 ms tier all that while.
+        let full = || {
+            let stalled =
+                Duration::from_millis((now_ms() - self.last_progress_ms.load(Ordering::Relaxed)).max(0) as u64);
+            Busy::Full((self.latency().max(stalled) * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)))
+        };
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
             // A slot free with nobody queued: the endpoint is not behind, so turns promised
@@ -585,7 +593,10 @@ mod tests {
         let started = std::time::Instant::now();
         let busy = e.admit().await.unwrap_err();
         assert!(started.elapsed() >= PATIENCE);
-        assert_eq!(busy, Busy::Full(Duration::from_millis(100)));
+        // (Back after twice how long nothing has come free: its latency, 10 ms, says nothing
+        // about an endpoint that has stopped answering.)
+        let Busy::Full(back) = busy else { panic!("{busy:?}") };
+        assert!((PATIENCE * 2..Duration::from_secs(1)).contains(&back), "{back:?}");
         // ...and once nothing has moved for that long, the endpoint counts as stalled.
         let started = std::time::Instant::now();
         assert!(e.admit().await.is_err());

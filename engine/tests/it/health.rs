@@ -79,6 +79,31 @@ async fn a_backlog_behind_a_rate_limit_is_deferred_about_once_each() {
     assert!((200.0..600.0).contains(&deferred), "{deferred} deferrals for 200 deliveries over their rate");
 }
 
+/// An endpoint that stops answering, with its slots all held: its backlog is deferred at a
+/// pace that grows with how long it has been stalled, not every 100 ms for the whole timeout
+/// (its latency is learnt only from attempts that end, so until the first timeout it looked
+/// instant — 200 deliveries made thousands of appends to the shared 100 ms tier in 5 s).
+#[tokio::test]
+async fn a_backlog_behind_a_stalled_endpoint_is_not_deferred_every_100_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    rx.behave("/stalled", crate::support::Behaviour::Hang);
+    let (_child, addr) = crate::support::spawn_herald_with(dir.path(), &[]);
+    let api = crate::support::Api::new(addr, crate::support::TOKEN);
+    api.subscribe(json!({ "url": rx.url("/stalled"), "max_in_flight": 1, "timeout": "5s" })).await;
+    let events: Vec<_> = (0..200).map(|i| json!({ "type": "T", "data": i })).collect();
+    api.post("/v1/events/batch", serde_json::Value::Array(events)).await;
+    // Until the first attempt times out: all the while the endpoint looked instant.
+    let metrics = until("the first attempt timed out", Duration::from_secs(20), || async {
+        let m = crate::support::metrics::scrape(&api).await;
+        (m.value("herald_attempts_total", &[("outcome", "timeout")]) >= 1.0).then_some(m)
+    })
+    .await;
+    let deferred = metrics.value("herald_deliveries_deferred_total", &[("reason", "in_flight_cap")]);
+    eprintln!("stalled endpoint: {deferred} deferrals of 199 deliveries in the first timeout");
+    assert!(deferred < 1_000.0, "{deferred} deferrals of 199 deliveries in 5 s");
+}
+
 #[tokio::test]
 async fn continuous_failure_disables_the_subscription() {
     // A process of its own, so the disabled gauge is this server's alone.
