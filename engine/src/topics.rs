@@ -24,6 +24,9 @@ const CATALOG: Duration = Duration::from_millis(20);
 /// to 17 ms at 100 ms (40–155 ms at 500 ms).
 const HISTORY: Duration = Duration::from_millis(100);
 
+/// A UTC day: what the history index expires at once.
+const DAY: Duration = Duration::from_secs(86_400);
+
 /// A retry tier's: a tenth of its delay, from [`FRESH`] to 500 ms. A record in a tier is not
 /// due before the tier's delay and is held until then, so a wait shorter than the delay costs
 /// no delivery time on any broker; sixteen tiers, empty most of the time, each fetched 20
@@ -103,13 +106,16 @@ impl Topics {
                 },
                 compacted: false,
                 // On Kafka a process joining later builds its index from the topic, so the topic
-                // keeps all of the history; the embedded log's one reader keeps its index beside
-                // it, so a day is enough to rebuild from — of what that reader has read: what
-                // it had not when Herald stopped waits for it, however long Herald stays down.
+                // keeps all of the history the indexes keep — a day more than the retention,
+                // since an index expires whole UTC days (with exactly the retention, a process
+                // that built its index later lacked the oldest day the others still showed);
+                // the embedded log's one reader keeps its index beside it, so a day is enough
+                // to rebuild from — of what that reader has read: what it had not when Herald
+                // stopped waits for it, however long Herald stays down.
                 retention: Some(
                     match log.backend {
-                        Backend::Embedded => history.retention.0.min(Duration::from_secs(86_400)),
-                        Backend::Kafka => history.retention.0,
+                        Backend::Embedded => history.retention.0.min(DAY),
+                        Backend::Kafka => history.retention.0.saturating_add(DAY),
                     }
                     .max(Duration::from_secs(3600)),
                 ),
@@ -138,6 +144,18 @@ impl Topics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Indexes expire whole UTC days, so they keep up to a day past the retention: on Kafka the
+    /// topic keeps that day too, so a process that builds its index later answers the same.
+    #[test]
+    fn kafka_keeps_the_history_a_day_past_its_retention() {
+        let topics = Topics::new("herald.");
+        let log = LogConfig { backend: Backend::Kafka, ..LogConfig::default() };
+        let history = HistoryConfig::default();
+        let specs = topics.specs(&log, &history);
+        let spec = specs.iter().find(|s| s.name == topics.history).unwrap();
+        assert_eq!(spec.retention, Some(history.retention.0 + DAY));
+    }
 
     #[test]
     fn a_tier_is_read_well_before_its_records_are_due_and_the_catalog_at_once() {
