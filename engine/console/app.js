@@ -77,14 +77,23 @@ class ApiError extends Error {
 
 async function api(method, path, body) {
   const mine = routes;
+  // A read answered (or failed) after the user left the page that made it is dropped; a
+  // write's answer is always used: a new subscription's secret is shown that once.
+  const stale = () => method === "GET" && mine !== routes;
   const headers = { authorization: "Bearer " + session.token };
   if (body !== undefined) headers["content-type"] = "application/json";
-  const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  const text = await res.text();
+  let res, text;
+  try {
+    res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    text = await res.text();
+  } catch (e) {
+    if (stale()) throw new Stale("the page was left");
+    throw e;
+  }
   let json = null;
   try { json = text ? JSON.parse(text) : null; } catch { json = null; }
   if (res.status === 401 && session.role) { signOut("Your session ended: sign in again."); throw new ApiError(401, json); }
-  if (mine !== routes) throw new Stale("the page was left");
+  if (stale()) throw new Stale("the page was left");
   if (!res.ok) throw new ApiError(res.status, json);
   return json;
 }

@@ -223,7 +223,7 @@ impl From<crate::log::LogError> for ApiError {
 /// A wait in whole seconds, rounded up and at least one: a client that waits as long as it is
 /// told must find the token there.
 fn whole_seconds(wait: std::time::Duration) -> u64 {
-    (wait.as_millis().div_ceil(1000) as u64).max(1)
+    (wait.as_nanos().div_ceil(1_000_000_000) as u64).max(1)
 }
 
 impl IntoResponse for ApiError {
@@ -348,6 +348,10 @@ mod tests {
         let response =
             axum::response::IntoResponse::into_response(ApiError::throttled(std::time::Duration::from_millis(4_010)));
         assert_eq!(response.headers()["retry-after"], "5");
+        let response = axum::response::IntoResponse::into_response(ApiError::throttled(
+            std::time::Duration::from_micros(1_000_400),
+        ));
+        assert_eq!(response.headers()["retry-after"], "2", "not 0.4 ms early");
         let err = ApiError::throttled(std::time::Duration::from_millis(10));
         assert!(err.message.contains("after 1 s"), "{}", err.message);
     }

@@ -199,8 +199,9 @@ impl Deliverer {
         if !left.is_zero() {
             tokio::time::sleep(left).await;
         }
-        if retry::outlived(&target, &delivery, now_ms()) {
-            // Came due after its max_age (Herald was down, or far behind): not sent late.
+        if target.sub.spec.enabled && retry::outlived(&target, &delivery, now_ms()) {
+            // Came due after its max_age (Herald was down, or far behind): not sent late. (A
+            // disabled subscription's is parked as that, below, with its own reason.)
             return Box::pin(self.settler.outlived(&target, delivery, rec.value, None)).await;
         }
         let (_slot, probe) = match gate(&target).await {

@@ -272,7 +272,10 @@ fn runs(records: &[LogRecord], next: u64) -> Vec<Run> {
 /// What a visit tells a scan.
 enum Flow {
     Go,
+    /// Stop here; a next page goes on after this entry.
     Stop,
+    /// Stop: nothing further can match (no next page).
+    End,
 }
 
 impl Index {
@@ -655,8 +658,11 @@ impl Index {
             for item in ks.range::<Vec<u8>, _>((lower, upper)) {
                 let (key, value) = item.into_inner()?;
                 seen += 1;
-                let stop = matches!(visit(&ks, &key, &value), Flow::Stop);
-                if stop || seen >= SCAN_LIMIT {
+                let flow = visit(&ks, &key, &value);
+                if matches!(flow, Flow::End) {
+                    return Ok(None);
+                }
+                if matches!(flow, Flow::Stop) || seen >= SCAN_LIMIT {
                     return Ok(Some(encode_cursor(day, &key)));
                 }
             }
@@ -698,10 +704,17 @@ impl Index {
             None => Key::new(keys::ATTEMPT).id(&q.tenant).done(),
         };
         let by_subscription = q.subscription.is_some();
+        // The caller's tenant as a subscription's entries carry it (their value).
+        let tenant_word = Key::new(keys::ATTEMPT).id(&q.tenant).done().split_off(1);
         let bounds = newest_first_bounds(&prefix, q.since_ms, q.until_ms);
         let span = Self::day_span(q.since_ms, q.until_ms);
         let next = self.scan(bounds, span, from, |ks, key, value| {
             let item = if by_subscription {
+                if value != tenant_word.as_slice() {
+                    // Another tenant's subscription (a subscription has one tenant): nothing
+                    // here is the caller's, and a cursor would carry its attempts' times.
+                    return Flow::End;
+                }
                 // `s | sub | -at | attempt` → the tenant's hash: the `a` key is its neighbour.
                 let mut a_key = vec![keys::ATTEMPT];
                 a_key.extend_from_slice(value);

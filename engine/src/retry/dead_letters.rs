@@ -373,7 +373,8 @@ impl DeadLetters {
             .await?;
             after = chunk.last().map(|f| f.position);
             self.enqueue(chunk, refuse, &mut report).await?;
-            if !cut {
+            // Also done once every id asked for is found, even by a chunk cut at its bound.
+            if !cut || wanted.as_ref().is_some_and(|ids| ids.is_empty()) {
                 break;
             }
         }

@@ -396,6 +396,43 @@ try {
     assert.ok(!replaced, `the screen became ${await page.locator("main h1").textContent()}`);
   });
 
+  await check("a request of a page left that fails without an answer is not drawn over the page navigated to", async () => {
+    const broken = `**/v1/subscriptions/${okSub}`;
+    let release;
+    const held = new Promise((r) => { release = r; });
+    await page.route(broken, async (r) => { await held; await r.abort("connectionreset"); });
+    await page.goto(`${BASE}/console#/events`);
+    await page.getByRole("heading", { name: "Events", exact: true }).waitFor({ timeout: WAIT });
+    await page.evaluate((id) => { location.hash = `#/subscriptions/${id}`; }, okSub);
+    await page.getByRole("link", { name: "Tenants" }).click();
+    await page.getByRole("heading", { name: "Tenants", exact: true }).waitFor({ timeout: WAIT });
+    release();
+    const replaced = await page.waitForFunction(() => document.querySelector("main h1")?.textContent !== "Tenants", null,
+      { timeout: 1_000 }).then(() => true, () => false);
+    await page.unroute(broken);
+    assert.ok(!replaced, `the screen became ${await page.locator("main h1").textContent()}`);
+  });
+
+  await check("a subscription created while the user moves on still shows its secret", async () => {
+    let release;
+    const held = new Promise((r) => { release = r; });
+    await page.route("**/v1/subscriptions", async (r) => {
+      if (r.request().method() === "POST") await held;
+      await r.continue();
+    });
+    await page.goto(`${BASE}/console#/subscriptions/new`);
+    await page.getByLabel("Tenant", { exact: true }).fill(tenant);
+    await page.getByLabel("URL", { exact: true }).fill(`${OK_URL}?moved-on`);
+    await page.getByRole("button", { name: "Create subscription" }).click();
+    await page.getByRole("link", { name: "Events" }).click();
+    await page.getByRole("heading", { name: "Events", exact: true }).waitFor({ timeout: WAIT });
+    release();
+    await page.locator("[data-secret]").waitFor({ timeout: 5_000 });
+    const made = (await page.locator("main h1").textContent()).trim();
+    await page.unroute("**/v1/subscriptions");
+    await fetch(`${BASE}/v1/subscriptions/${made}`, { method: "DELETE", headers: { authorization: `Bearer ${ADMIN}` } });
+  });
+
   await check("the overview says when /metrics cannot be read instead of showing zeros", async () => {
     await page.route("**/metrics", (r) => r.fulfill({ status: 403, contentType: "text/html", body: "<h1>Forbidden</h1>" }));
     await page.goto(`${BASE}/console#/overview`);

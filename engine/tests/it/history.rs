@@ -325,6 +325,12 @@ async fn another_tenant_s_subscription_answers_nothing_not_even_a_cursor() {
     let (status, page) = globex.get(&format!("/v1/attempts?subscription={sub_id}")).await;
     assert_eq!(status, 200);
     assert_eq!(page, json!({ "items": [], "next": null }));
+    // Deleted, its attempts kept for the retention: the same, and input checked as for any.
+    assert_eq!(acme.delete(&format!("/v1/subscriptions/{sub_id}")).await.0, 204);
+    let (status, page) = globex.get(&format!("/v1/attempts?subscription={sub_id}")).await;
+    assert_eq!((status.as_u16(), page), (200, json!({ "items": [], "next": null })));
+    let (status, _) = globex.get(&format!("/v1/attempts?subscription={sub_id}&limit=0")).await;
+    assert_eq!(status, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

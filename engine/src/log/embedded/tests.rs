@@ -432,9 +432,9 @@ async fn a_failing_compaction_does_not_stop_offsets_or_reclaim() {
         broken.store(true, SeqCst);
         assert!(log.flush().await.is_err(), "the compaction's failure is reported");
         assert_eq!(log.segment_count("t", part).unwrap(), 1, "consumed segments reclaimed all the same");
-        broken.store(false, SeqCst);
         drop(rs);
-        log.close().await.unwrap();
+        // Still failing at the close's own flush: the offsets were saved all the same.
+        assert!(log.close().await.is_err());
         part
     };
     let log = EmbeddedLog::open(quiet(dir.path(), 2048)).await.unwrap();
