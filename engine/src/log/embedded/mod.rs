@@ -20,7 +20,7 @@ use offsets::OffsetStore;
 pub use partition::start_write_back;
 use partition::{AppendError, Partition, PartitionRef, Staged, Wait};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +59,8 @@ pub enum Fault<'a> {
     Sync(&'a std::path::Path, &'a std::fs::File),
     /// Starting this segment file's writeback early (a hint: refusing it only skips it).
     WriteBack(&'a std::path::Path),
+    /// Making a directory's entries durable (at open).
+    SyncDir(&'a std::path::Path),
 }
 
 /// A hook that may fail an operation of the append or read path as the disk would (ENOSPC,
@@ -149,6 +151,19 @@ impl EmbeddedLog {
             restore(&topics, replay, &mut journal)?;
             journal.start()?;
             let offsets = OffsetStore::open(cfg.dir.join("offsets"))?;
+            // The directories above the partitions hold the names everything below is found
+            // by: synced once, bottom up (a partition's own directory is synced with its first
+            // file). ext4 and xfs commit them with any later fsync; other file systems need not,
+            // and a power cut could lose a topic, the offsets, or the log itself.
+            let mut dirs: Vec<PathBuf> = cfg.topics.iter().map(|t| cfg.dir.join("topics").join(&t.name)).collect();
+            dirs.extend([cfg.dir.join("topics"), cfg.dir.clone()]);
+            dirs.extend(cfg.dir.parent().map(Path::to_path_buf));
+            for dir in dirs {
+                if let Some(fault) = &cfg.faults {
+                    fault(Fault::SyncDir(&dir))?;
+                }
+                partition::sync_dir(&dir)?;
+            }
             Ok((topics, Arc::new(offsets), journal))
         })
         .await

@@ -444,6 +444,29 @@ async fn a_failing_compaction_does_not_stop_offsets_or_reclaim() {
     assert_eq!((got[0].offset, &got[0].value[..]), (31, &b"tail"[..]), "the group resumes where it committed");
 }
 
+/// The directories made at open are synced, bottom up, so their entries survive a power cut on
+/// any file system (the partitions' own with their first file).
+#[tokio::test]
+async fn opening_makes_the_directories_it_made_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let synced = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = synced.clone();
+    let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| {
+        if let Fault::SyncDir(path) = fault {
+            seen.lock().unwrap().push(path.to_path_buf());
+        }
+        Ok(())
+    }));
+    let log = EmbeddedLog::open(config_with(dir.path(), 1 << 20, faults)).await.unwrap();
+    let synced = synced.lock().unwrap().clone();
+    for d in
+        [dir.path().join("topics/t"), dir.path().join("topics/c"), dir.path().join("topics"), dir.path().to_path_buf()]
+    {
+        assert!(synced.contains(&d), "{} not synced: {synced:?}", d.display());
+    }
+    log.close().await.unwrap();
+}
+
 /// Faults that fail writes or fsyncs on demand.
 #[derive(Default)]
 struct Switch {
