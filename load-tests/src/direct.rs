@@ -41,6 +41,12 @@ pub async fn open(target: &Target, prefix: &str, partitions: u32) -> anyhow::Res
             .await?
         }
         Target::Embedded(dir) => {
+            // Herald's own lock on the directory, held until this tool exits: opened beside a
+            // running server, the log's start (the catalog's compaction, the journal's restore)
+            // would rewrite that server's live files.
+            let lock = herald::log::private::lock_dir(dir)
+                .map_err(|e| anyhow::anyhow!("{}: {e} (stop Herald first)", dir.display()))?;
+            std::mem::forget(lock);
             EmbeddedLog::open(EmbeddedConfig {
                 dir: dir.join("log"),
                 segment_bytes: 64 << 20,
@@ -113,4 +119,18 @@ pub async fn publish(
     let secs = started.elapsed().as_secs_f64();
     log.close().await?;
     Ok((events * subscriptions.len() as u64) as f64 / secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data directory a running Herald holds is not opened beside it.
+    #[tokio::test]
+    async fn a_directory_a_server_holds_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _server = herald::log::private::lock_dir(dir.path()).unwrap();
+        let err = open(&Target::Embedded(dir.path().to_path_buf()), "herald.", 2).await.err().expect("refused");
+        assert!(err.to_string().contains("stop Herald first"), "{err}");
+    }
 }
