@@ -332,7 +332,12 @@ impl Admission {
     /// The breaker's verdict: go ahead (with the [`Probe`] when this attempt tests an endpoint
     /// whose pause is over), or how long to wait.
     fn breaker(&self, now: i64) -> Result<Probe<'_>, Busy> {
-        let until = self.open_until_ms.load(Ordering::Acquire);
+        self.breaker_seen(now, self.open_until_ms.load(Ordering::Acquire))
+    }
+
+    /// [`Self::breaker`] with the pause's end as read (`until`), which a failing probe may
+    /// have moved on since.
+    fn breaker_seen(&self, now: i64, until: i64) -> Result<Probe<'_>, Busy> {
         if until == 0 {
             return Ok(Probe::NONE);
         }
@@ -341,6 +346,13 @@ impl Admission {
         }
         // Half-open: one probe at a time.
         if self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // The pause read may be over only because the probe before this one failed and
+            // opened a new one between that read and this exchange: then this is no probe.
+            let now_until = self.open_until_ms.load(Ordering::Acquire);
+            if now_until > now {
+                self.probing.store(false, Ordering::Release);
+                return Err(Busy::Open(Duration::from_millis((now_until - now) as u64)));
+            }
             Ok(Probe(Some(&self.probing)))
         } else {
             let pause = Duration::from_millis(self.pause_ms.load(Ordering::Relaxed).max(0) as u64);
@@ -778,6 +790,24 @@ mod tests {
         assert!(!e.is_open());
         let (_slot, probe) = e.admit().await.unwrap();
         assert!(!probe.is_probe());
+    }
+
+    /// A delivery that read the pause as over just before a failing probe opened a new one, and
+    /// took the probe flag just after that probe let it go, is no probe: the breaker has just
+    /// opened again (two probes in one pause doubled the pause twice).
+    #[tokio::test]
+    async fn a_pause_read_before_a_failing_probe_reopened_the_breaker_lets_no_second_probe() {
+        let e = Admission::new(None, None, health(1, 40));
+        let (_slot, probe) = e.admit().await.unwrap();
+        assert!(e.failed(probe).opened.is_some());
+        tokio::time::sleep(Duration::from_millis(45)).await;
+        let now = now_ms();
+        let stale = e.open_until_ms.load(Ordering::Acquire); // read as over by a second delivery...
+        let (_probe_slot, probe) = e.admit().await.unwrap();
+        assert!(probe.is_probe());
+        e.failed(probe); // ...while the probe fails and opens the breaker again
+        assert!(matches!(e.breaker_seen(now, stale), Err(Busy::Open(_))), "a second probe in the new pause");
+        assert!(!e.probing.load(Ordering::Acquire), "and the flag is left free");
     }
 
     // An attempt that panics, or whose partition stops while it is out, is dropped unsettled:
