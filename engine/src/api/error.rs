@@ -155,6 +155,7 @@ impl From<crate::registry::RegistryError> for ApiError {
             crate::registry::RegistryError::Invalid(i) => i.into(),
             crate::registry::RegistryError::Catalog(c) => c.into(),
             crate::registry::RegistryError::Deleted => ApiError::not_found("subscription"),
+            e @ crate::registry::RegistryError::Conflict => ApiError::conflict("id", e.to_string()),
             e @ crate::registry::RegistryError::Quota(_) => ApiError::quota("subscriptions_per_tenant", e.to_string()),
         }
     }

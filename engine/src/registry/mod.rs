@@ -36,6 +36,10 @@ pub enum RegistryError {
     /// Deleted (by another process) while it was being changed.
     #[error("the subscription was deleted meanwhile")]
     Deleted,
+    /// Changed by another request (through another process) while this change was made:
+    /// this change, made from the version before, is not applied.
+    #[error("the subscription was changed meanwhile by another request; read it again and retry")]
+    Conflict,
 }
 
 /// How long a delete is remembered to judge late changes by: far longer than any process
@@ -53,6 +57,8 @@ enum Written {
     Superseded,
     /// Ignored: made from a version before the subscription was deleted.
     Deleted,
+    /// Ignored: made from a version another change had replaced.
+    Conflict,
 }
 
 /// What the registry knows of a subscription id.
@@ -88,6 +94,8 @@ struct State {
     sweep_deleted_at: usize,
     /// Ids whose newest record was ignored as a change of a deleted one, and its offset.
     stale: HashMap<String, u64>,
+    /// Ids whose newest record was ignored as made from a replaced version, and its offset.
+    conflicted: HashMap<String, u64>,
 }
 
 impl State {
@@ -137,7 +145,9 @@ impl Apply for Registry {
     /// A subscription, or a tombstone deleting one, in log order: the path both loading and
     /// following take. A record giving a tenant a URL another of its subscriptions already
     /// has is ignored, so processes racing to create one URL agree that the first in the log
-    /// won.
+    /// won; so is a change made from a version another change has replaced since (two
+    /// processes changing one subscription at once: each record is the whole subscription,
+    /// and the later one undid the other's change while both answered 200).
     fn apply(&self, entry: Entry<'_>) {
         if entry.kind != Kind::Subscription {
             return;
@@ -164,6 +174,13 @@ impl Apply for Registry {
                     tracing::warn!(subscription = %id, offset = rec.offset, "ignoring a change of a subscription deleted after the version it was made from");
                     state.stale.insert(id, rec.offset);
                     return;
+                }
+                if let (Some(base), Some(&current)) = (t.sub.based_on, state.version.get(&id)) {
+                    if base != current {
+                        tracing::warn!(subscription = %id, offset = rec.offset, base, current, "ignoring a change made from a version another change replaced");
+                        state.conflicted.insert(id, rec.offset);
+                        return;
+                    }
                 }
                 if let Some(holder) = state.url_holder(&t.sub.tenant, &t.sub.spec.url, &t.sub.id) {
                     tracing::warn!(subscription = %id, holder, offset = rec.offset, "ignoring a subscription record: its tenant already has this URL");
@@ -210,11 +227,23 @@ impl Registry {
     async fn write(&self, sub: &Subscription) -> Result<Written, CatalogError> {
         let pos = self.feed.write(sub.id.as_bytes(), Bytes::from(sub.stored())).await?;
         let written = self.written(&sub.id, pos.offset);
-        if matches!(written, Written::Deleted) {
-            let standing = self.get(&sub.id).map_or_else(Bytes::new, |c| Bytes::from(c.sub.stored()));
-            self.feed.write(sub.id.as_bytes(), standing).await?;
+        if matches!(written, Written::Deleted | Written::Conflict | Written::UrlTaken) {
+            self.feed.write(sub.id.as_bytes(), self.standing(&sub.id)).await?;
         }
         Ok(written)
+    }
+
+    /// What stands for `id`, as a record to write back after one of its records was ignored,
+    /// so that the newest record is what stands (compaction keeps only the newest): the
+    /// subscription made from its current version, or a tombstone.
+    fn standing(&self, id: &str) -> Bytes {
+        match self.get(id) {
+            Some(current) => {
+                let sub = Subscription { based_on: self.version_of(id), ..current.sub.clone() };
+                Bytes::from(sub.stored())
+            }
+            None => Bytes::new(),
+        }
     }
 
     /// The version `id` is at here: what a change of it is made from.
@@ -235,6 +264,9 @@ impl Registry {
         }
         if state.stale.get(id) == Some(&offset) {
             return Written::Deleted;
+        }
+        if state.conflicted.get(id) == Some(&offset) {
+            return Written::Conflict;
         }
         Written::Superseded
     }
@@ -322,18 +354,14 @@ impl Registry {
         Target::compile_with(sub.clone(), self.health.clone())?;
         let target = match self.write(&sub).await? {
             Written::Applied(target) => target,
-            Written::UrlTaken => {
-                // Lost a race for the URL: write back what stands (withdraw a new one), so it
-                // stays the newest record.
-                let standing = self.get(&sub.id).map_or_else(Bytes::new, |c| Bytes::from(c.sub.stored()));
-                self.feed.write(sub.id.as_bytes(), standing).await?;
-                return Err(Self::url_taken());
-            }
+            // Lost a race for the URL (what stands was written back: a new one withdrawn).
+            Written::UrlTaken => return Err(Self::url_taken()),
             Written::Deleted => return Err(RegistryError::Deleted),
-            // Another process changed it right after: its change stands, as the newest.
+            Written::Conflict => return Err(RegistryError::Conflict),
+            // Another process changed it right after, from this change: the newest stands.
             Written::Superseded => match self.get(&sub.id) {
                 Some(newer) => newer,
-                None => return Err(Invalid::new("id", "the subscription was deleted meanwhile").into()),
+                None => return Err(RegistryError::Deleted),
             },
         };
         warn_trust_all(&target.sub);

@@ -213,6 +213,49 @@ async fn processes_racing_to_create_one_url_agree_on_a_single_winner() {
     a.stop().await;
 }
 
+/// Two changes of one subscription made at once through two processes: neither is lost
+/// silently. Each was a whole record made from the version its process had, so the later one
+/// undid the other's change while both answered 200; now a change made from a version another
+/// change has replaced is refused with 409, and the other stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_through_two_processes_lose_none_silently() {
+    let kafka = MockKafka::start(PARTITIONS);
+    let (_dirs, (a, api_a), (b, api_b)) = two(&kafka).await;
+    let sub = api_a.subscribe(json!({ "url": "https://hooks.example.com/patched", "tenant": "acme" })).await;
+    let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
+    until("B sees the subscription", Duration::from_secs(10), || async {
+        (api_b.get(&path).await.0 == 200).then_some(())
+    })
+    .await;
+    let mut refused = 0;
+    for round in 0..10u64 {
+        let header = format!("x-round-{round}");
+        let (ra, rb) = tokio::join!(
+            api_a.patch(&path, json!({ "headers": { header.clone(): "v" } })),
+            api_b.patch(&path, json!({ "max_in_flight": round + 1 }))
+        );
+        for (status, body) in [&ra, &rb] {
+            assert!(*status == 200 || *status == 409, "round {round}: {status} {body}");
+        }
+        refused += [&ra, &rb].iter().filter(|r| r.0 == 409).count();
+        // Both processes have read both records once they answer alike.
+        let now = until("both processes agree", Duration::from_secs(10), || async {
+            let (x, y) = (api_a.get(&path).await.1, api_b.get(&path).await.1);
+            (x == y).then_some(x)
+        })
+        .await;
+        if ra.0 == 200 {
+            assert!(now["headers"].get(&header).is_some(), "round {round}: A's 200 change lost: {now}");
+        }
+        if rb.0 == 200 {
+            assert_eq!(now["max_in_flight"], round + 1, "round {round}: B's 200 change lost: {now}");
+        }
+    }
+    eprintln!("concurrent changes: {refused} of 20 refused with 409");
+    b.stop().await;
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_agent_connected_to_one_process_serves_the_deliveries_of_both() {
     let kafka = MockKafka::start(PARTITIONS);
