@@ -2,7 +2,7 @@
 //! (it tells a tenant what it can subscribe to).
 
 use super::auth::{Admin, Principal};
-use super::error::{ApiError, JsonBody};
+use super::error::{ApiError, JsonBody, StrictValue};
 use super::page::StrictPath;
 use super::AppState;
 use crate::event_types::EventTypeSpec;
@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 pub async fn create(
     _: Admin,
     State(state): State<AppState>,
-    JsonBody(mut body): JsonBody<Value>,
+    JsonBody(StrictValue(mut body)): JsonBody<StrictValue>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Some(object) = body.as_object_mut() else {
         return Err(Invalid::new("", "the body must be a JSON object").into());
@@ -53,7 +53,7 @@ pub async fn patch(
     _: Admin,
     State(state): State<AppState>,
     StrictPath(name): StrictPath<String>,
-    JsonBody(patch): JsonBody<Value>,
+    JsonBody(StrictValue(patch)): JsonBody<StrictValue>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Value::Object(patch) = patch else {
         return Err(ApiError::validation("", "a patch is a JSON object of the fields to change"));

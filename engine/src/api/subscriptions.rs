@@ -1,7 +1,7 @@
 //! `/v1/subscriptions`: create, list, read, delete.
 
 use super::auth::Principal;
-use super::error::{ApiError, JsonBody, OptionalJsonBody};
+use super::error::{ApiError, JsonBody, OptionalJsonBody, StrictValue};
 use super::page::{self, StrictPath, StrictQuery};
 use super::AppState;
 use crate::admission::Breaker;
@@ -21,7 +21,7 @@ use serde_json::json;
 pub async fn create(
     who: Principal,
     State(state): State<AppState>,
-    JsonBody(body): JsonBody<serde_json::Value>,
+    JsonBody(StrictValue(body)): JsonBody<StrictValue>,
 ) -> Result<impl IntoResponse, ApiError> {
     let (extras, spec) = spec::create_body(body)?;
     let tenant = who.owner(extras.tenant)?;
@@ -192,7 +192,7 @@ pub async fn patch(
     who: Principal,
     State(state): State<AppState>,
     StrictPath(id): StrictPath<String>,
-    JsonBody(patch): JsonBody<serde_json::Value>,
+    JsonBody(StrictValue(patch)): JsonBody<StrictValue>,
 ) -> Result<impl IntoResponse, ApiError> {
     if let Some(current) = state.registry.get(&id).filter(|t| who.sees(&t.sub.tenant)) {
         let device = patch.get("via_edge").and_then(|d| d.as_str());

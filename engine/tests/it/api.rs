@@ -54,6 +54,20 @@ async fn invalid_events_name_the_field_and_append_nothing() {
         let (status, err) = h.api.raw("POST", path, Some(Bytes::from_static(body)), Some(TOKEN)).await;
         assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{err}");
     }
+    // So on the bodies read as any JSON (a subscription, a change, an event type), nested too.
+    let sub = h.api.subscribe(json!({ "url": "https://hooks.example.com/twice", "events": ["never.sent"] })).await;
+    let patch_path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
+    for (method, path, body, field) in [
+        ("POST", "/v1/subscriptions", r#"{"url":"https://h.example/a","url":"https://h.example/b"}"#, "url"),
+        ("PATCH", patch_path.as_str(), r#"{"enabled":false,"enabled":true}"#, "enabled"),
+        ("PATCH", patch_path.as_str(), r#"{"retry":{"max_attempts":2,"max_attempts":3}}"#, "retry.max_attempts"),
+        ("POST", "/v1/event-types", r#"{"name":"twice.named","name":"other.name"}"#, "name"),
+    ] {
+        let (status, err) = h.api.raw(method, path, Some(Bytes::from(body)), Some(TOKEN)).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{body}: {err}");
+    }
+    let (_, unchanged) = h.api.get(&patch_path).await;
+    assert_eq!(unchanged["enabled"], true, "nothing of a refused change applied");
     // One bad event rejects the whole batch: nothing of it is appended.
     let batch = json!([
         { "id": "good-1", "type": "T", "data": 1 },
