@@ -61,6 +61,10 @@ enum Written {
     Conflict,
 }
 
+/// Times what stands is written back after an ignored record, at most (each try loses only to
+/// another change landing first).
+const WRITE_BACK_TRIES: usize = 8;
+
 /// What the registry knows of a subscription id.
 pub enum Lookup {
     /// The subscription, current.
@@ -228,7 +232,15 @@ impl Registry {
         let pos = self.feed.write(sub.id.as_bytes(), Bytes::from(sub.stored())).await?;
         let written = self.written(&sub.id, pos.offset);
         if matches!(written, Written::Deleted | Written::Conflict | Written::UrlTaken) {
-            self.feed.write(sub.id.as_bytes(), self.standing(&sub.id)).await?;
+            // Until what is written back is applied: another change landing first makes it a
+            // conflict too, and an ignored record left newest is what a process loading after
+            // compaction would apply.
+            for _ in 0..WRITE_BACK_TRIES {
+                let pos = self.feed.write(sub.id.as_bytes(), self.standing(&sub.id)).await?;
+                if !matches!(self.written(&sub.id, pos.offset), Written::Conflict) {
+                    break;
+                }
+            }
         }
         Ok(written)
     }
@@ -717,6 +729,39 @@ mod tests {
         // A new subscription with the URL sub_a holds now is refused.
         apply(&record(7, "sub_b", "https://hooks.example/2"), "sub_b");
         assert!(matches!(registry.written("sub_b", 7), Written::UrlTaken));
+    }
+
+    /// A change made from a version another change has replaced is ignored (and told to its
+    /// writer as a conflict); what it was made from is the whole subscription, so applying it
+    /// would undo the other change. What stands, written back from the current version, applies.
+    #[test]
+    fn a_change_from_a_replaced_version_is_a_conflict_and_what_stands_written_back_applies() {
+        let registry = registry(false, true);
+        let record = |offset: u64, max_in_flight: u32, based_on: Option<u64>| {
+            let spec =
+                spec::strict(&serde_json::json!({ "url": "https://hooks.example/c", "max_in_flight": max_in_flight }))
+                    .unwrap();
+            let mut sub = validate::new_subscription("t".into(), spec, None).unwrap();
+            (sub.id, sub.based_on) = ("sub_c".into(), based_on);
+            LogRecord {
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+                key: Bytes::from_static(b"sub_c"),
+                value: Bytes::from(sub.stored()),
+            }
+        };
+        let apply =
+            |rec: &LogRecord| registry.apply(Entry { kind: Kind::Subscription, id: "sub_c".into(), record: rec });
+        apply(&record(5, 1, None));
+        apply(&record(6, 2, Some(5))); // A's change
+        apply(&record(7, 3, Some(5))); // B's, made from the version A's replaced
+        assert!(matches!(registry.written("sub_c", 7), Written::Conflict));
+        assert_eq!(registry.get("sub_c").unwrap().sub.spec.max_in_flight, Some(2), "A's change stands");
+        let standing = LogRecord { offset: 8, value: registry.standing("sub_c"), ..record(8, 0, None) };
+        apply(&standing);
+        assert!(matches!(registry.written("sub_c", 8), Written::Applied(_)));
+        assert_eq!(registry.get("sub_c").unwrap().sub.spec.max_in_flight, Some(2));
     }
 
     /// Records are applied by the URL as parsed, as every version did: two subscriptions a
