@@ -256,6 +256,19 @@ async fn concurrent_changes_through_two_processes_lose_none_silently() {
     a.stop().await;
 }
 
+/// The catalog is read in order from one partition: one made with several (by an operator
+/// ahead of Herald) lost two writes in three to partitions no process follows. Refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_topic_with_several_partitions_is_refused_at_start() {
+    let kafka = MockKafka::laid_out(PARTITIONS, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.log.partitions = PARTITIONS;
+    kafka.configure(&mut c);
+    let err = herald::server::start(c).await.err().expect("refused");
+    assert!(err.to_string().contains("one partition"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_agent_connected_to_one_process_serves_the_deliveries_of_both() {
     let kafka = MockKafka::start(PARTITIONS);

@@ -57,6 +57,14 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<HashMap<String, u32>,
         if absent.is_empty() {
             for t in &config.topics {
                 let n = now[&t.name];
+                if t.compacted && n != 1 {
+                    // The catalog is written to and read in order from partition 0: records
+                    // hashed to the others would reach no process (until it restarted).
+                    return Err(LogError::Backend(format!(
+                        "topic {} has {n} partitions: the catalog needs exactly one partition (make it with one, compacted)",
+                        t.name
+                    )));
+                }
                 if n != t.partitions && !t.compacted {
                     tracing::warn!(topic = %t.name, partitions = n, configured = t.partitions, "topic exists with a different partition count; using it as it is");
                 }

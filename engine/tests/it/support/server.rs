@@ -52,11 +52,18 @@ pub struct MockKafka(rdkafka::mocking::MockCluster<'static, rdkafka::producer::D
 
 impl MockKafka {
     pub fn start(partitions: u32) -> MockKafka {
+        Self::laid_out(partitions, 1)
+    }
+
+    /// As [`MockKafka::start`], the catalog topic made (by an operator, say) with
+    /// `catalog_partitions`.
+    pub fn laid_out(partitions: u32, catalog_partitions: u32) -> MockKafka {
         let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
         // The mock broker has no CreateTopics: lay the topics out as Herald would.
         let layout = herald::config::LogConfig { partitions, ..Default::default() };
         for spec in herald::topics::Topics::new("herald.").specs(&layout, &Default::default()) {
-            cluster.create_topic(&spec.name, spec.partitions as i32, 1).expect("mock topic");
+            let n = if spec.compacted { catalog_partitions } else { spec.partitions };
+            cluster.create_topic(&spec.name, n as i32, 1).expect("mock topic");
         }
         MockKafka(cluster)
     }
