@@ -315,6 +315,13 @@ impl Log for KafkaLog {
         if *self.closed.borrow() {
             return false;
         }
+        // A fatal error of the idempotent producer (a sequence it cannot safely repair) fails
+        // every append from then on: not ready, so an orchestrator restarts the process rather
+        // than send it traffic the broker can reach and it cannot write.
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            tracing::error!(%code, reason, "the Kafka producer hit a fatal error; every append fails until Herald restarts");
+            return false;
+        }
         let producer = self.producer.clone();
         let topic = self.config.topics.first().map(|t| t.name.clone()).unwrap_or_default();
         tokio::task::spawn_blocking(move || {
@@ -408,6 +415,25 @@ mod tests {
         .await
         .unwrap_or_else(|_| panic!("{n} records within 20 s; got {got:?}"));
         got
+    }
+
+    /// A fatal error of the idempotent producer fails every append for good: the log says it
+    /// is not ready (the broker is reachable, so the metadata check alone said it was).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fatal_producer_error_makes_the_log_not_ready() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let log = open(&cluster).await;
+        assert!(log.ready().await);
+        let reason = std::ffi::CString::new("injected").unwrap();
+        // SAFETY: the producer's handle is live for the call; the reason is a valid C string.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                log.producer.client().native_ptr(),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            );
+        }
+        assert!(!log.ready().await);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
