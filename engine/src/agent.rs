@@ -46,6 +46,10 @@ type Targets = Arc<Mutex<HashMap<String, (String, Arc<Target>)>>>;
 /// connection replacing the other) backs off further each time.
 const STEADY: Duration = Duration::from_secs(10);
 
+/// How long connecting (TCP, TLS, the WebSocket upgrade, the hello) may take: a proxy or a
+/// stalled Herald that accepts and never answers the upgrade held the agent for ever.
+pub const CONNECT_WITHIN: Duration = Duration::from_secs(20);
+
 /// Herald pings every 15 s: this long without any message from it, the connection is dead
 /// (a failover, a firewall dropping it silently) and the agent connects again.
 const SILENCE: Duration = Duration::from_secs(45);
@@ -68,10 +72,11 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
             r = session => r,
             _ = crate::shutdown::stopped(&mut stop) => return Ok(()),
         };
+        let lasted = began.elapsed();
+        backoff = backoff_after(backoff, lasted);
         match ended {
-            Ok(()) if began.elapsed() >= STEADY => {
-                tracing::warn!(server = %config.server, "connection to herald closed; reconnecting");
-                backoff = Duration::from_millis(200);
+            Ok(()) if lasted >= STEADY => {
+                tracing::warn!(server = %config.server, "connection to herald closed; reconnecting")
             }
             Ok(()) => tracing::warn!(
                 server = %config.server,
@@ -85,6 +90,17 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
             return Ok(());
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The wait before the next connection, after one that lasted `lasted` with `backoff` before
+/// it: back to the shortest after a steady connection, however it ended (a Herald restart
+/// ends one with a reset or silence, not a close, and kept the agent offline up to 10 s more).
+fn backoff_after(backoff: Duration, lasted: Duration) -> Duration {
+    if lasted >= STEADY {
+        Duration::from_millis(200)
+    } else {
+        backoff
     }
 }
 
@@ -102,10 +118,17 @@ async fn session(
         http::HeaderValue::from_str(&bearer)
             .map_err(|e| tokio_tungstenite::tungstenite::Error::HttpFormat(e.into()))?,
     );
-    let (ws, _) = tokio_tungstenite::connect_async(request).await?;
-    let (mut sink, mut stream) = ws.split();
     let hello = serde_json::to_string(&ToServer::Hello { window: config.window }).expect("serializes");
-    sink.send(Message::Text(hello.into())).await?;
+    let connecting = async {
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        let (mut sink, stream) = ws.split();
+        sink.send(Message::Text(hello.into())).await?;
+        Ok::<_, tokio_tungstenite::tungstenite::Error>((sink, stream))
+    };
+    let (mut sink, mut stream) = tokio::time::timeout(CONNECT_WITHIN, connecting).await.map_err(|_| {
+        let stalled = std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to herald took too long");
+        tokio_tungstenite::tungstenite::Error::Io(stalled)
+    })??;
     tracing::info!(server = %config.server, window = config.window, "connected to herald");
     println!("herald edge connected to {}", config.server);
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
@@ -178,4 +201,19 @@ async fn attempt(
         }
     };
     transports.deliver(&target, &delivery, pending_retries).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A steady connection resets the backoff however it ended; a short one keeps it growing.
+    #[test]
+    fn a_steady_connection_resets_the_backoff_however_it_ended() {
+        assert_eq!(
+            backoff_after(Duration::from_secs(10), STEADY + Duration::from_secs(3600)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(backoff_after(Duration::from_secs(5), Duration::from_secs(1)), Duration::from_secs(5));
+    }
 }

@@ -158,6 +158,34 @@ async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_
     assert!(!m.contains(&acme_device), "no device id in /metrics");
 }
 
+/// A server that accepts the agent's connection and never answers the upgrade (a stalled
+/// proxy) does not hold the agent for ever: it gives up and connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_connection_is_never_answered_connects_again() {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["edge", "--server", &format!("http://{addr}")])
+        .env("HERALD_EDGE_TOKEN", "he.dev_x.secret")
+        .env("RUST_LOG", "error")
+        .env_remove("HERALD_TEST_BACKEND")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("herald edge runs");
+    let mut held = Vec::new();
+    let within = herald::agent::CONNECT_WITHIN + Duration::from_secs(15);
+    let second = tokio::time::timeout(within, async {
+        for _ in 0..2 {
+            let (socket, _) = listener.accept().await.unwrap();
+            held.push(socket); // accepted, never answered
+        }
+    })
+    .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(second.is_ok(), "the agent waited on an unanswered connection for over {within:?}");
+}
+
 /// `history.response_bytes` holds for attempts made through an agent too (its report was
 /// kept to 1 KiB whatever the setting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
