@@ -14,8 +14,14 @@ fn all_partitions() -> usize {
 }
 
 async fn start(kafka: &MockKafka, dir: &std::path::Path) -> (Herald, Api) {
+    start_advertising(kafka, dir, None).await
+}
+
+/// As [`start`], telling other processes `advertise_url` when given.
+async fn start_advertising(kafka: &MockKafka, dir: &std::path::Path, advertise_url: Option<String>) -> (Herald, Api) {
     crate::support::trace_to_test_output();
     let mut c = config(dir);
+    c.advertise_url = advertise_url;
     c.log.partitions = PARTITIONS;
     kafka.configure(&mut c);
     // The mock broker closes a rebalance round only after the session timeout, so a shorter
@@ -275,7 +281,11 @@ async fn an_edge_agent_connected_to_one_process_serves_the_deliveries_of_both() 
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let rx = Receiver::start().await;
     let (a, api_a) = start(&kafka, dir_a.path()).await;
-    let (b, _api_b) = start(&kafka, dir_b.path()).await;
+    // B advertises the same address as A (as every process does with `listen = "0.0.0.0:8080"`
+    // on hosts of their own): a process tells an agent's presence as its own by its process,
+    // not its address, so B still forwards to A (by address it took A's presence for its own
+    // and failed each attempt as offline).
+    let (b, _api_b) = start_advertising(&kafka, dir_b.path(), Some(format!("http://{}", a.addr))).await;
     // Every group split evenly, so B owns half of the deliveries partitions.
     eventually("the partitions split evenly", Duration::from_secs(60), || {
         (a.partitions_owned() == all_partitions() / 2 && b.partitions_owned() == all_partitions() / 2).then_some(())

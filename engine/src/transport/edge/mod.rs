@@ -64,7 +64,12 @@ pub struct EdgeHub {
     forward_secret: String,
     /// Bytes of a receiver's answer the history keeps (`None`: no history).
     response_bytes: Option<usize>,
-    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    /// Forwards to the other processes: `http://`, or `https://` for an `advertise_url` behind
+    /// TLS (certificates public CAs sign).
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Full<Bytes>,
+    >,
 }
 
 impl EdgeHub {
@@ -81,7 +86,9 @@ impl EdgeHub {
             process: uuid::Uuid::new_v4().simple().to_string(),
             forward_secret,
             response_bytes,
-            client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
+            client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(
+                hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build(),
+            ),
         })
     }
 
@@ -126,11 +133,18 @@ impl EdgeHub {
             return self.deliver_here(device, target, delivery, pending_retries, timeout).await;
         }
         match self.devices.located(device) {
-            Some(p) if self.advertised.get() != Some(&p.url) => {
+            // Another process's (told by the process, not the address: every process listening
+            // on 0.0.0.0:8080 on a host of its own advertises the same one).
+            Some(p) if !self.is_mine(&p.connection) => {
                 self.forward(&p.url, device, target, delivery, pending_retries, timeout).await
             }
             _ => Outcome::failed(Failure::EdgeOffline { device: device.to_string() }, Duration::ZERO),
         }
+    }
+
+    /// Whether a presence's `connection` is one of this process's.
+    fn is_mine(&self, connection: &str) -> bool {
+        connection.strip_prefix(self.process.as_str()).is_some_and(|rest| rest.starts_with('-'))
     }
 
     /// Asks the process at `url`, which holds `device`'s agent, to make the attempt.
