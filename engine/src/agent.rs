@@ -46,6 +46,10 @@ type Targets = Arc<Mutex<HashMap<String, (String, Arc<Target>)>>>;
 /// connection replacing the other) backs off further each time.
 const STEADY: Duration = Duration::from_secs(10);
 
+/// Largest message from Herald the agent reads: a delivery of the largest event, in base64,
+/// with its subscription.
+const MAX_MESSAGE: usize = 64 << 20;
+
 /// How long connecting (TCP, TLS, the WebSocket upgrade, the hello) may take: a proxy or a
 /// stalled Herald that accepts and never answers the upgrade held the agent for ever.
 pub const CONNECT_WITHIN: Duration = Duration::from_secs(20);
@@ -120,7 +124,12 @@ async fn session(
     );
     let hello = serde_json::to_string(&ToServer::Hello { window: config.window }).expect("serializes");
     let connecting = async {
-        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        // Herald's largest event (12 MiB) is over 16 MiB in base64 in one message (one frame):
+        // tungstenite's default frame bound refused it and ended the connection at each try.
+        let limits = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_frame_size(Some(MAX_MESSAGE))
+            .max_message_size(Some(MAX_MESSAGE));
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(limits), false).await?;
         let (mut sink, stream) = ws.split();
         sink.send(Message::Text(hello.into())).await?;
         Ok::<_, tokio_tungstenite::tungstenite::Error>((sink, stream))

@@ -42,6 +42,10 @@ use std::sync::Arc;
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 << 20;
 
+/// Largest forwarded edge attempt: the largest event (12 MiB) in base64, with its subscription
+/// (16 MiB refused it, every try, until it was dead-lettered).
+const MAX_FORWARD_BYTES: usize = 24 << 20;
+
 /// The most a request body may be on every other route: a subscription at its largest (256
 /// KiB as stored) fits however its JSON is escaped. Bodies are read whole and
 /// parsed, each byte of JSON a value of up to 16: 16 MiB on every route made a quarter of a
@@ -155,7 +159,7 @@ pub fn router(state: AppState) -> Router {
         // A forwarded attempt carries its event.
         .route(
             crate::transport::edge::protocol::FORWARD_PATH,
-            post(edge::forward).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+            post(edge::forward).layer(DefaultBodyLimit::max(MAX_FORWARD_BYTES)),
         )
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/replay", post(dlq::replay))

@@ -186,6 +186,31 @@ async fn an_agent_whose_connection_is_never_answered_connects_again() {
     assert!(second.is_ok(), "the agent waited on an unanswered connection for over {within:?}");
 }
 
+/// The largest event Herald takes (12 MiB) goes through an agent too: base64 in a message of
+/// the protocol it is 16 MiB and more, which the agent refused as a frame too long (its
+/// connection ended, every delivery in flight with it, at each retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_event_goes_through_an_agent() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("HERALD_NETWORK_ALLOW", ""), ("HERALD_INGEST_MAX_EVENT_BYTES", "12582912")];
+    let (_herald, addr) = spawn_herald_with(dir.path(), &env);
+    let admin = Api::new(addr, TOKEN);
+    let (acme_id, acme, device, token) = tenant_with_device(&admin, "Acme").await;
+    acme.subscribe(json!({ "url": rx.url("/large"), "via_edge": device, "payload": "raw" })).await;
+    let _agent = spawn_agent(addr, &token);
+    until("the agent connected", Duration::from_secs(10), || async {
+        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 1.0).then_some(())
+    })
+    .await;
+    let text = "x".repeat((12 << 20) - 200);
+    let (status, answer) =
+        admin.post("/v1/events", json!({ "id": "large", "type": "T", "tenant": acme_id, "data": text })).await;
+    assert_eq!(status, 202, "{answer}");
+    let got = rx.wait_on("/large", 1).await;
+    assert_eq!(got[0].body.len(), text.len() + 2, "the whole event, as a JSON string");
+}
+
 /// `history.response_bytes` holds for attempts made through an agent too (its report was
 /// kept to 1 KiB whatever the setting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
