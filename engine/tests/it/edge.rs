@@ -186,6 +186,35 @@ async fn an_agent_whose_connection_is_never_answered_connects_again() {
     assert!(second.is_ok(), "the agent waited on an unanswered connection for over {within:?}");
 }
 
+/// An attempt through an agent has the server's timeout (`http.timeout` when the
+/// subscription sets none), as a direct one does: the agent used its own 30 s, so the server
+/// counted an attempt it was still making a timeout, and sent it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_attempt_has_the_server_s_timeout() {
+    let rx = Receiver::start().await;
+    rx.behave("/slow", crate::support::Behaviour::Slow(Duration::from_secs(4)));
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("HERALD_NETWORK_ALLOW", ""), ("HERALD_HTTP_TIMEOUT", "1s")];
+    let (_herald, addr) = spawn_herald_with(dir.path(), &env);
+    let admin = Api::new(addr, TOKEN);
+    let (acme_id, acme, device, token) = tenant_with_device(&admin, "Acme").await;
+    let retry = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    acme.subscribe(json!({ "url": rx.url("/slow"), "via_edge": device, "retry": retry })).await;
+    let _agent = spawn_agent(addr, &token);
+    until("the agent connected", Duration::from_secs(10), || async {
+        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 1.0).then_some(())
+    })
+    .await;
+    admin.post("/v1/events", json!({ "id": "slow", "type": "T", "tenant": acme_id, "data": {} })).await;
+    let attempt = until("the attempt on record", Duration::from_secs(20), || async {
+        let (_, page) = acme.get("/v1/attempts?event=slow").await;
+        page["items"].as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(attempt["outcome"], "timeout", "{attempt}");
+    assert!(attempt["duration_ms"].as_u64().unwrap() < 3_000, "the agent waited past the server's timeout: {attempt}");
+}
+
 /// The largest event Herald takes (12 MiB) goes through an agent too: base64 in a message of
 /// the protocol it is 16 MiB and more, which the agent refused as a frame too long (its
 /// connection ended, every delivery in flight with it, at each retry).

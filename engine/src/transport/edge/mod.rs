@@ -212,7 +212,7 @@ impl EdgeHub {
         let in_flight = InFlight { link: &link, seq };
         let msg = ToAgent::Deliver {
             seq,
-            subscription: Box::new(target.sub.clone()),
+            subscription: Box::new(with_timeout(&target.sub, timeout)),
             delivery: encode_delivery(delivery),
             pending_retries,
         };
@@ -389,6 +389,15 @@ async fn read(link: &Link, device: &EdgeDevice, mut stream: SplitStream<WebSocke
             _ => {}
         }
     }
+}
+
+/// `sub` as the agent gets it: with the attempt's timeout, this server's default when the
+/// subscription has none. The agent used its own (`--timeout`, 30 s), so against a server
+/// whose default was shorter an attempt it delivered was counted a timeout here, and sent again.
+fn with_timeout(sub: &crate::model::Subscription, timeout: Duration) -> crate::model::Subscription {
+    let mut sub = sub.clone();
+    sub.spec.timeout.get_or_insert(timeout.into());
+    sub
 }
 
 #[cfg(test)]
