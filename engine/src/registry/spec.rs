@@ -75,20 +75,34 @@ pub fn patched(current: &SubscriptionSpec, patch: &Value) -> Result<Subscription
         return Err(Invalid::new("", "a patch is a JSON object of the fields to change"));
     }
     let mut merged = revealing(|| serde_json::to_value(current)).expect("a spec serializes");
-    merge(&mut merged, patch);
+    merge(&mut merged, patch, Level::Spec);
     strict(&merged)
 }
 
-/// RFC 7396 JSON Merge Patch, except that an object whose tag (`type`, `scheme`, `policy`)
-/// changes is replaced rather than merged.
-fn merge(target: &mut Value, patch: &Value) {
+/// Where a merge is: the spec itself, one of its tagged objects (`auth`, `signature`,
+/// `retry`), or anything else (maps such as `headers`, whose keys are the client's).
+#[derive(Clone, Copy, PartialEq)]
+enum Level {
+    Spec,
+    Tagged,
+    Other,
+}
+
+/// The spec's fields whose objects carry a tag (`type`, `scheme`, `policy`).
+const TAGGED: [&str; 3] = ["auth", "signature", "retry"];
+
+/// RFC 7396 JSON Merge Patch, except that a tagged object (`auth`, `signature`, `retry`) whose
+/// tag (`type`, `scheme`, `policy`) changes is replaced rather than merged — only those: a
+/// `headers` map with a header named `type` changed lost every other header.
+fn merge(target: &mut Value, patch: &Value, level: Level) {
     let Value::Object(patch) = patch else {
         *target = patch.clone();
         return;
     };
-    let retagged = target.as_object().is_some_and(|t| {
-        TAGS.iter().any(|tag| patch.get(*tag).is_some_and(|new| t.get(*tag).is_some_and(|old| old != new)))
-    });
+    let retagged = level == Level::Tagged
+        && target.as_object().is_some_and(|t| {
+            TAGS.iter().any(|tag| patch.get(*tag).is_some_and(|new| t.get(*tag).is_some_and(|old| old != new)))
+        });
     if !target.is_object() || retagged {
         *target = Value::Object(Map::new());
     }
@@ -97,7 +111,11 @@ fn merge(target: &mut Value, patch: &Value) {
         if value.is_null() {
             target.remove(key);
         } else {
-            merge(target.entry(key.clone()).or_insert(Value::Null), value);
+            let child = match level {
+                Level::Spec if TAGGED.contains(&key.as_str()) => Level::Tagged,
+                _ => Level::Other,
+            };
+            merge(target.entry(key.clone()).or_insert(Value::Null), value, child);
         }
     }
 }
@@ -114,6 +132,20 @@ mod tests {
         assert_eq!(strict::<SubscriptionSpec>(&nested).unwrap_err().field, "auth.otp");
         let wrong = strict::<SubscriptionSpec>(&json!({"url": "x", "max_in_flight": "many"})).unwrap_err();
         assert_eq!(wrong.field, "max_in_flight");
+    }
+
+    /// Only the tagged objects are replaced on a new tag: a header named `type` is the
+    /// client's, and changing it keeps the other headers.
+    #[test]
+    fn a_header_named_like_a_tag_is_merged_like_any_other() {
+        let current = strict::<SubscriptionSpec>(
+            &json!({"url": "https://h.example/x", "headers": {"type": "json", "authorization": "Bearer t"}}),
+        )
+        .unwrap();
+        for patch in [json!({"headers": {"type": "xml"}}), json!({"headers": {"type": null}})] {
+            let patched = patched(&current, &patch).unwrap();
+            assert!(patched.headers.contains_key("authorization"), "{patch}: {:?}", patched.headers.keys());
+        }
     }
 
     #[test]
