@@ -1048,6 +1048,21 @@ mod tests {
         LogRecord { partition: 0, offset: 0, key: bytes::Bytes::new(), value: rec.encode(), timestamp_ms: at_ms }
     }
 
+    /// The record of event `e` of tenant `t`, accepted at `accepted` for `subscriptions`.
+    fn event_e(accepted: i64, subscriptions: &[&str]) -> LogRecord {
+        let event = HistoryRecord::Event(EventRecord {
+            id: "e".into(),
+            tenant: "t".into(),
+            event_type: "T".into(),
+            accepted_ms: accepted,
+            subscriptions: subscriptions.iter().map(|s| s.to_string()).collect(),
+            data: bytes::Bytes::from_static(b"{}"),
+            changes: None,
+            ordering_key: None,
+        });
+        LogRecord { value: event.encode(), ..attempt("x", accepted) }
+    }
+
     fn all(index: &Index) -> Vec<String> {
         let q = AttemptQuery { tenant: "t".into(), limit: 100, ..AttemptQuery::default() };
         index
@@ -1069,17 +1084,7 @@ mod tests {
         let now = 100 * 86_400_000 + 1000;
         let accepted = now - 100_000;
         let subs = ["s1", "s2", "s3"];
-        let event = HistoryRecord::Event(EventRecord {
-            id: "e".into(),
-            tenant: "t".into(),
-            event_type: "T".into(),
-            accepted_ms: accepted,
-            subscriptions: subs.iter().map(|s| s.to_string()).collect(),
-            data: bytes::Bytes::from_static(b"{}"),
-            changes: None,
-            ordering_key: None,
-        });
-        let mut records = vec![LogRecord { value: event.encode(), ..attempt("x", accepted) }];
+        let mut records = vec![event_e(accepted, &subs)];
         for (n, sub) in subs.iter().enumerate() {
             for i in 0..300i64 {
                 let mut r = attempt(&format!("{sub}-{i}"), accepted + 1 + i * 3 + n as i64);
@@ -1118,17 +1123,7 @@ mod tests {
         let index = Index::open(dir, Duration::from_secs(86_400)).unwrap();
         let now = 100 * 86_400_000 + 1000;
         let accepted = now - 100_000;
-        let event = HistoryRecord::Event(EventRecord {
-            id: "e".into(),
-            tenant: "t".into(),
-            event_type: "T".into(),
-            accepted_ms: accepted,
-            subscriptions: vec!["s".into()],
-            data: bytes::Bytes::from_static(b"{}"),
-            changes: None,
-            ordering_key: None,
-        });
-        let mut records = vec![LogRecord { value: event.encode(), ..attempt("x", accepted) }];
+        let mut records = vec![event_e(accepted, &["s"])];
         for i in 0..=n {
             let mut r = attempt(&format!("a{i:06}"), accepted + 1 + i);
             let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&r.value) else { unreachable!() };
@@ -1200,17 +1195,7 @@ mod tests {
         let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
         let now = 100 * 86_400_000 + 1000;
         let accepted = now - 100;
-        let event = HistoryRecord::Event(EventRecord {
-            id: "e".into(),
-            tenant: "t".into(),
-            event_type: "T".into(),
-            accepted_ms: accepted,
-            subscriptions: vec!["s".into()],
-            data: bytes::Bytes::from_static(b"{}"),
-            changes: None,
-            ordering_key: None,
-        });
-        let mut records = vec![LogRecord { value: event.encode(), ..attempt("x", accepted) }];
+        let mut records = vec![event_e(accepted, &["s"])];
         for id in ["gen1", "gen2"] {
             let mut r = attempt(id, now);
             let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&r.value) else { unreachable!() };

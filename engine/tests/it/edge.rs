@@ -42,6 +42,14 @@ fn spawn_agent(server: SocketAddr, token: &str) -> ChildGuard {
     ChildGuard(child)
 }
 
+/// Waits until Herald counts `n` agents connected.
+async fn agents_connected(admin: &Api, n: usize) {
+    until(&format!("{n} agents connected"), Duration::from_secs(10), || async {
+        (scrape(admin).await.value("herald_edge_agents_connected", &[]) == n as f64).then_some(())
+    })
+    .await;
+}
+
 /// A tenant with an API key and an edge device: (tenant id, tenant API, device id, token).
 async fn tenant_with_device(admin: &Api, name: &str) -> (String, Api, String, String) {
     let (status, tenant) = admin.post("/v1/tenants", json!({ "name": name })).await;
@@ -94,10 +102,7 @@ async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_
 
     let mut acme_agent = spawn_agent(addr, &acme_token);
     let _globex_agent = spawn_agent(addr, &globex_token);
-    until("both agents connected", Duration::from_secs(10), || async {
-        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 2.0).then_some(())
-    })
-    .await;
+    agents_connected(&admin, 2).await;
 
     // A stream of Acme events; the agent is killed mid-stream and comes back later.
     const EVENTS: usize = 200;
@@ -201,10 +206,7 @@ async fn an_edge_attempt_has_the_server_s_timeout() {
     let retry = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
     acme.subscribe(json!({ "url": rx.url("/slow"), "via_edge": device, "retry": retry })).await;
     let _agent = spawn_agent(addr, &token);
-    until("the agent connected", Duration::from_secs(10), || async {
-        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 1.0).then_some(())
-    })
-    .await;
+    agents_connected(&admin, 1).await;
     admin.post("/v1/events", json!({ "id": "slow", "type": "T", "tenant": acme_id, "data": {} })).await;
     let attempt = until("the attempt on record", Duration::from_secs(20), || async {
         let (_, page) = acme.get("/v1/attempts?event=slow").await;
@@ -228,10 +230,7 @@ async fn the_largest_event_goes_through_an_agent() {
     let (acme_id, acme, device, token) = tenant_with_device(&admin, "Acme").await;
     acme.subscribe(json!({ "url": rx.url("/large"), "via_edge": device, "payload": "raw" })).await;
     let _agent = spawn_agent(addr, &token);
-    until("the agent connected", Duration::from_secs(10), || async {
-        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 1.0).then_some(())
-    })
-    .await;
+    agents_connected(&admin, 1).await;
     let text = "x".repeat((12 << 20) - 200);
     let (status, answer) =
         admin.post("/v1/events", json!({ "id": "large", "type": "T", "tenant": acme_id, "data": text })).await;
@@ -252,10 +251,7 @@ async fn an_edge_attempt_keeps_as_much_of_the_answer_as_configured() {
     let (acme_id, acme, device, token) = tenant_with_device(&admin, "Acme").await;
     acme.subscribe(json!({ "url": rx.url("/short"), "via_edge": device })).await;
     let _agent = spawn_agent(addr, &token);
-    until("the agent connected", Duration::from_secs(10), || async {
-        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 1.0).then_some(())
-    })
-    .await;
+    agents_connected(&admin, 1).await;
     let (status, answer) =
         admin.post("/v1/events", json!({ "id": "short", "type": "T", "tenant": acme_id, "data": {} })).await;
     assert_eq!(status, 202, "{answer}");
@@ -379,10 +375,7 @@ async fn an_agent_that_stops_reading_is_still_disconnected_when_its_device_is_de
             }
         }
     });
-    until("the agent connected", Duration::from_secs(10), || async {
-        (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 1.0).then_some(())
-    })
-    .await;
+    agents_connected(&admin, 1).await;
     // About 30 MB of deliveries for an agent that reads none of them: more than the sockets
     // between hold.
     let pad = "x".repeat(48 << 10);

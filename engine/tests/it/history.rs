@@ -9,6 +9,31 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A delivered attempt's record for the history topic, as a delivery would write it (tests
+/// that need attempts the receivers could not make: old ones, or thousands).
+fn delivered_attempt(id: &str, subscription: &str, tenant: &str, at_ms: i64) -> herald::log::Record {
+    use herald::history::{AttemptRecord, HistoryRecord, State};
+    let record = HistoryRecord::Attempt(AttemptRecord {
+        id: id.into(),
+        event_id: format!("evt-{id}"),
+        subscription: subscription.into(),
+        tenant: tenant.into(),
+        event_type: "T".into(),
+        attempt: 1,
+        accepted_ms: at_ms,
+        at_ms,
+        duration_ms: 1,
+        outcome: "delivered".into(),
+        status: Some(200),
+        error: None,
+        response: None,
+        state: State::Delivered,
+        next_ms: None,
+        ordering_key: None,
+    });
+    herald::log::Record { key: bytes::Bytes::from(subscription.to_string()), value: record.encode() }
+}
+
 /// Waits until `GET path` answers 200 with at least `n` items, and returns them.
 async fn items(api: &Api, path: &str, n: usize) -> Vec<Value> {
     until(&format!("{n} items at {path}"), WAIT, || async {
@@ -245,35 +270,13 @@ async fn another_tenant_sees_none_of_it() {
 
 #[tokio::test]
 async fn records_older_than_the_retention_are_not_kept() {
-    use herald::history::{AttemptRecord, HistoryRecord, State};
-    use herald::log::Record;
     let h = TestHerald::start_with(|c| c.history.retention = Duration::from_secs(2 * 86_400).into()).await;
     let day = 86_400_000;
     let now = herald::model::now_ms();
-    let attempt = |id: &str, at_ms: i64| {
-        HistoryRecord::Attempt(AttemptRecord {
-            id: id.into(),
-            event_id: format!("evt-{id}"),
-            subscription: "sub_old".into(),
-            tenant: "default".into(),
-            event_type: "T".into(),
-            attempt: 1,
-            accepted_ms: at_ms,
-            at_ms,
-            duration_ms: 1,
-            outcome: "delivered".into(),
-            status: Some(200),
-            error: None,
-            response: None,
-            state: State::Delivered,
-            next_ms: None,
-            ordering_key: None,
-        })
-    };
-    let records = [attempt("att_recent", now - day), attempt("att_expired", now - 5 * day)]
-        .iter()
-        .map(|r| Record { key: bytes::Bytes::from_static(b"sub_old"), value: r.encode() })
-        .collect();
+    let records = vec![
+        delivered_attempt("att_recent", "sub_old", "default", now - day),
+        delivered_attempt("att_expired", "sub_old", "default", now - 5 * day),
+    ];
     h.herald.log().append("herald.history", records).await.unwrap();
     let kept = items(&h.api, "/v1/attempts?subscription=sub_old", 1).await;
     let ids: Vec<&str> = kept.iter().map(|a| a["id"].as_str().unwrap()).collect();
@@ -284,8 +287,6 @@ async fn records_older_than_the_retention_are_not_kept() {
 /// the scan's limit) answered with a cursor that carries the time of that tenant's attempts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenant_s_subscription_answers_nothing_not_even_a_cursor() {
-    use herald::history::{AttemptRecord, HistoryRecord, State};
-    use herald::log::Record;
     let h = TestHerald::start().await;
     let (acme_id, acme) = tenant_with_key(&h.api, "Acme").await;
     let (_, globex) = tenant_with_key(&h.api, "Globex").await;
@@ -294,27 +295,7 @@ async fn another_tenant_s_subscription_answers_nothing_not_even_a_cursor() {
     let sub_id = sub["id"].as_str().unwrap().to_string();
     let now = herald::model::now_ms();
     let records = (0..20_050i64)
-        .map(|i| {
-            let record = HistoryRecord::Attempt(AttemptRecord {
-                id: format!("att_{i:06}"),
-                event_id: format!("evt-{i}"),
-                subscription: sub_id.clone(),
-                tenant: acme_id.clone(),
-                event_type: "T".into(),
-                attempt: 1,
-                accepted_ms: now - 60_000 + i,
-                at_ms: now - 60_000 + i,
-                duration_ms: 1,
-                outcome: "delivered".into(),
-                status: Some(200),
-                error: None,
-                response: None,
-                state: State::Delivered,
-                next_ms: None,
-                ordering_key: None,
-            });
-            Record { key: bytes::Bytes::from(sub_id.clone()), value: record.encode() }
-        })
+        .map(|i| delivered_attempt(&format!("att_{i:06}"), &sub_id, &acme_id, now - 60_000 + i))
         .collect();
     h.herald.log().append("herald.history", records).await.unwrap();
     until("all of Acme's attempts indexed", WAIT, || async {
