@@ -28,6 +28,9 @@ pub struct AgentConfig {
     pub allow: Vec<ipnet::IpNet>,
     /// Request timeout where a subscription sets none.
     pub default_timeout: Duration,
+    /// The directory subscriptions' `tls.*_file` names are read under, as on the server
+    /// (`http.tls_files_dir`): without it, a subscription naming one cannot be delivered here.
+    pub tls_files_dir: Option<std::path::PathBuf>,
 }
 
 /// Why the agent stopped.
@@ -65,7 +68,7 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
         s if s.starts_with("http://") => format!("ws://{}{CONNECT_PATH}", &s[7..]),
         s => return Err(AgentError::Server(s.to_string())),
     };
-    let settings = HttpSettings::default();
+    let settings = HttpSettings { tls_files_dir: config.tls_files_dir.clone(), ..HttpSettings::default() };
     let transports = Transports::new(NetworkGuard::new(config.allow.clone()), &settings, config.default_timeout);
     let targets: Targets = Arc::default();
     let mut backoff = Duration::from_millis(200);

@@ -54,6 +54,10 @@ enum Command {
         /// Request timeout where a subscription sets none.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Where subscriptions' `tls.*_file` names are read (the server's `http.tls_files_dir`,
+        /// with the same files).
+        #[arg(long, env = "HERALD_EDGE_TLS_FILES_DIR")]
+        tls_files_dir: Option<std::path::PathBuf>,
     },
     #[command(flatten)]
     Client(cli::Client),
@@ -190,10 +194,11 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Edge { server, token, window, allow, timeout } => {
+        Command::Edge { server, token, window, allow, timeout, tls_files_dir } => {
             let _spans = init_tracing(&Config::default())?;
             let (stop, stopped) = tokio::sync::watch::channel(false);
-            let config = herald::agent::AgentConfig { server, token, window, allow, default_timeout: timeout };
+            let config =
+                herald::agent::AgentConfig { server, token, window, allow, default_timeout: timeout, tls_files_dir };
             let mut agent = tokio::spawn(herald::agent::run(config, stopped));
             tokio::select! {
                 _ = shutdown_signal() => {

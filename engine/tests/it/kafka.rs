@@ -301,6 +301,7 @@ async fn an_edge_agent_connected_to_one_process_serves_the_deliveries_of_both() 
             window: 32,
             allow: vec!["0.0.0.0/0".parse().unwrap()],
             default_timeout: Duration::from_secs(10),
+            tls_files_dir: None,
         },
         stopped,
     ));

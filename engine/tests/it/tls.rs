@@ -501,6 +501,46 @@ async fn a_pkcs12_file_asking_for_too_much_key_derivation_is_refused_unopened() 
     assert!(err["error"]["message"].as_str().unwrap().contains("rounds of key derivation"), "{err}");
 }
 
+/// A subscription naming TLS files delivers through an edge agent too: the agent reads them
+/// under its own `--tls-files-dir`, as the server does (it had none, so every attempt failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_agent_reads_tls_files_under_its_own_directory() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("default")).unwrap();
+    std::fs::copy(&pki.ca, dir.path().join("ca.pem")).unwrap();
+    std::fs::copy(&pki.client_cert, dir.path().join("default/client.pem")).unwrap();
+    std::fs::copy(&pki.client_key, dir.path().join("default/client.key")).unwrap();
+    let h = TestHerald::start_with(|c| c.http.tls_files_dir = Some(dir.path().to_path_buf())).await;
+    let (status, device) = h.api.post("/v1/edge-devices", json!({ "name": "office", "tenant": "default" })).await;
+    assert_eq!(status, 201, "{device}");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = tokio::spawn(herald::agent::run(
+        herald::agent::AgentConfig {
+            server: h.api.base.clone(),
+            token: device["token"].as_str().unwrap().to_string(),
+            window: 8,
+            allow: vec!["0.0.0.0/0".parse().unwrap()],
+            default_timeout: Duration::from_secs(10),
+            tls_files_dir: Some(dir.path().to_path_buf()),
+        },
+        stopped,
+    ));
+    let rx = tls_receiver(pki.server.clone()).await;
+    let files = json!({ "ca_file": "ca.pem", "client_cert_file": "default/client.pem", "client_key_file": "default/client.key" });
+    let url = format!("https://localhost:{}/edge", rx.port);
+    h.api.subscribe(json!({ "url": url, "via_edge": device["id"], "tls": files })).await;
+    h.api.post("/v1/events", json!({ "id": "through-the-agent", "type": "T", "data": {} })).await;
+    let paths = rx.paths.clone();
+    until("the event through the agent, over mutual TLS", Duration::from_secs(20), || {
+        let arrived = paths.lock().unwrap().iter().any(|p| p == "/edge");
+        async move { arrived.then_some(()) }
+    })
+    .await;
+    stop.send_replace(true);
+    agent.await.unwrap().unwrap();
+}
+
 /// Client certificates and keys under the operator's TLS directory belong to a tenant: each
 /// tenant names only files in its own folder (`<dir>/<tenant>/`), so no tenant can present
 /// another's identity to a receiver that trusts it. CA files, public, may lie anywhere in it.
