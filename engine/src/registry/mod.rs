@@ -61,6 +61,9 @@ enum Written {
     Conflict,
 }
 
+/// Times a change is checked again because another landed while it was checked, at most.
+const UPDATE_TRIES: usize = 4;
+
 /// Times what stands is written back after an ignored record, at most (each try loses only to
 /// another change landing first).
 const WRITE_BACK_TRIES: usize = 8;
@@ -143,6 +146,13 @@ pub struct Registry {
     health: HealthConfig,
     state: RwLock<State>,
     writes: tokio::sync::Mutex<()>,
+    /// Checks of a PKCS#12 file (its key derivation: up to a second of CPU), one at a time on
+    /// a blocking thread, never under `writes`: under it, one tenant's PATCHes of such a
+    /// subscription held every tenant's changes (and Herald's own disabling) for minutes.
+    heavy_checks: tokio::sync::Semaphore,
+    /// One change of a subscription at a time, its check and its write: changes of one
+    /// subscription made at once would each find another's written meanwhile and check again.
+    changing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Apply for Registry {
@@ -209,8 +219,15 @@ impl Apply for Registry {
 impl Registry {
     /// Materialises the registry from `records`, the whole catalog (also read for tenants).
     pub fn load(feed: Arc<Feed>, records: &[LogRecord], rules: Rules, health: HealthConfig) -> Registry {
-        let registry =
-            Registry { feed, rules, health, state: RwLock::new(State::default()), writes: tokio::sync::Mutex::new(()) };
+        let registry = Registry {
+            feed,
+            rules,
+            health,
+            state: RwLock::new(State::default()),
+            writes: tokio::sync::Mutex::new(()),
+            heavy_checks: tokio::sync::Semaphore::new(1),
+            changing: Default::default(),
+        };
         crate::catalog::load(&registry, records, Owner::Subscriptions);
         tracing::info!(subscriptions = registry.len(), records = records.len(), "registry loaded");
         for target in registry.state.read().unwrap().by_id.values() {
@@ -293,12 +310,11 @@ impl Registry {
     pub async fn create(
         &self,
         tenant: String,
-        mut spec: SubscriptionSpec,
+        spec: SubscriptionSpec,
         secret: Option<Secret>,
         max: usize,
     ) -> Result<Arc<Target>, RegistryError> {
-        validate::check(&mut spec, &self.rules, &tenant)?;
-        validate::check_tenant_input(&spec, None)?;
+        let spec = self.checked(spec, None, &tenant).await?;
         let sub = validate::new_subscription(tenant, spec, secret)?;
         let _serial = self.writes.lock().await;
         if self.count_of(&sub.tenant) >= max {
@@ -318,23 +334,80 @@ impl Registry {
         tenant: Option<&str>,
         patch: &serde_json::Value,
     ) -> Result<Option<Arc<Target>>, RegistryError> {
-        let _serial = self.writes.lock().await;
-        let Some(current) = self.get(id).filter(|t| tenant.is_none_or(|x| t.sub.tenant == x)) else { return Ok(None) };
-        let old = &current.sub;
-        let mut spec = spec::patched(&old.spec, patch)?;
-        validate::check(&mut spec, &self.rules, &old.tenant)?;
-        validate::check_tenant_input(&spec, Some(&old.spec))?;
-        if !same_url(&spec.url, &old.spec.url) && self.has_url(&old.tenant, &spec.url, Some(id)) {
-            return Err(Self::url_taken());
-        }
-        let sub = Subscription {
-            disabled_reason: if spec.enabled { None } else { old.disabled_reason.clone() },
-            updated_at: rfc3339_ms(now_ms()),
-            spec,
-            based_on: self.version_of(id),
-            ..old.clone()
+        let this_one = self.changing.lock().unwrap().entry(id.to_string()).or_default().clone();
+        let changed = {
+            let _one = this_one.lock().await;
+            self.update_checked(id, tenant, patch).await
         };
-        Ok(Some(self.store(sub).await?))
+        let mut changing = self.changing.lock().unwrap();
+        if Arc::strong_count(&this_one) == 2 {
+            changing.remove(id); // nobody else waits on it
+        }
+        changed
+    }
+
+    /// [`Self::update`], the only change of `id` under way here. Checked before taking the
+    /// write lock, from the version read then; if another change lands meanwhile (another
+    /// process's), checked again from that one.
+    async fn update_checked(
+        &self,
+        id: &str,
+        tenant: Option<&str>,
+        patch: &serde_json::Value,
+    ) -> Result<Option<Arc<Target>>, RegistryError> {
+        for _ in 0..UPDATE_TRIES {
+            let Some(current) = self.get(id).filter(|t| tenant.is_none_or(|x| t.sub.tenant == x)) else {
+                return Ok(None);
+            };
+            let base = self.version_of(id);
+            let old = &current.sub;
+            let spec = self.checked(spec::patched(&old.spec, patch)?, Some(&old.spec), &old.tenant).await?;
+            let _serial = self.writes.lock().await;
+            if self.version_of(id) != base {
+                continue;
+            }
+            if !same_url(&spec.url, &old.spec.url) && self.has_url(&old.tenant, &spec.url, Some(id)) {
+                return Err(Self::url_taken());
+            }
+            let sub = Subscription {
+                disabled_reason: if spec.enabled { None } else { old.disabled_reason.clone() },
+                updated_at: rfc3339_ms(now_ms()),
+                spec,
+                based_on: base,
+                ..old.clone()
+            };
+            return Ok(Some(self.store(sub).await?));
+        }
+        Err(RegistryError::Conflict)
+    }
+
+    /// `spec` checked (against `previous` for a change) for `tenant`: at once, or, when it
+    /// carries a PKCS#12 file, on a blocking thread, one such check at a time.
+    async fn checked(
+        &self,
+        spec: SubscriptionSpec,
+        previous: Option<&SubscriptionSpec>,
+        tenant: &str,
+    ) -> Result<SubscriptionSpec, RegistryError> {
+        fn check(
+            mut spec: SubscriptionSpec,
+            previous: Option<&SubscriptionSpec>,
+            rules: &Rules,
+            tenant: &str,
+        ) -> Result<SubscriptionSpec, Invalid> {
+            validate::check(&mut spec, rules, tenant)?;
+            validate::check_tenant_input(&spec, previous)?;
+            Ok(spec)
+        }
+        if spec.tls.as_ref().is_none_or(|t| t.client_p12.is_none()) {
+            return Ok(check(spec, previous, &self.rules, tenant)?);
+        }
+        let _one = self.heavy_checks.acquire().await.expect("never closed");
+        let (rules, previous, tenant) = (self.rules.clone(), previous.cloned(), tenant.to_string());
+        let checked = tokio::task::spawn_blocking(move || check(spec, previous.as_ref(), &rules, &tenant))
+            .await
+            .map_err(|e| Invalid::new("tls.client_p12", format!("could not be checked: {e}")))?;
+        Ok(checked?)
     }
 
     /// Replaces a subscription's secret; the old one keeps signing (beside the new one) for

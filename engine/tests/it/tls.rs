@@ -541,6 +541,53 @@ async fn an_edge_agent_reads_tls_files_under_its_own_directory() {
     agent.await.unwrap().unwrap();
 }
 
+/// Checking a PKCS#12 file (its key derivation) takes a good part of a second: a tenant's
+/// changes of such a subscription are checked outside the registry's write lock, one at a time
+/// on a blocking thread, so another tenant's create does not wait behind them (it waited for
+/// every one of them in turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_s_pkcs12_checks_do_not_hold_up_another_tenant_s_changes() {
+    use base64::Engine;
+    use rustls::pki_types::pem::PemObject;
+    let pki = pki();
+    let h = TestHerald::start().await;
+    let (_, other) = crate::support::tenant_with_key(&h.api, "Globex").await;
+    let key = std::fs::read(&pki.client_key).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap();
+    let cert = std::fs::read(&pki.client_cert).unwrap();
+    let cert = rustls::pki_types::CertificateDer::from_pem_slice(&cert).unwrap();
+    let mut store = p12_keystore::KeyStore::new();
+    let chain = p12_keystore::PrivateKeyChain::new(
+        b"heavy".to_vec(),
+        p12_keystore::PrivateKey::from_der(key.secret_der()).unwrap(),
+        vec![p12_keystore::Certificate::from_der(&cert).unwrap()],
+    );
+    store.add_entry("client", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
+    let heavy = store.writer("pw").encryption_iterations(20_000).mac_iterations(20_000).write().unwrap();
+    let p12 = base64::engine::general_purpose::STANDARD.encode(heavy);
+    let tls = json!({ "client_p12": p12, "key_password": "pw" });
+    let sub = h.api.subscribe(json!({ "url": "https://hooks.example.com/heavy", "tls": tls })).await;
+    let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
+    let started = std::time::Instant::now();
+    let patches: Vec<_> = (0..6)
+        .map(|i| {
+            let (api, path) = (h.api.clone(), path.clone());
+            tokio::spawn(async move { api.patch(&path, json!({ "rate_limit": 10 + i })).await })
+        })
+        .collect();
+    let bystander = std::time::Instant::now();
+    let (status, _) = other.post("/v1/subscriptions", json!({ "url": "https://hooks.example.com/bystander" })).await;
+    let waited = bystander.elapsed();
+    assert_eq!(status, 201);
+    for p in patches {
+        let (status, body) = p.await.unwrap();
+        assert!(status == 200 || status == 409, "{status} {body}");
+    }
+    let patching = started.elapsed();
+    eprintln!("PKCS#12: six changes took {patching:?}; another tenant's create meanwhile {waited:?}");
+    assert!(waited < patching / 3, "another tenant's create waited {waited:?} of the changes' {patching:?}");
+}
+
 /// Client certificates and keys under the operator's TLS directory belong to a tenant: each
 /// tenant names only files in its own folder (`<dir>/<tenant>/`), so no tenant can present
 /// another's identity to a receiver that trusts it. CA files, public, may lie anywhere in it.
