@@ -372,6 +372,12 @@ async fn hello(stream: &mut SplitStream<WebSocket>) -> Option<u32> {
     }
 }
 
+/// Why an agent's message was not read, bounded: serde's message quotes what it did not
+/// expect (an unknown `type` whole), and an agent's text is up to a megabyte a message.
+fn unreadable(e: &serde_json::Error) -> String {
+    crate::model::outcome::truncate(&e.to_string(), 256)
+}
+
 /// Hands each report to the delivery waiting for it, until the agent goes silent or closes.
 async fn read(link: &Link, device: &EdgeDevice, mut stream: SplitStream<WebSocket>) {
     while let Ok(Some(Ok(msg))) = tokio::time::timeout(SILENCE, stream.next()).await {
@@ -383,7 +389,9 @@ async fn read(link: &Link, device: &EdgeDevice, mut stream: SplitStream<WebSocke
                     }
                 }
                 Ok(ToServer::Hello { .. }) => {}
-                Err(e) => tracing::warn!(device = %device.id, error = %e, "unreadable message from an edge agent"),
+                Err(e) => {
+                    tracing::warn!(device = %device.id, error = %unreadable(&e), "unreadable message from an edge agent")
+                }
             },
             Message::Close(_) => break,
             _ => {}
@@ -403,6 +411,14 @@ fn with_timeout(sub: &crate::model::Subscription, timeout: Duration) -> crate::m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent's unknown message type is not logged whole.
+    #[test]
+    fn why_a_message_was_unreadable_is_told_in_a_bounded_line() {
+        let text = format!("{{\"type\":\"{}\"}}", "x".repeat(1 << 20));
+        let e = serde_json::from_str::<ToServer>(&text).unwrap_err();
+        assert!(unreadable(&e).len() <= 260, "{} bytes", unreadable(&e).len());
+    }
     use crate::catalog::feed::Feed;
     use crate::log::stub::Stub;
 
