@@ -289,8 +289,12 @@ async fn openapi(State(state): State<AppState>, mut parts: axum::http::request::
     (json, doc.to_string())
 }
 
-async fn healthz() -> impl IntoResponse {
-    Json(serde_json::json!({ "status": "ok" }))
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.log.broken() {
+        None => (StatusCode::OK, Json(serde_json::json!({ "status": "ok" }))),
+        // Only a restart mends it: a liveness probe restarts the process.
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "broken", "reason": why }))),
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

@@ -149,6 +149,12 @@ pub trait Log: Send + Sync + 'static {
     /// Whether the log can take appends right now (readiness).
     async fn ready(&self) -> bool;
 
+    /// Why the log can never take an append again in this process, if it cannot (liveness:
+    /// only a restart mends it).
+    fn broken(&self) -> Option<String> {
+        None
+    }
+
     /// Stops consumers, persists their progress and releases the log.
     async fn close(&self) -> Result<(), LogError>;
 }

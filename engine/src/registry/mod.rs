@@ -101,8 +101,27 @@ struct State {
     sweep_deleted_at: usize,
     /// Ids whose newest record was ignored as a change of a deleted one, and its offset.
     stale: HashMap<String, u64>,
-    /// Ids whose newest record was ignored as made from a replaced version, and its offset.
-    conflicted: HashMap<String, u64>,
+    /// Records of an id ignored as made from a replaced version (their offsets, the newest
+    /// few): each writer learns its own, however many processes raced.
+    conflicted: HashMap<String, Vec<u64>>,
+    /// The offset the current content of an id was first applied from: records since that
+    /// only restated it (write-backs, reseals), and a change made from any of them is made
+    /// from the current content.
+    since: HashMap<String, u64>,
+    /// The first record of an id this process read: a change made from an older version (the
+    /// catalog compacted before this process read it) cannot be judged here, and is applied.
+    first_seen: HashMap<String, u64>,
+}
+
+/// Ignored records remembered per id (see `State::conflicted`).
+const CONFLICTS_REMEMBERED: usize = 8;
+
+/// Whether two records of a subscription hold the same content (what it was made from aside).
+fn same_content(a: &Subscription, b: &Subscription) -> bool {
+    a.spec == b.spec
+        && (&a.secret, &a.previous_secret, a.previous_secret_until, &a.earlier_secrets)
+            == (&b.secret, &b.previous_secret, b.previous_secret_until, &b.earlier_secrets)
+        && (&a.tenant, &a.disabled_reason, &a.updated_at) == (&b.tenant, &b.disabled_reason, &b.updated_at)
 }
 
 impl State {
@@ -149,7 +168,7 @@ pub struct Registry {
     /// Checks of a PKCS#12 file (its key derivation: up to a second of CPU), one at a time on
     /// a blocking thread, never under `writes`: under it, one tenant's PATCHes of such a
     /// subscription held every tenant's changes (and Herald's own disabling) for minutes.
-    heavy_checks: tokio::sync::Semaphore,
+    heavy_checks: Arc<tokio::sync::Semaphore>,
     /// One change of a subscription at a time, its check and its write: changes of one
     /// subscription made at once would each find another's written meanwhile and check again.
     changing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -170,6 +189,9 @@ impl Apply for Registry {
         if rec.value.is_empty() {
             let mut state = self.state.write().unwrap();
             state.remove(&id);
+            state.conflicted.remove(&id);
+            state.since.remove(&id);
+            state.first_seen.remove(&id);
             state.deleted.insert(id, (rec.offset, std::time::Instant::now()));
             if state.deleted.len() >= state.sweep_deleted_at {
                 state.deleted.retain(|_, (_, at)| at.elapsed() < DELETE_REMEMBERED);
@@ -183,6 +205,8 @@ impl Apply for Registry {
         match compiled {
             Ok(mut t) => {
                 let mut state = self.state.write().unwrap();
+                let first = *state.first_seen.entry(id.clone()).or_insert(rec.offset);
+                let restates = state.by_id.get(&id).is_some_and(|c| same_content(&c.sub, &t.sub));
                 let deleted_after = |base: u64| state.deleted.get(&id).is_some_and(|&(at, _)| at > base);
                 if t.sub.based_on.is_some_and(deleted_after) {
                     tracing::warn!(subscription = %id, offset = rec.offset, "ignoring a change of a subscription deleted after the version it was made from");
@@ -190,9 +214,16 @@ impl Apply for Registry {
                     return;
                 }
                 if let (Some(base), Some(&current)) = (t.sub.based_on, state.version.get(&id)) {
-                    if base != current {
-                        tracing::warn!(subscription = %id, offset = rec.offset, base, current, "ignoring a change made from a version another change replaced");
-                        state.conflicted.insert(id, rec.offset);
+                    // Judged against where the current content began; a record restating it
+                    // is no change, and a base older than anything read here cannot be judged.
+                    let since = state.since.get(&id).copied().unwrap_or(current);
+                    if !restates && base < since && base >= first {
+                        tracing::warn!(subscription = %id, offset = rec.offset, base, since, "ignoring a change made from a version another change replaced");
+                        let ignored = state.conflicted.entry(id).or_default();
+                        ignored.push(rec.offset);
+                        if ignored.len() > CONFLICTS_REMEMBERED {
+                            ignored.remove(0);
+                        }
                         return;
                     }
                 }
@@ -204,7 +235,9 @@ impl Apply for Registry {
                 if let Some(older) = state.by_id.get(&id).filter(|older| t.keeps_admission_of(older)) {
                     t.admission = older.admission.clone();
                 }
+                let since = if restates { state.since.get(&id).copied() } else { None };
                 state.put(Arc::new(t), rec.offset);
+                state.since.insert(id, since.unwrap_or(rec.offset));
             }
             Err(e) => {
                 tracing::error!(subscription = %id, offset = rec.offset, error = %e, "unreadable subscription record; its deliveries wait");
@@ -225,7 +258,7 @@ impl Registry {
             health,
             state: RwLock::new(State::default()),
             writes: tokio::sync::Mutex::new(()),
-            heavy_checks: tokio::sync::Semaphore::new(1),
+            heavy_checks: Arc::new(tokio::sync::Semaphore::new(1)),
             changing: Default::default(),
         };
         crate::catalog::load(&registry, records, Owner::Subscriptions);
@@ -266,9 +299,9 @@ impl Registry {
     /// so that the newest record is what stands (compaction keeps only the newest): the
     /// subscription made from its current version, or a tombstone.
     fn standing(&self, id: &str) -> Bytes {
-        match self.get(id) {
-            Some(current) => {
-                let sub = Subscription { based_on: self.version_of(id), ..current.sub.clone() };
+        match self.current(id) {
+            Some((current, version)) => {
+                let sub = Subscription { based_on: version, ..current.sub.clone() };
                 Bytes::from(sub.stored())
             }
             None => Bytes::new(),
@@ -278,6 +311,13 @@ impl Registry {
     /// The version `id` is at here: what a change of it is made from.
     fn version_of(&self, id: &str) -> Option<u64> {
         self.state.read().unwrap().version.get(id).copied()
+    }
+
+    /// `id` as this process has it, and the version that is, read together (read apart, a
+    /// record applied between them made a change of one version's content claim the next's).
+    fn current(&self, id: &str) -> Option<(Arc<Target>, Option<u64>)> {
+        let state = self.state.read().unwrap();
+        state.by_id.get(id).map(|t| (t.clone(), state.version.get(id).copied()))
     }
 
     /// What became of `id`'s record at `offset`, once the registry has read that far (the
@@ -294,7 +334,7 @@ impl Registry {
         if state.stale.get(id) == Some(&offset) {
             return Written::Deleted;
         }
-        if state.conflicted.get(id) == Some(&offset) {
+        if state.conflicted.get(id).is_some_and(|ignored| ignored.contains(&offset)) {
             return Written::Conflict;
         }
         Written::Superseded
@@ -356,10 +396,10 @@ impl Registry {
         patch: &serde_json::Value,
     ) -> Result<Option<Arc<Target>>, RegistryError> {
         for _ in 0..UPDATE_TRIES {
-            let Some(current) = self.get(id).filter(|t| tenant.is_none_or(|x| t.sub.tenant == x)) else {
+            let Some((current, base)) = self.current(id).filter(|(t, _)| tenant.is_none_or(|x| t.sub.tenant == x))
+            else {
                 return Ok(None);
             };
-            let base = self.version_of(id);
             let old = &current.sub;
             let spec = self.checked(spec::patched(&old.spec, patch)?, Some(&old.spec), &old.tenant).await?;
             let _serial = self.writes.lock().await;
@@ -399,14 +439,20 @@ impl Registry {
             validate::check_tenant_input(&spec, previous)?;
             Ok(spec)
         }
-        if spec.tls.as_ref().is_none_or(|t| t.client_p12.is_none()) {
+        // A PKCS#12 file comes as content or as a client certificate file.
+        if spec.tls.as_ref().is_none_or(|t| t.client_p12.is_none() && t.client_cert_file.is_none()) {
             return Ok(check(spec, previous, &self.rules, tenant)?);
         }
-        let _one = self.heavy_checks.acquire().await.expect("never closed");
+        // Held by the check itself: a request cancelled meanwhile (its timeout, a client gone)
+        // let the next start while its derivation went on.
+        let one = self.heavy_checks.clone().acquire_owned().await.expect("never closed");
         let (rules, previous, tenant) = (self.rules.clone(), previous.cloned(), tenant.to_string());
-        let checked = tokio::task::spawn_blocking(move || check(spec, previous.as_ref(), &rules, &tenant))
-            .await
-            .map_err(|e| Invalid::new("tls.client_p12", format!("could not be checked: {e}")))?;
+        let checked = tokio::task::spawn_blocking(move || {
+            let _one = one;
+            check(spec, previous.as_ref(), &rules, &tenant)
+        })
+        .await
+        .map_err(|e| Invalid::new("tls.client_p12", format!("could not be checked: {e}")))?;
         Ok(checked?)
     }
 
@@ -423,13 +469,16 @@ impl Registry {
             validate::check_secret("secret", s)?;
         }
         let _serial = self.writes.lock().await;
-        let Some(current) = self.get(id).filter(|t| tenant.is_none_or(|x| t.sub.tenant == x)) else { return Ok(None) };
+        let Some((current, version)) = self.current(id).filter(|(t, _)| tenant.is_none_or(|x| t.sub.tenant == x))
+        else {
+            return Ok(None);
+        };
         let mut sub = current.sub.clone();
         let now = now_ms();
         let until = now.saturating_add(overlap.as_millis().min(i64::MAX as u128) as i64);
         sub.rotate(new_secret.unwrap_or_else(generate_secret), now, until);
         sub.updated_at = rfc3339_ms(now);
-        sub.based_on = self.version_of(id);
+        sub.based_on = version;
         Ok(Some(self.store(sub).await?))
     }
 
@@ -473,7 +522,8 @@ impl Registry {
     pub async fn disable(&self, judged: &Target, reason: String) -> Result<bool, RegistryError> {
         let id = &judged.sub.id;
         let _serial = self.writes.lock().await;
-        let Some(current) = self.get(id).filter(|c| Arc::ptr_eq(&c.admission, &judged.admission)) else {
+        let Some((current, version)) = self.current(id).filter(|(c, _)| Arc::ptr_eq(&c.admission, &judged.admission))
+        else {
             return Ok(false);
         };
         if !current.sub.spec.enabled {
@@ -483,7 +533,7 @@ impl Registry {
         sub.spec.enabled = false;
         sub.disabled_reason = Some(reason.clone());
         sub.updated_at = rfc3339_ms(now_ms());
-        sub.based_on = self.version_of(id);
+        sub.based_on = version;
         if !matches!(self.write(&sub).await?, Written::Applied(_)) {
             return Ok(false);
         }
@@ -835,6 +885,68 @@ mod tests {
         apply(&standing);
         assert!(matches!(registry.written("sub_c", 8), Written::Applied(_)));
         assert_eq!(registry.get("sub_c").unwrap().sub.spec.max_in_flight, Some(2));
+    }
+
+    /// A record of `sub_c` at `offset` with `max_in_flight`, made from `based_on`.
+    fn change_of_c(offset: u64, max_in_flight: u32, based_on: Option<u64>) -> LogRecord {
+        let spec =
+            spec::strict(&serde_json::json!({ "url": "https://hooks.example/c", "max_in_flight": max_in_flight }))
+                .unwrap();
+        let mut sub = validate::new_subscription("t".into(), spec, None).unwrap();
+        (sub.id, sub.based_on, sub.created_at, sub.updated_at) =
+            ("sub_c".into(), based_on, "then".into(), format!("at {offset}"));
+        LogRecord {
+            partition: 0,
+            offset,
+            timestamp_ms: 0,
+            key: Bytes::from_static(b"sub_c"),
+            value: Bytes::from(sub.stored()),
+        }
+    }
+
+    /// Three processes change one subscription from one version: the two that lost each learn
+    /// it (one slot per id told the first of them it was superseded, and it answered 200).
+    #[test]
+    fn every_change_that_lost_a_race_is_told_so() {
+        let registry = registry(false, true);
+        let apply =
+            |rec: &LogRecord| registry.apply(Entry { kind: Kind::Subscription, id: "sub_c".into(), record: rec });
+        apply(&change_of_c(5, 1, None));
+        for (offset, n) in [(6, 2), (7, 3), (8, 4)] {
+            apply(&change_of_c(offset, n, Some(5)));
+        }
+        assert!(matches!(registry.written("sub_c", 7), Written::Conflict));
+        assert!(matches!(registry.written("sub_c", 8), Written::Conflict));
+        assert_eq!(registry.get("sub_c").unwrap().sub.spec.max_in_flight, Some(2));
+    }
+
+    /// A record restating what stands (a write-back, a reseal) is no change: one made from the
+    /// version before it is still made from the current content, and applies.
+    #[test]
+    fn a_restatement_does_not_make_a_change_from_the_version_before_it_a_conflict() {
+        let registry = registry(false, true);
+        let apply =
+            |rec: &LogRecord| registry.apply(Entry { kind: Kind::Subscription, id: "sub_c".into(), record: rec });
+        apply(&change_of_c(5, 1, None));
+        apply(&change_of_c(6, 2, Some(5)));
+        let restated = LogRecord { offset: 8, value: registry.standing("sub_c"), ..change_of_c(8, 0, None) };
+        apply(&restated);
+        apply(&change_of_c(9, 3, Some(6)));
+        assert!(matches!(registry.written("sub_c", 9), Written::Applied(_)));
+        assert_eq!(registry.get("sub_c").unwrap().sub.spec.max_in_flight, Some(3));
+    }
+
+    /// A process that read the catalog after compaction (its first record of the id is newer
+    /// than what the next change was made from) cannot judge that change, and applies it as
+    /// every process that read the whole history does: they do not part for good.
+    #[test]
+    fn a_change_made_before_what_this_process_first_read_is_applied() {
+        let registry = registry(false, true);
+        let apply =
+            |rec: &LogRecord| registry.apply(Entry { kind: Kind::Subscription, id: "sub_c".into(), record: rec });
+        apply(&change_of_c(51, 2, Some(40))); // all compaction left
+        apply(&change_of_c(60, 3, Some(50)));
+        assert!(matches!(registry.written("sub_c", 60), Written::Applied(_)));
     }
 
     /// Records are applied by the URL as parsed, as every version did: two subscriptions a

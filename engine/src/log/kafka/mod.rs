@@ -104,6 +104,8 @@ pub struct KafkaLog {
     followers: Mutex<HashMap<String, Arc<reader::Followed>>>,
     closed: watch::Sender<bool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Whether a fatal producer error was logged (once).
+    told_broken: std::sync::atomic::AtomicBool,
 }
 
 impl KafkaLog {
@@ -137,6 +139,7 @@ impl KafkaLog {
             followers: Mutex::default(),
             closed: watch::channel(false).0,
             threads: Mutex::new(Vec::new()),
+            told_broken: Default::default(),
         }))
     }
 }
@@ -315,11 +318,7 @@ impl Log for KafkaLog {
         if *self.closed.borrow() {
             return false;
         }
-        // A fatal error of the idempotent producer (a sequence it cannot safely repair) fails
-        // every append from then on: not ready, so an orchestrator restarts the process rather
-        // than send it traffic the broker can reach and it cannot write.
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
-            tracing::error!(%code, reason, "the Kafka producer hit a fatal error; every append fails until Herald restarts");
+        if self.broken().is_some() {
             return false;
         }
         let producer = self.producer.clone();
@@ -329,6 +328,17 @@ impl Log for KafkaLog {
         })
         .await
         .unwrap_or(false)
+    }
+
+    /// A fatal error of the idempotent producer (a sequence it cannot safely repair) fails
+    /// every append from then on: the process is broken (`/healthz` answers 503, so an
+    /// orchestrator restarts it) and not ready.
+    fn broken(&self) -> Option<String> {
+        let (code, reason) = self.producer.client().fatal_error()?;
+        if !self.told_broken.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(%code, reason, "the Kafka producer hit a fatal error; every append fails until Herald restarts");
+        }
+        Some(format!("the Kafka producer hit a fatal error ({code}: {reason}); restart Herald"))
     }
 
     /// Stops every consumer (committing what was stored) and flushes the producer.
@@ -434,6 +444,7 @@ mod tests {
             );
         }
         assert!(!log.ready().await);
+        assert!(log.broken().is_some_and(|why| why.contains("restart")), "{:?}", log.broken());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
