@@ -860,20 +860,7 @@ mod tests {
     #[test]
     fn a_change_from_a_replaced_version_is_a_conflict_and_what_stands_written_back_applies() {
         let registry = registry(false, true);
-        let record = |offset: u64, max_in_flight: u32, based_on: Option<u64>| {
-            let spec =
-                spec::strict(&serde_json::json!({ "url": "https://hooks.example/c", "max_in_flight": max_in_flight }))
-                    .unwrap();
-            let mut sub = validate::new_subscription("t".into(), spec, None).unwrap();
-            (sub.id, sub.based_on) = ("sub_c".into(), based_on);
-            LogRecord {
-                partition: 0,
-                offset,
-                timestamp_ms: 0,
-                key: Bytes::from_static(b"sub_c"),
-                value: Bytes::from(sub.stored()),
-            }
-        };
+        let record = change_of_c;
         let apply =
             |rec: &LogRecord| registry.apply(Entry { kind: Kind::Subscription, id: "sub_c".into(), record: rec });
         apply(&record(5, 1, None));
