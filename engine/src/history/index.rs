@@ -704,8 +704,8 @@ impl Index {
             None => Key::new(keys::ATTEMPT).id(&q.tenant).done(),
         };
         let by_subscription = q.subscription.is_some();
-        // The caller's tenant as a subscription's entries carry it (their value).
-        let tenant_word = Key::new(keys::ATTEMPT).id(&q.tenant).done().split_off(1);
+        // The caller's tenant as a subscription's entries carry it (their value, as indexed).
+        let tenant_word = keys::hash(&q.tenant).to_be_bytes();
         let bounds = newest_first_bounds(&prefix, q.since_ms, q.until_ms);
         let span = Self::day_span(q.since_ms, q.until_ms);
         let next = self.scan(bounds, span, from, |ks, key, value| {

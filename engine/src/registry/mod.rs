@@ -116,12 +116,10 @@ struct State {
 /// Ignored records remembered per id (see `State::conflicted`).
 const CONFLICTS_REMEMBERED: usize = 8;
 
-/// Whether two records of a subscription hold the same content (what it was made from aside).
+/// Whether two records of a subscription hold the same content (what it was made from aside):
+/// every field compared, so one added later is not left out.
 fn same_content(a: &Subscription, b: &Subscription) -> bool {
-    a.spec == b.spec
-        && (&a.secret, &a.previous_secret, a.previous_secret_until, &a.earlier_secrets)
-            == (&b.secret, &b.previous_secret, b.previous_secret_until, &b.earlier_secrets)
-        && (&a.tenant, &a.disabled_reason, &a.updated_at) == (&b.tenant, &b.disabled_reason, &b.updated_at)
+    *a == Subscription { based_on: a.based_on, ..b.clone() }
 }
 
 impl State {

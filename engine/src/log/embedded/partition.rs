@@ -796,9 +796,10 @@ impl Partition {
                             // a frame), as the scan at open would — jumping there skipped the
                             // valid frames between.
                             None => {
-                                let bound = self.index_after(plan, at).unwrap_or(hole_at.min(plan.limit));
+                                let indexed = self.index_after(plan, at);
+                                let bound = indexed.unwrap_or(hole_at.min(plan.limit));
                                 let wide = read_exact_at(file, at, (bound - at) as usize, wait)?;
-                                segment::resync(&wide, 0, after).map(|p| at + p as u64).or(self.index_after(plan, at))
+                                segment::resync(&wide, 0, after).map(|p| at + p as u64).or(indexed)
                             }
                         };
                         stopped_at = None;
