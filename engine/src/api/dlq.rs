@@ -65,21 +65,21 @@ pub async fn replay(
     };
     // A deleted subscription would drop what is replayed (the dead letters gone, nothing
     // sent), a disabled one dead-letter it again at once: refused, and they stay listed.
-    if let Selection::Subscription(sub) = &selection {
-        let target = state.registry.get(sub).filter(|t| who.tenant().is_none_or(|x| t.sub.tenant == x));
-        match target {
-            None => return Err(ApiError::not_found("subscription")),
-            Some(t) if !t.sub.spec.enabled => {
-                return Err(ApiError::conflict("subscription", "the subscription is disabled: enable it, then replay"))
-            }
-            Some(_) => {}
-        }
-    }
     let refuse = |sub: &str| match state.registry.get(sub) {
         None => Some("subscription_deleted"),
         Some(t) if !t.sub.spec.enabled => Some("subscription_disabled"),
         Some(_) => None,
     };
+    if let Selection::Subscription(sub) = &selection {
+        // A whole subscription's: 404 when the caller has none such, 409 when it is disabled.
+        let theirs = state.registry.get(sub).is_some_and(|t| who.tenant().is_none_or(|x| t.sub.tenant == x));
+        if !theirs {
+            return Err(ApiError::not_found("subscription"));
+        }
+        if refuse(sub).is_some() {
+            return Err(ApiError::conflict("subscription", "the subscription is disabled: enable it, then replay"));
+        }
+    }
     let report = state.dead_letters.replay(selection, who.tenant(), &refuse).await?;
     Ok(Json(report))
 }
