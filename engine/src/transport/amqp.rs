@@ -1,10 +1,19 @@
 //! The AMQP 0.9.1 transport: publishes a delivery to the subscriber's exchange with a routing
-//! key per event type. One connection and one confirm-mode channel per broker URI and
-//! exchange (so one subscription's missing exchange, which makes the broker close the
-//! channel, cannot fail another's publishes), re-opened on the next publish after any failure
-//! (so delivery resumes by itself when a broker comes back). Every publish is mandatory and
-//! persistent and waits for its own confirm; many are in flight at once, up to a window of
-//! unconfirmed messages per channel.
+//! key per event type. One connection per broker URI and exchange (so one subscription's
+//! broker trouble cannot fail another's publishes), re-opened on the next publish after it
+//! fails (so delivery resumes by itself when a broker comes back). Every publish is mandatory
+//! and persistent and waits for its own confirm, on a confirm-mode channel that carries no
+//! other publish until then; many are in flight at once, one per channel, up to a pool of
+//! channels per connection.
+//!
+//! One publish per channel because of how a refusal comes back: RabbitMQ returns an
+//! unroutable message (`basic.return`, no delivery tag) before confirming it, and lapin hands
+//! a channel's returns to its confirms in the order the confirms complete — with several
+//! unconfirmed on one channel, and acks that cover several tags at once, that is often
+//! another publish's, counting a routed message unroutable and, worse, an unroutable one
+//! delivered. Alone on its channel, a publish's return is its own. A channel whose publish
+//! timed out or failed is closed, not reused, so a late confirm cannot be taken for the
+//! next publish's (and lapin forgets the confirm it still waits for).
 //!
 //! The connection goes to the address the network guard checked, whatever the URI spells
 //! (an IPv6 literal, or a name that resolves again differently): Herald makes the TCP
@@ -27,8 +36,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-/// Unconfirmed publishes per channel at most.
-const CONFIRM_WINDOW: usize = 1024;
+/// Channels per connection, so publishes in flight at once per broker and exchange.
+const CHANNELS: usize = 256;
+
+/// The most closing a channel that is not reused may take (a broker that never answers the
+/// close leaves lapin's record of that channel, not a task).
+const CLOSE_WITHIN: Duration = Duration::from_secs(10);
 
 /// Brokers unused this long are closed and forgotten (their subscriptions may be gone).
 const IDLE: Duration = Duration::from_secs(600);
@@ -41,8 +54,41 @@ const OPEN_WITHIN: Duration = Duration::from_secs(60);
 pub const SHORT_STRING: usize = 255;
 
 struct Link {
-    _conn: Connection,
-    channel: Channel,
+    conn: Connection,
+    /// Confirm-mode channels with no publish in flight (at most `CHANNELS`: one is opened
+    /// only when none is idle, by a publish holding one of the window's permits).
+    idle: Mutex<Vec<Channel>>,
+}
+
+impl Link {
+    /// A confirm-mode channel with nothing in flight: an idle one, or one opened now.
+    async fn channel(&self) -> Result<Channel, lapin::Error> {
+        loop {
+            let idle = self.idle.lock().unwrap().pop();
+            match idle {
+                Some(channel) if channel.status().connected() => return Ok(channel),
+                Some(_closed) => continue,
+                None => break,
+            }
+        }
+        let channel = self.conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(channel)
+    }
+
+    /// A channel whose publish is confirmed, for the next publish.
+    fn put_back(&self, channel: Channel) {
+        if channel.status().connected() {
+            self.idle.lock().unwrap().push(channel);
+        }
+    }
+
+    /// Closes a channel that may still have a publish in flight, in the background.
+    fn discard(channel: Channel) {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CLOSE_WITHIN, channel.close(200, ShortString::from("not reused"))).await;
+        });
+    }
 }
 
 type Opening = Shared<BoxFuture<'static, Result<Arc<Link>, Failure>>>;
@@ -112,7 +158,7 @@ impl AmqpTransport {
         let broker = brokers.entry(key).or_insert_with(|| {
             Arc::new(Broker {
                 state: Mutex::new(State::Closed),
-                window: Arc::new(Semaphore::new(CONFIRM_WINDOW)),
+                window: Arc::new(Semaphore::new(CHANNELS)),
                 last_used: Mutex::new(Instant::now()),
             })
         });
@@ -137,7 +183,7 @@ impl AmqpTransport {
         addrs.first().copied().ok_or_else(|| Failure::Connect { detail: format!("{host} resolves to no address") })
     }
 
-    /// Opens a connection and a confirm-mode channel to the broker of `uri`.
+    /// Opens a connection to the broker of `uri` (its channels are opened as publishes need them).
     async fn open(self, uri: String) -> Result<Arc<Link>, Failure> {
         let parsed = url::Url::parse(&uri).map_err(|e| Failure::Unusable { detail: format!("amqp.uri: {e}") })?;
         let amqp_uri = lapin_uri(&parsed).map_err(|detail| Failure::Unusable { detail })?;
@@ -155,20 +201,22 @@ impl AmqpTransport {
         let conn = Connection::connector(amqp_uri, runtime, connect, ConnectionProperties::default())
             .await
             .map_err(connecting)?;
-        let channel = conn.create_channel().await.map_err(connecting)?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| Failure::Broker { detail: format!("enabling confirms: {e}") })?;
-        Ok(Arc::new(Link { _conn: conn, channel }))
+        Ok(Arc::new(Link { conn, idle: Mutex::new(Vec::new()) }))
     }
 
-    /// The broker's confirm-mode channel: open, or being opened (shared), or opened now.
-    async fn channel(&self, broker: &Broker, uri: &str, timeout: Duration) -> Result<Channel, Failure> {
+    /// The broker's connection: open, or being opened (shared), or opened now; waited for
+    /// until `deadline`, the attempt's.
+    async fn link(
+        &self,
+        broker: &Broker,
+        uri: &str,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<Arc<Link>, Failure> {
         let opening = {
             let mut state = broker.state.lock().unwrap();
             match &*state {
-                State::Open(link) if link.channel.status().connected() => return Ok(link.channel.clone()),
+                State::Open(link) if link.conn.status().connected() => return Ok(link.clone()),
                 State::Opening(f) => f.clone(),
                 _ => {
                     // Bounded on its own: a peer that accepts and never speaks AMQP (a proxy
@@ -187,7 +235,7 @@ impl AmqpTransport {
                 }
             }
         };
-        let opened = match tokio::time::timeout(timeout, opening.clone()).await {
+        let opened = match tokio::time::timeout_at(deadline, opening.clone()).await {
             Ok(opened) => opened,
             // Still opening, and left so for the next attempt to wait on: lapin's connection
             // thread goes on with the handshake whatever becomes of this attempt (a silent
@@ -202,7 +250,7 @@ impl AmqpTransport {
                 if ours {
                     *state = State::Open(link.clone());
                 }
-                Ok(link.channel.clone())
+                Ok(link)
             }
             Err(failure) => {
                 if ours {
@@ -220,6 +268,7 @@ impl AmqpTransport {
     /// Publishes the signed attempt of `delivery` and waits for the broker's confirm.
     pub async fn publish(&self, target: &Target, delivery: &Delivery, signed: Signed, timeout: Duration) -> Outcome {
         let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
         let failed = |failure: Failure| Outcome::failed(failure, started.elapsed());
         let Some(amqp) = &target.sub.spec.amqp else {
             return failed(Failure::Unusable { detail: "the subscription has no amqp settings".into() });
@@ -229,8 +278,8 @@ impl AmqpTransport {
         let Ok(_slot) = broker.window.clone().acquire_owned().await else {
             return failed(Failure::Broker { detail: "the broker's publisher was closed".into() });
         };
-        let channel = match self.channel(&broker, uri, timeout).await {
-            Ok(c) => c,
+        let link = match self.link(&broker, uri, deadline, timeout).await {
+            Ok(link) => link,
             Err(f) => return failed(f),
         };
         let routing_key =
@@ -256,6 +305,16 @@ impl AmqpTransport {
             .with_type(ShortString::from(delivery.event_type.clone()))
             .with_headers(headers);
         let payload = signed.body.to_bytes();
+        let channel = match tokio::time::timeout_at(deadline, link.channel()).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                if !link.conn.status().connected() {
+                    Self::forget(&broker);
+                }
+                return failed(Failure::Broker { detail: format!("opening a channel: {e}") });
+            }
+            Err(_) => return failed(timed_out(timeout)),
+        };
         let publish = async {
             let confirm = channel
                 .basic_publish(
@@ -268,26 +327,31 @@ impl AmqpTransport {
                 .await?;
             confirm.await
         };
-        match tokio::time::timeout(timeout, publish).await {
-            // A confirm late is no broken channel; a dead connection is found by its heartbeat,
-            // and the next attempt reopens (`channel`). Dropping a live one would leave lapin's
-            // thread waiting for a slow broker's close-ok, one for each timed-out attempt.
-            Err(_) if channel.status().connected() => failed(timed_out(timeout)),
-            Err(_) => {
-                Self::forget(&broker);
-                failed(timed_out(timeout))
-            }
-            Ok(Err(e)) => {
-                // A closed channel (e.g. the exchange does not exist) or connection: reopen next time.
-                Self::forget(&broker);
-                failed(Failure::Broker { detail: e.to_string() })
-            }
+        let confirmed = tokio::time::timeout_at(deadline, publish).await;
+        let outcome = match &confirmed {
+            Err(_) => failed(timed_out(timeout)),
+            // A closed channel (e.g. the exchange does not exist) or connection.
+            Ok(Err(e)) => failed(Failure::Broker { detail: e.to_string() }),
             Ok(Ok(confirmation)) if confirmation.is_nack() => failed(Failure::Nacked),
-            Ok(Ok(confirmation)) => match confirmation.take_message() {
-                Some(_) => failed(Failure::Unroutable { exchange: amqp.exchange.clone(), routing_key }),
-                None => Outcome::Delivered { status: 200, latency: started.elapsed(), response: None },
-            },
+            Ok(Ok(lapin::Confirmation::Ack(Some(_)))) => {
+                failed(Failure::Unroutable { exchange: amqp.exchange.clone(), routing_key })
+            }
+            Ok(Ok(_)) => Outcome::Delivered { status: 200, latency: started.elapsed(), response: None },
+        };
+        match confirmed {
+            Ok(Ok(_)) => link.put_back(channel),
+            // Not reused: a late confirm would be taken for the next publish's. A dead
+            // connection is found by its heartbeat and reopened by the next attempt; a live
+            // one is kept, since dropping it would leave lapin's thread waiting for a slow
+            // broker's close-ok, one for each timed-out attempt.
+            _ => {
+                Link::discard(channel);
+                if !link.conn.status().connected() {
+                    Self::forget(&broker);
+                }
+            }
         }
+        outcome
     }
 }
 

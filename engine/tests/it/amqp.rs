@@ -211,3 +211,68 @@ async fn events_are_published_to_the_exchange_by_routing_key_and_survive_a_broke
     let copies = seen.lock().unwrap().1;
     eprintln!("amqp restart test: 40 events, {copies} messages received ({} duplicates)", copies - 40);
 }
+
+/// RabbitMQ returns an unroutable message before it confirms it, and may confirm several
+/// publishes in one frame; which publish a return belongs to is read from the message itself,
+/// so a routed event is never counted unroutable and, worse, an unroutable one never counted
+/// delivered (sent nowhere, yet "delivered" on record and never retried).
+#[tokio::test]
+async fn each_unroutable_message_is_failed_and_each_routed_one_delivered_however_confirms_are_grouped() {
+    let _broker = crate::support::RABBITMQ.lock().await;
+    let run = format!("{:x}", std::process::id() as u64 * 7_919 + rand::random::<u32>() as u64);
+    let h = TestHerald::start().await;
+    let (_conn, ch) = channel().await;
+    let exchange = format!("herald-mixed-{run}");
+    let queue = format!("mixed-{run}");
+    topic(&ch, &exchange, false, &[(&queue, "routed")]).await;
+    let sub = h
+        .api
+        .subscribe(json!({
+            "transport": "amqp",
+            "amqp": { "uri": BROKER, "exchange": exchange, "routing_keys": { "Routed": "routed", "Unrouted": "nowhere" } },
+            "retry": { "policy": "fixed", "interval": "100ms", "max_attempts": 1 }
+        }))
+        .await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let (mut routed, mut unrouted) = (HashSet::new(), HashSet::new());
+    for round in 0..4 {
+        let batch: Vec<serde_json::Value> = (0..100)
+            .map(|i| {
+                let id = format!("m-{round}-{i}");
+                let kind = if i % 2 == 0 { "Routed" } else { "Unrouted" };
+                if i % 2 == 0 { &mut routed } else { &mut unrouted }.insert(id.clone());
+                json!({ "id": id, "type": kind, "data": { "i": i } })
+            })
+            .collect();
+        let (status, body) = h.api.post("/v1/events/batch", serde_json::Value::Array(batch)).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let api = h.api.clone();
+    let dead: HashSet<String> = until("every unroutable message dead-lettered", Duration::from_secs(60), || async {
+        let (_, page) = api.get(&format!("/v1/dlq?subscription={sub_id}&limit=500")).await;
+        let ids: HashSet<String> =
+            page["items"].as_array()?.iter().filter_map(|e| e["event_id"].as_str().map(String::from)).collect();
+        (ids.len() >= unrouted.len()).then_some(ids)
+    })
+    .await;
+    let arrived: std::sync::Arc<std::sync::Mutex<HashSet<String>>> = Default::default();
+    until("every routed message on its queue", Duration::from_secs(30), || {
+        let (ch, queue, arrived) = (ch.clone(), queue.clone(), arrived.clone());
+        async move {
+            while let Some(msg) = take(&ch, &queue).await {
+                let id = msg.delivery.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
+                arrived.lock().unwrap().insert(id);
+            }
+            (arrived.lock().unwrap().len() >= 200).then_some(())
+        }
+    })
+    .await;
+    let arrived = arrived.lock().unwrap().clone();
+    assert_eq!(arrived, routed, "the routed events arrived");
+    let wrongly_failed: Vec<_> = dead.intersection(&routed).collect();
+    let wrongly_delivered: Vec<_> = unrouted.difference(&dead).collect();
+    assert!(
+        wrongly_failed.is_empty() && wrongly_delivered.is_empty(),
+        "routed but counted unroutable: {wrongly_failed:?}; unroutable but counted delivered: {wrongly_delivered:?}"
+    );
+}
