@@ -110,15 +110,19 @@ impl Deliverer {
     }
 
     /// Whether the subscription holds a key whose head was dead-lettered until it is skipped
-    /// (`"on_dead_letter": "block"`); a subscription not known here, or no longer ordered, does not.
+    /// (`"on_dead_letter": "block"`); a deleted one, or one no longer ordered, does not. One
+    /// whose record cannot be read here (a newer version's) might: its keys stay held, as its
+    /// deliveries wait, rather than be let go for good on a guess.
     pub fn holds(&self, subscription: &str) -> bool {
-        self.registry.get(subscription).is_some_and(|t| {
-            t.sub
+        match self.registry.get(subscription) {
+            Some(t) => t
+                .sub
                 .spec
                 .ordering
                 .as_ref()
-                .is_some_and(|o| o.ordered() && o.on_dead_letter == crate::model::OnDeadLetter::Block)
-        })
+                .is_some_and(|o| o.ordered() && o.on_dead_letter == crate::model::OnDeadLetter::Block),
+            None => self.registry.unreadable(subscription),
+        }
     }
 
     /// Records `settled` (after its observers: the record takes the receiver's answer).

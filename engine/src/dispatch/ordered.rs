@@ -238,6 +238,10 @@ struct Lane {
     /// operator, not for their receiver; counted from acceptance, those held past it got one
     /// attempt each, and a failure dead-lettered them at once.
     budget_floor: i64,
+    /// An older head than this one (read before this sequencer began, so never its head
+    /// here) was dead-lettered holding the key, as a marker read since says: its settling,
+    /// when read, is the key's release.
+    parked_before: Option<u64>,
     /// A marker said the head was settled while this sequencer was attempting it again (the
     /// last owner's, read after a takeover or a replay that went live at the cap of keys):
     /// the key moves on when that attempt ends, not during it, so two of its deliveries are
@@ -263,6 +267,7 @@ impl Lane {
             skip: false,
             skip_at: None,
             budget_floor: 0,
+            parked_before: None,
             settled_elsewhere: false,
             waiting: 0,
             buffered: VecDeque::new(),
@@ -644,13 +649,19 @@ impl Sequencer {
                 self.again(&lane, head, attempt, due_ms);
             }
             Marker::Settled { lane, head } => {
+                if self.older_head_settled(&lane, head, at_ms) {
+                    return;
+                }
                 let l = self.lanes.get_mut(&lane).filter(|l| l.head.offset == head && l.state == HeadState::InFlight);
                 match l {
                     Some(l) => l.settled_elsewhere = true,
                     None => self.release(&lane, head),
                 }
             }
-            Marker::Blocked { lane, head } => self.park(&lane, head),
+            Marker::Blocked { lane, head } => match self.lanes.get_mut(&lane) {
+                Some(l) if head < l.head.offset => l.parked_before = Some(head),
+                _ => self.park(&lane, head),
+            },
             Marker::Skip { lane, event } => {
                 let Some(l) = self.lanes.get_mut(&lane) else { return };
                 if event.is_some_and(|e| e != l.event) {
@@ -663,6 +674,24 @@ impl Sequencer {
                 }
             }
         }
+    }
+
+    /// A marker settling a head of `lane` older than its head here: one before where this
+    /// sequencer began reading (a restart, a takeover), which it never held, settled after
+    /// what was read of the key since. So a skip read before it was that head's, the head
+    /// when the skip was written (one naming no event would otherwise skip this head too);
+    /// and if that head held the key (or a skip released it), this is the key's release,
+    /// which the later deliveries' budgets start from (as `Lane::released` does live; a skip
+    /// of a head that was only retrying gives them that much more, no less). Whether it was one.
+    fn older_head_settled(&mut self, lane: &LaneId, head: u64, at_ms: i64) -> bool {
+        let Some(l) = self.lanes.get_mut(lane).filter(|l| head < l.head.offset) else { return false };
+        if l.skip || l.parked_before == Some(head) {
+            l.budget_floor = l.budget_floor.max(l.skip_at.unwrap_or(at_ms));
+        }
+        l.skip = false;
+        l.skip_at = None;
+        l.parked_before = None;
+        true
     }
 
     fn again(&mut self, lane: &LaneId, head: u64, attempt: u32, due_ms: i64) {

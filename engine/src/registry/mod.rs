@@ -569,6 +569,12 @@ impl Registry {
         }
     }
 
+    /// Whether the subscription's latest record could not be read here (written by a newer
+    /// version): not deleted, but not known either.
+    pub fn unreadable(&self, id: &str) -> bool {
+        self.state.read().unwrap().unreadable.contains(id)
+    }
+
     /// A subscription by id, as this process has it now.
     pub fn get(&self, id: &str) -> Option<Arc<Target>> {
         self.state.read().unwrap().by_id.get(id).cloned()

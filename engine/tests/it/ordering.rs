@@ -600,6 +600,161 @@ async fn deliveries_held_behind_a_blocked_head_keep_their_retries_after_the_rele
     .await;
 }
 
+/// The same after a restart that begins past the released head: the release is read back from
+/// the log (the head's dead letter, then its settling), not forgotten, and the held
+/// delivery's retries still count from it, not from its acceptance.
+#[tokio::test]
+async fn held_deliveries_keep_their_retries_after_the_release_across_a_restart() {
+    let h = TestHerald::start_with(|c| c.health.breaker_failures = 1_000_000).await;
+    let (rx, url) = SwitchedReceiver::start().await;
+    let sub_id = holding_subscription(&h.api, url, json!({ "policy": "exponential", "initial": "300ms", "max_interval": "300ms", "max_attempts": 100, "max_age": "2s" })).await;
+    rx.fail(true);
+    let published = tokio::time::Instant::now();
+    for seq in 0..2 {
+        let (status, _) = h.api.post("/v1/events", json!({ "type": "t", "data": { "key": "a", "seq": seq } })).await;
+        assert_eq!(status, 202);
+    }
+    until("the head dead-lettered past its max_age, the key held", Duration::from_secs(30), || async {
+        let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+        (blocked["items"][0]["state"] == "dead_lettered" && blocked["items"][0]["waiting"] == 1).then_some(())
+    })
+    .await;
+    // Not synchronisation: the held delivery is to wait past its own max_age first.
+    tokio::time::sleep_until(published + Duration::from_millis(3000)).await;
+    let tried = rx.tried.lock().unwrap()["a"];
+    let (status, _) = h.api.post(&format!("/v1/subscriptions/{sub_id}/ordering/skip"), json!({ "key": "a" })).await;
+    assert_eq!(status, 202);
+    until("the held delivery's first attempt (failing)", Duration::from_secs(10), || async {
+        (rx.tried.lock().unwrap()["a"] > tried).then_some(())
+    })
+    .await;
+    let h = h.restart().await;
+    rx.fail(false);
+    until("the held delivery retried and delivered after the restart", Duration::from_secs(15), || async {
+        rx.taken.lock().unwrap().contains_key("a").then_some(())
+    })
+    .await;
+    let (_, dlq) = h.api.get(&format!("/v1/dlq?subscription={sub_id}")).await;
+    assert_eq!(dlq["items"].as_array().unwrap().len(), 1, "only the skipped head is a dead letter: {dlq}");
+}
+
+/// An operator's skip that names no event acts on the key's head when it is read. After a
+/// restart that begins past the head it acted on (that head settled, the next one under way),
+/// reading it back must not skip the next head too: it was the older head's (its settling
+/// follows it in the log).
+#[tokio::test]
+async fn a_skip_read_back_after_a_restart_does_not_skip_the_next_head() {
+    let h = TestHerald::start_with(|c| c.health.breaker_failures = 1_000_000).await;
+    let rx = OrderedReceiver::start(false).await;
+    *rx.stuck.lock().unwrap() = Some("a".into());
+    let sub_id =
+        holding_subscription(&h.api, rx.url(), json!({ "policy": "fixed", "interval": "50ms", "max_attempts": 2 }))
+            .await;
+    for seq in 0..3 {
+        let (status, _) = h
+            .api
+            .post("/v1/events", json!({ "id": format!("a{seq}"), "type": "t", "data": { "key": "a", "seq": seq } }))
+            .await;
+        assert_eq!(status, 202);
+    }
+    until("a0 dead-lettered, two behind it", Duration::from_secs(30), || async {
+        let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+        let item = blocked["items"].as_array()?.first()?.clone();
+        (item["state"] == "dead_lettered" && item["waiting"] == 2).then_some(())
+    })
+    .await;
+    // a1 is to fail and wait for its next attempt when the server restarts.
+    let (status, body) = h
+        .api
+        .patch(
+            &format!("/v1/subscriptions/{sub_id}"),
+            json!({ "retry": { "policy": "fixed", "interval": "2s", "max_attempts": 100 } }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = h.api.post(&format!("/v1/subscriptions/{sub_id}/ordering/skip"), json!({ "key": "a" })).await;
+    assert_eq!(status, 202);
+    until("a1 tried once (failing)", Duration::from_secs(10), || async {
+        rx.of("a").iter().any(|s| s.seq == 1).then_some(())
+    })
+    .await;
+    let h = h.restart().await;
+    *rx.stuck.lock().unwrap() = None;
+    let a = until("a1 and a2 delivered after the restart", Duration::from_secs(20), || async {
+        let a = rx.of("a");
+        (a.iter().filter(|s| s.status == 200).count() == 2).then_some(a)
+    })
+    .await;
+    let delivered: Vec<u64> = a.iter().filter(|s| s.status == 200).map(|s| s.seq).collect();
+    assert_eq!(delivered, [1, 2], "{a:?}");
+    let (_, dlq) = h.api.get(&format!("/v1/dlq?subscription={sub_id}")).await;
+    let dead: Vec<&str> = dlq["items"].as_array().unwrap().iter().filter_map(|d| d["event_id"].as_str()).collect();
+    assert_eq!(dead, ["a0"], "only the head the operator skipped: {dlq}");
+}
+
+/// A held key is let go when its subscription no longer holds keys (deleted, or set to
+/// `skip`) — not when its record cannot be read here (a newer version wrote it): what it says
+/// is then unknown, and the key stays held, as its deliveries wait.
+#[tokio::test]
+async fn a_key_stays_held_while_its_subscription_cannot_be_read() {
+    let h = TestHerald::start_with(|c| {
+        c.log.partitions = 1;
+        c.health.breaker_failures = 1_000_000;
+    })
+    .await;
+    let (rx, url) = SwitchedReceiver::start().await;
+    rx.fail(true);
+    let retry = json!({ "policy": "fixed", "interval": "50ms", "max_attempts": 2 });
+    let hold = |events: &str, url: String| json!({ "url": url, "events": [events], "ordering": { "key": "/data/key", "on_dead_letter": "block" }, "retry": retry });
+    let unread = h.api.subscribe(hold("A", format!("{url}?a"))).await["id"].as_str().unwrap().to_string();
+    let changed = h.api.subscribe(hold("B", format!("{url}?b"))).await["id"].as_str().unwrap().to_string();
+    for (kind, key) in [("A", "a"), ("B", "b")] {
+        for seq in 0..2 {
+            let (status, _) =
+                h.api.post("/v1/events", json!({ "type": kind, "data": { "key": key, "seq": seq } })).await;
+            assert_eq!(status, 202);
+        }
+    }
+    for sub in [&unread, &changed] {
+        until("the key held after its head's dead letter", Duration::from_secs(30), || async {
+            let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub}/ordering/blocked")).await;
+            (blocked["items"][0]["state"] == "dead_lettered").then_some(())
+        })
+        .await;
+    }
+    // A record of `unread` this version cannot read (an auth type it does not know).
+    let record = herald::log::Record {
+        key: bytes::Bytes::from(unread.clone()),
+        value: bytes::Bytes::from(json!({ "id": unread, "auth": { "type": "signed-jwt-v9" } }).to_string()),
+    };
+    h.herald.log().append("herald.subscriptions", vec![record]).await.unwrap();
+    until("the record read (and not understood)", Duration::from_secs(10), || async {
+        (h.api.get(&format!("/v1/subscriptions/{unread}")).await.0 == 404).then_some(())
+    })
+    .await;
+    // `changed` no longer holds keys: the next sweep lets its key go; its next delivery is
+    // tried (twice) and dead-lettered without holding it again.
+    let (status, body) = h
+        .api
+        .patch(
+            &format!("/v1/subscriptions/{changed}"),
+            json!({ "ordering": { "key": "/data/key", "on_dead_letter": "skip" } }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    until(
+        "the changed subscription's key let go, its next delivery dead-lettered",
+        Duration::from_secs(30),
+        || async {
+            let (_, dlq) = h.api.get(&format!("/v1/dlq?subscription={changed}")).await;
+            (dlq["items"].as_array()?.len() == 2).then_some(())
+        },
+    )
+    .await;
+    let blocked = scrape(&h.api).await.value("herald_ordered_keys_blocked", &[]);
+    assert_eq!(blocked, 1.0, "the unreadable subscription's key is still held");
+}
+
 /// A skipped head is counted under its subscription's transport (it was `webhook` for all).
 #[tokio::test]
 async fn a_skipped_head_is_counted_under_its_own_transport() {
