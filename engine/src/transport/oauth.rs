@@ -34,8 +34,16 @@ const EARLY: Duration = Duration::from_secs(30);
 /// The longest a token is cached, whatever `expires_in` says.
 const LONGEST: Duration = Duration::from_secs(24 * 3600);
 
-/// Cache entries kept before expired ones are swept out.
-const SWEEP_AT: usize = 4096;
+/// Tokens cached at most: past it, expired ones are swept out and then those soonest to
+/// expire, down to half (so a sweep comes once per that many fetches). With
+/// [`LONGEST_TOKEN`] it bounds the cache (to 64 MiB) whatever tenants' token endpoints
+/// answer and however many subscriptions (or changes of `scope`) they make.
+const CACHED_AT_MOST: usize = if cfg!(test) { 64 } else { 4096 };
+
+/// The longest access token taken. Real ones, JWTs included, are a few KiB, and receivers'
+/// servers refuse request headers much longer; a token endpoint answering a megabyte would
+/// otherwise be held in memory for a day per subscription.
+const LONGEST_TOKEN: usize = 16 * 1024;
 
 type Fetched = Result<(HeaderValue, Instant), Failure>;
 
@@ -58,6 +66,27 @@ struct TokenResponse {
     access_token: String,
     #[serde(default)]
     expires_in: Option<u64>,
+}
+
+/// Drops expired tokens and then, if that is not enough, those soonest to expire, down to half
+/// of [`CACHED_AT_MOST`] (fetches under way stay: their tasks settle them).
+fn make_room(slots: &mut HashMap<[u8; 32], Slot>) {
+    let now = Instant::now();
+    slots.retain(|_, s| !matches!(s, Slot::Ready(_, until) if *until <= now));
+    let excess = slots.len().saturating_sub(CACHED_AT_MOST / 2);
+    if excess == 0 {
+        return;
+    }
+    let mut ready: Vec<([u8; 32], Instant)> = (slots.iter())
+        .filter_map(|(k, s)| match s {
+            Slot::Ready(_, until) => Some((*k, *until)),
+            Slot::Fetching(..) => None,
+        })
+        .collect();
+    ready.sort_unstable_by_key(|(_, until)| *until);
+    for (key, _) in ready.into_iter().take(excess) {
+        slots.remove(&key);
+    }
 }
 
 /// The cache key of a subscription's credentials: its tenant and every credential field.
@@ -114,12 +143,8 @@ impl Tokens {
                     }
                     .boxed()
                     .shared();
-                    if slots.len() >= SWEEP_AT {
-                        let now = Instant::now();
-                        slots.retain(|_, s| match s {
-                            Slot::Ready(_, until) => *until > now,
-                            Slot::Fetching(..) => true,
-                        });
+                    if slots.len() >= CACHED_AT_MOST {
+                        make_room(&mut slots);
                     }
                     slots.insert(key, Slot::Fetching(generation, f.clone()));
                     f
@@ -189,9 +214,100 @@ impl Tokens {
         // Saturating: a huge `expires_in` caches for a day, never overflows the clock.
         let lifetime = Duration::from_secs(token.expires_in.unwrap_or(3600)).min(LONGEST);
         let until = Instant::now() + lifetime.saturating_sub(EARLY.min(lifetime / 10));
+        if token.access_token.len() > LONGEST_TOKEN {
+            return Err(failed(format!("the access token is longer than {} KiB", LONGEST_TOKEN / 1024)));
+        }
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.access_token))
             .map_err(|_| failed("the access token is not valid header text".into()))?;
         value.set_sensitive(true);
         Ok((value, until))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Secret, SubscriptionSpec};
+    use crate::transport::guard::NetworkGuard;
+    use crate::transport::http::HttpSettings;
+    use http_body_util::Full;
+
+    /// A token endpoint on loopback answering `token` to every request; its URL.
+    async fn token_endpoint(token: String) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let token = token.clone();
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = serde_json::json!({ "access_token": token, "expires_in": 3600 }).to_string();
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body)))) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+                );
+            }
+        });
+        url
+    }
+
+    fn subscription(token_url: &str, scope: String) -> Subscription {
+        let auth = Auth::Oauth2 {
+            grant: "client_credentials".into(),
+            token_url: token_url.into(),
+            client_id: "c".into(),
+            client_secret: Some(Secret("s".into())),
+            username: None,
+            password: None,
+            scope: Some(scope),
+        };
+        Subscription {
+            id: "sub".into(),
+            tenant: "t".into(),
+            spec: SubscriptionSpec { auth, ..SubscriptionSpec::default() },
+            secret: crate::signing::generate_secret(),
+            previous_secret: None,
+            previous_secret_until: None,
+            earlier_secrets: Vec::new(),
+            based_on: None,
+            disabled_reason: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    fn tokens() -> Tokens {
+        let guard = NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        Tokens::new(HttpTransport::new(guard, &HttpSettings::default()))
+    }
+
+    #[tokio::test]
+    async fn the_cache_holds_a_bounded_number_of_tokens_however_many_credentials_there_are() {
+        let url = token_endpoint("t".repeat(1000)).await;
+        let tokens = tokens();
+        for i in 0..4 * CACHED_AT_MOST {
+            tokens.bearer(&subscription(&url, format!("scope-{i}")), Duration::from_secs(5)).await.unwrap();
+        }
+        let cached = tokens.slots.lock().unwrap().len();
+        assert!(cached <= CACHED_AT_MOST, "{cached} tokens cached");
+        // The latest are kept: fetched again, it comes from the cache.
+        let fetches = tokens.fetches.load(Ordering::Relaxed);
+        tokens
+            .bearer(&subscription(&url, format!("scope-{}", 4 * CACHED_AT_MOST - 1)), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(tokens.fetches.load(Ordering::Relaxed), fetches);
+    }
+
+    #[tokio::test]
+    async fn an_access_token_too_long_for_a_header_is_refused() {
+        let url = token_endpoint("t".repeat(LONGEST_TOKEN + 1)).await;
+        let tokens = tokens();
+        match tokens.bearer(&subscription(&url, "s".into()), Duration::from_secs(5)).await {
+            Err(Failure::Auth { detail }) => assert!(detail.contains("longer than 16 KiB"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(tokens.slots.lock().unwrap().is_empty(), "nothing cached");
     }
 }
