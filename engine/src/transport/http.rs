@@ -261,8 +261,17 @@ pub struct HttpTransport {
     /// subscriptions deleted or changed) is dropped when another is built, so tenants cannot
     /// grow this map without bound.
     profiles: Arc<Mutex<Profiles>>,
+    /// Builds of profiles with a PKCS#12 file, one at a time (see [`HttpTransport::build`]).
+    heavy_builds: Arc<tokio::sync::Semaphore>,
     guard: NetworkGuard,
     settings: HttpSettings,
+}
+
+/// A pool as [`HttpTransport::pool_for`] finds it.
+enum Found<'a> {
+    Ready(Cow<'a, Arc<Pool>>),
+    /// Not built yet (or dropped after a while unused): its key and proxy, to build it.
+    Missing(PoolKey, Option<Proxy>),
 }
 
 fn pool(guard: &NetworkGuard, settings: &HttpSettings, proxy: Option<&Proxy>, tls: rustls::ClientConfig) -> Pool {
@@ -301,18 +310,38 @@ impl HttpTransport {
     pub fn new(guard: NetworkGuard, settings: &HttpSettings) -> Self {
         let tls = client_config(None, None).expect("the default TLS profile builds");
         let default = Arc::new(pool(&guard, settings, settings.proxy.as_ref(), tls));
-        HttpTransport { default, profiles: Default::default(), guard, settings: settings.clone() }
+        HttpTransport {
+            default,
+            profiles: Default::default(),
+            heavy_builds: Arc::new(tokio::sync::Semaphore::new(1)),
+            guard,
+            settings: settings.clone(),
+        }
     }
 
-    /// The pool for a TLS profile and an egress, built on first use. The default one is lent,
-    /// not cloned: a client's clone (its connector, resolver and proxy settings, each a shared
-    /// count both cores write) was about 2 % of Herald's CPU (`perf`), and `Client::request`
-    /// already makes one per delivery. Either way only a pointer: what a send holds, every
-    /// delivery's future carries (a client by value is about 700 bytes; see
-    /// `Deliverer::deliver`).
-    fn pool_for(&self, tls: Option<&TlsOptions>, egress: Egress<'_>) -> Result<Cow<'_, Arc<Pool>>, Failure> {
+    /// The pool for a TLS profile and an egress, waiting at most `within` for it to be built
+    /// (on first use, see [`HttpTransport::build`]). The default one is lent, not cloned: a
+    /// client's clone (its connector, resolver and proxy settings, each a shared count both
+    /// cores write) was about 2 % of Herald's CPU (`perf`), and `Client::request` already
+    /// makes one per delivery. Either way only a pointer: what a send holds, every delivery's
+    /// future carries (a client by value is about 700 bytes; see `Deliverer::deliver`).
+    async fn pool_for(
+        &self,
+        tls: Option<&TlsOptions>,
+        egress: Egress<'_>,
+        within: Duration,
+    ) -> Result<Cow<'_, Arc<Pool>>, Failure> {
+        match self.find(tls, egress)? {
+            Found::Ready(pool) => Ok(pool),
+            // Boxed: rare, and it would add to every delivery's future.
+            Found::Missing(key, proxy) => Box::pin(self.build(key, proxy, tls, within)).await.map(Cow::Owned),
+        }
+    }
+
+    /// The pool for a TLS profile and an egress if it is built.
+    fn find(&self, tls: Option<&TlsOptions>, egress: Egress<'_>) -> Result<Found<'_>, Failure> {
         if tls.is_none() && egress == Egress::Default {
-            return Ok(Cow::Borrowed(&self.default));
+            return Ok(Found::Ready(Cow::Borrowed(&self.default)));
         }
         let proxy = match egress {
             Egress::Default => self.settings.proxy.as_ref(),
@@ -329,14 +358,52 @@ impl HttpTransport {
         let key = (tls.map(ProfileKey::of), route);
         if let Some((p, used)) = self.profiles.lock().unwrap().get_mut(&key) {
             *used = Instant::now();
-            return Ok(Cow::Owned(p.clone()));
+            return Ok(Found::Ready(Cow::Owned(p.clone())));
         }
-        let unusable = |e: TlsError| Failure::Unusable { detail: e.to_string() };
-        let config = client_config(tls, self.settings.tls_files_dir.as_deref()).map_err(unusable)?;
-        let built = Arc::new(pool(&self.guard, &self.settings, proxy, config));
-        let mut profiles = self.profiles.lock().unwrap();
-        profiles.retain(|_, (_, used)| used.elapsed() < PROFILE_IDLE);
-        Ok(Cow::Owned(profiles.entry(key).or_insert((built, Instant::now())).0.clone()))
+        Ok(Found::Missing(key, proxy.cloned()))
+    }
+
+    /// Builds a profile's pool off the runtime's threads: its material may be files to read,
+    /// and opening a PKCS#12 file is key derivation, up to a second of CPU. On a runtime
+    /// thread, a tenant's few such subscriptions held every tenant's deliveries (and timers)
+    /// for as long; these builds go one at a time, as the registry's checks of them do. The
+    /// build runs on by itself and settles the cache, so an attempt that stops waiting for it
+    /// (at `within`, its timeout) leaves it built for the next.
+    async fn build(
+        &self,
+        key: PoolKey,
+        proxy: Option<Proxy>,
+        tls: Option<&TlsOptions>,
+        within: Duration,
+    ) -> Result<Arc<Pool>, Failure> {
+        let heavy = tls.is_some_and(|t| t.client_p12.is_some() || t.client_cert_file.is_some());
+        let (this, tls) = (self.clone(), tls.cloned());
+        let building = tokio::spawn(async move {
+            let one = match heavy {
+                true => Some(this.heavy_builds.clone().acquire_owned().await.expect("never closed")),
+                false => None,
+            };
+            tokio::task::spawn_blocking(move || {
+                let _one = one;
+                if let Some((p, used)) = this.profiles.lock().unwrap().get_mut(&key) {
+                    *used = Instant::now();
+                    return Ok(p.clone()); // built while this one waited its turn
+                }
+                let config = client_config(tls.as_ref(), this.settings.tls_files_dir.as_deref())
+                    .map_err(|e: TlsError| Failure::Unusable { detail: e.to_string() })?;
+                let built = Arc::new(pool(&this.guard, &this.settings, proxy.as_ref(), config));
+                let mut profiles = this.profiles.lock().unwrap();
+                profiles.retain(|_, (_, used)| used.elapsed() < PROFILE_IDLE);
+                Ok(profiles.entry(key).or_insert((built, Instant::now())).0.clone())
+            })
+            .await
+            .unwrap_or_else(|e| Err(Failure::Unusable { detail: format!("building the TLS profile failed: {e}") }))
+        });
+        match tokio::time::timeout(within, building).await {
+            Ok(Ok(built)) => built,
+            Ok(Err(e)) => Err(Failure::Unusable { detail: format!("building the TLS profile failed: {e}") }),
+            Err(_) => Err(timed_out(within)),
+        }
     }
 
     /// Refuses IP-literal hosts outside the guard (names are checked by the resolver).
@@ -354,8 +421,9 @@ impl HttpTransport {
         tls: Option<&TlsOptions>,
         egress: Egress<'_>,
     ) -> Result<(u16, Bytes), Failure> {
+        let started = Instant::now();
         self.check_literal(&uri)?;
-        let client = self.pool_for(tls, egress)?;
+        let client = self.pool_for(tls, egress, timeout).await?;
         let mut request = Request::post(uri).body(body).expect("method, uri and body are valid");
         *request.headers_mut() = headers;
         let call = async {
@@ -367,7 +435,7 @@ impl HttpTransport {
                 .map_err(|e| Failure::Connect { detail: e.to_string() })?;
             Ok((status, body.to_bytes()))
         };
-        tokio::time::timeout(timeout, call).await.map_err(|_| timed_out(timeout))?
+        tokio::time::timeout(timeout.saturating_sub(started.elapsed()), call).await.map_err(|_| timed_out(timeout))?
     }
 
     /// Sends one request and reports what happened. Never panics, never hangs past `timeout`.
@@ -376,8 +444,13 @@ impl HttpTransport {
         if let Err(refused) = self.check_literal(&req.uri) {
             return Outcome::failed(refused, started.elapsed());
         }
-        let client = match self.pool_for(tls, egress) {
-            Ok(c) => c,
+        // Not `pool_for`: its future would add to every delivery's, for a path taken once a profile.
+        let client = match self.find(tls, egress) {
+            Ok(Found::Ready(c)) => c,
+            Ok(Found::Missing(key, proxy)) => match Box::pin(self.build(key, proxy, tls, req.timeout)).await {
+                Ok(built) => Cow::Owned(built),
+                Err(failure) => return Outcome::failed(failure, started.elapsed()),
+            },
             Err(failure) => return Outcome::failed(failure, started.elapsed()),
         };
         // Taken apart, so that only `timeout`, not the whole request's room, is held across
@@ -387,7 +460,8 @@ impl HttpTransport {
         *request.headers_mut() = headers;
         let keep = self.settings.response_bytes;
         let latency = || started.elapsed();
-        let deadline = tokio::time::Instant::now() + timeout;
+        // The timeout counts from the start: building a profile's pool took some of it.
+        let deadline = tokio::time::Instant::now() + timeout.saturating_sub(started.elapsed());
         let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => return Outcome::failed(classify(&e), latency()),

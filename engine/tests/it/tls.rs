@@ -588,6 +588,79 @@ async fn a_tenant_s_pkcs12_checks_do_not_hold_up_another_tenant_s_changes() {
     assert!(waited < patching / 3, "another tenant's create waited {waited:?} of the changes' {patching:?}");
 }
 
+/// Opening a PKCS#12 file is key derivation (up to a second of CPU a file): a delivery's first
+/// use of such a profile builds it on a blocking thread, one at a time — on the runtime's
+/// threads, a tenant's few such subscriptions held every other tenant's publishes and
+/// deliveries for as long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_tenant_s_pkcs12_profiles_do_not_hold_up_another_tenant_s_deliveries() {
+    use base64::Engine;
+    use rustls::pki_types::pem::PemObject;
+    let pki = pki();
+    let h = TestHerald::start().await;
+    let (acme_id, acme) = crate::support::tenant_with_key(&h.api, "Acme").await;
+    let (globex_id, globex) = crate::support::tenant_with_key(&h.api, "Globex").await;
+    let key = std::fs::read(&pki.client_key).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap();
+    let cert = std::fs::read(&pki.client_cert).unwrap();
+    let cert = rustls::pki_types::CertificateDer::from_pem_slice(&cert).unwrap();
+    let tls = |name: &str| {
+        let mut store = p12_keystore::KeyStore::new();
+        let chain = p12_keystore::PrivateKeyChain::new(
+            name.as_bytes().to_vec(),
+            p12_keystore::PrivateKey::from_der(key.secret_der()).unwrap(),
+            vec![p12_keystore::Certificate::from_der(&cert).unwrap()],
+        );
+        store.add_entry("client", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
+        let heavy = store.writer("pw").encryption_iterations(30_000).mac_iterations(30_000).write().unwrap();
+        json!({ "client_p12": base64::engine::general_purpose::STANDARD.encode(heavy), "key_password": "pw" })
+    };
+    let started = std::time::Instant::now();
+    let mut heavy_ids = Vec::new();
+    for i in 0..2 {
+        let sub = json!({
+            "url": format!("https://localhost:1/heavy{i}"), "tls": tls(&format!("heavy{i}")), "events": ["Heavy"],
+            "retry": { "policy": "fixed", "interval": "1h", "max_attempts": 2 }
+        });
+        heavy_ids.push(acme.subscribe(sub).await["id"].as_str().unwrap().to_string());
+    }
+    let check = started.elapsed() / 2; // one file's check (opening it for a profile is about as much again)
+    let rx = Receiver::start().await;
+    globex.subscribe(json!({ "url": rx.url("/bystander") })).await;
+    // Herald runs on this test's one runtime thread. Another tenant's events go one after
+    // another while the two profiles are built (about four checks' time): each is sent at once.
+    let api = h.api.clone();
+    let heavy =
+        tokio::spawn(
+            async move { api.post("/v1/events", json!({ "type": "Heavy", "tenant": acme_id, "data": {} })).await },
+        );
+    let building = std::time::Instant::now();
+    let mut longest = Duration::ZERO;
+    let mut n = 0;
+    while building.elapsed() < check * 4 {
+        let sent = std::time::Instant::now();
+        let id = format!("bystander-{n}");
+        let (status, _) =
+            h.api.post("/v1/events", json!({ "id": id, "type": "T", "tenant": globex_id, "data": {} })).await;
+        assert_eq!(status, 202);
+        n += 1;
+        rx.wait_on("/bystander", n).await;
+        longest = longest.max(sent.elapsed());
+    }
+    assert_eq!(heavy.await.unwrap().0, 202);
+    for sub in &heavy_ids {
+        until("the PKCS#12 subscription's attempt (its receiver is not there)", Duration::from_secs(30), || async {
+            let (_, attempts) = h.api.get(&format!("/v1/attempts?subscription={sub}")).await;
+            (attempts["items"][0]["outcome"] == "connect_error").then_some(())
+        })
+        .await;
+    }
+    eprintln!(
+        "PKCS#12 profiles: one file's check {check:?}; another tenant's {n} events each delivered within {longest:?}"
+    );
+    assert!(longest < check / 4, "another tenant's event waited {longest:?}; one PKCS#12 check takes {check:?}");
+}
+
 /// Client certificates and keys under the operator's TLS directory belong to a tenant: each
 /// tenant names only files in its own folder (`<dir>/<tenant>/`), so no tenant can present
 /// another's identity to a receiver that trusts it. CA files, public, may lie anywhere in it.
