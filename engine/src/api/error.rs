@@ -130,7 +130,11 @@ impl From<crate::ingest::Refusal> for ApiError {
     fn from(e: crate::ingest::Refusal) -> Self {
         match e {
             crate::ingest::Refusal::Invalid(i) => i.into(),
-            crate::ingest::Refusal::Log(l) => l.into(),
+            crate::ingest::Refusal::Log(l) => ApiError::of_log(
+                l,
+                "some of its deliveries may be written: send it again with the same event ids \
+                 (receivers drop repeats by webhook-id)",
+            ),
             crate::ingest::Refusal::FanOut { .. } => ApiError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
                 code: "QUOTA_EXCEEDED",
@@ -195,13 +199,21 @@ impl From<crate::catalog::CatalogError> for ApiError {
 
 impl From<crate::log::LogError> for ApiError {
     fn from(e: crate::log::LogError) -> Self {
+        ApiError::of_log(e, "nothing was accepted")
+    }
+}
+
+impl ApiError {
+    /// The log could not take a write; `written` says what became of it (a single record is
+    /// all or nothing, a publish's deliveries are not).
+    fn of_log(e: crate::log::LogError, written: &str) -> Self {
         tracing::error!(error = %e, "log write failed");
         match e {
-            // A full disk: nothing was appended, and appends resume by themselves with space.
+            // A full disk: appends resume by themselves with space.
             crate::log::LogError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => ApiError {
                 status: StatusCode::INSUFFICIENT_STORAGE,
                 code: "STORAGE_FULL",
-                message: "the log's disk is full; nothing was accepted, retry once space is freed".into(),
+                message: format!("the log's disk is full; {written}; retry once space is freed"),
                 field: None,
                 retry_after: None,
             },
@@ -210,13 +222,11 @@ impl From<crate::log::LogError> for ApiError {
             crate::log::LogError::TooLarge { bytes, max } => ApiError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
                 code: "PAYLOAD_TOO_LARGE",
-                message: format!(
-                    "a record of {bytes} bytes is larger than the log takes ({max}); nothing was accepted"
-                ),
+                message: format!("a record of {bytes} bytes is larger than the log takes ({max}); {written}"),
                 field: None,
                 retry_after: None,
             },
-            _ => ApiError::unavailable("the log could not take the write; nothing was accepted, retry later"),
+            _ => ApiError::unavailable(format!("the log could not take the write; {written}; retry later")),
         }
     }
 }

@@ -129,7 +129,10 @@ pub enum Refusal {
     /// A field is not valid.
     #[error(transparent)]
     Invalid(#[from] Invalid),
-    /// The log could not take the append; nothing was accepted.
+    /// The log could not take the deliveries. Some may be written all the same (on Kafka each
+    /// record succeeds or fails on its own; plain and ordered ones are two appends): the ids
+    /// are not remembered, so a retry with the same ids writes them all, and receivers drop
+    /// the repeats by `webhook-id`.
     #[error(transparent)]
     Log(LogError),
     /// The request would fan out to more bytes than `quotas.fanout_bytes`.
@@ -502,7 +505,19 @@ impl Ingest {
         let written = tokio::spawn(async move {
             let deliveries = append_deliveries(&*log, &topic, &ordered_topic, records);
             match &recorder {
-                Some(h) => tokio::try_join!(deliveries, h.append(&history)).map(|_| ())?,
+                Some(h) => {
+                    let (delivered, recorded) = tokio::join!(deliveries, h.append(&history));
+                    delivered?;
+                    // The deliveries are written and will be sent: the events are accepted
+                    // (refused, a retry would send them all again). Their history records
+                    // follow through the recorder's queue, retried until the log takes them.
+                    if let Err(e) = recorded {
+                        tracing::warn!(error = %e, events = history.len(), "accepted events' history records were not written with their deliveries; queued");
+                        for rec in &history {
+                            h.record(rec);
+                        }
+                    }
+                }
                 None => deliveries.await?,
             }
             let retired = {
@@ -656,6 +671,42 @@ mod tests {
         assert!(recent.get(&key(2)).is_some(), "a window after it arrived");
         drop(recent.turn(3 * window));
         assert!(recent.get(&key(2)).is_none(), "two windows after it arrived");
+    }
+
+    /// An event whose deliveries are written is accepted, whatever became of its history
+    /// record (appended beside them): refused, the producer was told nothing was accepted
+    /// while its deliveries went out, and its retry sent them all again.
+    #[tokio::test]
+    async fn an_event_whose_deliveries_are_written_is_accepted_whatever_its_history_append_says() {
+        use crate::catalog::feed::Feed;
+        use crate::log::stub::Stub;
+        let log = Arc::new(Stub::new(true, true).refusing_as_too_large("history"));
+        let (feed, _applied) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
+        let registry = Arc::new(Registry::load(
+            Arc::new(feed),
+            &[],
+            crate::registry::Rules::default(),
+            crate::config::HealthConfig::default(),
+        ));
+        registry.hold("t", &serde_json::json!({ "url": "https://hooks.example/a" }));
+        let recorder = Recorder::start(log.clone(), "herald.history".into());
+        let ingest = Ingest::new(log.clone(), registry, "herald.deliveries".into(), "herald.ordered".into(), u64::MAX)
+            .recorded_by(recorder);
+        let event = Event {
+            id: "x".into(),
+            event_type: "T".into(),
+            tenant: "t".into(),
+            data: Json::new("{}").unwrap(),
+            changes: None,
+            id_given: true,
+            trace: None,
+            ordering_key: None,
+        };
+        let accepted = ingest.publish(vec![event.clone()]).await.expect("accepted: its deliveries are written");
+        assert_eq!(accepted[0].deliveries, 1);
+        let again = ingest.publish(vec![event]).await.expect("a repeat");
+        assert_eq!(again[0].deliveries, 1);
+        assert_eq!(log.appends.lock().unwrap().len(), 1, "its deliveries appended once");
     }
 
     /// An id whose append failed is forgotten, in whichever generation it waits.

@@ -773,6 +773,20 @@ fn normalized_escapes(text: &str) -> String {
 }
 
 #[cfg(test)]
+impl Registry {
+    /// Holds a subscription of `tenant` made from `spec` (its JSON), as if read from the
+    /// catalog: for other modules' unit tests.
+    pub(crate) fn hold(&self, tenant: &str, spec: &serde_json::Value) -> Arc<Target> {
+        let spec = spec::strict(spec).expect("a valid spec");
+        let target = Arc::new(Target::compile(validate::new_subscription(tenant.into(), spec, None).unwrap()).unwrap());
+        let mut state = self.state.write().unwrap();
+        let offset = state.by_id.len() as u64;
+        state.put(target.clone(), offset);
+        target
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::log::stub::Stub;
