@@ -2,7 +2,9 @@
 //! CLI, a thin client of the public `/v1` API through `herald-client` (so it can do exactly what
 //! the API lets its token do).
 //! Tables for people, `--json` for scripts. Exit codes a script can rely on: 0 done, 1 the API
-//! refused (4xx, its error on stderr), 2 bad usage, 3 the server failed or could not be reached.
+//! refused (4xx, its error on stderr) or answered that what was asked did not happen (a test
+//! delivery that failed, a replay that skipped entries), 2 bad usage, 3 the server failed or
+//! could not be reached.
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
@@ -461,6 +463,20 @@ enum Shown {
     List(&'static [&'static str]),
     One,
     Done(&'static str),
+    /// Shown as `One`, then a failure (exit code 1) when the answer, a 200, says the thing
+    /// asked for did not happen: what it says then.
+    Outcome(fn(&Value) -> Option<String>),
+}
+
+/// A test delivery's answer: a failure unless it was delivered.
+fn undelivered(answer: &Value) -> Option<String> {
+    (answer["delivered"] != true).then(|| format!("the test delivery failed: {}", answer["outcome"]))
+}
+
+/// A replay's answer: a failure when entries were skipped.
+fn skipped(answer: &Value) -> Option<String> {
+    let skipped = answer["skipped"].as_array().map_or(0, Vec::len);
+    (skipped > 0).then(|| format!("{skipped} dead letters were not replayed"))
 }
 
 /// Runs a client command; the error's [`Failed::code`] is the exit code.
@@ -544,7 +560,8 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                 Shown::One,
             ),
             Subscriptions::Test { id } => {
-                (api.call("POST", &format!("/v1/subscriptions/{}/test", seg(&id)), Some(json!({}))).await?, Shown::One)
+                let path = format!("/v1/subscriptions/{}/test", seg(&id));
+                (api.call("POST", &path, Some(json!({}))).await?, Shown::Outcome(undelivered))
             }
         },
         Client::Events { cmd, .. } => match cmd {
@@ -640,7 +657,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                     (false, None) => json!({ "ids": ids }),
                     (false, Some(s)) => json!({ "ids": ids, "subscription": s }),
                 };
-                (api.call("POST", "/v1/dlq/replay", Some(body)).await?, Shown::One)
+                (api.call("POST", "/v1/dlq/replay", Some(body)).await?, Shown::Outcome(skipped))
             }
         },
         Client::EdgeDevices { cmd, .. } => match cmd {
@@ -677,18 +694,23 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
     };
     if conn.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
-        return Ok(());
-    }
-    match shown {
-        Shown::List(columns) => {
-            let items = answer["items"].as_array().cloned().unwrap_or_default();
-            println!("{}", table(&items, columns));
-            if let Some(next) = answer["next"].as_str() {
-                eprintln!("(more: the next page is the same command with --cursor {next})");
+    } else {
+        match shown {
+            Shown::List(columns) => {
+                let items = answer["items"].as_array().cloned().unwrap_or_default();
+                println!("{}", table(&items, columns));
+                if let Some(next) = answer["next"].as_str() {
+                    eprintln!("(more: the next page is the same command with --cursor {next})");
+                }
             }
+            Shown::One | Shown::Outcome(_) => println!("{}", facts(&answer)),
+            Shown::Done(what) => println!("{what}"),
         }
-        Shown::One => println!("{}", facts(&answer)),
-        Shown::Done(what) => println!("{what}"),
+    }
+    if let Shown::Outcome(failure) = shown {
+        if let Some(said) = failure(&answer) {
+            return Err(Failed::Refused(said).into());
+        }
     }
     Ok(())
 }

@@ -199,6 +199,18 @@ async fn an_operator_scripts_herald_with_its_cli() {
     let invalid = herald(&base, &["subscriptions", "create", "--url", "not a url"], None).await;
     assert_eq!(invalid.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&invalid.stderr).contains("url"), "{invalid:?}");
+    // A 200 that says what was asked did not happen is a failure too: a test delivery that
+    // failed, a replay that skipped entries.
+    let dead =
+        json(&herald(&base, &["--json", "subscriptions", "create", "--url", "http://127.0.0.1:9/dead"], None).await);
+    let dead_id = dead["id"].as_str().unwrap();
+    let tested = herald(&base, &["subscriptions", "test", dead_id], None).await;
+    assert_eq!(tested.status.code(), Some(1), "{tested:?}");
+    assert!(String::from_utf8_lossy(&tested.stderr).contains("the test delivery failed"), "{tested:?}");
+    let replayed = herald(&base, &["--json", "dlq", "replay", "--ids", "dlq_missing"], None).await;
+    assert_eq!(replayed.status.code(), Some(1), "{replayed:?}");
+    let answer: Value = serde_json::from_slice(&replayed.stdout).unwrap();
+    assert_eq!(answer["skipped"][0]["reason"], "not_found", "the answer is still printed");
     assert_eq!(herald(&base, &["subscriptions", "frobnicate"], None).await.status.code(), Some(2));
     assert_eq!(herald("http://127.0.0.1:9", &["tenants", "list"], None).await.status.code(), Some(3));
 
