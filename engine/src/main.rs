@@ -75,8 +75,15 @@ fn init_tracing(config: &Config) -> anyhow::Result<Option<herald::telemetry::Tel
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.logging.level));
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|l| tracing_subscriber::EnvFilter::try_new(l).is_ok())
+        .unwrap_or_else(|| config.logging.level.clone());
+    // lapin logs each message a broker returns at `warn`, payload and headers whole: a
+    // tenant's unroutable subscription would copy its events into this log (Herald records
+    // those attempts itself). Unless the level names lapin, only its errors are logged.
+    let level = if level.contains("lapin") { level } else { format!("{level},lapin=error") };
+    let filter = tracing_subscriber::EnvFilter::new(level);
     let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let lines = match config.logging.format {
         LogFormat::Json => lines.json().boxed(),

@@ -121,7 +121,7 @@ impl KafkaProperties {
 
 /// `HERALD_*` variables of the CLI and the edge agent (`herald --server`, `--token`, `herald
 /// edge --token`), which `herald serve` leaves alone.
-const CLIENT_VARIABLES: [&str; 3] = ["SERVER", "TOKEN", "EDGE_TOKEN"];
+const CLIENT_VARIABLES: [&str; 4] = ["SERVER", "TOKEN", "EDGE_TOKEN", "EDGE_TLS_FILES_DIR"];
 
 impl Config {
     /// The key secrets are sealed with: `secret_key`, else the first line of
@@ -728,6 +728,37 @@ const SECTIONS: &[&str] = &[
     "tracing",
 ];
 
+/// `e` with the values it quotes left out, each named by its type only: a value of the wrong
+/// type may be a secret (a proxy URL with its password where a table was due, a key password
+/// of digits), and this error is printed.
+fn without_values(e: figment::Error) -> figment::Error {
+    use figment::error::{Actual, Kind};
+    let hide = |actual: &mut Actual| {
+        let kind = match actual {
+            Actual::Bool(_) => "a boolean",
+            Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+            Actual::Float(_) => "a number",
+            Actual::Char(_) | Actual::Str(_) => "a string",
+            Actual::Bytes(_) => "bytes",
+            _ => return,
+        };
+        *actual = Actual::Other(kind.into());
+    };
+    let mut all: Vec<figment::Error> = e.into_iter().collect();
+    for one in &mut all {
+        match &mut one.kind {
+            Kind::InvalidType(a, _) | Kind::InvalidValue(a, _) | Kind::Unsupported(a) | Kind::UnsupportedKey(a, _) => {
+                hide(a)
+            }
+            _ => {}
+        }
+    }
+    // Chained back in the order they came (the first of `into_iter` is the newest).
+    let mut oldest_first = all.into_iter().rev();
+    let first = oldest_first.next().expect("an error is at least one");
+    oldest_first.fold(first, figment::Error::chain)
+}
+
 fn env_key(key: &str) -> String {
     let key = key.to_ascii_lowercase();
     if key.contains("__") {
@@ -773,7 +804,11 @@ impl Config {
             // failed to load as a string, and the error echoed it.
             fig = fig.merge(Serialized::default(&key, value));
         }
-        let config: Config = fig.extract_lossy().map_err(Box::new)?;
+        let mut config: Config = fig.extract_lossy().map_err(|e| Box::new(without_values(e)))?;
+        // A token from a secret mount often ends in a newline, which no client can send.
+        for token in [&mut config.admin_token, &mut config.edge.forward_secret].into_iter().flatten() {
+            *token = token.trim().to_string();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -901,8 +936,30 @@ impl Config {
         if self.health.breaker_pause.0.is_zero() || self.health.breaker_max_pause < self.health.breaker_pause {
             return reject("health.breaker_pause", "must be more than zero and at most health.breaker_max_pause");
         }
-        if self.http.timeout.0.is_zero() {
-            return reject("http.timeout", "must be more than zero");
+        let (shortest, longest) = crate::model::range::TIMEOUT;
+        for (field, timeout) in
+            [("http.timeout", self.http.timeout.0), ("http.connect_timeout", self.http.connect_timeout.0)]
+        {
+            if !(shortest..=longest).contains(&timeout) {
+                return reject(field, &format!("must be from {shortest:?} to {longest:?}"));
+            }
+        }
+        // `warning` is no level: the filter reads it as a target's name, and logs nothing else.
+        for directive in self.logging.level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+            if level.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
+                return reject(
+                    "logging.level",
+                    &format!("{directive:?}: each of its parts is a level (error, warn, info, debug, trace, off) or target=level"),
+                );
+            }
+        }
+        if let Some(url) = &self.advertise_url {
+            let usable = url::Url::parse(url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()));
+            if !usable {
+                return reject("advertise_url", "must be an http:// or https:// URL with a host");
+            }
         }
         if let Some(token) = &self.admin_token {
             if token.len() < 16 {
@@ -945,7 +1002,12 @@ mod tests {
     /// file) must not refuse them as unknown settings.
     #[test]
     fn the_cli_s_and_the_agent_s_variables_are_not_settings() {
-        let vars = env(&[("HERALD_TOKEN", "x"), ("HERALD_SERVER", "http://h"), ("HERALD_EDGE_TOKEN", "he.x.y")]);
+        let vars = env(&[
+            ("HERALD_TOKEN", "x"),
+            ("HERALD_SERVER", "http://h"),
+            ("HERALD_EDGE_TOKEN", "he.x.y"),
+            ("HERALD_EDGE_TLS_FILES_DIR", "/etc/herald/tls"),
+        ]);
         assert!(Config::load(None, &vars).is_ok(), "{:?}", Config::load(None, &vars).err());
     }
 
@@ -962,6 +1024,71 @@ mod tests {
             assert!(Config::load(None, &env(&[(var, value)])).is_err(), "{var}={value}");
         }
         assert!(Config::load(None, &env(&[("HERALD_LOG_DLQ_RETENTION", "P3650D")])).is_ok());
+    }
+
+    /// An attempt's timeouts within the range a subscription's own may have: a connect
+    /// timeout of zero failed every connection, a default timeout of a millisecond every
+    /// attempt, one of weeks let a silent receiver hold a slot for as long.
+    #[test]
+    fn http_timeouts_out_of_range_are_refused_naming_them() {
+        for (var, value, field) in [
+            ("HERALD_HTTP_CONNECT_TIMEOUT", "0s", "http.connect_timeout"),
+            ("HERALD_HTTP_CONNECT_TIMEOUT", "1000h", "http.connect_timeout"),
+            ("HERALD_HTTP_TIMEOUT", "1ms", "http.timeout"),
+            ("HERALD_HTTP_TIMEOUT", "1000h", "http.timeout"),
+        ] {
+            match Config::load(None, &env(&[(var, value)])) {
+                Err(ConfigError::Rejected { field: f, .. }) => assert_eq!(f, field, "{var}={value}"),
+                other => panic!("{var}={value}: {other:?}"),
+            }
+        }
+        assert!(Config::load(None, &env(&[("HERALD_HTTP_TIMEOUT", "45s")])).is_ok());
+    }
+
+    /// A level that is not one (`warning`) read as a target name: nothing was logged at all.
+    #[test]
+    fn a_logging_level_that_is_no_level_is_refused() {
+        for bad in ["warning", "herald=loud", "info,lapin=verbose"] {
+            let got = Config::load(None, &env(&[("HERALD_LOGGING_LEVEL", bad)]));
+            assert!(matches!(got, Err(ConfigError::Rejected { field: "logging.level", .. })), "{bad}: {got:?}");
+        }
+        for good in ["warn", "info,herald=debug", "herald::dispatch=trace,off"] {
+            assert!(Config::load(None, &env(&[("HERALD_LOGGING_LEVEL", good)])).is_ok(), "{good}");
+        }
+    }
+
+    /// A value of the wrong type is named by its type, not shown: it may be a secret (a proxy
+    /// URL with its password given where a table was due, a key password of digits).
+    #[test]
+    fn a_value_of_the_wrong_type_is_not_shown_in_the_error() {
+        let got = Config::load(None, &env(&[("HERALD_HTTP_PROXIES", "http://herald:s3cret@egress:3128")]));
+        let text = got.expect_err("a map was due").to_string();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("proxies") && text.contains("string"), "still says where and what: {text}");
+    }
+
+    /// A token from a secret mount often ends in a newline, which no client can send: taken
+    /// without the whitespace around it.
+    #[test]
+    fn tokens_are_taken_without_surrounding_whitespace() {
+        let vars = env(&[
+            ("HERALD_ADMIN_TOKEN", "0123456789abcdef0123\n"),
+            ("HERALD_EDGE_FORWARD_SECRET", " fedcba9876543210fedcba \n"),
+        ]);
+        let config = Config::load(None, &vars).unwrap();
+        assert_eq!(config.admin_token.as_deref(), Some("0123456789abcdef0123"));
+        assert_eq!(config.edge.forward_secret.as_deref(), Some("fedcba9876543210fedcba"));
+    }
+
+    /// Other processes forward edge attempts to this URL: a wrong one failed every such
+    /// attempt at run time, not at start.
+    #[test]
+    fn an_advertise_url_that_is_no_http_url_is_refused() {
+        for bad in ["herald-2:8080", "htps://herald-2:8080", "http://"] {
+            let got = Config::load(None, &env(&[("HERALD_ADVERTISE_URL", bad)]));
+            assert!(matches!(got, Err(ConfigError::Rejected { field: "advertise_url", .. })), "{bad}: {got:?}");
+        }
+        assert!(Config::load(None, &env(&[("HERALD_ADVERTISE_URL", "https://herald-2.internal:8443")])).is_ok());
     }
 
     #[test]

@@ -356,6 +356,17 @@ pub const STATIC_PREFIX: &str = "static-";
 /// A config-file webhook as a spec and its secret: HMAC in `X-Signature`, raw payloads. Its TLS
 /// files are the operator's own: read now (boundedly) into content, so no delivery reads a file.
 pub fn static_spec(w: &StaticWebhook) -> Result<(SubscriptionSpec, Option<Secret>), Invalid> {
+    // Read as written or not at all: a key without its certificate was dropped (no
+    // certificate presented, nothing said), an encoding spelt `HEX` signed in base64.
+    if w.client_cert.is_none() && (w.key_file.is_some() || w.key_password.is_some()) {
+        let field = if w.key_file.is_some() { "tls.client_key_file" } else { "tls.key_password" };
+        return Err(Invalid::new(field, "needs the client certificate it goes with (client_cert)"));
+    }
+    let encoding = match w.signature_encoding.as_deref() {
+        None | Some("base64") => SignatureEncoding::Base64,
+        Some("hex") => SignatureEncoding::Hex,
+        Some(_) => return Err(Invalid::new("signature_encoding", "must be \"base64\" or \"hex\"")),
+    };
     let path = |p: &Option<String>| p.as_ref().map(std::path::PathBuf::from);
     let files = crate::transport::tls::inline_files(
         path(&w.trust_file).as_ref(),
@@ -368,8 +379,6 @@ pub fn static_spec(w: &StaticWebhook) -> Result<(SubscriptionSpec, Option<Secret
         trust_all: w.trust_all,
         ..files
     });
-    let encoding =
-        if w.signature_encoding.as_deref() == Some("hex") { SignatureEncoding::Hex } else { SignatureEncoding::Base64 };
     let (signature, secret) = match &w.secret {
         Some(s) => (SignatureSpec::Hmac { header: "X-Signature".into(), encoding }, Some(Secret(s.clone()))),
         None => (SignatureSpec::None, None),

@@ -276,3 +276,60 @@ async fn each_unroutable_message_is_failed_and_each_routed_one_delivered_however
         "routed but counted unroutable: {wrongly_failed:?}; unroutable but counted delivered: {wrongly_delivered:?}"
     );
 }
+
+/// lapin logs each message a broker returns at `warn`, payload and headers whole: with the
+/// default logging, a tenant's unroutable subscription copied its events into Herald's own
+/// log. Herald reports those attempts itself (history, dead letters), without the payload.
+#[tokio::test]
+async fn a_returned_message_s_payload_is_not_written_to_herald_s_log() {
+    use std::io::Read;
+    let _broker = crate::support::RABBITMQ.lock().await;
+    let run = format!("{:x}", std::process::id() as u64 * 7_907 + rand::random::<u32>() as u64);
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .envs(crate::support::ENV.iter().copied())
+        .env_remove("RUST_LOG")
+        .env_remove("HERALD_TEST_BACKEND")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("herald binary runs");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let addr: std::net::SocketAddr = loop {
+        let line = lines.next().expect("herald printed its address").unwrap();
+        if let Some(a) = line.strip_prefix("herald listening on http://") {
+            break a.parse().unwrap();
+        }
+    };
+    let mut stderr = child.stderr.take().unwrap();
+    let logged = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = stderr.read_to_string(&mut all);
+        all
+    });
+    let api = crate::support::Api::new(addr, crate::support::TOKEN);
+    let (_conn, ch) = channel().await;
+    let exchange = format!("herald-quiet-{run}");
+    topic(&ch, &exchange, false, &[]).await; // no queue bound: every message comes back
+    let sub = api
+        .subscribe(json!({ "transport": "amqp", "amqp": { "uri": BROKER, "exchange": exchange },
+                           "retry": { "policy": "fixed", "interval": "100ms", "max_attempts": 1 } }))
+        .await;
+    let marker = format!("customer-secret-data-{run}");
+    let (status, _) = api.post("/v1/events", json!({ "type": "T", "data": { "note": marker } })).await;
+    assert_eq!(status, 202);
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    until("the returned message dead-lettered", Duration::from_secs(30), || async {
+        let (_, dlq) = api.get(&format!("/v1/dlq?subscription={sub_id}")).await;
+        (!dlq["items"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let logged = logged.join().unwrap();
+    // lapin wrote the message out as Rust sees it (the payload as a list of bytes), with the
+    // exchange it came back from.
+    assert!(!logged.contains(&marker) && !logged.contains(&exchange), "the message is in Herald's log:\n{logged}");
+}

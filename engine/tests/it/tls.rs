@@ -456,6 +456,18 @@ key_file = "{key}"
     bad.webhooks[0].endpoint = "ftp://nowhere".into();
     let err = herald::server::start(bad).await.err().expect("a bad webhook stops the start").to_string();
     assert!(err.contains("webhooks[0].endpoint"), "{err}");
+    // Settings that would be dropped or read otherwise than written stop it too: an encoding
+    // other than hex or base64 (`HEX` was signed in base64), a key without its certificate
+    // (no certificate was presented, and nothing said).
+    let mut bad = config.clone();
+    bad.webhooks[0].signature_encoding = Some("HEX".into());
+    let err = herald::server::start(bad).await.err().expect("an unknown encoding stops the start").to_string();
+    assert!(err.contains("webhooks[0].signature_encoding"), "{err}");
+    let mut bad = config.clone();
+    bad.webhooks[0].client_cert = None;
+    let err =
+        herald::server::start(bad).await.err().expect("a key without its certificate stops the start").to_string();
+    assert!(err.contains("webhooks[0].key_file"), "{err}");
 }
 
 /// A PKCS#12 file names its own key derivation work: rounds for each key inside, up to a
