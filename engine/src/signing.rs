@@ -157,6 +157,14 @@ impl Signer {
         Ok(self)
     }
 
+    /// The header an `hmac` signature goes in (the Standard Webhooks ones are reserved).
+    pub fn header(&self) -> Option<&HeaderName> {
+        match &self.scheme {
+            Scheme::Hmac { header, .. } => Some(header),
+            Scheme::Standard | Scheme::None => None,
+        }
+    }
+
     /// The headers that identify and sign one request whose body is the concatenation of
     /// `body`: `webhook-id` and `webhook-timestamp` (for every scheme, so receivers can drop
     /// duplicates) and the scheme's signature over exactly those bytes.

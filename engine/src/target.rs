@@ -78,8 +78,8 @@ impl Target {
             if signing::reserved(&name) {
                 return Err(Invalid::new(&field, "this header is set by Herald and cannot be overridden"));
             }
-            if signing::TRACE_HEADERS.contains(&name.as_str()) {
-                continue; // Herald's own, now (new subscriptions cannot set it: see `validate`)
+            if signing::TRACE_HEADERS.contains(&name.as_str()) || signer.header() == Some(&name) {
+                continue; // Herald's own (new subscriptions cannot set these: see `validate`)
             }
             if name == http::header::AUTHORIZATION && !matches!(spec.auth, Auth::None) {
                 return Err(Invalid::new(&field, "auth sets this header; remove one of the two"));
@@ -130,5 +130,44 @@ impl Target {
             }
         }
         Signed { body, headers, at_ms: now_ms }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Secret, SignatureEncoding, SignatureSpec, SubscriptionSpec};
+
+    /// A subscription stored before its own signature header was refused among its headers
+    /// keeps delivering, with Herald's signature the only value of that header (sent twice,
+    /// the tenant's first, receivers read `old` or `old, <signature>` and failed).
+    #[test]
+    fn a_stored_header_named_like_the_signature_is_not_sent() {
+        let spec = SubscriptionSpec {
+            url: "https://hooks.example.com/a".into(),
+            signature: SignatureSpec::Hmac { header: "x-hook-signature".into(), encoding: SignatureEncoding::Hex },
+            headers: [
+                ("X-Hook-Signature".to_string(), Secret("old".into())),
+                ("X-Team".to_string(), Secret("a".into())),
+            ]
+            .into(),
+            ..SubscriptionSpec::default()
+        };
+        let sub = Subscription {
+            id: "sub".into(),
+            tenant: "t".into(),
+            spec,
+            secret: Secret("s3cret".into()),
+            previous_secret: None,
+            previous_secret_until: None,
+            earlier_secrets: Vec::new(),
+            based_on: None,
+            disabled_reason: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let target = Target::compile(sub).unwrap();
+        assert!(target.headers.get("x-hook-signature").is_none(), "{:?}", target.headers);
+        assert!(target.headers.get("x-team").is_some());
     }
 }

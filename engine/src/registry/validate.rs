@@ -248,10 +248,24 @@ fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
     if spec.headers.len() > range::HEADERS {
         return Err(Invalid::new("headers", format!("at most {} headers", range::HEADERS)));
     }
+    let signature_header = match &spec.signature {
+        SignatureSpec::Hmac { header, .. } => Some(header.to_ascii_lowercase()),
+        _ => None,
+    };
+    // Nor a trace-context header for the signature: traced events carry Herald's own as well.
+    if signature_header.as_deref().is_some_and(|h| crate::signing::TRACE_HEADERS.contains(&h)) {
+        return Err(Invalid::new("signature.header", "Herald sets the trace context of traced events itself"));
+    }
     for (name, value) in &spec.headers {
         let field = format!("headers.{name}");
-        if crate::signing::TRACE_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+        let lower = name.to_ascii_lowercase();
+        if crate::signing::TRACE_HEADERS.contains(&lower.as_str()) {
             return Err(Invalid::new(&field, "Herald sets the trace context of traced events itself"));
+        }
+        // Checked here, on what tenants write, not where stored subscriptions are compiled:
+        // those keep delivering (Herald's own header is the one sent).
+        if lower.starts_with("content-") || signature_header.as_ref() == Some(&lower) {
+            return Err(Invalid::new(&field, "this header is set by Herald and cannot be overridden"));
         }
         check_len(&field, name, crate::signing::MAX_HEADER_NAME)?;
         check_secret(&field, value)?;

@@ -168,6 +168,23 @@ async fn subscription_validation_names_the_field() {
             "retry.max_attempts",
         ),
         (json!({ "url": "https://h.example.com", "headers": { "Content-Length": "1" } }), "headers.Content-Length"),
+        // Every `content-*` header is Herald's (the README says so): `gzip` over a plain body
+        // failed every receiver that believed it.
+        (
+            json!({ "url": "https://h.example.com", "headers": { "Content-Encoding": "gzip" } }),
+            "headers.Content-Encoding",
+        ),
+        // The subscription's own signature header: sent twice, the tenant's value first.
+        (
+            json!({ "url": "https://h.example.com", "signature": { "scheme": "hmac", "header": "x-hook-signature" },
+                    "headers": { "X-Hook-Signature": "old" } }),
+            "headers.X-Hook-Signature",
+        ),
+        // A signature in a trace-context header: traced events carry Herald's own as well.
+        (
+            json!({ "url": "https://h.example.com", "signature": { "scheme": "hmac", "header": "traceparent" } }),
+            "signature.header",
+        ),
         (json!({ "url": "https://h.example.com", "colour": "blue" }), "colour"),
         (json!({ "url": "https://h.example.com", "transport": "amqp" }), "amqp"),
         (json!({ "transport": "amqp", "amqp": { "uri": "http://x", "exchange": "e" } }), "amqp.uri"),
