@@ -158,9 +158,14 @@ pub enum Refusal {
 /// Validates one event; `prefix` names its place in a batch (e.g. `[3]`), `tenant` is used
 /// when the event names none, and `data` with `changes` may be at most `max_bytes`.
 pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes: usize) -> Result<Event, Refusal> {
-    let bytes = input.data.get().len() + input.changes.as_ref().map_or(0, |c| c.get().len());
-    if bytes > max_bytes {
-        return Err(Refusal::TooLarge { field: field(prefix, "data"), bytes, max: max_bytes });
+    // The field named is `data` if it is too large alone, else `changes`, which adds the rest.
+    let too_large = |data: usize, changes: usize| {
+        let name = if data > max_bytes || changes == 0 { "data" } else { "changes" };
+        Refusal::TooLarge { field: field(prefix, name), bytes: data + changes, max: max_bytes }
+    };
+    let (data_bytes, changes_bytes) = (input.data.get().len(), input.changes.as_ref().map_or(0, |c| c.get().len()));
+    if data_bytes + changes_bytes > max_bytes {
+        return Err(too_large(data_bytes, changes_bytes));
     }
     let bad = |name: &str, message: &str| Invalid { field: field(prefix, name), message: message.to_string() };
     let event_type = input.event_type;
@@ -183,9 +188,9 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes
     let changes = input.changes.map(|c| json("changes", c.get())).transpose()?;
     // And in the form delivered, which may be longer (`1e20` is written out in full): every
     // record stays within the log's record limit, so none is refused after others were written.
-    let delivered = data.canonical.len() + changes.as_ref().map_or(0, |c| c.canonical.len());
-    if delivered > max_bytes {
-        return Err(Refusal::TooLarge { field: field(prefix, "data"), bytes: delivered, max: max_bytes });
+    let (data_bytes, changes_bytes) = (data.canonical.len(), changes.as_ref().map_or(0, |c| c.canonical.len()));
+    if data_bytes + changes_bytes > max_bytes {
+        return Err(too_large(data_bytes, changes_bytes));
     }
     let trace = input
         .traceparent

@@ -71,6 +71,10 @@ async fn an_event_over_the_size_limit_is_refused_naming_the_limit() {
     assert!(wide["data"].to_string().len() < 2048);
     let (status, err) = h.api.post("/v1/events/batch", json!([{ "type": "T", "data": {} }, wide])).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (413, Some("[1].data")), "{err}");
+    // The field named is the one that makes it too large: `changes`, when `data` alone fits.
+    let changed = json!({ "type": "T", "data": {}, "changes": { "pad": "x".repeat(3000) } });
+    let (status, err) = h.api.post("/v1/events/batch", json!([{ "type": "T", "data": {} }, changed])).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (413, Some("[1].changes")), "{err}");
 }
 
 #[tokio::test]
