@@ -44,7 +44,7 @@ ROWS = [
     ("history: recording", ("herald::history::", "write_history", "take_history")),
     (READING, ("start_due", "next_batch")),  # before the deliveries they start
     ("the delivery's own work (decode, lookup, admission, settle)",
-     ("process_waiting", "shard::supervise")),
+     ("process_supervised", "shard::supervise")),
     (READING, ("shard::run",)),  # after the deliveries it polls
     ("tokio's timers and scheduler, and the rest",
      ("tokio::runtime::time", "tokio::runtime::scheduler")),

@@ -34,6 +34,9 @@ use tracing::Instrument;
 pub trait Observe: Send + Sync {
     /// Sees one settled delivery.
     fn settled(&self, settled: &Settled);
+
+    /// Sees a delivery about to be attempted (its transport called next).
+    fn attempting(&self, _delivery: &Delivery) {}
 }
 
 /// Makes one delivery from its log record to its settlement.
@@ -73,17 +76,20 @@ impl Deliverer {
         self
     }
 
-    /// Processes one record, once more if that panics; returns only when it is settled
-    /// (durably; its history record queued, and durable before a commit of its offset goes
-    /// through), so its offset may be committed. A record that panicked twice is the caller's
-    /// to park ([`Deliverer::park_panicked`], boxed where awaited: it would add to every
-    /// delivery's future), with the last panic's message here, so no record can stop its
-    /// partition.
+    /// Processes one record (keeping a delivery that must wait where `waits` says), once
+    /// more if that panics before it is settled; returns only when it is settled (durably;
+    /// its history record queued, and durable before a commit of its offset goes through), so
+    /// its offset may be committed. A record that panicked twice is the caller's to park
+    /// ([`Deliverer::park_panicked`], boxed where awaited: it would add to every delivery's
+    /// future), with the last panic's message here, so no record can stop its partition.
     pub async fn process_supervised(&self, rec: &LogRecord, waits: Waits) -> Result<Settled, String> {
         let mut last = String::new();
         for attempt in 1..=2 {
-            match AssertUnwindSafe(self.process_waiting(rec.clone(), waits)).catch_unwind().await {
-                Ok(settled) => return Ok(settled),
+            match AssertUnwindSafe(self.deliver(rec.clone(), waits)).catch_unwind().await {
+                Ok(mut settled) => {
+                    self.settled(rec, &mut settled);
+                    return Ok(settled);
+                }
                 Err(panic) => {
                     last = panic_message(panic.as_ref());
                     tracing::error!(partition = rec.partition, offset = rec.offset, attempt, panic = %last, "a delivery panicked");
@@ -93,12 +99,18 @@ impl Deliverer {
         Err(last)
     }
 
-    /// Processes one record, keeping a delivery that must wait where `waits` says.
-    pub async fn process_waiting(&self, rec: LogRecord, waits: Waits) -> Settled {
-        let mut settled = self.deliver(rec, waits).await;
-        self.observe(&settled);
-        self.write_history(&mut settled);
-        settled
+    /// Observes and records a settled delivery. A panic in either is caught and logged, not
+    /// run again from the start: the delivery is settled (sent, or its retry or dead letter
+    /// durable), and processing it again sent it again and started a second chain of retries.
+    fn settled(&self, rec: &LogRecord, settled: &mut Settled) {
+        let caught = |what: &str, done: std::thread::Result<()>| {
+            if let Err(panic) = done {
+                let panic = panic_message(panic.as_ref());
+                tracing::error!(partition = rec.partition, offset = rec.offset, panic = %panic, "{what} a settled delivery panicked");
+            }
+        };
+        caught("observing", std::panic::catch_unwind(AssertUnwindSafe(|| self.observe(settled))));
+        caught("recording", std::panic::catch_unwind(AssertUnwindSafe(|| self.write_history(settled))));
     }
 
     /// Dead-letters the head of an ordered key an operator skipped, and records it.
@@ -152,15 +164,11 @@ impl Deliverer {
     }
 
     /// Settles a record whose processing panicked twice ([`Deliverer::process_supervised`]).
-    /// Observing it may panic once more (it is the same record): that is caught, so the
+    /// Observing or recording it may panic (it is the same record): that is caught, so the
     /// partition moves on.
     pub async fn park_panicked(&self, rec: &LogRecord, message: String) -> Settled {
         let mut settled = self.settler.panicked(rec, message).await;
-        let observed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.observe(&settled)));
-        if observed.is_err() {
-            tracing::error!(partition = rec.partition, offset = rec.offset, "observing a parked delivery panicked");
-        }
-        self.write_history(&mut settled);
+        self.settled(rec, &mut settled);
         settled
     }
 
@@ -227,6 +235,9 @@ impl Deliverer {
             delivery.attempt,
             delivery.trace.as_ref(),
         );
+        for o in &self.observers {
+            o.attempting(&delivery);
+        }
         // In the attempt's span: the `traceparent` receivers get names it as their parent.
         let outcome = self.transports.deliver(&target, &delivery, pending).instrument(span.clone()).await;
         let delivered = matches!(outcome, crate::model::Outcome::Delivered { .. });
