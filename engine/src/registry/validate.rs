@@ -376,7 +376,7 @@ pub fn static_spec(w: &StaticWebhook) -> Result<(SubscriptionSpec, Option<Secret
         let field = if w.key_file.is_some() { "tls.client_key_file" } else { "tls.key_password" };
         return Err(Invalid::new(field, "needs the client certificate it goes with (client_cert)"));
     }
-    let encoding = match w.signature_encoding.as_deref() {
+    let encoding = match w.signature_encoding.as_deref().map(str::to_ascii_lowercase).as_deref() {
         None | Some("base64") => SignatureEncoding::Base64,
         Some("hex") => SignatureEncoding::Hex,
         Some(_) => return Err(Invalid::new("signature_encoding", "must be \"base64\" or \"hex\"")),

@@ -32,6 +32,7 @@ use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -102,6 +103,8 @@ enum State {
 struct Broker {
     state: Mutex<State>,
     window: Arc<Semaphore>,
+    /// Permits of `window` taken out for good, for a broker allowing fewer channels.
+    held_back: AtomicUsize,
     last_used: Mutex<Instant>,
 }
 
@@ -159,6 +162,7 @@ impl AmqpTransport {
             Arc::new(Broker {
                 state: Mutex::new(State::Closed),
                 window: Arc::new(Semaphore::new(CHANNELS)),
+                held_back: AtomicUsize::new(0),
                 last_used: Mutex::new(Instant::now()),
             })
         });
@@ -249,6 +253,18 @@ impl AmqpTransport {
             Ok(link) => {
                 if ours {
                     *state = State::Open(link.clone());
+                    // A broker that allows fewer channels than the window: publishes beyond
+                    // them wait for a permit rather than fail to open a channel.
+                    let allowed = match link.conn.configuration().channel_max() {
+                        0 => CHANNELS,
+                        n => usize::from(n).min(CHANNELS),
+                    };
+                    // (Only permits free now are taken: the rest at the next opening.)
+                    let held_back = broker.held_back.load(Ordering::Relaxed);
+                    if CHANNELS - allowed > held_back {
+                        let taken = broker.window.forget_permits(CHANNELS - allowed - held_back);
+                        broker.held_back.fetch_add(taken, Ordering::Relaxed);
+                    }
                 }
                 Ok(link)
             }
@@ -275,8 +291,12 @@ impl AmqpTransport {
         };
         let uri = amqp.uri.expose();
         let broker = self.broker(uri, &amqp.exchange);
-        let Ok(_slot) = broker.window.clone().acquire_owned().await else {
-            return failed(Failure::Broker { detail: "the broker's publisher was closed".into() });
+        // Within the attempt's time: one that waited past it would still publish (lapin sends
+        // on the first poll), then count a timeout, and be sent again.
+        let _slot = match tokio::time::timeout_at(deadline, broker.window.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) => return failed(Failure::Broker { detail: "the broker's publisher was closed".into() }),
+            Err(_) => return failed(timed_out(timeout)),
         };
         let link = match self.link(&broker, uri, deadline, timeout).await {
             Ok(link) => link,
@@ -315,6 +335,10 @@ impl AmqpTransport {
             }
             Err(_) => return failed(timed_out(timeout)),
         };
+        if tokio::time::Instant::now() >= deadline {
+            link.put_back(channel);
+            return failed(timed_out(timeout));
+        }
         let publish = async {
             let confirm = channel
                 .basic_publish(

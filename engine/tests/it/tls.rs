@@ -460,7 +460,7 @@ key_file = "{key}"
     // other than hex or base64 (`HEX` was signed in base64), a key without its certificate
     // (no certificate was presented, and nothing said).
     let mut bad = config.clone();
-    bad.webhooks[0].signature_encoding = Some("HEX".into());
+    bad.webhooks[0].signature_encoding = Some("hexadecimal".into());
     let err = herald::server::start(bad).await.err().expect("an unknown encoding stops the start").to_string();
     assert!(err.contains("webhooks[0].signature_encoding"), "{err}");
     let mut bad = config.clone();
