@@ -945,6 +945,9 @@ impl Config {
             }
         }
         // `warning` is no level: the filter reads it as a target's name, and logs nothing else.
+        if self.logging.level.trim().is_empty() {
+            return reject("logging.level", "name a level (error, warn, info, debug, trace, off)");
+        }
         for directive in self.logging.level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
             let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
             if level.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
@@ -1048,7 +1051,7 @@ mod tests {
     /// A level that is not one (`warning`) read as a target name: nothing was logged at all.
     #[test]
     fn a_logging_level_that_is_no_level_is_refused() {
-        for bad in ["warning", "herald=loud", "info,lapin=verbose"] {
+        for bad in ["warning", "herald=loud", "info,lapin=verbose", ""] {
             let got = Config::load(None, &env(&[("HERALD_LOGGING_LEVEL", bad)]));
             assert!(matches!(got, Err(ConfigError::Rejected { field: "logging.level", .. })), "{bad}: {got:?}");
         }

@@ -242,6 +242,10 @@ struct Lane {
     /// here) was dead-lettered holding the key, as a marker read since says: its settling,
     /// when read, is the key's release.
     parked_before: Option<u64>,
+    /// The head is the first of the key this sequencer read, not one it took on after
+    /// settling the one before: only then can a marker read later settle an older head of
+    /// the key that this sequencer never held (see `Sequencer::older_head_settled`).
+    inherited: bool,
     /// A marker said the head was settled while this sequencer was attempting it again (the
     /// last owner's, read after a takeover or a replay that went live at the cap of keys):
     /// the key moves on when that attempt ends, not during it, so two of its deliveries are
@@ -268,11 +272,13 @@ impl Lane {
             skip_at: None,
             budget_floor: 0,
             parked_before: None,
+            inherited: true,
             settled_elsewhere: false,
             waiting: 0,
             buffered: VecDeque::new(),
         };
         lane.take_head(head, d);
+        lane.inherited = true;
         lane
     }
 
@@ -286,6 +292,7 @@ impl Lane {
         self.skip = false;
         self.skip_at = None;
         self.settled_elsewhere = false;
+        self.inherited = false;
     }
 
     /// The key, held after a dead letter, is released (by the skip read at `skip_at`, else
@@ -684,7 +691,9 @@ impl Sequencer {
     /// which the later deliveries' budgets start from (as `Lane::released` does live; a skip
     /// of a head that was only retrying gives them that much more, no less). Whether it was one.
     fn older_head_settled(&mut self, lane: &LaneId, head: u64, at_ms: i64) -> bool {
-        let Some(l) = self.lanes.get_mut(lane).filter(|l| head < l.head.offset) else { return false };
+        // A head this sequencer took on after settling the one before: a late marker of that
+        // one (its own read back, or a last owner's after a takeover) says nothing of skips.
+        let Some(l) = self.lanes.get_mut(lane).filter(|l| head < l.head.offset && l.inherited) else { return false };
         if l.skip || l.parked_before == Some(head) {
             l.budget_floor = l.budget_floor.max(l.skip_at.unwrap_or(at_ms));
         }

@@ -516,10 +516,19 @@ impl Ingest {
                     // The deliveries are written and will be sent: the events are accepted
                     // (refused, a retry would send them all again). Their history records
                     // follow through the recorder's queue, retried until the log takes them.
-                    if let Err(e) = recorded {
-                        tracing::warn!(error = %e, events = history.len(), "accepted events' history records were not written with their deliveries; queued");
-                        for rec in &history {
-                            h.record(rec);
+                    match recorded {
+                        Ok(()) => {}
+                        // Queued, each would be refused again, and a log that stops a batch at
+                        // its first too-large record would lose the attempts queued beside it.
+                        Err(e @ LogError::TooLarge { .. }) => {
+                            metrics::counter!(crate::metrics::HISTORY_LATE).increment(history.len() as u64);
+                            tracing::error!(error = %e, events = history.len(), "accepted events' history records are too large for the log; not recorded");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, events = history.len(), "accepted events' history records were not written with their deliveries; queued");
+                            for rec in &history {
+                                h.record(rec);
+                            }
                         }
                     }
                 }
