@@ -7,6 +7,7 @@ use super::tls::{client_config, ProfileKey, TlsError};
 use crate::model::{Failure, Outcome, Response, TlsOptions};
 use crate::payload::Body;
 use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt, Shared};
 use http::{HeaderMap, Request, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::dns::Name;
@@ -263,9 +264,23 @@ pub struct HttpTransport {
     profiles: Arc<Mutex<Profiles>>,
     /// Builds of profiles with a PKCS#12 file, one at a time (see [`HttpTransport::build`]).
     heavy_builds: Arc<tokio::sync::Semaphore>,
+    /// Profiles being built, and those whose build failed lately.
+    builds: Arc<Mutex<HashMap<PoolKey, Build>>>,
     guard: NetworkGuard,
     settings: HttpSettings,
 }
+
+/// A profile's build, shared by the attempts waiting for it.
+type SharedBuild = Shared<BoxFuture<'static, Result<Arc<Pool>, Failure>>>;
+
+/// A profile's build under way, or how it failed.
+enum Build {
+    Running(SharedBuild),
+    Failed(Instant, Failure),
+}
+
+/// How long a profile whose build failed is not built again (its attempts fail at once).
+const FAILED_BUILD_KEPT: Duration = Duration::from_secs(60);
 
 /// A pool as [`HttpTransport::pool_for`] finds it.
 enum Found<'a> {
@@ -314,6 +329,7 @@ impl HttpTransport {
             default,
             profiles: Default::default(),
             heavy_builds: Arc::new(tokio::sync::Semaphore::new(1)),
+            builds: Default::default(),
             guard,
             settings: settings.clone(),
         }
@@ -376,34 +392,64 @@ impl HttpTransport {
         tls: Option<&TlsOptions>,
         within: Duration,
     ) -> Result<Arc<Pool>, Failure> {
-        let heavy = tls.is_some_and(|t| t.client_p12.is_some() || t.client_cert_file.is_some());
-        let (this, tls) = (self.clone(), tls.cloned());
-        let building = tokio::spawn(async move {
+        // One build of a profile at a time, shared by every attempt waiting for it; one that
+        // failed is not tried again for a while: each try of a broken PKCS#12 file was a
+        // second of key derivation, queued behind every other tenant's.
+        let shared = {
+            let mut builds = self.builds.lock().unwrap();
+            match builds.get(&key) {
+                Some(Build::Running(running)) => running.clone(),
+                Some(Build::Failed(at, failure)) if at.elapsed() < FAILED_BUILD_KEPT => return Err(failure.clone()),
+                _ => {
+                    if let Some((pool, _)) = self.profiles.lock().unwrap().get(&key) {
+                        return Ok(pool.clone()); // built since it was looked for
+                    }
+                    builds.retain(|_, b| !matches!(b, Build::Failed(at, _) if at.elapsed() >= FAILED_BUILD_KEPT));
+                    let running = self.start_build(key.clone(), proxy, tls.cloned());
+                    builds.insert(key, Build::Running(running.clone()));
+                    running
+                }
+            }
+        };
+        tokio::time::timeout(within, shared).await.unwrap_or_else(|_| Err(timed_out(within)))
+    }
+
+    /// Runs a profile's build in a task of its own (see [`HttpTransport::build`]), which
+    /// settles `builds` when it ends.
+    fn start_build(&self, key: PoolKey, proxy: Option<Proxy>, tls: Option<TlsOptions>) -> SharedBuild {
+        let heavy = tls.as_ref().is_some_and(|t| t.client_p12.is_some() || t.client_cert_file.is_some());
+        let this = self.clone();
+        let task = tokio::spawn(async move {
             let one = match heavy {
                 true => Some(this.heavy_builds.clone().acquire_owned().await.expect("never closed")),
                 false => None,
             };
-            tokio::task::spawn_blocking(move || {
+            let (builder, key_built) = (this.clone(), key.clone());
+            let built = tokio::task::spawn_blocking(move || {
                 let _one = one;
-                if let Some((p, used)) = this.profiles.lock().unwrap().get_mut(&key) {
-                    *used = Instant::now();
-                    return Ok(p.clone()); // built while this one waited its turn
-                }
+                let this = builder;
                 let config = client_config(tls.as_ref(), this.settings.tls_files_dir.as_deref())
                     .map_err(|e: TlsError| Failure::Unusable { detail: e.to_string() })?;
                 let built = Arc::new(pool(&this.guard, &this.settings, proxy.as_ref(), config));
                 let mut profiles = this.profiles.lock().unwrap();
                 profiles.retain(|_, (_, used)| used.elapsed() < PROFILE_IDLE);
-                Ok(profiles.entry(key).or_insert((built, Instant::now())).0.clone())
+                Ok(profiles.entry(key_built).or_insert((built, Instant::now())).0.clone())
             })
             .await
-            .unwrap_or_else(|e| Err(Failure::Unusable { detail: format!("building the TLS profile failed: {e}") }))
+            .unwrap_or_else(|e| Err(Failure::Unusable { detail: format!("building the TLS profile failed: {e}") }));
+            let mut builds = this.builds.lock().unwrap();
+            match &built {
+                Ok(_) => builds.remove(&key),
+                Err(failure) => builds.insert(key, Build::Failed(Instant::now(), failure.clone())),
+            };
+            built
         });
-        match tokio::time::timeout(within, building).await {
-            Ok(Ok(built)) => built,
-            Ok(Err(e)) => Err(Failure::Unusable { detail: format!("building the TLS profile failed: {e}") }),
-            Err(_) => Err(timed_out(within)),
+        async move {
+            task.await
+                .unwrap_or_else(|e| Err(Failure::Unusable { detail: format!("building the TLS profile failed: {e}") }))
         }
+        .boxed()
+        .shared()
     }
 
     /// Refuses IP-literal hosts outside the guard (names are checked by the resolver).
@@ -680,5 +726,29 @@ mod tests {
             Outcome::Delivered { status: 200, response: Some(r), .. } => assert_eq!(&r.body[..], b"ab"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A profile whose build fails is not built again at each attempt (a broken PKCS#12
+    /// file's is a second of key derivation, queued before every other tenant's builds):
+    /// attempts within a while fail at once with the same reason.
+    #[tokio::test]
+    async fn a_profile_that_failed_to_build_is_not_built_again_at_once() {
+        let http =
+            HttpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), &HttpSettings::default());
+        let tls = crate::model::TlsOptions { ca_pem: Some("not a certificate".into()), ..Default::default() };
+        let request = || WebhookRequest {
+            uri: "https://127.0.0.1:9/hook".parse().unwrap(),
+            headers: HeaderMap::new(),
+            body: Body::new([Bytes::from_static(b"{}")]),
+            timeout: Duration::from_secs(2),
+        };
+        let attempts =
+            futures::future::join_all((0..20).map(|_| http.send(request(), Some(&tls), Egress::Direct))).await;
+        for outcome in &attempts {
+            assert!(matches!(outcome, Outcome::Failed { failure: Failure::Unusable { .. }, .. }), "{outcome:?}");
+        }
+        let builds = http.builds.lock().unwrap();
+        assert_eq!(builds.len(), 1, "one build for the profile");
+        assert!(matches!(builds.values().next(), Some(Build::Failed(..))), "remembered as failed");
     }
 }
