@@ -2,6 +2,8 @@
 //! in order. `herald serve` is this plus a signal handler.
 
 use crate::api::{self, AppState};
+use std::future::Future;
+use std::task::{Context, Poll};
 use crate::catalog::feed::{self, Feed};
 use crate::catalog::Router;
 use crate::config::{Backend, Config};
@@ -344,6 +346,7 @@ async fn serve_connections(
             seen.store(true, std::sync::atomic::Ordering::Relaxed);
             tower::ServiceExt::oneshot(app.clone(), req)
         });
+        let stream = WriteStall::new(stream, limits.request_timeout.0);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -362,6 +365,83 @@ async fn serve_connections(
     }
     if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
         tracing::warn!("API connections still open after the drain; closing them");
+    }
+}
+
+/// An API connection whose writes may make no progress for at most `within`, then fail
+/// (closing it): a client that sends requests and never reads the answers (its receive window
+/// shut) otherwise held its connection slot for good, since nothing else bounds hyper's
+/// writes — header and request timeouts end before an answer is written out.
+struct WriteStall {
+    inner: tokio::net::TcpStream,
+    within: Duration,
+    /// Since when a write has been waiting, as a timer.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteStall {
+    fn new(inner: tokio::net::TcpStream, within: Duration) -> Self {
+        WriteStall { inner, within, stalled: None }
+    }
+
+    /// What a write that came to `polled` means: progress resets the timer; waiting past
+    /// `within` is an error.
+    fn watch<T>(&mut self, polled: Poll<std::io::Result<T>>, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let within = self.within;
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {within:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WriteStall {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteStall {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(polled, cx)
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -729,6 +729,35 @@ async fn connections_that_never_start_a_request_cannot_hold_the_api() {
     }
 }
 
+/// Clients that send requests and never read the answers (their receive window shut): the
+/// answers' writes stall, and nothing bounded them, so such clients held every connection
+/// slot for good, token or not. A write that makes no progress for `api.request_timeout`
+/// ends the connection.
+#[tokio::test]
+async fn clients_that_never_read_their_answers_cannot_hold_the_api() {
+    let h = TestHerald::start_with(|c| {
+        c.api.max_connections = 2;
+        c.api.header_read_timeout = Duration::from_millis(500).into();
+        c.api.request_timeout = Duration::from_millis(800).into();
+    })
+    .await;
+    let addr = h.herald.addr;
+    let mut held = Vec::new();
+    let pipelined = "GET /v1/openapi.json HTTP/1.1\r\nhost: herald\r\n\r\n".repeat(200);
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        stream.write_all(pipelined.as_bytes()).await.unwrap();
+        held.push(stream);
+    }
+    until("the API serves again while they stay connected", Duration::from_secs(20), || async {
+        matches!(h.api.try_raw("GET", "/healthz", None, None).await, Ok((s, _)) if s == 200).then_some(())
+    })
+    .await;
+    drop(held);
+}
+
 /// A token URL whose name resolves into Herald's own network is refused by the guard when
 /// the token is fetched, and the attempt says `refused` — not `auth`, as if the credentials
 /// had been turned down.
