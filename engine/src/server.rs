@@ -2,8 +2,6 @@
 //! in order. `herald serve` is this plus a signal handler.
 
 use crate::api::{self, AppState};
-use std::future::Future;
-use std::task::{Context, Poll};
 use crate::catalog::feed::{self, Feed};
 use crate::catalog::Router;
 use crate::config::{Backend, Config};
@@ -24,9 +22,11 @@ use crate::topics::Topics;
 use crate::transport::edge::EdgeHub;
 use crate::transport::{HttpSettings, NetworkGuard, Transports};
 use rand::RngCore;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

@@ -12,6 +12,10 @@ pub const DEFAULT_LIMIT: usize = 50;
 /// Largest page.
 pub const MAX_LIMIT: usize = 500;
 
+/// Bytes of a page's items after which it ends (with a cursor), whatever its `limit`: items
+/// a tenant makes large (subscriptions) would otherwise make answers of hundreds of MB.
+pub const MAX_BYTES: usize = 4 << 20;
+
 /// Most entries a filtered in-memory list looks at for one page: enough that a page is
 /// rarely cut short, few enough that no request holds a lock for long (about a millisecond).
 pub const MAX_SCAN: usize = 10_000;

@@ -149,8 +149,19 @@ pub async fn list(
             return Err(ApiError::validation("cursor", "not a cursor returned by this API"));
         }
     }
-    let (page, next) = state.registry.list(tenant, q.cursor.as_deref(), limit, page::MAX_SCAN, |t| filter.keeps(t));
-    let items: Vec<_> = page.iter().map(|t| view(t)).collect();
+    let (page, mut next) = state.registry.list(tenant, q.cursor.as_deref(), limit, page::MAX_SCAN, |t| filter.keeps(t));
+    // Cut by size too: a subscription can be a quarter of a megabyte (a thousand event types),
+    // and 500 of them made one answer of over 100 MB, built and held at once.
+    let (mut items, mut bytes) = (Vec::new(), 0);
+    for (i, t) in page.iter().enumerate() {
+        let item = view(t);
+        bytes += serde_json::to_vec(&item).map_or(0, |v| v.len());
+        items.push(item);
+        if bytes >= page::MAX_BYTES && i + 1 < page.len() {
+            next = Some(t.sub.id.clone());
+            break;
+        }
+    }
     Ok(Json(serde_json::json!({ "items": items, "next": next })))
 }
 

@@ -729,6 +729,43 @@ async fn connections_that_never_start_a_request_cannot_hold_the_api() {
     }
 }
 
+/// A page of subscriptions is bounded in bytes as well as in count: a tenant's 500
+/// subscriptions of a quarter of a megabyte each (a thousand long event types) made one
+/// list answer of over 100 MB, built and held at once per request.
+#[tokio::test]
+async fn a_page_of_subscriptions_is_bounded_in_bytes() {
+    let h = TestHerald::start().await;
+    let (_, mallory) = tenant_with_key(&h.api, "Mallory").await;
+    let events: Vec<String> = (0..1000).map(|i| format!("{i:04}.{}", "e".repeat(240))).collect();
+    for i in 0..24 {
+        let (status, body) = mallory
+            .post("/v1/subscriptions", json!({ "url": format!("https://hooks.example.com/{i}"), "events": events }))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (mut seen, mut cursor, mut pages) = (std::collections::HashSet::new(), None::<String>, 0);
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/subscriptions?limit=500&cursor={c}"),
+            None => "/v1/subscriptions?limit=500".to_string(),
+        };
+        let (status, page) = mallory.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        let bytes = page.to_string().len();
+        assert!(bytes <= 5 << 20, "a page of {bytes} bytes");
+        pages += 1;
+        for item in page["items"].as_array().unwrap() {
+            assert!(seen.insert(item["id"].as_str().unwrap().to_string()), "listed twice: {}", item["id"]);
+        }
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 24, "every subscription listed once");
+    assert!(pages > 1, "cut into pages by size");
+}
+
 /// Clients that send requests and never read the answers (their receive window shut): the
 /// answers' writes stall, and nothing bounded them, so such clients held every connection
 /// slot for good, token or not. A write that makes no progress for `api.request_timeout`
