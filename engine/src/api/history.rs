@@ -287,6 +287,12 @@ pub async fn recover(
     if until < since {
         return Err(ApiError::validation("until", "must not be before since"));
     }
+    let _one = history.recovering(&target.sub.tenant).ok_or_else(|| {
+        ApiError::conflict(
+            "subscription",
+            "a recover of this tenant's is under way: send this one once it has answered",
+        )
+    })?;
     history.recorder.synced().await;
     let behind = history.caught_up(&target.sub.tenant, RECOVER_CATCH_UP).await;
     let (index, sub) = (history.index.clone(), id.clone());

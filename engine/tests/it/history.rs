@@ -236,6 +236,51 @@ async fn dead_letters_show_in_the_event_state_and_resend_recover_and_rewind_send
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("subscription")), "{err}");
 }
 
+/// A rewind re-sends up to 10,000 events: a tenant key firing them at its request rate made
+/// up to a million deliveries a second in the shared log. One recover of a tenant's runs at
+/// a time; another meanwhile is answered 409, and the first queues all it found.
+#[tokio::test]
+async fn a_tenant_s_recovers_run_one_at_a_time() {
+    let h = TestHerald::start().await;
+    let (tenant, mallory) = crate::support::tenant_with_key(&h.api, "Mallory").await;
+    let rx = Receiver::start().await;
+    let sub = mallory.subscribe(json!({ "url": rx.url("/rewound") })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let before = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    for round in 0..4 {
+        let batch: Vec<_> = (0..500)
+            .map(|i| json!({ "id": format!("r-{round}-{i}"), "type": "T", "tenant": tenant, "data": {} }))
+            .collect();
+        let (status, body) = h.api.post("/v1/events/batch", serde_json::Value::Array(batch)).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    rx.wait_on("/rewound", 2000).await;
+    until("every attempt on record", WAIT, || async {
+        let (mut count, mut cursor) = (0, None::<String>);
+        loop {
+            let next = cursor.as_ref().map_or(String::new(), |c| format!("&cursor={c}"));
+            let (_, page) = mallory.get(&format!("/v1/attempts?subscription={sub_id}&limit=500{next}")).await;
+            count += page["items"].as_array()?.len();
+            match page["next"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        (count >= 2000).then_some(())
+    })
+    .await;
+    let path = format!("/v1/subscriptions/{sub_id}/recover");
+    let answers =
+        futures::future::join_all((0..8).map(|_| mallory.post(&path, json!({ "since": before, "all": true })))).await;
+    let refused = answers.iter().filter(|(s, _)| s.as_u16() == 409).count();
+    let done: Vec<_> = answers.iter().filter(|(s, _)| s.as_u16() == 202).collect();
+    assert!(refused >= 1, "{answers:?}");
+    assert!(!done.is_empty(), "{answers:?}");
+    assert!(done.iter().all(|(_, a)| a["queued"] == 2000), "{done:?}");
+    let (_, err) = answers.iter().find(|(s, _)| s.as_u16() == 409).unwrap();
+    assert_eq!(err["error"]["code"], "CONFLICT", "{err}");
+}
+
 #[tokio::test]
 async fn another_tenant_sees_none_of_it() {
     let h = TestHerald::start().await;
