@@ -108,14 +108,15 @@ impl ApiError {
         }
     }
 
-    /// 503: the log could not take the write; nothing was accepted.
+    /// 503: a store could not take or answer the request; worth asking again in a second
+    /// (`Retry-After`), as a 429 says.
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "UNAVAILABLE",
             message: message.into(),
             field: None,
-            retry_after: None,
+            retry_after: Some(std::time::Duration::from_secs(1)),
         }
     }
 }

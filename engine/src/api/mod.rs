@@ -292,8 +292,14 @@ async fn openapi(State(state): State<AppState>, mut parts: axum::http::request::
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     match state.log.broken() {
         None => (StatusCode::OK, Json(serde_json::json!({ "status": "ok" }))),
-        // Only a restart mends it: a liveness probe restarts the process.
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "broken", "reason": why }))),
+        // Only a restart mends it: a liveness probe restarts the process. What broke it (the
+        // broker's own words, its addresses) is in Herald's log, not told to anyone who asks.
+        Some(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                serde_json::json!({ "status": "broken", "reason": "the log takes no writes until Herald restarts; its log says why" }),
+            ),
+        ),
     }
 }
 

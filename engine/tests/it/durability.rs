@@ -101,6 +101,29 @@ async fn concurrent_publishes_of_one_event_id_append_it_once() {
     assert_eq!(got.iter().filter(|r| r.header("webhook-id") == "same-id").count(), 1);
 }
 
+/// A write the log refuses (a failing disk) is answered 503 with `Retry-After`, as a 429 is:
+/// a client has a wait to go by, not only the words "retry later".
+#[tokio::test]
+async fn a_write_the_log_refuses_is_answered_503_with_a_wait() {
+    if crate::support::on_kafka() {
+        return; // the fault layer is the embedded log's
+    }
+    let failing = Arc::new(AtomicBool::new(false));
+    let flag = failing.clone();
+    let faults: herald::log::embedded::Faults = Some(Arc::new(move |fault: Fault<'_>| match fault {
+        Fault::Write(_) if flag.load(Ordering::SeqCst) => Err(std::io::Error::other("EIO")),
+        _ => Ok(()),
+    }));
+    let h = TestHerald::start_with_extras(|_| {}, Extras { faults, ..Extras::default() }).await;
+    h.api.subscribe(json!({ "url": "https://hooks.example.com/a" })).await;
+    failing.store(true, Ordering::SeqCst);
+    let body = Some(bytes::Bytes::from(json!({ "type": "A", "data": {} }).to_string()));
+    let (status, headers, err) = h.api.request("POST", "/v1/events", body, Some(crate::support::TOKEN)).await.unwrap();
+    failing.store(false, Ordering::SeqCst);
+    assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (503, Some("UNAVAILABLE")), "{err}");
+    assert_eq!(headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"), "{headers:?}");
+}
+
 #[tokio::test]
 async fn a_full_disk_answers_507_keeps_delivering_and_recovers_by_itself() {
     if crate::support::on_kafka() {
