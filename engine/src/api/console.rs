@@ -3,7 +3,6 @@
 //! The page talks only to the public `/v1` API and `/metrics` with the token it holds in
 //! session storage, so everything it does can be scripted.
 
-use axum::extract::Path;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -43,7 +42,7 @@ pub async fn portal() -> Response {
 }
 
 /// The page's script and styles.
-pub async fn asset(Path(file): Path<String>) -> Response {
+pub async fn asset(super::page::StrictPath(file): super::page::StrictPath<String>) -> Response {
     let (content_type, body) = match file.as_str() {
         "app.js" => ("text/javascript; charset=utf-8", SCRIPT),
         "app.css" => ("text/css; charset=utf-8", STYLES),

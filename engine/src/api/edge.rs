@@ -99,12 +99,14 @@ pub async fn delete(
 pub async fn connect(
     State(state): State<AppState>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let token = super::auth::bearer(&headers).ok_or_else(ApiError::unauthorized)?;
     if crate::tenants::parse_token(token, "he").is_none() {
         return Err(ApiError::unauthorized()); // no device token at all: nothing to wait for
     }
+    // Told in the API's own shape (a proxy that drops the upgrade's headers lands here).
+    let ws = ws.map_err(|e| ApiError::validation("connection", format!("a WebSocket upgrade is required: {e}")))?;
     state.catalog.settle().await; // a device made through another process a moment ago
     let device = state.devices.authenticate(token).ok_or_else(ApiError::unauthorized)?;
     state.edge_connects.admit(&device.tenant)?;

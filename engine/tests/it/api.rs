@@ -385,3 +385,18 @@ async fn concurrent_creates_stop_at_the_quota() {
     assert_eq!(created, 3, "{statuses:?}");
     assert!(statuses.iter().all(|s| matches!(s.as_u16(), 201 | 403)), "{statuses:?}");
 }
+
+/// Every error is the contract's JSON, these two included: a console asset's path that is not
+/// UTF-8, and an agent's connection request without a WebSocket upgrade (a proxy that drops
+/// the upgrade headers) — both answered in axum's plain text.
+#[tokio::test]
+async fn odd_console_paths_and_connections_without_an_upgrade_answer_json() {
+    let h = TestHerald::start().await;
+    let (status, err) = h.api.get("/console/assets/%FF").await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("path")), "{err}");
+    let (status, device) = h.api.post("/v1/edge-devices", json!({ "name": "gw" })).await;
+    assert_eq!(status, 201, "{device}");
+    let token = device["token"].as_str().unwrap();
+    let (status, err) = h.api.raw("GET", "/v1/edge/connect", None, Some(token)).await;
+    assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (400, Some("VALIDATION_ERROR")), "{err}");
+}
