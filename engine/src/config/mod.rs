@@ -119,6 +119,10 @@ impl KafkaProperties {
     }
 }
 
+/// The range of an attempt's timeout, the default's (`http.timeout`, and the connect timeout
+/// within it) and a subscription's own (`timeout`, see `model::range`).
+pub const ATTEMPT_TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
+
 /// `HERALD_*` variables of the CLI and the edge agent (`herald --server`, `--token`, `herald
 /// edge --token`), which `herald serve` leaves alone.
 const CLIENT_VARIABLES: [&str; 4] = ["SERVER", "TOKEN", "EDGE_TOKEN", "EDGE_TLS_FILES_DIR"];
@@ -936,7 +940,7 @@ impl Config {
         if self.health.breaker_pause.0.is_zero() || self.health.breaker_max_pause < self.health.breaker_pause {
             return reject("health.breaker_pause", "must be more than zero and at most health.breaker_max_pause");
         }
-        let (shortest, longest) = crate::model::range::TIMEOUT;
+        let (shortest, longest) = ATTEMPT_TIMEOUT;
         for (field, timeout) in
             [("http.timeout", self.http.timeout.0), ("http.connect_timeout", self.http.connect_timeout.0)]
         {

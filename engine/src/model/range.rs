@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-/// `timeout`.
-pub const TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
+/// `timeout`: an attempt's, as the default (`http.timeout`) must be too, so decided with it.
+pub const TIMEOUT: (Duration, Duration) = crate::config::ATTEMPT_TIMEOUT;
 /// `retry.interval` (fixed).
 pub const FIXED_INTERVAL: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(86_400));
 /// `retry.initial` (exponential).
