@@ -27,16 +27,18 @@ pub async fn list(
     StrictQuery(q): StrictQuery<DlqQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let limit = page::limit(q.limit)?;
-    let after = match q.cursor.as_deref() {
+    let tenant = who.tenant().or(q.tenant.as_deref());
+    let subscription = q.subscription.clone().unwrap_or_default();
+    let listing = ["dlq", tenant.unwrap_or_default(), &subscription];
+    let after = match page::place(q.cursor.clone(), &listing)?.as_deref() {
         None => None,
         Some(c) => {
             let parsed = c.split_once('.').and_then(|(p, o)| Some((p.parse::<u32>().ok()?, o.parse::<u64>().ok()?)));
             Some(parsed.ok_or_else(|| ApiError::validation("cursor", "not a cursor returned by this API"))?)
         }
     };
-    let (items, next) =
-        state.dead_letters.list(q.subscription.as_deref(), who.tenant().or(q.tenant.as_deref()), after, limit).await?;
-    let next = next.map(|(p, o)| format!("{p}.{o}"));
+    let (items, next) = state.dead_letters.list(q.subscription.as_deref(), tenant, after, limit).await?;
+    let next = page::mark(next.map(|(p, o)| format!("{p}.{o}")), &listing);
     Ok(Json(serde_json::json!({ "items": items, "next": next })))
 }
 

@@ -126,6 +126,17 @@ pub async fn attempts(
         }
     }
     let (since_ms, until_ms) = window(q.since.as_deref(), q.until.as_deref())?;
+    let text = |o: &Option<String>| o.clone().unwrap_or_default();
+    let listing = [
+        "attempts".to_string(),
+        tenant.clone(),
+        text(&q.event),
+        text(&q.subscription),
+        text(&q.outcome),
+        text(&q.since),
+        text(&q.until),
+    ];
+    let listing: Vec<&str> = listing.iter().map(String::as_str).collect();
     let query = AttemptQuery {
         tenant,
         event: q.event,
@@ -134,11 +145,11 @@ pub async fn attempts(
         since_ms,
         until_ms,
         limit: page::limit(q.limit)?,
-        cursor: cursor(q.cursor)?,
+        cursor: cursor(page::place(q.cursor, &listing)?)?,
     };
     let index = history.index.clone();
     let page = blocking(move || index.attempts(&query)).await?;
-    Ok(Json(serde_json::json!({ "items": page.items, "next": page.next })))
+    Ok(Json(serde_json::json!({ "items": page.items, "next": page::mark(page.next, &listing) })))
 }
 
 /// Query of `GET /v1/events`.
@@ -162,17 +173,21 @@ pub async fn list(
 ) -> Result<impl IntoResponse, ApiError> {
     let history = history(&state)?;
     let (since_ms, until_ms) = window(q.since.as_deref(), q.until.as_deref())?;
+    let tenant = scope(&who, q.tenant);
+    let text = |o: &Option<String>| o.clone().unwrap_or_default();
+    let listing = ["events".to_string(), tenant.clone(), text(&q.event_type), text(&q.since), text(&q.until)];
+    let listing: Vec<&str> = listing.iter().map(String::as_str).collect();
     let query = EventQuery {
-        tenant: scope(&who, q.tenant),
+        tenant,
         event_type: q.event_type,
         since_ms,
         until_ms,
         limit: page::limit(q.limit)?,
-        cursor: cursor(q.cursor)?,
+        cursor: cursor(page::place(q.cursor, &listing)?)?,
     };
     let index = history.index.clone();
     let page = blocking(move || index.events(&query)).await?;
-    Ok(Json(serde_json::json!({ "items": page.items, "next": page.next })))
+    Ok(Json(serde_json::json!({ "items": page.items, "next": page::mark(page.next, &listing) })))
 }
 
 /// Query naming a tenant (the admin's).

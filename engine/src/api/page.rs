@@ -20,6 +20,35 @@ pub const MAX_BYTES: usize = 4 << 20;
 /// rarely cut short, few enough that no request holds a lock for long (about a millisecond).
 pub const MAX_SCAN: usize = 10_000;
 
+/// A page's `next` marked with the listing it was made for — the list and its filters, `~`
+/// and a digest of them — so that passed back with other filters, or to another list, it is
+/// refused rather than taken for a place in a different listing (skipping or repeating items).
+pub fn mark(next: Option<String>, listing: &[&str]) -> Option<String> {
+    next.map(|place| format!("{place}~{}", digest(listing)))
+}
+
+/// The place a `cursor` given back names, if it was made for this `listing` (see [`mark`]).
+pub fn place(cursor: Option<String>, listing: &[&str]) -> Result<Option<String>, ApiError> {
+    let Some(cursor) = cursor else { return Ok(None) };
+    match cursor.rsplit_once('~') {
+        Some((place, mark)) if mark == digest(listing) => Ok(Some(place.to_string())),
+        _ => Err(ApiError::validation(
+            "cursor",
+            "not a cursor this list gave with these filters: pass `next` back with the same path and filters",
+        )),
+    }
+}
+
+fn digest(listing: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in listing {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    hash.finalize()[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The page size asked for, checked.
 pub fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
     let limit = requested.unwrap_or(DEFAULT_LIMIT);

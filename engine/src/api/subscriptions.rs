@@ -142,14 +142,11 @@ pub async fn list(
     let limit = page::limit(q.limit)?;
     let filter = Filter::of(&q)?;
     let tenant = who.tenant().or(q.tenant.as_deref());
-    // A position in this list is a subscription id: another list's cursor (a dead letter's
-    // `0.17`) or a stray word was taken for one, and answered a first page or an empty one.
-    if let Some(c) = q.cursor.as_deref() {
-        if !c.starts_with("sub_") && !c.starts_with(crate::registry::STATIC_PREFIX) {
-            return Err(ApiError::validation("cursor", "not a cursor returned by this API"));
-        }
-    }
-    let (page, mut next) = state.registry.list(tenant, q.cursor.as_deref(), limit, page::MAX_SCAN, |t| filter.keeps(t));
+    let text = |o: &Option<String>| o.clone().unwrap_or_default();
+    let (via, enabled, breaker) = (text(&q.transport), text(&q.enabled), text(&q.breaker));
+    let listing = ["subscriptions", tenant.unwrap_or_default(), &via, &enabled, &breaker];
+    let cursor = page::place(q.cursor.clone(), &listing)?;
+    let (page, mut next) = state.registry.list(tenant, cursor.as_deref(), limit, page::MAX_SCAN, |t| filter.keeps(t));
     // Cut by size too: a subscription can be a quarter of a megabyte (a thousand event types),
     // and 500 of them made one answer of over 100 MB, built and held at once.
     let (mut items, mut bytes) = (Vec::new(), 0);
@@ -162,7 +159,7 @@ pub async fn list(
             break;
         }
     }
-    Ok(Json(serde_json::json!({ "items": items, "next": next })))
+    Ok(Json(serde_json::json!({ "items": items, "next": page::mark(next, &listing) })))
 }
 
 /// Reads one subscription.

@@ -400,3 +400,25 @@ async fn odd_console_paths_and_connections_without_an_upgrade_answer_json() {
     let (status, err) = h.api.raw("GET", "/v1/edge/connect", None, Some(token)).await;
     assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (400, Some("VALIDATION_ERROR")), "{err}");
 }
+
+/// A cursor goes on with the list and filters it was made for (the README says so): given
+/// back with other filters it was taken as a place in the other listing, skipping what came
+/// before it there.
+#[tokio::test]
+async fn a_cursor_given_back_with_other_filters_is_refused() {
+    let h = TestHerald::start().await;
+    for i in 0..3 {
+        let enabled = i != 1;
+        h.api.subscribe(json!({ "url": format!("https://hooks.example.com/{i}"), "enabled": enabled })).await;
+    }
+    let (_, first) = h.api.get("/v1/subscriptions?enabled=true&limit=1").await;
+    let next = first["next"].as_str().expect("more enabled ones").to_string();
+    let (status, page) = h.api.get(&format!("/v1/subscriptions?enabled=true&limit=1&cursor={next}")).await;
+    assert_eq!((status.as_u16(), page["items"].as_array().map(Vec::len)), (200, Some(1)), "{page}");
+    for other in ["enabled=false&", "", "tenant=globex&", "transport=amqp&"] {
+        let (status, err) = h.api.get(&format!("/v1/subscriptions?{other}limit=1&cursor={next}")).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "{other}: {err}");
+    }
+    let (status, err) = h.api.get(&format!("/v1/dlq?cursor={next}")).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "another list's: {err}");
+}
