@@ -602,12 +602,13 @@ async fn deliveries_held_behind_a_blocked_head_keep_their_retries_after_the_rele
 
 /// The same after a restart that begins past the released head: the release is read back from
 /// the log (the head's dead letter, then its settling), not forgotten, and the held
-/// delivery's retries still count from it, not from its acceptance.
+/// delivery's retries still count from it, not from its acceptance. (A `max_age` of 10 s: a
+/// restart on Kafka, its group joined again, takes seconds of it.)
 #[tokio::test]
 async fn held_deliveries_keep_their_retries_after_the_release_across_a_restart() {
     let h = TestHerald::start_with(|c| c.health.breaker_failures = 1_000_000).await;
     let (rx, url) = SwitchedReceiver::start().await;
-    let sub_id = holding_subscription(&h.api, url, json!({ "policy": "exponential", "initial": "300ms", "max_interval": "300ms", "max_attempts": 100, "max_age": "2s" })).await;
+    let sub_id = holding_subscription(&h.api, url, json!({ "policy": "exponential", "initial": "300ms", "max_interval": "300ms", "max_attempts": 100, "max_age": "10s" })).await;
     rx.fail(true);
     let published = tokio::time::Instant::now();
     for seq in 0..2 {
@@ -620,7 +621,7 @@ async fn held_deliveries_keep_their_retries_after_the_release_across_a_restart()
     })
     .await;
     // Not synchronisation: the held delivery is to wait past its own max_age first.
-    tokio::time::sleep_until(published + Duration::from_millis(3000)).await;
+    tokio::time::sleep_until(published + Duration::from_millis(11_000)).await;
     let tried = rx.tried.lock().unwrap()["a"];
     let (status, _) = h.api.post(&format!("/v1/subscriptions/{sub_id}/ordering/skip"), json!({ "key": "a" })).await;
     assert_eq!(status, 202);
@@ -630,7 +631,7 @@ async fn held_deliveries_keep_their_retries_after_the_release_across_a_restart()
     .await;
     let h = h.restart().await;
     rx.fail(false);
-    until("the held delivery retried and delivered after the restart", Duration::from_secs(15), || async {
+    until("the held delivery retried and delivered after the restart", Duration::from_secs(30), || async {
         rx.taken.lock().unwrap().contains_key("a").then_some(())
     })
     .await;
