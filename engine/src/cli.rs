@@ -700,7 +700,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                 let items = answer["items"].as_array().cloned().unwrap_or_default();
                 println!("{}", table(&items, columns));
                 if let Some(next) = answer["next"].as_str() {
-                    eprintln!("(more: the next page is the same command with --cursor {next})");
+                    eprintln!("(more: the next page is the same command with --cursor '{next}')");
                 }
             }
             Shown::One | Shown::Outcome(_) => println!("{}", facts(&answer)),

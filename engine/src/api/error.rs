@@ -108,15 +108,14 @@ impl ApiError {
         }
     }
 
-    /// 503: a store could not take or answer the request; worth asking again in a second
-    /// (`Retry-After`), as a 429 says.
+    /// 503: a store could not take or answer the request.
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "UNAVAILABLE",
             message: message.into(),
             field: None,
-            retry_after: Some(std::time::Duration::from_secs(1)),
+            retry_after: None,
         }
     }
 }
@@ -227,7 +226,14 @@ impl ApiError {
                 field: None,
                 retry_after: None,
             },
-            _ => ApiError::unavailable(format!("the log could not take the write; {written}; retry later")),
+            // Worth asking again in a second (`Retry-After`, as a 429 says): a write the log
+            // refused once may be taken the next time. (A log broken for good says so at
+            // `/healthz`, and is restarted; a catalog write not read back in time gets no wait:
+            // it may have landed, and asking again would make a second key or device.)
+            _ => ApiError {
+                retry_after: Some(std::time::Duration::from_secs(1)),
+                ..ApiError::unavailable(format!("the log could not take the write; {written}; retry later"))
+            },
         }
     }
 }

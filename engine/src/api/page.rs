@@ -28,9 +28,12 @@ pub fn mark(next: Option<String>, listing: &[&str]) -> Option<String> {
 }
 
 /// The place a `cursor` given back names, if it was made for this `listing` (see [`mark`]).
+/// One with no mark at all, as versions before marks gave, is taken as it was then (each
+/// list checks its form), so paging goes on across a rolling upgrade.
 pub fn place(cursor: Option<String>, listing: &[&str]) -> Result<Option<String>, ApiError> {
     let Some(cursor) = cursor else { return Ok(None) };
     match cursor.rsplit_once('~') {
+        None => Ok(Some(cursor)),
         Some((place, mark)) if mark == digest(listing) => Ok(Some(place.to_string())),
         _ => Err(ApiError::validation(
             "cursor",

@@ -146,6 +146,11 @@ pub async fn list(
     let (via, enabled, breaker) = (text(&q.transport), text(&q.enabled), text(&q.breaker));
     let listing = ["subscriptions", tenant.unwrap_or_default(), &via, &enabled, &breaker];
     let cursor = page::place(q.cursor.clone(), &listing)?;
+    // A place in this list is a subscription id: another list's (a dead letter's `0.17`) or
+    // a stray word was taken for one, and answered a first page or an empty one.
+    if cursor.as_deref().is_some_and(|c| !c.starts_with("sub_") && !c.starts_with(crate::registry::STATIC_PREFIX)) {
+        return Err(ApiError::validation("cursor", "not a cursor returned by this API"));
+    }
     let (page, mut next) = state.registry.list(tenant, cursor.as_deref(), limit, page::MAX_SCAN, |t| filter.keeps(t));
     // Cut by size too: a subscription can be a quarter of a megabyte (a thousand event types),
     // and 500 of them made one answer of over 100 MB, built and held at once.

@@ -279,8 +279,10 @@ enum Build {
     Failed(Instant, Failure),
 }
 
-/// How long a profile whose build failed is not built again (its attempts fail at once).
-const FAILED_BUILD_KEPT: Duration = Duration::from_secs(60);
+/// How long a profile whose build failed is not built again (its attempts fail at once): long
+/// enough that a broken PKCS#12 file costs one key derivation per interval, not one per
+/// attempt; short, since a file fixed in place keeps its profile's key.
+const FAILED_BUILD_KEPT: Duration = Duration::from_secs(5);
 
 /// A pool as [`HttpTransport::pool_for`] finds it.
 enum Found<'a> {

@@ -172,7 +172,7 @@ async fn an_operator_scripts_herald_with_its_cli() {
     // A listing with more to it says how to go on, and --cursor goes on.
     let first = herald(&base, &["events", "list", "--tenant", tenant_id, "--limit", "1"], None).await;
     let said = String::from_utf8_lossy(&first.stderr).into_owned();
-    let cursor = said.split("--cursor ").nth(1).map(|c| c.trim().trim_end_matches(')').to_string());
+    let cursor = said.split("--cursor ").nth(1).map(|c| c.trim().trim_end_matches(')').trim_matches('\'').to_string());
     let cursor = cursor.unwrap_or_else(|| panic!("no cursor offered: {said}"));
     let second = json(
         &herald(&base, &["--json", "events", "list", "--tenant", tenant_id, "--limit", "1", "--cursor", &cursor], None)

@@ -435,8 +435,8 @@ async fn reversed_windows_and_stray_cursors_are_answered_not_a_panic() {
     let far = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(far);
     let (status, err) = h.api.get(&format!("/v1/attempts?event={id}&cursor={far}")).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "{err}");
-    let (status, err) = h.api.get(&format!("/v1/dlq?cursor=0.{}", u64::MAX)).await;
-    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "none the API gave: {err}");
+    let (status, page) = h.api.get(&format!("/v1/dlq?cursor=0.{}", u64::MAX)).await;
+    assert_eq!((status.as_u16(), page["items"].as_array().map(Vec::len)), (200, Some(0)), "{page}");
     // A cursor of one list given to another, or to the same list for another subscription,
     // is refused: it was taken as a position, skipping or repeating what it should not.
     h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;

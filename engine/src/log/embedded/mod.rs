@@ -681,6 +681,15 @@ impl Log for EmbeddedLog {
         !self.writer.is_closed() && !*self.closed.borrow() && !self.journal_failed.load(Ordering::Relaxed)
     }
 
+    /// A journal that failed its checkpoint takes no append until a restart writes the log
+    /// back from it: the process is broken (`/healthz` answers 503, so an orchestrator
+    /// restarts it), not only not ready.
+    fn broken(&self) -> Option<String> {
+        self.journal_failed
+            .load(Ordering::Relaxed)
+            .then(|| "the log's journal failed a checkpoint; it takes no appends until Herald restarts".to_string())
+    }
+
     /// Stops the flusher after a final flush; appends still in the writer complete, then the
     /// journal is checkpointed whole, so the next open has nothing to write back. A failed
     /// flush does not skip the checkpoint; the first error is returned.

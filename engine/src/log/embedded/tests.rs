@@ -893,12 +893,13 @@ async fn a_failed_checkpoint_refuses_appends_until_a_restart_restores_the_log() 
         assert!(!refused.is_empty() && refused[0] >= 100, "refused from the failed checkpoint on: {refused:?}");
         assert_eq!(refused.len(), 200 - refused[0], "and every group after it");
         assert!(!log.ready().await, "the log reports itself not ready");
+        assert!(log.broken().is_some(), "and broken: only a restart mends it");
         acknowledged.sort();
         assert_eq!(contents(&log).await, acknowledged);
     }
     let log = EmbeddedLog::open(cfg).await.unwrap();
     assert_eq!(contents(&log).await, acknowledged, "restored: every acknowledged record once, at its offset");
-    assert!(log.ready().await);
+    assert!(log.ready().await && log.broken().is_none());
     log.append("t", vec![rec("k", "after")]).await.unwrap();
 }
 
