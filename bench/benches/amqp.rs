@@ -49,24 +49,17 @@ fn amqp(c: &mut Criterion) {
     let transport = AmqpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]));
     let amqp =
         AmqpTarget { uri: Secret(BROKER.into()), exchange: "herald-bench".into(), routing_keys: Default::default() };
-    let sub = Subscription {
-        id: "sub_bench".into(),
-        tenant: "bench".into(),
-        spec: SubscriptionSpec {
+    let sub = Subscription::unchecked(
+        "sub_bench".into(),
+        "bench".into(),
+        SubscriptionSpec {
             url: "amqp://127.0.0.1/herald-bench".into(),
             transport: TransportKind::Amqp,
             amqp: Some(amqp),
             ..SubscriptionSpec::default()
         },
-        secret: herald::signing::generate_secret(),
-        previous_secret: None,
-        previous_secret_until: None,
-        earlier_secrets: Vec::new(),
-        based_on: None,
-        disabled_reason: None,
-        created_at: String::new(),
-        updated_at: String::new(),
-    };
+        herald::signing::generate_secret(),
+    );
     let target = Arc::new(Target::compile(sub).unwrap());
     let data = Bytes::from(format!(r#"{{"pad":"{}"}}"#, "x".repeat(1000)));
     let mut group = c.benchmark_group("amqp");

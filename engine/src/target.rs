@@ -153,19 +153,7 @@ mod tests {
             .into(),
             ..SubscriptionSpec::default()
         };
-        let sub = Subscription {
-            id: "sub".into(),
-            tenant: "t".into(),
-            spec,
-            secret: Secret("s3cret".into()),
-            previous_secret: None,
-            previous_secret_until: None,
-            earlier_secrets: Vec::new(),
-            based_on: None,
-            disabled_reason: None,
-            created_at: String::new(),
-            updated_at: String::new(),
-        };
+        let sub = Subscription::unchecked("sub".into(), "t".into(), spec, Secret("s3cret".into()));
         let target = Target::compile(sub).unwrap();
         assert!(target.headers.get("x-hook-signature").is_none(), "{:?}", target.headers);
         assert!(target.headers.get("x-team").is_some());

@@ -458,7 +458,6 @@ pub fn record(settled: &Settled) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::feed::Feed;
     use crate::log::stub::Stub;
 
     /// A delivery whose tier refuses it as too large (a record written before a lower
@@ -468,13 +467,7 @@ mod tests {
     #[tokio::test]
     async fn a_delivery_its_tier_refuses_is_reported_dead_lettered() {
         let log = Arc::new(Stub::new(true, true).refusing_as_too_large(".retry."));
-        let (feed, _applied) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
-        let registry = Arc::new(Registry::load(
-            Arc::new(feed),
-            &[],
-            crate::registry::Rules::default(),
-            crate::config::HealthConfig::default(),
-        ));
+        let registry = Arc::new(Registry::stubbed());
         let settler = Settler::new(registry, Retrier::new(log.clone(), "herald.".into(), "herald.dlq".into()));
         let delivery = Delivery::first_attempt("e".into(), "s".into(), "t".into(), "T".into(), Bytes::new(), now_ms());
         let later = now_ms() + 60_000;

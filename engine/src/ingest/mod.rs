@@ -692,16 +692,9 @@ mod tests {
     /// while its deliveries went out, and its retry sent them all again.
     #[tokio::test]
     async fn an_event_whose_deliveries_are_written_is_accepted_whatever_its_history_append_says() {
-        use crate::catalog::feed::Feed;
         use crate::log::stub::Stub;
         let log = Arc::new(Stub::new(true, true).refusing_as_too_large("history"));
-        let (feed, _applied) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
-        let registry = Arc::new(Registry::load(
-            Arc::new(feed),
-            &[],
-            crate::registry::Rules::default(),
-            crate::config::HealthConfig::default(),
-        ));
+        let registry = Arc::new(Registry::stubbed());
         registry.hold("t", &serde_json::json!({ "url": "https://hooks.example/a" }));
         let recorder = Recorder::start(log.clone(), "herald.history".into());
         let ingest = Ingest::new(log.clone(), registry, "herald.deliveries".into(), "herald.ordered".into(), u64::MAX)

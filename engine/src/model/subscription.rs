@@ -435,6 +435,25 @@ pub struct RotatedSecret {
 pub const MAX_ROTATED_SECRETS: usize = 4;
 
 impl Subscription {
+    /// A subscription of `tenant` made from `spec` with `secret`, as `id`: unchecked, stamped
+    /// with no time, no secret rotated out. What tests, benchmarks and records written by hand
+    /// start from; the API's come through the registry, which checks them.
+    pub fn unchecked(id: String, tenant: String, spec: SubscriptionSpec, secret: Secret) -> Self {
+        Subscription {
+            id,
+            tenant,
+            spec,
+            secret,
+            previous_secret: None,
+            previous_secret_until: None,
+            earlier_secrets: Vec::new(),
+            based_on: None,
+            disabled_reason: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
     /// The API view: every field, secrets redacted, the signing secret left out.
     pub fn view(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("subscription serializes");

@@ -774,6 +774,14 @@ fn normalized_escapes(text: &str) -> String {
 
 #[cfg(test)]
 impl Registry {
+    /// An empty registry on a stub catalog (taking writes, reachable): for other modules'
+    /// unit tests.
+    pub(crate) fn stubbed() -> Registry {
+        let stub = Arc::new(crate::log::stub::Stub::new(true, true));
+        let (feed, _applied) = Feed::new(stub, "catalog".into(), 0);
+        Registry::load(Arc::new(feed), &[], Rules::default(), HealthConfig::default())
+    }
+
     /// Holds a subscription of `tenant` made from `spec` (its JSON), as if read from the
     /// catalog: for other modules' unit tests.
     pub(crate) fn hold(&self, tenant: &str, spec: &serde_json::Value) -> Arc<Target> {

@@ -262,19 +262,12 @@ mod tests {
             password: None,
             scope: Some(scope),
         };
-        Subscription {
-            id: "sub".into(),
-            tenant: "t".into(),
-            spec: SubscriptionSpec { auth, ..SubscriptionSpec::default() },
-            secret: crate::signing::generate_secret(),
-            previous_secret: None,
-            previous_secret_until: None,
-            earlier_secrets: Vec::new(),
-            based_on: None,
-            disabled_reason: None,
-            created_at: String::new(),
-            updated_at: String::new(),
-        }
+        Subscription::unchecked(
+            "sub".into(),
+            "t".into(),
+            SubscriptionSpec { auth, ..SubscriptionSpec::default() },
+            crate::signing::generate_secret(),
+        )
     }
 
     fn tokens() -> Tokens {

@@ -294,19 +294,12 @@ async fn a_delivery_whose_subscription_cannot_be_read_waits_instead_of_being_dro
     let h = TestHerald::start().await;
     let rx = Receiver::start().await;
     let log = h.herald.log();
-    let mut sub = Subscription {
-        id: "sub_from_a_newer_version".into(),
-        tenant: "default".into(),
-        spec: SubscriptionSpec { url: rx.url("/newer"), ..SubscriptionSpec::default() },
-        secret: herald::signing::generate_secret(),
-        previous_secret: None,
-        previous_secret_until: None,
-        earlier_secrets: Vec::new(),
-        based_on: None,
-        disabled_reason: None,
-        created_at: String::new(),
-        updated_at: String::new(),
-    };
+    let mut sub = Subscription::unchecked(
+        "sub_from_a_newer_version".into(),
+        "default".into(),
+        SubscriptionSpec { url: rx.url("/newer"), ..SubscriptionSpec::default() },
+        herald::signing::generate_secret(),
+    );
     // A catalog record a newer Herald wrote, with an auth type this one does not know.
     let mut stored: serde_json::Value = serde_json::from_slice(&sub.stored()).unwrap();
     stored["auth"] = json!({ "type": "signed-jwt-v9", "issuer": "x" });

@@ -171,19 +171,12 @@ async fn a_hostile_subscription_already_in_the_log_cannot_stop_delivery() {
     let (mallory, _) = tenant_with_key(&h.api, "Mallory").await;
     let rx = Receiver::start().await;
     rx.respond_on("/hostile", 500);
-    let sub = Subscription {
-        id: "sub_hostile_from_an_old_version".into(),
-        tenant: mallory.clone(),
-        spec: SubscriptionSpec { url: rx.url("/hostile"), ..SubscriptionSpec::default() },
-        secret: herald::signing::generate_secret(),
-        previous_secret: None,
-        previous_secret_until: None,
-        earlier_secrets: Vec::new(),
-        based_on: None,
-        disabled_reason: None,
-        created_at: String::new(),
-        updated_at: String::new(),
-    };
+    let sub = Subscription::unchecked(
+        "sub_hostile_from_an_old_version".into(),
+        mallory.clone(),
+        SubscriptionSpec { url: rx.url("/hostile"), ..SubscriptionSpec::default() },
+        herald::signing::generate_secret(),
+    );
     let mut stored: Value = serde_json::from_slice(&sub.stored()).unwrap();
     stored["rate_limit"] = json!(1e-20);
     stored["max_in_flight"] = json!(0);

@@ -431,19 +431,12 @@ mod tests {
         let hub = EdgeHub::new(Arc::new(Devices::load(Arc::new(feed), &[])), "secret".into(), Some(1024));
         let device = EdgeDevice { id: "edg_1".into(), tenant: "t".into(), name: "n".into(), created_at: String::new() };
         let (link, _rx, _close) = hub.attach(&device, 8);
-        let sub = crate::model::Subscription {
-            id: "sub_1".into(),
-            tenant: "t".into(),
-            spec: crate::model::SubscriptionSpec { url: "http://10.0.0.1/".into(), ..Default::default() },
-            secret: crate::model::Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
-            previous_secret: None,
-            previous_secret_until: None,
-            earlier_secrets: Vec::new(),
-            based_on: None,
-            disabled_reason: None,
-            created_at: String::new(),
-            updated_at: String::new(),
-        };
+        let sub = crate::model::Subscription::unchecked(
+            "sub_1".into(),
+            "t".into(),
+            crate::model::SubscriptionSpec { url: "http://10.0.0.1/".into(), ..Default::default() },
+            crate::model::Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+        );
         let target = Target::compile(sub).unwrap();
         let delivery =
             Delivery::first_attempt("e".into(), target.sub.id.clone(), "t".into(), "T".into(), Bytes::new(), 0);
