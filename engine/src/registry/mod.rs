@@ -887,8 +887,7 @@ mod tests {
     fn a_change_from_a_replaced_version_is_a_conflict_and_what_stands_written_back_applies() {
         let registry = registry(false, true);
         let record = change_of_c;
-        let apply =
-            |rec: &LogRecord| registry.apply(Entry { kind: Kind::Subscription, id: "sub_c".into(), record: rec });
+        let apply = |rec: &LogRecord| apply_c(&registry, rec);
         apply(&record(5, 1, None));
         apply(&record(6, 2, Some(5))); // A's change
         apply(&record(7, 3, Some(5))); // B's, made from the version A's replaced
@@ -898,6 +897,11 @@ mod tests {
         apply(&standing);
         assert!(matches!(registry.written("sub_c", 8), Written::Applied(_)));
         assert_eq!(registry.get("sub_c").unwrap().sub.spec.max_in_flight, Some(2));
+    }
+
+    /// Applies a record of `sub_c`, as the catalog's follower does.
+    fn apply_c(registry: &Registry, rec: &LogRecord) {
+        registry.apply(Entry { kind: Kind::Subscription, id: "sub_c".into(), record: rec });
     }
 
     /// A record of `sub_c` at `offset` with `max_in_flight`, made from `based_on`.
@@ -922,8 +926,7 @@ mod tests {
     #[test]
     fn every_change_that_lost_a_race_is_told_so() {
         let registry = registry(false, true);
-        let apply =
-            |rec: &LogRecord| registry.apply(Entry { kind: Kind::Subscription, id: "sub_c".into(), record: rec });
+        let apply = |rec: &LogRecord| apply_c(&registry, rec);
         apply(&change_of_c(5, 1, None));
         for (offset, n) in [(6, 2), (7, 3), (8, 4)] {
             apply(&change_of_c(offset, n, Some(5)));
@@ -938,8 +941,7 @@ mod tests {
     #[test]
     fn a_restatement_does_not_make_a_change_from_the_version_before_it_a_conflict() {
         let registry = registry(false, true);
-        let apply =
-            |rec: &LogRecord| registry.apply(Entry { kind: Kind::Subscription, id: "sub_c".into(), record: rec });
+        let apply = |rec: &LogRecord| apply_c(&registry, rec);
         apply(&change_of_c(5, 1, None));
         apply(&change_of_c(6, 2, Some(5)));
         let restated = LogRecord { offset: 8, value: registry.standing("sub_c"), ..change_of_c(8, 0, None) };
@@ -955,8 +957,7 @@ mod tests {
     #[test]
     fn a_change_made_before_what_this_process_first_read_is_applied() {
         let registry = registry(false, true);
-        let apply =
-            |rec: &LogRecord| registry.apply(Entry { kind: Kind::Subscription, id: "sub_c".into(), record: rec });
+        let apply = |rec: &LogRecord| apply_c(&registry, rec);
         apply(&change_of_c(51, 2, Some(40))); // all compaction left
         apply(&change_of_c(60, 3, Some(50)));
         assert!(matches!(registry.written("sub_c", 60), Written::Applied(_)));
