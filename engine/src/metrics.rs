@@ -68,7 +68,8 @@ pub const API_REQUESTS: &str = "herald_api_requests_total";
 pub const API_REQUEST_SECONDS: &str = "herald_api_request_seconds";
 /// API connections closed at once because `api.max_connections` were open.
 pub const API_CONNECTIONS_REFUSED: &str = "herald_api_connections_refused_total";
-/// API requests refused with `429`, by `reason` (`key_rate`, `tests`).
+/// API requests refused with `429`, by `reason` (`key_rate`, `tests`, `edge_connects`,
+/// `pending_bytes`).
 pub const API_THROTTLED: &str = "herald_api_throttled_total";
 /// History records not yet in this process's index (summed over the topic's partitions).
 pub const HISTORY_LAG: &str = "herald_history_lag";
@@ -285,7 +286,7 @@ impl Metrics {
         metrics::counter!(WORKERS_PANICKED).increment(0);
         metrics::counter!(API_CONNECTIONS_REFUSED).increment(0);
         metrics::counter!(CATALOG_UNSETTLED).increment(0);
-        for reason in ["key_rate", "tests"] {
+        for reason in ["key_rate", "tests", "pending_bytes"] {
             metrics::counter!(API_THROTTLED, "reason" => reason).increment(0);
         }
         for reason in ["in_flight_cap", "endpoint_pace", "rate_limit", "circuit_breaker", "unknown_subscription"] {
@@ -400,7 +401,10 @@ fn describe() {
     describe_counter!(API_REQUESTS, "API requests, by route template, method and status.");
     describe_histogram!(API_REQUEST_SECONDS, Unit::Seconds, "API request latency, by route template.");
     describe_counter!(API_CONNECTIONS_REFUSED, "API connections closed at once: api.max_connections were open.");
-    describe_counter!(API_THROTTLED, "API requests refused with 429, by reason (key_rate, tests, edge_connects).");
+    describe_counter!(
+        API_THROTTLED,
+        "API requests refused with 429, by reason (key_rate, tests, edge_connects, pending_bytes)."
+    );
 }
 
 /// `log` with the latency of every append recorded (by topic) in

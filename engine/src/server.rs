@@ -510,6 +510,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         topics.deliveries.clone(),
         topics.ordered.clone(),
         config.quotas.fanout_bytes,
+        crate::ingest::Budget::new(config.tenant_pending_bytes(), config.pending_bytes()),
     );
     if let Some(h) = &history {
         deliverer = deliverer.recorded_by(h.recorder.clone());

@@ -142,6 +142,14 @@ impl From<crate::ingest::Refusal> for ApiError {
                 field: None,
                 retry_after: None,
             },
+            // Its tenant's writes under way fill its share: its own pace, so a 429 as over a rate.
+            crate::ingest::Refusal::Busy(crate::ingest::Over::Tenant { .. }) => {
+                ApiError { message: e.to_string(), ..ApiError::throttled(std::time::Duration::from_secs(1)) }
+            }
+            crate::ingest::Refusal::Busy(crate::ingest::Over::All { .. }) => ApiError {
+                retry_after: Some(std::time::Duration::from_secs(1)),
+                ..ApiError::unavailable(e.to_string())
+            },
             crate::ingest::Refusal::TooLarge { ref field, .. } => ApiError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
                 code: "PAYLOAD_TOO_LARGE",

@@ -128,6 +128,16 @@ pub const ATTEMPT_TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), D
 const CLIENT_VARIABLES: [&str; 4] = ["SERVER", "TOKEN", "EDGE_TOKEN", "EDGE_TLS_FILES_DIR"];
 
 impl Config {
+    /// Bytes of delivery records one tenant's publishes may have being written at once.
+    pub fn tenant_pending_bytes(&self) -> u64 {
+        self.quotas.pending_bytes.unwrap_or(self.quotas.fanout_bytes)
+    }
+
+    /// Bytes of delivery records all publishes together may have being written at once.
+    pub fn pending_bytes(&self) -> u64 {
+        self.ingest.pending_bytes.unwrap_or((1 << 30).max(self.tenant_pending_bytes()))
+    }
+
     /// The key secrets are sealed with: `secret_key`, else the first line of
     /// `secret_key_file`.
     pub fn sealing_key(&self) -> Result<Option<String>, ConfigError> {
@@ -258,6 +268,10 @@ pub struct QuotaConfig {
     /// Bytes one publish request may fan out to: each event's delivery record (its data,
     /// changes, ids and trace) times the subscriptions it matches, summed.
     pub fanout_bytes: u64,
+    /// Bytes of delivery records one tenant's publishes may have being written at once (a
+    /// write outlives a request the API cut off); past it a publish waits, then gets `429`.
+    /// Unset: `fanout_bytes`, so one request of the largest fan-out passes.
+    pub pending_bytes: Option<u64>,
     /// `POST /v1/subscriptions/{id}/test` calls per subscription per minute.
     pub tests_per_minute: u32,
     /// Edge devices one tenant may have (each a catalog record every process holds).
@@ -269,6 +283,7 @@ impl Default for QuotaConfig {
         QuotaConfig {
             subscriptions_per_tenant: 1000,
             fanout_bytes: 256 << 20,
+            pending_bytes: None,
             tests_per_minute: 12,
             edge_devices_per_tenant: 100,
         }
@@ -288,6 +303,10 @@ pub struct IngestConfig {
     pub validate: bool,
     /// What happens to a subscription naming an event type the catalogue does not hold.
     pub unknown_types: UnknownTypes,
+    /// Bytes of delivery records every tenant's publishes together may have being written
+    /// at once; past it a publish waits, then gets `503`. Unset: 1 GiB, or a tenant's
+    /// `quotas.pending_bytes` if that is more.
+    pub pending_bytes: Option<u64>,
 }
 
 /// What a subscription naming an event type missing from the catalogue gets.
@@ -313,7 +332,12 @@ impl IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig { max_event_bytes: 1 << 20, validate: false, unknown_types: UnknownTypes::Warn }
+        IngestConfig {
+            max_event_bytes: 1 << 20,
+            validate: false,
+            unknown_types: UnknownTypes::Warn,
+            pending_bytes: None,
+        }
     }
 }
 
@@ -906,6 +930,13 @@ impl Config {
         if self.quotas.subscriptions_per_tenant == 0 || self.quotas.tests_per_minute == 0 {
             return reject("quotas.subscriptions_per_tenant", "quotas must be at least 1");
         }
+        // A request of the largest fan-out must fit a tenant's share, and that everyone's.
+        if self.tenant_pending_bytes() < self.quotas.fanout_bytes {
+            return reject("quotas.pending_bytes", "must be at least quotas.fanout_bytes");
+        }
+        if self.pending_bytes() < self.tenant_pending_bytes() {
+            return reject("ingest.pending_bytes", "must be at least quotas.pending_bytes");
+        }
         if self.quotas.edge_devices_per_tenant == 0 {
             return reject("quotas.edge_devices_per_tenant", "must be at least 1");
         }
@@ -1050,6 +1081,28 @@ mod tests {
             }
         }
         assert!(Config::load(None, &env(&[("HERALD_HTTP_TIMEOUT", "45s")])).is_ok());
+    }
+
+    /// The shares of deliveries being written must each take one request of the largest
+    /// fan-out; unset, they follow `quotas.fanout_bytes`.
+    #[test]
+    fn pending_bytes_fit_the_largest_request() {
+        for (vars, field) in [
+            (vec![("HERALD_QUOTAS_PENDING_BYTES", "1000")], "quotas.pending_bytes"),
+            (
+                vec![("HERALD_QUOTAS_PENDING_BYTES", "2000000000"), ("HERALD_INGEST_PENDING_BYTES", "1000000000")],
+                "ingest.pending_bytes",
+            ),
+        ] {
+            match Config::load(None, &env(&vars)) {
+                Err(ConfigError::Rejected { field: f, .. }) => assert_eq!(f, field, "{vars:?}"),
+                other => panic!("{vars:?}: {other:?}"),
+            }
+        }
+        let raised = Config::load(None, &env(&[("HERALD_QUOTAS_FANOUT_BYTES", "2000000000")])).unwrap();
+        assert_eq!((raised.tenant_pending_bytes(), raised.pending_bytes()), (2_000_000_000, 2_000_000_000));
+        let default = Config::load(None, &env(&[])).unwrap();
+        assert_eq!((default.tenant_pending_bytes(), default.pending_bytes()), (256 << 20, 1 << 30));
     }
 
     /// A level that is not one (`warning`) read as a target name: nothing was logged at all.

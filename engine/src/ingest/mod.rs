@@ -3,8 +3,11 @@
 //! producer's JSON is put in JavaScript's form here, once (`canonical`), so every attempt
 //! after shares the stored bytes.
 
+mod budget;
 pub mod canonical;
 mod keys;
+
+pub use budget::{Budget, Over};
 
 use crate::history::{EventRecord, HistoryRecord, Recorder, StateRecord};
 use crate::log::{Log, LogError, Record};
@@ -143,6 +146,10 @@ pub enum Refusal {
         /// The limit.
         max: u64,
     },
+    /// The deliveries being written already fill a share (the tenant's or everyone's), and
+    /// did not drain within [`budget::WAIT`].
+    #[error("{}", busy_message(.0))]
+    Busy(Over),
     /// The event is larger than `ingest.max_event_bytes`.
     #[error("{field}: the event's data and changes are {bytes} bytes (as sent, or as delivered); the limit is ingest.max_event_bytes = {max}")]
     TooLarge {
@@ -153,6 +160,19 @@ pub enum Refusal {
         /// The limit.
         max: usize,
     },
+}
+
+fn busy_message(over: &Over) -> String {
+    match over {
+        Over::Tenant { max } => format!(
+            "this tenant's publishes have {max} bytes of deliveries being written (quotas.pending_bytes); \
+             nothing of this request was accepted: send it again once they are written"
+        ),
+        Over::All { max } => format!(
+            "Herald has {max} bytes of deliveries being written (ingest.pending_bytes); \
+             nothing of this request was accepted: send it again later"
+        ),
+    }
 }
 
 /// Validates one event; `prefix` names its place in a batch (e.g. `[3]`), `tenant` is used
@@ -333,6 +353,8 @@ pub struct Ingest {
     max_fanout: u64,
     /// Where accepted events are recorded, when history is kept.
     history: Option<Arc<Recorder>>,
+    /// Bytes of deliveries being written, per tenant and in all.
+    budget: Arc<Budget>,
 }
 
 /// The ids this request reserved: released (as refused) unless the append succeeded.
@@ -355,13 +377,14 @@ impl Drop for Reserved {
 
 impl Ingest {
     /// Ingest into `topic`, ordered subscriptions' deliveries into `ordered_topic`; one request
-    /// may fan out to `max_fanout` bytes.
+    /// may fan out to `max_fanout` bytes, and the writes under way hold `budget`'s bytes.
     pub fn new(
         log: Arc<dyn Log>,
         registry: Arc<Registry>,
         topic: String,
         ordered_topic: String,
         max_fanout: u64,
+        budget: Budget,
     ) -> Self {
         Ingest {
             log,
@@ -371,6 +394,7 @@ impl Ingest {
             recent: Arc::new(Mutex::new(Recent::new(now_ms()))),
             max_fanout,
             history: None,
+            budget: Arc::new(budget),
         }
     }
 
@@ -433,6 +457,8 @@ impl Ingest {
         let mut new_events = 0u64;
         let mut fanout = 0u64;
         let mut history = Vec::new();
+        // Held until the write below is done, whether or not the request waits for it.
+        let mut share = budget::Share::default();
         for event in events {
             let key = (event.tenant.clone(), event.id.clone());
             if event.id_given {
@@ -474,10 +500,12 @@ impl Ingest {
                     // can differ by megabytes of whitespace or written-out numbers).
                     let payload = |t: &Target| payload_bytes(t, &event.data, event.changes.as_ref());
                     let overhead = (record.key.len() + record.value.len()).saturating_sub(payload(target));
-                    fanout += targets.iter().map(|t| (overhead + payload(t)) as u64).sum::<u64>();
+                    let bytes = targets.iter().map(|t| (overhead + payload(t)) as u64).sum::<u64>();
+                    fanout += bytes;
                     if fanout > self.max_fanout {
                         return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
                     }
+                    self.budget.take(&mut share, &event.tenant, bytes).await.map_err(Refusal::Busy)?;
                 }
                 records.push(record, ordered);
             }
@@ -544,6 +572,7 @@ impl Ingest {
                 recent.turn(now)
             };
             free(retired);
+            drop(share);
             metrics::counter!(crate::metrics::EVENTS_INGESTED).increment(new_events);
             Ok::<_, LogError>(())
         });
@@ -572,18 +601,19 @@ impl Ingest {
         let mut records = Deliveries::default();
         let mut states = Vec::new();
         let mut fanout = 0u64;
+        let mut share = budget::Share::default();
         for (event, targets) in items {
             // Checked as JSON (so UTF-8) when the event was accepted.
             let data = Json::new(&String::from_utf8_lossy(&event.data)).map_err(invalid)?;
             let changes =
                 event.changes.as_ref().map(|c| Json::new(&String::from_utf8_lossy(c))).transpose().map_err(invalid)?;
             // Each target's own payload form, as at publish.
-            for target in targets {
-                fanout = fanout.saturating_add(payload_bytes(target, &data, changes.as_ref()) as u64);
-            }
+            let bytes = targets.iter().map(|t| payload_bytes(t, &data, changes.as_ref()) as u64).sum::<u64>();
+            fanout = fanout.saturating_add(bytes);
             if fanout > self.max_fanout {
                 return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
             }
+            self.budget.take(&mut share, &event.tenant, bytes).await.map_err(Refusal::Busy)?;
             let mut keyed = Keyed::new(
                 &event.id,
                 &event.event_type,
@@ -697,8 +727,15 @@ mod tests {
         let registry = Arc::new(Registry::stubbed());
         registry.hold("t", &serde_json::json!({ "url": "https://hooks.example/a" }));
         let recorder = Recorder::start(log.clone(), "herald.history".into());
-        let ingest = Ingest::new(log.clone(), registry, "herald.deliveries".into(), "herald.ordered".into(), u64::MAX)
-            .recorded_by(recorder);
+        let ingest = Ingest::new(
+            log.clone(),
+            registry,
+            "herald.deliveries".into(),
+            "herald.ordered".into(),
+            u64::MAX,
+            Budget::unbounded(),
+        )
+        .recorded_by(recorder);
         let event = Event {
             id: "x".into(),
             event_type: "T".into(),
@@ -714,6 +751,70 @@ mod tests {
         let again = ingest.publish(vec![event]).await.expect("a repeat");
         assert_eq!(again[0].deliveries, 1);
         assert_eq!(log.appends.lock().unwrap().len(), 1, "its deliveries appended once");
+    }
+
+    fn event(id: &str, tenant: &str) -> Event {
+        Event {
+            id: id.into(),
+            event_type: "T".into(),
+            tenant: tenant.into(),
+            data: Json::new(&format!("{{\"pad\":\"{}\"}}", "x".repeat(100_000))).unwrap(),
+            changes: None,
+            id_given: true,
+            trace: None,
+            ordering_key: None,
+        }
+    }
+
+    /// Publishes whose requests were cut off while the log stalls keep their bytes until the
+    /// log has them: their tenant's next publish is refused (its clients giving up and
+    /// sending again grew Herald's memory without bound), and another tenant's is not held
+    /// back by them.
+    #[tokio::test(start_paused = true)]
+    async fn writes_cut_off_while_the_log_stalls_hold_their_tenant_s_share() {
+        use crate::log::stub::Stub;
+        use std::sync::atomic::Ordering;
+        let log = Arc::new(Stub::new(true, true));
+        log.stalled.store(true, Ordering::SeqCst);
+        let registry = Arc::new(Registry::stubbed());
+        for tenant in ["a", "b"] {
+            for i in 0..4 {
+                registry.hold(tenant, &serde_json::json!({ "url": format!("https://hooks.example/{i}") }));
+            }
+        }
+        // A tenant may have about two such events' deliveries (4 × 100 kB each) being written.
+        let ingest = Arc::new(Ingest::new(
+            log.clone(),
+            registry,
+            "herald.deliveries".into(),
+            "herald.ordered".into(),
+            u64::MAX,
+            Budget::new(1_000_000, 10_000_000),
+        ));
+        for i in 0..2 {
+            let publish = ingest.publish(vec![event(&format!("a{i}"), "a")]);
+            let cut_off = tokio::time::timeout(std::time::Duration::from_secs(1), publish);
+            assert!(cut_off.await.is_err(), "the request is cut off; its write goes on");
+        }
+        assert_eq!(log.started.load(Ordering::SeqCst), 2);
+        // Bounded: on the old code it waited on the stalled log for good.
+        let again = tokio::time::timeout(3 * budget::WAIT, ingest.publish(vec![event("a2", "a")])).await;
+        let again = again.expect("answered, not left waiting on the stalled log");
+        assert!(matches!(again, Err(Refusal::Busy(Over::Tenant { max: 1_000_000 }))), "{again:?}");
+        assert_eq!(log.started.load(Ordering::SeqCst), 2, "nothing more held for the stalled log");
+        let other = tokio::spawn({
+            let ingest = ingest.clone();
+            async move { ingest.publish(vec![event("b0", "b")]).await }
+        });
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while log.started.load(Ordering::SeqCst) < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "another tenant's publish reaches the log");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        log.resume();
+        assert_eq!(other.await.unwrap().expect("accepted once the log takes it")[0].deliveries, 4);
+        let later = ingest.publish(vec![event("a2", "a")]).await.expect("a's bytes came back once written");
+        assert_eq!(later[0].deliveries, 4);
     }
 
     /// An id whose append failed is forgotten, in whichever generation it waits.

@@ -21,6 +21,10 @@ pub struct Stub {
     pub end_queries: AtomicUsize,
     pub most_at_once: AtomicUsize,
     running: AtomicUsize,
+    /// While set, appends wait (a stalled disk or broker); `started` counts those begun.
+    pub stalled: std::sync::atomic::AtomicBool,
+    pub started: AtomicUsize,
+    resumed: tokio::sync::Notify,
 }
 
 impl Stub {
@@ -34,7 +38,16 @@ impl Stub {
             end_queries: AtomicUsize::new(0),
             most_at_once: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
+            stalled: Default::default(),
+            started: AtomicUsize::new(0),
+            resumed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Lets stalled appends finish (and later ones run at once).
+    pub fn resume(&self) {
+        self.stalled.store(false, Ordering::SeqCst);
+        self.resumed.notify_waiters();
     }
 
     /// This stub refusing appends to topics whose name holds `part` as too large.
@@ -54,6 +67,14 @@ impl Log for Stub {
         Ok(1)
     }
     async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>, LogError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let resumed = self.resumed.notified();
+            if !self.stalled.load(Ordering::SeqCst) {
+                break;
+            }
+            resumed.await;
+        }
         if !self.taking {
             return Err(LogError::Closed);
         }

@@ -1,0 +1,205 @@
+//! Bytes of delivery records being written at once, per tenant and in all. A publish holds
+//! its share from the moment it makes its records until the log has them, and that can outlast
+//! the request: a client cut off by the API's timeout leaves its write running, so a stalled or
+//! slow log, with clients that give up and send again, would otherwise grow Herald's memory
+//! without bound — and one tenant fanning out large events could take all of it. Past its
+//! tenant's share a publish is refused with `429`, past everyone's with `503`, after a short
+//! wait for earlier writes to finish.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Permits count KiB, so one request's share of up to 4 TiB fits a single `acquire_many`.
+const UNIT: u64 = 1024;
+
+/// How long a publish holding no share yet waits for one before it is refused.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Which share a publish would pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    /// Its tenant's (`quotas.pending_bytes`).
+    Tenant {
+        /// The share, in bytes.
+        max: u64,
+    },
+    /// Everyone's (`ingest.pending_bytes`).
+    All {
+        /// The share, in bytes.
+        max: u64,
+    },
+}
+
+/// The shares, in all and per tenant.
+pub struct Budget {
+    all: Arc<Semaphore>,
+    all_max: u64,
+    tenant_max: u64,
+    /// A tenant's semaphore, while anyone holds or waits on it (dropped when idle, so names
+    /// an admin publishes for do not pile up).
+    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// What one request holds: released when dropped, once its records are written (or refused).
+#[derive(Default)]
+pub struct Share {
+    all: Option<OwnedSemaphorePermit>,
+    tenants: HashMap<String, OwnedSemaphorePermit>,
+}
+
+fn permits(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(UNIT).max(1)).unwrap_or(u32::MAX)
+}
+
+fn merge(into: &mut Option<OwnedSemaphorePermit>, p: OwnedSemaphorePermit) {
+    match into {
+        Some(held) => held.merge(p),
+        None => *into = Some(p),
+    }
+}
+
+impl Budget {
+    /// A tenant may have `tenant_max` bytes being written, everyone together `all_max`.
+    pub fn new(tenant_max: u64, all_max: u64) -> Budget {
+        let size = |max: u64| usize::try_from(max.div_ceil(UNIT)).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        Budget { all: Arc::new(Semaphore::new(size(all_max))), all_max, tenant_max, tenants: Mutex::default() }
+    }
+
+    /// A budget that never refuses (unit tests of what sits on it).
+    pub fn unbounded() -> Budget {
+        Budget::new(u64::MAX, u64::MAX)
+    }
+
+    fn tenant(&self, name: &str) -> Arc<Semaphore> {
+        let mut tenants = self.tenants.lock().unwrap();
+        if let Some(s) = tenants.get(name) {
+            return s.clone();
+        }
+        // Idle ones go when the map has doubled since: amortised, and bounded by the tenants
+        // writing at once.
+        if tenants.len() >= 64 && tenants.len().is_power_of_two() {
+            tenants.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        let size = usize::try_from(self.tenant_max.div_ceil(UNIT)).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        let s = Arc::new(Semaphore::new(size));
+        tenants.insert(name.to_string(), s.clone());
+        s
+    }
+
+    /// Adds `bytes` for `tenant` to `share`. A share that holds nothing yet waits up to
+    /// [`WAIT`] for room; one that holds some takes it at once or not at all, so two requests
+    /// can never wait for each other's bytes.
+    pub async fn take(&self, share: &mut Share, tenant: &str, bytes: u64) -> Result<(), Over> {
+        let taken = self.take_inner(share, tenant, bytes).await;
+        if let Err(Over::Tenant { .. }) = taken {
+            metrics::counter!(crate::metrics::API_THROTTLED, "reason" => "pending_bytes").increment(1);
+        }
+        taken
+    }
+
+    async fn take_inner(&self, share: &mut Share, tenant: &str, bytes: u64) -> Result<(), Over> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let n = permits(bytes);
+        let may_wait = share.all.is_none();
+        let mine = self.tenant(tenant);
+        let over_tenant = Over::Tenant { max: self.tenant_max };
+        let over_all = Over::All { max: self.all_max };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let own = match mine.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) if may_wait => tokio::time::timeout_at(deadline, mine.acquire_many_owned(n))
+                .await
+                .map_err(|_| over_tenant)?
+                .map_err(|_| over_tenant)?,
+            Err(_) => return Err(over_tenant),
+        };
+        let all = match self.all.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) if may_wait => tokio::time::timeout_at(deadline, self.all.clone().acquire_many_owned(n))
+                .await
+                .map_err(|_| over_all)?
+                .map_err(|_| over_all)?,
+            Err(_) => return Err(over_all),
+        };
+        match share.tenants.get_mut(tenant) {
+            Some(held) => held.merge(own),
+            None => {
+                share.tenants.insert(tenant.to_string(), own);
+            }
+        }
+        merge(&mut share.all, all);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A tenant past its share waits, then is refused; another tenant is not held up by it;
+    /// the bytes come back when the share is dropped.
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_past_its_share_is_refused_and_another_is_not() {
+        let budget = Budget::new(4 * MIB, 6 * MIB);
+        let mut a = Share::default();
+        budget.take(&mut a, "a", 4 * MIB).await.unwrap();
+        let mut a2 = Share::default();
+        assert_eq!(budget.take(&mut a2, "a", MIB).await, Err(Over::Tenant { max: 4 * MIB }));
+        let mut b = Share::default();
+        budget.take(&mut b, "b", 2 * MIB).await.expect("another tenant has room");
+        let mut c = Share::default();
+        assert_eq!(budget.take(&mut c, "c", MIB).await, Err(Over::All { max: 6 * MIB }), "everyone's share is used");
+        drop(a);
+        budget.take(&mut a2, "a", 3 * MIB).await.expect("a's bytes came back");
+    }
+
+    /// A waiting request gets its bytes when an earlier write finishes within the wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_an_earlier_write_to_finish() {
+        let budget = Arc::new(Budget::new(4 * MIB, 8 * MIB));
+        let mut first = Share::default();
+        budget.take(&mut first, "a", 4 * MIB).await.unwrap();
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move {
+                let (mut second, started) = (Share::default(), tokio::time::Instant::now());
+                budget.take(&mut second, "a", MIB).await.map(|()| started.elapsed())
+            }
+        });
+        // The earlier write takes half the wait (time is paused: this runs once the request
+        // above waits).
+        tokio::time::sleep(WAIT / 2).await;
+        drop(first);
+        assert_eq!(waiting.await.unwrap(), Ok(WAIT / 2), "it waited for the write, then got its bytes");
+    }
+
+    /// A request that already holds bytes does not wait for more (two such requests would
+    /// wait for each other): it is refused at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_holding_bytes_never_waits() {
+        let budget = Budget::new(4 * MIB, 8 * MIB);
+        let (mut x, mut y) = (Share::default(), Share::default());
+        budget.take(&mut x, "a", 2 * MIB).await.unwrap();
+        budget.take(&mut y, "a", 2 * MIB).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(budget.take(&mut x, "a", MIB).await, Err(Over::Tenant { max: 4 * MIB }));
+        assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
+    }
+
+    /// Tenants nobody writes for are not kept.
+    #[tokio::test]
+    async fn idle_tenants_are_forgotten() {
+        let budget = Budget::new(4 * MIB, 8 * MIB);
+        for i in 0..1000 {
+            let mut s = Share::default();
+            budget.take(&mut s, &format!("t{i}"), 1).await.unwrap();
+        }
+        assert!(budget.tenants.lock().unwrap().len() < 600, "idle tenants pruned");
+    }
+}
