@@ -140,8 +140,16 @@ impl EmbeddedLog {
                         cfg.segment_bytes,
                         cfg.faults.clone(),
                     )?;
-                    if spec.compacted && part.compact()? {
-                        tracing::info!(topic = %spec.name, partition = p, "compacted");
+                    // Only an optimisation: one that cannot write (a full disk) leaves the
+                    // partition as it was, and Herald starts — and then reclaims what is
+                    // consumed, which is what frees the disk.
+                    if spec.compacted {
+                        match part.compact() {
+                            Ok(true) => tracing::info!(topic = %spec.name, partition = p, "compacted"),
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(topic = %spec.name, partition = p, error = %e,
+                                "compaction at open failed; the partition is read uncompacted"),
+                        }
                     }
                     parts.push(Arc::new(part));
                 }

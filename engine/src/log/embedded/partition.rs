@@ -925,21 +925,25 @@ impl Partition {
         let end = self.end_offset();
         let base = keep.first().map_or(end, |f| f.offset);
         let (path, info) = self.write_compacted(base, &keep, end)?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        // The partition is the new file from here, so a failure removing the old ones (which
+        // the caller goes on from) leaves files the next open cleans up, not a partition
+        // listing files that are gone.
         let mut active = self.active.lock().unwrap();
         let mut segs = self.segments.lock().unwrap();
-        for s in segs.iter().filter(|s| s.path != path && s.path.exists()) {
-            fs::remove_file(&s.path)?;
-        }
-        sync_dir(&self.dir)?;
         *active = Active {
-            file: Some(OpenOptions::new().append(true).open(&path)?),
+            file: Some(file),
             path: path.clone(),
             base,
             len: info.len,
             next_offset: end,
             next_index_at: info.index.last().map_or(0, |&(_, p)| p + INDEX_INTERVAL),
         };
-        *segs = vec![info];
+        let old = std::mem::replace(&mut *segs, vec![info]);
+        for s in old.iter().filter(|s| s.path != path && s.path.exists()) {
+            fs::remove_file(&s.path)?;
+        }
+        sync_dir(&self.dir)?;
         Ok(true)
     }
 
@@ -1006,7 +1010,9 @@ impl Partition {
         let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let path = self.dir.join(segment::compacted_name(base, generation));
         let scratch = self.dir.join(format!("{}.compact", segment::compacted_name(base, generation)));
-        if let Err(e) = replace_durably(&self.dir, &scratch, &path, &buf) {
+        let written =
+            self.fault(Fault::Write(&scratch)).and_then(|()| replace_durably(&self.dir, &scratch, &path, &buf));
+        if let Err(e) = written {
             // Nothing lists either file yet: a full disk retried every flush left one more each time.
             let _ = fs::remove_file(&scratch);
             let _ = fs::remove_file(&path);

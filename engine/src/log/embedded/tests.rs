@@ -444,6 +444,39 @@ async fn a_failing_compaction_does_not_stop_offsets_or_reclaim() {
     assert_eq!((got[0].offset, &got[0].value[..]), (31, &b"tail"[..]), "the group resumes where it committed");
 }
 
+/// A compaction at open that cannot write (a full disk) does not stop the log opening: the
+/// catalog is read as it is, uncompacted. Herald could not start on a full disk, and only a
+/// running Herald reclaims consumed segments — it stayed down until files were deleted by hand.
+#[tokio::test]
+async fn a_compaction_at_open_that_cannot_write_does_not_stop_the_log_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut expected: HashMap<String, String> = HashMap::new();
+    {
+        let log = EmbeddedLog::open(quiet(dir.path(), 2048)).await.unwrap();
+        for round in 0..10 {
+            for k in 0..20 {
+                let (key, value) = (format!("k{k}"), format!("r{round}-{}", "y".repeat(40)));
+                log.append("c", vec![rec(&key, &value)]).await.unwrap();
+                expected.insert(key, value);
+            }
+        }
+        assert!(log.segment_count("c", 0).unwrap() > 1);
+    }
+    let faults: Faults = Some(Arc::new(|fault: Fault<'_>| match fault {
+        Fault::Write(path) if path.extension().is_some_and(|e| e == "compact") => {
+            Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+        }
+        _ => Ok(()),
+    }));
+    let log =
+        EmbeddedLog::open(EmbeddedConfig { faults, ..quiet(dir.path(), 2048) }).await.expect("opens on a full disk");
+    assert_eq!(latest(&log).await, expected, "the catalog as it was");
+    assert!(log.segment_count("c", 0).unwrap() > 1, "left uncompacted");
+    let scratch = std::fs::read_dir(dir.path().join("topics/c/0")).unwrap().flatten();
+    assert!(!scratch.into_iter().any(|e| e.path().extension().is_some_and(|x| x == "compact")), "no scratch file left");
+    log.append("c", vec![rec("k0", "after")]).await.expect("writes go on");
+}
+
 /// The directories made at open are synced, bottom up, so their entries survive a power cut on
 /// any file system (the partitions' own with their first file).
 #[tokio::test]
