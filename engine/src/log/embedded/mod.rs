@@ -157,6 +157,9 @@ impl EmbeddedLog {
             }
             let (mut journal, replay) = Journal::open(&cfg.dir.join("journal"), cfg.journal_bytes, cfg.faults.clone())?;
             restore(&topics, replay, &mut journal)?;
+            for part in topics.values().flat_map(|t| t.iter()) {
+                part.drop_empty_sealed()?;
+            }
             journal.start()?;
             let offsets = OffsetStore::open(cfg.dir.join("offsets"))?;
             // The directories above the partitions hold the names everything below is found

@@ -325,17 +325,9 @@ impl Partition {
                 holes: scan.holes,
             });
         }
-        // Drop empty segments except the newest (which stays the active one).
-        let last = segments.len().saturating_sub(1);
-        let mut kept = Vec::with_capacity(segments.len());
-        for (i, s) in segments.into_iter().enumerate() {
-            if s.len == 0 && i != last {
-                fs::remove_file(&s.path)?;
-            } else {
-                kept.push(s);
-            }
-        }
-        let mut segments = kept;
+        // Empty old segments stay listed until the journal's restore has run
+        // ([`Partition::drop_empty_sealed`]): a power cut can empty a segment whose records
+        // the journal holds, and the restore starts at the partition's first segment.
         if segments.is_empty() {
             let path = dir.join(segment::file_name(0));
             segments.push(SegmentInfo {
@@ -376,6 +368,28 @@ impl Partition {
             #[cfg(test)]
             read_bytes: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Removes empty segments but the newest (the active one), once the journal's restore
+    /// has refilled any a power cut emptied.
+    pub fn drop_empty_sealed(&self) -> io::Result<()> {
+        let _active = self.active.lock().unwrap();
+        let mut segs = self.segments.lock().unwrap();
+        let last = segs.len().saturating_sub(1);
+        let empty = |i: usize, s: &SegmentInfo| s.len == 0 && i != last;
+        for (_, s) in segs.iter().enumerate().filter(|&(i, s)| empty(i, s) && s.path.exists()) {
+            fs::remove_file(&s.path)?;
+        }
+        let before = segs.len();
+        let mut i = 0;
+        segs.retain(|s| {
+            i += 1;
+            !empty(i - 1, s)
+        });
+        if segs.len() < before {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
     }
 
     /// Partition number.
