@@ -19,7 +19,7 @@ use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use protocol::{encode_delivery, Forward, Report, ToAgent, ToServer, FORWARD_PATH, MAX_WINDOW};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -36,13 +36,27 @@ const WRITE_STALL: Duration = SILENCE;
 /// How long the closing message may take (a stalled socket would hold the end for ever).
 const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
+/// Bytes of deliveries one connection's queue may hold (one message always goes into an
+/// empty queue, whatever its size): an agent that reads slowly or not at all holds no more of
+/// Herald's memory than this (a window of 4,096 events of 1 MiB each was 5.6 GiB).
+const QUEUE_BYTES: usize = 8 << 20;
+
+/// A delivery's message waiting to go out.
+struct Outgoing {
+    seq: u64,
+    text: Message,
+    bytes: usize,
+}
+
 /// One agent's live connection.
 struct Link {
     conn: u64,
-    /// Deliveries waiting to go out: at most the window. An attempt that times out frees its
-    /// slot in the window while its message may still wait here (the socket is full), so the
-    /// queue is bounded by itself, not by the window's permits.
-    tx: mpsc::Sender<Message>,
+    /// Deliveries waiting to go out: at most the window, and [`QUEUE_BYTES`]. An attempt that
+    /// times out frees its slot in the window while its message may still wait here (the
+    /// socket is full), so the queue is bounded by itself, not by the window's permits; such
+    /// a message is dropped when its turn comes, not sent (its attempt is already settled).
+    tx: mpsc::Sender<Outgoing>,
+    queued_bytes: AtomicUsize,
     window: Arc<Semaphore>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Report>>>,
     seq: AtomicU64,
@@ -218,7 +232,14 @@ impl EdgeHub {
         };
         // The agent needs the subscription's secrets to sign and authenticate.
         let text = revealing(|| serde_json::to_string(&msg).expect("serializes"));
-        let queued = link.tx.try_send(Message::Text(text.into()));
+        let bytes = text.len();
+        if !link.reserve(bytes) {
+            return Outcome::failed(Failure::EdgeBusy { device: device.to_string() }, started.elapsed());
+        }
+        let queued = link.tx.try_send(Outgoing { seq, text: Message::Text(text.into()), bytes });
+        if queued.is_err() {
+            link.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
         let answer = match queued {
             Ok(()) => tokio::time::timeout(timeout + GRACE, rx).await.ok(),
             Err(_) => None,
@@ -255,19 +276,20 @@ impl EdgeHub {
         let (link, rx, close) = self.attach(&device, window);
         let presence = self.announce(&device, &link).await;
         tokio::select! {
-            _ = self.write(&device, sink, rx, close) => {}
+            _ = self.write(&device, &link, sink, rx, close) => {}
             _ = read(&link, &device, stream) => {}
         }
         self.detach(&device, &link, presence).await;
     }
 
     /// Registers a new connection for `device`, ending any older one.
-    fn attach(&self, device: &EdgeDevice, window: u32) -> (Arc<Link>, mpsc::Receiver<Message>, watch::Receiver<bool>) {
+    fn attach(&self, device: &EdgeDevice, window: u32) -> (Arc<Link>, mpsc::Receiver<Outgoing>, watch::Receiver<bool>) {
         let (close, closed) = watch::channel(false);
         let (tx, rx) = mpsc::channel(window as usize);
         let link = Arc::new(Link {
             conn: self.conns.fetch_add(1, Ordering::Relaxed),
             tx,
+            queued_bytes: AtomicUsize::new(0),
             window: Arc::new(Semaphore::new(window as usize)),
             pending: Mutex::default(),
             seq: AtomicU64::new(0),
@@ -298,14 +320,21 @@ impl EdgeHub {
     async fn write(
         &self,
         device: &EdgeDevice,
+        link: &Link,
         mut sink: SplitSink<WebSocket, Message>,
-        mut rx: mpsc::Receiver<Message>,
+        mut rx: mpsc::Receiver<Outgoing>,
         mut close: watch::Receiver<bool>,
     ) {
         let mut ping = tokio::time::interval(PING_EVERY);
         loop {
             let msg = tokio::select! {
-                m = rx.recv() => match m { Some(m) => m, None => break },
+                m = rx.recv() => match m {
+                    Some(out) => match link.unqueue(out) {
+                        Some(text) => text,
+                        None => continue,
+                    },
+                    None => break,
+                },
                 _ = ping.tick() => {
                     if self.devices.get(&device.id, None).is_none() {
                         tracing::info!(device = %device.id, "edge device deleted; closing its connection");
@@ -349,6 +378,25 @@ impl EdgeHub {
 
 /// An attempt waiting for its agent's report: forgotten when it ends however it ends — a
 /// forwarding process that gave up cancels it, and its entry and the in-flight gauge stayed.
+impl Link {
+    /// Counts `bytes` into the queue when they fit [`QUEUE_BYTES`] (or the queue is empty).
+    fn reserve(&self, bytes: usize) -> bool {
+        self.queued_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                (q == 0 || q + bytes <= QUEUE_BYTES).then_some(q + bytes)
+            })
+            .is_ok()
+    }
+
+    /// Takes a message off the queue: its text, or `None` when its attempt has ended (timed
+    /// out while the message waited) — sent all the same, the agent would deliver an attempt
+    /// already recorded as failed, and its retry as well.
+    fn unqueue(&self, out: Outgoing) -> Option<Message> {
+        self.queued_bytes.fetch_sub(out.bytes, Ordering::Relaxed);
+        self.pending.lock().unwrap().contains_key(&out.seq).then_some(out.text)
+    }
+}
+
 struct InFlight<'a> {
     link: &'a Link,
     seq: u64,
@@ -422,22 +470,70 @@ mod tests {
     use crate::catalog::feed::Feed;
     use crate::log::stub::Stub;
 
-    /// An attempt cancelled while it waits for the agent (its forwarding process gave up)
-    /// leaves nothing waiting behind it.
-    #[tokio::test]
-    async fn a_cancelled_attempt_leaves_no_pending_entry() {
+    fn hub_and_target() -> (Arc<EdgeHub>, EdgeDevice, Target) {
         let (feed, applied) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
         applied.set(u64::MAX);
         let hub = EdgeHub::new(Arc::new(Devices::load(Arc::new(feed), &[])), "secret".into(), Some(1024));
         let device = EdgeDevice { id: "edg_1".into(), tenant: "t".into(), name: "n".into(), created_at: String::new() };
-        let (link, _rx, _close) = hub.attach(&device, 8);
         let sub = crate::model::Subscription::unchecked(
             "sub_1".into(),
             "t".into(),
             crate::model::SubscriptionSpec { url: "http://10.0.0.1/".into(), ..Default::default() },
             crate::model::Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
         );
-        let target = Target::compile(sub).unwrap();
+        (hub, device, Target::compile(sub).unwrap())
+    }
+
+    /// An agent that does not read holds at most [`QUEUE_BYTES`] of messages, whatever its
+    /// window: attempts past it are `edge_busy` at once. (Its window of 4,096 took 4,096
+    /// messages of an event of a mebibyte each: 5.6 GiB.)
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_does_not_read_holds_a_bounded_queue() {
+        let (hub, device, target) = hub_and_target();
+        let (_link, mut rx, _close) = hub.attach(&device, MAX_WINDOW);
+        let data = Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(1 << 20)));
+        let mut busy = 0;
+        for i in 0..40 {
+            let delivery = Delivery::first_attempt(
+                format!("e{i}"),
+                target.sub.id.clone(),
+                "t".into(),
+                "T".into(),
+                data.clone(),
+                0,
+            );
+            let outcome = hub.deliver_here("edg_1", &target, &delivery, 0, Duration::from_millis(1)).await;
+            busy += usize::from(outcome.label() == "edge_busy");
+        }
+        let mut held = 0;
+        while let Ok(out) = rx.try_recv() {
+            held += out.bytes;
+        }
+        assert!(held <= QUEUE_BYTES + (2 << 20), "{held} bytes queued");
+        assert!(busy >= 30, "{busy} of 40 refused as busy");
+    }
+
+    /// A message whose attempt ended while it waited in the queue is not sent: the agent
+    /// would deliver an attempt already recorded as a timeout (and then its retry too).
+    #[tokio::test(start_paused = true)]
+    async fn a_message_whose_attempt_timed_out_in_the_queue_is_not_sent() {
+        let (hub, device, target) = hub_and_target();
+        let (link, mut rx, _close) = hub.attach(&device, 8);
+        let delivery =
+            Delivery::first_attempt("e".into(), target.sub.id.clone(), "t".into(), "T".into(), Bytes::new(), 0);
+        let outcome = hub.deliver_here("edg_1", &target, &delivery, 0, Duration::from_millis(1)).await;
+        assert_eq!(outcome.label(), "timeout");
+        let queued = rx.try_recv().expect("its message waited in the queue");
+        assert!(link.unqueue(queued).is_none(), "dropped, not sent");
+        assert_eq!(link.queued_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    /// An attempt cancelled while it waits for the agent (its forwarding process gave up)
+    /// leaves nothing waiting behind it.
+    #[tokio::test]
+    async fn a_cancelled_attempt_leaves_no_pending_entry() {
+        let (hub, device, target) = hub_and_target();
+        let (link, _rx, _close) = hub.attach(&device, 8);
         let delivery =
             Delivery::first_attempt("e".into(), target.sub.id.clone(), "t".into(), "T".into(), Bytes::new(), 0);
         let attempt = hub.deliver_here("edg_1", &target, &delivery, 0, Duration::from_secs(30));
