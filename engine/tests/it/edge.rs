@@ -376,19 +376,23 @@ async fn an_agent_that_stops_reading_is_still_disconnected_when_its_device_is_de
         }
     });
     agents_connected(&admin, 1).await;
-    // About 30 MB of deliveries for an agent that reads none of them: more than the sockets
-    // between hold.
+    // About 60 MB of deliveries for an agent that reads none of them: more than the sockets
+    // between hold and the 8 MiB Herald queues for one agent.
     let pad = "x".repeat(48 << 10);
-    for batch in 0..20 {
+    for batch in 0..40 {
         let events: Vec<_> = (0..20)
             .map(|i| json!({ "id": format!("big-{batch}-{i}"), "tenant": tenant, "type": "t", "data": { "pad": pad } }))
             .collect();
         assert_eq!(admin.post("/v1/events/batch", json!(events)).await.0, 202);
     }
-    until("deliveries in flight to the agent", Duration::from_secs(20), || async {
-        (scrape(&admin).await.value("herald_edge_in_flight", &[]) >= 300.0).then_some(())
+    // The socket is full and the queue at its bound: attempts past it are refused at once.
+    until("attempts refused as the agent's queue is full", Duration::from_secs(30), || async {
+        let busy = [("transport", "edge"), ("outcome", "edge_busy")];
+        (scrape(&admin).await.value("herald_attempts_total", &busy) >= 1.0).then_some(())
     })
     .await;
+    let in_flight = scrape(&admin).await.value("herald_edge_in_flight", &[]);
+    assert!(in_flight < 400.0, "{in_flight} attempts wait for an agent that reads nothing");
     assert_eq!(acme.delete(&format!("/v1/edge-devices/{device}")).await.0, 204);
     until("the stalled agent disconnected", Duration::from_secs(10), || async {
         (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 0.0).then_some(())
