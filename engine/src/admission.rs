@@ -132,6 +132,10 @@ impl Drop for Probe<'_> {
     }
 }
 
+/// How far behind the bucket's time a reading may be and still be a race between callers
+/// rather than the clock stepped back.
+const CLOCK_STEP_MS: i64 = 1_000;
+
 /// A token bucket of `rate` per second, holding up to `capacity` tokens (full at first). Paces
 /// a subscription's deliveries, and a tenant key's API requests.
 #[derive(Debug)]
@@ -154,8 +158,11 @@ impl Bucket {
         let capacity = self.capacity;
         s.0 = (s.0 + (now_ms - s.1).max(0) as f64 / 1000.0 * self.rate).min(capacity);
         // Never back: a caller that read the clock before another took the lock would have
-        // the time between credited again.
-        s.1 = s.1.max(now_ms);
+        // the time between credited again. But a clock stepped back (NTP, a restored VM) by
+        // more than such a race is followed: kept, the bucket refilled nothing until the wall
+        // clock came back to where it had been — every key and paced endpoint refused for as
+        // long as the step.
+        s.1 = if now_ms < s.1 - CLOCK_STEP_MS { now_ms } else { s.1.max(now_ms) };
         if s.0 >= 1.0 {
             s.0 -= 1.0;
             Ok(())
@@ -561,6 +568,18 @@ mod tests {
         // A second after `t`, one token has come, not two.
         assert!(b.take(t + 1000).is_ok());
         assert!(b.take(t + 1000).is_err(), "the second before `t` was credited twice");
+    }
+
+    /// The clock stepped back an hour: the bucket goes on refilling from the new time, rather
+    /// than refusing everything until the clock is back where it was.
+    #[test]
+    fn a_clock_stepped_back_does_not_freeze_the_bucket() {
+        let b = Bucket::new(1.0, 1.0);
+        let t = now_ms();
+        assert!(b.take(t).is_ok());
+        let stepped = t - 3_600_000;
+        assert!(b.take(stepped).is_err(), "no token yet: none was credited for the step");
+        assert!(b.take(stepped + 2_000).is_ok(), "two seconds on, a token has come");
     }
 
     /// A success on another thread between a failure marking when failing began and reading
