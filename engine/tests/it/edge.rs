@@ -401,6 +401,31 @@ async fn an_agent_that_stops_reading_is_still_disconnected_when_its_device_is_de
     talking.abort();
 }
 
+/// An agent sending a flood of unreadable messages gets a few log lines, not one each: a
+/// million one-byte frames wrote a million warnings (lock contention, CPU, the log pipeline's
+/// disk) on cores other tenants' deliveries share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_s_flood_of_unreadable_messages_is_not_logged_one_by_one() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr, log) = crate::support::spawn_herald_logged(dir.path(), &[]);
+    let admin = Api::new(addr, TOKEN);
+    let (_, _, _, token) = tenant_with_device(&admin, "Noisy").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(edge_connect_request(addr, &token)).await.expect("connects");
+    ws.send(Message::Text(r#"{"type":"hello","window":16}"#.into())).await.unwrap();
+    agents_connected(&admin, 1).await;
+    for _ in 0..5_000 {
+        ws.feed(Message::Text("x".into())).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    ws.close(None).await.unwrap();
+    // Read in order: once the connection is gone, every frame before its close was read.
+    agents_connected(&admin, 0).await;
+    let lines = log.lock().unwrap().matches("unreadable message from an edge agent").count();
+    assert!((1..=3).contains(&lines), "{lines} log lines for 5,000 unreadable messages");
+}
+
 /// Two agents run with one device's token: each connection replaces the other. Each agent
 /// backs off further every time its connection ends that soon, instead of both reconnecting
 /// several times a second for ever (each connection a presence record in the catalog).

@@ -33,6 +33,8 @@ const SILENCE: Duration = Duration::from_secs(45);
 /// How long one message may take to go out: an agent that stops reading its socket (it may
 /// still write, so `SILENCE` never comes) fills it, and the connection ends after this.
 const WRITE_STALL: Duration = SILENCE;
+/// How often an agent's unreadable messages are logged at most.
+const UNREADABLE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How long the closing message may take (a stalled socket would hold the end for ever).
 const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
@@ -428,6 +430,9 @@ fn unreadable(e: &serde_json::Error) -> String {
 
 /// Hands each report to the delivery waiting for it, until the agent goes silent or closes.
 async fn read(link: &Link, device: &EdgeDevice, mut stream: SplitStream<WebSocket>) {
+    // Unreadable messages are logged once a minute at most, with how many came between: an
+    // agent sending millions of them would otherwise write as many log lines.
+    let mut unreadable_since: Option<(Instant, u64)> = None;
     while let Ok(Some(Ok(msg))) = tokio::time::timeout(SILENCE, stream.next()).await {
         match msg {
             Message::Text(t) => match serde_json::from_str::<ToServer>(&t) {
@@ -437,9 +442,14 @@ async fn read(link: &Link, device: &EdgeDevice, mut stream: SplitStream<WebSocke
                     }
                 }
                 Ok(ToServer::Hello { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(device = %device.id, error = %unreadable(&e), "unreadable message from an edge agent")
-                }
+                Err(e) => match &mut unreadable_since {
+                    Some((at, skipped)) if at.elapsed() < UNREADABLE_LOG_EVERY => *skipped += 1,
+                    _ => {
+                        let skipped = unreadable_since.map_or(0, |(_, n)| n);
+                        tracing::warn!(device = %device.id, error = %unreadable(&e), not_logged_before = skipped, "unreadable message from an edge agent");
+                        unreadable_since = Some((Instant::now(), 0));
+                    }
+                },
             },
             Message::Close(_) => break,
             _ => {}

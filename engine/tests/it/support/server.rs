@@ -209,6 +209,34 @@ pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
 
 /// Starts `herald serve` with extra environment variables.
 pub fn spawn_herald_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (ChildGuard, SocketAddr) {
+    spawn_herald_as(data_dir, env, std::process::Stdio::inherit())
+}
+
+/// Starts `herald serve` with extra environment variables, its log (stderr) kept: what it has
+/// written so far is in the returned string.
+pub fn spawn_herald_logged(
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (ChildGuard, SocketAddr, std::sync::Arc<std::sync::Mutex<String>>) {
+    let (mut guard, addr) = spawn_herald_as(data_dir, env, std::process::Stdio::piped());
+    let stderr = guard.0.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let mut kept = kept.lock().unwrap();
+            kept.push_str(&line);
+            kept.push('\n');
+        }
+    });
+    (guard, addr, log)
+}
+
+fn spawn_herald_as(
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+    stderr: std::process::Stdio,
+) -> (ChildGuard, SocketAddr) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -219,6 +247,7 @@ pub fn spawn_herald_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (C
         // The caller's variables last, so they win over the defaults above.
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .expect("herald binary runs");
     let stdout = child.stdout.take().unwrap();
