@@ -101,6 +101,10 @@ pub enum LogError {
     Backend(String),
 }
 
+/// Bytes of records one page read takes at most (past its first record): pages of large
+/// records (dead letters of 1 MiB events, 1,024 to a page) were gigabytes at once.
+pub const PAGE_BYTES: usize = 4 << 20;
+
 /// The log backends' common interface (embedded files or Kafka).
 #[async_trait]
 pub trait Log: Send + Sync + 'static {
@@ -114,9 +118,10 @@ pub trait Log: Send + Sync + 'static {
     /// Reads every record currently in `topic`, all partitions, oldest first per partition.
     async fn read_all(&self, topic: &str) -> Result<Vec<LogRecord>, LogError>;
 
-    /// Reads up to `max` records of one partition at or after `from`; returns them and the
-    /// offset to continue from, `None` once the partition's current end is reached. For
-    /// scanning a large topic a page at a time.
+    /// Reads up to `max` records of one partition at or after `from`, and about
+    /// [`PAGE_BYTES`] at most (always one); returns them and the offset to continue from,
+    /// `None` once the partition's current end is reached. For scanning a large topic a page
+    /// at a time.
     async fn read_partition(
         &self,
         topic: &str,

@@ -570,7 +570,7 @@ fn read_chunk(part: &Partition, from: u64, max: usize) -> Result<(Vec<LogRecord>
         if next >= end {
             return Ok((Vec::new(), None));
         }
-        let (frames, after) = part.read(next, max.max(1), 4 << 20)?;
+        let (frames, after) = part.read(next, max.max(1), super::PAGE_BYTES)?;
         if !frames.is_empty() {
             let records = frames.into_iter().map(|f| record(part.id(), f)).collect();
             return Ok((records, (after < end).then_some(after)));

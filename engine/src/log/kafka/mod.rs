@@ -447,6 +447,30 @@ mod tests {
         assert!(log.broken().is_some_and(|why| why.contains("restart")), "{:?}", log.broken());
     }
 
+    /// A page of large records stops at about [`crate::log::PAGE_BYTES`], with where to go
+    /// on: 1,024 dead letters of 1 MiB events were a gigabyte in one read (or a read that
+    /// timed out every time).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_page_of_large_records_is_bounded_in_bytes() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let log = open(&cluster).await;
+        let value = "v".repeat(512 << 10);
+        let positions = log
+            .append("t", (0..20).map(|_| Record { key: "k".into(), value: value.clone().into() }).collect())
+            .await
+            .unwrap();
+        let p = positions[0].partition;
+        // (The mock cluster keeps about the last 5 MiB of a partition: the page starts there.)
+        let (page, next) = log.read_partition("t", p, 0, 1024).await.unwrap();
+        let bytes: usize = page.iter().map(|r| r.value.len()).sum();
+        assert!(bytes <= crate::log::PAGE_BYTES + value.len(), "{bytes} bytes in one page");
+        let last = page.last().unwrap().offset;
+        assert!(last < 19 && next == Some(last + 1), "cut before the end, with where to go on: {next:?}");
+        let (rest, end) = log.read_partition("t", p, last + 1, 1024).await.unwrap();
+        assert_eq!((rest.last().map(|r| r.offset), end), (Some(19), None), "the rest on the next page");
+        log.close().await.unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_topics_partitions_are_followed_through_one_client_each_from_its_own_offset() {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();

@@ -230,6 +230,7 @@ impl Reader {
         assign(start)?;
         let deadline = Instant::now() + READ_TIMEOUT;
         let mut out: Vec<LogRecord> = Vec::new();
+        let mut bytes = 0;
         let mut gaps = Gaps::default();
         let result = loop {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
@@ -262,8 +263,9 @@ impl Reader {
                     }
                     let rec = to_record(&m);
                     let last = rec.offset;
+                    bytes += rec.key.len() + rec.value.len();
                     out.push(rec);
-                    if out.len() >= max || last + 1 >= high {
+                    if out.len() >= max || bytes >= crate::log::PAGE_BYTES || last + 1 >= high {
                         break Ok(());
                     }
                 }
