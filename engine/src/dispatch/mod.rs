@@ -154,6 +154,14 @@ impl Deliverer {
         }
     }
 
+    /// Waits until the history queued so far is durable, asking for it at once
+    /// ([`crate::history::Recorder::synced_now`]).
+    pub async fn history_synced_now(&self) {
+        if let Some(h) = &self.history {
+            h.synced_now().await;
+        }
+    }
+
     /// The committer a shard commits through: with history kept, one that commits an offset
     /// only once the history of everything before it is durable.
     pub fn committer(&self, inner: Arc<dyn crate::log::Committer>) -> Arc<dyn crate::log::Committer> {

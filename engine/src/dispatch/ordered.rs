@@ -936,9 +936,13 @@ impl Sequencer {
             return;
         }
         let batch = std::mem::take(&mut self.to_mark);
-        let (log, topic) = (self.log.clone(), self.topic.clone());
+        let (log, topic, deliverer) = (self.log.clone(), self.topic.clone(), self.deliverer.clone());
         self.marking = Some(
             async move {
+                // The attempts' history first: once a marker is durable its head is not
+                // attempted again after a crash, so an attempt recorded after it could be lost
+                // for good (the commit gate that covers other deliveries does not hold lanes).
+                deliverer.history_synced_now().await;
                 // No lane moves before its marker is durable (markers are far below the size limit).
                 let records = batch.iter().map(|(_, _, _, m)| m.record()).collect();
                 let _ = crate::log::append_durably(&*log, &topic, records).await;
