@@ -435,22 +435,11 @@ async fn follow(
     }
 }
 
-/// How far ahead of the time this process has counted since it started the wall clock may be
-/// for expiry to go by it (NTP corrections, a VM's clock set after it resumed).
-const CLOCK_SLACK: Duration = Duration::from_secs(3600);
-
-/// The time expiry goes by: the wall clock, but never more than [`CLOCK_SLACK`] ahead of the
-/// wall clock at `anchor_ms` plus the monotonic time since (`elapsed`). A clock stepped a
-/// month forward would otherwise delete every day of history at the next tick — for good:
-/// the index has read those records, and the topic keeps a day.
-fn expiry_now(wall_ms: i64, anchor_ms: i64, elapsed: Duration) -> i64 {
-    let counted = anchor_ms.saturating_add((elapsed + CLOCK_SLACK).as_millis().min(i64::MAX as u128) as i64);
-    wall_ms.min(counted)
-}
-
 /// Deletes days past retention and measures how far the index trails the topic.
 async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<Index>, mut stop: watch::Receiver<bool>) {
-    let (anchor, anchor_ms) = (std::time::Instant::now(), now_ms());
+    // A clock stepped forward would otherwise delete every day of history at the next tick
+    // (for good: the index has read those records, and the topic keeps a day).
+    let clock = crate::model::AgeClock::start();
     let mut tick = tokio::time::interval(UPKEEP_EVERY);
     loop {
         tokio::select! {
@@ -459,7 +448,7 @@ async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<In
         }
         let idx = index.clone();
         Index::yield_to_delivery();
-        let now = expiry_now(now_ms(), anchor_ms, anchor.elapsed());
+        let now = clock.guard(now_ms());
         match tokio::task::spawn_blocking(move || idx.expire(now)).await {
             Ok(Ok(n)) if n > 0 => metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(n),
             Ok(Err(e)) => tracing::warn!(error = %e, "expiring history failed"),
@@ -479,17 +468,6 @@ async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<In
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
-
-    #[test]
-    fn a_clock_stepped_far_forward_does_not_expire_history_at_once() {
-        let day = 86_400_000;
-        let hour = Duration::from_secs(3600);
-        // Started at day 100; two hours later the clock says day 130.
-        assert_eq!(expiry_now(130 * day, 100 * day, 2 * hour), 100 * day + 3 * 3_600_000);
-        // Within the slack the wall clock counts; behind it too.
-        assert_eq!(expiry_now(100 * day + 5_000, 100 * day, Duration::from_secs(1)), 100 * day + 5_000);
-        assert_eq!(expiry_now(99 * day, 100 * day, hour), 99 * day);
-    }
 
     /// Waits until `load` says `defers` for records written now, within a deadline.
     fn until_defers(load: &Load, defers: bool) -> bool {

@@ -39,6 +39,49 @@ impl Invalid {
     }
 }
 
+/// The wall clock for deleting by age (history past its retention, dead letters past
+/// theirs): never more than [`CLOCK_SLACK`] ahead of the wall clock when it was made plus the
+/// monotonic time since. A clock stepped a month forward (a VM booted with a bad clock, before
+/// NTP) would otherwise delete everything at the next tick — for good.
+#[derive(Debug, Clone, Copy)]
+pub struct AgeClock {
+    anchor: std::time::Instant,
+    anchor_ms: i64,
+}
+
+/// How far ahead of the time counted since an [`AgeClock`] was made the wall clock may be for
+/// deletion to go by it (NTP corrections, a VM's clock set after it resumed).
+pub const CLOCK_SLACK: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl AgeClock {
+    /// A clock anchored at the wall clock now.
+    pub fn start() -> AgeClock {
+        AgeClock { anchor: std::time::Instant::now(), anchor_ms: now_ms() }
+    }
+
+    /// `wall_ms` (what the wall clock says), held to at most [`CLOCK_SLACK`] past the time
+    /// counted since the anchor.
+    pub fn guard(&self, wall_ms: i64) -> i64 {
+        age_now(wall_ms, self.anchor_ms, self.anchor.elapsed())
+    }
+}
+
+fn age_now(wall_ms: i64, anchor_ms: i64, elapsed: std::time::Duration) -> i64 {
+    let counted = anchor_ms.saturating_add((elapsed + CLOCK_SLACK).as_millis().min(i64::MAX as u128) as i64);
+    wall_ms.min(counted)
+}
+
+#[test]
+fn a_clock_stepped_far_forward_is_held_back() {
+    let day = 86_400_000;
+    let hour = std::time::Duration::from_secs(3600);
+    // Started at day 100; two hours later the clock says day 130.
+    assert_eq!(age_now(130 * day, 100 * day, 2 * hour), 100 * day + 3 * 3_600_000);
+    // Within the slack the wall clock counts; behind it too.
+    assert_eq!(age_now(100 * day + 5_000, 100 * day, std::time::Duration::from_secs(1)), 100 * day + 5_000);
+    assert_eq!(age_now(99 * day, 100 * day, hour), 99 * day);
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     // From `SystemTime` directly: chrono's `Utc::now()` works out a calendar date only for

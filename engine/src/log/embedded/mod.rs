@@ -107,6 +107,8 @@ pub struct EmbeddedLog {
     /// Topics with a retention by age, and compacted ones, for the flusher; for a topic whose
     /// retention waits for its reader, how far that reader read each partition.
     retention: Vec<(Topic, Duration, Option<ReadUpTo>)>,
+    /// The clock reclaiming by age goes by.
+    age_clock: crate::model::AgeClock,
     compacted: Vec<Topic>,
     writer: mpsc::UnboundedSender<Job>,
     /// Consumed segments for the reaper thread to delete, paced, off the flusher's path.
@@ -192,8 +194,17 @@ impl EmbeddedLog {
         };
         let retention = config.topics.iter().filter_map(|t| Some((of(t), t.retention?, read_up_to(t)))).collect();
         let compacted = config.topics.iter().filter(|t| t.compacted).map(of).collect();
-        let log =
-            Arc::new(EmbeddedLog { topics, retention, compacted, writer, reaper, offsets, closed, journal_failed });
+        let log = Arc::new(EmbeddedLog {
+            topics,
+            retention,
+            age_clock: crate::model::AgeClock::start(),
+            compacted,
+            writer,
+            reaper,
+            offsets,
+            closed,
+            journal_failed,
+        });
         tokio::spawn(flush_loop(Arc::downgrade(&log), config.flush_interval));
         Ok(log)
     }
@@ -210,6 +221,14 @@ impl EmbeddedLog {
     /// topic's retention, and compacts catalog segments that piled up. Consumed segments are
     /// handed to the reaper thread, so their files may still be going when this returns.
     pub async fn flush(&self) -> Result<(), LogError> {
+        self.flush_at(now_ms()).await
+    }
+
+    /// [`EmbeddedLog::flush`] with the wall clock saying `wall_ms` (held back by the log's
+    /// [`crate::model::AgeClock`]: a clock stepped forward past `log.dlq_retention` deleted
+    /// every dead letter).
+    pub(crate) async fn flush_at(&self, wall_ms: i64) -> Result<(), LogError> {
+        let now = self.age_clock.guard(wall_ms);
         let offsets = self.offsets.clone();
         let reaper = self.reaper.clone();
         let topics: Vec<(String, Topic)> = self.topics.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -225,7 +244,6 @@ impl EmbeddedLog {
                     first_error.get_or_insert(e);
                 }
             };
-            let now = now_ms();
             for (parts, keep, read) in &retention {
                 for (p, part) in parts.iter().enumerate() {
                     let read = read.as_ref().map(|r| r[p].load(Ordering::Acquire));

@@ -1035,6 +1035,24 @@ async fn dead_letters_past_their_retention_are_reclaimed() {
     assert_eq!(log.segment_count("d", 0).unwrap(), 1, "only the active segment remains");
 }
 
+/// A wall clock stepped forward past the dead letters' retention does not reclaim them all at
+/// the next flush (a VM booted with a bad clock before NTP): reclaiming goes by the time
+/// counted since the log opened, with an hour's slack.
+#[tokio::test]
+async fn a_clock_stepped_forward_does_not_reclaim_every_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = quiet(dir.path(), 4096);
+    cfg.topics.push(TopicSpec { retention: Some(Duration::from_secs(14 * 86_400)), ..spec("d", 1, false) });
+    let log = EmbeddedLog::open(cfg).await.unwrap();
+    for i in 0..40 {
+        log.append("d", vec![rec("k", &format!("{i}-{}", "d".repeat(500)))]).await.unwrap();
+    }
+    let segments = log.segment_count("d", 0).unwrap();
+    assert!(segments > 5);
+    log.flush_at(now_ms() + 30 * 86_400_000).await.unwrap();
+    assert_eq!(log.segment_count("d", 0).unwrap(), segments, "every dead letter kept");
+}
+
 #[tokio::test]
 async fn lowering_the_partition_count_keeps_every_partition_on_disk() {
     let dir = tempfile::tempdir().unwrap();
