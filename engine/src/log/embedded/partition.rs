@@ -122,6 +122,9 @@ pub struct Partition {
     faults: Faults,
     /// The last compaction's generation, for the compacted file's name.
     generation: std::sync::atomic::AtomicU64,
+    /// The sealed segments (first base, end) a compaction last found too little to gain in:
+    /// not read again until a segment is sealed (every flush read a large catalog whole).
+    futile: Mutex<Option<(u64, u64)>>,
     /// Bytes per frame in the last batch appended, or in the last read window that fell
     /// short of its estimate (appends and every reader update it; it is only an estimate): a
     /// read sizes its window from it, so it copies about what it hands out (a fixed 256 KiB
@@ -364,6 +367,7 @@ impl Partition {
             durable,
             faults,
             generation: generation.unwrap_or(0).into(),
+            futile: Mutex::new(None),
             frame_bytes: std::sync::atomic::AtomicUsize::new(1024),
             #[cfg(test)]
             read_bytes: std::sync::atomic::AtomicU64::new(0),
@@ -974,6 +978,9 @@ impl Partition {
             segs[..segs.len() - 1].to_vec()
         };
         let (first, sealed_end) = (sealed[0].base, sealed.last().expect("several").end);
+        if *self.futile.lock().unwrap() == Some((first, sealed_end)) {
+            return Ok(false);
+        }
         let all = self.read_to_end(first)?;
         let mut latest: HashMap<&[u8], usize> = HashMap::new();
         for (i, f) in all.iter().enumerate() {
@@ -983,6 +990,7 @@ impl Partition {
         let keep: Vec<&Frame> =
             all[..in_sealed].iter().enumerate().filter(|(i, f)| latest[&f.key[..]] == *i).map(|(_, f)| f).collect();
         if keep.len() * 2 > in_sealed {
+            *self.futile.lock().unwrap() = Some((first, sealed_end));
             return Ok(false);
         }
         let (path, info) = self.write_compacted(first, &keep, sealed_end)?;

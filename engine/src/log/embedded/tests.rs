@@ -399,6 +399,41 @@ async fn sealed_segments_are_compacted_while_running() {
     assert_eq!(followed, expected);
 }
 
+/// A catalog whose sealed segments compaction cannot shrink (every key written once) is not
+/// read whole again at every flush (every 200 ms) until another segment is sealed.
+#[tokio::test]
+async fn a_catalog_compaction_cannot_shrink_is_not_read_again_at_every_flush() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let dir = tempfile::tempdir().unwrap();
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counted = reads.clone();
+    let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| {
+        if let Fault::Read(path) = fault {
+            if path.components().any(|c| c.as_os_str() == "c") {
+                counted.fetch_add(1, SeqCst);
+            }
+        }
+        Ok(())
+    }));
+    let log = EmbeddedLog::open(EmbeddedConfig { faults, ..quiet(dir.path(), 2048) }).await.unwrap();
+    for k in 0..200 {
+        log.append("c", vec![rec(&format!("k{k}"), &"y".repeat(60))]).await.unwrap();
+    }
+    assert!(log.segment_count("c", 0).unwrap() > 5);
+    log.flush().await.unwrap();
+    let after_first = reads.load(SeqCst);
+    assert!(after_first > 0, "the first flush looks");
+    for _ in 0..3 {
+        log.flush().await.unwrap();
+    }
+    assert_eq!(reads.load(SeqCst), after_first, "nothing read again while no segment was sealed");
+    for k in 0..200 {
+        log.append("c", vec![rec(&format!("k{k}"), "newer")]).await.unwrap();
+    }
+    log.flush().await.unwrap();
+    assert!(reads.load(SeqCst) > after_first, "a segment sealed since: looked at again");
+}
+
 /// One step of the flush failing (here the catalog's compaction, which cannot read its
 /// segments) does not keep the others from running: offsets are still saved and consumed
 /// segments still reclaimed — on a full disk that is what frees space.
