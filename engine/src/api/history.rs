@@ -145,6 +145,7 @@ pub async fn attempts(
         since_ms,
         until_ms,
         limit: page::limit(q.limit)?,
+        max_bytes: Some(page::MAX_BYTES),
         cursor: cursor(page::place(q.cursor, &listing)?)?,
     };
     let index = history.index.clone();

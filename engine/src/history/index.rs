@@ -84,6 +84,9 @@ pub struct AttemptQuery {
     pub until_ms: Option<i64>,
     /// Most items.
     pub limit: usize,
+    /// Bytes of items past which a page ends (past the first), when bounded: 500 attempts of
+    /// 64 KiB responses of control characters (six bytes each in JSON) were 200 MB at once.
+    pub max_bytes: Option<usize>,
     /// Where to continue.
     pub cursor: Option<String>,
 }
@@ -683,6 +686,7 @@ impl Index {
         let limit = q.limit.max(1);
         let from = q.cursor.as_deref().and_then(decode_cursor);
         let mut items: Vec<Box<RawValue>> = Vec::new();
+        let (mut bytes, max_bytes) = (0, q.max_bytes.unwrap_or(usize::MAX));
         // The record at the `a` key, if it is one the query asks for.
         let wanted = |ks: &Keyspace, a_key: &[u8], stored: Option<&[u8]>| -> Option<Box<RawValue>> {
             let fetched;
@@ -723,8 +727,11 @@ impl Index {
             } else {
                 wanted(ks, key, Some(value))
             };
-            items.extend(item);
-            if items.len() >= limit {
+            if let Some(item) = item {
+                bytes += item.get().len();
+                items.push(item);
+            }
+            if items.len() >= limit || bytes >= max_bytes {
                 Flow::Stop
             } else {
                 Flow::Go
@@ -824,14 +831,23 @@ impl Index {
             .filter(|x| horizon.as_ref().is_none_or(|h| x >= h))
             .collect();
         let mut items = Vec::with_capacity(limit.min(found.len()));
-        for (at_ms, id) in found.iter().take(limit) {
+        let (mut bytes, mut cut) = (0, None);
+        for (i, (at_ms, id)) in found.iter().take(limit).enumerate() {
             if let Some(a) = self.attempt_record(&event.tenant, *at_ms, id)? {
-                items.extend(serde_json::value::to_raw_value(&attempt_view(&a)).ok());
+                if let Ok(item) = serde_json::value::to_raw_value(&attempt_view(&a)) {
+                    bytes += item.get().len();
+                    items.push(item);
+                }
+            }
+            if bytes >= q.max_bytes.unwrap_or(usize::MAX) && i + 1 < found.len() {
+                cut = Some(found[i].clone());
+                break;
             }
         }
-        let next_place = match found.len() > limit {
-            true => found.get(limit - 1).cloned(),
-            false => horizon,
+        let next_place = match (cut, found.len() > limit) {
+            (Some(place), _) => Some(place),
+            (None, true) => found.get(limit - 1).cloned(),
+            (None, false) => horizon,
         };
         let next = next_place.map(|(at, id)| {
             let mut place = at.to_be_bytes().to_vec();
@@ -1115,6 +1131,15 @@ mod tests {
         assert_eq!(ids(&second), ["s2-298", "s1-298", "s3-297", "s2-297"]);
         let filtered = AttemptQuery { since_ms: Some(accepted + 1 + 299 * 3), ..q.clone() };
         assert_eq!(ids(&index.attempts(&filtered).unwrap()), ["s3-299", "s2-299", "s1-299"]);
+        // Bounded in bytes: a page ends past `max_bytes`, and the next goes on from there,
+        // for one event's attempts and for the tenant's.
+        for q in [q.clone(), AttemptQuery { event: None, ..q.clone() }] {
+            let one = index.attempts(&AttemptQuery { max_bytes: Some(1), limit: 3, ..q.clone() }).unwrap();
+            let whole = index.attempts(&AttemptQuery { limit: 3, ..q.clone() }).unwrap();
+            assert_eq!(ids(&one), ids(&whole)[..1], "{q:?}");
+            let on = index.attempts(&AttemptQuery { cursor: one.next.clone(), limit: 2, ..q.clone() }).unwrap();
+            assert_eq!(ids(&on), ids(&whole)[1..], "{q:?}");
+        }
     }
 
     /// An event of one subscription (`s`) with `n` failed attempts after one `timeout`, each a
