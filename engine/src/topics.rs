@@ -86,7 +86,9 @@ impl Topics {
         let mut specs = vec![
             data(&self.deliveries, None),
             TopicSpec { keyed: true, ..data(&self.ordered, None) },
-            data(&self.dlq, Some(log.dlq_retention.0)),
+            // Keyed: a subscription's dead letters are looked for in its partition only (its
+            // list, its replay), so raising `log.partitions` hid the older ones from both.
+            TopicSpec { keyed: true, ..data(&self.dlq, Some(log.dlq_retention.0)) },
             TopicSpec {
                 name: self.subscriptions.clone(),
                 partitions: 1,
@@ -155,6 +157,33 @@ mod tests {
         let specs = topics.specs(&log, &history);
         let spec = specs.iter().find(|s| s.name == topics.history).unwrap();
         assert_eq!(spec.retention, Some(history.retention.0 + DAY));
+    }
+
+    /// Raising `log.partitions` on an embedded data dir leaves the dead-letter topic with the
+    /// partitions it has: a subscription's dead letters are found in the partition its id
+    /// hashes to, and over more partitions the older ones were in none that was looked in.
+    #[tokio::test]
+    async fn the_dead_letter_topic_keeps_its_partitions_when_log_partitions_is_raised() {
+        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog};
+        use crate::log::Log;
+        let dir = tempfile::tempdir().unwrap();
+        let topics = Topics::new("herald.");
+        let open = |partitions: u32| {
+            let log = LogConfig { partitions, ..LogConfig::default() };
+            let config = EmbeddedConfig {
+                dir: dir.path().to_path_buf(),
+                segment_bytes: 1 << 20,
+                flush_interval: Duration::from_secs(3600),
+                topics: topics.specs(&log, &HistoryConfig::default()),
+                journal_bytes: crate::log::embedded::DEFAULT_JOURNAL_BYTES,
+                faults: None,
+            };
+            EmbeddedLog::open(config)
+        };
+        drop(open(2).await.unwrap());
+        let log = open(8).await.unwrap();
+        assert_eq!(log.partitions(&topics.dlq).unwrap(), 2, "the dead letters' partitions kept");
+        assert_eq!(log.partitions(&topics.deliveries).unwrap(), 8, "new deliveries spread wider");
     }
 
     #[test]
