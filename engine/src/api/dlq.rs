@@ -82,6 +82,12 @@ pub async fn replay(
             return Err(ApiError::conflict("subscription", "the subscription is disabled: enable it, then replay"));
         }
     }
+    let _one = match who.tenant() {
+        Some(tenant) => Some(state.dead_letters.replaying(tenant).ok_or_else(|| {
+            ApiError::conflict("ids", "a replay of this tenant's is under way: send this one once it has answered")
+        })?),
+        None => None,
+    };
     let report = state.dead_letters.replay(selection, who.tenant(), &refuse).await?;
     Ok(Json(report))
 }

@@ -200,19 +200,7 @@ pub struct History {
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Tenants with a recover under way (see [`History::recovering`]).
-    recovering: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-}
-
-/// A tenant's recover under way; the next may start once it is dropped.
-pub struct Recovering {
-    tenant: String,
-    all: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-}
-
-impl Drop for Recovering {
-    fn drop(&mut self) {
-        self.all.lock().unwrap().remove(&self.tenant);
-    }
+    recovering: crate::model::OneAtATime,
 }
 
 impl History {
@@ -258,9 +246,8 @@ impl History {
     /// Starts a recover of `tenant`'s, unless one is under way (`None`): a rewind re-sends up
     /// to 10,000 events, and a tenant key sending them at its request rate made up to a
     /// million deliveries a second in the log every tenant shares.
-    pub fn recovering(&self, tenant: &str) -> Option<Recovering> {
-        let mut all = self.recovering.lock().unwrap();
-        all.insert(tenant.to_string()).then(|| Recovering { tenant: tenant.to_string(), all: self.recovering.clone() })
+    pub fn recovering(&self, tenant: &str) -> Option<crate::model::Running> {
+        self.recovering.start(tenant)
     }
 
     /// Waits until the index holds everything the topic held when called, for at most

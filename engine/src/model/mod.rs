@@ -82,6 +82,33 @@ fn a_clock_stepped_far_forward_is_held_back() {
     assert_eq!(age_now(99 * day, 100 * day, hour), 99 * day);
 }
 
+/// Work that runs one at a time per key (a tenant): [`OneAtATime::start`] is `None` while one
+/// runs. For requests whose work is large and shared (a rewind of 10,000 events, a replay that
+/// reads the whole dead-letter topic), which a tenant key could otherwise start at its
+/// request rate.
+#[derive(Debug, Default, Clone)]
+pub struct OneAtATime(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+/// The one running for its key, until dropped.
+#[derive(Debug)]
+pub struct Running {
+    key: String,
+    all: OneAtATime,
+}
+
+impl OneAtATime {
+    /// Starts `key`'s, unless one is running.
+    pub fn start(&self, key: &str) -> Option<Running> {
+        self.0.lock().unwrap().insert(key.to_string()).then(|| Running { key: key.to_string(), all: self.clone() })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.all.0.lock().unwrap().remove(&self.key);
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     // From `SystemTime` directly: chrono's `Utc::now()` works out a calendar date only for

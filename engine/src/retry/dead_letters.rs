@@ -143,6 +143,8 @@ pub struct DeadLetters {
     markers_read: tokio::sync::Mutex<(Vec<u64>, Option<std::time::Instant>)>,
     /// Where a replayed delivery is recorded pending again, when history is kept.
     history: Option<Arc<dyn ReplayRecorder>>,
+    /// Tenants with a replay under way ([`DeadLetters::replaying`]).
+    replaying: crate::model::OneAtATime,
 }
 
 /// Records replayed deliveries as pending again (the delivery history; the server wires it,
@@ -171,7 +173,15 @@ impl DeadLetters {
             replayed: Default::default(),
             markers_read: Default::default(),
             history: None,
+            replaying: Default::default(),
         }
+    }
+
+    /// Starts a replay of `tenant`'s, unless one is under way (`None`): a replay by ids reads
+    /// the dead-letter topic until it finds them (all of it, for an id that is not there),
+    /// and a tenant key started thousands of such reads at its request rate.
+    pub fn replaying(&self, tenant: &str) -> Option<crate::model::Running> {
+        self.replaying.start(tenant)
     }
 
     /// Records each replayed delivery as pending in the delivery history too (as a resend

@@ -95,6 +95,42 @@ async fn an_always_failing_endpoint_dead_letters_each_event_once_and_replay_deli
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("ids")));
 }
 
+/// A tenant's replays run one at a time, another meanwhile answered 409: a replay by ids reads
+/// the dead-letter topic until it finds them (all of it, every tenant's, for an id that is not
+/// there), and a tenant key started thousands of such reads at its request rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_s_dead_letter_replays_run_one_at_a_time() {
+    let h = TestHerald::start().await;
+    let (tenant, mallory) = crate::support::tenant_with_key(&h.api, "Mallory").await;
+    let rx = Receiver::start().await;
+    // A 410 disables the subscription: what is queued for it is dead-lettered at once.
+    rx.respond_on("/gone", 410);
+    let sub = mallory.subscribe(json!({ "url": rx.url("/gone") })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    // The first attempts to come back 410 disable it; the 500 of one batch are in flight by
+    // then, each dead-lettered (10 kB each: a read of the topic takes a while).
+    let batch: Vec<_> = (0..500)
+        .map(
+            |i| json!({ "id": format!("d-{i}"), "type": "T", "tenant": tenant, "data": { "pad": "x".repeat(10_000) } }),
+        )
+        .collect();
+    assert_eq!(h.api.post("/v1/events/batch", serde_json::Value::Array(batch)).await.0, 202);
+    until("500 dead letters", Duration::from_secs(60), || async {
+        let (_, page) = mallory.get(&format!("/v1/dlq?subscription={sub_id}&limit=500")).await;
+        (page["items"].as_array()?.len() >= 500).then_some(())
+    })
+    .await;
+    let answers = futures::future::join_all(
+        (0..8).map(|i| mallory.post("/v1/dlq/replay", json!({ "ids": [format!("dlq_not_there_{i}")] }))),
+    )
+    .await;
+    let refused: Vec<_> = answers.iter().filter(|(s, _)| s.as_u16() == 409).collect();
+    let done: Vec<_> = answers.iter().filter(|(s, _)| s.as_u16() == 200).collect();
+    assert!(!refused.is_empty() && !done.is_empty(), "{answers:?}");
+    assert_eq!(refused[0].1["error"]["code"], "CONFLICT");
+    assert!(done.iter().all(|(_, r)| r["skipped"][0]["reason"] == "not_found"), "{done:?}");
+}
+
 /// Dead letters replayed into a deleted subscription were dropped (gone from the list, sent
 /// nowhere), into a disabled one dead-lettered again at once: both are refused, and the
 /// entries stay listed until the subscription can take them.
