@@ -130,6 +130,13 @@ impl Devices {
         self.presence.read().unwrap().get(device).cloned()
     }
 
+    /// Forgets every presence read so far: at the start of the only process of a log no other
+    /// shares (embedded), each is a dead run's — kept, a device read `connected` and its
+    /// attempts were forwarded to that run's address (dead, and shown in the history).
+    pub fn forget_presences(&self) {
+        self.presence.write().unwrap().clear();
+    }
+
     /// Records that `device`'s agent is connected at `presence`.
     pub async fn announce(&self, device: &str, presence: &Presence) -> Result<(), CatalogError> {
         let value = Bytes::from(serde_json::to_vec(presence).expect("serializes"));

@@ -208,6 +208,9 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
     let tenants = Arc::new(Tenants::load(feed.clone(), &records));
     let devices = Arc::new(Devices::load(feed.clone(), &records));
+    if !log.shared() {
+        devices.forget_presences();
+    }
     let event_types = Arc::new(EventTypes::load(feed.clone(), &records));
     let router = Router::new(registry.clone(), tenants.clone(), devices.clone(), event_types.clone());
     let (stop, stopped) = watch::channel(false);

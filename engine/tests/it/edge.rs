@@ -426,6 +426,43 @@ async fn an_agent_s_flood_of_unreadable_messages_is_not_logged_one_by_one() {
     assert!((1..=3).contains(&lines), "{lines} log lines for 5,000 unreadable messages");
 }
 
+/// An agent connected when Herald was killed is not still "connected" after the restart (one
+/// process on the embedded log: every presence found at start is a dead run's), and attempts
+/// through its device are `edge_offline` — not forwarded to the dead run's address, which the
+/// tenant's history then showed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_of_a_killed_run_is_not_taken_for_a_live_agent() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (_, acme, device, token) = tenant_with_device(&admin, "Stale").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(edge_connect_request(addr, &token)).await.expect("connects");
+    ws.send(Message::Text(r#"{"type":"hello","window":4}"#.into())).await.unwrap();
+    agents_connected(&admin, 1).await;
+    let rx = crate::support::Receiver::start().await;
+    let retry = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 1 });
+    let sub = acme.subscribe(json!({ "url": rx.url("/x"), "via_edge": device, "retry": retry })).await;
+    herald.kill();
+    drop(ws);
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let mut acme = acme;
+    acme.base = admin.base.clone();
+    let (status, got) = acme.get(&format!("/v1/edge-devices/{device}")).await;
+    assert_eq!((status.as_u16(), &got["connected"]), (200, &json!(false)), "{got}");
+    let tenant = sub["tenant"].as_str().unwrap();
+    assert_eq!(admin.post("/v1/events", json!({ "type": "t", "tenant": tenant, "data": {} })).await.0, 202);
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let attempt = until("the attempt on record", Duration::from_secs(20), || async {
+        let (_, page) = acme.get(&format!("/v1/attempts?subscription={sub_id}")).await;
+        page["items"].as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(attempt["outcome"], "edge_offline", "{attempt}");
+}
+
 /// Two agents run with one device's token: each connection replaces the other. Each agent
 /// backs off further every time its connection ends that soon, instead of both reconnecting
 /// several times a second for ever (each connection a presence record in the catalog).
