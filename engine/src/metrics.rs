@@ -450,6 +450,10 @@ impl Log for Timed {
         self.0.shared()
     }
 
+    fn max_record_bytes(&self) -> Option<usize> {
+        self.0.max_record_bytes()
+    }
+
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
         self.0.consume(group, topic).await
     }

@@ -139,6 +139,13 @@ pub trait Log: Send + Sync + 'static {
         false
     }
 
+    /// The largest record an append takes, when the log has a limit below any record Herald
+    /// makes now (Kafka's `message.max.bytes`, set from `ingest.max_event_bytes`): a record
+    /// written before that was lowered (a dead letter) may be past it.
+    fn max_record_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Joins consumer `group` on `topic`; the consumer is told which partitions it owns.
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError>;
 

@@ -418,6 +418,7 @@ impl DeadLetters {
         let one_at_a_time = self.replays.clone().lock_owned().await;
         self.read_markers(std::time::Duration::ZERO).await?;
         let now = now_ms();
+        let max_record = self.log.max_record_bytes().unwrap_or(usize::MAX);
         let mut deliveries = Vec::new();
         let mut markers = Vec::new();
         let mut ids = Vec::new();
@@ -437,7 +438,15 @@ impl DeadLetters {
             };
             let fresh = Delivery { attempt: 1, due_ms: now, budget_ms: now, generation: old.generation + 1, ..old };
             let key = Bytes::copy_from_slice(fresh.subscription.as_bytes());
-            deliveries.push(Record { key: key.clone(), value: fresh.encode() });
+            let value = fresh.encode();
+            if key.len() + value.len() > max_record {
+                // Written before the log's limit was lowered: refused, it stopped the append
+                // after the records before it were sent (Kafka takes each on its own), so
+                // every replay sent those again and never got past it.
+                report.skipped.push(Skipped { id: f.entry.id, reason: "too_large" });
+                continue;
+            }
+            deliveries.push(Record { key: key.clone(), value });
             if self.history.is_some() {
                 replayed.push(fresh);
             }
@@ -610,6 +619,8 @@ mod tests {
         hold: std::sync::atomic::AtomicBool,
         release: tokio::sync::Notify,
         appends: std::sync::Mutex<Vec<usize>>,
+        /// The record limit it says it has (as Kafka's).
+        max_record: Option<usize>,
     }
 
     impl Gated {
@@ -625,6 +636,7 @@ mod tests {
                 hold: false.into(),
                 release: tokio::sync::Notify::new(),
                 appends: Default::default(),
+                max_record: None,
             }
         }
     }
@@ -702,6 +714,31 @@ mod tests {
         async fn close(&self) -> Result<(), LogError> {
             self.inner.close().await
         }
+        fn max_record_bytes(&self) -> Option<usize> {
+            self.max_record
+        }
+    }
+
+    /// A dead letter larger than the log now takes (written before `ingest.max_event_bytes`
+    /// was lowered) is skipped as `too_large`, and the others are replayed: appended with
+    /// them, it stopped the append (on Kafka after the records before it were sent), so each
+    /// replay sent those again and none got past it.
+    #[tokio::test]
+    async fn a_dead_letter_larger_than_the_log_takes_is_skipped_and_the_rest_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = log_of(dir.path(), 1).await;
+        let mut ids = park(&*inner, "s1", "a", 2).await;
+        let large = park_sized(&*inner, "s2", "a", 1, 100_000).await;
+        ids.extend(large.iter().cloned());
+        let log = Arc::new(Gated { max_record: Some(50_000), ..Gated::new(inner.clone()) });
+        let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
+        let report =
+            dlq.replay(Selection::Ids { ids: ids.clone(), subscription: None }, None, &|_| None).await.unwrap();
+        assert_eq!(report.replayed, ids[..2]);
+        assert_eq!(report.skipped.len(), 1);
+        assert_eq!((report.skipped[0].id.as_str(), report.skipped[0].reason), (large[0].as_str(), "too_large"));
+        assert_eq!(inner.read_all("deliveries").await.unwrap().len(), 2, "the other two sent, once");
+        inner.close().await.unwrap();
     }
 
     /// A replay by ids reads the whole topic for them; while it reads, another tenant's

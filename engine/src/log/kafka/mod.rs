@@ -279,6 +279,10 @@ impl Log for KafkaLog {
         true
     }
 
+    fn max_record_bytes(&self) -> Option<usize> {
+        Some(self.config.max_record_bytes)
+    }
+
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
         self.partitions(topic)?;
         let (consumer, thread) = group::GroupConsumer::join(
