@@ -85,6 +85,10 @@ pub struct EventTypes {
     /// Held across a change's check and write, so two racing changes of one name cannot both
     /// pass the check (two creates, or a patch reviving what a delete removed).
     writes: tokio::sync::Mutex<()>,
+    /// The list page as JSON, made once per change of the catalogue ([`EventTypes::page`]):
+    /// made per request, each tenant key's `GET /v1/event-types` cloned every schema twice and
+    /// serialized them, a catalogue of megabytes at the key's request rate.
+    page: std::sync::Mutex<Option<bytes::Bytes>>,
 }
 
 fn check_name(name: &str) -> Result<(), Invalid> {
@@ -143,7 +147,12 @@ fn checked(spec: &EventTypeSpec) -> Result<Option<jsonschema::Validator>, Invali
 impl EventTypes {
     /// Materialises the catalogue from `records`, the whole registry topic.
     pub fn load(feed: Arc<Feed>, records: &[LogRecord]) -> EventTypes {
-        let types = EventTypes { feed, types: RwLock::default(), writes: tokio::sync::Mutex::new(()) };
+        let types = EventTypes {
+            feed,
+            types: RwLock::default(),
+            writes: tokio::sync::Mutex::new(()),
+            page: Default::default(),
+        };
         crate::catalog::load(&types, records, crate::catalog::Owner::EventTypes);
         types
     }
@@ -205,6 +214,25 @@ impl EventTypes {
         self.types.read().unwrap().get(name).map(|h| h.event_type.clone())
     }
 
+    /// The whole catalogue by name as the list answers it (`{"items","next":null}`), made
+    /// once per change and shared.
+    pub fn page(&self) -> bytes::Bytes {
+        // Made and kept under the types' read lock: a change (under the write lock) cannot
+        // land between the reading and the keeping, so a kept page is never an older one.
+        let types = self.types.read().unwrap();
+        let mut page = self.page.lock().unwrap();
+        if let Some(made) = &*page {
+            return made.clone();
+        }
+        let mut items: Vec<&EventType> = types.values().map(|h| &h.event_type).collect();
+        items.sort_by(|a, b| a.name.cmp(&b.name));
+        let made = bytes::Bytes::from(
+            serde_json::to_vec(&serde_json::json!({ "items": items, "next": null })).expect("serializes"),
+        );
+        *page = Some(made.clone());
+        made
+    }
+
     /// Every type, by name.
     pub fn list(&self) -> Vec<EventType> {
         let mut items: Vec<EventType> = self.types.read().unwrap().values().map(|h| h.event_type.clone()).collect();
@@ -257,10 +285,14 @@ impl Apply for EventTypes {
                         None
                     }
                 });
-                self.types.write().unwrap().insert(entry.id, Held { event_type, validator });
+                let mut types = self.types.write().unwrap();
+                types.insert(entry.id, Held { event_type, validator });
+                *self.page.lock().unwrap() = None;
             }
             Err(_) => {
-                self.types.write().unwrap().remove(&entry.id);
+                let mut types = self.types.write().unwrap();
+                types.remove(&entry.id);
+                *self.page.lock().unwrap() = None;
             }
         }
     }
@@ -270,6 +302,30 @@ impl Apply for EventTypes {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The list's page is made once and shared until the catalogue changes (made per request,
+    /// each tenant key's list cloned and serialized every schema), and a change is in the next.
+    #[test]
+    fn the_list_page_is_made_once_per_change() {
+        use crate::catalog::Key;
+        use crate::log::stub::Stub;
+        let record = |name: &str| LogRecord {
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 0,
+            key: Key::event_type(name).into_bytes().into(),
+            value: serde_json::to_vec(&json!({ "name": name, "created_at": "", "updated_at": "" })).unwrap().into(),
+        };
+        let (feed, _) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
+        let types = EventTypes::load(Arc::new(feed), &[record("a.created")]);
+        let first = types.page();
+        assert_eq!(first.as_ptr(), types.page().as_ptr(), "shared, not made again");
+        crate::catalog::load(&types, &[record("b.created")], crate::catalog::Owner::EventTypes);
+        let changed: Value = serde_json::from_slice(&types.page()).unwrap();
+        let names: Vec<&str> =
+            changed["items"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["a.created", "b.created"]);
+    }
 
     #[test]
     fn pointers_become_field_paths() {

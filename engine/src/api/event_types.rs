@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Adds an event type: the body is `name` and the spec's fields.
 pub async fn create(
@@ -34,8 +34,8 @@ pub async fn create(
 }
 
 /// The whole catalogue, by name, on one page: `{"items","next"}` (`next` always null).
-pub async fn list(_: Principal, State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "items": state.event_types.list(), "next": null }))
+pub async fn list(_: Principal, State(state): State<AppState>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], state.event_types.page())
 }
 
 /// One event type.
