@@ -87,7 +87,7 @@ impl Deliverer {
         for attempt in 1..=2 {
             match AssertUnwindSafe(self.deliver(rec.clone(), waits)).catch_unwind().await {
                 Ok(mut settled) => {
-                    self.settled(rec, &mut settled);
+                    self.settled(rec, &mut settled, waits);
                     return Ok(settled);
                 }
                 Err(panic) => {
@@ -102,7 +102,9 @@ impl Deliverer {
     /// Observes and records a settled delivery. A panic in either is caught and logged, not
     /// run again from the start: the delivery is settled (sent, or its retry or dead letter
     /// durable), and processing it again sent it again and started a second chain of retries.
-    fn settled(&self, rec: &LogRecord, settled: &mut Settled) {
+    /// An ordered head's record (`Waits::InLane`) is left in `settled` for its sequencer,
+    /// which appends it with [`Deliverer::record_now`].
+    fn settled(&self, rec: &LogRecord, settled: &mut Settled, waits: Waits) {
         let caught = |what: &str, done: std::thread::Result<()>| {
             if let Err(panic) = done {
                 let panic = panic_message(panic.as_ref());
@@ -110,15 +112,30 @@ impl Deliverer {
             }
         };
         caught("observing", std::panic::catch_unwind(AssertUnwindSafe(|| self.observe(settled))));
-        caught("recording", std::panic::catch_unwind(AssertUnwindSafe(|| self.write_history(settled))));
+        if waits == Waits::InTiers {
+            caught("recording", std::panic::catch_unwind(AssertUnwindSafe(|| self.write_history(settled))));
+        }
     }
 
-    /// Dead-letters the head of an ordered key an operator skipped, and records it.
+    /// Dead-letters the head of an ordered key an operator skipped; its record is left for
+    /// [`Deliverer::record_now`].
     pub async fn skip(&self, delivery: Delivery, raw: bytes::Bytes) -> Settled {
-        let mut settled = self.settler.skipped(delivery, raw).await;
+        let settled = self.settler.skipped(delivery, raw).await;
         self.observe(&settled);
-        self.write_history(&mut settled);
         settled
+    }
+
+    /// Appends `settled`'s history record now and durably (queued, if that append fails): an
+    /// ordered head's, before its sequencer's marker — once that is durable the head is never
+    /// attempted again, so a record still queued when the process died was lost for good, and
+    /// waiting for the queue instead held every ordered key behind all tenants' history.
+    pub async fn record_now(&self, settled: &mut Settled) {
+        let Some(history) = &self.history else { return };
+        let Some(record) = settled.take_history(now_ms()) else { return };
+        if let Err(e) = history.append(std::slice::from_ref(&record)).await {
+            tracing::warn!(error = %e, "an ordered delivery's history record was not appended; queued");
+            history.record(&record);
+        }
     }
 
     /// Whether the subscription holds a key whose head was dead-lettered until it is skipped
@@ -154,14 +171,6 @@ impl Deliverer {
         }
     }
 
-    /// Waits until the history queued so far is durable, asking for it at once
-    /// ([`crate::history::Recorder::synced_now`]).
-    pub async fn history_synced_now(&self) {
-        if let Some(h) = &self.history {
-            h.synced_now().await;
-        }
-    }
-
     /// The committer a shard commits through: with history kept, one that commits an offset
     /// only once the history of everything before it is durable.
     pub fn committer(&self, inner: Arc<dyn crate::log::Committer>) -> Arc<dyn crate::log::Committer> {
@@ -176,7 +185,7 @@ impl Deliverer {
     /// partition moves on.
     pub async fn park_panicked(&self, rec: &LogRecord, message: String) -> Settled {
         let mut settled = self.settler.panicked(rec, message).await;
-        self.settled(rec, &mut settled);
+        self.settled(rec, &mut settled, Waits::InTiers);
         settled
     }
 

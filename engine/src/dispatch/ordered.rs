@@ -842,7 +842,8 @@ impl Sequencer {
                     async move {
                         if let (false, Some(rec)) = (parked, rec) {
                             if let Ok(d) = Delivery::decode(rec.value.clone()) {
-                                deliverer.skip(d, rec.value).await;
+                                let mut skipped = deliverer.skip(d, rec.value).await;
+                                deliverer.record_now(&mut skipped).await;
                             }
                         }
                         let marker = Marker::Settled { lane: lane.clone(), head };
@@ -936,13 +937,9 @@ impl Sequencer {
             return;
         }
         let batch = std::mem::take(&mut self.to_mark);
-        let (log, topic, deliverer) = (self.log.clone(), self.topic.clone(), self.deliverer.clone());
+        let (log, topic) = (self.log.clone(), self.topic.clone());
         self.marking = Some(
             async move {
-                // The attempts' history first: once a marker is durable its head is not
-                // attempted again after a crash, so an attempt recorded after it could be lost
-                // for good (the commit gate that covers other deliveries does not hold lanes).
-                deliverer.history_synced_now().await;
                 // No lane moves before its marker is durable (markers are far below the size limit).
                 let records = batch.iter().map(|(_, _, _, m)| m.record()).collect();
                 let _ = crate::log::append_durably(&*log, &topic, records).await;
@@ -1141,13 +1138,16 @@ impl Drop for Sequencer {
 /// what became of it with the marker to write before that takes effect.
 fn attempt_head(deliverer: Arc<Deliverer>, lane: LaneId, head: u64, attempt: u32, rec: LogRecord) -> Finished {
     async move {
-        let settled = match deliverer.process_supervised(&rec, super::Waits::InLane).await {
+        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane).await {
             Ok(s) => s,
             // Boxed: rare, and it would add to every head's future.
             Err(_) => {
                 Box::pin(deliverer.park_panicked(&rec, "processing an ordered delivery panicked twice".into())).await
             }
         };
+        // Durable before the marker this head's end makes (the attempt is never made again
+        // once that is).
+        deliverer.record_now(&mut settled).await;
         let (done, marker) = match settled.settlement {
             Settlement::Delivered | Settlement::Dropped => {
                 (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head }))

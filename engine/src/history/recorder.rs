@@ -50,8 +50,6 @@ pub struct Recorder {
     waiting: Mutex<Vec<std::sync::Weak<Gated>>>,
     /// When a dropped record was last logged (ms since the epoch).
     dropped_logged_ms: std::sync::atomic::AtomicI64,
-    /// Tells the writer to append what is queued without waiting out [`APPEND_GAP`].
-    hurry: Arc<tokio::sync::Notify>,
 }
 
 impl Recorder {
@@ -59,8 +57,7 @@ impl Recorder {
     pub fn start(log: Arc<dyn Log>, topic: String) -> Arc<Recorder> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let (durable_tx, durable) = watch::channel(0);
-        let hurry = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(write(log.clone(), topic.clone(), rx, durable_tx, hurry.clone()));
+        tokio::spawn(write(log.clone(), topic.clone(), rx, durable_tx));
         let recorder = Arc::new(Recorder {
             log,
             topic,
@@ -70,7 +67,6 @@ impl Recorder {
             durable: durable.clone(),
             waiting: Mutex::default(),
             dropped_logged_ms: std::sync::atomic::AtomicI64::new(0),
-            hurry,
         });
         tokio::spawn(release(Arc::downgrade(&recorder), durable));
         recorder
@@ -113,16 +109,6 @@ impl Recorder {
         }
         let records = for_topic(&*self.log, &self.topic, records.iter().map(Self::record_of).collect());
         self.log.append(&self.topic, records).await.map(|_| ())
-    }
-
-    /// [`Recorder::synced`], without the writer waiting out its gap: for a write that must
-    /// not be durable before the history queued ahead of it (an ordered lane's marker, after
-    /// which its attempt is never made again).
-    pub async fn synced_now(&self) {
-        if *self.durable.borrow() < self.queued.load(Ordering::SeqCst) {
-            self.hurry.notify_one();
-            self.synced().await;
-        }
     }
 
     /// Waits until every record queued so far is durable, or the budget passed.
@@ -302,21 +288,12 @@ async fn append_until_taken(log: &Arc<dyn Log>, topic: &str, records: Vec<Record
 /// The writer: takes whatever is queued, at most once every [`APPEND_GAP`] unless the last
 /// append was a full [`BATCH`] (a gap after full batches would cap history at 160 k records a
 /// second), appends it in one go, then marks it durable.
-async fn write(
-    log: Arc<dyn Log>,
-    topic: String,
-    mut rx: mpsc::Receiver<(u64, Record)>,
-    durable: watch::Sender<u64>,
-    hurry: Arc<tokio::sync::Notify>,
-) {
+async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Record)>, durable: watch::Sender<u64>) {
     // When the last append started, if it was not full: after a full one, more is waiting.
     let mut last_append: Option<Instant> = None;
     while let Some((first_seq, first)) = rx.recv().await {
         if let Some(at) = last_append {
-            tokio::select! {
-                _ = tokio::time::sleep_until(at + APPEND_GAP) => {}
-                _ = hurry.notified() => {}
-            }
+            tokio::time::sleep_until(at + APPEND_GAP).await;
         }
         let mut last = first_seq;
         let mut records = vec![first];
