@@ -110,20 +110,22 @@ impl Delivery {
         }
     }
 
+    /// The length of [`Delivery::encode`]'s bytes (at most), without making them.
+    pub fn encoded_len(&self) -> usize {
+        42 + self.event_id.len()
+            + self.subscription.len()
+            + self.tenant.len()
+            + self.event_type.len()
+            + self.data.len()
+            + self.changes.as_ref().map_or(0, |c| c.len() + 4)
+            + self.trace.as_ref().map_or(0, TraceContext::encoded_len)
+            + self.ordering_key.as_ref().map_or(0, |k| k.len() + 2)
+            + 8
+    }
+
     /// Serialises the record.
     pub fn encode(&self) -> Bytes {
-        let changes_len = self.changes.as_ref().map_or(0, |c| c.len() + 4);
-        let mut buf = BytesMut::with_capacity(
-            42 + self.event_id.len()
-                + self.subscription.len()
-                + self.tenant.len()
-                + self.event_type.len()
-                + self.data.len()
-                + changes_len
-                + self.trace.as_ref().map_or(0, TraceContext::encoded_len)
-                + self.ordering_key.as_ref().map_or(0, |k| k.len() + 2)
-                + 8,
-        );
+        let mut buf = BytesMut::with_capacity(self.encoded_len());
         buf.put_u8(VERSION);
         let trace = if self.trace.is_some() { HAS_TRACE } else { 0 };
         let key = if self.ordering_key.is_some() { HAS_ORDERING_KEY } else { 0 };

@@ -362,7 +362,12 @@ async fn an_agent_that_stops_reading_is_still_disconnected_when_its_device_is_de
     let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
     let admin = Api::new(addr, TOKEN);
     let (tenant, acme, device, token) = tenant_with_device(&admin, "Stalled").await;
-    acme.subscribe(json!({ "url": "http://127.0.0.1:9/never", "via_edge": device, "max_in_flight": 1000 })).await;
+    // A short timeout: an attempt waits this long for room in the agent's queue, then is
+    // refused `edge_busy`.
+    acme.subscribe(
+        json!({ "url": "http://127.0.0.1:9/never", "via_edge": device, "max_in_flight": 1000, "timeout": "1s" }),
+    )
+    .await;
     let (ws, _) = tokio_tungstenite::connect_async(edge_connect_request(addr, &token)).await.expect("connects");
     let (mut write, read) = ws.split();
     write.send(Message::Text(r#"{"type":"hello","window":4096}"#.into())).await.unwrap();
@@ -385,14 +390,13 @@ async fn an_agent_that_stops_reading_is_still_disconnected_when_its_device_is_de
             .collect();
         assert_eq!(admin.post("/v1/events/batch", json!(events)).await.0, 202);
     }
-    // The socket is full and the queue at its bound: attempts past it are refused at once.
+    // The socket is full and the queue at its bound: attempts past it wait for room, then are
+    // refused.
     until("attempts refused as the agent's queue is full", Duration::from_secs(30), || async {
         let busy = [("transport", "edge"), ("outcome", "edge_busy")];
         (scrape(&admin).await.value("herald_attempts_total", &busy) >= 1.0).then_some(())
     })
     .await;
-    let in_flight = scrape(&admin).await.value("herald_edge_in_flight", &[]);
-    assert!(in_flight < 400.0, "{in_flight} attempts wait for an agent that reads nothing");
     assert_eq!(acme.delete(&format!("/v1/edge-devices/{device}")).await.0, 204);
     until("the stalled agent disconnected", Duration::from_secs(10), || async {
         (scrape(&admin).await.value("herald_edge_agents_connected", &[]) == 0.0).then_some(())

@@ -19,7 +19,7 @@ use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use protocol::{encode_delivery, Forward, Report, ToAgent, ToServer, FORWARD_PATH, MAX_WINDOW};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -38,16 +38,19 @@ const UNREADABLE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How long the closing message may take (a stalled socket would hold the end for ever).
 const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
-/// Bytes of deliveries one connection's queue may hold (one message always goes into an
-/// empty queue, whatever its size): an agent that reads slowly or not at all holds no more of
-/// Herald's memory than this (a window of 4,096 events of 1 MiB each was 5.6 GiB).
+/// Bytes of deliveries one connection's queue may hold (a larger message goes alone): an
+/// agent that reads slowly or not at all holds no more of Herald's memory than this (a window
+/// of 4,096 events of 1 MiB each was 5.6 GiB). An attempt waits for room within its timeout,
+/// as for a slot of the window, so a burst to an agent that reads is not refused.
 const QUEUE_BYTES: usize = 8 << 20;
+/// [`QUEUE_BYTES`] counted in KiB (the room's permits).
+const QUEUE_KIB: u32 = (QUEUE_BYTES >> 10) as u32;
 
-/// A delivery's message waiting to go out.
+/// A delivery's message waiting to go out, with its room in the queue.
 struct Outgoing {
     seq: u64,
     text: Message,
-    bytes: usize,
+    _room: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// One agent's live connection.
@@ -58,7 +61,8 @@ struct Link {
     /// socket is full), so the queue is bounded by itself, not by the window's permits; such
     /// a message is dropped when its turn comes, not sent (its attempt is already settled).
     tx: mpsc::Sender<Outgoing>,
-    queued_bytes: AtomicUsize,
+    /// Room in the queue, in KiB ([`QUEUE_BYTES`]).
+    room: Arc<Semaphore>,
     window: Arc<Semaphore>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Report>>>,
     seq: AtomicU64,
@@ -216,10 +220,22 @@ impl EdgeHub {
     ) -> Outcome {
         let started = Instant::now();
         let offline = || Outcome::failed(Failure::EdgeOffline { device: device.to_string() }, started.elapsed());
+        let busy = || Outcome::failed(Failure::EdgeBusy { device: device.to_string() }, started.elapsed());
         let Some(link) = self.links.lock().unwrap().get(device).cloned() else { return offline() };
         // Flow control: never more than the agent's window unanswered.
         let Ok(Ok(permit)) = tokio::time::timeout(timeout, link.window.clone().acquire_owned()).await else {
-            return Outcome::failed(Failure::EdgeBusy { device: device.to_string() }, started.elapsed());
+            return busy();
+        };
+        // Room in the queue for the message, taken before it is made (so attempts waiting for
+        // room hold nothing more): its size from its parts — the subscription as sent, the
+        // delivery record in base64 — measured, not made.
+        let subscription = with_timeout(&target.sub, timeout);
+        let sub_bytes = revealing(|| serde_json::to_vec(&subscription).map_or(0, |v| v.len()));
+        let bytes = sub_bytes + delivery.encoded_len().div_ceil(3) * 4 + 128;
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, QUEUE_KIB);
+        let left = timeout.saturating_sub(started.elapsed());
+        let Ok(Ok(room)) = tokio::time::timeout(left, link.room.clone().acquire_many_owned(kib)).await else {
+            return busy();
         };
         let seq = link.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -228,20 +244,13 @@ impl EdgeHub {
         let in_flight = InFlight { link: &link, seq };
         let msg = ToAgent::Deliver {
             seq,
-            subscription: Box::new(with_timeout(&target.sub, timeout)),
+            subscription: Box::new(subscription),
             delivery: encode_delivery(delivery),
             pending_retries,
         };
         // The agent needs the subscription's secrets to sign and authenticate.
         let text = revealing(|| serde_json::to_string(&msg).expect("serializes"));
-        let bytes = text.len();
-        if !link.reserve(bytes) {
-            return Outcome::failed(Failure::EdgeBusy { device: device.to_string() }, started.elapsed());
-        }
-        let queued = link.tx.try_send(Outgoing { seq, text: Message::Text(text.into()), bytes });
-        if queued.is_err() {
-            link.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        }
+        let queued = link.tx.try_send(Outgoing { seq, text: Message::Text(text.into()), _room: room });
         let answer = match queued {
             Ok(()) => tokio::time::timeout(timeout + GRACE, rx).await.ok(),
             Err(_) => None,
@@ -251,9 +260,7 @@ impl EdgeHub {
         let sent = match queued {
             Ok(()) => true,
             // Earlier attempts' messages still wait for a socket the agent does not read.
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                return Outcome::failed(Failure::EdgeBusy { device: device.to_string() }, started.elapsed())
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => return busy(),
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         };
         match answer {
@@ -291,7 +298,7 @@ impl EdgeHub {
         let link = Arc::new(Link {
             conn: self.conns.fetch_add(1, Ordering::Relaxed),
             tx,
-            queued_bytes: AtomicUsize::new(0),
+            room: Arc::new(Semaphore::new(QUEUE_KIB as usize)),
             window: Arc::new(Semaphore::new(window as usize)),
             pending: Mutex::default(),
             seq: AtomicU64::new(0),
@@ -381,20 +388,10 @@ impl EdgeHub {
 /// An attempt waiting for its agent's report: forgotten when it ends however it ends — a
 /// forwarding process that gave up cancels it, and its entry and the in-flight gauge stayed.
 impl Link {
-    /// Counts `bytes` into the queue when they fit [`QUEUE_BYTES`] (or the queue is empty).
-    fn reserve(&self, bytes: usize) -> bool {
-        self.queued_bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
-                (q == 0 || q + bytes <= QUEUE_BYTES).then_some(q + bytes)
-            })
-            .is_ok()
-    }
-
-    /// Takes a message off the queue: its text, or `None` when its attempt has ended (timed
-    /// out while the message waited) — sent all the same, the agent would deliver an attempt
-    /// already recorded as failed, and its retry as well.
+    /// Takes a message off the queue (giving its room back): its text, or `None` when its
+    /// attempt has ended (timed out while the message waited) — sent all the same, the agent
+    /// would deliver an attempt already recorded as failed, and its retry as well.
     fn unqueue(&self, out: Outgoing) -> Option<Message> {
-        self.queued_bytes.fetch_sub(out.bytes, Ordering::Relaxed);
         self.pending.lock().unwrap().contains_key(&out.seq).then_some(out.text)
     }
 }
@@ -517,7 +514,10 @@ mod tests {
         }
         let mut held = 0;
         while let Ok(out) = rx.try_recv() {
-            held += out.bytes;
+            held += match &out.text {
+                Message::Text(t) => t.len(),
+                _ => 0,
+            };
         }
         assert!(held <= QUEUE_BYTES + (2 << 20), "{held} bytes queued");
         assert!(busy >= 30, "{busy} of 40 refused as busy");
@@ -535,7 +535,43 @@ mod tests {
         assert_eq!(outcome.label(), "timeout");
         let queued = rx.try_recv().expect("its message waited in the queue");
         assert!(link.unqueue(queued).is_none(), "dropped, not sent");
-        assert_eq!(link.queued_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(link.room.available_permits(), QUEUE_KIB as usize, "its room given back");
+    }
+
+    /// A burst of large deliveries to an agent that reads at once waits for room in the queue
+    /// rather than failing `edge_busy` (each such failure spends an attempt of its budget).
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_to_an_agent_that_reads_waits_for_room_rather_than_failing() {
+        let (hub, device, target) = hub_and_target();
+        let (link, mut rx, _close) = hub.attach(&device, 64);
+        let reader = tokio::spawn({
+            let link = link.clone();
+            async move {
+                while let Some(out) = rx.recv().await {
+                    let seq = out.seq;
+                    if link.unqueue(out).is_some() {
+                        tokio::time::sleep(Duration::from_millis(5)).await; // the socket
+                        if let Some(waiting) = link.pending.lock().unwrap().remove(&seq) {
+                            let outcome = Outcome::failed(Failure::EdgeOffline { device: "x".into() }, Duration::ZERO);
+                            let _ = waiting.send(Report { seq, outcome });
+                        }
+                    }
+                }
+            }
+        });
+        let data = Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(512 << 10)));
+        let target = Arc::new(target);
+        let attempts = (0..64).map(|i| {
+            let (hub, target, data) = (hub.clone(), target.clone(), data.clone());
+            async move {
+                let delivery =
+                    Delivery::first_attempt(format!("e{i}"), target.sub.id.clone(), "t".into(), "T".into(), data, 0);
+                hub.deliver_here("edg_1", &target, &delivery, 0, Duration::from_secs(30)).await.label()
+            }
+        });
+        let labels = futures::future::join_all(attempts).await;
+        assert!(labels.iter().all(|l| *l == "edge_offline"), "every attempt answered by the agent: {labels:?}");
+        reader.abort();
     }
 
     /// An attempt cancelled while it waits for the agent (its forwarding process gave up)
