@@ -654,7 +654,16 @@ impl Ingest {
         // settles in between is still the newer state): a state written for deliveries the
         // log then refused would leave the event pending for ever with nothing queued, and a
         // recover asked again, which sends what is dead-lettered or retrying, would skip it.
-        append_deliveries(&*self.log, &self.topic, &self.ordered_topic, records).await.map_err(Refusal::Log)?;
+        // In a task of its own, which holds the share until the log has the records: a
+        // request cut off meanwhile leaves them being written (gave its share back, a tenant
+        // sending again queued as much again).
+        let (log, topic, ordered_topic) = (self.log.clone(), self.topic.clone(), self.ordered_topic.clone());
+        let written = tokio::spawn(async move {
+            let written = append_deliveries(&*log, &topic, &ordered_topic, records).await;
+            drop(share);
+            written
+        });
+        written.await.map_err(|e| Refusal::Log(LogError::Backend(format!("resending: {e}"))))?.map_err(Refusal::Log)?;
         if let Some(h) = &self.history {
             if let Err(e) = h.append(&states).await {
                 // Queued all the same: their attempts will be recorded.
@@ -815,6 +824,47 @@ mod tests {
         assert_eq!(other.await.unwrap().expect("accepted once the log takes it")[0].deliveries, 4);
         let later = ingest.publish(vec![event("a2", "a")]).await.expect("a's bytes came back once written");
         assert_eq!(later[0].deliveries, 4);
+    }
+
+    /// Resends cut off while the log stalls keep their tenant's share as publishes do.
+    #[tokio::test(start_paused = true)]
+    async fn resends_cut_off_while_the_log_stalls_hold_their_tenant_s_share() {
+        use crate::log::stub::Stub;
+        use std::sync::atomic::Ordering;
+        let log = Arc::new(Stub::new(true, true));
+        log.stalled.store(true, Ordering::SeqCst);
+        let registry = Arc::new(Registry::stubbed());
+        let targets: Vec<Arc<Target>> = (0..4)
+            .map(|i| registry.hold("a", &serde_json::json!({ "url": format!("https://hooks.example/{i}") })))
+            .collect();
+        let ingest = Ingest::new(
+            log.clone(),
+            registry,
+            "herald.deliveries".into(),
+            "herald.ordered".into(),
+            u64::MAX,
+            Budget::new(1_000_000, 10_000_000),
+        );
+        let record = |id: &str| EventRecord {
+            id: id.into(),
+            tenant: "a".into(),
+            event_type: "T".into(),
+            accepted_ms: 0,
+            subscriptions: targets.iter().map(|t| t.sub.id.clone()).collect(),
+            data: Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(100_000))),
+            changes: None,
+            ordering_key: None,
+        };
+        for i in 0..2 {
+            let items = [(record(&format!("e{i}")), targets.clone())];
+            let cut_off = tokio::time::timeout(std::time::Duration::from_secs(1), ingest.resend(&items));
+            assert!(cut_off.await.is_err(), "cut off; its write goes on");
+        }
+        let items = [(record("e2"), targets.clone())];
+        let again = tokio::time::timeout(3 * budget::WAIT, ingest.resend(&items)).await;
+        let again = again.expect("answered, not left waiting on the stalled log");
+        assert!(matches!(again, Err(Refusal::Busy(Over::Tenant { .. }))), "{again:?}");
+        assert_eq!(log.started.load(Ordering::SeqCst), 2, "nothing more held for the stalled log");
     }
 
     /// An id whose append failed is forgotten, in whichever generation it waits.

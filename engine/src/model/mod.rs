@@ -41,8 +41,9 @@ impl Invalid {
 
 /// The wall clock for deleting by age (history past its retention, dead letters past
 /// theirs): never more than [`CLOCK_SLACK`] ahead of the wall clock when it was made plus the
-/// monotonic time since. A clock stepped a month forward (a VM booted with a bad clock, before
-/// NTP) would otherwise delete everything at the next tick — for good.
+/// monotonic time since. A clock stepped a month forward while Herald runs would otherwise
+/// delete everything at the next tick — for good. (A clock already wrong when Herald starts is
+/// taken as it is.)
 #[derive(Debug, Clone, Copy)]
 pub struct AgeClock {
     anchor: std::time::Instant,

@@ -142,16 +142,8 @@ impl EmbeddedLog {
                         cfg.segment_bytes,
                         cfg.faults.clone(),
                     )?;
-                    // Only an optimisation: one that cannot write (a full disk) leaves the
-                    // partition as it was, and Herald starts — and then reclaims what is
-                    // consumed, which is what frees the disk.
-                    if spec.compacted {
-                        match part.compact() {
-                            Ok(true) => tracing::info!(topic = %spec.name, partition = p, "compacted"),
-                            Ok(false) => {}
-                            Err(e) => tracing::warn!(topic = %spec.name, partition = p, error = %e,
-                                "compaction at open failed; the partition is read uncompacted"),
-                        }
+                    if spec.compacted && part.compact()? {
+                        tracing::info!(topic = %spec.name, partition = p, "compacted");
                     }
                     parts.push(Arc::new(part));
                 }
@@ -225,8 +217,8 @@ impl EmbeddedLog {
     }
 
     /// [`EmbeddedLog::flush`] with the wall clock saying `wall_ms` (held back by the log's
-    /// [`crate::model::AgeClock`]: a clock stepped forward past `log.dlq_retention` deleted
-    /// every dead letter).
+    /// [`crate::model::AgeClock`]: a clock stepped forward past `log.dlq_retention` while
+    /// Herald ran deleted every dead letter).
     pub(crate) async fn flush_at(&self, wall_ms: i64) -> Result<(), LogError> {
         let now = self.age_clock.guard(wall_ms);
         let offsets = self.offsets.clone();

@@ -924,7 +924,11 @@ impl Partition {
 
     /// Rewrites the partition keeping only the newest record per key, tombstones dropped
     /// (and always the last record, so the end offset never moves back). Offsets are
-    /// preserved. Called at open, before anything else reads or writes the partition.
+    /// preserved. Called at open, before anything else reads or writes the partition. Only an
+    /// optimisation: a compacted file that cannot be written (a full disk) leaves the
+    /// partition as it was, and Herald starts — then reclaims what is consumed, which is what
+    /// frees the disk. A failure once the partition is the compacted file stops the open (a
+    /// partition left beside old files an unlink missed could lose what is appended to it).
     pub fn compact(&self) -> io::Result<bool> {
         let all = self.read_to_end(0)?;
         let mut latest: HashMap<&[u8], usize> = HashMap::new();
@@ -942,11 +946,14 @@ impl Partition {
         }
         let end = self.end_offset();
         let base = keep.first().map_or(end, |f| f.offset);
-        let (path, info) = self.write_compacted(base, &keep, end)?;
+        let (path, info) = match self.write_compacted(base, &keep, end) {
+            Ok(written) => written,
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, partition = self.id, error = %e, "compaction at open failed; the partition is read uncompacted");
+                return Ok(false);
+            }
+        };
         let file = OpenOptions::new().append(true).open(&path)?;
-        // The partition is the new file from here, so a failure removing the old ones (which
-        // the caller goes on from) leaves files the next open cleans up, not a partition
-        // listing files that are gone.
         let mut active = self.active.lock().unwrap();
         let mut segs = self.segments.lock().unwrap();
         *active = Active {
@@ -957,11 +964,11 @@ impl Partition {
             next_offset: end,
             next_index_at: info.index.last().map_or(0, |&(_, p)| p + INDEX_INTERVAL),
         };
-        let old = std::mem::replace(&mut *segs, vec![info]);
-        for s in old.iter().filter(|s| s.path != path && s.path.exists()) {
+        for s in segs.iter().filter(|s| s.path != path && s.path.exists()) {
             fs::remove_file(&s.path)?;
         }
         sync_dir(&self.dir)?;
+        *segs = vec![info];
         Ok(true)
     }
 
