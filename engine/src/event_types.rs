@@ -89,6 +89,9 @@ pub struct EventTypes {
     /// made per request, each tenant key's `GET /v1/event-types` cloned every schema twice and
     /// serialized them, a catalogue of megabytes at the key's request rate.
     page: std::sync::Mutex<Option<bytes::Bytes>>,
+    /// A document made from the catalogue ([`EventTypes::derived`]: the OpenAPI document with
+    /// the types' examples), made once per change for the same reason.
+    derived: std::sync::Mutex<Option<bytes::Bytes>>,
 }
 
 fn check_name(name: &str) -> Result<(), Invalid> {
@@ -152,6 +155,7 @@ impl EventTypes {
             types: RwLock::default(),
             writes: tokio::sync::Mutex::new(()),
             page: Default::default(),
+            derived: Default::default(),
         };
         crate::catalog::load(&types, records, crate::catalog::Owner::EventTypes);
         types
@@ -233,6 +237,21 @@ impl EventTypes {
         made
     }
 
+    /// What `make` makes of every type (by name), made once per change and shared. (One
+    /// document is kept: the OpenAPI document's examples are its one use.)
+    pub fn derived(&self, make: impl FnOnce(Vec<&EventType>) -> String) -> bytes::Bytes {
+        let types = self.types.read().unwrap();
+        let mut derived = self.derived.lock().unwrap();
+        if let Some(made) = &*derived {
+            return made.clone();
+        }
+        let mut items: Vec<&EventType> = types.values().map(|h| &h.event_type).collect();
+        items.sort_by(|a, b| a.name.cmp(&b.name));
+        let made = bytes::Bytes::from(make(items));
+        *derived = Some(made.clone());
+        made
+    }
+
     /// Every type, by name.
     pub fn list(&self) -> Vec<EventType> {
         let mut items: Vec<EventType> = self.types.read().unwrap().values().map(|h| h.event_type.clone()).collect();
@@ -288,11 +307,13 @@ impl Apply for EventTypes {
                 let mut types = self.types.write().unwrap();
                 types.insert(entry.id, Held { event_type, validator });
                 *self.page.lock().unwrap() = None;
+                *self.derived.lock().unwrap() = None;
             }
             Err(_) => {
                 let mut types = self.types.write().unwrap();
                 types.remove(&entry.id);
                 *self.page.lock().unwrap() = None;
+                *self.derived.lock().unwrap() = None;
             }
         }
     }
@@ -320,7 +341,16 @@ mod tests {
         let types = EventTypes::load(Arc::new(feed), &[record("a.created")]);
         let first = types.page();
         assert_eq!(first.as_ptr(), types.page().as_ptr(), "shared, not made again");
+        let made = std::cell::Cell::new(0);
+        let derive = || {
+            types.derived(|all| {
+                made.set(made.get() + 1);
+                all.len().to_string()
+            })
+        };
+        assert_eq!((derive(), derive(), made.get()), ("1".into(), "1".into(), 1), "a derived document made once");
         crate::catalog::load(&types, &[record("b.created")], crate::catalog::Owner::EventTypes);
+        assert_eq!((derive(), made.get()), ("2".into(), 2), "and made again after a change");
         let changed: Value = serde_json::from_slice(&types.page()).unwrap();
         let names: Vec<&str> =
             changed["items"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();

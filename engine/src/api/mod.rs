@@ -264,29 +264,32 @@ async fn openapi(State(state): State<AppState>, mut parts: axum::http::request::
     let known =
         auth::bearer(&parts.headers).is_some() && auth::Principal::from_request_parts(&mut parts, &state).await.is_ok();
     if !known {
-        return (json, OPENAPI.to_string());
+        return (json, bytes::Bytes::from_static(OPENAPI.as_bytes()));
     }
-    let examples: serde_json::Map<String, serde_json::Value> = state
-        .event_types
-        .list()
-        .into_iter()
-        .filter_map(|t| {
-            let data = t.spec.example?;
-            let example = serde_json::json!({
-                "summary": if t.spec.deprecated { format!("{} (deprecated)", t.name) } else { t.name.clone() },
-                "description": t.spec.description,
-                "value": { "type": t.name, "data": data },
-            });
-            Some((t.name, example))
-        })
-        .collect();
-    if examples.is_empty() {
-        return (json, OPENAPI.to_string());
-    }
-    let mut doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("the embedded document is JSON");
-    doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["examples"] =
-        serde_json::Value::Object(examples);
-    (json, doc.to_string())
+    // Made once per change of the catalogue: made per request, any key's call cloned every
+    // type and parsed and wrote the whole document again.
+    let doc = state.event_types.derived(|types| {
+        let examples: serde_json::Map<String, serde_json::Value> = types
+            .into_iter()
+            .filter_map(|t| {
+                let data = t.spec.example.clone()?;
+                let example = serde_json::json!({
+                    "summary": if t.spec.deprecated { format!("{} (deprecated)", t.name) } else { t.name.clone() },
+                    "description": t.spec.description,
+                    "value": { "type": t.name, "data": data },
+                });
+                Some((t.name.clone(), example))
+            })
+            .collect();
+        if examples.is_empty() {
+            return OPENAPI.to_string();
+        }
+        let mut doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("the embedded document is JSON");
+        doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["examples"] =
+            serde_json::Value::Object(examples);
+        doc.to_string()
+    });
+    (json, doc)
 }
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {

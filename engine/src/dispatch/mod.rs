@@ -131,7 +131,9 @@ impl Deliverer {
     /// waiting for the queue instead held every ordered key behind all tenants' history.
     pub async fn record_now(&self, settled: &mut Settled) {
         let Some(history) = &self.history else { return };
-        let Some(record) = settled.take_history(now_ms()) else { return };
+        // Caught as in `settled`: a panic making the record must not take the head's future.
+        let made = std::panic::catch_unwind(AssertUnwindSafe(|| settled.take_history(now_ms())));
+        let Ok(Some(record)) = made else { return };
         if let Err(e) = history.append(std::slice::from_ref(&record)).await {
             tracing::warn!(error = %e, "an ordered delivery's history record was not appended; queued");
             history.record(&record);
@@ -183,9 +185,9 @@ impl Deliverer {
     /// Settles a record whose processing panicked twice ([`Deliverer::process_supervised`]).
     /// Observing or recording it may panic (it is the same record): that is caught, so the
     /// partition moves on.
-    pub async fn park_panicked(&self, rec: &LogRecord, message: String) -> Settled {
+    pub async fn park_panicked(&self, rec: &LogRecord, message: String, waits: Waits) -> Settled {
         let mut settled = self.settler.panicked(rec, message).await;
-        self.settled(rec, &mut settled, Waits::InTiers);
+        self.settled(rec, &mut settled, waits);
         settled
     }
 

@@ -1142,7 +1142,8 @@ fn attempt_head(deliverer: Arc<Deliverer>, lane: LaneId, head: u64, attempt: u32
             Ok(s) => s,
             // Boxed: rare, and it would add to every head's future.
             Err(_) => {
-                Box::pin(deliverer.park_panicked(&rec, "processing an ordered delivery panicked twice".into())).await
+                let message = "processing an ordered delivery panicked twice".to_string();
+                Box::pin(deliverer.park_panicked(&rec, message, super::Waits::InLane)).await
             }
         };
         // Durable before the marker this head's end makes (the attempt is never made again

@@ -229,7 +229,7 @@ async fn supervise(deliverer: Arc<Deliverer>, rec: LogRecord) -> u64 {
     let Err(last) = deliverer.process_supervised(&rec, super::Waits::InTiers).await else {
         return rec.offset;
     };
-    Box::pin(deliverer.park_panicked(&rec, last)).await;
+    Box::pin(deliverer.park_panicked(&rec, last, super::Waits::InTiers)).await;
     rec.offset
 }
 

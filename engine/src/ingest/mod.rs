@@ -654,22 +654,24 @@ impl Ingest {
         // settles in between is still the newer state): a state written for deliveries the
         // log then refused would leave the event pending for ever with nothing queued, and a
         // recover asked again, which sends what is dead-lettered or retrying, would skip it.
-        // In a task of its own, which holds the share until the log has the records: a
-        // request cut off meanwhile leaves them being written (gave its share back, a tenant
-        // sending again queued as much again).
+        // In a task of its own, states included, which holds the share until the log has the
+        // records: a request cut off meanwhile leaves them being written (it gave its share
+        // back, and a tenant sending again queued as much again), and their states recorded
+        // (else a recover asked again sent them once more).
         let (log, topic, ordered_topic) = (self.log.clone(), self.topic.clone(), self.ordered_topic.clone());
+        let history = self.history.clone();
         let written = tokio::spawn(async move {
-            let written = append_deliveries(&*log, &topic, &ordered_topic, records).await;
+            append_deliveries(&*log, &topic, &ordered_topic, records).await?;
             drop(share);
-            written
+            if let Some(h) = &history {
+                if let Err(e) = h.append(&states).await {
+                    // Queued all the same: their attempts will be recorded.
+                    tracing::warn!(error = %e, "resent deliveries queued; their pending state was not recorded");
+                }
+            }
+            Ok::<_, LogError>(())
         });
         written.await.map_err(|e| Refusal::Log(LogError::Backend(format!("resending: {e}"))))?.map_err(Refusal::Log)?;
-        if let Some(h) = &self.history {
-            if let Err(e) = h.append(&states).await {
-                // Queued all the same: their attempts will be recorded.
-                tracing::warn!(error = %e, "resent deliveries queued; their pending state was not recorded");
-            }
-        }
         Ok(queued)
     }
 }

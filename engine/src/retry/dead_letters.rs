@@ -155,6 +155,10 @@ pub trait ReplayRecorder: Send + Sync {
     async fn pending(&self, replayed: &[Delivery], at_ms: i64) -> Result<(), LogError>;
 }
 
+/// Bytes a log counts beside a record's key and value against its size limit (Kafka: about
+/// 36 of the record's own, 61 of its batch's).
+const RECORD_FRAMING: usize = 128;
+
 /// One entry read from the topic.
 struct Found {
     position: (u32, u64),
@@ -439,7 +443,8 @@ impl DeadLetters {
             let fresh = Delivery { attempt: 1, due_ms: now, budget_ms: now, generation: old.generation + 1, ..old };
             let key = Bytes::copy_from_slice(fresh.subscription.as_bytes());
             let value = fresh.encode();
-            if key.len() + value.len() > max_record {
+            // With room for the record's and its batch's framing, which the log counts too.
+            if (key.len() + value.len()).saturating_add(RECORD_FRAMING) > max_record {
                 // Written before the log's limit was lowered: refused, it stopped the append
                 // after the records before it were sent (Kafka takes each on its own), so
                 // every replay sent those again and never got past it.

@@ -191,7 +191,10 @@ impl EdgeHub {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(serde_json::to_vec(&body).expect("serializes"))));
         let Ok(request) = request else { return failed(format!("bad forward URL {url}")) };
-        let answer = tokio::time::timeout(timeout + GRACE * 2, async {
+        // The holder may wait up to `timeout` for a slot and room in the agent's queue, then
+        // `timeout` and its grace for the answer: given up sooner, an attempt the agent then
+        // made was recorded a timeout (and retried).
+        let answer = tokio::time::timeout(timeout * 2 + GRACE * 2, async {
             let response = self.client.request(request).await.map_err(|e| e.to_string())?;
             let status = response.status();
             let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
