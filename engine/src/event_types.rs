@@ -221,34 +221,32 @@ impl EventTypes {
     /// The whole catalogue by name as the list answers it (`{"items","next":null}`), made
     /// once per change and shared.
     pub fn page(&self) -> bytes::Bytes {
-        // Made and kept under the types' read lock: a change (under the write lock) cannot
-        // land between the reading and the keeping, so a kept page is never an older one.
-        let types = self.types.read().unwrap();
-        let mut page = self.page.lock().unwrap();
-        if let Some(made) = &*page {
-            return made.clone();
-        }
-        let mut items: Vec<&EventType> = types.values().map(|h| &h.event_type).collect();
-        items.sort_by(|a, b| a.name.cmp(&b.name));
-        let made = bytes::Bytes::from(
-            serde_json::to_vec(&serde_json::json!({ "items": items, "next": null })).expect("serializes"),
-        );
-        *page = Some(made.clone());
-        made
+        self.kept(&self.page, |items| serde_json::json!({ "items": items, "next": null }).to_string())
     }
 
     /// What `make` makes of every type (by name), made once per change and shared. (One
     /// document is kept: the OpenAPI document's examples are its one use.)
     pub fn derived(&self, make: impl FnOnce(Vec<&EventType>) -> String) -> bytes::Bytes {
+        self.kept(&self.derived, make)
+    }
+
+    /// What `slot` keeps, or what `make` makes of every type (by name), then kept. Made and
+    /// kept under the types' read lock: a change (under the write lock, which empties the
+    /// slots) cannot land between the reading and the keeping, so what is kept is never older.
+    fn kept(
+        &self,
+        slot: &std::sync::Mutex<Option<bytes::Bytes>>,
+        make: impl FnOnce(Vec<&EventType>) -> String,
+    ) -> bytes::Bytes {
         let types = self.types.read().unwrap();
-        let mut derived = self.derived.lock().unwrap();
-        if let Some(made) = &*derived {
+        let mut kept = slot.lock().unwrap();
+        if let Some(made) = &*kept {
             return made.clone();
         }
         let mut items: Vec<&EventType> = types.values().map(|h| &h.event_type).collect();
         items.sort_by(|a, b| a.name.cmp(&b.name));
         let made = bytes::Bytes::from(make(items));
-        *derived = Some(made.clone());
+        *kept = Some(made.clone());
         made
     }
 
