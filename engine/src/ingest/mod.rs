@@ -501,11 +501,7 @@ impl Ingest {
                     let payload = |t: &Target| payload_bytes(t, &event.data, event.changes.as_ref());
                     let overhead = (record.key.len() + record.value.len()).saturating_sub(payload(target));
                     let bytes = targets.iter().map(|t| (overhead + payload(t)) as u64).sum::<u64>();
-                    fanout += bytes;
-                    if fanout > self.max_fanout {
-                        return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
-                    }
-                    self.budget.take(&mut share, &event.tenant, bytes).await.map_err(Refusal::Busy)?;
+                    self.admit(&mut fanout, &mut share, &event.tenant, bytes).await?;
                 }
                 records.push(record, ordered);
             }
@@ -583,6 +579,22 @@ impl Ingest {
         Ok(accepted)
     }
 
+    /// Counts an event's `bytes` of delivery records (of `tenant`) into a request's `fanout`,
+    /// held to `quotas.fanout_bytes`, and into its `share` of what is being written.
+    async fn admit(
+        &self,
+        fanout: &mut u64,
+        share: &mut budget::Share,
+        tenant: &str,
+        bytes: u64,
+    ) -> Result<(), Refusal> {
+        *fanout = fanout.saturating_add(bytes);
+        if *fanout > self.max_fanout {
+            return Err(Refusal::FanOut { bytes: *fanout, max: self.max_fanout });
+        }
+        self.budget.take(share, tenant, bytes).await.map_err(Refusal::Busy)
+    }
+
     /// Bytes of delivery records one request may make (`quotas.fanout_bytes`).
     pub fn max_fanout(&self) -> u64 {
         self.max_fanout
@@ -609,11 +621,7 @@ impl Ingest {
                 event.changes.as_ref().map(|c| Json::new(&String::from_utf8_lossy(c))).transpose().map_err(invalid)?;
             // Each target's own payload form, as at publish.
             let bytes = targets.iter().map(|t| payload_bytes(t, &data, changes.as_ref()) as u64).sum::<u64>();
-            fanout = fanout.saturating_add(bytes);
-            if fanout > self.max_fanout {
-                return Err(Refusal::FanOut { bytes: fanout, max: self.max_fanout });
-            }
-            self.budget.take(&mut share, &event.tenant, bytes).await.map_err(Refusal::Busy)?;
+            self.admit(&mut fanout, &mut share, &event.tenant, bytes).await?;
             let mut keyed = Keyed::new(
                 &event.id,
                 &event.event_type,
@@ -738,15 +746,7 @@ mod tests {
         let registry = Arc::new(Registry::stubbed());
         registry.hold("t", &serde_json::json!({ "url": "https://hooks.example/a" }));
         let recorder = Recorder::start(log.clone(), "herald.history".into());
-        let ingest = Ingest::new(
-            log.clone(),
-            registry,
-            "herald.deliveries".into(),
-            "herald.ordered".into(),
-            u64::MAX,
-            Budget::unbounded(),
-        )
-        .recorded_by(recorder);
+        let ingest = ingest_on(log.clone(), registry, Budget::unbounded()).recorded_by(recorder);
         let event = Event {
             id: "x".into(),
             event_type: "T".into(),
@@ -762,6 +762,11 @@ mod tests {
         let again = ingest.publish(vec![event]).await.expect("a repeat");
         assert_eq!(again[0].deliveries, 1);
         assert_eq!(log.appends.lock().unwrap().len(), 1, "its deliveries appended once");
+    }
+
+    /// Ingest on `log` with no fan-out quota.
+    fn ingest_on(log: Arc<dyn Log>, registry: Arc<Registry>, budget: Budget) -> Ingest {
+        Ingest::new(log, registry, "herald.deliveries".into(), "herald.ordered".into(), u64::MAX, budget)
     }
 
     fn event(id: &str, tenant: &str) -> Event {
@@ -794,14 +799,7 @@ mod tests {
             }
         }
         // A tenant may have about two such events' deliveries (4 × 100 kB each) being written.
-        let ingest = Arc::new(Ingest::new(
-            log.clone(),
-            registry,
-            "herald.deliveries".into(),
-            "herald.ordered".into(),
-            u64::MAX,
-            Budget::new(1_000_000, 10_000_000),
-        ));
+        let ingest = Arc::new(ingest_on(log.clone(), registry, Budget::new(1_000_000, 10_000_000)));
         for i in 0..2 {
             let publish = ingest.publish(vec![event(&format!("a{i}"), "a")]);
             let cut_off = tokio::time::timeout(std::time::Duration::from_secs(1), publish);
@@ -839,14 +837,7 @@ mod tests {
         let targets: Vec<Arc<Target>> = (0..4)
             .map(|i| registry.hold("a", &serde_json::json!({ "url": format!("https://hooks.example/{i}") })))
             .collect();
-        let ingest = Ingest::new(
-            log.clone(),
-            registry,
-            "herald.deliveries".into(),
-            "herald.ordered".into(),
-            u64::MAX,
-            Budget::new(1_000_000, 10_000_000),
-        );
+        let ingest = ingest_on(log.clone(), registry, Budget::new(1_000_000, 10_000_000));
         let record = |id: &str| EventRecord {
             id: id.into(),
             tenant: "a".into(),

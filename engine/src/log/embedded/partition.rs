@@ -379,18 +379,17 @@ impl Partition {
     pub fn drop_empty_sealed(&self) -> io::Result<()> {
         let _active = self.active.lock().unwrap();
         let mut segs = self.segments.lock().unwrap();
-        let last = segs.len().saturating_sub(1);
-        let empty = |i: usize, s: &SegmentInfo| s.len == 0 && i != last;
-        for (_, s) in segs.iter().enumerate().filter(|&(i, s)| empty(i, s) && s.path.exists()) {
+        let Some(newest) = segs.pop() else { return Ok(()) };
+        let (empty, kept): (Vec<SegmentInfo>, Vec<SegmentInfo>) =
+            std::mem::take(&mut *segs).into_iter().partition(|s| s.len == 0);
+        *segs = kept;
+        segs.push(newest);
+        // Listed no more first: a file a failed removal leaves is an empty one the next open
+        // finds again.
+        for s in empty.iter().filter(|s| s.path.exists()) {
             fs::remove_file(&s.path)?;
         }
-        let before = segs.len();
-        let mut i = 0;
-        segs.retain(|s| {
-            i += 1;
-            !empty(i - 1, s)
-        });
-        if segs.len() < before {
+        if !empty.is_empty() {
             sync_dir(&self.dir)?;
         }
         Ok(())
