@@ -469,3 +469,33 @@ async fn two_processes_answer_the_same_history_queries() {
         .await;
     }
 }
+
+/// Herald sets a topic's settings only when it makes it. A catalog an operator made with
+/// `cleanup.policy=delete` would drop subscriptions, tenants and keys older than its retention
+/// — accepted events would then go nowhere: Herald refuses to start on it, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_topic_made_to_delete_by_age_is_refused_at_start() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let broker = Tansu::start();
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &broker.addr).create().unwrap();
+    let catalog = herald::topics::Topics::new("herald.").subscriptions;
+    let made = NewTopic::new(&catalog, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", "604800000");
+    let results = admin.create_topics([&made], &AdminOptions::new()).await.unwrap();
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::config(dir.path());
+    config.log.backend = herald::config::Backend::Kafka;
+    config.log.brokers = broker.addr.clone();
+    config.log.replication = 1;
+    config.log.partitions = 4;
+    let started = tokio::time::timeout(Duration::from_secs(60), herald::server::start(config))
+        .await
+        .expect("start answers within a minute");
+    let err = started.err().expect("a catalog that deletes by age is refused");
+    let said = err.to_string();
+    assert!(said.contains(&catalog) && said.contains("cleanup.policy"), "{said}");
+}

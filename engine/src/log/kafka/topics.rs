@@ -1,9 +1,12 @@
-//! Topic set-up: create the missing topics (the registry's compacted), then learn each
-//! topic's real partition count from the cluster's metadata.
+//! Topic set-up: create the missing topics (the registry's compacted), check the settings of
+//! those made before (by an operator, or an older Herald), then learn each topic's real
+//! partition count from the cluster's metadata.
 
 use super::{kafka_error, KafkaConfig};
 use crate::log::{LogError, TopicSpec};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
@@ -48,6 +51,8 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<HashMap<String, u32>,
             Err(e) => tracing::warn!(error = %e, "could not create topics"),
         }
     }
+    let made_before: Vec<&TopicSpec> = config.topics.iter().filter(|t| existing.contains_key(&t.name)).collect();
+    check_settings(&admin, config, &made_before).await?;
     let mut counts = HashMap::new();
     let deadline = tokio::time::Instant::now() + METADATA_TIMEOUT;
     loop {
@@ -99,6 +104,131 @@ pub(super) fn topic_settings(config: &KafkaConfig, t: &TopicSpec) -> Vec<(&'stat
     settings
 }
 
+/// Herald sets a topic's settings only when it makes it: one made before keeps its own. Those
+/// that would lose acknowledged records are refused — a catalog that deletes by age drops the
+/// subscriptions and keys older than its retention; a data topic that compacts keeps only the
+/// newest record per key (deliveries are keyed by subscription). Those that only cost
+/// something are logged: a shorter retention than Herald would set, a smaller record limit
+/// (larger events are then refused at publish). A broker that cannot describe topics' settings
+/// (librdkafka's mock cluster) is logged and trusted.
+async fn check_settings(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    config: &KafkaConfig,
+    topics: &[&TopicSpec],
+) -> Result<(), LogError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    // Asked of one broker, named: without a broker among the resources librdkafka asks the
+    // controller, and a cluster that names none (the mock) would hold the start for the whole
+    // timeout. Any broker answers a topic's settings.
+    let Some(broker) = any_broker(admin).await? else {
+        return Ok(());
+    };
+    let mut resources: Vec<ResourceSpecifier> = topics.iter().map(|t| ResourceSpecifier::Topic(&t.name)).collect();
+    resources.push(ResourceSpecifier::Broker(broker));
+    let opts = AdminOptions::new().request_timeout(Some(Timeout::After(METADATA_TIMEOUT)));
+    let described = match admin.describe_configs(&resources, &opts).await {
+        Ok(described) => described,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the settings of existing topics; using them as they are");
+            return Ok(());
+        }
+    };
+    for (t, result) in topics.iter().zip(described) {
+        let settings = match result {
+            Ok(settings) if settings.specifier == OwnedResourceSpecifier::Topic(t.name.clone()) => settings,
+            Ok(other) => {
+                tracing::warn!(topic = %t.name, answered = ?other.specifier, "the broker answered another resource; using the topic as it is");
+                continue;
+            }
+            Err(code) => {
+                tracing::warn!(topic = %t.name, error = %code, "could not read the topic's settings; using it as it is");
+                continue;
+            }
+        };
+        let value = |name: &str| settings.get(name).and_then(|e| e.value.as_deref());
+        match judge(config, t, value) {
+            Judgement::Fits => {}
+            Judgement::Costs(costs) => {
+                for cost in costs {
+                    tracing::warn!(topic = %t.name, "{cost}");
+                }
+            }
+            Judgement::Loses(why) => return Err(LogError::Backend(format!("topic {}: {why}", t.name))),
+        }
+    }
+    Ok(())
+}
+
+/// What an existing topic's settings mean for Herald's records.
+#[derive(Debug, PartialEq)]
+enum Judgement {
+    Fits,
+    /// It works, at a cost said in each line.
+    Costs(Vec<String>),
+    /// It would lose acknowledged records: Herald does not start on it.
+    Loses(String),
+}
+
+/// Judges one topic's settings, `value` giving each as the broker reports it (a broker may
+/// leave some out: what is not reported is not judged).
+fn judge<'a>(config: &KafkaConfig, t: &TopicSpec, value: impl Fn(&str) -> Option<&'a str>) -> Judgement {
+    let policy = value("cleanup.policy").map(|p| p.split(',').map(str::trim).collect::<Vec<_>>());
+    if let Some(policy) = &policy {
+        if t.compacted && policy.as_slice() != ["compact"] {
+            return Judgement::Loses(format!(
+                "cleanup.policy is {:?}: the catalog must be compacted and never deleted by age, or subscriptions, \
+                 tenants and keys older than its retention are lost (kafka-configs --alter --add-config cleanup.policy=compact)",
+                policy.join(",")
+            ));
+        }
+        if !t.compacted && policy.contains(&"compact") {
+            return Judgement::Loses(format!(
+                "cleanup.policy is {:?}: compaction keeps only the newest record of each key and would drop \
+                 deliveries and dead letters (kafka-configs --alter --add-config cleanup.policy=delete)",
+                policy.join(",")
+            ));
+        }
+    }
+    let mut costs = Vec::new();
+    if !t.compacted {
+        let wanted = t.retention.unwrap_or(config.retention).as_millis();
+        if let Some(ms) = value("retention.ms").and_then(|v| v.parse::<i64>().ok()) {
+            if ms >= 0 && (ms as u128) < wanted {
+                costs.push(format!(
+                    "retention.ms is {ms}, shorter than the {wanted} Herald would set: its records are deleted sooner \
+                     (a retry or dead letter older than that is lost)"
+                ));
+            }
+        }
+    }
+    if let Some(max) = value("max.message.bytes").and_then(|v| v.parse::<usize>().ok()) {
+        if max < config.max_record_bytes {
+            costs.push(format!(
+                "max.message.bytes is {max}, less than the {} Herald's largest record needs: larger events are refused",
+                config.max_record_bytes
+            ));
+        }
+    }
+    if costs.is_empty() {
+        Judgement::Fits
+    } else {
+        Judgement::Costs(costs)
+    }
+}
+
+/// The id of one of the cluster's brokers, if it names any.
+async fn any_broker(admin: &Arc<AdminClient<DefaultClientContext>>) -> Result<Option<i32>, LogError> {
+    let admin = admin.clone();
+    tokio::task::spawn_blocking(move || {
+        let md = admin.inner().fetch_metadata(None, Timeout::After(METADATA_TIMEOUT)).map_err(kafka_error)?;
+        Ok(md.brokers().first().map(|b| b.id()))
+    })
+    .await
+    .map_err(|e| LogError::Backend(e.to_string()))?
+}
+
 async fn partition_counts(admin: &Arc<AdminClient<DefaultClientContext>>) -> Result<HashMap<String, u32>, LogError> {
     let admin = admin.clone();
     tokio::task::spawn_blocking(move || {
@@ -112,4 +242,62 @@ async fn partition_counts(admin: &Arc<AdminClient<DefaultClientContext>>) -> Res
     })
     .await
     .map_err(|e| LogError::Backend(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> KafkaConfig {
+        KafkaConfig {
+            brokers: String::new(),
+            replication: 1,
+            properties: Default::default(),
+            topics: Vec::new(),
+            drain: Duration::from_secs(1),
+            retention: Duration::from_secs(86_400),
+            min_insync_replicas: 1,
+            max_record_bytes: 1 << 20,
+        }
+    }
+
+    fn topic(compacted: bool) -> TopicSpec {
+        TopicSpec {
+            name: "t".into(),
+            partitions: 1,
+            compacted,
+            retention: None,
+            retention_waits_for_reader: false,
+            read_within: Duration::from_millis(20),
+            keyed: true,
+        }
+    }
+
+    fn judged(t: &TopicSpec, settings: &[(&'static str, &'static str)]) -> Judgement {
+        judge(&config(), t, |name| settings.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
+    }
+
+    #[test]
+    fn a_catalog_deleted_by_age_or_a_data_topic_compacted_is_refused() {
+        assert!(matches!(judged(&topic(true), &[("cleanup.policy", "delete")]), Judgement::Loses(_)));
+        assert!(matches!(judged(&topic(true), &[("cleanup.policy", "compact,delete")]), Judgement::Loses(_)));
+        assert!(matches!(judged(&topic(false), &[("cleanup.policy", "delete, compact")]), Judgement::Loses(_)));
+        assert_eq!(judged(&topic(true), &[("cleanup.policy", "compact"), ("retention.ms", "1000")]), Judgement::Fits);
+        assert_eq!(judged(&topic(false), &[("cleanup.policy", "delete"), ("retention.ms", "-1")]), Judgement::Fits);
+        // What a broker leaves out is not judged.
+        assert_eq!(judged(&topic(true), &[]), Judgement::Fits);
+    }
+
+    #[test]
+    fn a_shorter_retention_or_a_smaller_record_limit_is_said() {
+        let Judgement::Costs(costs) =
+            judged(&topic(false), &[("retention.ms", "3600000"), ("max.message.bytes", "1000")])
+        else {
+            panic!("costs said")
+        };
+        assert_eq!(costs.len(), 2, "{costs:?}");
+        assert!(costs[0].contains("retention.ms is 3600000"), "{costs:?}");
+        assert!(costs[1].contains("max.message.bytes is 1000"), "{costs:?}");
+        assert_eq!(judged(&topic(false), &[("retention.ms", "86400000")]), Judgement::Fits);
+    }
 }
