@@ -462,8 +462,16 @@ impl Log for Timed {
         self.0.follow(topic, partition, from).await
     }
 
+    fn read_up_to(&self, topic: &str, partition: u32, offset: u64) {
+        self.0.read_up_to(topic, partition, offset)
+    }
+
     async fn ready(&self) -> bool {
         self.0.ready().await
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.0.broken()
     }
 
     async fn close(&self) -> Result<(), LogError> {
@@ -474,6 +482,76 @@ impl Log for Timed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every stage gets the log through this wrapper. It passed on what it was written for
+    /// but not what the trait's defaults answered: the history index's word that it had read
+    /// the topic went nowhere — on the embedded log the history topic, whose retention waits
+    /// for that word, was kept for good (disk without bound) — and `/healthz` never saw a
+    /// broken log (only a restart mends one; the liveness probe never restarted it).
+    #[tokio::test]
+    async fn the_timed_log_passes_on_what_a_reader_has_read_and_a_broken_log() {
+        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, Fault};
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let dir = tempfile::tempdir().unwrap();
+        let failing = Arc::new(AtomicBool::new(false));
+        let flag = failing.clone();
+        let topic = crate::log::TopicSpec {
+            name: "h".into(),
+            partitions: 1,
+            compacted: false,
+            retention: Some(std::time::Duration::from_millis(1)),
+            retention_waits_for_reader: true,
+            read_within: std::time::Duration::from_millis(20),
+            keyed: false,
+        };
+        let embedded = EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 4096,
+            flush_interval: std::time::Duration::from_secs(3600),
+            topics: vec![topic],
+            journal_bytes: 16 << 10,
+            faults: Some(Arc::new(move |fault: Fault<'_>| match fault {
+                Fault::Sync(path, _) if flag.load(SeqCst) && path.extension().is_some_and(|e| e == "log") => {
+                    Err(std::io::Error::other("injected segment fsync failure"))
+                }
+                _ => Ok(()),
+            })),
+        })
+        .await
+        .unwrap();
+        let log = timed(embedded.clone());
+        let record = || crate::log::Record { key: bytes::Bytes::from_static(b"k"), value: vec![b'v'; 1000].into() };
+        for _ in 0..20 {
+            log.append("h", vec![record()]).await.unwrap();
+        }
+        let segments = || {
+            std::fs::read_dir(dir.path().join("topics/h/0"))
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "log"))
+                .count()
+        };
+        let before = segments();
+        assert!(before >= 4, "{before} segments");
+        log.read_up_to("h", 0, 20);
+        embedded.flush_at(crate::model::now_ms() + 1000).await.unwrap();
+        assert!(
+            segments() < before,
+            "what the reader has read is reclaimed past its retention: {} of {before} left",
+            segments()
+        );
+
+        assert_eq!(log.broken(), None);
+        failing.store(true, SeqCst);
+        let mut refused = false;
+        for _ in 0..100 {
+            if log.append("h", vec![record()]).await.is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "a failed checkpoint refuses appends");
+        assert!(log.broken().is_some(), "and the wrapper says the log is broken");
+    }
 
     /// A partition that goes to another process (or whose worker ends) stops counting here:
     /// its last lag stayed exported for good, and summed with the new owner's.

@@ -135,16 +135,12 @@ pub trait Log: Send + Sync + 'static {
 
     /// Whether other processes may append to this log's topics (Kafka), so what this process
     /// has read of a topic can trail what is in it. The embedded log has one process.
-    fn shared(&self) -> bool {
-        false
-    }
+    fn shared(&self) -> bool;
 
     /// The largest record an append takes, when the log has a limit below any record Herald
     /// makes now (Kafka's `message.max.bytes`, set from `ingest.max_event_bytes`): a record
     /// written before that was lowered (a dead letter) may be past it.
-    fn max_record_bytes(&self) -> Option<usize> {
-        None
-    }
+    fn max_record_bytes(&self) -> Option<usize>;
 
     /// Joins consumer `group` on `topic`; the consumer is told which partitions it owns.
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError>;
@@ -156,16 +152,14 @@ pub trait Log: Send + Sync + 'static {
     /// The reader of a topic whose retention waits for it (`TopicSpec::retention_waits_for_reader`)
     /// has read `partition` up to `offset` (exclusive): what is before may be reclaimed by age.
     /// Kafka keeps such a topic for all of its retention and ignores this.
-    fn read_up_to(&self, _topic: &str, _partition: u32, _offset: u64) {}
+    fn read_up_to(&self, topic: &str, partition: u32, offset: u64);
 
     /// Whether the log can take appends right now (readiness).
     async fn ready(&self) -> bool;
 
     /// Why the log can never take an append again in this process, if it cannot (liveness:
     /// only a restart mends it).
-    fn broken(&self) -> Option<String> {
-        None
-    }
+    fn broken(&self) -> Option<String>;
 
     /// Stops consumers, persists their progress and releases the log.
     async fn close(&self) -> Result<(), LogError>;

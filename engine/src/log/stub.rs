@@ -123,6 +123,13 @@ impl Log for Stub {
     fn shared(&self) -> bool {
         self.shared
     }
+    fn max_record_bytes(&self) -> Option<usize> {
+        None
+    }
+    fn read_up_to(&self, _: &str, _: u32, _: u64) {}
+    fn broken(&self) -> Option<String> {
+        None
+    }
     async fn close(&self) -> Result<(), LogError> {
         Ok(())
     }

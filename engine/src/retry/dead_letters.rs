@@ -722,6 +722,15 @@ mod tests {
         fn max_record_bytes(&self) -> Option<usize> {
             self.max_record
         }
+        fn shared(&self) -> bool {
+            self.inner.shared()
+        }
+        fn read_up_to(&self, topic: &str, partition: u32, offset: u64) {
+            self.inner.read_up_to(topic, partition, offset)
+        }
+        fn broken(&self) -> Option<String> {
+            self.inner.broken()
+        }
     }
 
     /// A dead letter larger than the log now takes (written before `ingest.max_event_bytes`

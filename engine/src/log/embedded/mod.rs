@@ -609,6 +609,16 @@ impl Log for EmbeddedLog {
         Ok(self.topic(topic)?.len() as u32)
     }
 
+    /// One process: what it has read of a topic is all there is.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// No limit below the records Herald makes.
+    fn max_record_bytes(&self) -> Option<usize> {
+        None
+    }
+
     fn read_up_to(&self, topic: &str, partition: u32, offset: u64) {
         let Some(topic) = self.topics.get(topic) else { return };
         let read = self.retention.iter().find(|(t, _, _)| Arc::ptr_eq(t, topic)).and_then(|(_, _, r)| r.as_ref());

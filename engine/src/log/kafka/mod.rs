@@ -318,6 +318,9 @@ impl Log for KafkaLog {
         }
     }
 
+    /// The broker keeps such a topic for all of its `retention.ms`, whoever has read it.
+    fn read_up_to(&self, _topic: &str, _partition: u32, _offset: u64) {}
+
     async fn ready(&self) -> bool {
         if *self.closed.borrow() {
             return false;
