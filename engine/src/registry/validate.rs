@@ -100,6 +100,15 @@ pub fn check_tenant_input(spec: &SubscriptionSpec, previous: Option<&Subscriptio
     if spec.transport == TransportKind::Webhook && changed(|s| Some(s.url.as_str())) && fragment() {
         return Err(Invalid::new("url", "must not have a #fragment (it is never sent)"));
     }
+    // Never sent as credentials (HTTP/1.1 drops them; HTTP/2 would put them in `:authority`,
+    // which RFC 9113 forbids), and a URL is shown on every read and in logs, unsealed.
+    let credentials = || url::Url::parse(&spec.url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some());
+    if spec.transport == TransportKind::Webhook && changed(|s| Some(s.url.as_str())) && credentials() {
+        return Err(Invalid::new(
+            "url",
+            "must not hold a user or password (they are never sent as credentials): use \"auth\": {\"type\": \"basic\", …}, which keeps the password sealed",
+        ));
+    }
     let max = crate::transport::tls::MAX_INLINE;
     let pem: [(&str, Field); 3] = [
         ("tls.ca_pem", |s| s.tls.as_ref()?.ca_pem.as_deref()),
@@ -149,8 +158,10 @@ fn check_webhook(
     let host = url.host_str().ok_or_else(|| Invalid::new("url", "must have a host"))?;
     guard.check_host(host).map_err(|e| Invalid::new("url", e.to_string()))?;
     if let Some(tls) = &spec.tls {
-        crate::transport::tls::client_config(Some(tls), files).map_err(|e| Invalid::new(e.field, e.message))?;
+        // The folder first: another tenant's file is never opened (what opening it answered
+        // told whether it exists, and for PKCS#12 whether a password guessed was right).
         crate::transport::tls::check_tenant_files(tls, files, tenant).map_err(|e| Invalid::new(e.field, e.message))?;
+        crate::transport::tls::client_config(Some(tls), files).map_err(|e| Invalid::new(e.field, e.message))?;
     }
     check_auth(&spec.auth, guard)
 }

@@ -70,9 +70,14 @@ pub fn read_under(field: &'static str, path: &str, dir: Option<&Path>) -> Result
     let Some(dir) = dir else {
         return Err(bad(field, "files on Herald's server cannot be named here; send the content instead (PEM)"));
     };
-    let outside = || bad(field, format!("must name a readable file under the TLS directory {}", dir.display()));
+    // Tenants name files relative to the directory; where it lies on the server is not theirs
+    // to know.
+    let outside = || bad(field, "must name a readable file under the TLS directory (`http.tls_files_dir`)");
     let Some((_, real)) = within(dir, path).filter(|(_, real)| real.is_file()) else { return Err(outside()) };
-    read_bounded(field, &real)
+    read_bounded(field, &real).map_err(|e| match e.message.starts_with("cannot read") {
+        true => outside(),
+        false => e,
+    })
 }
 
 /// `dir` and `path` under it, both canonical (so `..` and links cannot leave it), if `path`

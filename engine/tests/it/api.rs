@@ -235,6 +235,24 @@ async fn one_target_cannot_be_registered_twice_under_another_spelling() {
     assert_eq!((status.as_u16(), moved["url"].as_str()), (200, Some("amqp://broker.example.com/%2f/e3")), "{moved}");
 }
 
+/// A user and password in a webhook URL are never sent as credentials (HTTP/1.1 drops them,
+/// HTTP/2 would put them in `:authority`, which RFC 9113 forbids), and the URL is shown on
+/// every read and in logs, unsealed: refused, pointing to `auth` — which seals the password.
+#[tokio::test]
+async fn credentials_in_a_webhook_url_are_refused_for_auth_basic() {
+    let h = TestHerald::start().await;
+    for url in ["https://user:pass@hooks.example.com/x", "https://user@hooks.example.com/x"] {
+        let (status, err) = h.api.post("/v1/subscriptions", json!({ "url": url })).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("url")), "{url}: {err}");
+        assert!(err["error"]["message"].as_str().unwrap().contains("auth"), "{err}");
+        assert!(!err.to_string().contains("pass@"), "the password is not echoed: {err}");
+    }
+    let sub = h.api.subscribe(json!({ "url": "https://hooks.example.com/x" })).await;
+    let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
+    let (status, err) = h.api.patch(&path, json!({ "url": "https://u:p@hooks.example.com/y" })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("url")), "{err}");
+}
+
 #[tokio::test]
 async fn subscriptions_survive_a_restart() {
     let h = TestHerald::start().await;

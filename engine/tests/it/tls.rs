@@ -705,6 +705,22 @@ async fn a_tenant_names_only_its_own_client_certificate_files() {
         assert_eq!(status, 400, "{prefix}: {err}");
         assert_eq!(err["error"]["field"], "tls.client_cert_file", "{prefix}: {err}");
     }
+    // Another tenant's files are never opened: a file there and one that is not get the same
+    // answer (else the answers told which exist — and, for PKCS#12, whether a password was
+    // right), and no answer names the operator's directory.
+    let mut answers = Vec::new();
+    for name in ["client.pem", "missing.pem"] {
+        let tls = json!({ "client_cert_file": format!("{acme_id}/{name}"), "client_key_file": format!("{acme_id}/client.key") });
+        let (status, err) = mallory.post("/v1/subscriptions", json!({ "url": url("probe"), "tls": tls })).await;
+        assert_eq!(status, 400, "{err}");
+        assert!(!err.to_string().contains(&*dir.path().to_string_lossy()), "no server path: {err}");
+        answers.push((err["error"]["field"].clone(), err["error"]["message"].clone()));
+    }
+    assert_eq!(answers[0], answers[1], "the same answer whether the file is there or not");
+    let (status, err) =
+        mallory.post("/v1/subscriptions", json!({ "url": url("own"), "tls": { "ca_file": "nowhere.pem" } })).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(!err.to_string().contains(&*dir.path().to_string_lossy()), "no server path: {err}");
     // The operator's own request for Mallory is held to Mallory's folder too.
     let (status, err) = h
         .api
