@@ -64,8 +64,20 @@ pub struct Tokens {
 #[derive(serde::Deserialize)]
 struct TokenResponse {
     access_token: String,
+    /// Seconds; some providers (Azure AD's v1 endpoint among them) send it as a string, and
+    /// one that cannot be read is taken as absent — it only tunes the cache.
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Value>,
+}
+
+impl TokenResponse {
+    fn expires_in(&self) -> Option<u64> {
+        match self.expires_in.as_ref()? {
+            serde_json::Value::Number(n) => n.as_u64().or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+            serde_json::Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    }
 }
 
 /// Drops expired tokens and then, if that is not enough, those soonest to expire, down to half
@@ -212,7 +224,7 @@ impl Tokens {
         let token: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| failed(format!("token endpoint answered unreadable JSON: {e}")))?;
         // Saturating: a huge `expires_in` caches for a day, never overflows the clock.
-        let lifetime = Duration::from_secs(token.expires_in.unwrap_or(3600)).min(LONGEST);
+        let lifetime = Duration::from_secs(token.expires_in().unwrap_or(3600)).min(LONGEST);
         let until = Instant::now() + lifetime.saturating_sub(EARLY.min(lifetime / 10));
         if token.access_token.len() > LONGEST_TOKEN {
             return Err(failed(format!("the access token is longer than {} KiB", LONGEST_TOKEN / 1024)));
@@ -227,6 +239,19 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token whose `expires_in` came as a string (Azure AD v1) was refused as unreadable
+    /// JSON: every attempt of the subscription failed, for good.
+    #[test]
+    fn expires_in_is_read_as_a_number_or_a_numeric_string() {
+        let read = |json: &str| serde_json::from_str::<TokenResponse>(json).map(|t| t.expires_in());
+        assert_eq!(read(r#"{"access_token":"t","expires_in":3599}"#).unwrap(), Some(3599));
+        assert_eq!(read(r#"{"access_token":"t","expires_in":"3599"}"#).unwrap(), Some(3599));
+        assert_eq!(read(r#"{"access_token":"t","expires_in":3599.5}"#).unwrap(), Some(3599));
+        assert_eq!(read(r#"{"access_token":"t","expires_in":"soon"}"#).unwrap(), None);
+        assert_eq!(read(r#"{"access_token":"t","expires_in":null}"#).unwrap(), None);
+        assert_eq!(read(r#"{"access_token":"t"}"#).unwrap(), None);
+    }
     use crate::model::{Secret, SubscriptionSpec};
     use crate::transport::guard::NetworkGuard;
     use crate::transport::http::HttpSettings;
