@@ -45,9 +45,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the API refused the request (a 4xx): retrying it unchanged will not help.
+    /// Whether the API refused the request (a 4xx): nothing of it was done, and retrying it
+    /// unchanged will not help. Not a 408: the server stopped waiting for its work, which
+    /// goes on (a publish cut off by `api.request_timeout` is still written and delivered),
+    /// so it may or may not have been done, as when the server cannot be reached.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, Error::Api { status, .. } if (400..500).contains(status))
+        matches!(self, Error::Api { status, .. } if (400..500).contains(status) && *status != 408)
     }
 }
 
@@ -227,12 +230,42 @@ pub fn query(pairs: &[(&str, Option<String>)]) -> String {
     }
 }
 
+/// How long a connection may take: a server whose route is dropped is told at once, not
+/// after the system's two minutes.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long an answer may take: past the server's own `api.request_timeout` (60 s by default),
+/// so a server that accepts and never answers does not hold a script for ever.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// An error with its causes: hyper's own words are only "client error (Connect)"; the cause
+/// ("Connection refused", a certificate not trusted) is what a user can act on.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 impl Client {
     /// A client of the server at `base` (`http://127.0.0.1:8080`), authenticating with `token`.
     /// Connections are kept alive and reused.
     pub fn new(base: &str, token: &str) -> Client {
-        let https =
-            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.enforce_http(false);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
         Client { base: base.trim_end_matches('/').to_string(), token: token.to_string(), http }
     }
@@ -259,9 +292,16 @@ impl Client {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(Full::new(body.unwrap_or_default())).map_err(|e| Error::Decode(e.to_string()))?;
-        let resp = self.http.request(req).await.map_err(|e| unreachable(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
+        let answered = tokio::time::timeout(ANSWER_TIMEOUT, async {
+            let resp = self.http.request(req).await.map_err(|e| unreachable(causes(&e)))?;
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await.map_err(|e| unreachable(causes(&e)))?.to_bytes();
+            Ok::<_, Error>((status, bytes))
+        })
+        .await;
+        let (status, bytes) = answered.map_err(|_| {
+            unreachable(format!("no answer within {} s (it may or may not have been done)", ANSWER_TIMEOUT.as_secs()))
+        })??;
         let value: Value = if bytes.is_empty() {
             Value::Null
         } else {

@@ -69,7 +69,7 @@ impl ApiError {
         ApiError {
             status: StatusCode::REQUEST_TIMEOUT,
             code: "REQUEST_TIMEOUT",
-            message: "the request took longer than api.request_timeout".into(),
+            message: "the request took longer than api.request_timeout; work it began goes on (a publish may still be accepted: send it again with the same event ids)".into(),
             field: None,
             retry_after: None,
         }

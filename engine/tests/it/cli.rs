@@ -234,3 +234,52 @@ async fn an_operator_scripts_herald_with_its_cli() {
         .unwrap();
     assert!(text(&completions).contains("subscriptions"), "bash completions name the subcommands");
 }
+
+/// A publish cut off by the API's request timeout (a slow disk) is answered 408, but its write
+/// goes on and the events are delivered: the CLI says the batch may or may not have been
+/// accepted and exits 3, as for a server it lost — not "refused, none of it accepted" with 1,
+/// which led a script to send events without ids again, delivering them twice.
+#[tokio::test]
+async fn a_publish_cut_off_by_the_request_timeout_is_not_called_refused() {
+    use herald::log::embedded::Fault;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    if crate::support::on_kafka() {
+        return; // the fault layer is the embedded log's
+    }
+    let slow = Arc::new(AtomicBool::new(false));
+    let flag = slow.clone();
+    let faults: herald::log::embedded::Faults = Some(Arc::new(move |fault: Fault<'_>| {
+        if matches!(fault, Fault::Write(_)) && flag.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
+        Ok(())
+    }));
+    let h = TestHerald::start_with_extras(
+        |c| c.api.request_timeout = std::time::Duration::from_millis(300).into(),
+        herald::server::Extras { faults, ..Default::default() },
+    )
+    .await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(serde_json::json!({ "url": rx.url("/slow") })).await;
+    slow.store(true, Ordering::SeqCst);
+    let lines = "{\"type\":\"A\",\"data\":{\"n\":1}}\n{\"type\":\"A\",\"data\":{\"n\":2}}\n";
+    let out = herald(&h.api.base, &["events", "send", "--stdin"], Some(lines)).await;
+    slow.store(false, Ordering::SeqCst);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("none of it accepted"), "{said}");
+    assert!(said.contains("may or may not have been accepted"), "{said}");
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    rx.wait_on("/slow", 2).await;
+}
+
+/// A server that cannot be reached is said with its cause — hyper's own words were only
+/// "client error (Connect)" — and exits 3.
+#[tokio::test]
+async fn an_unreachable_server_is_said_with_its_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = herald(&format!("http://{closed}"), &["tenants", "list"], None).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.to_lowercase().contains("refused"), "{said}");
+}
