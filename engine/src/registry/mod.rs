@@ -17,7 +17,7 @@ use crate::target::Target;
 use crate::tenants::DEFAULT_TENANT;
 use crate::transport::guard::NetworkGuard;
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
@@ -96,6 +96,11 @@ struct State {
     version: HashMap<String, u64>,
     /// (tenant, URL as parsed) → the subscription holding it; a tenant has each URL once.
     by_url: HashMap<(String, String), String>,
+    /// (tenant, URL as a receiver gets it: [`target_key`]) → the subscriptions holding it
+    /// (more than one only among records stored before that rule): what a create or a change
+    /// of URL is checked against in one lookup — normalising every URL of the tenant instead,
+    /// under the lock every change waits for, let one tenant's changes hold every tenant's.
+    by_target: HashMap<(String, String), BTreeSet<String>>,
     /// Ids whose newest record this process cannot read.
     unreadable: HashSet<String>,
     /// Ids whose newest record was ignored (its tenant's URL held by another), and its offset.
@@ -133,6 +138,10 @@ impl State {
         self.remove(&target.sub.id);
         self.version.insert(target.sub.id.clone(), offset);
         self.by_url.insert((target.sub.tenant.clone(), url_key(&target.sub.spec.url)), target.sub.id.clone());
+        self.by_target
+            .entry((target.sub.tenant.clone(), target_key(&target.sub.spec.url)))
+            .or_default()
+            .insert(target.sub.id.clone());
         self.by_tenant.entry(target.sub.tenant.clone()).or_default().insert(target.sub.id.clone(), target.clone());
         for key in type_keys(&target.sub) {
             self.by_type.entry(key).or_default().insert(target.sub.id.clone(), target.clone());
@@ -157,6 +166,13 @@ impl State {
         let key = (old.sub.tenant.clone(), url_key(&old.sub.spec.url));
         if self.by_url.get(&key).is_some_and(|holder| holder == id) {
             self.by_url.remove(&key);
+        }
+        let key = (old.sub.tenant.clone(), target_key(&old.sub.spec.url));
+        if let Some(holders) = self.by_target.get_mut(&key) {
+            holders.remove(id);
+            if holders.is_empty() {
+                self.by_target.remove(&key);
+            }
         }
         if let Some(subs) = self.by_tenant.get_mut(&old.sub.tenant) {
             subs.remove(id);
@@ -536,9 +552,8 @@ impl Registry {
         if state.url_holder(tenant, url, except).is_some() {
             return true;
         }
-        let key = target_key(url);
-        let others = state.by_tenant.get(tenant).into_iter().flat_map(|subs| subs.values());
-        others.into_iter().any(|t| t.sub.id != except && target_key(&t.sub.spec.url) == key)
+        let holders = state.by_target.get(&(tenant.to_string(), target_key(url)));
+        holders.is_some_and(|ids| ids.iter().any(|id| id != except))
     }
 
     /// Disables a subscription for what an attempt on `judged` (the version it was made
