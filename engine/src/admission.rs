@@ -82,6 +82,9 @@ pub enum Busy {
     Pace(Duration),
     /// Over the rate limit: defer this long.
     Rate(Duration),
+    /// Its tenant has its whole share of the partition's deliveries in flight (the
+    /// dispatcher's `window::Shares`): defer this long.
+    Share(Duration),
     /// The circuit breaker is open: defer this long.
     Open(Duration),
 }
@@ -90,7 +93,7 @@ impl Busy {
     /// How long to defer.
     pub fn defer(self) -> Duration {
         match self {
-            Busy::Full(d) | Busy::Pace(d) | Busy::Rate(d) | Busy::Open(d) => d,
+            Busy::Full(d) | Busy::Pace(d) | Busy::Rate(d) | Busy::Share(d) | Busy::Open(d) => d,
         }
     }
 
@@ -100,6 +103,7 @@ impl Busy {
             Busy::Full(_) => "in_flight_cap",
             Busy::Pace(_) => "endpoint_pace",
             Busy::Rate(_) => "rate_limit",
+            Busy::Share(_) => "tenant_share",
             Busy::Open(_) => "circuit_breaker",
         }
     }
@@ -367,6 +371,16 @@ impl Admission {
         }
     }
 
+    /// How long a delivery that finds no room waits before it is looked at again: twice what
+    /// an attempt takes here — or, when no slot has come free for longer than that, twice how
+    /// long it has been stalled (latency is learnt from attempts that end, so an endpoint that
+    /// stops answering looked instant until its first timeout, and its backlog went round the
+    /// shared 100 ms tier all that while).
+    pub fn busy_wait(&self) -> Duration {
+        let stalled = Duration::from_millis((now_ms() - self.last_progress_ms.load(Ordering::Relaxed)).max(0) as u64);
+        (self.latency().max(stalled) * 2).clamp(Duration::from_millis(100), Duration::from_secs(10))
+    }
+
     /// Admits a delivery: breaker, rate limit, then an in-flight slot. Returns the slot and
     /// the breaker's probe when this attempt is one (a delivery not admitted is no probe: the
     /// probe is dropped with it, and the next delivery may probe).
@@ -387,15 +401,7 @@ impl Admission {
                 Busy::Rate(self.promise(&self.rate_turns_until_us, wait, apart, MAX_TURN_AHEAD))
             })?;
         }
-        // Back after twice what an attempt takes here — or, when no slot has come free for
-        // longer than that, twice how long it has been stalled: latency is learnt from
-        // attempts that end, so an endpoint that stops answering looked instant until its
-        // first timeout, and its backlog went round the shared 100 ms tier all that while.
-        let full = || {
-            let stalled =
-                Duration::from_millis((now_ms() - self.last_progress_ms.load(Ordering::Relaxed)).max(0) as u64);
-            Busy::Full((self.latency().max(stalled) * 2).clamp(Duration::from_millis(100), Duration::from_secs(10)))
-        };
+        let full = || Busy::Full(self.busy_wait());
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
             // A slot free with nobody queued: the endpoint is not behind, so turns promised

@@ -27,7 +27,7 @@ pub const END_TO_END_SECONDS: &str = "herald_delivery_end_to_end_seconds";
 /// Retries scheduled, by `tier`.
 pub const RETRIES_SCHEDULED: &str = "herald_retries_scheduled_total";
 /// Deliveries deferred without an attempt, by `reason` (`in_flight_cap`, `endpoint_pace`,
-/// `rate_limit`, `circuit_breaker`, `unknown_subscription`).
+/// `rate_limit`, `tenant_share`, `circuit_breaker`, `unknown_subscription`).
 pub const DEFERRED: &str = "herald_deliveries_deferred_total";
 /// Ordered subscriptions' keys whose head has failed or is held after a dead letter.
 pub const ORDERED_KEYS_BLOCKED: &str = "herald_ordered_keys_blocked";
@@ -289,7 +289,9 @@ impl Metrics {
         for reason in ["key_rate", "tests", "pending_bytes"] {
             metrics::counter!(API_THROTTLED, "reason" => reason).increment(0);
         }
-        for reason in ["in_flight_cap", "endpoint_pace", "rate_limit", "circuit_breaker", "unknown_subscription"] {
+        for reason in
+            ["in_flight_cap", "endpoint_pace", "rate_limit", "tenant_share", "circuit_breaker", "unknown_subscription"]
+        {
             metrics::counter!(DEFERRED, "reason" => reason).increment(0);
         }
         metrics::counter!(DEAD_LETTERS).increment(0);

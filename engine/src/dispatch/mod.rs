@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::Instrument;
+use window::{Share, Shares};
 
 /// Whatever observes settled deliveries besides metrics and the history (tests' probes).
 pub trait Observe: Send + Sync {
@@ -50,8 +51,9 @@ pub struct Deliverer {
 
 /// What the gate decided for a delivery that is due.
 enum Gate<'a> {
-    /// Go: an in-flight slot, and the breaker's probe if this attempt is one.
-    Open(OwnedSemaphorePermit, Probe<'a>),
+    /// Go: an in-flight slot, the breaker's probe if this attempt is one, and its place in
+    /// its tenant's share of the partition.
+    Open(OwnedSemaphorePermit, Probe<'a>, Option<Share<'a>>),
     /// Its subscription is disabled.
     Disabled,
     /// Not now.
@@ -82,10 +84,15 @@ impl Deliverer {
     /// its offset may be committed. A record that panicked twice is the caller's to park
     /// ([`Deliverer::park_panicked`], boxed where awaited: it would add to every delivery's
     /// future), with the last panic's message here, so no record can stop its partition.
-    pub async fn process_supervised(&self, rec: &LogRecord, waits: Waits) -> Result<Settled, String> {
+    pub async fn process_supervised(
+        &self,
+        rec: &LogRecord,
+        waits: Waits,
+        shares: Option<&Shares>,
+    ) -> Result<Settled, String> {
         let mut last = String::new();
         for attempt in 1..=2 {
-            match AssertUnwindSafe(self.deliver(rec.clone(), waits)).catch_unwind().await {
+            match AssertUnwindSafe(self.deliver(rec.clone(), waits, shares)).catch_unwind().await {
                 Ok(mut settled) => {
                     self.settled(rec, &mut settled, waits);
                     return Ok(settled);
@@ -209,7 +216,7 @@ impl Deliverer {
     /// a future is as large as its largest await, this one is most of every delivery's
     /// future, and the shard copies that whole into a fresh allocation for each delivery
     /// (at 3.7 KB, about 4 % of a drain's CPU; `shard`'s test holds the size).
-    async fn deliver(&self, rec: LogRecord, waits: Waits) -> Settled {
+    async fn deliver(&self, rec: LogRecord, waits: Waits, shares: Option<&Shares>) -> Settled {
         let delivery = match Delivery::decode(rec.value.clone()) {
             Ok(d) => d,
             Err(e) => return Box::pin(self.settler.malformed(&rec, e.to_string())).await,
@@ -235,8 +242,8 @@ impl Deliverer {
             // disabled subscription's is parked as that, below, with its own reason.)
             return Box::pin(self.settler.outlived(&target, delivery, rec.value, None)).await;
         }
-        let (_slot, probe) = match gate(&target).await {
-            Gate::Open(slot, probe) => (slot, probe),
+        let (_slot, probe, _share) = match gate(&target, shares).await {
+            Gate::Open(slot, probe, share) => (slot, probe, share),
             Gate::Disabled => return Box::pin(self.settler.disabled(&target, delivery, rec.value)).await,
             Gate::Busy(busy) => {
                 let due = now_ms() + busy.defer().as_millis() as i64;
@@ -283,14 +290,21 @@ fn wait(delivery: &Delivery) -> Duration {
     Duration::from_millis((delivery.due_ms - now_ms()).max(0) as u64)
 }
 
-/// Whether a due delivery may be attempted now: its subscription enabled, and admitted
-/// (breaker, rate limit, an in-flight slot).
-async fn gate(target: &Target) -> Gate<'_> {
+/// Whether a due delivery may be attempted now: its subscription enabled, its tenant's share
+/// of the partition not all in flight (when the partition has shares), and admitted (breaker,
+/// rate limit, an in-flight slot).
+async fn gate<'a>(target: &'a Target, shares: Option<&'a Shares>) -> Gate<'a> {
     if !target.sub.spec.enabled {
         return Gate::Disabled;
     }
+    let share = match shares.map(|s| s.take(&target.sub.tenant)) {
+        // Looked at again no sooner than a delivery ages: the share is full of ones that hang.
+        Some(None) => return Gate::Busy(Busy::Share(target.admission.busy_wait().max(window::YOUNG))),
+        Some(share) => share,
+        None => None,
+    };
     match target.admission.admit().await {
-        Ok((slot, probe)) => Gate::Open(slot, probe),
+        Ok((slot, probe)) => Gate::Open(slot, probe, share),
         Err(busy) => Gate::Busy(busy),
     }
 }

@@ -1138,7 +1138,7 @@ impl Drop for Sequencer {
 /// what became of it with the marker to write before that takes effect.
 fn attempt_head(deliverer: Arc<Deliverer>, lane: LaneId, head: u64, attempt: u32, rec: LogRecord) -> Finished {
     async move {
-        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane).await {
+        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane, None).await {
             Ok(s) => s,
             // Boxed: rare, and it would add to every head's future.
             Err(_) => {

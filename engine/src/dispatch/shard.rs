@@ -8,7 +8,7 @@
 //! dead-lettered with the panic's message, so no record can stop its partition, for this
 //! process or, after a restart, the next.
 
-use super::window::Window;
+use super::window::{Shares, Window};
 use super::Deliverer;
 use crate::log::{Committer, LogError, LogRecord, PartitionReader};
 use crate::metrics::ShardStats;
@@ -47,6 +47,8 @@ struct Shard {
     limits: ShardLimits,
     committer: Arc<dyn Committer>,
     window: Window,
+    /// Each tenant's deliveries in flight here, bounded (see [`Shares`]).
+    shares: Arc<Shares>,
     in_flight: FuturesUnordered<BoxFuture<'static, u64>>,
     /// Read, not started yet (they wait to be due, or for room in the window).
     waiting: VecDeque<LogRecord>,
@@ -70,6 +72,7 @@ pub async fn run(
         delay,
         limits,
         window: Window::default(),
+        shares: Arc::new(Shares::new(limits.window)),
         in_flight: FuturesUnordered::new(),
         waiting: VecDeque::new(),
         idle: Some(reader),
@@ -125,7 +128,7 @@ impl Shard {
                 tracing::debug!(offset = rec.offset, "record handed out again; already started");
                 continue;
             }
-            self.in_flight.push(supervised(self.deliverer.clone(), rec));
+            self.in_flight.push(supervised(self.deliverer.clone(), rec, self.shares.clone()));
         }
         if self.reading.is_none() && self.waiting.is_empty() && self.has_room() {
             let room = self.room().min(self.limits.batch);
@@ -218,15 +221,15 @@ fn due(arrived_ms: i64, delay: Duration) -> i64 {
 
 /// Processes `rec`, once more if that panics, and parks it in the dead-letter topic if it
 /// panics again; resolves to its offset once it is settled.
-fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord) -> BoxFuture<'static, u64> {
-    supervise(deliverer, rec).boxed()
+fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>) -> BoxFuture<'static, u64> {
+    supervise(deliverer, rec, shares).boxed()
 }
 
 /// [`supervised`]'s future, unboxed, so that its size can be measured
 /// (`a_deliverys_future_stays_small`).
-async fn supervise(deliverer: Arc<Deliverer>, rec: LogRecord) -> u64 {
+async fn supervise(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>) -> u64 {
     // Not `if let`: its scrutinee, a whole `Settled`, would be held across the park's await.
-    let Err(last) = deliverer.process_supervised(&rec, super::Waits::InTiers).await else {
+    let Err(last) = deliverer.process_supervised(&rec, super::Waits::InTiers, Some(&shares)).await else {
         return rec.offset;
     };
     Box::pin(deliverer.park_panicked(&rec, last, super::Waits::InTiers)).await;
@@ -241,7 +244,7 @@ mod tests {
     /// boxed): an await of something large on an attempt's path shows here.
     #[test]
     fn a_deliverys_future_stays_small() {
-        fn size<F: FnOnce(Arc<Deliverer>, LogRecord) -> Fut, Fut>(_: F) -> usize {
+        fn size<F: FnOnce(Arc<Deliverer>, LogRecord, Arc<Shares>) -> Fut, Fut>(_: F) -> usize {
             std::mem::size_of::<Fut>()
         }
         let bytes = size(supervise);

@@ -25,6 +25,62 @@ pub fn room(window: usize, young: usize, in_flight: usize) -> usize {
     window.saturating_sub(young).min((2 * window).saturating_sub(in_flight))
 }
 
+/// Each tenant's deliveries in flight in one partition: at most [`Shares::cap`] of them, so
+/// one tenant's endpoints that hang — however many slots it gives them, however many of them
+/// share the partition — cannot fill twice the window (all of them aged, the partition would
+/// start nothing until their timeouts, up to five minutes, for every tenant there).
+#[derive(Debug)]
+pub struct Shares {
+    cap: usize,
+    held: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl Shares {
+    /// Shares of a partition whose window is `window`: three quarters of everything it may
+    /// have in flight (twice the window), so every other tenant keeps room for half a window.
+    pub fn new(window: usize) -> Shares {
+        Shares { cap: Self::cap(window), held: Default::default() }
+    }
+
+    /// The most one tenant may have in flight in a partition of `window`.
+    pub fn cap(window: usize) -> usize {
+        (2 * window - window / 2).max(1)
+    }
+
+    /// One more delivery of `tenant` in flight, if its share has room: held until the guard
+    /// drops.
+    pub fn take<'a>(&'a self, tenant: &str) -> Option<Share<'a>> {
+        let mut held = self.held.lock().unwrap();
+        match held.get_mut(tenant) {
+            Some(n) if *n >= self.cap => return None,
+            Some(n) => *n += 1,
+            None => {
+                held.insert(tenant.to_string(), 1);
+            }
+        }
+        Some(Share { shares: self, tenant: tenant.to_string() })
+    }
+}
+
+/// A delivery's place in its tenant's share of a partition ([`Shares::take`]).
+#[derive(Debug)]
+pub struct Share<'a> {
+    shares: &'a Shares,
+    tenant: String,
+}
+
+impl Drop for Share<'_> {
+    fn drop(&mut self) {
+        let mut held = self.shares.held.lock().unwrap();
+        if let Some(n) = held.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 /// Offsets started and not yet covered by the commit point.
 #[derive(Debug, Default)]
 pub struct Window {
@@ -124,6 +180,18 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tenant_holds_at_most_its_share_and_gives_it_back() {
+        let shares = Shares::new(8);
+        let held: Vec<_> = (0..12).map(|_| shares.take("mallory").expect("within the share")).collect();
+        assert!(shares.take("mallory").is_none(), "12 of the 16 a partition of 8 may have in flight");
+        let other = shares.take("acme").expect("another tenant has room");
+        drop(held);
+        assert!(shares.take("mallory").is_some());
+        drop(other);
+        assert!(shares.held.lock().unwrap().len() <= 1, "tenants with nothing in flight are forgotten");
+    }
 
     #[test]
     fn a_record_handed_out_again_is_not_started_twice_and_the_commit_point_stays_true() {

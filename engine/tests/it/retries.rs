@@ -246,6 +246,19 @@ async fn healthy_latency_beside(
     max_in_flight: u32,
     timeout: &str,
 ) -> Duration {
+    healthy_latency_beside_of(h, rx, path, max_in_flight, timeout, None).await
+}
+
+/// [`healthy_latency_beside`], the other endpoint's subscription made for `tenant` (the
+/// operator's own tenant when `None`, as the healthy one is).
+async fn healthy_latency_beside_of(
+    h: &TestHerald,
+    rx: &Receiver,
+    path: &str,
+    max_in_flight: u32,
+    timeout: &str,
+    tenant: Option<&str>,
+) -> Duration {
     let fast = h.api.subscribe(json!({ "url": rx.url("/fast") })).await;
     let partition = |id: &serde_json::Value| herald::log::partition_for(id.as_str().unwrap().as_bytes(), 8);
     let mut other = None;
@@ -254,7 +267,8 @@ async fn healthy_latency_beside(
             .api
             .subscribe(json!({
                 "url": rx.url(&format!("{path}?n={i}")), "timeout": timeout, "max_in_flight": max_in_flight,
-                "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 2 }
+                "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 2 },
+                "tenant": tenant.unwrap_or("default")
             }))
             .await;
         if partition(&s["id"]) == partition(&fast["id"]) {
@@ -269,8 +283,15 @@ async fn healthy_latency_beside(
     for i in 0..60 {
         let id = format!("hol-{i}");
         sent.insert(id.clone(), Instant::now());
-        let (_, a) = h.api.post("/v1/events", json!({ "id": id, "type": "T", "data": i })).await;
-        assert_eq!(a["deliveries"], 2);
+        if let Some(tenant) = tenant {
+            let (_, a) = h.api.post("/v1/events", json!({ "id": id, "type": "T", "tenant": tenant, "data": i })).await;
+            assert_eq!(a["deliveries"], 1);
+            let (_, a) = h.api.post("/v1/events", json!({ "id": id, "type": "T", "data": i })).await;
+            assert_eq!(a["deliveries"], 1);
+        } else {
+            let (_, a) = h.api.post("/v1/events", json!({ "id": id, "type": "T", "data": i })).await;
+            assert_eq!(a["deliveries"], 2);
+        }
         tokio::time::sleep(Duration::from_millis(20)).await; // pacing the producer, not synchronisation
     }
     let got = rx.wait_on("/fast", 60).await;
@@ -305,6 +326,21 @@ async fn a_hanging_endpoint_with_as_many_slots_as_the_window_does_not_delay_a_he
     rx.behave("/stuck", Behaviour::Hang);
     let worst = healthy_latency_beside(&h, &rx, "/stuck", 8, "5s").await;
     eprintln!("head-of-line test: worst healthy latency {worst:?} beside a hanging endpoint with 8 slots");
+    assert!(worst < Duration::from_millis(2500), "healthy endpoint delayed {worst:?}");
+}
+
+/// A tenant may give a hanging endpoint more slots than the partition's window holds twice
+/// over (or hang many endpoints of its own there): its deliveries in flight in a partition are
+/// bounded by its share of the window, so another tenant's deliveries there still find room.
+/// Before, twice the window of them held the partition for their whole timeout (about 5 s
+/// here; 5 minutes at the largest timeout), and every tenant's deliveries on it waited.
+#[tokio::test]
+async fn a_tenant_s_hanging_endpoint_with_more_slots_than_the_window_does_not_hold_another_tenant_s() {
+    let h = TestHerald::start_with(|c| c.dispatch.window = 8).await;
+    let rx = Receiver::start().await;
+    rx.behave("/stuck", Behaviour::Hang);
+    let worst = healthy_latency_beside_of(&h, &rx, "/stuck", 16, "5s", Some("mallory")).await;
+    eprintln!("head-of-line test: worst healthy latency {worst:?} beside another tenant's endpoint with 16 slots");
     assert!(worst < Duration::from_millis(2500), "healthy endpoint delayed {worst:?}");
 }
 
