@@ -49,7 +49,7 @@ impl Shares {
 
     /// One more delivery of `tenant` in flight, if its share has room: held until the guard
     /// drops.
-    pub fn take<'a>(&'a self, tenant: &str) -> Option<Share<'a>> {
+    pub fn take<'a>(&'a self, tenant: &'a str) -> Option<Share<'a>> {
         let mut held = self.held.lock().unwrap();
         match held.get_mut(tenant) {
             Some(n) if *n >= self.cap => return None,
@@ -58,7 +58,7 @@ impl Shares {
                 held.insert(tenant.to_string(), 1);
             }
         }
-        Some(Share { shares: self, tenant: tenant.to_string() })
+        Some(Share { shares: self, tenant })
     }
 }
 
@@ -66,16 +66,16 @@ impl Shares {
 #[derive(Debug)]
 pub struct Share<'a> {
     shares: &'a Shares,
-    tenant: String,
+    tenant: &'a str,
 }
 
 impl Drop for Share<'_> {
     fn drop(&mut self) {
         let mut held = self.shares.held.lock().unwrap();
-        if let Some(n) = held.get_mut(&self.tenant) {
+        if let Some(n) = held.get_mut(self.tenant) {
             *n -= 1;
             if *n == 0 {
-                held.remove(&self.tenant);
+                held.remove(self.tenant);
             }
         }
     }
