@@ -106,7 +106,14 @@ pub struct KafkaLog {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Whether a fatal producer error was logged (once).
     told_broken: std::sync::atomic::AtomicBool,
+    /// The broker's last answer to a readiness look, and when (see [`Log::ready`]).
+    readiness: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
+    /// Readiness looks made at the broker.
+    ready_probes: std::sync::atomic::AtomicUsize,
 }
+
+/// How long a readiness look at the broker is answered from.
+const READY_SEEN_FOR: Duration = Duration::from_secs(1);
 
 impl KafkaLog {
     /// Connects, creates missing topics and learns every topic's partition count.
@@ -140,6 +147,8 @@ impl KafkaLog {
             closed: watch::channel(false).0,
             threads: Mutex::new(Vec::new()),
             told_broken: Default::default(),
+            readiness: Default::default(),
+            ready_probes: Default::default(),
         }))
     }
 }
@@ -328,13 +337,26 @@ impl Log for KafkaLog {
         if self.broken().is_some() {
             return false;
         }
+        // One look at the broker a second, shared: `/readyz` needs no token, and each call
+        // was a metadata request to the cluster holding a blocking thread for up to 2 s — a
+        // flood of them amplified onto the brokers and starved the pool every request's
+        // catalog check uses.
+        let mut seen = self.readiness.lock().await;
+        if let Some((at, ready)) = *seen {
+            if at.elapsed() < READY_SEEN_FOR {
+                return ready;
+            }
+        }
+        self.ready_probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let producer = self.producer.clone();
         let topic = self.config.topics.first().map(|t| t.name.clone()).unwrap_or_default();
-        tokio::task::spawn_blocking(move || {
+        let ready = tokio::task::spawn_blocking(move || {
             producer.client().fetch_metadata(Some(&topic), Timeout::After(Duration::from_secs(2))).is_ok()
         })
         .await
-        .unwrap_or(false)
+        .unwrap_or(false);
+        *seen = Some((std::time::Instant::now(), ready));
+        ready
     }
 
     /// A fatal error of the idempotent producer (a sequence it cannot safely repair) fails
@@ -452,6 +474,25 @@ mod tests {
         }
         assert!(!log.ready().await);
         assert!(log.broken().is_some_and(|why| why.contains("restart")), "{:?}", log.broken());
+    }
+
+    /// `/readyz` needs no token: a thousand at once make one look at the broker, not a
+    /// thousand metadata requests each holding a blocking thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readiness_asked_at_once_looks_at_the_broker_once() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let log = open(&cluster).await;
+        let asked: Vec<_> = (0..1000)
+            .map(|_| {
+                let log = log.clone();
+                tokio::spawn(async move { log.ready().await })
+            })
+            .collect();
+        for a in asked {
+            assert!(a.await.unwrap());
+        }
+        let probes = log.ready_probes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(probes <= 2, "{probes} looks at the broker");
     }
 
     /// A page of large records stops at about [`crate::log::PAGE_BYTES`], with where to go
