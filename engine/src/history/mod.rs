@@ -447,7 +447,11 @@ async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<In
                 ends.push((p, end));
             }
         }
-        metrics::gauge!(crate::metrics::HISTORY_LAG).set(index.behind(&ends) as f64);
+        // Only when every partition's end was read: with none (the broker unreachable) the
+        // lag read 0, a stuck index looking caught up; the last figure stands meanwhile.
+        if ends.len() == partitions as usize {
+            metrics::gauge!(crate::metrics::HISTORY_LAG).set(index.behind(&ends) as f64);
+        }
     }
 }
 

@@ -171,6 +171,7 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exposed() {
         "HeraldDeadLettersGrowing",
         "HeraldDeliveryErrorRatioHigh",
         "HeraldCircuitBreakersOpen",
+        "HeraldPartitionWorkerPanicked",
     ] {
         assert!(alerts.iter().any(|a| a == wanted), "no {wanted} alert");
     }
