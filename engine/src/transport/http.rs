@@ -3,7 +3,7 @@
 //! followed; any 2xx is success.
 
 use super::guard::{NetworkGuard, Refused};
-use super::tls::{client_config, ProfileKey, TlsError};
+use super::tls::{client_config, file_stamps, ProfileKey, TlsError};
 use crate::model::{Failure, Outcome, Response, TlsOptions};
 use crate::payload::Body;
 use bytes::{Bytes, BytesMut};
@@ -247,8 +247,20 @@ type Pool = Client<Connector, Body>;
 /// What a pool is kept by: the TLS profile (none: the default) and the egress route.
 type PoolKey = (Option<ProfileKey>, String);
 
-/// The pools of other TLS profiles and egresses, and when each was last used.
-type Profiles = HashMap<PoolKey, (Arc<Pool>, Instant)>;
+/// The pools of other TLS profiles and egresses, when each was last used, and the files each
+/// was built from.
+type Profiles = HashMap<PoolKey, (Arc<Pool>, Instant, Files)>;
+
+/// The files a profile's pool was built from ([`file_stamps`]), and when they were last
+/// looked at.
+#[derive(Debug, Clone)]
+struct Files {
+    stamps: Vec<(std::path::PathBuf, Option<(u64, std::time::SystemTime)>)>,
+    looked: Instant,
+}
+
+/// How often the files of a profile in use are looked at again.
+const FILES_LOOKED_AT_EVERY: Duration = Duration::from_secs(30);
 
 /// How long a custom TLS profile's pool is kept without use.
 const PROFILE_IDLE: Duration = Duration::from_secs(600);
@@ -374,9 +386,20 @@ impl HttpTransport {
             Egress::Named(name) => format!("={name}"),
         };
         let key = (tls.map(ProfileKey::of), route);
-        if let Some((p, used)) = self.profiles.lock().unwrap().get_mut(&key) {
+        let mut profiles = self.profiles.lock().unwrap();
+        if let Some((p, used, files)) = profiles.get_mut(&key) {
             *used = Instant::now();
-            return Ok(Found::Ready(Cow::Owned(p.clone())));
+            if files.stamps.is_empty() || files.looked.elapsed() < FILES_LOOKED_AT_EVERY {
+                return Ok(Found::Ready(Cow::Owned(p.clone())));
+            }
+            // A file replaced in place (a renewed certificate) was used as it was when the
+            // pool was built, for as long as the pool was in use — past the old one's expiry.
+            files.looked = Instant::now();
+            let stamps = tls.map(|t| file_stamps(t, self.settings.tls_files_dir.as_deref())).unwrap_or_default();
+            if stamps == files.stamps {
+                return Ok(Found::Ready(Cow::Owned(p.clone())));
+            }
+            profiles.remove(&key);
         }
         Ok(Found::Missing(key, proxy.cloned()))
     }
@@ -403,7 +426,7 @@ impl HttpTransport {
                 Some(Build::Running(running)) => running.clone(),
                 Some(Build::Failed(at, failure)) if at.elapsed() < FAILED_BUILD_KEPT => return Err(failure.clone()),
                 _ => {
-                    if let Some((pool, _)) = self.profiles.lock().unwrap().get(&key) {
+                    if let Some((pool, ..)) = self.profiles.lock().unwrap().get(&key) {
                         return Ok(pool.clone()); // built since it was looked for
                     }
                     builds.retain(|_, b| !matches!(b, Build::Failed(at, _) if at.elapsed() >= FAILED_BUILD_KEPT));
@@ -430,12 +453,18 @@ impl HttpTransport {
             let built = tokio::task::spawn_blocking(move || {
                 let _one = one;
                 let this = builder;
-                let config = client_config(tls.as_ref(), this.settings.tls_files_dir.as_deref())
+                let dir = this.settings.tls_files_dir.as_deref();
+                // Looked at before they are read: a file replaced meanwhile is read again later.
+                let files = Files {
+                    stamps: tls.as_ref().map(|t| file_stamps(t, dir)).unwrap_or_default(),
+                    looked: Instant::now(),
+                };
+                let config = client_config(tls.as_ref(), dir)
                     .map_err(|e: TlsError| Failure::Unusable { detail: e.to_string() })?;
                 let built = Arc::new(pool(&this.guard, &this.settings, proxy.as_ref(), config));
                 let mut profiles = this.profiles.lock().unwrap();
-                profiles.retain(|_, (_, used)| used.elapsed() < PROFILE_IDLE);
-                Ok(profiles.entry(key_built).or_insert((built, Instant::now())).0.clone())
+                profiles.retain(|_, (_, used, _)| used.elapsed() < PROFILE_IDLE);
+                Ok(profiles.entry(key_built).or_insert((built, Instant::now(), files)).0.clone())
             })
             .await
             .unwrap_or_else(|e| Err(Failure::Unusable { detail: format!("building the TLS profile failed: {e}") }));
@@ -593,6 +622,33 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA file replaced in place (renewed) is read again once the profile's files are next
+    /// looked at: before, the pool built from the old file served for as long as it was used.
+    #[tokio::test]
+    async fn a_profile_whose_file_was_replaced_is_built_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = |name: &str| {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem()
+        };
+        std::fs::write(dir.path().join("ca.pem"), ca("first")).unwrap();
+        let settings = HttpSettings { tls_files_dir: Some(dir.path().to_path_buf()), ..HttpSettings::default() };
+        let http = HttpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), &settings);
+        let tls = TlsOptions { ca_file: Some("ca.pem".into()), ..TlsOptions::default() };
+        let Ok(Found::Missing(key, proxy)) = http.find(Some(&tls), Egress::Default) else { panic!("not built yet") };
+        http.build(key, proxy, Some(&tls), Duration::from_secs(10)).await.unwrap();
+        assert!(matches!(http.find(Some(&tls), Egress::Default), Ok(Found::Ready(_))));
+        std::fs::write(dir.path().join("ca.pem"), ca("renewed, with a longer name")).unwrap();
+        // Until the files are next looked at, the pool stands.
+        assert!(matches!(http.find(Some(&tls), Egress::Default), Ok(Found::Ready(_))));
+        for (_, _, files) in http.profiles.lock().unwrap().values_mut() {
+            files.looked -= FILES_LOOKED_AT_EVERY;
+        }
+        assert!(matches!(http.find(Some(&tls), Egress::Default), Ok(Found::Missing(..))), "built again");
+    }
 
     #[test]
     fn retry_after_reads_seconds_or_a_date_wherever_the_header_is() {

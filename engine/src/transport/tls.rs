@@ -80,6 +80,22 @@ pub fn read_under(field: &'static str, path: &str, dir: Option<&Path>) -> Result
     })
 }
 
+/// What the files a profile names were when looked at: their paths under `dir`, each with its
+/// length and modification time (`None`: not readable then). A file replaced in place — a
+/// certificate renewed before the old one expires — differs, and its profile is built again.
+pub fn file_stamps(opts: &TlsOptions, dir: Option<&Path>) -> Vec<(PathBuf, Option<(u64, std::time::SystemTime)>)> {
+    let Some(dir) = dir else { return Vec::new() };
+    [&opts.ca_file, &opts.client_cert_file, &opts.client_key_file]
+        .into_iter()
+        .flatten()
+        .map(|path| {
+            let path = dir.join(path);
+            let stamp = std::fs::metadata(&path).ok().and_then(|m| Some((m.len(), m.modified().ok()?)));
+            (path, stamp)
+        })
+        .collect()
+}
+
 /// `dir` and `path` under it, both canonical (so `..` and links cannot leave it), if `path`
 /// exists and lies in `dir`.
 fn within(dir: &Path, path: &str) -> Option<(PathBuf, PathBuf)> {
