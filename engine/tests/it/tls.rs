@@ -591,13 +591,40 @@ async fn a_tenant_s_pkcs12_checks_do_not_hold_up_another_tenant_s_changes() {
     let (status, _) = other.post("/v1/subscriptions", json!({ "url": "https://hooks.example.com/bystander" })).await;
     let waited = bystander.elapsed();
     assert_eq!(status, 201);
+    // Another tenant's own PKCS#12 subscription is checked in its turn among tenants, not
+    // behind every check the first tenant queued (one queue for all let one tenant's flood
+    // of creates hold every other tenant's such changes until they timed out).
+    let creates: Vec<_> = (0..6)
+        .map(|i| {
+            let (api, tls) = (h.api.clone(), tls.clone());
+            let url = format!("https://hooks.example.com/flood-{i}");
+            tokio::spawn(async move { api.post("/v1/subscriptions", json!({ "url": url, "tls": tls })).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await; // lets the flood queue first: pacing, not synchronisation
+    let heavy_bystander = std::time::Instant::now();
+    let (status, body) = other
+        .post("/v1/subscriptions", json!({ "url": "https://hooks.example.com/heavy-bystander", "tls": tls }))
+        .await;
+    let heavy_waited = heavy_bystander.elapsed();
+    assert_eq!(status, 201, "{body}");
     for p in patches {
         let (status, body) = p.await.unwrap();
         assert_eq!(status, 200, "changes of one subscription in one process go one after another: {body}");
     }
+    for c in creates {
+        let (status, body) = c.await.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
     let patching = started.elapsed();
-    eprintln!("PKCS#12: six changes took {patching:?}; another tenant's create meanwhile {waited:?}");
+    eprintln!(
+        "PKCS#12: six changes and six creates took {patching:?}; another tenant's create meanwhile {waited:?}, its PKCS#12 one {heavy_waited:?}"
+    );
     assert!(waited < patching / 3, "another tenant's create waited {waited:?} of the changes' {patching:?}");
+    assert!(
+        heavy_waited < patching / 3,
+        "another tenant's PKCS#12 create waited {heavy_waited:?} of the changes' and creates' {patching:?}"
+    );
 }
 
 /// Opening a PKCS#12 file is key derivation (up to a second of CPU a file): a delivery's first
