@@ -111,7 +111,16 @@ impl NetworkGuard {
     /// Resolves `host` and keeps only allowed addresses; refuses when none is left.
     pub async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => {
+                let name = host.to_string();
+                bounded_lookup(&LOOKUPS, move || {
+                    std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port)).map(Iterator::collect)
+                })
+                .await?
+            }
+        };
         let mut refused = None;
         let allowed: Vec<SocketAddr> = addrs
             .into_iter()
@@ -130,9 +139,61 @@ impl NetworkGuard {
     }
 }
 
+/// Name lookups (the system's resolver: a blocking call) running at once, at most. Each holds
+/// a thread of the runtime's blocking pool until the resolver answers — seconds, for a name
+/// whose servers are slow or silent — however soon the connection that asked gave up waiting;
+/// unbounded, a tenant's slow names took every thread of the pool, which reads of the embedded
+/// log, the Kafka client's calls and history queries need too.
+const LOOKUPS_AT_ONCE: usize = 32;
+
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LOOKUPS_AT_ONCE);
+
+/// Runs `lookup` on the blocking pool once `lookups` has room, the room held by the lookup
+/// itself (not by the caller, who may stop waiting).
+async fn bounded_lookup<T: Send + 'static>(
+    lookups: &'static tokio::sync::Semaphore,
+    lookup: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let room = lookups.acquire().await.map_err(std::io::Error::other)?;
+    tokio::task::spawn_blocking(move || {
+        let _room = room;
+        lookup()
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However many connections wait for names, at most [`LOOKUPS_AT_ONCE`] lookups hold
+    /// blocking threads, and one whose caller stopped waiting still holds its room until it
+    /// ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn name_lookups_hold_a_bounded_number_of_blocking_threads() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        static LIMITED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        static MOST: AtomicUsize = AtomicUsize::new(0);
+        let slow = || {
+            let now = RUNNING.fetch_add(1, SeqCst) + 1;
+            MOST.fetch_max(now, SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            RUNNING.fetch_sub(1, SeqCst);
+            Ok(())
+        };
+        // Callers that give up at once: their lookups still run, within the bound.
+        for _ in 0..8 {
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(1), bounded_lookup(&LIMITED, slow)).await;
+        }
+        let waiting: Vec<_> = (0..20).map(|_| tokio::spawn(bounded_lookup(&LIMITED, slow))).collect();
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        assert!(MOST.load(SeqCst) <= 4, "{} lookups at once", MOST.load(SeqCst));
+        assert!(MOST.load(SeqCst) >= 2, "they do run side by side");
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
