@@ -143,8 +143,10 @@ impl NetworkGuard {
 /// a thread of the runtime's blocking pool until the resolver answers — seconds, for a name
 /// whose servers are slow or silent — however soon the connection that asked gave up waiting;
 /// unbounded, a tenant's slow names took every thread of the pool, which reads of the embedded
-/// log, the Kafka client's calls and history queries need too.
-const LOOKUPS_AT_ONCE: usize = 32;
+/// log, the Kafka client's calls and history queries need too. A quarter of the pool's 512:
+/// lookups still share it among tenants (an async resolver, told each lookup's tenant, is the
+/// cure for one tenant's slow names delaying another's).
+const LOOKUPS_AT_ONCE: usize = 128;
 
 static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LOOKUPS_AT_ONCE);
 
