@@ -90,6 +90,12 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
                 retry_in = ?backoff,
                 "connection to herald closed soon after it opened (is another agent running with this device's token?)"
             ),
+            Err(e) if refused_token(&e) => {
+                // Revoked or mistyped: said as such, and asked again at most once a minute
+                // (the device may be made again, or a process not yet told of a new token).
+                backoff = backoff.max(REFUSED_RETRY);
+                tracing::error!(server = %config.server, error = %e, retry_in = ?backoff, "herald refused this device's token: revoked, or not this device's");
+            }
             Err(e) => tracing::warn!(server = %config.server, error = %e, retry_in = ?backoff, "cannot reach herald"),
         }
         let jittered = backoff.mul_f64(rand::thread_rng().gen_range(0.8..1.2));
@@ -98,6 +104,14 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+}
+
+/// How long an agent whose token Herald refused waits before it asks again.
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
+
+/// Whether Herald answered the connection with 401 or 403: the token, not the network.
+fn refused_token(e: &tokio_tungstenite::tungstenite::Error) -> bool {
+    matches!(e, tokio_tungstenite::tungstenite::Error::Http(r) if matches!(r.status().as_u16(), 401 | 403))
 }
 
 /// The wait before the next connection, after one that lasted `lasted` with `backoff` before
@@ -218,6 +232,18 @@ async fn attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused token is told apart from a network that failed: it is said as such and asked
+    /// again once a minute, not every 10 s for ever as "cannot reach herald".
+    #[test]
+    fn a_refused_token_is_told_apart_from_an_unreachable_server() {
+        use tokio_tungstenite::tungstenite::Error;
+        let answered =
+            |status: u16| Error::Http(Box::new(http::Response::builder().status(status).body(None).unwrap()));
+        assert!(refused_token(&answered(401)) && refused_token(&answered(403)));
+        assert!(!refused_token(&answered(502)));
+        assert!(!refused_token(&Error::ConnectionClosed));
+    }
 
     /// A steady connection resets the backoff however it ended; a short one keeps it growing.
     #[test]
