@@ -76,7 +76,25 @@ pub fn patched(current: &SubscriptionSpec, patch: &Value) -> Result<Subscription
     }
     let mut merged = revealing(|| serde_json::to_value(current)).expect("a spec serializes");
     merge(&mut merged, patch, Level::Spec);
-    strict(&merged)
+    let mut spec: SubscriptionSpec = strict(&merged)?;
+    keep_amqp_password(&mut spec, current);
+    Ok(spec)
+}
+
+/// An AMQP URI sent back as views show it — the stored one, its password the placeholder (an
+/// edit of the exchange in the console sends the whole `amqp` object) — keeps the stored
+/// password. One naming anything else with the placeholder is refused by the checks.
+fn keep_amqp_password(spec: &mut SubscriptionSpec, current: &SubscriptionSpec) {
+    let (Some(new), Some(old)) = (spec.amqp.as_mut(), current.amqp.as_ref()) else { return };
+    let (Ok(mut given), Ok(stored)) = (url::Url::parse(new.uri.expose()), url::Url::parse(old.uri.expose())) else {
+        return;
+    };
+    if given.password() != Some(crate::model::secret::REDACTED) {
+        return;
+    }
+    if given.set_password(stored.password()).is_ok() && given == stored {
+        new.uri = old.uri.clone();
+    }
 }
 
 /// Where a merge is: the spec itself, one of its tagged objects (`auth`, `signature`,

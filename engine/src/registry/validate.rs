@@ -220,6 +220,12 @@ fn check_amqp(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), I
     check_len("amqp.uri", target.uri.expose(), range::URL)?;
     crate::transport::amqp::validate(target).map_err(|(field, message)| Invalid::new(field, message))?;
     let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;
+    if uri.password() == Some(crate::model::secret::REDACTED) {
+        return Err(Invalid::new(
+            "amqp.uri",
+            "its password is the placeholder views show; send the password (or the stored URI unchanged but for it)",
+        ));
+    }
     guard.check_host(uri.host_str().unwrap_or_default()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;
     // The label of an AMQP subscription, always made here (a PATCH of the exchange moves it,
     // and one given cannot name anything else): broker and exchange, never the password.

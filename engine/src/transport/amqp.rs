@@ -124,7 +124,13 @@ pub fn validate(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
     if uri.host_str().is_none_or(str::is_empty) {
         return Err(("amqp.uri", "must have a host".into()));
     }
-    lapin_uri(&uri).map_err(|e| ("amqp.uri", e))?;
+    let read = lapin_uri(&uri).map_err(|e| ("amqp.uri", e))?;
+    if read.query.frame_max.is_some_and(|f| !FRAME_MAX_RANGE.contains(&f)) {
+        return Err((
+            "amqp.uri",
+            format!("frame_max must be {} to {} bytes", FRAME_MAX_RANGE.start(), FRAME_MAX_RANGE.end()),
+        ));
+    }
     if target.exchange.trim().is_empty() || target.exchange.len() > SHORT_STRING {
         return Err(("amqp.exchange", format!("name the exchange to publish to (1 to {SHORT_STRING} characters)")));
     }
@@ -137,12 +143,37 @@ pub fn validate(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
-/// The URI as lapin reads it, with its host replaced: lapin's parser loses IPv6 literals, and
-/// the connection goes to the checked address anyway.
+/// The largest frames Herald asks for (RabbitMQ's default): the broker may choose smaller.
+const FRAME_MAX: u32 = 128 << 10;
+
+/// The frame sizes a URI may ask for, and the least a broker may choose (the protocol's own
+/// least is 4,096): a broker's frame size sizes lapin's buffers (32 frames each way, every byte
+/// written), so one a tenant's broker chose — 0, "no limit", made them 137 GB each and the
+/// process died — or a tiny one (a 12 MiB event in a million frames) is not taken.
+const FRAME_MAX_RANGE: std::ops::RangeInclusive<u32> = 8192..=(1 << 20);
+
+/// The URI as lapin reads it, with its host replaced (lapin's parser loses IPv6 literals, and
+/// the connection goes to the checked address anyway) and a frame size always asked for.
 fn lapin_uri(uri: &url::Url) -> Result<AMQPUri, String> {
     let mut placeholder = uri.clone();
     placeholder.set_host(Some("broker.invalid")).map_err(|e| e.to_string())?;
     placeholder.as_str().parse::<AMQPUri>().map_err(|e| format!("not a valid AMQP URI: {e}"))
+}
+
+/// The name a TLS connection to the broker checks its certificate against (`amqps://` only):
+/// an IPv6 literal's brackets are the URI's, not the name's (rustls refused "[::1]", every try).
+fn tls_name(uri: &url::Url) -> Option<String> {
+    (uri.scheme() == "amqps")
+        .then(|| uri.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string())
+}
+
+/// [`lapin_uri`] for a connection: the frame size the URI asks for within [`FRAME_MAX_RANGE`],
+/// else [`FRAME_MAX`] — never left to the broker, which lapin then takes whatever it is.
+fn connecting_uri(uri: &url::Url) -> Result<AMQPUri, String> {
+    let mut read = lapin_uri(uri)?;
+    let asked = read.query.frame_max.unwrap_or(FRAME_MAX);
+    read.query.frame_max = Some(asked.clamp(*FRAME_MAX_RANGE.start(), *FRAME_MAX_RANGE.end()));
+    Ok(read)
 }
 
 impl AmqpTransport {
@@ -190,9 +221,9 @@ impl AmqpTransport {
     /// Opens a connection to the broker of `uri` (its channels are opened as publishes need them).
     async fn open(self, uri: String) -> Result<Arc<Link>, Failure> {
         let parsed = url::Url::parse(&uri).map_err(|e| Failure::Unusable { detail: format!("amqp.uri: {e}") })?;
-        let amqp_uri = lapin_uri(&parsed).map_err(|detail| Failure::Unusable { detail })?;
+        let amqp_uri = connecting_uri(&parsed).map_err(|detail| Failure::Unusable { detail })?;
         let addr = self.address(&parsed).await?;
-        let tls_name = (parsed.scheme() == "amqps").then(|| parsed.host_str().unwrap_or_default().to_string());
+        let tls_name = tls_name(&parsed);
         let runtime = lapin::runtime::default_runtime().map_err(|e| Failure::Broker { detail: e.to_string() })?;
         let connect = async move |_uri, runtime| {
             let stream = AsyncTcpStream::connect(&runtime, addr).await?;
@@ -205,6 +236,16 @@ impl AmqpTransport {
         let conn = Connection::connector(amqp_uri, runtime, connect, ConnectionProperties::default())
             .await
             .map_err(connecting)?;
+        let frame_max = conn.configuration().frame_max();
+        if frame_max < *FRAME_MAX_RANGE.start() {
+            let _ = conn.close(0, "frame_max too small".into()).await;
+            return Err(Failure::Broker {
+                detail: format!(
+                    "the broker chose frames of {frame_max} bytes; Herald needs at least {}",
+                    FRAME_MAX_RANGE.start()
+                ),
+            });
+        }
         Ok(Arc::new(Link { conn, idle: Mutex::new(Vec::new()) }))
     }
 
@@ -382,6 +423,25 @@ impl AmqpTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Herald always asks for a frame size, within bounds: left to the broker, lapin took
+    /// whatever it chose — 0 ("no limit") sized its buffers at 137 GB each and the process
+    /// died; a URI's tiny one split a 12 MiB event into a million frames.
+    #[test]
+    fn the_frame_size_is_asked_for_within_bounds() {
+        let uri = |s: &str| url::Url::parse(s).unwrap();
+        assert_eq!(connecting_uri(&uri("amqp://h/vh")).unwrap().query.frame_max, Some(FRAME_MAX));
+        assert_eq!(connecting_uri(&uri("amqp://h/vh?frame_max=21")).unwrap().query.frame_max, Some(8192));
+        assert_eq!(connecting_uri(&uri("amqp://h/vh?frame_max=0")).unwrap().query.frame_max, Some(8192));
+        assert_eq!(connecting_uri(&uri("amqp://h/vh?frame_max=65536")).unwrap().query.frame_max, Some(65536));
+        assert_eq!(validate(&target("amqp://h/vh?frame_max=21", "x")).unwrap_err().0, "amqp.uri");
+        assert_eq!(validate(&target("amqp://h/vh?frame_max=0", "x")).unwrap_err().0, "amqp.uri");
+        assert!(validate(&target("amqp://h/vh?frame_max=131072", "x")).is_ok());
+        // An IPv6 literal's brackets are the URI's: the TLS name is the address.
+        assert_eq!(tls_name(&uri("amqps://[::1]:5671/vh")).as_deref(), Some("::1"));
+        assert_eq!(tls_name(&uri("amqps://broker.example/vh")).as_deref(), Some("broker.example"));
+        assert_eq!(tls_name(&uri("amqp://broker.example/vh")), None);
+    }
     use crate::model::Secret;
 
     fn target(uri: &str, exchange: &str) -> AmqpTarget {

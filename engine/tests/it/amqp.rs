@@ -104,19 +104,28 @@ async fn events_are_published_to_the_exchange_by_routing_key_and_survive_a_broke
         ));
     }
 
-    // 1b. PATCH moves the subscription to another exchange; the next delivery goes there.
+    // 1b. PATCH moves the subscription to another exchange; the next delivery goes there. The
+    // `amqp` object is sent back as a view shows it, the URI's password the placeholder (the
+    // console's edit does so): the stored password is kept — it was replaced by the
+    // placeholder, and every delivery after failed the broker's login.
     let moved = format!("herald-moved-{run}");
     let q_moved = format!("moved-{run}");
     topic(&ch, &moved, false, &[(&q_moved, "#")]).await;
-    let (status, patched) = h
-        .api
-        .raw(
-            "PATCH",
-            &format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap()),
-            Some(json!({ "amqp": { "exchange": moved } }).to_string().into()),
-            Some(crate::support::TOKEN),
-        )
-        .await;
+    let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
+    let (_, seen) = h.api.get(&path).await;
+    let mut amqp = seen["amqp"].clone();
+    assert!(amqp["uri"].as_str().unwrap().contains(":********@"), "{amqp}");
+    let mut elsewhere = amqp.clone();
+    elsewhere["uri"] = json!(amqp["uri"].as_str().unwrap().replace("127.0.0.1", "127.0.0.2"));
+    let (status, err) = h.api.patch(&path, json!({ "amqp": elsewhere })).await;
+    assert_eq!(
+        (status.as_u16(), err["error"]["field"].as_str()),
+        (400, Some("amqp.uri")),
+        "another broker needs its password: {err}"
+    );
+    amqp["exchange"] = json!(moved);
+    let (status, patched) =
+        h.api.raw("PATCH", &path, Some(json!({ "amqp": amqp }).to_string().into()), Some(crate::support::TOKEN)).await;
     assert_eq!(status, 200, "{patched}");
     assert_eq!(patched["amqp"]["exchange"], moved.as_str());
     assert!(!patched.to_string().contains(":guest@"), "the broker password is never returned: {patched}");
