@@ -28,6 +28,10 @@ pub struct Target {
     /// [`Target::keeps_admission_of`]), so a change of its headers neither frees the slots its
     /// deliveries hold nor forgets an open breaker.
     pub admission: Arc<Admission>,
+    /// The indexes of the subscription's event types in their sorted order: an event's type is
+    /// looked up in O(log n) (a thousand subscriptions of a thousand names read every name of
+    /// every one for each event: 1.8 ms an event on a worker), for 4 bytes a name.
+    events_sorted: Vec<u32>,
 }
 
 /// One attempt ready to send on any transport: the body and the headers that identify and
@@ -44,6 +48,15 @@ pub struct Signed {
 const USER_AGENT: &str = concat!("Herald/", env!("CARGO_PKG_VERSION"));
 
 impl Target {
+    /// Whether an event of `event_type` goes to this subscription (as
+    /// [`Subscription::wants`], by a binary search of its names).
+    pub fn wants(&self, event_type: &str) -> bool {
+        let spec = &self.sub.spec;
+        spec.enabled
+            && (spec.events.is_empty()
+                || self.events_sorted.binary_search_by(|&i| spec.events[i as usize].as_str().cmp(event_type)).is_ok())
+    }
+
     /// Compiles a stored subscription with default endpoint health settings.
     pub fn compile(sub: Subscription) -> Result<Target, Invalid> {
         Self::compile_with(sub, HealthConfig::default())
@@ -97,7 +110,9 @@ impl Target {
             headers.insert(http::header::AUTHORIZATION, value);
         }
         let admission = Arc::new(Admission::new(spec.max_in_flight, spec.rate_limit, health));
-        Ok(Target { sub, signer, uri, headers, admission })
+        let mut events_sorted: Vec<u32> = (0..spec.events.len() as u32).collect();
+        events_sorted.sort_unstable_by(|&a, &b| spec.events[a as usize].cmp(&spec.events[b as usize]));
+        Ok(Target { sub, signer, uri, headers, admission, events_sorted })
     }
 
     /// Whether this version of a subscription takes over `older`'s admission: it reaches the
