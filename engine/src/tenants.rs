@@ -16,6 +16,15 @@ use std::sync::{Arc, RwLock};
 /// The tenant of objects the admin creates without naming one, and of events it publishes so.
 pub const DEFAULT_TENANT: &str = "default";
 
+/// What the ids of tenants made through the API begin with (`ten_…`).
+const ID_PREFIX: &str = "ten";
+
+/// Whether `name` is spelled as a tenant's id (the default tenant's, or one made through the
+/// API): what a folder of the TLS directory named so belongs to.
+pub fn looks_like_tenant_id(name: &str) -> bool {
+    name == DEFAULT_TENANT || name.strip_prefix(ID_PREFIX).is_some_and(|rest| rest.starts_with('_'))
+}
+
 /// A tenant: the owner of subscriptions, API keys and edge devices, and the scope a key sees.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tenant {
@@ -108,7 +117,7 @@ impl Tenants {
 
     /// Creates a tenant, durably in the catalog.
     pub async fn create(&self, name: String) -> Result<Tenant, CatalogError> {
-        let tenant = Tenant { id: new_id("ten"), name, created_at: rfc3339_ms(now_ms()) };
+        let tenant = Tenant { id: new_id(ID_PREFIX), name, created_at: rfc3339_ms(now_ms()) };
         self.persist(Key::tenant(&tenant.id), Bytes::from(serde_json::to_vec(&tenant).expect("serializes"))).await?;
         Ok(tenant)
     }

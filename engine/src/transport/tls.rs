@@ -221,6 +221,21 @@ pub fn check_tenant_files(opts: &TlsOptions, dir: Option<&Path>, tenant: &str) -
             return Err(outside());
         }
     }
+    // A CA file is public and may lie anywhere in the directory — but not in another tenant's
+    // folder: its answers (a file that is there, one that is not, one that holds no
+    // certificate) would list that folder's files.
+    if let (Some(path), Some(dir)) = (&opts.ca_file, dir) {
+        let outside = || bad("tls.ca_file", "must name a readable file under the TLS directory (`http.tls_files_dir`)");
+        if let Some((root, real)) = within(dir, path) {
+            let folder = real.strip_prefix(&root).ok().and_then(|r| r.components().next()).map(|c| c.as_os_str());
+            let another = folder
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f != tenant && crate::tenants::looks_like_tenant_id(f) && root.join(f).is_dir());
+            if another {
+                return Err(outside());
+            }
+        }
+    }
     Ok(())
 }
 

@@ -744,6 +744,23 @@ async fn a_tenant_names_only_its_own_client_certificate_files() {
         answers.push((err["error"]["field"].clone(), err["error"]["message"].clone()));
     }
     assert_eq!(answers[0], answers[1], "the same answer whether the file is there or not");
+    // A CA file may lie anywhere in the directory, but not in another tenant's folder (its
+    // answers listed that folder's files: one there, one not, one holding no certificate).
+    let mut answers = Vec::new();
+    for name in ["client.pem", "client.key", "missing.pem"] {
+        let tls = json!({ "ca_file": format!("{acme_id}/{name}") });
+        let (status, err) = mallory.post("/v1/subscriptions", json!({ "url": url("ca-probe"), "tls": tls })).await;
+        assert_eq!(status, 400, "{name}: {err}");
+        answers.push((err["error"]["field"].clone(), err["error"]["message"].clone()));
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "one answer for all: {answers:?}");
+    let (status, err) = acme
+        .post(
+            "/v1/subscriptions",
+            json!({ "url": url("own-ca"), "tls": { "ca_file": format!("{acme_id}/client.pem") } }),
+        )
+        .await;
+    assert_eq!(status, 201, "a tenant's own folder is its own: {err}");
     let (status, err) =
         mallory.post("/v1/subscriptions", json!({ "url": url("own"), "tls": { "ca_file": "nowhere.pem" } })).await;
     assert_eq!(status, 400, "{err}");
