@@ -107,7 +107,7 @@ pub struct KafkaLog {
     /// Whether a fatal producer error was logged (once).
     told_broken: std::sync::atomic::AtomicBool,
     /// The broker's last answer to a readiness look, and when (see [`Log::ready`]).
-    readiness: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
+    readiness: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
     /// Readiness looks made at the broker.
     ready_probes: std::sync::atomic::AtomicUsize,
 }
@@ -341,7 +341,7 @@ impl Log for KafkaLog {
         // was a metadata request to the cluster holding a blocking thread for up to 2 s — a
         // flood of them amplified onto the brokers and starved the pool every request's
         // catalog check uses.
-        let mut seen = self.readiness.lock().await;
+        let mut seen = self.readiness.clone().lock_owned().await;
         if let Some((at, ready)) = *seen {
             if at.elapsed() < READY_SEEN_FOR {
                 return ready;
@@ -350,13 +350,19 @@ impl Log for KafkaLog {
         self.ready_probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let producer = self.producer.clone();
         let topic = self.config.topics.first().map(|t| t.name.clone()).unwrap_or_default();
-        let ready = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_metadata(Some(&topic), Timeout::After(Duration::from_secs(2))).is_ok()
-        })
-        .await
-        .unwrap_or(false);
-        *seen = Some((std::time::Instant::now(), ready));
-        ready
+        // The look and the note of its answer in a task of their own, holding the lock: a
+        // caller that goes (a client that closed its connection) neither lets the next caller
+        // start another look meanwhile nor leaves the answer unnoted.
+        let look = tokio::spawn(async move {
+            let ready = tokio::task::spawn_blocking(move || {
+                producer.client().fetch_metadata(Some(&topic), Timeout::After(Duration::from_secs(2))).is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            *seen = Some((std::time::Instant::now(), ready));
+            ready
+        });
+        look.await.unwrap_or(false)
     }
 
     /// A fatal error of the idempotent producer (a sequence it cannot safely repair) fails
@@ -493,6 +499,16 @@ mod tests {
         }
         let probes = log.ready_probes.load(std::sync::atomic::Ordering::Relaxed);
         assert!(probes <= 2, "{probes} looks at the broker");
+        // Callers that go at once (clients that closed their connections) do not start a look
+        // each: the one under way notes its answer for the next.
+        drop(cluster);
+        *log.readiness.lock().await = None; // the last answer gone stale
+        let before = log.ready_probes.load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..50 {
+            let _ = tokio::time::timeout(Duration::from_millis(5), log.ready()).await;
+        }
+        let looks = log.ready_probes.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(looks <= 2, "{looks} looks for 50 callers that went");
     }
 
     /// A page of large records stops at about [`crate::log::PAGE_BYTES`], with where to go

@@ -194,13 +194,32 @@ fn judge<'a>(config: &KafkaConfig, t: &TopicSpec, value: impl Fn(&str) -> Option
     let mut costs = Vec::new();
     if !t.compacted {
         let wanted = t.retention.unwrap_or(config.retention).as_millis();
+        // A topic kept for less by its own setting (dead letters, `log.dlq_retention`) is held
+        // to that.
+        let least = crate::config::MIN_LOG_RETENTION.as_millis().min(wanted);
         if let Some(ms) = value("retention.ms").and_then(|v| v.parse::<i64>().ok()) {
+            if ms >= 0 && (ms as u128) < least {
+                // A retry waits unread in its tier up to 4 h: the broker would delete it first.
+                return Judgement::Loses(format!(
+                    "retention.ms is {ms}, shorter than the {least} ms a retry may wait in its tier unread: \
+                     acknowledged events would be deleted before they are delivered \
+                     (kafka-configs --alter --add-config retention.ms={wanted})"
+                ));
+            }
             if ms >= 0 && (ms as u128) < wanted {
                 costs.push(format!(
                     "retention.ms is {ms}, shorter than the {wanted} Herald would set: its records are deleted sooner \
                      (a retry or dead letter older than that is lost)"
                 ));
             }
+        }
+        if let Some(bytes) = value("retention.bytes").and_then(|v| v.parse::<i64>().ok()).filter(|b| *b >= 0) {
+            // Deletes the oldest records once a partition holds this much, read or not: a
+            // backlog would lose its oldest acknowledged events.
+            return Judgement::Loses(format!(
+                "retention.bytes is {bytes}: the broker would delete the oldest records of a partition past that size, \
+                 delivered or not (kafka-configs --alter --add-config retention.bytes=-1)"
+            ));
         }
     }
     if let Some(max) = value("max.message.bytes").and_then(|v| v.parse::<usize>().ok()) {
@@ -288,15 +307,26 @@ mod tests {
         assert_eq!(judged(&topic(true), &[]), Judgement::Fits);
     }
 
+    /// A retry waits unread in its tier up to 4 h, and a backlog may be large: a topic that
+    /// deletes sooner than that, or by size, loses acknowledged events.
+    #[test]
+    fn a_data_topic_that_deletes_before_a_retry_is_due_or_by_size_is_refused() {
+        assert!(matches!(judged(&topic(false), &[("retention.ms", "3600000")]), Judgement::Loses(_)));
+        assert!(matches!(judged(&topic(false), &[("retention.bytes", "1073741824")]), Judgement::Loses(_)));
+        assert_eq!(judged(&topic(false), &[("retention.bytes", "-1")]), Judgement::Fits);
+        let dead_letters = TopicSpec { retention: Some(Duration::from_secs(3600)), ..topic(false) };
+        assert_eq!(judged(&dead_letters, &[("retention.ms", "3600000")]), Judgement::Fits, "as Herald made it");
+    }
+
     #[test]
     fn a_shorter_retention_or_a_smaller_record_limit_is_said() {
         let Judgement::Costs(costs) =
-            judged(&topic(false), &[("retention.ms", "3600000"), ("max.message.bytes", "1000")])
+            judged(&topic(false), &[("retention.ms", "43200000"), ("max.message.bytes", "1000")])
         else {
             panic!("costs said")
         };
         assert_eq!(costs.len(), 2, "{costs:?}");
-        assert!(costs[0].contains("retention.ms is 3600000"), "{costs:?}");
+        assert!(costs[0].contains("retention.ms is 43200000"), "{costs:?}");
         assert!(costs[1].contains("max.message.bytes is 1000"), "{costs:?}");
         assert_eq!(judged(&topic(false), &[("retention.ms", "86400000")]), Judgement::Fits);
     }
