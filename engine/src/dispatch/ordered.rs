@@ -19,6 +19,7 @@
 //!
 //! An operator's skip is a marker too (written by the API), so any process can take it.
 
+use super::window::Shares;
 use super::{Deliverer, Settlement, ShardLimits};
 use crate::log::{Committer, Log, LogError, LogRecord, PartitionReader, Record};
 use crate::model::{get_str, now_ms, put_str, rfc3339_ms, Delivery};
@@ -358,6 +359,9 @@ struct Sequencer {
     committer: Arc<dyn Committer>,
     limits: ShardLimits,
     keys: Arc<OrderedKeys>,
+    /// Each tenant's heads in flight here, bounded as in the shards ([`Shares`]): one
+    /// tenant's keys to endpoints that hang cannot fill the partition's window.
+    shares: Arc<Shares>,
     lanes: HashMap<LaneId, Lane>,
     /// Every lane's head offset: the lowest is as far as the partition may be committed.
     heads: BTreeMap<u64, LaneId>,
@@ -442,6 +446,7 @@ pub async fn run(
         topic,
         log,
         deliverer,
+        shares: Arc::new(Shares::new(limits.window)),
         limits,
         keys,
         lanes: HashMap::new(),
@@ -906,7 +911,7 @@ impl Sequencer {
             let at = Instant::now();
             self.started.push_back((at, head));
             self.attempting.insert(head, at);
-            self.attempts.push(attempt_head(self.deliverer.clone(), lane, head, attempt, rec));
+            self.attempts.push(attempt_head(self.deliverer.clone(), self.shares.clone(), lane, head, attempt, rec));
         }
     }
 
@@ -1136,9 +1141,16 @@ impl Drop for Sequencer {
 
 /// Attempts a head (supervised like any delivery: a second panic dead-letters it), and says
 /// what became of it with the marker to write before that takes effect.
-fn attempt_head(deliverer: Arc<Deliverer>, lane: LaneId, head: u64, attempt: u32, rec: LogRecord) -> Finished {
+fn attempt_head(
+    deliverer: Arc<Deliverer>,
+    shares: Arc<Shares>,
+    lane: LaneId,
+    head: u64,
+    attempt: u32,
+    rec: LogRecord,
+) -> Finished {
     async move {
-        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane, None).await {
+        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane, Some(&shares)).await {
             Ok(s) => s,
             // Boxed: rare, and it would add to every head's future.
             Err(_) => {

@@ -927,3 +927,44 @@ async fn hanging_heads_of_one_subscription_do_not_hold_up_another_s_keys() {
     // with a 3 s one).
     assert!(worst < Duration::from_millis(2500), "the healthy subscription's keys waited {worst:?}");
 }
+
+/// Ordered heads are bounded per tenant as the shards' deliveries are: one tenant's keys to an
+/// endpoint that hangs — more of them than the partition's window holds twice over — do not
+/// hold another tenant's ordered deliveries on the partition for their whole timeout.
+#[tokio::test]
+async fn a_tenant_s_hanging_ordered_keys_do_not_hold_another_tenant_s() {
+    let h = TestHerald::start_with(|c| {
+        c.log.partitions = 1;
+        c.dispatch.window = 8;
+    })
+    .await;
+    let rx = crate::support::Receiver::start().await;
+    rx.behave("/stuck", crate::support::Behaviour::Hang);
+    let ordered = json!({ "mode": "key", "key": "/data/key" });
+    let retry = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 2 });
+    h.api
+        .subscribe(json!({ "url": rx.url("/stuck"), "tenant": "mallory", "ordering": ordered, "timeout": "5s",
+                           "max_in_flight": 32, "retry": retry }))
+        .await;
+    h.api.subscribe(json!({ "url": rx.url("/fast"), "ordering": ordered })).await;
+    for i in 0..24 {
+        let event =
+            json!({ "id": format!("m{i}"), "type": "T", "tenant": "mallory", "data": { "key": format!("k{i}") } });
+        assert_eq!(h.api.post("/v1/events", event).await.0, 202);
+    }
+    // Once Mallory's heads have aged and filled what they may, the other tenant's keys pass.
+    let got = until("Mallory's heads in flight", Duration::from_secs(10), || {
+        let n = rx.on("/stuck").len();
+        async move { (n >= 12).then_some(()) }
+    });
+    got.await;
+    tokio::time::sleep(Duration::from_millis(1200)).await; // lets them age past window::YOUNG: the case under test
+    let sent = Instant::now();
+    for i in 0..5 {
+        let event = json!({ "id": format!("a{i}"), "type": "T", "data": { "key": format!("a{i}") } });
+        assert_eq!(h.api.post("/v1/events", event).await.0, 202);
+    }
+    rx.wait_on("/fast", 5).await;
+    let took = sent.elapsed();
+    assert!(took < Duration::from_millis(2500), "another tenant's ordered deliveries waited {took:?}");
+}
