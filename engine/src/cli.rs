@@ -6,7 +6,7 @@
 //! delivery that failed, a replay that skipped entries), 2 bad usage, 3 the server failed or
 //! could not be reached.
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use herald_client::query;
 use serde_json::{json, Value};
@@ -315,6 +315,14 @@ struct Api(herald_client::Client);
 
 impl Api {
     fn new(conn: &Conn) -> anyhow::Result<Api> {
+        // A usage error (exit 2), told before anything is sent: a URL without its scheme went
+        // out as a request and came back as "server unreachable" (exit 3).
+        let server = url::Url::parse(&conn.server)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()));
+        if server.is_none() {
+            bail!("--server {:?} is not an http:// or https:// URL (for example http://127.0.0.1:8080)", conn.server);
+        }
         let token = match &conn.token {
             Some(t) => t.clone(),
             None => {

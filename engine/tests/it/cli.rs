@@ -283,3 +283,15 @@ async fn an_unreachable_server_is_said_with_its_cause() {
     assert_eq!(out.status.code(), Some(3), "{said}");
     assert!(said.to_lowercase().contains("refused"), "{said}");
 }
+
+/// A `--server` that is no http(s) URL is the caller's mistake (exit 2), said before anything
+/// is sent — not "server unreachable" (exit 3).
+#[tokio::test]
+async fn a_server_that_is_no_url_is_a_usage_error() {
+    for server in ["localhost:8080", "ftp://h/", "http://"] {
+        let out = herald(server, &["tenants", "list"], None).await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{server}: {said}");
+        assert!(said.contains("--server"), "{server}: {said}");
+    }
+}
