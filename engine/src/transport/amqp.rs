@@ -343,6 +343,14 @@ impl AmqpTransport {
             Ok(link) => link,
             Err(f) => return failed(f),
         };
+        // A broker under a resource alarm reads no publishes until it is over: one sent now
+        // would wait its whole timeout, its payload queued in lapin for as long as the alarm
+        // lasts (a tenant's broker can keep one for ever). Failed at once; retried later.
+        if link.conn.status().blocked() {
+            return failed(Failure::Broker {
+                detail: "the broker has blocked publishing (connection.blocked: a resource alarm)".into(),
+            });
+        }
         let routing_key =
             amqp.routing_keys.get(&delivery.event_type).cloned().unwrap_or_else(|| delivery.event_type.clone());
         // Short strings on the wire: checked at ingest and creation, and again here for records

@@ -342,3 +342,54 @@ async fn a_returned_message_s_payload_is_not_written_to_herald_s_log() {
     // exchange it came back from.
     assert!(!logged.contains(&marker) && !logged.contains(&exchange), "the message is in Herald's log:\n{logged}");
 }
+
+/// The broker's memory alarm back to normal when the test ends, however it ends: every later
+/// AMQP test publishes through the same broker.
+struct Unblock;
+
+impl Drop for Unblock {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl").args(["-q", "set_vm_memory_high_watermark", "0.4"]).status();
+    }
+}
+
+/// A broker under a resource alarm blocks its publishers (`connection.blocked`) and stops
+/// reading their publishes. An attempt through a connection the broker has blocked fails at
+/// once, saying so — before, each waited its whole timeout with its payload queued in the
+/// client, for as long as the alarm lasted (and a tenant's broker can block for ever).
+#[tokio::test]
+async fn a_publish_through_a_blocked_connection_fails_at_once_saying_so() {
+    let _broker = crate::support::RABBITMQ.lock().await;
+    let run = format!("{:x}", std::process::id());
+    let h = TestHerald::start().await;
+    let (_conn, ch) = channel().await;
+    let (exchange, queue) = (format!("herald-blocked-{run}"), format!("blocked-{run}"));
+    topic(&ch, &exchange, false, &[(&queue, "#")]).await;
+    let sub = h
+        .api
+        .subscribe(json!({ "transport": "amqp", "amqp": { "uri": BROKER, "exchange": exchange }, "timeout": "2s",
+                           "retry": { "policy": "fixed", "interval": "1h", "max_attempts": 2 } }))
+        .await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    h.api.post("/v1/events", json!({ "id": "before", "type": "T", "data": {} })).await;
+    until("the first event on its queue", Duration::from_secs(15), || async { take(&ch, &queue).await }).await;
+
+    let unblock = Unblock;
+    let alarmed = std::process::Command::new("rabbitmqctl").args(["-q", "set_vm_memory_high_watermark", "0"]).status();
+    assert!(alarmed.is_ok_and(|s| s.success()), "rabbitmqctl sets the memory alarm");
+    let attempt = |id: &'static str| {
+        let (api, sub_id) = (h.api.clone(), sub_id.clone());
+        async move {
+            let (_, page) = api.get(&format!("/v1/attempts?event={id}&subscription={sub_id}")).await;
+            page["items"].as_array().and_then(|a| a.first().cloned())
+        }
+    };
+    // The first publish the alarm meets is the one that gets the connection blocked.
+    h.api.post("/v1/events", json!({ "id": "meets-the-alarm", "type": "T", "data": {} })).await;
+    until("the attempt the alarm met", Duration::from_secs(15), || attempt("meets-the-alarm")).await;
+    h.api.post("/v1/events", json!({ "id": "while-blocked", "type": "T", "data": {} })).await;
+    let blocked = until("the attempt while blocked", Duration::from_secs(15), || attempt("while-blocked")).await;
+    drop(unblock);
+    assert!(blocked["error"].as_str().unwrap_or_default().contains("blocked"), "{blocked}");
+    assert!(blocked["duration_ms"].as_u64().unwrap_or(u64::MAX) < 1000, "failed at once: {blocked}");
+}
