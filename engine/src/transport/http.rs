@@ -276,6 +276,9 @@ pub struct HttpTransport {
     profiles: Arc<Mutex<Profiles>>,
     /// Builds of profiles with a PKCS#12 file, one at a time (see [`HttpTransport::build`]).
     heavy_builds: Arc<tokio::sync::Semaphore>,
+    /// Each tenant's queue for `heavy_builds` (see [`HttpTransport::start_build`]); a tenant
+    /// with none waiting or running is forgotten.
+    heavy_queues: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
     /// Profiles being built, and those whose build failed lately.
     builds: Arc<Mutex<HashMap<PoolKey, Build>>>,
     guard: NetworkGuard,
@@ -343,6 +346,7 @@ impl HttpTransport {
             default,
             profiles: Default::default(),
             heavy_builds: Arc::new(tokio::sync::Semaphore::new(1)),
+            heavy_queues: Default::default(),
             builds: Default::default(),
             guard,
             settings: settings.clone(),
@@ -360,11 +364,12 @@ impl HttpTransport {
         tls: Option<&TlsOptions>,
         egress: Egress<'_>,
         within: Duration,
+        tenant: &str,
     ) -> Result<Cow<'_, Arc<Pool>>, Failure> {
         match self.find(tls, egress)? {
             Found::Ready(pool) => Ok(pool),
             // Boxed: rare, and it would add to every delivery's future.
-            Found::Missing(key, proxy) => Box::pin(self.build(key, proxy, tls, within)).await.map(Cow::Owned),
+            Found::Missing(key, proxy) => Box::pin(self.build(key, proxy, tls, within, tenant)).await.map(Cow::Owned),
         }
     }
 
@@ -416,6 +421,7 @@ impl HttpTransport {
         proxy: Option<Proxy>,
         tls: Option<&TlsOptions>,
         within: Duration,
+        tenant: &str,
     ) -> Result<Arc<Pool>, Failure> {
         // One build of a profile at a time, shared by every attempt waiting for it; one that
         // failed is not tried again for a while: each try of a broken PKCS#12 file was a
@@ -430,7 +436,7 @@ impl HttpTransport {
                         return Ok(pool.clone()); // built since it was looked for
                     }
                     builds.retain(|_, b| !matches!(b, Build::Failed(at, _) if at.elapsed() >= FAILED_BUILD_KEPT));
-                    let running = self.start_build(key.clone(), proxy, tls.cloned());
+                    let running = self.start_build(key.clone(), proxy, tls.cloned(), tenant);
                     builds.insert(key, Build::Running(running.clone()));
                     running
                 }
@@ -441,13 +447,24 @@ impl HttpTransport {
 
     /// Runs a profile's build in a task of its own (see [`HttpTransport::build`]), which
     /// settles `builds` when it ends.
-    fn start_build(&self, key: PoolKey, proxy: Option<Proxy>, tls: Option<TlsOptions>) -> SharedBuild {
+    fn start_build(&self, key: PoolKey, proxy: Option<Proxy>, tls: Option<TlsOptions>, tenant: &str) -> SharedBuild {
         let heavy = tls.as_ref().is_some_and(|t| t.client_p12.is_some() || t.client_cert_file.is_some());
         let this = self.clone();
+        // Each tenant's heavy builds queue on their own first, so at most one of a tenant's
+        // waits in the queue all tenants share: another tenant's build waits for one of each
+        // tenant's with some queued, not for every one a tenant's subscriptions asked for.
+        let own = heavy.then(|| {
+            let mut queues = self.heavy_queues.lock().unwrap();
+            queues.retain(|_, q| Arc::strong_count(q) > 1);
+            queues.entry(tenant.to_string()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))).clone()
+        });
         let task = tokio::spawn(async move {
-            let one = match heavy {
-                true => Some(this.heavy_builds.clone().acquire_owned().await.expect("never closed")),
-                false => None,
+            let one = match own {
+                Some(own) => {
+                    let own = own.acquire_owned().await.expect("never closed");
+                    Some((own, this.heavy_builds.clone().acquire_owned().await.expect("never closed")))
+                }
+                None => None,
             };
             let (builder, key_built) = (this.clone(), key.clone());
             let built = tokio::task::spawn_blocking(move || {
@@ -497,10 +514,11 @@ impl HttpTransport {
         timeout: Duration,
         tls: Option<&TlsOptions>,
         egress: Egress<'_>,
+        tenant: &str,
     ) -> Result<(u16, Bytes), Failure> {
         let started = Instant::now();
         self.check_literal(&uri)?;
-        let client = self.pool_for(tls, egress, timeout).await?;
+        let client = self.pool_for(tls, egress, timeout, tenant).await?;
         let mut request = Request::post(uri).body(body).expect("method, uri and body are valid");
         *request.headers_mut() = headers;
         let call = async {
@@ -516,7 +534,13 @@ impl HttpTransport {
     }
 
     /// Sends one request and reports what happened. Never panics, never hangs past `timeout`.
-    pub async fn send(&self, req: WebhookRequest, tls: Option<&TlsOptions>, egress: Egress<'_>) -> Outcome {
+    pub async fn send(
+        &self,
+        req: WebhookRequest,
+        tls: Option<&TlsOptions>,
+        egress: Egress<'_>,
+        tenant: &str,
+    ) -> Outcome {
         let started = Instant::now();
         if let Err(refused) = self.check_literal(&req.uri) {
             return Outcome::failed(refused, started.elapsed());
@@ -524,7 +548,7 @@ impl HttpTransport {
         // Not `pool_for`: its future would add to every delivery's, for a path taken once a profile.
         let client = match self.find(tls, egress) {
             Ok(Found::Ready(c)) => c,
-            Ok(Found::Missing(key, proxy)) => match Box::pin(self.build(key, proxy, tls, req.timeout)).await {
+            Ok(Found::Missing(key, proxy)) => match Box::pin(self.build(key, proxy, tls, req.timeout, tenant)).await {
                 Ok(built) => Cow::Owned(built),
                 Err(failure) => return Outcome::failed(failure, started.elapsed()),
             },
@@ -639,7 +663,7 @@ mod tests {
         let http = HttpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), &settings);
         let tls = TlsOptions { ca_file: Some("ca.pem".into()), ..TlsOptions::default() };
         let Ok(Found::Missing(key, proxy)) = http.find(Some(&tls), Egress::Default) else { panic!("not built yet") };
-        http.build(key, proxy, Some(&tls), Duration::from_secs(10)).await.unwrap();
+        http.build(key, proxy, Some(&tls), Duration::from_secs(10), "t").await.unwrap();
         assert!(matches!(http.find(Some(&tls), Egress::Default), Ok(Found::Ready(_))));
         std::fs::write(dir.path().join("ca.pem"), ca("renewed, with a longer name")).unwrap();
         // Until the files are next looked at, the pool stands.
@@ -734,10 +758,10 @@ mod tests {
             body: Body::new([Bytes::from_static(b"{}")]),
             timeout: Duration::from_secs(2),
         };
-        let first = http.send(request("/a"), Some(&tls), Egress::Direct);
+        let first = http.send(request("/a"), Some(&tls), Egress::Direct, "t");
         let second = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            http.send(request("/b"), Some(&tls), Egress::Direct).await
+            http.send(request("/b"), Some(&tls), Egress::Direct, "t").await
         };
         let (a, b) = tokio::join!(first, second);
         assert!(matches!(a, Outcome::Delivered { .. }) && matches!(b, Outcome::Delivered { .. }), "{a:?} {b:?}");
@@ -780,7 +804,7 @@ mod tests {
             body: Body::new([Bytes::from_static(b"{}")]),
             timeout: Duration::from_millis(300),
         };
-        match http.send(request, None, Egress::Direct).await {
+        match http.send(request, None, Egress::Direct, "t").await {
             Outcome::Delivered { status: 200, response: Some(r), .. } => assert_eq!(&r.body[..], b"ab"),
             other => panic!("{other:?}"),
         }
@@ -801,7 +825,7 @@ mod tests {
             timeout: Duration::from_secs(2),
         };
         let attempts =
-            futures::future::join_all((0..20).map(|_| http.send(request(), Some(&tls), Egress::Direct))).await;
+            futures::future::join_all((0..20).map(|_| http.send(request(), Some(&tls), Egress::Direct, "t"))).await;
         for outcome in &attempts {
             assert!(matches!(outcome, Outcome::Failed { failure: Failure::Unusable { .. }, .. }), "{outcome:?}");
         }

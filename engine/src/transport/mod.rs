@@ -108,7 +108,7 @@ impl Transports {
             }
             let request = http::WebhookRequest { uri: target.uri.clone(), headers, body: signed.body, timeout: left() };
             let egress = http::Egress::of(target.sub.spec.proxy.as_deref());
-            let outcome = match self.http.send(request, tls, egress).await {
+            let outcome = match self.http.send(request, tls, egress, &target.sub.tenant).await {
                 // What is left of it timed out: the attempt's timeout is the subscription's.
                 Outcome::Failed { failure: Failure::Timeout { .. }, latency, response } if oauth => {
                     Outcome::Failed { failure: http::timed_out(timeout), latency, response }

@@ -127,9 +127,9 @@ impl Tokens {
                 _ => {
                     let generation = self.fetches.fetch_add(1, Ordering::Relaxed);
                     let (this, auth, tls) = (self.clone(), sub.spec.auth.clone(), sub.spec.tls.clone());
-                    let proxy = sub.spec.proxy.clone();
+                    let (proxy, tenant) = (sub.spec.proxy.clone(), sub.tenant.clone());
                     let task = tokio::spawn(async move {
-                        let fetched = this.fetch(&auth, tls.as_ref(), proxy.as_deref()).await;
+                        let fetched = this.fetch(&auth, tls.as_ref(), proxy.as_deref(), &tenant).await;
                         let mut slots = this.slots.lock().unwrap();
                         match &fetched {
                             Ok((value, until)) => {
@@ -179,7 +179,7 @@ impl Tokens {
     }
 
     /// Fetches a token, through the subscription's egress (`proxy`) like its webhooks.
-    async fn fetch(&self, auth: &Auth, tls: Option<&TlsOptions>, proxy: Option<&str>) -> Fetched {
+    async fn fetch(&self, auth: &Auth, tls: Option<&TlsOptions>, proxy: Option<&str>, tenant: &str) -> Fetched {
         let Auth::Oauth2 { grant, token_url, client_id, client_secret, username, password, scope } = auth else {
             return Err(Failure::Unusable { detail: "not an oauth2 subscription".into() });
         };
@@ -210,14 +210,15 @@ impl Tokens {
         }
         let uri: Uri = token_url.parse().map_err(|_| failed("token_url is not a URI".into()))?;
         let body = Body::new([Bytes::from(form)]);
-        let (status, body) =
-            self.http.exchange(uri, headers, body, TOKEN_TIMEOUT, tls, super::http::Egress::of(proxy)).await.map_err(
-                |e| match e {
-                    // The network guard's refusal is told as such, not as credentials refused.
-                    Failure::Refused { .. } => e,
-                    e => failed(format!("token request failed: {e}")),
-                },
-            )?;
+        let (status, body) = self
+            .http
+            .exchange(uri, headers, body, TOKEN_TIMEOUT, tls, super::http::Egress::of(proxy), tenant)
+            .await
+            .map_err(|e| match e {
+                // The network guard's refusal is told as such, not as credentials refused.
+                Failure::Refused { .. } => e,
+                e => failed(format!("token request failed: {e}")),
+            })?;
         if !(200..300).contains(&status) {
             return Err(failed(format!("token endpoint answered {status}")));
         }

@@ -700,6 +700,62 @@ async fn a_tenant_s_pkcs12_profiles_do_not_hold_up_another_tenant_s_deliveries()
     assert!(longest < check / 4, "another tenant's event waited {longest:?}; one PKCS#12 check takes {check:?}");
 }
 
+/// A delivery's first use of a PKCS#12 profile builds it, one build at a time — queued per
+/// tenant first, so another tenant's build waits for one of the first tenant's, not for every
+/// one its subscriptions asked for at once (with one queue for all, the bystander's attempt
+/// waited for all six, and a short timeout failed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_s_pkcs12_builds_do_not_queue_another_tenant_s_behind_all_of_them() {
+    use base64::Engine;
+    use rustls::pki_types::pem::PemObject;
+    let pki = pki();
+    let h = TestHerald::start().await;
+    let (acme_id, acme) = crate::support::tenant_with_key(&h.api, "Acme").await;
+    let (globex_id, globex) = crate::support::tenant_with_key(&h.api, "Globex").await;
+    let key = std::fs::read(&pki.client_key).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap();
+    let cert = std::fs::read(&pki.client_cert).unwrap();
+    let cert = rustls::pki_types::CertificateDer::from_pem_slice(&cert).unwrap();
+    let tls = |name: &str| {
+        let mut store = p12_keystore::KeyStore::new();
+        let chain = p12_keystore::PrivateKeyChain::new(
+            name.as_bytes().to_vec(),
+            p12_keystore::PrivateKey::from_der(key.secret_der()).unwrap(),
+            vec![p12_keystore::Certificate::from_der(&cert).unwrap()],
+        );
+        store.add_entry("client", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
+        let heavy = store.writer("pw").encryption_iterations(30_000).mac_iterations(30_000).write().unwrap();
+        json!({ "client_p12": base64::engine::general_purpose::STANDARD.encode(heavy), "key_password": "pw" })
+    };
+    let retry = json!({ "policy": "fixed", "interval": "1h", "max_attempts": 2 });
+    for i in 0..6 {
+        let sub = json!({ "url": format!("https://localhost:1/heavy{i}"), "tls": tls(&format!("heavy{i}")),
+                          "events": ["Heavy"], "retry": retry });
+        acme.subscribe(sub).await;
+    }
+    let started = std::time::Instant::now();
+    let bystander = globex
+        .subscribe(json!({ "url": "https://localhost:1/globex", "tls": tls("globex"), "events": ["G"],
+                           "timeout": "60s", "retry": retry }))
+        .await;
+    let check = started.elapsed(); // one file's check (opening it for a profile is about as much again)
+    let (status, _) = h.api.post("/v1/events", json!({ "type": "Heavy", "tenant": acme_id, "data": {} })).await;
+    assert_eq!(status, 202);
+    tokio::time::sleep(Duration::from_millis(50)).await; // lets Acme's builds queue first: pacing, not synchronisation
+    let (status, _) =
+        h.api.post("/v1/events", json!({ "id": "g", "type": "G", "tenant": globex_id, "data": {} })).await;
+    assert_eq!(status, 202);
+    let sub = bystander["id"].as_str().unwrap().to_string();
+    let attempt = until("the other tenant's attempt", Duration::from_secs(60), || async {
+        let (_, attempts) = h.api.get(&format!("/v1/attempts?subscription={sub}")).await;
+        attempts["items"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    let took = Duration::from_millis(attempt["duration_ms"].as_u64().unwrap());
+    eprintln!("PKCS#12 builds: one file's check {check:?}; another tenant's attempt beside six builds {took:?}");
+    assert!(took < check * 4, "another tenant's attempt took {took:?}; one PKCS#12 check takes {check:?}");
+}
+
 /// Client certificates and keys under the operator's TLS directory belong to a tenant: each
 /// tenant names only files in its own folder (`<dir>/<tenant>/`), so no tenant can present
 /// another's identity to a receiver that trusts it. CA files, public, may lie anywhere in it.
