@@ -505,22 +505,18 @@ impl HttpTransport {
         self.guard.check_host(uri.host().unwrap_or_default()).map_err(|e| Failure::Refused { detail: e.to_string() })
     }
 
-    /// A POST whose whole (small) response body is wanted, e.g. an OAuth token request.
+    /// A request whose whole (small) response body is wanted, e.g. an OAuth token request.
     pub async fn exchange(
         &self,
-        uri: Uri,
-        headers: HeaderMap,
-        body: Body,
+        request: Request<Body>,
         timeout: Duration,
         tls: Option<&TlsOptions>,
         egress: Egress<'_>,
         tenant: &str,
     ) -> Result<(u16, Bytes), Failure> {
         let started = Instant::now();
-        self.check_literal(&uri)?;
+        self.check_literal(request.uri())?;
         let client = self.pool_for(tls, egress, timeout, tenant).await?;
-        let mut request = Request::post(uri).body(body).expect("method, uri and body are valid");
-        *request.headers_mut() = headers;
         let call = async {
             let response = client.request(request).await.map_err(|e| classify(&e))?;
             let status = response.status().as_u16();

@@ -209,16 +209,16 @@ impl Tokens {
             headers.insert(header::AUTHORIZATION, value);
         }
         let uri: Uri = token_url.parse().map_err(|_| failed("token_url is not a URI".into()))?;
-        let body = Body::new([Bytes::from(form)]);
-        let (status, body) = self
-            .http
-            .exchange(uri, headers, body, TOKEN_TIMEOUT, tls, super::http::Egress::of(proxy), tenant)
-            .await
-            .map_err(|e| match e {
-                // The network guard's refusal is told as such, not as credentials refused.
-                Failure::Refused { .. } => e,
-                e => failed(format!("token request failed: {e}")),
-            })?;
+        let mut request = http::Request::post(uri).body(Body::new([Bytes::from(form)])).expect("a POST of a URI");
+        *request.headers_mut() = headers;
+        let (status, body) =
+            self.http.exchange(request, TOKEN_TIMEOUT, tls, super::http::Egress::of(proxy), tenant).await.map_err(
+                |e| match e {
+                    // The network guard's refusal is told as such, not as credentials refused.
+                    Failure::Refused { .. } => e,
+                    e => failed(format!("token request failed: {e}")),
+                },
+            )?;
         if !(200..300).contains(&status) {
             return Err(failed(format!("token endpoint answered {status}")));
         }
