@@ -110,6 +110,46 @@ impl Drop for Running {
     }
 }
 
+/// Heavy work that all tenants share one at a time (PKCS#12 key derivation), taken in turns
+/// among tenants: each tenant's work queues on its own first, so at most one of a tenant's
+/// waits in the shared queue, and another tenant's waits for one of each tenant's with some
+/// queued — not for every one a tenant's flood asked for.
+#[derive(Debug, Clone)]
+pub struct TakenInTurns {
+    shared: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Each tenant's queue; a tenant with none waiting or running is forgotten.
+    own: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>>,
+}
+
+/// A tenant's turn, held until dropped (by the work itself, not a caller that may stop waiting).
+#[derive(Debug)]
+pub struct Turn {
+    _own: tokio::sync::OwnedSemaphorePermit,
+    _shared: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Default for TakenInTurns {
+    fn default() -> Self {
+        TakenInTurns { shared: std::sync::Arc::new(tokio::sync::Semaphore::new(1)), own: Default::default() }
+    }
+}
+
+impl TakenInTurns {
+    /// Waits for `tenant`'s turn.
+    pub async fn turn(&self, tenant: &str) -> Turn {
+        let own = {
+            let mut queues = self.own.lock().unwrap();
+            queues.retain(|_, q| std::sync::Arc::strong_count(q) > 1);
+            queues
+                .entry(tenant.to_string())
+                .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(1)))
+                .clone()
+        };
+        let own = own.acquire_owned().await.expect("never closed");
+        Turn { _own: own, _shared: self.shared.clone().acquire_owned().await.expect("never closed") }
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     // From `SystemTime` directly: chrono's `Utc::now()` works out a calendar date only for

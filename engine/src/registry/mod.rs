@@ -183,12 +183,10 @@ pub struct Registry {
     state: RwLock<State>,
     writes: tokio::sync::Mutex<()>,
     /// Checks of a PKCS#12 file (its key derivation: up to a second of CPU), one at a time on
-    /// a blocking thread, never under `writes`: under it, one tenant's PATCHes of such a
-    /// subscription held every tenant's changes (and Herald's own disabling) for minutes.
-    heavy_checks: Arc<tokio::sync::Semaphore>,
-    /// Each tenant's queue for `heavy_checks` (see [`Registry::checked`]); a tenant with none
-    /// waiting or running is forgotten.
-    heavy_queues: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// a blocking thread, tenants in turns, never under `writes`: under it, one tenant's
+    /// PATCHes of such a subscription held every tenant's changes (and Herald's own
+    /// disabling) for minutes.
+    heavy_checks: crate::model::TakenInTurns,
     /// One change of a subscription at a time, its check and its write: changes of one
     /// subscription made at once would each find another's written meanwhile and check again.
     changing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -278,8 +276,7 @@ impl Registry {
             health,
             state: RwLock::new(State::default()),
             writes: tokio::sync::Mutex::new(()),
-            heavy_checks: Arc::new(tokio::sync::Semaphore::new(1)),
-            heavy_queues: Default::default(),
+            heavy_checks: Default::default(),
             changing: Default::default(),
         };
         crate::catalog::load(&registry, records, Owner::Subscriptions);
@@ -464,21 +461,12 @@ impl Registry {
         if spec.tls.as_ref().is_none_or(|t| t.client_p12.is_none() && t.client_cert_file.is_none()) {
             return Ok(check(spec, previous, &self.rules, tenant)?);
         }
-        // Each tenant's checks queue on their own first, so at most one of a tenant's waits in
-        // the queue all tenants share: another tenant's check waits for one check of each
-        // tenant with some queued, not for every one a tenant's flood of creates queued.
-        let own = {
-            let mut queues = self.heavy_queues.lock().unwrap();
-            queues.retain(|_, q| Arc::strong_count(q) > 1);
-            queues.entry(tenant.to_string()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))).clone()
-        };
-        let own = own.acquire_owned().await.expect("never closed");
         // Held by the check itself: a request cancelled meanwhile (its timeout, a client gone)
         // let the next start while its derivation went on.
-        let one = self.heavy_checks.clone().acquire_owned().await.expect("never closed");
+        let turn = self.heavy_checks.turn(tenant).await;
         let (rules, previous, tenant) = (self.rules.clone(), previous.cloned(), tenant.to_string());
         let checked = tokio::task::spawn_blocking(move || {
-            let _turn = (own, one);
+            let _turn = turn;
             check(spec, previous.as_ref(), &rules, &tenant)
         })
         .await

@@ -274,11 +274,9 @@ pub struct HttpTransport {
     /// subscriptions deleted or changed) is dropped when another is built, so tenants cannot
     /// grow this map without bound.
     profiles: Arc<Mutex<Profiles>>,
-    /// Builds of profiles with a PKCS#12 file, one at a time (see [`HttpTransport::build`]).
-    heavy_builds: Arc<tokio::sync::Semaphore>,
-    /// Each tenant's queue for `heavy_builds` (see [`HttpTransport::start_build`]); a tenant
-    /// with none waiting or running is forgotten.
-    heavy_queues: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+    /// Builds of profiles with a PKCS#12 file, one at a time, tenants in turns (see
+    /// [`HttpTransport::build`]).
+    heavy_builds: crate::model::TakenInTurns,
     /// Profiles being built, and those whose build failed lately.
     builds: Arc<Mutex<HashMap<PoolKey, Build>>>,
     guard: NetworkGuard,
@@ -345,8 +343,7 @@ impl HttpTransport {
         HttpTransport {
             default,
             profiles: Default::default(),
-            heavy_builds: Arc::new(tokio::sync::Semaphore::new(1)),
-            heavy_queues: Default::default(),
+            heavy_builds: Default::default(),
             builds: Default::default(),
             guard,
             settings: settings.clone(),
@@ -450,21 +447,11 @@ impl HttpTransport {
     fn start_build(&self, key: PoolKey, proxy: Option<Proxy>, tls: Option<TlsOptions>, tenant: &str) -> SharedBuild {
         let heavy = tls.as_ref().is_some_and(|t| t.client_p12.is_some() || t.client_cert_file.is_some());
         let this = self.clone();
-        // Each tenant's heavy builds queue on their own first, so at most one of a tenant's
-        // waits in the queue all tenants share: another tenant's build waits for one of each
-        // tenant's with some queued, not for every one a tenant's subscriptions asked for.
-        let own = heavy.then(|| {
-            let mut queues = self.heavy_queues.lock().unwrap();
-            queues.retain(|_, q| Arc::strong_count(q) > 1);
-            queues.entry(tenant.to_string()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))).clone()
-        });
+        let tenant = tenant.to_string();
         let task = tokio::spawn(async move {
-            let one = match own {
-                Some(own) => {
-                    let own = own.acquire_owned().await.expect("never closed");
-                    Some((own, this.heavy_builds.clone().acquire_owned().await.expect("never closed")))
-                }
-                None => None,
+            let one = match heavy {
+                true => Some(this.heavy_builds.turn(&tenant).await),
+                false => None,
             };
             let (builder, key_built) = (this.clone(), key.clone());
             let built = tokio::task::spawn_blocking(move || {
