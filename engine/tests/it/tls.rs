@@ -627,33 +627,36 @@ async fn a_tenant_s_pkcs12_checks_do_not_hold_up_another_tenant_s_changes() {
     );
 }
 
+/// `tls` options of a PKCS#12 file of the test client's certificate and key, named `name`, at
+/// 30,000 rounds (a good part of a second to open).
+fn heavy_p12(pki: &Pki, name: &str) -> serde_json::Value {
+    use rustls::pki_types::pem::PemObject;
+    let key = std::fs::read(&pki.client_key).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap();
+    let cert = std::fs::read(&pki.client_cert).unwrap();
+    let cert = rustls::pki_types::CertificateDer::from_pem_slice(&cert).unwrap();
+    let mut store = p12_keystore::KeyStore::new();
+    let chain = p12_keystore::PrivateKeyChain::new(
+        name.as_bytes().to_vec(),
+        p12_keystore::PrivateKey::from_der(key.secret_der()).unwrap(),
+        vec![p12_keystore::Certificate::from_der(&cert).unwrap()],
+    );
+    store.add_entry("client", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
+    let heavy = store.writer("pw").encryption_iterations(30_000).mac_iterations(30_000).write().unwrap();
+    json!({ "client_p12": base64::engine::general_purpose::STANDARD.encode(heavy), "key_password": "pw" })
+}
+
 /// Opening a PKCS#12 file is key derivation (up to a second of CPU a file): a delivery's first
 /// use of such a profile builds it on a blocking thread, one at a time — on the runtime's
 /// threads, a tenant's few such subscriptions held every other tenant's publishes and
 /// deliveries for as long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_tenant_s_pkcs12_profiles_do_not_hold_up_another_tenant_s_deliveries() {
-    use base64::Engine;
-    use rustls::pki_types::pem::PemObject;
     let pki = pki();
     let h = TestHerald::start().await;
     let (acme_id, acme) = crate::support::tenant_with_key(&h.api, "Acme").await;
     let (globex_id, globex) = crate::support::tenant_with_key(&h.api, "Globex").await;
-    let key = std::fs::read(&pki.client_key).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap();
-    let cert = std::fs::read(&pki.client_cert).unwrap();
-    let cert = rustls::pki_types::CertificateDer::from_pem_slice(&cert).unwrap();
-    let tls = |name: &str| {
-        let mut store = p12_keystore::KeyStore::new();
-        let chain = p12_keystore::PrivateKeyChain::new(
-            name.as_bytes().to_vec(),
-            p12_keystore::PrivateKey::from_der(key.secret_der()).unwrap(),
-            vec![p12_keystore::Certificate::from_der(&cert).unwrap()],
-        );
-        store.add_entry("client", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
-        let heavy = store.writer("pw").encryption_iterations(30_000).mac_iterations(30_000).write().unwrap();
-        json!({ "client_p12": base64::engine::general_purpose::STANDARD.encode(heavy), "key_password": "pw" })
-    };
+    let tls = |name: &str| heavy_p12(&pki, name);
     let started = std::time::Instant::now();
     let mut heavy_ids = Vec::new();
     for i in 0..2 {
@@ -706,27 +709,11 @@ async fn a_tenant_s_pkcs12_profiles_do_not_hold_up_another_tenant_s_deliveries()
 /// waited for all six, and a short timeout failed it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_s_pkcs12_builds_do_not_queue_another_tenant_s_behind_all_of_them() {
-    use base64::Engine;
-    use rustls::pki_types::pem::PemObject;
     let pki = pki();
     let h = TestHerald::start().await;
     let (acme_id, acme) = crate::support::tenant_with_key(&h.api, "Acme").await;
     let (globex_id, globex) = crate::support::tenant_with_key(&h.api, "Globex").await;
-    let key = std::fs::read(&pki.client_key).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap();
-    let cert = std::fs::read(&pki.client_cert).unwrap();
-    let cert = rustls::pki_types::CertificateDer::from_pem_slice(&cert).unwrap();
-    let tls = |name: &str| {
-        let mut store = p12_keystore::KeyStore::new();
-        let chain = p12_keystore::PrivateKeyChain::new(
-            name.as_bytes().to_vec(),
-            p12_keystore::PrivateKey::from_der(key.secret_der()).unwrap(),
-            vec![p12_keystore::Certificate::from_der(&cert).unwrap()],
-        );
-        store.add_entry("client", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
-        let heavy = store.writer("pw").encryption_iterations(30_000).mac_iterations(30_000).write().unwrap();
-        json!({ "client_p12": base64::engine::general_purpose::STANDARD.encode(heavy), "key_password": "pw" })
-    };
+    let tls = |name: &str| heavy_p12(&pki, name);
     let retry = json!({ "policy": "fixed", "interval": "1h", "max_attempts": 2 });
     for i in 0..6 {
         let sub = json!({ "url": format!("https://localhost:1/heavy{i}"), "tls": tls(&format!("heavy{i}")),
