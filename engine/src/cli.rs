@@ -317,9 +317,12 @@ impl Api {
     fn new(conn: &Conn) -> anyhow::Result<Api> {
         // A usage error (exit 2), told before anything is sent: a URL without its scheme went
         // out as a request and came back as "server unreachable" (exit 3).
-        let server = url::Url::parse(&conn.server)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()));
+        // Held to what the client sends it as (`http::Uri`), which is stricter than a URL parser:
+        // `http:localhost:8080` or a stray space passed one and failed as an "unexpected answer".
+        let server =
+            conn.server.parse::<http::Uri>().ok().filter(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
+            });
         if server.is_none() {
             bail!("--server {:?} is not an http:// or https:// URL (for example http://127.0.0.1:8080)", conn.server);
         }

@@ -344,7 +344,8 @@ async fn a_returned_message_s_payload_is_not_written_to_herald_s_log() {
 }
 
 /// The broker's memory alarm back to normal when the test ends, however it ends: every later
-/// AMQP test publishes through the same broker.
+/// AMQP test publishes through the same broker. (0.4: the default of the RabbitMQ `scripts/test`
+/// installs, which puts it back too, should a killed run have left the alarm set.)
 struct Unblock;
 
 impl Drop for Unblock {

@@ -288,7 +288,9 @@ async fn an_unreachable_server_is_said_with_its_cause() {
 /// is sent — not "server unreachable" (exit 3).
 #[tokio::test]
 async fn a_server_that_is_no_url_is_a_usage_error() {
-    for server in ["localhost:8080", "ftp://h/", "http://"] {
+    for server in
+        ["localhost:8080", "ftp://h/", "http://", "http:localhost:8080", " http://127.0.0.1:1", "http://bücher.example"]
+    {
         let out = herald(server, &["tenants", "list"], None).await;
         let said = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{server}: {said}");

@@ -740,7 +740,8 @@ async fn a_tenant_s_pkcs12_builds_do_not_queue_another_tenant_s_behind_all_of_th
     .await;
     let took = Duration::from_millis(attempt["duration_ms"].as_u64().unwrap());
     eprintln!("PKCS#12 builds: one file's check {check:?}; another tenant's attempt beside six builds {took:?}");
-    assert!(took < check * 4, "another tenant's attempt took {took:?}; one PKCS#12 check takes {check:?}");
+    // Two derivations (one of Acme's, then its own) with the fix; seven behind one queue.
+    assert!(took < check * 3, "another tenant's attempt took {took:?}; one PKCS#12 check takes {check:?}");
 }
 
 /// Client certificates and keys under the operator's TLS directory belong to a tenant: each
