@@ -19,7 +19,7 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// Creates missing topics and returns every topic's partition count.
 pub(super) async fn ensure(config: &KafkaConfig) -> Result<HashMap<String, u32>, LogError> {
     let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(config.client().create().map_err(kafka_error)?);
-    let existing = partition_counts(&admin).await?;
+    let Cluster { partitions: existing, broker } = cluster(&admin).await?;
     let missing: Vec<_> = config.topics.iter().filter(|t| !existing.contains_key(&t.name)).collect();
     if !missing.is_empty() {
         let settings: Vec<Vec<(&str, String)>> = missing.iter().map(|t| topic_settings(config, t)).collect();
@@ -52,11 +52,11 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<HashMap<String, u32>,
         }
     }
     let made_before: Vec<&TopicSpec> = config.topics.iter().filter(|t| existing.contains_key(&t.name)).collect();
-    check_settings(&admin, config, &made_before).await?;
+    check_settings(&admin, broker, config, &made_before).await?;
     let mut counts = HashMap::new();
     let deadline = tokio::time::Instant::now() + METADATA_TIMEOUT;
     loop {
-        let now = partition_counts(&admin).await?;
+        let now = cluster(&admin).await?.partitions;
         let absent: Vec<&str> =
             config.topics.iter().map(|t| t.name.as_str()).filter(|n| !now.contains_key(*n)).collect();
         if absent.is_empty() {
@@ -94,14 +94,19 @@ pub(super) fn topic_settings(config: &KafkaConfig, t: &TopicSpec) -> Vec<(&'stat
     if t.compacted {
         settings.push(("cleanup.policy", "compact".to_string()));
     } else {
-        let keep = t.retention.unwrap_or(config.retention);
-        settings.push(("retention.ms", keep.as_millis().to_string()));
+        settings.push(("retention.ms", retention(config, t).as_millis().to_string()));
     }
     if config.replication >= 2 {
         let min = config.min_insync_replicas.min(config.replication as u32);
         settings.push(("min.insync.replicas", min.to_string()));
     }
     settings
+}
+
+/// How long a topic that is not compacted keeps its records: its own retention, else
+/// `log.retention`.
+fn retention(config: &KafkaConfig, t: &TopicSpec) -> Duration {
+    t.retention.unwrap_or(config.retention)
 }
 
 /// Herald sets a topic's settings only when it makes it: one made before keeps its own. Those
@@ -112,17 +117,15 @@ pub(super) fn topic_settings(config: &KafkaConfig, t: &TopicSpec) -> Vec<(&'stat
 /// (larger events are then refused at publish). A broker that cannot describe topics' settings
 /// (librdkafka's mock cluster) is logged and trusted.
 async fn check_settings(
-    admin: &Arc<AdminClient<DefaultClientContext>>,
+    admin: &AdminClient<DefaultClientContext>,
+    broker: Option<i32>,
     config: &KafkaConfig,
     topics: &[&TopicSpec],
 ) -> Result<(), LogError> {
-    if topics.is_empty() {
-        return Ok(());
-    }
-    // Asked of one broker, named: without a broker among the resources librdkafka asks the
-    // controller, and a cluster that names none (the mock) would hold the start for the whole
-    // timeout. Any broker answers a topic's settings.
-    let Some(broker) = any_broker(admin).await? else {
+    // Asked of one broker, named (`broker`, from the metadata already read): without a broker
+    // among the resources librdkafka asks the controller, and a cluster that names none (the
+    // mock) would hold the start for the whole timeout. Any broker answers a topic's settings.
+    let Some(broker) = broker.filter(|_| !topics.is_empty()) else {
         return Ok(());
     };
     let mut resources: Vec<ResourceSpecifier> = topics.iter().map(|t| ResourceSpecifier::Topic(&t.name)).collect();
@@ -193,7 +196,7 @@ fn judge<'a>(config: &KafkaConfig, t: &TopicSpec, value: impl Fn(&str) -> Option
     }
     let mut costs = Vec::new();
     if !t.compacted {
-        let wanted = t.retention.unwrap_or(config.retention).as_millis();
+        let wanted = retention(config, t).as_millis();
         // A topic kept for less by its own setting (dead letters, `log.dlq_retention`) is held
         // to that.
         let least = crate::config::MIN_LOG_RETENTION.as_millis().min(wanted);
@@ -237,27 +240,24 @@ fn judge<'a>(config: &KafkaConfig, t: &TopicSpec, value: impl Fn(&str) -> Option
     }
 }
 
-/// The id of one of the cluster's brokers, if it names any.
-async fn any_broker(admin: &Arc<AdminClient<DefaultClientContext>>) -> Result<Option<i32>, LogError> {
-    let admin = admin.clone();
-    tokio::task::spawn_blocking(move || {
-        let md = admin.inner().fetch_metadata(None, Timeout::After(METADATA_TIMEOUT)).map_err(kafka_error)?;
-        Ok(md.brokers().first().map(|b| b.id()))
-    })
-    .await
-    .map_err(|e| LogError::Backend(e.to_string()))?
+/// What one look at the cluster's metadata tells: each topic's partition count, and the id
+/// of one of its brokers, if it names any.
+struct Cluster {
+    partitions: HashMap<String, u32>,
+    broker: Option<i32>,
 }
 
-async fn partition_counts(admin: &Arc<AdminClient<DefaultClientContext>>) -> Result<HashMap<String, u32>, LogError> {
+async fn cluster(admin: &Arc<AdminClient<DefaultClientContext>>) -> Result<Cluster, LogError> {
     let admin = admin.clone();
     tokio::task::spawn_blocking(move || {
         let md = admin.inner().fetch_metadata(None, Timeout::After(METADATA_TIMEOUT)).map_err(kafka_error)?;
-        Ok(md
+        let partitions = md
             .topics()
             .iter()
             .filter(|t| t.error().is_none() && !t.partitions().is_empty())
             .map(|t| (t.name().to_string(), t.partitions().len() as u32))
-            .collect())
+            .collect();
+        Ok(Cluster { partitions, broker: md.brokers().first().map(|b| b.id()) })
     })
     .await
     .map_err(|e| LogError::Backend(e.to_string()))?
