@@ -53,7 +53,7 @@ pub struct Deliverer {
 enum Gate<'a> {
     /// Go: an in-flight slot, the breaker's probe if this attempt is one, and its place in
     /// its tenant's share of the partition.
-    Open(OwnedSemaphorePermit, Probe<'a>, Option<Share<'a>>),
+    Open(OwnedSemaphorePermit, Probe<'a>, Share<'a>),
     /// Its subscription is disabled.
     Disabled,
     /// Not now.
@@ -84,12 +84,7 @@ impl Deliverer {
     /// its offset may be committed. A record that panicked twice is the caller's to park
     /// ([`Deliverer::park_panicked`], boxed where awaited: it would add to every delivery's
     /// future), with the last panic's message here, so no record can stop its partition.
-    pub async fn process_supervised(
-        &self,
-        rec: &LogRecord,
-        waits: Waits,
-        shares: Option<&Shares>,
-    ) -> Result<Settled, String> {
+    pub async fn process_supervised(&self, rec: &LogRecord, waits: Waits, shares: &Shares) -> Result<Settled, String> {
         let mut last = String::new();
         for attempt in 1..=2 {
             match AssertUnwindSafe(self.deliver(rec.clone(), waits, shares)).catch_unwind().await {
@@ -216,7 +211,7 @@ impl Deliverer {
     /// a future is as large as its largest await, this one is most of every delivery's
     /// future, and the shard copies that whole into a fresh allocation for each delivery
     /// (at 3.7 KB, about 4 % of a drain's CPU; `shard`'s test holds the size).
-    async fn deliver(&self, rec: LogRecord, waits: Waits, shares: Option<&Shares>) -> Settled {
+    async fn deliver(&self, rec: LogRecord, waits: Waits, shares: &Shares) -> Settled {
         let delivery = match Delivery::decode(rec.value.clone()) {
             Ok(d) => d,
             Err(e) => return Box::pin(self.settler.malformed(&rec, e.to_string())).await,
@@ -291,17 +286,14 @@ fn wait(delivery: &Delivery) -> Duration {
 }
 
 /// Whether a due delivery may be attempted now: its subscription enabled, its tenant's share
-/// of the partition not all in flight (when the partition has shares), and admitted (breaker,
-/// rate limit, an in-flight slot).
-async fn gate<'a>(target: &'a Target, shares: Option<&'a Shares>) -> Gate<'a> {
+/// of the partition not all in flight, and admitted (breaker, rate limit, an in-flight slot).
+async fn gate<'a>(target: &'a Target, shares: &'a Shares) -> Gate<'a> {
     if !target.sub.spec.enabled {
         return Gate::Disabled;
     }
-    let share = match shares.map(|s| s.take(&target.sub.tenant)) {
+    let Some(share) = shares.take(&target.sub.tenant) else {
         // Looked at again no sooner than a delivery ages: the share is full of ones that hang.
-        Some(None) => return Gate::Busy(Busy::Share(target.admission.busy_wait().max(window::YOUNG))),
-        Some(share) => share,
-        None => None,
+        return Gate::Busy(Busy::Share(target.admission.busy_wait().max(window::YOUNG)));
     };
     match target.admission.admit().await {
         Ok((slot, probe)) => Gate::Open(slot, probe, share),

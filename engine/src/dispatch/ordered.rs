@@ -1150,7 +1150,7 @@ fn attempt_head(
     rec: LogRecord,
 ) -> Finished {
     async move {
-        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane, Some(&shares)).await {
+        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane, &shares).await {
             Ok(s) => s,
             // Boxed: rare, and it would add to every head's future.
             Err(_) => {

@@ -229,7 +229,7 @@ fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>) ->
 /// (`a_deliverys_future_stays_small`).
 async fn supervise(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>) -> u64 {
     // Not `if let`: its scrutinee, a whole `Settled`, would be held across the park's await.
-    let Err(last) = deliverer.process_supervised(&rec, super::Waits::InTiers, Some(&shares)).await else {
+    let Err(last) = deliverer.process_supervised(&rec, super::Waits::InTiers, &shares).await else {
         return rec.offset;
     };
     Box::pin(deliverer.park_panicked(&rec, last, super::Waits::InTiers)).await;

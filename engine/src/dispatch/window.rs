@@ -43,7 +43,7 @@ impl Shares {
     }
 
     /// The most one tenant may have in flight in a partition of `window`.
-    pub fn cap(window: usize) -> usize {
+    fn cap(window: usize) -> usize {
         (2 * window - window / 2).max(1)
     }
 
