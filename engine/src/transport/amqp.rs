@@ -163,8 +163,7 @@ fn lapin_uri(uri: &url::Url) -> Result<AMQPUri, String> {
 /// The name a TLS connection to the broker checks its certificate against (`amqps://` only):
 /// an IPv6 literal's brackets are the URI's, not the name's (rustls refused "[::1]", every try).
 fn tls_name(uri: &url::Url) -> Option<String> {
-    (uri.scheme() == "amqps")
-        .then(|| uri.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string())
+    (uri.scheme() == "amqps").then(|| super::guard::unbracketed(uri.host_str().unwrap_or_default()).to_string())
 }
 
 /// [`lapin_uri`] for a connection: the frame size the URI asks for within [`FRAME_MAX_RANGE`],

@@ -99,7 +99,7 @@ impl NetworkGuard {
 
     /// The address a URL's host spells when it is an IP literal (`[::1]` brackets allowed).
     pub fn literal(host: &str) -> Option<IpAddr> {
-        host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+        unbracketed(host).parse().ok()
     }
 
     /// Checks a host as a URL writes it: an IP literal against the ranges now; a name passes
@@ -110,11 +110,10 @@ impl NetworkGuard {
 
     /// Resolves `host` and keeps only allowed addresses; refuses when none is left.
     pub async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => {
-                let name = host.to_string();
+        let addrs: Vec<SocketAddr> = match Self::literal(host) {
+            Some(ip) => vec![SocketAddr::new(ip, port)],
+            None => {
+                let name = unbracketed(host).to_string();
                 bounded_lookup(&LOOKUPS, move || {
                     std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port)).map(Iterator::collect)
                 })
@@ -137,6 +136,12 @@ impl NetworkGuard {
             _ => Ok(allowed),
         }
     }
+}
+
+/// A URL's host without the brackets an IPv6 literal is written in (`[::1]` is `::1`): the
+/// host itself, to name, parse or compare.
+pub fn unbracketed(host: &str) -> &str {
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Name lookups (the system's resolver: a blocking call) running at once, at most. Each holds

@@ -166,7 +166,7 @@ impl Proxy {
 
     /// Whether `host` is reached without the proxy.
     fn bypassed(&self, host: &str) -> bool {
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let host = super::guard::unbracketed(host).to_ascii_lowercase();
         self.no_proxy.iter().any(|rule| match rule.strip_prefix('.') {
             Some(domain) => host == domain || host.ends_with(rule.as_str()),
             None => host == *rule || host.ends_with(&format!(".{rule}")),
@@ -257,6 +257,13 @@ type Profiles = HashMap<PoolKey, (Arc<Pool>, Instant, Files)>;
 struct Files {
     stamps: Vec<(std::path::PathBuf, Option<(u64, std::time::SystemTime)>)>,
     looked: Instant,
+}
+
+impl Files {
+    /// The files `tls` names under `dir`, as they are now.
+    fn look(tls: Option<&TlsOptions>, dir: Option<&std::path::Path>) -> Files {
+        Files { stamps: tls.map(|t| file_stamps(t, dir)).unwrap_or_default(), looked: Instant::now() }
+    }
 }
 
 /// How often the files of a profile in use are looked at again.
@@ -396,9 +403,9 @@ impl HttpTransport {
             }
             // A file replaced in place (a renewed certificate) was used as it was when the
             // pool was built, for as long as the pool was in use — past the old one's expiry.
-            files.looked = Instant::now();
-            let stamps = tls.map(|t| file_stamps(t, self.settings.tls_files_dir.as_deref())).unwrap_or_default();
-            if stamps == files.stamps {
+            let now = Files::look(tls, self.settings.tls_files_dir.as_deref());
+            if now.stamps == files.stamps {
+                *files = now;
                 return Ok(Found::Ready(Cow::Owned(p.clone())));
             }
             profiles.remove(&key);
@@ -459,10 +466,7 @@ impl HttpTransport {
                 let this = builder;
                 let dir = this.settings.tls_files_dir.as_deref();
                 // Looked at before they are read: a file replaced meanwhile is read again later.
-                let files = Files {
-                    stamps: tls.as_ref().map(|t| file_stamps(t, dir)).unwrap_or_default(),
-                    looked: Instant::now(),
-                };
+                let files = Files::look(tls.as_ref(), dir);
                 let config = client_config(tls.as_ref(), dir)
                     .map_err(|e: TlsError| Failure::Unusable { detail: e.to_string() })?;
                 let built = Arc::new(pool(&this.guard, &this.settings, proxy.as_ref(), config));
