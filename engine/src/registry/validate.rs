@@ -96,18 +96,22 @@ type Field = fn(&SubscriptionSpec) -> Option<&str>;
 /// memory, so a tenant's quota of them bounds what it holds there), naming the largest part.
 pub fn check_tenant_input(spec: &SubscriptionSpec, previous: Option<&SubscriptionSpec>) -> Result<(), Invalid> {
     let changed = |f: Field| previous.is_none_or(|p| f(p) != f(spec));
-    let fragment = || url::Url::parse(&spec.url).is_ok_and(|u| u.fragment().is_some());
-    if spec.transport == TransportKind::Webhook && changed(|s| Some(s.url.as_str())) && fragment() {
-        return Err(Invalid::new("url", "must not have a #fragment (it is never sent)"));
-    }
-    // Never sent as credentials (HTTP/1.1 drops them; HTTP/2 would put them in `:authority`,
-    // which RFC 9113 forbids), and a URL is shown on every read and in logs, unsealed.
-    let credentials = || url::Url::parse(&spec.url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some());
-    if spec.transport == TransportKind::Webhook && changed(|s| Some(s.url.as_str())) && credentials() {
-        return Err(Invalid::new(
-            "url",
-            "must not hold a user or password (they are never sent as credentials): use \"auth\": {\"type\": \"basic\", …}, which keeps the password sealed",
-        ));
+    let new_url = (spec.transport == TransportKind::Webhook && changed(|s| Some(s.url.as_str())))
+        .then(|| url::Url::parse(&spec.url).ok())
+        .flatten();
+    if let Some(url) = new_url {
+        if url.fragment().is_some() {
+            return Err(Invalid::new("url", "must not have a #fragment (it is never sent)"));
+        }
+        // Never sent as credentials (HTTP/1.1 drops them; HTTP/2 would put them in
+        // `:authority`, which RFC 9113 forbids), and a URL is shown on every read and in logs,
+        // unsealed.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(Invalid::new(
+                "url",
+                "must not hold a user or password (they are never sent as credentials): use \"auth\": {\"type\": \"basic\", …}, which keeps the password sealed",
+            ));
+        }
     }
     let max = crate::transport::tls::MAX_INLINE;
     let pem: [(&str, Field); 3] = [

@@ -70,14 +70,35 @@ pub fn read_under(field: &'static str, path: &str, dir: Option<&Path>) -> Result
     let Some(dir) = dir else {
         return Err(bad(field, "files on Herald's server cannot be named here; send the content instead (PEM)"));
     };
-    // Tenants name files relative to the directory; where it lies on the server is not theirs
-    // to know.
-    let outside = || bad(field, "must name a readable file under the TLS directory (`http.tls_files_dir`)");
-    let Some((_, real)) = within(dir, path).filter(|(_, real)| real.is_file()) else { return Err(outside()) };
-    read_bounded(field, &real).map_err(|e| match e.message.starts_with("cannot read") {
-        true => outside(),
-        false => e,
+    let Some((_, real)) = within(dir, path).filter(|(_, real)| real.is_file()) else { return Err(not_under(field)) };
+    read_at_most(&real).map_err(|e| match e {
+        Unread::Io(_) => not_under(field),
+        Unread::Over => bad(field, format!("larger than {MAX_MATERIAL} bytes")),
     })
+}
+
+/// A tenant's file that is not there to read: said the same whatever the reason, and without
+/// where the directory lies on the server (tenants name files relative to it).
+fn not_under(field: &'static str) -> TlsError {
+    bad(field, "must name a readable file under the TLS directory (`http.tls_files_dir`)")
+}
+
+/// Why a file could not be read whole.
+enum Unread {
+    Io(std::io::Error),
+    /// Larger than [`MAX_MATERIAL`].
+    Over,
+}
+
+/// At most [`MAX_MATERIAL`] bytes of `path`.
+fn read_at_most(path: &Path) -> Result<Vec<u8>, Unread> {
+    let file = std::fs::File::open(path).map_err(Unread::Io)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MATERIAL + 1).read_to_end(&mut bytes).map_err(Unread::Io)?;
+    if bytes.len() as u64 > MAX_MATERIAL {
+        return Err(Unread::Over);
+    }
+    Ok(bytes)
 }
 
 /// What the files a profile names were when looked at: their paths under `dir`, each with its
@@ -106,15 +127,10 @@ fn within(dir: &Path, path: &str) -> Option<(PathBuf, PathBuf)> {
 
 /// Reads at most [`MAX_MATERIAL`] bytes of the operator's own file `path`.
 pub fn read_bounded(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    let file = std::fs::File::open(path).map_err(|e| bad(field, format!("cannot read {}: {e}", path.display())))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_MATERIAL + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| bad(field, format!("cannot read {}: {e}", path.display())))?;
-    if bytes.len() as u64 > MAX_MATERIAL {
-        return Err(bad(field, format!("larger than {MAX_MATERIAL} bytes")));
-    }
-    Ok(bytes)
+    read_at_most(path).map_err(|e| match e {
+        Unread::Io(e) => bad(field, format!("cannot read {}: {e}", path.display())),
+        Unread::Over => bad(field, format!("larger than {MAX_MATERIAL} bytes")),
+    })
 }
 
 /// The bytes of one piece of material: the content field, else the file field (under `dir`).
@@ -225,14 +241,13 @@ pub fn check_tenant_files(opts: &TlsOptions, dir: Option<&Path>, tenant: &str) -
     // folder: its answers (a file that is there, one that is not, one that holds no
     // certificate) would list that folder's files.
     if let (Some(path), Some(dir)) = (&opts.ca_file, dir) {
-        let outside = || bad("tls.ca_file", "must name a readable file under the TLS directory (`http.tls_files_dir`)");
         if let Some((root, real)) = within(dir, path) {
             let folder = real.strip_prefix(&root).ok().and_then(|r| r.components().next()).map(|c| c.as_os_str());
             let another = folder
                 .and_then(|f| f.to_str())
                 .is_some_and(|f| f != tenant && crate::tenants::looks_like_tenant_id(f) && root.join(f).is_dir());
             if another {
-                return Err(outside());
+                return Err(not_under("tls.ca_file"));
             }
         }
     }
