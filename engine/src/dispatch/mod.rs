@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::Instrument;
-use window::{Share, Shares};
+use window::{Cut, Share, Shares};
 
 /// Whatever observes settled deliveries besides metrics and the history (tests' probes).
 pub trait Observe: Send + Sync {
@@ -84,10 +84,16 @@ impl Deliverer {
     /// its offset may be committed. A record that panicked twice is the caller's to park
     /// ([`Deliverer::park_panicked`], boxed where awaited: it would add to every delivery's
     /// future), with the last panic's message here, so no record can stop its partition.
-    pub async fn process_supervised(&self, rec: &LogRecord, waits: Waits, shares: &Shares) -> Result<Settled, String> {
+    pub async fn process_supervised(
+        &self,
+        rec: &LogRecord,
+        waits: Waits,
+        shares: &Shares,
+        cut: &Cut,
+    ) -> Result<Settled, String> {
         let mut last = String::new();
         for attempt in 1..=2 {
-            match AssertUnwindSafe(self.deliver(rec.clone(), waits, shares)).catch_unwind().await {
+            match AssertUnwindSafe(self.deliver(rec.clone(), waits, shares, cut)).catch_unwind().await {
                 Ok(mut settled) => {
                     self.settled(rec, &mut settled, waits);
                     return Ok(settled);
@@ -211,7 +217,7 @@ impl Deliverer {
     /// a future is as large as its largest await, this one is most of every delivery's
     /// future, and the shard copies that whole into a fresh allocation for each delivery
     /// (at 3.7 KB, about 4 % of a drain's CPU; `shard`'s test holds the size).
-    async fn deliver(&self, rec: LogRecord, waits: Waits, shares: &Shares) -> Settled {
+    async fn deliver(&self, rec: LogRecord, waits: Waits, shares: &Shares, cut: &Cut) -> Settled {
         let delivery = match Delivery::decode(rec.value.clone()) {
             Ok(d) => d,
             Err(e) => return Box::pin(self.settler.malformed(&rec, e.to_string())).await,
@@ -260,7 +266,11 @@ impl Deliverer {
             o.attempting(&delivery);
         }
         // In the attempt's span: the `traceparent` receivers get names it as their parent.
-        let outcome = self.transports.deliver(&target, &delivery, pending).instrument(span.clone()).await;
+        // Ended early if it holds back the partition's commit point too far (see `Cut`).
+        let outcome = {
+            let attempt = std::pin::pin!(self.transports.deliver(&target, &delivery, pending).instrument(span.clone()));
+            cut.race(rec.offset, attempt).await
+        };
         let delivered = matches!(outcome, crate::model::Outcome::Delivered { .. });
         crate::telemetry::attempted(&span, outcome.label(), outcome.status(), delivered);
         let settled = self.settler.attempted(&target, delivery, rec.value, outcome, probe, waits).await;

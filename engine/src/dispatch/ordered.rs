@@ -19,7 +19,7 @@
 //!
 //! An operator's skip is a marker too (written by the API), so any process can take it.
 
-use super::window::Shares;
+use super::window::{Cut, Shares};
 use super::{Deliverer, Settlement, ShardLimits};
 use crate::log::{Committer, Log, LogError, LogRecord, PartitionReader, Record};
 use crate::model::{get_str, now_ms, put_str, rfc3339_ms, Delivery};
@@ -1150,7 +1150,7 @@ fn attempt_head(
     rec: LogRecord,
 ) -> Finished {
     async move {
-        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane, &shares).await {
+        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane, &shares, &Cut::never()).await {
             Ok(s) => s,
             // Boxed: rare, and it would add to every head's future.
             Err(_) => {

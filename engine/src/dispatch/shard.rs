@@ -8,7 +8,7 @@
 //! dead-lettered with the panic's message, so no record can stop its partition, for this
 //! process or, after a restart, the next.
 
-use super::window::{Shares, Window};
+use super::window::{Cut, Shares, Window};
 use super::Deliverer;
 use crate::log::{Committer, LogError, LogRecord, PartitionReader};
 use crate::metrics::ShardStats;
@@ -30,7 +30,8 @@ pub struct ShardLimits {
     /// Young deliveries in flight at most (twice this in all; see `Window::young`).
     pub window: usize,
     /// Offsets held back from the commit point at most (in flight, or finished behind a
-    /// slower one); reached only when one delivery is slower than this many others.
+    /// slower one); reached only when one delivery is slower than this many others. Past half
+    /// of it, the aged attempts holding it back are ended and retried (see `window::Cut`).
     pub max_uncommitted: usize,
     /// Records read at a time at most.
     pub batch: usize,
@@ -49,6 +50,9 @@ struct Shard {
     window: Window,
     /// Each tenant's deliveries in flight here, bounded (see [`Shares`]).
     shares: Arc<Shares>,
+    /// Ends the attempts that hold back the commit point too far (see [`Cut`]).
+    cut_below: watch::Sender<u64>,
+    cut: Cut,
     in_flight: FuturesUnordered<BoxFuture<'static, u64>>,
     /// Read, not started yet (they wait to be due, or for room in the window).
     waiting: VecDeque<LogRecord>,
@@ -66,6 +70,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let partition = reader.partition();
+    let (cut_below, cut) = Cut::channel();
     let mut shard = Shard {
         committer: deliverer.committer(reader.committer()),
         deliverer,
@@ -73,6 +78,8 @@ pub async fn run(
         limits,
         window: Window::default(),
         shares: Arc::new(Shares::new(limits.window)),
+        cut_below,
+        cut,
         in_flight: FuturesUnordered::new(),
         waiting: VecDeque::new(),
         idle: Some(reader),
@@ -80,6 +87,7 @@ pub async fn run(
     };
     loop {
         shard.start_due();
+        shard.cut_hanging(partition);
         stats.set_in_flight(shard.window.in_flight());
         let wake = shard.wake_at();
         tokio::select! {
@@ -128,7 +136,7 @@ impl Shard {
                 tracing::debug!(offset = rec.offset, "record handed out again; already started");
                 continue;
             }
-            self.in_flight.push(supervised(self.deliverer.clone(), rec, self.shares.clone()));
+            self.in_flight.push(supervised(self.deliverer.clone(), rec, self.shares.clone(), self.cut.clone()));
         }
         if self.reading.is_none() && self.waiting.is_empty() && self.has_room() {
             let room = self.room().min(self.limits.batch);
@@ -152,6 +160,23 @@ impl Shard {
         }
         let head = self.waiting.front()?;
         Some(Instant::now() + Duration::from_millis((self.due(head) - now_ms()).max(0) as u64))
+    }
+
+    /// Past half of `max_uncommitted` offsets held, ends the aged attempts holding the commit
+    /// point back (see [`Cut`]), so that the partition goes on before it stops at the limit.
+    fn cut_hanging(&mut self, partition: u32) {
+        let Some(below) = self.window.cut_below(self.limits.max_uncommitted / 2) else {
+            return;
+        };
+        if below > *self.cut_below.borrow() {
+            tracing::warn!(
+                partition,
+                below,
+                held = self.window.held(),
+                "ending attempts in flight that hold back the commit point; they are sent again later"
+            );
+            self.cut_below.send_replace(below);
+        }
     }
 
     fn finished(&mut self, offset: u64) {
@@ -221,15 +246,15 @@ fn due(arrived_ms: i64, delay: Duration) -> i64 {
 
 /// Processes `rec`, once more if that panics, and parks it in the dead-letter topic if it
 /// panics again; resolves to its offset once it is settled.
-fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>) -> BoxFuture<'static, u64> {
-    supervise(deliverer, rec, shares).boxed()
+fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>, cut: Cut) -> BoxFuture<'static, u64> {
+    supervise(deliverer, rec, shares, cut).boxed()
 }
 
 /// [`supervised`]'s future, unboxed, so that its size can be measured
 /// (`a_deliverys_future_stays_small`).
-async fn supervise(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>) -> u64 {
+async fn supervise(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>, cut: Cut) -> u64 {
     // Not `if let`: its scrutinee, a whole `Settled`, would be held across the park's await.
-    let Err(last) = deliverer.process_supervised(&rec, super::Waits::InTiers, &shares).await else {
+    let Err(last) = deliverer.process_supervised(&rec, super::Waits::InTiers, &shares, &cut).await else {
         return rec.offset;
     };
     Box::pin(deliverer.park_panicked(&rec, last, super::Waits::InTiers)).await;
@@ -244,7 +269,7 @@ mod tests {
     /// boxed): an await of something large on an attempt's path shows here.
     #[test]
     fn a_deliverys_future_stays_small() {
-        fn size<F: FnOnce(Arc<Deliverer>, LogRecord, Arc<Shares>) -> Fut, Fut>(_: F) -> usize {
+        fn size<F: FnOnce(Arc<Deliverer>, LogRecord, Arc<Shares>, Cut) -> Fut, Fut>(_: F) -> usize {
             std::mem::size_of::<Fut>()
         }
         let bytes = size(supervise);

@@ -8,8 +8,12 @@
 //! endpoints that hang (each subscription up to its own slots) cannot fill the window and
 //! hold up every other subscription of the partition.
 
+use crate::model::{Failure, Outcome};
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// How long a delivery in flight counts as young: four times the admission's patience for a
@@ -78,6 +82,57 @@ impl Drop for Share<'_> {
                 held.remove(self.tenant);
             }
         }
+    }
+}
+
+/// Ends attempts that hold back a partition's commit point. A delivery in flight keeps every
+/// offset after it from being committed, and at `dispatch.max_uncommitted` offsets held the
+/// partition starts nothing more: one attempt hanging for its timeout (up to five minutes)
+/// stopped every tenant's deliveries there once the others had moved that far past it. Past
+/// half of that, the shard ends the oldest attempts that have aged ([`Window::cut_below`]),
+/// each settling as a failure ([`Failure::Held`]) whose retry is durable in a tier before its
+/// offset is committed: nothing is lost, and the attempt is made again later.
+#[derive(Debug, Clone)]
+pub struct Cut(Option<watch::Receiver<u64>>);
+
+impl Cut {
+    /// A shard's: its sender moves the offset below which attempts end.
+    pub fn channel() -> (watch::Sender<u64>, Cut) {
+        let (tx, rx) = watch::channel(0);
+        (tx, Cut(Some(rx)))
+    }
+
+    /// Never ends an attempt (an ordered sequencer's: a key's head holds only its own key).
+    pub fn never() -> Cut {
+        Cut(None)
+    }
+
+    /// The outcome of `attempt` for the record at `offset`, or [`Failure::Held`] if the shard
+    /// ends it first (dropping it, as a timeout does). Pinned where the caller holds it: moved
+    /// in here, the attempt's future would take its room twice in every delivery's future.
+    pub async fn race<F: Future<Output = Outcome>>(&self, offset: u64, attempt: Pin<&mut F>) -> Outcome {
+        let started = std::time::Instant::now();
+        tokio::select! {
+            // The cut first: an attempt reaching here already cut is not started at all.
+            biased;
+            () = self.reached(offset) => {
+                let after = started.elapsed();
+                let after_ms = after.as_millis().min(u64::MAX as u128) as u64;
+                Outcome::failed(Failure::Held { after_ms }, after)
+            }
+            outcome = attempt => outcome,
+        }
+    }
+
+    /// Resolves once the record at `offset` is to end; never, for [`Cut::never`] or once its
+    /// shard is gone.
+    async fn reached(&self, offset: u64) {
+        if let Some(rx) = &self.0 {
+            if rx.clone().wait_for(|&below| offset < below).await.is_ok() {
+                return;
+            }
+        }
+        std::future::pending().await
     }
 }
 
@@ -175,6 +230,17 @@ impl Window {
     pub fn held(&self) -> usize {
         self.pending.len()
     }
+
+    /// With more than `keep` offsets held, the offset below which attempts still in flight
+    /// should end ([`Cut`]): those among the oldest beyond `keep` that have aged (as of the
+    /// last [`Window::age`]); `None` when none should.
+    pub fn cut_below(&self, keep: usize) -> Option<u64> {
+        let over = self.pending.len().checked_sub(keep).filter(|&n| n > 0)?;
+        let through = self.aged_through?;
+        let (last, ..) = self.pending[over - 1];
+        let below = last.min(through) + 1;
+        self.pending.front().is_some_and(|&(front, ..)| front < below).then_some(below)
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +299,63 @@ mod tests {
         w.finish(3);
         w.finish(5);
         assert_eq!((w.in_flight(), w.young(), w.held()), (0, 0, 0));
+    }
+
+    #[test]
+    fn only_aged_attempts_among_the_oldest_past_keep_are_cut() {
+        let mut w = Window::default();
+        let t0 = Instant::now();
+        for o in 0..4 {
+            assert!(w.start_at(o, t0));
+        }
+        for o in 4..10 {
+            assert!(w.start_at(o, t0 + YOUNG));
+        }
+        assert_eq!(w.cut_below(6), None, "nothing has aged");
+        w.age(t0 + YOUNG);
+        assert_eq!(w.cut_below(10), None, "not past keep");
+        assert_eq!(w.cut_below(8), Some(2), "the two oldest");
+        assert_eq!(w.cut_below(3), Some(4), "the aged ones only: 4.. are young");
+        w.finish(0);
+        assert_eq!(w.cut_below(3), Some(4));
+        for o in 4..10 {
+            w.finish(o);
+        }
+        assert_eq!(w.cut_below(3), Some(4), "done behind one in flight still counts as held");
+        for o in 1..4 {
+            w.finish(o);
+        }
+        assert_eq!((w.held(), w.cut_below(0)), (0, None));
+    }
+
+    #[tokio::test]
+    async fn a_cut_ends_the_attempts_below_it_and_never_ends_none() {
+        let (tx, cut) = Cut::channel();
+        let hang = || std::future::pending::<Outcome>();
+        let below = tokio::spawn({
+            let cut = cut.clone();
+            async move { cut.race(4, std::pin::pin!(hang())).await }
+        });
+        let above = tokio::spawn({
+            let cut = cut.clone();
+            async move { cut.race(5, std::pin::pin!(hang())).await }
+        });
+        tx.send_replace(5);
+        let ended = below.await.unwrap();
+        assert_eq!(ended.label(), "timeout");
+        assert!(matches!(ended.failure(), Some(Failure::Held { .. })), "{ended:?}");
+        let waited = tokio::time::timeout(Duration::from_millis(50), above).await;
+        assert!(waited.is_err(), "offset 5 is not below 5: still in flight");
+        let done = Outcome::Delivered { status: 200, latency: Duration::ZERO, response: None };
+        assert_eq!(Cut::never().race(0, std::pin::pin!(async { done.clone() })).await, done);
+        drop(tx);
+        let (gone, cut) = Cut::channel();
+        drop(gone);
+        let later = async {
+            tokio::time::sleep(Duration::from_millis(10)).await; // an attempt that takes a while
+            done.clone()
+        };
+        assert_eq!(cut.race(0, std::pin::pin!(later)).await, done, "a gone shard ends nothing");
     }
 
     #[test]

@@ -56,6 +56,16 @@ pub enum Failure {
         /// The timeout, ms.
         after_ms: u64,
     },
+    /// Ended by Herald before its timeout: it held back its partition's commit point (see
+    /// `dispatch::window::Cut`), so it is sent again later, as a timed-out one would be.
+    #[error(
+        "ended after {}: it held back its partition's commit point (dispatch.max_uncommitted) while later deliveries went on",
+        humantime::format_duration(Duration::from_millis(*after_ms))
+    )]
+    Held {
+        /// How long it had been in flight, ms.
+        after_ms: u64,
+    },
     /// The connection could not be made or broke (DNS, refused, reset).
     #[error("connection failed: {detail}")]
     Connect {
@@ -214,7 +224,7 @@ impl Failure {
             }
             Failure::EdgeOffline { device } => Failure::EdgeOffline { device: cut(device) },
             Failure::EdgeBusy { device } => Failure::EdgeBusy { device: cut(device) },
-            f @ (Failure::Status { .. } | Failure::Timeout { .. } | Failure::Nacked) => f,
+            f @ (Failure::Status { .. } | Failure::Timeout { .. } | Failure::Held { .. } | Failure::Nacked) => f,
         }
     }
 
@@ -222,7 +232,7 @@ impl Failure {
     pub fn label(&self) -> &'static str {
         match self {
             Failure::Status { .. } => "failed",
-            Failure::Timeout { .. } => "timeout",
+            Failure::Timeout { .. } | Failure::Held { .. } => "timeout",
             Failure::Connect { .. } => "connect_error",
             Failure::Tls { .. } => "tls_error",
             Failure::Refused { .. } => "refused",

@@ -1,6 +1,7 @@
 //! Retries through the durable delay tiers, dead letters and replay, 410s, Retry-After, and
 //! freedom from head-of-line blocking, with policies scaled down to milliseconds.
 
+use crate::support::metrics::scrape;
 use crate::support::{eventually, until, Behaviour, Receiver, TestHerald};
 use serde_json::json;
 use std::collections::HashMap;
@@ -246,7 +247,7 @@ async fn healthy_latency_beside(
     max_in_flight: u32,
     timeout: &str,
 ) -> Duration {
-    healthy_latency_beside_of(h, rx, path, max_in_flight, timeout, None).await
+    healthy_latency_beside_of(h, rx, path, max_in_flight, timeout, None, 60).await
 }
 
 /// [`healthy_latency_beside`], the other endpoint's subscription made for `tenant` (the
@@ -258,6 +259,7 @@ async fn healthy_latency_beside_of(
     max_in_flight: u32,
     timeout: &str,
     tenant: Option<&str>,
+    events: usize,
 ) -> Duration {
     let fast = h.api.subscribe(json!({ "url": rx.url("/fast") })).await;
     let partition = |id: &serde_json::Value| herald::log::partition_for(id.as_str().unwrap().as_bytes(), 8);
@@ -280,7 +282,7 @@ async fn healthy_latency_beside_of(
     assert!(other.is_some(), "found a subscription on the same partition");
 
     let mut sent = HashMap::new();
-    for i in 0..60 {
+    for i in 0..events {
         let id = format!("hol-{i}");
         sent.insert(id.clone(), Instant::now());
         if let Some(tenant) = tenant {
@@ -294,7 +296,7 @@ async fn healthy_latency_beside_of(
         }
         tokio::time::sleep(Duration::from_millis(20)).await; // pacing the producer, not synchronisation
     }
-    let got = rx.wait_on("/fast", 60).await;
+    let got = rx.wait_on("/fast", events).await;
     got.iter().map(|r| r.at - sent[r.header("webhook-id")]).max().unwrap()
 }
 
@@ -339,9 +341,44 @@ async fn a_tenant_s_hanging_endpoint_with_more_slots_than_the_window_does_not_ho
     let h = TestHerald::start_with(|c| c.dispatch.window = 8).await;
     let rx = Receiver::start().await;
     rx.behave("/stuck", Behaviour::Hang);
-    let worst = healthy_latency_beside_of(&h, &rx, "/stuck", 16, "5s", Some("mallory")).await;
+    let worst = healthy_latency_beside_of(&h, &rx, "/stuck", 16, "5s", Some("mallory"), 60).await;
     eprintln!("head-of-line test: worst healthy latency {worst:?} beside another tenant's endpoint with 16 slots");
     assert!(worst < Duration::from_millis(2500), "healthy endpoint delayed {worst:?}");
+}
+
+/// A delivery in flight holds back its partition's commit point, and at
+/// `dispatch.max_uncommitted` offsets held the partition started nothing more until it ended:
+/// one tenant's endpoint that hangs, with a long timeout, stopped every tenant's deliveries
+/// there (here from about 2 s in, for 18 s; five minutes at the largest timeout). Past half the
+/// limit, the attempts holding it back that have aged are ended and retried (outcome
+/// `timeout`), so the others go on, and the ended attempt is retried.
+#[tokio::test]
+async fn a_hanging_delivery_does_not_stop_its_partition_at_max_uncommitted() {
+    let h = TestHerald::start_with(|c| {
+        c.dispatch.window = 8;
+        // Two offsets a 20 ms (an event for each tenant): held past 200 after 2 s.
+        c.dispatch.max_uncommitted = 200;
+    })
+    .await;
+    let rx = Receiver::start().await;
+    rx.behave("/stuck", Behaviour::Hang);
+    let worst = healthy_latency_beside_of(&h, &rx, "/stuck", 1, "20s", Some("mallory"), 250).await;
+    eprintln!("commit-point test: worst healthy latency {worst:?} beside another tenant's hanging deliveries");
+    assert!(worst < Duration::from_millis(2500), "healthy endpoint delayed {worst:?}");
+    // On record as a timeout saying why, with its next attempt scheduled.
+    let api = h.api.clone();
+    let ended = until("an ended attempt on record", Duration::from_secs(10), || async {
+        let (_, page) = api.get("/v1/attempts?tenant=mallory&outcome=timeout").await;
+        page["items"]
+            .as_array()?
+            .iter()
+            .find(|a| a["error"].as_str().is_some_and(|e| e.contains("commit point")))
+            .cloned()
+    })
+    .await;
+    assert!(ended["next_attempt_at"].is_string(), "{ended}");
+    let m = scrape(&h.api).await;
+    assert!(m.value("herald_attempts_total", &[("outcome", "timeout")]) >= 1.0, "counted as a timeout");
 }
 
 /// An endpoint that answers every request, but at 200 ms with two at a time (10 a second
