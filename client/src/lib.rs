@@ -343,17 +343,20 @@ impl Client {
         self.call(Method::GET, &path, None).await
     }
 
-    /// Accepted events, newest first.
+    /// Accepted events, newest first, a page at a time: go on with `cursor` = the page's
+    /// `next` until it is `None`.
     pub async fn events(
         &self,
         event_type: Option<&str>,
         tenant: Option<&str>,
         limit: Option<usize>,
+        cursor: Option<&str>,
     ) -> Result<Page<Value>, Error> {
         let q = query(&[
             ("type", event_type.map(str::to_string)),
             ("tenant", tenant.map(str::to_string)),
             ("limit", limit.map(|l| l.to_string())),
+            ("cursor", cursor.map(str::to_string)),
         ]);
         self.typed(Method::GET, &format!("/v1/events{q}"), None).await
     }
@@ -464,9 +467,22 @@ impl Client {
 
     // ---- dead letters
 
-    /// Dead letters, of a subscription or tenant if named.
-    pub async fn dead_letters(&self, subscription: Option<&str>, tenant: Option<&str>) -> Result<Page<Value>, Error> {
-        let q = query(&[("subscription", subscription.map(str::to_string)), ("tenant", tenant.map(str::to_string))]);
+    /// Dead letters, of a subscription or tenant if named, a page at a time. A page may be
+    /// short, even empty, and still have a `next` (each looks at a bounded stretch of the
+    /// topic): go on with `cursor` = the page's `next` until it is `None`.
+    pub async fn dead_letters(
+        &self,
+        subscription: Option<&str>,
+        tenant: Option<&str>,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> Result<Page<Value>, Error> {
+        let q = query(&[
+            ("subscription", subscription.map(str::to_string)),
+            ("tenant", tenant.map(str::to_string)),
+            ("limit", limit.map(|l| l.to_string())),
+            ("cursor", cursor.map(str::to_string)),
+        ]);
         self.typed(Method::GET, &format!("/v1/dlq{q}"), None).await
     }
 

@@ -12,7 +12,9 @@ Every refusal raises HeraldError with the status, the error code and the field t
 import base64
 import hashlib
 import hmac
+import http.client
 import json
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -33,15 +35,33 @@ def _segment(value):
     return urllib.parse.quote(str(value), safe="")
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Herald never redirects: a 3xx comes from something in front of it, and following it
+    would turn a POST into a GET (answered 200 with nothing done) and send the token to the
+    address it names."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def _query(**params):
     kept = {k: v for k, v in params.items() if v is not None}
     return "?" + urllib.parse.urlencode(kept) if kept else ""
 
 
 class HeraldClient:
-    """One Herald server and one token (the admin token, or a tenant's API key)."""
+    """One Herald server and one token (the admin token, or a tenant's API key).
 
-    def __init__(self, base_url, token, timeout=30):
+    `timeout` is for each answer: longer than the server's own limit on a request
+    (`api.request_timeout`, 60 s), so that the server, not the client, ends a slow one and
+    says what became of it. A request that got no answer raises HeraldError with status 0 and
+    code NO_ANSWER: it may or may not have been done (publish again with the same event ids,
+    which Herald accepts once)."""
+
+    def __init__(self, base_url, token, timeout=120):
         self.base = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -54,10 +74,14 @@ class HeraldClient:
         if data is not None:
             request.add_header("content-type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 text = response.read()
                 return json.loads(text) if text else None
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                where = e.headers.get("location", "elsewhere")
+                raise HeraldError(e.code, "REDIRECTED", f"{self.base} answered {e.code} to {where}; "
+                                  "Herald does not redirect: use the address it serves on") from None
             text = e.read()
             try:
                 error = json.loads(text).get("error", {})
@@ -65,7 +89,14 @@ class HeraldClient:
                 error = {"message": text.decode(errors="replace")}
             raise HeraldError(e.code, error.get("code", ""), error.get("message", ""), error.get("field")) from None
         except urllib.error.URLError as e:
+            if isinstance(e.reason, (socket.timeout, TimeoutError)):
+                raise HeraldError(0, "NO_ANSWER", f"{self.base} did not answer in {self.timeout} s: "
+                                  "the request may or may not have been done") from None
             raise HeraldError(0, "UNREACHABLE", f"cannot reach {self.base}: {e.reason}") from None
+        except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as e:
+            # Sent, and then no whole answer: whether it was done is not known.
+            raise HeraldError(0, "NO_ANSWER", f"{self.base} gave no answer ({e!r}): "
+                              "the request may or may not have been done") from None
 
     # events and their history
     def publish(self, event):
@@ -79,8 +110,9 @@ class HeraldClient:
     def event(self, event_id, tenant=None):
         return self.call("GET", f"/v1/events/{_segment(event_id)}" + _query(tenant=tenant))
 
-    def events(self, type=None, tenant=None, limit=None):
-        return self.call("GET", "/v1/events" + _query(type=type, tenant=tenant, limit=limit))
+    def events(self, type=None, tenant=None, limit=None, cursor=None):
+        """A page of events, newest first: go on with cursor=page["next"] until it is None."""
+        return self.call("GET", "/v1/events" + _query(type=type, tenant=tenant, limit=limit, cursor=cursor))
 
     def attempts(self, event=None, subscription=None, outcome=None, tenant=None, limit=None, cursor=None):
         query = _query(event=event, subscription=subscription, outcome=outcome, tenant=tenant, limit=limit, cursor=cursor)
@@ -137,11 +169,21 @@ class HeraldClient:
         return self.call("POST", f"/v1/tenants/{_segment(tenant_id)}/portal", {} if ttl is None else {"ttl": ttl})
 
     # dead letters
-    def dead_letters(self, subscription=None, tenant=None):
-        return self.call("GET", "/v1/dlq" + _query(subscription=subscription, tenant=tenant))
+    def dead_letters(self, subscription=None, tenant=None, limit=None, cursor=None):
+        """A page of dead letters. A page may be short, even empty, and still have a "next"
+        (each page looks at a bounded stretch of the topic): go on with cursor=page["next"]
+        until it is None."""
+        return self.call("GET", "/v1/dlq" + _query(subscription=subscription, tenant=tenant, limit=limit, cursor=cursor))
 
     def replay(self, ids=None, subscription=None):
-        return self.call("POST", "/v1/dlq/replay", {"subscription": subscription} if subscription else {"ids": ids or []})
+        """Replays the dead letters `ids` (of `subscription`, when given too), or every one of
+        `subscription` when no ids are given."""
+        body = {}
+        if ids is not None:
+            body["ids"] = list(ids)
+        if subscription is not None:
+            body["subscription"] = subscription
+        return self.call("POST", "/v1/dlq/replay", body)
 
     # edge devices
     def create_edge_device(self, name, tenant=None):
@@ -170,9 +212,10 @@ class HeraldClient:
         self.call("DELETE", f"/v1/event-types/{_segment(name)}")
 
 
-def verify_hmac(secret, body, signature, encoding="hex"):
+def verify_hmac(secret, body, signature, encoding="base64"):
     """The `hmac` scheme (PackNet, OpenTrack, Punt Uit, the Automation API): HMAC-SHA256 of the
-    body bytes exactly as received, hex or base64, compared in constant time."""
+    body bytes exactly as received, base64 (the subscription's default `encoding`) or hex,
+    compared in constant time."""
     if isinstance(body, str):
         body = body.encode()
     digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
@@ -191,7 +234,8 @@ def verify_standard(secret, msg_id, timestamp, body, signatures, tolerance=300, 
     try:
         key = base64.b64decode(secret[len("whsec_"):])
         ts = int(timestamp)
-    except ValueError:
+    except (ValueError, TypeError):
+        # A missing or malformed header is a webhook that does not verify, not an error.
         return False
     if abs((now if now is not None else time.time()) - ts) > tolerance:
         return False

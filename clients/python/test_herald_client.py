@@ -18,7 +18,7 @@ class Receiver(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length", 0)))
         Receiver.got.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(200)
+        self.send_response(500 if self.path.startswith("/fail") else 200)
         self.end_headers()
 
     def log_message(self, *args):
@@ -60,8 +60,12 @@ class LiveServer(unittest.TestCase):
         accepted = herald.publish({"id": "py-1", "type": "order.created", "tenant": tenant["id"], "data": {"n": 1}})
         self.assertEqual(accepted, {"id": "py-1", "deliveries": 2})
 
-        by_path = until("both webhooks", lambda: {p: (h, b) for p, h, b in Receiver.got} if len(Receiver.got) >= 2 else None)
+        def both():
+            by_path = {p: (h, b) for p, h, b in Receiver.got}
+            return by_path if {"/hmac", "/standard"} <= by_path.keys() else None
+        by_path = until("both webhooks", both)
         headers, body = by_path["/hmac"]
+        self.assertTrue(verify_hmac("py-secret", body, headers["x-hook-signature"]), "base64 is the default")
         self.assertTrue(verify_hmac("py-secret", body, headers["x-hook-signature"], "base64"))
         self.assertFalse(verify_hmac("py-secret", body.replace(b'"n":1', b'"n":2'), headers["x-hook-signature"], "base64"))
         self.assertFalse(verify_hmac("py-secret", body, "é", "base64"), "any header value is an answer, not an error")
@@ -70,6 +74,7 @@ class LiveServer(unittest.TestCase):
         args = (headers["webhook-id"], headers["webhook-timestamp"], body, headers["webhook-signature"])
         self.assertTrue(verify_standard(secret, *args))
         self.assertFalse(verify_standard(secret, "py-2", *args[1:]))
+        self.assertFalse(verify_standard(secret, args[0], None, body, args[3]), "no timestamp: not verified, no error")
 
         # The history, through the tenant's own key: its subscriptions only, the attempt on record.
         own = HeraldClient(herald.base, key["key"])
@@ -95,6 +100,25 @@ class LiveServer(unittest.TestCase):
             HeraldClient("http://127.0.0.1:9", "x", timeout=2).tenants()
         self.assertEqual(away.exception.status, 0)
 
+    def test_a_replay_of_chosen_ids_replays_those_only(self):
+        herald = self.herald
+        sub = herald.create_subscription({"url": self.hooks + "/fail", "retry": {"policy": "fixed", "interval": "10ms", "max_attempts": 1}})
+        for i in range(3):
+            herald.publish({"id": f"py-dl-{i}", "type": "T", "data": i})
+        entries = until("three dead letters", lambda: (lambda items: items if len(items) == 3 else None)(
+            herald.dead_letters(subscription=sub["id"])["items"]))
+        pages, cursor = [], None
+        while True:
+            page = herald.dead_letters(subscription=sub["id"], limit=2, cursor=cursor)
+            pages.append(page["items"])
+            cursor = page["next"]
+            if cursor is None:
+                break
+        self.assertEqual(sorted(e["id"] for p in pages for e in p), sorted(e["id"] for e in entries), "paged through")
+        first = entries[0]["id"]
+        report = herald.replay(ids=[first], subscription=sub["id"])
+        self.assertEqual(report["replayed"], [first], "the ids chosen, not the whole subscription")
+
     def test_the_event_type_catalogue(self):
         herald = self.herald
         herald.create_event_type({"name": "py.created", "schema": {"type": "object", "required": ["id"]}, "validate": True})
@@ -103,6 +127,50 @@ class LiveServer(unittest.TestCase):
             herald.publish({"type": "py.created", "data": {}})
         self.assertEqual(refused.exception.field, "data")
         herald.delete_event_type("py.created")
+
+
+class NotHerald(unittest.TestCase):
+    """What the client does with servers that are not Herald, or do not answer."""
+
+    def test_a_redirect_is_refused_not_followed(self):
+        seen = []
+
+        class Redirects(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                seen.append((self.command, self.path, self.headers.get("authorization")))
+                self.send_response(301)
+                self.send_header("location", "/elsewhere/v1/events")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            do_GET = do_POST
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirects)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            client = HeraldClient(f"http://127.0.0.1:{server.server_address[1]}", "hk.secret", timeout=5)
+            with self.assertRaises(HeraldError) as refused:
+                client.publish({"type": "T", "data": {}})
+            self.assertEqual((refused.exception.status, refused.exception.code), (301, "REDIRECTED"))
+            self.assertEqual(seen, [("POST", "/v1/events", "Bearer hk.secret")], "not followed")
+        finally:
+            server.shutdown()
+
+    def test_no_answer_is_a_herald_error_saying_it_may_have_been_done(self):
+        import socket
+        listener = socket.create_server(("127.0.0.1", 0))
+        accepted = []
+        threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+        try:
+            client = HeraldClient(f"http://127.0.0.1:{listener.getsockname()[1]}", "x", timeout=1)
+            with self.assertRaises(HeraldError) as silent:
+                client.publish({"type": "T", "data": {}})
+            self.assertEqual((silent.exception.status, silent.exception.code), (0, "NO_ANSWER"))
+        finally:
+            listener.close()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 //! (`clients/python/test_herald_client.py`, run with `python3`), and the Rust crate's
 //! receiver-side checks on webhooks Herald really sent.
 
-use crate::support::{spawn_herald, Receiver, TestHerald, TOKEN};
+use crate::support::{spawn_herald, until, Receiver, TestHerald, TOKEN};
 use herald_client::verify::{self, Encoding};
 use serde_json::json;
+use std::time::Duration;
 
 #[tokio::test]
 async fn the_python_client_passes_its_tests_against_a_real_server() {
@@ -26,7 +27,7 @@ async fn the_python_client_passes_its_tests_against_a_real_server() {
         tokio::time::timeout(std::time::Duration::from_secs(120), run).await.expect("bounded").expect("python3 runs");
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
-    assert!(report.contains("Ran 3 tests"), "{report}");
+    assert!(report.contains("Ran 6 tests"), "{report}");
 }
 
 #[tokio::test]
@@ -64,6 +65,19 @@ async fn the_rust_client_publishes_and_its_checks_accept_what_herald_signed() {
     let ajar = herald_client::SubscriptionFilter { breaker: Some("ajar".into()), ..Default::default() };
     let err = client.subscriptions_where(&ajar, None).await.unwrap_err();
     assert!(matches!(&err, herald_client::Error::Api { status: 400, field: Some(f), .. } if f == "breaker"), "{err}");
+
+    // Events a page at a time, on from each page's cursor.
+    client.publish(&herald_client::Event::new("order.created", json!({ "n": 2 })).id("rs-2")).await.unwrap();
+    let listed = until("both events listed", Duration::from_secs(10), || async {
+        let first = client.events(None, None, Some(1), None).await.unwrap();
+        let cursor = first.next.clone()?;
+        let second = client.events(None, None, Some(1), Some(&cursor)).await.unwrap();
+        let ids: Vec<_> =
+            first.items.iter().chain(&second.items).map(|e| e["id"].as_str().unwrap().to_string()).collect();
+        (ids.len() == 2).then_some(ids)
+    })
+    .await;
+    assert_eq!(listed, ["rs-2", "rs-1"], "newest first, one a page");
 
     // Refusals come typed, naming the field.
     let err = client.create_subscription(&json!({ "url": "not a url" })).await.unwrap_err();
