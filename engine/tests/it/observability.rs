@@ -223,6 +223,35 @@ fn docker_compose_mounts_exist_and_dependencies_are_defined() {
             }
         }
     }
+    // What is acknowledged survives the containers being made again: Kafka's log directory
+    // and Herald's data directory are on named volumes.
+    let on_volume = |svc: &str, dir: &str| {
+        services[svc]["volumes"].as_sequence().into_iter().flatten().any(|v| {
+            let (host, container) = v.as_str().unwrap().split_once(':').unwrap();
+            volumes.contains(host) && dir.starts_with(container.trim_end_matches(":ro"))
+        })
+    };
+    let kafka_logs = services["kafka"]["environment"]["KAFKA_LOG_DIRS"].as_str().expect("KAFKA_LOG_DIRS set");
+    assert!(on_volume("kafka", kafka_logs), "Kafka's {kafka_logs} is not on a named volume");
+    let config = herald::config::Config::load(Some(&root.join("deploy/herald/herald.toml")), &[]).unwrap();
+    let data_dir = config.data_dir.to_str().unwrap();
+    assert!(on_volume("herald", data_dir), "Herald's {data_dir} is not on a named volume");
+    // Tenants' webhooks reach the sink and RabbitMQ at their fixed addresses, nothing else there.
+    let fixed: BTreeSet<String> = services
+        .values()
+        .filter_map(|svc| svc["networks"]["default"]["ipv4_address"].as_str().map(|ip| format!("{ip}/32")))
+        .collect();
+    let allowed: BTreeSet<String> = config.network.allow.iter().map(|a| a.to_string()).collect();
+    assert_eq!(allowed, fixed, "network.allow opens more than the sink and RabbitMQ");
+    // Nothing without authentication published beyond loopback; the secret key required.
+    for (name, svc) in services {
+        for port in svc["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            assert!(name.as_str() == Some("herald") || port.starts_with("127.0.0.1:"), "{name:?} publishes {port}");
+        }
+    }
+    assert!(services["herald"]["environment"]["HERALD_SECRET_KEY"].as_str().is_some_and(|v| v.contains(":?")));
+
     // Prometheus loads the rule file at the path it is mounted to.
     let prom: serde_norway::Value =
         serde_norway::from_slice(&std::fs::read(root.join("deploy/prometheus/prometheus.yml")).unwrap()).unwrap();
