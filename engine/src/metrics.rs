@@ -31,6 +31,8 @@ pub const RETRIES_SCHEDULED: &str = "herald_retries_scheduled_total";
 pub const DEFERRED: &str = "herald_deliveries_deferred_total";
 /// Ordered subscriptions' keys whose head has failed or is held after a dead letter.
 pub const ORDERED_KEYS_BLOCKED: &str = "herald_ordered_keys_blocked";
+/// Bytes of ordered deliveries' records held in memory: heads, and those buffered behind them.
+pub const ORDERED_HELD_BYTES: &str = "herald_ordered_held_bytes";
 /// Deliveries parked in the dead-letter topic.
 pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
 /// Deliveries whose processing panicked twice, parked in the dead-letter topic.
@@ -115,6 +117,7 @@ pub const ALL: &[&str] = &[
     HISTORY_EXPIRED,
     HISTORY_LATE,
     ORDERED_KEYS_BLOCKED,
+    ORDERED_HELD_BYTES,
 ];
 
 /// Fine below 10 ms, where the latency budget of a healthy delivery lies (a p99 read from
@@ -388,6 +391,10 @@ fn describe() {
     describe_gauge!(
         ORDERED_KEYS_BLOCKED,
         "Keys of ordered subscriptions whose head delivery has failed (or is held after a dead letter), on the partitions this process sequences: their later deliveries wait."
+    );
+    describe_gauge!(
+        ORDERED_HELD_BYTES,
+        "Bytes of ordered deliveries' records held in memory (heads, at most 32 MiB a partition, and those buffered behind them, as much again), on the partitions this process sequences."
     );
     describe_gauge!(SUBSCRIPTIONS, "Subscriptions in the registry.");
     describe_gauge!(SUBSCRIPTIONS_DISABLED, "Subscriptions disabled.");

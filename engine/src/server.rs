@@ -527,6 +527,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     let keys = ordered_keys.clone();
     metrics.on_scrape(move || {
         metrics::gauge!(crate::metrics::ORDERED_KEYS_BLOCKED).set(keys.count() as f64);
+        metrics::gauge!(crate::metrics::ORDERED_HELD_BYTES).set(keys.held_bytes() as f64);
         let (total, disabled) = registry.counts();
         metrics::gauge!(crate::metrics::SUBSCRIPTIONS).set(total as f64);
         metrics::gauge!(crate::metrics::SUBSCRIPTIONS_DISABLED).set(disabled as f64);

@@ -40,6 +40,13 @@ pub const BUFFER: usize = 32;
 /// it a key's next deliveries are read back from the log one at a time.
 pub const MAX_HELD_BYTES: usize = 32 << 20;
 
+/// Bytes of heads' records held in memory per partition at most. Past it, a new head is kept
+/// without its record, and a head that failed or is held after a dead letter lets its record
+/// go: each is read back from the log when it is attempted (or skipped). Without it, a
+/// tenant's keys failing on purpose held every head whole — ten thousand keys of a megabyte
+/// each, ten gigabytes a partition.
+pub const MAX_HEAD_BYTES: usize = 32 << 20;
+
 /// Records read at a time when looking for a key's next deliveries.
 const SCAN_PAGE: usize = 512;
 
@@ -184,6 +191,8 @@ pub struct BlockedKey {
 #[derive(Default)]
 pub struct OrderedKeys {
     blocked: Mutex<BTreeMap<LaneId, BlockedKey>>,
+    /// Bytes of records each partition's sequencer holds in memory.
+    held: Mutex<HashMap<u32, usize>>,
 }
 
 impl OrderedKeys {
@@ -196,6 +205,19 @@ impl OrderedKeys {
     /// Blocked keys in all.
     pub fn count(&self) -> usize {
         self.blocked.lock().unwrap().len()
+    }
+
+    /// Bytes of records held in memory over all partitions (`herald_ordered_held_bytes`).
+    pub fn held_bytes(&self) -> usize {
+        self.held.lock().unwrap().values().sum()
+    }
+
+    fn hold(&self, partition: u32, bytes: usize) {
+        let mut held = self.held.lock().unwrap();
+        match bytes {
+            0 => held.remove(&partition),
+            n => held.insert(partition, n),
+        };
     }
 
     fn set(&self, lane: &LaneId, view: Option<BlockedKey>) {
@@ -222,8 +244,12 @@ enum HeadState {
 
 /// One key with something outstanding.
 struct Lane {
-    /// The head's record, as read (its offset is the head's identity).
+    /// The head's record, as read (its offset is the head's identity); its value is empty
+    /// while `evicted`.
     head: LogRecord,
+    /// The head's record is not held in memory (see [`MAX_HEAD_BYTES`]): it is read back from
+    /// the log when it is attempted.
+    evicted: bool,
     /// The head's event (for the API).
     event: String,
     /// Its next attempt's number and due time (the record's own, until a marker says more).
@@ -265,6 +291,7 @@ impl Lane {
         let mut lane = Lane {
             scan_from: head.offset + 1,
             head: head.clone(),
+            evicted: false,
             event: String::new(),
             attempt: 0,
             due_ms: 0,
@@ -286,6 +313,7 @@ impl Lane {
     /// `head` (the delivery `d`) becomes the key's head, waiting for its first attempt.
     fn take_head(&mut self, head: LogRecord, d: &Delivery) {
         self.head = head;
+        self.evicted = false;
         self.event = d.event_id.clone();
         self.attempt = d.attempt;
         self.due_ms = d.due_ms;
@@ -302,15 +330,24 @@ impl Lane {
         self.budget_floor = self.budget_floor.max(self.skip_at.unwrap_or_else(now_ms));
     }
 
-    /// The head's delivery record as it is to be attempted now (its attempt and due time).
-    fn attempt_record(&self) -> Option<LogRecord> {
-        let d = Delivery::decode(self.head.value.clone()).ok()?;
-        let budget_ms = d.budget_ms.max(self.budget_floor);
-        if (d.attempt, d.due_ms, d.budget_ms) == (self.attempt, self.due_ms, budget_ms) {
-            return Some(self.head.clone()); // its first attempt, as most are: no copy
+    /// The head's delivery record as it is to be attempted now (its attempt and due time),
+    /// or what to read back from the log to make it.
+    fn attempt_record(&self) -> HeadRecord {
+        let at = AsAttempted { attempt: self.attempt, due_ms: self.due_ms, budget_floor: self.budget_floor };
+        if self.evicted {
+            HeadRecord::InLog(self.head.offset, at)
+        } else {
+            HeadRecord::Held(at.made(self.head.clone()))
         }
-        let d = Delivery { attempt: self.attempt, due_ms: self.due_ms, budget_ms, ..d };
-        Some(LogRecord { value: d.encode(), ..self.head.clone() })
+    }
+
+    /// Lets the head's record go from memory (it is read back when needed); returns its bytes.
+    fn evict(&mut self) -> usize {
+        if self.evicted {
+            return 0;
+        }
+        self.evicted = true;
+        std::mem::take(&mut self.head.value).len()
     }
 
     /// Blocked: its head failed at least once, or is held after a dead letter.
@@ -341,6 +378,56 @@ enum Done {
 
 /// An attempt (or skip) that ended: its lane, head, what it came to, and the marker that must
 /// be durable before that takes effect.
+/// A head's record to attempt: held in memory, or to be read back from the log at its offset.
+enum HeadRecord {
+    Held(Option<LogRecord>),
+    InLog(u64, AsAttempted),
+}
+
+/// What a head's record says at its next attempt (the record's own, until markers said more).
+#[derive(Debug, Clone, Copy)]
+struct AsAttempted {
+    attempt: u32,
+    due_ms: i64,
+    budget_floor: i64,
+}
+
+impl AsAttempted {
+    /// `head` as it is to be attempted; `None` if it is not a delivery.
+    fn made(self, head: LogRecord) -> Option<LogRecord> {
+        let d = Delivery::decode(head.value.clone()).ok()?;
+        let budget_ms = d.budget_ms.max(self.budget_floor);
+        if (d.attempt, d.due_ms, d.budget_ms) == (self.attempt, self.due_ms, budget_ms) {
+            return Some(head); // its first attempt, as most are: no copy
+        }
+        let d = Delivery { attempt: self.attempt, due_ms: self.due_ms, budget_ms, ..d };
+        Some(LogRecord { value: d.encode(), ..head })
+    }
+}
+
+/// Where a sequencer reads a head's record back from.
+#[derive(Clone)]
+struct Source {
+    log: Arc<dyn Log>,
+    topic: String,
+    partition: u32,
+}
+
+impl HeadRecord {
+    /// The record to attempt, read back from the log if it is not held; `Err` when that read
+    /// failed (the head is tried again later), `Ok(None)` when it is not a delivery.
+    async fn fetch(self, from: &Source) -> Result<Option<LogRecord>, LogError> {
+        match self {
+            HeadRecord::Held(rec) => Ok(rec),
+            HeadRecord::InLog(offset, at) => {
+                let (records, _) = from.log.read_partition(&from.topic, from.partition, offset, 1).await?;
+                let rec = records.into_iter().find(|r| r.offset == offset);
+                Ok(rec.and_then(|r| at.made(r)))
+            }
+        }
+    }
+}
+
 type Finished = BoxFuture<'static, (LaneId, u64, Done, Option<Marker>)>;
 /// One append of the markers gathered meanwhile; resolves to the transitions they carry.
 type Marking = BoxFuture<'static, Vec<(LaneId, u64, Done)>>;
@@ -389,6 +476,8 @@ struct Sequencer {
     unread: VecDeque<LogRecord>,
     /// Bytes of later deliveries held in memory over all keys (about [`MAX_HELD_BYTES`] at most).
     held: usize,
+    /// Bytes of heads' records held in memory (at most [`MAX_HEAD_BYTES`]).
+    head_bytes: usize,
     /// The offset after the last record applied.
     read_to: u64,
     /// The partition's end when the sequencer started: until it is read, nothing is attempted.
@@ -462,6 +551,7 @@ pub async fn run(
         scan: None,
         unread: VecDeque::new(),
         held: 0,
+        head_bytes: 0,
         // Set by the first record read: a committer's idea of the committed offset can run
         // ahead of where its reader starts (Kafka's reports the end until a first commit).
         read_to: 0,
@@ -477,12 +567,17 @@ pub async fn run(
     };
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = 0;
     loop {
         seq.start_due();
         seq.read_more();
         seq.scan_more();
         seq.mark_more();
         stats.set_in_flight(seq.attempts.len());
+        if seq.held + seq.head_bytes != reported {
+            reported = seq.held + seq.head_bytes;
+            seq.keys.hold(partition, reported);
+        }
         let wake = seq.wake_at();
         tokio::select! {
             _ = crate::shutdown::stopped(&mut stop) => break,
@@ -637,7 +732,7 @@ impl Sequencer {
                 if l.buffered.len() as u64 == l.waiting - 1 && l.buffered.len() < BUFFER && self.held < MAX_HELD_BYTES {
                     l.scan_from = rec.offset + 1;
                     self.held += rec.value.len();
-                    l.buffered.push_back(rec);
+                    l.buffered.push_back(owned(rec));
                 }
                 let view = l.blocked(&lane);
                 if view.is_some() {
@@ -645,7 +740,8 @@ impl Sequencer {
                 }
             }
             None => {
-                let l = Lane::new(rec, &delivery);
+                let mut l = Lane::new(rec, &delivery);
+                take_in(&mut self.head_bytes, &mut l);
                 self.heads.insert(l.head.offset, lane.clone());
                 self.timers.insert((l.due_ms, l.head.offset));
                 self.lanes.insert(lane, l);
@@ -732,6 +828,8 @@ impl Sequencer {
         };
         self.timers.remove(&(l.due_ms, head));
         l.state = HeadState::Parked;
+        // Held until an operator acts, perhaps for days: not in memory meanwhile.
+        self.head_bytes -= l.evict();
         self.keys.set(lane, l.blocked(lane));
         if l.skip && self.live {
             self.skip_now(lane); // an operator asked while its last attempt was under way
@@ -751,6 +849,7 @@ impl Sequencer {
         self.timers.remove(&(l.due_ms, head));
         self.keys.set(lane, None);
         if l.waiting == 0 {
+            self.head_bytes -= l.evict();
             self.heads.remove(&head);
             self.lanes.remove(lane);
             return;
@@ -787,7 +886,7 @@ impl Sequencer {
         let Some(l) = self.lanes.get_mut(&lane) else { return };
         l.scan_from = scanned_to;
         // Buffered ones arrived while scanning only if none waited unbuffered: none did.
-        let mut found: VecDeque<LogRecord> = found.into();
+        let mut found: VecDeque<LogRecord> = found.into_iter().map(owned).collect();
         self.held += found.iter().map(|r| r.value.len()).sum::<usize>();
         found.extend(l.buffered.drain(..));
         l.buffered = found;
@@ -804,6 +903,7 @@ impl Sequencer {
                     "an ordered key's next deliveries were not found in the log; the key is released"
                 );
                 let head = l.head.offset;
+                self.head_bytes -= l.evict();
                 self.heads.remove(&head);
                 self.lanes.remove(&lane);
             }
@@ -822,7 +922,9 @@ impl Sequencer {
             tracing::error!(partition = self.partition, subscription = %lane.subscription, "an ordered key's count of waiting deliveries was off");
         }
         l.waiting = l.waiting.saturating_sub(1);
+        self.head_bytes -= l.evict();
         l.take_head(next, &d);
+        take_in(&mut self.head_bytes, l);
         self.heads.insert(l.head.offset, lane.clone());
         self.timers.insert((l.due_ms, l.head.offset));
         self.commit();
@@ -842,12 +944,20 @@ impl Sequencer {
                 l.state = HeadState::InFlight;
                 self.timers.remove(&(l.due_ms, l.head.offset));
                 let (head, rec) = (l.head.offset, l.attempt_record());
-                let (deliverer, lane) = (self.deliverer.clone(), lane.clone());
+                let (deliverer, lane, from) = (self.deliverer.clone(), lane.clone(), self.source());
                 self.attempts.push(
                     async move {
-                        if let (false, Some(rec)) = (parked, rec) {
-                            if let Ok(d) = Delivery::decode(rec.value.clone()) {
-                                let mut skipped = deliverer.skip(d, rec.value).await;
+                        if !parked {
+                            let rec = match rec.fetch(&from).await {
+                                Ok(rec) => rec,
+                                Err(e) => {
+                                    tracing::error!(partition = from.partition, offset = head, error = %e, "reading a skipped head back failed; trying again");
+                                    let again = Done::Again { attempt: 0, due_ms: now_ms() + 1000 };
+                                    return (lane, head, again, None);
+                                }
+                            };
+                            if let Some(d) = rec.as_ref().and_then(|r| Delivery::decode(r.value.clone()).ok()) {
+                                let mut skipped = deliverer.skip(d, rec.expect("decoded").value).await;
                                 deliverer.record_now(&mut skipped).await;
                             }
                         }
@@ -887,6 +997,11 @@ impl Sequencer {
         self.aged.remove(&head);
     }
 
+    /// Where heads' records are read back from.
+    fn source(&self) -> Source {
+        Source { log: self.log.clone(), topic: self.topic.clone(), partition: self.partition }
+    }
+
     /// Starts every head that is due, while the window has room; nothing during replay.
     fn start_due(&mut self) {
         if self.replaying() {
@@ -906,12 +1021,13 @@ impl Sequencer {
                 continue;
             }
             l.state = HeadState::InFlight;
-            let Some(rec) = l.attempt_record() else { continue };
+            let rec = l.attempt_record();
             let attempt = l.attempt;
             let at = Instant::now();
             self.started.push_back((at, head));
             self.attempting.insert(head, at);
-            self.attempts.push(attempt_head(self.deliverer.clone(), self.shares.clone(), lane, head, attempt, rec));
+            let (deliverer, shares, from) = (self.deliverer.clone(), self.shares.clone(), self.source());
+            self.attempts.push(attempt_head(deliverer, shares, from, lane, head, attempt, rec));
         }
     }
 
@@ -974,6 +1090,10 @@ impl Sequencer {
                     l.state = HeadState::Waiting;
                     l.attempt = l.attempt.max(attempt);
                     l.due_ms = due_ms;
+                    if self.head_bytes > MAX_HEAD_BYTES / 2 {
+                        // Failing heads give way to new ones: read back at their next attempt.
+                        self.head_bytes -= l.evict();
+                    }
                     self.timers.insert((due_ms, head));
                     self.keys.set(&lane, l.blocked(&lane));
                     if l.skip {
@@ -1136,6 +1256,26 @@ impl Drop for Sequencer {
         for lane in self.lanes.keys() {
             self.keys.set(lane, None);
         }
+        self.keys.hold(self.partition, 0);
+    }
+}
+
+/// A record held in memory for longer than it was read for: copied out of the read buffer it
+/// came in (a slice of up to 256 KiB of the embedded log's), which it would keep whole.
+fn owned(mut rec: LogRecord) -> LogRecord {
+    rec.value = Bytes::copy_from_slice(&rec.value);
+    rec
+}
+
+/// Holds `l`'s new head's record in memory ([`owned`]) if the partition's heads leave room,
+/// else lets it go (it is read back when attempted).
+fn take_in(head_bytes: &mut usize, l: &mut Lane) {
+    let len = l.head.value.len();
+    if *head_bytes + len <= MAX_HEAD_BYTES {
+        *head_bytes += len;
+        l.head.value = Bytes::copy_from_slice(&l.head.value);
+    } else {
+        l.evict();
     }
 }
 
@@ -1144,12 +1284,25 @@ impl Drop for Sequencer {
 fn attempt_head(
     deliverer: Arc<Deliverer>,
     shares: Arc<Shares>,
+    from: Source,
     lane: LaneId,
     head: u64,
     attempt: u32,
-    rec: LogRecord,
+    rec: HeadRecord,
 ) -> Finished {
     async move {
+        let rec = match rec.fetch(&from).await {
+            Ok(Some(rec)) => rec,
+            Ok(None) => {
+                // Gone from the log (or never a delivery): nothing to send; the key goes on.
+                tracing::error!(partition = from.partition, offset = head, "an ordered head's record is not in the log; the key goes on without it");
+                return (lane.clone(), head, Done::Settled, Some(Marker::Settled { lane, head }));
+            }
+            Err(e) => {
+                tracing::error!(partition = from.partition, offset = head, error = %e, "reading an ordered head back failed; trying again");
+                return (lane, head, Done::Again { attempt, due_ms: now_ms() + 1000 }, None);
+            }
+        };
         let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane, &shares, &Cut::never()).await {
             Ok(s) => s,
             // Boxed: rare, and it would add to every head's future.

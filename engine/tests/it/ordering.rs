@@ -968,3 +968,49 @@ async fn a_tenant_s_hanging_ordered_keys_do_not_hold_another_tenant_s() {
     let took = sent.elapsed();
     assert!(took < Duration::from_millis(2500), "another tenant's ordered deliveries waited {took:?}");
 }
+
+/// Each key with something outstanding holds its head; held whole, a tenant's keys failing
+/// on purpose held every head's record in memory — ten thousand keys of a megabyte, ten
+/// gigabytes a partition. Heads' records take at most 32 MiB a partition: past that, and once
+/// they fail, they are read back from the log when attempted, and still delivered whole.
+#[tokio::test]
+async fn failing_heads_keep_a_bounded_number_of_bytes_in_memory_and_are_read_back_whole() {
+    if crate::support::on_kafka() {
+        // librdkafka's mock cluster keeps only the last few megabytes of a partition (its low
+        // watermark rises past 40 MB of heads), so read-backs would find them gone; the bound
+        // is the sequencer's, the same on both backends.
+        return;
+    }
+    let h = TestHerald::start_with(|c| {
+        c.log.partitions = 1;
+        c.health.breaker_failures = 1_000_000;
+    })
+    .await;
+    let (rx, url) = SwitchedReceiver::start().await;
+    let sub_id =
+        holding_subscription(&h.api, url, json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1000 })).await;
+    rx.fail(true);
+    let keys = 44; // 900 KB each: about 40 MB of heads, past the 32 MiB held
+    for i in 0..keys {
+        let event = json!({ "type": "T", "data": { "key": format!("big{i}"), "pad": "x".repeat(900_000) } });
+        let (status, body) = h.api.post("/v1/events", event).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    until("every head attempted and failing", Duration::from_secs(60), || async {
+        let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+        (blocked["items"].as_array()?.len() == keys && rx.counts("big").0 == keys).then_some(())
+    })
+    .await;
+    let held = scrape(&h.api).await.value("herald_ordered_held_bytes", &[]);
+    assert!(held > 0.0 && held <= (32 << 20) as f64, "{held} bytes of heads held");
+
+    rx.fail(false);
+    until("every key delivered, read back whole", Duration::from_secs(60), || async {
+        (rx.counts("big").1 == keys).then_some(())
+    })
+    .await;
+    until("nothing held once every key settled", Duration::from_secs(10), || async {
+        (scrape(&h.api).await.value("herald_ordered_held_bytes", &[]) == 0.0).then_some(())
+    })
+    .await;
+}
