@@ -354,21 +354,41 @@ impl Api {
     }
 }
 
-/// Events, one JSON per line, sent a batch of up to 1,000 as they are read (input of any length
-/// is held a batch at a time; one line alone goes as a single event). A batch refused or lost
+/// Bytes of lines a batch holds at most: with its commas and brackets it stays within the
+/// server's largest request body (a line alone may be larger: it goes as a batch of one).
+const BATCH_BYTES: usize = herald::api::MAX_BODY_BYTES / 2;
+
+/// Events, one JSON per line, sent a batch of up to 1,000 (and [`BATCH_BYTES`]) as they are
+/// read (input of any length is held a batch at a time; one line alone goes as a single event). A batch refused or lost
 /// says which lines were accepted before it and that nothing after it was sent, since a script
 /// that sends the whole input again publishes those again (deduplicated only by their ids).
 async fn send_lines(api: &Api, input: impl BufRead) -> anyhow::Result<(Value, Shown)> {
-    let mut lines = input.lines().enumerate().filter_map(|(n, line)| match line {
-        Ok(l) if l.trim().is_empty() => None,
-        other => Some((n + 1, other)),
-    });
+    let mut lines = input
+        .lines()
+        .enumerate()
+        .filter_map(|(n, line)| match line {
+            Ok(l) if l.trim().is_empty() => None,
+            other => Some((n + 1, other)),
+        })
+        .peekable();
     let (mut items, mut accepted) = (Vec::new(), 0usize);
     let mut first = true;
     loop {
         let mut batch = Vec::new();
         let mut numbers = Vec::new();
-        for (n, line) in lines.by_ref().take(herald::api::MAX_BATCH) {
+        let mut bytes = 0;
+        while batch.len() < herald::api::MAX_BATCH {
+            // Large events close a batch early: 1,000 lines of 20 KB are past the largest body.
+            let next = match lines.peek() {
+                None => break,
+                Some((_, Ok(l))) => l.len(),
+                Some((_, Err(_))) => 0,
+            };
+            if !batch.is_empty() && bytes + next > BATCH_BYTES {
+                break;
+            }
+            bytes += next;
+            let (n, line) = lines.next().expect("peeked");
             let event = line.map_err(anyhow::Error::from).and_then(|l| Ok(serde_json::from_str::<Value>(&l)?));
             match event {
                 Ok(event) => batch.push(event),
@@ -431,7 +451,7 @@ fn read_json(path: &PathBuf) -> anyhow::Result<Value> {
 fn table(items: &[Value], columns: &[&str]) -> String {
     let cell = |item: &Value, col: &str| -> String {
         let v = if col.starts_with('/') { item.pointer(col) } else { item.get(col) };
-        match v {
+        printable(match v {
             None | Some(Value::Null) => "-".into(),
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(a)) if a.is_empty() => "-".into(),
@@ -442,7 +462,7 @@ fn table(items: &[Value], columns: &[&str]) -> String {
                 .collect::<Vec<_>>()
                 .join(","),
             Some(other) => other.to_string(),
-        }
+        })
     };
     let header: Vec<String> =
         columns.iter().map(|c| c.trim_start_matches('/').replace('/', ".").to_uppercase()).collect();
@@ -458,12 +478,22 @@ fn table(items: &[Value], columns: &[&str]) -> String {
     out.join("\n")
 }
 
+/// `text` with its control characters escaped (`\u{1b}`): names and errors come from tenants
+/// and brokers, and a terminal runs the escape sequences it is sent (clearing the screen,
+/// faking rows, writing the clipboard).
+fn printable(text: String) -> String {
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect()
+}
+
 /// One object as `key: value` lines.
 fn facts(v: &Value) -> String {
     match v.as_object() {
         Some(o) => o
             .iter()
-            .map(|(k, v)| format!("{k}: {}", v.as_str().map_or_else(|| v.to_string(), String::from)))
+            .map(|(k, v)| format!("{k}: {}", printable(v.as_str().map_or_else(|| v.to_string(), String::from))))
             .collect::<Vec<_>>()
             .join("\n"),
         None => v.to_string(),
