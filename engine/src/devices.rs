@@ -121,6 +121,9 @@ impl Devices {
         if self.get(id, tenant).is_none() {
             return Ok(false);
         }
+        // Its presence too: a withdrawal is a record of its own, which compaction would keep
+        // for ever (one more for every device made and deleted, read at every start).
+        self.feed.write(Key::presence(id).as_bytes(), Bytes::new()).await?;
         self.feed.write(Key::device(id).as_bytes(), Bytes::new()).await?;
         Ok(true)
     }
@@ -222,5 +225,25 @@ mod tests {
         apply(Bytes::from(serde_json::to_vec(&at("newer")).unwrap()));
         apply(Bytes::new());
         assert_eq!(devices.located("edg_1"), None);
+    }
+
+    /// A deleted device leaves nothing in the catalog that compaction keeps: its presence (a
+    /// withdrawal, the newest record of its key) is deleted with it.
+    #[tokio::test]
+    async fn deleting_a_device_deletes_its_presence_record_too() {
+        let stub = Arc::new(Stub::new(true, true));
+        let (feed, applied) = Feed::new(stub.clone(), "catalog".into(), 0);
+        applied.set(u64::MAX);
+        let devices = Devices::load(Arc::new(feed), &[]);
+        let (device, _) = devices.create("acme", "edge".into(), 10).await.unwrap().unwrap();
+        let created = stub.appends.lock().unwrap().last().unwrap()[0].clone();
+        let key = |k: String| Bytes::from(k.into_bytes());
+        let record = LogRecord { partition: 0, offset: 0, key: created.key, value: created.value, timestamp_ms: 0 };
+        devices.apply(Entry { kind: Kind::Device, id: device.id.clone(), record: &record });
+        assert!(devices.delete(&device.id, Some("acme")).await.unwrap());
+        let appends = stub.appends.lock().unwrap();
+        let newest = |k: &Bytes| appends.iter().flatten().rev().find(|r| &r.key == k).map(|r| r.value.clone());
+        assert_eq!(newest(&key(Key::device(&device.id))), Some(Bytes::new()), "the device's tombstone");
+        assert_eq!(newest(&key(Key::presence(&device.id))), Some(Bytes::new()), "its presence's tombstone");
     }
 }
