@@ -427,8 +427,15 @@ impl Registry {
             if !same_url(&spec.url, &old.spec.url) && self.has_url(&old.tenant, &spec.url, Some(id)) {
                 return Err(Self::url_taken());
             }
+            let disabled_reason = if spec.enabled { None } else { old.disabled_reason.clone() };
+            if spec == old.spec && disabled_reason == old.disabled_reason {
+                // Nothing to change: nothing written (each record stays in the catalog until
+                // compaction, and every process applies it — a tenant PATCHing `{}` at its
+                // request rate grew the catalog every start reads).
+                return Ok(Some(current));
+            }
             let sub = Subscription {
-                disabled_reason: if spec.enabled { None } else { old.disabled_reason.clone() },
+                disabled_reason,
                 updated_at: rfc3339_ms(now_ms()),
                 spec,
                 based_on: base,

@@ -272,3 +272,23 @@ async fn a_rotated_hmac_subscription_may_change_to_the_standard_scheme() {
     assert!(!sig.contains(' '), "one signature: {sig}");
     assert!(verifier.verify(got.header("webhook-id"), got.header("webhook-timestamp"), &got.body, sig));
 }
+
+/// A PATCH that changes nothing writes nothing: each record stays in the catalog until
+/// compaction and every process applies it, and a tenant PATCHing `{}` at its request rate
+/// grew what every start reads. It answers the subscription as it stands.
+#[tokio::test]
+async fn a_patch_that_changes_nothing_writes_nothing() {
+    let h = TestHerald::start().await;
+    let sub = h.api.subscribe(json!({ "url": "https://hooks.example.com/same", "rate_limit": 5.0 })).await;
+    let id = sub["id"].as_str().unwrap();
+    let end = || async { h.herald.log().end_offset("herald.subscriptions", 0).await.unwrap() };
+    let before = end().await;
+    for patch in [json!({}), json!({ "rate_limit": 5.0 }), json!({ "url": "https://hooks.example.com/same" })] {
+        let (status, body) = h.api.patch(&format!("/v1/subscriptions/{id}"), patch.clone()).await;
+        assert_eq!((status.as_u16(), &body["id"], &body["rate_limit"]), (200, &sub["id"], &json!(5.0)), "{patch}");
+    }
+    assert_eq!(end().await, before, "nothing written");
+    let (status, body) = h.api.patch(&format!("/v1/subscriptions/{id}"), json!({ "rate_limit": 6.0 })).await;
+    assert_eq!((status.as_u16(), &body["rate_limit"]), (200, &json!(6.0)));
+    assert!(end().await > before, "a change is written");
+}
