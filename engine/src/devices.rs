@@ -242,7 +242,7 @@ mod tests {
         devices.apply(Entry { kind: Kind::Device, id: device.id.clone(), record: &record });
         assert!(devices.delete(&device.id, Some("acme")).await.unwrap());
         let appends = stub.appends.lock().unwrap();
-        let newest = |k: &Bytes| appends.iter().flatten().rev().find(|r| &r.key == k).map(|r| r.value.clone());
+        let newest = |k: &Bytes| appends.iter().flatten().rev().find(|r| r.key == k).map(|r| r.value.clone());
         assert_eq!(newest(&key(Key::device(&device.id))), Some(Bytes::new()), "the device's tombstone");
         assert_eq!(newest(&key(Key::presence(&device.id))), Some(Bytes::new()), "its presence's tombstone");
     }

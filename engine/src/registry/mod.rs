@@ -434,13 +434,8 @@ impl Registry {
                 // request rate grew the catalog every start reads).
                 return Ok(Some(current));
             }
-            let sub = Subscription {
-                disabled_reason,
-                updated_at: rfc3339_ms(now_ms()),
-                spec,
-                based_on: base,
-                ..old.clone()
-            };
+            let sub =
+                Subscription { disabled_reason, updated_at: rfc3339_ms(now_ms()), spec, based_on: base, ..old.clone() };
             return Ok(Some(self.store(sub).await?));
         }
         Err(RegistryError::Conflict)
@@ -666,13 +661,16 @@ impl Registry {
             let given = secret.clone();
             let mut sub = validate::new_subscription(tenant, spec, secret).map_err(at)?;
             sub.id = id.clone();
-            if let Some(current) = self.get(&id) {
+            if let Some((current, version)) = self.current(&id) {
                 // Unsigned webhooks have a generated secret nobody uses: it does not count.
                 let same_secret = given.is_none_or(|s| s == current.sub.secret);
                 if same_secret && current.sub.spec == sub.spec && current.sub.tenant == sub.tenant {
                     continue;
                 }
                 sub.created_at = current.sub.created_at.clone();
+                // A change of what stands: one landing meanwhile (a PATCH through another
+                // process) makes it a conflict, not undone by it.
+                sub.based_on = version;
             }
             self.store(sub).await?;
             tracing::info!(subscription = %id, "static webhook from the config file");
@@ -710,8 +708,10 @@ impl Registry {
         let _serial = self.writes.lock().await;
         let n = stale.len();
         for id in stale {
-            if let Some(current) = self.get(&id) {
-                self.write(&current.sub).await?;
+            // Made from the version read here: a change landing meanwhile (a PATCH through
+            // another process) makes this a conflict, rather than this undoing it everywhere.
+            if let Some((current, version)) = self.current(&id) {
+                self.write(&Subscription { based_on: version, ..current.sub.clone() }).await?;
             }
         }
         if n > 0 {
@@ -1058,6 +1058,34 @@ mod tests {
             let err = registry.create("t".into(), spec, None, 100).await.expect_err("refused");
             assert!(matches!(err, RegistryError::Invalid(ref i) if i.field == "url"), "{url}: {err}");
         }
+    }
+
+    /// A static webhook changed in the config file is written as a change of the version this
+    /// process read (`based_on`): one landing meanwhile through another process (a PATCH, a
+    /// breaker disabling it) makes it a conflict. Written with none, it undid that change in
+    /// every process.
+    #[tokio::test]
+    async fn a_static_webhook_changed_in_the_file_is_written_as_a_change_of_what_was_read() {
+        let stub = Arc::new(Stub::new(true, true));
+        let (feed, applied) = Feed::new(stub.clone(), "catalog".into(), 0);
+        applied.set(u64::MAX); // nobody follows here: records are applied by hand below
+        let registry = Registry::load(Arc::new(feed), &[], Rules::default(), HealthConfig::default());
+        let webhook = |endpoint: &str| -> StaticWebhook {
+            serde_json::from_value(serde_json::json!({ "name": "x", "endpoint": endpoint })).unwrap()
+        };
+        let last = || {
+            let appends = stub.appends.lock().unwrap();
+            let rec = appends.last().unwrap()[0].clone();
+            LogRecord { partition: 0, offset: 5, timestamp_ms: 0, key: rec.key, value: rec.value }
+        };
+        // What each write then became is not the point (nothing applies records here but
+        // this test): what was written is.
+        let _ = registry.sync_static(&[webhook("https://h.example/1")]).await;
+        let made = last();
+        registry.apply(Entry { kind: Kind::Subscription, id: "static-x".into(), record: &made });
+        let _ = registry.sync_static(&[webhook("https://h.example/2")]).await;
+        let changed: serde_json::Value = serde_json::from_slice(&last().value).unwrap();
+        assert_eq!(changed["based_on"], 5, "{changed}");
     }
 
     /// Process A deletes a subscription while process B, not having read the tombstone yet,
