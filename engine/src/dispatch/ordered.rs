@@ -86,6 +86,12 @@ pub enum Marker {
         lane: LaneId,
         /// The head's offset.
         head: u64,
+        /// It was held after a dead letter and is released (an operator's skip, or its
+        /// subscription no longer holding keys): the key's later deliveries' budgets start
+        /// here. Said by the marker itself, since a sequencer that starts past the head's
+        /// `Blocked` marker (committed beyond it) would not know it. An optional last byte,
+        /// which versions before it ignore.
+        released: bool,
     },
     /// The head was dead-lettered and its subscription holds the key until an operator skips it.
     Blocked {
@@ -135,7 +141,13 @@ impl Marker {
                 buf.put_u32_le(*attempt);
                 buf.put_i64_le(*due_ms);
             }
-            Marker::Settled { head, .. } | Marker::Blocked { head, .. } => buf.put_u64_le(*head),
+            Marker::Settled { head, released, .. } => {
+                buf.put_u64_le(*head);
+                if *released {
+                    buf.put_u8(1);
+                }
+            }
+            Marker::Blocked { head, .. } => buf.put_u64_le(*head),
             Marker::Skip { event, .. } => put_str(&mut buf, event.as_deref().unwrap_or("")),
         }
         Record { key: Bytes::copy_from_slice(lane.subscription.as_bytes()), value: buf.freeze() }
@@ -157,7 +169,10 @@ impl Marker {
                 }
                 Marker::Attempted { lane, head, attempt: value.get_u32_le(), due_ms: value.get_i64_le() }
             }
-            2 => Marker::Settled { lane, head: head(&mut value)? },
+            2 => {
+                let head = head(&mut value)?;
+                Marker::Settled { lane, head, released: value.remaining() >= 1 && value.get_u8() == 1 }
+            }
             3 => Marker::Blocked { lane, head: head(&mut value)? },
             4 => Marker::Skip { lane, event: get_str(&mut value).ok().filter(|e| !e.is_empty()) },
             _ => return None,
@@ -756,14 +771,15 @@ impl Sequencer {
             Marker::Attempted { lane, head, attempt, due_ms } => {
                 self.again(&lane, head, attempt, due_ms);
             }
-            Marker::Settled { lane, head } => {
-                if self.older_head_settled(&lane, head, at_ms) {
+            Marker::Settled { lane, head, released } => {
+                let released = released.then_some(at_ms);
+                if self.older_head_settled(&lane, head, at_ms, released.is_some()) {
                     return;
                 }
                 let l = self.lanes.get_mut(&lane).filter(|l| l.head.offset == head && l.state == HeadState::InFlight);
                 match l {
                     Some(l) => l.settled_elsewhere = true,
-                    None => self.release(&lane, head),
+                    None => self.release(&lane, head, released),
                 }
             }
             Marker::Blocked { lane, head } => match self.lanes.get_mut(&lane) {
@@ -791,11 +807,11 @@ impl Sequencer {
     /// and if that head held the key (or a skip released it), this is the key's release,
     /// which the later deliveries' budgets start from (as `Lane::released` does live; a skip
     /// of a head that was only retrying gives them that much more, no less). Whether it was one.
-    fn older_head_settled(&mut self, lane: &LaneId, head: u64, at_ms: i64) -> bool {
+    fn older_head_settled(&mut self, lane: &LaneId, head: u64, at_ms: i64, released: bool) -> bool {
         // A head this sequencer took on after settling the one before: a late marker of that
         // one (its own read back, or a last owner's after a takeover) says nothing of skips.
         let Some(l) = self.lanes.get_mut(lane).filter(|l| head < l.head.offset && l.inherited) else { return false };
-        if l.skip || l.parked_before == Some(head) {
+        if l.skip || released || l.parked_before == Some(head) {
             l.budget_floor = l.budget_floor.max(l.skip_at.unwrap_or(at_ms));
         }
         l.skip = false;
@@ -838,13 +854,16 @@ impl Sequencer {
 
     /// The head at `head` is settled: the key's next delivery becomes its head (found in the
     /// log when none is buffered), or the lane is done.
-    fn release(&mut self, lane: &LaneId, head: u64) {
+    /// `released`: when its marker said it released the key (see `Marker::Settled`).
+    fn release(&mut self, lane: &LaneId, head: u64, released: Option<i64>) {
         let Some(l) = self.lanes.get_mut(lane).filter(|l| l.head.offset == head) else { return };
         if l.state == HeadState::Scanning {
             return;
         }
-        if l.state == HeadState::Parked && l.skip {
-            l.released(); // by an operator's skip, as a replay reads it (live: `skip_now`)
+        if l.state == HeadState::Parked && (l.skip || released.is_some()) {
+            // By an operator's skip or the sweep, as a replay reads it (live: `skip_now`).
+            l.skip_at = l.skip_at.or(released);
+            l.released();
         }
         self.timers.remove(&(l.due_ms, head));
         self.keys.set(lane, None);
@@ -961,7 +980,7 @@ impl Sequencer {
                                 deliverer.record_now(&mut skipped).await;
                             }
                         }
-                        let marker = Marker::Settled { lane: lane.clone(), head };
+                        let marker = Marker::Settled { lane: lane.clone(), head, released: parked };
                         (lane, head, Done::Settled, Some(marker))
                     }
                     .boxed(),
@@ -1078,9 +1097,9 @@ impl Sequencer {
         }
         let elsewhere = self.lanes.get(&lane).is_some_and(|l| l.head.offset == head && l.settled_elsewhere);
         match done {
-            Done::Settled => self.release(&lane, head),
+            Done::Settled => self.release(&lane, head, None),
             // Settled already (see `Lane::settled_elsewhere`): whatever this attempt found.
-            _ if elsewhere => self.release(&lane, head),
+            _ if elsewhere => self.release(&lane, head, None),
             Done::Parked => self.park(&lane, head),
             Done::Again { attempt, due_ms } => {
                 // Unless the head settled meanwhile (another process's marker, after a rebalance).
@@ -1296,7 +1315,7 @@ fn attempt_head(
             Ok(None) => {
                 // Gone from the log (or never a delivery): nothing to send; the key goes on.
                 tracing::error!(partition = from.partition, offset = head, "an ordered head's record is not in the log; the key goes on without it");
-                return (lane.clone(), head, Done::Settled, Some(Marker::Settled { lane, head }));
+                return (lane.clone(), head, Done::Settled, Some(Marker::Settled { lane, head, released: false }));
             }
             Err(e) => {
                 tracing::error!(partition = from.partition, offset = head, error = %e, "reading an ordered head back failed; trying again");
@@ -1316,12 +1335,14 @@ fn attempt_head(
         deliverer.record_now(&mut settled).await;
         let (done, marker) = match settled.settlement {
             Settlement::Delivered | Settlement::Dropped => {
-                (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head }))
+                (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head, released: false }))
             }
             Settlement::DeadLettered { .. } if deliverer.holds(&lane.subscription) => {
                 (Done::Parked, Some(Marker::Blocked { lane: lane.clone(), head }))
             }
-            Settlement::DeadLettered { .. } => (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head })),
+            Settlement::DeadLettered { .. } => {
+                (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head, released: false }))
+            }
             Settlement::Rescheduled { attempt, due_ms, .. } => {
                 (Done::Again { attempt, due_ms }, Some(Marker::Attempted { lane: lane.clone(), head, attempt, due_ms }))
             }
@@ -1568,7 +1589,7 @@ mod tests {
         assert!(acts_ahead(Some(&lane), None, false));
         assert!(!acts_ahead(Some(&lane), None, true), "a marker before it may move the key");
         assert!(!acts_ahead(None, None, false), "a key not open yet waits for its turn");
-        let settled = |head| Marker::Settled { lane: id.clone(), head };
+        let settled = |head| Marker::Settled { lane: id.clone(), head, released: false };
         let blocked = Marker::Blocked { lane: id.clone(), head: 7 };
         assert!(would_move(&settled(7), Some(&lane)) && !would_move(&settled(3), Some(&lane)));
         assert!(would_move(&blocked, Some(&lane)));
@@ -1587,7 +1608,11 @@ mod tests {
         assert!(!would_move(&blocked, Some(&lane)), "its own Blocked, read back");
         let mut many = Latest::default();
         for i in 0..=AHEAD_KEYS {
-            many.note(Marker::Settled { lane: LaneId { subscription: "s".into(), key: i.to_string() }, head: 0 });
+            many.note(Marker::Settled {
+                lane: LaneId { subscription: "s".into(), key: i.to_string() },
+                head: 0,
+                released: false,
+            });
         }
         assert!(many.overflow && many.by_key.len() == AHEAD_KEYS, "bounded, and then unsure for all");
         lane.state = HeadState::Scanning;
@@ -1600,7 +1625,8 @@ mod tests {
         let lane = LaneId { subscription: "sub_1".into(), key: "container-7".into() };
         for m in [
             Marker::Attempted { lane: lane.clone(), head: 42, attempt: 3, due_ms: 1_700_000_000_000 },
-            Marker::Settled { lane: lane.clone(), head: 7 },
+            Marker::Settled { lane: lane.clone(), head: 7, released: false },
+            Marker::Settled { lane: lane.clone(), head: 7, released: true },
             Marker::Blocked { lane: lane.clone(), head: 9 },
             Marker::Skip { lane: lane.clone(), event: None },
             Marker::Skip { lane: lane.clone(), event: Some("evt_1".into()) },
@@ -1614,5 +1640,9 @@ mod tests {
         }
         let d = Delivery::first_attempt("e".into(), "s".into(), "t".into(), "x".into(), Bytes::new(), 0);
         assert_eq!(Marker::decode(d.encode()), None);
+        // A release is one more byte, after what versions before it read (they ignore it).
+        let plain = Marker::Settled { lane: lane.clone(), head: 7, released: false }.record().value;
+        let released = Marker::Settled { lane, head: 7, released: true }.record().value;
+        assert_eq!((&released[..plain.len()], released.len()), (&plain[..], plain.len() + 1));
     }
 }
