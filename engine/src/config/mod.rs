@@ -959,8 +959,10 @@ impl Config {
                 return reject(field, "must be at most 100000000");
             }
         }
-        if self.dispatch.max_uncommitted < self.dispatch.window {
-            return reject("dispatch.max_uncommitted", "must be at least dispatch.window");
+        // Past half of it, attempts holding the commit point are ended (see `window::Cut`):
+        // below twice what may be in flight (twice the window), ordinary ones would be.
+        if self.dispatch.max_uncommitted < 4 * self.dispatch.window {
+            return reject("dispatch.max_uncommitted", "must be at least 4 × dispatch.window");
         }
         if self.dispatch.ordered_max_keys == 0 {
             return reject("dispatch.ordered_max_keys", "must be at least 1");
@@ -1062,6 +1064,18 @@ mod tests {
             assert!(Config::load(None, &env(&[(var, value)])).is_err(), "{var}={value}");
         }
         assert!(Config::load(None, &env(&[("HERALD_LOG_DLQ_RETENTION", "P3650D")])).is_ok());
+    }
+
+    /// Past half of `max_uncommitted`, attempts holding the commit point are ended: below
+    /// twice what a partition may have in flight (twice the window), ordinary ones would be.
+    #[test]
+    fn max_uncommitted_below_four_windows_is_refused() {
+        let with = |n: &str| {
+            Config::load(None, &env(&[("HERALD_DISPATCH_WINDOW", "64"), ("HERALD_DISPATCH_MAX_UNCOMMITTED", n)]))
+        };
+        let err = with("255").expect_err("refused").to_string();
+        assert!(err.contains("dispatch.max_uncommitted"), "{err}");
+        assert!(with("256").is_ok());
     }
 
     /// An attempt's timeouts within the range a subscription's own may have: a connect
