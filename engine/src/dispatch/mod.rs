@@ -164,6 +164,13 @@ impl Deliverer {
         }
     }
 
+    /// Whether this process has caught up with the catalog (within a second): before then, a
+    /// subscription missing here may be one made through another process since it last read
+    /// (or its feed is failing), not one deleted.
+    pub async fn catalog_caught_up(&self) -> bool {
+        tokio::time::timeout(Duration::from_secs(1), self.registry.caught_up()).await.unwrap_or(false)
+    }
+
     /// Records `settled` (after its observers: the record takes the receiver's answer).
     fn write_history(&self, settled: &mut Settled) {
         if let Some(history) = &self.history {

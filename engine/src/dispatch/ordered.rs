@@ -40,12 +40,22 @@ pub const BUFFER: usize = 32;
 /// it a key's next deliveries are read back from the log one at a time.
 pub const MAX_HELD_BYTES: usize = 32 << 20;
 
-/// Bytes of heads' records held in memory per partition at most. Past it, a new head is kept
-/// without its record, and a head that failed or is held after a dead letter lets its record
+/// Bytes of heads' records larger than [`SMALL_HEAD`] held in memory per partition at most.
+/// Past it, such a new head is kept without its record, and one that failed lets its record
 /// go: each is read back from the log when it is attempted (or skipped). Without it, a
 /// tenant's keys failing on purpose held every head whole — ten thousand keys of a megabyte
-/// each, ten gigabytes a partition.
+/// each, ten gigabytes a partition. A head held after a dead letter lets its record go
+/// whatever its size (it is not attempted again).
 pub const MAX_HEAD_BYTES: usize = 32 << 20;
+
+/// Heads this small keep their records (bounded by the cap of keys: 40 MiB a partition at
+/// 10,000): read back one at a time through the log's reader, shared by a process's
+/// partitions, a tenant's large heads past the bound made every other tenant's small ones
+/// wait on it.
+const SMALL_HEAD: usize = 4 << 10;
+
+/// Sequencers started in this process, for their ids.
+static SEQUENCERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Records read at a time when looking for a key's next deliveries.
 const SCAN_PAGE: usize = 512;
@@ -206,8 +216,9 @@ pub struct BlockedKey {
 #[derive(Default)]
 pub struct OrderedKeys {
     blocked: Mutex<BTreeMap<LaneId, BlockedKey>>,
-    /// Bytes of records each partition's sequencer holds in memory.
-    held: Mutex<HashMap<u32, usize>>,
+    /// Bytes of records each sequencer holds in memory, by its own id (a partition's old
+    /// sequencer may end after its new one started).
+    held: Mutex<HashMap<u64, usize>>,
 }
 
 impl OrderedKeys {
@@ -227,11 +238,11 @@ impl OrderedKeys {
         self.held.lock().unwrap().values().sum()
     }
 
-    fn hold(&self, partition: u32, bytes: usize) {
+    fn hold(&self, sequencer: u64, bytes: usize) {
         let mut held = self.held.lock().unwrap();
         match bytes {
-            0 => held.remove(&partition),
-            n => held.insert(partition, n),
+            0 => held.remove(&sequencer),
+            n => held.insert(sequencer, n),
         };
     }
 
@@ -293,6 +304,10 @@ struct Lane {
     /// the key moves on when that attempt ends, not during it, so two of its deliveries are
     /// never under way at once.
     settled_elsewhere: bool,
+    /// The same for a marker saying the head was dead-lettered and its key held: it is held
+    /// once that attempt ends (unless the attempt delivered it), not during it — held then, an
+    /// operator's skip started the key's next delivery beside it.
+    blocked_elsewhere: bool,
     /// The key's deliveries waiting behind the head, in the log.
     waiting: u64,
     /// The first of them, at most [`BUFFER`].
@@ -317,6 +332,7 @@ impl Lane {
             parked_before: None,
             inherited: true,
             settled_elsewhere: false,
+            blocked_elsewhere: false,
             waiting: 0,
             buffered: VecDeque::new(),
         };
@@ -336,6 +352,7 @@ impl Lane {
         self.skip = false;
         self.skip_at = None;
         self.settled_elsewhere = false;
+        self.blocked_elsewhere = false;
         self.inherited = false;
     }
 
@@ -491,8 +508,10 @@ struct Sequencer {
     unread: VecDeque<LogRecord>,
     /// Bytes of later deliveries held in memory over all keys (about [`MAX_HELD_BYTES`] at most).
     held: usize,
-    /// Bytes of heads' records held in memory (at most [`MAX_HEAD_BYTES`]).
+    /// Bytes of heads' records held in memory (see [`MAX_HEAD_BYTES`]).
     head_bytes: usize,
+    /// This sequencer among those of the process (for `OrderedKeys::hold`).
+    id: u64,
     /// The offset after the last record applied.
     read_to: u64,
     /// The partition's end when the sequencer started: until it is read, nothing is attempted.
@@ -567,6 +586,7 @@ pub async fn run(
         unread: VecDeque::new(),
         held: 0,
         head_bytes: 0,
+        id: SEQUENCERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         // Set by the first record read: a committer's idea of the committed offset can run
         // ahead of where its reader starts (Kafka's reports the end until a first commit).
         read_to: 0,
@@ -591,7 +611,7 @@ pub async fn run(
         stats.set_in_flight(seq.attempts.len());
         if seq.held + seq.head_bytes != reported {
             reported = seq.held + seq.head_bytes;
-            seq.keys.hold(partition, reported);
+            seq.keys.hold(seq.id, reported);
         }
         let wake = seq.wake_at();
         tokio::select! {
@@ -623,7 +643,7 @@ pub async fn run(
                 seq.looked(markers, started, to);
             }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
-            _ = sweep.tick() => seq.sweep(),
+            _ = sweep.tick() => seq.sweep().await,
         }
     }
     seq.drain().await;
@@ -784,6 +804,7 @@ impl Sequencer {
             }
             Marker::Blocked { lane, head } => match self.lanes.get_mut(&lane) {
                 Some(l) if head < l.head.offset => l.parked_before = Some(head),
+                Some(l) if l.head.offset == head && l.state == HeadState::InFlight => l.blocked_elsewhere = true,
                 _ => self.park(&lane, head),
             },
             Marker::Skip { lane, event } => {
@@ -971,7 +992,10 @@ impl Sequencer {
                                 Ok(rec) => rec,
                                 Err(e) => {
                                     tracing::error!(partition = from.partition, offset = head, error = %e, "reading a skipped head back failed; trying again");
-                                    let again = Done::Again { attempt: 0, due_ms: now_ms() + 1000 };
+                                    // Waited here: the skip, still asked for, acts again as
+                                    // soon as this ends.
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                    let again = Done::Again { attempt: 0, due_ms: now_ms() };
                                     return (lane, head, again, None);
                                 }
                             };
@@ -1095,11 +1119,15 @@ impl Sequencer {
         if lane.subscription.is_empty() {
             self.heads.remove(&head); // a malformed record, parked
         }
-        let elsewhere = self.lanes.get(&lane).is_some_and(|l| l.head.offset == head && l.settled_elsewhere);
+        let this_head = self.lanes.get(&lane).filter(|l| l.head.offset == head);
+        let elsewhere = this_head.is_some_and(|l| l.settled_elsewhere);
+        let blocked = this_head.is_some_and(|l| l.blocked_elsewhere);
         match done {
             Done::Settled => self.release(&lane, head, None),
             // Settled already (see `Lane::settled_elsewhere`): whatever this attempt found.
             _ if elsewhere => self.release(&lane, head, None),
+            // Held already (`Lane::blocked_elsewhere`), and this attempt did not deliver it.
+            _ if blocked => self.park(&lane, head),
             Done::Parked => self.park(&lane, head),
             Done::Again { attempt, due_ms } => {
                 // Unless the head settled meanwhile (another process's marker, after a rebalance).
@@ -1109,7 +1137,7 @@ impl Sequencer {
                     l.state = HeadState::Waiting;
                     l.attempt = l.attempt.max(attempt);
                     l.due_ms = due_ms;
-                    if self.head_bytes > MAX_HEAD_BYTES / 2 {
+                    if self.head_bytes > MAX_HEAD_BYTES / 2 && l.head.value.len() > SMALL_HEAD {
                         // Failing heads give way to new ones: read back at their next attempt.
                         self.head_bytes -= l.evict();
                     }
@@ -1131,7 +1159,7 @@ impl Sequencer {
     /// Lets a held key go on once its subscription no longer holds keys (it was deleted, or no
     /// longer says `"on_dead_letter": "block"`); otherwise it would hold the partition's commit
     /// point for good.
-    fn sweep(&mut self) {
+    async fn sweep(&mut self) {
         if !self.live {
             return;
         }
@@ -1139,13 +1167,24 @@ impl Sequencer {
         if self.lanes.len() >= self.limits.max_keys && !self.unread.is_empty() {
             self.look_ahead();
         }
-        let loose: Vec<LaneId> = self
-            .lanes
-            .iter()
-            .filter(|(id, l)| l.state == HeadState::Parked && !self.deliverer.holds(&id.subscription))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for lane in loose {
+        let loose = |seq: &Self| -> Vec<LaneId> {
+            seq.lanes
+                .iter()
+                .filter(|(id, l)| l.state == HeadState::Parked && !seq.deliverer.holds(&id.subscription))
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        if loose(self).is_empty() {
+            return;
+        }
+        // Judged again once caught up with the catalog: a subscription missing here may be one
+        // made through another process since this one last read, not one deleted — taken for
+        // deleted, its held keys went on past their dead-lettered heads. Boxed: rare.
+        let deliverer = self.deliverer.clone();
+        if !Box::pin(deliverer.catalog_caught_up()).await {
+            return;
+        }
+        for lane in loose(self) {
             self.skip_now(&lane);
         }
     }
@@ -1275,7 +1314,7 @@ impl Drop for Sequencer {
         for lane in self.lanes.keys() {
             self.keys.set(lane, None);
         }
-        self.keys.hold(self.partition, 0);
+        self.keys.hold(self.id, 0);
     }
 }
 
@@ -1290,7 +1329,7 @@ fn owned(mut rec: LogRecord) -> LogRecord {
 /// else lets it go (it is read back when attempted).
 fn take_in(head_bytes: &mut usize, l: &mut Lane) {
     let len = l.head.value.len();
-    if *head_bytes + len <= MAX_HEAD_BYTES {
+    if len <= SMALL_HEAD || *head_bytes + len <= MAX_HEAD_BYTES {
         *head_bytes += len;
         l.head.value = Bytes::copy_from_slice(&l.head.value);
     } else {
@@ -1313,9 +1352,10 @@ fn attempt_head(
         let rec = match rec.fetch(&from).await {
             Ok(Some(rec)) => rec,
             Ok(None) => {
-                // Gone from the log (or never a delivery): nothing to send; the key goes on.
-                tracing::error!(partition = from.partition, offset = head, "an ordered head's record is not in the log; the key goes on without it");
-                return (lane.clone(), head, Done::Settled, Some(Marker::Settled { lane, head, released: false }));
+                // Gone from the log (its retention passed while it waited): not settled
+                // silently — the key stays blocked, listed, until an operator skips it.
+                tracing::error!(partition = from.partition, offset = head, subscription = %lane.subscription, "an ordered head's record is no longer in the log (past its retention?); its key waits for an operator's skip");
+                return (lane, head, Done::Again { attempt, due_ms: now_ms() + 60_000 }, None);
             }
             Err(e) => {
                 tracing::error!(partition = from.partition, offset = head, error = %e, "reading an ordered head back failed; trying again");

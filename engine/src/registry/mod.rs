@@ -590,6 +590,12 @@ impl Registry {
         }
     }
 
+    /// Whether this process has applied the catalog up to its end (as `lookup` waits for
+    /// before it takes a subscription missing here for deleted).
+    pub async fn caught_up(&self) -> bool {
+        self.feed.settled().await.is_ok()
+    }
+
     /// Whether the subscription's latest record could not be read here (written by a newer
     /// version): not deleted, but not known either.
     pub fn unreadable(&self, id: &str) -> bool {
@@ -658,22 +664,28 @@ impl Registry {
             let (mut spec, secret) = validate::static_spec(w).map_err(at)?;
             let tenant = w.tenant.clone().unwrap_or_else(|| DEFAULT_TENANT.into());
             validate::check(&mut spec, &self.rules, &tenant).map_err(at)?;
-            let given = secret.clone();
-            let mut sub = validate::new_subscription(tenant, spec, secret).map_err(at)?;
-            sub.id = id.clone();
-            if let Some((current, version)) = self.current(&id) {
-                // Unsigned webhooks have a generated secret nobody uses: it does not count.
-                let same_secret = given.is_none_or(|s| s == current.sub.secret);
-                if same_secret && current.sub.spec == sub.spec && current.sub.tenant == sub.tenant {
-                    continue;
+            // A change of what stands, made from the version read: one landing meanwhile (a
+            // PATCH, or the same change by a process starting beside this one) makes it a
+            // conflict, not undone by it — then looked at again from that one.
+            for tries_left in (0..UPDATE_TRIES).rev() {
+                let mut sub = validate::new_subscription(tenant.clone(), spec.clone(), secret.clone()).map_err(at)?;
+                sub.id = id.clone();
+                if let Some((current, version)) = self.current(&id) {
+                    // Unsigned webhooks have a generated secret nobody uses: it does not count.
+                    let same_secret = secret.as_ref().is_none_or(|s| *s == current.sub.secret);
+                    if same_secret && current.sub.spec == sub.spec && current.sub.tenant == sub.tenant {
+                        break;
+                    }
+                    sub.created_at = current.sub.created_at.clone();
+                    sub.based_on = version;
                 }
-                sub.created_at = current.sub.created_at.clone();
-                // A change of what stands: one landing meanwhile (a PATCH through another
-                // process) makes it a conflict, not undone by it.
-                sub.based_on = version;
+                match self.store(sub).await {
+                    Err(RegistryError::Conflict) if tries_left > 0 => continue,
+                    stored => stored?,
+                };
+                tracing::info!(subscription = %id, "static webhook from the config file");
+                break;
             }
-            self.store(sub).await?;
-            tracing::info!(subscription = %id, "static webhook from the config file");
         }
         let stale: Vec<String> = self
             .state

@@ -1063,3 +1063,78 @@ async fn failing_heads_keep_a_bounded_number_of_bytes_in_memory_and_are_read_bac
     })
     .await;
 }
+
+/// The same for a `Blocked` marker: a replay that went live at the cap of keys attempts a
+/// head again that the last run dead-lettered, and reads that run's `Blocked` marker while the
+/// attempt is under way. Held at once, the key was listed dead-lettered and an operator's skip
+/// started its next delivery beside the attempt; it is held once the attempt ends.
+#[tokio::test]
+async fn a_blocked_marker_read_during_a_repeated_attempt_holds_the_key_once_it_ends() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    let h = two_keys_a_partition().await;
+    let b_fails = Arc::new(AtomicBool::new(true));
+    let a0_takes = Arc::new(AtomicU64::new(0));
+    let busy = Arc::new(Mutex::new((0usize, 0usize))); // key a's requests under way, and the most
+    let taken = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let url = serve_keyed({
+        let (b_fails, a0_takes, busy, taken) = (b_fails.clone(), a0_takes.clone(), busy.clone(), taken.clone());
+        move |key: String, envelope: Value| {
+            let (b_fails, a0_takes, busy, taken) = (b_fails.clone(), a0_takes.clone(), busy.clone(), taken.clone());
+            async move {
+                let answer = |status: u16| Response::builder().status(status).body(Full::new(Bytes::new())).unwrap();
+                if key == "b" {
+                    return answer(if b_fails.load(SeqCst) { 503 } else { 200 });
+                }
+                let seq = envelope["data"]["seq"].as_u64().unwrap_or(u64::MAX);
+                {
+                    let mut b = busy.lock().unwrap();
+                    b.0 += 1;
+                    b.1 = b.1.max(b.0);
+                }
+                // The receiver's own pace: a0 fails (slowly after the restart), the rest succeed.
+                let (takes, status) = if seq == 0 { (a0_takes.load(SeqCst), 503) } else { (200, 200) };
+                tokio::time::sleep(Duration::from_millis(takes)).await;
+                busy.lock().unwrap().0 -= 1;
+                if status == 200 {
+                    taken.lock().unwrap().push(seq);
+                }
+                answer(status)
+            }
+        }
+    })
+    .await;
+    let retry = json!({ "policy": "fixed", "interval": "50ms", "max_attempts": 20 });
+    let sub_id = holding_subscription(&h.api, url, retry).await;
+    let event = |key: &str, seq: u64| json!({ "type": "container.status.updated", "data": { "key": key, "seq": seq } });
+    let (status, _) = h.api.post("/v1/events/batch", json!([event("b", 0), event("a", 0), event("a", 1)])).await;
+    assert_eq!(status, 202);
+    let states = |api: Api| {
+        let sub_id = sub_id.clone();
+        async move {
+            let (_, blocked) = api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+            let items = blocked["items"].as_array().cloned().unwrap_or_default();
+            items.iter().map(|i| (i["key"].as_str().unwrap_or("").to_string(), i["state"].clone())).collect::<Vec<_>>()
+        }
+    };
+    until("both heads dead-lettered, their keys held", Duration::from_secs(30), || async {
+        let states = states(h.api.clone()).await;
+        (states.len() == 2 && states.iter().all(|(_, s)| s == "dead_lettered")).then_some(())
+    })
+    .await;
+    // Replayed to the cap (b, a): both heads attempted again; b's succeeds, and the markers
+    // after it (a0's `Blocked` among them) are read while a0's, slow now, is under way.
+    b_fails.store(false, SeqCst);
+    a0_takes.store(3000, SeqCst);
+    let h = h.restart().await;
+    until("key a held again", Duration::from_secs(30), || async {
+        states(h.api.clone()).await.iter().any(|(k, s)| k == "a" && s == "dead_lettered").then_some(())
+    })
+    .await;
+    let (status, body) = h.api.post(&format!("/v1/subscriptions/{sub_id}/ordering/skip"), json!({ "key": "a" })).await;
+    assert_eq!(status, 202, "{body}");
+    until("a's next event delivered", Duration::from_secs(30), || async {
+        taken.lock().unwrap().contains(&1).then_some(())
+    })
+    .await;
+    assert_eq!(busy.lock().unwrap().1, 1, "two of a key's deliveries under way at once");
+}
