@@ -240,9 +240,6 @@ pub enum Waits {
 /// How long a delivery of a subscription not known here waits before it is looked at again.
 const UNKNOWN_WAIT: Duration = Duration::from_secs(5);
 
-/// How soon an attempt Herald ended (`Failure::Held`) is made again.
-const HELD_AGAIN: Duration = Duration::from_secs(1);
-
 /// Makes settlements durable: tiers and dead letters through the retrier, and the
 /// subscription changes an outcome implies (disabled after a 410, or after failing too long).
 pub struct Settler {
@@ -266,14 +263,14 @@ impl Settler {
         probe: Probe<'_>,
         waits: Waits,
     ) -> Settled {
-        if matches!(outcome.failure(), Some(Failure::Held { .. })) {
-            // Ended by Herald, not by the receiver (see `dispatch::window::Cut`): made again
-            // soon as the same attempt — its number, the breaker and the endpoint's pace left
-            // alone, so that other tenants' load cannot use up its attempts or open its breaker.
-            drop(probe);
-            return Box::pin(self.repeat(target, delivery, outcome, waits)).await;
+        // Ended by Herald, not by the receiver (see `dispatch::window::Cut`): retried as the
+        // policy says (it was sent: it counts as an attempt, and so repeats stay bounded by
+        // `max_attempts` whatever the load), but it says nothing of the endpoint's health or
+        // pace — other tenants' load must not open its breaker or disable it.
+        let held = matches!(outcome.failure(), Some(Failure::Held { .. }));
+        if !held {
+            target.admission.observe(outcome.latency());
         }
-        target.admission.observe(outcome.latency());
         let transport = Via::of(target);
         let settlement = match retry::verdict(&outcome) {
             Verdict::Delivered => {
@@ -291,7 +288,11 @@ impl Settler {
             })
             .await,
             Verdict::Retry { not_before } => Box::pin(async {
-                self.judge_health(target, probe).await;
+                if held {
+                    drop(probe);
+                } else {
+                    self.judge_health(target, probe).await;
+                }
                 tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, outcome = outcome.label(), "attempt failed");
                 match retry::next_due(target, &delivery, not_before) {
                     Some(due_ms) => {
@@ -308,22 +309,6 @@ impl Settler {
                 }
             })
             .await,
-        };
-        Settled { delivery: Some(delivery), transport, attempt: Some(outcome), settlement }
-    }
-
-    /// Schedules the attempt Herald ended (`Failure::Held`) again, as the same attempt, in
-    /// [`HELD_AGAIN`]; on record as made.
-    async fn repeat(&self, target: &Target, delivery: Delivery, outcome: Outcome, waits: Waits) -> Settled {
-        let transport = Via::of(target);
-        let due_ms = now_ms() + HELD_AGAIN.as_millis() as i64;
-        let again = Delivery { due_ms, ..delivery.clone() };
-        let settlement = match waits {
-            Waits::InTiers => match self.retrier.schedule(&again).await {
-                Ok(tier) => Settlement::Rescheduled { attempt: again.attempt, due_ms, tier: Some(tier) },
-                Err(why) => Settlement::DeadLettered { reason: Parked::Unschedulable(why) },
-            },
-            Waits::InLane => Settlement::Rescheduled { attempt: again.attempt, due_ms, tier: None },
         };
         Settled { delivery: Some(delivery), transport, attempt: Some(outcome), settlement }
     }

@@ -57,10 +57,10 @@ pub enum Failure {
         after_ms: u64,
     },
     /// Ended by Herald before its timeout: it held back its partition's commit point (see
-    /// `dispatch::window::Cut`). Made again soon as the same attempt; not the receiver's
-    /// failure (no attempt used, the breaker untouched), though labelled `timeout`.
+    /// `dispatch::window::Cut`). Retried as a timeout is, but not held against the endpoint's
+    /// health (the breaker and its pace untouched); labelled `timeout`.
     #[error(
-        "ended after {}: it held back its partition's commit point (dispatch.max_uncommitted) while later deliveries went on; made again as the same attempt",
+        "ended after {}: it held back its partition's commit point (dispatch.max_uncommitted) while later deliveries went on; retried",
         humantime::format_duration(Duration::from_millis(*after_ms))
     )]
     Held {
