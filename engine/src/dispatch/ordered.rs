@@ -308,6 +308,9 @@ struct Lane {
     /// once that attempt ends (unless the attempt delivered it), not during it — held then, an
     /// operator's skip started the key's next delivery beside it.
     blocked_elsewhere: bool,
+    /// When the settling marker read meanwhile released the key (see `Marker::Settled`): the
+    /// key's later deliveries' budgets start there once the attempt ends.
+    released_at: Option<i64>,
     /// The key's deliveries waiting behind the head, in the log.
     waiting: u64,
     /// The first of them, at most [`BUFFER`].
@@ -333,6 +336,7 @@ impl Lane {
             inherited: true,
             settled_elsewhere: false,
             blocked_elsewhere: false,
+            released_at: None,
             waiting: 0,
             buffered: VecDeque::new(),
         };
@@ -353,6 +357,7 @@ impl Lane {
         self.skip_at = None;
         self.settled_elsewhere = false;
         self.blocked_elsewhere = false;
+        self.released_at = None;
         self.inherited = false;
     }
 
@@ -798,7 +803,10 @@ impl Sequencer {
                 }
                 let l = self.lanes.get_mut(&lane).filter(|l| l.head.offset == head && l.state == HeadState::InFlight);
                 match l {
-                    Some(l) => l.settled_elsewhere = true,
+                    Some(l) => {
+                        l.settled_elsewhere = true;
+                        l.released_at = released;
+                    }
                     None => self.release(&lane, head, released),
                 }
             }
@@ -881,7 +889,9 @@ impl Sequencer {
         if l.state == HeadState::Scanning {
             return;
         }
-        if l.state == HeadState::Parked && (l.skip || released.is_some()) {
+        // A marker saying so releases a held key whatever this run saw of the hold (its
+        // `Blocked` marker read mid-attempt, or not at all).
+        if (l.state == HeadState::Parked && l.skip) || released.is_some() {
             // By an operator's skip or the sweep, as a replay reads it (live: `skip_now`).
             l.skip_at = l.skip_at.or(released);
             l.released();
@@ -1121,11 +1131,12 @@ impl Sequencer {
         }
         let this_head = self.lanes.get(&lane).filter(|l| l.head.offset == head);
         let elsewhere = this_head.is_some_and(|l| l.settled_elsewhere);
+        let released_at = this_head.and_then(|l| l.released_at);
         let blocked = this_head.is_some_and(|l| l.blocked_elsewhere);
         match done {
             Done::Settled => self.release(&lane, head, None),
             // Settled already (see `Lane::settled_elsewhere`): whatever this attempt found.
-            _ if elsewhere => self.release(&lane, head, None),
+            _ if elsewhere => self.release(&lane, head, released_at),
             // Held already (`Lane::blocked_elsewhere`), and this attempt did not deliver it.
             _ if blocked => self.park(&lane, head),
             Done::Parked => self.park(&lane, head),

@@ -783,6 +783,13 @@ async fn a_key_stays_held_while_its_subscription_cannot_be_read() {
         },
     )
     .await;
+    // Its key leaves the list once the dead letter's marker is durable, a moment after the
+    // dead letter itself is listed.
+    until("the changed subscription's key no longer listed", Duration::from_secs(10), || async {
+        let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{changed}/ordering/blocked")).await;
+        blocked["items"].as_array()?.is_empty().then_some(())
+    })
+    .await;
     let blocked = scrape(&h.api).await.value("herald_ordered_keys_blocked", &[]);
     assert_eq!(blocked, 1.0, "the unreadable subscription's key is still held");
 }
