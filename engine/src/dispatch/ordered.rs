@@ -215,7 +215,9 @@ pub struct BlockedKey {
 /// sequences: what `herald_ordered_keys_blocked` counts and the API lists.
 #[derive(Default)]
 pub struct OrderedKeys {
-    blocked: Mutex<BTreeMap<LaneId, BlockedKey>>,
+    /// With the sequencer that set each (a partition's old sequencer may end after its new
+    /// one started: what it clears is only its own).
+    blocked: Mutex<BTreeMap<LaneId, (u64, BlockedKey)>>,
     /// Bytes of records each sequencer holds in memory, by its own id (a partition's old
     /// sequencer may end after its new one started).
     held: Mutex<HashMap<u64, usize>>,
@@ -225,7 +227,7 @@ impl OrderedKeys {
     /// The blocked keys of `subscription`.
     pub fn blocked(&self, subscription: &str) -> Vec<BlockedKey> {
         let blocked = self.blocked.lock().unwrap();
-        blocked.values().filter(|b| b.subscription == subscription).cloned().collect()
+        blocked.values().filter(|(_, b)| b.subscription == subscription).map(|(_, b)| b.clone()).collect()
     }
 
     /// Blocked keys in all.
@@ -246,12 +248,20 @@ impl OrderedKeys {
         };
     }
 
-    fn set(&self, lane: &LaneId, view: Option<BlockedKey>) {
+    /// `lane` as `sequencer` sees it: blocked, or (`None`) not — unless another sequencer
+    /// set it since.
+    fn set(&self, sequencer: u64, lane: &LaneId, view: Option<BlockedKey>) {
         let mut blocked = self.blocked.lock().unwrap();
         match view {
-            Some(v) => blocked.insert(lane.clone(), v),
-            None => blocked.remove(lane),
-        };
+            Some(v) => {
+                blocked.insert(lane.clone(), (sequencer, v));
+            }
+            None => {
+                if blocked.get(lane).is_some_and(|(by, _)| *by == sequencer) {
+                    blocked.remove(lane);
+                }
+            }
+        }
     }
 }
 
@@ -776,7 +786,7 @@ impl Sequencer {
                 }
                 let view = l.blocked(&lane);
                 if view.is_some() {
-                    self.keys.set(&lane, view);
+                    self.keys.set(self.id, &lane, view);
                 }
             }
             None => {
@@ -863,7 +873,7 @@ impl Sequencer {
             l.state = HeadState::Waiting;
             self.timers.insert((due_ms, head));
         }
-        self.keys.set(lane, l.blocked(lane));
+        self.keys.set(self.id, lane, l.blocked(lane));
     }
 
     fn park(&mut self, lane: &LaneId, head: u64) {
@@ -875,7 +885,7 @@ impl Sequencer {
         l.state = HeadState::Parked;
         // Held until an operator acts, perhaps for days: not in memory meanwhile.
         self.head_bytes -= l.evict();
-        self.keys.set(lane, l.blocked(lane));
+        self.keys.set(self.id, lane, l.blocked(lane));
         if l.skip && self.live {
             self.skip_now(lane); // an operator asked while its last attempt was under way
         }
@@ -897,7 +907,7 @@ impl Sequencer {
             l.released();
         }
         self.timers.remove(&(l.due_ms, head));
-        self.keys.set(lane, None);
+        self.keys.set(self.id, lane, None);
         if l.waiting == 0 {
             self.head_bytes -= l.evict();
             self.heads.remove(&head);
@@ -1153,7 +1163,7 @@ impl Sequencer {
                         self.head_bytes -= l.evict();
                     }
                     self.timers.insert((due_ms, head));
-                    self.keys.set(&lane, l.blocked(&lane));
+                    self.keys.set(self.id, &lane, l.blocked(&lane));
                     if l.skip {
                         self.skip_now(&lane);
                     }
@@ -1323,7 +1333,7 @@ impl Drop for Sequencer {
     /// panicked left them listed; the next one of the partition lists its own).
     fn drop(&mut self) {
         for lane in self.lanes.keys() {
-            self.keys.set(lane, None);
+            self.keys.set(self.id, lane, None);
         }
         self.keys.hold(self.id, 0);
     }
@@ -1669,6 +1679,30 @@ mod tests {
         lane.state = HeadState::Scanning;
         assert!(!acts_ahead(Some(&lane), Some("h1"), false), "a skip is cleared when the next head is found");
         assert!(!would_move(&settled(7), Some(&lane)));
+    }
+
+    /// A partition's old sequencer may end (draining) after its new one started and listed
+    /// the partition's held keys: what it clears as it goes is only what it set itself.
+    #[test]
+    fn an_old_sequencer_clears_only_the_blocked_keys_it_listed() {
+        let keys = OrderedKeys::default();
+        let lane = LaneId { subscription: "sub_1".into(), key: "k".into() };
+        let view = || BlockedKey {
+            subscription: "sub_1".into(),
+            key: "k".into(),
+            head_event: "e".into(),
+            attempts: 2,
+            state: "dead_lettered",
+            next_attempt_at: None,
+            waiting: 0,
+            held: 0,
+        };
+        keys.set(1, &lane, Some(view())); // the old sequencer's
+        keys.set(2, &lane, Some(view())); // the new one's, replaying
+        keys.set(1, &lane, None); // the old one ends
+        assert_eq!(keys.blocked("sub_1").len(), 1, "still listed");
+        keys.set(2, &lane, None);
+        assert_eq!(keys.count(), 0);
     }
 
     #[test]
