@@ -89,7 +89,7 @@ impl Deliverer {
         rec: &LogRecord,
         waits: Waits,
         shares: &Shares,
-        cut: &Cut,
+        cut: &mut Cut,
     ) -> Result<Settled, String> {
         let mut last = String::new();
         for attempt in 1..=2 {
@@ -224,7 +224,7 @@ impl Deliverer {
     /// a future is as large as its largest await, this one is most of every delivery's
     /// future, and the shard copies that whole into a fresh allocation for each delivery
     /// (at 3.7 KB, about 4 % of a drain's CPU; `shard`'s test holds the size).
-    async fn deliver(&self, rec: LogRecord, waits: Waits, shares: &Shares, cut: &Cut) -> Settled {
+    async fn deliver(&self, rec: LogRecord, waits: Waits, shares: &Shares, cut: &mut Cut) -> Settled {
         let delivery = match Delivery::decode(rec.value.clone()) {
             Ok(d) => d,
             Err(e) => return Box::pin(self.settler.malformed(&rec, e.to_string())).await,

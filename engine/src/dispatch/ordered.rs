@@ -1383,7 +1383,7 @@ fn attempt_head(
                 return (lane, head, Done::Again { attempt, due_ms: now_ms() + 1000 }, None);
             }
         };
-        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane, &shares, &Cut::never()).await {
+        let mut settled = match deliverer.process_supervised(&rec, super::Waits::InLane, &shares, &mut Cut::never()).await {
             Ok(s) => s,
             // Boxed: rare, and it would add to every head's future.
             Err(_) => {

@@ -252,9 +252,9 @@ fn supervised(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>, cu
 
 /// [`supervised`]'s future, unboxed, so that its size can be measured
 /// (`a_deliverys_future_stays_small`).
-async fn supervise(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>, cut: Cut) -> u64 {
+async fn supervise(deliverer: Arc<Deliverer>, rec: LogRecord, shares: Arc<Shares>, mut cut: Cut) -> u64 {
     // Not `if let`: its scrutinee, a whole `Settled`, would be held across the park's await.
-    let Err(last) = deliverer.process_supervised(&rec, super::Waits::InTiers, &shares, &cut).await else {
+    let Err(last) = deliverer.process_supervised(&rec, super::Waits::InTiers, &shares, &mut cut).await else {
         return rec.offset;
     };
     Box::pin(deliverer.park_panicked(&rec, last, super::Waits::InTiers)).await;

@@ -110,7 +110,7 @@ impl Cut {
     /// The outcome of `attempt` for the record at `offset`, or [`Failure::Held`] if the shard
     /// ends it first (dropping it, as a timeout does). Pinned where the caller holds it: moved
     /// in here, the attempt's future would take its room twice in every delivery's future.
-    pub async fn race<F: Future<Output = Outcome>>(&self, offset: u64, attempt: Pin<&mut F>) -> Outcome {
+    pub async fn race<F: Future<Output = Outcome>>(&mut self, offset: u64, attempt: Pin<&mut F>) -> Outcome {
         let started = std::time::Instant::now();
         tokio::select! {
             // The cut first: an attempt reaching here already cut is not started at all.
@@ -125,10 +125,10 @@ impl Cut {
     }
 
     /// Resolves once the record at `offset` is to end; never, for [`Cut::never`] or once its
-    /// shard is gone.
-    async fn reached(&self, offset: u64) {
-        if let Some(rx) = &self.0 {
-            if rx.clone().wait_for(|&below| offset < below).await.is_ok() {
+    /// shard is gone. (A delivery's own receiver: waited on as it is, not cloned per attempt.)
+    async fn reached(&mut self, offset: u64) {
+        if let Some(rx) = &mut self.0 {
+            if rx.wait_for(|&below| offset < below).await.is_ok() {
                 return;
             }
         }
@@ -333,11 +333,11 @@ mod tests {
         let (tx, cut) = Cut::channel();
         let hang = || std::future::pending::<Outcome>();
         let below = tokio::spawn({
-            let cut = cut.clone();
+            let mut cut = cut.clone();
             async move { cut.race(4, std::pin::pin!(hang())).await }
         });
         let above = tokio::spawn({
-            let cut = cut.clone();
+            let mut cut = cut.clone();
             async move { cut.race(5, std::pin::pin!(hang())).await }
         });
         tx.send_replace(5);
@@ -349,7 +349,7 @@ mod tests {
         let done = Outcome::Delivered { status: 200, latency: Duration::ZERO, response: None };
         assert_eq!(Cut::never().race(0, std::pin::pin!(async { done.clone() })).await, done);
         drop(tx);
-        let (gone, cut) = Cut::channel();
+        let (gone, mut cut) = Cut::channel();
         drop(gone);
         let later = async {
             tokio::time::sleep(Duration::from_millis(10)).await; // an attempt that takes a while
