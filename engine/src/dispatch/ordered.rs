@@ -423,8 +423,6 @@ enum Done {
     Parked,
 }
 
-/// An attempt (or skip) that ended: its lane, head, what it came to, and the marker that must
-/// be durable before that takes effect.
 /// A head's record to attempt: held in memory, or to be read back from the log at its offset.
 enum HeadRecord {
     Held(Option<LogRecord>),
@@ -454,7 +452,7 @@ impl AsAttempted {
 
 /// Where a sequencer reads a head's record back from.
 #[derive(Clone)]
-struct Source {
+struct ReadBack {
     log: Arc<dyn Log>,
     topic: String,
     partition: u32,
@@ -463,7 +461,7 @@ struct Source {
 impl HeadRecord {
     /// The record to attempt, read back from the log if it is not held; `Err` when that read
     /// failed (the head is tried again later), `Ok(None)` when it is not a delivery.
-    async fn fetch(self, from: &Source) -> Result<Option<LogRecord>, LogError> {
+    async fn fetch(self, from: &ReadBack) -> Result<Option<LogRecord>, LogError> {
         match self {
             HeadRecord::Held(rec) => Ok(rec),
             HeadRecord::InLog(offset, at) => {
@@ -475,6 +473,8 @@ impl HeadRecord {
     }
 }
 
+/// An attempt (or skip) that ended: its lane, head, what it came to, and the marker that must
+/// be durable before that takes effect.
 type Finished = BoxFuture<'static, (LaneId, u64, Done, Option<Marker>)>;
 /// One append of the markers gathered meanwhile; resolves to the transitions they carry.
 type Marking = BoxFuture<'static, Vec<(LaneId, u64, Done)>>;
@@ -1004,7 +1004,7 @@ impl Sequencer {
                 l.state = HeadState::InFlight;
                 self.timers.remove(&(l.due_ms, l.head.offset));
                 let (head, rec) = (l.head.offset, l.attempt_record());
-                let (deliverer, lane, from) = (self.deliverer.clone(), lane.clone(), self.source());
+                let (deliverer, lane, from) = (self.deliverer.clone(), lane.clone(), self.read_back());
                 self.attempts.push(
                     async move {
                         if !parked {
@@ -1061,8 +1061,8 @@ impl Sequencer {
     }
 
     /// Where heads' records are read back from.
-    fn source(&self) -> Source {
-        Source { log: self.log.clone(), topic: self.topic.clone(), partition: self.partition }
+    fn read_back(&self) -> ReadBack {
+        ReadBack { log: self.log.clone(), topic: self.topic.clone(), partition: self.partition }
     }
 
     /// Starts every head that is due, while the window has room; nothing during replay.
@@ -1089,7 +1089,7 @@ impl Sequencer {
             let at = Instant::now();
             self.started.push_back((at, head));
             self.attempting.insert(head, at);
-            let (deliverer, shares, from) = (self.deliverer.clone(), self.shares.clone(), self.source());
+            let (deliverer, shares, from) = (self.deliverer.clone(), self.shares.clone(), self.read_back());
             self.attempts.push(attempt_head(deliverer, shares, from, lane, head, attempt, rec));
         }
     }
@@ -1352,7 +1352,7 @@ fn take_in(head_bytes: &mut usize, l: &mut Lane) {
     let len = l.head.value.len();
     if len <= SMALL_HEAD || *head_bytes + len <= MAX_HEAD_BYTES {
         *head_bytes += len;
-        l.head.value = Bytes::copy_from_slice(&l.head.value);
+        l.head = owned(l.head.clone());
     } else {
         l.evict();
     }
@@ -1363,7 +1363,7 @@ fn take_in(head_bytes: &mut usize, l: &mut Lane) {
 fn attempt_head(
     deliverer: Arc<Deliverer>,
     shares: Arc<Shares>,
-    from: Source,
+    from: ReadBack,
     lane: LaneId,
     head: u64,
     attempt: u32,
