@@ -317,13 +317,13 @@ impl Registry {
     /// so that the newest record is what stands (compaction keeps only the newest): the
     /// subscription made from its current version, or a tombstone.
     fn standing(&self, id: &str) -> Bytes {
-        match self.current(id) {
-            Some((current, version)) => {
-                let sub = Subscription { based_on: version, ..current.sub.clone() };
-                Bytes::from(sub.stored())
-            }
-            None => Bytes::new(),
-        }
+        self.restated(id).map_or_else(Bytes::new, |sub| Bytes::from(sub.stored()))
+    }
+
+    /// `id` as it stands here, as a change of the version it is at (`based_on`): a change
+    /// landing meanwhile makes a record of it a conflict, not undone by it.
+    fn restated(&self, id: &str) -> Option<Subscription> {
+        self.current(id).map(|(current, version)| Subscription { based_on: version, ..current.sub.clone() })
     }
 
     /// The version `id` is at here: what a change of it is made from.
@@ -720,10 +720,10 @@ impl Registry {
         let _serial = self.writes.lock().await;
         let n = stale.len();
         for id in stale {
-            // Made from the version read here: a change landing meanwhile (a PATCH through
-            // another process) makes this a conflict, rather than this undoing it everywhere.
-            if let Some((current, version)) = self.current(&id) {
-                self.write(&Subscription { based_on: version, ..current.sub.clone() }).await?;
+            // Made from the version read here (see `restated`): a PATCH landing meanwhile
+            // through another process is not undone everywhere.
+            if let Some(sub) = self.restated(&id) {
+                self.write(&sub).await?;
             }
         }
         if n > 0 {
