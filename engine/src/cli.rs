@@ -359,9 +359,10 @@ impl Api {
 const BATCH_BYTES: usize = herald::api::MAX_BODY_BYTES / 2;
 
 /// Events, one JSON per line, sent a batch of up to 1,000 (and [`BATCH_BYTES`]) as they are
-/// read (input of any length is held a batch at a time; one line alone goes as a single event). A batch refused or lost
-/// says which lines were accepted before it and that nothing after it was sent, since a script
-/// that sends the whole input again publishes those again (deduplicated only by their ids).
+/// read (input of any length is held a batch at a time; one line alone goes as a single event).
+/// A batch refused or lost says which lines were accepted before it and that nothing after it
+/// was sent, since a script that sends the whole input again publishes those again
+/// (deduplicated only by their ids).
 async fn send_lines(api: &Api, input: impl BufRead) -> anyhow::Result<(Value, Shown)> {
     let mut lines = input
         .lines()
