@@ -184,7 +184,7 @@ impl Settled {
                 attempt: d.attempt,
                 accepted_ms: d.accepted_ms,
                 at_ms: now_ms - latency.as_millis().min(i64::MAX as u128) as i64,
-                duration_ms: latency.as_millis().min(u64::MAX as u128) as u64,
+                duration_ms: crate::model::whole_millis(latency),
                 outcome: outcome.to_string(),
                 status,
                 error,

@@ -117,8 +117,7 @@ impl Cut {
             biased;
             () = self.reached(offset) => {
                 let after = started.elapsed();
-                let after_ms = after.as_millis().min(u64::MAX as u128) as u64;
-                Outcome::failed(Failure::Held { after_ms }, after)
+                Outcome::failed(Failure::Held { after_ms: crate::model::whole_millis(after) }, after)
             }
             outcome = attempt => outcome,
         }

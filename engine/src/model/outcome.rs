@@ -334,13 +334,18 @@ impl Outcome {
     }
 }
 
+/// `d` in whole milliseconds (saturating: a `Duration` holds more than a `u64` of them).
+pub fn whole_millis(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
 /// Durations as whole milliseconds on the wire (edge reports).
 mod millis {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis().min(u64::MAX as u128) as u64)
+        s.serialize_u64(super::whole_millis(*d))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

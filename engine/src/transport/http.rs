@@ -597,12 +597,12 @@ fn retry_after(headers: &HeaderMap) -> Option<u64> {
     // Or an HTTP date (RFC 9110 allows both): the wait until then, none if it has passed.
     let at = httpdate::parse_http_date(value).ok()?;
     let wait = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
-    Some(wait.as_millis().min(u64::MAX as u128) as u64)
+    Some(crate::model::whole_millis(wait))
 }
 
 /// A timeout failure of `timeout`.
 pub(crate) fn timed_out(timeout: Duration) -> Failure {
-    Failure::Timeout { after_ms: timeout.as_millis().min(u64::MAX as u128) as u64 }
+    Failure::Timeout { after_ms: crate::model::whole_millis(timeout) }
 }
 
 /// `e` as a `T`, or the `T` an `io::Error` wraps (whose `source` skips it).
