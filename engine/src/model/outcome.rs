@@ -141,9 +141,11 @@ pub struct Response {
     pub body: Bytes,
 }
 
-/// Most response headers kept, and most bytes of each value.
+/// Most response headers kept, and most bytes of each name and each value (a receiver chooses
+/// them: names of 60 KB each made every attempt's record that large, in the history topic and
+/// in every process's index).
 pub const RESPONSE_HEADERS: usize = 32;
-const RESPONSE_HEADER_VALUE: usize = 256;
+const RESPONSE_HEADER_TEXT: usize = 256;
 
 impl Response {
     /// The response with at most [`RESPONSE_HEADERS`] headers of bounded size and `body_bytes`
@@ -153,7 +155,7 @@ impl Response {
             .headers
             .into_iter()
             .take(RESPONSE_HEADERS)
-            .map(|(n, v)| (truncate(&n, RESPONSE_HEADER_VALUE), truncate(&v, RESPONSE_HEADER_VALUE)))
+            .map(|(n, v)| (truncate(&n, RESPONSE_HEADER_TEXT), truncate(&v, RESPONSE_HEADER_TEXT)))
             .collect();
         let keep = body_bytes.min(MAX_DETAIL);
         let body = match self.body.len() > keep {
@@ -170,7 +172,7 @@ impl Response {
             .take(RESPONSE_HEADERS)
             .map(|(n, v)| {
                 let text = String::from_utf8_lossy(v.as_bytes());
-                (n.as_str().to_string(), truncate(&text, RESPONSE_HEADER_VALUE))
+                (truncate(n.as_str(), RESPONSE_HEADER_TEXT), truncate(&text, RESPONSE_HEADER_TEXT))
             })
             .collect();
         Response { status, headers, body }

@@ -73,6 +73,32 @@ async fn a_text_answer_cut_inside_a_character_stays_text() {
     assert!(body.starts_with("xé") && body.len() == 1023, "{} bytes", body.len());
 }
 
+/// A receiver's answer is kept within bounds whatever its headers: their names are cut as
+/// their values are (a receiver answering with header names of 60 KB each made every attempt's
+/// record that large, in the history topic and in every process's index).
+#[tokio::test]
+async fn a_receiver_s_long_header_names_are_kept_cut() {
+    let h = TestHerald::start().await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let url = format!("http://{}/names", listener.local_addr().unwrap());
+    crate::support::serve_http1(listener, |_req: hyper::Request<hyper::body::Incoming>| async {
+        let mut answer = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")));
+        for i in 0..3 {
+            let name = format!("x-{i}-{}", "a".repeat(60_000));
+            answer.headers_mut().insert(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), "v".parse().unwrap());
+        }
+        answer
+    });
+    h.api.subscribe(json!({ "url": url })).await;
+    h.api.post("/v1/events", json!({ "id": "names", "type": "T", "data": {} })).await;
+    let attempt = items(&h.api, "/v1/attempts?event=names", 1).await.remove(0);
+    assert_eq!(attempt["status"], 200, "{attempt}");
+    let headers = attempt["response"]["headers"].as_object().unwrap();
+    let long: Vec<usize> = headers.keys().map(|n| n.len()).filter(|&n| n > 260).collect();
+    assert!(long.is_empty(), "header names of {long:?} bytes kept");
+    assert!(headers.keys().any(|n| n.starts_with("x-0-aaa")), "the names' start is kept: {:?}", headers.keys());
+}
+
 #[tokio::test]
 async fn every_attempt_is_on_record_with_the_receiver_s_answer() {
     let h = TestHerald::start().await;
