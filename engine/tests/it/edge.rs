@@ -505,3 +505,51 @@ async fn a_tenant_s_edge_connections_are_throttled() {
     assert!(statuses.get(&429).copied().unwrap_or(0) > 100, "{statuses:?}");
     assert!(statuses.get(&101).copied().unwrap_or(0) >= 100, "a burst goes through: {statuses:?}");
 }
+
+/// An agent runs on a tenant's own machine, so what it reports is the tenant's word: a
+/// latency of 300 years put the attempt's time in 1970 (its day long expired), so the attempt
+/// was missing from the history and the delivered event showed as `retrying`. The time an
+/// attempt took is at most what Herald waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_s_reported_latency_cannot_move_the_attempt_out_of_the_history() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (tenant, api, device, token) = tenant_with_device(&admin, "Boastful").await;
+    let sub = api.subscribe(json!({ "url": rx.url("/far"), "via_edge": device })).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(edge_connect_request(addr, &token)).await.expect("connects");
+    ws.send(Message::Text(r#"{"type":"hello","window":1}"#.into())).await.unwrap();
+    agents_connected(&admin, 1).await;
+    let (status, body) =
+        admin.post("/v1/events", json!({ "id": "far-1", "tenant": tenant, "type": "T", "data": {} })).await;
+    assert_eq!(status, 202, "{body}");
+    let seq = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(Ok(Message::Text(text))) = ws.next().await {
+                let msg: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if msg["type"] == "deliver" {
+                    return msg["seq"].as_u64().unwrap();
+                }
+            }
+        }
+    })
+    .await
+    .expect("a delivery reaches the agent");
+    let report = json!({ "type": "outcome", "seq": seq,
+        "outcome": { "result": "delivered", "status": 200, "latency": 10_000_000_000_000u64 } });
+    ws.send(Message::Text(report.to_string().into())).await.unwrap();
+    let sub_id = sub["id"].as_str().unwrap();
+    let attempts = until("the attempt on record", Duration::from_secs(20), || async {
+        let (_, page) = api.get(&format!("/v1/attempts?subscription={sub_id}")).await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        (!items.is_empty()).then_some(items)
+    })
+    .await;
+    let at = chrono::DateTime::parse_from_rfc3339(attempts[0]["at"].as_str().unwrap()).unwrap();
+    assert!((chrono::Utc::now() - at.to_utc()).num_minutes().abs() < 5, "the attempt's time: {at}");
+    let (_, event) = api.get("/v1/events/far-1").await;
+    assert_eq!(event["deliveries"][0]["state"], "delivered", "{event}");
+}

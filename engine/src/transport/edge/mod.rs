@@ -205,7 +205,7 @@ impl EdgeHub {
         })
         .await;
         match answer {
-            Ok(Ok(report)) => report.into_outcome(self.response_bytes),
+            Ok(Ok(report)) => report.into_outcome(self.response_bytes, started.elapsed()),
             Ok(Err(e)) => failed(format!("forwarding to the process holding edge device {device} ({url}): {e}")),
             Err(_) => Outcome::failed(super::http::timed_out(timeout), started.elapsed()),
         }
@@ -268,7 +268,7 @@ impl EdgeHub {
         };
         match answer {
             Some(Ok(report)) => {
-                let outcome = report.into_outcome(self.response_bytes);
+                let outcome = report.into_outcome(self.response_bytes, started.elapsed());
                 let rtt = started.elapsed().saturating_sub(outcome.latency());
                 metrics::histogram!(m::EDGE_RTT_SECONDS).record(rtt.as_secs_f64());
                 outcome

@@ -92,15 +92,18 @@ pub fn decode_delivery(s: &str) -> Option<Delivery> {
 impl Report {
     /// The outcome as the server takes it: every text an agent sends is bounded, since it is
     /// copied into dead letters and the history; of the receiver's answer, as much as the
-    /// history keeps (`response_bytes`; none without a history), as for any attempt.
-    pub fn into_outcome(self, response_bytes: Option<usize>) -> Outcome {
+    /// history keeps (`response_bytes`; none without a history), as for any attempt. The
+    /// latency is at most `waited`, how long Herald waited for the report: the agent runs on
+    /// the tenant's machine, and the attempt's time on record is taken from it (a latency of
+    /// centuries put the attempt in a day long expired, missing from the history).
+    pub fn into_outcome(self, response_bytes: Option<usize>, waited: std::time::Duration) -> Outcome {
         let keep = |r: Option<crate::model::outcome::Response>| Some(r?.bounded(response_bytes?));
         match self.outcome {
             Outcome::Failed { failure, latency, response } => {
-                Outcome::Failed { failure: failure.bounded(), latency, response: keep(response) }
+                Outcome::Failed { failure: failure.bounded(), latency: latency.min(waited), response: keep(response) }
             }
             Outcome::Delivered { status, latency, response } => {
-                Outcome::Delivered { status, latency, response: keep(response) }
+                Outcome::Delivered { status, latency: latency.min(waited), response: keep(response) }
             }
         }
     }
@@ -118,7 +121,7 @@ mod tests {
         let json = serde_json::to_string(&ToServer::Outcome(Report { seq: 9, outcome: failed })).unwrap();
         assert!(json.contains("\"type\":\"outcome\""), "{json}");
         let ToServer::Outcome(back) = serde_json::from_str(&json).unwrap() else { panic!("an outcome") };
-        let outcome = back.into_outcome(Some(1024));
+        let outcome = back.into_outcome(Some(1024), Duration::MAX);
         assert_eq!(outcome.label(), "connect_error");
         assert!(outcome.failure().unwrap().to_string().len() < 2048);
     }
