@@ -66,9 +66,12 @@ pub async fn replay(
         (None, None) => return Err(ApiError::validation("ids", "give ids, a subscription, or both")),
     };
     // A deleted subscription would drop what is replayed (the dead letters gone, nothing
-    // sent), a disabled one dead-letter it again at once: refused, and they stay listed.
-    let refuse = |sub: &str| match state.registry.get(sub) {
+    // sent), a disabled one dead-letter it again at once: refused, and they stay listed. So is
+    // one now another tenant's (a static webhook the config file moved keeps its id): for the
+    // entry's tenant, its subscription is gone.
+    let refuse = |sub: &str, tenant: &str| match state.registry.get(sub) {
         None => Some("subscription_deleted"),
+        Some(t) if t.sub.tenant != tenant => Some("subscription_deleted"),
         Some(t) if !t.sub.spec.enabled => Some("subscription_disabled"),
         Some(_) => None,
     };
@@ -78,7 +81,7 @@ pub async fn replay(
         if !theirs {
             return Err(ApiError::not_found("subscription"));
         }
-        if refuse(sub).is_some() {
+        if state.registry.get(sub).is_some_and(|t| !t.sub.spec.enabled) {
             return Err(ApiError::conflict("subscription", "the subscription is disabled: enable it, then replay"));
         }
     }

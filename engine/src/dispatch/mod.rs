@@ -230,6 +230,9 @@ impl Deliverer {
             Err(e) => return Box::pin(self.settler.malformed(&rec, e.to_string())).await,
         };
         let target = match self.registry.lookup(&delivery.subscription).await {
+            // A subscription of another tenant now (a static webhook the config file moved
+            // keeps its id): the delivery's own subscription is gone.
+            Lookup::Found(t) if t.sub.tenant != delivery.tenant => return self.settler.dropped(delivery),
             Lookup::Found(t) => t,
             Lookup::Deleted => return self.settler.dropped(delivery),
             Lookup::Unknown => return Box::pin(self.settler.unknown(delivery, waits)).await,

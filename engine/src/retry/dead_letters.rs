@@ -123,7 +123,7 @@ const REPLAY_CHUNK_BYTES: usize = 8 << 20;
 
 /// Why an entry of a subscription may not be replayed now, if it may not (the caller's check:
 /// deleted, disabled).
-pub type Refuse<'a> = &'a (dyn Fn(&str) -> Option<&'static str> + Sync);
+pub type Refuse<'a> = &'a (dyn Fn(&str, &str) -> Option<&'static str> + Sync);
 
 /// Lists and replays dead letters, reading the topic a page at a time. The ids of replayed
 /// entries (small: only what was replayed) are kept in memory, and brought up to date from
@@ -432,7 +432,7 @@ impl DeadLetters {
                 report.skipped.push(Skipped { id: f.entry.id, reason: "already_replayed" });
                 continue;
             }
-            if let Some(reason) = refuse(&f.entry.subscription) {
+            if let Some(reason) = refuse(&f.entry.subscription, &f.entry.tenant) {
                 report.skipped.push(Skipped { id: f.entry.id, reason });
                 continue;
             }
@@ -747,7 +747,7 @@ mod tests {
         let log = Arc::new(Gated { max_record: Some(50_000), ..Gated::new(inner.clone()) });
         let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
         let report =
-            dlq.replay(Selection::Ids { ids: ids.clone(), subscription: None }, None, &|_| None).await.unwrap();
+            dlq.replay(Selection::Ids { ids: ids.clone(), subscription: None }, None, &|_, _| None).await.unwrap();
         assert_eq!(report.replayed, ids[..2]);
         assert_eq!(report.skipped.len(), 1);
         assert_eq!((report.skipped[0].id.as_str(), report.skipped[0].reason), (large[0].as_str(), "too_large"));
@@ -773,8 +773,12 @@ mod tests {
         let long = tokio::spawn({
             let dlq = dlq.clone();
             async move {
-                dlq.replay(Selection::Ids { ids: vec!["dlq_nowhere".into()], subscription: None }, Some("a"), &|_| None)
-                    .await
+                dlq.replay(
+                    Selection::Ids { ids: vec!["dlq_nowhere".into()], subscription: None },
+                    Some("a"),
+                    &|_, _| None,
+                )
+                .await
             }
         });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -784,7 +788,7 @@ mod tests {
         }
         let other = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            dlq.replay(Selection::Subscription(victim.clone()), Some("b"), &|_| None),
+            dlq.replay(Selection::Subscription(victim.clone()), Some("b"), &|_, _| None),
         )
         .await
         .expect("held up by another tenant's replay")
@@ -814,7 +818,7 @@ mod tests {
         );
         assert_eq!(b.list(None, None, None, 10).await.unwrap().0.len(), 1, "listed by both");
         let one = |id: &str| Selection::Ids { ids: vec![id.to_string()], subscription: None };
-        let report = a.replay(one(&entry.id), None, &|_| None).await.unwrap();
+        let report = a.replay(one(&entry.id), None, &|_, _| None).await.unwrap();
         assert_eq!(report.replayed, vec![entry.id.clone()]);
         // A list reads markers at most once a second: within a couple of seconds it is gone.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -822,10 +826,10 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "replayed elsewhere, still listed");
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        let again = b.replay(one(&entry.id), None, &|_| None).await.unwrap();
+        let again = b.replay(one(&entry.id), None, &|_, _| None).await.unwrap();
         assert!(again.replayed.is_empty(), "sent again: {again:?}");
         assert_eq!(again.skipped[0].reason, "already_replayed");
-        let again = b.replay(Selection::Subscription("s".into()), None, &|_| None).await.unwrap();
+        let again = b.replay(Selection::Subscription("s".into()), None, &|_, _| None).await.unwrap();
         assert!(again.replayed.is_empty(), "sent again: {again:?}");
         let sent = log.read_all("deliveries").await.unwrap();
         assert_eq!(sent.len(), 1, "one delivery enqueued in all");
@@ -842,7 +846,7 @@ mod tests {
         let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
         let report = tokio::time::timeout(
             std::time::Duration::from_secs(20),
-            dlq.replay(Selection::Subscription("s".into()), None, &|_| None),
+            dlq.replay(Selection::Subscription("s".into()), None, &|_, _| None),
         )
         .await
         .expect("the replay ended")
@@ -862,7 +866,7 @@ mod tests {
         let size = 300 << 10;
         let parked = park_sized(&*log, "s", "t", 60, size).await;
         let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
-        let report = dlq.replay(Selection::Subscription("s".into()), None, &|_| None).await.unwrap();
+        let report = dlq.replay(Selection::Subscription("s".into()), None, &|_, _| None).await.unwrap();
         assert_eq!(report.replayed.len(), parked.len());
         let appends = log.appends.lock().unwrap().clone();
         assert!(appends.len() > 1, "{appends:?}");
@@ -882,7 +886,7 @@ mod tests {
         log.hold.store(true, std::sync::atomic::Ordering::SeqCst);
         let first = tokio::spawn({
             let (dlq, one) = (dlq.clone(), one());
-            async move { dlq.replay(one, None, &|_| None).await }
+            async move { dlq.replay(one, None, &|_, _| None).await }
         });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while log.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
@@ -893,7 +897,7 @@ mod tests {
         log.hold.store(false, std::sync::atomic::Ordering::SeqCst);
         let second = tokio::spawn({
             let (dlq, one) = (dlq.clone(), one());
-            async move { dlq.replay(one, None, &|_| None).await }
+            async move { dlq.replay(one, None, &|_, _| None).await }
         });
         // Let the second replay run as far as it can before the first append is let go.
         for _ in 0..50 {
@@ -914,7 +918,7 @@ mod tests {
         let ids = park(&*log, "s", "t", 2).await;
         let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
         let report = dlq
-            .replay(Selection::Ids { ids: ids.clone(), subscription: None }, None, &|_| Some("subscription_deleted"))
+            .replay(Selection::Ids { ids: ids.clone(), subscription: None }, None, &|_, _| Some("subscription_deleted"))
             .await
             .unwrap();
         assert!(report.replayed.is_empty());

@@ -844,3 +844,51 @@ async fn bodies_other_than_publishing_are_bounded_to_a_few_mib() {
         .collect();
     assert_eq!(h.api.post("/v1/events/batch", json!(events)).await.0, 202);
 }
+
+/// A static webhook keeps its id (`static-<name>`) when the config file moves it to another
+/// tenant: the first tenant's retries, and its dead letters replayed by id, then went to the
+/// second tenant's endpoint, signed with its secret, and that endpoint's answers went into the
+/// first tenant's history. A delivery is made only to a subscription of its own tenant; one
+/// whose subscription now belongs to another is dropped, as for a deleted subscription, and a
+/// replay of its dead letter is refused as one of a deleted subscription.
+#[tokio::test]
+async fn a_static_webhook_moved_to_another_tenant_gets_none_of_the_first_tenant_s_deliveries() {
+    use crate::support::Behaviour;
+    let rx = Receiver::start().await;
+    rx.behave("/acme", Behaviour::RetryAfter { status: 503, secs: 1 });
+    rx.respond_on("/acme-gone", 410);
+    let webhook = |name: &str, tenant: &str, url: String| -> herald::config::StaticWebhook {
+        serde_json::from_value(json!({ "name": name, "tenant": tenant, "endpoint": url })).unwrap()
+    };
+    let acme = [webhook("erp", "acme", rx.url("/acme")), webhook("crm", "acme", rx.url("/acme-gone"))];
+    let h = TestHerald::start_with(|c| c.webhooks.extend(acme)).await;
+    let (status, body) =
+        h.api.post("/v1/events", json!({ "id": "acme-1", "tenant": "acme", "type": "T", "data": {} })).await;
+    assert_eq!((status.as_u16(), body["deliveries"].as_u64()), (202, Some(2)), "{body}");
+    rx.wait_on("/acme", 1).await;
+    let parked = until("crm's dead letter", Duration::from_secs(20), || async {
+        let (_, page) = h.api.get("/v1/dlq?subscription=static-crm").await;
+        page["items"][0]["id"].as_str().map(str::to_string)
+    })
+    .await;
+
+    let globex = [webhook("erp", "globex", rx.url("/globex")), webhook("crm", "globex", rx.url("/globex-crm"))];
+    let h = h.restart_with(|c| c.webhooks = globex.to_vec()).await;
+    let (_, sub) = h.api.get("/v1/subscriptions/static-erp").await;
+    assert_eq!(sub["tenant"], "globex", "{sub}");
+    let (status, report) = h.api.post("/v1/dlq/replay", json!({ "ids": [parked] })).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["skipped"][0]["reason"], "subscription_deleted", "{report}");
+    let state = until("acme's retry settled", Duration::from_secs(30), || async {
+        let (_, event) = h.api.get("/v1/events/acme-1?tenant=acme").await;
+        let deliveries = event["deliveries"].as_array().cloned().unwrap_or_default();
+        let erp = deliveries.iter().find(|d| d["subscription"] == "static-erp")?;
+        let state = erp["state"].as_str().unwrap_or("").to_string();
+        let settled = !["retrying", "pending", ""].contains(&state.as_str());
+        (settled || !rx.on("/globex").is_empty()).then_some(state)
+    })
+    .await;
+    let globex_got = rx.on("/globex").len() + rx.on("/globex-crm").len();
+    assert_eq!(globex_got, 0, "acme's event reached globex's endpoints");
+    assert_eq!(state, "dropped");
+}

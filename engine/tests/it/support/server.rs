@@ -139,6 +139,13 @@ impl TestHerald {
         TestHerald { herald, api, dir, config, kafka, extras }
     }
 
+    /// Stops the server and starts it again on the same data and broker, its config first
+    /// changed by `tweak` (an operator editing the file between runs).
+    pub async fn restart_with(mut self, tweak: impl FnOnce(&mut Config)) -> TestHerald {
+        tweak(&mut self.config);
+        self.restart().await
+    }
+
     /// Stops the server and returns every dead letter in its log.
     pub async fn stop_and_read_dlq(self) -> Vec<herald::model::DeadLetter> {
         if self.kafka.is_none() {
