@@ -409,3 +409,50 @@ async fn a_reopened_reader_reads_again_from_the_committed_offset() {
     drop((reader, consumer));
     herald.stop().await;
 }
+
+/// A deletion in the catalog is a Kafka tombstone (a record with no value): compaction keeps
+/// a key's newest record, and keeps a key whose newest is a tombstone only until
+/// `delete.retention.ms`. Written as an empty value, every deleted subscription (and device,
+/// presence, event type) stayed in the catalog for good, read by every process at every start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_subscription_leaves_a_tombstone_in_the_catalog() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let kafka = MockKafka::start(PARTITIONS);
+    let dir = tempfile::tempdir().unwrap();
+    let (herald, api) = start(&kafka, dir.path()).await;
+    let rx = Receiver::start().await;
+    let sub = api.subscribe(json!({ "url": rx.url("/gone-soon") })).await;
+    let id = sub["id"].as_str().unwrap().to_string();
+    assert_eq!(api.delete(&format!("/v1/subscriptions/{id}")).await.0, 204);
+    herald.stop().await;
+
+    let topic = herald::topics::Topics::new("herald.").subscriptions;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("group.id", "tombstone-check")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let (_, end) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(10)).unwrap();
+    // The newest record of the subscription's key, read to the partition's end.
+    let mut newest = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        if m.key().is_some_and(|k| String::from_utf8_lossy(k).contains(&id)) {
+            newest = Some(m.payload().map(<[u8]>::len));
+        }
+        if m.offset() + 1 >= end {
+            break;
+        }
+    }
+    assert_eq!(
+        newest,
+        Some(None),
+        "the subscription's newest catalog record: a value of {newest:?} bytes, not a tombstone"
+    );
+}

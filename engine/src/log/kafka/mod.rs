@@ -226,8 +226,13 @@ impl Log for KafkaLog {
         let mut pending = Vec::with_capacity(records.len());
         for r in &records {
             let partition = partition_for(&r.key, n) as i32;
-            let mut record =
-                FutureRecord::to(topic).key(&r.key[..]).payload(&r.value[..]).partition(partition).timestamp(now);
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic).key(&r.key[..]).partition(partition).timestamp(now);
+            // An empty value is a deletion (the catalog's): sent as no value at all, the
+            // tombstone Kafka's compaction drops in time — an empty one is kept as the key's
+            // newest record for good. Read back, no value is an empty one.
+            if !r.value.is_empty() {
+                record = record.payload(&r.value[..]);
+            }
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {

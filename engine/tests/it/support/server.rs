@@ -69,6 +69,11 @@ impl MockKafka {
     }
 
     /// Points `config` at this broker.
+    /// Where clients of its own (a test reading a topic as it is) connect.
+    pub fn bootstrap_servers(&self) -> String {
+        self.0.bootstrap_servers()
+    }
+
     pub fn configure(&self, config: &mut Config) {
         config.log.backend = herald::config::Backend::Kafka;
         config.log.brokers = self.0.bootstrap_servers();
