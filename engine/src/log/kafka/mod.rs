@@ -87,8 +87,16 @@ impl KafkaConfig {
     }
 }
 
+/// The error as text. A setting the client refused is named, its value not shown (the
+/// client's own text holds it whole, and settings hold SASL passwords).
 pub(crate) fn kafka_error(e: KafkaError) -> LogError {
-    LogError::Backend(e.to_string())
+    match e {
+        KafkaError::ClientConfig(_, description, key, value) => {
+            let description = if value.is_empty() { description } else { description.replace(&value, "…") };
+            LogError::Backend(format!("the Kafka client refused its setting `{key}` (value not shown): {description}"))
+        }
+        e => LogError::Backend(e.to_string()),
+    }
 }
 
 /// The log on a Kafka cluster: one producer, consumer groups per topic, readers for pages.
@@ -465,6 +473,29 @@ mod tests {
         .await
         .unwrap_or_else(|_| panic!("{n} records within 20 s; got {got:?}"));
         got
+    }
+
+    /// A setting the Kafka client refuses is named, its value not shown: an operator's
+    /// `sasl.jaas.config` copied from a Java client (not a librdkafka setting) printed its
+    /// password in Herald's start-up error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_client_setting_is_named_without_its_value() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let secret = r#"org.apache.kafka.common.security.plain.PlainLoginModule required password="hunter2";"#;
+        let config = KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            replication: 1,
+            properties: BTreeMap::from([("sasl.jaas.config".to_string(), secret.to_string())]),
+            topics: Vec::new(),
+            drain: Duration::from_secs(1),
+            retention: Duration::from_secs(3600),
+            min_insync_replicas: 1,
+            max_record_bytes: 1 << 20,
+        };
+        let error = KafkaLog::open(config).await.err().expect("refused").to_string();
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(error.contains("sasl.jaas.config"), "{error}");
     }
 
     /// A fatal error of the idempotent producer fails every append for good: the log says it
