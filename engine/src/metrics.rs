@@ -42,6 +42,9 @@ pub const PANICS: &str = "herald_deliveries_panicked_total";
 pub const WORKERS_PANICKED: &str = "herald_partition_workers_panicked_total";
 /// Deliveries in flight, by `source` topic and `partition`.
 pub const IN_FLIGHT: &str = "herald_in_flight";
+/// Bytes of records read and not started yet (a retry tier's wait to be due), by `source`
+/// and `partition`.
+pub const WAITING_BYTES: &str = "herald_dispatch_waiting_bytes";
 /// Records appended but not yet committed by the dispatcher, by `source` and `partition`.
 pub const CONSUMER_LAG: &str = "herald_consumer_lag";
 /// Subscriptions whose circuit breaker is open.
@@ -97,6 +100,7 @@ pub const ALL: &[&str] = &[
     PANICS,
     WORKERS_PANICKED,
     IN_FLIGHT,
+    WAITING_BYTES,
     CONSUMER_LAG,
     BREAKERS_OPEN,
     SUBSCRIPTIONS,
@@ -238,12 +242,18 @@ pub struct ShardStats {
     partition: u32,
     committer: Arc<dyn Committer>,
     in_flight: AtomicUsize,
+    waiting_bytes: AtomicUsize,
 }
 
 impl ShardStats {
     /// Sets the shard's in-flight count.
     pub fn set_in_flight(&self, n: usize) {
         self.in_flight.store(n, Ordering::Relaxed);
+    }
+
+    /// Sets the bytes of the records it has read and not started.
+    pub fn set_waiting_bytes(&self, n: usize) {
+        self.waiting_bytes.store(n, Ordering::Relaxed);
     }
 
     /// The labels of its series.
@@ -260,6 +270,7 @@ impl Drop for ShardStats {
         let labels = self.labels();
         metrics::gauge!(CONSUMER_LAG, &labels).set(0.0);
         metrics::gauge!(IN_FLIGHT, &labels).set(0.0);
+        metrics::gauge!(WAITING_BYTES, &labels).set(0.0);
     }
 }
 
@@ -314,8 +325,13 @@ impl Metrics {
 
     /// Registers a shard; its gauges disappear from updates once the returned value drops.
     pub fn shard(&self, source: &str, partition: u32, committer: Arc<dyn Committer>) -> Arc<ShardStats> {
-        let stats =
-            Arc::new(ShardStats { source: source.to_string(), partition, committer, in_flight: AtomicUsize::new(0) });
+        let stats = Arc::new(ShardStats {
+            source: source.to_string(),
+            partition,
+            committer,
+            in_flight: 0.into(),
+            waiting_bytes: 0.into(),
+        });
         self.shards.lock().unwrap().push(Arc::downgrade(&stats));
         stats
     }
@@ -343,6 +359,7 @@ impl Metrics {
             let lag = s.committer.end_offset().saturating_sub(s.committer.committed());
             metrics::gauge!(CONSUMER_LAG, &labels).set(lag as f64);
             metrics::gauge!(IN_FLIGHT, &labels).set(s.in_flight.load(Ordering::Relaxed) as f64);
+            metrics::gauge!(WAITING_BYTES, &labels).set(s.waiting_bytes.load(Ordering::Relaxed) as f64);
         }
         for hook in self.hooks.lock().unwrap().iter() {
             hook();
@@ -386,6 +403,11 @@ fn describe() {
         "Partition workers that panicked outside any one delivery (each started again from the committed offset)."
     );
     describe_gauge!(IN_FLIGHT, "Deliveries in flight, by source topic and partition.");
+    describe_gauge!(
+        WAITING_BYTES,
+        Unit::Bytes,
+        "Bytes of records read and not started yet (a retry tier's, until due), by source topic and partition."
+    );
     describe_gauge!(CONSUMER_LAG, "Records appended but not yet committed, by source topic and partition.");
     describe_gauge!(BREAKERS_OPEN, "Subscriptions whose circuit breaker is open.");
     describe_gauge!(
@@ -579,12 +601,15 @@ mod tests {
         let m = Metrics::new();
         let s = m.shard("retry.revoked-test", 7, Arc::new(Behind));
         s.set_in_flight(3);
+        s.set_waiting_bytes(2048);
         let line = |name: &str, value: u32| format!(r#"{name}{{source="retry.revoked-test",partition="7"}} {value}"#);
         let text = m.render();
         assert!(text.contains(&line(CONSUMER_LAG, 40)) && text.contains(&line(IN_FLIGHT, 3)), "{text}");
+        assert!(text.contains(&line(WAITING_BYTES, 2048)), "{text}");
         drop(s);
         let text = m.render();
         assert!(text.contains(&line(CONSUMER_LAG, 0)) && text.contains(&line(IN_FLIGHT, 0)), "{text}");
+        assert!(text.contains(&line(WAITING_BYTES, 0)), "{text}");
     }
 
     /// The handles are keyed by where their strings are: the same text elsewhere (a label

@@ -56,6 +56,8 @@ struct Shard {
     in_flight: FuturesUnordered<BoxFuture<'static, u64>>,
     /// Read, not started yet (they wait to be due, or for room in the window).
     waiting: VecDeque<LogRecord>,
+    /// Their values' bytes.
+    waiting_bytes: usize,
     idle: Option<Box<dyn PartitionReader>>,
     reading: Option<Read>,
 }
@@ -82,6 +84,7 @@ pub async fn run(
         cut,
         in_flight: FuturesUnordered::new(),
         waiting: VecDeque::new(),
+        waiting_bytes: 0,
         idle: Some(reader),
         reading: None,
     };
@@ -89,6 +92,7 @@ pub async fn run(
         shard.start_due();
         shard.cut_hanging(partition);
         stats.set_in_flight(shard.window.in_flight());
+        stats.set_waiting_bytes(shard.waiting_bytes);
         let wake = shard.wake_at();
         tokio::select! {
             _ = crate::shutdown::stopped(&mut stop) => break,
@@ -103,6 +107,7 @@ pub async fn run(
     }
     shard.drain(partition).await;
     stats.set_in_flight(0);
+    stats.set_waiting_bytes(0);
 }
 
 impl Shard {
@@ -132,6 +137,7 @@ impl Shard {
         let now = now_ms();
         while self.has_room() && self.waiting.front().is_some_and(|r| self.due(r) <= now) {
             let rec = self.waiting.pop_front().expect("checked");
+            self.waiting_bytes -= rec.value.len();
             if !self.window.start(rec.offset) {
                 tracing::debug!(offset = rec.offset, "record handed out again; already started");
                 continue;
@@ -197,6 +203,7 @@ impl Shard {
         match batch {
             Ok(records) => {
                 let now = now_ms();
+                self.waiting_bytes += records.iter().map(|r| r.value.len()).sum::<usize>();
                 self.waiting.extend(records.into_iter().map(|mut rec| {
                     rec.timestamp_ms = arrived(rec.timestamp_ms, now);
                     rec

@@ -105,6 +105,10 @@ pub enum LogError {
 /// records (dead letters of 1 MiB events, 1,024 to a page) were gigabytes at once.
 pub const PAGE_BYTES: usize = 4 << 20;
 
+/// About the most bytes a partition reader's batch holds (always one record, however large):
+/// what a retry tier's shard reads it keeps until due, up to the longest tier's four hours.
+pub const BATCH_BYTES: usize = 1 << 20;
+
 /// The log backends' common interface (embedded files or Kafka).
 #[async_trait]
 pub trait Log: Send + Sync + 'static {

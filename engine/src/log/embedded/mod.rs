@@ -817,7 +817,7 @@ impl PartitionReader for EmbeddedReader {
             // ten minutes, then climbed to 183–208 MiB and stayed. Read here, the same drain
             // held 48–58 MiB throughout, and ran at 10,356 deliveries/s against 8,426–8,720
             // (a build reading every batch here; BENCHMARKS.md, "Backlog").
-            let max_bytes = 1 << 20;
+            let max_bytes = crate::log::BATCH_BYTES;
             let read = match self.part.read_on(from, max, max_bytes, &mut self.hint, Wait::No) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let part = self.part.clone();

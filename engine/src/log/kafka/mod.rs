@@ -449,7 +449,8 @@ mod tests {
         KafkaLog::open(KafkaConfig {
             brokers: cluster.bootstrap_servers(),
             replication: 1,
-            properties: BTreeMap::new(),
+            // One fetch takes a partition's whole stretch, as a broker with a backlog hands out.
+            properties: BTreeMap::from([("max.partition.fetch.bytes".to_string(), (16 << 20).to_string())]),
             topics: vec![topic],
             drain: Duration::from_secs(1),
             retention: Duration::from_secs(3600),
@@ -568,6 +569,29 @@ mod tests {
         assert!(last < 19 && next == Some(last + 1), "cut before the end, with where to go on: {next:?}");
         let (rest, end) = log.read_partition("t", p, last + 1, 1024).await.unwrap();
         assert_eq!((rest.last().map(|r| r.offset), end), (Some(19), None), "the rest on the next page");
+        log.close().await.unwrap();
+    }
+
+    /// A batch of large records holds about [`crate::log::BATCH_BYTES`], as the embedded
+    /// log's do: a retry tier's shard keeps what it reads until due (up to four hours), and
+    /// 256 fetched records of a megabyte each were 256 MB per tier and partition.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_large_records_is_bounded_in_bytes() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let log = open(&cluster).await;
+        let value = "v".repeat(60 << 10);
+        let positions = log
+            .append("t", (0..60).map(|_| Record { key: "k".into(), value: value.clone().into() }).collect())
+            .await
+            .unwrap();
+        let mut reader = log.follow("t", positions[0].partition, 0).await.unwrap();
+        let (mut read, mut largest) = (0, 0);
+        while read < 60 {
+            let batch = tokio::time::timeout(Duration::from_secs(20), reader.next_batch(256)).await.unwrap().unwrap();
+            read += batch.len();
+            largest = largest.max(batch.iter().map(|r| r.value.len()).sum::<usize>());
+        }
+        assert!(largest <= crate::log::BATCH_BYTES + value.len(), "{largest} bytes in one batch");
         log.close().await.unwrap();
     }
 

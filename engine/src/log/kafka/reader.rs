@@ -32,8 +32,9 @@ pub(super) fn to_record(m: &BorrowedMessage<'_>) -> LogRecord {
     }
 }
 
-/// Waits for one message, then takes whatever else is already fetched, up to `max`.
-/// Cancel-safe: a message is taken from the queue only by a poll that returns it.
+/// Waits for one message, then takes whatever else is already fetched, up to `max` and about
+/// [`crate::log::BATCH_BYTES`]. Cancel-safe: a message is taken from the queue only by a poll
+/// that returns it.
 pub(super) async fn next_batch<C: ConsumerContext>(
     mut stream: MessageStream<'_, C>,
     max: usize,
@@ -49,9 +50,14 @@ pub(super) async fn next_batch<C: ConsumerContext>(
         Some(Err(e)) => return Err(kafka_error(e)),
         None => return Err(LogError::Closed),
     }
-    while out.len() < max {
+    let mut bytes = out[0].value.len();
+    while out.len() < max && bytes < crate::log::BATCH_BYTES {
         match stream.next().now_or_never() {
-            Some(Some(Ok(m))) => out.push(to_record(&m)),
+            Some(Some(Ok(m))) => {
+                let record = to_record(&m);
+                bytes += record.value.len();
+                out.push(record);
+            }
             Some(Some(Err(e))) => {
                 tracing::warn!(error = %e, "kafka consumer error");
                 break;
