@@ -123,17 +123,29 @@ pub struct KafkaLog {
 /// How long a readiness look at the broker is answered from.
 const READY_SEEN_FOR: Duration = Duration::from_secs(1);
 
+/// The producer's batches (`batch.size`), unless a topic's record limit is smaller.
+const BATCH_SIZE: usize = 1_000_000;
+
+/// `batch.size` for topics whose smallest record limit (`max.message.bytes`, made before
+/// Herald) is `smallest`: the broker holds a whole batch to the limit, and refuses every record
+/// of one past it — small events of many tenants refused as too large, together.
+fn batch_size(smallest: Option<usize>) -> usize {
+    // Room for the batch's own header (61 bytes) and its records' framing.
+    smallest.map_or(BATCH_SIZE, |limit| limit.saturating_sub(1024).clamp(1, BATCH_SIZE))
+}
+
 impl KafkaLog {
     /// Connects, creates missing topics and learns every topic's partition count.
     pub async fn open(config: KafkaConfig) -> Result<Arc<KafkaLog>, LogError> {
-        let partitions = topics::ensure(&config).await?;
+        let topics::Laid { partitions, smallest_record_limit } = topics::ensure(&config).await?;
+        let batch = batch_size(smallest_record_limit).to_string();
         // Throughput defaults the pass-through table may change; the guarantees it may not.
         let producer: FutureProducer = config
             .layered(
                 &[
                     ("linger.ms", "5"),
                     ("batch.num.messages", "10000"),
-                    ("batch.size", "1000000"),
+                    ("batch.size", &batch),
                     ("message.timeout.ms", "30000"),
                     ("message.max.bytes", &config.max_record_bytes.to_string()),
                     ("queue.buffering.max.messages", "1000000"),
@@ -257,10 +269,10 @@ impl Log for KafkaLog {
             }
         }
         let mut positions = Vec::with_capacity(pending.len());
-        for delivery in futures::future::join_all(pending).await {
+        for (delivery, record) in futures::future::join_all(pending).await.into_iter().zip(&records) {
             match delivery {
                 Ok(Ok(d)) => positions.push(Position { partition: d.partition as u32, offset: d.offset as u64 }),
-                Ok(Err((e, _))) => return Err(self.append_error(e, 0)),
+                Ok(Err((e, _))) => return Err(self.append_error(e, record.value.len())),
                 Err(_) => return Err(LogError::Closed),
             }
         }
@@ -474,6 +486,18 @@ mod tests {
         .await
         .unwrap_or_else(|_| panic!("{n} records within 20 s; got {got:?}"));
         got
+    }
+
+    /// The producer's batches fit the smallest record limit of the topics made before Herald:
+    /// the broker refuses a whole batch past a topic's `max.message.bytes`, and batches of up
+    /// to a megabyte on a topic made with 256 KiB refused many tenants' small events as too
+    /// large, together.
+    #[test]
+    fn batches_fit_the_smallest_record_limit_of_the_topics() {
+        assert_eq!(batch_size(None), BATCH_SIZE);
+        assert!(batch_size(Some(262_144)) < 262_144);
+        assert_eq!(batch_size(Some(8 << 20)), BATCH_SIZE);
+        assert_eq!(batch_size(Some(10)), 1);
     }
 
     /// A setting the Kafka client refuses is named, its value not shown: an operator's
