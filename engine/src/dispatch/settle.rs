@@ -280,37 +280,60 @@ impl Settler {
             // The failed paths are boxed: their awaits (disabling the subscription, a retry's
             // append, a dead letter) were most of this future's size, which every delivery's
             // future carries (see `Deliverer::deliver`).
-            Verdict::Gone => Box::pin(async {
-                self.judge_health(target, probe).await;
-                let reason = format!("the receiver answered 410 Gone at {}", rfc3339_ms(now_ms()));
-                self.disable(target, reason).await;
-                self.park(&delivery, raw, &outcome, Parked::Gone).await
-            })
-            .await,
-            Verdict::Retry { not_before } => Box::pin(async {
-                if held {
-                    drop(probe);
-                } else {
+            Verdict::Gone => {
+                Box::pin(async {
                     self.judge_health(target, probe).await;
-                }
-                tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, outcome = outcome.label(), "attempt failed");
-                match retry::next_due(target, &delivery, not_before) {
-                    Some(due_ms) => {
-                        let next = Delivery { attempt: delivery.attempt + 1, due_ms, ..delivery.clone() };
-                        match waits {
-                            Waits::InTiers => match self.retrier.schedule(&next).await {
-                                Ok(tier) => Settlement::Rescheduled { attempt: next.attempt, due_ms, tier: Some(tier) },
-                                Err(why) => Settlement::DeadLettered { reason: Parked::Unschedulable(why) },
-                            },
-                            Waits::InLane => Settlement::Rescheduled { attempt: next.attempt, due_ms, tier: None },
-                        }
+                    let reason = format!("the receiver answered 410 Gone at {}", rfc3339_ms(now_ms()));
+                    if self.disable(target, reason).await {
+                        self.park(&delivery, raw, &outcome, Parked::Gone).await
+                    } else {
+                        // The subscription left that URL while the attempt was in flight: the
+                        // URL is gone, not the subscription, and the delivery goes on as a failure.
+                        self.again(target, &delivery, raw, &outcome, None, waits).await
                     }
-                    None => self.park(&delivery, raw, &outcome, Parked::Exhausted).await,
-                }
-            })
-            .await,
+                })
+                .await
+            }
+            Verdict::Retry { not_before } => {
+                Box::pin(async {
+                    if held {
+                        drop(probe);
+                    } else {
+                        self.judge_health(target, probe).await;
+                    }
+                    self.again(target, &delivery, raw, &outcome, not_before, waits).await
+                })
+                .await
+            }
         };
         Settled { delivery: Some(delivery), transport, attempt: Some(outcome), settlement }
+    }
+
+    /// Schedules a failed attempt's next as its policy says (not before `not_before`), or
+    /// dead-letters the delivery once the policy is spent.
+    async fn again(
+        &self,
+        target: &Target,
+        delivery: &Delivery,
+        raw: Bytes,
+        outcome: &Outcome,
+        not_before: Option<Duration>,
+        waits: Waits,
+    ) -> Settlement {
+        tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, outcome = outcome.label(), "attempt failed");
+        match retry::next_due(target, delivery, not_before) {
+            Some(due_ms) => {
+                let next = Delivery { attempt: delivery.attempt + 1, due_ms, ..delivery.clone() };
+                match waits {
+                    Waits::InTiers => match self.retrier.schedule(&next).await {
+                        Ok(tier) => Settlement::Rescheduled { attempt: next.attempt, due_ms, tier: Some(tier) },
+                        Err(why) => Settlement::DeadLettered { reason: Parked::Unschedulable(why) },
+                    },
+                    Waits::InLane => Settlement::Rescheduled { attempt: next.attempt, due_ms, tier: None },
+                }
+            }
+            None => self.park(delivery, raw, outcome, Parked::Exhausted).await,
+        }
     }
 
     /// Defers a delivery without using an attempt: it waits (in a tier, or in its lane) until
@@ -410,9 +433,16 @@ impl Settler {
         Settlement::DeadLettered { reason }
     }
 
-    async fn disable(&self, judged: &Target, reason: String) {
-        if let Err(e) = self.registry.disable(judged, reason).await {
-            tracing::error!(subscription = %judged.sub.id, error = %e, "could not disable a subscription");
+    /// Disables the subscription as `judged` (the version the attempt was made with); `false`
+    /// when it has changed since (moved to another URL, say), and was left as it is. A
+    /// catalog that cannot be written is logged, and taken as disabled: the receiver said so.
+    async fn disable(&self, judged: &Target, reason: String) -> bool {
+        match self.registry.disable(judged, reason).await {
+            Ok(disabled) => disabled,
+            Err(e) => {
+                tracing::error!(subscription = %judged.sub.id, error = %e, "could not disable a subscription");
+                true
+            }
         }
     }
 

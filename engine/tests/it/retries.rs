@@ -212,6 +212,48 @@ async fn a_410_disables_the_subscription_instead_of_retrying() {
     assert_eq!(accepted["deliveries"], 0, "a disabled subscription gets no new deliveries");
 }
 
+/// A 410 says the URL is gone, not the subscription: one from a URL the subscription has
+/// left while the attempt was in flight (the tenant moved it) neither disables it nor
+/// dead-letters the delivery, which is retried — at the new URL.
+#[tokio::test]
+async fn a_410_from_a_url_the_subscription_has_left_is_retried_at_the_new_one() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let old = format!("http://{}/old", listener.local_addr().unwrap());
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let seen = arrived.clone();
+    crate::support::serve_http1(listener, move |_req: hyper::Request<hyper::body::Incoming>| {
+        let (mut gate, seen) = (gate.clone(), seen.clone());
+        async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let _ = gate.wait_for(|open| *open).await;
+            let mut gone = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"gone")));
+            *gone.status_mut() = hyper::StatusCode::GONE;
+            gone
+        }
+    });
+    let retry = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 10 });
+    let sub = h.api.subscribe(json!({ "url": old, "retry": retry })).await;
+    let id = sub["id"].as_str().unwrap().to_string();
+    h.api.post("/v1/events", json!({ "id": "moved-1", "type": "T", "data": {} })).await;
+    until("the attempt at the old URL", Duration::from_secs(10), || async {
+        (arrived.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let (status, _) = h.api.patch(&format!("/v1/subscriptions/{id}"), json!({ "url": rx.url("/new") })).await;
+    assert_eq!(status, 200);
+    open.send_replace(true);
+    rx.wait_on("/new", 1).await;
+    let (_, sub) = h.api.get(&format!("/v1/subscriptions/{id}")).await;
+    assert_eq!(sub["enabled"], true, "{sub}");
+    let (_, dlq) = h.api.get("/v1/dlq").await;
+    assert_eq!(dlq["items"], json!([]), "{dlq}");
+}
+
 #[tokio::test]
 async fn retry_after_on_429_is_honoured() {
     retry_after_is_honoured(TestHerald::start().await).await;
