@@ -272,6 +272,7 @@ fn spawn_dispatcher(
         max_uncommitted: config.dispatch.max_uncommitted,
         batch: config.dispatch.batch,
         max_keys: config.dispatch.ordered_max_keys,
+        max_hold: config.log.retention.0,
         drain: DRAIN,
     };
     let sources = topics

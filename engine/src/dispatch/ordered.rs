@@ -1178,8 +1178,9 @@ impl Sequencer {
     }
 
     /// Lets a held key go on once its subscription no longer holds keys (it was deleted, or no
-    /// longer says `"on_dead_letter": "block"`); otherwise it would hold the partition's commit
-    /// point for good.
+    /// longer says `"on_dead_letter": "block"`), or once its head is older than
+    /// `limits.max_hold`; otherwise it would hold the partition's commit point for good, and
+    /// with it every tenant's records of the partition on disk.
     async fn sweep(&mut self) {
         if !self.live {
             return;
@@ -1188,10 +1189,15 @@ impl Sequencer {
         if self.lanes.len() >= self.limits.max_keys && !self.unread.is_empty() {
             self.look_ahead();
         }
+        let max_hold = i64::try_from(crate::model::whole_millis(self.limits.max_hold)).unwrap_or(i64::MAX);
+        let oldest_held = now_ms().saturating_sub(max_hold);
         let loose = |seq: &Self| -> Vec<LaneId> {
             seq.lanes
                 .iter()
-                .filter(|(id, l)| l.state == HeadState::Parked && !seq.deliverer.holds(&id.subscription))
+                .filter(|(id, l)| {
+                    l.state == HeadState::Parked
+                        && (!seq.deliverer.holds(&id.subscription) || l.head.timestamp_ms < oldest_held)
+                })
                 .map(|(id, _)| id.clone())
                 .collect()
         };
@@ -1205,7 +1211,13 @@ impl Sequencer {
         if !Box::pin(deliverer.catalog_caught_up()).await {
             return;
         }
-        for lane in loose(self) {
+        let loose = loose(self);
+        tracing::warn!(
+            partition = self.partition,
+            keys = loose.len(),
+            "held keys go on: their subscription no longer holds keys, or they were held past log.retention"
+        );
+        for lane in loose {
             self.skip_now(&lane);
         }
     }

@@ -37,6 +37,10 @@ pub struct ShardLimits {
     pub batch: usize,
     /// Ordered keys with something outstanding per partition at most (`ordered`'s sequencer).
     pub max_keys: usize,
+    /// How long an ordered key stays held after a dead letter at most (`log.retention`): its
+    /// head holds the partition's commit point, and so every tenant's records behind it on
+    /// disk (on Kafka the broker deletes them past it anyway).
+    pub max_hold: Duration,
     /// On stop, how long in-flight deliveries may take to finish.
     pub drain: Duration,
 }

@@ -1145,3 +1145,34 @@ async fn a_blocked_marker_read_during_a_repeated_attempt_holds_the_key_once_it_e
     .await;
     assert_eq!(busy.lock().unwrap().1, 1, "two of a key's deliveries under way at once");
 }
+
+/// A key held after a dead letter holds its partition's commit point, so every tenant's
+/// records of that `ordered` partition stay on disk behind it: one tenant's held key grew the
+/// embedded log without bound. Held longer than `log.retention` (past which a Kafka broker
+/// deletes the records anyway), it goes on by itself, as one whose subscription was deleted.
+#[tokio::test]
+async fn a_key_held_longer_than_the_log_retention_goes_on_by_itself() {
+    let h = TestHerald::start_with(|c| c.log.retention = Duration::from_secs(2).into()).await;
+    let rx = OrderedReceiver::start(false).await;
+    *rx.stuck.lock().unwrap() = Some("a".into());
+    let retry = json!({ "policy": "fixed", "interval": "50ms", "max_attempts": 1 });
+    let sub_id = holding_subscription(&h.api, rx.url(), retry).await;
+    for (id, seq) in [("a0", 0), ("a1", 1)] {
+        let (status, _) =
+            h.api.post("/v1/events", json!({ "id": id, "type": "t", "data": { "key": "a", "seq": seq } })).await;
+        assert_eq!(status, 202);
+    }
+    until("key a held after its head is dead-lettered", Duration::from_secs(20), || async {
+        let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+        (blocked["items"][0]["state"] == "dead_lettered").then_some(())
+    })
+    .await;
+    *rx.stuck.lock().unwrap() = None;
+    // The sweep looks every 10 s.
+    until("a1 delivered once the hold outlived the retention", Duration::from_secs(40), || async {
+        rx.of("a").iter().any(|s| s.seq == 1 && s.status == 200).then_some(())
+    })
+    .await;
+    let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
+    assert_eq!(blocked["items"], json!([]));
+}
