@@ -318,6 +318,10 @@ struct Lane {
     /// once that attempt ends (unless the attempt delivered it), not during it — held then, an
     /// operator's skip started the key's next delivery beside it.
     blocked_elsewhere: bool,
+    /// Since when the key is held after its head's dead letter (ms; the `Blocked` marker's
+    /// time when read from one, so a restart does not start the hold over): a key held longer
+    /// than `limits.max_hold` goes on (see `Sequencer::sweep`).
+    held_ms: i64,
     /// When the settling marker read meanwhile released the key (see `Marker::Settled`): the
     /// key's later deliveries' budgets start there once the attempt ends.
     released_at: Option<i64>,
@@ -346,6 +350,7 @@ impl Lane {
             inherited: true,
             settled_elsewhere: false,
             blocked_elsewhere: false,
+            held_ms: 0,
             released_at: None,
             waiting: 0,
             buffered: VecDeque::new(),
@@ -823,7 +828,7 @@ impl Sequencer {
             Marker::Blocked { lane, head } => match self.lanes.get_mut(&lane) {
                 Some(l) if head < l.head.offset => l.parked_before = Some(head),
                 Some(l) if l.head.offset == head && l.state == HeadState::InFlight => l.blocked_elsewhere = true,
-                _ => self.park(&lane, head),
+                _ => self.park(&lane, head, at_ms),
             },
             Marker::Skip { lane, event } => {
                 let Some(l) = self.lanes.get_mut(&lane) else { return };
@@ -876,12 +881,15 @@ impl Sequencer {
         self.keys.set(self.id, lane, l.blocked(lane));
     }
 
-    fn park(&mut self, lane: &LaneId, head: u64) {
+    /// Holds the key after its head at `head` was dead-lettered, since `held_ms` (or since
+    /// earlier, when it was held already).
+    fn park(&mut self, lane: &LaneId, head: u64, held_ms: i64) {
         let Some(l) = self.lanes.get_mut(lane).filter(|l| l.head.offset == head && l.state != HeadState::Scanning)
         else {
             return;
         };
         self.timers.remove(&(l.due_ms, head));
+        l.held_ms = if l.state == HeadState::Parked { l.held_ms.min(held_ms) } else { held_ms };
         l.state = HeadState::Parked;
         // Held until an operator acts, perhaps for days: not in memory meanwhile.
         self.head_bytes -= l.evict();
@@ -1148,8 +1156,8 @@ impl Sequencer {
             // Settled already (see `Lane::settled_elsewhere`): whatever this attempt found.
             _ if elsewhere => self.release(&lane, head, released_at),
             // Held already (`Lane::blocked_elsewhere`), and this attempt did not deliver it.
-            _ if blocked => self.park(&lane, head),
-            Done::Parked => self.park(&lane, head),
+            _ if blocked => self.park(&lane, head, now_ms()),
+            Done::Parked => self.park(&lane, head, now_ms()),
             Done::Again { attempt, due_ms } => {
                 // Unless the head settled meanwhile (another process's marker, after a rebalance).
                 if let Some(l) =
@@ -1178,7 +1186,7 @@ impl Sequencer {
     }
 
     /// Lets a held key go on once its subscription no longer holds keys (it was deleted, or no
-    /// longer says `"on_dead_letter": "block"`), or once its head is older than
+    /// longer says `"on_dead_letter": "block"`), or once it has been held longer than
     /// `limits.max_hold`; otherwise it would hold the partition's commit point for good, and
     /// with it every tenant's records of the partition on disk.
     async fn sweep(&mut self) {
@@ -1195,8 +1203,7 @@ impl Sequencer {
             seq.lanes
                 .iter()
                 .filter(|(id, l)| {
-                    l.state == HeadState::Parked
-                        && (!seq.deliverer.holds(&id.subscription) || l.head.timestamp_ms < oldest_held)
+                    l.state == HeadState::Parked && (!seq.deliverer.holds(&id.subscription) || l.held_ms < oldest_held)
                 })
                 .map(|(id, _)| id.clone())
                 .collect()

@@ -1149,30 +1149,40 @@ async fn a_blocked_marker_read_during_a_repeated_attempt_holds_the_key_once_it_e
 /// A key held after a dead letter holds its partition's commit point, so every tenant's
 /// records of that `ordered` partition stay on disk behind it: one tenant's held key grew the
 /// embedded log without bound. Held longer than `log.retention` (past which a Kafka broker
-/// deletes the records anyway), it goes on by itself, as one whose subscription was deleted.
+/// deletes the records anyway), it goes on by itself, as one whose subscription was deleted —
+/// held that long, counted from its dead letter: its head, retried for longer than the
+/// retention before it, is not let go at once.
 #[tokio::test]
 async fn a_key_held_longer_than_the_log_retention_goes_on_by_itself() {
-    let h = TestHerald::start_with(|c| c.log.retention = Duration::from_secs(2).into()).await;
+    const RETENTION: Duration = Duration::from_secs(12);
+    let h = TestHerald::start_with(|c| {
+        c.log.retention = RETENTION.into();
+        c.health.breaker_failures = 1_000_000;
+    })
+    .await;
     let rx = OrderedReceiver::start(false).await;
     *rx.stuck.lock().unwrap() = Some("a".into());
-    let retry = json!({ "policy": "fixed", "interval": "50ms", "max_attempts": 1 });
+    // The head is dead-lettered about 14 s after it was accepted, older than the retention.
+    let retry = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 15 });
     let sub_id = holding_subscription(&h.api, rx.url(), retry).await;
     for (id, seq) in [("a0", 0), ("a1", 1)] {
         let (status, _) =
             h.api.post("/v1/events", json!({ "id": id, "type": "t", "data": { "key": "a", "seq": seq } })).await;
         assert_eq!(status, 202);
     }
-    until("key a held after its head is dead-lettered", Duration::from_secs(20), || async {
+    until("key a held after its head is dead-lettered", Duration::from_secs(40), || async {
         let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
         (blocked["items"][0]["state"] == "dead_lettered").then_some(())
     })
     .await;
+    let held = Instant::now();
     *rx.stuck.lock().unwrap() = None;
     // The sweep looks every 10 s.
-    until("a1 delivered once the hold outlived the retention", Duration::from_secs(40), || async {
+    until("a1 delivered once the hold outlived the retention", RETENTION + Duration::from_secs(30), || async {
         rx.of("a").iter().any(|s| s.seq == 1 && s.status == 200).then_some(())
     })
     .await;
+    assert!(held.elapsed() >= RETENTION - Duration::from_secs(1), "let go after {:?} held", held.elapsed());
     let (_, blocked) = h.api.get(&format!("/v1/subscriptions/{sub_id}/ordering/blocked")).await;
     assert_eq!(blocked["items"], json!([]));
 }
