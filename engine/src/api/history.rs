@@ -312,7 +312,11 @@ pub async fn recover(
     history.recorder.synced().await;
     let behind = history.caught_up(&target.sub.tenant, RECOVER_CATCH_UP).await;
     let (index, sub) = (history.index.clone(), id.clone());
-    let found = blocking(move || index.recoverable(&sub, since, until, req.all, RECOVER_MAX)).await?;
+    let mut found = blocking(move || index.recoverable(&sub, since, until, req.all, RECOVER_MAX)).await?;
+    // The subscription's events of its own tenant only: one that changed tenant (a static
+    // webhook the config file moved keeps its id) has the first tenant's in its history too,
+    // and resending those rewrote that tenant's delivery states and spent its fan-out quota.
+    found.events.retain(|(tenant, _)| *tenant == target.sub.tenant);
     let mut queued = 0;
     let budget = RECOVER_CHUNK_BYTES.min(state.ingest.max_fanout() / 2).max(1);
     let mut rest = found.events.as_slice();

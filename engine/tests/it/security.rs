@@ -872,6 +872,7 @@ async fn a_static_webhook_moved_to_another_tenant_gets_none_of_the_first_tenant_
     })
     .await;
 
+    let before = chrono::Utc::now() - chrono::Duration::minutes(5);
     let globex = [webhook("erp", "globex", rx.url("/globex")), webhook("crm", "globex", rx.url("/globex-crm"))];
     let h = h.restart_with(|c| c.webhooks = globex.to_vec()).await;
     let (_, sub) = h.api.get("/v1/subscriptions/static-erp").await;
@@ -891,4 +892,9 @@ async fn a_static_webhook_moved_to_another_tenant_gets_none_of_the_first_tenant_
     let globex_got = rx.on("/globex").len() + rx.on("/globex-crm").len();
     assert_eq!(globex_got, 0, "acme's event reached globex's endpoints");
     assert_eq!(state, "dropped");
+    // A recover of the subscription, now globex's, finds none of acme's events to send.
+    let since = before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (status, recovered) =
+        h.api.post("/v1/subscriptions/static-crm/recover", json!({ "since": since, "all": true })).await;
+    assert_eq!((status.as_u16(), recovered["queued"].as_u64()), (202, Some(0)), "{recovered}");
 }
