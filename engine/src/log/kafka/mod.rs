@@ -104,6 +104,8 @@ pub struct KafkaLog {
     config: KafkaConfig,
     producer: FutureProducer,
     partitions: HashMap<String, u32>,
+    /// Topics made before Herald whose record limit is below Herald's, and that limit.
+    record_limits: HashMap<String, usize>,
     reader: Arc<Mutex<reader::Reader>>,
     /// Answers `end_offset` apart from `reader`, whose page reads hold its lock (for seconds
     /// on a gap): every API request waits for a query of the registry topic's end.
@@ -137,8 +139,8 @@ fn batch_size(smallest: Option<usize>) -> usize {
 impl KafkaLog {
     /// Connects, creates missing topics and learns every topic's partition count.
     pub async fn open(config: KafkaConfig) -> Result<Arc<KafkaLog>, LogError> {
-        let topics::Laid { partitions, smallest_record_limit } = topics::ensure(&config).await?;
-        let batch = batch_size(smallest_record_limit).to_string();
+        let topics::Laid { partitions, record_limits } = topics::ensure(&config).await?;
+        let batch = batch_size(record_limits.values().copied().min()).to_string();
         // Throughput defaults the pass-through table may change; the guarantees it may not.
         let producer: FutureProducer = config
             .layered(
@@ -161,6 +163,7 @@ impl KafkaLog {
             config,
             producer,
             partitions,
+            record_limits,
             reader: Arc::new(Mutex::new(reader)),
             watermarks,
             followers: Mutex::default(),
@@ -176,11 +179,13 @@ impl KafkaLog {
 impl KafkaLog {
     /// An append's error, typed: a record the broker or producer refuses for its size cannot
     /// be retried into success.
-    fn append_error(&self, e: KafkaError, bytes: usize) -> LogError {
+    /// `e` of an append of a record of `bytes` to `topic`; one too large says the topic's limit.
+    fn append_error(&self, topic: &str, e: KafkaError, bytes: usize) -> LogError {
         // librdkafka reports its own size check with the broker's code, 10.
         match e.rdkafka_error_code() {
             Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge) => {
-                LogError::TooLarge { bytes, max: self.config.max_record_bytes }
+                let max = self.record_limits.get(topic).copied().unwrap_or(self.config.max_record_bytes);
+                LogError::TooLarge { bytes, max }
             }
             _ => kafka_error(e),
         }
@@ -264,7 +269,7 @@ impl Log for KafkaLog {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err((e, _)) => return Err(self.append_error(e, r.value.len())),
+                    Err((e, _)) => return Err(self.append_error(topic, e, r.value.len())),
                 }
             }
         }
@@ -272,7 +277,7 @@ impl Log for KafkaLog {
         for (delivery, record) in futures::future::join_all(pending).await.into_iter().zip(&records) {
             match delivery {
                 Ok(Ok(d)) => positions.push(Position { partition: d.partition as u32, offset: d.offset as u64 }),
-                Ok(Err((e, _))) => return Err(self.append_error(e, record.value.len())),
+                Ok(Err((e, _))) => return Err(self.append_error(topic, e, record.value.len())),
                 Err(_) => return Err(LogError::Closed),
             }
         }

@@ -20,8 +20,8 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) struct Laid {
     /// Every topic's partition count.
     pub partitions: HashMap<String, u32>,
-    /// The smallest `max.message.bytes` among topics made before, if one is below Herald's.
-    pub smallest_record_limit: Option<usize>,
+    /// The record limits (`max.message.bytes`) of topics made before with one below Herald's.
+    pub record_limits: HashMap<String, usize>,
 }
 
 /// Creates missing topics and returns every topic's partition count.
@@ -60,7 +60,7 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<Laid, LogError> {
         }
     }
     let made_before: Vec<&TopicSpec> = config.topics.iter().filter(|t| existing.contains_key(&t.name)).collect();
-    let smallest_record_limit = check_settings(&admin, broker, config, &made_before).await?;
+    let record_limits = check_settings(&admin, broker, config, &made_before).await?;
     let mut counts = HashMap::new();
     let deadline = tokio::time::Instant::now() + METADATA_TIMEOUT;
     loop {
@@ -83,7 +83,7 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<Laid, LogError> {
                 }
                 counts.insert(t.name.clone(), n);
             }
-            return Ok(Laid { partitions: counts, smallest_record_limit });
+            return Ok(Laid { partitions: counts, record_limits });
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(LogError::Backend(format!("topics missing and not creatable: {}", absent.join(", "))));
@@ -123,19 +123,19 @@ fn retention(config: &KafkaConfig, t: &TopicSpec) -> Duration {
 /// newest record per key (deliveries are keyed by subscription). Those that only cost
 /// something are logged: a shorter retention than Herald would set, a smaller record limit
 /// (larger events are then refused at publish). A broker that cannot describe topics' settings
-/// (librdkafka's mock cluster) is logged and trusted. Returns the smallest record limit
+/// (librdkafka's mock cluster) is logged and trusted. Returns the record limits
 /// (`max.message.bytes`) below Herald's, which the producer's batches must fit too.
 async fn check_settings(
     admin: &AdminClient<DefaultClientContext>,
     broker: Option<i32>,
     config: &KafkaConfig,
     topics: &[&TopicSpec],
-) -> Result<Option<usize>, LogError> {
+) -> Result<HashMap<String, usize>, LogError> {
     // Asked of one broker, named (`broker`, from the metadata already read): without a broker
     // among the resources librdkafka asks the controller, and a cluster that names none (the
     // mock) would hold the start for the whole timeout. Any broker answers a topic's settings.
     let Some(broker) = broker.filter(|_| !topics.is_empty()) else {
-        return Ok(None);
+        return Ok(HashMap::new());
     };
     let mut resources: Vec<ResourceSpecifier> = topics.iter().map(|t| ResourceSpecifier::Topic(&t.name)).collect();
     resources.push(ResourceSpecifier::Broker(broker));
@@ -144,10 +144,10 @@ async fn check_settings(
         Ok(described) => described,
         Err(e) => {
             tracing::warn!(error = %e, "could not read the settings of existing topics; using them as they are");
-            return Ok(None);
+            return Ok(HashMap::new());
         }
     };
-    let mut smallest: Option<usize> = None;
+    let mut limits = HashMap::new();
     for (t, result) in topics.iter().zip(described) {
         let settings = match result {
             Ok(settings) if settings.specifier == OwnedResourceSpecifier::Topic(t.name.clone()) => settings,
@@ -163,7 +163,7 @@ async fn check_settings(
         let value = |name: &str| settings.get(name).and_then(|e| e.value.as_deref());
         if let Some(limit) = value("max.message.bytes").and_then(|v| v.parse::<usize>().ok()) {
             if limit < config.max_record_bytes {
-                smallest = Some(smallest.map_or(limit, |s| s.min(limit)));
+                limits.insert(t.name.clone(), limit);
             }
         }
         match judge(config, t, value) {
@@ -176,7 +176,7 @@ async fn check_settings(
             Judgement::Loses(why) => return Err(LogError::Backend(format!("topic {}: {why}", t.name))),
         }
     }
-    Ok(smallest)
+    Ok(limits)
 }
 
 /// What an existing topic's settings mean for Herald's records.
