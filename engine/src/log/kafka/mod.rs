@@ -106,6 +106,9 @@ pub struct KafkaLog {
     partitions: HashMap<String, u32>,
     /// Topics made before Herald whose record limit is below Herald's, and that limit.
     record_limits: HashMap<String, usize>,
+    /// The cluster was last seen down (by a readiness look, or an append that failed): an
+    /// append looks again (at most once a second, shared) before it waits on the producer.
+    down: std::sync::atomic::AtomicBool,
     reader: Arc<Mutex<reader::Reader>>,
     /// Answers `end_offset` apart from `reader`, whose page reads hold its lock (for seconds
     /// on a gap): every API request waits for a query of the registry topic's end.
@@ -164,6 +167,7 @@ impl KafkaLog {
             producer,
             partitions,
             record_limits,
+            down: Default::default(),
             reader: Arc::new(Mutex::new(reader)),
             watermarks,
             followers: Mutex::default(),
@@ -246,6 +250,11 @@ impl Log for KafkaLog {
         if *self.closed.borrow() {
             return Err(LogError::Closed);
         }
+        // While the cluster is down each append waited out the producer's message timeout
+        // (30 s) before it failed, holding its request's share of the ingest budget.
+        if self.down.load(std::sync::atomic::Ordering::Relaxed) && !self.ready().await {
+            return Err(LogError::Backend("the Kafka cluster cannot be reached; try again".into()));
+        }
         let n = self.partitions(topic)?;
         let now = crate::model::now_ms();
         let mut pending = Vec::with_capacity(records.len());
@@ -277,7 +286,13 @@ impl Log for KafkaLog {
         for (delivery, record) in futures::future::join_all(pending).await.into_iter().zip(&records) {
             match delivery {
                 Ok(Ok(d)) => positions.push(Position { partition: d.partition as u32, offset: d.offset as u64 }),
-                Ok(Err((e, _))) => return Err(self.append_error(topic, e, record.value.len())),
+                Ok(Err((e, _))) => {
+                    let error = self.append_error(topic, e, record.value.len());
+                    if !matches!(error, LogError::TooLarge { .. }) {
+                        self.down.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return Err(error);
+                }
                 Err(_) => return Err(LogError::Closed),
             }
         }
@@ -392,7 +407,9 @@ impl Log for KafkaLog {
             *seen = Some((std::time::Instant::now(), ready));
             ready
         });
-        look.await.unwrap_or(false)
+        let ready = look.await.unwrap_or(false);
+        self.down.store(!ready, std::sync::atomic::Ordering::Relaxed);
+        ready
     }
 
     /// A fatal error of the idempotent producer (a sequence it cannot safely repair) fails
@@ -453,6 +470,14 @@ mod tests {
     async fn open(
         cluster: &rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
     ) -> Arc<KafkaLog> {
+        open_with(cluster, &[]).await
+    }
+
+    /// As [`open`], with `properties` passed through to the clients as well.
+    async fn open_with(
+        cluster: &rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        properties: &[(&str, &str)],
+    ) -> Arc<KafkaLog> {
         cluster.create_topic("t", PARTITIONS as i32, 1).unwrap();
         let topic = TopicSpec {
             name: "t".into(),
@@ -467,7 +492,11 @@ mod tests {
             brokers: cluster.bootstrap_servers(),
             replication: 1,
             // One fetch takes a partition's whole stretch, as a broker with a backlog hands out.
-            properties: BTreeMap::from([("max.partition.fetch.bytes".to_string(), (16 << 20).to_string())]),
+            properties: [("max.partition.fetch.bytes", &*(16 << 20).to_string())]
+                .iter()
+                .chain(properties)
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             topics: vec![topic],
             drain: Duration::from_secs(1),
             retention: Duration::from_secs(3600),
@@ -546,6 +575,29 @@ mod tests {
         }
         assert!(!log.ready().await);
         assert!(log.broken().is_some_and(|why| why.contains("restart")), "{:?}", log.broken());
+    }
+
+    /// With the cluster seen down (by `/readyz`, or by an append that failed), an append is
+    /// refused at once — while it stays down, each waited out the producer's whole message
+    /// timeout (30 s) before its `503`, holding its request's share of the ingest budget — and
+    /// taken again once the cluster is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_are_refused_at_once_while_the_cluster_is_seen_down() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let log = open_with(&cluster, &[("message.timeout.ms", "6000")]).await;
+        let one = || vec![Record { key: "k".into(), value: "v".into() }];
+        log.append("t", one()).await.unwrap();
+        cluster.broker_down(1).unwrap();
+        assert!(!log.ready().await, "the cluster is down");
+        let started = std::time::Instant::now();
+        assert!(log.append("t", one()).await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(4), "refused after {:?}", started.elapsed());
+        cluster.broker_up(1).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while log.append("t", one()).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "appends taken again once the cluster is back");
+        }
+        log.close().await.unwrap();
     }
 
     /// `/readyz` needs no token: a thousand at once make one look at the broker, not a
