@@ -243,7 +243,9 @@ pub struct ResendRequest {
     tenant: Option<String>,
 }
 
-/// The subscriptions of `event` that still exist (a named one must be one it matched).
+/// The subscriptions of `event` that still exist and are enabled (a named one must be one it
+/// matched). A disabled one would dead-letter what is resent at once, as a new entry beside
+/// the old — answered `409`, as a dead letter's replay is.
 fn targets(state: &AppState, event: &EventRecord, only: Option<&str>) -> Result<Vec<Arc<Target>>, ApiError> {
     let live = |id: &str| state.registry.get(id).filter(|t| t.sub.tenant == event.tenant);
     match only {
@@ -251,9 +253,19 @@ fn targets(state: &AppState, event: &EventRecord, only: Option<&str>) -> Result<
             if !event.subscriptions.iter().any(|s| s == sub) {
                 return Err(ApiError::validation("subscription", "the event did not match this subscription"));
             }
-            Ok(vec![live(sub).ok_or_else(|| ApiError::not_found("subscription"))?])
+            let target = live(sub).ok_or_else(|| ApiError::not_found("subscription"))?;
+            enabled(&target)?;
+            Ok(vec![target])
         }
-        None => Ok(event.subscriptions.iter().filter_map(|s| live(s)).collect()),
+        None => Ok(event.subscriptions.iter().filter_map(|s| live(s)).filter(|t| t.sub.spec.enabled).collect()),
+    }
+}
+
+/// `409` for a disabled subscription: what is sent to it is dead-lettered at once.
+fn enabled(target: &Target) -> Result<(), ApiError> {
+    match target.sub.spec.enabled {
+        true => Ok(()),
+        false => Err(ApiError::conflict("subscription", "the subscription is disabled: enable it, then send again")),
     }
 }
 
@@ -298,6 +310,7 @@ pub async fn recover(
         .get(&id)
         .filter(|t| who.sees(&t.sub.tenant))
         .ok_or_else(|| ApiError::not_found("subscription"))?;
+    enabled(&target)?;
     let since = time("since", Some(&req.since))?.expect("given");
     let until = time("until", req.until.as_deref())?.unwrap_or_else(now_ms);
     if until < since {

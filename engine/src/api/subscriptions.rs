@@ -192,7 +192,7 @@ pub async fn delete(
     State(state): State<AppState>,
     StrictPath(id): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    visible(&state, &who, &id)?;
+    declared_in_file(&*visible(&state, &who, &id)?)?;
     if state.registry.delete(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -209,6 +209,7 @@ pub async fn patch(
     JsonBody(StrictValue(patch)): JsonBody<StrictValue>,
 ) -> Result<impl IntoResponse, ApiError> {
     if let Some(current) = state.registry.get(&id).filter(|t| who.sees(&t.sub.tenant)) {
+        declared_in_file(&current)?;
         let device = patch.get("via_edge").and_then(|d| d.as_str());
         check_device(&state, device, &current.sub.tenant)?;
     }
@@ -239,6 +240,9 @@ pub async fn rotate_secret(
     StrictPath(id): StrictPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<RotateRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if let Some(current) = state.registry.get(&id).filter(|t| who.sees(&t.sub.tenant)) {
+        declared_in_file(&current)?;
+    }
     let target = state
         .registry
         .rotate_secret(&id, who.tenant(), req.secret, state.rotation_overlap)
@@ -285,6 +289,17 @@ pub async fn test(
 
 /// The subscription `id` if the caller may see it; another tenant's answers 404, as if it
 /// did not exist.
+/// Refuses a change to a subscription the config file declares (`[[webhooks]]`): the file is
+/// what it is made from at every start (of every process, on Kafka), so a change through the
+/// API was answered as made and then undone — a rotated secret went back to the file's with no
+/// overlap, a disabled webhook came back.
+fn declared_in_file(target: &crate::target::Target) -> Result<(), ApiError> {
+    match target.sub.id.starts_with(crate::registry::STATIC_PREFIX) {
+        true => Err(ApiError::conflict("id", "declared in the config file ([[webhooks]]): change it there")),
+        false => Ok(()),
+    }
+}
+
 pub(super) fn visible(
     state: &AppState,
     who: &Principal,

@@ -587,3 +587,38 @@ async fn a_recover_refused_by_the_log_can_be_asked_again() {
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(1)), "{answer}");
     state_of(&h.api, "refused-1", &sub_id, "delivered").await;
 }
+
+/// A disabled subscription dead-letters what is sent to it at once: a resend or recover to one
+/// was answered `202` as queued, and each made a second dead letter of the event beside the
+/// first (a whole-subscription replay after re-enabling then sent it twice). Refused with
+/// `409`, as a dead letter's replay is; a resend to every subscription leaves it out.
+#[tokio::test]
+async fn a_disabled_subscription_takes_no_resend_or_recover() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/off", 500);
+    let once = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 1 });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/off"), "retry": once })).await;
+    let id = sub["id"].as_str().unwrap().to_string();
+    let since = chrono::Utc::now() - chrono::Duration::minutes(5);
+    h.api.post("/v1/events", json!({ "id": "off-1", "type": "T", "data": {} })).await;
+    let dead_letters = |api: Api, id: String| async move {
+        let (_, page) = api.get(&format!("/v1/dlq?subscription={id}")).await;
+        page["items"].as_array().map_or(0, Vec::len)
+    };
+    until("the dead letter", Duration::from_secs(10), || async {
+        (dead_letters(h.api.clone(), id.clone()).await == 1).then_some(())
+    })
+    .await;
+    state_of(&h.api, "off-1", &id, "dead_lettered").await;
+    let (status, _) = h.api.patch(&format!("/v1/subscriptions/{id}"), json!({ "enabled": false })).await;
+    assert_eq!(status, 200);
+
+    let (status, err) = h.api.post("/v1/events/off-1/resend", json!({ "subscription": id })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (409, Some("subscription")), "{err}");
+    let since = since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (status, err) = h.api.post(&format!("/v1/subscriptions/{id}/recover"), json!({ "since": since })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (409, Some("subscription")), "{err}");
+    let (status, all) = h.api.post("/v1/events/off-1/resend", json!({})).await;
+    assert_eq!((status.as_u16(), all["queued"].as_u64()), (202, Some(0)), "{all}");
+}

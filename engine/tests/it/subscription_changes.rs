@@ -292,3 +292,25 @@ async fn a_patch_that_changes_nothing_writes_nothing() {
     assert_eq!((status.as_u16(), &body["rate_limit"]), (200, &json!(6.0)));
     assert!(end().await > before, "a change is written");
 }
+
+/// A subscription the config file declares (`[[webhooks]]`) is made from the file at every
+/// start: a change through the API was answered as made and then undone at the next start —
+/// a rotated secret went back to the file's (receivers verifying the new one refused every
+/// delivery), a disabled webhook came back. Refused, naming the id.
+#[tokio::test]
+async fn a_webhook_the_config_file_declares_is_changed_there_not_through_the_api() {
+    let rx = Receiver::start().await;
+    let webhook: herald::config::StaticWebhook =
+        serde_json::from_value(json!({ "name": "erp", "endpoint": rx.url("/erp"), "secret": "file-secret" })).unwrap();
+    let h = TestHerald::start_with(|c| c.webhooks.push(webhook)).await;
+    let path = "/v1/subscriptions/static-erp";
+    for (status, err) in [
+        h.api.patch(path, json!({ "enabled": false })).await,
+        h.api.post(&format!("{path}/rotate-secret"), json!({})).await,
+        h.api.delete(path).await,
+    ] {
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (409, Some("id")), "{err}");
+    }
+    let (status, sub) = h.api.get(path).await;
+    assert_eq!((status.as_u16(), sub["enabled"].as_bool()), (200, Some(true)), "{sub}");
+}
