@@ -127,6 +127,19 @@ pub const ATTEMPT_TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), D
 /// edge --token`), which `herald serve` leaves alone.
 const CLIENT_VARIABLES: [&str; 4] = ["SERVER", "TOKEN", "EDGE_TOKEN", "EDGE_TLS_FILES_DIR"];
 
+/// Whether `name` (past `HERALD_`) is one of the variables Kubernetes sets in every pod for a
+/// Service of its namespace (`{SERVICE}_SERVICE_HOST`, `_SERVICE_PORT[_{PORT}]`, `_PORT`,
+/// `_PORT_{N}_{PROTO}[_PROTO|_PORT|_ADDR]`), for one called `herald` or `herald-…`: read as
+/// settings, they were refused as unknown and the pod never started. No setting's name
+/// has those shapes.
+fn kubernetes_service_variable(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('_').collect();
+    let service = parts.windows(2).any(|w| w[0] == "SERVICE" && matches!(w[1], "HOST" | "PORT"));
+    let port = parts.last() == Some(&"PORT")
+        || parts.windows(2).any(|w| w[0] == "PORT" && !w[1].is_empty() && w[1].bytes().all(|b| b.is_ascii_digit()));
+    service || port
+}
+
 impl Config {
     /// Bytes of delivery records one tenant's publishes may have being written at once.
     pub fn tenant_pending_bytes(&self) -> u64 {
@@ -823,7 +836,7 @@ impl Config {
         let vars: Vec<(String, String)> = env
             .iter()
             .filter_map(|(k, v)| k.strip_prefix("HERALD_").map(|k| (k, v)))
-            .filter(|(k, _)| !CLIENT_VARIABLES.contains(k))
+            .filter(|(k, _)| !CLIENT_VARIABLES.contains(k) && !kubernetes_service_variable(k))
             .map(|(k, v)| (env_key(k), v.clone()))
             .collect();
         for (key, value) in vars {
@@ -1049,6 +1062,31 @@ mod tests {
             ("HERALD_EDGE_TLS_FILES_DIR", "/etc/herald/tls"),
         ]);
         assert!(Config::load(None, &vars).is_ok(), "{:?}", Config::load(None, &vars).err());
+    }
+
+    /// Kubernetes gives every pod variables for each Service of its namespace: a Service
+    /// called `herald` (or `herald-edge`) made `HERALD_SERVICE_HOST`, `HERALD_PORT`, … in every
+    /// pod, refused as unknown settings — the pod never started. A misspelt setting is still
+    /// refused.
+    #[test]
+    fn kubernetes_service_variables_are_not_settings() {
+        let vars = env(&[
+            ("HERALD_SERVICE_HOST", "10.0.0.1"),
+            ("HERALD_SERVICE_PORT", "8080"),
+            ("HERALD_SERVICE_PORT_HTTP", "8080"),
+            ("HERALD_PORT", "tcp://10.0.0.1:8080"),
+            ("HERALD_PORT_8080_TCP", "tcp://10.0.0.1:8080"),
+            ("HERALD_PORT_8080_TCP_PROTO", "tcp"),
+            ("HERALD_PORT_8080_TCP_PORT", "8080"),
+            ("HERALD_PORT_8080_TCP_ADDR", "10.0.0.1"),
+            ("HERALD_EDGE_SERVICE_HOST", "10.0.0.2"),
+            ("HERALD_EDGE_PORT_9000_TCP_ADDR", "10.0.0.2"),
+            ("HERALD_TRACING_SERVICE_NAME", "herald-eu"),
+        ]);
+        let loaded = Config::load(None, &vars);
+        assert!(loaded.is_ok(), "{:?}", loaded.err());
+        assert_eq!(loaded.unwrap().tracing.service_name, "herald-eu", "a setting with SERVICE in its name is read");
+        assert!(Config::load(None, &env(&[("HERALD_ADMN_TOKEN", "x")])).is_err(), "a misspelt setting");
     }
 
     /// Settings past any use are refused, not wrapped in the arithmetic they reach.
