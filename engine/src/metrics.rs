@@ -33,6 +33,8 @@ pub const DEFERRED: &str = "herald_deliveries_deferred_total";
 pub const ORDERED_KEYS_BLOCKED: &str = "herald_ordered_keys_blocked";
 /// Bytes of ordered deliveries' records held in memory: heads, and those buffered behind them.
 pub const ORDERED_HELD_BYTES: &str = "herald_ordered_held_bytes";
+/// 1 while the log takes no writes until Herald restarts (as `/healthz` says `broken`).
+pub const LOG_BROKEN: &str = "herald_log_broken";
 /// Deliveries parked in the dead-letter topic.
 pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
 /// Deliveries whose processing panicked twice, parked in the dead-letter topic.
@@ -122,6 +124,7 @@ pub const ALL: &[&str] = &[
     HISTORY_LATE,
     ORDERED_KEYS_BLOCKED,
     ORDERED_HELD_BYTES,
+    LOG_BROKEN,
 ];
 
 /// Fine below 10 ms, where the latency budget of a healthy delivery lies (a p99 read from
@@ -417,6 +420,10 @@ fn describe() {
     describe_gauge!(
         ORDERED_HELD_BYTES,
         "Bytes of ordered deliveries' records held in memory (heads, at most 32 MiB a partition, and those buffered behind them, as much again), on the partitions this process sequences."
+    );
+    describe_gauge!(
+        LOG_BROKEN,
+        "1 while the log takes no writes until Herald restarts (a failed journal checkpoint, a fatal Kafka producer error), as /healthz says broken: every publish is refused."
     );
     describe_gauge!(SUBSCRIPTIONS, "Subscriptions in the registry.");
     describe_gauge!(SUBSCRIPTIONS_DISABLED, "Subscriptions disabled.");

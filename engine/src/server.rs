@@ -299,9 +299,37 @@ async fn serve_api(
     let addr = listener.local_addr().map_err(listen)?;
     state.edge.advertise(config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}")));
     let app = api::router(state);
-    let limits = config.api.clone();
+    let mut limits = config.api.clone();
+    limits.max_connections = within_open_files(limits.max_connections);
     let task = tokio::spawn(serve_connections(listener, app, limits, stop));
     Ok((addr, task))
+}
+
+/// `api.max_connections`, fitted within the process's open-files limit (first raised to its
+/// hard limit): at most half of it, the rest left for webhooks' connections and the log's
+/// files. Past the limit (1,024 on many systems, under the default 4,096 connections), idle
+/// connections without a token took every descriptor, and then every tenant's new webhook
+/// connections and the log's next segment failed.
+fn within_open_files(wanted: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.maximum != limit.current {
+        let raised = Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            limit = raised;
+        }
+    }
+    let Some(files) = limit.current else { return wanted };
+    let most = usize::try_from(files / 2).unwrap_or(usize::MAX).max(16);
+    if wanted > most {
+        tracing::warn!(
+            configured = wanted,
+            open_files = files,
+            "api.max_connections lowered to {most}, half of the open-files limit (raise it: ulimit -n, LimitNOFILE)"
+        );
+        return most;
+    }
+    wanted
 }
 
 /// The API's accept loop: at most `api.max_connections` at once (more are closed at once), each
@@ -367,6 +395,10 @@ async fn serve_connections(
             drop(slot);
         });
     }
+    // Closed before the drain: left open, the kernel still completed new connections that no
+    // one would answer — health checks hung instead of being refused, and load balancers
+    // went on sending publishes to a process stopping.
+    drop(listener);
     if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
         tracing::warn!("API connections still open after the drain; closing them");
     }
@@ -526,7 +558,9 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         spawn_dispatcher(&config, &log, &topics, deliverer, metrics.clone(), ordered_keys.clone(), stop_rx.clone());
     let registry = stores.registry.clone();
     let keys = ordered_keys.clone();
+    let scraped_log = log.clone();
     metrics.on_scrape(move || {
+        metrics::gauge!(crate::metrics::LOG_BROKEN).set(if scraped_log.broken().is_some() { 1.0 } else { 0.0 });
         metrics::gauge!(crate::metrics::ORDERED_KEYS_BLOCKED).set(keys.count() as f64);
         metrics::gauge!(crate::metrics::ORDERED_HELD_BYTES).set(keys.held_bytes() as f64);
         let (total, disabled) = registry.counts();

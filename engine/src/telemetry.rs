@@ -59,6 +59,19 @@ where
     if !config.exporting(&env) {
         return Ok(None);
     }
+    // This build's exporter speaks plain HTTP (hyper without TLS): given an https endpoint it
+    // started cleanly and exported nothing, its errors unheard.
+    let endpoint = config
+        .otlp_endpoint
+        .clone()
+        .filter(|e| !e.is_empty())
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").filter(|e| !e.is_empty()))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|e| !e.is_empty()));
+    if endpoint.is_some_and(|e| e.trim_start().to_ascii_lowercase().starts_with("https:")) {
+        return Err(TelemetryError::Exporter(
+            "https endpoints are not supported: spans go over plain HTTP (send them to a collector beside Herald, http://…:4318)".into(),
+        ));
+    }
     let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
     if let Some(base) = &config.otlp_endpoint {
         // Given like OTEL_EXPORTER_OTLP_ENDPOINT: the base URL, to which the signal's path is added.
@@ -185,4 +198,22 @@ pub fn headers(trace: Option<&TraceContext>) -> Option<(HeaderValue, Option<Head
     let parent = HeaderValue::from_str(&trace.child(span_id, flags)).ok()?;
     let state = (!trace.state.is_empty()).then(|| HeaderValue::from_str(&trace.state).ok()).flatten();
     Some((parent, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An https collector (most hosted ones) was taken, and not one span reached it: this
+    /// build's exporter has no TLS, and its errors were not logged. Refused at start instead.
+    #[test]
+    fn an_https_endpoint_is_refused_at_start() {
+        type Registry = tracing_subscriber::Registry;
+        let config =
+            TracingConfig { otlp_endpoint: Some("https://collector.example.com".into()), ..Default::default() };
+        let refused = start::<Registry>(&config, |_| None).err().expect("refused").to_string();
+        assert!(refused.contains("https"), "{refused}");
+        let from_env = |k: &str| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "HTTPS://collector:4318".to_string());
+        assert!(start::<Registry>(&TracingConfig::default(), from_env).is_err());
+    }
 }

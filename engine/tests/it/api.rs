@@ -440,3 +440,27 @@ async fn a_cursor_given_back_with_other_filters_is_refused() {
     let (status, err) = h.api.get(&format!("/v1/dlq?cursor={next}")).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "another list's: {err}");
 }
+
+/// A stopping server stops listening before it drains its open requests: left listening, the
+/// kernel went on completing connections no one would answer — health checks hung instead of
+/// being refused, and load balancers kept sending publishes to it for the whole drain.
+#[tokio::test]
+async fn a_stopping_server_refuses_new_connections_while_it_drains() {
+    let h = TestHerald::start().await;
+    let addr = h.herald.addr;
+    // A test ping to a receiver that never answers: a request under way for its 5 s timeout,
+    // holding the drain open.
+    let rx = Receiver::start().await;
+    rx.behave("/hang", crate::support::Behaviour::Hang);
+    let sub = h.api.subscribe(json!({ "url": rx.url("/hang"), "timeout": "5s" })).await;
+    let (api, id) = (h.api.clone(), sub["id"].as_str().unwrap().to_string());
+    let _ping = tokio::spawn(async move { api.post(&format!("/v1/subscriptions/{id}/test"), json!({})).await });
+    rx.wait_on("/hang", 1).await;
+    let stopping = tokio::spawn(async move { h.herald.stop().await });
+    until("new connections refused while the drain goes on", Duration::from_secs(3), || async {
+        tokio::net::TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+    assert!(!stopping.is_finished(), "refused during the drain, not after it");
+    stopping.await.unwrap();
+}

@@ -167,6 +167,7 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exposed() {
         }
     }
     for wanted in [
+        "HeraldLogBroken",
         "HeraldConsumerLagGrowing",
         "HeraldDeadLettersGrowing",
         "HeraldDeliveryErrorRatioHigh",

@@ -898,3 +898,41 @@ async fn a_static_webhook_moved_to_another_tenant_gets_none_of_the_first_tenant_
         h.api.post("/v1/subscriptions/static-crm/recover", json!({ "since": since, "all": true })).await;
     assert_eq!((status.as_u16(), recovered["queued"].as_u64()), (202, Some(0)), "{recovered}");
 }
+
+/// Connections without a token cannot take every file descriptor: the API's connections are
+/// fitted within the process's open-files limit (half of it), so those past that are closed
+/// at once — with the default 4,096 over a limit of 1,024, idle ones took every descriptor,
+/// and every tenant's new webhook connections and the log's next segment failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_token_cannot_take_every_file_descriptor() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = crate::support::spawn_herald_with_files(dir.path(), 256);
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+            idle.push(s);
+        }
+    }
+    // Those past the API's share are closed by Herald at once (before: accepted until the
+    // descriptors ran out, the rest left waiting, none closed until the header timeout).
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut closed = 0;
+        for s in &mut idle {
+            let mut byte = [0u8; 1];
+            if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(20), s.read(&mut byte)).await {
+                closed += 1;
+            }
+        }
+        closed
+    })
+    .await
+    .unwrap_or(0);
+    assert!(closed >= 100, "{closed} of {} connections closed at once", idle.len());
+    drop(idle);
+    let api = Api::new(addr, TOKEN);
+    until("the API answers again", Duration::from_secs(20), || async {
+        matches!(api.try_raw("GET", "/healthz", None, None).await, Ok((s, _)) if s == 200).then_some(())
+    })
+    .await;
+}

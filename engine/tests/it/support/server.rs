@@ -221,7 +221,12 @@ pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
 
 /// Starts `herald serve` with extra environment variables.
 pub fn spawn_herald_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (ChildGuard, SocketAddr) {
-    spawn_herald_as(data_dir, env, std::process::Stdio::inherit())
+    spawn_herald_as(data_dir, env, std::process::Stdio::inherit(), None)
+}
+
+/// Starts `herald serve` allowed at most `files` open files (soft and hard limit alike).
+pub fn spawn_herald_with_files(data_dir: &std::path::Path, files: u64) -> (ChildGuard, SocketAddr) {
+    spawn_herald_as(data_dir, &[], std::process::Stdio::inherit(), Some(files))
 }
 
 /// Starts `herald serve` with extra environment variables, its log (stderr) kept: what it has
@@ -230,7 +235,7 @@ pub fn spawn_herald_logged(
     data_dir: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (ChildGuard, SocketAddr, std::sync::Arc<std::sync::Mutex<String>>) {
-    let (mut guard, addr) = spawn_herald_as(data_dir, env, std::process::Stdio::piped());
+    let (mut guard, addr) = spawn_herald_as(data_dir, env, std::process::Stdio::piped(), None);
     let stderr = guard.0.stderr.take().unwrap();
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let kept = log.clone();
@@ -248,8 +253,21 @@ fn spawn_herald_as(
     data_dir: &std::path::Path,
     env: &[(&str, &str)],
     stderr: std::process::Stdio,
+    files: Option<u64>,
 ) -> (ChildGuard, SocketAddr) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    if let Some(files) = files {
+        use std::os::unix::process::CommandExt;
+        let limit = libc::rlimit { rlim_cur: files, rlim_max: files };
+        // SAFETY: between fork and exec only setrlimit, which is async-signal-safe, is called.
+        unsafe {
+            command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            });
+        }
+    }
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .envs(ENV.iter().copied())
