@@ -263,11 +263,12 @@ impl Settler {
         probe: Probe<'_>,
         waits: Waits,
     ) -> Settled {
-        // Ended by Herald, not by the receiver (see `dispatch::window::Cut`): retried as the
-        // policy says (it was sent: it counts as an attempt, and so repeats stay bounded by
+        // Ended by Herald, not by the receiver (see `dispatch::window::Cut`), or held up
+        // behind an edge agent's full window (another subscription's attempts fill it):
+        // retried as the policy says (it counts as an attempt, and so repeats stay bounded by
         // `max_attempts` whatever the load), but it says nothing of the endpoint's health or
-        // pace — other tenants' load must not open its breaker or disable it.
-        let held = matches!(outcome.failure(), Some(Failure::Held { .. }));
+        // pace — others' load must not open its breaker or disable it.
+        let held = matches!(outcome.failure(), Some(Failure::Held { .. } | Failure::EdgeBusy { .. }));
         if !held {
             target.admission.observe(outcome.latency());
         }

@@ -553,3 +553,46 @@ async fn an_agent_s_reported_latency_cannot_move_the_attempt_out_of_the_history(
     let (_, event) = api.get("/v1/events/far-1").await;
     assert_eq!(event["deliveries"][0]["state"], "delivered", "{event}");
 }
+
+/// A device's window full with one subscription's attempts (its receiver hangs) makes the
+/// device's other subscriptions' attempts `edge_busy`: congestion behind the agent, not their
+/// endpoint's health — counted against it, a healthy endpoint's breaker opened (and in time
+/// the subscription was disabled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_held_up_by_a_full_agent_window_do_not_open_the_breaker() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) =
+        spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", ""), ("HERALD_HEALTH_BREAKER_FAILURES", "2")]);
+    let admin = Api::new(addr, TOKEN);
+    let (tenant, api, device, token) = tenant_with_device(&admin, "Crowded").await;
+    let retry = json!({ "policy": "fixed", "interval": "100ms", "max_attempts": 50 });
+    api.subscribe(json!({ "url": rx.url("/slow"), "via_edge": device, "events": ["slow"] })).await;
+    let fine = api
+        .subscribe(
+            json!({ "url": rx.url("/fine"), "via_edge": device, "events": ["fine"], "timeout": "1s", "retry": retry }),
+        )
+        .await;
+    let fine = fine["id"].as_str().unwrap().to_string();
+    // An agent taking one delivery at a time, which never answers.
+    let (mut ws, _) = tokio_tungstenite::connect_async(edge_connect_request(addr, &token)).await.expect("connects");
+    ws.send(Message::Text(r#"{"type":"hello","window":1}"#.into())).await.unwrap();
+    agents_connected(&admin, 1).await;
+    admin.post("/v1/events", json!({ "id": "slow-1", "tenant": tenant, "type": "slow", "data": {} })).await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !matches!(ws.next().await, Some(Ok(Message::Text(t))) if t.contains("\"deliver\"")) {}
+    })
+    .await
+    .expect("the slow subscription's delivery holds the window");
+    admin.post("/v1/events", json!({ "id": "fine-1", "tenant": tenant, "type": "fine", "data": {} })).await;
+    until("three busy attempts of the other subscription", Duration::from_secs(30), || async {
+        let (_, page) = api.get(&format!("/v1/attempts?subscription={fine}&outcome=edge_busy")).await;
+        (page["items"].as_array()?.len() >= 3).then_some(())
+    })
+    .await;
+    let (_, sub) = api.get(&format!("/v1/subscriptions/{fine}")).await;
+    assert_eq!(sub["health"]["breaker"], "closed", "{sub}");
+    assert_eq!(sub["enabled"], true);
+}
