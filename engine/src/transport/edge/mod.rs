@@ -190,7 +190,18 @@ impl EdgeHub {
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.forward_secret))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(serde_json::to_vec(&body).expect("serializes"))));
-        let Ok(request) = request else { return failed(format!("bad forward URL {url}")) };
+        // What failed is on the tenant's record (the attempt's error, the dead letter's): the
+        // process's address and the client's words are Herald's log's, not the tenant's.
+        let unreached = |why: &str| {
+            tracing::warn!(
+                device,
+                url,
+                error = why,
+                "forwarding an edge attempt to the process holding its agent failed"
+            );
+            failed(format!("the Herald process holding edge device {device}'s agent could not be reached"))
+        };
+        let Ok(request) = request else { return unreached("not a URL") };
         // The holder may wait up to `timeout` for a slot and room in the agent's queue, then
         // `timeout` and its grace for the answer: given up sooner, an attempt the agent then
         // made was recorded a timeout (and retried).
@@ -206,7 +217,7 @@ impl EdgeHub {
         .await;
         match answer {
             Ok(Ok(report)) => report.into_outcome(self.response_bytes, started.elapsed()),
-            Ok(Err(e)) => failed(format!("forwarding to the process holding edge device {device} ({url}): {e}")),
+            Ok(Err(e)) => unreached(&e),
             Err(_) => Outcome::failed(super::http::timed_out(timeout), started.elapsed()),
         }
     }
@@ -492,6 +503,22 @@ mod tests {
             crate::model::Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
         );
         (hub, device, Target::compile(sub).unwrap())
+    }
+
+    /// A forward that fails is on the tenant's record (the attempt's error, the dead letter's
+    /// `last_error`): it named the internal address of the process holding the agent.
+    #[tokio::test]
+    async fn a_failed_forward_does_not_tell_the_tenant_where_herald_runs() {
+        let (hub, _, target) = hub_and_target();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let delivery =
+            Delivery::first_attempt("e".into(), "sub_1".into(), "t".into(), "T".into(), Bytes::from_static(b"{}"), 0);
+        let outcome = hub.forward(&url, "edg_1", &target, &delivery, 0, Duration::from_secs(2)).await;
+        let error = outcome.failure().expect("failed").to_string();
+        assert!(!error.contains("127.0.0.1"), "{error}");
+        assert!(error.contains("edg_1"), "{error}");
     }
 
     /// An agent that does not read holds at most [`QUEUE_BYTES`] of messages, whatever its
