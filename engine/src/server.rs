@@ -288,14 +288,14 @@ fn spawn_dispatcher(
     })
 }
 
-/// Binds the API and serves it until `stop` turns true.
-async fn serve_api(
+/// Serves the API on `listener` until `stop` turns true.
+fn serve_api(
     config: &Config,
+    listener: tokio::net::TcpListener,
     state: AppState,
     stop: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
     let listen = |source| StartError::Listen { addr: config.listen, source };
-    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(listen)?;
     let addr = listener.local_addr().map_err(listen)?;
     state.edge.advertise(config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}")));
     let app = api::router(state);
@@ -501,6 +501,12 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     let data_err = |source| StartError::DataDir { path: config.data_dir.display().to_string(), source };
     crate::log::private::create_dir(&config.data_dir).map_err(data_err)?;
     let lock = crate::log::private::lock_dir(&config.data_dir).map_err(data_err)?;
+    // Bound before anything is changed (an admin token made, the file's webhooks written): a
+    // start refused for its port leaves nothing behind. Served only once every stage is up;
+    // connections meanwhile wait in the backlog.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
     crate::telemetry::configure(&config.tracing);
     if crate::log::private::open_to_others(&config.data_dir) {
         tracing::warn!(
@@ -606,7 +612,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
             public_url: config.api.public_url.clone(),
         },
     });
-    let (addr, api) = serve_api(&config, state, stop_rx).await?;
+    let (addr, api) = serve_api(&config, listener, state, stop_rx)?;
     tracing::info!(%addr, backend = ?config.log.backend, data_dir = %config.data_dir.display(), "herald is serving");
     Ok(Herald {
         addr,

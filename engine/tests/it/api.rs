@@ -464,3 +464,19 @@ async fn a_stopping_server_refuses_new_connections_while_it_drains() {
     assert!(!stopping.is_finished(), "refused during the drain, not after it");
     stopping.await.unwrap();
 }
+
+/// A start refused for its port (in use) changes nothing first: it made and stored an admin
+/// token it never printed (each later start found it "stored", and never printed it either),
+/// and wrote the config file's webhooks to the catalog, before it found the port taken.
+#[tokio::test]
+async fn a_start_refused_for_its_port_leaves_nothing_behind() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::config(dir.path());
+    config.listen = taken.local_addr().unwrap();
+    config.admin_token = None;
+    let refused = herald::server::start(config).await.err().expect("the port is taken");
+    assert!(matches!(refused, herald::server::StartError::Listen { .. }), "{refused}");
+    let made: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!made.iter().any(|n| n.to_string_lossy().contains("token")), "{made:?}");
+}
