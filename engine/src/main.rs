@@ -95,11 +95,17 @@ fn init_tracing(config: &Config) -> anyhow::Result<Option<herald::telemetry::Tel
     Ok(telemetry)
 }
 
+/// SIGTERM, SIGINT (Ctrl-C) or SIGHUP (the terminal closed): each asks for a drain (SIGHUP
+/// killed the process on the spot, its consumers' offsets not saved, so what was in flight was
+/// sent again).
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = hangup.recv() => {}
     }
 }
 
@@ -194,6 +200,14 @@ async fn main() -> anyhow::Result<()> {
             println!("herald listening on http://{}", herald.addr);
             shutdown_signal().await;
             tracing::info!("shutting down");
+            // A second signal during the drain ends the process at once (the first waited out
+            // its drain however many followed): nothing acknowledged is lost, as after a
+            // SIGKILL; deliveries in flight are sent again.
+            tokio::spawn(async {
+                shutdown_signal().await;
+                tracing::warn!("shutting down at once: a second signal during the drain");
+                std::process::exit(130);
+            });
             herald.stop().await;
             if let Some(t) = telemetry {
                 // Blocks until the last spans are exported: off the runtime's worker threads.

@@ -196,3 +196,50 @@ async fn a_sigterm_stop_leaves_nothing_for_the_next_start_to_write_back() {
     let missing: Vec<&String> = acked.iter().filter(|id| !held.contains(id.as_str())).collect();
     assert!(missing.is_empty(), "acknowledged events missing from the log: {missing:?}");
 }
+
+/// A second SIGTERM (or Ctrl-C) during the drain ends the process at once — the first waited
+/// out its drain however many followed, up to tens of seconds; the log is then as after a
+/// SIGKILL, which the tests above cover. SIGHUP (a closed terminal) drains as SIGTERM does,
+/// where it killed the process on the spot.
+#[tokio::test]
+async fn a_second_sigterm_ends_the_drain_at_once_and_sighup_drains() {
+    use rustix::process::{kill_process, Pid, Signal};
+    for (signals, within) in
+        [(vec![Signal::TERM, Signal::TERM], Duration::from_secs(3)), (vec![Signal::HUP], Duration::from_secs(30))]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let rx = Receiver::start().await;
+        rx.behave("/hang", crate::support::Behaviour::Hang);
+        let (mut child, addr, log) = crate::support::spawn_herald_logged(dir.path(), &[("RUST_LOG", "info")]);
+        let api = Api::new(addr, TOKEN);
+        // A test ping to a receiver that never answers, for 20 s: it holds the drain open.
+        let sub = api.subscribe(json!({ "url": rx.url("/hang"), "timeout": "20s" })).await;
+        let ping = format!("/v1/subscriptions/{}/test", sub["id"].as_str().unwrap());
+        let pinging = tokio::spawn(async move { api.post(&ping, json!({})).await });
+        rx.wait_on("/hang", 1).await;
+        let pid = Pid::from_raw(child.0.id() as i32).unwrap();
+        let started = std::time::Instant::now();
+        for signal in signals.iter() {
+            kill_process(pid, *signal).unwrap();
+            // Each taken before the next is sent (two pending at once are one).
+            let n = log.lock().unwrap().matches("shutting down").count();
+            crate::support::eventually("the signal taken", Duration::from_secs(10), || {
+                (log.lock().unwrap().matches("shutting down").count() > n).then_some(())
+            })
+            .await;
+        }
+        let exit = tokio::time::timeout(within, tokio::task::spawn_blocking(move || child.0.wait()))
+            .await
+            .unwrap_or_else(|_| panic!("herald still running {within:?} after {signals:?}"))
+            .unwrap()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            exit.signal(),
+            None,
+            "{signals:?}: ended by the signal itself ({exit}) after {:?}",
+            started.elapsed()
+        );
+        pinging.abort();
+    }
+}
