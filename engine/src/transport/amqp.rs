@@ -47,11 +47,6 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(10);
 /// Brokers unused this long are closed and forgotten (their subscriptions may be gone).
 const IDLE: Duration = Duration::from_secs(600);
 
-/// Broker connections (one per broker URI and exchange) of one tenant at once, at most: each
-/// is a thread of lapin's and its buffers (32 frames each way), and a tenant's 1,000
-/// subscriptions, each naming another exchange, were 1,000 threads and gigabytes.
-pub const BROKERS_PER_TENANT: usize = 16;
-
 /// The most one opening of a broker's connection may take, whatever waits for it (attempts
 /// wait for it at most their own timeout, and leave it shared for the next ones).
 const OPEN_WITHIN: Duration = Duration::from_secs(60);
@@ -106,7 +101,6 @@ enum State {
 }
 
 struct Broker {
-    tenant: String,
     state: Mutex<State>,
     window: Arc<Semaphore>,
     /// Permits of `window` taken out for good, for a broker allowing fewer channels.
@@ -187,26 +181,15 @@ impl AmqpTransport {
         AmqpTransport { brokers: Default::default(), guard }
     }
 
-    /// `tenant`'s publisher to `uri`'s `exchange` (kept apart from every other tenant's), or
-    /// why it may not have another.
-    fn broker(&self, tenant: &str, uri: &str, exchange: &str) -> Result<Arc<Broker>, Failure> {
+    fn broker(&self, uri: &str, exchange: &str) -> Arc<Broker> {
         let mut brokers = self.brokers.lock().unwrap();
-        let key = format!("{tenant}\n{uri}\n{exchange}");
+        let key = format!("{uri}\n{exchange}");
         if !brokers.contains_key(&key) {
             // Forget brokers nobody published to for a while (closing their connections).
             brokers.retain(|_, b| b.last_used.lock().unwrap().elapsed() < IDLE);
-            if brokers.values().filter(|b| b.tenant == tenant).count() >= BROKERS_PER_TENANT {
-                return Err(Failure::Broker {
-                    detail: format!(
-                        "this tenant's AMQP subscriptions use {BROKERS_PER_TENANT} broker connections already (one per \
-                         broker URI and exchange; one unused for 10 minutes closes): share them"
-                    ),
-                });
-            }
         }
         let broker = brokers.entry(key).or_insert_with(|| {
             Arc::new(Broker {
-                tenant: tenant.to_string(),
                 state: Mutex::new(State::Closed),
                 window: Arc::new(Semaphore::new(CHANNELS)),
                 held_back: AtomicUsize::new(0),
@@ -214,7 +197,7 @@ impl AmqpTransport {
             })
         });
         *broker.last_used.lock().unwrap() = Instant::now();
-        Ok(broker.clone())
+        broker.clone()
     }
 
     /// The address to connect to: the broker's host must pass the network guard like a
@@ -347,10 +330,7 @@ impl AmqpTransport {
             return failed(Failure::Unusable { detail: "the subscription has no amqp settings".into() });
         };
         let uri = amqp.uri.expose();
-        let broker = match self.broker(&target.sub.tenant, uri, &amqp.exchange) {
-            Ok(broker) => broker,
-            Err(failure) => return failed(failure),
-        };
+        let broker = self.broker(uri, &amqp.exchange);
         // Within the attempt's time: one that waited past it would still publish (lapin sends
         // on the first poll), then count a timeout, and be sent again.
         let _slot = match tokio::time::timeout_at(deadline, broker.window.clone().acquire_owned()).await {
@@ -496,21 +476,6 @@ mod tests {
         );
         let parsed = lapin_uri(&at("amqp://u:p@[2001:db8::7]:5679/vh")).unwrap();
         assert_eq!((parsed.authority.userinfo.username.as_str(), parsed.vhost.as_str()), ("u", "vh"));
-    }
-
-    /// A tenant's broker connections are bounded (each is a thread and its buffers): its
-    /// 1,000 subscriptions, each naming another exchange, were 1,000 connections. Another
-    /// tenant's are its own, and one already open is used again.
-    #[test]
-    fn a_tenant_s_broker_connections_are_bounded() {
-        let amqp = AmqpTransport::new(NetworkGuard::default());
-        for i in 0..BROKERS_PER_TENANT {
-            assert!(amqp.broker("t", "amqp://h/vh", &format!("x{i}")).is_ok());
-        }
-        let refused = amqp.broker("t", "amqp://h/vh", "one-more").err().expect("past the bound");
-        assert!(refused.to_string().contains("broker connections"), "{refused}");
-        assert!(amqp.broker("t", "amqp://h/vh", "x0").is_ok(), "one it has");
-        assert!(amqp.broker("u", "amqp://h/vh", "x0").is_ok(), "another tenant's");
     }
 
     #[test]
