@@ -209,7 +209,12 @@ pub async fn patch(
     JsonBody(StrictValue(patch)): JsonBody<StrictValue>,
 ) -> Result<impl IntoResponse, ApiError> {
     if let Some(current) = state.registry.get(&id).filter(|t| who.sees(&t.sub.tenant)) {
-        declared_in_file(&current)?;
+        // Its `enabled` may be set: turned on again after Herald disabled it (a 410, failing
+        // too long), or off in an emergency — until the next start sets the file's again.
+        let only_enabled = patch.as_object().is_some_and(|o| o.keys().all(|k| k == "enabled"));
+        if !only_enabled {
+            declared_in_file(&current)?;
+        }
         let device = patch.get("via_edge").and_then(|d| d.as_str());
         check_device(&state, device, &current.sub.tenant)?;
     }
@@ -287,19 +292,22 @@ pub async fn test(
     Ok(Json(body))
 }
 
-/// The subscription `id` if the caller may see it; another tenant's answers 404, as if it
-/// did not exist.
 /// Refuses a change to a subscription the config file declares (`[[webhooks]]`): the file is
 /// what it is made from at every start (of every process, on Kafka), so a change through the
 /// API was answered as made and then undone — a rotated secret went back to the file's with no
 /// overlap, a disabled webhook came back.
 fn declared_in_file(target: &crate::target::Target) -> Result<(), ApiError> {
     match target.sub.id.starts_with(crate::registry::STATIC_PREFIX) {
-        true => Err(ApiError::conflict("id", "declared in the config file ([[webhooks]]): change it there")),
+        true => Err(ApiError::conflict(
+            "id",
+            "declared in the config file ([[webhooks]]): change it there (only `enabled` may be set here, until the next start)",
+        )),
         false => Ok(()),
     }
 }
 
+/// The subscription `id` if the caller may see it; another tenant's answers 404, as if it
+/// did not exist.
 pub(super) fn visible(
     state: &AppState,
     who: &Principal,

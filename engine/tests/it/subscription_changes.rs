@@ -305,7 +305,8 @@ async fn a_webhook_the_config_file_declares_is_changed_there_not_through_the_api
     let h = TestHerald::start_with(|c| c.webhooks.push(webhook)).await;
     let path = "/v1/subscriptions/static-erp";
     for (status, err) in [
-        h.api.patch(path, json!({ "enabled": false })).await,
+        h.api.patch(path, json!({ "url": rx.url("/elsewhere") })).await,
+        h.api.patch(path, json!({ "enabled": false, "timeout": "5s" })).await,
         h.api.post(&format!("{path}/rotate-secret"), json!({})).await,
         h.api.delete(path).await,
     ] {
@@ -313,4 +314,11 @@ async fn a_webhook_the_config_file_declares_is_changed_there_not_through_the_api
     }
     let (status, sub) = h.api.get(path).await;
     assert_eq!((status.as_u16(), sub["enabled"].as_bool()), (200, Some(true)), "{sub}");
+    // Its `enabled` alone may be set (on again after Herald disabled it, or off in an
+    // emergency), until the next start sets the file's.
+    let (status, sub) = h.api.patch(path, json!({ "enabled": false })).await;
+    assert_eq!((status.as_u16(), sub["enabled"].as_bool()), (200, Some(false)), "{sub}");
+    let h = h.restart().await;
+    let (_, sub) = h.api.get(path).await;
+    assert_eq!(sub["enabled"], true, "the file's again: {sub}");
 }
