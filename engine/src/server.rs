@@ -288,6 +288,15 @@ fn spawn_dispatcher(
     })
 }
 
+/// A socket bound to `addr`, not listened on yet (as `TcpListener::bind` makes one: the
+/// address reusable at once after a restart).
+fn bound(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
 /// Serves the API on `listener` until `stop` turns true.
 fn serve_api(
     config: &Config,
@@ -502,11 +511,10 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     crate::log::private::create_dir(&config.data_dir).map_err(data_err)?;
     let lock = crate::log::private::lock_dir(&config.data_dir).map_err(data_err)?;
     // Bound before anything is changed (an admin token made, the file's webhooks written): a
-    // start refused for its port leaves nothing behind. Served only once every stage is up;
-    // connections meanwhile wait in the backlog.
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    // start refused for its port leaves nothing behind. Listened on only once every stage is
+    // up: until then a connection is refused, not left unanswered in a backlog (a TCP health
+    // check passed, and publishes hung through a long journal replay).
+    let socket = bound(config.listen).map_err(|source| StartError::Listen { addr: config.listen, source })?;
     crate::telemetry::configure(&config.tracing);
     if crate::log::private::open_to_others(&config.data_dir) {
         tracing::warn!(
@@ -612,6 +620,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
             public_url: config.api.public_url.clone(),
         },
     });
+    let listener = socket.listen(1024).map_err(|source| StartError::Listen { addr: config.listen, source })?;
     let (addr, api) = serve_api(&config, listener, state, stop_rx)?;
     tracing::info!(%addr, backend = ?config.log.backend, data_dir = %config.data_dir.display(), "herald is serving");
     Ok(Herald {
