@@ -106,8 +106,8 @@ pub struct KafkaLog {
     partitions: HashMap<String, u32>,
     /// Topics made before Herald whose record limit is below Herald's, and that limit.
     record_limits: HashMap<String, usize>,
-    /// The cluster was last seen down (by a readiness look, or an append that failed): an
-    /// append looks again (at most once a second, shared) before it waits on the producer.
+    /// An append failed, and no readiness look has found the cluster up since: an append
+    /// looks again (at most once a second, shared) before it waits on the producer.
     down: std::sync::atomic::AtomicBool,
     reader: Arc<Mutex<reader::Reader>>,
     /// Answers `end_offset` apart from `reader`, whose page reads hold its lock (for seconds
@@ -408,7 +408,12 @@ impl Log for KafkaLog {
             ready
         });
         let ready = look.await.unwrap_or(false);
-        self.down.store(!ready, std::sync::atomic::Ordering::Relaxed);
+        // Seen up, appends go straight to the producer again. Seen down, nothing changes: a
+        // look can time out behind a busy broker's produce requests, and only an append that
+        // failed (after the producer's own patience) makes appends look first.
+        if ready {
+            self.down.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         ready
     }
 
@@ -577,10 +582,11 @@ mod tests {
         assert!(log.broken().is_some_and(|why| why.contains("restart")), "{:?}", log.broken());
     }
 
-    /// With the cluster seen down (by `/readyz`, or by an append that failed), an append is
-    /// refused at once — while it stays down, each waited out the producer's whole message
-    /// timeout (30 s) before its `503`, holding its request's share of the ingest budget — and
-    /// taken again once the cluster is back.
+    /// Once an append has failed for the cluster being down, the next are refused at once —
+    /// while it stays down, each waited out the producer's whole message timeout (30 s) before
+    /// its `503`, holding its request's share of the ingest budget — and taken again once the
+    /// cluster is back. A look that finds it down alone changes nothing (a busy broker can
+    /// keep a look waiting past its 2 s).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_are_refused_at_once_while_the_cluster_is_seen_down() {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
@@ -589,6 +595,11 @@ mod tests {
         log.append("t", one()).await.unwrap();
         cluster.broker_down(1).unwrap();
         assert!(!log.ready().await, "the cluster is down");
+        // A look alone refuses nothing: this append waits on the producer before it fails.
+        let started = std::time::Instant::now();
+        assert!(log.append("t", one()).await.is_err());
+        assert!(started.elapsed() >= Duration::from_secs(5), "refused after {:?}", started.elapsed());
+        // Once one has failed, the next is refused at once.
         let started = std::time::Instant::now();
         assert!(log.append("t", one()).await.is_err());
         assert!(started.elapsed() < Duration::from_secs(4), "refused after {:?}", started.elapsed());
