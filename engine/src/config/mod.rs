@@ -127,17 +127,23 @@ pub const ATTEMPT_TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), D
 /// edge --token`), which `herald serve` leaves alone.
 const CLIENT_VARIABLES: [&str; 4] = ["SERVER", "TOKEN", "EDGE_TOKEN", "EDGE_TLS_FILES_DIR"];
 
-/// Whether `name` (past `HERALD_`) is one of the variables Kubernetes sets in every pod for a
-/// Service of its namespace (`{SERVICE}_SERVICE_HOST`, `_SERVICE_PORT[_{PORT}]`, `_PORT`,
-/// `_PORT_{N}_{PROTO}[_PROTO|_PORT|_ADDR]`), for one called `herald` or `herald-…`: read as
-/// settings, they were refused as unknown and the pod never started. No setting's name
-/// has those shapes.
-fn kubernetes_service_variable(name: &str) -> bool {
+/// Whether `name` (past `HERALD_`) with `value` is one of the variables Kubernetes sets in
+/// every pod for a Service of its namespace, for one called `herald` or `herald-…`
+/// (`{S}_SERVICE_HOST`, `{S}_SERVICE_PORT[_{NAME}]`, `{S}_PORT=tcp://…`,
+/// `{S}_PORT_{N}_{TCP|UDP|SCTP}[_PROTO|_PORT|_ADDR]`): read as settings, they were refused as
+/// unknown and the pod never started. No setting's name has those shapes, and a misspelt one
+/// (`HERALD_LISTEN_PORT=9000`) still does not pass for them.
+fn kubernetes_service_variable(name: &str, value: &str) -> bool {
     let parts: Vec<&str> = name.split('_').collect();
     let service = parts.windows(2).any(|w| w[0] == "SERVICE" && matches!(w[1], "HOST" | "PORT"));
-    let port = parts.last() == Some(&"PORT")
-        || parts.windows(2).any(|w| w[0] == "PORT" && !w[1].is_empty() && w[1].bytes().all(|b| b.is_ascii_digit()));
-    service || port
+    let link = parts.last() == Some(&"PORT") && ["tcp://", "udp://", "sctp://"].iter().any(|p| value.starts_with(p));
+    let port = parts.windows(3).any(|w| {
+        w[0] == "PORT"
+            && !w[1].is_empty()
+            && w[1].bytes().all(|b| b.is_ascii_digit())
+            && matches!(w[2], "TCP" | "UDP" | "SCTP")
+    });
+    service || link || port
 }
 
 impl Config {
@@ -836,7 +842,7 @@ impl Config {
         let vars: Vec<(String, String)> = env
             .iter()
             .filter_map(|(k, v)| k.strip_prefix("HERALD_").map(|k| (k, v)))
-            .filter(|(k, _)| !CLIENT_VARIABLES.contains(k) && !kubernetes_service_variable(k))
+            .filter(|(k, v)| !CLIENT_VARIABLES.contains(k) && !kubernetes_service_variable(k, v))
             .map(|(k, v)| (env_key(k), v.clone()))
             .collect();
         for (key, value) in vars {
@@ -1086,7 +1092,9 @@ mod tests {
         let loaded = Config::load(None, &vars);
         assert!(loaded.is_ok(), "{:?}", loaded.err());
         assert_eq!(loaded.unwrap().tracing.service_name, "herald-eu", "a setting with SERVICE in its name is read");
-        assert!(Config::load(None, &env(&[("HERALD_ADMN_TOKEN", "x")])).is_err(), "a misspelt setting");
+        for misspelt in [("HERALD_ADMN_TOKEN", "x"), ("HERALD_LISTEN_PORT", "9000"), ("HERALD_API_PORT_8080", "1")] {
+            assert!(Config::load(None, &env(&[misspelt])).is_err(), "{misspelt:?}");
+        }
     }
 
     /// Settings past any use are refused, not wrapped in the arithmetic they reach.
