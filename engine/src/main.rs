@@ -95,17 +95,27 @@ fn init_tracing(config: &Config) -> anyhow::Result<Option<herald::telemetry::Tel
     Ok(telemetry)
 }
 
-/// SIGTERM, SIGINT (Ctrl-C) or SIGHUP (the terminal closed): each asks for a drain (SIGHUP
+/// SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed), each asking for a drain (SIGHUP
 /// killed the process on the spot, its consumers' offsets not saved, so what was in flight was
-/// sent again).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        _ = hangup.recv() => {}
+/// sent again). Listened for from the start: one arriving while an earlier one is handled is
+/// kept, not lost.
+struct StopSignals([tokio::signal::unix::Signal; 3]);
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let on = |kind: SignalKind| signal(kind).expect("signal handler");
+        StopSignals([on(SignalKind::terminate()), on(SignalKind::interrupt()), on(SignalKind::hangup())])
+    }
+
+    /// The next of them.
+    async fn next(&mut self) {
+        let [term, int, hup] = &mut self.0;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
+        }
     }
 }
 
@@ -197,14 +207,15 @@ async fn main() -> anyhow::Result<()> {
                     herald.admin_token
                 );
             }
+            let mut signals = StopSignals::new();
             println!("herald listening on http://{}", herald.addr);
-            shutdown_signal().await;
+            signals.next().await;
             tracing::info!("shutting down");
             // A second signal during the drain ends the process at once (the first waited out
             // its drain however many followed): nothing acknowledged is lost, as after a
             // SIGKILL; deliveries in flight are sent again.
-            tokio::spawn(async {
-                shutdown_signal().await;
+            tokio::spawn(async move {
+                signals.next().await;
                 tracing::warn!("shutting down at once: a second signal during the drain");
                 std::process::exit(130);
             });
@@ -221,8 +232,9 @@ async fn main() -> anyhow::Result<()> {
             let config =
                 herald::agent::AgentConfig { server, token, window, allow, default_timeout: timeout, tls_files_dir };
             let mut agent = tokio::spawn(herald::agent::run(config, stopped));
+            let mut signals = StopSignals::new();
             tokio::select! {
-                _ = shutdown_signal() => {
+                _ = signals.next() => {
                     stop.send_replace(true);
                     (&mut agent).await??;
                 }
