@@ -199,7 +199,7 @@ impl EdgeHub {
                 error = why,
                 "forwarding an edge attempt to the process holding its agent failed"
             );
-            failed(format!("the Herald process holding edge device {device}'s agent could not be reached"))
+            failed(format!("forwarding to the Herald process holding edge device {device}'s agent: {why}"))
         };
         let Ok(request) = request else { return unreached("not a URL") };
         // The holder may wait up to `timeout` for a slot and room in the agent's queue, then
