@@ -68,7 +68,14 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
         s if s.starts_with("http://") => format!("ws://{}{CONNECT_PATH}", &s[7..]),
         s => return Err(AgentError::Server(s.to_string())),
     };
-    let settings = HttpSettings { tls_files_dir: config.tls_files_dir.clone(), ..HttpSettings::default() };
+    // As much of a receiver's answer as any server's history may keep: the server cuts it to
+    // its own `history.response_bytes` (and drops it with no history). At 1 KiB here, an edge
+    // attempt's record kept less than a direct one's.
+    let settings = HttpSettings {
+        tls_files_dir: config.tls_files_dir.clone(),
+        response_bytes: Some(crate::config::MAX_RESPONSE_BYTES),
+        ..HttpSettings::default()
+    };
     let transports = Transports::new(NetworkGuard::new(config.allow.clone()), &settings, config.default_timeout);
     let targets: Targets = Arc::default();
     let mut backoff = Duration::from_millis(200);

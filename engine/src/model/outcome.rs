@@ -149,7 +149,8 @@ const RESPONSE_HEADER_TEXT: usize = 256;
 
 impl Response {
     /// The response with at most [`RESPONSE_HEADERS`] headers of bounded size and `body_bytes`
-    /// of body, `MAX_DETAIL` at most (for one reported by an edge agent).
+    /// of body (for one reported by an edge agent: as much as a direct attempt keeps, which
+    /// `history.response_bytes` bounds — cut to 1 KiB, an edge attempt's record kept less).
     pub fn bounded(self, body_bytes: usize) -> Response {
         let headers = self
             .headers
@@ -157,7 +158,7 @@ impl Response {
             .take(RESPONSE_HEADERS)
             .map(|(n, v)| (truncate(&n, RESPONSE_HEADER_TEXT), truncate(&v, RESPONSE_HEADER_TEXT)))
             .collect();
-        let keep = body_bytes.min(MAX_DETAIL);
+        let keep = body_bytes.min(crate::config::MAX_RESPONSE_BYTES);
         let body = match self.body.len() > keep {
             true => whole_characters(self.body.slice(..keep)),
             false => self.body,

@@ -264,6 +264,36 @@ async fn an_edge_attempt_keeps_as_much_of_the_answer_as_configured() {
     assert_eq!(attempt["response"]["body"], "o", "the receiver's \"ok\" cut to 1 byte: {attempt}");
 }
 
+/// An edge attempt keeps as much of the answer as a direct one, up to `history.response_bytes`:
+/// the agent kept 1 KiB whatever the server's history kept, so the record of an attempt
+/// depended on how it travelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_attempt_keeps_as_much_of_a_long_answer_as_a_direct_one() {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let url = format!("http://{}/long", listener.local_addr().unwrap());
+    crate::support::serve_http1(listener, |_req: hyper::Request<hyper::body::Incoming>| async {
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("x".repeat(3000))))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("HERALD_NETWORK_ALLOW", ""), ("HERALD_HISTORY_RESPONSE_BYTES", "4096")];
+    let (_herald, addr) = spawn_herald_with(dir.path(), &env);
+    let admin = Api::new(addr, TOKEN);
+    let (acme_id, acme, device, token) = tenant_with_device(&admin, "Talkative").await;
+    acme.subscribe(json!({ "url": url, "via_edge": device })).await;
+    let _agent = spawn_agent(addr, &token);
+    agents_connected(&admin, 1).await;
+    let (status, answer) =
+        admin.post("/v1/events", json!({ "id": "long", "type": "T", "tenant": acme_id, "data": {} })).await;
+    assert_eq!(status, 202, "{answer}");
+    let attempt = until("the edge attempt on record", Duration::from_secs(30), || async {
+        let (_, page) = acme.get("/v1/attempts?event=long").await;
+        page["items"].as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(attempt["outcome"], "delivered", "{attempt}");
+    assert_eq!(attempt["response"]["body"].as_str().map(str::len), Some(3000), "{attempt}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_holds_one_connection_and_deleting_it_ends_that_connection() {
     let dir = tempfile::tempdir().unwrap();
