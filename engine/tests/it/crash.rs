@@ -215,14 +215,15 @@ async fn a_second_sigterm_ends_the_drain_at_once_and_sighup_drains() {
         // A test ping to a receiver that never answers, for 20 s: it holds the drain open.
         let sub = api.subscribe(json!({ "url": rx.url("/hang"), "timeout": "20s" })).await;
         let ping = format!("/v1/subscriptions/{}/test", sub["id"].as_str().unwrap());
-        let pinging = tokio::spawn(async move { api.post(&ping, json!({})).await });
+        // (Its connection ends with the process: an answer is not waited for.)
+        let pinging = tokio::spawn(async move { api.try_raw("POST", &ping, Some("{}".into()), Some(TOKEN)).await });
         rx.wait_on("/hang", 1).await;
         let pid = Pid::from_raw(child.0.id() as i32).unwrap();
         let started = std::time::Instant::now();
         for signal in signals.iter() {
-            kill_process(pid, *signal).unwrap();
             // Each taken before the next is sent (two pending at once are one).
             let n = log.lock().unwrap().matches("shutting down").count();
+            kill_process(pid, *signal).unwrap();
             crate::support::eventually("the signal taken", Duration::from_secs(10), || {
                 (log.lock().unwrap().matches("shutting down").count() > n).then_some(())
             })
