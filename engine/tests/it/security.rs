@@ -905,25 +905,35 @@ async fn a_static_webhook_moved_to_another_tenant_gets_none_of_the_first_tenant_
 /// and every tenant's new webhook connections and the log's next segment failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_without_a_token_cannot_take_every_file_descriptor() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
-    let (_herald, addr) = crate::support::spawn_herald_with_files(dir.path(), 256);
+    // Idle connections are not closed for their silence within the test (its own timeout).
+    let env = [("HERALD_API_HEADER_READ_TIMEOUT", "120s")];
+    let (_herald, addr) = crate::support::spawn_herald_with_files(dir.path(), &env, 256);
+    // Each connection waits for its end: those past the API's share are closed by Herald at
+    // once (before: accepted until the descriptors ran out, the rest left waiting, none closed).
+    let closed = Arc::new(AtomicUsize::new(0));
     let mut idle = Vec::new();
     for _ in 0..300 {
-        if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
-            idle.push(s);
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let closed = closed.clone();
+            idle.push(tokio::spawn(async move {
+                let mut byte = [0u8; 1];
+                if let Ok(0) = s.read(&mut byte).await {
+                    closed.fetch_add(1, Ordering::SeqCst);
+                }
+                std::future::pending::<()>().await; // held open until aborted
+            }));
         }
     }
-    // Those past the API's share are closed by Herald at once (before: accepted until the
-    // descriptors ran out, the rest left waiting, none closed until the header timeout).
-    let closed = || {
-        let mut byte = [0u8; 1];
-        idle.iter().filter(|s| matches!(s.try_read(&mut byte), Ok(0))).count()
-    };
-    until("connections past the API's share closed", Duration::from_secs(8), || async {
-        (closed() >= 100).then_some(())
+    until("connections past the API's share closed", Duration::from_secs(30), || async {
+        (closed.load(Ordering::SeqCst) >= 100).then_some(())
     })
     .await;
-    drop(idle);
+    for task in idle {
+        task.abort();
+    }
     let api = Api::new(addr, TOKEN);
     until("the API answers again", Duration::from_secs(20), || async {
         matches!(api.try_raw("GET", "/healthz", None, None).await, Ok((s, _)) if s == 200).then_some(())

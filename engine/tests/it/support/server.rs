@@ -225,8 +225,12 @@ pub fn spawn_herald_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (C
 }
 
 /// Starts `herald serve` allowed at most `files` open files (soft and hard limit alike).
-pub fn spawn_herald_with_files(data_dir: &std::path::Path, files: u64) -> (ChildGuard, SocketAddr) {
-    spawn_herald_as(data_dir, &[], std::process::Stdio::inherit(), Some(files))
+pub fn spawn_herald_with_files(
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+    files: u64,
+) -> (ChildGuard, SocketAddr) {
+    spawn_herald_as(data_dir, env, std::process::Stdio::inherit(), Some(files))
 }
 
 /// Starts `herald serve` with extra environment variables, its log (stderr) kept: what it has
