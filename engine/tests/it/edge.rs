@@ -239,28 +239,35 @@ async fn the_largest_event_goes_through_an_agent() {
     assert_eq!(got[0].body.len(), text.len() + 2, "the whole event, as a JSON string");
 }
 
+/// The attempt of an event published to a subscription at `url` through an agent, with the
+/// server keeping `response_bytes` of each answer: its record, once delivered.
+async fn attempt_through_an_agent(url: String, response_bytes: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("HERALD_NETWORK_ALLOW", ""), ("HERALD_HISTORY_RESPONSE_BYTES", response_bytes)];
+    let (_herald, addr) = spawn_herald_with(dir.path(), &env);
+    let admin = Api::new(addr, TOKEN);
+    let (acme_id, acme, device, token) = tenant_with_device(&admin, "Acme").await;
+    acme.subscribe(json!({ "url": url, "via_edge": device })).await;
+    let _agent = spawn_agent(addr, &token);
+    agents_connected(&admin, 1).await;
+    let (status, answer) =
+        admin.post("/v1/events", json!({ "id": "e", "type": "T", "tenant": acme_id, "data": {} })).await;
+    assert_eq!(status, 202, "{answer}");
+    let attempt = until("the edge attempt on record", Duration::from_secs(30), || async {
+        let (_, page) = acme.get("/v1/attempts?event=e").await;
+        page["items"].as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(attempt["outcome"], "delivered", "{attempt}");
+    attempt
+}
+
 /// `history.response_bytes` holds for attempts made through an agent too (its report was
 /// kept to 1 KiB whatever the setting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_attempt_keeps_as_much_of_the_answer_as_configured() {
     let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let env = [("HERALD_NETWORK_ALLOW", ""), ("HERALD_HISTORY_RESPONSE_BYTES", "1")];
-    let (_herald, addr) = spawn_herald_with(dir.path(), &env);
-    let admin = Api::new(addr, TOKEN);
-    let (acme_id, acme, device, token) = tenant_with_device(&admin, "Acme").await;
-    acme.subscribe(json!({ "url": rx.url("/short"), "via_edge": device })).await;
-    let _agent = spawn_agent(addr, &token);
-    agents_connected(&admin, 1).await;
-    let (status, answer) =
-        admin.post("/v1/events", json!({ "id": "short", "type": "T", "tenant": acme_id, "data": {} })).await;
-    assert_eq!(status, 202, "{answer}");
-    let attempt = until("the edge attempt on record", Duration::from_secs(30), || async {
-        let (_, page) = acme.get("/v1/attempts?event=short").await;
-        page["items"].as_array()?.first().cloned()
-    })
-    .await;
-    assert_eq!(attempt["outcome"], "delivered", "{attempt}");
+    let attempt = attempt_through_an_agent(rx.url("/short"), "1").await;
     assert_eq!(attempt["response"]["body"], "o", "the receiver's \"ok\" cut to 1 byte: {attempt}");
 }
 
@@ -274,23 +281,7 @@ async fn an_edge_attempt_keeps_as_much_of_a_long_answer_as_a_direct_one() {
     crate::support::serve_http1(listener, |_req: hyper::Request<hyper::body::Incoming>| async {
         hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("x".repeat(3000))))
     });
-    let dir = tempfile::tempdir().unwrap();
-    let env = [("HERALD_NETWORK_ALLOW", ""), ("HERALD_HISTORY_RESPONSE_BYTES", "4096")];
-    let (_herald, addr) = spawn_herald_with(dir.path(), &env);
-    let admin = Api::new(addr, TOKEN);
-    let (acme_id, acme, device, token) = tenant_with_device(&admin, "Talkative").await;
-    acme.subscribe(json!({ "url": url, "via_edge": device })).await;
-    let _agent = spawn_agent(addr, &token);
-    agents_connected(&admin, 1).await;
-    let (status, answer) =
-        admin.post("/v1/events", json!({ "id": "long", "type": "T", "tenant": acme_id, "data": {} })).await;
-    assert_eq!(status, 202, "{answer}");
-    let attempt = until("the edge attempt on record", Duration::from_secs(30), || async {
-        let (_, page) = acme.get("/v1/attempts?event=long").await;
-        page["items"].as_array()?.first().cloned()
-    })
-    .await;
-    assert_eq!(attempt["outcome"], "delivered", "{attempt}");
+    let attempt = attempt_through_an_agent(url, "4096").await;
     assert_eq!(attempt["response"]["body"].as_str().map(str::len), Some(3000), "{attempt}");
 }
 
