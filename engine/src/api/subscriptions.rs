@@ -245,7 +245,7 @@ pub async fn rotate_secret(
     StrictPath(id): StrictPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<RotateRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    if let Some(current) = state.registry.get(&id).filter(|t| who.sees(&t.sub.tenant)) {
+    if let Ok(current) = visible(&state, &who, &id) {
         declared_in_file(&current)?;
     }
     let target = state
