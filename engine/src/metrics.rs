@@ -33,6 +33,8 @@ pub const DEFERRED: &str = "herald_deliveries_deferred_total";
 pub const ORDERED_KEYS_BLOCKED: &str = "herald_ordered_keys_blocked";
 /// Bytes of ordered deliveries' records held in memory: heads, and those buffered behind them.
 pub const ORDERED_HELD_BYTES: &str = "herald_ordered_held_bytes";
+/// Spans the OTLP collector did not take (refused, unreachable): dropped.
+pub const TRACE_SPANS_UNEXPORTED: &str = "herald_trace_spans_unexported_total";
 /// 1 while the log takes no writes until Herald restarts (as `/healthz` says `broken`).
 pub const LOG_BROKEN: &str = "herald_log_broken";
 /// Deliveries parked in the dead-letter topic.
@@ -99,6 +101,7 @@ pub const ALL: &[&str] = &[
     RETRIES_SCHEDULED,
     DEFERRED,
     DEAD_LETTERS,
+    TRACE_SPANS_UNEXPORTED,
     PANICS,
     WORKERS_PANICKED,
     IN_FLIGHT,
@@ -312,6 +315,7 @@ impl Metrics {
             metrics::counter!(DEFERRED, "reason" => reason).increment(0);
         }
         metrics::counter!(DEAD_LETTERS).increment(0);
+        metrics::counter!(TRACE_SPANS_UNEXPORTED).increment(0);
         for transport in ["webhook"] {
             for outcome in ["delivered", "dead_lettered", "dropped"] {
                 metrics::counter!(DELIVERIES, "transport" => transport, "outcome" => outcome).increment(0);
@@ -398,6 +402,10 @@ fn describe() {
     describe_counter!(
         DEFERRED,
         "Deliveries deferred without an attempt, by reason: in-flight cap, a slow endpoint's pace, rate limit, open circuit breaker, unknown subscription."
+    );
+    describe_counter!(
+        TRACE_SPANS_UNEXPORTED,
+        "Spans the OTLP collector did not take (refused or unreachable), dropped."
     );
     describe_counter!(DEAD_LETTERS, "Deliveries parked in the dead-letter topic.");
     describe_counter!(PANICS, "Deliveries whose processing panicked twice and were parked in the dead-letter topic.");

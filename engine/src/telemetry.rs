@@ -81,7 +81,7 @@ where
     }
     let exporter = exporter.build().map_err(|e| TelemetryError::Exporter(e.to_string()))?;
     let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
-        exporter,
+        Told::new(exporter),
         opentelemetry_sdk::runtime::Tokio,
     )
     .build();
@@ -93,6 +93,60 @@ where
     let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(only_ours).boxed();
     EXPORTING.store(true, Ordering::Relaxed);
     Ok(Some((layer, Telemetry(provider))))
+}
+
+/// An exporter whose failures an operator hears of: the SDK drops a batch it could not
+/// export without a word (its own logs are a build feature, and would say so once a batch —
+/// dozens of lines a second under load). Each lost span is counted
+/// ([`crate::metrics::TRACE_SPANS_UNEXPORTED`]) and the failure logged at most once a minute,
+/// with how many were lost since it was last said.
+#[derive(Debug)]
+struct Told<E> {
+    exporter: E,
+    /// When a failure was last logged, and the spans lost since.
+    said: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+/// How often a failing exporter is said to fail.
+const TELL_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl<E> Told<E> {
+    fn new(exporter: E) -> Self {
+        Told { exporter, said: std::sync::Mutex::new((None, 0)) }
+    }
+
+    fn lost(&self, spans: usize, error: &dyn std::fmt::Display) {
+        metrics::counter!(crate::metrics::TRACE_SPANS_UNEXPORTED).increment(spans as u64);
+        let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+        said.1 += spans as u64;
+        if said.0.is_none_or(|at| at.elapsed() >= TELL_EVERY) {
+            tracing::warn!(lost = said.1, error = %error, "spans could not be exported to the OTLP collector; dropped (said at most once a minute)");
+            *said = (Some(std::time::Instant::now()), 0);
+        }
+    }
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter for Told<E> {
+    async fn export(&self, batch: Vec<opentelemetry_sdk::trace::SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len();
+        let result = self.exporter.export(batch).await;
+        if let Err(e) = &result {
+            self.lost(spans, e);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.exporter.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.exporter.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.exporter.set_resource(resource)
+    }
 }
 
 /// Applies what does not need an exporter: whether receivers get a `traceparent`. The server

@@ -197,3 +197,38 @@ async fn trace_context_is_checked_carried_per_event_and_propagated_without_expor
     let got = rx.wait_on("/t", 4).await;
     assert_eq!(got.iter().find(|r| r.header("webhook-id") == "h-1").unwrap().header("traceparent"), "");
 }
+
+/// A collector that refuses every export: Herald says so in its log (once, not per batch) and
+/// counts the spans it could not export, so an operator can tell "no traces" from "no events".
+#[tokio::test]
+async fn spans_a_collector_refuses_are_counted_and_logged() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    serve_http1(listener, |_req: http::Request<hyper::body::Incoming>| async {
+        let mut refused = http::Response::new(Full::new(Bytes::from_static(b"collector down")));
+        *refused.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        refused
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let (_herald, addr, log) = crate::support::spawn_herald_logged(dir.path(), &env);
+    let api = Api::new(addr, TOKEN);
+    let rx = Receiver::start().await;
+    api.subscribe(json!({ "url": rx.url("/t") })).await;
+    for i in 0..3 {
+        let event = json!({ "id": format!("lost-{i}"), "type": "t", "data": {} });
+        assert_eq!(api.post("/v1/events", event).await.0, 202);
+    }
+    rx.wait_on("/t", 3).await;
+    let lost = until("the refused spans counted", Duration::from_secs(20), || {
+        let api = api.clone();
+        async move {
+            let n = crate::support::metrics::scrape(&api).await.value("herald_trace_spans_unexported_total", &[]);
+            (n >= 6.0).then_some(n)
+        }
+    })
+    .await;
+    assert!(lost >= 6.0, "three ingest and three attempt spans: {lost}");
+    let told = log.lock().unwrap().lines().filter(|l| l.contains("spans could not be exported")).count();
+    assert_eq!(told, 1, "said once, not per batch: {}", log.lock().unwrap());
+}
