@@ -499,3 +499,42 @@ async fn a_catalog_topic_made_to_delete_by_age_is_refused_at_start() {
     let said = err.to_string();
     assert!(said.contains(&catalog) && said.contains("cleanup.policy"), "{said}");
 }
+
+/// An operator lowers `ingest.max_event_bytes` and restarts: events accepted before under the
+/// larger limit are still retried whole. The producer refused their records by the new limit
+/// though the topics, made under the old one, take them — a retry of a 1.5 MiB event was
+/// dead-lettered, and its payload dropped from the dead letter too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_accepted_under_a_larger_limit_are_still_retried_whole_after_it_is_lowered() {
+    let broker = Tansu::start();
+    let rx = Receiver::start().await;
+    rx.behave("/big", crate::support::Behaviour::FailFirst { n: 2, status: 503 });
+    let dir = tempfile::tempdir().unwrap();
+    let configured = |max_event_bytes: usize| {
+        let mut config = crate::support::config(dir.path());
+        config.log.backend = herald::config::Backend::Kafka;
+        config.log.brokers = broker.addr.clone();
+        config.log.replication = 1;
+        config.log.partitions = 4;
+        config.log.kafka.0.insert("batch.num.messages".into(), "1".into());
+        config.ingest.max_event_bytes = max_event_bytes;
+        config
+    };
+    let first = herald::server::start(configured(2 << 20)).await.unwrap();
+    let api = Api::new(first.addr, crate::support::TOKEN);
+    let retry = json!({ "policy": "fixed", "interval": "500ms", "max_attempts": 5 });
+    api.subscribe(json!({ "url": rx.url("/big"), "retry": retry })).await;
+    let text = "x".repeat(1536 << 10);
+    let (status, body) = api.post("/v1/events", json!({ "id": "big-1", "type": "t", "data": { "text": text } })).await;
+    assert_eq!(status, 202, "{body}");
+    rx.wait_on("/big", 1).await;
+    first.stop().await;
+
+    let second = herald::server::start(configured(1 << 20)).await.unwrap();
+    let api = Api::new(second.addr, crate::support::TOKEN);
+    let got = rx.wait_on("/big", 3).await;
+    assert!(got[2].json()["data"]["text"].as_str().is_some_and(|t| t.len() == text.len()), "delivered whole");
+    let (_, dlq) = api.get("/v1/dlq").await;
+    assert_eq!(dlq["items"].as_array().map(Vec::len), Some(0), "{dlq}");
+    second.stop().await;
+}

@@ -139,11 +139,22 @@ fn batch_size(smallest: Option<usize>) -> usize {
     smallest.map_or(BATCH_SIZE, |limit| limit.saturating_sub(1024).clamp(1, BATCH_SIZE))
 }
 
+/// The largest record the producer sends (`message.max.bytes`): Herald's own limit, or a
+/// larger one of a topic made before. Records accepted under a larger `ingest.max_event_bytes`
+/// stay in the topics made then, and their retries and dead letters are written again after
+/// the limit is lowered — refused by the producer's own check, a retry was dead-lettered and
+/// its payload dropped, though the topic takes it. The broker still holds each topic to its
+/// own limit.
+fn largest_record(config: &KafkaConfig, record_limits: &HashMap<String, usize>) -> usize {
+    record_limits.values().copied().fold(config.max_record_bytes, usize::max)
+}
+
 impl KafkaLog {
     /// Connects, creates missing topics and learns every topic's partition count.
     pub async fn open(config: KafkaConfig) -> Result<Arc<KafkaLog>, LogError> {
         let topics::Laid { partitions, record_limits } = topics::ensure(&config).await?;
         let batch = batch_size(record_limits.values().copied().min()).to_string();
+        let largest = largest_record(&config, &record_limits).to_string();
         // Throughput defaults the pass-through table may change; the guarantees it may not.
         let producer: FutureProducer = config
             .layered(
@@ -152,7 +163,7 @@ impl KafkaLog {
                     ("batch.num.messages", "10000"),
                     ("batch.size", &batch),
                     ("message.timeout.ms", "30000"),
-                    ("message.max.bytes", &config.max_record_bytes.to_string()),
+                    ("message.max.bytes", &largest),
                     ("queue.buffering.max.messages", "1000000"),
                 ],
                 &[("enable.idempotence", "true"), ("acks", "all")],
@@ -333,8 +344,10 @@ impl Log for KafkaLog {
         true
     }
 
+    /// The smallest limit of Herald's topics (those made this start take Herald's own).
     fn max_record_bytes(&self) -> Option<usize> {
-        Some(self.config.max_record_bytes)
+        let limit = |t: &TopicSpec| self.record_limits.get(&t.name).copied().unwrap_or(self.config.max_record_bytes);
+        Some(self.config.topics.iter().map(limit).min().unwrap_or(self.config.max_record_bytes))
     }
 
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {

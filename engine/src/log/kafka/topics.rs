@@ -20,7 +20,9 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) struct Laid {
     /// Every topic's partition count.
     pub partitions: HashMap<String, u32>,
-    /// The record limits (`max.message.bytes`) of topics made before with one below Herald's.
+    /// The record limits (`max.message.bytes`) of topics made before, as the broker reports
+    /// them: below Herald's (made by hand), or above it (made under a larger
+    /// `ingest.max_event_bytes`, whose events may still be in them).
     pub record_limits: HashMap<String, usize>,
 }
 
@@ -162,9 +164,7 @@ async fn check_settings(
         };
         let value = |name: &str| settings.get(name).and_then(|e| e.value.as_deref());
         if let Some(limit) = value("max.message.bytes").and_then(|v| v.parse::<usize>().ok()) {
-            if limit < config.max_record_bytes {
-                limits.insert(t.name.clone(), limit);
-            }
+            limits.insert(t.name.clone(), limit);
         }
         match judge(config, t, value) {
             Judgement::Fits => {}
