@@ -150,6 +150,8 @@ impl From<crate::ingest::Refusal> for ApiError {
                 retry_after: Some(std::time::Duration::from_secs(1)),
                 ..ApiError::unavailable(e.to_string())
             },
+            // The single event's; a batch names its place ([`crate::api::events`]).
+            crate::ingest::Refusal::IdReused { .. } => ApiError::conflict("id", e.to_string()),
             crate::ingest::Refusal::TooLarge { ref field, .. } => ApiError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
                 code: "PAYLOAD_TOO_LARGE",

@@ -84,14 +84,23 @@ pub async fn publish_batch(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let spans = ingest_spans(&events);
-    let accepted = state.ingest.publish(events).await?;
+    let accepted = state.ingest.publish(events).await.map_err(|e| match e {
+        ingest::Refusal::IdReused { index } => ApiError::conflict(&format!("[{index}].id"), e.to_string()),
+        e => e.into(),
+    })?;
     drop(spans);
     let deliveries: usize = accepted.iter().map(|a| a.deliveries).sum();
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "items": accepted, "deliveries": deliveries }))))
 }
 
 /// Refuses an event whose `data` does not fit its type's schema in the catalogue (when
-/// validation is on for the type, or for all with `ingest.validate`).
+/// validation is on for the type, or for all with `ingest.validate`). Not a repeat of one
+/// accepted: a producer's retry after a lost answer (its deliveries already going out) was
+/// refused once the admin had tightened the schema since, and a producer taking that `400`
+/// for "not accepted" sent the event again under a new id.
 fn fits_its_type(state: &AppState, event: &ingest::Event, prefix: &str) -> Result<(), ApiError> {
-    Ok(state.event_types.check_data(&event.event_type, &event.data.sent, prefix, state.validate_events)?)
+    match state.event_types.check_data(&event.event_type, &event.data.sent, prefix, state.validate_events) {
+        Err(_) if state.ingest.repeats(event) => Ok(()),
+        checked => Ok(checked?),
+    }
 }

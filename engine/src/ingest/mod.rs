@@ -41,6 +41,21 @@ pub struct Event {
     pub ordering_key: Option<String>,
 }
 
+impl Event {
+    /// What makes a repeat of this event the same event: its type, `data` and `changes` (as
+    /// JavaScript reads them, so a retry formatted otherwise is the same) and its ordering key.
+    /// Not its trace context, which a producer's retry may give anew.
+    fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.event_type.hash(&mut h);
+        self.data.canonical.hash(&mut h);
+        self.changes.as_ref().map(|c| &c.canonical).hash(&mut h);
+        self.ordering_key.hash(&mut h);
+        h.finish()
+    }
+}
+
 /// One request's deliveries, by the topic they go to.
 #[derive(Default)]
 struct Deliveries {
@@ -150,6 +165,15 @@ pub enum Refusal {
     /// did not drain within [`budget::WAIT`].
     #[error("{}", busy_message(.0))]
     Busy(Over),
+    /// The event (the `index`th of the request) has an id accepted within
+    /// [`IDEMPOTENCY_WINDOW`] for another event (type, data, changes or ordering key).
+    #[error("an event with this id was accepted in the last {} minutes with another type, data, changes or ordering key; \
+             it was not sent again and nothing of this request was accepted: give each event an id of its own",
+             IDEMPOTENCY_WINDOW.as_secs() / 60)]
+    IdReused {
+        /// Its place in the request.
+        index: usize,
+    },
     /// The event is larger than `ingest.max_event_bytes`.
     #[error("{field}: the event's data and changes are {bytes} bytes (as sent, or as delivered); the limit is ingest.max_event_bytes = {max}")]
     TooLarge {
@@ -235,10 +259,10 @@ const IDEMPOTENCY_CAPACITY: usize = 200_000;
 const GENERATION: usize = IDEMPOTENCY_CAPACITY / 2;
 
 /// An event id (per tenant) seen recently: being appended by a request now, or accepted with
-/// this many deliveries.
+/// this many deliveries, its content's [`Event::digest`] being `digest`.
 enum Seen {
     Pending(watch::Receiver<Option<usize>>),
-    Done(usize),
+    Done { deliveries: usize, digest: u64 },
 }
 
 /// A (tenant, event id) pair.
@@ -295,8 +319,8 @@ impl Recent {
     }
 
     /// Remembers `key`, accepted with `deliveries`.
-    fn remember(&mut self, key: Key, deliveries: usize) {
-        self.current.insert(key, Seen::Done(deliveries));
+    fn remember(&mut self, key: Key, deliveries: usize, digest: u64) {
+        self.current.insert(key, Seen::Done { deliveries, digest });
     }
 
     /// Starts a new generation if the current one is full or a window old, and forgets
@@ -442,6 +466,14 @@ impl Ingest {
         }
     }
 
+    /// Whether `event` repeats one accepted within [`IDEMPOTENCY_WINDOW`] (its id given, the
+    /// same content): it is answered as the first was, whatever its type's schema says now.
+    pub fn repeats(&self, event: &Event) -> bool {
+        let key = || (event.tenant.clone(), event.id.clone());
+        event.id_given
+            && matches!(self.recent.lock().unwrap().get(&key()), Some(Seen::Done { digest, .. }) if *digest == event.digest())
+    }
+
     /// Appends every delivery of `events` in one durable append; returns per-event counts.
     /// An event whose id (for its tenant) was accepted in the last [`IDEMPOTENCY_WINDOW`],
     /// in this request or an earlier one (or is being appended by a concurrent one), gets the
@@ -453,7 +485,7 @@ impl Ingest {
         let now = now_ms();
         let mut records = Deliveries::default();
         let mut accepted = Vec::with_capacity(events.len());
-        let mut counts: HashMap<(String, String), usize> = HashMap::new();
+        let mut counts: HashMap<(String, String), (usize, u64)> = HashMap::new();
         let mut new_events = 0u64;
         let mut fanout = 0u64;
         let mut history = Vec::new();
@@ -463,10 +495,13 @@ impl Ingest {
             let key = (event.tenant.clone(), event.id.clone());
             if event.id_given {
                 let earlier = counts.get(&key).copied().or_else(|| match self.recent.lock().unwrap().get(&key) {
-                    Some(Seen::Done(n)) => Some(*n),
+                    Some(Seen::Done { deliveries, digest }) => Some((*deliveries, *digest)),
                     _ => None,
                 });
-                if let Some(deliveries) = earlier {
+                if let Some((deliveries, digest)) = earlier {
+                    if digest != event.digest() {
+                        return Err(Refusal::IdReused { index: accepted.len() });
+                    }
                     accepted.push(Accepted { id: event.id, deliveries });
                     continue;
                 }
@@ -518,7 +553,7 @@ impl Ingest {
                 }));
             }
             if event.id_given {
-                counts.insert(key, targets.len());
+                counts.insert(key, (targets.len(), event.digest()));
             }
             new_events += 1;
             accepted.push(Accepted { id: event.id, deliveries: targets.len() });
@@ -561,8 +596,8 @@ impl Ingest {
             let retired = {
                 let mut recent = reserved.recent.lock().unwrap();
                 for (key, tx) in reserved.mine.drain(..) {
-                    let n = counts.get(&key).copied().unwrap_or(0);
-                    recent.remember(key, n);
+                    let (n, digest) = counts.get(&key).copied().unwrap_or_default();
+                    recent.remember(key, n, digest);
                     tx.send_replace(Some(n));
                 }
                 recent.turn(now)
@@ -699,7 +734,7 @@ mod tests {
         let mut recent = Recent::new(0);
         let room = recent.current.capacity();
         for i in 0..3 * GENERATION + 1_000 {
-            recent.remember(key(i), 1);
+            recent.remember(key(i), 1, 0);
             assert_eq!(recent.current.capacity(), room, "grew after {i} ids");
             drop(recent.turn(0));
         }
@@ -710,7 +745,7 @@ mod tests {
     fn the_latest_ids_are_remembered_up_to_the_capacity() {
         let mut recent = Recent::new(0);
         for i in 0..2 * GENERATION + 10 {
-            recent.remember(key(i), 1);
+            recent.remember(key(i), 1, 0);
             drop(recent.turn(0));
         }
         assert!(recent.get(&key(2 * GENERATION + 9)).is_some());
@@ -725,11 +760,11 @@ mod tests {
     fn an_id_is_remembered_for_the_window_and_forgotten_after_two() {
         let window = IDEMPOTENCY_WINDOW.as_millis() as i64;
         let mut recent = Recent::new(0);
-        recent.remember(key(1), 3);
+        recent.remember(key(1), 3, 0);
         drop(recent.turn(window - 1));
-        recent.remember(key(2), 3);
+        recent.remember(key(2), 3, 0);
         drop(recent.turn(window));
-        assert!(matches!(recent.get(&key(1)), Some(Seen::Done(3))), "within the window");
+        assert!(matches!(recent.get(&key(1)), Some(Seen::Done { deliveries: 3, .. })), "within the window");
         drop(recent.turn(2 * window - 1));
         assert!(recent.get(&key(2)).is_some(), "a window after it arrived");
         drop(recent.turn(3 * window));
@@ -867,7 +902,7 @@ mod tests {
         let (_tx, rx) = watch::channel(None);
         recent.pend(key(1), rx);
         for i in 2..GENERATION + 2 {
-            recent.remember(key(i), 1);
+            recent.remember(key(i), 1, 0);
         }
         assert_eq!(recent.turn(0).len(), 1);
         assert!(matches!(recent.get(&key(1)), Some(Seen::Pending(_))));

@@ -260,3 +260,48 @@ async fn a_repeated_event_id_is_accepted_once() {
     let got = rx.wait_on("/idem", 2).await;
     assert_eq!(got.len(), 2);
 }
+
+/// An id is the producer's idempotency key: the same id with other content within the window
+/// is a mistake (two events given one id), answered `409` naming `id` — it was answered `202`
+/// with the first event's count, and the second event was never sent. A repeat of the same
+/// event is answered as the first even when the type's schema changed since, since its
+/// deliveries are already going out.
+#[tokio::test]
+async fn an_event_id_reused_for_other_content_is_refused_and_a_repeat_is_not_checked_again() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/orders") })).await;
+    let first = json!({ "id": "order-123", "type": "order.created", "data": { "id": "x" } });
+    assert_eq!(h.api.post("/v1/events", first.clone()).await.0, 202);
+
+    let other = json!({ "id": "order-123", "type": "order.cancelled", "data": { "id": "x" } });
+    let (status, err) = h.api.post("/v1/events", other).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (409, Some("id")), "{err}");
+    let changed = json!({ "id": "order-123", "type": "order.created", "data": { "id": "y" } });
+    assert_eq!(h.api.post("/v1/events", changed).await.0, 409);
+    // In a batch, the event is named, and nothing of the batch is accepted.
+    let batch =
+        json!([{ "id": "new-1", "type": "t", "data": {} }, { "id": "order-123", "type": "order.created", "data": 2 }]);
+    let (status, err) = h.api.post("/v1/events/batch", batch).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (409, Some("[1].id")), "{err}");
+    // Twice in one batch, differently: the second is named.
+    let twice = json!([{ "id": "new-2", "type": "t", "data": 1 }, { "id": "new-2", "type": "t", "data": 2 }]);
+    let (status, err) = h.api.post("/v1/events/batch", twice).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (409, Some("[1].id")), "{err}");
+
+    // The type now has a schema the first event does not fit: its repeat is still the same
+    // event, already accepted.
+    let strict = json!({ "name": "order.created", "schema": { "type": "object", "properties": { "id": { "type": "integer" } } }, "validate": true });
+    assert_eq!(h.api.post("/v1/event-types", strict).await.0, 201);
+    let (status, body) = h.api.post("/v1/events", first).await;
+    assert_eq!((status.as_u16(), body["deliveries"].as_u64()), (202, Some(1)), "{body}");
+    let fresh = json!({ "id": "order-124", "type": "order.created", "data": { "id": "x" } });
+    assert_eq!(h.api.post("/v1/events", fresh).await.0, 400, "a new event is checked");
+
+    // Sent once: neither the reused id's second event nor the refused batch went out.
+    let got = rx.wait_on("/orders", 1).await;
+    assert_eq!(h.api.post("/v1/events", json!({ "id": "last", "type": "t", "data": {} })).await.0, 202);
+    let got_all = rx.wait_on("/orders", 2).await;
+    let ids: Vec<String> = got_all.iter().map(|r| r.header("webhook-id").to_string()).collect();
+    assert_eq!(ids, ["order-123", "last"], "{got:?}");
+}
