@@ -583,6 +583,8 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         metrics::gauge!(crate::metrics::BREAKERS_OPEN).set(registry.breakers_open() as f64);
     });
     let (key_rate, tests, edge_connects) = api::throttles(&config);
+    // Read and checked once already, by `seal_secrets`.
+    let sealing = config.sealing_key().map_err(|e| StartError::Secrets(e.to_string()))?;
     let state = AppState::new(api::Shared {
         catalog: stores.catalog.clone(),
         registry: stores.registry.clone(),
@@ -615,7 +617,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         validate_events: config.ingest.validate,
         unknown_event_types: config.ingest.unknown_types,
         portal: api::portal::Portal {
-            key: api::portal::PortalKey::derive(&token),
+            key: api::portal::PortalKey::derive(&token, sealing.as_deref()),
             ttl: config.api.portal_ttl.0,
             public_url: config.api.public_url.clone(),
         },

@@ -4,8 +4,9 @@
 //! more: admin endpoints answer 403 to it.
 //!
 //! Tokens are `hp.<tenant>.<expires ms>.<HMAC-SHA256>`, keyed by a key derived from the admin
-//! token, so every process of a deployment checks them without shared state, and rotating the
-//! admin token revokes every link at once. Nothing is stored per link.
+//! token and the secret key ([`PortalKey::derive`]), so every process of a deployment checks
+//! them without shared state, and rotating either revokes every link at once. Nothing is
+//! stored per link.
 
 use super::auth::Admin;
 use super::error::{ApiError, OptionalJsonBody};
@@ -35,10 +36,25 @@ impl std::fmt::Debug for PortalKey {
 }
 
 impl PortalKey {
-    /// The key of a deployment whose admin token is `admin_token`.
-    pub fn derive(admin_token: &str) -> PortalKey {
-        let mut mac = HmacSha256::new_from_slice(admin_token.as_bytes()).expect("HMAC takes any key");
-        mac.update(b"herald portal links v1");
+    /// The key of a deployment whose admin token is `admin_token` and whose secret key (the
+    /// one secrets are sealed with, as configured) is `secret_key`. A link goes to a tenant:
+    /// keyed by the admin token alone, its holder could test guesses at the token offline, two
+    /// HMACs a guess; with the secret key (32 random bytes) in the key too, it cannot. Without
+    /// one (Herald warns at start), the admin token alone.
+    pub fn derive(admin_token: &str, secret_key: Option<&str>) -> PortalKey {
+        let mac = match secret_key {
+            Some(k) => {
+                let mut mac = HmacSha256::new_from_slice(k.as_bytes()).expect("HMAC takes any key");
+                mac.update(b"herald portal links v2\0");
+                mac.update(admin_token.as_bytes());
+                mac
+            }
+            None => {
+                let mut mac = HmacSha256::new_from_slice(admin_token.as_bytes()).expect("HMAC takes any key");
+                mac.update(b"herald portal links v1");
+                mac
+            }
+        };
         let derived = mac.finalize().into_bytes();
         PortalKey(HmacSha256::new_from_slice(&derived).expect("HMAC takes any key"))
     }
@@ -127,13 +143,17 @@ mod tests {
 
     #[test]
     fn tokens_verify_only_unaltered_unexpired_and_under_the_same_admin_token() {
-        let key = PortalKey::derive("admin-token");
+        let key = PortalKey::derive("admin-token", None);
         let token = key.mint("ten_a", 2_000);
         assert_eq!(key.verify(&token, 1_999).as_deref(), Some("ten_a"));
         assert_eq!(key.verify(&token, 2_000), None, "expired");
         assert_eq!(key.verify(&token.replace("ten_a", "ten_b"), 1_000), None, "another tenant");
         assert_eq!(key.verify(&token.replace(".2000.", ".9000."), 1_000), None, "extended");
-        assert_eq!(PortalKey::derive("rotated").verify(&token, 1_000), None, "admin token rotated");
+        assert_eq!(PortalKey::derive("rotated", None).verify(&token, 1_000), None, "admin token rotated");
+        let sealed = PortalKey::derive("admin-token", Some("secret"));
+        let token = sealed.mint("ten_a", 2_000);
+        assert_eq!(sealed.verify(&token, 1_000).as_deref(), Some("ten_a"));
+        assert_eq!(PortalKey::derive("rotated", Some("secret")).verify(&token, 1_000), None, "admin token rotated");
         assert_eq!(key.verify("hk.key_x.secret", 1_000), None);
         assert_eq!(key.verify("hp.x", 1_000), None);
     }
