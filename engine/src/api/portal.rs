@@ -113,9 +113,12 @@ pub async fn mint(
     let base = match &state.portal.public_url {
         Some(url) => url.trim_end_matches('/').to_string(),
         None => {
-            // Where the admin reached us: the link works for the same audience.
+            // Where the admin reached us: the link works for the same audience. Through a proxy
+            // that ends TLS, https: a plain-HTTP link sent the token to whoever answers plain
+            // HTTP on the tenant's network.
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-            format!("http://{host}")
+            let scheme = if proxied_over_tls(&headers) { "https" } else { "http" };
+            format!("{scheme}://{host}")
         }
     };
     let body = serde_json::json!({
@@ -124,6 +127,20 @@ pub async fn mint(
         "expires_at": rfc3339_ms(expires_ms),
     });
     Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// Whether the request came through a proxy that took it over TLS: `X-Forwarded-Proto: https`
+/// or `Forwarded: …;proto=https` (RFC 7239), as the proxy nearest the client said it.
+fn proxied_over_tls(headers: &HeaderMap) -> bool {
+    let said = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let forwarded_proto = said("x-forwarded-proto").and_then(|v| v.split(',').next()).map(str::trim);
+    let rfc7239 = said("forwarded").and_then(|v| {
+        v.split(',').next()?.split(';').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            k.trim().eq_ignore_ascii_case("proto").then(|| v.trim().trim_matches('"'))
+        })
+    });
+    forwarded_proto.or(rfc7239).is_some_and(|p| p.eq_ignore_ascii_case("https"))
 }
 
 /// What the API needs to mint and check portal links.

@@ -51,6 +51,16 @@ async fn portal_links_act_as_their_tenant_and_nothing_more() {
     assert_eq!(status, 400, "{err}");
     let (status, link) = h.api.post(&format!("/v1/tenants/{acme}/portal"), json!({ "ttl": "2h" })).await;
     assert_eq!(status, 201, "{link}");
+
+    // Behind a proxy that ends TLS (no `api.public_url` set), the link is https: an http link
+    // to the same host sent the token to whoever answers plain HTTP on the tenant's network.
+    let path = format!("/v1/tenants/{acme}/portal");
+    for proxied in [("x-forwarded-proto", "https"), ("forwarded", "for=192.0.2.60;proto=https;by=203.0.113.43")] {
+        let (status, _, link) =
+            h.api.request_with("POST", &path, Some("{}".into()), Some(TOKEN), &[proxied]).await.unwrap();
+        assert_eq!(status, 201, "{link}");
+        assert!(link["url"].as_str().unwrap().starts_with("https://"), "{proxied:?}: {link}");
+    }
 }
 
 #[tokio::test]
