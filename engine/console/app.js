@@ -6,7 +6,14 @@
 
 const PORTAL = location.pathname.startsWith("/portal");
 const TOKEN_KEY = "herald.token";
-const session = { token: sessionStorage.getItem(TOKEN_KEY), role: null };
+// Session storage can be refused (a portal embedded in another site, with third-party storage
+// blocked, throws on touching it): the token is then kept in memory only, for this page.
+const stored = {
+  get() { try { return sessionStorage.getItem(TOKEN_KEY); } catch { return null; } },
+  set(v) { try { sessionStorage.setItem(TOKEN_KEY, v); } catch { /* memory only */ } },
+  forget() { try { sessionStorage.removeItem(TOKEN_KEY); } catch { /* memory only */ } },
+};
+const session = { token: stored.get(), role: null };
 let timers = [];
 // Counts `route()` calls: an answer to a request made for an earlier one belongs to a page the
 // user has left, and is dropped (`Stale`) rather than drawn over the page they went to.
@@ -55,9 +62,21 @@ function errorBox(err) {
 
 function secretBox(title, value) {
   const code = h("code", { "data-secret": "" }, value);
-  const copy = h("button", { type: "button", onclick: () => navigator.clipboard?.writeText(value) }, "Copy");
+  const said = h("span", { class: "muted", "aria-live": "polite" });
+  // The clipboard is refused outside a secure context (plain HTTP to another host) and in a
+  // frame not allowed it: say so, and select the text for the keyboard's copy.
+  const copy = h("button", { type: "button", onclick: async () => {
+    try {
+      if (!navigator.clipboard) throw new Error("no clipboard here");
+      await navigator.clipboard.writeText(value);
+      said.textContent = " Copied.";
+    } catch {
+      getSelection()?.selectAllChildren(code);
+      said.textContent = " Could not copy here: it is selected, copy it with the keyboard.";
+    }
+  } }, "Copy");
   return h("div", { class: "alert secret", role: "status" }, h("strong", {}, title), code,
-    h("div", { class: "muted" }, "Shown this once: store it now."), copy);
+    h("div", { class: "muted" }, "Shown this once: store it now."), copy, said);
 }
 
 // ---------- the API ----------
@@ -119,7 +138,7 @@ async function whoAmI() {
 }
 
 function signOut(message) {
-  sessionStorage.removeItem(TOKEN_KEY);
+  stored.forget();
   session.token = null;
   session.role = null;
   renderLogin(message);
@@ -136,7 +155,7 @@ function renderLogin(message) {
     session.token = input.value.trim();
     try {
       session.role = await whoAmI();
-      sessionStorage.setItem(TOKEN_KEY, session.token);
+      stored.set(session.token);
       // A new address routes by itself (hashchange); routing here too drew the page twice.
       if (!location.hash || location.hash === "#/") location.hash = home();
       else route();
@@ -359,6 +378,8 @@ async function overview() {
 // ---------- Tenants ----------
 
 async function tenants() {
+  // A key shown once stays above what later clicks say (`out`) until another is issued.
+  const kept = h("div", {});
   const out = h("div", {});
   const name = h("input", { id: "tenant-name", type: "text", required: true, maxlength: 200 });
   const create = h("form", { class: "row", onsubmit: async (ev) => {
@@ -371,7 +392,7 @@ async function tenants() {
     } catch (e) { out.replaceChildren(errorBox(e)); }
   } }, h("label", { for: "tenant-name" }, "New tenant's name", name), h("button", { class: "primary", type: "submit" }, "Create tenant"));
   const list = h("div", {});
-  layout("tenants", "Tenants", h("div", { class: "panel" }, create), out, list);
+  layout("tenants", "Tenants", h("div", { class: "panel" }, create), kept, out, list);
 
   async function load() {
     const { items } = await api("GET", "/v1/tenants");
@@ -389,7 +410,8 @@ async function tenants() {
           h("button", { type: "button", onclick: async () => {
             try {
               const k = await api("POST", `/v1/tenants/${t.id}/keys`);
-              out.replaceChildren(secretBox(`New API key ${k.id} for ${t.name}`, k.key));
+              kept.replaceChildren(secretBox(`New API key ${k.id} for ${t.name}`, k.key));
+              out.replaceChildren();
               await load();
             } catch (e) { out.replaceChildren(errorBox(e)); }
           } }, "Issue key"),
@@ -541,6 +563,7 @@ function subscriptionForm(existing) {
         ? await api("PATCH", `/v1/subscriptions/${existing.id}`, body)
         : await api("POST", "/v1/subscriptions", body);
       if (!existing) flash = { title: `Signing secret of ${saved.id}`, secret: saved.secret };
+      if (saved.warnings?.length) flash = { ...flash, warnings: saved.warnings };
       location.hash = `#/subscriptions/${saved.id}`;
     } catch (e) { show(e); }
   } },
@@ -609,12 +632,17 @@ function subscriptionForm(existing) {
 
 async function subscriptionDetail(id) {
   const s = await api("GET", `/v1/subscriptions/${encodeURIComponent(id)}`);
+  // What the last save said (a secret shown once, the API's warnings) stays above the
+  // messages of the actions taken since, which go to `out`.
+  const kept = h("div", {});
   const out = h("div", {});
   if (flash) {
-    out.append(secretBox(flash.title, flash.secret));
+    if (flash.secret) kept.append(secretBox(flash.title, flash.secret));
+    for (const w of flash.warnings || []) kept.append(h("div", { class: "alert warn", role: "status", "data-warning": "" }, w));
     flash = null;
   }
   const attemptsBox = h("div", {});
+  const moreAttempts = h("div", {});
   const act = (label, fn, cls) => h("button", { type: "button", class: cls, onclick: async () => {
     try { await fn(); } catch (e) { out.replaceChildren(errorBox(e)); }
   } }, label);
@@ -644,7 +672,7 @@ async function subscriptionDetail(id) {
     h("dt", {}, "Latency (recent mean)"), h("dd", {}, Number.isFinite(health.latency_ms) ? `${fmtNum(health.latency_ms, 1)} ms` : "—"),
     h("dt", {}, "Failures in a row"), h("dd", {}, fmtNum(health.consecutive_failures)),
     h("dt", {}, "Success (last 100 attempts)"), h("dd", { id: "success-ratio" }, "…"));
-  layout("subscriptions", s.id, out,
+  layout("subscriptions", s.id, kept, out,
     h("div", { class: "actions" },
       link(`#/subscriptions/${s.id}/edit`, "Edit"),
       act(s.enabled === false ? "Enable" : "Disable", async () => {
@@ -654,7 +682,8 @@ async function subscriptionDetail(id) {
       act("Rotate secret", async () => {
         if (!confirm("Rotate the signing secret? The old one keeps signing for the overlap period.")) return;
         const r = await api("POST", `/v1/subscriptions/${s.id}/rotate-secret`, {});
-        out.replaceChildren(secretBox(`New signing secret of ${s.id}`, r.secret));
+        kept.replaceChildren(secretBox(`New signing secret of ${s.id}`, r.secret));
+        out.replaceChildren();
       }),
       act("Send test event", async () => {
         const r = await api("POST", `/v1/subscriptions/${s.id}/test`);
@@ -670,12 +699,21 @@ async function subscriptionDetail(id) {
       }, "danger")),
     h("div", { class: "panel" }, facts),
     h("div", { class: "panel" }, recover),
-    h("h2", {}, "Recent attempts"), attemptsBox);
+    h("h2", {}, "Recent attempts"), attemptsBox, moreAttempts);
+  // The ratio is of the newest page; "Load more" goes back further.
+  let rated = false;
+  const attempts = pager("/v1/attempts", () => ({ subscription: s.id, limit: 100 }), (loaded, next) => {
+    if (!rated) {
+      rated = true;
+      const ok = loaded.filter((a) => a.outcome === "delivered").length;
+      document.getElementById("success-ratio").textContent = loaded.length ? `${fmtNum((ok / loaded.length) * 100, 1)} % of ${loaded.length}` : "no attempts yet";
+    }
+    attemptsBox.replaceChildren(attemptsTable(loaded, true));
+    moreAttempts.replaceChildren(next ? h("button", { type: "button", onclick: () => attempts.page().catch(failed) }, "Load more") : "");
+  });
+  const failed = (e) => moreAttempts.replaceChildren(errorBox(e));
   try {
-    const r = await api("GET", "/v1/attempts" + q({ subscription: s.id, limit: 100 }));
-    const ok = r.items.filter((a) => a.outcome === "delivered").length;
-    document.getElementById("success-ratio").textContent = r.items.length ? `${fmtNum((ok / r.items.length) * 100, 1)} % of ${r.items.length}` : "no attempts yet";
-    attemptsBox.replaceChildren(attemptsTable(r.items, true));
+    await attempts.page();
   } catch (e) {
     attemptsBox.replaceChildren(errorBox(e));
   }
@@ -686,6 +724,7 @@ function attemptsTable(items, showEvent) {
     const response = a.response
       ? h("details", {}, h("summary", {}, "Response"),
         h("pre", {}, Object.entries(a.response.headers || {}).map(([k, v]) => `${k}: ${v}`).join("\n")),
+        a.response.body_encoding === "base64" ? h("div", { class: "muted" }, "Not text: the body's bytes in base64") : "",
         h("pre", { "data-response-body": "" }, a.response.body || ""))
       : "";
     return h("tr", { "data-attempt": a.id, "data-outcome": a.outcome },
@@ -755,6 +794,7 @@ async function eventDetail(id) {
   }
   const out = h("div", {});
   const attempts = h("div", {});
+  const more = h("div", {});
   const resend = (subscription) => async () => {
     try {
       const r = await api("POST", `/v1/events/${encodeURIComponent(e.id)}/resend`, { subscription, tenant });
@@ -778,9 +818,13 @@ async function eventDetail(id) {
         h("td", {}, fmtTime(d.next_attempt_at)),
         h("td", {}, h("button", { type: "button", onclick: resend(d.subscription) }, "Resend")))),
     "This event matched no subscription."),
-    h("h2", {}, "Attempts"), attempts);
-  const r = await api("GET", "/v1/attempts" + q({ event: e.id, tenant, limit: 200 }));
-  attempts.replaceChildren(attemptsTable(r.items, false));
+    h("h2", {}, "Attempts"), attempts, more);
+  const { page } = pager("/v1/attempts", () => ({ event: e.id, tenant, limit: 100 }), (loaded, next) => {
+    attempts.replaceChildren(attemptsTable(loaded, false));
+    more.replaceChildren(next ? h("button", { type: "button", onclick: () => page().catch(failed) }, "Load more") : "");
+  });
+  const failed = (err) => more.replaceChildren(errorBox(err));
+  await page();
 }
 
 // ---------- Dead letters ----------
@@ -948,10 +992,11 @@ async function eventTypes() {
   // API key or the admin token would sign the visitor in as that key's owner unnoticed.
   const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
   if (m) {
-    const token = decodeURIComponent(m[1]);
+    let token = "";
+    try { token = decodeURIComponent(m[1]); } catch { /* a damaged link: no token */ }
     if (PORTAL && token.startsWith("hp.")) {
       session.token = token;
-      sessionStorage.setItem(TOKEN_KEY, session.token);
+      stored.set(session.token);
     }
     history.replaceState(null, "", location.pathname + "#/subscriptions");
   }

@@ -473,6 +473,86 @@ try {
     assert.equal(after.rate_limit, 7);
     assert.deepEqual(after.events, ["size,colour"]);
   });
+  await check("a new subscription's secret stays through the next action, its warnings shown, a refused copy said", async () => {
+    await page.goto(`${BASE}/console#/subscriptions/new`);
+    await page.getByLabel("Tenant", { exact: true }).fill(tenant);
+    await page.getByLabel("URL", { exact: true }).fill(`${OK_URL}?kept`);
+    await page.getByLabel(/Event types/).fill("no.such.type");
+    await page.getByRole("button", { name: "Create subscription" }).click();
+    await page.locator("[data-secret]").waitFor({ timeout: WAIT });
+    const made = (await page.locator("main h1").textContent()).trim();
+    try {
+      await page.locator("[data-warning]", { hasText: "no.such.type" }).waitFor({ timeout: 5_000 });
+      await page.getByRole("button", { name: "Send test event" }).click();
+      await page.locator("[data-test-result]").waitFor({ timeout: WAIT });
+      assert.ok(await page.locator("[data-secret]").isVisible(), "the secret is still shown after the test event");
+      await page.evaluate(() => Object.defineProperty(navigator, "clipboard", {
+        configurable: true, value: { writeText: () => Promise.reject(new Error("refused")) } }));
+      await page.getByRole("button", { name: "Copy" }).click();
+      await page.getByText(/Could not copy here/).waitFor({ timeout: 5_000 });
+    } finally {
+      await fetch(`${BASE}/v1/subscriptions/${made}`, { method: "DELETE", headers: { authorization: `Bearer ${ADMIN}` } });
+    }
+  });
+
+  await check("a tenant's new key stays shown when a portal link is minted next", async () => {
+    await page.goto(`${BASE}/console#/tenants`);
+    const row = page.locator(`tr[data-tenant="${tenant}"]`);
+    await row.getByRole("button", { name: "Issue key" }).click();
+    await page.locator("[data-secret]").waitFor({ timeout: WAIT });
+    await row.getByRole("button", { name: "Portal link" }).click();
+    await page.locator("[data-portal-url]").waitFor({ timeout: WAIT });
+    assert.match((await page.locator("[data-secret]").textContent()).trim(), /^hk\./, "the key is still shown");
+  });
+
+  await check("a subscription's attempts go on past the newest hundred", async () => {
+    const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
+    const made = await fetch(`${BASE}/v1/subscriptions`, {
+      method: "POST", headers: admin, body: JSON.stringify({ url: `${OK_URL}?paged`, tenant, events: ["paged.type"] }),
+    }).then((r) => r.json());
+    try {
+      const batch = Array.from({ length: 101 }, (_, i) => ({ id: `paged-${i}`, tenant, type: "paged.type", data: { n: i } }));
+      const res = await fetch(`${BASE}/v1/events/batch`, { method: "POST", headers: admin, body: JSON.stringify(batch) });
+      assert.equal(res.status, 202, await res.text());
+      for (let deadline = Date.now() + WAIT; ; ) {
+        const first = await (await fetch(`${BASE}/v1/attempts?subscription=${made.id}&limit=100`, { headers: admin })).json();
+        const rest = first.next
+          ? await (await fetch(`${BASE}/v1/attempts?subscription=${made.id}&limit=100&cursor=${encodeURIComponent(first.next)}`, { headers: admin })).json()
+          : { items: [] };
+        if (first.items.length + rest.items.length === 101) break;
+        assert.ok(Date.now() < deadline, "the 101 attempts on record");
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      await page.goto(`${BASE}/console#/subscriptions/${made.id}`);
+      await page.locator("tr[data-attempt]").nth(99).waitFor({ timeout: WAIT });
+      assert.equal(await page.locator("tr[data-attempt]").count(), 100, "a page of 100");
+      await page.getByRole("button", { name: "Load more" }).click();
+      await page.locator("tr[data-attempt]").nth(100).waitFor({ timeout: 5_000 });
+    } finally {
+      await fetch(`${BASE}/v1/subscriptions/${made.id}`, { method: "DELETE", headers: admin });
+    }
+  });
+
+  await check("a portal whose storage is refused (embedded, third-party storage blocked) still signs in from its link", async () => {
+    const link = await fetch(`${BASE}/v1/tenants/${tenant}/portal`, {
+      method: "POST", headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" }, body: "{}",
+    }).then((r) => r.json());
+    const sctx = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+    await sctx.addInitScript(() => Object.defineProperty(window, "sessionStorage", {
+      get() { throw new DOMException("The operation is insecure.", "SecurityError"); } }));
+    try {
+      const framed = await sctx.newPage();
+      watch(framed);
+      await framed.goto(link.url);
+      await framed.getByRole("heading", { name: "Subscriptions", exact: true }).waitFor({ timeout: WAIT });
+      const damaged = await sctx.newPage();
+      watch(damaged);
+      await damaged.goto(`${BASE}/portal#token=%E0`);
+      await damaged.getByLabel("API key").waitFor({ timeout: WAIT });
+    } finally {
+      await sctx.close();
+    }
+  });
   assert.deepEqual(missed, [], "every check passed");
 
   say("sign out forgets the token");
