@@ -100,9 +100,21 @@ fn check_name(name: &str) -> Result<(), Invalid> {
 
 /// Compiles `schema`, refusing one that is not a JSON Schema or that refers outside itself
 /// (no retriever is built in: Herald never fetches a schema from the network or disk).
+/// Patterns run on the `regex` engine, in time linear in the string: on the backtracking one
+/// (the default, for backreferences and lookaround) a pattern such as `(a*)*\1b` took a million
+/// steps for each string of an event, on the request's thread, and an event of many strings
+/// held it for minutes. Such patterns are refused here. Each compiled pattern is bounded too,
+/// since a definition of 256 KiB can hold thousands.
 fn compile(schema: &Value) -> Result<jsonschema::Validator, Invalid> {
-    jsonschema::validator_for(schema).map_err(|e| Invalid::new("schema", format!("not a usable JSON Schema: {e}")))
+    let patterns = jsonschema::PatternOptions::regex().size_limit(PATTERN_BYTES).dfa_size_limit(PATTERN_BYTES);
+    jsonschema::options()
+        .with_pattern_options(patterns)
+        .build(schema)
+        .map_err(|e| Invalid::new("schema", format!("not a usable JSON Schema: {e}")))
 }
+
+/// The most memory one compiled `pattern` (and its search cache) may take.
+const PATTERN_BYTES: usize = 256 * 1024;
 
 /// A JSON Pointer into `data` as a field path in this API's style (`data.items[0].sku`).
 fn data_path(prefix: &str, pointer: &str) -> String {
