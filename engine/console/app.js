@@ -525,7 +525,7 @@ async function subscriptions(id, sub) {
 // nothing the API can do is out of the console's reach. Errors come back naming a field: shown
 // under that field if the form has it, else above the form with its name.
 const FORM_FIELDS = ["tenant", "url", "events", "payload", "timeout", "max_in_flight", "rate_limit", "via_edge"];
-const ADVANCED_KEYS = ["signature", "headers", "key", "auth", "tls", "retry", "amqp", "transport", "proxy"];
+const ADVANCED_KEYS = ["signature", "headers", "key", "auth", "tls", "retry", "amqp", "transport", "proxy", "ordering"];
 
 function subscriptionForm(existing) {
   const v = existing || {};
@@ -643,6 +643,28 @@ async function subscriptionDetail(id) {
   }
   const attemptsBox = h("div", {});
   const moreAttempts = h("div", {});
+  // An ordered subscription's keys held up by a failing or dead-lettered head, each with a skip
+  // (what `on_dead_letter: "block"` waits for).
+  const ordered = !!s.ordering && s.ordering.mode !== "none";
+  const blockedBox = h("div", {});
+  async function loadBlocked() {
+    const r = await api("GET", `/v1/subscriptions/${s.id}/ordering/blocked`);
+    blockedBox.replaceChildren(table(["Key", "State", "Head event", "Waiting behind it", ""], r.items.map((b) =>
+      h("tr", { "data-blocked-key": b.key },
+        h("td", { class: "mono" }, b.key),
+        h("td", {}, stateBadge(b.state)),
+        h("td", {}, link(eventHref(b.head_event, s.tenant), b.head_event)),
+        h("td", { class: "num" }, fmtNum(b.waiting)),
+        h("td", {}, h("button", { type: "button", class: "danger", onclick: async () => {
+          if (!confirm(`Skip the head of key ${b.key}? It is dead-lettered (replayable) and the key's next delivery goes on.`)) return;
+          try {
+            await api("POST", `/v1/subscriptions/${s.id}/ordering/skip`, { key: b.key, event: b.head_event });
+            out.replaceChildren(h("div", { class: "alert ok", role: "status", "data-skip-result": "" }, `Key ${b.key}: its head is skipped.`));
+            await loadBlocked();
+          } catch (e) { out.replaceChildren(errorBox(e)); }
+        } }, "Skip head")))),
+    "No key is held up."));
+  }
   const act = (label, fn, cls) => h("button", { type: "button", class: cls, onclick: async () => {
     try { await fn(); } catch (e) { out.replaceChildren(errorBox(e)); }
   } }, label);
@@ -665,6 +687,9 @@ async function subscriptionDetail(id) {
     h("dt", {}, "Tenant"), h("dd", { class: "mono" }, s.tenant),
     h("dt", {}, "URL"), h("dd", {}, s.url),
     h("dt", {}, "Events"), h("dd", {}, (s.events || []).join(", ") || "all"),
+    h("dt", {}, "Order"), h("dd", {}, ordered
+      ? `per key${s.ordering.key ? ` (${s.ordering.key} when an event has no ordering_key)` : ""}; a dead letter ${s.ordering.on_dead_letter === "block" ? "blocks its key until skipped" : "lets its key go on"}`
+      : "none"),
     h("dt", {}, "State"), h("dd", {}, s.enabled === false ? badge("disabled", "bad") : badge("enabled", "ok"),
       s.disabled_reason ? h("span", { class: "muted" }, " " + s.disabled_reason) : ""),
     h("dt", {}, "Breaker"), h("dd", { "data-breaker": health.breaker }, badge((health.breaker || "—").replace("_", " "), health.breaker === "closed" ? "ok" : "bad")),
@@ -699,7 +724,9 @@ async function subscriptionDetail(id) {
       }, "danger")),
     h("div", { class: "panel" }, facts),
     h("div", { class: "panel" }, recover),
+    ordered ? h("h2", {}, "Keys held up") : null, ordered ? blockedBox : null,
     h("h2", {}, "Recent attempts"), attemptsBox, moreAttempts);
+  if (ordered) loadBlocked().catch((e) => blockedBox.replaceChildren(errorBox(e)));
   // The ratio is of the newest page; "Load more" goes back further.
   let rated = false;
   const attempts = pager("/v1/attempts", () => ({ subscription: s.id, limit: 100 }), (loaded, next) => {

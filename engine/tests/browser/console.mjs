@@ -553,6 +553,32 @@ try {
       await sctx.close();
     }
   });
+  await check("an ordered subscription's key held after a dead letter is listed on its page and skipped there", async () => {
+    const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
+    const made = await fetch(`${BASE}/v1/subscriptions`, {
+      method: "POST", headers: admin, body: JSON.stringify({
+        url: `${FAIL_URL}?ordered`, tenant, events: ["ordered.type"],
+        ordering: { key: "/data/key", on_dead_letter: "block" },
+        retry: { policy: "fixed", interval: "100ms", max_attempts: 1 },
+      }),
+    }).then((r) => r.json());
+    try {
+      const batch = [0, 1].map((n) => ({ id: `ordered-${n}`, tenant, type: "ordered.type", data: { key: "k1", n } }));
+      const res = await fetch(`${BASE}/v1/events/batch`, { method: "POST", headers: admin, body: JSON.stringify(batch) });
+      assert.equal(res.status, 202, await res.text());
+      await page.goto(`${BASE}/console#/subscriptions/${made.id}`);
+      await until("key k1 held up", page, async () => (await page.locator('tr[data-blocked-key="k1"]').count()) === 1);
+      assert.match(await page.locator("main").textContent(), /per key/);
+      page.once("dialog", (d) => d.accept());
+      await page.locator('tr[data-blocked-key="k1"]').getByRole("button", { name: "Skip head" }).click();
+      await page.locator("[data-skip-result]").waitFor({ timeout: WAIT });
+      await page.goto(`${BASE}/console#/subscriptions/${made.id}/edit`);
+      assert.match(await page.getByLabel(/More settings as JSON/).inputValue(), /"on_dead_letter": "block"/, "the edit form shows the ordering");
+    } finally {
+      await fetch(`${BASE}/v1/subscriptions/${made.id}`, { method: "DELETE", headers: admin });
+    }
+  });
+
   assert.deepEqual(missed, [], "every check passed");
 
   say("sign out forgets the token");
