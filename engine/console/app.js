@@ -801,6 +801,8 @@ async function events(id) {
         h("td", {}, link(eventHref(e.id, e.tenant), e.id)),
         h("td", {}, e.type), h("td", { class: "mono" }, e.tenant))),
     next ? "None found yet: “Load more” looks further." : used.type ? "No event of this type on record." :
+      // The admin reads one tenant's events at a time: say whose list is empty.
+      admin ? `No events of tenant “${used.tenant || "default"}” on record: name another tenant above.` :
       "No events on record yet. Events published from now on show up here."));
     more.replaceChildren(next ? h("button", { type: "button", onclick: () => page().catch(failed) }, "Load more") : "");
   });

@@ -579,6 +579,11 @@ try {
     }
   });
 
+  await check("the admin's events list says whose list is empty", async () => {
+    await page.goto(`${BASE}/console#/events`);
+    await page.getByText(/No events of tenant “default” on record: name another tenant above/).waitFor({ timeout: WAIT });
+  });
+
   assert.deepEqual(missed, [], "every check passed");
 
   say("sign out forgets the token");
