@@ -34,7 +34,7 @@ pub const ORDERED_KEYS_BLOCKED: &str = "herald_ordered_keys_blocked";
 /// Bytes of ordered deliveries' records held in memory: heads, and those buffered behind them.
 pub const ORDERED_HELD_BYTES: &str = "herald_ordered_held_bytes";
 /// Spans the OTLP collector did not take (refused, unreachable): dropped.
-pub const TRACE_SPANS_UNEXPORTED: &str = "herald_trace_spans_unexported_total";
+pub const TRACE_SPANS_UNEXPORTED: &str = crate::telemetry::SPANS_UNEXPORTED;
 /// 1 while the log takes no writes until Herald restarts (as `/healthz` says `broken`).
 pub const LOG_BROKEN: &str = "herald_log_broken";
 /// Deliveries parked in the dead-letter topic.

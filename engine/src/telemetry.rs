@@ -98,7 +98,7 @@ where
 /// An exporter whose failures an operator hears of: the SDK drops a batch it could not
 /// export without a word (its own logs are a build feature, and would say so once a batch —
 /// dozens of lines a second under load). Each lost span is counted
-/// ([`crate::metrics::TRACE_SPANS_UNEXPORTED`]) and the failure logged at most once a minute,
+/// ([`SPANS_UNEXPORTED`]) and the failure logged at most once a minute,
 /// with how many were lost since it was last said.
 #[derive(Debug)]
 struct Told<E> {
@@ -106,6 +106,10 @@ struct Told<E> {
     /// When a failure was last logged, and the spans lost since.
     said: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
 }
+
+/// Spans the OTLP collector did not take (refused, unreachable): dropped. Named here, where
+/// they are counted (`metrics` lists it with the rest, reading it from here).
+pub const SPANS_UNEXPORTED: &str = "herald_trace_spans_unexported_total";
 
 /// How often a failing exporter is said to fail.
 const TELL_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -116,7 +120,7 @@ impl<E> Told<E> {
     }
 
     fn lost(&self, spans: usize, error: &dyn std::fmt::Display) {
-        metrics::counter!(crate::metrics::TRACE_SPANS_UNEXPORTED).increment(spans as u64);
+        metrics::counter!(SPANS_UNEXPORTED).increment(spans as u64);
         let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
         said.1 += spans as u64;
         if said.0.is_none_or(|at| at.elapsed() >= TELL_EVERY) {
