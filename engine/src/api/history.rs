@@ -330,6 +330,23 @@ pub async fn recover(
     // webhook the config file moved keeps its id) has the first tenant's in its history too,
     // and resending those rewrote that tenant's delivery states and spent its fan-out quota.
     found.events.retain(|(tenant, _)| *tenant == target.sub.tenant);
+    if target.sub.spec.ordering.as_ref().is_some_and(|o| o.ordered()) {
+        // Found in the order of their acceptance, but a millisecond's (a batch's) in the order
+        // of their ids' hashes: a key's events of one batch were sent again out of order.
+        let (index, events) = (history.index.clone(), std::mem::take(&mut found.events));
+        found.events = blocking(move || {
+            let mut placed: Vec<((i64, u64), (String, String))> = events
+                .into_iter()
+                .map(|(tenant, id)| {
+                    let at = index.event(&tenant, &id).ok().flatten().map_or((0, 0), |e| (e.accepted_ms, e.seq));
+                    (at, (tenant, id))
+                })
+                .collect();
+            placed.sort_by_key(|(at, _)| *at);
+            Ok(placed.into_iter().map(|(_, e)| e).collect())
+        })
+        .await?;
+    }
     let mut queued = 0;
     let budget = RECOVER_CHUNK_BYTES.min(state.ingest.max_fanout() / 2).max(1);
     let mut rest = found.events.as_slice();

@@ -1075,6 +1075,7 @@ mod tests {
             data: bytes::Bytes::from_static(b"{}"),
             changes: None,
             ordering_key: None,
+            seq: 0,
         });
         LogRecord { value: event.encode(), ..attempt("x", accepted) }
     }

@@ -553,6 +553,7 @@ mod tests {
                 data: bytes::Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(200))),
                 changes: None,
                 ordering_key: None,
+                seq: 0,
             };
             for i in 0..100 {
                 recorder.append(&[HistoryRecord::Event(event(i))]).await.unwrap();
@@ -644,6 +645,7 @@ mod tests {
                 data: bytes::Bytes::from_static(b"{}"),
                 changes: None,
                 ordering_key: None,
+                seq: 0,
             };
             history.recorder.append(&[HistoryRecord::Event(event)]).await.unwrap();
             let ends = history.log.end_offset("history", 0).await.unwrap()

@@ -50,6 +50,11 @@ pub struct EventRecord {
     /// The producer's ordering key, if it gave one (a resend keeps it).
     #[serde(default)]
     pub ordering_key: Option<String>,
+    /// Its place among the events its process accepted (counted from the process's start):
+    /// what orders events accepted in one millisecond (a batch's), which the history's keys
+    /// order by their ids' hashes. 0 in records written before it was kept.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl EventRecord {
@@ -443,6 +448,7 @@ mod codec {
                 o.bytes(&e.data);
                 o.opt(e.changes.as_deref(), Out::bytes);
                 o.opt(e.ordering_key.as_deref(), Out::text);
+                o.0.put_u64_le(e.seq);
                 o
             }
             HistoryRecord::Attempt(a) => {
@@ -512,6 +518,8 @@ mod codec {
                 data: Bytes::copy_from_slice(i.bytes()?),
                 changes: i.opt(|i| i.bytes().map(Bytes::copy_from_slice))?,
                 ordering_key: i.opt(In::text)?,
+                // Records written before it end here.
+                seq: if i.0.is_empty() { 0 } else { i.u64()? },
             }),
             ATTEMPT => HistoryRecord::Attempt(AttemptRecord {
                 id: i.text()?,
@@ -736,6 +744,7 @@ mod tests {
                 data: Bytes::from_static(br#"{"a": [1, 2.50]}"#),
                 changes: Some(Bytes::from_static(b"[]")),
                 ordering_key: None,
+                seq: 7,
             }),
             HistoryRecord::Attempt(attempt()),
             HistoryRecord::Attempt(AttemptRecord {
@@ -792,6 +801,14 @@ mod tests {
         let huge_count =
             [1, b'e', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255];
         assert!(HistoryRecord::decode(&huge_count).is_none());
+    }
+
+    #[test]
+    fn an_event_written_before_its_place_was_kept_reads_with_place_0() {
+        let bytes = records()[0].encode();
+        let Some(HistoryRecord::Event(old)) = HistoryRecord::decode(&bytes[..bytes.len() - 8]) else { panic!("read") };
+        let Some(HistoryRecord::Event(new)) = HistoryRecord::decode(&bytes) else { panic!("read") };
+        assert_eq!((old.seq, new.seq, old.ordering_key, old.id), (0, 7, None, new.id));
     }
 
     #[test]

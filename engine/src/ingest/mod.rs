@@ -255,6 +255,10 @@ pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_se
 /// Most event ids remembered at once; at least half as many of the latest are.
 const IDEMPOTENCY_CAPACITY: usize = 200_000;
 
+/// The next accepted event's place ([`EventRecord::seq`]): what orders a batch's events, which
+/// share their millisecond, when they are sent again.
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Ids one generation of [`Recent`] holds before it is retired.
 const GENERATION: usize = IDEMPOTENCY_CAPACITY / 2;
 
@@ -550,6 +554,7 @@ impl Ingest {
                     data: event.data.sent.clone(),
                     changes: event.changes.as_ref().map(|c| c.sent.clone()),
                     ordering_key: event.ordering_key.clone(),
+                    seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 }));
             }
             if event.id_given {
@@ -882,6 +887,7 @@ mod tests {
             data: Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(100_000))),
             changes: None,
             ordering_key: None,
+            seq: 0,
         };
         for i in 0..2 {
             let items = [(record(&format!("e{i}")), targets.clone())];

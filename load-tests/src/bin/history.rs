@@ -103,6 +103,7 @@ fn fill(dir: &Path, shape: Shape, days: i64) -> anyhow::Result<()> {
                 data,
                 changes: None,
                 ordering_key: None,
+                seq: e,
             });
             records.push(event.encode());
             for (attempt, (status, state)) in
