@@ -647,9 +647,9 @@ async function subscriptionDetail(id) {
   // (what `on_dead_letter: "block"` waits for).
   const ordered = !!s.ordering && s.ordering.mode !== "none";
   const blockedBox = h("div", {});
-  async function loadBlocked() {
-    const r = await api("GET", `/v1/subscriptions/${s.id}/ordering/blocked`);
-    blockedBox.replaceChildren(table(["Key", "State", "Head event", "Waiting behind it", ""], r.items.map((b) =>
+  const moreBlocked = h("div", {});
+  const blockedPages = pager(`/v1/subscriptions/${s.id}/ordering/blocked`, () => ({ limit: 100 }), (loaded, next) => {
+    blockedBox.replaceChildren(table(["Key", "State", "Head event", "Waiting behind it", ""], loaded.map((b) =>
       h("tr", { "data-blocked-key": b.key },
         h("td", { class: "mono" }, b.key),
         h("td", {}, stateBadge(b.state)),
@@ -660,11 +660,12 @@ async function subscriptionDetail(id) {
           try {
             await api("POST", `/v1/subscriptions/${s.id}/ordering/skip`, { key: b.key, event: b.head_event });
             out.replaceChildren(h("div", { class: "alert ok", role: "status", "data-skip-result": "" }, `Key ${b.key}: its head is skipped.`));
-            await loadBlocked();
+            await blockedPages.reload();
           } catch (e) { out.replaceChildren(errorBox(e)); }
         } }, "Skip head")))),
     "No key is held up."));
-  }
+    moreBlocked.replaceChildren(next ? h("button", { type: "button", onclick: () => blockedPages.page().catch((e) => moreBlocked.replaceChildren(errorBox(e))) }, "Load more keys") : "");
+  });
   const act = (label, fn, cls) => h("button", { type: "button", class: cls, onclick: async () => {
     try { await fn(); } catch (e) { out.replaceChildren(errorBox(e)); }
   } }, label);
@@ -724,9 +725,9 @@ async function subscriptionDetail(id) {
       }, "danger")),
     h("div", { class: "panel" }, facts),
     h("div", { class: "panel" }, recover),
-    ordered ? h("h2", {}, "Keys held up") : null, ordered ? blockedBox : null,
+    ordered ? h("h2", {}, "Keys held up") : null, ordered ? blockedBox : null, ordered ? moreBlocked : null,
     h("h2", {}, "Recent attempts"), attemptsBox, moreAttempts);
-  if (ordered) loadBlocked().catch((e) => blockedBox.replaceChildren(errorBox(e)));
+  if (ordered) blockedPages.page().catch((e) => blockedBox.replaceChildren(errorBox(e)));
   // The ratio is of the newest page; "Load more" goes back further.
   let rated = false;
   const attempts = pager("/v1/attempts", () => ({ subscription: s.id, limit: 100 }), (loaded, next) => {

@@ -3,7 +3,7 @@
 
 use super::auth::Principal;
 use super::error::{ApiError, JsonBody};
-use super::page::StrictPath;
+use super::page::{self, StrictPath, StrictQuery};
 use super::subscriptions::visible;
 use super::AppState;
 use crate::dispatch::{LaneId, Marker};
@@ -28,17 +28,39 @@ fn ordered(
     Ok(target)
 }
 
+/// `GET …/ordering/blocked` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockedQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
 /// The keys whose head has failed (retrying) or is held after a dead letter, with the head's
-/// event and how many deliveries wait behind it. On Kafka each process lists the keys of the
+/// event and how many deliveries wait behind it, in key order, a page at a time (a
+/// subscription may have ten thousand). On Kafka each process lists the keys of the
 /// partitions it sequences.
 pub async fn blocked(
     who: Principal,
     State(state): State<AppState>,
     StrictPath(id): StrictPath<String>,
+    StrictQuery(q): StrictQuery<BlockedQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = ordered(&state, &who, &id, false)?;
-    let items = state.ordered_keys.blocked(&target.sub.id);
-    Ok(Json(serde_json::json!({ "items": items, "next": null })))
+    let limit = page::limit(q.limit)?;
+    let listing = ["ordering/blocked", target.sub.id.as_str()];
+    let after = match page::place(q.cursor, &listing)? {
+        None => None,
+        Some(c) => Some(
+            hex::decode(&c)
+                .ok()
+                .and_then(|k| String::from_utf8(k).ok())
+                .ok_or_else(|| ApiError::validation("cursor", "not a cursor returned by this API"))?,
+        ),
+    };
+    let (items, more) = state.ordered_keys.blocked(&target.sub.id, after.as_deref(), limit);
+    let next = more.then(|| items.last().map(|b| hex::encode(&b.key))).flatten();
+    Ok(Json(serde_json::json!({ "items": items, "next": page::mark(next, &listing) })))
 }
 
 /// `POST /v1/subscriptions/{id}/ordering/skip` body.

@@ -224,10 +224,25 @@ pub struct OrderedKeys {
 }
 
 impl OrderedKeys {
-    /// The blocked keys of `subscription`.
-    pub fn blocked(&self, subscription: &str) -> Vec<BlockedKey> {
+    /// Up to `limit` blocked keys of `subscription`, in key order from after `after`, and
+    /// whether more follow. Only the subscription's own range of the map is read: the lock is
+    /// every sequencer's, and a subscription may have thousands of keys blocked.
+    pub fn blocked(&self, subscription: &str, after: Option<&str>, limit: usize) -> (Vec<BlockedKey>, bool) {
+        use std::ops::Bound;
         let blocked = self.blocked.lock().unwrap();
-        blocked.values().filter(|(_, b)| b.subscription == subscription).map(|(_, b)| b.clone()).collect()
+        let from = LaneId { subscription: subscription.to_string(), key: after.unwrap_or_default().to_string() };
+        let from = if after.is_some() { Bound::Excluded(from) } else { Bound::Included(from) };
+        let mut items = Vec::new();
+        for (lane, (_, b)) in blocked.range((from, Bound::Unbounded)) {
+            if lane.subscription != subscription {
+                break;
+            }
+            if items.len() == limit {
+                return (items, true);
+            }
+            items.push(b.clone());
+        }
+        (items, false)
     }
 
     /// Blocked keys in all.
@@ -1719,7 +1734,7 @@ mod tests {
         keys.set(1, &lane, Some(view())); // the old sequencer's
         keys.set(2, &lane, Some(view())); // the new one's, replaying
         keys.set(1, &lane, None); // the old one ends
-        assert_eq!(keys.blocked("sub_1").len(), 1, "still listed");
+        assert_eq!(keys.blocked("sub_1", None, 500).0.len(), 1, "still listed");
         keys.set(2, &lane, None);
         assert_eq!(keys.count(), 0);
     }
