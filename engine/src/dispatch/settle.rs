@@ -268,7 +268,10 @@ impl Settler {
         // retried as the policy says (it counts as an attempt, and so repeats stay bounded by
         // `max_attempts` whatever the load), but it says nothing of the endpoint's health or
         // pace — others' load must not open its breaker or disable it.
-        let held = matches!(outcome.failure(), Some(Failure::Held { .. } | Failure::EdgeBusy { .. }));
+        let held = matches!(
+            outcome.failure(),
+            Some(Failure::Held { .. } | Failure::EdgeBusy { .. } | Failure::BrokerBusy { .. })
+        );
         if !held {
             target.admission.observe(outcome.latency());
         }

@@ -120,6 +120,13 @@ pub enum Failure {
         /// The device.
         device: String,
     },
+    /// The tenant's broker connections are all open and busy (see
+    /// `transport::amqp::TENANT_BROKERS`): retried, but not held against the endpoint's health.
+    #[error("the tenant's {open} broker connections are all busy; tried again later")]
+    BrokerBusy {
+        /// Connections the tenant has open.
+        open: usize,
+    },
     /// The subscription cannot be delivered as it is configured (fix it with PATCH).
     #[error("not deliverable as configured: {detail}")]
     Unusable {
@@ -228,7 +235,11 @@ impl Failure {
             }
             Failure::EdgeOffline { device } => Failure::EdgeOffline { device: cut(device) },
             Failure::EdgeBusy { device } => Failure::EdgeBusy { device: cut(device) },
-            f @ (Failure::Status { .. } | Failure::Timeout { .. } | Failure::Held { .. } | Failure::Nacked) => f,
+            f @ (Failure::Status { .. }
+            | Failure::Timeout { .. }
+            | Failure::Held { .. }
+            | Failure::Nacked
+            | Failure::BrokerBusy { .. }) => f,
         }
     }
 
@@ -246,6 +257,7 @@ impl Failure {
             Failure::Broker { .. } => "broker_error",
             Failure::EdgeOffline { .. } => "edge_offline",
             Failure::EdgeBusy { .. } => "edge_busy",
+            Failure::BrokerBusy { .. } => "broker_busy",
             Failure::Unusable { .. } => "misconfigured",
         }
     }
@@ -277,6 +289,7 @@ pub const LABELS: &[&str] = &[
     "broker_error",
     "edge_offline",
     "edge_busy",
+    "broker_busy",
     "misconfigured",
 ];
 

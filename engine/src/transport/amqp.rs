@@ -1,6 +1,7 @@
 //! The AMQP 0.9.1 transport: publishes a delivery to the subscriber's exchange with a routing
-//! key per event type. One connection per broker URI and exchange (so one subscription's
-//! broker trouble cannot fail another's publishes), re-opened on the next publish after it
+//! key per event type. One connection per tenant and broker URI (so one tenant's broker trouble
+//! cannot fail another's publishes; a tenant's exchanges on one broker share it, and a tenant
+//! has at most [`TENANT_BROKERS`] open), re-opened on the next publish after it
 //! fails (so delivery resumes by itself when a broker comes back). Every publish is mandatory
 //! and persistent and waits for its own confirm, on a confirm-mode channel that carries no
 //! other publish until then; many are in flight at once, one per channel, up to a pool of
@@ -37,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-/// Channels per connection, so publishes in flight at once per broker and exchange.
+/// Channels per connection, so publishes in flight at once per tenant and broker.
 const CHANNELS: usize = 256;
 
 /// The most closing a channel that is not reused may take (a broker that never answers the
@@ -46,6 +47,13 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(10);
 
 /// Brokers unused this long are closed and forgotten (their subscriptions may be gone).
 const IDLE: Duration = Duration::from_secs(600);
+
+/// Broker connections one tenant may have open at once. Each is a thread of lapin's and up to
+/// 64 frames of buffers (8 MiB at [`FRAME_MAX`]): a tenant's thousand subscriptions, each to
+/// another broker URI, took a thousand threads and gigabytes. Past it, the tenant's least
+/// recently used connection with nothing in flight is closed to make room; with none, the
+/// attempt fails `broker_busy` and is retried, not held against the endpoint's health.
+pub const TENANT_BROKERS: usize = 16;
 
 /// The most one opening of a broker's connection may take, whatever waits for it (attempts
 /// wait for it at most their own timeout, and leave it shared for the next ones).
@@ -101,6 +109,8 @@ enum State {
 }
 
 struct Broker {
+    /// Whose subscriptions publish through it.
+    tenant: String,
     state: Mutex<State>,
     window: Arc<Semaphore>,
     /// Permits of `window` taken out for good, for a broker allowing fewer channels.
@@ -108,7 +118,8 @@ struct Broker {
     last_used: Mutex<Instant>,
 }
 
-/// Publishers pooled per broker URI and exchange.
+/// Publishers pooled per tenant and broker URI (a tenant's exchanges on one broker share its
+/// connection; another tenant's publishes never fill its window).
 #[derive(Clone)]
 pub struct AmqpTransport {
     brokers: Arc<Mutex<HashMap<String, Arc<Broker>>>>,
@@ -166,12 +177,14 @@ fn tls_name(uri: &url::Url) -> Option<String> {
     (uri.scheme() == "amqps").then(|| super::guard::unbracketed(uri.host_str().unwrap_or_default()).to_string())
 }
 
-/// [`lapin_uri`] for a connection: the frame size the URI asks for within [`FRAME_MAX_RANGE`],
-/// else [`FRAME_MAX`] — never left to the broker, which lapin then takes whatever it is.
+/// [`lapin_uri`] for a connection: the frame size the URI asks for, at least the range's
+/// least and at most [`FRAME_MAX`] — never left to the broker, which lapin then takes whatever
+/// it is. Not larger, though a URI may ask up to the range's most: lapin's buffers are 64
+/// frames, written in full, so a tenant's 1 MiB frames made every connection 64 MiB.
 fn connecting_uri(uri: &url::Url) -> Result<AMQPUri, String> {
     let mut read = lapin_uri(uri)?;
     let asked = read.query.frame_max.unwrap_or(FRAME_MAX);
-    read.query.frame_max = Some(asked.clamp(*FRAME_MAX_RANGE.start(), *FRAME_MAX_RANGE.end()));
+    read.query.frame_max = Some(asked.clamp(*FRAME_MAX_RANGE.start(), FRAME_MAX));
     Ok(read)
 }
 
@@ -181,23 +194,40 @@ impl AmqpTransport {
         AmqpTransport { brokers: Default::default(), guard }
     }
 
-    fn broker(&self, uri: &str, exchange: &str) -> Arc<Broker> {
+    /// The publisher of `tenant`'s broker `uri`, made if need be within the tenant's
+    /// [`TENANT_BROKERS`].
+    fn broker(&self, tenant: &str, uri: &str) -> Result<Arc<Broker>, Failure> {
         let mut brokers = self.brokers.lock().unwrap();
-        let key = format!("{uri}\n{exchange}");
-        if !brokers.contains_key(&key) {
-            // Forget brokers nobody published to for a while (closing their connections).
-            brokers.retain(|_, b| b.last_used.lock().unwrap().elapsed() < IDLE);
+        let key = format!("{tenant}\n{uri}");
+        if let Some(broker) = brokers.get(&key) {
+            *broker.last_used.lock().unwrap() = Instant::now();
+            return Ok(broker.clone());
         }
-        let broker = brokers.entry(key).or_insert_with(|| {
-            Arc::new(Broker {
-                state: Mutex::new(State::Closed),
-                window: Arc::new(Semaphore::new(CHANNELS)),
-                held_back: AtomicUsize::new(0),
-                last_used: Mutex::new(Instant::now()),
-            })
+        // Forget brokers nobody published to for a while (closing their connections).
+        brokers.retain(|_, b| b.last_used.lock().unwrap().elapsed() < IDLE);
+        let mine: Vec<(&String, &Arc<Broker>)> = brokers.iter().filter(|(_, b)| b.tenant == tenant).collect();
+        if mine.len() >= TENANT_BROKERS {
+            let unused = |b: &Broker| b.window.available_permits() + b.held_back.load(Ordering::Relaxed) >= CHANNELS;
+            let oldest = mine
+                .iter()
+                .filter(|(_, b)| unused(b))
+                .min_by_key(|(_, b)| *b.last_used.lock().unwrap())
+                .map(|(k, _)| (*k).clone());
+            match oldest {
+                // Dropped with its connection, which lapin closes.
+                Some(k) => drop(brokers.remove(&k)),
+                None => return Err(Failure::BrokerBusy { open: mine.len() }),
+            }
+        }
+        let broker = Arc::new(Broker {
+            tenant: tenant.to_string(),
+            state: Mutex::new(State::Closed),
+            window: Arc::new(Semaphore::new(CHANNELS)),
+            held_back: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
         });
-        *broker.last_used.lock().unwrap() = Instant::now();
-        broker.clone()
+        brokers.insert(key, broker.clone());
+        Ok(broker)
     }
 
     /// The address to connect to: the broker's host must pass the network guard like a
@@ -330,7 +360,10 @@ impl AmqpTransport {
             return failed(Failure::Unusable { detail: "the subscription has no amqp settings".into() });
         };
         let uri = amqp.uri.expose();
-        let broker = self.broker(uri, &amqp.exchange);
+        let broker = match self.broker(&target.sub.tenant, uri) {
+            Ok(broker) => broker,
+            Err(f) => return failed(f),
+        };
         // Within the attempt's time: one that waited past it would still publish (lapin sends
         // on the first poll), then count a timeout, and be sent again.
         let _slot = match tokio::time::timeout_at(deadline, broker.window.clone().acquire_owned()).await {
@@ -441,6 +474,8 @@ mod tests {
         assert_eq!(connecting_uri(&uri("amqp://h/vh?frame_max=21")).unwrap().query.frame_max, Some(8192));
         assert_eq!(connecting_uri(&uri("amqp://h/vh?frame_max=0")).unwrap().query.frame_max, Some(8192));
         assert_eq!(connecting_uri(&uri("amqp://h/vh?frame_max=65536")).unwrap().query.frame_max, Some(65536));
+        let asked_a_megabyte = connecting_uri(&uri("amqp://h/vh?frame_max=1048576")).unwrap();
+        assert_eq!(asked_a_megabyte.query.frame_max, Some(FRAME_MAX), "lapin's buffers are 64 frames");
         assert_eq!(validate(&target("amqp://h/vh?frame_max=21", "x")).unwrap_err().0, "amqp.uri");
         assert_eq!(validate(&target("amqp://h/vh?frame_max=0", "x")).unwrap_err().0, "amqp.uri");
         assert!(validate(&target("amqp://h/vh?frame_max=131072", "x")).is_ok());

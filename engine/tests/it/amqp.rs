@@ -301,6 +301,9 @@ async fn a_returned_message_s_payload_is_not_written_to_herald_s_log() {
         .envs(crate::support::ENV.iter().copied())
         .env_remove("RUST_LOG")
         .env_remove("HERALD_TEST_BACKEND")
+        // Nor are the suite's other knobs.
+        .env_remove("HERALD_TANSU")
+        .env_remove("HERALD_CHROMIUM")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -393,4 +396,61 @@ async fn a_publish_through_a_blocked_connection_fails_at_once_saying_so() {
     drop(unblock);
     assert!(blocked["error"].as_str().unwrap_or_default().contains("blocked"), "{blocked}");
     assert!(blocked["duration_ms"].as_u64().unwrap_or(u64::MAX) < 1000, "failed at once: {blocked}");
+}
+
+/// A tenant's AMQP subscriptions to many broker URIs share at most 16 connections: each was a
+/// connection of its own, kept for ten minutes, each a thread of lapin's and up to 64 MiB of
+/// buffers (frames of up to 1 MiB as the URI asked) — a thousand subscriptions took a thousand
+/// threads and gigabytes from every tenant. Past the cap, the least recently used idle one is
+/// closed to make room: every delivery still arrives, and another tenant's are untouched.
+#[tokio::test]
+async fn a_tenant_s_broker_connections_are_capped_and_every_delivery_still_arrives() {
+    let _broker = crate::support::RABBITMQ.lock().await;
+    let run = format!("{:x}", std::process::id());
+    let vhost = format!("herald-cap-{run}");
+    let rabbitmqctl = |args: &[&str]| {
+        let out = std::process::Command::new("rabbitmqctl").arg("-q").args(args).output().expect("rabbitmqctl runs");
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    rabbitmqctl(&["add_vhost", &vhost]);
+    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    let in_vhost = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+    let conn = Connection::connect(&in_vhost, ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let (exchange, queue) = ("capped", "capped-q");
+    topic(&ch, exchange, false, &[(queue, "#")]).await;
+
+    let h = TestHerald::start().await;
+    let (mallory, _) = crate::support::tenant_with_key(&h.api, "Mallory").await;
+    for i in 0..20 {
+        // Each its own URI (one more setting apart), each asking for frames of a megabyte.
+        let uri = format!("{in_vhost}?heartbeat={}&frame_max=1048576", 30 + i);
+        let (status, body) = h
+            .api
+            .post("/v1/subscriptions", json!({ "tenant": mallory, "transport": "amqp", "amqp": { "uri": uri, "exchange": exchange },
+                                               "retry": { "policy": "fixed", "interval": "200ms", "max_attempts": 20 } }))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, _) =
+        h.api.post("/v1/events", json!({ "id": "to-twenty", "tenant": mallory, "type": "T", "data": {} })).await;
+    assert_eq!(status, 202);
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    until("the twenty deliveries on the queue", Duration::from_secs(60), || {
+        let (ch, got) = (ch.clone(), got.clone());
+        async move {
+            while take(&ch, queue).await.is_some() {
+                got.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            (got.load(std::sync::atomic::Ordering::Relaxed) == 20).then_some(())
+        }
+    })
+    .await;
+    let herald_connections =
+        rabbitmqctl(&["list_connections", "vhost", "--no-table-headers"]).lines().filter(|l| l.trim() == vhost).count()
+            - 1; // the test's own
+    drop(conn);
+    rabbitmqctl(&["delete_vhost", &vhost]);
+    assert!(herald_connections <= 16, "{herald_connections} connections of one tenant's");
 }
