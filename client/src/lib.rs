@@ -48,9 +48,10 @@ impl Error {
     /// Whether the API refused the request (a 4xx): nothing of it was done, and retrying it
     /// unchanged will not help. Not a 408: the server stopped waiting for its work, which
     /// goes on (a publish cut off by `api.request_timeout` is still written and delivered),
-    /// so it may or may not have been done, as when the server cannot be reached.
+    /// so it may or may not have been done, as when the server cannot be reached. Nor a 429:
+    /// the caller is asked to slow down, and the same request later is taken.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, Error::Api { status, .. } if (400..500).contains(status) && *status != 408)
+        matches!(self, Error::Api { status, .. } if (400..500).contains(status) && !matches!(status, 408 | 429))
     }
 }
 

@@ -200,13 +200,14 @@ pub enum Subscriptions {
 pub enum Events {
     /// Publish: one event from flags or a file, or one JSON event per line of stdin (`--stdin`).
     Send {
-        #[arg(long = "type")]
+        #[arg(long = "type", conflicts_with = "stdin")]
         event_type: Option<String>,
         /// The event's `data`, JSON.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "stdin")]
         data: Option<String>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "stdin")]
         id: Option<String>,
+        /// The event's tenant (with `--stdin`, that of every line that names none).
         #[arg(long)]
         tenant: Option<String>,
         #[arg(long, conflicts_with = "stdin")]
@@ -363,7 +364,7 @@ const BATCH_BYTES: usize = herald::api::MAX_BODY_BYTES / 2;
 /// A batch refused or lost says which lines were accepted before it and that nothing after it
 /// was sent, since a script that sends the whole input again publishes those again
 /// (deduplicated only by their ids).
-async fn send_lines(api: &Api, input: impl BufRead) -> anyhow::Result<(Value, Shown)> {
+async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> anyhow::Result<(Value, Shown)> {
     let mut lines = input
         .lines()
         .enumerate()
@@ -392,7 +393,12 @@ async fn send_lines(api: &Api, input: impl BufRead) -> anyhow::Result<(Value, Sh
             let (n, line) = lines.next().expect("peeked");
             let event = line.map_err(anyhow::Error::from).and_then(|l| Ok(serde_json::from_str::<Value>(&l)?));
             match event {
-                Ok(event) => batch.push(event),
+                Ok(mut event) => {
+                    if let (Some(t), Some(fields)) = (tenant, event.as_object_mut()) {
+                        fields.entry("tenant").or_insert_with(|| t.into());
+                    }
+                    batch.push(event)
+                }
                 // What went before it was sent: say so, as for a batch refused.
                 Err(e) => {
                     let before = accepted_before(accepted, numbers.first().copied().unwrap_or(n));
@@ -407,7 +413,9 @@ async fn send_lines(api: &Api, input: impl BufRead) -> anyhow::Result<(Value, Sh
             }
             return Ok((json!({ "items": items }), Shown::List(&["id", "deliveries"])));
         };
-        if std::mem::take(&mut first) && batch.len() == 1 {
+        // One line in all, not one in the first batch: a line closing the batch early (the
+        // two past BATCH_BYTES) sent the first alone, and the rest were never sent.
+        if std::mem::take(&mut first) && batch.len() == 1 && lines.peek().is_none() {
             let one = batch.pop();
             return Ok((api.call("POST", "/v1/events", one).await?, Shown::One));
         }
@@ -609,7 +617,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
         Client::Events { cmd, .. } => match cmd {
             Events::Send { event_type, data, id, tenant, file, stdin } => {
                 if stdin {
-                    send_lines(&api, std::io::stdin().lock()).await?
+                    send_lines(&api, std::io::stdin().lock(), tenant.as_deref()).await?
                 } else {
                     let mut event = match &file {
                         Some(f) => read_json(f)?,

@@ -335,3 +335,62 @@ async fn control_characters_in_names_are_shown_escaped() {
     let exact = json(&herald(&h.api.base, &["--json", "tenants", "list"], None).await);
     assert!(exact["items"].as_array().unwrap().iter().any(|t| t["name"] == "Evil\u{1b}[2J\u{7}Co"));
 }
+
+/// A line that closes the first batch early (two large events past a batch's bytes) sent the
+/// first line alone as a single event, and the rest of the input was never sent — exit 0.
+/// `--tenant` with `--stdin` was ignored: the lines went to the default tenant's subscriptions.
+#[tokio::test]
+async fn every_line_on_stdin_is_sent_and_to_the_tenant_named() {
+    if crate::support::on_kafka() {
+        return; // the CLI is a client of the API, the same on both backends
+    }
+    let h = TestHerald::start_with(|c| c.ingest.max_event_bytes = 12 << 20).await;
+    let pad = "x".repeat(5 << 20);
+    let lines = [
+        format!(r#"{{"id":"large-a","type":"b","data":{{"pad":"{pad}"}}}}"#),
+        format!(r#"{{"id":"large-b","type":"b","data":{{"pad":"{pad}"}}}}"#),
+        r#"{"id":"small-c","type":"b","data":{}}"#.to_string(),
+    ];
+    let sent = json(&herald(&h.api.base, &["--json", "events", "send", "--stdin"], Some(&lines.join("\n"))).await);
+    let ids: Vec<&str> = sent["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["large-a", "large-b", "small-c"], "{sent}");
+    for id in ids {
+        assert_eq!(h.api.get(&format!("/v1/events/{id}")).await.0, 200, "{id} on record");
+    }
+
+    let (status, acme) = h.api.post("/v1/tenants", serde_json::json!({ "name": "Acme" })).await;
+    assert_eq!(status, 201, "{acme}");
+    let acme = acme["id"].as_str().unwrap();
+    let line = r#"{"id":"t-1","type":"x","data":{}}"#;
+    json(&herald(&h.api.base, &["--json", "events", "send", "--stdin", "--tenant", acme], Some(line)).await);
+    assert_eq!(h.api.get(&format!("/v1/events/t-1?tenant={acme}")).await.0, 200, "the named tenant's");
+    assert_eq!(h.api.get("/v1/events/t-1").await.0, 404, "not the default tenant's");
+    let out = herald(&h.api.base, &["events", "send", "--stdin", "--type", "x"], Some(line)).await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Output piped into a reader that has gone (`herald … | head -1`) ends the command as it
+/// ends other tools (SIGPIPE), not with a panic and exit code 101.
+#[tokio::test]
+async fn output_to_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    if crate::support::on_kafka() {
+        return; // the CLI is a client of the API, the same on both backends
+    }
+    let h = TestHerald::start().await;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    // Spawned, not `output()`, which would take stdout for its own pipe.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["tenants", "list", "--json", "--server", &h.api.base, "--token", TOKEN])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("panicked"), "{said}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {said}", out.status);
+}
