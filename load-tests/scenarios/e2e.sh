@@ -35,7 +35,7 @@ command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk 
 [ -n "${E2E_BIN_DIR:-}" ] || (cd "$ROOT" && cargo build --release --locked -q -p herald -p herald-load-tests --bins)
 
 if [ "${BACKEND:-embedded}" = kafka ]; then
-  TANSU=${HERALD_TANSU:-$HOME/.cargo/bin/tansu}
+  TANSU=${HERALD_TANSU:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}
   [ -x "$TANSU" ] || { echo "tansu is not installed: cargo install tansu --locked --features dynostore,libsql" >&2; exit 1; }
   "$TANSU" broker --listener-url tcp://127.0.0.1:19192 --advertised-listener-url tcp://127.0.0.1:19192 \
     --storage-engine memory://tansu/ >"$WORK/tansu.out" 2>&1 &

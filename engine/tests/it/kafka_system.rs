@@ -17,8 +17,11 @@ fn tansu_binary() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("HERALD_TANSU") {
         return p.into();
     }
+    // Where `cargo install` put it: $CARGO_HOME/bin (the official Rust images set it), else
+    // ~/.cargo/bin.
     let home = std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default());
-    let cached = home.join(".cargo/bin/tansu");
+    let cargo = std::env::var_os("CARGO_HOME").map_or_else(|| home.join(".cargo"), std::path::PathBuf::from);
+    let cached = cargo.join("bin/tansu");
     assert!(cached.exists(), "tansu is not installed: ./scripts/test installs it (cargo install tansu)");
     cached
 }

@@ -48,6 +48,10 @@ fn bash(script: &str, dir: &Path, stdout: Stdio) -> tokio::process::Child {
         .arg(script)
         .current_dir(dir)
         .env_remove("HERALD_ADMIN_TOKEN")
+        // The suite's own knobs are not settings of the server the README starts.
+        .env_remove("HERALD_TEST_BACKEND")
+        .env_remove("HERALD_TANSU")
+        .env_remove("HERALD_CHROMIUM")
         .stdout(stdout)
         .stderr(Stdio::null())
         .process_group(0)
@@ -83,6 +87,14 @@ async fn the_readme_quick_start_runs_as_written() {
             .replace("cargo run --release -p herald --", &herald.display().to_string())
     };
     let dir = tempfile::tempdir().unwrap();
+    // The README's ports are fixed: a Herald or sink left running from following it would
+    // answer in place of the test's, and the test failed far from the cause.
+    for port in [8080, 9000] {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} is taken (a Herald or herald-sink left running from the quick start?): stop it and run again"
+        );
+    }
 
     let _server = Group(bash(&ours(&blocks[0]), dir.path(), Stdio::null()));
     listening(8080).await;

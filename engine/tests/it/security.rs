@@ -693,6 +693,9 @@ async fn without_a_secret_key_herald_says_so_once() {
         .envs(crate::support::ENV.iter().copied())
         .env("RUST_LOG", "info")
         .env_remove("HERALD_TEST_BACKEND")
+        // Nor are the suite's other knobs.
+        .env_remove("HERALD_TANSU")
+        .env_remove("HERALD_CHROMIUM")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

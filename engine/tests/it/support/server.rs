@@ -278,6 +278,9 @@ fn spawn_herald_as(
         .env("RUST_LOG", "warn")
         // The suite's own switch is not a setting of the server.
         .env_remove("HERALD_TEST_BACKEND")
+        // Nor are the suite's other knobs.
+        .env_remove("HERALD_TANSU")
+        .env_remove("HERALD_CHROMIUM")
         // The caller's variables last, so they win over the defaults above.
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
