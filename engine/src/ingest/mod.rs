@@ -42,15 +42,19 @@ pub struct Event {
 }
 
 impl Event {
-    /// What makes a repeat of this event the same event: its type, `data` and `changes` (as
-    /// JavaScript reads them, so a retry formatted otherwise is the same) and its ordering key.
-    /// Not its trace context, which a producer's retry may give anew.
+    /// What makes a repeat of this event the same event: its type, `data` and `changes` as
+    /// values — read as JSON, objects' members in any order (a producer's retry re-serialized
+    /// from a hash map, whose order changes, is the same event), numbers as JavaScript reads
+    /// them — and its ordering key. Not its trace context, which a retry may give anew.
     fn digest(&self) -> u64 {
         use std::hash::{Hash, Hasher};
+        // The JavaScript form, valid JSON whose numbers are already as JavaScript prints them;
+        // read into objects whose keys are sorted.
+        let value = |j: &Json| serde_json::from_slice::<serde_json::Value>(&j.canonical).ok();
         let mut h = std::hash::DefaultHasher::new();
         self.event_type.hash(&mut h);
-        self.data.canonical.hash(&mut h);
-        self.changes.as_ref().map(|c| &c.canonical).hash(&mut h);
+        value(&self.data).hash(&mut h);
+        self.changes.as_ref().map(value).hash(&mut h);
         self.ordering_key.hash(&mut h);
         h.finish()
     }
@@ -473,9 +477,13 @@ impl Ingest {
     /// Whether `event` repeats one accepted within [`IDEMPOTENCY_WINDOW`] (its id given, the
     /// same content): it is answered as the first was, whatever its type's schema says now.
     pub fn repeats(&self, event: &Event) -> bool {
-        let key = || (event.tenant.clone(), event.id.clone());
-        event.id_given
-            && matches!(self.recent.lock().unwrap().get(&key()), Some(Seen::Done { digest, .. }) if *digest == event.digest())
+        if !event.id_given {
+            return false;
+        }
+        // Before the lock every publish takes: it reads the whole event.
+        let digest = event.digest();
+        let key = (event.tenant.clone(), event.id.clone());
+        matches!(self.recent.lock().unwrap().get(&key), Some(Seen::Done { digest: seen, .. }) if *seen == digest)
     }
 
     /// Appends every delivery of `events` in one durable append; returns per-event counts.
