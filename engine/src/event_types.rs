@@ -116,6 +116,27 @@ fn compile(schema: &Value) -> Result<jsonschema::Validator, Invalid> {
 /// The most memory one compiled `pattern` (and its search cache) may take.
 const PATTERN_BYTES: usize = 256 * 1024;
 
+/// Steps a backtracking `pattern` may take for one string (see [`compile_stored`]): a
+/// hundredth of the engine's default.
+const BACKTRACK_STEPS: usize = 10_000;
+
+/// Compiles a schema stored before [`compile`] refused backtracking patterns: with the
+/// backtracking engine, each match held to [`BACKTRACK_STEPS`] (one that runs out fails its
+/// event, naming where), so a type whose schema has lookaround is still checked after an
+/// upgrade rather than silently not at all. New and changed schemas get [`compile`].
+fn compile_stored(schema: &Value) -> Result<jsonschema::Validator, Invalid> {
+    compile(schema).or_else(|_| {
+        let patterns = jsonschema::PatternOptions::fancy_regex()
+            .backtrack_limit(BACKTRACK_STEPS)
+            .size_limit(PATTERN_BYTES)
+            .dfa_size_limit(PATTERN_BYTES);
+        jsonschema::options()
+            .with_pattern_options(patterns)
+            .build(schema)
+            .map_err(|e| Invalid::new("schema", format!("not a usable JSON Schema: {e}")))
+    })
+}
+
 /// A JSON Pointer into `data` as a field path in this API's style (`data.items[0].sku`).
 fn data_path(prefix: &str, pointer: &str) -> String {
     let mut path = if prefix.is_empty() { "data".to_string() } else { format!("{prefix}.data") };
@@ -307,7 +328,7 @@ impl Apply for EventTypes {
         match serde_json::from_slice::<EventType>(&entry.record.value) {
             Ok(event_type) => {
                 // Compiled before the lock is taken: ingest checks do not wait for it.
-                let validator = event_type.spec.schema.as_ref().and_then(|s| match compile(s) {
+                let validator = event_type.spec.schema.as_ref().and_then(|s| match compile_stored(s) {
                     Ok(v) => Some(Arc::new(v)),
                     Err(e) => {
                         tracing::warn!(event_type = %event_type.name, error = %e.message, "a stored schema does not compile; not checked");
@@ -365,6 +386,29 @@ mod tests {
         let names: Vec<&str> =
             changed["items"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["a.created", "b.created"]);
+    }
+
+    /// A type stored before backtracking patterns were refused is still checked after an
+    /// upgrade, each match bounded — not silently left unchecked.
+    #[test]
+    fn a_stored_schema_with_lookaround_is_still_checked() {
+        use crate::catalog::Key;
+        use crate::log::stub::Stub;
+        let schema = json!({ "type": "string", "pattern": "^(?!test)" });
+        let stored =
+            json!({ "name": "legacy", "schema": schema, "validate": true, "created_at": "", "updated_at": "" });
+        let record = LogRecord {
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 0,
+            key: Key::event_type("legacy").into_bytes().into(),
+            value: serde_json::to_vec(&stored).unwrap().into(),
+        };
+        let (feed, _) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
+        let types = EventTypes::load(Arc::new(feed), &[record]);
+        assert!(types.check_data("legacy", br#""fine""#, "", false).is_ok());
+        assert_eq!(types.check_data("legacy", br#""testing""#, "", false).unwrap_err().field, "data");
+        assert_eq!(checked(&EventTypeSpec { schema: Some(schema), ..Default::default() }).unwrap_err().field, "schema");
     }
 
     #[test]
