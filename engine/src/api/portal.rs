@@ -25,9 +25,10 @@ use std::time::Duration;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The key portal tokens are signed with, derived from the admin token.
+/// The key portal tokens are signed with, derived from the admin token (and the secret key),
+/// and the key of links minted before a secret key was used for them, still taken.
 #[derive(Clone)]
-pub struct PortalKey(HmacSha256);
+pub struct PortalKey(HmacSha256, Option<HmacSha256>);
 
 impl std::fmt::Debug for PortalKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,33 +42,35 @@ impl PortalKey {
     /// keyed by the admin token alone, its holder could test guesses at the token offline, two
     /// HMACs a guess; with the secret key (32 random bytes) in the key too, it cannot. Without
     /// one (Herald warns at start), the admin token alone.
+    ///
+    /// Links minted by the admin token alone (before a secret key was set, or by a version
+    /// before this one) are still taken until they expire — a week at most — so an upgrade or
+    /// a rolling restart does not sign tenants out; only new links carry the secret key.
     pub fn derive(admin_token: &str, secret_key: Option<&str>) -> PortalKey {
-        let mac = match secret_key {
+        let keyed =
+            |mac: HmacSha256| HmacSha256::new_from_slice(&mac.finalize().into_bytes()).expect("HMAC takes any key");
+        let mut v1 = HmacSha256::new_from_slice(admin_token.as_bytes()).expect("HMAC takes any key");
+        v1.update(b"herald portal links v1");
+        match secret_key {
             Some(k) => {
-                let mut mac = HmacSha256::new_from_slice(k.as_bytes()).expect("HMAC takes any key");
-                mac.update(b"herald portal links v2\0");
-                mac.update(admin_token.as_bytes());
-                mac
+                let mut v2 = HmacSha256::new_from_slice(k.as_bytes()).expect("HMAC takes any key");
+                v2.update(b"herald portal links v2\0");
+                v2.update(admin_token.as_bytes());
+                PortalKey(keyed(v2), Some(keyed(v1)))
             }
-            None => {
-                let mut mac = HmacSha256::new_from_slice(admin_token.as_bytes()).expect("HMAC takes any key");
-                mac.update(b"herald portal links v1");
-                mac
-            }
-        };
-        let derived = mac.finalize().into_bytes();
-        PortalKey(HmacSha256::new_from_slice(&derived).expect("HMAC takes any key"))
+            None => PortalKey(keyed(v1), None),
+        }
     }
 
-    fn mac(&self, tenant: &str, expires_ms: i64) -> HmacSha256 {
-        let mut mac = self.0.clone();
+    fn mac(key: &HmacSha256, tenant: &str, expires_ms: i64) -> HmacSha256 {
+        let mut mac = key.clone();
         mac.update(format!("hp.{tenant}.{expires_ms}").as_bytes());
         mac
     }
 
     /// A token for `tenant` valid until `expires_ms`.
     pub fn mint(&self, tenant: &str, expires_ms: i64) -> String {
-        let tag = hex::encode(self.mac(tenant, expires_ms).finalize().into_bytes());
+        let tag = hex::encode(Self::mac(&self.0, tenant, expires_ms).finalize().into_bytes());
         format!("hp.{tenant}.{expires_ms}.{tag}")
     }
 
@@ -79,7 +82,10 @@ impl PortalKey {
         let (expires, tag) = rest.split_once('.')?;
         let expires_ms: i64 = expires.parse().ok()?;
         let tag = hex::decode(tag).ok()?;
-        self.mac(tenant, expires_ms).verify_slice(&tag).ok()?;
+        let ours = |key: &HmacSha256| Self::mac(key, tenant, expires_ms).verify_slice(&tag).is_ok();
+        if !ours(&self.0) && !self.1.as_ref().is_some_and(ours) {
+            return None;
+        }
         (now_ms < expires_ms).then(|| tenant.to_string())
     }
 }
@@ -168,8 +174,10 @@ mod tests {
         assert_eq!(key.verify(&token.replace(".2000.", ".9000."), 1_000), None, "extended");
         assert_eq!(PortalKey::derive("rotated", None).verify(&token, 1_000), None, "admin token rotated");
         let sealed = PortalKey::derive("admin-token", Some("secret"));
+        assert_eq!(sealed.verify(&token, 1_000).as_deref(), Some("ten_a"), "a link minted before still works");
         let token = sealed.mint("ten_a", 2_000);
         assert_eq!(sealed.verify(&token, 1_000).as_deref(), Some("ten_a"));
+        assert_eq!(key.verify(&token, 1_000), None, "the admin token alone does not check it");
         assert_eq!(PortalKey::derive("rotated", Some("secret")).verify(&token, 1_000), None, "admin token rotated");
         assert_eq!(key.verify("hk.key_x.secret", 1_000), None);
         assert_eq!(key.verify("hp.x", 1_000), None);
