@@ -743,18 +743,18 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
         }
     };
     if conn.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        print(&serde_json::to_string_pretty(&answer)?);
     } else {
         match shown {
             Shown::List(columns) => {
                 let items = answer["items"].as_array().cloned().unwrap_or_default();
-                println!("{}", table(&items, columns));
+                print(&table(&items, columns));
                 if let Some(next) = answer["next"].as_str() {
                     eprintln!("(more: the next page is the same command with --cursor '{next}')");
                 }
             }
-            Shown::One | Shown::Outcome(_) => println!("{}", facts(&answer)),
-            Shown::Done(what) => println!("{what}"),
+            Shown::One | Shown::Outcome(_) => print(&facts(&answer)),
+            Shown::Done(what) => print(what),
         }
     }
     if let Shown::Outcome(failure) = shown {
@@ -763,6 +763,22 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints `text` and a newline. Output piped into a reader that has gone (`| head -1`) ends
+/// the command quietly, exit 0 — the request was made; `println!` panicked (exit 101). Only
+/// stdout: the API's connection keeps its own handling (a broken upload is an error, said).
+fn print(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("herald: writing the answer: {e}");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// An id or name as one path segment: `a b` or `sub#x` must reach the server as written (a

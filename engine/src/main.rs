@@ -173,10 +173,6 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Client(command) => {
-            // Output piped into `head` and the like: end as other tools do when the reader has
-            // gone (Rust ignores SIGPIPE, and printing to a closed pipe panicked, exit 101).
-            // SAFETY: setting a signal's action to its default; no handler of ours is involved.
-            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             match cli::run(command).await {
                 Ok(()) => Ok(()),
                 Err(e) => {

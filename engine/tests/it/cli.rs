@@ -369,11 +369,10 @@ async fn every_line_on_stdin_is_sent_and_to_the_tenant_named() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Output piped into a reader that has gone (`herald … | head -1`) ends the command as it
-/// ends other tools (SIGPIPE), not with a panic and exit code 101.
+/// Output piped into a reader that has gone (`herald … | head -1`) ends the command quietly
+/// (exit 0: the request was made), not with a panic and exit code 101.
 #[tokio::test]
 async fn output_to_a_closed_pipe_ends_quietly() {
-    use std::os::unix::process::ExitStatusExt;
     if crate::support::on_kafka() {
         return; // the CLI is a client of the API, the same on both backends
     }
@@ -392,5 +391,5 @@ async fn output_to_a_closed_pipe_ends_quietly() {
         .unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!said.contains("panicked"), "{said}");
-    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {said}", out.status);
+    assert_eq!(out.status.code(), Some(0), "{:?}: {said}", out.status);
 }
