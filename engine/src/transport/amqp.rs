@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Channels per connection, so publishes in flight at once per tenant and broker.
 const CHANNELS: usize = 256;
@@ -195,19 +195,26 @@ impl AmqpTransport {
     }
 
     /// The publisher of `tenant`'s broker `uri`, made if need be within the tenant's
-    /// [`TENANT_BROKERS`].
-    fn broker(&self, tenant: &str, uri: &str) -> Result<Arc<Broker>, Failure> {
+    /// [`TENANT_BROKERS`], with a place in its window when one is free now — taken under the
+    /// map's lock, so that the broker cannot be closed to make room between the two.
+    fn broker(&self, tenant: &str, uri: &str) -> Result<(Arc<Broker>, Option<OwnedSemaphorePermit>), Failure> {
         let mut brokers = self.brokers.lock().unwrap();
         let key = format!("{tenant}\n{uri}");
         if let Some(broker) = brokers.get(&key) {
             *broker.last_used.lock().unwrap() = Instant::now();
-            return Ok(broker.clone());
+            return Ok((broker.clone(), broker.window.clone().try_acquire_owned().ok()));
         }
         // Forget brokers nobody published to for a while (closing their connections).
         brokers.retain(|_, b| b.last_used.lock().unwrap().elapsed() < IDLE);
         let mine: Vec<(&String, &Arc<Broker>)> = brokers.iter().filter(|(_, b)| b.tenant == tenant).collect();
         if mine.len() >= TENANT_BROKERS {
-            let unused = |b: &Broker| b.window.available_permits() + b.held_back.load(Ordering::Relaxed) >= CHANNELS;
+            // Nothing in flight, and not being opened: an opening left by an attempt that
+            // stopped waiting runs on (lapin's thread and socket with it) until it ends, and
+            // closing it to open another left one behind each time.
+            let unused = |b: &Broker| {
+                b.window.available_permits() + b.held_back.load(Ordering::Relaxed) >= CHANNELS
+                    && !matches!(*b.state.lock().unwrap(), State::Opening(_))
+            };
             let oldest = mine
                 .iter()
                 .filter(|(_, b)| unused(b))
@@ -227,7 +234,8 @@ impl AmqpTransport {
             last_used: Mutex::new(Instant::now()),
         });
         brokers.insert(key, broker.clone());
-        Ok(broker)
+        let slot = broker.window.clone().try_acquire_owned().ok();
+        Ok((broker, slot))
     }
 
     /// The address to connect to: the broker's host must pass the network guard like a
@@ -360,16 +368,20 @@ impl AmqpTransport {
             return failed(Failure::Unusable { detail: "the subscription has no amqp settings".into() });
         };
         let uri = amqp.uri.expose();
-        let broker = match self.broker(&target.sub.tenant, uri) {
-            Ok(broker) => broker,
+        let (broker, free) = match self.broker(&target.sub.tenant, uri) {
+            Ok(found) => found,
             Err(f) => return failed(f),
         };
         // Within the attempt's time: one that waited past it would still publish (lapin sends
-        // on the first poll), then count a timeout, and be sent again.
-        let _slot = match tokio::time::timeout_at(deadline, broker.window.clone().acquire_owned()).await {
-            Ok(Ok(slot)) => slot,
-            Ok(Err(_)) => return failed(Failure::Broker { detail: "the broker's publisher was closed".into() }),
-            Err(_) => return failed(timed_out(timeout)),
+        // on the first poll), then count a timeout, and be sent again. (Waited for only with
+        // the window full, when the broker is in use and not closed to make room.)
+        let _slot = match free {
+            Some(slot) => slot,
+            None => match tokio::time::timeout_at(deadline, broker.window.clone().acquire_owned()).await {
+                Ok(Ok(slot)) => slot,
+                Ok(Err(_)) => return failed(Failure::Broker { detail: "the broker's publisher was closed".into() }),
+                Err(_) => return failed(timed_out(timeout)),
+            },
         };
         let link = match self.link(&broker, uri, deadline, timeout).await {
             Ok(link) => link,
@@ -463,6 +475,32 @@ impl AmqpTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tenant's connections are closed to make room only when nothing uses them: not with
+    /// a publish in flight, nor while being opened (an opening runs on when its attempt stops
+    /// waiting, lapin's thread and socket with it: closed to open another, each left one
+    /// behind). Another tenant's room is its own.
+    #[tokio::test]
+    async fn room_is_made_only_from_the_tenant_s_unused_connections() {
+        let amqp = AmqpTransport::new(NetworkGuard::new(Vec::new()));
+        let uri = |i: usize| format!("amqp://broker.example/vh?heartbeat={i}");
+        let mut held = Vec::new();
+        for i in 0..TENANT_BROKERS {
+            let (broker, slot) = amqp.broker("t", &uri(i)).unwrap();
+            assert!(slot.is_some(), "a place in the window with the broker");
+            if i % 2 == 0 {
+                held.push(slot); // a publish in flight
+            } else {
+                let opening: Opening = futures::future::pending().boxed().shared();
+                *broker.state.lock().unwrap() = State::Opening(opening);
+            }
+        }
+        assert!(matches!(amqp.broker("t", &uri(99)), Err(Failure::BrokerBusy { open: TENANT_BROKERS })));
+        assert!(amqp.broker("other", &uri(99)).is_ok(), "another tenant's room is its own");
+        held.pop(); // one publish ends: its connection makes room
+        assert!(amqp.broker("t", &uri(99)).is_ok());
+        assert_eq!(amqp.brokers.lock().unwrap().values().filter(|b| b.tenant == "t").count(), TENANT_BROKERS);
+    }
 
     /// Herald always asks for a frame size, within bounds: left to the broker, lapin took
     /// whatever it chose — 0 ("no limit") sized its buffers at 137 GB each and the process
