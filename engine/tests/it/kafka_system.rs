@@ -511,7 +511,9 @@ async fn a_catalog_topic_made_to_delete_by_age_is_refused_at_start() {
 async fn events_accepted_under_a_larger_limit_are_still_retried_whole_after_it_is_lowered() {
     let broker = Tansu::start();
     let rx = Receiver::start().await;
-    rx.behave("/big", crate::support::Behaviour::FailFirst { n: 2, status: 503 });
+    // Failed three times: the second server fails it again at least once, so it must write
+    // the retry under the lowered limit, whether or not the first made a second attempt.
+    rx.behave("/big", crate::support::Behaviour::FailFirst { n: 3, status: 503 });
     let dir = tempfile::tempdir().unwrap();
     let configured = |max_event_bytes: usize| {
         let mut config = crate::support::config(dir.path());
@@ -525,7 +527,7 @@ async fn events_accepted_under_a_larger_limit_are_still_retried_whole_after_it_i
     };
     let first = herald::server::start(configured(2 << 20)).await.unwrap();
     let api = Api::new(first.addr, crate::support::TOKEN);
-    let retry = json!({ "policy": "fixed", "interval": "500ms", "max_attempts": 5 });
+    let retry = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 6 });
     api.subscribe(json!({ "url": rx.url("/big"), "retry": retry })).await;
     let text = "x".repeat(1536 << 10);
     let (status, body) = api.post("/v1/events", json!({ "id": "big-1", "type": "t", "data": { "text": text } })).await;
@@ -535,8 +537,8 @@ async fn events_accepted_under_a_larger_limit_are_still_retried_whole_after_it_i
 
     let second = herald::server::start(configured(1 << 20)).await.unwrap();
     let api = Api::new(second.addr, crate::support::TOKEN);
-    let got = rx.wait_on("/big", 3).await;
-    assert!(got[2].json()["data"]["text"].as_str().is_some_and(|t| t.len() == text.len()), "delivered whole");
+    let got = rx.wait_on("/big", 4).await;
+    assert!(got[3].json()["data"]["text"].as_str().is_some_and(|t| t.len() == text.len()), "delivered whole");
     let (_, dlq) = api.get("/v1/dlq").await;
     assert_eq!(dlq["items"].as_array().map(Vec::len), Some(0), "{dlq}");
     second.stop().await;

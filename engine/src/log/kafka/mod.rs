@@ -104,7 +104,8 @@ pub struct KafkaLog {
     config: KafkaConfig,
     producer: FutureProducer,
     partitions: HashMap<String, u32>,
-    /// Topics made before Herald whose record limit is below Herald's, and that limit.
+    /// Topics made before this start, and their record limits as the broker reports them
+    /// (the others were made with Herald's own: [`record_limit`]).
     record_limits: HashMap<String, usize>,
     /// An append failed, and no readiness look has found the cluster up since: an append
     /// looks again (at most once a second, shared) before it waits on the producer.
@@ -139,21 +140,36 @@ fn batch_size(smallest: Option<usize>) -> usize {
     smallest.map_or(BATCH_SIZE, |limit| limit.saturating_sub(1024).clamp(1, BATCH_SIZE))
 }
 
-/// The largest record the producer sends (`message.max.bytes`): Herald's own limit, or a
-/// larger one of a topic made before. Records accepted under a larger `ingest.max_event_bytes`
+/// The record limit of Herald's topic `t`: as the broker reported it for one made before this
+/// start, else Herald's own, which it was made with.
+fn record_limit(config: &KafkaConfig, record_limits: &HashMap<String, usize>, t: &TopicSpec) -> usize {
+    record_limits.get(&t.name).copied().unwrap_or(config.max_record_bytes)
+}
+
+/// Every topic's record limit.
+fn record_limits_of<'a>(
+    config: &'a KafkaConfig,
+    record_limits: &'a HashMap<String, usize>,
+) -> impl Iterator<Item = usize> + 'a {
+    config.topics.iter().map(move |t| record_limit(config, record_limits, t))
+}
+
+/// The largest record the producer sends (`message.max.bytes`): the largest of the topics'
+/// limits, at least Herald's own. Records accepted under a larger `ingest.max_event_bytes`
 /// stay in the topics made then, and their retries and dead letters are written again after
 /// the limit is lowered — refused by the producer's own check, a retry was dead-lettered and
 /// its payload dropped, though the topic takes it. The broker still holds each topic to its
 /// own limit.
 fn largest_record(config: &KafkaConfig, record_limits: &HashMap<String, usize>) -> usize {
-    record_limits.values().copied().fold(config.max_record_bytes, usize::max)
+    record_limits_of(config, record_limits).fold(config.max_record_bytes, usize::max)
 }
 
 impl KafkaLog {
     /// Connects, creates missing topics and learns every topic's partition count.
     pub async fn open(config: KafkaConfig) -> Result<Arc<KafkaLog>, LogError> {
         let topics::Laid { partitions, record_limits } = topics::ensure(&config).await?;
-        let batch = batch_size(record_limits.values().copied().min()).to_string();
+        // Batches fit the smallest limit, of topics made this start (Herald's own) too.
+        let batch = batch_size(record_limits_of(&config, &record_limits).min()).to_string();
         let largest = largest_record(&config, &record_limits).to_string();
         // Throughput defaults the pass-through table may change; the guarantees it may not.
         let producer: FutureProducer = config
@@ -346,8 +362,7 @@ impl Log for KafkaLog {
 
     /// The smallest limit of Herald's topics (those made this start take Herald's own).
     fn max_record_bytes(&self) -> Option<usize> {
-        let limit = |t: &TopicSpec| self.record_limits.get(&t.name).copied().unwrap_or(self.config.max_record_bytes);
-        Some(self.config.topics.iter().map(limit).min().unwrap_or(self.config.max_record_bytes))
+        Some(record_limits_of(&self.config, &self.record_limits).min().unwrap_or(self.config.max_record_bytes))
     }
 
     async fn consume(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, LogError> {
@@ -546,6 +561,31 @@ mod tests {
     /// large, together.
     #[test]
     fn batches_fit_the_smallest_record_limit_of_the_topics() {
+        // A topic made this start, under a lowered limit, beside one made before with more.
+        let config = |max_record_bytes: usize| KafkaConfig {
+            brokers: String::new(),
+            replication: 1,
+            properties: BTreeMap::new(),
+            topics: ["old", "new"]
+                .map(|n| TopicSpec {
+                    name: n.into(),
+                    partitions: 1,
+                    compacted: false,
+                    retention: None,
+                    retention_waits_for_reader: false,
+                    read_within: Duration::from_millis(100),
+                    keyed: false,
+                })
+                .to_vec(),
+            drain: Duration::from_secs(1),
+            retention: Duration::from_secs(3600),
+            min_insync_replicas: 1,
+            max_record_bytes,
+        };
+        let made_before = HashMap::from([("old".to_string(), 2 << 20)]);
+        let lowered = config(320 << 10);
+        assert!(batch_size(record_limits_of(&lowered, &made_before).min()) < 320 << 10);
+        assert_eq!(largest_record(&lowered, &made_before), 2 << 20, "the old topic's records still go");
         assert_eq!(batch_size(None), BATCH_SIZE);
         assert!(batch_size(Some(262_144)) < 262_144);
         assert_eq!(batch_size(Some(8 << 20)), BATCH_SIZE);
