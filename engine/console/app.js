@@ -636,10 +636,12 @@ async function subscriptionDetail(id) {
   // messages of the actions taken since, which go to `out`.
   const kept = h("div", {});
   const out = h("div", {});
-  if (flash) {
-    if (flash.secret) kept.append(secretBox(flash.title, flash.secret));
-    for (const w of flash.warnings || []) kept.append(h("div", { class: "alert warn", role: "status", "data-warning": "" }, w));
-    flash = null;
+  // Shown again when this page is drawn anew by an action of its own (enable, disable).
+  let shown = flash;
+  flash = null;
+  if (shown) {
+    if (shown.secret) kept.append(secretBox(shown.title, shown.secret));
+    for (const w of shown.warnings || []) kept.append(h("div", { class: "alert warn", role: "status", "data-warning": "" }, w));
   }
   const attemptsBox = h("div", {});
   const moreAttempts = h("div", {});
@@ -703,12 +705,14 @@ async function subscriptionDetail(id) {
       link(`#/subscriptions/${s.id}/edit`, "Edit"),
       act(s.enabled === false ? "Enable" : "Disable", async () => {
         await api("PATCH", `/v1/subscriptions/${s.id}`, { enabled: s.enabled === false });
+        flash = shown;
         await route();
       }),
       act("Rotate secret", async () => {
         if (!confirm("Rotate the signing secret? The old one keeps signing for the overlap period.")) return;
         const r = await api("POST", `/v1/subscriptions/${s.id}/rotate-secret`, {});
-        kept.replaceChildren(secretBox(`New signing secret of ${s.id}`, r.secret));
+        shown = { title: `New signing secret of ${s.id}`, secret: r.secret };
+        kept.replaceChildren(secretBox(shown.title, shown.secret));
         out.replaceChildren();
       }),
       act("Send test event", async () => {

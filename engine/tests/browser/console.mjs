@@ -486,6 +486,9 @@ try {
       await page.getByRole("button", { name: "Send test event" }).click();
       await page.locator("[data-test-result]").waitFor({ timeout: WAIT });
       assert.ok(await page.locator("[data-secret]").isVisible(), "the secret is still shown after the test event");
+      await page.getByRole("button", { name: "Disable" }).click();
+      await page.getByRole("button", { name: "Enable" }).waitFor({ timeout: WAIT });
+      assert.ok(await page.locator("[data-secret]").isVisible(), "the secret is still shown after disabling");
       await page.evaluate(() => Object.defineProperty(navigator, "clipboard", {
         configurable: true, value: { writeText: () => Promise.reject(new Error("refused")) } }));
       await page.getByRole("button", { name: "Copy" }).click();
