@@ -48,7 +48,8 @@ const LONGEST_TOKEN: usize = 16 * 1024;
 type Fetched = Result<(HeaderValue, Instant), Failure>;
 
 enum Slot {
-    Ready(HeaderValue, Instant),
+    /// A token, until when, and whose (its tenant's).
+    Ready(HeaderValue, Instant, Arc<str>),
     /// A fetch under way (which one: the task settles only its own slot).
     Fetching(u64, Shared<BoxFuture<'static, Fetched>>),
 }
@@ -80,23 +81,32 @@ impl TokenResponse {
     }
 }
 
-/// Drops expired tokens and then, if that is not enough, those soonest to expire, down to half
-/// of [`CACHED_AT_MOST`] (fetches under way stay: their tasks settle them).
+/// Drops expired tokens and then, if that is not enough, down to half of [`CACHED_AT_MOST`]:
+/// those of the tenants holding the most first, each tenant's soonest to expire first
+/// (fetches under way stay: their tasks settle them). By expiry alone, a tenant churning its
+/// `scope` with tokens of a day pushed every other tenant's hour-long ones out, each sweep,
+/// and their next deliveries waited for a token again.
 fn make_room(slots: &mut HashMap<[u8; 32], Slot>) {
     let now = Instant::now();
-    slots.retain(|_, s| !matches!(s, Slot::Ready(_, until) if *until <= now));
+    slots.retain(|_, s| !matches!(s, Slot::Ready(_, until, _) if *until <= now));
     let excess = slots.len().saturating_sub(CACHED_AT_MOST / 2);
     if excess == 0 {
         return;
     }
-    let mut ready: Vec<([u8; 32], Instant)> = (slots.iter())
+    let mut held: HashMap<Arc<str>, usize> = HashMap::new();
+    for s in slots.values() {
+        if let Slot::Ready(_, _, tenant) = s {
+            *held.entry(tenant.clone()).or_default() += 1;
+        }
+    }
+    let mut ready: Vec<(usize, Instant, [u8; 32])> = (slots.iter())
         .filter_map(|(k, s)| match s {
-            Slot::Ready(_, until) => Some((*k, *until)),
+            Slot::Ready(_, until, tenant) => Some((held[tenant], *until, *k)),
             Slot::Fetching(..) => None,
         })
         .collect();
-    ready.sort_unstable_by_key(|(_, until)| *until);
-    for (key, _) in ready.into_iter().take(excess) {
+    ready.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (.., key) in ready.into_iter().take(excess) {
         slots.remove(&key);
     }
 }
@@ -122,7 +132,7 @@ impl Tokens {
         let fetch = {
             let mut slots = self.slots.lock().unwrap();
             match slots.get(&key) {
-                Some(Slot::Ready(value, until)) if Instant::now() < *until => return Ok(value.clone()),
+                Some(Slot::Ready(value, until, _)) if Instant::now() < *until => return Ok(value.clone()),
                 Some(Slot::Fetching(_, f)) => f.clone(),
                 _ => {
                     let generation = self.fetches.fetch_add(1, Ordering::Relaxed);
@@ -133,7 +143,7 @@ impl Tokens {
                         let mut slots = this.slots.lock().unwrap();
                         match &fetched {
                             Ok((value, until)) => {
-                                slots.insert(key, Slot::Ready(value.clone(), *until));
+                                slots.insert(key, Slot::Ready(value.clone(), *until, tenant.as_str().into()));
                             }
                             Err(_) if matches!(slots.get(&key), Some(Slot::Fetching(g, _)) if *g == generation) => {
                                 slots.remove(&key);
@@ -317,6 +327,22 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(tokens.fetches.load(Ordering::Relaxed), fetches);
+    }
+
+    /// One tenant making token after token (its `scope` changed each time) does not push
+    /// another tenant's token out of the cache: room is made from the tenants holding most.
+    #[tokio::test]
+    async fn one_tenant_s_many_tokens_do_not_push_another_s_out() {
+        let url = token_endpoint("t".repeat(100)).await;
+        let tokens = tokens();
+        let other = Subscription { tenant: "other".into(), ..subscription(&url, "mine".into()) };
+        tokens.bearer(&other, Duration::from_secs(5)).await.unwrap();
+        for i in 0..4 * CACHED_AT_MOST {
+            tokens.bearer(&subscription(&url, format!("scope-{i}")), Duration::from_secs(5)).await.unwrap();
+        }
+        let fetches = tokens.fetches.load(Ordering::Relaxed);
+        tokens.bearer(&other, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(tokens.fetches.load(Ordering::Relaxed), fetches, "the other tenant's token still cached");
     }
 
     #[tokio::test]
