@@ -249,7 +249,8 @@ type PoolKey = (Option<ProfileKey>, String);
 
 /// The pools of other TLS profiles and egresses, when each was last used, and the files each
 /// was built from.
-type Profiles = HashMap<PoolKey, (Arc<Pool>, Instant, Files)>;
+/// Each profile's pool, when last used, its files, and the tenant whose subscription made it.
+type Profiles = HashMap<PoolKey, (Arc<Pool>, Instant, Files, String)>;
 
 /// The files a profile's pool was built from ([`file_stamps`]), and when they were last
 /// looked at.
@@ -271,6 +272,13 @@ const FILES_LOOKED_AT_EVERY: Duration = Duration::from_secs(30);
 
 /// How long a custom TLS profile's pool is kept without use.
 const PROFILE_IDLE: Duration = Duration::from_secs(600);
+
+/// Custom profiles one tenant's subscriptions may have made and kept at once: past it, its
+/// least recently used one is dropped (with its pool's idle connections) for the next. Kept
+/// by age alone, a tenant changing `ca_pem` at its request rate made some fifty a second, each
+/// a pool with its roots and an open connection, for ten minutes: memory and descriptors
+/// every tenant needs.
+const TENANT_PROFILES: usize = 32;
 
 /// Pooled HTTP(S) clients: one for the default TLS profile and egress, one per other pair of
 /// TLS profile and egress route.
@@ -396,7 +404,7 @@ impl HttpTransport {
         };
         let key = (tls.map(ProfileKey::of), route);
         let mut profiles = self.profiles.lock().unwrap();
-        if let Some((p, used, files)) = profiles.get_mut(&key) {
+        if let Some((p, used, files, _)) = profiles.get_mut(&key) {
             *used = Instant::now();
             if files.stamps.is_empty() || files.looked.elapsed() < FILES_LOOKED_AT_EVERY {
                 return Ok(Found::Ready(Cow::Owned(p.clone())));
@@ -471,8 +479,17 @@ impl HttpTransport {
                     .map_err(|e: TlsError| Failure::Unusable { detail: e.to_string() })?;
                 let built = Arc::new(pool(&this.guard, &this.settings, proxy.as_ref(), config));
                 let mut profiles = this.profiles.lock().unwrap();
-                profiles.retain(|_, (_, used, _)| used.elapsed() < PROFILE_IDLE);
-                Ok(profiles.entry(key_built).or_insert((built, Instant::now(), files)).0.clone())
+                profiles.retain(|_, (_, used, ..)| used.elapsed() < PROFILE_IDLE);
+                if !profiles.contains_key(&key_built) {
+                    let mine = profiles.iter().filter(|(_, (.., by))| *by == tenant);
+                    if mine.clone().count() >= TENANT_PROFILES {
+                        if let Some(oldest) = mine.min_by_key(|(_, (_, used, ..))| *used).map(|(k, _)| k.clone()) {
+                            profiles.remove(&oldest);
+                        }
+                    }
+                }
+                let entry = profiles.entry(key_built).or_insert((built, Instant::now(), files, tenant));
+                Ok(entry.0.clone())
             })
             .await
             .unwrap_or_else(|e| Err(Failure::Unusable { detail: format!("building the TLS profile failed: {e}") }));
@@ -655,7 +672,7 @@ mod tests {
         std::fs::write(dir.path().join("ca.pem"), ca("renewed, with a longer name")).unwrap();
         // Until the files are next looked at, the pool stands.
         assert!(matches!(http.find(Some(&tls), Egress::Default), Ok(Found::Ready(_))));
-        for (_, _, files) in http.profiles.lock().unwrap().values_mut() {
+        for (_, _, files, _) in http.profiles.lock().unwrap().values_mut() {
             files.looked -= FILES_LOOKED_AT_EVERY;
         }
         assert!(matches!(http.find(Some(&tls), Egress::Default), Ok(Found::Missing(..))), "built again");
@@ -795,6 +812,30 @@ mod tests {
             Outcome::Delivered { status: 200, response: Some(r), .. } => assert_eq!(&r.body[..], b"ab"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// One tenant's custom TLS profiles are kept up to a bound, its least recently used
+    /// dropped first — another tenant's stay: a tenant changing its `ca_pem` at its request
+    /// rate made a pool each time, kept ten minutes.
+    #[tokio::test]
+    async fn a_tenant_keeps_a_bounded_number_of_tls_profiles() {
+        let http =
+            HttpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), &HttpSettings::default());
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap().cert.pem();
+        let tls = |i: usize| crate::model::TlsOptions { ca_pem: Some(format!("{ca}\n# {i}\n")), ..Default::default() };
+        let request = || WebhookRequest {
+            uri: "https://127.0.0.1:9/hook".parse().unwrap(),
+            headers: HeaderMap::new(),
+            body: Body::new([Bytes::from_static(b"{}")]),
+            timeout: Duration::from_secs(2),
+        };
+        http.send(request(), Some(&tls(1000)), Egress::Direct, "other").await;
+        for i in 0..TENANT_PROFILES + 20 {
+            http.send(request(), Some(&tls(i)), Egress::Direct, "many").await;
+        }
+        let profiles = http.profiles.lock().unwrap();
+        let of = |tenant: &str| profiles.values().filter(|(.., by)| by == tenant).count();
+        assert_eq!((of("many"), of("other")), (TENANT_PROFILES, 1));
     }
 
     /// A profile whose build fails is not built again at each attempt (a broken PKCS#12
