@@ -229,6 +229,18 @@ async fn spans_a_collector_refuses_are_counted_and_logged() {
     })
     .await;
     assert!(lost >= 6.0, "three ingest and three attempt spans: {lost}");
+    // More events after that batch was refused: another batch, refused too, and not said again.
+    let event = json!({ "id": "lost-later", "type": "t", "data": {} });
+    assert_eq!(api.post("/v1/events", event).await.0, 202);
+    rx.wait_on("/t", 4).await;
+    until("the later batch's spans counted", Duration::from_secs(20), || {
+        let api = api.clone();
+        async move {
+            let n = crate::support::metrics::scrape(&api).await.value("herald_trace_spans_unexported_total", &[]);
+            (n >= lost + 2.0).then_some(())
+        }
+    })
+    .await;
     let told = log.lock().unwrap().lines().filter(|l| l.contains("spans could not be exported")).count();
     assert_eq!(told, 1, "said once, not per batch: {}", log.lock().unwrap());
 }
