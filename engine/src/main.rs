@@ -172,18 +172,16 @@ async fn main() -> anyhow::Result<()> {
     tune_allocator();
     let cli = Cli::parse();
     match cli.command {
-        Command::Client(command) => {
-            match cli::run(command).await {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    // Exit codes a script can rely on: 1 refused, 3 unavailable, 2 anything else
-                    // the caller got wrong (usage, files, token).
-                    eprintln!("herald: {e:#}");
-                    let code = e.downcast_ref::<cli::Failed>().map_or(2, cli::Failed::code);
-                    std::process::exit(code);
-                }
+        Command::Client(command) => match cli::run(command).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Exit codes a script can rely on: 1 refused, 3 unavailable, 2 anything else
+                // the caller got wrong (usage, files, token).
+                eprintln!("herald: {e:#}");
+                let code = e.downcast_ref::<cli::Failed>().map_or(2, cli::Failed::code);
+                std::process::exit(code);
             }
-        }
+        },
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "herald", &mut std::io::stdout());
             Ok(())
