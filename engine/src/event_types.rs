@@ -106,7 +106,11 @@ fn check_name(name: &str) -> Result<(), Invalid> {
 /// held it for minutes. Such patterns are refused here. Each compiled pattern is bounded too,
 /// since a definition of 256 KiB can hold thousands.
 fn compile(schema: &Value) -> Result<jsonschema::Validator, Invalid> {
-    let patterns = jsonschema::PatternOptions::regex().size_limit(PATTERN_BYTES).dfa_size_limit(PATTERN_BYTES);
+    compile_with(schema, jsonschema::PatternOptions::regex().size_limit(PATTERN_BYTES).dfa_size_limit(PATTERN_BYTES))
+}
+
+/// Compiles `schema` with its patterns run as `patterns` says.
+fn compile_with<E>(schema: &Value, patterns: jsonschema::PatternOptions<E>) -> Result<jsonschema::Validator, Invalid> {
     jsonschema::options()
         .with_pattern_options(patterns)
         .build(schema)
@@ -130,10 +134,7 @@ fn compile_stored(schema: &Value) -> Result<jsonschema::Validator, Invalid> {
             .backtrack_limit(BACKTRACK_STEPS)
             .size_limit(PATTERN_BYTES)
             .dfa_size_limit(PATTERN_BYTES);
-        jsonschema::options()
-            .with_pattern_options(patterns)
-            .build(schema)
-            .map_err(|e| Invalid::new("schema", format!("not a usable JSON Schema: {e}")))
+        compile_with(schema, patterns)
     })
 }
 
