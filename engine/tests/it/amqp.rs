@@ -43,6 +43,13 @@ pub(crate) async fn take(ch: &Channel, queue: &str) -> Option<lapin::message::Ba
     ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.ok().flatten()
 }
 
+/// Runs `rabbitmqctl -q` with `args` against the suite's broker; its output. It must succeed.
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl").arg("-q").args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn header(props: &lapin::BasicProperties, name: &str) -> String {
     match props.headers().as_ref().and_then(|h| h.inner().get(&ShortString::from(name)).cloned()) {
         Some(AMQPValue::LongString(s)) => s.to_string(),
@@ -181,14 +188,6 @@ async fn events_are_published_to_the_exchange_by_routing_key_and_survive_a_broke
             "retry": { "policy": "fixed", "interval": "300ms", "max_attempts": 200 }
         }))
         .await;
-    let rabbitmqctl = |args: &[&str]| {
-        let status = std::process::Command::new("rabbitmqctl")
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("rabbitmqctl runs");
-        assert!(status.success(), "rabbitmqctl {args:?}");
-    };
     for i in 0..40 {
         if i == 15 {
             rabbitmqctl(&["stop_app"]);
@@ -379,8 +378,7 @@ async fn a_publish_through_a_blocked_connection_fails_at_once_saying_so() {
     until("the first event on its queue", Duration::from_secs(15), || async { take(&ch, &queue).await }).await;
 
     let unblock = Unblock;
-    let alarmed = std::process::Command::new("rabbitmqctl").args(["-q", "set_vm_memory_high_watermark", "0"]).status();
-    assert!(alarmed.is_ok_and(|s| s.success()), "rabbitmqctl sets the memory alarm");
+    rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
     let attempt = |id: &'static str| {
         let (api, sub_id) = (h.api.clone(), sub_id.clone());
         async move {
@@ -408,11 +406,6 @@ async fn a_tenant_s_broker_connections_are_capped_and_every_delivery_still_arriv
     let _broker = crate::support::RABBITMQ.lock().await;
     let run = format!("{:x}", std::process::id());
     let vhost = format!("herald-cap-{run}");
-    let rabbitmqctl = |args: &[&str]| {
-        let out = std::process::Command::new("rabbitmqctl").arg("-q").args(args).output().expect("rabbitmqctl runs");
-        assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     rabbitmqctl(&["add_vhost", &vhost]);
     rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
     let in_vhost = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
