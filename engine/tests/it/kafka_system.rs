@@ -68,6 +68,17 @@ impl Tansu {
             ("HERALD_LOG__KAFKA__BATCH_NUM_MESSAGES", "1"),
         ]
     }
+
+    /// The config of an in-process Herald on this broker, on `dir`: as [`Tansu::env`] has it.
+    fn config(&self, dir: &std::path::Path) -> herald::config::Config {
+        let mut config = crate::support::config(dir);
+        config.log.backend = herald::config::Backend::Kafka;
+        config.log.brokers = self.addr.clone();
+        config.log.replication = 1;
+        config.log.partitions = 4;
+        config.log.kafka.0.insert("batch.num.messages".into(), "1".into());
+        config
+    }
 }
 
 async fn delivered(api: &Api) -> f64 {
@@ -490,11 +501,7 @@ async fn a_catalog_topic_made_to_delete_by_age_is_refused_at_start() {
     assert!(results.iter().all(Result::is_ok), "{results:?}");
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = crate::support::config(dir.path());
-    config.log.backend = herald::config::Backend::Kafka;
-    config.log.brokers = broker.addr.clone();
-    config.log.replication = 1;
-    config.log.partitions = 4;
+    let config = broker.config(dir.path());
     let started = tokio::time::timeout(Duration::from_secs(60), herald::server::start(config))
         .await
         .expect("start answers within a minute");
@@ -516,12 +523,7 @@ async fn events_accepted_under_a_larger_limit_are_still_retried_whole_after_it_i
     rx.behave("/big", crate::support::Behaviour::FailFirst { n: 3, status: 503 });
     let dir = tempfile::tempdir().unwrap();
     let configured = |max_event_bytes: usize| {
-        let mut config = crate::support::config(dir.path());
-        config.log.backend = herald::config::Backend::Kafka;
-        config.log.brokers = broker.addr.clone();
-        config.log.replication = 1;
-        config.log.partitions = 4;
-        config.log.kafka.0.insert("batch.num.messages".into(), "1".into());
+        let mut config = broker.config(dir.path());
         config.ingest.max_event_bytes = max_event_bytes;
         config
     };
