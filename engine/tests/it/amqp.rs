@@ -1,6 +1,7 @@
 //! AMQP delivery against a real RabbitMQ on loopback (`scripts/test` installs and starts
 //! Debian's rabbitmq-server). One sequential test, because it restarts the broker.
 
+use crate::support::WithoutSuiteKnobs;
 use crate::support::{until, TestHerald};
 use herald_load_tests::verify::Verifier;
 use lapin::options::{BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -299,10 +300,7 @@ async fn a_returned_message_s_payload_is_not_written_to_herald_s_log() {
         .arg(dir.path())
         .envs(crate::support::ENV.iter().copied())
         .env_remove("RUST_LOG")
-        .env_remove("HERALD_TEST_BACKEND")
-        // Nor are the suite's other knobs.
-        .env_remove("HERALD_TANSU")
-        .env_remove("HERALD_CHROMIUM")
+        .without_suite_knobs()
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

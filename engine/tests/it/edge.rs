@@ -2,6 +2,7 @@
 //! edge` agent processes, and a loopback receiver only the agents can reach.
 
 use crate::support::metrics::scrape;
+use crate::support::WithoutSuiteKnobs;
 use crate::support::{edge_connect_request, spawn_herald_with, until, Api, ChildGuard, Receiver, TOKEN};
 use herald_load_tests::verify::Verifier;
 use serde_json::json;
@@ -26,7 +27,7 @@ fn spawn_agent(server: SocketAddr, token: &str) -> ChildGuard {
         .args(["edge", "--server", &format!("http://{server}"), "--window", "16"])
         .env("HERALD_EDGE_TOKEN", token)
         .env("RUST_LOG", "warn")
-        .env_remove("HERALD_TEST_BACKEND")
+        .without_suite_knobs()
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("herald edge runs");
@@ -173,7 +174,7 @@ async fn an_agent_whose_connection_is_never_answered_connects_again() {
         .args(["edge", "--server", &format!("http://{addr}")])
         .env("HERALD_EDGE_TOKEN", "he.dev_x.secret")
         .env("RUST_LOG", "error")
-        .env_remove("HERALD_TEST_BACKEND")
+        .without_suite_knobs()
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("herald edge runs");

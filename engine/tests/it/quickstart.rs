@@ -4,6 +4,7 @@
 //! what the README promises.
 
 use crate::support::until;
+use crate::support::WithoutSuiteKnobs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -49,9 +50,7 @@ fn bash(script: &str, dir: &Path, stdout: Stdio) -> tokio::process::Child {
         .current_dir(dir)
         .env_remove("HERALD_ADMIN_TOKEN")
         // The suite's own knobs are not settings of the server the README starts.
-        .env_remove("HERALD_TEST_BACKEND")
-        .env_remove("HERALD_TANSU")
-        .env_remove("HERALD_CHROMIUM")
+        .without_suite_knobs()
         .stdout(stdout)
         .stderr(Stdio::null())
         .process_group(0)

@@ -4,6 +4,7 @@
 //! findings, one test each; TLS files are in `tls.rs`, edge devices in `edge.rs`).
 
 use crate::support::metrics::scrape;
+use crate::support::WithoutSuiteKnobs;
 use crate::support::{tenant_with_key, until, Api, Receiver, TestHerald, TOKEN};
 use bytes::Bytes;
 use herald::dispatch::{Observe, Parked, Settled, Settlement};
@@ -692,10 +693,7 @@ async fn without_a_secret_key_herald_says_so_once() {
         .arg(dir.path())
         .envs(crate::support::ENV.iter().copied())
         .env("RUST_LOG", "info")
-        .env_remove("HERALD_TEST_BACKEND")
-        // Nor are the suite's other knobs.
-        .env_remove("HERALD_TANSU")
-        .env_remove("HERALD_CHROMIUM")
+        .without_suite_knobs()
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

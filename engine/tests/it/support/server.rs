@@ -214,6 +214,31 @@ pub fn edge_connect_request(
     request
 }
 
+/// The suite's own settings (`./scripts/test`'s knobs), not Herald's: a process the suite
+/// starts is not given them, since Herald refuses `HERALD_*` settings it does not know.
+const SUITE_KNOBS: [&str; 3] = ["HERALD_TEST_BACKEND", "HERALD_TANSU", "HERALD_CHROMIUM"];
+
+/// A command that leaves out [`SUITE_KNOBS`].
+pub trait WithoutSuiteKnobs {
+    fn without_suite_knobs(&mut self) -> &mut Self;
+}
+
+impl WithoutSuiteKnobs for std::process::Command {
+    fn without_suite_knobs(&mut self) -> &mut Self {
+        for knob in SUITE_KNOBS {
+            self.env_remove(knob);
+        }
+        self
+    }
+}
+
+impl WithoutSuiteKnobs for tokio::process::Command {
+    fn without_suite_knobs(&mut self) -> &mut Self {
+        self.as_std_mut().without_suite_knobs();
+        self
+    }
+}
+
 /// Starts `herald serve` on a free port and returns it with its address.
 pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
     spawn_herald_with(data_dir, &[])
@@ -276,11 +301,8 @@ fn spawn_herald_as(
         .arg(data_dir)
         .envs(ENV.iter().copied())
         .env("RUST_LOG", "warn")
-        // The suite's own switch is not a setting of the server.
-        .env_remove("HERALD_TEST_BACKEND")
-        // Nor are the suite's other knobs.
-        .env_remove("HERALD_TANSU")
-        .env_remove("HERALD_CHROMIUM")
+        // The suite's own knobs are not settings of the server.
+        .without_suite_knobs()
         // The caller's variables last, so they win over the defaults above.
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
