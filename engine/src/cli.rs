@@ -296,17 +296,21 @@ pub enum Failed {
     /// The API refused the request (4xx).
     #[error("{0}")]
     Refused(String),
-    /// The server failed or could not be reached.
+    /// The server failed or could not be reached: the request may or may not have been done.
     #[error("{0}")]
     Unavailable(String),
+    /// The server asked to slow down (`429`): nothing of the request was done, and the same
+    /// request later is taken.
+    #[error("{0}")]
+    Throttled(String),
 }
 
 impl Failed {
-    /// The exit code: 1 refused, 3 unavailable.
+    /// The exit code: 1 refused, 3 unavailable or throttled (try again later).
     pub fn code(&self) -> i32 {
         match self {
             Failed::Refused(_) => 1,
-            Failed::Unavailable(_) => 3,
+            Failed::Unavailable(_) | Failed::Throttled(_) => 3,
         }
     }
 }
@@ -345,12 +349,10 @@ impl Api {
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failed> {
         let method = http::Method::from_bytes(method.as_bytes()).map_err(|e| Failed::Refused(e.to_string()))?;
-        self.0.call(method, path, body.as_ref()).await.map_err(|e| {
-            if e.is_refusal() {
-                Failed::Refused(e.to_string())
-            } else {
-                Failed::Unavailable(e.to_string())
-            }
+        self.0.call(method, path, body.as_ref()).await.map_err(|e| match e {
+            _ if e.is_refusal() => Failed::Refused(e.to_string()),
+            herald_client::Error::Api { status: 429, .. } => Failed::Throttled(e.to_string()),
+            _ => Failed::Unavailable(e.to_string()),
         })
     }
 }
@@ -431,6 +433,10 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
                 Failed::Unavailable(m) => Failed::Unavailable(format!(
                     "{range} may or may not have been accepted: {m}; {before}; nothing after it was sent \
                      (events with an id can be sent again safely)"
+                )),
+                Failed::Throttled(m) => Failed::Throttled(format!(
+                    "{range} was not accepted, the server asked to slow down: {m}; {before}; nothing after \
+                     it was sent"
                 )),
             }
         })?;

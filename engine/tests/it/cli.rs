@@ -273,6 +273,49 @@ async fn a_publish_cut_off_by_the_request_timeout_is_not_called_refused() {
     rx.wait_on("/slow", 2).await;
 }
 
+/// A batch the server throttles (`429`: the tenant's writes under way fill its share of
+/// `quotas.pending_bytes`) was not accepted: the CLI says so, and when to come back, and exits
+/// 3 (try again later) — it said the batch "may or may not have been accepted", as for a
+/// server it lost, and a script could not tell that sending those lines again was safe. The
+/// server here stands in for Herald with its documented answers (the real one takes ten
+/// seconds of a full share to refuse).
+#[tokio::test]
+async fn a_throttled_batch_is_said_not_accepted() {
+    use http_body_util::Full;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = format!("http://{}", listener.local_addr().unwrap());
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    crate::support::serve_http1(listener, move |_req| {
+        let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            let (status, body) = if first {
+                let items: Vec<Value> =
+                    (0..1000).map(|n| serde_json::json!({ "id": format!("e{n}"), "deliveries": 1 })).collect();
+                (202, serde_json::json!({ "items": items, "deliveries": 1000 }))
+            } else {
+                let error = serde_json::json!({ "code": "RATE_LIMITED", "message": "tenant t1 has 1048576 bytes being written; retry after 1 s", "retry_after": 1 });
+                (429, serde_json::json!({ "error": error }))
+            };
+            hyper::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .header("retry-after", "1")
+                .body(Full::new(bytes::Bytes::from(body.to_string())))
+                .unwrap()
+        }
+    });
+    let lines: String = (0..1001).map(|n| format!("{{\"type\":\"A\",\"data\":{{\"n\":{n}}}}}\n")).collect();
+    let out = herald(&server, &["events", "send", "--stdin"], Some(&lines)).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains("lines 1001–1001 was not accepted"), "{said}");
+    assert!(said.contains("the 1000 events before line 1001 were accepted"), "{said}");
+    assert!(said.contains("retry after 1 s"), "{said}");
+    assert!(!said.contains("may or may not"), "{said}");
+}
+
 /// A server that cannot be reached is said with its cause — hyper's own words were only
 /// "client error (Connect)" — and exits 3.
 #[tokio::test]
