@@ -455,7 +455,7 @@ impl Registry {
             rules: &Rules,
             tenant: &str,
         ) -> Result<SubscriptionSpec, Invalid> {
-            validate::check(&mut spec, rules, tenant)?;
+            validate::check(&mut spec, previous, rules, tenant)?;
             validate::check_tenant_input(&spec, previous)?;
             Ok(spec)
         }
@@ -663,7 +663,7 @@ impl Registry {
             }
             let (mut spec, secret) = validate::static_spec(w).map_err(at)?;
             let tenant = w.tenant.clone().unwrap_or_else(|| DEFAULT_TENANT.into());
-            validate::check(&mut spec, &self.rules, &tenant).map_err(at)?;
+            validate::check(&mut spec, None, &self.rules, &tenant).map_err(at)?;
             // A change of what stands, made from the version read: one landing meanwhile (a
             // PATCH, or the same change by a process starting beside this one) makes it a
             // conflict, not undone by it — then looked at again from that one.

@@ -64,22 +64,43 @@ pub struct Rules {
     pub proxies: Vec<String>,
 }
 
-/// Checks a spec and fills in what follows from it (an AMQP subscription's `url` label).
-pub fn check(spec: &mut SubscriptionSpec, rules: &Rules, tenant: &str) -> Result<(), Invalid> {
-    let guard = &rules.guard;
+/// Checks a spec, new or changing `previous`, and fills in what follows from it (an AMQP
+/// subscription's `url` label). The operator's settings that can change under a stored
+/// subscription — the network guard, the egress proxies' names, the TLS files — hold what a
+/// change sets, not what it keeps: else a subscription those settings have outgrown could not
+/// even be disabled (its own checks are made again where it is delivered).
+pub fn check(
+    spec: &mut SubscriptionSpec,
+    previous: Option<&SubscriptionSpec>,
+    rules: &Rules,
+    tenant: &str,
+) -> Result<(), Invalid> {
     // Through an edge device the target is reached from the customer's network, where
     // private addresses are the point: Herald's own network guard does not apply.
     let open = NetworkGuard::new(vec!["0.0.0.0/0".parse().expect("net"), "::/0".parse().expect("net")]);
-    let guard = match &spec.via_edge {
-        Some(d) if d.is_empty() || d.len() > 64 => return Err(Invalid::new("via_edge", "must name an edge device")),
-        Some(_) => &open,
-        None => guard,
+    if spec.via_edge.as_ref().is_some_and(|d| d.is_empty() || d.len() > 64) {
+        return Err(Invalid::new("via_edge", "must name an edge device"));
+    }
+    let kept = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| {
+        previous.is_some_and(|p| p.via_edge == spec.via_edge && same(p, spec))
+    };
+    let guard_unless = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| {
+        if spec.via_edge.is_some() || kept(same) {
+            &open
+        } else {
+            &rules.guard
+        }
     };
     match spec.transport {
-        TransportKind::Webhook => check_webhook(spec, guard, rules.tls_files_dir.as_deref(), tenant)?,
-        TransportKind::Amqp => check_amqp(spec, guard)?,
+        TransportKind::Webhook => {
+            let guards = (guard_unless(|p, s| p.url == s.url), guard_unless(|p, s| p.auth == s.auth));
+            let files = (!kept(|p, s| p.tls == s.tls)).then_some(rules.tls_files_dir.as_deref());
+            check_webhook(spec, guards, files, tenant)?
+        }
+        TransportKind::Amqp => check_amqp(spec, guard_unless(|p, s| p.amqp == s.amqp))?,
     }
-    check_proxy(spec, &rules.proxies)?;
+    let kept_proxy = previous.and_then(|p| p.proxy.as_deref()).filter(|p| spec.proxy.as_deref() == Some(*p));
+    check_proxy(spec, &rules.proxies, kept_proxy)?;
     check_common(spec)
 }
 
@@ -142,10 +163,12 @@ pub fn check_tenant_input(spec: &SubscriptionSpec, previous: Option<&Subscriptio
     ))
 }
 
+/// `guards` are the URL's and the OAuth token URL's; `files` the TLS directory, `None` when
+/// the TLS settings are kept as they stood (not read again).
 fn check_webhook(
     spec: &SubscriptionSpec,
-    guard: &NetworkGuard,
-    files: Option<&std::path::Path>,
+    (guard, auth_guard): (&NetworkGuard, &NetworkGuard),
+    files: Option<Option<&std::path::Path>>,
     tenant: &str,
 ) -> Result<(), Invalid> {
     if spec.amqp.is_some() {
@@ -161,13 +184,13 @@ fn check_webhook(
     }
     let host = url.host_str().ok_or_else(|| Invalid::new("url", "must have a host"))?;
     guard.check_host(host).map_err(|e| Invalid::new("url", e.to_string()))?;
-    if let Some(tls) = &spec.tls {
+    if let (Some(tls), Some(files)) = (&spec.tls, files) {
         // The folder first: another tenant's file is never opened (what opening it answered
         // told whether it exists, and for PKCS#12 whether a password guessed was right).
         crate::transport::tls::check_tenant_files(tls, files, tenant).map_err(|e| Invalid::new(e.field, e.message))?;
         crate::transport::tls::client_config(Some(tls), files).map_err(|e| Invalid::new(e.field, e.message))?;
     }
-    check_auth(&spec.auth, guard)
+    check_auth(&spec.auth, auth_guard)
 }
 
 fn check_auth(auth: &Auth, guard: &NetworkGuard) -> Result<(), Invalid> {
@@ -239,8 +262,9 @@ fn check_amqp(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), I
     check_len("url", &spec.url, range::URL)
 }
 
-/// `proxy` names a configured egress proxy, or `none`, for a webhook Herald itself sends.
-fn check_proxy(spec: &SubscriptionSpec, proxies: &[String]) -> Result<(), Invalid> {
+/// `proxy` names a configured egress proxy, or `none`, for a webhook Herald itself sends;
+/// `kept`, the name a change leaves as it stood, whether or not it is still configured.
+fn check_proxy(spec: &SubscriptionSpec, proxies: &[String], kept: Option<&str>) -> Result<(), Invalid> {
     let Some(proxy) = &spec.proxy else { return Ok(()) };
     if spec.transport != TransportKind::Webhook {
         return Err(Invalid::new("proxy", "only webhooks go through an egress proxy"));
@@ -248,7 +272,7 @@ fn check_proxy(spec: &SubscriptionSpec, proxies: &[String]) -> Result<(), Invali
     if spec.via_edge.is_some() {
         return Err(Invalid::new("proxy", "an edge device delivers from the customer's network; no proxy applies"));
     }
-    if proxy != crate::config::DIRECT_EGRESS && !proxies.contains(proxy) {
+    if proxy != crate::config::DIRECT_EGRESS && !proxies.contains(proxy) && kept != Some(proxy.as_str()) {
         let known = if proxies.is_empty() { "none is configured".to_string() } else { proxies.join(", ") };
         return Err(Invalid::new(
             "proxy",
@@ -443,7 +467,7 @@ mod tests {
 
     fn checked(v: serde_json::Value) -> Result<SubscriptionSpec, Invalid> {
         let mut s = spec(v);
-        check(&mut s, &Rules::default(), "t").map(|()| s)
+        check(&mut s, None, &Rules::default(), "t").map(|()| s)
     }
 
     /// The bounds on what a tenant sends hold for new input only: a subscription stored
@@ -472,7 +496,7 @@ mod tests {
         assert!(e.message.contains("network.allow"), "{e}");
         let mut s = spec(json!({"url": "http://127.0.0.1:9/"}));
         let rules = Rules { guard: NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), ..Rules::default() };
-        assert!(check(&mut s, &rules, "t").is_ok());
+        assert!(check(&mut s, None, &rules, "t").is_ok());
     }
 
     #[test]

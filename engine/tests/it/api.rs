@@ -480,3 +480,48 @@ async fn a_start_refused_for_its_port_leaves_nothing_behind() {
     let made: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(!made.iter().any(|n| n.to_string_lossy().contains("token")), "{made:?}");
 }
+
+/// A subscription the operator's settings have since outgrown (its egress proxy no longer
+/// configured, its network no longer allowed) can still be disabled, or changed in what those
+/// settings do not concern: they hold what a PATCH changes, not what it keeps. Its tenant
+/// could neither disable it (`400` naming `proxy`, or `url`) nor repair it — only delete it.
+#[tokio::test]
+async fn a_subscription_the_settings_have_outgrown_can_still_be_disabled() {
+    let h = TestHerald::start_with(|c| {
+        c.http.proxies.insert("eu".into(), "http://127.0.0.1:9".into());
+    })
+    .await;
+    let (tenant_id, _) = tenant_with_key(&h.api, "Acme").await;
+    let rx = Receiver::start().await;
+    let proxied = h.api.subscribe(json!({ "url": rx.url("/p"), "tenant": tenant_id, "proxy": "eu" })).await;
+    let local = h.api.subscribe(json!({ "url": rx.url("/l"), "tenant": tenant_id })).await;
+    let h = h
+        .restart_with(|c| {
+            c.http.proxies.clear();
+            c.network.allow.clear();
+        })
+        .await;
+    let (status, key) = h.api.post(&format!("/v1/tenants/{tenant_id}/keys"), json!({})).await;
+    assert_eq!(status, 201, "{key}");
+    let mut tenant = h.api.clone();
+    tenant.token = key["key"].as_str().unwrap().to_string();
+    let patch = |sub: &Value, body: Value| {
+        let (tenant, path) = (tenant.clone(), format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap()));
+        async move { tenant.raw("PATCH", &path, Some(body.to_string().into()), Some(&tenant.token)).await }
+    };
+    for sub in [&proxied, &local] {
+        for body in [json!({}), json!({ "enabled": false }), json!({ "headers": { "x-team": "billing" } })] {
+            let (status, got) = patch(sub, body.clone()).await;
+            assert_eq!(status, 200, "{body}: {got}");
+        }
+        let (_, got) = h.api.get(&format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap())).await;
+        assert_eq!(got["enabled"], false, "{got}");
+        assert!(got["headers"].get("x-team").is_some(), "{got}");
+    }
+    // What a change does touch is held to today's settings.
+    let (status, err) = patch(&local, json!({ "url": rx.url("/moved") })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("url")), "{err}");
+    let path = format!("/v1/subscriptions/{}", proxied["id"].as_str().unwrap());
+    let (status, err) = h.api.raw("PATCH", &path, Some(r#"{"proxy":"us"}"#.into()), Some(&h.api.token)).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("proxy")), "{err}");
+}
