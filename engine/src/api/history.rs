@@ -312,10 +312,13 @@ pub async fn recover(
         .ok_or_else(|| ApiError::not_found("subscription"))?;
     enabled(&target)?;
     let since = time("since", Some(&req.since))?.expect("given");
-    let until = time("until", req.until.as_deref())?.unwrap_or_else(now_ms);
-    if until < since {
-        return Err(ApiError::validation("until", "must not be before since"));
+    let until = time("until", req.until.as_deref())?;
+    match until {
+        Some(until) if until < since => return Err(ApiError::validation("until", "must not be before since")),
+        None if now_ms() < since => return Err(ApiError::validation("since", "must not be in the future")),
+        _ => {}
     }
+    let until = until.unwrap_or_else(now_ms);
     let _one = history.recovering(&target.sub.tenant).ok_or_else(|| {
         ApiError::conflict(
             "subscription",

@@ -258,6 +258,13 @@ async fn dead_letters_show_in_the_event_state_and_resend_recover_and_rewind_send
 
     let (status, err) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({})).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("since")), "{err}");
+    // A `since` in the future names `since`, not the `until` the client never sent.
+    let later = json!({ "since": "2099-01-01T00:00:00Z" });
+    let (status, err) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), later).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("since")), "{err}");
+    let window = json!({ "since": "2099-01-02T00:00:00Z", "until": "2099-01-01T00:00:00Z" });
+    let (status, err) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), window).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("until")), "{err}");
     let (status, err) = h.api.post("/v1/events/down-0/resend", json!({ "subscription": "sub_other" })).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("subscription")), "{err}");
 }
