@@ -608,8 +608,9 @@ impl HttpTransport {
 /// The receiver's `Retry-After` in ms, when it gave one in seconds.
 fn retry_after(headers: &HeaderMap) -> Option<u64> {
     let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(seconds.saturating_mul(1000));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Past u64 (20 digits and more): the longest wait, capped where it is used.
+        return Some(value.parse::<u64>().map_or(u64::MAX, |seconds| seconds.saturating_mul(1000)));
     }
     // Or an HTTP date (RFC 9110 allows both): the wait until then, none if it has passed.
     let at = httpdate::parse_http_date(value).ok()?;
@@ -688,6 +689,9 @@ mod tests {
         // After more headers than a kept response holds (it used to be read from those).
         headers.insert(http::header::RETRY_AFTER, " 7 ".parse().unwrap());
         assert_eq!(retry_after(&headers), Some(7_000));
+        // Seconds past u64 are the longest wait (capped where it is used), not none at all.
+        headers.insert(http::header::RETRY_AFTER, "99999999999999999999".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(u64::MAX));
         for unusable in ["-1", "1.5", "", "Wed, 32 Oct 2026 07:28:00 GMT"] {
             headers.insert(http::header::RETRY_AFTER, unusable.parse().unwrap());
             assert_eq!(retry_after(&headers), None, "{unusable:?}");
