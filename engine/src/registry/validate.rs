@@ -351,7 +351,20 @@ fn check_retry(retry: Option<&RetrySpec>) -> Result<(), Invalid> {
     match retry {
         Some(RetrySpec::Fixed { interval, max_attempts }) => {
             check_duration("retry.interval", Some(*interval), range::FIXED_INTERVAL)?;
-            check_number("retry.max_attempts", Some(*max_attempts), range::MAX_ATTEMPTS)
+            check_number("retry.max_attempts", Some(*max_attempts), range::MAX_ATTEMPTS)?;
+            // Its last attempt within the longest max_age, past which no delivery is kept.
+            let span = interval.0.saturating_mul(max_attempts.saturating_sub(1));
+            if span > range::MAX_AGE.1 {
+                return Err(Invalid::new(
+                    "retry.max_attempts",
+                    format!(
+                        "a fixed schedule spans at most {} (interval × (max_attempts − 1)); this one spans {}",
+                        HumanDuration(range::MAX_AGE.1),
+                        HumanDuration(span)
+                    ),
+                ));
+            }
+            Ok(())
         }
         Some(RetrySpec::Exponential { initial, multiplier, max_interval, jitter, max_attempts, max_age }) => {
             check_duration("retry.initial", *initial, range::INITIAL)?;

@@ -122,10 +122,13 @@ impl Policy {
         }
     }
 
+    /// How long after its budget began a delivery may still be attempted: a fixed schedule
+    /// has no `max_age` of its own and takes the longest there is, so that no delivery —
+    /// one held back by an open breaker or a rate limit included — is kept for good.
     fn max_age(&self) -> Option<Duration> {
         match self {
             Policy::Exponential { max_age, .. } => Some(*max_age),
-            Policy::Fixed { .. } => None,
+            Policy::Fixed { .. } => Some(range::MAX_AGE.1),
         }
     }
 
@@ -333,6 +336,19 @@ mod tests {
         let p = Policy::from_spec(Some(&spec));
         let times = schedule(&p, 42);
         assert_eq!(times, vec![0, 1_800_000, 3_600_000, 5_400_000, 7_200_000]);
+    }
+
+    /// No delivery is kept past `range::MAX_AGE` (7 days), whatever its policy: a fixed
+    /// schedule had no deadline at all, so one stored as a day apart a thousand times retried
+    /// for three years, and a delivery held back (an open breaker, a rate limit) never aged out.
+    #[test]
+    fn a_fixed_schedule_ends_within_the_longest_max_age() {
+        let spec = RetrySpec::Fixed { interval: HumanDuration(Duration::from_secs(86_400)), max_attempts: 1000 };
+        let p = Policy::from_spec(Some(&spec));
+        let week = 7 * 86_400_000;
+        assert_eq!(p.deadline(0), Some(week));
+        assert_eq!(p.next_due(7, 0, 7 * 86_400_000, 1, None), None);
+        assert!(*schedule(&p, 1).last().unwrap() <= week);
     }
 
     #[test]

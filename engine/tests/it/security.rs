@@ -139,6 +139,11 @@ async fn settings_that_used_to_panic_delivery_are_refused_naming_the_field() {
             json!({ "url": url, "retry": { "policy": "fixed", "interval": "PT99999999999999999999S", "max_attempts": 3 } }),
             "retry.interval",
         ),
+        // A fixed schedule past the longest max_age (7 days): a day apart 1,000 times.
+        (
+            json!({ "url": url, "retry": { "policy": "fixed", "interval": "P1D", "max_attempts": 1000 } }),
+            "retry.max_attempts",
+        ),
         (json!({ "url": url, "max_in_flight": 0 }), "max_in_flight"),
         (json!({ "url": url, "headers": many_headers }), "headers"),
         (json!({ "url": url, "signature": { "scheme": "hmac", "header": long_name } }), "signature.header"),
