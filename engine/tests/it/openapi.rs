@@ -61,6 +61,57 @@ async fn the_served_document_is_the_file_and_every_operation_answers_as_document
     }
 }
 
+/// Answers other tests meet on the way are in the document too, for a client generated from
+/// it: a body that is not JSON by its type (`415`) or too large (`413`) at every operation
+/// taking one; a static webhook's deletion and a resend to a disabled subscription (`409`).
+#[tokio::test]
+async fn refusals_met_past_the_first_checks_are_documented() {
+    let rx = crate::support::Receiver::start().await;
+    let webhook: herald::config::StaticWebhook =
+        serde_json::from_value(json!({ "name": "erp", "endpoint": rx.url("/erp"), "secret": "file-secret" })).unwrap();
+    let h = TestHerald::start_with(|c| c.webhooks.push(webhook)).await;
+    let doc = document();
+    let documented = |method: &str, path: &str, status: u16| {
+        doc["paths"][path][method.to_lowercase()]["responses"].get(status.to_string()).is_some()
+    };
+    let mut missing = Vec::new();
+    let large = Bytes::from(format!("{{\"pad\":\"{}\"}}", "p".repeat(17 << 20)));
+    for (method, path, op) in operations(&doc) {
+        if op.get("requestBody").is_none() || path == "/v1/edge/forward" {
+            continue; // the edge forward is the processes' own, under their secret
+        }
+        let concrete = path.replace("{id}", "nope").replace("{key_id}", "nope").replace("{name}", "nope");
+        let plain = [("content-type", "text/plain")];
+        let (status, _, err) =
+            h.api.request_with(&method, &concrete, Some(Bytes::from_static(b"{}")), Some(TOKEN), &plain).await.unwrap();
+        assert_eq!(status, 415, "{method} {path}: {err}");
+        if !documented(&method, &path, 415) {
+            missing.push(format!("{method} {path} 415"));
+        }
+        let (status, err) = h.api.raw(&method, &concrete, Some(large.clone()), Some(TOKEN)).await;
+        assert_eq!(status, 413, "{method} {path}: {err}");
+        if !documented(&method, &path, 413) {
+            missing.push(format!("{method} {path} 413"));
+        }
+    }
+    let (status, err) = h.api.delete("/v1/subscriptions/static-erp").await;
+    assert_eq!(status, 409, "{err}");
+    if !documented("DELETE", "/v1/subscriptions/{id}", 409) {
+        missing.push("DELETE /v1/subscriptions/{id} 409".into());
+    }
+    let sub = h.api.subscribe(json!({ "url": rx.url("/off"), "events": ["off"] })).await;
+    let id = sub["id"].as_str().unwrap();
+    assert_eq!(h.api.post("/v1/events", json!({ "id": "e-off", "type": "off", "data": {} })).await.0, 202);
+    rx.wait_on("/off", 1).await;
+    assert_eq!(h.api.patch(&format!("/v1/subscriptions/{id}"), json!({ "enabled": false })).await.0, 200);
+    let (status, err) = h.api.post("/v1/events/e-off/resend", json!({ "subscription": id })).await;
+    assert_eq!(status, 409, "{err}");
+    if !documented("POST", "/v1/events/{id}/resend", 409) {
+        missing.push("POST /v1/events/{id}/resend 409".into());
+    }
+    assert!(missing.is_empty(), "answered but not documented: {missing:?}");
+}
+
 /// A random JSON value, biased towards the field names an operation knows.
 fn random_value(rng: &mut rand::rngs::StdRng, fields: &[String], depth: u32) -> Value {
     match rng.gen_range(0..if depth > 2 { 6 } else { 9 }) {

@@ -68,7 +68,7 @@ impl Api {
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        if body.is_some() {
+        if body.is_some() && !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-type")) {
             req = req.header("content-type", "application/json");
         }
         let resp = self
