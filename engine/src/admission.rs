@@ -335,9 +335,11 @@ impl Admission {
         }
     }
 
-    /// Whether the breaker is open now.
-    pub fn is_open(&self) -> bool {
-        self.open_until_ms.load(Ordering::Acquire) > now_ms()
+    /// Whether the breaker is open, or half-open (a probe may be out, or about to go): what
+    /// `herald_circuit_breakers_open` counts, so that an endpoint failing all along stays
+    /// counted across its probes.
+    pub fn not_closed(&self) -> bool {
+        self.open_until_ms.load(Ordering::Acquire) != 0
     }
 
     /// The breaker's verdict: go ahead (with the [`Probe`] when this attempt tests an endpoint
@@ -806,13 +808,17 @@ mod tests {
         let (_probe_slot, probe) = e.admit().await.unwrap();
         assert!(probe.is_probe());
         assert!(matches!(e.admit().await, Err(Busy::Open(_))));
+        // Counted as not closed while its probe is out (a hanging endpoint's probe takes its
+        // whole timeout: counted only while paused, it left the gauge at 0 that long each
+        // cycle, and an alert held for 15 minutes never fired).
+        assert!(e.not_closed());
         // The probe fails: open again, for twice as long.
         assert_eq!(e.failed(probe).opened, Some(Duration::from_millis(80)));
         tokio::time::sleep(Duration::from_millis(85)).await;
         let (_slot, probe) = e.admit().await.unwrap();
         assert!(probe.is_probe());
         e.succeeded(probe);
-        assert!(!e.is_open());
+        assert!(!e.not_closed());
         let (_slot, probe) = e.admit().await.unwrap();
         assert!(!probe.is_probe());
     }

@@ -420,7 +420,7 @@ fn describe() {
         "Bytes of records read and not started yet (a retry tier's, until due), by source topic and partition."
     );
     describe_gauge!(CONSUMER_LAG, "Records appended but not yet committed, by source topic and partition.");
-    describe_gauge!(BREAKERS_OPEN, "Subscriptions whose circuit breaker is open.");
+    describe_gauge!(BREAKERS_OPEN, "Subscriptions whose circuit breaker is open or half-open (probing).");
     describe_gauge!(
         ORDERED_KEYS_BLOCKED,
         "Keys of ordered subscriptions whose head delivery has failed (or is held after a dead letter), on the partitions this process sequences: their later deliveries wait."

@@ -732,9 +732,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Subscriptions whose circuit breaker is open now.
+    /// Subscriptions whose circuit breaker is open or half-open now.
     pub fn breakers_open(&self) -> usize {
-        self.state.read().unwrap().by_id.values().filter(|t| t.admission.is_open()).count()
+        self.state.read().unwrap().by_id.values().filter(|t| t.admission.not_closed()).count()
     }
 
     /// Number of subscriptions, and of those disabled.
