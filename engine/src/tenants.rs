@@ -32,8 +32,16 @@ pub struct Tenant {
     pub id: String,
     /// A name for people; ids are what the API matches on.
     pub name: String,
-    /// When it was created, RFC 3339.
-    pub created_at: String,
+    /// When it was created, RFC 3339; none for the default tenant, which always was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+}
+
+impl Tenant {
+    /// The [`DEFAULT_TENANT`], never created: listed and given keys like the others.
+    fn default_tenant() -> Tenant {
+        Tenant { id: DEFAULT_TENANT.to_string(), name: DEFAULT_TENANT.to_string(), created_at: None }
+    }
 }
 
 /// An API key as listed: which one, since when; the key itself is never shown again.
@@ -117,18 +125,21 @@ impl Tenants {
 
     /// Creates a tenant, durably in the catalog.
     pub async fn create(&self, name: String) -> Result<Tenant, CatalogError> {
-        let tenant = Tenant { id: new_id(ID_PREFIX), name, created_at: rfc3339_ms(now_ms()) };
+        let tenant = Tenant { id: new_id(ID_PREFIX), name, created_at: Some(rfc3339_ms(now_ms())) };
         self.persist(Key::tenant(&tenant.id), Bytes::from(serde_json::to_vec(&tenant).expect("serializes"))).await?;
         Ok(tenant)
     }
 
-    /// A tenant by id, as this process has applied it.
+    /// A tenant by id, as this process has applied it (the default tenant always).
     pub fn get(&self, id: &str) -> Option<Tenant> {
+        if id == DEFAULT_TENANT {
+            return Some(Tenant::default_tenant());
+        }
         self.state.read().unwrap().tenants.get(id).cloned()
     }
 
-    /// Every tenant, oldest first, with its keys' ids and creation times (never their
-    /// digests).
+    /// Every tenant, the default one first and then oldest first, with its keys' ids and
+    /// creation times (never their digests).
     pub fn list(&self) -> Vec<TenantKeys> {
         let state = self.state.read().unwrap();
         // Keys grouped in one pass (each tenant filtering every key was tenants × keys).
@@ -139,9 +150,9 @@ impl Tenants {
                 .or_default()
                 .push(KeyInfo { id: k.id.clone(), created_at: k.created_at.clone() });
         }
-        let mut items: Vec<TenantKeys> = state
-            .tenants
-            .values()
+        let default = Tenant::default_tenant();
+        let mut items: Vec<TenantKeys> = std::iter::once(&default)
+            .chain(state.tenants.values())
             .map(|t| {
                 let mut keys = by_tenant.remove(t.id.as_str()).unwrap_or_default();
                 keys.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));

@@ -106,7 +106,7 @@ pub async fn mint(
     headers: HeaderMap,
     OptionalJsonBody(req): OptionalJsonBody<NewPortal>,
 ) -> Result<impl IntoResponse, ApiError> {
-    if id != crate::tenants::DEFAULT_TENANT && state.tenants.get(&id).is_none() {
+    if state.tenants.get(&id).is_none() {
         return Err(ApiError::not_found("tenant"));
     }
     let ttl = req.ttl.map_or(state.portal.ttl, |t| t.0);

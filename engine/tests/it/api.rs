@@ -525,3 +525,34 @@ async fn a_subscription_the_settings_have_outgrown_can_still_be_disabled() {
     let (status, err) = h.api.raw("PATCH", &path, Some(r#"{"proxy":"us"}"#.into()), Some(&h.api.token)).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("proxy")), "{err}");
 }
+
+/// The `default` tenant — what the admin's objects belong to when they name none — is a
+/// tenant like the others to the operator: listed, given API keys and portal links. A portal
+/// link for it was minted while a key was refused `404`, and the console's tenants page did
+/// not show it at all.
+#[tokio::test]
+async fn the_default_tenant_is_listed_and_takes_keys() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let ours = h.api.subscribe(json!({ "url": rx.url("/ours") })).await;
+    let (_, acme) = tenant_with_key(&h.api, "Acme").await;
+    acme.subscribe(json!({ "url": rx.url("/theirs") })).await;
+
+    let (status, key) = h.api.post("/v1/tenants/default/keys", json!({})).await;
+    assert_eq!(status, 201, "{key}");
+    let mut default = h.api.clone();
+    default.token = key["key"].as_str().unwrap().to_string();
+    let (status, subs) = default.get("/v1/subscriptions").await;
+    assert_eq!(status, 200, "{subs}");
+    let ids: Vec<&str> = subs["items"].as_array().unwrap().iter().filter_map(|s| s["id"].as_str()).collect();
+    assert_eq!(ids, [ours["id"].as_str().unwrap()], "the default tenant's own, only");
+
+    let (_, tenants) = h.api.get("/v1/tenants").await;
+    let items = tenants["items"].as_array().unwrap();
+    assert_eq!(items[0]["id"], "default", "{tenants}");
+    assert_eq!(items[0]["keys"][0]["id"], key["id"], "{tenants}");
+    assert_eq!(items.len(), 2, "{tenants}");
+    let (status, _) = h.api.delete(&format!("/v1/tenants/default/keys/{}", key["id"].as_str().unwrap())).await;
+    assert_eq!(status, 204);
+    assert_eq!(default.get("/v1/subscriptions").await.0, 401, "a revoked key is refused");
+}
