@@ -204,7 +204,7 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     let feed = Arc::new(feed);
     let guard = NetworkGuard::new(config.network.allow.clone());
     let proxies = egress_proxies(config).into_keys().collect();
-    let rules = Rules { guard, tls_files_dir: config.http.tls_files_dir.clone(), proxies };
+    let rules = Rules { guard, tls_files_dir: config.http.tls_files_dir.clone(), proxies, tenant_folders: Vec::new() };
     let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
     let tenants = Arc::new(Tenants::load(feed.clone(), &records));
     let devices = Arc::new(Devices::load(feed.clone(), &records));

@@ -459,14 +459,26 @@ impl Registry {
             validate::check_tenant_input(&spec, previous)?;
             Ok(spec)
         }
+        // A CA file's first folder, when a tenant of this registry's is named so.
+        let folder = spec.tls.as_ref().and_then(|t| t.ca_file.as_deref()).and_then(|path| {
+            let first = std::path::Path::new(path).components().find_map(|c| match c {
+                std::path::Component::Normal(name) => name.to_str(),
+                _ => None,
+            })?;
+            self.state.read().unwrap().by_tenant.contains_key(first).then(|| first.to_string())
+        });
+        let rules = match folder {
+            Some(f) => std::borrow::Cow::Owned(Rules { tenant_folders: vec![f], ..self.rules.clone() }),
+            None => std::borrow::Cow::Borrowed(&self.rules),
+        };
         // A PKCS#12 file comes as content or as a client certificate file.
         if spec.tls.as_ref().is_none_or(|t| t.client_p12.is_none() && t.client_cert_file.is_none()) {
-            return Ok(check(spec, previous, &self.rules, tenant)?);
+            return Ok(check(spec, previous, &rules, tenant)?);
         }
         // Held by the check itself: a request cancelled meanwhile (its timeout, a client gone)
         // let the next start while its derivation went on.
         let turn = self.heavy_checks.turn(tenant).await;
-        let (rules, previous, tenant) = (self.rules.clone(), previous.cloned(), tenant.to_string());
+        let (rules, previous, tenant) = (rules.into_owned(), previous.cloned(), tenant.to_string());
         let checked = tokio::task::spawn_blocking(move || {
             let _turn = turn;
             check(spec, previous.as_ref(), &rules, &tenant)

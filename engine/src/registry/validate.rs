@@ -62,6 +62,9 @@ pub struct Rules {
     pub tls_files_dir: Option<std::path::PathBuf>,
     /// The names in `http.proxies`, what a subscription's `proxy` may name.
     pub proxies: Vec<String>,
+    /// Folders of the TLS directory that are tenants' though not spelt as tenant ids (the
+    /// admin names tenants freely: `acme`): a CA file is not looked for in another tenant's.
+    pub tenant_folders: Vec<String>,
 }
 
 /// Checks a spec, new or changing `previous`, and fills in what follows from it (an AMQP
@@ -94,7 +97,8 @@ pub fn check(
     match spec.transport {
         TransportKind::Webhook => {
             let guards = (guard_unless(|p, s| p.url == s.url), guard_unless(|p, s| p.auth == s.auth));
-            let files = (!kept(|p, s| p.tls == s.tls)).then_some(rules.tls_files_dir.as_deref());
+            let files =
+                (!kept(|p, s| p.tls == s.tls)).then_some((rules.tls_files_dir.as_deref(), &rules.tenant_folders[..]));
             check_webhook(spec, guards, files, tenant)?
         }
         TransportKind::Amqp => check_amqp(spec, guard_unless(|p, s| p.amqp == s.amqp))?,
@@ -164,11 +168,11 @@ pub fn check_tenant_input(spec: &SubscriptionSpec, previous: Option<&Subscriptio
 }
 
 /// `guards` are the URL's and the OAuth token URL's; `files` the TLS directory, `None` when
-/// the TLS settings are kept as they stood (not read again).
+/// the TLS settings are kept as they stood (not read again), with [`Rules::tenant_folders`].
 fn check_webhook(
     spec: &SubscriptionSpec,
     (guard, auth_guard): (&NetworkGuard, &NetworkGuard),
-    files: Option<Option<&std::path::Path>>,
+    files: Option<(Option<&std::path::Path>, &[String])>,
     tenant: &str,
 ) -> Result<(), Invalid> {
     if spec.amqp.is_some() {
@@ -184,10 +188,11 @@ fn check_webhook(
     }
     let host = url.host_str().ok_or_else(|| Invalid::new("url", "must have a host"))?;
     guard.check_host(host).map_err(|e| Invalid::new("url", e.to_string()))?;
-    if let (Some(tls), Some(files)) = (&spec.tls, files) {
+    if let (Some(tls), Some((files, tenant_folders))) = (&spec.tls, files) {
         // The folder first: another tenant's file is never opened (what opening it answered
         // told whether it exists, and for PKCS#12 whether a password guessed was right).
-        crate::transport::tls::check_tenant_files(tls, files, tenant).map_err(|e| Invalid::new(e.field, e.message))?;
+        crate::transport::tls::check_tenant_files(tls, files, tenant, tenant_folders)
+            .map_err(|e| Invalid::new(e.field, e.message))?;
         crate::transport::tls::client_config(Some(tls), files).map_err(|e| Invalid::new(e.field, e.message))?;
     }
     check_auth(&spec.auth, auth_guard)

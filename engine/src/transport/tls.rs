@@ -223,8 +223,14 @@ fn client_identity(
 /// (`<dir>/<tenant>/`): else one tenant could name another's and present that identity to a
 /// receiver that trusts it (the key never shows, but it signs for whoever names it). CA files
 /// may lie anywhere in the directory: CA certificates are public. Checked where a subscription
-/// is written, whose tenant it is.
-pub fn check_tenant_files(opts: &TlsOptions, dir: Option<&Path>, tenant: &str) -> Result<(), TlsError> {
+/// is written, whose tenant it is; `tenant_folders` names tenants' folders besides those
+/// spelt as tenant ids.
+pub fn check_tenant_files(
+    opts: &TlsOptions,
+    dir: Option<&Path>,
+    tenant: &str,
+    tenant_folders: &[String],
+) -> Result<(), TlsError> {
     let named = [("tls.client_cert_file", &opts.client_cert_file), ("tls.client_key_file", &opts.client_key_file)];
     for (field, path) in named {
         let (Some(path), Some(dir)) = (path, dir) else { continue };
@@ -243,9 +249,10 @@ pub fn check_tenant_files(opts: &TlsOptions, dir: Option<&Path>, tenant: &str) -
     if let (Some(path), Some(dir)) = (&opts.ca_file, dir) {
         if let Some((root, real)) = within(dir, path) {
             let folder = real.strip_prefix(&root).ok().and_then(|r| r.components().next()).map(|c| c.as_os_str());
-            let another = folder
-                .and_then(|f| f.to_str())
-                .is_some_and(|f| f != tenant && crate::tenants::looks_like_tenant_id(f) && root.join(f).is_dir());
+            let another = folder.and_then(|f| f.to_str()).is_some_and(|f| {
+                let tenants = crate::tenants::looks_like_tenant_id(f) || tenant_folders.iter().any(|t| t == f);
+                f != tenant && tenants && root.join(f).is_dir()
+            });
             if another {
                 return Err(not_under("tls.ca_file"));
             }
