@@ -412,6 +412,110 @@ fn array_index(key: &[u8]) -> Option<u32> {
     (n < u32::MAX as u64).then_some(n as u32)
 }
 
+/// A digest of a document in its JavaScript form (what [`canonical`] made) that does not
+/// depend on the order of objects' members: a producer's retry re-serialized from a hash map
+/// is the same document. Read straight from the bytes — strings and numbers as they stand
+/// there, already in one form — so whatever a document holds (an integer past 2^64, a lone
+/// surrogate, nesting past a `serde_json::Value`'s 128 levels) counts, nothing is allocated,
+/// and its time is linear in its length. `None` for bytes that are not such a form.
+pub fn digest(form: &[u8]) -> Option<u64> {
+    let mut at = 0;
+    let d = Digest { s: form }.value(&mut at)?;
+    (at == form.len()).then_some(d)
+}
+
+/// Walks a document in its JavaScript form: compact, valid, every key once.
+struct Digest<'a> {
+    s: &'a [u8],
+}
+
+impl Digest<'_> {
+    fn hash(parts: impl FnOnce(&mut std::hash::DefaultHasher)) -> u64 {
+        use std::hash::Hasher;
+        let mut h = std::hash::DefaultHasher::new();
+        parts(&mut h);
+        h.finish()
+    }
+
+    fn value(&self, at: &mut usize) -> Option<u64> {
+        use std::hash::Hash;
+        match *self.s.get(*at)? {
+            b'{' => {
+                *at += 1;
+                // Each member hashed with its key, and the members summed: the same sum in
+                // any order.
+                let (mut sum, mut n) = (0u64, 0u64);
+                if self.s.get(*at) == Some(&b'}') {
+                    *at += 1;
+                } else {
+                    loop {
+                        let key = self.string(at)?;
+                        (self.s.get(*at) == Some(&b':')).then_some(())?;
+                        *at += 1;
+                        let value = self.value(at)?;
+                        sum = sum.wrapping_add(Self::hash(|h| (key, value).hash(h)));
+                        n += 1;
+                        match self.s.get(*at)? {
+                            b',' => *at += 1,
+                            b'}' => {
+                                *at += 1;
+                                break;
+                            }
+                            _ => return None,
+                        }
+                    }
+                }
+                Some(Self::hash(|h| (b'{', sum, n).hash(h)))
+            }
+            b'[' => {
+                *at += 1;
+                let mut items = Vec::new();
+                if self.s.get(*at) == Some(&b']') {
+                    *at += 1;
+                } else {
+                    loop {
+                        items.push(self.value(at)?);
+                        match self.s.get(*at)? {
+                            b',' => *at += 1,
+                            b']' => {
+                                *at += 1;
+                                break;
+                            }
+                            _ => return None,
+                        }
+                    }
+                }
+                Some(Self::hash(|h| (b'[', items).hash(h)))
+            }
+            b'"' => self.string(at).map(|s| Self::hash(|h| (b'"', s).hash(h))),
+            _ => {
+                // A number or a literal: up to the next delimiter.
+                let start = *at;
+                while self.s.get(*at).is_some_and(|b| !matches!(b, b',' | b']' | b'}')) {
+                    *at += 1;
+                }
+                (*at > start).then(|| Self::hash(|h| (b'#', &self.s[start..*at]).hash(h)))
+            }
+        }
+    }
+
+    /// A string's bytes between its quotes (escapes as the form writes them: one way each).
+    fn string<'s>(&'s self, at: &mut usize) -> Option<&'s [u8]> {
+        (self.s.get(*at) == Some(&b'"')).then_some(())?;
+        let start = *at + 1;
+        let mut i = start;
+        loop {
+            match *self.s.get(i)? {
+                b'\\' => i += 2,
+                b'"' => break,
+                _ => i += 1,
+            }
+        }
+        *at = i + 1;
+        Some(&self.s[start..i])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,6 +611,29 @@ mod tests {
             assert_eq!(js(given), expected, "{given}");
         }
         assert_eq!(canonical(b"1e400"), Err(CanonicalError::OutOfRange("1e400".into())));
+    }
+
+    #[test]
+    fn the_digest_ignores_members_order_and_tells_every_other_difference() {
+        let d = |text: &str| digest(&canonical(text.as_bytes()).unwrap()).unwrap();
+        assert_eq!(d(r#"{"a":1,"b":[2,{"c":3,"d":4}]}"#), d(r#"{"b":[2,{"d":4,"c":3}],"a":1.0}"#));
+        let deep = |leaf: &str| format!("{}{leaf}{}", "[".repeat(300), "]".repeat(300));
+        for (a, b) in [
+            ("123456789012345678901234", "123456789012345678901235"),
+            (r#""\ud800""#, r#""\ud801""#),
+            (&deep("1"), &deep("2")),
+            ("[1,2]", "[2,1]"),
+            (r#"{"a":1,"b":2}"#, r#"{"a":2,"b":1}"#),
+            (r#"{"a":{"b":1}}"#, r#"{"a":{"c":1}}"#),
+            (r#"["a,b"]"#, r#"["a","b"]"#),
+            ("{}", "[]"),
+            (r#""1""#, "1"),
+            ("null", "false"),
+        ] {
+            assert_ne!(d(a), d(b), "{a} and {b}");
+        }
+        assert_eq!(digest(b"[1,"), None);
+        assert_eq!(digest(b"{\"a\":1}x"), None);
     }
 
     #[test]

@@ -43,18 +43,20 @@ pub struct Event {
 
 impl Event {
     /// What makes a repeat of this event the same event: its type, `data` and `changes` as
-    /// values — read as JSON, objects' members in any order (a producer's retry re-serialized
-    /// from a hash map, whose order changes, is the same event), numbers as JavaScript reads
-    /// them — and its ordering key. Not its trace context, which a retry may give anew.
+    /// documents — objects' members in any order (a producer's retry re-serialized from a hash
+    /// map, whose order changes, is the same event), numbers as JavaScript reads them (their
+    /// JavaScript form) — and its ordering key. Not its trace context, which a retry may give
+    /// anew. Read from the JavaScript form as it stands ([`canonical::digest`]): parsed into a
+    /// `serde_json::Value`, data a `Value` cannot hold (an integer past 2^64, a lone
+    /// surrogate, deep nesting) read as nothing, so another event under a used id was taken
+    /// for a repeat — and a megabyte of small objects took a hundred in memory.
     fn digest(&self) -> u64 {
         use std::hash::{Hash, Hasher};
-        // The JavaScript form, valid JSON whose numbers are already as JavaScript prints them;
-        // read into objects whose keys are sorted.
-        let value = |j: &Json| serde_json::from_slice::<serde_json::Value>(&j.canonical).ok();
+        let form = |j: &Json| canonical::digest(&j.canonical).ok_or_else(|| j.canonical.clone());
         let mut h = std::hash::DefaultHasher::new();
         self.event_type.hash(&mut h);
-        value(&self.data).hash(&mut h);
-        self.changes.as_ref().map(value).hash(&mut h);
+        form(&self.data).hash(&mut h);
+        self.changes.as_ref().map(form).hash(&mut h);
         self.ordering_key.hash(&mut h);
         h.finish()
     }
