@@ -20,7 +20,11 @@ pub enum Encoding {
 
 /// The `hmac` scheme: HMAC-SHA256 of the body with the secret, in the header the subscription
 /// names. `signature` is that header's value.
+/// An empty secret verifies nothing (Herald refuses one; anyone can sign with it).
 pub fn hmac(secret: &str, body: &[u8], signature: &str, encoding: Encoding) -> bool {
+    if secret.is_empty() {
+        return false;
+    }
     let given = match encoding {
         Encoding::Hex => hex::decode(signature.trim()),
         Encoding::Base64 => B64.decode(signature.trim()).map_err(|_| hex::FromHexError::InvalidStringLength),
@@ -34,8 +38,8 @@ pub fn hmac(secret: &str, body: &[u8], signature: &str, encoding: Encoding) -> b
 /// Why a Standard Webhooks signature is not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
-    /// The secret is not `whsec_<base64>`.
-    #[error("the secret is not whsec_<base64>")]
+    /// The secret is not `whsec_<base64>` of at least [`MIN_KEY_BYTES`].
+    #[error("the secret is not whsec_<base64> of at least 16 bytes")]
     Secret,
     /// `webhook-timestamp` is not a number of seconds.
     #[error("webhook-timestamp is not a number")]
@@ -55,10 +59,18 @@ pub struct Standard {
     mac: HmacSha256,
 }
 
+/// The shortest Standard Webhooks key Herald issues or takes: a shorter one — above all the
+/// empty key of a secret that came out as `whsec_` (an unset variable) — is refused, since
+/// anyone can sign with it.
+pub const MIN_KEY_BYTES: usize = 16;
+
 impl Standard {
-    /// The key of a `whsec_<base64>` secret.
+    /// The key of a `whsec_<base64>` secret, of at least [`MIN_KEY_BYTES`].
     pub fn new(secret: &str) -> Result<Standard, Rejected> {
         let key = secret.strip_prefix("whsec_").and_then(|k| B64.decode(k).ok()).ok_or(Rejected::Secret)?;
+        if key.len() < MIN_KEY_BYTES {
+            return Err(Rejected::Secret);
+        }
         Ok(Standard::from_key(&key))
     }
 
@@ -147,5 +159,24 @@ mod tests {
         assert_eq!(standard("nope", "msg_1", "1700000000", b"{}", &sig, 1_700_000_000, 300), Err(Rejected::Secret));
         let far = standard(&secret, "msg_1", "-9223372036854775808", b"{}", &sig, 1_700_000_000, 300);
         assert!(matches!(far, Err(Rejected::Stale(_))), "{far:?}");
+    }
+
+    /// A receiver whose secret came out empty (an unset variable: `whsec_`, `""`) accepts
+    /// nothing: anyone can compute an HMAC with an empty key, so a helper taking one accepted
+    /// forgeries. Herald issues no Standard key under 16 bytes and no empty `hmac` secret.
+    #[test]
+    fn a_secret_herald_never_issues_verifies_nothing() {
+        let forged = |key: &[u8]| {
+            let mut mac = HmacSha256::new_from_slice(key).unwrap();
+            mac.update(b"msg_1.1700000000.{}");
+            format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
+        };
+        for (secret, key) in [("whsec_", &b""[..]), ("whsec_c2hvcnQ=", b"short")] {
+            let sig = forged(key);
+            assert_eq!(standard(secret, "msg_1", "1700000000", b"{}", &sig, 1_700_000_000, 300), Err(Rejected::Secret));
+        }
+        let mut mac = HmacSha256::new_from_slice(b"").unwrap();
+        mac.update(b"{}");
+        assert!(!hmac("", b"{}", &hex::encode(mac.finalize().into_bytes()), Encoding::Hex));
     }
 }

@@ -215,9 +215,12 @@ class HeraldClient:
 def verify_hmac(secret, body, signature, encoding="base64"):
     """The `hmac` scheme (PackNet, OpenTrack, Punt Uit, the Automation API): HMAC-SHA256 of the
     body bytes exactly as received, base64 (the subscription's default `encoding`) or hex,
-    compared in constant time."""
+    compared in constant time. An empty secret (an unset variable) verifies nothing: anyone
+    can sign with it, and Herald never issues one."""
     if isinstance(body, str):
         body = body.encode()
+    if not secret:
+        return False
     digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
     expected = digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
     # As bytes: compare_digest refuses non-ASCII text, and a header may carry anything.
@@ -232,10 +235,15 @@ def verify_standard(secret, msg_id, timestamp, body, signatures, tolerance=300, 
     if not secret.startswith("whsec_"):
         return False
     try:
-        key = base64.b64decode(secret[len("whsec_"):])
+        # Strictly: a lax decode dropped what is not base64, so the views' mask
+        # ("whsec_********") came out as an empty key, with which anyone can sign.
+        key = base64.b64decode(secret[len("whsec_"):], validate=True)
         ts = int(timestamp)
     except (ValueError, TypeError):
         # A missing or malformed header is a webhook that does not verify, not an error.
+        return False
+    if len(key) < 16:
+        # Shorter than any key Herald issues (an unset variable's "whsec_" is empty).
         return False
     if abs((now if now is not None else time.time()) - ts) > tolerance:
         return False

@@ -2,6 +2,9 @@
 with a receiver of its own on loopback that checks Herald's signatures with the helpers.
 Run by engine/tests/it/clients.rs, which starts the server."""
 
+import base64
+import hashlib
+import hmac
 import http.server
 import json
 import os
@@ -75,6 +78,14 @@ class LiveServer(unittest.TestCase):
         self.assertTrue(verify_standard(secret, *args))
         self.assertFalse(verify_standard(secret, "py-2", *args[1:]))
         self.assertFalse(verify_standard(secret, args[0], None, body, args[3]), "no timestamp: not verified, no error")
+        # A secret Herald never issues (an unset variable: "whsec_", "", the views' mask)
+        # verifies nothing: anyone can sign with an empty key.
+        ts = headers["webhook-timestamp"]
+        empty = "v1," + base64.b64encode(hmac.new(b"", f"py-1.{ts}.".encode() + body, hashlib.sha256).digest()).decode()
+        for unset in ["whsec_", "whsec_********", "whsec_c2hvcnQ="]:
+            self.assertFalse(verify_standard(unset, "py-1", ts, body, empty), unset)
+        forged = base64.b64encode(hmac.new(b"", body, hashlib.sha256).digest()).decode()
+        self.assertFalse(verify_hmac("", body, forged), "an empty hmac secret")
 
         # The history, through the tenant's own key: its subscriptions only, the attempt on record.
         own = HeraldClient(herald.base, key["key"])
