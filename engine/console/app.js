@@ -709,10 +709,14 @@ async function subscriptionDetail(id) {
         await route();
       }),
       act("Rotate secret", async () => {
-        if (!confirm("Rotate the signing secret? The old one keeps signing for the overlap period.")) return;
+        const single = s.signature && s.signature.scheme === "hmac";
+        if (!confirm(single
+          ? "Rotate the signing secret? Its hmac header carries one signature: the new secret signs at once, and receivers holding the old one fail until they have the new."
+          : "Rotate the signing secret? The old one keeps signing for the overlap period.")) return;
         const r = await api("POST", `/v1/subscriptions/${s.id}/rotate-secret`, {});
-        shown = { title: `New signing secret of ${s.id}`, secret: r.secret };
-        kept.replaceChildren(secretBox(shown.title, shown.secret));
+        shown = { title: `New signing secret of ${s.id}`, secret: r.secret, warnings: r.warnings };
+        kept.replaceChildren(secretBox(shown.title, shown.secret),
+          ...(r.warnings || []).map((w) => h("div", { class: "alert warn", role: "status", "data-warning": "" }, w)));
         out.replaceChildren();
       }),
       act("Send test event", async () => {

@@ -253,7 +253,15 @@ pub async fn rotate_secret(
         .rotate_secret(&id, who.tenant(), req.secret, state.rotation_overlap)
         .await?
         .ok_or_else(|| ApiError::not_found("subscription"))?;
-    Ok(Json(target.sub.view_with_secret()))
+    let warnings = match target.sub.spec.signature {
+        crate::model::SignatureSpec::Hmac { .. } => {
+            vec!["an hmac signature header carries one signature: the new secret signs at once, with no overlap \
+             (receivers holding the old one fail until they have the new)"
+                .to_string()]
+        }
+        _ => Vec::new(),
+    };
+    Ok(Json(warned(target.sub.view_with_secret(), warnings)))
 }
 
 /// Sends a signed `herald.ping` event to the subscription now and reports what happened.

@@ -458,7 +458,10 @@ impl Subscription {
     pub fn view(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("subscription serializes");
         let obj = v.as_object_mut().expect("object");
-        if let Some(until) = obj.remove("previous_secret_until").and_then(|v| v.as_i64()) {
+        // Only Standard Webhooks carries several signatures: an `hmac` header carries the new
+        // secret's alone, so no overlap is promised for it.
+        let overlaps = self.spec.signature == SignatureSpec::Standard;
+        if let Some(until) = obj.remove("previous_secret_until").and_then(|v| v.as_i64()).filter(|_| overlaps) {
             obj.insert("previous_secret_expires_at".into(), super::rfc3339_ms(until).into());
         }
         v

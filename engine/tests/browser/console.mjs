@@ -582,6 +582,31 @@ try {
     }
   });
 
+  await check("an hmac rotation says the new secret signs at once", async () => {
+    const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
+    const made = await fetch(`${BASE}/v1/subscriptions`, {
+      method: "POST", headers: admin, body: JSON.stringify({
+        url: `${OK_URL}?hmac`, tenant, signature: { scheme: "hmac", header: "x-hook-signature" },
+      }),
+    }).then((r) => r.json());
+    try {
+      await page.goto(`${BASE}/console#/subscriptions/${made.id}`);
+      let asked = "";
+      page.once("dialog", (d) => { asked = d.message(); d.accept(); });
+      await page.getByRole("button", { name: "Rotate secret" }).click();
+      await page.locator("[data-secret]").waitFor({ timeout: WAIT });
+      assert.match(asked, /signs at once/, "the confirmation promises no overlap");
+      await page.locator("[data-warning]", { hasText: "no overlap" }).waitFor({ timeout: 5_000 });
+    } finally {
+      await fetch(`${BASE}/v1/subscriptions/${made.id}`, { method: "DELETE", headers: admin });
+    }
+  });
+
+  await check("the default tenant is on the tenants page", async () => {
+    await page.goto(`${BASE}/console#/tenants`);
+    await page.locator('tr[data-tenant="default"]').waitFor({ timeout: WAIT });
+  });
+
   await check("the admin's events list says whose list is empty", async () => {
     await page.goto(`${BASE}/console#/events`);
     await page.getByText(/No events of tenant “default” on record: name another tenant above/).waitFor({ timeout: WAIT });

@@ -139,6 +139,32 @@ async fn a_second_rotation_within_the_overlap_keeps_the_first_secret_signing() {
     }
 }
 
+/// An `hmac` header carries one signature (its receivers compare the whole header with one
+/// digest), so a rotation takes effect at once: the answer says so and promises no overlap —
+/// it showed `previous_secret_expires_at` a day ahead, as the console and README promised the
+/// old secret kept signing, while every receiver holding it failed from that moment.
+#[tokio::test]
+async fn an_hmac_rotation_says_it_takes_effect_at_once() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let signature = json!({ "scheme": "hmac", "header": "x-hook-signature" });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/h"), "signature": signature, "secret": "old-secret" })).await;
+    let id = sub["id"].as_str().unwrap();
+    let (status, rotated) =
+        h.api.post(&format!("/v1/subscriptions/{id}/rotate-secret"), json!({ "secret": "new-secret" })).await;
+    assert_eq!(status, 200, "{rotated}");
+    assert!(rotated.get("previous_secret_expires_at").is_none(), "no overlap promised: {rotated}");
+    let warning = rotated["warnings"][0].as_str().unwrap_or_default();
+    assert!(warning.contains("at once"), "{rotated}");
+    let (_, read) = h.api.get(&format!("/v1/subscriptions/{id}")).await;
+    assert!(read.get("previous_secret_expires_at").is_none(), "{read}");
+    h.api.post("/v1/events", json!({ "id": "after", "type": "T", "data": {} })).await;
+    let got = rx.wait_on("/h", 1).await.remove(0);
+    let sig = got.header("x-hook-signature");
+    assert!(herald_client::verify::hmac("new-secret", &got.body, sig, herald_client::verify::Encoding::Base64));
+    assert!(!herald_client::verify::hmac("old-secret", &got.body, sig, herald_client::verify::Encoding::Base64));
+}
+
 #[tokio::test]
 async fn the_test_endpoint_sends_a_signed_ping_and_reports_the_outcome() {
     let h = TestHerald::start().await;
