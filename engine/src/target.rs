@@ -98,7 +98,10 @@ impl Target {
         }
         let uri: Uri = url.as_str().parse().map_err(|_| Invalid::new("url", "not a valid request URI"))?;
         let mut headers = HeaderMap::new();
-        headers.insert(http::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        // Not when the signature goes there: it is then that header's only value.
+        if signer.header() != Some(&http::header::USER_AGENT) {
+            headers.insert(http::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        }
         for (name, value) in &spec.headers {
             let field = format!("headers.{name}");
             let name =

@@ -165,6 +165,23 @@ async fn an_hmac_rotation_says_it_takes_effect_at_once() {
     assert!(!herald_client::verify::hmac("old-secret", &got.body, sig, herald_client::verify::Encoding::Base64));
 }
 
+/// An `hmac` signature header may be any header Herald does not need — `User-Agent` included,
+/// which then carries the signature alone: it went out twice (Herald's own and the signature),
+/// and receivers, reading the first, never verified a delivery.
+#[tokio::test]
+async fn a_signature_in_the_user_agent_header_is_its_only_value() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let signature = json!({ "scheme": "hmac", "header": "User-Agent" });
+    h.api.subscribe(json!({ "url": rx.url("/ua"), "signature": signature, "secret": "ua-secret" })).await;
+    h.api.post("/v1/events", json!({ "id": "ua-1", "type": "T", "data": {} })).await;
+    let got = rx.wait_on("/ua", 1).await.remove(0);
+    let values: Vec<_> = got.headers.get_all("user-agent").iter().collect();
+    assert_eq!(values.len(), 1, "{values:?}");
+    let sig = got.header("user-agent");
+    assert!(herald_client::verify::hmac("ua-secret", &got.body, sig, herald_client::verify::Encoding::Base64));
+}
+
 #[tokio::test]
 async fn the_test_endpoint_sends_a_signed_ping_and_reports_the_outcome() {
     let h = TestHerald::start().await;
