@@ -364,6 +364,30 @@ async fn append_deliveries(log: &dyn Log, topic: &str, ordered_topic: &str, d: D
     tokio::try_join!(to(topic, d.plain), to(ordered_topic, d.ordered)).map(|_| ())
 }
 
+/// After a publish refused for its deliveries (`refused`), whose events' history records were
+/// written beside them: each of their deliveries recorded `dropped`, saying why — else the
+/// events stood on record, listed, with every delivery `pending` for good, though the producer
+/// was told none was accepted. (A delivery of them the log did take after all is sent, and its
+/// attempts, recorded after this, say so.)
+fn dropped_on_record(recorder: &Recorder, history: &[HistoryRecord], refused: &LogError) {
+    let at_ms = now_ms();
+    let error = format!("the publish was refused ({refused}): not accepted, nothing sent unless published again");
+    for rec in history {
+        let HistoryRecord::Event(e) = rec else { continue };
+        for sub in &e.subscriptions {
+            recorder.record(&HistoryRecord::State(StateRecord {
+                event_id: e.id.clone(),
+                subscription: sub.clone(),
+                tenant: e.tenant.clone(),
+                accepted_ms: e.accepted_ms,
+                at_ms,
+                state: crate::history::State::Dropped,
+                error: Some(error.clone()),
+            }));
+        }
+    }
+}
+
 /// Frees retired generations on a blocking thread: ~100 k ids are a few milliseconds of frees.
 fn free(retired: Vec<Ids>) {
     if !retired.is_empty() {
@@ -586,6 +610,9 @@ impl Ingest {
             match &recorder {
                 Some(h) => {
                     let (delivered, recorded) = tokio::join!(deliveries, h.append(&history));
+                    if let (Err(e), Ok(())) = (&delivered, &recorded) {
+                        dropped_on_record(h, &history, e);
+                    }
                     delivered?;
                     // The deliveries are written and will be sent: the events are accepted
                     // (refused, a retry would send them all again). Their history records
@@ -812,6 +839,37 @@ mod tests {
         let again = ingest.publish(vec![event]).await.expect("a repeat");
         assert_eq!(again[0].deliveries, 1);
         assert_eq!(log.appends.lock().unwrap().len(), 1, "its deliveries appended once");
+    }
+
+    /// A publish refused for its deliveries (the log refused them) whose history record was
+    /// written beside them leaves its event on record — the producer told nothing was
+    /// accepted, the event listed with every delivery `pending` for good. Each delivery is
+    /// recorded `dropped` after it, saying why.
+    #[tokio::test]
+    async fn a_refused_publish_s_event_on_record_says_its_deliveries_were_dropped() {
+        use crate::history::record::{members, HistoryRecord, State};
+        use crate::log::stub::Stub;
+        let log = Arc::new(Stub::new(true, true).refusing_as_too_large("deliveries"));
+        let registry = Arc::new(Registry::stubbed());
+        registry.hold("t", &serde_json::json!({ "url": "https://hooks.example/a" }));
+        let recorder = Recorder::start(log.clone(), "herald.history".into());
+        let ingest = ingest_on(log.clone(), registry, Budget::unbounded()).recorded_by(recorder.clone());
+        let refused = ingest.publish(vec![event("x", "t")]).await;
+        assert!(matches!(refused, Err(Refusal::Log(_))), "refused");
+        recorder.synced().await;
+        let written: Vec<HistoryRecord> = log
+            .appends
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .flat_map(|r| members(&r.value).filter_map(HistoryRecord::decode).collect::<Vec<_>>())
+            .collect();
+        assert!(written.iter().any(|r| matches!(r, HistoryRecord::Event(e) if e.id == "x")), "the event is on record");
+        let dropped = written.iter().any(|r| {
+            matches!(r, HistoryRecord::State(s) if s.event_id == "x" && s.state == State::Dropped && s.error.is_some())
+        });
+        assert!(dropped, "its delivery said dropped: {} records", written.len());
     }
 
     /// Ingest on `log` with no fan-out quota.
