@@ -16,6 +16,9 @@ pub struct ApiError {
     message: String,
     field: Option<String>,
     retry_after: Option<std::time::Duration>,
+    /// The ids of a publish's events, for a refusal after which some of its deliveries may be
+    /// written: what to send them again under (generated ids included).
+    ids: Option<Vec<String>>,
 }
 
 impl ApiError {
@@ -28,6 +31,7 @@ impl ApiError {
             message: message.into(),
             field: (!field.is_empty()).then_some(field),
             retry_after: None,
+            ids: None,
         }
     }
 
@@ -39,6 +43,7 @@ impl ApiError {
             message: format!("too many requests; retry after {} s", whole_seconds(wait)),
             field: None,
             retry_after: Some(wait),
+            ids: None,
         }
     }
 
@@ -50,6 +55,7 @@ impl ApiError {
             message: message.into(),
             field: Some(field.into()),
             retry_after: None,
+            ids: None,
         }
     }
 
@@ -61,6 +67,7 @@ impl ApiError {
             message: format!("{} (quotas.{setting})", message.into()),
             field: None,
             retry_after: None,
+            ids: None,
         }
     }
 
@@ -72,6 +79,7 @@ impl ApiError {
             message: "the request took longer than api.request_timeout; work it began goes on (a publish may still be accepted: send it again with the same event ids)".into(),
             field: None,
             retry_after: None,
+            ids: None,
         }
     }
 
@@ -83,6 +91,7 @@ impl ApiError {
             message: "a valid bearer token is required".into(),
             field: None,
             retry_after: None,
+            ids: None,
         }
     }
 
@@ -94,6 +103,7 @@ impl ApiError {
             message: message.into(),
             field: None,
             retry_after: None,
+            ids: None,
         }
     }
 
@@ -105,6 +115,7 @@ impl ApiError {
             message: format!("{what} not found"),
             field: None,
             retry_after: None,
+            ids: None,
         }
     }
 
@@ -116,6 +127,7 @@ impl ApiError {
             message: message.into(),
             field: None,
             retry_after: None,
+            ids: None,
         }
     }
 }
@@ -132,8 +144,8 @@ impl From<crate::ingest::Refusal> for ApiError {
             crate::ingest::Refusal::Invalid(i) => i.into(),
             crate::ingest::Refusal::Log(l) => ApiError::of_log(
                 l,
-                "some of its deliveries may be written: send it again with the same event ids \
-                 (receivers drop repeats by webhook-id)",
+                "some of its deliveries may be written: send it again with the same event ids, which `ids` \
+                 names (receivers drop repeats by webhook-id)",
             ),
             crate::ingest::Refusal::FanOut { .. } => ApiError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -141,6 +153,7 @@ impl From<crate::ingest::Refusal> for ApiError {
                 message: e.to_string(),
                 field: None,
                 retry_after: None,
+                ids: None,
             },
             // Its tenant's writes under way fill its share: its own pace, so a 429 as over a rate.
             crate::ingest::Refusal::Busy(crate::ingest::Over::Tenant { .. }) => {
@@ -148,6 +161,7 @@ impl From<crate::ingest::Refusal> for ApiError {
             }
             crate::ingest::Refusal::Busy(crate::ingest::Over::All { .. }) => ApiError {
                 retry_after: Some(std::time::Duration::from_secs(1)),
+                ids: None,
                 ..ApiError::unavailable(e.to_string())
             },
             // The single event's; a batch names its place ([`crate::api::events`]).
@@ -158,6 +172,7 @@ impl From<crate::ingest::Refusal> for ApiError {
                 field: Some(field.clone()),
                 message: e.to_string(),
                 retry_after: None,
+                ids: None,
             },
         }
     }
@@ -186,6 +201,7 @@ impl From<crate::event_types::EventTypeError> for ApiError {
                 message: e.to_string(),
                 field: Some("name".into()),
                 retry_after: None,
+                ids: None,
             },
             // A fixed bound, not a setting: the message must not name one to raise.
             EventTypeError::Full => ApiError {
@@ -194,6 +210,7 @@ impl From<crate::event_types::EventTypeError> for ApiError {
                 message: format!("{e} (a fixed limit); delete types no longer published"),
                 field: Some("name".into()),
                 retry_after: None,
+                ids: None,
             },
             EventTypeError::Catalog(c) => c.into(),
         }
@@ -226,6 +243,7 @@ impl ApiError {
                 message: format!("the log's disk is full; {written}; retry once space is freed"),
                 field: None,
                 retry_after: None,
+                ids: None,
             },
             // The log's topics take smaller records than this event makes (on Kafka, topics
             // made with a smaller `max.message.bytes`): a retry would be refused the same way.
@@ -235,6 +253,7 @@ impl ApiError {
                 message: format!("a record of {bytes} bytes is larger than the log takes ({max}); {written}"),
                 field: None,
                 retry_after: None,
+                ids: None,
             },
             // Worth asking again in a second (`Retry-After`, as a 429 says): a write the log
             // refused once may be taken the next time. (A log broken for good says so at
@@ -242,6 +261,7 @@ impl ApiError {
             // it may have landed, and asking again would make a second key or device.)
             _ => ApiError {
                 retry_after: Some(std::time::Duration::from_secs(1)),
+                ids: None,
                 ..ApiError::unavailable(format!("the log could not take the write; {written}; retry later"))
             },
         }
@@ -254,11 +274,28 @@ fn whole_seconds(wait: std::time::Duration) -> u64 {
     (wait.as_nanos().div_ceil(1_000_000_000) as u64).max(1)
 }
 
+impl ApiError {
+    /// This refusal of a publish of events with these `ids`, naming them when some of its
+    /// deliveries may be written (the log's refusals): the producer sends them again under
+    /// these, and receivers drop the repeats — it had no ids to do so with when it gave none.
+    pub fn of_publish(refusal: crate::ingest::Refusal, ids: impl FnOnce() -> Vec<String>) -> Self {
+        let written = matches!(refusal, crate::ingest::Refusal::Log(_));
+        let e = ApiError::from(refusal);
+        if written {
+            return ApiError { ids: Some(ids()), ..e };
+        }
+        e
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut error = serde_json::json!({ "code": self.code, "message": self.message });
         if let Some(field) = self.field {
             error["field"] = field.into();
+        }
+        if let Some(ids) = self.ids {
+            error["ids"] = ids.into();
         }
         // In the body (as documented) and the header alike.
         let wait = self.retry_after.map(whole_seconds);
@@ -310,6 +347,7 @@ async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
             message: "send the body as application/json".into(),
             field: None,
             retry_after: None,
+            ids: None,
         });
     }
     Bytes::from_request(req, state).await.map_err(|e| ApiError {
@@ -318,6 +356,7 @@ async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
         message: e.body_text(),
         field: None,
         retry_after: None,
+        ids: None,
     })
 }
 

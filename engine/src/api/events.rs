@@ -57,7 +57,8 @@ pub async fn publish(
     let event = ingest::validate(traced(input, &header_context(&headers)), "", DEFAULT_TENANT, state.max_event_bytes)?;
     fits_its_type(&state, &event, "")?;
     let spans = ingest_spans(std::slice::from_ref(&event));
-    let accepted = state.ingest.publish(vec![event]).await?;
+    let id = event.id.clone();
+    let accepted = state.ingest.publish(vec![event]).await.map_err(|e| ApiError::of_publish(e, || vec![id]))?;
     drop(spans);
     Ok((StatusCode::ACCEPTED, Json(&accepted[0]).into_response()))
 }
@@ -84,9 +85,10 @@ pub async fn publish_batch(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let spans = ingest_spans(&events);
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     let accepted = state.ingest.publish(events).await.map_err(|e| match e {
         ingest::Refusal::IdReused { index } => ApiError::conflict(&format!("[{index}].id"), e.to_string()),
-        e => e.into(),
+        e => ApiError::of_publish(e, || ids),
     })?;
     drop(spans);
     let deliveries: usize = accepted.iter().map(|a| a.deliveries).sum();

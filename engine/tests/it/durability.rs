@@ -119,9 +119,26 @@ async fn a_write_the_log_refuses_is_answered_503_with_a_wait() {
     failing.store(true, Ordering::SeqCst);
     let body = Some(bytes::Bytes::from(json!({ "type": "A", "data": {} }).to_string()));
     let (status, headers, err) = h.api.request("POST", "/v1/events", body, Some(crate::support::TOKEN)).await.unwrap();
+    // Some of a refused publish's deliveries may be written all the same: it names the ids its
+    // events were given, to send them again under (receivers drop repeats by id) — "send it
+    // again with the same event ids" was all it said, to a producer that had given none.
+    let batch = Some(bytes::Bytes::from(json!([{ "type": "A", "data": {} }, { "type": "A", "data": 1 }]).to_string()));
+    let (batch_status, batch_err) = h.api.raw("POST", "/v1/events/batch", batch, Some(crate::support::TOKEN)).await;
     failing.store(false, Ordering::SeqCst);
     assert_eq!((status.as_u16(), err["error"]["code"].as_str()), (503, Some("UNAVAILABLE")), "{err}");
     assert_eq!(headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"), "{headers:?}");
+    assert_eq!(err["error"]["ids"].as_array().map(Vec::len), Some(1), "{err}");
+    assert_eq!(batch_status, 503, "{batch_err}");
+    let ids: Vec<String> = batch_err["error"]["ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.as_str().map(String::from))
+        .collect();
+    assert_eq!(ids.len(), 2, "{batch_err}");
+    let again = json!([{ "id": ids[0], "type": "A", "data": {} }, { "id": ids[1], "type": "A", "data": 1 }]);
+    let (status, answer) = h.api.post("/v1/events/batch", again).await;
+    assert_eq!(status, 202, "sent again under the ids it was given: {answer}");
 }
 
 #[tokio::test]
