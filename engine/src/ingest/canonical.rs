@@ -468,13 +468,16 @@ impl Digest<'_> {
                 Some(Self::hash(|h| (b'{', sum, n).hash(h)))
             }
             b'[' => {
+                use std::hash::Hasher;
                 *at += 1;
-                let mut items = Vec::new();
+                // Items hashed in order as they are read.
+                let mut h = std::hash::DefaultHasher::new();
+                b'['.hash(&mut h);
                 if self.s.get(*at) == Some(&b']') {
                     *at += 1;
                 } else {
                     loop {
-                        items.push(self.value(at)?);
+                        self.value(at)?.hash(&mut h);
                         match self.s.get(*at)? {
                             b',' => *at += 1,
                             b']' => {
@@ -485,7 +488,7 @@ impl Digest<'_> {
                         }
                     }
                 }
-                Some(Self::hash(|h| (b'[', items).hash(h)))
+                Some(h.finish())
             }
             b'"' => self.string(at).map(|s| Self::hash(|h| (b'"', s).hash(h))),
             _ => {
@@ -629,9 +632,15 @@ mod tests {
             ("{}", "[]"),
             (r#""1""#, "1"),
             ("null", "false"),
+            (r#"["a\"b"]"#, r#"["a\\","b"]"#),
+            (r#"{"a":[]}"#, r#"{"a":{}}"#),
+            ("[[]]", "[[],[]]"),
+            ("1e21", "1e22"),
+            (r#"{"a\\":"b"}"#, r#"{"a":"\\b"}"#),
         ] {
             assert_ne!(d(a), d(b), "{a} and {b}");
         }
+        assert_eq!(d(r#"{"q\"":"\\","n":1e21}"#), d(r#"{"n":10E20,"q\"":"\\"}"#));
         assert_eq!(digest(b"[1,"), None);
         assert_eq!(digest(b"{\"a\":1}x"), None);
     }
