@@ -459,20 +459,20 @@ impl Registry {
             validate::check_tenant_input(&spec, previous)?;
             Ok(spec)
         }
-        // A CA file's first folder, when a tenant of this registry's is named so.
+        // The folder a CA file lies in (as opening it resolves it), when a tenant of this
+        // registry's is named so.
         let folder = spec.tls.as_ref().and_then(|t| t.ca_file.as_deref()).and_then(|path| {
-            let first = std::path::Path::new(path).components().find_map(|c| match c {
-                std::path::Component::Normal(name) => name.to_str(),
-                _ => None,
-            })?;
-            self.state.read().unwrap().by_tenant.contains_key(first).then(|| first.to_string())
+            let first = crate::transport::tls::folder_under(self.rules.tls_files_dir.as_deref()?, path)?;
+            self.state.read().unwrap().by_tenant.contains_key(&first).then_some(first)
         });
         let rules = match folder {
             Some(f) => std::borrow::Cow::Owned(Rules { tenant_folders: vec![f], ..self.rules.clone() }),
             None => std::borrow::Cow::Borrowed(&self.rules),
         };
-        // A PKCS#12 file comes as content or as a client certificate file.
-        if spec.tls.as_ref().is_none_or(|t| t.client_p12.is_none() && t.client_cert_file.is_none()) {
+        // A PKCS#12 file comes as content or as a client certificate file; kept as it stood,
+        // it is not opened again (see `validate::check`).
+        let kept = previous.is_some_and(|p| p.tls == spec.tls && p.via_edge == spec.via_edge);
+        if kept || spec.tls.as_ref().is_none_or(|t| t.client_p12.is_none() && t.client_cert_file.is_none()) {
             return Ok(check(spec, previous, &rules, tenant)?);
         }
         // Held by the check itself: a request cancelled meanwhile (its timeout, a client gone)

@@ -125,6 +125,14 @@ fn within(dir: &Path, path: &str) -> Option<(PathBuf, PathBuf)> {
     real.starts_with(&root).then_some((root, real))
 }
 
+/// The first-level folder of `dir` that file `path` lies in, resolved as opening it would
+/// resolve it (`..`, links, an absolute path): none for a file that is not there, or not
+/// under `dir`.
+pub fn folder_under(dir: &Path, path: &str) -> Option<String> {
+    let (root, real) = within(dir, path)?;
+    real.strip_prefix(&root).ok()?.components().next()?.as_os_str().to_str().map(String::from)
+}
+
 /// Reads at most [`MAX_MATERIAL`] bytes of the operator's own file `path`.
 pub fn read_bounded(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     read_at_most(path).map_err(|e| match e {
