@@ -335,11 +335,13 @@ impl Admission {
         }
     }
 
-    /// Whether the breaker is open, or half-open (a probe may be out, or about to go): what
+    /// Whether the breaker is open, or half-open with its probe out: what
     /// `herald_circuit_breakers_open` counts, so that an endpoint failing all along stays
-    /// counted across its probes.
+    /// counted across its probes (a hanging one's takes its whole timeout). Not one whose
+    /// pause is over with nothing probing (an idle or disabled subscription's, which no
+    /// success will ever close).
     pub fn not_closed(&self) -> bool {
-        self.open_until_ms.load(Ordering::Acquire) != 0
+        self.open_until_ms.load(Ordering::Acquire) > now_ms() || self.probing.load(Ordering::Acquire)
     }
 
     /// The breaker's verdict: go ahead (with the [`Probe`] when this attempt tests an endpoint
@@ -821,6 +823,13 @@ mod tests {
         assert!(!e.not_closed());
         let (_slot, probe) = e.admit().await.unwrap();
         assert!(!probe.is_probe());
+        // Open again, then left: past its pause with no probe, it is not counted for good.
+        let e = Admission::new(None, None, health(1, 20));
+        let (_slot, probe) = e.admit().await.unwrap();
+        e.failed(probe);
+        assert!(e.not_closed());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        assert!(!e.not_closed(), "nothing probing: an idle or disabled endpoint's pause is over");
     }
 
     /// A delivery that read the pause as over just before a failing probe opened a new one, and

@@ -746,7 +746,7 @@ impl Registry {
 
     /// Subscriptions whose circuit breaker is open or half-open now.
     pub fn breakers_open(&self) -> usize {
-        self.state.read().unwrap().by_id.values().filter(|t| t.admission.not_closed()).count()
+        self.state.read().unwrap().by_id.values().filter(|t| t.sub.spec.enabled && t.admission.not_closed()).count()
     }
 
     /// Number of subscriptions, and of those disabled.
