@@ -138,6 +138,22 @@ pub fn check_tenant_input(spec: &SubscriptionSpec, previous: Option<&Subscriptio
             ));
         }
     }
+    // A fixed schedule spans at most the longest max_age (a day apart a thousand times was
+    // three years of retries). Held to what is set: one stored before keeps its schedule, cut
+    // where the policy's deadline falls (`retry::policy`).
+    if let Some(RetrySpec::Fixed { interval, max_attempts }) = &spec.retry {
+        let span = interval.0.saturating_mul(max_attempts.saturating_sub(1));
+        if span > range::MAX_AGE.1 && previous.is_none_or(|p| p.retry != spec.retry) {
+            return Err(Invalid::new(
+                "retry.max_attempts",
+                format!(
+                    "a fixed schedule spans at most {} (interval × (max_attempts − 1)); this one spans {}",
+                    HumanDuration(range::MAX_AGE.1),
+                    HumanDuration(span)
+                ),
+            ));
+        }
+    }
     let max = crate::transport::tls::MAX_INLINE;
     let pem: [(&str, Field); 3] = [
         ("tls.ca_pem", |s| s.tls.as_ref()?.ca_pem.as_deref()),
@@ -356,20 +372,7 @@ fn check_retry(retry: Option<&RetrySpec>) -> Result<(), Invalid> {
     match retry {
         Some(RetrySpec::Fixed { interval, max_attempts }) => {
             check_duration("retry.interval", Some(*interval), range::FIXED_INTERVAL)?;
-            check_number("retry.max_attempts", Some(*max_attempts), range::MAX_ATTEMPTS)?;
-            // Its last attempt within the longest max_age, past which no delivery is kept.
-            let span = interval.0.saturating_mul(max_attempts.saturating_sub(1));
-            if span > range::MAX_AGE.1 {
-                return Err(Invalid::new(
-                    "retry.max_attempts",
-                    format!(
-                        "a fixed schedule spans at most {} (interval × (max_attempts − 1)); this one spans {}",
-                        HumanDuration(range::MAX_AGE.1),
-                        HumanDuration(span)
-                    ),
-                ));
-            }
-            Ok(())
+            check_number("retry.max_attempts", Some(*max_attempts), range::MAX_ATTEMPTS)
         }
         Some(RetrySpec::Exponential { initial, multiplier, max_interval, jitter, max_attempts, max_age }) => {
             check_duration("retry.initial", *initial, range::INITIAL)?;
@@ -504,6 +507,19 @@ mod tests {
         assert_eq!(check_tenant_input(&disabled, Some(&big)), Ok(()), "changed as it stands");
         let grown = spec(json!({ "url": "https://h.example/#x", "tls": { "ca_pem": pem.clone() + &pem } }));
         assert_eq!(field(check_tenant_input(&grown, Some(&big))), Some("tls.ca_pem".into()));
+        // So with a fixed schedule past seven days: refused when set, kept when stored before
+        // the bound (its PATCH of `enabled` was refused, the subscription not even disabled).
+        let long = json!({ "policy": "fixed", "interval": "P1D", "max_attempts": 1000 });
+        let stored = spec(json!({ "url": "https://h.example/", "retry": long }));
+        let held =
+            |s: &SubscriptionSpec, p| check(&mut s.clone(), p, &Rules::default(), "t").and(check_tenant_input(s, p));
+        assert_eq!(field(held(&stored, None)), Some("retry.max_attempts".into()));
+        let disabled = spec(json!({ "url": "https://h.example/", "retry": long, "enabled": false }));
+        assert_eq!(held(&disabled, Some(&stored)), Ok(()), "changed as it stands");
+        let changed = spec(
+            json!({ "url": "https://h.example/", "retry": { "policy": "fixed", "interval": "P1D", "max_attempts": 999 } }),
+        );
+        assert_eq!(field(held(&changed, Some(&stored))), Some("retry.max_attempts".into()));
     }
 
     #[test]

@@ -57,6 +57,9 @@ impl Default for Policy {
     }
 }
 
+/// What a fixed schedule's deadline leaves past its last attempt's due time.
+const FIXED_SLACK: Duration = Duration::from_secs(86_400);
+
 /// Whole milliseconds of `d`, saturating.
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -122,13 +125,18 @@ impl Policy {
         }
     }
 
-    /// How long after its budget began a delivery may still be attempted: a fixed schedule
-    /// has no `max_age` of its own and takes the longest there is, so that no delivery —
-    /// one held back by an open breaker or a rate limit included — is kept for good.
+    /// How long after its budget began a delivery may still be attempted. A fixed schedule
+    /// has no `max_age` of its own: it gets its span (at most the longest `max_age`, 7 days)
+    /// and a day more — room for its attempts' own durations, a receiver's `Retry-After`
+    /// and deferrals — so that its last attempt is made, and no delivery, one held back by an
+    /// open breaker or a rate limit included, is kept for good.
     fn max_age(&self) -> Option<Duration> {
         match self {
             Policy::Exponential { max_age, .. } => Some(*max_age),
-            Policy::Fixed { .. } => Some(range::MAX_AGE.1),
+            Policy::Fixed { interval, max_attempts } => {
+                let span = interval.saturating_mul(max_attempts.saturating_sub(1)).min(range::MAX_AGE.1);
+                Some(span + FIXED_SLACK)
+            }
         }
     }
 
@@ -338,17 +346,27 @@ mod tests {
         assert_eq!(times, vec![0, 1_800_000, 3_600_000, 5_400_000, 7_200_000]);
     }
 
-    /// No delivery is kept past `range::MAX_AGE` (7 days), whatever its policy: a fixed
-    /// schedule had no deadline at all, so one stored as a day apart a thousand times retried
-    /// for three years, and a delivery held back (an open breaker, a rate limit) never aged out.
+    /// A fixed schedule ends a day after its last attempt is due, at most eight days after
+    /// the event: it had no deadline at all, so one stored as a day apart a thousand times
+    /// retried for three years, and a delivery held back (an open breaker, a rate limit) never
+    /// aged out. The day past its span leaves room for its attempts' durations, so a schedule
+    /// of exactly seven days makes its last attempt.
     #[test]
-    fn a_fixed_schedule_ends_within_the_longest_max_age() {
+    fn a_fixed_schedule_ends_a_day_after_its_last_attempt() {
+        let day = 86_400_000;
         let spec = RetrySpec::Fixed { interval: HumanDuration(Duration::from_secs(86_400)), max_attempts: 1000 };
         let p = Policy::from_spec(Some(&spec));
-        let week = 7 * 86_400_000;
-        assert_eq!(p.deadline(0), Some(week));
-        assert_eq!(p.next_due(7, 0, 7 * 86_400_000, 1, None), None);
-        assert!(*schedule(&p, 1).last().unwrap() <= week);
+        assert_eq!(p.deadline(0), Some(8 * day), "stored before the limit: cut at seven days and one");
+        assert_eq!(p.next_due(8, 0, 8 * day, 1, None), None);
+        assert!(*schedule(&p, 1).last().unwrap() <= 8 * day);
+        let week = RetrySpec::Fixed { interval: HumanDuration(Duration::from_secs(86_400)), max_attempts: 8 };
+        let p = Policy::from_spec(Some(&week));
+        // Each attempt taking 30 s, and its next due a day after it ends: all eight are made.
+        let (mut now, mut made) = (0i64, 1);
+        while let Some(due) = p.next_due(made, 0, now + 30_000, 1, None) {
+            (now, made) = (due, made + 1);
+        }
+        assert_eq!(made, 8);
     }
 
     #[test]
