@@ -299,8 +299,8 @@ pub enum Failed {
     /// The server failed or could not be reached: the request may or may not have been done.
     #[error("{0}")]
     Unavailable(String),
-    /// The server asked to slow down (`429`): nothing of the request was done, and the same
-    /// request later is taken.
+    /// The server asked to slow down (`429`): for a publish, nothing of it was accepted, and
+    /// the same request later is taken.
     #[error("{0}")]
     Throttled(String),
 }

@@ -144,8 +144,8 @@ impl From<crate::ingest::Refusal> for ApiError {
             crate::ingest::Refusal::Invalid(i) => i.into(),
             crate::ingest::Refusal::Log(l) => ApiError::of_log(
                 l,
-                "some of its deliveries may be written: send it again with the same event ids, which `ids` \
-                 names (receivers drop repeats by webhook-id)",
+                "some of its deliveries may be written: send it again with the same event ids \
+                 (receivers drop repeats by webhook-id)",
             ),
             crate::ingest::Refusal::FanOut { .. } => ApiError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -282,7 +282,8 @@ impl ApiError {
         let written = matches!(refusal, crate::ingest::Refusal::Log(_));
         let e = ApiError::from(refusal);
         if written {
-            return ApiError { ids: Some(ids()), ..e };
+            let message = format!("{} — `ids` names them, generated ones too", e.message);
+            return ApiError { ids: Some(ids()), message, ..e };
         }
         e
     }
