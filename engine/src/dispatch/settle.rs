@@ -183,7 +183,11 @@ impl Settled {
                 event_type: d.event_type.clone(),
                 attempt: d.attempt,
                 accepted_ms: d.accepted_ms,
-                at_ms: now_ms - latency.as_millis().min(i64::MAX as u128) as i64,
+                // When it began — but never before it was due, by the clock that scheduled it:
+                // a process whose clock runs behind that one's (or one stepped back) dated a
+                // retry before the attempt it follows, whose `retrying` then read as the
+                // delivery's newest state.
+                at_ms: (now_ms - latency.as_millis().min(i64::MAX as u128) as i64).max(d.due_ms),
                 duration_ms: crate::model::whole_millis(latency),
                 outcome: outcome.to_string(),
                 status,
@@ -210,7 +214,7 @@ impl Settled {
                 subscription: d.subscription.clone(),
                 tenant: d.tenant.clone(),
                 accepted_ms: d.accepted_ms,
-                at_ms: now_ms,
+                at_ms: now_ms.max(d.due_ms),
                 state,
                 error: match settlement {
                     Settlement::DeadLettered {
@@ -520,5 +524,31 @@ mod tests {
         assert!(matches!(settled.settlement, Settlement::DeadLettered { .. }), "{:?}", settled.settlement);
         let appends = log.appends.lock().unwrap();
         assert_eq!(appends.len(), 1, "one dead letter");
+    }
+
+    /// An attempt is on record no earlier than it was due, by the clock that scheduled it: a
+    /// retry made by another process whose clock runs behind (or after this one's clock stepped
+    /// back) was dated before the attempt it follows, so that earlier attempt's `retrying` read
+    /// as the newest state of a delivered event — and a recover sent it again.
+    #[test]
+    fn an_attempt_is_dated_no_earlier_than_it_was_due() {
+        use crate::history::HistoryRecord;
+        let mut delivery = Delivery::first_attempt("e".into(), "s".into(), "t".into(), "T".into(), Bytes::new(), 0);
+        (delivery.attempt, delivery.due_ms) = (2, 50_000);
+        let latency = Duration::from_millis(10);
+        let delivered = Outcome::Delivered { status: 200, latency, response: None };
+        let mut settled = Settled {
+            delivery: Some(delivery),
+            transport: Via::Webhook,
+            attempt: Some(delivered),
+            settlement: Settlement::Delivered,
+        };
+        // This process's clock reads 44 s, six behind the one that scheduled the retry.
+        let Some(HistoryRecord::Attempt(a)) = settled.take_history(44_000) else { panic!("an attempt") };
+        assert_eq!(a.at_ms, 50_000);
+        let mut on_time =
+            Settled { attempt: Some(Outcome::Delivered { status: 200, latency, response: None }), ..settled };
+        let Some(HistoryRecord::Attempt(a)) = on_time.take_history(60_010) else { panic!("an attempt") };
+        assert_eq!(a.at_ms, 60_000, "when it began, by a clock that agrees");
     }
 }
