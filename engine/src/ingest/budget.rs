@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Permits count KiB, so one request's share of up to 4 TiB fits a single `acquire_many`.
 const UNIT: u64 = 1024;
@@ -35,6 +35,10 @@ pub enum Over {
 /// The shares, in all and per tenant.
 pub struct Budget {
     all: Arc<Semaphore>,
+    /// Told whenever a share gives bytes of `all` back: a request waiting for room there tries
+    /// again, rather than queueing on the semaphore, where the room freed went to the head of
+    /// the queue — a large request ahead held every smaller one behind it, whatever its tenant.
+    freed: Arc<Notify>,
     all_max: u64,
     tenant_max: u64,
     /// A tenant's semaphore, while anyone holds or waits on it (dropped when idle, so names
@@ -50,6 +54,17 @@ pub struct Budget {
 pub struct Share {
     all: Option<OwnedSemaphorePermit>,
     tenants: HashMap<String, (u64, OwnedSemaphorePermit)>,
+    /// The budget's [`Budget::freed`], once bytes of `all` are held.
+    freed: Option<Arc<Notify>>,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if let (Some(all), Some(freed)) = (self.all.take(), &self.freed) {
+            drop(all);
+            freed.notify_waiters();
+        }
+    }
 }
 
 fn permits(bytes: u64) -> u32 {
@@ -67,7 +82,13 @@ impl Budget {
     /// A tenant may have `tenant_max` bytes being written, everyone together `all_max`.
     pub fn new(tenant_max: u64, all_max: u64) -> Budget {
         let size = |max: u64| usize::try_from(max.div_ceil(UNIT)).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
-        Budget { all: Arc::new(Semaphore::new(size(all_max))), all_max, tenant_max, tenants: Mutex::default() }
+        Budget {
+            all: Arc::new(Semaphore::new(size(all_max))),
+            freed: Arc::default(),
+            all_max,
+            tenant_max,
+            tenants: Mutex::default(),
+        }
     }
 
     /// A budget that never refuses (unit tests of what sits on it).
@@ -127,13 +148,19 @@ impl Budget {
                 .map_err(|_| over_tenant)?,
             Err(_) => return Err(over_tenant),
         };
-        let all = match self.all.clone().try_acquire_many_owned(n) {
-            Ok(p) => p,
-            Err(_) if may_wait => tokio::time::timeout_at(deadline, self.all.clone().acquire_many_owned(n))
-                .await
-                .map_err(|_| over_all)?
-                .map_err(|_| over_all)?,
-            Err(_) => return Err(over_all),
+        // Room in everyone's share: taken when there is enough, else looked for again each
+        // time a share gives some back (see `freed`), until the deadline.
+        let all = loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            match self.all.clone().try_acquire_many_owned(n) {
+                Ok(p) => break p,
+                Err(_) if may_wait => {
+                    tokio::time::timeout_at(deadline, freed).await.map_err(|_| over_all)?;
+                }
+                Err(_) => return Err(over_all),
+            }
         };
         match share.tenants.get_mut(tenant) {
             Some((sum, held)) => {
@@ -145,6 +172,7 @@ impl Budget {
             }
         }
         merge(&mut share.all, all);
+        share.freed.get_or_insert_with(|| self.freed.clone());
         Ok(())
     }
 }
@@ -190,6 +218,28 @@ mod tests {
         tokio::time::sleep(WAIT / 2).await;
         drop(first);
         assert_eq!(waiting.await.unwrap(), Ok(WAIT / 2), "it waited for the write, then got its bytes");
+    }
+
+    /// One tenant's request waiting for room in everyone's share does not hold up another
+    /// tenant's small one that fits the room there is: queued on the shared semaphore (first
+    /// come, first served, the room handed to the head as it frees), the small one waited
+    /// behind the large one until that gave up, ten seconds on.
+    #[tokio::test(start_paused = true)]
+    async fn a_large_request_waiting_for_room_does_not_hold_up_a_small_one() {
+        let budget = Arc::new(Budget::new(4 * MIB, 6 * MIB));
+        let (mut c, mut d) = (Share::default(), Share::default());
+        budget.take(&mut c, "c", 3 * MIB).await.unwrap();
+        budget.take(&mut d, "d", 2 * MIB).await.unwrap();
+        let large = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.take(&mut Share::default(), "a", 4 * MIB).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await; // the large one is waiting
+        let started = tokio::time::Instant::now();
+        budget.take(&mut Share::default(), "b", 10 << 10).await.expect("fits the room there is");
+        assert_eq!(started.elapsed(), Duration::ZERO, "at once, not behind the large one");
+        drop(c);
+        assert_eq!(large.await.unwrap(), Ok(()), "the large one gets its room when it frees");
     }
 
     /// A request that already holds bytes does not wait for more (two such requests would
