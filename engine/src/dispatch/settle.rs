@@ -174,6 +174,11 @@ impl Settled {
             Settlement::Deferred { .. } => return None,
         };
         let response = self.attempt.as_mut().and_then(Outcome::take_response);
+        // An attempt is never dated before it was due (below); a settlement without one — a
+        // skipped head, a deleted subscription's drop, a record refused by its tier — is dated
+        // now, whatever its due time (dated at it, a day ahead, its dead letter outdated the
+        // replay that followed).
+        let due = if self.attempt.is_some() { d.due_ms } else { i64::MIN };
         let attempt = |outcome: &str, latency: Duration, status, error, response| {
             HistoryRecord::Attempt(AttemptRecord {
                 id: new_id("att"),
@@ -187,7 +192,7 @@ impl Settled {
                 // a process whose clock runs behind that one's (or one stepped back) dated a
                 // retry before the attempt it follows, whose `retrying` then read as the
                 // delivery's newest state.
-                at_ms: (now_ms - latency.as_millis().min(i64::MAX as u128) as i64).max(d.due_ms),
+                at_ms: (now_ms - latency.as_millis().min(i64::MAX as u128) as i64).max(due),
                 duration_ms: crate::model::whole_millis(latency),
                 outcome: outcome.to_string(),
                 status,
@@ -214,7 +219,7 @@ impl Settled {
                 subscription: d.subscription.clone(),
                 tenant: d.tenant.clone(),
                 accepted_ms: d.accepted_ms,
-                at_ms: now_ms.max(d.due_ms),
+                at_ms: now_ms,
                 state,
                 error: match settlement {
                     Settlement::DeadLettered {
@@ -550,5 +555,13 @@ mod tests {
             Settled { attempt: Some(Outcome::Delivered { status: 200, latency, response: None }), ..settled };
         let Some(HistoryRecord::Attempt(a)) = on_time.take_history(60_010) else { panic!("an attempt") };
         assert_eq!(a.at_ms, 60_000, "when it began, by a clock that agrees");
+        // Settled without an attempt (a skipped head whose retry was a day ahead): now.
+        let mut skipped = Settled {
+            attempt: None,
+            settlement: Settlement::DeadLettered { reason: Parked::Skipped("by the operator".into()) },
+            ..on_time
+        };
+        let Some(HistoryRecord::State(s)) = skipped.take_history(44_000) else { panic!("a state") };
+        assert_eq!(s.at_ms, 44_000, "not dated at its due time");
     }
 }
