@@ -7,6 +7,7 @@
 //! wait for earlier writes to finish.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -35,15 +36,34 @@ pub enum Over {
 /// The shares, in all and per tenant.
 pub struct Budget {
     all: Arc<Semaphore>,
-    /// Told whenever a share gives bytes of `all` back: a request waiting for room there tries
-    /// again, rather than queueing on the semaphore, where the room freed went to the head of
-    /// the queue — a large request ahead held every smaller one behind it, whatever its tenant.
-    freed: Arc<Notify>,
+    /// Told whenever a share gives bytes of `all` back while a request waits for room there:
+    /// it tries again, rather than queueing on the semaphore, where the room freed went to the
+    /// head of the queue — a large request ahead held every smaller one behind it, whatever its
+    /// tenant. (A large one can now be refused while small ones keep the room taken: its own
+    /// size, under a log too slow for everyone, is what it waits on.)
+    freed: Arc<Freed>,
     all_max: u64,
     tenant_max: u64,
     /// A tenant's semaphore, while anyone holds or waits on it (dropped when idle, so names
     /// an admin publishes for do not pile up).
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// Room given back in everyone's share, told to the requests waiting for it.
+#[derive(Default)]
+struct Freed {
+    notify: Notify,
+    /// Requests waiting: with none, a share given back tells no one (and takes no lock).
+    waiting: AtomicUsize,
+}
+
+/// A request counted in [`Freed::waiting`] while it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What one request holds: released when dropped, once its records are written (or refused).
@@ -55,14 +75,17 @@ pub struct Share {
     all: Option<OwnedSemaphorePermit>,
     tenants: HashMap<String, (u64, OwnedSemaphorePermit)>,
     /// The budget's [`Budget::freed`], once bytes of `all` are held.
-    freed: Option<Arc<Notify>>,
+    freed: Option<Arc<Freed>>,
 }
 
 impl Drop for Share {
     fn drop(&mut self) {
         if let (Some(all), Some(freed)) = (self.all.take(), &self.freed) {
             drop(all);
-            freed.notify_waiters();
+            // After the bytes are back: a request counted from now on finds them itself.
+            if freed.waiting.load(Ordering::SeqCst) > 0 {
+                freed.notify.notify_waiters();
+            }
         }
     }
 }
@@ -150,8 +173,12 @@ impl Budget {
         };
         // Room in everyone's share: taken when there is enough, else looked for again each
         // time a share gives some back (see `freed`), until the deadline.
+        let _waiting = may_wait.then(|| {
+            self.freed.waiting.fetch_add(1, Ordering::SeqCst);
+            Waiting(&self.freed.waiting)
+        });
         let all = loop {
-            let freed = self.freed.notified();
+            let freed = self.freed.notify.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             match self.all.clone().try_acquire_many_owned(n) {

@@ -307,9 +307,9 @@ impl Recent {
         Recent { current: Recent::generation(), previous: Recent::generation(), pending: Ids::new(), since: now }
     }
 
-    /// An empty generation with room for its ids and an eighth more being appended now (the
-    /// table that fits that, 2^17 buckets, has room for 14,688 more: a burst of appends
-    /// beyond it costs one resize, not an error). Untouched, the room is address space, not
+    /// An empty generation with room for its ids and an eighth more (the table that fits
+    /// that, 2^17 buckets, has room for 14,688 more: a burst beyond it costs one resize, not
+    /// an error). Untouched, the room is address space, not
     /// memory; full, a generation takes about 16 MiB (its table and its ids' strings).
     fn generation() -> Ids {
         HashMap::with_capacity(GENERATION + GENERATION / 8)
