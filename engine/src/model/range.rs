@@ -21,6 +21,9 @@ pub const MULTIPLIER: (f64, f64) = (1.0, 10.0);
 pub const JITTER: (f64, f64) = (0.0, 1.0);
 /// `retry.max_attempts`.
 pub const MAX_ATTEMPTS: (u32, u32) = (1, 1000);
+/// The longest a fixed schedule may span, `interval` × (`max_attempts` − 1): its deadline, a
+/// day after its last attempt is due, within the longest `max_age`.
+pub const FIXED_SPAN: Duration = Duration::from_secs(6 * 86_400);
 /// `max_in_flight`.
 pub const MAX_IN_FLIGHT: (u32, u32) = (1, 10_000);
 /// `rate_limit`, deliveries per second.

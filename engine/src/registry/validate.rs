@@ -138,17 +138,18 @@ pub fn check_tenant_input(spec: &SubscriptionSpec, previous: Option<&Subscriptio
             ));
         }
     }
-    // A fixed schedule spans at most the longest max_age (a day apart a thousand times was
-    // three years of retries). Held to what is set: one stored before keeps its schedule, cut
-    // where the policy's deadline falls (`retry::policy`).
+    // A fixed schedule spans at most six days, its deadline a day later (a day apart a
+    // thousand times was three years of retries). Held to what is set: one stored before keeps
+    // its schedule, cut where the policy's deadline falls (`retry::policy`).
     if let Some(RetrySpec::Fixed { interval, max_attempts }) = &spec.retry {
         let span = interval.0.saturating_mul(max_attempts.saturating_sub(1));
-        if span > range::MAX_AGE.1 && previous.is_none_or(|p| p.retry != spec.retry) {
+        let most = range::FIXED_SPAN;
+        if span > most && previous.is_none_or(|p| p.retry != spec.retry) {
             return Err(Invalid::new(
                 "retry.max_attempts",
                 format!(
-                    "a fixed schedule spans at most {} (interval × (max_attempts − 1)); this one spans {}",
-                    HumanDuration(range::MAX_AGE.1),
+                    "a fixed schedule spans at most {} (interval × (max_attempts − 1)), its last attempt then due a day before the longest max_age; this one spans {}",
+                    HumanDuration(most),
                     HumanDuration(span)
                 ),
             ));
@@ -507,7 +508,7 @@ mod tests {
         assert_eq!(check_tenant_input(&disabled, Some(&big)), Ok(()), "changed as it stands");
         let grown = spec(json!({ "url": "https://h.example/#x", "tls": { "ca_pem": pem.clone() + &pem } }));
         assert_eq!(field(check_tenant_input(&grown, Some(&big))), Some("tls.ca_pem".into()));
-        // So with a fixed schedule past seven days: refused when set, kept when stored before
+        // So with a fixed schedule past six days: refused when set, kept when stored before
         // the bound (its PATCH of `enabled` was refused, the subscription not even disabled).
         let long = json!({ "policy": "fixed", "interval": "P1D", "max_attempts": 1000 });
         let stored = spec(json!({ "url": "https://h.example/", "retry": long }));
@@ -520,6 +521,13 @@ mod tests {
             json!({ "url": "https://h.example/", "retry": { "policy": "fixed", "interval": "P1D", "max_attempts": 999 } }),
         );
         assert_eq!(field(held(&changed, Some(&stored))), Some("retry.max_attempts".into()));
+        let days = |n: u32| {
+            spec(
+                json!({ "url": "https://h.example/", "retry": { "policy": "fixed", "interval": "P1D", "max_attempts": n } }),
+            )
+        };
+        assert_eq!(held(&days(7), None), Ok(()), "six days");
+        assert_eq!(field(held(&days(8), None)), Some("retry.max_attempts".into()), "seven days");
     }
 
     #[test]

@@ -57,7 +57,8 @@ impl Default for Policy {
     }
 }
 
-/// What a fixed schedule's deadline leaves past its last attempt's due time.
+/// What a fixed schedule's deadline leaves past its last attempt's due time (with
+/// [`range::FIXED_SPAN`], within the longest `max_age`).
 const FIXED_SLACK: Duration = Duration::from_secs(86_400);
 
 /// Whole milliseconds of `d`, saturating.
@@ -126,16 +127,16 @@ impl Policy {
     }
 
     /// How long after its budget began a delivery may still be attempted. A fixed schedule
-    /// has no `max_age` of its own: it gets its span (at most the longest `max_age`, 7 days)
-    /// and a day more — room for its attempts' own durations, a receiver's `Retry-After`
-    /// and deferrals — so that its last attempt is made, and no delivery, one held back by an
-    /// open breaker or a rate limit included, is kept for good.
+    /// has no `max_age` of its own: it gets its span and a day more — room for its attempts'
+    /// own durations, a receiver's `Retry-After` and deferrals, so that its last attempt is
+    /// made — within the longest `max_age` (7 days, the log's default retention too), so that
+    /// no delivery, one held back by an open breaker or a rate limit included, is kept longer.
     fn max_age(&self) -> Option<Duration> {
         match self {
             Policy::Exponential { max_age, .. } => Some(*max_age),
             Policy::Fixed { interval, max_attempts } => {
-                let span = interval.saturating_mul(max_attempts.saturating_sub(1)).min(range::MAX_AGE.1);
-                Some(span + FIXED_SLACK)
+                let span = interval.saturating_mul(max_attempts.saturating_sub(1));
+                Some(span.saturating_add(FIXED_SLACK).min(range::MAX_AGE.1))
             }
         }
     }
@@ -346,27 +347,29 @@ mod tests {
         assert_eq!(times, vec![0, 1_800_000, 3_600_000, 5_400_000, 7_200_000]);
     }
 
-    /// A fixed schedule ends a day after its last attempt is due, at most eight days after
-    /// the event: it had no deadline at all, so one stored as a day apart a thousand times
-    /// retried for three years, and a delivery held back (an open breaker, a rate limit) never
-    /// aged out. The day past its span leaves room for its attempts' durations, so a schedule
-    /// of exactly seven days makes its last attempt.
+    /// A fixed schedule ends a day after its last attempt is due, at most seven days after
+    /// the event (the longest `max_age`, and the log's default retention): it had no deadline
+    /// at all, so one stored as a day apart a thousand times retried for three years, and a
+    /// delivery held back (an open breaker, a rate limit) never aged out. The day past its
+    /// span leaves room for its attempts' durations, so the longest schedule allowed (six
+    /// days) makes its last attempt.
     #[test]
     fn a_fixed_schedule_ends_a_day_after_its_last_attempt() {
         let day = 86_400_000;
         let spec = RetrySpec::Fixed { interval: HumanDuration(Duration::from_secs(86_400)), max_attempts: 1000 };
         let p = Policy::from_spec(Some(&spec));
-        assert_eq!(p.deadline(0), Some(8 * day), "stored before the limit: cut at seven days and one");
-        assert_eq!(p.next_due(8, 0, 8 * day, 1, None), None);
-        assert!(*schedule(&p, 1).last().unwrap() <= 8 * day);
-        let week = RetrySpec::Fixed { interval: HumanDuration(Duration::from_secs(86_400)), max_attempts: 8 };
-        let p = Policy::from_spec(Some(&week));
-        // Each attempt taking 30 s, and its next due a day after it ends: all eight are made.
+        assert_eq!(p.deadline(0), Some(7 * day), "stored before the limit: cut at seven days");
+        assert_eq!(p.next_due(7, 0, 7 * day, 1, None), None);
+        assert!(*schedule(&p, 1).last().unwrap() <= 7 * day);
+        let longest = RetrySpec::Fixed { interval: HumanDuration(Duration::from_secs(86_400)), max_attempts: 7 };
+        let p = Policy::from_spec(Some(&longest));
+        assert_eq!(p.deadline(0), Some(7 * day));
+        // Each attempt taking 30 s, and its next due a day after it ends: all seven are made.
         let (mut now, mut made) = (0i64, 1);
         while let Some(due) = p.next_due(made, 0, now + 30_000, 1, None) {
             (now, made) = (due, made + 1);
         }
-        assert_eq!(made, 8);
+        assert_eq!(made, 7);
     }
 
     #[test]
