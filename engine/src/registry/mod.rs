@@ -459,9 +459,11 @@ impl Registry {
             validate::check_tenant_input(&spec, previous)?;
             Ok(spec)
         }
+        // TLS settings kept as they stood are not checked again (see `validate::check`).
+        let kept = previous.is_some_and(|p| p.tls == spec.tls && p.via_edge == spec.via_edge);
         // The folder a CA file lies in (as opening it resolves it), when a tenant of this
         // registry's is named so.
-        let folder = spec.tls.as_ref().and_then(|t| t.ca_file.as_deref()).and_then(|path| {
+        let folder = spec.tls.as_ref().filter(|_| !kept).and_then(|t| t.ca_file.as_deref()).and_then(|path| {
             let first = crate::transport::tls::folder_under(self.rules.tls_files_dir.as_deref()?, path)?;
             self.state.read().unwrap().by_tenant.contains_key(&first).then_some(first)
         });
@@ -470,8 +472,7 @@ impl Registry {
             None => std::borrow::Cow::Borrowed(&self.rules),
         };
         // A PKCS#12 file comes as content or as a client certificate file; kept as it stood,
-        // it is not opened again (see `validate::check`).
-        let kept = previous.is_some_and(|p| p.tls == spec.tls && p.via_edge == spec.via_edge);
+        // it is not opened again.
         if kept || spec.tls.as_ref().is_none_or(|t| t.client_p12.is_none() && t.client_cert_file.is_none()) {
             return Ok(check(spec, previous, &rules, tenant)?);
         }

@@ -255,15 +255,12 @@ pub fn check_tenant_files(
     // folder: its answers (a file that is there, one that is not, one that holds no
     // certificate) would list that folder's files.
     if let (Some(path), Some(dir)) = (&opts.ca_file, dir) {
-        if let Some((root, real)) = within(dir, path) {
-            let folder = real.strip_prefix(&root).ok().and_then(|r| r.components().next()).map(|c| c.as_os_str());
-            let another = folder.and_then(|f| f.to_str()).is_some_and(|f| {
-                let tenants = crate::tenants::looks_like_tenant_id(f) || tenant_folders.iter().any(|t| t == f);
-                f != tenant && tenants && root.join(f).is_dir()
-            });
-            if another {
-                return Err(not_under("tls.ca_file"));
-            }
+        let another = folder_under(dir, path).is_some_and(|f| {
+            let tenants = crate::tenants::looks_like_tenant_id(&f) || tenant_folders.contains(&f);
+            f != tenant && tenants && dir.join(&f).is_dir()
+        });
+        if another {
+            return Err(not_under("tls.ca_file"));
         }
     }
     Ok(())
