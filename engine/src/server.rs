@@ -314,11 +314,13 @@ fn serve_api(
     Ok((addr, task))
 }
 
-/// `api.max_connections`, fitted within the process's open-files limit (first raised to its
-/// hard limit): at most half of it, the rest left for webhooks' connections and the log's
-/// files. Past the limit (1,024 on many systems, under the default 4,096 connections), idle
-/// connections without a token took every descriptor, and then every tenant's new webhook
-/// connections and the log's next segment failed.
+/// `api.max_connections`, fitted within the descriptors free under the process's open-files
+/// limit (first raised to its hard limit): at most half of them, the rest left for webhooks'
+/// connections and the log's files. Past the limit (1,024 on many systems, under the default
+/// 4,096 connections), idle connections without a token took every descriptor, and then every
+/// tenant's new webhook connections and the log's next segment failed. Those already open
+/// count — a parent may leave its own open in Herald: half the limit then ran out before the
+/// API's share was full, and connections past it waited unaccepted instead of being closed.
 fn within_open_files(wanted: usize) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let mut limit = getrlimit(Resource::Nofile);
@@ -329,12 +331,16 @@ fn within_open_files(wanted: usize) -> usize {
         }
     }
     let Some(files) = limit.current else { return wanted };
-    let most = usize::try_from(files / 2).unwrap_or(usize::MAX).max(16);
+    let files = usize::try_from(files).unwrap_or(usize::MAX);
+    // The directory's own descriptor is listed too; where there is no /proc, none are counted.
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |fds| fds.count().saturating_sub(1));
+    let most = (files.saturating_sub(open) / 2).max(16);
     if wanted > most {
         tracing::warn!(
             configured = wanted,
             open_files = files,
-            "api.max_connections lowered to {most}, half of the open-files limit (raise it: ulimit -n, LimitNOFILE)"
+            already_open = open,
+            "api.max_connections lowered to {most}, half of the descriptors free under the open-files limit (raise it: ulimit -n, LimitNOFILE)"
         );
         return most;
     }

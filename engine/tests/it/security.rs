@@ -906,45 +906,36 @@ async fn a_static_webhook_moved_to_another_tenant_gets_none_of_the_first_tenant_
 }
 
 /// Connections without a token cannot take every file descriptor: the API's connections are
-/// fitted within the process's open-files limit (half of it), so those past that are closed
-/// at once — with the default 4,096 over a limit of 1,024, idle ones took every descriptor,
-/// and every tenant's new webhook connections and the log's next segment failed.
+/// fitted within the descriptors free when Herald starts (half of them), so those past that
+/// are closed at once — with the default 4,096 over a limit of 1,024, idle ones took every
+/// descriptor, and every tenant's new webhook connections and the log's next segment failed.
+/// Descriptors already open count: Herald started with 120 of its 256 taken (left by a parent)
+/// kept half the limit for the API, ran out before the API's share was full, and left every
+/// connection past it waiting unaccepted, none closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_without_a_token_cannot_take_every_file_descriptor() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
-    // This process opens 300 connections beside every other test's descriptors (a Kafka mock
-    // cluster holds many): below its hard limit, some failed to connect and too few were left
-    // to be closed past the API's share.
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
     // Idle connections are not closed for their silence within the test (its own timeout).
     let env = [("HERALD_API_HEADER_READ_TIMEOUT", "120s")];
-    let (_herald, addr) = crate::support::spawn_herald_with_files(dir.path(), &env, 256);
-    // Each connection waits for its end: those past the API's share are closed by Herald at
-    // once (before: accepted until the descriptors ran out, the rest left waiting, none closed).
+    let (_herald, addr) = crate::support::spawn_herald_with_files(dir.path(), &env, 256, 120);
+    // Each connection waits for its end: those past the API's share (about 60 of the 130 or
+    // so left) are closed by Herald at once.
     let closed = Arc::new(AtomicUsize::new(0));
     let mut idle = Vec::new();
-    for _ in 0..300 {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-            let closed = closed.clone();
-            idle.push(tokio::spawn(async move {
-                let mut byte = [0u8; 1];
-                if let Ok(0) = s.read(&mut byte).await {
-                    closed.fetch_add(1, Ordering::SeqCst);
-                }
-                std::future::pending::<()>().await; // held open until aborted
-            }));
-        }
+    for _ in 0..200 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { continue };
+        let closed = closed.clone();
+        idle.push(tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            if let Ok(0) = s.read(&mut byte).await {
+                closed.fetch_add(1, Ordering::SeqCst);
+            }
+            std::future::pending::<()>().await; // held open until aborted
+        }));
     }
-    assert_eq!(idle.len(), 300, "every connection made");
+    assert!(idle.len() >= 190, "{} of 200 connections made", idle.len());
     until("connections past the API's share closed", Duration::from_secs(30), || async {
         (closed.load(Ordering::SeqCst) >= 100).then_some(())
     })

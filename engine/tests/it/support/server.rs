@@ -249,13 +249,15 @@ pub fn spawn_herald_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (C
     spawn_herald_as(data_dir, env, std::process::Stdio::inherit(), None)
 }
 
-/// Starts `herald serve` allowed at most `files` open files (soft and hard limit alike).
+/// Starts `herald serve` allowed at most `files` open files (soft and hard limit alike), with
+/// `already_open` descriptors open before it starts (as a parent that leaks its own leaves them).
 pub fn spawn_herald_with_files(
     data_dir: &std::path::Path,
     env: &[(&str, &str)],
     files: u64,
+    already_open: u32,
 ) -> (ChildGuard, SocketAddr) {
-    spawn_herald_as(data_dir, env, std::process::Stdio::inherit(), Some(files))
+    spawn_herald_as(data_dir, env, std::process::Stdio::inherit(), Some((files, already_open)))
 }
 
 /// Starts `herald serve` with extra environment variables, its log (stderr) kept: what it has
@@ -282,19 +284,34 @@ fn spawn_herald_as(
     data_dir: &std::path::Path,
     env: &[(&str, &str)],
     stderr: std::process::Stdio,
-    files: Option<u64>,
+    files: Option<(u64, u32)>,
 ) -> (ChildGuard, SocketAddr) {
+    use std::os::unix::process::CommandExt;
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-    if let Some(files) = files {
-        use std::os::unix::process::CommandExt;
-        let limit = libc::rlimit { rlim_cur: files, rlim_max: files };
-        // SAFETY: between fork and exec only setrlimit, which is async-signal-safe, is called.
-        unsafe {
-            command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            });
-        }
+    let limit = files.map(|(files, _)| libc::rlimit { rlim_cur: files, rlim_max: files });
+    let already_open = files.map_or(0, |(_, open)| open);
+    // SAFETY: between fork and exec only close_range, setrlimit and dup are called, each
+    // async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            // The test process's own descriptors (librdkafka's pipes are not close-on-exec)
+            // would be the child's too, dozens of them while Kafka tests run beside: closed at
+            // exec, so every Herald starts as a service does.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            // Duplicated before the limit is lowered: the test process's descriptors, closed
+            // only at exec, may still fill every number under it.
+            for _ in 0..already_open {
+                if libc::dup(0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(limit) = limit {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
     let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
