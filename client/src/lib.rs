@@ -20,7 +20,12 @@ use serde_json::{json, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The API answered with an error (`{"error":{"code","message","field"}}`).
-    #[error("{status}: {}{message}", field.as_ref().map(|f| format!("{f}: ")).unwrap_or_default())]
+    #[error(
+        "{status}: {}{message}{}{}",
+        field.as_ref().map(|f| format!("{f}: ")).unwrap_or_default(),
+        retry_after.filter(|_| !message.contains("retry after")).map(|s| format!(" (retry after {s} s)")).unwrap_or_default(),
+        if ids.is_empty() { String::new() } else { format!("; the events' ids, to send them again under: {}", ids.join(", ")) }
+    )]
     Api {
         /// HTTP status.
         status: u16,
@@ -30,6 +35,12 @@ pub enum Error {
         message: String,
         /// The request field it is about, as a path, when there is one.
         field: Option<String>,
+        /// Seconds to wait before sending it again, when the server said (`429`, `503`).
+        retry_after: Option<u64>,
+        /// A publish's event ids, generated ones too, when some of its deliveries may be
+        /// written despite the error: send the events again under these ids, so that what
+        /// was written is not delivered twice.
+        ids: Vec<String>,
     },
     /// The server could not be reached, or the connection broke.
     #[error("cannot reach {base}: {detail}")]
@@ -49,9 +60,12 @@ impl Error {
     /// unchanged will not help. Not a 408: the server stopped waiting for its work, which
     /// goes on (a publish cut off by `api.request_timeout` is still written and delivered),
     /// so it may or may not have been done, as when the server cannot be reached. Nor a 429:
-    /// the caller is asked to slow down, and the same request later is taken.
+    /// the caller is asked to slow down, and the same request later is taken. Nor one naming
+    /// `ids`: some of the publish may be written (a log with a smaller limit refused the
+    /// rest, `413`).
     pub fn is_refusal(&self) -> bool {
-        matches!(self, Error::Api { status, .. } if (400..500).contains(status) && !matches!(status, 408 | 429))
+        matches!(self, Error::Api { status, ids, .. }
+            if (400..500).contains(status) && !matches!(status, 408 | 429) && ids.is_empty())
     }
 }
 
@@ -318,6 +332,8 @@ impl Client {
             code: text("code").unwrap_or_default(),
             message: text("message").unwrap_or_else(|| value.to_string()),
             field: text("field"),
+            retry_after: e["retry_after"].as_u64(),
+            ids: e["ids"].as_array().into_iter().flatten().filter_map(|id| id.as_str().map(str::to_string)).collect(),
         })
     }
 

@@ -26,9 +26,17 @@ __all__ = ["HeraldClient", "HeraldError", "verify_hmac", "verify_standard"]
 class HeraldError(Exception):
     """The API refused a request, or the server could not be reached (status 0)."""
 
-    def __init__(self, status, code, message, field=None):
-        super().__init__(f"{status}: {field + ': ' if field else ''}{message}")
+    def __init__(self, status, code, message, field=None, ids=None, retry_after=None):
+        said = f"{status}: {field + ': ' if field else ''}{message}"
+        if ids:
+            said += f"; the events' ids, to send them again under: {', '.join(ids)}"
+        super().__init__(said)
         self.status, self.code, self.message, self.field = status, code, message, field
+        # A publish's event ids (generated ones too) when some of its deliveries may be written
+        # despite the error: send the events again under these, so none is delivered twice.
+        self.ids = list(ids or [])
+        # Seconds to wait before sending it again, when the server said (429, 503).
+        self.retry_after = retry_after
 
 
 def _segment(value):
@@ -87,7 +95,8 @@ class HeraldClient:
                 error = json.loads(text).get("error", {})
             except ValueError:
                 error = {"message": text.decode(errors="replace")}
-            raise HeraldError(e.code, error.get("code", ""), error.get("message", ""), error.get("field")) from None
+            raise HeraldError(e.code, error.get("code", ""), error.get("message", ""), error.get("field"),
+                              error.get("ids"), error.get("retry_after")) from None
         except urllib.error.URLError as e:
             if isinstance(e.reason, (socket.timeout, TimeoutError)):
                 raise HeraldError(0, "NO_ANSWER", f"{self.base} did not answer in {self.timeout} s: "

@@ -183,6 +183,39 @@ class NotHerald(unittest.TestCase):
         finally:
             listener.close()
 
+    def test_an_error_naming_the_events_ids_and_a_wait_keeps_them(self):
+        # A publish the log refused part-way names its events' ids (generated ones too) to
+        # send them again under, and a throttled one the seconds to wait: the error kept only
+        # the message, so a producer that gave no ids could only send them again under new
+        # ones, delivered twice. The stand-in answers as Herald documents.
+        class Refuses(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                error = {"code": "UNAVAILABLE", "message": "the log refused the write", "ids": ["evt_1", "evt_2"],
+                         "retry_after": 2}
+                body = json.dumps({"error": error}).encode()
+                self.send_response(503)
+                self.send_header("content-type", "application/json")
+                self.send_header("retry-after", "2")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            client = HeraldClient(f"http://127.0.0.1:{server.server_address[1]}", "hk.secret", timeout=5)
+            with self.assertRaises(HeraldError) as refused:
+                client.publish_batch([{"type": "T", "data": {}}, {"type": "T", "data": {}}])
+            self.assertEqual(refused.exception.ids, ["evt_1", "evt_2"])
+            self.assertEqual(refused.exception.retry_after, 2)
+            self.assertIn("evt_1", str(refused.exception))
+        finally:
+            server.shutdown()
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -344,17 +344,56 @@ impl Api {
                     .with_context(|| format!("no token: pass --token, set HERALD_TOKEN or write {}", path.display()))?
             }
         };
+        // Told before anything is sent, without the token: a stray `\r` from a file written on
+        // Windows made the header unbuildable, said as an unexpected answer (exit 3, "try again").
+        if http::HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
+            bail!("the token holds characters an HTTP header cannot carry (a line break or a control character?)");
+        }
         Ok(Api(herald_client::Client::new(&conn.server, &token)))
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failed> {
         let method = http::Method::from_bytes(method.as_bytes()).map_err(|e| Failed::Refused(e.to_string()))?;
-        self.0.call(method, path, body.as_ref()).await.map_err(|e| match e {
+        self.0.call(method, path, body.as_ref()).await.map_err(Failed::from)
+    }
+
+    /// A POST of events serialised as they were written (see [`Fields`]).
+    async fn publish(&self, path: &str, body: &impl serde::Serialize) -> Result<Value, Failed> {
+        let body = serde_json::to_vec(body).map_err(|e| Failed::Refused(e.to_string()))?;
+        self.0.send(http::Method::POST, path, Some(body.into())).await.map_err(Failed::from)
+    }
+}
+
+impl From<herald_client::Error> for Failed {
+    /// Its words carry the wait the server asked for and a publish's `ids` to send it again
+    /// under, where the server named them.
+    fn from(e: herald_client::Error) -> Failed {
+        match e {
             _ if e.is_refusal() => Failed::Refused(e.to_string()),
             herald_client::Error::Api { status: 429, .. } => Failed::Throttled(e.to_string()),
             _ => Failed::Unavailable(e.to_string()),
-        })
+        }
     }
+}
+
+/// An event's fields, each kept as the JSON text it was written in: parsed into a
+/// `serde_json::Value` and written out again, `data` reached the server with its keys
+/// sorted, its whitespace gone and an integer past 2^64 rounded — not what a `raw_bytes`
+/// receiver should get, nor what Herald keeps (its own form keeps keys in their order).
+type Fields = std::collections::BTreeMap<String, Box<serde_json::value::RawValue>>;
+
+/// `text` as an event's [`Fields`]; `what` names where it came from when it is no object.
+fn fields(text: &str, what: &str) -> anyhow::Result<Fields> {
+    serde_json::from_str::<Fields>(text).map_err(|e| match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        Ok(_) => anyhow!("{what} holds no JSON object"),
+        Err(_) => anyhow::Error::from(e).context(format!("{what} is not JSON")),
+    })
+}
+
+/// Sets `name` in `fields` to `value`.
+fn set(fields: &mut Fields, name: &str, value: impl serde::Serialize) {
+    let raw = serde_json::value::to_raw_value(&value).expect("a string or JSON text serialises");
+    fields.insert(name.to_string(), raw);
 }
 
 /// Bytes of lines a batch holds at most: with its commas and brackets it stays within the
@@ -393,18 +432,20 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
             }
             bytes += next;
             let (n, line) = lines.next().expect("peeked");
-            let event = line.map_err(anyhow::Error::from).and_then(|l| Ok(serde_json::from_str::<Value>(&l)?));
+            let event = line.map_err(anyhow::Error::from).and_then(|l| fields(&l, &format!("line {n}")));
             match event {
                 Ok(mut event) => {
-                    if let (Some(t), Some(fields)) = (tenant, event.as_object_mut()) {
-                        fields.entry("tenant").or_insert_with(|| t.into());
+                    if let Some(t) = tenant {
+                        if !event.contains_key("tenant") {
+                            set(&mut event, "tenant", t);
+                        }
                     }
                     batch.push(event)
                 }
                 // What went before it was sent: say so, as for a batch refused.
                 Err(e) => {
                     let before = accepted_before(accepted, numbers.first().copied().unwrap_or(n));
-                    return Err(e.context(format!("line {n} is not JSON; {before}; nothing after it was sent")));
+                    return Err(e.context(format!("line {n} was not sent; {before}; nothing after it was sent")));
                 }
             }
             numbers.push(n);
@@ -418,11 +459,11 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
         // One line in all, not one in the first batch: a line closing the batch early (the
         // two past BATCH_BYTES) sent the first alone, and the rest were never sent.
         if std::mem::take(&mut first) && batch.len() == 1 && lines.peek().is_none() {
-            let one = batch.pop();
-            return Ok((api.call("POST", "/v1/events", one).await?, Shown::One));
+            let one = batch.pop().expect("one line");
+            return Ok((api.publish("/v1/events", &one).await?, Shown::One));
         }
         let count = batch.len();
-        let answer = api.call("POST", "/v1/events/batch", Some(Value::Array(batch))).await.map_err(|e| {
+        let answer = api.publish("/v1/events/batch", &batch).await.map_err(|e| {
             let before = accepted_before(accepted, from);
             let range = format!("the batch of lines {from}–{to}");
             match e {
@@ -453,13 +494,17 @@ fn accepted_before(accepted: usize, line: usize) -> String {
     }
 }
 
-fn read_json(path: &PathBuf) -> anyhow::Result<Value> {
-    let text = if path.as_os_str() == "-" {
-        std::io::read_to_string(std::io::stdin())?
+/// The text of `path` (`-`: stdin).
+fn read_text(path: &PathBuf) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        Ok(std::io::read_to_string(std::io::stdin())?)
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
-    };
-    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    }
+}
+
+fn read_json(path: &PathBuf) -> anyhow::Result<Value> {
+    serde_json::from_str(&read_text(path)?).with_context(|| format!("{} is not JSON", path.display()))
 }
 
 /// A table of `items` with these columns (a column is a JSON pointer or a top-level key).
@@ -589,6 +634,12 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                     Some(f) => read_json(f)?,
                     None => json!({}),
                 };
+                if !body.is_object() {
+                    bail!(
+                        "--file {} holds no JSON object",
+                        file.as_ref().map_or_else(String::new, |f| f.display().to_string())
+                    );
+                }
                 if let Some(u) = url {
                     body["url"] = u.into();
                 }
@@ -626,22 +677,23 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
                     send_lines(&api, std::io::stdin().lock(), tenant.as_deref()).await?
                 } else {
                     let mut event = match &file {
-                        Some(f) => read_json(f)?,
-                        None => json!({}),
+                        Some(f) => fields(&read_text(f)?, &format!("--file {}", f.display()))?,
+                        None => Fields::new(),
                     };
                     if let Some(t) = event_type {
-                        event["type"] = t.into();
+                        set(&mut event, "type", t);
                     }
                     if let Some(d) = data {
-                        event["data"] = serde_json::from_str(&d).context("--data is not JSON")?;
+                        let d = serde_json::value::RawValue::from_string(d).context("--data is not JSON")?;
+                        event.insert("data".into(), d);
                     }
                     if let Some(i) = id {
-                        event["id"] = i.into();
+                        set(&mut event, "id", i);
                     }
                     if let Some(t) = tenant {
-                        event["tenant"] = t.into();
+                        set(&mut event, "tenant", t);
                     }
-                    (api.call("POST", "/v1/events", Some(event)).await?, Shown::One)
+                    (api.publish("/v1/events", &event).await?, Shown::One)
                 }
             }
             Events::Get { id, tenant } => (

@@ -436,3 +436,109 @@ async fn output_to_a_closed_pipe_ends_quietly() {
     assert!(!said.contains("panicked"), "{said}");
     assert_eq!(out.status.code(), Some(0), "{:?}: {said}", out.status);
 }
+
+/// The CLI sends an event's `data` as written: it parsed it into a `serde_json::Value` and
+/// wrote that out again, so keys came sorted, whitespace went, and an integer past 2^64 was
+/// rounded — what a `raw_bytes` receiver got was not what the producer wrote, and Herald's
+/// "never changes a value" did not hold through its own CLI. With `--data`, `--file` and
+/// `--stdin` alike.
+#[tokio::test]
+async fn an_event_s_data_reaches_the_receiver_as_written() {
+    if crate::support::on_kafka() {
+        return; // the CLI is a client of the API, the same on both backends
+    }
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(serde_json::json!({ "url": rx.url("/bytes"), "payload": "raw_bytes" })).await;
+    let data = r#"{ "z" : 1, "amount": 123456789012345678901234567890, "a": [1.50] }"#;
+    let out = herald(&h.api.base, &["events", "send", "--type", "t", "--id", "by-data", "--data", data], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("event.json");
+    std::fs::write(&file, format!(r#"{{"type":"t","data":{data}}}"#)).unwrap();
+    let out = herald(&h.api.base, &["events", "send", "--id", "by-file", "--file", file.to_str().unwrap()], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = format!(
+        "{{\"id\":\"line-1\",\"type\":\"t\",\"data\":{data}}}\n{{\"id\":\"line-2\",\"type\":\"t\",\"data\":{data}}}\n"
+    );
+    let out = herald(&h.api.base, &["events", "send", "--stdin", "--tenant", "default"], Some(&lines)).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for received in rx.wait_on("/bytes", 4).await {
+        assert_eq!(std::str::from_utf8(&received.body).unwrap(), data, "{}", received.header("webhook-id"));
+    }
+}
+
+/// A `--file` that holds no JSON object, given with flags that set its fields, is said to be
+/// the caller's mistake (exit 2, naming `--file`) — indexing it panicked (exit 101).
+#[tokio::test]
+async fn a_file_that_is_no_object_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.json");
+    std::fs::write(&file, r#"[{"type":"t","data":{}}]"#).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let server = format!("http://{closed}");
+    for args in [
+        &["events", "send", "--file", file.to_str().unwrap(), "--tenant", "acme"][..],
+        &["subscriptions", "create", "--file", file.to_str().unwrap(), "--url", "https://example.com/h"][..],
+    ] {
+        let out = herald(&server, args, None).await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert!(said.contains("--file") && said.contains("object"), "{said}");
+    }
+}
+
+/// A refusal after which some of a publish's deliveries may be written (the log refused the
+/// write part-way: `503`, or `413` from a Kafka topic with a smaller limit) names the events'
+/// ids, generated ones too, to send them again under: the CLI printed the message alone, so
+/// a producer that gave no ids could only send them again under new ones (delivered twice);
+/// and it called the `413` "refused, none of it accepted" (exit 1). The ids are said, with
+/// exit 3 (it may or may not have been accepted). The stand-in server answers as Herald
+/// documents.
+#[tokio::test]
+async fn a_refusal_naming_the_events_ids_says_them() {
+    use http_body_util::Full;
+    for status in [503u16, 413] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        crate::support::serve_http1(listener, move |_req| async move {
+            let error = serde_json::json!({
+                "code": if status == 503 { "UNAVAILABLE" } else { "TOO_LARGE" },
+                "message": "the log refused the write; some of its deliveries may be written: send it again with the same event ids (`ids` names them, generated ones too)",
+                "ids": ["evt_generated_1", "evt_generated_2"],
+            });
+            hyper::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(bytes::Bytes::from(serde_json::json!({ "error": error }).to_string())))
+                .unwrap()
+        });
+        let lines = "{\"type\":\"A\",\"data\":{}}\n{\"type\":\"A\",\"data\":{}}\n";
+        let out = herald(&server, &["events", "send", "--stdin"], Some(lines)).await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{status}: {said}");
+        assert!(said.contains("evt_generated_1") && said.contains("evt_generated_2"), "{status}: {said}");
+        assert!(!said.contains("none of it accepted"), "{status}: {said}");
+        let out = herald(&server, &["events", "send", "--type", "A", "--data", "{}"], None).await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{status}: {said}");
+        assert!(said.contains("evt_generated_1"), "{status}: {said}");
+    }
+}
+
+/// A token a header cannot carry (a stray carriage return from a file written on Windows) is
+/// the caller's mistake, told before anything is sent (exit 2, the token not shown) — it was
+/// "unexpected answer" with exit 3, "try again later", and a script retrying on 3 looped.
+#[tokio::test]
+async fn a_token_no_header_can_carry_is_a_usage_error() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["tenants", "list", "--server", &format!("http://{closed}"), "--token", "he.secret\rpart"])
+        .env_remove("HERALD_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("token") && !said.contains("secret"), "{said}");
+}

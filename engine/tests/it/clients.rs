@@ -27,7 +27,7 @@ async fn the_python_client_passes_its_tests_against_a_real_server() {
         tokio::time::timeout(std::time::Duration::from_secs(120), run).await.expect("bounded").expect("python3 runs");
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
-    assert!(report.contains("Ran 6 tests"), "{report}");
+    assert!(report.contains("Ran 7 tests"), "{report}");
 }
 
 #[tokio::test]
