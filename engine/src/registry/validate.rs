@@ -266,6 +266,9 @@ fn check_amqp(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), I
     if spec.auth != Auth::None {
         return Err(Invalid::new("auth", "only valid for webhooks (the broker's credentials go in amqp.uri)"));
     }
+    if spec.key.is_some() {
+        return Err(Invalid::new("key", "only valid for webhooks (a query parameter of the URL)"));
+    }
     check_len("amqp.uri", target.uri.expose(), range::URL)?;
     crate::transport::amqp::validate(target).map_err(|(field, message)| Invalid::new(field, message))?;
     let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;

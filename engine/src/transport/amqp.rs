@@ -118,6 +118,16 @@ struct Broker {
     last_used: Mutex<Instant>,
 }
 
+impl Broker {
+    /// Nothing in flight, and not being opened: an opening left by an attempt that stopped
+    /// waiting runs on (lapin's thread and socket with it) until it ends, and closing it to
+    /// open another left one behind each time.
+    fn unused(&self) -> bool {
+        self.window.available_permits() + self.held_back.load(Ordering::Relaxed) >= CHANNELS
+            && !matches!(*self.state.lock().unwrap(), State::Opening(_))
+    }
+}
+
 /// Publishers pooled per tenant and broker URI (a tenant's exchanges on one broker share its
 /// connection; another tenant's publishes never fill its window).
 #[derive(Clone)]
@@ -191,7 +201,38 @@ fn connecting_uri(uri: &url::Url) -> Result<AMQPUri, String> {
 impl AmqpTransport {
     /// Publishers whose broker hosts pass `guard`.
     pub fn new(guard: NetworkGuard) -> Self {
-        AmqpTransport { brokers: Default::default(), guard }
+        Self::with_idle(guard, IDLE)
+    }
+
+    /// Publishers whose brokers are closed once unused for `idle`: looked for a quarter of it
+    /// apart, for as long as a clone of the transport is kept. They were looked for only as
+    /// another broker was opened, so in a steady pool a deleted subscription's broker — or a
+    /// changed URI's, logged in with the old password — stayed connected for good.
+    fn with_idle(guard: NetworkGuard, idle: Duration) -> Self {
+        let brokers: Arc<Mutex<HashMap<String, Arc<Broker>>>> = Default::default();
+        let pool = Arc::downgrade(&brokers);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let mut every = tokio::time::interval(idle / 4);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let Some(brokers) = pool.upgrade() else { break };
+                    // Dropped with their connections, which lapin closes.
+                    let unused: Vec<Arc<Broker>> = {
+                        let mut brokers = brokers.lock().unwrap();
+                        let idle_ones: Vec<String> = brokers
+                            .iter()
+                            .filter(|(_, b)| b.last_used.lock().unwrap().elapsed() >= idle && b.unused())
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        idle_ones.iter().filter_map(|k| brokers.remove(k)).collect()
+                    };
+                    drop(unused);
+                }
+            });
+        }
+        AmqpTransport { brokers, guard }
     }
 
     /// The publisher of `tenant`'s broker `uri`, made if need be within the tenant's
@@ -204,20 +245,11 @@ impl AmqpTransport {
             *broker.last_used.lock().unwrap() = Instant::now();
             return Ok((broker.clone(), broker.window.clone().try_acquire_owned().ok()));
         }
-        // Forget brokers nobody published to for a while (closing their connections).
-        brokers.retain(|_, b| b.last_used.lock().unwrap().elapsed() < IDLE);
         let mine: Vec<(&String, &Arc<Broker>)> = brokers.iter().filter(|(_, b)| b.tenant == tenant).collect();
         if mine.len() >= TENANT_BROKERS {
-            // Nothing in flight, and not being opened: an opening left by an attempt that
-            // stopped waiting runs on (lapin's thread and socket with it) until it ends, and
-            // closing it to open another left one behind each time.
-            let unused = |b: &Broker| {
-                b.window.available_permits() + b.held_back.load(Ordering::Relaxed) >= CHANNELS
-                    && !matches!(*b.state.lock().unwrap(), State::Opening(_))
-            };
             let oldest = mine
                 .iter()
-                .filter(|(_, b)| unused(b))
+                .filter(|(_, b)| b.unused())
                 .min_by_key(|(_, b)| *b.last_used.lock().unwrap())
                 .map(|(k, _)| (*k).clone());
             match oldest {
@@ -404,7 +436,11 @@ impl AmqpTransport {
             return failed(Failure::Unusable { detail });
         }
         let mut headers = FieldTable::default();
-        for (name, value) in &signed.headers {
+        // The subscription's own headers (a headers exchange routes on them), then the
+        // signature's, which they cannot override (`validate` refuses those names). Not the
+        // user agent a webhook's request carries.
+        let custom = target.headers.iter().filter(|(name, _)| **name != http::header::USER_AGENT);
+        for (name, value) in custom.chain(signed.headers.iter().map(|(n, v)| (n, v))) {
             if name != http::header::CONTENT_TYPE {
                 let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
                 headers.insert(ShortString::from(name.as_str()), AMQPValue::LongString(LongString::from(value)));
@@ -500,6 +536,21 @@ mod tests {
         held.pop(); // one publish ends: its connection makes room
         assert!(amqp.broker("t", &uri(99)).is_ok());
         assert_eq!(amqp.brokers.lock().unwrap().values().filter(|b| b.tenant == "t").count(), TENANT_BROKERS);
+    }
+
+    /// A broker nobody publishes to is forgotten (its connection closed) once unused for its
+    /// idle time, with nothing else happening: it was only looked at as another broker was
+    /// opened, so a deleted subscription's connection — or a changed URI's, logged in with the
+    /// old password — stayed open for as long as the pool saw no new URI.
+    #[tokio::test]
+    async fn a_broker_unused_for_its_idle_time_is_forgotten_with_nothing_else_happening() {
+        let amqp = AmqpTransport::with_idle(NetworkGuard::new(Vec::new()), Duration::from_millis(200));
+        drop(amqp.broker("t", "amqp://broker.example/vh").unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !amqp.brokers.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the unused broker is still pooled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Herald always asks for a frame size, within bounds: left to the broker, lapin took

@@ -445,3 +445,27 @@ async fn a_tenant_s_broker_connections_are_capped_and_every_delivery_still_arriv
     rabbitmqctl(&["delete_vhost", &vhost]);
     assert!(herald_connections <= 16, "{herald_connections} connections of one tenant's");
 }
+
+/// A subscription's `headers` travel as the message's headers (in lower case, as the signature
+/// headers do; a headers exchange can route on them): they were accepted, sealed, and never
+/// sent. `key`, a webhook's query parameter, has no place in an AMQP publish: refused naming
+/// it, as `tls` and `auth` are, instead of kept and ignored.
+#[tokio::test]
+async fn a_subscription_s_headers_travel_with_its_messages_and_key_is_refused() {
+    let _broker = crate::support::RABBITMQ.lock().await;
+    let run = format!("{:x}", std::process::id() as u64 * 7 + herald::model::now_ms() as u64);
+    let h = TestHerald::start().await;
+    let (_conn, ch) = channel().await;
+    let exchange = format!("herald-headers-{run}");
+    let queue = format!("headers-{run}");
+    topic(&ch, &exchange, false, &[(&queue, "#")]).await;
+    let amqp = json!({ "uri": BROKER, "exchange": exchange });
+    let (status, refused) =
+        h.api.post("/v1/subscriptions", json!({ "transport": "amqp", "amqp": amqp, "key": "k-1" })).await;
+    assert_eq!((status.as_u16(), refused["error"]["field"].as_str()), (400, Some("key")), "{refused}");
+    h.api.subscribe(json!({ "transport": "amqp", "amqp": amqp, "headers": { "X-Customer": "c-42" } })).await;
+    h.api.post("/v1/events", json!({ "id": "hdr-1", "type": "Imported", "data": {} })).await;
+    let msg = until("the event on its queue", Duration::from_secs(15), || async { take(&ch, &queue).await }).await;
+    assert_eq!(header(&msg.delivery.properties, "x-customer"), "c-42");
+    assert!(!header(&msg.delivery.properties, "webhook-signature").is_empty());
+}
