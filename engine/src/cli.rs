@@ -359,8 +359,13 @@ impl Api {
 
     /// A POST of events serialised as they were written (see [`Fields`]).
     async fn publish(&self, path: &str, body: &impl serde::Serialize) -> Result<Value, Failed> {
-        let body = serde_json::to_vec(body).map_err(|e| Failed::Refused(e.to_string()))?;
-        self.0.send(http::Method::POST, path, Some(body.into())).await.map_err(Failed::from)
+        self.publish_raw(path, body).await.map_err(Failed::from)
+    }
+
+    /// [`Api::publish`], its error as the client's (the field it names).
+    async fn publish_raw(&self, path: &str, body: &impl serde::Serialize) -> Result<Value, herald_client::Error> {
+        let body = serde_json::to_vec(body).map_err(|e| herald_client::Error::Decode(e.to_string()))?;
+        self.0.send(http::Method::POST, path, Some(body.into())).await
     }
 }
 
@@ -404,7 +409,8 @@ const BATCH_BYTES: usize = herald::api::MAX_BODY_BYTES / 2;
 /// read (input of any length is held a batch at a time; one line alone goes as a single event).
 /// A batch refused or lost says which lines were accepted before it and that nothing after it
 /// was sent, since a script that sends the whole input again publishes those again
-/// (deduplicated only by their ids).
+/// (deduplicated only by their ids) — and lists the events accepted, their ids generated ones
+/// too, before saying it. The answer is a list (`{"items":[…]}`) however many lines there are.
 async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> anyhow::Result<(Value, Shown)> {
     let mut lines = input
         .lines()
@@ -445,7 +451,8 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
                 // What went before it was sent: say so, as for a batch refused.
                 Err(e) => {
                     let before = accepted_before(accepted, numbers.first().copied().unwrap_or(n));
-                    return Err(e.context(format!("line {n} was not sent; {before}; nothing after it was sent")));
+                    let e = e.context(format!("line {n} was not sent; {before}; nothing after it was sent"));
+                    return sent_then(items, e);
                 }
             }
             numbers.push(n);
@@ -460,16 +467,26 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
         // two past BATCH_BYTES) sent the first alone, and the rest were never sent.
         if std::mem::take(&mut first) && batch.len() == 1 && lines.peek().is_none() {
             let one = batch.pop().expect("one line");
-            return Ok((api.publish("/v1/events", &one).await?, Shown::One));
+            let answer = api.publish("/v1/events", &one).await?;
+            return Ok((json!({ "items": [answer] }), Shown::List(&["id", "deliveries"])));
         }
         let count = batch.len();
-        let answer = api.publish("/v1/events/batch", &batch).await.map_err(|e| {
+        let answer = api.publish_raw("/v1/events/batch", &batch).await.map_err(|e| {
             let before = accepted_before(accepted, from);
             let range = format!("the batch of lines {from}–{to}");
-            match e {
+            // The item a refusal names (`[3].data`) by its line: blank lines are skipped.
+            let item = match &e {
+                herald_client::Error::Api { field: Some(f), .. } => f
+                    .strip_prefix('[')
+                    .and_then(|f| f.split_once(']'))
+                    .and_then(|(i, _)| i.parse::<usize>().ok())
+                    .and_then(|i| numbers.get(i).map(|n| format!(" (item [{i}] is line {n})"))),
+                _ => None,
+            };
+            match Failed::from(e) {
                 Failed::Refused(m) => Failed::Refused(format!(
-                    "{range} was refused, none of it accepted (item [i] is its i-th line): {m}; {before}; \
-                     nothing after it was sent"
+                    "{range} was refused, none of it accepted{}: {m}; {before}; nothing after it was sent",
+                    item.unwrap_or_default()
                 )),
                 Failed::Unavailable(m) => Failed::Unavailable(format!(
                     "{range} may or may not have been accepted: {m}; {before}; nothing after it was sent \
@@ -480,10 +497,22 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
                      it was sent"
                 )),
             }
-        })?;
+        });
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => return sent_then(items, e.into()),
+        };
         accepted += count;
         items.extend(answer["items"].as_array().cloned().unwrap_or_default());
     }
+}
+
+/// The events accepted before `e` (none: `e` alone), listed before it is said.
+fn sent_then(items: Vec<Value>, e: anyhow::Error) -> anyhow::Result<(Value, Shown)> {
+    if items.is_empty() {
+        return Err(e);
+    }
+    Ok((json!({ "items": items }), Shown::ListThen(&["id", "deliveries"], e)))
 }
 
 /// What [`send_lines`] says was accepted before the lines from `line` on.
@@ -567,6 +596,8 @@ enum Shown {
     /// Shown as `One`, then a failure (exit code 1) when the answer, a 200, says the thing
     /// asked for did not happen: what it says then.
     Outcome(fn(&Value) -> Option<String>),
+    /// Shown as `List` — what was done before it failed — then this error, with its exit code.
+    ListThen(&'static [&'static str], anyhow::Error),
 }
 
 /// A test delivery's answer: a failure unless it was delivered.
@@ -803,8 +834,8 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
     if conn.json {
         print(&serde_json::to_string_pretty(&answer)?);
     } else {
-        match shown {
-            Shown::List(columns) => {
+        match &shown {
+            Shown::List(columns) | Shown::ListThen(columns, _) => {
                 let items = answer["items"].as_array().cloned().unwrap_or_default();
                 print(&table(&items, columns));
                 if let Some(next) = answer["next"].as_str() {
@@ -815,12 +846,14 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
             Shown::Done(what) => print(what),
         }
     }
-    if let Shown::Outcome(failure) = shown {
-        if let Some(said) = failure(&answer) {
-            return Err(Failed::Refused(said).into());
-        }
+    match shown {
+        Shown::Outcome(failure) => match failure(&answer) {
+            Some(said) => Err(Failed::Refused(said).into()),
+            None => Ok(()),
+        },
+        Shown::ListThen(_, e) => Err(e),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Prints `text` and a newline. Output piped into a reader that has gone (`| head -1`) ends
