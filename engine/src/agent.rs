@@ -171,6 +171,10 @@ async fn session(
         }
         Ok::<_, tokio_tungstenite::tungstenite::Error>(())
     };
+    // The attempts of this connection, ended with it: the server settles them `edge_offline`
+    // once it is gone and retries them through the next, so one that went on was a delivery
+    // off the record, sent again (out of order for an ordered key) and past the window.
+    let mut attempts = tokio::task::JoinSet::new();
     let reader = async {
         loop {
             let msg = match tokio::time::timeout(SILENCE, stream.next()).await {
@@ -192,7 +196,8 @@ async fn session(
                 continue;
             };
             let (tx, transports, targets) = (tx.clone(), transports.clone(), targets.clone());
-            tokio::spawn(async move {
+            while attempts.try_join_next().is_some() {} // those ended
+            attempts.spawn(async move {
                 let outcome = attempt(&transports, &targets, *subscription, &delivery, pending_retries).await;
                 let report = ToServer::Outcome(Report { seq, outcome });
                 let _ = tx.send(serde_json::to_string(&report).expect("serializes"));

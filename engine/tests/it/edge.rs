@@ -618,3 +618,80 @@ async fn attempts_held_up_by_a_full_agent_window_do_not_open_the_breaker() {
     assert_eq!(sub["health"]["breaker"], "closed", "{sub}");
     assert_eq!(sub["enabled"], true);
 }
+
+/// An agent's connection that breaks ends the attempts it was making for it: the server has
+/// settled them `edge_offline` and retries them through the next connection, so an attempt
+/// of the dead one that goes on was a delivery off the record — sent again on retry, out of
+/// order for an ordered key, and past `--window` beside the new connection's. (They ran on in
+/// detached tasks, each up to its timeout, here 30 s.) A TCP relay between agent and server
+/// stands in for the network that breaks; the receiver never answers and counts the
+/// connections held open to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_agent_connection_ends_the_attempts_made_for_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::io::AsyncReadExt;
+    let h = crate::support::TestHerald::start().await;
+    // The receiver: each connection is one attempt, held unanswered until the agent lets go.
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hold", receiver.local_addr().unwrap());
+    let (open, arrived) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (o, a) = (open.clone(), arrived.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = receiver.accept().await {
+            let (o, a) = (o.clone(), a.clone());
+            tokio::spawn(async move {
+                o.fetch_add(1, Ordering::SeqCst);
+                a.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                o.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    // The relay: every connection through it is cut at once when asked.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let piped: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+    let (server, kept) = (h.herald.addr, piped.clone());
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            let Ok(mut outbound) = tokio::net::TcpStream::connect(server).await else { continue };
+            kept.lock().unwrap().push(tokio::spawn(async move {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }));
+        }
+    });
+    let (status, device) = h.api.post("/v1/edge-devices", json!({ "name": "office" })).await;
+    assert_eq!(status, 201, "{device}");
+    let retry = json!({ "policy": "fixed", "interval": "200ms", "max_attempts": 50 });
+    h.api.subscribe(json!({ "url": url, "via_edge": device["id"], "retry": retry, "timeout": "30s" })).await;
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let _agent = tokio::spawn(herald::agent::run(
+        herald::agent::AgentConfig {
+            server: format!("http://{relay_addr}"),
+            token: device["token"].as_str().unwrap().to_string(),
+            window: 1,
+            allow: vec!["127.0.0.0/8".parse().unwrap()],
+            default_timeout: Duration::from_secs(30),
+            tls_files_dir: None,
+        },
+        stopped,
+    ));
+    h.api.post("/v1/events", json!({ "id": "held-1", "type": "T", "data": {} })).await;
+    until("the first attempt at the receiver", Duration::from_secs(20), || async {
+        (open.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    for pipe in piped.lock().unwrap().drain(..) {
+        pipe.abort();
+    }
+    until("the retry through the next connection", Duration::from_secs(20), || async {
+        (arrived.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    until("the dead connection's attempt let go", Duration::from_secs(10), || async {
+        (open.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+}
