@@ -387,8 +387,14 @@ impl AmqpTransport {
         }
     }
 
-    fn forget(broker: &Broker) {
-        *broker.state.lock().unwrap() = State::Closed;
+    /// Forgets `dead`, the connection a publish found gone — only if it is still the
+    /// broker's: another attempt may have begun opening the next one (or stored it), which
+    /// was dropped, so connections churned and for a while outnumbered the tenant's cap.
+    fn forget(broker: &Broker, dead: *const Link) {
+        let mut state = broker.state.lock().unwrap();
+        if matches!(&*state, State::Open(link) if std::ptr::eq(Arc::as_ptr(link), dead)) {
+            *state = State::Closed;
+        }
     }
 
     /// Publishes the signed attempt of `delivery` and waits for the broker's confirm.
@@ -458,7 +464,7 @@ impl AmqpTransport {
             Ok(Ok(channel)) => channel,
             Ok(Err(e)) => {
                 if !link.conn.status().connected() {
-                    Self::forget(&broker);
+                    Self::forget(&broker, Arc::as_ptr(&link));
                 }
                 return failed(Failure::Broker { detail: format!("opening a channel: {e}") });
             }
@@ -500,7 +506,7 @@ impl AmqpTransport {
             _ => {
                 Link::discard(channel);
                 if !link.conn.status().connected() {
-                    Self::forget(&broker);
+                    Self::forget(&broker, Arc::as_ptr(&link));
                 }
             }
         }
@@ -551,6 +557,19 @@ mod tests {
             assert!(Instant::now() < deadline, "the unused broker is still pooled");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A publish that found its connection dead forgets that one only: an opening begun
+    /// meanwhile by another attempt is kept (it was dropped, so connections churned).
+    #[tokio::test]
+    async fn a_dead_connection_is_forgotten_without_the_opening_after_it() {
+        let amqp = AmqpTransport::new(NetworkGuard::new(Vec::new()));
+        let (broker, _) = amqp.broker("t", "amqp://broker.example/vh").unwrap();
+        let opening: Opening = futures::future::pending().boxed().shared();
+        *broker.state.lock().unwrap() = State::Opening(opening.clone());
+        let dead: *const Link = std::ptr::dangling();
+        AmqpTransport::forget(&broker, dead);
+        assert!(matches!(&*broker.state.lock().unwrap(), State::Opening(f) if f.ptr_eq(&opening)));
     }
 
     /// Herald always asks for a frame size, within bounds: left to the broker, lapin took
