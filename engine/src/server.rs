@@ -206,6 +206,14 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     let proxies = egress_proxies(config).into_keys().collect();
     let rules = Rules { guard, tls_files_dir: config.http.tls_files_dir.clone(), proxies, tenant_folders: Vec::new() };
     let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
+    // Started without the key they were sealed with (or with another), those subscriptions
+    // were left out, and publishes for them answered `202` with none of their deliveries made.
+    if let n @ 1.. = registry.unopened() {
+        return Err(StartError::Secrets(format!(
+            "{n} subscriptions in the catalog hold secrets sealed with a key not given: set secret_key to the key \
+             they were sealed with (or keep it in previous_secret_keys after a rotation)"
+        )));
+    }
     let tenants = Arc::new(Tenants::load(feed.clone(), &records));
     let devices = Arc::new(Devices::load(feed.clone(), &records));
     if !log.shared() {

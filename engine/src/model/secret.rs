@@ -22,6 +22,9 @@ pub const REDACTED: &str = "********";
 /// The prefix of a sealed secret in the stored form.
 const SEALED: &str = "sealed:v1:";
 
+/// Why a record holding a sealed secret cannot be read: no installed key opens it.
+pub const UNOPENED: &str = "a sealed secret that no installed key opens (HERALD_SECRET_KEY)";
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     View,
@@ -176,9 +179,9 @@ impl<'de> Deserialize<'de> for Secret {
         let text = String::deserialize(d)?;
         match text.strip_prefix(SEALED) {
             None => Ok(Secret(text)),
-            Some(sealed) => keys().and_then(|k| k.open(sealed)).map(Secret).ok_or_else(|| {
-                serde::de::Error::custom("a sealed secret that no installed key opens (HERALD_SECRET_KEY)")
-            }),
+            Some(sealed) => {
+                keys().and_then(|k| k.open(sealed)).map(Secret).ok_or_else(|| serde::de::Error::custom(UNOPENED))
+            }
         }
     }
 }

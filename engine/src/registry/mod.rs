@@ -97,6 +97,8 @@ struct State {
     by_target: HashMap<(String, String), BTreeSet<String>>,
     /// Ids whose newest record this process cannot read.
     unreadable: HashSet<String>,
+    /// Those of them it cannot read for a sealed secret no installed key opens.
+    unopened: HashSet<String>,
     /// Ids whose newest record was ignored (its tenant's URL held by another), and its offset.
     ignored: HashMap<String, u64>,
     /// Deleted ids, the offset of their tombstone and when it was applied (what a late change
@@ -150,6 +152,7 @@ impl State {
     fn remove(&mut self, id: &str) -> Option<Arc<Target>> {
         self.version.remove(id);
         self.unreadable.remove(id);
+        self.unopened.remove(id);
         self.ignored.remove(id);
         self.stale.remove(id);
         let old = self.by_id.remove(id)?;
@@ -261,6 +264,9 @@ impl Apply for Registry {
                 tracing::error!(subscription = %id, offset = rec.offset, error = %e, "unreadable subscription record; its deliveries wait");
                 let mut state = self.state.write().unwrap();
                 state.remove(&id);
+                if e.to_string().contains(crate::model::secret::UNOPENED) {
+                    state.unopened.insert(id.clone());
+                }
                 state.unreadable.insert(id);
             }
         }
@@ -607,6 +613,11 @@ impl Registry {
     /// before it takes a subscription missing here for deleted).
     pub async fn caught_up(&self) -> bool {
         self.feed.settled().await.is_ok()
+    }
+
+    /// How many subscriptions hold a sealed secret no installed key opens.
+    pub fn unopened(&self) -> usize {
+        self.state.read().unwrap().unopened.len()
     }
 
     /// Whether the subscription's latest record could not be read here (written by a newer

@@ -674,10 +674,27 @@ async fn secrets_are_sealed_at_rest_survive_a_key_rotation_and_files_are_private
     let got = deliver_sealed(&api, &rx, "sealed-2").await;
     assert!(verify(&got) && got.header("x-api-key") == "header-secret-2");
     herald.kill();
-    let (_herald, addr) = spawn(&[("HERALD_SECRET_KEY", &new_key)]);
+    let (mut herald, addr) = spawn(&[("HERALD_SECRET_KEY", &new_key)]);
     let api = Api::new(addr, TOKEN);
     let got = deliver_sealed(&api, &rx, "sealed-3").await;
     assert!(verify(&got) && got.header("authorization") == "Basic dTpiYXNpYy1zZWNyZXQtMQ==");
+    herald.kill();
+
+    // Started without the key, or with another one, Herald cannot open what is sealed: it
+    // refuses to start, naming the setting — it started, each such subscription unreadable,
+    // and answered publishes `202` with none of their deliveries made.
+    for key in [None, Some(b64(3))] {
+        let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+        serve.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(&data);
+        serve.envs(crate::support::ENV.iter().copied()).without_suite_knobs().kill_on_drop(true);
+        if let Some(key) = &key {
+            serve.env("HERALD_SECRET_KEY", key);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(20), serve.output()).await;
+        let out = out.unwrap_or_else(|_| panic!("started with the key {key:?}")).unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains("secret_key"), "{key:?}: {said}");
+    }
 }
 
 /// Publishes event `id` and waits for it at the receiver's `/sealed`.
