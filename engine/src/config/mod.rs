@@ -806,6 +806,24 @@ fn without_values(e: figment::Error) -> figment::Error {
     oldest_first.fold(first, figment::Error::chain)
 }
 
+/// Refuses a settings file that is not TOML, saying where but not what is there: the parser's
+/// own message (which figment passes on) quotes the line, and the line may hold a secret — a
+/// password with a stray backslash, a token left unquoted.
+fn not_toml(file: &Path) -> Result<(), ConfigError> {
+    let rejected = |message: String| ConfigError::Rejected { field: "--config", message };
+    let text = std::fs::read_to_string(file).map_err(|e| rejected(format!("reading {}: {e}", file.display())))?;
+    let Err(e) = toml::from_str::<toml::Table>(&text) else { return Ok(()) };
+    let at = e.span().map_or(0, |span| span.start).min(text.len());
+    let before = text.get(..at).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Err(rejected(format!(
+        "{} is not valid TOML at line {line}, column {column}: {}",
+        file.display(),
+        e.message().trim_end()
+    )))
+}
+
 fn env_key(key: &str) -> String {
     let key = key.to_ascii_lowercase();
     if key.contains("__") {
@@ -833,6 +851,7 @@ impl Config {
             fig = if file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
                 fig.merge(Json::file(file))
             } else {
+                not_toml(file)?;
                 fig.merge(Toml::file(file))
             };
         }
@@ -940,14 +959,31 @@ impl Config {
         if !(min..=max).contains(&self.api.portal_ttl.0) {
             return reject("api.portal_ttl", "must be from 1 minute to 7 days");
         }
-        if self.api.max_connections == 0 || !(self.api.key_rate_limit > 0.0 && self.api.key_rate_limit.is_finite()) {
-            return reject("api.max_connections", "max_connections and key_rate_limit must be more than zero");
+        if self.api.max_connections == 0 {
+            return reject("api.max_connections", "must be more than zero");
         }
-        if self.api.header_read_timeout.0.is_zero() || self.api.request_timeout.0.is_zero() {
-            return reject("api.request_timeout", "header_read_timeout and request_timeout must be more than zero");
+        if !(self.api.key_rate_limit > 0.0 && self.api.key_rate_limit.is_finite()) {
+            return reject("api.key_rate_limit", "must be more than zero");
         }
-        if self.quotas.subscriptions_per_tenant == 0 || self.quotas.tests_per_minute == 0 {
-            return reject("quotas.subscriptions_per_tenant", "quotas must be at least 1");
+        if self.api.header_read_timeout.0.is_zero() {
+            return reject("api.header_read_timeout", "must be more than zero");
+        }
+        if self.api.request_timeout.0.is_zero() {
+            return reject("api.request_timeout", "must be more than zero");
+        }
+        if self.quotas.subscriptions_per_tenant == 0 {
+            return reject("quotas.subscriptions_per_tenant", "must be at least 1");
+        }
+        if self.quotas.tests_per_minute == 0 {
+            return reject("quotas.tests_per_minute", "must be at least 1");
+        }
+        // One event of the largest size to one subscription must fit a request's fan-out, or
+        // every such publish is refused `413` at run time.
+        if self.quotas.fanout_bytes < self.ingest.max_record_bytes() as u64 {
+            return reject(
+                "quotas.fanout_bytes",
+                "must be at least one delivery record of the largest event (ingest.max_event_bytes and 64 KiB)",
+            );
         }
         // A request of the largest fan-out must fit a tenant's share, and that everyone's.
         if self.tenant_pending_bytes() < self.quotas.fanout_bytes {
@@ -962,8 +998,11 @@ impl Config {
         if self.log.min_insync_replicas == 0 {
             return reject("log.min_insync_replicas", "must be at least 1");
         }
-        if self.dispatch.window == 0 || self.dispatch.batch == 0 {
-            return reject("dispatch.window", "window and batch must be at least 1");
+        if self.dispatch.window == 0 {
+            return reject("dispatch.window", "must be at least 1");
+        }
+        if self.dispatch.batch == 0 {
+            return reject("dispatch.batch", "must be at least 1");
         }
         // Far past any use, and short of the arithmetic on them (twice the window, a
         // semaphore's permits) overflowing.
@@ -1185,6 +1224,41 @@ mod tests {
         let text = got.expect_err("a map was due").to_string();
         assert!(!text.contains("s3cret"), "{text}");
         assert!(text.contains("proxies") && text.contains("string"), "still says where and what: {text}");
+    }
+
+    /// A settings file that is not valid TOML is refused saying where, not showing the line:
+    /// the parser's message quoted it, and the line may hold a secret (a password with a stray
+    /// backslash, a token left unquoted).
+    #[test]
+    fn a_file_that_is_not_toml_is_refused_without_showing_its_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("herald.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:8080\"\n[log.kafka]\n\"sasl.password\" = \"pa\\ss-s3cret\"\n")
+            .unwrap();
+        let text = Config::load(Some(&file), &[]).expect_err("not TOML").to_string();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("line 3"), "still says where: {text}");
+    }
+
+    /// A check that compares two settings names the one whose value is out of range, not the
+    /// other; and a fan-out budget smaller than one event's record is refused at start (every
+    /// publish matching a subscription was then `413` at run time).
+    #[test]
+    fn a_setting_out_of_range_is_the_one_named() {
+        for (var, value, field) in [
+            ("HERALD_API_KEY_RATE_LIMIT", "0", "api.key_rate_limit"),
+            ("HERALD_API_HEADER_READ_TIMEOUT", "0s", "api.header_read_timeout"),
+            ("HERALD_QUOTAS_TESTS_PER_MINUTE", "0", "quotas.tests_per_minute"),
+            ("HERALD_DISPATCH_BATCH", "0", "dispatch.batch"),
+            ("HERALD_QUOTAS_FANOUT_BYTES", "0", "quotas.fanout_bytes"),
+            ("HERALD_QUOTAS_FANOUT_BYTES", "1048576", "quotas.fanout_bytes"),
+        ] {
+            let got = Config::load(None, &env(&[(var, value)]));
+            assert!(
+                matches!(&got, Err(ConfigError::Rejected { field: f, .. }) if *f == field),
+                "{var}={value}: {got:?}"
+            );
+        }
     }
 
     /// A token from a secret mount often ends in a newline, which no client can send: taken
