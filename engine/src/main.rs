@@ -75,10 +75,16 @@ fn init_tracing(config: &Config) -> anyhow::Result<Option<herald::telemetry::Tel
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|l| tracing_subscriber::EnvFilter::try_new(l).is_ok())
-        .unwrap_or_else(|| config.logging.level.clone());
+    // Set but empty (an env file's `RUST_LOG=`) is as if unset; one naming no level is refused,
+    // as `logging.level` is: either turned off nearly every line (the filter took "warning"
+    // for a target's name), and with them the warnings Herald gives at start.
+    let level = match std::env::var("RUST_LOG").ok().filter(|l| !l.trim().is_empty()) {
+        Some(l) => {
+            herald::config::log_levels(&l).map_err(|problem| anyhow::anyhow!("RUST_LOG: {problem}"))?;
+            l
+        }
+        None => config.logging.level.clone(),
+    };
     // lapin logs each message a broker returns at `warn`, payload and headers whole: a
     // tenant's unroutable subscription would copy its events into this log (Herald records
     // those attempts itself). Unless the level names lapin, only its errors are logged.

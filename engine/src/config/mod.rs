@@ -806,6 +806,24 @@ fn without_values(e: figment::Error) -> figment::Error {
     oldest_first.fold(first, figment::Error::chain)
 }
 
+/// Checks a log filter (`logging.level`, or `RUST_LOG`, which wins): levels, or target=level,
+/// comma-separated. `warning` is no level: the filter reads it as a target's name, and logs
+/// nothing else — nor does an empty one.
+pub fn log_levels(filter: &str) -> Result<(), String> {
+    if filter.trim().is_empty() {
+        return Err("name a level (error, warn, info, debug, trace, off)".into());
+    }
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if level.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
+            return Err(format!(
+                "{directive:?}: each of its parts is a level (error, warn, info, debug, trace, off) or target=level"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a settings file that is not TOML, saying where but not what is there: the parser's
 /// own message (which figment passes on) quotes the line, and the line may hold a secret — a
 /// password with a stray backslash, a token left unquoted.
@@ -1039,18 +1057,8 @@ impl Config {
                 return reject(field, &format!("must be from {shortest:?} to {longest:?}"));
             }
         }
-        // `warning` is no level: the filter reads it as a target's name, and logs nothing else.
-        if self.logging.level.trim().is_empty() {
-            return reject("logging.level", "name a level (error, warn, info, debug, trace, off)");
-        }
-        for directive in self.logging.level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-            let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
-            if level.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
-                return reject(
-                    "logging.level",
-                    &format!("{directive:?}: each of its parts is a level (error, warn, info, debug, trace, off) or target=level"),
-                );
-            }
+        if let Err(problem) = log_levels(&self.logging.level) {
+            return reject("logging.level", &problem);
         }
         if let Some(url) = &self.advertise_url {
             let usable = url::Url::parse(url)

@@ -731,6 +731,38 @@ async fn without_a_secret_key_herald_says_so_once() {
     assert_eq!(warnings, 1, "{log:?}");
 }
 
+/// `RUST_LOG` set but empty (common in env files) is as if unset, and one that is no filter of
+/// levels (`warning`) is refused naming it: the first turned off every log line but lapin's
+/// errors, the second every line but those of a target named "warning" — the warnings above
+/// among them, unseen.
+#[tokio::test]
+async fn a_rust_log_that_names_no_level_does_not_silence_herald() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |rust_log: &str| {
+        let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+        serve.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path());
+        serve.envs(crate::support::ENV.iter().copied()).without_suite_knobs().env("RUST_LOG", rust_log);
+        serve.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+        serve.spawn().unwrap()
+    };
+    let out = tokio::time::timeout(Duration::from_secs(20), serve("warning").wait_with_output()).await;
+    let out = out.expect("refused at once").unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("RUST_LOG"), "{said}");
+    let mut child = serve("");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let warned = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("no secret key") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(warned, Ok(true), "the warning is logged");
+}
+
 /// Connections that never start a request — silent, or half an HTTP/2 preface, or a whole one
 /// and then nothing — are closed after `api.header_read_timeout` like a slow header, so no
 /// one, token or not, can hold every connection slot.
