@@ -1057,6 +1057,12 @@ impl Config {
                 return reject(field, &format!("must be from {shortest:?} to {longest:?}"));
             }
         }
+        // A secret mount that did not come up: refused here, not at each attempt naming a file.
+        if let Some(dir) = &self.http.tls_files_dir {
+            if !dir.is_dir() {
+                return reject("http.tls_files_dir", &format!("{} is not a directory", dir.display()));
+            }
+        }
         if let Err(problem) = log_levels(&self.logging.level) {
             return reject("logging.level", &problem);
         }
@@ -1267,6 +1273,17 @@ mod tests {
                 "{var}={value}: {got:?}"
             );
         }
+    }
+
+    /// A TLS files directory that is not there (a secret mount that did not come up) is
+    /// refused at start: every subscription naming a file under it failed its attempts until
+    /// they were dead letters, and tenants were told their file was not under it.
+    #[test]
+    fn a_tls_files_directory_that_is_not_there_is_refused() {
+        let got = Config::load(None, &env(&[("HERALD_HTTP_TLS_FILES_DIR", "/nonexistent/herald-tls")]));
+        assert!(matches!(got, Err(ConfigError::Rejected { field: "http.tls_files_dir", .. })), "{got:?}");
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Config::load(None, &env(&[("HERALD_HTTP_TLS_FILES_DIR", dir.path().to_str().unwrap())])).is_ok());
     }
 
     /// A token from a secret mount often ends in a newline, which no client can send: taken
