@@ -157,6 +157,9 @@ impl Config {
         self.ingest.pending_bytes.unwrap_or((1 << 30).max(self.tenant_pending_bytes()))
     }
 
+    /// Bytes of a secret key (XChaCha20-Poly1305's), written in base64.
+    pub const SECRET_KEY_BYTES: usize = 32;
+
     /// The key secrets are sealed with: `secret_key`, else the first line of
     /// `secret_key_file`.
     pub fn sealing_key(&self) -> Result<Option<String>, ConfigError> {
@@ -1057,6 +1060,25 @@ impl Config {
                 return reject(field, &format!("must be from {shortest:?} to {longest:?}"));
             }
         }
+        // Keys checked with the other settings, each by its name: found only as the catalog
+        // opened, the admin token was already generated and written (the next start never
+        // printed it) and the log open, and a bad previous key was called `secret_key`.
+        let is_key = |text: &str| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .is_ok_and(|k| k.len() == Self::SECRET_KEY_BYTES)
+        };
+        let (key_field, key) = match (&self.secret_key, &self.secret_key_file) {
+            (None, Some(_)) => ("secret_key_file", self.sealing_key()?),
+            _ => ("secret_key", self.secret_key.clone()),
+        };
+        if key.is_some_and(|k| !is_key(&k)) {
+            return reject(key_field, "must be 32 bytes, base64 (openssl rand -base64 32)");
+        }
+        if !self.previous_secret_keys.iter().all(|k| is_key(k)) {
+            return reject("previous_secret_keys", "each must be 32 bytes, base64");
+        }
         // A secret mount that did not come up: refused here, not at each attempt naming a file.
         if let Some(dir) = &self.http.tls_files_dir {
             if !dir.is_dir() {
@@ -1284,6 +1306,27 @@ mod tests {
         assert!(matches!(got, Err(ConfigError::Rejected { field: "http.tls_files_dir", .. })), "{got:?}");
         let dir = tempfile::tempdir().unwrap();
         assert!(Config::load(None, &env(&[("HERALD_HTTP_TLS_FILES_DIR", dir.path().to_str().unwrap())])).is_ok());
+    }
+
+    /// A secret key that is no key is refused with the other settings, naming the one that is
+    /// wrong: it was found only as the catalog opened — the admin token already generated and
+    /// written (so the next start never printed it), the log open — and a bad previous key
+    /// was named `secret_key`.
+    #[test]
+    fn a_secret_key_that_is_no_key_is_refused_naming_it() {
+        use base64::Engine;
+        let good = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        for (vars, field) in [
+            (vec![("HERALD_SECRET_KEY", "c2hvcnQ=")], "secret_key"),
+            (
+                vec![("HERALD_SECRET_KEY", good.as_str()), ("HERALD_PREVIOUS_SECRET_KEYS", "bad")],
+                "previous_secret_keys",
+            ),
+        ] {
+            let got = Config::load(None, &env(&vars));
+            assert!(matches!(&got, Err(ConfigError::Rejected { field: f, .. }) if *f == field), "{vars:?}: {got:?}");
+        }
+        assert!(Config::load(None, &env(&[("HERALD_SECRET_KEY", good.as_str())])).is_ok());
     }
 
     /// A token from a secret mount often ends in a newline, which no client can send: taken
