@@ -678,6 +678,9 @@ impl Registry {
     pub async fn sync_static(&self, webhooks: &[StaticWebhook]) -> Result<(), RegistryError> {
         let _serial = self.writes.lock().await;
         let mut wanted = HashSet::new();
+        // Every one checked before any is written: a refused later one left the earlier ones'
+        // changes in the catalog, for processes still running to deliver to.
+        let mut checked = Vec::new();
         for (i, w) in webhooks.iter().enumerate() {
             // Name the setting as the file spells it.
             let at = |e: Invalid| Invalid { field: w.setting(i, &e.field), message: e.message };
@@ -688,11 +691,15 @@ impl Registry {
             let (mut spec, secret) = validate::static_spec(w).map_err(at)?;
             let tenant = w.tenant.clone().unwrap_or_else(|| DEFAULT_TENANT.into());
             validate::check(&mut spec, None, &self.rules, &tenant).map_err(at)?;
+            validate::new_subscription(tenant.clone(), spec.clone(), secret.clone()).map_err(at)?;
+            checked.push((id, tenant, spec, secret));
+        }
+        for (id, tenant, spec, secret) in checked {
             // A change of what stands, made from the version read: one landing meanwhile (a
             // PATCH, or the same change by a process starting beside this one) makes it a
             // conflict, not undone by it — then looked at again from that one.
             for tries_left in (0..UPDATE_TRIES).rev() {
-                let mut sub = validate::new_subscription(tenant.clone(), spec.clone(), secret.clone()).map_err(at)?;
+                let mut sub = validate::new_subscription(tenant.clone(), spec.clone(), secret.clone())?;
                 sub.id = id.clone();
                 if let Some((current, version)) = self.current(&id) {
                     // Unsigned webhooks have a generated secret nobody uses: it does not count.
@@ -1122,6 +1129,23 @@ mod tests {
         let _ = registry.sync_static(&[webhook("https://h.example/2")]).await;
         let changed: serde_json::Value = serde_json::from_slice(&last().value).unwrap();
         assert_eq!(changed["based_on"], 5, "{changed}");
+    }
+
+    /// The config file's webhooks are all checked before any is written: a refused later one
+    /// left the earlier ones' changes in the catalog (a start refused, yet processes still
+    /// running delivered to an endpoint from the refused file).
+    #[tokio::test]
+    async fn no_static_webhook_is_written_when_another_is_refused() {
+        let stub = Arc::new(Stub::new(true, true));
+        let (feed, applied) = Feed::new(stub.clone(), "catalog".into(), 0);
+        applied.set(u64::MAX);
+        let registry = Registry::load(Arc::new(feed), &[], Rules::default(), HealthConfig::default());
+        let webhook = |name: &str, endpoint: &str| -> StaticWebhook {
+            serde_json::from_value(serde_json::json!({ "name": name, "endpoint": endpoint })).unwrap()
+        };
+        let refused = registry.sync_static(&[webhook("a", "https://h.example/1"), webhook("b", "not a url")]).await;
+        assert!(refused.is_err());
+        assert!(stub.appends.lock().unwrap().is_empty(), "nothing written");
     }
 
     /// Process A deletes a subscription while process B, not having read the tombstone yet,
