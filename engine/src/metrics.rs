@@ -22,7 +22,7 @@ pub const DELIVERIES: &str = "herald_deliveries_total";
 pub const ATTEMPTS: &str = "herald_attempts_total";
 /// Request latency of one attempt, by `transport`.
 pub const REQUEST_SECONDS: &str = "herald_delivery_request_seconds";
-/// Event accepted → delivered, by `transport`.
+/// Event accepted (or resent, recovered, replayed) → delivered, by `transport`.
 pub const END_TO_END_SECONDS: &str = "herald_delivery_end_to_end_seconds";
 /// Retries scheduled, by `tier`.
 pub const RETRIES_SCHEDULED: &str = "herald_retries_scheduled_total";
@@ -134,6 +134,7 @@ pub const ALL: &[&str] = &[
 /// these buckets is only as exact as the bucket it falls in).
 const LATENCY_BUCKETS: &[f64] = &[
     0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
 ];
 const END_TO_END_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
@@ -397,7 +398,11 @@ fn describe() {
     );
     describe_counter!(ATTEMPTS, "Delivery attempts, by outcome.");
     describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Latency of one delivery attempt.");
-    describe_histogram!(END_TO_END_SECONDS, Unit::Seconds, "Time from event accepted to delivered.");
+    describe_histogram!(
+        END_TO_END_SECONDS,
+        Unit::Seconds,
+        "Time from event accepted (or resent, recovered, replayed) to delivered."
+    );
     describe_counter!(RETRIES_SCHEDULED, "Retries scheduled, by delay tier.");
     describe_counter!(
         DEFERRED,

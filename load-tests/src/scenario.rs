@@ -193,7 +193,7 @@ impl Herald {
         if let Some(metrics) = self.metrics().await {
             let wanted = [
                 "herald_consumer_lag",
-                "herald_breakers_open",
+                "herald_circuit_breakers_open",
                 "herald_deliveries_total",
                 "herald_dead_letters_total",
                 "herald_in_flight",

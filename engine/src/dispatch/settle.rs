@@ -485,8 +485,13 @@ pub fn record(settled: &Settled) {
     match &settled.settlement {
         Settlement::Delivered => {
             m::counter(m::DELIVERIES, &[("transport", transport), ("outcome", "delivered")]).increment(1);
+            // From acceptance — or, for a later generation, the resend, recover or replay that
+            // made it (its budget's start): a resent event's whole age (a week, for last
+            // week's) set the fleet's p99. (Not the budget for the first: an ordered key's
+            // held delivery gets a fresh one, yet was waiting all along.)
             if let Some(d) = &settled.delivery {
-                let age = (now_ms() - d.accepted_ms).max(0) as f64 / 1000.0;
+                let since = if d.generation == 0 { d.accepted_ms } else { d.budget_ms };
+                let age = (now_ms() - since).max(0) as f64 / 1000.0;
                 m::histogram(m::END_TO_END_SECONDS, &[("transport", transport)]).record(age);
             }
         }
