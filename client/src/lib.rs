@@ -26,6 +26,7 @@ pub enum Error {
         retry_after.filter(|_| !message.contains("retry after")).map(|s| format!(" (retry after {s} s)")).unwrap_or_default(),
         if ids.is_empty() { String::new() } else { format!("; the events' ids, to send them again under: {}", ids.join(", ")) }
     )]
+    #[non_exhaustive]
     Api {
         /// HTTP status.
         status: u16,

@@ -389,6 +389,8 @@ type Fields = std::collections::BTreeMap<String, Box<serde_json::value::RawValue
 
 /// `text` as an event's [`Fields`]; `what` names where it came from when it is no object.
 fn fields(text: &str, what: &str) -> anyhow::Result<Fields> {
+    // A byte-order mark a Windows editor puts first is no JSON, and no part of the event.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     serde_json::from_str::<Fields>(text).map_err(|e| match serde_json::from_str::<serde::de::IgnoredAny>(text) {
         Ok(_) => anyhow!("{what} holds no JSON object"),
         Err(_) => anyhow::Error::from(e).context(format!("{what} is not JSON")),

@@ -75,12 +75,13 @@ fn init_tracing(config: &Config) -> anyhow::Result<Option<herald::telemetry::Tel
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
-    // Set but empty (an env file's `RUST_LOG=`) is as if unset; one naming no level is refused,
-    // as `logging.level` is: either turned off nearly every line (the filter took "warning"
-    // for a target's name), and with them the warnings Herald gives at start.
+    // Set but empty (an env file's `RUST_LOG=`) is as if unset, and one the filter cannot read
+    // or with a level misspelt is refused: either turned off nearly every line (the filter
+    // takes "warning" for a target's name), the warnings Herald gives at start with them. A
+    // bare target (`RUST_LOG=herald`) stays what it is, everything of that target.
     let level = match std::env::var("RUST_LOG").ok().filter(|l| !l.trim().is_empty()) {
         Some(l) => {
-            herald::config::log_levels(&l).map_err(|problem| anyhow::anyhow!("RUST_LOG: {problem}"))?;
+            herald::config::rust_log(&l).map_err(|problem| anyhow::anyhow!("RUST_LOG: {problem}"))?;
             l
         }
         None => config.logging.level.clone(),

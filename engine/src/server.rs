@@ -208,11 +208,17 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
     // Started without the key they were sealed with (or with another), those subscriptions
     // were left out, and publishes for them answered `202` with none of their deliveries made.
-    if let n @ 1.. = registry.unopened() {
-        return Err(StartError::Secrets(format!(
-            "{n} subscriptions in the catalog hold secrets sealed with a key not given: set secret_key to the key \
-             they were sealed with (or keep it in previous_secret_keys after a rotation)"
-        )));
+    let unopened = registry.unopened();
+    match unopened {
+        0 => {}
+        _ if config.secret_key_lost => {} // deleted below, once the catalog is followed
+        n => {
+            return Err(StartError::Secrets(format!(
+                "{n} subscriptions in the catalog hold secrets sealed with a key not given: set secret_key (or \
+                 secret_key_file) to the key they were sealed with, or keep it in previous_secret_keys after a \
+                 rotation; if it is lost for good, secret_key_lost = true deletes them at start"
+            )))
+        }
     }
     let tenants = Arc::new(Tenants::load(feed.clone(), &records));
     let devices = Arc::new(Devices::load(feed.clone(), &records));
@@ -223,6 +229,10 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     let router = Router::new(registry.clone(), tenants.clone(), devices.clone(), event_types.clone());
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(feed::follow(log.clone(), topics.subscriptions.clone(), next, applied, router, stopped));
+    if unopened > 0 {
+        let n = registry.forget_unopened().await.map_err(|e| StartError::Secrets(e.to_string()))?;
+        tracing::warn!(subscriptions = n, "deleted: their secrets were sealed with a key lost (secret_key_lost)");
+    }
     registry.sync_static(&config.static_webhooks()).await.map_err(StartError::Webhooks)?;
     if sealed {
         registry.reseal(&records).await.map_err(StartError::Webhooks)?;

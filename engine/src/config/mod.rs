@@ -41,6 +41,11 @@ pub struct Config {
     /// rewrites every subscription sealed with one at start.
     #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "list_or_csv")]
     pub previous_secret_keys: Vec<String>,
+    /// The key some subscriptions' secrets were sealed with is lost for good: delete them at
+    /// start (their tenants create them again). Without it a start with such subscriptions is
+    /// refused: they would be left out, their events accepted and never delivered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secret_key_lost: bool,
     /// The log backend and topics.
     pub log: LogConfig,
     /// Which private networks webhook targets may be in.
@@ -633,6 +638,7 @@ impl Default for Config {
             secret_key: None,
             secret_key_file: None,
             previous_secret_keys: Vec::new(),
+            secret_key_lost: false,
             advertise_url: None,
             log: LogConfig::default(),
             network: NetworkConfig::default(),
@@ -812,7 +818,7 @@ fn without_values(e: figment::Error) -> figment::Error {
 /// Checks a log filter (`logging.level`, or `RUST_LOG`, which wins): levels, or target=level,
 /// comma-separated. `warning` is no level: the filter reads it as a target's name, and logs
 /// nothing else — nor does an empty one.
-pub fn log_levels(filter: &str) -> Result<(), String> {
+fn log_levels(filter: &str) -> Result<(), String> {
     if filter.trim().is_empty() {
         return Err("name a level (error, warn, info, debug, trace, off)".into());
     }
@@ -822,6 +828,21 @@ pub fn log_levels(filter: &str) -> Result<(), String> {
             return Err(format!(
                 "{directive:?}: each of its parts is a level (error, warn, info, debug, trace, off) or target=level"
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks `RUST_LOG`, which the filter reads more loosely than `logging.level` (a bare word
+/// is a target, all its levels): what it cannot read, and a level misspelt as such a word
+/// (`warning`, `err`…), which would log nothing but a target of that name.
+pub fn rust_log(filter: &str) -> Result<(), String> {
+    const MISSPELT: [&str; 8] = ["warning", "err", "fatal", "critical", "information", "notice", "verbose", "all"];
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    for directive in filter.split(',').map(str::trim) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if MISSPELT.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!("{directive:?}: {level:?} is no level (error, warn, info, debug, trace, off)"));
         }
     }
     Ok(())
@@ -1000,11 +1021,9 @@ impl Config {
         }
         // One event of the largest size to one subscription must fit a request's fan-out, or
         // every such publish is refused `413` at run time.
-        if self.quotas.fanout_bytes < self.ingest.max_record_bytes() as u64 {
-            return reject(
-                "quotas.fanout_bytes",
-                "must be at least one delivery record of the largest event (ingest.max_event_bytes and 64 KiB)",
-            );
+        if self.quotas.fanout_bytes < self.ingest.max_event_bytes as u64 {
+            let least = self.ingest.max_event_bytes;
+            return reject("quotas.fanout_bytes", &format!("must be at least ingest.max_event_bytes ({least} bytes)"));
         }
         // A request of the largest fan-out must fit a tenant's share, and that everyone's.
         if self.tenant_pending_bytes() < self.quotas.fanout_bytes {
@@ -1287,7 +1306,7 @@ mod tests {
             ("HERALD_QUOTAS_TESTS_PER_MINUTE", "0", "quotas.tests_per_minute"),
             ("HERALD_DISPATCH_BATCH", "0", "dispatch.batch"),
             ("HERALD_QUOTAS_FANOUT_BYTES", "0", "quotas.fanout_bytes"),
-            ("HERALD_QUOTAS_FANOUT_BYTES", "1048576", "quotas.fanout_bytes"),
+            ("HERALD_QUOTAS_FANOUT_BYTES", "1048575", "quotas.fanout_bytes"),
         ] {
             let got = Config::load(None, &env(&[(var, value)]));
             assert!(

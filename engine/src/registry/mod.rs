@@ -589,6 +589,17 @@ impl Registry {
         Ok(true)
     }
 
+    /// Deletes the subscriptions whose secrets no installed key opens (the key is lost for
+    /// good: `secret_key_lost`); how many.
+    pub async fn forget_unopened(&self) -> Result<usize, RegistryError> {
+        let _serial = self.writes.lock().await;
+        let ids: Vec<String> = self.state.read().unwrap().unopened.iter().cloned().collect();
+        for id in &ids {
+            self.feed.write(id.as_bytes(), Bytes::new()).await?;
+        }
+        Ok(ids.len())
+    }
+
     /// What the registry knows of `id`, catching up with the catalog first when it is not
     /// here: another process may have just created it.
     pub async fn lookup(&self, id: &str) -> Lookup {
@@ -680,7 +691,7 @@ impl Registry {
         let mut wanted = HashSet::new();
         // Every one checked before any is written: a refused later one left the earlier ones'
         // changes in the catalog, for processes still running to deliver to.
-        let mut checked = Vec::new();
+        let (mut checked, mut urls) = (Vec::new(), HashSet::new());
         for (i, w) in webhooks.iter().enumerate() {
             // Name the setting as the file spells it.
             let at = |e: Invalid| Invalid { field: w.setting(i, &e.field), message: e.message };
@@ -692,6 +703,11 @@ impl Registry {
             let tenant = w.tenant.clone().unwrap_or_else(|| DEFAULT_TENANT.into());
             validate::check(&mut spec, None, &self.rules, &tenant).map_err(at)?;
             validate::new_subscription(tenant.clone(), spec.clone(), secret.clone()).map_err(at)?;
+            // A URL the tenant holds already — through the API, or in an earlier webhook of the
+            // file — is refused by the write, after the ones before it were written.
+            if self.has_url(&tenant, &spec.url, Some(&id)) || !urls.insert((tenant.clone(), target_key(&spec.url))) {
+                return Err(at(Invalid::new("url", "another subscription of the tenant has this URL")).into());
+            }
             checked.push((id, tenant, spec, secret));
         }
         for (id, tenant, spec, secret) in checked {
@@ -1143,9 +1159,11 @@ mod tests {
         let webhook = |name: &str, endpoint: &str| -> StaticWebhook {
             serde_json::from_value(serde_json::json!({ "name": name, "endpoint": endpoint })).unwrap()
         };
-        let refused = registry.sync_static(&[webhook("a", "https://h.example/1"), webhook("b", "not a url")]).await;
-        assert!(refused.is_err());
-        assert!(stub.appends.lock().unwrap().is_empty(), "nothing written");
+        for second in [webhook("b", "not a url"), webhook("b", "https://h.example/1")] {
+            let refused = registry.sync_static(&[webhook("a", "https://h.example/1"), second]).await;
+            assert!(refused.is_err());
+            assert!(stub.appends.lock().unwrap().is_empty(), "nothing written");
+        }
     }
 
     /// Process A deletes a subscription while process B, not having read the tombstone yet,

@@ -101,7 +101,13 @@ pub fn check(
                 (!kept(|p, s| p.tls == s.tls)).then_some((rules.tls_files_dir.as_deref(), &rules.tenant_folders[..]));
             check_webhook(spec, guards, files, tenant)?
         }
-        TransportKind::Amqp => check_amqp(spec, guard_unless(|p, s| p.amqp == s.amqp))?,
+        TransportKind::Amqp => {
+            // A stored subscription made before `key` was refused here keeps it (never sent)
+            // through a change of anything else, disabling it included.
+            let new_key = spec.key.is_some() && !kept(|p, s| p.key == s.key);
+            let new_headers = !kept(|p, s| p.headers == s.headers);
+            check_amqp(spec, guard_unless(|p, s| p.amqp == s.amqp), new_key, new_headers)?
+        }
     }
     let kept_proxy = previous.and_then(|p| p.proxy.as_deref()).filter(|p| spec.proxy.as_deref() == Some(*p));
     check_proxy(spec, &rules.proxies, kept_proxy)?;
@@ -254,7 +260,12 @@ fn check_auth(auth: &Auth, guard: &NetworkGuard) -> Result<(), Invalid> {
     }
 }
 
-fn check_amqp(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), Invalid> {
+fn check_amqp(
+    spec: &mut SubscriptionSpec,
+    guard: &NetworkGuard,
+    new_key: bool,
+    new_headers: bool,
+) -> Result<(), Invalid> {
     let target = spec
         .amqp
         .as_ref()
@@ -266,8 +277,16 @@ fn check_amqp(spec: &mut SubscriptionSpec, guard: &NetworkGuard) -> Result<(), I
     if spec.auth != Auth::None {
         return Err(Invalid::new("auth", "only valid for webhooks (the broker's credentials go in amqp.uri)"));
     }
-    if spec.key.is_some() {
+    if new_key {
         return Err(Invalid::new("key", "only valid for webhooks (a query parameter of the URL)"));
+    }
+    // They go in the message's content header, which must fit one frame (at least 8 KiB).
+    let bytes: usize = spec.headers.iter().map(|(name, value)| name.len() + value.expose().len()).sum();
+    if new_headers && bytes > crate::transport::amqp::HEADER_BYTES {
+        return Err(Invalid::new(
+            "headers",
+            format!("at most {} bytes in all for AMQP (names and values)", crate::transport::amqp::HEADER_BYTES),
+        ));
     }
     check_len("amqp.uri", target.uri.expose(), range::URL)?;
     crate::transport::amqp::validate(target).map_err(|(field, message)| Invalid::new(field, message))?;
@@ -493,6 +512,27 @@ mod tests {
     fn checked(v: serde_json::Value) -> Result<SubscriptionSpec, Invalid> {
         let mut s = spec(v);
         check(&mut s, None, &Rules::default(), "t").map(|()| s)
+    }
+
+    /// An AMQP subscription's `key` (a URL's query parameter) and headers past what a message's
+    /// content header holds are refused as they are set, and kept through other changes by a
+    /// subscription stored before (disabling it was refused for its `key`).
+    #[test]
+    fn an_amqp_subscription_s_key_and_headers_are_held_as_they_are_set() {
+        let amqp = json!({ "transport": "amqp", "amqp": { "uri": "amqp://u:p@broker.example/vh", "exchange": "x" } });
+        let with = |extra: serde_json::Value| {
+            let mut v = amqp.clone();
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            spec(v)
+        };
+        let rules = Rules { guard: NetworkGuard::new(vec!["0.0.0.0/0".parse().unwrap()]), ..Rules::default() };
+        let keyed = with(json!({ "key": "k-1" }));
+        assert_eq!(check(&mut keyed.clone(), None, &rules, "t").unwrap_err().field, "key");
+        let mut disabled = with(json!({ "key": "k-1", "enabled": false }));
+        assert!(check(&mut disabled, Some(&keyed), &rules, "t").is_ok(), "kept through a change of another field");
+        let big = with(json!({ "headers": { "X-Big": "v".repeat(crate::transport::amqp::HEADER_BYTES) } }));
+        assert_eq!(check(&mut big.clone(), None, &rules, "t").unwrap_err().field, "headers");
+        assert!(check(&mut with(json!({ "headers": { "X-Customer": "c-42" } })), None, &rules, "t").is_ok());
     }
 
     /// The bounds on what a tenant sends hold for new input only: a subscription stored

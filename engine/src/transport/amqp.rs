@@ -48,6 +48,11 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(10);
 /// Brokers unused this long are closed and forgotten (their subscriptions may be gone).
 const IDLE: Duration = Duration::from_secs(600);
 
+/// Bytes of a subscription's own headers (names and values) an AMQP message carries at most:
+/// with the signature's and the properties they fit the content header's one frame, which a
+/// broker may hold to 8 KiB. Larger sets, stored before this bound, go without them.
+pub const HEADER_BYTES: usize = 4096;
+
 /// Broker connections one tenant may have open at once. Each is a thread of lapin's and up to
 /// 64 frames of buffers (8 MiB at [`FRAME_MAX`]): a tenant's thousand subscriptions, each to
 /// another broker URI, took a thousand threads and gigabytes. Past it, the tenant's least
@@ -442,11 +447,17 @@ impl AmqpTransport {
             return failed(Failure::Unusable { detail });
         }
         let mut headers = FieldTable::default();
-        // The subscription's own headers (a headers exchange routes on them), then the
-        // signature's, which they cannot override (`validate` refuses those names). Not the
-        // user agent a webhook's request carries.
-        let custom = target.headers.iter().filter(|(name, _)| **name != http::header::USER_AGENT);
-        for (name, value) in custom.chain(signed.headers.iter().map(|(n, v)| (n, v))) {
+        // The subscription's own headers, named in lower case (a headers exchange routes on
+        // them), then the signature's, which they cannot override (`validate` refuses those
+        // names) — within what a content header's frame holds (see [`HEADER_BYTES`]).
+        let own = &target.sub.spec.headers;
+        if own.iter().map(|(name, value)| name.len() + value.expose().len()).sum::<usize>() <= HEADER_BYTES {
+            for (name, value) in own {
+                let value = AMQPValue::LongString(LongString::from(value.expose().to_string()));
+                headers.insert(ShortString::from(name.to_ascii_lowercase()), value);
+            }
+        }
+        for (name, value) in &signed.headers {
             if name != http::header::CONTENT_TYPE {
                 let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
                 headers.insert(ShortString::from(name.as_str()), AMQPValue::LongString(LongString::from(value)));

@@ -463,9 +463,15 @@ async fn a_subscription_s_headers_travel_with_its_messages_and_key_is_refused() 
     let (status, refused) =
         h.api.post("/v1/subscriptions", json!({ "transport": "amqp", "amqp": amqp, "key": "k-1" })).await;
     assert_eq!((status.as_u16(), refused["error"]["field"].as_str()), (400, Some("key")), "{refused}");
-    h.api.subscribe(json!({ "transport": "amqp", "amqp": amqp, "headers": { "X-Customer": "c-42" } })).await;
+    let big = json!({ "X-Big": "v".repeat(herald::transport::amqp::HEADER_BYTES) });
+    let (status, refused) =
+        h.api.post("/v1/subscriptions", json!({ "transport": "amqp", "amqp": amqp, "headers": big })).await;
+    assert_eq!((status.as_u16(), refused["error"]["field"].as_str()), (400, Some("headers")), "{refused}");
+    let headers = json!({ "X-Customer": "c-42", "User-Agent": "acme-router" });
+    h.api.subscribe(json!({ "transport": "amqp", "amqp": amqp, "headers": headers })).await;
     h.api.post("/v1/events", json!({ "id": "hdr-1", "type": "Imported", "data": {} })).await;
     let msg = until("the event on its queue", Duration::from_secs(15), || async { take(&ch, &queue).await }).await;
     assert_eq!(header(&msg.delivery.properties, "x-customer"), "c-42");
+    assert_eq!(header(&msg.delivery.properties, "user-agent"), "acme-router", "the tenant's own, kept");
     assert!(!header(&msg.delivery.properties, "webhook-signature").is_empty());
 }

@@ -695,6 +695,14 @@ async fn secrets_are_sealed_at_rest_survive_a_key_rotation_and_files_are_private
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && said.contains("secret_key"), "{key:?}: {said}");
     }
+    // A key lost for good: told so, Herald deletes those subscriptions at start — and then
+    // starts without being told.
+    let (mut herald, addr) = spawn(&[("HERALD_SECRET_KEY_LOST", "true")]);
+    let (_, listed) = Api::new(addr, TOKEN).get("/v1/subscriptions").await;
+    assert_eq!(listed["items"], json!([]), "{listed}");
+    herald.kill();
+    let (_herald, addr) = spawn(&[]);
+    assert_eq!(Api::new(addr, TOKEN).get("/healthz").await.0, 200);
 }
 
 /// Publishes event `id` and waits for it at the receiver's `/sealed`.
@@ -731,8 +739,8 @@ async fn without_a_secret_key_herald_says_so_once() {
     assert_eq!(warnings, 1, "{log:?}");
 }
 
-/// `RUST_LOG` set but empty (common in env files) is as if unset, and one that is no filter of
-/// levels (`warning`) is refused naming it: the first turned off every log line but lapin's
+/// `RUST_LOG` set but empty (common in env files) is as if unset, and one with a level
+/// misspelt (`warning`) is refused naming it: the first turned off every log line but lapin's
 /// errors, the second every line but those of a target named "warning" — the warnings above
 /// among them, unseen.
 #[tokio::test]
@@ -749,18 +757,21 @@ async fn a_rust_log_that_names_no_level_does_not_silence_herald() {
     let out = out.expect("refused at once").unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && said.contains("RUST_LOG"), "{said}");
-    let mut child = serve("");
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
-    let warned = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("no secret key") {
-                return true;
+    // Empty, and a bare target (legitimate: everything of that target) both log the warning.
+    for rust_log in ["", "herald"] {
+        let mut child = serve(rust_log);
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+        let warned = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("no secret key") {
+                    return true;
+                }
             }
-        }
-        false
-    })
-    .await;
-    assert_eq!(warned, Ok(true), "the warning is logged");
+            false
+        })
+        .await;
+        assert_eq!(warned, Ok(true), "RUST_LOG={rust_log:?}: the warning is logged");
+    }
 }
 
 /// Connections that never start a request — silent, or half an HTTP/2 preface, or a whole one
@@ -966,6 +977,16 @@ async fn connections_without_a_token_cannot_take_every_file_descriptor() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
+    // This process opens 200 connections beside every other test's descriptors: up to its
+    // hard limit, or some fail to connect.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
     // Idle connections are not closed for their silence within the test (its own timeout).
     let env = [("HERALD_API_HEADER_READ_TIMEOUT", "120s")];
     let (_herald, addr) = crate::support::spawn_herald_with_files(dir.path(), &env, 256, 120);
