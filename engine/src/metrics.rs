@@ -307,7 +307,7 @@ impl Metrics {
         metrics::counter!(WORKERS_PANICKED).increment(0);
         metrics::counter!(API_CONNECTIONS_REFUSED).increment(0);
         metrics::counter!(CATALOG_UNSETTLED).increment(0);
-        for reason in ["key_rate", "tests", "pending_bytes"] {
+        for reason in ["key_rate", "tests", "edge_connects", "pending_bytes"] {
             metrics::counter!(API_THROTTLED, "reason" => reason).increment(0);
         }
         for reason in
@@ -317,17 +317,24 @@ impl Metrics {
         }
         metrics::counter!(DEAD_LETTERS).increment(0);
         metrics::counter!(TRACE_SPANS_UNEXPORTED).increment(0);
-        for transport in ["webhook"] {
+        // Every transport's, and every outcome an attempt can be counted under: a series that
+        // appears with its first increment loses that increment to `rate()` (an AMQP-only
+        // deployment's first burst of failures went uncounted in the error ratio).
+        let by_status = ["success", "client_error", "server_error", "other_status"];
+        let without_status = crate::model::outcome::LABELS.iter().filter(|l| !matches!(**l, "delivered" | "failed"));
+        let outcomes: Vec<&str> = by_status.into_iter().chain(without_status.copied()).collect();
+        for transport in ["webhook", "amqp", "edge"] {
             for outcome in ["delivered", "dead_lettered", "dropped"] {
                 metrics::counter!(DELIVERIES, "transport" => transport, "outcome" => outcome).increment(0);
             }
-            for outcome in ["success", "client_error", "server_error", "other_status", "timeout", "connect_error"] {
-                metrics::counter!(ATTEMPTS, "transport" => transport, "outcome" => outcome).increment(0);
+            for outcome in &outcomes {
+                metrics::counter!(ATTEMPTS, "transport" => transport, "outcome" => *outcome).increment(0);
             }
         }
         for tier in crate::retry::tiers::TIERS {
             metrics::counter!(RETRIES_SCHEDULED, "tier" => crate::retry::tiers::label(*tier)).increment(0);
         }
+        metrics::counter!(RETRIES_SCHEDULED, "tier" => "ordered").increment(0);
         metrics
     }
 

@@ -156,6 +156,11 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exposed() {
             alerts.push(rule["alert"].as_str().unwrap().to_string());
             let expr = rule["expr"].as_str().unwrap();
             queried.extend(herald_names(expr));
+            if rule["alert"] == "HeraldDeliveryErrorRatioHigh" {
+                // Herald's own waits (an agent's window full, a tenant's broker connections at
+                // their cap) are not failures to page for: one tenant's device paged.
+                assert!(expr.contains(r#"outcome!~"success|edge_busy|broker_busy""#), "{expr}");
+            }
             if rule["alert"] == "HeraldConsumerLagGrowing" {
                 // A retry tier's lag is retries waiting for their time, as the console shows
                 // it; the ordered topic's is held behind the oldest key being retried.
@@ -334,5 +339,37 @@ async fn a_resend_is_timed_from_the_resend_and_request_times_reach_the_longest_t
         .filter(|le| le.is_finite())
         .fold(0.0, f64::max);
     assert!(longest >= 300.0, "the request histogram ends at {longest} s");
+    child.kill();
+}
+
+/// Every series a dashboard or alert takes a `rate()` of is there at zero from the start:
+/// one that appears with its first increment loses that increment to `rate()` — an AMQP-only
+/// deployment's first burst of failures went uncounted in the error ratio, and the edge
+/// connection throttle's refusals (documented beside the others) were missing until one came.
+#[tokio::test]
+async fn every_series_a_rate_is_taken_of_is_there_at_zero_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_herald(dir.path());
+    let s = scrape(&Api::new(addr, TOKEN)).await;
+    let has = |name: &str, labels: &[(&str, &str)]| {
+        s.samples().iter().any(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+    };
+    for reason in ["key_rate", "tests", "edge_connects", "pending_bytes"] {
+        assert!(has("herald_api_throttled_total", &[("reason", reason)]), "{reason}");
+    }
+    for transport in ["webhook", "amqp", "edge"] {
+        for outcome in ["success", "server_error", "timeout", "connect_error", "tls_error", "edge_busy", "broker_busy"]
+        {
+            assert!(
+                has("herald_attempts_total", &[("transport", transport), ("outcome", outcome)]),
+                "{transport} {outcome}"
+            );
+        }
+        assert!(
+            has("herald_deliveries_total", &[("transport", transport), ("outcome", "dead_lettered")]),
+            "{transport}"
+        );
+    }
+    assert!(has("herald_retries_scheduled_total", &[("tier", "ordered")]));
     child.kill();
 }
