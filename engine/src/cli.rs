@@ -424,11 +424,28 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
         .peekable();
     let (mut items, mut accepted) = (Vec::new(), 0usize);
     let mut first = true;
+    // A batch past the tenant's fan-out quota goes again in halves, from here (its lines, their
+    // events and sizes), and later batches no larger: a tenant whose events match many
+    // subscriptions had every batch refused, the same input failing on every run.
+    let mut again: std::collections::VecDeque<(usize, Fields, usize)> = std::collections::VecDeque::new();
+    let mut most = herald::api::MAX_BATCH;
     loop {
         let mut batch = Vec::new();
         let mut numbers = Vec::new();
+        let mut sizes = Vec::new();
         let mut bytes = 0;
-        while batch.len() < herald::api::MAX_BATCH {
+        while batch.len() < most {
+            if let Some((n, event, size)) = again.pop_front() {
+                if !batch.is_empty() && bytes + size > BATCH_BYTES {
+                    again.push_front((n, event, size));
+                    break;
+                }
+                bytes += size;
+                batch.push(event);
+                numbers.push(n);
+                sizes.push(size);
+                continue;
+            }
             // Large events close a batch early: 1,000 lines of 20 KB are past the largest body.
             let next = match lines.peek() {
                 None => break,
@@ -458,6 +475,7 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
                 }
             }
             numbers.push(n);
+            sizes.push(next);
         }
         let (Some(&from), Some(&to)) = (numbers.first(), numbers.last()) else {
             if first {
@@ -473,7 +491,18 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
             return Ok((json!({ "items": [answer] }), Shown::List(&["id", "deliveries"])));
         }
         let count = batch.len();
-        let answer = api.publish_raw("/v1/events/batch", &batch).await.map_err(|e| {
+        let sent = api.publish_raw("/v1/events/batch", &batch).await;
+        if let Err(herald_client::Error::Api { status: 413, code, .. }) = &sent {
+            if code == "QUOTA_EXCEEDED" && count > 1 {
+                most = count / 2;
+                for line in numbers.into_iter().zip(batch).zip(sizes).rev() {
+                    let ((n, event), size) = line;
+                    again.push_front((n, event, size));
+                }
+                continue;
+            }
+        }
+        let answer = sent.map_err(|e| {
             let before = accepted_before(accepted, from);
             let range = format!("the batch of lines {from}–{to}");
             // The item a refusal names (`[3].data`) by its line: blank lines are skipped.

@@ -579,3 +579,32 @@ async fn stdin_says_which_events_went_and_which_line_was_refused() {
     let first = ids[0]["id"].as_str().unwrap();
     assert_eq!(h.api.get(&format!("/v1/events/{first}")).await.0, 200, "found again by its generated id");
 }
+
+/// A batch whose fan-out passes the tenant's `quotas.fanout_bytes` (its events times the
+/// subscriptions they match) is sent again in halves, down to single events: every batch of a
+/// tenant whose events match many subscriptions was refused `413`, the same input failing on
+/// every run, and `--stdin` had no batch size to set. One event alone past the quota is still
+/// refused, naming its line.
+#[tokio::test]
+async fn stdin_batches_past_the_fan_out_quota_go_in_smaller_ones() {
+    if crate::support::on_kafka() {
+        return; // the CLI is a client of the API, the same on both backends
+    }
+    let h = TestHerald::start_with(|c| c.quotas.fanout_bytes = 20_000).await;
+    let rx = Receiver::start().await;
+    for i in 0..3 {
+        h.api.subscribe(serde_json::json!({ "url": rx.url(&format!("/f{i}")) })).await;
+    }
+    // 40 events of 1 KB to 3 subscriptions: 120 KB of fan-out a batch, six times the quota.
+    let pad = "p".repeat(1000);
+    let lines: Vec<String> =
+        (0..40).map(|n| format!(r#"{{"id":"q-{n}","type":"t","data":{{"pad":"{pad}"}}}}"#)).collect();
+    let sent = json(&herald(&h.api.base, &["--json", "events", "send", "--stdin"], Some(&lines.join("\n"))).await);
+    assert_eq!(sent["items"].as_array().unwrap().len(), 40, "{sent}");
+    rx.wait_on("/f2", 40).await;
+    let big = format!(r#"{{"id":"q-big","type":"t","data":{{"pad":"{}"}}}}"#, "p".repeat(10_000));
+    let out = herald(&h.api.base, &["events", "send", "--stdin"], Some(&format!("{}\n{big}\n", lines[0]))).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("line 2"), "{said}");
+}
