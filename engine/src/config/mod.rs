@@ -165,6 +165,14 @@ impl Config {
     /// Bytes of a secret key (XChaCha20-Poly1305's), written in base64.
     pub const SECRET_KEY_BYTES: usize = 32;
 
+    /// The key `text` writes in base64 (surrounding whitespace ignored), if it is one: what
+    /// the settings are checked against and what seals secrets, decided here alone.
+    pub fn secret_key_bytes(text: &str) -> Option<Vec<u8>> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(text.trim()).ok()?;
+        (bytes.len() == Self::SECRET_KEY_BYTES).then_some(bytes)
+    }
+
     /// The key secrets are sealed with: `secret_key`, else the first line of
     /// `secret_key_file`.
     pub fn sealing_key(&self) -> Result<Option<String>, ConfigError> {
@@ -822,8 +830,7 @@ fn log_levels(filter: &str) -> Result<(), String> {
     if filter.trim().is_empty() {
         return Err("name a level (error, warn, info, debug, trace, off)".into());
     }
-    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+    for (directive, level) in directives(filter) {
         if level.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
             return Err(format!(
                 "{directive:?}: each of its parts is a level (error, warn, info, debug, trace, off) or target=level"
@@ -833,14 +840,23 @@ fn log_levels(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A log filter's comma-separated directives, each with its level part (after the last `=`,
+/// or the whole of it).
+fn directives(filter: &str) -> impl Iterator<Item = (&str, &str)> {
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| (d, d.rsplit_once('=').map_or(d, |(_, level)| level)))
+}
+
 /// Checks `RUST_LOG`, which the filter reads more loosely than `logging.level` (a bare word
 /// is a target, all its levels): what it cannot read, and a level misspelt as such a word
 /// (`warning`, `err`…), which would log nothing but a target of that name.
 pub fn rust_log(filter: &str) -> Result<(), String> {
     const MISSPELT: [&str; 8] = ["warning", "err", "fatal", "critical", "information", "notice", "verbose", "all"];
     tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
-    for directive in filter.split(',').map(str::trim) {
-        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+    for (directive, level) in directives(filter) {
         if MISSPELT.contains(&level.to_ascii_lowercase().as_str()) {
             return Err(format!("{directive:?}: {level:?} is no level (error, warn, info, debug, trace, off)"));
         }
@@ -1082,12 +1098,7 @@ impl Config {
         // Keys checked with the other settings, each by its name: found only as the catalog
         // opened, the admin token was already generated and written (the next start never
         // printed it) and the log open, and a bad previous key was called `secret_key`.
-        let is_key = |text: &str| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD
-                .decode(text.trim())
-                .is_ok_and(|k| k.len() == Self::SECRET_KEY_BYTES)
-        };
+        let is_key = |text: &str| Self::secret_key_bytes(text).is_some();
         let (key_field, key) = match (&self.secret_key, &self.secret_key_file) {
             (None, Some(_)) => ("secret_key_file", self.sealing_key()?),
             _ => ("secret_key", self.secret_key.clone()),

@@ -82,7 +82,7 @@ impl Keys {
     /// Keys from base64 text: `current`, and `previous` ones that still open what they sealed.
     pub fn new(current: &str, previous: &[String]) -> Result<Keys, BadKey> {
         let key = |text: &str| {
-            let bytes = B64.decode(text.trim()).map_err(|_| BadKey)?;
+            let bytes = crate::config::Config::secret_key_bytes(text).ok_or(BadKey)?;
             XChaCha20Poly1305::new_from_slice(&bytes).map_err(|_| BadKey)
         };
         let current = key(current)?;
