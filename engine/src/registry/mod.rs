@@ -702,21 +702,22 @@ impl Registry {
             let (mut spec, secret) = validate::static_spec(w).map_err(at)?;
             let tenant = w.tenant.clone().unwrap_or_else(|| DEFAULT_TENANT.into());
             validate::check(&mut spec, None, &self.rules, &tenant).map_err(at)?;
-            validate::new_subscription(tenant.clone(), spec.clone(), secret.clone()).map_err(at)?;
             // A URL the tenant holds already — through the API, or in an earlier webhook of the
             // file — is refused by the write, after the ones before it were written.
             if self.has_url(&tenant, &spec.url, Some(&id)) || !urls.insert((tenant.clone(), target_key(&spec.url))) {
                 return Err(at(Invalid::new("url", "another subscription of the tenant has this URL")).into());
             }
-            checked.push((id, tenant, spec, secret));
+            let mut made = validate::new_subscription(tenant, spec, secret.clone()).map_err(at)?;
+            made.id = id;
+            checked.push((made, secret));
         }
-        for (id, tenant, spec, secret) in checked {
+        for (made, secret) in checked {
+            let id = made.id.clone();
             // A change of what stands, made from the version read: one landing meanwhile (a
             // PATCH, or the same change by a process starting beside this one) makes it a
             // conflict, not undone by it — then looked at again from that one.
             for tries_left in (0..UPDATE_TRIES).rev() {
-                let mut sub = validate::new_subscription(tenant.clone(), spec.clone(), secret.clone())?;
-                sub.id = id.clone();
+                let mut sub = made.clone();
                 if let Some((current, version)) = self.current(&id) {
                     // Unsigned webhooks have a generated secret nobody uses: it does not count.
                     let same_secret = secret.as_ref().is_none_or(|s| *s == current.sub.secret);

@@ -281,8 +281,7 @@ fn check_amqp(
         return Err(Invalid::new("key", "only valid for webhooks (a query parameter of the URL)"));
     }
     // They go in the message's content header, which must fit one frame (at least 8 KiB).
-    let bytes: usize = spec.headers.iter().map(|(name, value)| name.len() + value.expose().len()).sum();
-    if new_headers && bytes > crate::transport::amqp::HEADER_BYTES {
+    if new_headers && crate::transport::amqp::header_bytes(&spec.headers) > crate::transport::amqp::HEADER_BYTES {
         return Err(Invalid::new(
             "headers",
             format!("at most {} bytes in all for AMQP (names and values)", crate::transport::amqp::HEADER_BYTES),

@@ -53,6 +53,12 @@ const IDLE: Duration = Duration::from_secs(600);
 /// broker may hold to 8 KiB. Larger sets, stored before this bound, go without them.
 pub const HEADER_BYTES: usize = 4096;
 
+/// Bytes of a subscription's own headers as an AMQP message carries them (names and values),
+/// held to [`HEADER_BYTES`].
+pub fn header_bytes(headers: &std::collections::BTreeMap<String, crate::model::Secret>) -> usize {
+    headers.iter().map(|(name, value)| name.len() + value.expose().len()).sum()
+}
+
 /// Broker connections one tenant may have open at once. Each is a thread of lapin's and up to
 /// 64 frames of buffers (8 MiB at [`FRAME_MAX`]): a tenant's thousand subscriptions, each to
 /// another broker URI, took a thousand threads and gigabytes. Past it, the tenant's least
@@ -451,7 +457,7 @@ impl AmqpTransport {
         // them), then the signature's, which they cannot override (`validate` refuses those
         // names) — within what a content header's frame holds (see [`HEADER_BYTES`]).
         let own = &target.sub.spec.headers;
-        if own.iter().map(|(name, value)| name.len() + value.expose().len()).sum::<usize>() <= HEADER_BYTES {
+        if header_bytes(own) <= HEADER_BYTES {
             for (name, value) in own {
                 let value = AMQPValue::LongString(LongString::from(value.expose().to_string()));
                 headers.insert(ShortString::from(name.to_ascii_lowercase()), value);
