@@ -1,7 +1,6 @@
 //! AMQP delivery against a real RabbitMQ on loopback (`scripts/test` installs and starts
 //! Debian's rabbitmq-server). One sequential test, because it restarts the broker.
 
-use crate::support::WithoutSuiteKnobs;
 use crate::support::{until, TestHerald};
 use herald_load_tests::verify::Verifier;
 use lapin::options::{BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -295,12 +294,8 @@ async fn a_returned_message_s_payload_is_not_written_to_herald_s_log() {
     let _broker = crate::support::RABBITMQ.lock().await;
     let run = format!("{:x}", std::process::id() as u64 * 7_907 + rand::random::<u32>() as u64);
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .envs(crate::support::ENV.iter().copied())
+    let mut child = crate::support::serve_command(dir.path())
         .env_remove("RUST_LOG")
-        .without_suite_knobs()
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

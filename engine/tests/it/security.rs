@@ -4,7 +4,6 @@
 //! findings, one test each; TLS files are in `tls.rs`, edge devices in `edge.rs`).
 
 use crate::support::metrics::scrape;
-use crate::support::WithoutSuiteKnobs;
 use crate::support::{tenant_with_key, until, Api, Receiver, TestHerald, TOKEN};
 use bytes::Bytes;
 use herald::dispatch::{Observe, Parked, Settled, Settlement};
@@ -684,9 +683,8 @@ async fn secrets_are_sealed_at_rest_survive_a_key_rotation_and_files_are_private
     // refuses to start, naming the setting — it started, each such subscription unreadable,
     // and answered publishes `202` with none of their deliveries made.
     for key in [None, Some(b64(3))] {
-        let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-        serve.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(&data);
-        serve.envs(crate::support::ENV.iter().copied()).without_suite_knobs().kill_on_drop(true);
+        let mut serve = tokio::process::Command::from(crate::support::serve_command(&data));
+        serve.kill_on_drop(true);
         if let Some(key) = &key {
             serve.env("HERALD_SECRET_KEY", key);
         }
@@ -718,12 +716,8 @@ async fn deliver_sealed(api: &Api, rx: &Receiver, id: &str) -> crate::support::R
 async fn without_a_secret_key_herald_says_so_once() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .envs(crate::support::ENV.iter().copied())
+    let mut child = crate::support::serve_command(dir.path())
         .env("RUST_LOG", "info")
-        .without_suite_knobs()
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -747,9 +741,8 @@ async fn without_a_secret_key_herald_says_so_once() {
 async fn a_rust_log_that_names_no_level_does_not_silence_herald() {
     let dir = tempfile::tempdir().unwrap();
     let serve = |rust_log: &str| {
-        let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-        serve.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path());
-        serve.envs(crate::support::ENV.iter().copied()).without_suite_knobs().env("RUST_LOG", rust_log);
+        let mut serve = tokio::process::Command::from(crate::support::serve_command(dir.path()));
+        serve.env("RUST_LOG", rust_log);
         serve.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
         serve.spawn().unwrap()
     };

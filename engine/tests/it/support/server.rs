@@ -239,6 +239,15 @@ impl WithoutSuiteKnobs for tokio::process::Command {
     }
 }
 
+/// `herald serve` on a free port over `data_dir`, with the suite's settings and none of its
+/// own knobs — not started: the one place such a command is made.
+pub fn serve_command(data_dir: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    command.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data_dir);
+    command.envs(ENV.iter().copied()).without_suite_knobs();
+    command
+}
+
 /// Starts `herald serve` on a free port and returns it with its address.
 pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
     spawn_herald_with(data_dir, &[])
@@ -287,7 +296,7 @@ fn spawn_herald_as(
     files: Option<(u64, u32)>,
 ) -> (ChildGuard, SocketAddr) {
     use std::os::unix::process::CommandExt;
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    let mut command = serve_command(data_dir);
     let limit = files.map(|(files, _)| libc::rlimit { rlim_cur: files, rlim_max: files });
     let already_open = files.map_or(0, |(_, open)| open);
     // SAFETY: between fork and exec only close_range, setrlimit and dup are called, each
@@ -314,12 +323,7 @@ fn spawn_herald_as(
         });
     }
     let mut child = command
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .envs(ENV.iter().copied())
         .env("RUST_LOG", "warn")
-        // The suite's own knobs are not settings of the server.
-        .without_suite_knobs()
         // The caller's variables last, so they win over the defaults above.
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
