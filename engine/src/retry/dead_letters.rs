@@ -265,11 +265,13 @@ impl DeadLetters {
     /// Streams live entries of `partitions` (each up to its end offset, exclusive) after
     /// `after`, calling `take` until it says stop or `budget` is spent on records (of any
     /// kind) looked at; then the position of the last one looked at, where a next scan goes on.
+    /// `replayed_too` streams replayed entries as well.
     async fn scan(
         &self,
         partitions: Vec<(u32, u64)>,
         after: Option<(u32, u64)>,
         mut budget: Budget,
+        replayed_too: bool,
         mut take: impl FnMut(Found) -> std::ops::ControlFlow<()>,
     ) -> Result<Option<(u32, u64)>, LogError> {
         for (p, end) in partitions {
@@ -288,7 +290,7 @@ impl DeadLetters {
                     let position = (rec.partition, rec.offset);
                     budget.bytes = budget.bytes.saturating_sub(rec.value.len());
                     match decode(rec.value) {
-                        Some(DlqRecord::Entry { entry, delivery }) if !self.is_replayed(&entry.id) => {
+                        Some(DlqRecord::Entry { entry, delivery }) if replayed_too || !self.is_replayed(&entry.id) => {
                             if take(Found { position, entry: *entry, delivery }).is_break() {
                                 return Ok(None);
                             }
@@ -330,7 +332,7 @@ impl DeadLetters {
         let mut more = false;
         let partitions = self.partitions(subscription)?.into_iter().map(|p| (p, u64::MAX)).collect();
         let stopped = self
-            .scan(partitions, after, Budget { records: LIST_SCAN, bytes: LIST_SCAN_BYTES }, |f| {
+            .scan(partitions, after, Budget { records: LIST_SCAN, bytes: LIST_SCAN_BYTES }, false, |f| {
                 let wanted = subscription.is_none_or(|s| f.entry.subscription == s)
                     && tenant.is_none_or(|t| f.entry.tenant == t);
                 if !wanted || !seen.insert(f.entry.id.clone()) {
@@ -380,7 +382,11 @@ impl DeadLetters {
             // A chunk at a time: at most so many entries and so many payload bytes held.
             let (mut chunk, mut bytes, mut cut) = (Vec::<Found>::new(), 0, false);
             let mut seen = HashSet::new();
-            self.scan(partitions.clone(), after, Budget::WHOLE, |f| {
+            // Ids asked for are looked for among replayed entries too, which `enqueue` then
+            // skips as `already_replayed`: an entry is told replayed only to whom sees it (an
+            // id replayed was `already_replayed` to any tenant that named it, which says it is
+            // another's).
+            self.scan(partitions.clone(), after, Budget::WHOLE, wanted.is_some(), |f| {
                 let chosen = match &mut wanted {
                     Some(ids) => ids.contains(f.entry.id.as_str()),
                     None => true,
@@ -412,9 +418,8 @@ impl DeadLetters {
         }
         if let (Selection::Ids { ids, .. }, Some(wanted)) = (&selection, wanted) {
             for id in ids.iter().filter(|id| wanted.contains(id.as_str())) {
-                let reason = if self.is_replayed(id) { "already_replayed" } else { "not_found" };
                 if !report.skipped.iter().any(|s| &s.id == id) {
-                    report.skipped.push(Skipped { id: id.clone(), reason });
+                    report.skipped.push(Skipped { id: id.clone(), reason: "not_found" });
                 }
             }
         }

@@ -57,6 +57,11 @@ async fn a_tenant_key_sees_and_changes_only_its_own_objects() {
     assert_eq!(status, 404, "{b_replay_sub}");
     let (_, a_replay) = a.post("/v1/dlq/replay", json!({ "ids": [entry_id] })).await;
     assert_eq!(a_replay["replayed"].as_array().unwrap().len(), 1, "{a_replay}");
+    // Replayed, the entry is still A's alone: B is not told it was there at all.
+    let (_, b_again) = b.post("/v1/dlq/replay", json!({ "ids": [entry_id] })).await;
+    assert_eq!(b_again["skipped"][0]["reason"], "not_found", "{b_again}");
+    let (_, a_again) = a.post("/v1/dlq/replay", json!({ "ids": [entry_id] })).await;
+    assert_eq!(a_again["skipped"][0]["reason"], "already_replayed", "{a_again}");
 
     // A revoked key stops working at once.
     let key_id = a.token.split('.').nth(1).unwrap().to_string();
