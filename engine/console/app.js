@@ -236,7 +236,10 @@ async function route() {
   }
   // The portal is a tenant's page (other sites may frame it): the operator uses the console.
   if (PORTAL && session.role === "admin") return signOut("The portal is for tenants: the operator signs in at /console.");
-  const [screen, id, sub] = location.hash.replace(/^#\/?/, "").split("?")[0].split("/").map(decodeURIComponent);
+  // A hand-typed or damaged address (`#/events/%E0`) is taken as written, not thrown on:
+  // thrown here, it left the page on "Loading Herald…".
+  const decoded = (part) => { try { return decodeURIComponent(part); } catch { return part; } };
+  const [screen, id, sub] = location.hash.replace(/^#\/?/, "").split("?")[0].split("/").map(decoded);
   const screens = {
     overview: overview, tenants: tenants, subscriptions: subscriptions, events: events, dlq: deadLetters, edge: edgeDevices,
     "event-types": eventTypes,
@@ -287,9 +290,16 @@ function quantile(prev, cur, name, q) {
   const les = [...b.keys()].sort((x, y) => Number(x) - Number(y));
   const counts = les.map((le) => (b.get(le) || 0) - (a.get(le) || 0));
   const total = counts[counts.length - 1];
-  if (!total) return NaN;
+  if (!(total > 0)) return NaN;
   const i = counts.findIndex((c) => c >= q * total);
   return Number(les[i]);
+}
+
+/** Whether a counter of `prev` is higher in `cur`: `cur` is another process's, or a restart's. */
+function wentDown(prev, cur) {
+  const id = (s) => s.name + JSON.stringify(s.labels);
+  const before = new Map(prev.filter((s) => /_(total|bucket|count)$/.test(s.name)).map((s) => [id(s), s.value]));
+  return cur.some((s) => before.has(id(s)) && s.value < before.get(id(s)));
 }
 
 function sparkline(points) {
@@ -311,13 +321,20 @@ function sparkline(points) {
 
 async function overview() {
   const mine = routes;
-  const cards = h("div", { class: "grid", "aria-live": "polite" });
+  // Not a live region: redrawn every 3 s, six cards were read out again each time.
+  const cards = h("div", { class: "grid" });
   const tiers = h("div", {});
   const status = h("p", { class: "muted" }, "Reading /metrics…");
   layout("overview", "Overview", status, cards, h("h2", {}, "Retries waiting, per tier"), tiers);
   const history = { rate: [], success: [], p50: [], p99: [], dead: [], lag: [] };
-  let prev = null, prevAt = 0;
+  let prev = null, prevAt = 0, busy = false;
   const tick = async () => {
+    // Not while the tab is hidden, nor over a scrape still waited for (a slow /metrics).
+    if (busy || document.hidden) return;
+    busy = true;
+    try { await scrape(); } finally { busy = false; }
+  };
+  const scrape = async () => {
     let text;
     try {
       const res = await fetch("/metrics");
@@ -335,7 +352,10 @@ async function overview() {
     const ok = sum(cur, "herald_attempts_total", succeeded);
     const dead = sum(cur, "herald_dead_letters_total");
     const lag = sum(cur, "herald_consumer_lag", (l) => !/retry|dlq|history/.test(l.source || ""));
-    if (prev) {
+    // A counter that went down is another process's (a load balancer in front of several) or
+    // a restarted one's: no rate between the two, rather than a negative one.
+    const comparable = prev && !wentDown(prev, cur);
+    if (comparable) {
       const secs = (now - prevAt) / 1000;
       const dAttempts = attempts - sum(prev, "herald_attempts_total");
       const dOk = ok - sum(prev, "herald_attempts_total", succeeded);
@@ -367,7 +387,8 @@ async function overview() {
     tiers.replaceChildren(table(["Tier", "Waiting"],
       [...bySource].sort((a, b) => tierMs(a[0]) - tierMs(b[0])).map(([src, n]) => h("tr", {}, h("td", { class: "mono" }, src), h("td", { class: "num" }, fmtNum(n)))),
       "No retry tier is worked by this process yet."));
-    status.textContent = `This process, refreshed every 3 s · last ${new Date(now).toLocaleTimeString()}`;
+    status.textContent = (prev && !comparable ? "Another process answered or this one restarted: rates start again · " : "") +
+      `This process, refreshed every 3 s · last ${new Date(now).toLocaleTimeString()}`;
     prev = cur; prevAt = now;
   };
   await tick();
@@ -658,7 +679,8 @@ async function subscriptionDetail(id) {
         h("td", {}, link(eventHref(b.head_event, s.tenant), b.head_event)),
         h("td", { class: "num" }, fmtNum(b.waiting)),
         h("td", {}, h("button", { type: "button", class: "danger", onclick: async () => {
-          if (!confirm(`Skip the head of key ${b.key}? It is dead-lettered (replayable) and the key's next delivery goes on.`)) return;
+          // The key is the publisher's: quoted on one line, so it cannot write the question.
+          if (!confirm(`Skip the head of key ${JSON.stringify(b.key)}? It is dead-lettered (replayable) and the key's next delivery goes on.`)) return;
           try {
             await api("POST", `/v1/subscriptions/${s.id}/ordering/skip`, { key: b.key, event: b.head_event });
             out.replaceChildren(h("div", { class: "alert ok", role: "status", "data-skip-result": "" }, `Key ${b.key}: its head is skipped.`));
@@ -833,21 +855,21 @@ async function eventDetail(id) {
   const out = h("div", {});
   const attempts = h("div", {});
   const more = h("div", {});
+  const deliveries = h("div", {});
+  // Queued, not sent: the rows below show what became of it. None queued (every subscription
+  // it matched since deleted or disabled) is said as such, not as a success.
   const resend = (subscription) => async () => {
     try {
       const r = await api("POST", `/v1/events/${encodeURIComponent(e.id)}/resend`, { subscription, tenant });
-      out.replaceChildren(h("div", { class: "alert ok", role: "status" }, `Sent again to ${r.queued} subscription(s).`));
+      out.replaceChildren(r.queued
+        ? h("div", { class: "alert ok", role: "status", "data-resend-result": "" }, `Queued again for ${r.queued} subscription(s).`)
+        : h("div", { class: "alert warn", role: "status", "data-resend-result": "" },
+          "Nothing was queued: every subscription this event matched is deleted or disabled."));
+      if (r.queued) await refresh();
     } catch (err) { out.replaceChildren(errorBox(err)); }
   };
-  layout("events", e.id, out,
-    h("div", { class: "panel" }, h("dl", { class: "facts" },
-      h("dt", {}, "Type"), h("dd", {}, e.type),
-      h("dt", {}, "Tenant"), h("dd", { class: "mono" }, e.tenant),
-      h("dt", {}, "Accepted"), h("dd", {}, fmtTime(e.accepted_at))),
-    h("details", {}, h("summary", {}, "Data"), h("pre", {}, JSON.stringify(e.data, null, 2)))),
-    h("div", { class: "actions" }, h("button", { type: "button", onclick: resend() }, "Resend to every subscription")),
-    h("h2", {}, "Deliveries"),
-    table(["Subscription", "State", "Attempts", "Last attempt", "Next attempt", ""], e.deliveries.map((d) =>
+  const drawDeliveries = (list) => deliveries.replaceChildren(
+    table(["Subscription", "State", "Attempts", "Last attempt", "Next attempt", ""], list.map((d) =>
       h("tr", { "data-delivery": d.subscription, "data-state": d.state },
         h("td", {}, link(`#/subscriptions/${d.subscription}`, d.subscription)),
         h("td", {}, stateBadge(d.state)),
@@ -855,9 +877,23 @@ async function eventDetail(id) {
         h("td", {}, fmtTime(d.last_attempt_at)),
         h("td", {}, fmtTime(d.next_attempt_at)),
         h("td", {}, h("button", { type: "button", onclick: resend(d.subscription) }, "Resend")))),
-    "This event matched no subscription."),
+    "This event matched no subscription."));
+  drawDeliveries(e.deliveries);
+  layout("events", e.id, out,
+    h("div", { class: "panel" }, h("dl", { class: "facts" },
+      h("dt", {}, "Type"), h("dd", {}, e.type),
+      h("dt", {}, "Tenant"), h("dd", { class: "mono" }, e.tenant),
+      h("dt", {}, "Accepted"), h("dd", {}, fmtTime(e.accepted_at))),
+    h("details", {}, h("summary", {}, "Data"), h("pre", {}, JSON.stringify(e.data, null, 2)))),
+    h("div", { class: "actions" }, h("button", { type: "button", onclick: resend() }, "Resend to every subscription")),
+    h("h2", {}, "Deliveries"), deliveries,
     h("h2", {}, "Attempts"), attempts, more);
-  const { page } = pager("/v1/attempts", () => ({ event: e.id, tenant, limit: 100 }), (loaded, next) => {
+  // After a resend: the deliveries' states and the attempts as they are now.
+  const refresh = async () => {
+    drawDeliveries((await api("GET", `/v1/events/${encodeURIComponent(e.id)}` + q({ tenant }))).deliveries);
+    await reload();
+  };
+  const { page, reload } = pager("/v1/attempts", () => ({ event: e.id, tenant, limit: 100 }), (loaded, next) => {
     attempts.replaceChildren(attemptsTable(loaded, false));
     more.replaceChildren(next ? h("button", { type: "button", onclick: () => page().catch(failed) }, "Load more") : "");
   });
@@ -883,15 +919,18 @@ async function deadLetters() {
     `Replayed ${r.replayed.length}` + (r.skipped.length ? `; skipped ${r.skipped.length} (${[...new Set(r.skipped.map((s) => s.reason.replace("_", " ")))].join(", ")})` : "") + "."));
   const more = h("div", {});
   list.after(more);
+  // What is ticked, kept while pages are added (each redraw builds the rows anew: ticks made
+  // before "Load more" were lost, and a replay took only those made after); a reload (a new
+  // filter, a replay done) starts again.
+  const chosen = new Map();
   // A page may end short of its limit and still say where to go on: the API looks at so many
   // records a page (see `pager`).
-  const { page, reload } = pager("/v1/dlq", () => ({
+  const { page, reload: reloadPages } = pager("/v1/dlq", () => ({
     subscription: subscription.value.trim(), tenant: tenant.value.trim(), limit: 500,
   }), (loaded, next, used) => {
-    const boxes = [];
     list.replaceChildren(table(["", "Event", "Subscription", "Attempts", "Last error", "Last attempt"], loaded.map((d) => {
-      const box = h("input", { type: "checkbox", value: d.id, "aria-label": `Select ${d.event_id}` });
-      boxes.push([box, d]);
+      const box = h("input", { type: "checkbox", value: d.id, "aria-label": `Select ${d.event_id}`, checked: chosen.has(d.id),
+        onchange: (ev) => { if (ev.target.checked) chosen.set(d.id, d); else chosen.delete(d.id); } });
       return h("tr", { "data-dead-letter": d.id },
         h("td", {}, box),
         h("td", {}, link(eventHref(d.event_id, d.tenant), d.event_id), h("div", { class: "muted" }, d.event)),
@@ -907,18 +946,20 @@ async function deadLetters() {
     };
     actions.replaceChildren(
       h("button", { type: "button", class: "primary", disabled: !loaded.length, onclick: () => {
-        const chosen = boxes.filter(([b]) => b.checked).map(([, d]) => d);
-        if (!chosen.length) return out.replaceChildren(errorBox({ message: "Select the dead letters to replay first." }));
+        const picked = [...chosen.values()];
+        if (!picked.length) return out.replaceChildren(errorBox({ message: "Select the dead letters to replay first." }));
         // Entries of one subscription are looked for in its partition alone.
-        const subs = [...new Set(chosen.map((d) => d.subscription))];
-        replay({ ids: chosen.map((d) => d.id), subscription: subs.length === 1 ? subs[0] : undefined });
+        const subs = [...new Set(picked.map((d) => d.subscription))];
+        replay({ ids: picked.map((d) => d.id), subscription: subs.length === 1 ? subs[0] : undefined });
       } }, "Replay selected"),
-      // The subscription whose list is shown, not what has been typed since.
-      used.subscription ? h("button", { type: "button", disabled: !loaded.length, onclick: () => {
+      // The subscription whose list is shown, not what has been typed since; offered while
+      // more may follow too (the first pages looked at can be empty).
+      used.subscription ? h("button", { type: "button", disabled: !loaded.length && !next, onclick: () => {
         if (confirm(`Replay every dead letter of ${used.subscription}?`)) replay({ subscription: used.subscription });
       } }, "Replay all of this subscription") : "");
   });
   const failed = (e) => more.replaceChildren(errorBox(e));
+  const reload = () => { chosen.clear(); return reloadPages(); };
   await reload();
 }
 

@@ -572,9 +572,12 @@ try {
       await page.goto(`${BASE}/console#/subscriptions/${made.id}`);
       await until("key k1 held up", page, async () => (await page.locator('tr[data-blocked-key="k1"]').count()) === 1);
       assert.match(await page.locator("main").textContent(), /per key/);
-      page.once("dialog", (d) => d.accept());
+      let asked = "";
+      page.once("dialog", (d) => { asked = d.message(); d.accept(); });
       await page.locator('tr[data-blocked-key="k1"]').getByRole("button", { name: "Skip head" }).click();
       await page.locator("[data-skip-result]").waitFor({ timeout: WAIT });
+      // The key is the publisher's text: quoted, so a key with line breaks cannot write the question.
+      assert.match(asked, /key "k1"\?/, asked);
       await page.goto(`${BASE}/console#/subscriptions/${made.id}/edit`);
       assert.match(await page.getByLabel(/More settings as JSON/).inputValue(), /"on_dead_letter": "block"/, "the edit form shows the ordering");
     } finally {
@@ -610,6 +613,76 @@ try {
   await check("the admin's events list says whose list is empty", async () => {
     await page.goto(`${BASE}/console#/events`);
     await page.getByText(/No events of tenant “default” on record: name another tenant above/).waitFor({ timeout: WAIT });
+  });
+
+  await check("dead letters ticked before “Load more” are replayed with those ticked after", async () => {
+    const at = new Date().toISOString();
+    const entry = (id) => ({ id, event_id: `ev-${id}`, subscription: failSub, tenant, event: "order.created", attempts: 2,
+      first_attempt_at: at, last_attempt_at: at, last_status: 500, last_error: "HTTP 500" });
+    let sent = null;
+    const list = (url) => url.pathname === "/v1/dlq";
+    const replayed = (url) => url.pathname === "/v1/dlq/replay";
+    await page.route(list, (r) => r.fulfill({ status: 200, contentType: "application/json", body: JSON.stringify(
+      new URL(r.request().url()).searchParams.get("cursor") ? { items: [entry("dlq_b")], next: null } : { items: [entry("dlq_a")], next: "more" }) }));
+    await page.route(replayed, (r) => {
+      sent = r.request().postDataJSON();
+      return r.fulfill({ status: 200, contentType: "application/json", body: JSON.stringify({ replayed: sent.ids, skipped: [] }) });
+    });
+    try {
+      await page.goto(`${BASE}/console#/dlq`);
+      await page.locator('tr[data-dead-letter="dlq_a"]').getByRole("checkbox").check();
+      await page.getByRole("button", { name: "Load more" }).click();
+      await page.locator('tr[data-dead-letter="dlq_b"]').getByRole("checkbox").check();
+      assert.ok(await page.locator('tr[data-dead-letter="dlq_a"]').getByRole("checkbox").isChecked(), "the first tick is kept");
+      await page.getByRole("button", { name: "Replay selected" }).click();
+      await page.locator("[data-replay-report]").waitFor({ timeout: WAIT });
+      assert.deepEqual([...sent.ids].sort(), ["dlq_a", "dlq_b"]);
+    } finally {
+      await page.unroute(list);
+      await page.unroute(replayed);
+    }
+  });
+
+  await check("an address that cannot be decoded shows a screen", async () => {
+    await page.goto(`${BASE}/console#/events/%E0`);
+    await page.getByRole("heading", { name: "Event not found" }).waitFor({ timeout: WAIT });
+  });
+
+  await check("the overview shows no negative rate when another process answers /metrics", async () => {
+    let n = 0;
+    const scrape = (r) => r.fulfill({ status: 200, contentType: "text/plain",
+      body: `# TYPE herald_deliveries_total counter\nherald_deliveries_total{outcome="delivered"} ${n++ % 2 ? 10 : 1000}\n` });
+    await page.route("**/metrics", scrape);
+    try {
+      await page.goto(`${BASE}/console#/overview`);
+      await page.getByText(/rates start again/).waitFor({ timeout: 10_000 });
+      assert.doesNotMatch(await page.locator('[data-metric="rate"] .value').textContent(), /^-/);
+    } finally {
+      await page.unroute("**/metrics", scrape);
+    }
+  });
+
+  await check("a resend says it is queued and reads the deliveries anew", async () => {
+    await page.goto(`${BASE}/console#/events/order-1001?tenant=${tenant}`);
+    const reread = page.waitForResponse((r) => new URL(r.url()).pathname === "/v1/events/order-1001" && r.request().method() === "GET");
+    await page.locator(`tr[data-delivery="${okSub}"]`).getByRole("button", { name: "Resend" }).click();
+    await page.locator("[data-resend-result]", { hasText: "Queued again for 1" }).waitFor({ timeout: WAIT });
+    await reread;
+  });
+
+  await check("a resend that queues nothing says so", async () => {
+    const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
+    const other = await fetch(`${BASE}/v1/subscriptions/${OTHER_SUB}`, { headers: admin }).then((r) => r.json());
+    const enabled = (on) => fetch(`${BASE}/v1/subscriptions/${OTHER_SUB}`, { method: "PATCH", headers: admin, body: JSON.stringify({ enabled: on }) });
+    assert.equal((await enabled(false)).status, 200);
+    try {
+      await page.goto(`${BASE}/console#/events/${OTHER_EVENT}?tenant=${other.tenant}`);
+      await page.getByRole("button", { name: "Resend to every subscription" }).click();
+      await page.locator("[data-resend-result]", { hasText: "Nothing was queued" }).waitFor({ timeout: WAIT });
+      assert.equal(await page.locator(".alert.ok").count(), 0, "not said as a success");
+    } finally {
+      await enabled(true);
+    }
   });
 
   assert.deepEqual(missed, [], "every check passed");
