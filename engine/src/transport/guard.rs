@@ -40,15 +40,16 @@ fn special_v4(ip: Ipv4Addr) -> bool {
 }
 
 /// The IPv4 address an IPv6 address carries, if it is one of the forms that reach it:
-/// IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), 6to4 (`2002:AABB:CCDD::/48`)
-/// or Teredo (`2001:0::/32`, the client address inverted in the last 32 bits).
+/// IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), IPv4-translated
+/// (`::ffff:0:a.b.c.d`, which a host doing SIIT sends to the IPv4 address), 6to4
+/// (`2002:AABB:CCDD::/48`) or Teredo (`2001:0::/32`, the client address inverted in the last 32 bits).
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
     let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     if let Some(v4) = ip.to_ipv4_mapped() {
         return Some(v4);
     }
-    if s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified() {
+    if (s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified()) || s[..6] == [0, 0, 0, 0, 0xffff, 0] {
         return Some(v4(s[6], s[7]));
     }
     if s[0] == 0x2002 {
@@ -227,6 +228,8 @@ mod tests {
             "2002:7f00:1::1",                       // 6to4 of 127.0.0.1
             "2002:a9fe:a9fe::",                     // 6to4 of 169.254.169.254
             "2001:0:4136:e378:8000:63bf:80ff:fffe", // Teredo of 127.0.0.1
+            "::ffff:0:7f00:1",                      // IPv4-translated (SIIT) of 127.0.0.1
+            "::ffff:0:a9fe:a9fe",                   // IPv4-translated of 169.254.169.254
             "fec0::1",
             "168.63.129.16",
             "198.18.0.1",
@@ -234,7 +237,7 @@ mod tests {
             let e = g.check(ip(bad)).unwrap_err();
             assert!(e.to_string().contains("network.allow"), "{e}");
         }
-        for good in ["93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1", "2001:db8::1"] {
+        for good in ["93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8", "::ffff:0:808:808", "2002:808:808::1", "2001:db8::1"] {
             assert!(g.check(ip(good)).is_ok(), "{good}");
         }
     }
