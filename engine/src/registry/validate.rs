@@ -144,6 +144,21 @@ pub fn check_tenant_input(spec: &SubscriptionSpec, previous: Option<&Subscriptio
             ));
         }
     }
+    // A token URL's likewise: stored unsealed and shown on every read (the client's secret
+    // has its own field, sealed). Held to what is set, as the URL is.
+    if let Auth::Oauth2 { token_url, .. } = &spec.auth {
+        let was = |s: &SubscriptionSpec| match &s.auth {
+            Auth::Oauth2 { token_url, .. } => Some(token_url.clone()),
+            _ => None,
+        };
+        let new = previous.is_none_or(|p| was(p).as_deref() != Some(token_url.as_str()));
+        if new && url::Url::parse(token_url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
+            return Err(Invalid::new(
+                "auth.token_url",
+                "must not hold a user or password (shown on every read): use client_id and client_secret, which keeps the secret sealed",
+            ));
+        }
+    }
     // A fixed schedule spans at most six days, its deadline a day later (a day apart a
     // thousand times was three years of retries). Held to what is set: one stored before keeps
     // its schedule, cut where the policy's deadline falls (`retry::policy`).

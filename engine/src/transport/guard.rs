@@ -237,7 +237,9 @@ mod tests {
             let e = g.check(ip(bad)).unwrap_err();
             assert!(e.to_string().contains("network.allow"), "{e}");
         }
-        for good in ["93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8", "::ffff:0:808:808", "2002:808:808::1", "2001:db8::1"] {
+        for good in
+            ["93.184.216.34", "2606:4700::1111", "::ffff:8.8.8.8", "::ffff:0:808:808", "2002:808:808::1", "2001:db8::1"]
+        {
             assert!(g.check(ip(good)).is_ok(), "{good}");
         }
     }

@@ -251,6 +251,12 @@ async fn credentials_in_a_webhook_url_are_refused_for_auth_basic() {
     let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
     let (status, err) = h.api.patch(&path, json!({ "url": "https://u:p@hooks.example.com/y" })).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("url")), "{err}");
+    // An OAuth token URL's too: stored unsealed, it was shown whole on every read.
+    let auth = json!({ "type": "oauth2", "grant": "client_credentials", "token_url": "https://id:s3cret@idp.example.com/token", "client_id": "c", "client_secret": "s" });
+    let (status, err) =
+        h.api.post("/v1/subscriptions", json!({ "url": "https://hooks.example.com/z", "auth": auth })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("auth.token_url")), "{err}");
+    assert!(!err.to_string().contains("s3cret"), "the password is not echoed: {err}");
 }
 
 #[tokio::test]
