@@ -55,8 +55,20 @@ impl Transports {
         target.sub.spec.timeout.map_or(self.default_timeout, |t| range::clamp_duration(t.0, range::TIMEOUT))
     }
 
-    /// Makes attempt `delivery.attempt` of `delivery` to `target`.
+    /// Makes attempt `delivery.attempt` of `delivery` to `target`. A failure's text is cut to
+    /// [`MAX_DETAIL`](crate::model::outcome::MAX_DETAIL) whichever transport made it: a
+    /// receiver chooses much of it (a certificate naming thousands of hosts, an HTTP/2
+    /// GOAWAY's debug data), and it goes into the attempt's record, 85 KB of it a time.
     pub async fn deliver(&self, target: &Target, delivery: &Delivery, pending_retries: u32) -> Outcome {
+        match self.attempt(target, delivery, pending_retries).await {
+            Outcome::Failed { failure, latency, response } => {
+                Outcome::Failed { failure: failure.bounded(), latency, response }
+            }
+            delivered => delivered,
+        }
+    }
+
+    async fn attempt(&self, target: &Target, delivery: &Delivery, pending_retries: u32) -> Outcome {
         let timeout = self.timeout(target);
         if let Some(device) = &target.sub.spec.via_edge {
             let Some(hub) = &self.edge else {

@@ -933,3 +933,51 @@ async fn a_subscription_carries_a_bounded_amount_of_tenant_material() {
         mallory.post("/v1/subscriptions", json!({ "url": url, "tls": { "ca_pem": padded(10_000) } })).await;
     assert_eq!(status, 201, "{err}");
 }
+
+/// A failure's text is bounded wherever it comes from: a receiver trusted through its own CA
+/// presented a certificate naming thousands of other hosts, and the refusal (which lists them)
+/// went whole into every attempt's record and dead letter — tens of kilobytes a time in the
+/// shared history.
+#[tokio::test]
+async fn a_receiver_cannot_make_an_attempt_s_error_text_large() {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "A tenant's CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = (0..2000).map(|i| format!("host-{i}.not-this-one.example")).collect();
+    let cert = CertificateParams::new(names).unwrap().signed_by(&key, &ca).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    let rx = tls_receiver(Arc::new(server)).await;
+    let h = TestHerald::start().await;
+    let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    let url = format!("https://localhost:{}/x", rx.port);
+    h.api.subscribe(json!({ "url": url, "tls": { "ca_pem": ca.pem() }, "retry": once })).await;
+    h.api.post("/v1/events", json!({ "id": "named-many", "type": "T", "data": {} })).await;
+    let api = h.api.clone();
+    let dead = until("the refused delivery dead-lettered", Duration::from_secs(15), || async {
+        let (_, page) = api.get("/v1/dlq").await;
+        page["items"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    let error = dead["last_error"].as_str().unwrap();
+    assert!(error.contains("not valid for name") || error.contains("NotValidForName"), "{error}");
+    // 1 KiB, the ellipsis that says it was cut and the failure's kind before it.
+    let most = 1024 + 64;
+    assert!(error.len() <= most, "the dead letter's error is {} bytes", error.len());
+    let recorded = until("the attempt on record", Duration::from_secs(15), || async {
+        let (_, attempts) = api.get("/v1/attempts?event=named-many").await;
+        attempts["items"][0]["error"].as_str().map(str::to_string)
+    })
+    .await;
+    assert!(recorded.len() <= most, "the attempt's error is {} bytes", recorded.len());
+}
