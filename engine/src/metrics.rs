@@ -324,7 +324,7 @@ impl Metrics {
         let without_status = crate::model::outcome::LABELS.iter().filter(|l| !matches!(**l, "delivered" | "failed"));
         let outcomes: Vec<&str> = by_status.into_iter().chain(without_status.copied()).collect();
         for transport in ["webhook", "amqp", "edge"] {
-            for outcome in ["delivered", "dead_lettered", "dropped"] {
+            for outcome in ["delivered", "dead_lettered", "dropped", "superseded"] {
                 metrics::counter!(DELIVERIES, "transport" => transport, "outcome" => outcome).increment(0);
             }
             for outcome in &outcomes {

@@ -587,7 +587,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         crate::ingest::Budget::new(config.tenant_pending_bytes(), config.pending_bytes()),
     );
     if let Some(h) = &history {
-        deliverer = deliverer.recorded_by(h.recorder.clone());
+        deliverer = deliverer.recorded_by(h.recorder.clone()).superseded_in(h.index.clone());
         ingest = ingest.recorded_by(h.recorder.clone());
     }
     let deliverer = Arc::new(deliverer);

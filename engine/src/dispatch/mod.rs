@@ -15,7 +15,7 @@ pub use settle::{record, Deferral, Parked, Settled, Settlement, Settler, Via, Wa
 pub use shard::ShardLimits;
 
 use crate::admission::{Busy, Probe};
-use crate::history::Recorder;
+use crate::history::{Index, Recorder};
 use crate::log::{Log, LogError, LogRecord};
 use crate::metrics::Metrics;
 use crate::model::{now_ms, Delivery};
@@ -47,6 +47,8 @@ pub struct Deliverer {
     settler: Settler,
     observers: Vec<Arc<dyn Observe>>,
     history: Option<Arc<Recorder>>,
+    /// What tells a retry that another generation of its delivery has delivered it.
+    index: Option<Arc<Index>>,
 }
 
 /// What the gate decided for a delivery that is due.
@@ -63,7 +65,7 @@ enum Gate<'a> {
 impl Deliverer {
     /// Wires the stages together.
     pub fn new(registry: Arc<Registry>, transports: Transports, settler: Settler) -> Self {
-        Deliverer { registry, transports, settler, observers: Vec::new(), history: None }
+        Deliverer { registry, transports, settler, observers: Vec::new(), history: None, index: None }
     }
 
     /// Adds an observer of every settlement.
@@ -76,6 +78,36 @@ impl Deliverer {
     pub fn recorded_by(mut self, history: Arc<Recorder>) -> Self {
         self.history = Some(history);
         self
+    }
+
+    /// Looks a retry up in the history's index before it is made: one that another
+    /// generation of its delivery has since delivered is not sent ([`Settlement::Superseded`]).
+    pub fn superseded_in(mut self, index: Arc<Index>) -> Self {
+        self.index = Some(index);
+        self
+    }
+
+    /// Whether `delivery`, a retry, has been delivered since it was scheduled, by the index
+    /// (read off the runtime's workers: it may read the disk). A recover or resend of a
+    /// delivery still retrying sends it at once, beside the retry waiting in a tier, which
+    /// then sent it once more. As far as the index has read: a retry due within its lag of
+    /// the other's delivery is still sent. Not an ordered key's head, which waits with its
+    /// key (a resend joins the key's line behind it).
+    async fn delivered_since(&self, delivery: &Delivery) -> bool {
+        let Some(index) = &self.index else { return false };
+        if delivery.attempt < 2 || delivery.ordering_key.is_some() {
+            return false;
+        }
+        let (index, d) = (index.clone(), delivery.clone());
+        match tokio::task::spawn_blocking(move || index.delivered(&d)).await {
+            Ok(Ok(delivered)) => delivered,
+            // Sent rather than lost: the worst of it is the duplicate this check is for.
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "a retry's state could not be read; it is attempted");
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// Processes one record (keeping a delivery that must wait where `waits` says), once
@@ -252,6 +284,9 @@ impl Deliverer {
             // Came due after its max_age (Herald was down, or far behind): not sent late. (A
             // disabled subscription's is parked as that, below, with its own reason.)
             return Box::pin(self.settler.outlived(&target, delivery, rec.value, None)).await;
+        }
+        if Box::pin(self.delivered_since(&delivery)).await {
+            return self.settler.superseded(delivery, transport);
         }
         let (_slot, probe, _share) = match gate(&target, shares).await {
             Gate::Open(slot, probe, share) => (slot, probe, share),

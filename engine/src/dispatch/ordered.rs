@@ -1429,7 +1429,7 @@ fn attempt_head(
         // once that is).
         deliverer.record_now(&mut settled).await;
         let (done, marker) = match settled.settlement {
-            Settlement::Delivered | Settlement::Dropped => {
+            Settlement::Delivered | Settlement::Dropped | Settlement::Superseded => {
                 (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head, released: false }))
             }
             Settlement::DeadLettered { .. } if deliverer.holds(&lane.subscription) => {

@@ -44,6 +44,9 @@ pub enum Settlement {
     },
     /// Its subscription was deleted: nobody wants it any more.
     Dropped,
+    /// A retry not made: another generation of the delivery (a resend, recover or replay)
+    /// delivered it meanwhile. Its state is that one's, so none is recorded.
+    Superseded,
 }
 
 /// Why a delivery was not attempted now.
@@ -171,7 +174,7 @@ impl Settled {
             Settlement::Rescheduled { due_ms, .. } => (State::Retrying, Some(*due_ms)),
             Settlement::DeadLettered { .. } => (State::DeadLettered, None),
             Settlement::Dropped => (State::Dropped, None),
-            Settlement::Deferred { .. } => return None,
+            Settlement::Deferred { .. } | Settlement::Superseded => return None,
         };
         let response = self.attempt.as_mut().and_then(Outcome::take_response);
         // An attempt is never dated before it was due (below); a settlement without one — a
@@ -417,6 +420,12 @@ impl Settler {
         Settled::of(delivery, Via::Webhook, Settlement::Dropped)
     }
 
+    /// Ends a retry another generation of its delivery has delivered since.
+    pub fn superseded(&self, delivery: Delivery, transport: Via) -> Settled {
+        tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, "delivered by a later generation; retry not made");
+        Settled::of(delivery, transport, Settlement::Superseded)
+    }
+
     /// Dead-letters a record that is not a readable delivery, so it cannot stop its partition.
     pub async fn malformed(&self, rec: &LogRecord, error: String) -> Settled {
         self.retrier.park_malformed(rec, error.clone()).await;
@@ -510,6 +519,9 @@ pub fn record(settled: &Settled) {
         }
         Settlement::Dropped => {
             metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dropped").increment(1);
+        }
+        Settlement::Superseded => {
+            metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "superseded").increment(1);
         }
     }
 }

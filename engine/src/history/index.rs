@@ -546,18 +546,45 @@ impl Index {
         &self,
         subscription: &str,
         event: &EventRecord,
+        visit: impl FnMut(DeliveryState) -> Flow,
+    ) -> Result<(), IndexError> {
+        self.versions(subscription, &event.tenant, &event.id, event.accepted_ms, visit)
+    }
+
+    /// [`Index::each_version`] of the delivery to `subscription` of `tenant`'s event `id`,
+    /// accepted at `accepted_ms`.
+    fn versions(
+        &self,
+        subscription: &str,
+        tenant: &str,
+        id: &str,
+        accepted_ms: i64,
         mut visit: impl FnMut(DeliveryState) -> Flow,
     ) -> Result<(), IndexError> {
-        let Some(ks) = self.kept(keys::day(event.accepted_ms)) else { return Ok(()) };
-        let prefix = Key::new(keys::STATE).id(subscription).time(event.accepted_ms).id(&event.id).done();
+        let Some(ks) = self.kept(keys::day(accepted_ms)) else { return Ok(()) };
+        let prefix = Key::new(keys::STATE).id(subscription).time(accepted_ms).id(id).done();
         for item in ks.prefix(&prefix).rev() {
             let (_, value) = item.into_inner()?;
             let Some(v) = DeliveryState::decode(&value) else { continue };
-            if v.event == event.id && v.tenant == event.tenant && matches!(visit(v), Flow::Stop) {
+            if v.event == id && v.tenant == tenant && matches!(visit(v), Flow::Stop) {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Whether `delivery`'s newest state on record is `delivered`: by another generation of it
+    /// (a resend, recover or replay) — or by this very attempt before a crash took its commit —
+    /// since a retry of it was scheduled. Its versions are read whole (at most its attempts').
+    pub fn delivered(&self, delivery: &crate::model::Delivery) -> Result<bool, IndexError> {
+        let mut newest = None::<DeliveryState>;
+        self.versions(&delivery.subscription, &delivery.tenant, &delivery.event_id, delivery.accepted_ms, |v| {
+            if newest.as_ref().is_none_or(|n| v.newer_than(n)) {
+                newest = Some(v);
+            }
+            Flow::Go
+        })?;
+        Ok(newest.is_some_and(|n| n.state == State::Delivered))
     }
 
     /// The attempt record `id` of `tenant`, made at `at_ms`.

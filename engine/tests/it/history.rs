@@ -629,3 +629,34 @@ async fn a_disabled_subscription_takes_no_resend_or_recover() {
     let (status, all) = h.api.post("/v1/events/off-1/resend", json!({})).await;
     assert_eq!((status.as_u16(), all["queued"].as_u64()), (202, Some(0)), "{all}");
 }
+
+/// A recover of a delivery still retrying sends it now; its earlier retries, still waiting
+/// in a tier, then find it delivered and are not sent — the receiver got the event once more
+/// from the old chain (and, had it failed again, the event read dead-lettered though delivered).
+#[tokio::test]
+async fn a_recovered_delivery_s_earlier_retries_are_not_sent_again() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/flaky", 500);
+    let slow = json!({ "policy": "fixed", "interval": "3s", "max_attempts": 4 });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/flaky"), "retry": slow })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    h.api.post("/v1/events", json!({ "id": "flaky-1", "type": "T", "data": {} })).await;
+    state_of(&h.api, "flaky-1", &sub_id, "retrying").await;
+    rx.respond_on("/flaky", 200);
+    let (status, answer) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since })).await;
+    assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(1)), "{answer}");
+    state_of(&h.api, "flaky-1", &sub_id, "delivered").await;
+    // The old chain's second attempt came due 3 s after its first: looked at, then left.
+    let api = h.api.clone();
+    until("the old chain's retry looked at", WAIT, || async {
+        let m = crate::support::metrics::scrape(&api).await;
+        let superseded = m.value("herald_deliveries_total", &[("transport", "webhook"), ("outcome", "superseded")]);
+        (superseded >= 1.0 || rx.on("/flaky").len() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(rx.on("/flaky").len(), 2, "the failed attempt and the recovered one, no more");
+    let event = state_of(&h.api, "flaky-1", &sub_id, "delivered").await;
+    assert_eq!(event["deliveries"][0]["state"], "delivered", "{event}");
+}
