@@ -289,20 +289,28 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The error's object as answered (`{"code","message",…}`; the answer's `error`).
+    pub fn body(&self) -> serde_json::Value {
         let mut error = serde_json::json!({ "code": self.code, "message": self.message });
-        if let Some(field) = self.field {
-            error["field"] = field.into();
+        if let Some(field) = &self.field {
+            error["field"] = field.as_str().into();
         }
-        if let Some(ids) = self.ids {
-            error["ids"] = ids.into();
+        if let Some(ids) = &self.ids {
+            error["ids"] = ids.clone().into();
         }
-        // In the body (as documented) and the header alike.
-        let wait = self.retry_after.map(whole_seconds);
-        if let Some(wait) = wait {
+        if let Some(wait) = self.retry_after.map(whole_seconds) {
             error["retry_after"] = wait.into();
         }
+        error
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let error = self.body();
+        // In the body (as documented) and the header alike.
+        let wait = self.retry_after.map(whole_seconds);
         let mut response = (self.status, Json(serde_json::json!({ "error": error }))).into_response();
         if let Some(wait) = wait {
             response.headers_mut().insert(header::RETRY_AFTER, wait.into());

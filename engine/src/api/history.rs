@@ -353,7 +353,16 @@ pub async fn recover(
     let mut queued = 0;
     let budget = RECOVER_CHUNK_BYTES.min(state.ingest.max_fanout() / 2).max(1);
     let mut rest = found.events.as_slice();
+    // Why it stopped before the end, and the acceptance time of the first event not queued.
+    let mut stopped: Option<(ApiError, i64)> = None;
     while !rest.is_empty() {
+        // Looked up again for each part: a subscription disabled or deleted meanwhile takes no
+        // more (the 409 above, or the 404), rather than dead-lettering each at once.
+        let now = state.registry.get(&id).filter(|t| t.sub.tenant == target.sub.tenant);
+        let gone = match &now {
+            None => Some(ApiError::not_found("subscription")),
+            Some(t) => enabled(t).err(),
+        };
         let (index, ahead) = (history.index.clone(), rest[..rest.len().min(RECOVER_CHUNK)].to_vec());
         // Events within the budget (one at least, however large), and how many were looked at:
         // one that would pass it is left for the next part.
@@ -373,12 +382,34 @@ pub async fn recover(
         })
         .await?;
         rest = &rest[looked..];
-        let items: Vec<_> = events.into_iter().map(|e| (e, vec![target.clone()])).collect();
-        queued += state.ingest.resend(&items).await?;
+        let Some(first) = events.first().map(|e| e.accepted_ms) else { continue };
+        let refused = match gone {
+            Some(e) => Err(e),
+            None => {
+                let items: Vec<_> = events.into_iter().map(|e| (e, vec![target.clone()])).collect();
+                state.ingest.resend(&items).await.map_err(ApiError::from)
+            }
+        };
+        match refused {
+            Ok(n) => queued += n,
+            // Nothing queued yet: the error is the answer (ask again as it says).
+            Err(e) if queued == 0 => return Err(e),
+            // Some parts queued: what they were and where to go on, with why it stopped — an
+            // error alone left the caller to ask again from the start, and a rewind then sent
+            // those parts twice.
+            Err(e) => {
+                stopped = Some((e, first));
+                break;
+            }
+        }
     }
-    let continue_from = found.continue_from_ms.map(rfc3339_ms);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "queued": queued, "continue_from": continue_from, "history_lag": behind })),
-    ))
+    let continue_from = match &stopped {
+        Some((_, from)) => Some(rfc3339_ms(*from)),
+        None => found.continue_from_ms.map(rfc3339_ms),
+    };
+    let mut answer = serde_json::json!({ "queued": queued, "continue_from": continue_from, "history_lag": behind });
+    if let Some((e, _)) = stopped {
+        answer["stopped"] = e.body();
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)))
 }

@@ -660,3 +660,65 @@ async fn a_recovered_delivery_s_earlier_retries_are_not_sent_again() {
     let event = state_of(&h.api, "flaky-1", &sub_id, "delivered").await;
     assert_eq!(event["deliveries"][0]["state"], "delivered", "{event}");
 }
+
+/// A recover refused by the log part-way has queued its first parts: it answers what it
+/// queued and where to go on, so asking again from there sends the rest once — it answered an
+/// error alone, and a rewind asked again sent its first parts twice.
+#[tokio::test]
+async fn a_recover_refused_part_way_says_what_it_queued_and_where_to_go_on() {
+    use herald::log::embedded::Fault;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if crate::support::on_kafka() {
+        return; // the fault layer is the embedded log's
+    }
+    // While armed (non-zero), the writes of deliveries it lets through before refusing.
+    let armed = std::sync::Arc::new(AtomicUsize::new(0));
+    let left = armed.clone();
+    let faults: herald::log::embedded::Faults = Some(std::sync::Arc::new(move |fault: Fault<'_>| match fault {
+        Fault::Write(path) if path.to_string_lossy().contains("deliveries") => match left.load(Ordering::SeqCst) {
+            0 => Ok(()),
+            1 => Err(std::io::Error::from(std::io::ErrorKind::StorageFull)),
+            n => {
+                left.store(n - 1, Ordering::SeqCst);
+                Ok(())
+            }
+        },
+        _ => Ok(()),
+    }));
+    let extras = herald::server::Extras { faults, ..herald::server::Extras::default() };
+    let h = TestHerald::start_with_extras(
+        |c| {
+            c.quotas.fanout_bytes = 1 << 20;
+            c.ingest.max_event_bytes = 256 << 10;
+        },
+        extras,
+    )
+    .await;
+    let rx = Receiver::start().await;
+    let sub = h.api.subscribe(json!({ "url": rx.url("/big") })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    for i in 0..10 {
+        let event = json!({ "id": format!("big-{i}"), "type": "T", "data": { "pad": "p".repeat(200 << 10) } });
+        assert_eq!(h.api.post("/v1/events", event).await.0, 202);
+    }
+    for i in 0..10 {
+        state_of(&h.api, &format!("big-{i}"), &sub_id, "delivered").await;
+    }
+    // Parts of two events (half the quota each): the first part is written, the second refused.
+    armed.store(2, Ordering::SeqCst);
+    let recover = format!("/v1/subscriptions/{sub_id}/recover");
+    let (status, answer) = h.api.post(&recover, json!({ "since": since, "all": true })).await;
+    armed.store(0, Ordering::SeqCst);
+    assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(2)), "{answer}");
+    assert!(answer["stopped"]["message"].is_string(), "it says why it stopped: {answer}");
+    let from = answer["continue_from"].as_str().expect("where to go on").to_string();
+    let (status, answer) = h.api.post(&recover, json!({ "since": from, "all": true })).await;
+    assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(8)), "{answer}");
+    rx.wait_on("/big", 20).await;
+    for i in 0..10 {
+        let id = format!("big-{i}");
+        let sent = rx.on("/big").iter().filter(|r| r.header("webhook-id") == id).count();
+        assert!(sent <= 2, "{id} sent {sent} times");
+    }
+}
