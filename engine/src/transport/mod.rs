@@ -115,8 +115,8 @@ impl Transports {
             let mut headers = target.headers.clone();
             headers.reserve(signed.headers.len() + 1);
             headers.extend(signed.headers);
-            if let Some(bearer) = bearer {
-                headers.insert(header::AUTHORIZATION, bearer);
+            if let Some(bearer) = &bearer {
+                headers.insert(header::AUTHORIZATION, bearer.clone());
             }
             let request = http::WebhookRequest { uri: target.uri.clone(), headers, body: signed.body, timeout: left() };
             let egress = http::Egress::of(target.sub.spec.proxy.as_deref());
@@ -127,8 +127,8 @@ impl Transports {
                 }
                 outcome => outcome,
             };
-            if oauth && !refreshed && outcome.status() == Some(401) {
-                self.tokens.forget(&target.sub);
+            if let (Some(bearer), false, Some(401)) = (&bearer, refreshed, outcome.status()) {
+                self.tokens.forget(&target.sub, bearer);
                 refreshed = true;
                 continue;
             }

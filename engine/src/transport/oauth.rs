@@ -179,11 +179,15 @@ impl Tokens {
             .map(|(value, _)| value)
     }
 
-    /// Drops the cached token of `sub` (the receiver refused it).
-    pub fn forget(&self, sub: &Subscription) {
+    /// Drops the cached token of `sub` if it is still `refused` (the receiver refused it).
+    /// A refusal of an older one leaves the newer alone: requests sent with a token the
+    /// receiver revoked are refused one after another, and each that came after the new token
+    /// was cached threw it away — a fetch for every one of them, each revoking the one before
+    /// at a provider that keeps one token of a client valid.
+    pub fn forget(&self, sub: &Subscription, refused: &HeaderValue) {
         let key = key(sub);
         let mut slots = self.slots.lock().unwrap();
-        if matches!(slots.get(&key), Some(Slot::Ready(..))) {
+        if matches!(slots.get(&key), Some(Slot::Ready(value, ..)) if value == refused) {
             slots.remove(&key);
         }
     }

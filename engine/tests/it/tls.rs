@@ -981,3 +981,61 @@ async fn a_receiver_cannot_make_an_attempt_s_error_text_large() {
     .await;
     assert!(recorded.len() <= most, "the attempt's error is {} bytes", recorded.len());
 }
+
+/// Many requests refused with one revoked token each fetch a token at most once between them:
+/// a 401 for the old token arriving after the new one was cached threw the new one away, so
+/// with an identity provider that keeps one token of a client valid, each fetch revoked the
+/// token the requests before were sent again with, and deliveries failed on 401 after all.
+#[tokio::test]
+async fn late_refusals_of_a_revoked_token_do_not_throw_away_the_new_one() {
+    let tokens = token_server().await;
+    let (issued, revoked_up_to) = (tokens.issued.clone(), Arc::new(AtomicUsize::new(0)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = format!("http://{}/api", listener.local_addr().unwrap());
+    let delivered: Arc<Mutex<HashSet<String>>> = Default::default();
+    let (ok_ids, revoked, seq) = (delivered.clone(), revoked_up_to.clone(), Arc::new(AtomicUsize::new(0)));
+    serve_http1(listener, move |req: Request<hyper::body::Incoming>| {
+        let header = |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let (auth, id) = (header("authorization"), header("webhook-id"));
+        let n: usize = auth.strip_prefix("Bearer tok-").and_then(|n| n.parse().ok()).unwrap_or(0);
+        // Only the newest token is valid (each fetch revokes the one before), and none revoked.
+        let ok = n == issued.load(Ordering::SeqCst) && n > revoked.load(Ordering::SeqCst);
+        // Answers spread over half a second: refusals arrive after the new token is in.
+        let wait = Duration::from_millis(60 * (seq.fetch_add(1, Ordering::SeqCst) % 10) as u64);
+        let ok_ids = ok_ids.clone();
+        async move {
+            tokio::time::sleep(wait).await;
+            if ok {
+                ok_ids.lock().unwrap().insert(id);
+            }
+            Response::builder().status(if ok { 200 } else { 401 }).body(Full::new(Bytes::new())).unwrap()
+        }
+    });
+    let h = TestHerald::start().await;
+    h.api
+        .subscribe(json!({
+            "url": receiver,
+            "auth": { "type": "oauth2", "grant": "client_credentials", "token_url": tokens.url, "client_id": "client-1", "client_secret": "client-secret" },
+            "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 1 }
+        }))
+        .await;
+    h.api.post("/v1/events", json!({ "id": "first", "type": "T", "data": {} })).await;
+    let seen = delivered.clone();
+    until("the first delivery", Duration::from_secs(10), || async {
+        seen.lock().unwrap().contains("first").then_some(())
+    })
+    .await;
+    revoked_up_to.store(1, Ordering::SeqCst);
+    let batch: Vec<_> = (0..10).map(|i| json!({ "id": format!("after-{i}"), "type": "T", "data": i })).collect();
+    assert_eq!(h.api.post("/v1/events/batch", json!(batch)).await.0, 202);
+    let (seen, api) = (delivered.clone(), h.api.clone());
+    until("every delivery settled", Duration::from_secs(20), || async {
+        let (_, dlq) = api.get("/v1/dlq").await;
+        let dead = dlq["items"].as_array().map_or(0, Vec::len);
+        (seen.lock().unwrap().len() + dead >= 11).then_some(())
+    })
+    .await;
+    let (_, dlq) = h.api.get("/v1/dlq").await;
+    assert!(dlq["items"].as_array().unwrap().is_empty(), "refused with a token fetched for them: {dlq}");
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 2, "one token fetched after the revocation");
+}
