@@ -197,9 +197,9 @@ function layout(current, title, ...content) {
   const nav = h("nav", { class: "tabs", "aria-label": "Sections" },
     SCREENS.filter((s) => !s.admin || session.role === "admin")
       .map((s) => h("a", { href: "#/" + s.path, "aria-current": s.path === current ? "page" : false }, s.title)));
-  // A portal link names its tenant (`hp.<tenant>.<expiry>.<tag>`): shown, so that a visitor
-  // sent someone else's link can see whose portal this is.
-  const linked = session.role !== "admin" && /^hp\.(.+)\.[^.]+\.[^.]+$/.exec(session.token || "");
+  // A portal link names its tenant (`hp.<tenant>.<expiry>.<minted>.<tag>`; a tenant id has no
+  // dot): shown, so that a visitor sent someone else's link can see whose portal this is.
+  const linked = session.role !== "admin" && /^hp\.([^.]+)\./.exec(session.token || "");
   const brand = h("span", { class: "brand" }, "Herald",
     h("small", {}, session.role === "admin" ? "console" : "portal"),
     linked ? h("small", { class: "mono", "data-tenant": linked[1] }, linked[1]) : null);
@@ -442,9 +442,18 @@ async function tenants() {
               out.replaceChildren(h("div", { class: "alert secret", role: "status" },
                 h("strong", {}, `Portal link for ${t.name}, valid until ${fmtTime(p.expires_at)}`),
                 h("code", { "data-portal-url": "" }, p.url),
-                h("div", { class: "muted" }, "Anyone with this link acts as the tenant until it expires.")));
+                h("div", { class: "muted" }, "Anyone with this link acts as the tenant until it expires, or until the tenant's portal links are revoked.")));
             } catch (e) { out.replaceChildren(errorBox(e)); }
           } }, "Portal link"),
+          h("button", { type: "button", class: "danger", onclick: async () => {
+            // The name is the operator's, but quoted as elsewhere: one line, no rewriting.
+            if (!confirm(`Revoke every portal link of ${JSON.stringify(t.name)}? Links given out so far stop working at once; links minted after work.`)) return;
+            try {
+              await api("DELETE", `/v1/tenants/${t.id}/portal`);
+              out.replaceChildren(h("div", { class: "alert ok", role: "status", "data-portal-revoked": "" },
+                `Every portal link of ${t.name} minted until now is refused.`));
+            } catch (e) { out.replaceChildren(errorBox(e)); }
+          } }, "Revoke portal links"),
           link(`#/subscriptions?tenant=${encodeURIComponent(t.id)}`, "Subscriptions"))));
     }), "No tenants yet: create the first one above."));
   }

@@ -35,12 +35,28 @@ pub struct Tenant {
     /// When it was created, RFC 3339; none for the default tenant, which always was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
+    /// Portal links minted before this time (RFC 3339) are refused: when its links were last
+    /// revoked, none if never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub portal_links_from: Option<String>,
 }
 
 impl Tenant {
-    /// The [`DEFAULT_TENANT`], never created: listed and given keys like the others.
+    /// The [`DEFAULT_TENANT`], never created: listed and given keys like the others (stored
+    /// only once something of its own is set, such as a revocation of its portal links).
     fn default_tenant() -> Tenant {
-        Tenant { id: DEFAULT_TENANT.to_string(), name: DEFAULT_TENANT.to_string(), created_at: None }
+        Tenant {
+            id: DEFAULT_TENANT.to_string(),
+            name: DEFAULT_TENANT.to_string(),
+            created_at: None,
+            portal_links_from: None,
+        }
+    }
+
+    /// Whether a portal link of this tenant minted at `issued_ms` is still taken.
+    pub fn takes_portal_link(&self, issued_ms: i64) -> bool {
+        let from = self.portal_links_from.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        from.is_none_or(|from| issued_ms >= from.timestamp_millis())
     }
 }
 
@@ -125,17 +141,26 @@ impl Tenants {
 
     /// Creates a tenant, durably in the catalog.
     pub async fn create(&self, name: String) -> Result<Tenant, CatalogError> {
-        let tenant = Tenant { id: new_id(ID_PREFIX), name, created_at: Some(rfc3339_ms(now_ms())) };
+        let tenant =
+            Tenant { id: new_id(ID_PREFIX), name, created_at: Some(rfc3339_ms(now_ms())), portal_links_from: None };
         self.persist(Key::tenant(&tenant.id), Bytes::from(serde_json::to_vec(&tenant).expect("serializes"))).await?;
         Ok(tenant)
     }
 
     /// A tenant by id, as this process has applied it (the default tenant always).
     pub fn get(&self, id: &str) -> Option<Tenant> {
-        if id == DEFAULT_TENANT {
-            return Some(Tenant::default_tenant());
-        }
-        self.state.read().unwrap().tenants.get(id).cloned()
+        let stored = self.state.read().unwrap().tenants.get(id).cloned();
+        stored.or_else(|| (id == DEFAULT_TENANT).then(Tenant::default_tenant))
+    }
+
+    /// Refuses every portal link of `tenant` minted until now, durably in the catalog (every
+    /// process refuses them once it has read it, as a revoked key).
+    pub async fn revoke_portal_links(&self, tenant: &str) -> Result<Option<Tenant>, CatalogError> {
+        let Some(mut t) = self.get(tenant) else { return Ok(None) };
+        // From the next millisecond: a link minted in this one, before, is refused too.
+        t.portal_links_from = Some(rfc3339_ms(now_ms() + 1));
+        self.persist(Key::tenant(&t.id), Bytes::from(serde_json::to_vec(&t).expect("serializes"))).await?;
+        Ok(Some(t))
     }
 
     /// Every tenant, the default one first and then oldest first, with its keys' ids and
@@ -150,9 +175,9 @@ impl Tenants {
                 .or_default()
                 .push(KeyInfo { id: k.id.clone(), created_at: k.created_at.clone() });
         }
-        let default = Tenant::default_tenant();
+        let default = state.tenants.get(DEFAULT_TENANT).cloned().unwrap_or_else(Tenant::default_tenant);
         let mut items: Vec<TenantKeys> = std::iter::once(&default)
-            .chain(state.tenants.values())
+            .chain(state.tenants.values().filter(|t| t.id != DEFAULT_TENANT))
             .map(|t| {
                 let mut keys = by_tenant.remove(t.id.as_str()).unwrap_or_default();
                 keys.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));

@@ -74,7 +74,12 @@ impl FromRequestParts<AppState> for Principal {
         }
         if token.starts_with("hp.") {
             // A portal link: its tenant, within its lifetime, limited like that tenant's keys.
-            let tenant = state.portal.key.verify(token, crate::model::now_ms()).ok_or_else(ApiError::unauthorized)?;
+            let (tenant, issued_ms) =
+                state.portal.key.verify(token, crate::model::now_ms()).ok_or_else(ApiError::unauthorized)?;
+            // Unless the tenant's links minted then were revoked since.
+            if !state.tenants.get(&tenant).is_some_and(|t| t.takes_portal_link(issued_ms)) {
+                return Err(ApiError::unauthorized());
+            }
             state.key_rate.admit(&format!("portal:{tenant}"))?;
             return Ok(Principal::Tenant(tenant));
         }

@@ -150,7 +150,7 @@ pub fn router(state: AppState) -> Router {
             get(event_types::get).patch(event_types::patch).delete(event_types::delete),
         )
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
-        .route("/v1/tenants/{id}/portal", post(portal::mint))
+        .route("/v1/tenants/{id}/portal", post(portal::mint).delete(portal::revoke))
         .route("/v1/tenants/{id}/keys", post(tenants::issue_key))
         .route("/v1/tenants/{id}/keys/{key_id}", axum::routing::delete(tenants::revoke_key))
         .route("/v1/edge-devices", post(edge::create).get(edge::list))

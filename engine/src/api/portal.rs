@@ -3,10 +3,11 @@
 //! stays out of access logs and `Referer`). The token acts as that tenant's key and nothing
 //! more: admin endpoints answer 403 to it.
 //!
-//! Tokens are `hp.<tenant>.<expires ms>.<HMAC-SHA256>`, keyed by a key derived from the admin
-//! token and the secret key ([`PortalKey::derive`]), so every process of a deployment checks
-//! them without shared state, and rotating either revokes every link at once. Nothing is
-//! stored per link.
+//! Tokens are `hp.<tenant>.<expires ms>.<issued ms>.<HMAC-SHA256>`, keyed by a key derived
+//! from the admin token and the secret key ([`PortalKey::derive`]), so every process of a
+//! deployment checks them without shared state, and rotating either revokes every link at
+//! once. Nothing is stored per link; a tenant's links are revoked together by the time they
+//! are taken from (`DELETE /v1/tenants/{id}/portal`, on the tenant's record).
 
 use super::auth::Admin;
 use super::error::{ApiError, OptionalJsonBody};
@@ -62,31 +63,44 @@ impl PortalKey {
         }
     }
 
-    fn mac(key: &HmacSha256, tenant: &str, expires_ms: i64) -> HmacSha256 {
+    /// What a token's tag signs: its tenant, expiry and (but in links minted before links
+    /// said it) when it was minted.
+    fn mac(key: &HmacSha256, tenant: &str, expires_ms: i64, issued_ms: Option<i64>) -> HmacSha256 {
         let mut mac = key.clone();
-        mac.update(format!("hp.{tenant}.{expires_ms}").as_bytes());
+        match issued_ms {
+            Some(issued) => mac.update(format!("hp.{tenant}.{expires_ms}.{issued}").as_bytes()),
+            None => mac.update(format!("hp.{tenant}.{expires_ms}").as_bytes()),
+        }
         mac
     }
 
-    /// A token for `tenant` valid until `expires_ms`.
-    pub fn mint(&self, tenant: &str, expires_ms: i64) -> String {
-        let tag = hex::encode(Self::mac(&self.0, tenant, expires_ms).finalize().into_bytes());
-        format!("hp.{tenant}.{expires_ms}.{tag}")
+    /// A token for `tenant` minted at `issued_ms`, valid until `expires_ms`.
+    pub fn mint(&self, tenant: &str, issued_ms: i64, expires_ms: i64) -> String {
+        let tag = hex::encode(Self::mac(&self.0, tenant, expires_ms, Some(issued_ms)).finalize().into_bytes());
+        format!("hp.{tenant}.{expires_ms}.{issued_ms}.{tag}")
     }
 
-    /// The tenant a presented token was minted for, if it is one of ours and still valid at
-    /// `now_ms` (the tag is compared in constant time).
-    pub fn verify(&self, presented: &str, now_ms: i64) -> Option<String> {
+    /// The tenant a presented token was minted for and when, if it is one of ours and still
+    /// valid at `now_ms` (the tag is compared in constant time). A link minted before links
+    /// said when is taken as minted as early as it can have been (its expiry less the longest
+    /// lifetime), so a revocation refuses it too.
+    pub fn verify(&self, presented: &str, now_ms: i64) -> Option<(String, i64)> {
         let rest = presented.strip_prefix("hp.")?;
         let (tenant, rest) = rest.split_once('.')?;
-        let (expires, tag) = rest.split_once('.')?;
+        let (expires, rest) = rest.split_once('.')?;
         let expires_ms: i64 = expires.parse().ok()?;
+        let (issued_ms, tag) = match rest.split_once('.') {
+            Some((issued, tag)) => (Some(issued.parse::<i64>().ok()?), tag),
+            None => (None, rest),
+        };
         let tag = hex::decode(tag).ok()?;
-        let ours = |key: &HmacSha256| Self::mac(key, tenant, expires_ms).verify_slice(&tag).is_ok();
+        let ours = |key: &HmacSha256| Self::mac(key, tenant, expires_ms, issued_ms).verify_slice(&tag).is_ok();
         if !ours(&self.0) && !self.1.as_ref().is_some_and(ours) {
             return None;
         }
-        (now_ms < expires_ms).then(|| tenant.to_string())
+        let longest = crate::config::ApiConfig::PORTAL_TTL.1.as_millis() as i64;
+        let issued_ms = issued_ms.unwrap_or(expires_ms.saturating_sub(longest));
+        (now_ms < expires_ms).then(|| (tenant.to_string(), issued_ms))
     }
 }
 
@@ -114,8 +128,9 @@ pub async fn mint(
     if !(min..=max).contains(&ttl) {
         return Err(ApiError::validation("ttl", "must be from 1 minute to 7 days"));
     }
-    let expires_ms = now_ms() + ttl.as_millis() as i64;
-    let token = state.portal.key.mint(&id, expires_ms);
+    let issued_ms = now_ms();
+    let expires_ms = issued_ms + ttl.as_millis() as i64;
+    let token = state.portal.key.mint(&id, issued_ms, expires_ms);
     let base = match &state.portal.public_url {
         Some(url) => url.trim_end_matches('/').to_string(),
         None => {
@@ -133,6 +148,20 @@ pub async fn mint(
         "expires_at": rfc3339_ms(expires_ms),
     });
     Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// Revokes every portal link of a tenant minted until now (`DELETE /v1/tenants/{id}/portal`):
+/// a link pasted where it should not be otherwise works for its whole lifetime, and rotating
+/// the admin token or the secret key ends every tenant's links. Links minted after work.
+pub async fn revoke(
+    _: Admin,
+    State(state): State<AppState>,
+    StrictPath(id): StrictPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    match state.tenants.revoke_portal_links(&id).await? {
+        Some(_) => Ok(StatusCode::NO_CONTENT),
+        None => Err(ApiError::not_found("tenant")),
+    }
 }
 
 /// Whether the request came through a proxy that took it over TLS: `X-Forwarded-Proto: https`
@@ -167,19 +196,27 @@ mod tests {
     #[test]
     fn tokens_verify_only_unaltered_unexpired_and_under_the_same_admin_token() {
         let key = PortalKey::derive("admin-token", None);
-        let token = key.mint("ten_a", 2_000);
-        assert_eq!(key.verify(&token, 1_999).as_deref(), Some("ten_a"));
+        let token = key.mint("ten_a", 500, 2_000);
+        let a = Some(("ten_a".to_string(), 500));
+        assert_eq!(key.verify(&token, 1_999), a);
         assert_eq!(key.verify(&token, 2_000), None, "expired");
         assert_eq!(key.verify(&token.replace("ten_a", "ten_b"), 1_000), None, "another tenant");
         assert_eq!(key.verify(&token.replace(".2000.", ".9000."), 1_000), None, "extended");
+        assert_eq!(key.verify(&token.replace(".500.", ".900."), 1_000), None, "minted later, said");
         assert_eq!(PortalKey::derive("rotated", None).verify(&token, 1_000), None, "admin token rotated");
         let sealed = PortalKey::derive("admin-token", Some("secret"));
-        assert_eq!(sealed.verify(&token, 1_000).as_deref(), Some("ten_a"), "a link minted before still works");
-        let token = sealed.mint("ten_a", 2_000);
-        assert_eq!(sealed.verify(&token, 1_000).as_deref(), Some("ten_a"));
+        assert_eq!(sealed.verify(&token, 1_000), a, "a link minted before still works");
+        let token = sealed.mint("ten_a", 500, 2_000);
+        assert_eq!(sealed.verify(&token, 1_000), a);
         assert_eq!(key.verify(&token, 1_000), None, "the admin token alone does not check it");
         assert_eq!(PortalKey::derive("rotated", Some("secret")).verify(&token, 1_000), None, "admin token rotated");
         assert_eq!(key.verify("hk.key_x.secret", 1_000), None);
         assert_eq!(key.verify("hp.x", 1_000), None);
+        // A link minted before links said when: taken as minted a week before it expires.
+        let week = 7 * 86_400_000;
+        let old_tag = hex::encode(PortalKey::mac(&key.0, "ten_a", week + 2_000, None).finalize().into_bytes());
+        let old = format!("hp.ten_a.{}.{old_tag}", week + 2_000);
+        assert_eq!(key.verify(&old, 1_000), Some(("ten_a".to_string(), 2_000)));
+        assert_eq!(key.verify(&old.replace(&format!(".{old_tag}"), &format!(".1.{old_tag}")), 1_000), None);
     }
 }

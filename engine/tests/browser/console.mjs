@@ -230,7 +230,7 @@ try {
 
   say("mint a portal link for the tenant");
   await page.goto(`${BASE}/console#/tenants`);
-  await row.getByRole("button", { name: "Portal link" }).click();
+  await row.getByRole("button", { name: "Portal link", exact: true }).click();
   const portalUrl = (await page.locator("[data-portal-url]").textContent()).trim();
   assert.match(portalUrl, /\/portal#token=hp\./);
   assert.ok(!portalUrl.includes(key) && !portalUrl.includes(ADMIN), "the link carries no API key");
@@ -503,7 +503,7 @@ try {
     const row = page.locator(`tr[data-tenant="${tenant}"]`);
     await row.getByRole("button", { name: "Issue key" }).click();
     await page.locator("[data-secret]").waitFor({ timeout: WAIT });
-    await row.getByRole("button", { name: "Portal link" }).click();
+    await row.getByRole("button", { name: "Portal link", exact: true }).click();
     await page.locator("[data-portal-url]").waitFor({ timeout: WAIT });
     assert.match((await page.locator("[data-secret]").textContent()).trim(), /^hk\./, "the key is still shown");
   });
@@ -683,6 +683,19 @@ try {
     } finally {
       await enabled(true);
     }
+  });
+
+  await check("revoking a tenant's portal links from the tenants page signs its portal out", async () => {
+    await portal.goto(`${BASE}/portal#/subscriptions`);
+    await portal.getByRole("heading", { name: "Subscriptions", exact: true }).waitFor({ timeout: WAIT });
+    await page.goto(`${BASE}/console#/tenants`);
+    let asked = "";
+    page.once("dialog", (d) => { asked = d.message(); d.accept(); });
+    await page.locator(`tr[data-tenant="${tenant}"]`).getByRole("button", { name: "Revoke portal links" }).click();
+    await page.locator("[data-portal-revoked]").waitFor({ timeout: WAIT });
+    assert.match(asked, /"Acme Logistics"/, asked);
+    await portal.reload();
+    await portal.getByLabel("API key").waitFor({ timeout: WAIT });
   });
 
   assert.deepEqual(missed, [], "every check passed");

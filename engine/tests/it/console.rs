@@ -63,6 +63,57 @@ async fn portal_links_act_as_their_tenant_and_nothing_more() {
     }
 }
 
+/// A tenant's portal links are revoked at once, all of them, without touching another
+/// tenant's or the admin token: a link pasted where it should not be worked for its whole
+/// lifetime (a week at most), and only rotating the admin token or the secret key — every
+/// tenant's links and every automation — ended it.
+#[tokio::test]
+async fn a_tenant_s_portal_links_are_revoked_together_and_stay_revoked() {
+    let h = TestHerald::start().await;
+    let (acme, acme_api) = tenant_with_key(&h.api, "Acme").await;
+    let (other, _) = tenant_with_key(&h.api, "Other").await;
+    let link = |tenant: String| {
+        let api = h.api.clone();
+        async move {
+            let (status, link) = api.post(&format!("/v1/tenants/{tenant}/portal"), json!({})).await;
+            assert_eq!(status, 201, "{link}");
+            let mut portal = api.clone();
+            portal.token = link["token"].as_str().unwrap().to_string();
+            portal
+        }
+    };
+    let (leaked, others) = (link(acme.clone()).await, link(other.clone()).await);
+    assert_eq!(leaked.get("/v1/subscriptions").await.0, 200);
+
+    let revoke = format!("/v1/tenants/{acme}/portal");
+    assert_eq!(acme_api.delete(&revoke).await.0, 403, "a tenant key cannot revoke");
+    assert_eq!(leaked.delete(&revoke).await.0, 403, "nor a portal link");
+    assert_eq!(h.api.delete("/v1/tenants/ten_nobody/portal").await.0, 404);
+    assert_eq!(h.api.delete(&revoke).await.0, 204);
+    assert_eq!(leaked.get("/v1/subscriptions").await.0, 401, "the link minted before is refused");
+    assert_eq!(others.get("/v1/subscriptions").await.0, 200, "another tenant's link still works");
+    assert_eq!(acme_api.get("/v1/subscriptions").await.0, 200, "the tenant's keys still work");
+    let fresh = link(acme.clone()).await;
+    assert_eq!(fresh.get("/v1/subscriptions").await.0, 200, "a link minted after works");
+    let (_, tenants) = h.api.get("/v1/tenants").await;
+    let listed = tenants["items"].as_array().unwrap().iter().find(|t| t["id"] == acme.as_str()).unwrap().clone();
+    assert!(listed["portal_links_from"].is_string(), "the list says since when links are taken: {listed}");
+
+    // The default tenant's too (it is never stored until then), and all of it after a restart.
+    let default_link = link("default".to_string()).await;
+    assert_eq!(h.api.delete("/v1/tenants/default/portal").await.0, 204);
+    assert_eq!(default_link.get("/v1/subscriptions").await.0, 401);
+    let h = h.restart().await;
+    let mut leaked = leaked;
+    leaked.base = h.api.base.clone();
+    assert_eq!(leaked.get("/v1/subscriptions").await.0, 401, "still refused after a restart");
+    let mut fresh = fresh;
+    fresh.base = h.api.base.clone();
+    assert_eq!(fresh.get("/v1/subscriptions").await.0, 200);
+    let (_, tenants) = h.api.get("/v1/tenants").await;
+    assert_eq!(tenants["items"][0]["id"], "default", "the default tenant is listed first still: {tenants}");
+}
+
 #[tokio::test]
 async fn what_the_console_reads_is_in_the_api() {
     let h = TestHerald::start().await;
