@@ -347,7 +347,8 @@ impl AmqpTransport {
                     // Bounded on its own: a peer that accepts and never speaks AMQP (a proxy
                     // with no broker behind it) would hold it, and every attempt after, for as
                     // long as its socket stays up; at most one opening is left behind a period.
-                    let open = self.clone().open(uri.to_string());
+                    // Its name lookup counted as the broker's tenant's (`guard::for_tenant`).
+                    let open = super::guard::for_tenant(&broker.tenant, self.clone().open(uri.to_string()));
                     let f = async move {
                         tokio::time::timeout(OPEN_WITHIN, open).await.unwrap_or_else(|_| {
                             Err(Failure::Connect { detail: format!("no AMQP handshake within {OPEN_WITHIN:?}") })

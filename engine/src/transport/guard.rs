@@ -109,13 +109,25 @@ impl NetworkGuard {
         Self::literal(host).map_or(Ok(()), |ip| self.check(ip))
     }
 
-    /// Resolves `host` and keeps only allowed addresses; refuses when none is left.
+    /// Resolves `host` and keeps only allowed addresses; refuses when none is left. The lookup
+    /// counts as the tenant of the connection being made ([`for_tenant`]), if there is one.
     pub async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        self.resolve_for(current_tenant(), host, port).await
+    }
+
+    /// [`NetworkGuard::resolve`] for `tenant` (taken where a lookup is asked for, before it
+    /// may be moved to another task).
+    pub async fn resolve_for(
+        &self,
+        tenant: Option<Arc<str>>,
+        host: &str,
+        port: u16,
+    ) -> std::io::Result<Vec<SocketAddr>> {
         let addrs: Vec<SocketAddr> = match Self::literal(host) {
             Some(ip) => vec![SocketAddr::new(ip, port)],
             None => {
                 let name = unbracketed(host).to_string();
-                bounded_lookup(&LOOKUPS, move || {
+                bounded_lookup(&LOOKUPS, tenant, move || {
                     std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port)).map(Iterator::collect)
                 })
                 .await?
@@ -149,23 +161,84 @@ pub fn unbracketed(host: &str) -> &str {
 /// a thread of the runtime's blocking pool until the resolver answers — seconds, for a name
 /// whose servers are slow or silent — however soon the connection that asked gave up waiting;
 /// unbounded, a tenant's slow names took every thread of the pool, which reads of the embedded
-/// log, the Kafka client's calls and history queries need too. A quarter of the pool's 512:
-/// lookups still share it among tenants (an async resolver, told each lookup's tenant, is the
-/// cure for one tenant's slow names delaying another's).
+/// log, the Kafka client's calls and history queries need too. A quarter of the pool's 512.
 const LOOKUPS_AT_ONCE: usize = 128;
 
-static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LOOKUPS_AT_ONCE);
+/// Of those, one tenant's at most: a tenant whose names never answer (about ten new
+/// connections a second to names whose servers are silent kept all 128 taken) waits on its
+/// own lookups, not every tenant's — other tenants' connections failed at the connect
+/// timeout, counted against their endpoints' health.
+const LOOKUPS_PER_TENANT: usize = 16;
 
-/// Runs `lookup` on the blocking pool once `lookups` has room, the room held by the lookup
-/// itself (not by the caller, who may stop waiting).
+static LOOKUPS: std::sync::LazyLock<Lookups> =
+    std::sync::LazyLock::new(|| Lookups::new(LOOKUPS_AT_ONCE, LOOKUPS_PER_TENANT));
+
+tokio::task_local! {
+    /// The tenant whose connection is being made, for the lookups it needs (a resolver is
+    /// called by the HTTP client, which knows no tenant).
+    static TENANT: Arc<str>;
+}
+
+/// Runs `connecting` with its name lookups counted as `tenant`'s ([`LOOKUPS_PER_TENANT`]).
+pub fn for_tenant<F: std::future::Future>(tenant: &str, connecting: F) -> impl std::future::Future<Output = F::Output> {
+    TENANT.scope(Arc::from(tenant), connecting)
+}
+
+/// The tenant a lookup asked for now is for, if it is known.
+pub fn current_tenant() -> Option<Arc<str>> {
+    TENANT.try_with(Arc::clone).ok()
+}
+
+/// Room for lookups: so many at once, and so many of one tenant's.
+struct Lookups {
+    all: Arc<tokio::sync::Semaphore>,
+    per_tenant: usize,
+    tenants: std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Lookups {
+    fn new(all: usize, per_tenant: usize) -> Lookups {
+        Lookups { all: Arc::new(tokio::sync::Semaphore::new(all)), per_tenant, tenants: Default::default() }
+    }
+
+    /// `tenant`'s room (made when first asked for, dropped when none of it is taken).
+    fn of(&self, tenant: &Arc<str>) -> Arc<tokio::sync::Semaphore> {
+        let mut tenants = self.tenants.lock().unwrap();
+        tenants.entry(tenant.clone()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_tenant))).clone()
+    }
+
+    /// Forgets `tenant`'s room if nobody holds or waits for it.
+    fn tidy(&self, tenant: &Arc<str>) {
+        let mut tenants = self.tenants.lock().unwrap();
+        if tenants.get(tenant).is_some_and(|s| Arc::strong_count(s) == 1 && s.available_permits() == self.per_tenant) {
+            tenants.remove(tenant);
+        }
+    }
+}
+
+/// Runs `lookup` on the blocking pool once `lookups` has room, its tenant's first, the room
+/// held by the lookup itself (not by the caller, who may stop waiting).
 async fn bounded_lookup<T: Send + 'static>(
-    lookups: &'static tokio::sync::Semaphore,
+    lookups: &'static Lookups,
+    tenant: Option<Arc<str>>,
     lookup: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
-    let room = lookups.acquire().await.map_err(std::io::Error::other)?;
+    let own = match &tenant {
+        Some(t) => {
+            let room = lookups.of(t);
+            let taken = room.acquire_owned().await.map_err(std::io::Error::other);
+            Some(taken?)
+        }
+        None => None,
+    };
+    let room = lookups.all.clone().acquire_owned().await.map_err(std::io::Error::other)?;
     tokio::task::spawn_blocking(move || {
-        let _room = room;
-        lookup()
+        let found = lookup();
+        drop((room, own));
+        if let Some(t) = &tenant {
+            lookups.tidy(t);
+        }
+        found
     })
     .await
     .map_err(std::io::Error::other)?
@@ -181,7 +254,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn name_lookups_hold_a_bounded_number_of_blocking_threads() {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        static LIMITED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+        static LIMITED: std::sync::LazyLock<Lookups> = std::sync::LazyLock::new(|| Lookups::new(4, 4));
         static RUNNING: AtomicUsize = AtomicUsize::new(0);
         static MOST: AtomicUsize = AtomicUsize::new(0);
         let slow = || {
@@ -193,14 +266,46 @@ mod tests {
         };
         // Callers that give up at once: their lookups still run, within the bound.
         for _ in 0..8 {
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(1), bounded_lookup(&LIMITED, slow)).await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(1), bounded_lookup(&LIMITED, None, slow)).await;
         }
-        let waiting: Vec<_> = (0..20).map(|_| tokio::spawn(bounded_lookup(&LIMITED, slow))).collect();
+        let waiting: Vec<_> = (0..20).map(|_| tokio::spawn(bounded_lookup(&LIMITED, None, slow))).collect();
         for w in waiting {
             w.await.unwrap().unwrap();
         }
         assert!(MOST.load(SeqCst) <= 4, "{} lookups at once", MOST.load(SeqCst));
         assert!(MOST.load(SeqCst) >= 2, "they do run side by side");
+    }
+
+    /// One tenant's lookups that never answer hold its own room, not everyone's: another
+    /// tenant's lookup is made while they still hang (with one room for all, it waited for them).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_s_hanging_lookups_do_not_hold_up_another_tenant_s() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        static ROOM: std::sync::LazyLock<Lookups> = std::sync::LazyLock::new(|| Lookups::new(4, 2));
+        static RELEASED: AtomicBool = AtomicBool::new(false);
+        static HANGING: AtomicUsize = AtomicUsize::new(0);
+        let hang = || {
+            HANGING.fetch_add(1, SeqCst);
+            while !RELEASED.load(SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            HANGING.fetch_sub(1, SeqCst);
+            Ok(())
+        };
+        let mallory: Arc<str> = Arc::from("mallory");
+        let hung: Vec<_> = (0..8).map(|_| tokio::spawn(bounded_lookup(&ROOM, Some(mallory.clone()), hang))).collect();
+        while HANGING.load(SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        let acme = bounded_lookup(&ROOM, Some(Arc::from("acme")), || Ok(HANGING.load(SeqCst)));
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(5), acme).await;
+        RELEASED.store(true, SeqCst);
+        assert_eq!(answered.ok().map(Result::unwrap), Some(2), "acme's lookup ran while mallory's two hung");
+        for h in hung {
+            h.await.unwrap().unwrap();
+        }
+        assert!(ROOM.tenants.lock().unwrap().is_empty(), "rooms nobody holds are forgotten");
     }
 
     fn ip(s: &str) -> IpAddr {

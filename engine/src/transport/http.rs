@@ -42,8 +42,8 @@ impl tower::Service<Name> for GuardedResolver {
     }
 
     fn call(&mut self, name: Name) -> Self::Future {
-        let guard = self.guard.clone();
-        Box::pin(async move { guard.resolve(name.as_str(), 0).await.map(|v| v.into_iter()) })
+        let (guard, tenant) = (self.guard.clone(), super::guard::current_tenant());
+        Box::pin(async move { guard.resolve_for(tenant, name.as_str(), 0).await.map(|v| v.into_iter()) })
     }
 }
 
@@ -199,10 +199,10 @@ impl tower::Service<Uri> for Route {
         let host = dst.host().unwrap_or_default().to_string();
         match &self.proxy {
             Some((proxy, tunnel, guard)) if !proxy.bypassed(&host) => {
-                let (tunnel, guard) = (tunnel.clone(), guard.clone());
+                let (tunnel, guard, tenant) = (tunnel.clone(), guard.clone(), super::guard::current_tenant());
                 let port = dst.port_u16().unwrap_or(if dst.scheme_str() == Some("https") { 443 } else { 80 });
                 Box::pin(async move {
-                    let addr = *guard.resolve(&host, port).await?.first().ok_or("no address")?;
+                    let addr = *guard.resolve_for(tenant, &host, port).await?.first().ok_or("no address")?;
                     let target: Uri = format!("http://{addr}").parse()?;
                     let stream = tower::ServiceExt::oneshot(tunnel, target).await?;
                     Ok(stream)
@@ -567,7 +567,9 @@ impl HttpTransport {
         let latency = || started.elapsed();
         // The timeout counts from the start: building a profile's pool took some of it.
         let deadline = tokio::time::Instant::now() + timeout.saturating_sub(started.elapsed());
-        let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
+        // Its name lookups are counted as the tenant's (see `guard::for_tenant`).
+        let sent = super::guard::for_tenant(tenant, client.request(request));
+        let response = match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => return Outcome::failed(classify(&e), latency()),
             Err(_) => return Outcome::failed(timed_out(timeout), latency()),
