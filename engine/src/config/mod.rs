@@ -1012,6 +1012,17 @@ impl Config {
             if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<http::Uri>().is_err() {
                 return reject("api.public_url", "must be an http:// or https:// URL");
             }
+            // The console's and portal's pages load their assets from the host's root, and the
+            // page tells the portal by its path: served under a prefix, a link signed nobody in.
+            let bare = url
+                .parse::<http::Uri>()
+                .is_ok_and(|u| matches!(u.path_and_query().map(|p| p.as_str()), None | Some("" | "/")));
+            if !bare {
+                return reject(
+                    "api.public_url",
+                    "must be the root of a host (scheme, host and port: no path or query); Herald is served at the root of the host it is reached at",
+                );
+            }
         }
         let (min, max) = ApiConfig::PORTAL_TTL;
         if !(min..=max).contains(&self.api.portal_ttl.0) {
@@ -1381,6 +1392,20 @@ mod tests {
             assert!(matches!(got, Err(ConfigError::Rejected { field: "advertise_url", .. })), "{bad}: {got:?}");
         }
         assert!(Config::load(None, &env(&[("HERALD_ADVERTISE_URL", "https://herald-2.internal:8443")])).is_ok());
+    }
+
+    /// Herald's pages and their assets are at the root of its host: a public URL with a path
+    /// made portal links to `…/herald/portal`, whose page loaded its assets from the root and
+    /// signed nobody in.
+    #[test]
+    fn a_public_url_with_a_path_is_refused() {
+        for bad in ["https://platform.example.com/herald", "https://x.example.com/?a=1", "ftp://x.example.com"] {
+            let got = Config::load(None, &env(&[("HERALD_API_PUBLIC_URL", bad)]));
+            assert!(matches!(got, Err(ConfigError::Rejected { field: "api.public_url", .. })), "{bad}: {got:?}");
+        }
+        for good in ["https://hooks.example.com", "https://hooks.example.com/", "http://10.0.0.5:8080"] {
+            assert!(Config::load(None, &env(&[("HERALD_API_PUBLIC_URL", good)])).is_ok(), "{good}");
+        }
     }
 
     #[test]
