@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use std::time::Duration;
 
 /// The guide's `"webHook": {…}`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AutomationWebHook {
     /// Whether notifications are sent.
@@ -103,6 +103,12 @@ fn millis_or_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HumanDur
         Given::Millis(ms) => HumanDuration(Duration::from_millis(ms)),
         Given::Text(t) => t.parse().map_err(serde::de::Error::custom)?,
     }))
+}
+
+impl std::fmt::Debug for AutomationWebHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        super::redacted("AutomationWebHook", self, f)
+    }
 }
 
 #[cfg(test)]

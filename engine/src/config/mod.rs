@@ -15,8 +15,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Everything `herald serve` can be told.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Everything `herald serve` can be told. `Debug` shows every setting but secrets
+/// ([`redacted`]).
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address the HTTP API listens on.
@@ -193,6 +194,49 @@ impl Config {
                 message: format!("{} holds no key", path.display()),
             }),
         }
+    }
+}
+
+/// Whether a setting named `name` holds a secret: its value is never shown by `Debug`.
+fn secret_setting(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["secret", "password", "token", "sasl.", "ssl.key"].iter().any(|s| name.contains(s)) || name == "key"
+}
+
+/// Writes `value` as `name { … }`, every secret setting in it (at any depth) shown as
+/// `********` — only whether it is set. A derived `Debug` printed the admin token, the secret
+/// keys and static webhooks' secrets in any `{:?}` of the settings (a test's failure message,
+/// a log line added later).
+pub fn redacted(name: &str, value: &impl Serialize, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    fn hide(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    if secret_setting(k) && !v.is_null() {
+                        *v = serde_json::Value::from("********");
+                    } else {
+                        hide(v);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(hide),
+            _ => {}
+        }
+    }
+    let mut shown = serde_json::to_value(value).map_err(|_| std::fmt::Error)?;
+    hide(&mut shown);
+    write!(f, "{name} {shown}")
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        redacted("Config", self, f)
+    }
+}
+
+impl std::fmt::Debug for StaticWebhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        redacted("StaticWebhook", self, f)
     }
 }
 
@@ -455,8 +499,9 @@ impl Default for HealthConfig {
 }
 
 /// A webhook declared in the config file (`[[webhooks]]`): kept as subscription
-/// `static-<name>`, created or updated at start and deleted when it leaves the file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `static-<name>`, created or updated at start and deleted when it leaves the file. `Debug`
+/// shows no secret ([`redacted`]).
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaticWebhook {
     /// Stable name; the subscription id is `static-<name>`.
@@ -1406,6 +1451,33 @@ mod tests {
         for good in ["https://hooks.example.com", "https://hooks.example.com/", "http://10.0.0.5:8080"] {
             assert!(Config::load(None, &env(&[("HERALD_API_PUBLIC_URL", good)])).is_ok(), "{good}");
         }
+    }
+
+    /// No secret of the settings is in their `Debug`, at any depth; the rest is.
+    #[test]
+    fn the_settings_debug_shows_no_secret() {
+        let mut config = Config {
+            admin_token: Some("admin-s3cret".into()),
+            secret_key: Some("key-s3cret".into()),
+            previous_secret_keys: vec!["old-s3cret".into()],
+            ..Config::default()
+        };
+        config.log.kafka.0.insert("sasl.password".into(), "sasl-s3cret".into());
+        let toml = r#"
+            [[webhooks]]
+            name = "w"
+            endpoint = "https://hooks.example.com/x"
+            key = "query-s3cret"
+            secret = "hmac-s3cret"
+            key_password = "p12-s3cret"
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("herald.toml");
+        std::fs::write(&file, toml).unwrap();
+        config.webhooks = Config::load(Some(&file), &env(&[])).unwrap().webhooks;
+        let shown = format!("{config:?} {:?}", config.webhooks[0]);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("hooks.example.com") && shown.contains("********"), "{shown}");
     }
 
     #[test]
