@@ -111,7 +111,7 @@ async function api(method, path, body) {
   }
   let json = null;
   try { json = text ? JSON.parse(text) : null; } catch { json = null; }
-  if (res.status === 401 && session.role) { signOut("Your session ended: sign in again."); throw new ApiError(401, json); }
+  if (res.status === 401 && session.role) { signOut(ended()); throw new ApiError(401, json); }
   if (stale()) throw new Stale("the page was left");
   if (!res.ok) throw new ApiError(res.status, json);
   return json;
@@ -136,6 +136,12 @@ async function whoAmI() {
     throw e;
   }
 }
+
+// Why a session ended: someone who came in by a portal link has no API key to sign in with,
+// and is told where a new link comes from rather than asked for a key.
+const ended = () => (session.token || "").startsWith("hp.")
+  ? "This portal link has expired or was revoked: ask whoever gave it to you for a new one (or sign in with an API key)."
+  : "That token is no longer accepted: sign in again.";
 
 function signOut(message) {
   stored.forget();
@@ -230,7 +236,7 @@ async function route() {
   if (!session.role) {
     try { session.role = await whoAmI(); } catch (e) {
       if (e instanceof Stale) return;
-      if (e.status === 401) return signOut("That token is no longer accepted: sign in again.");
+      if (e.status === 401) return signOut(ended());
       return renderUnreachable(e);
     }
   }

@@ -696,6 +696,8 @@ try {
     assert.match(asked, /"Acme Logistics"/, asked);
     await portal.reload();
     await portal.getByLabel("API key").waitFor({ timeout: WAIT });
+    // Told where a new link comes from, not only asked for a key it never had.
+    await portal.getByRole("alert").filter({ hasText: "expired or was revoked" }).waitFor({ timeout: WAIT });
   });
 
   assert.deepEqual(missed, [], "every check passed");
