@@ -110,13 +110,16 @@ impl Drop for Running {
     }
 }
 
-/// Heavy work that all tenants share one at a time (PKCS#12 key derivation), taken in turns
-/// among tenants: each tenant's work queues on its own first, so at most one of a tenant's
-/// waits in the shared queue, and another tenant's waits for one of each tenant's with some
-/// queued — not for every one a tenant's flood asked for.
+/// Heavy work that all tenants share so many at a time (PKCS#12 key derivation one at a time,
+/// name lookups 128), taken in turns among tenants: each tenant's work queues on its own first,
+/// so at most so many of a tenant's wait in the shared queue or hold it, and another tenant's
+/// waits for those of each tenant's with some queued — not for every one a tenant's flood
+/// asked for.
 #[derive(Debug, Clone)]
 pub struct TakenInTurns {
     shared: std::sync::Arc<tokio::sync::Semaphore>,
+    /// How many of one tenant's may hold or wait for the shared room at once.
+    per_tenant: usize,
     /// Each tenant's queue; a tenant with none waiting or running is forgotten.
     own: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>>,
 }
@@ -129,12 +132,22 @@ pub struct Turn {
 }
 
 impl Default for TakenInTurns {
+    /// One at a time, one of a tenant's.
     fn default() -> Self {
-        TakenInTurns { shared: std::sync::Arc::new(tokio::sync::Semaphore::new(1)), own: Default::default() }
+        TakenInTurns::new(1, 1)
     }
 }
 
 impl TakenInTurns {
+    /// `shared` at a time, `per_tenant` of one tenant's.
+    pub fn new(shared: usize, per_tenant: usize) -> Self {
+        TakenInTurns {
+            shared: std::sync::Arc::new(tokio::sync::Semaphore::new(shared)),
+            per_tenant,
+            own: Default::default(),
+        }
+    }
+
     /// Waits for `tenant`'s turn.
     pub async fn turn(&self, tenant: &str) -> Turn {
         let own = {
@@ -142,7 +155,7 @@ impl TakenInTurns {
             queues.retain(|_, q| std::sync::Arc::strong_count(q) > 1);
             queues
                 .entry(tenant.to_string())
-                .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(1)))
+                .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(self.per_tenant)))
                 .clone()
         };
         let own = own.acquire_owned().await.expect("never closed");

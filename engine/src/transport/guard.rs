@@ -170,8 +170,8 @@ const LOOKUPS_AT_ONCE: usize = 128;
 /// timeout, counted against their endpoints' health.
 const LOOKUPS_PER_TENANT: usize = 16;
 
-static LOOKUPS: std::sync::LazyLock<Lookups> =
-    std::sync::LazyLock::new(|| Lookups::new(LOOKUPS_AT_ONCE, LOOKUPS_PER_TENANT));
+static LOOKUPS: std::sync::LazyLock<crate::model::TakenInTurns> =
+    std::sync::LazyLock::new(|| crate::model::TakenInTurns::new(LOOKUPS_AT_ONCE, LOOKUPS_PER_TENANT));
 
 tokio::task_local! {
     /// The tenant whose connection is being made, for the lookups it needs (a resolver is
@@ -189,56 +189,18 @@ pub fn current_tenant() -> Option<Arc<str>> {
     TENANT.try_with(Arc::clone).ok()
 }
 
-/// Room for lookups: so many at once, and so many of one tenant's.
-struct Lookups {
-    all: Arc<tokio::sync::Semaphore>,
-    per_tenant: usize,
-    tenants: std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<tokio::sync::Semaphore>>>,
-}
-
-impl Lookups {
-    fn new(all: usize, per_tenant: usize) -> Lookups {
-        Lookups { all: Arc::new(tokio::sync::Semaphore::new(all)), per_tenant, tenants: Default::default() }
-    }
-
-    /// `tenant`'s room (made when first asked for, dropped when none of it is taken).
-    fn of(&self, tenant: &Arc<str>) -> Arc<tokio::sync::Semaphore> {
-        let mut tenants = self.tenants.lock().unwrap();
-        tenants.entry(tenant.clone()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_tenant))).clone()
-    }
-
-    /// Forgets `tenant`'s room if nobody holds or waits for it.
-    fn tidy(&self, tenant: &Arc<str>) {
-        let mut tenants = self.tenants.lock().unwrap();
-        if tenants.get(tenant).is_some_and(|s| Arc::strong_count(s) == 1 && s.available_permits() == self.per_tenant) {
-            tenants.remove(tenant);
-        }
-    }
-}
-
-/// Runs `lookup` on the blocking pool once `lookups` has room, its tenant's first, the room
-/// held by the lookup itself (not by the caller, who may stop waiting).
+/// Runs `lookup` on the blocking pool in `tenant`'s turn of `lookups` (one without a tenant
+/// in a turn of its own), the turn held by the lookup itself (not by the caller, who may stop
+/// waiting).
 async fn bounded_lookup<T: Send + 'static>(
-    lookups: &'static Lookups,
+    lookups: &'static crate::model::TakenInTurns,
     tenant: Option<Arc<str>>,
     lookup: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
-    let own = match &tenant {
-        Some(t) => {
-            let room = lookups.of(t);
-            let taken = room.acquire_owned().await.map_err(std::io::Error::other);
-            Some(taken?)
-        }
-        None => None,
-    };
-    let room = lookups.all.clone().acquire_owned().await.map_err(std::io::Error::other)?;
+    let turn = lookups.turn(tenant.as_deref().unwrap_or_default()).await;
     tokio::task::spawn_blocking(move || {
-        let found = lookup();
-        drop((room, own));
-        if let Some(t) = &tenant {
-            lookups.tidy(t);
-        }
-        found
+        let _turn = turn;
+        lookup()
     })
     .await
     .map_err(std::io::Error::other)?
@@ -254,7 +216,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn name_lookups_hold_a_bounded_number_of_blocking_threads() {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-        static LIMITED: std::sync::LazyLock<Lookups> = std::sync::LazyLock::new(|| Lookups::new(4, 4));
+        static LIMITED: std::sync::LazyLock<crate::model::TakenInTurns> =
+            std::sync::LazyLock::new(|| crate::model::TakenInTurns::new(4, 4));
         static RUNNING: AtomicUsize = AtomicUsize::new(0);
         static MOST: AtomicUsize = AtomicUsize::new(0);
         let slow = || {
@@ -282,7 +245,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tenant_s_hanging_lookups_do_not_hold_up_another_tenant_s() {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-        static ROOM: std::sync::LazyLock<Lookups> = std::sync::LazyLock::new(|| Lookups::new(4, 2));
+        static ROOM: std::sync::LazyLock<crate::model::TakenInTurns> =
+            std::sync::LazyLock::new(|| crate::model::TakenInTurns::new(4, 2));
         static RELEASED: AtomicBool = AtomicBool::new(false);
         static HANGING: AtomicUsize = AtomicUsize::new(0);
         let hang = || {
@@ -305,7 +269,6 @@ mod tests {
         for h in hung {
             h.await.unwrap().unwrap();
         }
-        assert!(ROOM.tenants.lock().unwrap().is_empty(), "rooms nobody holds are forgotten");
     }
 
     fn ip(s: &str) -> IpAddr {
