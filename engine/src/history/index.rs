@@ -575,14 +575,13 @@ impl Index {
 
     /// Whether `delivery`'s newest state on record is `delivered`: by another generation of it
     /// (a resend, recover or replay) — or by this very attempt before a crash took its commit —
-    /// since a retry of it was scheduled. Its versions are read whole (at most its attempts').
+    /// since a retry of it was scheduled. One version is read: versions are keyed by time and
+    /// attempt, the order [`DeliveryState::newer_than`] goes by, and read newest first.
     pub fn delivered(&self, delivery: &crate::model::Delivery) -> Result<bool, IndexError> {
         let mut newest = None::<DeliveryState>;
         self.versions(&delivery.subscription, &delivery.tenant, &delivery.event_id, delivery.accepted_ms, |v| {
-            if newest.as_ref().is_none_or(|n| v.newer_than(n)) {
-                newest = Some(v);
-            }
-            Flow::Go
+            newest = Some(v);
+            Flow::Stop
         })?;
         Ok(newest.is_some_and(|n| n.state == State::Delivered))
     }
