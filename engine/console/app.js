@@ -655,15 +655,35 @@ function subscriptionForm(existing) {
         throw Object.assign(new Error("must be a JSON object"), { field: "advanced" });
       for (const [k, v] of Object.entries(extra)) {
         // Settings shown as read carry secrets as "********": sending them back unchanged
-        // would overwrite the real ones, so only what was edited is sent.
+        // would overwrite the real ones, so only what was edited is sent — down to the keys
+        // within (a header added beside a hidden one sent the hidden one back, refused), and a
+        // key taken out is sent as null, which removes it (the API merges, RFC 7396).
         if (existing && JSON.stringify(v) === JSON.stringify(advanced[k])) continue;
-        body[k] = v;
+        body[k] = existing && k in advanced ? mergeDiff(advanced[k], v, TAGGED.includes(k)) : v;
       }
     }
     for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
     return body;
   }
   layout("subscriptions", existing ? `Edit ${existing.id}` : "New subscription", banner, form);
+}
+
+// The subscription's settings whose objects carry a tag (`type`, `scheme`, `policy`): one whose
+// tag changes is replaced by the API, not merged, so it is sent whole.
+const TAGGED = ["auth", "signature", "retry"];
+
+/** The JSON Merge Patch (RFC 7396) that turns `before` into `after`: what changed, down to the
+ * keys of objects, and null for a key taken out. `tagged`: a tag that changes sends all of it. */
+function mergeDiff(before, after, tagged = false) {
+  const object = (x) => x !== null && typeof x === "object" && !Array.isArray(x);
+  if (!object(before) || !object(after)) return after;
+  if (tagged && ["type", "scheme", "policy"].some((t) => t in after && after[t] !== before[t])) return after;
+  const patch = {};
+  for (const k of Object.keys(before)) if (!(k in after)) patch[k] = null;
+  for (const [k, v] of Object.entries(after)) {
+    if (JSON.stringify(v) !== JSON.stringify(before[k])) patch[k] = k in before ? mergeDiff(before[k], v) : v;
+  }
+  return patch;
 }
 
 async function subscriptionDetail(id) {

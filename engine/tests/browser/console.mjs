@@ -685,6 +685,31 @@ try {
     }
   });
 
+  await check("a header added in the settings box beside a hidden one is saved, and one taken out is removed", async () => {
+    const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
+    const made = await fetch(`${BASE}/v1/subscriptions`, {
+      method: "POST", headers: admin,
+      body: JSON.stringify({ url: `${OK_URL}?headers`, tenant, headers: { "x-api-key": "s3cret-value", "x-old": "1" } }),
+    }).then((r) => r.json());
+    try {
+      await page.goto(`${BASE}/console#/subscriptions/${made.id}/edit`);
+      const box = page.getByLabel(/More settings as JSON/);
+      const shown = JSON.parse(await box.inputValue());
+      assert.equal(shown.headers["x-api-key"], "********", "the secret header is hidden");
+      shown.headers["x-new"] = "v";
+      delete shown.headers["x-old"];
+      await box.fill(JSON.stringify(shown, null, 2));
+      await page.getByRole("button", { name: "Save changes" }).click();
+      await page.getByRole("heading", { name: made.id, exact: true }).waitFor({ timeout: WAIT });
+      const got = await fetch(`${BASE}/v1/subscriptions/${made.id}`, { headers: admin }).then((r) => r.json());
+      assert.deepEqual(Object.keys(got.headers).sort(), ["x-api-key", "x-new"], JSON.stringify(got.headers));
+      const test = await fetch(`${BASE}/v1/subscriptions/${made.id}/test`, { method: "POST", headers: admin }).then((r) => r.json());
+      assert.equal(test.delivered, true, JSON.stringify(test));
+    } finally {
+      await fetch(`${BASE}/v1/subscriptions/${made.id}`, { method: "DELETE", headers: admin });
+    }
+  });
+
   await check("revoking a tenant's portal links from the tenants page signs its portal out", async () => {
     await portal.goto(`${BASE}/portal#/subscriptions`);
     await portal.getByRole("heading", { name: "Subscriptions", exact: true }).waitFor({ timeout: WAIT });
