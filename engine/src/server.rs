@@ -202,7 +202,7 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
     let next = feed::next_offset(&records);
     let (feed, applied) = Feed::new(log.clone(), topics.subscriptions.clone(), next);
     let feed = Arc::new(feed);
-    let guard = NetworkGuard::new(config.network.allow.clone());
+    let guard = NetworkGuard::new(config.network.allow.clone()).denying(config.network.deny.clone());
     let proxies = egress_proxies(config).into_keys().collect();
     let rules = Rules { guard, tls_files_dir: config.http.tls_files_dir.clone(), proxies, tenant_folders: Vec::new() };
     let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
@@ -271,7 +271,7 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
         proxy: config.http.proxy.as_ref().and_then(|p| crate::transport::http::Proxy::parse(p, &config.http.no_proxy)),
         proxies: egress_proxies(config),
     };
-    let guard = NetworkGuard::new(config.network.allow.clone());
+    let guard = NetworkGuard::new(config.network.allow.clone()).denying(config.network.deny.clone());
     Transports::new(guard, &settings, config.http.timeout.0).with_edge(hub)
 }
 

@@ -297,6 +297,11 @@ pub struct NetworkConfig {
     /// Private, loopback or link-local ranges that targets may nevertheless be in.
     #[serde(deserialize_with = "nets_from_list_or_csv")]
     pub allow: Vec<IpNet>,
+    /// Ranges targets may never be in, whatever `allow` says: the operator's own public
+    /// addresses the refused ranges do not cover (a dual-stack host's global IPv6 addresses,
+    /// a VPC's, the Kafka brokers').
+    #[serde(deserialize_with = "nets_from_list_or_csv")]
+    pub deny: Vec<IpNet>,
 }
 
 /// Limits of the API's edge, so no client can exhaust it: slow clients are cut off, connections

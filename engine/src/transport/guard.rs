@@ -1,6 +1,7 @@
 //! The network guard: webhook targets in private, loopback, link-local and metadata ranges
-//! are refused unless `network.allow` lists them. Names are checked on the addresses they
-//! resolve to, at connect time, and the checked address is the one connected to.
+//! are refused unless `network.allow` lists them, and those in `network.deny` always. Names
+//! are checked on the addresses they resolve to, at connect time, and the checked address is
+//! the one connected to.
 
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -9,18 +10,26 @@ use std::sync::Arc;
 /// Refusal of a target address. Its text does not name the address: a tenant learns that its
 /// host was refused, not what an internal name resolves to (operators see it in `addr`).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error(
+#[error("{}", if *.denied {
+    "the target's address is in a range the operator refuses (network.deny)"
+} else {
     "the target's address is in a private, loopback, link-local or reserved range; allow it with network.allow (HERALD_NETWORK_ALLOW)"
-)]
+})]
 pub struct Refused {
     /// The refused address.
     pub addr: IpAddr,
+    /// Refused by `network.deny` (else as a special range `network.allow` does not list).
+    pub denied: bool,
 }
 
 /// Decides which addresses webhook targets may have.
 #[derive(Debug, Clone, Default)]
 pub struct NetworkGuard {
     allow: Arc<Vec<IpNet>>,
+    /// Ranges refused whatever `allow` says: public addresses the special ranges do not cover
+    /// that are still the operator's own (Herald's hosts' global IPv6 addresses, a VPC's, the
+    /// Kafka brokers').
+    deny: Arc<Vec<IpNet>>,
 }
 
 fn special_v4(ip: Ipv4Addr) -> bool {
@@ -76,7 +85,12 @@ fn special_v6(ip: Ipv6Addr) -> bool {
 impl NetworkGuard {
     /// A guard that lets `allow` through.
     pub fn new(allow: Vec<IpNet>) -> Self {
-        NetworkGuard { allow: Arc::new(allow) }
+        NetworkGuard { allow: Arc::new(allow), deny: Default::default() }
+    }
+
+    /// This guard, refusing `deny` too, whatever it allows.
+    pub fn denying(self, deny: Vec<IpNet>) -> Self {
+        NetworkGuard { deny: Arc::new(deny), ..self }
     }
 
     /// Whether `addr` may be connected to.
@@ -87,6 +101,17 @@ impl NetworkGuard {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
             v4 => v4,
         };
+        // Every form that reaches an IPv4 address is judged by that address too.
+        let carried = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        let listed = |nets: &[IpNet]| {
+            nets.iter().any(|n| n.contains(&ip) || n.contains(&addr) || carried.is_some_and(|c| n.contains(&c)))
+        };
+        if listed(&self.deny) {
+            return Err(Refused { addr, denied: true });
+        }
         let special = match ip {
             IpAddr::V4(v4) => special_v4(v4),
             IpAddr::V6(v6) => special_v6(v6),
@@ -94,7 +119,7 @@ impl NetworkGuard {
         if !special || self.allow.iter().any(|n| n.contains(&ip) || n.contains(&addr)) {
             Ok(())
         } else {
-            Err(Refused { addr })
+            Err(Refused { addr, denied: false })
         }
     }
 
@@ -268,6 +293,25 @@ mod tests {
         assert_eq!(answered.ok().map(Result::unwrap), Some(2), "acme's lookup ran while mallory's two hung");
         for h in hung {
             h.await.unwrap().unwrap();
+        }
+    }
+
+    /// `network.deny` refuses public addresses the special ranges do not cover (a dual-stack
+    /// host's own global IPv6 address, a VPC's), in every form that reaches them, and beats
+    /// `network.allow`.
+    #[test]
+    fn denied_ranges_are_refused_whatever_is_allowed() {
+        let g = NetworkGuard::new(vec!["10.0.0.0/8".parse().unwrap()]).denying(vec![
+            "2600:1f18::/32".parse().unwrap(),
+            "203.0.113.0/24".parse().unwrap(),
+            "10.9.0.0/16".parse().unwrap(),
+        ]);
+        for bad in ["2600:1f18:abcd::5", "203.0.113.7", "::ffff:203.0.113.7", "2002:cb00:7107::1", "10.9.1.1"] {
+            let e = g.check(ip(bad)).unwrap_err();
+            assert!(e.denied && e.to_string().contains("network.deny"), "{bad}: {e}");
+        }
+        for good in ["2600:1f19::1", "203.0.114.7", "10.1.1.1", "93.184.216.34"] {
+            assert!(g.check(ip(good)).is_ok(), "{good}");
         }
     }
 

@@ -1032,3 +1032,30 @@ async fn a_portal_link_cannot_be_used_to_test_guesses_at_the_admin_token() {
     portal.token = token.to_string();
     assert_eq!(portal.get("/v1/subscriptions").await.0, 200, "the link works");
 }
+
+/// `network.deny` refuses addresses the special ranges do not cover — the operator's own
+/// public ones, such as a dual-stack host's global IPv6 address — whatever `network.allow`
+/// says: an IP literal when the subscription is made, a name by what it resolves to when the
+/// attempt is made (it reaches nothing).
+#[tokio::test]
+async fn denied_ranges_are_refused_at_creation_and_at_connect() {
+    let h = TestHerald::start_with(|c| c.network.deny = vec!["127.0.0.1/32".parse().unwrap()]).await;
+    let rx = Receiver::start().await;
+    let literal = rx.url("/denied");
+    assert!(literal.contains("127.0.0.1"), "{literal}");
+    let (status, err) = h.api.post("/v1/subscriptions", json!({ "url": literal })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("url")), "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("network.deny"), "{err}");
+    let named = literal.replace("127.0.0.1", "localhost");
+    let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    h.api.subscribe(json!({ "url": named, "retry": once })).await;
+    h.api.post("/v1/events", json!({ "id": "to-denied", "type": "T", "data": {} })).await;
+    let api = h.api.clone();
+    let attempt = until("the attempt on record", Duration::from_secs(15), || async {
+        let (_, page) = api.get("/v1/attempts?event=to-denied").await;
+        page["items"].as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(attempt["outcome"], "refused", "{attempt}");
+    assert!(rx.on("/denied").is_empty(), "nothing reached the denied address");
+}
