@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// Events accepted through the API.
 pub const EVENTS_INGESTED: &str = "herald_events_ingested_total";
-/// Deliveries settled, by `transport` and `outcome` (`delivered`, `dead_lettered`, `dropped`).
+/// Deliveries settled, by `transport` and `outcome` (`delivered`, `dead_lettered`, `dropped`,
+/// `superseded`: a retry not made, another generation having delivered it).
 pub const DELIVERIES: &str = "herald_deliveries_total";
 /// Attempts made, by `transport` and `outcome` (`success`, `client_error`, `server_error`,
 /// `other_status`, `timeout`, `error`).

@@ -1429,6 +1429,8 @@ fn attempt_head(
         // once that is).
         deliverer.record_now(&mut settled).await;
         let (done, marker) = match settled.settlement {
+            // `Superseded` is never an ordered head's (its retries are not looked up): settled
+            // like a delivery should that change.
             Settlement::Delivered | Settlement::Dropped | Settlement::Superseded => {
                 (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head, released: false }))
             }

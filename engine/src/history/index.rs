@@ -573,9 +573,12 @@ impl Index {
         Ok(())
     }
 
-    /// Whether `delivery`'s newest state on record is `delivered`: by another generation of it
-    /// (a resend, recover or replay) — or by this very attempt before a crash took its commit —
-    /// since a retry of it was scheduled. One version is read: versions are keyed by time and
+    /// Whether `delivery` has been delivered since its generation began (`budget_ms`: its
+    /// acceptance, or the resend, recover or replay that made it): its newest state on record
+    /// is `delivered`, dated then or later — by a later generation, or by this very attempt
+    /// before a crash took its commit. An earlier generation's delivery does not count: a
+    /// resend's retry read, while the index had not yet taken in the resend, the delivery
+    /// before it, and was dropped. One version is read: versions are keyed by time and
     /// attempt, the order [`DeliveryState::newer_than`] goes by, and read newest first.
     pub fn delivered(&self, delivery: &crate::model::Delivery) -> Result<bool, IndexError> {
         let mut newest = None::<DeliveryState>;
@@ -583,7 +586,7 @@ impl Index {
             newest = Some(v);
             Flow::Stop
         })?;
-        Ok(newest.is_some_and(|n| n.state == State::Delivered))
+        Ok(newest.is_some_and(|n| n.state == State::Delivered && n.at_ms >= delivery.budget_ms))
     }
 
     /// The attempt record `id` of `tenant`, made at `at_ms`.
@@ -1115,6 +1118,40 @@ mod tests {
             .iter()
             .map(|i| serde_json::from_str::<serde_json::Value>(i.get()).unwrap()["id"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    /// A retry is left only for a delivery made since its generation began: a resend's retry
+    /// that finds, while the index has not yet taken in the resend, the delivery before it
+    /// (the event was delivered, then sent again on purpose) is still made.
+    #[test]
+    fn a_delivery_counts_against_a_retry_only_if_made_since_its_generation_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
+        let now = 100 * 86_400_000 + 1000;
+        let accepted = now - 100_000;
+        let mut delivered = attempt("d", accepted + 10);
+        let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&delivered.value) else { unreachable!() };
+        (a.event_id, a.subscription, a.accepted_ms) = ("e".into(), "s1".into(), accepted);
+        delivered.value = HistoryRecord::Attempt(a).encode();
+        let records = vec![event_e(accepted, &["s1"]), delivered];
+        index.apply(0, &records, records.len() as u64, now).unwrap();
+        let retry = |budget_ms: i64| crate::model::Delivery {
+            event_id: "e".into(),
+            subscription: "s1".into(),
+            tenant: "t".into(),
+            event_type: "T".into(),
+            attempt: 2,
+            accepted_ms: accepted,
+            due_ms: now,
+            budget_ms,
+            generation: 0,
+            data: bytes::Bytes::new(),
+            changes: None,
+            trace: None,
+            ordering_key: None,
+        };
+        assert!(index.delivered(&retry(accepted)).unwrap(), "an earlier chain's retry, delivered since by another");
+        assert!(!index.delivered(&retry(accepted + 50)).unwrap(), "a resend's retry: that delivery was before it");
     }
 
     /// An event a tenant retried and resent into thousands of attempts: a page of them reads

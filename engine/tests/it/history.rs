@@ -638,7 +638,8 @@ async fn a_recovered_delivery_s_earlier_retries_are_not_sent_again() {
     let h = TestHerald::start().await;
     let rx = Receiver::start().await;
     rx.respond_on("/flaky", 500);
-    let slow = json!({ "policy": "fixed", "interval": "3s", "max_attempts": 4 });
+    // Far enough apart that the recover (which may wait for the index) comes before it.
+    let slow = json!({ "policy": "fixed", "interval": "10s", "max_attempts": 4 });
     let sub = h.api.subscribe(json!({ "url": rx.url("/flaky"), "retry": slow })).await;
     let sub_id = sub["id"].as_str().unwrap().to_string();
     let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
@@ -648,7 +649,7 @@ async fn a_recovered_delivery_s_earlier_retries_are_not_sent_again() {
     let (status, answer) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since })).await;
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(1)), "{answer}");
     state_of(&h.api, "flaky-1", &sub_id, "delivered").await;
-    // The old chain's second attempt came due 3 s after its first: looked at, then left.
+    // The old chain's second attempt comes due 10 s after its first: looked at, then left.
     let api = h.api.clone();
     until("the old chain's retry looked at", WAIT, || async {
         let m = crate::support::metrics::scrape(&api).await;
