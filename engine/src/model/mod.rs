@@ -127,7 +127,7 @@ pub struct TakenInTurns {
 /// A tenant's turn, held until dropped (by the work itself, not a caller that may stop waiting).
 #[derive(Debug)]
 pub struct Turn {
-    _own: tokio::sync::OwnedSemaphorePermit,
+    _own: Option<tokio::sync::OwnedSemaphorePermit>,
     _shared: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -159,7 +159,12 @@ impl TakenInTurns {
                 .clone()
         };
         let own = own.acquire_owned().await.expect("never closed");
-        Turn { _own: own, _shared: self.shared.clone().acquire_owned().await.expect("never closed") }
+        Turn { _own: Some(own), _shared: self.shared.clone().acquire_owned().await.expect("never closed") }
+    }
+
+    /// Waits for a turn of the shared room only: for work of no known tenant.
+    pub async fn shared_turn(&self) -> Turn {
+        Turn { _own: None, _shared: self.shared.clone().acquire_owned().await.expect("never closed") }
     }
 }
 

@@ -214,15 +214,18 @@ pub fn current_tenant() -> Option<Arc<str>> {
     TENANT.try_with(Arc::clone).ok()
 }
 
-/// Runs `lookup` on the blocking pool in `tenant`'s turn of `lookups` (one without a tenant
-/// in a turn of its own), the turn held by the lookup itself (not by the caller, who may stop
-/// waiting).
+/// Runs `lookup` on the blocking pool in `tenant`'s turn of `lookups` (one of no known tenant
+/// in a turn of the shared room only), the turn held by the lookup itself (not by the caller,
+/// who may stop waiting).
 async fn bounded_lookup<T: Send + 'static>(
     lookups: &'static crate::model::TakenInTurns,
     tenant: Option<Arc<str>>,
     lookup: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
-    let turn = lookups.turn(tenant.as_deref().unwrap_or_default()).await;
+    let turn = match tenant.as_deref() {
+        Some(tenant) => lookups.turn(tenant).await,
+        None => lookups.shared_turn().await,
+    };
     tokio::task::spawn_blocking(move || {
         let _turn = turn;
         lookup()
