@@ -53,10 +53,15 @@ impl Tenant {
         }
     }
 
+    /// Since when its portal links are taken (ms), if they were ever revoked.
+    pub fn portal_links_from_ms(&self) -> Option<i64> {
+        let from = self.portal_links_from.as_deref()?;
+        chrono::DateTime::parse_from_rfc3339(from).ok().map(|t| t.timestamp_millis())
+    }
+
     /// Whether a portal link of this tenant minted at `issued_ms` is still taken.
     pub fn takes_portal_link(&self, issued_ms: i64) -> bool {
-        let from = self.portal_links_from.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
-        from.is_none_or(|from| issued_ms >= from.timestamp_millis())
+        self.portal_links_from_ms().is_none_or(|from| issued_ms >= from)
     }
 }
 

@@ -120,15 +120,18 @@ pub async fn mint(
     headers: HeaderMap,
     OptionalJsonBody(req): OptionalJsonBody<NewPortal>,
 ) -> Result<impl IntoResponse, ApiError> {
-    if state.tenants.get(&id).is_none() {
+    let Some(tenant) = state.tenants.get(&id) else {
         return Err(ApiError::not_found("tenant"));
-    }
+    };
     let ttl = req.ttl.map_or(state.portal.ttl, |t| t.0);
     let (min, max) = crate::config::ApiConfig::PORTAL_TTL;
     if !(min..=max).contains(&ttl) {
         return Err(ApiError::validation("ttl", "must be from 1 minute to 7 days"));
     }
-    let issued_ms = now_ms();
+    // Never before the tenant's links were last revoked, as this process has read it: a link
+    // minted after a revocation (here, or on a process whose clock is behind the one that
+    // revoked) works.
+    let issued_ms = now_ms().max(tenant.portal_links_from_ms().unwrap_or(i64::MIN));
     let expires_ms = issued_ms + ttl.as_millis() as i64;
     let token = state.portal.key.mint(&id, issued_ms, expires_ms);
     let base = match &state.portal.public_url {
