@@ -210,6 +210,14 @@ fn secret_setting(name: &str) -> bool {
 pub fn redacted(name: &str, value: &impl Serialize, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
     fn hide(v: &mut serde_json::Value) {
         match v {
+            // A URL's password (a proxy's `http://user:password@proxy:3128`, an AMQP URI).
+            serde_json::Value::String(text) => {
+                if let Ok(mut url) = url::Url::parse(text) {
+                    if url.password().is_some() && url.set_password(Some("********")).is_ok() {
+                        *text = url.to_string();
+                    }
+                }
+            }
             serde_json::Value::Object(map) => {
                 for (k, v) in map.iter_mut() {
                     if secret_setting(k) && !v.is_null() {
@@ -223,7 +231,9 @@ pub fn redacted(name: &str, value: &impl Serialize, f: &mut std::fmt::Formatter<
             _ => {}
         }
     }
-    let mut shown = serde_json::to_value(value).map_err(|_| std::fmt::Error)?;
+    // A value JSON cannot hold (a path that is not UTF-8) is said, not an error: `format!`
+    // panics on one.
+    let Ok(mut shown) = serde_json::to_value(value) else { return write!(f, "{name} {{ (not shown) }}") };
     hide(&mut shown);
     write!(f, "{name} {shown}")
 }
@@ -813,7 +823,8 @@ fn nets_from_list_or_csv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, 
         .iter()
         .map(|s| {
             s.parse::<IpNet>().or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| {
-                serde::de::Error::custom(format!("network.allow: {s:?} is not a CIDR range such as 127.0.0.0/8"))
+                // The setting (network.allow or network.deny) is named by the loader's error.
+                serde::de::Error::custom(format!("{s:?} is not a CIDR range such as 127.0.0.0/8"))
             })
         })
         .collect()
@@ -1468,6 +1479,8 @@ mod tests {
             ..Config::default()
         };
         config.log.kafka.0.insert("sasl.password".into(), "sasl-s3cret".into());
+        config.http.proxy = Some("http://user:proxy-s3cret@proxy.internal:3128".into());
+        config.http.proxies.insert("eu".into(), "http://user:eu-s3cret@proxy.eu.internal:3128".into());
         let toml = r#"
             [[webhooks]]
             name = "w"
@@ -1483,6 +1496,18 @@ mod tests {
         let shown = format!("{config:?} {:?}", config.webhooks[0]);
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("hooks.example.com") && shown.contains("********"), "{shown}");
+    }
+
+    /// A range that is not one is refused naming the setting it was given for.
+    #[test]
+    fn a_range_that_is_none_is_refused_naming_its_setting() {
+        for name in ["allow", "deny"] {
+            let var = format!("HERALD_NETWORK_{}", name.to_uppercase());
+            let got = Config::load(None, &env(&[(var.as_str(), "not-a-net")])).unwrap_err().to_string();
+            let other = if name == "allow" { "network.deny" } else { "network.allow" };
+            assert!(got.contains(&format!("network.{name}")) && got.contains("not a CIDR"), "{got}");
+            assert!(!got.contains(other), "{got}");
+        }
     }
 
     #[test]
