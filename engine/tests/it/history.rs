@@ -529,6 +529,23 @@ async fn a_replayed_dead_letter_is_pending_again_until_it_settles() {
     state_of(&h.api, "parked-1", &sub_id, "pending").await;
 }
 
+/// A subscription at `/big` of a new receiver, and ten events of 200 KiB delivered to it: the
+/// receiver, the subscription's id and a time just before they were published.
+async fn ten_large_events_delivered(api: &Api) -> (Receiver, String, String) {
+    let rx = Receiver::start().await;
+    let sub = api.subscribe(json!({ "url": rx.url("/big") })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    for i in 0..10 {
+        let event = json!({ "id": format!("big-{i}"), "type": "T", "data": { "pad": "p".repeat(200 << 10) } });
+        assert_eq!(api.post("/v1/events", event).await.0, 202);
+    }
+    for i in 0..10 {
+        state_of(api, &format!("big-{i}"), &sub_id, "delivered").await;
+    }
+    (rx, sub_id, since)
+}
+
 /// A recover loads and appends its events in parts bounded by bytes (and within the fan-out
 /// quota a publish is held to), not 500 at a time whatever their size: with a quota of 1 MiB,
 /// ten events of 200 KiB are all sent again, in parts.
@@ -539,17 +556,7 @@ async fn a_recover_of_large_events_goes_in_parts_within_the_fan_out_quota() {
         c.ingest.max_event_bytes = 256 << 10;
     })
     .await;
-    let rx = Receiver::start().await;
-    let sub = h.api.subscribe(json!({ "url": rx.url("/big") })).await;
-    let sub_id = sub["id"].as_str().unwrap().to_string();
-    let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
-    for i in 0..10 {
-        let event = json!({ "id": format!("big-{i}"), "type": "T", "data": { "pad": "p".repeat(200 << 10) } });
-        assert_eq!(h.api.post("/v1/events", event).await.0, 202);
-    }
-    for i in 0..10 {
-        state_of(&h.api, &format!("big-{i}"), &sub_id, "delivered").await;
-    }
+    let (rx, sub_id, since) = ten_large_events_delivered(&h.api).await;
     let (status, answer) =
         h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since, "all": true })).await;
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(10)), "{answer}");
@@ -695,17 +702,7 @@ async fn a_recover_refused_part_way_says_what_it_queued_and_where_to_go_on() {
         extras,
     )
     .await;
-    let rx = Receiver::start().await;
-    let sub = h.api.subscribe(json!({ "url": rx.url("/big") })).await;
-    let sub_id = sub["id"].as_str().unwrap().to_string();
-    let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
-    for i in 0..10 {
-        let event = json!({ "id": format!("big-{i}"), "type": "T", "data": { "pad": "p".repeat(200 << 10) } });
-        assert_eq!(h.api.post("/v1/events", event).await.0, 202);
-    }
-    for i in 0..10 {
-        state_of(&h.api, &format!("big-{i}"), &sub_id, "delivered").await;
-    }
+    let (rx, sub_id, since) = ten_large_events_delivered(&h.api).await;
     // Parts of two events (half the quota each): the first part is written, the second refused.
     armed.store(2, Ordering::SeqCst);
     let recover = format!("/v1/subscriptions/{sub_id}/recover");

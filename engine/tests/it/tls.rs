@@ -310,18 +310,23 @@ pub(crate) async fn bearer_receiver(valid: Arc<Mutex<HashSet<String>>>) -> (Stri
     (url, seen)
 }
 
+/// A subscription to `receiver` taking its tokens from `token_url` as client-1 (the token
+/// server's), one attempt a delivery.
+async fn oauth_subscription(api: &crate::support::Api, receiver: &str, token_url: &str) {
+    api.subscribe(json!({
+        "url": receiver,
+        "auth": { "type": "oauth2", "grant": "client_credentials", "token_url": token_url, "client_id": "client-1", "client_secret": "client-secret" },
+        "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 1 }
+    }))
+    .await;
+}
+
 #[tokio::test]
 async fn oauth2_tokens_are_fetched_cached_and_refreshed_once_after_a_401() {
     let tokens = token_server().await;
     let (receiver, seen) = bearer_receiver(tokens.valid.clone()).await;
     let h = TestHerald::start().await;
-    h.api
-        .subscribe(json!({
-            "url": receiver,
-            "auth": { "type": "oauth2", "grant": "client_credentials", "token_url": tokens.url, "client_id": "client-1", "client_secret": "client-secret" },
-            "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 1 }
-        }))
-        .await;
+    oauth_subscription(&h.api, &receiver, &tokens.url).await;
     for i in 0..5 {
         h.api.post("/v1/events", json!({ "id": format!("o-{i}"), "type": "T", "data": i })).await;
     }
@@ -1012,13 +1017,7 @@ async fn late_refusals_of_a_revoked_token_do_not_throw_away_the_new_one() {
         }
     });
     let h = TestHerald::start().await;
-    h.api
-        .subscribe(json!({
-            "url": receiver,
-            "auth": { "type": "oauth2", "grant": "client_credentials", "token_url": tokens.url, "client_id": "client-1", "client_secret": "client-secret" },
-            "retry": { "policy": "fixed", "interval": "1s", "max_attempts": 1 }
-        }))
-        .await;
+    oauth_subscription(&h.api, &receiver, &tokens.url).await;
     h.api.post("/v1/events", json!({ "id": "first", "type": "T", "data": {} })).await;
     let seen = delivered.clone();
     until("the first delivery", Duration::from_secs(10), || async {
