@@ -60,8 +60,8 @@ function errorBox(err) {
   return h("div", { class: "alert error", role: "alert" }, text);
 }
 
-function secretBox(title, value) {
-  const code = h("code", { "data-secret": "" }, value);
+/** A Copy button for `value`, shown in `code`, and where it says what became of the copy. */
+function copyButton(code, value) {
   const said = h("span", { class: "muted", "aria-live": "polite" });
   // The clipboard is refused outside a secure context (plain HTTP to another host) and in a
   // frame not allowed it: say so, and select the text for the keyboard's copy.
@@ -75,8 +75,13 @@ function secretBox(title, value) {
       said.textContent = " Could not copy here: it is selected, copy it with the keyboard.";
     }
   } }, "Copy");
+  return [copy, said];
+}
+
+function secretBox(title, value) {
+  const code = h("code", { "data-secret": "" }, value);
   return h("div", { class: "alert secret", role: "status" }, h("strong", {}, title), code,
-    h("div", { class: "muted" }, "Shown this once: store it now."), copy, said);
+    h("div", { class: "muted" }, "Shown this once: store it now."), ...copyButton(code, value));
 }
 
 // ---------- the API ----------
@@ -429,6 +434,10 @@ async function tenants() {
           if (!confirm(`Revoke key ${k.id}? Clients using it stop working at once.`)) return;
           try { await api("DELETE", `/v1/tenants/${t.id}/keys/${k.id}`); await load(); } catch (e) { out.replaceChildren(errorBox(e)); }
         } }, "Revoke"))));
+      // How long a link minted here works (the API's range: a minute to a week).
+      const lifetime = h("select", { "aria-label": `Lifetime of ${t.name}'s portal links` },
+        [["", "for the default time (api.portal_ttl)"], ["1h", "for 1 hour"], ["8h", "for 8 hours"], ["1d", "for 1 day"], ["7d", "for 7 days"]]
+          .map(([v, text]) => h("option", { value: v }, text)));
       return h("tr", { "data-tenant": t.id },
         h("td", {}, h("strong", {}, t.name), h("div", { class: "mono muted" }, t.id)),
         h("td", {}, fmtTime(t.created_at)),
@@ -442,13 +451,15 @@ async function tenants() {
               await load();
             } catch (e) { out.replaceChildren(errorBox(e)); }
           } }, "Issue key"),
+          lifetime,
           h("button", { type: "button", onclick: async () => {
             try {
-              const p = await api("POST", `/v1/tenants/${t.id}/portal`, {});
+              const p = await api("POST", `/v1/tenants/${t.id}/portal`, lifetime.value ? { ttl: lifetime.value } : {});
+              const url = h("code", { "data-portal-url": "" }, p.url);
               out.replaceChildren(h("div", { class: "alert secret", role: "status" },
-                h("strong", {}, `Portal link for ${t.name}, valid until ${fmtTime(p.expires_at)}`),
-                h("code", { "data-portal-url": "" }, p.url),
-                h("div", { class: "muted" }, "Anyone with this link acts as the tenant until it expires, or until the tenant's portal links are revoked.")));
+                h("strong", {}, `Portal link for ${t.name}, valid until ${fmtTime(p.expires_at)}`), url,
+                h("div", { class: "muted" }, "Anyone with this link acts as the tenant until it expires, or until the tenant's portal links are revoked."),
+                ...copyButton(url, p.url)));
             } catch (e) { out.replaceChildren(errorBox(e)); }
           } }, "Portal link"),
           h("button", { type: "button", class: "danger", onclick: async () => {

@@ -710,6 +710,18 @@ try {
     }
   });
 
+  await check("a portal link is minted for the lifetime chosen, and can be copied", async () => {
+    await page.goto(`${BASE}/console#/tenants`);
+    const tenantRow = page.locator(`tr[data-tenant="${tenant}"]`);
+    await tenantRow.getByLabel(/Lifetime of .* portal links/).selectOption("1d");
+    const minted = page.waitForRequest((r) => r.url().endsWith(`/v1/tenants/${tenant}/portal`) && r.method() === "POST");
+    await tenantRow.getByRole("button", { name: "Portal link", exact: true }).click();
+    assert.deepEqual((await minted).postDataJSON(), { ttl: "1d" });
+    await page.locator("[data-portal-url]").waitFor({ timeout: WAIT });
+    await page.getByRole("status").filter({ has: page.locator("[data-portal-url]") }).getByRole("button", { name: "Copy" }).click();
+    await page.getByText(/Copied\.|Could not copy here/).waitFor({ timeout: WAIT });
+  });
+
   await check("revoking a tenant's portal links from the tenants page signs its portal out", async () => {
     await portal.goto(`${BASE}/portal#/subscriptions`);
     await portal.getByRole("heading", { name: "Subscriptions", exact: true }).waitFor({ timeout: WAIT });
