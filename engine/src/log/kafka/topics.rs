@@ -29,7 +29,7 @@ pub(super) struct Laid {
 /// Creates missing topics and returns every topic's partition count.
 pub(super) async fn ensure(config: &KafkaConfig) -> Result<Laid, LogError> {
     let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(config.client().create().map_err(kafka_error)?);
-    let Cluster { partitions: existing, broker } = cluster(&admin).await?;
+    let Cluster { partitions: existing, replicas, broker } = cluster(&admin).await?;
     let missing: Vec<_> = config.topics.iter().filter(|t| !existing.contains_key(&t.name)).collect();
     if !missing.is_empty() {
         let settings: Vec<Vec<(&str, String)>> = missing.iter().map(|t| topic_settings(config, t)).collect();
@@ -62,7 +62,7 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<Laid, LogError> {
         }
     }
     let made_before: Vec<&TopicSpec> = config.topics.iter().filter(|t| existing.contains_key(&t.name)).collect();
-    let record_limits = check_settings(&admin, broker, config, &made_before).await?;
+    let record_limits = check_settings(&admin, broker, config, &made_before, &replicas).await?;
     let mut counts = HashMap::new();
     let deadline = tokio::time::Instant::now() + METADATA_TIMEOUT;
     loop {
@@ -70,6 +70,27 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<Laid, LogError> {
         let absent: Vec<&str> =
             config.topics.iter().map(|t| t.name.as_str()).filter(|n| !now.contains_key(*n)).collect();
         if absent.is_empty() {
+            // Made here at the broker's default replication: Herald set no
+            // `min.insync.replicas` (it does at `log.replication` 2 or more), so the broker's
+            // default decides how many copies `acks=all` waits for — one, on Apache Kafka.
+            let copied: Vec<&str> = if config.replication < 2 {
+                let looked = cluster(&admin).await?.replicas;
+                missing
+                    .iter()
+                    .filter(|t| looked.get(&t.name).is_some_and(|r| *r >= 2))
+                    .map(|t| t.name.as_str())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if !copied.is_empty() {
+                tracing::warn!(
+                    topics = %copied.join(", "),
+                    "topics made with several copies at the broker's default replication, without min.insync.replicas: \
+                     unless the broker's default is 2 or more, a record is acknowledged by the leader alone once the others \
+                     fall behind; set log.replication (Herald then sets log.min_insync_replicas)"
+                );
+            }
             for t in &config.topics {
                 let n = now[&t.name];
                 if t.compacted && n != 1 {
@@ -132,6 +153,7 @@ async fn check_settings(
     broker: Option<i32>,
     config: &KafkaConfig,
     topics: &[&TopicSpec],
+    replicas: &HashMap<String, usize>,
 ) -> Result<HashMap<String, usize>, LogError> {
     // Asked of one broker, named (`broker`, from the metadata already read): without a broker
     // among the resources librdkafka asks the controller, and a cluster that names none (the
@@ -166,7 +188,7 @@ async fn check_settings(
         if let Some(limit) = value("max.message.bytes").and_then(|v| v.parse::<usize>().ok()) {
             limits.insert(t.name.clone(), limit);
         }
-        match judge(config, t, value) {
+        match judge(config, t, replicas.get(&t.name).copied().unwrap_or(0), value) {
             Judgement::Fits => {}
             Judgement::Costs(costs) => {
                 for cost in costs {
@@ -191,7 +213,12 @@ enum Judgement {
 
 /// Judges one topic's settings, `value` giving each as the broker reports it (a broker may
 /// leave some out: what is not reported is not judged).
-fn judge<'a>(config: &KafkaConfig, t: &TopicSpec, value: impl Fn(&str) -> Option<&'a str>) -> Judgement {
+fn judge<'a>(
+    config: &KafkaConfig,
+    t: &TopicSpec,
+    replicas: usize,
+    value: impl Fn(&str) -> Option<&'a str>,
+) -> Judgement {
     let policy = value("cleanup.policy").map(|p| p.split(',').map(str::trim).collect::<Vec<_>>());
     if let Some(policy) = &policy {
         if t.compacted && policy.as_slice() != ["compact"] {
@@ -240,6 +267,14 @@ fn judge<'a>(config: &KafkaConfig, t: &TopicSpec, value: impl Fn(&str) -> Option
             ));
         }
     }
+    // Copies a producer's `acks=all` waits for: with one, the leader acknowledges alone once
+    // the others fall behind, and a 202 is lost with its disk.
+    if replicas >= 2 && value("min.insync.replicas").and_then(|v| v.parse::<u32>().ok()) == Some(1) {
+        costs.push(format!(
+            "min.insync.replicas is 1 with {replicas} copies: a record is acknowledged by the leader alone once the others \
+             fall behind, and lost with that broker's disk (kafka-configs --alter --add-config min.insync.replicas=2)"
+        ));
+    }
     if let Some(max) = value("max.message.bytes").and_then(|v| v.parse::<usize>().ok()) {
         if max < config.max_record_bytes {
             costs.push(format!(
@@ -259,6 +294,8 @@ fn judge<'a>(config: &KafkaConfig, t: &TopicSpec, value: impl Fn(&str) -> Option
 /// of one of its brokers, if it names any.
 struct Cluster {
     partitions: HashMap<String, u32>,
+    /// Each topic's copies of a partition (the fewest any of its partitions has).
+    replicas: HashMap<String, usize>,
     broker: Option<i32>,
 }
 
@@ -272,7 +309,12 @@ async fn cluster(admin: &Arc<AdminClient<DefaultClientContext>>) -> Result<Clust
             .filter(|t| t.error().is_none() && !t.partitions().is_empty())
             .map(|t| (t.name().to_string(), t.partitions().len() as u32))
             .collect();
-        Ok(Cluster { partitions, broker: md.brokers().first().map(|b| b.id()) })
+        let replicas = md
+            .topics()
+            .iter()
+            .filter_map(|t| Some((t.name().to_string(), t.partitions().iter().map(|p| p.replicas().len()).min()?)))
+            .collect();
+        Ok(Cluster { partitions, replicas, broker: md.brokers().first().map(|b| b.id()) })
     })
     .await
     .map_err(|e| LogError::Backend(e.to_string()))?
@@ -308,7 +350,25 @@ mod tests {
     }
 
     fn judged(t: &TopicSpec, settings: &[(&'static str, &'static str)]) -> Judgement {
-        judge(&config(), t, |name| settings.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
+        judge(&config(), t, 1, |name| settings.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
+    }
+
+    /// A topic of several copies that takes a record with one in sync is said to cost
+    /// durability (acknowledged by the leader alone, lost with its disk); one copy is all a
+    /// single broker has, and is not.
+    #[test]
+    fn one_copy_in_sync_of_several_is_said() {
+        let one = [("min.insync.replicas", "1")];
+        let with = |replicas| {
+            judge(&config(), &topic(false), replicas, |n| one.iter().find(|(k, _)| *k == n).map(|(_, v)| *v))
+        };
+        assert!(matches!(with(3), Judgement::Costs(c) if c[0].contains("min.insync.replicas is 1 with 3 copies")));
+        assert_eq!(with(1), Judgement::Fits);
+        let two = [("min.insync.replicas", "2")];
+        assert_eq!(
+            judge(&config(), &topic(false), 3, |n| two.iter().find(|(k, _)| *k == n).map(|(_, v)| *v)),
+            Judgement::Fits
+        );
     }
 
     #[test]
