@@ -575,18 +575,22 @@ impl Index {
 
     /// Whether `delivery` has been delivered since its generation began (`budget_ms`: its
     /// acceptance, or the resend, recover or replay that made it): its newest state on record
-    /// is `delivered`, dated then or later — by a later generation, or by this very attempt
-    /// before a crash took its commit. An earlier generation's delivery does not count: a
-    /// resend's retry read, while the index had not yet taken in the resend, the delivery
-    /// before it, and was dropped. One version is read: versions are keyed by time and
-    /// attempt, the order [`DeliveryState::newer_than`] goes by, and read newest first.
+    /// is `delivered`, dated [`CLOCKS_APART_MS`] or more after — by a later generation, or by
+    /// this very attempt before a crash took its commit. An earlier generation's delivery does
+    /// not count: a resend's retry read, while the index had not yet taken in the resend, the
+    /// delivery before it, and was dropped. The times are two processes' clocks (the state's
+    /// is the attempt's, the budget the resend's): within the allowance a delivery is taken
+    /// for an earlier one, and the retry is sent (a duplicate at worst, not a loss). One
+    /// version is read: versions are keyed by time and attempt, the order
+    /// [`DeliveryState::newer_than`] goes by, and read newest first.
     pub fn delivered(&self, delivery: &crate::model::Delivery) -> Result<bool, IndexError> {
         let mut newest = None::<DeliveryState>;
         self.versions(&delivery.subscription, &delivery.tenant, &delivery.event_id, delivery.accepted_ms, |v| {
             newest = Some(v);
             Flow::Stop
         })?;
-        Ok(newest.is_some_and(|n| n.state == State::Delivered && n.at_ms >= delivery.budget_ms))
+        let since = delivery.budget_ms.saturating_add(CLOCKS_APART_MS);
+        Ok(newest.is_some_and(|n| n.state == State::Delivered && n.at_ms >= since))
     }
 
     /// The attempt record `id` of `tenant`, made at `at_ms`.
@@ -1020,6 +1024,11 @@ impl Index {
     }
 }
 
+/// How far apart two processes' clocks are allowed for when a delivery is judged to be since a
+/// retry's generation began ([`Index::delivered`]): a delivery stamped by a clock this far
+/// ahead of the resending one is still taken for an earlier one.
+pub const CLOCKS_APART_MS: i64 = 2_000;
+
 /// How often the indexing thread starts the writeback of the tables being written
 /// ([`Index::write_back_tables`]): a merge writes some tens of MiB a second here, so each
 /// writeback is a MiB or two. Without it, at 2,000 events/s with history on, every run had a
@@ -1150,8 +1159,11 @@ mod tests {
             trace: None,
             ordering_key: None,
         };
-        assert!(index.delivered(&retry(accepted)).unwrap(), "an earlier chain's retry, delivered since by another");
-        assert!(!index.delivered(&retry(accepted + 50)).unwrap(), "a resend's retry: that delivery was before it");
+        let at = accepted + 10; // the delivery's time
+        let apart = CLOCKS_APART_MS;
+        assert!(index.delivered(&retry(at - apart)).unwrap(), "an earlier chain's retry, delivered since by another");
+        assert!(!index.delivered(&retry(at + 50)).unwrap(), "a resend's retry: that delivery was before it");
+        assert!(!index.delivered(&retry(at - apart + 1)).unwrap(), "within the clocks' allowance: taken for before it");
     }
 
     /// An event a tenant retried and resent into thousands of attempts: a page of them reads

@@ -645,26 +645,34 @@ async fn a_recovered_delivery_s_earlier_retries_are_not_sent_again() {
     let h = TestHerald::start().await;
     let rx = Receiver::start().await;
     rx.respond_on("/flaky", 500);
-    // Far enough apart that the recover (which may wait for the index) comes before it.
-    let slow = json!({ "policy": "fixed", "interval": "10s", "max_attempts": 4 });
+    // Far enough apart that the recover (which may wait for the index) comes before the
+    // second retry, and that the recovered delivery is past the clocks' allowance after the
+    // event's acceptance (`CLOCKS_APART_MS`).
+    let slow = json!({ "policy": "fixed", "interval": "5s", "max_attempts": 4 });
     let sub = h.api.subscribe(json!({ "url": rx.url("/flaky"), "retry": slow })).await;
     let sub_id = sub["id"].as_str().unwrap().to_string();
     let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
     h.api.post("/v1/events", json!({ "id": "flaky-1", "type": "T", "data": {} })).await;
-    state_of(&h.api, "flaky-1", &sub_id, "retrying").await;
+    // Two failed attempts, 5 s apart: the recover comes more than the clocks' allowance after
+    // the event's acceptance.
+    let api = h.api.clone();
+    until("two failed attempts", WAIT, || async {
+        let (_, event) = api.get("/v1/events/flaky-1").await;
+        (event["deliveries"][0]["attempts"] == 2 && event["deliveries"][0]["state"] == "retrying").then_some(())
+    })
+    .await;
     rx.respond_on("/flaky", 200);
     let (status, answer) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since })).await;
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(1)), "{answer}");
     state_of(&h.api, "flaky-1", &sub_id, "delivered").await;
-    // The old chain's second attempt comes due 10 s after its first: looked at, then left.
-    let api = h.api.clone();
+    // The old chain's third attempt comes due 5 s after its second: looked at, then left.
     until("the old chain's retry looked at", WAIT, || async {
         let m = crate::support::metrics::scrape(&api).await;
         let superseded = m.value("herald_deliveries_total", &[("transport", "webhook"), ("outcome", "superseded")]);
-        (superseded >= 1.0 || rx.on("/flaky").len() >= 3).then_some(())
+        (superseded >= 1.0 || rx.on("/flaky").len() >= 4).then_some(())
     })
     .await;
-    assert_eq!(rx.on("/flaky").len(), 2, "the failed attempt and the recovered one, no more");
+    assert_eq!(rx.on("/flaky").len(), 3, "the two failed attempts and the recovered one, no more");
     let event = state_of(&h.api, "flaky-1", &sub_id, "delivered").await;
     assert_eq!(event["deliveries"][0]["state"], "delivered", "{event}");
 }
