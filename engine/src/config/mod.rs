@@ -210,11 +210,15 @@ fn secret_setting(name: &str) -> bool {
 pub fn redacted(name: &str, value: &impl Serialize, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
     fn hide(v: &mut serde_json::Value) {
         match v {
-            // A URL's password (a proxy's `http://user:password@proxy:3128`, an AMQP URI).
+            // A URL's credentials (a proxy's `http://user:password@proxy:3128`, or a token
+            // given as the user, an AMQP URI's).
             serde_json::Value::String(text) => {
                 if let Ok(mut url) = url::Url::parse(text) {
-                    if url.password().is_some() && url.set_password(Some("********")).is_ok() {
-                        *text = url.to_string();
+                    if !url.username().is_empty() || url.password().is_some() {
+                        let user = if url.username().is_empty() { "" } else { "********" };
+                        if url.set_username(user).is_ok() && url.set_password(Some("********")).is_ok() {
+                            *text = url.to_string();
+                        }
                     }
                 }
             }
@@ -1479,7 +1483,7 @@ mod tests {
             ..Config::default()
         };
         config.log.kafka.0.insert("sasl.password".into(), "sasl-s3cret".into());
-        config.http.proxy = Some("http://user:proxy-s3cret@proxy.internal:3128".into());
+        config.http.proxy = Some("http://proxy-s3cret@proxy.internal:3128".into());
         config.http.proxies.insert("eu".into(), "http://user:eu-s3cret@proxy.eu.internal:3128".into());
         let toml = r#"
             [[webhooks]]
