@@ -131,8 +131,10 @@ pub async fn mint(
     // Never before the tenant's links were last revoked, as this process has read it: a link
     // minted after a revocation (here, or on a process whose clock is behind the one that
     // revoked) works.
-    let issued_ms = now_ms().max(tenant.portal_links_from_ms().unwrap_or(i64::MIN));
-    let expires_ms = issued_ms + ttl.as_millis() as i64;
+    let now = now_ms();
+    let issued_ms = now.max(tenant.portal_links_from_ms().unwrap_or(i64::MIN));
+    // Its lifetime from now, whatever it is dated: a revoking clock far ahead would lengthen it.
+    let expires_ms = now + ttl.as_millis() as i64;
     let token = state.portal.key.mint(&id, issued_ms, expires_ms);
     let base = match &state.portal.public_url {
         Some(url) => url.trim_end_matches('/').to_string(),
