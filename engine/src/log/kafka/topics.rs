@@ -66,7 +66,7 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<Laid, LogError> {
     let mut counts = HashMap::new();
     let deadline = tokio::time::Instant::now() + METADATA_TIMEOUT;
     loop {
-        let now = cluster(&admin).await?.partitions;
+        let Cluster { partitions: now, replicas: copies, .. } = cluster(&admin).await?;
         let absent: Vec<&str> =
             config.topics.iter().map(|t| t.name.as_str()).filter(|n| !now.contains_key(*n)).collect();
         if absent.is_empty() {
@@ -74,10 +74,9 @@ pub(super) async fn ensure(config: &KafkaConfig) -> Result<Laid, LogError> {
             // `min.insync.replicas` (it does at `log.replication` 2 or more), so the broker's
             // default decides how many copies `acks=all` waits for — one, on Apache Kafka.
             let copied: Vec<&str> = if config.replication < 2 {
-                let looked = cluster(&admin).await?.replicas;
                 missing
                     .iter()
-                    .filter(|t| looked.get(&t.name).is_some_and(|r| *r >= 2))
+                    .filter(|t| copies.get(&t.name).is_some_and(|r| *r >= 2))
                     .map(|t| t.name.as_str())
                     .collect()
             } else {
