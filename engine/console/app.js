@@ -425,6 +425,9 @@ async function tenants() {
   } }, h("label", { for: "tenant-name" }, "New tenant's name", name), h("button", { class: "primary", type: "submit" }, "Create tenant"));
   const list = h("div", {});
   layout("tenants", "Tenants", h("div", { class: "panel" }, create), kept, out, list);
+  // Each tenant's chosen link lifetime, kept while the list is drawn again (a key issued or
+  // revoked redraws it).
+  const lifetimes = new Map();
 
   async function load() {
     const { items } = await api("GET", "/v1/tenants");
@@ -437,7 +440,8 @@ async function tenants() {
       // How long a link minted here works (the API's range: a minute to a week).
       const lifetime = h("select", { "aria-label": `Lifetime of ${t.name}'s portal links` },
         [["", "for the default time (api.portal_ttl)"], ["1h", "for 1 hour"], ["8h", "for 8 hours"], ["1d", "for 1 day"], ["7d", "for 7 days"]]
-          .map(([v, text]) => h("option", { value: v }, text)));
+          .map(([v, text]) => h("option", { value: v, selected: lifetimes.get(t.id) === v }, text)));
+      lifetime.addEventListener("change", () => lifetimes.set(t.id, lifetime.value));
       return h("tr", { "data-tenant": t.id },
         h("td", {}, h("strong", {}, t.name), h("div", { class: "mono muted" }, t.id)),
         h("td", {}, fmtTime(t.created_at)),

@@ -714,6 +714,9 @@ try {
     await page.goto(`${BASE}/console#/tenants`);
     const tenantRow = page.locator(`tr[data-tenant="${tenant}"]`);
     await tenantRow.getByLabel(/Lifetime of .* portal links/).selectOption("1d");
+    // A key issued meanwhile redraws the list: the choice stays.
+    await tenantRow.getByRole("button", { name: "Issue key" }).click();
+    await page.locator("[data-secret]").waitFor({ timeout: WAIT });
     const minted = page.waitForRequest((r) => r.url().endsWith(`/v1/tenants/${tenant}/portal`) && r.method() === "POST");
     await tenantRow.getByRole("button", { name: "Portal link", exact: true }).click();
     assert.deepEqual((await minted).postDataJSON(), { ttl: "1d" });
