@@ -526,7 +526,10 @@ impl HttpTransport {
         self.check_literal(request.uri())?;
         let client = self.pool_for(tls, egress, timeout, tenant).await?;
         let call = async {
-            let response = client.request(request).await.map_err(|e| classify(&e))?;
+            // Its name lookups are counted as the tenant's, as a webhook's are (`send`): a token
+            // fetch runs in a task of its own, outside the delivery's.
+            let sent = super::guard::for_tenant(tenant, client.request(request));
+            let response = sent.await.map_err(|e| classify(&e))?;
             let status = response.status().as_u16();
             let body = http_body_util::Limited::new(response.into_body(), 1 << 20)
                 .collect()

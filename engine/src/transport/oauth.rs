@@ -139,10 +139,7 @@ impl Tokens {
                     let (this, auth, tls) = (self.clone(), sub.spec.auth.clone(), sub.spec.tls.clone());
                     let (proxy, tenant) = (sub.spec.proxy.clone(), sub.tenant.clone());
                     let task = tokio::spawn(async move {
-                        // Spawned, so out of the delivery's task: its name lookups are counted
-                        // as the tenant's here (`guard::for_tenant`), not as nobody's.
-                        let fetching = this.fetch(&auth, tls.as_ref(), proxy.as_deref(), &tenant);
-                        let fetched = super::guard::for_tenant(&tenant, fetching).await;
+                        let fetched = this.fetch(&auth, tls.as_ref(), proxy.as_deref(), &tenant).await;
                         let mut slots = this.slots.lock().unwrap();
                         match &fetched {
                             Ok((value, until)) => {
