@@ -349,7 +349,12 @@ mod tests {
     }
 
     fn judged(t: &TopicSpec, settings: &[(&'static str, &'static str)]) -> Judgement {
-        judge(&config(), t, 1, |name| settings.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
+        judged_with_copies(t, 1, settings)
+    }
+
+    /// [`judged`] of a topic whose partitions have `replicas` copies.
+    fn judged_with_copies(t: &TopicSpec, replicas: usize, settings: &[(&'static str, &'static str)]) -> Judgement {
+        judge(&config(), t, replicas, |name| settings.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
     }
 
     /// A topic of several copies that takes a record with one in sync is said to cost
@@ -358,16 +363,10 @@ mod tests {
     #[test]
     fn one_copy_in_sync_of_several_is_said() {
         let one = [("min.insync.replicas", "1")];
-        let with = |replicas| {
-            judge(&config(), &topic(false), replicas, |n| one.iter().find(|(k, _)| *k == n).map(|(_, v)| *v))
-        };
+        let with = |replicas| judged_with_copies(&topic(false), replicas, &one);
         assert!(matches!(with(3), Judgement::Costs(c) if c[0].contains("min.insync.replicas is 1 with 3 copies")));
         assert_eq!(with(1), Judgement::Fits);
-        let two = [("min.insync.replicas", "2")];
-        assert_eq!(
-            judge(&config(), &topic(false), 3, |n| two.iter().find(|(k, _)| *k == n).map(|(_, v)| *v)),
-            Judgement::Fits
-        );
+        assert_eq!(judged_with_copies(&topic(false), 3, &[("min.insync.replicas", "2")]), Judgement::Fits);
     }
 
     #[test]
