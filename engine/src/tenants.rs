@@ -159,13 +159,14 @@ impl Tenants {
     }
 
     /// Refuses every portal link of `tenant` minted until now, durably in the catalog (every
-    /// process refuses them once it has read it, as a revoked key).
-    pub async fn revoke_portal_links(&self, tenant: &str) -> Result<Option<Tenant>, CatalogError> {
-        let Some(mut t) = self.get(tenant) else { return Ok(None) };
+    /// process refuses them once it has read it, as a revoked key); `false` when there is no
+    /// such tenant.
+    pub async fn revoke_portal_links(&self, tenant: &str) -> Result<bool, CatalogError> {
+        let Some(mut t) = self.get(tenant) else { return Ok(false) };
         // From the next millisecond: a link minted in this one, before, is refused too.
         t.portal_links_from = Some(rfc3339_ms(now_ms() + 1));
         self.persist(Key::tenant(&t.id), Bytes::from(serde_json::to_vec(&t).expect("serializes"))).await?;
-        Ok(Some(t))
+        Ok(true)
     }
 
     /// Every tenant, the default one first and then oldest first, with its keys' ids and

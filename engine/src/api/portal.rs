@@ -164,8 +164,8 @@ pub async fn revoke(
     StrictPath(id): StrictPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     match state.tenants.revoke_portal_links(&id).await? {
-        Some(_) => Ok(StatusCode::NO_CONTENT),
-        None => Err(ApiError::not_found("tenant")),
+        true => Ok(StatusCode::NO_CONTENT),
+        false => Err(ApiError::not_found("tenant")),
     }
 }
 
