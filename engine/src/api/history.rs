@@ -6,7 +6,7 @@ use super::auth::Principal;
 use super::error::{ApiError, JsonBody, OptionalJsonBody};
 use super::page::{self, StrictPath, StrictQuery};
 use super::AppState;
-use crate::history::{AttemptQuery, EventQuery, EventRecord, History};
+use crate::history::{AttemptQuery, EventQuery, EventRecord, History, Index};
 use crate::model::{now_ms, rfc3339_ms};
 use crate::target::Target;
 use axum::extract::State;
@@ -33,17 +33,19 @@ const FIND_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
 /// settled before it was asked, unless the index could not catch up in time (it says so).
 const RECOVER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Runs `f` (an index read) off the async threads.
+/// Runs `f`, a read of the index for `tenant`'s query, in the tenant's turn (see
+/// [`History::read`]).
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::history::IndexError> + Send + 'static,
+    history: &History,
+    tenant: &str,
+    f: impl FnOnce(&Index) -> Result<T, crate::history::IndexError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| ApiError::unavailable("the history index is not available"))?
-        .map_err(|e| match e {
+    history.read(tenant, f).await.map_err(|_| ApiError::unavailable("the history index is not available"))?.map_err(
+        |e| match e {
             crate::history::IndexError::Cursor => ApiError::validation("cursor", e.to_string()),
             e => ApiError::unavailable(e.to_string()),
-        })
+        },
+    )
 }
 
 fn history(state: &AppState) -> Result<&Arc<History>, ApiError> {
@@ -148,8 +150,8 @@ pub async fn attempts(
         max_bytes: Some(page::MAX_BYTES),
         cursor: cursor(page::place(q.cursor, &listing)?)?,
     };
-    let index = history.index.clone();
-    let page = blocking(move || index.attempts(&query)).await?;
+    let tenant = query.tenant.clone();
+    let page = blocking(history, &tenant, move |index| index.attempts(&query)).await?;
     Ok(Json(serde_json::json!({ "items": page.items, "next": page::mark(page.next, &listing) })))
 }
 
@@ -186,8 +188,8 @@ pub async fn list(
         limit: page::limit(q.limit)?,
         cursor: cursor(page::place(q.cursor, &listing)?)?,
     };
-    let index = history.index.clone();
-    let page = blocking(move || index.events(&query)).await?;
+    let tenant = query.tenant.clone();
+    let page = blocking(history, &tenant, move |index| index.events(&query)).await?;
     Ok(Json(serde_json::json!({ "items": page.items, "next": page::mark(page.next, &listing) })))
 }
 
@@ -202,8 +204,8 @@ pub struct TenantQuery {
 /// accepted a moment ago may not be indexed yet.
 async fn find(history: &Arc<History>, tenant: String, id: String) -> Result<EventRecord, ApiError> {
     let lookup = || {
-        let (index, tenant, id) = (history.index.clone(), tenant.clone(), id.clone());
-        blocking(move || index.event(&tenant, &id))
+        let (owner, id) = (tenant.clone(), id.clone());
+        blocking(history, &tenant, move |index| index.event(&owner, &id))
     };
     if let Some(event) = lookup().await? {
         return Ok(event);
@@ -221,8 +223,9 @@ pub async fn get(
 ) -> Result<impl IntoResponse, ApiError> {
     let history = history(&state)?;
     let event = find(history, scope(&who, q.tenant), id).await?;
-    let index = history.index.clone();
-    let (event, deliveries) = blocking(move || index.deliveries(&event).map(|d| (event, d))).await?;
+    let tenant = event.tenant.clone();
+    let (event, deliveries) =
+        blocking(history, &tenant, move |index| index.deliveries(&event).map(|d| (event, d))).await?;
     Ok(Json(serde_json::json!({
         "id": event.id,
         "tenant": event.tenant,
@@ -327,8 +330,9 @@ pub async fn recover(
     })?;
     history.recorder.synced().await;
     let behind = history.caught_up(&target.sub.tenant, RECOVER_CATCH_UP).await;
-    let (index, sub) = (history.index.clone(), id.clone());
-    let mut found = blocking(move || index.recoverable(&sub, since, until, req.all, RECOVER_MAX)).await?;
+    let (sub, tenant) = (id.clone(), target.sub.tenant.clone());
+    let mut found =
+        blocking(&history, &tenant, move |index| index.recoverable(&sub, since, until, req.all, RECOVER_MAX)).await?;
     // The subscription's events of its own tenant only: one that changed tenant (a static
     // webhook the config file moved keeps its id) has the first tenant's in its history too,
     // and resending those rewrote that tenant's delivery states and spent its fan-out quota.
@@ -336,8 +340,8 @@ pub async fn recover(
     if target.sub.spec.ordering.as_ref().is_some_and(|o| o.ordered()) {
         // Found in the order of their acceptance, but a millisecond's (a batch's) in the order
         // of their ids' hashes: a key's events of one batch were sent again out of order.
-        let (index, events) = (history.index.clone(), std::mem::take(&mut found.events));
-        found.events = blocking(move || {
+        let events = std::mem::take(&mut found.events);
+        found.events = blocking(&history, &tenant, move |index| {
             let mut placed: Vec<((i64, u64), (String, String))> = events
                 .into_iter()
                 .map(|(tenant, id)| {
@@ -363,10 +367,10 @@ pub async fn recover(
             None => Some(ApiError::not_found("subscription")),
             Some(t) => enabled(t).err(),
         };
-        let (index, ahead) = (history.index.clone(), rest[..rest.len().min(RECOVER_CHUNK)].to_vec());
+        let ahead = rest[..rest.len().min(RECOVER_CHUNK)].to_vec();
         // Events within the budget (one at least, however large), and how many were looked at:
         // one that would pass it is left for the next part.
-        let (events, looked) = blocking(move || {
+        let (events, looked) = blocking(&history, &tenant, move |index| {
             let (mut events, mut bytes) = (Vec::new(), 0u64);
             for (looked, (tenant, event)) in ahead.iter().enumerate() {
                 if let Some(e) = index.event(tenant, event).ok().flatten() {

@@ -54,6 +54,15 @@ const CATCH_UP_WAITERS: usize = 16;
 /// place, so that another's lookup of an event accepted a moment ago is answered 404.
 const CATCH_UP_WAITERS_PER_TENANT: usize = 2;
 
+/// Queries' reads of the index running at once, all tenants', at most (see [`History::read`]).
+const READS_AT_ONCE: usize = 4;
+
+/// Of those, one tenant's at most: a query looks at up to 20,000 entries (tens of ms of a
+/// core), and a tenant key at its request rate (100/s by default) asked for more cores than the
+/// machine has, on the blocking threads the embedded log's reads share — every tenant's
+/// deliveries and queries slowed behind one tenant's.
+const READS_PER_TENANT: usize = 2;
+
 /// A tenant's place among the waiters, given back when dropped.
 struct TenantWaiter<'a> {
     waiting: &'a std::sync::Mutex<std::collections::HashMap<String, usize>>,
@@ -201,6 +210,8 @@ pub struct History {
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Tenants with a recover under way (see [`History::recovering`]).
     recovering: crate::model::OneAtATime,
+    /// Queries' reads, in turns among tenants (see [`History::read`]).
+    reads: crate::model::TakenInTurns,
 }
 
 impl History {
@@ -240,7 +251,26 @@ impl History {
             tasks: std::sync::Mutex::new(tasks),
             thread: std::sync::Mutex::new(thread),
             recovering: Default::default(),
+            reads: crate::model::TakenInTurns::new(READS_AT_ONCE, READS_PER_TENANT),
         }))
+    }
+
+    /// Runs `read`, a query's read of the index for `tenant`, off the async threads once it is
+    /// the tenant's turn ([`READS_PER_TENANT`] of a tenant's, [`READS_AT_ONCE`] in all); the
+    /// turn is held by the read itself, so a caller that stops waiting does not free it while
+    /// the read still runs. `Err` if the read panicked.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        tenant: &str,
+        read: impl FnOnce(&Index) -> Result<T, IndexError> + Send + 'static,
+    ) -> Result<Result<T, IndexError>, tokio::task::JoinError> {
+        let turn = self.reads.turn(tenant).await;
+        let index = self.index.clone();
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            read(&index)
+        })
+        .await
     }
 
     /// Starts a recover of `tenant`'s, unless one is under way (`None`): a rewind re-sends up
@@ -593,46 +623,90 @@ mod tests {
         });
     }
 
+    /// A history of two partitions on an embedded log in `dir`, indexing deferred up to
+    /// `defer`; and the sender that stops it.
+    async fn started(dir: &Path, defer: Duration) -> (Arc<History>, watch::Sender<bool>) {
+        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
+        use crate::log::TopicSpec;
+        let topic = TopicSpec {
+            name: "history".into(),
+            partitions: 2,
+            compacted: false,
+            retention: None,
+            retention_waits_for_reader: false,
+            read_within: Duration::from_millis(50),
+            keyed: false,
+        };
+        let log = EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.join("log"),
+            segment_bytes: 1 << 20,
+            flush_interval: Duration::from_millis(20),
+            topics: vec![topic],
+            journal_bytes: DEFAULT_JOURNAL_BYTES,
+            faults: None,
+        })
+        .await
+        .unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let day = Duration::from_secs(86_400);
+        let history = History::start(log, "history", &dir.join("index"), day, defer, &Metrics::new(), stopped).unwrap();
+        (history, stop)
+    }
+
+    /// A tenant's queries read the index [`READS_PER_TENANT`] at a time, and another tenant's
+    /// read goes on meanwhile: one tenant's queries at its request rate took every core the
+    /// machine has, on the blocking threads the log's reads share.
+    #[test]
+    fn a_tenant_s_queries_read_the_index_a_few_at_a_time_and_another_s_go_on() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        runtime.block_on(async {
+            let (history, stop) = started(dir.path(), Duration::ZERO).await;
+            // Each of the greedy tenant's reads holds its thread until the gate opens.
+            let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+            let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let greedy: Vec<_> = (0..10)
+                .map(|_| {
+                    let (history, gate, running) = (history.clone(), gate.clone(), running.clone());
+                    tokio::spawn(async move {
+                        history
+                            .read("greedy", move |_| {
+                                running.fetch_add(1, Ordering::SeqCst);
+                                let open = gate.0.lock().unwrap();
+                                drop(gate.1.wait_while(open, |open| !*open).unwrap());
+                                Ok(())
+                            })
+                            .await
+                    })
+                })
+                .collect();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while running.load(Ordering::SeqCst) < READS_PER_TENANT {
+                assert!(std::time::Instant::now() < deadline, "the greedy tenant's reads never started");
+                tokio::task::yield_now().await;
+            }
+            let other = tokio::time::timeout(Duration::from_secs(10), history.read("other", |_| Ok(7))).await;
+            assert_eq!(other.expect("another tenant's read waited").unwrap().unwrap(), 7);
+            assert_eq!(running.load(Ordering::SeqCst), READS_PER_TENANT, "the greedy tenant's reads at once");
+            *gate.0.lock().unwrap() = true;
+            gate.1.notify_all();
+            for read in greedy {
+                read.await.unwrap().unwrap().unwrap();
+            }
+            assert_eq!(running.load(Ordering::SeqCst), 10);
+            stop.send(true).unwrap();
+            history.stopped().await;
+        });
+    }
+
     /// While delivery is busy and indexing waits, an answer that must not miss the newest
     /// records (`caught_up`) gets them indexed at once, not a deferral later.
     #[test]
     fn catching_up_indexes_what_the_topic_holds_though_indexing_waits() {
-        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
-        use crate::log::TopicSpec;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
         runtime.block_on(async {
-            let topic = TopicSpec {
-                name: "history".into(),
-                partitions: 2,
-                compacted: false,
-                retention: None,
-                retention_waits_for_reader: false,
-                read_within: Duration::from_millis(50),
-                keyed: false,
-            };
-            let log = EmbeddedLog::open(EmbeddedConfig {
-                dir: dir.path().join("log"),
-                segment_bytes: 1 << 20,
-                flush_interval: Duration::from_millis(20),
-                topics: vec![topic],
-                journal_bytes: DEFAULT_JOURNAL_BYTES,
-                faults: None,
-            })
-            .await
-            .unwrap();
-            let (stop, stopped) = watch::channel(false);
-            let day = Duration::from_secs(86_400);
-            let history = History::start(
-                log,
-                "history",
-                &dir.path().join("index"),
-                day,
-                Duration::from_secs(600),
-                &Metrics::new(),
-                stopped,
-            )
-            .unwrap();
+            let (history, stop) = started(dir.path(), Duration::from_secs(600)).await;
             // Delivery at its peak, whatever this machine's load makes of a measure.
             history.load.busy.store(true, Ordering::Relaxed);
             assert!(history.load.defers(std::time::Instant::now(), now_ms(), now_ms()));
