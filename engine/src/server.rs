@@ -266,6 +266,7 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
         connect_timeout: config.http.connect_timeout.0,
         pool_idle_timeout: config.http.pool_idle_timeout.0,
         pool_max_idle_per_host: config.http.pool_max_idle_per_host,
+        kept_connections: kept_connections(),
         response_bytes: config.history.kept_response_bytes(),
         tls_files_dir: config.http.tls_files_dir.clone(),
         proxy: config.http.proxy.as_ref().and_then(|p| crate::transport::http::Proxy::parse(p, &config.http.no_proxy)),
@@ -340,18 +341,7 @@ fn serve_api(
 /// count — a parent may leave its own open in Herald: half the limit then ran out before the
 /// API's share was full, and connections past it waited unaccepted instead of being closed.
 fn within_open_files(wanted: usize) -> usize {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current.is_some() && limit.maximum != limit.current {
-        let raised = Rlimit { current: limit.maximum, maximum: limit.maximum };
-        if setrlimit(Resource::Nofile, raised).is_ok() {
-            limit = raised;
-        }
-    }
-    let Some(files) = limit.current else { return wanted };
-    let files = usize::try_from(files).unwrap_or(usize::MAX);
-    // The directory's own descriptor is listed too; where there is no /proc, none are counted.
-    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |fds| fds.count().saturating_sub(1));
+    let Some((files, open)) = open_files() else { return wanted };
     let most = (files.saturating_sub(open) / 2).max(16);
     if wanted > most {
         tracing::warn!(
@@ -363,6 +353,31 @@ fn within_open_files(wanted: usize) -> usize {
         return most;
     }
     wanted
+}
+
+/// The process's open-files limit (first raised to its hard limit) and how many descriptors
+/// are open now; `None` when there is no limit.
+fn open_files() -> Option<(usize, usize)> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.maximum != limit.current {
+        let raised = Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            limit = raised;
+        }
+    }
+    let files = usize::try_from(limit.current?).unwrap_or(usize::MAX);
+    // The directory's own descriptor is listed too; where there is no /proc, none are counted.
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |fds| fds.count().saturating_sub(1));
+    Some((files, open))
+}
+
+/// Webhook connections kept open for reuse: [`crate::transport::http::KEPT_CONNECTIONS`], or a
+/// quarter of the descriptors free under the open-files limit if that is fewer (the API takes
+/// half, see [`within_open_files`]; the rest is for connections in use and the log's files).
+fn kept_connections() -> usize {
+    let most = crate::transport::http::KEPT_CONNECTIONS;
+    open_files().map_or(most, |(files, open)| (files.saturating_sub(open) / 4).clamp(16, most))
 }
 
 /// The API's accept loop: at most `api.max_connections` at once (more are closed at once), each

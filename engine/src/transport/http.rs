@@ -23,6 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+/// Connections kept open for reuse in all, by default (see [`KeptConnections`]); fewer where
+/// the open-files limit leaves fewer descriptors free (`server`).
+pub const KEPT_CONNECTIONS: usize = 4096;
+
 /// How much of a response body is read (to keep the connection reusable) before giving up.
 const RESPONSE_READ_LIMIT: usize = crate::config::MAX_RESPONSE_BYTES;
 
@@ -54,10 +58,125 @@ type Connector = Bounded<hyper_rustls::HttpsConnector<Route>>;
 /// them all: a request that takes a pooled connection while its new one is still being made
 /// leaves that one to hyper-util's background, bounded by nothing else, so a receiver that
 /// accepts and then says nothing kept a socket of Herald's for ever, one per such overlap.
+///
+/// Each connection it makes is counted in [`KeptConnections`], as its tenant's (the one
+/// connecting, `guard::for_tenant`), and is kept for reuse only within their bounds.
 #[derive(Clone)]
 pub struct Bounded<C> {
     inner: C,
     within: Duration,
+    kept: Arc<KeptConnections>,
+}
+
+/// Webhook connections open, in all and by tenant, and how many of them may be kept open for
+/// reuse: one made past either bound is closed after its request instead of waiting in its
+/// pool. Pools keep up to `http.pool_max_idle_per_host` idle connections for each host, for
+/// `http.pool_idle_timeout`: a tenant whose subscriptions name many hosts (one name each,
+/// under a wildcard of its own) kept a descriptor open for each for 90 s, without bound —
+/// until every tenant's new connections, the API's and the log's files failed.
+#[derive(Debug)]
+pub struct KeptConnections {
+    most: usize,
+    per_tenant: usize,
+    /// Open in all, and by tenant (connections of no known tenant count in all only).
+    open: Mutex<(usize, HashMap<Arc<str>, usize>)>,
+}
+
+impl KeptConnections {
+    /// Up to `most` kept in all, a quarter of them of one tenant's.
+    pub fn new(most: usize) -> Self {
+        KeptConnections { most, per_tenant: (most / 4).max(1), open: Default::default() }
+    }
+
+    /// Counts a connection of `tenant`'s as open until the returned count is dropped, and
+    /// says whether it is kept for reuse: only if it is within both bounds, itself counted.
+    fn opened(self: &Arc<Self>, tenant: Option<Arc<str>>) -> OpenConnection {
+        let mut open = self.open.lock().unwrap();
+        open.0 += 1;
+        let mine = tenant.as_ref().map_or(0, |t| {
+            let n = open.1.entry(t.clone()).or_default();
+            *n += 1;
+            *n
+        });
+        OpenConnection { keep: open.0 <= self.most && mine <= self.per_tenant, tenant, of: self.clone() }
+    }
+}
+
+/// A connection counted in [`KeptConnections`] while it is open.
+struct OpenConnection {
+    keep: bool,
+    tenant: Option<Arc<str>>,
+    of: Arc<KeptConnections>,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let mut open = self.of.open.lock().unwrap();
+        open.0 -= 1;
+        if let Some(t) = &self.tenant {
+            if let Some(n) = open.1.get_mut(t) {
+                *n -= 1;
+                if *n == 0 {
+                    open.1.remove(t);
+                }
+            }
+        }
+    }
+}
+
+/// A webhook connection, counted while open; one past the bounds of [`KeptConnections`] tells
+/// its pool not to keep it (hyper-util's poison: not reused, closed once its request ends).
+pub struct Counted<T> {
+    io: T,
+    count: OpenConnection,
+}
+
+impl<T: hyper_util::client::legacy::connect::Connection> hyper_util::client::legacy::connect::Connection
+    for Counted<T>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        let connected = self.io.connected();
+        if !self.count.keep {
+            connected.poison();
+        }
+        connected
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Counted<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
 }
 
 impl<C> tower::Service<Uri> for Bounded<C>
@@ -66,7 +185,7 @@ where
     C::Future: Send + 'static,
     C::Error: Into<BoxError>,
 {
-    type Response = C::Response;
+    type Response = Counted<C::Response>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -76,9 +195,11 @@ where
 
     fn call(&mut self, dst: Uri) -> Self::Future {
         let (connecting, within) = (self.inner.call(dst), self.within);
+        // Taken here, in the request's task: the connection may be finished in another.
+        let (kept, tenant) = (self.kept.clone(), super::guard::current_tenant());
         Box::pin(async move {
             match tokio::time::timeout(within, connecting).await {
-                Ok(made) => made.map_err(Into::into),
+                Ok(made) => made.map(|io| Counted { io, count: kept.opened(tenant) }).map_err(Into::into),
                 Err(_) => Err(Box::new(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("no connection within {} ms (TCP, proxy and TLS)", within.as_millis()),
@@ -97,6 +218,9 @@ pub struct HttpSettings {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per host.
     pub pool_max_idle_per_host: usize,
+    /// Connections kept open for reuse in all (a quarter of them one tenant's): see
+    /// [`KeptConnections`].
+    pub kept_connections: usize,
     /// Bytes of each response body kept in the attempt's outcome, for the history; `None`
     /// when no history is kept: then a response's headers and body are not copied at all,
     /// only its status and `Retry-After` read (the copies were ~2 % of a delivery's CPU).
@@ -222,6 +346,7 @@ impl Default for HttpSettings {
             connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            kept_connections: KEPT_CONNECTIONS,
             response_bytes: Some(1024),
             tls_files_dir: None,
             proxy: None,
@@ -296,6 +421,8 @@ pub struct HttpTransport {
     builds: Arc<Mutex<HashMap<PoolKey, Build>>>,
     guard: NetworkGuard,
     settings: HttpSettings,
+    /// Connections open and kept, over every pool (see [`KeptConnections`]).
+    kept: Arc<KeptConnections>,
 }
 
 /// A profile's build, shared by the attempts waiting for it.
@@ -319,7 +446,13 @@ enum Found<'a> {
     Missing(PoolKey, Option<Proxy>),
 }
 
-fn pool(guard: &NetworkGuard, settings: &HttpSettings, proxy: Option<&Proxy>, tls: rustls::ClientConfig) -> Pool {
+fn pool(
+    guard: &NetworkGuard,
+    settings: &HttpSettings,
+    kept: &Arc<KeptConnections>,
+    proxy: Option<&Proxy>,
+    tls: rustls::ClientConfig,
+) -> Pool {
     let mut http = HttpConnector::new_with_resolver(GuardedResolver { guard: guard.clone() });
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -341,7 +474,7 @@ fn pool(guard: &NetworkGuard, settings: &HttpSettings, proxy: Option<&Proxy>, tl
         .enable_http1()
         .enable_http2()
         .wrap_connector(Route { direct: http, proxy });
-    let connector = Bounded { inner: connector, within: settings.connect_timeout };
+    let connector = Bounded { inner: connector, within: settings.connect_timeout, kept: kept.clone() };
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_max_idle_per_host(settings.pool_max_idle_per_host)
@@ -354,7 +487,8 @@ impl HttpTransport {
     /// Clients whose connections pass `guard`.
     pub fn new(guard: NetworkGuard, settings: &HttpSettings) -> Self {
         let tls = client_config(None, None).expect("the default TLS profile builds");
-        let default = Arc::new(pool(&guard, settings, settings.proxy.as_ref(), tls));
+        let kept = Arc::new(KeptConnections::new(settings.kept_connections));
+        let default = Arc::new(pool(&guard, settings, &kept, settings.proxy.as_ref(), tls));
         HttpTransport {
             default,
             profiles: Default::default(),
@@ -362,6 +496,7 @@ impl HttpTransport {
             builds: Default::default(),
             guard,
             settings: settings.clone(),
+            kept,
         }
     }
 
@@ -477,7 +612,7 @@ impl HttpTransport {
                 let files = Files::look(tls.as_ref(), dir);
                 let config = client_config(tls.as_ref(), dir)
                     .map_err(|e: TlsError| Failure::Unusable { detail: e.to_string() })?;
-                let built = Arc::new(pool(&this.guard, &this.settings, proxy.as_ref(), config));
+                let built = Arc::new(pool(&this.guard, &this.settings, &this.kept, proxy.as_ref(), config));
                 let mut profiles = this.profiles.lock().unwrap();
                 profiles.retain(|_, (_, used, ..)| used.elapsed() < PROFILE_IDLE);
                 if !profiles.contains_key(&key_built) {
@@ -820,6 +955,74 @@ mod tests {
         match http.send(request, None, Egress::Direct, "t").await {
             Outcome::Delivered { status: 200, response: Some(r), .. } => assert_eq!(&r.body[..], b"ab"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A tenant's connections are kept for reuse up to its share of the bound, and the rest
+    /// closed once their request ends — another tenant's still kept: a tenant naming many
+    /// hosts kept a descriptor open for each, up to 90 s, without bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_keeps_its_share_of_connections_open_and_no_more() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // Receivers on three ports (three hosts to the pools), counting connections made and
+        // open.
+        let (made, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            ports.push(listener.local_addr().unwrap().port());
+            let (made, open) = (made.clone(), open.clone());
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    made.fetch_add(1, Ordering::SeqCst);
+                    open.fetch_add(1, Ordering::SeqCst);
+                    let open = open.clone();
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<Bytes>::new()))
+                    });
+                    tokio::spawn(async move {
+                        let served = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                        let _ = served.await;
+                        open.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            });
+        }
+        // Four kept in all: one of a tenant's.
+        let settings = HttpSettings { kept_connections: 4, ..HttpSettings::default() };
+        let http = HttpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), &settings);
+        let request = |port: u16| WebhookRequest {
+            uri: format!("http://127.0.0.1:{port}/hook").parse().unwrap(),
+            headers: HeaderMap::new(),
+            body: Body::new([Bytes::from_static(b"{}")]),
+            timeout: Duration::from_secs(5),
+        };
+        for &port in &ports {
+            let sent = http.send(request(port), None, Egress::Direct, "greedy").await;
+            assert!(matches!(sent, Outcome::Delivered { .. }), "{sent:?}");
+        }
+        assert_eq!(made.load(Ordering::SeqCst), 3);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while open.load(Ordering::SeqCst) > 1 {
+            assert!(Instant::now() < deadline, "{} of the tenant's connections kept open", open.load(Ordering::SeqCst));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Another tenant's connection is kept, and the first tenant's kept one too: a request
+        // of each is served without a new connection (one sent before the last one's
+        // connection was back in its pool makes one; a connection not kept never is).
+        for (tenant, port) in [("other", ports[2]), ("greedy", ports[0])] {
+            let reused = async {
+                loop {
+                    let before = made.load(Ordering::SeqCst);
+                    let sent = http.send(request(port), None, Egress::Direct, tenant).await;
+                    assert!(matches!(sent, Outcome::Delivered { .. }), "{sent:?}");
+                    if made.load(Ordering::SeqCst) == before {
+                        break;
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), reused).await.expect("a connection of the tenant's kept");
         }
     }
 
