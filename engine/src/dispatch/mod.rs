@@ -49,6 +49,8 @@ pub struct Deliverer {
     history: Option<Arc<Recorder>>,
     /// What tells a retry that another generation of its delivery has delivered it.
     index: Option<Arc<Index>>,
+    /// A failed look-up is logged every 10 s at most: it fails for every retry alike.
+    index_failed: crate::model::AtMostEvery,
 }
 
 /// What the gate decided for a delivery that is due.
@@ -65,7 +67,15 @@ enum Gate<'a> {
 impl Deliverer {
     /// Wires the stages together.
     pub fn new(registry: Arc<Registry>, transports: Transports, settler: Settler) -> Self {
-        Deliverer { registry, transports, settler, observers: Vec::new(), history: None, index: None }
+        Deliverer {
+            registry,
+            transports,
+            settler,
+            observers: Vec::new(),
+            history: None,
+            index: None,
+            index_failed: Default::default(),
+        }
     }
 
     /// Adds an observer of every settlement.
@@ -103,7 +113,9 @@ impl Deliverer {
             Ok(Ok(delivered)) => delivered,
             // Sent rather than lost: the worst of it is the duplicate this check is for.
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "a retry's state could not be read; it is attempted");
+                if self.index_failed.due(10_000) {
+                    tracing::warn!(error = %e, "retries' states could not be read; they are attempted");
+                }
                 false
             }
             Err(_) => false,

@@ -48,8 +48,8 @@ pub struct Recorder {
     durable: watch::Receiver<u64>,
     /// Gated committers with commits waiting.
     waiting: Mutex<Vec<std::sync::Weak<Gated>>>,
-    /// When a dropped record was last logged (ms since the epoch).
-    dropped_logged_ms: std::sync::atomic::AtomicI64,
+    /// Dropped records are logged once a second at most.
+    dropped_logged: crate::model::AtMostEvery,
 }
 
 impl Recorder {
@@ -66,7 +66,7 @@ impl Recorder {
             queued: AtomicU64::new(0),
             durable: durable.clone(),
             waiting: Mutex::default(),
-            dropped_logged_ms: std::sync::atomic::AtomicI64::new(0),
+            dropped_logged: Default::default(),
         });
         tokio::spawn(release(Arc::downgrade(&recorder), durable));
         recorder
@@ -89,11 +89,7 @@ impl Recorder {
             return;
         }
         metrics::counter!(crate::metrics::HISTORY_LATE).increment(1);
-        let now = crate::model::now_ms();
-        let logged = self.dropped_logged_ms.load(Ordering::Relaxed);
-        if now - logged >= 1000
-            && self.dropped_logged_ms.compare_exchange(logged, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
+        if self.dropped_logged.due(1000) {
             tracing::error!(
                 waiting = QUEUE,
                 "the log has not taken history for a while: attempts settling now are not recorded"

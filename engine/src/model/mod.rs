@@ -168,6 +168,20 @@ impl TakenInTurns {
     }
 }
 
+/// Says yes at most once in so many milliseconds, from any thread: for a log line that what
+/// causes it may repeat thousands of times a second (a metric counts every one).
+#[derive(Debug, Default)]
+pub struct AtMostEvery(std::sync::atomic::AtomicI64);
+
+impl AtMostEvery {
+    /// Whether to go ahead now: `every_ms` or more since the last yes (or never one).
+    pub fn due(&self, every_ms: i64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (now, last) = (now_ms(), self.0.load(Relaxed));
+        (last == 0 || now - last >= every_ms) && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     // From `SystemTime` directly: chrono's `Utc::now()` works out a calendar date only for
@@ -197,6 +211,14 @@ pub fn new_id(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn at_most_every_says_yes_once_in_its_interval() {
+        let gate = super::AtMostEvery::default();
+        assert!(gate.due(60_000), "the first time");
+        assert!(!gate.due(60_000) && !gate.due(60_000), "again within the interval");
+        assert!(gate.due(0), "once the interval has passed");
+    }
 
     #[test]
     fn milliseconds_since_the_epoch_round_down_like_chrono() {
