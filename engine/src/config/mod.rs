@@ -455,7 +455,13 @@ pub struct DispatchConfig {
     /// a partition reads on only as its keys settle, so memory is bounded however many
     /// distinct keys a tenant fails on.
     pub ordered_max_keys: usize,
+    /// Bytes of one tenant's records in flight in the process at most (beside its first):
+    /// see `dispatch::window::InFlightBytes`.
+    pub tenant_in_flight_bytes: usize,
 }
+
+/// `dispatch.tenant_in_flight_bytes` by default: 64 MiB.
+pub const DEFAULT_TENANT_IN_FLIGHT_BYTES: usize = 64 << 20;
 
 /// HTTP transport defaults, used where a subscription does not say otherwise.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -751,7 +757,13 @@ impl Default for LogConfig {
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        DispatchConfig { window: 512, max_uncommitted: 100_000, batch: 256, ordered_max_keys: 10_000 }
+        DispatchConfig {
+            window: 512,
+            max_uncommitted: 100_000,
+            batch: 256,
+            ordered_max_keys: 10_000,
+            tenant_in_flight_bytes: DEFAULT_TENANT_IN_FLIGHT_BYTES,
+        }
     }
 }
 
@@ -1157,6 +1169,9 @@ impl Config {
         if self.dispatch.ordered_max_keys == 0 {
             return reject("dispatch.ordered_max_keys", "must be at least 1");
         }
+        if self.dispatch.tenant_in_flight_bytes < 1 << 20 {
+            return reject("dispatch.tenant_in_flight_bytes", "must be at least 1048576 (1 MiB)");
+        }
         if self.health.breaker_failures == 0 {
             return reject("health.breaker_failures", "must be at least 1");
         }
@@ -1392,6 +1407,7 @@ mod tests {
             ("HERALD_API_HEADER_READ_TIMEOUT", "0s", "api.header_read_timeout"),
             ("HERALD_QUOTAS_TESTS_PER_MINUTE", "0", "quotas.tests_per_minute"),
             ("HERALD_DISPATCH_BATCH", "0", "dispatch.batch"),
+            ("HERALD_DISPATCH_TENANT_IN_FLIGHT_BYTES", "1048575", "dispatch.tenant_in_flight_bytes"),
             ("HERALD_QUOTAS_FANOUT_BYTES", "0", "quotas.fanout_bytes"),
             ("HERALD_QUOTAS_FANOUT_BYTES", "1048575", "quotas.fanout_bytes"),
         ] {

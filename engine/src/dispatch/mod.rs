@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::Instrument;
-use window::{Cut, Share, Shares};
+use window::{Cut, InFlightBytes, Share, Shares};
 
 /// Whatever observes settled deliveries besides metrics and the history (tests' probes).
 pub trait Observe: Send + Sync {
@@ -51,12 +51,14 @@ pub struct Deliverer {
     index: Option<Arc<Index>>,
     /// A failed look-up is logged every 10 s at most: it fails for every retry alike.
     index_failed: crate::model::AtMostEvery,
+    /// Each tenant's bytes of records in flight, over every partition (see [`InFlightBytes`]).
+    in_flight_bytes: InFlightBytes,
 }
 
 /// What the gate decided for a delivery that is due.
 enum Gate<'a> {
     /// Go: an in-flight slot, the breaker's probe if this attempt is one, and its place in
-    /// its tenant's share of the partition.
+    /// its tenant's share of the partition and of its bytes in flight.
     Open(OwnedSemaphorePermit, Probe<'a>, Share<'a>),
     /// Its subscription is disabled.
     Disabled,
@@ -75,6 +77,7 @@ impl Deliverer {
             history: None,
             index: None,
             index_failed: Default::default(),
+            in_flight_bytes: InFlightBytes::new(crate::config::DEFAULT_TENANT_IN_FLIGHT_BYTES),
         }
     }
 
@@ -87,6 +90,12 @@ impl Deliverer {
     /// Records every settlement in the delivery history.
     pub fn recorded_by(mut self, history: Arc<Recorder>) -> Self {
         self.history = Some(history);
+        self
+    }
+
+    /// Holds each tenant's records in flight to `bytes` (`dispatch.tenant_in_flight_bytes`).
+    pub fn in_flight_bytes(mut self, bytes: usize) -> Self {
+        self.in_flight_bytes = InFlightBytes::new(bytes);
         self
     }
 
@@ -300,7 +309,7 @@ impl Deliverer {
         if Box::pin(self.delivered_since(&delivery)).await {
             return self.settler.superseded(delivery, transport);
         }
-        let (_slot, probe, _share) = match gate(&target, shares).await {
+        let (_slot, probe, _share) = match gate(&target, shares, &self.in_flight_bytes, rec.value.len()).await {
             Gate::Open(slot, probe, share) => (slot, probe, share),
             Gate::Disabled => return Box::pin(self.settler.disabled(&target, delivery, rec.value)).await,
             Gate::Busy(busy) => {
@@ -352,13 +361,14 @@ fn wait(delivery: &Delivery) -> Duration {
     Duration::from_millis((delivery.due_ms - now_ms()).max(0) as u64)
 }
 
-/// Whether a due delivery may be attempted now: its subscription enabled, its tenant's share
-/// of the partition not all in flight, and admitted (breaker, rate limit, an in-flight slot).
-async fn gate<'a>(target: &'a Target, shares: &'a Shares) -> Gate<'a> {
+/// Whether a due delivery of `size` bytes may be attempted now: its subscription enabled, its
+/// tenant's share of the partition not all in flight nor its bytes in flight in the process,
+/// and admitted (breaker, rate limit, an in-flight slot).
+async fn gate<'a>(target: &'a Target, shares: &'a Shares, bytes: &'a InFlightBytes, size: usize) -> Gate<'a> {
     if !target.sub.spec.enabled {
         return Gate::Disabled;
     }
-    let Some(share) = shares.take(&target.sub.tenant) else {
+    let Some(share) = shares.take(bytes, &target.sub.tenant, size) else {
         // Looked at again no sooner than a delivery ages: the share is full of ones that hang.
         return Gate::Busy(Busy::Share(target.admission.busy_wait().max(window::YOUNG)));
     };

@@ -34,16 +34,13 @@ pub fn room(window: usize, young: usize, in_flight: usize) -> usize {
 /// share the partition — cannot fill twice the window (all of them aged, the partition would
 /// start nothing until their timeouts, up to five minutes, for every tenant there).
 #[derive(Debug)]
-pub struct Shares {
-    cap: usize,
-    held: std::sync::Mutex<std::collections::HashMap<String, usize>>,
-}
+pub struct Shares(Tally);
 
 impl Shares {
     /// Shares of a partition whose window is `window`: three quarters of everything it may
     /// have in flight (twice the window), so every other tenant keeps room for half a window.
     pub fn new(window: usize) -> Shares {
-        Shares { cap: Self::cap(window), held: Default::default() }
+        Shares(Tally::new(Self::cap(window)))
     }
 
     /// The most one tenant may have in flight in a partition of `window`.
@@ -51,37 +48,90 @@ impl Shares {
         (2 * window - window / 2).max(1)
     }
 
-    /// One more delivery of `tenant` in flight, if its share has room: held until the guard
+    /// One more delivery of `tenant` in flight, of `size` bytes, if its share of the partition
+    /// has room and its bytes in flight in the process (`bytes`) do too: held until the guard
     /// drops.
-    pub fn take<'a>(&'a self, tenant: &'a str) -> Option<Share<'a>> {
-        let mut held = self.held.lock().unwrap();
-        match held.get_mut(tenant) {
-            Some(n) if *n >= self.cap => return None,
-            Some(n) => *n += 1,
-            None => {
-                held.insert(tenant.to_string(), 1);
-            }
+    pub fn take<'a>(&'a self, bytes: &'a InFlightBytes, tenant: &'a str, size: usize) -> Option<Share<'a>> {
+        if !self.0.take(tenant, 1) {
+            return None;
         }
-        Some(Share { shares: self, tenant })
+        if !bytes.0.take(tenant, size) {
+            self.0.give(tenant, 1);
+            return None;
+        }
+        Some(Share { shares: &self.0, bytes: &bytes.0, tenant, size })
     }
 }
 
-/// A delivery's place in its tenant's share of a partition ([`Shares::take`]).
+/// Bytes of records each tenant has in flight in the process, over every partition of every
+/// topic (a delivery's future holds its whole record until it settles, for its dead letter):
+/// at most `dispatch.tenant_in_flight_bytes` (64 MiB), though a tenant with nothing in flight
+/// may always start one, however large. [`Shares`] bound a partition's deliveries, not their
+/// size: one tenant's endpoints that hang, sent events of a megabyte, held 768 of them a
+/// partition — gigabytes over the partitions and the retry tiers, until the process ran out of
+/// memory, and after a restart ran out again on the same records.
+#[derive(Debug)]
+pub struct InFlightBytes(Tally);
+
+impl InFlightBytes {
+    /// At most `per_tenant` bytes of one tenant's in flight (beside its first).
+    pub fn new(per_tenant: usize) -> InFlightBytes {
+        InFlightBytes(Tally::new(per_tenant))
+    }
+}
+
+/// An amount each tenant holds, up to a cap (beside its first, however large); a tenant
+/// holding nothing is forgotten.
+#[derive(Debug)]
+struct Tally {
+    cap: usize,
+    held: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl Tally {
+    fn new(cap: usize) -> Tally {
+        Tally { cap, held: Default::default() }
+    }
+
+    /// Whether `amount` more of `tenant`'s fit (then held).
+    fn take(&self, tenant: &str, amount: usize) -> bool {
+        let mut held = self.held.lock().unwrap();
+        match held.get_mut(tenant) {
+            Some(n) if n.saturating_add(amount) > self.cap => return false,
+            Some(n) => *n += amount,
+            None => {
+                held.insert(tenant.to_string(), amount);
+            }
+        }
+        true
+    }
+
+    fn give(&self, tenant: &str, amount: usize) {
+        let mut held = self.held.lock().unwrap();
+        if let Some(n) = held.get_mut(tenant) {
+            *n = n.saturating_sub(amount);
+            if *n == 0 {
+                held.remove(tenant);
+            }
+        }
+    }
+}
+
+/// A delivery's place in its tenant's share of a partition and its bytes in flight
+/// ([`Shares::take`]), given back when dropped. One guard for both: it is held across the
+/// attempt, in every delivery's future.
 #[derive(Debug)]
 pub struct Share<'a> {
-    shares: &'a Shares,
+    shares: &'a Tally,
+    bytes: &'a Tally,
     tenant: &'a str,
+    size: usize,
 }
 
 impl Drop for Share<'_> {
     fn drop(&mut self) {
-        let mut held = self.shares.held.lock().unwrap();
-        if let Some(n) = held.get_mut(self.tenant) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(self.tenant);
-            }
-        }
+        self.shares.give(self.tenant, 1);
+        self.bytes.give(self.tenant, self.size);
     }
 }
 
@@ -248,14 +298,32 @@ mod tests {
 
     #[test]
     fn a_tenant_holds_at_most_its_share_and_gives_it_back() {
-        let shares = Shares::new(8);
-        let held: Vec<_> = (0..12).map(|_| shares.take("mallory").expect("within the share")).collect();
-        assert!(shares.take("mallory").is_none(), "12 of the 16 a partition of 8 may have in flight");
-        let other = shares.take("acme").expect("another tenant has room");
+        let (shares, bytes) = (Shares::new(8), InFlightBytes::new(1 << 30));
+        let held: Vec<_> = (0..12).map(|_| shares.take(&bytes, "mallory", 1).expect("within the share")).collect();
+        assert!(shares.take(&bytes, "mallory", 1).is_none(), "12 of the 16 a partition of 8 may have in flight");
+        let other = shares.take(&bytes, "acme", 1).expect("another tenant has room");
         drop(held);
-        assert!(shares.take("mallory").is_some());
+        assert!(shares.take(&bytes, "mallory", 1).is_some());
         drop(other);
-        assert!(shares.held.lock().unwrap().len() <= 1, "tenants with nothing in flight are forgotten");
+        assert!(shares.0.held.lock().unwrap().len() <= 1, "tenants with nothing in flight are forgotten");
+        assert!(bytes.0.held.lock().unwrap().is_empty(), "and their bytes");
+    }
+
+    /// A tenant's bytes in flight stay within their bound, over partitions, beside a first
+    /// delivery however large; a refusal for bytes gives its partition share back.
+    #[test]
+    fn a_tenant_s_bytes_in_flight_are_bounded_over_every_partition() {
+        let (one, two, bytes) = (Shares::new(8), Shares::new(8), InFlightBytes::new(1000));
+        let first = one.take(&bytes, "mallory", 5000).expect("a first delivery, however large");
+        assert!(two.take(&bytes, "mallory", 1).is_none(), "past the bound, in another partition too");
+        assert!(one.0.held.lock().unwrap()["mallory"] == 1, "the refused one's share given back");
+        let other = two.take(&bytes, "acme", 600).expect("another tenant's bytes are its own");
+        drop(first);
+        let a = one.take(&bytes, "mallory", 600).unwrap();
+        assert!(two.take(&bytes, "mallory", 600).is_none(), "1,200 bytes past 1,000");
+        let b = two.take(&bytes, "mallory", 400).expect("1,000 within 1,000");
+        drop((a, b, other));
+        assert!(bytes.0.held.lock().unwrap().is_empty());
     }
 
     #[test]

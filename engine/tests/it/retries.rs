@@ -390,6 +390,45 @@ async fn a_tenant_s_hanging_endpoint_with_more_slots_than_the_window_does_not_ho
     assert!(worst < Duration::from_millis(2500), "healthy endpoint delayed {worst:?}");
 }
 
+/// A delivery in flight holds its whole record until it settles (for its dead letter): the
+/// counts bound how many of a tenant's are in flight in a partition, not their size, and one
+/// tenant's endpoint that hangs, sent events of a megabyte, held hundreds of them a partition
+/// — gigabytes over the partitions and tiers, until the process ran out of memory (and again
+/// after a restart, on the same records). A tenant's bytes in flight are bounded in the
+/// process (`dispatch.tenant_in_flight_bytes`); the rest wait, deferred, as for its share.
+#[tokio::test]
+async fn a_tenant_s_large_events_to_a_hanging_endpoint_hold_a_bounded_number_of_bytes() {
+    let h = TestHerald::start_with(|c| {
+        c.dispatch.window = 64;
+        c.dispatch.tenant_in_flight_bytes = 1 << 20;
+    })
+    .await;
+    let rx = Receiver::start().await;
+    rx.behave("/stuck", Behaviour::Hang);
+    h.api
+        .subscribe(json!({ "url": rx.url("/stuck"), "timeout": "30s", "max_in_flight": 1000, "tenant": "mallory" }))
+        .await;
+    // 40 events of 100 KB: 4 MB, against a megabyte the tenant may have in flight.
+    let data = "x".repeat(100 << 10);
+    for batch in 0..4 {
+        let events: Vec<_> = (0..10)
+            .map(|i| json!({ "id": format!("big-{batch}-{i}"), "type": "T", "tenant": "mallory", "data": data }))
+            .collect();
+        let (status, answer) = h.api.post("/v1/events/batch", json!(events)).await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    // Held back past the bound: deferred as for the tenant's share.
+    let api = h.api.clone();
+    until("deliveries deferred for the tenant's share", Duration::from_secs(20), || async {
+        let m = scrape(&api).await;
+        (m.value("herald_deliveries_deferred_total", &[("reason", "tenant_share")]) >= 1.0).then_some(())
+    })
+    .await;
+    let in_flight = rx.on("/stuck").len();
+    assert!(in_flight <= 10, "{in_flight} requests of 100 KB in flight for a tenant held to 1 MiB");
+    assert!(in_flight >= 5, "the tenant's deliveries go on up to the bound: {in_flight}");
+}
+
 /// A delivery in flight holds back its partition's commit point, and at
 /// `dispatch.max_uncommitted` offsets held the partition started nothing more until it ended:
 /// one tenant's endpoint that hangs, with a long timeout, stopped every tenant's deliveries
