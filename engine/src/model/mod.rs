@@ -110,6 +110,41 @@ impl Drop for Running {
     }
 }
 
+/// Work that waits its turn per key (a tenant, a subscription): one at a time for each key,
+/// any number of keys at once. A key with nobody holding or waiting for it is forgotten.
+#[derive(Debug, Default)]
+pub struct InTurnsByKey(std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>);
+
+/// A key's turn ([`InTurnsByKey::turn`]), until dropped.
+#[derive(Debug)]
+pub struct KeyTurn<'a> {
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+    lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    key: String,
+    all: &'a InTurnsByKey,
+}
+
+impl InTurnsByKey {
+    /// Waits for `key`'s turn.
+    pub async fn turn(&self, key: &str) -> KeyTurn<'_> {
+        let lock = self.0.lock().unwrap().entry(key.to_string()).or_default().clone();
+        let held = Some(lock.clone().lock_owned().await);
+        KeyTurn { held, lock, key: key.to_string(), all: self }
+    }
+}
+
+impl Drop for KeyTurn<'_> {
+    fn drop(&mut self) {
+        drop(self.held.take());
+        let mut all = self.all.0.lock().unwrap();
+        // The map's and this one's: nobody else holds or waits for it (a waiter clones it
+        // under the map's lock, taken here too).
+        if std::sync::Arc::strong_count(&self.lock) == 2 {
+            all.remove(&self.key);
+        }
+    }
+}
+
 /// Heavy work that all tenants share so many at a time (PKCS#12 key derivation one at a time,
 /// name lookups 128), taken in turns among tenants: each tenant's work queues on its own first,
 /// so at most so many of a tenant's wait in the shared queue or hold it, and another tenant's
@@ -211,6 +246,20 @@ pub fn new_id(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
+
+    #[tokio::test]
+    async fn a_key_s_turns_come_one_at_a_time_and_are_forgotten_when_nobody_waits() {
+        let turns = super::InTurnsByKey::default();
+        let first = turns.turn("a").await;
+        let other = turns.turn("b").await; // another key's at once
+        let waiting = turns.turn("a");
+        tokio::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending(), "a's second waits for its first");
+        drop(first);
+        let second = waiting.await;
+        drop((second, other));
+        assert!(turns.0.lock().unwrap().is_empty(), "keys nobody holds or waits for are forgotten");
+    }
 
     #[test]
     fn at_most_every_says_yes_once_in_its_interval() {

@@ -184,15 +184,23 @@ pub struct Registry {
     rules: Rules,
     health: HealthConfig,
     state: RwLock<State>,
-    writes: tokio::sync::Mutex<()>,
+    /// Taken to share by a change of one tenant's subscriptions, whole by one of any
+    /// tenant's (the config file's webhooks, resealing, forgetting what no key opens).
+    everyone: tokio::sync::RwLock<()>,
+    /// One tenant's changes at a time: its quota and its URLs are judged under its turn.
+    /// Other tenants' go on meanwhile — under one lock for all, a tenant changing its
+    /// subscriptions at its request rate (a catalog write of tens of ms each, on Kafka) held
+    /// every other tenant's changes, and Herald's own disabling of their endpoints, which a
+    /// delivery's settlement waits for.
+    tenants: crate::model::InTurnsByKey,
     /// Checks of a PKCS#12 file (its key derivation: up to a second of CPU), one at a time on
-    /// a blocking thread, tenants in turns, never under `writes`: under it, one tenant's
+    /// a blocking thread, tenants in turns, never in a tenant's turn of changes: under it, one tenant's
     /// PATCHes of such a subscription held every tenant's changes (and Herald's own
     /// disabling) for minutes.
     heavy_checks: crate::model::TakenInTurns,
     /// One change of a subscription at a time, its check and its write: changes of one
     /// subscription made at once would each find another's written meanwhile and check again.
-    changing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    changing: crate::model::InTurnsByKey,
 }
 
 impl Apply for Registry {
@@ -281,7 +289,8 @@ impl Registry {
             rules,
             health,
             state: RwLock::new(State::default()),
-            writes: tokio::sync::Mutex::new(()),
+            everyone: Default::default(),
+            tenants: Default::default(),
             heavy_checks: Default::default(),
             changing: Default::default(),
         };
@@ -368,6 +377,13 @@ impl Registry {
         Invalid::new("url", "this tenant already has a subscription for this URL").into()
     }
 
+    /// The turn of `tenant`'s changes (see `tenants`); the config file's webhooks and the
+    /// like, which change any tenant's, wait for every turn.
+    async fn turn_of(&self, tenant: &str) -> (tokio::sync::RwLockReadGuard<'_, ()>, crate::model::KeyTurn<'_>) {
+        let shared = self.everyone.read().await;
+        (shared, self.tenants.turn(tenant).await)
+    }
+
     /// Checks and stores a new subscription of `tenant`, with `secret` or a generated one,
     /// unless the tenant has `max` already (counted under the lock creates take one at a
     /// time, so racing creates cannot pass it). A tenant cannot register the same URL twice.
@@ -380,7 +396,7 @@ impl Registry {
     ) -> Result<Arc<Target>, RegistryError> {
         let spec = self.checked(spec, None, &tenant).await?;
         let sub = validate::new_subscription(tenant, spec, secret)?;
-        let _serial = self.writes.lock().await;
+        let _turn = self.turn_of(&sub.tenant).await;
         if self.count_of(&sub.tenant) >= max {
             return Err(RegistryError::Quota(max));
         }
@@ -398,16 +414,8 @@ impl Registry {
         tenant: Option<&str>,
         patch: &serde_json::Value,
     ) -> Result<Option<Arc<Target>>, RegistryError> {
-        let this_one = self.changing.lock().unwrap().entry(id.to_string()).or_default().clone();
-        let changed = {
-            let _one = this_one.lock().await;
-            self.update_checked(id, tenant, patch).await
-        };
-        let mut changing = self.changing.lock().unwrap();
-        if Arc::strong_count(&this_one) == 2 {
-            changing.remove(id); // nobody else waits on it
-        }
-        changed
+        let _one = self.changing.turn(id).await;
+        self.update_checked(id, tenant, patch).await
     }
 
     /// [`Self::update`], the only change of `id` under way here. Checked before taking the
@@ -426,7 +434,7 @@ impl Registry {
             };
             let old = &current.sub;
             let spec = self.checked(spec::patched(&old.spec, patch)?, Some(&old.spec), &old.tenant).await?;
-            let _serial = self.writes.lock().await;
+            let _turn = self.turn_of(&old.tenant).await;
             if self.version_of(id) != base {
                 continue;
             }
@@ -507,7 +515,8 @@ impl Registry {
         if let Some(s) = &new_secret {
             validate::check_secret("secret", s)?;
         }
-        let _serial = self.writes.lock().await;
+        let Some(owner) = self.get(id).map(|t| t.sub.tenant.clone()) else { return Ok(None) };
+        let _turn = self.turn_of(&owner).await;
         let Some((current, version)) = self.current(id).filter(|(t, _)| tenant.is_none_or(|x| t.sub.tenant == x))
         else {
             return Ok(None);
@@ -522,7 +531,7 @@ impl Registry {
     }
 
     /// Compiles (the last check: secret against scheme, headers, URL), persists and serves a
-    /// changed subscription (caller holds `writes`).
+    /// changed subscription (caller holds its tenant's turn, [`Registry::turn_of`]).
     async fn store(&self, sub: Subscription) -> Result<Arc<Target>, RegistryError> {
         Target::compile_with(sub.clone(), self.health.clone())?;
         let target = match self.write(&sub).await? {
@@ -559,7 +568,7 @@ impl Registry {
     /// subscription's. `false` when it is not disabled.
     pub async fn disable(&self, judged: &Target, reason: String) -> Result<bool, RegistryError> {
         let id = &judged.sub.id;
-        let _serial = self.writes.lock().await;
+        let _turn = self.turn_of(&judged.sub.tenant).await;
         let Some((current, version)) = self.current(id).filter(|(c, _)| Arc::ptr_eq(&c.admission, &judged.admission))
         else {
             return Ok(false);
@@ -581,7 +590,8 @@ impl Registry {
 
     /// Deletes a subscription; `false` when it did not exist.
     pub async fn delete(&self, id: &str) -> Result<bool, RegistryError> {
-        let _serial = self.writes.lock().await;
+        let Some(owner) = self.get(id).map(|t| t.sub.tenant.clone()) else { return Ok(false) };
+        let _turn = self.turn_of(&owner).await;
         if !self.state.read().unwrap().by_id.contains_key(id) {
             return Ok(false);
         }
@@ -592,7 +602,7 @@ impl Registry {
     /// Deletes the subscriptions whose secrets no installed key opens (the key is lost for
     /// good: `secret_key_lost`); how many.
     pub async fn forget_unopened(&self) -> Result<usize, RegistryError> {
-        let _serial = self.writes.lock().await;
+        let _alone = self.everyone.write().await;
         let ids: Vec<String> = self.state.read().unwrap().unopened.iter().cloned().collect();
         for id in &ids {
             self.feed.write(id.as_bytes(), Bytes::new()).await?;
@@ -687,7 +697,7 @@ impl Registry {
     /// Makes the registry match the config file's webhooks: each is created or updated as
     /// `static-<name>`; static subscriptions no longer in the file are deleted.
     pub async fn sync_static(&self, webhooks: &[StaticWebhook]) -> Result<(), RegistryError> {
-        let _serial = self.writes.lock().await;
+        let _alone = self.everyone.write().await;
         let mut wanted = HashSet::new();
         // Every one checked before any is written: a refused later one left the earlier ones'
         // changes in the catalog, for processes still running to deliver to.
@@ -765,7 +775,7 @@ impl Registry {
                 _ => stale.remove(&id),
             };
         }
-        let _serial = self.writes.lock().await;
+        let _alone = self.everyone.write().await;
         let n = stale.len();
         for id in stale {
             // Made from the version read here (see `restated`): a PATCH landing meanwhile
@@ -1146,6 +1156,53 @@ mod tests {
         let _ = registry.sync_static(&[webhook("https://h.example/2")]).await;
         let changed: serde_json::Value = serde_json::from_slice(&last().value).unwrap();
         assert_eq!(changed["based_on"], 5, "{changed}");
+    }
+
+    /// One tenant's change waiting on the catalog does not hold another tenant's: under one
+    /// lock for every tenant's changes, a tenant writing at its request rate (tens of ms a
+    /// write on Kafka) held every other's creates and changes — and Herald's own disabling of
+    /// their endpoints, which deliveries' settlements wait for.
+    #[tokio::test]
+    async fn a_tenant_s_change_waiting_on_the_catalog_does_not_hold_another_tenant_s() {
+        use std::sync::atomic::Ordering;
+        use std::time::Duration;
+        let stub = Arc::new(Stub::new(true, true));
+        let (feed, applied) = Feed::new(stub.clone(), "catalog".into(), 0);
+        applied.set(u64::MAX);
+        let registry = Arc::new(Registry::load(Arc::new(feed), &[], Rules::default(), HealthConfig::default()));
+        stub.stalled.store(true, Ordering::SeqCst);
+        let create = |tenant: &str, url: &str| {
+            let (registry, tenant) = (registry.clone(), tenant.to_string());
+            let spec = spec::strict(&serde_json::json!({ "url": url })).unwrap();
+            tokio::spawn(async move { registry.create(tenant, spec, None, 100).await.map(|_| ()) })
+        };
+        let waits_until = |n: usize| {
+            let stub = stub.clone();
+            async move {
+                while stub.started.load(Ordering::SeqCst) < n {
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        let first = create("mallory", "https://h.example/1");
+        tokio::time::timeout(Duration::from_secs(10), waits_until(1)).await.expect("the first write began");
+        let second = create("acme", "https://h.example/2");
+        let other = tokio::time::timeout(Duration::from_secs(10), waits_until(2)).await;
+        stub.resume();
+        other.expect("another tenant's write began while the first waited on the catalog");
+        // Whatever each became (nothing applies records here), both ended.
+        let _ = (first.await.unwrap(), second.await.unwrap());
+        // One tenant's own changes still take their turns: its second waits for its first.
+        stub.stalled.store(true, Ordering::SeqCst);
+        let first = create("mallory", "https://h.example/3");
+        tokio::time::timeout(Duration::from_secs(10), waits_until(3)).await.expect("its write began");
+        let second = create("mallory", "https://h.example/4");
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(stub.started.load(Ordering::SeqCst), 3, "the tenant's second change waits for its first");
+        stub.resume();
+        let _ = (first.await.unwrap(), second.await.unwrap());
     }
 
     /// The config file's webhooks are all checked before any is written: a refused later one
