@@ -84,8 +84,10 @@ pub fn check(
     if spec.via_edge.as_ref().is_some_and(|d| d.is_empty() || d.len() > 64) {
         return Err(Invalid::new("via_edge", "must name an edge device"));
     }
+    // Kept only on the same transport and route: a webhook changed into an AMQP subscription
+    // (or the reverse) brings its fields to another transport's rules, which they never met.
     let kept = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| {
-        previous.is_some_and(|p| p.via_edge == spec.via_edge && same(p, spec))
+        previous.is_some_and(|p| p.transport == spec.transport && p.via_edge == spec.via_edge && same(p, spec))
     };
     let guard_unless = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| {
         if spec.via_edge.is_some() || kept(same) {
@@ -126,7 +128,7 @@ type Field = fn(&SubscriptionSpec) -> Option<&str>;
 /// most [`range::SUBSCRIPTION_BYTES`] as stored (every process keeps every subscription in
 /// memory, so a tenant's quota of them bounds what it holds there), naming the largest part.
 pub fn check_tenant_input(spec: &SubscriptionSpec, previous: Option<&SubscriptionSpec>) -> Result<(), Invalid> {
-    let changed = |f: Field| previous.is_none_or(|p| f(p) != f(spec));
+    let changed = |f: Field| previous.is_none_or(|p| p.transport != spec.transport || f(p) != f(spec));
     let new_url = (spec.transport == TransportKind::Webhook && changed(|s| Some(s.url.as_str())))
         .then(|| url::Url::parse(&spec.url).ok())
         .flatten();

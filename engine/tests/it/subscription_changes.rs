@@ -365,3 +365,26 @@ async fn a_webhook_the_config_file_declares_is_changed_there_not_through_the_api
     let (_, sub) = h.api.get(path).await;
     assert_eq!(sub["enabled"], true, "the file's again: {sub}");
 }
+
+/// A webhook changed into an AMQP subscription is held to AMQP's rules for what it brings
+/// along: its `key` (a webhook's query parameter, never sent over AMQP) and headers past
+/// what an AMQP message carries were "kept" from the webhook's spec, so neither check ran,
+/// and at delivery the headers were left off and the key ignored, silently.
+#[tokio::test]
+async fn a_webhook_changed_to_amqp_is_held_to_amqp_s_rules() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let big = json!({ "X-Big": "v".repeat(herald::transport::amqp::HEADER_BYTES) });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/hook"), "key": "k-1", "headers": big })).await;
+    let path = format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap());
+    let amqp = json!({ "uri": "amqp://guest:guest@127.0.0.1:5672/%2f", "exchange": "herald-switched" });
+    let (status, refused) = h.api.patch(&path, json!({ "transport": "amqp", "amqp": amqp })).await;
+    assert_eq!((status.as_u16(), refused["error"]["field"].as_str()), (400, Some("key")), "{refused}");
+    let (status, refused) = h.api.patch(&path, json!({ "transport": "amqp", "amqp": amqp, "key": null })).await;
+    assert_eq!((status.as_u16(), refused["error"]["field"].as_str()), (400, Some("headers")), "{refused}");
+    let small = json!({ "X-Big": null, "X-Customer": "c-42" });
+    let (status, changed) =
+        h.api.patch(&path, json!({ "transport": "amqp", "amqp": amqp, "key": null, "headers": small })).await;
+    assert_eq!(status.as_u16(), 200, "{changed}");
+    assert_eq!(changed["transport"], "amqp", "{changed}");
+}
