@@ -13,7 +13,7 @@
 
 use crate::config::HealthConfig;
 use crate::model::{now_ms, range};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -116,7 +116,7 @@ impl Busy {
 /// set on those paths, and every later delivery to the endpoint was deferred as if a probe
 /// were still out.
 #[derive(Debug)]
-pub struct Probe<'a>(Option<&'a AtomicBool>);
+pub struct Probe<'a>(Option<&'a AtomicI64>);
 
 impl Probe<'_> {
     /// Not a probe: an attempt with the breaker closed.
@@ -131,7 +131,7 @@ impl Probe<'_> {
 impl Drop for Probe<'_> {
     fn drop(&mut self) {
         if let Some(probing) = self.0 {
-            probing.store(false, Ordering::Release);
+            probing.store(0, Ordering::Release);
         }
     }
 }
@@ -282,7 +282,8 @@ pub struct Admission {
     failing_since_ms: AtomicI64,
     open_until_ms: AtomicI64,
     pause_ms: AtomicI64,
-    probing: AtomicBool,
+    /// When the breaker's probe went out (ms since the epoch), 0 while none is out.
+    probing: AtomicI64,
     health: HealthConfig,
 }
 
@@ -307,7 +308,7 @@ impl Admission {
             failing_since_ms: AtomicI64::new(0),
             open_until_ms: AtomicI64::new(0),
             pause_ms: AtomicI64::new(0),
-            probing: AtomicBool::new(false),
+            probing: AtomicI64::new(0),
             health,
         }
     }
@@ -341,7 +342,7 @@ impl Admission {
     /// pause is over with nothing probing (an idle or disabled subscription's, which no
     /// success will ever close).
     pub fn not_closed(&self) -> bool {
-        self.open_until_ms.load(Ordering::Acquire) > now_ms() || self.probing.load(Ordering::Acquire)
+        self.open_until_ms.load(Ordering::Acquire) > now_ms() || self.probing.load(Ordering::Acquire) != 0
     }
 
     /// The breaker's verdict: go ahead (with the [`Probe`] when this attempt tests an endpoint
@@ -360,18 +361,29 @@ impl Admission {
             return Err(Busy::Open(Duration::from_millis((until - now) as u64)));
         }
         // Half-open: one probe at a time.
-        if self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            // The pause read may be over only because the probe before this one failed and
-            // opened a new one between that read and this exchange: then this is no probe.
-            let now_until = self.open_until_ms.load(Ordering::Acquire);
-            if now_until > now {
-                self.probing.store(false, Ordering::Release);
-                return Err(Busy::Open(Duration::from_millis((now_until - now) as u64)));
+        match self.probing.compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                // The pause read may be over only because the probe before this one failed
+                // and opened a new one between that read and this exchange: then this is no
+                // probe.
+                let now_until = self.open_until_ms.load(Ordering::Acquire);
+                if now_until > now {
+                    self.probing.store(0, Ordering::Release);
+                    return Err(Busy::Open(Duration::from_millis((now_until - now) as u64)));
+                }
+                Ok(Probe(Some(&self.probing)))
             }
-            Ok(Probe(Some(&self.probing)))
-        } else {
-            let pause = Duration::from_millis(self.pause_ms.load(Ordering::Relaxed).max(0) as u64);
-            Err(Busy::Open(pause.min(PROBE_WAIT)))
+            Err(out_since) => {
+                // As long again as the probe has been out (at least PROBE_WAIT, or the pause
+                // if shorter; at most the longest pause): a probe that hangs for its timeout,
+                // up to five minutes, had the endpoint's whole backlog appended again every
+                // 5 s — sixty times a delivery; now a few times, and a probe that ends soon
+                // still lets the backlog go on soon after.
+                let pause = Duration::from_millis(self.pause_ms.load(Ordering::Relaxed).max(0) as u64);
+                let out = Duration::from_millis((now - out_since).max(0) as u64);
+                let longest = self.health.breaker_max_pause.0.max(PROBE_WAIT);
+                Err(Busy::Open(out.max(pause.min(PROBE_WAIT)).min(longest)))
+            }
         }
     }
 
@@ -847,7 +859,34 @@ mod tests {
         assert!(probe.is_probe());
         e.failed(probe); // ...while the probe fails and opens the breaker again
         assert!(matches!(e.breaker_seen(now, stale), Err(Busy::Open(_))), "a second probe in the new pause");
-        assert!(!e.probing.load(Ordering::Acquire), "and the flag is left free");
+        assert_eq!(e.probing.load(Ordering::Acquire), 0, "and the flag is left free");
+    }
+
+    /// While a probe is out, the others wait as long again as it has been out (at least 5 s,
+    /// at most the longest pause): a probe hanging for its timeout, up to five minutes, had the
+    /// endpoint's whole backlog deferred, and appended again, every 5 s — sixty times each.
+    #[tokio::test]
+    async fn while_a_probe_hangs_the_others_wait_as_long_again_as_it_has_been_out() {
+        let mut config = health(1, 20);
+        config.breaker_max_pause = Duration::from_secs(600).into();
+        let e = Admission::new(None, None, config);
+        let (_slot, probe) = e.admit().await.unwrap();
+        assert!(e.failed(probe).opened.is_some());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let (_probe_slot, probe) = e.admit().await.unwrap();
+        assert!(probe.is_probe());
+        assert!(matches!(e.admit().await, Err(Busy::Open(d)) if d <= PROBE_WAIT), "just out: the least wait");
+        // The probe has been out a minute (its start moved back, as a hanging attempt's is).
+        e.probing.store(now_ms() - 60_000, Ordering::Release);
+        match e.admit().await {
+            Err(Busy::Open(d)) => assert!(d >= Duration::from_secs(59) && d <= Duration::from_secs(61), "{d:?}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // Never past the longest pause.
+        e.probing.store(now_ms() - 3_600_000, Ordering::Release);
+        assert!(matches!(e.admit().await, Err(Busy::Open(d)) if d == Duration::from_secs(600)));
+        drop(probe);
+        assert!(e.admit().await.unwrap().1.is_probe(), "once it ends, the next delivery probes");
     }
 
     // An attempt that panics, or whose partition stops while it is out, is dropped unsettled:
