@@ -156,6 +156,12 @@ impl Bucket {
         Bucket { rate, capacity, state: Mutex::new((capacity, now_ms())) }
     }
 
+    /// Gives back a token taken for something that did not go ahead.
+    pub fn put_back(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.0 = (s.0 + 1.0).min(self.capacity);
+    }
+
     /// Takes a token, or says how long until one is there.
     pub fn take(&self, now_ms: i64) -> Result<(), Duration> {
         let mut s = self.state.lock().unwrap();
@@ -417,6 +423,23 @@ impl Admission {
                 Busy::Rate(self.promise(&self.rate_turns_until_us, wait, apart, MAX_TURN_AHEAD))
             })?;
         }
+        match self.slot(now).await {
+            Ok(slot) => Ok((slot, probe)),
+            Err(busy) => {
+                // Not sent: its token is given back. Spent, a delivery deferred for a slot or
+                // the pace took one each time, and the endpoint was sent less than either
+                // limit allows while deliveries at their rate-limit turns found none.
+                if let Some(bucket) = &self.bucket {
+                    bucket.put_back();
+                }
+                Err(busy)
+            }
+        }
+    }
+
+    /// An in-flight slot for a delivery the breaker and the rate limit let through (`now`
+    /// when they looked), or how long to wait.
+    async fn slot(&self, now: i64) -> Result<OwnedSemaphorePermit, Busy> {
         let full = || Busy::Full(self.busy_wait());
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
@@ -426,7 +449,7 @@ impl Admission {
             if self.turns_until_us.load(Ordering::Relaxed) != 0 {
                 self.turns_until_us.store(0, Ordering::Relaxed);
             }
-            return Ok((p, probe));
+            return Ok(p);
         }
         if now - self.last_progress_ms.load(Ordering::Relaxed) >= PATIENCE.as_millis() as i64 {
             return Err(full());
@@ -460,7 +483,7 @@ impl Admission {
         match slot {
             Ok(Ok(p)) => {
                 self.last_progress_ms.store(now_ms(), Ordering::Relaxed);
-                Ok((p, probe))
+                Ok(p)
             }
             _ => Err(full()),
         }
@@ -905,6 +928,23 @@ mod tests {
         let next = e.admit().await;
         assert!(next.is_ok(), "the probe was dropped: the next delivery probes");
         assert!(next.unwrap().1.is_probe());
+    }
+
+    /// A delivery deferred for want of a slot is not sent: its rate-limit token is given
+    /// back. Spent, a subscription with both limits was sent less than either allows.
+    #[tokio::test]
+    async fn a_delivery_deferred_for_a_slot_gives_its_token_back() {
+        let e = Admission::new(Some(1), Some(4.0), HealthConfig::default());
+        let (held, _) = e.admit().await.unwrap(); // one token, the only slot
+        for _ in 0..3 {
+            assert!(matches!(e.admit().await, Err(Busy::Full(_))), "no slot");
+        }
+        drop(held);
+        // The three deferred spent nothing: the bucket's other three tokens are there.
+        for i in 0..3 {
+            let (slot, _) = e.admit().await.unwrap_or_else(|b| panic!("token {i} spent by a deferral: {b:?}"));
+            drop(slot);
+        }
     }
 
     #[tokio::test]
