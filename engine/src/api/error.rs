@@ -164,6 +164,10 @@ impl From<crate::ingest::Refusal> for ApiError {
                 ids: None,
                 ..ApiError::unavailable(e.to_string())
             },
+            crate::ingest::Refusal::Unreadable { .. } => ApiError {
+                retry_after: Some(std::time::Duration::from_secs(5)),
+                ..ApiError::unavailable(e.to_string())
+            },
             // The single event's; a batch names its place ([`crate::api::events`]).
             crate::ingest::Refusal::IdReused { .. } => ApiError::conflict("id", e.to_string()),
             crate::ingest::Refusal::TooLarge { ref field, .. } => ApiError {

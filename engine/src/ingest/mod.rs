@@ -180,6 +180,19 @@ pub enum Refusal {
         /// Its place in the request.
         index: usize,
     },
+    /// A subscription of the event's tenant cannot be read by this process (its record was
+    /// written by a newer version, or its secret sealed with a key this process lacks): what
+    /// the event would be fanned out to is not known, and accepting it would drop that
+    /// subscription's delivery unsaid.
+    #[error(
+        "subscription {subscription} of this tenant cannot be read by this process (written by a newer Herald, \
+             or sealed with a key it lacks), so what the events would go to is not known; nothing of this request was \
+             accepted: send it again once the process is upgraded (or through one that is)"
+    )]
+    Unreadable {
+        /// The subscription.
+        subscription: String,
+    },
     /// The event is larger than `ingest.max_event_bytes`.
     #[error("{field}: the event's data and changes are {bytes} bytes (as sent, or as delivered); the limit is ingest.max_event_bytes = {max}")]
     TooLarge {
@@ -547,6 +560,9 @@ impl Ingest {
                     accepted.push(Accepted { id: event.id, deliveries });
                     continue;
                 }
+            }
+            if let Some(subscription) = self.registry.unreadable_of(&event.tenant) {
+                return Err(Refusal::Unreadable { subscription });
             }
             let targets = self.registry.matching(&event.tenant, &event.event_type);
             let mut keyed = Keyed::new(

@@ -95,8 +95,9 @@ struct State {
     /// of URL is checked against in one lookup — normalising every URL of the tenant instead,
     /// under the lock every change waits for, let one tenant's changes hold every tenant's.
     by_target: HashMap<(String, String), BTreeSet<String>>,
-    /// Ids whose newest record this process cannot read.
-    unreadable: HashSet<String>,
+    /// Ids whose newest record this process cannot read, with their tenant when the record
+    /// names one.
+    unreadable: HashMap<String, Option<String>>,
     /// Those of them it cannot read for a sealed secret no installed key opens.
     unopened: HashSet<String>,
     /// Ids whose newest record was ignored (its tenant's URL held by another), and its offset.
@@ -275,7 +276,12 @@ impl Apply for Registry {
                 if e.to_string().contains(crate::model::secret::UNOPENED) {
                     state.unopened.insert(id.clone());
                 }
-                state.unreadable.insert(id);
+                // Its tenant, read as loosely as can be, for publishes to refuse (see
+                // `unreadable_of`).
+                let tenant = serde_json::from_slice::<serde_json::Value>(&rec.value)
+                    .ok()
+                    .and_then(|v| v.get("tenant").and_then(|t| t.as_str()).map(str::to_string));
+                state.unreadable.insert(id, tenant);
             }
         }
     }
@@ -625,7 +631,7 @@ impl Registry {
         let state = self.state.read().unwrap();
         match state.by_id.get(id) {
             Some(t) => Lookup::Found(t.clone()),
-            None if state.unreadable.contains(id) => Lookup::Unknown,
+            None if state.unreadable.contains_key(id) => Lookup::Unknown,
             None => Lookup::Deleted,
         }
     }
@@ -644,7 +650,14 @@ impl Registry {
     /// Whether the subscription's latest record could not be read here (written by a newer
     /// version): not deleted, but not known either.
     pub fn unreadable(&self, id: &str) -> bool {
-        self.state.read().unwrap().unreadable.contains(id)
+        self.state.read().unwrap().unreadable.contains_key(id)
+    }
+
+    /// A subscription of `tenant`'s whose latest record this process cannot read, if there is
+    /// one: what an event of the tenant would be fanned out to is not known here.
+    pub fn unreadable_of(&self, tenant: &str) -> Option<String> {
+        let state = self.state.read().unwrap();
+        state.unreadable.iter().find(|(_, t)| t.as_deref() == Some(tenant)).map(|(id, _)| id.clone())
     }
 
     /// A subscription by id, as this process has it now.

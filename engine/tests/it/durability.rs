@@ -394,3 +394,36 @@ async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
     assert!(err.to_string().contains("in use"), "{err}");
     assert_eq!(h.api.get("/v1/subscriptions").await.0, 200);
 }
+
+/// A subscription whose latest record this process cannot read (a newer version wrote it in
+/// a rolling upgrade, or sealed its secret with a key this process lacks) is not known here:
+/// a publish of its tenant was answered `202` and fanned out without it — its delivery
+/// dropped, unsaid. The tenant's publishes are refused (`503`, naming the subscription) until
+/// it can be read; other tenants' go on.
+#[tokio::test]
+async fn a_publish_is_refused_while_a_subscription_of_its_tenant_cannot_be_read() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let sub = h.api.subscribe(json!({ "url": rx.url("/acme"), "tenant": "acme" })).await;
+    let id = sub["id"].as_str().unwrap().to_string();
+    h.api.subscribe(json!({ "url": rx.url("/other") })).await;
+    let (status, body) = h.api.post("/v1/events", json!({ "type": "T", "tenant": "acme", "data": 1 })).await;
+    assert_eq!((status.as_u16(), &body["deliveries"]), (202, &json!(1)), "{body}");
+    // A record of it this version cannot read (an auth type it does not know).
+    let record = herald::log::Record {
+        key: bytes::Bytes::from(id.clone()),
+        value: bytes::Bytes::from(
+            json!({ "id": id, "tenant": "acme", "auth": { "type": "signed-jwt-v9" } }).to_string(),
+        ),
+    };
+    h.herald.log().append("herald.subscriptions", vec![record]).await.unwrap();
+    until("the record read (and not understood)", Duration::from_secs(10), || async {
+        (h.api.get(&format!("/v1/subscriptions/{id}")).await.0 == 404).then_some(())
+    })
+    .await;
+    let (status, body) = h.api.post("/v1/events", json!({ "type": "T", "tenant": "acme", "data": 2 })).await;
+    assert_eq!(status.as_u16(), 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains(&id), "{body}");
+    let (status, body) = h.api.post("/v1/events", json!({ "type": "T", "data": 3 })).await;
+    assert_eq!((status.as_u16(), &body["deliveries"]), (202, &json!(1)), "another tenant's: {body}");
+}
