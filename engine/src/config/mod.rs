@@ -1169,8 +1169,16 @@ impl Config {
         if self.dispatch.ordered_max_keys == 0 {
             return reject("dispatch.ordered_max_keys", "must be at least 1");
         }
-        if self.dispatch.tenant_in_flight_bytes < 1 << 20 {
-            return reject("dispatch.tenant_in_flight_bytes", "must be at least 1048576 (1 MiB)");
+        // Twice the largest record: below one, a tenant's large events went only while it had
+        // nothing else in flight anywhere in the process.
+        let least = (2 * self.ingest.max_record_bytes()).max(1 << 20);
+        if self.dispatch.tenant_in_flight_bytes < least {
+            return reject(
+                "dispatch.tenant_in_flight_bytes",
+                &format!(
+                    "must be at least {least}: 1 MiB, and twice the largest record (ingest.max_event_bytes + 64 KiB)"
+                ),
+            );
         }
         if self.health.breaker_failures == 0 {
             return reject("health.breaker_failures", "must be at least 1");
@@ -1408,6 +1416,7 @@ mod tests {
             ("HERALD_QUOTAS_TESTS_PER_MINUTE", "0", "quotas.tests_per_minute"),
             ("HERALD_DISPATCH_BATCH", "0", "dispatch.batch"),
             ("HERALD_DISPATCH_TENANT_IN_FLIGHT_BYTES", "1048575", "dispatch.tenant_in_flight_bytes"),
+            ("HERALD_DISPATCH_TENANT_IN_FLIGHT_BYTES", "2000000", "dispatch.tenant_in_flight_bytes"),
             ("HERALD_QUOTAS_FANOUT_BYTES", "0", "quotas.fanout_bytes"),
             ("HERALD_QUOTAS_FANOUT_BYTES", "1048575", "quotas.fanout_bytes"),
         ] {

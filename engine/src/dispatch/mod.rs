@@ -361,6 +361,10 @@ fn wait(delivery: &Delivery) -> Duration {
     Duration::from_millis((delivery.due_ms - now_ms()).max(0) as u64)
 }
 
+/// The least a delivery refused for its tenant's bytes in flight waits, and the most.
+const BYTES_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const MAX_BYTES_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Whether a due delivery of `size` bytes may be attempted now: its subscription enabled, its
 /// tenant's share of the partition not all in flight nor its bytes in flight in the process,
 /// and admitted (breaker, rate limit, an in-flight slot).
@@ -368,9 +372,16 @@ async fn gate<'a>(target: &'a Target, shares: &'a Shares, bytes: &'a InFlightByt
     if !target.sub.spec.enabled {
         return Gate::Disabled;
     }
-    let Some(share) = shares.take(bytes, &target.sub.tenant, size) else {
+    let share = match shares.take(bytes, &target.sub.tenant, size) {
+        Ok(share) => share,
         // Looked at again no sooner than a delivery ages: the share is full of ones that hang.
-        return Gate::Busy(Busy::Share(target.admission.busy_wait().max(window::YOUNG)));
+        Err(window::Full::Share) => return Gate::Busy(Busy::Share(target.admission.busy_wait().max(window::YOUNG))),
+        // Bytes held by deliveries that may hang for their whole timeout: looked at again as
+        // long again as the tenant has been refused (5 s at least, a minute at most), not
+        // every second — each look appends its record, up to a megabyte, again.
+        Err(window::Full::Bytes(refused)) => {
+            return Gate::Busy(Busy::Share(refused.clamp(BYTES_WAIT, MAX_BYTES_WAIT)));
+        }
     };
     match target.admission.admit().await {
         Ok((slot, probe)) => Gate::Open(slot, probe, share),

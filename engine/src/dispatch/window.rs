@@ -51,16 +51,24 @@ impl Shares {
     /// One more delivery of `tenant` in flight, of `size` bytes, if its share of the partition
     /// has room and its bytes in flight in the process (`bytes`) do too: held until the guard
     /// drops.
-    pub fn take<'a>(&'a self, bytes: &'a InFlightBytes, tenant: &'a str, size: usize) -> Option<Share<'a>> {
-        if !self.0.take(tenant, 1) {
-            return None;
-        }
-        if !bytes.0.take(tenant, size) {
+    pub fn take<'a>(&'a self, bytes: &'a InFlightBytes, tenant: &'a str, size: usize) -> Result<Share<'a>, Full> {
+        let now = crate::model::now_ms();
+        self.0.take(tenant, 1, now).map_err(|_| Full::Share)?;
+        if let Err(over) = bytes.0.take(tenant, size, now) {
             self.0.give(tenant, 1);
-            return None;
+            return Err(Full::Bytes(over));
         }
-        Some(Share { shares: &self.0, bytes: &bytes.0, tenant, size })
+        Ok(Share { shares: &self.0, bytes: &bytes.0, tenant, size })
     }
+}
+
+/// Why [`Shares::take`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// The tenant's share of the partition is all in flight.
+    Share,
+    /// Its bytes in flight are at their bound, and have been refused more for this long.
+    Bytes(std::time::Duration),
 }
 
 /// Bytes of records each tenant has in flight in the process, over every partition of every
@@ -80,12 +88,13 @@ impl InFlightBytes {
     }
 }
 
-/// An amount each tenant holds, up to a cap (beside its first, however large); a tenant
-/// holding nothing is forgotten.
+/// An amount each tenant holds, up to a cap (beside its first, however large), and since when
+/// (ms, 0 if not) it has been refused more without a take between; a tenant holding nothing
+/// is forgotten.
 #[derive(Debug)]
 struct Tally {
     cap: usize,
-    held: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    held: std::sync::Mutex<std::collections::HashMap<String, (usize, i64)>>,
 }
 
 impl Tally {
@@ -93,22 +102,31 @@ impl Tally {
         Tally { cap, held: Default::default() }
     }
 
-    /// Whether `amount` more of `tenant`'s fit (then held).
-    fn take(&self, tenant: &str, amount: usize) -> bool {
+    /// Holds `amount` more of `tenant`'s if they fit; else how long it has been refused more
+    /// without a take between (`now` in ms).
+    fn take(&self, tenant: &str, amount: usize, now: i64) -> Result<(), std::time::Duration> {
         let mut held = self.held.lock().unwrap();
         match held.get_mut(tenant) {
-            Some(n) if n.saturating_add(amount) > self.cap => return false,
-            Some(n) => *n += amount,
+            Some((n, refused)) if n.saturating_add(amount) > self.cap => {
+                if *refused == 0 {
+                    *refused = now;
+                }
+                return Err(std::time::Duration::from_millis((now - *refused).max(0) as u64));
+            }
+            Some((n, refused)) => {
+                *n += amount;
+                *refused = 0;
+            }
             None => {
-                held.insert(tenant.to_string(), amount);
+                held.insert(tenant.to_string(), (amount, 0));
             }
         }
-        true
+        Ok(())
     }
 
     fn give(&self, tenant: &str, amount: usize) {
         let mut held = self.held.lock().unwrap();
-        if let Some(n) = held.get_mut(tenant) {
+        if let Some((n, _)) = held.get_mut(tenant) {
             *n = n.saturating_sub(amount);
             if *n == 0 {
                 held.remove(tenant);
@@ -300,10 +318,14 @@ mod tests {
     fn a_tenant_holds_at_most_its_share_and_gives_it_back() {
         let (shares, bytes) = (Shares::new(8), InFlightBytes::new(1 << 30));
         let held: Vec<_> = (0..12).map(|_| shares.take(&bytes, "mallory", 1).expect("within the share")).collect();
-        assert!(shares.take(&bytes, "mallory", 1).is_none(), "12 of the 16 a partition of 8 may have in flight");
+        assert_eq!(
+            shares.take(&bytes, "mallory", 1).err(),
+            Some(Full::Share),
+            "12 of the 16 a partition of 8 may have in flight"
+        );
         let other = shares.take(&bytes, "acme", 1).expect("another tenant has room");
         drop(held);
-        assert!(shares.take(&bytes, "mallory", 1).is_some());
+        assert!(shares.take(&bytes, "mallory", 1).is_ok());
         drop(other);
         assert!(shares.0.held.lock().unwrap().len() <= 1, "tenants with nothing in flight are forgotten");
         assert!(bytes.0.held.lock().unwrap().is_empty(), "and their bytes");
@@ -315,12 +337,15 @@ mod tests {
     fn a_tenant_s_bytes_in_flight_are_bounded_over_every_partition() {
         let (one, two, bytes) = (Shares::new(8), Shares::new(8), InFlightBytes::new(1000));
         let first = one.take(&bytes, "mallory", 5000).expect("a first delivery, however large");
-        assert!(two.take(&bytes, "mallory", 1).is_none(), "past the bound, in another partition too");
-        assert!(one.0.held.lock().unwrap()["mallory"] == 1, "the refused one's share given back");
+        assert!(
+            matches!(two.take(&bytes, "mallory", 1), Err(Full::Bytes(_))),
+            "past the bound, in another partition too"
+        );
+        assert!(one.0.held.lock().unwrap()["mallory"].0 == 1, "the refused one's share given back");
         let other = two.take(&bytes, "acme", 600).expect("another tenant's bytes are its own");
         drop(first);
         let a = one.take(&bytes, "mallory", 600).unwrap();
-        assert!(two.take(&bytes, "mallory", 600).is_none(), "1,200 bytes past 1,000");
+        assert!(two.take(&bytes, "mallory", 600).is_err(), "1,200 bytes past 1,000");
         let b = two.take(&bytes, "mallory", 400).expect("1,000 within 1,000");
         drop((a, b, other));
         assert!(bytes.0.held.lock().unwrap().is_empty());

@@ -128,8 +128,11 @@ impl InTurnsByKey {
     /// Waits for `key`'s turn.
     pub async fn turn(&self, key: &str) -> KeyTurn<'_> {
         let lock = self.0.lock().unwrap().entry(key.to_string()).or_default().clone();
-        let held = Some(lock.clone().lock_owned().await);
-        KeyTurn { held, lock, key: key.to_string(), all: self }
+        // Made before the wait: a wait given up (its request cancelled) forgets the key too,
+        // when nobody else holds or waits for it.
+        let mut turn = KeyTurn { held: None, lock, key: key.to_string(), all: self };
+        turn.held = Some(turn.lock.clone().lock_owned().await);
+        turn
     }
 }
 
@@ -259,6 +262,13 @@ mod tests {
         let second = waiting.await;
         drop((second, other));
         assert!(turns.0.lock().unwrap().is_empty(), "keys nobody holds or waits for are forgotten");
+        // A wait given up is forgotten with its key.
+        let first = turns.turn("a").await;
+        let mut given_up = Box::pin(turns.turn("a"));
+        assert!(futures::poll!(given_up.as_mut()).is_pending());
+        drop(first);
+        drop(given_up);
+        assert!(turns.0.lock().unwrap().is_empty(), "a cancelled wait leaves nothing behind");
     }
 
     #[test]

@@ -385,14 +385,36 @@ impl Registry {
 
     /// The turn of `tenant`'s changes (see `tenants`); the config file's webhooks and the
     /// like, which change any tenant's, wait for every turn.
-    async fn turn_of(&self, tenant: &str) -> (tokio::sync::RwLockReadGuard<'_, ()>, crate::model::KeyTurn<'_>) {
-        let shared = self.everyone.read().await;
-        (shared, self.tenants.turn(tenant).await)
+    async fn turn_of(&self, tenant: &str) -> (crate::model::KeyTurn<'_>, tokio::sync::RwLockReadGuard<'_, ()>) {
+        // The tenant's turn first: waiting for it while holding the shared side, a queued
+        // change of everyone's (fair, so it holds back new readers) waited for the whole of one
+        // tenant's queue, and every other tenant behind it.
+        let turn = self.tenants.turn(tenant).await;
+        (turn, self.everyone.read().await)
+    }
+
+    /// The turn of the tenant subscription `id` belongs to ([`Registry::turn_of`]), looked at
+    /// again once held: the config file's webhooks may have moved it to another tenant
+    /// meanwhile. `None` when there is no such subscription.
+    async fn turn_of_owner(
+        &self,
+        id: &str,
+    ) -> Option<(crate::model::KeyTurn<'_>, tokio::sync::RwLockReadGuard<'_, ()>)> {
+        let owner = |registry: &Registry| registry.get(id).map(|t| t.sub.tenant.clone());
+        let mut tenant = owner(self)?;
+        loop {
+            let turn = self.turn_of(&tenant).await;
+            match owner(self) {
+                Some(now) if now != tenant => tenant = now,
+                Some(_) => return Some(turn),
+                None => return None,
+            }
+        }
     }
 
     /// Checks and stores a new subscription of `tenant`, with `secret` or a generated one,
-    /// unless the tenant has `max` already (counted under the lock creates take one at a
-    /// time, so racing creates cannot pass it). A tenant cannot register the same URL twice.
+    /// unless the tenant has `max` already (counted in the tenant's turn, which its creates
+    /// take one at a time, so racing creates cannot pass it). A tenant cannot register the same URL twice.
     pub async fn create(
         &self,
         tenant: String,
@@ -424,8 +446,8 @@ impl Registry {
         self.update_checked(id, tenant, patch).await
     }
 
-    /// [`Self::update`], the only change of `id` under way here. Checked before taking the
-    /// write lock, from the version read then; if another change lands meanwhile (another
+    /// [`Self::update`], the only change of `id` under way here. Checked before taking its
+    /// tenant's turn, from the version read then; if another change lands meanwhile (another
     /// process's), checked again from that one.
     async fn update_checked(
         &self,
@@ -480,7 +502,7 @@ impl Registry {
             Ok(spec)
         }
         // TLS settings kept as they stood are not checked again (see `validate::check`).
-        let kept = previous.is_some_and(|p| p.tls == spec.tls && p.via_edge == spec.via_edge);
+        let kept = validate::kept(previous, &spec, |p, s| p.tls == s.tls);
         // The folder a CA file lies in (as opening it resolves it), when a tenant of this
         // registry's is named so.
         let folder = spec.tls.as_ref().filter(|_| !kept).and_then(|t| t.ca_file.as_deref()).and_then(|path| {
@@ -521,8 +543,7 @@ impl Registry {
         if let Some(s) = &new_secret {
             validate::check_secret("secret", s)?;
         }
-        let Some(owner) = self.get(id).map(|t| t.sub.tenant.clone()) else { return Ok(None) };
-        let _turn = self.turn_of(&owner).await;
+        let Some(_turn) = self.turn_of_owner(id).await else { return Ok(None) };
         let Some((current, version)) = self.current(id).filter(|(t, _)| tenant.is_none_or(|x| t.sub.tenant == x))
         else {
             return Ok(None);
@@ -596,8 +617,7 @@ impl Registry {
 
     /// Deletes a subscription; `false` when it did not exist.
     pub async fn delete(&self, id: &str) -> Result<bool, RegistryError> {
-        let Some(owner) = self.get(id).map(|t| t.sub.tenant.clone()) else { return Ok(false) };
-        let _turn = self.turn_of(&owner).await;
+        let Some(_turn) = self.turn_of_owner(id).await else { return Ok(false) };
         if !self.state.read().unwrap().by_id.contains_key(id) {
             return Ok(false);
         }

@@ -84,11 +84,7 @@ pub fn check(
     if spec.via_edge.as_ref().is_some_and(|d| d.is_empty() || d.len() > 64) {
         return Err(Invalid::new("via_edge", "must name an edge device"));
     }
-    // Kept only on the same transport and route: a webhook changed into an AMQP subscription
-    // (or the reverse) brings its fields to another transport's rules, which they never met.
-    let kept = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| {
-        previous.is_some_and(|p| p.transport == spec.transport && p.via_edge == spec.via_edge && same(p, spec))
-    };
+    let kept = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| kept(previous, spec, same);
     let guard_unless = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| {
         if spec.via_edge.is_some() || kept(same) {
             &open
@@ -116,6 +112,18 @@ pub fn check(
     check_common(spec)
 }
 
+/// Whether what `same` compares is kept from `previous` as it stood, so not held again to
+/// checks it passed then (or to bounds added since): only on the same transport and route — a
+/// webhook changed into an AMQP subscription (or the reverse) brings its fields to another
+/// transport's rules, which they never met. The one rule for every such check.
+pub fn kept(
+    previous: Option<&SubscriptionSpec>,
+    spec: &SubscriptionSpec,
+    same: impl Fn(&SubscriptionSpec, &SubscriptionSpec) -> bool,
+) -> bool {
+    previous.is_some_and(|p| p.transport == spec.transport && p.via_edge == spec.via_edge && same(p, spec))
+}
+
 /// One text field of a spec, if given.
 type Field = fn(&SubscriptionSpec) -> Option<&str>;
 
@@ -128,7 +136,7 @@ type Field = fn(&SubscriptionSpec) -> Option<&str>;
 /// most [`range::SUBSCRIPTION_BYTES`] as stored (every process keeps every subscription in
 /// memory, so a tenant's quota of them bounds what it holds there), naming the largest part.
 pub fn check_tenant_input(spec: &SubscriptionSpec, previous: Option<&SubscriptionSpec>) -> Result<(), Invalid> {
-    let changed = |f: Field| previous.is_none_or(|p| p.transport != spec.transport || f(p) != f(spec));
+    let changed = |f: Field| !kept(previous, spec, |p, s| f(p) == f(s));
     let new_url = (spec.transport == TransportKind::Webhook && changed(|s| Some(s.url.as_str())))
         .then(|| url::Url::parse(&spec.url).ok())
         .flatten();

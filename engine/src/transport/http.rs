@@ -69,8 +69,9 @@ pub struct Bounded<C> {
 }
 
 /// Webhook connections open, in all and by tenant, and how many of them may be kept open for
-/// reuse: one made past either bound is closed after its request instead of waiting in its
-/// pool. Pools keep up to `http.pool_max_idle_per_host` idle connections for each host, for
+/// reuse: one made past the bound in all, or past its tenant's share while more than half
+/// the bound is open (a lone busy tenant may keep half), is closed after its request instead
+/// of waiting in its pool (an HTTP/2 connection, one per host and shared, is always kept). Pools keep up to `http.pool_max_idle_per_host` idle connections for each host, for
 /// `http.pool_idle_timeout`: a tenant whose subscriptions name many hosts (one name each,
 /// under a wildcard of its own) kept a descriptor open for each for 90 s, without bound —
 /// until every tenant's new connections, the API's and the log's files failed.
@@ -83,13 +84,14 @@ pub struct KeptConnections {
 }
 
 impl KeptConnections {
-    /// Up to `most` kept in all, a quarter of them of one tenant's.
+    /// Up to `most` kept in all, a quarter of them of one tenant's once half are open.
     pub fn new(most: usize) -> Self {
         KeptConnections { most, per_tenant: (most / 4).max(1), open: Default::default() }
     }
 
     /// Counts a connection of `tenant`'s as open until the returned count is dropped, and
-    /// says whether it is kept for reuse: only if it is within both bounds, itself counted.
+    /// says whether it is kept for reuse: only within the bound, and within the tenant's
+    /// share once half the bound is open, itself counted.
     fn opened(self: &Arc<Self>, tenant: Option<Arc<str>>) -> OpenConnection {
         let mut open = self.open.lock().unwrap();
         open.0 += 1;
@@ -98,7 +100,8 @@ impl KeptConnections {
             *n += 1;
             *n
         });
-        OpenConnection { keep: open.0 <= self.most && mine <= self.per_tenant, tenant, of: self.clone() }
+        let keep = open.0 <= self.most && (mine <= self.per_tenant || open.0 <= self.most / 2);
+        OpenConnection { keep, tenant, of: self.clone() }
     }
 }
 
@@ -136,7 +139,9 @@ impl<T: hyper_util::client::legacy::connect::Connection> hyper_util::client::leg
 {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
         let connected = self.io.connected();
-        if !self.count.keep {
+        // Not an HTTP/2 one: its pool keeps a shared connection without looking whether it
+        // was poisoned, so it stayed open, counted, and lost its multiplexing besides.
+        if !self.count.keep && !connected.is_negotiated_h2() {
             connected.poison();
         }
         connected
@@ -958,9 +963,10 @@ mod tests {
         }
     }
 
-    /// A tenant's connections are kept for reuse up to its share of the bound, and the rest
-    /// closed once their request ends — another tenant's still kept: a tenant naming many
-    /// hosts kept a descriptor open for each, up to 90 s, without bound.
+    /// A tenant's connections are kept for reuse up to its share of the bound (or half of it,
+    /// while fewer are open), and the rest closed once their request ends — another tenant's
+    /// still kept: a tenant naming many hosts kept a descriptor open for each, up to 90 s,
+    /// without bound.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tenant_keeps_its_share_of_connections_open_and_no_more() {
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -989,7 +995,7 @@ mod tests {
                 }
             });
         }
-        // Four kept in all: one of a tenant's.
+        // Four kept in all: one of a tenant's once two are open.
         let settings = HttpSettings { kept_connections: 4, ..HttpSettings::default() };
         let http = HttpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), &settings);
         let request = |port: u16| WebhookRequest {
@@ -1004,7 +1010,7 @@ mod tests {
         }
         assert_eq!(made.load(Ordering::SeqCst), 3);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while open.load(Ordering::SeqCst) > 1 {
+        while open.load(Ordering::SeqCst) > 2 {
             assert!(Instant::now() < deadline, "{} of the tenant's connections kept open", open.load(Ordering::SeqCst));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
