@@ -470,7 +470,21 @@ impl Admission {
         let mut queued = Queued::join(&self.queue, self.cap as f64);
         if queued.position > self.cap {
             let slow = |per_second: &f64| self.cap as f64 / per_second > PATIENCE.as_secs_f64() / 2.0;
-            if let Some(per_second) = queued.per_second.filter(slow) {
+            // With no pace measured, what the slots take by their latency when each turns
+            // over slower than the patience itself: then no queued delivery is ever granted a
+            // slot within it, so no pace is ever measured, and a serial receiver answering in
+            // 400 ms had its backlog deferred all together, back all together, one sent and
+            // the rest deferred again — N²/2 appends of a shared tier for N deliveries, its
+            // slot idle more than half the time.
+            let by_latency = || {
+                let latency = self.latency();
+                (latency > PATIENCE).then(|| self.cap as f64 / latency.as_secs_f64())
+            };
+            let pace = match queued.per_second {
+                Some(measured) => Some(measured).filter(slow),
+                None => by_latency(),
+            };
+            if let Some(per_second) = pace {
                 let wait = Duration::try_from_secs_f64(queued.position as f64 / per_second).unwrap_or(MAX_TURN_AHEAD);
                 if wait > PATIENCE {
                     return Err(Busy::Pace(self.turn(wait, per_second)));

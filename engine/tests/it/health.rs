@@ -104,6 +104,40 @@ async fn a_backlog_behind_a_stalled_endpoint_is_not_deferred_every_100_ms() {
     assert!(deferred < 1_000.0, "{deferred} deferrals of 199 deliveries in 5 s");
 }
 
+/// A serial receiver (one slot) that answers in 400 ms: no delivery queued for its slot is
+/// ever granted one within the 250 ms patience, so its pace was never measured, and its
+/// backlog was deferred all together, came back all together, one took the slot and the rest
+/// were deferred again — about N²/4 appends of a shared tier for N deliveries. Once its
+/// latency says each slot turns over slower than the patience, the backlog gets turns at
+/// that pace, deferred about once each.
+#[tokio::test]
+async fn a_serial_receiver_slower_than_the_patience_has_its_backlog_deferred_about_once_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start().await;
+    rx.behave("/serial", crate::support::Behaviour::Slow(Duration::from_millis(400)));
+    let (_child, addr) = crate::support::spawn_herald_with(dir.path(), &[]);
+    let api = crate::support::Api::new(addr, crate::support::TOKEN);
+    api.subscribe(json!({ "url": rx.url("/serial"), "max_in_flight": 1 })).await;
+    let events: Vec<_> = (0..30).map(|i| json!({ "type": "T", "data": i })).collect();
+    api.post("/v1/events/batch", serde_json::Value::Array(events)).await;
+    let started = std::time::Instant::now();
+    crate::support::eventually("30 requests on /serial", Duration::from_secs(90), || {
+        (rx.on("/serial").len() >= 30).then_some(())
+    })
+    .await;
+    eprintln!("serial receiver: 30 deliveries of 400 ms one at a time took {:?}", started.elapsed());
+    let m = crate::support::metrics::scrape(&api).await;
+    let deferred: f64 = ["in_flight_cap", "endpoint_pace"]
+        .iter()
+        .map(|r| m.value("herald_deliveries_deferred_total", &[("reason", r)]))
+        .sum();
+    eprintln!("serial receiver: {deferred} deferrals of 30 deliveries");
+    // About 435 before (and 30 s for 12 s of the receiver's work); 105–115 with turns (and
+    // 15–16 s). Half of before is the bound: the early deferrals, before the first attempt
+    // ends, are still judged by the stall.
+    assert!(deferred < 220.0, "{deferred} deferrals of 30 deliveries");
+}
+
 #[tokio::test]
 async fn continuous_failure_disables_the_subscription() {
     // A process of its own, so the disabled gauge is this server's alone.
