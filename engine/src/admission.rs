@@ -186,9 +186,10 @@ impl Bucket {
 
 /// The queue for an endpoint's slots, and the pace at which it has lately been served: slots
 /// granted to queued deliveries over the time someone was queued. Whether to defer is judged
-/// by this alone, not by attempts' latency (under CPU saturation a few slow attempts swing a
+/// by this, not by attempts' latency (under CPU saturation a few slow attempts swing a
 /// latency average, and a guess from it once deferred a third of an end-to-end run; latency
-/// only helps space the turns, [`Admission::turn`]), nor by
+/// helps space the turns, [`Admission::turn`], and stands in only where no pace can be
+/// measured: each slot slower than the patience, see [`Admission::admit`]), nor by
 /// each waiter's own view (waiters' waits overlap, so a pause counts once per waiter, and the
 /// first behind slots all taken together sees one slot in a whole latency while the endpoint
 /// turns over all of them).
@@ -470,15 +471,16 @@ impl Admission {
         let mut queued = Queued::join(&self.queue, self.cap as f64);
         if queued.position > self.cap {
             let slow = |per_second: &f64| self.cap as f64 / per_second > PATIENCE.as_secs_f64() / 2.0;
-            // With no pace measured, what the slots take by their latency when each turns
-            // over slower than the patience itself: then no queued delivery is ever granted a
-            // slot within it, so no pace is ever measured, and a serial receiver answering in
-            // 400 ms had its backlog deferred all together, back all together, one sent and
-            // the rest deferred again — N²/2 appends of a shared tier for N deliveries, its
-            // slot idle more than half the time.
+            // With no pace measured, what the slots take by their latency when a slot turns
+            // over (the latency over the slots) slower than the patience itself: then no queued
+            // delivery is ever granted one within it, so no pace is ever measured, and a serial
+            // receiver answering in 400 ms had its backlog deferred all together, back all
+            // together, one sent and the rest deferred again — N²/2 appends of a shared tier
+            // for N deliveries, its slot idle more than half the time. Not sooner: 64 slots at
+            // a latency this machine's load swells to 300 ms turn over every 5 ms.
             let by_latency = || {
-                let latency = self.latency();
-                (latency > PATIENCE).then(|| self.cap as f64 / latency.as_secs_f64())
+                let per_slot = self.latency().as_secs_f64() / self.cap as f64;
+                (per_slot > PATIENCE.as_secs_f64()).then(|| 1.0 / per_slot)
             };
             let pace = match queued.per_second {
                 Some(measured) => Some(measured).filter(slow),
@@ -829,6 +831,24 @@ mod tests {
         for waiter in queue {
             assert!(waiter.await.unwrap().is_some(), "every queued delivery got a slot");
         }
+    }
+
+    /// With no pace measured yet, a queue is deferred by the slots' latency only when a slot
+    /// turns over slower than the patience: 64 slots at a latency swollen to 300 ms by this
+    /// machine's load turn over every 5 ms, and their queue waits; one slot at 400 ms does not.
+    #[tokio::test(start_paused = true)]
+    async fn without_a_pace_only_slots_slower_than_the_patience_defer_by_latency() {
+        let fast = Arc::new(Admission::new(Some(64), None, HealthConfig::default()));
+        fast.observe(Duration::from_millis(300));
+        let _held: Vec<_> = futures::future::join_all((0..64).map(|_| fast.admit())).await;
+        let queue: Vec<_> = futures::future::join_all((0..8).map(|_| queue_one(&fast))).await;
+        assert_eq!(fast.queued(), 8, "queued, not deferred");
+        drop(queue);
+        let serial = Arc::new(Admission::new(Some(1), None, HealthConfig::default()));
+        serial.observe(Duration::from_millis(400));
+        let _held = serial.admit().await.unwrap();
+        let _first = queue_one(&serial).await; // a slot's worth of queue always waits
+        assert!(matches!(serial.admit().await, Err(Busy::Pace(_))), "deferred to a turn at once");
     }
 
     #[tokio::test]

@@ -593,7 +593,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         .observers
         .iter()
         .fold(Deliverer::new(stores.registry.clone(), transports.clone(), settler), |d, o| d.observed_by(o.clone()))
-        .in_flight_bytes(config.dispatch.tenant_in_flight_bytes);
+        .in_flight_bytes(config.dispatch.tenant_in_flight_bytes(&config.ingest));
     let mut ingest = Ingest::new(
         log.clone(),
         stores.registry.clone(),

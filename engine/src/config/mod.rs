@@ -418,6 +418,16 @@ pub enum UnknownTypes {
     Reject,
 }
 
+impl DispatchConfig {
+    /// `tenant_in_flight_bytes` as used: at least twice the largest record `ingest` lets in.
+    /// Below one, a tenant's large events went only while it had nothing else in flight
+    /// anywhere in the process; raised, not refused, so that a larger `ingest.max_event_bytes`
+    /// never stops a start whose settings named no bound (the default is 64 MiB).
+    pub fn tenant_in_flight_bytes(&self, ingest: &IngestConfig) -> usize {
+        self.tenant_in_flight_bytes.max(2 * ingest.max_record_bytes())
+    }
+}
+
 impl IngestConfig {
     /// Room a record needs beyond its event: delivery metadata, a dead letter's fields.
     pub const RECORD_OVERHEAD: usize = 64 * 1024;
@@ -1169,16 +1179,8 @@ impl Config {
         if self.dispatch.ordered_max_keys == 0 {
             return reject("dispatch.ordered_max_keys", "must be at least 1");
         }
-        // Twice the largest record: below one, a tenant's large events went only while it had
-        // nothing else in flight anywhere in the process.
-        let least = (2 * self.ingest.max_record_bytes()).max(1 << 20);
-        if self.dispatch.tenant_in_flight_bytes < least {
-            return reject(
-                "dispatch.tenant_in_flight_bytes",
-                &format!(
-                    "must be at least {least}: 1 MiB, and twice the largest record (ingest.max_event_bytes + 64 KiB)"
-                ),
-            );
+        if self.dispatch.tenant_in_flight_bytes < 1 << 20 {
+            return reject("dispatch.tenant_in_flight_bytes", "must be at least 1048576 (1 MiB)");
         }
         if self.health.breaker_failures == 0 {
             return reject("health.breaker_failures", "must be at least 1");
@@ -1318,6 +1320,16 @@ mod tests {
 
     /// Past half of `max_uncommitted`, attempts holding the commit point are ended: below
     /// twice what a partition may have in flight (twice the window), ordinary ones would be.
+    /// A larger `ingest.max_event_bytes` raises the bound on a tenant's bytes in flight to
+    /// twice the largest record, rather than refusing a start that named no bound.
+    #[test]
+    fn a_tenant_s_bytes_in_flight_are_at_least_twice_the_largest_record() {
+        let mut c = Config::default();
+        assert_eq!(c.dispatch.tenant_in_flight_bytes(&c.ingest), 64 << 20);
+        c.ingest.max_event_bytes = 50 << 20;
+        assert_eq!(c.dispatch.tenant_in_flight_bytes(&c.ingest), 2 * ((50 << 20) + (64 << 10)));
+    }
+
     #[test]
     fn max_uncommitted_below_four_windows_is_refused() {
         let with = |n: &str| {
@@ -1416,7 +1428,6 @@ mod tests {
             ("HERALD_QUOTAS_TESTS_PER_MINUTE", "0", "quotas.tests_per_minute"),
             ("HERALD_DISPATCH_BATCH", "0", "dispatch.batch"),
             ("HERALD_DISPATCH_TENANT_IN_FLIGHT_BYTES", "1048575", "dispatch.tenant_in_flight_bytes"),
-            ("HERALD_DISPATCH_TENANT_IN_FLIGHT_BYTES", "2000000", "dispatch.tenant_in_flight_bytes"),
             ("HERALD_QUOTAS_FANOUT_BYTES", "0", "quotas.fanout_bytes"),
             ("HERALD_QUOTAS_FANOUT_BYTES", "1048575", "quotas.fanout_bytes"),
         ] {

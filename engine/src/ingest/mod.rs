@@ -186,8 +186,9 @@ pub enum Refusal {
     /// subscription's delivery unsaid.
     #[error(
         "subscription {subscription} of this tenant cannot be read by this process (written by a newer Herald, \
-             or sealed with a key it lacks), so what the events would go to is not known; nothing of this request was \
-             accepted: send it again once the process is upgraded (or through one that is)"
+             or its secret sealed with a key this process lacks), so what the events would go to is not known; nothing \
+             of this request was accepted: send it again once the process can read it (upgraded, or given the key), \
+             through one that can, or after deleting that subscription"
     )]
     Unreadable {
         /// The subscription.

@@ -98,6 +98,8 @@ struct State {
     /// Ids whose newest record this process cannot read, with their tenant when the record
     /// names one.
     unreadable: HashMap<String, Option<String>>,
+    /// The same by tenant: what a publish of the tenant's looks up (`Registry::unreadable_of`).
+    unreadable_by_tenant: HashMap<String, BTreeSet<String>>,
     /// Those of them it cannot read for a sealed secret no installed key opens.
     unopened: HashSet<String>,
     /// Ids whose newest record was ignored (its tenant's URL held by another), and its offset.
@@ -150,10 +152,31 @@ impl State {
         self.by_url.get(&(tenant.to_string(), url_key(url))).map(String::as_str).filter(|id| *id != except)
     }
 
+    /// `id`'s newest record cannot be read here; `tenant` is the one it names, if any.
+    fn unreadable_now(&mut self, id: String, tenant: Option<String>) {
+        self.readable_again(&id);
+        if let Some(t) = &tenant {
+            self.unreadable_by_tenant.entry(t.clone()).or_default().insert(id.clone());
+        }
+        self.unreadable.insert(id, tenant);
+    }
+
+    /// `id`'s newest record can be read (applied or ignored), or it is gone.
+    fn readable_again(&mut self, id: &str) {
+        self.unopened.remove(id);
+        if let Some(Some(tenant)) = self.unreadable.remove(id) {
+            if let Some(ids) = self.unreadable_by_tenant.get_mut(&tenant) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.unreadable_by_tenant.remove(&tenant);
+                }
+            }
+        }
+    }
+
     fn remove(&mut self, id: &str) -> Option<Arc<Target>> {
         self.version.remove(id);
-        self.unreadable.remove(id);
-        self.unopened.remove(id);
+        self.readable_again(id);
         self.ignored.remove(id);
         self.stale.remove(id);
         let old = self.by_id.remove(id)?;
@@ -235,6 +258,9 @@ impl Apply for Registry {
         match compiled {
             Ok(mut t) => {
                 let mut state = self.state.write().unwrap();
+                // Readable, whatever becomes of it below (applied, or ignored for a conflict):
+                // an unreadable record before it no longer holds its tenant's publishes back.
+                state.readable_again(&id);
                 let first = *state.first_seen.entry(id.clone()).or_insert(rec.offset);
                 let restates = state.by_id.get(&id).is_some_and(|c| same_content(&c.sub, &t.sub));
                 let deleted_after = |base: u64| state.deleted.get(&id).is_some_and(|&(at, _)| at > base);
@@ -271,17 +297,21 @@ impl Apply for Registry {
             }
             Err(e) => {
                 tracing::error!(subscription = %id, offset = rec.offset, error = %e, "unreadable subscription record; its deliveries wait");
-                let mut state = self.state.write().unwrap();
-                state.remove(&id);
-                if e.to_string().contains(crate::model::secret::UNOPENED) {
-                    state.unopened.insert(id.clone());
-                }
                 // Its tenant, read as loosely as can be, for publishes to refuse (see
-                // `unreadable_of`).
+                // `unreadable_of`); a record naming none holds nobody's back (said here).
                 let tenant = serde_json::from_slice::<serde_json::Value>(&rec.value)
                     .ok()
                     .and_then(|v| v.get("tenant").and_then(|t| t.as_str()).map(str::to_string));
-                state.unreadable.insert(id, tenant);
+                if tenant.is_none() {
+                    tracing::error!(subscription = %id, "the unreadable record names no tenant: publishes are fanned out without it");
+                }
+                let mut state = self.state.write().unwrap();
+                state.remove(&id);
+                let unopened = e.to_string().contains(crate::model::secret::UNOPENED);
+                state.unreadable_now(id.clone(), tenant);
+                if unopened {
+                    state.unopened.insert(id);
+                }
             }
         }
     }
@@ -400,7 +430,10 @@ impl Registry {
         &self,
         id: &str,
     ) -> Option<(crate::model::KeyTurn<'_>, tokio::sync::RwLockReadGuard<'_, ()>)> {
-        let owner = |registry: &Registry| registry.get(id).map(|t| t.sub.tenant.clone());
+        // One this process cannot read is its record's tenant's (its tenant may delete it).
+        let owner = |registry: &Registry| {
+            registry.get(id).map(|t| t.sub.tenant.clone()).or_else(|| registry.unreadable_tenant(id))
+        };
         let mut tenant = owner(self)?;
         loop {
             let turn = self.turn_of(&tenant).await;
@@ -618,7 +651,11 @@ impl Registry {
     /// Deletes a subscription; `false` when it did not exist.
     pub async fn delete(&self, id: &str) -> Result<bool, RegistryError> {
         let Some(_turn) = self.turn_of_owner(id).await else { return Ok(false) };
-        if !self.state.read().unwrap().by_id.contains_key(id) {
+        let known = {
+            let state = self.state.read().unwrap();
+            state.by_id.contains_key(id) || state.unreadable.contains_key(id)
+        };
+        if !known {
             return Ok(false);
         }
         self.feed.write(id.as_bytes(), Bytes::new()).await?;
@@ -677,7 +714,12 @@ impl Registry {
     /// one: what an event of the tenant would be fanned out to is not known here.
     pub fn unreadable_of(&self, tenant: &str) -> Option<String> {
         let state = self.state.read().unwrap();
-        state.unreadable.iter().find(|(_, t)| t.as_deref() == Some(tenant)).map(|(id, _)| id.clone())
+        state.unreadable_by_tenant.get(tenant).and_then(|ids| ids.iter().next().cloned())
+    }
+
+    /// The tenant a subscription this process cannot read names, if it is one such.
+    pub fn unreadable_tenant(&self, id: &str) -> Option<String> {
+        self.state.read().unwrap().unreadable.get(id).cloned().flatten()
     }
 
     /// A subscription by id, as this process has it now.
@@ -1236,6 +1278,45 @@ mod tests {
         assert_eq!(stub.started.load(Ordering::SeqCst), 3, "the tenant's second change waits for its first");
         stub.resume();
         let _ = (first.await.unwrap(), second.await.unwrap());
+    }
+
+    /// A subscription whose newest record cannot be read holds its tenant's publishes back
+    /// only until a record of it can be read — applied or ignored — or it is deleted; one
+    /// naming no tenant holds nobody's.
+    #[test]
+    fn an_unreadable_subscription_holds_its_tenant_back_only_while_it_is_unreadable() {
+        let registry = registry(false, true);
+        let apply = |offset: u64, id: &str, value: Vec<u8>| {
+            let rec = LogRecord {
+                partition: 0,
+                offset,
+                timestamp_ms: 0,
+                key: Bytes::copy_from_slice(id.as_bytes()),
+                value: Bytes::from(value),
+            };
+            registry.apply(Entry { kind: Kind::Subscription, id: id.into(), record: &rec });
+        };
+        let unreadable =
+            |id: &str| serde_json::json!({ "id": id, "tenant": "t", "auth": { "type": "v9" } }).to_string();
+        let readable = |id: &str, url: &str| {
+            let spec = spec::strict(&serde_json::json!({ "url": url })).unwrap();
+            let mut sub = validate::new_subscription("t".into(), spec, None).unwrap();
+            sub.id = id.into();
+            sub.stored()
+        };
+        apply(1, "sub_a", readable("sub_a", "https://h.example/a"));
+        apply(2, "sub_b", unreadable("sub_b").into_bytes());
+        assert_eq!(registry.unreadable_of("t").as_deref(), Some("sub_b"));
+        assert_eq!(registry.unreadable_of("u"), None, "another tenant's go on");
+        // Readable again, though ignored (its URL is sub_a's).
+        apply(3, "sub_b", readable("sub_b", "https://h.example/a"));
+        assert_eq!(registry.unreadable_of("t"), None, "a readable record, ignored, ends it");
+        apply(4, "sub_b", unreadable("sub_b").into_bytes());
+        assert!(registry.unreadable_of("t").is_some());
+        apply(5, "sub_b", Vec::new());
+        assert_eq!(registry.unreadable_of("t"), None, "a tombstone ends it");
+        apply(6, "sub_c", b"not json".to_vec());
+        assert!(registry.unreadable("sub_c") && registry.unreadable_of("t").is_none(), "names no tenant");
     }
 
     /// The config file's webhooks are all checked before any is written: a refused later one

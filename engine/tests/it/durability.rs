@@ -404,26 +404,30 @@ async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
 async fn a_publish_is_refused_while_a_subscription_of_its_tenant_cannot_be_read() {
     let h = TestHerald::start().await;
     let rx = Receiver::start().await;
-    let sub = h.api.subscribe(json!({ "url": rx.url("/acme"), "tenant": "acme" })).await;
+    let (acme, tenant) = crate::support::tenant_with_key(&h.api, "Acme").await;
+    let sub = tenant.subscribe(json!({ "url": rx.url("/acme") })).await;
     let id = sub["id"].as_str().unwrap().to_string();
     h.api.subscribe(json!({ "url": rx.url("/other") })).await;
-    let (status, body) = h.api.post("/v1/events", json!({ "type": "T", "tenant": "acme", "data": 1 })).await;
+    let (status, body) = h.api.post("/v1/events", json!({ "type": "T", "tenant": acme, "data": 1 })).await;
     assert_eq!((status.as_u16(), &body["deliveries"]), (202, &json!(1)), "{body}");
     // A record of it this version cannot read (an auth type it does not know).
     let record = herald::log::Record {
         key: bytes::Bytes::from(id.clone()),
-        value: bytes::Bytes::from(
-            json!({ "id": id, "tenant": "acme", "auth": { "type": "signed-jwt-v9" } }).to_string(),
-        ),
+        value: bytes::Bytes::from(json!({ "id": id, "tenant": acme, "auth": { "type": "signed-jwt-v9" } }).to_string()),
     };
     h.herald.log().append("herald.subscriptions", vec![record]).await.unwrap();
     until("the record read (and not understood)", Duration::from_secs(10), || async {
         (h.api.get(&format!("/v1/subscriptions/{id}")).await.0 == 404).then_some(())
     })
     .await;
-    let (status, body) = h.api.post("/v1/events", json!({ "type": "T", "tenant": "acme", "data": 2 })).await;
+    let (status, body) = h.api.post("/v1/events", json!({ "type": "T", "tenant": acme, "data": 2 })).await;
     assert_eq!(status.as_u16(), 503, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains(&id), "{body}");
     let (status, body) = h.api.post("/v1/events", json!({ "type": "T", "data": 3 })).await;
     assert_eq!((status.as_u16(), &body["deliveries"]), (202, &json!(1)), "another tenant's: {body}");
+    // Its tenant may delete it (the record names the tenant), and publishes again.
+    let (status, _) = tenant.raw("DELETE", &format!("/v1/subscriptions/{id}"), None, Some(&tenant.token)).await;
+    assert_eq!(status.as_u16(), 204);
+    let (status, body) = h.api.post("/v1/events", json!({ "type": "T", "tenant": acme, "data": 4 })).await;
+    assert_eq!((status.as_u16(), &body["deliveries"]), (202, &json!(0)), "{body}");
 }

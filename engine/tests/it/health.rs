@@ -119,7 +119,8 @@ async fn a_serial_receiver_slower_than_the_patience_has_its_backlog_deferred_abo
     let api = crate::support::Api::new(addr, crate::support::TOKEN);
     api.subscribe(json!({ "url": rx.url("/serial"), "max_in_flight": 1 })).await;
     let events: Vec<_> = (0..30).map(|i| json!({ "type": "T", "data": i })).collect();
-    api.post("/v1/events/batch", serde_json::Value::Array(events)).await;
+    let (status, body) = api.post("/v1/events/batch", serde_json::Value::Array(events)).await;
+    assert_eq!(status, 202, "{body}");
     let started = std::time::Instant::now();
     crate::support::eventually("30 requests on /serial", Duration::from_secs(90), || {
         (rx.on("/serial").len() >= 30).then_some(())
