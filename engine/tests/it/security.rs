@@ -1017,18 +1017,24 @@ async fn connections_without_a_token_cannot_take_every_file_descriptor() {
 /// the admin token alone, so its holder could test guesses at the admin token offline, two
 /// HMACs a guess. With a secret key set, the link's key takes that random key too: the admin
 /// token alone no longer checks a link, and the link still works.
+///
+/// A process of its own: the secret key is installed process-wide, and installed in the
+/// tests' process it sealed the secrets of tests running beside it, which then could not
+/// open them after a restart without it.
 #[tokio::test]
 async fn a_portal_link_cannot_be_used_to_test_guesses_at_the_admin_token() {
     use base64::Engine;
     let sealing = base64::engine::general_purpose::STANDARD.encode([5u8; 32]);
-    let h = TestHerald::start_with(|c| c.secret_key = Some(sealing)).await;
-    let (acme, _) = crate::support::tenant_with_key(&h.api, "Acme").await;
-    let (status, link) = h.api.post(&format!("/v1/tenants/{acme}/portal"), json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, addr) = crate::support::spawn_herald_with(dir.path(), &[("HERALD_SECRET_KEY", &sealing)]);
+    let api = Api::new(addr, TOKEN);
+    let (acme, _) = crate::support::tenant_with_key(&api, "Acme").await;
+    let (status, link) = api.post(&format!("/v1/tenants/{acme}/portal"), json!({})).await;
     assert_eq!(status, 201, "{link}");
     let token = link["token"].as_str().unwrap();
     let guessed = herald::api::portal::PortalKey::derive(TOKEN, None);
     assert_eq!(guessed.verify(token, herald::model::now_ms()), None, "the admin token alone checks the link");
-    let mut portal = h.api.clone();
+    let mut portal = api.clone();
     portal.token = token.to_string();
     assert_eq!(portal.get("/v1/subscriptions").await.0, 200, "the link works");
 }
