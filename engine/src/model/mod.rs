@@ -110,44 +110,6 @@ impl Drop for Running {
     }
 }
 
-/// Work that waits its turn per key (a tenant, a subscription): one at a time for each key,
-/// any number of keys at once. A key with nobody holding or waiting for it is forgotten.
-#[derive(Debug, Default)]
-pub struct InTurnsByKey(std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>);
-
-/// A key's turn ([`InTurnsByKey::turn`]), until dropped.
-#[derive(Debug)]
-pub struct KeyTurn<'a> {
-    held: Option<tokio::sync::OwnedMutexGuard<()>>,
-    lock: std::sync::Arc<tokio::sync::Mutex<()>>,
-    key: String,
-    all: &'a InTurnsByKey,
-}
-
-impl InTurnsByKey {
-    /// Waits for `key`'s turn.
-    pub async fn turn(&self, key: &str) -> KeyTurn<'_> {
-        let lock = self.0.lock().unwrap().entry(key.to_string()).or_default().clone();
-        // Made before the wait: a wait given up (its request cancelled) forgets the key too,
-        // when nobody else holds or waits for it.
-        let mut turn = KeyTurn { held: None, lock, key: key.to_string(), all: self };
-        turn.held = Some(turn.lock.clone().lock_owned().await);
-        turn
-    }
-}
-
-impl Drop for KeyTurn<'_> {
-    fn drop(&mut self) {
-        drop(self.held.take());
-        let mut all = self.all.0.lock().unwrap();
-        // The map's and this one's: nobody else holds or waits for it (a waiter clones it
-        // under the map's lock, taken here too).
-        if std::sync::Arc::strong_count(&self.lock) == 2 {
-            all.remove(&self.key);
-        }
-    }
-}
-
 /// Heavy work that all tenants share so many at a time (PKCS#12 key derivation one at a time,
 /// name lookups 128), taken in turns among tenants: each tenant's work queues on its own first,
 /// so at most so many of a tenant's wait in the shared queue or hold it, and another tenant's
@@ -177,6 +139,12 @@ impl Default for TakenInTurns {
 }
 
 impl TakenInTurns {
+    /// `per_key` of each key's at a time (a tenant's, a subscription's), with no bound on all
+    /// keys' together.
+    pub fn per_key(per_key: usize) -> Self {
+        TakenInTurns::new(tokio::sync::Semaphore::MAX_PERMITS, per_key)
+    }
+
     /// `shared` at a time, `per_tenant` of one tenant's.
     pub fn new(shared: usize, per_tenant: usize) -> Self {
         TakenInTurns {
@@ -252,7 +220,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_s_turns_come_one_at_a_time_and_are_forgotten_when_nobody_waits() {
-        let turns = super::InTurnsByKey::default();
+        let turns = super::TakenInTurns::per_key(1);
         let first = turns.turn("a").await;
         let other = turns.turn("b").await; // another key's at once
         let waiting = turns.turn("a");
@@ -261,14 +229,16 @@ mod tests {
         drop(first);
         let second = waiting.await;
         drop((second, other));
-        assert!(turns.0.lock().unwrap().is_empty(), "keys nobody holds or waits for are forgotten");
         // A wait given up is forgotten with its key.
         let first = turns.turn("a").await;
         let mut given_up = Box::pin(turns.turn("a"));
         assert!(futures::poll!(given_up.as_mut()).is_pending());
         drop(first);
         drop(given_up);
-        assert!(turns.0.lock().unwrap().is_empty(), "a cancelled wait leaves nothing behind");
+        // Forgotten when the next turn is taken: only that one's key is left.
+        let _next = turns.turn("c").await;
+        let keys: Vec<String> = turns.own.lock().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["c"], "keys nobody holds or waits for are forgotten");
     }
 
     #[test]

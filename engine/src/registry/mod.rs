@@ -216,7 +216,7 @@ pub struct Registry {
     /// subscriptions at its request rate (a catalog write of tens of ms each, on Kafka) held
     /// every other tenant's changes, and Herald's own disabling of their endpoints, which a
     /// delivery's settlement waits for.
-    tenants: crate::model::InTurnsByKey,
+    tenants: crate::model::TakenInTurns,
     /// Checks of a PKCS#12 file (its key derivation: up to a second of CPU), one at a time on
     /// a blocking thread, tenants in turns, never in a tenant's turn of changes: under it, one tenant's
     /// PATCHes of such a subscription held every tenant's changes (and Herald's own
@@ -224,7 +224,7 @@ pub struct Registry {
     heavy_checks: crate::model::TakenInTurns,
     /// One change of a subscription at a time, its check and its write: changes of one
     /// subscription made at once would each find another's written meanwhile and check again.
-    changing: crate::model::InTurnsByKey,
+    changing: crate::model::TakenInTurns,
 }
 
 impl Apply for Registry {
@@ -326,9 +326,9 @@ impl Registry {
             health,
             state: RwLock::new(State::default()),
             everyone: Default::default(),
-            tenants: Default::default(),
+            tenants: crate::model::TakenInTurns::per_key(1),
             heavy_checks: Default::default(),
-            changing: Default::default(),
+            changing: crate::model::TakenInTurns::per_key(1),
         };
         crate::catalog::load(&registry, records, Owner::Subscriptions);
         tracing::info!(subscriptions = registry.len(), records = records.len(), "registry loaded");
@@ -415,7 +415,7 @@ impl Registry {
 
     /// The turn of `tenant`'s changes (see `tenants`); the config file's webhooks and the
     /// like, which change any tenant's, wait for every turn.
-    async fn turn_of(&self, tenant: &str) -> (crate::model::KeyTurn<'_>, tokio::sync::RwLockReadGuard<'_, ()>) {
+    async fn turn_of(&self, tenant: &str) -> (crate::model::Turn, tokio::sync::RwLockReadGuard<'_, ()>) {
         // The tenant's turn first: waiting for it while holding the shared side, a queued
         // change of everyone's (fair, so it holds back new readers) waited for the whole of one
         // tenant's queue, and every other tenant behind it.
@@ -426,10 +426,7 @@ impl Registry {
     /// The turn of the tenant subscription `id` belongs to ([`Registry::turn_of`]), looked at
     /// again once held: the config file's webhooks may have moved it to another tenant
     /// meanwhile. `None` when there is no such subscription.
-    async fn turn_of_owner(
-        &self,
-        id: &str,
-    ) -> Option<(crate::model::KeyTurn<'_>, tokio::sync::RwLockReadGuard<'_, ()>)> {
+    async fn turn_of_owner(&self, id: &str) -> Option<(crate::model::Turn, tokio::sync::RwLockReadGuard<'_, ()>)> {
         // One this process cannot read is its record's tenant's (its tenant may delete it).
         let owner = |registry: &Registry| {
             registry.get(id).map(|t| t.sub.tenant.clone()).or_else(|| registry.unreadable_tenant(id))
