@@ -1081,7 +1081,12 @@ mod tests {
     }
 
     fn attempt(id: &str, at_ms: i64) -> LogRecord {
-        let rec = HistoryRecord::Attempt(AttemptRecord {
+        attempt_with(id, at_ms, |_| {})
+    }
+
+    /// [`attempt`], changed by `change` before it is encoded.
+    fn attempt_with(id: &str, at_ms: i64, change: impl FnOnce(&mut AttemptRecord)) -> LogRecord {
+        let mut a = AttemptRecord {
             id: id.into(),
             event_id: format!("evt-{id}"),
             subscription: "sub".into(),
@@ -1098,8 +1103,10 @@ mod tests {
             state: State::Delivered,
             next_ms: None,
             ordering_key: None,
-        });
-        LogRecord { partition: 0, offset: 0, key: bytes::Bytes::new(), value: rec.encode(), timestamp_ms: at_ms }
+        };
+        change(&mut a);
+        let value = HistoryRecord::Attempt(a).encode();
+        LogRecord { partition: 0, offset: 0, key: bytes::Bytes::new(), value, timestamp_ms: at_ms }
     }
 
     /// The record of event `e` of tenant `t`, accepted at `accepted` for `subscriptions`.
@@ -1138,27 +1145,20 @@ mod tests {
         let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
         let now = 100 * 86_400_000 + 1000;
         let accepted = now - 100_000;
-        let mut delivered = attempt("d", accepted + 10);
-        let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&delivered.value) else { unreachable!() };
-        (a.event_id, a.subscription, a.accepted_ms) = ("e".into(), "s1".into(), accepted);
-        delivered.value = HistoryRecord::Attempt(a).encode();
+        let delivered = attempt_with("d", accepted + 10, |a| {
+            (a.event_id, a.subscription, a.accepted_ms) = ("e".into(), "s1".into(), accepted);
+        });
         let records = vec![event_e(accepted, &["s1"]), delivered];
         index.apply(0, &records, records.len() as u64, now).unwrap();
-        let retry = |budget_ms: i64| crate::model::Delivery {
-            event_id: "e".into(),
-            subscription: "s1".into(),
-            tenant: "t".into(),
-            event_type: "T".into(),
-            attempt: 2,
-            accepted_ms: accepted,
-            due_ms: now,
-            budget_ms,
-            generation: 0,
-            data: bytes::Bytes::new(),
-            changes: None,
-            trace: None,
-            ordering_key: None,
-        };
+        let first = crate::model::Delivery::first_attempt(
+            "e".into(),
+            "s1".into(),
+            "t".into(),
+            "T".into(),
+            bytes::Bytes::new(),
+            accepted,
+        );
+        let retry = |budget_ms: i64| crate::model::Delivery { attempt: 2, due_ms: now, budget_ms, ..first.clone() };
         let at = accepted + 10; // the delivery's time
         let apart = CLOCKS_APART_MS;
         assert!(index.delivered(&retry(at - apart)).unwrap(), "an earlier chain's retry, delivered since by another");
@@ -1179,13 +1179,11 @@ mod tests {
         let mut records = vec![event_e(accepted, &subs)];
         for (n, sub) in subs.iter().enumerate() {
             for i in 0..300i64 {
-                let mut r = attempt(&format!("{sub}-{i}"), accepted + 1 + i * 3 + n as i64);
-                let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&r.value) else { unreachable!() };
-                (a.event_id, a.subscription, a.accepted_ms, a.attempt) =
-                    ("e".into(), sub.to_string(), accepted, i as u32 + 1);
-                (a.state, a.outcome) = (State::Retrying, "failed".into());
-                r.value = HistoryRecord::Attempt(a).encode();
-                records.push(r);
+                records.push(attempt_with(&format!("{sub}-{i}"), accepted + 1 + i * 3 + n as i64, |a| {
+                    (a.event_id, a.subscription, a.accepted_ms, a.attempt) =
+                        ("e".into(), sub.to_string(), accepted, i as u32 + 1);
+                    (a.state, a.outcome) = (State::Retrying, "failed".into());
+                }));
             }
         }
         index.apply(0, &records, records.len() as u64, now).unwrap();
@@ -1226,12 +1224,11 @@ mod tests {
         let accepted = now - 100_000;
         let mut records = vec![event_e(accepted, &["s"])];
         for i in 0..=n {
-            let mut r = attempt(&format!("a{i:06}"), accepted + 1 + i);
-            let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&r.value) else { unreachable!() };
-            (a.event_id, a.subscription, a.accepted_ms, a.attempt) = ("e".into(), "s".into(), accepted, i as u32 + 1);
-            (a.state, a.outcome) = (State::Retrying, if i == 0 { "timeout" } else { "failed" }.into());
-            r.value = HistoryRecord::Attempt(a).encode();
-            records.push(r);
+            records.push(attempt_with(&format!("a{i:06}"), accepted + 1 + i, |a| {
+                (a.event_id, a.subscription, a.accepted_ms, a.attempt) =
+                    ("e".into(), "s".into(), accepted, i as u32 + 1);
+                (a.state, a.outcome) = (State::Retrying, if i == 0 { "timeout" } else { "failed" }.into());
+            }));
         }
         index.apply(0, &records, records.len() as u64, now).unwrap();
         (index, accepted)
@@ -1253,10 +1250,9 @@ mod tests {
         let q = AttemptQuery { tenant: "t".into(), event: Some("e".into()), limit: 2, ..AttemptQuery::default() };
         let first = index.attempts(&q).unwrap();
         assert_eq!(ids_of(&first), ["a000005", "a000004"]);
-        let mut late = attempt("a000006", accepted + 10);
-        let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&late.value) else { unreachable!() };
-        (a.event_id, a.subscription, a.accepted_ms, a.attempt) = ("e".into(), "s".into(), accepted, 7);
-        late.value = HistoryRecord::Attempt(a).encode();
+        let late = attempt_with("a000006", accepted + 10, |a| {
+            (a.event_id, a.subscription, a.accepted_ms, a.attempt) = ("e".into(), "s".into(), accepted, 7);
+        });
         index.apply(0, &[late], 100, accepted + 100_000).unwrap();
         let second = index.attempts(&AttemptQuery { cursor: first.next.clone(), ..q.clone() }).unwrap();
         assert_eq!(ids_of(&second), ["a000003", "a000002"]);
@@ -1298,11 +1294,9 @@ mod tests {
         let accepted = now - 100;
         let mut records = vec![event_e(accepted, &["s"])];
         for id in ["gen1", "gen2"] {
-            let mut r = attempt(id, now);
-            let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&r.value) else { unreachable!() };
-            (a.event_id, a.subscription, a.accepted_ms) = ("e".into(), "s".into(), accepted);
-            r.value = HistoryRecord::Attempt(a).encode();
-            records.push(r);
+            records.push(attempt_with(id, now, |a| {
+                (a.event_id, a.subscription, a.accepted_ms) = ("e".into(), "s".into(), accepted);
+            }));
         }
         index.apply(0, &records, records.len() as u64, now).unwrap();
         let event = index.event("t", "e").unwrap().unwrap();
@@ -1319,22 +1313,18 @@ mod tests {
         let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
         let now = 100 * 86_400_000 + 1000;
         let accepted = now - 500;
-        let dead = |id: &str| {
-            let mut r = attempt(id, now);
-            let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&r.value) else { unreachable!() };
-            (a.accepted_ms, a.state, a.outcome, a.status) = (accepted, State::DeadLettered, "failed".into(), Some(500));
-            r.value = HistoryRecord::Attempt(a).encode();
-            r
+        let dead = |id: &str, accepted: i64| {
+            attempt_with(id, now, |a| {
+                (a.accepted_ms, a.state, a.outcome, a.status) =
+                    (accepted, State::DeadLettered, "failed".into(), Some(500));
+            })
         };
-        let records: Vec<LogRecord> = ["a", "b", "c", "d", "e"].iter().map(|id| dead(id)).collect();
+        let records: Vec<LogRecord> = ["a", "b", "c", "d", "e"].iter().map(|id| dead(id, accepted)).collect();
         index.apply(0, &records, 1, now).unwrap();
         let mut recovered = Vec::new();
         let mut since = 0;
         // Another millisecond's event after them, so the first call stops between the two.
-        let mut later = dead("f");
-        let Some(HistoryRecord::Attempt(mut a)) = HistoryRecord::decode(&later.value) else { unreachable!() };
-        a.accepted_ms = accepted + 1;
-        later.value = HistoryRecord::Attempt(a).encode();
+        let later = dead("f", accepted + 1);
         index.apply(0, &[later], 2, now).unwrap();
         let mut calls = 0;
         loop {
