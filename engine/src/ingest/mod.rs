@@ -268,19 +268,24 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes
     Ok(Event { id, event_type, tenant, data, changes, id_given, trace, ordering_key })
 }
 
-/// How long an accepted event id is remembered at least (unless more than
-/// [`IDEMPOTENCY_CAPACITY`] / 2 ids arrive in it), so a producer's retry is not published twice.
+/// How long an accepted event id is remembered at least (unless its tenant publishes more
+/// than [`GENERATION`] ids in it), so a producer's retry is not published twice.
 pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Most event ids remembered at once; at least half as many of the latest are.
+/// Most event ids remembered at once, of all tenants.
 const IDEMPOTENCY_CAPACITY: usize = 200_000;
 
 /// The next accepted event's place ([`EventRecord::seq`]): what orders a batch's events, which
 /// share their millisecond, when they are sent again.
 static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Ids one generation of [`Recent`] holds before it is retired.
+/// Most ids one generation of a tenant's holds before it is retired: a tenant alone keeps
+/// its latest this many at least.
 const GENERATION: usize = IDEMPOTENCY_CAPACITY / 2;
+
+/// Ids a tenant's first generation holds; each one it fills before the window ends makes the
+/// next twice as large, up to [`GENERATION`].
+const FIRST_GENERATION: usize = 64;
 
 /// An event id (per tenant) seen recently: being appended by a request now, or accepted with
 /// this many deliveries, its content's [`Event::digest`] being `digest`.
@@ -292,45 +297,99 @@ enum Seen {
 /// A (tenant, event id) pair.
 type Key = (String, String);
 
-/// One generation of remembered ids.
-type Ids = HashMap<Key, Seen>;
+/// One generation of a tenant's remembered ids, by event id.
+type Ids = HashMap<String, Seen>;
 
-/// Recently accepted (tenant, event id) pairs, in two generations: ids go into the current
-/// one; when it is [`IDEMPOTENCY_WINDOW`] old or holds [`GENERATION`] ids it becomes the
-/// previous one, and the previous one is dropped whole. Every publish takes this lock, so
-/// nothing under it may take long: a single map expired id by id would rehash everything it
-/// holds as it doubled (57 k and 115 k ids, at 28 and 57 s of 2,000 events/s, the steady
-/// scenario's spikes) and again in place whenever its removals' tombstones used up its slack.
-/// Each generation is sized up front and never removed from (ids being appended wait apart), and a
-/// retired one is freed off the lock and off the runtime's threads. In memory: after a
-/// restart a repeated publish is appended again, and receivers drop it by `webhook-id`.
-struct Recent {
+/// One tenant's remembered ids, in two generations: ids go into the current one; when it is
+/// [`IDEMPOTENCY_WINDOW`] old or holds the ids it was made for (`room`) it becomes the
+/// previous one, and the previous one is retired whole. Every publish takes the lock these
+/// are under, so nothing under it may take long: a single map expired id by id would rehash
+/// everything it holds as it doubled (57 k and 115 k ids, at 28 and 57 s of 2,000 events/s,
+/// the steady scenario's spikes) and again in place whenever its removals' tombstones used up
+/// its slack. Each generation is sized up front and turned before it would grow.
+struct Generations {
     current: Ids,
     previous: Ids,
-    /// Ids being appended now ([`Seen::Pending`]), kept apart from the generations: retired
-    /// with one, an id still being appended (a Kafka append can take 30 s) was forgotten, and
-    /// a retry after a timeout reserved it again and appended it twice. As many as the
-    /// appends under way hold.
-    pending: Ids,
+    /// The ids `current` was made for.
+    room: usize,
     /// When `current` began, in ms since the epoch.
     since: i64,
 }
 
-impl Recent {
-    fn new(now: i64) -> Recent {
-        Recent { current: Recent::generation(), previous: Recent::generation(), pending: Ids::new(), since: now }
+impl Generations {
+    fn new(now: i64) -> Generations {
+        Generations {
+            current: Generations::made_for(FIRST_GENERATION),
+            previous: Ids::new(),
+            room: FIRST_GENERATION,
+            since: now,
+        }
     }
 
-    /// An empty generation with room for its ids and an eighth more (the table that fits
-    /// that, 2^17 buckets, has room for 14,688 more: a burst beyond it costs one resize, not
-    /// an error). Untouched, the room is address space, not
-    /// memory; full, a generation takes about 16 MiB (its table and its ids' strings).
-    fn generation() -> Ids {
-        HashMap::with_capacity(GENERATION + GENERATION / 8)
+    /// An empty generation with room for `ids` and an eighth more (a burst beyond it costs
+    /// one resize, not an error). Untouched, the room is address space, not memory; full, a
+    /// generation of [`GENERATION`] ids takes about 12 MiB (its table and its ids' strings).
+    fn made_for(ids: usize) -> Ids {
+        HashMap::with_capacity(ids + ids / 8)
+    }
+
+    fn held(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    /// Starts a new generation if the current one is full or a window old (twice as large if
+    /// it filled within the window), and forgets everything if even the previous one is past
+    /// the window; puts what was retired in `retired`.
+    fn turn(&mut self, now: i64, retired: &mut Vec<Ids>) {
+        let window = IDEMPOTENCY_WINDOW.as_millis() as i64;
+        let age = now - self.since;
+        let full = self.current.len() >= self.room;
+        if !full && age < window {
+            return;
+        }
+        if full && age < window {
+            self.room = (self.room * 2).min(GENERATION);
+        }
+        self.since = now;
+        let current = std::mem::replace(&mut self.current, Generations::made_for(self.room));
+        let previous = std::mem::replace(&mut self.previous, current);
+        retired.push(previous);
+        if age >= 2 * window {
+            retired.push(std::mem::take(&mut self.previous));
+        }
+    }
+}
+
+/// Recently accepted (tenant, event id) pairs, each tenant's in [`Generations`] of its own:
+/// one tenant's volume turns over its own ids only (shared, another's 100,000 ids in a minute
+/// forgot every tenant's in a minute, and their producers' retries were published again).
+/// Past [`IDEMPOTENCY_CAPACITY`] ids in all, the tenants holding the most forget their older
+/// generation first. Retired generations are freed off the lock, large ones off the runtime's
+/// threads. In memory: after a restart a repeated publish is appended again, and receivers
+/// drop it by `webhook-id`.
+struct Recent {
+    tenants: HashMap<String, Generations>,
+    /// Ids being appended now ([`Seen::Pending`]), kept apart from the generations: retired
+    /// with one, an id still being appended (a Kafka append can take 30 s) was forgotten, and
+    /// a retry after a timeout reserved it again and appended it twice. As many as the
+    /// appends under way hold.
+    pending: HashMap<Key, Seen>,
+    /// Ids the tenants' generations hold.
+    held: usize,
+    /// When the tenants were last looked over for generations past the window.
+    swept: i64,
+}
+
+impl Recent {
+    fn new(now: i64) -> Recent {
+        Recent { tenants: HashMap::new(), pending: HashMap::new(), held: 0, swept: now }
     }
 
     fn get(&self, key: &Key) -> Option<&Seen> {
-        self.pending.get(key).or_else(|| self.current.get(key)).or_else(|| self.previous.get(key))
+        self.pending.get(key).or_else(|| {
+            let t = self.tenants.get(&key.0)?;
+            t.current.get(&key.1).or_else(|| t.previous.get(&key.1))
+        })
     }
 
     /// Marks `key` as being appended by a request now.
@@ -343,29 +402,55 @@ impl Recent {
         self.pending.remove(key);
     }
 
-    /// Remembers `key`, accepted with `deliveries`.
-    fn remember(&mut self, key: Key, deliveries: usize, digest: u64) {
+    /// Remembers `key`, accepted with `deliveries` at `now`; returns what was retired to make
+    /// room, for the caller to free after letting go of the lock.
+    #[must_use]
+    fn remember(&mut self, key: Key, deliveries: usize, digest: u64, now: i64) -> Vec<Ids> {
         self.pending.remove(&key);
-        self.current.insert(key, Seen::Done { deliveries, digest });
+        let mut retired = Vec::new();
+        let (tenant, id) = key;
+        let t = self.tenants.entry(tenant).or_insert_with(|| Generations::new(now));
+        t.turn(now, &mut retired);
+        if t.current.insert(id, Seen::Done { deliveries, digest }).is_none() {
+            self.held += 1;
+        }
+        self.held -= retired.iter().map(HashMap::len).sum::<usize>();
+        retired
     }
 
-    /// Starts a new generation if the current one is full or a window old, and forgets
-    /// everything if even the previous one is past the window; returns what was retired, for
-    /// the caller to free after letting go of the lock.
+    /// Turns every tenant's generations past the window, a minute apart at most, and forgets
+    /// tenants that hold nothing; then, past the capacity, retires the older generations of
+    /// the tenants holding the most until an eighth is free. Returns what was retired, for the
+    /// caller to free after letting go of the lock.
     #[must_use]
     fn turn(&mut self, now: i64) -> Vec<Ids> {
+        let mut retired = Vec::new();
         let window = IDEMPOTENCY_WINDOW.as_millis() as i64;
-        let age = now - self.since;
-        if self.current.len() < GENERATION && age < window {
-            return Vec::new();
+        if now - self.swept >= window / 10 {
+            self.swept = now;
+            for t in self.tenants.values_mut().filter(|t| now - t.since >= window) {
+                t.turn(now, &mut retired);
+            }
+            self.tenants.retain(|_, t| t.held() > 0);
+            self.held -= retired.iter().map(HashMap::len).sum::<usize>();
         }
-        self.since = now;
-        let current = std::mem::replace(&mut self.current, Recent::generation());
-        if age >= 2 * window {
-            let previous = std::mem::replace(&mut self.previous, Recent::generation());
-            return vec![previous, current];
+        if self.held > IDEMPOTENCY_CAPACITY {
+            let mut most: Vec<(usize, String)> = self.tenants.iter().map(|(k, t)| (t.held(), k.clone())).collect();
+            most.sort_unstable_by_key(|m| std::cmp::Reverse(m.0));
+            for (_, tenant) in most {
+                if self.held <= IDEMPOTENCY_CAPACITY - IDEMPOTENCY_CAPACITY / 8 {
+                    break;
+                }
+                let Some(t) = self.tenants.get_mut(&tenant) else { continue };
+                let older = match t.previous.is_empty() {
+                    true => std::mem::replace(&mut t.current, Generations::made_for(t.room)),
+                    false => std::mem::take(&mut t.previous),
+                };
+                self.held -= older.len();
+                retired.push(older);
+            }
         }
-        vec![std::mem::replace(&mut self.previous, current)]
+        retired
     }
 }
 
@@ -406,9 +491,10 @@ fn dropped_on_record(recorder: &Recorder, history: &[HistoryRecord], refused: &L
     }
 }
 
-/// Frees retired generations on a blocking thread: ~100 k ids are a few milliseconds of frees.
+/// Frees retired generations, large ones on a blocking thread: ~100 k ids are a few
+/// milliseconds of frees.
 fn free(retired: Vec<Ids>) {
-    if !retired.is_empty() {
+    if retired.iter().map(HashMap::len).sum::<usize>() > 1_000 {
         tokio::task::spawn_blocking(move || drop(retired));
     }
 }
@@ -658,12 +744,14 @@ impl Ingest {
             }
             let retired = {
                 let mut recent = reserved.recent.lock().unwrap();
+                let mut retired = Vec::new();
                 for (key, tx) in reserved.mine.drain(..) {
                     let (n, digest) = counts.get(&key).copied().unwrap_or_default();
-                    recent.remember(key, n, digest);
+                    retired.extend(recent.remember(key, n, digest, now));
                     tx.send_replace(Some(n));
                 }
-                recent.turn(now)
+                retired.extend(recent.turn(now));
+                retired
             };
             free(retired);
             drop(share);
@@ -790,17 +878,27 @@ mod tests {
         ("tenant".to_string(), format!("evt_{i}"))
     }
 
+    /// What the tenants' generations hold, counted again from scratch.
+    fn counted(recent: &Recent) -> usize {
+        recent.tenants.values().map(Generations::held).sum()
+    }
+
     /// The ids are remembered under the lock every publish takes: nothing that holds them may
     /// grow (rehashing all it holds) while they arrive, however many do.
     #[test]
     fn remembering_ids_never_regrows_what_holds_them() {
         let mut recent = Recent::new(0);
-        let room = recent.current.capacity();
+        let mut room = 0;
         for i in 0..3 * GENERATION + 1_000 {
-            recent.remember(key(i), 1, 0);
-            assert_eq!(recent.current.capacity(), room, "grew after {i} ids");
+            drop(recent.remember(key(i), 1, 0, 0));
+            let current = &recent.tenants["tenant"].current;
+            if current.len() == 1 {
+                room = current.capacity();
+            }
+            assert_eq!(current.capacity(), room, "grew after {i} ids");
             drop(recent.turn(0));
         }
+        assert_eq!(recent.tenants["tenant"].room, GENERATION, "grown, generation by generation");
     }
 
     /// At least the latest half of the capacity is remembered, and never more than it.
@@ -808,30 +906,70 @@ mod tests {
     fn the_latest_ids_are_remembered_up_to_the_capacity() {
         let mut recent = Recent::new(0);
         for i in 0..2 * GENERATION + 10 {
-            recent.remember(key(i), 1, 0);
+            drop(recent.remember(key(i), 1, 0, 0));
             drop(recent.turn(0));
+            assert!(recent.held <= IDEMPOTENCY_CAPACITY);
         }
         assert!(recent.get(&key(2 * GENERATION + 9)).is_some());
         assert!(recent.get(&key(GENERATION + 10)).is_some(), "the latest half of the capacity");
         assert!(recent.get(&key(9)).is_none(), "more than the capacity");
-        assert!(recent.current.len() + recent.previous.len() <= IDEMPOTENCY_CAPACITY);
+        assert_eq!(recent.held, counted(&recent));
+    }
+
+    /// One tenant's volume turns over its own ids, not another's: a tenant publishing a few
+    /// keeps them for the window however many another publishes (shared, the generations
+    /// turned by the first's 100,000 ids forgot the second's in seconds, and its producer's
+    /// retry was published again).
+    #[test]
+    fn one_tenant_s_volume_does_not_shorten_another_tenant_s_memory() {
+        let mut recent = Recent::new(0);
+        let other = ("globex".to_string(), "evt_1".to_string());
+        drop(recent.remember(other.clone(), 2, 7, 0));
+        for i in 0..3 * GENERATION {
+            drop(recent.remember(key(i), 1, 0, 0));
+            drop(recent.turn(0));
+        }
+        assert!(matches!(recent.get(&other), Some(Seen::Done { deliveries: 2, digest: 7 })), "forgotten");
+        assert!(recent.get(&key(3 * GENERATION - 1)).is_some());
+        assert_eq!(recent.held, counted(&recent));
+    }
+
+    /// Many tenants' ids together stay within the capacity: past it, the tenants holding the
+    /// most forget their older ids first, and the one holding the fewest keeps its own.
+    #[test]
+    fn past_the_capacity_the_tenants_holding_the_most_forget_first() {
+        let mut recent = Recent::new(0);
+        let few = ("few".to_string(), "evt_1".to_string());
+        drop(recent.remember(few.clone(), 1, 0, 0));
+        for i in 0..2 * IDEMPOTENCY_CAPACITY {
+            let key = (format!("tenant_{}", i % 40), format!("evt_{i}"));
+            drop(recent.remember(key, 1, 0, 0));
+            drop(recent.turn(0));
+            assert!(recent.held <= IDEMPOTENCY_CAPACITY, "{} held after {i} ids", recent.held);
+        }
+        assert_eq!(recent.held, counted(&recent));
+        assert!(recent.get(&few).is_some(), "the tenant holding the fewest forgot");
+        let last = 2 * IDEMPOTENCY_CAPACITY - 1;
+        assert!(recent.get(&(format!("tenant_{}", last % 40), format!("evt_{last}"))).is_some());
     }
 
     /// An id is remembered for the window at least, and forgotten after twice the window,
-    /// even if no other id arrives in between.
+    /// even if no other id arrives in between; a tenant holding nothing is forgotten too.
     #[test]
     fn an_id_is_remembered_for_the_window_and_forgotten_after_two() {
         let window = IDEMPOTENCY_WINDOW.as_millis() as i64;
         let mut recent = Recent::new(0);
-        recent.remember(key(1), 3, 0);
+        drop(recent.remember(key(1), 3, 0, 0));
         drop(recent.turn(window - 1));
-        recent.remember(key(2), 3, 0);
+        drop(recent.remember(key(2), 3, 0, window));
         drop(recent.turn(window));
         assert!(matches!(recent.get(&key(1)), Some(Seen::Done { deliveries: 3, .. })), "within the window");
         drop(recent.turn(2 * window - 1));
         assert!(recent.get(&key(2)).is_some(), "a window after it arrived");
         drop(recent.turn(3 * window));
         assert!(recent.get(&key(2)).is_none(), "two windows after it arrived");
+        assert!(recent.tenants.is_empty(), "a tenant holding nothing is let go");
+        assert_eq!(recent.held, 0);
     }
 
     /// An event whose deliveries are written is accepted, whatever became of its history
@@ -1008,14 +1146,14 @@ mod tests {
         recent.pend(key(2), rx2);
         for turn in 0..3 {
             for i in 0..GENERATION {
-                recent.remember(key(10 + turn * GENERATION + i), 1, 0);
+                drop(recent.remember(key(10 + turn * GENERATION + i), 1, 0, 0));
             }
             drop(recent.turn(0));
         }
         assert!(matches!(recent.get(&key(1)), Some(Seen::Pending(_))), "still being appended");
         recent.abandon(&key(1));
         assert!(recent.get(&key(1)).is_none());
-        recent.remember(key(2), 4, 7);
+        drop(recent.remember(key(2), 4, 7, 0));
         assert!(matches!(recent.get(&key(2)), Some(Seen::Done { deliveries: 4, digest: 7 })));
     }
 }
