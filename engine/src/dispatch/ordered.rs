@@ -498,8 +498,8 @@ impl HeadRecord {
 type Finished = BoxFuture<'static, (LaneId, u64, Done, Option<Marker>)>;
 /// One append of the markers gathered meanwhile; resolves to the transitions they carry.
 type Marking = BoxFuture<'static, Vec<(LaneId, u64, Done)>>;
-/// What one pass over the partition found: per lane, its next deliveries and where to look on.
-type Found = BoxFuture<'static, HashMap<LaneId, (Vec<LogRecord>, u64)>>;
+/// One pass over the partition: per lane, what it found.
+type Scan = BoxFuture<'static, HashMap<LaneId, Found>>;
 type Read = BoxFuture<'static, (Box<dyn PartitionReader>, Result<Vec<LogRecord>, LogError>)>;
 /// What one look past the records left unread found: the markers there, and where it ended.
 type Ahead = BoxFuture<'static, (Vec<(u64, Marker)>, u64, u64)>;
@@ -536,7 +536,7 @@ struct Sequencer {
     marking: Option<Marking>,
     /// Lanes whose next deliveries are to be looked for in the log, and the one pass doing it.
     needy: HashMap<LaneId, (u64, usize)>,
-    scan: Option<Found>,
+    scan: Option<Scan>,
     /// Records read and not yet applied: applying waits while a key's next deliveries are
     /// looked for (so a marker for one of them is never read before it is), and while the
     /// partition holds as many keys as it may (`limits.max_keys`).
@@ -663,8 +663,8 @@ pub async fn run(
             }
             found = async { seq.scan.as_mut().expect("guarded").await }, if seq.scan.is_some() => {
                 seq.scan = None;
-                for (lane, (records, scanned_to)) in found {
-                    seq.found(lane, records, scanned_to);
+                for (lane, found) in found {
+                    seq.found(lane, found);
                 }
                 seq.apply_unread();
             }
@@ -965,11 +965,17 @@ impl Sequencer {
         self.scan = Some(async move { scan(&*log, &topic, partition, wants, to, budget).await }.boxed());
     }
 
-    fn found(&mut self, lane: LaneId, found: Vec<LogRecord>, scanned_to: u64) {
+    fn found(&mut self, lane: LaneId, found: Found) {
         let Some(l) = self.lanes.get_mut(&lane) else { return };
-        l.scan_from = scanned_to;
+        l.scan_from = found.look_on_from;
+        if found.records.is_empty() && found.cut {
+            // Its next head is there, past what the pass could hold: the next pass finds it.
+            let room = if self.held < MAX_HELD_BYTES { BUFFER } else { 1 };
+            self.needy.insert(lane, (l.scan_from, l.waiting.min(room as u64) as usize));
+            return;
+        }
         // Buffered ones arrived while scanning only if none waited unbuffered: none did.
-        let mut found: VecDeque<LogRecord> = found.into_iter().map(owned).collect();
+        let mut found: VecDeque<LogRecord> = found.records.into();
         self.held += found.iter().map(|r| r.value.len()).sum::<usize>();
         found.extend(l.buffered.drain(..));
         l.buffered = found;
@@ -1535,12 +1541,25 @@ async fn markers_from(log: &dyn Log, topic: &str, partition: u32, mut from: u64)
     (markers, started, from)
 }
 
+/// What one pass over the log found for a lane.
+struct Found {
+    /// Its next deliveries, copied out of the reads they came in ([`owned`]).
+    records: Vec<LogRecord>,
+    /// Where the lane looks on from for more.
+    look_on_from: u64,
+    /// The pass stopped taking the lane's deliveries before it had all it wanted: with none
+    /// taken, its next head is there and is looked for in the next pass.
+    cut: bool,
+}
+
 /// Reads `partition` (below `to`, what the sequencer has read) for the next deliveries of
 /// each lane in `wants` (from where its last one was, as many as it wants), in one pass from
 /// the lowest of those offsets; returns what each lane found and where to look on for it.
-/// Each lane's first (its next head) is taken whatever its size; the rest, to be held, only
-/// while they come to no more than `budget` bytes in all (a lane cut short looks on from its
-/// last one found).
+/// Each lane's first (its next head) is taken whatever the rest's budget, small ones always,
+/// larger ones while they come to [`MAX_HEAD_BYTES`] in the pass (and the pass's first, so
+/// that each makes headway); the rest, to be held, only while they come to no more than
+/// `budget` bytes in all. A lane cut short looks on from its last one found, or from the head
+/// it was not given.
 async fn scan(
     log: &dyn Log,
     topic: &str,
@@ -1548,11 +1567,12 @@ async fn scan(
     wants: HashMap<LaneId, (u64, usize)>,
     to: u64,
     mut budget: usize,
-) -> HashMap<LaneId, (Vec<LogRecord>, u64)> {
+) -> HashMap<LaneId, Found> {
     let mut from = wants.values().map(|(from, _)| *from).min().unwrap_or(to);
-    let mut found: HashMap<LaneId, (Vec<LogRecord>, u64)> =
-        wants.keys().map(|lane| (lane.clone(), (Vec::new(), to))).collect();
-    let mut cut = HashSet::new();
+    let mut found: HashMap<LaneId, Found> =
+        wants.keys().map(|lane| (lane.clone(), Found { records: Vec::new(), look_on_from: to, cut: false })).collect();
+    let mut heads_budget = MAX_HEAD_BYTES;
+    let mut taken = false;
     let mut unsatisfied = wants.len();
     let mut failures = 0;
     'pages: while from < to && unsatisfied > 0 {
@@ -1569,22 +1589,32 @@ async fn scan(
                     let Ok(d) = Delivery::decode(rec.value.clone()) else { continue };
                     let lane = LaneId { subscription: d.subscription, key: d.ordering_key.unwrap_or_default() };
                     let Some(&(start, want)) = wants.get(&lane) else { continue };
-                    let (records, scanned_to) = found.get_mut(&lane).expect("every wanted lane");
-                    if rec.offset < start || records.len() == want || cut.contains(&lane) {
+                    let f = found.get_mut(&lane).expect("every wanted lane");
+                    if rec.offset < start || f.records.len() == want || f.cut {
                         continue;
                     }
-                    if !records.is_empty() {
-                        if rec.value.len() > budget {
-                            // Held no more: it is looked for again once the buffer runs dry.
-                            cut.insert(lane);
+                    let len = rec.value.len();
+                    let (room, large) = match f.records.is_empty() {
+                        true => (&mut heads_budget, len > SMALL_HEAD),
+                        false => (&mut budget, true),
+                    };
+                    if large {
+                        if len > *room && (taken || !f.records.is_empty()) {
+                            // Held no more: it is looked for again (a head in the next pass,
+                            // the rest once the buffer runs dry).
+                            if f.records.is_empty() {
+                                f.look_on_from = rec.offset;
+                            }
+                            f.cut = true;
                             unsatisfied -= 1;
                             continue;
                         }
-                        budget -= rec.value.len();
+                        *room = room.saturating_sub(len);
                     }
-                    *scanned_to = rec.offset + 1;
-                    records.push(rec);
-                    if records.len() == want {
+                    taken = true;
+                    f.look_on_from = rec.offset + 1;
+                    f.records.push(owned(rec));
+                    if f.records.len() == want {
                         unsatisfied -= 1;
                     }
                 }
@@ -1602,9 +1632,9 @@ async fn scan(
         }
     }
     // A lane that found fewer than it wanted, and was not cut short, has none left below `to`.
-    for (lane, (records, scanned_to)) in found.iter_mut() {
-        if records.len() < wants[lane].1 && !cut.contains(lane) {
-            *scanned_to = to;
+    for (lane, f) in found.iter_mut() {
+        if f.records.len() < wants[lane].1 && !f.cut {
+            f.look_on_from = to;
         }
     }
     found
@@ -1614,13 +1644,9 @@ async fn scan(
 mod tests {
     use super::*;
 
-    /// Lanes released while the partition was below its limit each ask for a buffer's worth;
-    /// found in one pass, what they get to hold stays within what is left of the limit (plus
-    /// each one's next head), and one cut short looks on from its last one found.
-    #[tokio::test]
-    async fn a_pass_for_many_lanes_holds_no_more_than_the_budget() {
+    /// An embedded log with one ordered topic, "o", of one partition.
+    async fn ordered_log(dir: &std::path::Path) -> Arc<crate::log::embedded::EmbeddedLog> {
         use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
-        let dir = tempfile::tempdir().unwrap();
         let spec = crate::log::TopicSpec {
             name: "o".into(),
             partitions: 1,
@@ -1630,8 +1656,8 @@ mod tests {
             read_within: Duration::from_millis(20),
             keyed: true,
         };
-        let log = EmbeddedLog::open(EmbeddedConfig {
-            dir: dir.path().to_path_buf(),
+        EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.to_path_buf(),
             segment_bytes: 8 << 20,
             flush_interval: Duration::from_millis(20),
             topics: vec![spec],
@@ -1639,36 +1665,78 @@ mod tests {
             faults: None,
         })
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A delivery of `key`'s with a body of `bytes`, as the ordered topic holds it.
+    fn keyed_record(event: String, key: String, bytes: usize) -> Record {
+        let d =
+            Delivery::first_attempt(event, "sub_1".into(), "t".into(), "T".into(), Bytes::from(vec![b'x'; bytes]), 0);
+        let d = Delivery { ordering_key: Some(key), ..d };
+        Record { key: Bytes::from_static(b"sub_1"), value: d.encode() }
+    }
+
+    /// The next heads one pass finds are bounded too: taken whatever their size, 200 keys'
+    /// settling in one pass returned 50 MiB of heads at once (and each, a slice of its read,
+    /// kept that read's window), a tenant's keys of large events one partition's gigabytes.
+    #[tokio::test]
+    async fn a_pass_holds_a_bounded_number_of_bytes_of_next_heads() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ordered_log(dir.path()).await;
         let lane = |k: usize| LaneId { subscription: "sub_1".into(), key: format!("k{k}") };
-        let mut records = Vec::new();
-        for i in 0..10 {
-            for k in 0..10 {
-                let d = Delivery::first_attempt(
-                    format!("e{k}-{i}"),
-                    "sub_1".into(),
-                    "t".into(),
-                    "T".into(),
-                    Bytes::from(vec![b'x'; 1000]),
-                    0,
-                );
-                let d = Delivery { ordering_key: Some(format!("k{k}")), ..d };
-                records.push(Record { key: Bytes::from_static(b"sub_1"), value: d.encode() });
-            }
+        let records: Vec<Record> =
+            (0..200).map(|k| keyed_record(format!("e{k}"), format!("k{k}"), 256 << 10)).collect();
+        for chunk in records.chunks(20) {
+            log.append("o", chunk.to_vec()).await.unwrap();
         }
+        let wants = (0..200).map(|k| (lane(k), (0, BUFFER))).collect();
+        let found = scan(&*log, "o", 0, wants, 200, 0).await;
+        let bytes: usize = found.values().flat_map(|f| &f.records).map(|r| r.value.len()).sum();
+        assert!(bytes <= MAX_HEAD_BYTES, "{bytes} bytes of heads found in one pass");
+        let cut: HashMap<LaneId, (u64, usize)> = found
+            .iter()
+            .filter(|(_, f)| f.records.is_empty())
+            .map(|(lane, f)| {
+                assert!(f.cut, "{lane:?} was cut short, its head not found for it");
+                (lane.clone(), (f.look_on_from, BUFFER))
+            })
+            .collect();
+        assert!(!cut.is_empty() && cut.len() < 200, "{} of 200 cut short", cut.len());
+        let next = scan(&*log, "o", 0, cut.clone(), 200, 0).await;
+        for (lane, (from, _)) in &cut {
+            let f = next[lane].records.first().map(|r| r.offset);
+            assert!(f.is_none() || f == Some(*from), "{lane:?} found its head where it was left");
+        }
+        assert!(next.values().any(|f| !f.records.is_empty()), "the next pass makes headway");
+    }
+
+    /// Lanes released while the partition was below its limit each ask for a buffer's worth;
+    /// found in one pass, what they get to hold stays within what is left of the limit (plus
+    /// each one's next head), and one cut short looks on from its last one found.
+    #[tokio::test]
+    async fn a_pass_for_many_lanes_holds_no_more_than_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ordered_log(dir.path()).await;
+        let lane = |k: usize| LaneId { subscription: "sub_1".into(), key: format!("k{k}") };
+        let records: Vec<Record> = (0..10)
+            .flat_map(|i| (0..10).map(move |k| keyed_record(format!("e{k}-{i}"), format!("k{k}"), 1000)))
+            .collect();
         let size = records[0].value.len();
         log.append("o", records).await.unwrap();
         let wants = (0..10).map(|k| (lane(k), (0, BUFFER))).collect();
         let found = scan(&*log, "o", 0, wants, 100, 5 * size).await;
-        let held: usize = found.values().map(|(r, _)| r.iter().skip(1).map(|r| r.value.len()).sum::<usize>()).sum();
+        let held: usize = found.values().map(|f| f.records.iter().skip(1).map(|r| r.value.len()).sum::<usize>()).sum();
         assert!(held <= 5 * size, "{held} bytes held beyond the heads, budget {}", 5 * size);
-        for (lane, (records, scanned_to)) in &found {
+        for (lane, Found { records, look_on_from, .. }) in &found {
             assert!(!records.is_empty(), "{lane:?} found its next head");
-            assert_eq!(*scanned_to, records.last().unwrap().offset + 1, "{lane:?} looks on from its last one found");
+            assert_eq!(*look_on_from, records.last().unwrap().offset + 1, "{lane:?} looks on from its last one found");
         }
         let all = (0..10).map(|k| (lane(k), (0, BUFFER))).collect();
         let unbounded = scan(&*log, "o", 0, all, 100, usize::MAX).await;
-        assert!(unbounded.values().all(|(r, to)| r.len() == 10 && *to == 100), "with room, each found all ten");
+        assert!(
+            unbounded.values().all(|f| f.records.len() == 10 && f.look_on_from == 100),
+            "with room, each found all ten"
+        );
     }
 
     /// A skip read ahead of its turn acts only as it would in its turn: on an open key not
