@@ -680,6 +680,11 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     })
 }
 
+/// How long a stop waits, at most, for history records the log has not taken yet (once the
+/// deliveries have ended): their offsets may be committed already, so not written now, they
+/// are never written.
+const HISTORY_DRAIN: Duration = Duration::from_secs(10);
+
 impl Herald {
     /// The log this server runs on (tests append raw records through it).
     pub fn log(&self) -> Arc<dyn Log> {
@@ -700,6 +705,13 @@ impl Herald {
         self.follower.0.send_replace(true);
         let _ = self.follower.1.await;
         if let Some((stop, history)) = self.history {
+            let unwritten = history.recorder.drain(HISTORY_DRAIN).await;
+            if unwritten > 0 {
+                tracing::error!(
+                    records = unwritten,
+                    "history records the log has not taken are lost at this stop; their attempts are not on record"
+                );
+            }
             stop.send_replace(true);
             history.stopped().await;
         }

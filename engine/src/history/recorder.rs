@@ -114,6 +114,18 @@ impl Recorder {
         let _ = tokio::time::timeout(BUDGET, durable.wait_for(|d| *d >= target)).await;
     }
 
+    /// Waits, `within` at most, until every record queued so far is durable; returns how many
+    /// are not. For a stop, once deliveries have ended and before the log closes: records the
+    /// log did not take in time (their offsets committed late) are written if it takes them
+    /// by then — closed under the writer waiting out its back-off, they were lost for good.
+    pub async fn drain(&self, within: Duration) -> u64 {
+        let target = self.queued.load(Ordering::SeqCst);
+        let mut durable = self.durable.clone();
+        let _ = tokio::time::timeout(within, durable.wait_for(|d| *d >= target)).await;
+        let done = *durable.borrow();
+        target.saturating_sub(done)
+    }
+
     /// `inner`, committing an offset only once every history record queued before it is
     /// durable (or the budget passed).
     pub fn gate(self: &Arc<Self>, inner: Arc<dyn Committer>) -> Arc<dyn Committer> {

@@ -728,3 +728,48 @@ async fn a_recover_refused_part_way_says_what_it_queued_and_where_to_go_on() {
         assert!(sent <= 2, "{id} sent {sent} times");
     }
 }
+
+/// History records the log did not take in time (their deliveries' offsets committed late,
+/// as documented, so delivery went on) are written at a clean stop if the log takes them by
+/// then. Before, the stop closed the log under the writer waiting out its back-off, and the
+/// attempt — made, committed, never made again — was missing from the history for good.
+#[tokio::test]
+async fn history_records_late_for_a_failing_disk_are_written_at_a_clean_stop() {
+    use herald::log::embedded::Fault;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    if crate::support::on_kafka() {
+        return; // the fault layer is the embedded log's
+    }
+    let failing = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let (flag, count) = (failing.clone(), refused.clone());
+    let faults: herald::log::embedded::Faults = Some(Arc::new(move |fault: Fault<'_>| match fault {
+        Fault::Write(path) if flag.load(Ordering::SeqCst) && path.to_string_lossy().contains("herald.history") => {
+            count.fetch_add(1, Ordering::SeqCst);
+            Err(std::io::Error::other("EIO"))
+        }
+        _ => Ok(()),
+    }));
+    let extras = herald::server::Extras { faults, ..Default::default() };
+    let h = TestHerald::start_with_extras(|c| c.log.partitions = 1, extras).await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/late"), "events": ["A"] })).await;
+    failing.store(true, Ordering::SeqCst);
+    let (status, body) = h.api.post("/v1/events", json!({ "id": "late-1", "type": "A", "data": {} })).await;
+    assert_eq!(status, 202, "its deliveries are written: {body}");
+    rx.wait_on("/late", 1).await;
+    // Its offset committed past the budget, and the writer's back-off grown past the 2 s a
+    // stop waits for the shards' history (50 ms doubling: 3.2 s after eight refusals, and the
+    // publish's own append refused once).
+    until("the commit let through late, the writer backing off", WAIT, || async {
+        let late = crate::support::metrics::scrape(&h.api).await.value("herald_history_late_total", &[]);
+        (late >= 1.0 && refused.load(Ordering::SeqCst) >= 9).then_some(())
+    })
+    .await;
+    failing.store(false, Ordering::SeqCst);
+    let h = h.restart().await;
+    let attempts = items(&h.api, "/v1/attempts?event=late-1", 1).await;
+    assert_eq!(attempts[0]["outcome"], "delivered", "{attempts:?}");
+    assert_eq!(rx.on("/late").len(), 1, "sent once: its offset was committed");
+}
