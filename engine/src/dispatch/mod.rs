@@ -217,6 +217,12 @@ impl Deliverer {
         }
     }
 
+    /// Whether the subscription is gone: deleted, as far as this process has read (one whose
+    /// record cannot be read here is not).
+    pub fn gone(&self, subscription: &str) -> bool {
+        self.registry.get(subscription).is_none() && !self.registry.unreadable(subscription)
+    }
+
     /// Whether this process has caught up with the catalog (within a second): before then, a
     /// subscription missing here may be one made through another process since it last read
     /// (or its feed is failing), not one deleted.

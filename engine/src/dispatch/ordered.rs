@@ -1209,7 +1209,9 @@ impl Sequencer {
     /// Lets a held key go on once its subscription no longer holds keys (it was deleted, or no
     /// longer says `"on_dead_letter": "block"`), or once it has been held longer than
     /// `limits.max_hold`; otherwise it would hold the partition's commit point for good, and
-    /// with it every tenant's records of the partition on disk.
+    /// with it every tenant's records of the partition on disk. A key waiting for a retry
+    /// whose subscription was deleted is attempted now, for the same reason (the attempt finds
+    /// the subscription gone and lets it go): its retry could be a day off.
     async fn sweep(&mut self) {
         if !self.live {
             return;
@@ -1229,7 +1231,17 @@ impl Sequencer {
                 .map(|(id, _)| id.clone())
                 .collect()
         };
-        if loose(self).is_empty() {
+        let orphaned = |seq: &Self| -> Vec<LaneId> {
+            let soon = now_ms() + SWEEP.as_millis() as i64;
+            seq.lanes
+                .iter()
+                .filter(|(id, l)| {
+                    l.state == HeadState::Waiting && l.due_ms > soon && seq.deliverer.gone(&id.subscription)
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        if loose(self).is_empty() && orphaned(self).is_empty() {
             return;
         }
         // Judged again once caught up with the catalog: a subscription missing here may be one
@@ -1239,7 +1251,13 @@ impl Sequencer {
         if !Box::pin(deliverer.catalog_caught_up()).await {
             return;
         }
+        for lane in orphaned(self) {
+            self.due_now(&lane);
+        }
         let loose = loose(self);
+        if loose.is_empty() {
+            return;
+        }
         tracing::warn!(
             partition = self.partition,
             keys = loose.len(),
@@ -1248,6 +1266,17 @@ impl Sequencer {
         for lane in loose {
             self.skip_now(&lane);
         }
+    }
+
+    /// Makes `lane`'s head, waiting for its due time, due now.
+    fn due_now(&mut self, lane: &LaneId) {
+        let Some(l) = self.lanes.get_mut(lane) else { return };
+        if l.state != HeadState::Waiting {
+            return;
+        }
+        self.timers.remove(&(l.due_ms, l.head.offset));
+        l.due_ms = now_ms();
+        self.timers.insert((l.due_ms, l.head.offset));
     }
 
     /// Looks for operators' skips past the records left unread at the cap (see `ahead`): in

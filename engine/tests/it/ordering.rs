@@ -1260,3 +1260,33 @@ async fn blocked_keys_are_listed_a_page_at_a_time() {
     let (status, err) = h.api.get(&format!("{path}?cursor=nonsense")).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "{err}");
 }
+
+/// A deleted subscription's keys waiting for a retry go on at once (their heads' attempts
+/// find the subscription gone), not at their due time: up to a day later, each held the
+/// partition's commit point (and with it every tenant's records of the partition on disk) and
+/// a place under the cap of keys.
+#[tokio::test]
+async fn a_deleted_subscription_s_retrying_keys_go_without_waiting_for_their_retry() {
+    let h = TestHerald::start_with(|c| {
+        c.log.partitions = 1;
+        c.health.breaker_failures = 1_000_000;
+    })
+    .await;
+    let (rx, url) = SwitchedReceiver::start().await;
+    let sub_id =
+        holding_subscription(&h.api, url, json!({ "policy": "fixed", "interval": "1h", "max_attempts": 5 })).await;
+    rx.fail(true);
+    one_event_per_key(&h.api, "gone", 3).await;
+    until("each key's head failed once and waits an hour", Duration::from_secs(30), || async {
+        let blocked = scrape(&h.api).await.value("herald_ordered_keys_blocked", &[]);
+        (rx.counts("gone").0 == 3 && blocked == 3.0).then_some(())
+    })
+    .await;
+    let (status, body) = h.api.delete(&format!("/v1/subscriptions/{sub_id}")).await;
+    assert_eq!(status, 204, "{body}");
+    until("the deleted subscription's keys let go", Duration::from_secs(40), || async {
+        (scrape(&h.api).await.value("herald_ordered_keys_blocked", &[]) == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(rx.counts("gone").1, 0, "nothing sent to a deleted subscription");
+}
