@@ -41,7 +41,7 @@ function h(tag, attrs, ...children) {
 const fmtTime = (s) => (s ? new Date(s).toLocaleString() : "—");
 const fmtNum = (n, d = 0) => (Number.isFinite(n) ? n.toLocaleString(undefined, { maximumFractionDigits: d }) : "—");
 const badge = (text, kind) => h("span", { class: "badge " + (kind || "") }, text);
-const STATE_KIND = { delivered: "ok", dead_lettered: "bad", dropped: "bad", retrying: "warn", pending: "" };
+const STATE_KIND = { delivered: "ok", dead_lettered: "bad", dropped: "bad", retrying: "warn", pending: "", gone: "bad" };
 const stateBadge = (s) => badge(s.replace("_", " "), STATE_KIND[s] ?? "");
 const outcomeBadge = (o) => badge(o.replace("_", " "), o === "delivered" ? "ok" : "bad");
 const link = (href, text) => h("a", { href }, text);

@@ -301,6 +301,9 @@ struct Lane {
     /// The head's record is not held in memory (see [`MAX_HEAD_BYTES`]): it is read back from
     /// the log when it is attempted.
     evicted: bool,
+    /// The head's record is gone from the log (past its retention): it can no longer be sent,
+    /// and waits, listed, for an operator's skip.
+    gone: bool,
     /// The head's event (for the API).
     event: String,
     /// Its next attempt's number and due time (the record's own, until a marker says more).
@@ -354,6 +357,7 @@ impl Lane {
             scan_from: head.offset + 1,
             head: head.clone(),
             evicted: false,
+            gone: false,
             event: String::new(),
             attempt: 0,
             due_ms: 0,
@@ -379,6 +383,7 @@ impl Lane {
     fn take_head(&mut self, head: LogRecord, d: &Delivery) {
         self.head = head;
         self.evicted = false;
+        self.gone = false;
         self.event = d.event_id.clone();
         self.attempt = d.attempt;
         self.due_ms = d.due_ms;
@@ -420,12 +425,17 @@ impl Lane {
     /// Blocked: its head failed at least once, or is held after a dead letter.
     fn blocked(&self, lane: &LaneId) -> Option<BlockedKey> {
         let parked = self.state == HeadState::Parked;
-        (parked || (self.attempt > 1 && self.state != HeadState::Scanning)).then(|| BlockedKey {
+        let failing = (self.attempt > 1 || self.gone) && self.state != HeadState::Scanning;
+        (parked || failing).then(|| BlockedKey {
             subscription: lane.subscription.clone(),
             key: lane.key.clone(),
             head_event: self.event.clone(),
-            attempts: if parked { self.attempt } else { self.attempt - 1 },
-            state: if parked { "dead_lettered" } else { "retrying" },
+            attempts: if parked { self.attempt } else { self.attempt.saturating_sub(1) },
+            state: match (parked, self.gone) {
+                (true, _) => "dead_lettered",
+                (false, true) => "gone",
+                (false, false) => "retrying",
+            },
             next_attempt_at: (!parked).then(|| rfc3339_ms(self.due_ms)),
             waiting: self.waiting,
             held: self.buffered.len(),
@@ -439,6 +449,9 @@ enum Done {
     Settled,
     /// It waits for another attempt (or, deferred, the same one) at `due_ms`.
     Again { attempt: u32, due_ms: i64 },
+    /// Its record is gone from the log: it is looked for again at `due_ms`, and waits for an
+    /// operator's skip.
+    Gone { attempt: u32, due_ms: i64 },
     /// Dead-lettered; the key is held.
     Parked,
 }
@@ -1172,6 +1185,7 @@ impl Sequencer {
         let elsewhere = this_head.is_some_and(|l| l.settled_elsewhere);
         let released_at = this_head.and_then(|l| l.released_at);
         let blocked = this_head.is_some_and(|l| l.blocked_elsewhere);
+        let gone = matches!(done, Done::Gone { .. });
         match done {
             Done::Settled => self.release(&lane, head, None),
             // Settled already (see `Lane::settled_elsewhere`): whatever this attempt found.
@@ -1179,11 +1193,12 @@ impl Sequencer {
             // Held already (`Lane::blocked_elsewhere`), and this attempt did not deliver it.
             _ if blocked => self.park(&lane, head, now_ms()),
             Done::Parked => self.park(&lane, head, now_ms()),
-            Done::Again { attempt, due_ms } => {
+            Done::Again { attempt, due_ms } | Done::Gone { attempt, due_ms } => {
                 // Unless the head settled meanwhile (another process's marker, after a rebalance).
                 if let Some(l) =
                     self.lanes.get_mut(&lane).filter(|l| l.head.offset == head && l.state == HeadState::InFlight)
                 {
+                    l.gone = gone;
                     l.state = HeadState::Waiting;
                     l.attempt = l.attempt.max(attempt);
                     l.due_ms = due_ms;
@@ -1445,7 +1460,7 @@ fn attempt_head(
                 // Gone from the log (its retention passed while it waited): not settled
                 // silently — the key stays blocked, listed, until an operator skips it.
                 tracing::error!(partition = from.partition, offset = head, subscription = %lane.subscription, "an ordered head's record is no longer in the log (past its retention?); its key waits for an operator's skip");
-                return (lane, head, Done::Again { attempt, due_ms: now_ms() + 60_000 }, None);
+                return (lane, head, Done::Gone { attempt, due_ms: now_ms() + 60_000 }, None);
             }
             Err(e) => {
                 tracing::error!(partition = from.partition, offset = head, error = %e, "reading an ordered head back failed; trying again");
@@ -1766,6 +1781,21 @@ mod tests {
             unbounded.values().all(|f| f.records.len() == 10 && f.look_on_from == 100),
             "with room, each found all ten"
         );
+    }
+
+    /// A head whose record is gone from the log waits for an operator's skip: it is listed
+    /// blocked (`gone`) from its first attempt. Before, at attempt 1 it was never listed, so
+    /// nobody could see what to skip, and it held its partition's commit point for good.
+    #[test]
+    fn a_head_whose_record_is_gone_is_listed_for_a_skip() {
+        let id = LaneId { subscription: "sub_1".into(), key: "k".into() };
+        let d = Delivery::first_attempt("h1".into(), "sub_1".into(), "t".into(), "T".into(), Bytes::new(), 0);
+        let rec = LogRecord { partition: 0, offset: 7, timestamp_ms: 0, key: Bytes::new(), value: d.encode() };
+        let mut lane = Lane::new(rec, &d);
+        assert!(lane.blocked(&id).is_none(), "a first attempt's head is not blocked");
+        lane.gone = true;
+        let listed = lane.blocked(&id).expect("listed");
+        assert_eq!((listed.state, listed.attempts), ("gone", 0));
     }
 
     /// A skip read ahead of its turn acts only as it would in its turn: on an open key not
