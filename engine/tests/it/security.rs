@@ -1065,3 +1065,28 @@ async fn denied_ranges_are_refused_at_creation_and_at_connect() {
     assert_eq!(attempt["outcome"], "refused", "{attempt}");
     assert!(rx.on("/denied").is_empty(), "nothing reached the denied address");
 }
+
+/// A first start that fails after the admin token is made (here for two of the file's
+/// webhooks sharing a name) leaves no token behind: the start that succeeds makes it and is
+/// the one to say so. Before, the failed start stored it unshown, every later start read it
+/// back as stored, and nobody was ever shown the token the data directory was locked with.
+#[tokio::test]
+async fn a_first_start_that_fails_leaves_the_admin_token_to_the_one_that_succeeds() {
+    use herald::server::{Extras, TokenSource};
+    if crate::support::on_kafka() {
+        return; // the token lives in the data directory, the same on both backends
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::config(dir.path());
+    config.admin_token = None;
+    let webhook: herald::config::StaticWebhook =
+        serde_json::from_value(json!({ "name": "erp", "endpoint": "http://127.0.0.1:9/a" })).unwrap();
+    let mut twice = config.clone();
+    twice.webhooks = vec![webhook.clone(), webhook];
+    assert!(herald::server::start_with(twice, Extras::default()).await.is_err(), "two webhooks named erp");
+    let herald = herald::server::start_with(config, Extras::default()).await.expect("started");
+    assert_eq!(herald.token_source, TokenSource::Generated, "the start that succeeds shows the token");
+    let stored = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    assert_eq!(stored, herald.admin_token);
+    herald.stop().await;
+}
