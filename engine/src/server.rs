@@ -558,9 +558,9 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     let data_err = |source| StartError::DataDir { path: config.data_dir.display().to_string(), source };
     crate::log::private::create_dir(&config.data_dir).map_err(data_err)?;
     let lock = crate::log::private::lock_dir(&config.data_dir).map_err(data_err)?;
-    // Bound before anything is changed (the file's webhooks written; a generated admin token is stored last): a
-    // start refused for its port leaves nothing behind. Listened on only once every stage is
-    // up: until then a connection is refused, not left unanswered in a backlog (a TCP health
+    // Bound before anything is changed (the file's webhooks written; a generated admin token
+    // is stored last): a start refused for its port leaves nothing behind. Listened on only
+    // once every stage is up: until then a connection is refused, not left unanswered in a backlog (a TCP health
     // check passed, and publishes hung through a long journal replay).
     let socket = bound(config.listen).map_err(|source| StartError::Listen { addr: config.listen, source })?;
     crate::telemetry::configure(&config.tracing);
