@@ -105,25 +105,45 @@ fn init_tracing(config: &Config) -> anyhow::Result<Option<herald::telemetry::Tel
 /// SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed), each asking for a drain (SIGHUP
 /// killed the process on the spot, its consumers' offsets not saved, so what was in flight was
 /// sent again). Listened for from the start: one arriving while an earlier one is handled is
-/// kept, not lost.
-struct StopSignals([tokio::signal::unix::Signal; 3]);
+/// kept, not lost. SIGHUP is left alone when it was ignored at start (`nohup`, or a supervisor
+/// saying so): a handler over it stopped `nohup herald serve &` when its terminal closed.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: Option<tokio::signal::unix::Signal>,
+}
 
 impl StopSignals {
     fn new() -> Self {
         use tokio::signal::unix::{signal, SignalKind};
         let on = |kind: SignalKind| signal(kind).expect("signal handler");
-        StopSignals([on(SignalKind::terminate()), on(SignalKind::interrupt()), on(SignalKind::hangup())])
+        let hup = (!hangup_ignored()).then(|| on(SignalKind::hangup()));
+        StopSignals { term: on(SignalKind::terminate()), int: on(SignalKind::interrupt()), hup }
     }
 
     /// The next of them.
     async fn next(&mut self) {
-        let [term, int, hup] = &mut self.0;
+        let hup = async {
+            match &mut self.hup {
+                Some(hup) => hup.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = hup.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = hup => {}
         }
     }
+}
+
+/// Whether SIGHUP is ignored (as inherited: nothing in Herald sets it).
+fn hangup_ignored() -> bool {
+    // SAFETY: zeroed is a valid `sigaction` (no handler, empty mask); with no new action given,
+    // `sigaction` only writes the current one into it.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    let read = unsafe { libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut current) };
+    read == 0 && current.sa_sigaction == libc::SIG_IGN
 }
 
 /// The allocator's two settings that are Herald's own choice (README, "Configuration").

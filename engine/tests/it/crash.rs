@@ -244,3 +244,31 @@ async fn a_second_sigterm_ends_the_drain_at_once_and_sighup_drains() {
         pinging.abort();
     }
 }
+
+/// Started under `nohup` (SIGHUP ignored), a closing terminal does not stop Herald: the
+/// disposition it inherited is kept. Before, the drain's handler was installed over it, and
+/// `nohup herald serve &` stopped when its terminal closed.
+#[tokio::test]
+async fn under_nohup_a_sighup_does_not_stop_herald() {
+    use rustix::process::{kill_process, Pid, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr, log) = crate::support::spawn_herald_nohup(dir.path(), &[("RUST_LOG", "info")]);
+    let pid = child.0.id();
+    // Listening is said once its signals are set up: SIGHUP is still ignored, not caught.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
+    };
+    assert_eq!((mask("SigIgn:") & 1, mask("SigCgt:") & 1), (1, 0), "SIGHUP ignored, not caught");
+    kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::HUP).unwrap();
+    kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::TERM).unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(move || child.0.wait()))
+        .await
+        .expect("stopped by the SIGTERM")
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "drained once, for the SIGTERM: {exit}");
+    assert_eq!(log.lock().unwrap().matches("shutting down").count(), 1);
+    drop(addr);
+}

@@ -255,7 +255,7 @@ pub fn spawn_herald(data_dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
 
 /// Starts `herald serve` with extra environment variables.
 pub fn spawn_herald_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (ChildGuard, SocketAddr) {
-    spawn_herald_as(data_dir, env, std::process::Stdio::inherit(), None)
+    spawn_herald_as(data_dir, env, std::process::Stdio::inherit(), None, false)
 }
 
 /// Starts `herald serve` allowed at most `files` open files (soft and hard limit alike), with
@@ -266,7 +266,7 @@ pub fn spawn_herald_with_files(
     files: u64,
     already_open: u32,
 ) -> (ChildGuard, SocketAddr) {
-    spawn_herald_as(data_dir, env, std::process::Stdio::inherit(), Some((files, already_open)))
+    spawn_herald_as(data_dir, env, std::process::Stdio::inherit(), Some((files, already_open)), false)
 }
 
 /// Starts `herald serve` with extra environment variables, its log (stderr) kept: what it has
@@ -275,7 +275,23 @@ pub fn spawn_herald_logged(
     data_dir: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (ChildGuard, SocketAddr, std::sync::Arc<std::sync::Mutex<String>>) {
-    let (mut guard, addr) = spawn_herald_as(data_dir, env, std::process::Stdio::piped(), None);
+    spawn_herald_logged_as(data_dir, env, false)
+}
+
+/// As [`spawn_herald_logged`], started as `nohup` starts it: SIGHUP ignored.
+pub fn spawn_herald_nohup(
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (ChildGuard, SocketAddr, std::sync::Arc<std::sync::Mutex<String>>) {
+    spawn_herald_logged_as(data_dir, env, true)
+}
+
+fn spawn_herald_logged_as(
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+    ignore_hangup: bool,
+) -> (ChildGuard, SocketAddr, std::sync::Arc<std::sync::Mutex<String>>) {
+    let (mut guard, addr) = spawn_herald_as(data_dir, env, std::process::Stdio::piped(), None, ignore_hangup);
     let stderr = guard.0.stderr.take().unwrap();
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let kept = log.clone();
@@ -294,13 +310,14 @@ fn spawn_herald_as(
     env: &[(&str, &str)],
     stderr: std::process::Stdio,
     files: Option<(u64, u32)>,
+    ignore_hangup: bool,
 ) -> (ChildGuard, SocketAddr) {
     use std::os::unix::process::CommandExt;
     let mut command = serve_command(data_dir);
     let limit = files.map(|(files, _)| libc::rlimit { rlim_cur: files, rlim_max: files });
     let already_open = files.map_or(0, |(_, open)| open);
-    // SAFETY: between fork and exec only close_range, setrlimit and dup are called, each
-    // async-signal-safe.
+    // SAFETY: between fork and exec only close_range, setrlimit, dup and signal are called,
+    // each async-signal-safe.
     unsafe {
         command.pre_exec(move || {
             // The test process's own descriptors (librdkafka's pipes are not close-on-exec)
@@ -318,6 +335,9 @@ fn spawn_herald_as(
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            if ignore_hangup && libc::signal(libc::SIGHUP, libc::SIG_IGN) == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
