@@ -252,7 +252,7 @@ async fn a_second_sigterm_ends_the_drain_at_once_and_sighup_drains() {
 async fn under_nohup_a_sighup_does_not_stop_herald() {
     use rustix::process::{kill_process, Pid, Signal};
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr, log) = crate::support::spawn_herald_nohup(dir.path(), &[("RUST_LOG", "info")]);
+    let (mut child, _addr, log) = crate::support::spawn_herald_nohup(dir.path(), &[("RUST_LOG", "info")]);
     let pid = child.0.id();
     // Listening is said once its signals are set up: SIGHUP is still ignored, not caught.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -270,5 +270,4 @@ async fn under_nohup_a_sighup_does_not_stop_herald() {
         .unwrap();
     assert_eq!(exit.code(), Some(0), "drained once, for the SIGTERM: {exit}");
     assert_eq!(log.lock().unwrap().matches("shutting down").count(), 1);
-    drop(addr);
 }
