@@ -452,7 +452,9 @@ async fn follow(
     }
 }
 
-/// Deletes days past retention and measures how far the index trails the topic.
+/// Deletes days past retention and measures how far the index trails the topic; a stop ends
+/// it at once, whatever it waits on (a broker gone quiet answers each partition's end after
+/// 10 s: a stop waited for all of them, past a service manager's grace period).
 async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<Index>, mut stop: watch::Receiver<bool>) {
     // A clock stepped forward would otherwise delete every day of history at the next tick
     // (for good: the index has read those records, and the topic keeps a day).
@@ -463,25 +465,30 @@ async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<In
             _ = tick.tick() => {}
             _ = crate::shutdown::stopped(&mut stop) => return,
         }
-        let idx = index.clone();
-        Index::yield_to_delivery();
-        let now = clock.guard(now_ms());
-        match tokio::task::spawn_blocking(move || idx.expire(now)).await {
-            Ok(Ok(n)) if n > 0 => metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(n),
-            Ok(Err(e)) => tracing::warn!(error = %e, "expiring history failed"),
-            _ => {}
+        let once = upkeep_once(&*log, &topic, partitions, &index, &clock);
+        tokio::select! {
+            _ = once => {}
+            _ = crate::shutdown::stopped(&mut stop) => return,
         }
-        let mut ends = Vec::with_capacity(partitions as usize);
-        for p in 0..partitions {
-            if let Ok(end) = log.end_offset(&topic, p).await {
-                ends.push((p, end));
-            }
-        }
-        // Only when every partition's end was read: with none (the broker unreachable) the
-        // lag read 0, a stuck index looking caught up; the last figure stands meanwhile.
-        if ends.len() == partitions as usize {
-            metrics::gauge!(crate::metrics::HISTORY_LAG).set(index.behind(&ends) as f64);
-        }
+    }
+}
+
+/// One round of [`upkeep`]: the partitions' ends are asked for together.
+async fn upkeep_once(log: &dyn Log, topic: &str, partitions: u32, index: &Arc<Index>, clock: &crate::model::AgeClock) {
+    let idx = index.clone();
+    Index::yield_to_delivery();
+    let now = clock.guard(now_ms());
+    match tokio::task::spawn_blocking(move || idx.expire(now)).await {
+        Ok(Ok(n)) if n > 0 => metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(n),
+        Ok(Err(e)) => tracing::warn!(error = %e, "expiring history failed"),
+        _ => {}
+    }
+    let ends = futures::future::join_all((0..partitions).map(|p| async move { (p, log.end_offset(topic, p).await) }));
+    let ends: Vec<(u32, u64)> = ends.await.into_iter().filter_map(|(p, end)| Some((p, end.ok()?))).collect();
+    // Only when every partition's end was read: with none (the broker unreachable) the
+    // lag read 0, a stuck index looking caught up; the last figure stands meanwhile.
+    if ends.len() == partitions as usize {
+        metrics::gauge!(crate::metrics::HISTORY_LAG).set(index.behind(&ends) as f64);
     }
 }
 
@@ -489,6 +496,27 @@ async fn upkeep(log: Arc<dyn Log>, topic: String, partitions: u32, index: Arc<In
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A stop ends the upkeep at once, even while it waits on the log (a broker gone quiet
+    /// answers each partition's end after 10 s): it waited a partition at a time, and a stop
+    /// during an outage took partitions × 10 s, past a service manager's grace period.
+    #[tokio::test]
+    async fn a_stop_ends_the_upkeep_while_it_waits_on_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(dir.path(), Duration::from_secs(86_400)).unwrap());
+        let log = Arc::new(crate::log::stub::Stub::new(true, true));
+        log.ends_hang.store(true, Ordering::SeqCst);
+        let (stop, stopped) = watch::channel(false);
+        let upkept = tokio::spawn(upkeep(log.clone(), "h".into(), 8, index, stopped));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while log.end_queries.load(Ordering::Relaxed) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the upkeep never asked the log");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.send_replace(true);
+        let ended = tokio::time::timeout(Duration::from_secs(2), upkept).await;
+        assert!(ended.is_ok(), "the upkeep went on waiting on the log after the stop");
+    }
 
     /// Waits until `load` says `defers` for records written now, within a deadline.
     fn until_defers(load: &Load, defers: bool) -> bool {

@@ -25,6 +25,8 @@ pub struct Stub {
     pub stalled: std::sync::atomic::AtomicBool,
     pub started: AtomicUsize,
     resumed: tokio::sync::Notify,
+    /// While set, a query of a partition's end never answers (a broker gone quiet).
+    pub ends_hang: std::sync::atomic::AtomicBool,
 }
 
 impl Stub {
@@ -41,6 +43,7 @@ impl Stub {
             stalled: Default::default(),
             started: AtomicUsize::new(0),
             resumed: tokio::sync::Notify::new(),
+            ends_hang: Default::default(),
         }
     }
 
@@ -99,6 +102,9 @@ impl Log for Stub {
     }
     async fn end_offset(&self, _: &str, _: u32) -> Result<u64, LogError> {
         self.end_queries.fetch_add(1, Ordering::Relaxed);
+        if self.ends_hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         if self.shared {
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_at_once.fetch_max(now, Ordering::SeqCst);
