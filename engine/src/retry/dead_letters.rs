@@ -7,7 +7,7 @@ use crate::log::{Log, LogError, Record};
 use crate::model::{now_ms, DeadLetter, Delivery};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 const ENTRY: u8 = b'D';
@@ -153,15 +153,31 @@ pub struct DeadLetters {
     /// a request cancelled mid-append let the next replay read the markers before they were
     /// written, and send the same entries again.
     replays: Arc<tokio::sync::Mutex<()>>,
-    replayed: std::sync::Mutex<HashSet<String>>,
-    /// How far each partition's markers have been read into `replayed` (empty: not yet), and
-    /// when.
-    markers_read: tokio::sync::Mutex<(Vec<u64>, Option<std::time::Instant>)>,
+    /// Replayed entries' ids, each with where its marker is (partition and offset; the offset
+    /// unknown, `u64::MAX`, until this process reads back a marker it wrote).
+    replayed: std::sync::Mutex<HashMap<String, (u32, u64)>>,
+    markers_read: tokio::sync::Mutex<MarkersRead>,
     /// Where a replayed delivery is recorded pending again, when history is kept.
     history: Option<Arc<dyn ReplayRecorder>>,
     /// Tenants with a replay under way ([`DeadLetters::replaying`]).
     replaying: crate::model::OneAtATime,
 }
+
+/// How far the replay markers have been read, and when the ids of those retention deleted
+/// were last let go.
+#[derive(Default)]
+struct MarkersRead {
+    /// Per partition, how far its markers have been read into `replayed` (empty: not yet).
+    to: Vec<u64>,
+    /// When they were last read.
+    at: Option<std::time::Instant>,
+    /// When the ids of markers no longer in the topic were last let go.
+    pruned: Option<std::time::Instant>,
+}
+
+/// How often the ids of replayed entries are looked over for those retention deleted (a read
+/// of one record per partition).
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Records replayed deliveries as pending again (the delivery history; the server wires it,
 /// so this module needs nothing of the history's).
@@ -218,15 +234,14 @@ impl DeadLetters {
     /// refused, whichever process made the first); a list at most once a second (on Kafka
     /// each partition's end is a request to the broker, and a console polls the list).
     async fn read_markers(&self, fresh: std::time::Duration) -> Result<(), LogError> {
-        let mut guard = self.markers_read.lock().await;
-        let (read, at) = &mut *guard;
-        if at.is_some_and(|at| at.elapsed() < fresh) {
+        let mut read = self.markers_read.lock().await;
+        if read.at.is_some_and(|at| at.elapsed() < fresh) {
             return Ok(());
         }
-        *at = Some(std::time::Instant::now());
+        read.at = Some(std::time::Instant::now());
         let partitions = self.log.partitions(&self.dlq_topic)? as usize;
-        read.resize(partitions, 0);
-        for (p, read_to) in read.iter_mut().enumerate() {
+        read.to.resize(partitions, 0);
+        for (p, read_to) in read.to.iter_mut().enumerate() {
             // Its end first: cheaper than a read on Kafka, and most calls find nothing new.
             if self.log.end_offset(&self.dlq_topic, p as u32).await? <= *read_to {
                 continue;
@@ -238,18 +253,35 @@ impl DeadLetters {
                     *read_to = last.offset + 1;
                 }
                 let ids = records.into_iter().filter_map(|r| match decode(r.value) {
-                    Some(DlqRecord::Replayed(id)) => Some(id),
+                    Some(DlqRecord::Replayed(id)) => Some((id, (p as u32, r.offset))),
                     _ => None,
                 });
                 self.replayed.lock().unwrap().extend(ids);
                 from = next;
             }
         }
+        if read.pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            read.pruned = Some(std::time::Instant::now());
+            self.forget_deleted(partitions as u32).await?;
+        }
+        Ok(())
+    }
+
+    /// Lets go of the ids whose markers retention has deleted from the topic (their entries,
+    /// before them in the same partition, went first), so the ids kept stay as many as the
+    /// topic holds.
+    async fn forget_deleted(&self, partitions: u32) -> Result<(), LogError> {
+        for p in 0..partitions {
+            let (first, _) = self.log.read_partition(&self.dlq_topic, p, 0, 1).await?;
+            if let Some(start) = first.first().map(|r| r.offset) {
+                self.replayed.lock().unwrap().retain(|_, (q, offset)| *q != p || *offset >= start);
+            }
+        }
         Ok(())
     }
 
     fn is_replayed(&self, id: &str) -> bool {
-        self.replayed.lock().unwrap().contains(id)
+        self.replayed.lock().unwrap().contains_key(id)
     }
 
     /// Partitions holding `subscription`'s entries (all of them when `None`).
@@ -500,7 +532,12 @@ impl DeadLetters {
         })
         .await
         .map_err(|e| LogError::Backend(format!("replaying dead letters: {e}")))??;
-        self.replayed.lock().unwrap().extend(ids.iter().cloned());
+        // Where their markers are is learned when they are read back (perhaps read already).
+        let mut known = self.replayed.lock().unwrap();
+        for id in &ids {
+            known.entry(id.clone()).or_insert((0, u64::MAX));
+        }
+        drop(known);
         report.replayed.extend(ids);
         Ok(())
     }
@@ -673,6 +710,8 @@ mod tests {
         appends: std::sync::Mutex<Vec<usize>>,
         /// The record limit it says it has (as Kafka's).
         max_record: Option<usize>,
+        /// Where `dlq`'s partitions start (retention deleted what was before).
+        start: std::sync::atomic::AtomicU64,
     }
 
     impl Gated {
@@ -689,6 +728,7 @@ mod tests {
                 release: tokio::sync::Notify::new(),
                 appends: Default::default(),
                 max_record: None,
+                start: 0.into(),
             }
         }
     }
@@ -744,6 +784,10 @@ mod tests {
                 self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 opened.await;
             }
+            let from = match topic {
+                "dlq" => from.max(self.start.load(std::sync::atomic::Ordering::SeqCst)),
+                _ => from,
+            };
             self.inner.read_partition(topic, partition, from, max).await
         }
         async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
@@ -799,6 +843,32 @@ mod tests {
         assert_eq!(report.skipped.len(), 1);
         assert_eq!((report.skipped[0].id.as_str(), report.skipped[0].reason), (large[0].as_str(), "too_large"));
         assert_eq!(inner.read_all("deliveries").await.unwrap().len(), 2, "the other two sent, once");
+        inner.close().await.unwrap();
+    }
+
+    /// The ids of replayed entries are let go once the topic no longer holds their markers
+    /// (nor so the entries, which come before them): kept for the process's life, a tenant
+    /// replaying entries that fail again at once grew them by a round's ids every round.
+    #[tokio::test]
+    async fn replayed_ids_are_let_go_once_retention_has_deleted_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = log_of(dir.path(), 1).await;
+        let ids = park(&*inner, "s1", "a", 3).await;
+        let log = Arc::new(Gated::new(inner.clone()));
+        let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
+        let selection = Selection::Ids { ids: ids.clone(), subscription: None };
+        assert_eq!(dlq.replay(selection, None, &|_, _| None).await.unwrap().replayed, ids);
+        let again = dlq.replay(Selection::Ids { ids: ids.clone(), subscription: None }, None, &|_, _| None).await;
+        assert!(again.unwrap().replayed.is_empty(), "replayed once");
+        // Retention deletes the entries and their markers; later ones stay.
+        let later = park(&*inner, "s1", "a", 1).await;
+        let end = inner.end_offset("dlq", 0).await.unwrap();
+        log.start.store(end - 1, std::sync::atomic::Ordering::SeqCst);
+        dlq.markers_read.lock().await.pruned = None;
+        dlq.read_markers(std::time::Duration::ZERO).await.unwrap();
+        assert_eq!(dlq.replayed.lock().unwrap().len(), 0, "ids of entries the topic no longer holds");
+        let (listed, _) = dlq.list(None, None, None, 10).await.unwrap();
+        assert_eq!(listed.into_iter().map(|e| e.id).collect::<Vec<_>>(), later);
         inner.close().await.unwrap();
     }
 
