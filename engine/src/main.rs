@@ -86,11 +86,7 @@ fn init_tracing(config: &Config) -> anyhow::Result<Option<herald::telemetry::Tel
         }
         None => config.logging.level.clone(),
     };
-    // lapin logs each message a broker returns at `warn`, payload and headers whole: a
-    // tenant's unroutable subscription would copy its events into this log (Herald records
-    // those attempts itself). Unless the level names lapin, only its errors are logged.
-    let level = if level.contains("lapin") { level } else { format!("{level},lapin=error") };
-    let filter = tracing_subscriber::EnvFilter::new(level);
+    let filter = tracing_subscriber::EnvFilter::new(herald::telemetry::log_filter(&level));
     let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let lines = match config.logging.format {
         LogFormat::Json => lines.json().boxed(),

@@ -258,9 +258,58 @@ pub fn headers(trace: Option<&TraceContext>) -> Option<(HeaderValue, Option<Head
     Some((parent, state))
 }
 
+/// The log lines' filter for `level` (`RUST_LOG`, else `logging.level`), with the libraries
+/// that log what a tenant's receiver or broker sends, at the rate it sends it, kept quiet
+/// unless the level names them.
+pub fn log_filter(level: &str) -> String {
+    // h2 warns of each PING acknowledgement a receiver sends unasked, rustls of each TLS
+    // warning alert, and lapin logs each message a broker returns at `warn`, payload and
+    // headers whole (a tenant's unroutable subscription would copy its events into this log;
+    // Herald records those attempts itself). Only their errors are logged.
+    const QUIET: [&str; 3] = ["h2", "rustls", "lapin"];
+    let mut filter = level.to_string();
+    for lib in QUIET.iter().filter(|lib| !level.contains(*lib)) {
+        filter.push_str(&format!(",{lib}=error"));
+    }
+    filter
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a tenant's receiver or broker can make a library log, once per frame or message,
+    /// is not logged: a receiver speaking HTTP/2 sent PING acknowledgements nobody asked for,
+    /// each a warning from h2 (600,000 lines a second from 10 MB/s), and one sending TLS
+    /// warning alerts had rustls warn once per connection. Herald's own lines still are.
+    #[test]
+    fn libraries_logging_what_a_tenant_sends_are_kept_quiet() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        #[derive(Clone, Default)]
+        struct Seen(Arc<Mutex<Vec<String>>>);
+        impl<S: tracing::Subscriber> Layer<S> for Seen {
+            fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+                self.0.lock().unwrap().push(event.metadata().target().to_string());
+            }
+        }
+        let seen = Seen::default();
+        let filter = tracing_subscriber::EnvFilter::new(log_filter("info"));
+        let subscriber = tracing_subscriber::registry().with(seen.clone().with_filter(filter));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "h2::proto::ping_pong", "recv PING ack that we never sent");
+            tracing::warn!(target: "rustls::common_state", "TLS alert warning received");
+            tracing::warn!(target: "lapin::channel", "a returned message");
+            tracing::error!(target: "lapin::channel", "channel closed");
+            tracing::warn!(target: "herald::dispatch", "Herald's own");
+        });
+        assert_eq!(*seen.0.lock().unwrap(), ["lapin::channel", "herald::dispatch"]);
+        assert_eq!(
+            log_filter("info,h2=debug"),
+            "info,h2=debug,rustls=error,lapin=error",
+            "a level naming one keeps it"
+        );
+    }
 
     /// An https collector (most hosted ones) was taken, and not one span reached it: this
     /// build's exporter has no TLS, and its errors were not logged. Refused at start instead.
