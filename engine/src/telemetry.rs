@@ -261,6 +261,28 @@ pub fn headers(trace: Option<&TraceContext>) -> Option<(HeaderValue, Option<Head
 /// The log lines' filter for `level` (`RUST_LOG`, else `logging.level`), with the libraries
 /// that log what a tenant's receiver or broker sends, at the rate it sends it, kept quiet
 /// unless the level names them.
+/// The events `f` logs on this thread that `filter` lets through: their levels and targets
+/// (for tests of what is logged).
+#[cfg(test)]
+pub(crate) fn logged(filter: &str, f: impl FnOnce()) -> Vec<(tracing::Level, String)> {
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt;
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+    impl<S: tracing::Subscriber> Layer<S> for Seen {
+        fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            let m = event.metadata();
+            self.0.lock().unwrap().push((*m.level(), m.target().to_string()));
+        }
+    }
+    let seen = Seen::default();
+    let subscriber =
+        tracing_subscriber::registry().with(seen.clone().with_filter(tracing_subscriber::EnvFilter::new(filter)));
+    tracing::subscriber::with_default(subscriber, f);
+    let seen = seen.0.lock().unwrap().clone();
+    seen
+}
+
 pub fn log_filter(level: &str) -> String {
     // h2 warns of each PING acknowledgement a receiver sends unasked, rustls of each TLS
     // warning alert, and lapin logs each message a broker returns at `warn`, payload and
@@ -284,26 +306,15 @@ mod tests {
     /// warning alerts had rustls warn once per connection. Herald's own lines still are.
     #[test]
     fn libraries_logging_what_a_tenant_sends_are_kept_quiet() {
-        use std::sync::{Arc, Mutex};
-        use tracing_subscriber::layer::SubscriberExt;
-        #[derive(Clone, Default)]
-        struct Seen(Arc<Mutex<Vec<String>>>);
-        impl<S: tracing::Subscriber> Layer<S> for Seen {
-            fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-                self.0.lock().unwrap().push(event.metadata().target().to_string());
-            }
-        }
-        let seen = Seen::default();
-        let filter = tracing_subscriber::EnvFilter::new(log_filter("info"));
-        let subscriber = tracing_subscriber::registry().with(seen.clone().with_filter(filter));
-        tracing::subscriber::with_default(subscriber, || {
+        let seen = logged(&log_filter("info"), || {
             tracing::warn!(target: "h2::proto::ping_pong", "recv PING ack that we never sent");
             tracing::warn!(target: "rustls::common_state", "TLS alert warning received");
             tracing::warn!(target: "lapin::channel", "a returned message");
             tracing::error!(target: "lapin::channel", "channel closed");
             tracing::warn!(target: "herald::dispatch", "Herald's own");
         });
-        assert_eq!(*seen.0.lock().unwrap(), ["lapin::channel", "herald::dispatch"]);
+        let seen: Vec<&str> = seen.iter().map(|(_, target)| target.as_str()).collect();
+        assert_eq!(seen, ["lapin::channel", "herald::dispatch"]);
         assert_eq!(
             log_filter("info,h2=debug"),
             "info,h2=debug,rustls=error,lapin=error",

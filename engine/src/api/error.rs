@@ -223,7 +223,11 @@ impl From<crate::event_types::EventTypeError> for ApiError {
 
 impl From<crate::catalog::CatalogError> for ApiError {
     fn from(e: crate::catalog::CatalogError) -> Self {
-        tracing::error!(error = %e, "catalog write failed");
+        static LOGGED: crate::model::AtMostEvery = crate::model::AtMostEvery::new();
+        if LOGGED.due(1000) {
+            // At a client's request rate otherwise; each refusal is counted by status.
+            tracing::error!(error = %e, "catalog write failed (logged once a second at most)");
+        }
         ApiError::unavailable("the registry could not take the write; retry later")
     }
 }
@@ -238,7 +242,11 @@ impl ApiError {
     /// The log could not take a write; `written` says what became of it (a single record is
     /// all or nothing, a publish's deliveries are not).
     fn of_log(e: crate::log::LogError, written: &str) -> Self {
-        tracing::error!(error = %e, "log write failed");
+        static LOGGED: crate::model::AtMostEvery = crate::model::AtMostEvery::new();
+        if LOGGED.due(1000) {
+            // At a client's request rate otherwise; each refusal is counted by status.
+            tracing::error!(error = %e, "log write failed (logged once a second at most)");
+        }
         match e {
             // A full disk: appends resume by themselves with space.
             crate::log::LogError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => ApiError {
@@ -477,6 +485,20 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
 #[cfg(test)]
 mod tests {
     use super::{field_of, ApiError, StatusCode};
+
+    /// A write the log refuses is logged once a second at most: a client resending a publish
+    /// the log refuses (too large for a Kafka topic's `max.message.bytes`, or at once while the
+    /// cluster is away) wrote an error line per request, at its key's request rate.
+    #[test]
+    fn refused_writes_are_logged_once_a_second_at_most() {
+        let seen = crate::telemetry::logged("info", || {
+            for _ in 0..1000 {
+                let _ = ApiError::from(crate::log::LogError::TooLarge { bytes: 2 << 20, max: 1 << 20 });
+                let _ = ApiError::from(crate::catalog::CatalogError::Log(crate::log::LogError::Closed));
+            }
+        });
+        assert!(seen.len() <= 4, "{} lines for 2,000 refusals", seen.len());
+    }
 
     #[test]
     fn names_the_field_a_serde_error_is_about() {

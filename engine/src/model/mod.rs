@@ -180,6 +180,11 @@ impl TakenInTurns {
 pub struct AtMostEvery(std::sync::atomic::AtomicI64);
 
 impl AtMostEvery {
+    /// One that says yes at the first asking (for a `static`).
+    pub const fn new() -> Self {
+        AtMostEvery(std::sync::atomic::AtomicI64::new(0))
+    }
+
     /// Whether to go ahead now: `every_ms` or more since the last yes (or never one).
     pub fn due(&self, every_ms: i64) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
