@@ -258,9 +258,6 @@ pub fn headers(trace: Option<&TraceContext>) -> Option<(HeaderValue, Option<Head
     Some((parent, state))
 }
 
-/// The log lines' filter for `level` (`RUST_LOG`, else `logging.level`), with the libraries
-/// that log what a tenant's receiver or broker sends, at the rate it sends it, kept quiet
-/// unless the level names them.
 /// The events `f` logs on this thread that `filter` lets through: their levels and targets
 /// (for tests of what is logged).
 #[cfg(test)]
@@ -283,6 +280,9 @@ pub(crate) fn logged(filter: &str, f: impl FnOnce()) -> Vec<(tracing::Level, Str
     seen
 }
 
+/// The log lines' filter for `level` (`RUST_LOG`, else `logging.level`), with the libraries
+/// that log what a tenant's receiver or broker sends, at the rate it sends it, kept quiet
+/// unless the level names them.
 pub fn log_filter(level: &str) -> String {
     // h2 warns of each PING acknowledgement a receiver sends unasked, rustls of each TLS
     // warning alert, and lapin logs each message a broker returns at `warn`, payload and
