@@ -258,18 +258,26 @@ pub fn headers(trace: Option<&TraceContext>) -> Option<(HeaderValue, Option<Head
     Some((parent, state))
 }
 
-/// The events `f` logs on this thread that `filter` lets through: their levels and targets
-/// (for tests of what is logged).
+/// The events `f` logs on this thread that `filter` lets through: their levels, targets and
+/// text (message and fields), for tests of what is logged.
 #[cfg(test)]
-pub(crate) fn logged(filter: &str, f: impl FnOnce()) -> Vec<(tracing::Level, String)> {
+pub(crate) fn logged(filter: &str, f: impl FnOnce()) -> Vec<(tracing::Level, String, String)> {
     use std::sync::{Arc, Mutex};
     use tracing_subscriber::layer::SubscriberExt;
     #[derive(Clone, Default)]
-    struct Seen(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+    struct Seen(Arc<Mutex<Vec<(tracing::Level, String, String)>>>);
+    struct Text(String);
+    impl tracing::field::Visit for Text {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0.push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
     impl<S: tracing::Subscriber> Layer<S> for Seen {
         fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
             let m = event.metadata();
-            self.0.lock().unwrap().push((*m.level(), m.target().to_string()));
+            let mut text = Text(String::new());
+            event.record(&mut text);
+            self.0.lock().unwrap().push((*m.level(), m.target().to_string(), text.0));
         }
     }
     let seen = Seen::default();
@@ -313,7 +321,7 @@ mod tests {
             tracing::error!(target: "lapin::channel", "channel closed");
             tracing::warn!(target: "herald::dispatch", "Herald's own");
         });
-        let seen: Vec<&str> = seen.iter().map(|(_, target)| target.as_str()).collect();
+        let seen: Vec<&str> = seen.iter().map(|(_, target, _)| target.as_str()).collect();
         assert_eq!(seen, ["lapin::channel", "herald::dispatch"]);
         assert_eq!(
             log_filter("info,h2=debug"),

@@ -892,7 +892,8 @@ impl Registry {
 /// `trust_all` turns off server verification: say so loudly, at creation and every start.
 fn warn_trust_all(sub: &Subscription) {
     if sub.spec.tls.as_ref().is_some_and(|t| t.trust_all) {
-        tracing::warn!(subscription = %sub.id, url = %sub.spec.url, "tls.trust_all is set: server certificates are NOT verified for this subscription");
+        // Not its URL: a file's webhook may carry a password in it.
+        tracing::warn!(subscription = %sub.id, "tls.trust_all is set: server certificates are NOT verified for this subscription");
     }
 }
 
@@ -967,6 +968,19 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::log::stub::Stub;
+
+    /// A subscription trusting every certificate is said so at each start, without its URL's
+    /// password: a file's webhook may carry one (only the API refuses them), and it was logged
+    /// whole at every start.
+    #[test]
+    fn the_trust_all_warning_does_not_log_a_url_s_password() {
+        let registry = Registry::stubbed();
+        let url = "https://erp:s3cret@erp.example/n";
+        let target = registry.hold("t", &serde_json::json!({ "url": url, "tls": { "trust_all": true } }));
+        let seen = crate::telemetry::logged("info", || warn_trust_all(&target.sub));
+        assert_eq!(seen.len(), 1, "said so: {seen:?}");
+        assert!(!seen[0].2.contains("s3cret"), "{}", seen[0].2);
+    }
 
     /// A registry on a log shared with other processes (Kafka) or not (embedded), whose
     /// broker is reachable or not.
