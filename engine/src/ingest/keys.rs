@@ -12,6 +12,11 @@ use std::collections::HashMap;
 const WALK_PER_BYTE: usize = 8;
 const WALK_FREE: usize = 1 << 20;
 
+/// Events whose `data` and `changes` come to more bytes than this have their keys found by
+/// the walk only: as a `Value`, small objects take about ninety times their text (a megabyte
+/// event, ~90 MiB of nodes, held while its publish waits for room in the ingest budget).
+const PARSED_UP_TO: usize = 16 << 10;
+
 /// The parts of an event an ordering key can come from, and the keys subscriptions' pointers
 /// found in it (each pointer looked up once for all of its subscriptions).
 pub(super) struct Keyed<'a> {
@@ -64,12 +69,16 @@ impl<'a> Keyed<'a> {
         key
     }
 
-    /// The event parsed once as a `Value`, as for every event whose data a `Value` holds; else
-    /// [`Keyed::walk`], so such data elsewhere in the event does not hide a key that is there
-    /// (read as null, the key was not found and the delivery went out unordered, ahead of the
-    /// key's held head).
+    /// The event parsed once as a `Value`, for a small event whose data a `Value` holds; else
+    /// [`Keyed::walk`] — so a large event is not made a tree ninety times its size, and data a
+    /// `Value` cannot hold elsewhere in the event does not hide a key that is there (read as
+    /// null, the key was not found and the delivery went out unordered, ahead of the key's held
+    /// head).
     fn look_up(&mut self, pointer: &str) -> Option<String> {
         let (id, event_type, tenant, data, changes) = (self.id, self.event_type, self.tenant, self.data, self.changes);
+        if data.canonical.len() + changes.map_or(0, |c| c.canonical.len()) > PARSED_UP_TO {
+            return self.walk(pointer);
+        }
         let parsed = self.parsed.get_or_insert_with(|| {
             let json = |j: &Json| serde_json::from_slice::<serde_json::Value>(&j.canonical).ok();
             let changes = match changes {
@@ -225,6 +234,23 @@ mod tests {
                 assert_eq!(keyed.find(missing), None, "{missing}");
             }
         }
+    }
+
+    /// A large event's key is found by the walk, not in a `Value` of the whole event: small
+    /// objects take about ninety times their text as a `Value`'s nodes, and a tenant's ordered
+    /// subscription made each of its megabyte events a tree of ~90 MiB, held through the wait
+    /// for room in the ingest budget — one per request the API was serving.
+    #[test]
+    fn a_large_event_s_key_is_found_without_parsing_it_whole() {
+        let rows = vec![r#"{"a":0}"#; 130_000].join(",");
+        let data = Json::new(&format!(r#"{{"id":"k","rows":[{rows}]}}"#)).unwrap();
+        let mut keyed = Keyed::new("e1", "T", "t1", None, &data, None);
+        assert_eq!(keyed.find("/data/id").as_deref(), Some("k"));
+        assert_eq!(keyed.find("/data/rows/129999/a").as_deref(), Some("0"));
+        assert!(keyed.parsed.is_none(), "parsed whole");
+        let small = Json::new(r#"{"id":"k","rows":[{"a":0}]}"#).unwrap();
+        let mut keyed = Keyed::new("e1", "T", "t1", None, &small, None);
+        assert_eq!(keyed.find("/data/rows/0/a").as_deref(), Some("0"));
     }
 
     /// Many pointers deep into a large event a `Value` cannot hold read it a bounded number
