@@ -207,7 +207,7 @@ fn seal_secrets(config: &Config) -> Result<bool, StartError> {
 /// changes made through any process apply here.
 async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> Result<Stores, StartError> {
     let sealed = seal_secrets(config)?;
-    let records = log.read_all(&topics.subscriptions).await?;
+    let records = feed::read_newest(&**log, &topics.subscriptions).await?;
     let next = feed::next_offset(&records);
     let (feed, applied) = Feed::new(log.clone(), topics.subscriptions.clone(), next);
     let feed = Arc::new(feed);
