@@ -3,7 +3,7 @@
 
 use crate::api::{self, AppState};
 use crate::catalog::feed::{self, Feed};
-use crate::catalog::Router;
+use crate::catalog::{self, Owner, Router};
 use crate::config::{Backend, Config};
 use crate::devices::Devices;
 use crate::dispatch::{Deliverer, Dispatcher, Observe, OrderedKeys, Settler, ShardLimits, Source};
@@ -12,7 +12,7 @@ use crate::history::History;
 use crate::ingest::Ingest;
 use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, Faults};
 use crate::log::kafka::{KafkaConfig, KafkaLog};
-use crate::log::{Log, LogError};
+use crate::log::{Log, LogError, LogRecord};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Rules};
 use crate::retry::dead_letters::DeadLetters;
@@ -21,7 +21,9 @@ use crate::tenants::Tenants;
 use crate::topics::Topics;
 use crate::transport::edge::EdgeHub;
 use crate::transport::{HttpSettings, NetworkGuard, Transports};
+use bytes::Bytes;
 use rand::RngCore;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -207,14 +209,34 @@ fn seal_secrets(config: &Config) -> Result<bool, StartError> {
 /// changes made through any process apply here.
 async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> Result<Stores, StartError> {
     let sealed = seal_secrets(config)?;
-    let records = feed::read_newest(&**log, &topics.subscriptions).await?;
-    let next = feed::next_offset(&records);
-    let (feed, applied) = Feed::new(log.clone(), topics.subscriptions.clone(), next);
+    let (feed, applied) = Feed::new(log.clone(), topics.subscriptions.clone(), 0);
     let feed = Arc::new(feed);
     let guard = NetworkGuard::new(config.network.allow.clone()).denying(config.network.deny.clone());
     let proxies = egress_proxies(config).into_keys().collect();
     let rules = Rules { guard, tls_files_dir: config.http.tls_files_dir.clone(), proxies, tenant_folders: Vec::new() };
-    let registry = Arc::new(Registry::load(feed.clone(), &records, rules, config.health.clone()));
+    let registry = Arc::new(Registry::empty(feed.clone(), rules, config.health.clone()));
+    let tenants = Arc::new(Tenants::load(feed.clone(), &[]));
+    let devices = Arc::new(Devices::load(feed.clone(), &[]));
+    let event_types = Arc::new(EventTypes::load(feed.clone(), &[]));
+    // Applied as read, a page at a time; the newest record of each subscription kept for
+    // resealing its secret.
+    let mut subscriptions: HashMap<Bytes, LogRecord> = HashMap::new();
+    let next = feed::read_in_pages(&**log, &topics.subscriptions, |page| {
+        catalog::load(&*registry, page, Owner::Subscriptions);
+        catalog::load(&*tenants, page, Owner::Tenants);
+        catalog::load(&*devices, page, Owner::Devices);
+        catalog::load(&*event_types, page, Owner::EventTypes);
+        for rec in page.iter().filter(|r| catalog::Key::parse(&r.key).0 == Owner::Subscriptions) {
+            let rec =
+                LogRecord { key: Bytes::copy_from_slice(&rec.key), value: Bytes::copy_from_slice(&rec.value), ..*rec };
+            subscriptions.insert(rec.key.clone(), rec);
+        }
+    })
+    .await?;
+    applied.set(next);
+    registry.loaded();
+    let mut records: Vec<LogRecord> = subscriptions.into_values().collect();
+    records.sort_unstable_by_key(|r| r.offset);
     // Started without the key they were sealed with (or with another), those subscriptions
     // were left out, and publishes for them answered `202` with none of their deliveries made.
     let unopened = registry.unopened();
@@ -229,12 +251,9 @@ async fn open_catalog(log: &Arc<dyn Log>, topics: &Topics, config: &Config) -> R
             )))
         }
     }
-    let tenants = Arc::new(Tenants::load(feed.clone(), &records));
-    let devices = Arc::new(Devices::load(feed.clone(), &records));
     if !log.shared() {
         devices.forget_presences();
     }
-    let event_types = Arc::new(EventTypes::load(feed.clone(), &records));
     let router = Router::new(registry.clone(), tenants.clone(), devices.clone(), event_types.clone());
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(feed::follow(log.clone(), topics.subscriptions.clone(), next, applied, router, stopped));

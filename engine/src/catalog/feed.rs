@@ -266,28 +266,23 @@ pub async fn follow(
 /// Records a start reads of the catalog at a time.
 const READ_PAGE: usize = 4096;
 
-/// The catalog as a start reads it: the newest record of each key (tombstones included), in
-/// log order — what compaction would leave. Read a page at a time and folded as it is read:
-/// whole, on Kafka (which never compacts the segment being written, up to a gigabyte or a
-/// week of changes) every version of every subscription was held at once at each start.
-/// Each kept record is copied out of the read it came in, which it would keep whole.
-pub async fn read_newest(log: &dyn Log, topic: &str) -> Result<Vec<LogRecord>, LogError> {
-    let mut newest: std::collections::HashMap<Bytes, LogRecord> = std::collections::HashMap::new();
+/// Reads the catalog from its start a page at a time, handing each page to `apply` in log
+/// order, and returns where the next record will be. Read whole, on Kafka (which never
+/// compacts the segment being written, up to a gigabyte or a week of changes) every version
+/// of every subscription was held at once at each start; every record is still applied, in
+/// order, as following applies it (a stale change after a delete is judged against it).
+pub async fn read_in_pages(log: &dyn Log, topic: &str, mut apply: impl FnMut(&[LogRecord])) -> Result<u64, LogError> {
+    let mut end = 0;
     for partition in 0..log.partitions(topic)? {
         let mut from = Some(0);
         while let Some(at) = from {
             let (records, next) = log.read_partition(topic, partition, at, READ_PAGE).await?;
             from = next;
-            for mut rec in records {
-                rec.key = Bytes::copy_from_slice(&rec.key);
-                rec.value = Bytes::copy_from_slice(&rec.value);
-                newest.insert(rec.key.clone(), rec);
-            }
+            end = end.max(next_offset(&records));
+            apply(&records);
         }
     }
-    let mut records: Vec<LogRecord> = newest.into_values().collect();
-    records.sort_unstable_by_key(|r| (r.partition, r.offset));
-    Ok(records)
+    Ok(end)
 }
 
 #[cfg(test)]
@@ -295,12 +290,11 @@ mod tests {
     use super::*;
     use crate::log::stub::Stub;
 
-    /// A start reads the catalog newest record per key, as compaction would leave it: read
-    /// whole, on Kafka (which never compacts the segment being written, up to a gigabyte or a
-    /// week of changes) every version of every subscription was held at once, and each
-    /// parsed, unsealed and compiled, at every restart.
+    /// A start reads the catalog a page at a time, every record in order: read whole, on
+    /// Kafka (which never compacts the segment being written, up to a gigabyte or a week of
+    /// changes) every version of every subscription was held at once, at every restart.
     #[tokio::test]
-    async fn a_start_reads_the_catalog_newest_per_key() {
+    async fn a_start_reads_the_catalog_a_page_at_a_time() {
         use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
         let dir = tempfile::tempdir().unwrap();
         let spec = crate::log::TopicSpec {
@@ -330,11 +324,18 @@ mod tests {
             log.append("catalog", versions.collect()).await.unwrap();
         }
         log.append("catalog", vec![record("sub_b", String::new()), record("tenant_c", "c".into())]).await.unwrap();
-        let read = read_newest(&*log, "catalog").await.unwrap();
-        assert_eq!(read.len(), 3, "{} records read for 3 keys", read.len());
-        let seen: Vec<(&[u8], &[u8])> = read.iter().map(|r| (&r.key[..], &r.value[..])).collect();
-        assert_eq!(seen, [(&b"sub_a"[..], &b"a2-1999"[..]), (b"sub_b", b""), (b"tenant_c", b"c")]);
-        assert_eq!(next_offset(&read), log.end_offset("catalog", 0).await.unwrap());
+        let (mut largest, mut offsets, mut last) = (0, Vec::new(), None);
+        let next = read_in_pages(&*log, "catalog", |page| {
+            largest = largest.max(page.len());
+            offsets.extend(page.iter().map(|r| r.offset));
+            last = page.last().map(|r| (r.key.clone(), r.value.clone())).or(last.take());
+        })
+        .await
+        .unwrap();
+        assert!(largest <= READ_PAGE, "{largest} records held at once");
+        assert_eq!(offsets, (0..12_002).collect::<Vec<u64>>(), "every record, in order");
+        assert_eq!(last, Some((Bytes::from_static(b"tenant_c"), Bytes::from_static(b"c"))));
+        assert_eq!(next, log.end_offset("catalog", 0).await.unwrap());
         log.close().await.unwrap();
     }
 

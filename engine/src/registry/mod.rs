@@ -320,7 +320,16 @@ impl Apply for Registry {
 impl Registry {
     /// Materialises the registry from `records`, the whole catalog (also read for tenants).
     pub fn load(feed: Arc<Feed>, records: &[LogRecord], rules: Rules, health: HealthConfig) -> Registry {
-        let registry = Registry {
+        let registry = Registry::empty(feed, rules, health);
+        crate::catalog::load(&registry, records, Owner::Subscriptions);
+        registry.loaded();
+        registry
+    }
+
+    /// A registry holding nothing yet: the catalog's records are applied to it as they are
+    /// read ([`crate::catalog::load`]), then [`Registry::loaded`] says what it holds.
+    pub fn empty(feed: Arc<Feed>, rules: Rules, health: HealthConfig) -> Registry {
+        Registry {
             feed,
             rules,
             health,
@@ -329,13 +338,15 @@ impl Registry {
             tenants: crate::model::TakenInTurns::per_key(1),
             heavy_checks: Default::default(),
             changing: crate::model::TakenInTurns::per_key(1),
-        };
-        crate::catalog::load(&registry, records, Owner::Subscriptions);
-        tracing::info!(subscriptions = registry.len(), records = records.len(), "registry loaded");
-        for target in registry.state.read().unwrap().by_id.values() {
+        }
+    }
+
+    /// Says what a start loaded, and warns of each subscription trusting every certificate.
+    pub fn loaded(&self) {
+        tracing::info!(subscriptions = self.len(), "registry loaded");
+        for target in self.state.read().unwrap().by_id.values() {
             warn_trust_all(&target.sub);
         }
-        registry
     }
 
     /// The network guard used to validate URLs.
