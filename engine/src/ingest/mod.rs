@@ -16,7 +16,7 @@ use crate::registry::{validate_tenant, Registry};
 use crate::target::Target;
 use bytes::Bytes;
 use keys::Keyed;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -283,9 +283,10 @@ static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 /// its latest this many at least.
 const GENERATION: usize = IDEMPOTENCY_CAPACITY / 2;
 
-/// Ids a tenant's first generation holds; each one it fills before the window ends makes the
-/// next twice as large, up to [`GENERATION`].
-const FIRST_GENERATION: usize = 64;
+/// Ids a tenant's first generation holds (it grows in place up to this many: a small table's
+/// regrowth is cheap); each later one it fills before the window ends is made, up front, for
+/// twice as many as the one before, up to [`GENERATION`].
+const FIRST_GENERATION: usize = 1024;
 
 /// An event id (per tenant) seen recently: being appended by a request now, or accepted with
 /// this many deliveries, its content's [`Event::digest`] being `digest`.
@@ -300,62 +301,85 @@ type Key = (String, String);
 /// One generation of a tenant's remembered ids, by event id.
 type Ids = HashMap<String, Seen>;
 
-/// One tenant's remembered ids, in two generations: ids go into the current one; when it is
-/// [`IDEMPOTENCY_WINDOW`] old or holds the ids it was made for (`room`) it becomes the
-/// previous one, and the previous one is retired whole. Every publish takes the lock these
-/// are under, so nothing under it may take long: a single map expired id by id would rehash
-/// everything it holds as it doubled (57 k and 115 k ids, at 28 and 57 s of 2,000 events/s,
-/// the steady scenario's spikes) and again in place whenever its removals' tombstones used up
-/// its slack. Each generation is sized up front and turned before it would grow.
+/// One tenant's remembered ids, in generations: ids go into the current one; when it is
+/// [`IDEMPOTENCY_WINDOW`] old or holds the ids it was made for (`room`) it joins the earlier
+/// ones, which are retired whole once every id in them is a window old, or once the newer
+/// ones hold the latest [`GENERATION`]. Every publish takes the lock these are under, so
+/// nothing under it may take long: a single map expired id by id would rehash everything it
+/// holds as it doubled (57 k and 115 k ids, at 28 and 57 s of 2,000 events/s, the steady
+/// scenario's spikes) and again in place whenever its removals' tombstones used up its slack.
+/// Past the first, each generation is sized up front and turned before it would grow. Kept
+/// until a window old even while a new tenant's generations double: retired as the next one
+/// began, a fresh tenant's batch of a thousand forgot its first ids within the batch.
 struct Generations {
     current: Ids,
-    previous: Ids,
     /// The ids `current` was made for.
     room: usize,
     /// When `current` began, in ms since the epoch.
     since: i64,
+    /// Earlier generations, newest first, each with when its last id could have come.
+    earlier: VecDeque<(Ids, i64)>,
 }
 
 impl Generations {
     fn new(now: i64) -> Generations {
-        Generations {
-            current: Generations::made_for(FIRST_GENERATION),
-            previous: Ids::new(),
-            room: FIRST_GENERATION,
-            since: now,
-        }
+        Generations { current: Ids::new(), room: FIRST_GENERATION, since: now, earlier: VecDeque::new() }
     }
 
     /// An empty generation with room for `ids` and an eighth more (a burst beyond it costs
-    /// one resize, not an error). Untouched, the room is address space, not memory; full, a
-    /// generation of [`GENERATION`] ids takes about 12 MiB (its table and its ids' strings).
+    /// one resize, not an error); the first grows as it fills. Untouched, the room is address
+    /// space, not memory; full, a generation of [`GENERATION`] ids takes about 12 MiB (its
+    /// table and its ids' strings).
     fn made_for(ids: usize) -> Ids {
-        HashMap::with_capacity(ids + ids / 8)
+        match ids > FIRST_GENERATION {
+            true => HashMap::with_capacity(ids + ids / 8),
+            false => Ids::new(),
+        }
     }
 
     fn held(&self) -> usize {
-        self.current.len() + self.previous.len()
+        self.current.len() + self.earlier.iter().map(|(ids, _)| ids.len()).sum::<usize>()
+    }
+
+    fn get(&self, id: &str) -> Option<&Seen> {
+        self.current.get(id).or_else(|| self.earlier.iter().find_map(|(ids, _)| ids.get(id)))
     }
 
     /// Starts a new generation if the current one is full or a window old (twice as large if
-    /// it filled within the window), and forgets everything if even the previous one is past
-    /// the window; puts what was retired in `retired`.
+    /// it filled within the window), and retires the earlier ones past the window or beyond
+    /// the latest [`GENERATION`] ids into `retired`.
     fn turn(&mut self, now: i64, retired: &mut Vec<Ids>) {
         let window = IDEMPOTENCY_WINDOW.as_millis() as i64;
         let age = now - self.since;
         let full = self.current.len() >= self.room;
-        if !full && age < window {
-            return;
+        if full || age >= window {
+            if full && age < window {
+                self.room = (self.room * 2).min(GENERATION);
+            }
+            // Its ids came before its window ended (each insert turns it first when due).
+            let ended = now.min(self.since + window);
+            let current = std::mem::replace(&mut self.current, Generations::made_for(self.room));
+            if !current.is_empty() {
+                self.earlier.push_front((current, ended));
+            }
+            self.since = now;
         }
-        if full && age < window {
-            self.room = (self.room * 2).min(GENERATION);
-        }
-        self.since = now;
-        let current = std::mem::replace(&mut self.current, Generations::made_for(self.room));
-        let previous = std::mem::replace(&mut self.previous, current);
-        retired.push(previous);
-        if age >= 2 * window {
-            retired.push(std::mem::take(&mut self.previous));
+        let mut newer = self.current.len();
+        let keep = (self.earlier.iter())
+            .take_while(|(ids, ended)| {
+                let kept = *ended > now - window && newer < GENERATION;
+                newer += ids.len();
+                kept
+            })
+            .count();
+        retired.extend(self.earlier.drain(keep..).map(|(ids, _)| ids));
+    }
+
+    /// Retires the oldest generation (the current one if it is the only one).
+    fn retire_oldest(&mut self) -> Ids {
+        match self.earlier.pop_back() {
+            Some((ids, _)) => ids,
+            None => std::mem::replace(&mut self.current, Generations::made_for(self.room)),
         }
     }
 }
@@ -386,10 +410,7 @@ impl Recent {
     }
 
     fn get(&self, key: &Key) -> Option<&Seen> {
-        self.pending.get(key).or_else(|| {
-            let t = self.tenants.get(&key.0)?;
-            t.current.get(&key.1).or_else(|| t.previous.get(&key.1))
-        })
+        self.pending.get(key).or_else(|| self.tenants.get(&key.0)?.get(&key.1))
     }
 
     /// Marks `key` as being appended by a request now.
@@ -428,7 +449,7 @@ impl Recent {
         let window = IDEMPOTENCY_WINDOW.as_millis() as i64;
         if now - self.swept >= window / 10 {
             self.swept = now;
-            for t in self.tenants.values_mut().filter(|t| now - t.since >= window) {
+            for t in self.tenants.values_mut() {
                 t.turn(now, &mut retired);
             }
             self.tenants.retain(|_, t| t.held() > 0);
@@ -442,10 +463,7 @@ impl Recent {
                     break;
                 }
                 let Some(t) = self.tenants.get_mut(&tenant) else { continue };
-                let older = match t.previous.is_empty() {
-                    true => std::mem::replace(&mut t.current, Generations::made_for(t.room)),
-                    false => std::mem::take(&mut t.previous),
-                };
+                let older = t.retire_oldest();
                 self.held -= older.len();
                 retired.push(older);
             }
@@ -891,11 +909,14 @@ mod tests {
         let mut room = 0;
         for i in 0..3 * GENERATION + 1_000 {
             drop(recent.remember(key(i), 1, 0, 0));
-            let current = &recent.tenants["tenant"].current;
-            if current.len() == 1 {
-                room = current.capacity();
+            let t = &recent.tenants["tenant"];
+            if t.current.len() == 1 {
+                room = t.current.capacity();
             }
-            assert_eq!(current.capacity(), room, "grew after {i} ids");
+            // The first grows in place: a table of a thousand ids.
+            if t.room > FIRST_GENERATION {
+                assert_eq!(t.current.capacity(), room, "grew after {i} ids");
+            }
             drop(recent.turn(0));
         }
         assert_eq!(recent.tenants["tenant"].room, GENERATION, "grown, generation by generation");
@@ -913,6 +934,31 @@ mod tests {
         assert!(recent.get(&key(2 * GENERATION + 9)).is_some());
         assert!(recent.get(&key(GENERATION + 10)).is_some(), "the latest half of the capacity");
         assert!(recent.get(&key(9)).is_none(), "more than the capacity");
+        assert_eq!(recent.held, counted(&recent));
+    }
+
+    /// A new tenant's ids are remembered for the window while its generations grow: retired
+    /// as each larger one began, a fresh tenant's batch of a thousand forgot its first 448
+    /// within the batch, and 2,000 ids a minute were remembered for seconds.
+    #[test]
+    fn a_new_tenant_s_ids_are_remembered_while_its_generations_grow() {
+        let mut recent = Recent::new(0);
+        for i in 0..5_000 {
+            drop(recent.remember(key(i), 1, 0, 0));
+            drop(recent.turn(0));
+        }
+        assert!((0..5_000).all(|i| recent.get(&key(i)).is_some()), "a batch forgot its first ids");
+        let window = IDEMPOTENCY_WINDOW.as_millis() as i64;
+        let mut recent = Recent::new(0);
+        let per_minute = 2_000;
+        for i in 0..10 * per_minute {
+            let at = (i / per_minute) as i64 * 60_000;
+            drop(recent.remember(key(i), 1, 0, at));
+            drop(recent.turn(at));
+        }
+        let at = window - 1;
+        drop(recent.turn(at));
+        assert!((0..10 * per_minute).all(|i| recent.get(&key(i)).is_some()), "forgotten within the window");
         assert_eq!(recent.held, counted(&recent));
     }
 
