@@ -1456,6 +1456,11 @@ fn attempt_head(
     async move {
         let rec = match rec.fetch(&from).await {
             Ok(Some(rec)) => rec,
+            Ok(None) if deliverer.gone(&lane.subscription) => {
+                // Its subscription deleted too: nothing is left to send it to, or to skip it.
+                let marker = Marker::Settled { lane: lane.clone(), head, released: false };
+                return (lane, head, Done::Settled, Some(marker));
+            }
             Ok(None) => {
                 // Gone from the log (its retention passed while it waited): not settled
                 // silently — the key stays blocked, listed, until an operator skips it.
@@ -1781,6 +1786,29 @@ mod tests {
             unbounded.values().all(|f| f.records.len() == 10 && f.look_on_from == 100),
             "with room, each found all ten"
         );
+    }
+
+    /// A head whose record is gone from the log, of a subscription deleted too, is let go at
+    /// its attempt: waiting for a skip, it held the key and the partition's commit point for
+    /// good, looked at again every minute (every sweep, once its subscription was deleted).
+    #[tokio::test]
+    async fn a_gone_head_of_a_deleted_subscription_is_let_go_at_its_attempt() {
+        use crate::transport::{HttpSettings, NetworkGuard, Transports};
+        let log: Arc<dyn Log> = Arc::new(crate::log::stub::Stub::new(true, true));
+        let registry = Arc::new(crate::registry::Registry::stubbed());
+        let transports =
+            Transports::new(NetworkGuard::new(Vec::new()), &HttpSettings::default(), Duration::from_secs(1));
+        let retrier = crate::retry::Retrier::new(log.clone(), "t".into(), "dlq".into());
+        let deliverer =
+            Arc::new(Deliverer::new(registry.clone(), transports, super::super::Settler::new(registry, retrier)));
+        let lane = LaneId { subscription: "sub_deleted".into(), key: "k".into() };
+        let at = AsAttempted { attempt: 2, due_ms: 0, budget_floor: 0 };
+        let from = ReadBack { log, topic: "o".into(), partition: 0 };
+        let shares = Arc::new(Shares::new(8));
+        let (_, head, done, marker) = attempt_head(deliverer, shares, from, lane, 7, 2, HeadRecord::InLog(7, at)).await;
+        assert_eq!(head, 7);
+        assert!(matches!(done, Done::Settled), "let go");
+        assert!(matches!(marker, Some(Marker::Settled { head: 7, .. })), "with its marker");
     }
 
     /// A head whose record is gone from the log waits for an operator's skip: it is listed
