@@ -297,8 +297,15 @@ pub fn log_filter(level: &str) -> String {
     // headers whole (a tenant's unroutable subscription would copy its events into this log;
     // Herald records those attempts itself). Only their errors are logged.
     const QUIET: [&str; 3] = ["h2", "rustls", "lapin"];
+    // A directive's target names the library, or one of its modules (`tokio_rustls` does not).
+    let names = |lib: &str| {
+        level.split(',').any(|directive| {
+            let target = directive.split(['=', '[']).next().unwrap_or("").trim();
+            target == lib || target.starts_with(&format!("{lib}::"))
+        })
+    };
     let mut filter = level.to_string();
-    for lib in QUIET.iter().filter(|lib| !level.contains(*lib)) {
+    for lib in QUIET.iter().filter(|lib| !names(lib)) {
         filter.push_str(&format!(",{lib}=error"));
     }
     filter
@@ -328,6 +335,8 @@ mod tests {
             "info,h2=debug,rustls=error,lapin=error",
             "a level naming one keeps it"
         );
+        assert_eq!(log_filter("lapin::channel=warn"), "lapin::channel=warn,h2=error,rustls=error");
+        assert_eq!(log_filter("info,tokio_rustls=debug"), "info,tokio_rustls=debug,h2=error,rustls=error,lapin=error");
     }
 
     /// An https collector (most hosted ones) was taken, and not one span reached it: this

@@ -262,7 +262,11 @@ impl DeadLetters {
         }
         if read.pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
             read.pruned = Some(std::time::Instant::now());
-            self.forget_deleted(partitions as u32).await?;
+            // Not the request's failure: looked at again at the next.
+            if let Err(e) = self.forget_deleted(partitions as u32).await {
+                read.pruned = None;
+                tracing::warn!(error = %e, "looking for replayed dead letters retention deleted failed");
+            }
         }
         Ok(())
     }
@@ -273,9 +277,12 @@ impl DeadLetters {
     async fn forget_deleted(&self, partitions: u32) -> Result<(), LogError> {
         for p in 0..partitions {
             let (first, _) = self.log.read_partition(&self.dlq_topic, p, 0, 1).await?;
-            if let Some(start) = first.first().map(|r| r.offset) {
-                self.replayed.lock().unwrap().retain(|_, (q, offset)| *q != p || *offset >= start);
-            }
+            // Nothing left: everything below its end is gone.
+            let start = match first.first() {
+                Some(r) => r.offset,
+                None => self.log.end_offset(&self.dlq_topic, p).await?,
+            };
+            self.replayed.lock().unwrap().retain(|_, (q, offset)| *q != p || *offset >= start);
         }
         Ok(())
     }
@@ -869,6 +876,14 @@ mod tests {
         assert_eq!(dlq.replayed.lock().unwrap().len(), 0, "ids of entries the topic no longer holds");
         let (listed, _) = dlq.list(None, None, None, 10).await.unwrap();
         assert_eq!(listed.into_iter().map(|e| e.id).collect::<Vec<_>>(), later);
+        // Replayed too, then everything deleted: a partition retention emptied holds none.
+        dlq.replay(Selection::Ids { ids: later.clone(), subscription: None }, None, &|_, _| None).await.unwrap();
+        dlq.read_markers(std::time::Duration::ZERO).await.unwrap();
+        assert_eq!(dlq.replayed.lock().unwrap().len(), 1);
+        log.start.store(inner.end_offset("dlq", 0).await.unwrap(), std::sync::atomic::Ordering::SeqCst);
+        dlq.markers_read.lock().await.pruned = None;
+        dlq.read_markers(std::time::Duration::ZERO).await.unwrap();
+        assert_eq!(dlq.replayed.lock().unwrap().len(), 0, "ids of a partition retention emptied");
         inner.close().await.unwrap();
     }
 
