@@ -336,7 +336,10 @@ fn spawn_herald_as(
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if ignore_hangup && libc::signal(libc::SIGHUP, libc::SIG_IGN) == libc::SIG_ERR {
+            // Set either way: run under `nohup` (as a suite in the background may be), the
+            // tests' process ignores SIGHUP, and every Herald it starts would inherit that.
+            let hangup = if ignore_hangup { libc::SIG_IGN } else { libc::SIG_DFL };
+            if libc::signal(libc::SIGHUP, hangup) == libc::SIG_ERR {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
