@@ -472,13 +472,22 @@ impl SwitchedReceiver {
     }
 }
 
-/// A server with one partition of at most two keys, and no breaker: a key whose receiver is
-/// down retries, rather than wait out a pause.
+/// A server with one partition and no breaker: a key whose receiver is down retries, rather
+/// than wait out a pause.
+async fn one_partition() -> TestHerald {
+    TestHerald::start_with(one_partition_no_breaker).await
+}
+
+fn one_partition_no_breaker(c: &mut herald::config::Config) {
+    c.log.partitions = 1;
+    c.health.breaker_failures = 1_000_000;
+}
+
+/// As [`one_partition`], of at most two keys.
 async fn two_keys_a_partition() -> TestHerald {
     TestHerald::start_with(|c| {
-        c.log.partitions = 1;
+        one_partition_no_breaker(c);
         c.dispatch.ordered_max_keys = 2;
-        c.health.breaker_failures = 1_000_000;
     })
     .await
 }
@@ -729,11 +738,7 @@ async fn a_skip_read_back_after_a_restart_does_not_skip_the_next_head() {
 /// is then unknown, and the key stays held, as its deliveries wait.
 #[tokio::test]
 async fn a_key_stays_held_while_its_subscription_cannot_be_read() {
-    let h = TestHerald::start_with(|c| {
-        c.log.partitions = 1;
-        c.health.breaker_failures = 1_000_000;
-    })
-    .await;
+    let h = one_partition().await;
     let (rx, url) = SwitchedReceiver::start().await;
     rx.fail(true);
     let retry = json!({ "policy": "fixed", "interval": "50ms", "max_attempts": 2 });
@@ -1037,11 +1042,7 @@ async fn failing_heads_keep_a_bounded_number_of_bytes_in_memory_and_are_read_bac
         // is the sequencer's, the same on both backends.
         return;
     }
-    let h = TestHerald::start_with(|c| {
-        c.log.partitions = 1;
-        c.health.breaker_failures = 1_000_000;
-    })
-    .await;
+    let h = one_partition().await;
     let (rx, url) = SwitchedReceiver::start().await;
     let sub_id =
         holding_subscription(&h.api, url, json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1000 })).await;
@@ -1267,11 +1268,7 @@ async fn blocked_keys_are_listed_a_page_at_a_time() {
 /// a place under the cap of keys.
 #[tokio::test]
 async fn a_deleted_subscription_s_retrying_keys_go_without_waiting_for_their_retry() {
-    let h = TestHerald::start_with(|c| {
-        c.log.partitions = 1;
-        c.health.breaker_failures = 1_000_000;
-    })
-    .await;
+    let h = one_partition().await;
     let (rx, url) = SwitchedReceiver::start().await;
     let sub_id =
         holding_subscription(&h.api, url, json!({ "policy": "fixed", "interval": "1h", "max_attempts": 5 })).await;
