@@ -295,27 +295,10 @@ mod tests {
     /// changes) every version of every subscription was held at once, at every restart.
     #[tokio::test]
     async fn a_start_reads_the_catalog_a_page_at_a_time() {
-        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
         let dir = tempfile::tempdir().unwrap();
-        let spec = crate::log::TopicSpec {
-            name: "catalog".into(),
-            partitions: 1,
-            compacted: true,
-            retention: None,
-            retention_waits_for_reader: false,
-            read_within: Duration::from_millis(20),
-            keyed: true,
-        };
-        let log = EmbeddedLog::open(EmbeddedConfig {
-            dir: dir.path().to_path_buf(),
-            segment_bytes: 8 << 20,
-            flush_interval: Duration::from_millis(20),
-            topics: vec![spec],
-            journal_bytes: DEFAULT_JOURNAL_BYTES,
-            faults: None,
-        })
-        .await
-        .unwrap();
+        let spec =
+            crate::log::TopicSpec { compacted: true, keyed: true, ..crate::log::TopicSpec::for_tests("catalog", 1) };
+        let log = crate::log::embedded::EmbeddedLog::for_tests(dir.path(), vec![spec]).await;
         let record =
             |key: &'static str, value: String| Record { key: Bytes::from_static(key.as_bytes()), value: value.into() };
         for round in 0..3 {

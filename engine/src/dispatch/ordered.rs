@@ -1695,26 +1695,8 @@ mod tests {
 
     /// An embedded log with one ordered topic, "o", of one partition.
     async fn ordered_log(dir: &std::path::Path) -> Arc<crate::log::embedded::EmbeddedLog> {
-        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
-        let spec = crate::log::TopicSpec {
-            name: "o".into(),
-            partitions: 1,
-            compacted: false,
-            retention: None,
-            retention_waits_for_reader: false,
-            read_within: Duration::from_millis(20),
-            keyed: true,
-        };
-        EmbeddedLog::open(EmbeddedConfig {
-            dir: dir.to_path_buf(),
-            segment_bytes: 8 << 20,
-            flush_interval: Duration::from_millis(20),
-            topics: vec![spec],
-            journal_bytes: DEFAULT_JOURNAL_BYTES,
-            faults: None,
-        })
-        .await
-        .unwrap()
+        let spec = crate::log::TopicSpec { keyed: true, ..crate::log::TopicSpec::for_tests("o", 1) };
+        crate::log::embedded::EmbeddedLog::for_tests(dir, vec![spec]).await
     }
 
     /// A delivery of `key`'s with a body of `bytes`, as the ordered topic holds it.

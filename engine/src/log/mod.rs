@@ -76,6 +76,23 @@ pub struct TopicSpec {
     pub keyed: bool,
 }
 
+#[cfg(test)]
+impl TopicSpec {
+    /// A plain topic as unit tests lay one out: `partitions`, kept, not compacted or keyed,
+    /// read within 20 ms (change what a test needs with `..`).
+    pub(crate) fn for_tests(name: &str, partitions: u32) -> TopicSpec {
+        TopicSpec {
+            name: name.into(),
+            partitions,
+            compacted: false,
+            retention: None,
+            retention_waits_for_reader: false,
+            read_within: std::time::Duration::from_millis(20),
+            keyed: false,
+        }
+    }
+}
+
 /// Errors from either log backend.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {

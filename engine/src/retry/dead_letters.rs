@@ -590,27 +590,9 @@ mod tests {
 
     /// An embedded log with topics `dlq` and `deliveries` of `partitions` each.
     async fn log_of(dir: &std::path::Path, partitions: u32) -> Arc<dyn Log> {
-        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
         use crate::log::TopicSpec;
-        let topic = |name: &str| TopicSpec {
-            name: name.into(),
-            partitions,
-            compacted: false,
-            retention: None,
-            retention_waits_for_reader: false,
-            read_within: std::time::Duration::from_millis(20),
-            keyed: false,
-        };
-        EmbeddedLog::open(EmbeddedConfig {
-            dir: dir.to_path_buf(),
-            segment_bytes: 8 << 20,
-            flush_interval: std::time::Duration::from_millis(20),
-            topics: vec![topic("dlq"), topic("deliveries")],
-            journal_bytes: DEFAULT_JOURNAL_BYTES,
-            faults: None,
-        })
-        .await
-        .unwrap()
+        let topics = vec![TopicSpec::for_tests("dlq", partitions), TopicSpec::for_tests("deliveries", partitions)];
+        crate::log::embedded::EmbeddedLog::for_tests(dir, topics).await
     }
 
     /// `n` dead letters of `subscription` (of tenant `tenant`), events `e0`, `e1`, ….

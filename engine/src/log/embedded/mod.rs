@@ -120,6 +120,22 @@ pub struct EmbeddedLog {
 }
 
 impl EmbeddedLog {
+    /// An embedded log in `dir` holding `topics`, as unit tests open one: 8 MiB segments,
+    /// flushed every 20 ms, no faults.
+    #[cfg(test)]
+    pub(crate) async fn for_tests(dir: &std::path::Path, topics: Vec<super::TopicSpec>) -> Arc<Self> {
+        EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.to_path_buf(),
+            segment_bytes: 8 << 20,
+            flush_interval: std::time::Duration::from_millis(20),
+            topics,
+            journal_bytes: DEFAULT_JOURNAL_BYTES,
+            faults: None,
+        })
+        .await
+        .unwrap()
+    }
+
     /// Opens the log, recovering every partition (torn tails cut off, what the group journal
     /// holds written back, compacted topics compacted), and starts the writer thread and the
     /// offset flusher.
