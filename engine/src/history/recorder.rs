@@ -109,9 +109,7 @@ impl Recorder {
 
     /// Waits until every record queued so far is durable, or the budget passed.
     pub async fn synced(&self) {
-        let target = self.queued.load(Ordering::SeqCst);
-        let mut durable = self.durable.clone();
-        let _ = tokio::time::timeout(BUDGET, durable.wait_for(|d| *d >= target)).await;
+        self.drain(BUDGET).await;
     }
 
     /// Waits, `within` at most, until every record queued so far is durable; returns how many
