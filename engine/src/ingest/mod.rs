@@ -681,6 +681,7 @@ impl Ingest {
                 event.ordering_key.as_deref(),
                 &event.data,
                 event.changes.as_ref(),
+                keys::pointers(&targets),
             );
             for (i, target) in targets.iter().enumerate() {
                 let first = Delivery::first_attempt(
@@ -837,6 +838,7 @@ impl Ingest {
                 event.ordering_key.as_deref(),
                 &data,
                 changes.as_ref(),
+                keys::pointers(targets),
             );
             for target in targets {
                 let key = keyed.key_for(target);
