@@ -60,6 +60,10 @@ static SEQUENCERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 /// Records read at a time when looking for a key's next deliveries.
 const SCAN_PAGE: usize = 512;
 
+/// Bytes of records read while keys' next deliveries are looked for, of those keys, held
+/// back at most (see [`Sequencer::deferred`]); past it, applying waits for the look to end.
+const MAX_DEFERRED_BYTES: usize = 4 << 20;
+
 /// How often held keys are looked at again: one whose subscription no longer holds keys
 /// after a dead letter (deleted, or changed to `skip`) goes on.
 const SWEEP: Duration = Duration::from_secs(10);
@@ -550,10 +554,21 @@ struct Sequencer {
     /// Lanes whose next deliveries are to be looked for in the log, and the one pass doing it.
     needy: HashMap<LaneId, (u64, usize)>,
     scan: Option<Scan>,
-    /// Records read and not yet applied: applying waits while a key's next deliveries are
-    /// looked for (so a marker for one of them is never read before it is), and while the
-    /// partition holds as many keys as it may (`limits.max_keys`).
+    /// Records read and not yet applied: applying waits while the partition holds as many
+    /// keys as it may (`limits.max_keys`).
     unread: VecDeque<LogRecord>,
+    /// Records read, in order, of keys whose next deliveries are being looked for in the log:
+    /// applied once each key has its next head, so a marker for one of them is never read
+    /// before it is. Other keys' records go on being applied meanwhile — a tenant's sparse key
+    /// whose look reads millions of records holds up only itself — up to
+    /// [`MAX_DEFERRED_BYTES`] of these held back (the record and its key), then applying waits.
+    deferred: VecDeque<(LaneId, LogRecord)>,
+    deferred_bytes: usize,
+    /// The keys of `deferred`.
+    deferred_lanes: HashSet<LaneId>,
+    /// Bytes the pass in flight may hold (of [`MAX_HELD_BYTES`], the rest left to keys whose
+    /// records are applied meanwhile).
+    scan_reserved: usize,
     /// Bytes of later deliveries held in memory over all keys (about [`MAX_HELD_BYTES`] at most).
     held: usize,
     /// Bytes of heads' records held in memory (see [`MAX_HEAD_BYTES`]).
@@ -598,7 +613,6 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let partition = reader.partition();
-    let raw = reader.committer();
     let replay_end = loop {
         match log.end_offset(&topic, partition).await {
             Ok(end) => break end,
@@ -611,43 +625,7 @@ pub async fn run(
             }
         }
     };
-    let mut seq = Sequencer {
-        partition,
-        committer: deliverer.committer(raw),
-        topic,
-        log,
-        deliverer,
-        shares: Arc::new(Shares::new(limits.window)),
-        limits,
-        keys,
-        lanes: HashMap::new(),
-        heads: BTreeMap::new(),
-        timers: BTreeSet::new(),
-        attempts: FuturesUnordered::new(),
-        started: VecDeque::new(),
-        attempting: HashMap::new(),
-        aged: HashSet::new(),
-        to_mark: Vec::new(),
-        marking: None,
-        needy: HashMap::new(),
-        scan: None,
-        unread: VecDeque::new(),
-        held: 0,
-        head_bytes: 0,
-        id: SEQUENCERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        // Set by the first record read: a committer's idea of the committed offset can run
-        // ahead of where its reader starts (Kafka's reports the end until a first commit).
-        read_to: 0,
-        replay_end,
-        committed: 0,
-        live: false,
-        idle: Some(reader),
-        reading: None,
-        ahead: None,
-        ahead_to: 0,
-        latest_ahead: Latest::default(),
-        applied_ahead: BTreeSet::new(),
-    };
+    let mut seq = Sequencer::new(reader, topic, log, deliverer, limits, keys, replay_end);
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported = 0;
@@ -675,11 +653,7 @@ pub async fn run(
                 }
             }
             found = async { seq.scan.as_mut().expect("guarded").await }, if seq.scan.is_some() => {
-                seq.scan = None;
-                for (lane, found) in found {
-                    seq.found(lane, found);
-                }
-                seq.apply_unread();
+                seq.scanned(found);
             }
             (reader, batch) = async { seq.reading.as_mut().expect("guarded").await }, if seq.reading.is_some() => {
                 if !seq.read(reader, batch).await {
@@ -699,6 +673,60 @@ pub async fn run(
 }
 
 impl Sequencer {
+    fn new(
+        reader: Box<dyn PartitionReader>,
+        topic: String,
+        log: Arc<dyn Log>,
+        deliverer: Arc<Deliverer>,
+        limits: ShardLimits,
+        keys: Arc<OrderedKeys>,
+        replay_end: u64,
+    ) -> Sequencer {
+        let partition = reader.partition();
+        let raw = reader.committer();
+        Sequencer {
+            partition,
+            committer: deliverer.committer(raw),
+            topic,
+            log,
+            deliverer,
+            shares: Arc::new(Shares::new(limits.window)),
+            limits,
+            keys,
+            lanes: HashMap::new(),
+            heads: BTreeMap::new(),
+            timers: BTreeSet::new(),
+            attempts: FuturesUnordered::new(),
+            started: VecDeque::new(),
+            attempting: HashMap::new(),
+            aged: HashSet::new(),
+            to_mark: Vec::new(),
+            marking: None,
+            needy: HashMap::new(),
+            scan: None,
+            unread: VecDeque::new(),
+            deferred: VecDeque::new(),
+            deferred_bytes: 0,
+            deferred_lanes: HashSet::new(),
+            scan_reserved: 0,
+            held: 0,
+            head_bytes: 0,
+            id: SEQUENCERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            // Set by the first record read: a committer's idea of the committed offset can run
+            // ahead of where its reader starts (Kafka's reports the end until a first commit).
+            read_to: 0,
+            replay_end,
+            committed: 0,
+            live: false,
+            idle: Some(reader),
+            reading: None,
+            ahead: None,
+            ahead_to: 0,
+            latest_ahead: Latest::default(),
+            applied_ahead: BTreeSet::new(),
+        }
+    }
+
     fn replaying(&self) -> bool {
         !self.live && self.read_to < self.replay_end
     }
@@ -737,14 +765,18 @@ impl Sequencer {
         true
     }
 
-    /// Applies what was read, in order, until a key must look for its next deliveries in the
-    /// log first, or the partition holds as many keys as it may (then again as keys settle:
-    /// see [`Sequencer::finished`]).
+    /// Applies what was read, in order, until the partition holds as many keys as it may
+    /// (then again as keys settle: see [`Sequencer::finished`]); a record of a key whose next
+    /// deliveries are being looked for in the log is held back until they are found.
     fn apply_unread(&mut self) {
+        self.apply_deferred();
         let mut capped = false;
-        while self.scan.is_none() && self.needy.is_empty() {
+        loop {
             if self.lanes.len() >= self.limits.max_keys {
                 capped = !self.unread.is_empty();
+                break;
+            }
+            if self.deferred_bytes >= MAX_DEFERRED_BYTES {
                 break;
             }
             let Some(rec) = self.unread.pop_front() else { break };
@@ -752,8 +784,16 @@ impl Sequencer {
                 continue; // handed out again
             }
             self.read_to = rec.offset + 1;
-            if !self.applied_ahead.remove(&rec.offset) {
-                self.apply(rec);
+            if self.applied_ahead.remove(&rec.offset) {
+                continue;
+            }
+            match self.looking_for(&rec) {
+                Some(lane) => {
+                    self.deferred_bytes += deferred_size(&lane, &rec);
+                    self.deferred_lanes.insert(lane.clone());
+                    self.deferred.push_back((lane, rec));
+                }
+                None => self.apply(rec),
             }
         }
         if !self.live && (capped || !self.replaying()) {
@@ -779,6 +819,56 @@ impl Sequencer {
             self.look_ahead();
         }
         self.commit();
+    }
+
+    /// The key of `rec` if its record must wait (see [`Sequencer::deferred`]): the key's next
+    /// deliveries are being looked for, or an earlier record of it waits.
+    fn looking_for(&self, rec: &LogRecord) -> Option<LaneId> {
+        if self.scan.is_none() && self.needy.is_empty() && self.deferred.is_empty() {
+            return None;
+        }
+        let lane = match Marker::decode(rec.value.clone()) {
+            Some(marker) => marker.lane().clone(),
+            None => {
+                let d = Delivery::decode(rec.value.clone()).ok()?;
+                LaneId { subscription: d.subscription, key: d.ordering_key.unwrap_or_default() }
+            }
+        };
+        let waits = self.lanes.get(&lane).is_some_and(|l| l.state == HeadState::Scanning)
+            || self.deferred_lanes.contains(&lane);
+        waits.then_some(lane)
+    }
+
+    /// Applies the records held back whose keys have their next heads now, in order; a key
+    /// looking again (or again after one of them) keeps the rest of its own.
+    fn apply_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let mut kept: VecDeque<(LaneId, LogRecord)> = VecDeque::new();
+        self.deferred_lanes.clear();
+        for (lane, rec) in std::mem::take(&mut self.deferred) {
+            let looking = self.lanes.get(&lane).is_some_and(|l| l.state == HeadState::Scanning);
+            if looking || self.deferred_lanes.contains(&lane) {
+                self.deferred_lanes.insert(lane.clone());
+                kept.push_back((lane, rec));
+                continue;
+            }
+            self.deferred_bytes = self.deferred_bytes.saturating_sub(deferred_size(&lane, &rec));
+            self.apply(rec);
+        }
+        self.deferred = kept;
+    }
+
+    /// What a pass over the log found: each key's next deliveries, then what was held back
+    /// for them and what is left unread.
+    fn scanned(&mut self, found: HashMap<LaneId, Found>) {
+        self.scan = None;
+        self.scan_reserved = 0;
+        for (lane, found) in found {
+            self.found(lane, found);
+        }
+        self.apply_unread();
     }
 
     /// Takes one record of the partition: a delivery joins its lane; a marker moves a lane on.
@@ -812,7 +902,10 @@ impl Sequencer {
             Some(l) => {
                 l.waiting += 1;
                 // Buffered only while every earlier one is, so the buffer is always the front.
-                if l.buffered.len() as u64 == l.waiting - 1 && l.buffered.len() < BUFFER && self.held < MAX_HELD_BYTES {
+                if l.buffered.len() as u64 == l.waiting - 1
+                    && l.buffered.len() < BUFFER
+                    && self.held + self.scan_reserved < MAX_HELD_BYTES
+                {
                     l.scan_from = rec.offset + 1;
                     self.held += rec.value.len();
                     l.buffered.push_back(owned(rec));
@@ -973,8 +1066,10 @@ impl Sequencer {
         let (log, topic, partition, to) = (self.log.clone(), self.topic.clone(), self.partition, self.read_to);
         // What may be held now over all lanes: each asked for its buffer's worth when it was
         // released, with the partition below the limit then, and hundreds released during one
-        // pass all found theirs in the next.
-        let budget = MAX_HELD_BYTES.saturating_sub(self.held);
+        // pass all found theirs in the next. Half of it: keys whose records are applied while
+        // the pass runs buffer theirs in the rest.
+        let budget = MAX_HELD_BYTES.saturating_sub(self.held) / 2;
+        self.scan_reserved = budget;
         self.scan = Some(async move { scan(&*log, &topic, partition, wants, to, budget).await }.boxed());
     }
 
@@ -1379,7 +1474,8 @@ impl Sequencer {
 
     /// Commits up to the oldest head still outstanding (or all that was read).
     fn commit(&mut self) {
-        let floor = self.heads.keys().next().copied().unwrap_or(self.read_to).min(self.read_to);
+        let held_back = self.deferred.front().map_or(self.read_to, |(_, rec)| rec.offset);
+        let floor = self.heads.keys().next().copied().unwrap_or(self.read_to).min(self.read_to).min(held_back);
         if floor > self.committed {
             self.committed = floor;
             self.committer.commit(floor);
@@ -1601,6 +1697,11 @@ struct Found {
     cut: bool,
 }
 
+/// Bytes a record held back (see [`Sequencer::deferred`]) counts for.
+fn deferred_size(lane: &LaneId, rec: &LogRecord) -> usize {
+    rec.value.len() + lane.subscription.len() + lane.key.len() + 64
+}
+
 /// Reads `partition` (below `to`, what the sequencer has read) for the next deliveries of
 /// each lane in `wants` (from where its last one was, as many as it wants), in one pass from
 /// the lowest of those offsets; returns what each lane found and where to look on for it.
@@ -1768,6 +1869,77 @@ mod tests {
             unbounded.values().all(|f| f.records.len() == 10 && f.look_on_from == 100),
             "with room, each found all ten"
         );
+    }
+
+    /// A sequencer of the one-partition ordered topic of `log`, live, with nothing read yet.
+    async fn live_sequencer(log: Arc<crate::log::embedded::EmbeddedLog>) -> Sequencer {
+        use crate::transport::{HttpSettings, NetworkGuard, Transports};
+        let mut consumer = log.consume("g", "o").await.unwrap();
+        let Some(crate::log::Assignment::Assigned(reader)) = consumer.next_assignment().await else {
+            panic!("the partition assigned")
+        };
+        let registry = Arc::new(crate::registry::Registry::stubbed());
+        let transports =
+            Transports::new(NetworkGuard::new(Vec::new()), &HttpSettings::default(), Duration::from_secs(1));
+        let log: Arc<dyn Log> = log;
+        let retrier = crate::retry::Retrier::new(log.clone(), "t".into(), "dlq".into());
+        let deliverer =
+            Arc::new(Deliverer::new(registry.clone(), transports, super::super::Settler::new(registry, retrier)));
+        let limits = ShardLimits {
+            window: 8,
+            max_uncommitted: 1000,
+            batch: 100,
+            max_keys: 1000,
+            max_hold: Duration::from_secs(3600),
+            drain: Duration::from_secs(1),
+        };
+        let mut seq = Sequencer::new(reader, "o".into(), log, deliverer, limits, Arc::default(), 0);
+        seq.live = true;
+        seq
+    }
+
+    /// A record of the ordered topic at `offset`.
+    fn read_at(offset: u64, record: Record) -> LogRecord {
+        LogRecord { partition: 0, offset, timestamp_ms: 0, key: record.key, value: record.value }
+    }
+
+    /// While one key's next deliveries are looked for in the log, other keys' records go on
+    /// being applied: the pass waited for stopped the whole partition, so a tenant's sparse
+    /// key, whose look read millions of records, held up every other tenant's ordered
+    /// deliveries on it. The looking key's own records (a marker settling its next head, read
+    /// before the pass found that head) wait for the pass, and hold the commit point.
+    #[tokio::test]
+    async fn other_keys_go_on_while_one_key_s_next_deliveries_are_looked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seq = live_sequencer(ordered_log(dir.path()).await).await;
+        let looking = LaneId { subscription: "sub_1".into(), key: "a".into() };
+        let other = LaneId { subscription: "sub_1".into(), key: "b".into() };
+        // Key a: its head at 0, and its next (at 1) waiting in the log, unbuffered; a pass for
+        // it under way.
+        seq.unread.push_back(read_at(0, keyed_record("e0".into(), "a".into(), 10)));
+        seq.apply_unread();
+        let l = seq.lanes.get_mut(&looking).unwrap();
+        l.state = HeadState::Scanning;
+        l.waiting = 1;
+        seq.read_to = 2;
+        seq.scan = Some(futures::future::pending().boxed());
+        // Read meanwhile: key b's first delivery, and the marker settling key a's next head.
+        seq.unread.push_back(read_at(2, keyed_record("e2".into(), "b".into(), 10)));
+        let settled = Marker::Settled { lane: looking.clone(), head: 1, released: false };
+        seq.unread.push_back(read_at(3, settled.record()));
+        seq.apply_unread();
+        assert!(seq.lanes.contains_key(&other), "key b waited for key a's pass");
+        assert_eq!(seq.read_to, 4);
+        assert_eq!(seq.deferred.len(), 1, "key a's marker waits for its head");
+        assert_eq!(seq.committed, 0, "committed past the head");
+        // The pass finds key a's next head: then the marker settling it is applied.
+        let found =
+            Found { records: vec![read_at(1, keyed_record("e1".into(), "a".into(), 10))], look_on_from: 2, cut: false };
+        seq.scanned(HashMap::from([(looking.clone(), found)]));
+        assert!(seq.deferred.is_empty());
+        assert!(!seq.lanes.contains_key(&looking), "its next head, settled by the marker read, is done");
+        assert_eq!(seq.heads.keys().copied().collect::<Vec<_>>(), vec![2], "key b's head is the commit floor");
+        assert_eq!(seq.committed, 2);
     }
 
     /// A head whose record is gone from the log, of a subscription deleted too, is let go at
