@@ -46,11 +46,25 @@ const QUEUE_BYTES: usize = 8 << 20;
 /// [`QUEUE_BYTES`] counted in KiB (the room's permits).
 const QUEUE_KIB: u32 = (QUEUE_BYTES >> 10) as u32;
 
-/// A delivery's message waiting to go out, with its room in the queue.
+/// Bytes of deliveries all of one tenant's connections here may hold queued or being written,
+/// together: bounded a connection only, a tenant's hundred devices whose agents stop reading
+/// held 800 MiB of Herald's memory (each attempt gives its in-flight bytes back when it
+/// times out, while its message stays queued).
+const TENANT_QUEUE_BYTES: usize = 16 << 20;
+const TENANT_QUEUE_KIB: u32 = (TENANT_QUEUE_BYTES >> 10) as u32;
+
+/// A message's room: in its connection's queue and in its tenant's, held until it has been
+/// written (or dropped unsent).
+struct Room {
+    _link: tokio::sync::OwnedSemaphorePermit,
+    _tenant: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A delivery's message waiting to go out, with its room.
 struct Outgoing {
     seq: u64,
     text: Message,
-    _room: tokio::sync::OwnedSemaphorePermit,
+    room: Room,
 }
 
 /// One agent's live connection.
@@ -63,6 +77,8 @@ struct Link {
     tx: mpsc::Sender<Outgoing>,
     /// Room in the queue, in KiB ([`QUEUE_BYTES`]).
     room: Arc<Semaphore>,
+    /// Room over the tenant's connections here, in KiB ([`TENANT_QUEUE_BYTES`]).
+    tenant_room: Arc<Semaphore>,
     window: Arc<Semaphore>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Report>>>,
     seq: AtomicU64,
@@ -74,6 +90,8 @@ struct Link {
 /// agents.
 pub struct EdgeHub {
     links: Mutex<HashMap<String, Arc<Link>>>,
+    /// Each tenant's room ([`TENANT_QUEUE_BYTES`]), shared by its connections while any lives.
+    tenant_rooms: Mutex<HashMap<String, std::sync::Weak<Semaphore>>>,
     conns: AtomicU64,
     devices: Arc<Devices>,
     /// This process's URL for the others, once it listens.
@@ -100,6 +118,7 @@ impl EdgeHub {
         metrics::gauge!(m::EDGE_IN_FLIGHT).set(0.0);
         Arc::new(EdgeHub {
             links: Mutex::default(),
+            tenant_rooms: Mutex::default(),
             conns: AtomicU64::new(0),
             devices,
             advertised: std::sync::OnceLock::new(),
@@ -248,7 +267,12 @@ impl EdgeHub {
         let bytes = sub_bytes + delivery.encoded_len().div_ceil(3) * 4 + 128;
         let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, QUEUE_KIB);
         let left = timeout.saturating_sub(started.elapsed());
-        let Ok(Ok(room)) = tokio::time::timeout(left, link.room.clone().acquire_many_owned(kib)).await else {
+        let room = tokio::time::timeout(left, async {
+            let link_room = link.room.clone().acquire_many_owned(kib).await?;
+            let tenant_room = link.tenant_room.clone().acquire_many_owned(kib).await?;
+            Ok::<_, tokio::sync::AcquireError>(Room { _link: link_room, _tenant: tenant_room })
+        });
+        let Ok(Ok(room)) = room.await else {
             return busy();
         };
         let seq = link.seq.fetch_add(1, Ordering::Relaxed);
@@ -264,7 +288,7 @@ impl EdgeHub {
         };
         // The agent needs the subscription's secrets to sign and authenticate.
         let text = revealing(|| serde_json::to_string(&msg).expect("serializes"));
-        let queued = link.tx.try_send(Outgoing { seq, text: Message::Text(text.into()), _room: room });
+        let queued = link.tx.try_send(Outgoing { seq, text: Message::Text(text.into()), room });
         let answer = match queued {
             Ok(()) => tokio::time::timeout(timeout + GRACE, rx).await.ok(),
             Err(_) => None,
@@ -309,10 +333,21 @@ impl EdgeHub {
     fn attach(&self, device: &EdgeDevice, window: u32) -> (Arc<Link>, mpsc::Receiver<Outgoing>, watch::Receiver<bool>) {
         let (close, closed) = watch::channel(false);
         let (tx, rx) = mpsc::channel(window as usize);
+        let tenant_room = {
+            let mut rooms = self.tenant_rooms.lock().unwrap();
+            rooms.retain(|_, room| room.strong_count() > 0);
+            let room = rooms.get(&device.tenant).and_then(std::sync::Weak::upgrade);
+            room.unwrap_or_else(|| {
+                let room = Arc::new(Semaphore::new(TENANT_QUEUE_KIB as usize));
+                rooms.insert(device.tenant.clone(), Arc::downgrade(&room));
+                room
+            })
+        };
         let link = Arc::new(Link {
             conn: self.conns.fetch_add(1, Ordering::Relaxed),
             tx,
             room: Arc::new(Semaphore::new(QUEUE_KIB as usize)),
+            tenant_room,
             window: Arc::new(Semaphore::new(window as usize)),
             pending: Mutex::default(),
             seq: AtomicU64::new(0),
@@ -353,7 +388,7 @@ impl EdgeHub {
             let msg = tokio::select! {
                 m = rx.recv() => match m {
                     Some(out) => match link.unqueue(out) {
-                        Some(text) => text,
+                        Some(taken) => taken,
                         None => continue,
                     },
                     None => break,
@@ -363,14 +398,16 @@ impl EdgeHub {
                         tracing::info!(device = %device.id, "edge device deleted; closing its connection");
                         break;
                     }
-                    Message::Ping(Vec::new().into())
+                    (Message::Ping(Vec::new().into()), None)
                 }
                 _ = crate::shutdown::stopped(&mut close) => break,
             };
+            let (msg, room) = msg;
             let sent = tokio::select! {
                 sent = tokio::time::timeout(WRITE_STALL, sink.send(msg)) => matches!(sent, Ok(Ok(()))),
                 _ = crate::shutdown::stopped(&mut close) => false,
             };
+            drop(room); // held while the message is written
             if !sent {
                 tracing::info!(device = %device.id, "edge agent not reading, gone, or to close; ending its connection");
                 break;
@@ -402,11 +439,12 @@ impl EdgeHub {
 /// An attempt waiting for its agent's report: forgotten when it ends however it ends — a
 /// forwarding process that gave up cancels it, and its entry and the in-flight gauge stayed.
 impl Link {
-    /// Takes a message off the queue (giving its room back): its text, or `None` when its
-    /// attempt has ended (timed out while the message waited) — sent all the same, the agent
-    /// would deliver an attempt already recorded as failed, and its retry as well.
-    fn unqueue(&self, out: Outgoing) -> Option<Message> {
-        self.pending.lock().unwrap().contains_key(&out.seq).then_some(out.text)
+    /// Takes a message off the queue: its text and its room, to be given back once it is
+    /// written; or `None` (its room given back) when its attempt has ended (timed out while
+    /// the message waited) — sent all the same, the agent would deliver an attempt already
+    /// recorded as failed, and its retry as well.
+    fn unqueue(&self, out: Outgoing) -> Option<(Message, Option<Room>)> {
+        self.pending.lock().unwrap().contains_key(&out.seq).then_some((out.text, Some(out.room)))
     }
 }
 
@@ -551,6 +589,68 @@ mod tests {
         }
         assert!(held <= QUEUE_BYTES + (2 << 20), "{held} bytes queued");
         assert!(busy >= 30, "{busy} of 40 refused as busy");
+    }
+
+    /// All of a tenant's agents that do not read hold at most [`TENANT_QUEUE_BYTES`] of
+    /// messages together: bounded a connection only, ten devices held 80 MiB, a hundred (the
+    /// default cap of a tenant's devices) 800 MiB. Another tenant's room is its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_s_agents_that_do_not_read_hold_a_bounded_queue_together() {
+        let (hub, device, target) = hub_and_target();
+        let data = Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(1 << 20)));
+        let mut queues = Vec::new();
+        for d in 0..10 {
+            let device = EdgeDevice { id: format!("edg_{d}"), ..device.clone() };
+            let (_link, rx, _close) = hub.attach(&device, MAX_WINDOW);
+            queues.push((_link, rx, _close));
+            for i in 0..12 {
+                let delivery = Delivery::first_attempt(
+                    format!("e{i}"),
+                    target.sub.id.clone(),
+                    "t".into(),
+                    "T".into(),
+                    data.clone(),
+                    0,
+                );
+                hub.deliver_here(&device.id, &target, &delivery, 0, Duration::from_millis(1)).await;
+            }
+        }
+        let mut held = 0;
+        for (_, rx, _) in &mut queues {
+            while let Ok(out) = rx.try_recv() {
+                held += match &out.text {
+                    Message::Text(t) => t.len(),
+                    _ => 0,
+                };
+                std::mem::forget(out); // its room stays taken, as while the message is written
+            }
+        }
+        assert!(held <= (16 << 20) + (2 << 20), "{held} bytes queued (16 MiB and a message at most)");
+        let other = EdgeDevice { id: "edg_other".into(), tenant: "t2".into(), ..device.clone() };
+        let (_link, mut rx, _close) = hub.attach(&other, 8);
+        let delivery = Delivery::first_attempt("e".into(), target.sub.id.clone(), "t2".into(), "T".into(), data, 0);
+        hub.deliver_here("edg_other", &target, &delivery, 0, Duration::from_millis(1)).await;
+        assert!(rx.try_recv().is_ok(), "another tenant's agent has room of its own");
+    }
+
+    /// A message's room is given back once it has been written, not as it is taken off the
+    /// queue: the messages being written to agents that read slowly were counted nowhere.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_holds_its_room_while_it_is_written() {
+        let (hub, device, target) = hub_and_target();
+        let (link, mut rx, _close) = hub.attach(&device, 8);
+        let delivery =
+            Delivery::first_attempt("e".into(), target.sub.id.clone(), "t".into(), "T".into(), Bytes::new(), 0);
+        let attempt = hub.deliver_here("edg_1", &target, &delivery, 0, Duration::from_secs(30));
+        let (_, taken) = tokio::join!(tokio::time::timeout(Duration::from_millis(50), attempt), async {
+            let out = rx.recv().await.expect("queued");
+            link.unqueue(out)
+        });
+        let (_, room) = taken.expect("its attempt waits");
+        assert!(link.room.available_permits() < QUEUE_KIB as usize, "given back before it was written");
+        drop(room);
+        assert_eq!(link.room.available_permits(), QUEUE_KIB as usize);
+        assert_eq!(link.tenant_room.available_permits(), TENANT_QUEUE_KIB as usize);
     }
 
     /// A message whose attempt ended while it waited in the queue is not sent: the agent
