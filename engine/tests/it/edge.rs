@@ -346,6 +346,39 @@ async fn an_oversized_agent_message_ends_the_connection() {
     assert!(ended.is_ok(), "the connection stayed open after a 4 MiB message");
 }
 
+/// An agent sending messages nobody asked for (no delivery was sent to it) is disconnected:
+/// each was read and parsed, up to a megabyte apiece, on the cores every tenant's deliveries
+/// share, for as long as the agent kept sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_sending_what_nobody_asked_for_is_disconnected() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (_, _, _, token) = tenant_with_device(&admin, "Chatty").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(edge_connect_request(addr, &token)).await.expect("connects");
+    ws.send(Message::Text(r#"{"type":"hello","window":1}"#.into())).await.unwrap();
+    agents_connected(&admin, 1).await;
+    for _ in 0..1_000 {
+        if ws.feed(Message::Text(r#"{"type":"hello","window":1}"#.into())).await.is_err() {
+            break;
+        }
+    }
+    let _ = ws.flush().await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open after 1,000 messages nobody asked for");
+    agents_connected(&admin, 0).await;
+}
+
 /// A tenant's edge devices are bounded like its subscriptions (`quotas.edge_devices_per_tenant`,
 /// 100 by default): each is a catalog record, listed whole and read by every process.
 #[tokio::test]

@@ -38,6 +38,13 @@ const UNREADABLE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How long the closing message may take (a stalled socket would hold the end for ever).
 const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
+/// Frames an agent may send beyond one report for each delivery it was sent, and beyond
+/// [`AGENT_FRAMES_PER_SECOND`] of its connection's life (a pong, a repeated hello): each is
+/// read and parsed on the cores every tenant's deliveries share, up to a megabyte apiece, so
+/// an agent sending what nobody asked for is disconnected (it reconnects, throttled).
+const AGENT_SPARE_FRAMES: u64 = 64;
+const AGENT_FRAMES_PER_SECOND: u64 = 2;
+
 /// Bytes of deliveries one connection's queue may hold (a larger message goes alone): an
 /// agent that reads slowly or not at all holds no more of Herald's memory than this (a window
 /// of 4,096 events of 1 MiB each was 5.6 GiB). An attempt waits for room within its timeout,
@@ -482,7 +489,14 @@ async fn read(link: &Link, device: &EdgeDevice, mut stream: SplitStream<WebSocke
     // Unreadable messages are logged once a minute at most, with how many came between: an
     // agent sending millions of them would otherwise write as many log lines.
     let mut unreadable_since: Option<(Instant, u64)> = None;
+    let (connected, mut frames) = (Instant::now(), 0u64);
     while let Ok(Some(Ok(msg))) = tokio::time::timeout(SILENCE, stream.next()).await {
+        frames += 1;
+        let asked = link.seq.load(Ordering::Relaxed).saturating_add(AGENT_SPARE_FRAMES);
+        if frames > asked.saturating_add(connected.elapsed().as_secs().saturating_mul(AGENT_FRAMES_PER_SECOND)) {
+            tracing::warn!(device = %device.id, frames, "an edge agent sent more messages than it was sent deliveries; ending its connection");
+            break;
+        }
         match msg {
             Message::Text(t) => match serde_json::from_str::<ToServer>(&t) {
                 Ok(ToServer::Outcome(report)) => {
