@@ -203,6 +203,8 @@ pub struct TenantQuery {
 /// The event, looked up again once the index has caught up if it was not found: an event
 /// accepted a moment ago may not be indexed yet.
 async fn find(history: &Arc<History>, tenant: String, id: String) -> Result<EventRecord, ApiError> {
+    // One no event can have is not waited for.
+    crate::model::check_event_id(&id).map_err(|e| ApiError::validation("id", e))?;
     let lookup = || {
         let (owner, id) = (tenant.clone(), id.clone());
         blocking(history, &tenant, move |index| index.event(&owner, &id))

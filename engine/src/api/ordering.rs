@@ -84,8 +84,8 @@ pub async fn skip(
 ) -> Result<impl IntoResponse, ApiError> {
     let target = ordered(&state, &who, &id, true)?;
     crate::model::check_ordering_key(&req.key).map_err(|e| ApiError::validation("key", e))?;
-    if req.event.as_ref().is_some_and(|e| e.is_empty() || e.len() > crate::model::MAX_EVENT_ID_LEN) {
-        return Err(ApiError::validation("event", "must be 1 to 255 bytes"));
+    if let Some(event) = &req.event {
+        crate::model::check_event_id(event).map_err(|e| ApiError::validation("event", e))?;
     }
     let lane = LaneId { subscription: target.sub.id.clone(), key: req.key.clone() };
     let marker = Marker::Skip { lane, event: req.event };

@@ -109,9 +109,8 @@ struct Load {
     runtime: tokio::runtime::Handle,
     defer: Duration,
     sample: std::sync::Mutex<Sample>,
-    /// Until when (ms after `origin`, monotonic) someone waits for the index: no holding then.
-    wanted_until: std::sync::atomic::AtomicU64,
-    origin: std::time::Instant,
+    /// Requests waiting for the index to reach the ends they saw: no holding while any does.
+    wanting: std::sync::atomic::AtomicUsize,
     /// Tests: delivery counts as busy whatever the workers do.
     #[cfg(test)]
     busy: std::sync::atomic::AtomicBool,
@@ -132,23 +131,21 @@ impl Load {
             runtime,
             defer,
             sample: std::sync::Mutex::new(sample),
-            wanted_until: std::sync::atomic::AtomicU64::new(0),
-            origin: std::time::Instant::now(),
+            wanting: std::sync::atomic::AtomicUsize::new(0),
             #[cfg(test)]
             busy: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    fn since_origin(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
-    }
-
-    /// Someone waits for the index (see [`History::caught_up`]): nothing is held until
-    /// `until`, so the wait is short even while delivery is busy. While it lasts, delivery pays
-    /// the index as it goes, as it did before the deferral.
-    fn want_until(&self, until: std::time::Instant) {
-        let until = until.saturating_duration_since(self.origin).as_millis() as u64;
-        self.wanted_until.fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+    /// Someone waits for the index (see [`History::caught_up`]): nothing is held while the
+    /// returned guard lives, so the wait is short even while delivery is busy. Meanwhile
+    /// delivery pays the index as it goes, as it did before the deferral — only for as long as
+    /// the index takes to reach what the waiter needs: lifted for a fixed five seconds, a
+    /// tenant looking up ids that do not exist in a loop kept every tenant's deliveries paying
+    /// for it.
+    fn want(&self) -> Wanting<'_> {
+        self.wanting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Wanting(self)
     }
 
     fn busy_total(m: &tokio::runtime::RuntimeMetrics) -> Duration {
@@ -187,9 +184,18 @@ impl Load {
         let defer_ms = self.defer.as_millis().min(i64::MAX as u128) as i64;
         !self.defer.is_zero()
             && held.elapsed() < self.defer
-            && self.since_origin() >= self.wanted_until.load(std::sync::atomic::Ordering::Relaxed)
+            && self.wanting.load(std::sync::atomic::Ordering::Relaxed) == 0
             && now_ms.saturating_sub(oldest_ms) < defer_ms
             && self.busy()
+    }
+}
+
+/// A wait for the index (see [`Load::want`]), ended when dropped.
+struct Wanting<'a>(&'a Load);
+
+impl Drop for Wanting<'_> {
+    fn drop(&mut self) {
+        self.0.wanting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -290,7 +296,6 @@ impl History {
         let _tenant = TenantWaiter::take(&self.waiting, tenant)?;
         let _waiting = self.waiters.try_acquire().ok()?;
         let deadline = tokio::time::Instant::now() + within;
-        self.load.want_until(deadline.into_std());
         let mut ends = Vec::with_capacity(self.partitions as usize);
         for p in 0..self.partitions {
             match tokio::time::timeout_at(deadline, self.log.end_offset(&self.topic, p)).await {
@@ -300,6 +305,10 @@ impl History {
         }
         // Subscribed before the first look, so a write between the look and the wait wakes it.
         let mut progress = self.index.progress();
+        if self.index.behind(&ends) == 0 {
+            return Some(0); // nothing to lift the deferral for
+        }
+        let _wanting = self.load.want();
         loop {
             let behind = self.index.behind(&ends);
             if behind == 0 {
@@ -557,8 +566,10 @@ mod tests {
         // delivery is.
         let asked = Load::new(runtime.handle().clone(), Duration::from_secs(30));
         assert!(until_defers(&asked, true));
-        asked.want_until(std::time::Instant::now() + Duration::from_secs(60));
+        let wanting = asked.want();
         assert!(!asked.defers(now, now_ms(), now_ms()), "a waiter leaves indexing held back");
+        drop(wanting);
+        assert!(asked.defers(now, now_ms(), now_ms()), "held back again once nobody waits");
         // Delivery going quiet lets indexing go — not at the first quiet window, as the last
         // deliveries of a burst thin out, but once it has stayed quiet for QUIET.
         assert!(until_defers(&load, true));
@@ -722,6 +733,41 @@ mod tests {
                 read.await.unwrap().unwrap().unwrap();
             }
             assert_eq!(running.load(Ordering::SeqCst), 10);
+            stop.send(true).unwrap();
+            history.stopped().await;
+        });
+    }
+
+    /// A lookup of an event the index does not hold lifts the deferral only while the index
+    /// lacks records the topic has, and only until it has them: lifted for five seconds at
+    /// each lookup, a tenant looking up ids that never existed, in a loop, kept every
+    /// tenant's deliveries paying for the index as it went.
+    #[test]
+    fn a_lookup_lifts_the_deferral_only_while_the_index_catches_up() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        runtime.block_on(async {
+            let (history, stop) = started(dir.path(), Duration::from_secs(600)).await;
+            history.load.busy.store(true, Ordering::Relaxed);
+            let defers = || history.load.defers(std::time::Instant::now(), now_ms(), now_ms());
+            assert!(defers());
+            assert_eq!(history.caught_up("t", Duration::from_secs(5)).await, Some(0), "nothing to wait for");
+            assert!(defers(), "lifted though the index lacked nothing");
+            let event = EventRecord {
+                id: "evt_now".into(),
+                tenant: "t".into(),
+                event_type: "T".into(),
+                accepted_ms: now_ms(),
+                subscriptions: vec!["sub".into()],
+                data: bytes::Bytes::from_static(b"{}"),
+                changes: None,
+                ordering_key: None,
+                seq: 0,
+            };
+            history.recorder.append(&[HistoryRecord::Event(event)]).await.unwrap();
+            assert_eq!(history.caught_up("t", Duration::from_secs(20)).await, Some(0));
+            assert!(history.index.event("t", "evt_now").unwrap().is_some());
+            assert!(defers(), "still lifted once the index had what was asked for");
             stop.send(true).unwrap();
             history.stopped().await;
         });

@@ -11,7 +11,7 @@ pub use budget::{Budget, Over};
 
 use crate::history::{EventRecord, HistoryRecord, Recorder, StateRecord};
 use crate::log::{Log, LogError, Record};
-use crate::model::{new_id, now_ms, Delivery, EventInput, Invalid, PayloadFormat, MAX_EVENT_ID_LEN};
+use crate::model::{new_id, now_ms, Delivery, EventInput, Invalid, PayloadFormat};
 use crate::registry::{validate_tenant, Registry};
 use crate::target::Target;
 use bytes::Bytes;
@@ -237,10 +237,7 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes
     let id_given = input.id.is_some();
     let id = match input.id {
         Some(id) => {
-            // It travels as the webhook-id header: visible ASCII only.
-            if id.is_empty() || id.len() > MAX_EVENT_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(Refusal::from(bad("id", "must be 1 to 255 visible ASCII characters")));
-            }
+            crate::model::check_event_id(&id).map_err(|e| bad("id", e))?;
             id
         }
         None => new_id("evt"),

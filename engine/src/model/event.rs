@@ -20,6 +20,15 @@ pub fn check_ordering_key(key: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Whether `id` can be an event's id: the one rule publishes, lookups and skips share. It
+/// travels as the `webhook-id` header, so visible ASCII only. Returns what is wrong, if anything.
+pub fn check_event_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() || id.len() > MAX_EVENT_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be 1 to 255 visible ASCII characters");
+    }
+    Ok(())
+}
+
 /// Whether `name` can be an event type: the one rule events, subscriptions' `events` and the
 /// event-type catalogue share. Returns what is wrong, if anything.
 pub fn check_event_type(name: &str) -> Result<(), &'static str> {

@@ -171,6 +171,13 @@ async fn every_attempt_is_on_record_with_the_receiver_s_answer() {
         assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{query}: {err}");
     }
     assert_eq!(h.api.get("/v1/events/no-such-event").await.0, 404);
+    // An id no event can have is refused at once, naming it (it waited for the index, then 404).
+    for id in ["x".repeat(256), "with%20space".to_string()] {
+        let (status, err) = h.api.get(&format!("/v1/events/{id}")).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("id")), "{id}: {err}");
+        let (status, err) = h.api.post(&format!("/v1/events/{id}/resend"), json!({})).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("id")), "{id}: {err}");
+    }
 }
 
 /// An event can be looked up and resent the moment it is accepted: a lookup that misses
