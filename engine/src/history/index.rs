@@ -42,6 +42,10 @@ const SCAN_LIMIT: usize = 20_000;
 /// milliseconds of reads.
 const RECOVER_SCAN: usize = 100_000;
 
+/// Versions of one delivery a recover reads in turn before it reads only the newest (see
+/// [`Index::recoverable`]).
+const VERSIONS_READ_IN_TURN: usize = 64;
+
 /// What [`Index::recoverable`] found: `(tenant, event)` oldest first, and the time (ms) to go
 /// on from when it stopped early (its events were not looked at yet).
 #[derive(Debug)]
@@ -160,6 +164,21 @@ pub struct Index {
     /// Attempt records read by queries (what a test of their cost counts).
     #[cfg(test)]
     attempt_reads: std::sync::atomic::AtomicUsize,
+    /// Delivery state versions read by queries.
+    #[cfg(test)]
+    version_reads: std::sync::atomic::AtomicUsize,
+}
+
+/// The first key after every key that starts with `prefix`, if there is one.
+fn after_prefix(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut after = prefix.to_vec();
+    while let Some(last) = after.pop() {
+        if last < u8::MAX {
+            after.push(last + 1);
+            return Some(after);
+        }
+    }
+    None
 }
 
 /// The key range of `prefix` followed by a newest-first time within `[since, until]`.
@@ -313,6 +332,8 @@ impl Index {
             progress,
             #[cfg(test)]
             attempt_reads: Default::default(),
+            #[cfg(test)]
+            version_reads: Default::default(),
         })
     }
 
@@ -540,15 +561,18 @@ impl Index {
         Ok(())
     }
 
-    /// Visits the versions of one delivery's state, newest first, until `visit` stops. Not
-    /// collected: a tenant's resends and retries can give one delivery hundreds of thousands.
+    /// Visits the versions of one delivery's state, newest first (from those made at
+    /// `up_to_ms`, if given), until `visit` stops. Not collected, and each caller bounds how
+    /// many it reads: a tenant's resends and retries can give one delivery hundreds of
+    /// thousands.
     fn each_version(
         &self,
         subscription: &str,
         event: &EventRecord,
+        up_to_ms: Option<i64>,
         visit: impl FnMut(DeliveryState) -> Flow,
     ) -> Result<(), IndexError> {
-        self.versions(subscription, &event.tenant, &event.id, event.accepted_ms, visit)
+        self.versions(subscription, &event.tenant, &event.id, event.accepted_ms, up_to_ms, visit)
     }
 
     /// [`Index::each_version`] of the delivery to `subscription` of `tenant`'s event `id`,
@@ -559,11 +583,22 @@ impl Index {
         tenant: &str,
         id: &str,
         accepted_ms: i64,
+        up_to_ms: Option<i64>,
         mut visit: impl FnMut(DeliveryState) -> Flow,
     ) -> Result<(), IndexError> {
         let Some(ks) = self.kept(keys::day(accepted_ms)) else { return Ok(()) };
-        let prefix = Key::new(keys::STATE).id(subscription).time(accepted_ms).id(id).done();
-        for item in ks.prefix(&prefix).rev() {
+        let key = || Key::new(keys::STATE).id(subscription).time(accepted_ms).id(id);
+        let prefix = key().done();
+        // Versions are keyed by the time they were made: those after `up_to_ms` are not read.
+        let end = match up_to_ms {
+            Some(up_to) if up_to < i64::MAX => key().time(up_to.saturating_add(1)).done(),
+            _ => after_prefix(&prefix).unwrap_or_default(),
+        };
+        let versions: Box<dyn DoubleEndedIterator<Item = _>> =
+            if end.is_empty() { Box::new(ks.prefix(&prefix)) } else { Box::new(ks.range(prefix.clone()..end)) };
+        for item in versions.rev() {
+            #[cfg(test)]
+            self.version_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (_, value) = item.into_inner()?;
             let Some(v) = DeliveryState::decode(&value) else { continue };
             if v.event == id && v.tenant == tenant && matches!(visit(v), Flow::Stop) {
@@ -585,7 +620,8 @@ impl Index {
     /// [`DeliveryState::newer_than`] goes by, and read newest first.
     pub fn delivered(&self, delivery: &crate::model::Delivery) -> Result<bool, IndexError> {
         let mut newest = None::<DeliveryState>;
-        self.versions(&delivery.subscription, &delivery.tenant, &delivery.event_id, delivery.accepted_ms, |v| {
+        let (sub, tenant, event) = (&delivery.subscription, &delivery.tenant, &delivery.event_id);
+        self.versions(sub, tenant, event, delivery.accepted_ms, None, |v| {
             newest = Some(v);
             Flow::Stop
         })?;
@@ -804,9 +840,25 @@ impl Index {
         // at or above it has been looked at in every delivery.
         let mut horizon: Option<(i64, String)> = None;
         let mut failed = None;
+        // Versions above the page are not read: those after `until`, or above the cursor's
+        // millisecond (those of that millisecond are, and passed over below).
+        let up_to = match (q.until_ms, &below) {
+            (Some(until), Some((at, _))) => Some(until.min(*at)),
+            (until, below) => until.or(below.as_ref().map(|(at, _)| *at)),
+        };
         for sub in subs {
-            let (mut checked, mut last_checked) = (0usize, None::<(i64, String)>);
-            self.each_version(sub, &event, |v| {
+            let (mut looked, mut last_looked) = (0usize, None::<(i64, String)>);
+            self.each_version(sub, &event, up_to, |v| {
+                looked += 1;
+                if looked > share {
+                    // Everything at or above the last one looked at has been.
+                    if let Some(here) = last_looked.take() {
+                        if horizon.as_ref().is_none_or(|h| here > *h) {
+                            horizon = Some(here);
+                        }
+                    }
+                    return Flow::Stop;
+                }
                 let Some(id) = v.attempt_id else { return Flow::Go };
                 if q.until_ms.is_some_and(|u| v.at_ms > u) {
                     return Flow::Go;
@@ -818,6 +870,7 @@ impl Index {
                 if below.as_ref().is_some_and(|(at, below_id)| (v.at_ms, &id) >= (*at, below_id)) {
                     return Flow::Go; // on an earlier page
                 }
+                last_looked = Some((v.at_ms, id.clone()));
                 if let Some(std::cmp::Reverse(oldest)) = newest.peek().filter(|_| newest.len() >= keep) {
                     if (v.at_ms, &id) <= (oldest.0, &oldest.1) {
                         // Older than every one kept: so is the rest of this delivery, but for
@@ -826,17 +879,6 @@ impl Index {
                     }
                 }
                 if let Some(outcome) = &q.outcome {
-                    checked += 1;
-                    if checked > share {
-                        // Everything at or above the last one looked at has been.
-                        if let Some(here) = last_checked.take() {
-                            if horizon.as_ref().is_none_or(|h| here > *h) {
-                                horizon = Some(here);
-                            }
-                        }
-                        return Flow::Stop;
-                    }
-                    last_checked = Some((v.at_ms, id.clone()));
                     match self.attempt_record(&event.tenant, v.at_ms, &id) {
                         Ok(Some(a)) if a.outcome == *outcome => {}
                         Ok(_) => return Flow::Go,
@@ -931,12 +973,16 @@ impl Index {
         Ok(None)
     }
 
-    /// Each delivery of an event: its state, attempts, and when the last and next are.
+    /// Each delivery of an event: its state, attempts, and when the last and next are. Of
+    /// each delivery's newest versions, at most [`SCAN_LIMIT`] over the event's deliveries
+    /// (at least 100 each) are read: past that its attempts are counted no further.
     pub fn deliveries(&self, event: &EventRecord) -> Result<Vec<DeliveryView>, IndexError> {
         let mut views = Vec::with_capacity(event.subscriptions.len());
+        let share = (SCAN_LIMIT / event.subscriptions.len().max(1)).max(100);
         for sub in &event.subscriptions {
             let (mut newest, mut attempts, mut last_attempt_ms) = (None::<DeliveryState>, 0u32, None::<i64>);
-            self.each_version(sub, event, |v| {
+            let mut looked = 0;
+            self.each_version(sub, event, None, |v| {
                 if v.attempt_id.is_some() {
                     attempts = attempts.saturating_add(1);
                     last_attempt_ms = last_attempt_ms.max(Some(v.at_ms));
@@ -944,7 +990,12 @@ impl Index {
                 if newest.as_ref().is_none_or(|n| v.newer_than(n)) {
                     newest = Some(v);
                 }
-                Flow::Go
+                looked += 1;
+                if looked >= share {
+                    Flow::Stop
+                } else {
+                    Flow::Go
+                }
             })?;
             views.push(DeliveryView {
                 subscription: sub.clone(),
@@ -993,28 +1044,54 @@ impl Index {
             }
         };
         for ks in days {
-            for item in ks.range(start.clone()..end.clone()) {
-                let (key, value) = item.into_inner()?;
-                seen += 1;
-                let delivery = key[..prefix.len() + 16].to_vec();
-                let accepted = keys::read_word(&key, prefix.len()).unwrap_or(0) as i64;
-                let Some(state) = DeliveryState::decode(&value) else { continue };
-                match &mut current {
-                    Some((d, _, newest)) if *d == delivery => {
-                        if state.newer_than(newest) {
-                            *newest = state;
+            let mut from = start.clone();
+            // Read on from `from`; a delivery with many versions is left for its newest.
+            'read: loop {
+                let mut run = 0usize;
+                for item in ks.range(from.clone()..end.clone()) {
+                    #[cfg(test)]
+                    self.version_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let (key, value) = item.into_inner()?;
+                    seen += 1;
+                    let delivery = key[..prefix.len() + 16].to_vec();
+                    let accepted = keys::read_word(&key, prefix.len()).unwrap_or(0) as i64;
+                    let Some(state) = DeliveryState::decode(&value) else { continue };
+                    match &mut current {
+                        Some((d, _, newest)) if *d == delivery => {
+                            if state.newer_than(newest) {
+                                *newest = state;
+                            }
+                            run += 1;
+                            if run >= VERSIONS_READ_IN_TURN {
+                                // Its newest version is its last: read that, and go on after it.
+                                if let Some(last) = ks.prefix(&delivery).next_back() {
+                                    let (_, value) = last.into_inner()?;
+                                    if let Some(last) = DeliveryState::decode(&value) {
+                                        if last.newer_than(newest) {
+                                            *newest = last;
+                                        }
+                                    }
+                                }
+                                match after_prefix(&delivery) {
+                                    Some(after) => from = after,
+                                    None => break 'read,
+                                }
+                                continue 'read;
+                            }
                         }
-                    }
-                    _ => {
-                        let new_millisecond = current.as_ref().is_some_and(|(_, at, _)| *at != accepted);
-                        if let Some(done) = current.replace((delivery, accepted, state)) {
-                            take(done, &mut found);
-                        }
-                        if new_millisecond && (found.len() >= max || seen >= RECOVER_SCAN) {
-                            return Ok(Recoverable { events: found, continue_from_ms: Some(accepted) });
+                        _ => {
+                            run = 0;
+                            let new_millisecond = current.as_ref().is_some_and(|(_, at, _)| *at != accepted);
+                            if let Some(done) = current.replace((delivery, accepted, state)) {
+                                take(done, &mut found);
+                            }
+                            if new_millisecond && (found.len() >= max || seen >= RECOVER_SCAN) {
+                                return Ok(Recoverable { events: found, continue_from_ms: Some(accepted) });
+                            }
                         }
                     }
                 }
+                break;
             }
         }
         if let Some(done) = current {
@@ -1281,6 +1358,52 @@ mod tests {
             }
         }
         assert_eq!(found, ["a000000"], "the timeout, found by following the cursor");
+    }
+
+    /// One delivery's state versions are read a bounded number a query however many a
+    /// tenant's resends and retries gave it (hundreds of thousands, at its request rate): an
+    /// event's state read them all; a page of its attempts below `until`, or below a cursor,
+    /// read every newer one first (paging through them, their square); a recover read every
+    /// one, stopping only between milliseconds, which one event's versions all share — each
+    /// on the blocking threads every tenant's reads and the embedded log's share.
+    #[test]
+    fn one_delivery_s_many_versions_are_read_a_bounded_number_a_query() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let n = 2 * SCAN_LIMIT;
+        let (index, accepted) = an_event_with_attempts(dir.path(), n as i64);
+        let read = |f: &dyn Fn()| {
+            let before = index.version_reads.load(Relaxed);
+            f();
+            index.version_reads.load(Relaxed) - before
+        };
+        let event = index.event("t", "e").unwrap().unwrap();
+        let reads = read(&|| {
+            let views = index.deliveries(&event).unwrap();
+            assert_eq!((views[0].state, views[0].attempts), ("retrying", SCAN_LIMIT as u32), "counted up to the bound");
+            assert_eq!(views[0].last_attempt_at, Some(rfc3339_ms(accepted + 1 + n as i64)));
+        });
+        assert!(reads <= SCAN_LIMIT + 1, "{reads} versions read for an event's state");
+        let q = AttemptQuery {
+            tenant: "t".into(),
+            event: Some("e".into()),
+            until_ms: Some(accepted + 10),
+            limit: 5,
+            ..AttemptQuery::default()
+        };
+        let reads = read(&|| {
+            let page = index.attempts(&q).unwrap();
+            assert_eq!(ids_of(&page), ["a000009", "a000008", "a000007", "a000006", "a000005"]);
+            let next =
+                index.attempts(&AttemptQuery { cursor: page.next.clone(), until_ms: None, ..q.clone() }).unwrap();
+            assert_eq!(ids_of(&next), ["a000004", "a000003", "a000002", "a000001", "a000000"]);
+        });
+        assert!(reads <= 100, "{reads} versions read for two pages of the oldest attempts");
+        let reads = read(&|| {
+            let found = index.recoverable("s", accepted, accepted, false, 100).unwrap();
+            assert_eq!(found.events, [("t".to_string(), "e".to_string())]);
+        });
+        assert!(reads <= 1000, "{reads} versions read to recover one event");
     }
 
     /// Two resends of one event make attempts of the same number in the same millisecond (in
