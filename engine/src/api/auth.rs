@@ -25,17 +25,23 @@ impl Principal {
         }
     }
 
-    /// The tenant a new object belongs to: the admin names it (else the default tenant); a
-    /// tenant key creates for its own tenant only.
-    pub fn owner(&self, given: Option<String>) -> Result<String, ApiError> {
+    /// The tenant a request names (`tenant`, in its query or body) as the caller may: the
+    /// admin any (`None`: it named none); a tenant key its own only — naming another is
+    /// refused, not answered with its own tenant's objects as if they were the other's.
+    pub fn names<'a>(&'a self, given: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
         match (self.tenant(), given) {
-            (None, given) => Ok(given.unwrap_or_else(|| crate::tenants::DEFAULT_TENANT.to_string())),
-            (Some(own), None) => Ok(own.to_string()),
-            (Some(own), Some(given)) if given == own => Ok(given),
-            (Some(_), Some(_)) => {
-                Err(ApiError::validation("tenant", "a tenant key creates objects of its own tenant only"))
+            (None, given) => Ok(given),
+            (Some(own), Some(given)) if given != own => {
+                Err(ApiError::validation("tenant", "a tenant key reaches objects of its own tenant only"))
             }
+            (Some(own), _) => Ok(Some(own)),
         }
+    }
+
+    /// The tenant a new object belongs to (or whose objects a request reads, when it must be
+    /// one): as [`Principal::names`], the default tenant when none is named.
+    pub fn owner(&self, given: Option<String>) -> Result<String, ApiError> {
+        Ok(self.names(given.as_deref())?.unwrap_or(crate::tenants::DEFAULT_TENANT).to_string())
     }
 
     /// Whether the caller may see objects of `tenant`.

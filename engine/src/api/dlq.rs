@@ -27,7 +27,7 @@ pub async fn list(
     StrictQuery(q): StrictQuery<DlqQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let limit = page::limit(q.limit)?;
-    let tenant = who.tenant().or(q.tenant.as_deref());
+    let tenant = who.names(q.tenant.as_deref())?;
     let subscription = q.subscription.clone().unwrap_or_default();
     let listing = ["dlq", tenant.unwrap_or_default(), &subscription];
     let after = match page::place(q.cursor.clone(), &listing)?.as_deref() {

@@ -55,7 +55,7 @@ pub async fn list(
     State(state): State<AppState>,
     StrictQuery(q): StrictQuery<ListQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let tenant = who.tenant().or(q.tenant.as_deref());
+    let tenant = who.names(q.tenant.as_deref())?;
     let items: Vec<_> = state.devices.list(tenant).iter().map(|d| view(&state, d)).collect();
     // One page: a tenant has at most `quotas.edge_devices_per_tenant`.
     Ok(Json(serde_json::json!({ "items": items, "next": null })))

@@ -62,15 +62,6 @@ fn time(field: &str, text: Option<&str>) -> Result<Option<i64>, ApiError> {
     .transpose()
 }
 
-/// Whose history a request reads: a key's own tenant, or the one the admin names (else the
-/// default tenant).
-fn scope(who: &Principal, tenant: Option<String>) -> String {
-    match who.tenant() {
-        Some(own) => own.to_string(),
-        None => tenant.unwrap_or_else(|| crate::tenants::DEFAULT_TENANT.to_string()),
-    }
-}
-
 /// `since` and `until`, each checked, and `until` not before `since`.
 fn window(since: Option<&str>, until: Option<&str>) -> Result<(Option<i64>, Option<i64>), ApiError> {
     let (since, until) = (time("since", since)?, time("until", until)?);
@@ -119,7 +110,7 @@ pub async fn attempts(
             return Err(ApiError::validation("outcome", format!("must be one of {}, {DISABLED}", LABELS.join(", "))));
         }
     }
-    let mut tenant = scope(&who, q.tenant);
+    let mut tenant = who.owner(q.tenant)?;
     if let (Some(sub), None) = (&q.subscription, &q.event) {
         // A subscription's attempts are its tenant's: the admin need not name it. (Another
         // tenant's, deleted or not, answers an empty page: the index stops at its first entry.)
@@ -176,7 +167,7 @@ pub async fn list(
 ) -> Result<impl IntoResponse, ApiError> {
     let history = history(&state)?;
     let (since_ms, until_ms) = window(q.since.as_deref(), q.until.as_deref())?;
-    let tenant = scope(&who, q.tenant);
+    let tenant = who.owner(q.tenant)?;
     let text = |o: &Option<String>| o.clone().unwrap_or_default();
     let listing = ["events".to_string(), tenant.clone(), text(&q.event_type), text(&q.since), text(&q.until)];
     let listing: Vec<&str> = listing.iter().map(String::as_str).collect();
@@ -224,7 +215,7 @@ pub async fn get(
     StrictQuery(q): StrictQuery<TenantQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let history = history(&state)?;
-    let event = find(history, scope(&who, q.tenant), id).await?;
+    let event = find(history, who.owner(q.tenant)?, id).await?;
     let tenant = event.tenant.clone();
     let (event, deliveries) =
         blocking(history, &tenant, move |index| index.deliveries(&event).map(|d| (event, d))).await?;
@@ -283,7 +274,7 @@ pub async fn resend(
     OptionalJsonBody(req): OptionalJsonBody<ResendRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let history = history(&state)?;
-    let event = find(history, scope(&who, req.tenant), id).await?;
+    let event = find(history, who.owner(req.tenant)?, id).await?;
     let targets = targets(&state, &event, req.subscription.as_deref())?;
     let subscriptions: Vec<String> = targets.iter().map(|t| t.sub.id.clone()).collect();
     let id = event.id.clone();

@@ -141,7 +141,7 @@ pub async fn list(
 ) -> Result<impl IntoResponse, ApiError> {
     let limit = page::limit(q.limit)?;
     let filter = Filter::of(&q)?;
-    let tenant = who.tenant().or(q.tenant.as_deref());
+    let tenant = who.names(q.tenant.as_deref())?;
     let text = |o: &Option<String>| o.clone().unwrap_or_default();
     let (via, enabled, breaker) = (text(&q.transport), text(&q.enabled), text(&q.breaker));
     let listing = ["subscriptions", tenant.unwrap_or_default(), &via, &enabled, &breaker];
