@@ -161,7 +161,15 @@ pub struct DeadLetters {
     history: Option<Arc<dyn ReplayRecorder>>,
     /// Tenants with a replay under way ([`DeadLetters::replaying`]).
     replaying: crate::model::OneAtATime,
+    /// Lists reading the topic: [`LISTS_AT_ONCE`] in all, one of a tenant's (the admin's
+    /// counted as one tenant's). Each reads up to [`LIST_SCAN`] records of every tenant's
+    /// entries, on the blocking threads the embedded log's reads share: a tenant key polling
+    /// in a loop had as many reading at once as it sent.
+    lists: crate::model::TakenInTurns,
 }
+
+/// Lists of dead letters reading the topic at once, all tenants' (see `DeadLetters::lists`).
+const LISTS_AT_ONCE: usize = 4;
 
 /// How far the replay markers have been read, and when the ids of those retention deleted
 /// were last let go.
@@ -210,6 +218,7 @@ impl DeadLetters {
             markers_read: Default::default(),
             history: None,
             replaying: Default::default(),
+            lists: crate::model::TakenInTurns::new(LISTS_AT_ONCE, 1),
         }
     }
 
@@ -364,6 +373,7 @@ impl DeadLetters {
         after: Option<(u32, u64)>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, Option<(u32, u64)>), LogError> {
+        let _turn = self.lists.turn(tenant.unwrap_or_default()).await;
         self.read_markers(LIST_MARKERS_FRESH).await?;
         // Positions and entries only: a page of 500 kept each payload (up to megabytes) too.
         let mut page: Vec<((u32, u64), DeadLetter)> = Vec::new();
@@ -913,6 +923,51 @@ mod tests {
         log.open.notify_waiters();
         let long = long.await.unwrap().unwrap();
         assert_eq!(long.skipped[0].reason, "not_found");
+        log.close().await.unwrap();
+    }
+
+    /// One tenant's lists of dead letters scan the shared topic one at a time, and another
+    /// tenant's are not behind them: each reads up to 10,000 records (64 MiB) of every
+    /// tenant's entries, and a tenant key polling in a loop had as many reading at once as it
+    /// sent, on the blocking threads the embedded log's reads share.
+    #[tokio::test]
+    async fn one_tenant_s_lists_scan_the_topic_one_at_a_time() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let inner = log_of(dir.path(), 1).await;
+        park(&*inner, "s", "a", 2 * SCAN_CHUNK).await;
+        let log = Arc::new(Gated { partition: 0, at: SCAN_CHUNK as u64, ..Gated::new(inner) });
+        let dlq = Arc::new(DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into()));
+        dlq.read_markers(std::time::Duration::ZERO).await.unwrap(); // markers read: none
+        log.armed.store(true, SeqCst);
+        let list = |tenant: &'static str| {
+            let dlq = dlq.clone();
+            tokio::spawn(async move { dlq.list(None, Some(tenant), None, 10).await })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let greedy: Vec<_> = (0..5).map(|_| list("greedy")).collect();
+        while log.waiting.load(SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no list reached the gate");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(log.waiting.load(SeqCst), 1, "one tenant's lists reading the topic at once");
+        let other = list("other");
+        while log.waiting.load(SeqCst) < 2 {
+            assert!(std::time::Instant::now() < deadline, "another tenant's list waited behind them");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        log.armed.store(false, SeqCst);
+        while !(other.is_finished() && greedy.iter().all(|t| t.is_finished())) {
+            assert!(std::time::Instant::now() < deadline, "the lists never ended");
+            log.open.notify_waiters();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        for list in greedy.into_iter().chain([other]) {
+            assert!(list.await.unwrap().unwrap().0.is_empty());
+        }
         log.close().await.unwrap();
     }
 
