@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 /// How the agent runs.
@@ -187,7 +188,13 @@ async fn session(
             };
             let text = match msg? {
                 Message::Text(t) => t,
-                Message::Close(_) => break,
+                Message::Close(frame) => {
+                    // Herald says why it refused the connection (a hello it could not read).
+                    if let Some(frame) = frame.filter(|f| f.code == CloseCode::Policy) {
+                        tracing::error!(server = %config.server, reason = %frame.reason, "herald refused this connection");
+                    }
+                    break;
+                }
                 _ => continue,
             };
             let Ok(ToAgent::Deliver { seq, subscription, delivery, pending_retries }) = serde_json::from_str(&text)

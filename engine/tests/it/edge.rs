@@ -379,6 +379,37 @@ async fn an_agent_sending_what_nobody_asked_for_is_disconnected() {
     agents_connected(&admin, 0).await;
 }
 
+/// An agent whose first message is not a readable hello is told why as the connection
+/// closes (a policy close naming `window`): it was dropped without a word, and the agent
+/// guessed another agent held the device's token and backed off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_hello_is_answered_with_a_close_that_says_why() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (_, _, _, token) = tenant_with_device(&admin, "Terse").await;
+    for hello in [r#"{"type":"hello"}"#, r#"{"type":"hello","window":-1}"#, "hi"] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(edge_connect_request(addr, &token)).await.expect("connects");
+        ws.send(Message::Text(hello.into())).await.unwrap();
+        let close = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    None | Some(Err(_)) => return None,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await
+        .expect("closed within 10 s");
+        let frame = close.unwrap_or_else(|| panic!("{hello}: closed without a close frame"));
+        assert_eq!(u16::from(frame.code), 1008, "{hello}");
+        assert!(frame.reason.contains("window"), "{hello}: {}", frame.reason);
+    }
+}
+
 /// A tenant's edge devices are bounded like its subscriptions (`quotas.edge_devices_per_tenant`,
 /// 100 by default): each is a catalog record, listed whole and read by every process.
 #[tokio::test]

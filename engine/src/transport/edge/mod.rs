@@ -325,8 +325,17 @@ impl EdgeHub {
     /// Serves one agent's connection until it closes, is replaced by a newer connection of
     /// the same device (at most one lives per device), or its device is deleted.
     pub async fn serve(self: Arc<Self>, device: EdgeDevice, socket: WebSocket) {
-        let (sink, mut stream) = socket.split();
-        let Some(window) = hello(&mut stream).await else { return };
+        let (mut sink, mut stream) = socket.split();
+        let window = match hello(&mut stream).await {
+            Ok(window) => window,
+            Err(why) => {
+                // Said as it closes: dropped without a word, the agent took it for another
+                // agent holding the device's token.
+                let frame = axum::extract::ws::CloseFrame { code: 1008, reason: why.into() };
+                let _ = tokio::time::timeout(CLOSE_WITHIN, sink.send(Message::Close(Some(frame)))).await;
+                return;
+            }
+        };
         let (link, rx, close) = self.attach(&device, window);
         let presence = self.announce(&device, &link).await;
         tokio::select! {
@@ -467,14 +476,16 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The agent's first message: its window (clamped), or `None` when it does not say hello.
-async fn hello(stream: &mut SplitStream<WebSocket>) -> Option<u32> {
+/// The agent's first message: its window (clamped), or why it is not a hello.
+async fn hello(stream: &mut SplitStream<WebSocket>) -> Result<u32, &'static str> {
+    const EXPECTED: &str = r#"the first message must be {"type":"hello","window":N}, N a whole number from 1"#;
     match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
         Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<ToServer>(&t) {
-            Ok(ToServer::Hello { window }) => Some(window.clamp(1, MAX_WINDOW)),
-            _ => None,
+            Ok(ToServer::Hello { window }) => Ok(window.clamp(1, MAX_WINDOW)),
+            _ => Err(EXPECTED),
         },
-        _ => None,
+        Err(_) => Err(r#"no {"type":"hello","window":N} within 10 s"#),
+        _ => Err(EXPECTED),
     }
 }
 
