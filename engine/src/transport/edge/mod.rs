@@ -38,6 +38,11 @@ const UNREADABLE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// How long the closing message may take (a stalled socket would hold the end for ever).
 const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
+/// Forwards of edge attempts to other processes in flight at once, all tenants' and one
+/// tenant's (see `EdgeHub::forwards`).
+const FORWARDS_AT_ONCE: usize = 512;
+const FORWARDS_PER_TENANT: usize = 64;
+
 /// Frames an agent may send beyond one report for each delivery it was sent, and beyond
 /// [`AGENT_FRAMES_PER_SECOND`] of its connection's life (a pong, a repeated hello): each is
 /// read and parsed on the cores every tenant's deliveries share, up to a megabyte apiece, so
@@ -109,6 +114,11 @@ pub struct EdgeHub {
     forward_secret: String,
     /// Bytes of a receiver's answer the history keeps (`None`: no history).
     response_bytes: Option<usize>,
+    /// Forwards in flight from this process ([`FORWARDS_AT_ONCE`], [`FORWARDS_PER_TENANT`] of
+    /// a tenant's): each is a connection into the process holding the agent, counted in its
+    /// `api.max_connections`, for up to twice the attempt's timeout — unbounded, one tenant's
+    /// slow agents filled it, and every tenant's publishes and forwards there were refused.
+    forwards: crate::model::TakenInTurns,
     /// Forwards to the other processes: `http://`, or `https://` for an `advertise_url` behind
     /// TLS (certificates public CAs sign).
     client: hyper_util::client::legacy::Client<
@@ -132,6 +142,7 @@ impl EdgeHub {
             process: uuid::Uuid::new_v4().simple().to_string(),
             forward_secret,
             response_bytes,
+            forwards: crate::model::TakenInTurns::new(FORWARDS_AT_ONCE, FORWARDS_PER_TENANT),
             client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(
                 hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build(),
             ),
@@ -205,6 +216,10 @@ impl EdgeHub {
     ) -> Outcome {
         let started = Instant::now();
         let failed = |detail: String| Outcome::failed(Failure::Connect { detail }, started.elapsed());
+        // Waited for within the attempt's timeout, as for a slot of an agent's window.
+        let Ok(_turn) = tokio::time::timeout(timeout, self.forwards.turn(&target.sub.tenant)).await else {
+            return Outcome::failed(Failure::EdgeBusy { device: device.to_string() }, started.elapsed());
+        };
         let body = Forward {
             device: device.to_string(),
             subscription: target.sub.id.clone(),
@@ -582,6 +597,62 @@ mod tests {
         let error = outcome.failure().expect("failed").to_string();
         assert!(!error.contains("127.0.0.1"), "{error}");
         assert!(error.contains("edg_1"), "{error}");
+    }
+
+    /// One tenant's forwards to the process holding its agents are bounded: each is a
+    /// connection into that process (counted in its `api.max_connections`) for up to twice
+    /// the attempt's timeout, and a tenant's slow agents filled it for every tenant. Past
+    /// [`FORWARDS_PER_TENANT`], an attempt waits for a turn within its timeout, then fails
+    /// `edge_busy` — no connection made.
+    #[tokio::test]
+    async fn one_tenant_s_forwards_are_bounded() {
+        let (hub, _, target) = hub_and_target();
+        let holder = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", holder.local_addr().unwrap());
+        let accepted = Arc::new(AtomicU64::new(0));
+        let silent = tokio::spawn({
+            let accepted = accepted.clone();
+            async move {
+                let mut held = Vec::new();
+                while let Ok((conn, _)) = holder.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    held.push(conn); // never answered
+                }
+            }
+        });
+        let target = Arc::new(target);
+        let mut attempts: futures::stream::FuturesUnordered<_> = (0..FORWARDS_PER_TENANT + 36)
+            .map(|i| {
+                let (hub, target, url) = (hub.clone(), target.clone(), url.clone());
+                async move {
+                    let delivery = Delivery::first_attempt(
+                        format!("e{i}"),
+                        "sub_1".into(),
+                        "t".into(),
+                        "T".into(),
+                        Bytes::new(),
+                        0,
+                    );
+                    hub.forward(&url, "edg_1", &target, &delivery, 0, Duration::from_millis(300)).await.label()
+                }
+            })
+            .collect();
+        let first = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut ended = Vec::new();
+            while ended.len() < 36 {
+                ended.push(attempts.next().await.expect("more attempts"));
+            }
+            ended
+        })
+        .await
+        .expect("the attempts past the bound ended within their timeout");
+        assert!(first.iter().all(|l| *l == "edge_busy"), "{first:?}");
+        assert!(
+            accepted.load(Ordering::SeqCst) <= FORWARDS_PER_TENANT as u64,
+            "{} connections",
+            accepted.load(Ordering::SeqCst)
+        );
+        silent.abort();
     }
 
     /// An agent that does not read holds at most [`QUEUE_BYTES`] of messages, whatever its
