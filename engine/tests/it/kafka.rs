@@ -330,6 +330,62 @@ async fn an_edge_agent_connected_to_one_process_serves_the_deliveries_of_both() 
     a.stop().await;
 }
 
+/// A device's agent that connects to another process replaces its connection on the first
+/// too, as within one process (at most one connection lives per device): the first kept it,
+/// preferred it for its own attempts, and the two split the device's deliveries for as long
+/// as both lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_connected_to_another_process_is_disconnected_from_the_first() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let kafka = MockKafka::start(PARTITIONS);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, api_a) = start(&kafka, dir_a.path()).await;
+    let (b, _api_b) = start(&kafka, dir_b.path()).await;
+    let (status, device) = api_a.post("/v1/edge-devices", json!({ "name": "office" })).await;
+    assert_eq!(status, 201, "{device}");
+    let token = device["token"].as_str().unwrap().to_string();
+    let hello = || Message::Text(r#"{"type":"hello","window":4}"#.into());
+    let connect = |addr| {
+        let token = token.clone();
+        async move {
+            // B learns of the device from the catalog: connect once it knows the token.
+            until("the device known", Duration::from_secs(20), || async {
+                tokio_tungstenite::connect_async(crate::support::edge_connect_request(addr, &token)).await.ok()
+            })
+            .await
+            .0
+        }
+    };
+    let mut on_a = connect(a.addr).await;
+    on_a.send(hello()).await.unwrap();
+    until("A's connection announced", Duration::from_secs(20), || {
+        let api_a = api_a.clone();
+        let id = device["id"].as_str().unwrap().to_string();
+        async move {
+            let (_, d) = api_a.get(&format!("/v1/edge-devices/{id}")).await;
+            (d["connected"] == true).then_some(())
+        }
+    })
+    .await;
+    let mut on_b = connect(b.addr).await;
+    on_b.send(hello()).await.unwrap();
+    // Pings every 15 s: A's connection ends within that (and a grace).
+    let ended = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            match on_a.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the device's connection to A lasted beside its newer one to B");
+    drop(on_b);
+    b.stop().await;
+    a.stop().await;
+}
+
 /// A partition's worker that dies takes its reader with it; `reopen` gives the partition a
 /// new reader that starts at the offset the dead one committed — or, if it committed none,
 /// at the group's committed offset — so nothing past the commit point is skipped, and what

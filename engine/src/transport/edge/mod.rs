@@ -199,6 +199,14 @@ impl EdgeHub {
         }
     }
 
+    /// Whether `device`'s agent has connected to another process since it connected here: the
+    /// catalog's latest presence of the device is that process's (every process reads the
+    /// same order). At most one connection lives per device, as within one process; the
+    /// older one here was preferred for this process's attempts until silent for 45 s.
+    fn replaced_elsewhere(&self, device: &str) -> bool {
+        self.devices.located(device).is_some_and(|p| !self.is_mine(&p.connection))
+    }
+
     /// Whether a presence's `connection` is one of this process's.
     fn is_mine(&self, connection: &str) -> bool {
         connection.strip_prefix(self.process.as_str()).is_some_and(|rest| rest.starts_with('-'))
@@ -429,6 +437,10 @@ impl EdgeHub {
                         tracing::info!(device = %device.id, "edge device deleted; closing its connection");
                         break;
                     }
+                    if self.replaced_elsewhere(&device.id) {
+                        tracing::info!(device = %device.id, "edge device connected to another process since; closing this connection");
+                        break;
+                    }
                     (Message::Ping(Vec::new().into()), None)
                 }
                 _ = crate::shutdown::stopped(&mut close) => break,
@@ -597,6 +609,26 @@ mod tests {
         let error = outcome.failure().expect("failed").to_string();
         assert!(!error.contains("127.0.0.1"), "{error}");
         assert!(error.contains("edg_1"), "{error}");
+    }
+
+    /// A device whose agent connected to another process since is replaced here too (its
+    /// connection closed at the next ping): two live connections of one device, on two
+    /// processes, split its deliveries for as long as both lasted.
+    #[test]
+    fn a_connection_replaced_on_another_process_is_told_apart() {
+        use crate::catalog::{Apply, Entry, Kind};
+        let (hub, device, _) = hub_and_target();
+        let present = |connection: String| {
+            let presence = crate::devices::Presence { url: "http://herald".into(), connection };
+            let value = Bytes::from(serde_json::to_vec(&presence).unwrap());
+            let record = crate::log::LogRecord { partition: 0, offset: 0, key: Bytes::new(), value, timestamp_ms: 0 };
+            hub.devices.apply(Entry { kind: Kind::Presence, id: device.id.clone(), record: &record });
+        };
+        let (link, _rx, _close) = hub.attach(&device, 8);
+        present(format!("{}-{}", hub.process, link.conn));
+        assert!(!hub.replaced_elsewhere(&device.id), "its own presence");
+        present("another-process-7".into());
+        assert!(hub.replaced_elsewhere(&device.id));
     }
 
     /// One tenant's forwards to the process holding its agents are bounded: each is a
