@@ -55,9 +55,11 @@ fn history(state: &AppState) -> Result<&Arc<History>, ApiError> {
 /// An RFC 3339 time in the query, as ms since the epoch.
 fn time(field: &str, text: Option<&str>) -> Result<Option<i64>, ApiError> {
     text.map(|t| {
-        chrono::DateTime::parse_from_rfc3339(t)
-            .map(|d| d.timestamp_millis())
-            .map_err(|_| ApiError::validation(field, "must be an RFC 3339 time, e.g. 2026-11-30T09:00:00Z"))
+        chrono::DateTime::parse_from_rfc3339(t).map(|d| d.timestamp_millis()).map_err(|_| {
+            // A query's `+` reads as a space: `...T09:00:00+02:00` arrives as `...T09:00:00 02:00`.
+            let hint = if t.contains(' ') { " (in a query, write an offset's + as %2B)" } else { "" };
+            ApiError::validation(field, format!("must be an RFC 3339 time, e.g. 2026-11-30T09:00:00Z{hint}"))
+        })
     })
     .transpose()
 }
@@ -306,7 +308,6 @@ pub async fn recover(
         .get(&id)
         .filter(|t| who.sees(&t.sub.tenant))
         .ok_or_else(|| ApiError::not_found("subscription"))?;
-    enabled(&target)?;
     let since = time("since", Some(&req.since))?.expect("given");
     let until = time("until", req.until.as_deref())?;
     match until {
@@ -314,6 +315,7 @@ pub async fn recover(
         None if now_ms() < since => return Err(ApiError::validation("since", "must not be in the future")),
         _ => {}
     }
+    enabled(&target)?;
     let until = until.unwrap_or_else(now_ms);
     let _one = history.recovering(&target.sub.tenant).ok_or_else(|| {
         ApiError::conflict(

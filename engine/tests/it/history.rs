@@ -171,6 +171,10 @@ async fn every_attempt_is_on_record_with_the_receiver_s_answer() {
         assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{query}: {err}");
     }
     assert_eq!(h.api.get("/v1/events/no-such-event").await.0, 404);
+    // A `+` in a query's time is a space unless written %2B: the error says so.
+    let (status, err) = h.api.get("/v1/attempts?since=2026-11-30T09:00:00+02:00").await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("since")), "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("%2B"), "{err}");
     // An id no event can have is refused at once, naming it (it waited for the index, then 404).
     for id in ["x".repeat(256), "with%20space".to_string()] {
         let (status, err) = h.api.get(&format!("/v1/events/{id}")).await;
@@ -643,6 +647,9 @@ async fn a_disabled_subscription_takes_no_resend_or_recover() {
     let since = since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let (status, err) = h.api.post(&format!("/v1/subscriptions/{id}/recover"), json!({ "since": since })).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (409, Some("subscription")), "{err}");
+    // A request that could never be taken says so first, whatever the subscription's state.
+    let (status, err) = h.api.post(&format!("/v1/subscriptions/{id}/recover"), json!({ "since": "then" })).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("since")), "{err}");
     let (status, all) = h.api.post("/v1/events/off-1/resend", json!({})).await;
     assert_eq!((status.as_u16(), all["queued"].as_u64()), (202, Some(0)), "{all}");
 }
