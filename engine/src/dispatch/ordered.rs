@@ -564,8 +564,9 @@ struct Sequencer {
     /// [`MAX_DEFERRED_BYTES`] of these held back (the record and its key), then applying waits.
     deferred: VecDeque<(LaneId, LogRecord)>,
     deferred_bytes: usize,
-    /// The keys of `deferred`.
-    deferred_lanes: HashSet<LaneId>,
+    /// The keys of `deferred`, each with its first record's offset: a pass looks for a key's
+    /// next deliveries below it only (those after it are not counted yet).
+    deferred_lanes: HashMap<LaneId, u64>,
     /// Bytes the pass in flight may hold (of [`MAX_HELD_BYTES`], the rest left to keys whose
     /// records are applied meanwhile).
     scan_reserved: usize,
@@ -707,7 +708,7 @@ impl Sequencer {
             unread: VecDeque::new(),
             deferred: VecDeque::new(),
             deferred_bytes: 0,
-            deferred_lanes: HashSet::new(),
+            deferred_lanes: HashMap::new(),
             scan_reserved: 0,
             held: 0,
             head_bytes: 0,
@@ -769,7 +770,6 @@ impl Sequencer {
     /// (then again as keys settle: see [`Sequencer::finished`]); a record of a key whose next
     /// deliveries are being looked for in the log is held back until they are found.
     fn apply_unread(&mut self) {
-        self.apply_deferred();
         let mut capped = false;
         loop {
             if self.lanes.len() >= self.limits.max_keys {
@@ -790,7 +790,7 @@ impl Sequencer {
             match self.looking_for(&rec) {
                 Some(lane) => {
                     self.deferred_bytes += deferred_size(&lane, &rec);
-                    self.deferred_lanes.insert(lane.clone());
+                    self.deferred_lanes.entry(lane.clone()).or_insert(rec.offset);
                     self.deferred.push_back((lane, rec));
                 }
                 None => self.apply(rec),
@@ -835,12 +835,14 @@ impl Sequencer {
             }
         };
         let waits = self.lanes.get(&lane).is_some_and(|l| l.state == HeadState::Scanning)
-            || self.deferred_lanes.contains(&lane);
+            || self.deferred_lanes.contains_key(&lane);
         waits.then_some(lane)
     }
 
     /// Applies the records held back whose keys have their next heads now, in order; a key
-    /// looking again (or again after one of them) keeps the rest of its own.
+    /// looking again (or again after one of them) keeps the rest of its own. Only after a
+    /// pass: no key stops looking otherwise (run at each read, it went over thousands of
+    /// held-back records a batch).
     fn apply_deferred(&mut self) {
         if self.deferred.is_empty() {
             return;
@@ -849,8 +851,8 @@ impl Sequencer {
         self.deferred_lanes.clear();
         for (lane, rec) in std::mem::take(&mut self.deferred) {
             let looking = self.lanes.get(&lane).is_some_and(|l| l.state == HeadState::Scanning);
-            if looking || self.deferred_lanes.contains(&lane) {
-                self.deferred_lanes.insert(lane.clone());
+            if looking || self.deferred_lanes.contains_key(&lane) {
+                self.deferred_lanes.entry(lane.clone()).or_insert(rec.offset);
                 kept.push_back((lane, rec));
                 continue;
             }
@@ -868,6 +870,7 @@ impl Sequencer {
         for (lane, found) in found {
             self.found(lane, found);
         }
+        self.apply_deferred();
         self.apply_unread();
     }
 
@@ -1062,7 +1065,16 @@ impl Sequencer {
         if self.scan.is_some() || self.needy.is_empty() {
             return;
         }
-        let wants = std::mem::take(&mut self.needy);
+        // Each key below its first record held back: read past, it is not counted yet (it is
+        // applied after this pass), and a pass that found less than it wanted went on from
+        // `to`, past it, for good.
+        let wants = std::mem::take(&mut self.needy)
+            .into_iter()
+            .map(|(lane, (from, want))| {
+                let below = self.deferred_lanes.get(&lane).copied().unwrap_or(u64::MAX).min(self.read_to);
+                (lane, (from, want, below))
+            })
+            .collect();
         let (log, topic, partition, to) = (self.log.clone(), self.topic.clone(), self.partition, self.read_to);
         // What may be held now over all lanes: each asked for its buffer's worth when it was
         // released, with the partition below the limit then, and hundreds released during one
@@ -1703,8 +1715,9 @@ fn deferred_size(lane: &LaneId, rec: &LogRecord) -> usize {
 }
 
 /// Reads `partition` (below `to`, what the sequencer has read) for the next deliveries of
-/// each lane in `wants` (from where its last one was, as many as it wants), in one pass from
-/// the lowest of those offsets; returns what each lane found and where to look on for it.
+/// each lane in `wants` (from where its last one was, as many as it wants, below where its
+/// records not counted yet begin), in one pass from the lowest of those offsets; returns what
+/// each lane found and where to look on for it.
 /// Each lane's first (its next head) is taken whatever the rest's budget, small ones always,
 /// larger ones while they come to [`MAX_HEAD_BYTES`] in the pass (and the pass's first, so
 /// that each makes headway); the rest, to be held, only while they come to no more than
@@ -1714,13 +1727,17 @@ async fn scan(
     log: &dyn Log,
     topic: &str,
     partition: u32,
-    wants: HashMap<LaneId, (u64, usize)>,
+    wants: HashMap<LaneId, (u64, usize, u64)>,
     to: u64,
     mut budget: usize,
 ) -> HashMap<LaneId, Found> {
-    let mut from = wants.values().map(|(from, _)| *from).min().unwrap_or(to);
-    let mut found: HashMap<LaneId, Found> =
-        wants.keys().map(|lane| (lane.clone(), Found { records: Vec::new(), look_on_from: to, cut: false })).collect();
+    let mut from = wants.values().map(|(from, _, _)| *from).min().unwrap_or(to);
+    let to = to.min(wants.values().map(|(_, _, below)| *below).max().unwrap_or(to));
+    let end = |lane: &LaneId| wants[lane].2.min(to);
+    let mut found: HashMap<LaneId, Found> = wants
+        .keys()
+        .map(|lane| (lane.clone(), Found { records: Vec::new(), look_on_from: end(lane), cut: false }))
+        .collect();
     let mut heads_budget = MAX_HEAD_BYTES;
     let mut taken = false;
     let mut unsatisfied = wants.len();
@@ -1738,9 +1755,9 @@ async fn scan(
                     }
                     let Ok(d) = Delivery::decode(rec.value.clone()) else { continue };
                     let lane = LaneId { subscription: d.subscription, key: d.ordering_key.unwrap_or_default() };
-                    let Some(&(start, want)) = wants.get(&lane) else { continue };
+                    let Some(&(start, want, below)) = wants.get(&lane) else { continue };
                     let f = found.get_mut(&lane).expect("every wanted lane");
-                    if rec.offset < start || f.records.len() == want || f.cut {
+                    if rec.offset < start || rec.offset >= below || f.records.len() == want || f.cut {
                         continue;
                     }
                     let len = rec.value.len();
@@ -1781,10 +1798,10 @@ async fn scan(
             }
         }
     }
-    // A lane that found fewer than it wanted, and was not cut short, has none left below `to`.
+    // A lane that found fewer than it wanted, and was not cut short, has none left below its end.
     for (lane, f) in found.iter_mut() {
         if f.records.len() < wants[lane].1 && !f.cut {
-            f.look_on_from = to;
+            f.look_on_from = end(lane);
         }
     }
     found
@@ -1821,21 +1838,21 @@ mod tests {
         for chunk in records.chunks(20) {
             log.append("o", chunk.to_vec()).await.unwrap();
         }
-        let wants = (0..200).map(|k| (lane(k), (0, BUFFER))).collect();
+        let wants = (0..200).map(|k| (lane(k), (0, BUFFER, u64::MAX))).collect();
         let found = scan(&*log, "o", 0, wants, 200, 0).await;
         let bytes: usize = found.values().flat_map(|f| &f.records).map(|r| r.value.len()).sum();
         assert!(bytes <= MAX_HEAD_BYTES, "{bytes} bytes of heads found in one pass");
-        let cut: HashMap<LaneId, (u64, usize)> = found
+        let cut: HashMap<LaneId, (u64, usize, u64)> = found
             .iter()
             .filter(|(_, f)| f.records.is_empty())
             .map(|(lane, f)| {
                 assert!(f.cut, "{lane:?} was cut short, its head not found for it");
-                (lane.clone(), (f.look_on_from, BUFFER))
+                (lane.clone(), (f.look_on_from, BUFFER, u64::MAX))
             })
             .collect();
         assert!(!cut.is_empty() && cut.len() < 200, "{} of 200 cut short", cut.len());
         let next = scan(&*log, "o", 0, cut.clone(), 200, 0).await;
-        for (lane, (from, _)) in &cut {
+        for (lane, (from, _, _)) in &cut {
             let f = next[lane].records.first().map(|r| r.offset);
             assert!(f.is_none() || f == Some(*from), "{lane:?} found its head where it was left");
         }
@@ -1855,7 +1872,7 @@ mod tests {
             .collect();
         let size = records[0].value.len();
         log.append("o", records).await.unwrap();
-        let wants = (0..10).map(|k| (lane(k), (0, BUFFER))).collect();
+        let wants = (0..10).map(|k| (lane(k), (0, BUFFER, u64::MAX))).collect();
         let found = scan(&*log, "o", 0, wants, 100, 5 * size).await;
         let held: usize = found.values().map(|f| f.records.iter().skip(1).map(|r| r.value.len()).sum::<usize>()).sum();
         assert!(held <= 5 * size, "{held} bytes held beyond the heads, budget {}", 5 * size);
@@ -1863,7 +1880,7 @@ mod tests {
             assert!(!records.is_empty(), "{lane:?} found its next head");
             assert_eq!(*look_on_from, records.last().unwrap().offset + 1, "{lane:?} looks on from its last one found");
         }
-        let all = (0..10).map(|k| (lane(k), (0, BUFFER))).collect();
+        let all = (0..10).map(|k| (lane(k), (0, BUFFER, u64::MAX))).collect();
         let unbounded = scan(&*log, "o", 0, all, 100, usize::MAX).await;
         assert!(
             unbounded.values().all(|f| f.records.len() == 10 && f.look_on_from == 100),
@@ -1940,6 +1957,43 @@ mod tests {
         assert!(!seq.lanes.contains_key(&looking), "its next head, settled by the marker read, is done");
         assert_eq!(seq.heads.keys().copied().collect::<Vec<_>>(), vec![2], "key b's head is the commit floor");
         assert_eq!(seq.committed, 2);
+    }
+
+    /// A pass looks for a key's next deliveries only below its first record held back for
+    /// it: past it, it found that record too (held, then applied again when let go: sent
+    /// twice), and when it found fewer than the key's count it went on from past it for good
+    /// (counted, never found: lost).
+    #[tokio::test]
+    async fn a_pass_looks_for_a_key_s_deliveries_only_below_those_held_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ordered_log(dir.path()).await;
+        let records: Vec<Record> = [("e0", "a"), ("e1", "a"), ("e2", "a"), ("e3", "b")]
+            .into_iter()
+            .map(|(event, key)| keyed_record(event.into(), key.into(), 10))
+            .collect();
+        log.append("o", records).await.unwrap();
+        let mut seq = live_sequencer(log.clone()).await;
+        let looking = LaneId { subscription: "sub_1".into(), key: "a".into() };
+        let all = log.read_partition("o", 0, 0, 10).await.unwrap().0;
+        seq.unread.push_back(all[0].clone());
+        seq.apply_unread();
+        // Key a's head settled; it counts two more waiting (one more than the log holds below
+        // what is read next: a count off, or a record past retention) and looks for them.
+        let l = seq.lanes.get_mut(&looking).unwrap();
+        (l.state, l.waiting, l.scan_from) = (HeadState::Scanning, 2, 1);
+        seq.read_to = 2;
+        seq.needy.insert(looking.clone(), (1, 2));
+        seq.unread.extend(all[2..].iter().cloned());
+        seq.apply_unread();
+        assert_eq!(seq.deferred.len(), 1, "key a's e2 held back");
+        seq.scan_more();
+        let found = seq.scan.as_mut().expect("a pass").await;
+        assert_eq!(found[&looking].records.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![1], "below e2 only");
+        assert_eq!(found[&looking].look_on_from, 2, "goes on from e2, not past it");
+        seq.scanned(found);
+        let l = &seq.lanes[&looking];
+        assert_eq!((l.head.offset, l.scan_from), (1, 2));
+        assert!(l.buffered.iter().all(|r| r.offset != 2), "e2 held and counted again");
     }
 
     /// A head whose record is gone from the log, of a subscription deleted too, is let go at
