@@ -822,7 +822,7 @@ impl Index {
         // Another list's cursor, or another event's, is refused rather than taken for a place.
         let below: Option<(i64, String)> = match q.cursor.as_deref().and_then(decode_cursor) {
             None => None,
-            Some((u32::MAX, key)) if key.len() > 16 && key[8..16] == event_cursor_tag(event_id) => {
+            Some((u32::MAX, key)) if key.len() >= 16 && key[8..16] == event_cursor_tag(event_id) => {
                 let at = i64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
                 Some((at, String::from_utf8(key[16..].to_vec()).map_err(|_| IndexError::Cursor)?))
             }
@@ -859,7 +859,6 @@ impl Index {
                     }
                     return Flow::Stop;
                 }
-                let Some(id) = v.attempt_id else { return Flow::Go };
                 if q.until_ms.is_some_and(|u| v.at_ms > u) {
                     return Flow::Go;
                 }
@@ -867,10 +866,14 @@ impl Index {
                     // The rest of this delivery is older still.
                     return Flow::Stop;
                 }
-                if below.as_ref().is_some_and(|(at, below_id)| (v.at_ms, &id) >= (*at, below_id)) {
+                // A version without an attempt (a resend queued) is a place too: a delivery
+                // whose share ran out among such had none, and its attempts were never listed.
+                let place = v.attempt_id.clone().unwrap_or_default();
+                if below.as_ref().is_some_and(|(at, below_id)| (v.at_ms, &place) >= (*at, below_id)) {
                     return Flow::Go; // on an earlier page
                 }
-                last_looked = Some((v.at_ms, id.clone()));
+                last_looked = Some((v.at_ms, place));
+                let Some(id) = v.attempt_id else { return Flow::Go };
                 if let Some(std::cmp::Reverse(oldest)) = newest.peek().filter(|_| newest.len() >= keep) {
                     if (v.at_ms, &id) <= (oldest.0, &oldest.1) {
                         // Older than every one kept: so is the rest of this delivery, but for
@@ -1404,6 +1407,47 @@ mod tests {
             assert_eq!(found.events, [("t".to_string(), "e".to_string())]);
         });
         assert!(reads <= 1000, "{reads} versions read to recover one event");
+    }
+
+    /// A delivery whose newest versions are not attempts (resends queued behind a held key)
+    /// past its share of a page's reads ends the page with a place to go on from below them:
+    /// with none, the page ended `next: null` and the delivery's attempts were never listed.
+    #[test]
+    fn a_delivery_past_its_share_in_versions_without_attempts_still_lists_its_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
+        let now = 100 * 86_400_000 + 1000;
+        let accepted = now - 100_000;
+        let subs: Vec<String> = (0..400).map(|i| format!("s{i}")).collect();
+        let names: Vec<&str> = subs.iter().map(String::as_str).collect();
+        let mut records = vec![event_e(accepted, &names)];
+        records.push(attempt_with("a000000", accepted + 1, |a| {
+            (a.event_id, a.subscription, a.accepted_ms, a.attempt) = ("e".into(), "s0".into(), accepted, 1);
+        }));
+        for i in 0..100 {
+            let pending = crate::history::record::StateRecord {
+                event_id: "e".into(),
+                subscription: "s0".into(),
+                tenant: "t".into(),
+                accepted_ms: accepted,
+                at_ms: accepted + 2 + i,
+                state: State::Pending,
+                error: None,
+            };
+            records.push(LogRecord { value: HistoryRecord::State(pending).encode(), ..attempt("x", accepted) });
+        }
+        index.apply(0, &records, records.len() as u64, now).unwrap();
+        let mut q = AttemptQuery { tenant: "t".into(), event: Some("e".into()), limit: 10, ..AttemptQuery::default() };
+        let mut found = Vec::new();
+        for _ in 0..10 {
+            let page = index.attempts(&q).unwrap();
+            found.extend(ids_of(&page));
+            match page.next {
+                Some(next) => q.cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(found, ["a000000"], "found by following the cursor");
     }
 
     /// Two resends of one event make attempts of the same number in the same millisecond (in
