@@ -58,7 +58,9 @@ pub struct Devices {
     /// pass a quota together.
     creates: tokio::sync::Mutex<()>,
     state: RwLock<HashMap<String, Stored>>,
-    presence: RwLock<HashMap<String, Presence>>,
+    /// Each device's presence, with its record's offset in the catalog (a device's records
+    /// are in one partition, in the order every process reads them).
+    presence: RwLock<HashMap<String, (Presence, u64)>>,
 }
 
 impl Devices {
@@ -130,6 +132,11 @@ impl Devices {
 
     /// Where `device`'s agent was last seen connecting, if anywhere.
     pub fn located(&self, device: &str) -> Option<Presence> {
+        self.located_at(device).map(|(p, _)| p)
+    }
+
+    /// [`Devices::located`], with where its record is in the catalog.
+    pub fn located_at(&self, device: &str) -> Option<(Presence, u64)> {
         self.presence.read().unwrap().get(device).cloned()
     }
 
@@ -140,10 +147,11 @@ impl Devices {
         self.presence.write().unwrap().clear();
     }
 
-    /// Records that `device`'s agent is connected at `presence`.
-    pub async fn announce(&self, device: &str, presence: &Presence) -> Result<(), CatalogError> {
+    /// Records that `device`'s agent is connected at `presence`; returns where its record is
+    /// in the catalog.
+    pub async fn announce(&self, device: &str, presence: &Presence) -> Result<u64, CatalogError> {
         let value = Bytes::from(serde_json::to_vec(presence).expect("serializes"));
-        self.feed.write(Key::presence(device).as_bytes(), value).await.map(|_| ())
+        self.feed.write(Key::presence(device).as_bytes(), value).await.map(|at| at.offset)
     }
 
     /// Withdraws `presence` of `device`, unless a newer connection has replaced it (checked
@@ -173,9 +181,9 @@ impl Apply for Devices {
             Kind::Presence => {
                 let mut presence = self.presence.write().unwrap();
                 if let Ok(p) = serde_json::from_slice::<Presence>(value) {
-                    presence.insert(entry.id, p);
+                    presence.insert(entry.id, (p, entry.record.offset));
                 } else if let Ok(w) = serde_json::from_slice::<Withdrawn>(value) {
-                    if presence.get(&entry.id).is_some_and(|p| p.connection == w.withdrawn) {
+                    if presence.get(&entry.id).is_some_and(|(p, _)| p.connection == w.withdrawn) {
                         presence.remove(&entry.id);
                     }
                 } else {

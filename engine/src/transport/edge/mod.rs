@@ -199,12 +199,15 @@ impl EdgeHub {
         }
     }
 
-    /// Whether `device`'s agent has connected to another process since it connected here: the
-    /// catalog's latest presence of the device is that process's (every process reads the
-    /// same order). At most one connection lives per device, as within one process; the
-    /// older one here was preferred for this process's attempts until silent for 45 s.
-    fn replaced_elsewhere(&self, device: &str) -> bool {
-        self.devices.located(device).is_some_and(|p| !self.is_mine(&p.connection))
+    /// Whether `device`'s agent has connected to another process since it connected here
+    /// (its presence recorded at `own_at` in the catalog): the device's latest presence is that
+    /// process's, recorded after (every process reads the same order). At most one connection
+    /// lives per device, as within one process; the older one here was preferred for this
+    /// process's attempts until silent for 45 s. One whose presence was not recorded is not
+    /// judged (another's older presence, a crashed process's, would close it at each try).
+    fn replaced_elsewhere(&self, device: &str, own_at: Option<u64>) -> bool {
+        let Some(own_at) = own_at else { return false };
+        self.devices.located_at(device).is_some_and(|(p, at)| at > own_at && !self.is_mine(&p.connection))
     }
 
     /// Whether a presence's `connection` is one of this process's.
@@ -360,9 +363,9 @@ impl EdgeHub {
             }
         };
         let (link, rx, close) = self.attach(&device, window);
-        let presence = self.announce(&device, &link).await;
+        let (presence, announced_at) = self.announce(&device, &link).await.unzip();
         tokio::select! {
-            _ = self.write(&device, &link, sink, rx, close) => {}
+            _ = self.write(&device, &link, sink, rx, close, announced_at.flatten()) => {}
             _ = read(&link, &device, stream) => {}
         }
         self.detach(&device, &link, presence).await;
@@ -402,18 +405,24 @@ impl EdgeHub {
     }
 
     /// Tells the other processes where this agent is, so they can forward to it.
-    async fn announce(&self, device: &EdgeDevice, link: &Link) -> Option<Presence> {
+    /// Returns the presence, and where its record is in the catalog if it was recorded.
+    async fn announce(&self, device: &EdgeDevice, link: &Link) -> Option<(Presence, Option<u64>)> {
         let url = self.advertised.get()?;
         let presence = Presence { url: url.clone(), connection: format!("{}-{}", self.process, link.conn) };
-        if let Err(e) = self.devices.announce(&device.id, &presence).await {
-            tracing::warn!(device = %device.id, error = %e, "could not record where the edge agent is");
-        }
-        Some(presence)
+        let at = match self.devices.announce(&device.id, &presence).await {
+            Ok(at) => Some(at),
+            Err(e) => {
+                tracing::warn!(device = %device.id, error = %e, "could not record where the edge agent is");
+                None
+            }
+        };
+        Some((presence, at))
     }
 
     /// Sends queued messages and pings until the socket fails, stalls for [`WRITE_STALL`], or
     /// the link must close (looked at while a message is going out too); drops the connection
-    /// when its device no longer exists.
+    /// when its device no longer exists, or connected to another process after this one's
+    /// presence, recorded at `announced_at` in the catalog.
     async fn write(
         &self,
         device: &EdgeDevice,
@@ -421,6 +430,7 @@ impl EdgeHub {
         mut sink: SplitSink<WebSocket, Message>,
         mut rx: mpsc::Receiver<Outgoing>,
         mut close: watch::Receiver<bool>,
+        announced_at: Option<u64>,
     ) {
         let mut ping = tokio::time::interval(PING_EVERY);
         loop {
@@ -437,7 +447,7 @@ impl EdgeHub {
                         tracing::info!(device = %device.id, "edge device deleted; closing its connection");
                         break;
                     }
-                    if self.replaced_elsewhere(&device.id) {
+                    if self.replaced_elsewhere(&device.id, announced_at) {
                         tracing::info!(device = %device.id, "edge device connected to another process since; closing this connection");
                         break;
                     }
@@ -516,6 +526,41 @@ async fn hello(stream: &mut SplitStream<WebSocket>) -> Result<u32, &'static str>
     }
 }
 
+/// What an agent may send: a report for each delivery it was sent, and the frames nobody asked
+/// for (a pong, a repeated hello) from a bucket of [`AGENT_SPARE_FRAMES`] refilled at
+/// [`AGENT_FRAMES_PER_SECOND`] — never more: an allowance growing with the connection's life
+/// let an agent quiet for a day send 170,000 at once.
+struct Allowance {
+    frames: u64,
+    unasked: u64,
+    spare: f64,
+    refilled: Instant,
+}
+
+impl Allowance {
+    fn new(now: Instant) -> Allowance {
+        Allowance { frames: 0, unasked: 0, spare: AGENT_SPARE_FRAMES as f64, refilled: now }
+    }
+
+    /// Counts a frame the agent sent when `sent` deliveries had been sent to it: whether it
+    /// may.
+    fn take(&mut self, sent: u64, now: Instant) -> bool {
+        self.frames += 1;
+        if self.frames - self.unasked <= sent {
+            return true; // a report
+        }
+        self.unasked += 1;
+        let refill = now.saturating_duration_since(self.refilled).as_secs_f64() * AGENT_FRAMES_PER_SECOND as f64;
+        self.spare = (self.spare + refill).min(AGENT_SPARE_FRAMES as f64);
+        self.refilled = now;
+        if self.spare < 1.0 {
+            return false;
+        }
+        self.spare -= 1.0;
+        true
+    }
+}
+
 /// Why an agent's message was not read, bounded: serde's message quotes what it did not
 /// expect (an unknown `type` whole), and an agent's text is up to a megabyte a message.
 fn unreadable(e: &serde_json::Error) -> String {
@@ -527,12 +572,10 @@ async fn read(link: &Link, device: &EdgeDevice, mut stream: SplitStream<WebSocke
     // Unreadable messages are logged once a minute at most, with how many came between: an
     // agent sending millions of them would otherwise write as many log lines.
     let mut unreadable_since: Option<(Instant, u64)> = None;
-    let (connected, mut frames) = (Instant::now(), 0u64);
+    let mut allowance = Allowance::new(Instant::now());
     while let Ok(Some(Ok(msg))) = tokio::time::timeout(SILENCE, stream.next()).await {
-        frames += 1;
-        let asked = link.seq.load(Ordering::Relaxed).saturating_add(AGENT_SPARE_FRAMES);
-        if frames > asked.saturating_add(connected.elapsed().as_secs().saturating_mul(AGENT_FRAMES_PER_SECOND)) {
-            tracing::warn!(device = %device.id, frames, "an edge agent sent more messages than it was sent deliveries; ending its connection");
+        if !allowance.take(link.seq.load(Ordering::Relaxed), Instant::now()) {
+            tracing::warn!(device = %device.id, frames = allowance.frames, "an edge agent sent more messages than it was sent deliveries; ending its connection");
             break;
         }
         match msg {
@@ -570,6 +613,25 @@ fn with_timeout(sub: &crate::model::Subscription, timeout: Duration) -> crate::m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent's frames nobody asked for come from a bucket that refills but never holds
+    /// more than [`AGENT_SPARE_FRAMES`]: after a quiet day it may send 64, not 170,000; its
+    /// reports, one per delivery sent, always pass, however many frames came before.
+    #[test]
+    fn an_agent_s_spare_frames_do_not_pile_up() {
+        let start = Instant::now();
+        let mut allowance = Allowance::new(start);
+        assert!(allowance.take(0, start), "a pong");
+        for sent in 1..=10_000 {
+            assert!(allowance.take(sent, start), "report {sent}");
+        }
+        let a_day_later = start + Duration::from_secs(86_400);
+        let spare = (0..1_000).take_while(|_| allowance.take(10_000, a_day_later)).count();
+        assert_eq!(spare, AGENT_SPARE_FRAMES as usize);
+        let then = a_day_later + Duration::from_secs(1);
+        assert!(allowance.take(10_000, then) && allowance.take(10_000, then), "refilled at 2 a second");
+        assert!(!allowance.take(10_000, then));
+    }
 
     /// An agent's unknown message type is not logged whole.
     #[test]
@@ -613,22 +675,26 @@ mod tests {
 
     /// A device whose agent connected to another process since is replaced here too (its
     /// connection closed at the next ping): two live connections of one device, on two
-    /// processes, split its deliveries for as long as both lasted.
+    /// processes, split its deliveries for as long as both lasted. Only a presence recorded
+    /// after this connection's own counts: one whose announcement failed would otherwise be
+    /// closed at each try by an older presence (a crashed process's).
     #[test]
     fn a_connection_replaced_on_another_process_is_told_apart() {
         use crate::catalog::{Apply, Entry, Kind};
         let (hub, device, _) = hub_and_target();
-        let present = |connection: String| {
+        let present = |connection: String, offset: u64| {
             let presence = crate::devices::Presence { url: "http://herald".into(), connection };
             let value = Bytes::from(serde_json::to_vec(&presence).unwrap());
-            let record = crate::log::LogRecord { partition: 0, offset: 0, key: Bytes::new(), value, timestamp_ms: 0 };
+            let record = crate::log::LogRecord { partition: 0, offset, key: Bytes::new(), value, timestamp_ms: 0 };
             hub.devices.apply(Entry { kind: Kind::Presence, id: device.id.clone(), record: &record });
         };
         let (link, _rx, _close) = hub.attach(&device, 8);
-        present(format!("{}-{}", hub.process, link.conn));
-        assert!(!hub.replaced_elsewhere(&device.id), "its own presence");
-        present("another-process-7".into());
-        assert!(hub.replaced_elsewhere(&device.id));
+        present("a-crashed-process-1".into(), 3);
+        assert!(!hub.replaced_elsewhere(&device.id, None), "its own presence not recorded: not judged");
+        present(format!("{}-{}", hub.process, link.conn), 5);
+        assert!(!hub.replaced_elsewhere(&device.id, Some(5)), "its own presence");
+        present("another-process-7".into(), 7);
+        assert!(hub.replaced_elsewhere(&device.id, Some(5)));
     }
 
     /// One tenant's forwards to the process holding its agents are bounded: each is a
