@@ -738,6 +738,21 @@ mod tests {
         });
     }
 
+    /// Tenant `t`'s event `evt_now`, accepted now.
+    fn event_now() -> EventRecord {
+        EventRecord {
+            id: "evt_now".into(),
+            tenant: "t".into(),
+            event_type: "T".into(),
+            accepted_ms: now_ms(),
+            subscriptions: vec!["sub".into()],
+            data: bytes::Bytes::from_static(b"{}"),
+            changes: None,
+            ordering_key: None,
+            seq: 0,
+        }
+    }
+
     /// A lookup of an event the index does not hold lifts the deferral only while the index
     /// lacks records the topic has, and only until it has them: lifted for five seconds at
     /// each lookup, a tenant looking up ids that never existed, in a loop, kept every
@@ -753,18 +768,7 @@ mod tests {
             assert!(defers());
             assert_eq!(history.caught_up("t", Duration::from_secs(5)).await, Some(0), "nothing to wait for");
             assert!(defers(), "lifted though the index lacked nothing");
-            let event = EventRecord {
-                id: "evt_now".into(),
-                tenant: "t".into(),
-                event_type: "T".into(),
-                accepted_ms: now_ms(),
-                subscriptions: vec!["sub".into()],
-                data: bytes::Bytes::from_static(b"{}"),
-                changes: None,
-                ordering_key: None,
-                seq: 0,
-            };
-            history.recorder.append(&[HistoryRecord::Event(event)]).await.unwrap();
+            history.recorder.append(&[HistoryRecord::Event(event_now())]).await.unwrap();
             assert_eq!(history.caught_up("t", Duration::from_secs(20)).await, Some(0));
             assert!(history.index.event("t", "evt_now").unwrap().is_some());
             assert!(defers(), "still lifted once the index had what was asked for");
@@ -784,18 +788,7 @@ mod tests {
             // Delivery at its peak, whatever this machine's load makes of a measure.
             history.load.busy.store(true, Ordering::Relaxed);
             assert!(history.load.defers(std::time::Instant::now(), now_ms(), now_ms()));
-            let event = EventRecord {
-                id: "evt_now".into(),
-                tenant: "t".into(),
-                event_type: "T".into(),
-                accepted_ms: now_ms(),
-                subscriptions: vec!["sub".into()],
-                data: bytes::Bytes::from_static(b"{}"),
-                changes: None,
-                ordering_key: None,
-                seq: 0,
-            };
-            history.recorder.append(&[HistoryRecord::Event(event)]).await.unwrap();
+            history.recorder.append(&[HistoryRecord::Event(event_now())]).await.unwrap();
             let ends = history.log.end_offset("history", 0).await.unwrap()
                 + history.log.end_offset("history", 1).await.unwrap();
             assert_eq!(ends, 1, "the event is in the topic");

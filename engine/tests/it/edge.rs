@@ -324,7 +324,7 @@ async fn a_device_holds_one_connection_and_deleting_it_ends_that_connection() {
 /// instead of being read into memory, and a device's agent reconnects like any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_agent_message_ends_the_connection() {
-    use futures::{SinkExt, StreamExt};
+    use futures::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let dir = tempfile::tempdir().unwrap();
     let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
@@ -334,16 +334,8 @@ async fn an_oversized_agent_message_ends_the_connection() {
     ws.send(Message::Text(r#"{"type":"hello","window":1}"#.into())).await.unwrap();
     // Unreadable as a message, but read whole first.
     let _ = ws.send(Message::Text("x".repeat(4 << 20).into())).await;
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the connection stayed open after a 4 MiB message");
+    let ended = crate::support::ws_ended(&mut ws, Duration::from_secs(10)).await;
+    assert!(ended.is_some(), "the connection stayed open after a 4 MiB message");
 }
 
 /// An agent sending messages nobody asked for (no delivery was sent to it) is disconnected:
@@ -351,7 +343,7 @@ async fn an_oversized_agent_message_ends_the_connection() {
 /// share, for as long as the agent kept sending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_sending_what_nobody_asked_for_is_disconnected() {
-    use futures::{SinkExt, StreamExt};
+    use futures::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let dir = tempfile::tempdir().unwrap();
     let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
@@ -366,16 +358,8 @@ async fn an_agent_sending_what_nobody_asked_for_is_disconnected() {
         }
     }
     let _ = ws.flush().await;
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the connection stayed open after 1,000 messages nobody asked for");
+    let ended = crate::support::ws_ended(&mut ws, Duration::from_secs(10)).await;
+    assert!(ended.is_some(), "the connection stayed open after 1,000 messages nobody asked for");
     agents_connected(&admin, 0).await;
 }
 
@@ -384,7 +368,7 @@ async fn an_agent_sending_what_nobody_asked_for_is_disconnected() {
 /// guessed another agent held the device's token and backed off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_hello_is_answered_with_a_close_that_says_why() {
-    use futures::{SinkExt, StreamExt};
+    use futures::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let dir = tempfile::tempdir().unwrap();
     let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
@@ -393,17 +377,7 @@ async fn a_bad_hello_is_answered_with_a_close_that_says_why() {
     for hello in [r#"{"type":"hello"}"#, r#"{"type":"hello","window":-1}"#, "hi"] {
         let (mut ws, _) = tokio_tungstenite::connect_async(edge_connect_request(addr, &token)).await.expect("connects");
         ws.send(Message::Text(hello.into())).await.unwrap();
-        let close = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Close(frame))) => return frame,
-                    None | Some(Err(_)) => return None,
-                    Some(Ok(_)) => {}
-                }
-            }
-        })
-        .await
-        .expect("closed within 10 s");
+        let close = crate::support::ws_ended(&mut ws, Duration::from_secs(10)).await.expect("closed within 10 s");
         let frame = close.unwrap_or_else(|| panic!("{hello}: closed without a close frame"));
         assert_eq!(u16::from(frame.code), 1008, "{hello}");
         assert!(frame.reason.contains("window"), "{hello}: {}", frame.reason);

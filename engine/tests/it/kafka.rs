@@ -336,7 +336,7 @@ async fn an_edge_agent_connected_to_one_process_serves_the_deliveries_of_both() 
 /// as both lasted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_connected_to_another_process_is_disconnected_from_the_first() {
-    use futures::{SinkExt, StreamExt};
+    use futures::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let kafka = MockKafka::start(PARTITIONS);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -371,16 +371,8 @@ async fn a_device_connected_to_another_process_is_disconnected_from_the_first() 
     let mut on_b = connect(b.addr).await;
     on_b.send(hello()).await.unwrap();
     // Pings every 15 s: A's connection ends within that (and a grace).
-    let ended = tokio::time::timeout(Duration::from_secs(40), async {
-        loop {
-            match on_a.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the device's connection to A lasted beside its newer one to B");
+    let ended = crate::support::ws_ended(&mut on_a, Duration::from_secs(40)).await;
+    assert!(ended.is_some(), "the device's connection to A lasted beside its newer one to B");
     drop(on_b);
     b.stop().await;
     a.stop().await;

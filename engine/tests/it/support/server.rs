@@ -214,6 +214,30 @@ pub fn edge_connect_request(
     request
 }
 
+/// How an edge connection ended within `within`: `Some` with the close frame Herald sent, if
+/// any (`Some(None)`: closed without one, or dropped); `None` if it was still open.
+pub async fn ws_ended<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    within: Duration,
+) -> Option<Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    tokio::time::timeout(within, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                None | Some(Err(_)) => return None,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
 /// The suite's own settings (`./scripts/test`'s knobs), not Herald's: a process the suite
 /// starts is not given them, since Herald refuses `HERALD_*` settings it does not know.
 const SUITE_KNOBS: [&str; 3] = ["HERALD_TEST_BACKEND", "HERALD_TANSU", "HERALD_CHROMIUM"];
