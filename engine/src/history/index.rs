@@ -592,11 +592,9 @@ impl Index {
         // Versions are keyed by the time they were made: those after `up_to_ms` are not read.
         let end = match up_to_ms {
             Some(up_to) if up_to < i64::MAX => key().time(up_to.saturating_add(1)).done(),
-            _ => after_prefix(&prefix).unwrap_or_default(),
+            _ => after_prefix(&prefix).expect("a key starts with its kind's letter, below 0xFF"),
         };
-        let versions: Box<dyn DoubleEndedIterator<Item = _>> =
-            if end.is_empty() { Box::new(ks.prefix(&prefix)) } else { Box::new(ks.range(prefix.clone()..end)) };
-        for item in versions.rev() {
+        for item in ks.range(prefix.clone()..end).rev() {
             #[cfg(test)]
             self.version_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (_, value) = item.into_inner()?;

@@ -130,7 +130,7 @@ impl<'a> Keyed<'a> {
     /// within the event's walking budget: for the event's own fields, and for a pointer
     /// [`Keyed::pass`] could not follow.
     fn walk(&mut self, pointer: &str) -> Option<String> {
-        let mut tokens = pointer.strip_prefix('/')?.split('/').map(|t| t.replace("~1", "/").replace("~0", "~"));
+        let mut tokens = pointer.strip_prefix('/')?.split('/').map(unescape);
         let top = tokens.next()?;
         let plain = |text: &str, rest: Option<String>| rest.is_none().then(|| text.to_string());
         let json = match top.as_str() {
@@ -168,6 +168,11 @@ impl<'a> Keyed<'a> {
     }
 }
 
+/// A pointer's token as the name it stands for (RFC 6901: `~1` is `/`, then `~0` is `~`).
+fn unescape(token: &str) -> String {
+    token.replace("~1", "/").replace("~0", "~")
+}
+
 /// As RFC 6901 (and `Value::pointer`): an array index has no sign and no leading zero.
 fn is_index(token: &str) -> bool {
     !(token.starts_with('+') || (token.starts_with('0') && token.len() > 1))
@@ -201,7 +206,7 @@ impl<'p> Tokens<'p> {
         match tokens.next() {
             None => self.ends.push(pointer),
             Some(token) => {
-                let token = token.replace("~1", "/").replace("~0", "~");
+                let token = unescape(token);
                 if let Some(index) = token.parse::<usize>().ok().filter(|_| is_index(&token)) {
                     self.last_index = self.last_index.max(Some(index));
                 }
