@@ -657,6 +657,24 @@ mod tests {
         (hub, device, Target::compile(sub).unwrap())
     }
 
+    /// Tenant `t`'s event `e{i}` for `target`, with `data`.
+    fn event_for(target: &Target, i: usize, data: Bytes) -> Delivery {
+        Delivery::first_attempt(format!("e{i}"), target.sub.id.clone(), "t".into(), "T".into(), data, 0)
+    }
+
+    /// The messages waiting in `rx`, taken off (their room still held), and their bytes.
+    fn queued(rx: &mut mpsc::Receiver<Outgoing>) -> (Vec<Outgoing>, usize) {
+        let mut taken = Vec::new();
+        let mut bytes = 0;
+        while let Ok(out) = rx.try_recv() {
+            if let Message::Text(t) = &out.text {
+                bytes += t.len();
+            }
+            taken.push(out);
+        }
+        (taken, bytes)
+    }
+
     /// A forward that fails is on the tenant's record (the attempt's error, the dead letter's
     /// `last_error`): it named the internal address of the process holding the agent.
     #[tokio::test]
@@ -763,24 +781,11 @@ mod tests {
         let data = Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(1 << 20)));
         let mut busy = 0;
         for i in 0..40 {
-            let delivery = Delivery::first_attempt(
-                format!("e{i}"),
-                target.sub.id.clone(),
-                "t".into(),
-                "T".into(),
-                data.clone(),
-                0,
-            );
+            let delivery = event_for(&target, i, data.clone());
             let outcome = hub.deliver_here("edg_1", &target, &delivery, 0, Duration::from_millis(1)).await;
             busy += usize::from(outcome.label() == "edge_busy");
         }
-        let mut held = 0;
-        while let Ok(out) = rx.try_recv() {
-            held += match &out.text {
-                Message::Text(t) => t.len(),
-                _ => 0,
-            };
-        }
+        let (_, held) = queued(&mut rx);
         assert!(held <= QUEUE_BYTES + (2 << 20), "{held} bytes queued");
         assert!(busy >= 30, "{busy} of 40 refused as busy");
     }
@@ -792,32 +797,22 @@ mod tests {
     async fn a_tenant_s_agents_that_do_not_read_hold_a_bounded_queue_together() {
         let (hub, device, target) = hub_and_target();
         let data = Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(1 << 20)));
-        let mut queues = Vec::new();
+        let mut links = Vec::new();
         for d in 0..10 {
             let device = EdgeDevice { id: format!("edg_{d}"), ..device.clone() };
-            let (_link, rx, _close) = hub.attach(&device, MAX_WINDOW);
-            queues.push((_link, rx, _close));
+            links.push(hub.attach(&device, MAX_WINDOW));
             for i in 0..12 {
-                let delivery = Delivery::first_attempt(
-                    format!("e{i}"),
-                    target.sub.id.clone(),
-                    "t".into(),
-                    "T".into(),
-                    data.clone(),
-                    0,
-                );
+                let delivery = event_for(&target, i, data.clone());
                 hub.deliver_here(&device.id, &target, &delivery, 0, Duration::from_millis(1)).await;
             }
         }
+        // Taken off and kept: their room stays taken, as while the messages are written.
+        let mut taken = Vec::new();
         let mut held = 0;
-        for (_, rx, _) in &mut queues {
-            while let Ok(out) = rx.try_recv() {
-                held += match &out.text {
-                    Message::Text(t) => t.len(),
-                    _ => 0,
-                };
-                std::mem::forget(out); // its room stays taken, as while the message is written
-            }
+        for (_, rx, _) in &mut links {
+            let (outs, bytes) = queued(rx);
+            taken.extend(outs);
+            held += bytes;
         }
         assert!(held <= (16 << 20) + (2 << 20), "{held} bytes queued (16 MiB and a message at most)");
         let other = EdgeDevice { id: "edg_other".into(), tenant: "t2".into(), ..device.clone() };
