@@ -111,12 +111,12 @@ impl<'a> Keyed<'a> {
                 tree.settle(&mut self.found);
                 continue;
             };
-            let mut read = Read { found: HashMap::new() };
+            let mut found = HashMap::new();
             let mut de = serde_json::Deserializer::from_slice(&json.canonical);
-            let done = Pass { at: &tree, read: &mut read }.deserialize(&mut de).and_then(|()| de.end());
+            let done = Pass { at: &tree, found: &mut found }.deserialize(&mut de).and_then(|()| de.end());
             self.walked = self.walked.saturating_add(json.canonical.len());
             if done.is_ok() {
-                for (pointer, key) in read.found {
+                for (pointer, key) in found {
                     let key = key.filter(|k| crate::model::check_ordering_key(k).is_ok());
                     self.found.insert(pointer.to_string(), key);
                 }
@@ -241,16 +241,11 @@ impl<'p> Tokens<'p> {
     }
 }
 
-/// What one [`Pass`] has found.
-struct Read<'p> {
-    found: HashMap<&'p str, Option<String>>,
-}
-
 /// Reads one value at a node of [`Tokens`]: its members and items on a pointer's path are
-/// followed, the rest skipped.
+/// followed, the rest skipped; what the pointers find goes in `found`.
 struct Pass<'t, 'p, 'r> {
     at: &'t Tokens<'p>,
-    read: &'r mut Read<'p>,
+    found: &'r mut HashMap<&'p str, Option<String>>,
 }
 
 impl<'de> DeserializeSeed<'de> for Pass<'_, '_, '_> {
@@ -274,7 +269,7 @@ impl<'p> Pass<'_, 'p, '_> {
     /// What the pointers ending here find.
     fn ends_with(&mut self, key: Option<String>) {
         for &pointer in &self.at.ends {
-            self.read.found.insert(pointer, key.clone());
+            self.found.insert(pointer, key.clone());
         }
     }
 }
@@ -291,8 +286,8 @@ impl<'de> Visitor<'de> for Pass<'_, '_, '_> {
         while let Some(Key(key)) = map.next_key()? {
             match self.at.next.get(key.as_ref()) {
                 Some(next) => {
-                    next.forget(&mut self.read.found);
-                    map.next_value_seed(Pass { at: next, read: &mut *self.read })?;
+                    next.forget(self.found);
+                    map.next_value_seed(Pass { at: next, found: &mut *self.found })?;
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -310,7 +305,7 @@ impl<'de> Visitor<'de> for Pass<'_, '_, '_> {
             name.clear();
             std::fmt::Write::write_fmt(&mut name, format_args!("{index}")).expect("a String takes it");
             let more = match self.at.next.get(name.as_bytes()) {
-                Some(next) => seq.next_element_seed(Pass { at: next, read: &mut *self.read })?.is_some(),
+                Some(next) => seq.next_element_seed(Pass { at: next, found: &mut *self.found })?.is_some(),
                 None => seq.next_element::<IgnoredAny>()?.is_some(),
             };
             if !more {
