@@ -71,8 +71,8 @@ pub struct Bounded<C> {
 /// Webhook connections open, in all and by tenant, and how many of them may be kept open for
 /// reuse: one made past the bound in all, or past its tenant's share while more than half
 /// the bound is open (a lone busy tenant may keep half), is closed after its request instead
-/// of waiting in its pool (an HTTP/2 connection, one per host and shared, is always kept). Pools keep up to `http.pool_max_idle_per_host` idle connections for each host, for
-/// `http.pool_idle_timeout`: a tenant whose subscriptions name many hosts (one name each,
+/// of waiting in its pool. Pools keep up to `http.pool_max_idle_per_host` idle connections for
+/// each host, for `http.pool_idle_timeout`: a tenant whose subscriptions name many hosts (one name each,
 /// under a wildcard of its own) kept a descriptor open for each for 90 s, without bound —
 /// until every tenant's new connections, the API's and the log's files failed.
 #[derive(Debug)]
@@ -139,9 +139,7 @@ impl<T: hyper_util::client::legacy::connect::Connection> hyper_util::client::leg
 {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
         let connected = self.io.connected();
-        // Not an HTTP/2 one: its pool keeps a shared connection without looking whether it
-        // was poisoned, so it stayed open, counted, and lost its multiplexing besides.
-        if !self.count.keep && !connected.is_negotiated_h2() {
+        if !self.count.keep {
             connected.poison();
         }
         connected
@@ -473,11 +471,17 @@ fn pool(
         }
         (p, tunnel, guard.clone())
     });
+    // HTTP/1.1 only, a connection to each attempt at a time. Over HTTP/2 a pool has one
+    // connection per host, shared by every tenant whose subscriptions name it: one tenant's
+    // slow endpoint on a shared host (a hosted inbox, an integration platform) filled the
+    // streams the receiver allows and another tenant's attempts there queued behind them
+    // until they timed out; the shared connection was never closed for the bounds of
+    // [`KeptConnections`], and one gone silent (a NAT's state dropped) took every tenant's
+    // attempts to that host with it, where a timed-out HTTP/1.1 request ends its own.
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .enable_http2()
         .wrap_connector(Route { direct: http, proxy });
     let connector = Bounded { inner: connector, within: settings.connect_timeout, kept: kept.clone() };
     Client::builder(TokioExecutor::new())

@@ -29,6 +29,8 @@ pub(crate) struct Pki {
     pub(crate) client_key: PathBuf,
     client_p12: PathBuf,
     pub(crate) server: Arc<rustls::ServerConfig>,
+    /// The same certificate, no client certificate asked for, offering HTTP/2 and HTTP/1.1.
+    pub(crate) open_server: Arc<rustls::ServerConfig>,
 }
 
 const P12_PASSWORD: &str = "p12-pass";
@@ -70,21 +72,28 @@ pub(crate) fn pki() -> Pki {
     roots.add(ca.der().clone()).unwrap();
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().unwrap();
-    let server = rustls::ServerConfig::builder_with_provider(provider)
+    let cert = || vec![CertificateDer::from(server_cert.der().to_vec())];
+    let key = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![CertificateDer::from(server_cert.der().to_vec())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
-        )
+        .with_single_cert(cert(), key())
         .unwrap();
+    let mut open_server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(cert(), key())
+        .unwrap();
+    open_server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Pki {
         ca: path("ca.pem"),
         client_cert: path("client.pem"),
         client_key: path("client.key"),
         client_p12: path("client.p12"),
         server: Arc::new(server),
+        open_server: Arc::new(open_server),
         _dir: dir,
     }
 }
@@ -135,6 +144,91 @@ pub(crate) async fn tls_receiver(config: Arc<rustls::ServerConfig>) -> TlsReceiv
         }
     });
     TlsReceiver { port, paths, requests, refused_handshakes: refused }
+}
+
+/// An HTTPS receiver speaking HTTP/2 when the client offers it (at most `streams` requests at
+/// once on a connection) and HTTP/1.1 otherwise; requests to `/slow` are answered once
+/// `release` is sent.
+struct H2Receiver {
+    port: u16,
+    /// (path, HTTP version) of every request, as it arrives.
+    seen: Arc<Mutex<Vec<(String, http::Version)>>>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+async fn h2_receiver(config: Arc<rustls::ServerConfig>, streams: u32) -> H2Receiver {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Arc<Mutex<Vec<(String, http::Version)>>> = Default::default();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (acceptor, log, released) = (acceptor.clone(), log.clone(), released.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (log, mut released) = (log.clone(), released.clone());
+                    async move {
+                        let path = req.uri().path().to_string();
+                        log.lock().unwrap().push((path.clone(), req.version()));
+                        let _ = req.into_body().collect().await;
+                        if path == "/slow" {
+                            let _ = tokio::time::timeout(Duration::from_secs(60), released.wait_for(|r| *r)).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let io = TokioIo::new(tls);
+                if h2 {
+                    let mut builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = builder.max_concurrent_streams(streams).serve_connection(io, svc).await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                }
+            });
+        }
+    });
+    H2Receiver { port, seen, release }
+}
+
+/// Webhooks go over HTTP/1.1, a connection to each attempt at a time, even to a receiver that
+/// offers HTTP/2: over HTTP/2 every tenant's requests to one host shared one connection (one
+/// per host in each pool), so one tenant's slow endpoint on a shared host (a hosted webhook
+/// inbox, an integration platform) filled the streams the receiver allows and another
+/// tenant's attempts to its own endpoint there waited behind them until they timed out.
+#[tokio::test]
+async fn one_tenant_s_slow_requests_to_a_shared_host_do_not_hold_another_s() {
+    let pki = pki();
+    let rx = h2_receiver(pki.open_server.clone(), 1).await;
+    let h = TestHerald::start().await;
+    let (acme_id, acme) = crate::support::tenant_with_key(&h.api, "Acme").await;
+    let (globex_id, globex) = crate::support::tenant_with_key(&h.api, "Globex").await;
+    let url = |path: &str| format!("https://localhost:{}{path}", rx.port);
+    let tls = json!({ "ca_pem": text(&pki.ca) });
+    let once = json!({ "policy": "fixed", "interval": "1s", "max_attempts": 1 });
+    acme.subscribe(json!({ "url": url("/slow"), "tls": tls, "retry": once, "timeout": "60s" })).await;
+    globex.subscribe(json!({ "url": url("/fast"), "tls": tls, "retry": once, "timeout": "60s" })).await;
+    let publish = |tenant: &str| h.api.post("/v1/events", json!({ "type": "T", "tenant": tenant, "data": {} }));
+    assert_eq!(publish(&acme_id).await.0, 202);
+    let seen = rx.seen.clone();
+    let arrived = |path: &'static str| {
+        let seen = seen.clone();
+        move || {
+            let seen = seen.clone();
+            async move { seen.lock().unwrap().iter().any(|(p, _)| p == path).then_some(()) }
+        }
+    };
+    until("the slow endpoint's request arrived", Duration::from_secs(15), arrived("/slow")).await;
+    assert_eq!(publish(&globex_id).await.0, 202);
+    until("another tenant's event delivered while the slow request is held", Duration::from_secs(10), arrived("/fast"))
+        .await;
+    let versions: HashSet<http::Version> = rx.seen.lock().unwrap().iter().map(|(_, v)| *v).collect();
+    assert_eq!(versions, HashSet::from([http::Version::HTTP_11]), "webhooks are sent over HTTP/1.1");
+    rx.release.send_replace(true);
 }
 
 #[tokio::test]
