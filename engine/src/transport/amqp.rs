@@ -132,10 +132,10 @@ struct Broker {
 impl Broker {
     /// Nothing in flight, and not being opened: an opening left by an attempt that stopped
     /// waiting runs on (lapin's thread and socket with it) until it ends, and closing it to
-    /// open another left one behind each time.
+    /// open another left one behind each time. One that has ended counts as unused.
     fn unused(&self) -> bool {
         self.window.available_permits() + self.held_back.load(Ordering::Relaxed) >= CHANNELS
-            && !matches!(*self.state.lock().unwrap(), State::Opening(_))
+            && !matches!(&*self.state.lock().unwrap(), State::Opening(f) if f.peek().is_none())
     }
 }
 
@@ -145,6 +145,8 @@ impl Broker {
 pub struct AmqpTransport {
     brokers: Arc<Mutex<HashMap<String, Arc<Broker>>>>,
     guard: NetworkGuard,
+    /// [`OPEN_WITHIN`], but in tests.
+    open_within: Duration,
 }
 
 /// Checks an AMQP target as a subscription is created: the field of a bad value and why.
@@ -212,14 +214,15 @@ fn connecting_uri(uri: &url::Url) -> Result<AMQPUri, String> {
 impl AmqpTransport {
     /// Publishers whose broker hosts pass `guard`.
     pub fn new(guard: NetworkGuard) -> Self {
-        Self::with_idle(guard, IDLE)
+        Self::with_times(guard, IDLE, OPEN_WITHIN)
     }
 
     /// Publishers whose brokers are closed once unused for `idle`: looked for a quarter of it
     /// apart, for as long as a clone of the transport is kept. They were looked for only as
     /// another broker was opened, so in a steady pool a deleted subscription's broker — or a
     /// changed URI's, logged in with the old password — stayed connected for good.
-    fn with_idle(guard: NetworkGuard, idle: Duration) -> Self {
+    /// The opening of a connection is bounded by `open_within`.
+    fn with_times(guard: NetworkGuard, idle: Duration, open_within: Duration) -> Self {
         let brokers: Arc<Mutex<HashMap<String, Arc<Broker>>>> = Default::default();
         let pool = Arc::downgrade(&brokers);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -243,7 +246,7 @@ impl AmqpTransport {
                 }
             });
         }
-        AmqpTransport { brokers, guard }
+        AmqpTransport { brokers, guard, open_within }
     }
 
     /// The publisher of `tenant`'s broker `uri`, made if need be within the tenant's
@@ -342,20 +345,29 @@ impl AmqpTransport {
             let mut state = broker.state.lock().unwrap();
             match &*state {
                 State::Open(link) if link.conn.status().connected() => return Ok(link.clone()),
-                State::Opening(f) => f.clone(),
+                // One that ended with a failure nobody took (its attempts stopped waiting) is
+                // not this attempt's answer: the broker is tried again.
+                State::Opening(f) if !matches!(f.peek(), Some(Err(_))) => f.clone(),
                 _ => {
                     // Bounded on its own: a peer that accepts and never speaks AMQP (a proxy
                     // with no broker behind it) would hold it, and every attempt after, for as
                     // long as its socket stays up; at most one opening is left behind a period.
                     // Its name lookup counted as the broker's tenant's (`guard::for_tenant`).
                     let open = super::guard::for_tenant(&broker.tenant, self.clone().open(uri.to_string()));
+                    let within = self.open_within;
                     let f = async move {
-                        tokio::time::timeout(OPEN_WITHIN, open).await.unwrap_or_else(|_| {
-                            Err(Failure::Connect { detail: format!("no AMQP handshake within {OPEN_WITHIN:?}") })
+                        tokio::time::timeout(within, open).await.unwrap_or_else(|_| {
+                            Err(Failure::Connect { detail: format!("no AMQP handshake within {within:?}") })
                         })
                     }
                     .boxed()
                     .shared();
+                    // Driven to its end by a task of its own: a shared future moves only while
+                    // polled, and with no attempt after this one waiting on it (the subscription
+                    // deleted, its URI changed), its bound never came — lapin's thread and
+                    // socket were kept, and the broker, never unused, was never closed to make
+                    // room (a tenant's 16 such URIs made every other broker of its `broker_busy`).
+                    tokio::spawn(f.clone().map(drop));
                     *state = State::Opening(f.clone());
                     f
                 }
@@ -568,13 +580,52 @@ mod tests {
     /// old password — stayed open for as long as the pool saw no new URI.
     #[tokio::test]
     async fn a_broker_unused_for_its_idle_time_is_forgotten_with_nothing_else_happening() {
-        let amqp = AmqpTransport::with_idle(NetworkGuard::new(Vec::new()), Duration::from_millis(200));
+        let amqp = AmqpTransport::with_times(NetworkGuard::new(Vec::new()), Duration::from_millis(200), OPEN_WITHIN);
         drop(amqp.broker("t", "amqp://broker.example/vh").unwrap());
         let deadline = Instant::now() + Duration::from_secs(10);
         while !amqp.brokers.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "the unused broker is still pooled");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// An opening its attempt stopped waiting for ends within its bound with nobody waiting
+    /// on it, and its broker can then be closed to make room: it was driven only by attempts'
+    /// waits, so with none after it (the subscription deleted, its URI changed) it never
+    /// ended — lapin's thread and socket kept, the broker never unused, and a tenant's 16 such
+    /// URIs left every other broker of its `broker_busy` until a restart. The next attempt
+    /// opens anew rather than take the old opening's failure.
+    #[tokio::test]
+    async fn an_opening_nobody_waits_for_still_ends_and_gives_its_room_back() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let (accepted, mut connections) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = silent.accept().await {
+                let _ = accepted.send(socket); // kept open, never answered
+            }
+        });
+        let guard = NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        let amqp = AmqpTransport::with_times(guard, Duration::from_secs(3600), Duration::from_millis(300));
+        let uri = format!("amqp://u:p@127.0.0.1:{port}/vh");
+        let (broker, slot) = amqp.broker("t", &uri).unwrap();
+        let wait = Duration::from_millis(50);
+        let gave_up = amqp.link(&broker, &uri, tokio::time::Instant::now() + wait, wait).await;
+        assert!(matches!(gave_up, Err(Failure::Timeout { .. })), "{:?}", gave_up.err());
+        drop(slot);
+        assert!(!broker.unused(), "still opening");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !broker.unused() {
+            assert!(Instant::now() < deadline, "the opening nobody waits for never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let first = connections.recv().await.unwrap();
+        // The next attempt tries the broker again.
+        let again = amqp.link(&broker, &uri, tokio::time::Instant::now() + wait, wait).await;
+        assert!(matches!(again, Err(Failure::Timeout { .. })), "{:?}", again.err());
+        let second = tokio::time::timeout(Duration::from_secs(5), connections.recv()).await;
+        assert!(second.is_ok_and(|s| s.is_some()), "no new connection to the broker");
+        drop(first);
     }
 
     /// A publish that found its connection dead forgets that one only: an opening begun
