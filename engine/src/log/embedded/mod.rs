@@ -169,6 +169,7 @@ impl EmbeddedLog {
             restore(&topics, replay, &mut journal)?;
             for part in topics.values().flat_map(|t| t.iter()) {
                 part.drop_empty_sealed()?;
+                part.opened()?;
             }
             journal.start()?;
             let offsets = OffsetStore::open(cfg.dir.join("offsets"))?;
@@ -762,10 +763,22 @@ struct EmbeddedConsumer {
 }
 
 impl EmbeddedConsumer {
-    /// A reader of `part` in this group, from its committed offset.
+    /// A reader of `part` in this group, from its committed offset — or, if that is past the
+    /// partition's end, from the end the open found: records lost below a commit (a file
+    /// removed by hand, a disk that lied about a sync) had their offsets taken by the next
+    /// appends, which a reader waiting at the commit never read. (Past the end, the commit
+    /// is an earlier run's: this run's commits are of records it has.)
     fn reader(&self, part: &PartitionRef) -> Box<dyn PartitionReader> {
+        let committed = self.offsets.get(&self.group, &self.topic, part.id());
+        let (end, from) = (part.end_offset(), part.end_at_open());
+        let next = if committed > end {
+            tracing::error!(topic = %self.topic, partition = part.id(), group = %self.group, committed, end, from, "a consumer's committed offset is past the partition's end (records were lost); reading from where the log opened");
+            from
+        } else {
+            committed
+        };
         Box::new(EmbeddedReader {
-            next: self.offsets.get(&self.group, &self.topic, part.id()),
+            next,
             hint: None,
             end: part.watch_end(),
             part: part.clone(),

@@ -125,6 +125,8 @@ pub struct Partition {
     /// The sealed segments (first base, end) a compaction last found too little to gain in:
     /// not read again until a segment is sealed (every flush read a large catalog whole).
     futile: Mutex<Option<(u64, u64)>>,
+    /// The end as the open left it (see [`Partition::opened`]).
+    end_at_open: std::sync::atomic::AtomicU64,
     /// Bytes per frame in the last batch appended, or in the last read window that fell
     /// short of its estimate (appends and every reader update it; it is only an estimate): a
     /// read sizes its window from it, so it copies about what it hands out (a fixed 256 KiB
@@ -368,10 +370,32 @@ impl Partition {
             faults,
             generation: generation.unwrap_or(0).into(),
             futile: Mutex::new(None),
+            end_at_open: tail.end.into(),
             frame_bytes: std::sync::atomic::AtomicUsize::new(1024),
             #[cfg(test)]
             read_bytes: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Settles the partition as the open leaves it (after the journal's restore): its newest
+    /// segment made durable, its name too — records a crash left there past what the journal
+    /// holds (a group written but not yet committed when the process was killed) are served
+    /// from now on, so they must outlast a power cut: a consumer may commit past them, and
+    /// had they been lost, the partition's next appends would take their offsets below that
+    /// commit, never to be read — and its end noted, from which a reader whose committed
+    /// offset is past the end starts (see `EmbeddedConsumer::reader`).
+    pub fn opened(&self) -> io::Result<()> {
+        let active = self.active.lock().unwrap();
+        self.end_at_open.store(active.next_offset, std::sync::atomic::Ordering::Relaxed);
+        match &active.file {
+            Some(file) if active.len > 0 => self.sync_file(file, &active.path, true),
+            _ => Ok(()),
+        }
+    }
+
+    /// The end as the open left it: every record past it was appended, and acknowledged, since.
+    pub fn end_at_open(&self) -> u64 {
+        self.end_at_open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Removes empty segments but the newest (the active one), once the journal's restore

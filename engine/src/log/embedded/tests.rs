@@ -1374,3 +1374,66 @@ async fn a_new_segment_starts_empty_even_where_a_refused_one_was_left() {
     let (read, _) = log.read_partition("t", 0, g, 1).await.unwrap();
     assert_eq!(read.first().map(|r| String::from_utf8_lossy(&r.value).into_owned()), Some(acked));
 }
+
+/// A group a crash (SIGKILL) cut off after its records reached the segment file but before
+/// its journal entry: those records were never acknowledged, yet the next open serves them.
+/// Served, they are made durable before anything can commit past them: left in the page cache
+/// only, a consumer group committed past them, a power cut took them, and the partition's
+/// next acknowledged appends got their offsets again — below the committed offset, never
+/// delivered.
+#[tokio::test]
+async fn records_a_crash_left_unjournaled_are_made_durable_before_they_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cut, faults) = PowerCut::new();
+    let cfg = config_with(dir.path(), 1 << 20, faults);
+    let (p, end) = {
+        let log = EmbeddedLog::open(cfg.clone()).await.unwrap();
+        let at = log.append("t", vec![rec("k", "one"), rec("k", "two"), rec("k", "three")]).await.unwrap();
+        log.close().await.unwrap();
+        (at[0].partition, at.iter().filter(|a| a.partition == at[0].partition).map(|a| a.offset + 1).max().unwrap())
+    };
+    // What the killed writer left: one more frame in the partition's file, no journal entry.
+    let newest = segment_files(dir.path(), p).pop().unwrap();
+    let mut frame = BytesMut::new();
+    segment::encode(&mut frame, end, now_ms(), b"k", b"never acknowledged");
+    std::fs::OpenOptions::new().append(true).open(&newest).unwrap().write_all(&frame).unwrap();
+    {
+        let log = EmbeddedLog::open(cfg.clone()).await.unwrap();
+        let mut rs = readers(&log, "g", "t").await;
+        let got = take(&mut rs[p as usize], end as usize + 1).await;
+        assert_eq!(got.last().unwrap().value, Bytes::from_static(b"never acknowledged"), "served after the crash");
+        rs[p as usize].committer().commit(end + 1);
+        log.flush().await.unwrap();
+    }
+    cut.strike(dir.path(), "t"); // the power cut: what no sync covered is gone
+    let log = EmbeddedLog::open(EmbeddedConfig { faults: None, ..cfg }).await.unwrap();
+    let acked = log.append("t", vec![rec("k", "acked")]).await.unwrap();
+    assert_eq!(acked[0].partition, p);
+    let mut rs = readers(&log, "g", "t").await;
+    let next = tokio::time::timeout(Duration::from_secs(2), rs[p as usize].next_batch(10)).await;
+    let next = next.expect("the acknowledged record is read, not waited past").unwrap();
+    assert_eq!(next[0].value, Bytes::from_static(b"acked"));
+}
+
+/// A committed offset past a partition's end (its records lost to something the log could not
+/// guard against: a file removed by hand, a disk that lied about a sync) is read from the end:
+/// a reader waiting at the committed offset skipped every record appended below it.
+#[tokio::test]
+async fn a_committed_offset_past_the_end_is_read_from_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = {
+        let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+        let at = log.append("t", vec![rec("k", "one")]).await.unwrap();
+        let rs = readers(&log, "g", "t").await;
+        rs[at[0].partition as usize].committer().commit(100);
+        log.close().await.unwrap();
+        at[0].partition
+    };
+    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+    let acked = log.append("t", vec![rec("k", "acked")]).await.unwrap();
+    assert_eq!((acked[0].partition, acked[0].offset), (p, 1));
+    let mut rs = readers(&log, "g", "t").await;
+    let next = tokio::time::timeout(Duration::from_secs(2), rs[p as usize].next_batch(10)).await;
+    let next = next.expect("the record appended below the committed offset is read").unwrap();
+    assert_eq!(next.iter().map(|r| r.value.clone()).collect::<Vec<_>>(), [Bytes::from_static(b"acked")]);
+}
