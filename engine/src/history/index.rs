@@ -13,7 +13,7 @@ use crate::log::LogRecord;
 use crate::model::rfc3339_ms;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use serde_json::value::RawValue;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::RwLock;
@@ -157,8 +157,13 @@ pub struct Index {
     retention: Duration,
     /// Memtable bytes (active and sealed, every keyspace) beyond which indexing waits.
     write_buffer: u64,
-    /// When the store's journal was last written out ([`SYNC_EVERY`]).
+    /// When the store's journal was last written out, and how often it is ([`SYNC_EVERY`]).
     synced: std::sync::Mutex<std::time::Instant>,
+    sync_every: Duration,
+    /// By partition: the next offset to index as written (`applied`), and as on disk
+    /// (`durable`, as of the last [`Index::sync`]; see [`Index::durable_offset`]).
+    applied: std::sync::Mutex<HashMap<u32, u64>>,
+    durable: std::sync::Mutex<HashMap<u32, u64>>,
     /// Bumped after every write, for those waiting for the index to catch up.
     progress: tokio::sync::watch::Sender<u64>,
     /// Attempt records read by queries (what a test of their cost counts).
@@ -320,6 +325,9 @@ impl Index {
                 days.insert(day, db.keyspace(&name, day_options)?);
             }
         }
+        // What a killed process left in the OS's buffers is on disk before anything counts on
+        // it: the offsets read now are where the topic's retention may reclaim up to.
+        db.persist(fjall::PersistMode::SyncData)?;
         let synced = std::sync::Mutex::new(std::time::Instant::now());
         let progress = tokio::sync::watch::Sender::new(0);
         Ok(Index {
@@ -329,6 +337,9 @@ impl Index {
             retention,
             write_buffer,
             synced,
+            sync_every: SYNC_EVERY,
+            applied: Default::default(),
+            durable: Default::default(),
             progress,
             #[cfg(test)]
             attempt_reads: Default::default(),
@@ -441,6 +452,9 @@ impl Index {
     /// and a delivery's states are kept side by side as versions (the newest is read), so
     /// indexing never reads the store.
     pub fn apply(&self, partition: u32, records: &[LogRecord], next: u64, now_ms: i64) -> Result<usize, IndexError> {
+        // Before this process's first write of the partition, its offset is the one the open
+        // found, on disk since.
+        self.durable.lock().unwrap().entry(partition).or_insert_with(|| self.offset(partition));
         let mut applied = 0;
         for run in runs(records, next) {
             // Sized up front (at most three entries a record, and the offset): growing it
@@ -464,6 +478,7 @@ impl Index {
             }
             batch.insert(&self.meta, Self::offset_key(partition), run.next.to_be_bytes());
             batch.commit()?;
+            self.applied.lock().unwrap().insert(partition, run.next);
             metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(in_run as u64);
             applied += in_run;
             self.progress.send_modify(|n| *n += 1);
@@ -477,14 +492,40 @@ impl Index {
         self.progress.subscribe()
     }
 
-    /// Writes the store's journal out if [`SYNC_EVERY`] has passed since it last was.
-    fn sync_if_due(&self) -> Result<(), IndexError> {
-        let mut synced = self.synced.lock().unwrap();
-        if synced.elapsed() >= SYNC_EVERY {
-            self.db.persist(fjall::PersistMode::SyncData)?;
-            *synced = std::time::Instant::now();
+    /// Writes the store's journal out if [`SYNC_EVERY`] has passed since it last was: after
+    /// each batch indexed, and now and then while indexing is idle, so that what the last
+    /// batches indexed reaches the disk too.
+    pub fn sync_if_due(&self) -> Result<(), IndexError> {
+        if self.synced.lock().unwrap().elapsed() >= self.sync_every {
+            self.sync()?;
         }
         Ok(())
+    }
+
+    /// Writes the store's journal out now: everything indexed so far is on disk.
+    pub fn sync(&self) -> Result<(), IndexError> {
+        let mut synced = self.synced.lock().unwrap();
+        let applied = self.applied.lock().unwrap().clone();
+        self.db.persist(fjall::PersistMode::SyncData)?;
+        self.durable.lock().unwrap().extend(applied);
+        *synced = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// The next offset of `partition` to index as the index on disk has it: up to there the
+    /// topic's records may go with its retention (`Log::read_up_to`). The offset as written
+    /// ([`Index::offset`]) runs ahead of it by up to [`SYNC_EVERY`]; reported as the read
+    /// position, a power cut after the topic's reclaim lost those records from both.
+    pub fn durable_offset(&self, partition: u32) -> u64 {
+        let durable = self.durable.lock().unwrap().get(&partition).copied();
+        durable.unwrap_or_else(|| self.offset(partition))
+    }
+
+    /// Tests: the journal is written out only by [`Index::sync`].
+    #[cfg(test)]
+    pub(crate) fn unsynced(mut self) -> Self {
+        self.sync_every = Duration::MAX;
+        self
     }
 
     /// Adds one history record's entries to `batch`; `value` is its bytes, stored as they are.

@@ -401,8 +401,9 @@ async fn follow(
     let pause = Duration::from_millis(500);
     loop {
         let from = index.offset(partition);
-        // What is indexed may go with the topic's retention (embedded log); what is not waits.
-        log.read_up_to(&topic, partition, from);
+        // What the index holds on disk may go with the topic's retention (embedded log);
+        // what it does not, waits.
+        log.read_up_to(&topic, partition, index.durable_offset(partition));
         let mut reader = match log.follow(&topic, partition, from).await {
             Ok(r) => r,
             Err(LogError::Closed) => return,
@@ -456,7 +457,7 @@ async fn follow(
                 }
                 break;
             }
-            log.read_up_to(&topic, partition, next);
+            log.read_up_to(&topic, partition, index.durable_offset(partition));
         }
     }
 }
@@ -487,10 +488,20 @@ async fn upkeep_once(log: &dyn Log, topic: &str, partitions: u32, index: &Arc<In
     let idx = index.clone();
     Index::yield_to_delivery();
     let now = clock.guard(now_ms());
-    match tokio::task::spawn_blocking(move || idx.expire(now)).await {
-        Ok(Ok(n)) if n > 0 => metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(n),
-        Ok(Err(e)) => tracing::warn!(error = %e, "expiring history failed"),
-        _ => {}
+    // With the index written out now and then while idle, the topic's records its last
+    // batches held go with the retention too.
+    if let Ok((expired, synced)) = tokio::task::spawn_blocking(move || (idx.expire(now), idx.sync_if_due())).await {
+        match expired {
+            Ok(n) if n > 0 => metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(n),
+            Err(e) => tracing::warn!(error = %e, "expiring history failed"),
+            _ => {}
+        }
+        if let Err(e) = synced {
+            tracing::warn!(error = %e, "writing the history index out failed");
+        }
+    }
+    for p in 0..partitions {
+        log.read_up_to(topic, p, index.durable_offset(p));
     }
     let ends = futures::future::join_all((0..partitions).map(|p| async move { (p, log.end_offset(topic, p).await) }));
     let ends: Vec<(u32, u64)> = ends.await.into_iter().filter_map(|(p, end)| Some((p, end.ok()?))).collect();
@@ -659,6 +670,86 @@ mod tests {
             }
             stop.send(true).unwrap();
             history.stopped().await;
+        });
+    }
+
+    /// The topic's records go with its retention only once the index holding them is on
+    /// disk: read positions were reported as each batch reached the store's journal in memory
+    /// (written out every 200 ms, and after a catch-up's last batch not at all), so a power
+    /// cut after the reclaim lost those records from the index and the topic both.
+    #[test]
+    fn the_topic_s_records_go_only_once_the_index_holding_them_is_on_disk() {
+        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
+        use crate::log::TopicSpec;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        runtime.block_on(async {
+            let log = EmbeddedLog::open(EmbeddedConfig {
+                dir: dir.path().join("log"),
+                segment_bytes: 4096,
+                flush_interval: Duration::from_secs(3600), // reclaimed only when this test says
+                topics: vec![TopicSpec {
+                    name: "history".into(),
+                    partitions: 1,
+                    compacted: false,
+                    retention: Some(Duration::from_millis(1)),
+                    retention_waits_for_reader: true,
+                    read_within: Duration::from_millis(50),
+                    keyed: false,
+                }],
+                journal_bytes: DEFAULT_JOURNAL_BYTES,
+                faults: None,
+            })
+            .await
+            .unwrap();
+            let recorder = Recorder::start(log.clone(), "history".into());
+            let event = |i: usize| EventRecord {
+                id: format!("evt_{i}"),
+                tenant: "t".into(),
+                event_type: "T".into(),
+                accepted_ms: now_ms(),
+                subscriptions: vec!["sub".into()],
+                data: bytes::Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(200))),
+                changes: None,
+                ordering_key: None,
+                seq: 0,
+            };
+            for i in 0..100 {
+                recorder.append(&[HistoryRecord::Event(event(i))]).await.unwrap();
+            }
+            let segments = log.segment_count("history", 0).unwrap();
+            assert!(segments > 3, "{segments} segments");
+            // An index that writes its journal out only when told to.
+            let index =
+                Arc::new(Index::open(&dir.path().join("index"), Duration::from_secs(86_400)).unwrap().unsynced());
+            let load = Arc::new(Load::new(tokio::runtime::Handle::current(), Duration::ZERO));
+            let (stop, stopped) = watch::channel(false);
+            let reader = tokio::spawn(follow(log.clone(), "history".into(), 0, index.clone(), load, stopped));
+            let indexed = |n: u64| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                let index = index.clone();
+                async move {
+                    while index.offset(0) < n {
+                        assert!(std::time::Instant::now() < deadline, "indexed up to {}", index.offset(0));
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            };
+            indexed(100).await;
+            let past = now_ms();
+            while now_ms() <= past + 1 {
+                std::thread::yield_now();
+            }
+            log.flush().await.unwrap();
+            assert_eq!(log.segment_count("history", 0).unwrap(), segments, "reclaimed before the index was on disk");
+            // Written out: the next batch read tells the log how far the index holds for good.
+            index.sync().unwrap();
+            recorder.append(&[HistoryRecord::Event(event(100))]).await.unwrap();
+            indexed(101).await;
+            log.flush().await.unwrap();
+            assert!(log.segment_count("history", 0).unwrap() < segments, "what the index holds on disk goes");
+            stop.send(true).unwrap();
+            reader.await.unwrap();
         });
     }
 
