@@ -8,6 +8,8 @@ use crate::config::HealthConfig;
 use crate::model::{Auth, Delivery, Invalid, Subscription};
 use crate::payload::{self, Body};
 use crate::signing::{self, Signer, SigningError};
+use crate::transport::oauth::Credentials;
+use crate::transport::tls::Tls;
 use base64::Engine;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use std::sync::Arc;
@@ -23,6 +25,11 @@ pub struct Target {
     pub uri: Uri,
     /// Fixed headers: custom ones, user agent, Basic auth.
     pub headers: HeaderMap,
+    /// Its TLS options with their profile's key: a digest of its TLS material, worked out here
+    /// once rather than at each send.
+    pub tls: Option<Tls>,
+    /// The key its OAuth tokens are cached under, likewise.
+    pub credentials: Credentials,
     /// Admission control and health of the endpoint in this process: shared with the
     /// subscription's next versions while they keep its endpoint and limits (see
     /// [`Target::keeps_admission_of`]), so a change of its headers neither frees the slots its
@@ -131,7 +138,9 @@ impl Target {
         let mut events_sorted: Vec<u32> = (0..spec.events.len() as u32).collect();
         events_sorted.sort_unstable_by(|&a, &b| spec.events[a as usize].cmp(&spec.events[b as usize]));
         let event_hashes = spec.events.iter().map(|e| type_hash(e)).collect();
-        Ok(Target { sub, signer, uri, headers, admission, event_hashes, events_sorted })
+        let tls = spec.tls.clone().map(Tls::new);
+        let credentials = Credentials::of(&sub);
+        Ok(Target { sub, signer, uri, headers, tls, credentials, admission, event_hashes, events_sorted })
     }
 
     /// Whether this version of a subscription takes over `older`'s admission: it reaches the

@@ -94,14 +94,14 @@ impl Transports {
     /// timestamp is when it is sent).
     async fn webhook(&self, target: &Target, delivery: &Delivery, pending_retries: u32, timeout: Duration) -> Outcome {
         let oauth = matches!(target.sub.spec.auth, Auth::Oauth2 { .. });
-        let tls = target.sub.spec.tls.as_ref();
+        let tls = target.tls.as_ref();
         let started = std::time::Instant::now();
         let deadline = started + timeout;
         let left = || deadline.saturating_duration_since(std::time::Instant::now());
         let mut refreshed = false;
         loop {
             let bearer = match oauth {
-                true => match self.tokens.bearer(&target.sub, left()).await {
+                true => match self.tokens.bearer(&target.sub, target.credentials, tls, left()).await {
                     Ok(bearer) => Some(bearer),
                     Err(failure) => return Outcome::failed(failure, started.elapsed()),
                 },
@@ -128,7 +128,7 @@ impl Transports {
                 outcome => outcome,
             };
             if let (Some(bearer), false, Some(401)) = (&bearer, refreshed, outcome.status()) {
-                self.tokens.forget(&target.sub, bearer);
+                self.tokens.forget(target.credentials, bearer);
                 refreshed = true;
                 continue;
             }

