@@ -607,11 +607,19 @@ impl Partition {
 
     /// Undoes a staged batch: the file is cut back to where it was (a new segment removed).
     pub fn rollback(&self, staged: Staged) {
+        // A compacted topic's share is synced on its own before the group's journal entry,
+        // which may then fail: its undo is made durable too, or a power cut brings back a
+        // change whose writer was told it failed (a journaled share's records past the journal
+        // are cut at the next open anyway).
+        let durably = !self.journaled;
         let undone = if staged.rolled {
             drop(staged.file);
-            fs::remove_file(&staged.path)
+            fs::remove_file(&staged.path).and_then(|()| if durably { sync_dir(&self.dir) } else { Ok(()) })
         } else {
-            staged.file.set_len(staged.start_len)
+            staged.file.set_len(staged.start_len).and_then(|()| match durably {
+                true => self.sync_file(&staged.file, &staged.path, false),
+                false => Ok(()),
+            })
         };
         if let Err(e) = undone {
             // The next stage cuts the file back before writing, or refuses.

@@ -1437,3 +1437,49 @@ async fn a_committed_offset_past_the_end_is_read_from_the_end() {
     let next = next.expect("the record appended below the committed offset is read").unwrap();
     assert_eq!(next.iter().map(|r| r.value.clone()).collect::<Vec<_>>(), [Bytes::from_static(b"acked")]);
 }
+
+/// A compacted topic's share (a catalog change) is synced on its own before the group's
+/// journal entry; when that entry then fails, the share is rolled back — and the rollback is
+/// made durable too: left in the page cache, a power cut brought back a change whose writer was
+/// told it failed (a subscription's creation answered 5xx and retried became two).
+#[test]
+fn a_compacted_share_rolled_back_after_its_sync_stays_rolled_back_after_a_power_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    // What each sync of the segment made durable: the file's bytes as they were then.
+    let durable: Arc<std::sync::Mutex<Option<Vec<u8>>>> = Arc::default();
+    let image = durable.clone();
+    let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| {
+        if let Fault::Sync(path, _) = fault {
+            if path.extension().is_some_and(|e| e == "log") {
+                *image.lock().unwrap() = Some(std::fs::read(path).unwrap());
+            }
+        }
+        Ok(())
+    }));
+    let at = dir.path().join("catalog");
+    let part = Partition::open(0, "catalog", false, at.clone(), 1 << 20, faults.clone()).unwrap();
+    let mut buf = BytesMut::new();
+    let first = part.stage(&[(b"k".as_slice(), b"kept".as_slice())], now_ms(), &mut buf).unwrap();
+    part.sync(&first).unwrap();
+    part.publish(first);
+    let refused = part.stage(&[(b"k".as_slice(), b"refused".as_slice())], now_ms(), &mut buf).unwrap();
+    part.sync(&refused).unwrap(); // synced, then the group's journal entry failed
+    part.rollback(refused);
+    let path = segment_files_in(&at).pop().unwrap();
+    drop(part);
+    // The power cut: the segment is what its last sync made durable.
+    std::fs::write(&path, durable.lock().unwrap().as_ref().unwrap()).unwrap();
+    let part = Partition::open(0, "catalog", false, at, 1 << 20, None).unwrap();
+    assert_eq!(part.end_offset(), 1, "the refused change came back");
+}
+
+/// The segment files in a partition's directory, oldest first.
+fn segment_files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
