@@ -38,6 +38,9 @@ pub const ORDERED_HELD_BYTES: &str = "herald_ordered_held_bytes";
 pub const TRACE_SPANS_UNEXPORTED: &str = crate::telemetry::SPANS_UNEXPORTED;
 /// 1 while the log takes no writes until Herald restarts (as `/healthz` says `broken`).
 pub const LOG_BROKEN: &str = "herald_log_broken";
+/// 1 once delivery stopped until Herald restarts (a source's consumer failed or ended), as
+/// `/healthz` says `broken`: events are still accepted, and not delivered.
+pub const DELIVERY_STOPPED: &str = "herald_delivery_stopped";
 /// Deliveries parked in the dead-letter topic.
 pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
 /// Deliveries whose processing panicked twice, parked in the dead-letter topic.
@@ -129,6 +132,7 @@ pub const ALL: &[&str] = &[
     ORDERED_KEYS_BLOCKED,
     ORDERED_HELD_BYTES,
     LOG_BROKEN,
+    DELIVERY_STOPPED,
 ];
 
 /// Fine below 10 ms, where the latency budget of a healthy delivery lies (a p99 read from
@@ -445,6 +449,10 @@ fn describe() {
     describe_gauge!(
         LOG_BROKEN,
         "1 while the log takes no writes until Herald restarts (a failed journal checkpoint, a fatal Kafka producer error), as /healthz says broken: every publish is refused."
+    );
+    describe_gauge!(
+        DELIVERY_STOPPED,
+        "1 once delivery stopped until Herald restarts (a source's consumer could not be made or ended), as /healthz says broken: events are still accepted, and not delivered."
     );
     describe_gauge!(SUBSCRIPTIONS, "Subscriptions in the registry.");
     describe_gauge!(SUBSCRIPTIONS_DISABLED, "Subscriptions disabled.");

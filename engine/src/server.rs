@@ -304,7 +304,8 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
     Transports::new(guard, &settings, config.http.timeout.0).with_edge(hub)
 }
 
-/// Starts the dispatcher on every source topic.
+/// Starts the dispatcher on every source topic; and where it says why delivery stopped, if it
+/// stops before `stop` (see `Dispatcher::run`).
 fn spawn_dispatcher(
     config: &Config,
     log: &Arc<dyn Log>,
@@ -313,7 +314,7 @@ fn spawn_dispatcher(
     metrics: Arc<Metrics>,
     keys: Arc<OrderedKeys>,
     stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
+) -> (JoinHandle<()>, Arc<std::sync::OnceLock<String>>) {
     let limits = ShardLimits {
         window: config.dispatch.window,
         max_uncommitted: config.dispatch.max_uncommitted,
@@ -328,11 +329,15 @@ fn spawn_dispatcher(
         .map(|(topic, label, delay)| Source { ordered: topic == topics.ordered, topic, label, delay })
         .collect();
     let dispatcher = Dispatcher::new(log.clone(), sources, DISPATCH_GROUP.into(), deliverer, limits, metrics, keys);
-    tokio::spawn(async move {
+    let stopped_delivering: Arc<std::sync::OnceLock<String>> = Arc::default();
+    let why = stopped_delivering.clone();
+    let task = tokio::spawn(async move {
         if let Err(e) = dispatcher.run(stop).await {
-            tracing::error!(error = %e, "dispatcher stopped");
+            tracing::error!(error = %e, "delivery stopped until Herald restarts");
+            let _ = why.set(e.to_string());
         }
-    })
+    });
+    (task, stopped_delivering)
 }
 
 /// A socket bound to `addr`, not listened on yet (as `TcpListener::bind` makes one: the
@@ -636,13 +641,14 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     }
     let deliverer = Arc::new(deliverer);
     let ordered_keys = Arc::new(OrderedKeys::default());
-    let dispatcher =
+    let (dispatcher, delivery_stopped) =
         spawn_dispatcher(&config, &log, &topics, deliverer, metrics.clone(), ordered_keys.clone(), stop_rx.clone());
     let registry = stores.registry.clone();
     let keys = ordered_keys.clone();
-    let scraped_log = log.clone();
+    let (scraped_log, stopped) = (log.clone(), delivery_stopped.clone());
     metrics.on_scrape(move || {
         metrics::gauge!(crate::metrics::LOG_BROKEN).set(if scraped_log.broken().is_some() { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::metrics::DELIVERY_STOPPED).set(if stopped.get().is_some() { 1.0 } else { 0.0 });
         metrics::gauge!(crate::metrics::ORDERED_KEYS_BLOCKED).set(keys.count() as f64);
         metrics::gauge!(crate::metrics::ORDERED_HELD_BYTES).set(keys.held_bytes() as f64);
         let (total, disabled) = registry.counts();
@@ -659,6 +665,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         ingest: Arc::new(ingest),
         history: history.clone(),
         log: log.clone(),
+        delivery_stopped,
         admin_token: token.clone().into(),
         dead_letters: Arc::new({
             let dead_letters = DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone());

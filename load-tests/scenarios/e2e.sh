@@ -63,8 +63,12 @@ for i in $(seq 1 "$SUBS"); do
   TENANT=""
   [ "$SPREAD" = 1 ] && TENANT=",\"tenant\":\"t$((i - 1))\""
   curl -sf -X POST localhost:$HERALD_PORT/v1/subscriptions -H "authorization: Bearer $HERALD_ADMIN_TOKEN" \
-    -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook$i\",\"secret\":\"$SECRET\"$FIELDS$TENANT}" >/dev/null
+    -H 'content-type: application/json' -d "{\"url\":\"http://127.0.0.1:$SINK_PORT/hook$i\",\"secret\":\"$SECRET\"$FIELDS$TENANT}" |
+    python3 -c 'import json,sys;print(json.load(sys.stdin)["id"])' >>"$WORK/subscriptions"
 done
+# Where the subscriptions' deliveries go: their ids are random, and how many partitions they
+# fill (and so how many partition windows of records wait at once) changes a run's CPU.
+layout=$(python3 "$(dirname "$0")/partitions.py" "${HERALD_LOG_PARTITIONS:-8}" <"$WORK/subscriptions")
 "$BIN/herald-sink" --listen 127.0.0.1:$SINK_PORT --secret "$SECRET" --expect "$EVENTS" >"$WORK/sink.json" 2>"$WORK/sink.err" &
 sink=$!
 pids+=($sink)
@@ -118,6 +122,7 @@ wrk_rate=$(wrk -t2 -c64 -d5s -s "$WORK/post.lua" http://127.0.0.1:$((SINK_PORT +
 # The ideal signed loop: sign and POST straight into a verifying sink, no log (herald-ideal).
 ideal_rate=$(ideal_loop $((SINK_PORT + 2)) "$SECRET" "$EVENTS" "$WORK/ideal-sink.json")
 echo "herald: $herald_rate deliveries/s ($SUBS subscriptions, standard signing, 1 KB events)"
+echo "layout: $layout"
 python3 -c "print('cpu:    %s s of Herald CPU, %.1f µs per delivery' % ('$herald_cpu', $herald_cpu * 1e6 / $EVENTS))"
 echo "        by thread: ${herald_threads%, }"
 python3 -c "print('        %.1f µs per delivery once the history index caught up (%s, %s s after the last delivery)' % ($herald_cpu_caught_up * 1e6 / $EVENTS, '$caught_up', '$catch_up'))"

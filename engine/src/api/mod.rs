@@ -85,6 +85,9 @@ pub struct Shared {
     pub ingest: Arc<Ingest>,
     /// The log, for readiness.
     pub log: Arc<dyn Log>,
+    /// Why delivery stopped before the process was told to stop, if it did (see
+    /// `dispatch::Dispatcher::run`): only a restart mends it.
+    pub delivery_stopped: Arc<std::sync::OnceLock<String>>,
     /// The admin bearer token (compared in constant time).
     pub admin_token: Arc<str>,
     /// The dead-letter store.
@@ -293,6 +296,11 @@ async fn openapi(State(state): State<AppState>, mut parts: axum::http::request::
 }
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.delivery_stopped.get().is_some() {
+        // Events would still be accepted, and never delivered: a liveness probe restarts it.
+        let reason = "delivery stopped until Herald restarts; its log says why";
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "broken", "reason": reason })));
+    }
     match state.log.broken() {
         None => (StatusCode::OK, Json(serde_json::json!({ "status": "ok" }))),
         // Only a restart mends it: a liveness probe restarts the process. What broke it (the

@@ -433,11 +433,19 @@ impl Dispatcher {
         Dispatcher { log, sources, group, deliverer, limits, metrics, keys }
     }
 
-    /// Joins the consumer group on every source and runs until `stop` turns true.
-    pub async fn run(self, stop: watch::Receiver<bool>) -> Result<(), LogError> {
-        let mut loops = Vec::new();
+    /// Joins the consumer group on every source and runs until `stop` turns true; or fails
+    /// once any source cannot be consumed, or its consumer ends before the stop (the group's
+    /// thread gone): that source's deliveries (fresh ones, or a tier's retries) would stop
+    /// while events were still accepted, so the process says it is broken (`/healthz`) for a
+    /// restart to mend. Sources already started run on meanwhile.
+    pub async fn run(self, stop: watch::Receiver<bool>) -> Result<(), Stopped> {
+        let mut loops = tokio::task::JoinSet::new();
         for source in &self.sources {
-            let consumer = self.log.consume(&self.group, &source.topic).await?;
+            let consumer = self
+                .log
+                .consume(&self.group, &source.topic)
+                .await
+                .map_err(|e| Stopped::Consume { label: source.label.clone(), error: e })?;
             let work = workers::Work {
                 log: self.log.clone(),
                 deliverer: self.deliverer.clone(),
@@ -446,11 +454,75 @@ impl Dispatcher {
                 keys: self.keys.clone(),
             };
             let run = workers::run_source(consumer, source.clone(), work, stop.clone());
-            loops.push(tokio::spawn(run));
+            let label = source.label.clone();
+            loops.spawn(async move {
+                run.await;
+                label
+            });
         }
-        for l in loops {
-            let _ = l.await;
+        sources_ended(loops, stop).await
+    }
+}
+
+/// Waits for every source's loop to end; the first to end before `stop` is a failure (see
+/// [`Dispatcher::run`]).
+async fn sources_ended(mut loops: tokio::task::JoinSet<String>, stop: watch::Receiver<bool>) -> Result<(), Stopped> {
+    while let Some(ended) = loops.join_next().await {
+        if !*stop.borrow() {
+            let label = ended.unwrap_or_else(|e| format!("a source whose loop panicked ({e})"));
+            return Err(Stopped::Ended { label });
         }
-        Ok(())
+    }
+    Ok(())
+}
+
+/// Why the dispatcher stopped before it was told to.
+#[derive(Debug, thiserror::Error)]
+pub enum Stopped {
+    /// A source's consumer could not be made.
+    #[error("cannot consume {label}: {error}")]
+    Consume {
+        /// The source.
+        label: String,
+        /// What the log said.
+        error: LogError,
+    },
+    /// A source's consumer ended before the stop.
+    #[error("the consumer of {label} ended: its deliveries stopped")]
+    Ended {
+        /// The source.
+        label: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source whose consumer ends while the others run stops the dispatcher at once (and
+    /// the process then says it is broken): its loop was awaited after the others', which run
+    /// until the stop, so that source's deliveries stopped unsaid while events were accepted.
+    #[tokio::test]
+    async fn a_source_that_ends_before_the_stop_stops_the_dispatcher_at_once() {
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = |label: &'static str| {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+                label.to_string()
+            }
+        };
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(until_stopped("deliveries"));
+        loops.spawn(async { "retry.30s".to_string() });
+        let ended = tokio::time::timeout(Duration::from_secs(5), sources_ended(loops, stopped.clone())).await;
+        assert!(matches!(&ended, Ok(Err(Stopped::Ended { label })) if label == "retry.30s"), "{ended:?}");
+        // At a stop every loop ends, and that is no failure.
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(until_stopped("deliveries"));
+        loops.spawn(until_stopped("retry.30s"));
+        stop.send_replace(true);
+        let ended = tokio::time::timeout(Duration::from_secs(5), sources_ended(loops, stopped)).await;
+        assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
     }
 }
