@@ -94,6 +94,9 @@ pub const HISTORY_BYTES: &str = "herald_history_bytes";
 pub const HISTORY_EXPIRED: &str = "herald_history_expired_total";
 /// Attempts whose history record was not durable within the budget (delivery went on).
 pub const HISTORY_LATE: &str = "herald_history_late_total";
+/// History records that will never be written: the recorder's queue was full while the log
+/// took no history, or an accepted event's records were too large for the log.
+pub const HISTORY_DROPPED: &str = "herald_history_dropped_total";
 
 /// Every metric name above, for documentation and tests.
 pub const ALL: &[&str] = &[
@@ -129,6 +132,7 @@ pub const ALL: &[&str] = &[
     HISTORY_BYTES,
     HISTORY_EXPIRED,
     HISTORY_LATE,
+    HISTORY_DROPPED,
     ORDERED_KEYS_BLOCKED,
     ORDERED_HELD_BYTES,
     LOG_BROKEN,
@@ -403,6 +407,10 @@ fn describe() {
     describe_counter!(
         HISTORY_LATE,
         "Attempts whose history record was not durable within the budget; delivery went on without waiting."
+    );
+    describe_counter!(
+        HISTORY_DROPPED,
+        "History records that will never be written (the recorder's queue full while the log took no history, or records too large for the log): attempts or events missing from the history for good."
     );
     describe_counter!(
         DELIVERIES,

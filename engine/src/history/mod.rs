@@ -244,6 +244,7 @@ impl History {
         metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(0);
         metrics::counter!(crate::metrics::HISTORY_EXPIRED).increment(0);
         metrics::counter!(crate::metrics::HISTORY_LATE).increment(0);
+        metrics::counter!(crate::metrics::HISTORY_DROPPED).increment(0);
         let recorder = Recorder::start(log.clone(), topic.to_string());
         Ok(Arc::new(History {
             recorder,

@@ -749,7 +749,7 @@ impl Ingest {
                         // Queued, each would be refused again, and a log that stops a batch at
                         // its first too-large record would lose the attempts queued beside it.
                         Err(e @ LogError::TooLarge { .. }) => {
-                            metrics::counter!(crate::metrics::HISTORY_LATE).increment(history.len() as u64);
+                            metrics::counter!(crate::metrics::HISTORY_DROPPED).increment(history.len() as u64);
                             tracing::error!(error = %e, events = history.len(), "accepted events' history records are too large for the log; not recorded");
                         }
                         Err(e) => {
