@@ -280,10 +280,7 @@ impl Settler {
         // retried as the policy says (it counts as an attempt, and so repeats stay bounded by
         // `max_attempts` whatever the load), but it says nothing of the endpoint's health or
         // pace — others' load must not open its breaker or disable it.
-        let held = matches!(
-            outcome.failure(),
-            Some(Failure::Held { .. } | Failure::EdgeBusy { .. } | Failure::BrokerBusy { .. })
-        );
+        let held = outcome.failure().is_some_and(Failure::heralds_own);
         if !held {
             target.admission.observe(outcome.latency());
         }
@@ -489,7 +486,11 @@ pub fn record(settled: &Settled) {
     // ones use the macros.
     if let Some(outcome) = &settled.attempt {
         m::counter(m::ATTEMPTS, &[("transport", transport), ("outcome", outcome.metric_label())]).increment(1);
-        m::histogram(m::REQUEST_SECONDS, &[("transport", transport)]).record(outcome.latency().as_secs_f64());
+        // Not Herald's own waits (an edge agent's full window, up to the whole timeout): one
+        // tenant's saturated device set the fleet's request p99 at its timeout.
+        if !outcome.failure().is_some_and(Failure::heralds_own) {
+            m::histogram(m::REQUEST_SECONDS, &[("transport", transport)]).record(outcome.latency().as_secs_f64());
+        }
     }
     match &settled.settlement {
         Settlement::Delivered => {
@@ -529,6 +530,29 @@ pub fn record(settled: &Settled) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An attempt Herald's own limits ended (held behind an edge agent's full window for its
+    /// whole timeout) is no request's latency: one tenant's saturated device set the fleet's
+    /// request p99 at its timeout.
+    #[test]
+    fn herald_s_own_waits_are_not_request_latencies() {
+        let exporter = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let scrape = exporter.handle();
+        let settled = |outcome: Outcome| Settled {
+            delivery: None,
+            transport: Via::Edge,
+            attempt: Some(outcome),
+            settlement: Settlement::Dropped,
+        };
+        metrics::with_local_recorder(&exporter, || {
+            let waited = Duration::from_secs(30);
+            record(&settled(Outcome::failed(Failure::EdgeBusy { device: "d".into() }, waited)));
+            record(&settled(Outcome::Delivered { status: 200, latency: Duration::from_millis(3), response: None }));
+        });
+        let text = scrape.render();
+        assert!(text.contains(r#"herald_delivery_request_seconds_count{transport="edge"} 1"#), "{text}");
+        assert!(text.contains(r#"herald_attempts_total{transport="edge",outcome="edge_busy"} 1"#), "{text}");
+    }
     use crate::log::stub::Stub;
 
     /// A delivery whose tier refuses it as too large (a record written before a lower

@@ -269,6 +269,14 @@ impl Failure {
             _ => None,
         }
     }
+
+    /// Whether Herald's own waits or limits ended the attempt, not the endpoint: ended to free
+    /// its partition's commit point, or held behind an edge agent's full window or a tenant's
+    /// broker connections in use. It says nothing of the endpoint's health or pace, nor of how
+    /// long its requests take.
+    pub fn heralds_own(&self) -> bool {
+        matches!(self, Failure::Held { .. } | Failure::EdgeBusy { .. } | Failure::BrokerBusy { .. })
+    }
 }
 
 /// The label of an attempt not made because its subscription is disabled (history only: no
