@@ -55,6 +55,8 @@ pub const IN_FLIGHT: &str = "herald_in_flight";
 pub const WAITING_BYTES: &str = "herald_dispatch_waiting_bytes";
 /// Records appended but not yet committed by the dispatcher, by `source` and `partition`.
 pub const CONSUMER_LAG: &str = "herald_consumer_lag";
+/// Seconds a partition's commit point has not moved while it had records unsettled.
+pub const PARTITION_STALLED: &str = "herald_partition_stalled_seconds";
 /// Subscriptions whose circuit breaker is open.
 pub const BREAKERS_OPEN: &str = "herald_circuit_breakers_open";
 /// Subscriptions known to the registry.
@@ -114,6 +116,7 @@ pub const ALL: &[&str] = &[
     IN_FLIGHT,
     WAITING_BYTES,
     CONSUMER_LAG,
+    PARTITION_STALLED,
     BREAKERS_OPEN,
     SUBSCRIPTIONS,
     SUBSCRIPTIONS_DISABLED,
@@ -262,6 +265,9 @@ pub struct ShardStats {
     committer: Arc<dyn Committer>,
     in_flight: AtomicUsize,
     waiting_bytes: AtomicUsize,
+    /// The commit point at the last scrape, and since when it has stood there with records
+    /// behind it (see [`PARTITION_STALLED`]).
+    moved: Mutex<(u64, std::time::Instant)>,
 }
 
 impl ShardStats {
@@ -290,6 +296,7 @@ impl Drop for ShardStats {
         metrics::gauge!(CONSUMER_LAG, &labels).set(0.0);
         metrics::gauge!(IN_FLIGHT, &labels).set(0.0);
         metrics::gauge!(WAITING_BYTES, &labels).set(0.0);
+        metrics::gauge!(PARTITION_STALLED, &labels).set(0.0);
     }
 }
 
@@ -355,6 +362,7 @@ impl Metrics {
         let stats = Arc::new(ShardStats {
             source: source.to_string(),
             partition,
+            moved: Mutex::new((committer.committed(), std::time::Instant::now())),
             committer,
             in_flight: 0.into(),
             waiting_bytes: 0.into(),
@@ -383,8 +391,20 @@ impl Metrics {
         metrics::gauge!(PARTITIONS_OWNED).set(shards.len() as f64);
         for s in shards {
             let labels = s.labels();
-            let lag = s.committer.end_offset().saturating_sub(s.committer.committed());
+            let committed = s.committer.committed();
+            let lag = s.committer.end_offset().saturating_sub(committed);
             metrics::gauge!(CONSUMER_LAG, &labels).set(lag as f64);
+            // How long the commit point has stood with records behind it: the lag alone does
+            // not show a stuck partition (on Kafka its end is the fetches' high watermark, and
+            // a partition that reads nothing fetches nothing, so its lag stands still too).
+            let stalled = {
+                let mut moved = s.moved.lock().unwrap();
+                if moved.0 != committed || lag == 0 {
+                    *moved = (committed, std::time::Instant::now());
+                }
+                moved.1.elapsed().as_secs_f64()
+            };
+            metrics::gauge!(PARTITION_STALLED, &labels).set(if lag == 0 { 0.0 } else { stalled });
             metrics::gauge!(IN_FLIGHT, &labels).set(s.in_flight.load(Ordering::Relaxed) as f64);
             metrics::gauge!(WAITING_BYTES, &labels).set(s.waiting_bytes.load(Ordering::Relaxed) as f64);
         }
@@ -448,6 +468,10 @@ fn describe() {
         "Bytes of records read and not started yet (a retry tier's, until due), by source topic and partition."
     );
     describe_gauge!(CONSUMER_LAG, "Records appended but not yet committed, by source topic and partition.");
+    describe_gauge!(
+        PARTITION_STALLED,
+        "Seconds a partition's commit point has not moved while it had records unsettled (as seen at scrapes), by source topic and partition: a stuck partition, which its lag alone does not show."
+    );
     describe_gauge!(BREAKERS_OPEN, "Subscriptions whose circuit breaker is open or half-open (probing).");
     describe_gauge!(
         ORDERED_KEYS_BLOCKED,
@@ -667,6 +691,46 @@ mod tests {
         let text = m.render();
         assert!(text.contains(&line(CONSUMER_LAG, 0)) && text.contains(&line(IN_FLIGHT, 0)), "{text}");
         assert!(text.contains(&line(WAITING_BYTES, 0)), "{text}");
+    }
+
+    /// A partition whose commit point stands still with records behind it says so, however
+    /// its lag moves (on Kafka a partition reading nothing fetches nothing, so its lag stands
+    /// still too, and the lag alert, which wants it growing, never fired); one whose commit
+    /// point moves, or that has nothing behind it, reads 0.
+    #[test]
+    fn a_partition_whose_commit_point_stands_still_behind_records_reads_stalled() {
+        struct Offsets(AtomicU64, AtomicU64);
+        impl Committer for Offsets {
+            fn commit(&self, next: u64) {
+                self.1.store(next, SeqCst);
+            }
+            fn end_offset(&self) -> u64 {
+                self.0.load(SeqCst)
+            }
+            fn committed(&self) -> u64 {
+                self.1.load(SeqCst)
+            }
+        }
+        use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+        let offsets = Arc::new(Offsets(AtomicU64::new(40), AtomicU64::new(10)));
+        let m = Metrics::new();
+        let s = m.shard("stall-test", 3, offsets.clone());
+        let stalled = |m: &Metrics| -> f64 {
+            let text = m.render();
+            let prefix = format!(r#"{PARTITION_STALLED}{{source="stall-test",partition="3"}} "#);
+            let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{text}"));
+            line[prefix.len()..].parse().unwrap()
+        };
+        let ago = std::time::Instant::now() - std::time::Duration::from_secs(600);
+        s.moved.lock().unwrap().1 = ago; // the commit point last moved ten minutes ago
+        assert!(stalled(&m) >= 600.0, "a commit point standing behind records reads stalled");
+        offsets.commit(20);
+        assert!(stalled(&m) < 60.0, "it moved");
+        s.moved.lock().unwrap().1 = ago;
+        offsets.commit(40);
+        assert_eq!(stalled(&m), 0.0, "nothing behind it");
+        offsets.0.store(50, SeqCst); // records arrive after an idle hour
+        assert!(stalled(&m) < 60.0, "the idle time before them is no stall");
     }
 
     /// The handles are keyed by where their strings are: the same text elsewhere (a label
