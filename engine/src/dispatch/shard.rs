@@ -148,6 +148,12 @@ impl Shard {
             }
             self.in_flight.push(supervised(self.deliverer.clone(), rec, self.shares.clone(), self.cut.clone()));
         }
+        // Nothing due for a while (a retry tier's batch waits for its time, up to four hours):
+        // the log need not fetch ahead meanwhile (see `PartitionReader::hold`).
+        let later = self.waiting.front().is_some_and(|r| self.due(r) - now > HOLD_AFTER.as_millis() as i64);
+        if let (Some(reader), true) = (self.idle.as_mut(), later) {
+            reader.hold();
+        }
         if self.reading.is_none() && self.waiting.is_empty() && self.has_room() {
             let room = self.room().min(self.limits.batch);
             let mut reader = self.idle.take().expect("reader is idle when no read is pending");
@@ -250,6 +256,11 @@ impl Shard {
 fn arrived(appended_ms: i64, read_ms: i64) -> i64 {
     appended_ms.min(read_ms)
 }
+
+/// How far off the next record of a shard must be due for its reader to hold (see
+/// [`Shard::start_due`]): far enough that holding and reading again (a seek) are rare next to
+/// the wait; the fresh deliveries topic never waits so long.
+const HOLD_AFTER: Duration = Duration::from_secs(5);
 
 fn due(arrived_ms: i64, delay: Duration) -> i64 {
     arrived_ms.saturating_add(delay.as_millis() as i64)

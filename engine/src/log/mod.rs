@@ -240,6 +240,14 @@ pub trait PartitionReader: Send {
 
     /// A handle that records progress on this partition, usable while a read is pending.
     fn committer(&self) -> std::sync::Arc<dyn Committer>;
+
+    /// The caller will not read for a while (the records it holds are not due yet): the log
+    /// may stop fetching ahead for this partition, and let go of what it fetched, until the
+    /// next read, which goes on from the read position. A retry tier's shard keeps its batch
+    /// for up to four hours, and what Kafka's client fetched behind it stayed as long: 16 MiB
+    /// a partition of each tier (2.3 GiB of a process's memory at eight partitions, one
+    /// tenant's endpoint down for hours enough to fill the long tiers).
+    fn hold(&mut self) {}
 }
 
 /// Records a consumer's progress on one partition.

@@ -12,6 +12,7 @@ use super::reader::{Gaps, GAP_PAUSE};
 use super::{kafka_error, KafkaConfig};
 use crate::log::{Assignment, Committer, Consumer, LogError, LogRecord, PartitionReader};
 use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
@@ -33,6 +34,12 @@ struct Progress {
     stored: AtomicU64,
 }
 
+/// Tests: the bytes the client holds fetched ahead, by topic and partition, at its last
+/// statistics.
+#[cfg(test)]
+pub(super) static PREFETCHED: Mutex<std::collections::BTreeMap<(String, i32), u64>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
 /// Rebalance callbacks: hand partitions to the dispatcher and take them back.
 pub(super) struct GroupContext {
     topic: String,
@@ -52,6 +59,10 @@ impl ClientContext for GroupContext {
     fn stats(&self, stats: Statistics) {
         let Some(topic) = stats.topics.get(&self.topic) else { return };
         let progress = self.progress.lock().unwrap();
+        #[cfg(test)]
+        for (p, s) in &topic.partitions {
+            PREFETCHED.lock().unwrap().insert((self.topic.clone(), *p), s.fetchq_size);
+        }
         for (p, s) in &topic.partitions {
             if let (Some(state), true) = (progress.get(p), s.hi_offset >= 0) {
                 state.end.store(s.hi_offset as u64, Ordering::Relaxed);
@@ -115,6 +126,7 @@ impl GroupContext {
             resume: None,
             gaps: Gaps::default(),
             reset: self.reset,
+            held: false,
         })
     }
 
@@ -305,6 +317,9 @@ enum Resume {
     /// A gap in the offsets, read again from its first offset after [`GAP_PAUSE`] (see
     /// [`Gaps`]).
     Gap(u64),
+    /// The reader was held (see `PartitionReader::hold`): fetching starts again at its read
+    /// position, past what it handed out, whatever the hold took off the queue.
+    Held(u64),
 }
 
 struct GroupReader {
@@ -324,9 +339,18 @@ struct GroupReader {
     gaps: Gaps,
     /// Where the group starts a partition with no committed offset.
     reset: Offset,
+    /// Paused by a hold, until the next read.
+    held: bool,
 }
 
 impl GroupReader {
+    /// This reader's partition, as the client names it.
+    fn partitions(&self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.committer.topic, self.committer.partition);
+        tpl
+    }
+
     /// Moves the partition's fetch position to where `resume` says (blocking calls, so on a
     /// blocking thread); records fetched before are discarded by the client. Cancel-safe: the
     /// caller clears `resume` only once this returned, and a seek already on the blocking
@@ -342,7 +366,7 @@ impl GroupReader {
         tokio::task::spawn_blocking(move || {
             let timeout = Duration::from_secs(10);
             let offset = match resume {
-                Resume::At(n) | Resume::Gap(n) => Offset::Offset(n as i64),
+                Resume::At(n) | Resume::Gap(n) | Resume::Held(n) => Offset::Offset(n as i64),
                 Resume::Committed => {
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(&topic, partition);
@@ -354,7 +378,7 @@ impl GroupReader {
                 }
             };
             consumer.seek(&topic, partition, offset, timeout).map_err(kafka_error)?;
-            if !matches!(resume, Resume::Gap(_)) {
+            if matches!(resume, Resume::At(_) | Resume::Committed) {
                 tracing::info!(topic = %topic, partition, offset = ?offset, "partition reopened");
             }
             Ok(())
@@ -371,6 +395,11 @@ impl PartitionReader for GroupReader {
     }
 
     async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
+        if self.held {
+            let consumer = self.committer.consumer.upgrade().ok_or(LogError::Closed)?;
+            consumer.resume(&self.partitions()).map_err(kafka_error)?;
+            self.held = false;
+        }
         let batch = loop {
             // Cleared only once the seek is done: a read cancelled meanwhile seeks again.
             if let Some(resume) = self.resume {
@@ -402,6 +431,34 @@ impl PartitionReader for GroupReader {
 
     fn committer(&self) -> Arc<dyn Committer> {
         self.committer.clone()
+    }
+
+    /// Pauses the partition's fetching and drops what the client fetched ahead (taken off
+    /// the queue and let go); the next read resumes it and seeks back to `next`, so what
+    /// was dropped is fetched again then. (Pausing alone stops new fetches but leaves the
+    /// queue as full as it was, up to `queued.max.messages.kbytes`.)
+    fn hold(&mut self) {
+        if self.held {
+            return;
+        }
+        let Some(consumer) = self.committer.consumer.upgrade() else { return };
+        if let Err(e) = consumer.pause(&self.partitions()) {
+            tracing::warn!(topic = %self.committer.topic, partition = self.partition, error = %e, "could not pause a held partition");
+            return;
+        }
+        self.held = true;
+        // What the client fetched ahead is dropped only when the next read is sure to seek:
+        // to `next`, past what was handed out; or to where a seek still pending goes (a
+        // reopened reader's start, a gap read again), which it keeps. A reader that has read
+        // nothing yet keeps its queue (the client's own position is its start).
+        if self.resume.is_none() {
+            if self.next == 0 {
+                return;
+            }
+            self.resume = Some(Resume::Held(self.next));
+        }
+        let mut stream = self.queue.stream();
+        while let Some(Some(_)) = stream.next().now_or_never() {}
     }
 }
 

@@ -740,6 +740,55 @@ mod tests {
         log.close().await.unwrap();
     }
 
+    /// A held reader (its shard keeps records not due for hours) lets go of what the client
+    /// fetched ahead, and fetches no more: it stayed, up to 16 MiB a partition of each retry
+    /// tier, for as long as the hold. Read again, it goes on from where it was.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_reader_keeps_nothing_fetched_ahead_and_goes_on_where_it_was() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let log = open_with(&cluster, &[("statistics.interval.ms", "100")]).await;
+        let value = "v".repeat(30 << 10);
+        let records = (0..120).map(|i| Record { key: "k".into(), value: format!("{i}-{value}").into() }).collect();
+        let p = log.append("t", records).await.unwrap()[0].partition;
+        let mut consumer = log.consume("g", "t").await.unwrap();
+        let mut readers = Vec::new();
+        while readers.len() < PARTITIONS as usize {
+            match tokio::time::timeout(Duration::from_secs(20), consumer.next_assignment()).await {
+                Ok(Some(crate::log::Assignment::Assigned(reader))) => readers.push(reader),
+                _ => panic!("{} of {PARTITIONS} partitions assigned", readers.len()),
+            }
+        }
+        let mut reader = readers.into_iter().find(|r| r.partition() == p).unwrap();
+        assert_eq!(reader.next_batch(1).await.unwrap()[0].offset, 0);
+        let prefetched = || group::PREFETCHED.lock().unwrap().get(&("t".to_string(), p as i32)).copied().unwrap_or(0);
+        let until = |what: &str, done: &dyn Fn(u64) -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !done(prefetched()) {
+                assert!(std::time::Instant::now() < deadline, "{what}: {} bytes fetched ahead", prefetched());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        until("the client fetches ahead", &|bytes| bytes > 1 << 20);
+        reader.hold();
+        until("a held reader lets go of what was fetched ahead", &|bytes| bytes < 256 << 10);
+        let rest = read(&mut reader, 119).await;
+        assert_eq!(rest.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (1..120).collect::<Vec<u64>>());
+        assert!(rest[0].1.starts_with("1-"), "the records as written");
+        // Held again and again between reads: every record once, in order.
+        let more = (120..170).map(|i| Record { key: "k".into(), value: format!("{i}").into() }).collect();
+        log.append("t", more).await.unwrap();
+        let mut offsets = Vec::new();
+        while offsets.len() < 50 {
+            reader.hold();
+            reader.hold();
+            let batch = tokio::time::timeout(Duration::from_secs(20), reader.next_batch(7)).await.unwrap().unwrap();
+            offsets.extend(batch.iter().map(|r| r.offset));
+        }
+        assert_eq!(offsets, (120..170).collect::<Vec<u64>>());
+        drop(reader);
+        log.close().await.unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_topics_partitions_are_followed_through_one_client_each_from_its_own_offset() {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
