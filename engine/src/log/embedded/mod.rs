@@ -773,6 +773,7 @@ impl EmbeddedConsumer {
         let (end, from) = (part.end_offset(), part.end_at_open());
         let next = if committed > end {
             tracing::error!(topic = %self.topic, partition = part.id(), group = %self.group, committed, end, from, "a consumer's committed offset is past the partition's end (records were lost); reading from where the log opened");
+            self.offsets.rewind(&self.group, &self.topic, part.id(), from);
             from
         } else {
             committed

@@ -251,6 +251,16 @@ impl OffsetStore {
         }
     }
 
+    /// Moves `group`'s offset on a partition back to `to`: for a commit past the partition's
+    /// end (records lost below it), which would otherwise stand — every commit below it
+    /// ignored, reclaim going by it past records not read yet, lag reading 0.
+    pub fn rewind(&self, group: &str, topic: &str, partition: u32, to: u64) {
+        let mut groups = self.groups.lock().unwrap();
+        let g = groups.entry(group.to_string()).or_default();
+        g.offsets.entry(topic.to_string()).or_default().insert(partition, to);
+        g.dirty = true;
+    }
+
     /// Lowest committed offset of any group consuming `topic` on `partition`, if any group does.
     pub fn min_committed(&self, topic: &str, partition: u32) -> Option<u64> {
         let groups = self.groups.lock().unwrap();

@@ -388,7 +388,11 @@ impl Partition {
         let active = self.active.lock().unwrap();
         self.end_at_open.store(active.next_offset, std::sync::atomic::Ordering::Relaxed);
         match &active.file {
-            Some(file) if active.len > 0 => self.sync_file(file, &active.path, true),
+            // Its name with it: the partition's directory (its topic's holds the partition
+            // directories, synced as they were made).
+            Some(file) if active.len > 0 => {
+                self.sync_file(file, &active.path, false).and_then(|()| sync_dir(&self.dir))
+            }
             _ => Ok(()),
         }
     }
@@ -607,19 +611,16 @@ impl Partition {
 
     /// Undoes a staged batch: the file is cut back to where it was (a new segment removed).
     pub fn rollback(&self, staged: Staged) {
-        // A compacted topic's share is synced on its own before the group's journal entry,
-        // which may then fail: its undo is made durable too, or a power cut brings back a
-        // change whose writer was told it failed (a journaled share's records past the journal
-        // are cut at the next open anyway).
-        let durably = !self.journaled;
+        // The undo is made durable (failures only: rare): a compacted topic's share is synced
+        // on its own before the group's journal entry, which may then fail, and a power cut
+        // brought back a change whose writer was told it failed; a journaled share's records
+        // are cut at the next open only when the journal holds that partition, and else
+        // served (see [`Partition::opened`]) — a publish answered 5xx delivered after all.
         let undone = if staged.rolled {
             drop(staged.file);
-            fs::remove_file(&staged.path).and_then(|()| if durably { sync_dir(&self.dir) } else { Ok(()) })
+            fs::remove_file(&staged.path).and_then(|()| sync_dir(&self.dir))
         } else {
-            staged.file.set_len(staged.start_len).and_then(|()| match durably {
-                true => self.sync_file(&staged.file, &staged.path, false),
-                false => Ok(()),
-            })
+            staged.file.set_len(staged.start_len).and_then(|()| self.sync_file(&staged.file, &staged.path, false))
         };
         if let Err(e) = undone {
             // The next stage cuts the file back before writing, or refuses.

@@ -1429,13 +1429,29 @@ async fn a_committed_offset_past_the_end_is_read_from_the_end() {
         log.close().await.unwrap();
         at[0].partition
     };
-    let log = EmbeddedLog::open(config(dir.path(), 1 << 20)).await.unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 4096)).await.unwrap();
+    let mut rs = readers(&log, "g", "t").await;
     let acked = log.append("t", vec![rec("k", "acked")]).await.unwrap();
     assert_eq!((acked[0].partition, acked[0].offset), (p, 1));
-    let mut rs = readers(&log, "g", "t").await;
-    let next = tokio::time::timeout(Duration::from_secs(2), rs[p as usize].next_batch(10)).await;
+    let next = tokio::time::timeout(Duration::from_secs(2), rs[p as usize].next_batch(1)).await;
     let next = next.expect("the record appended below the committed offset is read").unwrap();
     assert_eq!(next.iter().map(|r| r.value.clone()).collect::<Vec<_>>(), [Bytes::from_static(b"acked")]);
+    // The commit is where the reader is, not the lost one: the records past it are kept
+    // (reclaim goes by the lowest commit) and read after a restart.
+    let pad = "p".repeat(200);
+    for i in 0..40 {
+        log.append("t", vec![rec("k", &format!("{i}-{pad}"))]).await.unwrap();
+    }
+    rs[p as usize].committer().commit(2);
+    let segments = log.segment_count("t", p).unwrap();
+    assert!(segments > 2, "{segments} segments");
+    log.flush().await.unwrap();
+    assert_eq!(log.segment_count("t", p).unwrap(), segments, "records not read yet were reclaimed");
+    drop(rs);
+    log.close().await.unwrap();
+    let log = EmbeddedLog::open(config(dir.path(), 4096)).await.unwrap();
+    let mut rs = readers(&log, "g", "t").await;
+    assert_eq!(some(&mut rs[p as usize], 1).await[0].offset, 2, "read again from the commit");
 }
 
 /// A compacted topic's share (a catalog change) is synced on its own before the group's
@@ -1444,33 +1460,37 @@ async fn a_committed_offset_past_the_end_is_read_from_the_end() {
 /// told it failed (a subscription's creation answered 5xx and retried became two).
 #[test]
 fn a_compacted_share_rolled_back_after_its_sync_stays_rolled_back_after_a_power_cut() {
-    let dir = tempfile::tempdir().unwrap();
-    // What each sync of the segment made durable: the file's bytes as they were then.
-    let durable: Arc<std::sync::Mutex<Option<Vec<u8>>>> = Arc::default();
-    let image = durable.clone();
-    let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| {
-        if let Fault::Sync(path, _) = fault {
-            if path.extension().is_some_and(|e| e == "log") {
-                *image.lock().unwrap() = Some(std::fs::read(path).unwrap());
+    // A journaled share alike: its bytes may reach the disk by the OS's own writeback, and the
+    // journal may hold nothing of its partition to cut them at the next open.
+    for journaled in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        // What each sync of the segment made durable: the file's bytes as they were then.
+        let durable: Arc<std::sync::Mutex<Option<Vec<u8>>>> = Arc::default();
+        let image = durable.clone();
+        let faults: Faults = Some(Arc::new(move |fault: Fault<'_>| {
+            if let Fault::Sync(path, _) = fault {
+                if path.extension().is_some_and(|e| e == "log") {
+                    *image.lock().unwrap() = Some(std::fs::read(path).unwrap());
+                }
             }
-        }
-        Ok(())
-    }));
-    let at = dir.path().join("catalog");
-    let part = Partition::open(0, "catalog", false, at.clone(), 1 << 20, faults.clone()).unwrap();
-    let mut buf = BytesMut::new();
-    let first = part.stage(&[(b"k".as_slice(), b"kept".as_slice())], now_ms(), &mut buf).unwrap();
-    part.sync(&first).unwrap();
-    part.publish(first);
-    let refused = part.stage(&[(b"k".as_slice(), b"refused".as_slice())], now_ms(), &mut buf).unwrap();
-    part.sync(&refused).unwrap(); // synced, then the group's journal entry failed
-    part.rollback(refused);
-    let path = segment_files_in(&at).pop().unwrap();
-    drop(part);
-    // The power cut: the segment is what its last sync made durable.
-    std::fs::write(&path, durable.lock().unwrap().as_ref().unwrap()).unwrap();
-    let part = Partition::open(0, "catalog", false, at, 1 << 20, None).unwrap();
-    assert_eq!(part.end_offset(), 1, "the refused change came back");
+            Ok(())
+        }));
+        let at = dir.path().join("catalog");
+        let part = Partition::open(0, "catalog", journaled, at.clone(), 1 << 20, faults.clone()).unwrap();
+        let mut buf = BytesMut::new();
+        let first = part.stage(&[(b"k".as_slice(), b"kept".as_slice())], now_ms(), &mut buf).unwrap();
+        part.sync(&first).unwrap();
+        part.publish(first);
+        let refused = part.stage(&[(b"k".as_slice(), b"refused".as_slice())], now_ms(), &mut buf).unwrap();
+        part.sync(&refused).unwrap(); // on disk, then the group's journal entry failed
+        part.rollback(refused);
+        let path = segment_files_in(&at).pop().unwrap();
+        drop(part);
+        // The power cut: the segment is what its last sync made durable.
+        std::fs::write(&path, durable.lock().unwrap().as_ref().unwrap()).unwrap();
+        let part = Partition::open(0, "catalog", journaled, at, 1 << 20, None).unwrap();
+        assert_eq!(part.end_offset(), 1, "the refused append came back (journaled: {journaled})");
+    }
 }
 
 /// The segment files in a partition's directory, oldest first.
