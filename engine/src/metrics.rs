@@ -265,9 +265,6 @@ pub struct ShardStats {
     committer: Arc<dyn Committer>,
     in_flight: AtomicUsize,
     waiting_bytes: AtomicUsize,
-    /// The commit point at the last scrape, and since when it has stood there with records
-    /// behind it (see [`PARTITION_STALLED`]).
-    moved: Mutex<(u64, std::time::Instant)>,
 }
 
 impl ShardStats {
@@ -306,6 +303,10 @@ type Hook = Box<dyn Fn() + Send + Sync>;
 pub struct Metrics {
     handle: PrometheusHandle,
     shards: Mutex<Vec<Weak<ShardStats>>>,
+    /// By source and partition: the commit point at the last scrape, and since when it has
+    /// stood there with records behind it (see [`PARTITION_STALLED`]). Kept across a
+    /// partition's workers, so one restarting over and over on the same record reads stalled.
+    moved: Mutex<std::collections::HashMap<(String, u32), (u64, std::time::Instant)>>,
     hooks: Mutex<Vec<Hook>>,
 }
 
@@ -319,7 +320,12 @@ impl Metrics {
     /// Installs the recorder if needed and exposes every series from the start (at zero), so
     /// dashboards and alerts see 0 rather than nothing.
     pub fn new() -> Self {
-        let metrics = Metrics { handle: handle(), shards: Mutex::new(Vec::new()), hooks: Mutex::new(Vec::new()) };
+        let metrics = Metrics {
+            handle: handle(),
+            shards: Mutex::new(Vec::new()),
+            moved: Mutex::default(),
+            hooks: Mutex::new(Vec::new()),
+        };
         describe();
         metrics::counter!(EVENTS_INGESTED).increment(0);
         metrics::counter!(PANICS).increment(0);
@@ -362,7 +368,6 @@ impl Metrics {
         let stats = Arc::new(ShardStats {
             source: source.to_string(),
             partition,
-            moved: Mutex::new((committer.committed(), std::time::Instant::now())),
             committer,
             in_flight: 0.into(),
             waiting_bytes: 0.into(),
@@ -398,9 +403,11 @@ impl Metrics {
             // not show a stuck partition (on Kafka its end is the fetches' high watermark, and
             // a partition that reads nothing fetches nothing, so its lag stands still too).
             let stalled = {
-                let mut moved = s.moved.lock().unwrap();
+                let mut all = self.moved.lock().unwrap();
+                let now = std::time::Instant::now();
+                let moved = all.entry((s.source.clone(), s.partition)).or_insert((committed, now));
                 if moved.0 != committed || lag == 0 {
-                    *moved = (committed, std::time::Instant::now());
+                    *moved = (committed, now);
                 }
                 moved.1.elapsed().as_secs_f64()
             };
@@ -721,12 +728,20 @@ mod tests {
             let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{text}"));
             line[prefix.len()..].parse().unwrap()
         };
-        let ago = std::time::Instant::now() - std::time::Duration::from_secs(600);
-        s.moved.lock().unwrap().1 = ago; // the commit point last moved ten minutes ago
+        let Some(ago) = std::time::Instant::now().checked_sub(std::time::Duration::from_secs(600)) else {
+            return; // a machine up for less than ten minutes
+        };
+        let key = ("stall-test".to_string(), 3);
+        assert!(stalled(&m) < 60.0);
+        m.moved.lock().unwrap().get_mut(&key).unwrap().1 = ago; // last moved ten minutes ago
         assert!(stalled(&m) >= 600.0, "a commit point standing behind records reads stalled");
+        // Its worker restarts (a record it panics on): still stalled.
+        drop(s);
+        let _restarted = m.shard("stall-test", 3, offsets.clone());
+        assert!(stalled(&m) >= 600.0, "a restarted worker's partition reads stalled still");
         offsets.commit(20);
         assert!(stalled(&m) < 60.0, "it moved");
-        s.moved.lock().unwrap().1 = ago;
+        m.moved.lock().unwrap().get_mut(&key).unwrap().1 = ago;
         offsets.commit(40);
         assert_eq!(stalled(&m), 0.0, "nothing behind it");
         offsets.0.store(50, SeqCst); // records arrive after an idle hour

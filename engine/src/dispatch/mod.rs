@@ -441,11 +441,13 @@ impl Dispatcher {
     pub async fn run(self, stop: watch::Receiver<bool>) -> Result<(), Stopped> {
         let mut loops = tokio::task::JoinSet::new();
         for source in &self.sources {
-            let consumer = self
-                .log
-                .consume(&self.group, &source.topic)
-                .await
-                .map_err(|e| Stopped::Consume { label: source.label.clone(), error: e })?;
+            let consumer = match self.log.consume(&self.group, &source.topic).await {
+                Ok(consumer) => consumer,
+                Err(error) => {
+                    loops.detach_all(); // those started run on
+                    return Err(Stopped::Consume { label: source.label.clone(), error });
+                }
+            };
             let work = workers::Work {
                 log: self.log.clone(),
                 deliverer: self.deliverer.clone(),
@@ -470,6 +472,9 @@ async fn sources_ended(mut loops: tokio::task::JoinSet<String>, stop: watch::Rec
     while let Some(ended) = loops.join_next().await {
         if !*stop.borrow() {
             let label = ended.unwrap_or_else(|e| format!("a source whose loop panicked ({e})"));
+            // The others run on until the stop (dropped, the set would abort them): the
+            // process says it is broken, and delivers what it can until it is restarted.
+            loops.detach_all();
             return Err(Stopped::Ended { label });
         }
     }
@@ -505,10 +510,12 @@ mod tests {
     #[tokio::test]
     async fn a_source_that_ends_before_the_stop_stops_the_dispatcher_at_once() {
         let (stop, stopped) = watch::channel(false);
+        let ran_to_the_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let until_stopped = |label: &'static str| {
-            let mut stopped = stopped.clone();
+            let (mut stopped, ran) = (stopped.clone(), ran_to_the_stop.clone());
             async move {
                 let _ = stopped.wait_for(|s| *s).await;
+                ran.store(true, std::sync::atomic::Ordering::SeqCst);
                 label.to_string()
             }
         };
@@ -517,6 +524,14 @@ mod tests {
         loops.spawn(async { "retry.30s".to_string() });
         let ended = tokio::time::timeout(Duration::from_secs(5), sources_ended(loops, stopped.clone())).await;
         assert!(matches!(&ended, Ok(Err(Stopped::Ended { label })) if label == "retry.30s"), "{ended:?}");
+        // The other source ran on until the stop (an aborted loop never gets there).
+        stop.send_replace(true);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !ran_to_the_stop.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "the other source's loop was aborted");
+            tokio::task::yield_now().await;
+        }
+        stop.send_replace(false);
         // At a stop every loop ends, and that is no failure.
         let mut loops = tokio::task::JoinSet::new();
         loops.spawn(until_stopped("deliveries"));
