@@ -743,6 +743,7 @@ impl Herald {
         if let Some((stop, history)) = self.history {
             let unwritten = history.recorder.drain(HISTORY_DRAIN).await;
             if unwritten > 0 {
+                metrics::counter!(crate::metrics::HISTORY_DROPPED).increment(unwritten);
                 tracing::error!(
                     records = unwritten,
                     "history records the log has not taken are lost at this stop; their attempts are not on record"

@@ -486,9 +486,9 @@ pub fn record(settled: &Settled) {
     // ones use the macros.
     if let Some(outcome) = &settled.attempt {
         m::counter(m::ATTEMPTS, &[("transport", transport), ("outcome", outcome.metric_label())]).increment(1);
-        // Not Herald's own waits (an edge agent's full window, up to the whole timeout): one
-        // tenant's saturated device set the fleet's request p99 at its timeout.
-        if !outcome.failure().is_some_and(Failure::heralds_own) {
+        // Not attempts that never left (an edge agent's full window, waited up to the whole
+        // timeout): one tenant's saturated device set the fleet's request p99 at its timeout.
+        if !outcome.failure().is_some_and(Failure::never_sent) {
             m::histogram(m::REQUEST_SECONDS, &[("transport", transport)]).record(outcome.latency().as_secs_f64());
         }
     }
@@ -531,11 +531,11 @@ pub fn record(settled: &Settled) {
 mod tests {
     use super::*;
 
-    /// An attempt Herald's own limits ended (held behind an edge agent's full window for its
-    /// whole timeout) is no request's latency: one tenant's saturated device set the fleet's
-    /// request p99 at its timeout.
+    /// An attempt that never left (held behind an edge agent's full window for its whole
+    /// timeout) is no request's latency: one tenant's saturated device set the fleet's request
+    /// p99 at its timeout. One Herald ended to free the commit point was in flight, and is.
     #[test]
-    fn herald_s_own_waits_are_not_request_latencies() {
+    fn attempts_that_never_left_are_not_request_latencies() {
         let exporter = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let scrape = exporter.handle();
         let settled = |outcome: Outcome| Settled {
@@ -548,9 +548,10 @@ mod tests {
             let waited = Duration::from_secs(30);
             record(&settled(Outcome::failed(Failure::EdgeBusy { device: "d".into() }, waited)));
             record(&settled(Outcome::Delivered { status: 200, latency: Duration::from_millis(3), response: None }));
+            record(&settled(Outcome::failed(Failure::Held { after_ms: 240_000 }, Duration::from_secs(240))));
         });
         let text = scrape.render();
-        assert!(text.contains(r#"herald_delivery_request_seconds_count{transport="edge"} 1"#), "{text}");
+        assert!(text.contains(r#"herald_delivery_request_seconds_count{transport="edge"} 2"#), "{text}");
         assert!(text.contains(r#"herald_attempts_total{transport="edge",outcome="edge_busy"} 1"#), "{text}");
     }
     use crate::log::stub::Stub;

@@ -279,7 +279,9 @@ async fn append_until_taken(log: &Arc<dyn Log>, topic: &str, records: Vec<Record
             Ok(_) => return true,
             Err(LogError::Closed) => return false,
             Err(e @ LogError::TooLarge { .. }) => {
-                tracing::error!(error = %e, "history records too large for the log; dropped");
+                let dropped: usize = records.iter().map(|r| record::members(&r.value).count()).sum();
+                metrics::counter!(crate::metrics::HISTORY_DROPPED).increment(dropped as u64);
+                tracing::error!(error = %e, records = dropped, "history records too large for the log; dropped");
                 return true;
             }
             Err(e) => {
@@ -391,6 +393,23 @@ mod tests {
         let text = scrape.render();
         assert!(text.contains("herald_history_dropped_total 1"), "{text}");
         assert!(!text.contains("herald_history_late_total"), "{text}");
+    }
+
+    /// Records the log refuses as too large are counted dropped, as many as the refused
+    /// bundles held: they were only logged.
+    #[tokio::test]
+    async fn records_too_large_for_the_log_are_counted_dropped() {
+        let exporter = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let scrape = exporter.handle();
+        let _local = metrics::set_default_local_recorder(&exporter);
+        let mut stub = Stub::new(true, true);
+        stub.too_large = Some("history");
+        let recorder = Recorder::start(Arc::new(stub), "history".into());
+        recorder.record(&state(0));
+        recorder.record(&state(1));
+        recorder.synced().await;
+        let text = scrape.render();
+        assert!(text.contains("herald_history_dropped_total 2"), "{text}");
     }
 
     /// The committer underneath a gate: the last offset committed.

@@ -275,7 +275,13 @@ impl Failure {
     /// broker connections in use. It says nothing of the endpoint's health or pace, nor of how
     /// long its requests take.
     pub fn heralds_own(&self) -> bool {
-        matches!(self, Failure::Held { .. } | Failure::EdgeBusy { .. } | Failure::BrokerBusy { .. })
+        self.never_sent() || matches!(self, Failure::Held { .. })
+    }
+
+    /// Whether the attempt never left: held behind an edge agent's full window or a tenant's
+    /// broker connections in use (an attempt ended to free the commit point was in flight).
+    pub fn never_sent(&self) -> bool {
+        matches!(self, Failure::EdgeBusy { .. } | Failure::BrokerBusy { .. })
     }
 }
 
