@@ -606,7 +606,7 @@ mod tests {
             }
         });
         let guard = NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]);
-        let amqp = AmqpTransport::with_times(guard, Duration::from_secs(3600), Duration::from_millis(300));
+        let amqp = AmqpTransport::with_times(guard, Duration::from_secs(3600), Duration::from_secs(2));
         let uri = format!("amqp://u:p@127.0.0.1:{port}/vh");
         let (broker, slot) = amqp.broker("t", &uri).unwrap();
         let wait = Duration::from_millis(50);
