@@ -5,11 +5,9 @@
 
 use crate::admission::Admission;
 use crate::config::HealthConfig;
-use crate::model::{Auth, Delivery, Invalid, Subscription};
+use crate::model::{Auth, Credentials, Delivery, Invalid, Subscription, Tls};
 use crate::payload::{self, Body};
 use crate::signing::{self, Signer, SigningError};
-use crate::transport::oauth::Credentials;
-use crate::transport::tls::Tls;
 use base64::Engine;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use std::sync::Arc;

@@ -17,9 +17,11 @@ pub use event::{
 };
 pub use outcome::{whole_millis, Failure, Outcome, Response};
 pub use secret::Secret;
+#[cfg(test)]
+pub(crate) use subscription::DIGESTS;
 pub use subscription::{
-    AmqpTarget, Auth, OnDeadLetter, OrderingMode, OrderingSpec, PayloadFormat, RetrySpec, SignatureEncoding,
-    SignatureSpec, Subscription, SubscriptionSpec, TlsOptions, TransportKind,
+    AmqpTarget, Auth, Credentials, OnDeadLetter, OrderingMode, OrderingSpec, PayloadFormat, ProfileKey, RetrySpec,
+    SignatureEncoding, SignatureSpec, Subscription, SubscriptionSpec, Tls, TlsOptions, TransportKind,
 };
 pub use trace::TraceContext;
 

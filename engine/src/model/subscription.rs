@@ -7,6 +7,7 @@
 use super::secret::{self, Secret};
 use crate::config::HumanDuration;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
 /// How deliveries reach the subscriber.
@@ -502,6 +503,68 @@ impl Subscription {
     /// Whether an event of `event_type` goes to this subscription.
     pub fn wants(&self, event_type: &str) -> bool {
         self.spec.enabled && (self.spec.events.is_empty() || self.spec.events.iter().any(|e| e == event_type))
+    }
+}
+
+/// What identifies a TLS profile: subscriptions with equal profiles share a client pool. A
+/// digest of every option, secrets included, so no secret is kept in the key itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProfileKey([u8; 32]);
+
+impl ProfileKey {
+    /// The profile of a subscription's options.
+    pub fn of(opts: &TlsOptions) -> Self {
+        #[cfg(test)]
+        DIGESTS.with(|n| n.set(n.get() + 1));
+        let all = secret::revealing(|| serde_json::to_vec(opts)).expect("options serialize");
+        ProfileKey(Sha256::digest(all).into())
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: profile keys worked out on this thread.
+    pub(crate) static DIGESTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A subscription's TLS options with their profile's key, worked out once, as the
+/// subscription is compiled: the key digests every option, certificates included, and worked
+/// out at each send it took 2 µs of a delivery's ~30 for a client certificate and its CA, and
+/// 47 µs for a tenant's CA bundle of 64 KiB.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// The options.
+    pub options: TlsOptions,
+    /// Their profile.
+    pub key: ProfileKey,
+}
+
+impl Tls {
+    /// The options with their key.
+    pub fn new(options: TlsOptions) -> Tls {
+        let key = ProfileKey::of(&options);
+        Tls { options, key }
+    }
+}
+
+/// The cache key of a subscription's credentials: a digest of its tenant and every credential
+/// field. Worked out once, as the subscription is compiled (`Target`), not at every send:
+/// the fields include its TLS material (see [`Tls`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials([u8; 32]);
+
+impl Credentials {
+    /// The key of `sub`'s credentials.
+    pub fn of(sub: &Subscription) -> Credentials {
+        let credentials =
+            secret::revealing(|| serde_json::to_vec(&(&sub.tenant, &sub.spec.auth, &sub.spec.tls, &sub.spec.proxy)))
+                .expect("credentials serialize");
+        Credentials(Sha256::digest(credentials).into())
+    }
+
+    /// The key's bytes.
+    pub fn bytes(self) -> [u8; 32] {
+        self.0
     }
 }
 

@@ -3,8 +3,8 @@
 //! followed; any 2xx is success.
 
 use super::guard::{NetworkGuard, Refused};
-use super::tls::{client_config, file_stamps, ProfileKey, Tls, TlsError};
-use crate::model::{Failure, Outcome, Response};
+use super::tls::{client_config, file_stamps, TlsError};
+use crate::model::{Failure, Outcome, ProfileKey, Response, Tls};
 use crate::payload::Body;
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -804,7 +804,7 @@ mod tests {
     fn a_send_finds_its_pool_without_digesting_its_tls_material() {
         let http = HttpTransport::new(NetworkGuard::new(Vec::new()), &HttpSettings::default());
         let tls = Tls::new(TlsOptions { ca_pem: Some("x".repeat(65_536)), ..TlsOptions::default() });
-        let digests = || super::super::tls::DIGESTS.with(|n| n.get());
+        let digests = || crate::model::DIGESTS.with(|n| n.get());
         let before = digests();
         for _ in 0..10 {
             assert!(matches!(http.find(Some(&tls), Egress::Default), Ok(Found::Missing(..))));

@@ -12,15 +12,12 @@
 //! each attempt dropping the fetch at its timeout and the next one starting another.
 
 use super::http::HttpTransport;
-use super::tls::Tls;
-use crate::model::secret::revealing;
-use crate::model::{Auth, Failure, Subscription};
+use crate::model::{Auth, Credentials, Failure, Subscription, Tls};
 use crate::payload::Body;
 use base64::Engine;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use http::{header, HeaderMap, HeaderValue, Uri};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -112,22 +109,6 @@ fn make_room(slots: &mut HashMap<[u8; 32], Slot>) {
     }
 }
 
-/// The cache key of a subscription's credentials: a digest of its tenant and every credential
-/// field. Worked out once, as the subscription is compiled (`Target`), not at every send:
-/// the fields include its TLS material (see `tls::Tls`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Credentials([u8; 32]);
-
-impl Credentials {
-    /// The key of `sub`'s credentials.
-    pub fn of(sub: &Subscription) -> Credentials {
-        let credentials =
-            revealing(|| serde_json::to_vec(&(&sub.tenant, &sub.spec.auth, &sub.spec.tls, &sub.spec.proxy)))
-                .expect("credentials serialize");
-        Credentials(Sha256::digest(credentials).into())
-    }
-}
-
 impl Tokens {
     /// A cache fetching through `http` (so token endpoints pass the network guard too).
     pub fn new(http: HttpTransport) -> Self {
@@ -144,7 +125,7 @@ impl Tokens {
         tls: Option<&Tls>,
         timeout: Duration,
     ) -> Result<HeaderValue, Failure> {
-        let key = credentials.0;
+        let key = credentials.bytes();
         let fetch = {
             let mut slots = self.slots.lock().unwrap();
             match slots.get(&key) {
@@ -201,7 +182,7 @@ impl Tokens {
     /// was cached threw it away — a fetch for every one of them, each revoking the one before
     /// at a provider that keeps one token of a client valid.
     pub fn forget(&self, credentials: Credentials, refused: &HeaderValue) {
-        let key = credentials.0;
+        let key = credentials.bytes();
         let mut slots = self.slots.lock().unwrap();
         if matches!(slots.get(&key), Some(Slot::Ready(value, ..)) if value == refused) {
             slots.remove(&key);

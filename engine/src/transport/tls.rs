@@ -15,7 +15,6 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,47 +44,6 @@ pub struct TlsError {
 
 fn bad(field: &'static str, message: impl Into<String>) -> TlsError {
     TlsError { field, message: message.into() }
-}
-
-/// What identifies a TLS profile: subscriptions with equal profiles share a client pool. A
-/// digest of every option, secrets included, so no secret is kept in the key itself.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ProfileKey([u8; 32]);
-
-impl ProfileKey {
-    /// The profile of a subscription's options.
-    pub fn of(opts: &TlsOptions) -> Self {
-        #[cfg(test)]
-        DIGESTS.with(|n| n.set(n.get() + 1));
-        let all = crate::model::secret::revealing(|| serde_json::to_vec(opts)).expect("options serialize");
-        ProfileKey(Sha256::digest(all).into())
-    }
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Tests: profile keys worked out on this thread.
-    pub(crate) static DIGESTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// A subscription's TLS options with their profile's key, worked out once, as the
-/// subscription is compiled: the key digests every option, certificates included, and worked
-/// out at each send it took 2 µs of a delivery's ~30 for a client certificate and its CA, and
-/// 47 µs for a tenant's CA bundle of 64 KiB.
-#[derive(Debug, Clone)]
-pub struct Tls {
-    /// The options.
-    pub options: TlsOptions,
-    /// Their profile.
-    pub key: ProfileKey,
-}
-
-impl Tls {
-    /// The options with their key.
-    pub fn new(options: TlsOptions) -> Tls {
-        let key = ProfileKey::of(&options);
-        Tls { options, key }
-    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
