@@ -126,7 +126,8 @@ impl GroupContext {
             resume: None,
             gaps: Gaps::default(),
             reset: self.reset,
-            held: false,
+            pausing: None,
+            resuming: None,
         })
     }
 
@@ -339,8 +340,12 @@ struct GroupReader {
     gaps: Gaps,
     /// Where the group starts a partition with no committed offset.
     reset: Offset,
-    /// Paused by a hold, until the next read.
-    held: bool,
+    /// A hold's pause (see `PartitionReader::hold`), until the next read; and that read's
+    /// resume, done in order after the pause, and before its seek. Both are blocking calls
+    /// (librdkafka waits for its broker thread), so on blocking threads; a read cancelled
+    /// while it waits leaves the resume to finish by itself, and the next read waits for it.
+    pausing: Option<tokio::task::JoinHandle<()>>,
+    resuming: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl GroupReader {
@@ -395,10 +400,20 @@ impl PartitionReader for GroupReader {
     }
 
     async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
-        if self.held {
+        if let Some(pausing) = self.pausing.take() {
             let consumer = self.committer.consumer.upgrade().ok_or(LogError::Closed)?;
-            consumer.resume(&self.partitions()).map_err(kafka_error)?;
-            self.held = false;
+            let (tpl, topic, partition) = (self.partitions(), self.committer.topic.clone(), self.partition);
+            self.resuming = Some(tokio::spawn(async move {
+                let _ = pausing.await;
+                let resumed = tokio::task::spawn_blocking(move || consumer.resume(&tpl)).await;
+                if let Ok(Err(e)) = resumed {
+                    tracing::warn!(topic = %topic, partition, error = %e, "could not resume a held partition");
+                }
+            }));
+        }
+        if let Some(resuming) = self.resuming.as_mut() {
+            let _ = resuming.await;
+            self.resuming = None;
         }
         let batch = loop {
             // Cleared only once the seek is done: a read cancelled meanwhile seeks again.
@@ -438,15 +453,16 @@ impl PartitionReader for GroupReader {
     /// was dropped is fetched again then. (Pausing alone stops new fetches but leaves the
     /// queue as full as it was, up to `queued.max.messages.kbytes`.)
     fn hold(&mut self) {
-        if self.held {
+        if self.pausing.is_some() || self.resuming.is_some() {
             return;
         }
         let Some(consumer) = self.committer.consumer.upgrade() else { return };
-        if let Err(e) = consumer.pause(&self.partitions()) {
-            tracing::warn!(topic = %self.committer.topic, partition = self.partition, error = %e, "could not pause a held partition");
-            return;
-        }
-        self.held = true;
+        let (tpl, topic, partition) = (self.partitions(), self.committer.topic.clone(), self.partition);
+        self.pausing = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.pause(&tpl) {
+                tracing::warn!(topic = %topic, partition, error = %e, "could not pause a held partition");
+            }
+        }));
         // What the client fetched ahead is dropped only when the next read is sure to seek:
         // to `next`, past what was handed out; or to where a seek still pending goes (a
         // reopened reader's start, a gap read again), which it keeps. A reader that has read
