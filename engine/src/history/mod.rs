@@ -595,52 +595,67 @@ mod tests {
         );
     }
 
+    /// An embedded log of one history partition in `dir`, in segments of 4 KiB, whose records
+    /// go with a retention of 1 ms once its reader has read them — reclaimed only when a test
+    /// flushes it.
+    async fn retained_history(dir: &Path) -> Arc<crate::log::embedded::EmbeddedLog> {
+        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
+        let topic = crate::log::TopicSpec {
+            retention: Some(Duration::from_millis(1)),
+            retention_waits_for_reader: true,
+            read_within: Duration::from_millis(50),
+            ..crate::log::TopicSpec::for_tests("history", 1)
+        };
+        EmbeddedLog::open(EmbeddedConfig {
+            dir: dir.join("log"),
+            segment_bytes: 4096,
+            flush_interval: Duration::from_secs(3600),
+            topics: vec![topic],
+            journal_bytes: DEFAULT_JOURNAL_BYTES,
+            faults: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Event `evt_{i}` of tenant `t`, its data padded to about 200 bytes.
+    fn padded_event(i: usize) -> EventRecord {
+        EventRecord {
+            id: format!("evt_{i}"),
+            tenant: "t".into(),
+            event_type: "T".into(),
+            accepted_ms: now_ms(),
+            subscriptions: vec!["sub".into()],
+            data: bytes::Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(200))),
+            changes: None,
+            ordering_key: None,
+            seq: 0,
+        }
+    }
+
+    /// Records events 0 to 99 into `log`'s history topic (over more than three segments); the
+    /// recorder and how many segments they fill.
+    async fn hundred_events(log: &Arc<crate::log::embedded::EmbeddedLog>) -> (Arc<Recorder>, usize) {
+        let recorder = Recorder::start(log.clone(), "history".into());
+        for i in 0..100 {
+            recorder.append(&[HistoryRecord::Event(padded_event(i))]).await.unwrap();
+        }
+        let segments = log.segment_count("history", 0).unwrap();
+        assert!(segments > 3, "{segments} segments");
+        (recorder, segments)
+    }
+
     /// Herald stopped with records of the history topic not indexed yet, and stayed down
     /// longer than the embedded topic's retention: they wait for the index, which takes them
     /// when it starts again; once indexed they go with the retention.
     #[test]
     fn records_the_index_had_not_read_outlive_the_topic_s_retention() {
-        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
-        use crate::log::TopicSpec;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
         runtime.block_on(async {
-            let log = EmbeddedLog::open(EmbeddedConfig {
-                dir: dir.path().join("log"),
-                segment_bytes: 4096,
-                flush_interval: Duration::from_secs(3600), // reclaimed only when this test says
-                topics: vec![TopicSpec {
-                    name: "history".into(),
-                    partitions: 1,
-                    compacted: false,
-                    retention: Some(Duration::from_millis(1)),
-                    retention_waits_for_reader: true,
-                    read_within: Duration::from_millis(50),
-                    keyed: false,
-                }],
-                journal_bytes: DEFAULT_JOURNAL_BYTES,
-                faults: None,
-            })
-            .await
-            .unwrap();
+            let log = retained_history(dir.path()).await;
             // Recorded while the index was down.
-            let recorder = Recorder::start(log.clone(), "history".into());
-            let event = |i: usize| EventRecord {
-                id: format!("evt_{i}"),
-                tenant: "t".into(),
-                event_type: "T".into(),
-                accepted_ms: now_ms(),
-                subscriptions: vec!["sub".into()],
-                data: bytes::Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(200))),
-                changes: None,
-                ordering_key: None,
-                seq: 0,
-            };
-            for i in 0..100 {
-                recorder.append(&[HistoryRecord::Event(event(i))]).await.unwrap();
-            }
-            let segments = log.segment_count("history", 0).unwrap();
-            assert!(segments > 3, "{segments} segments");
+            let (_recorder, segments) = hundred_events(&log).await;
             // Past the retention: the flusher's reclaim finds every sealed segment old enough.
             let written = now_ms();
             while now_ms() <= written + 1 {
@@ -680,46 +695,11 @@ mod tests {
     /// cut after the reclaim lost those records from the index and the topic both.
     #[test]
     fn the_topic_s_records_go_only_once_the_index_holding_them_is_on_disk() {
-        use crate::log::embedded::{EmbeddedConfig, EmbeddedLog, DEFAULT_JOURNAL_BYTES};
-        use crate::log::TopicSpec;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
         runtime.block_on(async {
-            let log = EmbeddedLog::open(EmbeddedConfig {
-                dir: dir.path().join("log"),
-                segment_bytes: 4096,
-                flush_interval: Duration::from_secs(3600), // reclaimed only when this test says
-                topics: vec![TopicSpec {
-                    name: "history".into(),
-                    partitions: 1,
-                    compacted: false,
-                    retention: Some(Duration::from_millis(1)),
-                    retention_waits_for_reader: true,
-                    read_within: Duration::from_millis(50),
-                    keyed: false,
-                }],
-                journal_bytes: DEFAULT_JOURNAL_BYTES,
-                faults: None,
-            })
-            .await
-            .unwrap();
-            let recorder = Recorder::start(log.clone(), "history".into());
-            let event = |i: usize| EventRecord {
-                id: format!("evt_{i}"),
-                tenant: "t".into(),
-                event_type: "T".into(),
-                accepted_ms: now_ms(),
-                subscriptions: vec!["sub".into()],
-                data: bytes::Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(200))),
-                changes: None,
-                ordering_key: None,
-                seq: 0,
-            };
-            for i in 0..100 {
-                recorder.append(&[HistoryRecord::Event(event(i))]).await.unwrap();
-            }
-            let segments = log.segment_count("history", 0).unwrap();
-            assert!(segments > 3, "{segments} segments");
+            let log = retained_history(dir.path()).await;
+            let (recorder, segments) = hundred_events(&log).await;
             // An index that writes its journal out only when told to.
             let index =
                 Arc::new(Index::open(&dir.path().join("index"), Duration::from_secs(86_400)).unwrap().unsynced());
@@ -745,7 +725,7 @@ mod tests {
             assert_eq!(log.segment_count("history", 0).unwrap(), segments, "reclaimed before the index was on disk");
             // Written out: the next batch read tells the log how far the index holds for good.
             index.sync().unwrap();
-            recorder.append(&[HistoryRecord::Event(event(100))]).await.unwrap();
+            recorder.append(&[HistoryRecord::Event(padded_event(100))]).await.unwrap();
             indexed(101).await;
             // (The reader tells the log just after the index has the batch.)
             let deadline = std::time::Instant::now() + Duration::from_secs(10);

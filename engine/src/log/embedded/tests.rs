@@ -663,13 +663,7 @@ async fn contents(log: &EmbeddedLog) -> Vec<(u32, u64, String)> {
 
 /// The segment files of topic `t`'s partition `p`, oldest first.
 fn segment_files(dir: &std::path::Path, p: u32) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(dir.join("topics").join("t").join(p.to_string()))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .collect();
-    files.sort();
-    files
+    segment_files_in(&dir.join("topics").join("t").join(p.to_string()))
 }
 
 /// Segments are not synced with each group, only the group journal is: what a power cut takes
