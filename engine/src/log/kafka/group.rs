@@ -126,7 +126,8 @@ impl GroupContext {
             resume: None,
             gaps: Gaps::default(),
             reset: self.reset,
-            pausing: None,
+            held: false,
+            fresh: true,
             resuming: None,
         })
     }
@@ -340,11 +341,15 @@ struct GroupReader {
     gaps: Gaps,
     /// Where the group starts a partition with no committed offset.
     reset: Offset,
-    /// A hold's pause (see `PartitionReader::hold`), until the next read; and that read's
-    /// resume, done in order after the pause, and before its seek. Both are blocking calls
-    /// (librdkafka waits for its broker thread), so on blocking threads; a read cancelled
-    /// while it waits leaves the resume to finish by itself, and the next read waits for it.
-    pausing: Option<tokio::task::JoinHandle<()>>,
+    /// Paused by a hold (see `PartitionReader::hold`), until the next read.
+    held: bool,
+    /// The partition is resumed before this reader's first read: the client keeps a pause
+    /// with the partition, not the reader, and one an earlier reader's hold left (then a
+    /// revoke, or its worker's death) would have this one wait for ever.
+    fresh: bool,
+    /// A read's resume, on a blocking thread (librdkafka waits for its broker thread), done
+    /// before the read's seek; a read cancelled meanwhile leaves it to finish by itself, and
+    /// the next read waits for it.
     resuming: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -400,16 +405,15 @@ impl PartitionReader for GroupReader {
     }
 
     async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
-        if let Some(pausing) = self.pausing.take() {
+        if self.held || self.fresh {
             let consumer = self.committer.consumer.upgrade().ok_or(LogError::Closed)?;
             let (tpl, topic, partition) = (self.partitions(), self.committer.topic.clone(), self.partition);
-            self.resuming = Some(tokio::spawn(async move {
-                let _ = pausing.await;
-                let resumed = tokio::task::spawn_blocking(move || consumer.resume(&tpl)).await;
-                if let Ok(Err(e)) = resumed {
+            self.resuming = Some(tokio::task::spawn_blocking(move || {
+                if let Err(e) = consumer.resume(&tpl) {
                     tracing::warn!(topic = %topic, partition, error = %e, "could not resume a held partition");
                 }
             }));
+            (self.held, self.fresh) = (false, false);
         }
         if let Some(resuming) = self.resuming.as_mut() {
             let _ = resuming.await;
@@ -453,16 +457,19 @@ impl PartitionReader for GroupReader {
     /// was dropped is fetched again then. (Pausing alone stops new fetches but leaves the
     /// queue as full as it was, up to `queued.max.messages.kbytes`.)
     fn hold(&mut self) {
-        if self.pausing.is_some() || self.resuming.is_some() {
+        if self.held || self.fresh || self.resuming.is_some() {
             return;
         }
         let Some(consumer) = self.committer.consumer.upgrade() else { return };
-        let (tpl, topic, partition) = (self.partitions(), self.committer.topic.clone(), self.partition);
-        self.pausing = Some(tokio::task::spawn_blocking(move || {
-            if let Err(e) = consumer.pause(&tpl) {
-                tracing::warn!(topic = %topic, partition, error = %e, "could not pause a held partition");
-            }
-        }));
+        // Here, not on a blocking thread (librdkafka waits for its broker thread to take it,
+        // as a rule at once): a reader made after this one is dropped must find the pause
+        // done, or its resume could come first and the partition stay paused. Once per batch
+        // a tier holds, for up to hours.
+        if let Err(e) = consumer.pause(&self.partitions()) {
+            tracing::warn!(topic = %self.committer.topic, partition = self.partition, error = %e, "could not pause a held partition");
+            return;
+        }
+        self.held = true;
         // What the client fetched ahead is dropped only when the next read is sure to seek:
         // to `next`, past what was handed out; or to where a seek still pending goes (a
         // reopened reader's start, a gap read again), which it keeps. A reader that has read

@@ -789,6 +789,35 @@ mod tests {
         log.close().await.unwrap();
     }
 
+    /// The reader after a held one (its worker died, or the partition was revoked and came
+    /// back) reads the partition: the client keeps a pause with the partition, not the
+    /// reader, and the next one waited for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_after_a_held_one_reads_the_partition() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let log = open(&cluster).await;
+        let records = (0..20).map(|i| Record { key: "k".into(), value: format!("{i}").into() }).collect();
+        let p = log.append("t", records).await.unwrap()[0].partition;
+        let mut consumer = log.consume("g", "t").await.unwrap();
+        let mut readers = Vec::new();
+        while readers.len() < PARTITIONS as usize {
+            match tokio::time::timeout(Duration::from_secs(20), consumer.next_assignment()).await {
+                Ok(Some(crate::log::Assignment::Assigned(reader))) => readers.push(reader),
+                _ => panic!("{} of {PARTITIONS} partitions assigned", readers.len()),
+            }
+        }
+        let at = readers.iter().position(|r| r.partition() == p).unwrap();
+        let mut reader = readers.swap_remove(at);
+        assert_eq!(reader.next_batch(1).await.unwrap()[0].offset, 0);
+        reader.hold();
+        drop(reader);
+        let mut again = consumer.reopen(p).await.unwrap();
+        let got = read(&mut again, 20).await;
+        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (0..20).collect::<Vec<u64>>());
+        drop((again, readers));
+        log.close().await.unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_topics_partitions_are_followed_through_one_client_each_from_its_own_offset() {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
