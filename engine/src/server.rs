@@ -304,8 +304,8 @@ fn transports(config: &Config, hub: Arc<EdgeHub>) -> Transports {
     Transports::new(guard, &settings, config.http.timeout.0).with_edge(hub)
 }
 
-/// Starts the dispatcher on every source topic; and where it says why delivery stopped, if it
-/// stops before `stop` (see `Dispatcher::run`).
+/// Starts the dispatcher on every source topic; and the flag it sets if it stops before `stop`
+/// (see `Dispatcher::run`; why is logged).
 fn spawn_dispatcher(
     config: &Config,
     log: &Arc<dyn Log>,
@@ -314,7 +314,7 @@ fn spawn_dispatcher(
     metrics: Arc<Metrics>,
     keys: Arc<OrderedKeys>,
     stop: watch::Receiver<bool>,
-) -> (JoinHandle<()>, Arc<std::sync::OnceLock<String>>) {
+) -> (JoinHandle<()>, Arc<std::sync::atomic::AtomicBool>) {
     let limits = ShardLimits {
         window: config.dispatch.window,
         max_uncommitted: config.dispatch.max_uncommitted,
@@ -329,12 +329,12 @@ fn spawn_dispatcher(
         .map(|(topic, label, delay)| Source { ordered: topic == topics.ordered, topic, label, delay })
         .collect();
     let dispatcher = Dispatcher::new(log.clone(), sources, DISPATCH_GROUP.into(), deliverer, limits, metrics, keys);
-    let stopped_delivering: Arc<std::sync::OnceLock<String>> = Arc::default();
-    let why = stopped_delivering.clone();
+    let stopped_delivering: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+    let stopped = stopped_delivering.clone();
     let task = tokio::spawn(async move {
         if let Err(e) = dispatcher.run(stop).await {
             tracing::error!(error = %e, "delivery stopped until Herald restarts");
-            let _ = why.set(e.to_string());
+            stopped.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     });
     (task, stopped_delivering)
@@ -648,7 +648,8 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
     let (scraped_log, stopped) = (log.clone(), delivery_stopped.clone());
     metrics.on_scrape(move || {
         metrics::gauge!(crate::metrics::LOG_BROKEN).set(if scraped_log.broken().is_some() { 1.0 } else { 0.0 });
-        metrics::gauge!(crate::metrics::DELIVERY_STOPPED).set(if stopped.get().is_some() { 1.0 } else { 0.0 });
+        let stopped = stopped.load(std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::DELIVERY_STOPPED).set(if stopped { 1.0 } else { 0.0 });
         metrics::gauge!(crate::metrics::ORDERED_KEYS_BLOCKED).set(keys.count() as f64);
         metrics::gauge!(crate::metrics::ORDERED_HELD_BYTES).set(keys.held_bytes() as f64);
         let (total, disabled) = registry.counts();

@@ -87,7 +87,7 @@ pub struct Shared {
     pub log: Arc<dyn Log>,
     /// Why delivery stopped before the process was told to stop, if it did (see
     /// `dispatch::Dispatcher::run`): only a restart mends it.
-    pub delivery_stopped: Arc<std::sync::OnceLock<String>>,
+    pub delivery_stopped: Arc<std::sync::atomic::AtomicBool>,
     /// The admin bearer token (compared in constant time).
     pub admin_token: Arc<str>,
     /// The dead-letter store.
@@ -296,21 +296,19 @@ async fn openapi(State(state): State<AppState>, mut parts: axum::http::request::
 }
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.delivery_stopped.get().is_some() {
-        // Events would still be accepted, and never delivered: a liveness probe restarts it.
-        let reason = "delivery stopped until Herald restarts; its log says why";
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "broken", "reason": reason })));
-    }
-    match state.log.broken() {
+    // Only a restart mends either: a liveness probe restarts the process. What broke it (the
+    // broker's own words, its addresses) is in Herald's log, not told to anyone who asks.
+    let broken = if state.delivery_stopped.load(std::sync::atomic::Ordering::Relaxed) {
+        // Events would still be accepted, and never delivered.
+        Some("delivery stopped until Herald restarts; its log says why")
+    } else {
+        state.log.broken().map(|_| "the log takes no writes until Herald restarts; its log says why")
+    };
+    match broken {
         None => (StatusCode::OK, Json(serde_json::json!({ "status": "ok" }))),
-        // Only a restart mends it: a liveness probe restarts the process. What broke it (the
-        // broker's own words, its addresses) is in Herald's log, not told to anyone who asks.
-        Some(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                serde_json::json!({ "status": "broken", "reason": "the log takes no writes until Herald restarts; its log says why" }),
-            ),
-        ),
+        Some(reason) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "status": "broken", "reason": reason })))
+        }
     }
 }
 
