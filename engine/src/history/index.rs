@@ -160,9 +160,8 @@ pub struct Index {
     /// When the store's journal was last written out, and how often it is ([`SYNC_EVERY`]).
     synced: std::sync::Mutex<std::time::Instant>,
     sync_every: Duration,
-    /// By partition: the next offset to index as written (`applied`), and as on disk
-    /// (`durable`, as of the last [`Index::sync`]; see [`Index::durable_offset`]).
-    applied: std::sync::Mutex<HashMap<u32, u64>>,
+    /// By partition written by this process: the next offset to index as on disk, as of the
+    /// last [`Index::sync`] (see [`Index::durable_offset`]).
     durable: std::sync::Mutex<HashMap<u32, u64>>,
     /// Bumped after every write, for those waiting for the index to catch up.
     progress: tokio::sync::watch::Sender<u64>,
@@ -338,7 +337,6 @@ impl Index {
             write_buffer,
             synced,
             sync_every: SYNC_EVERY,
-            applied: Default::default(),
             durable: Default::default(),
             progress,
             #[cfg(test)]
@@ -478,7 +476,6 @@ impl Index {
             }
             batch.insert(&self.meta, Self::offset_key(partition), run.next.to_be_bytes());
             batch.commit()?;
-            self.applied.lock().unwrap().insert(partition, run.next);
             metrics::counter!(crate::metrics::HISTORY_RECORDS).increment(in_run as u64);
             applied += in_run;
             self.progress.send_modify(|n| *n += 1);
@@ -505,9 +502,11 @@ impl Index {
     /// Writes the store's journal out now: everything indexed so far is on disk.
     pub fn sync(&self) -> Result<(), IndexError> {
         let mut synced = self.synced.lock().unwrap();
-        let applied = self.applied.lock().unwrap().clone();
+        // Read before the journal is written out, so what it says is in what is written.
+        let partitions: Vec<u32> = self.durable.lock().unwrap().keys().copied().collect();
+        let written: Vec<(u32, u64)> = partitions.into_iter().map(|p| (p, self.offset(p))).collect();
         self.db.persist(fjall::PersistMode::SyncData)?;
-        self.durable.lock().unwrap().extend(applied);
+        self.durable.lock().unwrap().extend(written);
         *synced = std::time::Instant::now();
         Ok(())
     }
