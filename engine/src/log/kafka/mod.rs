@@ -740,6 +740,18 @@ mod tests {
         log.close().await.unwrap();
     }
 
+    /// The readers of every partition of `t`, as the group assigns them, within a deadline.
+    async fn assigned(consumer: &mut Box<dyn crate::log::Consumer>) -> Vec<Box<dyn PartitionReader>> {
+        let mut readers = Vec::new();
+        while readers.len() < PARTITIONS as usize {
+            match tokio::time::timeout(Duration::from_secs(20), consumer.next_assignment()).await {
+                Ok(Some(crate::log::Assignment::Assigned(reader))) => readers.push(reader),
+                _ => panic!("{} of {PARTITIONS} partitions assigned", readers.len()),
+            }
+        }
+        readers
+    }
+
     /// A held reader (its shard keeps records not due for hours) lets go of what the client
     /// fetched ahead, and fetches no more: it stayed, up to 16 MiB a partition of each retry
     /// tier, for as long as the hold. Read again, it goes on from where it was.
@@ -751,14 +763,7 @@ mod tests {
         let records = (0..120).map(|i| Record { key: "k".into(), value: format!("{i}-{value}").into() }).collect();
         let p = log.append("t", records).await.unwrap()[0].partition;
         let mut consumer = log.consume("g", "t").await.unwrap();
-        let mut readers = Vec::new();
-        while readers.len() < PARTITIONS as usize {
-            match tokio::time::timeout(Duration::from_secs(20), consumer.next_assignment()).await {
-                Ok(Some(crate::log::Assignment::Assigned(reader))) => readers.push(reader),
-                _ => panic!("{} of {PARTITIONS} partitions assigned", readers.len()),
-            }
-        }
-        let mut reader = readers.into_iter().find(|r| r.partition() == p).unwrap();
+        let mut reader = assigned(&mut consumer).await.into_iter().find(|r| r.partition() == p).unwrap();
         assert_eq!(reader.next_batch(1).await.unwrap()[0].offset, 0);
         let prefetched = || group::PREFETCHED.lock().unwrap().get(&("t".to_string(), p as i32)).copied().unwrap_or(0);
         let until = |what: &str, done: &dyn Fn(u64) -> bool| {
@@ -799,13 +804,7 @@ mod tests {
         let records = (0..20).map(|i| Record { key: "k".into(), value: format!("{i}").into() }).collect();
         let p = log.append("t", records).await.unwrap()[0].partition;
         let mut consumer = log.consume("g", "t").await.unwrap();
-        let mut readers = Vec::new();
-        while readers.len() < PARTITIONS as usize {
-            match tokio::time::timeout(Duration::from_secs(20), consumer.next_assignment()).await {
-                Ok(Some(crate::log::Assignment::Assigned(reader))) => readers.push(reader),
-                _ => panic!("{} of {PARTITIONS} partitions assigned", readers.len()),
-            }
-        }
+        let mut readers = assigned(&mut consumer).await;
         let at = readers.iter().position(|r| r.partition() == p).unwrap();
         let mut reader = readers.swap_remove(at);
         assert_eq!(reader.next_batch(1).await.unwrap()[0].offset, 0);
