@@ -67,6 +67,18 @@ pub enum Failure {
         /// How long it had been in flight, ms.
         after_ms: u64,
     },
+    /// The attempt's timeout ran out before it was sent, while Herald prepared it: its TLS
+    /// profile was still being built (a PKCS#12 file's key derivation, one build at a time,
+    /// tenants in turns). Retried as a timeout is, labelled `timeout`, but never sent: nothing
+    /// of the endpoint's health or pace, nor a request's latency.
+    #[error(
+        "timed out after {} before it was sent: its TLS profile was still being built; retried",
+        humantime::format_duration(Duration::from_millis(*after_ms))
+    )]
+    Unready {
+        /// The timeout, ms.
+        after_ms: u64,
+    },
     /// The connection could not be made or broke (DNS, refused, reset).
     #[error("connection failed: {detail}")]
     Connect {
@@ -238,6 +250,7 @@ impl Failure {
             f @ (Failure::Status { .. }
             | Failure::Timeout { .. }
             | Failure::Held { .. }
+            | Failure::Unready { .. }
             | Failure::Nacked
             | Failure::BrokerBusy { .. }) => f,
         }
@@ -247,7 +260,7 @@ impl Failure {
     pub fn label(&self) -> &'static str {
         match self {
             Failure::Status { .. } => "failed",
-            Failure::Timeout { .. } | Failure::Held { .. } => "timeout",
+            Failure::Timeout { .. } | Failure::Held { .. } | Failure::Unready { .. } => "timeout",
             Failure::Connect { .. } => "connect_error",
             Failure::Tls { .. } => "tls_error",
             Failure::Refused { .. } => "refused",
@@ -271,17 +284,18 @@ impl Failure {
     }
 
     /// Whether Herald's own waits or limits ended the attempt, not the endpoint: ended to free
-    /// its partition's commit point, or held behind an edge agent's full window or a tenant's
-    /// broker connections in use. It says nothing of the endpoint's health or pace, nor of how
+    /// its partition's commit point, held behind an edge agent's full window or a tenant's
+    /// broker connections in use, or waiting for its TLS profile to be built. It says nothing of the endpoint's health or pace, nor of how
     /// long its requests take.
     pub fn heralds_own(&self) -> bool {
         self.never_sent() || matches!(self, Failure::Held { .. })
     }
 
     /// Whether the attempt never left: held behind an edge agent's full window or a tenant's
-    /// broker connections in use (an attempt ended to free the commit point was in flight).
+    /// broker connections in use, or its TLS profile not built in time (an attempt ended to
+    /// free the commit point was in flight).
     pub fn never_sent(&self) -> bool {
-        matches!(self, Failure::EdgeBusy { .. } | Failure::BrokerBusy { .. })
+        matches!(self, Failure::EdgeBusy { .. } | Failure::BrokerBusy { .. } | Failure::Unready { .. })
     }
 }
 

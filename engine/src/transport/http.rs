@@ -598,7 +598,8 @@ impl HttpTransport {
                 }
             }
         };
-        tokio::time::timeout(within, shared).await.unwrap_or_else(|_| Err(timed_out(within)))
+        let unready = || Failure::Unready { after_ms: crate::model::whole_millis(within) };
+        tokio::time::timeout(within, shared).await.unwrap_or_else(|_| Err(unready()))
     }
 
     /// Runs a profile's build in a task of its own (see [`HttpTransport::build`]), which
@@ -1069,6 +1070,29 @@ mod tests {
         let profiles = http.profiles.lock().unwrap();
         let of = |tenant: &str| profiles.values().filter(|(.., by)| by == tenant).count();
         assert_eq!((of("many"), of("other")), (TENANT_PROFILES, 1));
+    }
+
+    /// An attempt whose TLS profile is still being built when its timeout runs out (behind
+    /// another tenant's PKCS#12 build: key derivation, one at a time) was never sent: it is
+    /// Herald's own wait, not held against the endpoint's health nor timed as a request.
+    #[tokio::test]
+    async fn an_attempt_that_waited_for_its_tls_profile_is_herald_s_own_wait() {
+        let http =
+            HttpTransport::new(NetworkGuard::new(vec!["127.0.0.0/8".parse().unwrap()]), &HttpSettings::default());
+        let another_s = http.heavy_builds.turn("another").await;
+        let tls = Tls::new(TlsOptions { client_cert_file: Some("client.pem".into()), ..Default::default() });
+        let request = WebhookRequest {
+            uri: "https://127.0.0.1:9/hook".parse().unwrap(),
+            headers: HeaderMap::new(),
+            body: Body::new([Bytes::from_static(b"{}")]),
+            timeout: Duration::from_millis(200),
+        };
+        let outcome = http.send(request, Some(&tls), Egress::Direct, "t").await;
+        drop(another_s);
+        let Outcome::Failed { failure, .. } = &outcome else { panic!("{outcome:?}") };
+        assert_eq!(failure.label(), "timeout", "{failure}");
+        assert!(failure.heralds_own() && failure.never_sent(), "{failure:?}");
+        assert!(failure.to_string().contains("TLS profile"), "says what it waited for: {failure}");
     }
 
     /// A profile whose build fails is not built again at each attempt (a broken PKCS#12
