@@ -60,6 +60,14 @@ pub fn storing<T>(f: impl FnOnce() -> T) -> T {
     with_mode(Mode::Store, f)
 }
 
+/// Runs `f` (a deserialization of a stored record, the catalog's) with sealed secrets opened.
+/// Anywhere else a sealed form is refused: a tenant sending one back through the API (from a
+/// backup, the catalog's files, Kafka's topic) would otherwise have it opened with the
+/// operator's key — and its text delivered to the tenant's own endpoint, or shown to it.
+pub fn reading_stored<T>(f: impl FnOnce() -> T) -> T {
+    with_mode(Mode::Store, f)
+}
+
 /// Whether secrets are being redacted now: for fields that views leave out entirely (the
 /// signing secret) rather than show as `********`.
 pub fn redacting<T>(_: &T) -> bool {
@@ -174,11 +182,14 @@ impl Serialize for Secret {
 }
 
 impl<'de> Deserialize<'de> for Secret {
-    /// The text, opened with the installed keys when it is sealed.
+    /// The text; a sealed one opened with the installed keys, only inside [`reading_stored`].
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         match text.strip_prefix(SEALED) {
             None => Ok(Secret(text)),
+            Some(_) if MODE.get() != Mode::Store => Err(serde::de::Error::custom(format!(
+                "a secret in its sealed form (`{SEALED}…`) is not taken: give the secret itself"
+            ))),
             Some(sealed) => {
                 keys().and_then(|k| k.open(sealed)).map(Secret).ok_or_else(|| serde::de::Error::custom(UNOPENED))
             }

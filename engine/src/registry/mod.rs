@@ -252,7 +252,7 @@ impl Apply for Registry {
             }
             return;
         }
-        let compiled = serde_json::from_slice::<Subscription>(&rec.value)
+        let compiled = crate::model::secret::reading_stored(|| serde_json::from_slice::<Subscription>(&rec.value))
             .map_err(|e| Invalid::new("record", e.to_string()))
             .and_then(|sub| Target::compile_with(sub, self.health.clone()));
         match compiled {

@@ -1039,6 +1039,58 @@ async fn a_portal_link_cannot_be_used_to_test_guesses_at_the_admin_token() {
     assert_eq!(portal.get("/v1/subscriptions").await.0, 200, "the link works");
 }
 
+/// A secret's sealed form (in the catalog's files, a backup, Kafka's `subscriptions` topic —
+/// what sealing keeps from whoever reads them) is not a secret the API takes: sent back in a
+/// header or as a signing secret it was opened with the operator's key, and the plain text
+/// delivered to the sender's own endpoint or shown in the create's answer — any tenant key
+/// decrypted any tenant's secrets. Refused, the field named.
+#[tokio::test]
+async fn a_sealed_secret_sent_to_the_api_is_refused_not_opened() {
+    use base64::Engine;
+    let sealing = base64::engine::general_purpose::STANDARD.encode([6u8; 32]);
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, addr) = crate::support::spawn_herald_with(dir.path(), &[("HERALD_SECRET_KEY", &sealing)]);
+    let admin = Api::new(addr, TOKEN);
+    let (_, victim) = crate::support::tenant_with_key(&admin, "Victim").await;
+    let (_, thief) = crate::support::tenant_with_key(&admin, "Thief").await;
+    let (status, made) = victim
+        .post(
+            "/v1/subscriptions",
+            json!({ "url": "https://victim.example/hook", "headers": { "X-Pass": "victim-s3cret" } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let sealed = until("the sealed secrets on disk", Duration::from_secs(10), || async {
+        let mut found = Vec::new();
+        let (mut dirs, prefix) = (vec![dir.path().to_path_buf()], b"sealed:v1:");
+        while let Some(d) = dirs.pop() {
+            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                for at in (0..bytes.len()).filter(|&i| bytes[i..].starts_with(prefix)) {
+                    let b64 = |c: &u8| c.is_ascii_alphanumeric() || b"+/=".contains(c);
+                    let len = prefix.len() + bytes[at + prefix.len()..].iter().take_while(|c| b64(c)).count();
+                    found.push(String::from_utf8_lossy(&bytes[at..at + len]).into_owned());
+                }
+            }
+        }
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    for blob in &sealed {
+        let url = "https://thief.example/hook";
+        let (status, err) = thief.post("/v1/subscriptions", json!({ "url": url, "headers": { "X-Leak": blob } })).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("headers.X-Leak")), "{err}");
+        let (status, err) = thief.post("/v1/subscriptions", json!({ "url": url, "secret": blob })).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("secret")), "{err}");
+        assert!(!err.to_string().contains("victim-s3cret"), "{err}");
+    }
+}
+
 /// `network.deny` refuses addresses the special ranges do not cover — the operator's own
 /// public ones, such as a dual-stack host's global IPv6 address — whatever `network.allow`
 /// says: an IP literal when the subscription is made, a name by what it resolves to when the
