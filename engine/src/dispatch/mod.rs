@@ -307,13 +307,15 @@ impl Deliverer {
         if !left.is_zero() {
             tokio::time::sleep(left).await;
         }
+        // Looked for first: a retry delivered since by a resend or recover is done, not a dead
+        // letter past its max_age (whose state, the newer, would read over the delivery's).
+        if Box::pin(self.delivered_since(&delivery)).await {
+            return self.settler.superseded(delivery, transport);
+        }
         if target.sub.spec.enabled && retry::outlived(&target, &delivery, now_ms()) {
             // Came due after its max_age (Herald was down, or far behind): not sent late. (A
             // disabled subscription's is parked as that, below, with its own reason.)
             return Box::pin(self.settler.outlived(&target, delivery, rec.value, None)).await;
-        }
-        if Box::pin(self.delivered_since(&delivery)).await {
-            return self.settler.superseded(delivery, transport);
         }
         let (_slot, probe, _share) = match gate(&target, shares, &self.in_flight_bytes, rec.value.len()).await {
             Gate::Open(slot, probe, share) => (slot, probe, share),

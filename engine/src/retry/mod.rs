@@ -59,9 +59,19 @@ pub fn next_due(target: &Target, delivery: &Delivery, not_before: Option<Duratio
     policy(target).next_due(delivery.attempt, delivery.budget_ms, now_ms(), seed, not_before)
 }
 
-/// Whether `delivery`, not attempted before `at_ms`, would be past its policy's `max_age` then.
+/// How late past its due time a retry the schedule put within `max_age` may come and still be
+/// made: the schedule allows one due at the deadline itself (its `next_attempt_at` on record),
+/// and reading it back from its tier takes a moment.
+pub const ON_TIME_MS: i64 = 1000;
+
+/// Whether `delivery`, not attempted before `at_ms`, would be past its policy's `max_age` then
+/// — not a retry due within it and come on time ([`ON_TIME_MS`]).
 pub fn outlived(target: &Target, delivery: &Delivery, at_ms: i64) -> bool {
-    policy(target).deadline(delivery.budget_ms).is_some_and(|deadline| at_ms > deadline)
+    policy(target).deadline(delivery.budget_ms).is_some_and(|deadline| past(deadline, delivery.due_ms, at_ms))
+}
+
+fn past(deadline: i64, due_ms: i64, at_ms: i64) -> bool {
+    at_ms > deadline && !(due_ms <= deadline && at_ms - due_ms <= ON_TIME_MS)
 }
 
 /// Attempts still to come after this one fails (the envelope's `pendingRetries`).
@@ -178,6 +188,19 @@ mod tests {
             None => Failure::Timeout { after_ms: 10 },
         };
         Outcome::failed(failure, Duration::ZERO)
+    }
+
+    /// A retry the schedule put at the deadline itself, read back a moment later, is made; one
+    /// come late (Herald down, far behind) or held back past it is not.
+    #[test]
+    fn a_retry_due_within_max_age_and_come_on_time_is_not_outlived() {
+        let deadline = 100_000;
+        assert!(!past(deadline, deadline, deadline + 50), "due at the deadline, read 50 ms later");
+        assert!(!past(deadline, deadline - 10, deadline + ON_TIME_MS - 10));
+        assert!(past(deadline, deadline, deadline + ON_TIME_MS + 1), "come late");
+        assert!(past(deadline, deadline - 5_000, deadline + 1), "held back past it");
+        assert!(past(deadline, deadline + 1, deadline + 2), "due past it");
+        assert!(!past(deadline, 0, deadline), "at the deadline itself");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use crate::support::{tenant_with_key, until, Api, Behaviour, Receiver, TestHerald, TOKEN};
 use serde_json::{json, Value};
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -692,6 +692,53 @@ async fn a_recovered_delivery_s_earlier_retries_are_not_sent_again() {
     assert_eq!(rx.on("/flaky").len(), 3, "the two failed attempts and the recovered one, no more");
     let event = state_of(&h.api, "flaky-1", &sub_id, "delivered").await;
     assert_eq!(event["deliveries"][0]["state"], "delivered", "{event}");
+}
+
+/// A retry of a delivery a recover has delivered since, coming due past its `max_age` (Herald
+/// was stopped meanwhile), is not a dead letter: it was dead-lettered before its delivery was
+/// looked for, and the dead letter's state, newer, made the delivered event read
+/// `dead_lettered`, listed it in the dead letters, and offered it to the next recover.
+#[tokio::test]
+async fn a_delivered_event_s_old_retry_past_its_max_age_is_not_dead_lettered() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/flaky", 500);
+    let slow = json!({ "policy": "exponential", "initial": "5s", "multiplier": 1, "jitter": 0, "max_attempts": 4, "max_age": "12s" });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/flaky"), "retry": slow })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    let accepted = Instant::now();
+    h.api.post("/v1/events", json!({ "id": "aged-1", "type": "T", "data": {} })).await;
+    let api = h.api.clone();
+    until("two failed attempts", WAIT, || async {
+        let (_, event) = api.get("/v1/events/aged-1").await;
+        (event["deliveries"][0]["attempts"] == 2 && event["deliveries"][0]["state"] == "retrying").then_some(())
+    })
+    .await;
+    rx.respond_on("/flaky", 200);
+    let (status, answer) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since })).await;
+    assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(1)), "{answer}");
+    state_of(&h.api, "aged-1", &sub_id, "delivered").await;
+    // Stopped until the old chain's third attempt (due 10 s after acceptance) is well past
+    // the delivery's max_age (12 s).
+    let h = h
+        .restart_after(until("past the retry's max_age", WAIT, || async {
+            (accepted.elapsed() > Duration::from_secs(19)).then_some(())
+        }))
+        .await;
+    let api = h.api.clone();
+    until("the old chain's retry looked at", WAIT, || async {
+        let m = crate::support::metrics::scrape(&api).await;
+        let superseded = m.value("herald_deliveries_total", &[("transport", "webhook"), ("outcome", "superseded")]);
+        let parked = m.value(herald::metrics::DEAD_LETTERS, &[]);
+        (superseded + parked >= 1.0).then_some(())
+    })
+    .await;
+    let event = state_of(&h.api, "aged-1", &sub_id, "delivered").await;
+    assert_eq!(event["deliveries"][0]["state"], "delivered", "{event}");
+    let (_, dlq) = h.api.get(&format!("/v1/dlq?subscription={sub_id}")).await;
+    assert_eq!(dlq["items"], json!([]), "{dlq}");
+    assert_eq!(rx.on("/flaky").len(), 3, "the two failed attempts and the recovered one, no more");
 }
 
 /// A recover refused by the log part-way has queued its first parts: it answers what it

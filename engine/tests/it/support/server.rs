@@ -137,8 +137,15 @@ impl TestHerald {
 
     /// Stops the server and starts it again on the same data and broker.
     pub async fn restart(self) -> TestHerald {
+        self.restart_after(async {}).await
+    }
+
+    /// Stops the server, waits for `meanwhile` (Herald down for a while), and starts it again
+    /// on the same data and broker.
+    pub async fn restart_after(self, meanwhile: impl std::future::Future<Output = ()>) -> TestHerald {
         let TestHerald { herald, api: _, dir, config, kafka, extras } = self;
         herald.stop().await;
+        meanwhile.await;
         let herald = started(config.clone(), kafka.is_some(), extras.clone()).await;
         let api = Api::new(herald.addr, TOKEN);
         TestHerald { herald, api, dir, config, kafka, extras }
