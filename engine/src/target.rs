@@ -13,7 +13,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use std::sync::Arc;
 
 /// A subscription compiled for delivery.
-#[derive(Debug)]
 pub struct Target {
     /// The subscription it was compiled from (what views and policies read).
     pub sub: Subscription,
@@ -41,6 +40,21 @@ pub struct Target {
     /// The indexes of its event types in their sorted order: a probe that finds the hash is
     /// confirmed by name (hashes can collide).
     events_sorted: Vec<u32>,
+}
+
+/// Printed with its subscription (whose secrets print redacted) and its URI without the query,
+/// which holds the `key` in clear.
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let query = if self.uri.query().is_some() { "?…" } else { "" };
+        let uri = format!(
+            "{}://{}{}{query}",
+            self.uri.scheme_str().unwrap_or_default(),
+            self.uri.authority().map_or("", |a| a.as_str()),
+            self.uri.path()
+        );
+        f.debug_struct("Target").field("sub", &self.sub).field("uri", &uri).finish_non_exhaustive()
+    }
 }
 
 /// An event type's hash, as [`Target::wants_hashed`] takes it: worked out once per event, not
@@ -141,14 +155,16 @@ impl Target {
         Ok(Target { sub, signer, uri, headers, tls, credentials, admission, event_hashes, events_sorted })
     }
 
-    /// Whether this version of a subscription takes over `older`'s admission: it reaches the
-    /// same endpoint the same way, with the same limits, and was not just enabled again (an
+    /// Whether this version of a subscription takes over `older`'s admission: it is the same
+    /// tenant's (a static webhook the config file moves keeps its id), reaches the same
+    /// endpoint the same way, with the same limits, and was not just enabled again (an
     /// operator who enables an endpoint that was given up on gives it a fresh start, and an
     /// attempt judged by the old admission can no longer disable it: see
     /// `Registry::disable`).
     pub fn keeps_admission_of(&self, older: &Target) -> bool {
         let (new, old) = (&self.sub.spec, &older.sub.spec);
-        new.url == old.url
+        self.sub.tenant == older.sub.tenant
+            && new.url == old.url
             && new.transport == old.transport
             && new.via_edge == old.via_edge
             && new.proxy == old.proxy
@@ -198,5 +214,47 @@ mod tests {
         let target = Target::compile(sub).unwrap();
         assert!(target.headers.get("x-hook-signature").is_none(), "{:?}", target.headers);
         assert!(target.headers.get("x-team").is_some());
+    }
+
+    /// A target printed (a `{:?}` in a log line, of it or of what holds it) shows none of its
+    /// secrets: its URI holds the `key` in clear.
+    #[test]
+    fn a_target_printed_shows_no_secret() {
+        let spec = SubscriptionSpec {
+            url: "https://hooks.example.com/a?team=7".into(),
+            key: Some(Secret("k3y-s3cret".into())),
+            headers: [("X-Pass".to_string(), Secret("h3ader-s3cret".into()))].into(),
+            ..SubscriptionSpec::default()
+        };
+        let sub = Subscription::unchecked(
+            "sub".into(),
+            "t".into(),
+            spec,
+            Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+        );
+        let printed = format!("{:?}", Target::compile(sub).unwrap());
+        for secret in ["k3y-s3cret", "h3ader-s3cret", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("hooks.example.com"), "{printed}");
+    }
+
+    /// A static webhook the config file moved to another tenant keeps its id and URL, but not
+    /// the other tenant's breaker, failure clock and slots: its deliveries were held behind
+    /// them, and an attempt of the old tenant's could disable the new one's subscription.
+    #[test]
+    fn another_tenant_s_version_keeps_no_admission() {
+        let spec = SubscriptionSpec { url: "https://hooks.example.com/a".into(), ..SubscriptionSpec::default() };
+        let of = |tenant: &str| {
+            let sub = Subscription::unchecked(
+                "static-x".into(),
+                tenant.into(),
+                spec.clone(),
+                Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+            );
+            Target::compile(sub).unwrap()
+        };
+        assert!(of("a").keeps_admission_of(&of("a")));
+        assert!(!of("b").keeps_admission_of(&of("a")));
     }
 }
