@@ -98,11 +98,13 @@ fn keep_amqp_password(spec: &mut SubscriptionSpec, current: &SubscriptionSpec) {
 }
 
 /// Where a merge is: the spec itself, one of its tagged objects (`auth`, `signature`,
-/// `retry`), or anything else (maps such as `headers`, whose keys are the client's).
+/// `retry`), the `headers` map (whose names are case-insensitive), or anything else (maps
+/// whose keys are the client's).
 #[derive(Clone, Copy, PartialEq)]
 enum Level {
     Spec,
     Tagged,
+    Headers,
     Other,
 }
 
@@ -126,11 +128,16 @@ fn merge(target: &mut Value, patch: &Value, level: Level) {
     }
     let target = target.as_object_mut().expect("made an object");
     for (key, value) in patch {
+        if level == Level::Headers {
+            // `X-Token` patches the `x-token` set before: one header, sent once.
+            target.retain(|name, _| name == key || !name.eq_ignore_ascii_case(key));
+        }
         if value.is_null() {
             target.remove(key);
         } else {
             let child = match level {
                 Level::Spec if TAGGED.contains(&key.as_str()) => Level::Tagged,
+                Level::Spec if key == "headers" => Level::Headers,
                 _ => Level::Other,
             };
             merge(target.entry(key.clone()).or_insert(Value::Null), value, child);

@@ -369,9 +369,13 @@ fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
     if signature_header.as_deref().is_some_and(|h| crate::signing::TRACE_HEADERS.contains(&h)) {
         return Err(Invalid::new("signature.header", "Herald sets the trace context of traced events itself"));
     }
+    let mut names = std::collections::HashSet::new();
     for (name, value) in &spec.headers {
         let field = format!("headers.{name}");
         let lower = name.to_ascii_lowercase();
+        if !names.insert(lower.clone()) {
+            return Err(Invalid::new(&field, "this header is given twice (header names are case-insensitive)"));
+        }
         if crate::signing::TRACE_HEADERS.contains(&lower.as_str()) {
             return Err(Invalid::new(&field, "Herald sets the trace context of traced events itself"));
         }

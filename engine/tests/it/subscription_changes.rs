@@ -245,6 +245,32 @@ async fn patch_with_null_clears_optional_fields() {
     assert!(got[0].header("x-drop").is_empty());
 }
 
+/// Header names are case-insensitive: a PATCH of `X-Token` changes the `x-token` set before
+/// (it was kept beside it, and the old value sent), a `null` under another spelling removes
+/// it, and a create naming one header twice is refused, the field named.
+#[tokio::test]
+async fn a_header_patched_under_another_spelling_is_the_same_header() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let sub = h.api.subscribe(json!({ "url": rx.url("/h"), "headers": { "x-token": "old", "X-Gone": "g" } })).await;
+    let id = sub["id"].as_str().unwrap();
+    let body = json!({ "headers": { "X-Token": "new", "x-gone": null } });
+    let (status, patched) = h
+        .api
+        .raw("PATCH", &format!("/v1/subscriptions/{id}"), Some(body.to_string().into()), Some(crate::support::TOKEN))
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    let (_, read) = h.api.get(&format!("/v1/subscriptions/{id}")).await;
+    assert_eq!(read["headers"], json!({ "X-Token": "********" }), "{read}");
+    h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    let got = rx.wait_on("/h", 1).await;
+    assert_eq!(got[0].header("x-token"), "new");
+    assert!(got[0].header("x-gone").is_empty());
+    let twice = json!({ "url": rx.url("/twice"), "headers": { "X-Token": "a", "x-token": "b" } });
+    let (status, err) = h.api.post("/v1/subscriptions", twice).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("headers.x-token")), "{err}");
+}
+
 #[tokio::test]
 async fn no_secret_of_any_kind_appears_in_a_read_or_a_list() {
     let h = TestHerald::start().await;
