@@ -514,8 +514,10 @@ pub fn static_spec(w: &StaticWebhook) -> Result<(SubscriptionSpec, Option<Secret
         Some(s) => (SignatureSpec::Hmac { header: "X-Signature".into(), encoding }, Some(Secret(s.clone()))),
         None => (SignatureSpec::None, None),
     };
+    let (url, auth) = endpoint_credentials(&w.endpoint);
     let spec = SubscriptionSpec {
-        url: w.endpoint.clone(),
+        url,
+        auth,
         events: w.events.clone(),
         signature,
         payload: PayloadFormat::Raw,
@@ -526,6 +528,25 @@ pub fn static_spec(w: &StaticWebhook) -> Result<(SubscriptionSpec, Option<Secret
         ..SubscriptionSpec::default()
     };
     Ok((spec, secret))
+}
+
+/// A file webhook's endpoint without the user and password it may hold, and those as HTTP
+/// Basic credentials: HTTP never sends a URL's user information, and a URL is shown on every
+/// read and stored unsealed (the API refuses such URLs; a config file is the operator's, and
+/// the formats it follows take them as credentials).
+fn endpoint_credentials(endpoint: &str) -> (String, Auth) {
+    let Ok(mut url) = url::Url::parse(endpoint) else { return (endpoint.to_string(), Auth::None) };
+    if url.username().is_empty() && url.password().is_none() {
+        return (endpoint.to_string(), Auth::None);
+    }
+    let decoded = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let auth = Auth::Basic {
+        username: decoded(url.username()),
+        password: Secret(decoded(url.password().unwrap_or_default())),
+    };
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    (url.into(), auth)
 }
 
 #[cfg(test)]

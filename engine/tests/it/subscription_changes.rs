@@ -392,6 +392,28 @@ async fn a_webhook_the_config_file_declares_is_changed_there_not_through_the_api
     assert_eq!(sub["enabled"], true, "the file's again: {sub}");
 }
 
+/// A user and password in a config-file webhook's endpoint are sent as HTTP Basic credentials
+/// and kept sealed with the subscription's other secrets: they were kept in its URL — shown
+/// on every read (the console's, a tenant key's), stored unsealed — and never sent (HTTP
+/// drops a URL's user information), the receiver refusing every delivery without a word why.
+#[tokio::test]
+async fn a_file_webhook_s_endpoint_credentials_are_sent_as_basic_auth_not_shown() {
+    use base64::Engine;
+    let rx = Receiver::start().await;
+    let endpoint = rx.url("/erp").replace("http://", "http://erp%40acme:s3cr%3At@");
+    let webhook: herald::config::StaticWebhook =
+        serde_json::from_value(json!({ "name": "erp", "endpoint": endpoint })).unwrap();
+    let h = TestHerald::start_with(|c| c.webhooks.push(webhook)).await;
+    let (status, sub) = h.api.get("/v1/subscriptions/static-erp").await;
+    assert_eq!(status, 200, "{sub}");
+    assert!(!sub.to_string().contains("s3cr"), "{sub}");
+    assert_eq!(sub["url"], rx.url("/erp"), "{sub}");
+    h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    let got = rx.wait_on("/erp", 1).await;
+    let basic = base64::engine::general_purpose::STANDARD.encode("erp@acme:s3cr:t");
+    assert_eq!(got[0].header("authorization"), format!("Basic {basic}"));
+}
+
 /// A webhook changed into an AMQP subscription is held to AMQP's rules for what it brings
 /// along: its `key` (a webhook's query parameter, never sent over AMQP) and headers past
 /// what an AMQP message carries were "kept" from the webhook's spec, so neither check ran,
