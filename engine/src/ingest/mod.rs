@@ -706,6 +706,11 @@ impl Ingest {
                 records.push(record, ordered);
             }
             if self.history.is_some() {
+                // Its copy is held until the log has it, as the deliveries' are, whether or not
+                // any subscription wants the event: counted in the tenant's share (not in the
+                // fan-out, which is deliveries').
+                let copy = event.data.sent.len() + event.changes.as_ref().map_or(0, |c| c.sent.len());
+                self.budget.take(&mut share, &event.tenant, copy as u64).await.map_err(Refusal::Busy)?;
                 history.push(HistoryRecord::Event(EventRecord {
                     id: event.id.clone(),
                     tenant: event.tenant.clone(),
@@ -1168,6 +1173,31 @@ mod tests {
         assert_eq!(other.await.unwrap().expect("accepted once the log takes it")[0].deliveries, 4);
         let later = ingest.publish(vec![event("a2", "a")]).await.expect("a's bytes came back once written");
         assert_eq!(later[0].deliveries, 4);
+    }
+
+    /// An event's history record holds its data until the log has it, whether or not any
+    /// subscription wants the event: events nobody subscribes to, cut off while the log
+    /// stalls and sent again, took no share, and grew Herald's memory without bound.
+    #[tokio::test(start_paused = true)]
+    async fn events_nobody_subscribes_to_hold_their_tenant_s_share_for_their_history() {
+        use crate::log::stub::Stub;
+        use std::sync::atomic::Ordering;
+        let log = Arc::new(Stub::new(true, true));
+        log.stalled.store(true, Ordering::SeqCst);
+        let recorder = Recorder::start(log.clone(), "herald.history".into());
+        let budget = Budget::new(250_000, 10_000_000);
+        let ingest = ingest_on(log.clone(), Arc::new(Registry::stubbed()), budget).recorded_by(recorder);
+        for i in 0..2 {
+            let publish = ingest.publish(vec![event(&format!("a{i}"), "a")]);
+            let cut_off = tokio::time::timeout(std::time::Duration::from_secs(1), publish);
+            assert!(cut_off.await.is_err(), "the request is cut off; its write goes on");
+        }
+        let again = tokio::time::timeout(3 * budget::WAIT, ingest.publish(vec![event("a2", "a")])).await;
+        let again = again.expect("answered, not left waiting on the stalled log");
+        assert!(matches!(again, Err(Refusal::Busy(Over::Tenant { max: 250_000 }))), "{again:?}");
+        log.resume();
+        let later = ingest.publish(vec![event("a3", "a")]).await.expect("a's bytes came back once written");
+        assert_eq!(later[0].deliveries, 0);
     }
 
     /// Resends cut off while the log stalls keep their tenant's share as publishes do.
