@@ -352,6 +352,11 @@ impl Generations {
         if full || age >= window {
             if full && age < window {
                 self.room = (self.room * 2).min(GENERATION);
+            } else {
+                // A window that did not fill it: the next is made for twice what came, so a
+                // past burst's room is not kept (a burst again fills it, and the one after
+                // doubles).
+                self.room = (self.current.len() * 2).clamp(FIRST_GENERATION, self.room.max(FIRST_GENERATION));
             }
             // Its ids came before its window ended (each insert turns it first when due).
             let ended = now.min(self.since + window);
@@ -928,6 +933,28 @@ mod tests {
             drop(recent.turn(0));
         }
         assert_eq!(recent.tenants["tenant"].room, GENERATION, "grown, generation by generation");
+    }
+
+    /// A tenant's generations are made for what it publishes now, not its busiest window: once
+    /// grown they kept a table for 112,500 ids (6 MiB) at every turn, however few ids came.
+    #[test]
+    fn a_tenant_s_generations_shrink_back_after_a_burst() {
+        let mut recent = Recent::new(0);
+        for i in 0..250_000 {
+            drop(recent.remember(key(i), 1, 0, 0));
+            drop(recent.turn(0));
+        }
+        assert_eq!(recent.tenants["tenant"].room, GENERATION);
+        // The burst's last generation, partly filled, makes the next for twice what it held;
+        // from the one after, each is made for what came in the window before.
+        for s in 0..4 * IDEMPOTENCY_WINDOW.as_secs() as usize {
+            let at = s as i64 * 1000;
+            drop(recent.remember(key(250_000 + s), 1, 0, at));
+            drop(recent.turn(at));
+        }
+        let t = &recent.tenants["tenant"];
+        assert!(t.current.capacity() < 5_000, "a table for {} ids", t.current.capacity());
+        assert!(t.earlier.iter().all(|(ids, _)| ids.capacity() < 5_000));
     }
 
     /// At least the latest half of the capacity is remembered, and never more than it.
