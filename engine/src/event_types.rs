@@ -92,7 +92,14 @@ pub struct EventTypes {
     /// A document made from the catalogue ([`EventTypes::derived`]: the OpenAPI document with
     /// the types' examples), made once per change for the same reason.
     derived: std::sync::Mutex<Option<bytes::Bytes>>,
+    /// Checks of large events, one at a time, tenants in turns ([`EventTypes::check_event`]).
+    large_checks: crate::model::TakenInTurns,
 }
+
+/// Data up to this size is checked where the event is read; larger, off the runtime's threads
+/// and one event at a time: made a `Value` (small objects take tens of times their text) and
+/// walked, a megabyte's check took about a hundred megabytes and hundreds of milliseconds.
+const CHECKED_IN_PLACE: usize = 64 * 1024;
 
 fn check_name(name: &str) -> Result<(), Invalid> {
     crate::model::check_event_type(name).map_err(|m| Invalid::new("name", m))
@@ -161,6 +168,12 @@ fn fits(validator: &jsonschema::Validator, data: &Value, prefix: &str) -> Result
     }
 }
 
+/// Whether `data` (JSON text) fits `validator`'s schema.
+fn check(validator: &jsonschema::Validator, data: &[u8], prefix: &str) -> Result<(), Invalid> {
+    let data: Value = serde_json::from_slice(data).map_err(|e| Invalid::new(data_path(prefix, ""), e.to_string()))?;
+    fits(validator, &data, prefix)
+}
+
 /// Checks a spec: its schema compiles and its example fits it.
 fn checked(spec: &EventTypeSpec) -> Result<Option<jsonschema::Validator>, Invalid> {
     if spec.description.len() > 4096 {
@@ -190,6 +203,7 @@ impl EventTypes {
             writes: tokio::sync::Mutex::new(()),
             page: Default::default(),
             derived: Default::default(),
+            large_checks: Default::default(),
         };
         crate::catalog::load(&types, records, crate::catalog::Owner::EventTypes);
         types
@@ -302,20 +316,47 @@ impl EventTypes {
         self.types.read().unwrap().is_empty()
     }
 
+    /// [`EventTypes::check_data`] for an event of `tenant`: a large one's off the runtime's
+    /// threads, one at a time, tenants in turns ([`CHECKED_IN_PLACE`]).
+    pub async fn check_event(
+        self: &Arc<Self>,
+        event_type: &str,
+        tenant: &str,
+        data: bytes::Bytes,
+        prefix: &str,
+        always: bool,
+    ) -> Result<(), Invalid> {
+        let Some(validator) = self.validator(event_type, always) else { return Ok(()) };
+        if data.len() <= CHECKED_IN_PLACE {
+            return check(&validator, &data, prefix);
+        }
+        let turn = self.large_checks.turn(tenant).await;
+        let prefix = prefix.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            check(&validator, &data, &prefix)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Invalid::new("data", format!("checking the data against its schema failed: {e}"))))
+    }
+
     /// Whether an event of `event_type` with `data` may be accepted: it may unless the type
     /// has a schema, validation is on for it (or `always`), and `data` does not fit. `prefix`
     /// names the event's place in a batch.
     pub fn check_data(&self, event_type: &str, data: &[u8], prefix: &str, always: bool) -> Result<(), Invalid> {
-        let validator = {
-            let types = self.types.read().unwrap();
-            match types.get(event_type) {
-                Some(Held { event_type: t, validator: Some(v) }) if always || t.spec.validate => v.clone(),
-                _ => return Ok(()),
-            }
-        };
-        let data: Value =
-            serde_json::from_slice(data).map_err(|e| Invalid::new(data_path(prefix, ""), e.to_string()))?;
-        fits(&validator, &data, prefix)
+        match self.validator(event_type, always) {
+            Some(validator) => check(&validator, data, prefix),
+            None => Ok(()),
+        }
+    }
+
+    /// The validator of `event_type` if its events are checked (validation on for it, or
+    /// `always`).
+    fn validator(&self, event_type: &str, always: bool) -> Option<Arc<jsonschema::Validator>> {
+        match self.types.read().unwrap().get(event_type) {
+            Some(Held { event_type: t, validator: Some(v) }) if always || t.spec.validate => Some(v.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -387,6 +428,43 @@ mod tests {
         let names: Vec<&str> =
             changed["items"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["a.created", "b.created"]);
+    }
+
+    /// A large event's check (its data made a `Value`, tens of times its size, and walked) is
+    /// made off the runtime's threads: on one, a megabyte's took hundreds of milliseconds from
+    /// every tenant's deliveries and requests there.
+    #[tokio::test]
+    async fn a_large_event_s_check_holds_no_runtime_thread() {
+        use crate::catalog::Key;
+        use crate::log::stub::Stub;
+        let stored = json!({ "name": "big", "schema": { "type": "array", "items": { "type": "object" } },
+            "validate": true, "created_at": "", "updated_at": "" });
+        let record = LogRecord {
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 0,
+            key: Key::event_type("big").into_bytes().into(),
+            value: serde_json::to_vec(&stored).unwrap().into(),
+        };
+        let (feed, _) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
+        let types = Arc::new(EventTypes::load(Arc::new(feed), &[record]));
+        let data = bytes::Bytes::from(format!("[{}{{\"a\":0}}]", "{\"a\":0},".repeat(400_000)));
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let ticker = tokio::spawn({
+            let ticks = ticks.clone();
+            async move {
+                loop {
+                    tokio::task::yield_now().await;
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(types.check_event("big", "t", data, "", false).await.is_ok());
+        let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+        ticker.abort();
+        assert!(during > 10, "the runtime's thread went on meanwhile: {during} turns");
     }
 
     /// A type stored before backtracking patterns were refused is still checked after an

@@ -55,7 +55,7 @@ pub async fn publish(
     JsonBody(input): JsonBody<EventInput>,
 ) -> Result<impl IntoResponse, ApiError> {
     let event = ingest::validate(traced(input, &header_context(&headers)), "", DEFAULT_TENANT, state.max_event_bytes)?;
-    fits_its_type(&state, &event, "")?;
+    fits_its_type(&state, &event, "").await?;
     let spans = ingest_spans(std::slice::from_ref(&event));
     let id = event.id.clone();
     let accepted = state.ingest.publish(vec![event]).await.map_err(|e| ApiError::of_publish(e, || vec![id]))?;
@@ -101,16 +101,13 @@ pub async fn publish_batch(
         return Err(ApiError::validation("", format!("a batch holds 1 to {MAX_BATCH} events")));
     }
     let context = header_context(&headers);
-    let events = inputs
-        .into_iter()
-        .enumerate()
-        .map(|(i, input)| {
-            let prefix = format!("[{i}]");
-            let event = ingest::validate(traced(input, &context), &prefix, DEFAULT_TENANT, state.max_event_bytes)?;
-            fits_its_type(&state, &event, &prefix)?;
-            Ok::<_, ApiError>(event)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut events = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.into_iter().enumerate() {
+        let prefix = format!("[{i}]");
+        let event = ingest::validate(traced(input, &context), &prefix, DEFAULT_TENANT, state.max_event_bytes)?;
+        fits_its_type(&state, &event, &prefix).await?;
+        events.push(event);
+    }
     let spans = ingest_spans(&events);
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     let accepted = state.ingest.publish(events).await.map_err(|e| match e {
@@ -127,8 +124,9 @@ pub async fn publish_batch(
 /// accepted: a producer's retry after a lost answer (its deliveries already going out) was
 /// refused once the admin had tightened the schema since, and a producer taking that `400`
 /// for "not accepted" sent the event again under a new id.
-fn fits_its_type(state: &AppState, event: &ingest::Event, prefix: &str) -> Result<(), ApiError> {
-    match state.event_types.check_data(&event.event_type, &event.data.sent, prefix, state.validate_events) {
+async fn fits_its_type(state: &AppState, event: &ingest::Event, prefix: &str) -> Result<(), ApiError> {
+    let (types, data) = (&state.event_types, event.data.sent.clone());
+    match types.check_event(&event.event_type, &event.tenant, data, prefix, state.validate_events).await {
         Err(_) if state.ingest.repeats(event) => Ok(()),
         checked => Ok(checked?),
     }
