@@ -437,6 +437,15 @@ impl Registry {
     /// The turn of the tenant subscription `id` belongs to ([`Registry::turn_of`]), looked at
     /// again once held: the config file's webhooks may have moved it to another tenant
     /// meanwhile. `None` when there is no such subscription.
+    /// Whether `id` is, as far as this process knows, another tenant's than `tenant` (or no
+    /// one's): answered "not found" before any turn is taken, so a tenant cannot queue in
+    /// another's turns (nor time them) with ids not its own.
+    fn not_of(&self, id: &str, tenant: Option<&str>) -> bool {
+        let Some(tenant) = tenant else { return false };
+        let owner = self.get(id).map(|t| t.sub.tenant.clone()).or_else(|| self.unreadable_tenant(id));
+        owner.is_none_or(|owner| owner != tenant)
+    }
+
     async fn turn_of_owner(&self, id: &str) -> Option<(crate::model::Turn, tokio::sync::RwLockReadGuard<'_, ()>)> {
         // One this process cannot read is its record's tenant's (its tenant may delete it).
         let owner = |registry: &Registry| {
@@ -483,6 +492,9 @@ impl Registry {
         tenant: Option<&str>,
         patch: &serde_json::Value,
     ) -> Result<Option<Arc<Target>>, RegistryError> {
+        if self.not_of(id, tenant) {
+            return Ok(None);
+        }
         let _one = self.changing.turn(id).await;
         self.update_checked(id, tenant, patch).await
     }
@@ -581,6 +593,9 @@ impl Registry {
         new_secret: Option<Secret>,
         overlap: std::time::Duration,
     ) -> Result<Option<Arc<Target>>, RegistryError> {
+        if self.not_of(id, tenant) {
+            return Ok(None);
+        }
         if let Some(s) = &new_secret {
             validate::check_secret("secret", s)?;
         }
@@ -1253,6 +1268,25 @@ mod tests {
         let _ = registry.sync_static(&[webhook("https://h.example/2")]).await;
         let changed: serde_json::Value = serde_json::from_slice(&last().value).unwrap();
         assert_eq!(changed["based_on"], 5, "{changed}");
+    }
+
+    /// Another tenant's id answers at once, without a place in its owner's queues: a tenant
+    /// rotating or patching ids not its own waited in their owner's turn (and the owner's
+    /// next change behind it), and how long it waited told whether the owner was writing.
+    #[tokio::test]
+    async fn another_tenant_s_id_takes_no_turn_of_its_owner() {
+        use std::time::Duration;
+        let registry = Registry::stubbed();
+        let theirs = registry.hold("acme", &serde_json::json!({ "url": "https://h.example/1" }));
+        let id = theirs.sub.id.clone();
+        let _acme_writing = registry.turn_of("acme").await;
+        let _acme_changing = registry.changing.turn(&id).await;
+        let soon = Duration::from_secs(2);
+        let rotated = tokio::time::timeout(soon, registry.rotate_secret(&id, Some("mallory"), None, soon)).await;
+        assert!(matches!(rotated, Ok(Ok(None))), "{rotated:?}");
+        let patch = serde_json::json!({ "enabled": false });
+        let patched = tokio::time::timeout(soon, registry.update(&id, Some("mallory"), &patch)).await;
+        assert!(matches!(patched, Ok(Ok(None))), "{patched:?}");
     }
 
     /// One tenant's change waiting on the catalog does not hold another tenant's: under one
