@@ -711,11 +711,13 @@ impl Ingest {
                 records.push(record, ordered);
             }
             if self.history.is_some() {
-                // Its copy is held until the log has it, as the deliveries' are, whether or not
-                // any subscription wants the event: counted in the tenant's share (not in the
-                // fan-out, which is deliveries').
-                let copy = event.data.sent.len() + event.changes.as_ref().map_or(0, |c| c.sent.len());
-                self.budget.take(&mut share, &event.tenant, copy as u64).await.map_err(Refusal::Busy)?;
+                if targets.is_empty() {
+                    // Its copy is held until the log has it, as deliveries' records are: an
+                    // event nobody subscribes to makes only that, counted as they are (one
+                    // with deliveries is counted by them, at least its size each).
+                    let copy = event.data.sent.len() + event.changes.as_ref().map_or(0, |c| c.sent.len());
+                    self.admit(&mut fanout, &mut share, &event.tenant, copy as u64).await?;
+                }
                 history.push(HistoryRecord::Event(EventRecord {
                     id: event.id.clone(),
                     tenant: event.tenant.clone(),
@@ -1225,6 +1227,21 @@ mod tests {
         log.resume();
         let later = ingest.publish(vec![event("a3", "a")]).await.expect("a's bytes came back once written");
         assert_eq!(later[0].deliveries, 0);
+    }
+
+    /// An event as large as a tenant's share allows its deliveries to be is accepted with the
+    /// history on: its history copy is not counted beside them (a share is what the largest
+    /// fan-out needs, and a copy on top refused such an event for good).
+    #[tokio::test]
+    async fn an_event_whose_deliveries_fill_the_share_is_accepted_with_the_history_on() {
+        use crate::log::stub::Stub;
+        let log = Arc::new(Stub::new(true, true));
+        let registry = Arc::new(Registry::stubbed());
+        registry.hold("a", &serde_json::json!({ "url": "https://hooks.example/1" }));
+        let recorder = Recorder::start(log.clone(), "herald.history".into());
+        let ingest = ingest_on(log.clone(), registry, Budget::new(150_000, 10_000_000)).recorded_by(recorder);
+        let accepted = ingest.publish(vec![event("a0", "a")]).await.expect("accepted");
+        assert_eq!(accepted[0].deliveries, 1);
     }
 
     /// Resends cut off while the log stalls keep their tenant's share as publishes do.
