@@ -36,6 +36,10 @@ pub enum EventTypeError {
     /// The catalog could not be written.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// An event's data could not be checked against its type's schema (the check failed in
+    /// Herald, not the data).
+    #[error("the data could not be checked against its type's schema: {0}")]
+    Unchecked(String),
 }
 
 /// What a client sets on an event type (the create body besides `name`; PATCH replaces
@@ -96,10 +100,11 @@ pub struct EventTypes {
     large_checks: crate::model::TakenInTurns,
 }
 
-/// Data up to this size is checked where the event is read; larger, off the runtime's threads
-/// and one event at a time: made a `Value` (small objects take tens of times their text) and
-/// walked, a megabyte's check took about a hundred megabytes and hundreds of milliseconds.
-const CHECKED_IN_PLACE: usize = 64 * 1024;
+/// Data a request may have checked where it is read, all its events together; the rest off
+/// the runtime's threads, one event at a time: made a `Value` (small objects take tens of
+/// times their text) and walked, a megabyte's check took about a hundred megabytes and
+/// hundreds of milliseconds (a batch's events one after another on the thread as long).
+pub const CHECKED_IN_PLACE: usize = 64 * 1024;
 
 fn check_name(name: &str) -> Result<(), Invalid> {
     crate::model::check_event_type(name).map_err(|m| Invalid::new("name", m))
@@ -316,8 +321,9 @@ impl EventTypes {
         self.types.read().unwrap().is_empty()
     }
 
-    /// [`EventTypes::check_data`] for an event of `tenant`: a large one's off the runtime's
-    /// threads, one at a time, tenants in turns ([`CHECKED_IN_PLACE`]).
+    /// [`EventTypes::check_data`] for an event of `tenant`, in place while `in_place` (the
+    /// request's bytes yet to be checked on the runtime's thread, from [`CHECKED_IN_PLACE`])
+    /// holds it, else off the runtime's threads, one at a time, tenants in turns.
     pub async fn check_event(
         self: &Arc<Self>,
         event_type: &str,
@@ -325,19 +331,27 @@ impl EventTypes {
         data: bytes::Bytes,
         prefix: &str,
         always: bool,
-    ) -> Result<(), Invalid> {
+        in_place: &mut usize,
+    ) -> Result<(), EventTypeError> {
         let Some(validator) = self.validator(event_type, always) else { return Ok(()) };
-        if data.len() <= CHECKED_IN_PLACE {
-            return check(&validator, &data, prefix);
+        if data.len() <= *in_place {
+            *in_place -= data.len();
+            return Ok(check(&validator, &data, prefix)?);
         }
         let turn = self.large_checks.turn(tenant).await;
         let prefix = prefix.to_string();
-        tokio::task::spawn_blocking(move || {
+        let checked = tokio::task::spawn_blocking(move || {
             let _turn = turn;
             check(&validator, &data, &prefix)
         })
-        .await
-        .unwrap_or_else(|e| Err(Invalid::new("data", format!("checking the data against its schema failed: {e}"))))
+        .await;
+        match checked {
+            Ok(checked) => Ok(checked?),
+            Err(e) => {
+                tracing::error!(event_type, error = %e, "an event's schema check failed");
+                Err(EventTypeError::Unchecked(e.to_string()))
+            }
+        }
     }
 
     /// Whether an event of `event_type` with `data` may be accepted: it may unless the type
@@ -461,7 +475,17 @@ mod tests {
         });
         tokio::task::yield_now().await;
         let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(types.check_event("big", "t", data, "", false).await.is_ok());
+        let mut in_place = CHECKED_IN_PLACE;
+        assert!(types.check_event("big", "t", data, "", false, &mut in_place).await.is_ok());
+        let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(during > 10, "the runtime's thread went on meanwhile: {during} turns");
+        // A batch's events, each small, are checked in place only up to the bound together.
+        let small = bytes::Bytes::from(format!("[{}{{\"a\":0}}]", "{\"a\":0},".repeat(2_000)));
+        let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let mut in_place = CHECKED_IN_PLACE;
+        for _ in 0..100 {
+            assert!(types.check_event("big", "t", small.clone(), "", false, &mut in_place).await.is_ok());
+        }
         let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
         ticker.abort();
         assert!(during > 10, "the runtime's thread went on meanwhile: {during} turns");

@@ -217,6 +217,7 @@ impl From<crate::event_types::EventTypeError> for ApiError {
                 ids: None,
             },
             EventTypeError::Catalog(c) => c.into(),
+            EventTypeError::Unchecked(_) => ApiError::unavailable(e.to_string()),
         }
     }
 }

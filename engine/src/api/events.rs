@@ -3,6 +3,7 @@
 use super::auth::Admin;
 use super::error::{ApiError, JsonBody};
 use super::AppState;
+use crate::event_types::CHECKED_IN_PLACE;
 use crate::ingest;
 use crate::model::EventInput;
 use crate::tenants::DEFAULT_TENANT;
@@ -55,7 +56,7 @@ pub async fn publish(
     JsonBody(input): JsonBody<EventInput>,
 ) -> Result<impl IntoResponse, ApiError> {
     let event = ingest::validate(traced(input, &header_context(&headers)), "", DEFAULT_TENANT, state.max_event_bytes)?;
-    fits_its_type(&state, &event, "").await?;
+    fits_its_type(&state, &event, "", &mut { CHECKED_IN_PLACE }).await?;
     let spans = ingest_spans(std::slice::from_ref(&event));
     let id = event.id.clone();
     let accepted = state.ingest.publish(vec![event]).await.map_err(|e| ApiError::of_publish(e, || vec![id]))?;
@@ -101,11 +102,11 @@ pub async fn publish_batch(
         return Err(ApiError::validation("", format!("a batch holds 1 to {MAX_BATCH} events")));
     }
     let context = header_context(&headers);
-    let mut events = Vec::with_capacity(inputs.len());
+    let (mut events, mut in_place) = (Vec::with_capacity(inputs.len()), CHECKED_IN_PLACE);
     for (i, input) in inputs.into_iter().enumerate() {
         let prefix = format!("[{i}]");
         let event = ingest::validate(traced(input, &context), &prefix, DEFAULT_TENANT, state.max_event_bytes)?;
-        fits_its_type(&state, &event, &prefix).await?;
+        fits_its_type(&state, &event, &prefix, &mut in_place).await?;
         events.push(event);
     }
     let spans = ingest_spans(&events);
@@ -124,9 +125,14 @@ pub async fn publish_batch(
 /// accepted: a producer's retry after a lost answer (its deliveries already going out) was
 /// refused once the admin had tightened the schema since, and a producer taking that `400`
 /// for "not accepted" sent the event again under a new id.
-async fn fits_its_type(state: &AppState, event: &ingest::Event, prefix: &str) -> Result<(), ApiError> {
+async fn fits_its_type(
+    state: &AppState,
+    event: &ingest::Event,
+    prefix: &str,
+    in_place: &mut usize,
+) -> Result<(), ApiError> {
     let (types, data) = (&state.event_types, event.data.sent.clone());
-    match types.check_event(&event.event_type, &event.tenant, data, prefix, state.validate_events).await {
+    match types.check_event(&event.event_type, &event.tenant, data, prefix, state.validate_events, in_place).await {
         Err(_) if state.ingest.repeats(event) => Ok(()),
         checked => Ok(checked?),
     }
