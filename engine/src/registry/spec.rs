@@ -74,6 +74,14 @@ pub fn patched(current: &SubscriptionSpec, patch: &Value) -> Result<Subscription
     if !patch.is_object() {
         return Err(Invalid::new("", "a patch is a JSON object of the fields to change"));
     }
+    // One header named twice in the patch: which it meant is not for the merge to guess.
+    if let Some(Value::Object(headers)) = patch.get("headers") {
+        let mut names = std::collections::HashSet::new();
+        if let Some(name) = headers.keys().find(|name| !names.insert(name.to_ascii_lowercase())) {
+            let message = "this header is given twice (header names are case-insensitive)";
+            return Err(Invalid::new(format!("headers.{name}"), message));
+        }
+    }
     let mut merged = revealing(|| serde_json::to_value(current)).expect("a spec serializes");
     merge(&mut merged, patch, Level::Spec);
     let mut spec: SubscriptionSpec = strict(&merged)?;

@@ -85,6 +85,7 @@ pub fn check(
         return Err(Invalid::new("via_edge", "must name an edge device"));
     }
     let kept = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| kept(previous, spec, same);
+    let headers_set = !kept(|p, s| p.headers == s.headers);
     let guard_unless = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| {
         if spec.via_edge.is_some() || kept(same) {
             &open
@@ -109,7 +110,23 @@ pub fn check(
     }
     let kept_proxy = previous.and_then(|p| p.proxy.as_deref()).filter(|p| spec.proxy.as_deref() == Some(*p));
     check_proxy(spec, &rules.proxies, kept_proxy)?;
+    if headers_set {
+        check_header_names(spec)?;
+    }
     check_common(spec)
+}
+
+/// Refuses two header names that differ only in case: one header, sent once (a subscription
+/// stored with both keeps them through changes of anything else).
+fn check_header_names(spec: &SubscriptionSpec) -> Result<(), Invalid> {
+    let mut names = std::collections::HashSet::new();
+    match spec.headers.keys().find(|name| !names.insert(name.to_ascii_lowercase())) {
+        Some(name) => Err(Invalid::new(
+            format!("headers.{name}"),
+            "this header is given twice (header names are case-insensitive)",
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Whether what `same` compares is kept from `previous` as it stood, so not held again to
@@ -251,7 +268,11 @@ fn check_auth(auth: &Auth, guard: &NetworkGuard) -> Result<(), Invalid> {
         Auth::None => Ok(()),
         Auth::Basic { username, password } => {
             check_len("auth.username", username, range::VALUE)?;
-            check_secret("auth.password", password)
+            // A token alone as the user is Basic with an empty password (RFC 7617 allows it).
+            match password.expose().is_empty() && !username.is_empty() {
+                true => Ok(()),
+                false => check_secret("auth.password", password),
+            }
         }
         Auth::Oauth2 { grant, token_url, client_id, client_secret, username, password, scope } => {
             check_len("auth.token_url", token_url, range::URL)?;
@@ -369,13 +390,9 @@ fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
     if signature_header.as_deref().is_some_and(|h| crate::signing::TRACE_HEADERS.contains(&h)) {
         return Err(Invalid::new("signature.header", "Herald sets the trace context of traced events itself"));
     }
-    let mut names = std::collections::HashSet::new();
     for (name, value) in &spec.headers {
         let field = format!("headers.{name}");
         let lower = name.to_ascii_lowercase();
-        if !names.insert(lower.clone()) {
-            return Err(Invalid::new(&field, "this header is given twice (header names are case-insensitive)"));
-        }
         if crate::signing::TRACE_HEADERS.contains(&lower.as_str()) {
             return Err(Invalid::new(&field, "Herald sets the trace context of traced events itself"));
         }
@@ -561,6 +578,18 @@ mod tests {
     fn checked(v: serde_json::Value) -> Result<SubscriptionSpec, Invalid> {
         let mut s = spec(v);
         check(&mut s, None, &Rules::default(), "t").map(|()| s)
+    }
+
+    /// Two spellings of one header are refused where they are set, and kept through other
+    /// changes by a subscription stored with both (disabling it was refused for them).
+    #[test]
+    fn a_header_named_twice_is_refused_as_it_is_set() {
+        let both = json!({ "url": "https://a.example/", "headers": { "X-Token": "a", "x-token": "b" } });
+        assert_eq!(checked(both.clone()).unwrap_err().field, "headers.x-token");
+        let stored = spec(both.clone());
+        let mut disabled = spec(both);
+        disabled.enabled = false;
+        assert_eq!(check(&mut disabled, Some(&stored), &Rules::default(), "t"), Ok(()));
     }
 
     /// An AMQP subscription's `key` (a URL's query parameter) and headers past what a message's

@@ -269,6 +269,21 @@ async fn a_header_patched_under_another_spelling_is_the_same_header() {
     let twice = json!({ "url": rx.url("/twice"), "headers": { "X-Token": "a", "x-token": "b" } });
     let (status, err) = h.api.post("/v1/subscriptions", twice).await;
     assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("headers.x-token")), "{err}");
+    // A patch naming one header twice is refused as a create is: which of the two it meant is
+    // not for Herald to guess (it kept one, or removed both for a `null` beside a value).
+    for patch in [json!({ "X-Token": "a", "x-token": "b" }), json!({ "X-Token": "a", "x-token": null })] {
+        let body = json!({ "headers": patch });
+        let (status, err) = h
+            .api
+            .raw(
+                "PATCH",
+                &format!("/v1/subscriptions/{id}"),
+                Some(body.to_string().into()),
+                Some(crate::support::TOKEN),
+            )
+            .await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("headers.x-token")), "{err}");
+    }
 }
 
 #[tokio::test]
@@ -411,6 +426,19 @@ async fn a_file_webhook_s_endpoint_credentials_are_sent_as_basic_auth_not_shown(
     h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
     let got = rx.wait_on("/erp", 1).await;
     let basic = base64::engine::general_purpose::STANDARD.encode("erp@acme:s3cr:t");
+    assert_eq!(got[0].header("authorization"), format!("Basic {basic}"));
+    // A token alone as the user (an API key's usual form): Basic with an empty password, as
+    // curl sends it — refused at start before, the file naming no password to give.
+    let rx = Receiver::start().await;
+    let endpoint = rx.url("/crm").replace("http://", "http://tok3n@");
+    let webhook: herald::config::StaticWebhook =
+        serde_json::from_value(json!({ "name": "crm", "endpoint": endpoint })).unwrap();
+    let h = TestHerald::start_with(|c| c.webhooks.push(webhook)).await;
+    let (_, sub) = h.api.get("/v1/subscriptions/static-crm").await;
+    assert!(!sub.to_string().contains("tok3n@"), "{sub}");
+    h.api.post("/v1/events", json!({ "type": "T", "data": {} })).await;
+    let got = rx.wait_on("/crm", 1).await;
+    let basic = base64::engine::general_purpose::STANDARD.encode("tok3n:");
     assert_eq!(got[0].header("authorization"), format!("Basic {basic}"));
 }
 
