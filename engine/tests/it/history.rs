@@ -703,7 +703,9 @@ async fn a_delivered_event_s_old_retry_past_its_max_age_is_not_dead_lettered() {
     let h = TestHerald::start().await;
     let rx = Receiver::start().await;
     rx.respond_on("/flaky", 500);
-    let slow = json!({ "policy": "exponential", "initial": "5s", "multiplier": 1, "jitter": 0, "max_attempts": 4, "max_age": "12s" });
+    // The old chain's third attempt comes 16 s after acceptance: room for the recover (which
+    // may wait for the index) and the stop on a slow machine.
+    let slow = json!({ "policy": "exponential", "initial": "8s", "multiplier": 1, "jitter": 0, "max_attempts": 4, "max_age": "18s" });
     let sub = h.api.subscribe(json!({ "url": rx.url("/flaky"), "retry": slow })).await;
     let sub_id = sub["id"].as_str().unwrap().to_string();
     let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
@@ -719,11 +721,12 @@ async fn a_delivered_event_s_old_retry_past_its_max_age_is_not_dead_lettered() {
     let (status, answer) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since })).await;
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(1)), "{answer}");
     state_of(&h.api, "aged-1", &sub_id, "delivered").await;
-    // Stopped until the old chain's third attempt (due 10 s after acceptance) is well past
-    // the delivery's max_age (12 s).
+    assert_eq!(rx.on("/flaky").len(), 3, "stopped before the old chain's third attempt");
+    // Stopped until the old chain's third attempt (due 16 s after acceptance) is past the
+    // delivery's max_age (18 s) by more than a retry may come late.
     let h = h
         .restart_after(until("past the retry's max_age", WAIT, || async {
-            (accepted.elapsed() > Duration::from_secs(19)).then_some(())
+            (accepted.elapsed() > Duration::from_secs(21)).then_some(())
         }))
         .await;
     let api = h.api.clone();
