@@ -413,6 +413,9 @@ fn kept_connections() -> usize {
     open_files().map_or(most, |(files, open)| (files.saturating_sub(open) / 4).clamp(16, most))
 }
 
+/// The largest request head (line and headers) read; hyper's smallest allowed is 8 KiB.
+const MAX_HEAD_BYTES: usize = 64 << 10;
+
 /// The API's accept loop: at most `api.max_connections` at once (more are closed at once), each
 /// given `api.header_read_timeout` to send its headers (a slow client cannot hold a connection
 /// open for free) — its first request's too: one that starts none in that time (silent, or
@@ -430,7 +433,13 @@ async fn serve_connections(
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout.0);
+    // A request's head is kept whole until it is in: hyper's default bound, about 400 KB a
+    // connection, let anyone hold that on every connection without a token (431 past this).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout.0)
+        .max_buf_size(MAX_HEAD_BYTES);
     let first_request_within = limits.header_read_timeout.0;
     loop {
         let accepted = tokio::select! {
@@ -697,6 +706,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
             ttl: config.api.portal_ttl.0,
             public_url: config.api.public_url.clone(),
         },
+        underway: Default::default(),
     });
     keep_admin_token(&config, &token, token_source).map_err(data_err)?;
     let listener = socket.listen(1024).map_err(|source| StartError::Listen { addr: config.listen, source })?;

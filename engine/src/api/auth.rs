@@ -62,10 +62,70 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 /// A caller holding the admin token (tenant keys get 403).
 pub struct Admin;
 
+/// Who a request's caller is, as [`hold_a_tenant_s_share`] found it: the handlers' extractors
+/// read it rather than check the token again.
+#[derive(Clone)]
+struct Authenticated(Principal);
+
+/// Each tenant's requests under way: at most [`super::TENANT_REQUESTS`] of one tenant's
+/// (its keys' and portal links' together) at once.
+#[derive(Default)]
+pub struct Underway(std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>);
+
+impl Underway {
+    /// A place for one more of `tenant`'s requests, if it has one free.
+    fn hold(&self, tenant: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let mut tenants = self.0.lock().unwrap();
+        // A tenant with none under way is forgotten (its semaphore is held by the map alone).
+        if tenants.len() > 1024 {
+            tenants.retain(|_, s| std::sync::Arc::strong_count(s) > 1);
+        }
+        let own = tenants
+            .entry(tenant.to_string())
+            .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(super::TENANT_REQUESTS)));
+        own.clone().try_acquire_owned().ok()
+    }
+}
+
+/// Holds a tenant's place for the whole of each of its requests, body included: a tenant key
+/// is limited by its request rate, but nothing bounded how many of its requests were under way
+/// — bodies sent slowly are each held whole until in (up to 4 MiB, for up to
+/// `api.request_timeout`), and one key's hundreds of them took gigabytes and every connection.
+/// Past [`super::TENANT_REQUESTS`] its next is answered `429` at once. Who the caller is is
+/// decided here for the handlers (a request that fails to authenticate goes on, for its
+/// handler to refuse as it does).
+pub async fn hold_a_tenant_s_share(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if bearer(req.headers()).is_none() {
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let mut held = None;
+    if let Ok(who) = Principal::from_request_parts(&mut parts, &state).await {
+        if let Principal::Tenant(tenant) = &who {
+            match state.underway.hold(tenant) {
+                Some(place) => held = Some(place),
+                None => return ApiError::tenant_busy(super::TENANT_REQUESTS).into_response(),
+            }
+        }
+        parts.extensions.insert(Authenticated(who));
+    }
+    let response = next.run(axum::extract::Request::from_parts(parts, body)).await;
+    drop(held);
+    response
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(Authenticated(who)) = parts.extensions.get::<Authenticated>() {
+            return Ok(who.clone());
+        }
         let token = bearer(&parts.headers).ok_or_else(ApiError::unauthorized)?;
         let admin = crate::tenants::same_secret(token, &state.admin_token);
         if !admin && !token.starts_with("hp.") && crate::tenants::parse_token(token, "hk").is_none() {

@@ -47,6 +47,15 @@ impl ApiError {
         }
     }
 
+    /// 429: the caller's tenant has `n` requests under way already.
+    pub fn tenant_busy(n: usize) -> Self {
+        let wait = std::time::Duration::from_secs(1);
+        ApiError {
+            message: format!("the tenant has {n} requests under way; retry after {} s", whole_seconds(wait)),
+            ..ApiError::throttled(wait)
+        }
+    }
+
     /// 409 `CONFLICT`: the request cannot be carried out in `field`'s present state.
     pub fn conflict(field: &str, message: impl Into<String>) -> Self {
         ApiError {

@@ -130,7 +130,13 @@ pub struct Shared {
     pub unknown_event_types: crate::config::UnknownTypes,
     /// Portal links: their key, lifetime and base URL.
     pub portal: portal::Portal,
+    /// Each tenant's requests under way ([`TENANT_REQUESTS`]).
+    pub underway: auth::Underway,
 }
+
+/// Most requests of one tenant (its keys and portal links together) under way at once, bodies
+/// included (see `auth::hold_a_tenant_s_share`): a console page makes a few at a time.
+pub const TENANT_REQUESTS: usize = 16;
 
 /// The router of every endpoint.
 pub fn router(state: AppState) -> Router {
@@ -179,6 +185,7 @@ pub fn router(state: AppState) -> Router {
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
         .layer(DefaultBodyLimit::max(MAX_OTHER_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::hold_a_tenant_s_share))
         .layer(axum::middleware::from_fn_with_state(state.request_timeout, bounded))
         .layer(axum::middleware::from_fn(count_requests))
         .with_state(state)

@@ -96,3 +96,57 @@ async fn tenants_and_keys_survive_a_restart() {
     assert_eq!(list["items"][0]["tenant"], a_id.as_str());
     h.herald.stop().await;
 }
+
+/// One tenant's requests under way are bounded, so its bodies sent slowly (each held whole
+/// until it is in, up to 4 MiB, for up to the request timeout) cannot take Herald's memory or
+/// its connections from other tenants: past the bound its next request is answered `429`
+/// at once, another tenant's is served, and the tenant's own are served again once its
+/// requests end.
+#[tokio::test]
+async fn one_tenant_s_slow_requests_are_bounded_and_hold_nobody_else_s() {
+    use tokio::io::AsyncWriteExt;
+    let h = TestHerald::start().await;
+    let (_, mallory) = tenant_with_key(&h.api, "Mallory").await;
+    let (_, acme) = tenant_with_key(&h.api, "Acme").await;
+    let addr = h.herald.addr;
+    let mut slow = Vec::new();
+    for _ in 0..herald::api::TENANT_REQUESTS {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/subscriptions HTTP/1.1\r\nhost: herald\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 4000000\r\n\r\n{{\"url\":",
+            mallory.token
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        slow.push(stream);
+    }
+    let refused = until("mallory's next request refused", Duration::from_secs(20), || async {
+        let (status, body) = mallory.get("/v1/subscriptions").await;
+        (status == 429).then_some(body)
+    })
+    .await;
+    assert_eq!(refused["error"]["code"], "RATE_LIMITED", "{refused}");
+    let (status, body) = acme.get("/v1/subscriptions").await;
+    assert_eq!(status, 200, "another tenant is served: {body}");
+    drop(slow);
+    until("mallory served again once its requests end", Duration::from_secs(20), || async {
+        (mallory.get("/v1/subscriptions").await.0 == 200).then_some(())
+    })
+    .await;
+}
+
+/// A request's head is bounded well below hyper's default (about 400 KB a connection, kept
+/// until the head is in: anyone, without a token, could hold that on each of
+/// `api.max_connections`): a larger head is refused with `431`.
+#[tokio::test]
+async fn a_request_head_past_64_kib_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = TestHerald::start().await;
+    let mut stream = tokio::net::TcpStream::connect(h.herald.addr).await.unwrap();
+    let head = format!("GET /healthz HTTP/1.1\r\nhost: herald\r\nx-big: {}\r\n\r\n", "a".repeat(100_000));
+    // The server may answer and close before the whole head is written.
+    let _ = stream.write_all(head.as_bytes()).await;
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer)).await.unwrap().unwrap();
+    let status = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(status.starts_with("HTTP/1.1 431"), "{status}");
+}
