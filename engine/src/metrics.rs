@@ -308,7 +308,14 @@ pub struct Metrics {
     /// partition's workers, so one restarting over and over on the same record reads stalled.
     moved: Mutex<std::collections::HashMap<(String, u32), (u64, std::time::Instant)>>,
     hooks: Mutex<Vec<Hook>>,
+    /// The last scrape's text and when it was rendered ([`Metrics::scrape`]).
+    last: Mutex<Option<(std::time::Instant, bytes::Bytes)>>,
 }
+
+/// How often `/metrics` renders at most: within it, the last text is answered again. Open to
+/// anyone, each render walks every subscription (under the registry's lock) and writes every
+/// series; a keep-alive loop of scrapes kept a core busy. Prometheus scrapes every 15 s or so.
+pub const SCRAPE_SPACING: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -325,6 +332,7 @@ impl Metrics {
             shards: Mutex::new(Vec::new()),
             moved: Mutex::default(),
             hooks: Mutex::new(Vec::new()),
+            last: Mutex::default(),
         };
         describe();
         metrics::counter!(EVENTS_INGESTED).increment(0);
@@ -384,6 +392,20 @@ impl Metrics {
     /// Runs `hook` before every scrape (stages above this one set their gauges in it).
     pub fn on_scrape(&self, hook: impl Fn() + Send + Sync + 'static) {
         self.hooks.lock().unwrap().push(Box::new(hook));
+    }
+
+    /// [`Metrics::render`], or the last one if it is younger than `spacing` (scrapes waiting
+    /// meanwhile share the one under way).
+    pub fn scrape(&self, spacing: std::time::Duration) -> bytes::Bytes {
+        let mut last = self.last.lock().unwrap();
+        if let Some((at, text)) = &*last {
+            if at.elapsed() < spacing {
+                return text.clone();
+            }
+        }
+        let text = bytes::Bytes::from(self.render());
+        *last = Some((std::time::Instant::now(), text.clone()));
+        text
     }
 
     /// The Prometheus text exposition, with scrape-time gauges brought up to date.
@@ -591,6 +613,25 @@ impl Log for Timed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scrapes come at most every [`SCRAPE_SPACING`] whoever asks: `/metrics` is open to
+    /// anyone, and each render walks every subscription under the registry's lock and writes
+    /// every series — a keep-alive loop of scrapes kept a core busy. Within the spacing the last
+    /// text is answered again.
+    #[test]
+    fn scrapes_close_together_share_one_render() {
+        let m = Metrics::new();
+        let renders = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = renders.clone();
+        m.on_scrape(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
+        let first = m.scrape(std::time::Duration::from_secs(3600));
+        let again = m.scrape(std::time::Duration::from_secs(3600));
+        assert_eq!((renders.load(Ordering::Relaxed), &first), (1, &again));
+        m.scrape(std::time::Duration::ZERO);
+        assert_eq!(renders.load(Ordering::Relaxed), 2, "rendered again past the spacing");
+    }
 
     /// Between a second and a minute no end-to-end bucket is more than three times the one
     /// below it: a p99 of 1.2 s read anywhere up to 5 s.

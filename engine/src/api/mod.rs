@@ -259,7 +259,14 @@ async fn count_requests(req: axum::extract::Request, next: axum::middleware::Nex
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    let metrics = state.metrics.clone();
+    // Off the runtime's threads: it walks every subscription, and callers queue on its lock.
+    let (status, text) = match tokio::task::spawn_blocking(move || metrics.scrape(crate::metrics::SCRAPE_SPACING)).await
+    {
+        Ok(text) => (StatusCode::OK, text),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, bytes::Bytes::from(format!("rendering failed: {e}\n"))),
+    };
+    (status, [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 /// The OpenAPI 3 document of this API (`engine/openapi/herald.json`).
