@@ -343,9 +343,15 @@ impl Metrics {
         for reason in ["key_rate", "tests", "edge_connects", "pending_bytes"] {
             metrics::counter!(API_THROTTLED, "reason" => reason).increment(0);
         }
-        for reason in
-            ["in_flight_cap", "endpoint_pace", "rate_limit", "tenant_share", "circuit_breaker", "unknown_subscription"]
-        {
+        for reason in [
+            "in_flight_cap",
+            "endpoint_pace",
+            "rate_limit",
+            "tenant_share",
+            "circuit_breaker",
+            "unknown_subscription",
+            "commit_point",
+        ] {
             metrics::counter!(DEFERRED, "reason" => reason).increment(0);
         }
         metrics::counter!(DEAD_LETTERS).increment(0);

@@ -328,6 +328,15 @@ impl Deliverer {
                 return Box::pin(self.settler.defer(delivery, transport, Deferral::Busy(busy), due, waits)).await;
             }
         };
+        if cut.reached_now(rec.offset) {
+            // Its partition's commit point was held back past the bound while it waited for its
+            // slot: never sent, so no attempt — it waits in a tier, and the commit point moves.
+            let due = now_ms() + CUT_WAIT.as_millis() as i64;
+            if retry::outlived(&target, &delivery, due) {
+                return Box::pin(self.settler.outlived(&target, delivery, rec.value, None)).await;
+            }
+            return Box::pin(self.settler.defer(delivery, transport, Deferral::CommitPoint, due, waits)).await;
+        }
         let pending = retry::pending_retries(&target, &delivery);
         let span = crate::telemetry::attempt_span(
             &delivery.event_id,
@@ -502,9 +511,50 @@ pub enum Stopped {
     },
 }
 
+/// How long a delivery cut before it was sent waits in a tier (see [`Cut`]).
+const CUT_WAIT: Duration = Duration::from_secs(1);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A delivery its shard's cut reached while it waited for its slot was never sent: it waits
+    /// in a tier without using an attempt, and nothing is on record as attempted (it was a
+    /// `timeout` of 0 ms, an attempt of its budget, that no receiver ever saw).
+    #[tokio::test]
+    async fn a_delivery_cut_before_it_was_sent_is_deferred_not_attempted() {
+        use crate::transport::{HttpSettings, NetworkGuard, Transports};
+        let log = Arc::new(crate::log::stub::Stub::new(true, true));
+        let registry = Arc::new(Registry::stubbed());
+        let target = registry.hold("t", &serde_json::json!({ "url": "https://hooks.example/a" }));
+        let transports =
+            Transports::new(NetworkGuard::new(Vec::new()), &HttpSettings::default(), Duration::from_secs(1));
+        let retrier = crate::retry::Retrier::new(log.clone(), "herald.".into(), "herald.dlq".into());
+        let deliverer = Deliverer::new(registry.clone(), transports, Settler::new(registry, retrier));
+        let delivery = Delivery::first_attempt(
+            "e".into(),
+            target.sub.id.clone(),
+            "t".into(),
+            "T".into(),
+            bytes::Bytes::from_static(b"{}"),
+            now_ms(),
+        );
+        let rec = LogRecord {
+            partition: 0,
+            offset: 4,
+            timestamp_ms: 0,
+            key: bytes::Bytes::from(target.sub.id.clone()),
+            value: delivery.encode(),
+        };
+        let (cut_below, mut cut) = Cut::channel();
+        cut_below.send_replace(5);
+        let shares = Shares::new(8);
+        let settled = deliverer.process_supervised(&rec, Waits::InTiers, &shares, &mut cut).await.unwrap();
+        assert!(settled.attempt.is_none(), "no attempt on record: {:?}", settled.attempt);
+        assert!(matches!(settled.settlement, Settlement::Deferred { .. }), "{:?}", settled.settlement);
+        let waiting = Delivery::decode(log.appends.lock().unwrap()[0][0].value.clone()).unwrap();
+        assert_eq!(waiting.attempt, 1, "its attempt still to make");
+    }
 
     /// A source whose consumer ends while the others run stops the dispatcher at once (and
     /// the process then says it is broken): its loop was awaited after the others', which run

@@ -59,6 +59,9 @@ pub enum Deferral {
     /// Its subscription is not known here yet (the catalog could not be read, or its record is
     /// from a newer version): it waits rather than be dropped.
     UnknownSubscription,
+    /// It held back its partition's commit point before it was sent (see
+    /// `dispatch::window::Cut`): it waits in a tier, its attempt still to make.
+    CommitPoint,
 }
 
 impl Deferral {
@@ -69,6 +72,7 @@ impl Deferral {
             Deferral::NotDue => None,
             Deferral::Busy(busy) => Some(busy.reason()),
             Deferral::UnknownSubscription => Some("unknown_subscription"),
+            Deferral::CommitPoint => Some("commit_point"),
         }
     }
 }

@@ -191,6 +191,11 @@ impl Cut {
         }
     }
 
+    /// Whether the record at `offset` is to end now (before it is sent: then it is not sent).
+    pub fn reached_now(&self, offset: u64) -> bool {
+        self.0.as_ref().is_some_and(|rx| offset < *rx.borrow())
+    }
+
     /// Resolves once the record at `offset` is to end; never, for [`Cut::never`] or once its
     /// shard is gone. (A delivery's own receiver: waited on as it is, not cloned per attempt.)
     async fn reached(&mut self, offset: u64) {
