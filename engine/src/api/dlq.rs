@@ -59,6 +59,18 @@ pub async fn replay(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<ReplayRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
+    // In a task of its own, as a recover is: a replay cut off by `api.request_timeout` goes on
+    // (its `408` says so), rather than stopping part-way with nothing to say where.
+    tokio::spawn(replay_now(who, state, req))
+        .await
+        .unwrap_or_else(|e| Err(ApiError::unavailable(format!("the replay failed: {e}"))))
+}
+
+async fn replay_now(
+    who: Principal,
+    state: AppState,
+    req: ReplayRequest,
+) -> Result<Json<crate::retry::dead_letters::ReplayReport>, ApiError> {
     let selection = match (req.ids, req.subscription) {
         (Some(ids), subscription) if !ids.is_empty() && ids.len() <= 1000 => Selection::Ids { ids, subscription },
         (Some(_), _) => return Err(ApiError::validation("ids", "give 1 to 1000 ids")),

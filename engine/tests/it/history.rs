@@ -744,6 +744,58 @@ async fn a_delivered_event_s_old_retry_past_its_max_age_is_not_dead_lettered() {
     assert_eq!(rx.on("/flaky").len(), 3, "the two failed attempts and the recovered one, no more");
 }
 
+/// A recover cut off by the request timeout goes on, as the `408` says work does: the request
+/// was dropped part-way, its first parts queued and the rest never, with nothing to say where
+/// to go on from (a rewind asked again sent the first parts twice).
+#[tokio::test]
+async fn a_recover_cut_off_by_the_request_timeout_goes_on() {
+    use herald::log::embedded::Fault;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    if crate::support::on_kafka() {
+        return; // the fault layer is the embedded log's
+    }
+    let slow = Arc::new(AtomicBool::new(false));
+    let flag = slow.clone();
+    let faults: herald::log::embedded::Faults = Some(Arc::new(move |fault: Fault<'_>| {
+        if matches!(fault, Fault::Sync(..)) && flag.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        Ok(())
+    }));
+    let h = TestHerald::start_with_extras(
+        |c| {
+            c.api.request_timeout = Duration::from_secs(1).into();
+            (c.quotas.fanout_bytes, c.ingest.max_event_bytes) = (1 << 20, 1 << 20);
+        },
+        herald::server::Extras { faults, ..Default::default() },
+    )
+    .await;
+    let rx = Receiver::start().await;
+    let sub = h.api.subscribe(json!({ "url": rx.url("/big") })).await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    // Each event a part of its own: more than half the fan-out quota.
+    for i in 0..4 {
+        let data = json!({ "pad": "x".repeat(300_000), "i": i });
+        h.api.post("/v1/events", json!({ "id": format!("big-{i}"), "type": "T", "data": data })).await;
+    }
+    rx.wait_on("/big", 4).await;
+    for i in 0..4 {
+        state_of(&h.api, &format!("big-{i}"), &sub_id, "delivered").await;
+    }
+    slow.store(true, Ordering::SeqCst);
+    let body = json!({ "since": since, "all": true });
+    let (status, answer) = h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), body).await;
+    assert_eq!(status, 408, "{answer}");
+    slow.store(false, Ordering::SeqCst);
+    let got = rx.wait_on("/big", 8).await;
+    for i in 0..4 {
+        let id = format!("big-{i}");
+        assert_eq!(got.iter().filter(|r| r.header("webhook-id") == id).count(), 2, "{id} sent again once");
+    }
+}
+
 /// A recover refused by the log part-way has queued its first parts: it answers what it
 /// queued and where to go on, so asking again from there sends the rest once — it answered an
 /// error alone, and a rewind asked again sent its first parts twice.
