@@ -15,7 +15,7 @@ pub use settle::{record, Deferral, Parked, Settled, Settlement, Settler, Via, Wa
 pub use shard::ShardLimits;
 
 use crate::admission::{Busy, Probe};
-use crate::history::{Index, Recorder};
+use crate::history::{Index, Recorder, Since};
 use crate::log::{Log, LogError, LogRecord};
 use crate::metrics::Metrics;
 use crate::model::{now_ms, Delivery};
@@ -112,22 +112,22 @@ impl Deliverer {
     /// then sent it once more. As far as the index has read: a retry due within its lag of
     /// the other's delivery is still sent. Not an ordered key's head, which waits with its
     /// key (a resend joins the key's line behind it).
-    async fn delivered_since(&self, delivery: &Delivery) -> bool {
-        let Some(index) = &self.index else { return false };
+    async fn delivered_since(&self, delivery: &Delivery) -> Since {
+        let Some(index) = &self.index else { return Since::No };
         if delivery.attempt < 2 || delivery.ordering_key.is_some() {
-            return false;
+            return Since::No;
         }
         let (index, d) = (index.clone(), delivery.clone());
         match tokio::task::spawn_blocking(move || index.delivered(&d)).await {
-            Ok(Ok(delivered)) => delivered,
+            Ok(Ok(since)) => since,
             // Sent rather than lost: the worst of it is the duplicate this check is for.
             Ok(Err(e)) => {
                 if self.index_failed.due(10_000) {
                     tracing::warn!(error = %e, "retries' states could not be read; they are attempted");
                 }
-                false
+                Since::No
             }
-            Err(_) => false,
+            Err(_) => Since::No,
         }
     }
 
@@ -309,8 +309,9 @@ impl Deliverer {
         }
         // Looked for first: a retry delivered since by a resend or recover is done, not a dead
         // letter past its max_age (whose state, the newer, would read over the delivery's).
-        if Box::pin(self.delivered_since(&delivery)).await {
-            return self.settler.superseded(delivery, transport);
+        match Box::pin(self.delivered_since(&delivery)).await {
+            Since::No => {}
+            since => return self.settler.superseded(delivery, transport, since == Since::Overtaken),
         }
         if target.sub.spec.enabled && retry::outlived(&target, &delivery, now_ms()) {
             // Came due after its max_age (Herald was down, or far behind): not sent late. (A

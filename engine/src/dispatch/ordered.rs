@@ -1594,7 +1594,7 @@ fn attempt_head(
         let (done, marker) = match settled.settlement {
             // `Superseded` is never an ordered head's (its retries are not looked up): settled
             // like a delivery should that change.
-            Settlement::Delivered | Settlement::Dropped | Settlement::Superseded => {
+            Settlement::Delivered | Settlement::Dropped | Settlement::Superseded { .. } => {
                 (Done::Settled, Some(Marker::Settled { lane: lane.clone(), head, released: false }))
             }
             Settlement::DeadLettered { .. } if deliverer.holds(&lane.subscription) => {

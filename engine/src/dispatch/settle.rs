@@ -45,8 +45,13 @@ pub enum Settlement {
     /// Its subscription was deleted: nobody wants it any more.
     Dropped,
     /// A retry not made: another generation of the delivery (a resend, recover or replay)
-    /// delivered it meanwhile. Its state is that one's, so none is recorded.
-    Superseded,
+    /// delivered it meanwhile. Its state is that one's, so none is recorded — unless an
+    /// earlier chain's failure overtook that delivery on record (`overtaken`): then its state
+    /// is set back to delivered.
+    Superseded {
+        /// Whether the delivery's newest state on record is not its delivery.
+        overtaken: bool,
+    },
 }
 
 /// Why a delivery was not attempted now.
@@ -178,7 +183,8 @@ impl Settled {
             Settlement::Rescheduled { due_ms, .. } => (State::Retrying, Some(*due_ms)),
             Settlement::DeadLettered { .. } => (State::DeadLettered, None),
             Settlement::Dropped => (State::Dropped, None),
-            Settlement::Deferred { .. } | Settlement::Superseded => return None,
+            Settlement::Superseded { overtaken: true } => (State::Delivered, None),
+            Settlement::Deferred { .. } | Settlement::Superseded { .. } => return None,
         };
         let response = self.attempt.as_mut().and_then(Outcome::take_response);
         // An attempt is never dated before it was due (below); a settlement without one — a
@@ -433,9 +439,9 @@ impl Settler {
     }
 
     /// Ends a retry another generation of its delivery has delivered since.
-    pub fn superseded(&self, delivery: Delivery, transport: Via) -> Settled {
+    pub fn superseded(&self, delivery: Delivery, transport: Via, overtaken: bool) -> Settled {
         tracing::debug!(subscription = %delivery.subscription, event = %delivery.event_id, attempt = delivery.attempt, "delivered by a later generation; retry not made");
-        Settled::of(delivery, transport, Settlement::Superseded)
+        Settled::of(delivery, transport, Settlement::Superseded { overtaken })
     }
 
     /// Dead-letters a record that is not a readable delivery, so it cannot stop its partition.
@@ -536,7 +542,7 @@ pub fn record(settled: &Settled) {
         Settlement::Dropped => {
             metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dropped").increment(1);
         }
-        Settlement::Superseded => {
+        Settlement::Superseded { .. } => {
             metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "superseded").increment(1);
         }
     }
@@ -615,6 +621,19 @@ mod tests {
         assert!((5 * 60_000..=11 * 60_000).contains(&hour), "an hour old: {hour} ms");
         let week = waited(7 * 86_400_000).await;
         assert!(week <= 11 * 60_000, "bounded: {week} ms");
+    }
+
+    /// A retry superseded by a delivery an earlier chain's failure overtook on record sets the
+    /// state back to delivered; one superseded by the newest state records nothing.
+    #[test]
+    fn a_retry_superseded_by_an_overtaken_delivery_sets_its_state_right() {
+        use crate::history::{record::State, HistoryRecord};
+        let delivery = Delivery::first_attempt("e".into(), "s".into(), "t".into(), "T".into(), Bytes::new(), 0);
+        let mut overtaken = Settled::of(delivery.clone(), Via::Webhook, Settlement::Superseded { overtaken: true });
+        let Some(HistoryRecord::State(s)) = overtaken.take_history(5_000) else { panic!("a state record") };
+        assert_eq!((s.state, s.at_ms), (State::Delivered, 5_000));
+        let mut newest = Settled::of(delivery, Via::Webhook, Settlement::Superseded { overtaken: false });
+        assert!(newest.take_history(5_000).is_none());
     }
 
     /// An attempt is on record no earlier than it was due, by the clock that scheduled it: a

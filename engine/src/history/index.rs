@@ -304,6 +304,18 @@ enum Flow {
     End,
 }
 
+/// Whether a retry's delivery was delivered since its generation began ([`Index::delivered`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// Not delivered since (or not known to be): the retry is made.
+    No,
+    /// Delivered, and that is its newest state.
+    Newest,
+    /// Delivered, then overtaken on record by an earlier chain's failure: its state reads
+    /// wrong (`retrying`, and then its retries' dead letter) until it is set right.
+    Overtaken,
+}
+
 impl Index {
     /// Opens (creating if needed) the index in `dir`, keeping `retention` of history.
     pub fn open(dir: &Path, retention: Duration) -> Result<Index, IndexError> {
@@ -647,24 +659,34 @@ impl Index {
     }
 
     /// Whether `delivery` has been delivered since its generation began (`budget_ms`: its
-    /// acceptance, or the resend, recover or replay that made it): its newest state on record
-    /// is `delivered`, dated [`CLOCKS_APART_MS`] or more after — by a later generation, or by
-    /// this very attempt before a crash took its commit. An earlier generation's delivery does
-    /// not count: a resend's retry read, while the index had not yet taken in the resend, the
+    /// acceptance, or the resend, recover or replay that made it): a state on record dated
+    /// [`CLOCKS_APART_MS`] or more after it is `delivered` — by a later generation, or by this
+    /// very attempt before a crash took its commit. An earlier generation's delivery does not
+    /// count: a resend's retry read, while the index had not yet taken in the resend, the
     /// delivery before it, and was dropped. The times are two processes' clocks (the state's
     /// is the attempt's, the budget the resend's): within the allowance a delivery is taken
-    /// for an earlier one, and the retry is sent (a duplicate at worst, not a loss). One
-    /// version is read: versions are keyed by time and attempt, the order
-    /// [`DeliveryState::newer_than`] goes by, and read newest first.
-    pub fn delivered(&self, delivery: &crate::model::Delivery) -> Result<bool, IndexError> {
-        let mut newest = None::<DeliveryState>;
+    /// for an earlier one, and the retry is sent (a duplicate at worst, not a loss). Versions
+    /// are keyed by time and attempt, the order [`DeliveryState::newer_than`] goes by, and read
+    /// newest first, back to the budget's start: not the newest alone — an earlier chain's
+    /// retry that failed after the delivery (sent before the index had it) stood on top of it,
+    /// and that chain's every later retry was sent, to its dead letter.
+    pub fn delivered(&self, delivery: &crate::model::Delivery) -> Result<Since, IndexError> {
+        let mut since_budget = Since::No;
         let (sub, tenant, event) = (&delivery.subscription, &delivery.tenant, &delivery.event_id);
-        self.versions(sub, tenant, event, delivery.accepted_ms, None, |v| {
-            newest = Some(v);
-            Flow::Stop
-        })?;
         let since = delivery.budget_ms.saturating_add(CLOCKS_APART_MS);
-        Ok(newest.is_some_and(|n| n.state == State::Delivered && n.at_ms >= since))
+        let mut newest = true;
+        self.versions(sub, tenant, event, delivery.accepted_ms, None, |v| {
+            if v.at_ms < since {
+                return Flow::Stop;
+            }
+            if v.state == State::Delivered {
+                since_budget = if newest { Since::Newest } else { Since::Overtaken };
+                return Flow::Stop;
+            }
+            newest = false;
+            Flow::Go
+        })?;
+        Ok(since_budget)
     }
 
     /// The attempt record `id` of `tenant`, made at `at_ms`.
@@ -1279,9 +1301,45 @@ mod tests {
         let retry = |budget_ms: i64| crate::model::Delivery { attempt: 2, due_ms: now, budget_ms, ..first.clone() };
         let at = accepted + 10; // the delivery's time
         let apart = CLOCKS_APART_MS;
-        assert!(index.delivered(&retry(at - apart)).unwrap(), "an earlier chain's retry, delivered since by another");
-        assert!(!index.delivered(&retry(at + 50)).unwrap(), "a resend's retry: that delivery was before it");
-        assert!(!index.delivered(&retry(at - apart + 1)).unwrap(), "within the clocks' allowance: taken for before it");
+        let delivered = |d: &crate::model::Delivery| index.delivered(d).unwrap() != Since::No;
+        assert!(delivered(&retry(at - apart)), "an earlier chain's retry, delivered since by another");
+        assert!(!delivered(&retry(at + 50)), "a resend's retry: that delivery was before it");
+        assert!(!delivered(&retry(at - apart + 1)), "within the clocks' allowance: taken for before it");
+    }
+
+    /// A later generation's delivery still counts once an earlier chain's failed retry (sent
+    /// while the index had not taken the delivery in) is on record after it: only the newest
+    /// version was read, so every later retry of that chain was sent, ran to its last attempt
+    /// and was dead-lettered, and the delivered event read `dead_lettered`. The retry is told
+    /// its delivery was overtaken, so its state can be set right.
+    #[test]
+    fn a_delivery_overtaken_by_an_earlier_chain_s_failure_still_supersedes_its_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
+        let now = 100 * 86_400_000 + 1000;
+        let accepted = now - 100_000;
+        let resent = accepted + 20_000;
+        let delivered = attempt_with("d", resent + 3_000, |a| {
+            (a.event_id, a.subscription, a.accepted_ms) = ("e".into(), "s1".into(), accepted);
+        });
+        let failed = attempt_with("f", resent + 4_000, |a| {
+            (a.event_id, a.subscription, a.accepted_ms, a.attempt) = ("e".into(), "s1".into(), accepted, 3);
+            (a.outcome, a.status, a.state, a.next_ms) = ("failed".into(), Some(500), State::Retrying, Some(now));
+        });
+        let records = vec![event_e(accepted, &["s1"]), delivered, failed];
+        index.apply(0, &records, records.len() as u64, now).unwrap();
+        let first = crate::model::Delivery::first_attempt(
+            "e".into(),
+            "s1".into(),
+            "t".into(),
+            "T".into(),
+            bytes::Bytes::new(),
+            accepted,
+        );
+        let old_chain = crate::model::Delivery { attempt: 4, due_ms: now, ..first.clone() };
+        assert_eq!(index.delivered(&old_chain).unwrap(), Since::Overtaken);
+        let after_it = crate::model::Delivery { budget_ms: resent + 5_000, ..old_chain };
+        assert_eq!(index.delivered(&after_it).unwrap(), Since::No, "nothing delivered since its budget began");
     }
 
     /// An event a tenant retried and resent into thousands of attempts: a page of them reads

@@ -12,7 +12,7 @@ mod keys;
 pub mod record;
 mod recorder;
 
-pub use index::{AttemptQuery, DeliveryView, EventQuery, Index, IndexError, Page};
+pub use index::{AttemptQuery, DeliveryView, EventQuery, Index, IndexError, Page, Since};
 pub use record::{AttemptRecord, EventRecord, HistoryRecord, State, StateRecord};
 pub use recorder::Recorder;
 
