@@ -20,6 +20,10 @@ const BUDGET: Duration = Duration::from_secs(2);
 const BATCH: usize = 4096;
 /// Records waiting to be appended at most; beyond, new ones are dropped (and counted late).
 const QUEUE: usize = 1 << 16;
+/// Bytes of records waiting or being appended at most, likewise: a receiver chooses how large
+/// an attempt's record is (its headers and the body kept), and [`QUEUE`] records of 16 KiB
+/// held a gigabyte while the log took no history.
+const QUEUE_BYTES: usize = 64 << 20;
 /// The least time between two appends. Appending whatever was queued the moment the last
 /// append returned made one small append (and, on the embedded log, one `fsync`) per
 /// millisecond or so under load: during a 1 M backlog drain the log writer thread took
@@ -50,6 +54,8 @@ pub struct Recorder {
     waiting: Mutex<Vec<std::sync::Weak<Gated>>>,
     /// Dropped records are logged once a second at most.
     dropped_logged: crate::model::AtMostEvery,
+    /// Bytes of the records queued or being appended ([`QUEUE_BYTES`]).
+    held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Recorder {
@@ -57,7 +63,8 @@ impl Recorder {
     pub fn start(log: Arc<dyn Log>, topic: String) -> Arc<Recorder> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let (durable_tx, durable) = watch::channel(0);
-        tokio::spawn(write(log.clone(), topic.clone(), rx, durable_tx));
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(write(log.clone(), topic.clone(), rx, durable_tx, held.clone()));
         let recorder = Arc::new(Recorder {
             log,
             topic,
@@ -67,6 +74,7 @@ impl Recorder {
             durable: durable.clone(),
             waiting: Mutex::default(),
             dropped_logged: Default::default(),
+            held,
         });
         tokio::spawn(release(Arc::downgrade(&recorder), durable));
         recorder
@@ -82,11 +90,22 @@ impl Recorder {
     /// second, since it will never be in the history.
     pub fn record(&self, rec: &HistoryRecord) {
         let record = Self::record_of(rec);
+        let size = record.key.len() + record.value.len();
         let _ordered = self.order.lock().unwrap();
         let seq = self.queued.load(Ordering::SeqCst) + 1;
-        if self.queue.try_send((seq, record)).is_ok() {
-            self.queued.store(seq, Ordering::SeqCst);
-            return;
+        let room = self.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+            (held + size <= QUEUE_BYTES).then_some(held + size)
+        });
+        if room.is_ok() {
+            match self.queue.try_send((seq, record)) {
+                Ok(()) => {
+                    self.queued.store(seq, Ordering::SeqCst);
+                    return;
+                }
+                Err(_) => {
+                    self.held.fetch_sub(size, Ordering::SeqCst);
+                }
+            }
         }
         metrics::counter!(crate::metrics::HISTORY_DROPPED).increment(1);
         if self.dropped_logged.due(1000) {
@@ -296,7 +315,13 @@ async fn append_until_taken(log: &Arc<dyn Log>, topic: &str, records: Vec<Record
 /// The writer: takes whatever is queued, at most once every [`APPEND_GAP`] unless the last
 /// append was a full [`BATCH`] (a gap after full batches would cap history at 160 k records a
 /// second), appends it in one go, then marks it durable.
-async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Record)>, durable: watch::Sender<u64>) {
+async fn write(
+    log: Arc<dyn Log>,
+    topic: String,
+    mut rx: mpsc::Receiver<(u64, Record)>,
+    durable: watch::Sender<u64>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+) {
     // When the last append started, if it was not full: after a full one, more is waiting.
     let mut last_append: Option<Instant> = None;
     while let Some((first_seq, first)) = rx.recv().await {
@@ -315,11 +340,13 @@ async fn write(log: Arc<dyn Log>, topic: String, mut rx: mpsc::Receiver<(u64, Re
             }
         }
         last_append = (records.len() < BATCH).then(Instant::now);
+        let bytes: usize = records.iter().map(|r| r.key.len() + r.value.len()).sum();
         if !append_until_taken(&log, &topic, for_topic(&*log, &topic, records)).await {
             // Closed: these records, and any after, will never be durable. Commits gated on
             // them wait out their budget (counted late) instead of passing as if they were.
             return;
         }
+        held.fetch_sub(bytes, Ordering::SeqCst);
         durable.send_modify(|d| *d = (*d).max(last));
     }
 }
@@ -341,6 +368,27 @@ mod tests {
             state: State::Pending,
             error: None,
         })
+    }
+
+    /// Records waiting are bounded by their bytes too, not only their number: a receiver
+    /// chooses how large each attempt's record is (32 headers of 512 bytes, the kept body), so
+    /// 65,536 of them waiting for a log that stopped taking history held over a gigabyte.
+    #[tokio::test]
+    async fn records_waiting_for_the_log_are_bounded_by_their_bytes() {
+        let log = Arc::new(Stub::new(true, true));
+        log.stalled.store(true, Ordering::SeqCst);
+        let recorder = Recorder::start(log.clone(), "history".into());
+        let large = |n: usize| match state(n) {
+            HistoryRecord::State(s) => HistoryRecord::State(StateRecord { error: Some("e".repeat(16 << 10)), ..s }),
+            other => other,
+        };
+        for n in 0..8_192 {
+            recorder.record(&large(n));
+        }
+        let held = recorder.held.load(Ordering::SeqCst);
+        assert!(held <= QUEUE_BYTES, "{held} bytes held");
+        assert!(held > QUEUE_BYTES / 2, "what fits is kept: {held} bytes");
+        log.resume();
     }
 
     /// The clock is paused: it moves only when every task waits, so records queued one at a
