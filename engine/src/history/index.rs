@@ -1102,7 +1102,11 @@ impl Index {
         // the delivery's key, when it was accepted, and its newest version.
         let mut current: Option<(Vec<u8>, i64, DeliveryState)> = None;
         let take = |(_, _, newest): (Vec<u8>, i64, DeliveryState), found: &mut Vec<(String, String)>| {
-            if all || matches!(newest.state, State::DeadLettered | State::Retrying) {
+            // A rewind takes what was attempted, delivered or not: not what was dropped (never
+            // to be sent: a publish refused after its event was recorded) nor what is pending
+            // (its own attempt to come).
+            let rewound = all && !matches!(newest.state, State::Dropped | State::Pending);
+            if rewound || matches!(newest.state, State::DeadLettered | State::Retrying) {
                 found.push((newest.tenant, newest.event));
             }
         };
@@ -1503,6 +1507,39 @@ mod tests {
             assert_eq!(found.events, [("t".to_string(), "e".to_string())]);
         });
         assert!(reads <= 1000, "{reads} versions read to recover one event");
+    }
+
+    /// A rewind (`all`) sends again what was attempted, delivered or not: not a delivery
+    /// `dropped` (never to be sent: a publish refused after its event was recorded, a deleted
+    /// subscription's) nor one `pending` (its own attempt is still to come).
+    #[test]
+    fn a_rewind_sends_again_only_what_was_attempted() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
+        let now = 100 * 86_400_000 + 1000;
+        let accepted = now - 100_000;
+        let state = |event: &str, state: State| {
+            let s = crate::history::record::StateRecord {
+                event_id: event.into(),
+                subscription: "s".into(),
+                tenant: "t".into(),
+                accepted_ms: accepted,
+                at_ms: accepted + 5,
+                state,
+                error: None,
+            };
+            LogRecord { value: HistoryRecord::State(s).encode(), ..attempt("x", accepted) }
+        };
+        let records = vec![
+            attempt_with("a", accepted + 1, |a| {
+                (a.event_id, a.subscription, a.accepted_ms) = ("delivered".into(), "s".into(), accepted);
+            }),
+            state("dropped", State::Dropped),
+            state("pending", State::Pending),
+        ];
+        index.apply(0, &records, records.len() as u64, now).unwrap();
+        let found = index.recoverable("s", accepted, now, true, 100).unwrap();
+        assert_eq!(found.events, [("t".to_string(), "delivered".to_string())]);
     }
 
     /// A delivery whose newest versions are not attempts (resends queued behind a held key)
