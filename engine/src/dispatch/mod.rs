@@ -186,7 +186,8 @@ impl Deliverer {
         settled
     }
 
-    /// Appends `settled`'s history record now and durably (queued, if that append fails): an
+    /// Appends `settled`'s history record now and durably (queued, if that append fails or
+    /// takes longer than the history's budget): an
     /// ordered head's, before its sequencer's marker — once that is durable the head is never
     /// attempted again, so a record still queued when the process died was lost for good, and
     /// waiting for the queue instead held every ordered key behind all tenants' history.
@@ -195,10 +196,7 @@ impl Deliverer {
         // Caught as in `settled`: a panic making the record must not take the head's future.
         let made = std::panic::catch_unwind(AssertUnwindSafe(|| settled.take_history(now_ms())));
         let Ok(Some(record)) = made else { return };
-        if let Err(e) = history.append(std::slice::from_ref(&record)).await {
-            tracing::warn!(error = %e, "an ordered delivery's history record was not appended; queued");
-            history.record(&record);
-        }
+        history.append_or_queue(&record).await;
     }
 
     /// Whether the subscription holds a key whose head was dead-lettered until it is skipped

@@ -126,6 +126,22 @@ impl Recorder {
         self.log.append(&self.topic, records).await.map(|_| ())
     }
 
+    /// Appends `rec` now, within the budget a commit waits for history; queued if the log
+    /// refuses it or does not take it by then (an ordered head's record, before its marker:
+    /// awaited without a bound, a history partition whose leader was away held each head for
+    /// the producer's whole message timeout). A record both appended late and queued is kept
+    /// once (the index keys an attempt by its id).
+    pub async fn append_or_queue(&self, rec: &HistoryRecord) {
+        match tokio::time::timeout(BUDGET, self.append(std::slice::from_ref(rec))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "a history record was not appended; queued");
+                self.record(rec);
+            }
+            Err(_) => self.record(rec),
+        }
+    }
+
     /// Waits until every record queued so far is durable, or the budget passed.
     pub async fn synced(&self) {
         self.drain(BUDGET).await;
@@ -388,6 +404,20 @@ mod tests {
         let held = recorder.held.load(Ordering::SeqCst);
         assert!(held <= QUEUE_BYTES, "{held} bytes held");
         assert!(held > QUEUE_BYTES / 2, "what fits is kept: {held} bytes");
+        log.resume();
+    }
+
+    /// A record appended now (an ordered head's) waits for the log within the budget, then is
+    /// queued: it waited for the log's own timeout (30 s on Kafka) with every key behind it.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_appended_now_waits_for_the_log_within_the_budget() {
+        let log = Arc::new(Stub::new(true, true));
+        log.stalled.store(true, Ordering::SeqCst);
+        let recorder = Recorder::start(log.clone(), "history".into());
+        let started = Instant::now();
+        recorder.append_or_queue(&state(0)).await;
+        assert!(started.elapsed() <= BUDGET + Duration::from_millis(100), "{:?}", started.elapsed());
+        assert_eq!(recorder.queued.load(Ordering::SeqCst), 1, "queued once the budget passed");
         log.resume();
     }
 
