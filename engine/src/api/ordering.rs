@@ -14,7 +14,8 @@ use axum::Json;
 use serde::Deserialize;
 
 /// The subscription, if it keeps order per key (or, for a skip, ever did: keys queued while it
-/// was ordered are still sequenced).
+/// was ordered are still sequenced), or it has keys blocked here: `ordering` removed while a
+/// key was held leaves that key sequenced, and it must still be listed and skipped.
 fn ordered(
     state: &AppState,
     who: &Principal,
@@ -22,7 +23,8 @@ fn ordered(
     or_was: bool,
 ) -> Result<std::sync::Arc<crate::target::Target>, ApiError> {
     let target = visible(state, who, id)?;
-    if !target.sub.spec.ordering.as_ref().is_some_and(|o| o.ordered() || or_was) {
+    let keeps = target.sub.spec.ordering.as_ref().is_some_and(|o| o.ordered() || or_was);
+    if !keeps && state.ordered_keys.blocked(&target.sub.id, None, 1).0.is_empty() {
         return Err(ApiError::validation("ordering", "this subscription does not keep order per key"));
     }
     Ok(target)

@@ -1287,3 +1287,40 @@ async fn a_deleted_subscription_s_retrying_keys_go_without_waiting_for_their_ret
     .await;
     assert_eq!(rx.counts("gone").1, 0, "nothing sent to a deleted subscription");
 }
+
+/// A subscription whose `ordering` was removed while one of its keys was held keeps that key
+/// sequenced: its blocked keys are still listed and a skip still lets the key go on — both
+/// were refused, naming `ordering`, and the key waited for its hold to run out.
+#[tokio::test]
+async fn a_key_held_when_ordering_was_removed_can_still_be_listed_and_skipped() {
+    let h = TestHerald::start().await;
+    let rx = OrderedReceiver::start(false).await;
+    *rx.stuck.lock().unwrap() = Some("a".into());
+    let sub_id =
+        holding_subscription(&h.api, rx.url(), json!({ "policy": "fixed", "interval": "50ms", "max_attempts": 2 }))
+            .await;
+    for (id, seq) in [("a0", 0), ("a1", 1)] {
+        let (status, _) =
+            h.api.post("/v1/events", json!({ "id": id, "type": "t", "data": { "key": "a", "seq": seq } })).await;
+        assert_eq!(status, 202);
+    }
+    let blocked_path = format!("/v1/subscriptions/{sub_id}/ordering/blocked");
+    until("key a held after its head is dead-lettered", Duration::from_secs(30), || async {
+        let (_, blocked) = h.api.get(&blocked_path).await;
+        let item = blocked["items"].as_array()?.first()?.clone();
+        (item["state"] == "dead_lettered").then_some(())
+    })
+    .await;
+    let (status, body) = h.api.patch(&format!("/v1/subscriptions/{sub_id}"), json!({ "ordering": null })).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, blocked) = h.api.get(&blocked_path).await;
+    assert_eq!((status.as_u16(), blocked["items"][0]["key"].as_str()), (200, Some("a")), "{blocked}");
+    *rx.stuck.lock().unwrap() = None;
+    let skip = format!("/v1/subscriptions/{sub_id}/ordering/skip");
+    let (status, body) = h.api.post(&skip, json!({ "key": "a", "event": "a0" })).await;
+    assert_eq!(status, 202, "{body}");
+    until("a1 delivered once its head is skipped", Duration::from_secs(20), || async {
+        rx.of("a").iter().any(|s| s.seq == 1 && s.status == 200).then_some(())
+    })
+    .await;
+}
