@@ -304,6 +304,12 @@ enum Flow {
     End,
 }
 
+/// Versions a retry reads looking for a delivery since its generation began: the failures that
+/// overtake one are the few sent before the index had it, and a chain never delivered (an
+/// outage's) read all of its own at every retry — thousands for its last. Past them, the retry
+/// is sent (a duplicate at worst).
+const OVERTAKING_READ: usize = 16;
+
 /// Whether a retry's delivery was delivered since its generation began ([`Index::delivered`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Since {
@@ -674,15 +680,23 @@ impl Index {
         let mut since_budget = Since::No;
         let (sub, tenant, event) = (&delivery.subscription, &delivery.tenant, &delivery.event_id);
         let since = delivery.budget_ms.saturating_add(CLOCKS_APART_MS);
-        let mut newest = true;
+        // What stands above a delivery: failures only (an earlier chain's, sent before the index
+        // had the delivery), or a later generation begun since (its `pending`).
+        let (mut newest, mut later_generation, mut read) = (true, false, 0);
         self.versions(sub, tenant, event, delivery.accepted_ms, None, |v| {
-            if v.at_ms < since {
+            read += 1;
+            if v.at_ms < since || read > OVERTAKING_READ {
                 return Flow::Stop;
             }
             if v.state == State::Delivered {
-                since_budget = if newest { Since::Newest } else { Since::Overtaken };
+                since_budget = match newest || later_generation {
+                    // Its state is a later generation's to make: superseded, nothing set right.
+                    true => Since::Newest,
+                    false => Since::Overtaken,
+                };
                 return Flow::Stop;
             }
+            later_generation |= v.state == State::Pending;
             newest = false;
             Flow::Go
         })?;
@@ -1342,8 +1356,46 @@ mod tests {
         );
         let old_chain = crate::model::Delivery { attempt: 4, due_ms: now, ..first.clone() };
         assert_eq!(index.delivered(&old_chain).unwrap(), Since::Overtaken);
-        let after_it = crate::model::Delivery { budget_ms: resent + 5_000, ..old_chain };
+        let after_it = crate::model::Delivery { budget_ms: resent + 5_000, ..old_chain.clone() };
         assert_eq!(index.delivered(&after_it).unwrap(), Since::No, "nothing delivered since its budget began");
+        // A later generation begun above the delivery (a rewind's `pending`, its attempt then
+        // failed): the old chain is superseded, but the state is that generation's, not set
+        // back to delivered (which its own retry then took for its delivery, and was never sent).
+        let rewound = accepted + 40_000;
+        let pending = crate::history::record::StateRecord {
+            event_id: "e".into(),
+            subscription: "s1".into(),
+            tenant: "t".into(),
+            accepted_ms: accepted,
+            at_ms: rewound,
+            state: State::Pending,
+            error: None,
+        };
+        let failed_again = attempt_with("g", rewound + 1_000, |a| {
+            (a.event_id, a.subscription, a.accepted_ms) = ("e".into(), "s1".into(), accepted);
+            (a.outcome, a.status, a.state, a.next_ms) = ("failed".into(), Some(500), State::Retrying, Some(now));
+        });
+        let records =
+            vec![LogRecord { value: HistoryRecord::State(pending).encode(), ..attempt("x", accepted) }, failed_again];
+        index.apply(0, &records, 10, now).unwrap();
+        assert_eq!(index.delivered(&old_chain).unwrap(), Since::Newest);
+        let rewind_s = crate::model::Delivery { budget_ms: rewound, ..old_chain.clone() };
+        assert_eq!(index.delivered(&rewind_s).unwrap(), Since::No, "the rewind's retry is sent");
+        // A chain never delivered reads a bounded number of its versions at each retry.
+        let mut records = Vec::new();
+        for i in 0..180 {
+            records.push(attempt_with(&format!("n{i:03}"), accepted + 1 + i, |a| {
+                (a.event_id, a.subscription, a.accepted_ms, a.attempt) =
+                    ("n".into(), "s1".into(), accepted, 1 + i as u32);
+                (a.outcome, a.status, a.state) = ("failed".into(), Some(500), State::Retrying);
+            }));
+        }
+        index.apply(0, &records, 400, now).unwrap();
+        let never = crate::model::Delivery { event_id: "n".into(), attempt: 181, ..old_chain };
+        let before = index.version_reads.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(index.delivered(&never).unwrap(), Since::No);
+        let reads = index.version_reads.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(reads <= OVERTAKING_READ + 1, "{reads} versions read");
     }
 
     /// An event a tenant retried and resent into thousands of attempts: a page of them reads
