@@ -105,14 +105,24 @@ pub async fn hold_a_tenant_s_share(
     }
     let (mut parts, body) = req.into_parts();
     let mut held = None;
-    if let Ok(who) = Principal::from_request_parts(&mut parts, &state).await {
-        if let Principal::Tenant(tenant) = &who {
-            match state.underway.hold(tenant) {
-                Some(place) => held = Some(place),
-                None => return ApiError::tenant_busy(super::TENANT_REQUESTS).into_response(),
+    match Principal::from_request_parts(&mut parts, &state).await {
+        Ok(who) => {
+            if let Principal::Tenant(tenant) = &who {
+                match state.underway.hold(tenant) {
+                    Some(place) => held = Some(place),
+                    None => return ApiError::tenant_busy(super::TENANT_REQUESTS).into_response(),
+                }
             }
+            parts.extensions.insert(Authenticated(who));
         }
-        parts.extensions.insert(Authenticated(who));
+        // A tenant key's or portal link's refusal (unknown, over its rate) is the answer:
+        // checked again by the handler, a refused request counted twice against its rate, and
+        // one the bucket had refilled for meanwhile was served without a place.
+        Err(refused) if bearer(&parts.headers).is_some_and(|t| t.starts_with("hp.") || t.starts_with("hk.")) => {
+            return refused.into_response();
+        }
+        // Other tokens (an edge device's) are their handlers' to judge.
+        Err(_) => {}
     }
     let response = next.run(axum::extract::Request::from_parts(parts, body)).await;
     drop(held);

@@ -125,6 +125,7 @@ async fn one_tenant_s_slow_requests_are_bounded_and_hold_nobody_else_s() {
     })
     .await;
     assert_eq!(refused["error"]["code"], "RATE_LIMITED", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("under way"), "{refused}");
     let (status, body) = acme.get("/v1/subscriptions").await;
     assert_eq!(status, 200, "another tenant is served: {body}");
     drop(slow);
@@ -149,4 +150,28 @@ async fn a_request_head_past_64_kib_is_refused() {
     let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer)).await.unwrap().unwrap();
     let status = String::from_utf8_lossy(&answer[..n]).to_string();
     assert!(status.starts_with("HTTP/1.1 431"), "{status}");
+}
+
+/// A key over its rate is refused once and counted once: the request was checked twice (by
+/// the place-holding middleware, then by its handler), each refusal counted twice, and one the
+/// bucket refilled for in between was served without holding a place.
+#[tokio::test]
+async fn a_key_over_its_rate_is_refused_and_counted_once() {
+    let h = TestHerald::start_with(|c| c.api.key_rate_limit = 1.0).await;
+    let (_, key) = tenant_with_key(&h.api, "Acme").await;
+    let throttled = || async {
+        let m = crate::support::metrics::scrape(&h.api).await;
+        m.value("herald_api_throttled_total", &[("reason", "key_rate")])
+    };
+    let before = throttled().await;
+    let refused = until("a request over the key's rate", Duration::from_secs(10), || async {
+        (key.get("/v1/subscriptions").await.0 == 429).then_some(())
+    });
+    refused.await;
+    let after = until("the refusal counted", Duration::from_secs(10), || async {
+        let now = throttled().await;
+        (now > before).then_some(now)
+    })
+    .await;
+    assert_eq!(after, before + 1.0, "one refusal, counted once");
 }
