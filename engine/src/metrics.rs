@@ -28,7 +28,7 @@ pub const END_TO_END_SECONDS: &str = "herald_delivery_end_to_end_seconds";
 /// Retries scheduled, by `tier`.
 pub const RETRIES_SCHEDULED: &str = "herald_retries_scheduled_total";
 /// Deliveries deferred without an attempt, by `reason` (`in_flight_cap`, `endpoint_pace`,
-/// `rate_limit`, `tenant_share`, `circuit_breaker`, `unknown_subscription`).
+/// `rate_limit`, `tenant_share`, `circuit_breaker`, `unknown_subscription`, `commit_point`).
 pub const DEFERRED: &str = "herald_deliveries_deferred_total";
 /// Ordered subscriptions' keys whose head has failed or is held after a dead letter.
 pub const ORDERED_KEYS_BLOCKED: &str = "herald_ordered_keys_blocked";
@@ -310,6 +310,8 @@ pub struct Metrics {
     hooks: Mutex<Vec<Hook>>,
     /// The last scrape's text and when it was rendered ([`Metrics::scrape`]).
     last: Mutex<Option<(std::time::Instant, bytes::Bytes)>>,
+    /// Held while a scrape renders: one render at a time, the others wait for its text.
+    rendering: tokio::sync::Mutex<()>,
 }
 
 /// How often `/metrics` renders at most: within it, the last text is answered again. Open to
@@ -333,6 +335,7 @@ impl Metrics {
             moved: Mutex::default(),
             hooks: Mutex::new(Vec::new()),
             last: Mutex::default(),
+            rendering: tokio::sync::Mutex::new(()),
         };
         describe();
         metrics::counter!(EVENTS_INGESTED).increment(0);
@@ -400,18 +403,24 @@ impl Metrics {
         self.hooks.lock().unwrap().push(Box::new(hook));
     }
 
-    /// [`Metrics::render`], or the last one if it is younger than `spacing` (scrapes waiting
-    /// meanwhile share the one under way).
-    pub fn scrape(&self, spacing: std::time::Duration) -> bytes::Bytes {
-        let mut last = self.last.lock().unwrap();
-        if let Some((at, text)) = &*last {
-            if at.elapsed() < spacing {
-                return text.clone();
-            }
+    /// [`Metrics::render`] (off the runtime's threads), or the last one if it is younger than
+    /// `spacing`: one render at a time, and scrapes waiting meanwhile take its text (each
+    /// rendering on a blocking thread of its own, a flood of them parked every one of those
+    /// threads, which the log's reads need).
+    pub async fn scrape(self: &Arc<Self>, spacing: std::time::Duration) -> Option<bytes::Bytes> {
+        let fresh =
+            || self.last.lock().unwrap().as_ref().filter(|(at, _)| at.elapsed() < spacing).map(|(_, t)| t.clone());
+        if let Some(text) = fresh() {
+            return Some(text);
         }
-        let text = bytes::Bytes::from(self.render());
-        *last = Some((std::time::Instant::now(), text.clone()));
-        text
+        let _one = self.rendering.lock().await;
+        if let Some(text) = fresh() {
+            return Some(text);
+        }
+        let me = self.clone();
+        let text = bytes::Bytes::from(tokio::task::spawn_blocking(move || me.render()).await.ok()?);
+        *self.last.lock().unwrap() = Some((std::time::Instant::now(), text.clone()));
+        Some(text)
     }
 
     /// The Prometheus text exposition, with scrape-time gauges brought up to date.
@@ -624,18 +633,19 @@ mod tests {
     /// anyone, and each render walks every subscription under the registry's lock and writes
     /// every series — a keep-alive loop of scrapes kept a core busy. Within the spacing the last
     /// text is answered again.
-    #[test]
-    fn scrapes_close_together_share_one_render() {
-        let m = Metrics::new();
+    #[tokio::test]
+    async fn scrapes_close_together_share_one_render() {
+        let m = Arc::new(Metrics::new());
         let renders = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = renders.clone();
         m.on_scrape(move || {
             counted.fetch_add(1, Ordering::Relaxed);
         });
-        let first = m.scrape(std::time::Duration::from_secs(3600));
-        let again = m.scrape(std::time::Duration::from_secs(3600));
-        assert_eq!((renders.load(Ordering::Relaxed), &first), (1, &again));
-        m.scrape(std::time::Duration::ZERO);
+        let hour = std::time::Duration::from_secs(3600);
+        let at_once = futures::future::join_all((0..8).map(|_| m.scrape(hour))).await;
+        assert_eq!(renders.load(Ordering::Relaxed), 1, "scrapes at once share one render");
+        assert!(at_once.iter().all(|t| t.is_some() && *t == at_once[0]));
+        m.scrape(std::time::Duration::ZERO).await;
         assert_eq!(renders.load(Ordering::Relaxed), 2, "rendered again past the spacing");
     }
 

@@ -259,12 +259,9 @@ async fn count_requests(req: axum::extract::Request, next: axum::middleware::Nex
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let metrics = state.metrics.clone();
-    // Off the runtime's threads: it walks every subscription, and callers queue on its lock.
-    let (status, text) = match tokio::task::spawn_blocking(move || metrics.scrape(crate::metrics::SCRAPE_SPACING)).await
-    {
-        Ok(text) => (StatusCode::OK, text),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, bytes::Bytes::from(format!("rendering failed: {e}\n"))),
+    let (status, text) = match state.metrics.scrape(crate::metrics::SCRAPE_SPACING).await {
+        Some(text) => (StatusCode::OK, text),
+        None => (StatusCode::INTERNAL_SERVER_ERROR, bytes::Bytes::from_static(b"rendering failed\n")),
     };
     (status, [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

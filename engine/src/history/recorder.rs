@@ -110,7 +110,7 @@ impl Recorder {
         metrics::counter!(crate::metrics::HISTORY_DROPPED).increment(1);
         if self.dropped_logged.due(1000) {
             tracing::error!(
-                waiting = QUEUE,
+                waiting_bytes = self.held.load(Ordering::SeqCst),
                 "the log has not taken history for a while: attempts settling now are not recorded"
             );
         }
