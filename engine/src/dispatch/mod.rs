@@ -329,8 +329,12 @@ impl Deliverer {
         };
         if cut.reached_now(rec.offset) {
             // Its partition's commit point was held back past the bound while it waited for its
-            // slot: never sent, so no attempt — it waits in a tier, and the commit point moves.
-            let due = now_ms() + CUT_WAIT.as_millis() as i64;
+            // slot: never sent, so no attempt — it waits in a tier, and the commit point moves;
+            // the longer its budget has run, the longer (each wait is another append of it).
+            let now = now_ms();
+            let wait =
+                ((now - delivery.budget_ms) / 16).clamp(CUT_WAIT.as_millis() as i64, CUT_WAIT_MAX.as_millis() as i64);
+            let due = now + wait;
             if retry::outlived(&target, &delivery, due) {
                 return Box::pin(self.settler.outlived(&target, delivery, rec.value, None)).await;
             }
@@ -510,8 +514,10 @@ pub enum Stopped {
     },
 }
 
-/// How long a delivery cut before it was sent waits in a tier (see [`Cut`]).
+/// How long a delivery cut before it was sent waits in a tier (see [`Cut`]) at first ...
 const CUT_WAIT: Duration = Duration::from_secs(1);
+/// ... and at most: a sixteenth of how long its budget has run, in between.
+const CUT_WAIT_MAX: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {
@@ -553,6 +559,14 @@ mod tests {
         assert!(matches!(settled.settlement, Settlement::Deferred { .. }), "{:?}", settled.settlement);
         let waiting = Delivery::decode(log.appends.lock().unwrap()[0][0].value.clone()).unwrap();
         assert_eq!(waiting.attempt, 1, "its attempt still to make");
+        assert!(waiting.due_ms <= now_ms() + 1_100, "a young one looked at again soon");
+        // One cut again and again (a backlog behind a hanging endpoint) waits longer each time
+        // its budget has run longer, up to a minute: every second, it was an append a second.
+        let old = Delivery { budget_ms: now_ms() - 3_600_000, ..delivery };
+        let rec = LogRecord { value: old.encode(), offset: 4, ..rec };
+        deliverer.process_supervised(&rec, Waits::InTiers, &shares, &mut cut).await.unwrap();
+        let waiting = Delivery::decode(log.appends.lock().unwrap()[1][0].value.clone()).unwrap();
+        assert!(waiting.due_ms >= now_ms() + 55_000, "an hour into its budget: {} ms", waiting.due_ms - now_ms());
     }
 
     /// A source whose consumer ends while the others run stops the dispatcher at once (and
