@@ -308,16 +308,11 @@ pub struct Metrics {
     /// partition's workers, so one restarting over and over on the same record reads stalled.
     moved: Mutex<std::collections::HashMap<(String, u32), (u64, std::time::Instant)>>,
     hooks: Mutex<Vec<Hook>>,
-    /// The last scrape's text and when it was rendered ([`Metrics::scrape`]).
+    /// The last scrape's text and when its render started ([`Metrics::scrape`]).
     last: Mutex<Option<(std::time::Instant, bytes::Bytes)>>,
     /// Held while a scrape renders: one render at a time, the others wait for its text.
     rendering: tokio::sync::Mutex<()>,
 }
-
-/// How often `/metrics` renders at most: within it, the last text is answered again. Open to
-/// anyone, each render walks every subscription (under the registry's lock) and writes every
-/// series; a keep-alive loop of scrapes kept a core busy. Prometheus scrapes every 15 s or so.
-pub const SCRAPE_SPACING: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -403,23 +398,24 @@ impl Metrics {
         self.hooks.lock().unwrap().push(Box::new(hook));
     }
 
-    /// [`Metrics::render`] (off the runtime's threads), or the last one if it is younger than
-    /// `spacing`: one render at a time, and scrapes waiting meanwhile take its text (each
-    /// rendering on a blocking thread of its own, a flood of them parked every one of those
-    /// threads, which the log's reads need).
-    pub async fn scrape(self: &Arc<Self>, spacing: std::time::Duration) -> Option<bytes::Bytes> {
-        let fresh =
-            || self.last.lock().unwrap().as_ref().filter(|(at, _)| at.elapsed() < spacing).map(|(_, t)| t.clone());
-        if let Some(text) = fresh() {
-            return Some(text);
-        }
+    /// [`Metrics::render`], off the runtime's threads, one render at a time: a scrape that
+    /// came while another rendered takes the next render's text, shared by every scrape that
+    /// waited for it (a flood of scrapes is one render after another, not one each on a
+    /// blocking thread of its own, which parked every one of those threads the log's reads
+    /// need). Every answer is rendered after its scrape came: what a caller did before it
+    /// shows.
+    pub async fn scrape(self: &Arc<Self>) -> Option<bytes::Bytes> {
+        let came = std::time::Instant::now();
         let _one = self.rendering.lock().await;
-        if let Some(text) = fresh() {
-            return Some(text);
+        if let Some((started, text)) = &*self.last.lock().unwrap() {
+            if *started >= came {
+                return Some(text.clone());
+            }
         }
+        let started = std::time::Instant::now();
         let me = self.clone();
         let text = bytes::Bytes::from(tokio::task::spawn_blocking(move || me.render()).await.ok()?);
-        *self.last.lock().unwrap() = Some((std::time::Instant::now(), text.clone()));
+        *self.last.lock().unwrap() = Some((started, text.clone()));
         Some(text)
     }
 
@@ -629,24 +625,37 @@ impl Log for Timed {
 mod tests {
     use super::*;
 
-    /// Scrapes come at most every [`SCRAPE_SPACING`] whoever asks: `/metrics` is open to
-    /// anyone, and each render walks every subscription under the registry's lock and writes
-    /// every series — a keep-alive loop of scrapes kept a core busy. Within the spacing the last
-    /// text is answered again.
+    /// Scrapes that come while one renders share the next render: `/metrics` is open to
+    /// anyone, each render walks every subscription under the registry's lock, and each
+    /// scrape rendered on a blocking thread of its own. A scrape alone renders afresh.
     #[tokio::test]
-    async fn scrapes_close_together_share_one_render() {
+    async fn scrapes_that_come_while_one_renders_share_the_next() {
         let m = Arc::new(Metrics::new());
         let renders = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = renders.clone();
         m.on_scrape(move || {
             counted.fetch_add(1, Ordering::Relaxed);
         });
-        let hour = std::time::Duration::from_secs(3600);
-        let at_once = futures::future::join_all((0..8).map(|_| m.scrape(hour))).await;
-        assert_eq!(renders.load(Ordering::Relaxed), 1, "scrapes at once share one render");
-        assert!(at_once.iter().all(|t| t.is_some() && *t == at_once[0]));
-        m.scrape(std::time::Duration::ZERO).await;
-        assert_eq!(renders.load(Ordering::Relaxed), 2, "rendered again past the spacing");
+        let rendering = m.rendering.lock().await; // one under way
+        let waiting: Vec<_> = (0..8)
+            .map(|_| {
+                tokio::spawn({
+                    let m = m.clone();
+                    async move { m.scrape().await }
+                })
+            })
+            .collect();
+        // The scrapes come and queue behind it (the test's runtime has one thread: each runs
+        // to its wait as this one yields).
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        drop(rendering);
+        let texts: Vec<_> = futures::future::join_all(waiting).await.into_iter().map(|t| t.unwrap()).collect();
+        assert_eq!(renders.load(Ordering::Relaxed), 1, "eight scrapes, one render");
+        assert!(texts.iter().all(|t| t.is_some() && *t == texts[0]));
+        m.scrape().await;
+        assert_eq!(renders.load(Ordering::Relaxed), 2, "a scrape alone renders afresh");
     }
 
     /// Between a second and a minute no end-to-end bucket is more than three times the one

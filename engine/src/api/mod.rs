@@ -259,7 +259,7 @@ async fn count_requests(req: axum::extract::Request, next: axum::middleware::Nex
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let (status, text) = match state.metrics.scrape(crate::metrics::SCRAPE_SPACING).await {
+    let (status, text) = match state.metrics.scrape().await {
         Some(text) => (StatusCode::OK, text),
         None => (StatusCode::INTERNAL_SERVER_ERROR, bytes::Bytes::from_static(b"rendering failed\n")),
     };
