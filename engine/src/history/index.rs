@@ -1267,6 +1267,33 @@ mod tests {
         LogRecord { partition: 0, offset: 0, key: bytes::Bytes::new(), value, timestamp_ms: at_ms }
     }
 
+    /// Event `e`'s first attempt to `s1`, accepted at `accepted`.
+    fn first_attempt_of_e(accepted: i64) -> crate::model::Delivery {
+        crate::model::Delivery::first_attempt(
+            "e".into(),
+            "s1".into(),
+            "t".into(),
+            "T".into(),
+            bytes::Bytes::new(),
+            accepted,
+        )
+    }
+
+    /// A state record of `event` (tenant `t`) to `subscription`, accepted at `accepted`, made
+    /// at `at_ms`.
+    fn state_at(event: &str, subscription: &str, accepted: i64, at_ms: i64, state: State) -> LogRecord {
+        let s = crate::history::record::StateRecord {
+            event_id: event.into(),
+            subscription: subscription.into(),
+            tenant: "t".into(),
+            accepted_ms: accepted,
+            at_ms,
+            state,
+            error: None,
+        };
+        LogRecord { value: HistoryRecord::State(s).encode(), ..attempt("x", accepted) }
+    }
+
     /// The record of event `e` of tenant `t`, accepted at `accepted` for `subscriptions`.
     fn event_e(accepted: i64, subscriptions: &[&str]) -> LogRecord {
         let event = HistoryRecord::Event(EventRecord {
@@ -1308,14 +1335,7 @@ mod tests {
         });
         let records = vec![event_e(accepted, &["s1"]), delivered];
         index.apply(0, &records, records.len() as u64, now).unwrap();
-        let first = crate::model::Delivery::first_attempt(
-            "e".into(),
-            "s1".into(),
-            "t".into(),
-            "T".into(),
-            bytes::Bytes::new(),
-            accepted,
-        );
+        let first = first_attempt_of_e(accepted);
         let retry = |budget_ms: i64| crate::model::Delivery { attempt: 2, due_ms: now, budget_ms, ..first.clone() };
         let at = accepted + 10; // the delivery's time
         let apart = CLOCKS_APART_MS;
@@ -1346,14 +1366,7 @@ mod tests {
         });
         let records = vec![event_e(accepted, &["s1"]), delivered, failed];
         index.apply(0, &records, records.len() as u64, now).unwrap();
-        let first = crate::model::Delivery::first_attempt(
-            "e".into(),
-            "s1".into(),
-            "t".into(),
-            "T".into(),
-            bytes::Bytes::new(),
-            accepted,
-        );
+        let first = first_attempt_of_e(accepted);
         let old_chain = crate::model::Delivery { attempt: 4, due_ms: now, ..first.clone() };
         assert_eq!(index.delivered(&old_chain).unwrap(), Since::Overtaken);
         let after_it = crate::model::Delivery { budget_ms: resent + 5_000, ..old_chain.clone() };
@@ -1362,21 +1375,11 @@ mod tests {
         // failed): the old chain is superseded, but the state is that generation's, not set
         // back to delivered (which its own retry then took for its delivery, and was never sent).
         let rewound = accepted + 40_000;
-        let pending = crate::history::record::StateRecord {
-            event_id: "e".into(),
-            subscription: "s1".into(),
-            tenant: "t".into(),
-            accepted_ms: accepted,
-            at_ms: rewound,
-            state: State::Pending,
-            error: None,
-        };
         let failed_again = attempt_with("g", rewound + 1_000, |a| {
             (a.event_id, a.subscription, a.accepted_ms) = ("e".into(), "s1".into(), accepted);
             (a.outcome, a.status, a.state, a.next_ms) = ("failed".into(), Some(500), State::Retrying, Some(now));
         });
-        let records =
-            vec![LogRecord { value: HistoryRecord::State(pending).encode(), ..attempt("x", accepted) }, failed_again];
+        let records = vec![state_at("e", "s1", accepted, rewound, State::Pending), failed_again];
         index.apply(0, &records, 10, now).unwrap();
         assert_eq!(index.delivered(&old_chain).unwrap(), Since::Newest);
         let rewind_s = crate::model::Delivery { budget_ms: rewound, ..old_chain.clone() };
@@ -1570,18 +1573,7 @@ mod tests {
         let index = Index::open(dir.path(), Duration::from_secs(86_400)).unwrap();
         let now = 100 * 86_400_000 + 1000;
         let accepted = now - 100_000;
-        let state = |event: &str, state: State| {
-            let s = crate::history::record::StateRecord {
-                event_id: event.into(),
-                subscription: "s".into(),
-                tenant: "t".into(),
-                accepted_ms: accepted,
-                at_ms: accepted + 5,
-                state,
-                error: None,
-            };
-            LogRecord { value: HistoryRecord::State(s).encode(), ..attempt("x", accepted) }
-        };
+        let state = |event: &str, state: State| state_at(event, "s", accepted, accepted + 5, state);
         let records = vec![
             attempt_with("a", accepted + 1, |a| {
                 (a.event_id, a.subscription, a.accepted_ms) = ("delivered".into(), "s".into(), accepted);
@@ -1610,16 +1602,7 @@ mod tests {
             (a.event_id, a.subscription, a.accepted_ms, a.attempt) = ("e".into(), "s0".into(), accepted, 1);
         }));
         for i in 0..100 {
-            let pending = crate::history::record::StateRecord {
-                event_id: "e".into(),
-                subscription: "s0".into(),
-                tenant: "t".into(),
-                accepted_ms: accepted,
-                at_ms: accepted + 2 + i,
-                state: State::Pending,
-                error: None,
-            };
-            records.push(LogRecord { value: HistoryRecord::State(pending).encode(), ..attempt("x", accepted) });
+            records.push(state_at("e", "s0", accepted, accepted + 2 + i, State::Pending));
         }
         index.apply(0, &records, records.len() as u64, now).unwrap();
         let mut q = AttemptQuery { tenant: "t".into(), event: Some("e".into()), limit: 10, ..AttemptQuery::default() };

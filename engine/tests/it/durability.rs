@@ -348,14 +348,7 @@ async fn a_publish_cut_off_while_its_write_goes_on_is_not_delivered_twice_on_ret
     if crate::support::on_kafka() {
         return; // the fault layer is the embedded log's
     }
-    let slow = Arc::new(AtomicBool::new(false));
-    let flag = slow.clone();
-    let faults: herald::log::embedded::Faults = Some(Arc::new(move |fault: Fault<'_>| {
-        if matches!(fault, Fault::Sync(..)) && flag.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_secs(2));
-        }
-        Ok(())
-    }));
+    let (faults, slow) = crate::support::slow_syncs(Duration::from_secs(2));
     let h = TestHerald::start_with_extras(
         |c| c.api.request_timeout = Duration::from_secs(1).into(),
         Extras { faults, ..Extras::default() },

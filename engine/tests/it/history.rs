@@ -749,20 +749,11 @@ async fn a_delivered_event_s_old_retry_past_its_max_age_is_not_dead_lettered() {
 /// to go on from (a rewind asked again sent the first parts twice).
 #[tokio::test]
 async fn a_recover_cut_off_by_the_request_timeout_goes_on() {
-    use herald::log::embedded::Fault;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     if crate::support::on_kafka() {
         return; // the fault layer is the embedded log's
     }
-    let slow = Arc::new(AtomicBool::new(false));
-    let flag = slow.clone();
-    let faults: herald::log::embedded::Faults = Some(Arc::new(move |fault: Fault<'_>| {
-        if matches!(fault, Fault::Sync(..)) && flag.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1500));
-        }
-        Ok(())
-    }));
+    let (faults, slow) = crate::support::slow_syncs(Duration::from_millis(1500));
     let h = TestHerald::start_with_extras(
         |c| {
             c.api.request_timeout = Duration::from_secs(1).into();

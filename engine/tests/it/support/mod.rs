@@ -33,6 +33,22 @@ pub async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut(
 }
 
 /// Awaits `check` until it returns `Some`, or panics after `timeout` naming `what`.
+/// Faults for the embedded log making each sync take `delay` while `slow` is set (a disk
+/// that has slowed down), and a handle to set it.
+pub fn slow_syncs(delay: Duration) -> (herald::log::embedded::Faults, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let slow = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = slow.clone();
+    let faults: herald::log::embedded::Faults =
+        Some(std::sync::Arc::new(move |fault: herald::log::embedded::Fault<'_>| {
+            if matches!(fault, herald::log::embedded::Fault::Sync(..)) && flag.load(Ordering::SeqCst) {
+                std::thread::sleep(delay);
+            }
+            Ok(())
+        }));
+    (faults, slow)
+}
+
 pub async fn until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
