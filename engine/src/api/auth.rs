@@ -92,8 +92,9 @@ impl Underway {
 /// — bodies sent slowly are each held whole until in (up to 4 MiB, for up to
 /// `api.request_timeout`), and one key's hundreds of them took gigabytes and every connection.
 /// Past [`super::TENANT_REQUESTS`] its next is answered `429` at once. Who the caller is is
-/// decided here for the handlers (a request that fails to authenticate goes on, for its
-/// handler to refuse as it does).
+/// decided here for the handlers: a tenant key's or portal link's refusal on the API's routes
+/// is the answer; any other request that fails to authenticate goes on, for its handler to
+/// judge (an edge device's token; the OpenAPI document, public to a caller with a bad token).
 pub async fn hold_a_tenant_s_share(
     axum::extract::State(state): axum::extract::State<AppState>,
     req: axum::extract::Request,
@@ -118,7 +119,11 @@ pub async fn hold_a_tenant_s_share(
         // A tenant key's or portal link's refusal (unknown, over its rate) is the answer:
         // checked again by the handler, a refused request counted twice against its rate, and
         // one the bucket had refilled for meanwhile was served without a place.
-        Err(refused) if bearer(&parts.headers).is_some_and(|t| t.starts_with("hp.") || t.starts_with("hk.")) => {
+        Err(refused)
+            if parts.uri.path().starts_with("/v1/")
+                && parts.uri.path() != "/v1/openapi.json"
+                && bearer(&parts.headers).is_some_and(|t| t.starts_with("hp.") || t.starts_with("hk.")) =>
+        {
             return refused.into_response();
         }
         // Other tokens (an edge device's) are their handlers' to judge.

@@ -174,4 +174,9 @@ async fn a_key_over_its_rate_is_refused_and_counted_once() {
     })
     .await;
     assert_eq!(after, before + 1.0, "one refusal, counted once");
+    // The OpenAPI document is public: a bad key gets it as anyone does.
+    let mut bad = key.clone();
+    bad.token = "hk.nobody.nothing".into();
+    let (status, doc) = bad.get("/v1/openapi.json").await;
+    assert_eq!((status.as_u16(), doc["openapi"].is_string()), (200, true), "{doc}");
 }
