@@ -2,7 +2,7 @@
 //! optional JSON Schema for its `data`, an example and a deprecation flag. Kept in the catalog
 //! beside subscriptions, so every process holds the same catalogue and compiles each schema
 //! once, when it applies the record. Ingest asks it whether an event's `data` fits its type
-//! ([`EventTypes::check_data`]); subscriptions ask whether the types they name exist.
+//! ([`EventTypes::check_event`]); subscriptions ask whether the types they name exist.
 
 use crate::catalog::feed::Feed;
 use crate::catalog::{Apply, CatalogError, Entry, Key, Kind};
@@ -321,7 +321,9 @@ impl EventTypes {
         self.types.read().unwrap().is_empty()
     }
 
-    /// [`EventTypes::check_data`] for an event of `tenant`, in place while `in_place` (the
+    /// Whether an event of `tenant` and `event_type` with `data` may be accepted: it may unless
+    /// the type has a schema, validation is on for it (or `always`), and `data` does not fit
+    /// (`prefix` names the event's place in a batch). Checked in place while `in_place` (the
     /// request's bytes yet to be checked on the runtime's thread, from [`CHECKED_IN_PLACE`])
     /// holds it, else off the runtime's threads, one at a time, tenants in turns.
     pub async fn check_event(
@@ -351,16 +353,6 @@ impl EventTypes {
                 tracing::error!(event_type, error = %e, "an event's schema check failed");
                 Err(EventTypeError::Unchecked(e.to_string()))
             }
-        }
-    }
-
-    /// Whether an event of `event_type` with `data` may be accepted: it may unless the type
-    /// has a schema, validation is on for it (or `always`), and `data` does not fit. `prefix`
-    /// names the event's place in a batch.
-    pub fn check_data(&self, event_type: &str, data: &[u8], prefix: &str, always: bool) -> Result<(), Invalid> {
-        match self.validator(event_type, always) {
-            Some(validator) => check(&validator, data, prefix),
-            None => Ok(()),
         }
     }
 
@@ -493,8 +485,8 @@ mod tests {
 
     /// A type stored before backtracking patterns were refused is still checked after an
     /// upgrade, each match bounded — not silently left unchecked.
-    #[test]
-    fn a_stored_schema_with_lookaround_is_still_checked() {
+    #[tokio::test]
+    async fn a_stored_schema_with_lookaround_is_still_checked() {
         use crate::catalog::Key;
         use crate::log::stub::Stub;
         let schema = json!({ "type": "string", "pattern": "^(?!test)" });
@@ -508,9 +500,15 @@ mod tests {
             value: serde_json::to_vec(&stored).unwrap().into(),
         };
         let (feed, _) = Feed::new(Arc::new(Stub::new(true, true)), "catalog".into(), 0);
-        let types = EventTypes::load(Arc::new(feed), &[record]);
-        assert!(types.check_data("legacy", br#""fine""#, "", false).is_ok());
-        assert_eq!(types.check_data("legacy", br#""testing""#, "", false).unwrap_err().field, "data");
+        let types = Arc::new(EventTypes::load(Arc::new(feed), &[record]));
+        let check = |data: &'static [u8]| {
+            let types = types.clone();
+            async move {
+                types.check_event("legacy", "t", Bytes::from_static(data), "", false, &mut { CHECKED_IN_PLACE }).await
+            }
+        };
+        assert!(check(br#""fine""#).await.is_ok());
+        assert!(matches!(check(br#""testing""#).await, Err(EventTypeError::Invalid(i)) if i.field == "data"));
         assert_eq!(checked(&EventTypeSpec { schema: Some(schema), ..Default::default() }).unwrap_err().field, "schema");
     }
 
