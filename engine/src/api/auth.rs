@@ -67,26 +67,6 @@ pub struct Admin;
 #[derive(Clone)]
 struct Authenticated(Principal);
 
-/// Each tenant's requests under way: at most [`super::TENANT_REQUESTS`] of one tenant's
-/// (its keys' and portal links' together) at once.
-#[derive(Default)]
-pub struct Underway(std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>);
-
-impl Underway {
-    /// A place for one more of `tenant`'s requests, if it has one free.
-    fn hold(&self, tenant: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let mut tenants = self.0.lock().unwrap();
-        // A tenant with none under way is forgotten (its semaphore is held by the map alone).
-        if tenants.len() > 1024 {
-            tenants.retain(|_, s| std::sync::Arc::strong_count(s) > 1);
-        }
-        let own = tenants
-            .entry(tenant.to_string())
-            .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(super::TENANT_REQUESTS)));
-        own.clone().try_acquire_owned().ok()
-    }
-}
-
 /// Holds a tenant's place for the whole of each of its requests, body included: a tenant key
 /// is limited by its request rate, but nothing bounded how many of its requests were under way
 /// — bodies sent slowly are each held whole until in (up to 4 MiB, for up to
@@ -109,7 +89,7 @@ pub async fn hold_a_tenant_s_share(
     match Principal::from_request_parts(&mut parts, &state).await {
         Ok(who) => {
             if let Principal::Tenant(tenant) = &who {
-                match state.underway.hold(tenant) {
+                match state.underway.try_turn(tenant) {
                     Some(place) => held = Some(place),
                     None => return ApiError::tenant_busy(super::TENANT_REQUESTS).into_response(),
                 }

@@ -59,11 +59,7 @@ pub async fn replay(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<ReplayRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    // In a task of its own, as a recover is: a replay cut off by `api.request_timeout` goes on
-    // (its `408` says so), rather than stopping part-way with nothing to say where.
-    tokio::spawn(replay_now(who, state, req))
-        .await
-        .unwrap_or_else(|e| Err(ApiError::unavailable(format!("the replay failed: {e}"))))
+    super::goes_on_if_cut_off("replay", replay_now(who, state, req)).await
 }
 
 async fn replay_now(

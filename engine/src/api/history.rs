@@ -302,13 +302,9 @@ pub async fn recover(
     StrictPath(id): StrictPath<String>,
     JsonBody(req): JsonBody<RecoverRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    // In a task of its own, so that a request cut off by `api.request_timeout` (whose `408`
-    // says work it began goes on) leaves it going on: dropped part-way, its first parts were
-    // queued and the rest never, and a rewind asked again sent the first parts twice. The
-    // tenant's next recover waits for it (`409` meanwhile).
-    tokio::spawn(recover_now(who, state, id, req))
-        .await
-        .unwrap_or_else(|e| Err(ApiError::unavailable(format!("the recover failed: {e}"))))
+    // A rewind asked again after one cut off part-way would send its first parts twice; the
+    // tenant's next recover waits for this one to end (`409` meanwhile).
+    super::goes_on_if_cut_off("recover", recover_now(who, state, id, req)).await
 }
 
 async fn recover_now(

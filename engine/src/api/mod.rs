@@ -131,12 +131,23 @@ pub struct Shared {
     /// Portal links: their key, lifetime and base URL.
     pub portal: portal::Portal,
     /// Each tenant's requests under way ([`TENANT_REQUESTS`]).
-    pub underway: auth::Underway,
+    pub underway: crate::model::TakenInTurns,
 }
 
 /// Most requests of one tenant (its keys and portal links together) under way at once, bodies
 /// included (see `auth::hold_a_tenant_s_share`): a console page makes a few at a time.
 pub const TENANT_REQUESTS: usize = 16;
+
+/// Runs `work` in a task of its own, for an operation that must not stop part-way: a request
+/// cut off by `api.request_timeout` (whose `408` says work it began goes on) drops its
+/// handler, and a recover or replay dropped so had queued its first parts and never the rest,
+/// with nothing to say where to go on. `what` names it in a `503` if the task failed.
+async fn goes_on_if_cut_off<T: Send + 'static>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work).await.unwrap_or_else(|e| Err(ApiError::unavailable(format!("the {what} failed: {e}"))))
+}
 
 /// The router of every endpoint.
 pub fn router(state: AppState) -> Router {

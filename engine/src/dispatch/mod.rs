@@ -329,16 +329,8 @@ impl Deliverer {
         };
         if cut.reached_now(rec.offset) {
             // Its partition's commit point was held back past the bound while it waited for its
-            // slot: never sent, so no attempt — it waits in a tier, and the commit point moves;
-            // the longer its budget has run, the longer (each wait is another append of it).
-            let now = now_ms();
-            let wait =
-                ((now - delivery.budget_ms) / 16).clamp(CUT_WAIT.as_millis() as i64, CUT_WAIT_MAX.as_millis() as i64);
-            let due = now + wait;
-            if retry::outlived(&target, &delivery, due) {
-                return Box::pin(self.settler.outlived(&target, delivery, rec.value, None)).await;
-            }
-            return Box::pin(self.settler.defer(delivery, transport, Deferral::CommitPoint, due, waits)).await;
+            // slot: never sent, so no attempt — it waits in a tier, and the commit point moves.
+            return Box::pin(self.settler.cut(&target, delivery, rec.value, transport, waits)).await;
         }
         let pending = retry::pending_retries(&target, &delivery);
         let span = crate::telemetry::attempt_span(
@@ -513,11 +505,6 @@ pub enum Stopped {
         label: String,
     },
 }
-
-/// How long a delivery cut before it was sent waits in a tier (see [`Cut`]) at first ...
-const CUT_WAIT: Duration = Duration::from_secs(1);
-/// ... and at most: a sixteenth of how long its budget has run, in between.
-const CUT_WAIT_MAX: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

@@ -267,6 +267,21 @@ const UNKNOWN_WAIT: Duration = Duration::from_secs(5);
 /// secret sealed with a lost key: an operator's to mend).
 const UNKNOWN_WAIT_MAX: Duration = Duration::from_secs(600);
 
+/// How long a delivery cut before it was sent (see [`super::Cut`]) waits in a tier at first ...
+const CUT_WAIT: Duration = Duration::from_secs(1);
+
+/// ... and at most, however long its partition's commit point stays held back.
+const CUT_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// When a delivery Herald holds back itself (not for its endpoint: no attempt is made) is
+/// looked at again: `1/part` of how long its budget has run, between `least` and `most`. Each
+/// wait is another append of it into a tier other tenants share, so the longer one stays held,
+/// the less often it is appended.
+fn due_after_a_growing_wait(delivery: &Delivery, part: i64, least: Duration, most: Duration) -> i64 {
+    let now = now_ms();
+    now + ((now - delivery.budget_ms) / part).clamp(least.as_millis() as i64, most.as_millis() as i64)
+}
+
 /// Makes settlements durable: tiers and dead letters through the retrier, and the
 /// subscription changes an outcome implies (disabled after a 410, or after failing too long).
 pub struct Settler {
@@ -388,11 +403,19 @@ impl Settler {
     /// append of it; every 5 s for good, 100,000 of them were 20,000 appends a second into the
     /// tier other tenants' retries share).
     pub async fn unknown(&self, delivery: Delivery, waits: Waits) -> Settled {
-        let now = now_ms();
-        let wait = ((now - delivery.budget_ms) / 8)
-            .clamp(UNKNOWN_WAIT.as_millis() as i64, UNKNOWN_WAIT_MAX.as_millis() as i64);
-        let due = now + wait;
+        let due = due_after_a_growing_wait(&delivery, 8, UNKNOWN_WAIT, UNKNOWN_WAIT_MAX);
         self.defer(delivery, Via::Webhook, Deferral::UnknownSubscription, due, waits).await
+    }
+
+    /// Defers a delivery its shard's cut reached before it was sent: a sixteenth of how long
+    /// its budget has run, between [`CUT_WAIT`] and [`CUT_WAIT_MAX`] — or dead-letters it if
+    /// that is past its policy's `max_age`.
+    pub async fn cut(&self, target: &Target, delivery: Delivery, raw: Bytes, via: Via, waits: Waits) -> Settled {
+        let due = due_after_a_growing_wait(&delivery, 16, CUT_WAIT, CUT_WAIT_MAX);
+        if retry::outlived(target, &delivery, due) {
+            return Box::pin(self.outlived(target, delivery, raw, None)).await;
+        }
+        self.defer(delivery, via, Deferral::CommitPoint, due, waits).await
     }
 
     /// Dead-letters the head of an ordered key that an operator skipped.

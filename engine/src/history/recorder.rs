@@ -90,7 +90,7 @@ impl Recorder {
     /// second, since it will never be in the history.
     pub fn record(&self, rec: &HistoryRecord) {
         let record = Self::record_of(rec);
-        let size = record.key.len() + record.value.len();
+        let size = held_size(&record);
         let _ordered = self.order.lock().unwrap();
         let seq = self.queued.load(Ordering::SeqCst) + 1;
         let room = self.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
@@ -328,6 +328,11 @@ async fn append_until_taken(log: &Arc<dyn Log>, topic: &str, records: Vec<Record
     }
 }
 
+/// What a queued record counts against [`QUEUE_BYTES`], taken and given back the same.
+fn held_size(record: &Record) -> usize {
+    record.key.len() + record.value.len()
+}
+
 /// The writer: takes whatever is queued, at most once every [`APPEND_GAP`] unless the last
 /// append was a full [`BATCH`] (a gap after full batches would cap history at 160 k records a
 /// second), appends it in one go, then marks it durable.
@@ -356,7 +361,7 @@ async fn write(
             }
         }
         last_append = (records.len() < BATCH).then(Instant::now);
-        let bytes: usize = records.iter().map(|r| r.key.len() + r.value.len()).sum();
+        let bytes: usize = records.iter().map(held_size).sum();
         if !append_until_taken(&log, &topic, for_topic(&*log, &topic, records)).await {
             // Closed: these records, and any after, will never be durable. Commits gated on
             // them wait out their budget (counted late) instead of passing as if they were.

@@ -114,6 +114,9 @@ impl Drop for Running {
     }
 }
 
+/// How many tenants' idle queues [`TakenInTurns`] keeps before it forgets them.
+const FORGET_PAST: usize = 1024;
+
 /// Heavy work that all tenants share so many at a time (PKCS#12 key derivation one at a time,
 /// name lookups 128), taken in turns among tenants: each tenant's work queues on its own first,
 /// so at most so many of a tenant's wait in the shared queue or hold it, and another tenant's
@@ -160,16 +163,29 @@ impl TakenInTurns {
 
     /// Waits for `tenant`'s turn.
     pub async fn turn(&self, tenant: &str) -> Turn {
-        let own = {
-            let mut queues = self.own.lock().unwrap();
-            queues.retain(|_, q| std::sync::Arc::strong_count(q) > 1);
-            queues
-                .entry(tenant.to_string())
-                .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(self.per_tenant)))
-                .clone()
-        };
-        let own = own.acquire_owned().await.expect("never closed");
+        let own = self.queue_of(tenant).acquire_owned().await.expect("never closed");
         Turn { _own: Some(own), _shared: self.shared.clone().acquire_owned().await.expect("never closed") }
+    }
+
+    /// `tenant`'s turn if one is free now, of its own and of the shared room: for work that is
+    /// refused rather than queued (a tenant's requests past its bound are answered `429`).
+    pub fn try_turn(&self, tenant: &str) -> Option<Turn> {
+        let own = self.queue_of(tenant).try_acquire_owned().ok()?;
+        Some(Turn { _own: Some(own), _shared: self.shared.clone().try_acquire_owned().ok()? })
+    }
+
+    /// `tenant`'s own queue, made if it has none.
+    fn queue_of(&self, tenant: &str) -> std::sync::Arc<tokio::sync::Semaphore> {
+        let mut queues = self.own.lock().unwrap();
+        // A tenant with none waiting or running is forgotten (its queue held by the map alone);
+        // looked for only past a thousand, so that a lookup is not a walk of every tenant.
+        if queues.len() > FORGET_PAST {
+            queues.retain(|_, q| std::sync::Arc::strong_count(q) > 1);
+        }
+        queues
+            .entry(tenant.to_string())
+            .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(self.per_tenant)))
+            .clone()
     }
 
     /// Waits for a turn of the shared room only: for work of no known tenant.
@@ -244,10 +260,28 @@ mod tests {
         assert!(futures::poll!(given_up.as_mut()).is_pending());
         drop(first);
         drop(given_up);
-        // Forgotten when the next turn is taken: only that one's key is left.
-        let _next = turns.turn("c").await;
+        // Forgotten once past so many keys, when a turn is taken: a and b, and every key not
+        // held but the few taken since.
+        let held = turns.turn("held").await;
+        for key in 0..super::FORGET_PAST {
+            drop(turns.turn(&key.to_string()).await);
+        }
         let keys: Vec<String> = turns.own.lock().unwrap().keys().cloned().collect();
-        assert_eq!(keys, ["c"], "keys nobody holds or waits for are forgotten");
+        assert!(keys.len() < 4 && keys.contains(&"held".into()) && !keys.contains(&"a".into()), "{keys:?}");
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_turn_tried_is_had_only_while_one_is_free() {
+        let turns = super::TakenInTurns::new(3, 2);
+        let a = [turns.try_turn("a"), turns.try_turn("a")];
+        assert!(a.iter().all(Option::is_some), "a's two");
+        assert!(turns.try_turn("a").is_none(), "a's third, past its own");
+        let b = turns.try_turn("b");
+        assert!(b.is_some(), "another's at once");
+        assert!(turns.try_turn("c").is_none(), "past the shared room");
+        drop(a);
+        assert!(turns.try_turn("a").is_some(), "a's again once its own ended");
     }
 
     #[test]
