@@ -41,6 +41,10 @@ pub struct Tenant {
     pub portal_links_from: Option<String>,
 }
 
+/// How far ahead of the revoking process's clock a revocation of portal links reaches: how far
+/// apart two processes' clocks may be for a link minted before it to be refused everywhere.
+const PORTAL_CLOCKS_APART_MS: i64 = 60_000;
+
 impl Tenant {
     /// The [`DEFAULT_TENANT`], never created: listed and given keys like the others (stored
     /// only once something of its own is set, such as a revocation of its portal links).
@@ -163,8 +167,11 @@ impl Tenants {
     /// such tenant.
     pub async fn revoke_portal_links(&self, tenant: &str) -> Result<bool, CatalogError> {
         let Some(mut t) = self.get(tenant) else { return Ok(false) };
-        // From the next millisecond: a link minted in this one, before, is refused too.
-        t.portal_links_from = Some(rfc3339_ms(now_ms() + 1));
+        // A link is dated by the clock of the process that minted it: one minted just before
+        // by a process whose clock runs ahead of this one's would be dated after "now" here,
+        // and taken for the rest of its lifetime (a week at most). So refused from a while
+        // ahead; a link minted after this is dated no earlier (`api::portal::mint`), and works.
+        t.portal_links_from = Some(rfc3339_ms(now_ms() + PORTAL_CLOCKS_APART_MS));
         self.persist(Key::tenant(&t.id), Bytes::from(serde_json::to_vec(&t).expect("serializes"))).await?;
         Ok(true)
     }

@@ -84,6 +84,12 @@ async fn a_tenant_s_portal_links_are_revoked_together_and_stay_revoked() {
     };
     let (leaked, others) = (link(acme.clone()).await, link(other.clone()).await);
     assert_eq!(leaked.get("/v1/subscriptions").await.0, 200);
+    // Minted just before the revocation by a process whose clock runs 30 s ahead of the one
+    // that revokes (the link is dated by the minting process's clock).
+    let mut ahead = h.api.clone();
+    let now = herald::model::now_ms();
+    ahead.token = herald::api::portal::PortalKey::derive(TOKEN, None).mint(&acme, now + 30_000, now + 3_600_000);
+    assert_eq!(ahead.get("/v1/subscriptions").await.0, 200);
 
     let revoke = format!("/v1/tenants/{acme}/portal");
     assert_eq!(acme_api.delete(&revoke).await.0, 403, "a tenant key cannot revoke");
@@ -91,6 +97,7 @@ async fn a_tenant_s_portal_links_are_revoked_together_and_stay_revoked() {
     assert_eq!(h.api.delete("/v1/tenants/ten_nobody/portal").await.0, 404);
     assert_eq!(h.api.delete(&revoke).await.0, 204);
     assert_eq!(leaked.get("/v1/subscriptions").await.0, 401, "the link minted before is refused");
+    assert_eq!(ahead.get("/v1/subscriptions").await.0, 401, "so is one dated by a clock ahead");
     assert_eq!(others.get("/v1/subscriptions").await.0, 200, "another tenant's link still works");
     assert_eq!(acme_api.get("/v1/subscriptions").await.0, 200, "the tenant's keys still work");
     let fresh = link(acme.clone()).await;
