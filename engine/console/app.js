@@ -23,11 +23,24 @@ let flash = null;
 
 // ---------- DOM helpers ----------
 
+// A click or submit whose work is under way is not taken again: a double click made two
+// subscriptions (the first one's signing secret never shown), two keys, two resends.
+function once(el, handler) {
+  return (ev) => {
+    if (el.getAttribute("aria-busy") === "true") { ev.preventDefault(); return; }
+    const work = handler(ev);
+    if (!(work instanceof Promise)) return;
+    el.setAttribute("aria-busy", "true");
+    work.finally(() => el.removeAttribute("aria-busy")).catch(() => {});
+  };
+}
+
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
-    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    if (k === "onclick" || k === "onsubmit") el.addEventListener(k.slice(2), once(el, v));
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else if (k === "text") el.textContent = v;
     else el.setAttribute(k, v === true ? "" : String(v));
   }
@@ -149,6 +162,8 @@ const ended = () => (session.token || "").startsWith("hp.")
   : "That token is no longer accepted: sign in again.";
 
 function signOut(message) {
+  // Reads under way belong to the session that ended: not drawn over the sign-in form.
+  routes++;
   stored.forget();
   session.token = null;
   session.role = null;
@@ -745,14 +760,28 @@ async function subscriptionDetail(id) {
   } }, label);
   const since = h("input", { id: "recover-since", type: "datetime-local", required: true });
   const all = h("input", { id: "recover-all", type: "checkbox" });
+  // One call re-sends so many events at most and says where it stopped (to the millisecond,
+  // with why if something stopped it): "Continue" goes on from exactly there — the form's
+  // input holds whole minutes, and asked again from the minute, a busy subscription's recover
+  // re-sent the same events and stopped in that minute again.
+  const recoverFrom = async (from, everything) => {
+    const r = await api("POST", `/v1/subscriptions/${s.id}/recover`, { since: from, all: everything });
+    const said = h("div", { class: "alert ok", role: "status", "data-recover-result": "" },
+      `${r.queued} event(s) queued again.`
+      + (r.stopped?.error?.message ? ` Stopped: ${r.stopped.error.message}.` : "")
+      + (r.continue_from ? ` It went as far as ${fmtTime(r.continue_from)}.` : "")
+      + (r.history_lag ? ` The history was ${r.history_lag} record(s) behind: recover again in a moment for the newest.` : ""));
+    if (r.continue_from) {
+      said.append(" ", h("button", { type: "button", onclick: () => recoverFrom(r.continue_from, everything).catch((e) => out.replaceChildren(errorBox(e))) },
+        `Continue from ${fmtTime(r.continue_from)}`));
+    }
+    out.replaceChildren(said);
+  };
   const recover = h("form", { class: "row", onsubmit: async (ev) => {
     ev.preventDefault();
     try {
       if (!since.value) throw Object.assign(new Error("choose a time"), { field: "since" });
-      const r = await api("POST", `/v1/subscriptions/${s.id}/recover`, { since: new Date(since.value).toISOString(), all: all.checked });
-      out.replaceChildren(h("div", { class: "alert ok", role: "status" },
-        `${r.queued} event(s) queued again.` + (r.continue_from ? ` Stopped at ${fmtTime(r.continue_from)}: recover again from there.` : "")
-        + (r.history_lag ? ` The history was ${r.history_lag} record(s) behind: recover again in a moment for the newest.` : "")));
+      await recoverFrom(new Date(since.value).toISOString(), all.checked);
     } catch (e) { out.replaceChildren(errorBox(e)); }
   } }, h("label", { for: "recover-since" }, "Recover since", since),
   h("label", { class: "check", for: "recover-all" }, all, " every event, delivered or not"),
@@ -867,9 +896,16 @@ async function events(id) {
   } }, h("label", { for: "event-id" }, "Find an event by id", find),
   admin ? h("label", { for: "event-tenant" }, "Tenant", tenant) : null,
   h("button", { class: "primary", type: "submit" }, "Find"));
-  const filter = h("form", { class: "row", onsubmit: (ev) => { ev.preventDefault(); reload(); } },
+  // A list that could not be read is said so in its place: the one before, left under the
+  // new filter, read as that filter's.
+  const refused = (e) => {
+    if (e instanceof Stale) return;
+    list.replaceChildren(errorBox(e));
+    more.replaceChildren();
+  };
+  const filter = h("form", { class: "row", onsubmit: (ev) => { ev.preventDefault(); return reload().catch(refused); } },
     h("label", { for: "event-type" }, "Type", type), h("button", { type: "submit" }, "Filter"));
-  tenant.addEventListener("change", () => reload());
+  tenant.addEventListener("change", () => reload().catch(refused));
   const more = h("div", {});
   layout("events", "Events", search, h("h2", {}, "Recent events"), filter, list, more);
   // A page of a rare type may be empty and still say where to go on (see `pager`).
@@ -934,7 +970,7 @@ async function eventDetail(id) {
       h("dt", {}, "Type"), h("dd", {}, e.type),
       h("dt", {}, "Tenant"), h("dd", { class: "mono" }, e.tenant),
       h("dt", {}, "Accepted"), h("dd", {}, fmtTime(e.accepted_at))),
-    h("details", {}, h("summary", {}, "Data"), h("pre", {}, JSON.stringify(e.data, null, 2)))),
+    lazyJson("Data", e.data)),
     h("div", { class: "actions" }, h("button", { type: "button", onclick: resend() }, "Resend to every subscription")),
     h("h2", {}, "Deliveries"), deliveries,
     h("h2", {}, "Attempts"), attempts, more);
@@ -951,6 +987,27 @@ async function eventDetail(id) {
   await page();
 }
 
+// Bytes of a large JSON value drawn at first: an event's data may be megabytes, and drawn
+// whole (on every visit, opened or not) it froze the tab.
+const DRAWN_AT_FIRST = 256 << 10;
+
+/** `value` as JSON under a `summary`, drawn when first opened, its first part at first. */
+function lazyJson(summary, value) {
+  const details = h("details", {}, h("summary", {}, summary));
+  details.addEventListener("toggle", () => {
+    if (!details.open || details.querySelector("pre")) return;
+    const text = JSON.stringify(value, null, 2) ?? "null";
+    const pre = h("pre", { "data-event-data": "" }, text.length > DRAWN_AT_FIRST ? text.slice(0, DRAWN_AT_FIRST) + "\n…" : text);
+    details.append(pre);
+    if (text.length > DRAWN_AT_FIRST) {
+      const all = h("button", { type: "button", onclick: () => { pre.textContent = text; all.remove(); } },
+        `Show all (${fmtNum(text.length / 1024)} KiB)`);
+      details.append(all);
+    }
+  });
+  return details;
+}
+
 // ---------- Dead letters ----------
 
 async function deadLetters() {
@@ -960,7 +1017,14 @@ async function deadLetters() {
   const out = h("div", {});
   const list = h("div", {});
   const actions = h("div", { class: "actions" });
-  const filter = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); reload(); } },
+  // As on the events page: a list that could not be read is said so in its place.
+  const refused = (e) => {
+    if (e instanceof Stale) return;
+    list.replaceChildren(errorBox(e));
+    more.replaceChildren();
+    actions.replaceChildren();
+  };
+  const filter = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); return reload().catch(refused); } },
     h("label", { for: "dlq-subscription" }, "Subscription", subscription),
     session.role === "admin" ? h("label", { for: "dlq-tenant" }, "Tenant", tenant) : null,
     h("button", { type: "submit" }, "Filter"));
@@ -1000,12 +1064,12 @@ async function deadLetters() {
         if (!picked.length) return out.replaceChildren(errorBox({ message: "Select the dead letters to replay first." }));
         // Entries of one subscription are looked for in its partition alone.
         const subs = [...new Set(picked.map((d) => d.subscription))];
-        replay({ ids: picked.map((d) => d.id), subscription: subs.length === 1 ? subs[0] : undefined });
+        return replay({ ids: picked.map((d) => d.id), subscription: subs.length === 1 ? subs[0] : undefined });
       } }, "Replay selected"),
       // The subscription whose list is shown, not what has been typed since; offered while
       // more may follow too (the first pages looked at can be empty).
       used.subscription ? h("button", { type: "button", disabled: !loaded.length && !next, onclick: () => {
-        if (confirm(`Replay every dead letter of ${used.subscription}?`)) replay({ subscription: used.subscription });
+        if (confirm(`Replay every dead letter of ${used.subscription}?`)) return replay({ subscription: used.subscription });
       } }, "Replay all of this subscription") : "");
   });
   const failed = (e) => more.replaceChildren(errorBox(e));
@@ -1113,22 +1177,30 @@ async function eventTypes() {
 
 // ---------- start ----------
 
-(function start() {
-  // A portal link carries its token in the fragment: keep it for this tab, then take it out of
-  // the address bar and history at once. Only the portal signs in so: a console link with a
-  // key in it would sign the visitor in as whoever made the link (a login forgery).
-  // Only a portal link (`hp.`, a week at most) signs in so: an address carrying a tenant's
-  // API key or the admin token would sign the visitor in as that key's owner unnoticed.
+// A portal link carries its token in the fragment: keep it for this tab, then take it out of
+// the address bar and history at once. Only the portal signs in so: a console link with a key
+// in it would sign the visitor in as whoever made the link (a login forgery). Only a portal
+// link (`hp.`, a week at most) signs in so: an address carrying a tenant's API key or the
+// admin token would sign the visitor in as that key's owner unnoticed. Taken at every change
+// of address, not only when the page loads: a link opened where the portal already shows (an
+// embedding app switching its iframe to another organisation's link, a link pasted into the
+// tab) changes only the fragment, and the page went on as the tenant before.
+function takeLinkToken() {
   const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
-  if (m) {
-    let token = "";
-    try { token = decodeURIComponent(m[1]); } catch { /* a damaged link: no token */ }
-    if (PORTAL && token.startsWith("hp.")) {
-      session.token = token;
-      stored.set(session.token);
-    }
-    history.replaceState(null, "", location.pathname + "#/subscriptions");
+  if (!m) return;
+  let token = "";
+  try { token = decodeURIComponent(m[1]); } catch { /* a damaged link: no token */ }
+  if (PORTAL && token.startsWith("hp.")) {
+    session.token = token;
+    session.role = null;
+    flash = null;
+    stored.set(session.token);
   }
-  window.addEventListener("hashchange", route);
+  history.replaceState(null, "", location.pathname + "#/subscriptions");
+}
+
+(function start() {
+  takeLinkToken();
+  window.addEventListener("hashchange", () => { takeLinkToken(); route(); });
   route();
 })();

@@ -725,6 +725,132 @@ try {
     await page.getByText(/Copied\.|Could not copy here/).waitFor({ timeout: WAIT });
   });
 
+  await check("a second portal link opened where the portal shows signs in as its own tenant", async () => {
+    const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
+    const other = await fetch(`${BASE}/v1/subscriptions/${OTHER_SUB}`, { headers: admin }).then((r) => r.json());
+    const minted = await fetch(`${BASE}/v1/tenants/${other.tenant}/portal`, { method: "POST", headers: admin, body: "{}" }).then((r) => r.json());
+    const sctx = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+    try {
+      const tab = await sctx.newPage();
+      watch(tab);
+      await tab.goto(portalUrl);
+      await tab.locator(`tr[data-subscription="${okSub}"]`).waitFor({ timeout: WAIT });
+      // The same page, another fragment: no reload, only a hashchange.
+      await tab.goto(minted.url);
+      await tab.locator(`tr[data-subscription="${OTHER_SUB}"]`).waitFor({ timeout: WAIT });
+      assert.equal(await tab.locator("header [data-tenant]").textContent(), other.tenant, "whose portal it is now");
+      assert.equal(await tab.locator(`tr[data-subscription="${okSub}"]`).count(), 0, "none of the first tenant's");
+      assert.equal(await tab.evaluate(() => sessionStorage.getItem("herald.token")), minted.token);
+      assert.ok(!tab.url().includes("token="), "the token left the address bar");
+    } finally {
+      await sctx.close();
+    }
+  });
+
+  await check("a recover that stopped part-way goes on from exactly where it stopped, and says why it stopped", async () => {
+    const path = `**/v1/subscriptions/${okSub}/recover`;
+    const asked = [];
+    const answers = [
+      { queued: 10000, continue_from: "2026-12-07T10:00:00.123Z", history_lag: 0,
+        stopped: { error: { code: "QUOTA_EXCEEDED", message: "the tenant's fan-out quota is full" } } },
+      { queued: 5, continue_from: null, history_lag: 0 },
+    ];
+    await page.route(path, (r) => {
+      asked.push(r.request().postDataJSON());
+      r.fulfill({ status: 200, contentType: "application/json", body: JSON.stringify(answers[asked.length - 1]) });
+    });
+    try {
+      await page.goto(`${BASE}/console#/subscriptions/${okSub}`);
+      await page.getByLabel("Recover since").fill("2026-12-07T09:00");
+      await page.getByLabel(/every event/).check();
+      await page.getByRole("button", { name: "Recover", exact: true }).click();
+      await page.getByText("the tenant's fan-out quota is full").waitFor({ timeout: WAIT });
+      await page.getByRole("button", { name: /^Continue from/ }).click();
+      await page.getByText("5 event(s) queued again").waitFor({ timeout: WAIT });
+      assert.equal(asked.length, 2);
+      assert.deepEqual(asked[1], { since: "2026-12-07T10:00:00.123Z", all: true }, "where it stopped, to the millisecond");
+      assert.equal(await page.getByRole("button", { name: /^Continue from/ }).count(), 0, "nothing left to go on with");
+    } finally {
+      await page.unroute(path);
+    }
+  });
+
+  await check("a double click resends once", async () => {
+    // (A subscription's form clicked twice is refused by the API: a tenant's URL is taken once.)
+    const path = "**/v1/events/order-1001/resend";
+    let asked = 0;
+    // Answered a moment later, as by a busy Herald: the second click lands meanwhile.
+    const slow = async (r) => { asked++; await new Promise((t) => setTimeout(t, 300)); await r.continue(); };
+    await page.route(path, slow);
+    try {
+      await page.goto(`${BASE}/console#/events/order-1001?tenant=${tenant}`);
+      await page.getByRole("button", { name: "Resend to every subscription" }).waitFor({ timeout: WAIT });
+      await page.evaluate(() => {
+        const button = [...document.querySelectorAll("button")].find((b) => b.textContent === "Resend to every subscription");
+        button.click();
+        button.click();
+      });
+      await page.locator("[data-resend-result]").waitFor({ timeout: WAIT });
+      assert.equal(asked, 1, "one resend asked for");
+    } finally {
+      await page.unroute(path, slow);
+    }
+  });
+
+  await check("a filter that fails says so, and the list of the filter before is not left under it", async () => {
+    await page.goto(`${BASE}/console#/events?tenant=${tenant}`);
+    await page.locator("tr[data-event]").first().waitFor({ timeout: WAIT });
+    const refused = (r) => new URL(r.request().url()).searchParams.get("type") === "order.created"
+      ? r.fulfill({ status: 503, contentType: "application/json", body: JSON.stringify({ error: { code: "UNAVAILABLE", message: "the index is busy" } }) })
+      : r.continue();
+    await page.route("**/v1/events?*", refused);
+    try {
+      await page.getByLabel("Type").fill("order.created");
+      await page.getByRole("button", { name: "Filter" }).click();
+      await page.getByRole("alert").filter({ hasText: "the index is busy" }).waitFor({ timeout: WAIT });
+      assert.equal(await page.locator("tr[data-event]").count(), 0, "the unfiltered list is gone");
+    } finally {
+      await page.unroute("**/v1/events?*", refused);
+    }
+  });
+
+  await check("a large event's data is drawn when opened, the first part at first", async () => {
+    const blob = "x".repeat(900_000);
+    await publish(ADMIN, { id: "large-1", tenant, type: "order.created", data: { blob } });
+    await page.goto(`${BASE}/console#/events/large-1?tenant=${tenant}`);
+    await until("the large event on record", page, () => page.getByRole("heading", { name: "large-1" }).count());
+    assert.ok((await page.locator("main").textContent()).length < 100_000, "not drawn before it is opened");
+    await page.getByText("Data", { exact: true }).click();
+    const pre = page.locator("[data-event-data]");
+    await pre.waitFor({ timeout: WAIT });
+    assert.ok((await pre.textContent()).length < 300_000, "the first part only");
+    await page.getByRole("button", { name: /^Show all/ }).click();
+    await page.waitForFunction(() => document.querySelector("[data-event-data]").textContent.length > 900_000, null, { timeout: WAIT });
+  });
+
+  await check("a page asked for before signing out is not drawn after it", async () => {
+    const slow = `**/v1/subscriptions/${okSub}`;
+    await page.route(slow, async (r) => { await new Promise((t) => setTimeout(t, 1500)); await r.continue(); });
+    try {
+      await page.goto(`${BASE}/console#/events`);
+      await page.getByRole("heading", { name: "Events", exact: true }).waitFor({ timeout: WAIT });
+      const answered = page.waitForResponse((r) => r.url().endsWith(`/v1/subscriptions/${okSub}`));
+      await page.evaluate((id) => { location.hash = `#/subscriptions/${id}`; }, okSub);
+      await page.getByRole("button", { name: "Sign out" }).click();
+      await page.getByLabel("Admin token or tenant API key").waitFor({ timeout: WAIT });
+      await answered;
+      const drawn = await page.waitForFunction(() => !document.getElementById("token"), null, { timeout: 1_000 }).then(() => true, () => false);
+      assert.ok(!drawn, `the page became ${await page.locator("main h1").textContent()}`);
+    } finally {
+      await page.unroute(slow);
+      // Signed in again for the checks after this one.
+      await page.goto(`${BASE}/console#/overview`);
+      await page.getByLabel("Admin token or tenant API key").fill(ADMIN);
+      await page.keyboard.press("Enter");
+      await page.getByRole("heading", { name: "Overview" }).waitFor({ timeout: WAIT });
+    }
+  });
+
   await check("revoking a tenant's portal links from the tenants page signs its portal out", async () => {
     await portal.goto(`${BASE}/portal#/subscriptions`);
     await portal.getByRole("heading", { name: "Subscriptions", exact: true }).waitFor({ timeout: WAIT });
