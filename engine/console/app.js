@@ -145,9 +145,10 @@ const q = (params) => {
 // ---------- session ----------
 
 async function whoAmI() {
-  // The admin token lists tenants; a tenant key or portal link is refused there (403).
+  // The admin token lists tenants; a tenant key or portal link is refused there (403). One
+  // is enough to tell: the whole list was megabytes at ten thousand tenants, at every load.
   try {
-    await api("GET", "/v1/tenants");
+    await api("GET", "/v1/tenants?limit=1");
     return "admin";
   } catch (e) {
     if (e.status === 403) return "tenant";
@@ -439,13 +440,23 @@ async function tenants() {
     } catch (e) { out.replaceChildren(errorBox(e)); }
   } }, h("label", { for: "tenant-name" }, "New tenant's name", name), h("button", { class: "primary", type: "submit" }, "Create tenant"));
   const list = h("div", {});
-  layout("tenants", "Tenants", h("div", { class: "panel" }, create), kept, out, list);
+  const more = h("div", {});
+  const find = h("input", { id: "tenant-find", type: "search", placeholder: "any" });
+  const refused = (e) => {
+    if (e instanceof Stale) return;
+    list.replaceChildren(errorBox(e));
+    more.replaceChildren();
+  };
+  const search = h("form", { class: "row", role: "search", onsubmit: (ev) => { ev.preventDefault(); return load().catch(refused); } },
+    h("label", { for: "tenant-find" }, "Find tenants by name", find), h("button", { type: "submit" }, "Find"));
+  layout("tenants", "Tenants", h("div", { class: "panel" }, create), kept, out, search, list, more);
   // Each tenant's chosen link lifetime, kept while the list is drawn again (a key issued or
   // revoked redraws it).
   const lifetimes = new Map();
 
-  async function load() {
-    const { items } = await api("GET", "/v1/tenants");
+  // A page at a time, as the other lists: a platform has a tenant per customer.
+  const { page, reload: load } = pager("/v1/tenants", () => ({ name: find.value.trim(), limit: 100 }), (items, next) => {
+    more.replaceChildren(next ? h("button", { type: "button", onclick: () => page().catch((e) => more.replaceChildren(errorBox(e))) }, "Load more") : "");
     list.replaceChildren(table(["Tenant", "Created", "API keys", ""], items.map((t) => {
       const keys = h("ul", {}, t.keys.map((k) => h("li", {}, h("span", { class: "mono" }, k.id), " ",
         h("button", { type: "button", class: "danger", "aria-label": `Revoke ${k.id}`, onclick: async () => {
@@ -491,8 +502,8 @@ async function tenants() {
             } catch (e) { out.replaceChildren(errorBox(e)); }
           } }, "Revoke portal links"),
           link(`#/subscriptions?tenant=${encodeURIComponent(t.id)}`, "Subscriptions"))));
-    }), "No tenants yet: create the first one above."));
-  }
+    }), find.value.trim() ? "No tenant's name holds that." : "No tenants yet: create the first one above."));
+  });
   await load();
 }
 

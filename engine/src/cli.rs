@@ -120,7 +120,13 @@ impl Client {
 #[derive(Subcommand)]
 pub enum Tenants {
     /// List tenants and their keys' ids.
-    List,
+    List {
+        /// Only those whose name holds this, in any case.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
+    },
     /// Create a tenant.
     Create { name: String },
     /// Mint a tenant portal link.
@@ -648,9 +654,18 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
     let api = Api::new(&conn)?;
     let (answer, shown) = match command {
         Client::Tenants { cmd, .. } => match cmd {
-            Tenants::List => {
-                (api.call("GET", "/v1/tenants", None).await?, Shown::List(&["id", "name", "created_at", "keys"]))
-            }
+            Tenants::List { name, paging } => (
+                api.call(
+                    "GET",
+                    &format!(
+                        "/v1/tenants{}",
+                        query(&[("name", name), ("cursor", paging.cursor), ("limit", Some("500".into()))])
+                    ),
+                    None,
+                )
+                .await?,
+                Shown::List(&["id", "name", "created_at", "keys"]),
+            ),
             Tenants::Create { name } => {
                 (api.call("POST", "/v1/tenants", Some(json!({ "name": name }))).await?, Shown::One)
             }

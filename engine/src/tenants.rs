@@ -176,29 +176,55 @@ impl Tenants {
         Ok(true)
     }
 
-    /// Every tenant, the default one first and then oldest first, with its keys' ids and
-    /// creation times (never their digests).
-    pub fn list(&self) -> Vec<TenantKeys> {
+    /// A page of tenants — the default one first, then oldest first — with their keys' ids and
+    /// creation times (never their digests): up to `limit` of those whose name holds `name`
+    /// (any case), after the tenant `after`; and the last one's id if more follow. `None` when
+    /// `after` names no tenant.
+    pub fn list(
+        &self,
+        name: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Option<(Vec<TenantKeys>, Option<String>)> {
         let state = self.state.read().unwrap();
-        // Keys grouped in one pass (each tenant filtering every key was tenants × keys).
-        let mut by_tenant: HashMap<&str, Vec<KeyInfo>> = HashMap::new();
-        for k in state.keys.values() {
-            by_tenant
-                .entry(&k.tenant)
-                .or_default()
-                .push(KeyInfo { id: k.id.clone(), created_at: k.created_at.clone() });
-        }
         let default = state.tenants.get(DEFAULT_TENANT).cloned().unwrap_or_else(Tenant::default_tenant);
-        let mut items: Vec<TenantKeys> = std::iter::once(&default)
-            .chain(state.tenants.values().filter(|t| t.id != DEFAULT_TENANT))
+        let mut all: Vec<&Tenant> =
+            std::iter::once(&default).chain(state.tenants.values().filter(|t| t.id != DEFAULT_TENANT)).collect();
+        // The default tenant has no creation time, and so comes first.
+        let order = |t: &Tenant| (t.created_at.clone(), t.id.clone());
+        all.sort_by_cached_key(|t| order(t));
+        let from = match after {
+            Some(id) => Some(order(all.iter().find(|t| t.id == id)?)),
+            None => None,
+        };
+        let name = name.map(str::to_lowercase);
+        let mut page: Vec<&Tenant> = all
+            .into_iter()
+            .filter(|t| from.as_ref().is_none_or(|from| order(t) > *from))
+            .filter(|t| name.as_ref().is_none_or(|name| t.name.to_lowercase().contains(name)))
+            .take(limit + 1)
+            .collect();
+        let next = (page.len() > limit).then(|| {
+            page.truncate(limit);
+            page[limit - 1].id.clone()
+        });
+        // Keys grouped in one pass over them, for this page's tenants only (each tenant
+        // filtering every key was tenants × keys).
+        let mut by_tenant: HashMap<&str, Vec<KeyInfo>> = page.iter().map(|t| (t.id.as_str(), Vec::new())).collect();
+        for k in state.keys.values() {
+            if let Some(keys) = by_tenant.get_mut(k.tenant.as_str()) {
+                keys.push(KeyInfo { id: k.id.clone(), created_at: k.created_at.clone() });
+            }
+        }
+        let items = page
+            .into_iter()
             .map(|t| {
                 let mut keys = by_tenant.remove(t.id.as_str()).unwrap_or_default();
                 keys.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
                 TenantKeys { tenant: t.clone(), keys }
             })
             .collect();
-        items.sort_by(|a, b| (&a.tenant.created_at, &a.tenant.id).cmp(&(&b.tenant.created_at, &b.tenant.id)));
-        items
+        Some((items, next))
     }
 
     /// Issues a key for `tenant`: returns its id and the key, which is never shown again.

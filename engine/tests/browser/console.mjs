@@ -369,12 +369,13 @@ try {
   });
 
   await check("a reload while Herald answers 503 keeps the portal's session", async () => {
-    await portal.route("**/v1/tenants", (r) => r.fulfill({ status: 503, contentType: "application/json",
+    const tenantList = (u) => u.pathname === "/v1/tenants";
+    await portal.route(tenantList, (r) => r.fulfill({ status: 503, contentType: "application/json",
       body: JSON.stringify({ error: { code: "UNAVAILABLE", message: "busy for a moment" } }) }));
     await portal.reload();
     await portal.getByRole("alert").filter({ hasText: "busy for a moment" }).waitFor({ timeout: WAIT });
     assert.match(await portal.evaluate(() => sessionStorage.getItem("herald.token")) || "", /^hp\./, "the token kept");
-    await portal.unroute("**/v1/tenants");
+    await portal.unroute(tenantList);
     await portal.getByRole("button", { name: "Try again" }).click();
     await portal.getByRole("heading", { name: "Events", exact: true }).waitFor({ timeout: WAIT });
   });
@@ -723,6 +724,24 @@ try {
     await page.locator("[data-portal-url]").waitFor({ timeout: WAIT });
     await page.getByRole("status").filter({ has: page.locator("[data-portal-url]") }).getByRole("button", { name: "Copy" }).click();
     await page.getByText(/Copied\.|Could not copy here/).waitFor({ timeout: WAIT });
+  });
+
+  await check("the tenants page is read a page at a time and filtered by name; signing in reads one tenant", async () => {
+    const asked = [];
+    const seen = (r) => { const u = new URL(r.url()); if (u.pathname === "/v1/tenants" && r.method() === "GET") asked.push(u.search); };
+    page.on("request", seen);
+    try {
+      await page.goto(`${BASE}/console#/tenants`);
+      await page.reload();
+      await page.locator("tr[data-tenant]", { hasText: "Acme Logistics" }).waitFor({ timeout: WAIT });
+      assert.ok(asked.length && asked.every((q) => new URLSearchParams(q).get("limit")), `every read of the list paged: ${asked}`);
+      await page.getByLabel("Find tenants by name").fill("acme log");
+      await page.getByRole("button", { name: "Find" }).click();
+      await page.locator('tr[data-tenant="default"]').waitFor({ state: "detached", timeout: WAIT });
+      assert.equal(await page.locator("tr[data-tenant]").count(), 1, "only Acme Logistics");
+    } finally {
+      page.off("request", seen);
+    }
   });
 
   await check("a second portal link opened where the portal shows signs in as its own tenant", async () => {

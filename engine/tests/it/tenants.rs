@@ -180,3 +180,56 @@ async fn a_key_over_its_rate_is_refused_and_counted_once() {
     let (status, doc) = bad.get("/v1/openapi.json").await;
     assert_eq!((status.as_u16(), doc["openapi"].is_string()), (200, true), "{doc}");
 }
+
+/// The tenant list is paged like every other list, and filtered by name: a platform has a
+/// tenant per customer, and one answer of every tenant with its keys — asked by the console
+/// at every page load — was megabytes at ten thousand of them.
+#[tokio::test]
+async fn the_tenant_list_is_paged_and_filtered_by_name() {
+    let h = TestHerald::start().await;
+    let mut made = Vec::new();
+    for n in 0..7 {
+        let name = if n % 2 == 0 { format!("Acme {n}") } else { format!("Globex {n}") };
+        let (status, t) = h.api.post("/v1/tenants", json!({ "name": name })).await;
+        assert_eq!(status, 201, "{t}");
+        made.push(t["id"].as_str().unwrap().to_string());
+    }
+    // Three at a time, oldest first, the default tenant first of all; every one once.
+    let (mut seen, mut cursor) = (Vec::new(), None::<String>);
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/tenants?limit=3&cursor={}", c),
+            None => "/v1/tenants?limit=3".to_string(),
+        };
+        let (status, page) = h.api.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 3, "{page}");
+        seen.extend(items.iter().map(|t| t["id"].as_str().unwrap().to_string()));
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    let mut expected = vec!["default".to_string()];
+    expected.extend(made.iter().cloned());
+    assert_eq!(seen, expected);
+
+    // By name, any case, a part of it.
+    let (status, page) = h.api.get("/v1/tenants?name=acME").await;
+    assert_eq!(status, 200, "{page}");
+    let names: Vec<_> = page["items"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Acme 0", "Acme 2", "Acme 4", "Acme 6"]);
+
+    // A cursor of another listing, or none of this API's, is refused, the field named.
+    let (_, first) = h.api.get("/v1/tenants?limit=1&name=acme").await;
+    let other = first["next"].as_str().unwrap();
+    let (status, err) = h.api.get(&format!("/v1/tenants?limit=1&cursor={}", other)).await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "{err}");
+    let (status, err) = h.api.get("/v1/tenants?cursor=sub_x").await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("cursor")), "{err}");
+    let (status, err) = h.api.get("/v1/tenants?limit=0").await;
+    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("limit")), "{err}");
+    let (status, err) = h.api.get("/v1/tenants?colour=red").await;
+    assert_eq!(status, 400, "{err}");
+}
