@@ -129,7 +129,13 @@ async function api(method, path, body) {
   }
   let json = null;
   try { json = text ? JSON.parse(text) : null; } catch { json = null; }
-  if (res.status === 401 && session.role) { signOut(ended()); throw new ApiError(401, json); }
+  if (res.status === 401 && session.role) {
+    // A write's page holds what was typed (a long JSON of settings): signed in again over it,
+    // not replaced by the sign-in form. A read's page is drawn again once signed in.
+    if (method === "GET") signOut(ended());
+    else signInOver(ended());
+    throw new ApiError(401, json);
+  }
   if (stale()) throw new Stale("the page was left");
   if (!res.ok) throw new ApiError(res.status, json);
   return json;
@@ -171,34 +177,74 @@ function signOut(message) {
   renderLogin(message);
 }
 
-function renderLogin(message) {
-  stopTimers();
-  const input = h("input", { id: "token", type: "password", autocomplete: "off", required: true, "aria-describedby": "token-help" });
+/** The sign-in form, with `message` above it; `signedIn` runs once a token is taken. */
+function loginForm(id, message, signedIn) {
+  const input = h("input", { id, type: "password", autocomplete: "off", required: true, "aria-describedby": `${id}-help` });
   const out = h("div", {});
   if (message) out.append(h("div", { class: "alert error", role: "alert" }, message));
   const form = h("form", { class: "stack", onsubmit: async (ev) => {
     ev.preventDefault();
     out.replaceChildren();
-    session.token = input.value.trim();
+    // A new portal link pasted whole is taken for its token.
+    const given = input.value.trim();
+    session.token = (PORTAL && given.match(/#token=(hp\.[^&]+)/)?.[1]) || given;
     try {
       session.role = await whoAmI();
       stored.set(session.token);
-      // A new address routes by itself (hashchange); routing here too drew the page twice.
-      if (!location.hash || location.hash === "#/") location.hash = home();
-      else route();
+      signedIn();
     } catch (e) {
       session.token = null;
       out.replaceChildren(h("div", { class: "alert error", role: "alert" },
         e.status === 401 ? "That token was not accepted." : e.message));
     }
   } },
-  h("label", { for: "token" }, PORTAL ? "API key" : "Admin token or tenant API key", input),
-  h("p", { id: "token-help", class: "muted" }, "Kept in this tab's session storage only; signing out or closing the tab forgets it."),
+  h("label", { for: id }, PORTAL ? "API key" : "Admin token or tenant API key", input),
+  h("p", { id: `${id}-help`, class: "muted" }, "Kept in this tab's session storage only; signing out or closing the tab forgets it."),
   h("button", { class: "primary", type: "submit" }, "Sign in"));
+  return { out, form, input };
+}
+
+function renderLogin(message) {
+  stopTimers();
+  const { out, form, input } = loginForm("token", message, () => {
+    // A new address routes by itself (hashchange); routing here too drew the page twice.
+    if (!location.hash || location.hash === "#/") location.hash = home();
+    else route();
+  });
   document.getElementById("app").replaceChildren(
     h("main", { id: "main", class: "login" },
       h("div", { class: "panel" }, h("h1", {}, PORTAL ? "Herald portal" : "Herald Console"), out, form)));
   input.focus();
+}
+
+// The role of the session a sign-in over the page replaces.
+let signingInOver = null;
+
+/** Asks for a token again over the page, which stays as it is (see `api`). */
+function signInOver(message) {
+  stored.forget();
+  const role = session.role ?? signingInOver;
+  signingInOver = role;
+  // No role until signed in again: a token refused in the box is said there, not taken for
+  // this session ending again.
+  session.token = null;
+  session.role = null;
+  if (document.querySelector("dialog[data-sign-in]")) return;
+  const dialog = h("dialog", { class: "panel", "data-sign-in": "", "aria-labelledby": "sign-in-again" });
+  const { out, form } = loginForm("token-again", message, () => {
+    dialog.close();
+    dialog.remove();
+    signingInOver = null;
+    // Signed in as someone else: the page was theirs before, and is drawn anew.
+    if (session.role !== role) route();
+  });
+  dialog.append(h("h2", { id: "sign-in-again" }, "Sign in again"),
+    h("p", { class: "muted" }, "What you typed on this page is kept: save again once signed in."), out, form);
+  // Escape would leave a page that cannot save: sign out instead, as the button says.
+  dialog.addEventListener("cancel", (ev) => ev.preventDefault());
+  form.append(h("button", { type: "button", onclick: () => { dialog.remove(); signingInOver = null; signOut(); } }, "Sign out"));
+  document.body.append(dialog);
+  dialog.showModal();
 }
 
 const home = () => (session.role === "admin" ? "#/overview" : "#/subscriptions");

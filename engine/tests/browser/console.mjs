@@ -744,6 +744,36 @@ try {
     }
   });
 
+  await check("a save refused because the session ended keeps what was typed, and saves once signed in again", async () => {
+    let refusedOnce = false;
+    const ended = (r) => {
+      if (r.request().method() !== "PATCH" || refusedOnce) return r.continue();
+      refusedOnce = true;
+      return r.fulfill({ status: 401, contentType: "application/json",
+        body: JSON.stringify({ error: { code: "UNAUTHORIZED", message: "missing or invalid token" } }) });
+    };
+    const path = `**/v1/subscriptions/${okSub}`;
+    await page.route(path, ended);
+    try {
+      await page.goto(`${BASE}/console#/subscriptions/${okSub}/edit`);
+      await page.getByLabel("Timeout").fill("7s");
+      await page.getByRole("button", { name: "Save changes" }).click();
+      const again = page.getByRole("dialog");
+      await again.getByText("no longer accepted").waitFor({ timeout: WAIT });
+      assert.equal(await page.getByLabel("Timeout").inputValue(), "7s", "what was typed is kept");
+      await again.getByLabel("Admin token or tenant API key").fill(ADMIN);
+      await again.getByRole("button", { name: "Sign in" }).click();
+      await again.waitFor({ state: "detached", timeout: WAIT });
+      await page.getByRole("button", { name: "Save changes" }).click();
+      await page.getByRole("heading", { name: okSub, exact: true }).waitFor({ timeout: WAIT });
+      const admin = { authorization: `Bearer ${ADMIN}` };
+      const got = await fetch(`${BASE}/v1/subscriptions/${okSub}`, { headers: admin }).then((r) => r.json());
+      assert.equal(got.timeout, "7s", JSON.stringify(got));
+    } finally {
+      await page.unroute(path, ended);
+    }
+  });
+
   await check("a second portal link opened where the portal shows signs in as its own tenant", async () => {
     const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
     const other = await fetch(`${BASE}/v1/subscriptions/${OTHER_SUB}`, { headers: admin }).then((r) => r.json());
