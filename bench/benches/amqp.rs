@@ -88,6 +88,7 @@ fn amqp(c: &mut Criterion) {
                             changes: None,
                             trace: None,
                             ordering_key: None,
+                            as_sent: false,
                         };
                         let signed = target.sign(&d, 0, 0);
                         let (transport, target) = (transport.clone(), target.clone());

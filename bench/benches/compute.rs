@@ -21,6 +21,7 @@ fn delivery(size: usize) -> Delivery {
         changes: None,
         trace: None,
         ordering_key: None,
+        as_sent: false,
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod agent;
 pub mod api;
+pub mod canonical;
 pub mod catalog;
 pub mod config;
 pub mod devices;

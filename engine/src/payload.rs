@@ -2,6 +2,7 @@
 //! body as they are (no copy, no re-serialisation); only the small envelope around them is
 //! written per attempt, because `deliveryAttempt`, `pendingRetries` and `sentAt` change.
 
+use crate::canonical;
 use crate::model::{rfc3339_ms, Delivery, PayloadFormat};
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -72,6 +73,15 @@ fn push_json_str(buf: &mut BytesMut, s: &str) {
 
 /// The body for `delivery` in `format`: the envelope for this attempt, or the raw data.
 pub fn build(format: PayloadFormat, delivery: &Delivery, pending_retries: u32, sent_at_ms: i64) -> Body {
+    if format.canonical() && delivery.as_sent {
+        // Made for `raw_bytes` before the subscription changed to a form that carries
+        // JavaScript's: worked out now (what the guides' receivers verify). Only such
+        // deliveries pay for it; the text was checked at ingest, so it cannot fail.
+        let js = |b: &Bytes| canonical::canonical(b).unwrap_or_else(|_| b.clone());
+        let changes = delivery.changes.as_ref().map(js);
+        let d = Delivery { data: js(&delivery.data), changes, as_sent: false, ..delivery.clone() };
+        return build(format, &d, pending_retries, sent_at_ms);
+    }
     match format {
         PayloadFormat::Raw | PayloadFormat::RawBytes => Body::new([delivery.data.clone()]),
         PayloadFormat::Envelope => envelope(delivery, pending_retries, sent_at_ms),
@@ -119,6 +129,7 @@ mod tests {
             changes: changes.map(|c| Bytes::from_static(c.as_bytes())),
             trace: None,
             ordering_key: None,
+            as_sent: false,
         }
     }
 
@@ -143,6 +154,18 @@ mod tests {
         let body = build(PayloadFormat::Envelope, &delivery(None), 0, 0).to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert!(v.get("changes").is_none());
+    }
+
+    /// One made as sent for `raw_bytes`, sent after its subscription changed to a form that
+    /// carries JavaScript's, is sent in that form; one made in JavaScript's form is shared
+    /// into the body as it is.
+    #[test]
+    fn a_delivery_made_as_sent_goes_in_javascript_s_form_when_the_form_asks_for_it() {
+        let d = Delivery { as_sent: true, ..delivery(Some(r#"[ {"op" : "add"} ]"#)) };
+        assert_eq!(&build(PayloadFormat::RawBytes, &d, 0, 0).to_bytes()[..], br#"{"orderId": "A-1",  "n": 1.50}"#);
+        assert_eq!(&build(PayloadFormat::Raw, &d, 0, 0).to_bytes()[..], br#"{"orderId":"A-1","n":1.5}"#);
+        let text = String::from_utf8(build(PayloadFormat::Envelope, &d, 0, 0).to_bytes().to_vec()).unwrap();
+        assert!(text.contains(r#""data":{"orderId":"A-1","n":1.5},"changes":[{"op":"add"}]"#), "{text}");
     }
 
     #[test]

@@ -296,6 +296,7 @@ pub async fn test(
         changes: None,
         trace: None,
         ordering_key: None,
+        as_sent: false,
     };
     let outcome = state.transports.deliver(&target, &ping, 0).await;
     let body = json!({

@@ -4,11 +4,11 @@
 //! after shares the stored bytes.
 
 mod budget;
-pub mod canonical;
 mod keys;
 
 pub use budget::{Budget, Over};
 
+use crate::canonical;
 use crate::history::{EventRecord, HistoryRecord, Recorder, StateRecord};
 use crate::log::{Log, LogError, Record};
 use crate::model::{new_id, now_ms, Delivery, EventInput, Invalid, PayloadFormat};
@@ -85,8 +85,13 @@ impl Deliveries {
 /// events and resent ones alike.
 fn delivery_record(target: &Target, delivery: Delivery, data: &Json, changes: Option<&Json>) -> Record {
     let format = target.sub.spec.payload;
-    let delivery =
-        Delivery { data: data.for_payload(format), changes: changes.map(|c| c.for_payload(format)), ..delivery };
+    let as_sent = !format.canonical() && (!data.same_forms() || changes.is_some_and(|c| !c.same_forms()));
+    let delivery = Delivery {
+        data: data.for_payload(format),
+        changes: changes.map(|c| c.for_payload(format)),
+        as_sent,
+        ..delivery
+    };
     Record { key: Bytes::copy_from_slice(target.sub.id.as_bytes()), value: delivery.encode() }
 }
 
@@ -112,6 +117,11 @@ impl Json {
     /// The form a subscription's payload carries.
     pub fn for_payload(&self, format: PayloadFormat) -> Bytes {
         self.form(format).clone()
+    }
+
+    /// Whether the bytes as sent are JavaScript's form already (a compact producer's).
+    fn same_forms(&self) -> bool {
+        self.sent == self.canonical
     }
 
     fn form(&self, format: PayloadFormat) -> &Bytes {
@@ -868,6 +878,7 @@ impl Ingest {
                     // letter's replay keeps its record's).
                     trace: None,
                     ordering_key: key,
+                    as_sent: false,
                 };
                 states.push(HistoryRecord::State(StateRecord::pending(&delivery, now)));
                 records.push(delivery_record(target, delivery, &data, changes.as_ref()), ordered);

@@ -12,6 +12,9 @@ const HAS_CHANGES: u8 = 1;
 const HAS_TRACE: u8 = 2;
 /// An ordering key follows the trace context (only ordered subscriptions' deliveries have one).
 const HAS_ORDERING_KEY: u8 = 4;
+/// Flag: `data` and `changes` are the bytes as sent (see [`Delivery::as_sent`]). A version
+/// before it reads past the bit, and sends the bytes stored as they are, as it always did.
+const AS_SENT: u8 = 8;
 
 /// One delivery of one event to one subscription.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +46,10 @@ pub struct Delivery {
     /// The key whose deliveries an ordered subscription makes one after another; `None` for
     /// an unordered delivery.
     pub ordering_key: Option<String>,
+    /// Whether `data` and `changes` are the producer's bytes as sent, differing from
+    /// JavaScript's form of them (made for a `raw_bytes` subscription): if the subscription
+    /// has changed to a form that carries JavaScript's since, it is worked out when sent.
+    pub as_sent: bool,
 }
 
 /// Why a record's bytes are not a delivery.
@@ -107,6 +114,7 @@ impl Delivery {
             changes: None,
             trace: None,
             ordering_key: None,
+            as_sent: false,
         }
     }
 
@@ -129,7 +137,8 @@ impl Delivery {
         buf.put_u8(VERSION);
         let trace = if self.trace.is_some() { HAS_TRACE } else { 0 };
         let key = if self.ordering_key.is_some() { HAS_ORDERING_KEY } else { 0 };
-        buf.put_u8(if self.changes.is_some() { HAS_CHANGES } else { 0 } | trace | key);
+        let as_sent = if self.as_sent { AS_SENT } else { 0 };
+        buf.put_u8(if self.changes.is_some() { HAS_CHANGES } else { 0 } | trace | key | as_sent);
         buf.put_u32_le(self.attempt);
         buf.put_i64_le(self.accepted_ms);
         buf.put_i64_le(self.due_ms);
@@ -195,6 +204,7 @@ impl Delivery {
             changes,
             trace,
             ordering_key,
+            as_sent: flags & AS_SENT != 0,
         })
     }
 }
@@ -218,6 +228,7 @@ mod tests {
             changes: Some(Bytes::from_static(br#"[{"op":"replace"}]"#)),
             trace: None,
             ordering_key: None,
+            as_sent: false,
         }
     }
 
@@ -230,8 +241,16 @@ mod tests {
         let trace = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", Some("k=v")).ok();
         for changes in [None, sample().changes] {
             for ordering_key in [None, Some("container-7".to_string())] {
-                let d = Delivery { changes: changes.clone(), trace: trace.clone(), ordering_key, ..sample() };
-                assert_eq!(Delivery::decode(d.encode()).unwrap(), d);
+                for as_sent in [false, true] {
+                    let d = Delivery {
+                        changes: changes.clone(),
+                        trace: trace.clone(),
+                        ordering_key: ordering_key.clone(),
+                        as_sent,
+                        ..sample()
+                    };
+                    assert_eq!(Delivery::decode(d.encode()).unwrap(), d);
+                }
             }
         }
     }

@@ -53,7 +53,7 @@ pub enum SignatureEncoding {
 
 /// Body shape (the contract's `payload`). `envelope` and `raw` carry the producer's `data` in
 /// JavaScript's `JSON.stringify` form, which receivers written from the source systems'
-/// guides verify (see `ingest::canonical`); `raw_bytes` carries it exactly as it was sent, for
+/// guides verify (see `canonical`); `raw_bytes` carries it exactly as it was sent, for
 /// receivers that verify the raw body of a producer's own format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

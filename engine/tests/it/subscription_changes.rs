@@ -464,3 +464,34 @@ async fn a_webhook_changed_to_amqp_is_held_to_amqp_s_rules() {
     assert_eq!(status.as_u16(), 200, "{changed}");
     assert_eq!(changed["transport"], "amqp", "{changed}");
 }
+
+/// A delivery waiting for its retry when its subscription's `payload` changes is sent in the
+/// form the subscription asks for now: one made for `raw_bytes` and sent as `raw` after a
+/// change carried the producer's spacing, where the receivers of the guides verify
+/// `JSON.stringify(JSON.parse(body))` — rejected at every retry, then dead-lettered.
+#[tokio::test]
+async fn a_delivery_waiting_when_the_payload_form_changes_is_sent_in_the_new_form() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/form", 503);
+    let retry = json!({ "policy": "fixed", "interval": "200ms", "max_attempts": 100 });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/form"), "payload": "raw_bytes", "retry": retry })).await;
+    let id = sub["id"].as_str().unwrap();
+    let body = r#"{"type":"t","id":"spaced-1","data":{ "a" : 1.50 }}"#;
+    let (status, resp) = h.api.raw("POST", "/v1/events", Some(body.into()), Some(crate::support::TOKEN)).await;
+    assert_eq!(status, 202, "{resp}");
+    assert_eq!(&rx.wait_on("/form", 1).await[0].body[..], br#"{ "a" : 1.50 }"#, "as sent, at first");
+    let (status, patched) = h.api.patch(&format!("/v1/subscriptions/{id}"), json!({ "payload": "raw" })).await;
+    assert_eq!(status, 200, "{patched}");
+    // Retries made before the change reached the receiver are let by; once it answers, the
+    // last one it took is in the form asked for now.
+    let before = rx.on("/form").len();
+    rx.wait_on("/form", before + 2).await;
+    rx.respond_on("/form", 200);
+    until("the event delivered", Duration::from_secs(20), || async {
+        let (_, event) = h.api.get("/v1/events/spaced-1").await;
+        (event["deliveries"][0]["state"] == "delivered").then_some(())
+    })
+    .await;
+    assert_eq!(&rx.on("/form").last().unwrap().body[..], br#"{"a":1.5}"#);
+}

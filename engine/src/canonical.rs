@@ -1,7 +1,9 @@
 //! The JavaScript form of a JSON document: exactly the bytes `JSON.stringify(JSON.parse(text))`
 //! gives. Receivers built from the source systems' guides compute their HMAC over that, not
 //! over the bytes on the wire, so Herald sends (and signs) this form. It is computed once, at
-//! ingest; the stored payload is then shared unchanged by every attempt.
+//! ingest; the stored payload is then shared unchanged by every attempt (computed again only
+//! for a delivery made as sent whose subscription has changed to this form since: see
+//! `payload::build`).
 //!
 //! What JavaScript does, and so what this does: no whitespace; object keys that are array
 //! indices (`"0"` … `"4294967294"`) first in ascending order, then the other keys in the order
