@@ -12,9 +12,10 @@ type HmacSha256 = Hmac<Sha256>;
 /// How an `hmac` signature header is written (the subscription's `signature.encoding`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
-    /// Lowercase hex (PackNet's `x-packsize-signature`, OpenTrack's `X-OpenTrack-Signature`).
+    /// Lowercase hex (OpenTrack's `X-OpenTrack-Signature`).
     Hex,
-    /// Standard base64 (Punt Uit's `x-hook-signature`, the Automation API's `X-Signature`).
+    /// Standard base64 (PackNet's `x-packsize-signature`, Punt Uit's `x-hook-signature`, the
+    /// Automation API's `X-Signature`).
     Base64,
 }
 

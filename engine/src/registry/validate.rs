@@ -371,6 +371,13 @@ fn check_proxy(spec: &SubscriptionSpec, proxies: &[String], kept: Option<&str>) 
     Ok(())
 }
 
+/// Whether a header (lower case) says how the body is framed or coded, or asks the receiver
+/// to answer before it: Herald's to set, and any other value breaks every request
+/// (`Content-Encoding: <a signature>` is a 415 at ordinary receivers, `Expect` a 417).
+fn frames_the_body(lower: &str) -> bool {
+    lower.starts_with("content-") || lower == "expect"
+}
+
 /// The checks every transport shares.
 fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
     if spec.events.len() > range::EVENTS {
@@ -390,6 +397,9 @@ fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
     if signature_header.as_deref().is_some_and(|h| crate::signing::TRACE_HEADERS.contains(&h)) {
         return Err(Invalid::new("signature.header", "Herald sets the trace context of traced events itself"));
     }
+    if signature_header.as_deref().is_some_and(frames_the_body) {
+        return Err(Invalid::new("signature.header", "this header says how the body is sent: choose another name"));
+    }
     for (name, value) in &spec.headers {
         let field = format!("headers.{name}");
         let lower = name.to_ascii_lowercase();
@@ -398,7 +408,7 @@ fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
         }
         // Checked here, on what tenants write, not where stored subscriptions are compiled:
         // those keep delivering (Herald's own header is the one sent).
-        if lower.starts_with("content-") || signature_header.as_ref() == Some(&lower) {
+        if frames_the_body(&lower) || signature_header.as_ref() == Some(&lower) {
             return Err(Invalid::new(&field, "this header is set by Herald and cannot be overridden"));
         }
         check_len(&field, name, crate::signing::MAX_HEADER_NAME)?;
@@ -590,6 +600,23 @@ mod tests {
         let mut disabled = spec(both);
         disabled.enabled = false;
         assert_eq!(check(&mut disabled, Some(&stored), &Rules::default(), "t"), Ok(()));
+    }
+
+    /// A header that says how the body is framed or coded (`Content-Encoding`, `Content-Range`)
+    /// or asks the receiver to answer before it (`Expect`) is refused as the `hmac` signature's
+    /// header, as it is as a custom header: every request carried the signature in it, and
+    /// ordinary receivers answered each 415, 400 or 417 until the subscription was disabled.
+    #[test]
+    fn a_header_that_frames_the_body_is_refused_for_the_signature_and_as_a_custom_header() {
+        for name in ["Content-Encoding", "content-range", "Expect"] {
+            let signed = json!({ "url": "https://a.example/", "signature": { "scheme": "hmac", "header": name } });
+            assert_eq!(checked(signed).unwrap_err().field, "signature.header", "{name}");
+            let custom = json!({ "url": "https://a.example/", "headers": { name: "v" } });
+            assert_eq!(checked(custom).unwrap_err().field, format!("headers.{name}"), "{name}");
+        }
+        let fine =
+            json!({ "url": "https://a.example/", "signature": { "scheme": "hmac", "header": "X-Content-Signature" } });
+        assert!(checked(fine).is_ok());
     }
 
     /// An AMQP subscription's `key` (a URL's query parameter) and headers past what a message's
