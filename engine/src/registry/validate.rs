@@ -86,6 +86,7 @@ pub fn check(
     }
     let kept = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| kept(previous, spec, same);
     let headers_set = !kept(|p, s| p.headers == s.headers);
+    let signature_set = !kept(|p, s| p.signature == s.signature);
     let guard_unless = |same: fn(&SubscriptionSpec, &SubscriptionSpec) -> bool| {
         if spec.via_edge.is_some() || kept(same) {
             &open
@@ -113,7 +114,7 @@ pub fn check(
     if headers_set {
         check_header_names(spec)?;
     }
-    check_common(spec)
+    check_common(spec, headers_set, signature_set)
 }
 
 /// Refuses two header names that differ only in case: one header, sent once (a subscription
@@ -379,7 +380,10 @@ fn frames_the_body(lower: &str) -> bool {
 }
 
 /// The checks every transport shares.
-fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
+/// `headers_set` and `signature_set` say whether those are being set (a create, or a change
+/// of them): refusals added since a subscription was stored apply to what is set, and one
+/// stored before keeps delivering and takes changes of anything else.
+fn check_common(spec: &SubscriptionSpec, headers_set: bool, signature_set: bool) -> Result<(), Invalid> {
     if spec.events.len() > range::EVENTS {
         return Err(Invalid::new("events", format!("at most {} event types", range::EVENTS)));
     }
@@ -397,7 +401,7 @@ fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
     if signature_header.as_deref().is_some_and(|h| crate::signing::TRACE_HEADERS.contains(&h)) {
         return Err(Invalid::new("signature.header", "Herald sets the trace context of traced events itself"));
     }
-    if signature_header.as_deref().is_some_and(frames_the_body) {
+    if signature_set && signature_header.as_deref().is_some_and(frames_the_body) {
         return Err(Invalid::new("signature.header", "this header says how the body is sent: choose another name"));
     }
     for (name, value) in &spec.headers {
@@ -408,7 +412,11 @@ fn check_common(spec: &SubscriptionSpec) -> Result<(), Invalid> {
         }
         // Checked here, on what tenants write, not where stored subscriptions are compiled:
         // those keep delivering (Herald's own header is the one sent).
-        if frames_the_body(&lower) || signature_header.as_ref() == Some(&lower) {
+        // (`content-*` was always refused; `expect` since later, so for what is set.)
+        if lower.starts_with("content-")
+            || (headers_set && lower == "expect")
+            || signature_header.as_ref() == Some(&lower)
+        {
             return Err(Invalid::new(&field, "this header is set by Herald and cannot be overridden"));
         }
         check_len(&field, name, crate::signing::MAX_HEADER_NAME)?;
@@ -617,6 +625,16 @@ mod tests {
         let fine =
             json!({ "url": "https://a.example/", "signature": { "scheme": "hmac", "header": "X-Content-Signature" } });
         assert!(checked(fine).is_ok());
+        // Stored before they were refused: kept through a change of anything else.
+        for stored in [
+            json!({ "url": "https://a.example/", "signature": { "scheme": "hmac", "header": "Content-Signature" } }),
+            json!({ "url": "https://a.example/", "headers": { "Expect": "x" } }),
+        ] {
+            let stored = spec(stored);
+            let mut disabled = stored.clone();
+            disabled.enabled = false;
+            assert_eq!(check(&mut disabled, Some(&stored), &Rules::default(), "t"), Ok(()), "{stored:?}");
+        }
     }
 
     /// An AMQP subscription's `key` (a URL's query parameter) and headers past what a message's
