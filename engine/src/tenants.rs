@@ -45,6 +45,14 @@ pub struct Tenant {
 /// apart two processes' clocks may be for a link minted before it to be refused everywhere.
 const PORTAL_CLOCKS_APART_MS: i64 = 60_000;
 
+/// Since when a tenant's portal links are taken after a revocation at `now_ms` (this process's
+/// clock): a while ahead of it, and never earlier than the revocation before — made through a
+/// process whose clock runs behind, a second revocation moved it back, and links minted after
+/// the first (dated at its time) worked again.
+fn revoked_from(now_ms: i64, before: Option<i64>) -> i64 {
+    (now_ms + PORTAL_CLOCKS_APART_MS).max(before.map_or(i64::MIN, |from| from + 1))
+}
+
 impl Tenant {
     /// The [`DEFAULT_TENANT`], never created: listed and given keys like the others (stored
     /// only once something of its own is set, such as a revocation of its portal links).
@@ -171,7 +179,7 @@ impl Tenants {
         // by a process whose clock runs ahead of this one's would be dated after "now" here,
         // and taken for the rest of its lifetime (a week at most). So refused from a while
         // ahead; a link minted after this is dated no earlier (`api::portal::mint`), and works.
-        t.portal_links_from = Some(rfc3339_ms(now_ms() + PORTAL_CLOCKS_APART_MS));
+        t.portal_links_from = Some(rfc3339_ms(revoked_from(now_ms(), t.portal_links_from_ms())));
         self.persist(Key::tenant(&t.id), Bytes::from(serde_json::to_vec(&t).expect("serializes"))).await?;
         Ok(true)
     }
@@ -278,5 +286,20 @@ impl Apply for Tenants {
             },
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A revocation reaches ahead of its clock, and past the one before whatever its clock.
+    #[test]
+    fn a_revocation_of_portal_links_never_moves_back() {
+        let minute = super::PORTAL_CLOCKS_APART_MS;
+        assert_eq!(super::revoked_from(1_000, None), 1_000 + minute);
+        let first = super::revoked_from(100_000, None);
+        // The second through a process whose clock runs 30 s behind, 10 s after the first.
+        let second = super::revoked_from(80_000, Some(first));
+        assert!(second > first, "{second} after {first}: a link dated at the first is refused");
+        assert_eq!(super::revoked_from(200_000, Some(first)), 200_000 + minute);
     }
 }
