@@ -461,9 +461,18 @@ impl Client {
         self.typed(Method::POST, "/v1/tenants", Some(&json!({ "name": name }))).await
     }
 
-    /// Every tenant, with its keys' ids.
+    /// Every tenant, with its keys' ids (the server's pages read one after another).
     pub async fn tenants(&self) -> Result<Vec<Value>, Error> {
-        self.typed::<Page<Value>>(Method::GET, "/v1/tenants", None).await.map(|p| p.items)
+        let (mut all, mut cursor) = (Vec::new(), None);
+        loop {
+            let q = query(&[("limit", Some("500".into())), ("cursor", cursor)]);
+            let page = self.typed::<Page<Value>>(Method::GET, &format!("/v1/tenants{q}"), None).await?;
+            all.extend(page.items);
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// Issues an API key for a tenant (shown this once).

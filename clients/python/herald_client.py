@@ -165,7 +165,14 @@ class HeraldClient:
         return self.call("POST", "/v1/tenants", {"name": name})
 
     def tenants(self):
-        return self.call("GET", "/v1/tenants")["items"]
+        """Every tenant, with its keys' ids (the server's pages read one after another)."""
+        tenants, cursor = [], None
+        while True:
+            page = self.call("GET", "/v1/tenants" + _query(limit=500, cursor=cursor))
+            tenants += page["items"]
+            cursor = page.get("next")
+            if not cursor:
+                return tenants
 
     def issue_key(self, tenant_id):
         """Returns {"id", "key"}; the key is shown this once."""

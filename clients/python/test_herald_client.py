@@ -111,6 +111,11 @@ class LiveServer(unittest.TestCase):
             HeraldClient("http://127.0.0.1:9", "x", timeout=2).tenants()
         self.assertEqual(away.exception.status, 0)
 
+    def test_every_tenant_is_listed_past_the_server_s_page(self):
+        made = [self.herald.create_tenant(f"Many Co {n}")["id"] for n in range(60)]
+        listed = [t["id"] for t in self.herald.tenants()]
+        self.assertEqual([t for t in made if t not in listed], [])
+
     def test_a_replay_of_chosen_ids_replays_those_only(self):
         herald = self.herald
         sub = herald.create_subscription({"url": self.hooks + "/fail", "retry": {"policy": "fixed", "interval": "10ms", "max_attempts": 1}})
