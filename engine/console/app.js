@@ -24,7 +24,9 @@ let flash = null;
 // ---------- DOM helpers ----------
 
 // A click or submit whose work is under way is not taken again: a double click made two
-// subscriptions (the first one's signing secret never shown), two keys, two resends.
+// subscriptions (the first one's signing secret never shown), two keys, two resends. A
+// handler that may be asked again while its work runs returns nothing (a filter: the newer
+// list replaces the one loading, see `pager`).
 function once(el, handler) {
   return (ev) => {
     if (el.getAttribute("aria-busy") === "true") { ev.preventDefault(); return; }
@@ -206,6 +208,7 @@ function loginForm(id, message, signedIn) {
 
 function renderLogin(message) {
   stopTimers();
+  closeSignInOver();
   const { out, form, input } = loginForm("token", message, () => {
     // A new address routes by itself (hashchange); routing here too drew the page twice.
     if (!location.hash || location.hash === "#/") location.hash = home();
@@ -217,14 +220,25 @@ function renderLogin(message) {
   input.focus();
 }
 
-// The role of the session a sign-in over the page replaces.
+// Whose session it is, as far as the page can tell: the admin, a portal link's tenant (named in
+// the link), or an API key (whose tenant the page is not told: another key counts as another).
+const principal = () => session.role === "admin" ? "admin"
+  : /^hp\.([^.]+)\./.exec(session.token || "")?.[1] ? "tenant:" + /^hp\.([^.]+)\./.exec(session.token)[1]
+    : "key:" + (session.token || "").split(".")[1];
+
+// Whose session a sign-in over the page replaces (`signInOver`), while one is asked for.
 let signingInOver = null;
+
+/** Takes away a sign-in asked for over a page the user has left (or signed in on anew). */
+function closeSignInOver() {
+  document.querySelector("dialog[data-sign-in]")?.remove();
+  signingInOver = null;
+}
 
 /** Asks for a token again over the page, which stays as it is (see `api`). */
 function signInOver(message) {
+  if (session.role) signingInOver = principal();
   stored.forget();
-  const role = session.role ?? signingInOver;
-  signingInOver = role;
   // No role until signed in again: a token refused in the box is said there, not taken for
   // this session ending again.
   session.token = null;
@@ -232,17 +246,17 @@ function signInOver(message) {
   if (document.querySelector("dialog[data-sign-in]")) return;
   const dialog = h("dialog", { class: "panel", "data-sign-in": "", "aria-labelledby": "sign-in-again" });
   const { out, form } = loginForm("token-again", message, () => {
-    dialog.close();
-    dialog.remove();
-    signingInOver = null;
-    // Signed in as someone else: the page was theirs before, and is drawn anew.
-    if (session.role !== role) route();
+    const before = signingInOver;
+    closeSignInOver();
+    // Someone else's now (another tenant's link, another key), or the page was left for the
+    // sign-in form meanwhile: drawn anew.
+    if (principal() !== before || document.getElementById("token")) route();
   });
   dialog.append(h("h2", { id: "sign-in-again" }, "Sign in again"),
     h("p", { class: "muted" }, "What you typed on this page is kept: save again once signed in."), out, form);
   // Escape would leave a page that cannot save: sign out instead, as the button says.
   dialog.addEventListener("cancel", (ev) => ev.preventDefault());
-  form.append(h("button", { type: "button", onclick: () => { dialog.remove(); signingInOver = null; signOut(); } }, "Sign out"));
+  form.append(h("button", { type: "button", onclick: () => { closeSignInOver(); signOut(); } }, "Sign out"));
   document.body.append(dialog);
   dialog.showModal();
 }
@@ -482,6 +496,8 @@ async function tenants() {
       const t = await api("POST", "/v1/tenants", { name: name.value });
       out.replaceChildren(h("div", { class: "alert ok", role: "status" }, `Tenant ${t.name} created: ${t.id}`));
       name.value = "";
+      // The list is oldest first: the new tenant is on its last page, so it is found by name.
+      find.value = t.name;
       await load();
     } catch (e) { out.replaceChildren(errorBox(e)); }
   } }, h("label", { for: "tenant-name" }, "New tenant's name", name), h("button", { class: "primary", type: "submit" }, "Create tenant"));
@@ -493,62 +509,72 @@ async function tenants() {
     list.replaceChildren(errorBox(e));
     more.replaceChildren();
   };
-  const search = h("form", { class: "row", role: "search", onsubmit: (ev) => { ev.preventDefault(); return load().catch(refused); } },
+  const search = h("form", { class: "row", role: "search", onsubmit: (ev) => { ev.preventDefault(); load().catch(refused); } },
     h("label", { for: "tenant-find" }, "Find tenants by name", find), h("button", { type: "submit" }, "Find"));
   layout("tenants", "Tenants", h("div", { class: "panel" }, create), kept, out, search, list, more);
-  // Each tenant's chosen link lifetime, kept while the list is drawn again (a key issued or
-  // revoked redraws it).
+  // Each tenant's chosen link lifetime, kept while its row is drawn again.
   const lifetimes = new Map();
+
+  // A tenant's row; a key issued or revoked draws the row again, in its place (the list
+  // drawn anew went back to its first page, and a tenant reached by "Load more" was gone).
+  const row = (t) => {
+    const redraw = () => document.querySelector(`tr[data-tenant="${CSS.escape(t.id)}"]`)?.replaceWith(row(t));
+    const keys = h("ul", {}, t.keys.map((k) => h("li", {}, h("span", { class: "mono" }, k.id), " ",
+      h("button", { type: "button", class: "danger", "aria-label": `Revoke ${k.id}`, onclick: async () => {
+        if (!confirm(`Revoke key ${k.id}? Clients using it stop working at once.`)) return;
+        try {
+          await api("DELETE", `/v1/tenants/${t.id}/keys/${k.id}`);
+          t.keys = t.keys.filter((other) => other.id !== k.id);
+          redraw();
+        } catch (e) { out.replaceChildren(errorBox(e)); }
+      } }, "Revoke"))));
+    // How long a link minted here works (the API's range: a minute to a week).
+    const lifetime = h("select", { "aria-label": `Lifetime of ${t.name}'s portal links` },
+      [["", "for the default time (api.portal_ttl)"], ["1h", "for 1 hour"], ["8h", "for 8 hours"], ["1d", "for 1 day"], ["7d", "for 7 days"]]
+        .map(([v, text]) => h("option", { value: v, selected: lifetimes.get(t.id) === v }, text)));
+    lifetime.addEventListener("change", () => lifetimes.set(t.id, lifetime.value));
+    return h("tr", { "data-tenant": t.id },
+      h("td", {}, h("strong", {}, t.name), h("div", { class: "mono muted" }, t.id)),
+      h("td", {}, fmtTime(t.created_at)),
+      h("td", {}, t.keys.length ? keys : h("span", { class: "muted" }, "none")),
+      h("td", {}, h("div", { class: "actions" },
+        h("button", { type: "button", onclick: async () => {
+          try {
+            const k = await api("POST", `/v1/tenants/${t.id}/keys`);
+            kept.replaceChildren(secretBox(`New API key ${k.id} for ${t.name}`, k.key));
+            out.replaceChildren();
+            t.keys = [...t.keys, { id: k.id }];
+            redraw();
+          } catch (e) { out.replaceChildren(errorBox(e)); }
+        } }, "Issue key"),
+        lifetime,
+        h("button", { type: "button", onclick: async () => {
+          try {
+            const p = await api("POST", `/v1/tenants/${t.id}/portal`, lifetime.value ? { ttl: lifetime.value } : {});
+            const url = h("code", { "data-portal-url": "" }, p.url);
+            out.replaceChildren(h("div", { class: "alert secret", role: "status" },
+              h("strong", {}, `Portal link for ${t.name}, valid until ${fmtTime(p.expires_at)}`), url,
+              h("div", { class: "muted" }, "Anyone with this link acts as the tenant until it expires, or until the tenant's portal links are revoked."),
+              ...copyButton(url, p.url)));
+          } catch (e) { out.replaceChildren(errorBox(e)); }
+        } }, "Portal link"),
+        h("button", { type: "button", class: "danger", onclick: async () => {
+          // The name is the operator's, but quoted as elsewhere: one line, no rewriting.
+          if (!confirm(`Revoke every portal link of ${JSON.stringify(t.name)}? Links given out so far stop working at once; links minted after work.`)) return;
+          try {
+            await api("DELETE", `/v1/tenants/${t.id}/portal`);
+            out.replaceChildren(h("div", { class: "alert ok", role: "status", "data-portal-revoked": "" },
+              `Every portal link of ${t.name} minted until now is refused.`));
+          } catch (e) { out.replaceChildren(errorBox(e)); }
+        } }, "Revoke portal links"),
+        link(`#/subscriptions?tenant=${encodeURIComponent(t.id)}`, "Subscriptions"))));
+  };
 
   // A page at a time, as the other lists: a platform has a tenant per customer.
   const { page, reload: load } = pager("/v1/tenants", () => ({ name: find.value.trim(), limit: 100 }), (items, next) => {
     more.replaceChildren(next ? h("button", { type: "button", onclick: () => page().catch((e) => more.replaceChildren(errorBox(e))) }, "Load more") : "");
-    list.replaceChildren(table(["Tenant", "Created", "API keys", ""], items.map((t) => {
-      const keys = h("ul", {}, t.keys.map((k) => h("li", {}, h("span", { class: "mono" }, k.id), " ",
-        h("button", { type: "button", class: "danger", "aria-label": `Revoke ${k.id}`, onclick: async () => {
-          if (!confirm(`Revoke key ${k.id}? Clients using it stop working at once.`)) return;
-          try { await api("DELETE", `/v1/tenants/${t.id}/keys/${k.id}`); await load(); } catch (e) { out.replaceChildren(errorBox(e)); }
-        } }, "Revoke"))));
-      // How long a link minted here works (the API's range: a minute to a week).
-      const lifetime = h("select", { "aria-label": `Lifetime of ${t.name}'s portal links` },
-        [["", "for the default time (api.portal_ttl)"], ["1h", "for 1 hour"], ["8h", "for 8 hours"], ["1d", "for 1 day"], ["7d", "for 7 days"]]
-          .map(([v, text]) => h("option", { value: v, selected: lifetimes.get(t.id) === v }, text)));
-      lifetime.addEventListener("change", () => lifetimes.set(t.id, lifetime.value));
-      return h("tr", { "data-tenant": t.id },
-        h("td", {}, h("strong", {}, t.name), h("div", { class: "mono muted" }, t.id)),
-        h("td", {}, fmtTime(t.created_at)),
-        h("td", {}, t.keys.length ? keys : h("span", { class: "muted" }, "none")),
-        h("td", {}, h("div", { class: "actions" },
-          h("button", { type: "button", onclick: async () => {
-            try {
-              const k = await api("POST", `/v1/tenants/${t.id}/keys`);
-              kept.replaceChildren(secretBox(`New API key ${k.id} for ${t.name}`, k.key));
-              out.replaceChildren();
-              await load();
-            } catch (e) { out.replaceChildren(errorBox(e)); }
-          } }, "Issue key"),
-          lifetime,
-          h("button", { type: "button", onclick: async () => {
-            try {
-              const p = await api("POST", `/v1/tenants/${t.id}/portal`, lifetime.value ? { ttl: lifetime.value } : {});
-              const url = h("code", { "data-portal-url": "" }, p.url);
-              out.replaceChildren(h("div", { class: "alert secret", role: "status" },
-                h("strong", {}, `Portal link for ${t.name}, valid until ${fmtTime(p.expires_at)}`), url,
-                h("div", { class: "muted" }, "Anyone with this link acts as the tenant until it expires, or until the tenant's portal links are revoked."),
-                ...copyButton(url, p.url)));
-            } catch (e) { out.replaceChildren(errorBox(e)); }
-          } }, "Portal link"),
-          h("button", { type: "button", class: "danger", onclick: async () => {
-            // The name is the operator's, but quoted as elsewhere: one line, no rewriting.
-            if (!confirm(`Revoke every portal link of ${JSON.stringify(t.name)}? Links given out so far stop working at once; links minted after work.`)) return;
-            try {
-              await api("DELETE", `/v1/tenants/${t.id}/portal`);
-              out.replaceChildren(h("div", { class: "alert ok", role: "status", "data-portal-revoked": "" },
-                `Every portal link of ${t.name} minted until now is refused.`));
-            } catch (e) { out.replaceChildren(errorBox(e)); }
-          } }, "Revoke portal links"),
-          link(`#/subscriptions?tenant=${encodeURIComponent(t.id)}`, "Subscriptions"))));
-    }), find.value.trim() ? "No tenant's name holds that." : "No tenants yet: create the first one above."));
+    list.replaceChildren(table(["Tenant", "Created", "API keys", ""], items.map(row),
+      find.value.trim() ? "No tenant's name holds that." : "No tenants yet: create the first one above."));
   });
   await load();
 }
@@ -960,7 +986,7 @@ async function events(id) {
     list.replaceChildren(errorBox(e));
     more.replaceChildren();
   };
-  const filter = h("form", { class: "row", onsubmit: (ev) => { ev.preventDefault(); return reload().catch(refused); } },
+  const filter = h("form", { class: "row", onsubmit: (ev) => { ev.preventDefault(); reload().catch(refused); } },
     h("label", { for: "event-type" }, "Type", type), h("button", { type: "submit" }, "Filter"));
   tenant.addEventListener("change", () => reload().catch(refused));
   const more = h("div", {});
@@ -1081,7 +1107,7 @@ async function deadLetters() {
     more.replaceChildren();
     actions.replaceChildren();
   };
-  const filter = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); return reload().catch(refused); } },
+  const filter = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); reload().catch(refused); } },
     h("label", { for: "dlq-subscription" }, "Subscription", subscription),
     session.role === "admin" ? h("label", { for: "dlq-tenant" }, "Tenant", tenant) : null,
     h("button", { type: "submit" }, "Filter"));
@@ -1248,6 +1274,7 @@ function takeLinkToken() {
   let token = "";
   try { token = decodeURIComponent(m[1]); } catch { /* a damaged link: no token */ }
   if (PORTAL && token.startsWith("hp.")) {
+    closeSignInOver();
     session.token = token;
     session.role = null;
     flash = null;

@@ -900,6 +900,77 @@ try {
     }
   });
 
+  await check("a filter asked for while the list loads replaces it", async () => {
+    await page.goto(`${BASE}/console#/events?tenant=${tenant}`);
+    await page.locator("tr[data-event]").first().waitFor({ timeout: WAIT });
+    const slow = async (r) => { await new Promise((t) => setTimeout(t, 400)); await r.continue(); };
+    await page.route("**/v1/events?*", slow);
+    try {
+      await page.getByLabel("Type").fill("no.such.type");
+      await page.getByRole("button", { name: "Filter" }).click();
+      await page.getByLabel("Type").fill("container.status.updated");
+      await page.getByRole("button", { name: "Filter" }).click();
+      await page.locator('tr[data-event^="bulk-"]').first().waitFor({ timeout: WAIT });
+    } finally {
+      await page.unroute("**/v1/events?*", slow);
+    }
+  });
+
+  await check("the sign-in asked for over a portal page gives way to a new link, and to another tenant's sign-in", async () => {
+    const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
+    const other = await fetch(`${BASE}/v1/subscriptions/${OTHER_SUB}`, { headers: admin }).then((r) => r.json());
+    const mint = () => fetch(`${BASE}/v1/tenants/${other.tenant}/portal`, { method: "POST", headers: admin, body: "{}" }).then((r) => r.json());
+    const ended = (r) => r.request().method() === "PATCH"
+      ? r.fulfill({ status: 401, contentType: "application/json", body: JSON.stringify({ error: { code: "UNAUTHORIZED", message: "expired" } }) })
+      : r.continue();
+    const sctx = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+    try {
+      const tab = await sctx.newPage();
+      watch(tab);
+      const signInAsked = async () => {
+        await tab.goto(portalUrl);
+        await tab.locator(`tr[data-subscription="${okSub}"]`).waitFor({ timeout: WAIT });
+        await tab.route(`**/v1/subscriptions/${okSub}`, ended);
+        await tab.goto(`${BASE}/portal#/subscriptions/${okSub}/edit`);
+        await tab.getByLabel("Timeout").fill("9s");
+        await tab.getByRole("button", { name: "Save changes" }).click();
+        await tab.getByRole("dialog").waitFor({ timeout: WAIT });
+        await tab.unroute(`**/v1/subscriptions/${okSub}`, ended);
+      };
+      // A new link opened by the embedding app while the sign-in shows.
+      await signInAsked();
+      await tab.goto((await mint()).url);
+      await tab.locator(`tr[data-subscription="${OTHER_SUB}"]`).waitFor({ timeout: WAIT });
+      assert.equal(await tab.getByRole("dialog").count(), 0, "the sign-in is gone");
+      // Another tenant's link pasted into the sign-in: that tenant's page, not the first's.
+      await signInAsked();
+      await tab.getByRole("dialog").getByLabel("API key").fill((await mint()).url);
+      await tab.getByRole("dialog").getByRole("button", { name: "Sign in" }).click();
+      await tab.getByRole("dialog").waitFor({ state: "detached", timeout: WAIT });
+      await tab.locator(`header [data-tenant="${other.tenant}"]`).waitFor({ timeout: WAIT });
+      await tab.getByRole("alert").filter({ hasText: /not found/i }).waitFor({ timeout: WAIT });
+    } finally {
+      await sctx.close();
+    }
+  });
+
+  await check("a tenant reached by “Load more” keeps its place when it is given a key", async () => {
+    const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
+    for (let i = 0; i <= 100; i++) {
+      const res = await fetch(`${BASE}/v1/tenants`, { method: "POST", headers: admin, body: JSON.stringify({ name: `Filler ${i}` }) });
+      assert.equal(res.status, 201);
+    }
+    await page.goto(`${BASE}/console#/tenants`);
+    await page.locator("tr[data-tenant]").nth(99).waitFor({ timeout: WAIT });
+    await page.getByRole("button", { name: "Load more" }).click();
+    const last = page.locator("tr[data-tenant]", { hasText: "Filler 100" });
+    await last.waitFor({ timeout: WAIT });
+    await last.getByRole("button", { name: "Issue key" }).click();
+    await page.locator("[data-secret]").waitFor({ timeout: WAIT });
+    await last.locator("li").first().waitFor({ timeout: WAIT });
+    assert.ok((await page.locator("tr[data-tenant]").count()) > 100, "the pages loaded stay");
+  });
+
   await check("revoking a tenant's portal links from the tenants page signs its portal out", async () => {
     await portal.goto(`${BASE}/portal#/subscriptions`);
     await portal.getByRole("heading", { name: "Subscriptions", exact: true }).waitFor({ timeout: WAIT });
