@@ -119,9 +119,11 @@ impl Json {
         self.form(format).clone()
     }
 
-    /// Whether the bytes as sent are JavaScript's form already (a compact producer's).
+    /// Whether the bytes as sent are JavaScript's form already (a compact producer's: then
+    /// one buffer, see [`Json::new`]; compared only if two).
     fn same_forms(&self) -> bool {
-        self.sent == self.canonical
+        (self.sent.as_ptr() == self.canonical.as_ptr() && self.sent.len() == self.canonical.len())
+            || self.sent == self.canonical
     }
 
     fn form(&self, format: PayloadFormat) -> &Bytes {
