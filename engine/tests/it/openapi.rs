@@ -253,6 +253,30 @@ async fn random_and_malformed_input_at_every_operation_gets_no_5xx_and_appends_n
     eprintln!("openapi fuzz: {requests} requests, no 5xx");
 }
 
+/// A list that takes a `cursor` documents a `next` to pass as one: the blocked keys' said
+/// `next` was always null while their handler paged, and a strict generated client failed to
+/// read the answer once more keys were blocked than a page holds.
+#[test]
+fn a_list_that_takes_a_cursor_documents_a_next_to_pass_as_one() {
+    let doc = document();
+    let mut lists = 0;
+    for (method, path, op) in operations(&doc) {
+        let params = op["parameters"].as_array().cloned().unwrap_or_default();
+        if !params.iter().any(|p| p["name"] == "cursor") {
+            continue;
+        }
+        lists += 1;
+        let reference = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].as_str().unwrap();
+        let schema = &doc["components"]["schemas"][reference.rsplit('/').next().unwrap()];
+        let next = &schema["properties"]["next"]["type"];
+        assert!(
+            next == "string" || next.as_array().is_some_and(|t| t.contains(&json!("string"))),
+            "{method} {path} takes a cursor, and documents next as {next}"
+        );
+    }
+    assert!(lists >= 6, "{lists} lists take a cursor");
+}
+
 /// The ranges the document states are the ones the API enforces (`herald::model::range`, the
 /// one place that decides them).
 #[test]
@@ -365,7 +389,8 @@ async fn shapes_the_server_takes_and_answers_are_documented() {
     assert_eq!(status, 201, "{body}");
     let (status, _) = h.api.post("/v1/tenants", json!({ "name": "名".repeat(201) })).await;
     assert_eq!(status, 400);
-    // Lists answer `{items, next}`, these three on one page.
+    // Lists answer `{items, next}`: edge devices and event types on one page, the few tenants
+    // here too.
     for path in ["/v1/tenants", "/v1/edge-devices", "/v1/event-types"] {
         let (status, list) = h.api.get(path).await;
         assert_eq!((status.as_u16(), list.get("next")), (200, Some(&Value::Null)), "{path}: {list}");
