@@ -706,7 +706,7 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
             ttl: config.api.portal_ttl.0,
             public_url: config.api.public_url.clone(),
         },
-        underway: crate::model::TakenInTurns::per_key(api::TENANT_REQUESTS),
+        underway: crate::model::TakenInTurns::per_key(config.api.tenant_requests),
     });
     keep_admin_token(&config, &token, token_source).map_err(data_err)?;
     let listener = socket.listen(1024).map_err(|source| StartError::Listen { addr: config.listen, source })?;

@@ -71,7 +71,7 @@ struct Authenticated(Principal);
 /// is limited by its request rate, but nothing bounded how many of its requests were under way
 /// — bodies sent slowly are each held whole until in (up to 4 MiB, for up to
 /// `api.request_timeout`), and one key's hundreds of them took gigabytes and every connection.
-/// Past [`super::TENANT_REQUESTS`] its next is answered `429` at once. Who the caller is is
+/// Past `api.tenant_requests` its next is answered `429` at once. Who the caller is is
 /// decided here for the handlers: a tenant key's or portal link's refusal on the API's routes
 /// is the answer; any other request that fails to authenticate goes on, for its handler to
 /// judge (an edge device's token; the OpenAPI document, public to a caller with a bad token).
@@ -91,7 +91,7 @@ pub async fn hold_a_tenant_s_share(
             if let Principal::Tenant(tenant) = &who {
                 match state.underway.try_turn(tenant) {
                     Some(place) => held = Some(place),
-                    None => return ApiError::tenant_busy(super::TENANT_REQUESTS).into_response(),
+                    None => return ApiError::tenant_busy(state.underway.per_tenant()).into_response(),
                 }
             }
             parts.extensions.insert(Authenticated(who));

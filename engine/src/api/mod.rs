@@ -130,13 +130,10 @@ pub struct Shared {
     pub unknown_event_types: crate::config::UnknownTypes,
     /// Portal links: their key, lifetime and base URL.
     pub portal: portal::Portal,
-    /// Each tenant's requests under way ([`TENANT_REQUESTS`]).
+    /// Each tenant's requests under way, `api.tenant_requests` of one's at most (see
+    /// `auth::hold_a_tenant_s_share`).
     pub underway: crate::model::TakenInTurns,
 }
-
-/// Most requests of one tenant (its keys and portal links together) under way at once, bodies
-/// included (see `auth::hold_a_tenant_s_share`): a console page makes a few at a time.
-pub const TENANT_REQUESTS: usize = 16;
 
 /// Runs `work` in a task of its own, for an operation that must not stop part-way: a request
 /// cut off by `api.request_timeout` (whose `408` says work it began goes on) drops its

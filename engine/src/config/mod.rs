@@ -337,6 +337,10 @@ pub struct ApiConfig {
     pub public_url: Option<String>,
     /// How long a tenant portal link works unless the request says otherwise.
     pub portal_ttl: HumanDuration,
+    /// Requests of one tenant (its keys' and portal links' together) under way at once,
+    /// bodies included; `429` at once past it. A console page makes a few at a time; raise it
+    /// for a tenant's automation that keeps many requests open.
+    pub tenant_requests: usize,
 }
 
 impl ApiConfig {
@@ -353,6 +357,7 @@ impl Default for ApiConfig {
             key_rate_limit: 100.0,
             public_url: None,
             portal_ttl: Duration::from_secs(3600).into(),
+            tenant_requests: 16,
         }
     }
 }
@@ -1118,6 +1123,9 @@ impl Config {
         if self.api.max_connections == 0 {
             return reject("api.max_connections", "must be more than zero");
         }
+        if !(1..=self.api.max_connections).contains(&self.api.tenant_requests) {
+            return reject("api.tenant_requests", "must be from 1 to api.max_connections");
+        }
         if !(self.api.key_rate_limit > 0.0 && self.api.key_rate_limit.is_finite()) {
             return reject("api.key_rate_limit", "must be more than zero");
         }
@@ -1316,6 +1324,13 @@ mod tests {
             assert!(Config::load(None, &env(&[(var, value)])).is_err(), "{var}={value}");
         }
         assert!(Config::load(None, &env(&[("HERALD_LOG_DLQ_RETENTION", "P3650D")])).is_ok());
+        // A tenant's requests under way: at least one, at most every connection.
+        for value in ["0", "5000"] {
+            let e = Config::load(None, &env(&[("HERALD_API_TENANT_REQUESTS", value)])).unwrap_err();
+            assert!(e.to_string().contains("api.tenant_requests"), "{value}: {e}");
+        }
+        let c = Config::load(None, &env(&[("HERALD_API_TENANT_REQUESTS", "64")])).unwrap();
+        assert_eq!(c.api.tenant_requests, 64);
     }
 
     /// Past half of `max_uncommitted`, attempts holding the commit point are ended: below

@@ -161,6 +161,11 @@ impl TakenInTurns {
         }
     }
 
+    /// How many of one tenant's may hold or wait for the shared room at once.
+    pub fn per_tenant(&self) -> usize {
+        self.per_tenant
+    }
+
     /// Waits for `tenant`'s turn.
     pub async fn turn(&self, tenant: &str) -> Turn {
         let own = self.queue_of(tenant).acquire_owned().await.expect("never closed");
