@@ -888,6 +888,8 @@ async function subscriptionDetail(id) {
     h("div", { class: "actions" },
       link(`#/subscriptions/${s.id}/edit`, "Edit"),
       act(s.enabled === false ? "Enable" : "Disable", async () => {
+        // Asked first: what comes for a disabled subscription is dead-lettered at once.
+        if (s.enabled !== false && !confirm(`Disable ${s.id}? Deliveries that come for it are dead-lettered until it is enabled again (replayable).`)) return;
         await api("PATCH", `/v1/subscriptions/${s.id}`, { enabled: s.enabled === false });
         flash = shown;
         await route();

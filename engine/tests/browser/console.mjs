@@ -487,8 +487,18 @@ try {
       await page.getByRole("button", { name: "Send test event" }).click();
       await page.locator("[data-test-result]").waitFor({ timeout: WAIT });
       assert.ok(await page.locator("[data-secret]").isVisible(), "the secret is still shown after the test event");
-      await page.getByRole("button", { name: "Disable" }).click();
-      await page.getByRole("button", { name: "Enable" }).waitFor({ timeout: WAIT });
+      // Asked first: a disabled subscription's deliveries are dead-lettered (and a portal,
+      // which other sites may frame, must not disable one on a single click).
+      let asked = "";
+      const answer = (d) => { asked = d.message(); d.accept(); };
+      page.on("dialog", answer);
+      try {
+        await page.getByRole("button", { name: "Disable" }).click();
+        await page.getByRole("button", { name: "Enable" }).waitFor({ timeout: WAIT });
+      } finally {
+        page.off("dialog", answer);
+      }
+      assert.match(asked, /dead-letter/, `asked: ${asked}`);
       assert.ok(await page.locator("[data-secret]").isVisible(), "the secret is still shown after disabling");
       await page.evaluate(() => Object.defineProperty(navigator, "clipboard", {
         configurable: true, value: { writeText: () => Promise.reject(new Error("refused")) } }));
