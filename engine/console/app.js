@@ -201,7 +201,7 @@ function loginForm(id, message, signedIn) {
     }
   } },
   h("label", { for: id }, PORTAL ? "API key" : "Admin token or tenant API key", input),
-  h("p", { id: `${id}-help`, class: "muted" }, "Kept in this tab's session storage only; signing out or closing the tab forgets it."),
+  h("p", { id: `${id}-help`, class: "muted" }, "Kept in this tab's session storage only, never sent elsewhere; signing out forgets it (a browser that reopens a closed tab may bring it back: sign out on a shared machine)."),
   h("button", { class: "primary", type: "submit" }, "Sign in"));
   return { out, form, input };
 }
