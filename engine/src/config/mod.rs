@@ -130,8 +130,9 @@ impl KafkaProperties {
 pub const ATTEMPT_TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
 
 /// `HERALD_*` variables of the CLI and the edge agent (`herald --server`, `--token`, `herald
-/// edge --token`), which `herald serve` leaves alone.
-const CLIENT_VARIABLES: [&str; 4] = ["SERVER", "TOKEN", "EDGE_TOKEN", "EDGE_TLS_FILES_DIR"];
+/// edge --token`), and of the test suite (`./scripts/test`), which `herald serve` leaves alone.
+const CLIENT_VARIABLES: [&str; 7] =
+    ["SERVER", "TOKEN", "EDGE_TOKEN", "EDGE_TLS_FILES_DIR", "TANSU", "CHROMIUM", "TEST_BACKEND"];
 
 /// Whether `name` (past `HERALD_`) with `value` is one of the variables Kubernetes sets in
 /// every pod for a Service of its namespace, for one called `herald` or `herald-…`
@@ -887,6 +888,23 @@ const SECTIONS: &[&str] = &[
 /// `e` with the values it quotes left out, each named by its type only: a value of the wrong
 /// type may be a secret (a proxy URL with its password where a table was due, a key password
 /// of digits), and this error is printed.
+/// One environment variable's setting, named as the operator wrote it in errors (figment's
+/// own name for a value given in code was a place in this file).
+struct Variable {
+    name: String,
+    setting: Serialized<String>,
+}
+
+impl figment::Provider for Variable {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(format!("environment variable {}", self.name))
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        self.setting.data()
+    }
+}
+
 fn without_values(e: figment::Error) -> figment::Error {
     use figment::error::{Actual, Kind};
     let hide = |actual: &mut Actual| {
@@ -1008,17 +1026,17 @@ impl Config {
         // Read from the given variables (not the process's) so tests are hermetic; the CLI's
         // and the edge agent's own are not the server's settings (one shell or env file
         // often serves both).
-        let vars: Vec<(String, String)> = env
+        let vars: Vec<(String, String, String)> = env
             .iter()
             .filter_map(|(k, v)| k.strip_prefix("HERALD_").map(|k| (k, v)))
             .filter(|(k, v)| !CLIENT_VARIABLES.contains(k) && !kubernetes_service_variable(k, v))
-            .map(|(k, v)| (env_key(k), v.clone()))
+            .map(|(k, v)| (format!("HERALD_{k}"), env_key(k), v.clone()))
             .collect();
-        for (key, value) in vars {
+        for (name, key, value) in vars {
             // Kept as text and read as what the setting is (`extract_lossy`): typed by its
             // looks, as figment's own Env provider does, a token of digits became a number,
             // failed to load as a string, and the error echoed it.
-            fig = fig.merge(Serialized::default(&key, value));
+            fig = fig.merge(Variable { name, setting: Serialized::default(&key, value) });
         }
         let mut config: Config = fig.extract_lossy().map_err(|e| Box::new(without_values(e)))?;
         // A token from a secret mount often ends in a newline, which no client can send.
@@ -1055,8 +1073,10 @@ impl Config {
         if self.log.segment_bytes < 4096 {
             return reject("log.segment_bytes", "must be at least 4096");
         }
-        if self.log.flush_interval.0 < Duration::from_millis(1) {
-            return reject("log.flush_interval", "must be at least 1ms");
+        // The same tick retains, compacts and frees the disk (and a crash sends again what it
+        // had not persisted): a day of it kept a day of expired dead letters and segments.
+        if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&self.log.flush_interval.0) {
+            return reject("log.flush_interval", "must be from 1ms to 1m");
         }
         if self.log.dlq_retention.0 < Duration::from_secs(60) {
             return reject("log.dlq_retention", "must be at least 1m");
@@ -1129,11 +1149,12 @@ impl Config {
         if !(self.api.key_rate_limit > 0.0 && self.api.key_rate_limit.is_finite()) {
             return reject("api.key_rate_limit", "must be more than zero");
         }
-        if self.api.header_read_timeout.0.is_zero() {
-            return reject("api.header_read_timeout", "must be more than zero");
+        // Below these no client's request is read, or answered, in time.
+        if self.api.header_read_timeout.0 < Duration::from_millis(100) {
+            return reject("api.header_read_timeout", "must be at least 100ms");
         }
-        if self.api.request_timeout.0.is_zero() {
-            return reject("api.request_timeout", "must be more than zero");
+        if self.api.request_timeout.0 < Duration::from_secs(1) {
+            return reject("api.request_timeout", "must be at least 1s");
         }
         if self.quotas.subscriptions_per_tenant == 0 {
             return reject("quotas.subscriptions_per_tenant", "must be at least 1");
@@ -1142,10 +1163,14 @@ impl Config {
             return reject("quotas.tests_per_minute", "must be at least 1");
         }
         // One event of the largest size to one subscription must fit a request's fan-out, or
-        // every such publish is refused `413` at run time.
-        if self.quotas.fanout_bytes < self.ingest.max_event_bytes as u64 {
-            let least = self.ingest.max_event_bytes;
-            return reject("quotas.fanout_bytes", &format!("must be at least ingest.max_event_bytes ({least} bytes)"));
+        // every such publish is refused `413` at run time: its record, the event and up to
+        // `RECORD_OVERHEAD` of ids and metadata.
+        if self.quotas.fanout_bytes < self.ingest.max_record_bytes() as u64 {
+            let least = self.ingest.max_record_bytes();
+            return reject(
+                "quotas.fanout_bytes",
+                &format!("must be at least ingest.max_event_bytes + 64 KiB ({least} bytes): a record is its event and its metadata"),
+            );
         }
         // A request of the largest fan-out must fit a tenant's share, and that everyone's.
         if self.tenant_pending_bytes() < self.quotas.fanout_bytes {
@@ -1193,8 +1218,21 @@ impl Config {
         if self.health.breaker_failures == 0 {
             return reject("health.breaker_failures", "must be at least 1");
         }
-        if self.health.breaker_pause.0.is_zero() || self.health.breaker_max_pause < self.health.breaker_pause {
-            return reject("health.breaker_pause", "must be more than zero and at most health.breaker_max_pause");
+        // Counted in milliseconds: below one the pause was none.
+        if self.health.breaker_pause.0 < Duration::from_millis(1)
+            || self.health.breaker_max_pause < self.health.breaker_pause
+        {
+            return reject("health.breaker_pause", "must be at least 1ms and at most health.breaker_max_pause");
+        }
+        // Matched as a host's suffix: a range or a wildcard (NO_PROXY's other forms) never
+        // matched, and those hosts went through the proxy.
+        if let Some(bad) = self.http.no_proxy.iter().find(|e| e.is_empty() || e.contains(['/', '*'])) {
+            return reject(
+                "http.no_proxy",
+                &format!(
+                    "{bad:?} is not a name, a domain with a leading dot, or an IP address (no ranges or wildcards)"
+                ),
+            );
         }
         let (shortest, longest) = ATTEMPT_TIMEOUT;
         for (field, timeout) in
@@ -1208,6 +1246,9 @@ impl Config {
         // opened, the admin token was already generated and written (the next start never
         // printed it) and the log open, and a bad previous key was called `secret_key`.
         let is_key = |text: &str| Self::secret_key_bytes(text).is_some();
+        if self.secret_key.is_some() && self.secret_key_file.is_some() {
+            return reject("secret_key_file", "set secret_key or secret_key_file, not both");
+        }
         let (key_field, key) = match (&self.secret_key, &self.secret_key_file) {
             (None, Some(_)) => ("secret_key_file", self.sealing_key()?),
             _ => ("secret_key", self.secret_key.clone()),
@@ -1694,6 +1735,33 @@ mod tests {
         assert_eq!(c.http.timeout.0, Duration::from_secs(45));
         let err = Config::load(None, &env(&[("HERALD_DISPATCH_WINDOW", "many")])).unwrap_err();
         assert!(err.to_string().contains("window"), "{err}");
+    }
+
+    #[test]
+    fn settings_that_would_break_herald_later_are_refused_at_start_naming_them() {
+        let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+        for (vars, field) in [
+            // A record is its event and up to 64 KiB more: an event of the largest size to one
+            // subscription was refused 413 past a start that promised otherwise.
+            (vec![("HERALD_QUOTAS_FANOUT_BYTES", "1048576")], "quotas.fanout_bytes"),
+            // The same tick retains, compacts and frees disk.
+            (vec![("HERALD_LOG_FLUSH_INTERVAL", "1h")], "log.flush_interval"),
+            (vec![("HERALD_API_REQUEST_TIMEOUT", "1ms")], "api.request_timeout"),
+            (vec![("HERALD_API_HEADER_READ_TIMEOUT", "1ms")], "api.header_read_timeout"),
+            // Below a millisecond the breaker's pause was none.
+            (vec![("HERALD_HEALTH_BREAKER_PAUSE", "500us")], "health.breaker_pause"),
+            (vec![("HERALD_SECRET_KEY", key), ("HERALD_SECRET_KEY_FILE", "/run/secrets/k")], "secret_key_file"),
+            // Forms of NO_PROXY that a suffix never matches: those hosts went through the proxy.
+            (vec![("HERALD_HTTP_NO_PROXY", "10.0.0.0/8")], "http.no_proxy"),
+            (vec![("HERALD_HTTP_NO_PROXY", "*.corp")], "http.no_proxy"),
+            // A misspelt variable is named as the operator wrote it.
+            (vec![("HERALD_ADMN_TOKEN", "x")], "HERALD_ADMN_TOKEN"),
+        ] {
+            let err = Config::load(None, &env(&vars)).unwrap_err().to_string();
+            assert!(err.contains(field), "{vars:?}: {err}");
+        }
+        // The test suite's own variables, exported in a shell, do not stop a start.
+        assert!(Config::load(None, &env(&[("HERALD_TANSU", "/usr/bin/tansu"), ("HERALD_CHROMIUM", "/x")])).is_ok());
     }
 
     #[test]
