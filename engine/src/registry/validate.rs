@@ -398,7 +398,7 @@ fn check_common(spec: &SubscriptionSpec, headers_set: bool, signature_set: bool)
         _ => None,
     };
     // Nor a trace-context header for the signature: traced events carry Herald's own as well.
-    if signature_header.as_deref().is_some_and(|h| crate::signing::TRACE_HEADERS.contains(&h)) {
+    if signature_set && signature_header.as_deref().is_some_and(|h| crate::signing::TRACE_HEADERS.contains(&h)) {
         return Err(Invalid::new("signature.header", "Herald sets the trace context of traced events itself"));
     }
     if signature_set && signature_header.as_deref().is_some_and(frames_the_body) {
@@ -407,15 +407,14 @@ fn check_common(spec: &SubscriptionSpec, headers_set: bool, signature_set: bool)
     for (name, value) in &spec.headers {
         let field = format!("headers.{name}");
         let lower = name.to_ascii_lowercase();
-        if crate::signing::TRACE_HEADERS.contains(&lower.as_str()) {
+        // Checked here, on what tenants write (headers or a signature being set), not where
+        // stored subscriptions are compiled: those keep delivering (Herald's own header is the
+        // one sent) and take changes of anything else.
+        if headers_set && crate::signing::TRACE_HEADERS.contains(&lower.as_str()) {
             return Err(Invalid::new(&field, "Herald sets the trace context of traced events itself"));
         }
-        // Checked here, on what tenants write, not where stored subscriptions are compiled:
-        // those keep delivering (Herald's own header is the one sent).
-        // (`content-*` was always refused; `expect` since later, so for what is set.)
-        if lower.starts_with("content-")
-            || (headers_set && lower == "expect")
-            || signature_header.as_ref() == Some(&lower)
+        if (headers_set && frames_the_body(&lower))
+            || ((headers_set || signature_set) && signature_header.as_ref() == Some(&lower))
         {
             return Err(Invalid::new(&field, "this header is set by Herald and cannot be overridden"));
         }
@@ -629,6 +628,10 @@ mod tests {
         for stored in [
             json!({ "url": "https://a.example/", "signature": { "scheme": "hmac", "header": "Content-Signature" } }),
             json!({ "url": "https://a.example/", "headers": { "Expect": "x" } }),
+            json!({ "url": "https://a.example/", "headers": { "Content-Language": "en" } }),
+            json!({ "url": "https://a.example/", "headers": { "traceparent": "x" } }),
+            json!({ "url": "https://a.example/", "signature": { "scheme": "hmac", "header": "traceparent" } }),
+            json!({ "url": "https://a.example/", "signature": { "scheme": "hmac", "header": "X-Sig" }, "headers": { "X-Sig": "v" } }),
         ] {
             let stored = spec(stored);
             let mut disabled = stored.clone();
