@@ -131,8 +131,17 @@ pub const ATTEMPT_TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), D
 
 /// `HERALD_*` variables of the CLI and the edge agent (`herald --server`, `--token`, `herald
 /// edge --token`), and of the test suite (`./scripts/test`), which `herald serve` leaves alone.
-const CLIENT_VARIABLES: [&str; 7] =
-    ["SERVER", "TOKEN", "EDGE_TOKEN", "EDGE_TLS_FILES_DIR", "TANSU", "CHROMIUM", "TEST_BACKEND"];
+const CLIENT_VARIABLES: [&str; 9] = [
+    "SERVER",
+    "TOKEN",
+    "EDGE_TOKEN",
+    "EDGE_TLS_FILES_DIR",
+    "TANSU",
+    "CHROMIUM",
+    "TEST_BACKEND",
+    "PROPTEST_SEED",
+    "URL",
+];
 
 /// Whether `name` (past `HERALD_`) with `value` is one of the variables Kubernetes sets in
 /// every pod for a Service of its namespace, for one called `herald` or `herald-…`
@@ -885,9 +894,6 @@ const SECTIONS: &[&str] = &[
     "tracing",
 ];
 
-/// `e` with the values it quotes left out, each named by its type only: a value of the wrong
-/// type may be a secret (a proxy URL with its password where a table was due, a key password
-/// of digits), and this error is printed.
 /// One environment variable's setting, named as the operator wrote it in errors (figment's
 /// own name for a value given in code was a place in this file).
 struct Variable {
@@ -905,6 +911,9 @@ impl figment::Provider for Variable {
     }
 }
 
+/// `e` with the values it quotes left out, each named by its type only: a value of the wrong
+/// type may be a secret (a proxy URL with its password where a table was due, a key password
+/// of digits), and this error is printed.
 fn without_values(e: figment::Error) -> figment::Error {
     use figment::error::{Actual, Kind};
     let hide = |actual: &mut Actual| {
@@ -1043,6 +1052,13 @@ impl Config {
         for token in [&mut config.admin_token, &mut config.edge.forward_secret].into_iter().flatten() {
             *token = token.trim().to_string();
         }
+        // A record is its event and up to 64 KiB of ids and metadata: a fan-out quota set to
+        // the largest event (the documented least) refused such an event to one subscription
+        // `413`, so it is taken as that much more.
+        let record = config.ingest.max_record_bytes() as u64;
+        if (config.ingest.max_event_bytes as u64..record).contains(&config.quotas.fanout_bytes) {
+            config.quotas.fanout_bytes = record;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -1073,10 +1089,14 @@ impl Config {
         if self.log.segment_bytes < 4096 {
             return reject("log.segment_bytes", "must be at least 4096");
         }
-        // The same tick retains, compacts and frees the disk (and a crash sends again what it
-        // had not persisted): a day of it kept a day of expired dead letters and segments.
-        if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&self.log.flush_interval.0) {
-            return reject("log.flush_interval", "must be from 1ms to 1m");
+        // On the embedded log the same tick retains, compacts and frees the disk (and a crash
+        // sends again what it had not persisted): a day of it kept a day of expired dead
+        // letters and segments. Kafka does not use it.
+        let flush = self.log.flush_interval.0;
+        if flush < Duration::from_millis(1)
+            || (self.log.backend == Backend::Embedded && flush > Duration::from_secs(300))
+        {
+            return reject("log.flush_interval", "must be from 1ms to 5m");
         }
         if self.log.dlq_retention.0 < Duration::from_secs(60) {
             return reject("log.dlq_retention", "must be at least 1m");
@@ -1143,8 +1163,8 @@ impl Config {
         if self.api.max_connections == 0 {
             return reject("api.max_connections", "must be more than zero");
         }
-        if !(1..=self.api.max_connections).contains(&self.api.tenant_requests) {
-            return reject("api.tenant_requests", "must be from 1 to api.max_connections");
+        if self.api.tenant_requests == 0 {
+            return reject("api.tenant_requests", "must be at least 1");
         }
         if !(self.api.key_rate_limit > 0.0 && self.api.key_rate_limit.is_finite()) {
             return reject("api.key_rate_limit", "must be more than zero");
@@ -1163,14 +1183,11 @@ impl Config {
             return reject("quotas.tests_per_minute", "must be at least 1");
         }
         // One event of the largest size to one subscription must fit a request's fan-out, or
-        // every such publish is refused `413` at run time: its record, the event and up to
-        // `RECORD_OVERHEAD` of ids and metadata.
-        if self.quotas.fanout_bytes < self.ingest.max_record_bytes() as u64 {
-            let least = self.ingest.max_record_bytes();
-            return reject(
-                "quotas.fanout_bytes",
-                &format!("must be at least ingest.max_event_bytes + 64 KiB ({least} bytes): a record is its event and its metadata"),
-            );
+        // every such publish is refused `413` at run time (see `Config::load`, which raises
+        // it to a whole record).
+        if self.quotas.fanout_bytes < self.ingest.max_event_bytes as u64 {
+            let least = self.ingest.max_event_bytes;
+            return reject("quotas.fanout_bytes", &format!("must be at least ingest.max_event_bytes ({least} bytes)"));
         }
         // A request of the largest fan-out must fit a tenant's share, and that everyone's.
         if self.tenant_pending_bytes() < self.quotas.fanout_bytes {
@@ -1224,14 +1241,18 @@ impl Config {
         {
             return reject("health.breaker_pause", "must be at least 1ms and at most health.breaker_max_pause");
         }
-        // Matched as a host's suffix: a range or a wildcard (NO_PROXY's other forms) never
-        // matched, and those hosts went through the proxy.
-        if let Some(bad) = self.http.no_proxy.iter().find(|e| e.is_empty() || e.contains(['/', '*'])) {
+        // NO_PROXY's forms (see `transport::http::Proxy`): a `*` only as all of it or before
+        // a domain, a `/` only in an address range.
+        let form = |e: &str| {
+            let e = e.trim();
+            e == "*"
+                || e.parse::<IpNet>().is_ok()
+                || (!e.contains('/') && !e.strip_prefix("*.").unwrap_or(e).contains('*'))
+        };
+        if let Some(bad) = self.http.no_proxy.iter().find(|e| !form(e)) {
             return reject(
                 "http.no_proxy",
-                &format!(
-                    "{bad:?} is not a name, a domain with a leading dot, or an IP address (no ranges or wildcards)"
-                ),
+                &format!("{bad:?} is not a name, a .domain or *.domain, an address, a range such as 10.0.0.0/8, or *"),
             );
         }
         let (shortest, longest) = ATTEMPT_TIMEOUT;
@@ -1246,9 +1267,6 @@ impl Config {
         // opened, the admin token was already generated and written (the next start never
         // printed it) and the log open, and a bad previous key was called `secret_key`.
         let is_key = |text: &str| Self::secret_key_bytes(text).is_some();
-        if self.secret_key.is_some() && self.secret_key_file.is_some() {
-            return reject("secret_key_file", "set secret_key or secret_key_file, not both");
-        }
         let (key_field, key) = match (&self.secret_key, &self.secret_key_file) {
             (None, Some(_)) => ("secret_key_file", self.sealing_key()?),
             _ => ("secret_key", self.secret_key.clone()),
@@ -1365,11 +1383,9 @@ mod tests {
             assert!(Config::load(None, &env(&[(var, value)])).is_err(), "{var}={value}");
         }
         assert!(Config::load(None, &env(&[("HERALD_LOG_DLQ_RETENTION", "P3650D")])).is_ok());
-        // A tenant's requests under way: at least one, at most every connection.
-        for value in ["0", "5000"] {
-            let e = Config::load(None, &env(&[("HERALD_API_TENANT_REQUESTS", value)])).unwrap_err();
-            assert!(e.to_string().contains("api.tenant_requests"), "{value}: {e}");
-        }
+        // A tenant's requests under way: at least one.
+        let e = Config::load(None, &env(&[("HERALD_API_TENANT_REQUESTS", "0")])).unwrap_err();
+        assert!(e.to_string().contains("api.tenant_requests"), "{e}");
         let c = Config::load(None, &env(&[("HERALD_API_TENANT_REQUESTS", "64")])).unwrap();
         assert_eq!(c.api.tenant_requests, 64);
     }
@@ -1741,19 +1757,15 @@ mod tests {
     fn settings_that_would_break_herald_later_are_refused_at_start_naming_them() {
         let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
         for (vars, field) in [
-            // A record is its event and up to 64 KiB more: an event of the largest size to one
-            // subscription was refused 413 past a start that promised otherwise.
-            (vec![("HERALD_QUOTAS_FANOUT_BYTES", "1048576")], "quotas.fanout_bytes"),
             // The same tick retains, compacts and frees disk.
             (vec![("HERALD_LOG_FLUSH_INTERVAL", "1h")], "log.flush_interval"),
             (vec![("HERALD_API_REQUEST_TIMEOUT", "1ms")], "api.request_timeout"),
             (vec![("HERALD_API_HEADER_READ_TIMEOUT", "1ms")], "api.header_read_timeout"),
             // Below a millisecond the breaker's pause was none.
             (vec![("HERALD_HEALTH_BREAKER_PAUSE", "500us")], "health.breaker_pause"),
-            (vec![("HERALD_SECRET_KEY", key), ("HERALD_SECRET_KEY_FILE", "/run/secrets/k")], "secret_key_file"),
-            // Forms of NO_PROXY that a suffix never matches: those hosts went through the proxy.
-            (vec![("HERALD_HTTP_NO_PROXY", "10.0.0.0/8")], "http.no_proxy"),
-            (vec![("HERALD_HTTP_NO_PROXY", "*.corp")], "http.no_proxy"),
+            // No form of NO_PROXY's.
+            (vec![("HERALD_HTTP_NO_PROXY", "10.0.0.0/33")], "http.no_proxy"),
+            (vec![("HERALD_HTTP_NO_PROXY", "a*b.corp")], "http.no_proxy"),
             // A misspelt variable is named as the operator wrote it.
             (vec![("HERALD_ADMN_TOKEN", "x")], "HERALD_ADMN_TOKEN"),
         ] {
@@ -1762,6 +1774,20 @@ mod tests {
         }
         // The test suite's own variables, exported in a shell, do not stop a start.
         assert!(Config::load(None, &env(&[("HERALD_TANSU", "/usr/bin/tansu"), ("HERALD_CHROMIUM", "/x")])).is_ok());
+        // What an older version took still starts: a fan-out quota of the largest event (taken
+        // as a whole record: the event and 64 KiB), a long flush on Kafka (unused there), both
+        // secret keys (`secret_key` wins), NO_PROXY's ranges and wildcards (matched now), more
+        // of a tenant's requests than connections.
+        let c = Config::load(None, &env(&[("HERALD_QUOTAS_FANOUT_BYTES", "1048576")])).unwrap();
+        assert_eq!(c.quotas.fanout_bytes, (1 << 20) + (64 << 10));
+        let kafka = [("HERALD_LOG_BACKEND", "kafka"), ("HERALD_LOG_FLUSH_INTERVAL", "1h")];
+        assert!(Config::load(None, &env(&kafka)).is_ok());
+        let both = [("HERALD_SECRET_KEY", key), ("HERALD_SECRET_KEY_FILE", "/run/secrets/k")];
+        assert!(Config::load(None, &env(&both)).is_ok());
+        let no_proxy = [("HERALD_HTTP_NO_PROXY", "localhost,127.0.0.1,10.0.0.0/8,*.corp,.svc.cluster.local")];
+        assert!(Config::load(None, &env(&no_proxy)).is_ok());
+        let few = [("HERALD_API_MAX_CONNECTIONS", "8")];
+        assert!(Config::load(None, &env(&few)).is_ok());
     }
 
     #[test]

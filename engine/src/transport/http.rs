@@ -291,12 +291,24 @@ impl Proxy {
         Some(Proxy { uri, auth, no_proxy })
     }
 
-    /// Whether `host` is reached without the proxy.
+    /// Whether `host` is reached without the proxy: NO_PROXY's forms, as curl reads them — a
+    /// name and every name under it, `.domain` or `*.domain` for the names under it, `*` for
+    /// every host, and an address or a range (`10.0.0.0/8`) for a URL naming an address in it
+    /// (a range never matched, and those hosts went through the proxy).
     fn bypassed(&self, host: &str) -> bool {
         let host = super::guard::unbracketed(host).to_ascii_lowercase();
-        self.no_proxy.iter().any(|rule| match rule.strip_prefix('.') {
-            Some(domain) => host == domain || host.ends_with(rule.as_str()),
-            None => host == *rule || host.ends_with(&format!(".{rule}")),
+        let address = host.parse::<std::net::IpAddr>().ok();
+        self.no_proxy.iter().any(|rule| {
+            if rule == "*" {
+                return true;
+            }
+            if let Ok(net) = rule.parse::<ipnet::IpNet>() {
+                return address.is_some_and(|a| net.contains(&a));
+            }
+            match rule.strip_prefix("*.").or_else(|| rule.strip_prefix('.')) {
+                Some(domain) => host == domain || host.ends_with(&format!(".{domain}")),
+                None => host == *rule || host.ends_with(&format!(".{rule}")),
+            }
         })
     }
 }
@@ -797,6 +809,34 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
 mod tests {
     use super::*;
     use crate::model::TlsOptions;
+
+    /// NO_PROXY's forms as curl reads them: a range and a wildcard were kept and never matched,
+    /// and those hosts went through the proxy.
+    #[test]
+    fn no_proxy_takes_names_domains_wildcards_addresses_and_ranges() {
+        let rules: Vec<String> =
+            ["hooks.internal", ".corp.example", "*.svc.local", "10.0.0.0/8", "192.0.2.7", "fd00::/8"]
+                .map(Into::into)
+                .to_vec();
+        let proxy = Proxy::parse("http://proxy.example:3128", &rules).unwrap();
+        for direct in [
+            "hooks.internal",
+            "a.hooks.internal",
+            "x.corp.example",
+            "a.svc.local",
+            "10.1.2.3",
+            "192.0.2.7",
+            "[fd00::1]",
+        ] {
+            assert!(proxy.bypassed(direct), "{direct}");
+        }
+        for proxied in
+            ["internal", "corp-example.com", "svc.local.evil", "11.0.0.1", "192.0.2.8", "[2001:db8::1]", "10.example"]
+        {
+            assert!(!proxy.bypassed(proxied), "{proxied}");
+        }
+        assert!(Proxy::parse("http://proxy.example:3128", &["*".to_string()]).unwrap().bypassed("anything.example"));
+    }
 
     /// A send finds its pool by the profile key its target worked out once: worked out at
     /// each send, digesting the options (certificates included) took 47 µs of a delivery for
