@@ -600,7 +600,14 @@ function pager(path, params, draw) {
     filters ??= params();
     for (let asked = 0; asked < 20; asked++) {
       const cursor = next;
-      const r = await api("GET", path + q({ ...filters, cursor }));
+      let r;
+      try {
+        r = await api("GET", path + q({ ...filters, cursor }));
+      } catch (e) {
+        // A page of a list replaced since (a newer filter) says nothing, failed or not.
+        if (mine !== generation) return;
+        throw e;
+      }
       if (mine !== generation || next !== cursor) return;
       loaded = loaded.concat(r.items);
       next = r.next;

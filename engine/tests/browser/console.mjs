@@ -926,6 +926,28 @@ try {
     }
   });
 
+  await check("a filter left for a newer one that fails later does not paint its error over the newer list", async () => {
+    await page.goto(`${BASE}/console#/events?tenant=${tenant}`);
+    await page.locator("tr[data-event]").first().waitFor({ timeout: WAIT });
+    const late = async (r) => {
+      if (new URL(r.request().url()).searchParams.get("type") !== "no.such.type") return r.continue();
+      await new Promise((t) => setTimeout(t, 800));
+      await r.fulfill({ status: 503, contentType: "application/json", body: JSON.stringify({ error: { code: "UNAVAILABLE", message: "late and failed" } }) });
+    };
+    await page.route("**/v1/events?*", late);
+    try {
+      await page.getByLabel("Type").fill("no.such.type");
+      await page.getByRole("button", { name: "Filter" }).click();
+      await page.getByLabel("Type").fill("container.status.updated");
+      await page.getByRole("button", { name: "Filter" }).click();
+      await page.locator('tr[data-event^="bulk-"]').first().waitFor({ timeout: WAIT });
+      const painted = await page.getByText("late and failed").waitFor({ timeout: 1_500 }).then(() => true, () => false);
+      assert.ok(!painted, "the older filter's failure was drawn over the newer list");
+    } finally {
+      await page.unroute("**/v1/events?*", late);
+    }
+  });
+
   await check("the sign-in asked for over a portal page gives way to a new link, and to another tenant's sign-in", async () => {
     const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
     const other = await fetch(`${BASE}/v1/subscriptions/${OTHER_SUB}`, { headers: admin }).then((r) => r.json());
