@@ -125,6 +125,49 @@ impl KafkaProperties {
     }
 }
 
+/// One `http.no_proxy` entry: NO_PROXY's forms, as curl reads them. Read once, here, for the
+/// start's check and for the proxy that goes by it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoProxy {
+    /// `*`: every host.
+    Every,
+    /// An address range (`10.0.0.0/8`): a URL naming an address in it.
+    Range(IpNet),
+    /// A name and every name under it; `.domain` and `*.domain` the same (lower case, the
+    /// leading `.` or `*.` taken off).
+    Under(String),
+}
+
+impl NoProxy {
+    /// The entry's form, or `None` for an empty entry (left out) or none of NO_PROXY's forms
+    /// (a `*` but as all of it or before a domain, a `/` but in a range).
+    pub fn parse(entry: &str) -> Option<NoProxy> {
+        let entry = entry.trim().to_ascii_lowercase();
+        if entry.is_empty() {
+            return None;
+        }
+        if entry == "*" {
+            return Some(NoProxy::Every);
+        }
+        if let Ok(net) = entry.parse::<IpNet>() {
+            return Some(NoProxy::Range(net));
+        }
+        let name = entry.strip_prefix("*.").or_else(|| entry.strip_prefix('.')).unwrap_or(&entry);
+        (!name.contains(['*', '/'])).then(|| NoProxy::Under(name.to_string()))
+    }
+
+    /// Whether `host` (lower case, unbracketed; `address` if it is one) is reached directly.
+    pub fn matches(&self, host: &str, address: Option<std::net::IpAddr>) -> bool {
+        match self {
+            NoProxy::Every => true,
+            NoProxy::Range(net) => address.is_some_and(|a| net.contains(&a)),
+            NoProxy::Under(name) => {
+                host.strip_suffix(name.as_str()).is_some_and(|head| head.is_empty() || head.ends_with('.'))
+            }
+        }
+    }
+}
+
 /// The range of an attempt's timeout, the default's (`http.timeout`, and the connect timeout
 /// within it) and a subscription's own (`timeout`, see `model::range`).
 pub const ATTEMPT_TIMEOUT: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(300));
@@ -1241,15 +1284,7 @@ impl Config {
         {
             return reject("health.breaker_pause", "must be at least 1ms and at most health.breaker_max_pause");
         }
-        // NO_PROXY's forms (see `transport::http::Proxy`): a `*` only as all of it or before
-        // a domain, a `/` only in an address range.
-        let form = |e: &str| {
-            let e = e.trim();
-            e == "*"
-                || e.parse::<IpNet>().is_ok()
-                || (!e.contains('/') && !e.strip_prefix("*.").unwrap_or(e).contains('*'))
-        };
-        if let Some(bad) = self.http.no_proxy.iter().find(|e| !form(e)) {
+        if let Some(bad) = self.http.no_proxy.iter().find(|e| !e.trim().is_empty() && NoProxy::parse(e).is_none()) {
             return reject(
                 "http.no_proxy",
                 &format!("{bad:?} is not a name, a .domain or *.domain, an address, a range such as 10.0.0.0/8, or *"),

@@ -265,7 +265,7 @@ pub struct Proxy {
     uri: Uri,
     /// `Proxy-Authorization` from the URL's credentials.
     auth: Option<http::HeaderValue>,
-    no_proxy: Vec<String>,
+    no_proxy: Vec<crate::config::NoProxy>,
 }
 
 impl Proxy {
@@ -287,7 +287,8 @@ impl Proxy {
                 Some(value)
             }
         };
-        let no_proxy = no_proxy.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
+        // Read once (the start refused any entry of no form): not at every attempt.
+        let no_proxy = no_proxy.iter().filter_map(|e| crate::config::NoProxy::parse(e)).collect();
         Some(Proxy { uri, auth, no_proxy })
     }
 
@@ -298,18 +299,7 @@ impl Proxy {
     fn bypassed(&self, host: &str) -> bool {
         let host = super::guard::unbracketed(host).to_ascii_lowercase();
         let address = host.parse::<std::net::IpAddr>().ok();
-        self.no_proxy.iter().any(|rule| {
-            if rule == "*" {
-                return true;
-            }
-            if let Ok(net) = rule.parse::<ipnet::IpNet>() {
-                return address.is_some_and(|a| net.contains(&a));
-            }
-            match rule.strip_prefix("*.").or_else(|| rule.strip_prefix('.')) {
-                Some(domain) => host == domain || host.ends_with(&format!(".{domain}")),
-                None => host == *rule || host.ends_with(&format!(".{rule}")),
-            }
-        })
+        self.no_proxy.iter().any(|rule| rule.matches(&host, address))
     }
 }
 
