@@ -199,16 +199,19 @@ impl Tenants {
         let mut all: Vec<&Tenant> =
             std::iter::once(&default).chain(state.tenants.values().filter(|t| t.id != DEFAULT_TENANT)).collect();
         // The default tenant has no creation time, and so comes first.
-        let order = |t: &Tenant| (t.created_at.clone(), t.id.clone());
-        all.sort_by_cached_key(|t| order(t));
+        fn order(t: &Tenant) -> (Option<&str>, &str) {
+            (t.created_at.as_deref(), t.id.as_str())
+        }
+        all.sort_by(|a, b| order(a).cmp(&order(b)));
         let from = match after {
             Some(id) => Some(order(all.iter().find(|t| t.id == id)?)),
             None => None,
         };
         let name = name.map(str::to_lowercase);
         let mut page: Vec<&Tenant> = all
-            .into_iter()
-            .filter(|t| from.as_ref().is_none_or(|from| order(t) > *from))
+            .iter()
+            .copied()
+            .filter(|t| from.is_none_or(|from| order(t) > from))
             .filter(|t| name.as_ref().is_none_or(|name| t.name.to_lowercase().contains(name)))
             .take(limit + 1)
             .collect();
