@@ -70,6 +70,15 @@ function table(headers, rows, emptyText) {
       h("tbody", {}, rows)));
 }
 
+/** What to do when a list could not be read: say so in its place, and take away its paging
+ *  and any actions drawn for it (the list before, left under a new filter, read as that
+ *  filter's). A page the user has left says nothing. */
+const unreadList = (list, ...drawnFor) => (e) => {
+  if (e instanceof Stale) return;
+  list.replaceChildren(errorBox(e));
+  for (const el of drawnFor) el.replaceChildren();
+};
+
 function errorBox(err) {
   const text = err.field ? `${err.field}: ${err.message}` : err.message;
   return h("div", { class: "alert error", role: "alert" }, text);
@@ -504,11 +513,7 @@ async function tenants() {
   const list = h("div", {});
   const more = h("div", {});
   const find = h("input", { id: "tenant-find", type: "search", placeholder: "any" });
-  const refused = (e) => {
-    if (e instanceof Stale) return;
-    list.replaceChildren(errorBox(e));
-    more.replaceChildren();
-  };
+  const refused = unreadList(list, more);
   const search = h("form", { class: "row", role: "search", onsubmit: (ev) => { ev.preventDefault(); load().catch(refused); } },
     h("label", { for: "tenant-find" }, "Find tenants by name", find), h("button", { type: "submit" }, "Find"));
   layout("tenants", "Tenants", h("div", { class: "panel" }, create), kept, out, search, list, more);
@@ -988,17 +993,11 @@ async function events(id) {
   } }, h("label", { for: "event-id" }, "Find an event by id", find),
   admin ? h("label", { for: "event-tenant" }, "Tenant", tenant) : null,
   h("button", { class: "primary", type: "submit" }, "Find"));
-  // A list that could not be read is said so in its place: the one before, left under the
-  // new filter, read as that filter's.
-  const refused = (e) => {
-    if (e instanceof Stale) return;
-    list.replaceChildren(errorBox(e));
-    more.replaceChildren();
-  };
   const filter = h("form", { class: "row", onsubmit: (ev) => { ev.preventDefault(); reload().catch(refused); } },
     h("label", { for: "event-type" }, "Type", type), h("button", { type: "submit" }, "Filter"));
   tenant.addEventListener("change", () => reload().catch(refused));
   const more = h("div", {});
+  const refused = unreadList(list, more);
   layout("events", "Events", search, h("h2", {}, "Recent events"), filter, list, more);
   // A page of a rare type may be empty and still say where to go on (see `pager`).
   const { page, reload } = pager("/v1/events", () => ({
@@ -1109,13 +1108,6 @@ async function deadLetters() {
   const out = h("div", {});
   const list = h("div", {});
   const actions = h("div", { class: "actions" });
-  // As on the events page: a list that could not be read is said so in its place.
-  const refused = (e) => {
-    if (e instanceof Stale) return;
-    list.replaceChildren(errorBox(e));
-    more.replaceChildren();
-    actions.replaceChildren();
-  };
   const filter = h("form", { class: "row panel", onsubmit: (ev) => { ev.preventDefault(); reload().catch(refused); } },
     h("label", { for: "dlq-subscription" }, "Subscription", subscription),
     session.role === "admin" ? h("label", { for: "dlq-tenant" }, "Tenant", tenant) : null,
@@ -1125,6 +1117,7 @@ async function deadLetters() {
     `Replayed ${r.replayed.length}` + (r.skipped.length ? `; skipped ${r.skipped.length} (${[...new Set(r.skipped.map((s) => s.reason.replace("_", " ")))].join(", ")})` : "") + "."));
   const more = h("div", {});
   list.after(more);
+  const refused = unreadList(list, more, actions);
   // What is ticked, kept while pages are added (each redraw builds the rows anew: ticks made
   // before "Load more" were lost, and a replay took only those made after); a reload (a new
   // filter, a replay done) starts again.
