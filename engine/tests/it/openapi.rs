@@ -69,26 +69,36 @@ async fn refusals_met_past_the_first_checks_are_documented() {
     let rx = crate::support::Receiver::start().await;
     let webhook: herald::config::StaticWebhook =
         serde_json::from_value(json!({ "name": "erp", "endpoint": rx.url("/erp"), "secret": "file-secret" })).unwrap();
-    let h = TestHerald::start_with(|c| c.webhooks.push(webhook)).await;
+    let forward_secret = "f".repeat(32);
+    let h = TestHerald::start_with(|c| {
+        c.webhooks.push(webhook);
+        c.edge.forward_secret = Some(forward_secret.clone());
+    })
+    .await;
     let doc = document();
     let documented = |method: &str, path: &str, status: u16| {
         doc["paths"][path][method.to_lowercase()]["responses"].get(status.to_string()).is_some()
     };
     let mut missing = Vec::new();
     let large = Bytes::from(format!("{{\"pad\":\"{}\"}}", "p".repeat(17 << 20)));
+    // A forward carries an event and its delivery: it takes more.
+    let larger = Bytes::from(format!("{{\"pad\":\"{}\"}}", "p".repeat(25 << 20)));
     for (method, path, op) in operations(&doc) {
-        if op.get("requestBody").is_none() || path == "/v1/edge/forward" {
-            continue; // the edge forward is the processes' own, under their secret
+        if op.get("requestBody").is_none() {
+            continue;
         }
+        // The edge forward is the processes' own, under their secret.
+        let token = if path == "/v1/edge/forward" { forward_secret.as_str() } else { TOKEN };
         let concrete = path.replace("{id}", "nope").replace("{key_id}", "nope").replace("{name}", "nope");
         let plain = [("content-type", "text/plain")];
         let (status, _, err) =
-            h.api.request_with(&method, &concrete, Some(Bytes::from_static(b"{}")), Some(TOKEN), &plain).await.unwrap();
+            h.api.request_with(&method, &concrete, Some(Bytes::from_static(b"{}")), Some(token), &plain).await.unwrap();
         assert_eq!(status, 415, "{method} {path}: {err}");
         if !documented(&method, &path, 415) {
             missing.push(format!("{method} {path} 415"));
         }
-        let (status, err) = h.api.raw(&method, &concrete, Some(large.clone()), Some(TOKEN)).await;
+        let large = if path == "/v1/edge/forward" { larger.clone() } else { large.clone() };
+        let (status, err) = h.api.raw(&method, &concrete, Some(large), Some(token)).await;
         assert_eq!(status, 413, "{method} {path}: {err}");
         if !documented(&method, &path, 413) {
             missing.push(format!("{method} {path} 413"));
@@ -256,6 +266,29 @@ async fn random_and_malformed_input_at_every_operation_gets_no_5xx_and_appends_n
 /// A list that takes a `cursor` documents a `next` to pass as one: the blocked keys' said
 /// `next` was always null while their handler paged, and a strict generated client failed to
 /// read the answer once more keys were blocked than a page holds.
+/// Every path the README's API tables list is in the document: a client generated from it
+/// had no edge agent's connection (`GET /v1/edge/connect`), which the README documents.
+#[test]
+fn every_path_the_readme_lists_is_documented() {
+    let doc = document();
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let mut listed = 0;
+    let mut missing = Vec::new();
+    for row in readme.lines().filter(|l| l.starts_with("| `")) {
+        let first = row.split(" | ").next().unwrap();
+        for (i, _) in first.match_indices("/v1/") {
+            let path: String = first[i..].chars().take_while(|c| !matches!(c, '`' | '?' | ' ' | ',')).collect();
+            listed += 1;
+            if doc["paths"].get(&path).is_none() {
+                missing.push(path);
+            }
+        }
+    }
+    assert!(listed >= 20, "{listed} paths read from the README's tables");
+    assert!(missing.is_empty(), "listed in the README, not in the document: {missing:?}");
+}
+
 #[test]
 fn a_list_that_takes_a_cursor_documents_a_next_to_pass_as_one() {
     let doc = document();
