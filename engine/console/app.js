@@ -597,12 +597,13 @@ function hashParams() {
 // (`reload`), or after another request moved on from the same cursor (a second click on "Load
 // more"), is dropped. `params()` gives the query's filters, read when the list is (re)loaded:
 // a cursor goes on with the filters it was made with, not what has been typed since;
-// `draw(items, next, filters)` shows all loaded.
+// `draw(items, next, filters, added)` shows all loaded, `added` those this page brought.
 function pager(path, params, draw) {
   let loaded = [], next = null, generation = 0, filters = null;
   async function page() {
     const mine = generation;
     filters ??= params();
+    let added = [];
     for (let asked = 0; asked < 20; asked++) {
       const cursor = next;
       let r;
@@ -615,10 +616,11 @@ function pager(path, params, draw) {
       }
       if (mine !== generation || next !== cursor) return;
       loaded = loaded.concat(r.items);
+      added = added.concat(r.items);
       next = r.next;
       if (r.items.length || !next) break;
     }
-    draw(loaded, next, filters);
+    draw(loaded, next, filters, added);
   }
   function reload() {
     generation++;
@@ -936,13 +938,13 @@ async function subscriptionDetail(id) {
   if (ordered) blockedPages.page().catch((e) => blockedBox.replaceChildren(errorBox(e)));
   // The ratio is of the newest page; "Load more" goes back further.
   let rated = false;
-  const attempts = pager("/v1/attempts", () => ({ subscription: s.id, limit: 100 }), (loaded, next) => {
+  const attempts = pager("/v1/attempts", () => ({ subscription: s.id, limit: 100 }), (loaded, next, _, added) => {
     if (!rated) {
       rated = true;
       const ok = loaded.filter((a) => a.outcome === "delivered").length;
       document.getElementById("success-ratio").textContent = loaded.length ? `${fmtNum((ok / loaded.length) * 100, 1)} % of ${loaded.length}` : "no attempts yet";
     }
-    attemptsBox.replaceChildren(attemptsTable(loaded, true));
+    drawAttempts(attemptsBox, loaded, added, true);
     moreAttempts.replaceChildren(next ? h("button", { type: "button", onclick: () => attempts.page().catch(failed) }, "Load more") : "");
   });
   const failed = (e) => moreAttempts.replaceChildren(errorBox(e));
@@ -951,6 +953,13 @@ async function subscriptionDetail(id) {
   } catch (e) {
     attemptsBox.replaceChildren(errorBox(e));
   }
+}
+
+// A page's attempts added under those drawn: drawn anew, the responses opened in them closed.
+function drawAttempts(box, loaded, added, showEvent) {
+  const rows = box.querySelector("tbody");
+  if (rows && added.length < loaded.length) rows.append(...attemptsTable(added, showEvent).querySelectorAll("tbody > tr"));
+  else box.replaceChildren(attemptsTable(loaded, showEvent));
 }
 
 function attemptsTable(items, showEvent) {
@@ -1070,8 +1079,8 @@ async function eventDetail(id) {
     drawDeliveries((await api("GET", `/v1/events/${encodeURIComponent(e.id)}` + q({ tenant }))).deliveries);
     await reload();
   };
-  const { page, reload } = pager("/v1/attempts", () => ({ event: e.id, tenant, limit: 100 }), (loaded, next) => {
-    attempts.replaceChildren(attemptsTable(loaded, false));
+  const { page, reload } = pager("/v1/attempts", () => ({ event: e.id, tenant, limit: 100 }), (loaded, next, _, added) => {
+    drawAttempts(attempts, loaded, added, false);
     more.replaceChildren(next ? h("button", { type: "button", onclick: () => page().catch(failed) }, "Load more") : "");
   });
   const failed = (err) => more.replaceChildren(errorBox(err));

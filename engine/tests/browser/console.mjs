@@ -540,8 +540,12 @@ try {
       await page.goto(`${BASE}/console#/subscriptions/${made.id}`);
       await page.locator("tr[data-attempt]").nth(99).waitFor({ timeout: WAIT });
       assert.equal(await page.locator("tr[data-attempt]").count(), 100, "a page of 100");
+      // A response opened before "Load more" stays open (the rows were drawn anew, closed).
+      await page.locator("tr[data-attempt]").first().locator("summary").click();
       await page.getByRole("button", { name: "Load more" }).click();
       await page.locator("tr[data-attempt]").nth(100).waitFor({ timeout: 5_000 });
+      assert.ok(await page.locator("tr[data-attempt]").first().locator("details").evaluate((d) => d.open),
+        "the response opened before “Load more” is still open");
     } finally {
       await fetch(`${BASE}/v1/subscriptions/${made.id}`, { method: "DELETE", headers: admin });
     }
