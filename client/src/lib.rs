@@ -54,6 +54,16 @@ pub enum Error {
     /// The answer was not what this client understands.
     #[error("unexpected answer: {0}")]
     Decode(String),
+    /// What answered is not Herald's API: a redirect, or a success that is not JSON (a web
+    /// page an ingress answers every path with, another service on that port). Asking again
+    /// will not help; the base URL is wrong.
+    #[error("the answer of {base} is not Herald's API's ({detail}): is that the server's URL?")]
+    NotHerald {
+        /// The server's base URL.
+        base: String,
+        /// What answered instead.
+        detail: String,
+    },
 }
 
 impl Error {
@@ -311,19 +321,36 @@ impl Client {
         let answered = tokio::time::timeout(ANSWER_TIMEOUT, async {
             let resp = self.http.request(req).await.map_err(|e| unreachable(causes(&e)))?;
             let status = resp.status().as_u16();
+            let location =
+                resp.headers().get(http::header::LOCATION).map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
             let bytes = resp.into_body().collect().await.map_err(|e| unreachable(causes(&e)))?.to_bytes();
-            Ok::<_, Error>((status, bytes))
+            Ok::<_, Error>((status, location, bytes))
         })
         .await;
-        let (status, bytes) = answered.map_err(|_| {
+        let (status, location, bytes) = answered.map_err(|_| {
             unreachable(format!("no answer within {} s (it may or may not have been done)", ANSWER_TIMEOUT.as_secs()))
         })??;
-        let value: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        let not_herald = |detail: String| Error::NotHerald { base: self.base.clone(), detail };
+        // Herald's API never redirects.
+        if (300..400).contains(&status) {
+            return Err(not_herald(format!(
+                "a redirect, {status}, to {}",
+                location.as_deref().unwrap_or("nowhere said")
+            )));
+        }
+        let json = serde_json::from_slice::<Value>(&bytes);
+        let value: Value = match &json {
+            _ if bytes.is_empty() => Value::Null,
+            Ok(value) => value.clone(),
+            Err(_) => Value::String(String::from_utf8_lossy(&bytes).into()),
         };
         if (200..300).contains(&status) {
+            // Every success of Herald's with a body is JSON: another's (a page, `ok`) did
+            // nothing, and taken as done it told a publish accepted.
+            if !bytes.is_empty() && json.is_err() {
+                let start: String = String::from_utf8_lossy(&bytes).chars().take(60).collect();
+                return Err(not_herald(format!("a {status} that is not JSON: {start:?}")));
+            }
             return Ok(value);
         }
         let e = &value["error"];

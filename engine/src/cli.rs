@@ -309,13 +309,19 @@ pub enum Failed {
     /// the same request later is taken.
     #[error("{0}")]
     Throttled(String),
+    /// What answered is not Herald's API (`--server` is wrong): nothing was done, and the
+    /// same command later will not be either.
+    #[error("{0}")]
+    NotHerald(String),
 }
 
 impl Failed {
-    /// The exit code: 1 refused, 3 unavailable or throttled (try again later).
+    /// The exit code: 1 refused, 2 not Herald's API (as a `--server` that is no URL), 3
+    /// unavailable or throttled (try again later).
     pub fn code(&self) -> i32 {
         match self {
             Failed::Refused(_) => 1,
+            Failed::NotHerald(_) => 2,
             Failed::Unavailable(_) | Failed::Throttled(_) => 3,
         }
     }
@@ -382,6 +388,7 @@ impl From<herald_client::Error> for Failed {
         match e {
             _ if e.is_refusal() => Failed::Refused(e.to_string()),
             herald_client::Error::Api { status: 429, .. } => Failed::Throttled(e.to_string()),
+            herald_client::Error::NotHerald { .. } => Failed::NotHerald(e.to_string()),
             _ => Failed::Unavailable(e.to_string()),
         }
     }
@@ -533,6 +540,9 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
                     "{range} was not accepted, the server asked to slow down: {m}; {before}; nothing after \
                      it was sent"
                 )),
+                Failed::NotHerald(m) => {
+                    Failed::NotHerald(format!("{range} was not taken: {m}; {before}; nothing after it was sent"))
+                }
             }
         });
         let answer = match answer {

@@ -341,6 +341,26 @@ async fn a_server_that_is_no_url_is_a_usage_error() {
     }
 }
 
+/// A server that answers but is not Herald's API (a wrong port, an ingress's page for every
+/// path, a redirect) is said so, exit 2: a 200 with a web page was taken as done — a publish
+/// printed the page and exited 0, a delete said "deleted" — and nothing had been done.
+#[tokio::test]
+async fn a_server_that_is_not_herald_s_api_is_said_so() {
+    let rx = Receiver::start().await; // answers `ok` to everything
+    rx.respond_on("/v1/tenants", 301);
+    for args in [
+        &["events", "send", "--type", "a", "--data", "{}"][..],
+        &["subscriptions", "delete", "sub_x"],
+        &["events", "send", "--stdin"],
+        &["tenants", "list"],
+    ] {
+        let out = herald(&rx.url(""), args, Some("{\"type\":\"a\",\"data\":{}}\n")).await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert!(said.contains("not Herald's API"), "{args:?}: {said}");
+    }
+}
+
 /// Lines of large events close a batch early: 1,000 lines of 20 KB (all valid) made a body
 /// past the server's largest, refused every time, so such input could not be sent at all.
 #[tokio::test]
