@@ -9,6 +9,7 @@ use crate::transport::{HttpSettings, NetworkGuard, Transports};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -40,6 +41,12 @@ pub enum AgentError {
     /// The server URL cannot be turned into a WebSocket URL.
     #[error("--server must be an http:// or https:// URL: {0}")]
     Server(String),
+    /// The token is no device token, or holds what no header can carry.
+    #[error("the device token (--token, HERALD_EDGE_TOKEN) {0}")]
+    Token(&'static str),
+    /// A setting out of the range the server takes.
+    #[error("{0}")]
+    Setting(String),
 }
 
 /// Subscriptions compiled into targets, by id and version.
@@ -64,11 +71,7 @@ const SILENCE: Duration = Duration::from_secs(45);
 
 /// Runs until `stop` turns true, reconnecting whenever the connection is lost.
 pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result<(), AgentError> {
-    let url = match config.server.trim_end_matches('/') {
-        s if s.starts_with("https://") => format!("wss://{}{CONNECT_PATH}", &s[8..]),
-        s if s.starts_with("http://") => format!("ws://{}{CONNECT_PATH}", &s[7..]),
-        s => return Err(AgentError::Server(s.to_string())),
-    };
+    let url = checked(&config)?;
     // As much of a receiver's answer as any server's history may keep: the server cuts it to
     // its own `history.response_bytes` (and drops it with no history). At 1 KiB here, an edge
     // attempt's record kept less than a direct one's.
@@ -133,6 +136,38 @@ fn backoff_after(backoff: Duration, lasted: Duration) -> Duration {
     }
 }
 
+/// The WebSocket URL of `config.server`, once what can never work is told: a server URL no
+/// request can be made of, a token no header can carry or that is no device's, a timeout out
+/// of the server's range — each was retried for good as "cannot reach herald" (a timeout of
+/// nothing timed every attempt out).
+fn checked(config: &AgentConfig) -> Result<String, AgentError> {
+    let url = match config.server.trim_end_matches('/') {
+        s if s.starts_with("https://") => format!("wss://{}{CONNECT_PATH}", &s[8..]),
+        s if s.starts_with("http://") => format!("ws://{}{CONNECT_PATH}", &s[7..]),
+        s => return Err(AgentError::Server(s.to_string())),
+    };
+    if url.as_str().into_client_request().is_err() {
+        return Err(AgentError::Server(config.server.clone()));
+    }
+    if http::HeaderValue::from_str(&format!("Bearer {}", config.token)).is_err() {
+        return Err(AgentError::Token("holds characters an HTTP header cannot carry (a line break?)"));
+    }
+    if crate::tenants::parse_token(&config.token, "he").is_none() {
+        return Err(AgentError::Token("is not an edge device's (he.…): it is shown once when the device is made"));
+    }
+    let (least, most) = crate::model::range::TIMEOUT;
+    if !(least..=most).contains(&config.default_timeout) {
+        return Err(AgentError::Setting(format!(
+            "--timeout must be between {least:?} and {most:?}, as a subscription's"
+        )));
+    }
+    if !(1..=crate::transport::edge::protocol::MAX_WINDOW).contains(&config.window) {
+        let most = crate::transport::edge::protocol::MAX_WINDOW;
+        return Err(AgentError::Setting(format!("--window must be between 1 and {most}")));
+    }
+    Ok(url)
+}
+
 /// One connection: hello, then deliveries until it closes.
 async fn session(
     url: &str,
@@ -164,7 +199,9 @@ async fn session(
         tokio_tungstenite::tungstenite::Error::Io(stalled)
     })??;
     tracing::info!(server = %config.server, window = config.window, "connected to herald");
-    println!("herald edge connected to {}", config.server);
+    // Not `println!`: it panics once stdout's reader is gone (`herald edge | head -1`, a log
+    // pipe restarted), and took the agent down with it.
+    let _ = writeln!(std::io::stdout(), "herald edge connected to {}", config.server);
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let writer = async {
         while let Some(text) = rx.recv().await {

@@ -256,12 +256,18 @@ async fn main() -> anyhow::Result<()> {
                 herald::agent::AgentConfig { server, token, window, allow, default_timeout: timeout, tls_files_dir };
             let mut agent = tokio::spawn(herald::agent::run(config, stopped));
             let mut signals = StopSignals::new();
-            tokio::select! {
+            let ended = tokio::select! {
                 _ = signals.next() => {
                     stop.send_replace(true);
-                    (&mut agent).await??;
+                    (&mut agent).await?
                 }
-                ended = &mut agent => ended??,
+                ended = &mut agent => ended?,
+            };
+            // What the agent stops for is how it was started (a flag, the token): exit 2,
+            // as the CLI's usage errors.
+            if let Err(e) = ended {
+                eprintln!("herald edge: {e}");
+                std::process::exit(2);
             }
             Ok(())
         }

@@ -164,6 +164,67 @@ async fn events_reach_a_private_receiver_through_the_agent_even_across_an_agent_
     assert!(!m.contains(&acme_device), "no device id in /metrics");
 }
 
+/// An agent started with what can never work says so and stops, naming the flag (exit 2): a
+/// server URL no request can be made of, or a token no header can carry, was retried for
+/// good as "cannot reach herald"; a timeout of nothing timed every attempt out.
+#[tokio::test]
+async fn an_agent_started_with_what_can_never_work_says_so_and_stops() {
+    let cases = [
+        (vec!["--server", "https://"], "he.dev_x.secret", "--server"),
+        (vec!["--server", "http://herald .example"], "he.dev_x.secret", "--server"),
+        (vec!["--server", "http://127.0.0.1:9"], "he.dev_x.secret\r", "token"),
+        (vec!["--server", "http://127.0.0.1:9"], "hk.key_x.secret", "token"),
+        (vec!["--server", "http://127.0.0.1:9", "--timeout", "0s"], "he.dev_x.secret", "--timeout"),
+        (vec!["--server", "http://127.0.0.1:9", "--window", "0"], "he.dev_x.secret", "--window"),
+    ];
+    for (args, token, named) in cases {
+        let agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("edge")
+            .args(&args)
+            .env("HERALD_EDGE_TOKEN", token)
+            .env("RUST_LOG", "error")
+            .without_suite_knobs()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(10), agent).await;
+        let out = out.unwrap_or_else(|_| panic!("{args:?} {token:?}: still running after 10 s")).unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {token:?}: {said}");
+        assert!(said.contains(named), "{args:?} {token:?}: {said}");
+    }
+}
+
+/// An agent whose stdout's reader is gone (`herald edge | head -1`, a log pipe restarted)
+/// goes on: its "connected" line panicked, and the agent stopped at each connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_output_is_no_longer_read_goes_on_delivering() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_herald, addr) = spawn_herald_with(dir.path(), &[("HERALD_NETWORK_ALLOW", "")]);
+    let admin = Api::new(addr, TOKEN);
+    let (tenant, api, device, token) = tenant_with_device(&admin, "Piped").await;
+    api.subscribe(json!({ "url": rx.url("/piped"), "via_edge": device })).await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["edge", "--server", &format!("http://{addr}")])
+        .env("HERALD_EDGE_TOKEN", &token)
+        .env("RUST_LOG", "error")
+        .without_suite_knobs()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("herald edge runs");
+    drop(child.stdout.take()); // nobody reads what it says
+    let agent = ChildGuard(child);
+    agents_connected(&admin, 1).await;
+    let (status, body) =
+        admin.post("/v1/events", json!({ "id": "p1", "type": "T", "tenant": tenant, "data": {} })).await;
+    assert_eq!(status, 202, "{body}");
+    rx.wait_on("/piped", 1).await;
+    let mut agent = agent;
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent stopped");
+}
+
 /// A server that accepts the agent's connection and never answers the upgrade (a stalled
 /// proxy) does not hold the agent for ever: it gives up and connects again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
