@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use herald_client::query;
 use serde_json::{json, Value};
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::path::PathBuf;
 
 /// Where the API is and who is calling.
@@ -427,8 +427,7 @@ const BATCH_BYTES: usize = herald::api::MAX_BODY_BYTES / 2;
 /// (deduplicated only by their ids) — and lists the events accepted, their ids generated ones
 /// too, before saying it. The answer is a list (`{"items":[…]}`) however many lines there are.
 async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> anyhow::Result<(Value, Shown)> {
-    let mut lines = input
-        .lines()
+    let mut lines = bounded_lines(input)
         .enumerate()
         .filter_map(|(n, line)| match line {
             Ok(l) if l.trim().is_empty() => None,
@@ -571,12 +570,56 @@ fn accepted_before(accepted: usize, line: usize) -> String {
 }
 
 /// The text of `path` (`-`: stdin).
+/// The most input a command reads as one request or one line: the largest request body
+/// Herald takes. Read past it, a line without end (or a large file named by mistake) was
+/// held in memory whole, however long, only to be refused by the server.
+const MOST_INPUT: usize = herald::api::MAX_BODY_BYTES;
+
+/// Told when input is past [`MOST_INPUT`].
+fn past_most_input() -> String {
+    format!("is over {} MiB, the largest request Herald takes", MOST_INPUT >> 20)
+}
+
+/// The lines of `input` (without their `\n` or `\r\n`), each read only up to
+/// [`MOST_INPUT`]: one longer is an error, the rest of it unread.
+fn bounded_lines(mut input: impl BufRead) -> impl Iterator<Item = std::io::Result<String>> {
+    std::iter::from_fn(move || {
+        let mut line = Vec::new();
+        match (&mut input).take(MOST_INPUT as u64 + 1).read_until(b'\n', &mut line) {
+            Ok(0) => None,
+            Ok(_) if line.len() > MOST_INPUT && !line.ends_with(b"\n") => {
+                Some(Err(std::io::Error::other(format!("the line {}", past_most_input()))))
+            }
+            Ok(_) => {
+                if line.ends_with(b"\n") {
+                    line.pop();
+                    if line.ends_with(b"\r") {
+                        line.pop();
+                    }
+                }
+                Some(String::from_utf8(line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    })
+}
+
 fn read_text(path: &PathBuf) -> anyhow::Result<String> {
-    if path.as_os_str() == "-" {
-        Ok(std::io::read_to_string(std::io::stdin())?)
+    let input: Box<dyn Read> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin())
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        Box::new(std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?)
+    };
+    let mut text = String::new();
+    input
+        .take(MOST_INPUT as u64 + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if text.len() > MOST_INPUT {
+        let name = if path.as_os_str() == "-" { "stdin".into() } else { path.display().to_string() };
+        bail!("{name} {}", past_most_input());
     }
+    Ok(text)
 }
 
 fn read_json(path: &PathBuf) -> anyhow::Result<Value> {
