@@ -121,12 +121,87 @@ fn compile(schema: &Value) -> Result<jsonschema::Validator, Invalid> {
     compile_with(schema, jsonschema::PatternOptions::regex().size_limit(PATTERN_BYTES).dfa_size_limit(PATTERN_BYTES))
 }
 
-/// Compiles `schema` with its patterns run as `patterns` says.
+/// Compiles `schema` with its patterns run as `patterns` says, each of its subschemas taking
+/// a step of the check's budget (see [`with_steps`]).
 fn compile_with<E>(schema: &Value, patterns: jsonschema::PatternOptions<E>) -> Result<jsonschema::Validator, Invalid> {
     jsonschema::options()
         .with_pattern_options(patterns)
-        .build(schema)
+        .with_keyword(STEP, |_, _, _| Ok(Box::new(Step)))
+        .build(&with_steps(schema))
         .map_err(|e| Invalid::new("schema", format!("not a usable JSON Schema: {e}")))
+}
+
+/// The keyword [`with_steps`] gives every subschema of a schema it compiles.
+const STEP: &str = "$$herald-step";
+
+/// Subschema checks a check may make whatever its data ([`fits`]), and more for each byte of
+/// the data. A schema's cost is not bounded by its size: references in a diamond (3 KB of
+/// `allOf`s, each naming the next twice) check one number 2^40 times, and alternatives
+/// multiply the same way; such a check held a runtime thread for hours (two held every
+/// tenant's publishing), or the one thread large events are checked on.
+const STEPS_AT_LEAST: u64 = 100_000;
+/// See [`STEPS_AT_LEAST`]: far more than a schema that checks each value a few ways takes.
+const STEPS_PER_BYTE: u64 = 32;
+
+thread_local! {
+    /// The steps the check under way on this thread may still take.
+    static STEPS_LEFT: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
+}
+
+/// Unwinds a check that ran out of steps (without the panic hook: nothing failed).
+struct OutOfSteps;
+
+/// A subschema checked: a step of the budget, or, with none left, the end of the check. The
+/// library runs custom keywords after a subschema's others, so failing here would still let
+/// each subschema under way check all its alternatives first (a diamond of `anyOf`s stays
+/// exponential): the check is unwound instead, at once, and [`fits`] catches it.
+struct Step;
+
+impl Step {
+    fn take() {
+        STEPS_LEFT.with(|left| match left.get() {
+            0 => std::panic::resume_unwind(Box::new(OutOfSteps)),
+            n => left.set(n - 1),
+        })
+    }
+}
+
+impl<'i> jsonschema::Keyword<'i> for Step {
+    fn validate(&self, _: &'i Value) -> Result<(), jsonschema::ValidationError<'i>> {
+        Step::take();
+        Ok(())
+    }
+
+    fn is_valid(&self, _: &'i Value) -> bool {
+        Step::take();
+        true
+    }
+}
+
+/// `schema` with [`STEP`] in each of its subschemas: every object in a schema's place, and
+/// any other object but data (`const`, `enum`, `default`, `examples`), since a `$ref` may name
+/// a subschema anywhere in the document. Maps of subschemas (`properties`, `$defs`, …) are
+/// not subschemas themselves: a key there would be a property's name.
+fn with_steps(schema: &Value) -> Value {
+    let Value::Object(map) = schema else { return schema.clone() };
+    let mut out = serde_json::Map::with_capacity(map.len() + 1);
+    out.insert(STEP.into(), Value::Bool(true));
+    let each = |v: &Value| match v {
+        Value::Array(items) => Value::Array(items.iter().map(with_steps).collect()),
+        other => with_steps(other),
+    };
+    for (keyword, value) in map {
+        let value = match (keyword.as_str(), value) {
+            ("const" | "enum" | "default" | "examples", _) => value.clone(),
+            (
+                "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" | "dependencies",
+                Value::Object(schemas),
+            ) => Value::Object(schemas.iter().map(|(name, s)| (name.clone(), each(s))).collect()),
+            _ => each(value),
+        };
+        out.insert(keyword.clone(), value);
+    }
+    Value::Object(out)
 }
 
 /// The most memory one compiled `pattern` (and its search cache) may take.
@@ -165,18 +240,32 @@ fn data_path(prefix: &str, pointer: &str) -> String {
     path
 }
 
-/// The first way `data` does not fit `validator`, as an [`Invalid`] naming where.
-fn fits(validator: &jsonschema::Validator, data: &Value, prefix: &str) -> Result<(), Invalid> {
-    match validator.validate(data) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(Invalid::new(data_path(prefix, e.instance_path().as_str()), e.to_string())),
+/// The first way `data` (`size` bytes as text) does not fit `validator`, as an [`Invalid`]
+/// naming where; or that checking it took more than its budget of steps ([`STEPS_AT_LEAST`]).
+fn fits(validator: &jsonschema::Validator, data: &Value, size: usize, prefix: &str) -> Result<(), Invalid> {
+    let steps = STEPS_AT_LEAST.saturating_add(STEPS_PER_BYTE.saturating_mul(size as u64));
+    STEPS_LEFT.with(|left| left.set(steps));
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        validator.validate(data).map_err(|e| Invalid::new(data_path(prefix, e.instance_path().as_str()), e.to_string()))
+    }));
+    STEPS_LEFT.with(|left| left.set(u64::MAX));
+    match checked {
+        Ok(checked) => checked,
+        Err(unwound) if unwound.is::<OutOfSteps>() => Err(Invalid::new(
+            data_path(prefix, ""),
+            format!(
+                "checking it against its type's schema took over {steps} steps: the schema is too costly to check \
+                 (its references or alternatives multiply), which only the platform's admin can change"
+            ),
+        )),
+        Err(unwound) => std::panic::resume_unwind(unwound),
     }
 }
 
 /// Whether `data` (JSON text) fits `validator`'s schema.
 fn check(validator: &jsonschema::Validator, data: &[u8], prefix: &str) -> Result<(), Invalid> {
-    let data: Value = serde_json::from_slice(data).map_err(|e| Invalid::new(data_path(prefix, ""), e.to_string()))?;
-    fits(validator, &data, prefix)
+    let parsed: Value = serde_json::from_slice(data).map_err(|e| Invalid::new(data_path(prefix, ""), e.to_string()))?;
+    fits(validator, &parsed, data.len(), prefix)
 }
 
 /// Checks a spec: its schema compiles and its example fits it.
@@ -191,7 +280,8 @@ fn checked(spec: &EventTypeSpec) -> Result<Option<jsonschema::Validator>, Invali
     }
     let validator = spec.schema.as_ref().map(compile).transpose()?;
     if let (Some(v), Some(example)) = (&validator, &spec.example) {
-        fits(v, example, "").map_err(|e| Invalid::new(e.field.replacen("data", "example", 1), e.message))?;
+        let size = serde_json::to_vec(example).map_or(usize::MAX, |b| b.len());
+        fits(v, example, size, "").map_err(|e| Invalid::new(e.field.replacen("data", "example", 1), e.message))?;
     }
     if spec.validate && validator.is_none() {
         return Err(Invalid::new("validate", "needs a schema to validate against"));
@@ -517,6 +607,27 @@ mod tests {
         assert_eq!(data_path("", ""), "data");
         assert_eq!(data_path("", "/items/0/sku"), "data.items[0].sku");
         assert_eq!(data_path("[3]", "/a~1b/c~0d"), "[3].data.a/b.c~d");
+    }
+
+    /// The step each subschema takes changes nothing a schema says: data (`const`, `enum`)
+    /// and maps of subschemas (`properties`, `$defs`) are left as they are, and a `$ref` to
+    /// a subschema anywhere still finds it.
+    #[test]
+    fn steps_leave_what_a_schema_says_as_it_is() {
+        let schema = json!({
+            "type": "object",
+            "additionalProperties": false,
+            "properties": { "a": { "const": { "x": 1 } }, "b": { "$ref": "#/$defs/small" } },
+            "$defs": { "small": { "enum": [{ "y": 2 }] } }
+        });
+        let v = compile(&schema).unwrap();
+        let fit = |data: Value| fits(&v, &data, data.to_string().len(), "");
+        assert!(fit(json!({ "a": { "x": 1 }, "b": { "y": 2 } })).is_ok());
+        assert_eq!(fit(json!({ "a": { "x": 1, STEP: true } })).unwrap_err().field, "data.a");
+        assert_eq!(fit(json!({ "b": { "y": 2, STEP: true } })).unwrap_err().field, "data.b");
+        assert_eq!(fit(json!({ STEP: true })).unwrap_err().field, "data");
+        // A check out of steps leaves none spent for the next on this thread.
+        assert!(fit(json!({ "a": { "x": 1 } })).is_ok());
     }
 
     #[test]
