@@ -246,7 +246,7 @@ fn fits(validator: &jsonschema::Validator, data: &Value, size: usize, prefix: &s
     let steps = STEPS_AT_LEAST.saturating_add(STEPS_PER_BYTE.saturating_mul(size as u64));
     STEPS_LEFT.with(|left| left.set(steps));
     let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        validator.validate(data).map_err(|e| Invalid::new(data_path(prefix, e.instance_path().as_str()), e.to_string()))
+        validator.validate(data).map_err(|e| Invalid::new(data_path(prefix, e.instance_path().as_str()), said(&e)))
     }));
     STEPS_LEFT.with(|left| left.set(u64::MAX));
     match checked {
@@ -260,6 +260,28 @@ fn fits(validator: &jsonschema::Validator, data: &Value, size: usize, prefix: &s
         )),
         Err(unwound) => std::panic::resume_unwind(unwound),
     }
+}
+
+/// The most of a refusal's words: the library's quote the value that did not fit, and an
+/// array where an object belongs came back whole (a 12 MiB event in a 12 MiB answer).
+const MOST_SAID: usize = 1024;
+
+/// What `e` says, within [`MOST_SAID`]: the value named, not quoted, when quoting it is too
+/// long, and the rest cut (a schema's `enum` of thousands is quoted too).
+fn said(e: &jsonschema::ValidationError<'_>) -> String {
+    let mut said = e.to_string();
+    if said.len() > MOST_SAID {
+        said = e.masked_with("the value").to_string();
+    }
+    if said.len() > MOST_SAID {
+        let mut end = MOST_SAID;
+        while !said.is_char_boundary(end) {
+            end -= 1;
+        }
+        said.truncate(end);
+        said.push('…');
+    }
+    said
 }
 
 /// Whether `data` (JSON text) fits `validator`'s schema.

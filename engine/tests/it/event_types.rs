@@ -212,3 +212,27 @@ async fn a_schema_too_costly_to_check_is_stopped_and_says_so() {
     let (status, body) = h.api.post("/v1/events", json!({ "type": "plain", "data": {} })).await;
     assert_eq!(status, 202, "{body}");
 }
+
+/// A refusal says what did not fit in a few lines, not the data again: the library's words
+/// quote the value, and an array of 20,000 numbers where an object belongs came back whole in
+/// the error (a 12 MiB event in a 12 MiB answer, and in the producer's logs).
+#[tokio::test]
+async fn a_refusal_does_not_quote_the_data_whole() {
+    let h = TestHerald::start().await;
+    let (status, made) = h
+        .api
+        .post("/v1/event-types", json!({ "name": "shaped", "schema": { "type": "object" }, "validate": true }))
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let data: Vec<u32> = (0..20_000).collect();
+    let (status, err) = h.api.post("/v1/events", json!({ "type": "shaped", "data": data })).await;
+    let said = err.to_string();
+    assert_eq!(
+        (status.as_u16(), err["error"]["field"].as_str()),
+        (400, Some("data")),
+        "{}",
+        &said[..said.len().min(500)]
+    );
+    assert!(said.len() < 2048, "{} bytes: {}", said.len(), &said[..500]);
+    assert!(said.contains("object"), "{said}");
+}
