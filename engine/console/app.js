@@ -861,15 +861,17 @@ async function subscriptionDetail(id) {
   // with why if something stopped it): "Continue" goes on from exactly there — the form's
   // input holds whole minutes, and asked again from the minute, a busy subscription's recover
   // re-sent the same events and stopped in that minute again.
-  const recoverFrom = async (from, everything) => {
-    const r = await api("POST", `/v1/subscriptions/${s.id}/recover`, { since: from, all: everything });
+  // Going on, the window ends where the first call's did: a later "now" also took in what
+  // was delivered meanwhile (a rewind re-sent it).
+  const recoverFrom = async (from, everything, until) => {
+    const r = await api("POST", `/v1/subscriptions/${s.id}/recover`, { since: from, until, all: everything });
     const said = h("div", { class: "alert ok", role: "status", "data-recover-result": "" },
       `${r.queued} event(s) queued again.`
       + (r.stopped?.error?.message ? ` Stopped: ${r.stopped.error.message}.` : "")
       + (r.continue_from ? ` It went as far as ${fmtTime(r.continue_from)}.` : "")
       + (r.history_lag ? ` The history was ${r.history_lag} record(s) behind: recover again in a moment for the newest.` : ""));
     if (r.continue_from) {
-      said.append(" ", h("button", { type: "button", onclick: () => recoverFrom(r.continue_from, everything).catch((e) => out.replaceChildren(errorBox(e))) },
+      said.append(" ", h("button", { type: "button", onclick: () => recoverFrom(r.continue_from, everything, r.until).catch((e) => out.replaceChildren(errorBox(e))) },
         `Continue from ${fmtTime(r.continue_from)}`));
     }
     out.replaceChildren(said);

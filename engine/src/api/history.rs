@@ -417,7 +417,11 @@ async fn recover_now(
         Some((_, from)) => Some(rfc3339_ms(*from)),
         None => found.continue_from_ms.map(rfc3339_ms),
     };
-    let mut answer = serde_json::json!({ "queued": queued, "continue_from": continue_from, "history_lag": behind });
+    // The window's end as this call took it (`now` when not given): to go on from
+    // `continue_from` with, not a later `now` that takes in what was delivered meanwhile.
+    let mut answer = serde_json::json!({
+        "queued": queued, "continue_from": continue_from, "until": rfc3339_ms(until), "history_lag": behind,
+    });
     if let Some((e, _)) = stopped {
         answer["stopped"] = e.body();
     }

@@ -829,14 +829,22 @@ async fn a_recover_refused_part_way_says_what_it_queued_and_where_to_go_on() {
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(2)), "{answer}");
     assert!(answer["stopped"]["message"].is_string(), "it says why it stopped: {answer}");
     let from = answer["continue_from"].as_str().expect("where to go on").to_string();
-    let (status, answer) = h.api.post(&recover, json!({ "since": from, "all": true })).await;
+    // The window's end, to go on with: going on to "now", the rewind took in what was
+    // delivered since it began (here `big-late`), and under steady traffic never ended.
+    let until = answer["until"].as_str().expect("the window's end").to_string();
+    let late = json!({ "id": "big-late", "type": "T", "data": {} });
+    assert_eq!(h.api.post("/v1/events", late).await.0, 202);
+    state_of(&h.api, "big-late", &sub_id, "delivered").await;
+    let (status, answer) = h.api.post(&recover, json!({ "since": from, "until": until, "all": true })).await;
     assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(8)), "{answer}");
+    assert_eq!(answer["until"], until.as_str(), "{answer}");
     rx.wait_on("/big", 20).await;
     for i in 0..10 {
         let id = format!("big-{i}");
         let sent = rx.on("/big").iter().filter(|r| r.header("webhook-id") == id).count();
         assert!(sent <= 2, "{id} sent {sent} times");
     }
+    assert_eq!(rx.on("/big").iter().filter(|r| r.header("webhook-id") == "big-late").count(), 1);
 }
 
 /// History records the log did not take in time (their deliveries' offsets committed late,
