@@ -112,11 +112,21 @@ pub async fn attempts(
             return Err(ApiError::validation("outcome", format!("must be one of {}, {DISABLED}", LABELS.join(", "))));
         }
     }
+    // Named filters name something: an empty or impossible one answered an empty page, read
+    // as "never sent".
+    if let Some(event) = &q.event {
+        crate::model::check_event_id(event).map_err(|e| ApiError::validation("event", e))?;
+    }
+    if q.subscription.as_deref().is_some_and(|s| s.trim().is_empty()) {
+        return Err(ApiError::validation("subscription", "must name a subscription"));
+    }
+    let named = q.tenant.is_some();
     let mut tenant = who.owner(q.tenant)?;
-    if let (Some(sub), None) = (&q.subscription, &q.event) {
-        // A subscription's attempts are its tenant's: the admin need not name it. (Another
-        // tenant's, deleted or not, answers an empty page: the index stops at its first entry.)
-        if let (None, Some(t)) = (who.tenant(), state.registry.get(sub)) {
+    if let (Some(sub), None, false) = (&q.subscription, who.tenant(), named) {
+        // A subscription's attempts are its tenant's: the admin need not name it, with an
+        // event or without. (A tenant named is the one read; another tenant's subscription,
+        // deleted or not, answers an empty page: the index stops at its first entry.)
+        if let Some(t) = state.registry.get(sub) {
             tenant = t.sub.tenant.clone();
         }
     }

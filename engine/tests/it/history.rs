@@ -892,3 +892,39 @@ async fn history_records_late_for_a_failing_disk_are_written_at_a_clean_stop() {
     assert_eq!(attempts[0]["outcome"], "delivered", "{attempts:?}");
     assert_eq!(rx.on("/late").len(), 1, "sent once: its offset was committed");
 }
+
+/// The admin asking for a subscription's attempts gets its tenant's, with an event named too,
+/// and the tenant it names when it names one; a filter that names nothing is refused, naming
+/// it. `?subscription=S&event=E` read the default tenant (an empty page), `tenant=` was
+/// overridden by the subscription's, and `?event=` answered an empty page — "never sent".
+#[tokio::test]
+async fn the_attempts_filters_are_read_as_given() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    let (acme_id, acme) = tenant_with_key(&h.api, "Acme").await;
+    let (globex_id, _) = tenant_with_key(&h.api, "Globex").await;
+    let sub = acme.subscribe(json!({ "url": rx.url("/acme") })).await;
+    let sub_id = sub["id"].as_str().unwrap();
+    let (status, body) =
+        h.api.post("/v1/events", json!({ "id": "f1", "type": "T", "tenant": acme_id, "data": {} })).await;
+    assert_eq!(status, 202, "{body}");
+    state_of(&acme, "f1", sub_id, "delivered").await;
+    let count = |path: String| {
+        let api = h.api.clone();
+        async move {
+            let (status, page) = api.get(&path).await;
+            assert_eq!(status, 200, "{path}: {page}");
+            page["items"].as_array().unwrap().len()
+        }
+    };
+    assert_eq!(count(format!("/v1/attempts?subscription={sub_id}")).await, 1);
+    assert_eq!(count(format!("/v1/attempts?subscription={sub_id}&event=f1")).await, 1);
+    assert_eq!(count(format!("/v1/attempts?subscription={sub_id}&tenant={globex_id}")).await, 0);
+    assert_eq!(count(format!("/v1/attempts?subscription={sub_id}&tenant={acme_id}")).await, 1);
+    for (query, field) in
+        [("event=", "event"), ("subscription=", "subscription"), (&*format!("event={}", "e".repeat(300)), "event")]
+    {
+        let (status, err) = h.api.get(&format!("/v1/attempts?{query}")).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{query}: {err}");
+    }
+}
