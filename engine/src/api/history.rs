@@ -6,7 +6,7 @@ use super::auth::Principal;
 use super::error::{ApiError, JsonBody, OptionalJsonBody};
 use super::page::{self, StrictPath, StrictQuery};
 use super::AppState;
-use crate::history::{AttemptQuery, EventQuery, EventRecord, History, Index};
+use crate::history::{AttemptQuery, DeliveryView, EventQuery, EventRecord, History, Index};
 use crate::model::{now_ms, rfc3339_ms};
 use crate::target::Target;
 use axum::extract::State;
@@ -229,8 +229,9 @@ pub async fn get(
     let history = history(&state)?;
     let event = find(history, who.owner(q.tenant)?, id).await?;
     let tenant = event.tenant.clone();
-    let (event, deliveries) =
+    let (event, mut deliveries) =
         blocking(history, &tenant, move |index| index.deliveries(&event).map(|d| (event, d))).await?;
+    dropped_with_their_subscriptions(&state, &event.tenant, &mut deliveries).await;
     Ok(Json(serde_json::json!({
         "id": event.id,
         "tenant": event.tenant,
@@ -241,6 +242,24 @@ pub async fn get(
         "ordering_key": event.ordering_key,
         "deliveries": deliveries,
     })))
+}
+
+/// Deliveries still to be made whose subscription is gone read `dropped`, as they will be
+/// when their attempt comes due: a deletion writes nothing to the history, and a delivery
+/// waiting on a retry read `retrying`, its next attempt never to be made, for hours. (A
+/// subscription this process does not know yet, made through another a moment ago, is
+/// waited for first.)
+async fn dropped_with_their_subscriptions(state: &AppState, tenant: &str, deliveries: &mut [DeliveryView]) {
+    let waiting = |d: &DeliveryView| matches!(d.state, "retrying" | "pending");
+    let gone = |d: &DeliveryView| state.registry.get(&d.subscription).is_none_or(|t| t.sub.tenant != tenant);
+    if !deliveries.iter().any(|d| waiting(d) && gone(d)) {
+        return;
+    }
+    state.catalog.settle().await;
+    for d in deliveries.iter_mut().filter(|d| waiting(d) && gone(d)) {
+        d.state = crate::history::State::Dropped.as_str();
+        d.next_attempt_at = None;
+    }
 }
 
 /// `POST /v1/events/{id}/resend` body.

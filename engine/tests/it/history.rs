@@ -928,3 +928,23 @@ async fn the_attempts_filters_are_read_as_given() {
         assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{query}: {err}");
     }
 }
+
+/// A delivery waiting to be retried when its subscription is deleted reads `dropped` (the
+/// README's "its subscription was deleted"), with no next attempt: it read `retrying`, with
+/// a next attempt that would never be made, until that retry came due (hours, at most a day).
+#[tokio::test]
+async fn a_delivery_whose_subscription_is_deleted_reads_dropped() {
+    let h = TestHerald::start().await;
+    let rx = Receiver::start().await;
+    rx.respond_on("/gone", 500);
+    let retry = json!({ "policy": "fixed", "interval": "1h", "max_attempts": 3 });
+    let sub = h.api.subscribe(json!({ "url": rx.url("/gone"), "retry": retry })).await;
+    let sub_id = sub["id"].as_str().unwrap();
+    assert_eq!(h.api.post("/v1/events", json!({ "id": "gone-1", "type": "T", "data": {} })).await.0, 202);
+    let event = state_of(&h.api, "gone-1", sub_id, "retrying").await;
+    assert!(event["deliveries"][0]["next_attempt_at"].is_string(), "{event}");
+    assert_eq!(h.api.delete(&format!("/v1/subscriptions/{sub_id}")).await.0, 204);
+    let event = state_of(&h.api, "gone-1", sub_id, "dropped").await;
+    assert!(event["deliveries"][0]["next_attempt_at"].is_null(), "{event}");
+    assert_eq!(event["deliveries"][0]["attempts"], 1, "{event}");
+}
