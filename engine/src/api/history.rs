@@ -409,7 +409,11 @@ async fn recover_now(
             let (mut events, mut bytes) = (Vec::new(), 0u64);
             for (looked, (tenant, event)) in ahead.iter().enumerate() {
                 if let Some(e) = index.event(tenant, event).ok().flatten() {
-                    let size = (e.data.len() + e.changes.as_ref().map_or(0, |c| c.len())) as u64;
+                    // As the quota counts it: the larger of the bytes as published and
+                    // JavaScript's form (an envelope's; `1e20` is 21 bytes in it), so that a
+                    // part within the budget is within the quota for any subscription.
+                    let form = |text: &[u8]| crate::canonical::canonical(text).map_or(0, |c| c.len()).max(text.len());
+                    let size = (form(&e.data) + e.changes.as_deref().map_or(0, form)) as u64;
                     if !events.is_empty() && bytes + size > budget {
                         return Ok((events, looked));
                     }

@@ -948,3 +948,33 @@ async fn a_delivery_whose_subscription_is_deleted_reads_dropped() {
     assert!(event["deliveries"][0]["next_attempt_at"].is_null(), "{event}");
     assert_eq!(event["deliveries"][0]["attempts"], 1, "{event}");
 }
+
+/// A recover's parts are sized by what the fan-out quota counts, the payload's form (here
+/// JavaScript's, for an envelope): sized by the bytes as published, ten events of numbers
+/// written `1e20` (50 KB, 220 KB in JavaScript's form) went as one part past the quota,
+/// refused `413` at every call, so the window could never be recovered.
+#[tokio::test]
+async fn a_recover_s_parts_are_sized_as_the_quota_counts_them() {
+    let h = TestHerald::start_with(|c| {
+        c.quotas.fanout_bytes = 1 << 20;
+        c.ingest.max_event_bytes = 256 << 10;
+    })
+    .await;
+    let rx = Receiver::start().await;
+    let sub = h.api.subscribe(json!({ "url": rx.url("/wide") })).await;
+    let sub_id = sub["id"].as_str().unwrap();
+    let since = (chrono::Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+    let numbers = format!("[{}]", vec!["1e20"; 10_000].join(","));
+    for i in 0..10 {
+        let body = format!(r#"{{"id":"wide-{i}","type":"T","data":{numbers}}}"#);
+        let (status, answer) = h.api.raw("POST", "/v1/events", Some(bytes::Bytes::from(body)), Some(TOKEN)).await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    for i in 0..10 {
+        state_of(&h.api, &format!("wide-{i}"), sub_id, "delivered").await;
+    }
+    let (status, answer) =
+        h.api.post(&format!("/v1/subscriptions/{sub_id}/recover"), json!({ "since": since, "all": true })).await;
+    assert_eq!((status.as_u16(), &answer["queued"]), (202, &json!(10)), "{answer}");
+    rx.wait_on("/wide", 20).await;
+}
