@@ -26,6 +26,16 @@ pub fn check_event_id(id: &str) -> Result<(), &'static str> {
     if id.is_empty() || id.len() > MAX_EVENT_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("must be 1 to 255 visible ASCII characters");
     }
+    named_in_a_url(id)
+}
+
+/// Whether a URL's path can name `name` (`/v1/events/{id}`, `/v1/event-types/{name}`):
+/// clients resolve `.` and `..` away (`%2E` too), so what was made under them could never be
+/// reached again.
+fn named_in_a_url(name: &str) -> Result<(), &'static str> {
+    if matches!(name, "." | "..") {
+        return Err("cannot be . or .. (no URL can name it)");
+    }
     Ok(())
 }
 
@@ -35,7 +45,7 @@ pub fn check_event_type(name: &str) -> Result<(), &'static str> {
     if name.is_empty() || name.len() > MAX_EVENT_ID_LEN || name.chars().any(char::is_control) {
         return Err("must be 1 to 255 bytes without control characters");
     }
-    Ok(())
+    named_in_a_url(name)
 }
 
 /// `POST /v1/events` body. `data` and `changes` are kept as the exact bytes sent.

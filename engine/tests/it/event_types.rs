@@ -236,3 +236,23 @@ async fn a_refusal_does_not_quote_the_data_whole() {
     assert!(said.len() < 2048, "{} bytes: {}", said.len(), &said[..500]);
     assert!(said.contains("object"), "{said}");
 }
+
+/// Names and ids a URL cannot name (`.` and `..`: clients resolve them away, `%2E` too) are
+/// refused where they are made: such an event type was made and never read, changed or
+/// deleted again, and such an event never looked up, resent or recovered by its id.
+#[tokio::test]
+async fn names_a_url_cannot_name_are_refused() {
+    let h = TestHerald::start().await;
+    for name in [".", ".."] {
+        let (status, err) = h.api.post("/v1/event-types", json!({ "name": name })).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("name")), "{name}: {err}");
+        let (status, err) = h.api.post("/v1/events", json!({ "id": name, "type": "t", "data": {} })).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("id")), "{name}: {err}");
+        let (status, err) = h.api.post("/v1/events", json!({ "type": name, "data": {} })).await;
+        assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("type")), "{name}: {err}");
+    }
+    let (status, made) =
+        h.api.post("/v1/event-types", json!({ "name": "...", "description": "three dots name it" })).await;
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(h.api.get("/v1/event-types/...").await.0, 200);
+}
