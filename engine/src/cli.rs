@@ -426,14 +426,7 @@ const BATCH_BYTES: usize = herald::api::MAX_BODY_BYTES / 2;
 /// was sent, since a script that sends the whole input again publishes those again
 /// (deduplicated only by their ids) — and lists the events accepted, their ids generated ones
 /// too, before saying it. The answer is a list (`{"items":[…]}`) however many lines there are.
-async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> anyhow::Result<(Value, Shown)> {
-    let mut lines = bounded_lines(input)
-        .enumerate()
-        .filter_map(|(n, line)| match line {
-            Ok(l) if l.trim().is_empty() => None,
-            other => Some((n + 1, other)),
-        })
-        .peekable();
+async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> anyhow::Result<(Value, Shown)> {
     let (mut items, mut accepted) = (Vec::new(), 0usize);
     let mut first = true;
     // A batch past the tenant's fan-out quota goes again in halves, from here (its lines, their
@@ -459,10 +452,11 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
                 continue;
             }
             // Large events close a batch early: 1,000 lines of 20 KB are past the largest body.
-            let next = match lines.peek() {
-                None => break,
-                Some((_, Ok(l))) => l.len(),
-                Some((_, Err(_))) => 0,
+            // So does a pause in the input, once a batch has lines.
+            let next = match lines.peek(!batch.is_empty()).await {
+                Peeked::End | Peeked::Quiet => break,
+                Peeked::Line((_, Ok(l))) => l.len(),
+                Peeked::Line((_, Err(_))) => 0,
             };
             if !batch.is_empty() && bytes + next > BATCH_BYTES {
                 break;
@@ -497,7 +491,7 @@ async fn send_lines(api: &Api, input: impl BufRead, tenant: Option<&str>) -> any
         };
         // One line in all, not one in the first batch: a line closing the batch early (the
         // two past BATCH_BYTES) sent the first alone, and the rest were never sent.
-        if std::mem::take(&mut first) && batch.len() == 1 && lines.peek().is_none() {
+        if std::mem::take(&mut first) && batch.len() == 1 && lines.ended() {
             let one = batch.pop().expect("one line");
             let answer = api.publish("/v1/events", &one).await?;
             return Ok((json!({ "items": [answer] }), Shown::List(&["id", "deliveries"])));
@@ -578,6 +572,80 @@ const MOST_INPUT: usize = herald::api::MAX_BODY_BYTES;
 /// Told when input is past [`MOST_INPUT`].
 fn past_most_input() -> String {
     format!("is over {} MiB, the largest request Herald takes", MOST_INPUT >> 20)
+}
+
+/// How long input may pause before the lines read are sent: a batch waited for its 1,000th
+/// line or the end of input, and `tail -f events.jsonl | herald events send --stdin` held
+/// every event it read.
+const PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Numbered lines of stdin (blank ones skipped), read on a thread of their own so that
+/// [`send_lines`] can tell a pause in them; a few are read ahead at most.
+struct Incoming {
+    rx: tokio::sync::mpsc::Receiver<(usize, std::io::Result<String>)>,
+    held: Option<(usize, std::io::Result<String>)>,
+    ended: bool,
+}
+
+/// What [`Incoming::peek`] found.
+enum Peeked<'a> {
+    /// The next line, left to [`Incoming::next`].
+    Line(&'a (usize, std::io::Result<String>)),
+    /// None for [`PAUSE`].
+    Quiet,
+    /// The end of input.
+    End,
+}
+
+impl Incoming {
+    fn stdin() -> Incoming {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        std::thread::spawn(move || {
+            let lines = bounded_lines(std::io::stdin().lock()).enumerate().filter_map(|(n, line)| match line {
+                Ok(l) if l.trim().is_empty() => None,
+                other => Some((n + 1, other)),
+            });
+            for line in lines {
+                let failed = line.1.is_err();
+                if tx.blocking_send(line).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Incoming { rx, held: None, ended: false }
+    }
+
+    /// The next line, waiting for it at most [`PAUSE`] if `pausing`.
+    async fn peek(&mut self, pausing: bool) -> Peeked<'_> {
+        if self.held.is_none() && !self.ended {
+            let next = if pausing {
+                match tokio::time::timeout(PAUSE, self.rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => return Peeked::Quiet,
+                }
+            } else {
+                self.rx.recv().await
+            };
+            match next {
+                Some(line) => self.held = Some(line),
+                None => self.ended = true,
+            }
+        }
+        match &self.held {
+            Some(line) => Peeked::Line(line),
+            None => Peeked::End,
+        }
+    }
+
+    /// The line [`Incoming::peek`] found.
+    fn next(&mut self) -> Option<(usize, std::io::Result<String>)> {
+        self.held.take()
+    }
+
+    /// Whether the input is known to have ended, with no line held.
+    fn ended(&self) -> bool {
+        self.ended && self.held.is_none()
+    }
 }
 
 /// The lines of `input` (without their `\n` or `\r\n`), each read only up to
@@ -804,7 +872,7 @@ pub async fn run(command: Client) -> anyhow::Result<()> {
         Client::Events { cmd, .. } => match cmd {
             Events::Send { event_type, data, id, tenant, file, stdin } => {
                 if stdin {
-                    send_lines(&api, std::io::stdin().lock(), tenant.as_deref()).await?
+                    send_lines(&api, Incoming::stdin(), tenant.as_deref()).await?
                 } else {
                     let mut event = match &file {
                         Some(f) => fields(&read_text(f)?, &format!("--file {}", f.display()))?,

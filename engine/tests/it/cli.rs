@@ -382,6 +382,43 @@ async fn input_past_the_largest_request_is_refused_as_it_is_read() {
     assert!(said.contains("16 MiB"), "{said}");
 }
 
+/// Lines on stdin are sent once input pauses, not held for the next 999 or the end of
+/// input: `tail -f events.jsonl | herald events send --stdin` published nothing for good.
+#[tokio::test]
+async fn stdin_lines_are_sent_once_input_pauses() {
+    use tokio::io::AsyncWriteExt;
+    if crate::support::on_kafka() {
+        return; // the CLI is a client of the API, the same on both backends
+    }
+    let h = TestHerald::start().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["events", "send", "--stdin", "--server", &h.api.base, "--token", TOKEN])
+        .env_remove("HERALD_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    for id in ["tail-1", "tail-2"] {
+        input.write_all(format!("{{\"id\":\"{id}\",\"type\":\"t\",\"data\":{{}}}}\n").as_bytes()).await.unwrap();
+        input.flush().await.unwrap();
+        crate::support::until(
+            &format!("{id} published with stdin still open"),
+            std::time::Duration::from_secs(10),
+            || async { (h.api.get(&format!("/v1/events/{id}")).await.0 == 200).then_some(()) },
+        )
+        .await;
+    }
+    drop(input);
+    let out =
+        tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("tail-1") && said.contains("tail-2"), "{said}");
+}
+
 /// Lines of large events close a batch early: 1,000 lines of 20 KB (all valid) made a body
 /// past the server's largest, refused every time, so such input could not be sent at all.
 #[tokio::test]
