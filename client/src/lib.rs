@@ -54,6 +54,9 @@ pub enum Error {
     /// The answer was not what this client understands.
     #[error("unexpected answer: {0}")]
     Decode(String),
+    /// The certificate authorities given to trust could not be read.
+    #[error("the certificate authorities: {0}")]
+    Tls(String),
     /// What answered is not Herald's API: a redirect, or a success that is not JSON (a web
     /// page an ingress answers every path with, another service on that port). Asking again
     /// will not help; the base URL is wrong.
@@ -284,11 +287,33 @@ impl Client {
     /// A client of the server at `base` (`http://127.0.0.1:8080`), authenticating with `token`.
     /// Connections are kept alive and reused.
     pub fn new(base: &str, token: &str) -> Client {
+        Client::trusting(base, token, Vec::new())
+    }
+
+    /// [`Client::new`], trusting as well the certificate authorities in `pem` (one or more
+    /// PEM certificates): a server behind a proxy whose certificate an internal authority
+    /// signed was refused `UnknownIssuer`, whatever was tried.
+    pub fn with_ca(base: &str, token: &str, pem: &[u8]) -> Result<Client, Error> {
+        use rustls_pki_types::{pem::PemObject, CertificateDer};
+        let refused = |detail: String| Error::Tls(detail);
+        let authorities = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| refused(format!("not PEM certificates: {e}")))?;
+        if authorities.is_empty() {
+            return Err(refused("no PEM certificate in it".into()));
+        }
+        Ok(Client::trusting(base, token, authorities))
+    }
+
+    fn trusting(base: &str, token: &str, authorities: Vec<rustls_pki_types::CertificateDer<'static>>) -> Client {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.enforce_http(false);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        roots.add_parsable_certificates(authorities);
+        let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);

@@ -26,6 +26,10 @@ pub struct Conn {
     /// Print the API's JSON answer instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Certificate authorities (PEM) to trust as well as the public ones: an internal one
+    /// that signed the server's certificate.
+    #[arg(long, global = true, env = "HERALD_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 /// The client subcommands; each takes the connection flags (`--server`, `--token`, `--json`)
@@ -361,7 +365,11 @@ impl Api {
         if http::HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
             bail!("the token holds characters an HTTP header cannot carry (a line break or a control character?)");
         }
-        Ok(Api(herald_client::Client::new(&conn.server, &token)))
+        let Some(ca_file) = &conn.ca_file else { return Ok(Api(herald_client::Client::new(&conn.server, &token))) };
+        let pem = std::fs::read(ca_file).with_context(|| format!("--ca-file {}", ca_file.display()))?;
+        let client = herald_client::Client::with_ca(&conn.server, &token, &pem)
+            .with_context(|| format!("--ca-file {}", ca_file.display()))?;
+        Ok(Api(client))
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failed> {

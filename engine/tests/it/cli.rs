@@ -419,6 +419,44 @@ async fn stdin_lines_are_sent_once_input_pauses() {
     assert!(said.contains("tail-1") && said.contains("tail-2"), "{said}");
 }
 
+/// A server whose certificate a private authority signed (an internal CA, behind a company's
+/// proxy) is trusted with `--ca-file` (or `HERALD_CA_FILE`), beside the public ones: every
+/// command failed `UnknownIssuer`, exit 3 — "try again later", which never helped.
+#[tokio::test]
+async fn a_private_certificate_authority_is_trusted_with_ca_file() {
+    let pki = crate::tls::pki();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.open_server.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let svc = hyper::service::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+                    let page = bytes::Bytes::from_static(br#"{"items":[{"id":"t1","name":"Behind TLS"}],"next":null}"#);
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(page)))
+                });
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    let server = format!("https://localhost:{port}");
+    let out = herald(&server, &["tenants", "list"], None).await;
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let ca = pki.ca.to_str().unwrap();
+    let out = herald(&server, &["tenants", "list", "--ca-file", ca], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Behind TLS"));
+    let not_pem = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(not_pem.path(), "no certificate here").unwrap();
+    let out = herald(&server, &["tenants", "list", "--ca-file", not_pem.path().to_str().unwrap()], None).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("--ca-file"), "{said}");
+}
+
 /// Lines of large events close a batch early: 1,000 lines of 20 KB (all valid) made a body
 /// past the server's largest, refused every time, so such input could not be sent at all.
 #[tokio::test]
