@@ -370,9 +370,10 @@ impl Client {
             Err(_) => Value::String(String::from_utf8_lossy(&bytes).into()),
         };
         if (200..300).contains(&status) {
-            // Every success of Herald's with a body is JSON: another's (a page, `ok`) did
-            // nothing, and taken as done it told a publish accepted.
-            if !bytes.is_empty() && json.is_err() {
+            // Every success of Herald's API (`/v1/…`) with a body is JSON: another's (a page,
+            // `ok`) did nothing, and taken as done it told a publish accepted. (`/metrics` is
+            // text, and read as text.)
+            if path.starts_with("/v1/") && !bytes.is_empty() && json.is_err() {
                 let start: String = String::from_utf8_lossy(&bytes).chars().take(60).collect();
                 return Err(not_herald(format!("a {status} that is not JSON: {start:?}")));
             }
