@@ -151,10 +151,9 @@ thread_local! {
 /// Unwinds a check that ran out of steps (without the panic hook: nothing failed).
 struct OutOfSteps;
 
-/// A subschema checked: a step of the budget, or, with none left, the end of the check. The
-/// library runs custom keywords after a subschema's others, so failing here would still let
-/// each subschema under way check all its alternatives first (a diamond of `anyOf`s stays
-/// exponential): the check is unwound instead, at once, and [`fits`] catches it.
+/// A subschema checked: a step of the budget, or, with none left, the end of the check,
+/// unwound at once ([`fits`] catches it): failing instead would let each subschema under way
+/// check all its alternatives first, and a diamond of `anyOf`s stays exponential.
 struct Step;
 
 impl Step {
@@ -178,30 +177,57 @@ impl<'i> jsonschema::Keyword<'i> for Step {
     }
 }
 
-/// `schema` with [`STEP`] in each of its subschemas: every object in a schema's place, and
-/// any other object but data (`const`, `enum`, `default`, `examples`), since a `$ref` may name
-/// a subschema anywhere in the document. Maps of subschemas (`properties`, `$defs`, …) are
-/// not subschemas themselves: a key there would be a property's name.
+/// The subschema that takes a [`Step`]: the first of each subschema's `allOf`. The library
+/// runs a subschema's keywords cheapest first, custom ones last, and stops at the first that
+/// fails: a step beside the others was never taken by a subschema that failed (alternatives
+/// failing in a diamond took none). `allOf` comes before every keyword that applies more
+/// than one subschema to the same value (`anyOf`, `oneOf`, `not`, `if`, `$ref`…), so each
+/// of those is preceded by a step; what fails before it only looks deeper into the data.
+fn step() -> Value {
+    serde_json::json!({ STEP: true })
+}
+
+/// `schema` with [`step`] first in the `allOf` of each of its subschemas: every object in a
+/// schema's place, and any other object but data (`const`, `enum`, `default`, `examples`)
+/// and maps of names (`dependentRequired`, `$vocabulary`), since a `$ref` may name a
+/// subschema anywhere in the document. Maps of subschemas (`properties`, `$defs`, …) are not
+/// subschemas themselves: a key there would be a property's name. What the schema says is
+/// unchanged: the step always fits, and evaluates nothing.
 fn with_steps(schema: &Value) -> Value {
     let Value::Object(map) = schema else { return schema.clone() };
     let mut out = serde_json::Map::with_capacity(map.len() + 1);
-    out.insert(STEP.into(), Value::Bool(true));
     let each = |v: &Value| match v {
         Value::Array(items) => Value::Array(items.iter().map(with_steps).collect()),
         other => with_steps(other),
     };
     for (keyword, value) in map {
         let value = match (keyword.as_str(), value) {
-            ("const" | "enum" | "default" | "examples", _) => value.clone(),
+            ("const" | "enum" | "default" | "examples" | "dependentRequired" | "$vocabulary", _) => value.clone(),
             (
                 "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" | "dependencies",
                 Value::Object(schemas),
             ) => Value::Object(schemas.iter().map(|(name, s)| (name.clone(), each(s))).collect()),
+            ("allOf", Value::Array(all)) => {
+                Value::Array(std::iter::once(step()).chain(all.iter().map(with_steps)).collect())
+            }
             _ => each(value),
         };
         out.insert(keyword.clone(), value);
     }
+    if !map.contains_key("allOf") {
+        out.insert("allOf".into(), Value::Array(vec![step()]));
+    }
     Value::Object(out)
+}
+
+/// `said` without the [`step`]s [`with_steps`] added, where the library quotes a subschema
+/// (`not`'s refusal does).
+fn without_steps(said: &str) -> String {
+    let step = format!(r#"{{"{STEP}":true}}"#);
+    said.replace(&format!("{step},"), "")
+        .replace(&format!(r#","allOf":[{step}]"#), "")
+        .replace(&format!(r#""allOf":[{step}],"#), "")
+        .replace(&format!(r#""allOf":[{step}]"#), "")
 }
 
 /// The most memory one compiled `pattern` (and its search cache) may take.
@@ -269,9 +295,9 @@ const MOST_SAID: usize = 1024;
 /// What `e` says, within [`MOST_SAID`]: the value named, not quoted, when quoting it is too
 /// long, and the rest cut (a schema's `enum` of thousands is quoted too).
 fn said(e: &jsonschema::ValidationError<'_>) -> String {
-    let mut said = e.to_string();
+    let mut said = without_steps(&e.to_string());
     if said.len() > MOST_SAID {
-        said = e.masked_with("the value").to_string();
+        said = without_steps(&e.masked_with("the value").to_string());
     }
     if said.len() > MOST_SAID {
         let mut end = MOST_SAID;
@@ -650,6 +676,15 @@ mod tests {
         assert_eq!(fit(json!({ STEP: true })).unwrap_err().field, "data");
         // A check out of steps leaves none spent for the next on this thread.
         assert!(fit(json!({ "a": { "x": 1 } })).is_ok());
+        // Maps of names stay maps of names; a refusal quoting a subschema quotes it as written.
+        let v = compile(&json!({ "dependentRequired": { "a": ["b"] }, "not": { "type": "string" } })).unwrap();
+        assert!(fits(&v, &json!({ "a": 1, "b": 2 }), 16, "").is_ok());
+        assert_eq!(fits(&v, &json!({ "a": 1 }), 8, "").unwrap_err().field, "data");
+        let refused = fits(&v, &json!("x"), 3, "").unwrap_err().message;
+        assert!(!refused.contains(STEP) && refused.contains(r#"{"type":"string"}"#), "{refused}");
+        let v = compile(&json!({ "not": { "allOf": [{ "type": "string" }] } })).unwrap();
+        let refused = fits(&v, &json!("x"), 3, "").unwrap_err().message;
+        assert!(!refused.contains(STEP) && refused.contains(r#"{"allOf":[{"type":"string"}]}"#), "{refused}");
     }
 
     #[test]
