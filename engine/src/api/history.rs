@@ -246,19 +246,22 @@ pub async fn get(
 
 /// Deliveries still to be made whose subscription is gone read `dropped`, as they will be
 /// when their attempt comes due: a deletion writes nothing to the history, and a delivery
-/// waiting on a retry read `retrying`, its next attempt never to be made, for hours. (A
-/// subscription this process does not know yet, made through another a moment ago, is
-/// waited for first.)
+/// waiting on a retry read `retrying`, its next attempt never to be made, for hours. Gone as
+/// the dispatcher judges it ([`crate::registry::Registry::lookup`]): deleted, or another
+/// tenant's since; one not known yet (made through another process a moment ago, or written
+/// by a newer version) keeps its state, since its delivery waits.
 async fn dropped_with_their_subscriptions(state: &AppState, tenant: &str, deliveries: &mut [DeliveryView]) {
-    let waiting = |d: &DeliveryView| matches!(d.state, "retrying" | "pending");
-    let gone = |d: &DeliveryView| state.registry.get(&d.subscription).is_none_or(|t| t.sub.tenant != tenant);
-    if !deliveries.iter().any(|d| waiting(d) && gone(d)) {
-        return;
-    }
-    state.catalog.settle().await;
-    for d in deliveries.iter_mut().filter(|d| waiting(d) && gone(d)) {
-        d.state = crate::history::State::Dropped.as_str();
-        d.next_attempt_at = None;
+    use crate::registry::Lookup;
+    for d in deliveries.iter_mut().filter(|d| matches!(d.state, "retrying" | "pending")) {
+        let gone = match state.registry.lookup(&d.subscription).await {
+            Lookup::Found(t) => t.sub.tenant != tenant,
+            Lookup::Deleted => true,
+            Lookup::Unknown => false,
+        };
+        if gone {
+            d.state = crate::history::State::Dropped.as_str();
+            d.next_attempt_at = None;
+        }
     }
 }
 
