@@ -447,6 +447,9 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
         let mut numbers = Vec::new();
         let mut sizes = Vec::new();
         let mut bytes = 0;
+        // When the batch's lines are sent at the latest: a pause is timed from its first line,
+        // so that a steady trickle (a line every 150 ms) is not held for its 1,000th.
+        let mut send_by = None;
         while batch.len() < most {
             if let Some((n, event, size)) = again.pop_front() {
                 if !batch.is_empty() && bytes + size > BATCH_BYTES {
@@ -461,7 +464,8 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
             }
             // Large events close a batch early: 1,000 lines of 20 KB are past the largest body.
             // So does a pause in the input, once a batch has lines.
-            let next = match lines.peek(!batch.is_empty()).await {
+            let by = (!batch.is_empty()).then(|| *send_by.get_or_insert_with(|| tokio::time::Instant::now() + PAUSE));
+            let next = match lines.peek(by).await {
                 Peeked::End | Peeked::Quiet => break,
                 Peeked::Line((_, Ok(l))) => l.len(),
                 Peeked::Line((_, Err(_))) => 0,
@@ -588,7 +592,7 @@ fn past_most_input() -> String {
 const PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Numbered lines of stdin (blank ones skipped), read on a thread of their own so that
-/// [`send_lines`] can tell a pause in them; a few are read ahead at most.
+/// [`send_lines`] can tell a pause in them; one is read ahead at most.
 struct Incoming {
     rx: tokio::sync::mpsc::Receiver<(usize, std::io::Result<String>)>,
     held: Option<(usize, std::io::Result<String>)>,
@@ -607,7 +611,8 @@ enum Peeked<'a> {
 
 impl Incoming {
     fn stdin() -> Incoming {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        // One line read ahead (up to 16 MiB), as the batch loop looks one ahead.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
         std::thread::spawn(move || {
             let lines = bounded_lines(std::io::stdin().lock()).enumerate().filter_map(|(n, line)| match line {
                 Ok(l) if l.trim().is_empty() => None,
@@ -623,11 +628,11 @@ impl Incoming {
         Incoming { rx, held: None, ended: false }
     }
 
-    /// The next line, waiting for it at most [`PAUSE`] if `pausing`.
-    async fn peek(&mut self, pausing: bool) -> Peeked<'_> {
+    /// The next line, waiting for it until `by` at most.
+    async fn peek(&mut self, by: Option<tokio::time::Instant>) -> Peeked<'_> {
         if self.held.is_none() && !self.ended {
-            let next = if pausing {
-                match tokio::time::timeout(PAUSE, self.rx.recv()).await {
+            let next = if let Some(by) = by {
+                match tokio::time::timeout_at(by, self.rx.recv()).await {
                     Ok(next) => next,
                     Err(_) => return Peeked::Quiet,
                 }

@@ -401,8 +401,9 @@ async fn stdin_lines_are_sent_once_input_pauses() {
         .spawn()
         .unwrap();
     let mut input = child.stdin.take().unwrap();
+    let line = |id: &str| format!("{{\"id\":\"{id}\",\"type\":\"t\",\"data\":{{}}}}\n");
     for id in ["tail-1", "tail-2"] {
-        input.write_all(format!("{{\"id\":\"{id}\",\"type\":\"t\",\"data\":{{}}}}\n").as_bytes()).await.unwrap();
+        input.write_all(line(id).as_bytes()).await.unwrap();
         input.flush().await.unwrap();
         crate::support::until(
             &format!("{id} published with stdin still open"),
@@ -411,12 +412,25 @@ async fn stdin_lines_are_sent_once_input_pauses() {
         )
         .await;
     }
-    drop(input);
+    // A steady trickle, a line every 100 ms, is no pause: its first line goes all the same.
+    let writing = tokio::spawn(async move {
+        for n in 0..40 {
+            input.write_all(line(&format!("trickle-{n}")).as_bytes()).await.unwrap();
+            input.flush().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await; // the producer's pace
+        }
+        input
+    });
+    crate::support::until("the trickle's first line published", std::time::Duration::from_secs(2), || async {
+        (h.api.get("/v1/events/trickle-0").await.0 == 200).then_some(())
+    })
+    .await;
+    drop(writing.await.unwrap());
     let out =
         tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output()).await.unwrap().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("tail-1") && said.contains("tail-2"), "{said}");
+    assert!(said.contains("tail-1") && said.contains("trickle-39"), "{said}");
 }
 
 /// A server whose certificate a private authority signed (an internal CA, behind a company's
