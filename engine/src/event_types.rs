@@ -107,7 +107,9 @@ pub struct EventTypes {
 pub const CHECKED_IN_PLACE: usize = 64 * 1024;
 
 fn check_name(name: &str) -> Result<(), Invalid> {
-    crate::model::check_event_type(name).map_err(|m| Invalid::new("name", m))
+    crate::model::check_event_type(name)
+        .and_then(|_| crate::model::named_in_a_url(name))
+        .map_err(|m| Invalid::new("name", m))
 }
 
 /// Compiles `schema`, refusing one that is not a JSON Schema or that refers outside itself

@@ -249,7 +249,9 @@ pub fn validate(input: EventInput, prefix: &str, default_tenant: &str, max_bytes
     let id_given = input.id.is_some();
     let id = match input.id {
         Some(id) => {
-            crate::model::check_event_id(&id).map_err(|e| bad("id", e))?;
+            crate::model::check_event_id(&id)
+                .and_then(|_| crate::model::named_in_a_url(&id))
+                .map_err(|e| bad("id", e))?;
             id
         }
         None => new_id("evt"),

@@ -26,13 +26,14 @@ pub fn check_event_id(id: &str) -> Result<(), &'static str> {
     if id.is_empty() || id.len() > MAX_EVENT_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("must be 1 to 255 visible ASCII characters");
     }
-    named_in_a_url(id)
+    Ok(())
 }
 
 /// Whether a URL's path can name `name` (`/v1/events/{id}`, `/v1/event-types/{name}`):
 /// clients resolve `.` and `..` away (`%2E` too), so what was made under them could never be
-/// reached again.
-fn named_in_a_url(name: &str) -> Result<(), &'static str> {
+/// reached again. Asked where an event or a type is made, not of one made before (a lookup
+/// by query, a subscription's `events`, a dead letter's replay still name it).
+pub fn named_in_a_url(name: &str) -> Result<(), &'static str> {
     if matches!(name, "." | "..") {
         return Err("cannot be . or .. (no URL can name it)");
     }
@@ -45,7 +46,7 @@ pub fn check_event_type(name: &str) -> Result<(), &'static str> {
     if name.is_empty() || name.len() > MAX_EVENT_ID_LEN || name.chars().any(char::is_control) {
         return Err("must be 1 to 255 bytes without control characters");
     }
-    named_in_a_url(name)
+    Ok(())
 }
 
 /// `POST /v1/events` body. `data` and `changes` are kept as the exact bytes sent.

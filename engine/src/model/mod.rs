@@ -13,7 +13,8 @@ pub use dead_letter::DeadLetter;
 pub(crate) use delivery::{get_str, put_str};
 pub use delivery::{DecodeError, Delivery};
 pub use event::{
-    check_event_id, check_event_type, check_ordering_key, EventInput, MAX_EVENT_ID_LEN, MAX_ORDERING_KEY_LEN,
+    check_event_id, check_event_type, check_ordering_key, named_in_a_url, EventInput, MAX_EVENT_ID_LEN,
+    MAX_ORDERING_KEY_LEN,
 };
 pub use outcome::{whole_millis, Failure, Outcome, Response};
 pub use secret::Secret;
