@@ -283,11 +283,16 @@ fn causes(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The public certificate authorities (Mozilla's, as browsers trust).
+fn public_roots() -> rustls::RootCertStore {
+    rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }
+}
+
 impl Client {
     /// A client of the server at `base` (`http://127.0.0.1:8080`), authenticating with `token`.
     /// Connections are kept alive and reused.
     pub fn new(base: &str, token: &str) -> Client {
-        Client::trusting(base, token, Vec::new())
+        Client::trusting(base, token, public_roots())
     }
 
     /// [`Client::new`], trusting as well the certificate authorities in `pem` (one or more
@@ -302,15 +307,19 @@ impl Client {
         if authorities.is_empty() {
             return Err(refused("no PEM certificate in it".into()));
         }
-        Ok(Client::trusting(base, token, authorities))
+        let mut roots = public_roots();
+        for (i, authority) in authorities.into_iter().enumerate() {
+            // Said, not skipped: the server's certificate was then refused `UnknownIssuer`,
+            // with no word of why.
+            roots.add(authority).map_err(|e| refused(format!("certificate {}: {e}", i + 1)))?;
+        }
+        Ok(Client::trusting(base, token, roots))
     }
 
-    fn trusting(base: &str, token: &str, authorities: Vec<rustls_pki_types::CertificateDer<'static>>) -> Client {
+    fn trusting(base: &str, token: &str, roots: rustls::RootCertStore) -> Client {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.enforce_http(false);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        roots.add_parsable_certificates(authorities);
         let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)

@@ -263,9 +263,6 @@ async fn random_and_malformed_input_at_every_operation_gets_no_5xx_and_appends_n
     eprintln!("openapi fuzz: {requests} requests, no 5xx");
 }
 
-/// A list that takes a `cursor` documents a `next` to pass as one: the blocked keys' said
-/// `next` was always null while their handler paged, and a strict generated client failed to
-/// read the answer once more keys were blocked than a page holds.
 /// Every path the README's API tables list is in the document: a client generated from it
 /// had no edge agent's connection (`GET /v1/edge/connect`), which the README documents.
 #[test]
@@ -289,6 +286,9 @@ fn every_path_the_readme_lists_is_documented() {
     assert!(missing.is_empty(), "listed in the README, not in the document: {missing:?}");
 }
 
+/// A list that takes a `cursor` documents a `next` to pass as one: the blocked keys' said
+/// `next` was always null while their handler paged, and a strict generated client failed to
+/// read the answer once more keys were blocked than a page holds.
 #[test]
 fn a_list_that_takes_a_cursor_documents_a_next_to_pass_as_one() {
     let doc = document();
