@@ -126,10 +126,22 @@ fn compile(schema: &Value) -> Result<jsonschema::Validator, Invalid> {
 /// Compiles `schema` with its patterns run as `patterns` says, each of its subschemas taking
 /// a step of the check's budget (see [`with_steps`]).
 fn compile_with<E>(schema: &Value, patterns: jsonschema::PatternOptions<E>) -> Result<jsonschema::Validator, Invalid> {
+    let mut refs = Vec::new();
+    let stepped = with_steps(schema, &mut refs);
+    if let Some(to) =
+        refs.iter().find(|to| to.strip_prefix('#').is_some_and(|p| !p.is_empty() && !stepped_at(schema, p)))
+    {
+        return Err(Invalid::new(
+            "schema",
+            format!(
+                "$ref {to:?} names no subschema (a place such as `default`, `const` or `examples`, which hold data)"
+            ),
+        ));
+    }
     jsonschema::options()
         .with_pattern_options(patterns)
         .with_keyword(STEP, |_, _, _| Ok(Box::new(Step)))
-        .build(&with_steps(schema))
+        .build(&stepped)
         .map_err(|e| Invalid::new("schema", format!("not a usable JSON Schema: {e}")))
 }
 
@@ -179,40 +191,52 @@ impl<'i> jsonschema::Keyword<'i> for Step {
     }
 }
 
-/// The subschema that takes a [`Step`]: the first of each subschema's `allOf`. The library
-/// runs a subschema's keywords cheapest first, custom ones last, and stops at the first that
-/// fails: a step beside the others was never taken by a subschema that failed (alternatives
-/// failing in a diamond took none). `allOf` comes before every keyword that applies more
-/// than one subschema to the same value (`anyOf`, `oneOf`, `not`, `if`, `$ref`…), so each
-/// of those is preceded by a step; what fails before it only looks deeper into the data.
+/// The subschema that takes a [`Step`]: the last of each subschema's `allOf` (last, so that
+/// a `$ref` to `allOf/0` still names what it named). The library runs a subschema's keywords
+/// cheapest first, custom ones last, and stops at the first that fails: a step beside the
+/// others was never taken by a subschema that failed (alternatives failing in a diamond took
+/// none). `allOf` comes before every keyword that applies more than one subschema to the
+/// same value (`anyOf`, `oneOf`, `not`, `if`, `$ref`…), so each of those is preceded by a
+/// step; what fails before it only looks deeper into the data, or into an `allOf` of its own.
 fn step() -> Value {
     serde_json::json!({ STEP: true })
 }
 
-/// `schema` with [`step`] first in the `allOf` of each of its subschemas: every object in a
-/// schema's place, and any other object but data (`const`, `enum`, `default`, `examples`)
-/// and maps of names (`dependentRequired`, `$vocabulary`), since a `$ref` may name a
-/// subschema anywhere in the document. Maps of subschemas (`properties`, `$defs`, …) are not
-/// subschemas themselves: a key there would be a property's name. What the schema says is
-/// unchanged: the step always fits, and evaluates nothing.
-fn with_steps(schema: &Value) -> Value {
+/// Keywords whose values [`with_steps`] leaves as written: data (`const`, `enum`, `default`,
+/// `examples`) and maps of names (`dependentRequired`, `$vocabulary`).
+const AS_WRITTEN: [&str; 6] = ["const", "enum", "default", "examples", "dependentRequired", "$vocabulary"];
+
+/// Keywords whose values are maps of subschemas, not subschemas: a key there is a name.
+const SUBSCHEMA_MAPS: [&str; 6] =
+    ["properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"];
+
+/// `schema` with [`step`] last in the `allOf` of each of its subschemas: every object in a
+/// schema's place, and any other object but those [`AS_WRITTEN`], since a `$ref` may name a
+/// subschema anywhere in the document; each `$ref` met is put in `refs`. What the schema says
+/// is unchanged: the step always fits, and evaluates nothing.
+fn with_steps(schema: &Value, refs: &mut Vec<String>) -> Value {
+    fn each(v: &Value, refs: &mut Vec<String>) -> Value {
+        match v {
+            Value::Array(items) => Value::Array(items.iter().map(|i| with_steps(i, refs)).collect()),
+            other => with_steps(other, refs),
+        }
+    }
     let Value::Object(map) = schema else { return schema.clone() };
     let mut out = serde_json::Map::with_capacity(map.len() + 1);
-    let each = |v: &Value| match v {
-        Value::Array(items) => Value::Array(items.iter().map(with_steps).collect()),
-        other => with_steps(other),
-    };
     for (keyword, value) in map {
         let value = match (keyword.as_str(), value) {
-            ("const" | "enum" | "default" | "examples" | "dependentRequired" | "$vocabulary", _) => value.clone(),
-            (
-                "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" | "dependencies",
-                Value::Object(schemas),
-            ) => Value::Object(schemas.iter().map(|(name, s)| (name.clone(), each(s))).collect()),
-            ("allOf", Value::Array(all)) => {
-                Value::Array(std::iter::once(step()).chain(all.iter().map(with_steps)).collect())
+            (k, _) if AS_WRITTEN.contains(&k) => value.clone(),
+            (k, Value::Object(schemas)) if SUBSCHEMA_MAPS.contains(&k) => {
+                Value::Object(schemas.iter().map(|(name, s)| (name.clone(), each(s, refs))).collect())
             }
-            _ => each(value),
+            ("allOf", Value::Array(all)) => {
+                Value::Array(all.iter().map(|s| with_steps(s, refs)).chain(std::iter::once(step())).collect())
+            }
+            ("$ref", Value::String(to)) => {
+                refs.push(to.clone());
+                value.clone()
+            }
+            _ => each(value, refs),
         };
         out.insert(keyword.clone(), value);
     }
@@ -222,14 +246,61 @@ fn with_steps(schema: &Value) -> Value {
     Value::Object(out)
 }
 
+/// Whether the JSON Pointer `to` (a `$ref`'s fragment, `/…`) may name, in `schema`, a place
+/// [`with_steps`] gave steps to — false when it passes through one left as written: a pointer
+/// may name any value, and the library compiles what it names as a subschema, so a diamond
+/// written inside `default` was checked without a step.
+fn stepped_at(schema: &Value, to: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(to).decode_utf8_lossy();
+    let mut at = schema;
+    // Where in the walk `at` is: a subschema (its keys are keywords), a map of subschemas
+    // (its keys are names), or a keyword's value (a subschema, or an array of them).
+    enum Place {
+        Schema,
+        Names,
+        Value,
+    }
+    let mut place = Place::Schema;
+    for segment in decoded.split('/').skip(1) {
+        let segment = segment.replace("~1", "/").replace("~0", "~");
+        if matches!(place, Place::Value) {
+            match at {
+                Value::Array(items) => {
+                    let Some(item) = segment.parse::<usize>().ok().and_then(|i| items.get(i)) else { return true };
+                    at = item;
+                    place = Place::Schema;
+                    continue;
+                }
+                _ => place = Place::Schema,
+            }
+        }
+        // An array in an array is left as written; what names nothing (or a place in an
+        // embedded resource's own pointers) is for the library to refuse or resolve.
+        let map = match at {
+            Value::Object(map) => map,
+            Value::Array(_) => return false,
+            _ => return true,
+        };
+        let Some(next) = map.get(&segment) else { return true };
+        place = match place {
+            Place::Names => Place::Value,
+            _ if AS_WRITTEN.contains(&segment.as_str()) => return false,
+            _ if SUBSCHEMA_MAPS.contains(&segment.as_str()) => Place::Names,
+            _ => Place::Value,
+        };
+        at = next;
+    }
+    !matches!(place, Place::Names)
+}
+
 /// `said` without the [`step`]s [`with_steps`] added, where the library quotes a subschema
 /// (`not`'s refusal does).
 fn without_steps(said: &str) -> String {
     let step = format!(r#"{{"{STEP}":true}}"#);
-    said.replace(&format!("{step},"), "")
-        .replace(&format!(r#","allOf":[{step}]"#), "")
+    said.replace(&format!(r#","allOf":[{step}]"#), "")
         .replace(&format!(r#""allOf":[{step}],"#), "")
         .replace(&format!(r#""allOf":[{step}]"#), "")
+        .replace(&format!(",{step}"), "")
 }
 
 /// The most memory one compiled `pattern` (and its search cache) may take.
@@ -684,6 +755,18 @@ mod tests {
         assert_eq!(fits(&v, &json!({ "a": 1 }), 8, "").unwrap_err().field, "data");
         let refused = fits(&v, &json!("x"), 3, "").unwrap_err().message;
         assert!(!refused.contains(STEP) && refused.contains(r#"{"type":"string"}"#), "{refused}");
+        // A `$ref` to an `allOf`'s member names the member the schema's author wrote there.
+        let v = compile(&json!({
+            "$defs": { "int": { "allOf": [{ "type": "integer" }] } },
+            "properties": { "n": { "$ref": "#/$defs/int/allOf/0" } }
+        }))
+        .unwrap();
+        assert_eq!(fits(&v, &json!({ "n": "x" }), 9, "").unwrap_err().field, "data.n");
+        // A `$ref` into data (`default`) names no subschema: it would be checked without steps.
+        let hidden = json!({ "$ref": "#/default/d0", "default": { "d0": { "type": "string" } } });
+        assert_eq!(compile(&hidden).unwrap_err().field, "schema");
+        let named = json!({ "$ref": "#/properties/default", "properties": { "default": { "type": "string" } } });
+        assert!(compile(&named).is_ok());
         let v = compile(&json!({ "not": { "allOf": [{ "type": "string" }] } })).unwrap();
         let refused = fits(&v, &json!("x"), 3, "").unwrap_err().message;
         assert!(!refused.contains(STEP) && refused.contains(r#"{"allOf":[{"type":"string"}]}"#), "{refused}");
