@@ -247,13 +247,16 @@ pub async fn get(
 /// Deliveries still to be made whose subscription is gone read `dropped`, as they will be
 /// when their attempt comes due: a deletion writes nothing to the history, and a delivery
 /// waiting on a retry read `retrying`, its next attempt never to be made, for hours. Gone as
-/// the dispatcher judges it ([`crate::registry::Registry::lookup`]): deleted, or another
+/// the dispatcher judges it ([`crate::registry::Registry::lookup_all`]): deleted, or another
 /// tenant's since; one not known yet (made through another process a moment ago, or written
 /// by a newer version) keeps its state, since its delivery waits.
 async fn dropped_with_their_subscriptions(state: &AppState, tenant: &str, deliveries: &mut [DeliveryView]) {
     use crate::registry::Lookup;
-    for d in deliveries.iter_mut().filter(|d| matches!(d.state, "retrying" | "pending")) {
-        let gone = match state.registry.lookup(&d.subscription).await {
+    let waiting = |d: &DeliveryView| matches!(d.state, "retrying" | "pending");
+    let ids: Vec<String> = deliveries.iter().filter(|d| waiting(d)).map(|d| d.subscription.clone()).collect();
+    let found = state.registry.lookup_all(&ids.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    for (d, found) in deliveries.iter_mut().filter(|d| waiting(d)).zip(found) {
+        let gone = match found {
             Lookup::Found(t) => t.sub.tenant != tenant,
             Lookup::Deleted => true,
             Lookup::Unknown => false,

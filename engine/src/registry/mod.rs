@@ -716,6 +716,26 @@ impl Registry {
         }
     }
 
+    /// [`Registry::lookup`] of each of `ids`, catching up with the catalog once for all of
+    /// them (asked one by one, an event's thousand deleted subscriptions made a thousand
+    /// queries, each up to its own wait when the catalog could not be read).
+    pub async fn lookup_all(&self, ids: &[&str]) -> Vec<Lookup> {
+        if ids.iter().any(|id| self.get(id).is_none()) {
+            if let Err(e) = Box::pin(self.feed.settled()).await {
+                tracing::debug!(error = %e, "could not catch up with the catalog; subscriptions not here are not known");
+                return ids.iter().map(|id| self.get(id).map_or(Lookup::Unknown, Lookup::Found)).collect();
+            }
+        }
+        let state = self.state.read().unwrap();
+        ids.iter()
+            .map(|id| match state.by_id.get(*id) {
+                Some(t) => Lookup::Found(t.clone()),
+                None if state.unreadable.contains_key(*id) => Lookup::Unknown,
+                None => Lookup::Deleted,
+            })
+            .collect()
+    }
+
     /// Whether this process has applied the catalog up to its end (as `lookup` waits for
     /// before it takes a subscription missing here for deleted).
     pub async fn caught_up(&self) -> bool {
