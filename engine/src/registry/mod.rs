@@ -704,16 +704,7 @@ impl Registry {
         }
         // Boxed: rare, and nine tenths of this future's size, which every delivery's future
         // carries (see `Deliverer::deliver`).
-        if let Err(e) = Box::pin(self.feed.settled()).await {
-            tracing::warn!(subscription = %id, error = %e, "could not catch up with the catalog; the delivery waits");
-            return Lookup::Unknown;
-        }
-        let state = self.state.read().unwrap();
-        match state.by_id.get(id) {
-            Some(t) => Lookup::Found(t.clone()),
-            None if state.unreadable.contains_key(id) => Lookup::Unknown,
-            None => Lookup::Deleted,
-        }
+        Box::pin(self.lookup_all(&[id])).await.pop().unwrap_or(Lookup::Unknown)
     }
 
     /// [`Registry::lookup`] of each of `ids`, catching up with the catalog once for all of
@@ -721,8 +712,8 @@ impl Registry {
     /// queries, each up to its own wait when the catalog could not be read).
     pub async fn lookup_all(&self, ids: &[&str]) -> Vec<Lookup> {
         if ids.iter().any(|id| self.get(id).is_none()) {
-            if let Err(e) = Box::pin(self.feed.settled()).await {
-                tracing::debug!(error = %e, "could not catch up with the catalog; subscriptions not here are not known");
+            if let Err(e) = self.feed.settled().await {
+                tracing::warn!(error = %e, "could not catch up with the catalog; a subscription not here is not known yet (its deliveries wait)");
                 return ids.iter().map(|id| self.get(id).map_or(Lookup::Unknown, Lookup::Found)).collect();
             }
         }
