@@ -27,6 +27,14 @@ async fn herald(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
     tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap()
 }
 
+/// The command's stderr, once it is checked that it exited with `code` (`what` says which
+/// command, when a test runs several).
+fn exited(out: &Output, code: i32, what: &str) -> String {
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{what}{said}");
+    said
+}
+
 fn json(out: &Output) -> Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
@@ -309,8 +317,7 @@ async fn a_throttled_batch_is_said_not_accepted() {
     });
     let lines: String = (0..1001).map(|n| format!("{{\"type\":\"A\",\"data\":{{\"n\":{n}}}}}\n")).collect();
     let out = herald(&server, &["events", "send", "--stdin"], Some(&lines)).await;
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{said}");
+    let said = exited(&out, 3, "");
     assert!(said.contains("lines 1001–1001 was not accepted"), "{said}");
     assert!(said.contains("the 1000 events before line 1001 were accepted"), "{said}");
     assert!(said.contains("retry after 1 s"), "{said}");
@@ -323,8 +330,7 @@ async fn a_throttled_batch_is_said_not_accepted() {
 async fn an_unreachable_server_is_said_with_its_cause() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let out = herald(&format!("http://{closed}"), &["tenants", "list"], None).await;
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{said}");
+    let said = exited(&out, 3, "");
     assert!(said.to_lowercase().contains("refused"), "{said}");
 }
 
@@ -336,8 +342,7 @@ async fn a_server_that_is_no_url_is_a_usage_error() {
         ["localhost:8080", "ftp://h/", "http://", "http:localhost:8080", " http://127.0.0.1:1", "http://bücher.example"]
     {
         let out = herald(server, &["tenants", "list"], None).await;
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{server}: {said}");
+        let said = exited(&out, 2, &format!("{server}: "));
         assert!(said.contains("--server"), "{server}: {said}");
     }
 }
@@ -356,8 +361,7 @@ async fn a_server_that_is_not_herald_s_api_is_said_so() {
         &["tenants", "list"],
     ] {
         let out = herald(&rx.url(""), args, Some("{\"type\":\"a\",\"data\":{}}\n")).await;
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        let said = exited(&out, 2, &format!("{args:?}: "));
         assert!(said.contains("not Herald's API"), "{args:?}: {said}");
     }
 }
@@ -373,12 +377,10 @@ async fn input_past_the_largest_request_is_refused_as_it_is_read() {
     let h = TestHerald::start().await;
     let endless = "a".repeat(20 << 20);
     let out = herald(&h.api.base, &["events", "send", "--stdin"], Some(&endless)).await;
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{said}");
+    let said = exited(&out, 2, "");
     assert!(said.contains("line 1") && said.contains("16 MiB"), "{said}");
     let out = herald(&h.api.base, &["events", "send", "--type", "t", "--file", "-"], Some(&endless)).await;
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{said}");
+    let said = exited(&out, 2, "");
     assert!(said.contains("16 MiB"), "{said}");
 }
 
@@ -466,8 +468,7 @@ async fn a_private_certificate_authority_is_trusted_with_ca_file() {
     let not_pem = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(not_pem.path(), "no certificate here").unwrap();
     let out = herald(&server, &["tenants", "list", "--ca-file", not_pem.path().to_str().unwrap()], None).await;
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{said}");
+    let said = exited(&out, 2, "");
     assert!(said.contains("--ca-file"), "{said}");
 }
 
@@ -612,8 +613,7 @@ async fn a_file_that_is_no_object_is_a_usage_error() {
         &["subscriptions", "create", "--file", file.to_str().unwrap(), "--url", "https://example.com/h"][..],
     ] {
         let out = herald(&server, args, None).await;
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        let said = exited(&out, 2, &format!("{args:?}: "));
         assert!(said.contains("--file") && said.contains("object"), "{said}");
     }
 }
@@ -645,13 +645,11 @@ async fn a_refusal_naming_the_events_ids_says_them() {
         });
         let lines = "{\"type\":\"A\",\"data\":{}}\n{\"type\":\"A\",\"data\":{}}\n";
         let out = herald(&server, &["events", "send", "--stdin"], Some(lines)).await;
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(3), "{status}: {said}");
+        let said = exited(&out, 3, &format!("{status}: "));
         assert!(said.contains("evt_generated_1") && said.contains("evt_generated_2"), "{status}: {said}");
         assert!(!said.contains("none of it accepted"), "{status}: {said}");
         let out = herald(&server, &["events", "send", "--type", "A", "--data", "{}"], None).await;
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(3), "{status}: {said}");
+        let said = exited(&out, 3, &format!("{status}: "));
         assert!(said.contains("evt_generated_1"), "{status}: {said}");
     }
 }
@@ -668,8 +666,7 @@ async fn a_token_no_header_can_carry_is_a_usage_error() {
         .output()
         .await
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{said}");
+    let said = exited(&out, 2, "");
     assert!(said.contains("token") && !said.contains("secret"), "{said}");
 }
 
@@ -700,8 +697,7 @@ async fn stdin_says_which_events_went_and_which_line_was_refused() {
     lines.push(String::new());
     lines.push(r#"{"data":{}}"#.into()); // line 1004, the batch's item [1]: no type
     let out = herald(&h.api.base, &["--json", "events", "send", "--stdin"], Some(&lines.join("\n"))).await;
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{said}");
+    let said = exited(&out, 1, "");
     assert!(said.contains("line 1004"), "{said}");
     let accepted: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {said}"));
     let ids = accepted["items"].as_array().unwrap();
@@ -734,7 +730,6 @@ async fn stdin_batches_past_the_fan_out_quota_go_in_smaller_ones() {
     rx.wait_on("/f2", 40).await;
     let big = format!(r#"{{"id":"q-big","type":"t","data":{{"pad":"{}"}}}}"#, "p".repeat(10_000));
     let out = herald(&h.api.base, &["events", "send", "--stdin"], Some(&format!("{}\n{big}\n", lines[0]))).await;
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{said}");
+    let said = exited(&out, 1, "");
     assert!(said.contains("line 2"), "{said}");
 }
