@@ -128,14 +128,10 @@ fn compile(schema: &Value) -> Result<jsonschema::Validator, Invalid> {
 fn compile_with<E>(schema: &Value, patterns: jsonschema::PatternOptions<E>) -> Result<jsonschema::Validator, Invalid> {
     let mut refs = Vec::new();
     let stepped = with_steps(schema, &mut refs);
-    if let Some(to) =
-        refs.iter().find(|to| to.strip_prefix('#').is_some_and(|p| !p.is_empty() && !stepped_at(schema, p)))
-    {
+    if let Some(to) = refs.iter().find(|to| !steps_where_it_points(schema, to)) {
         return Err(Invalid::new(
             "schema",
-            format!(
-                "$ref {to:?} names no subschema (a place such as `default`, `const` or `examples`, which hold data)"
-            ),
+            format!("{to:?} names no subschema (a place such as `const` or `enum`, which hold data)"),
         ));
     }
     jsonschema::options()
@@ -202,13 +198,26 @@ fn step() -> Value {
     serde_json::json!({ STEP: true })
 }
 
-/// Keywords whose values [`with_steps`] leaves as written: data (`const`, `enum`, `default`,
-/// `examples`) and maps of names (`dependentRequired`, `$vocabulary`).
-const AS_WRITTEN: [&str; 6] = ["const", "enum", "default", "examples", "dependentRequired", "$vocabulary"];
+/// Keywords whose values [`with_steps`] leaves as written: values compared with the data,
+/// which a step would change. (Annotations, `default` and `examples`, are walked as any
+/// other keyword: a pointer may name a subschema written there.)
+const AS_WRITTEN: [&str; 2] = ["const", "enum"];
 
-/// Keywords whose values are maps of subschemas, not subschemas: a key there is a name.
-const SUBSCHEMA_MAPS: [&str; 6] =
-    ["properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"];
+/// Keywords whose values are maps, not subschemas: a key there is a name (of a property, a
+/// definition, a vocabulary), and each value is walked.
+const SUBSCHEMA_MAPS: [&str; 8] = [
+    "properties",
+    "patternProperties",
+    "$defs",
+    "definitions",
+    "dependentSchemas",
+    "dependencies",
+    "dependentRequired",
+    "$vocabulary",
+];
+
+/// Keywords naming another subschema, by URI: each is checked by [`compile_with`].
+const REFERENCES: [&str; 3] = ["$ref", "$dynamicRef", "$recursiveRef"];
 
 /// `schema` with [`step`] last in the `allOf` of each of its subschemas: every object in a
 /// schema's place, and any other object but those [`AS_WRITTEN`], since a `$ref` may name a
@@ -232,7 +241,7 @@ fn with_steps(schema: &Value, refs: &mut Vec<String>) -> Value {
             ("allOf", Value::Array(all)) => {
                 Value::Array(all.iter().map(|s| with_steps(s, refs)).chain(std::iter::once(step())).collect())
             }
-            ("$ref", Value::String(to)) => {
+            (k, Value::String(to)) if REFERENCES.contains(&k) => {
                 refs.push(to.clone());
                 value.clone()
             }
@@ -246,11 +255,29 @@ fn with_steps(schema: &Value, refs: &mut Vec<String>) -> Value {
     Value::Object(out)
 }
 
-/// Whether the JSON Pointer `to` (a `$ref`'s fragment, `/…`) may name, in `schema`, a place
-/// [`with_steps`] gave steps to — false when it passes through one left as written: a pointer
-/// may name any value, and the library compiles what it names as a subschema, so a diamond
-/// written inside `default` was checked without a step.
-fn stepped_at(schema: &Value, to: &str) -> bool {
+/// Whether the reference `to` names a place [`with_steps`] gave steps to: a fragment is
+/// walked from the document's root ([`stepped_at`]); one resolved against an `$id` (the
+/// root's, or an embedded resource's: the walk finds no such place) may not pass through
+/// `const` or `enum` at all.
+fn steps_where_it_points(schema: &Value, to: &str) -> bool {
+    let no_data_on_the_way = |pointer: &str| {
+        let decoded = percent_encoding::percent_decode_str(pointer).decode_utf8_lossy();
+        !decoded.split('/').any(|segment| AS_WRITTEN.contains(&segment))
+    };
+    match to.split_once('#') {
+        Some(("", pointer)) if pointer.starts_with('/') => {
+            stepped_at(schema, pointer).unwrap_or_else(|| no_data_on_the_way(pointer))
+        }
+        Some((_, pointer)) => no_data_on_the_way(pointer),
+        None => true,
+    }
+}
+
+/// Whether the JSON Pointer `to` (a reference's fragment, `/…`) names, from `schema`'s root,
+/// a place [`with_steps`] gave steps to — not one it left as written: a pointer may name any
+/// value, and the library compiles what it names as a subschema, so a diamond written inside
+/// `default` was checked without a step. `None` if the root has no such place.
+fn stepped_at(schema: &Value, to: &str) -> Option<bool> {
     let decoded = percent_encoding::percent_decode_str(to).decode_utf8_lossy();
     let mut at = schema;
     // Where in the walk `at` is: a subschema (its keys are keywords), a map of subschemas
@@ -266,7 +293,7 @@ fn stepped_at(schema: &Value, to: &str) -> bool {
         if matches!(place, Place::Value) {
             match at {
                 Value::Array(items) => {
-                    let Some(item) = segment.parse::<usize>().ok().and_then(|i| items.get(i)) else { return true };
+                    let item = segment.parse::<usize>().ok().and_then(|i| items.get(i))?;
                     at = item;
                     place = Place::Schema;
                     continue;
@@ -274,23 +301,23 @@ fn stepped_at(schema: &Value, to: &str) -> bool {
                 _ => place = Place::Schema,
             }
         }
-        // An array in an array is left as written; what names nothing (or a place in an
-        // embedded resource's own pointers) is for the library to refuse or resolve.
+        // An array in an array is left as written; what names nothing from the root (a place
+        // in an embedded resource's own pointers) is not known here.
         let map = match at {
             Value::Object(map) => map,
-            Value::Array(_) => return false,
-            _ => return true,
+            Value::Array(_) => return Some(false),
+            _ => return None,
         };
-        let Some(next) = map.get(&segment) else { return true };
+        let next = map.get(&segment)?;
         place = match place {
             Place::Names => Place::Value,
-            _ if AS_WRITTEN.contains(&segment.as_str()) => return false,
+            _ if AS_WRITTEN.contains(&segment.as_str()) => return Some(false),
             _ if SUBSCHEMA_MAPS.contains(&segment.as_str()) => Place::Names,
             _ => Place::Value,
         };
         at = next;
     }
-    !matches!(place, Place::Names)
+    Some(!matches!(place, Place::Names))
 }
 
 /// `said` without the [`step`]s [`with_steps`] added, where the library quotes a subschema
@@ -300,7 +327,7 @@ fn without_steps(said: &str) -> String {
     said.replace(&format!(r#","allOf":[{step}]"#), "")
         .replace(&format!(r#""allOf":[{step}],"#), "")
         .replace(&format!(r#""allOf":[{step}]"#), "")
-        .replace(&format!(",{step}"), "")
+        .replace(&format!(",{step}]"), "]")
 }
 
 /// The most memory one compiled `pattern` (and its search cache) may take.
@@ -762,11 +789,27 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(fits(&v, &json!({ "n": "x" }), 9, "").unwrap_err().field, "data.n");
-        // A `$ref` into data (`default`) names no subschema: it would be checked without steps.
-        let hidden = json!({ "$ref": "#/default/d0", "default": { "d0": { "type": "string" } } });
-        assert_eq!(compile(&hidden).unwrap_err().field, "schema");
-        let named = json!({ "$ref": "#/properties/default", "properties": { "default": { "type": "string" } } });
-        assert!(compile(&named).is_ok());
+        // A reference into data (`const`) names no subschema: it would be checked without
+        // steps, however it is written; a subschema written in an annotation has its steps.
+        for to in ["#/const/d0", "json-schema:///#/const/d0"] {
+            for keyword in ["$ref", "$dynamicRef"] {
+                let hidden = json!({ keyword: to, "const": { "d0": { "type": "string" } } });
+                assert_eq!(compile(&hidden).unwrap_err().field, "schema", "{keyword} {to}");
+            }
+        }
+        let embedded = json!({
+            "$ref": "#/$defs/e",
+            "$defs": { "e": { "$id": "https://h.example/e", "$ref": "#/const/d0", "const": { "d0": {} } } }
+        });
+        assert_eq!(compile(&embedded).unwrap_err().field, "schema");
+        let v = compile(&json!({ "$ref": "#/default/d0", "default": { "d0": { "type": "string" } } })).unwrap();
+        assert!(fits(&v, &json!(1), 1, "").is_err());
+        for named in [
+            json!({ "$ref": "#/properties/const", "properties": { "const": { "type": "string" } } }),
+            json!({ "$ref": "#/components/schemas/default", "components": { "schemas": { "default": {} } } }),
+        ] {
+            assert!(compile(&named).is_ok(), "{named}");
+        }
         let v = compile(&json!({ "not": { "allOf": [{ "type": "string" }] } })).unwrap();
         let refused = fits(&v, &json!("x"), 3, "").unwrap_err().message;
         assert!(!refused.contains(STEP) && refused.contains(r#"{"allOf":[{"type":"string"}]}"#), "{refused}");

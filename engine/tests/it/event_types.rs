@@ -218,18 +218,24 @@ async fn a_schema_too_costly_to_check_is_stopped_and_says_so() {
             assert!(err["error"]["message"].as_str().unwrap().contains("too costly"), "{combine}: {said}");
         }
     }
-    // The same diamond written where data goes (`default`) and named by a `$ref`: the library
-    // compiles what a pointer names, and there it took no steps. Refused, naming the schema.
-    let mut hidden = serde_json::Map::new();
-    for i in 0..40 {
-        let next = format!("#/default/d{}", i + 1);
-        hidden.insert(format!("d{i}"), json!({ "anyOf": [{ "$ref": next }, { "$ref": next }] }));
+    // The same diamond written in an annotation (`default`) or in data (`const`), named by a
+    // reference: the library compiles what a pointer names, and there it took no steps. In
+    // an annotation it has its steps now; in data (which a step would change) it is refused.
+    for (place, field) in [("default", "example"), ("const", "schema")] {
+        let mut hidden = serde_json::Map::new();
+        for i in 0..40 {
+            let next = format!("#/{place}/d{}", i + 1);
+            hidden.insert(format!("d{i}"), json!({ "anyOf": [{ "$ref": next }, { "$ref": next }] }));
+        }
+        hidden.insert("d40".into(), json!({ "type": "string" }));
+        for reference in ["$ref", "$dynamicRef"] {
+            let schema = json!({ reference: format!("#/{place}/d0"), place: hidden });
+            let made = h.api.post("/v1/event-types", json!({ "name": "hidden", "schema": schema, "example": 1 }));
+            let (status, err) = tokio::time::timeout(within, made).await.expect("refused at once");
+            let said = format!("{place} {reference}: {err}");
+            assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some(field)), "{said}");
+        }
     }
-    hidden.insert("d40".into(), json!({ "type": "string" }));
-    let schema = json!({ "$ref": "#/default/d0", "default": hidden });
-    let made = h.api.post("/v1/event-types", json!({ "name": "hidden", "schema": schema, "example": 1 }));
-    let (status, err) = tokio::time::timeout(within, made).await.expect("refused at once");
-    assert_eq!((status.as_u16(), err["error"]["field"].as_str()), (400, Some("schema")), "{err}");
     let (status, body) = h.api.post("/v1/events", json!({ "type": "plain", "data": {} })).await;
     assert_eq!(status, 202, "{body}");
 }
