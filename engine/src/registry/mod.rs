@@ -713,7 +713,11 @@ impl Registry {
     pub async fn lookup_all(&self, ids: &[&str]) -> Vec<Lookup> {
         if ids.iter().any(|id| self.get(id).is_none()) {
             if let Err(e) = self.feed.settled().await {
-                tracing::warn!(error = %e, "could not catch up with the catalog; a subscription not here is not known yet (its deliveries wait)");
+                let missing: Vec<&str> = ids.iter().copied().filter(|id| self.get(id).is_none()).collect();
+                tracing::warn!(
+                    error = %e, missing = missing.len(), subscription = %missing.first().copied().unwrap_or_default(),
+                    "could not catch up with the catalog; a subscription not here is taken as not known yet"
+                );
                 return ids.iter().map(|id| self.get(id).map_or(Lookup::Unknown, Lookup::Found)).collect();
             }
         }

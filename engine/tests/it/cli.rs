@@ -129,8 +129,7 @@ async fn an_operator_scripts_herald_with_its_cli() {
         (1..=1003).map(|n| format!(r#"{{"id":"s-{n}","type":"b","tenant":"{other}","data":{{}}}}"#)).collect();
     lines[1001] = format!(r#"{{"id":"s-1002","tenant":"{other}","data":{{}}}}"#);
     let out = herald(&base, &["events", "send", "--stdin"], Some(&lines.join("\n"))).await;
-    let said = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{said}");
+    let said = exited(&out, 1, "");
     assert!(said.contains("1000 events before line 1001 were accepted") && said.contains("1001–1003"), "{said}");
     crate::support::until("the accepted events on record", std::time::Duration::from_secs(20), || {
         let (base, other) = (base.clone(), other.to_string());
