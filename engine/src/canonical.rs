@@ -414,6 +414,53 @@ fn array_index(key: &[u8]) -> Option<u32> {
     (n < u32::MAX as u64).then_some(n as u32)
 }
 
+/// `text` with each unpaired surrogate escape (`"\ud800"` alone) written `\ufffd`: JSON
+/// text as JavaScript reads it (and ingest takes) may hold one, a `serde_json::Value` cannot,
+/// and a schema judges the replacement alike (one character). Pairs, and everything else,
+/// are left as written.
+pub fn without_lone_surrogates(text: &[u8]) -> Vec<u8> {
+    let hex = |at: usize| -> Option<u16> {
+        let digits = text.get(at..at + 4)?;
+        digits
+            .iter()
+            .all(u8::is_ascii_hexdigit)
+            .then(|| u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok())?
+    };
+    let (mut out, mut i, mut in_string) = (Vec::with_capacity(text.len()), 0, false);
+    while i < text.len() {
+        let b = text[i];
+        let taken = match (in_string, b) {
+            (false, b'"') | (true, b'"') => {
+                in_string = !in_string;
+                1
+            }
+            (true, b'\\') if text.get(i + 1) == Some(&b'u') => match hex(i + 2) {
+                Some(high) if (0xd800..0xdc00).contains(&high) => {
+                    let low = (text.get(i + 6..i + 8) == Some(b"\\u")).then(|| hex(i + 8)).flatten();
+                    if low.is_some_and(|low| (0xdc00..0xe000).contains(&low)) {
+                        12
+                    } else {
+                        out.extend_from_slice(b"\\ufffd");
+                        i += 6;
+                        continue;
+                    }
+                }
+                Some(low) if (0xdc00..0xe000).contains(&low) => {
+                    out.extend_from_slice(b"\\ufffd");
+                    i += 6;
+                    continue;
+                }
+                _ => 2,
+            },
+            (true, b'\\') => 2,
+            _ => 1,
+        };
+        out.extend_from_slice(&text[i..(i + taken).min(text.len())]);
+        i += taken;
+    }
+    out
+}
+
 /// A digest of a document in its JavaScript form (what [`canonical`] made) that does not
 /// depend on the order of objects' members: a producer's retry re-serialized from a hash map
 /// is the same document. Read straight from the bytes — strings and numbers as they stand
@@ -524,6 +571,25 @@ impl Digest<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lone surrogates become U+FFFD, where strings are; pairs, escaped backslashes and
+    /// what is outside strings stay as written.
+    #[test]
+    fn lone_surrogates_are_replaced_and_nothing_else() {
+        let cases: [(&str, &str); 6] = [
+            (r#"{"s":"\ud800"}"#, r#"{"s":"\ufffd"}"#),
+            (r#"["\udc00\ud800x"]"#, r#"["\ufffd\ufffdx"]"#),
+            (r#"["\ud83d\ude00"]"#, r#"["\ud83d\ude00"]"#),
+            (r#"["\\ud800"]"#, r#"["\\ud800"]"#),
+            (r#"["\ud800\u0041"]"#, r#"["\ufffd\u0041"]"#),
+            (r#"{"\ud800":1}"#, r#"{"\ufffd":1}"#),
+        ];
+        for (text, want) in cases {
+            let got = without_lone_surrogates(text.as_bytes());
+            assert_eq!(String::from_utf8(got).unwrap(), want, "{text}");
+            assert!(serde_json::from_str::<serde_json::Value>(want).is_ok(), "{want}");
+        }
+    }
 
     fn js(text: &str) -> String {
         String::from_utf8(canonical(text.as_bytes()).unwrap().to_vec()).unwrap()

@@ -412,7 +412,9 @@ fn said(e: &jsonschema::ValidationError<'_>) -> String {
 
 /// Whether `data` (JSON text) fits `validator`'s schema.
 fn check(validator: &jsonschema::Validator, data: &[u8], prefix: &str) -> Result<(), Invalid> {
-    let parsed: Value = serde_json::from_slice(data).map_err(|e| Invalid::new(data_path(prefix, ""), e.to_string()))?;
+    let parsed: Value = serde_json::from_slice(data)
+        .or_else(|e| serde_json::from_slice(&crate::canonical::without_lone_surrogates(data)).map_err(|_| e))
+        .map_err(|e| Invalid::new(data_path(prefix, ""), e.to_string()))?;
     fits(validator, &parsed, data.len(), prefix)
 }
 

@@ -296,3 +296,23 @@ async fn names_a_url_cannot_name_are_refused() {
     assert_eq!(status, 201, "{made}");
     assert_eq!(h.api.get("/v1/event-types/...").await.0, 200);
 }
+
+/// Data ingest takes — a lone surrogate (`"\ud800"`), as JavaScript's JSON does — fits a
+/// schema that takes any string: it was refused as "lone leading surrogate" once the type
+/// had a schema, the same event accepted without one.
+#[tokio::test]
+async fn data_with_a_lone_surrogate_is_checked_not_refused() {
+    let h = TestHerald::start().await;
+    let schema = json!({ "type": "object", "properties": { "s": { "type": "string", "maxLength": 1 } } });
+    let (status, made) =
+        h.api.post("/v1/event-types", json!({ "name": "text", "schema": schema, "validate": true })).await;
+    assert_eq!(status, 201, "{made}");
+    for (data, accepted) in
+        [(r#"{"s":"\ud800"}"#, true), (r#"{"s":"\udc00\ud800"}"#, false), (r#"{"s":"\ud83d\ude00"}"#, true)]
+    {
+        let body = format!(r#"{{"type":"text","data":{data}}}"#);
+        let (status, answer) =
+            h.api.raw("POST", "/v1/events", Some(bytes::Bytes::from(body)), Some(crate::support::TOKEN)).await;
+        assert_eq!(status.as_u16() == 202, accepted, "{data}: {answer}");
+    }
+}
