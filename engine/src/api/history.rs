@@ -253,8 +253,10 @@ pub async fn get(
 async fn dropped_with_their_subscriptions(state: &AppState, tenant: &str, deliveries: &mut [DeliveryView]) {
     use crate::registry::Lookup;
     let waiting = |d: &DeliveryView| matches!(d.state, "retrying" | "pending");
-    let ids: Vec<String> = deliveries.iter().filter(|d| waiting(d)).map(|d| d.subscription.clone()).collect();
-    let found = state.registry.lookup_all(&ids.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let found = {
+        let ids: Vec<&str> = deliveries.iter().filter(|d| waiting(d)).map(|d| d.subscription.as_str()).collect();
+        state.registry.lookup_all(&ids).await
+    };
     for (d, found) in deliveries.iter_mut().filter(|d| waiting(d)).zip(found) {
         let gone = match found {
             Lookup::Found(t) => t.sub.tenant != tenant,
