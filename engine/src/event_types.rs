@@ -260,25 +260,21 @@ fn with_steps(schema: &Value, refs: &mut Vec<String>) -> Value {
 /// root's, or an embedded resource's: the walk finds no such place) may not pass through
 /// `const` or `enum` at all.
 fn steps_where_it_points(schema: &Value, to: &str) -> bool {
-    let no_data_on_the_way = |pointer: &str| {
-        let decoded = percent_encoding::percent_decode_str(pointer).decode_utf8_lossy();
-        !decoded.split('/').any(|segment| AS_WRITTEN.contains(&segment))
-    };
-    match to.split_once('#') {
-        Some(("", pointer)) if pointer.starts_with('/') => {
-            stepped_at(schema, pointer).unwrap_or_else(|| no_data_on_the_way(pointer))
-        }
-        Some((_, pointer)) => no_data_on_the_way(pointer),
-        None => true,
+    let Some((base, written)) = to.split_once('#') else { return true };
+    let pointer = percent_encoding::percent_decode_str(written).decode_utf8_lossy();
+    let no_data_on_the_way = || !pointer.split('/').any(|segment| AS_WRITTEN.contains(&segment));
+    if base.is_empty() && written.starts_with('/') {
+        stepped_at(schema, &pointer).unwrap_or_else(no_data_on_the_way)
+    } else {
+        no_data_on_the_way()
     }
 }
 
-/// Whether the JSON Pointer `to` (a reference's fragment, `/…`) names, from `schema`'s root,
+/// Whether the JSON Pointer `to` (a reference's fragment, `/…`, percent-decoded) names, from `schema`'s root,
 /// a place [`with_steps`] gave steps to — not one it left as written: a pointer may name any
 /// value, and the library compiles what it names as a subschema, so a diamond written inside
 /// `default` was checked without a step. `None` if the root has no such place.
 fn stepped_at(schema: &Value, to: &str) -> Option<bool> {
-    let decoded = percent_encoding::percent_decode_str(to).decode_utf8_lossy();
     let mut at = schema;
     // Where in the walk `at` is: a subschema (its keys are keywords), a map of subschemas
     // (its keys are names), or a keyword's value (a subschema, or an array of them).
@@ -288,7 +284,7 @@ fn stepped_at(schema: &Value, to: &str) -> Option<bool> {
         Value,
     }
     let mut place = Place::Schema;
-    for segment in decoded.split('/').skip(1) {
+    for segment in to.split('/').skip(1) {
         let segment = segment.replace("~1", "/").replace("~0", "~");
         if matches!(place, Place::Value) {
             match at {
