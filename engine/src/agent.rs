@@ -149,7 +149,7 @@ fn checked(config: &AgentConfig) -> Result<String, AgentError> {
     if url.as_str().into_client_request().is_err() {
         return Err(AgentError::Server(config.server.clone()));
     }
-    if http::HeaderValue::from_str(&format!("Bearer {}", config.token)).is_err() {
+    if bearer(&config.token).is_err() {
         return Err(AgentError::Token("holds characters an HTTP header cannot carry (a line break?)"));
     }
     if crate::tenants::parse_token(&config.token, "he").is_none() {
@@ -168,6 +168,12 @@ fn checked(config: &AgentConfig) -> Result<String, AgentError> {
     Ok(url)
 }
 
+/// The `authorization` header `token` is sent in: [`checked`] tells at start when no header
+/// can carry it, and each connection sends it.
+fn bearer(token: &str) -> Result<http::HeaderValue, http::header::InvalidHeaderValue> {
+    http::HeaderValue::from_str(&format!("Bearer {token}"))
+}
+
 /// One connection: hello, then deliveries until it closes.
 async fn session(
     url: &str,
@@ -176,11 +182,9 @@ async fn session(
     targets: &Targets,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     let mut request = url.into_client_request()?;
-    let bearer = format!("Bearer {}", config.token);
     request.headers_mut().insert(
         http::header::AUTHORIZATION,
-        http::HeaderValue::from_str(&bearer)
-            .map_err(|e| tokio_tungstenite::tungstenite::Error::HttpFormat(e.into()))?,
+        bearer(&config.token).map_err(|e| tokio_tungstenite::tungstenite::Error::HttpFormat(e.into()))?,
     );
     let hello = serde_json::to_string(&ToServer::Hello { window: config.window }).expect("serializes");
     let connecting = async {
