@@ -4,7 +4,7 @@
 //! Tables for people, `--json` for scripts. Exit codes a script can rely on: 0 done, 1 the API
 //! refused (4xx, its error on stderr) or answered that what was asked did not happen (a test
 //! delivery that failed, a replay that skipped entries), 2 bad usage, 3 the server failed or
-//! could not be reached.
+//! could not be reached, 130 interrupted (`events send --stdin`, having said what went).
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
@@ -317,16 +317,20 @@ pub enum Failed {
     /// same command later will not be either.
     #[error("{0}")]
     NotHerald(String),
+    /// Ctrl-C stopped the command: what it says was done was done, the rest was not.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl Failed {
     /// The exit code: 1 refused, 2 not Herald's API (as a `--server` that is no URL), 3
-    /// unavailable or throttled (try again later).
+    /// unavailable or throttled (try again later), 130 interrupted (as a shell reports Ctrl-C).
     pub fn code(&self) -> i32 {
         match self {
             Failed::Refused(_) => 1,
             Failed::NotHerald(_) => 2,
             Failed::Unavailable(_) | Failed::Throttled(_) => 3,
+            Failed::Interrupted(_) => 130,
         }
     }
 }
@@ -434,15 +438,28 @@ const BATCH_BYTES: usize = herald::api::MAX_BODY_BYTES / 2;
 /// was sent, since a script that sends the whole input again publishes those again
 /// (deduplicated only by their ids) — and lists the events accepted, their ids generated ones
 /// too, before saying it. The answer is a list (`{"items":[…]}`) however many lines there are.
+///
+/// Ctrl-C is how `tail -f … | herald events send --stdin` ends, and it killed the command with
+/// the events accepted never listed: it stops reading, lets a batch being sent have its answer
+/// (a second Ctrl-C does not wait), lists what was accepted and says from where nothing was sent.
 async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> anyhow::Result<(Value, Shown)> {
     let (mut items, mut accepted) = (Vec::new(), 0usize);
     let mut first = true;
+    // The last line of the last batch accepted, for what an interruption says.
+    let mut sent_to = 0usize;
+    let mut interrupt = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut interrupted = false;
     // A batch past the tenant's fan-out quota goes again in halves, from here (its lines, their
     // events and sizes), and later batches no larger: a tenant whose events match many
     // subscriptions had every batch refused, the same input failing on every run.
     let mut again: std::collections::VecDeque<(usize, Fields, usize)> = std::collections::VecDeque::new();
     let mut most = herald::api::MAX_BATCH;
     loop {
+        // Ctrl-C while a batch was sent: it had its answer, and nothing more goes (not even
+        // the halves of a batch past the quota).
+        if interrupted {
+            return sent_then(items, interrupted_after(accepted, sent_to).into());
+        }
         let mut batch = Vec::new();
         let mut numbers = Vec::new();
         let mut sizes = Vec::new();
@@ -465,7 +482,13 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
             // Large events close a batch early: 1,000 lines of 20 KB are past the largest body.
             // So does a pause in the input, once a batch has lines.
             let by = (!batch.is_empty()).then(|| *send_by.get_or_insert_with(|| tokio::time::Instant::now() + PAUSE));
-            let next = match lines.peek(by).await {
+            let peeked = tokio::select! {
+                peeked = lines.peek(by) => peeked,
+                _ = &mut interrupt => {
+                    return sent_then(items, interrupted_after(accepted, sent_to).into());
+                }
+            };
+            let next = match peeked {
                 Peeked::End | Peeked::Quiet => break,
                 Peeked::Line((_, Ok(l))) => l.len(),
                 Peeked::Line((_, Err(_))) => 0,
@@ -509,7 +532,29 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
             return Ok((json!({ "items": [answer] }), Shown::List(&["id", "deliveries"])));
         }
         let count = batch.len();
-        let sent = api.publish_raw("/v1/events/batch", &batch).await;
+        let sent = {
+            let mut sending = std::pin::pin!(api.publish_raw("/v1/events/batch", &batch));
+            tokio::select! {
+                sent = &mut sending => sent,
+                _ = &mut interrupt => {
+                    interrupted = true;
+                    // The batch's answer says whether it was taken: waited for, unless Ctrl-C again.
+                    interrupt.set(tokio::signal::ctrl_c());
+                    tokio::select! {
+                        sent = &mut sending => sent,
+                        _ = &mut interrupt => {
+                            let e = Failed::Interrupted(format!(
+                                "interrupted while the batch of lines {from}–{to} was being sent: it may or may not \
+                                 have been accepted; {}; nothing after it was sent (events with an id can be sent \
+                                 again safely)",
+                                accepted_before(accepted, from)
+                            ));
+                            return sent_then(items, e.into());
+                        }
+                    }
+                }
+            }
+        };
         if let Err(herald_client::Error::Api { status: 413, code, .. }) = &sent {
             if code == "QUOTA_EXCEEDED" && count > 1 {
                 most = count / 2;
@@ -548,6 +593,7 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
                 Failed::NotHerald(m) => {
                     Failed::NotHerald(format!("{range} was not taken: {m}; {before}; nothing after it was sent"))
                 }
+                Failed::Interrupted(m) => Failed::Interrupted(m),
             }
         });
         let answer = match answer {
@@ -555,6 +601,7 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
             Err(e) => return sent_then(items, e.into()),
         };
         accepted += count;
+        sent_to = to;
         items.extend(answer["items"].as_array().cloned().unwrap_or_default());
     }
 }
@@ -565,6 +612,14 @@ fn sent_then(items: Vec<Value>, e: anyhow::Error) -> anyhow::Result<(Value, Show
         return Err(e);
     }
     Ok((json!({ "items": items }), Shown::ListThen(&["id", "deliveries"], e)))
+}
+
+/// What [`send_lines`] says when Ctrl-C stopped it, `accepted` events (up to line `to`) taken.
+fn interrupted_after(accepted: usize, to: usize) -> Failed {
+    Failed::Interrupted(match accepted {
+        0 => "interrupted before any event was sent".to_string(),
+        n => format!("interrupted; the {n} events up to line {to} were accepted; nothing after line {to} was sent"),
+    })
 }
 
 /// What [`send_lines`] says was accepted before the lines from `line` on.

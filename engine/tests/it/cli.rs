@@ -434,6 +434,47 @@ async fn stdin_lines_are_sent_once_input_pauses() {
     assert!(said.contains("tail-1") && said.contains("trickle-39"), "{said}");
 }
 
+/// Ctrl-C is how `tail -f events.jsonl | herald events send --stdin` ends: it killed the
+/// command with nothing said — the events accepted were never listed, nor where sending stopped.
+/// It lists them, says from which line nothing was sent, and exits 130.
+#[tokio::test]
+async fn an_interrupted_stdin_says_what_was_sent() {
+    use tokio::io::AsyncWriteExt;
+    if crate::support::on_kafka() {
+        return; // the CLI is a client of the API, the same on both backends
+    }
+    let h = TestHerald::start().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["events", "send", "--stdin", "--json", "--server", &h.api.base, "--token", TOKEN])
+        .env_remove("HERALD_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    for id in ["ctrl-c-1", "ctrl-c-2"] {
+        input.write_all(format!("{{\"id\":\"{id}\",\"type\":\"t\",\"data\":{{}}}}\n").as_bytes()).await.unwrap();
+    }
+    input.flush().await.unwrap();
+    crate::support::until("both lines published with stdin still open", std::time::Duration::from_secs(10), || async {
+        (h.api.get("/v1/events/ctrl-c-2").await.0 == 200).then_some(())
+    })
+    .await;
+    let pid = rustix::process::Pid::from_raw(child.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let out =
+        tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output()).await.unwrap().unwrap();
+    drop(input);
+    let (said, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(130), "{said} / {err}");
+    let listed: Value = serde_json::from_str(&said).unwrap_or_else(|e| panic!("{e}: {said}"));
+    let ids: Vec<&str> = listed["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["ctrl-c-1", "ctrl-c-2"], "{said}");
+    assert!(err.contains("interrupted") && err.contains("nothing after line 2 was sent"), "{err}");
+}
+
 /// A server whose certificate a private authority signed (an internal CA, behind a company's
 /// proxy) is trusted with `--ca-file` (or `HERALD_CA_FILE`), beside the public ones: every
 /// command failed `UnknownIssuer`, exit 3 — "try again later", which never helped.
