@@ -50,13 +50,12 @@ impl Principal {
     }
 }
 
-/// The bearer token of a request, if it has one.
+/// The bearer token of a request, if it has one. The scheme is read in any case (RFC 9110
+/// §11.1): `BEARER <token>`, as some clients and gateways write it, was refused.
 pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// A caller holding the admin token (tenant keys get 403).
@@ -66,6 +65,17 @@ pub struct Admin;
 /// read it rather than check the token again.
 #[derive(Clone)]
 struct Authenticated(Principal);
+
+/// Whether a tenant's key or portal link, taken at the request's head, is taken still: the
+/// body extractors ask once the body is in (see [`super::error::CallerStillValid`]).
+fn still_valid(state: &AppState, token: &str, tenant: &str) -> bool {
+    if token.starts_with("hp.") {
+        return state.portal.key.verify(token, crate::model::now_ms()).is_some_and(|(t, issued_ms)| {
+            t == tenant && state.tenants.get(&t).is_some_and(|t| t.takes_portal_link(issued_ms))
+        });
+    }
+    state.tenants.authenticate(token).is_some_and(|t| t == tenant)
+}
 
 /// Holds a tenant's place for the whole of each of its requests, body included: a tenant key
 /// is limited by its request rate, but nothing bounded how many of its requests were under way
@@ -93,6 +103,13 @@ pub async fn hold_a_tenant_s_share(
                     Some(place) => held = Some(place),
                     None => return ApiError::tenant_busy(state.underway.per_tenant()).into_response(),
                 }
+                // A body may take up to the request timeout to arrive: a key revoked meanwhile
+                // made an edge device or a subscription all the same.
+                let (state, token, tenant) =
+                    (state.clone(), bearer(&parts.headers).unwrap_or("").to_string(), tenant.clone());
+                parts.extensions.insert(super::error::CallerStillValid(std::sync::Arc::new(move || {
+                    still_valid(&state, &token, &tenant)
+                })));
             }
             parts.extensions.insert(Authenticated(who));
         }
@@ -126,6 +143,14 @@ impl FromRequestParts<AppState> for Principal {
         if !admin && !token.starts_with("hp.") && crate::tenants::parse_token(token, "hk").is_none() {
             return Err(ApiError::unauthorized()); // no token of any kind: nothing to wait for
         }
+        // A portal link's signature and lifetime need no catalog: one that fails them is
+        // refused before the wait below, as a token of no kind is (anyone could hold a request
+        // on a slow broker's catalog with `hp.` and anything after it).
+        let portal = if !admin && token.starts_with("hp.") {
+            Some(state.portal.key.verify(token, crate::model::now_ms()).ok_or_else(ApiError::unauthorized)?)
+        } else {
+            None
+        };
         // The one place a request waits to see every catalog change made before it, through
         // any process: the key it presents, the subscriptions an event goes to, the types
         // it is checked against, the objects it reads.
@@ -133,11 +158,9 @@ impl FromRequestParts<AppState> for Principal {
         if admin {
             return Ok(Principal::Admin);
         }
-        if token.starts_with("hp.") {
-            // A portal link: its tenant, within its lifetime, limited like that tenant's keys.
-            let (tenant, issued_ms) =
-                state.portal.key.verify(token, crate::model::now_ms()).ok_or_else(ApiError::unauthorized)?;
-            // Unless the tenant's links minted then were revoked since.
+        if let Some((tenant, issued_ms)) = portal {
+            // A portal link: its tenant, within its lifetime, limited like that tenant's keys,
+            // unless the tenant's links minted then were revoked since.
             if !state.tenants.get(&tenant).is_some_and(|t| t.takes_portal_link(issued_ms)) {
                 return Err(ApiError::unauthorized());
             }

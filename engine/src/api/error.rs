@@ -364,8 +364,16 @@ pub(super) fn field_of(path: &str, message: &str) -> String {
 /// given is parsed exactly as [`JsonBody`] parses it.
 pub struct OptionalJsonBody<T>(pub T);
 
+/// Whether the credential a request's caller was taken with at its head is taken still, asked
+/// once its body is in: a body sent slowly (up to `api.request_timeout`) outlived a revocation
+/// of the key it came with, and did what it asked. Set by the authentication middleware for a
+/// tenant's key or portal link (the admin token cannot be revoked while Herald runs).
+#[derive(Clone)]
+pub struct CallerStillValid(pub std::sync::Arc<dyn Fn() -> bool + Send + Sync>);
+
 /// The body of a request that must be JSON if it says what it is, as bytes.
 async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    let caller = req.extensions().get::<CallerStillValid>().cloned();
     let json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -381,14 +389,18 @@ async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
             ids: None,
         });
     }
-    Bytes::from_request(req, state).await.map_err(|e| ApiError {
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError {
         status: e.status(),
         code: if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "PAYLOAD_TOO_LARGE" } else { "BAD_REQUEST" },
         message: e.body_text(),
         field: None,
         retry_after: None,
         ids: None,
-    })
+    })?;
+    if caller.is_some_and(|still| !still.0()) {
+        return Err(ApiError::unauthorized());
+    }
+    Ok(bytes)
 }
 
 /// Any JSON, read strictly: an object with a field given twice is refused, naming the field,

@@ -205,6 +205,19 @@ fn kubernetes_service_variable(name: &str, value: &str) -> bool {
     service || link || port
 }
 
+/// What is wrong with an admin token, if anything: too short to be hard to guess, or a
+/// character no HTTP header carries as it is (past ASCII, a space or control character) —
+/// taken, every request with it was refused `401` and the admin locked out.
+pub fn admin_token_problem(token: &str) -> Option<&'static str> {
+    if token.len() < 16 {
+        return Some("must be at least 16 characters");
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Some("must be visible ASCII characters only (no spaces), as an HTTP header carries it");
+    }
+    None
+}
+
 impl Config {
     /// Bytes of delivery records one tenant's publishes may have being written at once.
     pub fn tenant_pending_bytes(&self) -> u64 {
@@ -1328,10 +1341,8 @@ impl Config {
                 return reject("advertise_url", "must be an http:// or https:// URL with a host");
             }
         }
-        if let Some(token) = &self.admin_token {
-            if token.len() < 16 {
-                return reject("admin_token", "must be at least 16 characters");
-            }
+        if let Some(problem) = self.admin_token.as_deref().and_then(admin_token_problem) {
+            return reject("admin_token", problem);
         }
         // It lets any caller of the public API push a subscription (its secrets with it) to
         // an agent: as hard to guess as the admin token.
@@ -1576,6 +1587,16 @@ mod tests {
             assert!(matches!(&got, Err(ConfigError::Rejected { field: f, .. }) if *f == field), "{vars:?}: {got:?}");
         }
         assert!(Config::load(None, &env(&[("HERALD_SECRET_KEY", good.as_str())])).is_ok());
+    }
+
+    /// An admin token no HTTP header can carry (a character past ASCII, a space inside) was
+    /// taken at start, and every request with it was then refused `401`: the admin locked out.
+    #[test]
+    fn an_admin_token_no_header_can_carry_is_refused() {
+        for bad in ["geheimnis-für-herald-0123", "a token with spaces in it", "0123456789abcdef\u{7f}"] {
+            let got = Config::load(None, &env(&[("HERALD_ADMIN_TOKEN", bad)]));
+            assert!(matches!(got, Err(ConfigError::Rejected { field: "admin_token", .. })), "{bad:?}: {got:?}");
+        }
     }
 
     /// A token from a secret mount often ends in a newline, which no client can send: taken

@@ -22,6 +22,25 @@ async fn requests_without_the_admin_token_are_refused_in_the_contract_shape() {
     assert_eq!((status.as_u16(), body["error"]["code"].as_str()), (404, Some("NOT_FOUND")));
 }
 
+/// The `Authorization` scheme is case-insensitive (RFC 9110 §11.1): `BEARER <token>`, as some
+/// HTTP libraries and gateways write it, was answered `401` with the right token.
+#[tokio::test]
+async fn the_bearer_scheme_is_read_whatever_its_case() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = TestHerald::start().await;
+    for scheme in ["BEARER", "bEaReR", "Bearer"] {
+        let mut stream = tokio::net::TcpStream::connect(h.herald.addr).await.unwrap();
+        let head = format!(
+            "GET /v1/subscriptions HTTP/1.1\r\nhost: herald\r\nauthorization: {scheme} {TOKEN}\r\nconnection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await.unwrap().unwrap();
+        let said = String::from_utf8_lossy(&answer);
+        assert!(said.starts_with("HTTP/1.1 200"), "{scheme}: {said}");
+    }
+}
+
 #[tokio::test]
 async fn invalid_events_name_the_field_and_append_nothing() {
     let h = TestHerald::start().await;

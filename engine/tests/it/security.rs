@@ -1118,6 +1118,27 @@ async fn denied_ranges_are_refused_at_creation_and_at_connect() {
     assert!(rx.on("/denied").is_empty(), "nothing reached the denied address");
 }
 
+/// A configured admin token retires the one a first start generated and stored: it was left
+/// in the data directory, and a later start whose configuration no longer set one (a unit file
+/// or compose change) read it back — the leaked token a rotation had replaced was admin again.
+#[tokio::test]
+async fn a_configured_admin_token_retires_the_stored_one() {
+    use herald::server::TokenSource;
+    if crate::support::on_kafka() {
+        return; // the token lives in the data directory, the same on both backends
+    }
+    let h = TestHerald::start_with(|c| c.admin_token = None).await;
+    let leaked = h.herald.admin_token.clone();
+    assert_eq!(h.herald.token_source, TokenSource::Generated);
+    let h = h.restart_with(|c| c.admin_token = Some(TOKEN.into())).await;
+    assert_eq!(h.herald.token_source, TokenSource::Configured);
+    let h = h.restart_with(|c| c.admin_token = None).await;
+    assert_ne!(h.herald.admin_token, leaked, "the rotated-away token is admin again");
+    assert_eq!(h.herald.token_source, TokenSource::Generated, "a new token, shown");
+    let (status, _) = h.api.raw("GET", "/v1/subscriptions", None, Some(&leaked)).await;
+    assert_eq!(status, 401);
+}
+
 /// A first start that fails after the admin token is made (here for two of the file's
 /// webhooks sharing a name) leaves no token behind: the start that succeeds makes it and is
 /// the one to say so. Before, the failed start stored it unshown, every later start read it

@@ -135,6 +135,45 @@ async fn one_tenant_s_slow_requests_are_bounded_and_hold_nobody_else_s() {
     .await;
 }
 
+/// A key revoked while a request of it was still sending its body did not stop that request:
+/// who the caller is was decided at its head, and a body sent slowly for up to the request
+/// timeout then made an edge device (a token for good) with a key already revoked. The key is
+/// checked again once the body is in.
+#[tokio::test]
+async fn a_key_revoked_while_its_request_s_body_arrives_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = TestHerald::start_with(|c| c.api.tenant_requests = 1).await;
+    let (tenant, key) = tenant_with_key(&h.api, "Leaky").await;
+    let body = br#"{"name":"after-revocation"}"#;
+    let mut stream = tokio::net::TcpStream::connect(h.herald.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/edge-devices HTTP/1.1\r\nhost: herald\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        key.token,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..8]).await.unwrap();
+    // The request holds the tenant's one place once its key was taken at the head.
+    until("the slow request authenticated", Duration::from_secs(20), || async {
+        (key.get("/v1/subscriptions").await.0 == 429).then_some(())
+    })
+    .await;
+    let key_id = key.token.split('.').nth(1).unwrap().to_string();
+    assert_eq!(h.api.delete(&format!("/v1/tenants/{tenant}/keys/{key_id}")).await.0, 204);
+    stream.write_all(&body[8..]).await.unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    let said = String::from_utf8_lossy(&answer).to_string();
+    assert!(said.starts_with("HTTP/1.1 401"), "{said}");
+    let (_, devices) = h.api.get("/v1/edge-devices").await;
+    assert!(devices["items"].as_array().unwrap().iter().all(|d| d["name"] != "after-revocation"), "{devices}");
+}
+
 /// A request's head is bounded well below hyper's default (about 400 KB a connection, kept
 /// until the head is in: anyone, without a token, could hold that on each of
 /// `api.max_connections`): a larger head is refused with `431`.
