@@ -139,6 +139,18 @@ pub enum Failure {
         /// Connections the tenant has open.
         open: usize,
     },
+    /// The attempt's timeout ran out waiting for a place among the publishes in flight to its
+    /// broker (`transport::amqp`'s window, shared by the tenant's subscriptions to that URI):
+    /// never sent, so retried but not held against the subscription's health — another
+    /// subscription's slow queue filled the window. Labelled `broker_busy`.
+    #[error(
+        "timed out after {} before it was sent: the publishes in flight to the broker (shared by the tenant's subscriptions to it) were all unconfirmed; retried",
+        humantime::format_duration(Duration::from_millis(*after_ms))
+    )]
+    BrokerWindowFull {
+        /// The timeout, ms.
+        after_ms: u64,
+    },
     /// The subscription cannot be delivered as it is configured (fix it with PATCH).
     #[error("not deliverable as configured: {detail}")]
     Unusable {
@@ -252,7 +264,8 @@ impl Failure {
             | Failure::Held { .. }
             | Failure::Unready { .. }
             | Failure::Nacked
-            | Failure::BrokerBusy { .. }) => f,
+            | Failure::BrokerBusy { .. }
+            | Failure::BrokerWindowFull { .. }) => f,
         }
     }
 
@@ -270,7 +283,7 @@ impl Failure {
             Failure::Broker { .. } => "broker_error",
             Failure::EdgeOffline { .. } => "edge_offline",
             Failure::EdgeBusy { .. } => "edge_busy",
-            Failure::BrokerBusy { .. } => "broker_busy",
+            Failure::BrokerBusy { .. } | Failure::BrokerWindowFull { .. } => "broker_busy",
             Failure::Unusable { .. } => "misconfigured",
         }
     }
@@ -295,7 +308,13 @@ impl Failure {
     /// broker connections in use, or its TLS profile not built in time (an attempt ended to
     /// free the commit point was in flight).
     pub fn never_sent(&self) -> bool {
-        matches!(self, Failure::EdgeBusy { .. } | Failure::BrokerBusy { .. } | Failure::Unready { .. })
+        matches!(
+            self,
+            Failure::EdgeBusy { .. }
+                | Failure::BrokerBusy { .. }
+                | Failure::BrokerWindowFull { .. }
+                | Failure::Unready { .. }
+        )
     }
 }
 

@@ -159,6 +159,24 @@ pub fn validate(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
         return Err(("amqp.uri", "must have a host".into()));
     }
     let read = lapin_uri(&uri).map_err(|e| ("amqp.uri", e))?;
+    // The vhost goes on the wire as a short string; an empty one (a URI ending in `/`) names
+    // no vhost a broker has. Each was taken, and every delivery failed.
+    if read.vhost.is_empty() {
+        return Err((
+            "amqp.uri",
+            "names an empty vhost (the URI ends in `/`); the default vhost `/` is written `%2f`".into(),
+        ));
+    }
+    if read.vhost.len() > SHORT_STRING {
+        return Err(("amqp.uri", format!("the vhost must be at most {SHORT_STRING} bytes")));
+    }
+    // A login by client certificate: Herald presents none to a broker.
+    if read.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External) {
+        return Err((
+            "amqp.uri",
+            "auth_mechanism external needs a client certificate, which Herald does not present to brokers".into(),
+        ));
+    }
     if read.query.frame_max.is_some_and(|f| !FRAME_MAX_RANGE.contains(&f)) {
         return Err((
             "amqp.uri",
@@ -175,6 +193,22 @@ pub fn validate(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
         return Err(("amqp.routing_keys", format!("routing keys are at most {SHORT_STRING} characters")));
     }
     Ok(())
+}
+
+/// A place among `broker`'s publishes in flight, waited for until `deadline`. One not had in
+/// time was never sent: `BrokerWindowFull` (`broker_busy`), not a timeout — the window is the
+/// tenant's for that broker, and one subscription's slow queue filling it had every other
+/// subscription's attempts there counted against their own health (breaker, pace, disabling).
+async fn window_place(
+    broker: &Broker,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<OwnedSemaphorePermit, Failure> {
+    match tokio::time::timeout_at(deadline, broker.window.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => Ok(slot),
+        Ok(Err(_)) => Err(Failure::Broker { detail: "the broker's publisher was closed".into() }),
+        Err(_) => Err(Failure::BrokerWindowFull { after_ms: timeout.as_millis() as u64 }),
+    }
 }
 
 /// The largest frames Herald asks for (RabbitMQ's default): the broker may choose smaller.
@@ -308,14 +342,26 @@ impl AmqpTransport {
         let addr = self.address(&parsed).await?;
         let tls_name = tls_name(&parsed);
         let runtime = lapin::runtime::default_runtime().map_err(|e| Failure::Broker { detail: e.to_string() })?;
+        // A TLS failure is `tls_error`, as a webhook's is; lapin's error does not tell it apart.
+        let tls_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let in_tls = tls_failed.clone();
         let connect = async move |_uri, runtime| {
             let stream = AsyncTcpStream::connect(&runtime, addr).await?;
             Ok(match &tls_name {
-                Some(name) => stream.into_tls(name, TLSConfig::default()).await?,
+                Some(name) => stream
+                    .into_tls(name, TLSConfig::default())
+                    .await
+                    .inspect_err(|_| in_tls.store(true, Ordering::Relaxed))?,
                 None => stream,
             })
         };
-        let connecting = |e: lapin::Error| Failure::Connect { detail: format!("connecting to the broker: {e}") };
+        let connecting = |e: lapin::Error| {
+            if tls_failed.load(Ordering::Relaxed) {
+                Failure::Tls { detail: format!("with the broker: {e}") }
+            } else {
+                Failure::Connect { detail: format!("connecting to the broker: {e}") }
+            }
+        };
         let conn = Connection::connector(amqp_uri, runtime, connect, ConnectionProperties::default())
             .await
             .map_err(connecting)?;
@@ -439,10 +485,9 @@ impl AmqpTransport {
         // the window full, when the broker is in use and not closed to make room.)
         let _slot = match free {
             Some(slot) => slot,
-            None => match tokio::time::timeout_at(deadline, broker.window.clone().acquire_owned()).await {
-                Ok(Ok(slot)) => slot,
-                Ok(Err(_)) => return failed(Failure::Broker { detail: "the broker's publisher was closed".into() }),
-                Err(_) => return failed(timed_out(timeout)),
+            None => match window_place(&broker, deadline, timeout).await {
+                Ok(slot) => slot,
+                Err(f) => return failed(f),
             },
         };
         let link = match self.link(&broker, uri, deadline, timeout).await {
@@ -626,6 +671,20 @@ mod tests {
         let second = tokio::time::timeout(Duration::from_secs(5), connections.recv()).await;
         assert!(second.is_ok_and(|s| s.is_some()), "no new connection to the broker");
         drop(first);
+    }
+
+    /// An attempt that waited its whole timeout for a place in its broker's window was never
+    /// sent: `broker_busy`, not held against its subscription (it read `timeout`, and another
+    /// subscription's slow queue opened this one's breaker).
+    #[tokio::test]
+    async fn an_attempt_that_found_no_place_in_the_window_was_never_sent() {
+        let amqp = AmqpTransport::new(NetworkGuard::new(Vec::new()));
+        let (broker, slot) = amqp.broker("t", "amqp://broker.example/vh").unwrap();
+        let _full = (slot, broker.window.clone().try_acquire_many_owned((CHANNELS - 1) as u32).unwrap());
+        let wait = Duration::from_millis(30);
+        let failure = window_place(&broker, tokio::time::Instant::now() + wait, wait).await.unwrap_err();
+        assert_eq!(failure.label(), "broker_busy", "{failure}");
+        assert!(failure.never_sent(), "{failure}");
     }
 
     /// A publish that found its connection dead forgets that one only: an opening begun

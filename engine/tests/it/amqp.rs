@@ -389,6 +389,29 @@ async fn a_publish_through_a_blocked_connection_fails_at_once_saying_so() {
     assert!(blocked["duration_ms"].as_u64().unwrap_or(u64::MAX) < 1000, "failed at once: {blocked}");
 }
 
+/// A TLS failure with an `amqps://` broker (an expired or self-signed certificate, or a plain
+/// port) is `tls_error`, as a webhook's is: it read `connect_error`, and what watched
+/// `tls_error` missed every AMQP subscription.
+#[tokio::test]
+async fn a_tls_failure_with_a_broker_is_a_tls_error() {
+    let _broker = crate::support::RABBITMQ.lock().await;
+    let h = TestHerald::start().await;
+    let plain_port = BROKER.replace("amqp://", "amqps://");
+    let sub = h
+        .api
+        .subscribe(json!({ "transport": "amqp", "amqp": { "uri": plain_port, "exchange": "x" }, "timeout": "5s",
+                           "retry": { "policy": "fixed", "interval": "1h", "max_attempts": 2 } }))
+        .await;
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    h.api.post("/v1/events", json!({ "id": "over-tls", "type": "T", "data": {} })).await;
+    let attempt = until("the attempt over TLS", Duration::from_secs(15), || async {
+        let (_, page) = h.api.get(&format!("/v1/attempts?event=over-tls&subscription={sub_id}")).await;
+        page["items"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    assert_eq!(attempt["outcome"], "tls_error", "{attempt}");
+}
+
 /// A tenant's AMQP subscriptions to many broker URIs share at most 16 connections: each was a
 /// connection of its own, kept for ten minutes, each a thread of lapin's and up to 64 MiB of
 /// buffers (frames of up to 1 MiB as the URI asked) — a thousand subscriptions took a thousand

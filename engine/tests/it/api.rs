@@ -216,6 +216,18 @@ async fn subscription_validation_names_the_field() {
         (json!({ "url": "https://h.example.com", "transport": "amqp" }), "amqp"),
         (json!({ "transport": "amqp", "amqp": { "uri": "http://x", "exchange": "e" } }), "amqp.uri"),
         (json!({ "transport": "amqp", "amqp": { "uri": "amqp://127.0.0.1", "exchange": "" } }), "amqp.exchange"),
+        // A vhost the broker can have no name for: empty (a URI ending in `/`; the default is
+        // `%2f`), past a short string's 255 bytes; and a login by client certificate, which
+        // Herald never presents. Each was taken, and every delivery then failed.
+        (json!({ "transport": "amqp", "amqp": { "uri": "amqp://127.0.0.1/", "exchange": "e" } }), "amqp.uri"),
+        (
+            json!({ "transport": "amqp", "amqp": { "uri": format!("amqp://127.0.0.1/{}", "v".repeat(300)), "exchange": "e" } }),
+            "amqp.uri",
+        ),
+        (
+            json!({ "transport": "amqp", "amqp": { "uri": "amqp://127.0.0.1/%2f?auth_mechanism=external", "exchange": "e" } }),
+            "amqp.uri",
+        ),
         (json!({ "url": "https://h.example.com", "amqp": { "uri": "amqp://127.0.0.1", "exchange": "e" } }), "amqp"),
     ];
     for (body, field) in cases {
