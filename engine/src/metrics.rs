@@ -19,7 +19,8 @@ pub const EVENTS_INGESTED: &str = "herald_events_ingested_total";
 /// `superseded`: a retry not made, another generation having delivered it).
 pub const DELIVERIES: &str = "herald_deliveries_total";
 /// Attempts made, by `transport` and `outcome` (`success`, `client_error`, `server_error`,
-/// `other_status`, `timeout`, `error`).
+/// `other_status`, then a failure's label — `timeout`, `connect_error`, … — and `tls_unready`
+/// for one never sent for want of its TLS profile).
 pub const ATTEMPTS: &str = "herald_attempts_total";
 /// Request latency of one attempt, by `transport`.
 pub const REQUEST_SECONDS: &str = "herald_delivery_request_seconds";
@@ -359,7 +360,11 @@ impl Metrics {
         // deployment's first burst of failures went uncounted in the error ratio).
         let by_status = ["success", "client_error", "server_error", "other_status"];
         let without_status = crate::model::outcome::LABELS.iter().filter(|l| !matches!(**l, "delivered" | "failed"));
-        let outcomes: Vec<&str> = by_status.into_iter().chain(without_status.copied()).collect();
+        let outcomes: Vec<&str> = by_status
+            .into_iter()
+            .chain(without_status.copied())
+            .chain(crate::model::outcome::METRIC_ONLY_LABELS.iter().copied())
+            .collect();
         for transport in ["webhook", "amqp", "edge"] {
             for outcome in ["delivered", "dead_lettered", "dropped", "superseded"] {
                 metrics::counter!(DELIVERIES, "transport" => transport, "outcome" => outcome).increment(0);

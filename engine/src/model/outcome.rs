@@ -322,6 +322,10 @@ impl Failure {
 /// transport was involved, so it is no [`Outcome`]).
 pub const DISABLED: &str = "disabled";
 
+/// The `outcome` labels of `herald_attempts_total` that are no [`Outcome::label`] (see
+/// [`Outcome::metric_label`]).
+pub const METRIC_ONLY_LABELS: &[&str] = &["tls_unready"];
+
 /// Every label [`Outcome::label`] can give, for metrics set up at zero and for documentation.
 pub const LABELS: &[&str] = &[
     "delivered",
@@ -385,13 +389,17 @@ impl Outcome {
     }
 
     /// The `outcome` label of `herald_attempts_total`: answers by status class (`success`,
-    /// `client_error`, `server_error`, `other_status`), anything else by its failure label.
+    /// `client_error`, `server_error`, `other_status`), anything else by its failure label —
+    /// but an attempt never sent for want of its TLS profile (`timeout` in the history) is
+    /// `tls_unready`: counted a receiver's timeout, one tenant's slow builds raised the error
+    /// ratio every other tenant's endpoints are paged on.
     pub fn metric_label(&self) -> &'static str {
         match self.status() {
             Some(200..=299) => "success",
             Some(400..=499) => "client_error",
             Some(500..=599) => "server_error",
             Some(_) => "other_status",
+            None if matches!(self.failure(), Some(Failure::Unready { .. })) => "tls_unready",
             None => self.label(),
         }
     }

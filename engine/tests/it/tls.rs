@@ -734,6 +734,11 @@ async fn a_tenant_s_pkcs12_checks_do_not_hold_up_another_tenant_s_changes() {
 /// `tls` options of a PKCS#12 file of the test client's certificate and key, named `name`, at
 /// 30,000 rounds (a good part of a second to open).
 fn heavy_p12(pki: &Pki, name: &str) -> serde_json::Value {
+    p12_of(pki, name, 30_000)
+}
+
+/// [`heavy_p12`] with `iterations` of key derivation.
+fn p12_of(pki: &Pki, name: &str, iterations: u32) -> serde_json::Value {
     use rustls::pki_types::pem::PemObject;
     let key = std::fs::read(&pki.client_key).unwrap();
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key).unwrap();
@@ -746,7 +751,7 @@ fn heavy_p12(pki: &Pki, name: &str) -> serde_json::Value {
         vec![p12_keystore::Certificate::from_der(&cert).unwrap()],
     );
     store.add_entry("client", p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
-    let heavy = store.writer("pw").encryption_iterations(30_000).mac_iterations(30_000).write().unwrap();
+    let heavy = store.writer("pw").encryption_iterations(iterations).mac_iterations(iterations).write().unwrap();
     json!({ "client_p12": base64::engine::general_purpose::STANDARD.encode(heavy), "key_password": "pw" })
 }
 
@@ -805,6 +810,37 @@ async fn a_tenant_s_pkcs12_profiles_do_not_hold_up_another_tenant_s_deliveries()
         "PKCS#12 profiles: one file's check {check:?}; another tenant's {n} events each delivered within {longest:?}"
     );
     assert!(longest < check / 4, "another tenant's event waited {longest:?}; one PKCS#12 check takes {check:?}");
+}
+
+/// An attempt whose timeout ran out while its TLS profile was still being built was never
+/// sent: it reads `timeout` in the history, but `herald_attempts_total` counts it apart
+/// (`tls_unready`), out of the error ratio as Herald's other own waits are — it was counted a
+/// receiver's `timeout`, and one tenant's slow builds paged for every other's endpoints.
+#[tokio::test]
+async fn an_attempt_whose_tls_profile_was_not_ready_is_not_counted_a_receiver_s_timeout() {
+    let pki = pki();
+    let h = TestHerald::start().await;
+    let started = std::time::Instant::now();
+    let sub = h
+        .api
+        .subscribe(json!({ "url": "https://localhost:1/slow-profile", "tls": p12_of(&pki, "slow", 150_000),
+                           "timeout": "100ms", "retry": { "policy": "fixed", "interval": "1h", "max_attempts": 2 } }))
+        .await;
+    let check = started.elapsed();
+    assert!(check > Duration::from_millis(200), "the file's check took {check:?}: not slower than the timeout");
+    let (status, _) = h.api.post("/v1/events", json!({ "id": "unready", "type": "T", "data": {} })).await;
+    assert_eq!(status, 202);
+    let sub_id = sub["id"].as_str().unwrap().to_string();
+    let attempt = until("the attempt", Duration::from_secs(60), || async {
+        let (_, attempts) = h.api.get(&format!("/v1/attempts?subscription={sub_id}")).await;
+        attempts["items"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    assert_eq!(attempt["outcome"], "timeout", "{attempt}");
+    assert!(attempt["error"].as_str().unwrap_or_default().contains("before it was sent"), "{attempt}");
+    let m = crate::support::metrics::scrape(&h.api).await;
+    let counted = |outcome| m.value("herald_attempts_total", &[("transport", "webhook"), ("outcome", outcome)]);
+    assert_eq!((counted("tls_unready"), counted("timeout")), (1.0, 0.0));
 }
 
 /// A delivery's first use of a PKCS#12 profile builds it, one build at a time — queued per
