@@ -78,6 +78,87 @@ struct Link {
     /// Confirm-mode channels with no publish in flight (at most `CHANNELS`: one is opened
     /// only when none is idle, by a publish holding one of the window's permits).
     idle: Mutex<Vec<Channel>>,
+    /// Its socket, cut [`CLOSE_WITHIN`] after the link is dropped (lapin closes it first if
+    /// the broker answers the close): held for its `Drop`.
+    _socket: Severs,
+}
+
+/// A hold on a broker connection's socket, from which it can be cut whatever lapin's thread
+/// is doing. lapin runs each connection on a thread of its own, and dropping the connection —
+/// or the opening of it, at its bound — only leaves that thread waiting: for a handshake a
+/// silent peer never answers, or a close a broker under a resource alarm never reads. Each
+/// such thread and socket stayed for as long as the peer kept the socket up (a tenant's URI at
+/// a proxy with no broker behind it left one a minute, for good). Cut, the thread's reads and
+/// writes fail and it ends.
+#[derive(Default)]
+struct Socket(Mutex<SocketState>);
+
+#[derive(Default)]
+struct SocketState {
+    /// A duplicate of the connection's socket (the same socket: shutting it down shuts
+    /// lapin's), once connected.
+    held: Option<std::net::TcpStream>,
+    /// Cut already: a socket connected after is cut at once.
+    cut: bool,
+}
+
+impl Socket {
+    /// Keeps a duplicate of `stream`'s socket — cut at once if the socket was cut meanwhile
+    /// (the opening given up before its connect returned).
+    fn hold(&self, stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+        use std::os::fd::AsFd;
+        let dup = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
+        let mut state = self.0.lock().unwrap();
+        if state.cut {
+            let _ = dup.shutdown(std::net::Shutdown::Both);
+        } else {
+            state.held = Some(dup);
+        }
+        Ok(())
+    }
+
+    /// Shuts the socket down both ways and lets go of the duplicate.
+    fn cut(&self) {
+        let mut state = self.0.lock().unwrap();
+        state.cut = true;
+        if let Some(dup) = state.held.take() {
+            let _ = dup.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Cuts its socket when dropped: at once for an opening that did not become a [`Link`] (given
+/// up at its bound, or failed); for a link's, once lapin has closed the connection (the close
+/// sent as the connection is dropped, and answered: the duplicate kept the socket up after
+/// lapin let go of its own) or [`CLOSE_WITHIN`] after the drop, whichever comes first.
+struct Severs {
+    /// `None` once handed on to the link ([`Severs::into_link`]).
+    socket: Option<Arc<Socket>>,
+    /// The link's connection, whose close is waited for (an opening's: none).
+    link: Option<lapin::ConnectionStatus>,
+}
+
+impl Severs {
+    /// This opening's hold, handed on to the link it became.
+    fn into_link(mut self, conn: &Connection) -> Severs {
+        Severs { socket: self.socket.take(), link: Some(conn.status().clone()) }
+    }
+}
+
+impl Drop for Severs {
+    fn drop(&mut self) {
+        let Some(socket) = self.socket.take() else { return };
+        let (Some(status), Ok(runtime)) = (self.link.take(), tokio::runtime::Handle::try_current()) else {
+            return socket.cut();
+        };
+        drop(runtime.spawn(async move {
+            let by = tokio::time::Instant::now() + CLOSE_WITHIN;
+            while !(status.closed() || status.errored()) && tokio::time::Instant::now() < by {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            socket.cut();
+        }));
+    }
 }
 
 impl Link {
@@ -342,11 +423,18 @@ impl AmqpTransport {
         let addr = self.address(&parsed).await?;
         let tls_name = tls_name(&parsed);
         let runtime = lapin::runtime::default_runtime().map_err(|e| Failure::Broker { detail: e.to_string() })?;
+        // Cut if this opening ends without a link (its bound reached, a failure).
+        let socket = Arc::new(Socket::default());
+        let severs = Severs { socket: Some(socket.clone()), link: None };
         // A TLS failure is `tls_error`, as a webhook's is; lapin's error does not tell it apart.
         let tls_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let in_tls = tls_failed.clone();
         let connect = async move |_uri, runtime| {
-            let stream = AsyncTcpStream::connect(&runtime, addr).await?;
+            let stream: AsyncTcpStream<async_compat::Compat<tokio::net::TcpStream>> =
+                AsyncTcpStream::connect(&runtime, addr).await?;
+            if let AsyncTcpStream::Plain(plain) = &stream {
+                socket.hold(plain.get_ref())?;
+            }
             Ok(match &tls_name {
                 Some(name) => stream
                     .into_tls(name, TLSConfig::default())
@@ -375,7 +463,8 @@ impl AmqpTransport {
                 ),
             });
         }
-        Ok(Arc::new(Link { conn, idle: Mutex::new(Vec::new()) }))
+        let _socket = severs.into_link(&conn);
+        Ok(Arc::new(Link { conn, idle: Mutex::new(Vec::new()), _socket }))
     }
 
     /// The broker's connection: open, or being opened (shared), or opened now; waited for
@@ -664,7 +753,15 @@ mod tests {
             assert!(Instant::now() < deadline, "the opening nobody waits for never ended");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let first = connections.recv().await.unwrap();
+        let mut first = connections.recv().await.unwrap();
+        // And its socket is closed: lapin's thread waited on the silent peer for as long as
+        // it kept the socket up — a thread and a socket left behind every opening's bound.
+        let mut sent = Vec::new(); // the protocol header, then nothing
+        let read = tokio::io::AsyncReadExt::read_to_end(&mut first, &mut sent);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), read).await.is_ok(),
+            "the given-up opening's socket is open"
+        );
         // The next attempt tries the broker again.
         let again = amqp.link(&broker, &uri, tokio::time::Instant::now() + wait, wait).await;
         assert!(matches!(again, Err(Failure::Timeout { .. })), "{:?}", again.err());

@@ -417,7 +417,9 @@ async fn a_tls_failure_with_a_broker_is_a_tls_error() {
 /// buffers (frames of up to 1 MiB as the URI asked) — a thousand subscriptions took a thousand
 /// threads and gigabytes from every tenant. Past the cap, the least recently used idle one is
 /// closed to make room: every delivery still arrives, and another tenant's are untouched.
-#[tokio::test]
+// Two workers, as Herald runs: a connection dropped is cut on the runtime once lapin has closed
+// it, and `rabbitmqctl` blocks the thread it is called on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_s_broker_connections_are_capped_and_every_delivery_still_arrives() {
     let _broker = crate::support::RABBITMQ.lock().await;
     let run = format!("{:x}", std::process::id());
