@@ -1,6 +1,6 @@
 //! The dead-letter topic: entries (the contract's fields plus the delivery record, for
-//! replay) and replay markers. Entry ids are derived from (subscription, event, replay
-//! generation), so an entry written twice by a crash between append and commit lists once;
+//! replay) and replay markers. Entry ids are derived from (tenant, subscription, event,
+//! replay generation), so an entry written twice by a crash between append and commit lists once;
 //! a marker makes a replayed entry leave the list and refuse a second replay.
 
 use crate::log::{Log, LogError, Record};
@@ -13,9 +13,12 @@ use std::sync::Arc;
 const ENTRY: u8 = b'D';
 const REPLAYED: u8 = b'R';
 
-/// The id of the dead letter of one delivery generation.
-pub fn entry_id(subscription: &str, event_id: &str, generation: u32) -> String {
-    let digest = Sha256::digest(format!("{subscription}\n{event_id}\n{generation}").as_bytes());
+/// The id of the dead letter of one delivery generation. The tenant is in it: event ids are
+/// a tenant's own, and a static webhook moved to another tenant keeps its subscription id — two
+/// tenants' events of one id had one entry id, one tenant's entry hid the other's in every list
+/// and a replay of one marked both. (Entries keep the id they were written with.)
+pub fn entry_id(tenant: &str, subscription: &str, event_id: &str, generation: u32) -> String {
+    let digest = Sha256::digest(format!("{tenant}\n{subscription}\n{event_id}\n{generation}").as_bytes());
     format!("dlq_{}", hex::encode(&digest[..12]))
 }
 
@@ -566,9 +569,10 @@ mod tests {
 
     #[test]
     fn ids_are_stable_per_generation() {
-        assert_eq!(entry_id("s", "e", 0), entry_id("s", "e", 0));
-        assert_ne!(entry_id("s", "e", 0), entry_id("s", "e", 1));
-        assert_ne!(entry_id("s", "e", 0), entry_id("s2", "e", 0));
+        assert_eq!(entry_id("t", "s", "e", 0), entry_id("t", "s", "e", 0));
+        assert_ne!(entry_id("t", "s", "e", 0), entry_id("t", "s", "e", 1));
+        assert_ne!(entry_id("t", "s", "e", 0), entry_id("t", "s2", "e", 0));
+        assert_ne!(entry_id("t", "s", "e", 0), entry_id("t2", "s", "e", 0));
     }
 
     /// An entry of subscription `s`'s event `e`, with the id given.
@@ -628,7 +632,7 @@ mod tests {
                     subscription: subscription.into(),
                     tenant: tenant.into(),
                     event_id: event.clone(),
-                    ..dead_letter(entry_id(subscription, &event, 0))
+                    ..dead_letter(entry_id("t", subscription, &event, 0))
                 };
                 ids.push(entry.id.clone());
                 Record {
@@ -756,7 +760,7 @@ mod tests {
                         subscription: d.subscription.clone(),
                         tenant: d.tenant.clone(),
                         event_id: d.event_id.clone(),
-                        ..dead_letter(entry_id(&d.subscription, &d.event_id, d.generation))
+                        ..dead_letter(entry_id(&d.tenant, &d.subscription, &d.event_id, d.generation))
                     };
                     Record { key: r.key.clone(), value: encode_entry(&entry, &r.value) }
                 })
@@ -978,7 +982,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = log_of(dir.path(), 2).await;
         let delivery = Delivery::first_attempt("e".into(), "s".into(), "t".into(), "T".into(), Bytes::new(), 0);
-        let entry = dead_letter(entry_id("s", "e", 0));
+        let entry = dead_letter(entry_id("t", "s", "e", 0));
         let record = Record { key: Bytes::from_static(b"s"), value: encode_entry(&entry, &delivery.encode()) };
         log.append("dlq", vec![record]).await.unwrap();
         let (a, b) = (

@@ -124,7 +124,12 @@ impl Retrier {
         last_error: String,
     ) {
         let entry = DeadLetter {
-            id: dead_letters::entry_id(&delivery.subscription, &delivery.event_id, delivery.generation),
+            id: dead_letters::entry_id(
+                &delivery.tenant,
+                &delivery.subscription,
+                &delivery.event_id,
+                delivery.generation,
+            ),
             event_id: delivery.event_id.clone(),
             subscription: delivery.subscription.clone(),
             tenant: delivery.tenant.clone(),
@@ -151,7 +156,7 @@ impl Retrier {
         let subscription = String::from_utf8_lossy(&rec.key).into_owned();
         tracing::error!(partition = rec.partition, offset = rec.offset, error = %error, "malformed delivery record dead-lettered");
         let entry = DeadLetter {
-            id: dead_letters::entry_id(&subscription, &format!("malformed@{}.{}", rec.partition, rec.offset), 0),
+            id: dead_letters::entry_id("", &subscription, &format!("malformed@{}.{}", rec.partition, rec.offset), 0),
             event_id: String::new(),
             subscription: subscription.clone(),
             tenant: String::new(),

@@ -916,6 +916,7 @@ async fn a_static_webhook_moved_to_another_tenant_gets_none_of_the_first_tenant_
     let rx = Receiver::start().await;
     rx.behave("/acme", Behaviour::RetryAfter { status: 503, secs: 1 });
     rx.respond_on("/acme-gone", 410);
+    rx.respond_on("/globex-crm", 410);
     let webhook = |name: &str, tenant: &str, url: String| -> herald::config::StaticWebhook {
         serde_json::from_value(json!({ "name": name, "tenant": tenant, "endpoint": url })).unwrap()
     };
@@ -956,6 +957,19 @@ async fn a_static_webhook_moved_to_another_tenant_gets_none_of_the_first_tenant_
     let (status, recovered) =
         h.api.post("/v1/subscriptions/static-crm/recover", json!({ "since": since, "all": true })).await;
     assert_eq!((status.as_u16(), recovered["queued"].as_u64()), (202, Some(0)), "{recovered}");
+    // Globex's own event of the same id, dead-lettered by the same subscription, is an entry
+    // of its own: the two had one id (the tenant was not in it), and one listed for both.
+    let (status, _) =
+        h.api.post("/v1/events", json!({ "id": "acme-1", "tenant": "globex", "type": "T", "data": {} })).await;
+    assert_eq!(status, 202);
+    let listed = until("globex's dead letter beside acme's", Duration::from_secs(20), || async {
+        let (_, page) = h.api.get("/v1/dlq?subscription=static-crm").await;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        items.iter().any(|i| i["tenant"] == "globex").then_some(items)
+    })
+    .await;
+    let tenants: HashSet<&str> = listed.iter().filter_map(|i| i["tenant"].as_str()).collect();
+    assert_eq!(tenants, HashSet::from(["acme", "globex"]), "{listed:?}");
 }
 
 /// Connections without a token cannot take every file descriptor: the API's connections are
