@@ -242,28 +242,45 @@ impl DeadLetters {
 
     /// Reads the replay markers appended since the last read (by any process) into the ids
     /// replayed, unless that read is younger than `fresh`: the whole topic the first time,
-    /// what is new after. A replay reads them at once (a second replay of an entry must be
+    /// what is new after. A replay reads them all at once (a second replay of an entry must be
     /// refused, whichever process made the first); a list at most once a second (on Kafka
-    /// each partition's end is a request to the broker, and a console polls the list).
-    async fn read_markers(&self, fresh: std::time::Duration) -> Result<(), LogError> {
-        let mut read = self.markers_read.lock().await;
+    /// each partition's end is a request to the broker, and a console polls the list), no
+    /// more than `budget` of them a call, and not at all while another call reads them — the
+    /// first list after a start read the whole topic, payloads and all, under this lock, and
+    /// every tenant's lists waited (they may list an entry replayed meanwhile; its replay is
+    /// refused all the same, as replays read every marker first).
+    async fn read_markers(&self, fresh: std::time::Duration, budget: Option<Budget>) -> Result<(), LogError> {
+        let mut read = match budget {
+            None => self.markers_read.lock().await,
+            Some(_) => match self.markers_read.try_lock() {
+                Ok(read) => read,
+                Err(_) => return Ok(()),
+            },
+        };
         if read.at.is_some_and(|at| at.elapsed() < fresh) {
             return Ok(());
         }
-        read.at = Some(std::time::Instant::now());
+        let mut budget = budget.unwrap_or(Budget::WHOLE);
         let partitions = self.log.partitions(&self.dlq_topic)? as usize;
         read.to.resize(partitions, 0);
-        for (p, read_to) in read.to.iter_mut().enumerate() {
+        let mut caught_up = true;
+        'partitions: for (p, read_to) in read.to.iter_mut().enumerate() {
             // Its end first: cheaper than a read on Kafka, and most calls find nothing new.
             if self.log.end_offset(&self.dlq_topic, p as u32).await? <= *read_to {
                 continue;
             }
             let mut from = Some(*read_to);
             while let Some(at) = from {
+                if budget.records == 0 || budget.bytes == 0 {
+                    caught_up = false;
+                    break 'partitions;
+                }
                 let (records, next) = self.log.read_partition(&self.dlq_topic, p as u32, at, SCAN_CHUNK).await?;
                 if let Some(last) = records.last() {
                     *read_to = last.offset + 1;
                 }
+                budget.records = budget.records.saturating_sub(records.len());
+                budget.bytes = budget.bytes.saturating_sub(records.iter().map(|r| r.value.len()).sum());
                 let ids = records.into_iter().filter_map(|r| match decode(r.value) {
                     Some(DlqRecord::Replayed(id)) => Some((id, (p as u32, r.offset))),
                     _ => None,
@@ -271,6 +288,10 @@ impl DeadLetters {
                 self.replayed.lock().unwrap().extend(ids);
                 from = next;
             }
+        }
+        // Only once read to the end: a list cut short goes on reading at the next.
+        if caught_up {
+            read.at = Some(std::time::Instant::now());
         }
         if read.pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
             read.pruned = Some(std::time::Instant::now());
@@ -377,7 +398,7 @@ impl DeadLetters {
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, Option<(u32, u64)>), LogError> {
         let _turn = self.lists.turn(tenant.unwrap_or_default()).await;
-        self.read_markers(LIST_MARKERS_FRESH).await?;
+        self.read_markers(LIST_MARKERS_FRESH, Some(Budget { records: LIST_SCAN, bytes: LIST_SCAN_BYTES })).await?;
         // Positions and entries only: a page of 500 kept each payload (up to megabytes) too.
         let mut page: Vec<((u32, u64), DeadLetter)> = Vec::new();
         let mut seen = HashSet::new();
@@ -416,7 +437,7 @@ impl DeadLetters {
         tenant: Option<&str>,
         refuse: Refuse<'_>,
     ) -> Result<ReplayReport, LogError> {
-        self.read_markers(std::time::Duration::ZERO).await?;
+        self.read_markers(std::time::Duration::ZERO, None).await?;
         let visible = |f: &Found| tenant.is_none_or(|t| f.entry.tenant == t);
         let (of, mut wanted): (Option<&str>, Option<HashSet<&str>>) = match &selection {
             Selection::Subscription(sub) => (Some(sub), None),
@@ -495,7 +516,7 @@ impl DeadLetters {
             return Ok(());
         }
         let one_at_a_time = self.replays.clone().lock_owned().await;
-        self.read_markers(std::time::Duration::ZERO).await?;
+        self.read_markers(std::time::Duration::ZERO, None).await?;
         let now = now_ms();
         let max_record = self.log.max_record_bytes().unwrap_or(usize::MAX);
         let mut deliveries = Vec::new();
@@ -696,6 +717,29 @@ mod tests {
         log.close().await.unwrap();
     }
 
+    /// A list reads the replay markers within its page's budget, and never waits for
+    /// another's read of them: the first list after a start read the whole topic, payloads
+    /// and all, under a lock every tenant's lists and replays take — a tenant's gigabytes of
+    /// dead letters had every other tenant's list answer `408` until it was done.
+    #[tokio::test]
+    async fn a_list_reads_the_replay_markers_within_its_budget() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let inner = log_of(dir.path(), 1).await;
+        let theirs = park(&*inner, "s-b", "b", 1).await;
+        park(&*inner, "s-a", "a", LIST_SCAN + 2 * SCAN_CHUNK).await;
+        let log = Arc::new(Gated { partition: 0, at: (LIST_SCAN + SCAN_CHUNK) as u64, ..Gated::new(inner) });
+        log.armed.store(true, SeqCst);
+        let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
+        let within = std::time::Duration::from_secs(10);
+        let listed = tokio::time::timeout(within, dlq.list(None, Some("b"), None, 1)).await;
+        let (items, _) = listed.expect("the list read the whole topic's markers first").unwrap();
+        assert_eq!(items.into_iter().map(|e| e.id).collect::<Vec<_>>(), theirs);
+        log.armed.store(false, SeqCst);
+        log.open.notify_waiters();
+        log.close().await.unwrap();
+    }
+
     /// Reads of one partition of `dlq` at or past `at` wait for the gate while it is armed.
     /// Appends to `deliveries` are counted (their bytes), held while `hold` is set (until
     /// `release`), and with `echo` dead-letter what they enqueue again at once (a subscription
@@ -868,17 +912,17 @@ mod tests {
         let end = inner.end_offset("dlq", 0).await.unwrap();
         log.start.store(end - 1, std::sync::atomic::Ordering::SeqCst);
         dlq.markers_read.lock().await.pruned = None;
-        dlq.read_markers(std::time::Duration::ZERO).await.unwrap();
+        dlq.read_markers(std::time::Duration::ZERO, None).await.unwrap();
         assert_eq!(dlq.replayed.lock().unwrap().len(), 0, "ids of entries the topic no longer holds");
         let (listed, _) = dlq.list(None, None, None, 10).await.unwrap();
         assert_eq!(listed.into_iter().map(|e| e.id).collect::<Vec<_>>(), later);
         // Replayed too, then everything deleted: a partition retention emptied holds none.
         dlq.replay(Selection::Ids { ids: later.clone(), subscription: None }, None, &|_, _| None).await.unwrap();
-        dlq.read_markers(std::time::Duration::ZERO).await.unwrap();
+        dlq.read_markers(std::time::Duration::ZERO, None).await.unwrap();
         assert_eq!(dlq.replayed.lock().unwrap().len(), 1);
         log.start.store(inner.end_offset("dlq", 0).await.unwrap(), std::sync::atomic::Ordering::SeqCst);
         dlq.markers_read.lock().await.pruned = None;
-        dlq.read_markers(std::time::Duration::ZERO).await.unwrap();
+        dlq.read_markers(std::time::Duration::ZERO, None).await.unwrap();
         assert_eq!(dlq.replayed.lock().unwrap().len(), 0, "ids of a partition retention emptied");
         inner.close().await.unwrap();
     }
@@ -896,7 +940,7 @@ mod tests {
         park(&*inner, &victim, "b", 3).await;
         let log = Arc::new(Gated { partition: 1, at: SCAN_CHUNK as u64, ..Gated::new(inner) });
         let dlq = Arc::new(DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into()));
-        dlq.read_markers(std::time::Duration::ZERO).await.unwrap(); // markers read: none
+        dlq.read_markers(std::time::Duration::ZERO, None).await.unwrap(); // markers read: none
         log.armed.store(true, std::sync::atomic::Ordering::SeqCst);
         let long = tokio::spawn({
             let dlq = dlq.clone();
@@ -942,7 +986,7 @@ mod tests {
         park(&*inner, "s", "a", 2 * SCAN_CHUNK).await;
         let log = Arc::new(Gated { partition: 0, at: SCAN_CHUNK as u64, ..Gated::new(inner) });
         let dlq = Arc::new(DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into()));
-        dlq.read_markers(std::time::Duration::ZERO).await.unwrap(); // markers read: none
+        dlq.read_markers(std::time::Duration::ZERO, None).await.unwrap(); // markers read: none
         log.armed.store(true, SeqCst);
         let list = |tenant: &'static str| {
             let dlq = dlq.clone();
