@@ -447,7 +447,7 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
     let mut first = true;
     // The last line of the last batch accepted, for what an interruption says.
     let mut sent_to = 0usize;
-    let mut interrupt = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut interrupt: Interrupt = Box::pin(tokio::signal::ctrl_c());
     let mut interrupted = false;
     // A batch past the tenant's fan-out quota goes again in halves, from here (its lines, their
     // events and sizes), and later batches no larger: a tenant whose events match many
@@ -483,10 +483,13 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
             // So does a pause in the input, once a batch has lines.
             let by = (!batch.is_empty()).then(|| *send_by.get_or_insert_with(|| tokio::time::Instant::now() + PAUSE));
             let peeked = tokio::select! {
-                peeked = lines.peek(by) => peeked,
-                _ = &mut interrupt => {
+                // Ctrl-C first: it comes with the end of input when it also stopped the writer
+                // (`tail -f … |`), and that is an interruption, not the input's end.
+                biased;
+                _ = interrupt.as_mut() => {
                     return sent_then(items, interrupted_after(accepted, sent_to).into());
                 }
+                peeked = lines.peek(by) => peeked,
             };
             let next = match peeked {
                 Peeked::End | Peeked::Quiet => break,
@@ -528,32 +531,29 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
         // two past BATCH_BYTES) sent the first alone, and the rest were never sent.
         if std::mem::take(&mut first) && batch.len() == 1 && lines.ended() {
             let one = batch.pop().expect("one line");
-            let answer = api.publish("/v1/events", &one).await?;
-            return Ok((json!({ "items": [answer] }), Shown::List(&["id", "deliveries"])));
+            let Some(answer) = answer_of(api.publish("/v1/events", &one), &mut interrupt, &mut interrupted).await
+            else {
+                return Err(Failed::Interrupted(format!(
+                    "interrupted while the event of line {from} was being sent: it may or may not have been \
+                     accepted (an event with an id can be sent again safely)"
+                ))
+                .into());
+            };
+            let items = vec![answer?];
+            if interrupted {
+                return sent_then(items, interrupted_after(1, to).into());
+            }
+            return Ok((json!({ "items": items }), Shown::List(&["id", "deliveries"])));
         }
         let count = batch.len();
-        let sent = {
-            let mut sending = std::pin::pin!(api.publish_raw("/v1/events/batch", &batch));
-            tokio::select! {
-                sent = &mut sending => sent,
-                _ = &mut interrupt => {
-                    interrupted = true;
-                    // The batch's answer says whether it was taken: waited for, unless Ctrl-C again.
-                    interrupt.set(tokio::signal::ctrl_c());
-                    tokio::select! {
-                        sent = &mut sending => sent,
-                        _ = &mut interrupt => {
-                            let e = Failed::Interrupted(format!(
-                                "interrupted while the batch of lines {from}–{to} was being sent: it may or may not \
-                                 have been accepted; {}; nothing after it was sent (events with an id can be sent \
-                                 again safely)",
-                                accepted_before(accepted, from)
-                            ));
-                            return sent_then(items, e.into());
-                        }
-                    }
-                }
-            }
+        let sending = api.publish_raw("/v1/events/batch", &batch);
+        let Some(sent) = answer_of(sending, &mut interrupt, &mut interrupted).await else {
+            let e = Failed::Interrupted(format!(
+                "interrupted while the batch of lines {from}–{to} was being sent: it may or may not have been \
+                 accepted; {}; nothing after it was sent (events with an id can be sent again safely)",
+                accepted_before(accepted, from)
+            ));
+            return sent_then(items, e.into());
         };
         if let Err(herald_client::Error::Api { status: 413, code, .. }) = &sent {
             if code == "QUOTA_EXCEEDED" && count > 1 {
@@ -612,6 +612,29 @@ fn sent_then(items: Vec<Value>, e: anyhow::Error) -> anyhow::Result<(Value, Show
         return Err(e);
     }
     Ok((json!({ "items": items }), Shown::ListThen(&["id", "deliveries"], e)))
+}
+
+/// Ctrl-C, as [`send_lines`] listens for it (once listened for, it no longer ends the process).
+type Interrupt = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>;
+
+/// `sending`'s answer. Ctrl-C meanwhile is noted in `interrupted` and waited through (the answer
+/// says whether what was sent was taken); a second one gives up on it: `None`.
+async fn answer_of<T>(
+    sending: impl std::future::Future<Output = T>,
+    interrupt: &mut Interrupt,
+    interrupted: &mut bool,
+) -> Option<T> {
+    let mut sending = std::pin::pin!(sending);
+    tokio::select! {
+        sent = &mut sending => return Some(sent),
+        _ = interrupt.as_mut() => {}
+    }
+    *interrupted = true;
+    *interrupt = Box::pin(tokio::signal::ctrl_c());
+    tokio::select! {
+        sent = &mut sending => Some(sent),
+        _ = interrupt.as_mut() => None,
+    }
 }
 
 /// What [`send_lines`] says when Ctrl-C stopped it, `accepted` events (up to line `to`) taken.

@@ -114,16 +114,17 @@ fn admin_token(config: &Config) -> Result<(String, TokenSource), std::io::Error>
 /// stored by a start that then failed, it was never shown (the next start read it back as
 /// stored), and nobody could sign in.
 ///
-/// A configured token retires a stored one: left in place, a later start whose configuration
-/// no longer set a token (a unit file or compose change) read it back, and a token rotated
-/// away from because it leaked was the admin's again.
+/// A configured token retires a stored one (renamed `admin-token.retired`, kept for whoever
+/// still needs to read it): left in place, a later start whose configuration no longer set a
+/// token (a unit file or compose change) read it back, and a token rotated away from because
+/// it leaked was the admin's again.
 fn keep_admin_token(config: &Config, token: &str, source: TokenSource) -> Result<(), std::io::Error> {
     let stored = config.data_dir.join("admin-token");
     match source {
         TokenSource::Generated => write_private(&stored, token),
-        TokenSource::Configured => match std::fs::remove_file(&stored) {
+        TokenSource::Configured => match std::fs::rename(&stored, config.data_dir.join("admin-token.retired")) {
             Ok(()) => {
-                tracing::warn!(file = %stored.display(), "admin_token is configured: the admin token stored in the data directory is retired");
+                tracing::warn!(file = %stored.display(), "admin_token is configured: the admin token stored in the data directory is retired (renamed admin-token.retired)");
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -697,13 +698,15 @@ pub async fn start_with(config: Config, extras: Extras) -> Result<Herald, StartE
         log: log.clone(),
         delivery_stopped,
         admin_token: token.clone().into(),
-        dead_letters: Arc::new({
+        dead_letters: {
             let dead_letters = DeadLetters::new(log.clone(), topics.dlq.clone(), topics.deliveries.clone());
-            match &history {
+            let dead_letters = Arc::new(match &history {
                 Some(h) => dead_letters.recorded_by(Arc::new(ReplaysInHistory(h.recorder.clone()))),
                 None => dead_letters,
-            }
-        }),
+            });
+            dead_letters.read_markers_behind();
+            dead_letters
+        },
         metrics: metrics.clone(),
         ordered_keys,
         ordered_topic: topics.ordered.clone(),

@@ -106,7 +106,8 @@ pub fn check(
             // through a change of anything else, disabling it included.
             let new_key = spec.key.is_some() && !kept(|p, s| p.key == s.key);
             let new_headers = !kept(|p, s| p.headers == s.headers);
-            check_amqp(spec, guard_unless(|p, s| p.amqp == s.amqp), new_key, new_headers)?
+            let new_target = !kept(|p, s| p.amqp == s.amqp);
+            check_amqp(spec, guard_unless(|p, s| p.amqp == s.amqp), new_key, new_headers, new_target)?
         }
     }
     let kept_proxy = previous.and_then(|p| p.proxy.as_deref()).filter(|p| spec.proxy.as_deref() == Some(*p));
@@ -312,6 +313,7 @@ fn check_amqp(
     guard: &NetworkGuard,
     new_key: bool,
     new_headers: bool,
+    new_target: bool,
 ) -> Result<(), Invalid> {
     let target = spec
         .amqp
@@ -336,6 +338,11 @@ fn check_amqp(
     }
     check_len("amqp.uri", target.uri.expose(), range::URL)?;
     crate::transport::amqp::validate(target).map_err(|(field, message)| Invalid::new(field, message))?;
+    // Refused since: a stored subscription's URI is kept through a change of anything else
+    // (it can still be disabled), as its `key` is.
+    if new_target {
+        crate::transport::amqp::validate_vhost(target).map_err(|(field, message)| Invalid::new(field, message))?;
+    }
     let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;
     if uri.password() == Some(crate::model::secret::REDACTED) {
         return Err(Invalid::new(

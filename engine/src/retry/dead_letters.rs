@@ -160,6 +160,8 @@ pub struct DeadLetters {
     /// unknown, `u64::MAX`, until this process reads back a marker it wrote).
     replayed: std::sync::Mutex<HashMap<String, (u32, u64)>>,
     markers_read: tokio::sync::Mutex<MarkersRead>,
+    /// Wakes the task that reads the markers a list left unread ([`DeadLetters::read_markers_behind`]).
+    markers_wanted: Arc<tokio::sync::Notify>,
     /// Where a replayed delivery is recorded pending again, when history is kept.
     history: Option<Arc<dyn ReplayRecorder>>,
     /// Tenants with a replay under way ([`DeadLetters::replaying`]).
@@ -169,6 +171,13 @@ pub struct DeadLetters {
     /// entries, on the blocking threads the embedded log's reads share: a tenant key polling
     /// in a loop had as many reading at once as it sent.
     lists: crate::model::TakenInTurns,
+}
+
+impl Drop for DeadLetters {
+    /// Wakes the task reading markers behind, which then finds this gone and ends.
+    fn drop(&mut self) {
+        self.markers_wanted.notify_one();
+    }
 }
 
 /// Lists of dead letters reading the topic at once, all tenants' (see `DeadLetters::lists`).
@@ -219,10 +228,28 @@ impl DeadLetters {
             replays: Default::default(),
             replayed: Default::default(),
             markers_read: Default::default(),
+            markers_wanted: Default::default(),
             history: None,
             replaying: Default::default(),
             lists: crate::model::TakenInTurns::new(LISTS_AT_ONCE, 1),
         }
+    }
+
+    /// Reads the replay markers in a task of its own: all of them now (a start's first list
+    /// would otherwise read them a page's budget at a time), and then whatever a list leaves
+    /// unread past its budget — a list never waits for it, and shows what is known meanwhile.
+    pub fn read_markers_behind(self: &Arc<Self>) {
+        let (me, wanted) = (Arc::downgrade(self), self.markers_wanted.clone());
+        wanted.notify_one();
+        tokio::spawn(async move {
+            loop {
+                wanted.notified().await;
+                let Some(dead_letters) = me.upgrade() else { break };
+                if let Err(e) = dead_letters.read_markers(std::time::Duration::ZERO, None).await {
+                    tracing::warn!(error = %e, "reading the dead-letter topic's replay markers failed; read again at the next list");
+                }
+            }
+        });
     }
 
     /// Starts a replay of `tenant`'s, unless one is under way (`None`): a replay by ids reads
@@ -289,9 +316,12 @@ impl DeadLetters {
                 from = next;
             }
         }
-        // Only once read to the end: a list cut short goes on reading at the next.
+        // Only once read to the end: a list cut short leaves the rest to the task reading
+        // behind, or the next list.
         if caught_up {
             read.at = Some(std::time::Instant::now());
+        } else {
+            self.markers_wanted.notify_one();
         }
         if read.pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
             read.pruned = Some(std::time::Instant::now());
@@ -730,13 +760,26 @@ mod tests {
         park(&*inner, "s-a", "a", LIST_SCAN + 2 * SCAN_CHUNK).await;
         let log = Arc::new(Gated { partition: 0, at: (LIST_SCAN + SCAN_CHUNK) as u64, ..Gated::new(inner) });
         log.armed.store(true, SeqCst);
-        let dlq = DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into());
+        let dlq = Arc::new(DeadLetters::new(log.clone(), "dlq".into(), "deliveries".into()));
         let within = std::time::Duration::from_secs(10);
         let listed = tokio::time::timeout(within, dlq.list(None, Some("b"), None, 1)).await;
         let (items, _) = listed.expect("the list read the whole topic's markers first").unwrap();
         assert_eq!(items.into_iter().map(|e| e.id).collect::<Vec<_>>(), theirs);
+        // The task reading behind takes up the rest, holding the read; a list meanwhile goes on.
+        dlq.read_markers_behind();
+        let deadline = std::time::Instant::now() + within;
+        while log.waiting.load(SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "nothing read the markers behind the list");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let listed = tokio::time::timeout(within, dlq.list(None, Some("b"), None, 1)).await;
+        assert!(listed.expect("a list waited for the read behind").is_ok());
         log.armed.store(false, SeqCst);
-        log.open.notify_waiters();
+        while dlq.markers_read.try_lock().map_or(true, |read| read.at.is_none()) {
+            assert!(std::time::Instant::now() < deadline, "the read behind never ended");
+            log.open.notify_waiters();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         log.close().await.unwrap();
     }
 

@@ -240,6 +240,29 @@ pub fn validate(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
         return Err(("amqp.uri", "must have a host".into()));
     }
     let read = lapin_uri(&uri).map_err(|e| ("amqp.uri", e))?;
+    if read.query.frame_max.is_some_and(|f| !FRAME_MAX_RANGE.contains(&f)) {
+        return Err((
+            "amqp.uri",
+            format!("frame_max must be {} to {} bytes", FRAME_MAX_RANGE.start(), FRAME_MAX_RANGE.end()),
+        ));
+    }
+    if target.exchange.trim().is_empty() || target.exchange.len() > SHORT_STRING {
+        return Err(("amqp.exchange", format!("name the exchange to publish to (1 to {SHORT_STRING} characters)")));
+    }
+    if target.routing_keys.len() > 1000 {
+        return Err(("amqp.routing_keys", "at most 1000 routing keys".into()));
+    }
+    if target.routing_keys.iter().any(|(t, k)| k.len() > SHORT_STRING || t.len() > 256) {
+        return Err(("amqp.routing_keys", format!("routing keys are at most {SHORT_STRING} characters")));
+    }
+    Ok(())
+}
+
+/// Checks a new or changed AMQP target's vhost and login, which a broker would refuse at every
+/// connection: [`validate`]'s checks that came later (a stored subscription keeps its URI).
+pub fn validate_vhost(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
+    let uri = url::Url::parse(target.uri.expose()).map_err(|e| ("amqp.uri", format!("not a URI: {e}")))?;
+    let read = lapin_uri(&uri).map_err(|e| ("amqp.uri", e))?;
     // The vhost goes on the wire as a short string; an empty one (a URI ending in `/`) names
     // no vhost a broker has. Each was taken, and every delivery failed.
     if read.vhost.is_empty() {
@@ -257,21 +280,6 @@ pub fn validate(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
             "amqp.uri",
             "auth_mechanism external needs a client certificate, which Herald does not present to brokers".into(),
         ));
-    }
-    if read.query.frame_max.is_some_and(|f| !FRAME_MAX_RANGE.contains(&f)) {
-        return Err((
-            "amqp.uri",
-            format!("frame_max must be {} to {} bytes", FRAME_MAX_RANGE.start(), FRAME_MAX_RANGE.end()),
-        ));
-    }
-    if target.exchange.trim().is_empty() || target.exchange.len() > SHORT_STRING {
-        return Err(("amqp.exchange", format!("name the exchange to publish to (1 to {SHORT_STRING} characters)")));
-    }
-    if target.routing_keys.len() > 1000 {
-        return Err(("amqp.routing_keys", "at most 1000 routing keys".into()));
-    }
-    if target.routing_keys.iter().any(|(t, k)| k.len() > SHORT_STRING || t.len() > 256) {
-        return Err(("amqp.routing_keys", format!("routing keys are at most {SHORT_STRING} characters")));
     }
     Ok(())
 }

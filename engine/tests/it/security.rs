@@ -1151,6 +1151,8 @@ async fn a_configured_admin_token_retires_the_stored_one() {
     assert_eq!(h.herald.token_source, TokenSource::Generated, "a new token, shown");
     let (status, _) = h.api.raw("GET", "/v1/subscriptions", None, Some(&leaked)).await;
     assert_eq!(status, 401);
+    let retired = std::fs::read_to_string(h.dir.path().join("admin-token.retired")).unwrap();
+    assert_eq!(retired.trim(), leaked, "kept for whoever still reads it");
 }
 
 /// A first start that fails after the admin token is made (here for two of the file's

@@ -819,26 +819,29 @@ async fn a_tenant_s_pkcs12_profiles_do_not_hold_up_another_tenant_s_deliveries()
 #[tokio::test]
 async fn an_attempt_whose_tls_profile_was_not_ready_is_not_counted_a_receiver_s_timeout() {
     let pki = pki();
-    let h = TestHerald::start().await;
+    // A process of its own: the metrics recorder is per process, and other tests count
+    // timeouts.
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, addr) = crate::support::spawn_herald(dir.path());
+    let api = crate::support::Api::new(addr, crate::support::TOKEN);
     let started = std::time::Instant::now();
-    let sub = h
-        .api
+    let sub = api
         .subscribe(json!({ "url": "https://localhost:1/slow-profile", "tls": p12_of(&pki, "slow", 150_000),
                            "timeout": "100ms", "retry": { "policy": "fixed", "interval": "1h", "max_attempts": 2 } }))
         .await;
     let check = started.elapsed();
     assert!(check > Duration::from_millis(200), "the file's check took {check:?}: not slower than the timeout");
-    let (status, _) = h.api.post("/v1/events", json!({ "id": "unready", "type": "T", "data": {} })).await;
+    let (status, _) = api.post("/v1/events", json!({ "id": "unready", "type": "T", "data": {} })).await;
     assert_eq!(status, 202);
     let sub_id = sub["id"].as_str().unwrap().to_string();
     let attempt = until("the attempt", Duration::from_secs(60), || async {
-        let (_, attempts) = h.api.get(&format!("/v1/attempts?subscription={sub_id}")).await;
+        let (_, attempts) = api.get(&format!("/v1/attempts?subscription={sub_id}")).await;
         attempts["items"].as_array().and_then(|a| a.first().cloned())
     })
     .await;
     assert_eq!(attempt["outcome"], "timeout", "{attempt}");
     assert!(attempt["error"].as_str().unwrap_or_default().contains("before it was sent"), "{attempt}");
-    let m = crate::support::metrics::scrape(&h.api).await;
+    let m = crate::support::metrics::scrape(&api).await;
     let counted = |outcome| m.value("herald_attempts_total", &[("transport", "webhook"), ("outcome", outcome)]);
     assert_eq!((counted("tls_unready"), counted("timeout")), (1.0, 0.0));
 }
