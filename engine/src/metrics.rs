@@ -286,9 +286,10 @@ impl ShardStats {
 }
 
 impl Drop for ShardStats {
-    /// The partition is no longer worked here (revoked, or its worker ended): its series read
-    /// 0 from now on (the exporter cannot drop a series), so a sum over processes counts only
-    /// its new owner's. A worker started again for the partition sets them at the next scrape.
+    /// The partition is no longer worked here (revoked, or stopped): its series read 0 from
+    /// now on (the exporter cannot drop a series), so a sum over processes counts only its new
+    /// owner's. A worker that panicked keeps its stats until the next one starts (see
+    /// `dispatch::workers`), which sets them at the next scrape.
     fn drop(&mut self) {
         let labels = self.labels();
         metrics::gauge!(CONSUMER_LAG, &labels).set(0.0);

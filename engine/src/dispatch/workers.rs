@@ -45,6 +45,10 @@ struct Died {
     id: u64,
     /// Panics of the partition's workers in a row, this one included.
     in_a_row: u32,
+    /// The dead worker's gauges, kept until the next worker's replace them: dropped with the
+    /// worker, they read 0 — lag and stall alike — through every pause and every failed
+    /// reopen, so a partition stuck restarting read as healthy and its stall alert reset.
+    stats: Option<Arc<crate::metrics::ShardStats>>,
 }
 
 /// One partition's running worker.
@@ -70,6 +74,7 @@ impl Workers {
         let (stop, rx) = watch::channel(false);
         let Work { log, deliverer, limits, metrics, keys } = &self.work;
         let stats = metrics.shard(&self.source.label, partition, reader.committer());
+        let kept = stats.clone();
         let worker: BoxFuture<'static, ()> = if self.source.ordered {
             let (topic, log, keys, deliverer) =
                 (self.source.topic.clone(), log.clone(), keys.clone(), deliverer.clone());
@@ -78,7 +83,7 @@ impl Workers {
             shard::run(reader, deliverer.clone(), self.source.delay, *limits, stats, rx.clone()).boxed()
         };
         self.next_id += 1;
-        let died = Died { partition, id: self.next_id, in_a_row };
+        let died = Died { partition, id: self.next_id, in_a_row, stats: Some(kept) };
         let task = tokio::spawn(watched(worker, self.source.label.clone(), died, rx, self.died.clone()));
         self.running.insert(partition, Worker { stop, task, id: self.next_id });
     }
@@ -87,7 +92,7 @@ impl Workers {
     fn retry(&mut self, died: Died) {
         let (stop, rx) = watch::channel(false);
         self.next_id += 1;
-        let died = Died { partition: died.partition, id: self.next_id, in_a_row: died.in_a_row + 1 };
+        let died = Died { partition: died.partition, id: self.next_id, in_a_row: died.in_a_row + 1, stats: died.stats };
         let partition = died.partition;
         let task = tokio::spawn(report_after_pause(died, rx, self.died.clone()));
         self.running.insert(partition, Worker { stop, task, id: self.next_id });
@@ -128,7 +133,12 @@ pub(super) async fn run_source(
                     continue;
                 }
                 match consumer.reopen(dead.partition).await {
-                    Ok(reader) => workers.start(reader, dead.in_a_row),
+                    Ok(reader) => {
+                        // Its gauges go (reading 0) before the next worker's come.
+                        let Died { in_a_row, stats, .. } = dead;
+                        drop(stats);
+                        workers.start(reader, in_a_row)
+                    }
                     Err(LogError::Closed) => {}
                     Err(e) => {
                         tracing::error!(source = %workers.source.label, partition = dead.partition, error = %e, "could not read the partition again; trying later");
@@ -164,7 +174,15 @@ async fn watched(
     report: mpsc::UnboundedSender<Died>,
 ) {
     let started = Instant::now();
+    // Kept only for a worker that panics: one that ends otherwise (revoked, stopped) lets
+    // its gauges go at once.
+    let stats = died.stats.take();
     let Err(panic) = AssertUnwindSafe(worker).catch_unwind().await else { return };
+    if let Some(stats) = &stats {
+        stats.set_in_flight(0);
+        stats.set_waiting_bytes(0);
+    }
+    died.stats = stats;
     died.in_a_row = if started.elapsed() >= CALM { 1 } else { died.in_a_row + 1 };
     metrics::counter!(crate::metrics::WORKERS_PANICKED).increment(1);
     tracing::error!(

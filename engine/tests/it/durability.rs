@@ -220,6 +220,50 @@ async fn a_partition_whose_worker_panics_is_worked_again_from_its_committed_offs
     assert!(scrape(&h.api).await.value("herald_partition_workers_panicked_total", &[]) >= 1.0);
 }
 
+/// A partition whose worker keeps panicking reads its lag (and so its stall) all along: the
+/// dead worker's gauges went with it, so through each pause before the next worker — and for
+/// good while the partition could not be read again — it read 0, as a healthy one does, and
+/// `HeraldPartitionStalled` started over at every restart.
+#[tokio::test]
+async fn a_partition_whose_worker_keeps_panicking_reads_its_lag_throughout() {
+    if crate::support::on_kafka() {
+        return; // the fault layer is the embedded log's
+    }
+    let armed = Arc::new(AtomicBool::new(false));
+    let flag = armed.clone();
+    let faults: herald::log::embedded::Faults = Some(Arc::new(move |fault: Fault<'_>| {
+        if let Fault::Read(path) = fault {
+            let deliveries = path.components().any(|c| c.as_os_str() == "herald.deliveries");
+            if deliveries && flag.load(Ordering::SeqCst) {
+                panic!("a bug in reading {}, every time", path.display());
+            }
+        }
+        Ok(())
+    }));
+    let h = TestHerald::start_with_extras(|c| c.log.partitions = 1, Extras { faults, ..Extras::default() }).await;
+    let rx = Receiver::start().await;
+    h.api.subscribe(json!({ "url": rx.url("/w"), "events": ["A"] })).await;
+    h.api.post("/v1/events", json!({ "id": "before", "type": "A", "data": {} })).await;
+    rx.wait_on("/w", 1).await;
+    armed.store(true, Ordering::SeqCst);
+    for i in 0..5 {
+        let (status, body) =
+            h.api.post("/v1/events", json!({ "id": format!("stuck-{i}"), "type": "A", "data": {} })).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    until("the partition's worker restarted and panicked again", Duration::from_secs(20), || async {
+        (scrape(&h.api).await.value("herald_partition_workers_panicked_total", &[]) >= 2.0).then_some(())
+    })
+    .await;
+    // Scrapes in a row land in the pause before the next worker, mostly.
+    for _ in 0..5 {
+        let lag = scrape(&h.api).await.value("herald_consumer_lag", &[("source", "deliveries"), ("partition", "0")]);
+        assert!(lag >= 5.0, "a partition whose worker keeps panicking reads a lag of {lag}");
+    }
+    armed.store(false, Ordering::SeqCst);
+    rx.wait_on("/w", 6).await;
+}
+
 /// Panics as event `boom` is about to be attempted: a stand-in for a bug in delivery; and
 /// while observing the settlement of event `late-boom`: one in what comes after.
 struct Bomb(AtomicUsize);
