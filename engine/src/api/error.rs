@@ -238,7 +238,15 @@ impl From<crate::catalog::CatalogError> for ApiError {
             // At a client's request rate otherwise; each refusal is counted by status.
             tracing::error!(error = %e, "catalog write failed (logged once a second at most)");
         }
-        ApiError::unavailable("the registry could not take the write; retry later")
+        match e {
+            // Appended, then not seen again in time: it was said "nothing changed, retry", and
+            // a retry made a second tenant, or a key nobody was shown.
+            crate::catalog::CatalogError::NotReadBack { .. } => ApiError::unavailable(
+                "the registry took the write but could not read it back in time: it may have been made; \
+                 look (GET) before sending it again",
+            ),
+            _ => ApiError::unavailable("the registry could not take the write; nothing changed, retry later"),
+        }
     }
 }
 
@@ -507,6 +515,18 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
 #[cfg(test)]
 mod tests {
     use super::{field_of, ApiError, StatusCode};
+
+    /// A catalog write appended but not read back in time may have been made: said so, not
+    /// "nothing changed, retry" — a retried tenant creation made a second tenant.
+    #[test]
+    fn a_write_not_read_back_says_it_may_have_been_made() {
+        let within = std::time::Duration::from_secs(15);
+        let e = ApiError::from(crate::catalog::CatalogError::NotReadBack { offset: 7, within });
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.message.contains("may have been made"), "{}", e.message);
+        let refused = ApiError::from(crate::catalog::CatalogError::NotSettled { within });
+        assert!(refused.message.contains("nothing changed"), "{}", refused.message);
+    }
 
     /// A write the log refuses is logged once a second at most: a client resending a publish
     /// the log refuses (too large for a Kafka topic's `max.message.bytes`, or at once while the
