@@ -139,9 +139,25 @@ struct Severs {
 }
 
 impl Severs {
-    /// This opening's hold, handed on to the link it became.
+    /// This opening's hold, handed on to the link it became. While the link is kept, its
+    /// socket is cut once lapin reports the connection closed or failed (a broker restarted,
+    /// a heartbeat missed): the duplicate held it open, half-closed, until the link was next
+    /// used or found idle.
     fn into_link(mut self, conn: &Connection) -> Severs {
-        Severs { socket: self.socket.take(), link: Some(conn.status().clone()) }
+        let (socket, status) = (self.socket.take(), conn.status().clone());
+        if let (Some(held), Ok(runtime)) = (&socket, tokio::runtime::Handle::try_current()) {
+            let (held, status) = (Arc::downgrade(held), status.clone());
+            drop(runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let Some(socket) = held.upgrade() else { return }; // the link went: cut by its drop
+                    if status.closed() || status.errored() {
+                        return socket.cut();
+                    }
+                }
+            }));
+        }
+        Severs { socket, link: Some(status) }
     }
 }
 

@@ -389,6 +389,49 @@ async fn a_publish_through_a_blocked_connection_fails_at_once_saying_so() {
     assert!(blocked["duration_ms"].as_u64().unwrap_or(u64::MAX) < 1000, "failed at once: {blocked}");
 }
 
+/// This process's TCP sockets to the broker's port that are not yet closed, by their state
+/// (`/proc/net/tcp`'s hex: 01 established, 08 close-wait).
+fn sockets_to_the_broker() -> Vec<String> {
+    let mine: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2)?.ends_with(":1628") && mine.contains(*f.get(9)?)).then(|| f[3].to_string())
+        })
+        .collect()
+}
+
+/// A connection the broker closes (a restart, an operator's `close_connection`) lets go of its
+/// socket within seconds, though Herald's link to it is kept until its next use: the socket
+/// Herald holds to cut a connection lapin cannot end was kept half-closed until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_broker_closes_lets_go_of_its_socket() {
+    let _broker = crate::support::RABBITMQ.lock().await;
+    let run = format!("{:x}", std::process::id());
+    let h = TestHerald::start().await;
+    let (conn, ch) = channel().await;
+    let (exchange, queue) = (format!("herald-closed-{run}"), format!("closed-{run}"));
+    topic(&ch, &exchange, false, &[(&queue, "#")]).await;
+    h.api.subscribe(json!({ "transport": "amqp", "amqp": { "uri": BROKER, "exchange": exchange } })).await;
+    h.api.post("/v1/events", json!({ "id": "opens-it", "type": "T", "data": {} })).await;
+    until("the event on its queue", Duration::from_secs(15), || async { take(&ch, &queue).await }).await;
+    drop((ch, conn));
+    let before = sockets_to_the_broker();
+    assert!(!before.is_empty(), "no socket to the broker");
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["close_all_connections", "closed by the test"])).await.unwrap();
+    until("every socket to the broker let go", Duration::from_secs(15), || async {
+        sockets_to_the_broker().is_empty().then_some(())
+    })
+    .await;
+}
+
 /// A TLS failure with an `amqps://` broker (an expired or self-signed certificate, or a plain
 /// port) is `tls_error`, as a webhook's is: it read `connect_error`, and what watched
 /// `tls_error` missed every AMQP subscription.
