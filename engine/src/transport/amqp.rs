@@ -316,6 +316,11 @@ async fn window_place(
     }
 }
 
+/// Seconds between heartbeats Herald asks for when a URI names none (or 0): lapin declares a
+/// connection dead after two missed, so a broker gone silent (paused, its host gone without a
+/// reset) is found within a minute; with none, never, and every publish waited its timeout.
+const HEARTBEAT: u16 = 30;
+
 /// The largest frames Herald asks for (RabbitMQ's default): the broker may choose smaller.
 const FRAME_MAX: u32 = 128 << 10;
 
@@ -347,6 +352,11 @@ fn connecting_uri(uri: &url::Url) -> Result<AMQPUri, String> {
     let mut read = lapin_uri(uri)?;
     let asked = read.query.frame_max.unwrap_or(FRAME_MAX);
     read.query.frame_max = Some(asked.clamp(*FRAME_MAX_RANGE.start(), FRAME_MAX));
+    // And a heartbeat, at most a minute apart (lapin takes the broker's if it is shorter).
+    read.query.heartbeat = Some(match read.query.heartbeat {
+        None | Some(0) => HEARTBEAT,
+        Some(asked) => asked.min(60),
+    });
     Ok(read)
 }
 
@@ -831,6 +841,13 @@ mod tests {
         assert_eq!(connecting_uri(&uri("amqp://h/vh?frame_max=21")).unwrap().query.frame_max, Some(8192));
         assert_eq!(connecting_uri(&uri("amqp://h/vh?frame_max=0")).unwrap().query.frame_max, Some(8192));
         assert_eq!(connecting_uri(&uri("amqp://h/vh?frame_max=65536")).unwrap().query.frame_max, Some(65536));
+        // A heartbeat is always asked for, at most a minute apart: left to a broker that
+        // proposes none (or a URI's `heartbeat=0`), a broker that went silent — paused, its
+        // host gone — was never found dead, and every publish to it waited its whole timeout.
+        assert_eq!(connecting_uri(&uri("amqp://h/vh")).unwrap().query.heartbeat, Some(HEARTBEAT));
+        assert_eq!(connecting_uri(&uri("amqp://h/vh?heartbeat=0")).unwrap().query.heartbeat, Some(HEARTBEAT));
+        assert_eq!(connecting_uri(&uri("amqp://h/vh?heartbeat=600")).unwrap().query.heartbeat, Some(60));
+        assert_eq!(connecting_uri(&uri("amqp://h/vh?heartbeat=5")).unwrap().query.heartbeat, Some(5));
         let asked_a_megabyte = connecting_uri(&uri("amqp://h/vh?frame_max=1048576")).unwrap();
         assert_eq!(asked_a_megabyte.query.frame_max, Some(FRAME_MAX), "lapin's buffers are 64 frames");
         assert_eq!(validate(&target("amqp://h/vh?frame_max=21", "x")).unwrap_err().0, "amqp.uri");
