@@ -44,6 +44,11 @@ pub const LOG_BROKEN: &str = "herald_log_broken";
 pub const DELIVERY_STOPPED: &str = "herald_delivery_stopped";
 /// Deliveries parked in the dead-letter topic.
 pub const DEAD_LETTERS: &str = "herald_dead_letters_total";
+/// The `reason`s of [`DEAD_LETTERS`] (`dispatch::Parked::label`'s, set up at zero): the
+/// tenant's — retries exhausted, 410 Gone, a disabled subscription, an ordered key skipped —
+/// and Herald's own — a record it cannot read, a panic, a delivery it cannot schedule.
+pub const DEAD_LETTER_REASONS: &[&str] =
+    &["exhausted", "gone", "disabled", "skipped", "malformed", "panicked", "unschedulable"];
 /// Deliveries whose processing panicked twice, parked in the dead-letter topic.
 pub const PANICS: &str = "herald_deliveries_panicked_total";
 /// Partition workers (shards, sequencers) that panicked outside any one delivery; each is
@@ -354,7 +359,9 @@ impl Metrics {
         ] {
             metrics::counter!(DEFERRED, "reason" => reason).increment(0);
         }
-        metrics::counter!(DEAD_LETTERS).increment(0);
+        for reason in DEAD_LETTER_REASONS {
+            metrics::counter!(DEAD_LETTERS, "reason" => *reason).increment(0);
+        }
         metrics::counter!(TRACE_SPANS_UNEXPORTED).increment(0);
         // Every transport's, and every outcome an attempt can be counted under: a series that
         // appears with its first increment loses that increment to `rate()` (an AMQP-only
@@ -501,7 +508,10 @@ fn describe() {
         TRACE_SPANS_UNEXPORTED,
         "Spans the OTLP collector did not take (refused or unreachable), dropped."
     );
-    describe_counter!(DEAD_LETTERS, "Deliveries parked in the dead-letter topic.");
+    describe_counter!(
+        DEAD_LETTERS,
+        "Deliveries parked in the dead-letter topic, by reason (exhausted, gone, disabled, skipped: the tenant's; malformed, panicked, unschedulable: Herald's own)."
+    );
     describe_counter!(PANICS, "Deliveries whose processing panicked twice and were parked in the dead-letter topic.");
     describe_counter!(
         WORKERS_PANICKED,

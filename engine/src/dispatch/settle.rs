@@ -102,7 +102,8 @@ pub enum Parked {
 }
 
 impl Parked {
-    /// A short name for why (a span attribute; the dead letter's `last_error` has the words).
+    /// A short name for why (a span attribute, the `reason` of `herald_dead_letters_total`;
+    /// the dead letter's `last_error` has the words).
     pub fn label(&self) -> &'static str {
         match self {
             Parked::Exhausted => "exhausted",
@@ -558,9 +559,9 @@ pub fn record(settled: &Settled) {
                 metrics::counter!(m::DEFERRED, "reason" => reason).increment(1);
             }
         }
-        Settlement::DeadLettered { .. } => {
+        Settlement::DeadLettered { reason } => {
             metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dead_lettered").increment(1);
-            metrics::counter!(m::DEAD_LETTERS).increment(1);
+            metrics::counter!(m::DEAD_LETTERS, "reason" => reason.label()).increment(1);
         }
         Settlement::Dropped => {
             metrics::counter!(m::DELIVERIES, "transport" => transport, "outcome" => "dropped").increment(1);
@@ -574,6 +575,24 @@ pub fn record(settled: &Settled) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every reason a delivery is dead-lettered for is a series set up at zero.
+    #[test]
+    fn every_dead_letter_reason_is_a_metric_reason() {
+        let why = String::new;
+        let all = [
+            Parked::Exhausted,
+            Parked::Gone,
+            Parked::Disabled(why()),
+            Parked::Malformed(why()),
+            Parked::Panicked(why()),
+            Parked::Skipped(why()),
+            Parked::Unschedulable(why()),
+        ];
+        let labels: Vec<&str> = all.iter().map(Parked::label).collect();
+        assert_eq!(labels.len(), crate::metrics::DEAD_LETTER_REASONS.len());
+        assert!(labels.iter().all(|l| crate::metrics::DEAD_LETTER_REASONS.contains(l)), "{labels:?}");
+    }
 
     /// An attempt that never left (held behind an edge agent's full window for its whole
     /// timeout) is no request's latency: one tenant's saturated device set the fleet's request

@@ -84,6 +84,10 @@ async fn metrics_count_known_traffic_exactly() {
     expect("herald_deliveries_total", &[("transport", "webhook"), ("outcome", "delivered")], 5.0);
     expect("herald_deliveries_total", &[("transport", "webhook"), ("outcome", "dead_lettered")], 1.0);
     expect("herald_dead_letters_total", &[], 1.0);
+    // By why: a tenant's exhausted retries are not Herald's own dead letters (a bug, a record
+    // it cannot read), and one tenant's failing endpoint kept the dead-letter ticket firing.
+    expect("herald_dead_letters_total", &[("reason", "exhausted")], 1.0);
+    expect("herald_dead_letters_total", &[("reason", "malformed")], 0.0);
     expect("herald_retries_scheduled_total", &[("tier", "retry.100ms")], 3.0);
     expect("herald_delivery_request_seconds", &[("transport", "webhook")], 9.0); // count of observations
     expect("herald_delivery_end_to_end_seconds", &[("transport", "webhook")], 5.0);
@@ -167,6 +171,10 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exposed() {
                 // their cap) are not failures to page for: one tenant's device paged.
                 assert!(expr.contains(r#"outcome!~"success|edge_busy|broker_busy|tls_unready""#), "{expr}");
             }
+            if rule["alert"] == "HeraldDeadLettersGrowing" {
+                // Herald's own dead letters, not a tenant's receiver's doing.
+                assert!(expr.contains(r#"reason=~"malformed|panicked|unschedulable""#), "{expr}");
+            }
             if rule["alert"] == "HeraldLogBroken" || rule["alert"] == "HeraldDeliveryStopped" {
                 // `/healthz` answers 503 for both, so a liveness probe restarts the process
                 // (the gauge back at 0) within a minute, maybe: a `for` never completed.
@@ -187,6 +195,7 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exposed() {
         "HeraldLogBroken",
         "HeraldConsumerLagGrowing",
         "HeraldDeadLettersGrowing",
+        "HeraldDeadLetterRatioHigh",
         "HeraldDeliveryErrorRatioHigh",
         "HeraldCircuitBreakersOpen",
         "HeraldPartitionWorkerPanicked",
