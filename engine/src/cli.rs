@@ -539,11 +539,8 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
                 ))
                 .into());
             };
-            let items = vec![answer?];
-            if interrupted {
-                return sent_then(items, interrupted_after(1, to).into());
-            }
-            return Ok((json!({ "items": items }), Shown::List(&["id", "deliveries"])));
+            // Its answer came: the input had ended, so everything was sent, Ctrl-C or not.
+            return Ok((json!({ "items": [answer?] }), Shown::List(&["id", "deliveries"])));
         }
         let count = batch.len();
         let sending = api.publish_raw("/v1/events/batch", &batch);

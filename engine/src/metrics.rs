@@ -268,6 +268,8 @@ fn series(name: &'static str, labels: &[(&'static str, &'static str)]) -> Series
 pub struct ShardStats {
     source: String,
     partition: u32,
+    /// Every shard's, [`Metrics::shards`]: looked at as it drops.
+    all: Shards,
     committer: Arc<dyn Committer>,
     in_flight: AtomicUsize,
     waiting_bytes: AtomicUsize,
@@ -294,8 +296,16 @@ impl Drop for ShardStats {
     /// The partition is no longer worked here (revoked, or stopped): its series read 0 from
     /// now on (the exporter cannot drop a series), so a sum over processes counts only its new
     /// owner's. A worker that panicked keeps its stats until the next one starts (see
-    /// `dispatch::workers`), which sets them at the next scrape.
+    /// `dispatch::workers`), which sets them at the next scrape; one already started for the
+    /// partition keeps them (a scrape holding the kept stats as they were replaced zeroed the
+    /// series it had just set).
     fn drop(&mut self) {
+        // Upgraded under the lock, looked at (and let go, maybe the last hold, which drops
+        // here too) after it.
+        let live: Vec<Arc<ShardStats>> = self.all.lock().unwrap().iter().filter_map(Weak::upgrade).collect();
+        if live.iter().any(|s| s.source == self.source && s.partition == self.partition) {
+            return;
+        }
         let labels = self.labels();
         metrics::gauge!(CONSUMER_LAG, &labels).set(0.0);
         metrics::gauge!(IN_FLIGHT, &labels).set(0.0);
@@ -306,10 +316,13 @@ impl Drop for ShardStats {
 
 type Hook = Box<dyn Fn() + Send + Sync>;
 
+/// The shards registered, weakly: shared with each, which looks at the others as it drops.
+type Shards = Arc<Mutex<Vec<Weak<ShardStats>>>>;
+
 /// Scrape-time metrics of this server.
 pub struct Metrics {
     handle: PrometheusHandle,
-    shards: Mutex<Vec<Weak<ShardStats>>>,
+    shards: Shards,
     /// By source and partition: the commit point at the last scrape, and since when it has
     /// stood there with records behind it (see [`PARTITION_STALLED`]). Kept across a
     /// partition's workers, so one restarting over and over on the same record reads stalled.
@@ -333,7 +346,7 @@ impl Metrics {
     pub fn new() -> Self {
         let metrics = Metrics {
             handle: handle(),
-            shards: Mutex::new(Vec::new()),
+            shards: Shards::default(),
             moved: Mutex::default(),
             hooks: Mutex::new(Vec::new()),
             last: Mutex::default(),
@@ -393,6 +406,7 @@ impl Metrics {
         let stats = Arc::new(ShardStats {
             source: source.to_string(),
             partition,
+            all: self.shards.clone(),
             committer,
             in_flight: 0.into(),
             waiting_bytes: 0.into(),

@@ -238,14 +238,20 @@ impl From<crate::catalog::CatalogError> for ApiError {
             // At a client's request rate otherwise; each refusal is counted by status.
             tracing::error!(error = %e, "catalog write failed (logged once a second at most)");
         }
+        use crate::catalog::CatalogError;
         match e {
-            // Appended, then not seen again in time: it was said "nothing changed, retry", and
-            // a retry made a second tenant, or a key nobody was shown.
-            crate::catalog::CatalogError::NotReadBack { .. } => ApiError::unavailable(
-                "the registry took the write but could not read it back in time: it may have been made; \
-                 look (GET) before sending it again",
+            // Refused before anything was sent, or a read that could not catch up.
+            CatalogError::Log(crate::log::LogError::TooLarge { .. } | crate::log::LogError::UnknownTopic(_))
+            | CatalogError::NotSettled { .. } => {
+                ApiError::unavailable("the registry could not take the write; nothing changed, retry later")
+            }
+            // Appended and not seen again in time, or failed where the record may have reached
+            // the broker (a delivery report timed out): it was said "nothing changed, retry",
+            // and a retry made a second tenant, or a key nobody was shown.
+            _ => ApiError::unavailable(
+                "the registry could not confirm the write: it may have been made; look (GET) before sending \
+                 it again",
             ),
-            _ => ApiError::unavailable("the registry could not take the write; nothing changed, retry later"),
         }
     }
 }
@@ -524,6 +530,9 @@ mod tests {
         let e = ApiError::from(crate::catalog::CatalogError::NotReadBack { offset: 7, within });
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(e.message.contains("may have been made"), "{}", e.message);
+        let timed_out =
+            ApiError::from(crate::catalog::CatalogError::Log(crate::log::LogError::Backend("timed out".into())));
+        assert!(timed_out.message.contains("may have been made"), "{}", timed_out.message);
         let refused = ApiError::from(crate::catalog::CatalogError::NotSettled { within });
         assert!(refused.message.contains("nothing changed"), "{}", refused.message);
     }

@@ -209,8 +209,8 @@ impl Feed {
         let seen = tokio::time::timeout(SEEN_WITHIN, applied.wait_for(|n| *n >= next)).await.map(|r| r.is_ok());
         match seen {
             Ok(true) => Ok(()),
-            Ok(false) => Err(LogError::Closed.into()),
-            Err(_) => Err(CatalogError::NotReadBack { offset: next, within: SEEN_WITHIN }),
+            // Appended all the same: not to be read as a write refused.
+            Ok(false) | Err(_) => Err(CatalogError::NotReadBack { offset: next, within: SEEN_WITHIN }),
         }
     }
 }

@@ -106,8 +106,8 @@ pub fn check(
             // through a change of anything else, disabling it included.
             let new_key = spec.key.is_some() && !kept(|p, s| p.key == s.key);
             let new_headers = !kept(|p, s| p.headers == s.headers);
-            let new_target = !kept(|p, s| p.amqp == s.amqp);
-            check_amqp(spec, guard_unless(|p, s| p.amqp == s.amqp), new_key, new_headers, new_target)?
+            let new_uri = !kept(|p, s| p.amqp.as_ref().map(|a| &a.uri) == s.amqp.as_ref().map(|a| &a.uri));
+            check_amqp(spec, guard_unless(|p, s| p.amqp == s.amqp), new_key, new_headers, new_uri)?
         }
     }
     let kept_proxy = previous.and_then(|p| p.proxy.as_deref()).filter(|p| spec.proxy.as_deref() == Some(*p));
@@ -313,7 +313,7 @@ fn check_amqp(
     guard: &NetworkGuard,
     new_key: bool,
     new_headers: bool,
-    new_target: bool,
+    new_uri: bool,
 ) -> Result<(), Invalid> {
     let target = spec
         .amqp
@@ -340,8 +340,8 @@ fn check_amqp(
     crate::transport::amqp::validate(target).map_err(|(field, message)| Invalid::new(field, message))?;
     // Refused since: a stored subscription's URI is kept through a change of anything else
     // (it can still be disabled), as its `key` is.
-    if new_target {
-        crate::transport::amqp::validate_vhost(target).map_err(|(field, message)| Invalid::new(field, message))?;
+    if new_uri {
+        crate::transport::amqp::validate_new_uri(target).map_err(|(field, message)| Invalid::new(field, message))?;
     }
     let mut uri = url::Url::parse(target.uri.expose()).map_err(|e| Invalid::new("amqp.uri", e.to_string()))?;
     if uri.password() == Some(crate::model::secret::REDACTED) {

@@ -235,12 +235,12 @@ impl DeadLetters {
         }
     }
 
-    /// Reads the replay markers in a task of its own: all of them now (a start's first list
-    /// would otherwise read them a page's budget at a time), and then whatever a list leaves
-    /// unread past its budget — a list never waits for it, and shows what is known meanwhile.
+    /// Reads the replay markers in a task of its own, whatever a list leaves unread past its
+    /// budget (the whole topic after a start, once a list is made: not read at every start
+    /// whether anyone lists or not) — a list never waits for it, and shows what is known
+    /// meanwhile.
     pub fn read_markers_behind(self: &Arc<Self>) {
         let (me, wanted) = (Arc::downgrade(self), self.markers_wanted.clone());
-        wanted.notify_one();
         tokio::spawn(async move {
             loop {
                 wanted.notified().await;

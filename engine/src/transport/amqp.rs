@@ -255,13 +255,7 @@ pub fn validate(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
     if uri.host_str().is_none_or(str::is_empty) {
         return Err(("amqp.uri", "must have a host".into()));
     }
-    let read = lapin_uri(&uri).map_err(|e| ("amqp.uri", e))?;
-    if read.query.frame_max.is_some_and(|f| !FRAME_MAX_RANGE.contains(&f)) {
-        return Err((
-            "amqp.uri",
-            format!("frame_max must be {} to {} bytes", FRAME_MAX_RANGE.start(), FRAME_MAX_RANGE.end()),
-        ));
-    }
+    lapin_uri(&uri).map_err(|e| ("amqp.uri", e))?;
     if target.exchange.trim().is_empty() || target.exchange.len() > SHORT_STRING {
         return Err(("amqp.exchange", format!("name the exchange to publish to (1 to {SHORT_STRING} characters)")));
     }
@@ -274,9 +268,10 @@ pub fn validate(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
-/// Checks a new or changed AMQP target's vhost and login, which a broker would refuse at every
-/// connection: [`validate`]'s checks that came later (a stored subscription keeps its URI).
-pub fn validate_vhost(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
+/// Checks a new or changed URI's vhost, frame size and login (a broker would refuse the first
+/// and last at every connection): [`validate`]'s checks that came later, so a stored
+/// subscription keeps its URI through a change of anything else.
+pub fn validate_new_uri(target: &AmqpTarget) -> Result<(), (&'static str, String)> {
     let uri = url::Url::parse(target.uri.expose()).map_err(|e| ("amqp.uri", format!("not a URI: {e}")))?;
     let read = lapin_uri(&uri).map_err(|e| ("amqp.uri", e))?;
     // The vhost goes on the wire as a short string; an empty one (a URI ending in `/`) names
@@ -289,6 +284,12 @@ pub fn validate_vhost(target: &AmqpTarget) -> Result<(), (&'static str, String)>
     }
     if read.vhost.len() > SHORT_STRING {
         return Err(("amqp.uri", format!("the vhost must be at most {SHORT_STRING} bytes")));
+    }
+    if read.query.frame_max.is_some_and(|f| !FRAME_MAX_RANGE.contains(&f)) {
+        return Err((
+            "amqp.uri",
+            format!("frame_max must be {} to {} bytes", FRAME_MAX_RANGE.start(), FRAME_MAX_RANGE.end()),
+        ));
     }
     // A login by client certificate: Herald presents none to a broker.
     if read.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External) {
@@ -850,8 +851,8 @@ mod tests {
         assert_eq!(connecting_uri(&uri("amqp://h/vh?heartbeat=5")).unwrap().query.heartbeat, Some(5));
         let asked_a_megabyte = connecting_uri(&uri("amqp://h/vh?frame_max=1048576")).unwrap();
         assert_eq!(asked_a_megabyte.query.frame_max, Some(FRAME_MAX), "lapin's buffers are 64 frames");
-        assert_eq!(validate(&target("amqp://h/vh?frame_max=21", "x")).unwrap_err().0, "amqp.uri");
-        assert_eq!(validate(&target("amqp://h/vh?frame_max=0", "x")).unwrap_err().0, "amqp.uri");
+        assert_eq!(validate_new_uri(&target("amqp://h/vh?frame_max=21", "x")).unwrap_err().0, "amqp.uri");
+        assert_eq!(validate_new_uri(&target("amqp://h/vh?frame_max=0", "x")).unwrap_err().0, "amqp.uri");
         assert!(validate(&target("amqp://h/vh?frame_max=131072", "x")).is_ok());
         // An IPv6 literal's brackets are the URI's: the TLS name is the address.
         assert_eq!(tls_name(&uri("amqps://[::1]:5671/vh")).as_deref(), Some("::1"));

@@ -255,11 +255,15 @@ async fn a_partition_whose_worker_keeps_panicking_reads_its_lag_throughout() {
         (scrape(&h.api).await.value("herald_partition_workers_panicked_total", &[]) >= 2.0).then_some(())
     })
     .await;
-    // Scrapes in a row land in the pause before the next worker, mostly.
-    for _ in 0..5 {
-        let lag = scrape(&h.api).await.value("herald_consumer_lag", &[("source", "deliveries"), ("partition", "0")]);
-        assert!(lag >= 5.0, "a partition whose worker keeps panicking reads a lag of {lag}");
+    // Scrapes in a row land in the pause before the next worker, mostly. (The series is the
+    // test process's, shared with the other tests' Heralds, whose partition 0 may set it at
+    // the moment of a scrape: most, not all, must read the lag.)
+    let mut lags = Vec::new();
+    for _ in 0..10 {
+        lags.push(scrape(&h.api).await.value("herald_consumer_lag", &[("source", "deliveries"), ("partition", "0")]));
     }
+    let read = lags.iter().filter(|lag| **lag >= 5.0).count();
+    assert!(read >= 8, "a partition whose worker keeps panicking reads lags of {lags:?}");
     armed.store(false, Ordering::SeqCst);
     rx.wait_on("/w", 6).await;
 }
