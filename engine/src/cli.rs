@@ -539,8 +539,13 @@ async fn send_lines(api: &Api, mut lines: Incoming, tenant: Option<&str>) -> any
                 ))
                 .into());
             };
-            // Its answer came: the input had ended, so everything was sent, Ctrl-C or not.
-            return Ok((json!({ "items": [answer?] }), Shown::List(&["id", "deliveries"])));
+            // Its answer came; Ctrl-C meanwhile still reads as one (the input's end may be the
+            // writer it stopped too), as after a batch: listed, then said, exit 130.
+            let items = vec![answer?];
+            if interrupted {
+                return sent_then(items, interrupted_after(1, to).into());
+            }
+            return Ok((json!({ "items": items }), Shown::List(&["id", "deliveries"])));
         }
         let count = batch.len();
         let sending = api.publish_raw("/v1/events/batch", &batch);
