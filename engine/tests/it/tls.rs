@@ -660,6 +660,7 @@ async fn an_edge_agent_reads_tls_files_under_its_own_directory() {
 async fn a_tenant_s_pkcs12_checks_do_not_hold_up_another_tenant_s_changes() {
     use base64::Engine;
     use rustls::pki_types::pem::PemObject;
+    let _alone = PKCS12_HEAVY.lock().await;
     let pki = pki();
     let h = TestHerald::start().await;
     let (_, other) = crate::support::tenant_with_key(&h.api, "Globex").await;
@@ -733,6 +734,11 @@ async fn a_tenant_s_pkcs12_checks_do_not_hold_up_another_tenant_s_changes() {
 
 /// `tls` options of a PKCS#12 file of the test client's certificate and key, named `name`, at
 /// 30,000 rounds (a good part of a second to open).
+/// Held by the tests whose PKCS#12 key derivation takes seconds of CPU, or that time what
+/// another tenant waits beside it: run side by side on two cores, one's derivation was the
+/// other's wait.
+static PKCS12_HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn heavy_p12(pki: &Pki, name: &str) -> serde_json::Value {
     p12_of(pki, name, 30_000)
 }
@@ -761,6 +767,7 @@ fn p12_of(pki: &Pki, name: &str, iterations: u32) -> serde_json::Value {
 /// deliveries for as long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_tenant_s_pkcs12_profiles_do_not_hold_up_another_tenant_s_deliveries() {
+    let _alone = PKCS12_HEAVY.lock().await;
     let pki = pki();
     let h = TestHerald::start().await;
     let (acme_id, acme) = crate::support::tenant_with_key(&h.api, "Acme").await;
@@ -818,6 +825,7 @@ async fn a_tenant_s_pkcs12_profiles_do_not_hold_up_another_tenant_s_deliveries()
 /// receiver's `timeout`, and one tenant's slow builds paged for every other's endpoints.
 #[tokio::test]
 async fn an_attempt_whose_tls_profile_was_not_ready_is_not_counted_a_receiver_s_timeout() {
+    let _alone = PKCS12_HEAVY.lock().await;
     let pki = pki();
     // A process of its own: the metrics recorder is per process, and other tests count
     // timeouts.
@@ -852,6 +860,7 @@ async fn an_attempt_whose_tls_profile_was_not_ready_is_not_counted_a_receiver_s_
 /// waited for all six, and a short timeout failed it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_s_pkcs12_builds_do_not_queue_another_tenant_s_behind_all_of_them() {
+    let _alone = PKCS12_HEAVY.lock().await;
     let pki = pki();
     let h = TestHerald::start().await;
     let (acme_id, acme) = crate::support::tenant_with_key(&h.api, "Acme").await;
