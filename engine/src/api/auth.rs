@@ -66,15 +66,33 @@ pub struct Admin;
 #[derive(Clone)]
 struct Authenticated(Principal);
 
+/// A portal link's tenant and when it was minted, if `token` is one whose signature and
+/// lifetime hold (no catalog needed: its revocation is [`tenant_taking`]'s to judge).
+fn portal_link(state: &AppState, token: &str) -> Option<(String, i64)> {
+    token.starts_with("hp.").then(|| state.portal.key.verify(token, crate::model::now_ms())).flatten()
+}
+
+/// The tenant whose key `token` is, or whose portal link `portal` is (from [`portal_link`]),
+/// if the catalog as this process knows it takes it: the one place that decides, at a
+/// request's head and again once its body is in.
+fn tenant_taking(state: &AppState, token: &str, portal: Option<(String, i64)>) -> Option<String> {
+    match portal {
+        // Unless the tenant's links minted then were revoked since.
+        Some((tenant, issued_ms)) => {
+            state.tenants.get(&tenant).is_some_and(|t| t.takes_portal_link(issued_ms)).then_some(tenant)
+        }
+        None => state.tenants.authenticate(token),
+    }
+}
+
 /// Whether a tenant's key or portal link, taken at the request's head, is taken still: the
 /// body extractors ask once the body is in (see [`super::error::CallerStillValid`]).
 fn still_valid(state: &AppState, token: &str, tenant: &str) -> bool {
-    if token.starts_with("hp.") {
-        return state.portal.key.verify(token, crate::model::now_ms()).is_some_and(|(t, issued_ms)| {
-            t == tenant && state.tenants.get(&t).is_some_and(|t| t.takes_portal_link(issued_ms))
-        });
-    }
-    state.tenants.authenticate(token).is_some_and(|t| t == tenant)
+    let portal = match portal_link(state, token) {
+        None if token.starts_with("hp.") => return false, // expired meanwhile
+        portal => portal,
+    };
+    tenant_taking(state, token, portal).is_some_and(|t| t == tenant)
 }
 
 /// Holds a tenant's place for the whole of each of its requests, body included: a tenant key
@@ -147,7 +165,7 @@ impl FromRequestParts<AppState> for Principal {
         // refused before the wait below, as a token of no kind is (anyone could hold a request
         // on a slow broker's catalog with `hp.` and anything after it).
         let portal = if !admin && token.starts_with("hp.") {
-            Some(state.portal.key.verify(token, crate::model::now_ms()).ok_or_else(ApiError::unauthorized)?)
+            Some(portal_link(state, token).ok_or_else(ApiError::unauthorized)?)
         } else {
             None
         };
@@ -158,19 +176,16 @@ impl FromRequestParts<AppState> for Principal {
         if admin {
             return Ok(Principal::Admin);
         }
-        if let Some((tenant, issued_ms)) = portal {
-            // A portal link: its tenant, within its lifetime, limited like that tenant's keys,
-            // unless the tenant's links minted then were revoked since.
-            if !state.tenants.get(&tenant).is_some_and(|t| t.takes_portal_link(issued_ms)) {
-                return Err(ApiError::unauthorized());
-            }
+        let is_portal = portal.is_some();
+        let tenant = tenant_taking(state, token, portal).ok_or_else(ApiError::unauthorized)?;
+        // Taken first, so nobody can spend another key's rate. A portal link is limited like
+        // its tenant's keys, all its tenant's links as one.
+        if is_portal {
             state.key_rate.admit(&format!("portal:{tenant}"))?;
-            return Ok(Principal::Tenant(tenant));
+        } else {
+            let (key_id, _) = crate::tenants::parse_token(token, "hk").ok_or_else(ApiError::unauthorized)?;
+            state.key_rate.admit(key_id)?;
         }
-        let tenant = state.tenants.authenticate(token).ok_or_else(ApiError::unauthorized)?;
-        // Authenticated first, so nobody can spend another key's rate.
-        let (key_id, _) = crate::tenants::parse_token(token, "hk").ok_or_else(ApiError::unauthorized)?;
-        state.key_rate.admit(key_id)?;
         Ok(Principal::Tenant(tenant))
     }
 }
