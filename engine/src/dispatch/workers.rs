@@ -133,12 +133,9 @@ pub(super) async fn run_source(
                     continue;
                 }
                 match consumer.reopen(dead.partition).await {
-                    Ok(reader) => {
-                        // Its gauges go (reading 0) before the next worker's come.
-                        let Died { in_a_row, stats, .. } = dead;
-                        drop(stats);
-                        workers.start(reader, in_a_row)
-                    }
+                    // The dead worker's stats go once the next worker's are registered, which
+                    // keep the partition's series (`ShardStats`'s drop zeroes only the last).
+                    Ok(reader) => workers.start(reader, dead.in_a_row),
                     Err(LogError::Closed) => {}
                     Err(e) => {
                         tracing::error!(source = %workers.source.label, partition = dead.partition, error = %e, "could not read the partition again; trying later");
