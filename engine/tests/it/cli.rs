@@ -5,11 +5,11 @@ use crate::support::{Receiver, TestHerald, TOKEN};
 use serde_json::Value;
 use std::process::Output;
 
-async fn herald(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    use tokio::io::AsyncWriteExt;
+/// `herald args…` against `server`, started with its stdin, stdout and stderr piped.
+fn spawned(server: &str, args: &[&str]) -> tokio::process::Child {
     // The connection flags and `--json` go after the subcommand (`herald tenants list --json`).
     let (json, args): (Vec<&str>, Vec<&str>) = args.iter().partition(|a| **a == "--json");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(args)
         .args(json)
         .args(["--server", server, "--token", TOKEN])
@@ -19,7 +19,12 @@ async fn herald(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+async fn herald(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = spawned(server, args);
     let mut input = child.stdin.take().unwrap();
     // A command that stops reading early (input it refuses) closes the pipe: not a failure here.
     let _ = input.write_all(stdin.unwrap_or_default().as_bytes()).await;
@@ -392,15 +397,7 @@ async fn stdin_lines_are_sent_once_input_pauses() {
         return; // the CLI is a client of the API, the same on both backends
     }
     let h = TestHerald::start().await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["events", "send", "--stdin", "--server", &h.api.base, "--token", TOKEN])
-        .env_remove("HERALD_TOKEN")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawned(&h.api.base, &["events", "send", "--stdin"]);
     let mut input = child.stdin.take().unwrap();
     let line = |id: &str| format!("{{\"id\":\"{id}\",\"type\":\"t\",\"data\":{{}}}}\n");
     for id in ["tail-1", "tail-2"] {
@@ -444,15 +441,7 @@ async fn an_interrupted_stdin_says_what_was_sent() {
         return; // the CLI is a client of the API, the same on both backends
     }
     let h = TestHerald::start().await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["events", "send", "--stdin", "--json", "--server", &h.api.base, "--token", TOKEN])
-        .env_remove("HERALD_TOKEN")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawned(&h.api.base, &["events", "send", "--stdin", "--json"]);
     let mut input = child.stdin.take().unwrap();
     for id in ["ctrl-c-1", "ctrl-c-2"] {
         input.write_all(format!("{{\"id\":\"{id}\",\"type\":\"t\",\"data\":{{}}}}\n").as_bytes()).await.unwrap();
